@@ -1,0 +1,385 @@
+"""Read and write the quantized checkpoint (the contract between calibration and export; see DESIGN.md).
+
+A Hugging Face-style folder: `config.json` with a `quantization_config` block, tokenizer files, `model.safetensors`
+(sharded with an index when large) and `edgequant.json` (provenance). Per quantized linear `L`: `L.qweight` uint32
+[N, ceil(K/vpw)] packed LSB-first along K, `L.scales` fp16 [N, n_groups], `L.zeros` uint8 [N, n_groups] (asymmetric
+only), `L.outlier_idx` int32 [J] + `L.outlier_weight` fp16 [N, J] (OWQ only), `L.bias` fp16 where present. Every other
+tensor is stored in fp16 under its usual name. Writing goes to a temporary folder renamed into place when complete;
+reading checks every tensor's presence, dtype and shape and names the first one that is wrong.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import pack
+from .errors import CheckpointError, EdgequantError
+from .models import Family, family_for
+from .quantizer import QuantizedWeight
+from .schemes import QuantScheme
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "edgequant"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PROVENANCE_NAME = "edgequant.json"
+_NP_DTYPE = {"qweight": np.uint32, "scales": np.float16, "zeros": np.uint8, "outlier_idx": np.int32,
+             "outlier_weight": np.float16, "bias": np.float16}
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def quantized_linear_tensors(name: str, qw: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """The checkpoint tensors of one quantized linear."""
+    s = qw.scheme
+    out = {f"{name}.qweight": pack.pack(qw.q.to(torch.int64), s.bits),
+           f"{name}.scales": qw.scale.detach().to(torch.float16).cpu().numpy()}
+    if not s.sym:
+        out[f"{name}.zeros"] = qw.zero.detach().round().to(torch.uint8).cpu().numpy()
+    if qw.outlier_idx is not None and len(qw.outlier_idx):
+        out[f"{name}.outlier_idx"] = qw.outlier_idx.detach().to(torch.int32).cpu().numpy()
+        out[f"{name}.outlier_weight"] = qw.outlier_weight.detach().to(torch.float16).cpu().numpy()
+    if bias is not None:
+        out[f"{name}.bias"] = bias.detach().to(torch.float16).cpu().numpy()
+    return out
+
+
+def _plain_tensors(model, skip: set[str]) -> dict[str, np.ndarray]:
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        mod = name.rsplit(".", 1)[0]
+        if mod in skip:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:  # tied weights (lm_head = embed_tokens) are stored once
+            continue
+        seen.add(key)
+        arr = t.detach().cpu()
+        arr = arr.to(torch.float16) if arr.is_floating_point() else arr
+        out[name] = arr.numpy()
+    return out
+
+
+def _write_shards(tensors: dict[str, np.ndarray], folder: Path, max_shard_bytes: int):
+    from safetensors.numpy import save_file
+    shards, cur, size = [], {}, 0
+    for k, v in tensors.items():
+        if cur and size + v.nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = np.ascontiguousarray(v)
+        size += v.nbytes
+    shards.append(cur)
+    meta = {"format": "pt", "edgequant_format": str(FORMAT_VERSION)}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    total = sum(v.nbytes for v in tensors.values())
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def quantization_config(scheme: QuantScheme, method: str, family: Family) -> dict:
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": method,
+            "bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
+            "pack": "uint32-lsb-first-along-k", "values_per_word": scheme.values_per_word,
+            "modules": list(family.linear_names), "lm_head": False}
+
+
+def save_checkpoint(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeight], scheme: QuantScheme,
+                    method: str, provenance: dict | None = None, max_shard_bytes: int = 2 << 30) -> Path:
+    """Write the checkpoint atomically: fill a temporary sibling folder, then rename it onto `out_dir`."""
+    out = Path(out_dir).expanduser().resolve()
+    family = family_for(model.config.model_type)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tensors = _plain_tensors(model, skip=set(quantized))
+        modules = dict(model.named_modules())
+        for name, qw in quantized.items():
+            tensors.update(quantized_linear_tensors(name, qw, getattr(modules[name], "bias", None)))
+        _write_shards(tensors, tmp, max_shard_bytes)
+        cfg = model.config.to_dict()
+        cfg.pop("_name_or_path", None)
+        cfg["quantization_config"] = quantization_config(scheme, method, family)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        prov = {"format_version": FORMAT_VERSION, "method": method, "scheme": scheme.to_dict(),
+                "scheme_name": scheme.name, **(provenance or {})}
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, default=str))
+        if out.exists():
+            if not (out / "config.json").exists() and any(out.iterdir()):
+                raise EdgequantError(f"{out} exists and is not an edgequant checkpoint; choose another output folder")
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- reading
+@dataclass
+class Checkpoint:
+    """An opened, validated checkpoint folder."""
+    path: Path
+    config: dict
+    scheme: QuantScheme
+    method: str
+    family: Family
+    provenance: dict
+    files: dict[str, Path] = field(default_factory=dict)   # tensor name -> file
+
+    @property
+    def qconfig(self) -> dict:
+        return self.config["quantization_config"]
+
+    def hf_config(self):
+        from transformers import AutoConfig
+        d = {k: v for k, v in self.config.items() if k != "quantization_config"}
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+
+    def read(self, names=None) -> dict[str, np.ndarray]:
+        """Tensors as NumPy arrays (all of them, or the given names)."""
+        from safetensors import safe_open
+        names = list(self.files) if names is None else list(names)
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for f, ns in by_file.items():
+            try:
+                with safe_open(str(f), framework="np") as sf:
+                    for n in ns:
+                        out[n] = sf.get_tensor(n)
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged data
+                raise CheckpointError(f"cannot read tensors from {f.name} ({_first_line(e)}); the file is damaged: "
+                                      "re-run `edgequant quantize` to rewrite it") from None
+        return out
+
+    def quantized_linears(self) -> list[str]:
+        return sorted({n.rsplit(".", 1)[0] for n in self.files if n.endswith(".qweight")}, key=_natural_key)
+
+
+def _natural_key(s: str):
+    return [int(p) if p.isdigit() else p for p in s.split(".")]
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def _tensor_headers(f: Path) -> dict:
+    """Header of a safetensors file, checked against the file's size (catches truncation and corruption)."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > min(size - 8, 100 << 20):
+                raise ValueError("header length out of range")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f.name} is corrupt or truncated ({_first_line(e)}); re-run `edgequant quantize` "
+                              "to rewrite the checkpoint") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CheckpointError(f"{f.name} is truncated or padded: {size} bytes on disk, its header describes "
+                              f"{8 + n + end}; re-run `edgequant quantize` (or copy the file again)")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+_ST_DTYPE = {"U32": np.uint32, "F16": np.float16, "U8": np.uint8, "I32": np.int32, "F32": np.float32,
+             "BF16": None, "I64": np.int64}
+
+
+def open_checkpoint(path) -> Checkpoint:
+    """Open a checkpoint folder and validate every tensor against its config; raise CheckpointError if anything is off."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}; pass the folder written by `edgequant quantize`")
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{p} has no config.json: it is not a checkpoint written by `edgequant quantize`")
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p / 'config.json'} is not valid JSON ({_first_line(e)}); re-run `edgequant quantize`") from None
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{p} is not an edgequant checkpoint (no quantization_config with quant_method "
+                              f"'{QUANT_METHOD}'); quantize the model first with `edgequant quantize`")
+    if qc.get("format_version", 1) > FORMAT_VERSION:
+        raise CheckpointError(f"{p} uses checkpoint format {qc['format_version']}, newer than this edgequant "
+                              f"understands ({FORMAT_VERSION}); upgrade edgequant")
+    family = family_for(config.get("model_type", "?"))
+    scheme = QuantScheme(qc["bits"], qc["group_size"], qc.get("sym", False))
+    prov = {}
+    if (p / PROVENANCE_NAME).is_file():
+        try:
+            prov = json.loads((p / PROVENANCE_NAME).read_text())
+        except ValueError:
+            prov = {}
+    files = _weight_files(p)
+    headers = {}
+    for f in sorted(set(files.values())):
+        for name, h in _tensor_headers(f).items():
+            headers[name] = h
+            files.setdefault(name, f)
+    ckpt = Checkpoint(p, config, scheme, qc.get("method", "?"), family, prov, files)
+    _validate(ckpt, headers)
+    return ckpt
+
+
+def _weight_files(p: Path) -> dict[str, Path]:
+    if (p / INDEX_NAME).is_file():
+        try:
+            wm = json.loads((p / INDEX_NAME).read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{INDEX_NAME} is damaged ({_first_line(e)}); re-run `edgequant quantize`") from None
+        out = {}
+        for name, fname in wm.items():
+            if not (p / fname).is_file():
+                raise CheckpointError(f"shard {fname} (holding {name}) is missing from {p}; copy the whole folder again")
+            out[name] = p / fname
+        return out
+    if not (p / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{p} has no {WEIGHTS_NAME}: the checkpoint is incomplete; re-run `edgequant quantize`")
+    return {}
+
+
+def expected_layout(ckpt: Checkpoint) -> tuple[dict[str, tuple], dict[str, tuple[int, int, bool]]]:
+    """Shapes the checkpoint must hold: plain tensors {name: shape} and quantized linears {name: (N, K, has_bias)}."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(ckpt.hf_config())
+    quant = {}
+    n_layers = ckpt.config["num_hidden_layers"]
+    modules = dict(model.named_modules())
+    for i in range(n_layers):
+        for lin in ckpt.qconfig.get("modules", ckpt.family.linear_names):
+            name = f"{ckpt.family.layer_prefix(i)}.{lin}"
+            m = modules[name]
+            quant[name] = (m.out_features, m.in_features, m.bias is not None)
+    plain, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if name.rsplit(".", 1)[0] in quant:
+            continue
+        plain[name] = tuple(t.shape)
+    if ckpt.config.get("tie_word_embeddings"):
+        plain.pop("lm_head.weight", None)
+    return plain, quant
+
+
+def _validate(ckpt: Checkpoint, headers: dict):
+    plain, quant = expected_layout(ckpt)
+    s = ckpt.scheme
+    fix = "re-run `edgequant quantize` to rewrite the checkpoint"
+
+    def check(name, shape, dtype):
+        h = headers.get(name)
+        if h is None:
+            raise CheckpointError(f"tensor '{name}' is missing from the checkpoint; {fix}")
+        if tuple(h["shape"]) != tuple(shape):
+            raise CheckpointError(f"tensor '{name}' has shape {tuple(h['shape'])}, expected {tuple(shape)}; {fix}")
+        if dtype is not None and h["dtype"] != dtype:
+            raise CheckpointError(f"tensor '{name}' has dtype {h['dtype']}, expected {dtype}; {fix}")
+
+    for name, shape in plain.items():
+        check(name, shape, None)
+    for name, (n, k, has_bias) in quant.items():
+        check(f"{name}.qweight", (n, s.packed_words(k)), "U32")
+        check(f"{name}.scales", (n, s.groups(k)), "F16")
+        if not s.sym:
+            check(f"{name}.zeros", (n, s.groups(k)), "U8")
+        if has_bias:
+            check(f"{name}.bias", (n,), "F16")
+        if f"{name}.outlier_idx" in headers:
+            j = headers[f"{name}.outlier_idx"]["shape"][0]
+            check(f"{name}.outlier_idx", (j,), "I32")
+            check(f"{name}.outlier_weight", (n, j), "F16")
+
+
+def load_quantized_weight(ckpt: Checkpoint, name: str, tensors: dict | None = None) -> QuantizedWeight:
+    """One linear's integers and group parameters, unpacked from the checkpoint."""
+    keys = [k for k in (f"{name}.qweight", f"{name}.scales", f"{name}.zeros", f"{name}.outlier_idx",
+                        f"{name}.outlier_weight") if k in ckpt.files]
+    t = tensors if tensors is not None else ckpt.read(keys)
+    s = ckpt.scheme
+    n, words = t[f"{name}.qweight"].shape
+    k = _in_features(ckpt, name)
+    q = torch.from_numpy(pack.unpack(t[f"{name}.qweight"], s.bits, k).astype(np.int64))
+    scale = torch.from_numpy(t[f"{name}.scales"].astype(np.float32))
+    zero = (torch.from_numpy(t[f"{name}.zeros"].astype(np.float32)) if not s.sym
+            else torch.full_like(scale, float(s.sym_zero)))
+    qw = QuantizedWeight(q, scale, zero, s)
+    if f"{name}.outlier_idx" in t:
+        qw.outlier_idx = torch.from_numpy(t[f"{name}.outlier_idx"].astype(np.int64))
+        qw.outlier_weight = torch.from_numpy(t[f"{name}.outlier_weight"].astype(np.float32))
+    return qw
+
+
+def _in_features(ckpt: Checkpoint, name: str) -> int:
+    c = ckpt.config
+    lin = name.split(".", 3)[-1]
+    hidden = c["hidden_size"]
+    head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
+    return {"self_attn.o_proj": c["num_attention_heads"] * head_dim,
+            "mlp.down_proj": c["intermediate_size"]}.get(lin, hidden)
+
+
+def load_model(path, dtype=torch.float32, device="cpu"):
+    """A PyTorch model rebuilt from the saved checkpoint: each quantized linear's weight is dequantized from its
+    packed integers, scales, zero points and fp16 outlier columns. Returns (model, checkpoint)."""
+    from transformers import AutoModelForCausalLM
+    ckpt = open_checkpoint(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(ckpt.hf_config(), dtype=dtype)
+    model = model.to_empty(device=device)
+    tensors = ckpt.read()
+    state = {}
+    for name in ckpt.quantized_linears():
+        state[f"{name}.weight"] = load_quantized_weight(ckpt, name, tensors).dequantize()
+        if f"{name}.bias" in tensors:
+            state[f"{name}.bias"] = torch.from_numpy(tensors[f"{name}.bias"].astype(np.float32))
+    quant_keys = {f"{n}.{suffix}" for n in ckpt.quantized_linears()
+                  for suffix in ("qweight", "scales", "zeros", "outlier_idx", "outlier_weight", "bias")}
+    for name, arr in tensors.items():
+        if name not in quant_keys:
+            state[name] = torch.from_numpy(arr.astype(np.float32) if arr.dtype == np.float16 else arr)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and ckpt.config.get("tie_word_embeddings"))]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match its config (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}); re-run `edgequant quantize`")
+    if ckpt.config.get("tie_word_embeddings"):
+        model.tie_weights()
+    # buffers such as rotary inv_freq were left empty by to_empty: recompute them
+    _reinit_buffers(model)
+    model.eval()
+    model.requires_grad_(False)
+    return model, ckpt
+
+
+def _reinit_buffers(model):
+    for mod in model.modules():
+        if hasattr(mod, "inv_freq") and hasattr(mod, "rope_init_fn"):
+            inv_freq, scaling = mod.rope_init_fn(mod.config, mod.inv_freq.device)
+            mod.inv_freq = inv_freq.to(mod.inv_freq.device)
+            if hasattr(mod, "original_inv_freq"):
+                mod.original_inv_freq = inv_freq
+            mod.attention_scaling = scaling

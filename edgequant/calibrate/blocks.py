@@ -1,0 +1,132 @@
+"""Block-by-block orchestration shared by calibrated methods: capture the first decoder block's inputs on the
+calibration samples, run one block over them in mini-batches, collect a linear's input statistics with hooks.
+
+Only one block needs to be on the compute device at a time, so models larger than the device fit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class _Stop(Exception):
+    pass
+
+
+def get_module(root, path: str):
+    m = root
+    for part in path.split("."):
+        m = getattr(m, part)
+    return m
+
+
+def set_module(root, path: str, new):
+    parent, _, leaf = path.rpartition(".")
+    setattr(get_module(root, parent) if parent else root, leaf, new)
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering a block ([n, seqlen, hidden], kept on the host) and the keyword arguments the model
+    passes every block (rotary embeddings, mask, positions), captured once for a batch of one."""
+    hidden: torch.Tensor
+    kwargs: dict
+
+
+def _move(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_first_block_inputs(model, layers, samples: torch.Tensor, device="cpu") -> BlockInputs:
+    """Run the embedding part of the model on each sample and record what enters block 0."""
+    hidden, kwargs_seen = [], {}
+
+    def hook(_mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        hidden.append(x.detach().to("cpu", torch.float32))
+        if not kwargs_seen:
+            kwargs_seen.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
+                                                                            "past_key_value", "use_cache")})
+        raise _Stop
+
+    # everything before the blocks (embeddings, rotary) is small: put it on the device for this pass
+    embed_parts = [m for n, m in model.named_modules() if n.endswith(("embed_tokens", "rotary_emb"))]
+    for m in embed_parts:
+        m.to(device)
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    layers[0].to(device)
+    try:
+        for s in samples:
+            try:
+                model(s[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        layers[0].to("cpu")
+        for m in embed_parts:
+            m.to("cpu")
+    kwargs = {k: _move(v, "cpu") for k, v in kwargs_seen.items()}
+    return BlockInputs(torch.cat(hidden), kwargs)
+
+
+def _batched_kwargs(kwargs: dict, device) -> dict:
+    return _move(kwargs, device)
+
+
+@torch.no_grad()
+def run_block(block, inputs: BlockInputs, device="cpu", batch_size: int = 4, stop_at=None) -> torch.Tensor | None:
+    """Outputs of `block` for every input row (on the host). With `stop_at` (a module inside the block), the forward
+    pass of each batch stops once that module has run (its hooks have seen its input): returns None."""
+    kw = _batched_kwargs(inputs.kwargs, device)
+    outs = []
+    handle = None
+    if stop_at is not None:
+        def _raise(*_):
+            raise _Stop
+        handle = stop_at.register_forward_hook(_raise)
+    try:
+        for i in range(0, len(inputs.hidden), batch_size):
+            x = inputs.hidden[i:i + batch_size].to(device)
+            try:
+                y = block(x, **kw)
+            except _Stop:
+                continue
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            outs.append(y.to("cpu", torch.float32))
+    finally:
+        if handle is not None:
+            handle.remove()
+    return torch.cat(outs) if outs else None
+
+
+class HessianCollector:
+    """Accumulates H = 2/n * sum x x^T over the inputs of a linear (x: its input rows), in float32 like the reference code."""
+
+    def __init__(self, module: torch.nn.Linear):
+        k = module.in_features
+        self.H = torch.zeros(k, k, dtype=torch.float32, device=module.weight.device)
+        self.n = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, _mod, args, _out):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H += x.T @ x
+
+    def remove(self) -> torch.Tensor:
+        self.handle.remove()
+        return self.H.to(torch.float32)

@@ -1,0 +1,110 @@
+"""GPTQ / OPTQ weight quantization (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", arXiv 2210.17323).
+
+Columns are quantized one at a time; the error of each is spread over the not-yet-quantized columns through the
+inverse Hessian's Cholesky factor (H = 2/n sum x x^T), processed in lazy blocks. Options: damping, act-order
+(largest diag(H) first), and `keep` columns (OWQ's weak columns: not quantized, moved last so they absorb every
+update, then stored in fp16). With act-order or kept columns the group parameters are fixed up front from the
+original weights ("static groups"), because the checkpoint's groups are consecutive along K; otherwise each group's
+parameters come from the already-updated weights when its first column is reached, as in the paper.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quantizer import QuantizedWeight, group_minmax, params_from_range
+from ..schemes import QuantScheme
+
+
+def _group_params(w: torch.Tensor, scheme: QuantScheme, clip_search=None):
+    """Scale/zero of a [N, g] slice treated as one group."""
+    one = QuantScheme(scheme.bits, -1, scheme.sym)
+    if clip_search is not None:
+        return clip_search(w, one)
+    return params_from_range(*group_minmax(w, one), one)
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, blocksize: int = 128,
+                  percdamp: float = 0.01, act_order: bool = False, keep: torch.Tensor | None = None,
+                  clip_search=None) -> tuple[QuantizedWeight, float]:
+    """Quantize `weight` [N, K] given the Hessian `H` [K, K] of its inputs. Returns (quantized, GPTQ loss).
+
+    `keep`: indices of input columns to leave in full precision (stored as outlier columns).
+    `clip_search(w, per_row_scheme) -> (scale, zero)`: optional quantizer tuning per group (e.g. OWQ's MSE grid).
+    """
+    W = weight.detach().clone().float()
+    N, K = W.shape
+    H = H.detach().clone().float().to(W.device)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    keep_mask = torch.zeros(K, dtype=torch.bool, device=W.device)
+    if keep is not None and len(keep):
+        keep_mask[keep.long()] = True
+    G = scheme.group_len(K)
+    ng = scheme.groups(K)
+    static = act_order or bool(keep_mask.any())
+    scales = torch.zeros(N, ng, device=W.device)
+    zeros = torch.zeros(N, ng, device=W.device)
+    if static:
+        Wz = W.masked_fill(keep_mask[None], 0)
+        for g in range(ng):
+            scales[:, g:g + 1], zeros[:, g:g + 1] = _group_params(Wz[:, g * G:(g + 1) * G], scheme, clip_search)
+
+    order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
+    if keep_mask.any():
+        order = torch.cat([order[~keep_mask[order]], order[keep_mask[order]]])
+    W = W[:, order]
+    H = H[order][:, order]
+    kept_sorted = keep_mask[order]
+
+    damp = percdamp * torch.mean(torch.diag(H))
+    H += damp * torch.eye(K, device=W.device)
+    try:
+        L = torch.linalg.cholesky(H)
+    except RuntimeError:  # not positive definite even after damping: add more
+        H += 10 * damp * torch.eye(K, device=W.device)
+        L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+    Qint = torch.zeros_like(W)
+    loss = 0.0
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            orig = int(order[col])
+            g = orig // G
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if not static and orig % G == 0:
+                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :G]
+                scales[:, g:g + 1], zeros[:, g:g + 1] = _group_params(ahead, scheme, clip_search)
+            if kept_sorted[col]:
+                Q1[:, i] = zeros[:, g]
+                W[:, col] = w  # final full-precision value of a kept column (every update has reached it)
+                continue
+            s, z = scales[:, g], zeros[:, g]
+            q = torch.clamp(torch.round(w / s) + z, 0, scheme.maxq)
+            Q1[:, i] = q
+            err = (w - (q - z) * s) / d
+            loss += float((err ** 2).sum() * d * d / 2)
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None]
+            Err1[:, i] = err
+        Qint[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    inv = torch.argsort(order)
+    Qint = Qint[:, inv]
+    qw = QuantizedWeight(Qint, scales, zeros, scheme)
+    if keep_mask.any():
+        idx = torch.nonzero(keep_mask).flatten()
+        qw.outlier_idx = idx
+        qw.outlier_weight = W[:, inv][:, idx].clone()
+    return qw, loss

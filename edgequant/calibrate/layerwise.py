@@ -1,0 +1,50 @@
+"""Layer-wise calibration driver for Hessian-based methods (GPTQ, OWQ): block by block, linear group by linear group.
+
+For each block: for each group of linears that share an input (q/k/v, o, gate/up, down) in the order the block
+computes them, collect the Hessian of that input from the block *with the earlier groups already quantized*
+("true sequential"), quantize the group, and write the dequantized weights back; finally run the quantized block to
+produce the next block's inputs. Blocks move to the device one at a time.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models import family_for
+from .blocks import HessianCollector, capture_first_block_inputs, get_module, run_block
+
+# quantize_fn(name, linear, H) -> (QuantizedWeight, stats dict)
+QuantizeFn = Callable[[str, torch.nn.Linear, torch.Tensor], tuple]
+
+
+@torch.no_grad()
+def calibrate_layerwise(model, samples: torch.Tensor, quantize_fn: QuantizeFn, device="cpu", batch_size: int = 4,
+                        progress: bool = True, desc: str = "calibrate"):
+    family = family_for(model.config.model_type)
+    layers = get_module(model, family.layers_path)
+    inputs = capture_first_block_inputs(model, layers, samples, device)
+    quantized, stats = {}, {}
+    bar = tqdm(range(len(layers)), desc=desc, disable=not progress, unit="block")
+    for i in bar:
+        t0 = time.time()
+        block = layers[i].to(device)
+        for group in family.groups:
+            mods = [get_module(block, n) for n in group.names]
+            coll = HessianCollector(mods[0])
+            try:
+                run_block(block, inputs, device, batch_size, stop_at=mods[-1])
+            finally:
+                H = coll.remove()
+            for n, lin in zip(group.names, mods):
+                name = f"{family.layer_prefix(i)}.{n}"
+                qw, st = quantize_fn(name, lin, H)
+                lin.weight.copy_(qw.dequantize().to(lin.weight.dtype))
+                quantized[name] = qw
+                stats[name] = st
+        inputs.hidden = run_block(block, inputs, device, batch_size)
+        layers[i] = block.to("cpu")
+        bar.set_postfix(block_s=f"{time.time() - t0:.1f}")
+    return quantized, stats

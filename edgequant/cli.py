@@ -1,0 +1,167 @@
+"""The `edgequant` command line: thin click commands over `edgequant.api` (imports are lazy so --help is instant)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+class _Group(click.Group):
+    """Turns expected failures into one line on stderr instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.Exit:
+            raise
+        except (click.ClickException, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted (partial output was discarded)", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; use a smaller --nsamples/--seqlen/--batch-size or a machine with more "
+                       "memory", err=True)
+            sys.exit(1)
+        except Exception as e:  # noqa: BLE001
+            from .errors import EdgequantError
+            if isinstance(e, EdgequantError):
+                click.echo(f"error: {e}", err=True)
+                sys.exit(1)
+            if type(e).__name__ == "OutOfMemoryError":
+                click.echo("error: the GPU ran out of memory; use --device cpu or a smaller --nsamples/--seqlen/"
+                           "--batch-size", err=True)
+                sys.exit(1)
+            raise
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgequant")
+def main():
+    """edgequant: quantize LLaMA-family models to 2-4 bits (RTN, GPTQ; OmniQuant and OWQ to come) and evaluate them.
+
+    \b
+    edgequant demo                                         # the whole journey on SmolLM2-135M
+    edgequant quantize MODEL -o q/ --method gptq --bits 3 --group-size 128 --calib calib.txt
+    edgequant eval q/ --data wiki.test.raw --max-windows 40
+    edgequant inspect q/
+    """
+
+
+def _calib_options(f):
+    f = click.option("--calib", type=str, default=None,
+                     help="Calibration text: a file, a folder of .txt files, or a dataset name (c4, wikitext2) "
+                          "where a network exists.")(f)
+    f = click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")(f)
+    f = click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling windows.")(f)
+    return f
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
+@click.option("--method", default="gptq", show_default=True, type=click.Choice(["rtn", "gptq"]),
+              help="rtn: round to nearest; gptq: Hessian-based error compensation (needs --calib).")
+@click.option("--bits", type=click.Choice(["2", "3", "4"]), default="4", show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="Inputs per group; -1 per channel.")
+@click.option("--sym/--asym", default=False, show_default=True, help="Symmetric (no zero points) or asymmetric.")
+@_calib_options
+@click.option("--act-order/--no-act-order", default=False, show_default=True, help="GPTQ: largest Hessian diagonal first.")
+@click.option("--percdamp", type=float, default=0.01, show_default=True, help="GPTQ: Hessian damping.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Calibration windows per block pass.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def quantize(model, output, method, bits, group_size, sym, calib, nsamples, seqlen, seed, act_order, percdamp, device,
+             batch_size, quiet):
+    """Quantize MODEL (HF folder, .gguf file, hub id; default: SmolLM2-135M-Instruct) into a checkpoint folder."""
+    from . import api
+    out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym, calib=calib,
+                       nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, act_order=act_order,
+                       percdamp=percdamp, batch_size=batch_size, progress=not quiet)
+    info = api.inspect(out)
+    click.echo(f"wrote {out}  ({info['scheme']}, {info['bits_per_weight']:.3f} bits/weight, "
+               f"{info['size_on_disk_bytes'] / 2**20:.1f} MiB)")
+
+
+@main.command("eval")
+@click.argument("checkpoint")
+@click.option("--data", required=True, help="Evaluation text (WikiText-2 test file) or 'wikitext2' with a network.")
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows (CPU time).")
+@click.option("--reference", default=None, help="Original model: also report KL divergence and top-1 agreement.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True)
+def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, quiet):
+    """Perplexity of CHECKPOINT, rebuilt from its saved packed tensors (or of an unquantized model)."""
+    from . import api
+    res = api.evaluate(checkpoint, data, seqlen=seqlen, max_windows=max_windows, reference=reference, device=device,
+                       progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"perplexity {res['perplexity']:.3f} over {res['windows']} windows of {res['seqlen']} tokens "
+               f"({res['time_s']:.0f} s)")
+    if res.get("kl_divergence") is not None:
+        click.echo(f"KL(reference || model) {res['kl_divergence']:.4f} nats/token, "
+                   f"top-1 agreement {100 * res['top1_agreement']:.2f}%")
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option("--layers/--no-layers", default=True, show_default=True, help="Per-layer reconstruction errors.")
+def inspect(checkpoint, as_json, layers):
+    """Scheme, bits per weight, size on disk, per-layer errors and calibration settings of CHECKPOINT."""
+    from . import api
+    from .report import table
+    info = api.inspect(checkpoint)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"checkpoint      {info['path']}")
+    click.echo(f"model type      {info['model_type']}")
+    click.echo(f"method          {info['method']}")
+    click.echo(f"scheme          {info['scheme']} (bits {info['bits']}, group {info['group_size']}, "
+               f"{'sym' if info['sym'] else 'asym'})")
+    click.echo(f"bits/weight     {info['bits_per_weight']:.4f} stored (packed words + scales + zero points"
+               f"{' + fp16 columns' if info['outlier_columns'] else ''}); {info['bits_per_weight_ideal']:.4f} ideal")
+    click.echo(f"quantized       {info['quantized_linears']} linears, {info['quantized_weights']:,} weights")
+    click.echo(f"size on disk    {info['size_on_disk_bytes'] / 2**20:.2f} MiB")
+    if info["outlier_columns"]:
+        n = sum(info["outlier_columns"].values())
+        click.echo(f"fp16 columns    {n} in {len(info['outlier_columns'])} linears")
+    click.echo(f"calibration     {json.dumps(info['calibration']) if info['calibration'] else 'none'}")
+    if info["time_s"]:
+        click.echo(f"time            {json.dumps(info['time_s'])}")
+    if layers and info["layers"]:
+        rows = [{"layer": k, **v} for k, v in info["layers"].items()]
+        cols = [("layer", "layer")] + [(k, k) for k in ("weight_rel_err", "output_rel_err") if k in rows[0]]
+        click.echo(table(rows, cols))
+
+
+@main.command()
+@click.option("--bits", type=click.Choice(["2", "3", "4"]), default="3", show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True)
+@click.option("--calib", default=None, help="Calibration text (default: ../shared/data/calibration if present).")
+@click.option("--data", default=None, help="Evaluation text (default: ../shared/data/wikitext-2-raw/wiki.test.raw).")
+@click.option("--max-windows", type=int, default=8, show_default=True, help="Evaluation windows of 2048 tokens.")
+@click.option("--nsamples", type=int, default=32, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("-o", "--output", default=None, help="Where to keep the demo checkpoints (default: cache folder).")
+@click.option("-q", "--quiet", is_flag=True)
+def demo(bits, group_size, calib, data, max_windows, nsamples, seqlen, output, quiet):
+    """The main job end to end on SmolLM2-135M-Instruct: fetch, quantize (RTN vs GPTQ), evaluate, compare."""
+    from . import api
+    from .report import table
+    rows = api.demo(output, bits=int(bits), group_size=group_size, calib=calib, data=data, nsamples=nsamples,
+                    seqlen=seqlen, max_windows=max_windows, progress=not quiet)
+    click.echo(f"\nSmolLM2-135M-Instruct, WikiText-2 perplexity over the first {max_windows} windows of 2048 tokens")
+    click.echo(table(rows, [("method", "method"), ("scheme", "scheme"), ("bits_per_weight", "bits/weight"),
+                            ("perplexity", "perplexity"), ("quantize_s", "quantize s"), ("eval_s", "eval s")]))
+
+
+if __name__ == "__main__":
+    main()

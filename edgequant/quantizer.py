@@ -1,0 +1,88 @@
+"""Group-wise uniform quantization math shared by every method (RTN, GPTQ, OmniQuant, OWQ).
+
+`w_hat = (q - z) * s` per group of G consecutive inputs along K; q in [0, 2^b - 1]; s rounded to fp16 and z an integer
+before use, so what a method computes is exactly what the checkpoint stores. The last group of a row may be shorter
+than G (e.g. K = 576 with G = 128 leaves 64).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .schemes import QuantScheme
+
+_MIN_SCALE = 1e-6
+
+
+def expand_groups(t: torch.Tensor, scheme: QuantScheme, k: int) -> torch.Tensor:
+    """Repeat per-group values [N, n_groups] along K to [N, k] (ragged last group allowed)."""
+    g = scheme.group_len(k)
+    return torch.repeat_interleave(t, g, dim=1)[:, :k]
+
+
+def params_from_range(wmin: torch.Tensor, wmax: torch.Tensor, scheme: QuantScheme):
+    """Scale and zero point (both float tensors holding storable values) for ranges [wmin, wmax]."""
+    if scheme.sym:
+        absmax = torch.maximum(wmin.abs(), wmax.abs())
+        scale = 2 * absmax / scheme.maxq
+        zero = torch.full_like(scale, float(scheme.sym_zero))
+    else:
+        wmin = torch.clamp(wmin, max=0)
+        wmax = torch.clamp(wmax, min=0)
+        scale = (wmax - wmin) / scheme.maxq
+        zero = None
+    scale = torch.clamp(scale, min=_MIN_SCALE).to(torch.float16).to(torch.float32)
+    if zero is None:
+        zero = torch.clamp(torch.round(-wmin / scale), 0, scheme.maxq)
+    return scale, zero
+
+
+def group_minmax(w: torch.Tensor, scheme: QuantScheme):
+    """Per-group min and max of w [N, K] -> two [N, n_groups] tensors."""
+    n, k = w.shape
+    g = scheme.group_len(k)
+    ng = scheme.groups(k)
+    pad = ng * g - k
+    if pad:  # pad the ragged group with its own first value so it changes neither min nor max
+        w = torch.cat([w, w[:, (ng - 1) * g:(ng - 1) * g + 1].expand(n, pad)], dim=1)
+    wg = w.reshape(n, ng, g)
+    return wg.amin(-1), wg.amax(-1)
+
+
+def quantize_int(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integers for w given scale/zero already expanded to w's shape."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize_int(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero) * scale
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer weights and their group parameters for one linear (before packing)."""
+    q: torch.Tensor        # [N, K] integer-valued
+    scale: torch.Tensor    # [N, n_groups] fp16-representable
+    zero: torch.Tensor     # [N, n_groups] integer-valued
+    scheme: QuantScheme
+    outlier_idx: torch.Tensor | None = None      # [J] sorted input columns kept in fp16 (OWQ)
+    outlier_weight: torch.Tensor | None = None   # [N, J]
+
+    def dequantize(self) -> torch.Tensor:
+        k = self.q.shape[1]
+        w = dequantize_int(self.q.float(), expand_groups(self.scale.float(), self.scheme, k),
+                           expand_groups(self.zero.float(), self.scheme, k))
+        if self.outlier_idx is not None and len(self.outlier_idx):
+            w[:, self.outlier_idx.long()] = self.outlier_weight.float()
+        return w
+
+
+def quantize_weight(w: torch.Tensor, scheme: QuantScheme, scale=None, zero=None) -> QuantizedWeight:
+    """Round-to-nearest with min-max group parameters (or the given ones)."""
+    w = w.float()
+    if scale is None:
+        scale, zero = params_from_range(*group_minmax(w, scheme), scheme)
+    k = w.shape[1]
+    q = quantize_int(w, expand_groups(scale, scheme, k), expand_groups(zero, scheme, k), scheme.maxq)
+    return QuantizedWeight(q, scale, zero, scheme)
