@@ -235,7 +235,7 @@ def open_checkpoint(path) -> Checkpoint:
             prov = {}
     files = _weight_files(p)
     headers = {}
-    for f in sorted(set(files.values())):
+    for f in sorted(set(files.values())) or [p / WEIGHTS_NAME]:
         for name, h in _tensor_headers(f).items():
             headers[name] = h
             files.setdefault(name, f)
@@ -376,10 +376,9 @@ def load_model(path, dtype=torch.float32, device="cpu"):
 
 
 def _reinit_buffers(model):
-    for mod in model.modules():
-        if hasattr(mod, "inv_freq") and hasattr(mod, "rope_init_fn"):
-            inv_freq, scaling = mod.rope_init_fn(mod.config, mod.inv_freq.device)
-            mod.inv_freq = inv_freq.to(mod.inv_freq.device)
-            if hasattr(mod, "original_inv_freq"):
-                mod.original_inv_freq = inv_freq
-            mod.attention_scaling = scaling
+    """Rebuild modules whose buffers are computed at construction (rotary inv_freq), which `to_empty` left empty."""
+    for name, mod in list(model.named_modules()):
+        if hasattr(mod, "inv_freq") and hasattr(mod, "config"):
+            fresh = type(mod)(config=mod.config).to(mod.inv_freq.device)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, fresh)

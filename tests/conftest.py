@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random LLaMA / Mistral / Qwen2 models with a small byte-level BPE tokenizer (no downloads)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CALIB = SHARED / "calibration" / "wikipedia-sample.txt"
+WIKI = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+VOCAB = 320
+
+_TEXT = ("The quick brown fox jumps over the lazy dog. Quantization maps weights to a few bits. "
+         "Edge devices such as phones run small language models. ") * 40
+
+
+def tiny_config(arch: str, tie: bool = False):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024, tie_word_embeddings=tie,
+                  rms_norm_eps=1e-5)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(arch)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = CALIB.read_text()[:200_000] if CALIB.exists() else _TEXT
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def make_tiny_model(arch: str, seed: int = 0, tie: bool = False):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, tie), dtype=torch.float32).eval()
+    with torch.no_grad():  # larger-than-init weights so quantization error is visible in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.normal_(0, 0.08)
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """Calibration / evaluation text: the shared sample where present, else a generated paragraph."""
+    if CALIB.exists():
+        return str(CALIB)
+    p = tmp_path_factory.mktemp("text") / "text.txt"
+    p.write_text(_TEXT * 20)
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer):
+    """{arch: folder} of saved tiny models, built once per session."""
+    out = {}
+    for arch in ("llama", "mistral", "qwen2"):
+        d = tmp_path_factory.mktemp(f"tiny-{arch}")
+        m = make_tiny_model(arch)
+        m.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        out[arch] = d
+    return out
+
+
+def round_plain_to_fp16(model, quantized_names):
+    """What the checkpoint stores for non-quantized tensors: fp16 values."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[0] not in quantized_names or name.endswith(".bias"):
+                p.copy_(p.half().float())

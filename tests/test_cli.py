@@ -1,0 +1,77 @@
+"""The user's journey on a tiny model through the command line: quantize (rtn, gptq), inspect, eval, errors."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgequant.cli import main
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return CliRunner()
+
+
+def test_help_lists_commands(runner):
+    r = runner.invoke(main, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("quantize", "eval", "inspect", "demo"):
+        assert cmd in r.output
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_gptq_beats_rtn_end_to_end(runner, tmp_path, model_dirs, text_file, arch):
+    model = str(model_dirs[arch])
+    common = ["--bits", "3", "--group-size", "32", "-q"]
+    r = runner.invoke(main, ["quantize", model, "-o", str(tmp_path / "rtn"), "--method", "rtn", *common])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["quantize", model, "-o", str(tmp_path / "gptq"), "--method", "gptq", "--calib", text_file,
+                             "--nsamples", "16", "--seqlen", "128", *common])
+    assert r.exit_code == 0, r.output
+    assert "bits/weight" in r.output
+
+    r = runner.invoke(main, ["inspect", str(tmp_path / "gptq"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["method"] == "gptq" and info["scheme"] == "w3g32"
+    assert info["calibration"]["nsamples"] == 16 and info["calibration"]["seqlen"] == 128
+    assert info["bits_per_weight"] == pytest.approx(32 * 7 / 64 + 24 / 32, rel=0.02)  # K=64: 7 words of 10 values
+    layer = info["layers"]["model.layers.0.self_attn.q_proj"]
+    assert 0 < layer["output_rel_err"] < 1
+
+    def kl(ck):  # a random model's perplexity is about its vocabulary size, so compare distributions instead
+        r = runner.invoke(main, ["eval", ck, "--data", text_file, "--seqlen", "128", "--max-windows", "12",
+                                 "--reference", model, "--json", "-q"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["kl_divergence"]
+
+    kl_rtn, kl_gptq = kl(str(tmp_path / "rtn")), kl(str(tmp_path / "gptq"))
+    assert 0 < kl_gptq < 0.8 * kl_rtn, (kl_gptq, kl_rtn)
+
+
+def test_eval_reference_reports_kl(runner, tmp_path, model_dirs, text_file):
+    model = str(model_dirs["llama"])
+    runner.invoke(main, ["quantize", model, "-o", str(tmp_path / "q"), "--method", "rtn", "--bits", "2", "-q"])
+    r = runner.invoke(main, ["eval", str(tmp_path / "q"), "--data", text_file, "--seqlen", "64", "--max-windows", "4",
+                             "--reference", model, "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["kl_divergence"] > 0 and 0 < res["top1_agreement"] < 1
+    r = runner.invoke(main, ["eval", model, "--data", text_file, "--seqlen", "64", "--max-windows", "4",
+                             "--reference", model, "--json", "-q"])
+    same = json.loads(r.stdout)
+    assert same["kl_divergence"] == pytest.approx(0, abs=1e-6) and same["top1_agreement"] == 1.0
+
+
+def test_calibration_is_reproducible(runner, tmp_path, model_dirs, text_file):
+    model = str(model_dirs["llama"])
+    args = ["--method", "gptq", "--calib", text_file, "--nsamples", "4", "--seqlen", "64", "-q", "--seed", "3"]
+    for name in ("a", "b"):
+        assert runner.invoke(main, ["quantize", model, "-o", str(tmp_path / name), *args]).exit_code == 0
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_gptq_without_calibration_is_a_clear_error(runner, tmp_path, model_dirs):
+    r = runner.invoke(main, ["quantize", str(model_dirs["llama"]), "-o", str(tmp_path / "x"), "--method", "gptq"])
+    assert r.exit_code == 1 and "--calib" in r.output
