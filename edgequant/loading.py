@@ -60,7 +60,6 @@ def fetch_default_model(progress: bool = True) -> Path:
         if progress:
             print("converting the GGUF file to a Hugging Face folder (once) ...", file=sys.stderr)
         model, tok = _load_gguf(gguf)
-        model.config.quantization_config = None
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         shutil.rmtree(tmp / member.split("/")[0], ignore_errors=True)
@@ -88,6 +87,11 @@ def _load_gguf(path: Path):
     kw = dict(gguf_file=path.name)
     tok = AutoTokenizer.from_pretrained(path.parent, **kw)
     model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    # the weights are now plain float tensors: forget the GGUF origin so the model saves like any other
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
     return model, tok
 
 
@@ -111,7 +115,6 @@ def load_model(model: str | os.PathLike | None, dtype=None):
             if not path.is_file():
                 raise EdgequantError(f"GGUF file not found: {path}")
             m, tok = _load_gguf(path.resolve())
-            m.config.quantization_config = None
         else:
             if not path.exists() and (src.startswith((".", "/", "~")) or os.sep in src and src.count("/") != 1):
                 raise EdgequantError(f"model path not found: {src}; pass a Hugging Face folder, a .gguf file or a hub id")

@@ -1,0 +1,108 @@
+"""Perplexity by method and scheme on SmolLM2-135M-Instruct (WikiText-2 test, first N windows of 2048 tokens).
+
+    python benchmarks/quality.py                       # every row, results under benchmarks/results/
+    python benchmarks/quality.py --rows gptq:w3g128    # only some rows
+
+Each finished row is remembered in benchmarks/results/quality-rows.json (keyed by its settings), so an interrupted
+run continues where it stopped; --fresh starts over. Calibration: ../shared/data/calibration (Wikipedia + C4
+samples); evaluation: ../shared/data/wikitext-2-raw/wiki.test.raw. Never the other way around.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARED = ROOT.parent / "shared" / "data"
+
+# (method, scheme, extra options) in table order; later methods add their rows here
+ROWS = [
+    ("rtn", "w4g128", {}), ("gptq", "w4g128", {}),
+    ("rtn", "w4", {}), ("gptq", "w4", {}),
+    ("rtn", "w3g128", {}), ("gptq", "w3g128", {}),
+    ("rtn", "w2g64", {}), ("gptq", "w2g64", {}),
+]
+
+
+def row_key(method, scheme, opts, args):
+    calib = {} if method == "rtn" else {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+    return json.dumps({"method": method, "scheme": scheme, **opts, **calib, "windows": args.max_windows},
+                      sort_keys=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib", default=str(SHARED / "calibration"))
+    ap.add_argument("--data", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
+    ap.add_argument("--max-windows", type=int, default=40)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows", default=None, help="comma-separated method:scheme rows (default: all)")
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "edgequant" / "bench"))
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results" / "quality.md"))
+    args = ap.parse_args(argv)
+
+    import torch
+    import edgequant
+    from edgequant.report import table
+
+    cache_file = HERE / "results" / "quality-rows.json"
+    done = {} if args.fresh or not cache_file.exists() else json.loads(cache_file.read_text())
+    wanted = ROWS if not args.rows else [r for r in ROWS if f"{r[0]}:{r[1]}" in args.rows.split(",")]
+
+    def save_done():
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(done, indent=1))
+
+    base_key = json.dumps({"method": "baseline", "windows": args.max_windows})
+    if base_key not in done:
+        res = edgequant.evaluate(args.model, args.data, max_windows=args.max_windows)
+        done[base_key] = {"method": "fp32 (dequantized GGUF)", "scheme": "-", "bits_per_weight": 32.0,
+                          "perplexity": res["perplexity"], "quantize_s": 0.0, "eval_s": res["time_s"]}
+        save_done()
+    rows = [done[base_key]]
+    for method, scheme_name, opts in wanted:
+        key = row_key(method, scheme_name, opts, args)
+        if key not in done:
+            from edgequant.schemes import get_scheme
+            s = get_scheme(scheme_name)
+            out = Path(args.work) / f"{method}-{scheme_name}"
+            print(f"== {method} {scheme_name}", file=sys.stderr, flush=True)
+            t0 = time.time()
+            ck = edgequant.quantize(args.model, out, method=method, bits=s.bits, group_size=s.group_size, sym=s.sym,
+                                    calib=None if method == "rtn" else args.calib, nsamples=args.nsamples,
+                                    seqlen=args.seqlen, seed=args.seed, **opts)
+            tq = time.time() - t0
+            info = edgequant.inspect(ck)
+            res = edgequant.evaluate(ck, args.data, max_windows=args.max_windows)
+            done[key] = {"method": method, "scheme": scheme_name, "bits_per_weight": info["bits_per_weight"],
+                         "perplexity": res["perplexity"], "quantize_s": tq, "eval_s": res["time_s"],
+                         "settings": "-" if method == "rtn" else f"{args.nsamples}x{args.seqlen} seed {args.seed}"}
+            save_done()
+        rows.append(done[key])
+
+    cols = [("method", "method"), ("scheme", "scheme"), ("bits_per_weight", "bits/weight (stored)"),
+            ("perplexity", "WikiText-2 ppl"), ("quantize_s", "quantize s"), ("eval_s", "eval s"),
+            ("settings", "calibration")]
+    text = (f"# Quality: SmolLM2-135M-Instruct, WikiText-2 test, first {args.max_windows} windows of 2048 tokens\n\n"
+            f"date {datetime.date.today()}, machine {platform.machine()} {os.cpu_count()} cores, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads, edgequant {edgequant.__version__}\n"
+            f"calibration: {args.calib} ({args.nsamples} windows x {args.seqlen} tokens, seed {args.seed}); "
+            f"baseline = the Q4_1 GGUF dequantized to fp32\n\n" + table(rows, cols) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
