@@ -38,6 +38,10 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
 
     scheme = QuantScheme(bits, group_size, sym)
     m = get_method(method)
+    unknown = sorted(set(method_options) - set(m.options))
+    if unknown:
+        raise EdgequantError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in unknown)} do not apply to "
+                             f"--method {method}")
     opts = CalibOptions(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                         act_order=act_order, percdamp=percdamp, batch_size=batch_size, extra=method_options)
     if m.needs_calibration and calib is None:

@@ -49,21 +49,54 @@ def main():
     """
 
 
+def _methods():
+    from .methods import METHODS
+    return list(METHODS.values())
+
+
+def _method_names():
+    return [m.name for m in _methods()]
+
+
+# Options of individual methods. Each defaults to None ("the method's own default") and reaches the method through
+# CalibOptions.extra only when given, so methods own their defaults.
+METHOD_OPTIONS = [
+    # OmniQuant
+    click.option("--lwc/--no-lwc", default=None, help="OmniQuant: learnable weight clipping [default: on]."),
+    click.option("--let/--no-let", default=None, help="OmniQuant: learnable equivalent transformation."),
+    click.option("--epochs", type=int, default=None, help="OmniQuant: epochs per block."),
+    click.option("--lwc-lr", type=float, default=None, help="OmniQuant: LWC learning rate."),
+    click.option("--let-lr", type=float, default=None, help="OmniQuant: LET learning rate."),
+    click.option("--let-alpha", type=float, default=None, help="OmniQuant: SmoothQuant-style LET init exponent."),
+    click.option("--aug-loss/--no-aug-loss", default=None, help="OmniQuant: also match the fp block fed quantized inputs."),
+    click.option("--owq-target-bits", type=float, default=None, help="OmniQuant: choose OWQ weak columns first."),
+    # OWQ
+    click.option("--target-bits", type=float, default=None, help="OWQ: bits per weight budget, e.g. 3.01, 3.1, 4.01."),
+    click.option("--weak-columns", type=int, default=None, help="OWQ: fp16 columns per linear (instead of --target-bits)."),
+]
+
+
+def _method_options(f):
+    for opt in reversed(METHOD_OPTIONS):
+        f = opt(f)
+    return f
+
+
 def _calib_options(f):
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling windows.")(f)
+    f = click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")(f)
+    f = click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")(f)
     f = click.option("--calib", type=str, default=None,
                      help="Calibration text: a file, a folder of .txt files, or a dataset name (c4, wikitext2) "
                           "where a network exists.")(f)
-    f = click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")(f)
-    f = click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")(f)
-    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling windows.")(f)
     return f
 
 
 @main.command()
 @click.argument("model", required=False)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
-@click.option("--method", default="gptq", show_default=True, type=click.Choice(["rtn", "gptq"]),
-              help="rtn: round to nearest; gptq: Hessian-based error compensation (needs --calib).")
+@click.option("--method", default="gptq", show_default=True, type=click.Choice(_method_names()),
+              help="; ".join(f"{m.name}: {m.summary}" for m in _methods()) + ".")
 @click.option("--bits", type=click.Choice(["2", "3", "4"]), default="4", show_default=True)
 @click.option("--group-size", type=int, default=128, show_default=True, help="Inputs per group; -1 per channel.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric (no zero points) or asymmetric.")
@@ -72,14 +105,16 @@ def _calib_options(f):
 @click.option("--percdamp", type=float, default=0.01, show_default=True, help="GPTQ: Hessian damping.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Calibration windows per block pass.")
+@_method_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def quantize(model, output, method, bits, group_size, sym, calib, nsamples, seqlen, seed, act_order, percdamp, device,
-             batch_size, quiet):
+             batch_size, quiet, **method_options):
     """Quantize MODEL (HF folder, .gguf file, hub id; default: SmolLM2-135M-Instruct) into a checkpoint folder."""
     from . import api
+    method_options = {k: v for k, v in method_options.items() if v is not None}
     out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym, calib=calib,
                        nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, act_order=act_order,
-                       percdamp=percdamp, batch_size=batch_size, progress=not quiet)
+                       percdamp=percdamp, batch_size=batch_size, progress=not quiet, **method_options)
     info = api.inspect(out)
     click.echo(f"wrote {out}  ({info['scheme']}, {info['bits_per_weight']:.3f} bits/weight, "
                f"{info['size_on_disk_bytes'] / 2**20:.1f} MiB)")

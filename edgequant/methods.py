@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
 from .errors import EdgequantError
 from .schemes import QuantScheme
 
@@ -28,6 +26,7 @@ class CalibOptions:
             raise EdgequantError("--nsamples must be >= 1 and --seqlen >= 16")
         if not 0 < self.percdamp < 1:
             raise EdgequantError("--percdamp must be between 0 and 1 (the paper uses 0.01)")
+        import torch
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise EdgequantError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
 
@@ -50,14 +49,15 @@ class Method:
     run: Callable
     needs_calibration: bool
     summary: str
+    options: tuple = ()     # names of method-specific options it accepts (CalibOptions.extra)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, needs_calibration: bool, summary: str):
+def register_method(name: str, needs_calibration: bool, summary: str, options: tuple = ()):
     def deco(fn):
-        METHODS[name] = Method(name, fn, needs_calibration, summary)
+        METHODS[name] = Method(name, fn, needs_calibration, summary, tuple(options))
         return fn
     return deco
 
