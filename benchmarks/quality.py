@@ -3,7 +3,7 @@
     python benchmarks/quality.py                       # every row, results under benchmarks/results/
     python benchmarks/quality.py --rows gptq:w3g128    # only some rows
 
-Each finished row is remembered in benchmarks/results/quality-rows.json (keyed by its settings), so an interrupted
+Each finished row is remembered beside the table (quality.rows.json) (keyed by its settings), so an interrupted
 run continues where it stopped; --fresh starts over. Calibration: ../shared/data/calibration (Wikipedia + C4
 samples); evaluation: ../shared/data/wikitext-2-raw/wiki.test.raw. Never the other way around.
 """
@@ -56,7 +56,7 @@ def main(argv=None):
     import edgequant
     from edgequant.report import table
 
-    cache_file = HERE / "results" / "quality-rows.json"
+    cache_file = Path(args.out).with_suffix(".rows.json")
     done = {} if args.fresh or not cache_file.exists() else json.loads(cache_file.read_text())
     wanted = ROWS if not args.rows else [r for r in ROWS if f"{r[0]}:{r[1]}" in args.rows.split(",")]
 

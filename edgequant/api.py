@@ -42,8 +42,11 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
     if unknown:
         raise EdgequantError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in unknown)} do not apply to "
                              f"--method {method}")
+    out_path = Path(output).expanduser().resolve()
+    state_dir = out_path.parent / f".{out_path.name}.state"
     opts = CalibOptions(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
-                        act_order=act_order, percdamp=percdamp, batch_size=batch_size, extra=method_options)
+                        act_order=act_order, percdamp=percdamp, batch_size=batch_size, extra=method_options,
+                        state_dir=str(state_dir))
     if m.needs_calibration and calib is None:
         raise EdgequantError(f"--method {method} needs calibration text: pass --calib PATH")
     if calib is not None:
@@ -62,7 +65,11 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
             "options": opts.to_dict(), "seed": seed, "versions": _versions(),
             "time_s": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
             "layers": result.stats}
-    return save_checkpoint(output, model_obj, tok, result.quantized, scheme, method, prov)
+    ck = save_checkpoint(output, model_obj, tok, result.quantized, scheme, method, prov)
+    if state_dir.exists():  # the checkpoint is complete: resumable state is no longer needed
+        import shutil
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return ck
 
 
 def _load_for_eval(ckpt_or_model):

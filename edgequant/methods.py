@@ -20,6 +20,7 @@ class CalibOptions:
     act_order: bool = False
     percdamp: float = 0.01
     extra: dict = field(default_factory=dict)   # method-specific options
+    state_dir: str | None = None   # where a resumable method keeps per-block state (a sibling of the output folder)
 
     def __post_init__(self):
         if self.nsamples < 1 or self.seqlen < 16:
@@ -32,6 +33,7 @@ class CalibOptions:
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
+        d.pop("state_dir")
         d.update(d.pop("extra"))
         return d
 
