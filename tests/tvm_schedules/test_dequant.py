@@ -1,0 +1,57 @@
+"""Kernel tests: the fused dequantize + matmul (+ outlier columns) prim func, compiled for llvm, against NumPy; and the
+NumPy reference itself against edgequant's own unpacking (the checkpoint contract)."""
+import numpy as np
+import pytest
+import torch
+
+from edgequant.pack import pack
+from edgequant.quantizer import QuantizedWeight
+from edgequant.schemes import QuantScheme
+
+pytestmark = pytest.mark.tvm
+
+CASES = [  # bits, group, sym, K: words and groups misaligned, ragged last groups, per channel
+    (4, 32, False, 96), (3, 32, False, 100), (2, 64, True, 136), (4, -1, True, 70), (3, -1, False, 64),
+    (2, 48, False, 72),
+]
+
+
+def _linear(rng, bits, group, sym, k, n=24):
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    spec = QuantSpec(n, k, bits, group, sym)
+    q = rng.integers(0, 1 << bits, (n, k))
+    scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
+    zeros = None if sym else rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
+    return spec, q, pack(q, bits), scales, zeros
+
+
+@pytest.mark.parametrize("bits,group,sym,k", CASES)
+def test_reference_matches_checkpoint_dequantization(bits, group, sym, k):
+    from edgequant.tvm_schedules.dequant import dequantize_np
+    rng = np.random.default_rng(bits * 100 + k)
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, k)
+    scheme = QuantScheme(bits, group, sym)
+    zero_t = (torch.from_numpy(zeros.astype(np.float32)) if zeros is not None
+              else torch.full((spec.n, spec.n_groups), float(scheme.sym_zero)))
+    want = QuantizedWeight(torch.from_numpy(q), torch.from_numpy(scales.astype(np.float32)), zero_t, scheme).dequantize()
+    np.testing.assert_allclose(dequantize_np(spec, qweight, scales, zeros), want.numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,group,sym,k", CASES)
+@pytest.mark.parametrize("rows,n_outliers", [(None, 0), (1, 0), (None, 3), (1, 2)])
+def test_fused_kernel_matches_numpy(bits, group, sym, k, rows, n_outliers):
+    import tvm
+    from edgequant.tvm_schedules.dequant import quant_matmul_func, quant_matmul_np
+    rng = np.random.default_rng(bits * 7 + k + n_outliers)
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, k)
+    m = 5 if rows is None else rows
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    idx = np.sort(rng.choice(k, n_outliers, replace=False)).astype(np.int32)
+    w_out = rng.standard_normal((spec.n, n_outliers)).astype(np.float16)
+    ex = tvm.compile(tvm.IRModule({"main": quant_matmul_func(spec, rows, n_outliers)}), target="llvm")
+    args = [x, qweight, scales] + ([] if sym else [zeros]) + ([x[:, idx], w_out] if n_outliers else [])
+    y = tvm.runtime.empty((m, spec.n), "float16", tvm.cpu())
+    ex["main"](*[tvm.runtime.tensor(a) for a in args], y)
+    ref = quant_matmul_np(spec, x, qweight, scales, zeros, idx, w_out)
+    # fp16 scale products and the fp16 output round at ~1e-3 relative
+    np.testing.assert_allclose(y.numpy().astype(np.float32), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
