@@ -86,3 +86,33 @@ def quantize_weight(w: torch.Tensor, scheme: QuantScheme, scale=None, zero=None)
     k = w.shape[1]
     q = quantize_int(w, expand_groups(scale, scheme, k), expand_groups(zero, scheme, k), scheme.maxq)
     return QuantizedWeight(q, scale, zero, scheme)
+
+
+def mse_clip_params(w: torch.Tensor, scheme: QuantScheme, grid: int = 100, maxshrink: float = 0.8,
+                    norm: float = 2.4):
+    """Group parameters tuned by a clipping grid search (OWQ's and GPTQ's "mse" option): shrink each group's range
+    by factors 1, 1 - 1/grid, ... down to 1 - maxshrink and keep, per group, the factor with the least |error|^norm."""
+    w = w.float()
+    n, k = w.shape
+    g = scheme.group_len(k)
+    ng = scheme.groups(k)
+    wmin, wmax = group_minmax(w, scheme)
+    best_s, best_z = params_from_range(wmin, wmax, scheme)
+    best_err = torch.full_like(best_s, float("inf"))
+    pad = ng * g - k
+    wp = torch.cat([w, torch.zeros(n, pad, dtype=w.dtype, device=w.device)], 1) if pad else w
+    valid = torch.ones(ng * g, device=w.device)
+    if pad:
+        valid[k:] = 0
+    wg = wp.reshape(n, ng, g)
+    vg = valid.reshape(1, ng, g)
+    for i in range(int(maxshrink * grid) + 1):
+        p = 1 - i / grid
+        s, z = params_from_range(wmin * p, wmax * p, scheme)
+        q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, scheme.maxq)
+        err = (((q - z[..., None]) * s[..., None] - wg).abs().pow(norm) * vg).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z

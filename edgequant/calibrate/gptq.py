@@ -4,9 +4,10 @@ Pre-trained Transformers", arXiv 2210.17323).
 Columns are quantized one at a time; the error of each is spread over the not-yet-quantized columns through the
 inverse Hessian's Cholesky factor (H = 2/n sum x x^T), processed in lazy blocks. Options: damping, act-order
 (largest diag(H) first), and `keep` columns (OWQ's weak columns: not quantized, moved last so they absorb every
-update, then stored in fp16). With act-order or kept columns the group parameters are fixed up front from the
-original weights ("static groups"), because the checkpoint's groups are consecutive along K; otherwise each group's
-parameters come from the already-updated weights when its first column is reached, as in the paper.
+update, then stored in fp16). With act-order the group parameters are fixed up front from the original weights
+("static groups"), because the checkpoint's groups are consecutive along K and act-order visits them out of order;
+otherwise each group's parameters come from the already-updated weights of its (non-kept) columns when its first
+column is reached, as in the paper.
 """
 from __future__ import annotations
 
@@ -45,13 +46,15 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, bl
         keep_mask[keep.long()] = True
     G = scheme.group_len(K)
     ng = scheme.groups(K)
-    static = act_order or bool(keep_mask.any())
+    static = act_order
     scales = torch.zeros(N, ng, device=W.device)
     zeros = torch.zeros(N, ng, device=W.device)
+    ready = torch.zeros(ng, dtype=torch.bool)
     if static:
         Wz = W.masked_fill(keep_mask[None], 0)
         for g in range(ng):
             scales[:, g:g + 1], zeros[:, g:g + 1] = _group_params(Wz[:, g * G:(g + 1) * G], scheme, clip_search)
+        ready[:] = True
 
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
     if keep_mask.any():
@@ -59,6 +62,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, bl
     W = W[:, order]
     H = H[order][:, order]
     kept_sorted = keep_mask[order]
+    pos = torch.argsort(order)  # original column -> position in processing order
 
     damp = percdamp * torch.mean(torch.diag(H))
     H += damp * torch.eye(K, device=W.device)
@@ -83,9 +87,13 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, bl
             g = orig // G
             w = W1[:, i]
             d = Hinv1[i, i]
-            if not static and orig % G == 0:
-                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :G]
+            if not ready[g] and not kept_sorted[col]:
+                # every non-kept column of this group lies ahead in processing order: take their current values
+                cols = torch.arange(g * G, min((g + 1) * G, K), device=W.device)
+                cols = cols[~keep_mask[cols]]
+                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, pos[cols] - col]
                 scales[:, g:g + 1], zeros[:, g:g + 1] = _group_params(ahead, scheme, clip_search)
+                ready[g] = True
             if kept_sorted[col]:
                 Q1[:, i] = zeros[:, g]
                 W[:, col] = w  # final full-precision value of a kept column (every update has reached it)

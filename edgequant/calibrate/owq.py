@@ -1,0 +1,61 @@
+"""OWQ: outlier-aware weight quantization (Lee et al., "OWQ: Outlier-Aware Weight Quantization for Efficient
+Fine-Tuning and Inference of Large Language Models", arXiv 2306.02272, AAAI 2024).
+
+A few input columns of each linear are "weak": quantizing them hurts the output most. Their sensitivity is
+H_jj * ||W[:, j] - Q(W)[:, j]||^2 with H = 2/n sum x x^T of the calibration inputs; the top-k stay in fp16 and GPTQ
+quantizes the rest, its error compensation flowing into the weak columns before they are frozen. The number of weak
+columns per linear follows the paper's budget rule: a target of b_t bits over a b-bit base gives each linear
+round(K * r * ratio) columns (rounded up to even) with r = 12 / (16 - b) * (b_t - b) / (number of linear kinds), where
+`ratio` is the family's per-kind share (LLaMA: 1 for q/k/v/o, 0.375 for gate/up/down). Quantizer parameters are tuned
+by a clipping grid search (the paper's "mse" tuning). This module is pure math; `methods.py` drives it block by block.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import EdgequantError
+from ..models import Family
+from ..quantizer import expand_groups, mse_clip_params, params_from_range, group_minmax, quantize_int
+from ..schemes import QuantScheme
+
+
+def weak_column_counts(family: Family, in_features: dict[str, int], bits: int, target_bits: float) -> dict[str, int]:
+    """k per linear kind (e.g. "self_attn.q_proj") for a target of `target_bits` bits per weight over `bits`."""
+    if not bits < target_bits < 16:
+        raise EdgequantError(f"--target-bits {target_bits} must lie between --bits {bits} and 16 (e.g. {bits}.01 "
+                             f"or {bits}.1)")
+    ratios = family.linear_ratio
+    r = 12 / (16 - bits) * (target_bits - bits) / len(ratios)
+    out = {}
+    for kind, ratio in ratios.items():
+        k = round(in_features[kind] * r * ratio)
+        k += k % 2   # even counts, as the paper's kernels want
+        out[kind] = min(k, in_features[kind])
+    return out
+
+
+def column_sensitivity(weight: torch.Tensor, h_diag: torch.Tensor, scheme: QuantScheme, tuned: bool = True):
+    """H_jj * ||W[:, j] - Q(W)[:, j]||^2 for every input column j, Q the scheme's (MSE-tuned) quantizer on all of W."""
+    w = weight.float()
+    k = w.shape[1]
+    if tuned:
+        s, z = mse_clip_params(w, scheme)
+    else:
+        s, z = params_from_range(*group_minmax(w, scheme), scheme)
+    se, ze = expand_groups(s, scheme, k), expand_groups(z, scheme, k)
+    wq = (quantize_int(w, se, ze, scheme.maxq) - ze) * se
+    return h_diag.float() * ((w - wq) ** 2).sum(0)
+
+
+def select_weak_columns(weight: torch.Tensor, h_diag: torch.Tensor, scheme: QuantScheme, k: int,
+                        tuned: bool = True) -> torch.Tensor:
+    """Sorted indices of the k most sensitive input columns."""
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    sens = column_sensitivity(weight, h_diag, scheme, tuned)
+    return torch.sort(torch.topk(sens, k).indices).values.cpu()
+
+
+def mse_clip_search(w: torch.Tensor, scheme: QuantScheme):
+    """The GPTQ `clip_search` hook with OWQ's grid settings."""
+    return mse_clip_params(w, scheme)
