@@ -101,3 +101,63 @@ def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tr
 
     q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc="gptq")
     return MethodResult(q, stats, {"tokens": int(samples.numel())})
+
+
+@register_method("owq", needs_calibration=True, summary="OWQ: sensitive weak columns kept in fp16, GPTQ on the rest",
+                 options=("target_bits", "weak_columns"))
+def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
+    from .calibrate.blocks import get_module
+    from .calibrate.gptq import gptq_quantize
+    from .calibrate.layerwise import calibrate_layerwise
+    from .calibrate.metrics import output_error, weight_error
+    from .calibrate.owq import mse_clip_search, select_weak_columns, weak_column_counts
+    from .models import family_for
+
+    family = family_for(model.config.model_type)
+    block0 = get_module(model, family.layer_prefix(0))
+    in_features = {kind: get_module(block0, kind).in_features for kind in family.linear_names}
+    target, fixed = opts.extra.get("target_bits"), opts.extra.get("weak_columns")
+    if target is not None and fixed is not None:
+        raise EdgequantError("pass either --target-bits or --weak-columns, not both")
+    if fixed is not None:
+        if fixed < 0:
+            raise EdgequantError("--weak-columns must be >= 0")
+        counts = {kind: min(fixed, k) for kind, k in in_features.items()}
+    else:
+        counts = weak_column_counts(family, in_features, scheme.bits, target if target is not None else scheme.bits + 0.01)
+    samples = _calibration_samples(tokenizer, opts)
+
+    def quantize_fn(name, lin, H):
+        w = lin.weight.detach().float()
+        kind = name.split(".", 3)[-1]
+        idx = select_weak_columns(w, torch_diag(H), scheme, counts[kind])
+        qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order,
+                                 keep=idx.to(w.device), clip_search=mse_clip_search)
+        w_hat = qw.dequantize()
+        return qw, {"gptq_loss": loss, "weak_columns": int(len(idx)), "weight_rel_err": weight_error(w, w_hat),
+                    "output_rel_err": output_error(w, w_hat, H)}
+
+    q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc="owq")
+    return MethodResult(q, stats, {"tokens": int(samples.numel()), "weak_columns_per_linear": counts,
+                                   "target_bits": target})
+
+
+def torch_diag(H):
+    import torch
+    return torch.diag(H)
+
+
+@register_method("omniquant", needs_calibration=True,
+                 summary="OmniQuant: learnable weight clipping + equivalent transformation, block-wise, fused away",
+                 options=("lwc", "let", "epochs", "lwc_lr", "let_lr", "let_alpha", "aug_loss", "owq_target_bits"))
+def _omniquant(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
+    from dataclasses import asdict
+    from .calibrate.omniquant import calibrate_omniquant, config_from_options
+
+    cfg = config_from_options(opts)   # validate options before touching data
+    samples = _calibration_samples(tokenizer, opts)
+    q, stats, blocks, _ = calibrate_omniquant(model, samples, scheme, cfg, opts.device, progress, opts.state_dir)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "seed"}
+    settings["let_pairs"] = list(cfg.let_pairs)
+    return MethodResult(q, stats, {"tokens": int(samples.numel()), "omniquant": settings,
+                                   "blocks": [asdict(b) for b in blocks]})

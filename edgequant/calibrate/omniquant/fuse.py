@@ -1,0 +1,149 @@
+"""One decoder block's OmniQuant parameters, the block's effective tensors under them, and their fusion into a
+parameter-free block (OmniQuant section 3.3, "after training, the learnable parameters are fused away").
+
+`OmniBlock.effective()` gives the tensors the block computes with during training: LET applied to the original
+full-precision tensors, LWC fake-quantizing every linear, shifts turned into bias corrections, and norms and biases
+rounded to fp16 (straight-through) because the checkpoint stores them in fp16. `OmniBlock.fuse()` computes the same
+values without gradients and returns them as checkpoint material: plain tensors (norm weights, biases) and a
+`QuantizedWeight` per linear. Both use the same operations in the same order, so the fused block is bit-identical to
+the trained one, and the checkpoint loads exactly like an RTN or GPTQ checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ...quantizer import QuantizedWeight, quantize_weight
+from ...schemes import QuantScheme
+from ..blocks import get_module
+from .let import GROUP_LINEARS, LET, BlockShape
+from .lwc import LWC, fp16_ste
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def _key(name: str) -> str:   # ModuleDict keys cannot hold dots
+    return name.replace(".", "__")
+
+
+class OmniBlock(nn.Module):
+    """LWC strengths for every linear of a block and (optionally) its LET, over a frozen copy of the block's tensors."""
+
+    def __init__(self, block, config, scheme: QuantScheme, cfg):
+        super().__init__()
+        self.scheme = scheme
+        self.base = {}
+        for n in NORMS:
+            self.base[f"{n}.weight"] = get_module(block, n).weight.detach().clone().float()
+        has_bias = {}
+        for n in LINEARS:
+            lin = get_module(block, n)
+            self.base[f"{n}.weight"] = lin.weight.detach().clone().float()
+            has_bias[n] = lin.bias is not None
+            if has_bias[n]:
+                self.base[f"{n}.bias"] = lin.bias.detach().clone().float()
+        self.lwc = nn.ModuleDict({_key(n): LWC(*self.base[f"{n}.weight"].shape, scheme, cfg.lwc_init, learn=cfg.lwc)
+                                  for n in LINEARS})
+        self.let = None
+        if cfg.let:
+            # a shift needs a bias in every linear that reads the shifted input (see let.py)
+            shift_groups = [g for g, lins in GROUP_LINEARS.items() if all(has_bias[n] for n in lins)]
+            self.let = LET(BlockShape.from_config(config), tuple(cfg.let_pairs), shift_groups)
+        dev = self.base["input_layernorm.weight"].device
+        self.to(dev)
+
+    def lwc_params(self):
+        return [p for p in self.lwc.parameters()]
+
+    def let_params(self):
+        return [] if self.let is None else list(self.let.parameters())
+
+    def _transformed(self):
+        return self.let.transform(self.base) if self.let is not None else dict(self.base)
+
+    def effective(self, quant: bool = True, fp16_plain: bool = True) -> dict:
+        """{block-relative parameter name: tensor} to substitute into the block (differentiable)."""
+        t = self._transformed()
+        out = {}
+        for n in LINEARS:
+            w = t[f"{n}.weight"]
+            w_hat = self.lwc[_key(n)](w) if quant else w
+            out[f"{n}.weight"] = w_hat
+            b = t.get(f"{n}.bias")
+            if b is not None:
+                d = self.let.shift(n) if self.let is not None else None
+                if d is not None:   # shift of the input, folded: Q(W')(x - d) + W' d + b = Q(W') x + b + (W' - Q(W')) d
+                    b = b + (w - w_hat) @ d
+                out[f"{n}.bias"] = fp16_ste(b) if fp16_plain else b
+        for n in NORMS:
+            w = t[f"{n}.weight"]
+            out[f"{n}.weight"] = fp16_ste(w) if fp16_plain else w
+        return out
+
+    @torch.no_grad()
+    def fuse(self):
+        """(plain {name: tensor} for norms and biases, {linear: QuantizedWeight} on the host, {linear: stats})."""
+        t = self._transformed()
+        plain, qws, stats = {}, {}, {}
+        for n in LINEARS:
+            w = t[f"{n}.weight"]
+            lwc = self.lwc[_key(n)]
+            scale, zero = lwc.params(w)
+            qw = quantize_weight(w, self.scheme, scale, zero)
+            w_hat = qw.dequantize()
+            b = t.get(f"{n}.bias")
+            if b is not None:
+                d = self.let.shift(n) if self.let is not None else None
+                if d is not None:
+                    b = b + (w - w_hat) @ d
+                plain[f"{n}.bias"] = fp16_ste(b).cpu()
+            up, low = lwc.clip_factors()
+            st = {"weight_rel_err": float(((w - w_hat) ** 2).sum() / (w ** 2).sum().clamp_min(1e-30))}
+            if up is not None:
+                st["clip_upper_mean"] = float(up.mean())
+                st["clip_lower_mean"] = float(low.mean())
+            stats[n] = st
+            qws[n] = QuantizedWeight(qw.q.to(torch.uint8).cpu(), qw.scale.cpu(), qw.zero.cpu(), self.scheme)
+        for n in NORMS:
+            plain[f"{n}.weight"] = fp16_ste(t[f"{n}.weight"]).cpu()
+        return plain, qws, stats
+
+    @staticmethod
+    def detached_copy(ob: "OmniBlock") -> "OmniBlock":
+        """A host copy with frozen parameters (the live, unfused model of the tests)."""
+        c = copy.deepcopy(ob).to("cpu")
+        c.base = {k: v.detach().cpu() for k, v in ob.base.items()}
+        c.requires_grad_(False)
+        return c
+
+
+@torch.no_grad()
+def apply_fused(block, plain: dict, qws: dict):
+    """Write fused tensors into a block in place: linear weights dequantized from their integers, norms and biases."""
+    for n, qw in qws.items():
+        lin = get_module(block, n)
+        lin.weight.copy_(qw.dequantize().to(lin.weight.device, lin.weight.dtype))
+    for name, t in plain.items():
+        p = block.get_parameter(name)
+        p.copy_(t.to(p.device, p.dtype))
+
+
+class LiveBlock(nn.Module):
+    """A block computing with an OmniBlock's live (unfused) tensors: the reference the fused checkpoint must match."""
+
+    def __init__(self, block, ob: OmniBlock):
+        super().__init__()
+        self.block, self.ob = block, ob
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.block, self.ob.effective(), args, kwargs, strict=False)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)

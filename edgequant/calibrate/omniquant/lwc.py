@@ -1,0 +1,115 @@
+"""Learnable weight clipping (LWC), OmniQuant section 3.2 (Shao et al., "OmniQuant: Omnidirectionally Calibrated
+Quantization for Large Language Models", arXiv 2308.13137, eq. 2).
+
+Per group of G consecutive inputs along K, two learnable strengths gamma (upper) and beta (lower) clip the group's
+range before min-max quantization: `max' = sigmoid(gamma) * max(W_g)`, `min' = sigmoid(beta) * min(W_g)`,
+`s = (max' - min') / (2^b - 1)`, `z = round(-min' / s)`, `q = clamp(round(W / s) + z, 0, 2^b - 1)`.
+Symmetric schemes learn one strength on the group's absolute maximum and keep z = 2^(b-1).
+
+The forward pass computes exactly what `edgequant.quantizer.quantize_weight(w, scheme, scale, zero)` computes with
+the same scale and zero (same operations, same order), so a trained LWC folds into the checkpoint's integers with no
+difference: the scale is rounded to fp16 and the zero point to an integer *inside* the forward pass, with
+straight-through gradients for every rounding.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...quantizer import _MIN_SCALE, expand_groups
+from ...schemes import QuantScheme
+
+DEFAULT_INIT = 4.0   # sigmoid(4) ~ 0.982: start close to plain min-max, as the paper's scripts do
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() forward (bit-exact, unlike x + (round(x) - x).detach()), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _Fp16STE(torch.autograd.Function):
+    """Round to the nearest fp16 value (what the checkpoint stores), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.to(torch.float16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+round_ste = _RoundSTE.apply
+fp16_ste = _Fp16STE.apply
+
+
+def group_minmax_diff(w: torch.Tensor, scheme: QuantScheme):
+    """Per-group min and max of w [N, K] -> two [N, n_groups] tensors, differentiable w.r.t. w (gradient reaches the
+    extreme entries, which is how LET's scales feel the clipping). The ragged last group is padded with its own first
+    value, as `quantizer.group_minmax` does, so the values are identical."""
+    n, k = w.shape
+    g = scheme.group_len(k)
+    ng = scheme.groups(k)
+    pad = ng * g - k
+    if pad:
+        w = torch.cat([w, w[:, (ng - 1) * g:(ng - 1) * g + 1].expand(n, pad)], dim=1)
+    wg = w.reshape(n, ng, g)
+    return wg.amin(-1), wg.amax(-1)
+
+
+class LWC(nn.Module):
+    """Clipping strengths of one linear's weight [N, K] and its differentiable fake quantizer.
+
+    `learn=False` fixes the clipping at none (sigmoid = 1): plain min-max round-to-nearest, for LET-only training.
+    """
+
+    def __init__(self, n: int, k: int, scheme: QuantScheme, init: float = DEFAULT_INIT, learn: bool = True):
+        super().__init__()
+        self.scheme, self.k, self.learn = scheme, k, learn
+        ng = scheme.groups(k)
+        if learn:
+            self.upper = nn.Parameter(torch.full((n, ng), float(init)))
+            # symmetric schemes clip |W| with one strength: a separate lower bound would make the grid asymmetric
+            self.lower = None if scheme.sym else nn.Parameter(torch.full((n, ng), float(init)))
+
+    def clip_factors(self):
+        if not self.learn:
+            return None, None
+        up = torch.sigmoid(self.upper)
+        return up, (torch.sigmoid(self.lower) if self.lower is not None else up)
+
+    def params(self, w: torch.Tensor):
+        """(scale, zero) [N, n_groups] of the clipped groups of w: scale fp16-representable, zero an integer in
+        [0, 2^b - 1], both carrying straight-through gradients. Mirrors `quantizer.params_from_range`."""
+        s = self.scheme
+        wmin, wmax = group_minmax_diff(w, s)
+        up, low = self.clip_factors()
+        if up is not None:
+            wmax = wmax * up
+            wmin = wmin * low
+        if s.sym:
+            absmax = torch.maximum(wmin.abs(), wmax.abs())
+            scale = 2 * absmax / s.maxq
+            scale = fp16_ste(torch.clamp(scale, min=_MIN_SCALE))
+            zero = torch.full_like(scale, float(s.sym_zero))
+        else:
+            wmin = torch.clamp(wmin, max=0)   # the grid must hold 0 exactly (zero point in range)
+            wmax = torch.clamp(wmax, min=0)
+            scale = fp16_ste(torch.clamp((wmax - wmin) / s.maxq, min=_MIN_SCALE))
+            zero = torch.clamp(round_ste(-wmin / scale), 0, s.maxq)
+        return scale, zero
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """The dequantized weight w_hat = (q - z) * s, differentiable (STE) w.r.t. w and the clipping strengths."""
+        scale, zero = self.params(w)
+        se = expand_groups(scale, self.scheme, self.k)
+        ze = expand_groups(zero, self.scheme, self.k)
+        q = torch.clamp(round_ste(w / se) + ze, 0, self.scheme.maxq)
+        return (q - ze) * se

@@ -1,0 +1,284 @@
+"""Block-wise error minimisation, OmniQuant section 3.1 (arXiv 2308.13137, eq. 1 and Algorithm 1).
+
+Capture the inputs of the first decoder block on the calibration samples; for each block in turn: compute its
+full-precision output on the full-precision stream (the target), train the block's LWC strengths and LET scales/shifts
+so that the quantized block fed the *quantized* stream matches that target (MSE; with `aug_loss` also the full-precision
+block fed the quantized stream, as the published scripts do for W2), fold everything learned into norms, biases,
+integers, scales and zero points (see `fuse.py`), and pass the fused block's outputs on as the next block's inputs.
+
+Only the block being trained sits on the device; the two hidden-state streams stay on the host and travel in mini-batches.
+After each block its fused tensors and the two streams are saved under `state_dir`, so an interrupted run continues
+from the next block and, training being deterministic given its inputs and a per-block seed, writes the same checkpoint
+byte for byte.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...errors import EdgequantError
+from ...models import family_for
+from ...quantizer import QuantizedWeight
+from ...schemes import QuantScheme
+from ..blocks import BlockInputs, _move, capture_first_block_inputs, get_module
+from .fuse import OmniBlock, apply_fused
+
+STATE_VERSION = 1
+
+
+@dataclass
+class OmniConfig:
+    """OmniQuant settings; defaults are the paper's weight-only LLaMA recipe (LWC only, 20 epochs, AdamW)."""
+    lwc: bool = True
+    let: bool = False
+    epochs: int = 20
+    lwc_lr: float = 1e-2
+    let_lr: float = 5e-3
+    let_alpha: float = 0.5
+    aug_loss: bool = False
+    lwc_init: float = 4.0
+    let_pairs: tuple = ("qkv", "fc1", "vo", "qk", "down")
+    batch_size: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise EdgequantError("--epochs must be >= 0 (0 keeps the initial clipping: min-max round to nearest)")
+        if self.lwc_lr <= 0 or self.let_lr <= 0:
+            raise EdgequantError("--lwc-lr and --let-lr must be positive (the paper uses 1e-2 and 5e-3)")
+        if not 0 <= self.let_alpha <= 1:
+            raise EdgequantError("--let-alpha must be between 0 and 1 (SmoothQuant's migration strength, e.g. 0.5)")
+        if self.batch_size < 1:
+            raise EdgequantError("--batch-size must be >= 1")
+        if self.epochs > 0 and not (self.lwc or self.let):
+            raise EdgequantError("nothing to train: enable --lwc or --let, or pass --epochs 0")
+
+
+@dataclass
+class BlockSummary:
+    block: int
+    loss_before: float
+    loss_after: float
+    time_s: float
+    steps: int
+    resumed: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _block_forward(block, params: dict, x, kw):
+    y = torch.func.functional_call(block, params, (x,), kw, strict=False)
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+class _Stats:
+    """Per-input-channel max |x| and mean x of some linears of a block (for LET's initialisation)."""
+
+    def __init__(self, block, names):
+        self.absmax, self.sum, self.n, self.handles = {}, {}, {}, []
+        for n in names:
+            self.handles.append(get_module(block, n).register_forward_hook(self._hook(n)))
+
+    def _hook(self, name):
+        def h(_m, args, _o):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            am, s = x.abs().amax(0), x.sum(0)
+            if name in self.absmax:
+                self.absmax[name] = torch.maximum(self.absmax[name], am)
+                self.sum[name] += s
+                self.n[name] += x.shape[0]
+            else:
+                self.absmax[name], self.sum[name], self.n[name] = am, s, x.shape[0]
+        return h
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        return self.absmax, {k: v / self.n[k] for k, v in self.sum.items()}
+
+
+@torch.no_grad()
+def _run(block, params, hidden, kw, device, bs, target=None):
+    """Outputs of the block (with `params` substituted) for every row of `hidden` (host), and the MSE to `target`."""
+    outs, se, cnt = [], 0.0, 0
+    for i in range(0, len(hidden), bs):
+        y = _block_forward(block, params, hidden[i:i + bs].to(device), kw).float()
+        if target is not None:
+            se += float(((y - target[i:i + bs].to(device)) ** 2).sum())
+            cnt += y.numel()
+        outs.append(y.to("cpu"))
+    return torch.cat(outs), (se / cnt if cnt else None)
+
+
+def _fingerprint(model, samples, scheme, cfg: OmniConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": STATE_VERSION, "scheme": scheme.to_dict(), "cfg": asdict(cfg),
+                         "config": model.config.to_dict()}, sort_keys=True, default=str).encode())
+    h.update(samples.numpy().tobytes())
+    first = next(model.parameters()).detach()
+    h.update(first.flatten()[:4096].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save_atomic(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _State:
+    """Per-block results and the latest streams under `state_dir` (None: not resumable)."""
+
+    def __init__(self, state_dir, fingerprint):
+        self.dir = Path(state_dir) if state_dir else None
+        self.fp = fingerprint
+        if self.dir is None:
+            return
+        meta = self.dir / "meta.json"
+        if self.dir.exists() and (not meta.exists() or json.loads(meta.read_text()).get("fingerprint") != fingerprint):
+            import shutil   # state of a different run (other model, scheme, data or settings): start over
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps({"fingerprint": fingerprint, "version": STATE_VERSION}))
+
+    def load_streams(self):
+        if self.dir is None or not (self.dir / "streams.pt").exists():
+            return None
+        try:
+            s = torch.load(self.dir / "streams.pt", weights_only=True)
+        except Exception:   # noqa: BLE001 - a damaged state file only costs recomputation
+            return None
+        return s if s.get("fingerprint") == self.fp else None
+
+    def load_block(self, i):
+        return torch.load(self.dir / f"block_{i:04d}.pt", weights_only=False)
+
+    def save(self, i, block_record, q_hidden, fp_hidden):
+        if self.dir is None:
+            return
+        # block first, then the streams that point past it: an interruption between the two only repeats block i
+        _save_atomic(block_record, self.dir / f"block_{i:04d}.pt")
+        _save_atomic({"fingerprint": self.fp, "next": i + 1, "q": q_hidden, "fp": fp_hidden}, self.dir / "streams.pt")
+
+
+# a hook for tests (simulated interruption) and callers that want to watch blocks finish
+def _after_block(i: int):
+    pass
+
+
+def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: OmniConfig, device="cpu",
+                        progress: bool = True, state_dir=None, keep_live: bool = False):
+    """Train and fuse every decoder block of `model` in place. Returns (quantized {linear name: QuantizedWeight},
+    per-linear stats, per-block summaries, live OmniBlocks (before fusion, on the host) if `keep_live` else None)."""
+    family = family_for(model.config.model_type)
+    layers = get_module(model, family.layers_path)
+    state = _State(state_dir, _fingerprint(model, samples, scheme, cfg))
+    inputs: BlockInputs = capture_first_block_inputs(model, layers, samples, device)
+    kw = _move(inputs.kwargs, device)
+    kw.pop("use_cache", None)
+    q_hidden, fp_hidden = inputs.hidden, inputs.hidden.clone()
+    start = 0
+    streams = state.load_streams()
+    if streams is not None and not keep_live:
+        start = int(streams["next"])
+        q_hidden, fp_hidden = streams["q"], streams["fp"]
+    quantized, stats, summaries, live = {}, {}, [], []
+    for i in range(start):   # finished blocks: put their fused tensors back into the model
+        rec = state.load_block(i)
+        apply_fused(layers[i], rec["plain"], rec["quantized"])
+        for rel, qw in rec["quantized"].items():
+            quantized[f"{family.layer_prefix(i)}.{rel}"] = qw
+        stats.update(rec["stats"])
+        summaries.append(BlockSummary(**{**rec["summary"], "resumed": True}))
+
+    n_blocks = len(layers)
+    for i in range(start, n_blocks):
+        t0 = time.time()
+        block = layers[i].to(device)
+        block.requires_grad_(False)
+        ob = OmniBlock(block, model.config, scheme, cfg).to(device)
+        bs = cfg.batch_size
+
+        # targets: the full-precision block on the full-precision stream (+ LET statistics on the way)
+        st = _Stats(block, ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"])
+        fp_out, _ = _run(block, {}, fp_hidden, kw, device, bs)
+        act_absmax, act_mean = st.remove()
+        aug_out = _run(block, {}, q_hidden, kw, device, bs)[0] if cfg.aug_loss else None
+        if ob.let is not None:
+            ob.let.init_from_stats(ob.base, act_absmax, act_mean, cfg.let_alpha)
+        with torch.no_grad():
+            _, loss_before = _run(block, ob.effective(), q_hidden, kw, device, bs, fp_out)
+
+        steps = _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg, device, i, n_blocks, progress)
+
+        if keep_live:
+            live.append(OmniBlock.detached_copy(ob))
+        plain, qws, lin_stats = ob.fuse()
+        apply_fused(block, plain, qws)
+        q_next, loss_after = _run(block, {}, q_hidden, kw, device, bs, fp_out)
+        layers[i] = block.to("cpu")
+        prefix = family.layer_prefix(i)
+        block_stats = {f"{prefix}.{rel}": s for rel, s in lin_stats.items()}
+        for rel, qw in qws.items():
+            quantized[f"{prefix}.{rel}"] = qw
+        stats.update(block_stats)
+        summ = BlockSummary(i, loss_before, loss_after, round(time.time() - t0, 2), steps)
+        summaries.append(summ)
+        q_hidden, fp_hidden = q_next, fp_out
+        del aug_out
+        state.save(i, {"plain": plain, "quantized": qws, "stats": block_stats,
+                       "summary": {k: v for k, v in asdict(summ).items() if k != "resumed"}}, q_hidden, fp_hidden)
+        if progress:
+            tqdm.write(f"block {i}: loss {loss_before:.4g} -> {loss_after:.4g} ({summ.time_s:.1f} s)")
+        _after_block(i)
+    return quantized, stats, summaries, (live if keep_live else None)
+
+
+def _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg: OmniConfig, device, i, n_blocks, progress) -> int:
+    groups = []
+    if ob.lwc_params():
+        groups.append({"params": ob.lwc_params(), "lr": cfg.lwc_lr})
+    if ob.let_params():
+        groups.append({"params": ob.let_params(), "lr": cfg.let_lr})
+    if cfg.epochs == 0 or not groups:
+        return 0
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    n = len(q_hidden)
+    bs = min(cfg.batch_size, n)
+    per_epoch = math.ceil(n / bs)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)   # per block: a resumed run draws the same batches
+    bar = tqdm(total=cfg.epochs * per_epoch, desc=f"omniquant block {i + 1}/{n_blocks}", disable=not progress,
+               leave=False, unit="step")
+    steps = 0
+    try:
+        for ep in range(cfg.epochs):
+            perm = torch.randperm(n, generator=gen)
+            tot = 0.0
+            for j in range(0, n, bs):
+                idx = perm[j:j + bs]
+                x = q_hidden[idx].to(device)
+                y = _block_forward(block, ob.effective(), x, kw)
+                loss = torch.nn.functional.mse_loss(y.float(), fp_out[idx].to(device))
+                if aug_out is not None:
+                    loss = loss + torch.nn.functional.mse_loss(y.float(), aug_out[idx].to(device))
+                if not torch.isfinite(loss):
+                    raise EdgequantError(f"OmniQuant loss became {float(loss)} in block {i}; lower --lwc-lr/--let-lr "
+                                         "or turn --let off")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                tot += float(loss.detach())
+                bar.update(1)
+                bar.set_postfix(epoch=ep + 1, loss=f"{tot / (j // bs + 1):.4g}")
+    finally:
+        bar.close()
+    return steps
