@@ -130,8 +130,7 @@ def inspect(checkpoint) -> dict:
                     size = nbytes
                     for d in shape:
                         size *= d
-                    if suffix != "outlier_idx":
-                        q_bits += size * 8
+                    q_bits += size * 8
                     if suffix == "outlier_idx":
                         outlier_cols[base] = sf.get_tensor(name).tolist()
     files = [p for p in ck.path.iterdir() if p.is_file()]

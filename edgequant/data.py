@@ -48,10 +48,11 @@ def read_text(source: str | os.PathLike, split: str = "train") -> str:
 
 
 def eval_text(source: str | os.PathLike) -> str:
-    """WikiText-style evaluation text: the rows (lines) joined by a blank line, as the dataset's rows are."""
+    """WikiText-style evaluation text: the file's lines as the dataset's rows (a line keeps its newline, a blank line
+    is an empty row) joined by "\n\n", which is what the GPTQ/OmniQuant scripts feed the tokenizer."""
     if str(source) in DATASET_NAMES and not Path(source).exists():
         return _dataset_text(str(source), "test")
-    rows = read_text(source).splitlines(keepends=True)
+    rows = [line if line.strip() else "" for line in read_text(source).splitlines(keepends=True)]
     return "\n\n".join(rows)
 
 

@@ -1,0 +1,90 @@
+"""OWQ: planted weak columns are found, fp16 columns are stored and used exactly, k follows the budget rule."""
+import json
+
+import pytest
+import torch
+
+from edgequant import api
+from edgequant.artifact import load_model, load_quantized_weight, open_checkpoint
+from edgequant.calibrate.gptq import gptq_quantize
+from edgequant.calibrate.owq import column_sensitivity, select_weak_columns, weak_column_counts
+from edgequant.models import family_for
+from edgequant.schemes import QuantScheme
+
+
+def _planted(k=256, n=128, tokens=4096, planted=(3, 77, 140, 201), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g)
+    x[:, list(planted)] *= 20            # outlier input channels: large activations
+    w = torch.randn(n, k, generator=g) * 0.05
+    H = 2 * x.T @ x / tokens
+    return w, x, H
+
+
+def test_selection_finds_planted_outlier_channels():
+    w, x, H = _planted()
+    idx = select_weak_columns(w, torch.diag(H), QuantScheme(3, 64), 4)
+    assert idx.tolist() == [3, 77, 140, 201]
+    sens = column_sensitivity(w, torch.diag(H), QuantScheme(3, 64))
+    assert sens.shape == (256,) and torch.all(sens >= 0)
+
+
+def test_weak_columns_reduce_output_error():
+    w, x, H = _planted()
+    s = QuantScheme(3, 64)
+    idx = select_weak_columns(w, torch.diag(H), s, 4)
+    with_owq, _ = gptq_quantize(w, H, s, keep=idx)
+    plain, _ = gptq_quantize(w, H, s)
+    err = lambda qw: float(((x @ (w - qw.dequantize()).T) ** 2).mean())
+    assert err(with_owq) < 0.5 * err(plain)
+
+
+def test_budget_rule_llama():
+    fam = family_for("llama")
+    inf = {"self_attn.q_proj": 4096, "self_attn.k_proj": 4096, "self_attn.v_proj": 4096, "self_attn.o_proj": 4096,
+           "mlp.gate_proj": 4096, "mlp.up_proj": 4096, "mlp.down_proj": 11008}
+    k = weak_column_counts(fam, inf, 3, 3.01)
+    r = 12 / 13 * 0.01 / 7
+    assert k["self_attn.q_proj"] == 6                     # round(4096 * r) = 5 -> even 6
+    assert k["mlp.down_proj"] == round(11008 * r * 0.375) + round(11008 * r * 0.375) % 2
+    assert all(v % 2 == 0 for v in k.values())
+    k31 = weak_column_counts(fam, inf, 3, 3.1)
+    assert all(k31[n] > k[n] for n in k)
+    # for LLaMA-7B shapes the rule spends about (target - bits) extra bits per weight on fp16 columns
+    N = {"self_attn.q_proj": 4096, "self_attn.k_proj": 4096, "self_attn.v_proj": 4096, "self_attn.o_proj": 4096,
+         "mlp.gate_proj": 11008, "mlp.up_proj": 11008, "mlp.down_proj": 4096}
+    extra = sum(N[n] * k31[n] * 13 for n in k31) / sum(N[n] * inf[n] for n in inf)
+    assert extra == pytest.approx(0.1, rel=0.05)
+
+
+def test_owq_checkpoint_stores_and_uses_fp16_columns(tmp_path, model_dirs, text_file):
+    out = api.quantize(str(model_dirs["qwen2"]), tmp_path / "owq", method="owq", bits=3, group_size=32,
+                       calib=text_file, nsamples=8, seqlen=64, weak_columns=4, progress=False)
+    ck = open_checkpoint(out)
+    name = "model.layers.1.mlp.down_proj"
+    t = ck.read([f"{name}.outlier_idx", f"{name}.outlier_weight"])
+    assert t[f"{name}.outlier_idx"].dtype.name == "int32" and t[f"{name}.outlier_idx"].shape == (4,)
+    assert t[f"{name}.outlier_weight"].shape == (64, 4)
+    qw = load_quantized_weight(ck, name)
+    idx = qw.outlier_idx
+    assert torch.all(qw.q[:, idx] == qw.zero[:, idx // 32])          # q equals z at fp16 columns
+    model, _ = load_model(out)
+    w = model.get_submodule(name).weight
+    assert torch.equal(w[:, idx], torch.from_numpy(t[f"{name}.outlier_weight"]).float())   # used exactly
+    info = api.inspect(out)
+    assert info["outlier_columns"][name] == 4
+    assert info["outlier_indices"][name] == idx.tolist()
+    plain = api.inspect(api.quantize(str(model_dirs["qwen2"]), tmp_path / "gptq", method="gptq", bits=3,
+                                     group_size=32, calib=text_file, nsamples=8, seqlen=64, progress=False))
+    # 4 fp16 columns of 64 or 160 inputs cost 16 bits each (+ the 32-bit index)
+    assert info["bits_per_weight"] > plain["bits_per_weight"] + 0.3
+
+
+def test_target_bits_sets_counts_in_provenance(tmp_path, model_dirs, text_file):
+    out = api.quantize(str(model_dirs["llama"]), tmp_path / "owq", method="owq", bits=3, group_size=32,
+                       calib=text_file, nsamples=4, seqlen=64, target_bits=3.5, progress=False)
+    prov = json.loads((out / "edgequant.json").read_text())
+    counts = prov["calibration"]["weak_columns_per_linear"]
+    assert counts == weak_column_counts(family_for("llama"), {k: (160 if k == "mlp.down_proj" else 64)
+                                                              for k in counts}, 3, 3.5)
+    assert prov["layers"]["model.layers.0.self_attn.q_proj"]["weak_columns"] == counts["self_attn.q_proj"]
