@@ -1,0 +1,1 @@
+"""relax.frontend.nn models, one module per architecture family."""

@@ -1,0 +1,163 @@
+"""Checkpoint -> DIST folder: build the relax model, compile it for a target preset, write the library, weights,
+tokenizer and the MLC/edgequant metadata. The folder is filled under a temporary sibling name and renamed into place
+only when complete, so an interrupted export never leaves a half-written DIST.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from edgequant.errors import EdgequantError
+
+from . import targets
+from .params import open_source, write_tensor_cache
+
+EXPORT_JSON = "edgequant-export.json"
+FORMAT_VERSION = 1
+PREFILL_CHUNK = 256
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def _log(progress: bool, msg: str):
+    if progress:
+        print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+
+def _add_metadata(mod, meta: dict):
+    """`_metadata()` -> JSON string, as MLC's model libraries carry it."""
+    import tvm
+    from tvm import relax
+    bb = relax.BlockBuilder(mod)
+    with bb.function("_metadata", params=[]):
+        bb.emit_func_output(tvm.ir.StringImm(json.dumps(meta, sort_keys=True)))
+    mod = bb.get()
+    gv = mod.get_global_var("_metadata")
+    mod[gv] = mod[gv].with_attr("global_symbol", "_metadata")
+    return mod
+
+
+def _walk(mod):
+    for m in mod.imports:
+        yield m
+        yield from _walk(m)
+
+
+def build_module(source, preset, arch=None, system_lib_prefix=None):
+    """(compiled executable, named params, tvm target, function names) for a weight source."""
+    import tvm
+    from tvm import relax
+
+    from .models.llama import LlamaForCausalLM
+    from .pipeline import relax_pipeline
+    tgt = targets.tvm_target(preset, arch)
+    model = LlamaForCausalLM(source.arch, source.plans(), tgt)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    meta = {"model_type": source.arch.model_type, "quantization": source.quantization,
+            "context_window_size": source.arch.context_window, "prefill_chunk_size": PREFILL_CHUNK,
+            "sliding_window_size": -1, "attention_sink_size": -1, "tensor_parallel_shards": 1,
+            "kv_state_kind": "kv_cache",
+            "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params]}
+    mod = _add_metadata(mod, meta)
+    functions = sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function))
+    if preset.system_lib:
+        # the app registers the library under this prefix (tvm.runtime.system_lib(prefix) / the C++ equivalent)
+        mod = mod.with_attr("system_lib_prefix", system_lib_prefix)
+        ex = relax.build(mod, tgt, relax_pipeline=relax_pipeline(tgt), system_lib=True)
+    else:
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
+    return ex, named_params, tgt, functions
+
+
+def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None = None,
+                 system_lib_prefix: str | None = None, progress: bool = True) -> Path:
+    """Export `checkpoint` (quantized checkpoint or HF folder) for `target` into `output`; returns the folder."""
+    import tvm
+    preset = targets.get_preset(target)
+    if arch and preset.name != "cuda":
+        raise EdgequantError(f"--arch applies to the cuda target only, not '{target}'")
+    source = open_source(checkpoint)
+    out = Path(output or f"{Path(str(checkpoint)).name}-{target}").expanduser().resolve()
+    if out.exists() and not (out / EXPORT_JSON).is_file() and any(out.iterdir()):
+        raise EdgequantError(f"{out} exists and is not an edgequant export; choose another output folder")
+    prefix = system_lib_prefix or _default_prefix(source)
+    t0 = time.time()
+    _log(progress, f"{source.path.name}: {source.arch.model_type}, {source.arch.num_layers} layers, "
+                   f"{source.quantization} -> {preset.name}")
+    ex, named_params, tgt, functions = build_module(source, preset, arch, prefix if preset.system_lib else None)
+    t_compile = time.time() - t0
+    _log(progress, f"compiled in {t_compile:.1f}s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        lib_path = tmp / preset.library
+        ex.export_library(str(lib_path))
+        cuda = None
+        if preset.name == "cuda":
+            from .cuda import compile_fatbin
+            src = next((m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda"), None)
+            if src is None:
+                raise EdgequantError("the CUDA build produced no device code")
+            _log(progress, f"compiling device code with nvcc for {', '.join(targets.parse_archs(arch))}")
+            cuda = compile_fatbin(src, targets.parse_archs(arch), tmp)
+        names = [n for n, _ in named_params]
+        _log(progress, f"writing {len(names)} weight tensors")
+        weight_bytes = write_tensor_cache(source, names, tmp)
+        _copy_tokenizer(source.path, tmp)
+        device_code = sorted({m.kind for m in _walk(ex.mod) if m.kind in ("cuda", "metal", "opencl", "webgpu")})
+        meta = {
+            "format_version": FORMAT_VERSION, "target": preset.name, "tvm_target": str(tgt),
+            "tvm_version": tvm.__version__, "device": preset.device, "library": preset.library,
+            "system_lib_prefix": prefix if preset.system_lib else None, "device_code": device_code,
+            "cuda": cuda, "source": str(source.path), "quantization": source.quantization,
+            "model": {**source.arch.__dict__}, "functions": functions,
+            "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params],
+            "weight_bytes": weight_bytes, "prefill_chunk_size": PREFILL_CHUNK,
+            "build_time_s": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / "mlc-chat-config.json").write_text(json.dumps(_mlc_chat_config(source, meta), indent=2))
+        (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(progress, f"wrote {out} ({weight_bytes / 2**20:.1f} MiB of weights) in {time.time() - t0:.1f}s")
+    return out
+
+
+def _default_prefix(source) -> str:
+    s = "".join(ch if ch.isalnum() else "_" for ch in f"{source.arch.model_type}_{source.quantization}")
+    return f"{s}_"
+
+
+def _copy_tokenizer(src: Path, dst: Path):
+    folder = src if src.is_dir() else src.parent
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, dst / name)
+
+
+def _mlc_chat_config(source, meta) -> dict:
+    c, a = source.config, source.arch
+    gen = {}
+    folder = source.path if source.path.is_dir() else source.path.parent
+    if (folder / "generation_config.json").is_file():
+        gen = json.loads((folder / "generation_config.json").read_text())
+    return {
+        "version": "0.1.0", "model_type": a.model_type, "quantization": source.quantization,
+        "model_config": {k: v for k, v in c.items() if k != "quantization_config"},
+        "vocab_size": a.vocab_size, "context_window_size": a.context_window, "sliding_window_size": -1,
+        "prefill_chunk_size": PREFILL_CHUNK, "attention_sink_size": -1, "tensor_parallel_shards": 1,
+        "temperature": gen.get("temperature", 1.0), "top_p": gen.get("top_p", 1.0), "repetition_penalty": 1.0,
+        "bos_token_id": c.get("bos_token_id"), "eos_token_id": c.get("eos_token_id"),
+        "pad_token_id": c.get("pad_token_id"),
+        "tokenizer_files": [n for n in TOKENIZER_FILES if (folder / n).is_file()],
+        "conv_template": "tokenizer_chat_template", "model_lib": meta["library"],
+    }

@@ -1,0 +1,202 @@
+"""The LLaMA family (llama, mistral, qwen2 with q/k/v biases, SmolLM) as a relax.frontend.nn model with the TIR
+paged KV cache.
+
+Functions follow MLC-LLM's model-library names: `embed`, `prefill` (last-token logits), `decode`,
+`create_paged_kv_cache`, plus `prefill_logits` (logits of every position, for perplexity) and `_metadata` (added by
+the builder). q/k/v and gate/up are fused into one linear each (rows concatenated; see `export/params.py`), so a
+block runs four matmul kernels. RoPE (HF rotate-half, theta and scaling from the config) is applied inside the cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tvm import relax as rx
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+from edgequant.errors import EdgequantError
+
+from ..quant_linear import DenseLinear, QuantLinear
+
+# export linear -> the checkpoint linears whose rows it concatenates, in order
+FUSED_LINEARS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """What the exported graph needs from a HF config.json."""
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scale: float = 1.0
+    rope_scaling: dict = field(default_factory=dict)   # TVM's form (llama3), {} for default/linear
+    tie_word_embeddings: bool = False
+    context_window: int = 2048
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "ArchConfig":
+        if c.get("model_type") not in ("llama", "mistral", "qwen2"):
+            raise EdgequantError(f"export supports llama, mistral and qwen2 models, not '{c.get('model_type')}'")
+        if c.get("hidden_act", "silu") != "silu":
+            raise EdgequantError(f"hidden_act '{c['hidden_act']}' is not supported by export (only silu)")
+        rp = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        theta = float(rp.get("rope_theta", c.get("rope_theta", 10000.0)))
+        rtype = rp.get("rope_type", rp.get("type", "default"))
+        scale, scaling = 1.0, {}
+        if rtype == "linear":
+            scale = 1.0 / float(rp["factor"])
+        elif rtype == "llama3":
+            scaling = {k: rp[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                           "original_max_position_embeddings")}
+            scaling["rope_type"] = "llama3"
+        elif rtype != "default":
+            raise EdgequantError(f"RoPE scaling '{rtype}' is not supported by export yet (default, linear, llama3)")
+        ctx = int(c.get("max_position_embeddings", 2048))
+        sw = c.get("sliding_window") if c.get("use_sliding_window", c["model_type"] == "mistral") else None
+        if sw:
+            # attention inside the window equals full attention: cap the context instead of compiling the
+            # cache's sliding-window mode, so every supported length is exact
+            ctx = min(ctx, int(sw))
+        heads = int(c["num_attention_heads"])
+        return cls(model_type=c["model_type"], vocab_size=int(c["vocab_size"]), hidden_size=int(c["hidden_size"]),
+                   intermediate_size=int(c["intermediate_size"]), num_layers=int(c["num_hidden_layers"]),
+                   num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
+                   head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
+                   rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scale=scale,
+                   rope_scaling=scaling, tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+                   context_window=ctx, sliding_window=int(sw) if sw else None)
+
+
+def _make_linear(plan):
+    if plan.spec is None:
+        return DenseLinear(plan.k, plan.n, bias=plan.bias)
+    return QuantLinear(plan.spec, n_outliers=plan.n_outliers, bias=plan.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ArchConfig, plans, prefix):
+        self.c = c
+        self.qkv_proj = _make_linear(plans[f"{prefix}.self_attn.qkv_proj"])
+        self.o_proj = _make_linear(plans[f"{prefix}.self_attn.o_proj"])
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int):
+        c = self.c
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, s, c.num_heads + 2 * c.num_kv_heads, c.head_dim))
+        o = kv.attention_with_fused_qkv(layer_id, qkv, c.num_heads, sm_scale=c.head_dim ** -0.5)
+        return self.o_proj(op.reshape(o, (b, s, c.num_heads * c.head_dim)))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ArchConfig, plans, prefix):
+        self.gate_up_proj = _make_linear(plans[f"{prefix}.mlp.gate_up_proj"])
+        self.down_proj = _make_linear(plans[f"{prefix}.mlp.down_proj"])
+
+    def forward(self, x: Tensor):
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ArchConfig, plans, i):
+        prefix = f"model.layers.{i}"
+        self.self_attn = Attention(c, plans, prefix)
+        self.mlp = MLP(c, plans, prefix)
+        self.input_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype="float16")
+        self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype="float16")
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int):
+        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, c: ArchConfig, plans):
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype="float16")
+        self.layers = nn.ModuleList([DecoderLayer(c, plans, i) for i in range(c.num_layers)])
+        self.norm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype="float16")
+
+
+class LlamaForCausalLM(nn.Module):
+    """Parameter names mirror the HF checkpoint (`model.layers.3.self_attn.qkv_proj.qweight`, ...)."""
+
+    def __init__(self, c: ArchConfig, plans: dict, target):
+        self.c = c
+        self.model = LlamaModel(c, plans)
+        self.lm_head = None if c.tie_word_embeddings else DenseLinear(c.hidden_size, c.vocab_size, out_dtype="float32")
+        self.target = target  # read by TIRPagedKVCache: llvm selects its CPU kernels, anything else the GPU ones
+
+    def _logits(self, h: Tensor) -> Tensor:
+        if self.lm_head is None:  # tied: the embedding table is the output projection
+            return op.matmul(h, op.permute_dims(self.model.embed_tokens.weight), out_dtype="float32")
+        return self.lm_head(h)
+
+    def _body(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, kv, i)
+        return self.model.norm(x)
+
+    def embed(self, input_ids: Tensor):
+        return self.model.embed_tokens(input_ids)
+
+    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        h = self._body(input_embed, paged_kv_cache)
+        last = op.tensor_expr_op(_last_token, "index_last", [h])
+        return self._logits(last), paged_kv_cache
+
+    def prefill_logits(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self._body(input_embed, paged_kv_cache)), paged_kv_cache
+
+    def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self._body(input_embed, paged_kv_cache)), paged_kv_cache
+
+    def create_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
+                              prefill_chunk_size: tirx.Var, page_size: tirx.Var,
+                              support_sliding_window: tirx.Var) -> PagedKVCache:
+        c = self.c
+        return TIRPagedKVCache(
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL, rope_scale=c.rope_scale, rope_theta=c.rope_theta,
+            rope_scaling=dict(c.rope_scaling), rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim,
+            enable_disaggregation=False, dtype="float16", target=self.target)
+
+    def get_default_spec(self):
+        h = self.c.hidden_size
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        return {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", h], "float16"), "paged_kv_cache": kv,
+                        "$": packed},
+            "prefill_logits": {"input_embed": nn.spec.Tensor([1, "seq_len", h], "float16"), "paged_kv_cache": kv,
+                               "$": packed},
+            "decode": {"input_embed": nn.spec.Tensor(["batch_size", 1, h], "float16"), "paged_kv_cache": kv,
+                       "$": packed},
+            "create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
+                                      "page_size": int, "support_sliding_window": int,
+                                      "$": {"param_mode": "none", "effect_mode": "none"}},
+        }
+
+
+def _last_token(h):
+    b, s, d = h.shape
+    return te.compute((b, 1, d), lambda i, _, k: h[i, s - 1, k], name="index_last")

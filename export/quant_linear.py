@@ -1,0 +1,52 @@
+"""Linear layers of the exported relax model: a low-bit `QuantLinear` (fused dequantize + matmul, fp16 outlier
+columns as a separate small NT-matmul, optional bias) and an fp16 `DenseLinear` (unquantized exports, lm_head).
+
+Both accumulate in fp32. The dequantize is a TE compute named "dequantize" so that the export pipeline fuses it into
+the matmul (one kernel reads the packed words, never an fp16 copy of the weight), and the outlier gather (`take`)
+stays its own kernel: a data-dependent read inside the reduction would stop dlight's GEMV/Matmul rules.
+"""
+from __future__ import annotations
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_te
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(qweight, scales, zeros)^T + x[..., outlier_idx] @ outlier_weight^T + bias."""
+
+    def __init__(self, spec: QuantSpec, n_outliers: int = 0, bias: bool = False):
+        self.spec, self.n_outliers = spec, n_outliers
+        shapes = spec.param_shapes()
+        self.qweight = nn.Parameter(*shapes["qweight"])
+        self.scales = nn.Parameter(*shapes["scales"])
+        self.zeros = nn.Parameter(*shapes["zeros"]) if "zeros" in shapes else None
+        self.outlier_idx = nn.Parameter((n_outliers,), "int32") if n_outliers else None
+        self.outlier_weight = nn.Parameter((spec.n, n_outliers), "float16") if n_outliers else None
+        self.bias = nn.Parameter((spec.n,), "float16") if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        args = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        w = op.tensor_expr_op(dequantize_te(self.spec), "dequantize", args)
+        y = op.matmul(x, op.permute_dims(w), out_dtype="float32")
+        if self.n_outliers:
+            xo = op.take(x, self.outlier_idx, axis=-1)
+            y = y + op.matmul(xo, op.permute_dims(self.outlier_weight), out_dtype="float32")
+        y = y.astype("float16")
+        return y + self.bias if self.bias is not None else y
+
+
+class DenseLinear(nn.Module):
+    """fp16 weight [N, K], fp32 accumulation; `out_dtype` float32 keeps logits unrounded."""
+
+    def __init__(self, k: int, n: int, bias: bool = False, out_dtype: str = "float16"):
+        self.weight = nn.Parameter((n, k), "float16")
+        self.bias = nn.Parameter((n,), "float16") if bias else None
+        self.out_dtype = out_dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32")
+        if self.out_dtype != "float32":
+            y = y.astype(self.out_dtype)
+        return y + self.bias if self.bias is not None else y

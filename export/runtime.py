@@ -1,0 +1,232 @@
+"""Load an exported DIST folder with the TVM *runtime* only and run it: chunked prefill, decode, sampling, streaming,
+and perplexity through the compiled library.
+
+Nothing here imports tvm.relax (it is absent where only the runtime is installed): the library is loaded with
+`tvm.runtime.load_module`, run by `tvm.runtime.vm.VirtualMachine`, and its weights come from the tensor cache through
+the VM's own builtins. The KV cache holds one sequence at a time; each call to `generate`/`score` starts a new one.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgequant.errors import EdgequantError
+
+EXPORT_JSON = "edgequant-export.json"  # same name as build.EXPORT_JSON (build imports the compiler, so not imported)
+
+
+def read_export_info(dist) -> dict:
+    p = Path(str(dist)).expanduser()
+    f = p / EXPORT_JSON
+    if not f.is_file():
+        raise EdgequantError(f"{p} is not an exported model folder (no {EXPORT_JSON}); create one with "
+                             "`edgequant export CHECKPOINT --target cpu -o DIST`")
+    try:
+        return json.loads(f.read_text())
+    except ValueError:
+        raise EdgequantError(f"{f} is damaged; export the model again") from None
+
+
+def _device(kind: str):
+    import tvm
+    if kind == "cuda":
+        if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
+            # runtime-only installs do not load the CUDA backend by themselves
+            import ctypes
+            import os
+            lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
+            if not os.path.exists(lib):
+                raise EdgequantError("this TVM install has no CUDA runtime (lib/libtvm_runtime_cuda.so)")
+            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+        dev = tvm.cuda(0)
+    elif kind == "cpu":
+        dev = tvm.cpu(0)
+    else:
+        raise EdgequantError(f"a '{kind}' library cannot run on this machine; use the apps/ recipes on the device")
+    if not dev.exist:
+        raise EdgequantError(f"no {kind} device is available here")
+    return dev
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    tokens: list = field(default_factory=list)
+
+    @property
+    def prefill_tps(self):
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tps(self):
+        # the first new token comes from the prefill logits: decode steps = new_tokens - 1
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s and self.new_tokens > 1 else 0.0
+
+
+class Runner:
+    """An exported model loaded on a device."""
+
+    def __init__(self, dist, max_total_seq_len: int | None = None, load_tokenizer: bool = True):
+        import tvm
+        import tvm_ffi
+        from tvm.runtime.vm import VirtualMachine
+        self.dist = Path(str(dist)).expanduser()
+        self.info = read_export_info(self.dist)
+        self.dev = _device(self.info["device"])
+        lib = self.dist / self.info["library"]
+        if not lib.is_file() or lib.suffix != ".so":
+            raise EdgequantError(f"{lib.name} is a {self.info['target']} library for static linking; it runs through "
+                                 "the apps/ recipes, not `edgequant run`")
+        if self.info["device"] == "cuda":
+            from .cuda import install_loader
+            install_loader(self.dist, self.info.get("cuda"))
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib)), self.dev)
+        tvm.get_global_func("vm.builtin.tensor_cache.load")(str(self.dist), self.dev.dlpack_device_type(), self.dev.index)
+        names = [p["name"] for p in self.info["params"]]
+        self.params = tvm.get_global_func("vm.builtin.param_array_from_cache_by_name")(names)
+        tvm.get_global_func("vm.builtin.tensor_cache.clear")()  # the param array keeps its tensors alive
+        m = self.info["model"]
+        self.hidden, self.vocab = m["hidden_size"], m["vocab_size"]
+        self.context = m["context_window"]
+        self.chunk = int(self.info["prefill_chunk_size"])
+        self.max_len = min(self.context, max_total_seq_len or 4096)
+        S = tvm_ffi.Shape
+        self._S = S
+        self.kv = self.vm["create_paged_kv_cache"](S([1]), S([self.max_len]), S([self.chunk]), S([16]), S([0]))
+        self._add = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
+        self._remove = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
+        self._begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
+        self._end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+        self._tvm = tvm
+        self._active = False
+        self.tokenizer = self._load_tokenizer() if load_tokenizer else None
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(str(self.dist))
+        except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing/bad tokenizer
+            raise EdgequantError(f"cannot load the tokenizer saved in {self.dist} ({e}); export again") from None
+
+    # ----------------------------------------------------------------------------------------- low level
+    def _sync(self):
+        self.dev.sync()
+
+    def _embed(self, ids):
+        tvm = self._tvm
+        e = self.vm["embed"](tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.dev), self.params)
+        return e._create_view((1, len(ids), self.hidden))
+
+    def new_sequence(self):
+        if self._active:
+            self._remove(self.kv, 0)
+        self._add(self.kv, 0)
+        self._active = True
+        self.length = 0
+
+    def _forward(self, fn: str, ids) -> "object":
+        if self.length + len(ids) > self.max_len:
+            raise EdgequantError(f"sequence of {self.length + len(ids)} tokens exceeds the KV cache "
+                                 f"({self.max_len}); use a shorter prompt or --max-new-tokens")
+        self._begin(self.kv, self._S([0]), self._S([len(ids)]))
+        logits, self.kv = self.vm[fn](self._embed(ids), self.kv, self.params)
+        self._end(self.kv)
+        self.length += len(ids)
+        return logits
+
+    def prefill(self, ids) -> np.ndarray:
+        """Feed `ids` (in chunks) to the current sequence; logits [vocab] of the last one."""
+        logits = None
+        for i in range(0, len(ids), self.chunk):
+            logits = self._forward("prefill", ids[i:i + self.chunk])
+        return logits.numpy().reshape(-1)
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._forward("decode", [token]).numpy().reshape(-1)
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits [len(ids), vocab] of every position (a new sequence)."""
+        self.new_sequence()
+        out = [self._forward("prefill_logits", ids[i:i + self.chunk]).numpy().reshape(-1, self.vocab)
+               for i in range(0, len(ids), self.chunk)]
+        return np.concatenate(out)
+
+    # ----------------------------------------------------------------------------------------- generation
+    def generate(self, prompt_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, stop_ids=(),
+                 on_token=None) -> GenerationStats:
+        rng = np.random.default_rng(seed)
+        st = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.new_sequence()
+        t = time.perf_counter()
+        logits = self.prefill(list(prompt_ids))
+        st.prefill_s = time.perf_counter() - t
+        t = time.perf_counter()
+        for step in range(max_new_tokens):
+            tok = sample(logits, temperature, top_p, rng)
+            st.tokens.append(tok)
+            st.new_tokens += 1
+            if on_token is not None:
+                on_token(tok)
+            if tok in stop_ids or step == max_new_tokens - 1:
+                break
+            logits = self.decode(tok)
+        st.decode_s = time.perf_counter() - t
+        return st
+
+    def stop_ids(self):
+        tok = self.tokenizer
+        ids = {tok.eos_token_id} if tok is not None and tok.eos_token_id is not None else set()
+        gen = self.dist / "generation_config.json"
+        if gen.is_file():
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            ids |= set(e if isinstance(e, list) else [e] if e is not None else [])
+        return ids
+
+    def weight_bytes(self) -> int:
+        return int(self.info["weight_bytes"])
+
+    def kv_cache_bytes(self, tokens: int | None = None) -> int:
+        m = self.info["model"]
+        n = self.max_len if tokens is None else tokens
+        return 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * n * 2  # k and v, fp16
+
+
+def sample(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0, rng=None) -> int:
+    """Greedy for temperature 0, else temperature + nucleus sampling."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    rng = rng or np.random.default_rng()
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0)
+        p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def perplexity(runner: Runner, windows, progress: bool = True) -> dict:
+    """Perplexity over token windows [n, seqlen] (the protocol of edgequant.evaluate: mean NLL of next tokens)."""
+    from tqdm.auto import tqdm
+    nll, count = 0.0, 0
+    windows = np.asarray(windows)
+    for w in tqdm(windows, desc="eval (tvm)", disable=not progress, unit="window"):
+        logits = runner.logits(w.tolist())[:-1].astype(np.float64)
+        target = w[1:]
+        m = logits.max(-1, keepdims=True)
+        lse = (m[:, 0] + np.log(np.exp(logits - m).sum(-1)))
+        nll += float((lse - logits[np.arange(len(target)), target]).sum())
+        count += len(target)
+    return {"perplexity": float(np.exp(nll / count)), "windows": int(windows.shape[0]),
+            "seqlen": int(windows.shape[1]), "tokens": count}

@@ -1,0 +1,100 @@
+"""Every export target in one table: the TVM target dict, how the library is packaged, and where it can run.
+
+`cpu` builds for this machine's CPU (llvm with the host's -mcpu) as a shared library; `cpu-arm64` cross-builds one for
+aarch64 Linux. GPU targets pick the paged-KV-cache GPU kernels and the dlight GPU schedules; mobile targets produce a
+`.tar` of objects for static linking with a system-lib prefix (the app registers the library under that prefix).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgequant.errors import EdgequantError
+
+CUDA_DEFAULT_ARCHS = ("sm_80", "sm_90")
+
+
+@dataclass(frozen=True)
+class TargetPreset:
+    name: str
+    description: str
+    target: dict                    # TVM target dict (host llvm settings under "host")
+    library: str                    # file name of the compiled library in the dist folder
+    device: str                     # runtime device: cpu, cuda, metal, opencl, webgpu
+    system_lib: bool = False        # static .tar with a system-lib prefix
+    runs_here: bool = False         # can `edgequant run` load it on an x86-64 Linux host
+    extra: dict = field(default_factory=dict)
+
+
+_GPU_CUDA = {"kind": "cuda", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+             "thread_warp_size": 32}
+_METAL = {"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768, "thread_warp_size": 32}
+
+PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
+    TargetPreset("cpu", "this machine's CPU (LLVM, host -mcpu), shared library", {"kind": "llvm"}, "lib.so", "cpu",
+                 runs_here=True),
+    TargetPreset("cpu-arm64", "aarch64 Linux CPU (LLVM), shared library",
+                 {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "lib.so", "cpu"),
+    TargetPreset("cuda", "NVIDIA GPU (CUDA; --arch, default sm_80 and sm_90), shared library with fatbin",
+                 _GPU_CUDA, "lib.so", "cuda"),
+    TargetPreset("metal", "macOS on Apple silicon (Metal + arm64-apple-macos), shared-object .tar",
+                 {**_METAL, "max_threads_per_block": 1024, "host": {"kind": "llvm", "mtriple": "arm64-apple-macos"}},
+                 "lib.tar", "metal"),
+    TargetPreset("iphone", "iPhone/iPad (Metal + arm64-apple-darwin), static system library .tar",
+                 {**_METAL, "host": {"kind": "llvm", "mtriple": "arm64-apple-darwin", "libs": ["iphoneos"]}},
+                 "lib.tar", "metal", system_lib=True),
+    TargetPreset("android", "Android (OpenCL + aarch64-linux-android), static system library .tar",
+                 {"kind": "opencl", "max_threads_per_block": 256, "max_shared_memory_per_block": 16384,
+                  "thread_warp_size": 1, "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
+                 "lib.tar", "opencl", system_lib=True),
+    TargetPreset("webgpu", "browser WebGPU (WGSL + wasm32 objects, experimental; linking needs emscripten)",
+                 {"kind": "webgpu", "host": {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}},
+                 "lib.tar", "webgpu", system_lib=True),
+]}
+
+
+def target_names() -> list[str]:
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> TargetPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise EdgequantError(f"unknown target '{name}'; valid targets: {', '.join(PRESETS)}") from None
+
+
+def parse_archs(arch: str | None) -> list[str]:
+    """`--arch sm_90` or `sm_80,sm_90` (or `90`) -> ['sm_90', ...]; None -> the CUDA defaults."""
+    if not arch:
+        return list(CUDA_DEFAULT_ARCHS)
+    out = []
+    for a in str(arch).split(","):
+        a = a.strip()
+        a = a if a.startswith("sm_") else f"sm_{a}"
+        if not a[3:].isdigit():
+            raise EdgequantError(f"--arch '{arch}' is not a CUDA architecture; use e.g. sm_80, sm_90 or sm_80,sm_90")
+        out.append(a)
+    return out
+
+
+def tvm_target(preset: TargetPreset, arch: str | None = None, system_lib_prefix: str | None = None):
+    """The tvm.target.Target for a preset (imports tvm: call only at export time)."""
+    import tvm
+    d = dict(preset.target)
+    if preset.name == "cpu":
+        # tune for this machine's CPU; without -mcpu LLVM emits generic x86-64 with no AVX
+        d["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+        d["num-cores"] = _cpu_count()
+    if preset.name == "cuda":
+        # the kernels are compiled once per arch into one fatbin; the target's own arch is the lowest one
+        d["arch"] = sorted(parse_archs(arch), key=lambda a: int(a[3:]))[0]
+    if preset.system_lib and system_lib_prefix:
+        host = dict(d.get("host", {"kind": "llvm"}))
+        host["system-lib-prefix"] = system_lib_prefix
+        d["host"] = host
+    return tvm.target.Target(d)
+
+
+def _cpu_count() -> int:
+    import os
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
