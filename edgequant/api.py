@@ -90,6 +90,10 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
              device: str = "cpu", progress: bool = True) -> dict:
     """Perplexity of a saved checkpoint (rebuilt from its packed tensors) or of an unquantized model on `data`;
     with `reference` (the original model), also KL divergence and top-1 agreement."""
+    if (Path(str(checkpoint)).expanduser() / "edgequant-export.json").is_file():
+        # an exported DIST folder: perplexity through the TVM runtime (same windows and protocol)
+        from .export.api import evaluate as evaluate_dist
+        return evaluate_dist(checkpoint, data, seqlen=seqlen, max_windows=max_windows, progress=progress)
     from .data import DATASET_NAMES, eval_windows, read_text
     from .evaluate import evaluate as run_eval
     if str(data) not in DATASET_NAMES:

@@ -198,5 +198,10 @@ def demo(bits, group_size, calib, data, max_windows, nsamples, seqlen, output, q
                             ("perplexity", "perplexity"), ("quantize_s", "quantize s"), ("eval_s", "eval s")]))
 
 
+# export/run/chat/bench live in the edgequant.export package (TVM side); importing its cli module does not import tvm
+from .export.cli import register_commands  # noqa: E402
+
+register_commands(main)
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,116 @@
+"""The export-side verbs as Python functions, with the same arguments as the `edgequant export|run|chat|bench`
+commands. `run`, `chat`, `bench` and `evaluate` need only the TVM runtime."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def export(checkpoint, target: str = "cpu", output=None, arch: str | None = None,
+           system_lib_prefix: str | None = None, progress: bool = True) -> Path:
+    """Compile `checkpoint` (a quantized checkpoint, or a HF model folder for fp16) for `target` into `output`."""
+    from .build import export_model
+    return export_model(checkpoint, target, output, arch=arch, system_lib_prefix=system_lib_prefix,
+                        progress=progress)
+
+
+def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+        chat_template: bool = False, on_text=None) -> dict:
+    """Generate a continuation of `prompt`; `on_text(piece)` receives text as it is produced."""
+    from .runtime import Runner
+    r = Runner(dist)
+    tok = r.tokenizer
+    if chat_template and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
+    else:
+        ids = tok(prompt)["input_ids"]
+    stream = _Detokenizer(tok, on_text)
+    st = r.generate(list(ids), max_new_tokens, temperature, top_p, seed, r.stop_ids(), stream.push)
+    return {"prompt_tokens": st.prompt_tokens, "tokens": st.tokens, "text": tok.decode(st.tokens, skip_special_tokens=True),
+            "prefill_tokens_per_s": st.prefill_tps, "decode_tokens_per_s": st.decode_tps,
+            "device": r.info["device"], "target": r.info["target"]}
+
+
+def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
+         read=input, write=print):
+    """Interactive loop with the tokenizer's chat template; an empty line or EOF ends it."""
+    from .runtime import Runner
+    r = Runner(dist)
+    tok = r.tokenizer
+    history = []
+    while True:
+        try:
+            line = read(">>> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
+        else:
+            ids = tok("\n".join(m["content"] for m in history))["input_ids"]
+        if len(ids) + max_new_tokens > r.max_len:  # forget the oldest turns when the cache would overflow
+            history = history[-1:]
+            ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
+        stream = _Detokenizer(tok, lambda s: write(s, end="", flush=True))
+        st = r.generate(list(ids), max_new_tokens, temperature, top_p, seed, r.stop_ids(), stream.push)
+        write(f"\n[{st.decode_tps:.1f} tok/s]")
+        history.append({"role": "assistant", "content": tok.decode(st.tokens, skip_special_tokens=True)})
+
+
+def bench(dist, prompt_lengths=(32, 128, 512), decode_tokens: int = 64, repeats: int = 1) -> dict:
+    """Prefill and decode tokens/s for a few prompt lengths (random tokens, greedy), plus memory."""
+    import numpy as np
+    from .runtime import Runner
+    r = Runner(dist, load_tokenizer=False)
+    rng = np.random.default_rng(0)
+    rows = []
+    r.generate([1, 2, 3, 4], 4)  # warm-up: first calls allocate workspaces
+    for n in prompt_lengths:
+        best = None
+        for _ in range(repeats):
+            ids = rng.integers(0, r.vocab, n).tolist()
+            st = r.generate(ids, decode_tokens, stop_ids=())
+            if best is None or st.decode_tps > best.decode_tps:
+                best = st
+        rows.append({"prompt_tokens": n, "prefill_tokens_per_s": round(best.prefill_tps, 2),
+                     "decode_tokens": best.new_tokens, "decode_tokens_per_s": round(best.decode_tps, 2)})
+    return {"target": r.info["target"], "device": r.info["device"], "quantization": r.info["quantization"],
+            "weight_bytes": r.weight_bytes(), "kv_cache_bytes": r.kv_cache_bytes(),
+            "kv_cache_tokens": r.max_len, "rows": rows}
+
+
+def evaluate(dist, data, seqlen: int = 2048, max_windows: int | None = None, progress: bool = True) -> dict:
+    """Perplexity through the compiled library, on the same windows as `edgequant.evaluate`."""
+    from edgequant.data import eval_windows
+    from .runtime import Runner, perplexity
+    r = Runner(dist, max_total_seq_len=seqlen)
+    if seqlen > r.max_len:
+        from edgequant.errors import EdgequantError
+        raise EdgequantError(f"--seqlen {seqlen} exceeds the model's context window {r.max_len}")
+    windows = eval_windows(r.tokenizer, data, seqlen, max_windows).numpy()
+    t0 = time.time()
+    res = perplexity(r, windows, progress)
+    res["time_s"] = round(time.time() - t0, 2)
+    res["runtime"] = f"tvm ({r.info['target']})"
+    return res
+
+
+class _Detokenizer:
+    """Streams text for a growing token list (decoding the whole tail keeps multi-byte characters whole)."""
+
+    def __init__(self, tok, sink):
+        self.tok, self.sink, self.ids, self.sent = tok, sink, [], ""
+
+    def push(self, token: int):
+        if self.sink is None:
+            return
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        if len(text) > len(self.sent):
+            self.sink(text[len(self.sent):])
+        self.sent = text

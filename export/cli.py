@@ -1,0 +1,93 @@
+"""`edgequant export|run|chat|bench` click commands (registered on the main group by `register_commands`).
+
+Importing this module must stay cheap: tvm is imported inside the command functions, so `edgequant --help` is instant.
+"""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .targets import target_names
+
+
+@click.command("export")
+@click.argument("checkpoint")
+@click.option("--target", "-t", default="cpu", show_default=True,
+              help=f"One of: {', '.join(target_names())}.")
+@click.option("-o", "--output", default=None, help="DIST folder to write (default: CHECKPOINT-TARGET).")
+@click.option("--arch", default=None, help="CUDA architectures, e.g. sm_90 or sm_80,sm_90 (default sm_80,sm_90).")
+@click.option("--system-lib-prefix", default=None, help="Symbol prefix of mobile static libraries.")
+@click.option("-q", "--quiet", is_flag=True)
+def export_cmd(checkpoint, target, output, arch, system_lib_prefix, quiet):
+    """Compile CHECKPOINT (quantized, or a Hugging Face folder for fp16) with TVM into a DIST folder."""
+    from . import api
+    out = api.export(checkpoint, target, output, arch=arch, system_lib_prefix=system_lib_prefix, progress=not quiet)
+    click.echo(str(out))
+
+
+@click.command("run")
+@click.argument("dist")
+@click.option("--prompt", "-p", required=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chat-template", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print tokens and speeds as JSON instead of streaming.")
+def run_cmd(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_template, as_json):
+    """Generate text from PROMPT with an exported DIST folder (TVM runtime only)."""
+    from . import api
+    sink = None if as_json else (lambda s: click.echo(s, nl=False))
+    if not as_json:
+        click.echo(prompt, nl=False)
+    res = api.run(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_template, on_text=sink)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(f"\n[{res['prompt_tokens']} prompt tokens: {res['prefill_tokens_per_s']:.1f} tok/s prefill; "
+                   f"{len(res['tokens'])} new tokens: {res['decode_tokens_per_s']:.1f} tok/s decode; "
+                   f"{res['target']}]", err=True)
+
+
+@click.command("chat")
+@click.argument("dist")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def chat_cmd(dist, max_new_tokens, temperature, top_p, seed):
+    """Chat with an exported model (the tokenizer's chat template); an empty line ends the chat."""
+    from . import api
+    api.chat(dist, max_new_tokens, temperature, top_p, seed, read=lambda p: click.prompt(p, default="",
+             show_default=False, prompt_suffix=""), write=_echo)
+
+
+def _echo(s="", end="\n", flush=False):  # noqa: ARG001 - print-like signature for api.chat
+    click.echo(s, nl=end == "\n")
+
+
+@click.command("bench")
+@click.argument("dist")
+@click.option("--prompt-lengths", default="32,128,512", show_default=True)
+@click.option("--decode-tokens", type=int, default=64, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_cmd(dist, prompt_lengths, decode_tokens, repeats, as_json):
+    """Prefill/decode tokens per second and memory of an exported model."""
+    from . import api
+    lengths = [int(x) for x in prompt_lengths.split(",") if x.strip()]
+    res = api.bench(dist, lengths, decode_tokens, repeats)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"{res['target']} ({res['device']}), {res['quantization']}: weights {res['weight_bytes'] / 2**20:.1f} MiB, "
+               f"KV cache {res['kv_cache_bytes'] / 2**20:.1f} MiB for {res['kv_cache_tokens']} tokens")
+    click.echo(f"{'prompt':>8} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    for row in res["rows"]:
+        click.echo(f"{row['prompt_tokens']:>8} {row['prefill_tokens_per_s']:>14.1f} {row['decode_tokens_per_s']:>13.1f}")
+
+
+def register_commands(group: click.Group):
+    for cmd in (export_cmd, run_cmd, chat_cmd, bench_cmd):
+        group.add_command(cmd)
