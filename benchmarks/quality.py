@@ -28,12 +28,15 @@ ROWS = [
     ("rtn", "w4", {}), ("gptq", "w4", {}),
     ("rtn", "w3g128", {}), ("gptq", "w3g128", {}),
     ("rtn", "w2g64", {}), ("gptq", "w2g64", {}),
+    ("owq", "w3g128", {"target_bits": 3.01}), ("owq", "w3g128", {"target_bits": 3.1}),
+    ("owq", "w3", {"target_bits": 3.01}), ("owq", "w3", {"target_bits": 3.1}), ("gptq", "w3", {}),
 ]
 
 
 def row_key(method, scheme, opts, args):
     calib = {} if method == "rtn" else {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
-    return json.dumps({"method": method, "scheme": scheme, **opts, **calib, "windows": args.max_windows},
+    return json.dumps({"method": method, "scheme": scheme, **opts, **calib, "windows": args.max_windows,
+                       "device": args.device},
                       sort_keys=True)
 
 
@@ -49,6 +52,7 @@ def main(argv=None):
     ap.add_argument("--rows", default=None, help="comma-separated method:scheme rows (default: all)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "edgequant" / "bench"))
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (calibration and evaluation)")
     ap.add_argument("--out", default=str(HERE / "results" / "quality.md"))
     args = ap.parse_args(argv)
 
@@ -64,9 +68,9 @@ def main(argv=None):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.write_text(json.dumps(done, indent=1))
 
-    base_key = json.dumps({"method": "baseline", "windows": args.max_windows})
+    base_key = json.dumps({"method": "baseline", "windows": args.max_windows, "device": args.device})
     if base_key not in done:
-        res = edgequant.evaluate(args.model, args.data, max_windows=args.max_windows)
+        res = edgequant.evaluate(args.model, args.data, max_windows=args.max_windows, device=args.device)
         done[base_key] = {"method": "fp32 (dequantized GGUF)", "scheme": "-", "bits_per_weight": 32.0,
                           "perplexity": res["perplexity"], "quantize_s": 0.0, "eval_s": res["time_s"]}
         save_done()
@@ -76,16 +80,17 @@ def main(argv=None):
         if key not in done:
             from edgequant.schemes import get_scheme
             s = get_scheme(scheme_name)
-            out = Path(args.work) / f"{method}-{scheme_name}"
+            out = Path(args.work) / (f"{method}-{scheme_name}" + "".join(f"-{k}{v}" for k, v in opts.items()))
             print(f"== {method} {scheme_name}", file=sys.stderr, flush=True)
             t0 = time.time()
             ck = edgequant.quantize(args.model, out, method=method, bits=s.bits, group_size=s.group_size, sym=s.sym,
                                     calib=None if method == "rtn" else args.calib, nsamples=args.nsamples,
-                                    seqlen=args.seqlen, seed=args.seed, **opts)
+                                    seqlen=args.seqlen, seed=args.seed, device=args.device, **opts)
             tq = time.time() - t0
             info = edgequant.inspect(ck)
-            res = edgequant.evaluate(ck, args.data, max_windows=args.max_windows)
-            done[key] = {"method": method, "scheme": scheme_name, "bits_per_weight": info["bits_per_weight"],
+            res = edgequant.evaluate(ck, args.data, max_windows=args.max_windows, device=args.device)
+            label = method + "".join(f" {k.replace('_', '-')}={v}" for k, v in opts.items())
+            done[key] = {"method": label, "scheme": scheme_name, "bits_per_weight": info["bits_per_weight"],
                          "perplexity": res["perplexity"], "quantize_s": tq, "eval_s": res["time_s"],
                          "settings": "-" if method == "rtn" else f"{args.nsamples}x{args.seqlen} seed {args.seed}"}
             save_done()
@@ -94,9 +99,11 @@ def main(argv=None):
     cols = [("method", "method"), ("scheme", "scheme"), ("bits_per_weight", "bits/weight (stored)"),
             ("perplexity", "WikiText-2 ppl"), ("quantize_s", "quantize s"), ("eval_s", "eval s"),
             ("settings", "calibration")]
+    dev = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+           f"CPU {platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     text = (f"# Quality: SmolLM2-135M-Instruct, WikiText-2 test, first {args.max_windows} windows of 2048 tokens\n\n"
-            f"date {datetime.date.today()}, machine {platform.machine()} {os.cpu_count()} cores, torch "
-            f"{torch.__version__}, {torch.get_num_threads()} threads, edgequant {edgequant.__version__}\n"
+            f"date {datetime.date.today()}, device {dev}, torch "
+            f"{torch.__version__}, edgequant {edgequant.__version__}\n"
             f"calibration: {args.calib} ({args.nsamples} windows x {args.seqlen} tokens, seed {args.seed}); "
             f"baseline = the Q4_1 GGUF dequantized to fp32\n\n" + table(rows, cols) + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -199,3 +199,83 @@ def demo(output_dir=None, bits: int = 3, group_size: int = 128, methods=("rtn", 
                      "perplexity": res["perplexity"], "quantize_s": tq, "eval_s": res["time_s"],
                      "checkpoint": str(ck)})
     return rows
+
+
+def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-4, seqlen: int = 512,
+                      nsamples: int = 64, heldout: int = 8, batch_size: int = 4, seed: int = 0,
+                      progress: bool = True) -> dict:
+    """OWQ weak-column tuning: train only the fp16 weak columns of CHECKPOINT on task text `data` (causal-LM loss),
+    write the tuned checkpoint to `output`, and return losses, trainable parameter count and peak memory."""
+    import resource
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+
+    from .artifact import PROVENANCE_NAME, load_model as load_ckpt, load_quantized_weight
+    from .calibrate.wct import attach_weak_columns, lm_loss, train_weak_columns
+    from .data import tokenize, read_text
+
+    src = Path(checkpoint).expanduser()
+    out = Path(output).expanduser().resolve()
+    if out == src.resolve():
+        raise EdgequantError("-o must name a new folder, not the checkpoint being tuned")
+    if out.exists() and not (out / "config.json").exists() and any(out.iterdir()):
+        raise EdgequantError(f"{out} exists and is not an edgequant checkpoint; choose another output folder")
+    read_text(data)
+    model, ck = load_ckpt(src)
+    quantized = {n: load_quantized_weight(ck, n) for n in ck.quantized_linears()}
+    if not any(q.outlier_idx is not None and len(q.outlier_idx) for q in quantized.values()):
+        raise EdgequantError(f"{src} has no weak (fp16) columns to tune: quantize with --method owq first")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = tokenize(tok, read_text(data))
+    if len(ids) < (heldout + 2) * seqlen:
+        raise EdgequantError(f"task text has {len(ids)} tokens; WCT needs at least {(heldout + 2) * seqlen} "
+                             f"for --seqlen {seqlen} and a held-out part: use more text or a smaller --seqlen")
+    # the last `heldout` windows are never trained on
+    cut = len(ids) - heldout * seqlen
+    held = ids[cut:].view(heldout, seqlen)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, cut - seqlen, (nsamples,), generator=g)
+    train = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+    modules = attach_weak_columns(model, quantized)
+    trainable = sum(m.weak.numel() for m in modules.values())
+    total_params = sum(p.numel() for p in model.parameters()) + sum(
+        m.q.numel() for m in modules.values())
+    before = lm_loss(model, held, batch_size)
+    t0 = time.time()
+    history = train_weak_columns(model, modules, train, epochs, lr, batch_size, seed, progress)
+    train_s = time.time() - t0
+    after = lm_loss(model, held, batch_size)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, tmp / f.name)
+        tensors = ck.read()
+        for name, m in modules.items():
+            tensors[f"{name}.outlier_weight"] = m.weak.detach().to(torch.float16).numpy()
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        prov = dict(ck.provenance)
+        report = {"data": str(data), "epochs": epochs, "lr": lr, "seqlen": seqlen, "nsamples": nsamples,
+                  "heldout_windows": heldout, "seed": seed, "heldout_loss_before": before,
+                  "heldout_loss_after": after, "train_loss": history, "trainable_params": trainable,
+                  "model_params": total_params, "peak_rss_bytes": peak,
+                  "full_finetune_state_bytes_estimate": total_params * 16, "time_s": round(train_s, 2)}
+        prov["wct"] = report
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**report, "checkpoint": str(out)}

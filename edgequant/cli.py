@@ -177,6 +177,30 @@ def inspect(checkpoint, as_json, layers):
         click.echo(table(rows, cols))
 
 
+@main.command("tune-weak-columns")
+@click.argument("checkpoint")
+@click.option("--data", required=True, help="Task text to tune on (a file); its last windows are held out.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Tuned checkpoint folder.")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--nsamples", type=int, default=64, show_default=True, help="Training windows drawn from the text.")
+@click.option("--heldout", type=int, default=8, show_default=True, help="Held-out windows at the end of the text.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True)
+def tune_weak_columns(checkpoint, data, output, epochs, lr, seqlen, nsamples, heldout, batch_size, seed, quiet):
+    """OWQ weak-column tuning: train only the fp16 weak columns of an OWQ CHECKPOINT on task text."""
+    from . import api
+    r = api.tune_weak_columns(checkpoint, data, output, epochs=epochs, lr=lr, seqlen=seqlen, nsamples=nsamples,
+                              heldout=heldout, batch_size=batch_size, seed=seed, progress=not quiet)
+    click.echo(f"wrote {r['checkpoint']}")
+    click.echo(f"held-out loss {r['heldout_loss_before']:.4f} -> {r['heldout_loss_after']:.4f}; trainable parameters "
+               f"{r['trainable_params']:,} of {r['model_params']:,}; peak memory {r['peak_rss_bytes'] / 2**20:.0f} MiB "
+               f"(full fine-tuning state alone would need about "
+               f"{r['full_finetune_state_bytes_estimate'] / 2**20:.0f} MiB)")
+
+
 @main.command()
 @click.option("--bits", type=click.Choice(["2", "3", "4"]), default="3", show_default=True)
 @click.option("--group-size", type=int, default=128, show_default=True)

@@ -88,3 +88,27 @@ def test_target_bits_sets_counts_in_provenance(tmp_path, model_dirs, text_file):
     assert counts == weak_column_counts(family_for("llama"), {k: (160 if k == "mlp.down_proj" else 64)
                                                               for k in counts}, 3, 3.5)
     assert prov["layers"]["model.layers.0.self_attn.q_proj"]["weak_columns"] == counts["self_attn.q_proj"]
+
+
+def test_weak_column_tuning_trains_only_fp16_columns(tmp_path, model_dirs, text_file):
+    from safetensors.numpy import load_file
+    ck = api.quantize(str(model_dirs["llama"]), tmp_path / "owq", method="owq", bits=2, group_size=32,
+                      calib=text_file, nsamples=8, seqlen=64, weak_columns=8, progress=False)
+    r = api.tune_weak_columns(ck, text_file, tmp_path / "wct", epochs=2, lr=3e-3, seqlen=64, nsamples=32,
+                              heldout=4, progress=False)
+    assert r["heldout_loss_after"] < r["heldout_loss_before"]
+    outputs = 64 + 32 + 32 + 64 + 160 + 160 + 64          # N of q, k, v, o, gate, up, down
+    assert r["trainable_params"] == 2 * 8 * outputs        # 2 blocks, J=8 columns of N outputs each
+    a = load_file(str(ck / "model.safetensors"))
+    b = load_file(str(tmp_path / "wct" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    changed = {k for k in a if not (a[k] == b[k]).all()}
+    assert changed and all(k.endswith(".outlier_weight") for k in changed)
+    open_checkpoint(tmp_path / "wct")   # still a valid checkpoint
+
+
+def test_weak_column_tuning_needs_weak_columns(tmp_path, model_dirs, text_file):
+    from edgequant.errors import EdgequantError
+    ck = api.quantize(str(model_dirs["llama"]), tmp_path / "rtn", method="rtn", bits=4, progress=False)
+    with pytest.raises(EdgequantError, match="owq"):
+        api.tune_weak_columns(ck, text_file, tmp_path / "x", progress=False)
