@@ -1,0 +1,112 @@
+"""Parity of the compiled library (cpu target, TVM runtime) with the PyTorch model rebuilt from the same checkpoint:
+prefill logits, several decode steps, logits of every position, and greedy tokens; across bits, group layouts
+(grouped, ragged last group, per channel, symmetric), outlier columns and the llama/qwen2 configs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.tvm
+
+# arch, bits, group, sym, outlier columns per linear, tied embeddings
+CASES = [
+    ("llama", 4, 32, False, 0, False),
+    ("llama", 3, 48, False, 3, False),      # ragged last groups (K=64 and K=160 with G=48)
+    ("llama", 2, -1, True, 4, True),        # per channel, symmetric, tied embeddings
+    ("qwen2", 4, -1, False, 2, False),      # q/k/v biases
+    ("qwen2", 3, 32, True, 0, False),
+    ("qwen2", 2, 64, False, 3, False),
+]
+
+
+def add_outlier_columns(ckpt_dir, out_dir, hf_dir, n_cols, seed=0):
+    """Rewrite an RTN checkpoint with `n_cols` fp16 columns per linear (OWQ's format): the columns take the original
+    weights in fp16 and their integers are set to the zero point, so they dequantize to 0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from edgequant.artifact import load_model, load_quantized_weight, save_checkpoint
+    model, ckpt = load_model(ckpt_dir)
+    orig = dict(AutoModelForCausalLM.from_pretrained(hf_dir).named_modules())
+    g = torch.Generator().manual_seed(seed)
+    quantized = {}
+    for name in ckpt.quantized_linears():
+        qw = load_quantized_weight(ckpt, name)
+        k = qw.q.shape[1]
+        idx = torch.sort(torch.randperm(k, generator=g)[:n_cols]).values
+        glen = qw.scheme.group_len(k)
+        qw.q[:, idx] = qw.zero[:, idx // glen].round().to(qw.q.dtype)
+        qw.outlier_idx = idx
+        qw.outlier_weight = orig[name].weight.detach()[:, idx].to(torch.float16).float() * 3  # clearly visible
+        quantized[name] = qw
+    return save_checkpoint(out_dir, model, AutoTokenizer.from_pretrained(ckpt_dir), quantized, ckpt.scheme, "rtn+owq")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer):
+    """{case: (checkpoint, dist)}, built lazily per case."""
+    from conftest import make_tiny_model
+    from edgequant import api
+    from edgequant.export.api import export
+    cache = {}
+
+    def get(case):
+        if case in cache:
+            return cache[case]
+        arch, bits, group, sym, n_out, tie = case
+        root = tmp_path_factory.mktemp(f"{arch}-w{bits}g{group}")
+        hf = root / "hf"
+        make_tiny_model(arch, seed=bits, tie=tie).save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+        ck = api.quantize(str(hf), str(root / "q"), method="rtn", bits=bits, group_size=group, sym=sym, progress=False)
+        if n_out:
+            ck = add_outlier_columns(ck, root / "q-owq", hf, n_out)
+        cache[case] = (ck, export(ck, "cpu", root / "dist", progress=False))
+        return cache[case]
+
+    return get
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-w{c[1]}g{c[2]}{'s' if c[3] else 'a'}-o{c[4]}"
+                                                      f"{'-tied' if c[5] else ''}")
+def test_logits_and_greedy_tokens_match_pytorch(exported, case):
+    from edgequant.artifact import load_model
+    from edgequant.export.runtime import Runner
+    ckpt, dist = exported(case)
+    ref, _ = load_model(ckpt)
+    runner = Runner(dist)
+    ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, 40).tolist()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    # every position at once (the perplexity path), then prefill + 6 decode steps through the KV cache
+    assert _rel(runner.logits(ids), want) < 1e-2
+    runner.new_sequence()
+    assert _rel(runner.prefill(ids[:30]), want[29]) < 1e-2
+    for j in range(30, 36):
+        assert _rel(runner.decode(ids[j]), want[j]) < 1e-2
+    if case[4]:  # the outlier columns matter: dropping them changes the logits far beyond the tolerance
+        assert_outliers_matter(ckpt, ids, want)
+    # greedy generation: identical tokens
+    prompt = ids[:8]
+    got = runner.generate(prompt, 12).tokens
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert got == seq[len(prompt):]
+
+
+def assert_outliers_matter(ckpt, ids, want):
+    from edgequant.artifact import load_model, load_quantized_weight
+    model, ck = load_model(ckpt)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name in ck.quantized_linears():
+            qw = load_quantized_weight(ck, name)
+            w = mods[name].weight
+            w[:, qw.outlier_idx.long()] = 0  # what a kernel ignoring the outlier path would compute
+        without = model(torch.tensor([ids])).logits[0].numpy()
+    assert _rel(without, want) > 5e-2
