@@ -149,7 +149,8 @@ def torch_diag(H):
 
 @register_method("omniquant", needs_calibration=True,
                  summary="OmniQuant: learnable weight clipping + equivalent transformation, block-wise, fused away",
-                 options=("lwc", "let", "epochs", "lwc_lr", "let_lr", "let_alpha", "aug_loss", "owq_target_bits"))
+                 options=("lwc", "let", "epochs", "lwc_lr", "let_lr", "let_alpha", "aug_loss", "owq_target_bits",
+                          "lwc_init"))
 def _omniquant(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     from dataclasses import asdict
     from .calibrate.omniquant import calibrate_omniquant, config_from_options

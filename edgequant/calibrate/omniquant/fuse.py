@@ -19,11 +19,16 @@ from ...quantizer import QuantizedWeight, quantize_weight
 from ...schemes import QuantScheme
 from ..blocks import get_module
 from .let import GROUP_LINEARS, LET, BlockShape
-from .lwc import LWC, fp16_ste
+from .lwc import LWC, fp16_ste, search_clip_init
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
+# linears whose input statistics are recorded (the others read the same input)
+_STATS_SOURCE = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+                 "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
+                 "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
+STATS_LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 
 
 def _key(name: str) -> str:   # ModuleDict keys cannot hold dots
@@ -46,7 +51,8 @@ class OmniBlock(nn.Module):
             has_bias[n] = lin.bias is not None
             if has_bias[n]:
                 self.base[f"{n}.bias"] = lin.bias.detach().clone().float()
-        self.lwc = nn.ModuleDict({_key(n): LWC(*self.base[f"{n}.weight"].shape, scheme, cfg.lwc_init, learn=cfg.lwc)
+        init = cfg.lwc_init if isinstance(cfg.lwc_init, (int, float)) else 4.0   # "search": set later from data
+        self.lwc = nn.ModuleDict({_key(n): LWC(*self.base[f"{n}.weight"].shape, scheme, init, learn=cfg.lwc)
                                   for n in LINEARS})
         self.let = None
         if cfg.let:
@@ -55,6 +61,18 @@ class OmniBlock(nn.Module):
             self.let = LET(BlockShape.from_config(config), tuple(cfg.let_pairs), shift_groups)
         dev = self.base["input_layernorm.weight"].device
         self.to(dev)
+
+    @torch.no_grad()
+    def search_lwc_init(self, act_sqmean: dict):
+        """Activation-aware clip search as LWC's starting point (`lwc.search_clip_init`), on the LET-transformed
+        weights, each input column weighted by E[x^2] of its (transformed) input."""
+        t = self._transformed()
+        for n in LINEARS:
+            m2 = act_sqmean[_STATS_SOURCE[n]]
+            s = self.let.input_scale(n) if self.let is not None else None
+            if s is not None:
+                m2 = m2 / s ** 2
+            search_clip_init(self.lwc[_key(n)], t[f"{n}.weight"], m2)
 
     def lwc_params(self):
         return [p for p in self.lwc.parameters()]

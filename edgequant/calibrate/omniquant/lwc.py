@@ -113,3 +113,37 @@ class LWC(nn.Module):
         ze = expand_groups(zero, self.scheme, self.k)
         q = torch.clamp(round_ste(w / se) + ze, 0, self.scheme.maxq)
         return (q - ze) * se
+
+
+@torch.no_grad()
+def search_clip_init(lwc: "LWC", w: torch.Tensor, col_weight: torch.Tensor | None = None,
+                     grid=tuple(1 - 0.02 * i for i in range(21)), none_logit: float = 6.0):
+    """Set `lwc`'s strengths from a per-group grid search of the clipping ratio that minimises the (input-weighted)
+    squared weight error, sum_j E[x_j^2] (w_ij - w_hat_ij)^2: a cheap activation-aware starting point (as AWQ's and
+    OWQ's clip searches) that a short CPU training run can refine. Not in the paper, whose init is a constant 4.0.
+    A ratio of 1 (no clipping) maps to `none_logit` (sigmoid ~ 0.9975) so that training can still move it."""
+    if not lwc.learn:
+        return
+    n, k = w.shape
+    s = lwc.scheme
+    cw = torch.ones(k, device=w.device) if col_weight is None else col_weight.to(w.device).float()
+    best_err = torch.full((n, s.groups(k)), float("inf"), device=w.device)
+    best = torch.ones_like(best_err)
+    g = s.group_len(k)
+    ng = s.groups(k)
+    pad = ng * g - k
+    for r in grid:
+        lwc.upper.fill_(torch.logit(torch.tensor(min(r, 0.9999))).item())
+        if lwc.lower is not None:
+            lwc.lower.fill_(lwc.upper[0, 0].item())
+        e = (w - lwc(w)) ** 2 * cw
+        if pad:
+            e = torch.cat([e, e.new_zeros(n, pad)], dim=1)
+        e = e.reshape(n, ng, g).sum(-1)
+        better = e < best_err
+        best_err = torch.where(better, e, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    logit = torch.where(best >= 1, torch.full_like(best, none_logit), torch.logit(best.clamp(max=0.9999)))
+    lwc.upper.copy_(logit)
+    if lwc.lower is not None:
+        lwc.lower.copy_(logit)

@@ -30,7 +30,7 @@ from ...models import family_for
 from ...quantizer import QuantizedWeight
 from ...schemes import QuantScheme
 from ..blocks import BlockInputs, _move, capture_first_block_inputs, get_module
-from .fuse import OmniBlock, apply_fused
+from .fuse import STATS_LINEARS, OmniBlock, apply_fused
 
 STATE_VERSION = 1
 
@@ -45,7 +45,7 @@ class OmniConfig:
     let_lr: float = 5e-3
     let_alpha: float = 0.5
     aug_loss: bool = False
-    lwc_init: float = 4.0
+    lwc_init: float | str = 4.0     # the paper's constant, or "search" (activation-aware clip search, see lwc.py)
     let_pairs: tuple = ("qkv", "fc1", "vo", "qk", "down")
     batch_size: int = 4
     seed: int = 0
@@ -57,6 +57,8 @@ class OmniConfig:
             raise EdgequantError("--lwc-lr and --let-lr must be positive (the paper uses 1e-2 and 5e-3)")
         if not 0 <= self.let_alpha <= 1:
             raise EdgequantError("--let-alpha must be between 0 and 1 (SmoothQuant's migration strength, e.g. 0.5)")
+        if not (isinstance(self.lwc_init, (int, float)) or self.lwc_init == "search"):
+            raise EdgequantError("lwc_init must be a number (the paper uses 4.0) or 'search'")
         if self.batch_size < 1:
             raise EdgequantError("--batch-size must be >= 1")
         if self.epochs > 0 and not (self.lwc or self.let):
@@ -83,26 +85,28 @@ class _Stats:
     """Per-input-channel max |x| and mean x of some linears of a block (for LET's initialisation)."""
 
     def __init__(self, block, names):
-        self.absmax, self.sum, self.n, self.handles = {}, {}, {}, []
+        self.absmax, self.sum, self.sq, self.n, self.handles = {}, {}, {}, {}, []
         for n in names:
             self.handles.append(get_module(block, n).register_forward_hook(self._hook(n)))
 
     def _hook(self, name):
         def h(_m, args, _o):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            am, s = x.abs().amax(0), x.sum(0)
+            am, s, sq = x.abs().amax(0), x.sum(0), (x * x).sum(0)
             if name in self.absmax:
                 self.absmax[name] = torch.maximum(self.absmax[name], am)
                 self.sum[name] += s
+                self.sq[name] += sq
                 self.n[name] += x.shape[0]
             else:
-                self.absmax[name], self.sum[name], self.n[name] = am, s, x.shape[0]
+                self.absmax[name], self.sum[name], self.sq[name], self.n[name] = am, s, sq, x.shape[0]
         return h
 
     def remove(self):
         for h in self.handles:
             h.remove()
-        return self.absmax, {k: v / self.n[k] for k, v in self.sum.items()}
+        return (self.absmax, {k: v / self.n[k] for k, v in self.sum.items()},
+                {k: v / self.n[k] for k, v in self.sq.items()})
 
 
 @torch.no_grad()
@@ -208,12 +212,14 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
         bs = cfg.batch_size
 
         # targets: the full-precision block on the full-precision stream (+ LET statistics on the way)
-        st = _Stats(block, ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"])
+        st = _Stats(block, STATS_LINEARS)
         fp_out, _ = _run(block, {}, fp_hidden, kw, device, bs)
-        act_absmax, act_mean = st.remove()
+        act_absmax, act_mean, act_sqmean = st.remove()
         aug_out = _run(block, {}, q_hidden, kw, device, bs)[0] if cfg.aug_loss else None
         if ob.let is not None:
             ob.let.init_from_stats(ob.base, act_absmax, act_mean, cfg.let_alpha)
+        if cfg.lwc and cfg.lwc_init == "search":
+            ob.search_lwc_init(act_sqmean)
         with torch.no_grad():
             _, loss_before = _run(block, ob.effective(), q_hidden, kw, device, bs, fp_out)
 
