@@ -28,6 +28,19 @@ def apply() -> None:
     # "dlight.do_not_tensorize" attribute; that import takes ~43 s on a 2-core CPU and the path then hits bug 1.
     # Returning None means "rule does not apply", so Matmul uses the SIMT schedule.
     dl.gpu.matmul.MatmulTensorization.apply = lambda self, func, target, tunable: None
+    # Bug 3: a module attribute string shorter than 8 bytes is stored as an ffi.SmallStr, and IRModule.get_attr then
+    # raises "Cannot convert from type `ffi.SmallStr` to `ffi.Object`". relax.build's system-lib step calls
+    # get_attr("system_lib_prefix"), so a short prefix such as "llama_" crashed mobile exports. The step only adds an
+    # empty prefix when none is set; skip it when the module already carries one (C++ reads the attr fine).
+    from tvm.relax import vm_build
+    stock = vm_build._auto_attach_system_lib_prefix
+
+    def _attach_prefix(tir_mod, target=None, system_lib=None):
+        if tir_mod.attrs is not None and "system_lib_prefix" in tir_mod.attrs:
+            return tir_mod
+        return stock(tir_mod, target, system_lib)
+
+    vm_build._auto_attach_system_lib_prefix = _attach_prefix
     _APPLIED = True
 
 
