@@ -1,0 +1,107 @@
+"""The block-wise trainer end to end on tiny models: training lowers the block loss, the fused checkpoint computes
+exactly what the live LWC/LET model computes, an interrupted run resumes to the same bytes, bad input is refused."""
+import copy
+import json
+
+import pytest
+import torch
+
+from edgequant import api
+from edgequant.artifact import load_model as load_ckpt
+from edgequant.artifact import save_checkpoint
+from edgequant.calibrate.omniquant import LiveBlock, OmniConfig, calibrate_omniquant
+from edgequant.calibrate.omniquant import trainer as trainer_mod
+from edgequant.errors import EdgequantError
+from edgequant.schemes import QuantScheme
+
+from conftest import make_tiny_model, round_plain_to_fp16
+
+
+def _samples(n=8, seqlen=48, seed=0):
+    return torch.randint(0, 320, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def test_training_lowers_block_loss():
+    samples = _samples()
+    scheme = QuantScheme(2, 32)
+    base = calibrate_omniquant(make_tiny_model("llama"), samples, scheme, OmniConfig(epochs=0), progress=False)[2]
+    m = make_tiny_model("llama")
+    _, stats, blocks, _ = calibrate_omniquant(m, samples, scheme, OmniConfig(epochs=4, let=True, batch_size=2),
+                                              progress=False)
+    for b, b0 in zip(blocks, base):
+        assert b.steps == 16 and b.loss_after < b.loss_before
+    assert blocks[0].loss_after < 0.9 * base[0].loss_after      # better than min-max RTN on the same inputs
+    assert all("weight_rel_err" in s and "clip_upper_mean" in s for s in stats.values())
+
+
+@pytest.mark.parametrize("arch,let,sym", [("llama", True, False), ("qwen2", True, False), ("mistral", False, True)])
+def test_fused_checkpoint_equals_live_model(tmp_path, tokenizer, arch, let, sym):
+    samples = _samples()
+    scheme = QuantScheme(3, 32, sym)
+    model = make_tiny_model(arch, tie=(arch == "llama"))
+    live_model = copy.deepcopy(model)
+    cfg = OmniConfig(epochs=2, let=let, batch_size=2, lwc_lr=5e-2, let_lr=1e-2)
+    q, _, _, live = calibrate_omniquant(model, samples, scheme, cfg, progress=False, keep_live=True)
+    ck = save_checkpoint(tmp_path / "ck", model, tokenizer, q, scheme, "omniquant")
+    fused, _ = load_ckpt(ck)
+    # the live model: the original blocks computing with their trained LWC/LET parameters (nothing fused), and the
+    # other tensors as the checkpoint stores them (fp16)
+    round_plain_to_fp16(live_model, set())
+    for i, ob in enumerate(live):
+        live_model.model.layers[i] = LiveBlock(live_model.model.layers[i], ob)
+    with torch.no_grad():
+        a = live_model(samples).logits
+        b = fused(samples).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    if let:   # LET really moved the norms (so the test covers its fusion)
+        assert not torch.equal(fused.model.layers[0].input_layernorm.weight,
+                               make_tiny_model(arch).model.layers[0].input_layernorm.weight.half().float())
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_reproduces_checkpoint_bytes(tmp_path, model_dirs, text_file, monkeypatch):
+    kw = dict(method="omniquant", bits=3, group_size=32, calib=text_file, nsamples=6, seqlen=32, batch_size=2,
+              epochs=2, let=True, progress=False)
+    ref = api.quantize(model_dirs["qwen2"], tmp_path / "ref", **kw)
+
+    def boom(i):
+        if i == 0:
+            raise _Interrupt
+    monkeypatch.setattr(trainer_mod, "_after_block", boom)
+    with pytest.raises(_Interrupt):
+        api.quantize(model_dirs["qwen2"], tmp_path / "out", **kw)
+    state = tmp_path / ".out.state"
+    assert (state / "block_0000.pt").exists() and not (tmp_path / "out").exists()
+    monkeypatch.setattr(trainer_mod, "_after_block", lambda i: None)
+    out = api.quantize(model_dirs["qwen2"], tmp_path / "out", **kw)
+    assert not state.exists()
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    blocks = json.loads((out / "edgequant.json").read_text())["calibration"]["blocks"]
+    assert [b["resumed"] for b in blocks] == [True, False]
+    assert all(b["loss_after"] <= b["loss_before"] and b["time_s"] >= 0 for b in blocks)
+
+
+@pytest.mark.parametrize("opts,msg", [({"epochs": -1}, "--epochs"), ({"let_alpha": 2.0}, "--let-alpha"),
+                                      ({"lwc": False, "let": False}, "nothing to train"),
+                                      ({"lwc_lr": 0.0}, "--lwc-lr"), ({"owq_target_bits": 3.1}, "owq-target-bits")])
+def test_bad_options_are_one_line_errors(tmp_path, model_dirs, text_file, opts, msg):
+    with pytest.raises(EdgequantError, match=msg) as e:
+        api.quantize(model_dirs["llama"], tmp_path / "o", method="omniquant", calib=text_file, nsamples=2,
+                               seqlen=32, progress=False, **opts)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_omniquant(tmp_path, model_dirs, text_file):
+    from click.testing import CliRunner
+    from edgequant.cli import main
+    r = CliRunner().invoke(main, ["quantize", str(model_dirs["mistral"]), "-o", str(tmp_path / "q"), "--method",
+                                  "omniquant", "--bits", "4", "--group-size", "32", "--calib", text_file,
+                                  "--nsamples", "4", "--seqlen", "32", "--epochs", "1", "--let", "-q"])
+    assert r.exit_code == 0, r.output
+    prov = json.loads((tmp_path / "q" / "edgequant.json").read_text())
+    assert prov["method"] == "omniquant" and prov["calibration"]["omniquant"]["let"] is True
+    assert len(prov["calibration"]["blocks"]) == 2
