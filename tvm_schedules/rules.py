@@ -3,8 +3,8 @@
 GPU targets: the fused dequantize+matmul kernels are GEMV at decode (one row) and Matmul at prefill (dynamic rows);
 the outlier NT-matmul takes the same rules, and the `take` gather, norms and softmax fall to Reduction/Fallback.
 The first rule that returns a schedule wins (a rule that raises aborts the pass, so kernels are kept free of
-data-dependent reads inside reductions; see TVM_0.27_NOTES.md section 5). CPU targets: dlight's cpu GEMV rule
-parallelises and vectorises the decode kernels; prefill kernels keep TVM's default loop nest.
+data-dependent reads inside reductions; see TVM_0.27_NOTES.md section 5). CPU targets: our own `cpu.CPUMatmul`
+(dlight has no CPU rule for a fused dequantize + matmul); other kernels keep TVM's default loop nest.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ def gpu_rules():
 
 
 def cpu_rules():
-    from tvm.s_tir import dlight as dl
-    return [dl.cpu.GEMV()]
+    from .cpu import CPUMatmul
+    return [CPUMatmul()]
 
 
 def schedule_pass(target):

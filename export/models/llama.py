@@ -189,7 +189,8 @@ class LlamaForCausalLM(nn.Module):
                         "$": packed},
             "prefill_logits": {"input_embed": nn.spec.Tensor([1, "seq_len", h], "float16"), "paged_kv_cache": kv,
                                "$": packed},
-            "decode": {"input_embed": nn.spec.Tensor(["batch_size", 1, h], "float16"), "paged_kv_cache": kv,
+            # one sequence per step, as MLC's `decode` (a static row lets the GEMV schedules apply)
+            "decode": {"input_embed": nn.spec.Tensor([1, 1, h], "float16"), "paged_kv_cache": kv,
                        "$": packed},
             "create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                                       "page_size": int, "support_sliding_window": int,

@@ -55,3 +55,27 @@ def test_fused_kernel_matches_numpy(bits, group, sym, k, rows, n_outliers):
     ref = quant_matmul_np(spec, x, qweight, scales, zeros, idx, w_out)
     # fp16 scale products and the fp16 output round at ~1e-3 relative
     np.testing.assert_allclose(y.numpy().astype(np.float32), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("bits,group,sym,k", CASES[:4])
+@pytest.mark.parametrize("rows", [1, None])
+def test_cpu_schedule_keeps_results(bits, group, sym, k, rows):
+    """The hand-written CPU schedule (GEMV for one row, tiled GEMM for many) computes the same numbers."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+    from edgequant.tvm_schedules.dequant import quant_matmul_func, quant_matmul_np
+    from edgequant.tvm_schedules.rules import cpu_rules
+    rng = np.random.default_rng(bits + k)
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, k, n=96)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    mod = tvm.IRModule({"main": quant_matmul_func(spec, rows).with_attr("target", target)})
+    with target:
+        mod = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
+    assert mod["main"].attrs.get("tirx.is_scheduled"), "the CPU rule did not schedule the kernel"
+    m = 1 if rows else 7
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    ex = tvm.compile(mod, target=target)
+    y = tvm.runtime.empty((m, spec.n), "float16", tvm.cpu())
+    ex["main"](*[tvm.runtime.tensor(a) for a in [x, qweight, scales] + ([] if sym else [zeros])], y)
+    ref = quant_matmul_np(spec, x, qweight, scales, zeros)
+    np.testing.assert_allclose(y.numpy().astype(np.float32), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
