@@ -30,6 +30,13 @@ ROWS = [
     ("rtn", "w2g64", {}), ("gptq", "w2g64", {}),
     ("owq", "w3g128", {"target_bits": 3.01}), ("owq", "w3g128", {"target_bits": 3.1}),
     ("owq", "w3", {"target_bits": 3.01}), ("owq", "w3", {"target_bits": 3.1}), ("gptq", "w3", {}),
+    # OmniQuant, CPU-reduced: run with --nsamples 32 --seqlen 256 (~20 min a row on 2 cores); LWC only as the paper's
+    # LLaMA weight-only recipe, 2 epochs, lr 5e-2 from an activation-aware clip search (paper: 128 x 2048, 20 epochs,
+    # lr 1e-2, init 4.0)
+    ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search"}),
+    ("omniquant", "w2g64", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search"}),
+    ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search"}),
+    ("omniquant", "w3", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search"}),
 ]
 
 
@@ -58,6 +65,7 @@ def main(argv=None):
 
     import torch
     import edgequant
+    import edgequant.api
     from edgequant.report import table
 
     cache_file = Path(args.out).with_suffix(".rows.json")
@@ -70,7 +78,7 @@ def main(argv=None):
 
     base_key = json.dumps({"method": "baseline", "windows": args.max_windows, "device": args.device})
     if base_key not in done:
-        res = edgequant.evaluate(args.model, args.data, max_windows=args.max_windows, device=args.device)
+        res = edgequant.api.evaluate(args.model, args.data, max_windows=args.max_windows, device=args.device)
         done[base_key] = {"method": "fp32 (dequantized GGUF)", "scheme": "-", "bits_per_weight": 32.0,
                           "perplexity": res["perplexity"], "quantize_s": 0.0, "eval_s": res["time_s"]}
         save_done()
@@ -83,12 +91,12 @@ def main(argv=None):
             out = Path(args.work) / (f"{method}-{scheme_name}" + "".join(f"-{k}{v}" for k, v in opts.items()))
             print(f"== {method} {scheme_name}", file=sys.stderr, flush=True)
             t0 = time.time()
-            ck = edgequant.quantize(args.model, out, method=method, bits=s.bits, group_size=s.group_size, sym=s.sym,
+            ck = edgequant.api.quantize(args.model, out, method=method, bits=s.bits, group_size=s.group_size, sym=s.sym,
                                     calib=None if method == "rtn" else args.calib, nsamples=args.nsamples,
                                     seqlen=args.seqlen, seed=args.seed, device=args.device, **opts)
             tq = time.time() - t0
-            info = edgequant.inspect(ck)
-            res = edgequant.evaluate(ck, args.data, max_windows=args.max_windows, device=args.device)
+            info = edgequant.api.inspect(ck)
+            res = edgequant.api.evaluate(ck, args.data, max_windows=args.max_windows, device=args.device)
             label = method + "".join(f" {k.replace('_', '-')}={v}" for k, v in opts.items())
             done[key] = {"method": label, "scheme": scheme_name, "bits_per_weight": info["bits_per_weight"],
                          "perplexity": res["perplexity"], "quantize_s": tq, "eval_s": res["time_s"],

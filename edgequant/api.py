@@ -95,7 +95,7 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
         from .export.api import evaluate as evaluate_dist
         return evaluate_dist(checkpoint, data, seqlen=seqlen, max_windows=max_windows, progress=progress)
     from .data import DATASET_NAMES, eval_windows, read_text
-    from .evaluate import evaluate as run_eval
+    from .perplexity import evaluate as run_eval
     if str(data) not in DATASET_NAMES:
         read_text(data)  # fail on a bad path before loading the model
     model, tok = _load_for_eval(checkpoint)

@@ -12,7 +12,7 @@ from edgequant import api
 from edgequant.artifact import load_model, load_quantized_weight, open_checkpoint
 from edgequant.calibrate.rtn import quantize_rtn
 from edgequant.errors import CheckpointError
-from edgequant.evaluate import evaluate
+from edgequant.perplexity import evaluate
 from edgequant.schemes import QuantScheme
 
 from conftest import make_tiny_model, round_plain_to_fp16
