@@ -96,10 +96,11 @@ def dequantize_te(spec: QuantSpec):
     def f(qweight, scales, zeros=None):
         def w(n, k):
             word = qweight[n, k // vpw]
-            q = tirx.Cast("float16", (word >> tirx.Cast("uint32", (k % vpw) * bits)) & mask)
-            z = tirx.const(float(spec.sym_zero), "float16") if zeros is None else tirx.Cast("float16", zeros[n, k // g])
-            # q - z is an exact small integer in fp16; one rounding happens in the product with the fp16 scale
-            return (q - z) * scales[n, k // g]
+            q = tirx.Cast("float32", (word >> tirx.Cast("uint32", (k % vpw) * bits)) & mask)
+            z = tirx.const(float(spec.sym_zero), "float32") if zeros is None else tirx.Cast("float32", zeros[n, k // g])
+            # fp32 arithmetic, one rounding to fp16 at the end: the checkpoint's exact (q - z) * s, and on CPUs
+            # without fp16 arithmetic it avoids emulating each fp16 operation
+            return tirx.Cast("float16", (q - z) * tirx.Cast("float32", scales[n, k // g]))
 
         return te.compute((spec.n, spec.k), w, name="dequantize")
 
