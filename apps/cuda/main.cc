@@ -57,7 +57,7 @@ int main(int argc, char** argv) {
     }
     std::string fatbin = ReadFile(dist + "/kernels.fatbin");
     Function::SetGlobal("tvm_callback_cuda_compile",
-                        Function::FromTyped([fatbin](tvm::ffi::String, tvm::ffi::AnyView) {
+                        Function::FromTyped([fatbin](tvm::ffi::String) {
                           return tvm::ffi::Bytes(fatbin);
                         }),
                         /*override=*/true);
