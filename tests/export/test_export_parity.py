@@ -110,3 +110,22 @@ def assert_outliers_matter(ckpt, ids, want):
             w[:, qw.outlier_idx.long()] = 0  # what a kernel ignoring the outlier path would compute
         without = model(torch.tensor([ids])).logits[0].numpy()
     assert _rel(without, want) > 5e-2
+
+
+def test_unquantized_hf_folder_exports_with_fp16_weights(model_dirs, tmp_path):
+    """An unquantized HF folder (here the mistral config) exports with fp16 dense linears and matches the HF model
+    with its weights rounded to fp16."""
+    from transformers import AutoModelForCausalLM
+    from edgequant.export.api import export
+    from edgequant.export.runtime import Runner
+    dist = export(model_dirs["mistral"], "cpu", tmp_path / "dist", progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(model_dirs["mistral"]).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.half().float())
+    ids = np.random.default_rng(1).integers(0, ref.config.vocab_size, 24).tolist()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    runner = Runner(dist)
+    assert runner.info["quantization"] == "f16"
+    assert _rel(runner.logits(ids), want) < 1e-2
