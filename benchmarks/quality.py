@@ -60,6 +60,7 @@ def main(argv=None):
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "edgequant" / "bench"))
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (calibration and evaluation)")
+    ap.add_argument("--table-only", action="store_true", help="print the table of rows already measured; run nothing")
     ap.add_argument("--out", default=str(HERE / "results" / "quality.md"))
     args = ap.parse_args(argv)
 
@@ -77,14 +78,22 @@ def main(argv=None):
         cache_file.write_text(json.dumps(done, indent=1))
 
     base_key = json.dumps({"method": "baseline", "windows": args.max_windows, "device": args.device})
-    if base_key not in done:
+    dev = (torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else
+           f"CPU {platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    torch_version = torch.__version__
+    if args.table_only:
+        dev = next((r["device_name"] for r in done.values() if "device_name" in r), args.device)
+        torch_version = next((r["torch"] for r in done.values() if "torch" in r), torch_version)
+    elif base_key not in done:
         res = edgequant.api.evaluate(args.model, args.data, max_windows=args.max_windows, device=args.device)
-        done[base_key] = {"method": "fp32 (dequantized GGUF)", "scheme": "-", "bits_per_weight": 32.0,
+        done[base_key] = {"method": "fp32 (dequantized GGUF)", "scheme": "-", "bits_per_weight": 32.0, "device_name": dev,
                           "perplexity": res["perplexity"], "quantize_s": 0.0, "eval_s": res["time_s"]}
         save_done()
-    rows = [done[base_key]]
+    rows = [done[base_key]] if base_key in done else []
     for method, scheme_name, opts in wanted:
         key = row_key(method, scheme_name, opts, args)
+        if args.table_only and key not in done:
+            continue
         if key not in done:
             from edgequant.schemes import get_scheme
             s = get_scheme(scheme_name)
@@ -99,19 +108,17 @@ def main(argv=None):
             res = edgequant.api.evaluate(ck, args.data, max_windows=args.max_windows, device=args.device)
             label = method + "".join(f" {k.replace('_', '-')}={v}" for k, v in opts.items())
             done[key] = {"method": label, "scheme": scheme_name, "bits_per_weight": info["bits_per_weight"],
-                         "perplexity": res["perplexity"], "quantize_s": tq, "eval_s": res["time_s"],
-                         "settings": "-" if method == "rtn" else f"{args.nsamples}x{args.seqlen} seed {args.seed}"}
+                         "perplexity": res["perplexity"], "quantize_s": tq, "eval_s": res["time_s"], "device_name": dev,
+                         "torch": torch.__version__, "settings": "-" if method == "rtn" else f"{args.nsamples}x{args.seqlen} seed {args.seed}"}
             save_done()
         rows.append(done[key])
 
     cols = [("method", "method"), ("scheme", "scheme"), ("bits_per_weight", "bits/weight (stored)"),
             ("perplexity", "WikiText-2 ppl"), ("quantize_s", "quantize s"), ("eval_s", "eval s"),
             ("settings", "calibration")]
-    dev = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
-           f"CPU {platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     text = (f"# Quality: SmolLM2-135M-Instruct, WikiText-2 test, first {args.max_windows} windows of 2048 tokens\n\n"
             f"date {datetime.date.today()}, device {dev}, torch "
-            f"{torch.__version__}, edgequant {edgequant.__version__}\n"
+            f"{torch_version}, edgequant {edgequant.__version__}\n"
             f"calibration: {args.calib} ({args.nsamples} windows x {args.seqlen} tokens, seed {args.seed}); "
             f"baseline = the Q4_1 GGUF dequantized to fp32\n\n" + table(rows, cols) + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,8 @@ def _versions() -> dict:
 
 def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int = 128, sym: bool = False,
              calib: str | None = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str = "cpu",
-             act_order: bool = False, percdamp: float = 0.01, batch_size: int = 4, progress: bool = True,
-             **method_options) -> Path:
+             act_order: bool = False, percdamp: float = 0.01, batch_size: int = 4, skip_tokens: int = 0,
+             progress: bool = True, **method_options) -> Path:
     """Quantize `model` (HF folder, .gguf file, hub id, or None for the demo model) and write the checkpoint to
     `output`. Returns the checkpoint folder."""
     import torch
@@ -45,7 +45,8 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
     out_path = Path(output).expanduser().resolve()
     state_dir = out_path.parent / f".{out_path.name}.state"
     opts = CalibOptions(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
-                        act_order=act_order, percdamp=percdamp, batch_size=batch_size, extra=method_options,
+                        act_order=act_order, percdamp=percdamp, batch_size=batch_size, skip_tokens=skip_tokens,
+                        extra=method_options,
                         state_dir=str(state_dir))
     if m.needs_calibration and calib is None:
         raise EdgequantError(f"--method {method} needs calibration text: pass --calib PATH")

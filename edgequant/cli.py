@@ -103,18 +103,21 @@ def _calib_options(f):
 @_calib_options
 @click.option("--act-order/--no-act-order", default=False, show_default=True, help="GPTQ: largest Hessian diagonal first.")
 @click.option("--percdamp", type=float, default=0.01, show_default=True, help="GPTQ: Hessian damping.")
+@click.option("--skip-tokens", type=int, default=0, show_default=True,
+              help="GPTQ/OWQ: leave the first tokens of each window (attention sinks) out of the Hessian.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Calibration windows per block pass.")
 @_method_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def quantize(model, output, method, bits, group_size, sym, calib, nsamples, seqlen, seed, act_order, percdamp, device,
-             batch_size, quiet, **method_options):
+def quantize(model, output, method, bits, group_size, sym, calib, nsamples, seqlen, seed, act_order, percdamp,
+             skip_tokens, device, batch_size, quiet, **method_options):
     """Quantize MODEL (HF folder, .gguf file, hub id; default: SmolLM2-135M-Instruct) into a checkpoint folder."""
     from . import api
     method_options = {k: v for k, v in method_options.items() if v is not None}
     out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym, calib=calib,
                        nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, act_order=act_order,
-                       percdamp=percdamp, batch_size=batch_size, progress=not quiet, **method_options)
+                       percdamp=percdamp, batch_size=batch_size, skip_tokens=skip_tokens, progress=not quiet,
+                       **method_options)
     info = api.inspect(out)
     click.echo(f"wrote {out}  ({info['scheme']}, {info['bits_per_weight']:.3f} bits/weight, "
                f"{info['size_on_disk_bytes'] / 2**20:.1f} MiB)")

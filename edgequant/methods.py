@@ -19,12 +19,15 @@ class CalibOptions:
     batch_size: int = 4
     act_order: bool = False
     percdamp: float = 0.01
+    skip_tokens: int = 0           # GPTQ/OWQ: first tokens of each window left out of the Hessian
     extra: dict = field(default_factory=dict)   # method-specific options
     state_dir: str | None = None   # where a resumable method keeps per-block state (a sibling of the output folder)
 
     def __post_init__(self):
         if self.nsamples < 1 or self.seqlen < 16:
             raise EdgequantError("--nsamples must be >= 1 and --seqlen >= 16")
+        if not 0 <= self.skip_tokens < self.seqlen:
+            raise EdgequantError("--skip-tokens must be >= 0 and smaller than --seqlen")
         if not 0 < self.percdamp < 1:
             raise EdgequantError("--percdamp must be between 0 and 1 (the paper uses 0.01)")
         import torch
@@ -99,7 +102,8 @@ def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tr
         return qw, {"gptq_loss": loss, "weight_rel_err": weight_error(w, w_hat),
                     "output_rel_err": output_error(w, w_hat, H)}
 
-    q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc="gptq")
+    q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc="gptq",
+                                   skip_tokens=opts.skip_tokens)
     return MethodResult(q, stats, {"tokens": int(samples.numel())})
 
 
@@ -137,7 +141,8 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
         return qw, {"gptq_loss": loss, "weak_columns": int(len(idx)), "weight_rel_err": weight_error(w, w_hat),
                     "output_rel_err": output_error(w, w_hat, H)}
 
-    q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc="owq")
+    q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc="owq",
+                                   skip_tokens=opts.skip_tokens)
     return MethodResult(q, stats, {"tokens": int(samples.numel()), "weak_columns_per_linear": counts,
                                    "target_bits": target})
 

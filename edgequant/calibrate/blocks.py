@@ -113,14 +113,18 @@ def run_block(block, inputs: BlockInputs, device="cpu", batch_size: int = 4, sto
 class HessianCollector:
     """Accumulates H = 2/n * sum x x^T over the inputs of a linear (x: its input rows), in float32 like the reference code."""
 
-    def __init__(self, module: torch.nn.Linear):
+    def __init__(self, module: torch.nn.Linear, skip_tokens: int = 0):
         k = module.in_features
+        self.skip = skip_tokens
         self.H = torch.zeros(k, k, dtype=torch.float32, device=module.weight.device)
         self.n = 0
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, _mod, args, _out):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+        x = args[0].detach()
+        if self.skip and x.dim() == 3:
+            x = x[:, self.skip:]
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         m = x.shape[0]
         self.H *= self.n / (self.n + m)
         self.n += m

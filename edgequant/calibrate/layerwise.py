@@ -22,7 +22,9 @@ QuantizeFn = Callable[[str, torch.nn.Linear, torch.Tensor], tuple]
 
 @torch.no_grad()
 def calibrate_layerwise(model, samples: torch.Tensor, quantize_fn: QuantizeFn, device="cpu", batch_size: int = 4,
-                        progress: bool = True, desc: str = "calibrate"):
+                        progress: bool = True, desc: str = "calibrate", skip_tokens: int = 0):
+    """`skip_tokens`: leave the first tokens of every window out of the Hessians (their attention-sink activations
+    can be orders of magnitude larger than the rest and would dominate H)."""
     family = family_for(model.config.model_type)
     layers = get_module(model, family.layers_path)
     inputs = capture_first_block_inputs(model, layers, samples, device)
@@ -33,7 +35,7 @@ def calibrate_layerwise(model, samples: torch.Tensor, quantize_fn: QuantizeFn, d
         block = layers[i].to(device)
         for group in family.groups:
             mods = [get_module(block, n) for n in group.names]
-            coll = HessianCollector(mods[0])
+            coll = HessianCollector(mods[0], skip_tokens)
             try:
                 run_block(block, inputs, device, batch_size, stop_at=mods[-1])
             finally:

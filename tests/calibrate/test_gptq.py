@@ -65,3 +65,16 @@ def test_dead_inputs_do_not_break_cholesky():
     H[:, 5] = 0
     qw, _ = gptq_quantize(w, H, QuantScheme(4, 64))
     assert torch.isfinite(qw.dequantize()).all()
+
+
+def test_hessian_collector_can_skip_leading_tokens():
+    from edgequant.calibrate.blocks import HessianCollector
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 10, 8)
+    x[:, 0] *= 1000                        # an attention-sink-like first token
+    full, skip = HessianCollector(lin), HessianCollector(lin, skip_tokens=1)
+    lin(x)
+    Hf, Hs = full.remove(), skip.remove()
+    rest = x[:, 1:].reshape(-1, 8)
+    torch.testing.assert_close(Hs, 2 * rest.T @ rest / rest.shape[0])
+    assert Hf.diagonal().mean() > 100 * Hs.diagonal().mean()
