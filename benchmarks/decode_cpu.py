@@ -72,7 +72,11 @@ def main():
     lines = [f"# SmolLM2-135M-Instruct on the CPU through TVM (edgequant export --target cpu)", "",
              f"- machine: {machine}", f"- date: {when}", f"- TVM {tvm.__version__}; RTN checkpoints; "
              f"{a.decode_tokens} decode tokens, best of {a.repeats}; batch 1; prompts of random tokens",
-             "- the CPU was shared with other jobs while this ran, so treat the numbers as lower bounds", "",
+             "- the CPU was shared with other jobs while this ran, so treat the numbers as lower bounds",
+             "- weights MiB include the fp16 embedding (54 MiB, tied to the output layer) in every row",
+             "- at this size, with 2 cores, decode is bound by dequantization arithmetic rather than memory traffic, so "
+             "W4/W2 are not faster than fp16; W3 (10 values per 32-bit word) vectorises poorly in the CPU GEMV "
+             "schedule", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["config"], f"{r['weight_bytes'] / 2**20:.1f}"] + [f"{r[f'prefill_{n}']:.1f}" for n in lengths] + \
