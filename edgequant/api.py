@@ -208,7 +208,7 @@ def demo(output_dir=None, bits: int = 3, group_size: int = 128, methods=("rtn", 
 
 def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-4, seqlen: int = 512,
                       nsamples: int = 64, heldout: int = 8, batch_size: int = 4, seed: int = 0,
-                      progress: bool = True) -> dict:
+                      device: str = "cpu", progress: bool = True) -> dict:
     """OWQ weak-column tuning: train only the fp16 weak columns of CHECKPOINT on task text `data` (causal-LM loss),
     write the tuned checkpoint to `output`, and return losses, trainable parameter count and peak memory."""
     import resource
@@ -248,6 +248,10 @@ def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-
     train = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
 
     modules = attach_weak_columns(model, quantized)
+    model.to(device)
+    held, train = held.to(device), train.to(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     trainable = sum(m.weak.numel() for m in modules.values())
     total_params = sum(p.numel() for p in model.parameters()) + sum(
         m.q.numel() for m in modules.values())
@@ -257,6 +261,7 @@ def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-
     train_s = time.time() - t0
     after = lm_loss(model, held, batch_size)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -266,14 +271,14 @@ def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-
                 shutil.copy2(f, tmp / f.name)
         tensors = ck.read()
         for name, m in modules.items():
-            tensors[f"{name}.outlier_weight"] = m.weak.detach().to(torch.float16).numpy()
+            tensors[f"{name}.outlier_weight"] = m.weak.detach().to("cpu", torch.float16).numpy()
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         prov = dict(ck.provenance)
         report = {"data": str(data), "epochs": epochs, "lr": lr, "seqlen": seqlen, "nsamples": nsamples,
                   "heldout_windows": heldout, "seed": seed, "heldout_loss_before": before,
                   "heldout_loss_after": after, "train_loss": history, "trainable_params": trainable,
-                  "model_params": total_params, "peak_rss_bytes": peak,
+                  "model_params": total_params, "peak_rss_bytes": peak, "peak_gpu_bytes": peak_gpu, "device": device,
                   "full_finetune_state_bytes_estimate": total_params * 16, "time_s": round(train_s, 2)}
         prov["wct"] = report
         (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, default=str))

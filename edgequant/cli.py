@@ -191,17 +191,20 @@ def inspect(checkpoint, as_json, layers):
 @click.option("--heldout", type=int, default=8, show_default=True, help="Held-out windows at the end of the text.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
 @click.option("-q", "--quiet", is_flag=True)
-def tune_weak_columns(checkpoint, data, output, epochs, lr, seqlen, nsamples, heldout, batch_size, seed, quiet):
+def tune_weak_columns(checkpoint, data, output, epochs, lr, seqlen, nsamples, heldout, batch_size, seed, device, quiet):
     """OWQ weak-column tuning: train only the fp16 weak columns of an OWQ CHECKPOINT on task text."""
     from . import api
     r = api.tune_weak_columns(checkpoint, data, output, epochs=epochs, lr=lr, seqlen=seqlen, nsamples=nsamples,
-                              heldout=heldout, batch_size=batch_size, seed=seed, progress=not quiet)
+                              heldout=heldout, batch_size=batch_size, seed=seed, device=device,
+                              progress=not quiet)
     click.echo(f"wrote {r['checkpoint']}")
-    click.echo(f"held-out loss {r['heldout_loss_before']:.4f} -> {r['heldout_loss_after']:.4f}; trainable parameters "
-               f"{r['trainable_params']:,} of {r['model_params']:,}; peak memory {r['peak_rss_bytes'] / 2**20:.0f} MiB "
-               f"(full fine-tuning state alone would need about "
-               f"{r['full_finetune_state_bytes_estimate'] / 2**20:.0f} MiB)")
+    gpu = f", {r['peak_gpu_bytes'] / 2**20:.0f} MiB GPU" if r.get("peak_gpu_bytes") else ""
+    click.echo(f"held-out loss {r['heldout_loss_before']:.4f} -> {r['heldout_loss_after']:.4f}")
+    click.echo(f"trainable parameters {r['trainable_params']:,} of {r['model_params']:,}; peak memory "
+               f"{r['peak_rss_bytes'] / 2**20:.0f} MiB host{gpu} (weights, gradients and Adam state of full "
+               f"fine-tuning alone would take about {r['full_finetune_state_bytes_estimate'] / 2**20:.0f} MiB)")
 
 
 @main.command()
