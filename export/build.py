@@ -95,8 +95,19 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        lib_path = tmp / preset.library
-        ex.export_library(str(lib_path))
+        library, link_note = preset.library, None
+        if preset.name == "cpu-arm64":
+            # a shared library for aarch64 needs an aarch64 linker; without one ship the objects (lib.tar)
+            cc = shutil.which("aarch64-linux-gnu-g++") or shutil.which("aarch64-linux-gnu-gcc")
+            if cc:
+                ex.export_library(str(tmp / library), cc=cc)
+            else:
+                library = "lib.tar"
+                link_note = "no aarch64 linker here: on the target run `tar xf lib.tar && g++ -shared -o lib.so *.o`"
+                _log(progress, link_note)
+                ex.export_library(str(tmp / library))
+        else:
+            ex.export_library(str(tmp / library))
         cuda = None
         if preset.name == "cuda":
             from .cuda import compile_fatbin
@@ -112,7 +123,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
         device_code = sorted({m.kind for m in _walk(ex.mod) if m.kind in ("cuda", "metal", "opencl", "webgpu")})
         meta = {
             "format_version": FORMAT_VERSION, "target": preset.name, "tvm_target": str(tgt),
-            "tvm_version": tvm.__version__, "device": preset.device, "library": preset.library,
+            "tvm_version": tvm.__version__, "device": preset.device, "library": library, "link_note": link_note,
             "system_lib_prefix": prefix if preset.system_lib else None, "device_code": device_code,
             "cuda": cuda, "source": str(source.path), "quantization": source.quantization,
             "model": {**source.arch.__dict__}, "functions": functions,

@@ -38,6 +38,8 @@ def export_cmd(checkpoint, target, output, arch, system_lib_prefix, quiet):
 def run_cmd(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_template, as_json):
     """Generate text from PROMPT with an exported DIST folder (TVM runtime only)."""
     from . import api
+    from .runtime import read_export_info
+    read_export_info(dist)  # a clear error before the prompt is echoed
     sink = None if as_json else (lambda s: click.echo(s, nl=False))
     if not as_json:
         click.echo(prompt, nl=False)

@@ -1,7 +1,7 @@
 """Every export target in one table: the TVM target dict, how the library is packaged, and where it can run.
 
 `cpu` builds for this machine's CPU (llvm with the host's -mcpu) as a shared library; `cpu-arm64` cross-builds one for
-aarch64 Linux. GPU targets pick the paged-KV-cache GPU kernels and the dlight GPU schedules; mobile targets produce a
+aarch64 Linux (or a `.tar` of its objects when no aarch64 linker is installed). GPU targets pick the paged-KV-cache GPU kernels and the dlight GPU schedules; mobile targets produce a
 `.tar` of objects for static linking with a system-lib prefix (the app registers the library under that prefix).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ _METAL = {"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_
 PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
     TargetPreset("cpu", "this machine's CPU (LLVM, host -mcpu), shared library", {"kind": "llvm"}, "lib.so", "cpu",
                  runs_here=True),
-    TargetPreset("cpu-arm64", "aarch64 Linux CPU (LLVM), shared library",
+    TargetPreset("cpu-arm64", "aarch64 Linux CPU (LLVM), shared library (lib.tar of objects without an aarch64 linker)",
                  {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "lib.so", "cpu"),
     TargetPreset("cuda", "NVIDIA GPU (CUDA; --arch, default sm_80 and sm_90), shared library with fatbin",
                  _GPU_CUDA, "lib.so", "cuda"),

@@ -118,3 +118,18 @@ def test_eval_of_a_dist_matches_pytorch(checkpoint, cpu_dist, text_file):
     want = api.evaluate(checkpoint, text_file, seqlen=128, max_windows=2, progress=False)
     assert got["tokens"] == want["tokens"]
     assert abs(got["perplexity"] / want["perplexity"] - 1) < 5e-3
+
+
+def test_cpu_arm64_objects(checkpoint, tmp_path):
+    """cpu-arm64: ELF aarch64 code, as a shared library where an aarch64 linker exists, else as objects."""
+    from edgequant.export.api import export
+    dist = export(checkpoint, "cpu-arm64", tmp_path / "a64", progress=False)
+    info = json.loads((dist / "edgequant-export.json").read_text())
+    lib = dist / info["library"]
+    if lib.suffix == ".tar":
+        with tarfile.open(lib) as tf:
+            blobs = [tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()]
+        assert info["link_note"]
+    else:
+        blobs = [lib.read_bytes()]
+    assert blobs and all(_elf_aarch64(b) for b in blobs)
