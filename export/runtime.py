@@ -116,9 +116,6 @@ class Runner:
             raise EdgequantError(f"cannot load the tokenizer saved in {self.dist} ({e}); export again") from None
 
     # ----------------------------------------------------------------------------------------- low level
-    def _sync(self):
-        self.dev.sync()
-
     def _embed(self, ids):
         tvm = self._tvm
         e = self.vm["embed"](tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.dev), self.params)
