@@ -34,13 +34,15 @@ def test_training_lowers_block_loss():
     assert all("weight_rel_err" in s and "clip_upper_mean" in s for s in stats.values())
 
 
-@pytest.mark.parametrize("arch,let,sym", [("llama", True, False), ("qwen2", True, False), ("mistral", False, True)])
-def test_fused_checkpoint_equals_live_model(tmp_path, tokenizer, arch, let, sym):
+@pytest.mark.parametrize("arch,let,sym,loss", [("llama", True, False, "mse"), ("qwen2", True, False, "token_rel"),
+                                               ("mistral", False, True, "mse")])
+def test_fused_checkpoint_equals_live_model(tmp_path, tokenizer, arch, let, sym, loss):
     samples = _samples()
     scheme = QuantScheme(3, 32, sym)
     model = make_tiny_model(arch, tie=(arch == "llama"))
     live_model = copy.deepcopy(model)
-    cfg = OmniConfig(epochs=2, let=let, batch_size=2, lwc_lr=5e-2, let_lr=1e-2)
+    cfg = OmniConfig(epochs=2, let=let, batch_size=2, lwc_lr=5e-2, let_lr=1e-2, loss=loss,
+                     lwc_init="search" if arch == "mistral" else 4.0)
     q, _, _, live = calibrate_omniquant(model, samples, scheme, cfg, progress=False, keep_live=True)
     ck = save_checkpoint(tmp_path / "ck", model, tokenizer, q, scheme, "omniquant")
     fused, _ = load_ckpt(ck)
