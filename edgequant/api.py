@@ -42,7 +42,10 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
     if unknown:
         raise EdgequantError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in unknown)} do not apply to "
                              f"--method {method}")
+    from .artifact import PROVENANCE_NAME
+    from .atomic import check_replaceable
     out_path = Path(output).expanduser().resolve()
+    check_replaceable(out_path, PROVENANCE_NAME)   # before hours of calibration, not after
     state_dir = out_path.parent / f".{out_path.name}.state"
     opts = CalibOptions(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                         act_order=act_order, percdamp=percdamp, batch_size=batch_size, skip_tokens=skip_tokens,
@@ -54,6 +57,7 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         from .data import read_text
         read_text(calib)  # fail on a bad path before loading the model
     torch.manual_seed(seed)
+    _quiet_transformers(progress)
     t0 = time.time()
     model_obj, tok = load_model(model)
     t_load = time.time() - t0
@@ -71,6 +75,13 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         import shutil
         shutil.rmtree(state_dir, ignore_errors=True)
     return ck
+
+
+def _quiet_transformers(progress: bool):
+    """transformers draws its own loading bars; keep them only when ours are on."""
+    if not progress:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
 
 
 def _load_for_eval(ckpt_or_model):
@@ -99,6 +110,7 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
     from .perplexity import evaluate as run_eval
     if str(data) not in DATASET_NAMES:
         read_text(data)  # fail on a bad path before loading the model
+    _quiet_transformers(progress)
     model, tok = _load_for_eval(checkpoint)
     ref = None
     if reference is not None:
@@ -213,13 +225,13 @@ def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-
     write the tuned checkpoint to `output`, and return losses, trainable parameter count and peak memory."""
     import resource
     import shutil
-    import tempfile
 
     import numpy as np
     import torch
     from safetensors.numpy import save_file
 
     from .artifact import PROVENANCE_NAME, load_model as load_ckpt, load_quantized_weight
+    from .atomic import atomic_output_dir, check_replaceable
     from .calibrate.wct import attach_weak_columns, lm_loss, train_weak_columns
     from .data import tokenize, read_text
 
@@ -227,8 +239,7 @@ def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-
     out = Path(output).expanduser().resolve()
     if out == src.resolve():
         raise EdgequantError("-o must name a new folder, not the checkpoint being tuned")
-    if out.exists() and not (out / "config.json").exists() and any(out.iterdir()):
-        raise EdgequantError(f"{out} exists and is not an edgequant checkpoint; choose another output folder")
+    check_replaceable(out, PROVENANCE_NAME)
     read_text(data)
     model, ck = load_ckpt(src)
     quantized = {n: load_quantized_weight(ck, n) for n in ck.quantized_linears()}
@@ -263,9 +274,7 @@ def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak_gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(out, marker=PROVENANCE_NAME) as tmp:
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
                 shutil.copy2(f, tmp / f.name)
@@ -282,10 +291,4 @@ def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-
                   "full_finetune_state_bytes_estimate": total_params * 16, "time_s": round(train_s, 2)}
         prov["wct"] = report
         (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {**report, "checkpoint": str(out)}

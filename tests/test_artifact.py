@@ -179,3 +179,18 @@ def test_bad_calibration_path_fails_before_work(tmp_path, model_dirs):
                       "--calib", str(tmp_path / "missing.txt"))
     _assert_one_line_error(rc, err, "missing.txt")
     assert not (tmp_path / "o").exists()
+
+
+def test_output_folder_of_someone_else_is_never_replaced(tmp_path, model_dirs):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    rc, _, err = _cli("quantize", str(model_dirs["llama"]), "-o", str(precious), "--method", "rtn")
+    _assert_one_line_error(rc, err, "not written by edgequant")
+    assert (precious / "notes.txt").read_text() == "keep me"
+    # a previous edgequant checkpoint is replaced
+    out = tmp_path / "q"
+    for _ in range(2):
+        rc, _, err = _cli("quantize", str(model_dirs["llama"]), "-o", str(out), "--method", "rtn", "-q")
+        assert rc == 0, err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temporary folders left behind
