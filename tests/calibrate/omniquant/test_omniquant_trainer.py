@@ -60,6 +60,12 @@ def test_fused_checkpoint_equals_live_model(tmp_path, tokenizer, arch, let, sym,
                                make_tiny_model(arch).model.layers[0].input_layernorm.weight.half().float())
 
 
+def _split(path):
+    b = path.read_bytes()
+    n = int.from_bytes(b[:8], "little")
+    return json.loads(b[8:8 + n]), b[8 + n:]
+
+
 class _Interrupt(Exception):
     pass
 
@@ -80,7 +86,9 @@ def test_resume_reproduces_checkpoint_bytes(tmp_path, model_dirs, text_file, mon
     monkeypatch.setattr(trainer_mod, "_after_block", lambda i: None)
     out = api.quantize(model_dirs["qwen2"], tmp_path / "out", **kw)
     assert not state.exists()
-    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    # every tensor byte identical; the header identical as JSON (safetensors writes its metadata map in a random
+    # order per call, so two uninterrupted runs differ in that order too)
+    assert _split(out / "model.safetensors") == _split(ref / "model.safetensors")
     blocks = json.loads((out / "edgequant.json").read_text())["calibration"]["blocks"]
     assert [b["resumed"] for b in blocks] == [True, False]
     assert all(b["loss_after"] <= b["loss_before"] and b["time_s"] >= 0 for b in blocks)
