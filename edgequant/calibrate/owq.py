@@ -19,10 +19,11 @@ from ..quantizer import expand_groups, mse_clip_params, params_from_range, group
 from ..schemes import QuantScheme
 
 
-def weak_column_counts(family: Family, in_features: dict[str, int], bits: int, target_bits: float) -> dict[str, int]:
+def weak_column_counts(family: Family, in_features: dict[str, int], bits: int, target_bits: float,
+                       option: str = "--target-bits") -> dict[str, int]:
     """k per linear kind (e.g. "self_attn.q_proj") for a target of `target_bits` bits per weight over `bits`."""
     if not bits < target_bits < 16:
-        raise EdgequantError(f"--target-bits {target_bits} must lie between --bits {bits} and 16 (e.g. {bits}.01 "
+        raise EdgequantError(f"{option} {target_bits} must lie between --bits {bits} and 16 (e.g. {bits}.01 "
                              f"or {bits}.1)")
     ratios = family.linear_ratio
     r = 12 / (16 - bits) * (target_bits - bits) / len(ratios)

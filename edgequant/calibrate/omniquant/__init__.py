@@ -15,11 +15,7 @@ __all__ = ["LWC", "LET", "BlockShape", "OmniBlock", "LiveBlock", "OmniConfig", "
 
 def config_from_options(opts) -> OmniConfig:
     """OmniConfig from CalibOptions (method-specific values arrive in opts.extra only when the user gave them)."""
-    from ...errors import EdgequantError
     x = dict(opts.extra)
-    if x.get("owq_target_bits") is not None:
-        raise EdgequantError("--owq-target-bits (OWQ weak columns under OmniQuant) is not available yet; "
-                             "use --method owq, or omniquant without it")
-    known = {"lwc", "let", "epochs", "lwc_lr", "let_lr", "let_alpha", "aug_loss", "lwc_init", "loss"}
+    known = {"lwc", "let", "epochs", "lwc_lr", "let_lr", "let_alpha", "aug_loss", "lwc_init", "loss", "owq_target_bits"}
     kw = {k: v for k, v in x.items() if k in known and v is not None}
     return OmniConfig(**kw, batch_size=opts.batch_size, seed=opts.seed)

@@ -38,9 +38,12 @@ def _key(name: str) -> str:   # ModuleDict keys cannot hold dots
 class OmniBlock(nn.Module):
     """LWC strengths for every linear of a block and (optionally) its LET, over a frozen copy of the block's tensors."""
 
-    def __init__(self, block, config, scheme: QuantScheme, cfg):
+    def __init__(self, block, config, scheme: QuantScheme, cfg, weak: dict | None = None):
         super().__init__()
         self.scheme = scheme
+        # OWQ weak columns {linear: sorted input indices}: kept in full precision (fp16 in the checkpoint), left out
+        # of LWC's ranges and integers (zeroed there, so they quantize to the zero point and dequantize to 0)
+        self.weak = {n: idx for n, idx in (weak or {}).items() if len(idx)}
         self.base = {}
         for n in NORMS:
             self.base[f"{n}.weight"] = get_module(block, n).weight.detach().clone().float()
@@ -72,13 +75,21 @@ class OmniBlock(nn.Module):
             s = self.let.input_scale(n) if self.let is not None else None
             if s is not None:
                 m2 = m2 / s ** 2
-            search_clip_init(self.lwc[_key(n)], t[f"{n}.weight"], m2)
+            search_clip_init(self.lwc[_key(n)], self._split(n, t[f"{n}.weight"])[0], m2)
 
     def lwc_params(self):
         return [p for p in self.lwc.parameters()]
 
     def let_params(self):
         return [] if self.let is None else list(self.let.parameters())
+
+    def _split(self, n: str, w: torch.Tensor):
+        """(w with the weak columns zeroed, w's weak columns or None)."""
+        idx = self.weak.get(n)
+        if idx is None:
+            return w, None
+        idx = idx.to(w.device)
+        return w.index_fill(1, idx, 0.0), w[:, idx]
 
     def _transformed(self):
         return self.let.transform(self.base) if self.let is not None else dict(self.base)
@@ -89,7 +100,10 @@ class OmniBlock(nn.Module):
         out = {}
         for n in LINEARS:
             w = t[f"{n}.weight"]
-            w_hat = self.lwc[_key(n)](w) if quant else w
+            w_q, w_weak = self._split(n, w)
+            w_hat = self.lwc[_key(n)](w_q) if quant else w_q
+            if w_weak is not None:   # the fp16 columns, as the checkpoint will hold them
+                w_hat = w_hat.index_add(1, self.weak[n].to(w.device), fp16_ste(w_weak) if fp16_plain else w_weak)
             out[f"{n}.weight"] = w_hat
             b = t.get(f"{n}.bias")
             if b is not None:
@@ -109,9 +123,13 @@ class OmniBlock(nn.Module):
         plain, qws, stats = {}, {}, {}
         for n in LINEARS:
             w = t[f"{n}.weight"]
+            w_q, w_weak = self._split(n, w)
             lwc = self.lwc[_key(n)]
-            scale, zero = lwc.params(w)
-            qw = quantize_weight(w, self.scheme, scale, zero)
+            scale, zero = lwc.params(w_q)
+            qw = quantize_weight(w_q, self.scheme, scale, zero)
+            if w_weak is not None:
+                qw.outlier_idx = self.weak[n].to(w.device)
+                qw.outlier_weight = fp16_ste(w_weak)
             w_hat = qw.dequantize()
             b = t.get(f"{n}.bias")
             if b is not None:
@@ -125,7 +143,10 @@ class OmniBlock(nn.Module):
                 st["clip_upper_mean"] = float(up.mean())
                 st["clip_lower_mean"] = float(low.mean())
             stats[n] = st
-            qws[n] = QuantizedWeight(qw.q.to(torch.uint8).cpu(), qw.scale.cpu(), qw.zero.cpu(), self.scheme)
+            qws[n] = QuantizedWeight(qw.q.to(torch.uint8).cpu(), qw.scale.cpu(), qw.zero.cpu(), self.scheme,
+                                     *(None if t_ is None else t_.cpu() for t_ in (qw.outlier_idx, qw.outlier_weight)))
+            if w_weak is not None:
+                st["weak_columns"] = int(len(qw.outlier_idx))
         for n in NORMS:
             plain[f"{n}.weight"] = fp16_ste(t[f"{n}.weight"]).cpu()
         return plain, qws, stats

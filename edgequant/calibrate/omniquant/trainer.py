@@ -30,7 +30,7 @@ from ...models import family_for
 from ...quantizer import QuantizedWeight
 from ...schemes import QuantScheme
 from ..blocks import BlockInputs, _move, capture_first_block_inputs, get_module
-from .fuse import STATS_LINEARS, OmniBlock, apply_fused
+from .fuse import _STATS_SOURCE, LINEARS, STATS_LINEARS, OmniBlock, apply_fused
 
 STATE_VERSION = 1
 
@@ -50,6 +50,7 @@ class OmniConfig:
     batch_size: int = 4
     seed: int = 0
     loss: str = "mse"   # "mse" (the paper) or "token_rel": each token's squared error over its target's mean square
+    owq_target_bits: float | None = None   # OWQ weak columns chosen first (kept fp16), LWC/LET learned on the rest
 
 
     def __post_init__(self):
@@ -219,17 +220,19 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
         summaries.append(BlockSummary(**{**rec["summary"], "resumed": True}))
 
     n_blocks = len(layers)
+    weak_counts = _weak_counts(family, layers[0], scheme, cfg)
     for i in range(start, n_blocks):
         t0 = time.time()
         block = layers[i].to(device)
         block.requires_grad_(False)
-        ob = OmniBlock(block, model.config, scheme, cfg).to(device)
         bs = cfg.batch_size
 
         # targets: the full-precision block on the full-precision stream (+ LET statistics on the way)
         st = _Stats(block, STATS_LINEARS)
         fp_out, _ = _run(block, {}, fp_hidden, kw, device, bs)
         act_absmax, act_mean, act_sqmean = st.remove()
+        weak = _weak_columns(block, scheme, weak_counts, act_sqmean) if weak_counts else None
+        ob = OmniBlock(block, model.config, scheme, cfg, weak).to(device)
         aug_out = _run(block, {}, q_hidden, kw, device, bs)[0] if cfg.aug_loss else None
         if ob.let is not None:
             ob.let.init_from_stats(ob.base, act_absmax, act_mean, cfg.let_alpha)
@@ -261,6 +264,22 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
             tqdm.write(f"block {i}: loss {loss_before:.4g} -> {loss_after:.4g} ({summ.time_s:.1f} s)")
         _after_block(i)
     return quantized, stats, summaries, (live if keep_live else None)
+
+
+def _weak_counts(family, block0, scheme: QuantScheme, cfg: OmniConfig):
+    """OWQ's weak columns per linear kind for `owq_target_bits` (None when not combining with OWQ)."""
+    if cfg.owq_target_bits is None:
+        return None
+    from ..owq import weak_column_counts
+    in_features = {n: get_module(block0, n).in_features for n in LINEARS}
+    return weak_column_counts(family, in_features, scheme.bits, cfg.owq_target_bits, option="--owq-target-bits")
+
+
+def _weak_columns(block, scheme: QuantScheme, counts: dict, act_sqmean: dict) -> dict:
+    """OWQ's selection on the block's original weights, H_jj = 2 E[x_j^2] from the full-precision stream."""
+    from ..owq import select_weak_columns
+    return {n: select_weak_columns(get_module(block, n).weight.detach().float(),
+                                   2 * act_sqmean[_STATS_SOURCE[n]], scheme, counts[n]) for n in LINEARS}
 
 
 def _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg: OmniConfig, device, i, n_blocks, progress) -> int:
