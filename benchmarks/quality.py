@@ -39,6 +39,7 @@ ROWS = [
     ("omniquant", "w2g64", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search"}),
     ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search"}),
     ("omniquant", "w3", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search"}),
+    ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "owq_target_bits": 3.1}),
 ]
 
 
