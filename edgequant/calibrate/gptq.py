@@ -11,6 +11,8 @@ column is reached, as in the paper.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..quantizer import QuantizedWeight, group_minmax, params_from_range
@@ -25,6 +27,21 @@ def _group_params(w: torch.Tensor, scheme: QuantScheme, clip_search=None):
     return params_from_range(*group_minmax(w, one), one)
 
 
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """The column loop is thousands of tiny tensor ops: on a CPU, intra-op threads only add synchronisation, and on a
+    busy machine their spinning made it 20x slower (10.5 s vs 0.44 s for a 1536 x 576 weight)."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, keep: torch.Tensor | None = None,
@@ -34,6 +51,11 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, bl
     `keep`: indices of input columns to leave in full precision (stored as outlier columns).
     `clip_search(w, per_row_scheme) -> (scale, zero)`: optional quantizer tuning per group (e.g. OWQ's MSE grid).
     """
+    with _one_cpu_thread(weight.device):
+        return _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search)
+
+
+def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search):
     W = weight.detach().clone().float()
     N, K = W.shape
     H = H.detach().clone().float().to(W.device)
