@@ -5,13 +5,12 @@ only when complete, so an interrupted export never leaves a half-written DIST.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from edgequant.atomic import atomic_output_dir, check_replaceable
 from edgequant.errors import EdgequantError
 
 from . import targets
@@ -83,8 +82,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
         raise EdgequantError(f"--arch applies to the cuda target only, not '{target}'")
     source = open_source(checkpoint)
     out = Path(output or f"{Path(str(checkpoint)).name}-{target}").expanduser().resolve()
-    if out.exists() and not (out / EXPORT_JSON).is_file() and any(out.iterdir()):
-        raise EdgequantError(f"{out} exists and is not an edgequant export; choose another output folder")
+    check_replaceable(out, EXPORT_JSON)
     prefix = system_lib_prefix or _default_prefix(source)
     t0 = time.time()
     _log(progress, f"{source.path.name}: {source.arch.model_type}, {source.arch.num_layers} layers, "
@@ -92,9 +90,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
     ex, named_params, tgt, functions = build_module(source, preset, arch, prefix if preset.system_lib else None)
     t_compile = time.time() - t0
     _log(progress, f"compiled in {t_compile:.1f}s")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(out, marker=EXPORT_JSON) as tmp:
         library, link_note = preset.library, None
         if preset.name == "cpu-arm64":
             # a shared library for aarch64 needs an aarch64 linker; without one ship the objects (lib.tar)
@@ -133,12 +129,6 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
         }
         (tmp / "mlc-chat-config.json").write_text(json.dumps(_mlc_chat_config(source, meta), indent=2))
         (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _log(progress, f"wrote {out} ({weight_bytes / 2**20:.1f} MiB of weights) in {time.time() - t0:.1f}s")
     return out
 
