@@ -89,3 +89,18 @@ def round_plain_to_fp16(model, quantized_names):
         for name, p in model.named_parameters():
             if name.rsplit(".", 1)[0] not in quantized_names or name.endswith(".bias"):
                 p.copy_(p.half().float())
+
+
+def assert_fused_checkpoint_equals_live(tmp_path, tokenizer, fp_model, model, quantized, scheme, live, samples):
+    """Save the fused OmniQuant result, reload it from disk, and compare its logits with the live model: the original
+    blocks computing with their trained LWC/LET parameters (nothing fused), other tensors as stored (fp16).
+    Returns the reloaded model."""
+    from edgequant.artifact import load_model, save_checkpoint
+    from edgequant.calibrate.omniquant import LiveBlock
+    fused, _ = load_model(save_checkpoint(tmp_path / "ck", model, tokenizer, quantized, scheme, "omniquant"))
+    round_plain_to_fp16(fp_model, set())
+    for i, ob in enumerate(live):
+        fp_model.model.layers[i] = LiveBlock(fp_model.model.layers[i], ob)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(samples).logits, fp_model(samples).logits, rtol=1e-5, atol=1e-5)
+    return fused

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from edgequant import api
-from edgequant.artifact import load_model as load_ckpt, load_quantized_weight, open_checkpoint, save_checkpoint
-from edgequant.calibrate.omniquant import LiveBlock, OmniConfig, calibrate_omniquant
+from edgequant.artifact import load_quantized_weight, open_checkpoint
+from edgequant.calibrate.omniquant import OmniConfig, calibrate_omniquant
 from edgequant.calibrate.owq import weak_column_counts
 from edgequant.models import family_for
 from edgequant.schemes import QuantScheme
 
-from conftest import make_tiny_model, round_plain_to_fp16
+from conftest import assert_fused_checkpoint_equals_live, make_tiny_model
 
 
 @pytest.mark.parametrize("arch,let", [("llama", True), ("qwen2", False)])
@@ -29,15 +29,7 @@ def test_combined_fused_checkpoint_equals_live_model(tmp_path, tokenizer, arch, 
         k = counts[name.split(".", 3)[-1]]
         assert len(qw.outlier_idx) == k and stats[name]["weak_columns"] == k
         assert torch.all(qw.q[:, qw.outlier_idx] == qw.zero[:, qw.outlier_idx // 32])
-    ck = save_checkpoint(tmp_path / "ck", model, tokenizer, q, scheme, "omniquant")
-    fused, _ = load_ckpt(ck)
-    round_plain_to_fp16(live_model, set())
-    for i, ob in enumerate(live):
-        live_model.model.layers[i] = LiveBlock(live_model.model.layers[i], ob)
-    with torch.no_grad():
-        a = live_model(samples).logits
-        b = fused(samples).logits
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert_fused_checkpoint_equals_live(tmp_path, tokenizer, live_model, model, q, scheme, live, samples)
 
 
 def test_cli_option_reaches_the_checkpoint(tmp_path, model_dirs, text_file):

@@ -7,14 +7,12 @@ import pytest
 import torch
 
 from edgequant import api
-from edgequant.artifact import load_model as load_ckpt
-from edgequant.artifact import save_checkpoint
-from edgequant.calibrate.omniquant import LiveBlock, OmniConfig, calibrate_omniquant
+from edgequant.calibrate.omniquant import OmniConfig, calibrate_omniquant
 from edgequant.calibrate.omniquant import trainer as trainer_mod
 from edgequant.errors import EdgequantError
 from edgequant.schemes import QuantScheme
 
-from conftest import make_tiny_model, round_plain_to_fp16
+from conftest import assert_fused_checkpoint_equals_live, make_tiny_model
 
 
 def _samples(n=8, seqlen=48, seed=0):
@@ -44,17 +42,7 @@ def test_fused_checkpoint_equals_live_model(tmp_path, tokenizer, arch, let, sym,
     cfg = OmniConfig(epochs=2, let=let, batch_size=2, lwc_lr=5e-2, let_lr=1e-2, loss=loss,
                      lwc_init="search" if arch == "mistral" else 4.0)
     q, _, _, live = calibrate_omniquant(model, samples, scheme, cfg, progress=False, keep_live=True)
-    ck = save_checkpoint(tmp_path / "ck", model, tokenizer, q, scheme, "omniquant")
-    fused, _ = load_ckpt(ck)
-    # the live model: the original blocks computing with their trained LWC/LET parameters (nothing fused), and the
-    # other tensors as the checkpoint stores them (fp16)
-    round_plain_to_fp16(live_model, set())
-    for i, ob in enumerate(live):
-        live_model.model.layers[i] = LiveBlock(live_model.model.layers[i], ob)
-    with torch.no_grad():
-        a = live_model(samples).logits
-        b = fused(samples).logits
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    fused = assert_fused_checkpoint_equals_live(tmp_path, tokenizer, live_model, model, q, scheme, live, samples)
     if let:   # LET really moved the norms (so the test covers its fusion)
         assert not torch.equal(fused.model.layers[0].input_layernorm.weight,
                                make_tiny_model(arch).model.layers[0].input_layernorm.weight.half().float())
