@@ -226,11 +226,9 @@ def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-
     import resource
     import shutil
 
-    import numpy as np
     import torch
-    from safetensors.numpy import save_file
 
-    from .artifact import PROVENANCE_NAME, load_model as load_ckpt, load_quantized_weight
+    from .artifact import PROVENANCE_NAME, load_model as load_ckpt, load_quantized_weight, write_tensors
     from .atomic import atomic_output_dir, check_replaceable
     from .calibrate.wct import attach_weak_columns, lm_loss, train_weak_columns
     from .data import tokenize, read_text
@@ -281,8 +279,7 @@ def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-
         tensors = ck.read()
         for name, m in modules.items():
             tensors[f"{name}.outlier_weight"] = m.weak.detach().to("cpu", torch.float16).numpy()
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        write_tensors(tensors, tmp)
         prov = dict(ck.provenance)
         report = {"data": str(data), "epochs": epochs, "lr": lr, "seqlen": seqlen, "nsamples": nsamples,
                   "heldout_windows": heldout, "seed": seed, "heldout_loss_before": before,

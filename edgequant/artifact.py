@@ -63,24 +63,41 @@ def _plain_tensors(model, skip: set[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def _write_shards(tensors: dict[str, np.ndarray], folder: Path, max_shard_bytes: int):
-    from safetensors.numpy import save_file
+def save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]):
+    """Write one safetensors file whose bytes depend only on its contents.
+
+    The safetensors library keeps `__metadata__` in a hash map, so the header's key order (and with it the
+    file's bytes) changes from run to run; re-serialising the header with sorted keys fixes that."""
+    from safetensors.numpy import save
+    blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data must start 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.write(memoryview(blob)[8 + n:])
+
+
+def write_tensors(tensors: dict[str, np.ndarray], folder: Path, max_shard_bytes: int = 2 << 30):
+    """Write `tensors` as model.safetensors, or as numbered shards plus an index past `max_shard_bytes`."""
     shards, cur, size = [], {}, 0
     for k, v in tensors.items():
         if cur and size + v.nbytes > max_shard_bytes:
             shards.append(cur)
             cur, size = {}, 0
-        cur[k] = np.ascontiguousarray(v)
+        cur[k] = v
         size += v.nbytes
     shards.append(cur)
     meta = {"format": "pt", "edgequant_format": str(FORMAT_VERSION)}
     if len(shards) == 1:
-        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata=meta)
+        save_safetensors(shards[0], folder / WEIGHTS_NAME, meta)
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata=meta)
+        save_safetensors(shard, folder / fname, meta)
         weight_map.update({k: fname for k in shard})
     total = sum(v.nbytes for v in tensors.values())
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
@@ -104,7 +121,7 @@ def save_checkpoint(out_dir, model, tokenizer, quantized: dict[str, QuantizedWei
         modules = dict(model.named_modules())
         for name, qw in quantized.items():
             tensors.update(quantized_linear_tensors(name, qw, getattr(modules[name], "bias", None)))
-        _write_shards(tensors, tmp, max_shard_bytes)
+        write_tensors(tensors, tmp, max_shard_bytes)
         cfg = model.config.to_dict()
         cfg.pop("_name_or_path", None)
         cfg["quantization_config"] = quantization_config(scheme, method, family)

@@ -194,3 +194,19 @@ def test_output_folder_of_someone_else_is_never_replaced(tmp_path, model_dirs):
         rc, _, err = _cli("quantize", str(model_dirs["llama"]), "-o", str(out), "--method", "rtn", "-q")
         assert rc == 0, err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temporary folders left behind
+
+
+def test_safetensors_bytes_depend_only_on_contents(tmp_path):
+    from safetensors.numpy import load_file
+
+    from edgequant.artifact import save_safetensors
+    tensors = {"w": np.arange(12, dtype=np.int32).reshape(3, 4), "s": np.linspace(0, 1, 5).astype(np.float16)}
+    # a dozen metadata keys make a random hash-map order all but certain to differ between two plain writes
+    meta = {f"key{i}": str(i) for i in range(12)}
+    blobs = []
+    for name in ("a", "b", "c"):
+        save_safetensors(tensors, tmp_path / f"{name}.safetensors", meta)
+        blobs.append((tmp_path / f"{name}.safetensors").read_bytes())
+    assert blobs[0] == blobs[1] == blobs[2]
+    back = load_file(tmp_path / "a.safetensors")
+    assert all(np.array_equal(back[k], v) for k, v in tensors.items())
