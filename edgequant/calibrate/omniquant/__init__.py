@@ -15,7 +15,7 @@ __all__ = ["LWC", "LET", "BlockShape", "OmniBlock", "LiveBlock", "OmniConfig", "
 
 def config_from_options(opts) -> OmniConfig:
     """OmniConfig from CalibOptions (method-specific values arrive in opts.extra only when the user gave them)."""
-    x = dict(opts.extra)
-    known = {"lwc", "let", "epochs", "lwc_lr", "let_lr", "let_alpha", "aug_loss", "lwc_init", "loss", "owq_target_bits"}
-    kw = {k: v for k, v in x.items() if k in known and v is not None}
+    from ...methods import get_method
+    known = set(get_method("omniquant").options)
+    kw = {k: v for k, v in opts.extra.items() if k in known and v is not None}
     return OmniConfig(**kw, batch_size=opts.batch_size, seed=opts.seed)

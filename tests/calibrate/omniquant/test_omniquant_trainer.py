@@ -84,13 +84,28 @@ def test_resume_reproduces_checkpoint_bytes(tmp_path, model_dirs, text_file, mon
 
 @pytest.mark.parametrize("opts,msg", [({"epochs": -1}, "--epochs"), ({"let_alpha": 2.0}, "--let-alpha"),
                                       ({"lwc": False, "let": False}, "nothing to train"),
-                                      ({"lwc_lr": 0.0}, "--lwc-lr"), ({"owq_target_bits": 2.0}, "owq-target-bits")])
+                                      ({"lwc_lr": 0.0}, "--lwc-lr"), ({"owq_target_bits": 2.0}, "owq-target-bits"),
+                                      ({"loss": "l1"}, "'mse'")])
 def test_bad_options_are_one_line_errors(tmp_path, model_dirs, text_file, opts, msg):
     with pytest.raises(EdgequantError, match=msg) as e:
         api.quantize(model_dirs["llama"], tmp_path / "o", method="omniquant", calib=text_file, nsamples=2,
                                seqlen=32, progress=False, **opts)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "o").exists()
+
+
+def test_every_user_setting_reaches_the_trainer(tmp_path, model_dirs, text_file):
+    """The registry's option list and OmniConfig must not drift apart (a setting the API refuses is unusable)."""
+    from dataclasses import fields
+
+    from edgequant.calibrate.omniquant import OmniConfig
+    from edgequant.methods import get_method
+    internal = {"batch_size", "seed", "let_pairs"}
+    assert set(get_method("omniquant").options) == {f.name for f in fields(OmniConfig)} - internal
+    out = api.quantize(model_dirs["llama"], tmp_path / "q", method="omniquant", calib=text_file, nsamples=2, seqlen=32,
+                       epochs=1, loss="token_rel", lwc_init="search", progress=False)
+    cfg = json.loads((out / "edgequant.json").read_text())["calibration"]["omniquant"]
+    assert cfg["loss"] == "token_rel" and cfg["lwc_init"] == "search"
 
 
 def test_cli_omniquant(tmp_path, model_dirs, text_file):
