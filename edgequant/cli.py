@@ -215,17 +215,22 @@ def tune_weak_columns(checkpoint, data, output, epochs, lr, seqlen, nsamples, he
 @click.option("--max-windows", type=int, default=8, show_default=True, help="Evaluation windows of 2048 tokens.")
 @click.option("--nsamples", type=int, default=32, show_default=True)
 @click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--methods", default="rtn,gptq,omniquant,owq", show_default=True,
+              help="Comma-separated methods to compare.")
 @click.option("-o", "--output", default=None, help="Where to keep the demo checkpoints (default: cache folder).")
 @click.option("-q", "--quiet", is_flag=True)
-def demo(bits, group_size, calib, data, max_windows, nsamples, seqlen, output, quiet):
-    """The main job end to end on SmolLM2-135M-Instruct: fetch, quantize (RTN, GPTQ, OWQ), evaluate, compare."""
+def demo(bits, group_size, calib, data, max_windows, nsamples, seqlen, methods, output, quiet):
+    """The main job end to end on SmolLM2-135M-Instruct: fetch, quantize (RTN, GPTQ, OmniQuant with quick settings,
+    OWQ), evaluate, compare. --nsamples/--seqlen calibrate GPTQ and OWQ."""
     from . import api
     from .report import table
     rows = api.demo(output, bits=int(bits), group_size=group_size, calib=calib, data=data, nsamples=nsamples,
-                    seqlen=seqlen, max_windows=max_windows, progress=not quiet)
+                    seqlen=seqlen, max_windows=max_windows, progress=not quiet,
+                    methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
     click.echo(f"\nSmolLM2-135M-Instruct, WikiText-2 perplexity over the first {max_windows} windows of 2048 tokens")
     click.echo(table(rows, [("method", "method"), ("scheme", "scheme"), ("bits_per_weight", "bits/weight"),
-                            ("perplexity", "perplexity"), ("quantize_s", "quantize s"), ("eval_s", "eval s")]))
+                            ("perplexity", "perplexity"), ("quantize_s", "quantize s"), ("eval_s", "eval s"),
+                            ("calibration", "calibration tokens")]))
 
 
 # export/run/chat/bench live in the edgequant.export package (TVM side); importing its cli module does not import tvm

@@ -5,6 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgequant.cli import main
+from edgequant.errors import EdgequantError
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +76,18 @@ def test_calibration_is_reproducible(runner, tmp_path, model_dirs, text_file):
 def test_gptq_without_calibration_is_a_clear_error(runner, tmp_path, model_dirs):
     r = runner.invoke(main, ["quantize", str(model_dirs["llama"]), "-o", str(tmp_path / "x"), "--method", "gptq"])
     assert r.exit_code == 1 and "--calib" in r.output
+
+
+def test_demo_runs_every_method_and_omniquant_beats_rtn(tmp_path, model_dirs, text_file, monkeypatch):
+    """The demo's orchestration on a tiny model (the real one is fetched from PyPI; see benchmarks for its numbers)."""
+    from edgequant import api, loading
+    monkeypatch.setattr(loading, "fetch_default_model", lambda progress=True: model_dirs["llama"])
+    rows = api.demo(tmp_path / "demo", bits=2, group_size=32, calib=text_file, data=text_file, nsamples=4, seqlen=64,
+                    eval_seqlen=64, max_windows=4, progress=False)
+    by = {r["method"].split()[0]: r for r in rows[1:]}
+    assert list(by) == ["rtn", "gptq", "omniquant", "owq"]
+    assert by["owq"]["method"] == "owq target-bits=2.1" and by["omniquant"]["calibration"] == "16x256"
+    assert by["omniquant"]["perplexity"] < by["rtn"]["perplexity"]
+    assert all(r["perplexity"] > rows[0]["perplexity"] * 0.98 for r in rows[1:])
+    with pytest.raises(EdgequantError, match="choose from"):
+        api.demo(tmp_path / "x", methods=("awq",), calib=text_file, data=text_file)
