@@ -70,10 +70,24 @@ METHOD_OPTIONS = [
     click.option("--let-alpha", type=float, default=None, help="OmniQuant: SmoothQuant-style LET init exponent."),
     click.option("--aug-loss/--no-aug-loss", default=None, help="OmniQuant: also match the fp block fed quantized inputs."),
     click.option("--owq-target-bits", type=float, default=None, help="OmniQuant: choose OWQ weak columns first."),
+    click.option("--lwc-init", default=None, callback=lambda ctx, p, v: _float_or_search(v),
+                 help="OmniQuant: initial clipping strength (paper 4.0) or 'search' (activation-aware clip search; "
+                      "better when few epochs fit)."),
+    click.option("--loss", type=click.Choice(["mse", "token_rel"]), default=None,
+                 help="OmniQuant: block loss, the paper's 'mse' or 'token_rel' (each token relative to its size)."),
     # OWQ
     click.option("--target-bits", type=float, default=None, help="OWQ: bits per weight budget, e.g. 3.01, 3.1, 4.01."),
     click.option("--weak-columns", type=int, default=None, help="OWQ: fp16 columns per linear (instead of --target-bits)."),
 ]
+
+
+def _float_or_search(v):
+    if v is None or v == "search":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise click.BadParameter(f"{v!r} is neither a number nor 'search'") from None
 
 
 def _method_options(f):

@@ -113,8 +113,11 @@ def test_cli_omniquant(tmp_path, model_dirs, text_file):
     from edgequant.cli import main
     r = CliRunner().invoke(main, ["quantize", str(model_dirs["mistral"]), "-o", str(tmp_path / "q"), "--method",
                                   "omniquant", "--bits", "4", "--group-size", "32", "--calib", text_file,
-                                  "--nsamples", "4", "--seqlen", "32", "--epochs", "1", "--let", "-q"])
+                                  "--nsamples", "4", "--seqlen", "32", "--epochs", "1", "--let", "--lwc-init", "search",
+                                  "--loss", "token_rel", "-q"])
     assert r.exit_code == 0, r.output
     prov = json.loads((tmp_path / "q" / "edgequant.json").read_text())
-    assert prov["method"] == "omniquant" and prov["calibration"]["omniquant"]["let"] is True
+    cfg = prov["calibration"]["omniquant"]
+    assert prov["method"] == "omniquant" and cfg["let"] is True
+    assert cfg["lwc_init"] == "search" and cfg["loss"] == "token_rel"
     assert len(prov["calibration"]["blocks"]) == 2
