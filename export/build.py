@@ -80,7 +80,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
     preset = targets.get_preset(target)
     if arch and preset.name != "cuda":
         raise EdgequantError(f"--arch applies to the cuda target only, not '{target}'")
-    source = open_source(checkpoint)
+    source = open_source(checkpoint, preset.packing3)
     out = Path(output or f"{Path(str(checkpoint)).name}-{target}").expanduser().resolve()
     check_replaceable(out, EXPORT_JSON)
     prefix = system_lib_prefix or _default_prefix(source)
@@ -122,6 +122,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
             "tvm_version": tvm.__version__, "device": preset.device, "library": library, "link_note": link_note,
             "system_lib_prefix": prefix if preset.system_lib else None, "device_code": device_code,
             "cuda": cuda, "source": str(source.path), "quantization": source.quantization,
+            "packing3": preset.packing3,
             "model": {**source.arch.__dict__}, "functions": functions,
             "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params],
             "weight_bytes": weight_bytes, "prefill_chunk_size": PREFILL_CHUNK,

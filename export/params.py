@@ -5,6 +5,9 @@ The export model fuses q/k/v and gate/up (`models.llama.FUSED_LINEARS`): packed 
 biases are concatenated along the output rows, which is exact because the members share K and the scheme. Their
 outlier columns are merged into one sorted union with zero weights where a member keeps that column quantized; its
 quantized value there is then used as stored, so the sum is still exact.
+
+3-bit words are repacked into bit planes when the target asks for them (`packing3="planes3"`, CPU targets; see
+`edgequant.tvm_schedules.dequant`); every other scheme keeps the checkpoint's words.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from edgequant.errors import EdgequantError
-from edgequant.tvm_schedules.dequant import QuantSpec
+from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np
 
 from .models.llama import FUSED_LINEARS, ArchConfig
 
@@ -70,9 +73,10 @@ def _rows(c: dict, lin: str) -> tuple[int, int]:
 class CheckpointSource(WeightSource):
     """A quantized edgequant checkpoint."""
 
-    def __init__(self, path):
+    def __init__(self, path, packing3: str = "words"):
         from edgequant.artifact import open_checkpoint
         self.ckpt = open_checkpoint(path)
+        self.packing3 = packing3
         self.path = self.ckpt.path
         self.config = self.ckpt.config
         s = self.ckpt.scheme
@@ -98,7 +102,8 @@ class CheckpointSource(WeightSource):
                 n = sum(_rows(c, m)[0] for m in members)
                 k = _rows(c, members[0])[1]
                 q = kinds.pop()
-                spec = QuantSpec(n, k, s.bits, s.group_size, s.sym) if q else None
+                layout = self.packing3 if s.bits == 3 else "words"
+                spec = QuantSpec(n, k, s.bits, s.group_size, s.sym, layout) if q else None
                 cols = [idx[f"{src}.outlier_idx"] for src in srcs if f"{src}.outlier_idx" in idx]
                 union = np.unique(np.concatenate(cols)).astype(np.int32) if cols else None
                 bias = any(f"{src}.bias" in ck.files for src in srcs)
@@ -123,7 +128,10 @@ class CheckpointSource(WeightSource):
         ck = self.ckpt
         if leaf in ("qweight", "scales", "zeros"):
             t = ck.read([f"{s}.{leaf}" for s in plan.sources])
-            return np.concatenate([t[f"{s}.{leaf}"] for s in plan.sources], axis=0)
+            arr = np.concatenate([t[f"{s}.{leaf}"] for s in plan.sources], axis=0)
+            if leaf == "qweight" and plan.spec.layout == "planes3":
+                arr = repack_planes3_np(arr, plan.k)
+            return arr
         if leaf == "weight":  # unquantized member linears
             t = ck.read([f"{s}.weight" for s in plan.sources])
             return np.concatenate([t[f"{s}.weight"].astype(np.float16) for s in plan.sources], axis=0)
@@ -197,8 +205,9 @@ class HFSource(WeightSource):
             yield name, arr.astype(np.float16)
 
 
-def open_source(path) -> WeightSource:
-    """A quantized checkpoint when the folder says so, otherwise an unquantized HF model."""
+def open_source(path, packing3: str = "words") -> WeightSource:
+    """A quantized checkpoint when the folder says so, otherwise an unquantized HF model. `packing3`: the runtime
+    layout of 3-bit weights ("words" as stored, or "planes3")."""
     p = Path(str(path)).expanduser()
     if not p.exists():
         raise EdgequantError(f"checkpoint not found: {p}; pass the folder written by `edgequant quantize` "
@@ -210,7 +219,7 @@ def open_source(path) -> WeightSource:
         except ValueError:
             raise EdgequantError(f"{cfg} is not valid JSON; re-run `edgequant quantize`") from None
         if qc.get("quant_method") == "edgequant":
-            return CheckpointSource(p)
+            return CheckpointSource(p, packing3)
     elif p.is_dir():
         raise EdgequantError(f"{p} has no config.json: it is neither an edgequant checkpoint nor a Hugging Face model")
     return HFSource(p)

@@ -22,6 +22,8 @@ class TargetPreset:
     device: str                     # runtime device: cpu, cuda, metal, opencl, webgpu
     system_lib: bool = False        # static .tar with a system-lib prefix
     runs_here: bool = False         # can `edgequant run` load it on an x86-64 Linux host
+    packing3: str = "words"         # 3-bit runtime layout: the checkpoint's words, or bit planes (CPU GEMV, see
+                                    # tvm_schedules/dequant.py); GPU targets keep words until measured on a GPU
     extra: dict = field(default_factory=dict)
 
 
@@ -31,9 +33,10 @@ _METAL = {"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_
 
 PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
     TargetPreset("cpu", "this machine's CPU (LLVM, host -mcpu), shared library", {"kind": "llvm"}, "lib.so", "cpu",
-                 runs_here=True),
+                 runs_here=True, packing3="planes3"),
     TargetPreset("cpu-arm64", "aarch64 Linux CPU (LLVM), shared library (lib.tar of objects without an aarch64 linker)",
-                 {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "lib.so", "cpu"),
+                 {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "lib.so", "cpu",
+                 packing3="planes3"),
     TargetPreset("cuda", "NVIDIA GPU (CUDA; --arch, default sm_80 and sm_90), shared library with fatbin",
                  _GPU_CUDA, "lib.so", "cuda"),
     TargetPreset("metal", "macOS on Apple silicon (Metal + arm64-apple-macos), shared-object .tar",

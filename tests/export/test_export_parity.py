@@ -98,6 +98,12 @@ def test_logits_and_greedy_tokens_match_pytorch(exported, case):
         for _ in range(12):
             seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
     assert got == seq[len(prompt):]
+    if case[1] == 3:  # CPU exports run 3-bit weights as bit planes (3 bits each), not the checkpoint's words
+        import json
+        meta = json.loads((dist / "edgequant-export.json").read_text())
+        qkv = next(p for p in meta["params"] if p["name"].endswith("layers.0.self_attn.qkv_proj.qweight"))
+        k = ref.config.hidden_size
+        assert meta["packing3"] == "planes3" and qkv["shape"][1] == -(-k // 16) + -(-k // 32)
 
 
 def assert_outliers_matter(ckpt, ids, want):

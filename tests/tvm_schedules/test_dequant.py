@@ -10,26 +10,33 @@ from edgequant.schemes import QuantScheme
 
 pytestmark = pytest.mark.tvm
 
-CASES = [  # bits, group, sym, K: words and groups misaligned, ragged last groups, per channel
-    (4, 32, False, 96), (3, 32, False, 100), (2, 64, True, 136), (4, -1, True, 70), (3, -1, False, 64),
-    (2, 48, False, 72),
+CASES = [  # bits, group, sym, K, layout: words and groups misaligned, ragged last groups, per channel
+    (4, 32, False, 96, "words"), (3, 32, False, 100, "words"), (2, 64, True, 136, "words"), (4, -1, True, 70, "words"),
+    (3, -1, False, 64, "words"), (2, 48, False, 72, "words"),
+    # the CPU exports' 3-bit bit planes: K not a multiple of 8, 16 or 32, ragged groups, per channel, symmetric
+    (3, 32, False, 100, "planes3"), (3, -1, True, 64, "planes3"), (3, 48, False, 200, "planes3"),
+    (3, 128, False, 576, "planes3"),
 ]
 
 
-def _linear(rng, bits, group, sym, k, n=24):
-    from edgequant.tvm_schedules.dequant import QuantSpec
-    spec = QuantSpec(n, k, bits, group, sym)
+def _linear(rng, bits, group, sym, k, layout="words", n=24):
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np
+    spec = QuantSpec(n, k, bits, group, sym, layout)
     q = rng.integers(0, 1 << bits, (n, k))
     scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
     zeros = None if sym else rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
-    return spec, q, pack(q, bits), scales, zeros
+    qweight = pack(q, bits)
+    if layout == "planes3":
+        qweight = repack_planes3_np(qweight, k)
+    assert qweight.shape == (n, spec.words)
+    return spec, q, qweight, scales, zeros
 
 
-@pytest.mark.parametrize("bits,group,sym,k", CASES)
-def test_reference_matches_checkpoint_dequantization(bits, group, sym, k):
+@pytest.mark.parametrize("bits,group,sym,k,layout", CASES)
+def test_reference_matches_checkpoint_dequantization(bits, group, sym, k, layout):
     from edgequant.tvm_schedules.dequant import dequantize_np
     rng = np.random.default_rng(bits * 100 + k)
-    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, k)
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, k, layout)
     scheme = QuantScheme(bits, group, sym)
     zero_t = (torch.from_numpy(zeros.astype(np.float32)) if zeros is not None
               else torch.full((spec.n, spec.n_groups), float(scheme.sym_zero)))
@@ -37,13 +44,13 @@ def test_reference_matches_checkpoint_dequantization(bits, group, sym, k):
     np.testing.assert_allclose(dequantize_np(spec, qweight, scales, zeros), want.numpy(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("bits,group,sym,k", CASES)
+@pytest.mark.parametrize("bits,group,sym,k,layout", CASES)
 @pytest.mark.parametrize("rows,n_outliers", [(None, 0), (1, 0), (None, 3), (1, 2)])
-def test_fused_kernel_matches_numpy(bits, group, sym, k, rows, n_outliers):
+def test_fused_kernel_matches_numpy(bits, group, sym, k, layout, rows, n_outliers):
     import tvm
     from edgequant.tvm_schedules.dequant import quant_matmul_func, quant_matmul_np
     rng = np.random.default_rng(bits * 7 + k + n_outliers)
-    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, k)
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, k, layout)
     m = 5 if rows is None else rows
     x = rng.standard_normal((m, k)).astype(np.float16)
     idx = np.sort(rng.choice(k, n_outliers, replace=False)).astype(np.int32)
@@ -57,16 +64,16 @@ def test_fused_kernel_matches_numpy(bits, group, sym, k, rows, n_outliers):
     np.testing.assert_allclose(y.numpy().astype(np.float32), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("bits,group,sym,k", CASES[:4])
+@pytest.mark.parametrize("bits,group,sym,k,layout", CASES[:4] + CASES[-4:])
 @pytest.mark.parametrize("rows", [1, None])
-def test_cpu_schedule_keeps_results(bits, group, sym, k, rows):
+def test_cpu_schedule_keeps_results(bits, group, sym, k, layout, rows):
     """The hand-written CPU schedule (GEMV for one row, tiled GEMM for many) computes the same numbers."""
     import tvm
     from tvm.s_tir import dlight as dl
     from edgequant.tvm_schedules.dequant import quant_matmul_func, quant_matmul_np
     from edgequant.tvm_schedules.rules import cpu_rules
     rng = np.random.default_rng(bits + k)
-    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, k, n=96)
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, k, layout, n=96)
     target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
     mod = tvm.IRModule({"main": quant_matmul_func(spec, rows).with_attr("target", target)})
     with target:
@@ -79,3 +86,17 @@ def test_cpu_schedule_keeps_results(bits, group, sym, k, rows):
     ex["main"](*[tvm.runtime.tensor(a) for a in [x, qweight, scales] + ([] if sym else [zeros])], y)
     ref = quant_matmul_np(spec, x, qweight, scales, zeros)
     np.testing.assert_allclose(y.numpy().astype(np.float32), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
+def test_planes3_round_trip_and_size():
+    """Repacking the checkpoint's 3-bit words into bit planes loses nothing and stores exactly 3 bits per weight."""
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np, unpack_np
+    rng = np.random.default_rng(0)
+    for k in (1, 7, 8, 31, 33, 576, 1536):
+        q = rng.integers(0, 8, (6, k))
+        planes = repack_planes3_np(pack(q, 3), k)
+        assert planes.shape == (6, QuantSpec(6, k, 3, -1, False, "planes3").words)
+        np.testing.assert_array_equal(unpack_np(planes, 3, k, "planes3"), q)
+    assert repack_planes3_np(pack(rng.integers(0, 8, (1, 1536)), 3), 1536).nbytes * 8 == 3 * 1536
+    with pytest.raises(ValueError, match="4-bit"):
+        QuantSpec(4, 64, 4, 32, False, "planes3")
