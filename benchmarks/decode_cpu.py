@@ -41,6 +41,7 @@ def main():
     from edgequant.loading import fetch_default_model
     import tvm
 
+    load0 = os.getloadavg()[0]
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     hf = fetch_default_model(progress=False)
@@ -72,11 +73,10 @@ def main():
     lines = [f"# SmolLM2-135M-Instruct on the CPU through TVM (edgequant export --target cpu)", "",
              f"- machine: {machine}", f"- date: {when}", f"- TVM {tvm.__version__}; RTN checkpoints; "
              f"{a.decode_tokens} decode tokens, best of {a.repeats}; batch 1; prompts of random tokens",
-             "- the CPU was shared with other jobs while this ran, so treat the numbers as lower bounds",
+             f"- 1-minute load average when the run started: {load0:.2f} (2 would mean both cores already busy)",
              "- weights MiB include the fp16 embedding (54 MiB, tied to the output layer) in every row",
-             "- at this size, with 2 cores, decode is bound by dequantization arithmetic rather than memory traffic, so "
-             "W4/W2 are not faster than fp16; W3 (10 values per 32-bit word) vectorises poorly in the CPU GEMV "
-             "schedule", "",
+             "- CPU exports run 3-bit weights as bit planes (exactly 3 bits/weight; see tvm_schedules/dequant.py), so "
+             "W3 decodes at W4/W2 speed", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["config"], f"{r['weight_bytes'] / 2**20:.1f}"] + [f"{r[f'prefill_{n}']:.1f}" for n in lengths] + \

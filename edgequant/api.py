@@ -26,7 +26,7 @@ def _versions() -> dict:
 
 def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int = 128, sym: bool = False,
              calib: str | None = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str = "cpu",
-             act_order: bool = False, percdamp: float = 0.01, batch_size: int = 4, skip_tokens: int = 0,
+             act_order: bool = True, percdamp: float = 0.01, batch_size: int = 4, skip_tokens: int = 0,
              progress: bool = True, **method_options) -> Path:
     """Quantize `model` (HF folder, .gguf file, hub id, or None for the demo model) and write the checkpoint to
     `output`. Returns the checkpoint folder."""

@@ -115,7 +115,8 @@ def _calib_options(f):
 @click.option("--group-size", type=int, default=128, show_default=True, help="Inputs per group; -1 per channel.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric (no zero points) or asymmetric.")
 @_calib_options
-@click.option("--act-order/--no-act-order", default=False, show_default=True, help="GPTQ: largest Hessian diagonal first.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="GPTQ/OWQ: quantize columns in order of decreasing Hessian diagonal (groups stay static).")
 @click.option("--percdamp", type=float, default=0.01, show_default=True, help="GPTQ: Hessian damping.")
 @click.option("--skip-tokens", type=int, default=0, show_default=True,
               help="GPTQ/OWQ: leave the first tokens of each window (attention sinks) out of the Hessian.")

@@ -17,7 +17,7 @@ class CalibOptions:
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 4
-    act_order: bool = False
+    act_order: bool = True         # GPTQ/OWQ: largest Hessian diagonal first (static groups keep K order)
     percdamp: float = 0.01
     skip_tokens: int = 0           # GPTQ/OWQ: first tokens of each window left out of the Hessian
     extra: dict = field(default_factory=dict)   # method-specific options
