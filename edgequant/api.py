@@ -217,7 +217,7 @@ def demo(output_dir=None, bits: int = 3, group_size: int = 128, methods=tuple(DE
     rows = []
     base = evaluate(model_dir, data, eval_seqlen, max_windows, progress=progress)
     rows.append({"method": "fp32 (dequantized GGUF)", "scheme": "-", "bits_per_weight": 32.0,
-                 "perplexity": base["perplexity"], "quantize_s": 0.0, "eval_s": base["time_s"], "calibration": "-"})
+                 "perplexity": base["perplexity"], "quantize_s": None, "eval_s": base["time_s"], "calibration": "-"})
     for method in methods:
         opts = dict(DEMO_SETTINGS[method])
         if method == "owq":
