@@ -110,13 +110,14 @@ def main(argv=None):
 
     cache_file = Path(args.out).with_suffix(".rows.json")
     done = {} if args.fresh or not cache_file.exists() else json.loads(cache_file.read_text())
+    done = {json.dumps(json.loads(k), sort_keys=True): v for k, v in done.items()}  # one spelling per key
     wanted = select_rows(args.rows)
 
     def save_done():
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.write_text(json.dumps(done, indent=1))
 
-    base_key = json.dumps({"method": "baseline", "windows": args.max_windows, "device": args.device})
+    base_key = json.dumps({"method": "baseline", "windows": args.max_windows, "device": args.device}, sort_keys=True)
     dev = (torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else
            f"CPU {platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     torch_version = torch.__version__
