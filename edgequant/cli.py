@@ -235,8 +235,8 @@ def tune_weak_columns(checkpoint, data, output, epochs, lr, seqlen, nsamples, he
 @click.option("-o", "--output", default=None, help="Where to keep the demo checkpoints (default: cache folder).")
 @click.option("-q", "--quiet", is_flag=True)
 def demo(bits, group_size, calib, data, max_windows, nsamples, seqlen, methods, output, quiet):
-    """The main job end to end on SmolLM2-135M-Instruct: fetch, quantize (RTN, GPTQ, OmniQuant with quick settings,
-    OWQ), evaluate, compare. --nsamples/--seqlen calibrate GPTQ and OWQ."""
+    """The main job end to end on SmolLM2-135M-Instruct: fetch, quantize (RTN, GPTQ, OmniQuant with CPU-reduced
+    settings, OWQ), evaluate, compare. --nsamples/--seqlen calibrate GPTQ and OWQ."""
     from . import api
     from .report import table
     rows = api.demo(output, bits=int(bits), group_size=group_size, calib=calib, data=data, nsamples=nsamples,

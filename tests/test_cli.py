@@ -86,7 +86,7 @@ def test_demo_runs_every_method_and_omniquant_beats_rtn(tmp_path, model_dirs, te
                     eval_seqlen=64, max_windows=4, progress=False)
     by = {r["method"].split()[0]: r for r in rows[1:]}
     assert list(by) == ["rtn", "gptq", "omniquant", "owq"]
-    assert by["owq"]["method"] == "owq target-bits=2.1" and by["omniquant"]["calibration"] == "16x256"
+    assert by["owq"]["method"] == "owq target-bits=2.1" and by["omniquant"]["calibration"] == "32x256"
     assert by["omniquant"]["perplexity"] < by["rtn"]["perplexity"]
     assert all(r["perplexity"] > rows[0]["perplexity"] * 0.98 for r in rows[1:])
     with pytest.raises(EdgequantError, match="choose from"):
