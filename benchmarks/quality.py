@@ -35,9 +35,9 @@ ROWS = [
     ("gptq", "w3", {"act_order": False}),
     # the first token of a window carries attention-sink activations far larger than the rest: leave it out of H
     ("gptq", "w4g128", {"skip_tokens": 1, "act_order": False}), ("gptq", "w3g128", {"skip_tokens": 1, "act_order": False}),
-    # OmniQuant, CPU-reduced: run with --nsamples 32 --seqlen 256 (W3 g128: 131 s on 2 idle cores, 18 min at load 4-9); LWC only as the paper's
-    # LLaMA weight-only recipe, 2 epochs, lr 5e-2 from an activation-aware clip search (paper: 128 x 2048, 20 epochs,
-    # lr 1e-2, init 4.0)
+    # OmniQuant, CPU-reduced: run with --nsamples 32 --seqlen 256 (W3 g128: 131 s on 2 idle cores, 18 min at load
+    # 4-9); LWC only as the paper's LLaMA weight-only recipe, 2 epochs, lr 5e-2 from an activation-aware clip search
+    # (paper: 128 x 2048, 20 epochs, lr 1e-2, init 4.0)
     ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search"}),
     ("omniquant", "w2g64", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search"}),
     ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search"}),
