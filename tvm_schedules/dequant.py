@@ -87,7 +87,7 @@ def unpack_np(qweight: np.ndarray, bits: int, k: int, layout: str = "words") -> 
 def _plane_shifts(values_per_word: int) -> np.ndarray:
     """Bit position of each value of a word in the planes3 layout (2-bit plane: 16 values, 1-bit plane: 32)."""
     v = np.arange(values_per_word, dtype=np.uint32)
-    return (v % 8) * 4 + (v // 8) % (values_per_word // 8) * (2 if values_per_word == 16 else 1)
+    return (v % 8) * 4 + (v // 8) % (values_per_word // 8) * (32 // values_per_word)  # x the plane's bits
 
 
 def _pack_plane(vals: np.ndarray, values_per_word: int) -> np.ndarray:

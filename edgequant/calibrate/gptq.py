@@ -28,7 +28,7 @@ def _group_params(w: torch.Tensor, scheme: QuantScheme, clip_search=None):
 
 
 @contextmanager
-def _one_cpu_thread(device: torch.device):
+def one_cpu_thread(device: torch.device):
     """The column loop is thousands of tiny tensor ops: on a CPU, intra-op threads only add synchronisation, and on a
     busy machine their spinning made it 20x slower (10.5 s vs 0.44 s for a 1536 x 576 weight)."""
     if device.type != "cpu":
@@ -51,7 +51,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, bl
     `keep`: indices of input columns to leave in full precision (stored as outlier columns).
     `clip_search(w, per_row_scheme) -> (scale, zero)`: optional quantizer tuning per group (e.g. OWQ's MSE grid).
     """
-    with _one_cpu_thread(weight.device):
+    with one_cpu_thread(weight.device):
         return _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search)
 
 

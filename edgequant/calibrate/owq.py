@@ -37,11 +37,11 @@ def weak_column_counts(family: Family, in_features: dict[str, int], bits: int, t
 
 def column_sensitivity(weight: torch.Tensor, h_diag: torch.Tensor, scheme: QuantScheme, tuned: bool = True):
     """H_jj * ||W[:, j] - Q(W)[:, j]||^2 for every input column j, Q the scheme's (MSE-tuned) quantizer on all of W."""
-    from .gptq import _one_cpu_thread
+    from .gptq import one_cpu_thread
     w = weight.float()
     k = w.shape[1]
     if tuned:
-        with _one_cpu_thread(w.device):
+        with one_cpu_thread(w.device):
             s, z = mse_clip_params(w, scheme)
     else:
         s, z = params_from_range(*group_minmax(w, scheme), scheme)

@@ -25,7 +25,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
 # linears whose input statistics are recorded (the others read the same input)
-_STATS_SOURCE = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+STATS_SOURCE = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
                  "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
                  "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
 STATS_LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
@@ -71,7 +71,7 @@ class OmniBlock(nn.Module):
         weights, each input column weighted by E[x^2] of its (transformed) input."""
         t = self._transformed()
         for n in LINEARS:
-            m2 = act_sqmean[_STATS_SOURCE[n]]
+            m2 = act_sqmean[STATS_SOURCE[n]]
             s = self.let.input_scale(n) if self.let is not None else None
             if s is not None:
                 m2 = m2 / s ** 2

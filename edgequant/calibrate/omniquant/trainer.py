@@ -30,7 +30,7 @@ from ...models import family_for
 from ...quantizer import QuantizedWeight
 from ...schemes import QuantScheme
 from ..blocks import BlockInputs, _move, capture_first_block_inputs, get_module
-from .fuse import _STATS_SOURCE, LINEARS, STATS_LINEARS, OmniBlock, apply_fused
+from .fuse import LINEARS, STATS_LINEARS, STATS_SOURCE, OmniBlock, apply_fused
 
 STATE_VERSION = 1
 
@@ -51,7 +51,6 @@ class OmniConfig:
     seed: int = 0
     loss: str = "mse"   # "mse" (the paper) or "token_rel": each token's squared error over its target's mean square
     owq_target_bits: float | None = None   # OWQ weak columns chosen first (kept fp16), LWC/LET learned on the rest
-
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -279,7 +278,7 @@ def _weak_columns(block, scheme: QuantScheme, counts: dict, act_sqmean: dict) ->
     """OWQ's selection on the block's original weights, H_jj = 2 E[x_j^2] from the full-precision stream."""
     from ..owq import select_weak_columns
     return {n: select_weak_columns(get_module(block, n).weight.detach().float(),
-                                   2 * act_sqmean[_STATS_SOURCE[n]], scheme, counts[n]) for n in LINEARS}
+                                   2 * act_sqmean[STATS_SOURCE[n]], scheme, counts[n]) for n in LINEARS}
 
 
 def _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg: OmniConfig, device, i, n_blocks, progress) -> int:
