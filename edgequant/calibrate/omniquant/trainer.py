@@ -7,16 +7,14 @@ block fed the quantized stream, as the published scripts do for W2), fold everyt
 integers, scales and zero points (see `fuse.py`), and pass the fused block's outputs on as the next block's inputs.
 
 Only the block being trained sits on the device; the two hidden-state streams stay on the host and travel in mini-batches.
-After each block its fused tensors and the two streams are saved under `state_dir`, so an interrupted run continues
-from the next block and, training being deterministic given its inputs and a per-block seed, writes the same checkpoint
-byte for byte.
+After each block its fused tensors and the two streams are saved under `state_dir` (safetensors + JSON, see `state.py`),
+so an interrupted run continues from the next block and, training being deterministic given its inputs and a per-block
+seed, writes the same checkpoint byte for byte.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,9 +28,8 @@ from ...models import family_for
 from ...quantizer import QuantizedWeight
 from ...schemes import QuantScheme
 from ..blocks import BlockInputs, _move, capture_first_block_inputs, get_module
-from .fuse import LINEARS, STATS_LINEARS, STATS_SOURCE, OmniBlock, apply_fused
-
-STATE_VERSION = 1
+from .fuse import LINEARS, NORMS, STATS_LINEARS, STATS_SOURCE, OmniBlock, apply_fused
+from .state import ResumeState, fingerprint
 
 
 @dataclass
@@ -137,57 +134,6 @@ def _run(block, params, hidden, kw, device, bs, target=None, loss="mse"):
     return torch.cat(outs), (tot / cnt if cnt else None)
 
 
-def _fingerprint(model, samples, scheme, cfg: OmniConfig) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"v": STATE_VERSION, "scheme": scheme.to_dict(), "cfg": asdict(cfg),
-                         "config": model.config.to_dict()}, sort_keys=True, default=str).encode())
-    h.update(samples.numpy().tobytes())
-    first = next(model.parameters()).detach()
-    h.update(first.flatten()[:4096].float().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _save_atomic(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class _State:
-    """Per-block results and the latest streams under `state_dir` (None: not resumable)."""
-
-    def __init__(self, state_dir, fingerprint):
-        self.dir = Path(state_dir) if state_dir else None
-        self.fp = fingerprint
-        if self.dir is None:
-            return
-        meta = self.dir / "meta.json"
-        if self.dir.exists() and (not meta.exists() or json.loads(meta.read_text()).get("fingerprint") != fingerprint):
-            import shutil   # state of a different run (other model, scheme, data or settings): start over
-            shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps({"fingerprint": fingerprint, "version": STATE_VERSION}))
-
-    def load_streams(self):
-        if self.dir is None or not (self.dir / "streams.pt").exists():
-            return None
-        try:
-            s = torch.load(self.dir / "streams.pt", weights_only=True)
-        except Exception:   # noqa: BLE001 - a damaged state file only costs recomputation
-            return None
-        return s if s.get("fingerprint") == self.fp else None
-
-    def load_block(self, i):
-        return torch.load(self.dir / f"block_{i:04d}.pt", weights_only=False)
-
-    def save(self, i, block_record, q_hidden, fp_hidden):
-        if self.dir is None:
-            return
-        # block first, then the streams that point past it: an interruption between the two only repeats block i
-        _save_atomic(block_record, self.dir / f"block_{i:04d}.pt")
-        _save_atomic({"fingerprint": self.fp, "next": i + 1, "q": q_hidden, "fp": fp_hidden}, self.dir / "streams.pt")
-
-
 # a hook for tests (simulated interruption) and callers that want to watch blocks finish
 def _after_block(i: int):
     pass
@@ -199,24 +145,26 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
     per-linear stats, per-block summaries, live OmniBlocks (before fusion, on the host) if `keep_live` else None)."""
     family = family_for(model.config.model_type)
     layers = get_module(model, family.layers_path)
-    state = _State(state_dir, _fingerprint(model, samples, scheme, cfg))
+    state = ResumeState(state_dir, fingerprint(model, samples, scheme, cfg),
+                        notify=lambda m: tqdm.write(m, file=sys.stderr))
     inputs: BlockInputs = capture_first_block_inputs(model, layers, samples, device)
     kw = _move(inputs.kwargs, device)
     kw.pop("use_cache", None)
     q_hidden, fp_hidden = inputs.hidden, inputs.hidden.clone()
     start = 0
-    streams = state.load_streams()
-    if streams is not None and not keep_live:
-        start = int(streams["next"])
-        q_hidden, fp_hidden = streams["q"], streams["fp"]
+    plain_names = [f"{n}.weight" for n in NORMS] + [f"{n}.bias" for n in LINEARS]
+    resumed = None if keep_live else state.load(layers, scheme, LINEARS, plain_names)
     quantized, stats, summaries, live = {}, {}, [], []
-    for i in range(start):   # finished blocks: put their fused tensors back into the model
-        rec = state.load_block(i)
-        apply_fused(layers[i], rec["plain"], rec["quantized"])
-        for rel, qw in rec["quantized"].items():
-            quantized[f"{family.layer_prefix(i)}.{rel}"] = qw
-        stats.update(rec["stats"])
-        summaries.append(BlockSummary(**{**rec["summary"], "resumed": True}))
+    if resumed is not None:   # finished blocks: put their fused tensors back into the model
+        start, q_hidden, fp_hidden, blocks = resumed
+        for i, (plain, qws, rec) in enumerate(blocks):
+            apply_fused(layers[i], plain, qws)
+            for rel, qw in qws.items():
+                quantized[f"{family.layer_prefix(i)}.{rel}"] = qw
+            stats.update(rec["stats"])
+            known = {k: rec["summary"][k] for k in ("loss_before", "loss_after", "time_s", "steps")
+                     if k in rec["summary"]}
+            summaries.append(BlockSummary(i, **known, resumed=True))
 
     n_blocks = len(layers)
     weak_counts = _weak_counts(family, layers[0], scheme, cfg)
@@ -257,8 +205,9 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
         summaries.append(summ)
         q_hidden, fp_hidden = q_next, fp_out
         del aug_out
-        state.save(i, {"plain": plain, "quantized": qws, "stats": block_stats,
-                       "summary": {k: v for k, v in asdict(summ).items() if k != "resumed"}}, q_hidden, fp_hidden)
+        state.save(i, plain, qws, {"stats": block_stats,
+                                   "summary": {k: v for k, v in asdict(summ).items() if k != "resumed"}},
+                   q_hidden, fp_hidden)
         if progress:
             tqdm.write(f"block {i}: loss {loss_before:.4g} -> {loss_after:.4g} ({summ.time_s:.1f} s)")
         _after_block(i)

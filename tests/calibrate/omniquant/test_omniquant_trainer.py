@@ -70,7 +70,7 @@ def test_resume_reproduces_checkpoint_bytes(tmp_path, model_dirs, text_file, mon
     with pytest.raises(_Interrupt):
         api.quantize(model_dirs["qwen2"], tmp_path / "out", **kw)
     state = tmp_path / ".out.state"
-    assert (state / "block_0000.pt").exists() and not (tmp_path / "out").exists()
+    assert (state / "block_0000.safetensors").exists() and not (tmp_path / "out").exists()
     monkeypatch.setattr(trainer_mod, "_after_block", lambda i: None)
     out = api.quantize(model_dirs["qwen2"], tmp_path / "out", **kw)
     assert not state.exists()
@@ -121,3 +121,61 @@ def test_cli_omniquant(tmp_path, model_dirs, text_file):
     assert prov["method"] == "omniquant" and cfg["let"] is True
     assert cfg["lwc_init"] == "search" and cfg["loss"] == "token_rel"
     assert len(prov["calibration"]["blocks"]) == 2
+
+
+def _interrupted_run(tmp_path, model_dirs, text_file, monkeypatch, kw):
+    def boom(i):
+        if i == 0:
+            raise _Interrupt
+    monkeypatch.setattr(trainer_mod, "_after_block", boom)
+    with pytest.raises(_Interrupt):
+        api.quantize(model_dirs["llama"], tmp_path / "out", **kw)
+    monkeypatch.setattr(trainer_mod, "_after_block", lambda i: None)
+    return tmp_path / ".out.state"
+
+
+_RESUME_KW = dict(method="omniquant", bits=3, group_size=32, nsamples=4, seqlen=32, batch_size=2, epochs=1,
+                  progress=False)
+
+
+def test_resume_state_never_unpickles(tmp_path, model_dirs, text_file, monkeypatch):
+    """A pickle planted in the state folder (old format name or new) is never loaded: no code runs."""
+    kw = dict(_RESUME_KW, calib=text_file)
+    state = _interrupted_run(tmp_path, model_dirs, text_file, monkeypatch, kw)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    import pickle
+    (state / "block_0000.pt").write_bytes(pickle.dumps(Evil()))   # the name the pickled format used
+    torch.save({"x": Evil()}, state / "block_0000.safetensors")   # a pickle under the new name: refused as damaged
+    api.quantize(model_dirs["llama"], tmp_path / "out", **kw)
+    assert not marker.exists()
+    assert not state.exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "out_of_range", "other_run"])
+def test_damaged_or_foreign_state_starts_over(tmp_path, model_dirs, text_file, monkeypatch, capsys, damage):
+    """A damaged block file or another run's folder costs recomputation, never a failed or wrong run."""
+    kw = dict(_RESUME_KW, calib=text_file)
+    ref = api.quantize(model_dirs["llama"], tmp_path / "ref", **kw)
+    state = _interrupted_run(tmp_path, model_dirs, text_file, monkeypatch, kw)
+    block = state / "block_0000.safetensors"
+    if damage == "truncate":
+        block.write_bytes(block.read_bytes()[:100])
+    elif damage == "out_of_range":   # a well-formed file whose integers exceed 3 bits
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        with safe_open(str(block), "pt") as f:
+            meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        t["q/self_attn.q_proj/q"] = torch.full_like(t["q/self_attn.q_proj/q"], 200)
+        save_file(t, str(block), metadata=meta)
+    else:
+        (state / "meta.json").write_text(json.dumps({"fingerprint": "0" * 64, "version": 2}))
+    capsys.readouterr()
+    out = api.quantize(model_dirs["llama"], tmp_path / "out", **kw)
+    assert "starting over" in capsys.readouterr().err
+    assert _split(out / "model.safetensors") == _split(ref / "model.safetensors")
+    blocks = json.loads((out / "edgequant.json").read_text())["calibration"]["blocks"]
+    assert [b["resumed"] for b in blocks] == [False, False]
