@@ -148,8 +148,8 @@ def inspect(checkpoint) -> dict:
                     for d in shape:
                         size *= d
                     q_bits += size * 8
-                    if suffix == "outlier_idx":
-                        outlier_cols[base] = sf.get_tensor(name).tolist()
+                    if suffix == "outlier_idx":   # through the reader, which range-checks it
+                        outlier_cols[base] = ck.read([name])[name].tolist()
     files = [p for p in ck.path.iterdir() if p.is_file()]
     s = ck.scheme
     ideal = s.bits + (16 + (0 if s.sym else 8)) / (s.group_len(max(k for _, k, _ in quant.values())))

@@ -10,6 +10,7 @@ reading checks every tensor's presence, dtype and shape and names the first one 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from . import pack
 from .errors import CheckpointError, EdgequantError
+from .paths import inside_folder
 from .models import Family, family_for
 from .quantizer import QuantizedWeight
 from .schemes import QuantScheme
@@ -27,8 +29,6 @@ QUANT_METHOD = "edgequant"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PROVENANCE_NAME = "edgequant.json"
-_NP_DTYPE = {"qweight": np.uint32, "scales": np.float16, "zeros": np.uint8, "outlier_idx": np.int32,
-             "outlier_weight": np.float16, "bias": np.float16}
 
 
 # --------------------------------------------------------------------------------------------------- writing
@@ -171,7 +171,28 @@ class Checkpoint:
             except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged data
                 raise CheckpointError(f"cannot read tensors from {f.name} ({_first_line(e)}); the file is damaged: "
                                       "re-run `edgequant quantize` to rewrite it") from None
+        for n, arr in out.items():
+            self._check_values(n, arr)
         return out
+
+    def _check_values(self, name: str, arr: np.ndarray):
+        """Values that would silently corrupt results or index out of bounds in a kernel: zero points past the
+        bit width, outlier columns outside [0, K) or not strictly increasing, NaN/Inf in any float tensor."""
+        base, _, leaf = name.rpartition(".")
+        bad = None
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = "NaN or infinite values"
+        elif leaf == "zeros" and arr.size and int(arr.max()) > self.scheme.maxq:
+            bad = f"zero points above {self.scheme.maxq}, the largest {self.scheme.bits}-bit value"
+        elif leaf == "outlier_idx" and arr.size:
+            k = _in_features(self, base)
+            if arr.min() < 0 or arr.max() >= k or np.any(np.diff(arr.astype(np.int64)) <= 0):
+                bad = f"column indices outside [0, {k}) or not strictly increasing"
+        elif leaf == "qweight" and self.scheme.bits == 3 and arr.size and int((arr >> 30).max()):
+            bad = "3-bit words with their two unused top bits set"
+        if bad:
+            raise CheckpointError(f"tensor '{name}' holds {bad}; the checkpoint is damaged: re-run `edgequant "
+                                  "quantize` to rewrite it")
 
     def quantized_linears(self) -> list[str]:
         return sorted({n.rsplit(".", 1)[0] for n in self.files if n.endswith(".qweight")}, key=_natural_key)
@@ -201,15 +222,44 @@ def _tensor_headers(f: Path) -> dict:
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f.name} is corrupt or truncated ({_first_line(e)}); re-run `edgequant quantize` "
                               "to rewrite the checkpoint") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{f.name} is corrupt (its header is not a JSON object); re-run `edgequant quantize`")
+    spans = []
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        ok = (isinstance(v, dict) and v.get("dtype") in _ST_ITEMSIZE and _is_shape(v.get("shape"))
+              and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+              and all(_is_count(x) for x in v["data_offsets"]) and v["data_offsets"][0] <= v["data_offsets"][1])
+        if ok:
+            a, b = v["data_offsets"]
+            ok = b - a == math.prod(v["shape"]) * _ST_ITEMSIZE[v["dtype"]]
+        if not ok:
+            raise CheckpointError(f"{f.name} is corrupt: the header entry of tensor '{k}' is malformed (dtype, shape "
+                                  "and byte offsets disagree); re-run `edgequant quantize`")
+        spans.append((a, b, k))
+    prev = 0
+    for a, b, k in sorted(spans):
+        if a < prev:
+            raise CheckpointError(f"{f.name} is corrupt: tensor '{k}' overlaps another tensor's bytes; re-run "
+                                  "`edgequant quantize`")
+        prev = b
+    if 8 + n + prev != size:
         raise CheckpointError(f"{f.name} is truncated or padded: {size} bytes on disk, its header describes "
-                              f"{8 + n + end}; re-run `edgequant quantize` (or copy the file again)")
+                              f"{8 + n + prev}; re-run `edgequant quantize` (or copy the file again)")
     return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
-_ST_DTYPE = {"U32": np.uint32, "F16": np.float16, "U8": np.uint8, "I32": np.int32, "F32": np.float32,
-             "BF16": None, "I64": np.int64}
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_shape(v) -> bool:
+    return isinstance(v, list) and all(_is_count(x) for x in v)
+
+
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
+                "U64": 8, "I64": 8, "F64": 8}
 
 
 def open_checkpoint(path) -> Checkpoint:
@@ -223,20 +273,34 @@ def open_checkpoint(path) -> Checkpoint:
         config = json.loads((p / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{p / 'config.json'} is not valid JSON ({_first_line(e)}); re-run `edgequant quantize`") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{p / 'config.json'} is not a JSON object; re-run `edgequant quantize`")
     qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{p} is not an edgequant checkpoint (no quantization_config with quant_method "
                               f"'{QUANT_METHOD}'); quantize the model first with `edgequant quantize`")
+    if not _is_count(qc.get("format_version", 1)):
+        raise CheckpointError(f"{p / 'config.json'}: quantization_config.format_version must be an integer")
     if qc.get("format_version", 1) > FORMAT_VERSION:
         raise CheckpointError(f"{p} uses checkpoint format {qc['format_version']}, newer than this edgequant "
                               f"understands ({FORMAT_VERSION}); upgrade edgequant")
+    _check_model_config(p / "config.json", config)
     family = family_for(config.get("model_type", "?"))
-    scheme = QuantScheme(qc["bits"], qc["group_size"], qc.get("sym", False))
+    missing = [k for k in ("bits", "group_size") if k not in qc]
+    if missing:
+        raise CheckpointError(f"{p / 'config.json'}: quantization_config lacks {', '.join(missing)}; re-run "
+                              "`edgequant quantize`")
+    try:
+        scheme = QuantScheme.from_dict({"sym": False, **qc})
+    except EdgequantError as e:
+        raise CheckpointError(f"{p / 'config.json'}: quantization_config: {e}") from None
     prov = {}
     if (p / PROVENANCE_NAME).is_file():
         try:
             prov = json.loads((p / PROVENANCE_NAME).read_text())
-        except ValueError:
+        except (OSError, ValueError, UnicodeDecodeError):
+            prov = {}
+        if not isinstance(prov, dict):   # provenance is informative only: a damaged one is ignored, not fatal
             prov = {}
     files = _weight_files(p)
     headers = {}
@@ -253,17 +317,41 @@ def _weight_files(p: Path) -> dict[str, Path]:
     if (p / INDEX_NAME).is_file():
         try:
             wm = json.loads((p / INDEX_NAME).read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{INDEX_NAME} is damaged ({_first_line(e)}); re-run `edgequant quantize`") from None
+        if not isinstance(wm, dict):
+            raise CheckpointError(f"{INDEX_NAME} is damaged (weight_map is not an object); re-run `edgequant quantize`")
         out = {}
         for name, fname in wm.items():
-            if not (p / fname).is_file():
+            f = inside_folder(p, fname)
+            if f is None:
+                raise CheckpointError(f"{INDEX_NAME} names {fname!r} as the shard of {name}, which is not a file "
+                                      f"inside {p}; refusing to read it (re-run `edgequant quantize`)")
+            if not f.is_file():
                 raise CheckpointError(f"shard {fname} (holding {name}) is missing from {p}; copy the whole folder again")
-            out[name] = p / fname
+            out[name] = f
         return out
     if not (p / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{p} has no {WEIGHTS_NAME}: the checkpoint is incomplete; re-run `edgequant quantize`")
     return {}
+
+
+_POSITIVE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def _check_model_config(f: Path, c: dict):
+    """The architecture fields that shapes are computed from: present, positive integers, consistent."""
+    for k in _POSITIVE_FIELDS + ("num_key_value_heads", "head_dim"):
+        v = c.get(k)
+        if (k in _POSITIVE_FIELDS or v is not None) and not (_is_count(v) and v > 0):
+            raise CheckpointError(f"{f}: '{k}' must be a positive integer, not {v!r}; re-run `edgequant quantize` "
+                                  "or restore the original config.json")
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    if heads % kv or (not c.get("head_dim") and c["hidden_size"] % heads):
+        raise CheckpointError(f"{f}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv}) "
+                              f"and divide hidden_size ({c['hidden_size']}); restore the original config.json")
+    if not isinstance(c.get("model_type"), str):
+        raise CheckpointError(f"{f}: 'model_type' is missing; restore the original config.json")
 
 
 def expected_layout(ckpt: Checkpoint) -> tuple[dict[str, tuple], dict[str, tuple[int, int, bool]]]:
@@ -290,7 +378,11 @@ def expected_layout(ckpt: Checkpoint) -> tuple[dict[str, tuple], dict[str, tuple
 
 
 def _validate(ckpt: Checkpoint, headers: dict):
-    plain, quant = expected_layout(ckpt)
+    try:
+        plain, quant = expected_layout(ckpt)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:   # transformers' own config checks
+        raise CheckpointError(f"{ckpt.path / 'config.json'} does not describe a valid model ({_first_line(e)}); "
+                              "restore the original config.json or re-run `edgequant quantize`") from None
     s = ckpt.scheme
     fix = "re-run `edgequant quantize` to rewrite the checkpoint"
 
@@ -310,6 +402,9 @@ def _validate(ckpt: Checkpoint, headers: dict):
         check(f"{name}.scales", (n, s.groups(k)), "F16")
         if not s.sym:
             check(f"{name}.zeros", (n, s.groups(k)), "U8")
+        elif f"{name}.zeros" in headers:
+            raise CheckpointError(f"tensor '{name}.zeros' is present but the scheme is symmetric (sym: true stores "
+                                  f"no zero points); the config and tensors disagree: {fix}")
         if has_bias:
             check(f"{name}.bias", (n,), "F16")
         if f"{name}.outlier_idx" in headers:

@@ -89,6 +89,23 @@ def resolve_model(model: str | os.PathLike | None) -> str:
     return str(model)
 
 
+def _is_stripped_checkpoint(folder: Path) -> bool:
+    """An edgequant checkpoint whose quantization_config is gone (transformers would only warn about it)."""
+    import json
+    if (folder / "edgequant.json").is_file():
+        return True
+    for f in folder.glob("*.safetensors"):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n)) if 0 < n < 100 << 20 else {}
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue   # transformers reports damaged files itself
+        if isinstance(header, dict) and any(k.endswith(".qweight") for k in header):
+            return True
+    return False
+
+
 def load_model(model: str | os.PathLike | None, dtype=None):
     """(model, tokenizer) in float32 eval mode, after checking that its architecture is supported."""
     import torch
@@ -107,6 +124,10 @@ def load_model(model: str | os.PathLike | None, dtype=None):
                 raise EdgequantError(f"model path not found: {src}; pass a Hugging Face folder, a .gguf file or a hub id")
             if path.is_dir() and not (path / "config.json").exists():
                 raise EdgequantError(f"{src} has no config.json: pass a Hugging Face model folder or a .gguf file")
+            if path.is_dir() and _is_stripped_checkpoint(path):
+                raise EdgequantError(f"{src} holds packed edgequant weights but its config.json has no edgequant "
+                                     "quantization_config, so they would load as random layers; restore the "
+                                     "config.json written by `edgequant quantize`")
             cfg = AutoConfig.from_pretrained(src)
             family_for(cfg.model_type)
             m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)

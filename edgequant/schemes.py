@@ -22,6 +22,10 @@ class QuantScheme:
     sym: bool = False
 
     def __post_init__(self):
+        for name, typ in (("bits", int), ("group_size", int), ("sym", bool)):
+            v = getattr(self, name)
+            if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+                raise EdgequantError(f"{name}={v!r} must be {'an integer' if typ is int else 'true or false'}")
         if self.bits not in SUPPORTED_BITS:
             raise EdgequantError(f"bits={self.bits} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and (self.group_size < 8 or self.group_size % 8 != 0):

@@ -14,9 +14,9 @@ from edgequant.atomic import atomic_output_dir, check_replaceable
 from edgequant.errors import EdgequantError
 
 from . import targets
+from .dist import EXPORT_JSON
 from .params import open_source, write_tensor_cache
 
-EXPORT_JSON = "edgequant-export.json"
 FORMAT_VERSION = 1
 PREFILL_CHUNK = 256
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,12 @@ def compile_fatbin(src: str, archs: list[str], dist: Path) -> dict:
 def install_loader(dist: Path, record: dict | None):
     """Register `tvm_callback_cuda_compile` for loading this dist's library (call before load_module)."""
     import tvm_ffi
-    fatbin = dist / record["fatbin"] if record else None
+    from .dist import EXPORT_JSON, inside
+    if record is not None and not (isinstance(record, dict) and isinstance(record.get("source_sha256"), str)
+                                   and isinstance(record.get("archs"), list)
+                                   and all(isinstance(a, str) and re.fullmatch(r"sm_\d+a?", a) for a in record["archs"])):
+        raise EdgequantError(f"{dist / EXPORT_JSON} is damaged (field 'cuda'); export the model again")
+    fatbin = inside(dist, record.get("fatbin"), dist / EXPORT_JSON, "fatbin") if record else None
     want = record["source_sha256"] if record else None
 
     @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)

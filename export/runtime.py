@@ -16,19 +16,7 @@ import numpy as np
 
 from edgequant.errors import EdgequantError
 
-EXPORT_JSON = "edgequant-export.json"  # same name as build.EXPORT_JSON (build imports the compiler, so not imported)
-
-
-def read_export_info(dist) -> dict:
-    p = Path(str(dist)).expanduser()
-    f = p / EXPORT_JSON
-    if not f.is_file():
-        raise EdgequantError(f"{p} is not an exported model folder (no {EXPORT_JSON}); create one with "
-                             "`edgequant export CHECKPOINT --target cpu -o DIST`")
-    try:
-        return json.loads(f.read_text())
-    except ValueError:
-        raise EdgequantError(f"{f} is damaged; export the model again") from None
+from .dist import EXPORT_JSON, check_tensor_cache, library_path, read_export_info  # noqa: F401 - re-exported
 
 
 def _device(kind: str):
@@ -80,14 +68,19 @@ class Runner:
         self.dist = Path(str(dist)).expanduser()
         self.info = read_export_info(self.dist)
         self.dev = _device(self.info["device"])
-        lib = self.dist / self.info["library"]
+        lib = library_path(self.dist, self.info)
         if not lib.is_file() or lib.suffix != ".so":
             raise EdgequantError(f"{lib.name} is a {self.info['target']} library for static linking; it runs through "
                                  "the apps/ recipes, not `edgequant run`")
         if self.info["device"] == "cuda":
             from .cuda import install_loader
             install_loader(self.dist, self.info.get("cuda"))
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib)), self.dev)
+        check_tensor_cache(self.dist, self.info)   # before TVM opens any path or offset it names
+        try:
+            self.vm = VirtualMachine(tvm.runtime.load_module(str(lib)), self.dev)
+        except Exception as e:  # noqa: BLE001 - TVM raises its own error types for a library it cannot load
+            raise EdgequantError(f"cannot load {lib} ({_first_line(e)}); the library is damaged or was built for "
+                                 "another machine: export the model again") from None
         tvm.get_global_func("vm.builtin.tensor_cache.load")(str(self.dist), self.dev.dlpack_device_type(), self.dev.index)
         names = [p["name"] for p in self.info["params"]]
         self.params = tvm.get_global_func("vm.builtin.param_array_from_cache_by_name")(names)
@@ -118,6 +111,10 @@ class Runner:
     # ----------------------------------------------------------------------------------------- low level
     def _embed(self, ids):
         tvm = self._tvm
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):   # the embedding kernel does not bound-check
+            bad = int(ids[(ids < 0) | (ids >= self.vocab)][0])
+            raise EdgequantError(f"token id {bad} is outside the vocabulary (0..{self.vocab - 1}) of this model")
         e = self.vm["embed"](tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.dev), self.params)
         return e._create_view((1, len(ids), self.hidden))
 
@@ -193,6 +190,11 @@ class Runner:
         m = self.info["model"]
         n = self.max_len if tokens is None else tokens
         return 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * n * 2  # k and v, fp16
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:200] if s else type(e).__name__
 
 
 def sample(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0, rng=None) -> int:

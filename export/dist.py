@@ -1,0 +1,164 @@
+"""Read a DIST folder as hostile input: every field, path, offset and index is checked before TVM sees it.
+
+TVM's loaders trust their files: a `dataPath` of `../x` is opened, a `byteOffset` past the shard is read (segfault),
+and an outlier column index past K makes the gather kernel read outside its input. So the runner opens nothing that
+this module has not checked: paths must name a file inside the folder (symlinks resolved), every tensor record must
+fit its shard and match the shape and dtype the library was compiled for, and the values that kernels use as indices
+(outlier columns) or as small integers (zero points) must be in range. Each failure is one line naming the file and
+the fix. Nothing here imports tvm.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from edgequant.errors import EdgequantError
+from edgequant.paths import inside_folder
+
+EXPORT_JSON = "edgequant-export.json"  # build.py writes it; build imports the compiler, so the name lives here
+TENSOR_CACHE = "tensor-cache.json"
+DEVICES = ("cpu", "cuda", "metal", "opencl", "vulkan", "webgpu")
+_DTYPES = {"float16": np.float16, "float32": np.float32, "uint32": np.uint32, "uint8": np.uint8, "int32": np.int32,
+           "bfloat16": None}
+_FIX = "export the model again with `edgequant export`"
+
+
+def _damaged(f: Path, what: str) -> EdgequantError:
+    return EdgequantError(f"{f} is damaged ({what}); {_FIX}")
+
+
+def inside(folder: Path, name, f: Path, field: str) -> Path:
+    """`folder / name` when `name` is a plain relative path that stays inside `folder` (symlinks resolved)."""
+    p = inside_folder(folder, name)
+    if p is None:
+        raise EdgequantError(f"{f} names {name!r} as its {field}, which is not a file inside {folder}; refusing "
+                             f"to open it; {_FIX}")
+    return p
+
+
+def _int(v, lo=0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _shape(v) -> bool:
+    return isinstance(v, list) and all(_int(x) for x in v)
+
+
+def read_export_info(dist) -> dict:
+    """`edgequant-export.json` of `dist`, with every field the runner uses checked for type and range."""
+    p = Path(str(dist)).expanduser()
+    f = p / EXPORT_JSON
+    if not f.is_file():
+        raise EdgequantError(f"{p} is not an exported model folder (no {EXPORT_JSON}); create one with "
+                             "`edgequant export CHECKPOINT --target cpu -o DIST`")
+    try:
+        info = json.loads(f.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise _damaged(f, "not valid JSON") from None
+    if not isinstance(info, dict):
+        raise _damaged(f, "not a JSON object")
+    for key, ok in (("target", lambda v: isinstance(v, str)), ("device", lambda v: v in DEVICES),
+                    ("library", lambda v: isinstance(v, str)), ("prefill_chunk_size", lambda v: _int(v, 1)),
+                    ("weight_bytes", _int), ("model", lambda v: isinstance(v, dict)),
+                    ("params", lambda v: isinstance(v, list) and all(
+                        isinstance(x, dict) and isinstance(x.get("name"), str) and _shape(x.get("shape"))
+                        and x.get("dtype") in _DTYPES for x in v))):
+        if not ok(info.get(key)):
+            raise _damaged(f, f"field '{key}' is missing or has the wrong type")
+    m = info["model"]
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "context_window"):
+        if not _int(m.get(key), 1):
+            raise _damaged(f, f"model field '{key}' must be a positive integer")
+    inside(p, info["library"], f, "library")
+    return info
+
+
+def library_path(dist: Path, info: dict) -> Path:
+    return inside(dist, info["library"], dist / EXPORT_JSON, "library")
+
+
+def _in_features(model: dict, param: str) -> int:
+    """K of the export linear that `param` belongs to (q/k/v and gate/up are fused; see export/params.py)."""
+    lin = param.rsplit(".", 1)[0].split(".", 3)[-1]
+    return {"self_attn.o_proj": model["num_heads"] * model["head_dim"],
+            "mlp.down_proj": model["intermediate_size"]}.get(lin, model["hidden_size"])
+
+
+def _bits(info: dict) -> int | None:
+    m = re.fullmatch(r"w(\d+)g\w+", str(info.get("quantization", "")))
+    return int(m.group(1)) if m else None
+
+
+def check_tensor_cache(dist: Path, info: dict) -> None:
+    """Check `tensor-cache.json` and its shards against the library's parameter list, and the index-like values."""
+    f = dist / TENSOR_CACHE
+    try:
+        cache = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise EdgequantError(f"{dist} has no {TENSOR_CACHE}: the weights are missing; {_FIX}") from None
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise _damaged(f, "not valid JSON") from None
+    if not isinstance(cache, dict) or not isinstance(cache.get("records"), list):
+        raise _damaged(f, "no list of 'records'")
+    where: dict[str, tuple[Path, int, dict]] = {}
+    for shard in cache["records"]:
+        if not isinstance(shard, dict) or not isinstance(shard.get("records"), list):
+            raise _damaged(f, "a shard record is not an object with 'records'")
+        path = inside(dist, shard.get("dataPath"), f, "dataPath")
+        if not path.is_file():
+            raise EdgequantError(f"weight shard {shard['dataPath']} is missing from {dist}; copy the whole folder "
+                                 f"again or {_FIX}")
+        size = path.stat().st_size
+        if shard.get("format", "raw-shard") != "raw-shard" or shard.get("nbytes", size) != size:
+            raise EdgequantError(f"weight shard {shard['dataPath']} has {size} bytes, {TENSOR_CACHE} says "
+                                 f"{shard.get('nbytes')}: it is truncated or replaced; {_FIX}")
+        for r in shard["records"]:
+            if not (isinstance(r, dict) and isinstance(r.get("name"), str) and _shape(r.get("shape"))
+                    and r.get("dtype") in _DTYPES and _int(r.get("byteOffset")) and _int(r.get("nbytes"))
+                    and r.get("format", "raw") == "raw"):
+                raise _damaged(f, f"a record in {shard['dataPath']} lacks name/shape/dtype/byteOffset/nbytes")
+            itemsize = 2 if r["dtype"] == "bfloat16" else np.dtype(_DTYPES[r["dtype"]]).itemsize
+            if r["nbytes"] != int(np.prod(r["shape"], dtype=np.int64)) * itemsize:
+                raise _damaged(f, f"'{r['name']}' has nbytes {r['nbytes']} for shape {r['shape']} {r['dtype']}")
+            if r["byteOffset"] + r["nbytes"] > size:
+                raise _damaged(f, f"'{r['name']}' lies past the end of {shard['dataPath']}")
+            where[r["name"]] = (path, r["byteOffset"], r)
+    for p in info["params"]:
+        rec = where.get(p["name"])
+        if rec is None:
+            raise EdgequantError(f"weight '{p['name']}' is missing from {TENSOR_CACHE}; {_FIX}")
+        r = rec[2]
+        if r["shape"] != p["shape"] or r["dtype"] != p["dtype"]:
+            raise _damaged(f, f"'{p['name']}' is {r['shape']} {r['dtype']}, the library expects "
+                              f"{p['shape']} {p['dtype']}")
+    _check_values(dist, info, where)
+
+
+def _read(where, name) -> np.ndarray:
+    path, off, r = where[name]
+    return np.fromfile(path, dtype=_DTYPES[r["dtype"]], count=int(np.prod(r["shape"])), offset=off).reshape(r["shape"])
+
+
+def _check_values(dist: Path, info: dict, where: dict):
+    """Values that kernels use as indices or small integers; small tensors only (no pass over the big weights)."""
+    bits = _bits(info)
+    for p in info["params"]:
+        name = p["name"]
+        if name.endswith(".outlier_idx"):
+            idx, k = _read(where, name), _in_features(info["model"], name)
+            if idx.size and (idx.min() < 0 or idx.max() >= k or np.any(np.diff(idx) <= 0)):
+                raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds column indices outside [0, {k}) or not "
+                                     f"strictly increasing; the weights are damaged; {_FIX}")
+        elif name.endswith(".zeros") and bits is not None:
+            z = _read(where, name)
+            if z.size and int(z.max()) >= 1 << bits:
+                raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds zero points above {(1 << bits) - 1} for "
+                                     f"{bits}-bit weights; the weights are damaged; {_FIX}")
+        elif name.endswith(".scales"):
+            if not np.isfinite(_read(where, name)).all():
+                raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds NaN or infinite scales; the weights are "
+                                     f"damaged; {_FIX}")
