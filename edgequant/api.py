@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -37,44 +38,45 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
     from .schemes import QuantScheme
 
     scheme = QuantScheme(bits, group_size, sym)
+    check_device(device)
     m = get_method(method)
     unknown = sorted(set(method_options) - set(m.options))
     if unknown:
         raise EdgequantError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in unknown)} do not apply to "
                              f"--method {method}")
     from .artifact import PROVENANCE_NAME
-    from .atomic import check_replaceable
+    from .atomic import output_lock
     out_path = Path(output).expanduser().resolve()
-    check_replaceable(out_path, PROVENANCE_NAME)   # before hours of calibration, not after
-    state_dir = out_path.parent / f".{out_path.name}.state"
-    opts = CalibOptions(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
-                        act_order=act_order, percdamp=percdamp, batch_size=batch_size, skip_tokens=skip_tokens,
-                        extra=method_options,
-                        state_dir=str(state_dir))
-    if m.needs_calibration and calib is None:
-        raise EdgequantError(f"--method {method} needs calibration text: pass --calib PATH")
-    if calib is not None:
-        from .data import read_text
-        read_text(calib)  # fail on a bad path before loading the model
-    torch.manual_seed(seed)
-    _quiet_transformers(progress)
-    t0 = time.time()
-    model_obj, tok = load_model(model)
-    t_load = time.time() - t0
-    t1 = time.time()
-    result = m.run(model_obj, tok, scheme, opts, progress=progress)
-    t_quant = time.time() - t1
-    prov = {"model": str(model) if model is not None else "smollm2-135m",
-            "calibration": ({"data": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-                             **(result.calibration or {})} if m.needs_calibration else None),
-            "options": opts.to_dict(), "seed": seed, "versions": _versions(),
-            "time_s": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
-            "layers": result.stats}
-    ck = save_checkpoint(output, model_obj, tok, result.quantized, scheme, method, prov)
-    if state_dir.exists():  # the checkpoint is complete: resumable state is no longer needed
-        import shutil
-        shutil.rmtree(state_dir, ignore_errors=True)
-    return ck
+    with output_lock(out_path, PROVENANCE_NAME):   # before hours of calibration, not after
+        state_dir = out_path.parent / f".{out_path.name}.state"
+        opts = CalibOptions(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
+                            act_order=act_order, percdamp=percdamp, batch_size=batch_size, skip_tokens=skip_tokens,
+                            extra=method_options,
+                            state_dir=str(state_dir))
+        if m.needs_calibration and calib is None:
+            raise EdgequantError(f"--method {method} needs calibration text: pass --calib PATH")
+        if calib is not None:
+            from .data import read_text
+            read_text(calib)  # fail on a bad path before loading the model
+        torch.manual_seed(seed)
+        _quiet_transformers(progress)
+        t0 = time.time()
+        model_obj, tok = load_model(model)
+        t_load = time.time() - t0
+        t1 = time.time()
+        result = m.run(model_obj, tok, scheme, opts, progress=progress)
+        t_quant = time.time() - t1
+        prov = {"model": str(model) if model is not None else "smollm2-135m",
+                "calibration": ({"data": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                                 **(result.calibration or {})} if m.needs_calibration else None),
+                "options": opts.to_dict(), "seed": seed, "versions": _versions(),
+                "time_s": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
+                "layers": result.stats}
+        ck = save_checkpoint(output, model_obj, tok, result.quantized, scheme, method, prov)
+        if state_dir.exists():  # the checkpoint is complete: resumable state is no longer needed
+            import shutil
+            shutil.rmtree(state_dir, ignore_errors=True)
+        return ck
 
 
 def _quiet_transformers(progress: bool):
@@ -86,22 +88,47 @@ def _quiet_transformers(progress: bool):
 
 def _load_for_eval(ckpt_or_model):
     """A PyTorch model from a checkpoint folder, or from an unquantized model (for baselines)."""
-    p = Path(str(ckpt_or_model)).expanduser()
-    if p.is_dir() and (p / "config.json").exists():
-        cfg = json.loads((p / "config.json").read_text())
-        if (cfg.get("quantization_config") or {}).get("quant_method") == "edgequant":
-            from .artifact import load_model as load_ckpt
-            model, _ = load_ckpt(p)
-            from transformers import AutoTokenizer
-            return model, AutoTokenizer.from_pretrained(p)
+    from .artifact import is_checkpoint
+    if is_checkpoint(ckpt_or_model):
+        from .artifact import load_model as load_ckpt
+        model, ck = load_ckpt(ckpt_or_model)
+        return model, _tokenizer(ck.path)
     from .loading import load_model
     return load_model(ckpt_or_model)
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing or damaged tokenizer
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise EdgequantError(f"cannot load the tokenizer saved in {folder} ({first}); copy the tokenizer files of "
+                             "the original model into it") from None
+
+
+def check_device(device: str):
+    """`cpu`, or a CUDA device that torch can see."""
+    import re
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise EdgequantError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= n:
+            raise EdgequantError(f"--device {device}: torch sees {n} CUDA GPU(s) here; use --device cpu")
 
 
 def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = None, reference=None,
              device: str = "cpu", progress: bool = True) -> dict:
     """Perplexity of a saved checkpoint (rebuilt from its packed tensors) or of an unquantized model on `data`;
     with `reference` (the original model), also KL divergence and top-1 agreement."""
+    if not isinstance(seqlen, int) or seqlen < 1:
+        raise EdgequantError(f"--seqlen must be a positive number of tokens, not {seqlen!r}")
+    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise EdgequantError(f"--max-windows must be at least 1 (or left out for every window), not {max_windows!r}")
+    check_device(device)
     if (Path(str(checkpoint)).expanduser() / "edgequant-export.json").is_file():
         # an exported DIST folder: perplexity through the TVM runtime (same windows and protocol)
         from .export.api import evaluate as evaluate_dist
@@ -249,63 +276,70 @@ def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-
     import torch
 
     from .artifact import PROVENANCE_NAME, load_model as load_ckpt, load_quantized_weight, write_tensors
-    from .atomic import atomic_output_dir, check_replaceable
+    from .atomic import atomic_output_dir, output_lock
     from .calibrate.wct import attach_weak_columns, lm_loss, train_weak_columns
     from .data import tokenize, read_text
 
+    check_device(device)
+    for name, v in (("epochs", epochs), ("seqlen", seqlen), ("nsamples", nsamples), ("heldout", heldout),
+                    ("batch_size", batch_size)):
+        if not isinstance(v, int) or v < 1:
+            raise EdgequantError(f"--{name.replace('_', '-')} must be a positive integer, not {v!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise EdgequantError(f"--lr must be a positive finite number, not {lr!r}")
     src = Path(checkpoint).expanduser()
     out = Path(output).expanduser().resolve()
     if out == src.resolve():
         raise EdgequantError("-o must name a new folder, not the checkpoint being tuned")
-    check_replaceable(out, PROVENANCE_NAME)
-    read_text(data)
-    model, ck = load_ckpt(src)
-    quantized = {n: load_quantized_weight(ck, n) for n in ck.quantized_linears()}
-    if not any(q.outlier_idx is not None and len(q.outlier_idx) for q in quantized.values()):
-        raise EdgequantError(f"{src} has no weak (fp16) columns to tune: quantize with --method owq first")
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(src)
-    ids = tokenize(tok, read_text(data))
-    if len(ids) < (heldout + 2) * seqlen:
-        raise EdgequantError(f"task text has {len(ids)} tokens; WCT needs at least {(heldout + 2) * seqlen} "
-                             f"for --seqlen {seqlen} and a held-out part: use more text or a smaller --seqlen")
-    # the last `heldout` windows are never trained on
-    cut = len(ids) - heldout * seqlen
-    held = ids[cut:].view(heldout, seqlen)
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, cut - seqlen, (nsamples,), generator=g)
-    train = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+    with output_lock(out, PROVENANCE_NAME):
+        read_text(data)
+        model, ck = load_ckpt(src)
+        quantized = {n: load_quantized_weight(ck, n) for n in ck.quantized_linears()}
+        if not any(q.outlier_idx is not None and len(q.outlier_idx) for q in quantized.values()):
+            raise EdgequantError(f"{src} has no weak (fp16) columns to tune: quantize with --method owq first")
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(src)
+        ids = tokenize(tok, read_text(data))
+        if len(ids) < (heldout + 2) * seqlen:
+            raise EdgequantError(f"task text has {len(ids)} tokens; WCT needs at least {(heldout + 2) * seqlen} "
+                                 f"for --seqlen {seqlen} and a held-out part: use more text or a smaller --seqlen")
+        # the last `heldout` windows are never trained on
+        cut = len(ids) - heldout * seqlen
+        held = ids[cut:].view(heldout, seqlen)
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, cut - seqlen, (nsamples,), generator=g)
+        train = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
 
-    modules = attach_weak_columns(model, quantized)
-    model.to(device)
-    held, train = held.to(device), train.to(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    trainable = sum(m.weak.numel() for m in modules.values())
-    total_params = sum(p.numel() for p in model.parameters()) + sum(
-        m.q.numel() for m in modules.values())
-    before = lm_loss(model, held, batch_size)
-    t0 = time.time()
-    history = train_weak_columns(model, modules, train, epochs, lr, batch_size, seed, progress)
-    train_s = time.time() - t0
-    after = lm_loss(model, held, batch_size)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak_gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+        modules = attach_weak_columns(model, quantized)
+        model.to(device)
+        held, train = held.to(device), train.to(device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        trainable = sum(m.weak.numel() for m in modules.values())
+        total_params = sum(p.numel() for p in model.parameters()) + sum(
+            m.q.numel() for m in modules.values())
+        before = lm_loss(model, held, batch_size)
+        t0 = time.time()
+        history = train_weak_columns(model, modules, train, epochs, lr, batch_size, seed, progress)
+        train_s = time.time() - t0
+        after = lm_loss(model, held, batch_size)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak_gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
-    with atomic_output_dir(out, marker=PROVENANCE_NAME) as tmp:
-        for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-                shutil.copy2(f, tmp / f.name)
-        tensors = ck.read()
-        for name, m in modules.items():
-            tensors[f"{name}.outlier_weight"] = m.weak.detach().to("cpu", torch.float16).numpy()
-        write_tensors(tensors, tmp)
-        prov = dict(ck.provenance)
-        report = {"data": str(data), "epochs": epochs, "lr": lr, "seqlen": seqlen, "nsamples": nsamples,
-                  "heldout_windows": heldout, "seed": seed, "heldout_loss_before": before,
-                  "heldout_loss_after": after, "train_loss": history, "trainable_params": trainable,
-                  "model_params": total_params, "peak_rss_bytes": peak, "peak_gpu_bytes": peak_gpu, "device": device,
-                  "full_finetune_state_bytes_estimate": total_params * 16, "time_s": round(train_s, 2)}
-        prov["wct"] = report
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, default=str))
-    return {**report, "checkpoint": str(out)}
+        with atomic_output_dir(out, marker=PROVENANCE_NAME) as tmp:
+            for f in src.iterdir():
+                if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+                    shutil.copy2(f, tmp / f.name)
+            tensors = ck.read()
+            for name, m in modules.items():
+                tensors[f"{name}.outlier_weight"] = m.weak.detach().to("cpu", torch.float16).numpy()
+            write_tensors(tensors, tmp)
+            prov = dict(ck.provenance)
+            report = {"data": str(data), "epochs": epochs, "lr": lr, "seqlen": seqlen, "nsamples": nsamples,
+                      "heldout_windows": heldout, "seed": seed, "heldout_loss_before": before,
+                      "heldout_loss_after": after, "train_loss": history, "trainable_params": trainable,
+                      "model_params": total_params, "peak_rss_bytes": peak, "peak_gpu_bytes": peak_gpu, "device": device,
+                      "full_finetune_state_bytes_estimate": total_params * 16, "time_s": round(train_s, 2)}
+            prov["wct"] = report
+            (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, default=str))
+        return {**report, "checkpoint": str(out)}

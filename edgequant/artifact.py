@@ -262,6 +262,21 @@ _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16
                 "U64": 8, "I64": 8, "F64": 8}
 
 
+def is_checkpoint(path) -> bool:
+    """Whether `path` is a folder whose config.json declares an edgequant checkpoint (the one place that decides)."""
+    p = Path(str(path)).expanduser()
+    cfg = p / "config.json"
+    if not (p.is_dir() and cfg.is_file()):
+        return False
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg} cannot be read as JSON ({_first_line(e)}); restore it or re-run "
+                              "`edgequant quantize`") from None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
 def open_checkpoint(path) -> Checkpoint:
     """Open a checkpoint folder and validate every tensor against its config; raise CheckpointError if anything is off."""
     p = Path(path).expanduser()
@@ -347,7 +362,7 @@ def _check_model_config(f: Path, c: dict):
             raise CheckpointError(f"{f}: '{k}' must be a positive integer, not {v!r}; re-run `edgequant quantize` "
                                   "or restore the original config.json")
     heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    if heads % kv or (not c.get("head_dim") and c["hidden_size"] % heads):
+    if heads % kv or c["hidden_size"] % heads:   # transformers refuses the latter for every supported family
         raise CheckpointError(f"{f}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv}) "
                               f"and divide hidden_size ({c['hidden_size']}); restore the original config.json")
     if not isinstance(c.get("model_type"), str):
@@ -380,7 +395,7 @@ def expected_layout(ckpt: Checkpoint) -> tuple[dict[str, tuple], dict[str, tuple
 def _validate(ckpt: Checkpoint, headers: dict):
     try:
         plain, quant = expected_layout(ckpt)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:   # transformers' own config checks
+    except Exception as e:  # noqa: BLE001 - transformers' config validation raises many types
         raise CheckpointError(f"{ckpt.path / 'config.json'} does not describe a valid model ({_first_line(e)}); "
                               "restore the original config.json or re-run `edgequant quantize`") from None
     s = ckpt.scheme

@@ -2,9 +2,16 @@
 
 An interrupted or failed run leaves no half-written output, and an existing folder is replaced only when it is empty
 or carries `marker` (a file that our own tools write), so a mistyped `-o` never deletes a user's folder.
+
+Replacing is rename-aside: the old folder becomes `.NAME.old-*`, the new one takes its name, then the old one is
+deleted, so a kill at any moment leaves either the old or the new output under NAME (a kill between the two renames
+leaves the old one aside, and the next run puts it back before anything else). One run at a time may write NAME: a
+lock file `.NAME.lock` beside it is held from the start of the run (before hours of calibration) to the rename; while
+holding it, left-overs of killed runs (`.NAME.tmp-*`, `.NAME.old-*`) are cleaned up.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -13,8 +20,11 @@ from pathlib import Path
 
 from .errors import EdgequantError
 
+_held: dict[Path, tuple[int, int]] = {}   # path -> (lock fd, depth): a process may re-enter its own lock
+
 
 def check_replaceable(final: Path, marker: str | None):
+    final = Path(final)
     if final.exists() and not final.is_dir():
         raise EdgequantError(f"{final} is a file; choose a folder name for the output")
     if final.is_dir() and marker and any(final.iterdir()) and not (final / marker).exists():
@@ -22,18 +32,88 @@ def check_replaceable(final: Path, marker: str | None):
                              "output folder")
 
 
+def _check_writable(parent: Path):
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=".edgequant-write-test-", dir=parent))
+        probe.rmdir()
+    except OSError as e:
+        raise EdgequantError(f"cannot write in {parent} ({e.strerror or e}); choose another output folder") from None
+
+
+def _recover(final: Path):
+    """Undo what a killed run left behind (we hold the lock, so no other run is writing these)."""
+    olds = sorted(final.parent.glob(f".{final.name}.old-*"))
+    if olds and not final.exists():   # killed between the two renames: the old output goes back
+        os.replace(olds.pop(), final)
+    for p in olds + list(final.parent.glob(f".{final.name}.tmp-*")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def output_lock(final, marker: str | None = None):
+    """Hold the write lock of output folder `final` for the block: checks that it may be replaced, that its parent
+    is writable, that no other run is writing it, and cleans up after killed runs."""
+    import fcntl
+    final = Path(final).expanduser().resolve()
+    if final in _held:
+        fd, depth = _held[final]
+        _held[final] = (fd, depth + 1)
+        try:
+            yield final
+        finally:
+            _held[final] = (fd, _held[final][1] - 1)
+        return
+    _check_writable(final.parent)
+    lock = final.parent / f".{final.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise EdgequantError(f"another edgequant run is writing {final} right now; wait for it to finish or "
+                                 "choose another output folder") from None
+        raise
+    _held[final] = (fd, 1)
+    try:
+        _recover(final)
+        check_replaceable(final, marker)
+        yield final
+    finally:
+        del _held[final]
+        try:
+            lock.unlink()
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
 @contextmanager
 def atomic_output_dir(final, marker: str | None = None):
     """Yield a temporary folder; when the block completes it replaces `final` in one rename."""
-    final = Path(final).expanduser().resolve()
-    check_replaceable(final, marker)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(final, marker) as final:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        os.chmod(tmp, _umask_mode())   # mkdtemp makes 0700; the output should look like any folder the user makes
+        try:
+            yield tmp
+            if final.exists():
+                aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+                os.replace(final, aside)
+                os.replace(tmp, final)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise EdgequantError(f"cannot write {final} ({e.strerror or e}); free some space or choose another "
+                                 "output folder (nothing was changed)") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -6,9 +6,26 @@ import sys
 
 import click
 
+from .clitypes import (DEVICE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT,
+                       Finite)
+
 
 class _Group(click.Group):
-    """Turns expected failures into one line on stderr instead of a traceback."""
+    """Turns expected failures into one line on stderr instead of a traceback or a usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:   # bad options and arguments: one line naming the option and the fix
+            click.echo(f"error: {e.format_message()} (see `{e.ctx.command_path if getattr(e, 'ctx', None) else 'edgequant'} "
+                       "--help`)", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
         try:
@@ -18,7 +35,8 @@ class _Group(click.Group):
         except (click.ClickException, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo("error: interrupted (partial output was discarded)", err=True)
+            click.echo("error: interrupted (no output was written; an interrupted OmniQuant run continues from its "
+                       "last finished block when run again)", err=True)
             sys.exit(130)
         except MemoryError:
             click.echo("error: out of memory; use a smaller --nsamples/--seqlen/--batch-size or a machine with more "
@@ -39,7 +57,7 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgequant")
 def main():
-    """edgequant: quantize LLaMA-family models to 2-4 bits (RTN, GPTQ; OmniQuant and OWQ to come) and evaluate them.
+    """edgequant: quantize LLaMA-family models to 2-4 bits (RTN, GPTQ, OmniQuant, OWQ) and evaluate them.
 
     \b
     edgequant demo                                         # the whole journey on SmolLM2-135M
@@ -64,20 +82,20 @@ METHOD_OPTIONS = [
     # OmniQuant
     click.option("--lwc/--no-lwc", default=None, help="OmniQuant: learnable weight clipping [default: on]."),
     click.option("--let/--no-let", default=None, help="OmniQuant: learnable equivalent transformation."),
-    click.option("--epochs", type=int, default=None, help="OmniQuant: epochs per block."),
-    click.option("--lwc-lr", type=float, default=None, help="OmniQuant: LWC learning rate."),
-    click.option("--let-lr", type=float, default=None, help="OmniQuant: LET learning rate."),
-    click.option("--let-alpha", type=float, default=None, help="OmniQuant: SmoothQuant-style LET init exponent."),
+    click.option("--epochs", type=NON_NEGATIVE, default=None, help="OmniQuant: epochs per block."),
+    click.option("--lwc-lr", type=POSITIVE_FLOAT, default=None, help="OmniQuant: LWC learning rate."),
+    click.option("--let-lr", type=POSITIVE_FLOAT, default=None, help="OmniQuant: LET learning rate."),
+    click.option("--let-alpha", type=Finite(0, 1), default=None, help="OmniQuant: SmoothQuant-style LET init exponent."),
     click.option("--aug-loss/--no-aug-loss", default=None, help="OmniQuant: also match the fp block fed quantized inputs."),
-    click.option("--owq-target-bits", type=float, default=None, help="OmniQuant: choose OWQ weak columns first."),
+    click.option("--owq-target-bits", type=POSITIVE_FLOAT, default=None, help="OmniQuant: choose OWQ weak columns first."),
     click.option("--lwc-init", default=None, callback=lambda ctx, p, v: _float_or_search(v),
                  help="OmniQuant: initial clipping strength (paper 4.0) or 'search' (activation-aware clip search; "
                       "better when few epochs fit)."),
     click.option("--loss", type=click.Choice(["mse", "token_rel"]), default=None,
                  help="OmniQuant: block loss, the paper's 'mse' or 'token_rel' (each token relative to its size)."),
     # OWQ
-    click.option("--target-bits", type=float, default=None, help="OWQ: bits per weight budget, e.g. 3.01, 3.1, 4.01."),
-    click.option("--weak-columns", type=int, default=None, help="OWQ: fp16 columns per linear (instead of --target-bits)."),
+    click.option("--target-bits", type=POSITIVE_FLOAT, default=None, help="OWQ: bits per weight budget, e.g. 3.01, 3.1, 4.01."),
+    click.option("--weak-columns", type=NON_NEGATIVE, default=None, help="OWQ: fp16 columns per linear (instead of --target-bits)."),
 ]
 
 
@@ -97,9 +115,9 @@ def _method_options(f):
 
 
 def _calib_options(f):
-    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling windows.")(f)
-    f = click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")(f)
-    f = click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")(f)
+    f = click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed for sampling windows.")(f)
+    f = click.option("--seqlen", type=POSITIVE, default=2048, show_default=True, help="Tokens per calibration window.")(f)
+    f = click.option("--nsamples", type=POSITIVE, default=128, show_default=True, help="Calibration windows.")(f)
     f = click.option("--calib", type=str, default=None,
                      help="Calibration text: a file, a folder of .txt files, or a dataset name (c4, wikitext2) "
                           "where a network exists.")(f)
@@ -117,11 +135,11 @@ def _calib_options(f):
 @_calib_options
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ/OWQ: quantize columns in order of decreasing Hessian diagonal (groups stay static).")
-@click.option("--percdamp", type=float, default=0.01, show_default=True, help="GPTQ: Hessian damping.")
-@click.option("--skip-tokens", type=int, default=0, show_default=True,
+@click.option("--percdamp", type=NON_NEGATIVE_FLOAT, default=0.01, show_default=True, help="GPTQ: Hessian damping.")
+@click.option("--skip-tokens", type=NON_NEGATIVE, default=0, show_default=True,
               help="GPTQ/OWQ: leave the first tokens of each window (attention sinks) out of the Hessian.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Calibration windows per block pass.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Calibration windows per block pass.")
 @_method_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def quantize(model, output, method, bits, group_size, sym, calib, nsamples, seqlen, seed, act_order, percdamp,
@@ -141,10 +159,10 @@ def quantize(model, output, method, bits, group_size, sym, calib, nsamples, seql
 @main.command("eval")
 @click.argument("checkpoint")
 @click.option("--data", required=True, help="Evaluation text (WikiText-2 test file) or 'wikitext2' with a network.")
-@click.option("--seqlen", type=int, default=2048, show_default=True)
-@click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows (CPU time).")
+@click.option("--seqlen", type=POSITIVE, default=2048, show_default=True)
+@click.option("--max-windows", type=POSITIVE, default=None, help="Evaluate only the first N windows (CPU time).")
 @click.option("--reference", default=None, help="Original model: also report KL divergence and top-1 agreement.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True)
 def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, quiet):
@@ -199,14 +217,14 @@ def inspect(checkpoint, as_json, layers):
 @click.argument("checkpoint")
 @click.option("--data", required=True, help="Task text to tune on (a file); its last windows are held out.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Tuned checkpoint folder.")
-@click.option("--epochs", type=int, default=1, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--seqlen", type=int, default=512, show_default=True)
-@click.option("--nsamples", type=int, default=64, show_default=True, help="Training windows drawn from the text.")
-@click.option("--heldout", type=int, default=8, show_default=True, help="Held-out windows at the end of the text.")
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--epochs", type=POSITIVE, default=1, show_default=True)
+@click.option("--lr", type=POSITIVE_FLOAT, default=1e-4, show_default=True)
+@click.option("--seqlen", type=POSITIVE, default=512, show_default=True)
+@click.option("--nsamples", type=POSITIVE, default=64, show_default=True, help="Training windows drawn from the text.")
+@click.option("--heldout", type=POSITIVE, default=8, show_default=True, help="Held-out windows at the end of the text.")
+@click.option("--batch-size", type=POSITIVE, default=4, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("-q", "--quiet", is_flag=True)
 def tune_weak_columns(checkpoint, data, output, epochs, lr, seqlen, nsamples, heldout, batch_size, seed, device, quiet):
     """OWQ weak-column tuning: train only the fp16 weak columns of an OWQ CHECKPOINT on task text."""
@@ -227,9 +245,9 @@ def tune_weak_columns(checkpoint, data, output, epochs, lr, seqlen, nsamples, he
 @click.option("--group-size", type=int, default=128, show_default=True)
 @click.option("--calib", default=None, help="Calibration text (default: ../shared/data/calibration if present).")
 @click.option("--data", default=None, help="Evaluation text (default: ../shared/data/wikitext-2-raw/wiki.test.raw).")
-@click.option("--max-windows", type=int, default=8, show_default=True, help="Evaluation windows of 2048 tokens.")
-@click.option("--nsamples", type=int, default=32, show_default=True)
-@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--max-windows", type=POSITIVE, default=8, show_default=True, help="Evaluation windows of 2048 tokens.")
+@click.option("--nsamples", type=POSITIVE, default=32, show_default=True)
+@click.option("--seqlen", type=POSITIVE, default=512, show_default=True)
 @click.option("--methods", default="rtn,gptq,omniquant,owq", show_default=True,
               help="Comma-separated methods to compare.")
 @click.option("-o", "--output", default=None, help="Where to keep the demo checkpoints (default: cache folder).")

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import re
 import time
 from pathlib import Path
 
-from edgequant.atomic import atomic_output_dir, check_replaceable
+from edgequant.atomic import atomic_output_dir, output_lock
 from edgequant.errors import EdgequantError
 
 from . import targets
@@ -21,6 +22,7 @@ FORMAT_VERSION = 1
 PREFILL_CHUNK = 256
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json")   # one of them makes a usable tokenizer
 
 
 def _log(progress: bool, msg: str):
@@ -80,58 +82,66 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
     preset = targets.get_preset(target)
     if arch and preset.name != "cuda":
         raise EdgequantError(f"--arch applies to the cuda target only, not '{target}'")
+    if system_lib_prefix is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", system_lib_prefix):
+        raise EdgequantError(f"--system-lib-prefix {system_lib_prefix!r} must be a C identifier (letters, digits, "
+                             "underscores; not starting with a digit), e.g. mymodel_")
     source = open_source(checkpoint, preset.packing3)
+    if source.path.is_dir() and not any((source.path / n).is_file() for n in TOKENIZER_VOCABS):
+        raise EdgequantError(f"{source.path} has no tokenizer (tokenizer.json or tokenizer.model); `run`, `chat` and "
+                             "`eval` of the DIST need it: save the model's tokenizer into that folder and export again")
     out = Path(output or f"{Path(str(checkpoint)).name}-{target}").expanduser().resolve()
-    check_replaceable(out, EXPORT_JSON)
-    prefix = system_lib_prefix or _default_prefix(source)
-    t0 = time.time()
-    _log(progress, f"{source.path.name}: {source.arch.model_type}, {source.arch.num_layers} layers, "
-                   f"{source.quantization} -> {preset.name}")
-    ex, named_params, tgt, functions = build_module(source, preset, arch, prefix if preset.system_lib else None)
-    t_compile = time.time() - t0
-    _log(progress, f"compiled in {t_compile:.1f}s")
-    with atomic_output_dir(out, marker=EXPORT_JSON) as tmp:
-        library, link_note = preset.library, None
-        if preset.name == "cpu-arm64":
-            # a shared library for aarch64 needs an aarch64 linker; without one ship the objects (lib.tar)
-            cc = shutil.which("aarch64-linux-gnu-g++") or shutil.which("aarch64-linux-gnu-gcc")
-            if cc:
-                ex.export_library(str(tmp / library), cc=cc)
+    if out == source.path.resolve() or source.path.resolve().is_relative_to(out):
+        raise EdgequantError(f"-o {out} is the model being exported; choose a new folder for the DIST")
+    with output_lock(out, EXPORT_JSON):
+        prefix = system_lib_prefix or _default_prefix(source)
+        t0 = time.time()
+        _log(progress, f"{source.path.name}: {source.arch.model_type}, {source.arch.num_layers} layers, "
+                       f"{source.quantization} -> {preset.name}")
+        ex, named_params, tgt, functions = build_module(source, preset, arch, prefix if preset.system_lib else None)
+        t_compile = time.time() - t0
+        _log(progress, f"compiled in {t_compile:.1f}s")
+        with atomic_output_dir(out, marker=EXPORT_JSON) as tmp:
+            library, link_note = preset.library, None
+            if preset.name == "cpu-arm64":
+                # a shared library for aarch64 needs an aarch64 linker; without one ship the objects (lib.tar)
+                cc = shutil.which("aarch64-linux-gnu-g++") or shutil.which("aarch64-linux-gnu-gcc")
+                if cc:
+                    ex.export_library(str(tmp / library), cc=cc)
+                else:
+                    library = "lib.tar"
+                    link_note = "no aarch64 linker here: on the target run `tar xf lib.tar && g++ -shared -o lib.so *.o`"
+                    _log(progress, link_note)
+                    ex.export_library(str(tmp / library))
             else:
-                library = "lib.tar"
-                link_note = "no aarch64 linker here: on the target run `tar xf lib.tar && g++ -shared -o lib.so *.o`"
-                _log(progress, link_note)
                 ex.export_library(str(tmp / library))
-        else:
-            ex.export_library(str(tmp / library))
-        cuda = None
-        if preset.name == "cuda":
-            from .cuda import compile_fatbin
-            src = next((m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda"), None)
-            if src is None:
-                raise EdgequantError("the CUDA build produced no device code")
-            _log(progress, f"compiling device code with nvcc for {', '.join(targets.parse_archs(arch))}")
-            cuda = compile_fatbin(src, targets.parse_archs(arch), tmp)
-        names = [n for n, _ in named_params]
-        _log(progress, f"writing {len(names)} weight tensors")
-        weight_bytes = write_tensor_cache(source, names, tmp)
-        _copy_tokenizer(source.path, tmp)
-        device_code = sorted({m.kind for m in _walk(ex.mod) if m.kind in ("cuda", "metal", "opencl", "webgpu")})
-        meta = {
-            "format_version": FORMAT_VERSION, "target": preset.name, "tvm_target": str(tgt),
-            "tvm_version": tvm.__version__, "device": preset.device, "library": library, "link_note": link_note,
-            "system_lib_prefix": prefix if preset.system_lib else None, "device_code": device_code,
-            "cuda": cuda, "source": str(source.path), "quantization": source.quantization,
-            "packing3": preset.packing3,
-            "model": {**source.arch.__dict__}, "functions": functions,
-            "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params],
-            "weight_bytes": weight_bytes, "prefill_chunk_size": PREFILL_CHUNK,
-            "build_time_s": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (tmp / "mlc-chat-config.json").write_text(json.dumps(_mlc_chat_config(source, meta), indent=2))
-        (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2))
-    _log(progress, f"wrote {out} ({weight_bytes / 2**20:.1f} MiB of weights) in {time.time() - t0:.1f}s")
-    return out
+            cuda = None
+            if preset.name == "cuda":
+                from .cuda import compile_fatbin
+                src = next((m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda"), None)
+                if src is None:
+                    raise EdgequantError("the CUDA build produced no device code")
+                _log(progress, f"compiling device code with nvcc for {', '.join(targets.parse_archs(arch))}")
+                cuda = compile_fatbin(src, targets.parse_archs(arch), tmp)
+            names = [n for n, _ in named_params]
+            _log(progress, f"writing {len(names)} weight tensors")
+            weight_bytes = write_tensor_cache(source, names, tmp)
+            _copy_tokenizer(source.path, tmp)
+            device_code = sorted({m.kind for m in _walk(ex.mod) if m.kind in ("cuda", "metal", "opencl", "webgpu")})
+            meta = {
+                "format_version": FORMAT_VERSION, "target": preset.name, "tvm_target": str(tgt),
+                "tvm_version": tvm.__version__, "device": preset.device, "library": library, "link_note": link_note,
+                "system_lib_prefix": prefix if preset.system_lib else None, "device_code": device_code,
+                "cuda": cuda, "source": str(source.path), "quantization": source.quantization,
+                "packing3": preset.packing3,
+                "model": {**source.arch.__dict__}, "functions": functions,
+                "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params],
+                "weight_bytes": weight_bytes, "prefill_chunk_size": PREFILL_CHUNK,
+                "build_time_s": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            (tmp / "mlc-chat-config.json").write_text(json.dumps(_mlc_chat_config(source, meta), indent=2))
+            (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2))
+        _log(progress, f"wrote {out} ({weight_bytes / 2**20:.1f} MiB of weights) in {time.time() - t0:.1f}s")
+        return out
 
 
 def _default_prefix(source) -> str:

@@ -8,6 +8,9 @@ import json
 
 import click
 
+from edgequant.clitypes import (NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_INT_LIST, PROBABILITY,
+                                non_empty)
+
 from .targets import target_names
 
 
@@ -28,11 +31,11 @@ def export_cmd(checkpoint, target, output, arch, system_lib_prefix, quiet):
 
 @click.command("run")
 @click.argument("dist")
-@click.option("--prompt", "-p", required=True)
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prompt", "-p", required=True, callback=non_empty)
+@click.option("--max-new-tokens", type=POSITIVE, default=64, show_default=True)
+@click.option("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=PROBABILITY, default=1.0, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
 @click.option("--chat-template", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print tokens and speeds as JSON instead of streaming.")
 def run_cmd(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_template, as_json):
@@ -54,10 +57,10 @@ def run_cmd(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_templat
 
 @click.command("chat")
 @click.argument("dist")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.7, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-new-tokens", type=POSITIVE, default=256, show_default=True)
+@click.option("--temperature", type=NON_NEGATIVE_FLOAT, default=0.7, show_default=True)
+@click.option("--top-p", type=PROBABILITY, default=0.95, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
 def chat_cmd(dist, max_new_tokens, temperature, top_p, seed):
     """Chat with an exported model (the tokenizer's chat template); an empty line ends the chat."""
     from . import api
@@ -71,15 +74,14 @@ def _echo(s="", end="\n", flush=False):  # noqa: ARG001 - print-like signature f
 
 @click.command("bench")
 @click.argument("dist")
-@click.option("--prompt-lengths", default="32,128,512", show_default=True)
-@click.option("--decode-tokens", type=int, default=64, show_default=True)
-@click.option("--repeats", type=int, default=1, show_default=True)
+@click.option("--prompt-lengths", type=POSITIVE_INT_LIST, default="32,128,512", show_default=True)
+@click.option("--decode-tokens", type=POSITIVE, default=64, show_default=True)
+@click.option("--repeats", type=POSITIVE, default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_cmd(dist, prompt_lengths, decode_tokens, repeats, as_json):
     """Prefill/decode tokens per second and memory of an exported model."""
     from . import api
-    lengths = [int(x) for x in prompt_lengths.split(",") if x.strip()]
-    res = api.bench(dist, lengths, decode_tokens, repeats)
+    res = api.bench(dist, prompt_lengths, decode_tokens, repeats)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return

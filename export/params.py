@@ -165,7 +165,12 @@ class HFSource(WeightSource):
             raise EdgequantError(f"model not found: {p}; pass a checkpoint folder or a Hugging Face model folder")
         self.path = p
         cfg = p / "config.json"
-        self.config = json.loads(cfg.read_text()) if cfg.is_file() else None
+        try:
+            self.config = json.loads(cfg.read_text()) if cfg.is_file() else None
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise EdgequantError(f"{cfg} is not valid JSON; restore the model's config.json") from None
+        if cfg.is_file() and not isinstance(self.config, dict):
+            raise EdgequantError(f"{cfg} is not a JSON object; restore the model's config.json")
         self.quantization = "f16"
         self._state = None
         if self.config is None:  # a .gguf file: transformers knows its config once loaded
@@ -212,15 +217,10 @@ def open_source(path, packing3: str = "words") -> WeightSource:
     if not p.exists():
         raise EdgequantError(f"checkpoint not found: {p}; pass the folder written by `edgequant quantize` "
                              "(or a Hugging Face model folder for an fp16 export)")
-    cfg = p / "config.json"
-    if p.is_dir() and cfg.is_file():
-        try:
-            qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-        except ValueError:
-            raise EdgequantError(f"{cfg} is not valid JSON; re-run `edgequant quantize`") from None
-        if qc.get("quant_method") == "edgequant":
-            return CheckpointSource(p, packing3)
-    elif p.is_dir():
+    from edgequant.artifact import is_checkpoint
+    if is_checkpoint(p):
+        return CheckpointSource(p, packing3)
+    if p.is_dir() and not (p / "config.json").is_file():
         raise EdgequantError(f"{p} has no config.json: it is neither an edgequant checkpoint nor a Hugging Face model")
     return HFSource(p)
 

@@ -50,6 +50,14 @@ class ArchConfig:
 
     @classmethod
     def from_hf(cls, c: dict) -> "ArchConfig":
+        try:
+            return cls._from_hf(c)
+        except (KeyError, TypeError, ValueError) as e:
+            raise EdgequantError(f"config.json lacks or mistypes a field export needs ({type(e).__name__}: {e}); "
+                                 "restore the model's config.json") from None
+
+    @classmethod
+    def _from_hf(cls, c: dict) -> "ArchConfig":
         if c.get("model_type") not in ("llama", "mistral", "qwen2"):
             raise EdgequantError(f"export supports llama, mistral and qwen2 models, not '{c.get('model_type')}'")
         if c.get("hidden_act", "silu") != "silu":

@@ -1,0 +1,160 @@
+"""Damaged and hostile checkpoints: every case is refused by `eval` (which reads every tensor) with one `error:` line
+that names the problem, no traceback, and nothing written; a few also go through `inspect` and `export`."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import copy_case, edit_header, edit_json, edit_tensor
+from harness import assert_one_line_error, run_commands
+
+LIN = "model.layers.0.self_attn.q_proj"
+
+
+def _qc(key, value=None, drop=False):
+    def f(c):
+        if drop:
+            c["quantization_config"].pop(key)
+        else:
+            c["quantization_config"][key] = value
+    return lambda d: edit_json(d / "config.json", f)
+
+
+def _cfg(key, value=None, drop=False):
+    def f(c):
+        if drop:
+            c.pop(key)
+        else:
+            c[key] = value
+    return lambda d: edit_json(d / "config.json", f)
+
+
+def _header(fn):
+    return lambda d: edit_header(d / "model.safetensors", fn)
+
+
+def _rename_key(h):
+    h[f"{LIN}.scalez"] = h.pop(f"{LIN}.scales")
+
+
+def _overlap(h):
+    a = h[f"{LIN}.scales"]
+    b = h[f"{LIN}.zeros"]
+    start = a["data_offsets"][0]
+    b["data_offsets"] = [start, start + b["data_offsets"][1] - b["data_offsets"][0]]
+
+
+def _index_escape(d):
+    outside = d.parent / "outside.safetensors"
+    shutil.move(d / "model.safetensors", outside)
+    names = json.loads(outside.read_bytes()[8:8 + int.from_bytes(outside.read_bytes()[:8], "little")])
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "../outside.safetensors" for k in names if k != "__metadata__"}}))
+
+
+def _truncate(d):
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+
+
+def _no_tokenizer(d):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (d / name).unlink(missing_ok=True)
+
+
+def _tensor(name, fn):
+    return lambda d: edit_tensor(d, name, fn)
+
+
+def _set(i, v):
+    def f(a):
+        a = a.astype(np.int64)
+        a[i] = v
+        return a
+    return f
+
+
+# name: (damage, words the one-line error must contain)
+CASES = {
+    "config_is_a_list": (lambda d: (d / "config.json").write_text("[1, 2]"), ["config.json"]),
+    "config_not_json": (lambda d: (d / "config.json").write_bytes(b"\xff\xfe{"), ["config.json"]),
+    "bits_missing": (_qc("bits", drop=True), ["bits"]),
+    "bits_a_string": (_qc("bits", "4"), ["bits"]),
+    "group_size_a_list": (_qc("group_size", [32]), ["group_size"]),
+    "hidden_size_a_string": (_cfg("hidden_size", "64"), ["hidden_size"]),
+    "num_hidden_layers_missing": (_cfg("num_hidden_layers", drop=True), ["num_hidden_layers"]),
+    "heads_do_not_divide_hidden": (_cfg("num_attention_heads", 6), ["num_attention_heads"]),
+    "unknown_model_type": (_cfg("model_type", "gpt9"), ["gpt9"]),
+    "quantization_config_removed": (_cfg("quantization_config", drop=True), ["quantization_config"]),
+    "sym_with_zero_points": (_qc("sym", True), ["zeros", "symmetric"]),
+    "zero_point_255_at_4_bits": (_tensor(f"{LIN}.zeros", lambda a: np.full_like(a, 255)), [f"{LIN}.zeros"]),
+    "outlier_index_100000": (_tensor(f"{LIN}.outlier_idx", _set(-1, 100000)), ["outlier_idx"]),
+    "outlier_index_2_pow_30": (_tensor(f"{LIN}.outlier_idx", _set(-1, 1 << 30)), ["outlier_idx"]),
+    "outlier_index_negative": (_tensor(f"{LIN}.outlier_idx", _set(0, -3)), ["outlier_idx"]),
+    "outlier_index_duplicated": (_tensor(f"{LIN}.outlier_idx", lambda a: np.full_like(a, a[0])), ["outlier_idx"]),
+    "nan_scales": (_tensor(f"{LIN}.scales", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 0, np.nan, a)),
+                   [f"{LIN}.scales", "NaN"]),
+    "inf_embedding": (_tensor("model.embed_tokens.weight", lambda a: a * np.float16(math.inf)), ["embed_tokens"]),
+    "header_key_renamed": (_header(_rename_key), [f"{LIN}.scales"]),
+    "header_a_json_list": (_header(lambda h: [h]), ["model.safetensors"]),
+    "header_offsets_overlap": (_header(_overlap), ["overlaps"]),
+    "weights_truncated": (_truncate, ["truncated"]),
+    "index_path_leaves_folder": (_index_escape, ["outside.safetensors"]),
+    "tokenizer_missing": (_no_tokenizer, ["tokenizer"]),
+}
+EXPORTED = ["index_path_leaves_folder", "zero_point_255_at_4_bits", "outlier_index_2_pow_30", "nan_scales",
+            "sym_with_zero_points", "config_is_a_list"]
+
+
+@pytest.fixture(scope="module")
+def results(good_ckpt, text_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged-ckpt")
+    argvs, where = [], {}
+    for name, (damage, _) in CASES.items():
+        d = copy_case(good_ckpt, root, name)
+        damage(d)
+        where[name] = d
+        argvs.append(["eval", str(d), "--data", text_file, "--seqlen", "64", "--max-windows", "1", "-q"])
+    for name in EXPORTED:
+        argvs.append(["export", str(where[name]), "--target", "cpu", "-o", str(where[name].parent / "dist"), "-q"])
+    argvs.append(["inspect", str(where["outlier_index_2_pow_30"])])
+    res = run_commands(argvs, root)
+    return {tuple(r["argv"][:2]): r for r in res}, where
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_eval_refuses_damaged_checkpoint(results, name):
+    res, where = results
+    assert_one_line_error(res[("eval", str(where[name]))], *CASES[name][1])
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_export_refuses_damaged_checkpoint_and_writes_nothing(results, name):
+    res, where = results
+    assert_one_line_error(res[("export", str(where[name]))])
+    left = sorted(p.name for p in where[name].parent.iterdir() if p.name != "outside.safetensors")
+    assert left == [where[name].name]   # no DIST, no left-overs
+
+
+def test_inspect_refuses_out_of_range_outlier_index(results):
+    res, where = results
+    assert_one_line_error(res[("inspect", str(where["outlier_index_2_pow_30"]))], "outlier_idx")
+
+
+def test_good_checkpoint_passes_the_same_checks(good_ckpt, text_file, tmp_path):
+    """The corpus's baseline: the undamaged copy evaluates and inspects (so each case fails for its damage)."""
+    res = run_commands([["eval", str(good_ckpt), "--data", text_file, "--seqlen", "64", "--max-windows", "1", "-q"],
+                        ["inspect", str(good_ckpt)]], tmp_path)
+    assert [r["rc"] for r in res] == [0, 0], res
+    assert "perplexity" in res[0]["stdout"]
+
+
+def test_damaged_provenance_is_ignored_not_fatal(good_ckpt, tmp_path):
+    d = copy_case(good_ckpt, tmp_path, "prov")
+    (d / "edgequant.json").write_text("[1, 2]")
+    r = run_commands([["inspect", str(d), "--json"]], tmp_path)[0]
+    assert r["rc"] == 0 and r["traceback"] is None and json.loads(r["stdout"])["method"] == "owq"
