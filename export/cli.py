@@ -42,14 +42,22 @@ def run_cmd(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_templat
     """Generate text from PROMPT with an exported DIST folder (TVM runtime only)."""
     from . import api
     from .runtime import read_export_info
-    read_export_info(dist)  # a clear error before the prompt is echoed
-    sink = None if as_json else (lambda s: click.echo(s, nl=False))
-    if not as_json:
-        click.echo(prompt, nl=False)
+    read_export_info(dist)
+    started = []
+
+    def sink(s):   # the prompt is echoed with the first text, so an error never follows it on the same line
+        if not started:
+            started.append(True)
+            click.echo(prompt, nl=False)
+        click.echo(s, nl=False)
+    if as_json:
+        sink = None
     res = api.run(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_template, on_text=sink)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
+        if not started:
+            click.echo(prompt, nl=False)
         click.echo(f"\n[{res['prompt_tokens']} prompt tokens: {res['prefill_tokens_per_s']:.1f} tok/s prefill; "
                    f"{len(res['tokens'])} new tokens: {res['decode_tokens_per_s']:.1f} tok/s decode; "
                    f"{res['target']}]", err=True)

@@ -106,7 +106,8 @@ class Runner:
         try:
             return AutoTokenizer.from_pretrained(str(self.dist))
         except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing/bad tokenizer
-            raise EdgequantError(f"cannot load the tokenizer saved in {self.dist} ({e}); export again") from None
+            raise EdgequantError(f"cannot load the tokenizer saved in {self.dist} ({_first_line(e)}); export the "
+                                 "model again from a folder that has its tokenizer") from None
 
     # ----------------------------------------------------------------------------------------- low level
     def _embed(self, ids):

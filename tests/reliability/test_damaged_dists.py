@@ -1,0 +1,139 @@
+"""Damaged and hostile DIST folders: `run` refuses each with one `error:` line before TVM opens a path, an offset or an
+index that the files name (these used to load outside files and libraries, and to segfault)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import copy_case, dist_record, edit_dist_tensor, edit_json
+from harness import assert_one_line_error, run_commands
+
+CACHE = "tensor-cache.json"
+EXPORT = "edgequant-export.json"
+
+
+def _cache(fn):
+    return lambda d: edit_json(d / CACHE, fn)
+
+
+def _first_shard(fn):
+    def f(c):
+        fn(c["records"][0])
+    return _cache(f)
+
+
+def _record(suffix, key, value):
+    def f(c):
+        for shard in c["records"]:
+            for r in shard["records"]:
+                if r["name"].endswith(suffix):
+                    r[key] = value
+                    return
+    return _cache(f)
+
+
+def _outside_shard(d):
+    shutil.copy(d / "params_shard_0.bin", d.parent / "outside_shard.bin")
+    _first_shard(lambda s: s.__setitem__("dataPath", "../outside_shard.bin"))(d)
+
+
+def _outside_library(d):
+    shutil.copy(d / "lib.so", d.parent / "x.so")
+    edit_json(d / EXPORT, lambda i: i.__setitem__("library", "../x.so"))
+
+
+def _symlinked_shard(d):
+    shard = d / "params_shard_0.bin"
+    shutil.move(shard, d.parent / "elsewhere.bin")
+    os.symlink(d.parent / "elsewhere.bin", shard)
+
+
+def _truncate_shard(d):
+    f = d / "params_shard_0.bin"
+    f.write_bytes(f.read_bytes()[:-4096])
+
+
+def _pop(key):
+    return lambda d: edit_json(d / EXPORT, lambda i: i.pop(key))
+
+
+def _outlier(value):
+    return lambda d: edit_dist_tensor(d, "self_attn.qkv_proj.outlier_idx", lambda a: np.append(a[:-1], value))
+
+
+CASES = {
+    "dataPath_leaves_folder": (_outside_shard, ["dataPath", "outside_shard.bin"]),
+    "dataPath_etc_passwd": (_first_shard(lambda s: s.__setitem__("dataPath", "../../../../etc/passwd")), ["dataPath"]),
+    "dataPath_absolute": (_first_shard(lambda s: s.__setitem__("dataPath", "/etc/passwd")), ["dataPath"]),
+    "shard_symlink_out_of_folder": (_symlinked_shard, ["dataPath"]),
+    "library_leaves_folder": (_outside_library, ["library", "x.so"]),
+    "byteOffset_1e9": (_record("qkv_proj.qweight", "byteOffset", 10 ** 9), ["qkv_proj.qweight"]),
+    "nbytes_wrong": (_record("qkv_proj.scales", "nbytes", 7), ["qkv_proj.scales"]),
+    "shape_wrong": (_record("o_proj.qweight", "shape", [1, 1]), ["o_proj.qweight"]),
+    "dtype_wrong": (_record("o_proj.scales", "dtype", "float32"), ["o_proj.scales"]),
+    "outlier_index_2_pow_30": (_outlier(1 << 30), ["outlier_idx"]),
+    "outlier_index_100000": (_outlier(100000), ["outlier_idx"]),
+    "zero_point_255": (lambda d: edit_dist_tensor(d, "o_proj.zeros", lambda a: np.full_like(a, 255)), ["zeros"]),
+    "nan_scales": (lambda d: edit_dist_tensor(d, "o_proj.scales", lambda a: np.full_like(a, np.nan)), ["scales"]),
+    "shard_missing": (lambda d: (d / "params_shard_0.bin").unlink(), ["params_shard_0.bin"]),
+    "shard_truncated": (_truncate_shard, ["params_shard_0.bin"]),
+    "tensor_cache_not_json": (lambda d: (d / CACHE).write_bytes(b"\x00{garbage"), [CACHE]),
+    "tensor_cache_a_list": (lambda d: (d / CACHE).write_text("[]"), [CACHE]),
+    "tensor_cache_missing": (lambda d: (d / CACHE).unlink(), [CACHE]),
+    "library_random_bytes": (lambda d: (d / "lib.so").write_bytes(os.urandom(4096)), ["lib.so"]),
+    "export_json_a_list": (lambda d: (d / EXPORT).write_text("[]"), [EXPORT]),
+    "export_json_without_params": (_pop("params"), ["params"]),
+    "export_json_bad_vocab": (lambda d: edit_json(d / EXPORT, lambda i: i["model"].__setitem__("vocab_size", -1)),
+                              ["vocab_size"]),
+    "tokenizer_missing": (lambda d: (d / "tokenizer.json").unlink(), ["tokenizer"]),
+}
+
+
+@pytest.fixture(scope="module")
+def results(good_dist, tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged-dist")
+    argvs, where = [], {}
+    for name, (damage, _) in CASES.items():
+        d = copy_case(good_dist, root, name)
+        damage(d)
+        where[name] = d
+        argvs.append(["run", str(d), "--prompt", "hello", "--max-new-tokens", "2"])
+    return {r["argv"][1]: r for r in run_commands(argvs, root)}, where
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_run_refuses_damaged_dist(results, name):
+    res, where = results
+    r = res[str(where[name])]
+    assert_one_line_error(r, *CASES[name][1])
+    assert r["stdout"] == ""   # the prompt is not echoed before the error
+
+
+def test_good_dist_runs(good_dist, tmp_path):
+    r = run_commands([["run", str(good_dist), "--prompt", "hello", "--max-new-tokens", "2"]], tmp_path)[0]
+    assert r["rc"] == 0 and r["traceback"] is None and r["stdout"].startswith("hello")
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(good_dist):
+    from edgequant.errors import EdgequantError
+    from edgequant.export.runtime import Runner
+    r = Runner(good_dist, load_tokenizer=False)
+    for bad in ([r.vocab], [5, 50_000_000], [-1]):
+        with pytest.raises(EdgequantError, match="outside the vocabulary"):
+            r.generate(bad, 2)
+    assert len(r.generate([1, 2, 3], 2).tokens) == 2   # and the runner still works afterwards
+
+
+def test_records_that_do_not_fit_their_shard_are_found_without_reading_the_weights(good_dist, tmp_path):
+    """The check uses sizes and offsets only: a shard named by a record exists and bounds every offset."""
+    from edgequant.errors import EdgequantError
+    from edgequant.export.dist import check_tensor_cache, read_export_info
+    d = copy_case(good_dist, tmp_path, "offset")
+    shard, rec = dist_record(d, "embed_tokens.weight")
+    _record("embed_tokens.weight", "byteOffset", (d / shard["dataPath"]).stat().st_size - rec["nbytes"] + 2)(d)
+    with pytest.raises(EdgequantError, match="past the end"):
+        check_tensor_cache(d, read_export_info(d))
