@@ -127,6 +127,10 @@ def check_tensor_cache(dist: Path, info: dict) -> None:
             if r["byteOffset"] + r["nbytes"] > size:
                 raise _damaged(f, f"'{r['name']}' lies past the end of {shard['dataPath']}")
             where[r["name"]] = (path, r["byteOffset"], r)
+        spans = sorted((r["byteOffset"], r["byteOffset"] + r["nbytes"], r["name"]) for r in shard["records"])
+        for (_, end, _), (start, _, name) in zip(spans, spans[1:]):
+            if start < end:
+                raise _damaged(f, f"'{name}' overlaps another tensor in {shard['dataPath']}")
     for p in info["params"]:
         rec = where.get(p["name"])
         if rec is None:

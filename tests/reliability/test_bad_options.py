@@ -1,0 +1,76 @@
+"""Bad options and arguments on every command: one `error:` line naming the option, exit 1 or 2, no traceback, and no
+output folder created (all command lines run in one child process; see harness.py)."""
+from __future__ import annotations
+
+import pytest
+
+from harness import assert_one_line_error, run_commands
+
+
+def _cases(ckpt, dist, text, out):
+    q = ["quantize", "MODEL", "-o", out, "--method", "rtn", "-q"]
+    ev = ["eval", ckpt, "--data", text, "-q"]
+    wct = ["tune-weak-columns", ckpt, "--data", text, "-o", out, "-q"]
+    return {
+        "eval_seqlen_0": (ev + ["--seqlen", "0"], "--seqlen"),
+        "eval_seqlen_negative": (ev + ["--seqlen", "-5"], "--seqlen"),
+        "eval_max_windows_negative": (ev + ["--max-windows", "-1"], "--max-windows"),
+        "eval_max_windows_0": (ev + ["--max-windows", "0"], "--max-windows"),
+        "eval_device_bogus": (ev + ["--device", "bogus"], "--device"),
+        "eval_missing_data_file": (["eval", ckpt, "--data", out + ".nope.txt", "-q"], "nope.txt"),
+        "eval_missing_checkpoint": (["eval", out + "-nope", "--data", text, "-q"], "nope"),
+        "quantize_batch_size_0": (q + ["--batch-size", "0"], "--batch-size"),
+        "quantize_nsamples_0": (q + ["--nsamples", "0"], "--nsamples"),
+        "quantize_bits_5": (q + ["--bits", "5"], "--bits"),
+        "quantize_group_size_7": (q + ["--group-size", "7"], "group_size"),
+        "quantize_lwc_lr_nan": (q[:5] + ["omniquant", "--lwc-lr", "nan", "--calib", text], "--lwc-lr"),
+        "quantize_epochs_negative": (q[:5] + ["omniquant", "--epochs", "-1", "--calib", text], "--epochs"),
+        "quantize_device_bogus": (q + ["--device", "tpu"], "--device"),
+        "quantize_cuda_without_gpu": (q + ["--device", "cuda:7"], "cuda:7"),
+        "quantize_missing_model_folder": (["quantize", out + "-none/", "-o", out, "--method", "rtn", "-q"], "not found"),
+        "quantize_output_is_a_file": (["quantize", "MODEL", "-o", text, "--method", "rtn", "-q"], "is a file"),
+        "wct_seqlen_0": (wct + ["--seqlen", "0"], "--seqlen"),
+        "wct_nsamples_0": (wct + ["--nsamples", "0"], "--nsamples"),
+        "wct_heldout_0": (wct + ["--heldout", "0"], "--heldout"),
+        "wct_batch_size_0": (wct + ["--batch-size", "0"], "--batch-size"),
+        "wct_lr_nan": (wct + ["--lr", "nan"], "--lr"),
+        "export_prefix_not_a_c_symbol": (["export", ckpt, "--target", "iphone", "-o", out, "--system-lib-prefix",
+                                          "a b;rm", "-q"], "--system-lib-prefix"),
+        "export_output_is_the_input": (["export", ckpt, "-o", ckpt, "-q"], "-o"),
+        "export_unknown_target": (["export", ckpt, "--target", "gameboy", "-o", out, "-q"], "gameboy"),
+        "run_empty_prompt": (["run", dist, "--prompt", ""], "--prompt"),
+        "run_top_p_0": (["run", dist, "-p", "hi", "--top-p", "0"], "--top-p"),
+        "run_top_p_negative": (["run", dist, "-p", "hi", "--top-p", "-1"], "--top-p"),
+        "run_temperature_nan": (["run", dist, "-p", "hi", "--temperature", "nan"], "--temperature"),
+        "run_seed_negative": (["run", dist, "-p", "hi", "--seed", "-1"], "--seed"),
+        "run_not_a_dist": (["run", ckpt, "-p", "hi"], "edgequant export"),
+        "bench_prompt_length_0": (["bench", dist, "--prompt-lengths", "0"], "--prompt-lengths"),
+        "bench_prompt_length_negative": (["bench", dist, "--prompt-lengths", "-5"], "--prompt-lengths"),
+        "bench_prompt_length_abc": (["bench", dist, "--prompt-lengths", "abc"], "--prompt-lengths"),
+        "bench_repeats_0": (["bench", dist, "--repeats", "0"], "--repeats"),
+        "unknown_command": (["quantise"], "quantise"),
+    }
+
+
+@pytest.fixture(scope="module")
+def results(good_ckpt, good_dist, text_file, model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-options")
+    out = str(root / "out")
+    cases = _cases(str(good_ckpt), str(good_dist), text_file, out)
+    argvs = [[model_dirs["llama"] if a == "MODEL" else a for a in argv] for argv, _ in cases.values()]
+    res = run_commands(argvs, root)
+    return dict(zip(cases, res)), {k: w for k, (_, w) in cases.items()}, root
+
+
+@pytest.mark.parametrize("name", list(_cases("C", "D", "T", "O")))
+def test_bad_option_is_one_line_error(results, name):
+    res, words, root = results
+    assert_one_line_error(res[name], words[name])
+    assert not (root / "out").exists()
+
+
+def test_unwritable_output_is_refused_before_any_work(model_dirs, tmp_path):
+    """As root a chmod does not stop writes, so use a folder of a read-only file system."""
+    r = run_commands([["quantize", model_dirs["llama"], "-o", "/proc/edgequant-out", "--method", "rtn", "-q"]],
+                     tmp_path)[0]
+    assert_one_line_error(r, "cannot write")
