@@ -120,7 +120,11 @@ def load_model(model: str | os.PathLike | None, dtype=None):
                 raise EdgequantError(f"GGUF file not found: {path}")
             m, tok = _load_gguf(path.resolve())
         else:
-            if not path.exists() and (src.startswith((".", "/", "~")) or os.sep in src and src.count("/") != 1):
+            # `models/x` beside an existing local `models/` folder is a mistyped path, not a hub id: no 30 s of
+            # network retries before saying so
+            local_parent = "/" in src and Path(src.split("/")[0]).is_dir()
+            if not path.exists() and (src.startswith((".", "/", "~")) or local_parent
+                                      or os.sep in src and src.count("/") != 1):
                 raise EdgequantError(f"model path not found: {src}; pass a Hugging Face folder, a .gguf file or a hub id")
             if path.is_dir() and not (path / "config.json").exists():
                 raise EdgequantError(f"{src} has no config.json: pass a Hugging Face model folder or a .gguf file")

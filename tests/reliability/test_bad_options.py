@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import assert_one_line_error, run_commands
+from .harness import assert_one_line_error, run_commands
 
 
 def _cases(ckpt, dist, text, out):
@@ -74,3 +74,14 @@ def test_unwritable_output_is_refused_before_any_work(model_dirs, tmp_path):
     r = run_commands([["quantize", model_dirs["llama"], "-o", "/proc/edgequant-out", "--method", "rtn", "-q"]],
                      tmp_path)[0]
     assert_one_line_error(r, "cannot write")
+
+
+def test_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """`models/nope` beside a local `models/` folder is a missing path (it used to try the hub for ~30 s)."""
+    from edgequant import api
+    from edgequant.errors import EdgequantError
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EdgequantError, match="model path not found: models/nope"):
+        api.quantize("models/nope", tmp_path / "o", method="rtn", progress=False)
+    assert not (tmp_path / "o").exists()

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import copy_case, edit_header, edit_json, edit_tensor
-from harness import assert_one_line_error, run_commands
+from .conftest import copy_case, edit_header, edit_json, edit_tensor
+from .harness import assert_one_line_error, run_commands
 
 LIN = "model.layers.0.self_attn.q_proj"
 

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import copy_case, dist_record, edit_dist_tensor, edit_json
-from harness import assert_one_line_error, run_commands
+from .conftest import copy_case, dist_record, edit_dist_tensor, edit_json
+from .harness import assert_one_line_error, run_commands
 
 CACHE = "tensor-cache.json"
 EXPORT = "edgequant-export.json"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from conftest import copy_case
-from harness import run_commands
+from .conftest import copy_case
+from .harness import run_commands
 
 FLIPS = 24
 
