@@ -141,3 +141,8 @@ def test_quantize_says_when_it_replaced_a_checkpoint(runner, tmp_path, model_dir
     assert "3 bits/weight target, 3." in first.output and "replaced" not in first.output
     again = runner.invoke(main, args)
     assert again.exit_code == 0 and "replaced the checkpoint that was there" in again.output
+
+
+def test_eval_help_says_a_dist_is_slower(runner):
+    r = runner.invoke(main, ["eval", "--help"])
+    assert r.exit_code == 0 and "9x slower" in r.output
