@@ -152,8 +152,8 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
 
 
 def inspect(checkpoint) -> dict:
-    """Scheme, method, effective bits per weight (counting scales, zero points and fp16 columns), size on disk,
-    per-layer reconstruction errors and calibration settings of a checkpoint."""
+    """Scheme, method, target and stored bits per weight (stored counts packed words, scales, zero points and fp16
+    columns), size on disk, per-layer reconstruction errors and calibration settings of a checkpoint."""
     from .artifact import open_checkpoint, expected_layout
     ck = open_checkpoint(checkpoint)
     _, quant = expected_layout(ck)
@@ -181,11 +181,14 @@ def inspect(checkpoint) -> dict:
     s = ck.scheme
     ideal = s.bits + (16 + (0 if s.sym else 8)) / (s.group_len(max(k for _, k, _ in quant.values())))
     prov = ck.provenance
+    opts = prov.get("options") or {}
+    # the figure the user asked for: OWQ's budget, else the integer width; "stored" adds packing, scales, zeros
+    target = opts.get("target_bits") or opts.get("owq_target_bits") or float(s.bits)
     return {
         "path": str(ck.path), "model_type": ck.config.get("model_type"), "method": ck.method,
         "scheme": s.name, "bits": s.bits, "group_size": s.group_size, "sym": s.sym,
         "quantized_linears": len(quant), "quantized_weights": q_weights,
-        "bits_per_weight": q_bits / q_weights,
+        "bits_target": float(target), "bits_per_weight": q_bits / q_weights,
         "bits_per_weight_ideal": ideal,
         "outlier_columns": {k: len(v) for k, v in outlier_cols.items()} or None,
         "outlier_indices": outlier_cols or None,
@@ -225,12 +228,26 @@ DEMO_SETTINGS = {
 }
 
 
+# Rough seconds of each demo step in the README's 13-minute run (idle two-core CPU, 8 windows, 32 x 512 calibration):
+# an evaluation ~45-60 s, OmniQuant's quantization 131 s, GPTQ's and OWQ's the rest. Only their proportions matter:
+# the time-left estimate rescales them by how long the finished steps really took on this machine.
+DEMO_STEP_SECONDS = {"eval": 45, "fp32 eval": 60, "rtn": 10, "gptq": 200, "omniquant": 131, "owq": 200}
+
+
+def demo_dir() -> Path:
+    """Where the demo keeps its checkpoints by default: `demo/` in the cache folder (`EDGEQUANT_CACHE` moves it)."""
+    from .loading import cache_dir
+    return cache_dir() / "demo"
+
+
 def demo(output_dir=None, bits: int = 3, group_size: int = 128, methods=tuple(DEMO_SETTINGS), calib: str | None = None,
          data: str | None = None, nsamples: int = 32, seqlen: int = 512, eval_seqlen: int = 2048,
-         max_windows: int = 8, progress: bool = True) -> list[dict]:
+         max_windows: int = 8, progress: bool = True, on_row=None) -> list[dict]:
     """The main job end to end on the default model: fetch, quantize with each method, evaluate, return table rows.
 
-    `nsamples` x `seqlen` calibrates GPTQ and OWQ; OmniQuant uses its CPU-reduced setting from DEMO_SETTINGS."""
+    `nsamples` x `seqlen` calibrates GPTQ and OWQ; OmniQuant uses its CPU-reduced setting from DEMO_SETTINGS.
+    Checkpoints go to `output_dir` (default `demo_dir()`). `on_row(row, seconds_left)` is called as each row is
+    finished, with an estimate of the time the remaining rows will take (None when nothing is left)."""
     from .loading import fetch_default_model
     unknown = [m for m in methods if m not in DEMO_SETTINGS]
     if unknown:
@@ -241,11 +258,20 @@ def demo(output_dir=None, bits: int = 3, group_size: int = 128, methods=tuple(DE
         raise EdgequantError("the demo needs calibration and evaluation text: pass --calib PATH and --data PATH "
                              "(e.g. ../shared/data/calibration and ../shared/data/wikitext-2-raw/wiki.test.raw)")
     model_dir = fetch_default_model(progress)
-    out_root = Path(output_dir or (Path.home() / ".cache" / "edgequant" / "demo")).expanduser()
+    out_root = Path(output_dir).expanduser() if output_dir is not None else demo_dir()
+    eta = _DemoClock(methods, max_windows / 8, nsamples * seqlen / (32 * 512))
     rows = []
+
+    def finish(row, step):
+        rows.append(row)
+        left = eta.done(step)
+        if on_row is not None:
+            on_row(row, left)
+
     base = evaluate(model_dir, data, eval_seqlen, max_windows, progress=progress)
-    rows.append({"method": "fp32 (dequantized GGUF)", "scheme": "-", "bits_per_weight": 32.0,
-                 "perplexity": base["perplexity"], "quantize_s": None, "eval_s": base["time_s"], "calibration": "-"})
+    finish({"method": "fp32 (dequantized GGUF)", "scheme": "-", "bits_target": 32.0, "bits_per_weight": 32.0,
+            "perplexity": base["perplexity"], "quantize_s": None, "eval_s": base["time_s"], "calibration": "-"},
+           "fp32")
     for method in methods:
         opts = dict(DEMO_SETTINGS[method])
         if method == "owq":
@@ -259,10 +285,30 @@ def demo(output_dir=None, bits: int = 3, group_size: int = 128, methods=tuple(DE
         res = evaluate(ck, data, eval_seqlen, max_windows, progress=progress)
         label = method + "".join(f" {k.replace('_', '-')}={v:g}" if isinstance(v, float) else
                                  f" {k.replace('_', '-')}={v}" for k, v in opts.items())
-        rows.append({"method": label, "scheme": info["scheme"], "bits_per_weight": info["bits_per_weight"],
-                     "perplexity": res["perplexity"], "quantize_s": tq, "eval_s": res["time_s"],
-                     "calibration": "-" if method == "rtn" else f"{n}x{L}", "checkpoint": str(ck)})
+        finish({"method": label, "scheme": info["scheme"], "bits_target": info["bits_target"],
+                "bits_per_weight": info["bits_per_weight"], "perplexity": res["perplexity"], "quantize_s": tq,
+                "eval_s": res["time_s"], "calibration": "-" if method == "rtn" else f"{n}x{L}",
+                "checkpoint": str(ck)}, method)
     return rows
+
+
+class _DemoClock:
+    """Time left in the demo: the idle-run shares of the steps still to come, scaled by elapsed / done shares."""
+
+    def __init__(self, methods, eval_scale: float, calib_scale: float):
+        s = DEMO_STEP_SECONDS
+        cost = {"fp32": s["fp32 eval"] * eval_scale}
+        for m in methods:
+            # GPTQ and OWQ pass over the calibration tokens; OmniQuant's setting is fixed, RTN reads none
+            q = s[m] * (calib_scale if m in ("gptq", "owq") else 1.0)
+            cost[m] = q + s["eval"] * eval_scale
+        self.left, self.done_cost, self.t0 = cost, 0.0, time.time()
+
+    def done(self, step: str) -> float | None:
+        self.done_cost += self.left.pop(step)
+        if not self.left:
+            return None
+        return (time.time() - self.t0) / self.done_cost * sum(self.left.values())
 
 
 def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-4, seqlen: int = 512,

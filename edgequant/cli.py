@@ -145,15 +145,20 @@ def _calib_options(f):
 def quantize(model, output, method, bits, group_size, sym, calib, nsamples, seqlen, seed, act_order, percdamp,
              skip_tokens, device, batch_size, quiet, **method_options):
     """Quantize MODEL (HF folder, .gguf file, hub id; default: SmolLM2-135M-Instruct) into a checkpoint folder."""
+    from pathlib import Path
+
     from . import api
+    from .artifact import PROVENANCE_NAME
     method_options = {k: v for k, v in method_options.items() if v is not None}
+    replaced = (Path(output).expanduser() / PROVENANCE_NAME).is_file()
     out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym, calib=calib,
                        nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, act_order=act_order,
                        percdamp=percdamp, batch_size=batch_size, skip_tokens=skip_tokens, progress=not quiet,
                        **method_options)
     info = api.inspect(out)
-    click.echo(f"wrote {out}  ({info['scheme']}, {info['bits_per_weight']:.3f} bits/weight, "
-               f"{info['size_on_disk_bytes'] / 2**20:.1f} MiB)")
+    click.echo(f"wrote {out}  ({info['scheme']}, {info['bits_target']:g} bits/weight target, "
+               f"{info['bits_per_weight']:.3f} stored, {info['size_on_disk_bytes'] / 2**20:.1f} MiB)"
+               + ("; it replaced the checkpoint that was there" if replaced else ""))
 
 
 @main.command("eval")
@@ -166,8 +171,17 @@ def quantize(model, output, method, bits, group_size, sym, calib, nsamples, seql
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True)
 def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, quiet):
-    """Perplexity of CHECKPOINT, rebuilt from its saved packed tensors (or of an unquantized model)."""
+    """Perplexity of CHECKPOINT, rebuilt from its saved packed tensors (or of an unquantized model).
+
+    A DIST folder from `edgequant export` is evaluated through its compiled library instead. On a CPU that is about
+    9x slower than evaluating the checkpoint (TVM's paged-attention prefill kernels dominate): evaluate the checkpoint
+    for quality numbers, and a DIST with a few --max-windows to check the library agrees."""
+    from pathlib import Path
+
     from . import api
+    if not quiet and (Path(checkpoint).expanduser() / "edgequant-export.json").is_file():
+        click.echo("note: a DIST is evaluated through the TVM runtime, about 9x slower on a CPU than its checkpoint",
+                   err=True)
     res = api.evaluate(checkpoint, data, seqlen=seqlen, max_windows=max_windows, reference=reference, device=device,
                        progress=not quiet)
     if as_json:
@@ -197,8 +211,9 @@ def inspect(checkpoint, as_json, layers):
     click.echo(f"method          {info['method']}")
     click.echo(f"scheme          {info['scheme']} (bits {info['bits']}, group {info['group_size']}, "
                f"{'sym' if info['sym'] else 'asym'})")
-    click.echo(f"bits/weight     {info['bits_per_weight']:.4f} stored (packed words + scales + zero points"
-               f"{' + fp16 columns' if info['outlier_columns'] else ''}); {info['bits_per_weight_ideal']:.4f} ideal")
+    click.echo(f"bits/weight     {info['bits_target']:g} target; {info['bits_per_weight']:.4f} stored (packed words + "
+               f"scales + zero points{' + fp16 columns' if info['outlier_columns'] else ''}); "
+               f"{info['bits_per_weight_ideal']:.4f} ideal")
     click.echo(f"quantized       {info['quantized_linears']} linears, {info['quantized_weights']:,} weights")
     click.echo(f"size on disk    {info['size_on_disk_bytes'] / 2**20:.2f} MiB")
     if info["outlier_columns"]:
@@ -250,20 +265,55 @@ def tune_weak_columns(checkpoint, data, output, epochs, lr, seqlen, nsamples, he
 @click.option("--seqlen", type=POSITIVE, default=512, show_default=True)
 @click.option("--methods", default="rtn,gptq,omniquant,owq", show_default=True,
               help="Comma-separated methods to compare.")
-@click.option("-o", "--output", default=None, help="Where to keep the demo checkpoints (default: cache folder).")
+@click.option("-o", "--output", default=None,
+              help="Where to keep the demo checkpoints (default: demo/ in the cache folder, EDGEQUANT_CACHE).")
 @click.option("-q", "--quiet", is_flag=True)
 def demo(bits, group_size, calib, data, max_windows, nsamples, seqlen, methods, output, quiet):
     """The main job end to end on SmolLM2-135M-Instruct: fetch, quantize (RTN, GPTQ, OmniQuant with CPU-reduced
-    settings, OWQ), evaluate, compare. --nsamples/--seqlen calibrate GPTQ and OWQ."""
+    settings, OWQ), evaluate, compare. --nsamples/--seqlen calibrate GPTQ and OWQ. About 13 minutes on an idle
+    two-core CPU with the defaults; each row is printed as it finishes, with an estimate of the time left."""
+    from pathlib import Path
+
     from . import api
     from .report import table
+    methods = tuple(m.strip() for m in methods.split(",") if m.strip())
+    out_root = Path(output).expanduser().resolve() if output else api.demo_dir()
+    click.echo(f"checkpoints: {out_root}" + ("" if output else "  (EDGEQUANT_CACHE or -o moves them)"))
+    click.echo("rows print as they finish; the defaults take about 13 min on an idle two-core CPU, longer on a busy one")
+    done = []
+
+    def on_row(row, left):
+        done.append(row)
+        head = f"[{len(done)}/{len(methods) + 1}] {row['method']}"
+        if row["quantize_s"] is not None:
+            head += (f" ({row['scheme']}, {row['bits_target']:g} bits/weight target, {row['bits_per_weight']:.2f} "
+                     f"stored): quantized in {row['quantize_s']:.0f} s,")
+        else:
+            head += ":"
+        tail = f"; about {_duration(left)} left" if left is not None else ""
+        click.echo(f"{head} perplexity {row['perplexity']:.2f} (eval {row['eval_s']:.0f} s){tail}")
+
     rows = api.demo(output, bits=int(bits), group_size=group_size, calib=calib, data=data, nsamples=nsamples,
-                    seqlen=seqlen, max_windows=max_windows, progress=not quiet,
-                    methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
+                    seqlen=seqlen, max_windows=max_windows, progress=not quiet, methods=methods, on_row=on_row)
+    for r in rows:
+        r["bits"] = _bits(r)
     click.echo(f"\nSmolLM2-135M-Instruct, WikiText-2 perplexity over the first {max_windows} windows of 2048 tokens")
-    click.echo(table(rows, [("method", "method"), ("scheme", "scheme"), ("bits_per_weight", "bits/weight"),
+    click.echo(table(rows, [("method", "method"), ("scheme", "scheme"), ("bits", "bits/weight target / stored"),
                             ("perplexity", "perplexity"), ("quantize_s", "quantize s"), ("eval_s", "eval s"),
                             ("calibration", "calibration tokens")]))
+    last = rows[-1].get("checkpoint")
+    if last:
+        click.echo(f"\ncheckpoints in {out_root}; next: edgequant inspect {last}  |  "
+                   f"edgequant export {last} --target cpu")
+
+
+def _bits(info) -> str:
+    """Target and stored bits per weight side by side: '3 / 3.42' (the stored figure adds packing, scales, zeros)."""
+    return f"{info['bits_target']:g} / {info['bits_per_weight']:.2f}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 # export/run/chat/bench live in the edgequant.export package (TVM side); importing its cli module does not import tvm

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from edgequant.errors import EdgequantError
+
 
 def export(checkpoint, target: str = "cpu", output=None, arch: str | None = None,
            system_lib_prefix: str | None = None, progress: bool = True) -> Path:
@@ -14,10 +16,27 @@ def export(checkpoint, target: str = "cpu", output=None, arch: str | None = None
                         progress=progress)
 
 
+def check_runs_here(dist) -> dict:
+    """The DIST folder's export record, or a one-line error when its library is not one `run`, `chat`, `bench` and
+    `eval` can load (they load cpu and cuda shared libraries; mobile and Mac libraries are linked into apps)."""
+    from .runtime import read_export_info
+    from .targets import PRESETS
+    info = read_export_info(dist)
+    target, library = info.get("target"), str(info.get("library", ""))
+    if info.get("device") in ("cpu", "cuda") and library.endswith(".so"):
+        return info
+    preset = PRESETS.get(target)
+    where = preset.app if preset is not None and preset.app else "apps/README.md"
+    raise EdgequantError(f"{dist} was exported for {target}: its {library} links into an app ({where} in the "
+                         "edgequant repository); `edgequant run`, `chat`, `bench` and `eval` load cpu and cuda "
+                         "exports: export with --target cpu to try the model here")
+
+
 def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
         chat_template: bool = False, on_text=None) -> dict:
     """Generate a continuation of `prompt`; `on_text(piece)` receives text as it is produced."""
     from .runtime import Runner
+    check_runs_here(dist)
     r = Runner(dist)
     tok = r.tokenizer
     if chat_template and getattr(tok, "chat_template", None):
@@ -33,30 +52,44 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
 
 
 def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
-         read=input, write=print):
-    """Interactive loop with the tokenizer's chat template; an empty line or EOF ends it."""
+         read=input, write=print, note=None):
+    """Chat loop with the tokenizer's chat template. An empty line, end of input or Ctrl-C at the prompt ends it;
+    Ctrl-C during a reply stops that reply. `read(prompt)` gives a line, `write(text, end=, flush=)` prints the
+    reply, `note(text)` the speed line after it (default: `write`)."""
     from .runtime import Runner
+    check_runs_here(dist)
     r = Runner(dist)
     tok = r.tokenizer
+    note = note or write
+
+    def encode(turns):
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return tok("\n".join(m["content"] for m in turns))["input_ids"]
+
     history = []
     while True:
         try:
             line = read(">>> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             break
         if not line.strip():
             break
         history.append({"role": "user", "content": line})
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
-        else:
-            ids = tok("\n".join(m["content"] for m in history))["input_ids"]
+        ids = encode(history)
         if len(ids) + max_new_tokens > r.max_len:  # forget the oldest turns when the cache would overflow
             history = history[-1:]
-            ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = encode(history)
         stream = _Detokenizer(tok, lambda s: write(s, end="", flush=True))
-        st = r.generate(list(ids), max_new_tokens, temperature, top_p, seed, r.stop_ids(), stream.push)
-        write(f"\n[{st.decode_tps:.1f} tok/s]")
+        try:
+            st = r.generate(list(ids), max_new_tokens, temperature, top_p, seed, r.stop_ids(), stream.push)
+        except KeyboardInterrupt:
+            write("")
+            note("[reply stopped]")
+            history.pop()
+            continue
+        write("")
+        note(f"[{st.decode_tps:.1f} tok/s]")
         history.append({"role": "assistant", "content": tok.decode(st.tokens, skip_special_tokens=True)})
 
 
@@ -64,6 +97,7 @@ def bench(dist, prompt_lengths=(32, 128, 512), decode_tokens: int = 64, repeats:
     """Prefill and decode tokens/s for a few prompt lengths (random tokens, greedy), plus memory."""
     import numpy as np
     from .runtime import Runner
+    check_runs_here(dist)
     r = Runner(dist, load_tokenizer=False)
     rng = np.random.default_rng(0)
     rows = []
@@ -86,9 +120,9 @@ def evaluate(dist, data, seqlen: int = 2048, max_windows: int | None = None, pro
     """Perplexity through the compiled library, on the same windows as `edgequant.evaluate`."""
     from edgequant.data import eval_windows
     from .runtime import Runner, perplexity
+    check_runs_here(dist)
     r = Runner(dist, max_total_seq_len=seqlen)
     if seqlen > r.max_len:
-        from edgequant.errors import EdgequantError
         raise EdgequantError(f"--seqlen {seqlen} exceeds the model's context window {r.max_len}")
     windows = eval_windows(r.tokenizer, data, seqlen, max_windows).numpy()
     t0 = time.time()

@@ -25,8 +25,13 @@ from .targets import target_names
 def export_cmd(checkpoint, target, output, arch, system_lib_prefix, quiet):
     """Compile CHECKPOINT (quantized, or a Hugging Face folder for fp16) with TVM into a DIST folder."""
     from . import api
+    from .targets import get_preset
     out = api.export(checkpoint, target, output, arch=arch, system_lib_prefix=system_lib_prefix, progress=not quiet)
     click.echo(str(out))
+    preset = get_preset(target)
+    if preset.system_lib and preset.app:  # a static library: nothing here runs it, so say what does
+        click.echo(f"next: {out}/{preset.library} links into an app; the steps are in {preset.app} in the edgequant "
+                   "repository", err=True)
 
 
 @click.command("run")
@@ -70,10 +75,26 @@ def run_cmd(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_templat
 @click.option("--top-p", type=PROBABILITY, default=0.95, show_default=True)
 @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
 def chat_cmd(dist, max_new_tokens, temperature, top_p, seed):
-    """Chat with an exported model (the tokenizer's chat template); an empty line ends the chat."""
+    """Chat with an exported model (the tokenizer's chat template). An empty line, Ctrl-D or Ctrl-C ends the chat;
+    piped input works too (one message per line, replies on stdout, speeds on stderr)."""
     from . import api
-    api.chat(dist, max_new_tokens, temperature, top_p, seed, read=lambda p: click.prompt(p, default="",
-             show_default=False, prompt_suffix=""), write=_echo)
+    api.chat(dist, max_new_tokens, temperature, top_p, seed, read=_read_line, write=_echo,
+             note=lambda s: click.echo(s, err=True))
+
+
+def _read_line(prompt: str) -> str:
+    """A line of input: with a prompt and line editing on a terminal, silently from a pipe."""
+    import sys
+    if not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\r\n")
+    try:
+        return input(prompt)
+    except (EOFError, KeyboardInterrupt):
+        click.echo()  # leave the shell's prompt on a line of its own
+        raise
 
 
 def _echo(s="", end="\n", flush=False):  # noqa: ARG001 - print-like signature for api.chat

@@ -13,6 +13,21 @@ from tvm.relax.frontend.nn import Tensor, op
 from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_te
 
 
+def take_clipped(x: Tensor, indices: Tensor, axis: int) -> Tensor:
+    """`op.take` with out-of-range indices clamped to the edge. nn's take uses TVM's "fast" mode, which reads out
+    of bounds on a bad index (and prints a segfault warning at every export); a clamp costs one min/max per index
+    and turns a bad token id or outlier index into a wrong row instead of a crash."""
+    from tvm import relax
+    return op.wrap_nested(relax.op.take(x._expr, indices._expr, axis, mode="clip"), name="take")
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding (same parameter name and shape) whose lookup is `take_clipped`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return take_clipped(self.weight, x, axis=0)
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(qweight, scales, zeros)^T + x[..., outlier_idx] @ outlier_weight^T + bias."""
 
@@ -31,7 +46,7 @@ class QuantLinear(nn.Module):
         w = op.tensor_expr_op(dequantize_te(self.spec), "dequantize", args)
         y = op.matmul(x, op.permute_dims(w), out_dtype="float32")
         if self.n_outliers:
-            xo = op.take(x, self.outlier_idx, axis=-1)
+            xo = take_clipped(x, self.outlier_idx, axis=x.ndim - 1)
             y = y + op.matmul(xo, op.permute_dims(self.outlier_weight), out_dtype="float32")
         y = y.astype("float16")
         return y + self.bias if self.bias is not None else y

@@ -24,6 +24,7 @@ class TargetPreset:
     runs_here: bool = False         # can `edgequant run` load it on an x86-64 Linux host
     packing3: str = "words"         # 3-bit runtime layout: the checkpoint's words, or bit planes (CPU GEMV, see
                                     # tvm_schedules/dequant.py); GPU targets keep words until measured on a GPU
+    app: str | None = None          # the apps/ recipe that runs this target's library outside `edgequant run`
     extra: dict = field(default_factory=dict)
 
 
@@ -38,17 +39,17 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
                  {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "lib.so", "cpu",
                  packing3="planes3"),
     TargetPreset("cuda", "NVIDIA GPU (CUDA; --arch, default sm_80 and sm_90), shared library with fatbin",
-                 _GPU_CUDA, "lib.so", "cuda"),
+                 _GPU_CUDA, "lib.so", "cuda", app="apps/cuda/README.md"),
     TargetPreset("metal", "macOS on Apple silicon (Metal + arm64-apple-macos), shared-object .tar",
                  {**_METAL, "max_threads_per_block": 1024, "host": {"kind": "llvm", "mtriple": "arm64-apple-macos"}},
                  "lib.tar", "metal"),
     TargetPreset("iphone", "iPhone/iPad (Metal + arm64-apple-darwin), static system library .tar",
                  {**_METAL, "host": {"kind": "llvm", "mtriple": "arm64-apple-darwin", "libs": ["iphoneos"]}},
-                 "lib.tar", "metal", system_lib=True),
+                 "lib.tar", "metal", system_lib=True, app="apps/ios/README.md"),
     TargetPreset("android", "Android (OpenCL + aarch64-linux-android), static system library .tar",
                  {"kind": "opencl", "max_threads_per_block": 256, "max_shared_memory_per_block": 16384,
                   "thread_warp_size": 1, "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
-                 "lib.tar", "opencl", system_lib=True),
+                 "lib.tar", "opencl", system_lib=True, app="apps/android/README.md"),
     TargetPreset("webgpu", "browser WebGPU (WGSL + wasm32 objects, experimental; linking needs emscripten)",
                  {"kind": "webgpu", "host": {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}},
                  "lib.tar", "webgpu", system_lib=True),

@@ -91,3 +91,58 @@ def test_demo_runs_every_method_and_omniquant_beats_rtn(tmp_path, model_dirs, te
     assert all(r["perplexity"] > rows[0]["perplexity"] * 0.98 for r in rows[1:])
     with pytest.raises(EdgequantError, match="choose from"):
         api.demo(tmp_path / "x", methods=("awq",), calib=text_file, data=text_file)
+
+
+@pytest.fixture
+def tiny_demo(monkeypatch, model_dirs, tmp_path):
+    """The demo on the tiny llama, with its cache folder under tmp_path."""
+    from edgequant import loading
+    monkeypatch.setattr(loading, "fetch_default_model", lambda progress=True: model_dirs["llama"])
+    monkeypatch.setenv("EDGEQUANT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_demo_reports_each_row_as_it_finishes(tiny_demo, text_file, monkeypatch):
+    from edgequant import api
+    evals = []
+    real_evaluate = api.evaluate
+    monkeypatch.setattr(api, "evaluate", lambda *a, **k: evals.append(a[0]) or real_evaluate(*a, **k))
+    seen = []
+    rows = api.demo(bits=2, group_size=32, methods=("rtn", "gptq"), calib=text_file, data=text_file, nsamples=4,
+                    seqlen=64, eval_seqlen=64, max_windows=2, progress=False,
+                    on_row=lambda row, left: seen.append((row["method"], len(evals), left)))
+    # each row arrives right after its own evaluation, before the next method starts
+    assert [(m, n) for m, n, _ in seen] == [("fp32 (dequantized GGUF)", 1), ("rtn", 2), ("gptq", 3)]
+    assert seen[0][2] > 0 and seen[1][2] > 0 and seen[2][2] is None
+    assert [r["method"] for r in rows] == [m for m, _, _ in seen]
+    assert rows[1]["bits_target"] == 2.0 and rows[1]["bits_per_weight"] > 2
+
+
+def test_demo_cli_prints_rows_and_checkpoint_folder_in_edgequant_cache(runner, tiny_demo, text_file):
+    r = runner.invoke(main, ["demo", "--bits", "2", "--group-size", "32", "--methods", "rtn,owq", "--calib", text_file,
+                             "--data", text_file, "--nsamples", "4", "--seqlen", "64", "--max-windows", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].startswith(f"checkpoints: {tiny_demo / 'demo'}")
+    rows = [line for line in lines if line.startswith("[")]
+    assert rows[0].startswith("[1/3] fp32") and "left" in rows[0]
+    assert rows[1].startswith("[2/3] rtn (w2g32, 2 bits/weight target, 2.") and "left" in rows[1]
+    assert rows[2].startswith("[3/3] owq target-bits=2.1 (w2g32, 2.1 bits/weight target, 2.")
+    assert "left" not in rows[2]
+    assert "| 2.1 / 2." in r.output  # the table's target / stored column
+    assert (tiny_demo / "demo" / "owq-w2g32" / "edgequant.json").is_file()
+    assert f"edgequant export {tiny_demo / 'demo' / 'owq-w2g32'} --target cpu" in r.output
+
+
+def test_quantize_says_when_it_replaced_a_checkpoint(runner, tmp_path, model_dirs):
+    args = ["quantize", str(model_dirs["llama"]), "-o", str(tmp_path / "q"), "--method", "rtn", "--bits", "3", "-q"]
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert "3 bits/weight target, 3." in first.output and "replaced" not in first.output
+    again = runner.invoke(main, args)
+    assert again.exit_code == 0 and "replaced the checkpoint that was there" in again.output
+
+
+def test_eval_help_says_a_dist_is_slower(runner):
+    r = runner.invoke(main, ["eval", "--help"])
+    assert r.exit_code == 0 and "9x slower" in r.output

@@ -18,7 +18,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 
 from edgequant.errors import EdgequantError
 
-from ..quant_linear import DenseLinear, QuantLinear
+from ..quant_linear import DenseLinear, Embedding, QuantLinear
 
 # export linear -> the checkpoint linears whose rows it concatenates, in order
 FUSED_LINEARS = {
@@ -135,7 +135,7 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, c: ArchConfig, plans):
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype="float16")
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype="float16")
         self.layers = nn.ModuleList([DecoderLayer(c, plans, i) for i in range(c.num_layers)])
         self.norm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype="float16")
 

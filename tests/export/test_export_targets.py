@@ -66,11 +66,20 @@ def _elf_aarch64(data: bytes) -> bool:
     return data[:4] == b"\x7fELF" and data[4] == 2 and struct.unpack_from("<H", data, 18)[0] == 183  # EM_AARCH64
 
 
-@pytest.mark.parametrize("target,is_arch,kernel_marker", [("iphone", _macho_arm64, b"kernel void"),
-                                                          ("android", _elf_aarch64, b"__kernel")])
-def test_mobile_library_objects(checkpoint, tmp_path, target, is_arch, kernel_marker):
-    from edgequant.export.api import export
-    dist = export(checkpoint, target, tmp_path / target, system_lib_prefix=PREFIX, progress=False)
+@pytest.mark.parametrize("target,is_arch,kernel_marker,app", [("iphone", _macho_arm64, b"kernel void", "apps/ios"),
+                                                              ("android", _elf_aarch64, b"__kernel", "apps/android")])
+def test_mobile_library_objects(checkpoint, tmp_path, target, is_arch, kernel_marker, app):
+    """Exported through the CLI, which points to the app recipe; `run` on the result says where it runs instead."""
+    from click.testing import CliRunner
+    from edgequant.cli import main
+    dist = tmp_path / target
+    r = CliRunner().invoke(main, ["export", str(checkpoint), "--target", target, "-o", str(dist),
+                                  "--system-lib-prefix", PREFIX, "-q"])
+    assert r.exit_code == 0, r.output
+    assert f"{app}/README.md" in r.output
+    r = CliRunner().invoke(main, ["run", str(dist), "--prompt", "Hi"])
+    assert r.exit_code == 1 and f"was exported for {target}" in r.output and f"{app}/README.md" in r.output
+    assert "'metal'" not in r.output and "'opencl'" not in r.output and "Traceback" not in r.output
     info = json.loads((dist / "edgequant-export.json").read_text())
     assert info["system_lib_prefix"] == PREFIX and info["library"] == "lib.tar"
     with tarfile.open(dist / "lib.tar") as tf:
@@ -133,3 +142,38 @@ def test_cpu_arm64_objects(checkpoint, tmp_path):
     else:
         blobs = [lib.read_bytes()]
     assert blobs and all(_elf_aarch64(b) for b in blobs)
+
+
+def test_chat_ends_cleanly_at_end_of_input_and_reads_pipes(cpu_dist):
+    """Piped lines are messages; end of input ends the chat with exit 0 and no 'Aborted!'."""
+    from click.testing import CliRunner
+    from edgequant.cli import main
+    args = ["chat", str(cpu_dist), "--max-new-tokens", "4", "--temperature", "0"]
+    r = CliRunner().invoke(main, args, input="The quick brown\nfox jumps\n")
+    assert r.exit_code == 0, r.output
+    assert "Aborted" not in r.output and "error" not in r.output
+    assert r.output.count("tok/s]") == 2           # both piped lines were answered
+    r = CliRunner().invoke(main, args, input="")
+    assert r.exit_code == 0 and "Aborted" not in r.output
+
+
+def test_chat_ctrl_c_stops_a_reply_then_ends(cpu_dist, monkeypatch):
+    from edgequant.export import api
+    from edgequant.export.runtime import Runner
+    lines, out = iter(["hello"]), []
+
+    def read(prompt):
+        line = next(lines, None)
+        if line is None:
+            raise KeyboardInterrupt  # Ctrl-C at the prompt
+        return line
+
+    real = Runner.generate
+
+    def interrupted(self, *a, **k):
+        real(self, *a, **k)
+        raise KeyboardInterrupt      # Ctrl-C while the reply streams
+
+    monkeypatch.setattr(Runner, "generate", interrupted)
+    api.chat(cpu_dist, max_new_tokens=4, read=read, write=lambda s="", **k: out.append(s))   # returns, no raise
+    assert "[reply stopped]" in out
