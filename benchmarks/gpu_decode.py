@@ -288,7 +288,7 @@ def run(out: Path, only: str | None, results: Path | None):
         results.mkdir(parents=True, exist_ok=True)
         name = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
         (results / f"gpu-{name}.md").write_text(table)
-        (results / f"gpu-{name}.rows.json").write_text(json.dumps({"rows": rows, "copy_bw": bw, "peer": {
+        (results / f"gpu-{name}.rows.json").write_text(json.dumps({"rows": rows, "copy_bw": bw, "copy_only_bw": cbw, "peer": {
             f"{a}/{b}": v for (a, b), v in peer.items()}}, indent=1))
 
 

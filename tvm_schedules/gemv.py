@@ -54,12 +54,14 @@ def warps_for(spec: QuantSpec, steps: int = 1) -> int:
 
 
 def default_config(spec: QuantSpec, sms: int = 132) -> GemvConfig:
-    """4 rows per block (fewer while the grid would leave SMs idle); enough warps that each thread takes one chunk
-    per row, or the fewest steps that keep a block at <= 12 warps (measured on an H100: benchmarks/gpu_decode.py)."""
-    rows = 4
-    while rows > 1 and (spec.n % rows or spec.n // rows < 4 * sms):
+    """Rows per block and warps, from the H100 sweep in benchmarks/results/gpu-h100-decode-gemv.md: two steps over K
+    per thread at 4 and 2 bits (the second step's loads overlap the first's math), one at 3 bits (three 128-bit loads
+    per row already); 8 rows at 2 bits (x reused more where weights are cheapest), else 4; fewer rows while the grid
+    would leave SMs idle, more steps while a block would exceed 12 warps."""
+    rows = 8 if spec.bits == 2 else 4
+    while rows > 1 and (spec.n % rows or spec.n // rows < 2 * sms):
         rows //= 2
-    steps = 1
+    steps = 1 if spec.bits == 3 else 2
     while warps_for(spec, steps) > 12:
         steps += 1
     return GemvConfig(rows, warps_for(spec, steps))
