@@ -10,7 +10,8 @@ Two steps, because TVM compiles here and the GPU machine has only torch (no TVM 
 device, and times each linear as CUDA-graph replays over enough weight copies (>= 512 MiB) that nothing is served
 from L2. Bytes per linear = packed weights + scales + zeros; "% roofline" divides their rate by the faster of a
 streaming-read kernel and a device-to-device copy ((read + write bytes) / time), both over 1 GiB. The step table
-adds up all 32 layers' linears: the decode tokens/s a model would reach if nothing but these linears ran. Writes benchmarks/results/gpu-<device>.md.
+adds up all 32 layers' linears: the decode tokens/s a model would reach if nothing but these linears ran.
+Writes benchmarks/results/gpu-<device>.md.
 """
 from __future__ import annotations
 
@@ -288,7 +289,8 @@ def run(out: Path, only: str | None, results: Path | None):
         results.mkdir(parents=True, exist_ok=True)
         name = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
         (results / f"gpu-{name}.md").write_text(table)
-        (results / f"gpu-{name}.rows.json").write_text(json.dumps({"rows": rows, "copy_bw": bw, "copy_only_bw": cbw, "peer": {
+        (results / f"gpu-{name}.rows.json").write_text(json.dumps({"rows": rows, "copy_bw": bw, "copy_only_bw": cbw,
+                                                                   "peer": {
             f"{a}/{b}": v for (a, b), v in peer.items()}}, indent=1))
 
 
