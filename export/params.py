@@ -6,8 +6,8 @@ biases are concatenated along the output rows, which is exact because the member
 outlier columns are merged into one sorted union with zero weights where a member keeps that column quantized; its
 quantized value there is then used as stored, so the sum is still exact.
 
-3-bit words are repacked into bit planes when the target asks for them (`packing3="planes3"`, CPU targets; see
-`edgequant.tvm_schedules.dequant`); every other scheme keeps the checkpoint's words.
+3-bit words are repacked when the target asks for it (`packing3`: bit planes "planes3" for CPU targets, "words3x32"
+for CUDA; see `edgequant.tvm_schedules.dequant`); every other scheme keeps the checkpoint's words.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from edgequant.errors import EdgequantError
-from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np
+from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np, repack_w3x32_np
 
 from .models.llama import FUSED_LINEARS, ArchConfig
 
@@ -131,6 +131,8 @@ class CheckpointSource(WeightSource):
             arr = np.concatenate([t[f"{s}.{leaf}"] for s in plan.sources], axis=0)
             if leaf == "qweight" and plan.spec.layout == "planes3":
                 arr = repack_planes3_np(arr, plan.k)
+            elif leaf == "qweight" and plan.spec.layout == "words3x32":
+                arr = repack_w3x32_np(arr, plan.k)
             return arr
         if leaf == "weight":  # unquantized member linears
             t = ck.read([f"{s}.weight" for s in plan.sources])
@@ -212,7 +214,7 @@ class HFSource(WeightSource):
 
 def open_source(path, packing3: str = "words") -> WeightSource:
     """A quantized checkpoint when the folder says so, otherwise an unquantized HF model. `packing3`: the runtime
-    layout of 3-bit weights ("words" as stored, or "planes3")."""
+    layout of 3-bit weights ("words" as stored, "planes3" or "words3x32")."""
     p = Path(str(path)).expanduser()
     if not p.exists():
         raise EdgequantError(f"checkpoint not found: {p}; pass the folder written by `edgequant quantize` "

@@ -4,12 +4,17 @@ columns as a separate small NT-matmul, optional bias) and an fp16 `DenseLinear` 
 Both accumulate in fp32. The dequantize is a TE compute named "dequantize" so that the export pipeline fuses it into
 the matmul (one kernel reads the packed words, never an fp16 copy of the weight), and the outlier gather (`take`)
 stays its own kernel: a data-dependent read inside the reduction would stop dlight's GEMV/Matmul rules.
+
+On CUDA (`decode_gemv=True`) a one-row call (decode) uses the hand-scheduled GEMV of `tvm_schedules/gemv.py`
+instead, which streams the packed weights at close to the memory bandwidth; prefill keeps the fused kernel and dlight.
+The GEMV returns fp32 when outlier columns follow, so their sum is rounded once, as in the fused kernel.
 """
 from __future__ import annotations
 
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
+from edgequant.tvm_schedules import gemv
 from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_te
 
 
@@ -31,8 +36,10 @@ class Embedding(nn.Embedding):
 class QuantLinear(nn.Module):
     """y = x @ dequant(qweight, scales, zeros)^T + x[..., outlier_idx] @ outlier_weight^T + bias."""
 
-    def __init__(self, spec: QuantSpec, n_outliers: int = 0, bias: bool = False):
+    def __init__(self, spec: QuantSpec, n_outliers: int = 0, bias: bool = False, decode_gemv: str | None = None):
+        """`decode_gemv`: "gpu" (CUDA), "twin" (its serial CPU twin, for tests) or None (dlight everywhere)."""
         self.spec, self.n_outliers = spec, n_outliers
+        self.decode_gemv = decode_gemv if decode_gemv and gemv.supports(spec) else None
         shapes = spec.param_shapes()
         self.qweight = nn.Parameter(*shapes["qweight"])
         self.scales = nn.Parameter(*shapes["scales"])
@@ -43,12 +50,21 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         args = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
-        w = op.tensor_expr_op(dequantize_te(self.spec), "dequantize", args)
-        y = op.matmul(x, op.permute_dims(w), out_dtype="float32")
+        lead = tuple(x.shape[:-1])
+        if self.decode_gemv and all(isinstance(d, int) and d == 1 for d in lead):
+            out_dtype = "float32" if self.n_outliers else "float16"
+            # without a global symbol of its own: the builder names (and dedupes) it per shape
+            f = gemv.gemv_func(self.spec, out_dtype=out_dtype, lead=lead,
+                               gpu=self.decode_gemv == "gpu").without_attr("global_symbol")
+            y = op.tensor_ir_op(f, "decode_gemv", [x, *args], Tensor.placeholder((*lead, self.spec.n), out_dtype))
+        else:
+            w = op.tensor_expr_op(dequantize_te(self.spec), "dequantize", args)
+            y = op.matmul(x, op.permute_dims(w), out_dtype="float32")
         if self.n_outliers:
             xo = take_clipped(x, self.outlier_idx, axis=x.ndim - 1)
             y = y + op.matmul(xo, op.permute_dims(self.outlier_weight), out_dtype="float32")
-        y = y.astype("float16")
+        if y.dtype != "float16":
+            y = y.astype("float16")
         return y + self.bias if self.bias is not None else y
 
 

@@ -22,8 +22,8 @@ class TargetPreset:
     device: str                     # runtime device: cpu, cuda, metal, opencl, webgpu
     system_lib: bool = False        # static .tar with a system-lib prefix
     runs_here: bool = False         # can `edgequant run` load it on an x86-64 Linux host
-    packing3: str = "words"         # 3-bit runtime layout: the checkpoint's words, or bit planes (CPU GEMV, see
-                                    # tvm_schedules/dequant.py); GPU targets keep words until measured on a GPU
+    packing3: str = "words"         # 3-bit runtime layout: the checkpoint's words, bit planes (CPU GEMV) or
+                                    # words3x32 (CUDA decode GEMV); see tvm_schedules/dequant.py
     app: str | None = None          # the apps/ recipe that runs this target's library outside `edgequant run`
     extra: dict = field(default_factory=dict)
 
@@ -39,7 +39,7 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
                  {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "lib.so", "cpu",
                  packing3="planes3"),
     TargetPreset("cuda", "NVIDIA GPU (CUDA; --arch, default sm_80 and sm_90), shared library with fatbin",
-                 _GPU_CUDA, "lib.so", "cuda", app="apps/cuda/README.md"),
+                 _GPU_CUDA, "lib.so", "cuda", packing3="words3x32", app="apps/cuda/README.md"),
     TargetPreset("metal", "macOS on Apple silicon (Metal + arm64-apple-macos), shared-object .tar",
                  {**_METAL, "max_threads_per_block": 1024, "host": {"kind": "llvm", "mtriple": "arm64-apple-macos"}},
                  "lib.tar", "metal"),

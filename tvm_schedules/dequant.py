@@ -15,6 +15,13 @@ values an 8-lane vector takes together share one word and differ only by the con
 checkpoint's 10-values-per-word layout those 8 lanes straddle words, need a division by 10 and 8 scalar loads each,
 and the CPU GEMV ran 4x slower than at 4 bits; with planes it runs as fast as 4-bit. `repack_planes3_np` converts.
 
+CUDA exports store 3-bit weights as "words3x32" (also exactly 3 bits per weight): each 32 consecutive values of a row
+take 3 words; word j holds values 10j..10j+9 at bits 3i (the checkpoint's own word), and the spare top 2 bits of the
+three words hold values 30 and 31: value 30 = bits 30-31 of word 0 | bit 30 of word 1 << 2, value 31 = bit 31 of
+word 1 | bits 30-31 of word 2 << 1. A GPU thread then reads 128 values as three aligned 128-bit loads, and 30 of
+every 32 values are contiguous 3-bit fields that the decode GEMV (`gemv.py`) turns into floats with one mask each.
+`repack_w3x32_np` converts.
+
 The same TE function feeds two users: `export/quant_linear.py` wraps it in `op.tensor_expr_op` (the relax pipeline
 then fuses it into the matmul), and `quant_matmul_func` below builds a standalone prim func for kernel tests.
 """
@@ -25,6 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+LAYOUTS = ("words", "planes3", "words3x32")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Shape and scheme of one quantized weight [N, K]."""
@@ -33,10 +43,10 @@ class QuantSpec:
     bits: int
     group_size: int          # -1: per channel
     sym: bool
-    layout: str = "words"    # "words" (the checkpoint's) or, for 3 bits, "planes3" (see the module docstring)
+    layout: str = "words"    # "words" (the checkpoint's) or, for 3 bits, "planes3" / "words3x32" (module docstring)
 
     def __post_init__(self):
-        if self.layout not in ("words", "planes3") or (self.layout == "planes3" and self.bits != 3):
+        if self.layout not in LAYOUTS or (self.layout != "words" and self.bits != 3):
             raise ValueError(f"layout {self.layout!r} does not apply to {self.bits}-bit weights")
 
     @property
@@ -55,6 +65,8 @@ class QuantSpec:
     def words(self) -> int:
         if self.layout == "planes3":
             return self.lo_words + -(-self.k // 32)
+        if self.layout == "words3x32":
+            return 3 * -(-self.k // 32)
         return -(-self.k // self.vpw)
 
     @property
@@ -78,6 +90,8 @@ class QuantSpec:
 def unpack_np(qweight: np.ndarray, bits: int, k: int, layout: str = "words") -> np.ndarray:
     if layout == "planes3":
         return _unpack_planes3_np(qweight, k)
+    if layout == "words3x32":
+        return _unpack_w3x32_np(qweight, k)
     vpw = 32 // bits
     shifts = np.arange(vpw, dtype=np.uint32) * np.uint32(bits)
     vals = (qweight[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
@@ -111,6 +125,34 @@ def _unpack_planes3_np(words: np.ndarray, k: int) -> np.ndarray:
     hi = (words[:, lo_words:, None] >> _plane_shifts(32)) & np.uint32(1)
     n = words.shape[0]
     return lo.reshape(n, -1)[:, :k] | (hi.reshape(n, -1)[:, :k] << np.uint32(2))
+
+
+def repack_w3x32_np(qweight: np.ndarray, k: int) -> np.ndarray:
+    """Checkpoint 3-bit words [N, ceil(K/10)] -> words3x32 [N, 3 * ceil(K/32)] (module docstring)."""
+    q = unpack_np(qweight, 3, k)
+    n, blocks = q.shape[0], -(-k // 32)
+    v = np.zeros((n, blocks * 32), np.uint32)
+    v[:, :k] = q
+    v = v.reshape(n, blocks, 32)
+    words = np.zeros((n, blocks, 3), np.uint32)
+    for j in range(3):
+        words[:, :, j] = np.bitwise_or.reduce(v[:, :, 10 * j:10 * j + 10] << (np.arange(10, dtype=np.uint32) * 3),
+                                              axis=2)
+    v30, v31 = v[:, :, 30], v[:, :, 31]
+    words[:, :, 0] |= (v30 & 3) << 30
+    words[:, :, 1] |= ((v30 >> 2) << 30) | ((v31 & 1) << 31)
+    words[:, :, 2] |= (v31 >> 1) << 30
+    return words.reshape(n, blocks * 3)
+
+
+def _unpack_w3x32_np(words: np.ndarray, k: int) -> np.ndarray:
+    n = words.shape[0]
+    w = words.reshape(n, -1, 3)
+    body = (w[:, :, :, None] >> (np.arange(10, dtype=np.uint32) * 3)) & np.uint32(7)
+    v30 = (w[:, :, 0] >> 30) | (((w[:, :, 1] >> 30) & 1) << 2)
+    v31 = (w[:, :, 1] >> 31) | ((w[:, :, 2] >> 30) << 1)
+    v = np.concatenate([body.reshape(n, -1, 30), v30[:, :, None], v31[:, :, None]], axis=2)
+    return v.reshape(n, -1)[:, :k]
 
 
 def dequantize_np(spec: QuantSpec, qweight, scales, zeros=None) -> np.ndarray:
@@ -152,6 +194,14 @@ def dequantize_te(spec: QuantSpec):
             hi = ((qweight[n, spec.lo_words + k // 32] >> lane) >> tirx.Cast("uint32", (k // 8) % 4)) & \
                 tirx.const(1, "uint32")
             return lo | (hi << tirx.const(2, "uint32"))
+        if spec.layout == "words3x32":
+            i, base = k % 32, k // 32 * 3
+            u = lambda v: tirx.const(v, "uint32")  # noqa: E731
+            # min() keeps the unused branch of the select in bounds (both sides are evaluated)
+            body = (qweight[n, base + tirx.min(i // 10, 2)] >> tirx.Cast("uint32", i % 10 * 3)) & u(7)
+            v30 = (qweight[n, base] >> u(30)) | (((qweight[n, base + 1] >> u(30)) & u(1)) << u(2))
+            v31 = (qweight[n, base + 1] >> u(31)) | ((qweight[n, base + 2] >> u(30)) << u(1))
+            return tirx.Select(i < 30, body, tirx.Select(i == 30, v30, v31))
         return (qweight[n, k // vpw] >> tirx.Cast("uint32", (k % vpw) * bits)) & mask
 
     def f(qweight, scales, zeros=None):

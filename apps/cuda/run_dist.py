@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--ids", required=True, help="prompt token ids, comma separated")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--bench", type=int, default=0, help="also time this many decode steps after a 128-token prompt")
+    ap.add_argument("--check", type=int, default=0, help="compare this many decode steps' logits with prefill's "
+                    "(decode and prefill run different kernels: the CUDA decode GEMV against dlight's)")
     a = ap.parse_args()
     Runner = _import_runner()
     t = time.time()
@@ -40,6 +42,16 @@ def main():
     st = r.generate(ids, a.new_tokens, stop_ids=())
     out = {"device": str(r.dev), "load_s": round(load_s, 2), "tokens": st.tokens,
            "prefill_tokens_per_s": round(st.prefill_tps, 1), "decode_tokens_per_s": round(st.decode_tps, 1)}
+    if a.check:
+        import numpy as np
+        toks = st.tokens[:a.check]
+        r.new_sequence()
+        r.prefill(ids)
+        dec = np.stack([r.decode(t) for t in toks]).astype(np.float32)
+        ref = r.logits(ids + toks)[len(ids):len(ids) + len(toks)].astype(np.float32)
+        out["check"] = {"steps": len(toks), "max_abs_diff": float(np.abs(dec - ref).max()),
+                        "max_abs_logit": float(np.abs(ref).max()),
+                        "same_argmax": int((dec.argmax(-1) == ref.argmax(-1)).sum())}
     if a.bench:
         import numpy as np
         rows = []

@@ -90,17 +90,22 @@ class ArchConfig:
                    context_window=ctx, sliding_window=int(sw) if sw else None)
 
 
-def _make_linear(plan):
+# Tests set this to route CPU decode through the GEMV's serial twin (same index and bit math, no thread bindings),
+# which checks the CUDA decode wiring (arguments, zero points, outlier columns, bias) against PyTorch without a GPU.
+DECODE_GEMV_TWIN_ON_CPU = False
+
+
+def _make_linear(plan, gpu_gemv: str | None):
     if plan.spec is None:
         return DenseLinear(plan.k, plan.n, bias=plan.bias)
-    return QuantLinear(plan.spec, n_outliers=plan.n_outliers, bias=plan.bias)
+    return QuantLinear(plan.spec, n_outliers=plan.n_outliers, bias=plan.bias, decode_gemv=gpu_gemv)
 
 
 class Attention(nn.Module):
-    def __init__(self, c: ArchConfig, plans, prefix):
+    def __init__(self, c: ArchConfig, plans, prefix, gpu_gemv: str | None):
         self.c = c
-        self.qkv_proj = _make_linear(plans[f"{prefix}.self_attn.qkv_proj"])
-        self.o_proj = _make_linear(plans[f"{prefix}.self_attn.o_proj"])
+        self.qkv_proj = _make_linear(plans[f"{prefix}.self_attn.qkv_proj"], gpu_gemv)
+        self.o_proj = _make_linear(plans[f"{prefix}.self_attn.o_proj"], gpu_gemv)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int):
         c = self.c
@@ -111,9 +116,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: ArchConfig, plans, prefix):
-        self.gate_up_proj = _make_linear(plans[f"{prefix}.mlp.gate_up_proj"])
-        self.down_proj = _make_linear(plans[f"{prefix}.mlp.down_proj"])
+    def __init__(self, c: ArchConfig, plans, prefix, gpu_gemv: str | None):
+        self.gate_up_proj = _make_linear(plans[f"{prefix}.mlp.gate_up_proj"], gpu_gemv)
+        self.down_proj = _make_linear(plans[f"{prefix}.mlp.down_proj"], gpu_gemv)
 
     def forward(self, x: Tensor):
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
@@ -121,10 +126,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ArchConfig, plans, i):
+    def __init__(self, c: ArchConfig, plans, i, gpu_gemv: str | None):
         prefix = f"model.layers.{i}"
-        self.self_attn = Attention(c, plans, prefix)
-        self.mlp = MLP(c, plans, prefix)
+        self.self_attn = Attention(c, plans, prefix, gpu_gemv)
+        self.mlp = MLP(c, plans, prefix, gpu_gemv)
         self.input_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype="float16")
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype="float16")
 
@@ -134,9 +139,9 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, c: ArchConfig, plans):
+    def __init__(self, c: ArchConfig, plans, gpu_gemv: str | None = None):
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype="float16")
-        self.layers = nn.ModuleList([DecoderLayer(c, plans, i) for i in range(c.num_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(c, plans, i, gpu_gemv) for i in range(c.num_layers)])
         self.norm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype="float16")
 
 
@@ -145,7 +150,9 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, c: ArchConfig, plans: dict, target):
         self.c = c
-        self.model = LlamaModel(c, plans)
+        # CUDA decode: quantized linears use the hand-scheduled GEMV (tvm_schedules/gemv.py), the rest dlight
+        mode = "gpu" if target.kind.name == "cuda" else ("twin" if DECODE_GEMV_TWIN_ON_CPU else None)
+        self.model = LlamaModel(c, plans, gpu_gemv=mode)
         self.lm_head = None if c.tie_word_embeddings else DenseLinear(c.hidden_size, c.vocab_size, out_dtype="float32")
         self.target = target  # read by TIRPagedKVCache: llvm selects its CPU kernels, anything else the GPU ones
 

@@ -16,11 +16,13 @@ CASES = [  # bits, group, sym, K, layout: words and groups misaligned, ragged la
     # the CPU exports' 3-bit bit planes: K not a multiple of 8, 16 or 32, ragged groups, per channel, symmetric
     (3, 32, False, 100, "planes3"), (3, -1, True, 64, "planes3"), (3, 48, False, 200, "planes3"),
     (3, 128, False, 576, "planes3"),
+    # the CUDA exports' 3-bit words3x32: ragged 32-value blocks, ragged groups, per channel
+    (3, 32, False, 100, "words3x32"), (3, -1, True, 64, "words3x32"), (3, 48, False, 200, "words3x32"),
 ]
 
 
 def _linear(rng, bits, group, sym, k, layout="words", n=24):
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np, repack_w3x32_np
     spec = QuantSpec(n, k, bits, group, sym, layout)
     q = rng.integers(0, 1 << bits, (n, k))
     scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
@@ -28,6 +30,8 @@ def _linear(rng, bits, group, sym, k, layout="words", n=24):
     qweight = pack(q, bits)
     if layout == "planes3":
         qweight = repack_planes3_np(qweight, k)
+    elif layout == "words3x32":
+        qweight = repack_w3x32_np(qweight, k)
     assert qweight.shape == (n, spec.words)
     return spec, q, qweight, scales, zeros
 

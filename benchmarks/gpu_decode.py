@@ -1,0 +1,360 @@
+"""Decode GEMV speed on a CUDA GPU: our TIR kernels (`tvm_schedules/gemv.py`) for the LLaMA-7B linears at W4 g128 /
+W3 g128 / W2 g64, against the copy bandwidth, torch's int4 GEMV and cuBLAS fp16, measured in one run.
+
+Two steps, because TVM compiles here and the GPU machine has only torch (no TVM compiler):
+
+    python benchmarks/gpu_decode.py build [--out .device/gpu-decode]     # here: TIR -> CUDA C -> sm_90 cubin + manifest
+    python3 benchmarks/gpu_decode.py run [--out .device/gpu-decode]      # on the GPU: random weights made there
+
+`run` loads the cubin through the CUDA driver (ctypes), checks every kernel against a torch dequantize reference on the
+device, and times each linear as CUDA-graph replays over enough weight copies (>= 512 MiB) that nothing is served
+from L2. Bytes per linear = packed weights + scales + zeros; "% roofline" divides their rate by the faster of a
+streaming-read kernel and a device-to-device copy ((read + write bytes) / time), both over 1 GiB. The step table
+adds up all 32 layers' linears: the decode tokens/s a model would reach if nothing but these linears ran.
+Writes benchmarks/results/gpu-<device>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
+SCHEMES = [("W4 g128", 4, 128), ("W3 g128", 3, 128), ("W2 g64", 2, 64)]
+ROWS = (1, 2, 4, 8)  # rows per block tried per linear, each with the warps for 1 and 2 steps over K (and the default)
+LAYERS = 32
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ------------------------------------------------------------------------------------------------ build (here)
+def build(out: Path, arch: str):
+    import subprocess
+
+    import tvm
+
+    from edgequant.export.targets import PRESETS
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import LAYOUT, GemvConfig, default_config, gemv_func, warps_for
+
+    out.mkdir(parents=True, exist_ok=True)
+    funcs, manifest = {}, []
+    for scheme, bits, g in SCHEMES:
+        for lin, n, k in SHAPES:
+            spec = QuantSpec(n, k, bits, g, False, LAYOUT[bits])
+            dflt = default_config(spec)
+            tried = {(r, warps_for(spec, steps)) for r in ROWS for steps in (1, 2)} | {(dflt.rows, dflt.warps)}
+            for rows, warps in sorted(c for c in tried if c[1] <= 16):
+                name = f"w{bits}_{lin}_r{rows}w{warps}"
+                funcs[name] = gemv_func(spec, GemvConfig(rows, warps), name=name).with_attr("global_symbol", name)
+                manifest.append({"name": name, "kernel": f"{name}_kernel", "scheme": scheme, "bits": bits,
+                                 "group": g, "linear": lin, "n": n, "k": k, "rows": rows, "warps": warps,
+                                 "default": (rows, warps) == (dflt.rows, dflt.warps), "words": spec.words,
+                                 "n_groups": spec.n_groups, "layout": spec.layout,
+                                 "grid": [n // rows, 1, 1], "block": [32, warps, 1]})
+    t = time.time()
+    ex = tvm.compile(tvm.IRModule(funcs), target={**PRESETS["cuda"].target, "arch": arch})
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    for m in manifest:  # the kernel's parameters in TVM's order, by name
+        sig = re.search(r"void __launch_bounds__\(\d+\) " + m["kernel"] + r"\(([^)]*)\)", src).group(1)
+        m["params"] = [p.strip().split()[-1].removesuffix("_ptr") for p in sig.split(",")]
+    (out / "kernels.cu").write_text(src + READ_BW_CU)
+    subprocess.run(["nvcc", "-cubin", "-O3", f"-arch={arch}", "-o", str(out / "kernels.cubin"),
+                    str(out / "kernels.cu")], check=True)
+    (out / "manifest.json").write_text(json.dumps({"arch": arch, "tvm": tvm.__version__, "kernels": manifest},
+                                                  indent=1))
+    print(f"built {len(manifest)} kernels in {time.time() - t:.0f} s -> {out}")
+
+
+# the read roofline: a plain streaming read (4 x 128-bit loads in flight per thread), XOR-folded so nothing is dropped
+READ_BW_CU = r"""
+extern "C" __global__ void __launch_bounds__(512) read_bw_kernel(const uint4* __restrict__ p, unsigned long long n,
+                                                                 unsigned* __restrict__ out) {
+  unsigned acc = 0;
+  unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+  unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  for (; i + 3 * stride < n; i += 4 * stride) {
+    uint4 a = p[i], b = p[i + stride], c = p[i + 2 * stride], d = p[i + 3 * stride];
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+  }
+  for (; i < n; i += stride) { uint4 a = p[i]; acc ^= a.x ^ a.y ^ a.z ^ a.w; }
+  if (acc == 0x9E3779B9u) out[0] = acc;
+}
+"""
+
+
+def _walk(m):
+    yield m
+    for i in m.imports:
+        yield from _walk(i)
+
+
+# ------------------------------------------------------------------------------------------------ run (GPU machine)
+class Driver:
+    """The few CUDA driver calls needed to launch a cubin's kernels on torch's current stream."""
+
+    def __init__(self, cubin: bytes):
+        import torch
+        torch.zeros(1, device="cuda")  # makes torch's primary context current
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        self.mod = ctypes.c_void_p()
+        self._check(self.lib.cuModuleLoadData(ctypes.byref(self.mod), cubin))
+        self.fns = {}
+
+    def _check(self, rc):
+        if rc:
+            raise RuntimeError(f"CUDA driver error {rc}")
+
+    def fn(self, name):
+        if name not in self.fns:
+            f = ctypes.c_void_p()
+            self._check(self.lib.cuModuleGetFunction(ctypes.byref(f), self.mod, name.encode()))
+            self.fns[name] = f
+        return self.fns[name]
+
+    def launcher(self, name, grid, block, tensors):
+        """A no-argument callable launching `name` on the current stream with these tensors' pointers (or ctypes
+        values)."""
+        import torch
+        ptrs = [t if isinstance(t, ctypes._SimpleCData) else ctypes.c_void_p(t.data_ptr()) for t in tensors]
+        args = (ctypes.c_void_p * len(ptrs))(*[ctypes.addressof(p) for p in ptrs])
+        f = self.fn(name)
+
+        def go():
+            s = torch.cuda.current_stream().cuda_stream
+            self._check(self.lib.cuLaunchKernel(f, *grid, *block, 0, ctypes.c_void_p(s), args, None))
+        go.keep = (ptrs, args)
+        return go
+
+
+def _unpack_torch(qw, bits, k, layout):
+    import torch
+    n = qw.shape[0]
+    w = qw.to(torch.int64) & 0xFFFFFFFF
+    if layout == "words3x32":
+        w = w.view(n, -1, 3)
+        body = (w[:, :, :, None] >> (torch.arange(10, device=w.device) * 3)) & 7
+        v30 = ((w[:, :, 0] >> 30) & 3) | (((w[:, :, 1] >> 30) & 1) << 2)
+        v31 = ((w[:, :, 1] >> 31) & 1) | (((w[:, :, 2] >> 30) & 3) << 1)
+        v = torch.cat([body.reshape(n, -1, 30), v30[:, :, None], v31[:, :, None]], dim=2)
+        return v.reshape(n, -1)[:, :k]
+    vpw = 32 // bits
+    v = (w[:, :, None] >> (torch.arange(vpw, device=w.device) * bits)) & ((1 << bits) - 1)
+    return v.reshape(n, -1)[:, :k]
+
+
+def _timed(fns, reps=20):
+    """Seconds per call of fns (a list of launches run in turn), replayed as one CUDA graph."""
+    import torch
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        for f in fns[:2]:
+            f()  # warm-up outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / 1e3 / reps / len(fns)
+
+
+def copy_bandwidth():
+    import torch
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = _timed([lambda: dst.copy_(src)] * 4, reps=10)
+    return 2 * src.numel() / t
+
+
+def read_bandwidth(drv):
+    import torch
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    out = torch.empty(1, dtype=torch.int32, device="cuda")
+    best = 0
+    for blocks in (132 * 4, 132 * 8, 132 * 16):
+        f = drv.launcher("read_bw_kernel", [blocks, 1, 1], [512, 1, 1], [src, ctypes.c_uint64(src.numel() // 16), out])
+        best = max(best, src.numel() / _timed([f] * 4, reps=10))
+    return best
+
+
+def _copies(nbytes):
+    return max(4, -(-(512 << 20) // nbytes))
+
+
+def torch_int4(n, k, g=128):
+    """torch's int4 GEMV (tinygemm, behind gpt-fast and torchao int4 weight-only) for one shape, seconds per call."""
+    import torch
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32)
+    try:  # torch >= 2.5 packs from uint8 [N, K/2]
+        packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+    except RuntimeError:
+        packed = torch.ops.aten._convert_weight_to_int4pack(q, 8)
+    sz = torch.rand(k // g, n, 2, device="cuda", dtype=torch.bfloat16) * 0.01
+    nbytes = n * k // 2 + sz.numel() * 2
+    ws = [packed.clone() for _ in range(_copies(nbytes))]
+    fns = [lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w, g, sz) for w in ws]
+    return _timed(fns), nbytes
+
+
+def torch_fp16(n, k):
+    import torch
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(_copies(n * k * 2))]
+    return _timed([lambda w=w: torch.nn.functional.linear(x, w) for w in ws]), n * k * 2
+
+
+def run(out: Path, only: str | None, results: Path | None):
+    import torch
+    man = json.loads((out / "manifest.json").read_text())
+    drv = Driver((out / "kernels.cubin").read_bytes())
+    dev = torch.cuda.get_device_name()
+    cbw = copy_bandwidth()
+    bw = max(cbw, read_bandwidth(drv))   # the roofline: whichever streams faster
+    print(f"device {dev}; torch {torch.__version__}; copy bandwidth {cbw / 1e12:.2f} TB/s, roofline {bw / 1e12:.2f} "
+          "TB/s", flush=True)
+    rows, peer = [], {}
+    for lin, n, k in SHAPES if not only else []:
+        try:
+            peer[lin, "int4"] = torch_int4(n, k)
+        except Exception as e:  # noqa: BLE001 - report and go on without the peer
+            print(f"torch int4 {lin}: {type(e).__name__}: {e}", flush=True)
+        peer[lin, "fp16"] = torch_fp16(n, k)
+    for scheme, bits, g in SCHEMES:
+        for lin, n, k in SHAPES:
+            ks = [m for m in man["kernels"] if m["scheme"] == scheme and m["linear"] == lin]
+            ks = [m for m in ks if not only or only in m["name"]]
+            if not ks:
+                continue
+            m0 = ks[0]
+            nbytes = n * m0["words"] * 4 + n * m0["n_groups"] * 3
+            gen = torch.Generator(device="cuda").manual_seed(bits * 1000 + n)
+            sets = []
+            for _ in range(_copies(nbytes)):
+                qw = torch.randint(-2**31, 2**31 - 1, (n, m0["words"]), device="cuda", dtype=torch.int32,
+                                   generator=gen)
+                sc = (torch.rand(n, m0["n_groups"], device="cuda", generator=gen) * 0.009 + 0.001).half()
+                zr = torch.randint(0, 1 << bits, (n, m0["n_groups"]), device="cuda", dtype=torch.uint8,
+                                   generator=gen)
+                sets.append({"qweight": qw, "scales": sc, "zeros": zr})
+            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+            s0 = sets[0]
+            q = _unpack_torch(s0["qweight"], bits, k, m0["layout"]).float()
+            gi = torch.arange(k, device="cuda") // g
+            wref = (q - s0["zeros"].float()[:, gi]) * s0["scales"].float()[:, gi]
+            ref = x.float() @ wref.T
+            del q, wref
+            best = dflt = None
+            for m in ks:
+                y = torch.empty(1, n, device="cuda", dtype=torch.float16)
+                fns = [drv.launcher(m["kernel"], m["grid"], m["block"], [{**s, "x": x, "y": y}[p] for p in m["params"]])
+                       for s in sets]
+                fns[0]()
+                torch.cuda.synchronize()
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                t = _timed(fns)
+                r = {"scheme": scheme, "linear": lin, "n": n, "k": k, "config": f"r{m['rows']}w{m['warps']}",
+                     "default": m["default"], "us": t * 1e6, "gbs": nbytes / t / 1e9, "roof": nbytes / t / bw,
+                     "rel_err": err, "bytes": nbytes}
+                print(json.dumps(r), flush=True)
+                if err > 3e-3:
+                    print(f"WRONG RESULT {m['name']}: rel err {err:.2e}", flush=True)
+                    continue
+                if best is None or t < best["us"] / 1e6:
+                    best = r
+                if m["default"]:
+                    dflt = r
+            if best is not None:
+                best["default_us"] = dflt["us"] if dflt else float("nan")
+                rows.append(best)
+            del sets
+            torch.cuda.empty_cache()
+    if only:
+        return
+    table = _table(rows, peer, bw, cbw, dev, torch.__version__)
+    print(table)
+    if results:
+        results.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
+        (results / f"gpu-{name}.md").write_text(table)
+        (results / f"gpu-{name}.rows.json").write_text(json.dumps({"rows": rows, "copy_bw": bw, "copy_only_bw": cbw,
+                                                                   "peer": {
+            f"{a}/{b}": v for (a, b), v in peer.items()}}, indent=1))
+
+
+def _table(rows, peer, bw, cbw, dev, torch_ver):
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [f"# Decode GEMV, LLaMA-7B linears, batch 1 ({dev})", "",
+           f"{date}; torch {torch_ver}; roofline {bw / 1e12:.2f} TB/s = the faster of a 1 GiB streaming read "
+           f"kernel and a 1 GiB device copy ((read + write) / time: {cbw / 1e12:.2f} TB/s).",
+           "Command: `python benchmarks/gpu_decode.py build` (TVM 0.27, nvcc sm_90, on the build machine), then "
+           "`python3 benchmarks/gpu_decode.py run --save` on the GPU.", "",
+           "Times per call, CUDA-graph replays over weight copies totalling >= 512 MiB (no L2 reuse). % roofline = "
+           "(weights + scales + zeros) / time / roofline. Best of the (rows, warps) configs tried; 'default' is "
+           "the time of the config `gemv.default_config` picks.", "",
+           "| weights | linear (N x K) | config | us | default us | GB/s | % roofline | rel err | torch int4 us | "
+           "x torch int4 | cuBLAS fp16 us |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        i4 = peer.get((r["linear"], "int4"))
+        f16 = peer.get((r["linear"], "fp16"), (float("nan"),))
+        out.append(f"| {r['scheme']} | {r['linear']} {r['n']}x{r['k']} | {r['config']} | {r['us']:.1f} | "
+                   f"{r['default_us']:.1f} | {r['gbs']:.0f} | {100 * r['roof']:.0f}% | {r['rel_err']:.1e} | "
+                   f"{i4[0] * 1e6:.1f} | {i4[0] * 1e6 / r['us']:.2f} | {f16[0] * 1e6:.1f} |" if i4 else
+                   f"| {r['scheme']} | {r['linear']} | {r['config']} | {r['us']:.1f} | {r['default_us']:.1f} | "
+                   f"{r['gbs']:.0f} | {100 * r['roof']:.0f}% | {r['rel_err']:.1e} | - | - | {f16[0] * 1e6:.1f} |")
+    out += ["", "All linears of one decode step (32 layers x qkv, o, gate_up, down), from the per-linear times:", "",
+            "| weights | ms per step | tok/s bound | % roofline | x torch int4 | x W4 |", "|---|---|---|---|---|---|"]
+    steps = {}
+    for scheme in dict.fromkeys(r["scheme"] for r in rows):
+        rs = [r for r in rows if r["scheme"] == scheme]
+        if len(rs) != len(SHAPES):
+            continue
+        t = LAYERS * sum(r["us"] for r in rs) / 1e6
+        nbytes = LAYERS * sum(r["bytes"] for r in rs)
+        steps[scheme] = t
+        i4 = [peer.get((lin, "int4")) for lin, _, _ in SHAPES]
+        ti4 = LAYERS * sum(p[0] for p in i4) if all(i4) else None
+        out.append(f"| {scheme} | {t * 1e3:.2f} | {1 / t:.0f} | {100 * nbytes / t / bw:.0f}% | "
+                   f"{(ti4 / t) if ti4 else float('nan'):.2f} | {steps.get('W4 g128', t) / t:.2f} |")
+    i4 = [peer.get((lin, "int4")) for lin, _, _ in SHAPES]
+    if all(i4):
+        t = LAYERS * sum(p[0] for p in i4)
+        nb = LAYERS * sum(p[1] for p in i4)
+        out.append(f"| torch int4 g128 (bf16) | {t * 1e3:.2f} | {1 / t:.0f} | {100 * nb / t / bw:.0f}% | 1.00 | |")
+    f16 = [peer[lin, "fp16"] for lin, _, _ in SHAPES]
+    t = LAYERS * sum(p[0] for p in f16)
+    out.append(f"| cuBLAS fp16 | {t * 1e3:.2f} | {1 / t:.0f} | {100 * LAYERS * sum(p[1] for p in f16) / t / bw:.0f}% "
+               "| | |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("step", choices=["build", "run"])
+    ap.add_argument("--out", default=".device/gpu-decode")
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--only", help="run: only kernels whose name contains this (for ncu)")
+    ap.add_argument("--save", nargs="?", const=str(RESULTS), help="run: write gpu-<device>.md there "
+                    "(default benchmarks/results)")
+    a = ap.parse_args()
+    if a.step == "build":
+        build(Path(a.out), a.arch)
+    else:
+        run(Path(a.out), a.only, Path(a.save) if a.save else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

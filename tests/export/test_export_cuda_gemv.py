@@ -1,0 +1,96 @@
+"""CUDA exports route decode (one row) through the hand-scheduled GEMV and keep dlight's fused kernels for prefill;
+3-bit weights travel in the words3x32 layout. Compiles for cuda without a GPU (the kernels run in
+benchmarks/gpu_decode.py and apps/cuda on a GPU machine)."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.tvm
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model_dirs, tmp_path_factory):
+    from edgequant import api
+    out = tmp_path_factory.mktemp("q") / "q"
+    return api.quantize(str(model_dirs["llama"]), str(out), method="rtn", bits=4, group_size=32, progress=False)
+
+
+def test_cuda_decode_uses_the_gemv_kernels(checkpoint):
+    from edgequant.export import targets
+    from edgequant.export.build import _walk, build_module
+    from edgequant.export.params import open_source
+    preset = targets.get_preset("cuda")
+    ex, _, _, _ = build_module(open_source(checkpoint, preset.packing3), preset, "sm_90")
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    kernels = set(re.findall(r"void __launch_bounds__\(\d+\) (\w+)\(", src))
+    # qkv, o, gate_up, down: one GEMV each (shared by the layers) for decode, fused dequantize kernels for prefill
+    assert len([k for k in kernels if k.startswith("decode_gemv")]) == 4
+    assert any(k.startswith("fused_dequantize") for k in kernels)
+
+
+def test_cuda_preset_repacks_3_bit_weights(model_dirs, tmp_path):
+    from edgequant import api
+    from edgequant.export import targets
+    from edgequant.export.params import open_source
+    from edgequant.tvm_schedules.dequant import unpack_np
+    q = api.quantize(str(model_dirs["llama"]), str(tmp_path / "q3"), method="rtn", bits=3, group_size=32,
+                     progress=False)
+    cuda, stored = open_source(q, targets.get_preset("cuda").packing3), open_source(q)
+    name = "model.layers.0.mlp.down_proj.qweight"
+    plan = cuda.plans()["model.layers.0.mlp.down_proj"]
+    assert plan.spec.layout == "words3x32"
+    got = dict(cuda.arrays([name]))[name]
+    want = dict(stored.arrays([name]))[name]
+    assert got.shape == (plan.n, plan.spec.words)
+    np.testing.assert_array_equal(unpack_np(got, 3, plan.k, "words3x32"), unpack_np(want, 3, plan.k))
+
+
+@pytest.mark.parametrize("arch,bits,group,sym,n_out", [("llama", 4, 32, False, 0), ("qwen2", 3, -1, False, 2),
+                                                       ("qwen2", 2, 64, True, 3)])
+def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, monkeypatch, tokenizer, arch, bits,
+                                                         group, sym, n_out):
+    """The CUDA decode path as exported (arguments, words3x32 repacking, folded zero points, outlier columns in fp32,
+    bias) through the GEMV's serial CPU twin on the cpu target: decode logits equal PyTorch's."""
+    import dataclasses
+
+    import torch
+    from edgequant import api
+    from edgequant.artifact import load_model
+    from edgequant.export import targets
+    from edgequant.export.api import export
+    from edgequant.export.models import llama as export_llama
+    from edgequant.export.runtime import Runner
+    from test_export_parity import add_outlier_columns
+    monkeypatch.setattr(export_llama, "DECODE_GEMV_TWIN_ON_CPU", True)
+    monkeypatch.setitem(targets.PRESETS, "cpu", dataclasses.replace(targets.PRESETS["cpu"], packing3="words3x32"))
+    hf = tmp_path / "hf"
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_config
+    cfg = tiny_config(arch)
+    cfg.hidden_size, cfg.intermediate_size, cfg.head_dim = 128, 256, 32   # whole GEMV chunks at 2, 3 and 4 bits
+    torch.manual_seed(bits)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("proj.weight", "proj.bias")):
+                p.normal_(0, 0.08)
+    model.save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    ck = api.quantize(str(hf), str(tmp_path / "q"), method="rtn", bits=bits, group_size=group, sym=sym,
+                      progress=False)
+    if n_out:
+        ck = add_outlier_columns(ck, tmp_path / "q-owq", hf, n_out)
+    dist = export(ck, "cpu", tmp_path / "dist", progress=False)
+    assert (dist / "lib.so").read_bytes().count(b"decode_gemv") >= 4   # all four linears took the GEMV
+    ref, _ = load_model(ck)
+    ids = np.random.default_rng(1).integers(0, ref.config.vocab_size, 24).tolist()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    runner = Runner(dist)
+    runner.new_sequence()
+    runner.prefill(ids[:16])
+    err = max(float(np.abs(runner.decode(ids[j]) - want[j]).max() / np.abs(want[j]).max()) for j in range(16, 24))
+    assert err < 1e-2

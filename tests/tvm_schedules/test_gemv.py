@@ -1,0 +1,95 @@
+"""The CUDA decode GEMV (`tvm_schedules/gemv.py`): its CPU twin (the same loop body and bit tricks, thread loops run
+serially) compiled for llvm against NumPy, the 3-bit words3x32 layout, and the CUDA source it emits. The GPU run of
+the same kernels against a torch reference is `benchmarks/gpu_decode.py run` (results under benchmarks/results)."""
+import numpy as np
+import pytest
+
+from edgequant.pack import pack
+
+pytestmark = pytest.mark.tvm
+
+CASES = [  # bits, group, sym, N, K, rows, warps: several chunks per thread, idle threads, per channel, symmetric
+    (4, 128, False, 16, 512, 2, 2), (4, 32, True, 8, 96, 4, 1), (4, -1, False, 12, 256, 4, 3),
+    (2, 64, False, 16, 256, 2, 1), (2, -1, True, 8, 128, 8, 2),
+    (3, 128, False, 8, 512, 2, 1), (3, -1, True, 6, 256, 2, 2),
+]
+
+
+def _linear(rng, bits, group, sym, n, k):
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_w3x32_np
+    from edgequant.tvm_schedules.gemv import LAYOUT
+    spec = QuantSpec(n, k, bits, group, sym, LAYOUT[bits])
+    q = rng.integers(0, 1 << bits, (n, k))
+    qweight = pack(q, bits)
+    if bits == 3:
+        qweight = repack_w3x32_np(qweight, k)
+    scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
+    zeros = None if sym else rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
+    return spec, q, qweight, scales, zeros
+
+
+@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps", CASES)
+def test_gemv_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps):
+    import tvm
+    from edgequant.tvm_schedules.dequant import quant_matmul_np
+    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
+    rng = np.random.default_rng(bits * 31 + k)
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k)
+    # activations with a 100x outlier channel: the folded zero point and mantissa terms must not lose it
+    x = rng.standard_normal((1, k)).astype(np.float16)
+    x[0, 3] = 100
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, warps), gpu=False,
+                                                     out_dtype="float32")}), target="llvm")
+    y = tvm.runtime.empty((1, n), "float32", tvm.cpu())
+    args = [x, qweight, scales] + ([] if sym else [zeros])
+    ex["main"](*[tvm.runtime.tensor(a) for a in args], y)
+    ref = quant_matmul_np(spec, x, qweight, scales, zeros)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=2e-5 * np.abs(x).astype(np.float32).sum())
+
+
+def test_words3x32_round_trip_and_kernel_reference():
+    from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_np, repack_w3x32_np, unpack_np
+    rng = np.random.default_rng(5)
+    for k in (32, 100, 300):  # whole and ragged 32-value blocks
+        q = rng.integers(0, 8, (5, k))
+        words = repack_w3x32_np(pack(q, 3), k)
+        spec = QuantSpec(5, k, 3, 32, True, "words3x32")
+        assert words.shape == (5, spec.words) and spec.words == 3 * -(-k // 32)
+        np.testing.assert_array_equal(unpack_np(words, 3, k, "words3x32"), q)
+        np.testing.assert_array_equal(dequantize_np(spec, words, np.ones((5, spec.n_groups), np.float16)), q - 4)
+
+
+def test_supports_and_default_config():
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import default_config, supports
+    assert supports(QuantSpec(4096, 4096, 4, 128, False))
+    assert supports(QuantSpec(4096, 11008, 3, 128, False, "words3x32"))
+    assert not supports(QuantSpec(4096, 4096, 3, 128, False))              # the checkpoint's 10-per-word words
+    assert not supports(QuantSpec(64, 100, 4, 32, False))                   # K not whole chunks
+    assert not supports(QuantSpec(64, 256, 2, 32, False))                   # a 64-value chunk would span groups
+    c = default_config(QuantSpec(4096, 11008, 4, 128, False))
+    assert c.warps * 32 * 2 >= 11008 // 32 and c.warps <= 12                # <= 2 steps over K, <= 12 warps
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_cuda_source_streams_128_bit_loads(bits):
+    """The CUDA C the export ships: 128-bit weight loads, shuffles, and no integer-to-float conversion per weight."""
+    import re
+
+    import tvm
+    from edgequant.export.targets import PRESETS
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import LAYOUT, gemv_func
+    spec = QuantSpec(256, 512, bits, 128 if bits != 2 else 64, False, LAYOUT[bits])
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec)}), target={**PRESETS["cuda"].target, "arch": "sm_90"})
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    body = src[src.index("main_kernel("):]
+    assert re.search(r"\*\(uint4\*\)\(wq_ptr \+ \d+\) = \*\(uint4\*\)\(qweight_ptr", body)
+    assert "__shfl_down_sync" in body and "__shfl_sync" in body
+    assert "(float)wq_ptr" not in body and "__uint2float" not in body
+
+
+def _walk(m):
+    yield m
+    for i in m.imports:
+        yield from _walk(i)
