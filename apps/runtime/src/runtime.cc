@@ -1,0 +1,700 @@
+// The C API of edgequant_runtime.h over the TVM runtime (libtvm_runtime + libtvm_ffi from the apache-tvm wheels).
+//
+// It does what export/runtime.py's Runner does, in the same order, so that greedy tokens are identical: the VM's
+// `embed`, then `prefill` (in prefill_chunk_size chunks) or `decode` on a paged KV cache holding one sequence; weights
+// come from tensor-cache.json through the VM's tensor-cache builtins. Like export/dist.py it reads the DIST folder as
+// hostile input, because TVM's loaders trust their files (a byteOffset past a shard is read, an outlier column past K
+// is gathered, a `../` path is opened).
+#include "edgequant_runtime.h"
+
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/map.h>
+#include <tvm/ffi/container/shape.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/json.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+
+#include <dlfcn.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+using tvm::ffi::Any;
+using tvm::ffi::Function;
+using tvm::ffi::Module;
+using tvm::ffi::Shape;
+using tvm::ffi::String;
+using tvm::ffi::Tensor;
+namespace json = tvm::ffi::json;
+
+const char* kExportJson = "edgequant-export.json";
+const char* kTensorCache = "tensor-cache.json";
+const char* kFix = "export the model again with `edgequant export`";
+
+thread_local std::string last_error;
+
+// Internal failures carry their status to the API boundary, where they become a return code.
+struct Failure {
+  edgequant_status status;
+  std::string message;
+};
+
+[[noreturn]] void Fail(edgequant_status s, std::string msg) { throw Failure{s, std::move(msg)}; }
+
+[[noreturn]] void Damaged(const std::string& file, const std::string& what) {
+  Fail(EDGEQUANT_ERR_DAMAGED, file + " is damaged (" + what + "); " + kFix);
+}
+
+std::string FirstLine(const std::string& s) {
+  std::string t = s.substr(0, s.find('\n'));
+  return t.size() > 300 ? t.substr(0, 300) : t;
+}
+
+// ------------------------------------------------------------------------------------------------ files and JSON
+
+std::string RealPath(const std::string& p) {
+  char buf[PATH_MAX];
+  return realpath(p.c_str(), buf) ? std::string(buf) : std::string();
+}
+
+bool IsFile(const std::string& p) {
+  struct stat st;
+  return stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+// `dist/name` when `name` is a plain relative path without `..` that resolves (symlinks included) inside `dist`;
+// a name written in DIST's own files must not make us open, or load code from, anywhere else.
+std::string Inside(const std::string& dist, const std::string& name, const std::string& file,
+                   const std::string& field) {
+  bool ok = !name.empty() && name[0] != '/' && name.find('\0') == std::string::npos;
+  for (size_t b = 0; ok && b <= name.size();) {
+    size_t e = name.find('/', b);
+    if (e == std::string::npos) e = name.size();
+    if (name.compare(b, e - b, "..") == 0 && e - b == 2) ok = false;
+    b = e + 1;
+  }
+  std::string path = dist + "/" + name, root = RealPath(dist), real = ok ? RealPath(path) : "";
+  // a file that does not exist yet resolves to "" and is reported as missing by the caller
+  if (ok && !real.empty() && real.compare(0, root.size() + 1, root + "/") != 0) ok = false;
+  if (!ok) {
+    Fail(EDGEQUANT_ERR_DAMAGED, file + " names '" + name + "' as its " + field + ", which is not a file inside " +
+                                    dist + "; refusing to open it; " + kFix);
+  }
+  return path;
+}
+
+std::string ReadText(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) Fail(EDGEQUANT_ERR_NOT_FOUND, "cannot read " + path);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+json::Value ParseJson(const std::string& text, const std::string& file) {
+  String err;
+  json::Value v = json::Parse(String(text), &err);
+  if (!err.empty()) Damaged(file, "not valid JSON");
+  return v;
+}
+
+std::optional<json::Object> AsObject(const Any& v) { return v.as<json::Object>(); }
+std::optional<json::Array> AsArray(const Any& v) { return v.as<json::Array>(); }
+
+std::optional<Any> Field(const json::Object& o, const char* key) { return o.Get(String(key)); }
+
+std::optional<std::string> StrField(const json::Object& o, const char* key) {
+  auto v = Field(o, key);
+  if (!v) return std::nullopt;
+  auto s = v->as<String>();
+  return s ? std::optional<std::string>(std::string(*s)) : std::nullopt;
+}
+
+std::optional<int64_t> IntField(const json::Object& o, const char* key, int64_t lo) {
+  auto v = Field(o, key);
+  if (!v) return std::nullopt;
+  auto i = v->as<int64_t>();  // strict: JSON true/false and 1.0 are not integers
+  return i && *i >= lo ? i : std::nullopt;
+}
+
+std::optional<std::vector<int64_t>> ShapeField(const json::Object& o, const char* key) {
+  auto v = Field(o, key);
+  if (!v) return std::nullopt;
+  auto a = AsArray(*v);
+  if (!a) return std::nullopt;
+  std::vector<int64_t> out;
+  for (const Any& x : *a) {
+    auto i = x.as<int64_t>();
+    if (!i || *i < 0 || *i > (int64_t(1) << 40)) return std::nullopt;
+    out.push_back(*i);
+  }
+  return out;
+}
+
+// bytes per element of the dtypes a DIST may hold (export/dist.py's list)
+int ItemSize(const std::string& dtype) {
+  static const std::map<std::string, int> sizes = {{"float16", 2}, {"float32", 4}, {"uint32", 4},
+                                                   {"uint8", 1},   {"int32", 4},   {"bfloat16", 2}};
+  auto it = sizes.find(dtype);
+  return it == sizes.end() ? 0 : it->second;
+}
+
+struct Param {
+  std::string name, dtype;
+  std::vector<int64_t> shape;
+};
+
+struct Record {
+  std::string path;
+  int64_t offset = 0, nbytes = 0;
+  std::string dtype;
+  std::vector<int64_t> shape;
+};
+
+struct ExportInfo {
+  std::string target, device, library;
+  std::optional<std::string> fatbin;
+  int64_t chunk = 0, vocab = 0, hidden = 0, intermediate = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0,
+          context = 0;
+  int bits = 0;  // 0 when the quantization string names no bit width (unquantized)
+  std::vector<Param> params;
+};
+
+ExportInfo ReadExportInfo(const std::string& dist) {
+  std::string file = dist + "/" + kExportJson;
+  if (!IsFile(file)) {
+    Fail(EDGEQUANT_ERR_NOT_FOUND, dist + " is not an exported model folder (no " + kExportJson +
+                                      "); create one with `edgequant export CHECKPOINT --target cpu -o DIST`");
+  }
+  auto root = AsObject(ParseJson(ReadText(file), file));
+  if (!root) Damaged(file, "not a JSON object");
+  ExportInfo info;
+  auto need_str = [&](const char* key) {
+    auto s = StrField(*root, key);
+    if (!s) Damaged(file, std::string("field '") + key + "' is missing or has the wrong type");
+    return *s;
+  };
+  info.target = need_str("target");
+  info.device = need_str("device");
+  info.library = need_str("library");
+  auto chunk = IntField(*root, "prefill_chunk_size", 1);
+  if (!chunk) Damaged(file, "field 'prefill_chunk_size' is missing or has the wrong type");
+  info.chunk = *chunk;
+  auto model = Field(*root, "model");
+  auto m = model ? AsObject(*model) : std::nullopt;
+  if (!m) Damaged(file, "field 'model' is missing or has the wrong type");
+  std::pair<const char*, int64_t*> dims[] = {{"vocab_size", &info.vocab},           {"hidden_size", &info.hidden},
+                                             {"intermediate_size", &info.intermediate}, {"num_layers", &info.layers},
+                                             {"num_heads", &info.heads},            {"num_kv_heads", &info.kv_heads},
+                                             {"head_dim", &info.head_dim},          {"context_window", &info.context}};
+  for (auto& [key, dst] : dims) {
+    auto v = IntField(*m, key, 1);
+    // bounds keep every product below (KV bytes, shapes) far from overflow
+    if (!v || *v > (int64_t(1) << 24)) Damaged(file, std::string("model field '") + key + "' must be a positive integer");
+    *dst = *v;
+  }
+  if (info.vocab > INT32_MAX || info.context > INT32_MAX) Damaged(file, "model sizes out of range");
+  auto params = Field(*root, "params");
+  auto pa = params ? AsArray(*params) : std::nullopt;
+  if (!pa) Damaged(file, "field 'params' is missing or has the wrong type");
+  for (const Any& x : *pa) {
+    auto o = AsObject(x);
+    auto name = o ? StrField(*o, "name") : std::nullopt;
+    auto dtype = o ? StrField(*o, "dtype") : std::nullopt;
+    auto shape = o ? ShapeField(*o, "shape") : std::nullopt;
+    if (!name || !dtype || !shape || !ItemSize(*dtype)) Damaged(file, "field 'params' has a malformed entry");
+    info.params.push_back({*name, *dtype, *shape});
+  }
+  if (auto q = StrField(*root, "quantization")) {
+    int b = 0;
+    char g = 0;
+    if (std::sscanf(q->c_str(), "w%dg%c", &b, &g) == 2 && b > 0 && b < 16) info.bits = b;
+  }
+  if (auto cuda = Field(*root, "cuda")) {
+    if (auto c = AsObject(*cuda)) info.fatbin = StrField(*c, "fatbin");
+  }
+  return info;
+}
+
+int64_t Product(const std::vector<int64_t>& s) {
+  return std::accumulate(s.begin(), s.end(), int64_t(1), std::multiplies<int64_t>());
+}
+
+// K of the export linear that `param` belongs to (q/k/v and gate/up are fused; see export/params.py)
+int64_t InFeatures(const ExportInfo& info, const std::string& param) {
+  if (param.find("self_attn.o_proj.") != std::string::npos) return info.heads * info.head_dim;
+  if (param.find("mlp.down_proj.") != std::string::npos) return info.intermediate;
+  return info.hidden;
+}
+
+bool EndsWith(const std::string& s, const char* suffix) {
+  size_t n = std::strlen(suffix);
+  return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
+}
+
+std::vector<char> ReadSpan(const Record& r) {
+  std::ifstream f(r.path, std::ios::binary);
+  std::vector<char> buf(static_cast<size_t>(r.nbytes));
+  f.seekg(r.offset);
+  if (!f.read(buf.data(), r.nbytes)) Fail(EDGEQUANT_ERR_NOT_FOUND, "cannot read " + r.path);
+  return buf;
+}
+
+// element i of an integer tensor as int64 (dtypes that can hold indices or zero points)
+int64_t IntAt(const std::vector<char>& b, const std::string& dtype, size_t i) {
+  if (dtype == "uint8") return static_cast<uint8_t>(b[i]);
+  if (dtype == "int32") { int32_t v; std::memcpy(&v, b.data() + 4 * i, 4); return v; }
+  if (dtype == "uint32") { uint32_t v; std::memcpy(&v, b.data() + 4 * i, 4); return v; }
+  if (dtype == "float16" || dtype == "bfloat16") { uint16_t v; std::memcpy(&v, b.data() + 2 * i, 2); return v; }
+  float v;
+  std::memcpy(&v, b.data() + 4 * i, 4);
+  return static_cast<int64_t>(v);
+}
+
+bool FiniteAt(const std::vector<char>& b, const std::string& dtype, size_t i) {
+  if (dtype == "float32") { float v; std::memcpy(&v, b.data() + 4 * i, 4); return std::isfinite(v); }
+  uint16_t h;
+  std::memcpy(&h, b.data() + 2 * i, 2);
+  if (dtype == "float16") return (h & 0x7c00) != 0x7c00;   // exponent all ones: inf or NaN
+  if (dtype == "bfloat16") return (h & 0x7f80) != 0x7f80;
+  return true;
+}
+
+// tensor-cache.json against the library's parameter list, and the values that kernels use as indices or small
+// integers (small tensors only: no pass over the big weights). Returns the bytes of the parameters' weights.
+uint64_t CheckTensorCache(const std::string& dist, const ExportInfo& info) {
+  std::string file = dist + "/" + kTensorCache;
+  if (!IsFile(file)) Fail(EDGEQUANT_ERR_NOT_FOUND, dist + " has no " + kTensorCache + ": the weights are missing; " + kFix);
+  auto root = AsObject(ParseJson(ReadText(file), file));
+  auto shards = root ? Field(*root, "records") : std::nullopt;
+  auto sa = shards ? AsArray(*shards) : std::nullopt;
+  if (!sa) Damaged(file, "no list of 'records'");
+  std::map<std::string, Record> where;
+  for (const Any& sv : *sa) {
+    auto shard = AsObject(sv);
+    auto recs = shard ? Field(*shard, "records") : std::nullopt;
+    auto ra = recs ? AsArray(*recs) : std::nullopt;
+    auto data_path = shard ? StrField(*shard, "dataPath") : std::nullopt;
+    if (!ra || !data_path) Damaged(file, "a shard record is not an object with 'records' and 'dataPath'");
+    std::string path = Inside(dist, *data_path, file, "dataPath");
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+      Fail(EDGEQUANT_ERR_NOT_FOUND, "weight shard " + *data_path + " is missing from " + dist +
+                                        "; copy the whole folder again or " + kFix);
+    }
+    int64_t size = st.st_size;
+    auto fmt = StrField(*shard, "format");
+    auto nbytes = Field(*shard, "nbytes");
+    if ((fmt && *fmt != "raw-shard") || (nbytes && nbytes->as<int64_t>() != std::optional<int64_t>(size))) {
+      Fail(EDGEQUANT_ERR_DAMAGED, "weight shard " + *data_path + " has " + std::to_string(size) + " bytes, " +
+                                      kTensorCache + " says otherwise: it is truncated or replaced; " + kFix);
+    }
+    std::vector<std::pair<int64_t, int64_t>> spans;
+    for (const Any& rv : *ra) {
+      auto r = AsObject(rv);
+      auto name = r ? StrField(*r, "name") : std::nullopt;
+      auto dtype = r ? StrField(*r, "dtype") : std::nullopt;
+      auto shape = r ? ShapeField(*r, "shape") : std::nullopt;
+      auto off = r ? IntField(*r, "byteOffset", 0) : std::nullopt;
+      auto nb = r ? IntField(*r, "nbytes", 0) : std::nullopt;
+      auto rfmt = r ? StrField(*r, "format") : std::nullopt;
+      if (!name || !dtype || !shape || !off || !nb || !ItemSize(*dtype) || (rfmt && *rfmt != "raw")) {
+        Damaged(file, "a record in " + *data_path + " lacks name/shape/dtype/byteOffset/nbytes");
+      }
+      if (*nb != Product(*shape) * ItemSize(*dtype)) Damaged(file, "'" + *name + "' has the wrong nbytes for its shape");
+      if (*off > size || *nb > size - *off) Damaged(file, "'" + *name + "' lies past the end of " + *data_path);
+      spans.emplace_back(*off, *off + *nb);
+      where[*name] = Record{path, *off, *nb, *dtype, *shape};
+    }
+    std::sort(spans.begin(), spans.end());
+    for (size_t i = 1; i < spans.size(); ++i) {
+      if (spans[i].first < spans[i - 1].second) Damaged(file, "two tensors overlap in " + *data_path);
+    }
+  }
+  uint64_t total = 0;
+  for (const Param& p : info.params) {
+    auto it = where.find(p.name);
+    if (it == where.end()) Fail(EDGEQUANT_ERR_DAMAGED, "weight '" + p.name + "' is missing from " + kTensorCache + "; " + kFix);
+    const Record& r = it->second;
+    if (r.shape != p.shape || r.dtype != p.dtype) Damaged(file, "'" + p.name + "' differs from what the library expects");
+    total += static_cast<uint64_t>(r.nbytes);
+    size_t n = static_cast<size_t>(Product(r.shape));
+    if (EndsWith(p.name, ".outlier_idx")) {
+      auto b = ReadSpan(r);
+      int64_t k = InFeatures(info, p.name), prev = -1;
+      for (size_t i = 0; i < n; ++i) {
+        int64_t v = IntAt(b, r.dtype, i);
+        if (v < 0 || v >= k || v <= prev) {
+          Fail(EDGEQUANT_ERR_DAMAGED, std::string(kTensorCache) + ": '" + p.name + "' holds column indices outside [0, " +
+                                          std::to_string(k) + ") or not strictly increasing; the weights are damaged; " + kFix);
+        }
+        prev = v;
+      }
+    } else if (EndsWith(p.name, ".zeros") && info.bits) {
+      auto b = ReadSpan(r);
+      for (size_t i = 0; i < n; ++i) {
+        if (IntAt(b, r.dtype, i) >= (int64_t(1) << info.bits)) {
+          Fail(EDGEQUANT_ERR_DAMAGED, std::string(kTensorCache) + ": '" + p.name + "' holds zero points above " +
+                                          std::to_string((1 << info.bits) - 1) + "; the weights are damaged; " + kFix);
+        }
+      }
+    } else if (EndsWith(p.name, ".scales")) {
+      auto b = ReadSpan(r);
+      for (size_t i = 0; i < n; ++i) {
+        if (!FiniteAt(b, r.dtype, i)) {
+          Fail(EDGEQUANT_ERR_DAMAGED, std::string(kTensorCache) + ": '" + p.name +
+                                          "' holds NaN or infinite scales; the weights are damaged; " + kFix);
+        }
+      }
+    }
+  }
+  return total;
+}
+
+// ------------------------------------------------------------------------------------------------ sampling
+
+// splitmix64: the same stream on every platform and standard library (std:: distributions differ between them)
+struct Rng {
+  uint64_t s = 0;
+  uint64_t Next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  double Uniform() { return static_cast<double>(Next() >> 11) * 0x1.0p-53; }
+};
+
+int32_t Sample(const std::vector<float>& logits, float temperature, float top_p, Rng& rng) {
+  if (temperature <= 0) {  // first maximum, as numpy.argmax
+    return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  }
+  size_t n = logits.size();
+  double mx = *std::max_element(logits.begin(), logits.end());
+  std::vector<double> p(n);
+  for (size_t i = 0; i < n; ++i) p[i] = std::exp((logits[i] - mx) / temperature);
+  std::vector<int32_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  size_t keep = n;
+  if (top_p < 1.0f) {
+    double sum = std::accumulate(p.begin(), p.end(), 0.0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return p[a] > p[b]; });
+    double cum = 0;
+    keep = 0;
+    while (keep < n && cum < top_p * sum) cum += p[order[keep++]];
+  }
+  double total = 0;
+  for (size_t i = 0; i < keep; ++i) total += p[order[i]];
+  double u = rng.Uniform() * total, acc = 0;
+  for (size_t i = 0; i < keep; ++i) {
+    acc += p[order[i]];
+    if (u < acc) return order[i];
+  }
+  return order[keep - 1];
+}
+
+// the tensor-cache builtins keep one process-wide cache: loads must not interleave
+std::mutex load_mutex;
+
+Function Global(const char* name) {
+  auto f = Function::GetGlobal(name);
+  if (!f) Fail(EDGEQUANT_ERR_RUNTIME, std::string("the TVM runtime lacks ") + name + "; use the runtime of apache-tvm 0.27");
+  return *f;
+}
+
+edgequant_status Report(edgequant_status s, const std::string& msg) {
+  last_error = msg;
+  return s;
+}
+
+// Runs `body`, turning every exception into a status and a message: nothing may unwind through the C boundary.
+template <typename F>
+edgequant_status Guard(F&& body) {
+  try {
+    body();
+    return EDGEQUANT_OK;
+  } catch (const Failure& f) {
+    return Report(f.status, f.message);
+  } catch (const tvm::ffi::Error& e) {
+    return Report(EDGEQUANT_ERR_RUNTIME, "TVM: " + e.kind() + ": " + FirstLine(e.message()));
+  } catch (const std::bad_alloc&) {
+    return Report(EDGEQUANT_ERR_RUNTIME, "out of memory");
+  } catch (const std::exception& e) {
+    return Report(EDGEQUANT_ERR_RUNTIME, FirstLine(e.what()));
+  } catch (...) {
+    return Report(EDGEQUANT_ERR_RUNTIME, "unknown error");
+  }
+}
+
+}  // namespace
+
+struct edgequant_model {
+  ExportInfo info;
+  DLDevice dev{kDLCPU, 0};
+  std::optional<Module> lib, vm;  // Module has no empty state
+  Any params, kv;
+  Function embed, prefill, decode, add_seq, remove_seq, begin, end, alloc, view, from_bytes, to_bytes;
+  int64_t max_len = 0, length = 0;
+  uint64_t weight_bytes = 0;
+  std::vector<float> logits;
+  bool has_logits = false, has_pending = false, broken = false;
+  int32_t pending = 0;  // the token decode returned last, fed on the next call that needs its logits
+  Rng rng;
+
+  void CheckUsable() const {
+    if (broken) Fail(EDGEQUANT_ERR_STATE, "a previous call failed inside the runtime; call edgequant_reset first");
+  }
+
+  void Forward(Function& fn, const int32_t* ids, int64_t n) {
+    broken = true;  // until the KV cache is known consistent again
+    Tensor t = alloc(Shape({n}), DLDataType{kDLInt, 32, 1}, dev, nullptr).cast<Tensor>();
+    from_bytes(t, static_cast<void*>(const_cast<int32_t*>(ids)), static_cast<size_t>(n) * sizeof(int32_t));
+    Tensor e = embed(t, params).cast<Tensor>();
+    Tensor e3 = view(e, Shape({1, n, info.hidden}), e.dtype(), 0).cast<Tensor>();
+    begin(kv, Shape({0}), Shape({n}));
+    auto out = fn(e3, kv, params).cast<tvm::ffi::Array<Any>>();
+    end(kv);
+    if (out.size() != 2) Fail(EDGEQUANT_ERR_DAMAGED, "the library's forward functions return an unexpected result; " + std::string(kFix));
+    kv = out[1];
+    Tensor lt = out[0].cast<Tensor>();
+    DLDataType dt = lt.dtype();
+    if (lt.numel() != info.vocab || dt.code != kDLFloat || dt.bits != 32 || dt.lanes != 1) {
+      Fail(EDGEQUANT_ERR_DAMAGED, "the library returns logits of another size or type than the vocabulary's; " + std::string(kFix));
+    }
+    to_bytes(lt, static_cast<void*>(logits.data()), logits.size() * sizeof(float));
+    for (float x : logits) {
+      if (std::isnan(x)) Fail(EDGEQUANT_ERR_RUNTIME, "the model produced NaN logits");
+    }
+    length += n;
+    has_logits = true;
+    broken = false;
+  }
+
+  void FeedPending() {
+    if (!has_pending) return;
+    has_pending = false;
+    Forward(decode, &pending, 1);
+  }
+
+  void NewSequence(uint64_t seed) {
+    remove_seq(kv, 0);
+    add_seq(kv, 0);
+    length = 0;
+    has_logits = has_pending = broken = false;
+    rng.s = seed;
+  }
+};
+
+extern "C" {
+
+const char* edgequant_last_error(void) { return last_error.c_str(); }
+
+const char* edgequant_status_name(edgequant_status s) {
+  switch (s) {
+    case EDGEQUANT_OK: return "ok";
+    case EDGEQUANT_ERR_ARGUMENT: return "invalid argument";
+    case EDGEQUANT_ERR_NOT_FOUND: return "not found";
+    case EDGEQUANT_ERR_DAMAGED: return "damaged model folder";
+    case EDGEQUANT_ERR_UNSUPPORTED: return "unsupported";
+    case EDGEQUANT_ERR_CAPACITY: return "KV cache full";
+    case EDGEQUANT_ERR_STATE: return "invalid state";
+    case EDGEQUANT_ERR_RUNTIME: return "runtime error";
+  }
+  return "unknown status";
+}
+
+edgequant_status edgequant_open(const char* dist_c, const edgequant_options* options, edgequant_model** out) {
+  if (out) *out = nullptr;
+  if (!dist_c || !out) return Report(EDGEQUANT_ERR_ARGUMENT, "edgequant_open: dist and out must not be NULL");
+  std::unique_ptr<edgequant_model> m(new (std::nothrow) edgequant_model());
+  if (!m) return Report(EDGEQUANT_ERR_RUNTIME, "out of memory");
+  edgequant_status s = Guard([&] {
+    std::string dist = dist_c;
+    while (dist.size() > 1 && dist.back() == '/') dist.pop_back();
+    m->info = ReadExportInfo(dist);
+    ExportInfo& info = m->info;
+    const char* prefix = options ? options->system_lib_prefix : nullptr;
+    if (info.device == "cuda") {
+      m->dev = DLDevice{kDLCUDA, 0};
+    } else if (info.device != "cpu") {
+      Fail(EDGEQUANT_ERR_UNSUPPORTED, dist + " was exported for " + info.target + " (" + info.device +
+                                          "); this runtime runs cpu and cuda libraries");
+    }
+    std::string lib_path;
+    if (!prefix) {
+      lib_path = Inside(dist, info.library, dist + "/" + kExportJson, "library");
+      if (!EndsWith(info.library, ".so")) {
+        Fail(EDGEQUANT_ERR_UNSUPPORTED, lib_path + " is a library for static linking: link it into the program and "
+                                                   "pass its system_lib_prefix, or link the objects into a .so");
+      }
+      if (!IsFile(lib_path)) Fail(EDGEQUANT_ERR_NOT_FOUND, "the library " + lib_path + " is missing; " + kFix);
+    }
+    int32_t want = options ? options->max_total_seq_len : 0;
+    if (want < 0) Fail(EDGEQUANT_ERR_ARGUMENT, "max_total_seq_len must be >= 0");
+    m->max_len = std::min<int64_t>(info.context, want ? want : 4096);
+    m->weight_bytes = CheckTensorCache(dist, info);
+    m->logits.assign(static_cast<size_t>(info.vocab), 0.0f);
+
+    std::lock_guard<std::mutex> lock(load_mutex);
+    if (m->dev.device_type == kDLCUDA) {
+      // the CUDA device API is a separate library of the wheel; loading it registers the CUDA module loader
+      if (!Function::GetGlobal("ffi.Module.load_from_bytes.cuda") &&
+          !dlopen("libtvm_runtime_cuda.so", RTLD_NOW | RTLD_GLOBAL)) {
+        Fail(EDGEQUANT_ERR_UNSUPPORTED, std::string("cannot load libtvm_runtime_cuda.so: ") + dlerror());
+      }
+      // the library carries CUDA C source; hand TVM the fatbin compiled at export time instead of a compiler
+      if (!info.fatbin) Damaged(dist + "/" + kExportJson, "a cuda export without its 'cuda' record");
+      std::string fatbin = ReadText(Inside(dist, *info.fatbin, dist + "/" + kExportJson, "fatbin"));
+      Function::SetGlobal("tvm_callback_cuda_compile",
+                          Function::FromTyped([fatbin](String) { return tvm::ffi::Bytes(fatbin); }),
+                          /*override=*/true);
+    }
+    try {
+      m->lib = prefix ? Global("ffi.SystemLib")(String(prefix)).cast<Module>() : Module::LoadFromFile(lib_path);
+    } catch (const tvm::ffi::Error& e) {
+      Fail(EDGEQUANT_ERR_DAMAGED, "cannot load " + (prefix ? "the system library " + std::string(prefix) : lib_path) +
+                                      " (" + FirstLine(e.message()) + "); it is damaged or built for another machine; " + kFix);
+    }
+    auto load_exec = (*m->lib)->GetFunction("vm_load_executable");
+    if (!load_exec) Fail(EDGEQUANT_ERR_DAMAGED, "the library is not a model library (no vm_load_executable); " + std::string(kFix));
+    m->vm = (*load_exec)().cast<Module>();
+    auto fn = [&](const char* name) {
+      auto f = (*m->vm)->GetFunction(name);
+      if (!f) Fail(EDGEQUANT_ERR_DAMAGED, std::string("the library has no function ") + name + "; " + kFix);
+      return *f;
+    };
+    // device, then host (pooled allocators, kind 2)
+    fn("vm_initialization")(static_cast<int>(m->dev.device_type), m->dev.device_id, 2, static_cast<int>(kDLCPU), 0, 2);
+
+    // the library's own parameter list must be the one the weights were checked against
+    std::string meta = fn("_metadata")().cast<String>();
+    auto mo = AsObject(ParseJson(meta, "the library's _metadata"));
+    auto mp = mo ? Field(*mo, "params") : std::nullopt;
+    auto ma = mp ? AsArray(*mp) : std::nullopt;
+    bool same = ma && ma->size() == info.params.size();
+    for (size_t i = 0; same && i < info.params.size(); ++i) {
+      auto o = AsObject((*ma)[i]);
+      same = o && StrField(*o, "name") == info.params[i].name && ShapeField(*o, "shape") == info.params[i].shape &&
+             StrField(*o, "dtype") == info.params[i].dtype;
+    }
+    if (!same) {
+      Fail(EDGEQUANT_ERR_DAMAGED, "the library's parameters differ from " + std::string(kExportJson) +
+                                      "'s: the library and the weights come from different exports; " + kFix);
+    }
+
+    Global("vm.builtin.tensor_cache.load")(String(dist), static_cast<int>(m->dev.device_type), m->dev.device_id);
+    std::vector<String> names;
+    for (const Param& p : info.params) names.emplace_back(p.name);
+    m->params = Global("vm.builtin.param_array_from_cache_by_name")(tvm::ffi::Array<String>(names.begin(), names.end()));
+    Global("vm.builtin.tensor_cache.clear")();  // the param array keeps its tensors alive
+
+    m->embed = fn("embed");
+    m->prefill = fn("prefill");
+    m->decode = fn("decode");
+    m->kv = fn("create_paged_kv_cache")(Shape({1}), Shape({m->max_len}), Shape({info.chunk}), Shape({16}), Shape({0}));
+    m->add_seq = Global("vm.builtin.kv_state_add_sequence");
+    m->remove_seq = Global("vm.builtin.kv_state_remove_sequence");
+    m->begin = Global("vm.builtin.kv_state_begin_forward");
+    m->end = Global("vm.builtin.kv_state_end_forward");
+    // tensor helpers through their registered functions: the wheel ships no tvm/support headers, which
+    // tvm/runtime/tensor.h needs
+    m->alloc = Global("runtime.TVMTensorAllocWithScope");
+    m->view = Global("runtime.TVMTensorCreateView");
+    m->from_bytes = Global("runtime.TVMTensorCopyFromBytes");
+    m->to_bytes = Global("runtime.TVMTensorCopyToBytes");
+    m->add_seq(m->kv, 0);
+  });
+  if (s == EDGEQUANT_OK) *out = m.release();
+  return s;
+}
+
+edgequant_status edgequant_prefill(edgequant_model* m, const int32_t* ids, size_t n) {
+  if (!m || (!ids && n)) return Report(EDGEQUANT_ERR_ARGUMENT, "edgequant_prefill: model and ids must not be NULL");
+  return Guard([&] {
+    m->CheckUsable();
+    // the embedding kernel does not bound-check: an id past the table reads outside it
+    for (size_t i = 0; i < n; ++i) {
+      if (ids[i] < 0 || ids[i] >= m->info.vocab) {
+        Fail(EDGEQUANT_ERR_ARGUMENT, "token id " + std::to_string(ids[i]) + " is outside the vocabulary (0.." +
+                                         std::to_string(m->info.vocab - 1) + ") of this model");
+      }
+    }
+    int64_t total = m->length + static_cast<int64_t>(m->has_pending) + static_cast<int64_t>(n);
+    if (total > m->max_len) {
+      Fail(EDGEQUANT_ERR_CAPACITY, "sequence of " + std::to_string(total) + " tokens exceeds the KV cache (" +
+                                       std::to_string(m->max_len) + "); use a shorter prompt or a larger max_total_seq_len");
+    }
+    m->FeedPending();
+    for (size_t i = 0; i < n; i += static_cast<size_t>(m->info.chunk)) {
+      int64_t len = std::min<int64_t>(m->info.chunk, static_cast<int64_t>(n - i));
+      m->Forward(m->prefill, ids + i, len);
+    }
+  });
+}
+
+edgequant_status edgequant_decode(edgequant_model* m, float temperature, float top_p, int32_t* token) {
+  if (!m || !token) return Report(EDGEQUANT_ERR_ARGUMENT, "edgequant_decode: model and token must not be NULL");
+  if (!std::isfinite(temperature) || !(top_p > 0.0f && top_p <= 1.0f)) {
+    return Report(EDGEQUANT_ERR_ARGUMENT, "temperature must be finite and top_p in (0, 1]");
+  }
+  return Guard([&] {
+    m->CheckUsable();
+    if (!m->has_logits) Fail(EDGEQUANT_ERR_STATE, "decode needs a prefill first");
+    if (m->has_pending && m->length + 1 > m->max_len) {
+      Fail(EDGEQUANT_ERR_CAPACITY, "the sequence fills the KV cache (" + std::to_string(m->max_len) + " tokens)");
+    }
+    m->FeedPending();
+    *token = Sample(m->logits, temperature, top_p, m->rng);
+    m->pending = *token;
+    m->has_pending = true;
+  });
+}
+
+edgequant_status edgequant_logits(edgequant_model* m, const float** logits, size_t* n) {
+  if (!m || !logits || !n) return Report(EDGEQUANT_ERR_ARGUMENT, "edgequant_logits: arguments must not be NULL");
+  if (!m->has_logits) return Report(EDGEQUANT_ERR_STATE, "no logits before a prefill");
+  *logits = m->logits.data();
+  *n = m->logits.size();
+  return EDGEQUANT_OK;
+}
+
+edgequant_status edgequant_reset(edgequant_model* m, uint64_t seed) {
+  if (!m) return Report(EDGEQUANT_ERR_ARGUMENT, "edgequant_reset: model must not be NULL");
+  return Guard([&] { m->NewSequence(seed); });
+}
+
+edgequant_status edgequant_get_info(const edgequant_model* m, edgequant_info* out) {
+  if (!m || !out) return Report(EDGEQUANT_ERR_ARGUMENT, "edgequant_get_info: arguments must not be NULL");
+  const ExportInfo& i = m->info;
+  out->vocab_size = static_cast<int32_t>(i.vocab);
+  out->context_window = static_cast<int32_t>(i.context);
+  out->max_total_seq_len = static_cast<int32_t>(m->max_len);
+  out->seq_len = static_cast<int32_t>(m->length);
+  out->weight_bytes = m->weight_bytes;
+  // K and V, fp16, per layer and KV head: what export/runtime.py's kv_cache_bytes reports
+  out->kv_cache_bytes = 2ull * i.layers * i.kv_heads * i.head_dim * m->max_len * 2;
+  out->target = i.target.c_str();
+  out->device = i.device.c_str();
+  return EDGEQUANT_OK;
+}
+
+void edgequant_close(edgequant_model* m) {
+  // TVM objects release in their destructors, which do not throw
+  delete m;
+}
+
+}  // extern "C"
