@@ -1,0 +1,131 @@
+"""apps/runtime on this machine (x86-64): the C API and edgequant-runtime-cli give the tokens and logits of
+`edgequant run` (export/runtime.py's Runner) for a tiny OWQ model's cpu export, refuse bad calls and damaged DIST
+folders with a status and a one-line message, and sample reproducibly."""
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from runtime_capi import STATUS
+
+pytestmark = pytest.mark.tvm
+
+PROMPT = [1, 5, 9, 200, 17, 42, 3]
+LONG = [int(x) for x in np.random.default_rng(1).integers(0, 320, 300)]   # > prefill_chunk_size (256): two chunks
+
+
+@pytest.fixture(scope="module")
+def runner(cpu_dist):
+    from edgequant.export.runtime import Runner
+    return Runner(cpu_dist, load_tokenizer=False)
+
+
+@pytest.fixture
+def model(capi, cpu_dist):
+    s, h = capi.open(cpu_dist)
+    assert s == 0, capi.error()
+    yield h
+    capi.lib.edgequant_close(h)
+
+
+def test_cli_greedy_tokens_equal_edgequant_run(runtime_build, cpu_dist, runner):
+    for ids, n in ((PROMPT, 32), (LONG, 8)):
+        want = runner.generate(ids, n, stop_ids=()).tokens
+        r = subprocess.run([str(runtime_build / "edgequant-runtime-cli"), str(cpu_dist), *map(str, ids), str(n)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert [int(t) for t in r.stdout.strip().split(",")] == want
+        assert "decode" in r.stderr and "tok/s" in r.stderr
+
+
+def test_c_api_logits_memory_and_multi_turn(capi, model, runner):
+    info = capi.info(model)
+    assert (info.vocab_size, info.weight_bytes, info.kv_cache_bytes) == \
+        (runner.vocab, runner.weight_bytes(), runner.kv_cache_bytes())
+    assert info.target == b"cpu" and info.device == b"cpu" and info.max_total_seq_len == runner.max_len
+    assert capi.prefill(model, LONG) == 0, capi.error()
+    runner.new_sequence()
+    np.testing.assert_allclose(capi.logits(model), runner.prefill(LONG), rtol=1e-5, atol=1e-5)
+    # a prefill after decoding continues the sequence: the decoded tokens are fed first
+    toks = [capi.decode(model)[1] for _ in range(3)]
+    assert capi.prefill(model, PROMPT) == 0, capi.error()
+    assert capi.info(model).seq_len == len(LONG) + 3 + len(PROMPT)
+    runner.new_sequence()
+    runner.prefill(LONG)
+    for t in toks:   # the decode kernels, as edgequant run feeds generated tokens
+        runner.decode(t)
+    np.testing.assert_allclose(capi.logits(model), runner.prefill(PROMPT), rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_is_seeded_and_top_p_narrows_to_greedy(capi, model):
+    greedy = capi.generate(model, PROMPT, 12)
+    a = capi.generate(model, PROMPT, 12, temperature=1.0, top_p=0.9, seed=7)
+    assert a == capi.generate(model, PROMPT, 12, temperature=1.0, top_p=0.9, seed=7)
+    assert a != capi.generate(model, PROMPT, 12, temperature=1.0, top_p=0.9, seed=8)
+    assert all(0 <= t < 320 for t in a)
+    # a nucleus smaller than the top token's probability keeps only that token
+    assert capi.generate(model, PROMPT, 12, temperature=0.7, top_p=1e-6, seed=3) == greedy
+
+
+def test_bad_calls_return_codes_and_leave_the_model_usable(capi, model, runner):
+    L = capi.lib
+    s, _ = capi.decode(model)
+    assert s == STATUS["STATE"] and "prefill" in capi.error()
+    for bad in ([320], [5, 50_000_000], [-1]):
+        assert capi.prefill(model, bad) == STATUS["ARGUMENT"] and "outside the vocabulary" in capi.error()
+    assert capi.info(model).seq_len == 0   # nothing of a refused prefill was fed
+    assert capi.prefill(model, PROMPT) == 0
+    for t, p in ((float("nan"), 1.0), (1.0, 0.0), (1.0, 1.5)):
+        assert capi.decode(model, t, p)[0] == STATUS["ARGUMENT"]
+    assert L.edgequant_prefill(None, None, 0) == STATUS["ARGUMENT"]
+    assert capi.generate(model, PROMPT, 5) == runner.generate(PROMPT, 5, stop_ids=()).tokens
+
+
+def test_kv_cache_capacity(capi, cpu_dist):
+    s, h = capi.open(cpu_dist, max_total_seq_len=8)
+    assert s == 0, capi.error()
+    try:
+        assert capi.info(h).max_total_seq_len == 8
+        assert capi.prefill(h, list(range(9))) == STATUS["CAPACITY"] and "KV cache" in capi.error()
+        assert capi.prefill(h, list(range(8))) == 0
+        assert capi.decode(h)[0] == 0                        # sampled from the prefill's logits, nothing fed
+        assert capi.decode(h)[0] == STATUS["CAPACITY"]       # would feed token 9
+    finally:
+        capi.lib.edgequant_close(h)
+
+
+def test_open_refuses_missing_and_foreign_folders(capi, cpu_dist, tmp_path):
+    import json
+    import shutil
+    s, h = capi.open(tmp_path / "missing")
+    assert s == STATUS["NOT_FOUND"] and h is None and "not an exported model folder" in capi.error()
+    for field, value, status in (("device", "opencl", "UNSUPPORTED"), ("library", "lib.tar", "UNSUPPORTED")):
+        d = tmp_path / field
+        shutil.copytree(cpu_dist, d)
+        info = json.loads((d / "edgequant-export.json").read_text())
+        info[field] = value
+        (d / "edgequant-export.json").write_text(json.dumps(info))
+        (d / "lib.tar").write_bytes(b"")
+        s, h = capi.open(d)
+        assert s == STATUS[status] and h is None, capi.error()
+
+
+# every damaged or hostile DIST that `edgequant run` refuses (tests/reliability), the C runtime refuses too, naming
+# the same file or field; the tokenizer is the caller's business here
+from reliability.test_damaged_dists import CASES  # noqa: E402
+
+C_CASES = {k: v for k, v in CASES.items() if k != "tokenizer_missing"}
+
+
+@pytest.mark.parametrize("name", list(C_CASES))
+def test_open_refuses_damaged_dist(capi, cpu_dist, tmp_path, name):
+    from reliability.conftest import copy_case
+    damage, words = C_CASES[name]
+    d = copy_case(cpu_dist, tmp_path, name)
+    damage(d)
+    s, h = capi.open(d)
+    msg = capi.error()
+    assert s in (STATUS["DAMAGED"], STATUS["NOT_FOUND"]) and h is None, (s, msg)
+    assert all(w in msg for w in words) and "\n" not in msg, msg
