@@ -3,7 +3,8 @@
 # and qemu user-mode emulator (apt), and the TVM runtime libraries for aarch64 taken from the apache-tvm /
 # apache-tvm-ffi wheels on PyPI (downloaded and unpacked, never installed: they are another architecture).
 #
-# Idempotent; each step that fails prints one line and the script goes on, so the test can skip with that reason.
+# Idempotent and quick once done (the test calls it too); each step that fails prints one line on stderr and the
+# script goes on, so the test can skip with that line as its reason.
 # The libraries land in ${EDGEQUANT_CACHE:-~/.cache/edgequant}/aarch64-tvm/{tvm,tvm_ffi}/lib.
 set -uo pipefail
 PY=${PYTHON:-python3}
@@ -15,7 +16,7 @@ command -v aarch64-linux-gnu-g++ >/dev/null || missing+=(g++-aarch64-linux-gnu)
 command -v qemu-aarch64-static >/dev/null || command -v qemu-aarch64 >/dev/null || missing+=(qemu-user-static)
 command -v cmake >/dev/null || missing+=(cmake)
 if ((${#missing[@]})); then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"   # never prompt: a test may call this
   if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >/tmp/edgequant-apt.log 2>&1; then
     echo "install-cross: apt-get install ${missing[*]} failed (see /tmp/edgequant-apt.log)" >&2
   fi
