@@ -11,11 +11,12 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = ROOT / "apps" / "runtime"
 
 
-def cmake_build(build: Path, *defines: str) -> Path:
-    """Configure and build apps/runtime into `build` (incremental: a second call only relinks what changed)."""
+def cmake_build(build: Path, *defines: str, source: Path = RUNTIME) -> Path:
+    """Configure and build `source` (apps/runtime) into `build` (incremental: a second call only rebuilds what
+    changed)."""
     import tvm
     import tvm_ffi
-    cmd = ["cmake", "-S", str(RUNTIME), "-B", str(build), f"-DTVM_ROOT={Path(tvm.__file__).parent}",
+    cmd = ["cmake", "-S", str(source), "-B", str(build), f"-DTVM_ROOT={Path(tvm.__file__).parent}",
            f"-DTVM_FFI_ROOT={Path(tvm_ffi.__file__).parent}", *defines]
     for c in (cmd, ["cmake", "--build", str(build), "-j2"]):   # two cores at most: the machine is shared
         r = subprocess.run(c, capture_output=True, text=True)

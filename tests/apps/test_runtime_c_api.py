@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from runtime_capi import STATUS
+from runtime_capi import ROOT, STATUS, cmake_build
 
 pytestmark = pytest.mark.tvm
 
@@ -129,3 +129,12 @@ def test_open_refuses_damaged_dist(capi, cpu_dist, tmp_path, name):
     msg = capi.error()
     assert s in (STATUS["DAMAGED"], STATUS["NOT_FOUND"]) and h is None, (s, msg)
     assert all(w in msg for w in words) and "\n" not in msg, msg
+
+
+def test_apps_cuda_command_line_runs_on_the_shared_runtime(runtime_build, cpu_dist, runner):
+    """apps/cuda's edgequant-run is built over apps/runtime; on a cpu export it prints edgequant run's tokens."""
+    build = cmake_build(ROOT / "build" / "test-apps-cuda-x86_64", source=ROOT / "apps" / "cuda")
+    r = subprocess.run([str(build / "edgequant-run"), str(cpu_dist), "cpu", ",".join(map(str, PROMPT)), "16"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [int(t) for t in r.stdout.splitlines()[0].split(",")] == runner.generate(PROMPT, 16, stop_ids=()).tokens
