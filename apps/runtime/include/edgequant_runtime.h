@@ -44,7 +44,7 @@ typedef enum edgequant_status {
   EDGEQUANT_ERR_ARGUMENT = 1,    /* a NULL pointer, a token id outside the vocabulary, temperature/top_p out of range */
   EDGEQUANT_ERR_NOT_FOUND = 2,   /* DIST, edgequant-export.json, the library or a weight shard is missing */
   EDGEQUANT_ERR_DAMAGED = 3,     /* DIST's files are malformed or inconsistent with the library */
-  EDGEQUANT_ERR_UNSUPPORTED = 4, /* the DIST was exported for a device or format this build cannot run */
+  EDGEQUANT_ERR_UNSUPPORTED = 4, /* a device this TVM runtime lacks (e.g. opencl), or a library for static linking */
   EDGEQUANT_ERR_CAPACITY = 5,    /* the sequence would not fit the KV cache (see max_total_seq_len) */
   EDGEQUANT_ERR_STATE = 6,       /* decode before any prefill */
   EDGEQUANT_ERR_RUNTIME = 7      /* the TVM runtime failed (the message carries its error) */
@@ -69,7 +69,7 @@ typedef struct edgequant_info {
   uint64_t weight_bytes;     /* bytes of the weight tensors loaded */
   uint64_t kv_cache_bytes;   /* fp16 K and V for max_total_seq_len tokens (the pages the cache reserves) */
   const char* target;        /* the export target, e.g. "cpu", "cpu-arm64", "cuda"; valid until close */
-  const char* device;        /* "cpu" or "cuda"; valid until close */
+  const char* device;        /* "cpu", "cuda", "metal", "opencl" or "vulkan"; valid until close */
 } edgequant_info;
 
 /* Opens a DIST folder; `options` may be NULL. On success *out is a new handle, on failure *out is NULL. */

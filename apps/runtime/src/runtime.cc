@@ -528,12 +528,14 @@ edgequant_status edgequant_open(const char* dist_c, const edgequant_options* opt
     m->info = ReadExportInfo(dist);
     ExportInfo& info = m->info;
     const char* prefix = options ? options->system_lib_prefix : nullptr;
-    if (info.device == "cuda") {
-      m->dev = DLDevice{kDLCUDA, 0};
-    } else if (info.device != "cpu") {
+    static const std::map<std::string, DLDeviceType> devices = {
+        {"cpu", kDLCPU}, {"cuda", kDLCUDA}, {"metal", kDLMetal}, {"opencl", kDLOpenCL}, {"vulkan", kDLVulkan}};
+    auto dev = devices.find(info.device);
+    if (dev == devices.end()) {
       Fail(EDGEQUANT_ERR_UNSUPPORTED, dist + " was exported for " + info.target + " (" + info.device +
-                                          "); this runtime runs cpu and cuda libraries");
+                                          "), which this runtime cannot run");
     }
+    m->dev = DLDevice{dev->second, 0};
     std::string lib_path;
     if (!prefix) {
       lib_path = Inside(dist, info.library, dist + "/" + kExportJson, "library");
@@ -562,6 +564,11 @@ edgequant_status edgequant_open(const char* dist_c, const edgequant_options* opt
       Function::SetGlobal("tvm_callback_cuda_compile",
                           Function::FromTyped([fatbin](String) { return tvm::ffi::Bytes(fatbin); }),
                           /*override=*/true);
+    }
+    // a TVM runtime built without this device's API would fail deep inside the VM; say which build is needed
+    if (m->dev.device_type != kDLCPU && !Function::GetGlobal("device_api." + info.device)) {
+      Fail(EDGEQUANT_ERR_UNSUPPORTED, "this TVM runtime has no " + info.device + " device API, which " + dist +
+                                          " (" + info.target + ") needs; link a TVM runtime built with it");
     }
     try {
       m->lib = prefix ? Global("ffi.SystemLib")(String(prefix)).cast<Module>() : Module::LoadFromFile(lib_path);
