@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from runtime_capi import ROOT, CApi, cmake_build, export_cli
+from .runtime_capi import ROOT, CApi, cmake_build, export_cli
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from runtime_capi import ROOT, cmake_build, export_cli
+from .runtime_capi import ROOT, cmake_build, export_cli
 
 pytestmark = pytest.mark.tvm
 

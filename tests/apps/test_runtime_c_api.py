@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from runtime_capi import ROOT, STATUS, cmake_build
+from .runtime_capi import ROOT, STATUS, cmake_build
 
 pytestmark = pytest.mark.tvm
 
