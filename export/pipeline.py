@@ -121,9 +121,10 @@ def relax_pipeline(target):
     if kind == "llvm" and int8_decode_enabled():
         from edgequant.tvm_schedules.cpu_int8 import target_isa
         isa = target_isa(target)
-    legalize = ([int8_decode_gemv(isa)] if isa else []) + [relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(),
-                relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
-                relax.transform.FuseTIR(), fuse_dequantize_matmul, rules.schedule_pass(target)]
+    legalize = ([int8_decode_gemv(isa)] if isa else []) + [
+        relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(), fuse_dequantize_matmul,
+        rules.schedule_pass(target)]
 
     @tvm.transform.module_pass(opt_level=0, name="EdgequantPipeline")
     def _pipeline(mod, _ctx):

@@ -73,7 +73,8 @@ class QuantLinear(nn.Module):
         else:
             # the spec rides on the dequantize kernel: the CPU pipeline swaps one-row matmuls of it for the int8
             # GEMV (export/pipeline.py), knowing the target that this module is built without
-            w = op.tensor_expr_op(dequantize_te(self.spec), "dequantize", args, attrs={SPEC_ATTR: spec_to_str(self.spec)})
+            w = op.tensor_expr_op(dequantize_te(self.spec), "dequantize", args,
+                                  attrs={SPEC_ATTR: spec_to_str(self.spec)})
             y = op.matmul(x, op.permute_dims(w), out_dtype="float32")
         if self.n_outliers:
             xo = take_clipped(x, self.outlier_idx, axis=x.ndim - 1)
