@@ -6,7 +6,7 @@ fp16 and RTN W4 g128 / W3 g128 / W2 g64, with the bytes of weights each library 
 
 Quantized configs are exported twice: "-fp" rows keep the exact fp decode GEMV (activations in fp16, weights
 dequantized to fp32; EDGEQUANT_ACT_DTYPE=fp16 at export), the others use the int8 dot-product decode GEMV of
-tvm_schedules/cpu_int8.py where it covers the weight layout (2/4-bit; 3-bit bit planes stay on the fp path).
+tvm_schedules/cpu_int8.py where it covers the weight layout (2/4-bit words, 3-bit bit planes).
 All libraries are exported first, then measured in --rounds interleaved rounds, so that every row sees the same
 load on a shared machine; each cell is the best over rounds of the best of --repeats runs of random prompt tokens,
 greedy decoding; the first call of each library is a warm-up. Writes benchmarks/results/<out>.md (and .json) with
@@ -25,7 +25,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 # name, bits, group, activations of the decode GEMV
 CONFIGS = [("fp16", None, None, "fp16"), ("W4 g128-fp", 4, 128, "fp16"), ("W4 g128", 4, 128, "int8"),
-           ("W3 g128-fp", 3, 128, "fp16"), ("W2 g64-fp", 2, 64, "fp16"), ("W2 g64", 2, 64, "int8")]
+           ("W3 g128-fp", 3, 128, "fp16"), ("W3 g128", 3, 128, "int8"), ("W2 g64-fp", 2, 64, "fp16"),
+           ("W2 g64", 2, 64, "int8")]
 
 
 def cpu_name() -> str:

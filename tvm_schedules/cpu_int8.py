@@ -1,4 +1,4 @@
-"""Decode GEMV for x86 CPUs with integer dot products: one activation row times a 2- or 4-bit weight, as a TIR prim
+"""Decode GEMV for x86 CPUs with integer dot products: one activation row times a 2-, 3- or 4-bit weight, as a TIR prim
 func that reaches `vpdpbusd` (AVX-VNNI / AVX-512 VNNI) or `vpmaddubsw` + `vpmaddwd` (AVX2) through LLVM intrinsics.
 
 The float GEMV of `cpu.py` converts every weight to fp32 and spends one FMA lane per weight. Here, as in llama.cpp's
@@ -11,7 +11,11 @@ Layout. A vector lane is one packed uint32 word of a row (8 codes at 4 bits, 16 
 0x0F0F0F0F (0x03030303) after a shift of `j * bits` leaves one code per byte: byte i holds code `i * P + j`
 (P = 8 / bits codes per byte). No code moves between lanes, so the activations are stored in the same order instead:
 the quantization step writes x's int8 values permuted to [chunk][part j][lane][byte i], and each part of a chunk is one
-contiguous load. A chunk is L = 8 words (256-bit registers) or, where the row or a group is shorter, 4 (128-bit).
+contiguous load. A chunk is L = 8 words (256-bit registers) or, where the row's words are not a multiple of 8, 4
+(128-bit); a chunk lies inside one group or holds whole groups (their scales spread over its lanes by a shuffle).
+CPU 3-bit exports ("planes3", dequant.py) take a lane per 2-bit-plane word (16 values, four parts masked with
+0x03030303) and OR in the third bit from the 1-bit-plane word shared by lanes 2m and 2m+1: one load of L/2 words, a
+lane shuffle and a per-lane shift (lane parity) instead of a gather.
 
 Arithmetic. With x_k ~= d_b * a_k (block b) and W = s_g (q - z_g),
     y = sum_g s_g * (sum_{b in g} d_b * dot(q, a)_b - z_g * sum_{b in g} d_b * sum_{k in b} a_k).
@@ -32,16 +36,31 @@ BLOCK = 32               # activation values per int8 scale (llama.cpp's Q8_0 bl
 ISAS = ("vnni", "avx2")  # vpdpbusd; vpmaddubsw + vpmaddwd
 
 
+def _lane_values(spec: QuantSpec) -> int | None:
+    """Weights per vector lane: one word of the words layout, one 2-bit-plane word (16 values) of planes3."""
+    if spec.layout == "words" and spec.bits in (2, 4):
+        return spec.vpw
+    if spec.layout == "planes3":
+        return 16
+    return None
+
+
+def _parts(spec: QuantSpec) -> int:
+    return 4 if spec.layout == "planes3" else 8 // spec.bits
+
+
 def chunk_words(spec: QuantSpec) -> int | None:
     """Lanes (words) per vector step: 8 or 4 dividing both the row's and a group's words; None if neither."""
-    if spec.layout != "words" or spec.bits not in (2, 4) or spec.k % BLOCK:
+    lv = _lane_values(spec)
+    if lv is None or spec.k % BLOCK:
         return None
     if spec.group_size != -1 and spec.group_size % BLOCK:
         return None
-    row_w = spec.k // spec.vpw
-    grp_w = spec.group_len // spec.vpw
+    row_w = spec.k // lv
+    grp_w = spec.group_len // lv
     for L in (8, 4):
-        if row_w % L == 0 and grp_w % L == 0:
+        # a chunk inside one group, or whole groups inside a chunk (then rows hold whole groups: no ragged group)
+        if row_w % L == 0 and (grp_w % L == 0 or L % grp_w == 0):
             return L
     return None
 
@@ -81,9 +100,12 @@ def act_perm(spec: QuantSpec, L: int):
     """Position of activation k in the permuted int8 buffer (NumPy int array over k = 0..K-1)."""
     import numpy as np
     k = np.arange(spec.k)
-    P = 8 // spec.bits
-    w, r = k // spec.vpw, k % spec.vpw
-    i, j = r // P, r % P
+    P, lv = _parts(spec), _lane_values(spec)
+    w, r = k // lv, k % lv
+    if spec.layout == "planes3":
+        i, j = r % 8 // 2, r % 8 % 2 * 2 + r // 8
+    else:
+        i, j = r // P, r % P
     c, lane = w // L, w % L
     return ((c * P + j) * L + lane) * 4 + i
 
@@ -103,7 +125,7 @@ def int8_gemv_np(spec: QuantSpec, x, qweight, scales, zeros=None):
     import numpy as np
     from .dequant import unpack_np
     a, d = quantize_act_np(x)
-    q = unpack_np(qweight, spec.bits, spec.k).astype(np.int64)
+    q = unpack_np(qweight, spec.bits, spec.k, spec.layout).astype(np.int64)
     nb = spec.k // BLOCK
     dots = (q.reshape(spec.n, nb, BLOCK) * a.reshape(nb, BLOCK).astype(np.int64)).sum(axis=2).astype(np.float32)
     blk_g = np.arange(nb) * BLOCK // spec.group_len
@@ -154,13 +176,20 @@ def _dot(isa: str, L: int, acc: str, a: str, b: str) -> str:
 def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], name: str) -> str:
     n, k, bits = spec.n, spec.k, spec.bits
     L = chunk_words(spec)
-    P = 8 // bits                          # codes per byte = parts per word
-    vpw, G, NG = spec.vpw, spec.group_len, spec.n_groups
+    P = _parts(spec)                       # codes per byte of a lane word = parts per lane
+    planes = spec.layout == "planes3"
+    vpw, G, NG = _lane_values(spec), spec.group_len, spec.n_groups
     row_w = k // vpw
     grp_w = G // vpw
     nb = k // BLOCK
     wpb = BLOCK // vpw                     # words per activation block
-    mask = {4: 0x0F0F0F0F, 2: 0x03030303}[bits]
+    mask = {4: 0x0F0F0F0F, 2: 0x03030303, 3: 0x03030303}[bits]
+    if grp_w >= L:
+        gscale = f'T.broadcast(T.Cast("float32", scales[nn, c * {L} // {grp_w}]), {L})'
+    else:  # gpc groups per chunk: their scales, each repeated over its grp_w lanes
+        gpc = L // grp_w
+        sv = f'T.Cast("float32x{gpc}", scales[nn, T.ramp(c * {gpc}, 1, {gpc})])'
+        gscale = f"T.Shuffle([{', '.join([sv] * grp_w)}], [{', '.join(str(l // grp_w) for l in range(L))}])"
     lo = ", ".join(str(d) for d in lead)
     ix = ", ".join("0" for _ in lead)
     ins = [f'x: T.Buffer(({lo}, {k}), "float16")', f'qweight: T.Buffer(({n}, {spec.words}), "uint32")',
@@ -171,7 +200,11 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
     # permuted position of activation k (see act_perm)
     kk = "(b * 32 + t)"
     w, r = f"({kk} // {vpw})", f"({kk} % {vpw})"
-    pos = f"((({w} // {L}) * {P} + {r} % {P}) * {L} + {w} % {L}) * 4 + {r} // {P}"
+    if planes:
+        i_, j_ = f"{r} % 8 // 2", f"({r} % 8 % 2 * 2 + {r} // 8)"
+    else:
+        i_, j_ = f"{r} // {P}", f"{r} % {P}"
+    pos = f"((({w} // {L}) * {P} + {j_}) * {L} + {w} % {L}) * 4 + {i_}"
     Lr = f"T.ramp(0, 1, {L})"
     S = [f"@T.prim_func", f"def {name}({', '.join(ins)}):",
          '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})',
@@ -204,18 +237,30 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
          f'        yv = T.alloc_buffer(({L},), "float32")',
          f'        ia = T.alloc_buffer(({L},), "int32")',
          f'        wq = T.alloc_buffer(({L},), "uint32")',
+         f'        hq = T.alloc_buffer(({L},), "uint32")',
          '        zc = T.alloc_buffer((1,), "float32")',
          f"        yv[{Lr}] = T.broadcast(T.float32(0), {L})",
          f"        for c in T.serial({row_w // L}):",
          f"            wq[{Lr}] = qweight[nn, T.ramp(c * {L}, 1, {L})]",
          f"            ia[{Lr}] = T.broadcast(0, {L})"]
+    if planes:  # lanes 2m and 2m+1 (lo-plane words) take their third bit from the same 1-bit-plane word
+        # one load of L/2 words and a lane shuffle (an index vector of ramp // 2 becomes a gather)
+        dup = ", ".join(str(l // 2) for l in range(L))
+        half = f"qweight[nn, T.ramp({spec.lo_words} + c * {L // 2}, 1, {L // 2})]"
+        S.append(f"            hq[{Lr}] = T.Shuffle([{half}, {half}], [{dup}])")  # two inputs: L lanes to pick from
     for j in range(P):
-        code = (f"T.bitwise_and(T.shift_right(wq[{Lr}], T.broadcast(T.uint32({j * bits}), {L})), "
+        code = (f"T.bitwise_and(T.shift_right(wq[{Lr}], T.broadcast(T.uint32({j * (2 if planes else bits)}), {L})), "
                 f"T.broadcast(T.uint32({mask}), {L}))")
+        if planes:
+            # value k of lo word wl, part j, byte i has its third bit at 8i + 4(j//2) + j%2 + 2(wl%2) of its 1-bit word
+            hs = f'T.Cast("uint32x{L}", T.ramp(0, 1, {L}) % 2 * 2 + {4 * (j // 2) + j % 2})'
+            hi = (f"T.shift_left(T.bitwise_and(T.shift_right(hq[{Lr}], {hs}), T.broadcast(T.uint32(0x01010101), {L})), "
+                  f"T.broadcast(T.uint32(2), {L}))")
+            code = f"T.bitwise_or({code}, {hi})"
         act = f"xq[T.ramp((c * {P} + {j}) * {4 * L}, 1, {4 * L})]"
         S.append(f"            ia[{Lr}] = {_dot(isa, L, f'ia[{Lr}]', code, act)}")
     S += [f'            yv[{Lr}] = yv[{Lr}] + T.Cast("float32x{L}", ia[{Lr}]) * xsw[T.ramp(c * {L}, 1, {L})] * '
-          f'T.broadcast(T.Cast("float32", scales[nn, c * {L} // {grp_w}]), {L})',
+          f'{gscale}',
           "        zc[0] = T.float32(0)"]
     z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
     S += [f"        for g in T.serial({NG}):",

@@ -1,5 +1,6 @@
 """The x86 int8 decode GEMV (tvm_schedules/cpu_int8.py): compiled for this CPU and run against its NumPy model
-(int8 activations per block of 32, exact integer dots) and against the exact fp reference; the generated code holds
+(int8 activations per block of 32, exact integer dots) and against the exact fp reference, at 2/4 bits (words) and 3
+bits (bit planes); the generated code holds
 the integer dot-product instructions; the ISA choice follows the target."""
 import re
 
@@ -10,9 +11,14 @@ from edgequant.pack import pack
 
 pytestmark = pytest.mark.tvm
 
-CASES = [  # bits, group, sym, N, K: 256-bit (L=8) and 128-bit (L=4) chunks, per channel, ragged last group
-    (4, 128, False, 96, 576), (4, 32, False, 40, 160), (4, -1, True, 24, 64), (4, 128, True, 16, 1536),
-    (2, 64, False, 48, 576), (2, -1, True, 24, 64), (2, 128, False, 32, 256),
+CASES = [  # bits, group, sym, N, K, layout: 256-bit (L=8) and 128-bit (L=4) chunks, per channel, ragged last group,
+    # several groups per chunk (4-bit g32 and 2-bit g64 at K=1536), 3-bit bit planes
+    (4, 128, False, 96, 576, "words"), (4, 32, False, 40, 160, "words"), (4, -1, True, 24, 64, "words"),
+    (4, 128, True, 16, 1536, "words"), (4, 32, False, 16, 1536, "words"),
+    (2, 64, False, 48, 576, "words"), (2, -1, True, 24, 64, "words"), (2, 128, False, 32, 256, "words"),
+    (2, 64, True, 16, 1536, "words"),
+    (3, 128, False, 48, 576, "planes3"), (3, 128, True, 16, 1536, "planes3"), (3, -1, False, 24, 64, "planes3"),
+    (3, 128, False, 16, 320, "planes3"),
 ]
 
 
@@ -31,13 +37,16 @@ def _isa_or_skip(isa):
     return host
 
 
-def _linear(rng, bits, group, sym, n, k):
-    from edgequant.tvm_schedules.dequant import QuantSpec
-    spec = QuantSpec(n, k, bits, group, sym)
+def _linear(rng, bits, group, sym, n, k, layout="words"):
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np
+    spec = QuantSpec(n, k, bits, group, sym, layout)
     q = rng.integers(0, 1 << bits, (n, k))
     scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
     zeros = None if sym else rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
-    return spec, pack(q, bits), scales, zeros
+    qweight = pack(q, bits)
+    if layout == "planes3":
+        qweight = repack_planes3_np(qweight, k)
+    return spec, qweight, scales, zeros
 
 
 def test_activation_quantization_model():
@@ -53,20 +62,20 @@ def test_activation_quantization_model():
 def test_activation_permutation_is_a_bijection():
     from edgequant.tvm_schedules.cpu_int8 import act_perm, chunk_words
     from edgequant.tvm_schedules.dequant import QuantSpec
-    for bits in (2, 4):
-        spec = QuantSpec(8, 576, bits, 64 if bits == 2 else 128, False)
+    for bits, layout in ((2, "words"), (4, "words"), (3, "planes3")):
+        spec = QuantSpec(8, 576, bits, 64 if bits == 2 else 128, False, layout)
         assert sorted(act_perm(spec, chunk_words(spec)).tolist()) == list(range(576))
 
 
 @pytest.mark.parametrize("isa", ["vnni", "avx2"])
-@pytest.mark.parametrize("bits,group,sym,n,k", CASES)
-def test_kernel_matches_numpy(isa, bits, group, sym, n, k):
+@pytest.mark.parametrize("bits,group,sym,n,k,layout", CASES)
+def test_kernel_matches_numpy(isa, bits, group, sym, n, k, layout):
     import tvm
     from edgequant.tvm_schedules.cpu_int8 import int8_gemv_func, int8_gemv_np
     from edgequant.tvm_schedules.dequant import quant_matmul_np
     host = _isa_or_skip(isa)
     rng = np.random.default_rng(bits * 1000 + k + n)
-    spec, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k)
+    spec, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k, layout)
     x = rng.standard_normal((1, k)).astype(np.float16)
     ex = tvm.compile(tvm.IRModule({"main": int8_gemv_func(spec, isa)}), target=host)
     args = [x, qweight, scales] + ([] if sym else [zeros])
@@ -111,7 +120,10 @@ def test_supported_shapes():
     from edgequant.tvm_schedules.cpu_int8 import chunk_words
     from edgequant.tvm_schedules.dequant import QuantSpec
     assert chunk_words(QuantSpec(8, 576, 4, 128, False)) == 8     # SmolLM2 W4 g128: 72 words, 16 per group
-    assert chunk_words(QuantSpec(8, 576, 2, 64, False)) == 4      # W2 g64: 4 words per group
+    assert chunk_words(QuantSpec(8, 576, 2, 64, False)) == 4      # W2 g64: 36 words per row
+    assert chunk_words(QuantSpec(8, 1536, 2, 64, False)) == 8     # two groups per chunk
     assert chunk_words(QuantSpec(8, 160, 2, -1, False)) is None   # 10 words per row
     assert chunk_words(QuantSpec(8, 96, 4, 48, False)) is None    # groups not made of whole blocks of 32
-    assert chunk_words(QuantSpec(8, 576, 3, 128, False, "planes3")) is None
+    assert chunk_words(QuantSpec(8, 576, 3, 128, False, "planes3")) == 4
+    assert chunk_words(QuantSpec(8, 1536, 3, 128, False, "planes3")) == 8
+    assert chunk_words(QuantSpec(8, 576, 3, 128, False, "words")) is None       # the checkpoint's 10-per-word layout
