@@ -51,7 +51,8 @@ def main():
              f"- command: python benchmarks/decode_int8_quality.py {' '.join(sys.argv[1:])}",
              "- 'fp' = exact fp decode GEMV (EDGEQUANT_ACT_DTYPE=fp16 at export), 'int8' = int8 activations per block "
              "of 32 (tvm_schedules/cpu_int8.py); RTN W2 g64 is far from usable on this model either way", "",
-             "| config | decode-path ppl, fp | decode-path ppl, int8 | change | argmax agreement |", "|---|---|---|---|---|"]
+             "| config | decode-path ppl, fp | decode-path ppl, int8 | change | argmax agreement |",
+             "|---|---|---|---|---|"]
     for name, tag in PAIRS:
         fp, i8 = Path(a.work) / f"dist-{tag}-fp-cpu", Path(a.work) / f"dist-{tag}-cpu"
         if not (fp.is_dir() and i8.is_dir()):

@@ -49,8 +49,9 @@ def _parts(spec: QuantSpec) -> int:
     return 4 if spec.layout == "planes3" else 8 // spec.bits
 
 
-def chunk_words(spec: QuantSpec) -> int | None:
-    """Lanes (words) per vector step: 8 or 4 dividing both the row's and a group's words; None if neither."""
+def chunk_plan(spec: QuantSpec) -> tuple[int, int, int] | None:
+    """(L, chunks of L words, words of a 4-lane tail chunk or 0) covering a row, or None where the kernel does not
+    apply. A chunk lies inside one group or holds whole groups (scales spread over its lanes by a shuffle)."""
     lv = _lane_values(spec)
     if lv is None or spec.k % BLOCK:
         return None
@@ -58,11 +59,22 @@ def chunk_words(spec: QuantSpec) -> int | None:
         return None
     row_w = spec.k // lv
     grp_w = spec.group_len // lv
-    for L in (8, 4):
-        # a chunk inside one group, or whole groups inside a chunk (then rows hold whole groups: no ragged group)
-        if row_w % L == 0 and (grp_w % L == 0 or L % grp_w == 0):
-            return L
+
+    def fits(L):
+        return grp_w % L == 0 or L % grp_w == 0 or grp_w == row_w
+
+    if fits(8) and row_w % 8 in (0, 4) and row_w >= 8:
+        # a row of 8m + 4 words (K=576 at 2 bits and in 3-bit planes) ends with one 128-bit chunk
+        return 8, row_w // 8, row_w % 8
+    if fits(4) and row_w % 4 == 0:
+        return 4, row_w // 4, 0
     return None
+
+
+def chunk_words(spec: QuantSpec) -> int | None:
+    """Lanes (words) per main vector step: 8 or 4; None where the kernel does not apply."""
+    plan = chunk_plan(spec)
+    return plan[0] if plan else None
 
 
 def supports(spec: QuantSpec) -> bool:
@@ -96,9 +108,11 @@ def _i8_operands() -> bool:
     return codegen.llvm_version_major() >= 22
 
 
-def act_perm(spec: QuantSpec, L: int):
+def act_perm(spec: QuantSpec):
     """Position of activation k in the permuted int8 buffer (NumPy int array over k = 0..K-1)."""
     import numpy as np
+    L, n_main, _ = chunk_plan(spec)
+    mw = L * n_main
     k = np.arange(spec.k)
     P, lv = _parts(spec), _lane_values(spec)
     w, r = k // lv, k % lv
@@ -106,8 +120,9 @@ def act_perm(spec: QuantSpec, L: int):
         i, j = r % 8 // 2, r % 8 % 2 * 2 + r // 8
     else:
         i, j = r // P, r % P
-    c, lane = w // L, w % L
-    return ((c * P + j) * L + lane) * 4 + i
+    start = np.where(w < mw, w // L * L, mw)             # first word of the chunk holding w
+    lanes = np.where(w < mw, L, 4)
+    return start * P * 4 + (j * lanes + w - start) * 4 + i
 
 
 def quantize_act_np(x):
@@ -175,7 +190,8 @@ def _dot(isa: str, L: int, acc: str, a: str, b: str) -> str:
 
 def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], name: str) -> str:
     n, k, bits = spec.n, spec.k, spec.bits
-    L = chunk_words(spec)
+    L, n_main, tail = chunk_plan(spec)
+    mw = L * n_main
     P = _parts(spec)                       # codes per byte of a lane word = parts per lane
     planes = spec.layout == "planes3"
     vpw, G, NG = _lane_values(spec), spec.group_len, spec.n_groups
@@ -183,13 +199,14 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
     grp_w = G // vpw
     nb = k // BLOCK
     wpb = BLOCK // vpw                     # words per activation block
-    mask = {4: 0x0F0F0F0F, 2: 0x03030303, 3: 0x03030303}[bits]
-    if grp_w >= L:
-        gscale = f'T.broadcast(T.Cast("float32", scales[nn, c * {L} // {grp_w}]), {L})'
-    else:  # gpc groups per chunk: their scales, each repeated over its grp_w lanes
-        gpc = L // grp_w
-        sv = f'T.Cast("float32x{gpc}", scales[nn, T.ramp(c * {gpc}, 1, {gpc})])'
-        gscale = f"T.Shuffle([{', '.join([sv] * grp_w)}], [{', '.join(str(l // grp_w) for l in range(L))}])"
+
+    def gscale(Lc, start):
+        if grp_w >= Lc:
+            return f'T.broadcast(T.Cast("float32", scales[nn, ({start}) // {grp_w}]), {Lc})'
+        gpc = Lc // grp_w  # groups per chunk: their scales, each repeated over its grp_w lanes
+        sv = f'T.Cast("float32x{gpc}", scales[nn, T.ramp(({start}) // {grp_w}, 1, {gpc})])'
+        return f"T.Shuffle([{', '.join([sv] * grp_w)}], [{', '.join(str(lane // grp_w) for lane in range(Lc))}])"
+
     lo = ", ".join(str(d) for d in lead)
     ix = ", ".join("0" for _ in lead)
     ins = [f'x: T.Buffer(({lo}, {k}), "float16")', f'qweight: T.Buffer(({n}, {spec.words}), "uint32")',
@@ -205,7 +222,8 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
     else:
         i_, j_ = f"{r} // {P}", f"{r} % {P}"
     pos = f"((({w} // {L}) * {P} + {j_}) * {L} + {w} % {L}) * 4 + {i_}"
-    Lr = f"T.ramp(0, 1, {L})"
+    if tail:
+        pos = f"T.Select({w} < {mw}, {pos}, {mw * P * 4} + ({j_} * 4 + {w} - {mw}) * 4 + {i_})"
     S = [f"@T.prim_func", f"def {name}({', '.join(ins)}):",
          '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})',
          f'    xq = T.alloc_buffer(({k},), "int8")',
@@ -235,37 +253,54 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
          # --- rows in parallel
          f"    for nn in T.parallel({n}):",
          f'        yv = T.alloc_buffer(({L},), "float32")',
+         f'        yt = T.alloc_buffer((4,), "float32")',
          f'        ia = T.alloc_buffer(({L},), "int32")',
          f'        wq = T.alloc_buffer(({L},), "uint32")',
          f'        hq = T.alloc_buffer(({L},), "uint32")',
          '        zc = T.alloc_buffer((1,), "float32")',
-         f"        yv[{Lr}] = T.broadcast(T.float32(0), {L})",
-         f"        for c in T.serial({row_w // L}):",
-         f"            wq[{Lr}] = qweight[nn, T.ramp(c * {L}, 1, {L})]",
-         f"            ia[{Lr}] = T.broadcast(0, {L})"]
-    if planes:  # lanes 2m and 2m+1 (lo-plane words) take their third bit from the same 1-bit-plane word
-        # one load of L/2 words and a lane shuffle (an index vector of ramp // 2 becomes a gather)
-        dup = ", ".join(str(l // 2) for l in range(L))
-        half = f"qweight[nn, T.ramp({spec.lo_words} + c * {L // 2}, 1, {L // 2})]"
-        S.append(f"            hq[{Lr}] = T.Shuffle([{half}, {half}], [{dup}])")  # two inputs: L lanes to pick from
-    for j in range(P):
-        code = (f"T.bitwise_and(T.shift_right(wq[{Lr}], T.broadcast(T.uint32({j * (2 if planes else bits)}), {L})), "
-                f"T.broadcast(T.uint32({mask}), {L}))")
-        if planes:
-            # value k of lo word wl, part j, byte i has its third bit at 8i + 4(j//2) + j%2 + 2(wl%2) of its 1-bit word
-            hs = f'T.Cast("uint32x{L}", T.ramp(0, 1, {L}) % 2 * 2 + {4 * (j // 2) + j % 2})'
-            hi = (f"T.shift_left(T.bitwise_and(T.shift_right(hq[{Lr}], {hs}), T.broadcast(T.uint32(0x01010101), {L})), "
-                  f"T.broadcast(T.uint32(2), {L}))")
-            code = f"T.bitwise_or({code}, {hi})"
-        act = f"xq[T.ramp((c * {P} + {j}) * {4 * L}, 1, {4 * L})]"
-        S.append(f"            ia[{Lr}] = {_dot(isa, L, f'ia[{Lr}]', code, act)}")
-    S += [f'            yv[{Lr}] = yv[{Lr}] + T.Cast("float32x{L}", ia[{Lr}]) * xsw[T.ramp(c * {L}, 1, {L})] * '
-          f'{gscale}',
-          "        zc[0] = T.float32(0)"]
+         f"        yv[T.ramp(0, 1, {L})] = T.broadcast(T.float32(0), {L})",
+         "        yt[T.ramp(0, 1, 4)] = T.broadcast(T.float32(0), 4)",
+         f"        for c in T.serial({n_main}):"]
+    S += _chunk(spec, isa, L, f"c * {L}", "yv", gscale, " " * 12)
+    if tail:
+        S += _chunk(spec, isa, 4, str(mw), "yt", gscale, " " * 8)
+    S.append("        zc[0] = T.float32(0)")
     z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
     S += [f"        for g in T.serial({NG}):",
           f'            zc[0] = zc[0] + T.Cast("float32", scales[nn, g]) * {z} * gsum[g]',
           f"        for t in T.serial({L}):",
           "            zc[0] = zc[0] - yv[t]",
+          "        for t in T.serial(4):",
+          "            zc[0] = zc[0] - yt[t]",
           f'        y[{ix}, nn] = T.Cast("{out_dtype}", T.float32(0) - zc[0])']
     return "\n".join(S) + "\n"
+
+
+def _chunk(spec: QuantSpec, isa: str, Lc: int, start: str, acc: str, gscale, ind: str) -> list[str]:
+    """Statements for one chunk of Lc words from word `start` of row nn: integer dots, then `acc` += their scaled sum.
+    The chunk's activations sit at byte start * P * 4 in the order [part j][lane][byte i]."""
+    planes = spec.layout == "planes3"
+    P = _parts(spec)
+    mask = {4: 0x0F0F0F0F, 2: 0x03030303, 3: 0x03030303}[spec.bits]
+    Lr = f"T.ramp(0, 1, {Lc})"
+    S = [f"{ind}wq[{Lr}] = qweight[nn, T.ramp({start}, 1, {Lc})]",
+         f"{ind}ia[{Lr}] = T.broadcast(0, {Lc})"]
+    if planes:  # lanes 2m and 2m+1 (lo-plane words) take their third bit from the same 1-bit-plane word
+        # one load of Lc/2 words and a lane shuffle (an index vector of ramp // 2 becomes a gather)
+        dup = ", ".join(str(lane // 2) for lane in range(Lc))
+        half = f"qweight[nn, T.ramp({spec.lo_words} + ({start}) // 2, 1, {Lc // 2})]"
+        S.append(f"{ind}hq[{Lr}] = T.Shuffle([{half}, {half}], [{dup}])")  # two inputs: Lc lanes to pick from
+    for j in range(P):
+        code = (f"T.bitwise_and(T.shift_right(wq[{Lr}], T.broadcast(T.uint32({j * (2 if planes else spec.bits)}), "
+                f"{Lc})), T.broadcast(T.uint32({mask}), {Lc}))")
+        if planes:
+            # value k of lo word wl, part j, byte i has its third bit at 8i + 4(j//2) + j%2 + 2(wl%2) of its 1-bit word
+            hs = f'T.Cast("uint32x{Lc}", T.ramp(0, 1, {Lc}) % 2 * 2 + {4 * (j // 2) + j % 2})'
+            hi = (f"T.shift_left(T.bitwise_and(T.shift_right(hq[{Lr}], {hs}), "
+                  f"T.broadcast(T.uint32(0x01010101), {Lc})), T.broadcast(T.uint32(2), {Lc}))")
+            code = f"T.bitwise_or({code}, {hi})"
+        act = f"xq[T.ramp(({start}) * {P * 4} + {j * 4 * Lc}, 1, {4 * Lc})]"
+        S.append(f"{ind}ia[{Lr}] = {_dot(isa, Lc, f'ia[{Lr}]', code, act)}")
+    S.append(f'{ind}{acc}[{Lr}] = {acc}[{Lr}] + T.Cast("float32x{Lc}", ia[{Lr}]) * '
+             f'xsw[T.ramp({start}, 1, {Lc})] * {gscale(Lc, start)}')
+    return S

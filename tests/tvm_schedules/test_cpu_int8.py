@@ -18,7 +18,8 @@ CASES = [  # bits, group, sym, N, K, layout: 256-bit (L=8) and 128-bit (L=4) chu
     (2, 64, False, 48, 576, "words"), (2, -1, True, 24, 64, "words"), (2, 128, False, 32, 256, "words"),
     (2, 64, True, 16, 1536, "words"),
     (3, 128, False, 48, 576, "planes3"), (3, 128, True, 16, 1536, "planes3"), (3, -1, False, 24, 64, "planes3"),
-    (3, 128, False, 16, 320, "planes3"),
+    (3, 128, False, 16, 320, "planes3"), (2, 64, False, 16, 320, "words"), (2, -1, False, 16, 576, "words"),
+    (4, 96, False, 16, 192, "words"),
 ]
 
 
@@ -60,11 +61,11 @@ def test_activation_quantization_model():
 
 
 def test_activation_permutation_is_a_bijection():
-    from edgequant.tvm_schedules.cpu_int8 import act_perm, chunk_words
+    from edgequant.tvm_schedules.cpu_int8 import act_perm
     from edgequant.tvm_schedules.dequant import QuantSpec
     for bits, layout in ((2, "words"), (4, "words"), (3, "planes3")):
         spec = QuantSpec(8, 576, bits, 64 if bits == 2 else 128, False, layout)
-        assert sorted(act_perm(spec, chunk_words(spec)).tolist()) == list(range(576))
+        assert sorted(act_perm(spec).tolist()) == list(range(576))
 
 
 @pytest.mark.parametrize("isa", ["vnni", "avx2"])
@@ -117,13 +118,16 @@ def test_isa_follows_the_target():
 
 
 def test_supported_shapes():
-    from edgequant.tvm_schedules.cpu_int8 import chunk_words
+    from edgequant.tvm_schedules.cpu_int8 import chunk_plan, chunk_words
     from edgequant.tvm_schedules.dequant import QuantSpec
     assert chunk_words(QuantSpec(8, 576, 4, 128, False)) == 8     # SmolLM2 W4 g128: 72 words, 16 per group
-    assert chunk_words(QuantSpec(8, 576, 2, 64, False)) == 4      # W2 g64: 36 words per row
+    assert chunk_plan(QuantSpec(8, 576, 2, 64, False)) == (8, 4, 4)   # W2 g64: 36 words, a 128-bit tail
     assert chunk_words(QuantSpec(8, 1536, 2, 64, False)) == 8     # two groups per chunk
     assert chunk_words(QuantSpec(8, 160, 2, -1, False)) is None   # 10 words per row
     assert chunk_words(QuantSpec(8, 96, 4, 48, False)) is None    # groups not made of whole blocks of 32
-    assert chunk_words(QuantSpec(8, 576, 3, 128, False, "planes3")) == 4
+    assert chunk_plan(QuantSpec(8, 576, 3, 128, False, "planes3")) == (8, 4, 4)
+    assert chunk_plan(QuantSpec(8, 576, 2, -1, False)) == (8, 4, 4)    # per channel: one group, any chunks
+    assert chunk_plan(QuantSpec(8, 320, 2, 64, False)) == (8, 2, 4)
+    assert chunk_plan(QuantSpec(8, 192, 4, 96, False)) == (4, 6, 0)    # groups of 12 words: 128-bit chunks
     assert chunk_words(QuantSpec(8, 1536, 3, 128, False, "planes3")) == 8
     assert chunk_words(QuantSpec(8, 576, 3, 128, False, "words")) is None       # the checkpoint's 10-per-word layout
