@@ -11,8 +11,11 @@ Layout. A vector lane is one packed uint32 word of a row (8 codes at 4 bits, 16 
 0x0F0F0F0F (0x03030303) after a shift of `j * bits` leaves one code per byte: byte i holds code `i * P + j`
 (P = 8 / bits codes per byte). No code moves between lanes, so the activations are stored in the same order instead:
 the quantization step writes x's int8 values permuted to [chunk][part j][lane][byte i], and each part of a chunk is one
-contiguous load. A chunk is L = 8 words (256-bit registers) or, where the row's words are not a multiple of 8, 4
-(128-bit); a chunk lies inside one group or holds whole groups (their scales spread over its lanes by a shuffle).
+contiguous load. A chunk is L = 8 words (256-bit registers); a row of 8m + 4 words (K = 576 at 2 bits or in 3-bit
+planes) ends with one 4-word (128-bit) chunk, and where groups fit neither, all chunks are 4 words (`chunk_plan`). A
+chunk lies inside one group or holds whole groups (their scales spread over its lanes by a shuffle). 256-bit rather
+than 512-bit registers: rows of K = 576 hold 72 words at 4 bits, not a multiple of 16, and AVX-VNNI CPUs without
+AVX-512 get the same code.
 CPU 3-bit exports ("planes3", dequant.py) take a lane per 2-bit-plane word (16 values, four parts masked with
 0x03030303) and OR in the third bit from the 1-bit-plane word shared by lanes 2m and 2m+1: one load of L/2 words, a
 lane shuffle and a per-lane shift (lane parity) instead of a gather.
@@ -25,8 +28,9 @@ per-group sums of `d_b * a_k` that the quantization step also leaves (shared by 
 
 The whole linear is one prim func with the fused float kernel's arguments (x, qweight, scales, [zeros], y): a serial
 quantization prologue (K values, microseconds) into scratch buffers, then rows in parallel. int8 activations move
-the result by ~0.5% of a block's largest value per element; the exact fp path remains the fused float kernel
-(`dequant.py`), used for prefill and for shapes this kernel does not cover (`supports`).
+each activation by up to half a step (1/254 of its block's largest value); the exact fp path remains the fused float
+kernel (`dequant.py`), used for prefill, for shapes this kernel does not cover (`supports`) and on request
+(EDGEQUANT_ACT_DTYPE=fp16, `export/pipeline.py`).
 """
 from __future__ import annotations
 
