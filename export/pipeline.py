@@ -7,6 +7,11 @@ Two passes are added to the stock legalize phase (both learned the hard way, see
 - `fuse_dequantize_matmul` after FuseOps/FuseTIR: stock FuseOps does not fuse an injective producer into an
   out-elementwise-fusable NT-matmul, so a pattern pass does it (with up to three extra epilogue inputs: outlier sum,
   bias, residual).
+
+On x86 llvm targets with AVX2 or VNNI, `int8_decode_gemv` runs first: every one-row matmul of a dequantized weight
+(decode, last-token logits) becomes one call of the int8 dot-product GEMV (`tvm_schedules/cpu_int8.py`), with the
+activations quantized to int8 per block of 32. `INT8_DECODE = False` (or EDGEQUANT_ACT_DTYPE=fp16 in the
+environment) keeps the exact fp path everywhere.
 """
 from __future__ import annotations
 
@@ -14,6 +19,71 @@ import tvm
 from tvm import relax
 
 from edgequant.tvm_schedules import rules, workarounds
+
+INT8_DECODE = True
+
+
+def int8_decode_enabled() -> bool:
+    import os
+    return INT8_DECODE and os.environ.get("EDGEQUANT_ACT_DTYPE", "int8").lower() != "fp16"
+
+
+def int8_decode_gemv(isa: str):
+    """Module pass: matmul(x, permute_dims(dequantize(...))) with x of one row -> call_tir of the int8 GEMV."""
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from edgequant.export.quant_linear import SPEC_ATTR, spec_from_str
+    from edgequant.tvm_schedules import cpu_int8
+
+    matmul, permute = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.permute_dims")
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    @mutator
+    class Rewriter(PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.mod_, self.funcs = mod, {}
+
+        def _producer(self, e, op):
+            b = self.lookup_binding(e) if isinstance(e, relax.Var) else None
+            return b if isinstance(b, relax.Call) and b.op == op else None
+
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if call.op != matmul or str(call.attrs.out_dtype) != "float32":
+                return call
+            perm = self._producer(call.args[1], permute)
+            deq = self._producer(perm.args[0], call_tir) if perm is not None else None
+            if deq is None or perm.attrs.axes is not None:
+                return call
+            f = self.mod_[deq.args[0]]
+            spec_s = f.attrs.get(SPEC_ATTR) if f.attrs is not None else None
+            shape = getattr(call.args[0].ty, "shape", None)
+            if spec_s is None or shape is None:
+                return call
+            lead = tuple(shape.values[:-1])
+            if not all(isinstance(d, tvm.tirx.IntImm) and int(d) == 1 for d in lead):
+                return call
+            spec = spec_from_str(spec_s)
+            if not cpu_int8.supports(spec):
+                return call
+            key = (spec_s, len(lead))
+            if key not in self.funcs:
+                fn = cpu_int8.int8_gemv_func(spec, isa, "float32", tuple(1 for _ in lead))
+                self.funcs[key] = self.builder_.add_func(fn.without_attr("global_symbol"), "int8_decode_gemv")
+            args = [call.args[0], *deq.args[1].fields]
+            return relax.call_tir(self.funcs[key], args, relax.TensorType((*[1] * len(lead), spec.n),
+                                                                                 "float32"))
+
+    @tvm.transform.module_pass(opt_level=0, name="Int8DecodeGemv")
+    def _pass(mod, _ctx):
+        rw = Rewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rw.builder_.update_func(gv, rw.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(rw.builder_.get())
+
+    return _pass
 
 
 def _dequantize_matmul_pattern(n_extra: int):
@@ -47,9 +117,14 @@ def relax_pipeline(target):
     kind = target.kind.name
     # the cuda/cpu_generic package __init__ does not re-export dataflow_lower_passes: use the .pipeline modules
     backend = cuda_pl if kind == "cuda" else (cpu_pl if kind == "llvm" else gpu_pl)
-    legalize = [relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(),
-                relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
-                relax.transform.FuseTIR(), fuse_dequantize_matmul, rules.schedule_pass(target)]
+    isa = None
+    if kind == "llvm" and int8_decode_enabled():
+        from edgequant.tvm_schedules.cpu_int8 import target_isa
+        isa = target_isa(target)
+    legalize = ([int8_decode_gemv(isa)] if isa else []) + [
+        relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(), fuse_dequantize_matmul,
+        rules.schedule_pass(target)]
 
     @tvm.transform.module_pass(opt_level=0, name="EdgequantPipeline")
     def _pipeline(mod, _ctx):

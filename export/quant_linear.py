@@ -8,6 +8,8 @@ stays its own kernel: a data-dependent read inside the reduction would stop dlig
 On CUDA (`decode_gemv=True`) a one-row call (decode) uses the hand-scheduled GEMV of `tvm_schedules/gemv.py`
 instead, which streams the packed weights at close to the memory bandwidth; prefill keeps the fused kernel and dlight.
 The GEMV returns fp32 when outlier columns follow, so their sum is rounded once, as in the fused kernel.
+On x86 CPUs the export pipeline replaces one-row matmuls of the dequantize (found by the spec attribute it carries)
+with the int8 dot-product GEMV of `tvm_schedules/cpu_int8.py`; see `export/pipeline.py`.
 """
 from __future__ import annotations
 
@@ -16,6 +18,17 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from edgequant.tvm_schedules import gemv
 from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_te
+
+SPEC_ATTR = "edgequant.quant_spec"
+
+
+def spec_to_str(spec: QuantSpec) -> str:
+    return f"{spec.n},{spec.k},{spec.bits},{spec.group_size},{int(spec.sym)},{spec.layout}"
+
+
+def spec_from_str(s: str) -> QuantSpec:
+    n, k, bits, group, sym, layout = str(s).split(",")
+    return QuantSpec(int(n), int(k), int(bits), int(group), bool(int(sym)), layout)
 
 
 def take_clipped(x: Tensor, indices: Tensor, axis: int) -> Tensor:
@@ -58,7 +71,10 @@ class QuantLinear(nn.Module):
                                gpu=self.decode_gemv == "gpu").without_attr("global_symbol")
             y = op.tensor_ir_op(f, "decode_gemv", [x, *args], Tensor.placeholder((*lead, self.spec.n), out_dtype))
         else:
-            w = op.tensor_expr_op(dequantize_te(self.spec), "dequantize", args)
+            # the spec rides on the dequantize kernel: the CPU pipeline swaps one-row matmuls of it for the int8
+            # GEMV (export/pipeline.py), knowing the target that this module is built without
+            w = op.tensor_expr_op(dequantize_te(self.spec), "dequantize", args,
+                                  attrs={SPEC_ATTR: spec_to_str(self.spec)})
             y = op.matmul(x, op.permute_dims(w), out_dtype="float32")
         if self.n_outliers:
             xo = take_clipped(x, self.outlier_idx, axis=x.ndim - 1)

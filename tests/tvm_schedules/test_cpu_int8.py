@@ -1,0 +1,133 @@
+"""The x86 int8 decode GEMV (tvm_schedules/cpu_int8.py): compiled for this CPU and run against its NumPy model
+(int8 activations per block of 32, exact integer dots) and against the exact fp reference, at 2/4 bits (words) and 3
+bits (bit planes); the generated code holds
+the integer dot-product instructions; the ISA choice follows the target."""
+import re
+
+import numpy as np
+import pytest
+
+from edgequant.pack import pack
+
+pytestmark = pytest.mark.tvm
+
+CASES = [  # bits, group, sym, N, K, layout: 256-bit (L=8) and 128-bit (L=4) chunks, per channel, ragged last group,
+    # several groups per chunk (4-bit g32 and 2-bit g64 at K=1536), 3-bit bit planes
+    (4, 128, False, 96, 576, "words"), (4, 32, False, 40, 160, "words"), (4, -1, True, 24, 64, "words"),
+    (4, 128, True, 16, 1536, "words"), (4, 32, False, 16, 1536, "words"),
+    (2, 64, False, 48, 576, "words"), (2, -1, True, 24, 64, "words"), (2, 128, False, 32, 256, "words"),
+    (2, 64, True, 16, 1536, "words"),
+    (3, 128, False, 48, 576, "planes3"), (3, 128, True, 16, 1536, "planes3"), (3, -1, False, 24, 64, "planes3"),
+    (3, 128, False, 16, 320, "planes3"), (2, 64, False, 16, 320, "words"), (2, -1, False, 16, 576, "words"),
+    (4, 96, False, 16, 192, "words"),
+]
+
+
+def _host_isas():
+    import tvm
+    from edgequant.tvm_schedules.cpu_int8 import target_isa
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    best = target_isa(host)
+    return host, {"vnni": ["vnni", "avx2"], "avx2": ["avx2"], None: []}[best]
+
+
+def _isa_or_skip(isa):
+    host, isas = _host_isas()
+    if isa not in isas:
+        pytest.skip(f"this CPU ({host.attrs.get('mcpu')}) has no {isa} integer dot products")
+    return host
+
+
+def _linear(rng, bits, group, sym, n, k, layout="words"):
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np
+    spec = QuantSpec(n, k, bits, group, sym, layout)
+    q = rng.integers(0, 1 << bits, (n, k))
+    scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
+    zeros = None if sym else rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
+    qweight = pack(q, bits)
+    if layout == "planes3":
+        qweight = repack_planes3_np(qweight, k)
+    return spec, qweight, scales, zeros
+
+
+def test_activation_quantization_model():
+    from edgequant.tvm_schedules.cpu_int8 import quantize_act_np
+    x = np.random.default_rng(0).standard_normal(256).astype(np.float16)
+    x[32:64] = 0  # an all-zero block: scale 0, codes 0
+    a, d = quantize_act_np(x)
+    assert a.dtype == np.int8 and np.abs(a).max() == 127 and d[1] == 0 and not a[32:64].any()
+    err = np.abs(a.astype(np.float32) * np.repeat(d, 32) - x.astype(np.float32))
+    assert (err <= np.repeat(d, 32) / 2 + 1e-7).all()
+
+
+def test_activation_permutation_is_a_bijection():
+    from edgequant.tvm_schedules.cpu_int8 import act_perm
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    for bits, layout in ((2, "words"), (4, "words"), (3, "planes3")):
+        spec = QuantSpec(8, 576, bits, 64 if bits == 2 else 128, False, layout)
+        assert sorted(act_perm(spec).tolist()) == list(range(576))
+
+
+@pytest.mark.parametrize("isa", ["vnni", "avx2"])
+@pytest.mark.parametrize("bits,group,sym,n,k,layout", CASES)
+def test_kernel_matches_numpy(isa, bits, group, sym, n, k, layout):
+    import tvm
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemv_func, int8_gemv_np
+    from edgequant.tvm_schedules.dequant import quant_matmul_np
+    host = _isa_or_skip(isa)
+    rng = np.random.default_rng(bits * 1000 + k + n)
+    spec, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k, layout)
+    x = rng.standard_normal((1, k)).astype(np.float16)
+    ex = tvm.compile(tvm.IRModule({"main": int8_gemv_func(spec, isa)}), target=host)
+    args = [x, qweight, scales] + ([] if sym else [zeros])
+    y = tvm.runtime.empty((1, n), "float32", tvm.cpu())
+    ex["main"](*[tvm.runtime.tensor(a) for a in args], y)
+    got = y.numpy()[0]
+    model = int8_gemv_np(spec, x[0], qweight, scales, zeros)
+    # same integers, same per-block products; only the fp32 summation order differs
+    np.testing.assert_allclose(got, model, rtol=1e-5, atol=1e-5 * np.abs(model).max())
+    exact = quant_matmul_np(spec, x, qweight, scales, zeros)[0]
+    rel = np.abs(got - exact).max() / np.abs(exact).max()
+    assert rel < 2e-2, rel  # int8 activations: each value within half a step of 1/127 of its block's max
+
+
+@pytest.mark.parametrize("isa,pattern", [("vnni", r"vpdpbusd"), ("avx2", r"vpmaddubsw")])
+def test_generated_code_uses_integer_dot_products(isa, pattern):
+    import tvm
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemv_func
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    host = _isa_or_skip(isa)
+    spec = QuantSpec(64, 576, 4, 128, False)
+    asm = tvm.tirx.build(tvm.IRModule({"main": int8_gemv_func(spec, isa)}), target=host).inspect_source("asm")
+    assert re.search(rf"\b{pattern}\s+[^\n]*%ymm", asm), f"no 256-bit {pattern} in the kernel"
+
+
+def test_isa_follows_the_target():
+    import tvm
+    from edgequant.export.targets import get_preset, tvm_target
+    from edgequant.tvm_schedules.cpu_int8 import target_isa
+    T = tvm.target.Target
+    assert target_isa(T({"kind": "llvm", "mcpu": "znver5"})) == "vnni"
+    assert target_isa(T({"kind": "llvm", "mcpu": "sapphirerapids"})) == "vnni"
+    assert target_isa(T({"kind": "llvm", "mcpu": "haswell"})) == "avx2"
+    assert target_isa(T({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"})) is None
+    assert target_isa(tvm_target(get_preset("cpu-arm64"))) is None
+    assert target_isa(T({"kind": "cuda"})) is None
+    host, isas = _host_isas()
+    assert target_isa(tvm_target(get_preset("cpu"))) == (isas[0] if isas else None)
+
+
+def test_supported_shapes():
+    from edgequant.tvm_schedules.cpu_int8 import chunk_plan, chunk_words
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    assert chunk_words(QuantSpec(8, 576, 4, 128, False)) == 8     # SmolLM2 W4 g128: 72 words, 16 per group
+    assert chunk_plan(QuantSpec(8, 576, 2, 64, False)) == (8, 4, 4)   # W2 g64: 36 words, a 128-bit tail
+    assert chunk_words(QuantSpec(8, 1536, 2, 64, False)) == 8     # two groups per chunk
+    assert chunk_words(QuantSpec(8, 160, 2, -1, False)) is None   # 10 words per row
+    assert chunk_words(QuantSpec(8, 96, 4, 48, False)) is None    # groups not made of whole blocks of 32
+    assert chunk_plan(QuantSpec(8, 576, 3, 128, False, "planes3")) == (8, 4, 4)
+    assert chunk_plan(QuantSpec(8, 576, 2, -1, False)) == (8, 4, 4)    # per channel: one group, any chunks
+    assert chunk_plan(QuantSpec(8, 320, 2, 64, False)) == (8, 2, 4)
+    assert chunk_plan(QuantSpec(8, 192, 4, 96, False)) == (4, 6, 0)    # groups of 12 words: 128-bit chunks
+    assert chunk_words(QuantSpec(8, 1536, 3, 128, False, "planes3")) == 8
+    assert chunk_words(QuantSpec(8, 576, 3, 128, False, "words")) is None       # the checkpoint's 10-per-word layout

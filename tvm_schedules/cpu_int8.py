@@ -1,0 +1,310 @@
+"""Decode GEMV for x86 CPUs with integer dot products: one activation row times a 2-, 3- or 4-bit weight, as a TIR prim
+func that reaches `vpdpbusd` (AVX-VNNI / AVX-512 VNNI) or `vpmaddubsw` + `vpmaddwd` (AVX2) through LLVM intrinsics.
+
+The float GEMV of `cpu.py` converts every weight to fp32 and spends one FMA lane per weight. Here, as in llama.cpp's
+Q8_0 dot products, the activations are quantized at run time to int8 per block of 32 (one fp32 scale per block), and
+the weights' codes stay integers: one `vpdpbusd` multiplies 32 unsigned codes by 32 signed activations and adds them
+four at a time into 8 int32 lanes. Per weight that is a shift and a mask shared by 4-8 codes instead of a
+convert + FMA each.
+
+Layout. A vector lane is one packed uint32 word of a row (8 codes at 4 bits, 16 at 2 bits). Masking the word with
+0x0F0F0F0F (0x03030303) after a shift of `j * bits` leaves one code per byte: byte i holds code `i * P + j`
+(P = 8 / bits codes per byte). No code moves between lanes, so the activations are stored in the same order instead:
+the quantization step writes x's int8 values permuted to [chunk][part j][lane][byte i], and each part of a chunk is one
+contiguous load. A chunk is L = 8 words (256-bit registers); a row of 8m + 4 words (K = 576 at 2 bits or in 3-bit
+planes) ends with one 4-word (128-bit) chunk, and where groups fit neither, all chunks are 4 words (`chunk_plan`). A
+chunk lies inside one group or holds whole groups (their scales spread over its lanes by a shuffle). 256-bit rather
+than 512-bit registers: rows of K = 576 hold 72 words at 4 bits, not a multiple of 16, and AVX-VNNI CPUs without
+AVX-512 get the same code.
+CPU 3-bit exports ("planes3", dequant.py) take a lane per 2-bit-plane word (16 values, four parts masked with
+0x03030303) and OR in the third bit from the 1-bit-plane word shared by lanes 2m and 2m+1: one load of L/2 words, a
+lane shuffle and a per-lane shift (lane parity) instead of a gather.
+
+Arithmetic. With x_k ~= d_b * a_k (block b) and W = s_g (q - z_g),
+    y = sum_g s_g * (sum_{b in g} d_b * dot(q, a)_b - z_g * sum_{b in g} d_b * sum_{k in b} a_k).
+Every lane belongs to one block, so the int32 lane sums are converted once per chunk and multiplied by that lane's
+block scale (`xsw`, one fp32 per word) and the chunk's group scale; the zero-point term is one product per group with
+per-group sums of `d_b * a_k` that the quantization step also leaves (shared by all rows).
+
+The whole linear is one prim func with the fused float kernel's arguments (x, qweight, scales, [zeros], y): a serial
+quantization prologue (K values, microseconds) into scratch buffers, then rows in parallel. int8 activations move
+each activation by up to half a step (1/254 of its block's largest value); the exact fp path remains the fused float
+kernel (`dequant.py`), used for prefill, for shapes this kernel does not cover (`supports`) and on request
+(EDGEQUANT_ACT_DTYPE=fp16, `export/pipeline.py`).
+"""
+from __future__ import annotations
+
+from .dequant import QuantSpec
+
+BLOCK = 32               # activation values per int8 scale (llama.cpp's Q8_0 block)
+ISAS = ("vnni", "avx2")  # vpdpbusd; vpmaddubsw + vpmaddwd
+
+
+def _lane_values(spec: QuantSpec) -> int | None:
+    """Weights per vector lane: one word of the words layout, one 2-bit-plane word (16 values) of planes3."""
+    if spec.layout == "words" and spec.bits in (2, 4):
+        return spec.vpw
+    if spec.layout == "planes3":
+        return 16
+    return None
+
+
+def _parts(spec: QuantSpec) -> int:
+    return 4 if spec.layout == "planes3" else 8 // spec.bits
+
+
+def chunk_plan(spec: QuantSpec) -> tuple[int, int, int] | None:
+    """(L, chunks of L words, words of a 4-lane tail chunk or 0) covering a row, or None where the kernel does not
+    apply. A chunk lies inside one group or holds whole groups (scales spread over its lanes by a shuffle)."""
+    lv = _lane_values(spec)
+    if lv is None or spec.k % BLOCK:
+        return None
+    if spec.group_size != -1 and spec.group_size % BLOCK:
+        return None
+    row_w = spec.k // lv
+    grp_w = spec.group_len // lv
+
+    def fits(L):
+        return grp_w % L == 0 or L % grp_w == 0 or grp_w == row_w
+
+    if fits(8) and row_w % 8 in (0, 4) and row_w >= 8:
+        # a row of 8m + 4 words (K=576 at 2 bits and in 3-bit planes) ends with one 128-bit chunk
+        return 8, row_w // 8, row_w % 8
+    if fits(4) and row_w % 4 == 0:
+        return 4, row_w // 4, 0
+    return None
+
+
+def chunk_words(spec: QuantSpec) -> int | None:
+    """Lanes (words) per main vector step: 8 or 4; None where the kernel does not apply."""
+    plan = chunk_plan(spec)
+    return plan[0] if plan else None
+
+
+def supports(spec: QuantSpec) -> bool:
+    return chunk_words(spec) is not None
+
+
+def target_isa(target) -> str | None:
+    """The integer dot-product flavour an llvm target allows: "vnni", "avx2" or None (not x86, or no AVX2)."""
+    from tvm.target import codegen
+    if target is None or target.kind.name != "llvm":
+        return None
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+        return None
+    if not triple and codegen.llvm_get_system_triple().split("-")[0] not in ("x86_64", "i686", "i386"):
+        return None
+    try:
+        if codegen.target_has_features("avxvnni", target) or \
+                codegen.target_has_features(["avx512vnni", "avx512vl"], target):
+            return "vnni"
+        if codegen.target_has_features("avx2", target):
+            return "avx2"
+    except Exception:  # noqa: BLE001 - a target LLVM cannot describe: no integer path
+        return None
+    return None
+
+
+def _i8_operands() -> bool:
+    # LLVM 22 retyped the VNNI intrinsics' byte operands from <N x i32> to <4N x i8>
+    from tvm.target import codegen
+    return codegen.llvm_version_major() >= 22
+
+
+def act_perm(spec: QuantSpec):
+    """Position of activation k in the permuted int8 buffer (NumPy int array over k = 0..K-1)."""
+    import numpy as np
+    L, n_main, _ = chunk_plan(spec)
+    mw = L * n_main
+    k = np.arange(spec.k)
+    P, lv = _parts(spec), _lane_values(spec)
+    w, r = k // lv, k % lv
+    if spec.layout == "planes3":
+        i, j = r % 8 // 2, r % 8 % 2 * 2 + r // 8
+    else:
+        i, j = r // P, r % P
+    start = np.where(w < mw, w // L * L, mw)             # first word of the chunk holding w
+    lanes = np.where(w < mw, L, 4)
+    return start * P * 4 + (j * lanes + w - start) * 4 + i
+
+
+def quantize_act_np(x):
+    """x [K] -> (int8 a [K], fp32 block scale d [K/32]): d = max|x| / 127, a = round(x * 127 / max|x|)."""
+    import numpy as np
+    xf = x.astype(np.float32).reshape(-1, BLOCK)
+    amax = np.abs(xf).max(axis=1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    a = np.round(xf * inv[:, None]).astype(np.int8)   # |a| <= 127 since |x| * 127 / max|x| <= 127
+    return a.reshape(-1), (amax / np.float32(127)).astype(np.float32)
+
+
+def int8_gemv_np(spec: QuantSpec, x, qweight, scales, zeros=None):
+    """NumPy model of the kernel (int8 activations, exact integer dots, fp32 scaling): x [K] -> y [N] fp32."""
+    import numpy as np
+    from .dequant import unpack_np
+    a, d = quantize_act_np(x)
+    q = unpack_np(qweight, spec.bits, spec.k, spec.layout).astype(np.int64)
+    nb = spec.k // BLOCK
+    dots = (q.reshape(spec.n, nb, BLOCK) * a.reshape(nb, BLOCK).astype(np.int64)).sum(axis=2).astype(np.float32)
+    blk_g = np.arange(nb) * BLOCK // spec.group_len
+    s = scales.astype(np.float32)[:, blk_g]
+    z = (np.full((spec.n, spec.n_groups), spec.sym_zero, np.float32) if spec.sym
+         else zeros.astype(np.float32))[:, blk_g]
+    asum = a.reshape(nb, BLOCK).astype(np.float32).sum(axis=1)
+    return (s * (dots * d - z * (d * asum))).sum(axis=1)
+
+
+def int8_gemv_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", lead: tuple[int, ...] = (1,),
+                   name: str = "main"):
+    """y[lead..., N] = x[lead..., K] @ dq(W)^T for one row with int8 activations (module docstring).
+
+    Arguments: x fp16, qweight, scales, [zeros], y (`out_dtype`). `isa` "vnni" or "avx2" picks the instructions."""
+    import tvm
+    from tvm.script import tirx as T
+
+    if isa not in ISAS:
+        raise ValueError(f"unknown ISA {isa!r}; one of {ISAS}")
+    if not supports(spec):
+        raise ValueError(f"no int8 decode GEMV for {spec}")
+    src = _source(spec, isa, out_dtype, lead, name)
+    return tvm.script.from_source(src, extra_vars={"T": T})
+
+
+def _dot(isa: str, L: int, acc: str, a: str, b: str) -> str:
+    """TIR expression: int32xL `acc` plus the 4-byte dot products of u8 `a` and s8 `b` (both uint32xL/int8x4L)."""
+    B = 4 * L
+    if isa == "vnni":
+        width = 32 * L
+        if _i8_operands():
+            a_op, b_op = f'T.reinterpret({a}, dtype="int8x{B}")', b
+        else:
+            a_op, b_op = a, f'T.reinterpret({b}, dtype="int32x{L}")'
+        return (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.{width}"), '
+                f'{acc}, {a_op}, {b_op}, dtype="int32x{L}")')
+    # AVX2: u8*s8 pairs -> i16 (no saturation: 15 * 127 * 2 < 2^15), then i16 pairs -> i32
+    ub, wd = (("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd") if L == 8 else
+              ("llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"))
+    p16 = (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("{ub}"), T.reinterpret({a}, dtype="int8x{B}"), '
+           f'{b}, dtype="int16x{2 * L}")')
+    p32 = (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("{wd}"), {p16}, '
+           f'T.broadcast(T.int16(1), {2 * L}), dtype="int32x{L}")')
+    return f"{acc} + {p32}"
+
+
+def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], name: str) -> str:
+    n, k, bits = spec.n, spec.k, spec.bits
+    L, n_main, tail = chunk_plan(spec)
+    mw = L * n_main
+    P = _parts(spec)                       # codes per byte of a lane word = parts per lane
+    planes = spec.layout == "planes3"
+    vpw, G, NG = _lane_values(spec), spec.group_len, spec.n_groups
+    row_w = k // vpw
+    grp_w = G // vpw
+    nb = k // BLOCK
+    wpb = BLOCK // vpw                     # words per activation block
+
+    def gscale(Lc, start):
+        if grp_w >= Lc:
+            return f'T.broadcast(T.Cast("float32", scales[nn, ({start}) // {grp_w}]), {Lc})'
+        gpc = Lc // grp_w  # groups per chunk: their scales, each repeated over its grp_w lanes
+        sv = f'T.Cast("float32x{gpc}", scales[nn, T.ramp(({start}) // {grp_w}, 1, {gpc})])'
+        return f"T.Shuffle([{', '.join([sv] * grp_w)}], [{', '.join(str(lane // grp_w) for lane in range(Lc))}])"
+
+    lo = ", ".join(str(d) for d in lead)
+    ix = ", ".join("0" for _ in lead)
+    ins = [f'x: T.Buffer(({lo}, {k}), "float16")', f'qweight: T.Buffer(({n}, {spec.words}), "uint32")',
+           f'scales: T.Buffer(({n}, {NG}), "float16")']
+    if not spec.sym:
+        ins.append(f'zeros: T.Buffer(({n}, {NG}), "uint8")')
+    ins.append(f'y: T.Buffer(({lo}, {n}), "{out_dtype}")')
+    # permuted position of activation k (see act_perm)
+    kk = "(b * 32 + t)"
+    w, r = f"({kk} // {vpw})", f"({kk} % {vpw})"
+    if planes:
+        i_, j_ = f"{r} % 8 // 2", f"({r} % 8 % 2 * 2 + {r} // 8)"
+    else:
+        i_, j_ = f"{r} // {P}", f"{r} % {P}"
+    pos = f"((({w} // {L}) * {P} + {j_}) * {L} + {w} % {L}) * 4 + {i_}"
+    if tail:
+        pos = f"T.Select({w} < {mw}, {pos}, {mw * P * 4} + ({j_} * 4 + {w} - {mw}) * 4 + {i_})"
+    S = [f"@T.prim_func", f"def {name}({', '.join(ins)}):",
+         '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})',
+         f'    xq = T.alloc_buffer(({k},), "int8")',
+         f'    xsw = T.alloc_buffer(({row_w},), "float32")',
+         f'    bsum = T.alloc_buffer(({nb},), "float32")',
+         f'    gsum = T.alloc_buffer(({NG},), "float32")',
+         # --- quantize x to int8 per block of 32 (serial: K values)
+         f"    for b in T.serial({nb}):",
+         '        m = T.alloc_buffer((1,), "float32")',
+         '        sa = T.alloc_buffer((1,), "int32")',
+         "        m[0] = T.float32(0)",
+         "        sa[0] = 0",
+         "        for t in T.serial(32):",
+         f'            m[0] = T.max(m[0], T.fabs(T.Cast("float32", x[{ix}, {kk}])))',
+         "        for t in T.serial(32):",
+         f'            v = T.Cast("int32", T.round(T.Cast("float32", x[{ix}, {kk}]) * '
+         f'T.Select(m[0] > T.float32(0), T.float32(127) / m[0], T.float32(0))))',
+         f'            xq[{pos}] = T.Cast("int8", v)',
+         "            sa[0] = sa[0] + v",
+         f"        for t in T.serial({wpb}):",
+         f"            xsw[b * {wpb} + t] = m[0] / T.float32(127)",
+         '        bsum[b] = m[0] / T.float32(127) * T.Cast("float32", sa[0])',
+         f"    for g in T.serial({NG}):",
+         "        gsum[g] = T.float32(0)",
+         f"    for b in T.serial({nb}):",
+         f"        gsum[b * 32 // {G}] = gsum[b * 32 // {G}] + bsum[b]",
+         # --- rows in parallel
+         f"    for nn in T.parallel({n}):",
+         f'        yv = T.alloc_buffer(({L},), "float32")',
+         f'        yt = T.alloc_buffer((4,), "float32")',
+         f'        ia = T.alloc_buffer(({L},), "int32")',
+         f'        wq = T.alloc_buffer(({L},), "uint32")',
+         f'        hq = T.alloc_buffer(({L},), "uint32")',
+         '        zc = T.alloc_buffer((1,), "float32")',
+         f"        yv[T.ramp(0, 1, {L})] = T.broadcast(T.float32(0), {L})",
+         "        yt[T.ramp(0, 1, 4)] = T.broadcast(T.float32(0), 4)",
+         f"        for c in T.serial({n_main}):"]
+    S += _chunk(spec, isa, L, f"c * {L}", "yv", gscale, " " * 12)
+    if tail:
+        S += _chunk(spec, isa, 4, str(mw), "yt", gscale, " " * 8)
+    S.append("        zc[0] = T.float32(0)")
+    z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
+    S += [f"        for g in T.serial({NG}):",
+          f'            zc[0] = zc[0] + T.Cast("float32", scales[nn, g]) * {z} * gsum[g]',
+          f"        for t in T.serial({L}):",
+          "            zc[0] = zc[0] - yv[t]",
+          "        for t in T.serial(4):",
+          "            zc[0] = zc[0] - yt[t]",
+          f'        y[{ix}, nn] = T.Cast("{out_dtype}", T.float32(0) - zc[0])']
+    return "\n".join(S) + "\n"
+
+
+def _chunk(spec: QuantSpec, isa: str, Lc: int, start: str, acc: str, gscale, ind: str) -> list[str]:
+    """Statements for one chunk of Lc words from word `start` of row nn: integer dots, then `acc` += their scaled sum.
+    The chunk's activations sit at byte start * P * 4 in the order [part j][lane][byte i]."""
+    planes = spec.layout == "planes3"
+    P = _parts(spec)
+    mask = {4: 0x0F0F0F0F, 2: 0x03030303, 3: 0x03030303}[spec.bits]
+    Lr = f"T.ramp(0, 1, {Lc})"
+    S = [f"{ind}wq[{Lr}] = qweight[nn, T.ramp({start}, 1, {Lc})]",
+         f"{ind}ia[{Lr}] = T.broadcast(0, {Lc})"]
+    if planes:  # lanes 2m and 2m+1 (lo-plane words) take their third bit from the same 1-bit-plane word
+        # one load of Lc/2 words and a lane shuffle (an index vector of ramp // 2 becomes a gather)
+        dup = ", ".join(str(lane // 2) for lane in range(Lc))
+        half = f"qweight[nn, T.ramp({spec.lo_words} + ({start}) // 2, 1, {Lc // 2})]"
+        S.append(f"{ind}hq[{Lr}] = T.Shuffle([{half}, {half}], [{dup}])")  # two inputs: Lc lanes to pick from
+    for j in range(P):
+        code = (f"T.bitwise_and(T.shift_right(wq[{Lr}], T.broadcast(T.uint32({j * (2 if planes else spec.bits)}), "
+                f"{Lc})), T.broadcast(T.uint32({mask}), {Lc}))")
+        if planes:
+            # value k of lo word wl, part j, byte i has its third bit at 8i + 4(j//2) + j%2 + 2(wl%2) of its 1-bit word
+            hs = f'T.Cast("uint32x{Lc}", T.ramp(0, 1, {Lc}) % 2 * 2 + {4 * (j // 2) + j % 2})'
+            hi = (f"T.shift_left(T.bitwise_and(T.shift_right(hq[{Lr}], {hs}), "
+                  f"T.broadcast(T.uint32(0x01010101), {Lc})), T.broadcast(T.uint32(2), {Lc}))")
+            code = f"T.bitwise_or({code}, {hi})"
+        act = f"xq[T.ramp(({start}) * {P * 4} + {j * 4 * Lc}, 1, {4 * Lc})]"
+        S.append(f"{ind}ia[{Lr}] = {_dot(isa, Lc, f'ia[{Lr}]', code, act)}")
+    S.append(f'{ind}{acc}[{Lr}] = {acc}[{Lr}] + T.Cast("float32x{Lc}", ia[{Lr}]) * '
+             f'xsw[T.ramp({start}, 1, {Lc})] * {gscale(Lc, start)}')
+    return S
