@@ -14,7 +14,7 @@ import platform
 import time
 from pathlib import Path
 
-from .errors import EdgequantError
+from .errors import EdgequantError, first_line
 
 
 def _versions() -> dict:
@@ -102,8 +102,7 @@ def _tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing or damaged tokenizer
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise EdgequantError(f"cannot load the tokenizer saved in {folder} ({first}); copy the tokenizer files of "
+        raise EdgequantError(f"cannot load the tokenizer saved in {folder} ({first_line(e, 200)}); copy the tokenizer files of "
                              "the original model into it") from None
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import pack
-from .errors import CheckpointError, EdgequantError
+from .errors import CheckpointError, EdgequantError, first_line
 from .paths import inside_folder
 from .models import Family, family_for
 from .quantizer import QuantizedWeight
@@ -169,7 +169,7 @@ class Checkpoint:
                     for n in ns:
                         out[n] = sf.get_tensor(n)
             except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged data
-                raise CheckpointError(f"cannot read tensors from {f.name} ({_first_line(e)}); the file is damaged: "
+                raise CheckpointError(f"cannot read tensors from {f.name} ({first_line(e)}); the file is damaged: "
                                       "re-run `edgequant quantize` to rewrite it") from None
         for n, arr in out.items():
             self._check_values(n, arr)
@@ -202,11 +202,6 @@ def _natural_key(s: str):
     return [int(p) if p.isdigit() else p for p in s.split(".")]
 
 
-def _first_line(e: Exception) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
 def _tensor_headers(f: Path) -> dict:
     """Header of a safetensors file, checked against the file's size (catches truncation and corruption)."""
     try:
@@ -220,7 +215,7 @@ def _tensor_headers(f: Path) -> dict:
                 raise ValueError("header length out of range")
             header = json.loads(fh.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f.name} is corrupt or truncated ({_first_line(e)}); re-run `edgequant quantize` "
+        raise CheckpointError(f"{f.name} is corrupt or truncated ({first_line(e)}); re-run `edgequant quantize` "
                               "to rewrite the checkpoint") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{f.name} is corrupt (its header is not a JSON object); re-run `edgequant quantize`")
@@ -271,7 +266,7 @@ def is_checkpoint(path) -> bool:
     try:
         config = json.loads(cfg.read_text())
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg} cannot be read as JSON ({_first_line(e)}); restore it or re-run "
+        raise CheckpointError(f"{cfg} cannot be read as JSON ({first_line(e)}); restore it or re-run "
                               "`edgequant quantize`") from None
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
@@ -287,7 +282,7 @@ def open_checkpoint(path) -> Checkpoint:
     try:
         config = json.loads((p / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{p / 'config.json'} is not valid JSON ({_first_line(e)}); re-run `edgequant quantize`") from None
+        raise CheckpointError(f"{p / 'config.json'} is not valid JSON ({first_line(e)}); re-run `edgequant quantize`") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{p / 'config.json'} is not a JSON object; re-run `edgequant quantize`")
     qc = config.get("quantization_config") or {}
@@ -333,7 +328,7 @@ def _weight_files(p: Path) -> dict[str, Path]:
         try:
             wm = json.loads((p / INDEX_NAME).read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{INDEX_NAME} is damaged ({_first_line(e)}); re-run `edgequant quantize`") from None
+            raise CheckpointError(f"{INDEX_NAME} is damaged ({first_line(e)}); re-run `edgequant quantize`") from None
         if not isinstance(wm, dict):
             raise CheckpointError(f"{INDEX_NAME} is damaged (weight_map is not an object); re-run `edgequant quantize`")
         out = {}
@@ -396,7 +391,7 @@ def _validate(ckpt: Checkpoint, headers: dict):
     try:
         plain, quant = expected_layout(ckpt)
     except Exception as e:  # noqa: BLE001 - transformers' config validation raises many types
-        raise CheckpointError(f"{ckpt.path / 'config.json'} does not describe a valid model ({_first_line(e)}); "
+        raise CheckpointError(f"{ckpt.path / 'config.json'} does not describe a valid model ({first_line(e)}); "
                               "restore the original config.json or re-run `edgequant quantize`") from None
     s = ckpt.scheme
     fix = "re-run `edgequant quantize` to rewrite the checkpoint"

@@ -11,3 +11,10 @@ class CheckpointError(EdgequantError):
 
 class UnsupportedModelError(EdgequantError):
     """The model's architecture has no family description in `edgequant.models`."""
+
+
+def first_line(e: Exception, limit: int | None = None) -> str:
+    """The first line of an exception's message (libraries raise multi-line ones), or its type's name."""
+    s = str(e).strip()
+    line = s.splitlines()[0] if s else type(e).__name__
+    return line[:limit] if limit else line

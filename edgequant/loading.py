@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from .atomic import atomic_output_dir
-from .errors import EdgequantError
+from .errors import EdgequantError, first_line
 from .models import family_for
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -139,8 +139,7 @@ def load_model(model: str | os.PathLike | None, dtype=None):
     except EdgequantError:
         raise
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EdgequantError(f"could not load model '{src}': {first}") from None
+        raise EdgequantError(f"could not load model '{src}': {first_line(e)}") from None
     family_for(m.config.model_type)
     m.eval()
     m.requires_grad_(False)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgequant.errors import EdgequantError
+from edgequant.errors import EdgequantError, first_line
 
 from .dist import EXPORT_JSON, check_tensor_cache, library_path, read_export_info  # noqa: F401 - re-exported
 
@@ -79,7 +79,7 @@ class Runner:
         try:
             self.vm = VirtualMachine(tvm.runtime.load_module(str(lib)), self.dev)
         except Exception as e:  # noqa: BLE001 - TVM raises its own error types for a library it cannot load
-            raise EdgequantError(f"cannot load {lib} ({_first_line(e)}); the library is damaged or was built for "
+            raise EdgequantError(f"cannot load {lib} ({first_line(e, 200)}); the library is damaged or was built for "
                                  "another machine: export the model again") from None
         tvm.get_global_func("vm.builtin.tensor_cache.load")(str(self.dist), self.dev.dlpack_device_type(), self.dev.index)
         names = [p["name"] for p in self.info["params"]]
@@ -106,7 +106,7 @@ class Runner:
         try:
             return AutoTokenizer.from_pretrained(str(self.dist))
         except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing/bad tokenizer
-            raise EdgequantError(f"cannot load the tokenizer saved in {self.dist} ({_first_line(e)}); export the "
+            raise EdgequantError(f"cannot load the tokenizer saved in {self.dist} ({first_line(e, 200)}); export the "
                                  "model again from a folder that has its tokenizer") from None
 
     # ----------------------------------------------------------------------------------------- low level
@@ -191,11 +191,6 @@ class Runner:
         m = self.info["model"]
         n = self.max_len if tokens is None else tokens
         return 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * n * 2  # k and v, fp16
-
-
-def _first_line(e: Exception) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:200] if s else type(e).__name__
 
 
 def sample(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0, rng=None) -> int:

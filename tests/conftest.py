@@ -104,3 +104,13 @@ def assert_fused_checkpoint_equals_live(tmp_path, tokenizer, fp_model, model, qu
     with torch.no_grad():
         torch.testing.assert_close(fused(samples).logits, fp_model(samples).logits, rtol=1e-5, atol=1e-5)
     return fused
+
+
+@pytest.fixture(scope="session")
+def owq_checkpoint(model_dirs, text_file, tmp_path_factory):
+    """A tiny OWQ W4 g32 checkpoint: zero points and fp16 outlier columns, so index checks and the outlier gather
+    run. Built once for the reliability corpus and the native-runtime tests."""
+    from edgequant import api
+    out = tmp_path_factory.mktemp("owq-w4g32") / "owq"
+    return api.quantize(model_dirs["llama"], out, method="owq", bits=4, group_size=32, calib=text_file, nsamples=4,
+                        seqlen=64, weak_columns=2, progress=False)

@@ -19,12 +19,8 @@ def runtime_build():
 
 
 @pytest.fixture(scope="session")
-def checkpoint(model_dirs, text_file, tmp_path_factory):
-    """OWQ W4 g32: zero points and fp16 outlier columns, so the runtime's index checks and the outlier gather run."""
-    from edgequant import api
-    out = tmp_path_factory.mktemp("rt-q") / "owq"
-    return api.quantize(model_dirs["llama"], out, method="owq", bits=4, group_size=32, calib=text_file, nsamples=4,
-                        seqlen=64, weak_columns=2, progress=False)
+def checkpoint(owq_checkpoint):
+    return owq_checkpoint
 
 
 @pytest.fixture(scope="session")

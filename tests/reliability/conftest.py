@@ -11,11 +11,8 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def good_ckpt(model_dirs, text_file, tmp_path_factory):
-    from edgequant import api
-    out = tmp_path_factory.mktemp("reliability") / "owq"
-    return api.quantize(model_dirs["llama"], out, method="owq", bits=4, group_size=32, calib=text_file, nsamples=4,
-                        seqlen=64, weak_columns=2, progress=False)
+def good_ckpt(owq_checkpoint):
+    return owq_checkpoint
 
 
 @pytest.fixture(scope="session")

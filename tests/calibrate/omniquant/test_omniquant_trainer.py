@@ -62,16 +62,8 @@ def test_resume_reproduces_checkpoint_bytes(tmp_path, model_dirs, text_file, mon
     kw = dict(method="omniquant", bits=3, group_size=32, calib=text_file, nsamples=6, seqlen=32, batch_size=2,
               epochs=2, let=True, progress=False)
     ref = api.quantize(model_dirs["qwen2"], tmp_path / "ref", **kw)
-
-    def boom(i):
-        if i == 0:
-            raise _Interrupt
-    monkeypatch.setattr(trainer_mod, "_after_block", boom)
-    with pytest.raises(_Interrupt):
-        api.quantize(model_dirs["qwen2"], tmp_path / "out", **kw)
-    state = tmp_path / ".out.state"
+    state = _interrupted_run(tmp_path, model_dirs, monkeypatch, kw, arch="qwen2")
     assert (state / "block_0000.safetensors").exists() and not (tmp_path / "out").exists()
-    monkeypatch.setattr(trainer_mod, "_after_block", lambda i: None)
     out = api.quantize(model_dirs["qwen2"], tmp_path / "out", **kw)
     assert not state.exists()
     # every tensor byte identical; the header identical as JSON (safetensors writes its metadata map in a random
@@ -123,13 +115,14 @@ def test_cli_omniquant(tmp_path, model_dirs, text_file):
     assert len(prov["calibration"]["blocks"]) == 2
 
 
-def _interrupted_run(tmp_path, model_dirs, text_file, monkeypatch, kw):
+def _interrupted_run(tmp_path, model_dirs, monkeypatch, kw, arch="llama"):
+    """Run `quantize` to tmp_path/out and stop it after block 0; returns the state folder it leaves."""
     def boom(i):
         if i == 0:
             raise _Interrupt
     monkeypatch.setattr(trainer_mod, "_after_block", boom)
     with pytest.raises(_Interrupt):
-        api.quantize(model_dirs["llama"], tmp_path / "out", **kw)
+        api.quantize(model_dirs[arch], tmp_path / "out", **kw)
     monkeypatch.setattr(trainer_mod, "_after_block", lambda i: None)
     return tmp_path / ".out.state"
 
@@ -141,7 +134,7 @@ _RESUME_KW = dict(method="omniquant", bits=3, group_size=32, nsamples=4, seqlen=
 def test_resume_state_never_unpickles(tmp_path, model_dirs, text_file, monkeypatch):
     """A pickle planted in the state folder (old format name or new) is never loaded: no code runs."""
     kw = dict(_RESUME_KW, calib=text_file)
-    state = _interrupted_run(tmp_path, model_dirs, text_file, monkeypatch, kw)
+    state = _interrupted_run(tmp_path, model_dirs, monkeypatch, kw)
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -160,7 +153,7 @@ def test_damaged_or_foreign_state_starts_over(tmp_path, model_dirs, text_file, m
     """A damaged block file or another run's folder costs recomputation, never a failed or wrong run."""
     kw = dict(_RESUME_KW, calib=text_file)
     ref = api.quantize(model_dirs["llama"], tmp_path / "ref", **kw)
-    state = _interrupted_run(tmp_path, model_dirs, text_file, monkeypatch, kw)
+    state = _interrupted_run(tmp_path, model_dirs, monkeypatch, kw)
     block = state / "block_0000.safetensors"
     if damage == "truncate":
         block.write_bytes(block.read_bytes()[:100])
