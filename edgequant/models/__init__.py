@@ -5,7 +5,7 @@ Calibration, fusion, checkpoint validation and export all read these description
 from __future__ import annotations
 
 from ..errors import UnsupportedModelError
-from .family import Family, LinearGroup
+from .family import Dims, Family, LetPair, Linear, LinearGroup, Norm
 from .llama import LLAMA_FAMILY
 
 FAMILIES: dict[str, Family] = {}
@@ -33,4 +33,5 @@ def family_for(model_type: str) -> Family:
         ) from None
 
 
-__all__ = ["Family", "LinearGroup", "FAMILIES", "family_for", "register_family", "supported_model_types"]
+__all__ = ["Dims", "Family", "LetPair", "Linear", "LinearGroup", "Norm", "FAMILIES", "family_for", "register_family",
+           "supported_model_types"]
