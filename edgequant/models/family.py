@@ -142,9 +142,11 @@ class Family:
     def layer_prefix(self, i: int) -> str:
         return f"{self.layers_path}.{i}"
 
-    def relative_name(self, name: str) -> str:
-        """A block-relative name from a full one (`model.layers.3.mlp.up_proj` -> `mlp.up_proj`)."""
-        return name[len(self.layers_path) + 1:].split(".", 1)[1]
+    def relative_name(self, name: str) -> str | None:
+        """A block-relative name from a full one (`model.layers.3.mlp.up_proj` -> `mlp.up_proj`); None outside blocks."""
+        head, sep, rest = name.partition(f"{self.layers_path}.")
+        i, _, rel = rest.partition(".")
+        return rel if sep and not head and i.isdigit() and rel else None
 
     def _dims(self, config) -> Dims:
         return config if isinstance(config, Dims) else self.dims(config)
