@@ -40,9 +40,6 @@ class Dims:
         """Query heads per kv head (grouped-query attention)."""
         return self.heads // self.kv_heads
 
-    def size(self, dim: str) -> int:
-        return getattr(self, dim)
-
 
 @dataclass(frozen=True)
 class Linear:
@@ -69,17 +66,9 @@ class LinearGroup:
 
 @dataclass(frozen=True)
 class LetPair:
-    """One LET scale (OmniQuant, arXiv 2308.13137, eqs. 3-5) between a producer and the linears reading its output;
-    `calibrate/omniquant/let.py` holds the algebra of each kind:
-
-    - "norm":   producer is a norm; its weight / s, the consumers' columns * s.
-    - "rows":   producer is a linear feeding the consumer through something linear in it (up -> down of a gated MLP);
-                its rows / s, the consumer's columns * s.
-    - "attn_v": producer v_proj, consumer o_proj through attention, which mixes tokens, not channels; with GQA one
-                scale per kv channel serves every query head of its group.
-    - "rope_qk": producer k_proj, consumer q_proj; k rows / s, q rows * s leaves q.k unchanged when each RoPE pair
-                (d, d + head_dim/2) shares its scale.
-    """
+    """One LET scale between a producer and the linears reading its output; `kind` is one of LET_KINDS, whose algebra
+    `calibrate/omniquant/let.py` holds (norm: a norm's weight; rows: a linear's rows, e.g. up -> down of a gated MLP;
+    attn_v: v -> o through attention, per kv channel; rope_qk: k rows / s, q rows * s, shared by each RoPE pair)."""
     name: str
     kind: str
     producer: str
@@ -96,6 +85,7 @@ LET_KINDS = ("norm", "rows", "attn_v", "rope_qk")
 
 @dataclass(frozen=True)
 class Family:
+    """One architecture family; checked when defined, so a wrong description fails at import, not mid-calibration."""
     name: str
     model_types: tuple[str, ...]
     layers_path: str                      # attribute path from the CausalLM to the list of decoder blocks
@@ -154,11 +144,11 @@ class Family:
     def linear_shapes(self, config) -> dict[str, tuple[int, int]]:
         """{block-relative linear: (N, K)} for a config (object, dict or its Dims)."""
         d = self._dims(config)
-        return {lin.name: (sum(d.size(o) for o in lin.out), d.size(lin.inp)) for lin in self.linears}
+        return {lin.name: (sum(getattr(d, o) for o in lin.out), getattr(d, lin.inp)) for lin in self.linears}
 
     def norm_shapes(self, config) -> dict[str, int]:
         d = self._dims(config)
-        return {n.name: d.size(n.dim) for n in self.norms}
+        return {n.name: getattr(d, n.dim) for n in self.norms}
 
     def stats_source(self, linear: str) -> str:
         """The linear whose input statistics stand for `linear`'s (the first of its group: they read one input)."""
