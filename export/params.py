@@ -2,9 +2,9 @@
 an unquantized fp16 export, a Hugging Face model folder (through `edgequant.loading`).
 
 The export model fuses linears as the family says (`Family.export_fusions`; LLaMA: q/k/v and gate/up): packed words,
-scales, zero points and biases are concatenated along the output rows, which is exact because the members share K and the scheme. Their
-outlier columns are merged into one sorted union with zero weights where a member keeps that column quantized; its
-quantized value there is then used as stored, so the sum is still exact.
+scales, zero points and biases are concatenated along the output rows, which is exact because the members share K
+and the scheme. Their outlier columns are merged into one sorted union with zero weights where a member keeps that
+column quantized; its quantized value there is then used as stored, so the sum is still exact.
 
 3-bit words are repacked when the target asks for it (`packing3`: bit planes "planes3" for CPU targets, "words3x32"
 for CUDA; see `edgequant.tvm_schedules.dequant`); every other scheme keeps the checkpoint's words.

@@ -133,7 +133,7 @@ class Family:
         return f"{self.layers_path}.{i}"
 
     def relative_name(self, name: str) -> str | None:
-        """A block-relative name from a full one (`model.layers.3.mlp.up_proj` -> `mlp.up_proj`); None outside blocks."""
+        """Block-relative name of a full one (`model.layers.3.mlp.up_proj` -> `mlp.up_proj`); None outside blocks."""
         head, sep, rest = name.partition(f"{self.layers_path}.")
         i, _, rel = rest.partition(".")
         return rel if sep and not head and i.isdigit() and rel else None

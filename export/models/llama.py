@@ -4,7 +4,8 @@ paged KV cache.
 Functions follow MLC-LLM's model-library names: `embed`, `prefill` (last-token logits), `decode`,
 `create_paged_kv_cache`, plus `prefill_logits` (logits of every position, for perplexity) and `_metadata` (added by
 the builder). q/k/v and gate/up are fused into one linear each (the family's `export_fusions`, rows concatenated by
-`export/params.py`), so a block runs four matmul kernels. RoPE (HF rotate-half, theta and scaling from the config) is applied inside the cache.
+`export/params.py`), so a block runs four matmul kernels. RoPE (HF rotate-half, theta and scaling from the config)
+is applied inside the cache.
 """
 from __future__ import annotations
 

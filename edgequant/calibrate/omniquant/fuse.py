@@ -56,7 +56,8 @@ class OmniBlock(nn.Module):
         self.let = None
         if cfg.let:
             # a shift needs a bias in every linear that reads the shifted input (see let.py)
-            shift_groups = [p.name for p in family.let_pairs if p.scales_input and all(has_bias[n] for n in p.consumers)]
+            shift_groups = [p.name for p in family.let_pairs
+                            if p.scales_input and all(has_bias[n] for n in p.consumers)]
             self.let = LET(family, family.dims(config), tuple(cfg.let_pairs), shift_groups)
         dev = self.base[f"{self.linears[0]}.weight"].device
         self.to(dev)
