@@ -89,6 +89,7 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     layers_path: str                      # attribute path from the CausalLM to the list of decoder blocks
+    pre_block: tuple[str, ...]            # the modules computing block 0's inputs (embeddings, rotary tables)
     linears: tuple[Linear, ...]           # every quantized linear of a block, in the order the block computes them
     groups: tuple[LinearGroup, ...]       # sequential calibration order inside a block
     norms: tuple[Norm, ...]

@@ -10,6 +10,7 @@ LLAMA_FAMILY = Family(
     name="llama",
     model_types=("llama", "mistral", "qwen2"),
     layers_path="model.layers",
+    pre_block=("model.embed_tokens", "model.rotary_emb"),
     linears=(
         Linear(_Q, ("q",), "hidden"), Linear(_K, ("kv",), "hidden"), Linear(_V, ("kv",), "hidden"),
         Linear(_O, ("hidden",), "q"),

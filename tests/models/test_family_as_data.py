@@ -117,6 +117,7 @@ TOY_FAMILY = Family(
     name="toy",
     model_types=(TOY,),
     layers_path="transformer.blocks",
+    pre_block=("transformer.wte",),
     linears=(Linear("attn.qkv", ("q", "kv", "kv"), "hidden"), Linear("attn.out", ("hidden",), "q"),
              Linear("mlp.fc_in", ("intermediate",), "hidden", 0.5), Linear("mlp.fc_out", ("hidden",), "intermediate")),
     groups=(LinearGroup(("attn.qkv",)), LinearGroup(("attn.out",)), LinearGroup(("mlp.fc_in",)),
@@ -160,6 +161,7 @@ def test_llama_family_shapes_are_transformers_shapes(arch):
     for rel, n in fam.norm_shapes(model.config).items():
         assert tuple(block[f"{pre}.{rel}.weight"].shape) == (n,)
     assert fam.relative_name(f"{pre}.mlp.up_proj") == "mlp.up_proj" and fam.relative_name("lm_head") is None
+    assert all(isinstance(model.get_submodule(n), nn.Module) for n in fam.pre_block)
 
 
 def test_toy_family_shapes_match_its_model(toy_family):
@@ -173,7 +175,7 @@ def test_toy_family_shapes_match_its_model(toy_family):
 
 def test_bad_family_is_refused_when_defined():
     with pytest.raises(EdgequantError, match="consumers of LET pair qkv must be one calibration group"):
-        Family("bad", ("bad",), "layers", TOY_FAMILY.linears, TOY_FAMILY.groups, TOY_FAMILY.norms,
+        Family("bad", ("bad",), "layers", (), TOY_FAMILY.linears, TOY_FAMILY.groups, TOY_FAMILY.norms,
                let_pairs=(LetPair("qkv", "norm", "ln_attn", ("attn.qkv", "mlp.fc_in")),))
 
 
