@@ -1,6 +1,6 @@
-"""Model families described as data: which decoder linears exist, which norm feeds which, GQA and RoPE facts.
-
-Calibration, fusion, checkpoint validation and export all read these descriptions instead of hard-coding names.
+"""Model families described as data (`family.py`): a block's linears and their shapes, norms, calibration groups,
+LET pairs and export fusions. Calibration, OmniQuant, the checkpoint and export read them instead of hard-coding
+names; a new family is one module defining a `Family`, registered below.
 """
 from __future__ import annotations
 
