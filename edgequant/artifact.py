@@ -443,12 +443,11 @@ def load_quantized_weight(ckpt: Checkpoint, name: str, tensors: dict | None = No
 
 
 def _in_features(ckpt: Checkpoint, name: str) -> int:
-    c = ckpt.config
-    lin = name.split(".", 3)[-1]
-    hidden = c["hidden_size"]
-    head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
-    return {"self_attn.o_proj": c["num_attention_heads"] * head_dim,
-            "mlp.down_proj": c["intermediate_size"]}.get(lin, hidden)
+    shape = ckpt.family.linear_shapes(ckpt.config).get(ckpt.family.relative_name(name))
+    if shape is None:
+        raise CheckpointError(f"'{name}' is no linear of a {ckpt.config.get('model_type')} model; the checkpoint is "
+                              "damaged: re-run `edgequant quantize` to rewrite it")
+    return shape[1]
 
 
 def load_model(path, dtype=torch.float32, device="cpu"):

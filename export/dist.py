@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgequant.errors import EdgequantError
+from edgequant.models import Dims, family_for
 from edgequant.paths import inside_folder
 
 EXPORT_JSON = "edgequant-export.json"  # build.py writes it; build imports the compiler, so the name lives here
@@ -82,10 +83,15 @@ def library_path(dist: Path, info: dict) -> Path:
 
 
 def _in_features(model: dict, param: str) -> int:
-    """K of the export linear that `param` belongs to (q/k/v and gate/up are fused; see export/params.py)."""
-    lin = param.rsplit(".", 1)[0].split(".", 3)[-1]
-    return {"self_attn.o_proj": model["num_heads"] * model["head_dim"],
-            "mlp.down_proj": model["intermediate_size"]}.get(lin, model["hidden_size"])
+    """K of the export linear that `param` belongs to (one of the family's `export_fusions`)."""
+    family = family_for(str(model.get("model_type")))
+    members = family.export_fusions.get(family.relative_name(param.rsplit(".", 1)[0]))
+    if members is None:
+        raise EdgequantError(f"{EXPORT_JSON}: parameter '{param}' belongs to no linear of a {family.name}-family "
+                             f"model; the export is damaged; {_FIX}")
+    dims = Dims(model["hidden_size"], model["intermediate_size"], model["num_heads"], model["num_kv_heads"],
+                model["head_dim"])
+    return family.linear_shapes(dims)[members[0]][1]
 
 
 def _bits(info: dict) -> int | None:

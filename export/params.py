@@ -1,10 +1,10 @@
 """Weights for the exported model, read from disk only: a quantized checkpoint (through `edgequant.artifact`) or, for
 an unquantized fp16 export, a Hugging Face model folder (through `edgequant.loading`).
 
-The export model fuses q/k/v and gate/up (`models.llama.FUSED_LINEARS`): packed words, scales, zero points and
-biases are concatenated along the output rows, which is exact because the members share K and the scheme. Their
-outlier columns are merged into one sorted union with zero weights where a member keeps that column quantized; its
-quantized value there is then used as stored, so the sum is still exact.
+The export model fuses linears as the family says (`Family.export_fusions`; LLaMA: q/k/v and gate/up): packed words,
+scales, zero points and biases are concatenated along the output rows, which is exact because the members share K
+and the scheme. Their outlier columns are merged into one sorted union with zero weights where a member keeps that
+column quantized; its quantized value there is then used as stored, so the sum is still exact.
 
 3-bit words are repacked when the target asks for it (`packing3`: bit planes "planes3" for CPU targets, "words3x32"
 for CUDA; see `edgequant.tvm_schedules.dequant`); every other scheme keeps the checkpoint's words.
@@ -21,9 +21,10 @@ from typing import Iterator
 import numpy as np
 
 from edgequant.errors import EdgequantError
+from edgequant.models import family_for
 from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np, repack_w3x32_np
 
-from .models.llama import FUSED_LINEARS, ArchConfig
+from .models.llama import ArchConfig
 
 
 @dataclass
@@ -36,6 +37,7 @@ class LinearPlan:
     spec: QuantSpec | None          # None: fp16 dense
     outlier_idx: np.ndarray | None  # union of the members' outlier columns
     bias: bool
+    rows: tuple[int, ...] = ()      # N of each source
 
     @property
     def n_outliers(self) -> int:
@@ -59,15 +61,15 @@ class WeightSource:
         raise NotImplementedError
 
 
-def _rows(c: dict, lin: str) -> tuple[int, int]:
-    """(N, K) of one checkpoint linear from the config."""
-    h, heads = c["hidden_size"], c["num_attention_heads"]
-    d = c.get("head_dim") or h // heads
-    kv = c.get("num_key_value_heads") or heads
-    inter = c["intermediate_size"]
-    return {"self_attn.q_proj": (heads * d, h), "self_attn.k_proj": (kv * d, h), "self_attn.v_proj": (kv * d, h),
-            "self_attn.o_proj": (h, heads * d), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
-            "mlp.down_proj": (h, inter)}[lin]
+def fused_linears(c: dict) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ...], int]]:
+    """(export linear, its checkpoint linears, their N, the shared K) for every block, from the family's fusions."""
+    family = family_for(c.get("model_type"))
+    shapes = family.linear_shapes(c)
+    for i in range(c["num_hidden_layers"]):
+        pre = family.layer_prefix(i)
+        for export, members in family.export_fusions.items():
+            yield (f"{pre}.{export}", tuple(f"{pre}.{m}" for m in members), tuple(shapes[m][0] for m in members),
+                   shapes[members[0]][1])
 
 
 class CheckpointSource(WeightSource):
@@ -91,24 +93,19 @@ class CheckpointSource(WeightSource):
         idx_names = [n for n in ck.files if n.endswith(".outlier_idx")]
         idx = ck.read(idx_names) if idx_names else {}
         plans = {}
-        for i in range(c["num_hidden_layers"]):
-            pre = f"model.layers.{i}"
-            for export, members in FUSED_LINEARS.items():
-                srcs = tuple(f"{pre}.{m}" for m in members)
-                kinds = {src in quantized for src in srcs}
-                if len(kinds) > 1:
-                    raise EdgequantError(f"{', '.join(srcs)} mix quantized and fp16 weights; export fuses them, so "
-                                         "quantize all of them or none")
-                n = sum(_rows(c, m)[0] for m in members)
-                k = _rows(c, members[0])[1]
-                q = kinds.pop()
-                layout = self.packing3 if s.bits == 3 else "words"
-                spec = QuantSpec(n, k, s.bits, s.group_size, s.sym, layout) if q else None
-                cols = [idx[f"{src}.outlier_idx"] for src in srcs if f"{src}.outlier_idx" in idx]
-                union = np.unique(np.concatenate(cols)).astype(np.int32) if cols else None
-                bias = any(f"{src}.bias" in ck.files for src in srcs)
-                plans[f"{pre}.{export}"] = LinearPlan(f"{pre}.{export}", srcs, k, n, spec,
-                                                      union if union is not None and len(union) else None, bias)
+        for name, srcs, rows, k in fused_linears(c):
+            kinds = {src in quantized for src in srcs}
+            if len(kinds) > 1:
+                raise EdgequantError(f"{', '.join(srcs)} mix quantized and fp16 weights; export fuses them, so "
+                                     "quantize all of them or none")
+            n = sum(rows)
+            layout = self.packing3 if s.bits == 3 else "words"
+            spec = QuantSpec(n, k, s.bits, s.group_size, s.sym, layout) if kinds.pop() else None
+            cols = [idx[f"{src}.outlier_idx"] for src in srcs if f"{src}.outlier_idx" in idx]
+            union = np.unique(np.concatenate(cols)).astype(np.int32) if cols else None
+            bias = any(f"{src}.bias" in ck.files for src in srcs)
+            plans[name] = LinearPlan(name, srcs, k, n, spec, union if union is not None and len(union) else None,
+                                     bias, rows)
         self._plans = plans
         return plans
 
@@ -139,16 +136,14 @@ class CheckpointSource(WeightSource):
             return np.concatenate([t[f"{s}.weight"].astype(np.float16) for s in plan.sources], axis=0)
         if leaf == "bias":
             out = []
-            for s in plan.sources:
-                n = _rows(self.config, s.split(".", 3)[-1])[0]
+            for s, n in zip(plan.sources, plan.rows):
                 out.append(ck.read([f"{s}.bias"])[f"{s}.bias"] if f"{s}.bias" in ck.files else np.zeros(n, np.float16))
             return np.concatenate(out).astype(np.float16)
         if leaf == "outlier_idx":
             return plan.outlier_idx
         if leaf == "outlier_weight":
             blocks = []
-            for s in plan.sources:
-                n = _rows(self.config, s.split(".", 3)[-1])[0]
+            for s, n in zip(plan.sources, plan.rows):
                 w = np.zeros((n, plan.n_outliers), np.float16)
                 if f"{s}.outlier_idx" in ck.files:
                     t = ck.read([f"{s}.outlier_idx", f"{s}.outlier_weight"])
@@ -187,18 +182,10 @@ class HFSource(WeightSource):
         return self._cfg
 
     def plans(self):
-        c = self.config
-        bias = bool(c.get("attention_bias", c.get("model_type") == "qwen2"))
-        plans = {}
-        for i in range(c["num_hidden_layers"]):
-            pre = f"model.layers.{i}"
-            for export, members in FUSED_LINEARS.items():
-                srcs = tuple(f"{pre}.{m}" for m in members)
-                n = sum(_rows(c, m)[0] for m in members)
-                has_bias = bias and export == "self_attn.qkv_proj"
-                plans[f"{pre}.{export}"] = LinearPlan(f"{pre}.{export}", srcs, _rows(c, members[0])[1], n, None, None,
-                                                      has_bias)
-        return plans
+        self._model()   # which linears have biases is read from the weights
+        return {name: LinearPlan(name, srcs, k, sum(rows), None, None,
+                                 all(f"{s}.bias" in self._state for s in srcs), rows)
+                for name, srcs, rows, k in fused_linears(self.config)}
 
     def arrays(self, names):
         self._model()

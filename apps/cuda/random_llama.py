@@ -26,8 +26,8 @@ def build(out: Path, arch: str):
     from edgequant.export import targets
     from edgequant.export.build import EXPORT_JSON, PREFILL_CHUNK, _walk, build_module
     from edgequant.export.cuda import compile_fatbin
-    from edgequant.export.models.llama import FUSED_LINEARS, ArchConfig
-    from edgequant.export.params import LinearPlan, _rows
+    from edgequant.export.models.llama import ArchConfig
+    from edgequant.export.params import LinearPlan, fused_linears
     from edgequant.tvm_schedules.dequant import QuantSpec
 
     class ShapeOnly:  # the parts of a WeightSource that compilation reads
@@ -37,14 +37,8 @@ def build(out: Path, arch: str):
         arch = ArchConfig.from_hf(LLAMA_7B)
 
         def plans(self):
-            out = {}
-            for i in range(LLAMA_7B["num_hidden_layers"]):
-                for export, members in FUSED_LINEARS.items():
-                    n = sum(_rows(LLAMA_7B, m)[0] for m in members)
-                    k = _rows(LLAMA_7B, members[0])[1]
-                    name = f"model.layers.{i}.{export}"
-                    out[name] = LinearPlan(name, members, k, n, QuantSpec(n, k, 4, 128, False), None, False)
-            return out
+            return {name: LinearPlan(name, srcs, k, sum(rows), QuantSpec(sum(rows), k, 4, 128, False), None, False,
+                                     rows) for name, srcs, rows, k in fused_linears(LLAMA_7B)}
 
     out.mkdir(parents=True, exist_ok=True)
     preset = targets.get_preset("cuda")

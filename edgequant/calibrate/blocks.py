@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models import family_for
+
 
 class _Stop(Exception):
     pass
@@ -60,7 +62,7 @@ def capture_first_block_inputs(model, layers, samples: torch.Tensor, device="cpu
         raise _Stop
 
     # everything before the blocks (embeddings, rotary) is small: put it on the device for this pass
-    embed_parts = [m for n, m in model.named_modules() if n.endswith(("embed_tokens", "rotary_emb"))]
+    embed_parts = [get_module(model, n) for n in family_for(model.config.model_type).pre_block]
     for m in embed_parts:
         m.to(device)
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)

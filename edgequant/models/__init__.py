@@ -1,11 +1,11 @@
-"""Model families described as data: which decoder linears exist, which norm feeds which, GQA and RoPE facts.
-
-Calibration, fusion, checkpoint validation and export all read these descriptions instead of hard-coding names.
+"""Model families described as data (`family.py`): a block's linears and their shapes, norms, calibration groups,
+LET pairs and export fusions. Calibration, OmniQuant, the checkpoint and export read them instead of hard-coding
+names; a new family is one module defining a `Family`, registered below.
 """
 from __future__ import annotations
 
 from ..errors import UnsupportedModelError
-from .family import Family, LinearGroup
+from .family import Dims, Family, LetPair, Linear, LinearGroup, Norm
 from .llama import LLAMA_FAMILY
 
 FAMILIES: dict[str, Family] = {}
@@ -33,4 +33,5 @@ def family_for(model_type: str) -> Family:
         ) from None
 
 
-__all__ = ["Family", "LinearGroup", "FAMILIES", "family_for", "register_family", "supported_model_types"]
+__all__ = ["Dims", "Family", "LetPair", "Linear", "LinearGroup", "Norm", "FAMILIES", "family_for", "register_family",
+           "supported_model_types"]

@@ -1,31 +1,156 @@
-"""The data that describes one architecture family's decoder block."""
+"""The data that describes one architecture family's decoder block: its linears and their shapes, its norms, the
+calibration groups, the LET pairs, and the fusions export applies. Calibration, the checkpoint and export read these
+facts from here, so a new family is one module in this package.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import EdgequantError
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes a config implies; linears and norms name their dimensions by these fields."""
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, c) -> "Dims":
+        """From a transformers config object or its `to_dict()` form (explicit `head_dim` wins, as in transformers)."""
+        get = c.get if isinstance(c, dict) else (lambda k, d=None: getattr(c, k, d))
+        heads = get("num_attention_heads")
+        return cls(get("hidden_size"), get("intermediate_size"), heads, get("num_key_value_heads") or heads,
+                   get("head_dim") or get("hidden_size") // heads)
+
+    @property
+    def q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per kv head (grouped-query attention)."""
+        return self.heads // self.kv_heads
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear of the block, named relative to it. N is the sum of `out` (several parts: a linear the checkpoint
+    stores fused, e.g. q, kv, kv for a qkv_proj); K is `inp`. `owq_ratio`: OWQ's weak-column share of this kind."""
+    name: str
+    out: tuple[str, ...]
+    inp: str
+    owq_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A norm of the block and the dimension of its weight ("head_dim" for a per-head q/k norm)."""
+    name: str
+    dim: str = "hidden"
 
 
 @dataclass(frozen=True)
 class LinearGroup:
-    """Linears that read the same input, calibrated together (one Hessian), in the order a block computes them.
-
-    `producer` names the module whose output feeds these linears (a norm, or v_proj for o_proj), which is where an
-    equivalent transformation can be folded.
-    """
+    """Linears that read the same input, calibrated together (one Hessian), in the order a block computes them."""
     names: tuple[str, ...]
-    producer: str | None = None
+
+
+@dataclass(frozen=True)
+class LetPair:
+    """One LET scale between a producer and the linears reading its output; `kind` is one of LET_KINDS, whose algebra
+    `calibrate/omniquant/let.py` holds (norm: a norm's weight; rows: a linear's rows, e.g. up -> down of a gated MLP;
+    attn_v: v -> o through attention, per kv channel; rope_qk: k rows / s, q rows * s, shared by each RoPE pair)."""
+    name: str
+    kind: str
+    producer: str
+    consumers: tuple[str, ...]
+
+    @property
+    def scales_input(self) -> bool:
+        """Whether the scale multiplies the consumers' input (so a shift of that input can be learned)."""
+        return self.kind != "rope_qk"
+
+
+LET_KINDS = ("norm", "rows", "attn_v", "rope_qk")
 
 
 @dataclass(frozen=True)
 class Family:
+    """One architecture family; checked when defined, so a wrong description fails at import, not mid-calibration."""
     name: str
     model_types: tuple[str, ...]
     layers_path: str                      # attribute path from the CausalLM to the list of decoder blocks
+    pre_block: tuple[str, ...]            # the modules computing block 0's inputs (embeddings, rotary tables)
+    linears: tuple[Linear, ...]           # every quantized linear of a block, in the order the block computes them
     groups: tuple[LinearGroup, ...]       # sequential calibration order inside a block
-    linear_ratio: dict = field(default_factory=dict)  # OWQ: weak-column share per linear kind
+    norms: tuple[Norm, ...]
+    let_pairs: tuple[LetPair, ...] = ()   # in the order LET applies them (it matters when two touch one tensor)
+    export_fusions: dict = field(default_factory=dict)   # export linear -> checkpoint linears whose rows it stacks
+    norm_weight_offset: float = 0.0       # 1.0 where a norm scales by (1 + weight), as Gemma's RMSNorm does
+    dims: Callable = Dims.from_config     # config -> Dims
+
+    def __post_init__(self):
+        names = [lin.name for lin in self.linears]
+        by_name = dict(zip(names, self.linears))
+        norms = {n.name for n in self.norms}
+        fused = [m for ms in self.export_fusions.values() for m in ms]
+        problems = []
+        if [n for g in self.groups for n in g.names] != names:
+            problems.append("its groups must list every linear once, in the order of `linears`")
+        if self.export_fusions and sorted(fused) != sorted(names):
+            problems.append("export_fusions must use every linear exactly once")
+        for export, members in self.export_fusions.items():
+            if len({by_name[m].inp for m in members if m in by_name}) > 1:
+                problems.append(f"the members of {export} must share their input dimension")
+        for p in self.let_pairs:
+            if p.kind not in LET_KINDS:
+                problems.append(f"LET pair {p.name} has unknown kind {p.kind!r} (known: {', '.join(LET_KINDS)})")
+            if p.producer not in (norms if p.kind == "norm" else by_name) or not set(p.consumers) <= set(by_name):
+                problems.append(f"LET pair {p.name} names a module the family does not list")
+            elif p.scales_input and LinearGroup(p.consumers) not in self.groups:
+                # a scaled input must be scaled for every linear that reads it, else the block's function changes
+                problems.append(f"the consumers of LET pair {p.name} must be one calibration group")
+        if problems:
+            raise EdgequantError(f"family {self.name}: {'; '.join(problems)}")
 
     @property
     def linear_names(self) -> tuple[str, ...]:
-        return tuple(n for g in self.groups for n in g.names)
+        return tuple(lin.name for lin in self.linears)
+
+    @property
+    def linear_ratio(self) -> dict[str, float]:
+        return {lin.name: lin.owq_ratio for lin in self.linears}
 
     def layer_prefix(self, i: int) -> str:
         return f"{self.layers_path}.{i}"
+
+    def relative_name(self, name: str) -> str | None:
+        """Block-relative name of a full one (`model.layers.3.mlp.up_proj` -> `mlp.up_proj`); None outside blocks."""
+        head, sep, rest = name.partition(f"{self.layers_path}.")
+        i, _, rel = rest.partition(".")
+        return rel if sep and not head and i.isdigit() and rel else None
+
+    def _dims(self, config) -> Dims:
+        return config if isinstance(config, Dims) else self.dims(config)
+
+    def linear_shapes(self, config) -> dict[str, tuple[int, int]]:
+        """{block-relative linear: (N, K)} for a config (object, dict or its Dims)."""
+        d = self._dims(config)
+        return {lin.name: (sum(getattr(d, o) for o in lin.out), getattr(d, lin.inp)) for lin in self.linears}
+
+    def norm_shapes(self, config) -> dict[str, int]:
+        d = self._dims(config)
+        return {n.name: getattr(d, n.dim) for n in self.norms}
+
+    def stats_source(self, linear: str) -> str:
+        """The linear whose input statistics stand for `linear`'s (the first of its group: they read one input)."""
+        return next(g.names[0] for g in self.groups if linear in g.names)

@@ -3,8 +3,9 @@ paged KV cache.
 
 Functions follow MLC-LLM's model-library names: `embed`, `prefill` (last-token logits), `decode`,
 `create_paged_kv_cache`, plus `prefill_logits` (logits of every position, for perplexity) and `_metadata` (added by
-the builder). q/k/v and gate/up are fused into one linear each (rows concatenated; see `export/params.py`), so a
-block runs four matmul kernels. RoPE (HF rotate-half, theta and scaling from the config) is applied inside the cache.
+the builder). q/k/v and gate/up are fused into one linear each (the family's `export_fusions`, rows concatenated by
+`export/params.py`), so a block runs four matmul kernels. RoPE (HF rotate-half, theta and scaling from the config)
+is applied inside the cache.
 """
 from __future__ import annotations
 
@@ -17,16 +18,11 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from edgequant.errors import EdgequantError
+from edgequant.models import FAMILIES, family_for
 
 from ..quant_linear import DenseLinear, Embedding, QuantLinear
 
-# export linear -> the checkpoint linears whose rows it concatenates, in order
-FUSED_LINEARS = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "self_attn.o_proj": ("self_attn.o_proj",),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp.down_proj": ("mlp.down_proj",),
-}
+FAMILY = "llama"   # the edgequant.models family this graph implements
 
 
 @dataclass(frozen=True)
@@ -58,8 +54,9 @@ class ArchConfig:
 
     @classmethod
     def _from_hf(cls, c: dict) -> "ArchConfig":
-        if c.get("model_type") not in ("llama", "mistral", "qwen2"):
-            raise EdgequantError(f"export supports llama, mistral and qwen2 models, not '{c.get('model_type')}'")
+        types = sorted(t for t, f in FAMILIES.items() if f.name == FAMILY)
+        if c.get("model_type") not in types:
+            raise EdgequantError(f"export supports {', '.join(types)} models, not '{c.get('model_type')}'")
         if c.get("hidden_act", "silu") != "silu":
             raise EdgequantError(f"hidden_act '{c['hidden_act']}' is not supported by export (only silu)")
         rp = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
@@ -80,11 +77,10 @@ class ArchConfig:
             # attention inside the window equals full attention: cap the context instead of compiling the
             # cache's sliding-window mode, so every supported length is exact
             ctx = min(ctx, int(sw))
-        heads = int(c["num_attention_heads"])
-        return cls(model_type=c["model_type"], vocab_size=int(c["vocab_size"]), hidden_size=int(c["hidden_size"]),
-                   intermediate_size=int(c["intermediate_size"]), num_layers=int(c["num_hidden_layers"]),
-                   num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
-                   head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
+        d = family_for(c["model_type"]).dims(c)
+        return cls(model_type=c["model_type"], vocab_size=int(c["vocab_size"]), hidden_size=int(d.hidden),
+                   intermediate_size=int(d.intermediate), num_layers=int(c["num_hidden_layers"]),
+                   num_heads=int(d.heads), num_kv_heads=int(d.kv_heads), head_dim=int(d.head_dim),
                    rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scale=scale,
                    rope_scaling=scaling, tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
                    context_window=ctx, sliding_window=int(sw) if sw else None)
@@ -127,7 +123,7 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, c: ArchConfig, plans, i, gpu_gemv: str | None):
-        prefix = f"model.layers.{i}"
+        prefix = family_for(c.model_type).layer_prefix(i)
         self.self_attn = Attention(c, plans, prefix, gpu_gemv)
         self.mlp = MLP(c, plans, prefix, gpu_gemv)
         self.input_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype="float16")

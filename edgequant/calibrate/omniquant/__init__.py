@@ -5,11 +5,11 @@ trained block by block (`trainer.py`) and fused away into a parameter-free check
 from __future__ import annotations
 
 from .fuse import LiveBlock, OmniBlock, apply_fused
-from .let import LET, BlockShape
+from .let import LET
 from .lwc import LWC
 from .trainer import OmniConfig, calibrate_omniquant
 
-__all__ = ["LWC", "LET", "BlockShape", "OmniBlock", "LiveBlock", "OmniConfig", "apply_fused", "calibrate_omniquant",
+__all__ = ["LWC", "LET", "OmniBlock", "LiveBlock", "OmniConfig", "apply_fused", "calibrate_omniquant",
            "config_from_options"]
 
 

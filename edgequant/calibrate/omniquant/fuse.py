@@ -15,20 +15,12 @@ import copy
 import torch
 from torch import nn
 
+from ...models import family_for
 from ...quantizer import QuantizedWeight, quantize_weight
 from ...schemes import QuantScheme
 from ..blocks import get_module
-from .let import GROUP_LINEARS, LET, BlockShape
+from .let import LET
 from .lwc import LWC, fp16_ste, search_clip_init
-
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-NORMS = ("input_layernorm", "post_attention_layernorm")
-# linears whose input statistics are recorded (the others read the same input)
-STATS_SOURCE = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
-                 "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
-                 "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
-STATS_LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 
 
 def _key(name: str) -> str:   # ModuleDict keys cannot hold dots
@@ -36,19 +28,23 @@ def _key(name: str) -> str:   # ModuleDict keys cannot hold dots
 
 
 class OmniBlock(nn.Module):
-    """LWC strengths for every linear of a block and (optionally) its LET, over a frozen copy of the block's tensors."""
+    """LWC strengths for every linear of a block and (optionally) its LET, over a frozen copy of the block's tensors.
+    The block's linears, norms and LET pairs are its family's (`edgequant.models`)."""
 
     def __init__(self, block, config, scheme: QuantScheme, cfg, weak: dict | None = None):
         super().__init__()
+        family = family_for(config.model_type)
         self.scheme = scheme
+        self.linears, self.norms = family.linear_names, tuple(n.name for n in family.norms)
+        self.stats_source = {n: family.stats_source(n) for n in self.linears}
         # OWQ weak columns {linear: sorted input indices}: kept in full precision (fp16 in the checkpoint), left out
         # of LWC's ranges and integers (zeroed there, so they quantize to the zero point and dequantize to 0)
         self.weak = {n: idx for n, idx in (weak or {}).items() if len(idx)}
         self.base = {}
-        for n in NORMS:
+        for n in self.norms:
             self.base[f"{n}.weight"] = get_module(block, n).weight.detach().clone().float()
         has_bias = {}
-        for n in LINEARS:
+        for n in self.linears:
             lin = get_module(block, n)
             self.base[f"{n}.weight"] = lin.weight.detach().clone().float()
             has_bias[n] = lin.bias is not None
@@ -56,13 +52,14 @@ class OmniBlock(nn.Module):
                 self.base[f"{n}.bias"] = lin.bias.detach().clone().float()
         init = cfg.lwc_init if isinstance(cfg.lwc_init, (int, float)) else 4.0   # "search": set later from data
         self.lwc = nn.ModuleDict({_key(n): LWC(*self.base[f"{n}.weight"].shape, scheme, init, learn=cfg.lwc)
-                                  for n in LINEARS})
+                                  for n in self.linears})
         self.let = None
         if cfg.let:
             # a shift needs a bias in every linear that reads the shifted input (see let.py)
-            shift_groups = [g for g, lins in GROUP_LINEARS.items() if all(has_bias[n] for n in lins)]
-            self.let = LET(BlockShape.from_config(config), tuple(cfg.let_pairs), shift_groups)
-        dev = self.base["input_layernorm.weight"].device
+            shift_groups = [p.name for p in family.let_pairs
+                            if p.scales_input and all(has_bias[n] for n in p.consumers)]
+            self.let = LET(family, family.dims(config), tuple(cfg.let_pairs), shift_groups)
+        dev = self.base[f"{self.linears[0]}.weight"].device
         self.to(dev)
 
     @torch.no_grad()
@@ -70,8 +67,8 @@ class OmniBlock(nn.Module):
         """Activation-aware clip search as LWC's starting point (`lwc.search_clip_init`), on the LET-transformed
         weights, each input column weighted by E[x^2] of its (transformed) input."""
         t = self._transformed()
-        for n in LINEARS:
-            m2 = act_sqmean[STATS_SOURCE[n]]
+        for n in self.linears:
+            m2 = act_sqmean[self.stats_source[n]]
             s = self.let.input_scale(n) if self.let is not None else None
             if s is not None:
                 m2 = m2 / s ** 2
@@ -98,7 +95,7 @@ class OmniBlock(nn.Module):
         """{block-relative parameter name: tensor} to substitute into the block (differentiable)."""
         t = self._transformed()
         out = {}
-        for n in LINEARS:
+        for n in self.linears:
             w = t[f"{n}.weight"]
             w_q, w_weak = self._split(n, w)
             w_hat = self.lwc[_key(n)](w_q) if quant else w_q
@@ -111,7 +108,7 @@ class OmniBlock(nn.Module):
                 if d is not None:   # shift of the input, folded: Q(W')(x - d) + W' d + b = Q(W') x + b + (W' - Q(W')) d
                     b = b + (w - w_hat) @ d
                 out[f"{n}.bias"] = fp16_ste(b) if fp16_plain else b
-        for n in NORMS:
+        for n in self.norms:
             w = t[f"{n}.weight"]
             out[f"{n}.weight"] = fp16_ste(w) if fp16_plain else w
         return out
@@ -121,7 +118,7 @@ class OmniBlock(nn.Module):
         """(plain {name: tensor} for norms and biases, {linear: QuantizedWeight} on the host, {linear: stats})."""
         t = self._transformed()
         plain, qws, stats = {}, {}, {}
-        for n in LINEARS:
+        for n in self.linears:
             w = t[f"{n}.weight"]
             w_q, w_weak = self._split(n, w)
             lwc = self.lwc[_key(n)]
@@ -147,7 +144,7 @@ class OmniBlock(nn.Module):
                                      *(None if t_ is None else t_.cpu() for t_ in (qw.outlier_idx, qw.outlier_weight)))
             if w_weak is not None:
                 st["weak_columns"] = int(len(qw.outlier_idx))
-        for n in NORMS:
+        for n in self.norms:
             plain[f"{n}.weight"] = fp16_ste(t[f"{n}.weight"]).cpu()
         return plain, qws, stats
 

@@ -1,8 +1,8 @@
-"""Learnable equivalent transformation (LET), OmniQuant section 3.3 (arXiv 2308.13137, eqs. 3-5), for the LLaMA family.
+"""Learnable equivalent transformation (LET), OmniQuant section 3.3 (arXiv 2308.13137, eqs. 3-5).
 
 Between a producer and the linears that read its output, a per-channel scale s moves magnitude from activations to
-weights without changing the block's function: producer output / s, consumer weight columns * s. Pairs handled here
-(names relative to one decoder block):
+weights without changing the block's function: producer output / s, consumer weight columns * s. The family
+(`edgequant.models`) declares its pairs and their kinds; the LLaMA family's, as examples of each kind:
 
 - `qkv`:  input_layernorm -> q/k/v_proj. Norm weight / s, q/k/v columns * s.
 - `fc1`:  post_attention_layernorm -> gate/up_proj. Norm weight / s, gate/up columns * s.
@@ -30,45 +30,23 @@ the paper); shifts start at the per-channel mean of the (scaled) input, the choi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-PAIRS = ("qkv", "fc1", "vo", "qk", "down")
-# consumers of each pair's (shift) input
-GROUP_LINEARS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                 "fc1": ("mlp.gate_proj", "mlp.up_proj"), "vo": ("self_attn.o_proj",), "down": ("mlp.down_proj",)}
-LINEAR_GROUP = {lin: g for g, lins in GROUP_LINEARS.items() for lin in lins}
+from ...models import Dims, Family
+
 _EPS = 1e-5
 
 
-@dataclass(frozen=True)
-class BlockShape:
-    hidden: int
-    intermediate: int
-    n_heads: int
-    n_kv: int
-    head_dim: int
+def kv_to_q(d: Dims, t: torch.Tensor) -> torch.Tensor:
+    """Per-kv-channel values [n_kv * hd] -> per-query-channel values [n_heads * hd] (each query head gets its kv
+    head's values, the grouping `repeat_kv` uses)."""
+    return t.reshape(d.kv_heads, 1, d.head_dim).expand(d.kv_heads, d.n_rep, d.head_dim).reshape(-1)
 
-    @classmethod
-    def from_config(cls, c) -> "BlockShape":
-        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return cls(c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                   getattr(c, "num_key_value_heads", None) or c.num_attention_heads, hd)
 
-    @property
-    def n_rep(self) -> int:
-        return self.n_heads // self.n_kv
-
-    def kv_to_q(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-kv-channel values [n_kv * hd] -> per-query-channel values [n_heads * hd] (each query head gets its kv
-        head's values, the grouping `repeat_kv` uses)."""
-        return t.reshape(self.n_kv, 1, self.head_dim).expand(self.n_kv, self.n_rep, self.head_dim).reshape(-1)
-
-    def q_to_kv_max(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-query-channel values -> per-kv-channel maximum over the query heads of each group."""
-        return t.reshape(self.n_kv, self.n_rep, self.head_dim).amax(1).reshape(-1)
+def q_to_kv_max(d: Dims, t: torch.Tensor) -> torch.Tensor:
+    """Per-query-channel values -> per-kv-channel maximum over the query heads of each group."""
+    return t.reshape(d.kv_heads, d.n_rep, d.head_dim).amax(1).reshape(-1)
 
 
 def _w(name):
@@ -80,17 +58,30 @@ def _b(name):
 
 
 class LET(nn.Module):
-    """The learnable scales (and shifts) of one decoder block; `transform` applies them to the block's tensors."""
+    """The learnable scales (and shifts) of one decoder block; `transform` applies them to the block's tensors.
 
-    def __init__(self, shape: BlockShape, pairs=PAIRS, shift_groups=()):
+    `pairs`: names of the family's pairs to learn (None: all of them); a name the family does not declare is skipped,
+    since its algebra does not hold there. `shift_groups`: pairs whose consumers' input gets a learned shift."""
+
+    def __init__(self, family: Family, dims: Dims, pairs=None, shift_groups=()):
         super().__init__()
-        self.shape = shape
-        sizes = {"qkv": shape.hidden, "fc1": shape.hidden, "vo": shape.n_kv * shape.head_dim,
-                 "qk": shape.n_kv * shape.head_dim // 2, "down": shape.intermediate}
-        self.log_scales = nn.ParameterDict({p: nn.Parameter(torch.zeros(sizes[p])) for p in pairs})
-        in_width = {"qkv": shape.hidden, "fc1": shape.hidden, "vo": shape.n_heads * shape.head_dim,
-                    "down": shape.intermediate}
-        self.shifts = nn.ParameterDict({g: nn.Parameter(torch.zeros(in_width[g])) for g in shift_groups})
+        self.dims = dims
+        self.norm_offset = family.norm_weight_offset
+        known = {p.name: p for p in family.let_pairs}
+        wanted = list(known) if pairs is None else [p for p in pairs if p in known]
+        self.pairs = [p for p in family.let_pairs if p.name in wanted]   # the family's order: transform's order
+        # the pair that scales each linear's input (whether or not it is learned: a shift may be)
+        self.input_pair = {lin: p for p in family.let_pairs if p.scales_input for lin in p.consumers}
+        self.first_consumer = {p.name: p.consumers[0] for p in family.let_pairs}
+        shapes = family.linear_shapes(dims)
+
+        def size(p):   # norm: the consumers' K; otherwise the producer's N (rope_qk: one value per RoPE pair)
+            n = shapes[p.consumers[0]][1] if p.kind == "norm" else shapes[p.producer][0]
+            return n // 2 if p.kind == "rope_qk" else n
+
+        self.log_scales = nn.ParameterDict({p: nn.Parameter(torch.zeros(size(known[p]))) for p in wanted})
+        self.shifts = nn.ParameterDict({g: nn.Parameter(torch.zeros(shapes[known[g].consumers[0]][1]))
+                                        for g in shift_groups})
 
     # ---------------------------------------------------------------- scales
     def scale(self, pair: str) -> torch.Tensor | None:
@@ -98,50 +89,42 @@ class LET(nn.Module):
             return None
         return torch.exp(self.log_scales[pair])
 
-    def qk_full(self) -> torch.Tensor | None:
+    def qk_full(self, pair: str = "qk") -> torch.Tensor | None:
         """k-channel scales [n_kv * hd] with each RoPE pair (d, d + hd/2) sharing one value."""
-        s = self.scale("qk")
+        s = self.scale(pair)
         if s is None:
             return None
-        s = s.reshape(self.shape.n_kv, self.shape.head_dim // 2)
+        s = s.reshape(self.dims.kv_heads, self.dims.head_dim // 2)
         return torch.cat([s, s], dim=-1).reshape(-1)
 
     def input_scale(self, linear: str) -> torch.Tensor | None:
         """The scale multiplying a consumer's columns (its input channels), or None."""
-        g = LINEAR_GROUP.get(linear)
-        if g == "vo":
-            s = self.scale("vo")
-            return None if s is None else self.shape.kv_to_q(s)
-        return self.scale(g) if g is not None else None
+        p = self.input_pair.get(linear)
+        s = None if p is None else self.scale(p.name)
+        if s is not None and p.kind == "attn_v":
+            return kv_to_q(self.dims, s)
+        return s
 
     # ---------------------------------------------------------------- the transformation
     def transform(self, p: dict) -> dict:
         """Block tensors {relative name: tensor} -> their transformed values (same keys). Without quantization the
         block computes exactly the same function with the result."""
         t = dict(p)
-        sh = self.shape
-        s = self.scale("qkv")
-        if s is not None:
-            t[_w("input_layernorm")] = t[_w("input_layernorm")] / s
-            for n in GROUP_LINEARS["qkv"]:
-                t[_w(n)] = t[_w(n)] * s
-        s = self.scale("fc1")
-        if s is not None:
-            t[_w("post_attention_layernorm")] = t[_w("post_attention_layernorm")] / s
-            for n in GROUP_LINEARS["fc1"]:
-                t[_w(n)] = t[_w(n)] * s
-        s = self.scale("vo")
-        if s is not None:
-            self._rows(t, "self_attn.v_proj", 1 / s)
-            t[_w("self_attn.o_proj")] = t[_w("self_attn.o_proj")] * sh.kv_to_q(s)
-        s = self.qk_full()
-        if s is not None:
-            self._rows(t, "self_attn.k_proj", 1 / s)
-            self._rows(t, "self_attn.q_proj", sh.kv_to_q(s))
-        s = self.scale("down")
-        if s is not None:
-            self._rows(t, "mlp.up_proj", 1 / s)
-            t[_w("mlp.down_proj")] = t[_w("mlp.down_proj")] * s
+        for pair in self.pairs:
+            s = self.qk_full(pair.name) if pair.kind == "rope_qk" else self.scale(pair.name)
+            if s is None:
+                continue
+            if pair.kind == "norm":
+                w, off = t[_w(pair.producer)], self.norm_offset
+                # a (1 + w) norm scales by 1 + w: its stored weight becomes (1 + w) / s - 1
+                t[_w(pair.producer)] = (w + off) / s - off if off else w / s
+            else:
+                self._rows(t, pair.producer, 1 / s)
+            for n in pair.consumers:
+                if pair.kind == "rope_qk":
+                    self._rows(t, n, kv_to_q(self.dims, s))
+                else:
+                    t[_w(n)] = t[_w(n)] * (kv_to_q(self.dims, s) if pair.kind == "attn_v" else s)
         return t
 
     @staticmethod
@@ -151,38 +134,34 @@ class LET(nn.Module):
             t[_b(name)] = t[_b(name)] * r
 
     def shift(self, linear: str) -> torch.Tensor | None:
-        g = LINEAR_GROUP.get(linear)
-        return self.shifts[g] if g in self.shifts else None
+        p = self.input_pair.get(linear)
+        return self.shifts[p.name] if p is not None and p.name in self.shifts else None
 
     # ---------------------------------------------------------------- SmoothQuant-style initialisation
     @torch.no_grad()
     def init_from_stats(self, p: dict, act_absmax: dict, act_mean: dict, alpha: float):
         """`act_absmax[linear]` / `act_mean[linear]`: per-input-channel max |x| and mean x of the first linear of each
-        group (q_proj, gate_proj, o_proj, down_proj) on the calibration data."""
-        sh = self.shape
+        calibration group, on the calibration data."""
+        d = self.dims
 
         def smooth(act, wcols):
             w = torch.stack([c.abs().amax(0) for c in wcols]).amax(0).clamp(min=_EPS)
             return (act.clamp(min=_EPS).pow(alpha) / w.pow(1 - alpha)).clamp(min=_EPS)
 
-        if "qkv" in self.log_scales:
-            s = smooth(act_absmax["self_attn.q_proj"], [p[_w(n)] for n in GROUP_LINEARS["qkv"]])
-            self.log_scales["qkv"].copy_(s.log())
-        if "fc1" in self.log_scales:
-            s = smooth(act_absmax["mlp.gate_proj"], [p[_w(n)] for n in GROUP_LINEARS["fc1"]])
-            self.log_scales["fc1"].copy_(s.log())
-        if "vo" in self.log_scales:   # GQA: one scale per kv channel, from the largest of its query heads' channels
-            act = sh.q_to_kv_max(act_absmax["self_attn.o_proj"])
-            w = sh.q_to_kv_max(p[_w("self_attn.o_proj")].abs().amax(0))
-            s = (act.clamp(min=_EPS).pow(alpha) / w.clamp(min=_EPS).pow(1 - alpha)).clamp(min=_EPS)
-            self.log_scales["vo"].copy_(s.log())
-        if "down" in self.log_scales:
-            s = smooth(act_absmax["mlp.down_proj"], [p[_w("mlp.down_proj")]])
-            self.log_scales["down"].copy_(s.log())
-        if "qk" in self.log_scales:
-            self.log_scales["qk"].zero_()
-        first = {"qkv": "self_attn.q_proj", "fc1": "mlp.gate_proj", "vo": "self_attn.o_proj", "down": "mlp.down_proj"}
+        for pair in self.pairs:
+            if pair.kind == "rope_qk":
+                self.log_scales[pair.name].zero_()
+                continue
+            act = act_absmax[pair.consumers[0]]
+            if pair.kind == "attn_v":   # GQA: one scale per kv channel, from the largest of its query heads' channels
+                act = q_to_kv_max(d, act)
+                w = q_to_kv_max(d, p[_w(pair.consumers[0])].abs().amax(0))
+                s = (act.clamp(min=_EPS).pow(alpha) / w.clamp(min=_EPS).pow(1 - alpha)).clamp(min=_EPS)
+            else:
+                s = smooth(act, [p[_w(n)] for n in pair.consumers])
+            self.log_scales[pair.name].copy_(s.log())
         for g in self.shifts:
-            s = self.input_scale(first[g])
-            m = act_mean[first[g]]
+            first = self.first_consumer[g]
+            s = self.input_scale(first)
+            m = act_mean[first]
             self.shifts[g].copy_(m / s if s is not None else m)

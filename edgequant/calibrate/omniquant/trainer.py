@@ -28,7 +28,7 @@ from ...models import family_for
 from ...quantizer import QuantizedWeight
 from ...schemes import QuantScheme
 from ..blocks import BlockInputs, _move, capture_first_block_inputs, get_module
-from .fuse import LINEARS, NORMS, STATS_LINEARS, STATS_SOURCE, OmniBlock, apply_fused
+from .fuse import OmniBlock, apply_fused
 from .state import ResumeState, fingerprint
 
 
@@ -152,8 +152,8 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
     kw.pop("use_cache", None)
     q_hidden, fp_hidden = inputs.hidden, inputs.hidden.clone()
     start = 0
-    plain_names = [f"{n}.weight" for n in NORMS] + [f"{n}.bias" for n in LINEARS]
-    resumed = None if keep_live else state.load(layers, scheme, LINEARS, plain_names)
+    plain_names = [f"{n.name}.weight" for n in family.norms] + [f"{n}.bias" for n in family.linear_names]
+    resumed = None if keep_live else state.load(layers, scheme, family.linear_names, plain_names)
     quantized, stats, summaries, live = {}, {}, [], []
     if resumed is not None:   # finished blocks: put their fused tensors back into the model
         start, q_hidden, fp_hidden, blocks = resumed
@@ -175,10 +175,10 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
         bs = cfg.batch_size
 
         # targets: the full-precision block on the full-precision stream (+ LET statistics on the way)
-        st = _Stats(block, STATS_LINEARS)
+        st = _Stats(block, [g.names[0] for g in family.groups])   # the others read the same input
         fp_out, _ = _run(block, {}, fp_hidden, kw, device, bs)
         act_absmax, act_mean, act_sqmean = st.remove()
-        weak = _weak_columns(block, scheme, weak_counts, act_sqmean) if weak_counts else None
+        weak = _weak_columns(family, block, scheme, weak_counts, act_sqmean) if weak_counts else None
         ob = OmniBlock(block, model.config, scheme, cfg, weak).to(device)
         aug_out = _run(block, {}, q_hidden, kw, device, bs)[0] if cfg.aug_loss else None
         if ob.let is not None:
@@ -219,15 +219,16 @@ def _weak_counts(family, block0, scheme: QuantScheme, cfg: OmniConfig):
     if cfg.owq_target_bits is None:
         return None
     from ..owq import weak_column_counts
-    in_features = {n: get_module(block0, n).in_features for n in LINEARS}
+    in_features = {n: get_module(block0, n).in_features for n in family.linear_names}
     return weak_column_counts(family, in_features, scheme.bits, cfg.owq_target_bits, option="--owq-target-bits")
 
 
-def _weak_columns(block, scheme: QuantScheme, counts: dict, act_sqmean: dict) -> dict:
+def _weak_columns(family, block, scheme: QuantScheme, counts: dict, act_sqmean: dict) -> dict:
     """OWQ's selection on the block's original weights, H_jj = 2 E[x_j^2] from the full-precision stream."""
     from ..owq import select_weak_columns
     return {n: select_weak_columns(get_module(block, n).weight.detach().float(),
-                                   2 * act_sqmean[STATS_SOURCE[n]], scheme, counts[n]) for n in LINEARS}
+                                   2 * act_sqmean[family.stats_source(n)], scheme, counts[n])
+            for n in family.linear_names}
 
 
 def _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg: OmniConfig, device, i, n_blocks, progress) -> int:

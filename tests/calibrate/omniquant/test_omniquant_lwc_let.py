@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from edgequant.calibrate.blocks import capture_first_block_inputs
-from edgequant.calibrate.omniquant import LET, LWC, BlockShape, OmniBlock, OmniConfig
+from edgequant.calibrate.omniquant import LET, LWC, OmniBlock, OmniConfig
 from edgequant.calibrate.omniquant.lwc import search_clip_init
+from edgequant.models import Dims, family_for
 from edgequant.quantizer import quantize_weight
 from edgequant.schemes import QuantScheme
 
@@ -68,8 +69,8 @@ def test_let_is_an_equivalence_with_gqa_and_rope(arch):
     model, block, x = _block_io(arch)
     cfg = OmniConfig(let=True)
     ob = OmniBlock(block, model.config, QuantScheme(3, 32), cfg)
-    sh = BlockShape.from_config(model.config)
-    assert sh.n_kv < sh.n_heads                          # the tiny models use grouped-query attention
+    sh = Dims.from_config(model.config)
+    assert sh.kv_heads < sh.heads                         # the tiny models use grouped-query attention
     assert (len(ob.let.shifts) > 0) == (arch == "qwen2")  # shifts only where biases can carry them
     _random_let(ob)
     ref = block(x.hidden, **x.kwargs)
@@ -84,8 +85,8 @@ def test_let_rope_pairing_is_needed():
     model, block, x = _block_io("llama")
     ob = OmniBlock(block, model.config, QuantScheme(3, 32), OmniConfig(let=True, let_pairs=("qk",)))
     g = torch.Generator().manual_seed(3)
-    unpaired = torch.exp(torch.randn(ob.let.shape.n_kv * ob.let.shape.head_dim, generator=g) * 0.7)
-    ob.let.qk_full = lambda: unpaired
+    unpaired = torch.exp(torch.randn(ob.let.dims.kv, generator=g) * 0.7)
+    ob.let.qk_full = lambda _pair: unpaired
     out = torch.func.functional_call(block, ob.effective(quant=False, fp16_plain=False), (x.hidden,), x.kwargs,
                                      strict=False)
     assert not torch.allclose(out, block(x.hidden, **x.kwargs), rtol=1e-3, atol=1e-4)
@@ -93,12 +94,12 @@ def test_let_rope_pairing_is_needed():
 
 def test_let_gqa_vo_scale_has_one_value_per_kv_channel():
     model, block, _ = _block_io("mistral")
-    let = LET(BlockShape.from_config(model.config))
-    sh = let.shape
-    assert let.log_scales["vo"].numel() == sh.n_kv * sh.head_dim
-    assert let.log_scales["qk"].numel() == sh.n_kv * sh.head_dim // 2
+    let = LET(family_for("mistral"), Dims.from_config(model.config))
+    sh = let.dims
+    assert let.log_scales["vo"].numel() == sh.kv_heads * sh.head_dim
+    assert let.log_scales["qk"].numel() == sh.kv_heads * sh.head_dim // 2
     with torch.no_grad():
-        let.log_scales["vo"].copy_(torch.arange(sh.n_kv * sh.head_dim).float() / 100)
-    per_q = let.input_scale("self_attn.o_proj").reshape(sh.n_heads, sh.head_dim)
-    for h in range(sh.n_heads):   # each query head's o columns use the scale of the kv head it reads
-        assert torch.equal(per_q[h], let.scale("vo").reshape(sh.n_kv, sh.head_dim)[h // sh.n_rep])
+        let.log_scales["vo"].copy_(torch.arange(sh.kv_heads * sh.head_dim).float() / 100)
+    per_q = let.input_scale("self_attn.o_proj").reshape(sh.heads, sh.head_dim)
+    for h in range(sh.heads):   # each query head's o columns use the scale of the kv head it reads
+        assert torch.equal(per_q[h], let.scale("vo").reshape(sh.kv_heads, sh.head_dim)[h // sh.n_rep])
