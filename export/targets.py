@@ -24,6 +24,7 @@ class TargetPreset:
     runs_here: bool = False         # can `edgequant run` load it on an x86-64 Linux host
     packing3: str = "words"         # 3-bit runtime layout: the checkpoint's words, bit planes (CPU GEMV) or
                                     # words3x32 (CUDA decode GEMV); see tvm_schedules/dequant.py
+    zeros_packed: bool = False      # zero points four per uint32 word: OpenCL / WGSL cannot gather uint8 (dequant.py)
     app: str | None = None          # the apps/ recipe that runs this target's library outside `edgequant run`
     extra: dict = field(default_factory=dict)
 
@@ -49,10 +50,10 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
     TargetPreset("android", "Android (OpenCL + aarch64-linux-android), static system library .tar",
                  {"kind": "opencl", "max_threads_per_block": 256, "max_shared_memory_per_block": 16384,
                   "thread_warp_size": 1, "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
-                 "lib.tar", "opencl", system_lib=True, app="apps/android/README.md"),
+                 "lib.tar", "opencl", system_lib=True, zeros_packed=True, app="apps/android/README.md"),
     TargetPreset("webgpu", "browser WebGPU (WGSL + wasm32 objects, experimental; linking needs emscripten)",
                  {"kind": "webgpu", "host": {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}},
-                 "lib.tar", "webgpu", system_lib=True),
+                 "lib.tar", "webgpu", system_lib=True, zeros_packed=True),
 ]}
 
 
