@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the software GPU stacks that tests/export/test_mobile_gpu_kernels.py runs exported kernels on:
 # PoCL's CPU OpenCL driver (pocl-opencl-icd) and Mesa's lavapipe Vulkan driver (mesa-vulkan-drivers) from apt, and
-# their Python bindings pyopencl and wgpu from PyPI (wgpu's wheel carries wgpu-native, which drives lavapipe).
+# their Python bindings pyopencl and wgpu from PyPI (wgpu's wheel carries wgpu-native, which drives lavapipe);
+# and a JDK (jni.h, javac) for tests/apps/test_android_jni.py when none is installed.
 #
 # Idempotent and quick once done; a step that fails prints one line on stderr and the script goes on, so the test
 # skips with its reason instead of CI stopping here.
@@ -11,6 +12,7 @@ PY=${PYTHON:-python3}
 missing=()
 [ -e /etc/OpenCL/vendors/pocl.icd ] || missing+=(pocl-opencl-icd ocl-icd-libopencl1)
 ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || missing+=(mesa-vulkan-drivers libvulkan1)
+command -v javac >/dev/null || missing+=(default-jdk-headless)
 if ((${#missing[@]})); then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"   # never prompt
   if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >/tmp/edgequant-apt-gpu.log 2>&1; then
