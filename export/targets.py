@@ -47,6 +47,10 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
     TargetPreset("iphone", "iPhone/iPad (Metal + arm64-apple-darwin), static system library .tar",
                  {**_METAL, "host": {"kind": "llvm", "mtriple": "arm64-apple-darwin", "libs": ["iphoneos"]}},
                  "lib.tar", "metal", system_lib=True, app="apps/ios/README.md"),
+    TargetPreset("iphone-sim", "iOS simulator on Apple silicon (Metal + arm64-apple-ios-simulator), static system "
+                 "library .tar (the simulator slice of apps/ios's XCFramework)",
+                 {**_METAL, "host": {"kind": "llvm", "mtriple": "arm64-apple-ios14.0-simulator"}},
+                 "lib.tar", "metal", system_lib=True, app="apps/ios/README.md"),
     TargetPreset("android", "Android (OpenCL + aarch64-linux-android), static system library .tar",
                  {"kind": "opencl", "max_threads_per_block": 256, "max_shared_memory_per_block": 16384,
                   "thread_warp_size": 1, "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
