@@ -346,8 +346,10 @@ uint64_t CheckTensorCache(const std::string& dist, const ExportInfo& info) {
       }
     } else if (EndsWith(p.name, ".zeros") && info.bits) {
       auto b = ReadSpan(r);
-      for (size_t i = 0; i < n; ++i) {
-        if (IntAt(b, r.dtype, i) >= (int64_t(1) << info.bits)) {
+      // OpenCL/WebGPU exports pack four zero points per uint32 word (tvm_schedules/dequant.py): check each byte
+      bool packed = r.dtype == "uint32";
+      for (size_t i = 0; i < (packed ? b.size() : n); ++i) {
+        if ((packed ? static_cast<uint8_t>(b[i]) : IntAt(b, r.dtype, i)) >= (int64_t(1) << info.bits)) {
           Fail(EDGEQUANT_ERR_DAMAGED, std::string(kTensorCache) + ": '" + p.name + "' holds zero points above " +
                                           std::to_string((1 << info.bits) - 1) + "; the weights are damaged; " + kFix);
         }
