@@ -579,6 +579,12 @@ edgequant_status edgequant_open(const char* dist_c, const edgequant_options* opt
                                       " (" + FirstLine(e.message()) + "); it is damaged or built for another machine; " + kFix);
     }
     auto load_exec = (*m->lib)->GetFunction("vm_load_executable");
+    if (!load_exec && prefix) {
+      // ffi.SystemLib(prefix) answers with an empty library when nothing registered under that prefix
+      Fail(EDGEQUANT_ERR_NOT_FOUND, "no model library is linked into this program under the system-lib prefix '" +
+                                        std::string(prefix) + "'; link the export's objects whole (--whole-archive / "
+                                        "-force_load) and pass the prefix it was exported with");
+    }
     if (!load_exec) Fail(EDGEQUANT_ERR_DAMAGED, "the library is not a model library (no vm_load_executable); " + std::string(kFix));
     m->vm = (*load_exec)().cast<Module>();
     auto fn = [&](const char* name) {
