@@ -44,8 +44,10 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
     TargetPreset("metal", "macOS on Apple silicon (Metal + arm64-apple-macos), shared-object .tar",
                  {**_METAL, "max_threads_per_block": 1024, "host": {"kind": "llvm", "mtriple": "arm64-apple-macos"}},
                  "lib.tar", "metal"),
-    TargetPreset("iphone", "iPhone/iPad (Metal + arm64-apple-darwin), static system library .tar",
-                 {**_METAL, "host": {"kind": "llvm", "mtriple": "arm64-apple-darwin", "libs": ["iphoneos"]}},
+    # the iOS triples give the objects an LC_BUILD_VERSION (platform iOS / iOS simulator), which Xcode needs to place
+    # a static library in an XCFramework; arm64-apple-darwin (as MLC-LLM uses) leaves it out
+    TargetPreset("iphone", "iPhone/iPad (Metal + arm64-apple-ios), static system library .tar",
+                 {**_METAL, "host": {"kind": "llvm", "mtriple": "arm64-apple-ios14.0", "libs": ["iphoneos"]}},
                  "lib.tar", "metal", system_lib=True, app="apps/ios/README.md"),
     TargetPreset("iphone-sim", "iOS simulator on Apple silicon (Metal + arm64-apple-ios-simulator), static system "
                  "library .tar (the simulator slice of apps/ios's XCFramework)",

@@ -82,7 +82,11 @@ def _macho_arm64_simulator(data: bytes) -> bool:
     return _macho_arm64(data) and _macho_platform(data) == 7
 
 
-@pytest.mark.parametrize("target,is_arch,kernel_marker,app", [("iphone", _macho_arm64, b"kernel void", "apps/ios"),
+def _macho_arm64_ios(data: bytes) -> bool:
+    return _macho_arm64(data) and _macho_platform(data) == 2
+
+
+@pytest.mark.parametrize("target,is_arch,kernel_marker,app", [("iphone", _macho_arm64_ios, b"kernel void", "apps/ios"),
                                                               ("iphone-sim", _macho_arm64_simulator, b"kernel void",
                                                                "apps/ios"),
                                                               ("android", _elf_aarch64, b"__kernel", "apps/android")])
