@@ -13,14 +13,14 @@ from edgequant.pack import pack
 
 pytestmark = pytest.mark.tvm
 
-CASES = [  # bits, group, sym, K, outliers, bias
-    (4, 32, False, 96, 0, False),
-    (3, 32, False, 100, 2, False),     # ragged last group (100 = 3 * 32 + 4), 10 values per word
-    (2, 48, True, 72, 0, True),        # ragged last group (72 = 48 + 24), symmetric
-    (4, -1, True, 70, 3, True),        # per channel, symmetric, K not a multiple of the 8 values per word
-    (3, -1, False, 64, 1, False),
+CASES = [  # bits, group, sym, K, outliers, bias, N
+    (4, 32, False, 96, 0, False, 80),
+    (3, 32, False, 100, 2, False, 80),     # ragged last group (100 = 3 * 32 + 4), 10 values per word
+    (2, 48, True, 72, 0, True, 80),        # ragged last group (72 = 48 + 24), symmetric
+    (4, -1, True, 70, 3, True, 80),        # per channel, symmetric, K not a multiple of the 8 values per word
+    (3, -1, False, 64, 1, False, 80),
+    (4, 128, False, 576, 2, False, 1536),  # SmolLM2-135M's up projection at W4 g128 (several column blocks)
 ]
-N = 80
 
 
 def _runner(kind):
@@ -39,26 +39,26 @@ def backend(request):
     return target_name, _runner(request.param)
 
 
-def _layer(rng, bits, group, sym, k, n_out, bias, zeros_packed):
+def _layer(rng, bits, group, sym, k, n_out, bias, n, zeros_packed):
     from edgequant.tvm_schedules.dequant import QuantSpec, pack_zeros_np
-    spec = QuantSpec(N, k, bits, group, sym, zeros_packed=zeros_packed)
-    w = {"qweight": pack(rng.integers(0, 1 << bits, (N, k)), bits),
-         "scales": (rng.random((N, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)}
+    spec = QuantSpec(n, k, bits, group, sym, zeros_packed=zeros_packed)
+    w = {"qweight": pack(rng.integers(0, 1 << bits, (n, k)), bits),
+         "scales": (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)}
     if not sym:
-        w["zeros"] = rng.integers(0, 1 << bits, (N, spec.n_groups)).astype(np.uint8)
+        w["zeros"] = rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
         if zeros_packed:
             w["zeros"] = pack_zeros_np(w["zeros"])
     if n_out:
         w["outlier_idx"] = np.sort(rng.choice(k, n_out, replace=False)).astype(np.int32)
-        w["outlier_weight"] = rng.standard_normal((N, n_out)).astype(np.float16)
+        w["outlier_weight"] = rng.standard_normal((n, n_out)).astype(np.float16)
     if bias:
-        w["bias"] = rng.standard_normal(N).astype(np.float16)
+        w["bias"] = rng.standard_normal(n).astype(np.float16)
     return spec, w
 
 
-@pytest.mark.parametrize("bits,group,sym,k,n_out,bias", CASES)
+@pytest.mark.parametrize("bits,group,sym,k,n_out,bias,n", CASES)
 @pytest.mark.parametrize("rows", ["prefill", "decode"])
-def test_quant_linear_kernels_match_numpy(backend, bits, group, sym, k, n_out, bias, rows):
+def test_quant_linear_kernels_match_numpy(backend, bits, group, sym, k, n_out, bias, n, rows):
     from tvm.relax.frontend import nn
 
     from edgequant.export import targets
@@ -69,7 +69,7 @@ def test_quant_linear_kernels_match_numpy(backend, bits, group, sym, k, n_out, b
     target_name, runner = backend
     preset = targets.get_preset(target_name)
     rng = np.random.default_rng(bits * 1000 + k + n_out)
-    spec, w = _layer(rng, bits, group, sym, k, n_out, bias, preset.zeros_packed)
+    spec, w = _layer(rng, bits, group, sym, k, n_out, bias, n, preset.zeros_packed)
 
     class Layer(nn.Module):
         def __init__(self):
@@ -78,14 +78,14 @@ def test_quant_linear_kernels_match_numpy(backend, bits, group, sym, k, n_out, b
         def forward(self, x):
             return self.lin(x)
 
-    m = 19 if rows == "prefill" else 1    # several blocks of rows; N = 80 several blocks of columns
+    m = 19 if rows == "prefill" else 1    # several blocks of rows
     shape = ("m", k) if rows == "prefill" else (1, 1, k)
     tgt = targets.tvm_target(preset)
     mod = scheduled_module(Layer(), {"forward": {"x": nn.spec.Tensor(shape, "float16")}}, tgt)
     x = rng.standard_normal((m, k)).astype(np.float16)
     inputs = {"x": x.reshape((m, k) if rows == "prefill" else (1, 1, k))}
     inputs.update({f"lin_{name}": a for name, a in w.items()})
-    y = run_graph(mod, "forward", inputs, runner, tgt).reshape(m, N)
+    y = run_graph(mod, "forward", inputs, runner, tgt).reshape(m, n)
     ref = quant_matmul_np(spec, x, w["qweight"], w["scales"], w.get("zeros"), w.get("outlier_idx"),
                           w.get("outlier_weight"), w.get("bias"))
     np.testing.assert_allclose(y.astype(np.float32), ref, rtol=2e-3, atol=3e-3 * np.abs(ref).max())
