@@ -14,11 +14,23 @@ import re
 
 import numpy as np
 
-from edgequant.export import kernel_launch
 
 # prepended to the source (not -D options, which would also rename the driver's own builtin declarations)
 _HALF_AS_FLOAT = "".join(f"#define {a}{n} {b}{n}\n" for n in ("", 2, 3, 4, 8, 16)
                          for a, b in (("half", "float"), ("convert_half", "convert_float"))) + "#define cl_khr_fp16 1\n"
+
+
+def resolve(lowered, arrays) -> list[dict]:
+    """The launches of `lowered` for these arrays as plain data (no TVM objects): kernel, args ("buffer", index) or
+    ("scalar", value), grid and block; what `execute` needs, and what `record` writes for replay elsewhere."""
+    from edgequant.export import kernel_launch
+    env = lowered.env(arrays)
+    plan = []
+    for launch in lowered.launches:
+        grid, block = launch.dims(env)
+        args = [[kind, v if kind == "buffer" else kernel_launch.evaluate(v, env)] for kind, v in launch.args]
+        plan.append({"kernel": launch.kernel, "args": args, "grid": grid, "block": block})
+    return plan
 
 
 def scheduled_module(model, spec: dict, target):
@@ -33,6 +45,7 @@ def scheduled_module(model, spec: dict, target):
 def run_graph(mod, fn: str, inputs: dict, runner, target):
     """Evaluate relax function `fn` (a dataflow block of call_tir) with `inputs` (parameter name -> array)."""
     import tvm
+    from edgequant.export import kernel_launch
     func = mod[fn]
     env = {p.name: inputs[p.name.replace(".", "_")] for p in func.params}
     call_tir = tvm.ir.Op.get("relax.call_tir")
@@ -63,7 +76,9 @@ def _pyopencl():
 class OpenCLRunner:
     def __init__(self):
         cl = _pyopencl()
-        devices = [d for p in cl.get_platforms() for d in p.get_devices()]
+        # a GPU first where one is installed (replay on a GPU machine), else PoCL's CPU device
+        devices = sorted((d for p in cl.get_platforms() for d in p.get_devices()),
+                         key=lambda d: not d.type & cl.device_type.GPU)
         if not devices:
             raise RuntimeError("no OpenCL device (install pocl-opencl-icd)")
         self.device = devices[0]
@@ -81,21 +96,21 @@ class OpenCLRunner:
 
     def run(self, lowered, arrays):
         """Launch every kernel of `lowered` on `arrays` (the prim func's buffers; the last one is written back)."""
+        self.execute(lowered.source, resolve(lowered, arrays), arrays)
+
+    def execute(self, source: str, plan: list[dict], arrays):
         cl = _pyopencl()
-        prog = self.program(lowered.source)
-        env = lowered.env(arrays)
+        prog = self.program(source)
         host = [a.astype(np.float32) if a.dtype == np.float16 and not self.fp16 else np.ascontiguousarray(a)
                 for a in arrays]
         mf = cl.mem_flags
         bufs = [cl.Buffer(self.ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=h) if h.nbytes
                 else cl.Buffer(self.ctx, mf.READ_WRITE, 4) for h in host]
-        for launch in lowered.launches:
-            grid, block = launch.dims(env)
-            types = _cl_scalar_types(lowered.source, launch.kernel)
-            args, scalars = [], iter(types)
-            for kind, v in launch.args:
-                args.append(bufs[v] if kind == "buffer" else next(scalars)(kernel_launch.evaluate(v, env)))
-            kern = getattr(prog, launch.kernel)
+        for launch in plan:
+            grid, block = launch["grid"], launch["block"]
+            scalars = iter(_cl_scalar_types(source, launch["kernel"]))
+            args = [bufs[v] if kind == "buffer" else next(scalars)(v) for kind, v in launch["args"]]
+            kern = getattr(prog, launch["kernel"])
             kern(self.queue, [g * b for g, b in zip(grid, block)], block, *args)
         cl.enqueue_copy(self.queue, host[-1], bufs[-1])
         self.queue.finish()
@@ -120,7 +135,7 @@ class WebGPURunner:
     def __init__(self):
         import wgpu
         self.wgpu = wgpu
-        adapter = wgpu.gpu.request_adapter_sync(power_preference="low-power")
+        adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
         if adapter is None:
             raise RuntimeError("no WebGPU adapter (install mesa-vulkan-drivers for lavapipe)")
         self.adapter_info = dict(adapter.info)
@@ -129,23 +144,25 @@ class WebGPURunner:
         self._modules = {}
 
     def run(self, lowered, arrays):
+        self.execute(lowered.source, resolve(lowered, arrays), arrays)
+
+    def execute(self, full_source: str, plan: list[dict], arrays):
         wgpu = self.wgpu
         dev = self.device
-        env = lowered.env(arrays)
         usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
         bufs = []
         for a in arrays:
             data = np.ascontiguousarray(a).tobytes()
             data += b"\0" * (-len(data) % 4 or (4 if not data else 0))
             bufs.append(dev.create_buffer_with_data(data=data, usage=usage))
-        for launch in lowered.launches:
-            source = _wgsl_kernel_source(lowered.source, launch.kernel)
+        for launch in plan:
+            source = _wgsl_kernel_source(full_source, launch["kernel"])
             if source not in self._modules:
                 self._modules[source] = dev.create_shader_module(code=source)
             module, bindings, pod_fields = self._modules[source], _wgsl_bindings(source), _wgsl_pod_fields(source)
-            grid, block = launch.dims(env)
-            ptrs = [v for kind, v in launch.args if kind == "buffer"]
-            scalars = [kernel_launch.evaluate(v, env) for kind, v in launch.args if kind == "scalar"]
+            grid = launch["grid"]
+            ptrs = [v for kind, v in launch["args"] if kind == "buffer"]
+            scalars = [v for kind, v in launch["args"] if kind == "scalar"]
             # TVM's WebGPU runtime folds a grid x wider than the device limit into z and passes the last block index
             # of x as packGridDimX (the kernel returns early past it)
             gx = grid[0]
@@ -169,7 +186,7 @@ class WebGPURunner:
             bgl = dev.create_bind_group_layout(entries=layout_entries)
             pipeline = dev.create_compute_pipeline(
                 layout=dev.create_pipeline_layout(bind_group_layouts=[bgl]),
-                compute={"module": module, "entry_point": launch.kernel})
+                compute={"module": module, "entry_point": launch["kernel"]})
             bind_group = dev.create_bind_group(layout=bgl, entries=entries)
             enc = dev.create_command_encoder()
             cp = enc.begin_compute_pass()
@@ -200,3 +217,54 @@ def _wgsl_bindings(source: str) -> list[tuple[int, str]]:
 def _wgsl_pod_fields(source: str) -> list[str]:
     m = re.search(r"struct PODArgs \{([^}]*)\}", source)
     return [t.strip() for _, t in re.findall(r"(\w+):\s*(\w+)", m.group(1))] if m else []
+
+
+class Recorder:
+    """Wraps a runner and writes every call (source, plan, inputs, the output it produced) to `folder`, so the same
+    launches can be replayed on another machine's driver without TVM (`python mobile_gpu.py replay FOLDER`)."""
+
+    def __init__(self, runner, kind: str, folder):
+        from pathlib import Path
+        self.runner, self.kind, self.folder = runner, kind, Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def run(self, lowered, arrays):
+        import json
+        plan = resolve(lowered, arrays)
+        inputs = [a.copy() for a in arrays]
+        self.runner.execute(lowered.source, plan, arrays)
+        n = len(list(self.folder.glob("*.json")))
+        (self.folder / f"{n:05d}.json").write_text(json.dumps({"kind": self.kind, "source": lowered.source,
+                                                                "plan": plan}))
+        np.savez(self.folder / f"{n:05d}.npz", *inputs, out=arrays[-1])
+
+
+def replay(folder) -> int:
+    """Run recorded calls on this machine's OpenCL / Vulkan drivers; print the largest difference to the recorded
+    output of each call, relative to that output's largest magnitude. Returns the number of calls over 1e-2."""
+    import json
+    from pathlib import Path
+    runners, bad = {}, 0
+    for f in sorted(Path(folder).glob("*.json")):
+        rec = json.loads(f.read_text())
+        if rec["kind"] not in runners:
+            runners[rec["kind"]] = OpenCLRunner() if rec["kind"] == "opencl" else WebGPURunner()
+            r = runners[rec["kind"]]
+            print(f"# {rec['kind']}: " + (f"{r.device.name} ({r.device.platform.name}), cl_khr_fp16 {r.fp16}"
+                                          if rec["kind"] == "opencl" else str(r.adapter_info.get("device"))))
+        data = np.load(f.with_suffix(".npz"))
+        arrays = [data[f"arr_{i}"] for i in range(len(data.files) - 1)]
+        want = data["out"].astype(np.float32)
+        arrays[-1] = np.zeros_like(arrays[-1])
+        runners[rec["kind"]].execute(rec["source"], rec["plan"], arrays)
+        err = float(np.abs(arrays[-1].astype(np.float32) - want).max() / max(np.abs(want).max(), 1e-6))
+        bad += err > 1e-2
+        print(f"{f.stem} {rec['kind']:7} {rec['plan'][0]['kernel']:40} shape {tuple(want.shape)} rel.err {err:.2e}")
+    return bad
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 3 or sys.argv[1] != "replay":
+        sys.exit("usage: python tests/export/mobile_gpu.py replay FOLDER")
+    sys.exit(1 if replay(sys.argv[2]) else 0)

@@ -35,8 +35,13 @@ def _runner(kind):
 
 @pytest.fixture(scope="module", params=["opencl", "webgpu"])
 def backend(request):
+    import os
     target_name = {"opencl": "android", "webgpu": "webgpu"}[request.param]
-    return target_name, _runner(request.param)
+    runner = _runner(request.param)
+    if os.environ.get("EDGEQUANT_RECORD_KERNELS"):   # to replay the launches on other drivers (mobile_gpu.py)
+        from tests.export.mobile_gpu import Recorder
+        runner = Recorder(runner, request.param, os.environ["EDGEQUANT_RECORD_KERNELS"])
+    return target_name, runner
 
 
 def _layer(rng, bits, group, sym, k, n_out, bias, n, zeros_packed):
