@@ -85,7 +85,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
     if system_lib_prefix is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", system_lib_prefix):
         raise EdgequantError(f"--system-lib-prefix {system_lib_prefix!r} must be a C identifier (letters, digits, "
                              "underscores; not starting with a digit), e.g. mymodel_")
-    source = open_source(checkpoint, preset.packing3)
+    source = open_source(checkpoint, preset.packing3, preset.zeros_packed)
     if source.path.is_dir() and not any((source.path / n).is_file() for n in TOKENIZER_VOCABS):
         raise EdgequantError(f"{source.path} has no tokenizer (tokenizer.json or tokenizer.model); `run`, `chat` and "
                              "`eval` of the DIST need it: save the model's tokenizer into that folder and export again")
@@ -132,7 +132,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
                 "tvm_version": tvm.__version__, "device": preset.device, "library": library, "link_note": link_note,
                 "system_lib_prefix": prefix if preset.system_lib else None, "device_code": device_code,
                 "cuda": cuda, "source": str(source.path), "quantization": source.quantization,
-                "packing3": preset.packing3,
+                "packing3": preset.packing3, "zeros_packed": preset.zeros_packed,
                 "model": {**source.arch.__dict__}, "functions": functions,
                 "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params],
                 "weight_bytes": weight_bytes, "prefill_chunk_size": PREFILL_CHUNK,

@@ -1,4 +1,4 @@
-"""`edgequant export|run|chat|bench` click commands (registered on the main group by `register_commands`).
+"""`edgequant export|run|chat|bench|package` click commands (registered on the main group by `register_commands`).
 
 Importing this module must stay cheap: tvm is imported inside the command functions, so `edgequant --help` is instant.
 """
@@ -121,6 +121,16 @@ def bench_cmd(dist, prompt_lengths, decode_tokens, repeats, as_json):
         click.echo(f"{row['prompt_tokens']:>8} {row['prefill_tokens_per_s']:>14.1f} {row['decode_tokens_per_s']:>13.1f}")
 
 
+@click.command("package")
+@click.argument("config")
+@click.option("-q", "--quiet", is_flag=True)
+def package_cmd(config, quiet):
+    """Export the checkpoints of CONFIG (JSON: "targets", "models", "output") for app platforms into one bundle:
+    a static library per target, weights per model, and edgequant-app-config.json (export/package.py)."""
+    from .package import package
+    click.echo(str(package(config, progress=not quiet)))
+
+
 def register_commands(group: click.Group):
-    for cmd in (export_cmd, run_cmd, chat_cmd, bench_cmd):
+    for cmd in (export_cmd, run_cmd, chat_cmd, bench_cmd, package_cmd):
         group.add_command(cmd)

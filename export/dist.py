@@ -78,6 +78,17 @@ def read_export_info(dist) -> dict:
     return info
 
 
+def kv_cache_len(info: dict, max_total_seq_len: int = 0) -> int:
+    """Tokens the KV cache holds: the request, else 4096, never past the context window (apps/runtime agrees)."""
+    return min(int(info["model"]["context_window"]), max_total_seq_len or 4096)
+
+
+def kv_cache_bytes(info: dict, tokens: int) -> int:
+    """fp16 K and V of `tokens` tokens for the model of an export record (apps/runtime reports the same)."""
+    m = info["model"]
+    return 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * tokens * 2
+
+
 def library_path(dist: Path, info: dict) -> Path:
     return inside(dist, info["library"], dist / EXPORT_JSON, "library")
 
@@ -165,6 +176,8 @@ def _check_values(dist: Path, info: dict, where: dict):
                                      f"strictly increasing; the weights are damaged; {_FIX}")
         elif name.endswith(".zeros") and bits is not None:
             z = _read(where, name)
+            if z.dtype == np.uint32:   # four zero points per word (OpenCL/WebGPU exports): check every byte
+                z = z.astype("<u4").view(np.uint8)
             if z.size and int(z.max()) >= 1 << bits:
                 raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds zero points above {(1 << bits) - 1} for "
                                      f"{bits}-bit weights; the weights are damaged; {_FIX}")

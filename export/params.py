@@ -22,7 +22,7 @@ import numpy as np
 
 from edgequant.errors import EdgequantError
 from edgequant.models import family_for
-from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np, repack_w3x32_np
+from edgequant.tvm_schedules.dequant import QuantSpec, pack_zeros_np, repack_planes3_np, repack_w3x32_np
 
 from .models.llama import ArchConfig
 
@@ -75,10 +75,10 @@ def fused_linears(c: dict) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ..
 class CheckpointSource(WeightSource):
     """A quantized edgequant checkpoint."""
 
-    def __init__(self, path, packing3: str = "words"):
+    def __init__(self, path, packing3: str = "words", zeros_packed: bool = False):
         from edgequant.artifact import open_checkpoint
         self.ckpt = open_checkpoint(path)
-        self.packing3 = packing3
+        self.packing3, self.zeros_packed = packing3, zeros_packed
         self.path = self.ckpt.path
         self.config = self.ckpt.config
         s = self.ckpt.scheme
@@ -100,7 +100,7 @@ class CheckpointSource(WeightSource):
                                      "quantize all of them or none")
             n = sum(rows)
             layout = self.packing3 if s.bits == 3 else "words"
-            spec = QuantSpec(n, k, s.bits, s.group_size, s.sym, layout) if kinds.pop() else None
+            spec = QuantSpec(n, k, s.bits, s.group_size, s.sym, layout, self.zeros_packed) if kinds.pop() else None
             cols = [idx[f"{src}.outlier_idx"] for src in srcs if f"{src}.outlier_idx" in idx]
             union = np.unique(np.concatenate(cols)).astype(np.int32) if cols else None
             bias = any(f"{src}.bias" in ck.files for src in srcs)
@@ -130,6 +130,8 @@ class CheckpointSource(WeightSource):
                 arr = repack_planes3_np(arr, plan.k)
             elif leaf == "qweight" and plan.spec.layout == "words3x32":
                 arr = repack_w3x32_np(arr, plan.k)
+            elif leaf == "zeros" and plan.spec.zeros_packed:
+                arr = pack_zeros_np(arr)
             return arr
         if leaf == "weight":  # unquantized member linears
             t = ck.read([f"{s}.weight" for s in plan.sources])
@@ -199,16 +201,17 @@ class HFSource(WeightSource):
             yield name, arr.astype(np.float16)
 
 
-def open_source(path, packing3: str = "words") -> WeightSource:
+def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> WeightSource:
     """A quantized checkpoint when the folder says so, otherwise an unquantized HF model. `packing3`: the runtime
-    layout of 3-bit weights ("words" as stored, "planes3" or "words3x32")."""
+    layout of 3-bit weights ("words" as stored, "planes3" or "words3x32"); `zeros_packed`: zero points four per
+    uint32 word."""
     p = Path(str(path)).expanduser()
     if not p.exists():
         raise EdgequantError(f"checkpoint not found: {p}; pass the folder written by `edgequant quantize` "
                              "(or a Hugging Face model folder for an fp16 export)")
     from edgequant.artifact import is_checkpoint
     if is_checkpoint(p):
-        return CheckpointSource(p, packing3)
+        return CheckpointSource(p, packing3, zeros_packed)
     if p.is_dir() and not (p / "config.json").is_file():
         raise EdgequantError(f"{p} has no config.json: it is neither an edgequant checkpoint nor a Hugging Face model")
     return HFSource(p)

@@ -107,30 +107,40 @@ def fuse_dequantize_matmul(mod, _ctx):
     return tvm.transform.Sequential(seq + [relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()])(mod)
 
 
-def relax_pipeline(target):
-    """A module pass compiling the exported model for `target` (pass it to `tvm.compile(relax_pipeline=...)`)."""
+def _backend(target):
     from tvm.relax.backend.cpu_generic import pipeline as cpu_pl
     from tvm.relax.backend.cuda import pipeline as cuda_pl
     from tvm.relax.backend.gpu_generic import pipeline as gpu_pl
-
-    workarounds.apply()
     kind = target.kind.name
     # the cuda/cpu_generic package __init__ does not re-export dataflow_lower_passes: use the .pipeline modules
-    backend = cuda_pl if kind == "cuda" else (cpu_pl if kind == "llvm" else gpu_pl)
+    return cuda_pl if kind == "cuda" else (cpu_pl if kind == "llvm" else gpu_pl)
+
+
+def scheduling_passes(target) -> list:
+    """Library dispatch, our legalize phase and the dlight schedules: the model as call_tir of scheduled kernels,
+    before relax is lowered to the VM (tests run the kernels from this stage on software GPU drivers)."""
+    workarounds.apply()
     isa = None
-    if kind == "llvm" and int8_decode_enabled():
+    if target.kind.name == "llvm" and int8_decode_enabled():
         from edgequant.tvm_schedules.cpu_int8 import target_isa
         isa = target_isa(target)
     legalize = ([int8_decode_gemv(isa)] if isa else []) + [
         relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(), fuse_dequantize_matmul,
         rules.schedule_pass(target)]
+    return _backend(target).library_dispatch_passes(target) + legalize
+
+
+def relax_pipeline(target):
+    """A module pass compiling the exported model for `target` (pass it to `tvm.compile(relax_pipeline=...)`)."""
+    workarounds.apply()
+    backend = _backend(target)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgequantPipeline")
     def _pipeline(mod, _ctx):
         with target:
-            seq = tvm.transform.Sequential(backend.library_dispatch_passes(target) + legalize
-                                           + backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
+            seq = tvm.transform.Sequential(scheduling_passes(target) + backend.dataflow_lower_passes(target)
+                                           + backend.finalize_passes(target))
             return seq(mod)
 
     return _pipeline

@@ -23,12 +23,12 @@ SPEC_ATTR = "edgequant.quant_spec"
 
 
 def spec_to_str(spec: QuantSpec) -> str:
-    return f"{spec.n},{spec.k},{spec.bits},{spec.group_size},{int(spec.sym)},{spec.layout}"
+    return f"{spec.n},{spec.k},{spec.bits},{spec.group_size},{int(spec.sym)},{spec.layout},{int(spec.zeros_packed)}"
 
 
 def spec_from_str(s: str) -> QuantSpec:
-    n, k, bits, group, sym, layout = str(s).split(",")
-    return QuantSpec(int(n), int(k), int(bits), int(group), bool(int(sym)), layout)
+    n, k, bits, group, sym, layout, zeros_packed = str(s).split(",")
+    return QuantSpec(int(n), int(k), int(bits), int(group), bool(int(sym)), layout, bool(int(zeros_packed)))
 
 
 def take_clipped(x: Tensor, indices: Tensor, axis: int) -> Tensor:

@@ -24,6 +24,7 @@ class TargetPreset:
     runs_here: bool = False         # can `edgequant run` load it on an x86-64 Linux host
     packing3: str = "words"         # 3-bit runtime layout: the checkpoint's words, bit planes (CPU GEMV) or
                                     # words3x32 (CUDA decode GEMV); see tvm_schedules/dequant.py
+    zeros_packed: bool = False      # zero points four per uint32 word: OpenCL / WGSL cannot gather uint8 (dequant.py)
     app: str | None = None          # the apps/ recipe that runs this target's library outside `edgequant run`
     extra: dict = field(default_factory=dict)
 
@@ -43,16 +44,22 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
     TargetPreset("metal", "macOS on Apple silicon (Metal + arm64-apple-macos), shared-object .tar",
                  {**_METAL, "max_threads_per_block": 1024, "host": {"kind": "llvm", "mtriple": "arm64-apple-macos"}},
                  "lib.tar", "metal"),
-    TargetPreset("iphone", "iPhone/iPad (Metal + arm64-apple-darwin), static system library .tar",
-                 {**_METAL, "host": {"kind": "llvm", "mtriple": "arm64-apple-darwin", "libs": ["iphoneos"]}},
+    # the iOS triples give the objects an LC_BUILD_VERSION (platform iOS / iOS simulator), which Xcode needs to place
+    # a static library in an XCFramework; arm64-apple-darwin (as MLC-LLM uses) leaves it out
+    TargetPreset("iphone", "iPhone/iPad (Metal + arm64-apple-ios), static system library .tar",
+                 {**_METAL, "host": {"kind": "llvm", "mtriple": "arm64-apple-ios14.0", "libs": ["iphoneos"]}},
+                 "lib.tar", "metal", system_lib=True, app="apps/ios/README.md"),
+    TargetPreset("iphone-sim", "iOS simulator on Apple silicon (Metal + arm64-apple-ios-simulator), static system "
+                 "library .tar (the simulator slice of apps/ios's XCFramework)",
+                 {**_METAL, "host": {"kind": "llvm", "mtriple": "arm64-apple-ios14.0-simulator"}},
                  "lib.tar", "metal", system_lib=True, app="apps/ios/README.md"),
     TargetPreset("android", "Android (OpenCL + aarch64-linux-android), static system library .tar",
                  {"kind": "opencl", "max_threads_per_block": 256, "max_shared_memory_per_block": 16384,
                   "thread_warp_size": 1, "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
-                 "lib.tar", "opencl", system_lib=True, app="apps/android/README.md"),
+                 "lib.tar", "opencl", system_lib=True, zeros_packed=True, app="apps/android/README.md"),
     TargetPreset("webgpu", "browser WebGPU (WGSL + wasm32 objects, experimental; linking needs emscripten)",
                  {"kind": "webgpu", "host": {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}},
-                 "lib.tar", "webgpu", system_lib=True),
+                 "lib.tar", "webgpu", system_lib=True, zeros_packed=True),
 ]}
 
 

@@ -22,6 +22,12 @@ word 1 | bits 30-31 of word 2 << 1. A GPU thread then reads 128 values as three 
 every 32 values are contiguous 3-bit fields that the decode GEMV (`gemv.py`) turns into floats with one mask each.
 `repack_w3x32_np` converts.
 
+OpenCL (android) and WebGPU exports store asymmetric zero points four to a uint32 word ("zeros_packed": group g at
+bits 8*(g % 4) of word g // 4): WGSL has no 8-bit type at all, and TVM 0.27's OpenCL codegen turns a vectorised
+gather of uint8 zero points into a scalar bit-pack expression that no OpenCL compiler accepts (both found by running
+the kernels, tests/export/test_mobile_gpu_kernels.py). A uint32 gather is what the weights already use; the size
+is unchanged. `pack_zeros_np` converts.
+
 The same TE function feeds two users: `export/quant_linear.py` wraps it in `op.tensor_expr_op` (the relax pipeline
 then fuses it into the matmul), and `quant_matmul_func` below builds a standalone prim func for kernel tests.
 """
@@ -44,6 +50,7 @@ class QuantSpec:
     group_size: int          # -1: per channel
     sym: bool
     layout: str = "words"    # "words" (the checkpoint's) or, for 3 bits, "planes3" / "words3x32" (module docstring)
+    zeros_packed: bool = False  # zero points four per uint32 word instead of one uint8 each (module docstring)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS or (self.layout != "words" and self.bits != 3):
@@ -82,7 +89,8 @@ class QuantSpec:
         """Tensors the kernel reads, in call order: name -> (shape, dtype)."""
         out = {"qweight": ((self.n, self.words), "uint32"), "scales": ((self.n, self.n_groups), "float16")}
         if not self.sym:
-            out["zeros"] = ((self.n, self.n_groups), "uint8")
+            out["zeros"] = ((self.n, -(-self.n_groups // 4)), "uint32") if self.zeros_packed else \
+                ((self.n, self.n_groups), "uint8")
         return out
 
 
@@ -155,8 +163,23 @@ def _unpack_w3x32_np(words: np.ndarray, k: int) -> np.ndarray:
     return v.reshape(n, -1)[:, :k]
 
 
+def pack_zeros_np(zeros: np.ndarray) -> np.ndarray:
+    """uint8 zero points [N, G] -> uint32 words [N, ceil(G/4)], group g at bits 8 * (g % 4) of word g // 4."""
+    n, g = zeros.shape
+    padded = np.zeros((n, -(-g // 4) * 4), np.uint32)
+    padded[:, :g] = zeros
+    return np.bitwise_or.reduce(padded.reshape(n, -1, 4) << (np.arange(4, dtype=np.uint32) * 8), axis=2)
+
+
+def unpack_zeros_np(words: np.ndarray, n_groups: int) -> np.ndarray:
+    return ((words[:, :, None] >> (np.arange(4, dtype=np.uint32) * 8)) & 0xFF).reshape(words.shape[0], -1)[
+        :, :n_groups].astype(np.uint8)
+
+
 def dequantize_np(spec: QuantSpec, qweight, scales, zeros=None) -> np.ndarray:
     """fp32 [N, K] weights, `(q - z) * s` per group."""
+    if zeros is not None and spec.zeros_packed:
+        zeros = unpack_zeros_np(zeros, spec.n_groups)
     q = unpack_np(qweight, spec.bits, spec.k, spec.layout).astype(np.float32)
     g = np.arange(spec.k) // spec.group_len
     s = scales.astype(np.float32)[:, g]
@@ -207,7 +230,14 @@ def dequantize_te(spec: QuantSpec):
     def f(qweight, scales, zeros=None):
         def w(n, k):
             q = tirx.Cast("float32", code(qweight, n, k))
-            z = tirx.const(float(spec.sym_zero), "float32") if zeros is None else tirx.Cast("float32", zeros[n, k // g])
+            if zeros is None:
+                z = tirx.const(float(spec.sym_zero), "float32")
+            elif spec.zeros_packed:
+                grp = k // g
+                z = tirx.Cast("float32", (zeros[n, grp // 4] >> tirx.Cast("uint32", grp % 4 * 8))
+                              & tirx.const(0xFF, "uint32"))
+            else:
+                z = tirx.Cast("float32", zeros[n, k // g])
             # fp32 arithmetic, one rounding to fp16 at the end: the checkpoint's exact (q - z) * s, and on CPUs
             # without fp16 arithmetic it avoids emulating each fp16 operation
             return tirx.Cast("float16", (q - z) * tirx.Cast("float32", scales[n, k // g]))

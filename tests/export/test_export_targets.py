@@ -66,7 +66,29 @@ def _elf_aarch64(data: bytes) -> bool:
     return data[:4] == b"\x7fELF" and data[4] == 2 and struct.unpack_from("<H", data, 18)[0] == 183  # EM_AARCH64
 
 
-@pytest.mark.parametrize("target,is_arch,kernel_marker,app", [("iphone", _macho_arm64, b"kernel void", "apps/ios"),
+def _macho_platform(data: bytes) -> int | None:
+    """LC_BUILD_VERSION's platform (2 iOS, 7 iOS simulator), None without one; what Xcode sorts XCFramework slices by."""
+    ncmds = struct.unpack_from("<I", data, 16)[0]
+    off = 32
+    for _ in range(ncmds):
+        cmd, size = struct.unpack_from("<II", data, off)
+        if cmd == 0x32:
+            return struct.unpack_from("<I", data, off + 8)[0]
+        off += size
+    return None
+
+
+def _macho_arm64_simulator(data: bytes) -> bool:
+    return _macho_arm64(data) and _macho_platform(data) == 7
+
+
+def _macho_arm64_ios(data: bytes) -> bool:
+    return _macho_arm64(data) and _macho_platform(data) == 2
+
+
+@pytest.mark.parametrize("target,is_arch,kernel_marker,app", [("iphone", _macho_arm64_ios, b"kernel void", "apps/ios"),
+                                                              ("iphone-sim", _macho_arm64_simulator, b"kernel void",
+                                                               "apps/ios"),
                                                               ("android", _elf_aarch64, b"__kernel", "apps/android")])
 def test_mobile_library_objects(checkpoint, tmp_path, target, is_arch, kernel_marker, app):
     """Exported through the CLI, which points to the app recipe; `run` on the result says where it runs instead."""

@@ -104,3 +104,25 @@ def test_planes3_round_trip_and_size():
     assert repack_planes3_np(pack(rng.integers(0, 8, (1, 1536)), 3), 1536).nbytes * 8 == 3 * 1536
     with pytest.raises(ValueError, match="4-bit"):
         QuantSpec(4, 64, 4, 32, False, "planes3")
+
+
+@pytest.mark.parametrize("bits,group,k", [(4, 32, 96), (3, 32, 100), (2, 48, 72)])
+def test_packed_zero_points_keep_results(bits, group, k):
+    """Zero points four per uint32 word (OpenCL/WebGPU exports): the round trip is exact and the fused kernel
+    computes what it computes with one uint8 per group."""
+    import tvm
+    from edgequant.tvm_schedules.dequant import (QuantSpec, pack_zeros_np, quant_matmul_func, quant_matmul_np,
+                                                 unpack_zeros_np)
+    rng = np.random.default_rng(k)
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, False, k)
+    packed = pack_zeros_np(zeros)
+    pspec = QuantSpec(spec.n, k, bits, group, False, zeros_packed=True)
+    assert packed.shape == pspec.param_shapes()["zeros"][0] and packed.dtype == np.uint32
+    np.testing.assert_array_equal(unpack_zeros_np(packed, spec.n_groups), zeros)
+    x = rng.standard_normal((3, k)).astype(np.float16)
+    ex = tvm.compile(tvm.IRModule({"main": quant_matmul_func(pspec, 3)}), target="llvm")
+    y = tvm.runtime.empty((3, spec.n), "float16", tvm.cpu())
+    ex["main"](*[tvm.runtime.tensor(a) for a in (x, qweight, scales, packed)], y)
+    ref = quant_matmul_np(spec, x, qweight, scales, zeros)
+    np.testing.assert_array_equal(quant_matmul_np(pspec, x, qweight, scales, packed), ref)
+    np.testing.assert_allclose(y.numpy().astype(np.float32), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())

@@ -16,8 +16,10 @@
 
 static int Usage(const char* argv0) {
   std::fprintf(stderr,
-               "usage: %s [--temperature T] [--top-p P] [--seed S] [--max-seq-len L] DIST ID [ID...] N\n"
-               "prints N new token ids (greedy unless --temperature > 0)\n",
+               "usage: %s [--temperature T] [--top-p P] [--seed S] [--max-seq-len L] [--system-lib-prefix P] "
+               "DIST ID [ID...] N\n"
+               "prints N new token ids (greedy unless --temperature > 0); with --system-lib-prefix the model is the\n"
+               "system library linked into this program under prefix P, and DIST supplies its weights\n",
                argv0);
   return 2;
 }
@@ -64,6 +66,8 @@ int main(int argc, char** argv) {
     } else if (a == "--max-seq-len") {
       if (!ParseInt(value("--max-seq-len"), 1, INT32_MAX, &v)) return Usage(argv[0]);
       opts.max_total_seq_len = static_cast<int32_t>(v);
+    } else if (a == "--system-lib-prefix") {
+      opts.system_lib_prefix = value("--system-lib-prefix");
     } else if (a == "-h" || a == "--help") {
       return Usage(argv[0]);
     } else {

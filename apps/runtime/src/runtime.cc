@@ -346,8 +346,10 @@ uint64_t CheckTensorCache(const std::string& dist, const ExportInfo& info) {
       }
     } else if (EndsWith(p.name, ".zeros") && info.bits) {
       auto b = ReadSpan(r);
-      for (size_t i = 0; i < n; ++i) {
-        if (IntAt(b, r.dtype, i) >= (int64_t(1) << info.bits)) {
+      // OpenCL/WebGPU exports pack four zero points per uint32 word (tvm_schedules/dequant.py): check each byte
+      bool packed = r.dtype == "uint32";
+      for (size_t i = 0; i < (packed ? b.size() : n); ++i) {
+        if ((packed ? static_cast<uint8_t>(b[i]) : IntAt(b, r.dtype, i)) >= (int64_t(1) << info.bits)) {
           Fail(EDGEQUANT_ERR_DAMAGED, std::string(kTensorCache) + ": '" + p.name + "' holds zero points above " +
                                           std::to_string((1 << info.bits) - 1) + "; the weights are damaged; " + kFix);
         }
@@ -577,6 +579,12 @@ edgequant_status edgequant_open(const char* dist_c, const edgequant_options* opt
                                       " (" + FirstLine(e.message()) + "); it is damaged or built for another machine; " + kFix);
     }
     auto load_exec = (*m->lib)->GetFunction("vm_load_executable");
+    if (!load_exec && prefix) {
+      // ffi.SystemLib(prefix) answers with an empty library when nothing registered under that prefix
+      Fail(EDGEQUANT_ERR_NOT_FOUND, "no model library is linked into this program under the system-lib prefix '" +
+                                        std::string(prefix) + "'; link the export's objects whole (--whole-archive / "
+                                        "-force_load) and pass the prefix it was exported with");
+    }
     if (!load_exec) Fail(EDGEQUANT_ERR_DAMAGED, "the library is not a model library (no vm_load_executable); " + std::string(kFix));
     m->vm = (*load_exec)().cast<Module>();
     auto fn = [&](const char* name) {

@@ -1,0 +1,91 @@
+"""`edgequant package CONFIG`: two models (the tiny OWQ checkpoint under two ids and prefixes) for the android target
+go into one bundle: one static library holding both models' objects and prefixed symbols, one weights folder per
+model that passes the DIST checks (packed zero points included), and an app config with prefixes and memory
+estimates. Config errors are one line each and write nothing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgequant.errors import EdgequantError
+
+pytestmark = pytest.mark.tvm
+
+
+def _gnu_armap(data: bytes) -> bytes:
+    """The symbol table member of a GNU/SysV ar archive (its first member, named '/')."""
+    assert data[:8] == b"!<arch>\n"
+    name, size = data[8:24].strip(), int(data[8 + 48:8 + 58].strip())
+    assert name == b"/", name
+    return data[68:68 + size]
+
+
+def test_package_two_models_for_android(owq_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from edgequant.cli import main
+    from edgequant.export.dist import check_tensor_cache, read_export_info
+    cfg = tmp_path / "app.json"
+    cfg.write_text(json.dumps({"output": "bundle", "targets": ["android"], "models": [
+        {"checkpoint": str(owq_checkpoint), "id": "tiny-a", "max_total_seq_len": 100},
+        {"checkpoint": str(owq_checkpoint), "id": "tiny-b", "system_lib_prefix": "tb_"}]}))
+    r = CliRunner().invoke(main, ["package", str(cfg), "-q"])
+    assert r.exit_code == 0, r.output
+    bundle = tmp_path / "bundle"
+    app = json.loads((bundle / "edgequant-app-config.json").read_text())
+    assert [(m["id"], m["system_lib_prefix"]) for m in app["models"]] == [("tiny-a", "tiny_a_"), ("tiny-b", "tb_")]
+
+    lib = bundle / "lib" / "android" / "libedgequant_models.a"
+    data = lib.read_bytes()
+    armap = _gnu_armap(data)
+    for prefix in (b"tiny_a_", b"tb_"):
+        assert b"__tvm_ffi_" + prefix + b"batch_decode_paged_kv" in armap
+        assert prefix + b"__tvm_ffi__library_bin" in armap
+    objects = app["targets"]["android"]["objects"]
+    assert {o.split("_", 1)[0] for o in objects} == {"tiny-a", "tiny-b"} and len(set(objects)) == len(objects)
+    for o in objects:
+        assert o.encode() in data
+
+    for m in app["models"]:
+        t = m["targets"]["android"]
+        w = bundle / t["weights"]
+        info = read_export_info(w)
+        check_tensor_cache(w, info)   # the runtime's checks, with zero points four per uint32 word
+        assert not (w / "lib.tar").exists() and info["zeros_packed"] and info["system_lib_prefix"] == \
+            m["system_lib_prefix"]
+        layer = info["model"]
+        kv_tokens = min(layer["context_window"], 100 if m["id"] == "tiny-a" else 4096)
+        kv = 2 * layer["num_layers"] * layer["num_kv_heads"] * layer["head_dim"] * kv_tokens * 2
+        assert (t["kv_cache_tokens"], t["kv_cache_bytes"]) == (kv_tokens, kv)
+        assert t["estimated_memory_bytes"] == info["weight_bytes"] + kv and t["device"] == "opencl"
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"targets": ["cpu"], "models": [{"checkpoint": "q", "id": "a"}]}, "builds a shared library"),
+    ({"targets": ["tpu"], "models": [{"checkpoint": "q", "id": "a"}]}, "unknown target 'tpu'"),
+    ({"targets": ["android"], "models": []}, "non-empty list"),
+    ({"targets": ["android"], "models": [{"checkpoint": "q", "id": "a/b"}]}, "letters, digits"),
+    ({"targets": ["android"], "models": [{"checkpoint": "q", "id": "a"}, {"checkpoint": "q", "id": "a"}]},
+     "repeats the id"),
+    ({"targets": ["android"], "models": [{"checkpoint": "q", "id": "a", "system_lib_prefix": "1x"}]},
+     "C identifier"),
+    ({"targets": ["android"], "models": [{"checkpoint": "missing", "id": "a"}]}, "checkpoint not found"),
+    ({"targets": ["android"], "modles": []}, "unknown keys"),
+])
+def test_bad_configs_are_one_line_errors(tmp_path, config, message):
+    from edgequant.export.package import package
+    cfg = tmp_path / "app.json"
+    cfg.write_text(json.dumps(config))
+    with pytest.raises(EdgequantError, match=message) as e:
+        package(cfg, progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "dist-bundle").exists()
+
+
+def test_config_that_is_not_json(tmp_path):
+    from edgequant.export.package import package
+    cfg = tmp_path / "app.json"
+    cfg.write_text("{targets: [")
+    with pytest.raises(EdgequantError, match="not valid JSON"):
+        package(cfg, progress=False)
