@@ -6,8 +6,7 @@ import sys
 
 import click
 
-from .clitypes import (DEVICE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT,
-                       Finite)
+from .clitypes import DEVICE, FLOAT_OR_SEARCH, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, Finite
 
 
 class _Group(click.Group):
@@ -67,6 +66,12 @@ def main():
     """
 
 
+def _bits_option(default: int):
+    from .schemes import SUPPORTED_BITS
+    return click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=str(default),
+                        show_default=True)
+
+
 def _methods():
     from .methods import METHODS
     return list(METHODS.values())
@@ -76,52 +81,40 @@ def _method_names():
     return [m.name for m in _methods()]
 
 
-# Options of individual methods. Each defaults to None ("the method's own default") and reaches the method through
-# CalibOptions.extra only when given, so methods own their defaults.
-METHOD_OPTIONS = [
-    # OmniQuant
-    click.option("--lwc/--no-lwc", default=None, help="OmniQuant: learnable weight clipping [default: on]."),
-    click.option("--let/--no-let", default=None, help="OmniQuant: learnable equivalent transformation."),
-    click.option("--epochs", type=NON_NEGATIVE, default=None, help="OmniQuant: epochs per block."),
-    click.option("--lwc-lr", type=POSITIVE_FLOAT, default=None, help="OmniQuant: LWC learning rate."),
-    click.option("--let-lr", type=POSITIVE_FLOAT, default=None, help="OmniQuant: LET learning rate."),
-    click.option("--let-alpha", type=Finite(0, 1), default=None, help="OmniQuant: SmoothQuant-style LET init exponent."),
-    click.option("--aug-loss/--no-aug-loss", default=None, help="OmniQuant: also match the fp block fed quantized inputs."),
-    click.option("--owq-target-bits", type=POSITIVE_FLOAT, default=None, help="OmniQuant: choose OWQ weak columns first."),
-    click.option("--lwc-init", default=None, callback=lambda ctx, p, v: _float_or_search(v),
-                 help="OmniQuant: initial clipping strength (paper 4.0) or 'search' (activation-aware clip search; "
-                      "better when few epochs fit)."),
-    click.option("--loss", type=click.Choice(["mse", "token_rel"]), default=None,
-                 help="OmniQuant: block loss, the paper's 'mse' or 'token_rel' (each token relative to its size)."),
-    # OWQ
-    click.option("--target-bits", type=POSITIVE_FLOAT, default=None, help="OWQ: bits per weight budget, e.g. 3.01, 3.1, 4.01."),
-    click.option("--weak-columns", type=NON_NEGATIVE, default=None, help="OWQ: fp16 columns per linear (instead of --target-bits)."),
-]
+_TYPES = {"int": lambda m: click.IntRange(min=m["lo"], max=m["hi"]),
+          "float": lambda m: Finite(min=m["lo"], max=m["hi"], min_open=m["lo_open"]),
+          "choice": lambda m: click.Choice(m["choices"]), "device": lambda m: DEVICE, "str": lambda m: str,
+          "float|search": lambda m: FLOAT_OR_SEARCH}
 
 
-def _float_or_search(v):
-    if v is None or v == "search":
-        return v
-    try:
-        return float(v)
-    except ValueError:
-        raise click.BadParameter(f"{v!r} is neither a number nor 'search'") from None
+def _click_option(f, default, help: str):
+    """One click option from an Options dataclass field (its rule gives the type, its metadata the help)."""
+    m, name = f.metadata, f.name.replace("_", "-")
+    if m["kind"] == "bool":
+        return click.option(f"--{name}/--no-{name}", default=default, help=help)
+    return click.option(f"--{name}", type=_TYPES[m["kind"]](m), default=default, help=help)
 
 
-def _method_options(f):
-    for opt in reversed(METHOD_OPTIONS):
-        f = opt(f)
-    return f
+def _calib_options(fn):
+    """The shared calibration options, with their defaults, from methods.CalibOptions."""
+    from .methods import CalibOptions
+    for f in reversed(CalibOptions.cli_fields()):
+        fn = _click_option(f, f.default, f.metadata["help"] + (f"  [default: {f.default}]" if f.default is not None
+                                                                 else ""))(fn)
+    return fn
 
 
-def _calib_options(f):
-    f = click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed for sampling windows.")(f)
-    f = click.option("--seqlen", type=POSITIVE, default=2048, show_default=True, help="Tokens per calibration window.")(f)
-    f = click.option("--nsamples", type=POSITIVE, default=128, show_default=True, help="Calibration windows.")(f)
-    f = click.option("--calib", type=str, default=None,
-                     help="Calibration text: a file, a folder of .txt files, or a dataset name (c4, wikitext2) "
-                          "where a network exists.")(f)
-    return f
+def _method_options(fn):
+    """Every registered method's own options. Each defaults to None ("the method's default") and reaches the API only
+    when given, so the method's dataclass owns its defaults."""
+    seen = {}
+    for m in _methods():
+        for f in m.config.cli_fields():
+            seen.setdefault(f.name, (f, []))[1].append(m.title)
+    for f, titles in reversed(list(seen.values())):
+        default = "" if f.default is None else f"  [default: {f.default}]"
+        fn = _click_option(f, None, f"{'/'.join(titles)}: {f.metadata['help']}{default}")(fn)
+    return fn
 
 
 @main.command()
@@ -129,32 +122,22 @@ def _calib_options(f):
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
 @click.option("--method", default="gptq", show_default=True, type=click.Choice(_method_names()),
               help="; ".join(f"{m.name}: {m.summary}" for m in _methods()) + ".")
-@click.option("--bits", type=click.Choice(["2", "3", "4"]), default="4", show_default=True)
+@_bits_option(4)
 @click.option("--group-size", type=int, default=128, show_default=True, help="Inputs per group; -1 per channel.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric (no zero points) or asymmetric.")
 @_calib_options
-@click.option("--act-order/--no-act-order", default=True, show_default=True,
-              help="GPTQ/OWQ: quantize columns in order of decreasing Hessian diagonal (groups stay static).")
-@click.option("--percdamp", type=NON_NEGATIVE_FLOAT, default=0.01, show_default=True, help="GPTQ: Hessian damping.")
-@click.option("--skip-tokens", type=NON_NEGATIVE, default=0, show_default=True,
-              help="GPTQ/OWQ: leave the first tokens of each window (attention sinks) out of the Hessian.")
-@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Calibration windows per block pass.")
 @_method_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def quantize(model, output, method, bits, group_size, sym, calib, nsamples, seqlen, seed, act_order, percdamp,
-             skip_tokens, device, batch_size, quiet, **method_options):
+def quantize(model, output, method, bits, group_size, sym, quiet, **options):
     """Quantize MODEL (HF folder, .gguf file, hub id; default: SmolLM2-135M-Instruct) into a checkpoint folder."""
     from pathlib import Path
 
     from . import api
-    from .artifact import PROVENANCE_NAME
-    method_options = {k: v for k, v in method_options.items() if v is not None}
+    from .checkpoint import PROVENANCE_NAME
+    options = {k: v for k, v in options.items() if v is not None}
     replaced = (Path(output).expanduser() / PROVENANCE_NAME).is_file()
-    out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym, calib=calib,
-                       nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, act_order=act_order,
-                       percdamp=percdamp, batch_size=batch_size, skip_tokens=skip_tokens, progress=not quiet,
-                       **method_options)
+    out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym,
+                       progress=not quiet, **options)
     info = api.inspect(out)
     click.echo(f"wrote {out}  ({info['scheme']}, {info['bits_target']:g} bits/weight target, "
                f"{info['bits_per_weight']:.3f} stored, {info['size_on_disk_bytes'] / 2**20:.1f} MiB)"
@@ -179,11 +162,16 @@ def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, qui
     from pathlib import Path
 
     from . import api
-    if not quiet and (Path(checkpoint).expanduser() / "edgequant-export.json").is_file():
-        click.echo("note: a DIST is evaluated through the TVM runtime, about 9x slower on a CPU than its checkpoint",
-                   err=True)
-    res = api.evaluate(checkpoint, data, seqlen=seqlen, max_windows=max_windows, reference=reference, device=device,
-                       progress=not quiet)
+    from .checkpoint import kind
+    if kind(checkpoint) == "dist":   # through its compiled library (same windows and protocol)
+        from .export.api import evaluate as evaluate_dist
+        if not quiet:
+            click.echo("note: a DIST is evaluated through the TVM runtime, about 9x slower on a CPU than its "
+                       "checkpoint", err=True)
+        res = evaluate_dist(checkpoint, data, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
+    else:
+        res = api.evaluate(checkpoint, data, seqlen=seqlen, max_windows=max_windows, reference=reference,
+                           device=device, progress=not quiet)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -256,7 +244,18 @@ def tune_weak_columns(checkpoint, data, output, epochs, lr, seqlen, nsamples, he
 
 
 @main.command()
-@click.option("--bits", type=click.Choice(["2", "3", "4"]), default="3", show_default=True)
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
+@click.option("-q", "--quiet", is_flag=True)
+def convert(model, output, quiet):
+    """Write MODEL (HF folder, .gguf file, hub id) unquantized as a folder with safetensors weights, which
+    `edgequant export` compiles with fp16 weights."""
+    from . import api
+    click.echo(f"wrote {api.convert(model, output, progress=not quiet)}")
+
+
+@main.command()
+@_bits_option(3)
 @click.option("--group-size", type=int, default=128, show_default=True)
 @click.option("--calib", default=None, help="Calibration text (default: ../shared/data/calibration if present).")
 @click.option("--data", default=None, help="Evaluation text (default: ../shared/data/wikitext-2-raw/wiki.test.raw).")

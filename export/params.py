@@ -1,5 +1,5 @@
 """Weights for the exported model, read from disk only: a quantized checkpoint (through `edgequant.artifact`) or, for
-an unquantized fp16 export, a Hugging Face model folder (through `edgequant.loading`).
+an unquantized fp16 export, the safetensors of a Hugging Face model folder (through `edgequant.checkpoint`, no torch).
 
 The export model fuses q/k/v and gate/up (`models.llama.FUSED_LINEARS`): packed words, scales, zero points and
 biases are concatenated along the output rows, which is exact because the members share K and the scheme. Their
@@ -73,14 +73,13 @@ def _rows(c: dict, lin: str) -> tuple[int, int]:
 class CheckpointSource(WeightSource):
     """A quantized edgequant checkpoint."""
 
-    def __init__(self, path, packing3: str = "words"):
+    def __init__(self, path, packing3: str = "words", config: dict | None = None):
         from edgequant.artifact import open_checkpoint
-        self.ckpt = open_checkpoint(path)
+        self.ckpt = open_checkpoint(path, config)
         self.packing3 = packing3
         self.path = self.ckpt.path
         self.config = self.ckpt.config
-        s = self.ckpt.scheme
-        self.quantization = f"w{s.bits}g{s.group_size if s.group_size != -1 else 'c'}{'s' if s.sym else 'a'}"
+        self.quantization = self.ckpt.scheme.name
         self._plans = None
 
     def plans(self) -> dict[str, LinearPlan]:
@@ -103,7 +102,7 @@ class CheckpointSource(WeightSource):
                 k = _rows(c, members[0])[1]
                 q = kinds.pop()
                 layout = self.packing3 if s.bits == 3 else "words"
-                spec = QuantSpec(n, k, s.bits, s.group_size, s.sym, layout) if q else None
+                spec = QuantSpec.from_scheme(s, n, k, layout) if q else None
                 cols = [idx[f"{src}.outlier_idx"] for src in srcs if f"{src}.outlier_idx" in idx]
                 union = np.unique(np.concatenate(cols)).astype(np.int32) if cols else None
                 bias = any(f"{src}.bias" in ck.files for src in srcs)
@@ -159,32 +158,12 @@ class CheckpointSource(WeightSource):
 
 
 class HFSource(WeightSource):
-    """An unquantized Hugging Face model (folder or .gguf), exported with fp16 weights."""
+    """An unquantized Hugging Face model folder with safetensors weights, exported with fp16 weights."""
 
-    def __init__(self, path):
-        p = Path(str(path)).expanduser()
-        if not p.exists():
-            raise EdgequantError(f"model not found: {p}; pass a checkpoint folder or a Hugging Face model folder")
-        self.path = p
-        cfg = p / "config.json"
-        try:
-            self.config = json.loads(cfg.read_text()) if cfg.is_file() else None
-        except (OSError, ValueError, UnicodeDecodeError):
-            raise EdgequantError(f"{cfg} is not valid JSON; restore the model's config.json") from None
-        if cfg.is_file() and not isinstance(self.config, dict):
-            raise EdgequantError(f"{cfg} is not a JSON object; restore the model's config.json")
+    def __init__(self, path, config: dict):
+        self.path, self.config = Path(path), config
         self.quantization = "f16"
         self._state = None
-        if self.config is None:  # a .gguf file: transformers knows its config once loaded
-            self.config = {k: v for k, v in self._model().config.to_dict().items()}
-
-    def _model(self):
-        if self._state is None:
-            from edgequant.loading import load_model
-            model, _ = load_model(str(self.path))
-            self._state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-            self._cfg = model.config
-        return self._cfg
 
     def plans(self):
         c = self.config
@@ -201,7 +180,11 @@ class HFSource(WeightSource):
         return plans
 
     def arrays(self, names):
-        self._model()
+        from edgequant.checkpoint import read_plain_tensors
+        if self._state is None:
+            self._state = read_plain_tensors(self.path)
+        if "lm_head.weight" not in self._state:   # tied to the embedding (saved once)
+            self._state["lm_head.weight"] = self._state["model.embed_tokens.weight"]
         plans = self.plans()
         for name in names:
             lin, _, leaf = name.rpartition(".")
@@ -213,18 +196,21 @@ class HFSource(WeightSource):
 
 
 def open_source(path, packing3: str = "words") -> WeightSource:
-    """A quantized checkpoint when the folder says so, otherwise an unquantized HF model. `packing3`: the runtime
-    layout of 3-bit weights ("words" as stored, "planes3" or "words3x32")."""
+    """A quantized checkpoint when the folder says so, otherwise an unquantized HF model folder. `packing3`: the
+    runtime layout of 3-bit weights ("words" as stored, "planes3" or "words3x32")."""
+    from edgequant.checkpoint import declares_checkpoint, kind, read_config
     p = Path(str(path)).expanduser()
-    if not p.exists():
+    k = kind(p)
+    if k == "missing":
         raise EdgequantError(f"checkpoint not found: {p}; pass the folder written by `edgequant quantize` "
                              "(or a Hugging Face model folder for an fp16 export)")
-    from edgequant.artifact import is_checkpoint
-    if is_checkpoint(p):
-        return CheckpointSource(p, packing3)
-    if p.is_dir() and not (p / "config.json").is_file():
+    if k == "gguf":
+        raise EdgequantError(f"{p} is a GGUF file: convert it to a model folder first with `edgequant convert {p} "
+                             "-o FOLDER`, then export that folder")
+    if k not in ("checkpoint", "model"):
         raise EdgequantError(f"{p} has no config.json: it is neither an edgequant checkpoint nor a Hugging Face model")
-    return HFSource(p)
+    config = read_config(p)   # once per export
+    return CheckpointSource(p, packing3, config) if declares_checkpoint(config) else HFSource(p, config)
 
 
 def write_tensor_cache(source: WeightSource, names: list[str], dist: Path) -> int:

@@ -31,13 +31,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgequant.schemes import QuantScheme
 
 LAYOUTS = ("words", "planes3", "words3x32")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Shape and scheme of one quantized weight [N, K]."""
+    """Shape, scheme and runtime layout of one quantized weight [N, K]. The scheme's layout facts (values per word,
+    group length, zero point) belong to `edgequant.schemes.QuantScheme`; build a spec with `from_scheme`."""
     n: int
     k: int
     bits: int
@@ -49,17 +51,25 @@ class QuantSpec:
         if self.layout not in LAYOUTS or (self.layout != "words" and self.bits != 3):
             raise ValueError(f"layout {self.layout!r} does not apply to {self.bits}-bit weights")
 
+    @classmethod
+    def from_scheme(cls, scheme: QuantScheme, n: int, k: int, layout: str = "words") -> "QuantSpec":
+        return cls(n, k, scheme.bits, scheme.group_size, scheme.sym, layout)
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.group_size, self.sym)
+
     @property
     def vpw(self) -> int:
-        return 32 // self.bits
+        return self.scheme.values_per_word
 
     @property
     def group_len(self) -> int:
-        return self.k if self.group_size == -1 else self.group_size
+        return self.scheme.group_len(self.k)
 
     @property
     def n_groups(self) -> int:
-        return -(-self.k // self.group_len)
+        return self.scheme.groups(self.k)
 
     @property
     def words(self) -> int:
@@ -67,7 +77,7 @@ class QuantSpec:
             return self.lo_words + -(-self.k // 32)
         if self.layout == "words3x32":
             return 3 * -(-self.k // 32)
-        return -(-self.k // self.vpw)
+        return self.scheme.packed_words(self.k)
 
     @property
     def lo_words(self) -> int:
@@ -76,7 +86,7 @@ class QuantSpec:
 
     @property
     def sym_zero(self) -> int:
-        return 1 << (self.bits - 1)
+        return self.scheme.sym_zero
 
     def param_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Tensors the kernel reads, in call order: name -> (shape, dtype)."""
