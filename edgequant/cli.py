@@ -1,4 +1,6 @@
-"""The `edgequant` command line: thin click commands over `edgequant.api` (imports are lazy so --help is instant)."""
+"""The `edgequant` command line: thin click commands over `edgequant.api` and `edgequant.export.api`, the only module
+that knows both halves (the core never imports the TVM side). Quantize's options are generated from the option
+dataclasses (`methods.CalibOptions` and each method's registered config). Imports are lazy so --help is instant."""
 from __future__ import annotations
 
 import json
@@ -56,13 +58,15 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgequant")
 def main():
-    """edgequant: quantize LLaMA-family models to 2-4 bits (RTN, GPTQ, OmniQuant, OWQ) and evaluate them.
+    """edgequant: quantize LLaMA-family models to 2-4 bits (RTN, GPTQ, OmniQuant, OWQ), evaluate them, and compile
+    them with TVM for phones, GPUs and CPUs.
 
     \b
     edgequant demo                                         # the whole journey on SmolLM2-135M
     edgequant quantize MODEL -o q/ --method gptq --bits 3 --group-size 128 --calib calib.txt
     edgequant eval q/ --data wiki.test.raw --max-windows 40
     edgequant inspect q/
+    edgequant export q/ --target cpu -o q-cpu/ && edgequant run q-cpu/ -p "Hello"
     """
 
 

@@ -113,6 +113,8 @@ def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tr
 @register_method("owq", needs_calibration=True, summary="OWQ: sensitive weak columns kept in fp16, GPTQ on the rest",
                  config=OWQConfig, title="OWQ")
 def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
+    import torch
+
     from .calibrate.blocks import get_module
     from .calibrate.gptq import gptq_quantize
     from .calibrate.layerwise import calibrate_layerwise
@@ -133,7 +135,7 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
     def quantize_fn(name, lin, H):
         w = lin.weight.detach().float()
         kind = name.split(".", 3)[-1]
-        idx = select_weak_columns(w, torch_diag(H), scheme, counts[kind])
+        idx = select_weak_columns(w, torch.diag(H), scheme, counts[kind])
         qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order,
                                  keep=idx.to(w.device), clip_search=mse_clip_search)
         w_hat = qw.dequantize()
@@ -144,11 +146,6 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
                                    skip_tokens=opts.skip_tokens)
     return MethodResult(q, stats, {"tokens": int(samples.numel()), "weak_columns_per_linear": counts,
                                    "target_bits": target})
-
-
-def torch_diag(H):
-    import torch
-    return torch.diag(H)
 
 
 @register_method("omniquant", needs_calibration=True,
