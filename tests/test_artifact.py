@@ -199,7 +199,7 @@ def test_output_folder_of_someone_else_is_never_replaced(tmp_path, model_dirs):
 def test_safetensors_bytes_depend_only_on_contents(tmp_path):
     from safetensors.numpy import load_file
 
-    from edgequant.artifact import save_safetensors
+    from edgequant.checkpoint import save_safetensors
     tensors = {"w": np.arange(12, dtype=np.int32).reshape(3, 4), "s": np.linspace(0, 1, 5).astype(np.float16)}
     # a dozen metadata keys make a random hash-map order all but certain to differ between two plain writes
     meta = {f"key{i}": str(i) for i in range(12)}
