@@ -7,13 +7,12 @@
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import platform
 import time
 from pathlib import Path
 
+from .checkpoint import inspect  # noqa: F401 - the API's `inspect` verb
 from .errors import EdgequantError, first_line
 
 
@@ -119,9 +118,8 @@ def _tokenizer(folder: Path):
 
 def check_device(device: str):
     """`cpu`, or a CUDA device that torch can see."""
-    import re
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise EdgequantError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    from .options import check_value
+    check_value("device", device, {"kind": "device"})
     if device.startswith("cuda"):
         import torch
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -161,24 +159,10 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
     return res
 
 
-def inspect(checkpoint) -> dict:
-    """Scheme, method, bits per weight, size on disk, per-layer errors and calibration settings (`checkpoint.inspect`)."""
-    from .checkpoint import inspect as inspect_checkpoint
-    return inspect_checkpoint(checkpoint)
-
-
-def default_calibration_path() -> str | None:
-    """The shared calibration folder when this checkout sits beside it (tests, benchmarks, demo)."""
-    here = Path(__file__).resolve().parent.parent
-    for cand in (os.environ.get("EDGEQUANT_CALIB"), here.parent / "shared" / "data" / "calibration"):
-        if cand and Path(cand).exists():
-            return str(cand)
-    return None
-
-
-def default_eval_path() -> str | None:
-    here = Path(__file__).resolve().parent.parent
-    for cand in (os.environ.get("EDGEQUANT_EVAL"), here.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"):
+def shared_data(env: str, *parts: str) -> str | None:
+    """`$env`, else the shared data beside this checkout (../shared/data/...), when it exists (tests, benchmarks,
+    demo)."""
+    for cand in (os.environ.get(env), Path(__file__).resolve().parents[2].joinpath("shared", "data", *parts)):
         if cand and Path(cand).exists():
             return str(cand)
     return None
@@ -221,8 +205,8 @@ def demo(output_dir=None, bits: int = 3, group_size: int = 128, methods=tuple(DE
     unknown = [m for m in methods if m not in DEMO_SETTINGS]
     if unknown:
         raise EdgequantError(f"the demo does not run {', '.join(unknown)}; choose from {', '.join(DEMO_SETTINGS)}")
-    calib = calib or default_calibration_path()
-    data = data or default_eval_path()
+    calib = calib or shared_data("EDGEQUANT_CALIB", "calibration")
+    data = data or shared_data("EDGEQUANT_EVAL", "wikitext-2-raw", "wiki.test.raw")
     if calib is None or data is None:
         raise EdgequantError("the demo needs calibration and evaluation text: pass --calib PATH and --data PATH "
                              "(e.g. ../shared/data/calibration and ../shared/data/wikitext-2-raw/wiki.test.raw)")
@@ -280,11 +264,11 @@ class _DemoClock:
         return (time.time() - self.t0) / self.done_cost * sum(self.left.values())
 
 
-def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-4, seqlen: int = 512,
-                      nsamples: int = 64, heldout: int = 8, batch_size: int = 4, seed: int = 0,
-                      device: str = "cpu", progress: bool = True) -> dict:
+def tune_weak_columns(checkpoint, data, output, progress: bool = True, **options) -> dict:
     """OWQ weak-column tuning: train only the fp16 weak columns of CHECKPOINT on task text `data` (causal-LM loss),
-    write the tuned checkpoint to `output`, and return losses, trainable parameter count and peak memory."""
+    write the tuned checkpoint to `output`, and return losses, trainable parameter count and peak memory.
+    `options`: the fields of `calibrate.configs.WCTConfig` (epochs, lr, seqlen, nsamples, heldout, batch_size, seed,
+    device), each defaulting to its value there."""
     import resource
 
     import torch
@@ -292,16 +276,14 @@ def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-
     from .artifact import load_quantized_model, load_quantized_weight
     from .atomic import output_lock
     from .checkpoint import PROVENANCE_NAME, write_copy
+    from .calibrate.configs import WCTConfig
     from .calibrate.wct import attach_weak_columns, lm_loss, train_weak_columns
     from .data import tokenize, read_text
 
+    cfg = WCTConfig.from_dict(options, " to tune-weak-columns")
+    epochs, lr, seqlen, nsamples, heldout, batch_size, seed, device = (
+        cfg.epochs, cfg.lr, cfg.seqlen, cfg.nsamples, cfg.heldout, cfg.batch_size, cfg.seed, cfg.device)
     check_device(device)
-    for name, v in (("epochs", epochs), ("seqlen", seqlen), ("nsamples", nsamples), ("heldout", heldout),
-                    ("batch_size", batch_size)):
-        if not isinstance(v, int) or v < 1:
-            raise EdgequantError(f"--{name.replace('_', '-')} must be a positive integer, not {v!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise EdgequantError(f"--lr must be a positive finite number, not {lr!r}")
     src = Path(checkpoint).expanduser()
     out = Path(output).expanduser().resolve()
     if out == src.resolve():

@@ -210,34 +210,24 @@ def weight_files(p: Path) -> dict[str, Path]:
     return {}
 
 
-_NP_OF = {"F16": np.float16, "F32": np.float32, "U8": np.uint8, "I8": np.int8, "U32": np.uint32, "I32": np.int32,
-          "I64": np.int64, "BOOL": np.bool_}
-
-
 def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a folder's safetensors weights (the index, or `model.safetensors`, or each `*.safetensors`),
-    as NumPy arrays with bf16 widened to fp32 (NumPy has no bf16); headers are checked like a checkpoint's."""
-    folder = Path(folder)
-    files = weight_files(folder) if (folder / INDEX_NAME).is_file() else {}
-    shards = sorted(set(files.values())) or sorted(folder.glob("*.safetensors"))
-    if not shards:
-        raise EdgequantError(f"{folder} has no .safetensors weights; save the model with safetensors (transformers' "
-                             "save_pretrained does) or convert it with `edgequant convert MODEL -o FOLDER`")
+    """The fp32/fp16/bf16 tensors of a model folder's safetensors weights (its index, or every `*.safetensors`) as
+    NumPy arrays, bf16 widened to fp32 (NumPy has none); headers are checked like a checkpoint's."""
+    files = sorted(set(weight_files(folder).values())) if (folder / INDEX_NAME).is_file() else []
+    files = files or sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise EdgequantError(f"{folder} has no .safetensors weights; convert the model with `edgequant convert MODEL "
+                             "-o FOLDER` and export that folder")
     out = {}
-    for f in shards:
-        header = tensor_headers(f)
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-        data = np.fromfile(f, dtype=np.uint8, offset=8 + n)
-        for name, h in header.items():
-            a, b = h["data_offsets"]
-            raw = data[a:b]
-            if h["dtype"] == "BF16":
-                arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-            elif h["dtype"] in _NP_OF:
-                arr = raw.view(_NP_OF[h["dtype"]])
-            else:
-                raise EdgequantError(f"{f.name}: tensor '{name}' has dtype {h['dtype']}, which export does not read")
+    for f in files:
+        data = np.fromfile(f, dtype=np.uint8)
+        start = 8 + int.from_bytes(data[:8].tobytes(), "little")
+        for name, h in tensor_headers(f).items():
+            if h["dtype"] not in ("F32", "F16", "BF16"):
+                raise EdgequantError(f"{f.name}: tensor '{name}' is {h['dtype']}; export reads fp32, fp16 or bf16 weights")
+            raw = data[start + h["data_offsets"][0]:start + h["data_offsets"][1]]
+            arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if h["dtype"] == "BF16" else \
+                raw.view(np.float32 if h["dtype"] == "F32" else np.float16)
             out[name] = arr.reshape(h["shape"])
     return out
 
@@ -245,30 +235,14 @@ def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:
 def inspect(checkpoint) -> dict:
     """Scheme, method, target and stored bits per weight (stored counts packed words, scales, zero points and fp16
     columns), size on disk, per-layer reconstruction errors and calibration settings of a checkpoint."""
-    from safetensors import safe_open
-
     from .artifact import expected_layout, open_checkpoint
     ck = open_checkpoint(checkpoint)
     _, quant = expected_layout(ck)
     q_weights = sum(n * k for n, k, _ in quant.values())
-    q_bits, outlier_cols = 0, {}
-    by_file = {}
-    for name, f in ck.files.items():
-        by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
-        with safe_open(str(f), framework="np") as sf:
-            for name in names:
-                base, _, suffix = name.rpartition(".")
-                if base in quant and suffix in ("qweight", "scales", "zeros", "outlier_idx", "outlier_weight"):
-                    sl = sf.get_slice(name)
-                    shape = sl.get_shape()
-                    nbytes = {"U32": 4, "F16": 2, "U8": 1, "I32": 4}[sl.get_dtype()]
-                    size = nbytes
-                    for d in shape:
-                        size *= d
-                    q_bits += size * 8
-                    if suffix == "outlier_idx":   # through the reader, which range-checks it
-                        outlier_cols[base] = ck.read([name])[name].tolist()
+    q_bits = sum((b - a) * 8 for f in set(ck.files.values()) for name, h in tensor_headers(f).items()
+                 for a, b in [h["data_offsets"]] if name.rpartition(".")[0] in quant and not name.endswith(".bias"))
+    idx_names = [n for n in ck.files if n.endswith(".outlier_idx")]
+    outlier_cols = {n.rpartition(".")[0]: v.tolist() for n, v in ck.read(idx_names).items()}   # range-checked
     files = [p for p in ck.path.iterdir() if p.is_file()]
     s = ck.scheme
     ideal = s.bits + (16 + (0 if s.sym else 8)) / (s.group_len(max(k for _, k, _ in quant.values())))

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .clitypes import DEVICE, FLOAT_OR_SEARCH, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, Finite
+from .clitypes import DEVICE, POSITIVE, Finite
 
 
 class _Group(click.Group):
@@ -88,7 +88,7 @@ def _method_names():
 _TYPES = {"int": lambda m: click.IntRange(min=m["lo"], max=m["hi"]),
           "float": lambda m: Finite(min=m["lo"], max=m["hi"], min_open=m["lo_open"]),
           "choice": lambda m: click.Choice(m["choices"]), "device": lambda m: DEVICE, "str": lambda m: str,
-          "float|search": lambda m: FLOAT_OR_SEARCH}
+          "float|search": lambda m: str}   # the dataclass reads the number
 
 
 def _click_option(f, default, help: str):
@@ -99,13 +99,18 @@ def _click_option(f, default, help: str):
     return click.option(f"--{name}", type=_TYPES[m["kind"]](m), default=default, help=help)
 
 
-def _calib_options(fn):
-    """The shared calibration options, with their defaults, from methods.CalibOptions."""
-    from .methods import CalibOptions
-    for f in reversed(CalibOptions.cli_fields()):
-        fn = _click_option(f, f.default, f.metadata["help"] + (f"  [default: {f.default}]" if f.default is not None
-                                                                 else ""))(fn)
-    return fn
+def _options_of(where: str):
+    """The options of an Options dataclass ("module:Class"), with its defaults."""
+    import importlib
+    module, _, name = where.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+
+    def deco(fn):
+        for f in reversed(cls.cli_fields()):
+            shown = f"  [default: {f.default}]" if f.default is not None else ""
+            fn = _click_option(f, f.default, f.metadata["help"] + shown)(fn)
+        return fn
+    return deco
 
 
 def _method_options(fn):
@@ -129,7 +134,7 @@ def _method_options(fn):
 @_bits_option(4)
 @click.option("--group-size", type=int, default=128, show_default=True, help="Inputs per group; -1 per channel.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric (no zero points) or asymmetric.")
-@_calib_options
+@_options_of("edgequant.methods:CalibOptions")
 @_method_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def quantize(model, output, method, bits, group_size, sym, quiet, **options):
@@ -163,8 +168,6 @@ def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, qui
     A DIST folder from `edgequant export` is evaluated through its compiled library instead. On a CPU that is about
     9x slower than evaluating the checkpoint (TVM's paged-attention prefill kernels dominate): evaluate the checkpoint
     for quality numbers, and a DIST with a few --max-windows to check the library agrees."""
-    from pathlib import Path
-
     from . import api
     from .checkpoint import kind
     if kind(checkpoint) == "dist":   # through its compiled library (same windows and protocol)
@@ -224,21 +227,12 @@ def inspect(checkpoint, as_json, layers):
 @click.argument("checkpoint")
 @click.option("--data", required=True, help="Task text to tune on (a file); its last windows are held out.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Tuned checkpoint folder.")
-@click.option("--epochs", type=POSITIVE, default=1, show_default=True)
-@click.option("--lr", type=POSITIVE_FLOAT, default=1e-4, show_default=True)
-@click.option("--seqlen", type=POSITIVE, default=512, show_default=True)
-@click.option("--nsamples", type=POSITIVE, default=64, show_default=True, help="Training windows drawn from the text.")
-@click.option("--heldout", type=POSITIVE, default=8, show_default=True, help="Held-out windows at the end of the text.")
-@click.option("--batch-size", type=POSITIVE, default=4, show_default=True)
-@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
-@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@_options_of("edgequant.calibrate.configs:WCTConfig")
 @click.option("-q", "--quiet", is_flag=True)
-def tune_weak_columns(checkpoint, data, output, epochs, lr, seqlen, nsamples, heldout, batch_size, seed, device, quiet):
+def tune_weak_columns(checkpoint, data, output, quiet, **options):
     """OWQ weak-column tuning: train only the fp16 weak columns of an OWQ CHECKPOINT on task text."""
     from . import api
-    r = api.tune_weak_columns(checkpoint, data, output, epochs=epochs, lr=lr, seqlen=seqlen, nsamples=nsamples,
-                              heldout=heldout, batch_size=batch_size, seed=seed, device=device,
-                              progress=not quiet)
+    r = api.tune_weak_columns(checkpoint, data, output, progress=not quiet, **options)
     click.echo(f"wrote {r['checkpoint']}")
     gpu = f", {r['peak_gpu_bytes'] / 2**20:.0f} MiB GPU" if r.get("peak_gpu_bytes") else ""
     click.echo(f"held-out loss {r['heldout_loss_before']:.4f} -> {r['heldout_loss_after']:.4f}")

@@ -39,25 +39,6 @@ class Device(click.ParamType):
 DEVICE = Device()
 
 
-class FloatOrSearch(click.ParamType):
-    """A finite number or the word 'search' (OmniQuant's --lwc-init)."""
-    name = "number|search"
-
-    def convert(self, value, param, ctx):
-        if value == "search" or isinstance(value, float):
-            return value
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            v = math.nan
-        if not math.isfinite(v):
-            self.fail(f"{value!r} is neither a number nor 'search'.", param, ctx)
-        return v
-
-
-FLOAT_OR_SEARCH = FloatOrSearch()
-
-
 class PositiveIntList(click.ParamType):
     """A comma-separated list of positive integers, e.g. 32,128,512."""
     name = "list"

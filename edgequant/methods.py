@@ -85,41 +85,48 @@ def _rtn(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
 
 def _calibration_samples(tokenizer, opts: CalibOptions):
     from .data import calibration_samples
-    if opts.calib is None:
-        raise EdgequantError("this method needs calibration text: pass --calib PATH (a text file or folder)")
     return calibration_samples(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed)
 
 
-@register_method("gptq", needs_calibration=True, summary="GPTQ/OPTQ: Hessian-based error compensation")
-def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
+def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress, desc, counts=None):
+    """GPTQ on every linear, block by block; with `counts` (OWQ: weak columns per linear kind) each linear first
+    keeps its most sensitive columns in fp16 and tunes its groups by clip search. Returns (quantized, stats, tokens)."""
+    import torch
+
     from .calibrate.gptq import gptq_quantize
     from .calibrate.layerwise import calibrate_layerwise
     from .calibrate.metrics import output_error, weight_error
+    from .calibrate.owq import mse_clip_search, select_weak_columns
 
     samples = _calibration_samples(tokenizer, opts)
 
     def quantize_fn(name, lin, H):
         w = lin.weight.detach().float()
-        qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order)
+        kw, weak = {}, {}
+        if counts is not None:
+            idx = select_weak_columns(w, torch.diag(H), scheme, counts[name.split(".", 3)[-1]])
+            kw, weak = {"keep": idx.to(w.device), "clip_search": mse_clip_search}, {"weak_columns": int(len(idx))}
+        qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order, **kw)
         w_hat = qw.dequantize()
-        return qw, {"gptq_loss": loss, "weight_rel_err": weight_error(w, w_hat),
+        return qw, {"gptq_loss": loss, **weak, "weight_rel_err": weight_error(w, w_hat),
                     "output_rel_err": output_error(w, w_hat, H)}
 
-    q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc="gptq",
+    q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc=desc,
                                    skip_tokens=opts.skip_tokens)
-    return MethodResult(q, stats, {"tokens": int(samples.numel())})
+    return q, stats, int(samples.numel())
+
+
+@register_method("gptq", needs_calibration=True, summary="GPTQ/OPTQ: Hessian-based error compensation")
+def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
+    q, stats, tokens = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "gptq")
+    return MethodResult(q, stats, {"tokens": tokens})
 
 
 @register_method("owq", needs_calibration=True, summary="OWQ: sensitive weak columns kept in fp16, GPTQ on the rest",
                  config=OWQConfig, title="OWQ")
 def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
-    import torch
-
     from .calibrate.blocks import get_module
-    from .calibrate.gptq import gptq_quantize
-    from .calibrate.layerwise import calibrate_layerwise
-    from .calibrate.metrics import output_error, weight_error
-    from .calibrate.owq import mse_clip_search, select_weak_columns, weak_column_counts
+    from .calibrate.owq import weak_column_counts
     from .models import family_for
 
     family = family_for(model.config.model_type)
@@ -130,22 +137,8 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
         counts = {kind: min(fixed, k) for kind, k in in_features.items()}
     else:
         counts = weak_column_counts(family, in_features, scheme.bits, target if target is not None else scheme.bits + 0.01)
-    samples = _calibration_samples(tokenizer, opts)
-
-    def quantize_fn(name, lin, H):
-        w = lin.weight.detach().float()
-        kind = name.split(".", 3)[-1]
-        idx = select_weak_columns(w, torch.diag(H), scheme, counts[kind])
-        qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order,
-                                 keep=idx.to(w.device), clip_search=mse_clip_search)
-        w_hat = qw.dequantize()
-        return qw, {"gptq_loss": loss, "weak_columns": int(len(idx)), "weight_rel_err": weight_error(w, w_hat),
-                    "output_rel_err": output_error(w, w_hat, H)}
-
-    q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc="owq",
-                                   skip_tokens=opts.skip_tokens)
-    return MethodResult(q, stats, {"tokens": int(samples.numel()), "weak_columns_per_linear": counts,
-                                   "target_bits": target})
+    q, stats, tokens = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "owq", counts)
+    return MethodResult(q, stats, {"tokens": tokens, "weak_columns_per_linear": counts, "target_bits": target})
 
 
 @register_method("omniquant", needs_calibration=True,

@@ -31,10 +31,9 @@ def _number_error(v, m) -> str | None:
     if not (is_int or isinstance(v, float)) or not math.isfinite(v):
         return "must be a finite number"
     lo, hi = m["lo"], m["hi"]
-    if lo is not None and (v < lo or (m["lo_open"] and v == lo)):
-        return f"must be {'>' if m['lo_open'] else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
-    if hi is not None and v > hi:
-        return f"must be <= {hi:g}" + (f" and {'>' if m['lo_open'] else '>='} {lo:g}" if lo is not None else "")
+    if (lo is not None and (v < lo or m["lo_open"] and v == lo)) or (hi is not None and v > hi):
+        return "must be " + " and ".join(b for b in (lo is not None and f"{'>' if m['lo_open'] else '>='} {lo:g}",
+                                                     hi is not None and f"<= {hi:g}") if b)
     return None
 
 
@@ -51,8 +50,8 @@ def check_value(name: str, v, m) -> None:
         err = f"must be one of {', '.join(repr(c) for c in m['choices'])}"
     elif kind == "device" and not (isinstance(v, str) and re.fullmatch(r"cpu|cuda(:\d+)?", v)):
         err = "must be cpu, cuda or cuda:N"
-    elif kind == "float|search" and v != "search":
-        err = _number_error(v, {**m, "kind": "float"}) and "must be a number or 'search'"
+    elif kind == "float|search" and v != "search" and _number_error(v, {**m, "kind": "float"}):
+        err = "must be a number or 'search'"
     if err:
         raise EdgequantError(f"{flag(name)} {err}, not {v!r}")
 
@@ -64,6 +63,8 @@ class Options:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.metadata.get("kind") == "float|search" and isinstance(v, str) and re.fullmatch(r"[-+.\d]+(e[-+]?\d+)?", v):
+                setattr(self, f.name, v := float(v))   # the command line passes text
             if "kind" in f.metadata and not (v is None and f.default is None):
                 check_value(f.name, v, f.metadata)
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from edgequant.errors import EdgequantError
@@ -6,7 +8,7 @@ from edgequant.schemes import SCHEMES, QuantScheme, get_scheme
 
 def test_json_round_trip():
     for s in SCHEMES.values():
-        assert QuantScheme.from_json(s.to_json()) == s
+        assert QuantScheme.from_dict(json.loads(json.dumps(s.to_dict()))) == s
 
 
 def test_names_and_parsing():

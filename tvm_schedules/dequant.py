@@ -55,21 +55,11 @@ class QuantSpec:
     def from_scheme(cls, scheme: QuantScheme, n: int, k: int, layout: str = "words") -> "QuantSpec":
         return cls(n, k, scheme.bits, scheme.group_size, scheme.sym, layout)
 
-    @property
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.sym)
-
-    @property
-    def vpw(self) -> int:
-        return self.scheme.values_per_word
-
-    @property
-    def group_len(self) -> int:
-        return self.scheme.group_len(self.k)
-
-    @property
-    def n_groups(self) -> int:
-        return self.scheme.groups(self.k)
+    scheme = property(lambda self: QuantScheme(self.bits, self.group_size, self.sym))
+    vpw = property(lambda self: self.scheme.values_per_word)
+    group_len = property(lambda self: self.scheme.group_len(self.k))
+    n_groups = property(lambda self: self.scheme.groups(self.k))
+    sym_zero = property(lambda self: self.scheme.sym_zero)
 
     @property
     def words(self) -> int:
@@ -83,10 +73,6 @@ class QuantSpec:
     def lo_words(self) -> int:
         """planes3: words of the 2-bit plane (the 1-bit plane follows them)."""
         return -(-self.k // 16)
-
-    @property
-    def sym_zero(self) -> int:
-        return self.scheme.sym_zero
 
     def param_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Tensors the kernel reads, in call order: name -> (shape, dtype)."""

@@ -44,3 +44,16 @@ class OmniConfig(Options):
         super().__post_init__()
         if self.epochs > 0 and not (self.lwc or self.let):
             raise EdgequantError("nothing to train: enable --lwc or --let, or pass --epochs 0")
+
+
+@dataclass
+class WCTConfig(Options):
+    """Weak-column tuning (`tune-weak-columns`): training windows drawn from the task text, the last held out."""
+    epochs: int = opt(1, "Passes over the training windows.", "int", lo=1)
+    lr: float = opt(1e-4, "Adam learning rate.", "float", lo=0, lo_open=True)
+    seqlen: int = opt(512, "Tokens per window.", "int", lo=1)
+    nsamples: int = opt(64, "Training windows drawn from the text.", "int", lo=1)
+    heldout: int = opt(8, "Held-out windows at the end of the text.", "int", lo=1)
+    batch_size: int = opt(4, "Windows per step.", "int", lo=1)
+    seed: int = opt(0, "Seed for drawing the windows.", "int", lo=0)
+    device: str = opt("cpu", "cpu, cuda or cuda:N.", "device")
