@@ -197,16 +197,15 @@ class HFSource(WeightSource):
 def open_source(path, packing3: str = "words") -> WeightSource:
     """A quantized checkpoint when the folder says so, otherwise an unquantized HF model folder. `packing3`: the
     runtime layout of 3-bit weights ("words" as stored, "planes3" or "words3x32")."""
-    from edgequant.checkpoint import declares_checkpoint, kind, read_config
+    from edgequant.checkpoint import declares_checkpoint, read_config
     p = Path(str(path)).expanduser()
-    k = kind(p)
-    if k == "missing":
+    if not p.exists():
         raise EdgequantError(f"checkpoint not found: {p}; pass the folder written by `edgequant quantize` "
                              "(or a Hugging Face model folder for an fp16 export)")
-    if k == "gguf":
-        raise EdgequantError(f"{p} is a GGUF file: convert it to a model folder first with `edgequant convert {p} "
-                             "-o FOLDER`, then export that folder")
-    if k not in ("checkpoint", "model"):
+    if p.is_file():
+        raise EdgequantError(f"{p} is a file: export takes a checkpoint or model folder (a .gguf converts into one "
+                             f"with `edgequant convert {p} -o FOLDER`)")
+    if not (p / "config.json").is_file():
         raise EdgequantError(f"{p} has no config.json: it is neither an edgequant checkpoint nor a Hugging Face model")
     config = read_config(p)   # once per export
     return CheckpointSource(p, packing3, config) if declares_checkpoint(config) else HFSource(p, config)
