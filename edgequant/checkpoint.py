@@ -41,18 +41,16 @@ def read_config(folder: Path) -> dict:
 
 
 def kind(path) -> str:
-    """What `path` is: "missing", "dist" (an export), "checkpoint" (config.json declares an edgequant
-    checkpoint), "model" (another folder with a config.json), "gguf" or "other". The one place that decides."""
+    """What `path` is: "missing", "dist" (an export), "checkpoint" (its config.json declares an edgequant checkpoint),
+    "model" (another folder with a config.json) or "other" (a .gguf file, ...). The one place that decides."""
     p = Path(str(path)).expanduser()
     if not p.exists():
         return "missing"
-    if p.is_file():
-        return "gguf" if p.suffix == ".gguf" else "other"
     if (p / EXPORT_JSON).is_file():
         return "dist"
-    if not (p / "config.json").is_file():
-        return "other"
-    return "checkpoint" if declares_checkpoint(read_config(p)) else "model"
+    if (p / "config.json").is_file():
+        return "checkpoint" if declares_checkpoint(read_config(p)) else "model"
+    return "other"
 
 
 def declares_checkpoint(config: dict) -> bool:
