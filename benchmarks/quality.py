@@ -86,6 +86,12 @@ def row_key(method, scheme, opts, args):
                       sort_keys=True)
 
 
+def _repo_relative(path) -> str:
+    """`path` relative to the repository (e.g. ../shared/data/calibration), not the build machine's absolute path."""
+    p = Path(path).resolve()
+    return os.path.relpath(p, HERE.parent) if p.is_absolute() else str(path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -161,7 +167,7 @@ def main(argv=None):
     text = (f"# Quality: SmolLM2-135M-Instruct, WikiText-2 test, first {args.max_windows} windows of 2048 tokens\n\n"
             f"date {datetime.date.today()}, device {dev}, torch "
             f"{torch_version}, edgequant {edgequant.__version__}\n"
-            f"calibration: {args.calib} ({args.nsamples} windows x {args.seqlen} tokens, seed {args.seed}); "
+            f"calibration: {_repo_relative(args.calib)} ({args.nsamples} windows x {args.seqlen} tokens, seed {args.seed}); "
             f"baseline = the Q4_1 GGUF dequantized to fp32\n\n" + table(rows, cols) + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

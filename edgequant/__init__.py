@@ -2,11 +2,11 @@
 checkpoint, evaluated in PyTorch and compiled with Apache TVM for phones, GPUs and CPUs.
 
 The verbs of the command line are available as functions with the same arguments (imported lazily so that
-`edgequant --help` stays instant): quantize, evaluate, inspect, demo.
+`edgequant --help` stays instant): quantize, evaluate, inspect, demo, convert.
 """
 __version__ = "0.1.0"
 
-_API = ("quantize", "evaluate", "inspect", "demo")
+_API = ("quantize", "evaluate", "inspect", "demo", "convert")
 
 
 def __getattr__(name):

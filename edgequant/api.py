@@ -7,13 +7,12 @@
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import platform
 import time
 from pathlib import Path
 
+from .checkpoint import inspect  # noqa: F401 - the API's `inspect` verb
 from .errors import EdgequantError, first_line
 
 
@@ -26,11 +25,11 @@ def _versions() -> dict:
 
 
 def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int = 128, sym: bool = False,
-             calib: str | None = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str = "cpu",
-             act_order: bool = True, percdamp: float = 0.01, batch_size: int = 4, skip_tokens: int = 0,
-             progress: bool = True, **method_options) -> Path:
+             progress: bool = True, **options) -> Path:
     """Quantize `model` (HF folder, .gguf file, hub id, or None for the demo model) and write the checkpoint to
-    `output`. Returns the checkpoint folder."""
+    `output`. Returns the checkpoint folder. `options`: the calibration settings of `methods.CalibOptions` (calib,
+    nsamples, seqlen, seed, device, act_order, percdamp, skip_tokens, batch_size) and the method's own options (its
+    registered dataclass, e.g. `calibrate.configs.OmniConfig`); each defaults to its dataclass's value."""
     import torch
     from .artifact import save_checkpoint
     from .loading import load_model
@@ -38,21 +37,18 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
     from .schemes import QuantScheme
 
     scheme = QuantScheme(bits, group_size, sym)
-    check_device(device)
     m = get_method(method)
-    unknown = sorted(set(method_options) - set(m.options))
-    if unknown:
-        raise EdgequantError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in unknown)} do not apply to "
-                             f"--method {method}")
-    from .artifact import PROVENANCE_NAME
+    shared = {f.name for f in CalibOptions.cli_fields()}
+    config = m.config.from_dict({k: v for k, v in options.items() if k not in shared}, f" to --method {method}")
+    opts = CalibOptions(**{k: v for k, v in options.items() if k in shared}, config=config)
+    check_device(opts.device)
+    calib, seed = opts.calib, opts.seed
+    from .checkpoint import PROVENANCE_NAME
     from .atomic import output_lock
     out_path = Path(output).expanduser().resolve()
     with output_lock(out_path, PROVENANCE_NAME):   # before hours of calibration, not after
         state_dir = out_path.parent / f".{out_path.name}.state"
-        opts = CalibOptions(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
-                            act_order=act_order, percdamp=percdamp, batch_size=batch_size, skip_tokens=skip_tokens,
-                            extra=method_options,
-                            state_dir=str(state_dir))
+        opts.state_dir = str(state_dir)
         if m.needs_calibration and calib is None:
             raise EdgequantError(f"--method {method} needs calibration text: pass --calib PATH")
         if calib is not None:
@@ -67,7 +63,7 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         result = m.run(model_obj, tok, scheme, opts, progress=progress)
         t_quant = time.time() - t1
         prov = {"model": str(model) if model is not None else "smollm2-135m",
-                "calibration": ({"data": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                "calibration": ({"data": str(calib), "nsamples": opts.nsamples, "seqlen": opts.seqlen, "seed": seed,
                                  **(result.calibration or {})} if m.needs_calibration else None),
                 "options": opts.to_dict(), "seed": seed, "versions": _versions(),
                 "time_s": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
@@ -79,6 +75,20 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         return ck
 
 
+def convert(model, output, progress: bool = True) -> Path:
+    """Write `model` (HF folder, .gguf file, hub id) unquantized as a Hugging Face folder with safetensors weights and
+    its tokenizer: what `edgequant export` reads for an fp16 export (export itself never loads models with torch)."""
+    from .atomic import atomic_output_dir
+    from .loading import load_model
+    _quiet_transformers(progress)
+    m, tok = load_model(model)
+    out = Path(output).expanduser().resolve()
+    with atomic_output_dir(out, marker="config.json") as tmp:
+        m.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return out
+
+
 def _quiet_transformers(progress: bool):
     """transformers draws its own loading bars; keep them only when ours are on."""
     if not progress:
@@ -88,10 +98,10 @@ def _quiet_transformers(progress: bool):
 
 def _load_for_eval(ckpt_or_model):
     """A PyTorch model from a checkpoint folder, or from an unquantized model (for baselines)."""
-    from .artifact import is_checkpoint
-    if is_checkpoint(ckpt_or_model):
-        from .artifact import load_model as load_ckpt
-        model, ck = load_ckpt(ckpt_or_model)
+    from .checkpoint import kind
+    if kind(ckpt_or_model) == "checkpoint":
+        from .artifact import load_quantized_model
+        model, ck = load_quantized_model(ckpt_or_model)
         return model, _tokenizer(ck.path)
     from .loading import load_model
     return load_model(ckpt_or_model)
@@ -108,9 +118,8 @@ def _tokenizer(folder: Path):
 
 def check_device(device: str):
     """`cpu`, or a CUDA device that torch can see."""
-    import re
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise EdgequantError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    from .options import check_value
+    check_value("device", device, {"kind": "device"})
     if device.startswith("cuda"):
         import torch
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -128,10 +137,10 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
         raise EdgequantError(f"--max-windows must be at least 1 (or left out for every window), not {max_windows!r}")
     check_device(device)
-    if (Path(str(checkpoint)).expanduser() / "edgequant-export.json").is_file():
-        # an exported DIST folder: perplexity through the TVM runtime (same windows and protocol)
-        from .export.api import evaluate as evaluate_dist
-        return evaluate_dist(checkpoint, data, seqlen=seqlen, max_windows=max_windows, progress=progress)
+    from .checkpoint import kind
+    if kind(checkpoint) == "dist":   # the TVM side evaluates DISTs; the core never imports it
+        raise EdgequantError(f"{checkpoint} is an exported DIST: evaluate it with `edgequant eval` or "
+                             "edgequant.export.api.evaluate")
     from .data import DATASET_NAMES, eval_windows, read_text
     from .perplexity import evaluate as run_eval
     if str(data) not in DATASET_NAMES:
@@ -150,65 +159,10 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
     return res
 
 
-def inspect(checkpoint) -> dict:
-    """Scheme, method, target and stored bits per weight (stored counts packed words, scales, zero points and fp16
-    columns), size on disk, per-layer reconstruction errors and calibration settings of a checkpoint."""
-    from .artifact import open_checkpoint, expected_layout
-    ck = open_checkpoint(checkpoint)
-    _, quant = expected_layout(ck)
-    from safetensors import safe_open
-    q_weights = sum(n * k for n, k, _ in quant.values())
-    q_bits, outlier_cols = 0, {}
-    by_file = {}
-    for name, f in ck.files.items():
-        by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
-        with safe_open(str(f), framework="np") as sf:
-            for name in names:
-                base, _, suffix = name.rpartition(".")
-                if base in quant and suffix in ("qweight", "scales", "zeros", "outlier_idx", "outlier_weight"):
-                    sl = sf.get_slice(name)
-                    shape = sl.get_shape()
-                    nbytes = {"U32": 4, "F16": 2, "U8": 1, "I32": 4}[sl.get_dtype()]
-                    size = nbytes
-                    for d in shape:
-                        size *= d
-                    q_bits += size * 8
-                    if suffix == "outlier_idx":   # through the reader, which range-checks it
-                        outlier_cols[base] = ck.read([name])[name].tolist()
-    files = [p for p in ck.path.iterdir() if p.is_file()]
-    s = ck.scheme
-    ideal = s.bits + (16 + (0 if s.sym else 8)) / (s.group_len(max(k for _, k, _ in quant.values())))
-    prov = ck.provenance
-    opts = prov.get("options") or {}
-    # the figure the user asked for: OWQ's budget, else the integer width; "stored" adds packing, scales, zeros
-    target = opts.get("target_bits") or opts.get("owq_target_bits") or float(s.bits)
-    return {
-        "path": str(ck.path), "model_type": ck.config.get("model_type"), "method": ck.method,
-        "scheme": s.name, "bits": s.bits, "group_size": s.group_size, "sym": s.sym,
-        "quantized_linears": len(quant), "quantized_weights": q_weights,
-        "bits_target": float(target), "bits_per_weight": q_bits / q_weights,
-        "bits_per_weight_ideal": ideal,
-        "outlier_columns": {k: len(v) for k, v in outlier_cols.items()} or None,
-        "outlier_indices": outlier_cols or None,
-        "size_on_disk_bytes": sum(p.stat().st_size for p in files),
-        "calibration": prov.get("calibration"), "time_s": prov.get("time_s"),
-        "layers": prov.get("layers", {}),
-    }
-
-
-def default_calibration_path() -> str | None:
-    """The shared calibration folder when this checkout sits beside it (tests, benchmarks, demo)."""
-    here = Path(__file__).resolve().parent.parent
-    for cand in (os.environ.get("EDGEQUANT_CALIB"), here.parent / "shared" / "data" / "calibration"):
-        if cand and Path(cand).exists():
-            return str(cand)
-    return None
-
-
-def default_eval_path() -> str | None:
-    here = Path(__file__).resolve().parent.parent
-    for cand in (os.environ.get("EDGEQUANT_EVAL"), here.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"):
+def shared_data(env: str, *parts: str) -> str | None:
+    """`$env`, else the shared data beside this checkout (../shared/data/...), when it exists (tests, benchmarks,
+    demo)."""
+    for cand in (os.environ.get(env), Path(__file__).resolve().parents[2].joinpath("shared", "data", *parts)):
         if cand and Path(cand).exists():
             return str(cand)
     return None
@@ -251,8 +205,8 @@ def demo(output_dir=None, bits: int = 3, group_size: int = 128, methods=tuple(DE
     unknown = [m for m in methods if m not in DEMO_SETTINGS]
     if unknown:
         raise EdgequantError(f"the demo does not run {', '.join(unknown)}; choose from {', '.join(DEMO_SETTINGS)}")
-    calib = calib or default_calibration_path()
-    data = data or default_eval_path()
+    calib = calib or shared_data("EDGEQUANT_CALIB", "calibration")
+    data = data or shared_data("EDGEQUANT_EVAL", "wikitext-2-raw", "wiki.test.raw")
     if calib is None or data is None:
         raise EdgequantError("the demo needs calibration and evaluation text: pass --calib PATH and --data PATH "
                              "(e.g. ../shared/data/calibration and ../shared/data/wikitext-2-raw/wiki.test.raw)")
@@ -310,35 +264,33 @@ class _DemoClock:
         return (time.time() - self.t0) / self.done_cost * sum(self.left.values())
 
 
-def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-4, seqlen: int = 512,
-                      nsamples: int = 64, heldout: int = 8, batch_size: int = 4, seed: int = 0,
-                      device: str = "cpu", progress: bool = True) -> dict:
+def tune_weak_columns(checkpoint, data, output, progress: bool = True, **options) -> dict:
     """OWQ weak-column tuning: train only the fp16 weak columns of CHECKPOINT on task text `data` (causal-LM loss),
-    write the tuned checkpoint to `output`, and return losses, trainable parameter count and peak memory."""
+    write the tuned checkpoint to `output`, and return losses, trainable parameter count and peak memory.
+    `options`: the fields of `calibrate.configs.WCTConfig` (epochs, lr, seqlen, nsamples, heldout, batch_size, seed,
+    device), each defaulting to its value there."""
     import resource
-    import shutil
 
     import torch
 
-    from .artifact import PROVENANCE_NAME, load_model as load_ckpt, load_quantized_weight, write_tensors
-    from .atomic import atomic_output_dir, output_lock
+    from .artifact import load_quantized_model, load_quantized_weight
+    from .atomic import output_lock
+    from .checkpoint import PROVENANCE_NAME, write_copy
+    from .calibrate.configs import WCTConfig
     from .calibrate.wct import attach_weak_columns, lm_loss, train_weak_columns
     from .data import tokenize, read_text
 
+    cfg = WCTConfig.from_dict(options, " to tune-weak-columns")
+    epochs, lr, seqlen, nsamples, heldout, batch_size, seed, device = (
+        cfg.epochs, cfg.lr, cfg.seqlen, cfg.nsamples, cfg.heldout, cfg.batch_size, cfg.seed, cfg.device)
     check_device(device)
-    for name, v in (("epochs", epochs), ("seqlen", seqlen), ("nsamples", nsamples), ("heldout", heldout),
-                    ("batch_size", batch_size)):
-        if not isinstance(v, int) or v < 1:
-            raise EdgequantError(f"--{name.replace('_', '-')} must be a positive integer, not {v!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise EdgequantError(f"--lr must be a positive finite number, not {lr!r}")
     src = Path(checkpoint).expanduser()
     out = Path(output).expanduser().resolve()
     if out == src.resolve():
         raise EdgequantError("-o must name a new folder, not the checkpoint being tuned")
     with output_lock(out, PROVENANCE_NAME):
         read_text(data)
-        model, ck = load_ckpt(src)
+        model, ck = load_quantized_model(src)
         quantized = {n: load_quantized_weight(ck, n) for n in ck.quantized_linears()}
         if not any(q.outlier_idx is not None and len(q.outlier_idx) for q in quantized.values()):
             raise EdgequantError(f"{src} has no weak (fp16) columns to tune: quantize with --method owq first")
@@ -371,20 +323,15 @@ def tune_weak_columns(checkpoint, data, output, epochs: int = 1, lr: float = 1e-
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         peak_gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
-        with atomic_output_dir(out, marker=PROVENANCE_NAME) as tmp:
-            for f in src.iterdir():
-                if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-                    shutil.copy2(f, tmp / f.name)
-            tensors = ck.read()
-            for name, m in modules.items():
-                tensors[f"{name}.outlier_weight"] = m.weak.detach().to("cpu", torch.float16).numpy()
-            write_tensors(tensors, tmp)
-            prov = dict(ck.provenance)
-            report = {"data": str(data), "epochs": epochs, "lr": lr, "seqlen": seqlen, "nsamples": nsamples,
-                      "heldout_windows": heldout, "seed": seed, "heldout_loss_before": before,
-                      "heldout_loss_after": after, "train_loss": history, "trainable_params": trainable,
-                      "model_params": total_params, "peak_rss_bytes": peak, "peak_gpu_bytes": peak_gpu, "device": device,
-                      "full_finetune_state_bytes_estimate": total_params * 16, "time_s": round(train_s, 2)}
-            prov["wct"] = report
-            (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, default=str))
+        tensors = ck.read()
+        for name, m in modules.items():
+            tensors[f"{name}.outlier_weight"] = m.weak.detach().to("cpu", torch.float16).numpy()
+        prov = dict(ck.provenance)
+        report = {"data": str(data), "epochs": epochs, "lr": lr, "seqlen": seqlen, "nsamples": nsamples,
+                  "heldout_windows": heldout, "seed": seed, "heldout_loss_before": before,
+                  "heldout_loss_after": after, "train_loss": history, "trainable_params": trainable,
+                  "model_params": total_params, "peak_rss_bytes": peak, "peak_gpu_bytes": peak_gpu, "device": device,
+                  "full_finetune_state_bytes_estimate": total_params * 16, "time_s": round(train_s, 2)}
+        prov["wct"] = report
+        write_copy(src, out, tensors, prov)
         return {**report, "checkpoint": str(out)}

@@ -1,7 +1,6 @@
-"""Read and write the quantized checkpoint (the contract between calibration and export; see DESIGN.md).
+"""A PyTorch model to and from a quantized checkpoint (the folder itself and its file format: `checkpoint.py`).
 
-A Hugging Face-style folder: `config.json` with a `quantization_config` block, tokenizer files, `model.safetensors`
-(sharded with an index when large) and `edgequant.json` (provenance). Per quantized linear `L`: `L.qweight` uint32
+Per quantized linear `L`: `L.qweight` uint32
 [N, ceil(K/vpw)] packed LSB-first along K, `L.scales` fp16 [N, n_groups], `L.zeros` uint8 [N, n_groups] (asymmetric
 only), `L.outlier_idx` int32 [J] + `L.outlier_weight` fp16 [N, J] (OWQ only), `L.bias` fp16 where present. Every other
 tensor is stored in fp16 under its usual name. Writing goes to a temporary folder renamed into place when complete;
@@ -10,7 +9,6 @@ reading checks every tensor's presence, dtype and shape and names the first one 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,17 +16,12 @@ import numpy as np
 import torch
 
 from . import pack
-from .errors import CheckpointError, EdgequantError, first_line
-from .paths import inside_folder
+from .checkpoint import (FORMAT_VERSION, PROVENANCE_NAME, QUANT_METHOD, WEIGHTS_NAME, _is_count, declares_checkpoint,
+                         quantization_config, read_config, read_scheme, tensor_headers, weight_files, write_tensors)
+from .errors import CheckpointError, first_line
 from .models import Family, family_for
 from .quantizer import QuantizedWeight
 from .schemes import QuantScheme
-
-FORMAT_VERSION = 1
-QUANT_METHOD = "edgequant"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-PROVENANCE_NAME = "edgequant.json"
 
 
 # --------------------------------------------------------------------------------------------------- writing
@@ -63,53 +56,6 @@ def _plain_tensors(model, skip: set[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]):
-    """Write one safetensors file whose bytes depend only on its contents.
-
-    The safetensors library keeps `__metadata__` in a hash map, so the header's key order (and with it the
-    file's bytes) changes from run to run; re-serialising the header with sorted keys fixes that."""
-    from safetensors.numpy import save
-    blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # data must start 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        f.write(memoryview(blob)[8 + n:])
-
-
-def write_tensors(tensors: dict[str, np.ndarray], folder: Path, max_shard_bytes: int = 2 << 30):
-    """Write `tensors` as model.safetensors, or as numbered shards plus an index past `max_shard_bytes`."""
-    shards, cur, size = [], {}, 0
-    for k, v in tensors.items():
-        if cur and size + v.nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = v
-        size += v.nbytes
-    shards.append(cur)
-    meta = {"format": "pt", "edgequant_format": str(FORMAT_VERSION)}
-    if len(shards) == 1:
-        save_safetensors(shards[0], folder / WEIGHTS_NAME, meta)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors(shard, folder / fname, meta)
-        weight_map.update({k: fname for k in shard})
-    total = sum(v.nbytes for v in tensors.values())
-    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-
-
-def quantization_config(scheme: QuantScheme, method: str, family: Family) -> dict:
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": method,
-            "bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
-            "pack": "uint32-lsb-first-along-k", "values_per_word": scheme.values_per_word,
-            "modules": list(family.linear_names), "lm_head": False}
-
-
 def save_checkpoint(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeight], scheme: QuantScheme,
                     method: str, provenance: dict | None = None, max_shard_bytes: int = 2 << 30) -> Path:
     """Write the checkpoint atomically: fill a temporary sibling folder, then rename it onto `out_dir`."""
@@ -124,7 +70,7 @@ def save_checkpoint(out_dir, model, tokenizer, quantized: dict[str, QuantizedWei
         write_tensors(tensors, tmp, max_shard_bytes)
         cfg = model.config.to_dict()
         cfg.pop("_name_or_path", None)
-        cfg["quantization_config"] = quantization_config(scheme, method, family)
+        cfg["quantization_config"] = quantization_config(scheme, method, family.linear_names)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -202,91 +148,17 @@ def _natural_key(s: str):
     return [int(p) if p.isdigit() else p for p in s.split(".")]
 
 
-def _tensor_headers(f: Path) -> dict:
-    """Header of a safetensors file, checked against the file's size (catches truncation and corruption)."""
-    try:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            n = int.from_bytes(head, "little")
-            if n <= 0 or n > min(size - 8, 100 << 20):
-                raise ValueError("header length out of range")
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f.name} is corrupt or truncated ({first_line(e)}); re-run `edgequant quantize` "
-                              "to rewrite the checkpoint") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{f.name} is corrupt (its header is not a JSON object); re-run `edgequant quantize`")
-    spans = []
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        ok = (isinstance(v, dict) and v.get("dtype") in _ST_ITEMSIZE and _is_shape(v.get("shape"))
-              and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
-              and all(_is_count(x) for x in v["data_offsets"]) and v["data_offsets"][0] <= v["data_offsets"][1])
-        if ok:
-            a, b = v["data_offsets"]
-            ok = b - a == math.prod(v["shape"]) * _ST_ITEMSIZE[v["dtype"]]
-        if not ok:
-            raise CheckpointError(f"{f.name} is corrupt: the header entry of tensor '{k}' is malformed (dtype, shape "
-                                  "and byte offsets disagree); re-run `edgequant quantize`")
-        spans.append((a, b, k))
-    prev = 0
-    for a, b, k in sorted(spans):
-        if a < prev:
-            raise CheckpointError(f"{f.name} is corrupt: tensor '{k}' overlaps another tensor's bytes; re-run "
-                                  "`edgequant quantize`")
-        prev = b
-    if 8 + n + prev != size:
-        raise CheckpointError(f"{f.name} is truncated or padded: {size} bytes on disk, its header describes "
-                              f"{8 + n + prev}; re-run `edgequant quantize` (or copy the file again)")
-    return {k: v for k, v in header.items() if k != "__metadata__"}
-
-
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _is_shape(v) -> bool:
-    return isinstance(v, list) and all(_is_count(x) for x in v)
-
-
-_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
-                "U64": 8, "I64": 8, "F64": 8}
-
-
-def is_checkpoint(path) -> bool:
-    """Whether `path` is a folder whose config.json declares an edgequant checkpoint (the one place that decides)."""
-    p = Path(str(path)).expanduser()
-    cfg = p / "config.json"
-    if not (p.is_dir() and cfg.is_file()):
-        return False
-    try:
-        config = json.loads(cfg.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg} cannot be read as JSON ({first_line(e)}); restore it or re-run "
-                              "`edgequant quantize`") from None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
-
-
-def open_checkpoint(path) -> Checkpoint:
-    """Open a checkpoint folder and validate every tensor against its config; raise CheckpointError if anything is off."""
+def open_checkpoint(path, config: dict | None = None) -> Checkpoint:
+    """Open a checkpoint folder and validate every tensor against its config (`config`: its config.json when the
+    caller has read it already); raise CheckpointError if anything is off."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}; pass the folder written by `edgequant quantize`")
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{p} has no config.json: it is not a checkpoint written by `edgequant quantize`")
-    try:
-        config = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{p / 'config.json'} is not valid JSON ({first_line(e)}); re-run `edgequant quantize`") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{p / 'config.json'} is not a JSON object; re-run `edgequant quantize`")
+    config = read_config(p) if config is None else config
     qc = config.get("quantization_config") or {}
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+    if not declares_checkpoint(config):
         raise CheckpointError(f"{p} is not an edgequant checkpoint (no quantization_config with quant_method "
                               f"'{QUANT_METHOD}'); quantize the model first with `edgequant quantize`")
     if not _is_count(qc.get("format_version", 1)):
@@ -296,14 +168,7 @@ def open_checkpoint(path) -> Checkpoint:
                               f"understands ({FORMAT_VERSION}); upgrade edgequant")
     _check_model_config(p / "config.json", config)
     family = family_for(config.get("model_type", "?"))
-    missing = [k for k in ("bits", "group_size") if k not in qc]
-    if missing:
-        raise CheckpointError(f"{p / 'config.json'}: quantization_config lacks {', '.join(missing)}; re-run "
-                              "`edgequant quantize`")
-    try:
-        scheme = QuantScheme.from_dict({"sym": False, **qc})
-    except EdgequantError as e:
-        raise CheckpointError(f"{p / 'config.json'}: quantization_config: {e}") from None
+    scheme = read_scheme(p / "config.json", qc)
     prov = {}
     if (p / PROVENANCE_NAME).is_file():
         try:
@@ -312,38 +177,15 @@ def open_checkpoint(path) -> Checkpoint:
             prov = {}
         if not isinstance(prov, dict):   # provenance is informative only: a damaged one is ignored, not fatal
             prov = {}
-    files = _weight_files(p)
+    files = weight_files(p)
     headers = {}
     for f in sorted(set(files.values())) or [p / WEIGHTS_NAME]:
-        for name, h in _tensor_headers(f).items():
+        for name, h in tensor_headers(f).items():
             headers[name] = h
             files.setdefault(name, f)
     ckpt = Checkpoint(p, config, scheme, qc.get("method", "?"), family, prov, files)
     _validate(ckpt, headers)
     return ckpt
-
-
-def _weight_files(p: Path) -> dict[str, Path]:
-    if (p / INDEX_NAME).is_file():
-        try:
-            wm = json.loads((p / INDEX_NAME).read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{INDEX_NAME} is damaged ({first_line(e)}); re-run `edgequant quantize`") from None
-        if not isinstance(wm, dict):
-            raise CheckpointError(f"{INDEX_NAME} is damaged (weight_map is not an object); re-run `edgequant quantize`")
-        out = {}
-        for name, fname in wm.items():
-            f = inside_folder(p, fname)
-            if f is None:
-                raise CheckpointError(f"{INDEX_NAME} names {fname!r} as the shard of {name}, which is not a file "
-                                      f"inside {p}; refusing to read it (re-run `edgequant quantize`)")
-            if not f.is_file():
-                raise CheckpointError(f"shard {fname} (holding {name}) is missing from {p}; copy the whole folder again")
-            out[name] = f
-        return out
-    if not (p / WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{p} has no {WEIGHTS_NAME}: the checkpoint is incomplete; re-run `edgequant quantize`")
-    return {}
 
 
 _POSITIVE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -450,7 +292,7 @@ def _in_features(ckpt: Checkpoint, name: str) -> int:
     return shape[1]
 
 
-def load_model(path, dtype=torch.float32, device="cpu"):
+def load_quantized_model(path, dtype=torch.float32, device="cpu"):
     """A PyTorch model rebuilt from the saved checkpoint: each quantized linear's weight is dequantized from its
     packed integers, scales, zero points and fp16 outlier columns. Returns (model, checkpoint)."""
     from transformers import AutoModelForCausalLM

@@ -1,4 +1,6 @@
-"""The `edgequant` command line: thin click commands over `edgequant.api` (imports are lazy so --help is instant)."""
+"""The `edgequant` command line: thin click commands over `edgequant.api` and `edgequant.export.api`, the only module
+that knows both halves (the core never imports the TVM side). Quantize's options are generated from the option
+dataclasses (`methods.CalibOptions` and each method's registered config). Imports are lazy so --help is instant."""
 from __future__ import annotations
 
 import json
@@ -6,8 +8,7 @@ import sys
 
 import click
 
-from .clitypes import (DEVICE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT,
-                       Finite)
+from .clitypes import DEVICE, POSITIVE, Finite
 
 
 class _Group(click.Group):
@@ -57,14 +58,22 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgequant")
 def main():
-    """edgequant: quantize LLaMA-family models to 2-4 bits (RTN, GPTQ, OmniQuant, OWQ) and evaluate them.
+    """edgequant: quantize LLaMA-family models to 2-4 bits (RTN, GPTQ, OmniQuant, OWQ), evaluate them, and compile
+    them with TVM for phones, GPUs and CPUs.
 
     \b
     edgequant demo                                         # the whole journey on SmolLM2-135M
     edgequant quantize MODEL -o q/ --method gptq --bits 3 --group-size 128 --calib calib.txt
     edgequant eval q/ --data wiki.test.raw --max-windows 40
     edgequant inspect q/
+    edgequant export q/ --target cpu -o q-cpu/ && edgequant run q-cpu/ -p "Hello"
     """
+
+
+def _bits_option(default: int):
+    from .schemes import SUPPORTED_BITS
+    return click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default=str(default),
+                        show_default=True)
 
 
 def _methods():
@@ -76,52 +85,45 @@ def _method_names():
     return [m.name for m in _methods()]
 
 
-# Options of individual methods. Each defaults to None ("the method's own default") and reaches the method through
-# CalibOptions.extra only when given, so methods own their defaults.
-METHOD_OPTIONS = [
-    # OmniQuant
-    click.option("--lwc/--no-lwc", default=None, help="OmniQuant: learnable weight clipping [default: on]."),
-    click.option("--let/--no-let", default=None, help="OmniQuant: learnable equivalent transformation."),
-    click.option("--epochs", type=NON_NEGATIVE, default=None, help="OmniQuant: epochs per block."),
-    click.option("--lwc-lr", type=POSITIVE_FLOAT, default=None, help="OmniQuant: LWC learning rate."),
-    click.option("--let-lr", type=POSITIVE_FLOAT, default=None, help="OmniQuant: LET learning rate."),
-    click.option("--let-alpha", type=Finite(0, 1), default=None, help="OmniQuant: SmoothQuant-style LET init exponent."),
-    click.option("--aug-loss/--no-aug-loss", default=None, help="OmniQuant: also match the fp block fed quantized inputs."),
-    click.option("--owq-target-bits", type=POSITIVE_FLOAT, default=None, help="OmniQuant: choose OWQ weak columns first."),
-    click.option("--lwc-init", default=None, callback=lambda ctx, p, v: _float_or_search(v),
-                 help="OmniQuant: initial clipping strength (paper 4.0) or 'search' (activation-aware clip search; "
-                      "better when few epochs fit)."),
-    click.option("--loss", type=click.Choice(["mse", "token_rel"]), default=None,
-                 help="OmniQuant: block loss, the paper's 'mse' or 'token_rel' (each token relative to its size)."),
-    # OWQ
-    click.option("--target-bits", type=POSITIVE_FLOAT, default=None, help="OWQ: bits per weight budget, e.g. 3.01, 3.1, 4.01."),
-    click.option("--weak-columns", type=NON_NEGATIVE, default=None, help="OWQ: fp16 columns per linear (instead of --target-bits)."),
-]
+_TYPES = {"int": lambda m: click.IntRange(min=m["lo"], max=m["hi"]),
+          "float": lambda m: Finite(min=m["lo"], max=m["hi"], min_open=m["lo_open"]),
+          "choice": lambda m: click.Choice(m["choices"]), "device": lambda m: DEVICE, "str": lambda m: str,
+          "float|search": lambda m: str}   # the dataclass reads the number
 
 
-def _float_or_search(v):
-    if v is None or v == "search":
-        return v
-    try:
-        return float(v)
-    except ValueError:
-        raise click.BadParameter(f"{v!r} is neither a number nor 'search'") from None
+def _click_option(f, default, help: str):
+    """One click option from an Options dataclass field (its rule gives the type, its metadata the help)."""
+    m, name = f.metadata, f.name.replace("_", "-")
+    if m["kind"] == "bool":
+        return click.option(f"--{name}/--no-{name}", default=default, help=help)
+    return click.option(f"--{name}", type=_TYPES[m["kind"]](m), default=default, help=help)
 
 
-def _method_options(f):
-    for opt in reversed(METHOD_OPTIONS):
-        f = opt(f)
-    return f
+def _options_of(where: str):
+    """The options of an Options dataclass ("module:Class"), with its defaults."""
+    import importlib
+    module, _, name = where.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+
+    def deco(fn):
+        for f in reversed(cls.cli_fields()):
+            shown = f"  [default: {f.default}]" if f.default is not None else ""
+            fn = _click_option(f, f.default, f.metadata["help"] + shown)(fn)
+        return fn
+    return deco
 
 
-def _calib_options(f):
-    f = click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed for sampling windows.")(f)
-    f = click.option("--seqlen", type=POSITIVE, default=2048, show_default=True, help="Tokens per calibration window.")(f)
-    f = click.option("--nsamples", type=POSITIVE, default=128, show_default=True, help="Calibration windows.")(f)
-    f = click.option("--calib", type=str, default=None,
-                     help="Calibration text: a file, a folder of .txt files, or a dataset name (c4, wikitext2) "
-                          "where a network exists.")(f)
-    return f
+def _method_options(fn):
+    """Every registered method's own options. Each defaults to None ("the method's default") and reaches the API only
+    when given, so the method's dataclass owns its defaults."""
+    seen = {}
+    for m in _methods():
+        for f in m.config.cli_fields():
+            seen.setdefault(f.name, (f, []))[1].append(m.title)
+    for f, titles in reversed(list(seen.values())):
+        default = "" if f.default is None else f"  [default: {f.default}]"
+        fn = _click_option(f, None, f"{'/'.join(titles)}: {f.metadata['help']}{default}")(fn)
+    return fn
 
 
 @main.command()
@@ -129,32 +131,22 @@ def _calib_options(f):
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
 @click.option("--method", default="gptq", show_default=True, type=click.Choice(_method_names()),
               help="; ".join(f"{m.name}: {m.summary}" for m in _methods()) + ".")
-@click.option("--bits", type=click.Choice(["2", "3", "4"]), default="4", show_default=True)
+@_bits_option(4)
 @click.option("--group-size", type=int, default=128, show_default=True, help="Inputs per group; -1 per channel.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric (no zero points) or asymmetric.")
-@_calib_options
-@click.option("--act-order/--no-act-order", default=True, show_default=True,
-              help="GPTQ/OWQ: quantize columns in order of decreasing Hessian diagonal (groups stay static).")
-@click.option("--percdamp", type=NON_NEGATIVE_FLOAT, default=0.01, show_default=True, help="GPTQ: Hessian damping.")
-@click.option("--skip-tokens", type=NON_NEGATIVE, default=0, show_default=True,
-              help="GPTQ/OWQ: leave the first tokens of each window (attention sinks) out of the Hessian.")
-@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Calibration windows per block pass.")
+@_options_of("edgequant.methods:CalibOptions")
 @_method_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def quantize(model, output, method, bits, group_size, sym, calib, nsamples, seqlen, seed, act_order, percdamp,
-             skip_tokens, device, batch_size, quiet, **method_options):
+def quantize(model, output, method, bits, group_size, sym, quiet, **options):
     """Quantize MODEL (HF folder, .gguf file, hub id; default: SmolLM2-135M-Instruct) into a checkpoint folder."""
     from pathlib import Path
 
     from . import api
-    from .artifact import PROVENANCE_NAME
-    method_options = {k: v for k, v in method_options.items() if v is not None}
+    from .checkpoint import PROVENANCE_NAME
+    options = {k: v for k, v in options.items() if v is not None}
     replaced = (Path(output).expanduser() / PROVENANCE_NAME).is_file()
-    out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym, calib=calib,
-                       nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, act_order=act_order,
-                       percdamp=percdamp, batch_size=batch_size, skip_tokens=skip_tokens, progress=not quiet,
-                       **method_options)
+    out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym,
+                       progress=not quiet, **options)
     info = api.inspect(out)
     click.echo(f"wrote {out}  ({info['scheme']}, {info['bits_target']:g} bits/weight target, "
                f"{info['bits_per_weight']:.3f} stored, {info['size_on_disk_bytes'] / 2**20:.1f} MiB)"
@@ -176,14 +168,17 @@ def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, qui
     A DIST folder from `edgequant export` is evaluated through its compiled library instead. On a CPU that is about
     9x slower than evaluating the checkpoint (TVM's paged-attention prefill kernels dominate): evaluate the checkpoint
     for quality numbers, and a DIST with a few --max-windows to check the library agrees."""
-    from pathlib import Path
-
     from . import api
-    if not quiet and (Path(checkpoint).expanduser() / "edgequant-export.json").is_file():
-        click.echo("note: a DIST is evaluated through the TVM runtime, about 9x slower on a CPU than its checkpoint",
-                   err=True)
-    res = api.evaluate(checkpoint, data, seqlen=seqlen, max_windows=max_windows, reference=reference, device=device,
-                       progress=not quiet)
+    from .checkpoint import kind
+    if kind(checkpoint) == "dist":   # through its compiled library (same windows and protocol)
+        from .export.api import evaluate as evaluate_dist
+        if not quiet:
+            click.echo("note: a DIST is evaluated through the TVM runtime, about 9x slower on a CPU than its "
+                       "checkpoint", err=True)
+        res = evaluate_dist(checkpoint, data, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
+    else:
+        res = api.evaluate(checkpoint, data, seqlen=seqlen, max_windows=max_windows, reference=reference,
+                           device=device, progress=not quiet)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -232,21 +227,12 @@ def inspect(checkpoint, as_json, layers):
 @click.argument("checkpoint")
 @click.option("--data", required=True, help="Task text to tune on (a file); its last windows are held out.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Tuned checkpoint folder.")
-@click.option("--epochs", type=POSITIVE, default=1, show_default=True)
-@click.option("--lr", type=POSITIVE_FLOAT, default=1e-4, show_default=True)
-@click.option("--seqlen", type=POSITIVE, default=512, show_default=True)
-@click.option("--nsamples", type=POSITIVE, default=64, show_default=True, help="Training windows drawn from the text.")
-@click.option("--heldout", type=POSITIVE, default=8, show_default=True, help="Held-out windows at the end of the text.")
-@click.option("--batch-size", type=POSITIVE, default=4, show_default=True)
-@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
-@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@_options_of("edgequant.calibrate.configs:WCTConfig")
 @click.option("-q", "--quiet", is_flag=True)
-def tune_weak_columns(checkpoint, data, output, epochs, lr, seqlen, nsamples, heldout, batch_size, seed, device, quiet):
+def tune_weak_columns(checkpoint, data, output, quiet, **options):
     """OWQ weak-column tuning: train only the fp16 weak columns of an OWQ CHECKPOINT on task text."""
     from . import api
-    r = api.tune_weak_columns(checkpoint, data, output, epochs=epochs, lr=lr, seqlen=seqlen, nsamples=nsamples,
-                              heldout=heldout, batch_size=batch_size, seed=seed, device=device,
-                              progress=not quiet)
+    r = api.tune_weak_columns(checkpoint, data, output, progress=not quiet, **options)
     click.echo(f"wrote {r['checkpoint']}")
     gpu = f", {r['peak_gpu_bytes'] / 2**20:.0f} MiB GPU" if r.get("peak_gpu_bytes") else ""
     click.echo(f"held-out loss {r['heldout_loss_before']:.4f} -> {r['heldout_loss_after']:.4f}")
@@ -256,7 +242,18 @@ def tune_weak_columns(checkpoint, data, output, epochs, lr, seqlen, nsamples, he
 
 
 @main.command()
-@click.option("--bits", type=click.Choice(["2", "3", "4"]), default="3", show_default=True)
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
+@click.option("-q", "--quiet", is_flag=True)
+def convert(model, output, quiet):
+    """Write MODEL (HF folder, .gguf file, hub id) unquantized as a folder with safetensors weights, which
+    `edgequant export` compiles with fp16 weights."""
+    from . import api
+    click.echo(f"wrote {api.convert(model, output, progress=not quiet)}")
+
+
+@main.command()
+@_bits_option(3)
 @click.option("--group-size", type=int, default=128, show_default=True)
 @click.option("--calib", default=None, help="Calibration text (default: ../shared/data/calibration if present).")
 @click.option("--data", default=None, help="Evaluation text (default: ../shared/data/wikitext-2-raw/wiki.test.raw).")

@@ -21,8 +21,8 @@ def _dataset_text(name: str, split: str) -> str:
     try:
         import datasets  # optional: only where a network exists
     except ImportError:
-        raise EdgequantError(f"'{name}' is a dataset name, which needs the `datasets` package and a network; "
-                             "pass a path to a text file instead") from None
+        raise EdgequantError(f"'{name}' is a dataset name, which needs the `datasets` package "
+                             "(pip install 'edgequant[data]') and a network; pass a path to a text file instead") from None
     path, cfg = DATASET_NAMES[name]
     try:
         ds = datasets.load_dataset(path, cfg, split=split)

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from .atomic import atomic_output_dir
-from .errors import EdgequantError, first_line
+from .errors import CheckpointError, EdgequantError, first_line
 from .models import family_for
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -91,18 +91,15 @@ def resolve_model(model: str | os.PathLike | None) -> str:
 
 def _is_stripped_checkpoint(folder: Path) -> bool:
     """An edgequant checkpoint whose quantization_config is gone (transformers would only warn about it)."""
-    import json
-    if (folder / "edgequant.json").is_file():
+    from .checkpoint import PROVENANCE_NAME, tensor_headers
+    if (folder / PROVENANCE_NAME).is_file():
         return True
     for f in folder.glob("*.safetensors"):
         try:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n)) if 0 < n < 100 << 20 else {}
-        except (OSError, ValueError, UnicodeDecodeError):
+            if any(k.endswith(".qweight") for k in tensor_headers(f)):
+                return True
+        except CheckpointError:
             continue   # transformers reports damaged files itself
-        if isinstance(header, dict) and any(k.endswith(".qweight") for k in header):
-            return True
     return False
 
 

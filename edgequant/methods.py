@@ -1,44 +1,46 @@
 """The registry of quantization methods: name -> function(model, tokenizer, scheme, options) -> MethodResult."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Callable
 
+from .calibrate.configs import OmniConfig, OWQConfig
 from .errors import EdgequantError
+from .options import Options, opt
 from .schemes import QuantScheme
 
 
 @dataclass
-class CalibOptions:
-    """Settings shared by calibrated methods; validated here so the CLI and the Python API agree."""
-    calib: str | None = None
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    device: str = "cpu"
-    batch_size: int = 4
-    act_order: bool = True         # GPTQ/OWQ: largest Hessian diagonal first (static groups keep K order)
-    percdamp: float = 0.01
-    skip_tokens: int = 0           # GPTQ/OWQ: first tokens of each window left out of the Hessian
-    extra: dict = field(default_factory=dict)   # method-specific options
-    state_dir: str | None = None   # where a resumable method keeps per-block state (a sibling of the output folder)
+class NoOptions(Options):
+    """A method without options of its own."""
+
+
+@dataclass
+class CalibOptions(Options):
+    """Settings shared by the calibrated methods, with their defaults (the CLI's and the API's); `config` holds the
+    method's own options (its registered dataclass)."""
+    calib: str | None = opt(None, "Calibration text: a file, a folder of .txt files, or a dataset name (c4, "
+                                  "wikitext2) where a network exists.", "str")
+    nsamples: int = opt(128, "Calibration windows.", "int", lo=1)
+    seqlen: int = opt(2048, "Tokens per calibration window.", "int", lo=16)
+    seed: int = opt(0, "Seed for sampling windows.", "int", lo=0)
+    act_order: bool = opt(True, "GPTQ/OWQ: quantize columns in order of decreasing Hessian diagonal (groups stay "
+                                "static).", "bool")
+    percdamp: float = opt(0.01, "GPTQ: Hessian damping (the paper uses 0.01).", "float", lo=0, hi=1, lo_open=True)
+    skip_tokens: int = opt(0, "GPTQ/OWQ: leave the first tokens of each window (attention sinks) out of the Hessian.",
+                           "int", lo=0)
+    device: str = opt("cpu", "cpu, cuda or cuda:N.", "device")
+    batch_size: int = opt(4, "Calibration windows per block pass.", "int", lo=1)
+    config: Options | None = None     # the method's options
+    state_dir: str | None = None      # where a resumable method keeps per-block state (a sibling of the output folder)
 
     def __post_init__(self):
-        if self.nsamples < 1 or self.seqlen < 16:
-            raise EdgequantError("--nsamples must be >= 1 and --seqlen >= 16")
-        if not 0 <= self.skip_tokens < self.seqlen:
+        super().__post_init__()
+        if self.skip_tokens >= self.seqlen:
             raise EdgequantError("--skip-tokens must be >= 0 and smaller than --seqlen")
-        if not 0 < self.percdamp < 1:
-            raise EdgequantError("--percdamp must be between 0 and 1 (the paper uses 0.01)")
-        import torch
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise EdgequantError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
 
     def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d.pop("state_dir")
-        d.update(d.pop("extra"))
-        return d
+        return {**super().to_dict(), **(self.config.to_dict() if self.config is not None else {})}
 
 
 @dataclass
@@ -54,15 +56,16 @@ class Method:
     run: Callable
     needs_calibration: bool
     summary: str
-    options: tuple = ()     # names of method-specific options it accepts (CalibOptions.extra)
+    config: type = NoOptions   # its Options dataclass: the method's CLI options and API defaults
+    title: str = ""            # the name its options' help starts with
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, needs_calibration: bool, summary: str, options: tuple = ()):
+def register_method(name: str, needs_calibration: bool, summary: str, config: type = NoOptions, title: str = ""):
     def deco(fn):
-        METHODS[name] = Method(name, fn, needs_calibration, summary, tuple(options))
+        METHODS[name] = Method(name, fn, needs_calibration, summary, config, title or name)
         return fn
     return deco
 
@@ -82,85 +85,70 @@ def _rtn(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
 
 def _calibration_samples(tokenizer, opts: CalibOptions):
     from .data import calibration_samples
-    if opts.calib is None:
-        raise EdgequantError("this method needs calibration text: pass --calib PATH (a text file or folder)")
     return calibration_samples(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed)
 
 
-@register_method("gptq", needs_calibration=True, summary="GPTQ/OPTQ: Hessian-based error compensation")
-def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
+def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress, desc, counts=None):
+    """GPTQ on every linear, block by block; with `counts` (OWQ: weak columns per linear kind) each linear first
+    keeps its most sensitive columns in fp16 and tunes its groups by clip search. Returns (quantized, stats, tokens)."""
+    import torch
+
     from .calibrate.gptq import gptq_quantize
     from .calibrate.layerwise import calibrate_layerwise
     from .calibrate.metrics import output_error, weight_error
+    from .calibrate.owq import mse_clip_search, select_weak_columns
 
     samples = _calibration_samples(tokenizer, opts)
 
     def quantize_fn(name, lin, H):
         w = lin.weight.detach().float()
-        qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order)
+        kw, weak = {}, {}
+        if counts is not None:
+            idx = select_weak_columns(w, torch.diag(H), scheme, counts[name.split(".", 3)[-1]])
+            kw, weak = {"keep": idx.to(w.device), "clip_search": mse_clip_search}, {"weak_columns": int(len(idx))}
+        qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order, **kw)
         w_hat = qw.dequantize()
-        return qw, {"gptq_loss": loss, "weight_rel_err": weight_error(w, w_hat),
+        return qw, {"gptq_loss": loss, **weak, "weight_rel_err": weight_error(w, w_hat),
                     "output_rel_err": output_error(w, w_hat, H)}
 
-    q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc="gptq",
+    q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc=desc,
                                    skip_tokens=opts.skip_tokens)
-    return MethodResult(q, stats, {"tokens": int(samples.numel())})
+    return q, stats, int(samples.numel())
+
+
+@register_method("gptq", needs_calibration=True, summary="GPTQ/OPTQ: Hessian-based error compensation")
+def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
+    q, stats, tokens = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "gptq")
+    return MethodResult(q, stats, {"tokens": tokens})
 
 
 @register_method("owq", needs_calibration=True, summary="OWQ: sensitive weak columns kept in fp16, GPTQ on the rest",
-                 options=("target_bits", "weak_columns"))
+                 config=OWQConfig, title="OWQ")
 def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     from .calibrate.blocks import get_module
-    from .calibrate.gptq import gptq_quantize
-    from .calibrate.layerwise import calibrate_layerwise
-    from .calibrate.metrics import output_error, weight_error
-    from .calibrate.owq import mse_clip_search, select_weak_columns, weak_column_counts
+    from .calibrate.owq import weak_column_counts
     from .models import family_for
 
     family = family_for(model.config.model_type)
     block0 = get_module(model, family.layer_prefix(0))
     in_features = {kind: get_module(block0, kind).in_features for kind in family.linear_names}
-    target, fixed = opts.extra.get("target_bits"), opts.extra.get("weak_columns")
-    if target is not None and fixed is not None:
-        raise EdgequantError("pass either --target-bits or --weak-columns, not both")
+    target, fixed = opts.config.target_bits, opts.config.weak_columns
     if fixed is not None:
-        if fixed < 0:
-            raise EdgequantError("--weak-columns must be >= 0")
         counts = {kind: min(fixed, k) for kind, k in in_features.items()}
     else:
         counts = weak_column_counts(family, in_features, scheme.bits, target if target is not None else scheme.bits + 0.01)
-    samples = _calibration_samples(tokenizer, opts)
-
-    def quantize_fn(name, lin, H):
-        w = lin.weight.detach().float()
-        kind = name.split(".", 3)[-1]
-        idx = select_weak_columns(w, torch_diag(H), scheme, counts[kind])
-        qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order,
-                                 keep=idx.to(w.device), clip_search=mse_clip_search)
-        w_hat = qw.dequantize()
-        return qw, {"gptq_loss": loss, "weak_columns": int(len(idx)), "weight_rel_err": weight_error(w, w_hat),
-                    "output_rel_err": output_error(w, w_hat, H)}
-
-    q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc="owq",
-                                   skip_tokens=opts.skip_tokens)
-    return MethodResult(q, stats, {"tokens": int(samples.numel()), "weak_columns_per_linear": counts,
-                                   "target_bits": target})
-
-
-def torch_diag(H):
-    import torch
-    return torch.diag(H)
+    q, stats, tokens = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "owq", counts)
+    return MethodResult(q, stats, {"tokens": tokens, "weak_columns_per_linear": counts, "target_bits": target})
 
 
 @register_method("omniquant", needs_calibration=True,
                  summary="OmniQuant: learnable weight clipping + equivalent transformation, block-wise, fused away",
-                 options=("lwc", "let", "epochs", "lwc_lr", "let_lr", "let_alpha", "aug_loss", "owq_target_bits",
-                          "lwc_init", "loss"))
+                 config=OmniConfig, title="OmniQuant")
 def _omniquant(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     from dataclasses import asdict
-    from .calibrate.omniquant import calibrate_omniquant, config_from_options
+    from .calibrate.omniquant import calibrate_omniquant
 
-    cfg = config_from_options(opts)   # validate options before touching data
+    cfg = replace(opts.config, batch_size=opts.batch_size, seed=opts.seed)
     samples = _calibration_samples(tokenizer, opts)
     q, stats, blocks, _ = calibrate_omniquant(model, samples, scheme, cfg, opts.device, progress, opts.state_dir)
     settings = {k: v for k, v in asdict(cfg).items() if k != "seed"}

@@ -6,7 +6,6 @@ sharing one scale (-1: one group per output row), and `sym` (symmetric: no store
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 
@@ -74,13 +73,6 @@ class QuantScheme:
     def from_dict(cls, d: dict) -> "QuantScheme":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, s: str) -> "QuantScheme":
-        return cls.from_dict(json.loads(s))
 
 
 SCHEMES: dict[str, QuantScheme] = {}

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgequant.checkpoint import EXPORT_JSON
 from edgequant.errors import EdgequantError
 from edgequant.models import Dims, family_for
 from edgequant.paths import inside_folder
 
-EXPORT_JSON = "edgequant-export.json"  # build.py writes it; build imports the compiler, so the name lives here
 TENSOR_CACHE = "tensor-cache.json"
 DEVICES = ("cpu", "cuda", "metal", "opencl", "vulkan", "webgpu")
 _DTYPES = {"float16": np.float16, "float32": np.float32, "uint32": np.uint32, "uint8": np.uint8, "int32": np.int32,
@@ -106,7 +106,7 @@ def _in_features(model: dict, param: str) -> int:
 
 
 def _bits(info: dict) -> int | None:
-    m = re.fullmatch(r"w(\d+)g\w+", str(info.get("quantization", "")))
+    m = re.match(r"w(\d+)", str(info.get("quantization", "")))   # the scheme's name (older DISTs: w4g128a)
     return int(m.group(1)) if m else None
 
 

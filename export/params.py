@@ -1,5 +1,5 @@
 """Weights for the exported model, read from disk only: a quantized checkpoint (through `edgequant.artifact`) or, for
-an unquantized fp16 export, a Hugging Face model folder (through `edgequant.loading`).
+an unquantized fp16 export, the safetensors of a Hugging Face model folder (through `edgequant.checkpoint`, no torch).
 
 The export model fuses linears as the family says (`Family.export_fusions`; LLaMA: q/k/v and gate/up): packed words,
 scales, zero points and biases are concatenated along the output rows, which is exact because the members share K
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -75,14 +74,13 @@ def fused_linears(c: dict) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ..
 class CheckpointSource(WeightSource):
     """A quantized edgequant checkpoint."""
 
-    def __init__(self, path, packing3: str = "words", zeros_packed: bool = False):
+    def __init__(self, path, packing3: str = "words", config: dict | None = None, zeros_packed: bool = False):
         from edgequant.artifact import open_checkpoint
-        self.ckpt = open_checkpoint(path)
+        self.ckpt = open_checkpoint(path, config)
         self.packing3, self.zeros_packed = packing3, zeros_packed
         self.path = self.ckpt.path
         self.config = self.ckpt.config
-        s = self.ckpt.scheme
-        self.quantization = f"w{s.bits}g{s.group_size if s.group_size != -1 else 'c'}{'s' if s.sym else 'a'}"
+        self.quantization = self.ckpt.scheme.name
         self._plans = None
 
     def plans(self) -> dict[str, LinearPlan]:
@@ -100,7 +98,7 @@ class CheckpointSource(WeightSource):
                                      "quantize all of them or none")
             n = sum(rows)
             layout = self.packing3 if s.bits == 3 else "words"
-            spec = QuantSpec(n, k, s.bits, s.group_size, s.sym, layout, self.zeros_packed) if kinds.pop() else None
+            spec = QuantSpec.from_scheme(s, n, k, layout, self.zeros_packed) if kinds.pop() else None
             cols = [idx[f"{src}.outlier_idx"] for src in srcs if f"{src}.outlier_idx" in idx]
             union = np.unique(np.concatenate(cols)).astype(np.int32) if cols else None
             bias = any(f"{src}.bias" in ck.files for src in srcs)
@@ -156,41 +154,28 @@ class CheckpointSource(WeightSource):
 
 
 class HFSource(WeightSource):
-    """An unquantized Hugging Face model (folder or .gguf), exported with fp16 weights."""
+    """An unquantized Hugging Face model folder with safetensors weights, exported with fp16 weights."""
 
-    def __init__(self, path):
-        p = Path(str(path)).expanduser()
-        if not p.exists():
-            raise EdgequantError(f"model not found: {p}; pass a checkpoint folder or a Hugging Face model folder")
-        self.path = p
-        cfg = p / "config.json"
-        try:
-            self.config = json.loads(cfg.read_text()) if cfg.is_file() else None
-        except (OSError, ValueError, UnicodeDecodeError):
-            raise EdgequantError(f"{cfg} is not valid JSON; restore the model's config.json") from None
-        if cfg.is_file() and not isinstance(self.config, dict):
-            raise EdgequantError(f"{cfg} is not a JSON object; restore the model's config.json")
+    def __init__(self, path, config: dict):
+        self.path, self.config = Path(path), config
         self.quantization = "f16"
         self._state = None
-        if self.config is None:  # a .gguf file: transformers knows its config once loaded
-            self.config = {k: v for k, v in self._model().config.to_dict().items()}
 
-    def _model(self):
+    def _tensors(self) -> dict:
         if self._state is None:
-            from edgequant.loading import load_model
-            model, _ = load_model(str(self.path))
-            self._state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-            self._cfg = model.config
-        return self._cfg
+            from edgequant.checkpoint import read_plain_tensors
+            self._state = read_plain_tensors(self.path)
+            if "lm_head.weight" not in self._state:   # tied to the embedding (saved once)
+                self._state["lm_head.weight"] = self._state["model.embed_tokens.weight"]
+        return self._state
 
     def plans(self):
-        self._model()   # which linears have biases is read from the weights
-        return {name: LinearPlan(name, srcs, k, sum(rows), None, None,
-                                 all(f"{s}.bias" in self._state for s in srcs), rows)
+        state = self._tensors()   # which linears have biases is read from the weights
+        return {name: LinearPlan(name, srcs, k, sum(rows), None, None, all(f"{s}.bias" in state for s in srcs), rows)
                 for name, srcs, rows, k in fused_linears(self.config)}
 
     def arrays(self, names):
-        self._model()
+        self._state = self._tensors()
         plans = self.plans()
         for name in names:
             lin, _, leaf = name.rpartition(".")
@@ -202,19 +187,23 @@ class HFSource(WeightSource):
 
 
 def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> WeightSource:
-    """A quantized checkpoint when the folder says so, otherwise an unquantized HF model. `packing3`: the runtime
-    layout of 3-bit weights ("words" as stored, "planes3" or "words3x32"); `zeros_packed`: zero points four per
-    uint32 word."""
+    """A quantized checkpoint when the folder says so, otherwise an unquantized HF model folder. `packing3`: the
+    runtime layout of 3-bit weights ("words" as stored, "planes3" or "words3x32"); `zeros_packed`: zero points four
+    per uint32 word."""
+    from edgequant.checkpoint import declares_checkpoint, read_config
     p = Path(str(path)).expanduser()
     if not p.exists():
         raise EdgequantError(f"checkpoint not found: {p}; pass the folder written by `edgequant quantize` "
                              "(or a Hugging Face model folder for an fp16 export)")
-    from edgequant.artifact import is_checkpoint
-    if is_checkpoint(p):
-        return CheckpointSource(p, packing3, zeros_packed)
-    if p.is_dir() and not (p / "config.json").is_file():
+    if p.is_file():
+        raise EdgequantError(f"{p} is a file: export takes a checkpoint or model folder (a .gguf converts into one "
+                             f"with `edgequant convert {p} -o FOLDER`)")
+    if not (p / "config.json").is_file():
         raise EdgequantError(f"{p} has no config.json: it is neither an edgequant checkpoint nor a Hugging Face model")
-    return HFSource(p)
+    config = read_config(p)   # once per export
+    if declares_checkpoint(config):
+        return CheckpointSource(p, packing3, config, zeros_packed)
+    return HFSource(p, config)
 
 
 def write_tensor_cache(source: WeightSource, names: list[str], dist: Path) -> int:

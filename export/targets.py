@@ -6,7 +6,7 @@ aarch64 Linux (or a `.tar` of its objects when no aarch64 linker is installed). 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from edgequant.errors import EdgequantError
 
@@ -21,12 +21,10 @@ class TargetPreset:
     library: str                    # file name of the compiled library in the dist folder
     device: str                     # runtime device: cpu, cuda, metal, opencl, webgpu
     system_lib: bool = False        # static .tar with a system-lib prefix
-    runs_here: bool = False         # can `edgequant run` load it on an x86-64 Linux host
     packing3: str = "words"         # 3-bit runtime layout: the checkpoint's words, bit planes (CPU GEMV) or
                                     # words3x32 (CUDA decode GEMV); see tvm_schedules/dequant.py
     zeros_packed: bool = False      # zero points four per uint32 word: OpenCL / WGSL cannot gather uint8 (dequant.py)
     app: str | None = None          # the apps/ recipe that runs this target's library outside `edgequant run`
-    extra: dict = field(default_factory=dict)
 
 
 _GPU_CUDA = {"kind": "cuda", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
@@ -35,7 +33,7 @@ _METAL = {"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_
 
 PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
     TargetPreset("cpu", "this machine's CPU (LLVM, host -mcpu), shared library", {"kind": "llvm"}, "lib.so", "cpu",
-                 runs_here=True, packing3="planes3"),
+                 packing3="planes3"),
     TargetPreset("cpu-arm64", "aarch64 Linux CPU (LLVM), shared library (lib.tar of objects without an aarch64 linker)",
                  {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "lib.so", "cpu",
                  packing3="planes3"),

@@ -95,9 +95,9 @@ def assert_fused_checkpoint_equals_live(tmp_path, tokenizer, fp_model, model, qu
     """Save the fused OmniQuant result, reload it from disk, and compare its logits with the live model: the original
     blocks computing with their trained LWC/LET parameters (nothing fused), other tensors as stored (fp16).
     Returns the reloaded model."""
-    from edgequant.artifact import load_model, save_checkpoint
+    from edgequant.artifact import load_quantized_model, save_checkpoint
     from edgequant.calibrate.omniquant import LiveBlock
-    fused, _ = load_model(save_checkpoint(tmp_path / "ck", model, tokenizer, quantized, scheme, "omniquant"))
+    fused, _ = load_quantized_model(save_checkpoint(tmp_path / "ck", model, tokenizer, quantized, scheme, "omniquant"))
     round_plain_to_fp16(fp_model, set())
     for i, ob in enumerate(live):
         fp_model.model.layers[i] = LiveBlock(fp_model.model.layers[i], ob)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgequant import api
-from edgequant.artifact import load_model, load_quantized_weight, open_checkpoint
+from edgequant.artifact import load_quantized_model, load_quantized_weight, open_checkpoint
 from edgequant.calibrate.rtn import quantize_rtn
 from edgequant.errors import CheckpointError
 from edgequant.perplexity import evaluate
@@ -61,7 +61,7 @@ def test_saved_checkpoint_evaluates_like_in_memory_model(tmp_path, tokenizer, ar
         for name, qw in q.items():
             model.get_submodule(name).weight.copy_(qw.dequantize())
     round_plain_to_fp16(model, set(q))
-    loaded, _ = load_model(out)
+    loaded, _ = load_quantized_model(out)
     windows = torch.randint(0, 320, (3, 64), generator=torch.Generator().manual_seed(0))
     a = evaluate(model, windows, progress=False)
     b = evaluate(loaded, windows, progress=False)
@@ -77,8 +77,8 @@ def test_sharded_checkpoint(tmp_path, tokenizer):
     q, _ = quantize_rtn(model, s, progress=False)
     out = save_checkpoint(tmp_path / "ck", model, tokenizer, q, s, "rtn", max_shard_bytes=20_000)
     assert (out / "model.safetensors.index.json").exists()
-    a, _ = load_model(out)
-    b, _ = load_model(save_checkpoint(tmp_path / "ck1", model, tokenizer, q, s, "rtn"))
+    a, _ = load_quantized_model(out)
+    b, _ = load_quantized_model(save_checkpoint(tmp_path / "ck1", model, tokenizer, q, s, "rtn"))
     x = torch.randint(0, 320, (1, 16))
     assert torch.equal(a(x).logits, b(x).logits)
 
@@ -199,7 +199,7 @@ def test_output_folder_of_someone_else_is_never_replaced(tmp_path, model_dirs):
 def test_safetensors_bytes_depend_only_on_contents(tmp_path):
     from safetensors.numpy import load_file
 
-    from edgequant.artifact import save_safetensors
+    from edgequant.checkpoint import save_safetensors
     tensors = {"w": np.arange(12, dtype=np.int32).reshape(3, 4), "s": np.linspace(0, 1, 5).astype(np.float16)}
     # a dozen metadata keys make a random hash-map order all but certain to differ between two plain writes
     meta = {f"key{i}": str(i) for i in range(12)}

@@ -37,13 +37,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgequant.schemes import QuantScheme
 
 LAYOUTS = ("words", "planes3", "words3x32")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Shape and scheme of one quantized weight [N, K]."""
+    """Shape, scheme and runtime layout of one quantized weight [N, K]. The scheme's layout facts (values per word,
+    group length, zero point) belong to `edgequant.schemes.QuantScheme`; build a spec with `from_scheme`."""
     n: int
     k: int
     bits: int
@@ -56,17 +58,16 @@ class QuantSpec:
         if self.layout not in LAYOUTS or (self.layout != "words" and self.bits != 3):
             raise ValueError(f"layout {self.layout!r} does not apply to {self.bits}-bit weights")
 
-    @property
-    def vpw(self) -> int:
-        return 32 // self.bits
+    @classmethod
+    def from_scheme(cls, scheme: QuantScheme, n: int, k: int, layout: str = "words",
+                    zeros_packed: bool = False) -> "QuantSpec":
+        return cls(n, k, scheme.bits, scheme.group_size, scheme.sym, layout, zeros_packed)
 
-    @property
-    def group_len(self) -> int:
-        return self.k if self.group_size == -1 else self.group_size
-
-    @property
-    def n_groups(self) -> int:
-        return -(-self.k // self.group_len)
+    scheme = property(lambda self: QuantScheme(self.bits, self.group_size, self.sym))
+    vpw = property(lambda self: self.scheme.values_per_word)
+    group_len = property(lambda self: self.scheme.group_len(self.k))
+    n_groups = property(lambda self: self.scheme.groups(self.k))
+    sym_zero = property(lambda self: self.scheme.sym_zero)
 
     @property
     def words(self) -> int:
@@ -74,16 +75,12 @@ class QuantSpec:
             return self.lo_words + -(-self.k // 32)
         if self.layout == "words3x32":
             return 3 * -(-self.k // 32)
-        return -(-self.k // self.vpw)
+        return self.scheme.packed_words(self.k)
 
     @property
     def lo_words(self) -> int:
         """planes3: words of the 2-bit plane (the 1-bit plane follows them)."""
         return -(-self.k // 16)
-
-    @property
-    def sym_zero(self) -> int:
-        return 1 << (self.bits - 1)
 
     def param_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Tensors the kernel reads, in call order: name -> (shape, dtype)."""

@@ -23,11 +23,6 @@ def get_module(root, path: str):
     return m
 
 
-def set_module(root, path: str, new):
-    parent, _, leaf = path.rpartition(".")
-    setattr(get_module(root, parent) if parent else root, leaf, new)
-
-
 @dataclass
 class BlockInputs:
     """Hidden states entering a block ([n, seqlen, hidden], kept on the host) and the keyword arguments the model

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edgequant import api
-from edgequant.artifact import load_model, load_quantized_weight, open_checkpoint
+from edgequant.artifact import load_quantized_model, load_quantized_weight, open_checkpoint
 from edgequant.calibrate.gptq import gptq_quantize
 from edgequant.calibrate.owq import column_sensitivity, select_weak_columns, weak_column_counts
 from edgequant.models import family_for
@@ -68,7 +68,7 @@ def test_owq_checkpoint_stores_and_uses_fp16_columns(tmp_path, model_dirs, text_
     qw = load_quantized_weight(ck, name)
     idx = qw.outlier_idx
     assert torch.all(qw.q[:, idx] == qw.zero[:, idx // 32])          # q equals z at fp16 columns
-    model, _ = load_model(out)
+    model, _ = load_quantized_model(out)
     w = model.get_submodule(name).weight
     assert torch.equal(w[:, idx], torch.from_numpy(t[f"{name}.outlier_weight"]).float())   # used exactly
     info = api.inspect(out)

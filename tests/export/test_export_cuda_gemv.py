@@ -58,7 +58,7 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
 
     import torch
     from edgequant import api
-    from edgequant.artifact import load_model
+    from edgequant.artifact import load_quantized_model
     from edgequant.export import targets
     from edgequant.export.api import export
     from edgequant.export.models import llama as export_llama
@@ -85,7 +85,7 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
         ck = add_outlier_columns(ck, tmp_path / "q-owq", hf, n_out)
     dist = export(ck, "cpu", tmp_path / "dist", progress=False)
     assert (dist / "lib.so").read_bytes().count(b"decode_gemv") >= 4   # all four linears took the GEMV
-    ref, _ = load_model(ck)
+    ref, _ = load_quantized_model(ck)
     ids = np.random.default_rng(1).integers(0, ref.config.vocab_size, 24).tolist()
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()

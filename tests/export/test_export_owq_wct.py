@@ -8,7 +8,7 @@ pytestmark = pytest.mark.tvm
 
 def test_tuned_owq_checkpoint_exports_with_parity(tmp_path, model_dirs, text_file, capfd):
     from edgequant import api
-    from edgequant.artifact import load_model
+    from edgequant.artifact import load_quantized_model
     from edgequant.export.api import export
     from edgequant.export.runtime import Runner
     ck = api.quantize(str(model_dirs["qwen2"]), tmp_path / "owq", method="owq", bits=3, group_size=32,
@@ -19,7 +19,7 @@ def test_tuned_owq_checkpoint_exports_with_parity(tmp_path, model_dirs, text_fil
     dist = export(tuned, "cpu", tmp_path / "dist", progress=False)
     # the embedding and outlier-column gathers clamp their indices: TVM's "fast mode segfaults" warning is gone
     assert "segfault" not in capfd.readouterr().err.lower()
-    ref, _ = load_model(tuned)
+    ref, _ = load_quantized_model(tuned)
     ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, 24).tolist()
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()

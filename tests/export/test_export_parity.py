@@ -31,8 +31,8 @@ def add_outlier_columns(ckpt_dir, out_dir, hf_dir, n_cols, seed=0):
     """Rewrite an RTN checkpoint with `n_cols` fp16 columns per linear (OWQ's format): the columns take the original
     weights in fp16 and their integers are set to the zero point, so they dequantize to 0."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from edgequant.artifact import load_model, load_quantized_weight, save_checkpoint
-    model, ckpt = load_model(ckpt_dir)
+    from edgequant.artifact import load_quantized_model, load_quantized_weight, save_checkpoint
+    model, ckpt = load_quantized_model(ckpt_dir)
     orig = dict(AutoModelForCausalLM.from_pretrained(hf_dir).named_modules())
     g = torch.Generator().manual_seed(seed)
     quantized = {}
@@ -88,10 +88,10 @@ def _rel(a, b):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-w{c[1]}g{c[2]}{'s' if c[3] else 'a'}-o{c[4]}"
                                                       f"{'-tied' if c[5] else ''}")
 def test_logits_and_greedy_tokens_match_pytorch(exported, case):
-    from edgequant.artifact import load_model
+    from edgequant.artifact import load_quantized_model
     from edgequant.export.runtime import Runner
     ckpt, dist = exported(case)
-    ref, _ = load_model(ckpt)
+    ref, _ = load_quantized_model(ckpt)
     runner = Runner(dist)
     ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, 40).tolist()
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_int8_decode_stays_close_to_pytorch(exported, case):
     """The default cpu export (int8 decode GEMV): the kernel is in the library, prefill and all-position logits are
     exact as before, and decode logits move by the int8 rounding only. Greedy tokens are not compared here: on these
     tiny random models near-tied logits flip in llama-w4g32 and qwen2-w2g64 (the exact path's test compares them)."""
-    from edgequant.artifact import load_model
+    from edgequant.artifact import load_quantized_model
     from edgequant.export.runtime import Runner
     from edgequant.tvm_schedules.cpu_int8 import target_isa
     from edgequant.export.targets import get_preset, tvm_target
@@ -138,7 +138,7 @@ def test_int8_decode_stays_close_to_pytorch(exported, case):
         pytest.skip("this CPU has no AVX2/VNNI: the cpu export keeps the fp decode GEMV")
     ckpt, dist = exported(case, "int8")
     assert b"int8_decode_gemv" in (dist / "lib.so").read_bytes()
-    ref, _ = load_model(ckpt)
+    ref, _ = load_quantized_model(ckpt)
     runner = Runner(dist)
     ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, 40).tolist()
     with torch.no_grad():
@@ -153,8 +153,8 @@ def test_int8_decode_stays_close_to_pytorch(exported, case):
 
 
 def assert_outliers_matter(ckpt, ids, want):
-    from edgequant.artifact import load_model, load_quantized_weight
-    model, ck = load_model(ckpt)
+    from edgequant.artifact import load_quantized_model, load_quantized_weight
+    model, ck = load_quantized_model(ckpt)
     mods = dict(model.named_modules())
     with torch.no_grad():
         for name in ck.quantized_linears():

@@ -25,14 +25,14 @@ def dist(tmp_path_factory):
 
 
 def test_greedy_tokens_match_pytorch_for_32_tokens(dist):
-    from edgequant.artifact import load_model
+    from edgequant.artifact import load_quantized_model
     from edgequant.export.runtime import Runner
     ck, d = dist
     runner = Runner(d)
     ids = runner.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                                add_generation_prompt=True, tokenize=True, return_dict=False)
     got = runner.generate(list(ids), 32, stop_ids=()).tokens
-    ref, _ = load_model(ck)
+    ref, _ = load_quantized_model(ck)
     with torch.no_grad():
         want = greedy(ref, ids, 32)
     text = runner.tokenizer.decode(got, skip_special_tokens=True)
@@ -43,8 +43,9 @@ def test_greedy_tokens_match_pytorch_for_32_tokens(dist):
 
 def test_perplexity_agrees_with_pytorch(dist):
     from edgequant import api
+    from edgequant.export.api import evaluate as evaluate_dist
     ck, d = dist
-    tvm_res = api.evaluate(d, str(WIKI), max_windows=2, progress=False)
+    tvm_res = evaluate_dist(d, str(WIKI), max_windows=2, progress=False)
     pt_res = api.evaluate(ck, str(WIKI), max_windows=2, progress=False)
     print(f"\nperplexity: tvm {tvm_res['perplexity']:.4f}, pytorch {pt_res['perplexity']:.4f}")
     assert abs(tvm_res["perplexity"] / pt_res["perplexity"] - 1) < 0.01

@@ -143,9 +143,10 @@ def test_dist_folder_contents_and_cli(cpu_dist, tmp_path):
 
 
 def test_eval_of_a_dist_matches_pytorch(checkpoint, cpu_dist, text_file):
-    """`edgequant eval DIST` dispatches to the TVM runtime and agrees with the PyTorch perplexity."""
+    """A DIST evaluated through the TVM runtime agrees with the PyTorch perplexity of its checkpoint."""
     from edgequant import api
-    got = api.evaluate(cpu_dist, text_file, seqlen=128, max_windows=2, progress=False)
+    from edgequant.export.api import evaluate as evaluate_dist
+    got = evaluate_dist(cpu_dist, text_file, seqlen=128, max_windows=2, progress=False)
     want = api.evaluate(checkpoint, text_file, seqlen=128, max_windows=2, progress=False)
     assert got["tokens"] == want["tokens"]
     assert abs(got["perplexity"] / want["perplexity"] - 1) < 5e-3

@@ -220,9 +220,8 @@ ExportInfo ReadExportInfo(const std::string& dist) {
     info.params.push_back({*name, *dtype, *shape});
   }
   if (auto q = StrField(*root, "quantization")) {
-    int b = 0;
-    char g = 0;
-    if (std::sscanf(q->c_str(), "w%dg%c", &b, &g) == 2 && b > 0 && b < 16) info.bits = b;
+    int b = 0;  // the scheme's name: w4g128, w3, w2g64-sym (DISTs before issue 12: w4g128a)
+    if (std::sscanf(q->c_str(), "w%d", &b) == 1 && b > 0 && b < 16) info.bits = b;
   }
   if (auto cuda = Field(*root, "cuda")) {
     if (auto c = AsObject(*cuda)) info.fatbin = StrField(*c, "fatbin");

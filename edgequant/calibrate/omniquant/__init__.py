@@ -9,13 +9,4 @@ from .let import LET
 from .lwc import LWC
 from .trainer import OmniConfig, calibrate_omniquant
 
-__all__ = ["LWC", "LET", "OmniBlock", "LiveBlock", "OmniConfig", "apply_fused", "calibrate_omniquant",
-           "config_from_options"]
-
-
-def config_from_options(opts) -> OmniConfig:
-    """OmniConfig from CalibOptions (method-specific values arrive in opts.extra only when the user gave them)."""
-    from ...methods import get_method
-    known = set(get_method("omniquant").options)
-    kw = {k: v for k, v in opts.extra.items() if k in known and v is not None}
-    return OmniConfig(**kw, batch_size=opts.batch_size, seed=opts.seed)
+__all__ = ["LWC", "LET", "OmniBlock", "LiveBlock", "OmniConfig", "apply_fused", "calibrate_omniquant"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...quantizer import _MIN_SCALE, expand_groups
+from ...quantizer import _MIN_SCALE, expand_groups, group_minmax
 from ...schemes import QuantScheme
 
 DEFAULT_INIT = 4.0   # sigmoid(4) ~ 0.982: start close to plain min-max, as the paper's scripts do
@@ -50,20 +50,6 @@ round_ste = _RoundSTE.apply
 fp16_ste = _Fp16STE.apply
 
 
-def group_minmax_diff(w: torch.Tensor, scheme: QuantScheme):
-    """Per-group min and max of w [N, K] -> two [N, n_groups] tensors, differentiable w.r.t. w (gradient reaches the
-    extreme entries, which is how LET's scales feel the clipping). The ragged last group is padded with its own first
-    value, as `quantizer.group_minmax` does, so the values are identical."""
-    n, k = w.shape
-    g = scheme.group_len(k)
-    ng = scheme.groups(k)
-    pad = ng * g - k
-    if pad:
-        w = torch.cat([w, w[:, (ng - 1) * g:(ng - 1) * g + 1].expand(n, pad)], dim=1)
-    wg = w.reshape(n, ng, g)
-    return wg.amin(-1), wg.amax(-1)
-
-
 class LWC(nn.Module):
     """Clipping strengths of one linear's weight [N, K] and its differentiable fake quantizer.
 
@@ -89,7 +75,7 @@ class LWC(nn.Module):
         """(scale, zero) [N, n_groups] of the clipped groups of w: scale fp16-representable, zero an integer in
         [0, 2^b - 1], both carrying straight-through gradients. Mirrors `quantizer.params_from_range`."""
         s = self.scheme
-        wmin, wmax = group_minmax_diff(w, s)
+        wmin, wmax = group_minmax(w, s)   # differentiable: LET's scales feel the clipping through it
         up, low = self.clip_factors()
         if up is not None:
             wmax = wmax * up

@@ -27,43 +27,10 @@ from ...errors import EdgequantError
 from ...models import family_for
 from ...quantizer import QuantizedWeight
 from ...schemes import QuantScheme
+from ..configs import OmniConfig
 from ..blocks import BlockInputs, _move, capture_first_block_inputs, get_module
 from .fuse import OmniBlock, apply_fused
 from .state import ResumeState, fingerprint
-
-
-@dataclass
-class OmniConfig:
-    """OmniQuant settings; defaults are the paper's weight-only LLaMA recipe (LWC only, 20 epochs, AdamW)."""
-    lwc: bool = True
-    let: bool = False
-    epochs: int = 20
-    lwc_lr: float = 1e-2
-    let_lr: float = 5e-3
-    let_alpha: float = 0.5
-    aug_loss: bool = False
-    lwc_init: float | str = 4.0     # the paper's constant, or "search" (activation-aware clip search, see lwc.py)
-    let_pairs: tuple = ("qkv", "fc1", "vo", "qk", "down")
-    batch_size: int = 4
-    seed: int = 0
-    loss: str = "mse"   # "mse" (the paper) or "token_rel": each token's squared error over its target's mean square
-    owq_target_bits: float | None = None   # OWQ weak columns chosen first (kept fp16), LWC/LET learned on the rest
-
-    def __post_init__(self):
-        if self.epochs < 0:
-            raise EdgequantError("--epochs must be >= 0 (0 keeps the initial clipping: min-max round to nearest)")
-        if self.lwc_lr <= 0 or self.let_lr <= 0:
-            raise EdgequantError("--lwc-lr and --let-lr must be positive (the paper uses 1e-2 and 5e-3)")
-        if not 0 <= self.let_alpha <= 1:
-            raise EdgequantError("--let-alpha must be between 0 and 1 (SmoothQuant's migration strength, e.g. 0.5)")
-        if not (isinstance(self.lwc_init, (int, float)) or self.lwc_init == "search"):
-            raise EdgequantError("lwc_init must be a number (the paper uses 4.0) or 'search'")
-        if self.loss not in ("mse", "token_rel"):
-            raise EdgequantError("loss must be 'mse' (the paper's) or 'token_rel'")
-        if self.batch_size < 1:
-            raise EdgequantError("--batch-size must be >= 1")
-        if self.epochs > 0 and not (self.lwc or self.let):
-            raise EdgequantError("nothing to train: enable --lwc or --let, or pass --epochs 0")
 
 
 @dataclass

@@ -87,13 +87,7 @@ def test_bad_options_are_one_line_errors(tmp_path, model_dirs, text_file, opts, 
 
 
 def test_every_user_setting_reaches_the_trainer(tmp_path, model_dirs, text_file):
-    """The registry's option list and OmniConfig must not drift apart (a setting the API refuses is unusable)."""
-    from dataclasses import fields
-
-    from edgequant.calibrate.omniquant import OmniConfig
-    from edgequant.methods import get_method
-    internal = {"batch_size", "seed", "let_pairs"}
-    assert set(get_method("omniquant").options) == {f.name for f in fields(OmniConfig)} - internal
+    """Options given to the API arrive in the trainer's settings (the CLI's options are generated from OmniConfig)."""
     out = api.quantize(model_dirs["llama"], tmp_path / "q", method="omniquant", calib=text_file, nsamples=2, seqlen=32,
                        epochs=1, loss="token_rel", lwc_init="search", progress=False)
     cfg = json.loads((out / "edgequant.json").read_text())["calibration"]["omniquant"]

@@ -1,0 +1,59 @@
+"""The options of the calibrated methods as `Options` dataclasses (torch-free, so the command line builds its options
+from them without importing torch). Each is registered with its method in `methods.py`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import EdgequantError
+from ..options import Options, opt
+
+
+@dataclass
+class OWQConfig(Options):
+    """OWQ: the weak-column budget, as bits per weight or as a fixed count per linear."""
+    target_bits: float | None = opt(None, "bits per weight budget, e.g. 3.01, 3.1, 4.01.", "float", lo=0, lo_open=True)
+    weak_columns: int | None = opt(None, "fp16 columns per linear (instead of --target-bits).", "int", lo=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.target_bits is not None and self.weak_columns is not None:
+            raise EdgequantError("pass either --target-bits or --weak-columns, not both")
+
+
+@dataclass
+class OmniConfig(Options):
+    """OmniQuant settings; defaults are the paper's weight-only LLaMA recipe (LWC only, 20 epochs, AdamW)."""
+    lwc: bool = opt(True, "learnable weight clipping.", "bool")
+    let: bool = opt(False, "learnable equivalent transformation.", "bool")
+    epochs: int = opt(20, "epochs per block (0 keeps the initial clipping: min-max round to nearest).", "int", lo=0)
+    lwc_lr: float = opt(1e-2, "LWC learning rate.", "float", lo=0, lo_open=True)
+    let_lr: float = opt(5e-3, "LET learning rate.", "float", lo=0, lo_open=True)
+    let_alpha: float = opt(0.5, "SmoothQuant-style LET init exponent.", "float", lo=0, hi=1)
+    aug_loss: bool = opt(False, "also match the fp block fed quantized inputs.", "bool")
+    lwc_init: float | str = opt(4.0, "initial clipping strength (paper 4.0) or 'search' (activation-aware clip "
+                                     "search; better when few epochs fit).", "float|search")
+    let_pairs: tuple = opt(("qkv", "fc1", "vo", "qk", "down"), "LET pairs to learn.", "tuple", cli=False)
+    batch_size: int = opt(4, "calibration windows per step (from the shared --batch-size).", "int", lo=1, cli=False)
+    seed: int = opt(0, "seed (from the shared --seed).", "int", lo=0, cli=False)
+    loss: str = opt("mse", "block loss, the paper's 'mse' or 'token_rel' (each token relative to its size).",
+                    "choice", choices=("mse", "token_rel"))
+    owq_target_bits: float | None = opt(None, "choose OWQ weak columns first (kept fp16), LWC/LET learned on the "
+                                              "rest.", "float", lo=0, lo_open=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.epochs > 0 and not (self.lwc or self.let):
+            raise EdgequantError("nothing to train: enable --lwc or --let, or pass --epochs 0")
+
+
+@dataclass
+class WCTConfig(Options):
+    """Weak-column tuning (`tune-weak-columns`): training windows drawn from the task text, the last held out."""
+    epochs: int = opt(1, "Passes over the training windows.", "int", lo=1)
+    lr: float = opt(1e-4, "Adam learning rate.", "float", lo=0, lo_open=True)
+    seqlen: int = opt(512, "Tokens per window.", "int", lo=1)
+    nsamples: int = opt(64, "Training windows drawn from the text.", "int", lo=1)
+    heldout: int = opt(8, "Held-out windows at the end of the text.", "int", lo=1)
+    batch_size: int = opt(4, "Windows per step.", "int", lo=1)
+    seed: int = opt(0, "Seed for drawing the windows.", "int", lo=0)
+    device: str = opt("cpu", "cpu, cuda or cuda:N.", "device")

@@ -1,0 +1,262 @@
+"""The checkpoint folder, the contract between calibration and export (DESIGN.md): its file names, what kind of
+folder a path is, its config and safetensors headers read as hostile input, tensors written so that the bytes depend
+only on the contents, plain (unquantized) weights read without torch, and `inspect`. Rebuilding a PyTorch model from a
+checkpoint is `artifact.py`'s job; this module imports neither torch nor transformers at load time.
+
+A Hugging Face-style folder: `config.json` with a `quantization_config` block (the scheme's `to_dict`, the method,
+the quantized modules), tokenizer files, `model.safetensors` (sharded with an index when large) and `edgequant.json`
+(provenance).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError, EdgequantError, first_line
+from .paths import inside_folder
+from .schemes import QuantScheme
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "edgequant"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PROVENANCE_NAME = "edgequant.json"
+EXPORT_JSON = "edgequant-export.json"   # marks a DIST folder (written by `edgequant export`)
+
+
+def read_config(folder: Path) -> dict:
+    """`config.json` of `folder` as a dict, or a one-line CheckpointError."""
+    f = Path(folder) / "config.json"
+    try:
+        config = json.loads(f.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f} is not valid JSON ({first_line(e)}); restore it or re-run `edgequant "
+                              "quantize`") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{f} is not a JSON object; restore it or re-run `edgequant quantize`")
+    return config
+
+
+def kind(path) -> str:
+    """What `path` is: "missing", "dist" (an export), "checkpoint" (its config.json declares an edgequant checkpoint),
+    "model" (another folder with a config.json) or "other" (a .gguf file, ...). The one place that decides."""
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        return "missing"
+    if (p / EXPORT_JSON).is_file():
+        return "dist"
+    if (p / "config.json").is_file():
+        return "checkpoint" if declares_checkpoint(read_config(p)) else "model"
+    return "other"
+
+
+def declares_checkpoint(config: dict) -> bool:
+    qc = config.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def read_scheme(f: Path, qc: dict) -> QuantScheme:
+    """The scheme of a `quantization_config` block (written by `quantization_config`)."""
+    missing = [k for k in ("bits", "group_size") if k not in qc]
+    if missing:
+        raise CheckpointError(f"{f}: quantization_config lacks {', '.join(missing)}; re-run `edgequant quantize`")
+    try:
+        return QuantScheme.from_dict({"sym": False, **qc})
+    except EdgequantError as e:
+        raise CheckpointError(f"{f}: quantization_config: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def quantization_config(scheme: QuantScheme, method: str, modules) -> dict:
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": method, **scheme.to_dict(),
+            "modules": list(modules), "lm_head": False}
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]):
+    """Write one safetensors file whose bytes depend only on its contents.
+
+    The safetensors library keeps `__metadata__` in a hash map, so the header's key order (and with it the
+    file's bytes) changes from run to run; re-serialising the header with sorted keys fixes that."""
+    from safetensors.numpy import save
+    blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data must start 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.write(memoryview(blob)[8 + n:])
+
+
+def write_tensors(tensors: dict[str, np.ndarray], folder: Path, max_shard_bytes: int = 2 << 30):
+    """Write `tensors` as model.safetensors, or as numbered shards plus an index past `max_shard_bytes`."""
+    shards, cur, size = [], {}, 0
+    for k, v in tensors.items():
+        if cur and size + v.nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += v.nbytes
+    shards.append(cur)
+    meta = {"format": "pt", "edgequant_format": str(FORMAT_VERSION)}
+    if len(shards) == 1:
+        save_safetensors(shards[0], folder / WEIGHTS_NAME, meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors(shard, folder / fname, meta)
+        weight_map.update({k: fname for k in shard})
+    total = sum(v.nbytes for v in tensors.values())
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def write_copy(src: Path, out: Path, tensors: dict[str, np.ndarray], provenance: dict):
+    """A copy of checkpoint folder `src` at `out` (atomically) with new `tensors` and provenance (WCT writes its
+    tuned checkpoint so)."""
+    import shutil
+
+    from .atomic import atomic_output_dir
+    with atomic_output_dir(out, marker=PROVENANCE_NAME) as tmp:
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name != INDEX_NAME:
+                shutil.copy2(f, tmp / f.name)
+        write_tensors(tensors, tmp)
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, default=str))
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def tensor_headers(f: Path) -> dict:
+    """Header of a safetensors file, checked against the file's size (catches truncation and corruption)."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > min(size - 8, 100 << 20):
+                raise ValueError("header length out of range")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f.name} is corrupt or truncated ({first_line(e)}); re-run `edgequant quantize` "
+                              "to rewrite the checkpoint") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{f.name} is corrupt (its header is not a JSON object); re-run `edgequant quantize`")
+    spans = []
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        ok = (isinstance(v, dict) and v.get("dtype") in _ST_ITEMSIZE and _is_shape(v.get("shape"))
+              and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+              and all(_is_count(x) for x in v["data_offsets"]) and v["data_offsets"][0] <= v["data_offsets"][1])
+        if ok:
+            a, b = v["data_offsets"]
+            ok = b - a == math.prod(v["shape"]) * _ST_ITEMSIZE[v["dtype"]]
+        if not ok:
+            raise CheckpointError(f"{f.name} is corrupt: the header entry of tensor '{k}' is malformed (dtype, shape "
+                                  "and byte offsets disagree); re-run `edgequant quantize`")
+        spans.append((a, b, k))
+    prev = 0
+    for a, b, k in sorted(spans):
+        if a < prev:
+            raise CheckpointError(f"{f.name} is corrupt: tensor '{k}' overlaps another tensor's bytes; re-run "
+                                  "`edgequant quantize`")
+        prev = b
+    if 8 + n + prev != size:
+        raise CheckpointError(f"{f.name} is truncated or padded: {size} bytes on disk, its header describes "
+                              f"{8 + n + prev}; re-run `edgequant quantize` (or copy the file again)")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_shape(v) -> bool:
+    return isinstance(v, list) and all(_is_count(x) for x in v)
+
+
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
+                "U64": 8, "I64": 8, "F64": 8}
+
+
+def weight_files(p: Path) -> dict[str, Path]:
+    if (p / INDEX_NAME).is_file():
+        try:
+            wm = json.loads((p / INDEX_NAME).read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{INDEX_NAME} is damaged ({first_line(e)}); re-run `edgequant quantize`") from None
+        if not isinstance(wm, dict):
+            raise CheckpointError(f"{INDEX_NAME} is damaged (weight_map is not an object); re-run `edgequant quantize`")
+        out = {}
+        for name, fname in wm.items():
+            f = inside_folder(p, fname)
+            if f is None:
+                raise CheckpointError(f"{INDEX_NAME} names {fname!r} as the shard of {name}, which is not a file "
+                                      f"inside {p}; refusing to read it (re-run `edgequant quantize`)")
+            if not f.is_file():
+                raise CheckpointError(f"shard {fname} (holding {name}) is missing from {p}; copy the whole folder again")
+            out[name] = f
+        return out
+    if not (p / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{p} has no {WEIGHTS_NAME}: the checkpoint is incomplete; re-run `edgequant quantize`")
+    return {}
+
+
+def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """The fp32/fp16/bf16 tensors of a model folder's safetensors weights (its index, or every `*.safetensors`) as
+    NumPy arrays, bf16 widened to fp32 (NumPy has none); headers are checked like a checkpoint's."""
+    files = sorted(set(weight_files(folder).values())) if (folder / INDEX_NAME).is_file() else []
+    files = files or sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise EdgequantError(f"{folder} has no .safetensors weights; convert the model with `edgequant convert MODEL "
+                             "-o FOLDER` and export that folder")
+    out = {}
+    for f in files:
+        data = np.fromfile(f, dtype=np.uint8)
+        start = 8 + int.from_bytes(data[:8].tobytes(), "little")
+        for name, h in tensor_headers(f).items():
+            if h["dtype"] not in ("F32", "F16", "BF16"):
+                raise EdgequantError(f"{f.name}: tensor '{name}' is {h['dtype']}; export reads fp32, fp16 or bf16 weights")
+            raw = data[start + h["data_offsets"][0]:start + h["data_offsets"][1]]
+            arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if h["dtype"] == "BF16" else \
+                raw.view(np.float32 if h["dtype"] == "F32" else np.float16)
+            out[name] = arr.reshape(h["shape"])
+    return out
+
+
+def inspect(checkpoint) -> dict:
+    """Scheme, method, target and stored bits per weight (stored counts packed words, scales, zero points and fp16
+    columns), size on disk, per-layer reconstruction errors and calibration settings of a checkpoint."""
+    from .artifact import expected_layout, open_checkpoint
+    ck = open_checkpoint(checkpoint)
+    _, quant = expected_layout(ck)
+    q_weights = sum(n * k for n, k, _ in quant.values())
+    q_bits = sum((b - a) * 8 for f in set(ck.files.values()) for name, h in tensor_headers(f).items()
+                 for a, b in [h["data_offsets"]] if name.rpartition(".")[0] in quant and not name.endswith(".bias"))
+    idx_names = [n for n in ck.files if n.endswith(".outlier_idx")]
+    outlier_cols = {n.rpartition(".")[0]: v.tolist() for n, v in ck.read(idx_names).items()}   # range-checked
+    files = [p for p in ck.path.iterdir() if p.is_file()]
+    s = ck.scheme
+    ideal = s.bits + (16 + (0 if s.sym else 8)) / (s.group_len(max(k for _, k, _ in quant.values())))
+    prov = ck.provenance
+    opts = prov.get("options") or {}
+    # the figure the user asked for: OWQ's budget, else the integer width; "stored" adds packing, scales, zeros
+    target = opts.get("target_bits") or opts.get("owq_target_bits") or float(s.bits)
+    return {
+        "path": str(ck.path), "model_type": ck.config.get("model_type"), "method": ck.method,
+        "scheme": s.name, "bits": s.bits, "group_size": s.group_size, "sym": s.sym,
+        "quantized_linears": len(quant), "quantized_weights": q_weights,
+        "bits_target": float(target), "bits_per_weight": q_bits / q_weights,
+        "bits_per_weight_ideal": ideal,
+        "outlier_columns": {k: len(v) for k, v in outlier_cols.items()} or None,
+        "outlier_indices": outlier_cols or None,
+        "size_on_disk_bytes": sum(p.stat().st_size for p in files),
+        "calibration": prov.get("calibration"), "time_s": prov.get("time_s"),
+        "layers": prov.get("layers", {}),
+    }

@@ -1,0 +1,85 @@
+"""Option dataclasses: every field carries its rule and help text, so one dataclass validates the values, round-trips
+them through JSON, and is the only source of the command line's options (`cli.py` generates them) and of the Python
+API's defaults. A method registers its own dataclass (`methods.register_method(config=...)`); adding a method option
+is one field in it. Nothing here imports torch or click.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from .errors import EdgequantError
+
+
+def opt(default, help: str, kind: str, lo=None, hi=None, lo_open: bool = False, choices: tuple = (),
+        cli: bool = True):
+    """A dataclass field with its rule: `kind` is int, float, bool, str, choice, device or float|search (a number or
+    the word 'search'); `lo`/`hi` bound numbers; `cli=False` keeps the field out of the command line."""
+    return dataclasses.field(default=default, metadata={"help": help, "kind": kind, "lo": lo, "hi": hi,
+                                                        "lo_open": lo_open, "choices": tuple(choices), "cli": cli})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _number_error(v, m) -> str | None:
+    is_int = isinstance(v, int) and not isinstance(v, bool)
+    if m["kind"] == "int" and not is_int:
+        return "must be an integer"
+    if not (is_int or isinstance(v, float)) or not math.isfinite(v):
+        return "must be a finite number"
+    lo, hi = m["lo"], m["hi"]
+    if (lo is not None and (v < lo or m["lo_open"] and v == lo)) or (hi is not None and v > hi):
+        return "must be " + " and ".join(b for b in (lo is not None and f"{'>' if m['lo_open'] else '>='} {lo:g}",
+                                                     hi is not None and f"<= {hi:g}") if b)
+    return None
+
+
+def check_value(name: str, v, m) -> None:
+    """Raise a one-line EdgequantError naming the option when `v` breaks the field's rule."""
+    kind, err = m["kind"], None
+    if kind in ("int", "float"):
+        err = _number_error(v, m)
+    elif kind == "bool" and not isinstance(v, bool):
+        err = "must be true or false"
+    elif kind == "str" and not isinstance(v, str):
+        err = "must be a string"
+    elif kind == "choice" and v not in m["choices"]:
+        err = f"must be one of {', '.join(repr(c) for c in m['choices'])}"
+    elif kind == "device" and not (isinstance(v, str) and re.fullmatch(r"cpu|cuda(:\d+)?", v)):
+        err = "must be cpu, cuda or cuda:N"
+    elif kind == "float|search" and v != "search" and _number_error(v, {**m, "kind": "float"}):
+        err = "must be a number or 'search'"
+    if err:
+        raise EdgequantError(f"{flag(name)} {err}, not {v!r}")
+
+
+@dataclasses.dataclass
+class Options:
+    """Base of option dataclasses: checks every field with a rule, JSON round trip, the fields the CLI offers."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.metadata.get("kind") == "float|search" and isinstance(v, str) and re.fullmatch(r"[-+.\d]+(e[-+]?\d+)?", v):
+                setattr(self, f.name, v := float(v))   # the command line passes text
+            if "kind" in f.metadata and not (v is None and f.default is None):
+                check_value(f.name, v, f.metadata)
+
+    @classmethod
+    def cli_fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]
+
+    def to_dict(self) -> dict:
+        """The user-facing options (fields the CLI offers) as JSON-ready values."""
+        return {f.name: getattr(self, f.name) for f in self.cli_fields()}
+
+    @classmethod
+    def from_dict(cls, d: dict, context: str = ""):
+        names = {f.name for f in cls.cli_fields()}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise EdgequantError(f"option(s) {', '.join(flag(u) for u in unknown)} do not apply{context}")
+        return cls(**d)

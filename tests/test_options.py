@@ -1,0 +1,79 @@
+"""Options are owned by their dataclasses: a method's registered config alone gives its CLI option and API default,
+values are checked by the field's rule, and configs round-trip through JSON."""
+import importlib
+import json
+from dataclasses import dataclass
+
+import pytest
+from click.testing import CliRunner
+
+from edgequant import methods
+from edgequant.calibrate.configs import OmniConfig, OWQConfig
+from edgequant.errors import EdgequantError
+from edgequant.options import Options, opt
+
+
+@dataclass
+class _MadeUpConfig(Options):
+    strength: float = opt(0.25, "how hard to push.", "float", lo=0, hi=1)
+    passes: int = opt(3, "passes over the model.", "int", lo=1)
+
+
+@pytest.fixture
+def made_up_method():
+    """A method whose only source of options is its config dataclass; the CLI is rebuilt to see it."""
+    seen = []
+
+    @methods.register_method("madeup", needs_calibration=False, summary="test only", config=_MadeUpConfig,
+                             title="MadeUp")
+    def _run(model, tokenizer, scheme, opts, progress=True):
+        seen.append(opts.config)
+        return methods.METHODS["rtn"].run(model, tokenizer, scheme, opts, progress)
+
+    import edgequant.cli as cli
+    yield importlib.reload(cli), seen
+    del methods.METHODS["madeup"]
+    importlib.reload(cli)
+
+
+def test_a_method_option_is_one_dataclass_field(made_up_method, model_dirs, tmp_path):
+    from edgequant import api
+    cli, seen = made_up_method
+    r = CliRunner().invoke(cli.main, ["quantize", "--help"])
+    assert "--strength" in r.output and "MadeUp: how hard to push." in r.output and "--passes" in r.output
+    r = CliRunner().invoke(cli.main, ["quantize", str(model_dirs["llama"]), "-o", str(tmp_path / "a"), "--method",
+                                      "madeup", "--group-size", "32", "--strength", "0.5", "-q"])
+    assert r.exit_code == 0, r.output
+    api.quantize(model_dirs["llama"], tmp_path / "b", method="madeup", group_size=32, progress=False)
+    assert seen == [_MadeUpConfig(strength=0.5, passes=3), _MadeUpConfig()]   # the CLI's value, the API default
+    prov = json.loads((tmp_path / "a" / "edgequant.json").read_text())
+    assert prov["options"]["strength"] == 0.5 and prov["options"]["passes"] == 3
+    r = CliRunner().invoke(cli.main, ["quantize", str(model_dirs["llama"]), "-o", str(tmp_path / "c"), "--method",
+                                      "madeup", "--strength", "2"])
+    assert r.exit_code == 2 and "--strength" in r.output and not (tmp_path / "c").exists()
+    with pytest.raises(EdgequantError, match="--passes must be >= 1, not 0"):
+        api.quantize(model_dirs["llama"], tmp_path / "d", method="madeup", passes=0, progress=False)
+    with pytest.raises(EdgequantError, match="--epochs do not apply to --method madeup"):
+        api.quantize(model_dirs["llama"], tmp_path / "d", method="madeup", epochs=1, progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("cls,kw", [(OmniConfig, {"epochs": 3, "let": True, "lwc_init": "search", "loss": "token_rel"}),
+                                    (OWQConfig, {"target_bits": 3.1})])
+def test_configs_round_trip_json(cls, kw):
+    cfg = cls.from_dict(kw)
+    assert cls.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("kw,msg", [({"epochs": -1}, "--epochs must be >= 0"), ({"loss": "l1"}, "'mse'"),
+                                    ({"lwc_lr": float("nan")}, "--lwc-lr"), ({"lwc_init": "x"}, "'search'"),
+                                    ({"let_alpha": 1.5}, "--let-alpha"), ({"epochs": 1.5}, "integer"),
+                                    ({"lwc": False, "let": False}, "nothing to train"), ({"bogus": 1}, "--bogus")])
+def test_config_rules(kw, msg):
+    with pytest.raises(EdgequantError, match=msg):
+        OmniConfig.from_dict(kw)
+
+
+def test_owq_budget_is_one_or_the_other():
+    with pytest.raises(EdgequantError, match="not both"):
+        OWQConfig(target_bits=3.1, weak_columns=4)
