@@ -1,16 +1,20 @@
 """Decode GEMV speed on a CUDA GPU: our TIR kernels (`tvm_schedules/gemv.py`) for the LLaMA-7B linears at W4 g128 /
-W3 g128 / W2 g64, against the copy bandwidth, torch's int4 GEMV and cuBLAS fp16, measured in one run.
+W3 g128 / W2 g64 / W3 g128 with OWQ's fp16 outlier columns (3.1 bits), against the copy bandwidth, torch's int4 GEMV
+and cuBLAS fp16, measured in one run.
 
 Two steps, because TVM compiles here and the GPU machine has only torch (no TVM compiler):
 
-    python benchmarks/gpu_decode.py build [--out .device/gpu-decode]     # here: TIR -> CUDA C -> sm_90 cubin + manifest
-    python3 benchmarks/gpu_decode.py run [--out .device/gpu-decode]      # on the GPU: random weights made there
+    python benchmarks/gpu_decode.py build [--out .device/gpu-decode] [--baseline OLD_GEMV.py] [--quick]   # here
+    python3 benchmarks/gpu_decode.py run [--out .device/gpu-decode] [--save [DIR]]      # on the GPU machine
 
-`run` loads the cubin through the CUDA driver (ctypes), checks every kernel against a torch dequantize reference on the
-device, and times each linear as CUDA-graph replays over enough weight copies (>= 512 MiB) that nothing is served
-from L2. Bytes per linear = packed weights + scales + zeros; "% roofline" divides their rate by the faster of a
-streaming-read kernel and a device-to-device copy ((read + write bytes) / time), both over 1 GiB. The step table
-adds up all 32 layers' linears: the decode tokens/s a model would reach if nothing but these linears ran.
+`build` compiles every (rows, steps) config of the sweep (or only `default_config`'s with --quick) from TIR to CUDA C
+to an sm_90 cubin and records ptxas' register counts; `--baseline` adds the default kernels of an earlier gemv.py
+(`git show REV:tvm_schedules/gemv.py`), so old and new kernels meet in the same run. `run` loads the cubin through the
+CUDA driver (ctypes), checks every kernel against a torch dequantize reference on the device (output poisoned with
+NaN first), and times each linear as CUDA-graph replays over enough weight copies (>= 512 MiB) that nothing is served
+from L2. Bytes per linear = packed weights + scales + zeros (+ outlier columns); "% roofline" divides their rate by
+the faster of a streaming-read kernel and a device-to-device copy ((read + write bytes) / time), both over 1 GiB. The
+step table adds up all 32 layers' linears: the decode tokens/s a model would reach if nothing but these linears ran.
 Writes benchmarks/results/gpu-<device>.md.
 """
 from __future__ import annotations
@@ -27,8 +31,7 @@ from pathlib import Path
 SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
 SCHEMES = [("W4 g128", 4, 128, 0.0), ("W3 g128", 3, 128, 0.0), ("W2 g64", 2, 64, 0.0),
            ("W3 g128 + OWQ 3.1", 3, 128, 0.1)]      # the last: fp16 outlier columns worth 0.1 bit per weight
-ROWS = (2, 4, 8)          # rows per step tried per linear, each with these steps per block (and the default)
-STEPS = (1, 2, 4)
+SWEEP = ((4, 1), (8, 2), (2, 4), (4, 4))   # (rows per step, steps per block) tried per linear, and the default
 LAYERS = 32
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,9 +53,7 @@ def _load_baseline(path: str):
     return mod
 
 
-def build(out: Path, arch: str, baseline: str | None, quick: bool):
-    import subprocess
-
+def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: bool):
     import tvm
 
     from edgequant.export.targets import PRESETS
@@ -76,7 +77,7 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool):
             dflt = default_config(spec)
             tried = {(dflt.rows, dflt.steps)}
             if not extra and not quick:  # the outlier variant runs the default config only
-                tried |= {(r, s) for r in ROWS for s in STEPS if n % (r * s) == 0 and n // (r * s) >= 132}
+                tried |= {(r, s) for r, s in SWEEP if n % (r * s) == 0 and n // (r * s) >= 132}
             for rows, steps in sorted(tried):
                 cfg = GemvConfig(rows, warps_for(spec), steps)
                 tag = "o" if nout else ""
@@ -97,18 +98,42 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool):
         sig = re.search(r"void __launch_bounds__\(\d+\) " + m["kernel"] + r"\(([^)]*)\)", src).group(1)
         m["params"] = [p.strip().split()[-1].removesuffix("_ptr") for p in sig.split(",")]
     (out / "kernels.cu").write_text(src + READ_BW_CU)
-    r = subprocess.run(["nvcc", "-cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-o", str(out / "kernels.cubin"),
-                        str(out / "kernels.cu")], check=True, capture_output=True, text=True)
-    regs = {}  # ptxas' report: registers and spills per kernel (no device time needed to read these)
-    for fn, body in re.findall(r"Compiling entry function '(\w+)'(.*?)(?=Compiling entry|\Z)", r.stderr, re.S):
-        used = re.search(r"Used (\d+) registers", body)
-        spill = re.search(r"(\d+) bytes spill stores", body)
-        regs[fn] = (int(used.group(1)) if used else -1, int(spill.group(1)) if spill else -1)
-    for m in manifest:
-        m["regs"], m["spill"] = regs.get(m["kernel"], (-1, -1))
     (out / "manifest.json").write_text(json.dumps({"arch": arch, "tvm": tvm.__version__, "kernels": manifest},
                                                   indent=1))
-    print(f"built {len(manifest)} kernels in {time.time() - t:.0f} s -> {out}")
+    print(f"generated {len(manifest)} kernels in {time.time() - t:.0f} s -> {out}")
+    if not device_nvcc:
+        compile_cubins(out, arch, jobs=1)
+
+
+def compile_cubins(out: Path, arch: str, jobs: int):
+    """kernels.cu -> kernels-<i>.cubin in `jobs` parts compiled in parallel (nvcc is single-threaded; the GPU
+    machine has 16 cores and this one 2), with ptxas' register counts added to the manifest."""
+    import subprocess
+    src = (out / "kernels.cu").read_text()
+    # kernel definitions (TVM declares them all first: those lines end in ';' and stay in the shared head)
+    starts = [m.start() for m in re.finditer(r'^extern "C" __global__.*\{\s*$', src, re.M)]
+    head, bodies = src[:starts[0]], [src[a:b] for a, b in zip(starts, starts[1:] + [len(src)])]
+    parts = [bodies[i::jobs] for i in range(jobs) if bodies[i::jobs]]
+    procs = []
+    for i, part in enumerate(parts):
+        (out / f"kernels-{i}.cu").write_text(head + "".join(part))
+        procs.append(subprocess.Popen(["nvcc", "-cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-o",
+                                       str(out / f"kernels-{i}.cubin"), str(out / f"kernels-{i}.cu")],
+                                      stderr=subprocess.PIPE, text=True))
+    regs = {}  # ptxas' report: registers and spills per kernel
+    for p in procs:
+        err = p.communicate()[1]
+        if p.returncode:
+            raise RuntimeError(f"nvcc failed: {err[-2000:]}")
+        for fn, body in re.findall(r"Compiling entry function '(\w+)'(.*?)(?=Compiling entry|\Z)", err, re.S):
+            used = re.search(r"Used (\d+) registers", body)
+            spill = re.search(r"(\d+) bytes spill stores", body)
+            regs[fn] = (int(used.group(1)) if used else -1, int(spill.group(1)) if spill else -1)
+    man = json.loads((out / "manifest.json").read_text())
+    for m in man["kernels"]:
+        m["regs"], m["spill"] = regs.get(m["kernel"], (-1, -1))
+    man["cubins"] = [f"kernels-{i}.cubin" for i in range(len(parts))]
+    (out / "manifest.json").write_text(json.dumps(man, indent=1))
 
 
 # the read roofline: a plain streaming read (4 x 128-bit loads in flight per thread), XOR-folded so nothing is dropped
@@ -138,12 +163,14 @@ def _walk(m):
 class Driver:
     """The few CUDA driver calls needed to launch a cubin's kernels on torch's current stream."""
 
-    def __init__(self, cubin: bytes):
+    def __init__(self, cubins: list[bytes]):
         import torch
         torch.zeros(1, device="cuda")  # makes torch's primary context current
         self.lib = ctypes.CDLL("libcuda.so.1")
-        self.mod = ctypes.c_void_p()
-        self._check(self.lib.cuModuleLoadData(ctypes.byref(self.mod), cubin))
+        self.mods = []
+        for cubin in cubins:
+            self.mods.append(ctypes.c_void_p())
+            self._check(self.lib.cuModuleLoadData(ctypes.byref(self.mods[-1]), cubin))
         self.fns = {}
 
     def _check(self, rc):
@@ -152,9 +179,13 @@ class Driver:
 
     def fn(self, name):
         if name not in self.fns:
-            f = ctypes.c_void_p()
-            self._check(self.lib.cuModuleGetFunction(ctypes.byref(f), self.mod, name.encode()))
-            self.fns[name] = f
+            for mod in self.mods:
+                f = ctypes.c_void_p()
+                if self.lib.cuModuleGetFunction(ctypes.byref(f), mod, name.encode()) == 0:
+                    self.fns[name] = f
+                    break
+            else:
+                raise RuntimeError(f"no kernel {name} in the cubins")
         return self.fns[name]
 
     def launcher(self, name, grid, block, tensors):
@@ -260,7 +291,13 @@ def torch_fp16(n, k):
 def run(out: Path, only: str | None, results: Path | None):
     import torch
     man = json.loads((out / "manifest.json").read_text())
-    drv = Driver((out / "kernels.cubin").read_bytes())
+    if "cubins" not in man:  # built with --device-nvcc: compile here, on all cores
+        import os
+        t = time.time()
+        compile_cubins(out, man["arch"], jobs=os.cpu_count() or 1)
+        man = json.loads((out / "manifest.json").read_text())
+        print(f"nvcc: {len(man['cubins'])} parts in {time.time() - t:.0f} s", flush=True)
+    drv = Driver([(out / c).read_bytes() for c in man["cubins"]])
     dev = torch.cuda.get_device_name()
     cbw = copy_bandwidth()
     bw = max(cbw, read_bandwidth(drv))   # the roofline: whichever streams faster
@@ -404,12 +441,13 @@ def main():
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--baseline", help="build: also the default configs of this earlier gemv.py, for the same run")
     ap.add_argument("--quick", action="store_true", help="build: default configs only")
+    ap.add_argument("--device-nvcc", action="store_true", help="build: leave nvcc to `run` on the GPU machine")
     ap.add_argument("--only", help="run: only kernels whose name contains this (for ncu)")
     ap.add_argument("--save", nargs="?", const=str(RESULTS), help="run: write gpu-<device>.md there "
                     "(default benchmarks/results)")
     a = ap.parse_args()
     if a.step == "build":
-        build(Path(a.out), a.arch, a.baseline, a.quick)
+        build(Path(a.out), a.arch, a.baseline, a.quick, a.device_nvcc)
     else:
         run(Path(a.out), a.only, Path(a.save) if a.save else None)
 

@@ -1,11 +1,15 @@
 """Decode GEMV for GPUs: one activation row times a 2/3/4-bit weight, written as a hand-scheduled TIR prim func.
 
 At batch 1 a linear layer only streams its packed weights, so the kernel is built around the loads:
-- every thread owns a "chunk" of K (32 values at 4 bits, 64 at 2 bits, 128 at 3 bits in the words3x32 layout) and
-  reads it with one 128-bit load per row (three at 3 bits); consecutive threads read consecutive chunks (coalesced);
-- a block computes `rows` output rows, and each thread reuses its chunk of x (read once, 128-bit loads) for all of
-  them; the block's `warps` split K between them (split-K inside the block) so that small-N linears still fill the
-  GPU; partial sums meet through warp shuffles and one shared-memory step;
+- every thread owns one "chunk" of K (32 values at 4 bits, 64 at 2 and 3 bits) for every row of its block: one
+  128-bit load per row at 4 and 2 bits, three 64-bit loads in the words3x32 layout at 3 bits; consecutive threads
+  read consecutive chunks (coalesced), and the block's warps cover K once (split-K inside the block);
+- the thread converts its chunk of x to fp32 once (kept in registers up to 64 values) and sums it per field class,
+  then streams `steps` steps of `rows` rows: the next step's weights, scales and zero points are loaded into a second
+  register buffer before this step's math (double buffering, steps unrolled in pairs so buffer indices stay
+  constants), so each thread keeps 2 x rows independent loads in flight while it computes;
+- after each step the rows' partial sums meet through warp shuffles and one shared-memory slot per warp and row;
+  one barrier at the end adds the warps' slots (and the fp16 outlier columns, OWQ) per row;
 - no integer-to-float conversion per weight: a field of q bits is masked into the mantissa of the float 1.0
   (`0x3F800000 | (q << b)` is exactly `1 + q * 2^(b-23)`), so `x * f = x + x * q * 2^(b-23)` costs one mask (LOP3)
   and one FMA per weight; each field position b has its own accumulator, and fields sit high in the mantissa
