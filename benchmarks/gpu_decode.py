@@ -31,7 +31,7 @@ from pathlib import Path
 SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
 SCHEMES = [("W4 g128", 4, 128, 0.0), ("W3 g128", 3, 128, 0.0), ("W2 g64", 2, 64, 0.0),
            ("W3 g128 + OWQ 3.1", 3, 128, 0.1)]      # the last: fp16 outlier columns worth 0.1 bit per weight
-SWEEP = ((4, 1), (8, 2), (2, 4), (4, 4))   # (rows per step, steps per block) tried per linear, and the default
+SWEEP = ((8, 2), (8, 3), (8, 4), (4, 2), (4, 4))   # (rows per step, steps per block) tried per linear, and the default
 LAYERS = 32
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,13 +77,13 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
             dflt = default_config(spec)
             tried = {(dflt.rows, dflt.steps)}
             if not extra and not quick:  # the outlier variant runs the default config only
-                tried |= {(r, s) for r, s in SWEEP if n % (r * s) == 0 and n // (r * s) >= 132}
+                tried |= {(r, s) for r, s in SWEEP if n % r == 0 and -(-n // r // s) >= 132}
             for rows, steps in sorted(tried):
                 cfg = GemvConfig(rows, warps_for(spec), steps)
                 tag = "o" if nout else ""
                 name = f"w{bits}{tag}_{lin}_r{rows}s{steps}"
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name), scheme, bits, g, lin, n, k, spec,
-                    f"r{rows}s{steps}", (rows, steps) == (dflt.rows, dflt.steps), nout, [n // (rows * steps), 1, 1],
+                    f"r{rows}s{steps}", (rows, steps) == (dflt.rows, dflt.steps), nout, [-(-n // rows // steps), 1, 1],
                     [32, cfg.warps, 1])
             if baseline and not extra:
                 prev = _load_baseline(baseline)

@@ -43,10 +43,10 @@ RESIDENT_X = 64                         # chunks up to this many values keep x i
 class GemvConfig:
     rows: int = 4     # output rows per step (each thread's x chunk reused by each)
     warps: int = 4    # warps per block: one K chunk per thread, so 32 * warps >= K / chunk
-    steps: int = 1    # steps of `rows` rows per block (1, or even: the next step's rows load during this one)
+    steps: int = 1    # steps of `rows` rows per block; the next step's rows load during this one's math
 
     def __post_init__(self):
-        if self.rows < 1 or self.warps < 1 or not (self.steps == 1 or (self.steps > 1 and self.steps % 2 == 0)):
+        if self.rows < 1 or self.warps < 1 or self.steps < 1:
             raise ValueError(f"bad GEMV config {self}")
 
 
@@ -62,18 +62,20 @@ def warps_for(spec: QuantSpec) -> int:
     return -(-(spec.k // CHUNK[spec.bits]) // 32)
 
 
+CANDIDATES = ((8, 2), (4, 2), (8, 1), (4, 1), (2, 1), (1, 1))   # (rows, steps), most reuse first
+
+
 def default_config(spec: QuantSpec, sms: int = 132) -> GemvConfig:
-    """Rows per step and steps per block, from the sweep in benchmarks/results/gpu-*.md: {DEFAULT_NOTE}"""
-    rows = 8 if spec.bits == 2 else 4
-    while rows > 1 and spec.n % rows:
-        rows //= 2
-    steps = 4
-    while steps > 1 and (spec.n % (rows * steps) or spec.n // (rows * steps) < 2 * sms):
-        steps //= 2
-    if steps == 1:
-        while rows > 1 and spec.n // rows < 2 * sms:
-            rows //= 2
-    return GemvConfig(rows, warps_for(spec), steps)
+    """The first of CANDIDATES that keeps about 11 warps per SM in the grid (fewer rows per block otherwise), from the
+    H200 sweep in benchmarks/results/gpu-nvidia-h200.md: 8 rows x 2 steps was fastest for every bit width on qkv and
+    gate_up (and on down at 2 and 3 bits), while on o (N = 4096, K = 4096) it left too few warps and 4 rows won;
+    with 4 steps or more buffers the registers (up to 200) cut occupancy below what the extra loads in flight gain."""
+    warps = warps_for(spec)
+    fits = [(r, s) for r, s in CANDIDATES if spec.n % (r * s) == 0]
+    for r, s in fits:
+        if spec.n // (r * s) * warps >= 11 * sms:
+            return GemvConfig(r, warps, s)
+    return GemvConfig(fits[-1][0], warps, fits[-1][1])
 
 
 # ------------------------------------------------------------------------------------------------ field extraction
@@ -133,8 +135,8 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
     if not supports(spec):
         raise ValueError(f"no decode GEMV for {spec}")
     cfg = cfg or default_config(spec)
-    if spec.n % (cfg.rows * cfg.steps):
-        raise ValueError(f"{cfg.rows} rows x {cfg.steps} steps per block do not divide N={spec.n}")
+    if spec.n % cfg.rows:
+        raise ValueError(f"{cfg.rows} rows per step do not divide N={spec.n}")
     if 32 * cfg.warps < spec.k // CHUNK[spec.bits]:
         raise ValueError(f"{cfg.warps} warps do not cover the {spec.k // CHUNK[spec.bits]} chunks of K={spec.k}")
     src = _source(spec, cfg, gpu, out_dtype, lead, name, n_outliers)
@@ -146,6 +148,9 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     bits, n, k, R, S, TY = spec.bits, spec.n, spec.k, cfg.rows, cfg.steps, cfg.warps
     C, CW, SW, VW = CHUNK[bits], CHUNK_WORDS[bits], SUB_WORDS[bits], VEC_WORDS[bits]
     RS = R * S                                    # rows per block
+    NS = n // R                                   # steps in all; the last block may have fewer than S (guarded)
+    NB = -(-NS // S)
+    ragged = NS % S != 0
     nc = k // C                                   # chunks per row: one per thread
     tpb = 32 * TY
     G = spec.group_len
@@ -167,12 +172,12 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
 
     classes = sorted({b for _, b in fields})       # one accumulator per field position: no x pre-scaling
     ncls = len(classes)
-    nbuf = 1 if S == 1 else 2                       # double buffer: the next step's rows load during this one's math
+    nbuf = min(S, 2)                       # double buffer: the next step's rows load during this one's math
     c = "(ty * 32 + tx)"
     g = f"{c} * {C} // {G}" if G != k else "0"
     L = ["@T.prim_func", f"def {name}({', '.join(ins)}):",
          '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})',
-         f'    for bx in {loop(n // RS, "blockIdx.x")}:']
+         f'    for bx in {loop(NB, "blockIdx.x")}:']
     L.append(f'        red = T.alloc_buffer(({(TY if gpu else tpb) * RS},), "float32"'
              + (', scope="shared")' if gpu else ")"))
     L += [f'        for ty in {loop(TY, "threadIdx.y")}:',
@@ -204,7 +209,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         # R (x3 at 3 bits) independent 128-bit loads, plus the rows' scale and zero point, into buffer b
         out = []
         for r in range(R):
-            row = f"bx * {RS} + ({st}) * {R} + {r}"
+            row = f"bx * {RS} + {st * R + r}"
             for v in range(0, CW, VW):
                 out.append(f"{body}wq[T.ramp({(b * R + r) * CW + v}, 1, {VW})] = "
                            f"qweight[{row}, T.ramp({c} * {CW} + {v}, 1, {VW})]")
@@ -221,7 +226,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         for i, b in enumerate(classes):
             L.append(f"{body}sx[{i}] = sx[{i}] + " + " + ".join(f"xf[{(sb * 32 if resident else 0) + v}]"
                                                                 for v, (_, fb) in enumerate(fields) if fb == b))
-    L += load_rows(body, "0", 0)
+    L += load_rows(body, 0, 0)
 
     def step(ind, st, b, prefetch):
         """One step of R rows from buffer b; `prefetch` = (condition, next step, buffer) loads ahead first."""
@@ -259,17 +264,23 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                     out.append(f"{ind}acc[{r}] = acc[{r}] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), "
                                f"acc[{r}], {off}, 32, 32)")
             out.append(f"{ind}if tx == 0:")
-            out += [f"{ind}    red[ty * {RS} + ({st}) * {R} + {r}] = acc[{r}]" for r in range(R)]
+            out += [f"{ind}    red[ty * {RS} + {st * R + r}] = acc[{r}]" for r in range(R)]
         else:
-            out += [f"{ind}red[{c} * {RS} + ({st}) * {R} + {r}] = acc[{r}]" for r in range(R)]
+            out += [f"{ind}red[{c} * {RS} + {st * R + r}] = acc[{r}]" for r in range(R)]
         return out
 
-    if S == 1:
-        L += step(ind, "0", 0, None)
-    else:  # steps in pairs, so that each buffer index is a constant (registers, not local memory)
-        L.append(f"{ind}for s2 in T.serial({S // 2}):")
-        L += step(ind + "    ", "s2 * 2", 0, ("", "s2 * 2 + 1", 1))
-        L += step(ind + "    ", "s2 * 2 + 1", 1, (f"s2 < {S // 2 - 1}", "s2 * 2 + 2", 0))
+    def live(st):  # the block's step st exists (only the last block of a ragged grid has fewer)
+        return f"bx * {S} + {st} < {NS}" if ragged and st else ""
+
+    # steps unrolled, buffers alternating: every buffer index is a constant (registers, not local memory), and no
+    # loop-carried state keeps registers alive across steps
+    for st in range(S):
+        pre = (live(st + 1), st + 1, (st + 1) % 2) if st + 1 < S else None
+        if live(st):  # uniform over the block: the shuffles inside stay convergent
+            L.append(f"{ind}if {live(st)}:")
+            L += step(ind + "    ", st, st % 2, pre)
+        else:
+            L += step(ind, st, st % 2, pre)
 
     def finish(ind, lin, nsum):
         row = f"bx * {RS} + {lin}"
@@ -291,9 +302,11 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     if gpu:
         ne = -(-RS // tpb)
         L.append(f"{ind}for e in T.serial({ne}):")
-        L.append(f"{ind}    if e * {tpb} + {c} < {RS}:")
+        L.append(f"{ind}    if e * {tpb} + {c} < {RS}" + (f" and bx * {RS} + e * {tpb} + {c} < {n}:" if ragged else ":"))
         L += finish(ind + "        ", f"(e * {tpb} + {c})", TY)
     else:
         L.append(f"        for lin in T.serial({RS}):")
-        L += finish("            ", "lin", tpb)
+        if ragged:
+            L.append(f"            if bx * {RS} + lin < {n}:")
+        L += finish("                " if ragged else "            ", "lin", tpb)
     return "\n".join(L) + "\n"
