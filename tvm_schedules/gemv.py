@@ -6,8 +6,9 @@ At batch 1 a linear layer only streams its packed weights, so the kernel is buil
   read consecutive chunks (coalesced), and the block's warps cover K once (split-K inside the block);
 - the thread converts its chunk of x to fp32 once (kept in registers up to 64 values) and sums it per field class,
   then streams `steps` steps of `rows` rows: the next step's weights, scales and zero points are loaded into a second
-  register buffer before this step's math (double buffering, steps unrolled in pairs so buffer indices stay
-  constants), so each thread keeps 2 x rows independent loads in flight while it computes;
+  register buffer before this step's math (double buffering; the steps are unrolled, so buffer indices stay
+  constants), so each thread keeps 2 x rows independent loads in flight while it computes; the grid's last block
+  may have fewer steps (guarded);
 - after each step the rows' partial sums meet through warp shuffles and one shared-memory slot per warp and row;
   one barrier at the end adds the warps' slots (and the fp16 outlier columns, OWQ) per row;
 - no integer-to-float conversion per weight: a field of q bits is masked into the mantissa of the float 1.0
@@ -67,9 +68,10 @@ CANDIDATES = ((8, 2), (4, 2), (8, 1), (4, 1), (2, 1), (1, 1))   # (rows, steps),
 
 def default_config(spec: QuantSpec, sms: int = 132) -> GemvConfig:
     """The first of CANDIDATES that keeps about 11 warps per SM in the grid (fewer rows per block otherwise), from the
-    H200 sweep in benchmarks/results/gpu-nvidia-h200.md: 8 rows x 2 steps was fastest for every bit width on qkv and
-    gate_up (and on down at 2 and 3 bits), while on o (N = 4096, K = 4096) it left too few warps and 4 rows won;
-    with 4 steps or more buffers the registers (up to 200) cut occupancy below what the extra loads in flight gain."""
+    H200 sweeps in benchmarks/results/gpu-nvidia-h200*.md: 8 rows x 2 steps was fastest or within 5% on qkv, gate_up
+    and down at every bit width, while on o (N = K = 4096) it left too few warps and 4 rows won. More steps per block
+    (3 and 4) won a few percent on some linears and lost more on others: their registers (up to 255) cut occupancy
+    below what the extra loads in flight gain. The rule's LLaMA-7B step is within 3% of the best config per linear."""
     warps = warps_for(spec)
     fits = [(r, s) for r, s in CANDIDATES if spec.n % (r * s) == 0]
     for r, s in fits:
