@@ -1,16 +1,20 @@
 """Decode GEMV speed on a CUDA GPU: our TIR kernels (`tvm_schedules/gemv.py`) for the LLaMA-7B linears at W4 g128 /
-W3 g128 / W2 g64, against the copy bandwidth, torch's int4 GEMV and cuBLAS fp16, measured in one run.
+W3 g128 / W2 g64 / W3 g128 with OWQ's fp16 outlier columns (3.1 bits), against the copy bandwidth, torch's int4 GEMV
+and cuBLAS fp16, measured in one run.
 
 Two steps, because TVM compiles here and the GPU machine has only torch (no TVM compiler):
 
-    python benchmarks/gpu_decode.py build [--out .device/gpu-decode]     # here: TIR -> CUDA C -> sm_90 cubin + manifest
-    python3 benchmarks/gpu_decode.py run [--out .device/gpu-decode]      # on the GPU: random weights made there
+    python benchmarks/gpu_decode.py build [--out .device/gpu-decode] [--baseline OLD_GEMV.py] [--quick]   # here
+    python3 benchmarks/gpu_decode.py run [--out .device/gpu-decode] [--save [DIR]]      # on the GPU machine
 
-`run` loads the cubin through the CUDA driver (ctypes), checks every kernel against a torch dequantize reference on the
-device, and times each linear as CUDA-graph replays over enough weight copies (>= 512 MiB) that nothing is served
-from L2. Bytes per linear = packed weights + scales + zeros; "% roofline" divides their rate by the faster of a
-streaming-read kernel and a device-to-device copy ((read + write bytes) / time), both over 1 GiB. The step table
-adds up all 32 layers' linears: the decode tokens/s a model would reach if nothing but these linears ran.
+`build` compiles every (rows, steps) config of the sweep (or only `default_config`'s with --quick) from TIR to CUDA C
+to an sm_90 cubin and records ptxas' register counts; `--baseline` adds the default kernels of an earlier gemv.py
+(`git show REV:tvm_schedules/gemv.py`), so old and new kernels meet in the same run. `run` loads the cubin through the
+CUDA driver (ctypes), checks every kernel against a torch dequantize reference on the device (output poisoned with
+NaN first), and times each linear as CUDA-graph replays over enough weight copies (>= 512 MiB) that nothing is served
+from L2. Bytes per linear = packed weights + scales + zeros (+ outlier columns); "% roofline" divides their rate by
+the faster of a streaming-read kernel and a device-to-device copy ((read + write bytes) / time), both over 1 GiB. The
+step table adds up all 32 layers' linears: the decode tokens/s a model would reach if nothing but these linears ran.
 Writes benchmarks/results/gpu-<device>.md.
 """
 from __future__ import annotations
@@ -25,16 +29,31 @@ import time
 from pathlib import Path
 
 SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
-SCHEMES = [("W4 g128", 4, 128), ("W3 g128", 3, 128), ("W2 g64", 2, 64)]
-ROWS = (1, 2, 4, 8)  # rows per block tried per linear, each with the warps for 1 and 2 steps over K (and the default)
+SCHEMES = [("W4 g128", 4, 128, 0.0), ("W3 g128", 3, 128, 0.0), ("W2 g64", 2, 64, 0.0),
+           ("W3 g128 + OWQ 3.1", 3, 128, 0.1)]      # the last: fp16 outlier columns worth 0.1 bit per weight
+SWEEP = ((8, 2), (8, 3), (8, 4), (4, 2), (4, 4))   # (rows per step, steps per block) tried per linear, and the default
 LAYERS = 32
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-# ------------------------------------------------------------------------------------------------ build (here)
-def build(out: Path, arch: str):
-    import subprocess
+def n_outliers(k: int, extra_bits: float) -> int:
+    """fp16 columns that add `extra_bits` per weight to a row of K (OWQ's 3.1 bits: 26 of 4096)."""
+    return round(extra_bits * k / 16)
 
+
+# ------------------------------------------------------------------------------------------------ build (here)
+def _load_baseline(path: str):
+    """An earlier gemv.py (e.g. `git show REV:tvm_schedules/gemv.py > /tmp/gemv_prev.py`) as a module of the package,
+    so that its kernels run in the same benchmark run as the current ones."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("edgequant.tvm_schedules._gemv_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: bool):
     import tvm
 
     from edgequant.export.targets import PRESETS
@@ -43,19 +62,35 @@ def build(out: Path, arch: str):
 
     out.mkdir(parents=True, exist_ok=True)
     funcs, manifest = {}, []
-    for scheme, bits, g in SCHEMES:
+
+    def add(name, func, scheme, bits, g, lin, n, k, spec, cfg, dflt, nout, grid, block):
+        funcs[name] = func.with_attr("global_symbol", name)
+        manifest.append({"name": name, "kernel": f"{name}_kernel", "scheme": scheme, "bits": bits, "group": g,
+                         "linear": lin, "n": n, "k": k, "config": cfg, "default": dflt, "words": spec.words,
+                         "n_groups": spec.n_groups, "layout": spec.layout, "n_outliers": nout,
+                         "grid": grid, "block": block})
+
+    for scheme, bits, g, extra in SCHEMES:
         for lin, n, k in SHAPES:
             spec = QuantSpec(n, k, bits, g, False, LAYOUT[bits])
+            nout = n_outliers(k, extra)
             dflt = default_config(spec)
-            tried = {(r, warps_for(spec, steps)) for r in ROWS for steps in (1, 2)} | {(dflt.rows, dflt.warps)}
-            for rows, warps in sorted(c for c in tried if c[1] <= 16):
-                name = f"w{bits}_{lin}_r{rows}w{warps}"
-                funcs[name] = gemv_func(spec, GemvConfig(rows, warps), name=name).with_attr("global_symbol", name)
-                manifest.append({"name": name, "kernel": f"{name}_kernel", "scheme": scheme, "bits": bits,
-                                 "group": g, "linear": lin, "n": n, "k": k, "rows": rows, "warps": warps,
-                                 "default": (rows, warps) == (dflt.rows, dflt.warps), "words": spec.words,
-                                 "n_groups": spec.n_groups, "layout": spec.layout,
-                                 "grid": [n // rows, 1, 1], "block": [32, warps, 1]})
+            tried = {(dflt.rows, dflt.steps)}
+            if not extra and not quick:  # the outlier variant runs the default config only
+                tried |= {(r, s) for r, s in SWEEP if n % r == 0 and -(-n // r // s) >= 132}
+            for rows, steps in sorted(tried):
+                cfg = GemvConfig(rows, warps_for(spec), steps)
+                tag = "o" if nout else ""
+                name = f"w{bits}{tag}_{lin}_r{rows}s{steps}"
+                add(name, gemv_func(spec, cfg, n_outliers=nout, name=name), scheme, bits, g, lin, n, k, spec,
+                    f"r{rows}s{steps}", (rows, steps) == (dflt.rows, dflt.steps), nout, [-(-n // rows // steps), 1, 1],
+                    [32, cfg.warps, 1])
+            if baseline and not extra:
+                prev = _load_baseline(baseline)
+                pc = prev.default_config(spec)
+                name = f"w{bits}prev_{lin}"
+                add(name, prev.gemv_func(spec, pc, name=name), f"{scheme} (previous kernel)", bits, g, lin, n, k,
+                    spec, f"r{pc.rows}w{pc.warps}", True, 0, [n // pc.rows, 1, 1], [32, pc.warps, 1])
     t = time.time()
     ex = tvm.compile(tvm.IRModule(funcs), target={**PRESETS["cuda"].target, "arch": arch})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
@@ -63,11 +98,42 @@ def build(out: Path, arch: str):
         sig = re.search(r"void __launch_bounds__\(\d+\) " + m["kernel"] + r"\(([^)]*)\)", src).group(1)
         m["params"] = [p.strip().split()[-1].removesuffix("_ptr") for p in sig.split(",")]
     (out / "kernels.cu").write_text(src + READ_BW_CU)
-    subprocess.run(["nvcc", "-cubin", "-O3", f"-arch={arch}", "-o", str(out / "kernels.cubin"),
-                    str(out / "kernels.cu")], check=True)
     (out / "manifest.json").write_text(json.dumps({"arch": arch, "tvm": tvm.__version__, "kernels": manifest},
                                                   indent=1))
-    print(f"built {len(manifest)} kernels in {time.time() - t:.0f} s -> {out}")
+    print(f"generated {len(manifest)} kernels in {time.time() - t:.0f} s -> {out}")
+    if not device_nvcc:
+        compile_cubins(out, arch, jobs=1)
+
+
+def compile_cubins(out: Path, arch: str, jobs: int):
+    """kernels.cu -> kernels-<i>.cubin in `jobs` parts compiled in parallel (nvcc is single-threaded; the GPU
+    machine has 16 cores and this one 2), with ptxas' register counts added to the manifest."""
+    import subprocess
+    src = (out / "kernels.cu").read_text()
+    # kernel definitions (TVM declares them all first: those lines end in ';' and stay in the shared head)
+    starts = [m.start() for m in re.finditer(r'^extern "C" __global__.*\{\s*$', src, re.M)]
+    head, bodies = src[:starts[0]], [src[a:b] for a, b in zip(starts, starts[1:] + [len(src)])]
+    parts = [bodies[i::jobs] for i in range(jobs) if bodies[i::jobs]]
+    procs = []
+    for i, part in enumerate(parts):
+        (out / f"kernels-{i}.cu").write_text(head + "".join(part))
+        procs.append(subprocess.Popen(["nvcc", "-cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-o",
+                                       str(out / f"kernels-{i}.cubin"), str(out / f"kernels-{i}.cu")],
+                                      stderr=subprocess.PIPE, text=True))
+    regs = {}  # ptxas' report: registers and spills per kernel
+    for p in procs:
+        err = p.communicate()[1]
+        if p.returncode:
+            raise RuntimeError(f"nvcc failed: {err[-2000:]}")
+        for fn, body in re.findall(r"Compiling entry function '(\w+)'(.*?)(?=Compiling entry|\Z)", err, re.S):
+            used = re.search(r"Used (\d+) registers", body)
+            spill = re.search(r"(\d+) bytes spill stores", body)
+            regs[fn] = (int(used.group(1)) if used else -1, int(spill.group(1)) if spill else -1)
+    man = json.loads((out / "manifest.json").read_text())
+    for m in man["kernels"]:
+        m["regs"], m["spill"] = regs.get(m["kernel"], (-1, -1))
+    man["cubins"] = [f"kernels-{i}.cubin" for i in range(len(parts))]
+    (out / "manifest.json").write_text(json.dumps(man, indent=1))
 
 
 # the read roofline: a plain streaming read (4 x 128-bit loads in flight per thread), XOR-folded so nothing is dropped
@@ -97,12 +163,14 @@ def _walk(m):
 class Driver:
     """The few CUDA driver calls needed to launch a cubin's kernels on torch's current stream."""
 
-    def __init__(self, cubin: bytes):
+    def __init__(self, cubins: list[bytes]):
         import torch
         torch.zeros(1, device="cuda")  # makes torch's primary context current
         self.lib = ctypes.CDLL("libcuda.so.1")
-        self.mod = ctypes.c_void_p()
-        self._check(self.lib.cuModuleLoadData(ctypes.byref(self.mod), cubin))
+        self.mods = []
+        for cubin in cubins:
+            self.mods.append(ctypes.c_void_p())
+            self._check(self.lib.cuModuleLoadData(ctypes.byref(self.mods[-1]), cubin))
         self.fns = {}
 
     def _check(self, rc):
@@ -111,9 +179,13 @@ class Driver:
 
     def fn(self, name):
         if name not in self.fns:
-            f = ctypes.c_void_p()
-            self._check(self.lib.cuModuleGetFunction(ctypes.byref(f), self.mod, name.encode()))
-            self.fns[name] = f
+            for mod in self.mods:
+                f = ctypes.c_void_p()
+                if self.lib.cuModuleGetFunction(ctypes.byref(f), mod, name.encode()) == 0:
+                    self.fns[name] = f
+                    break
+            else:
+                raise RuntimeError(f"no kernel {name} in the cubins")
         return self.fns[name]
 
     def launcher(self, name, grid, block, tensors):
@@ -219,68 +291,84 @@ def torch_fp16(n, k):
 def run(out: Path, only: str | None, results: Path | None):
     import torch
     man = json.loads((out / "manifest.json").read_text())
-    drv = Driver((out / "kernels.cubin").read_bytes())
+    if "cubins" not in man:  # built with --device-nvcc: compile here, on all cores
+        import os
+        t = time.time()
+        compile_cubins(out, man["arch"], jobs=os.cpu_count() or 1)
+        man = json.loads((out / "manifest.json").read_text())
+        print(f"nvcc: {len(man['cubins'])} parts in {time.time() - t:.0f} s", flush=True)
+    drv = Driver([(out / c).read_bytes() for c in man["cubins"]])
     dev = torch.cuda.get_device_name()
     cbw = copy_bandwidth()
     bw = max(cbw, read_bandwidth(drv))   # the roofline: whichever streams faster
     print(f"device {dev}; torch {torch.__version__}; copy bandwidth {cbw / 1e12:.2f} TB/s, roofline {bw / 1e12:.2f} "
           "TB/s", flush=True)
-    rows, peer = [], {}
+    rows, peer, configs = [], {}, []
     for lin, n, k in SHAPES if not only else []:
         try:
             peer[lin, "int4"] = torch_int4(n, k)
         except Exception as e:  # noqa: BLE001 - report and go on without the peer
             print(f"torch int4 {lin}: {type(e).__name__}: {e}", flush=True)
         peer[lin, "fp16"] = torch_fp16(n, k)
-    for scheme, bits, g in SCHEMES:
-        for lin, n, k in SHAPES:
-            ks = [m for m in man["kernels"] if m["scheme"] == scheme and m["linear"] == lin]
-            ks = [m for m in ks if not only or only in m["name"]]
-            if not ks:
+    groups = list(dict.fromkeys((m["scheme"], m["linear"]) for m in man["kernels"]))
+    for scheme, lin in groups:
+        ks = [m for m in man["kernels"] if (m["scheme"], m["linear"]) == (scheme, lin)]
+        ks = [m for m in ks if not only or only in m["name"]]
+        if not ks:
+            continue
+        m0 = ks[0]
+        n, k, bits, g, nout = m0["n"], m0["k"], m0["bits"], m0["group"], m0["n_outliers"]
+        nbytes = n * m0["words"] * 4 + n * m0["n_groups"] * 3 + nout * (2 * n + 4)
+        gen = torch.Generator(device="cuda").manual_seed(bits * 1000 + n)
+        sets = []
+        for _ in range(_copies(nbytes)):
+            qw = torch.randint(-2**31, 2**31 - 1, (n, m0["words"]), device="cuda", dtype=torch.int32,
+                               generator=gen)
+            sc = (torch.rand(n, m0["n_groups"], device="cuda", generator=gen) * 0.009 + 0.001).half()
+            zr = torch.randint(0, 1 << bits, (n, m0["n_groups"]), device="cuda", dtype=torch.uint8,
+                               generator=gen)
+            st = {"qweight": qw, "scales": sc, "zeros": zr}
+            if nout:
+                st["oidx"] = torch.randperm(k, device="cuda", generator=gen)[:nout].to(torch.int32)
+                st["ow"] = (torch.randn(n, nout, device="cuda", generator=gen) * 0.05).half()
+            sets.append(st)
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        s0 = sets[0]
+        q = _unpack_torch(s0["qweight"], bits, k, m0["layout"]).float()
+        gi = torch.arange(k, device="cuda") // g
+        wref = (q - s0["zeros"].float()[:, gi]) * s0["scales"].float()[:, gi]
+        ref = x.float() @ wref.T
+        if nout:
+            ref = ref + x.float()[:, s0["oidx"].long()] @ s0["ow"].float().T
+        del q, wref
+        best = dflt = None
+        for m in ks:
+            y = torch.empty(1, n, device="cuda", dtype=torch.float16)
+            fns = [drv.launcher(m["kernel"], m["grid"], m["block"], [{**s, "x": x, "y": y}[p] for p in m["params"]])
+                   for s in sets]
+            y.fill_(float("nan"))  # poisoned: an unwritten output fails the check
+            fns[0]()
+            torch.cuda.synchronize()
+            err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+            t = _timed(fns)
+            r = {"scheme": scheme, "linear": lin, "n": n, "k": k, "config": m["config"], "regs": m.get("regs", -1),
+                 "default": m["default"], "us": t * 1e6, "gbs": nbytes / t / 1e9, "roof": nbytes / t / bw,
+                 "rel_err": err, "bytes": nbytes}
+            configs.append(r)
+            print(json.dumps(r), flush=True)
+            if not err <= 3e-3:
+                print(f"WRONG RESULT {m['name']}: rel err {err:.2e}", flush=True)
                 continue
-            m0 = ks[0]
-            nbytes = n * m0["words"] * 4 + n * m0["n_groups"] * 3
-            gen = torch.Generator(device="cuda").manual_seed(bits * 1000 + n)
-            sets = []
-            for _ in range(_copies(nbytes)):
-                qw = torch.randint(-2**31, 2**31 - 1, (n, m0["words"]), device="cuda", dtype=torch.int32,
-                                   generator=gen)
-                sc = (torch.rand(n, m0["n_groups"], device="cuda", generator=gen) * 0.009 + 0.001).half()
-                zr = torch.randint(0, 1 << bits, (n, m0["n_groups"]), device="cuda", dtype=torch.uint8,
-                                   generator=gen)
-                sets.append({"qweight": qw, "scales": sc, "zeros": zr})
-            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-            s0 = sets[0]
-            q = _unpack_torch(s0["qweight"], bits, k, m0["layout"]).float()
-            gi = torch.arange(k, device="cuda") // g
-            wref = (q - s0["zeros"].float()[:, gi]) * s0["scales"].float()[:, gi]
-            ref = x.float() @ wref.T
-            del q, wref
-            best = dflt = None
-            for m in ks:
-                y = torch.empty(1, n, device="cuda", dtype=torch.float16)
-                fns = [drv.launcher(m["kernel"], m["grid"], m["block"], [{**s, "x": x, "y": y}[p] for p in m["params"]])
-                       for s in sets]
-                fns[0]()
-                torch.cuda.synchronize()
-                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                t = _timed(fns)
-                r = {"scheme": scheme, "linear": lin, "n": n, "k": k, "config": f"r{m['rows']}w{m['warps']}",
-                     "default": m["default"], "us": t * 1e6, "gbs": nbytes / t / 1e9, "roof": nbytes / t / bw,
-                     "rel_err": err, "bytes": nbytes}
-                print(json.dumps(r), flush=True)
-                if err > 3e-3:
-                    print(f"WRONG RESULT {m['name']}: rel err {err:.2e}", flush=True)
-                    continue
-                if best is None or t < best["us"] / 1e6:
-                    best = r
-                if m["default"]:
-                    dflt = r
-            if best is not None:
-                best["default_us"] = dflt["us"] if dflt else float("nan")
-                rows.append(best)
-            del sets
-            torch.cuda.empty_cache()
+            if best is None or t < best["us"] / 1e6:
+                best = r
+            if m["default"]:
+                dflt = r
+        if best is not None:
+            best = {**best, "default_us": dflt["us"] if dflt else float("nan"),
+                    "default_config": dflt["config"] if dflt else "-"}
+            rows.append(best)
+        del sets
+        torch.cuda.empty_cache()
     if only:
         return
     table = _table(rows, peer, bw, cbw, dev, torch.__version__)
@@ -289,8 +377,8 @@ def run(out: Path, only: str | None, results: Path | None):
         results.mkdir(parents=True, exist_ok=True)
         name = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
         (results / f"gpu-{name}.md").write_text(table)
-        (results / f"gpu-{name}.rows.json").write_text(json.dumps({"rows": rows, "copy_bw": bw, "copy_only_bw": cbw,
-                                                                   "peer": {
+        (results / f"gpu-{name}.rows.json").write_text(json.dumps({"rows": rows, "configs": configs, "copy_bw": bw,
+                                                                   "copy_only_bw": cbw, "peer": {
             f"{a}/{b}": v for (a, b), v in peer.items()}}, indent=1))
 
 
@@ -302,42 +390,47 @@ def _table(rows, peer, bw, cbw, dev, torch_ver):
            "Command: `python benchmarks/gpu_decode.py build` (TVM 0.27, nvcc sm_90, on the build machine), then "
            "`python3 benchmarks/gpu_decode.py run --save` on the GPU.", "",
            "Times per call, CUDA-graph replays over weight copies totalling >= 512 MiB (no L2 reuse). % roofline = "
-           "(weights + scales + zeros) / time / roofline. Best of the (rows, warps) configs tried; 'default' is "
-           "the time of the config `gemv.default_config` picks.", "",
-           "| weights | linear (N x K) | config | us | default us | GB/s | % roofline | rel err | torch int4 us | "
-           "x torch int4 | cuBLAS fp16 us |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "(weights + scales + zeros [+ fp16 outlier columns]) / time / roofline. Best of the configs tried "
+           "(rNsM: N rows per step, M steps per block); 'default' is the config `gemv.default_config` picks; regs "
+           "from ptxas.", "",
+           "| weights | linear (N x K) | config | regs | us | default | default us | GB/s | % roofline | rel err | "
+           "torch int4 us | x torch int4 | cuBLAS fp16 us |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        i4 = peer.get((r["linear"], "int4"))
+        i4 = peer.get((r["linear"], "int4"), (float("nan"),))
         f16 = peer.get((r["linear"], "fp16"), (float("nan"),))
-        out.append(f"| {r['scheme']} | {r['linear']} {r['n']}x{r['k']} | {r['config']} | {r['us']:.1f} | "
-                   f"{r['default_us']:.1f} | {r['gbs']:.0f} | {100 * r['roof']:.0f}% | {r['rel_err']:.1e} | "
-                   f"{i4[0] * 1e6:.1f} | {i4[0] * 1e6 / r['us']:.2f} | {f16[0] * 1e6:.1f} |" if i4 else
-                   f"| {r['scheme']} | {r['linear']} | {r['config']} | {r['us']:.1f} | {r['default_us']:.1f} | "
-                   f"{r['gbs']:.0f} | {100 * r['roof']:.0f}% | {r['rel_err']:.1e} | - | - | {f16[0] * 1e6:.1f} |")
-    out += ["", "All linears of one decode step (32 layers x qkv, o, gate_up, down), from the per-linear times:", "",
-            "| weights | ms per step | tok/s bound | % roofline | x torch int4 | x W4 |", "|---|---|---|---|---|---|"]
+        out.append(f"| {r['scheme']} | {r['linear']} {r['n']}x{r['k']} | {r['config']} | {r['regs']} | "
+                   f"{r['us']:.1f} | {r['default_config']} | {r['default_us']:.1f} | {r['gbs']:.0f} | "
+                   f"{100 * r['roof']:.0f}% | {r['rel_err']:.1e} | {i4[0] * 1e6:.1f} | {i4[0] * 1e6 / r['us']:.2f} | "
+                   f"{f16[0] * 1e6:.1f} |")
+    out += ["", "All linears of one decode step (32 layers x qkv, o, gate_up, down), from the per-linear times "
+            "(best config; in brackets the default config):", "",
+            "| weights | ms per step | tok/s bound | % roofline | x torch int4 | x W4 g128 |", "|---|---|---|---|---|---|"]
     steps = {}
     for scheme in dict.fromkeys(r["scheme"] for r in rows):
         rs = [r for r in rows if r["scheme"] == scheme]
         if len(rs) != len(SHAPES):
             continue
         t = LAYERS * sum(r["us"] for r in rs) / 1e6
+        td = LAYERS * sum(r["default_us"] for r in rs) / 1e6
         nbytes = LAYERS * sum(r["bytes"] for r in rs)
-        steps[scheme] = t
+        steps[scheme] = (t, td)
         i4 = [peer.get((lin, "int4")) for lin, _, _ in SHAPES]
-        ti4 = LAYERS * sum(p[0] for p in i4) if all(i4) else None
-        out.append(f"| {scheme} | {t * 1e3:.2f} | {1 / t:.0f} | {100 * nbytes / t / bw:.0f}% | "
-                   f"{(ti4 / t) if ti4 else float('nan'):.2f} | {steps.get('W4 g128', t) / t:.2f} |")
+        ti4 = LAYERS * sum(p[0] for p in i4) if all(i4) else float("nan")
+        w4, w4d = steps.get("W4 g128", (t, td))
+        out.append(f"| {scheme} | {t * 1e3:.2f} ({td * 1e3:.2f}) | {1 / t:.0f} ({1 / td:.0f}) | "
+                   f"{100 * nbytes / t / bw:.0f}% ({100 * nbytes / td / bw:.0f}%) | {ti4 / t:.2f} ({ti4 / td:.2f}) | "
+                   f"{w4 / t:.2f} ({w4d / td:.2f}) |")
     i4 = [peer.get((lin, "int4")) for lin, _, _ in SHAPES]
     if all(i4):
         t = LAYERS * sum(p[0] for p in i4)
         nb = LAYERS * sum(p[1] for p in i4)
         out.append(f"| torch int4 g128 (bf16) | {t * 1e3:.2f} | {1 / t:.0f} | {100 * nb / t / bw:.0f}% | 1.00 | |")
-    f16 = [peer[lin, "fp16"] for lin, _, _ in SHAPES]
-    t = LAYERS * sum(p[0] for p in f16)
-    out.append(f"| cuBLAS fp16 | {t * 1e3:.2f} | {1 / t:.0f} | {100 * LAYERS * sum(p[1] for p in f16) / t / bw:.0f}% "
-               "| | |")
+    f16 = [peer.get((lin, "fp16")) for lin, _, _ in SHAPES]
+    if all(f16):
+        t = LAYERS * sum(p[0] for p in f16)
+        out.append(f"| cuBLAS fp16 | {t * 1e3:.2f} | {1 / t:.0f} | "
+                   f"{100 * LAYERS * sum(p[1] for p in f16) / t / bw:.0f}% | | |")
     return "\n".join(out) + "\n"
 
 
@@ -346,12 +439,15 @@ def main():
     ap.add_argument("step", choices=["build", "run"])
     ap.add_argument("--out", default=".device/gpu-decode")
     ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--baseline", help="build: also the default configs of this earlier gemv.py, for the same run")
+    ap.add_argument("--quick", action="store_true", help="build: default configs only")
+    ap.add_argument("--device-nvcc", action="store_true", help="build: leave nvcc to `run` on the GPU machine")
     ap.add_argument("--only", help="run: only kernels whose name contains this (for ncu)")
     ap.add_argument("--save", nargs="?", const=str(RESULTS), help="run: write gpu-<device>.md there "
                     "(default benchmarks/results)")
     a = ap.parse_args()
     if a.step == "build":
-        build(Path(a.out), a.arch)
+        build(Path(a.out), a.arch, a.baseline, a.quick, a.device_nvcc)
     else:
         run(Path(a.out), a.only, Path(a.save) if a.save else None)
 

@@ -71,7 +71,11 @@ def build_module(source, preset, arch=None, system_lib_prefix=None):
         mod = mod.with_attr("system_lib_prefix", system_lib_prefix)
         ex = relax.build(mod, tgt, relax_pipeline=relax_pipeline(tgt), system_lib=True)
     else:
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
+        # CUDA: relax's RewriteCUDAGraph captures the static parts of prefill and decode once and replays them as
+        # CUDA graphs; SmolLM2-135M decode on an H200 went from ~370 to ~850 tok/s (apps/cuda/README.md)
+        cfg = {"relax.backend.use_cuda_graph": True} if preset.name == "cuda" else {}
+        with tvm.transform.PassContext(config=cfg):
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
     return ex, named_params, tgt, functions
 
 

@@ -6,8 +6,9 @@ the matmul (one kernel reads the packed words, never an fp16 copy of the weight)
 stays its own kernel: a data-dependent read inside the reduction would stop dlight's GEMV/Matmul rules.
 
 On CUDA (`decode_gemv=True`) a one-row call (decode) uses the hand-scheduled GEMV of `tvm_schedules/gemv.py`
-instead, which streams the packed weights at close to the memory bandwidth; prefill keeps the fused kernel and dlight.
-The GEMV returns fp32 when outlier columns follow, so their sum is rounded once, as in the fused kernel.
+instead (at 4 bits about half the H200's read bandwidth for LLaMA-7B shapes, 1.37x torch's int4 GEMV; see
+benchmarks/results/gpu-nvidia-h200.md); prefill keeps the fused kernel and dlight. The GEMV adds the fp16 outlier
+columns itself (one kernel, one rounding of the fp32 sum): no extra launches, +11% on a 7B W3 decode step.
 On x86 CPUs the export pipeline replaces one-row matmuls of the dequantize (found by the spec attribute it carries)
 with the int8 dot-product GEMV of `tvm_schedules/cpu_int8.py`; see `export/pipeline.py`.
 """
@@ -65,20 +66,21 @@ class QuantLinear(nn.Module):
         args = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
         lead = tuple(x.shape[:-1])
         if self.decode_gemv and all(isinstance(d, int) and d == 1 for d in lead):
-            out_dtype = "float32" if self.n_outliers else "float16"
             # without a global symbol of its own: the builder names (and dedupes) it per shape
-            f = gemv.gemv_func(self.spec, out_dtype=out_dtype, lead=lead,
-                               gpu=self.decode_gemv == "gpu").without_attr("global_symbol")
-            y = op.tensor_ir_op(f, "decode_gemv", [x, *args], Tensor.placeholder((*lead, self.spec.n), out_dtype))
+            f = gemv.gemv_func(self.spec, lead=lead, gpu=self.decode_gemv == "gpu",
+                               n_outliers=self.n_outliers).without_attr("global_symbol")
+            if self.n_outliers:
+                args += [self.outlier_idx, self.outlier_weight]
+            y = op.tensor_ir_op(f, "decode_gemv", [x, *args], Tensor.placeholder((*lead, self.spec.n), "float16"))
         else:
             # the spec rides on the dequantize kernel: the CPU pipeline swaps one-row matmuls of it for the int8
             # GEMV (export/pipeline.py), knowing the target that this module is built without
             w = op.tensor_expr_op(dequantize_te(self.spec), "dequantize", args,
                                   attrs={SPEC_ATTR: spec_to_str(self.spec)})
             y = op.matmul(x, op.permute_dims(w), out_dtype="float32")
-        if self.n_outliers:
-            xo = take_clipped(x, self.outlier_idx, axis=x.ndim - 1)
-            y = y + op.matmul(xo, op.permute_dims(self.outlier_weight), out_dtype="float32")
+            if self.n_outliers:
+                xo = take_clipped(x, self.outlier_idx, axis=x.ndim - 1)
+                y = y + op.matmul(xo, op.permute_dims(self.outlier_weight), out_dtype="float32")
         if y.dtype != "float16":
             y = y.astype("float16")
         return y + self.bias if self.bias is not None else y

@@ -1,11 +1,16 @@
 """Decode GEMV for GPUs: one activation row times a 2/3/4-bit weight, written as a hand-scheduled TIR prim func.
 
 At batch 1 a linear layer only streams its packed weights, so the kernel is built around the loads:
-- every thread owns a "chunk" of K (32 values at 4 bits, 64 at 2 bits, 128 at 3 bits in the words3x32 layout) and
-  reads it with one 128-bit load per row (three at 3 bits); consecutive threads read consecutive chunks (coalesced);
-- a block computes `rows` output rows, and each thread reuses its chunk of x (read once, 128-bit loads) for all of
-  them; the block's `warps` split K between them (split-K inside the block) so that small-N linears still fill the
-  GPU; partial sums meet through warp shuffles and one shared-memory step;
+- every thread owns one "chunk" of K (32 values at 4 bits, 64 at 2 and 3 bits) for every row of its block: one
+  128-bit load per row at 4 and 2 bits, three 64-bit loads in the words3x32 layout at 3 bits; consecutive threads
+  read consecutive chunks (coalesced), and the block's warps cover K once (split-K inside the block);
+- the thread converts its chunk of x to fp32 once (kept in registers up to 64 values) and sums it per field class,
+  then streams `steps` steps of `rows` rows: the next step's weights, scales and zero points are loaded into a second
+  register buffer before this step's math (double buffering; the steps are unrolled, so buffer indices stay
+  constants), so each thread keeps 2 x rows independent loads in flight while it computes; the grid's last block
+  may have fewer steps (guarded);
+- after each step the rows' partial sums meet through warp shuffles and one shared-memory slot per warp and row;
+  one barrier at the end adds the warps' slots (and the fp16 outlier columns, OWQ) per row;
 - no integer-to-float conversion per weight: a field of q bits is masked into the mantissa of the float 1.0
   (`0x3F800000 | (q << b)` is exactly `1 + q * 2^(b-23)`), so `x * f = x + x * q * 2^(b-23)` costs one mask (LOP3)
   and one FMA per weight; each field position b has its own accumulator, and fields sit high in the mantissa
@@ -25,19 +30,24 @@ from dataclasses import dataclass
 from .dequant import QuantSpec
 
 MAGIC = 0x3F800000                      # the float 1.0: fields are OR-ed into its mantissa
-CHUNK = {4: 32, 2: 64, 3: 128}          # values per thread and row per step
-CHUNK_WORDS = {4: 4, 2: 4, 3: 12}       # uint32 words per chunk: one (4 and 2 bits) or three (3 bits) 128-bit loads
+CHUNK = {4: 32, 2: 64, 3: 64}           # values per thread and row per step
+CHUNK_WORDS = {4: 4, 2: 4, 3: 6}        # uint32 words per chunk
+VEC_WORDS = {4: 4, 2: 4, 3: 2}          # words per load: one 128-bit load (4 and 2 bits), three 64-bit ones (3 bits)
 SUB_WORDS = {4: 4, 2: 2, 3: 3}          # words of one 32-value sub-block (x is pre-scaled 32 values at a time)
 LAYOUT = {4: "words", 2: "words", 3: "words3x32"}
 
 
+RESIDENT_X = 64                         # chunks up to this many values keep x in fp32 registers for every row
+
+
 @dataclass(frozen=True)
 class GemvConfig:
-    rows: int = 4     # output rows per block (x chunk reused by each)
-    warps: int = 4    # warps per block, splitting K
+    rows: int = 4     # output rows per step (each thread's x chunk reused by each)
+    warps: int = 4    # warps per block: one K chunk per thread, so 32 * warps >= K / chunk
+    steps: int = 1    # steps of `rows` rows per block; the next step's rows load during this one's math
 
     def __post_init__(self):
-        if self.rows < 1 or self.warps < 1:
+        if self.rows < 1 or self.warps < 1 or self.steps < 1:
             raise ValueError(f"bad GEMV config {self}")
 
 
@@ -48,23 +58,26 @@ def supports(spec: QuantSpec) -> bool:
             and (spec.group_size == -1 or spec.group_size % c == 0))
 
 
-def warps_for(spec: QuantSpec, steps: int = 1) -> int:
-    """Warps that cover a row's chunks in `steps` steps: a block of more threads than chunks would idle."""
-    return -(-(spec.k // CHUNK[spec.bits]) // (32 * steps))
+def warps_for(spec: QuantSpec) -> int:
+    """Warps that give each chunk of a row its own thread."""
+    return -(-(spec.k // CHUNK[spec.bits]) // 32)
+
+
+CANDIDATES = ((8, 2), (4, 2), (8, 1), (4, 1), (2, 1), (1, 1))   # (rows, steps), most reuse first
 
 
 def default_config(spec: QuantSpec, sms: int = 132) -> GemvConfig:
-    """Rows per block and warps, from the H100 sweep in benchmarks/results/gpu-h100-decode-gemv.md: two steps over K
-    per thread at 4 and 2 bits (the second step's loads overlap the first's math), one at 3 bits (three 128-bit loads
-    per row already); 8 rows at 2 bits (x reused more where weights are cheapest), else 4; fewer rows while the grid
-    would leave SMs idle, more steps while a block would exceed 12 warps."""
-    rows = 8 if spec.bits == 2 else 4
-    while rows > 1 and (spec.n % rows or spec.n // rows < 2 * sms):
-        rows //= 2
-    steps = 1 if spec.bits == 3 else 2
-    while warps_for(spec, steps) > 12:
-        steps += 1
-    return GemvConfig(rows, warps_for(spec, steps))
+    """The first of CANDIDATES that keeps about 11 warps per SM in the grid (fewer rows per block otherwise), from the
+    H200 sweeps in benchmarks/results/gpu-nvidia-h200*.md: 8 rows x 2 steps was fastest or within 5% on qkv, gate_up
+    and down at every bit width, while on o (N = K = 4096) it left too few warps and 4 rows won. More steps per block
+    (3 and 4) won a few percent on some linears and lost more on others: their registers (up to 255) cut occupancy
+    below what the extra loads in flight gain. The rule's LLaMA-7B step is within 3% of the best config per linear."""
+    warps = warps_for(spec)
+    fits = [(r, s) for r, s in CANDIDATES if spec.n % (r * s) == 0]
+    for r, s in fits:
+        if spec.n // (r * s) * warps >= 11 * sms:
+            return GemvConfig(r, warps, s)
+    return GemvConfig(fits[-1][0], warps, fits[-1][1])
 
 
 # ------------------------------------------------------------------------------------------------ field extraction
@@ -112,10 +125,12 @@ def _field_float(word_of, terms) -> str:
 
 # ------------------------------------------------------------------------------------------------ the prim func
 def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, out_dtype: str = "float16",
-              lead: tuple[int, ...] = (1,), name: str = "main"):
-    """y[lead..., N] = x[lead..., K] @ dq(W)^T for one row (prod(lead) == 1), fp32 accumulation, `out_dtype` output.
+              lead: tuple[int, ...] = (1,), name: str = "main", n_outliers: int = 0):
+    """y[lead..., N] = x[lead..., K] @ dq(W)^T (+ x[..., idx] @ W_out^T) for one row (prod(lead) == 1), fp32
+    accumulation, `out_dtype` output.
 
-    Arguments: x fp16, qweight, scales, [zeros], y. `gpu=False` gives the CPU-testable twin (same body, serial)."""
+    Arguments: x fp16, qweight, scales, [zeros], [outlier_idx int32 [n_outliers], outlier_weight fp16 [N,
+    n_outliers]], y. `gpu=False` gives the CPU-testable twin (same body, serial)."""
     import tvm
     from tvm.script import tirx as T
 
@@ -123,18 +138,25 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
         raise ValueError(f"no decode GEMV for {spec}")
     cfg = cfg or default_config(spec)
     if spec.n % cfg.rows:
-        raise ValueError(f"{cfg.rows} rows per block do not divide N={spec.n}")
-    src = _source(spec, cfg, gpu, out_dtype, lead, name)
+        raise ValueError(f"{cfg.rows} rows per step do not divide N={spec.n}")
+    if 32 * cfg.warps < spec.k // CHUNK[spec.bits]:
+        raise ValueError(f"{cfg.warps} warps do not cover the {spec.k // CHUNK[spec.bits]} chunks of K={spec.k}")
+    src = _source(spec, cfg, gpu, out_dtype, lead, name, n_outliers)
     return tvm.script.from_source(src, extra_vars={"T": T})
 
 
-def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: tuple[int, ...], name: str) -> str:
-    bits, n, k, R, TY = spec.bits, spec.n, spec.k, cfg.rows, cfg.warps
-    C, CW, SW = CHUNK[bits], CHUNK_WORDS[bits], SUB_WORDS[bits]
-    nc = k // C                                   # chunks per row
+def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: tuple[int, ...], name: str,
+            n_out: int) -> str:
+    bits, n, k, R, S, TY = spec.bits, spec.n, spec.k, cfg.rows, cfg.steps, cfg.warps
+    C, CW, SW, VW = CHUNK[bits], CHUNK_WORDS[bits], SUB_WORDS[bits], VEC_WORDS[bits]
+    RS = R * S                                    # rows per block
+    NS = n // R                                   # steps in all; the last block may have fewer than S (guarded)
+    NB = -(-NS // S)
+    ragged = NS % S != 0
+    nc = k // C                                   # chunks per row: one per thread
     tpb = 32 * TY
-    nit = -(-nc // tpb)
     G = spec.group_len
+    resident = C <= RESIDENT_X                    # x kept in fp32 registers for all rows, else re-read per step
     lo = ", ".join(str(d) for d in lead)
     ix = ", ".join("0" for _ in lead)             # index of the single row
     local = '"local"' if gpu else '"global"'
@@ -143,88 +165,150 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
            f'scales: T.Buffer(({n}, {spec.n_groups}), "float16")']
     if not spec.sym:
         ins.append(f'zeros: T.Buffer(({n}, {spec.n_groups}), "uint8")')
+    if n_out:
+        ins += [f'oidx: T.Buffer(({n_out},), "int32")', f'ow: T.Buffer(({n}, {n_out}), "float16")']
     ins.append(f'y: T.Buffer(({lo}, {n}), "{out_dtype}")')
 
-    def loop(var, extent, tag):
+    def loop(extent, tag):
         return f'T.thread_binding({extent}, thread="{tag}")' if gpu else f"T.serial({extent})"
 
     classes = sorted({b for _, b in fields})       # one accumulator per field position: no x pre-scaling
     ncls = len(classes)
-    L = [f"@T.prim_func", f"def {name}({', '.join(ins)}):",
+    nbuf = min(S, 2)                       # double buffer: the next step's rows load during this one's math
+    c = "(ty * 32 + tx)"
+    g = f"{c} * {C} // {G}" if G != k else "0"
+    L = ["@T.prim_func", f"def {name}({', '.join(ins)}):",
          '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})',
-         f'    for bx in {loop("bx", n // R, "blockIdx.x")}:']
-    if gpu:
-        L.append(f'        red = T.alloc_buffer(({TY * R},), "float32", scope="shared")')
-    else:
-        L.append(f'        red = T.alloc_buffer(({tpb * R},), "float32")')
-    L += [f'        for ty in {loop("ty", TY, "threadIdx.y")}:',
-          f'            for tx in {loop("tx", 32, "threadIdx.x")}:']
+         f'    for bx in {loop(NB, "blockIdx.x")}:']
+    L.append(f'        red = T.alloc_buffer(({(TY if gpu else tpb) * RS},), "float32"'
+             + (', scope="shared")' if gpu else ")"))
+    L += [f'        for ty in {loop(TY, "threadIdx.y")}:',
+          f'            for tx in {loop(32, "threadIdx.x")}:']
     ind = " " * 16
-    L += [f"{ind}wq = T.alloc_buffer(({R * CW},), \"uint32\", scope={local})",
-          f"{ind}xh = T.alloc_buffer((32,), \"float16\", scope={local})",
-          f"{ind}xf = T.alloc_buffer((32,), \"float32\", scope={local})",
-          f"{ind}acc = T.alloc_buffer(({R},), \"float32\", scope={local})",
-          f"{ind}dot = T.alloc_buffer(({R * ncls},), \"float32\", scope={local})",
-          f"{ind}sx = T.alloc_buffer(({ncls},), \"float32\", scope={local})",
-          f"{ind}mg = T.alloc_buffer((1,), \"uint32\", scope={local})"]
+    L += [f'{ind}wq = T.alloc_buffer(({nbuf * R * CW},), "uint32", scope={local})',
+          f'{ind}sc = T.alloc_buffer(({nbuf * R},), "float16", scope={local})',
+          f'{ind}xh = T.alloc_buffer((32,), "float16", scope={local})',
+          f'{ind}xf = T.alloc_buffer(({C if resident else 32},), "float32", scope={local})',
+          f'{ind}acc = T.alloc_buffer(({R},), "float32", scope={local})',
+          f'{ind}dot = T.alloc_buffer(({R * ncls},), "float32", scope={local})',
+          f'{ind}sx = T.alloc_buffer(({ncls},), "float32", scope={local})',
+          f'{ind}mg = T.alloc_buffer((1,), "uint32", scope={local})']
+    if not spec.sym:
+        L.append(f'{ind}zr = T.alloc_buffer(({nbuf * R},), "uint8", scope={local})')
     if gpu:  # lane 0's `MAGIC | lane` through a shuffle: a value the compiler cannot fold (see _field_float)
         L.append(f"{ind}mg[0] = T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), T.bitwise_or(T.uint32({MAGIC}), "
                  f"T.Cast(\"uint32\", tx)), 0, 32, 32)")
     else:
         L.append(f"{ind}mg[0] = T.uint32({MAGIC})")
-    L += [f"{ind}acc[{r}] = T.float32(0)" for r in range(R)]
-    c = f"(it * {tpb} + ty * 32 + tx)"
-    L.append(f"{ind}for it in T.serial({nit}):")
+    L += [f"{ind}sx[{i}] = T.float32(0)" for i in range(ncls)]
+
+    def load_x(body, sb, dst):
+        out = [f"{body}xh[T.ramp({8 * v}, 1, 8)] = x[{ix}, T.ramp({c} * {C} + {sb * 32 + 8 * v}, 1, 8)]"
+               for v in range(4)]
+        return out + [f'{body}xf[{dst + v}] = T.Cast("float32", xh[{v}])' for v in range(32)]
+
+    def load_rows(body, st, b):
+        # R (x3 at 3 bits) independent 128-bit loads, plus the rows' scale and zero point, into buffer b
+        out = []
+        for r in range(R):
+            row = f"bx * {RS} + {st * R + r}"
+            for v in range(0, CW, VW):
+                out.append(f"{body}wq[T.ramp({(b * R + r) * CW + v}, 1, {VW})] = "
+                           f"qweight[{row}, T.ramp({c} * {CW} + {v}, 1, {VW})]")
+            out.append(f"{body}sc[{b * R + r}] = scales[{row}, {g}]")
+            if not spec.sym:
+                out.append(f"{body}zr[{b * R + r}] = zeros[{row}, {g}]")
+        return out
+
+    # x once per thread: the per-class sums (zero point and the mantissa's leading 1) serve every row of the block
+    L.append(f"{ind}if {c} < {nc}:")
     body = ind + "    "
-    if nit * tpb != nc:
-        L.append(f"{body}if {c} < {nc}:")
-        body += "    "
-    # weights of all rows first: R (x3 at 3 bits) independent 128-bit loads in flight per thread
-    for r in range(R):
-        for v in range(CW // 4):
-            L.append(f"{body}wq[T.ramp({r * CW + 4 * v}, 1, 4)] = "
-                     f"qweight[bx * {R} + {r}, T.ramp({c} * {CW} + {4 * v}, 1, 4)]")
-    L += [f"{body}sx[{i}] = T.float32(0)" for i in range(ncls)]
-    L += [f"{body}dot[{i}] = T.float32(0)" for i in range(R * ncls)]
     for sb in range(C // 32):
-        for v in range(4):
-            L.append(f"{body}xh[T.ramp({8 * v}, 1, 8)] = x[{ix}, T.ramp({c} * {C} + {sb * 32 + 8 * v}, 1, 8)]")
-        L += [f'{body}xf[{v}] = T.Cast("float32", xh[{v}])' for v in range(32)]
-        # per-class sums of x: the zero point and the mantissa's leading 1, shared by all rows
+        L += load_x(body, sb, sb * 32 if resident else 0)
         for i, b in enumerate(classes):
-            L.append(f"{body}sx[{i}] = sx[{i}] + " + " + ".join(f"xf[{v}]" for v, (_, fb) in enumerate(fields)
-                                                                if fb == b))
-        for r in range(R):
-            for v, (terms, b) in enumerate(fields):
-                f = _field_float(lambda j, r=r, sb=sb: f"wq[{r * CW + sb * SW + j}]", terms)
-                d = f"dot[{r * ncls + classes.index(b)}]"
-                L.append(f"{body}{d} = {d} + xf[{v}] * {f}")
-    g = f"{c} * {C} // {G}" if G != k else "0"
-    for r in range(R):
-        row = f"bx * {R} + {r}"
-        z = (f'T.Cast("float32", zeros[{row}, {g}])' if not spec.sym else f"T.float32({float(spec.sym_zero)})")
-        # dot_b = sum x (1 + q 2^(b-23)): sum x q = sum_b 2^(23-b) (dot_b - sx_b)
-        qx = " + ".join(f"(dot[{r * ncls + i}] - sx[{i}]) * T.float32({float(2 ** (23 - b))})"
-                        for i, b in enumerate(classes))
+            L.append(f"{body}sx[{i}] = sx[{i}] + " + " + ".join(f"xf[{(sb * 32 if resident else 0) + v}]"
+                                                                for v, (_, fb) in enumerate(fields) if fb == b))
+    L += load_rows(body, 0, 0)
+
+    def step(ind, st, b, prefetch):
+        """One step of R rows from buffer b; `prefetch` = (condition, next step, buffer) loads ahead first."""
+        out = [f"{ind}if {c} < {nc}:"]
+        body = ind + "    "
+        if prefetch:
+            cond, nst, nb = prefetch
+            if cond:
+                out.append(f"{body}if {cond}:")
+                out += load_rows(body + "    ", nst, nb)
+            else:
+                out += load_rows(body, nst, nb)
+        out += [f"{body}dot[{i}] = T.float32(0)" for i in range(R * ncls)]
+        for sb in range(C // 32):
+            if not resident:
+                out += load_x(body, sb, 0)
+            x0 = sb * 32 if resident else 0
+            for r in range(R):
+                for v, (terms, fb) in enumerate(fields):
+                    f = _field_float(lambda j, r=r, sb=sb: f"wq[{(b * R + r) * CW + sb * SW + j}]", terms)
+                    d = f"dot[{r * ncls + classes.index(fb)}]"
+                    out.append(f"{body}{d} = {d} + xf[{x0 + v}] * {f}")
         sxt = " + ".join(f"sx[{i}]" for i in range(ncls))
-        L.append(f'{body}acc[{r}] = acc[{r}] + T.Cast("float32", scales[{row}, {g}]) * '
-                 f"({qx} - {z} * ({sxt}))")
-    if gpu:
         for r in range(R):
-            for off in (16, 8, 4, 2, 1):
-                L.append(f"{ind}acc[{r}] = acc[{r}] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), acc[{r}], "
-                         f"{off}, 32, 32)")
-        L.append(f"{ind}if tx == 0:")
-        L += [f"{ind}    red[ty * {R} + {r}] = acc[{r}]" for r in range(R)]
-        L.append(f"{ind}if ty == 0 and tx < {R}:")
-        tot = " + ".join(f"red[{t * R} + tx]" for t in range(TY))
-        L.append(f'{ind}    y[{ix}, bx * {R} + tx] = T.Cast("{out_dtype}", {tot})')
+            z = (f'T.Cast("float32", zr[{b * R + r}])' if not spec.sym else f"T.float32({float(spec.sym_zero)})")
+            # dot_b = sum x (1 + q 2^(b-23)): sum x q = sum_b 2^(23-b) (dot_b - sx_b)
+            qx = " + ".join(f"(dot[{r * ncls + i}] - sx[{i}]) * T.float32({float(2 ** (23 - fb))})"
+                            for i, fb in enumerate(classes))
+            out.append(f'{body}acc[{r}] = T.Cast("float32", sc[{b * R + r}]) * ({qx} - {z} * ({sxt}))')
+        out.append(f"{ind}else:")
+        out += [f"{body}acc[{r}] = T.float32(0)" for r in range(R)]
+        if gpu:
+            for r in range(R):
+                for off in (16, 8, 4, 2, 1):
+                    out.append(f"{ind}acc[{r}] = acc[{r}] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), "
+                               f"acc[{r}], {off}, 32, 32)")
+            out.append(f"{ind}if tx == 0:")
+            out += [f"{ind}    red[ty * {RS} + {st * R + r}] = acc[{r}]" for r in range(R)]
+        else:
+            out += [f"{ind}red[{c} * {RS} + {st * R + r}] = acc[{r}]" for r in range(R)]
+        return out
+
+    def live(st):  # the block's step st exists (only the last block of a ragged grid has fewer)
+        return f"bx * {S} + {st} < {NS}" if ragged and st else ""
+
+    # steps unrolled, buffers alternating: every buffer index is a constant (registers, not local memory), and no
+    # loop-carried state keeps registers alive across steps
+    for st in range(S):
+        pre = (live(st + 1), st + 1, (st + 1) % 2) if st + 1 < S else None
+        if live(st):  # uniform over the block: the shuffles inside stay convergent
+            L.append(f"{ind}if {live(st)}:")
+            L += step(ind + "    ", st, st % 2, pre)
+        else:
+            L += step(ind, st, st % 2, pre)
+
+    def finish(ind, lin, nsum):
+        row = f"bx * {RS} + {lin}"
+        tot = " + ".join(f"red[{t * RS} + {lin}]" for t in range(nsum)) if gpu else "tot[0]"
+        out = []
+        if not gpu:
+            out += [f'{ind}tot = T.alloc_buffer((1,), "float32")', f"{ind}tot[0] = T.float32(0)",
+                    f"{ind}for t in T.serial({nsum}):", f"{ind}    tot[0] = tot[0] + red[t * {RS} + {lin}]"]
+        if n_out:
+            # fp16 outlier columns (OWQ) in the same kernel; a hostile index is clamped into [0, K)
+            out += [f'{ind}ob = T.alloc_buffer((1,), "float32", scope={local})', f"{ind}ob[0] = T.float32(0)",
+                    f"{ind}for j in T.serial({n_out}):",
+                    f'{ind}    ob[0] = ob[0] + T.Cast("float32", x[{ix}, T.max(T.min(oidx[j], {k - 1}), 0)]) * '
+                    f'T.Cast("float32", ow[{row}, j])']
+            tot = f"{tot} + ob[0]"
+        out.append(f'{ind}y[{ix}, {row}] = T.Cast("{out_dtype}", {tot})')
+        return out
+
+    if gpu:
+        ne = -(-RS // tpb)
+        L.append(f"{ind}for e in T.serial({ne}):")
+        L.append(f"{ind}    if e * {tpb} + {c} < {RS}" + (f" and bx * {RS} + e * {tpb} + {c} < {n}:" if ragged else ":"))
+        L += finish(ind + "        ", f"(e * {tpb} + {c})", TY)
     else:
-        L += [f"{ind}red[(ty * 32 + tx) * {R} + {r}] = acc[{r}]" for r in range(R)]
-        L += [f"        for r in T.serial({R}):",
-              '            tot = T.alloc_buffer((1,), "float32")',
-              "            tot[0] = T.float32(0)",
-              f"            for t in T.serial({tpb}):",
-              f"                tot[0] = tot[0] + red[t * {R} + r]",
-              f'            y[{ix}, bx * {R} + r] = T.Cast("{out_dtype}", tot[0])']
+        L.append(f"        for lin in T.serial({RS}):")
+        if ragged:
+            L.append(f"            if bx * {RS} + lin < {n}:")
+        L += finish("                " if ragged else "            ", "lin", tpb)
     return "\n".join(L) + "\n"

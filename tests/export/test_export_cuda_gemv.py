@@ -29,6 +29,8 @@ def test_cuda_decode_uses_the_gemv_kernels(checkpoint):
     # qkv, o, gate_up, down: one GEMV each (shared by the layers) for decode, fused dequantize kernels for prefill
     assert len([k for k in kernels if k.startswith("decode_gemv")]) == 4
     assert any(k.startswith("fused_dequantize") for k in kernels)
+    # decode and prefill replay their static kernel sequences as CUDA graphs (launch overhead)
+    assert "cuda_graph.run_or_capture" in ex.as_text()
 
 
 def test_cuda_preset_repacks_3_bit_weights(model_dirs, tmp_path):

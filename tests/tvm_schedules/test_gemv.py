@@ -8,10 +8,11 @@ from edgequant.pack import pack
 
 pytestmark = pytest.mark.tvm
 
-CASES = [  # bits, group, sym, N, K, rows, warps: several chunks per thread, idle threads, per channel, symmetric
-    (4, 128, False, 16, 512, 2, 2), (4, 32, True, 8, 96, 4, 1), (4, -1, False, 12, 256, 4, 3),
-    (2, 64, False, 16, 256, 2, 1), (2, -1, True, 8, 128, 8, 2),
-    (3, 128, False, 8, 512, 2, 1), (3, -1, True, 6, 256, 2, 2),
+CASES = [  # bits, group, sym, N, K, rows, warps, steps, outlier columns: double-buffered steps (2 to 4 per block,
+    # a last block with fewer steps), idle threads, per channel, symmetric, fp16 outlier columns
+    (4, 128, False, 32, 512, 2, 1, 4, 0), (4, 32, True, 8, 96, 4, 1, 1, 3), (4, -1, False, 28, 256, 4, 3, 3, 0),
+    (2, 64, False, 16, 256, 2, 1, 2, 2), (2, -1, True, 8, 128, 8, 2, 1, 0),
+    (3, 128, False, 20, 512, 2, 1, 4, 5), (3, -1, True, 6, 256, 2, 2, 1, 0),
 ]
 
 
@@ -28,8 +29,8 @@ def _linear(rng, bits, group, sym, n, k):
     return spec, q, qweight, scales, zeros
 
 
-@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps", CASES)
-def test_gemv_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps):
+@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out", CASES)
+def test_gemv_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out):
     import tvm
     from edgequant.tvm_schedules.dequant import quant_matmul_np
     from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
@@ -38,12 +39,14 @@ def test_gemv_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps):
     # activations with a 100x outlier channel: the folded zero point and mantissa terms must not lose it
     x = rng.standard_normal((1, k)).astype(np.float16)
     x[0, 3] = 100
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, warps), gpu=False,
-                                                     out_dtype="float32")}), target="llvm")
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, warps, steps), gpu=False,
+                                                     out_dtype="float32", n_outliers=n_out)}), target="llvm")
     y = tvm.runtime.empty((1, n), "float32", tvm.cpu())
-    args = [x, qweight, scales] + ([] if sym else [zeros])
+    idx = rng.choice(k, n_out, replace=False).astype(np.int32)
+    wout = rng.standard_normal((n, n_out)).astype(np.float16)
+    args = [x, qweight, scales] + ([] if sym else [zeros]) + ([idx, wout] if n_out else [])
     ex["main"](*[tvm.runtime.tensor(a) for a in args], y)
-    ref = quant_matmul_np(spec, x, qweight, scales, zeros)
+    ref = quant_matmul_np(spec, x, qweight, scales, zeros, idx if n_out else None, wout if n_out else None)
     np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=2e-5 * np.abs(x).astype(np.float32).sum())
 
 
@@ -59,21 +62,43 @@ def test_words3x32_round_trip_and_kernel_reference():
         np.testing.assert_array_equal(dequantize_np(spec, words, np.ones((5, spec.n_groups), np.float16)), q - 4)
 
 
+def test_hostile_outlier_index_is_clamped():
+    """An outlier index outside [0, K) reads the nearest edge column, never memory outside x."""
+    import tvm
+    from edgequant.tvm_schedules.dequant import quant_matmul_np
+    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
+    rng = np.random.default_rng(3)
+    spec, q, qweight, scales, zeros = _linear(rng, 4, 32, False, 8, 64)
+    x = rng.standard_normal((1, 64)).astype(np.float16)
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(2, 1), gpu=False, out_dtype="float32",
+                                                     n_outliers=2)}), target="llvm")
+    wout = rng.standard_normal((8, 2)).astype(np.float16)
+    y = tvm.runtime.empty((1, 8), "float32", tvm.cpu())
+    ex["main"](*[tvm.runtime.tensor(a) for a in (x, qweight, scales, zeros, np.array([-7, 10**6], np.int32), wout)],
+               y)
+    ref = quant_matmul_np(spec, x, qweight, scales, zeros, np.array([0, 63]), wout)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=1e-3)
+
+
 def test_supports_and_default_config():
     from edgequant.tvm_schedules.dequant import QuantSpec
-    from edgequant.tvm_schedules.gemv import default_config, supports
+    from edgequant.tvm_schedules.gemv import CHUNK, default_config, supports
     assert supports(QuantSpec(4096, 4096, 4, 128, False))
     assert supports(QuantSpec(4096, 11008, 3, 128, False, "words3x32"))
     assert not supports(QuantSpec(4096, 4096, 3, 128, False))              # the checkpoint's 10-per-word words
     assert not supports(QuantSpec(64, 100, 4, 32, False))                   # K not whole chunks
     assert not supports(QuantSpec(64, 256, 2, 32, False))                   # a 64-value chunk would span groups
-    c = default_config(QuantSpec(4096, 11008, 4, 128, False))
-    assert c.warps * 32 * 2 >= 11008 // 32 and c.warps <= 12                # <= 2 steps over K, <= 12 warps
+    for spec in (QuantSpec(4096, 11008, 4, 128, False), QuantSpec(22016, 4096, 3, 128, False, "words3x32"),
+                 QuantSpec(576, 576, 2, 64, False)):
+        c = default_config(spec)
+        assert c.warps * 32 >= spec.k // CHUNK[spec.bits] > (c.warps - 1) * 32   # one chunk per thread
+        assert spec.n % c.rows == 0
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
 def test_cuda_source_streams_128_bit_loads(bits):
-    """The CUDA C the export ships: 128-bit weight loads, shuffles, and no integer-to-float conversion per weight."""
+    """The CUDA C the export ships: 128-bit weight loads (64-bit at 3 bits), shuffles, and no integer-to-float
+    conversion per weight."""
     import re
 
     import tvm
@@ -84,7 +109,8 @@ def test_cuda_source_streams_128_bit_loads(bits):
     ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec)}), target={**PRESETS["cuda"].target, "arch": "sm_90"})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     body = src[src.index("main_kernel("):]
-    assert re.search(r"\*\(uint4\*\)\(wq_ptr \+ \d+\) = \*\(uint4\*\)\(qweight_ptr", body)
+    vec = "uint2" if bits == 3 else "uint4"
+    assert re.search(rf"\*\({vec}\*\)\(wq_ptr \+ \d+\) = \*\({vec}\*\)\(qweight_ptr", body)
     assert "__shfl_down_sync" in body and "__shfl_sync" in body
     assert "(float)wq_ptr" not in body and "__uint2float" not in body
 
