@@ -150,9 +150,10 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
     return res
 
 
-def inspect(checkpoint) -> dict:
+def inspect(checkpoint, context: int | None = None) -> dict:
     """Scheme, method, target and stored bits per weight (stored counts packed words, scales, zero points and fp16
-    columns), size on disk, per-layer reconstruction errors and calibration settings of a checkpoint."""
+    columns), size on disk, per-layer reconstruction errors, calibration settings of a checkpoint, and its memory plan
+    (edgequant.memory) at `context` tokens."""
     from .artifact import open_checkpoint, expected_layout
     ck = open_checkpoint(checkpoint)
     _, quant = expected_layout(ck)
@@ -194,7 +195,14 @@ def inspect(checkpoint) -> dict:
         "size_on_disk_bytes": sum(p.stat().st_size for p in files),
         "calibration": prov.get("calibration"), "time_s": prov.get("time_s"),
         "layers": prov.get("layers", {}),
+        "memory": _memory_plan(ck, context).to_dict(),
     }
+
+
+def _memory_plan(ck, context):
+    from .memory import Shapes, memory_plan
+    weights = sum(f.stat().st_size for f in set(ck.files.values()))   # every stored tensor (headers are tiny)
+    return memory_plan(Shapes.from_hf_config(ck.config), weights, context)
 
 
 def default_calibration_path() -> str | None:

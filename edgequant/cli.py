@@ -198,11 +198,14 @@ def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, qui
 @click.argument("checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Per-layer reconstruction errors.")
-def inspect(checkpoint, as_json, layers):
-    """Scheme, bits per weight, size on disk, per-layer errors and calibration settings of CHECKPOINT."""
+@click.option("--context", type=POSITIVE, default=None,
+              help="Tokens of context for the memory plan (default: the model's window, at most 4096).")
+def inspect(checkpoint, as_json, layers, context):
+    """Scheme, bits per weight, size on disk, per-layer errors, calibration settings and memory plan of CHECKPOINT."""
     from . import api
+    from .memory import MemoryPlan
     from .report import table
-    info = api.inspect(checkpoint)
+    info = api.inspect(checkpoint, context=context)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -222,6 +225,9 @@ def inspect(checkpoint, as_json, layers):
     click.echo(f"calibration     {json.dumps(info['calibration']) if info['calibration'] else 'none'}")
     if info["time_s"]:
         click.echo(f"time            {json.dumps(info['time_s'])}")
+    click.echo("memory plan (what a device needs to run it):")
+    for line in MemoryPlan(**info["memory"]).lines():
+        click.echo(f"  {line}")
     if layers and info["layers"]:
         rows = [{"layer": k, **v} for k, v in info["layers"].items()]
         cols = [("layer", "layer")] + [(k, k) for k in ("weight_rel_err", "output_rel_err") if k in rows[0]]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgequant.errors import EdgequantError, first_line
+from edgequant.memory import DEFAULT_CONTEXT, Shapes, kv_bytes
 
 from .dist import EXPORT_JSON, check_tensor_cache, library_path, read_export_info  # noqa: F401 - re-exported
 
@@ -89,7 +90,7 @@ class Runner:
         self.hidden, self.vocab = m["hidden_size"], m["vocab_size"]
         self.context = m["context_window"]
         self.chunk = int(self.info["prefill_chunk_size"])
-        self.max_len = min(self.context, max_total_seq_len or 4096)
+        self.max_len = min(self.context, max_total_seq_len or DEFAULT_CONTEXT)
         S = tvm_ffi.Shape
         self._S = S
         self.kv = self.vm["create_paged_kv_cache"](S([1]), S([self.max_len]), S([self.chunk]), S([16]), S([0]))
@@ -188,9 +189,7 @@ class Runner:
         return int(self.info["weight_bytes"])
 
     def kv_cache_bytes(self, tokens: int | None = None) -> int:
-        m = self.info["model"]
-        n = self.max_len if tokens is None else tokens
-        return 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * n * 2  # k and v, fp16
+        return kv_bytes(Shapes.from_export_model(self.info["model"]), self.max_len if tokens is None else tokens)
 
 
 def sample(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0, rng=None) -> int:

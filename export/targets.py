@@ -25,6 +25,8 @@ class TargetPreset:
     packing3: str = "words"         # 3-bit runtime layout: the checkpoint's words, bit planes (CPU GEMV) or
                                     # words3x32 (CUDA decode GEMV); see tvm_schedules/dequant.py
     app: str | None = None          # the apps/ recipe that runs this target's library outside `edgequant run`
+    memory_limit: int | None = None  # bytes an app usually gets on the device; export warns past it (edgequant.memory)
+    memory_limit_note: str = ""
     extra: dict = field(default_factory=dict)
 
 
@@ -45,11 +47,15 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
                  "lib.tar", "metal"),
     TargetPreset("iphone", "iPhone/iPad (Metal + arm64-apple-darwin), static system library .tar",
                  {**_METAL, "host": {"kind": "llvm", "mtriple": "arm64-apple-darwin", "libs": ["iphoneos"]}},
-                 "lib.tar", "metal", system_lib=True, app="apps/ios/README.md"),
+                 "lib.tar", "metal", system_lib=True, app="apps/ios/README.md", memory_limit=3 << 30,
+                 memory_limit_note="an iPhone app's usual limit on a 6 GiB device without the increased-memory-limit "
+                                   "entitlement"),
     TargetPreset("android", "Android (OpenCL + aarch64-linux-android), static system library .tar",
                  {"kind": "opencl", "max_threads_per_block": 256, "max_shared_memory_per_block": 16384,
                   "thread_warp_size": 1, "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
-                 "lib.tar", "opencl", system_lib=True, app="apps/android/README.md"),
+                 "lib.tar", "opencl", system_lib=True, app="apps/android/README.md", memory_limit=4 << 30,
+                 memory_limit_note="a cautious budget for one app on an 8 GiB Android phone (the low-memory killer "
+                                   "decides; there is no fixed limit)"),
     TargetPreset("webgpu", "browser WebGPU (WGSL + wasm32 objects, experimental; linking needs emscripten)",
                  {"kind": "webgpu", "host": {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}},
                  "lib.tar", "webgpu", system_lib=True),
