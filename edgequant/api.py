@@ -120,9 +120,10 @@ def check_device(device: str):
 
 
 def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = None, reference=None,
-             device: str = "cpu", progress: bool = True) -> dict:
+             device: str = "cpu", progress: bool = True, record: bool = False) -> dict:
     """Perplexity of a saved checkpoint (rebuilt from its packed tensors) or of an unquantized model on `data`;
-    with `reference` (the original model), also KL divergence and top-1 agreement."""
+    with `reference` (the original model), also KL divergence and top-1 agreement. `record` appends the result to
+    the checkpoint's edgequant.json (`edgequant report` plots it)."""
     if not isinstance(seqlen, int) or seqlen < 1:
         raise EdgequantError(f"--seqlen must be a positive number of tokens, not {seqlen!r}")
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
@@ -147,6 +148,13 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
     t0 = time.time()
     res = run_eval(model, windows, ref, device, progress).to_dict()
     res["time_s"] = round(time.time() - t0, 2)
+    if record:
+        from .artifact import is_checkpoint, record_evaluation
+        if not is_checkpoint(checkpoint):
+            raise EdgequantError(f"--record writes into a checkpoint's edgequant.json; {checkpoint} is not a checkpoint")
+        record_evaluation(checkpoint, {"data": str(data), "seqlen": res["seqlen"], "windows": res["windows"],
+                                       "perplexity": res["perplexity"], "device": device,
+                                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return res
 
 

@@ -134,6 +134,29 @@ def save_checkpoint(out_dir, model, tokenizer, quantized: dict[str, QuantizedWei
     return out
 
 
+def record_evaluation(path, entry: dict) -> None:
+    """Append an evaluation result to the checkpoint's edgequant.json `evaluations` list (`edgequant eval --record`;
+    `edgequant report` plots it). The file is replaced atomically; the tensors are not touched."""
+    import os
+    p = Path(path).expanduser() / PROVENANCE_NAME
+    try:
+        prov = json.loads(p.read_text()) if p.is_file() else {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        prov = {}
+    if not isinstance(prov, dict):
+        prov = {}
+    evals = prov.get("evaluations") if isinstance(prov.get("evaluations"), list) else []
+    prov["evaluations"] = evals + [entry]
+    tmp = p.with_name(f".{p.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(prov, indent=2, default=str))
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise EdgequantError(f"cannot record the result in {p} ({first_line(e)}); leave out --record for a "
+                             "read-only checkpoint") from None
+
+
 # --------------------------------------------------------------------------------------------------- reading
 @dataclass
 class Checkpoint:

@@ -169,8 +169,9 @@ def quantize(model, output, method, bits, group_size, sym, calib, nsamples, seql
 @click.option("--reference", default=None, help="Original model: also report KL divergence and top-1 agreement.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--record", is_flag=True, help="Also append the result to the checkpoint's edgequant.json (for report).")
 @click.option("-q", "--quiet", is_flag=True)
-def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, quiet):
+def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, record, quiet):
     """Perplexity of CHECKPOINT, rebuilt from its saved packed tensors (or of an unquantized model).
 
     A DIST folder from `edgequant export` is evaluated through its compiled library instead. On a CPU that is about
@@ -183,7 +184,7 @@ def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, qui
         click.echo("note: a DIST is evaluated through the TVM runtime, about 9x slower on a CPU than its checkpoint",
                    err=True)
     res = api.evaluate(checkpoint, data, seqlen=seqlen, max_windows=max_windows, reference=reference, device=device,
-                       progress=not quiet)
+                       progress=not quiet, record=record)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -232,6 +233,33 @@ def inspect(checkpoint, as_json, layers, context):
         rows = [{"layer": k, **v} for k, v in info["layers"].items()]
         cols = [("layer", "layer")] + [(k, k) for k in ("weight_rel_err", "output_rel_err") if k in rows[0]]
         click.echo(table(rows, cols))
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1)
+@click.option("-o", "--output", default="report.png", show_default=True, help="PNG file to write.")
+@click.option("--data", default=None, help="Evaluation text for checkpoints without a recorded perplexity.")
+@click.option("--seqlen", type=POSITIVE, default=2048, show_default=True)
+@click.option("--max-windows", type=POSITIVE, default=None, help="Evaluate only the first N windows (CPU time).")
+@click.option("--baseline", default=None, help="The unquantized model (evaluated on --data) or its perplexity.")
+@click.option("--results", multiple=True, help="A saved table from benchmarks/results/ (*.rows.json, *.json, *.md); "
+                                               "repeatable.")
+@click.option("--x", "x", default="bits_per_weight", show_default=True, help="Column of --results for the x axis.")
+@click.option("--y", "y", default="perplexity", show_default=True, help="Column of --results for the y axis.")
+@click.option("--title", default=None)
+@click.option("--max-y", type=POSITIVE_FLOAT, default=None, help="Leave out points above this (listed under the plot).")
+@click.option("-q", "--quiet", is_flag=True)
+def report(checkpoints, output, data, seqlen, max_windows, baseline, results, x, y, title, max_y, quiet):
+    """Plot perplexity vs bits per weight of CHECKPOINTS and/or saved --results tables into a PNG (one marker per
+    method, the unquantized baseline as a line). Needs matplotlib: pip install 'edgequant[plot]'."""
+    from .plots import report as make_report
+    res = make_report(checkpoints, output, data=data, seqlen=seqlen, max_windows=max_windows, baseline=baseline,
+                      results=results, x=x, y=y, title=title, max_y=max_y, progress=not quiet)
+    for p in res["points"]:
+        click.echo(f"{p['method']:<10} {p['label']:<40} x {p['x']:.3f}  y {p['y']:.3f}  ({p['source']})")
+    for b in res["baselines"]:
+        click.echo(f"baseline   {b['label']:<40} y {b['y']:.3f}")
+    click.echo(f"wrote {res['output']}")
 
 
 @main.command("tune-weak-columns")
