@@ -96,3 +96,20 @@ def test_import_edgequant_stays_light():
             "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; assert 'edgequant' in M; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_smollm2_from_pretrained_equals_eval_model(tmp_path):
+    """The real model: an OWQ W3 g128 SmolLM2-135M checkpoint through from_pretrained gives the eval model's
+    logits on a WikiText-2 window."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from edgequant.loading import fetch_default_model
+    from conftest import CALIB, WIKI
+    ck = api.quantize(fetch_default_model(False), tmp_path / "q", method="owq", bits=3, group_size=128,
+                      calib=str(CALIB), nsamples=8, seqlen=256, target_bits=3.1, progress=False)
+    ref, _ = load_model(ck)
+    hf = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(ck)
+    ids = tok(WIKI.read_text()[:4000], return_tensors="pt").input_ids[:, :512]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ref(ids).logits, rtol=0, atol=1e-4)
