@@ -129,6 +129,11 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
         raise EdgequantError(f"--max-windows must be at least 1 (or left out for every window), not {max_windows!r}")
     check_device(device)
+    if record:
+        from .artifact import is_checkpoint
+        if not is_checkpoint(checkpoint):
+            raise EdgequantError(f"--record keeps the result in a checkpoint's edgequant.json; {checkpoint} is not an "
+                                 "edgequant checkpoint (leave out --record)")
     if (Path(str(checkpoint)).expanduser() / "edgequant-export.json").is_file():
         # an exported DIST folder: perplexity through the TVM runtime (same windows and protocol)
         from .export.api import evaluate as evaluate_dist
@@ -149,9 +154,7 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
     res = run_eval(model, windows, ref, device, progress).to_dict()
     res["time_s"] = round(time.time() - t0, 2)
     if record:
-        from .artifact import is_checkpoint, record_evaluation
-        if not is_checkpoint(checkpoint):
-            raise EdgequantError(f"--record writes into a checkpoint's edgequant.json; {checkpoint} is not a checkpoint")
+        from .artifact import record_evaluation
         record_evaluation(checkpoint, {"data": str(data), "seqlen": res["seqlen"], "windows": res["windows"],
                                        "perplexity": res["perplexity"], "device": device,
                                        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

@@ -42,8 +42,7 @@ class EdgequantConfig(QuantizationConfigMixin):
         self.__dict__.update(kwargs)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "scheme"}
-        return dict(d)
+        return {k: v for k, v in self.__dict__.items() if k != "scheme"}
 
 
 class EdgequantLinear(nn.Module):

@@ -146,6 +146,13 @@ def checkpoint_points(checkpoints, data=None, seqlen: int = 2048, max_windows: i
 
 
 # --------------------------------------------------------------------------------------------------- drawing
+def _png_path(out) -> Path:
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".png":
+        raise EdgequantError(f"-o {out}: the report is a PNG image; name it *.png")
+    return out
+
+
 def draw(points: list[Point], baselines: list[tuple[str, float]], out, title: str, xlabel: str, ylabel: str,
          max_y: float | None = None) -> Path:
     """Write the PNG (FIGSIZE at DPI). Each method's best point per x is joined by a line and labelled with its
@@ -159,9 +166,7 @@ def draw(points: list[Point], baselines: list[tuple[str, float]], out, title: st
         raise EdgequantError("edgequant report needs matplotlib: pip install 'edgequant[plot]'") from None
     if not points and not baselines:
         raise EdgequantError("nothing to plot: no row has both values")
-    out = Path(out).expanduser()
-    if out.suffix.lower() != ".png":
-        raise EdgequantError(f"-o {out}: the report is a PNG image; name it *.png")
+    out = _png_path(out)
     hidden = [p for p in points if max_y is not None and p.y > max_y]
     points = [p for p in points if p not in hidden]
     seen, uniq = set(), []
@@ -216,6 +221,7 @@ def report(checkpoints=(), output="report.png", data=None, seqlen: int = 2048, m
     to evaluate on `data`. Returns what was drawn."""
     if not checkpoints and not results:
         raise EdgequantError("give checkpoints to plot, or --results FILE (a table from benchmarks/results/)")
+    _png_path(output)   # before any evaluation
     if checkpoints and (x, y) != ("bits_per_weight", "perplexity"):
         raise EdgequantError("--x/--y choose columns of --results tables; checkpoints plot perplexity vs bits")
     points, baselines = checkpoint_points(checkpoints, data, seqlen, max_windows, progress), []

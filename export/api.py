@@ -28,7 +28,8 @@ def memory_plan(dist, context: int | None = None):
     info = read_export_info(dist)
     shapes = Shapes.from_export_model(info["model"])
     # export's paged KV cache is fp16 (export/models/llama.py)
-    return plan(shapes, int(info["weight_bytes"]), context, "float16", int(info.get("prefill_chunk_size") or PREFILL_CHUNK))
+    return plan(shapes, int(info["weight_bytes"]), context, "float16",
+                int(info.get("prefill_chunk_size") or PREFILL_CHUNK))
 
 
 def memory_warning(dist, context: int | None = None) -> str | None:
