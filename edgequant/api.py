@@ -129,9 +129,10 @@ def check_device(device: str):
 
 
 def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = None, reference=None,
-             device: str = "cpu", progress: bool = True) -> dict:
+             device: str = "cpu", progress: bool = True, record: bool = False) -> dict:
     """Perplexity of a saved checkpoint (rebuilt from its packed tensors) or of an unquantized model on `data`;
-    with `reference` (the original model), also KL divergence and top-1 agreement."""
+    with `reference` (the original model), also KL divergence and top-1 agreement. `record` appends the result to
+    the checkpoint's edgequant.json (`edgequant report` plots it)."""
     if not isinstance(seqlen, int) or seqlen < 1:
         raise EdgequantError(f"--seqlen must be a positive number of tokens, not {seqlen!r}")
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
@@ -141,6 +142,9 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
     if kind(checkpoint) == "dist":   # the TVM side evaluates DISTs; the core never imports it
         raise EdgequantError(f"{checkpoint} is an exported DIST: evaluate it with `edgequant eval` or "
                              "edgequant.export.api.evaluate")
+    if record and kind(checkpoint) != "checkpoint":
+        raise EdgequantError(f"--record keeps the result in a checkpoint's edgequant.json; {checkpoint} is not an "
+                             "edgequant checkpoint (leave out --record)")
     from .data import DATASET_NAMES, eval_windows, read_text
     from .perplexity import evaluate as run_eval
     if str(data) not in DATASET_NAMES:
@@ -156,6 +160,11 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
     t0 = time.time()
     res = run_eval(model, windows, ref, device, progress).to_dict()
     res["time_s"] = round(time.time() - t0, 2)
+    if record:
+        from .checkpoint import record_evaluation
+        record_evaluation(checkpoint, {"data": str(data), "seqlen": res["seqlen"], "windows": res["windows"],
+                                       "perplexity": res["perplexity"], "device": device,
+                                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return res
 
 

@@ -230,9 +230,10 @@ def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def inspect(checkpoint) -> dict:
+def inspect(checkpoint, context: int | None = None) -> dict:
     """Scheme, method, target and stored bits per weight (stored counts packed words, scales, zero points and fp16
-    columns), size on disk, per-layer reconstruction errors and calibration settings of a checkpoint."""
+    columns), size on disk, per-layer reconstruction errors, calibration settings of a checkpoint, and its memory plan
+    (edgequant.memory) at `context` tokens."""
     from .artifact import expected_layout, open_checkpoint
     ck = open_checkpoint(checkpoint)
     _, quant = expected_layout(ck)
@@ -259,4 +260,34 @@ def inspect(checkpoint) -> dict:
         "size_on_disk_bytes": sum(p.stat().st_size for p in files),
         "calibration": prov.get("calibration"), "time_s": prov.get("time_s"),
         "layers": prov.get("layers", {}),
+        "memory": _memory_plan(ck, context).to_dict(),
     }
+
+
+def _memory_plan(ck, context):
+    from .memory import Shapes, memory_plan
+    weights = sum(f.stat().st_size for f in set(ck.files.values()))   # every stored tensor (headers are tiny)
+    return memory_plan(Shapes.from_hf_config(ck.config), weights, context)
+
+
+def record_evaluation(path, entry: dict) -> None:
+    """Append an evaluation result to the checkpoint's edgequant.json `evaluations` list (`edgequant eval --record`;
+    `edgequant report` plots it). The file is replaced atomically; the tensors are not touched."""
+    import os
+    p = Path(path).expanduser() / PROVENANCE_NAME
+    try:
+        prov = json.loads(p.read_text()) if p.is_file() else {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        prov = {}
+    if not isinstance(prov, dict):
+        prov = {}
+    evals = prov.get("evaluations") if isinstance(prov.get("evaluations"), list) else []
+    prov["evaluations"] = evals + [entry]
+    tmp = p.with_name(f".{p.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(prov, indent=2, default=str))
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise EdgequantError(f"cannot record the result in {p} ({first_line(e)}); leave out --record for a "
+                             "read-only checkpoint") from None

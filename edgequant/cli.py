@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .clitypes import DEVICE, POSITIVE, Finite
+from .clitypes import DEVICE, POSITIVE, POSITIVE_FLOAT, Finite
 
 
 class _Group(click.Group):
@@ -161,8 +161,9 @@ def quantize(model, output, method, bits, group_size, sym, quiet, **options):
 @click.option("--reference", default=None, help="Original model: also report KL divergence and top-1 agreement.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--record", is_flag=True, help="Also append the result to the checkpoint's edgequant.json (for report).")
 @click.option("-q", "--quiet", is_flag=True)
-def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, quiet):
+def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, record, quiet):
     """Perplexity of CHECKPOINT, rebuilt from its saved packed tensors (or of an unquantized model).
 
     A DIST folder from `edgequant export` is evaluated through its compiled library instead. On a CPU that is about
@@ -178,7 +179,7 @@ def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, qui
         res = evaluate_dist(checkpoint, data, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
     else:
         res = api.evaluate(checkpoint, data, seqlen=seqlen, max_windows=max_windows, reference=reference,
-                           device=device, progress=not quiet)
+                           device=device, progress=not quiet, record=record)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -193,11 +194,14 @@ def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, qui
 @click.argument("checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--layers/--no-layers", default=True, show_default=True, help="Per-layer reconstruction errors.")
-def inspect(checkpoint, as_json, layers):
-    """Scheme, bits per weight, size on disk, per-layer errors and calibration settings of CHECKPOINT."""
+@click.option("--context", type=POSITIVE, default=None,
+              help="Tokens of context for the memory plan (default: the model's window, at most 4096).")
+def inspect(checkpoint, as_json, layers, context):
+    """Scheme, bits per weight, size on disk, per-layer errors, calibration settings and memory plan of CHECKPOINT."""
     from . import api
+    from .memory import MemoryPlan
     from .report import table
-    info = api.inspect(checkpoint)
+    info = api.inspect(checkpoint, context=context)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -217,10 +221,40 @@ def inspect(checkpoint, as_json, layers):
     click.echo(f"calibration     {json.dumps(info['calibration']) if info['calibration'] else 'none'}")
     if info["time_s"]:
         click.echo(f"time            {json.dumps(info['time_s'])}")
+    click.echo("memory plan (what a device needs to run it):")
+    for line in MemoryPlan(**info["memory"]).lines():
+        click.echo(f"  {line}")
     if layers and info["layers"]:
         rows = [{"layer": k, **v} for k, v in info["layers"].items()]
         cols = [("layer", "layer")] + [(k, k) for k in ("weight_rel_err", "output_rel_err") if k in rows[0]]
         click.echo(table(rows, cols))
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1)
+@click.option("-o", "--output", default="report.png", show_default=True, help="PNG file to write.")
+@click.option("--data", default=None, help="Evaluation text for checkpoints without a recorded perplexity.")
+@click.option("--seqlen", type=POSITIVE, default=2048, show_default=True)
+@click.option("--max-windows", type=POSITIVE, default=None, help="Evaluate only the first N windows (CPU time).")
+@click.option("--baseline", default=None, help="The unquantized model (evaluated on --data) or its perplexity.")
+@click.option("--results", multiple=True, help="A saved table from benchmarks/results/ (*.rows.json, *.json, *.md); "
+                                               "repeatable.")
+@click.option("--x", "x", default="bits_per_weight", show_default=True, help="Column of --results for the x axis.")
+@click.option("--y", "y", default="perplexity", show_default=True, help="Column of --results for the y axis.")
+@click.option("--title", default=None)
+@click.option("--max-y", type=POSITIVE_FLOAT, default=None, help="Leave out points above this (listed under the plot).")
+@click.option("-q", "--quiet", is_flag=True)
+def report(checkpoints, output, data, seqlen, max_windows, baseline, results, x, y, title, max_y, quiet):
+    """Plot perplexity vs bits per weight of CHECKPOINTS and/or saved --results tables into a PNG (one marker per
+    method, the unquantized baseline as a line). Needs matplotlib: pip install 'edgequant[plot]'."""
+    from .plots import report as make_report
+    res = make_report(checkpoints, output, data=data, seqlen=seqlen, max_windows=max_windows, baseline=baseline,
+                      results=results, x=x, y=y, title=title, max_y=max_y, progress=not quiet)
+    for p in res["points"]:
+        click.echo(f"{p['method']:<10} {p['label']:<40} x {p['x']:.3f}  y {p['y']:.3f}  ({p['source']})")
+    for b in res["baselines"]:
+        click.echo(f"baseline   {b['label']:<40} y {b['y']:.3f}")
+    click.echo(f"wrote {res['output']}")
 
 
 @main.command("tune-weak-columns")

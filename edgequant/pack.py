@@ -40,3 +40,15 @@ def unpack(packed, bits: int, k: int) -> np.ndarray:
     shifts = np.arange(vpw, dtype=np.uint32) * np.uint32(bits)
     vals = (packed[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
     return vals.reshape(packed.shape[0], -1)[:, :k].astype(np.uint8)
+
+
+def unpack_torch(packed, bits: int, k: int):
+    """`unpack` for torch tensors on any device: uint32 (or int32) [N, W] -> int32 [N, k]. Used where the packed words
+    stay in a model and are expanded at each call (the transformers integration)."""
+    import torch
+    words = packed.view(torch.int32) if packed.dtype == torch.uint32 else packed.to(torch.int32)
+    vpw = 32 // bits
+    shifts = torch.arange(vpw, dtype=torch.int32, device=words.device) * bits
+    # int32 shifts are arithmetic: the mask drops the sign bits a top value of 2^31 and above would smear in
+    vals = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return vals.reshape(words.shape[0], -1)[:, :k]

@@ -2,6 +2,7 @@
 commands. `run`, `chat`, `bench` and `evaluate` need only the TVM runtime."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -12,8 +13,36 @@ def export(checkpoint, target: str = "cpu", output=None, arch: str | None = None
            system_lib_prefix: str | None = None, progress: bool = True) -> Path:
     """Compile `checkpoint` (a quantized checkpoint, or a HF model folder for fp16) for `target` into `output`."""
     from .build import export_model
-    return export_model(checkpoint, target, output, arch=arch, system_lib_prefix=system_lib_prefix,
-                        progress=progress)
+    out = export_model(checkpoint, target, output, arch=arch, system_lib_prefix=system_lib_prefix,
+                       progress=progress)
+    warning = memory_warning(out)
+    if warning:   # printed even with progress off: the library was written, but the app may be killed running it
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return out
+
+
+def memory_plan(dist, context: int | None = None):
+    """The memory plan (edgequant.memory) of an exported DIST at `context` tokens (default: what `run` allocates)."""
+    from edgequant.memory import PREFILL_CHUNK, Shapes, memory_plan as plan
+    from .runtime import read_export_info
+    info = read_export_info(dist)
+    shapes = Shapes.from_export_model(info["model"])
+    # export's paged KV cache is fp16 (export/models/llama.py)
+    return plan(shapes, int(info["weight_bytes"]), context, "float16",
+                int(info.get("prefill_chunk_size") or PREFILL_CHUNK))
+
+
+def memory_warning(dist, context: int | None = None) -> str | None:
+    """A warning when the DIST's plan at its full context window exceeds its target's usual memory limit."""
+    from edgequant.memory import over_budget
+    from .runtime import read_export_info
+    from .targets import PRESETS
+    info = read_export_info(dist)
+    preset = PRESETS.get(info.get("target"))
+    if preset is None or not preset.memory_limit:
+        return None
+    ctx = context or int(info["model"].get("context_window") or 0) or None
+    return over_budget(memory_plan(dist, ctx), preset.memory_limit, f"{preset.name} ({preset.memory_limit_note})")
 
 
 def check_runs_here(dist) -> dict:
@@ -93,8 +122,10 @@ def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float
         history.append({"role": "assistant", "content": tok.decode(st.tokens, skip_special_tokens=True)})
 
 
-def bench(dist, prompt_lengths=(32, 128, 512), decode_tokens: int = 64, repeats: int = 1) -> dict:
-    """Prefill and decode tokens/s for a few prompt lengths (random tokens, greedy), plus memory."""
+def bench(dist, prompt_lengths=(32, 128, 512), decode_tokens: int = 64, repeats: int = 1,
+          context: int | None = None) -> dict:
+    """Prefill and decode tokens/s for a few prompt lengths (random tokens, greedy), plus the memory plan at
+    `context` tokens (default: the KV cache length the runner allocated)."""
     import numpy as np
     from .runtime import Runner
     check_runs_here(dist)
@@ -113,7 +144,7 @@ def bench(dist, prompt_lengths=(32, 128, 512), decode_tokens: int = 64, repeats:
                      "decode_tokens": best.new_tokens, "decode_tokens_per_s": round(best.decode_tps, 2)})
     return {"target": r.info["target"], "device": r.info["device"], "quantization": r.info["quantization"],
             "weight_bytes": r.weight_bytes(), "kv_cache_bytes": r.kv_cache_bytes(),
-            "kv_cache_tokens": r.max_len, "rows": rows}
+            "kv_cache_tokens": r.max_len, "memory": memory_plan(dist, context or r.max_len).to_dict(), "rows": rows}
 
 
 def evaluate(dist, data, seqlen: int = 2048, max_windows: int | None = None, progress: bool = True) -> dict:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from edgequant.atomic import atomic_output_dir, output_lock
 from edgequant.errors import EdgequantError
+from edgequant.memory import PREFILL_CHUNK   # the memory plan sizes temporaries by it too
 
 from . import targets
 from .dist import EXPORT_JSON
 from .params import open_source, write_tensor_cache
 
 FORMAT_VERSION = 1
-PREFILL_CHUNK = 256
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json")   # one of them makes a usable tokenizer

@@ -106,11 +106,14 @@ def _echo(s="", end="\n", flush=False):  # noqa: ARG001 - print-like signature f
 @click.option("--prompt-lengths", type=POSITIVE_INT_LIST, default="32,128,512", show_default=True)
 @click.option("--decode-tokens", type=POSITIVE, default=64, show_default=True)
 @click.option("--repeats", type=POSITIVE, default=1, show_default=True)
+@click.option("--context", type=POSITIVE, default=None,
+              help="Tokens of context for the memory plan (default: the KV cache length the runner allocates).")
 @click.option("--json", "as_json", is_flag=True)
-def bench_cmd(dist, prompt_lengths, decode_tokens, repeats, as_json):
-    """Prefill/decode tokens per second and memory of an exported model."""
+def bench_cmd(dist, prompt_lengths, decode_tokens, repeats, context, as_json):
+    """Prefill/decode tokens per second and memory plan of an exported model."""
+    from edgequant.memory import MemoryPlan
     from . import api
-    res = api.bench(dist, prompt_lengths, decode_tokens, repeats)
+    res = api.bench(dist, prompt_lengths, decode_tokens, repeats, context=context)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -119,6 +122,9 @@ def bench_cmd(dist, prompt_lengths, decode_tokens, repeats, as_json):
     click.echo(f"{'prompt':>8} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for row in res["rows"]:
         click.echo(f"{row['prompt_tokens']:>8} {row['prefill_tokens_per_s']:>14.1f} {row['decode_tokens_per_s']:>13.1f}")
+    click.echo("memory plan (what a device needs to run it):")
+    for line in MemoryPlan(**res["memory"]).lines():
+        click.echo(f"  {line}")
 
 
 @click.command("package")

@@ -17,6 +17,7 @@ import numpy as np
 
 from edgequant.checkpoint import EXPORT_JSON
 from edgequant.errors import EdgequantError
+from edgequant.memory import DEFAULT_CONTEXT, Shapes, kv_bytes
 from edgequant.models import Dims, family_for
 from edgequant.paths import inside_folder
 
@@ -79,14 +80,14 @@ def read_export_info(dist) -> dict:
 
 
 def kv_cache_len(info: dict, max_total_seq_len: int = 0) -> int:
-    """Tokens the KV cache holds: the request, else 4096, never past the context window (apps/runtime agrees)."""
-    return min(int(info["model"]["context_window"]), max_total_seq_len or 4096)
+    """Tokens the KV cache holds: the request, else memory.DEFAULT_CONTEXT, never past the context window
+    (apps/runtime agrees)."""
+    return min(int(info["model"]["context_window"]), max_total_seq_len or DEFAULT_CONTEXT)
 
 
 def kv_cache_bytes(info: dict, tokens: int) -> int:
     """fp16 K and V of `tokens` tokens for the model of an export record (apps/runtime reports the same)."""
-    m = info["model"]
-    return 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * tokens * 2
+    return kv_bytes(Shapes.from_export_model(info["model"]), tokens)
 
 
 def library_path(dist: Path, info: dict) -> Path:

@@ -25,11 +25,16 @@ class TargetPreset:
                                     # words3x32 (CUDA decode GEMV); see tvm_schedules/dequant.py
     zeros_packed: bool = False      # zero points four per uint32 word: OpenCL / WGSL cannot gather uint8 (dequant.py)
     app: str | None = None          # the apps/ recipe that runs this target's library outside `edgequant run`
+    memory_limit: int | None = None  # bytes an app usually gets on the device; export warns past it (edgequant.memory)
+    memory_limit_note: str = ""
 
 
 _GPU_CUDA = {"kind": "cuda", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
              "thread_warp_size": 32}
 _METAL = {"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768, "thread_warp_size": 32}
+
+_IPHONE_MEMORY = dict(memory_limit=3 << 30, memory_limit_note="an iPhone app's usual limit on a 6 GiB device without the "
+                                                              "increased-memory-limit entitlement")
 
 PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
     TargetPreset("cpu", "this machine's CPU (LLVM, host -mcpu), shared library", {"kind": "llvm"}, "lib.so", "cpu",
@@ -46,15 +51,17 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
     # a static library in an XCFramework; arm64-apple-darwin (as MLC-LLM uses) leaves it out
     TargetPreset("iphone", "iPhone/iPad (Metal + arm64-apple-ios), static system library .tar",
                  {**_METAL, "host": {"kind": "llvm", "mtriple": "arm64-apple-ios14.0", "libs": ["iphoneos"]}},
-                 "lib.tar", "metal", system_lib=True, app="apps/ios/README.md"),
+                 "lib.tar", "metal", system_lib=True, app="apps/ios/README.md", **_IPHONE_MEMORY),
     TargetPreset("iphone-sim", "iOS simulator on Apple silicon (Metal + arm64-apple-ios-simulator), static system "
                  "library .tar (the simulator slice of apps/ios's XCFramework)",
                  {**_METAL, "host": {"kind": "llvm", "mtriple": "arm64-apple-ios14.0-simulator"}},
-                 "lib.tar", "metal", system_lib=True, app="apps/ios/README.md"),
+                 "lib.tar", "metal", system_lib=True, app="apps/ios/README.md", **_IPHONE_MEMORY),
     TargetPreset("android", "Android (OpenCL + aarch64-linux-android), static system library .tar",
                  {"kind": "opencl", "max_threads_per_block": 256, "max_shared_memory_per_block": 16384,
                   "thread_warp_size": 1, "host": {"kind": "llvm", "mtriple": "aarch64-linux-android"}},
-                 "lib.tar", "opencl", system_lib=True, zeros_packed=True, app="apps/android/README.md"),
+                 "lib.tar", "opencl", system_lib=True, zeros_packed=True, app="apps/android/README.md",
+                 memory_limit=4 << 30, memory_limit_note="a cautious budget for one app on an 8 GiB Android phone (the "
+                                                         "low-memory killer decides; there is no fixed limit)"),
     TargetPreset("webgpu", "browser WebGPU (WGSL + wasm32 objects, experimental; linking needs emscripten)",
                  {"kind": "webgpu", "host": {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}},
                  "lib.tar", "webgpu", system_lib=True, zeros_packed=True),

@@ -138,6 +138,10 @@ def test_dist_folder_contents_and_cli(cpu_dist, tmp_path):
     assert r.exit_code == 0, r.output
     b = json.loads(r.output[r.output.index("{"):])
     assert [row["prompt_tokens"] for row in b["rows"]] == [8, 16] and b["weight_bytes"] > 0
+    mem = b["memory"]   # the plan at the runner's KV length: the same KV bytes the runner reports
+    assert mem["weights_bytes"] == b["weight_bytes"] and mem["kv_bytes"] == b["kv_cache_bytes"]
+    r = CliRunner().invoke(main, ["bench", str(dist), "--prompt-lengths", "8", "--decode-tokens", "2", "--context", "64"])
+    assert r.exit_code == 0 and "memory plan" in r.output and "at 64 tokens of context" in r.output, r.output
     r = CliRunner().invoke(main, ["run", str(tmp_path / "missing"), "--prompt", "x"])
     assert r.exit_code == 1 and "not an exported model folder" in r.output
 

@@ -181,7 +181,7 @@ def test_bad_family_is_refused_when_defined():
 
 def test_toy_rtn_checkpoint_and_rebuild(toy_family, tmp_path, tokenizer):
     from edgequant import api
-    from edgequant.artifact import load_model, open_checkpoint
+    from edgequant.artifact import load_quantized_model as load_model, open_checkpoint
     from edgequant.quantizer import quantize_weight
     from edgequant.schemes import QuantScheme
     from edgequant.export.params import CheckpointSource
@@ -241,7 +241,7 @@ def test_toy_let_is_an_equivalence(toy_family):
 
 
 def test_toy_omniquant_with_let_fuses_into_the_checkpoint(toy_family, tmp_path, tokenizer):
-    from edgequant.artifact import load_model, save_checkpoint
+    from edgequant.artifact import load_quantized_model as load_model, save_checkpoint
     from edgequant.calibrate.omniquant import LiveBlock, OmniConfig, calibrate_omniquant
     from edgequant.schemes import QuantScheme
 

@@ -48,6 +48,16 @@ def _cases(ckpt, dist, text, out):
         "bench_prompt_length_negative": (["bench", dist, "--prompt-lengths", "-5"], "--prompt-lengths"),
         "bench_prompt_length_abc": (["bench", dist, "--prompt-lengths", "abc"], "--prompt-lengths"),
         "bench_repeats_0": (["bench", dist, "--repeats", "0"], "--repeats"),
+        "bench_context_0": (["bench", dist, "--context", "0"], "--context"),
+        "inspect_context_0": (["inspect", ckpt, "--context", "0"], "--context"),
+        "eval_record_on_a_model": (["eval", "MODEL", "--data", text, "--record", "-q"], "--record"),
+        "report_nothing_to_plot": (["report", "-o", out + ".png"], "give checkpoints"),
+        "report_no_recorded_ppl_no_data": (["report", ckpt, "-o", out + ".png"], "--data"),
+        "report_not_a_png": (["report", ckpt, "--baseline", "1", "--data", text, "-o", out + ".jpg"], ".png"),
+        "report_results_missing": (["report", "--results", out + ".nope.json", "-o", out + ".png"], "nope"),
+        "report_results_not_a_table": (["report", "--results", ckpt + "/config.json", "-o", out + ".png"],
+                                       "no column"),
+        "report_max_y_negative": (["report", ckpt, "--max-y", "-1", "-o", out + ".png"], "--max-y"),
         "unknown_command": (["quantise"], "quantise"),
     }
 

@@ -1,0 +1,148 @@
+"""transformers integration: `AutoModelForCausalLM.from_pretrained(checkpoint)` on an edgequant checkpoint.
+
+`register()` adds a quantization config (`EdgequantConfig`, for `quant_method: "edgequant"`) and a quantizer
+(`EdgequantHfQuantizer`) through transformers' public registration API. Before the weights load, the quantizer opens
+and validates the folder with `edgequant.artifact.open_checkpoint` (a damaged checkpoint is refused with the same
+message as `edgequant eval`) and swaps each quantized linear for an `EdgequantLinear` whose buffers carry the stored
+tensors under their stored names, so transformers' own loader fills them (device_map, dtype, shards, offloading). The
+linear keeps the packed words and expands them at every call: w = (q - z) * s per group, the fp16 outlier columns
+written over their columns (OWQ), then the layer's bias. The arithmetic is the checkpoint's rebuild in
+`edgequant.artifact.load_quantized_model` (what `edgequant eval` measures), so at float32 the logits are the same.
+
+`edgequant.hf_hook` calls `register()` lazily; use `import edgequant` before `from_pretrained`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                          register_quantization_config, register_quantizer)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from . import pack
+from .checkpoint import QUANT_METHOD
+from .errors import CheckpointError
+from .quantizer import dequantize_int, expand_groups
+from .schemes import QuantScheme
+
+
+
+class EdgequantConfig(QuantizationConfigMixin):
+    """The checkpoint's `quantization_config` block, kept as written (so `model.config` shows it unchanged)."""
+
+    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.scheme = QuantScheme(bits, group_size, sym)   # validates; raises a one-line EdgequantError
+        kwargs.pop("quant_method", None)
+        self.__dict__.update(kwargs)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "scheme"}
+
+
+class EdgequantLinear(nn.Module):
+    """A linear computed from the checkpoint's packed tensors, dequantized at every call (nothing unpacked is kept)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, n_outliers: int, has_bias: bool,
+                 dtype: torch.dtype):
+        """Scales and outlier columns stay in fp16, their stored (exact) dtype, whatever the model's dtype; the
+        weight is rebuilt in float32 and cast to the input's dtype, the bias is in the model's dtype."""
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        n, k = out_features, in_features
+        self.register_buffer("qweight", torch.empty(n, scheme.packed_words(k), dtype=torch.uint32))
+        self.register_buffer("scales", torch.empty(n, scheme.groups(k), dtype=torch.float16))
+        if not scheme.sym:
+            self.register_buffer("zeros", torch.empty(n, scheme.groups(k), dtype=torch.uint8))
+        if n_outliers:
+            self.register_buffer("outlier_idx", torch.empty(n_outliers, dtype=torch.int32))
+            self.register_buffer("outlier_weight", torch.empty(n, n_outliers, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.empty(n, dtype=dtype), requires_grad=False) if has_bias else None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, "
+                f"outliers={self.outlier_idx.numel() if hasattr(self, 'outlier_idx') else 0}, "
+                f"bias={self.bias is not None}")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight [N, K], computed exactly as `QuantizedWeight.dequantize` computes it."""
+        s, k = self.scheme, self.in_features
+        q = pack.unpack_torch(self.qweight, s.bits, k).float()
+        scale = self.scales.float()
+        zero = self.zeros.float() if not s.sym else torch.full_like(scale, float(s.sym_zero))
+        w = dequantize_int(q, expand_groups(scale, s, k), expand_groups(zero, s, k))
+        if hasattr(self, "outlier_idx"):
+            w[:, self.outlier_idx.long()] = self.outlier_weight.float()
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), b)
+
+
+def _checkpoint_folder(checkpoint_files) -> Path:
+    if not checkpoint_files:
+        raise CheckpointError("transformers gave the edgequant quantizer no weight files; load an edgequant "
+                              "checkpoint folder (the output of `edgequant quantize`)")
+    return Path(checkpoint_files[0]).parent
+
+
+class EdgequantHfQuantizer(HfQuantizer):
+    """Loads edgequant checkpoints (pre-quantized only: quantize with `edgequant quantize`)."""
+
+    requires_calibration = True
+
+    def validate_environment(self, *args, **kwargs):
+        return
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from .artifact import expected_layout, open_checkpoint
+        ck = open_checkpoint(_checkpoint_folder(checkpoint_files))
+        _, quant = expected_layout(ck)
+        names = [f"{n}.outlier_idx" for n in quant if f"{n}.outlier_idx" in ck.files]
+        outliers = {k.rsplit(".", 1)[0]: int(v.shape[0]) for k, v in ck.read(names).items()}
+        for name, (n, k, has_bias) in quant.items():
+            parent, _, leaf = name.rpartition(".")
+            old = model.get_submodule(name)
+            if (old.out_features, old.in_features) != (n, k):
+                raise CheckpointError(f"{name}: the model built by transformers is {old.out_features}x"
+                                      f"{old.in_features}, the checkpoint {n}x{k}; re-run `edgequant quantize`")
+            with torch.device("meta"):
+                new = EdgequantLinear(k, n, ck.scheme, outliers.get(name, 0), has_bias, old.weight.dtype)
+            setattr(model.get_submodule(parent), leaf, new)
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """`model.dequantize()`: plain nn.Linear layers holding the dequantized weights."""
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, EdgequantLinear):
+                w = mod.dequantized_weight()
+                lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                device=w.device, dtype=dtype or w.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(w)
+                    if mod.bias is not None:
+                        lin.bias.copy_(mod.bias)
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, lin)
+        return model
+
+    def is_serializable(self):
+        return False   # `edgequant quantize` writes the checkpoint; the loaded model is for inference
+
+    @property
+    def is_trainable(self):
+        return False
+
+
+def register():
+    """Add the config and the quantizer to transformers' registries (once)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(EdgequantConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(EdgequantHfQuantizer)
