@@ -8,7 +8,7 @@ Two passes are added to the stock legalize phase (both learned the hard way, see
   out-elementwise-fusable NT-matmul, so a pattern pass does it (with up to three extra epilogue inputs: outlier sum,
   bias, residual).
 
-On x86 llvm targets with AVX2 or VNNI, `int8_decode_gemv` runs first: every one-row matmul of a dequantized weight
+On llvm targets with integer dot products (x86 AVX2 or VNNI, aarch64 dotprod), `int8_decode_gemv` runs first: every one-row matmul of a dequantized weight
 (decode, last-token logits) becomes one call of the int8 dot-product GEMV (`tvm_schedules/cpu_int8.py`), with the
 activations quantized to int8 per block of 32. `INT8_DECODE = False` (or EDGEQUANT_ACT_DTYPE=fp16 in the
 environment) keeps the exact fp path everywhere.

@@ -1,5 +1,6 @@
-"""Decode GEMV for x86 CPUs with integer dot products: one activation row times a 2-, 3- or 4-bit weight, as a TIR prim
-func that reaches `vpdpbusd` (AVX-VNNI / AVX-512 VNNI) or `vpmaddubsw` + `vpmaddwd` (AVX2) through LLVM intrinsics.
+"""Decode GEMV for CPUs with integer dot products: one activation row times a 2-, 3- or 4-bit weight, as a TIR prim
+func that reaches `vpdpbusd` (AVX-VNNI / AVX-512 VNNI) or `vpmaddubsw` + `vpmaddwd` (AVX2) on x86, and NEON `sdot`
+(Armv8.2 dotprod) on aarch64, through LLVM intrinsics.
 
 The float GEMV of `cpu.py` converts every weight to fp32 and spends one FMA lane per weight. Here, as in llama.cpp's
 Q8_0 dot products, the activations are quantized at run time to int8 per block of 32 (one fp32 scale per block), and
@@ -15,7 +16,9 @@ contiguous load. A chunk is L = 8 words (256-bit registers); a row of 8m + 4 wor
 planes) ends with one 4-word (128-bit) chunk, and where groups fit neither, all chunks are 4 words (`chunk_plan`). A
 chunk lies inside one group or holds whole groups (their scales spread over its lanes by a shuffle). 256-bit rather
 than 512-bit registers: rows of K = 576 hold 72 words at 4 bits, not a multiple of 16, and AVX-VNNI CPUs without
-AVX-512 get the same code.
+AVX-512 get the same code. NEON has 128-bit registers: its kernel keeps the same layout and chunks and runs the
+integer part in 4-lane steps (`_chunk`), so its int32 sums, and the fp32 arithmetic after them, are the x86 kernel's.
+(`smmla` (i8mm) multiplies 2x8 by 8x2 blocks: it pays for two activation rows or more, i.e. prefill, not here.)
 CPU 3-bit exports ("planes3", dequant.py) take a lane per 2-bit-plane word (16 values, four parts masked with
 0x03030303) and OR in the third bit from the 1-bit-plane word shared by lanes 2m and 2m+1: one load of L/2 words, a
 lane shuffle and a per-lane shift (lane parity) instead of a gather.
@@ -37,7 +40,7 @@ from __future__ import annotations
 from .dequant import QuantSpec
 
 BLOCK = 32               # activation values per int8 scale (llama.cpp's Q8_0 block)
-ISAS = ("vnni", "avx2")  # vpdpbusd; vpmaddubsw + vpmaddwd
+ISAS = ("vnni", "avx2", "sdot")  # vpdpbusd; vpmaddubsw + vpmaddwd; NEON sdot (Armv8.2 dotprod)
 
 
 def _lane_values(spec: QuantSpec) -> int | None:
@@ -86,11 +89,17 @@ def supports(spec: QuantSpec) -> bool:
 
 
 def target_isa(target) -> str | None:
-    """The integer dot-product flavour an llvm target allows: "vnni", "avx2" or None (not x86, or no AVX2)."""
+    """The integer dot-product flavour an llvm target allows: "vnni", "avx2", "sdot" (aarch64 with dotprod) or None."""
     from tvm.target import codegen
     if target is None or target.kind.name != "llvm":
         return None
     triple = str(target.attrs.get("mtriple", "") or "")
+    arch = (triple or codegen.llvm_get_system_triple()).split("-")[0]
+    if arch in ("aarch64", "arm64"):
+        try:
+            return "sdot" if codegen.target_has_features("dotprod", target) else None
+        except Exception:  # noqa: BLE001 - a target LLVM cannot describe: no integer path
+            return None
     if triple and not triple.startswith(("x86_64", "i686", "i386")):
         return None
     if not triple and codegen.llvm_get_system_triple().split("-")[0] not in ("x86_64", "i686", "i386"):
@@ -159,7 +168,7 @@ def int8_gemv_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32
                    name: str = "main"):
     """y[lead..., N] = x[lead..., K] @ dq(W)^T for one row with int8 activations (module docstring).
 
-    Arguments: x fp16, qweight, scales, [zeros], y (`out_dtype`). `isa` "vnni" or "avx2" picks the instructions."""
+    Arguments: x fp16, qweight, scales, [zeros], y (`out_dtype`). `isa` "vnni", "avx2" or "sdot" picks the instructions."""
     import tvm
     from tvm.script import tirx as T
 
@@ -174,6 +183,9 @@ def int8_gemv_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32
 def _dot(isa: str, L: int, acc: str, a: str, b: str) -> str:
     """TIR expression: int32xL `acc` plus the 4-byte dot products of u8 `a` and s8 `b` (both uint32xL/int8x4L)."""
     B = 4 * L
+    if isa == "sdot":  # codes 0..15 are valid signed bytes: the signed x signed dot is exact
+        return (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot"), {acc}, '
+                f'T.reinterpret({a}, dtype="int8x{B}"), {b}, dtype="int32x{L}")')
     if isa == "vnni":
         width = 32 * L
         if _i8_operands():
@@ -282,7 +294,9 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
 
 def _chunk(spec: QuantSpec, isa: str, Lc: int, start: str, acc: str, gscale, ind: str) -> list[str]:
     """Statements for one chunk of Lc words from word `start` of row nn: integer dots, then `acc` += their scaled sum.
-    The chunk's activations sit at byte start * P * 4 in the order [part j][lane][byte i]."""
+    The chunk's activations sit at byte start * P * 4 in the order [part j][lane][byte i]. NEON registers hold 4
+    lanes: `sdot` runs the integer part in 4-lane steps over the same layout (lanes h0..h0+3 of part j are 16
+    contiguous bytes), so the int32 sums and everything after them are those of the x86 kernel."""
     planes = spec.layout == "planes3"
     P = _parts(spec)
     mask = {4: 0x0F0F0F0F, 2: 0x03030303, 3: 0x03030303}[spec.bits]
@@ -294,17 +308,21 @@ def _chunk(spec: QuantSpec, isa: str, Lc: int, start: str, acc: str, gscale, ind
         dup = ", ".join(str(lane // 2) for lane in range(Lc))
         half = f"qweight[nn, T.ramp({spec.lo_words} + ({start}) // 2, 1, {Lc // 2})]"
         S.append(f"{ind}hq[{Lr}] = T.Shuffle([{half}, {half}], [{dup}])")  # two inputs: Lc lanes to pick from
-    for j in range(P):
-        code = (f"T.bitwise_and(T.shift_right(wq[{Lr}], T.broadcast(T.uint32({j * (2 if planes else spec.bits)}), "
-                f"{Lc})), T.broadcast(T.uint32({mask}), {Lc}))")
-        if planes:
-            # value k of lo word wl, part j, byte i has its third bit at 8i + 4(j//2) + j%2 + 2(wl%2) of its 1-bit word
-            hs = f'T.Cast("uint32x{Lc}", T.ramp(0, 1, {Lc}) % 2 * 2 + {4 * (j // 2) + j % 2})'
-            hi = (f"T.shift_left(T.bitwise_and(T.shift_right(hq[{Lr}], {hs}), "
-                  f"T.broadcast(T.uint32(0x01010101), {Lc})), T.broadcast(T.uint32(2), {Lc}))")
-            code = f"T.bitwise_or({code}, {hi})"
-        act = f"xq[T.ramp(({start}) * {P * 4} + {j * 4 * Lc}, 1, {4 * Lc})]"
-        S.append(f"{ind}ia[{Lr}] = {_dot(isa, Lc, f'ia[{Lr}]', code, act)}")
+    W = 4 if isa == "sdot" else Lc
+    for h0 in range(0, Lc, W):
+        Lh = f"T.ramp({h0}, 1, {W})"
+        for j in range(P):
+            code = (f"T.bitwise_and(T.shift_right(wq[{Lh}], T.broadcast(T.uint32({j * (2 if planes else spec.bits)}), "
+                    f"{W})), T.broadcast(T.uint32({mask}), {W}))")
+            if planes:
+                # value k of lo word wl, part j, byte i has its third bit at 8i + 4(j//2) + j%2 + 2(wl%2) of its
+                # 1-bit word (h0 is even: lane parity is that of the ramp)
+                hs = f'T.Cast("uint32x{W}", T.ramp(0, 1, {W}) % 2 * 2 + {4 * (j // 2) + j % 2})'
+                hi = (f"T.shift_left(T.bitwise_and(T.shift_right(hq[{Lh}], {hs}), "
+                      f"T.broadcast(T.uint32(0x01010101), {W})), T.broadcast(T.uint32(2), {W}))")
+                code = f"T.bitwise_or({code}, {hi})"
+            act = f"xq[T.ramp(({start}) * {P * 4} + {j * 4 * Lc + 4 * h0}, 1, {4 * W})]"
+            S.append(f"{ind}ia[{Lh}] = {_dot(isa, W, f'ia[{Lh}]', code, act)}")
     S.append(f'{ind}{acc}[{Lr}] = {acc}[{Lr}] + T.Cast("float32x{Lc}", ia[{Lr}]) * '
              f'xsw[T.ramp({start}, 1, {Lc})] * {gscale(Lc, start)}')
     return S

@@ -1,4 +1,4 @@
-"""The x86 int8 decode GEMV (tvm_schedules/cpu_int8.py): compiled for this CPU and run against its NumPy model
+"""The int8 decode GEMV (tvm_schedules/cpu_int8.py): compiled for this CPU and run against its NumPy model
 (int8 activations per block of 32, exact integer dots) and against the exact fp reference, at 2/4 bits (words) and 3
 bits (bit planes); the generated code holds
 the integer dot-product instructions; the ISA choice follows the target."""
@@ -102,6 +102,20 @@ def test_generated_code_uses_integer_dot_products(isa, pattern):
     assert re.search(rf"\b{pattern}\s+[^\n]*%ymm", asm), f"no 256-bit {pattern} in the kernel"
 
 
+@pytest.mark.parametrize("bits,group,layout", [(4, 128, "words"), (2, 64, "words"), (3, 128, "planes3")])
+def test_aarch64_code_uses_sdot(bits, group, layout):
+    """Cross-compiled for cpu-arm64 (no aarch64 CPU needed): the kernel's integer dots are NEON sdot, 4 lanes each
+    (its results are checked under qemu by tests/apps/test_runtime_aarch64.py)."""
+    import tvm
+    from edgequant.export.targets import get_preset, tvm_target
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemv_func
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    spec = QuantSpec(64, 576, bits, group, False, layout)
+    mod = tvm.IRModule({"main": int8_gemv_func(spec, "sdot")})
+    asm = tvm.tirx.build(mod, target=tvm_target(get_preset("cpu-arm64"))).inspect_source("asm")
+    assert re.search(r"\bsdot\s+v\d+\.4s, v\d+\.16b, v\d+\.16b", asm), "no NEON sdot in the kernel"
+
+
 def test_isa_follows_the_target():
     import tvm
     from edgequant.export.targets import get_preset, tvm_target
@@ -111,7 +125,8 @@ def test_isa_follows_the_target():
     assert target_isa(T({"kind": "llvm", "mcpu": "sapphirerapids"})) == "vnni"
     assert target_isa(T({"kind": "llvm", "mcpu": "haswell"})) == "avx2"
     assert target_isa(T({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"})) is None
-    assert target_isa(tvm_target(get_preset("cpu-arm64"))) is None
+    assert target_isa(tvm_target(get_preset("cpu-arm64"))) == "sdot"
+    assert target_isa(T({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})) is None  # Armv8.0
     assert target_isa(T({"kind": "cuda"})) is None
     host, isas = _host_isas()
     assert target_isa(tvm_target(get_preset("cpu"))) == (isas[0] if isas else None)
