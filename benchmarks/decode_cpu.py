@@ -54,10 +54,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--configs", default=None, help="comma-separated config names without spaces (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="threads of both runtimes (default: physical cores)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the libraries an earlier run exported under --work (same code only)")
     ap.add_argument("--out", default="decode_cpu")
     a = ap.parse_args()
     from edgequant import api
     from edgequant.export import api as xapi
+    from edgequant.export.dist import EXPORT_JSON
     from edgequant.export.threads import configure, wanted
     from edgequant.loading import fetch_default_model
     import tvm
@@ -94,7 +97,8 @@ def main():
         dist = work / f"dist-{tag}-cpu"
         t = time.time()
         os.environ["EDGEQUANT_ACT_DTYPE"] = act
-        xapi.export(str(src), "cpu", str(dist), progress=False)
+        if not (a.reuse and (dist / EXPORT_JSON).is_file()):
+            xapi.export(str(src), "cpu", str(dist), progress=False)
         rows.append({"config": name, "act": act, "export_s": round(time.time() - t, 1), "rounds": []})
         dists.append(dist)
     os.environ.pop("EDGEQUANT_ACT_DTYPE", None)
