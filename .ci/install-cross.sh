@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the aarch64 runtime test (tests/apps/test_runtime_aarch64.py) needs: Debian's aarch64 cross compiler
-# and qemu user-mode emulator (apt), and the TVM runtime libraries for aarch64 taken from the apache-tvm /
+# and objdump, and qemu user-mode emulator (apt), and the TVM runtime libraries for aarch64 taken from the apache-tvm /
 # apache-tvm-ffi wheels on PyPI (downloaded and unpacked, never installed: they are another architecture).
 #
 # Idempotent and quick once done (the test calls it too); each step that fails prints one line on stderr and the
@@ -13,6 +13,7 @@ DEST=$CACHE/aarch64-tvm
 
 missing=()
 command -v aarch64-linux-gnu-g++ >/dev/null || missing+=(g++-aarch64-linux-gnu)
+command -v aarch64-linux-gnu-objdump >/dev/null || missing+=(binutils-aarch64-linux-gnu)
 command -v qemu-aarch64-static >/dev/null || command -v qemu-aarch64 >/dev/null || missing+=(qemu-user-static)
 command -v cmake >/dev/null || missing+=(cmake)
 if ((${#missing[@]})); then

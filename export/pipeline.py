@@ -8,9 +8,10 @@ Two passes are added to the stock legalize phase (both learned the hard way, see
   out-elementwise-fusable NT-matmul, so a pattern pass does it (with up to three extra epilogue inputs: outlier sum,
   bias, residual).
 
-On x86 llvm targets with AVX2 or VNNI, `int8_decode_gemv` runs first: every one-row matmul of a dequantized weight
-(decode, last-token logits) becomes one call of the int8 dot-product GEMV (`tvm_schedules/cpu_int8.py`), with the
-activations quantized to int8 per block of 32. `INT8_DECODE = False` (or EDGEQUANT_ACT_DTYPE=fp16 in the
+On llvm targets with integer dot products (x86 AVX2 or VNNI, aarch64 dotprod), `int8_decode_gemv` runs first: every
+one-row matmul of a dequantized weight (decode, last-token logits) becomes one call of the int8 dot-product GEMV
+(`tvm_schedules/cpu_int8.py`), with the activations quantized to int8 per block of 32, and every [1, m]-row one
+(prefill, all-position logits) one call of its GEMM twin. `INT8_DECODE = False` (or EDGEQUANT_ACT_DTYPE=fp16 in the
 environment) keeps the exact fp path everywhere.
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ def int8_decode_enabled() -> bool:
 
 
 def int8_decode_gemv(isa: str):
-    """Module pass: matmul(x, permute_dims(dequantize(...))) with x of one row -> call_tir of the int8 GEMV."""
+    """Module pass: matmul(x, permute_dims(dequantize(...))) with x of one row -> call_tir of the int8 GEMV; with x of
+    [1, m] rows -> the int8 GEMM."""
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     from edgequant.export.quant_linear import SPEC_ATTR, spec_from_str
@@ -62,18 +64,24 @@ def int8_decode_gemv(isa: str):
             if spec_s is None or shape is None:
                 return call
             lead = tuple(shape.values[:-1])
-            if not all(isinstance(d, tvm.tirx.IntImm) and int(d) == 1 for d in lead):
+            one = [isinstance(d, tvm.tirx.IntImm) and int(d) == 1 for d in lead]
+            # one row: the GEMV; [1, m] rows (prefill): the GEMM of the same arithmetic row by row
+            gemv = all(one)
+            if not gemv and not (len(lead) == 2 and one[0]):
                 return call
             spec = spec_from_str(spec_s)
             if not cpu_int8.supports(spec):
                 return call
-            key = (spec_s, len(lead))
+            key = (spec_s, len(lead), gemv)
             if key not in self.funcs:
-                fn = cpu_int8.int8_gemv_func(spec, isa, "float32", tuple(1 for _ in lead))
-                self.funcs[key] = self.builder_.add_func(fn.without_attr("global_symbol"), "int8_decode_gemv")
+                if gemv:
+                    fn = cpu_int8.int8_gemv_func(spec, isa, "float32", tuple(1 for _ in lead))
+                    fname = "int8_decode_gemv"
+                else:
+                    fn, fname = cpu_int8.int8_gemm_func(spec, isa, "float32"), "int8_prefill_gemm"
+                self.funcs[key] = self.builder_.add_func(fn.without_attr("global_symbol"), fname)
             args = [call.args[0], *deq.args[1].fields]
-            return relax.call_tir(self.funcs[key], args, relax.TensorType((*[1] * len(lead), spec.n),
-                                                                                 "float32"))
+            return relax.call_tir(self.funcs[key], args, relax.TensorType((*lead, spec.n), "float32"))
 
     @tvm.transform.module_pass(opt_level=0, name="Int8DecodeGemv")
     def _pass(mod, _ctx):

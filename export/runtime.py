@@ -69,6 +69,9 @@ class Runner:
         self.dist = Path(str(dist)).expanduser()
         self.info = read_export_info(self.dist)
         self.dev = _device(self.info["device"])
+        if self.info["device"] == "cpu":
+            from .threads import configure
+            self.threads = configure()
         lib = library_path(self.dist, self.info)
         if not lib.is_file() or lib.suffix != ".so":
             raise EdgequantError(f"{lib.name} is a {self.info['target']} library for static linking; it runs through "

@@ -39,8 +39,10 @@ _IPHONE_MEMORY = dict(memory_limit=3 << 30, memory_limit_note="an iPhone app's u
 PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
     TargetPreset("cpu", "this machine's CPU (LLVM, host -mcpu), shared library", {"kind": "llvm"}, "lib.so", "cpu",
                  packing3="planes3"),
-    TargetPreset("cpu-arm64", "aarch64 Linux CPU (LLVM), shared library (lib.tar of objects without an aarch64 linker)",
-                 {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "lib.so", "cpu",
+    # Armv8.2 dotprod (every phone and board core since Cortex-A55/A75) for the int8 decode GEMV's `sdot`
+    TargetPreset("cpu-arm64", "aarch64 Linux CPU (LLVM, Armv8.2 + dotprod), shared library (lib.tar of objects "
+                 "without an aarch64 linker)",
+                 {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, "lib.so", "cpu",
                  packing3="planes3"),
     TargetPreset("cuda", "NVIDIA GPU (CUDA; --arch, default sm_80 and sm_90), shared library with fatbin",
                  _GPU_CUDA, "lib.so", "cuda", packing3="words3x32", app="apps/cuda/README.md"),

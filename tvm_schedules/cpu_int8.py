@@ -1,5 +1,6 @@
-"""Decode GEMV for x86 CPUs with integer dot products: one activation row times a 2-, 3- or 4-bit weight, as a TIR prim
-func that reaches `vpdpbusd` (AVX-VNNI / AVX-512 VNNI) or `vpmaddubsw` + `vpmaddwd` (AVX2) through LLVM intrinsics.
+"""Decode GEMV for CPUs with integer dot products: one activation row times a 2-, 3- or 4-bit weight, as a TIR prim
+func that reaches `vpdpbusd` (AVX-VNNI / AVX-512 VNNI) or `vpmaddubsw` + `vpmaddwd` (AVX2) on x86, and NEON `sdot`
+(Armv8.2 dotprod) on aarch64, through LLVM intrinsics.
 
 The float GEMV of `cpu.py` converts every weight to fp32 and spends one FMA lane per weight. Here, as in llama.cpp's
 Q8_0 dot products, the activations are quantized at run time to int8 per block of 32 (one fp32 scale per block), and
@@ -15,7 +16,9 @@ contiguous load. A chunk is L = 8 words (256-bit registers); a row of 8m + 4 wor
 planes) ends with one 4-word (128-bit) chunk, and where groups fit neither, all chunks are 4 words (`chunk_plan`). A
 chunk lies inside one group or holds whole groups (their scales spread over its lanes by a shuffle). 256-bit rather
 than 512-bit registers: rows of K = 576 hold 72 words at 4 bits, not a multiple of 16, and AVX-VNNI CPUs without
-AVX-512 get the same code.
+AVX-512 get the same code. NEON has 128-bit registers: its kernel keeps the same layout and chunks and runs the
+integer part in 4-lane steps (`_chunk`), so its int32 sums, and the fp32 arithmetic after them, are the x86 kernel's.
+(`smmla` (i8mm) multiplies 2x8 by 8x2 blocks: it pays for two activation rows or more, i.e. prefill, not here.)
 CPU 3-bit exports ("planes3", dequant.py) take a lane per 2-bit-plane word (16 values, four parts masked with
 0x03030303) and OR in the third bit from the 1-bit-plane word shared by lanes 2m and 2m+1: one load of L/2 words, a
 lane shuffle and a per-lane shift (lane parity) instead of a gather.
@@ -37,7 +40,7 @@ from __future__ import annotations
 from .dequant import QuantSpec
 
 BLOCK = 32               # activation values per int8 scale (llama.cpp's Q8_0 block)
-ISAS = ("vnni", "avx2")  # vpdpbusd; vpmaddubsw + vpmaddwd
+ISAS = ("vnni", "avx2", "sdot")  # vpdpbusd; vpmaddubsw + vpmaddwd; NEON sdot (Armv8.2 dotprod)
 
 
 def _lane_values(spec: QuantSpec) -> int | None:
@@ -86,11 +89,17 @@ def supports(spec: QuantSpec) -> bool:
 
 
 def target_isa(target) -> str | None:
-    """The integer dot-product flavour an llvm target allows: "vnni", "avx2" or None (not x86, or no AVX2)."""
+    """The integer dot-product flavour an llvm target allows: "vnni", "avx2", "sdot" (aarch64 with dotprod) or None."""
     from tvm.target import codegen
     if target is None or target.kind.name != "llvm":
         return None
     triple = str(target.attrs.get("mtriple", "") or "")
+    arch = (triple or codegen.llvm_get_system_triple()).split("-")[0]
+    if arch in ("aarch64", "arm64"):
+        try:
+            return "sdot" if codegen.target_has_features("dotprod", target) else None
+        except Exception:  # noqa: BLE001 - a target LLVM cannot describe: no integer path
+            return None
     if triple and not triple.startswith(("x86_64", "i686", "i386")):
         return None
     if not triple and codegen.llvm_get_system_triple().split("-")[0] not in ("x86_64", "i686", "i386"):
@@ -159,7 +168,8 @@ def int8_gemv_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32
                    name: str = "main"):
     """y[lead..., N] = x[lead..., K] @ dq(W)^T for one row with int8 activations (module docstring).
 
-    Arguments: x fp16, qweight, scales, [zeros], y (`out_dtype`). `isa` "vnni" or "avx2" picks the instructions."""
+    Arguments: x fp16, qweight, scales, [zeros], y (`out_dtype`). `isa` ("vnni", "avx2", "sdot") picks the
+    instructions."""
     import tvm
     from tvm.script import tirx as T
 
@@ -174,6 +184,9 @@ def int8_gemv_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32
 def _dot(isa: str, L: int, acc: str, a: str, b: str) -> str:
     """TIR expression: int32xL `acc` plus the 4-byte dot products of u8 `a` and s8 `b` (both uint32xL/int8x4L)."""
     B = 4 * L
+    if isa == "sdot":  # codes 0..15 are valid signed bytes: the signed x signed dot is exact
+        return (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot"), {acc}, '
+                f'T.reinterpret({a}, dtype="int8x{B}"), {b}, dtype="int32x{L}")')
     if isa == "vnni":
         width = 32 * L
         if _i8_operands():
@@ -282,7 +295,9 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
 
 def _chunk(spec: QuantSpec, isa: str, Lc: int, start: str, acc: str, gscale, ind: str) -> list[str]:
     """Statements for one chunk of Lc words from word `start` of row nn: integer dots, then `acc` += their scaled sum.
-    The chunk's activations sit at byte start * P * 4 in the order [part j][lane][byte i]."""
+    The chunk's activations sit at byte start * P * 4 in the order [part j][lane][byte i]. NEON registers hold 4
+    lanes: `sdot` runs the integer part in 4-lane steps over the same layout (lanes h0..h0+3 of part j are 16
+    contiguous bytes), so the int32 sums and everything after them are those of the x86 kernel."""
     planes = spec.layout == "planes3"
     P = _parts(spec)
     mask = {4: 0x0F0F0F0F, 2: 0x03030303, 3: 0x03030303}[spec.bits]
@@ -294,17 +309,164 @@ def _chunk(spec: QuantSpec, isa: str, Lc: int, start: str, acc: str, gscale, ind
         dup = ", ".join(str(lane // 2) for lane in range(Lc))
         half = f"qweight[nn, T.ramp({spec.lo_words} + ({start}) // 2, 1, {Lc // 2})]"
         S.append(f"{ind}hq[{Lr}] = T.Shuffle([{half}, {half}], [{dup}])")  # two inputs: Lc lanes to pick from
-    for j in range(P):
-        code = (f"T.bitwise_and(T.shift_right(wq[{Lr}], T.broadcast(T.uint32({j * (2 if planes else spec.bits)}), "
-                f"{Lc})), T.broadcast(T.uint32({mask}), {Lc}))")
-        if planes:
-            # value k of lo word wl, part j, byte i has its third bit at 8i + 4(j//2) + j%2 + 2(wl%2) of its 1-bit word
-            hs = f'T.Cast("uint32x{Lc}", T.ramp(0, 1, {Lc}) % 2 * 2 + {4 * (j // 2) + j % 2})'
-            hi = (f"T.shift_left(T.bitwise_and(T.shift_right(hq[{Lr}], {hs}), "
-                  f"T.broadcast(T.uint32(0x01010101), {Lc})), T.broadcast(T.uint32(2), {Lc}))")
-            code = f"T.bitwise_or({code}, {hi})"
-        act = f"xq[T.ramp(({start}) * {P * 4} + {j * 4 * Lc}, 1, {4 * Lc})]"
-        S.append(f"{ind}ia[{Lr}] = {_dot(isa, Lc, f'ia[{Lr}]', code, act)}")
+    W = 4 if isa == "sdot" else Lc
+    for h0 in range(0, Lc, W):
+        Lh = f"T.ramp({h0}, 1, {W})"
+        for j in range(P):
+            code = (f"T.bitwise_and(T.shift_right(wq[{Lh}], T.broadcast(T.uint32({j * (2 if planes else spec.bits)}), "
+                    f"{W})), T.broadcast(T.uint32({mask}), {W}))")
+            if planes:
+                # value k of lo word wl, part j, byte i has its third bit at 8i + 4(j//2) + j%2 + 2(wl%2) of its
+                # 1-bit word (h0 is even: lane parity is that of the ramp)
+                hs = f'T.Cast("uint32x{W}", T.ramp(0, 1, {W}) % 2 * 2 + {4 * (j // 2) + j % 2})'
+                hi = (f"T.shift_left(T.bitwise_and(T.shift_right(hq[{Lh}], {hs}), "
+                      f"T.broadcast(T.uint32(0x01010101), {W})), T.broadcast(T.uint32(2), {W}))")
+                code = f"T.bitwise_or({code}, {hi})"
+            act = f"xq[T.ramp(({start}) * {P * 4} + {j * 4 * Lc + 4 * h0}, 1, {4 * W})]"
+            S.append(f"{ind}ia[{Lh}] = {_dot(isa, W, f'ia[{Lh}]', code, act)}")
     S.append(f'{ind}{acc}[{Lr}] = {acc}[{Lr}] + T.Cast("float32x{Lc}", ia[{Lr}]) * '
              f'xsw[T.ramp({start}, 1, {Lc})] * {gscale(Lc, start)}')
+    return S
+
+
+GEMM_ROWS = 4   # activation rows per pass over a weight row: codes unpacked once, 4 rows of dots
+
+
+def int8_gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", name: str = "main"):
+    """y[1, m, N] = x[1, m, K] @ dq(W)^T for m rows (prefill; m symbolic) with int8 activations: each row is
+    quantized as in the GEMV and gets the GEMV's integer sums and fp32 operations; rows go GEMM_ROWS at a time
+    through each weight chunk so that its codes are unpacked once per 4 rows."""
+    import tvm
+    from tvm.script import tirx as T
+
+    if isa not in ISAS:
+        raise ValueError(f"unknown ISA {isa!r}; one of {ISAS}")
+    if not supports(spec):
+        raise ValueError(f"no int8 GEMM for {spec}")
+    return tvm.script.from_source(_source_gemm(spec, isa, out_dtype, name), extra_vars={"T": T})
+
+
+def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
+    n, k, R = spec.n, spec.k, GEMM_ROWS
+    L, n_main, tail = chunk_plan(spec)
+    mw = L * n_main
+    P = _parts(spec)
+    planes = spec.layout == "planes3"
+    vpw, G, NG = _lane_values(spec), spec.group_len, spec.n_groups
+    row_w, grp_w, nb = k // vpw, G // vpw, k // BLOCK
+    wpb = BLOCK // vpw
+
+    def gscale(Lc, start):
+        if grp_w >= Lc:
+            return f'T.broadcast(T.Cast("float32", scales[nn, ({start}) // {grp_w}]), {Lc})'
+        gpc = Lc // grp_w
+        sv = f'T.Cast("float32x{gpc}", scales[nn, T.ramp(({start}) // {grp_w}, 1, {gpc})])'
+        return f"T.Shuffle([{', '.join([sv] * grp_w)}], [{', '.join(str(lane // grp_w) for lane in range(Lc))}])"
+
+    ins = ["x_h: T.handle", f'qweight: T.Buffer(({n}, {spec.words}), "uint32")',
+           f'scales: T.Buffer(({n}, {NG}), "float16")']
+    if not spec.sym:
+        ins.append(f'zeros: T.Buffer(({n}, {NG}), "uint8")')
+    ins.append("y_h: T.handle")
+    kk = "(b * 32 + t)"
+    w, r = f"({kk} // {vpw})", f"({kk} % {vpw})"
+    if planes:
+        i_, j_ = f"{r} % 8 // 2", f"({r} % 8 % 2 * 2 + {r} // 8)"
+    else:
+        i_, j_ = f"{r} // {P}", f"{r} % {P}"
+    pos = f"((({w} // {L}) * {P} + {j_}) * {L} + {w} % {L}) * 4 + {i_}"
+    if tail:
+        pos = f"T.Select({w} < {mw}, {pos}, {mw * P * 4} + ({j_} * 4 + {w} - {mw}) * 4 + {i_})"
+    mp = f"((m + {R - 1}) // {R} * {R})"   # rows padded to whole blocks: pad rows repeat the last row, never stored
+    xr = "x[0, T.min(r, m - 1), " + kk + "]"
+    S = [f"@T.prim_func", f"def {name}({', '.join(ins)}):",
+         '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})',
+         "    m = T.int64()",
+         f'    x = T.match_buffer(x_h, (T.int64(1), m, T.int64({k})), "float16")',
+         f'    y = T.match_buffer(y_h, (T.int64(1), m, T.int64({n})), "{out_dtype}")',
+         f'    xq = T.alloc_buffer(({mp} * {k},), "int8")',
+         f'    xsw = T.alloc_buffer(({mp} * {row_w},), "float32")',
+         f'    gsum = T.alloc_buffer(({mp} * {NG},), "float32")',
+         f"    for r in T.serial({mp}):",
+         f"        for g in T.serial({NG}):",
+         f"            gsum[r * {NG} + g] = T.float32(0)",
+         f"        for b in T.serial({nb}):",
+         '            mx = T.alloc_buffer((1,), "float32")',
+         '            sa = T.alloc_buffer((1,), "int32")',
+         "            mx[0] = T.float32(0)",
+         "            sa[0] = 0",
+         "            for t in T.serial(32):",
+         f'                mx[0] = T.max(mx[0], T.fabs(T.Cast("float32", {xr})))',
+         "            for t in T.serial(32):",
+         f'                v = T.Cast("int32", T.round(T.Cast("float32", {xr}) * '
+         f'T.Select(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))))',
+         f'                xq[r * {k} + {pos}] = T.Cast("int8", v)',
+         "                sa[0] = sa[0] + v",
+         f"            for t in T.serial({wpb}):",
+         f"                xsw[r * {row_w} + b * {wpb} + t] = mx[0] / T.float32(127)",
+         f'            gsum[r * {NG} + b * 32 // {G}] = gsum[r * {NG} + b * 32 // {G}] + '
+         'mx[0] / T.float32(127) * T.Cast("float32", sa[0])',
+         f"    for nn in T.parallel({n}):",
+         f'        yv = T.alloc_buffer(({R * L},), "float32")',
+         f'        yt = T.alloc_buffer(({R * 4},), "float32")',
+         f'        ia = T.alloc_buffer(({R * L},), "int32")',
+         f'        wq = T.alloc_buffer(({L},), "uint32")',
+         f'        hq = T.alloc_buffer(({L},), "uint32")',
+         '        zc = T.alloc_buffer((1,), "float32")',
+         f"        for rb in T.serial({mp} // {R}):",
+         f"            yv[T.ramp(0, 1, {R * L})] = T.broadcast(T.float32(0), {R * L})",
+         f"            yt[T.ramp(0, 1, {R * 4})] = T.broadcast(T.float32(0), {R * 4})",
+         f"            for c in T.serial({n_main}):"]
+    S += _chunk_rows(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 16)
+    if tail:
+        S += _chunk_rows(spec, isa, 4, L, str(mw), "yt", gscale, " " * 12)
+    z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
+    S += [f"            for ri in T.serial({R}):",
+          f"                if rb * {R} + ri < m:",
+          "                    zc[0] = T.float32(0)",
+          f"                    for g in T.serial({NG}):",
+          f'                        zc[0] = zc[0] + T.Cast("float32", scales[nn, g]) * {z} * '
+          f"gsum[(rb * {R} + ri) * {NG} + g]",
+          f"                    for t in T.serial({L}):",
+          f"                        zc[0] = zc[0] - yv[ri * {L} + t]",
+          "                    for t in T.serial(4):",
+          "                        zc[0] = zc[0] - yt[ri * 4 + t]",
+          f'                    y[0, rb * {R} + ri, nn] = T.Cast("{out_dtype}", T.float32(0) - zc[0])']
+    return "\n".join(S) + "\n"
+
+
+def _chunk_rows(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gscale, ind: str) -> list[str]:
+    """`_chunk` for GEMM_ROWS activation rows rb * R + ri: the chunk's codes once, then each row's dots; row ri's
+    int32 sums in ia[ri * L ...], its fp32 partial sums in acc[ri * Lc ...]."""
+    planes = spec.layout == "planes3"
+    P, R, k = _parts(spec), GEMM_ROWS, spec.k
+    mask = {4: 0x0F0F0F0F, 2: 0x03030303, 3: 0x03030303}[spec.bits]
+    Lr = f"T.ramp(0, 1, {Lc})"
+    S = [f"{ind}wq[{Lr}] = qweight[nn, T.ramp({start}, 1, {Lc})]",
+         f"{ind}ia[T.ramp(0, 1, {R * L})] = T.broadcast(0, {R * L})"]
+    if planes:
+        dup = ", ".join(str(lane // 2) for lane in range(Lc))
+        half = f"qweight[nn, T.ramp({spec.lo_words} + ({start}) // 2, 1, {Lc // 2})]"
+        S.append(f"{ind}hq[{Lr}] = T.Shuffle([{half}, {half}], [{dup}])")
+    W = 4 if isa == "sdot" else Lc
+    for h0 in range(0, Lc, W):
+        Lh = f"T.ramp({h0}, 1, {W})"
+        for j in range(P):
+            code = (f"T.bitwise_and(T.shift_right(wq[{Lh}], T.broadcast(T.uint32({j * (2 if planes else spec.bits)}), "
+                    f"{W})), T.broadcast(T.uint32({mask}), {W}))")
+            if planes:
+                hs = f'T.Cast("uint32x{W}", T.ramp(0, 1, {W}) % 2 * 2 + {4 * (j // 2) + j % 2})'
+                hi = (f"T.shift_left(T.bitwise_and(T.shift_right(hq[{Lh}], {hs}), "
+                      f"T.broadcast(T.uint32(0x01010101), {W})), T.broadcast(T.uint32(2), {W}))")
+                code = f"T.bitwise_or({code}, {hi})"
+            for ri in range(R):
+                row = f"(rb * {R} + {ri})"
+                act = f"xq[T.ramp({row} * {k} + ({start}) * {P * 4} + {j * 4 * Lc + 4 * h0}, 1, {4 * W})]"
+                Li = f"T.ramp({ri * L + h0}, 1, {W})"
+                S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
+    for ri in range(R):
+        row = f"(rb * {R} + {ri})"
+        La = f"T.ramp({ri * Lc}, 1, {Lc})"
+        S.append(f'{ind}{acc}[{La}] = {acc}[{La}] + T.Cast("float32x{Lc}", ia[T.ramp({ri * L}, 1, {Lc})]) * '
+                 f'xsw[T.ramp({row} * {spec.k // _lane_values(spec)} + {start}, 1, {Lc})] * {gscale(Lc, start)}')
     return S

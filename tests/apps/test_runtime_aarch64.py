@@ -1,6 +1,9 @@
 """apps/runtime on aarch64: cross-compiled with Debian's aarch64-linux-gnu-g++ against the TVM runtime of the aarch64
 apache-tvm / apache-tvm-ffi wheels, run under qemu-aarch64 on a `cpu-arm64` export of the tiny OWQ model. Its greedy
-tokens must equal those of the x86-64 `cpu` export run by `edgequant run`'s Runner.
+tokens must equal those of the x86-64 `cpu` export run by `edgequant run`'s Runner, on the exact fp decode path and
+on the default int8 decode path (vpdpbusd/vpmaddubsw on x86, NEON sdot on aarch64: the same integer sums and the same
+fp32 operations after them, tvm_schedules/cpu_int8.py). The aarch64 library is disassembled with Debian's
+aarch64-linux-gnu-objdump to find the sdot instructions.
 
 .ci/install-cross.sh installs what this needs (apt: g++-aarch64-linux-gnu, qemu-user-static; PyPI: the aarch64
 wheels, unpacked into the cache); the test calls it and skips, with the script's one-line reason, only where an
@@ -8,6 +11,7 @@ install failed."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,15 +55,19 @@ def _elf_aarch64(path) -> bool:
     return b[:4] == b"\x7fELF" and int.from_bytes(b[18:20], "little") == 183   # EM_AARCH64
 
 
-def test_aarch64_greedy_tokens_equal_x86(cross, arm_build, checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("act", ["fp16", "int8"])
+def test_aarch64_greedy_tokens_equal_x86(cross, arm_build, checkpoint, tmp_path, monkeypatch, act):
     from edgequant.export.runtime import Runner
     qemu, sysroot, _ = cross
-    # x86 exports decode with int8 activations by default (tvm_schedules/cpu_int8.py); aarch64 has no int8 kernel
-    # yet, so the x86 reference takes the exact fp path that both builds then share
-    monkeypatch.setenv("EDGEQUANT_ACT_DTYPE", "fp16")
-    cpu_dist = export_cli(checkpoint, "cpu", tmp_path / "x86-fp")
+    monkeypatch.setenv("EDGEQUANT_ACT_DTYPE", act)
+    cpu_dist = export_cli(checkpoint, "cpu", tmp_path / "x86")
     dist = export_cli(checkpoint, "cpu-arm64", tmp_path / "arm64")
     assert (dist / "lib.so").is_file() and _elf_aarch64(dist / "lib.so")   # linked by the aarch64 linker
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump:
+        asm = subprocess.run([objdump, "-d", str(dist / "lib.so")], capture_output=True, text=True, check=True).stdout
+        n_sdot = len(re.findall(r"\tsdot\s+v\d+\.4s", asm))
+        assert (n_sdot > 0) == (act == "int8"), n_sdot
     cli = arm_build / "edgequant-runtime-cli"
     assert _elf_aarch64(cli)
     x86 = Runner(cpu_dist, load_tokenizer=False)
@@ -74,5 +82,9 @@ def test_aarch64_greedy_tokens_equal_x86(cross, arm_build, checkpoint, tmp_path,
         assert r.returncode == 0, r.stderr
         assert [int(t) for t in r.stdout.strip().split(",")] == x86.generate(ids, n, stop_ids=()).tokens
         assert "target cpu-arm64" in r.stderr
-    r = run(1, 320, 4)   # the aarch64 build refuses ids past the vocabulary too
-    assert r.returncode == 1 and "outside the vocabulary" in r.stderr and r.stdout.strip() == ""
+    if act == "fp16":
+        r = run(1, 320, 4)   # the aarch64 build refuses ids past the vocabulary too
+        assert r.returncode == 1 and "outside the vocabulary" in r.stderr and r.stdout.strip() == ""
+    if not objdump:
+        pytest.skip("aarch64-linux-gnu-objdump missing (binutils-aarch64-linux-gnu, .ci/install-cross.sh): "
+                    "tokens checked, instructions not")

@@ -127,8 +127,8 @@ INT8_CASES = [c for c in CASES if c[1] != 3] + [("llama", 3, 64, False, 0, False
 
 @pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: f"{c[0]}-w{c[1]}g{c[2]}{'s' if c[3] else 'a'}-o{c[4]}")
 def test_int8_decode_stays_close_to_pytorch(exported, case):
-    """The default cpu export (int8 decode GEMV): the kernel is in the library, prefill and all-position logits are
-    exact as before, and decode logits move by the int8 rounding only. Greedy tokens are not compared here: on these
+    """The default cpu export (int8 decode GEMV and prefill GEMM): both kernels are in the library, and prefill,
+    all-position and decode logits move by the int8 rounding only. Greedy tokens are not compared here: on these
     tiny random models near-tied logits flip in llama-w4g32 and qwen2-w2g64 (the exact path's test compares them)."""
     from edgequant.artifact import load_quantized_model
     from edgequant.export.runtime import Runner
@@ -137,15 +137,18 @@ def test_int8_decode_stays_close_to_pytorch(exported, case):
     if target_isa(tvm_target(get_preset("cpu"))) is None:
         pytest.skip("this CPU has no AVX2/VNNI: the cpu export keeps the fp decode GEMV")
     ckpt, dist = exported(case, "int8")
-    assert b"int8_decode_gemv" in (dist / "lib.so").read_bytes()
+    lib = (dist / "lib.so").read_bytes()
+    assert b"int8_decode_gemv" in lib and b"int8_prefill_gemm" in lib
     ref, _ = load_quantized_model(ckpt)
     runner = Runner(dist)
     ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, 40).tolist()
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()
-    assert _rel(runner.logits(ids), want) < 1e-2
+    err = _rel(runner.logits(ids), want)
+    print(f"\n{case} int8 all-position logits: max |tvm - torch| / max |torch| {err:.1e}")
+    assert err < 4e-2
     runner.new_sequence()
-    assert _rel(runner.prefill(ids[:30]), want[29]) < 1e-2
+    assert _rel(runner.prefill(ids[:30]), want[29]) < 4e-2
     for j in range(30, 40):
         err = _rel(runner.decode(ids[j]), want[j])
         print(f"\n{case} int8 decode step {j}: max |tvm - torch| / max |torch| {err:.1e}")

@@ -1,4 +1,4 @@
-"""The x86 int8 decode GEMV (tvm_schedules/cpu_int8.py): compiled for this CPU and run against its NumPy model
+"""The int8 decode GEMV (tvm_schedules/cpu_int8.py): compiled for this CPU and run against its NumPy model
 (int8 activations per block of 32, exact integer dots) and against the exact fp reference, at 2/4 bits (words) and 3
 bits (bit planes); the generated code holds
 the integer dot-product instructions; the ISA choice follows the target."""
@@ -91,6 +91,30 @@ def test_kernel_matches_numpy(isa, bits, group, sym, n, k, layout):
     assert rel < 2e-2, rel  # int8 activations: each value within half a step of 1/127 of its block's max
 
 
+GEMM_CASES = [CASES[0], CASES[3], CASES[5], CASES[9], CASES[12]]   # W4 g128 / per-channel sym, W2 g64 tail, W3 planes
+
+
+@pytest.mark.parametrize("isa", ["vnni", "avx2"])
+@pytest.mark.parametrize("bits,group,sym,n,k,layout", GEMM_CASES)
+def test_prefill_gemm_rows_equal_the_gemv_model(isa, bits, group, sym, n, k, layout):
+    """The prefill GEMM on 1, 3, 4 and 9 rows (whole and padded blocks of GEMM_ROWS, one compiled function, row
+    count symbolic): every row is the GEMV's NumPy model of that row."""
+    import tvm
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemm_func, int8_gemv_np
+    host = _isa_or_skip(isa)
+    rng = np.random.default_rng(bits * 1000 + k + n + 1)
+    spec, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k, layout)
+    ex = tvm.compile(tvm.IRModule({"main": int8_gemm_func(spec, isa)}), target=host)
+    for m in (1, 3, 4, 9):
+        x = rng.standard_normal((1, m, k)).astype(np.float16)
+        x[0, m - 1, :32] = 0     # an all-zero block
+        y = tvm.runtime.tensor(np.full((1, m, n), np.nan, np.float32))
+        args = [x, qweight, scales] + ([] if sym else [zeros])
+        ex["main"](*[tvm.runtime.tensor(a) for a in args], y)
+        model = np.stack([int8_gemv_np(spec, x[0, i], qweight, scales, zeros) for i in range(m)])
+        np.testing.assert_allclose(y.numpy()[0], model, rtol=1e-5, atol=1e-5 * np.abs(model).max())
+
+
 @pytest.mark.parametrize("isa,pattern", [("vnni", r"vpdpbusd"), ("avx2", r"vpmaddubsw")])
 def test_generated_code_uses_integer_dot_products(isa, pattern):
     import tvm
@@ -102,6 +126,21 @@ def test_generated_code_uses_integer_dot_products(isa, pattern):
     assert re.search(rf"\b{pattern}\s+[^\n]*%ymm", asm), f"no 256-bit {pattern} in the kernel"
 
 
+@pytest.mark.parametrize("bits,group,layout", [(4, 128, "words"), (2, 64, "words"), (3, 128, "planes3")])
+def test_aarch64_code_uses_sdot(bits, group, layout):
+    """Cross-compiled for cpu-arm64 (no aarch64 CPU needed): the GEMV's and GEMM's integer dots are NEON sdot, 4
+    lanes each (their results are checked under qemu by tests/apps/test_runtime_aarch64.py)."""
+    import tvm
+    from edgequant.export.targets import get_preset, tvm_target
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemm_func, int8_gemv_func
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    spec = QuantSpec(64, 576, bits, group, False, layout)
+    for fn in (int8_gemv_func(spec, "sdot"), int8_gemm_func(spec, "sdot")):
+        mod = tvm.IRModule({"main": fn})
+        asm = tvm.tirx.build(mod, target=tvm_target(get_preset("cpu-arm64"))).inspect_source("asm")
+        assert re.search(r"\bsdot\s+v\d+\.4s, v\d+\.16b, v\d+\.16b", asm), "no NEON sdot in the kernel"
+
+
 def test_isa_follows_the_target():
     import tvm
     from edgequant.export.targets import get_preset, tvm_target
@@ -111,7 +150,8 @@ def test_isa_follows_the_target():
     assert target_isa(T({"kind": "llvm", "mcpu": "sapphirerapids"})) == "vnni"
     assert target_isa(T({"kind": "llvm", "mcpu": "haswell"})) == "avx2"
     assert target_isa(T({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"})) is None
-    assert target_isa(tvm_target(get_preset("cpu-arm64"))) is None
+    assert target_isa(tvm_target(get_preset("cpu-arm64"))) == "sdot"
+    assert target_isa(T({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})) is None  # Armv8.0
     assert target_isa(T({"kind": "cuda"})) is None
     host, isas = _host_isas()
     assert target_isa(tvm_target(get_preset("cpu"))) == (isas[0] if isas else None)
