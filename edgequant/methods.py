@@ -108,7 +108,7 @@ def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tr
 
 
 @register_method("owq", needs_calibration=True, summary="OWQ: sensitive weak columns kept in fp16, GPTQ on the rest",
-                 options=("target_bits", "weak_columns"))
+                 options=("target_bits", "weak_columns", "clip_search"))
 def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     from .calibrate.blocks import get_module
     from .calibrate.gptq import gptq_quantize
@@ -129,6 +129,7 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
         counts = {kind: min(fixed, k) for kind, k in in_features.items()}
     else:
         counts = weak_column_counts(family, in_features, scheme.bits, target if target is not None else scheme.bits + 0.01)
+    clip = opts.extra.get("clip_search", True) is not False   # the paper's MSE range tuning (False: min-max)
     samples = _calibration_samples(tokenizer, opts)
 
     def quantize_fn(name, lin, H):
@@ -136,7 +137,7 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
         kind = name.split(".", 3)[-1]
         idx = select_weak_columns(w, torch_diag(H), scheme, counts[kind])
         qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order,
-                                 keep=idx.to(w.device), clip_search=mse_clip_search)
+                                 keep=idx.to(w.device), clip_search=mse_clip_search if clip else None)
         w_hat = qw.dequantize()
         return qw, {"gptq_loss": loss, "weak_columns": int(len(idx)), "weight_rel_err": weight_error(w, w_hat),
                     "output_rel_err": output_error(w, w_hat, H)}
