@@ -156,7 +156,7 @@ def torch_diag(H):
 @register_method("omniquant", needs_calibration=True,
                  summary="OmniQuant: learnable weight clipping + equivalent transformation, block-wise, fused away",
                  options=("lwc", "let", "epochs", "lwc_lr", "let_lr", "let_alpha", "aug_loss", "owq_target_bits",
-                          "lwc_init", "loss"))
+                          "lwc_init", "loss", "keep_best"))
 def _omniquant(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     from dataclasses import asdict
     from .calibrate.omniquant import calibrate_omniquant, config_from_options
