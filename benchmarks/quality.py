@@ -1,7 +1,10 @@
-"""Perplexity by method and scheme on SmolLM2-135M-Instruct (WikiText-2 test, first N windows of 2048 tokens).
+"""Perplexity by method and scheme on both named real models, side by side with bits per weight (WikiText-2 test,
+first N windows of 2048 tokens): SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct (qwen2, q/k/v biases).
 
-    python benchmarks/quality.py                       # every row, results under benchmarks/results/
+    python benchmarks/quality.py                       # every row on both models, results under benchmarks/results/
     python benchmarks/quality.py --rows gptq:w3g128    # only some rows
+    python benchmarks/quality.py --models qwen2.5-coder-0.5b --device cuda
+    python benchmarks/quality.py --merge a.rows.json,b.rows.json --table-only   # join rows measured in parallel
 
 Each finished row is remembered beside the table (quality.rows.json) (keyed by its settings), so an interrupted
 run continues where it stopped; --fresh starts over. Calibration: ../shared/data/calibration (Wikipedia + C4
@@ -18,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+DEFAULT_MODEL = "smollm2-135m"
+MODELS = (DEFAULT_MODEL, "qwen2.5-coder-0.5b")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -53,6 +58,15 @@ ROWS = [
     ("owq", "w3g128", {"target_bits": 3.1, "act_order": True}),
     # a quicker CPU setting (59 s on 2 idle cores); the demo uses the 2-epoch row above (131 s idle)
     ("omniquant", "w3g128", {"epochs": 1, "lwc_lr": 5e-2, "lwc_init": "search", "nsamples": 16, "seqlen": 256}),
+    # issue 11: OWQ vs GPTQ on qwen2. Ablations: OWQ without its MSE range search (min-max groups), GPTQ with that
+    # search and no fp16 columns (--weak-columns 0), and OWQ with the attention-sink token left out of H
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "clip_search": False}),
+    ("owq", "w3g128", {"weak_columns": 0, "act_order": True}),
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "skip_tokens": 1}),
+    # issue 11: more OmniQuant training (the issue's 64 x 512, 4 epochs row), now keeping each block's best epoch
+    ("omniquant", "w3g128", {"epochs": 4, "lwc_lr": 5e-2, "lwc_init": "search", "nsamples": 64, "seqlen": 512}),
+    ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "nsamples": 32, "seqlen": 256}),
+    ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "nsamples": 32, "seqlen": 256}),
 ]
 
 
@@ -75,14 +89,16 @@ def calib_size(opts, args) -> tuple[int, int]:
     return opts.get("nsamples", args.nsamples), opts.get("seqlen", args.seqlen)
 
 
-def row_key(method, scheme, opts, args):
+def row_key(method, scheme, opts, args, model=DEFAULT_MODEL):
+    """The settings that identify a row; rows of the default model keep the keys they had before --models."""
     if method in ("gptq", "owq"):  # act-order became the default after the first rows: always spell it out
         opts = {"act_order": True, **opts}
     n, L = calib_size(opts, args)
     calib = {} if method == "rtn" else {"nsamples": n, "seqlen": L, "seed": args.seed}
     opts = {k: v for k, v in opts.items() if k not in ("nsamples", "seqlen")}
+    extra = {} if model == DEFAULT_MODEL else {"model": model}
     return json.dumps({"method": method, "scheme": scheme, **opts, **calib, "windows": args.max_windows,
-                       "device": args.device},
+                       "device": args.device, **extra},
                       sort_keys=True)
 
 
@@ -92,9 +108,34 @@ def _repo_relative(path) -> str:
     return os.path.relpath(p, HERE.parent) if p.is_absolute() else str(path)
 
 
+def base_key(args, model) -> str:
+    extra = {} if model == DEFAULT_MODEL else {"model": model}
+    return json.dumps({"method": "baseline", "windows": args.max_windows, "device": args.device, **extra},
+                      sort_keys=True)
+
+
+def side_by_side(per_model: dict[str, list[dict]]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """One line per (method, scheme, calibration), one bits/weight and one perplexity column per model."""
+    lines, index = [], {}
+    for model, rows in per_model.items():
+        for r in rows:
+            k = (r["method"], r["scheme"], r.get("settings", "-"))
+            if k not in index:
+                index[k] = {"method": k[0], "scheme": k[1], "settings": k[2]}
+                lines.append(index[k])
+            index[k][f"{model}:bits"] = r["bits_per_weight"]
+            index[k][f"{model}:ppl"] = r["perplexity"]
+            index[k][f"{model}:s"] = r.get("quantize_s")
+    cols = [("method", "method"), ("scheme", "scheme"), ("settings", "calibration")]
+    for model in per_model:
+        cols += [(f"{model}:bits", f"{model} bits/w"), (f"{model}:ppl", f"{model} ppl"),
+                 (f"{model}:s", f"{model} quantize s")]
+    return lines, cols
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated named models or model paths")
     ap.add_argument("--calib", default=str(SHARED / "calibration"))
     ap.add_argument("--data", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     ap.add_argument("--max-windows", type=int, default=40)
@@ -107,6 +148,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu or cuda (calibration and evaluation)")
     ap.add_argument("--table-only", action="store_true", help="print the table of rows already measured; run nothing")
     ap.add_argument("--out", default=str(HERE / "results" / "quality.md"))
+    ap.add_argument("--merge", default=None, help="comma-separated .rows.json files to add to this table's rows")
     args = ap.parse_args(argv)
 
     import torch
@@ -123,55 +165,76 @@ def main(argv=None):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.write_text(json.dumps(done, indent=1))
 
-    base_key = json.dumps({"method": "baseline", "windows": args.max_windows, "device": args.device}, sort_keys=True)
+    for f in (args.merge.split(",") if args.merge else []):
+        done.update({json.dumps(json.loads(k), sort_keys=True): v for k, v in json.loads(Path(f).read_text()).items()})
+        save_done()
+    models = [m for m in args.models.split(",") if m]
     dev = (torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else
            f"CPU {platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     torch_version = torch.__version__
     if args.table_only:
         dev = next((r["device_name"] for r in done.values() if "device_name" in r), args.device)
         torch_version = next((r["torch"] for r in done.values() if "torch" in r), torch_version)
-    elif base_key not in done:
-        res = edgequant.api.evaluate(args.model, args.data, max_windows=args.max_windows, device=args.device)
-        done[base_key] = {"method": "fp32 (dequantized GGUF)", "scheme": "-", "bits_per_weight": 32.0, "device_name": dev,
-                          "perplexity": res["perplexity"], "quantize_s": 0.0, "eval_s": res["time_s"]}
-        save_done()
-    rows = [done[base_key]] if base_key in done else []
-    for method, scheme_name, opts in wanted:
-        key = row_key(method, scheme_name, opts, args)
-        if args.table_only and key not in done:
-            continue
-        if key not in done:
-            from edgequant.schemes import get_scheme
-            s = get_scheme(scheme_name)
-            out = Path(args.work) / (f"{method}-{scheme_name}" + "".join(f"-{k}{v}" for k, v in opts.items()))
-            print(f"== {method} {scheme_name}", file=sys.stderr, flush=True)
-            t0 = time.time()
-            n, L = calib_size(opts, args)
-            method_opts = {k: v for k, v in opts.items() if k not in ("nsamples", "seqlen")}
-            ck = edgequant.api.quantize(args.model, out, method=method, bits=s.bits, group_size=s.group_size, sym=s.sym,
-                                        calib=None if method == "rtn" else args.calib, nsamples=n, seqlen=L,
-                                        seed=args.seed, device=args.device, **method_opts)
-            tq = time.time() - t0
-            info = edgequant.api.inspect(ck)
-            res = edgequant.api.evaluate(ck, args.data, max_windows=args.max_windows, device=args.device)
-            label = method + "".join(f" {k.replace('_', '-')}={v}" for k, v in method_opts.items())
-            done[key] = {"method": label, "scheme": scheme_name, "bits_per_weight": info["bits_per_weight"],
-                         "perplexity": res["perplexity"], "quantize_s": tq, "eval_s": res["time_s"], "device_name": dev,
-                         "torch": torch.__version__, "settings": "-" if method == "rtn" else f"{n}x{L} seed {args.seed}"}
+    per_model = {}
+    for model in models:
+        bk = base_key(args, model)
+        if not args.table_only and bk not in done:
+            res = edgequant.api.evaluate(model, args.data, max_windows=args.max_windows, device=args.device)
+            done[bk] = {"method": "fp32 (dequantized GGUF)", "scheme": "-", "bits_per_weight": 32.0,
+                        "device_name": dev, "perplexity": res["perplexity"], "quantize_s": 0.0,
+                        "eval_s": res["time_s"]}
             save_done()
-        rows.append(done[key])
+        rows = [done[bk]] if bk in done else []
+        for method, scheme_name, opts in wanted:
+            key = row_key(method, scheme_name, opts, args, model)
+            if args.table_only and key not in done:
+                continue
+            if key not in done:
+                done[key] = measure(model, method, scheme_name, opts, args, dev)
+                save_done()
+            rows.append(done[key])
+        per_model[model] = rows
 
-    cols = [("method", "method"), ("scheme", "scheme"), ("bits_per_weight", "bits/weight (stored)"),
-            ("perplexity", "WikiText-2 ppl"), ("quantize_s", "quantize s"), ("eval_s", "eval s"),
-            ("settings", "calibration")]
-    text = (f"# Quality: SmolLM2-135M-Instruct, WikiText-2 test, first {args.max_windows} windows of 2048 tokens\n\n"
+    lines, cols = side_by_side(per_model)
+    text = (f"# Quality: {', '.join(models)}; WikiText-2 test, first {args.max_windows} windows of 2048 tokens\n\n"
             f"date {datetime.date.today()}, device {dev}, torch "
             f"{torch_version}, edgequant {edgequant.__version__}\n"
-            f"calibration: {_repo_relative(args.calib)} ({args.nsamples} windows x {args.seqlen} tokens, seed {args.seed}); "
-            f"baseline = the Q4_1 GGUF dequantized to fp32\n\n" + table(rows, cols) + "\n")
+            f"calibration: {_repo_relative(args.calib)} ({args.nsamples} windows x {args.seqlen} tokens unless a row says, seed "
+            f"{args.seed}); baseline = each GGUF dequantized to fp32; bits/w = stored bits per quantized weight\n"
+            f"command: python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
+            + table(lines, cols) + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
+
+
+def measure(model, method, scheme_name, opts, args, dev) -> dict:
+    """Quantize `model` with one row's settings, inspect and evaluate the checkpoint."""
+    import torch
+    import edgequant
+    import edgequant.api
+    from edgequant.schemes import get_scheme
+    s = get_scheme(scheme_name)
+    tag = "" if model == DEFAULT_MODEL else Path(model).name + "-"
+    out = Path(args.work) / (tag + f"{method}-{scheme_name}" + "".join(f"-{k}{v}" for k, v in opts.items()))
+    print(f"== {model} {method} {scheme_name} {opts}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    n, L = calib_size(opts, args)
+    method_opts = {k: v for k, v in opts.items() if k not in ("nsamples", "seqlen")}
+    ck = edgequant.api.quantize(model, out, method=method, bits=s.bits, group_size=s.group_size, sym=s.sym,
+                                calib=None if method == "rtn" else args.calib, nsamples=n, seqlen=L,
+                                seed=args.seed, device=args.device, **method_opts)
+    tq = time.time() - t0
+    info = edgequant.api.inspect(ck)
+    res = edgequant.api.evaluate(ck, args.data, max_windows=args.max_windows, device=args.device)
+    label = method + "".join(f" {k.replace('_', '-')}={v}" for k, v in method_opts.items())
+    row = {"method": label, "scheme": scheme_name, "bits_per_weight": info["bits_per_weight"],
+           "perplexity": res["perplexity"], "quantize_s": tq, "eval_s": res["time_s"], "device_name": dev,
+           "torch": torch.__version__, "settings": "-" if method == "rtn" else f"{n}x{L} seed {args.seed}"}
+    if method == "omniquant":   # per-block losses (start, each epoch, kept) for the note on more epochs
+        blocks = (info.get("calibration") or {}).get("blocks") or []
+        row["blocks"] = [{k: b.get(k) for k in ("block", "loss_before", "loss_after", "extra")} for b in blocks]
+    return row
 
 
 if __name__ == "__main__":

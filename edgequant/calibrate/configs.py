@@ -13,6 +13,7 @@ class OWQConfig(Options):
     """OWQ: the weak-column budget, as bits per weight or as a fixed count per linear."""
     target_bits: float | None = opt(None, "bits per weight budget, e.g. 3.01, 3.1, 4.01.", "float", lo=0, lo_open=True)
     weak_columns: int | None = opt(None, "fp16 columns per linear (instead of --target-bits).", "int", lo=0)
+    clip_search: bool = opt(True, "tune each group's range by the paper's MSE search (off: min-max groups).", "bool")
 
     def __post_init__(self):
         super().__post_init__()
@@ -39,6 +40,8 @@ class OmniConfig(Options):
                     "choice", choices=("mse", "token_rel"))
     owq_target_bits: float | None = opt(None, "choose OWQ weak columns first (kept fp16), LWC/LET learned on the "
                                               "rest.", "float", lo=0, lo_open=True)
+    keep_best: bool = opt(True, "score the start and every epoch on all windows and keep the best parameters.",
+                          "bool")
 
     def __post_init__(self):
         super().__post_init__()

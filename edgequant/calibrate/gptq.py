@@ -96,7 +96,10 @@ def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search):
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
     Qint = torch.zeros_like(W)
-    loss = 0.0
+    loss = torch.zeros((), device=W.device)
+    # host copies of the per-column facts the loop branches on: reading a device tensor in an `if` (or float())
+    # waits for the device, once per column, which made the loop launch-bound on a GPU
+    order_h, kept_h = order.tolist(), kept_sorted.tolist()
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
         W1 = W[:, i1:i2].clone()
@@ -105,18 +108,18 @@ def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search):
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            orig = int(order[col])
+            orig = order_h[col]
             g = orig // G
             w = W1[:, i]
             d = Hinv1[i, i]
-            if not ready[g] and not kept_sorted[col]:
+            if not ready[g] and not kept_h[col]:
                 # every non-kept column of this group lies ahead in processing order: take their current values
                 cols = torch.arange(g * G, min((g + 1) * G, K), device=W.device)
                 cols = cols[~keep_mask[cols]]
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, pos[cols] - col]
                 scales[:, g:g + 1], zeros[:, g:g + 1] = _group_params(ahead, scheme, clip_search)
                 ready[g] = True
-            if kept_sorted[col]:
+            if kept_h[col]:
                 Q1[:, i] = zeros[:, g]
                 W[:, col] = w  # final full-precision value of a kept column (every update has reached it)
                 continue
@@ -124,7 +127,7 @@ def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search):
             q = torch.clamp(torch.round(w / s) + z, 0, scheme.maxq)
             Q1[:, i] = q
             err = (w - (q - z) * s) / d
-            loss += float((err ** 2).sum() * d * d / 2)
+            loss += (err ** 2).sum() * d * d / 2
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None]
             Err1[:, i] = err
         Qint[:, i1:i2] = Q1
@@ -137,4 +140,4 @@ def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search):
         idx = torch.nonzero(keep_mask).flatten()
         qw.outlier_idx = idx
         qw.outlier_weight = W[:, inv][:, idx].clone()
-    return qw, loss
+    return qw, float(loss)

@@ -6,6 +6,11 @@ so that the quantized block fed the *quantized* stream matches that target (MSE;
 block fed the quantized stream, as the published scripts do for W2), fold everything learned into norms, biases,
 integers, scales and zero points (see `fuse.py`), and pass the fused block's outputs on as the next block's inputs.
 
+Training is stochastic (mini-batches of a few windows, AdamW at a fixed rate), and a block's loss can end higher than it
+started (SmolLM2's block 28 went 188.8 -> 195.8 with the CPU-reduced settings). The block loss over every calibration
+window is therefore measured before training and after each epoch, and the block keeps the parameters that scored
+best (`keep_best`, on by default; the initial point is a candidate, so a block never ends worse than its start).
+
 Only the block being trained sits on the device; the two hidden-state streams stay on the host and travel in mini-batches.
 After each block its fused tensors and the two streams are saved under `state_dir` (safetensors + JSON, see `state.py`),
 so an interrupted run continues from the next block and, training being deterministic given its inputs and a per-block
@@ -155,7 +160,8 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
         with torch.no_grad():
             _, loss_before = _run(block, ob.effective(), q_hidden, kw, device, bs, fp_out, cfg.loss)
 
-        steps = _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg, device, i, n_blocks, progress)
+        steps, epoch_losses = _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg, device, i, n_blocks, progress,
+                                     loss_before)
 
         if keep_live:
             live.append(OmniBlock.detached_copy(ob))
@@ -168,7 +174,8 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
         for rel, qw in qws.items():
             quantized[f"{prefix}.{rel}"] = qw
         stats.update(block_stats)
-        summ = BlockSummary(i, loss_before, loss_after, round(time.time() - t0, 2), steps)
+        summ = BlockSummary(i, loss_before, loss_after, round(time.time() - t0, 2), steps,
+                            extra={"epoch_losses": epoch_losses} if epoch_losses else {})
         summaries.append(summ)
         q_hidden, fp_hidden = q_next, fp_out
         del aug_out
@@ -198,14 +205,16 @@ def _weak_columns(family, block, scheme: QuantScheme, counts: dict, act_sqmean: 
             for n in family.linear_names}
 
 
-def _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg: OmniConfig, device, i, n_blocks, progress) -> int:
+def _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg: OmniConfig, device, i, n_blocks, progress,
+           loss_start: float) -> tuple[int, list]:
+    """Train `ob` in place; returns (optimizer steps, block loss after each epoch if `keep_best`, else [])."""
     groups = []
     if ob.lwc_params():
         groups.append({"params": ob.lwc_params(), "lr": cfg.lwc_lr})
     if ob.let_params():
         groups.append({"params": ob.let_params(), "lr": cfg.let_lr})
     if cfg.epochs == 0 or not groups:
-        return 0
+        return 0, []
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     n = len(q_hidden)
     bs = min(cfg.batch_size, n)
@@ -214,6 +223,7 @@ def _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg: OmniConfig, device, i,
     bar = tqdm(total=cfg.epochs * per_epoch, desc=f"omniquant block {i + 1}/{n_blocks}", disable=not progress,
                leave=False, unit="step")
     steps = 0
+    best_loss, best_state, epoch_losses = loss_start, _snapshot(ob), []
     try:
         for ep in range(cfg.epochs):
             perm = torch.randperm(n, generator=gen)
@@ -235,6 +245,18 @@ def _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg: OmniConfig, device, i,
                 tot += float(loss.detach())
                 bar.update(1)
                 bar.set_postfix(epoch=ep + 1, loss=f"{tot / (j // bs + 1):.4g}")
+            if cfg.keep_best:
+                with torch.no_grad():
+                    _, ep_loss = _run(block, ob.effective(), q_hidden, kw, device, cfg.batch_size, fp_out, cfg.loss)
+                epoch_losses.append(ep_loss)
+                if ep_loss < best_loss:
+                    best_loss, best_state = ep_loss, _snapshot(ob)
     finally:
         bar.close()
-    return steps
+    if cfg.keep_best:
+        ob.load_state_dict(best_state)
+    return steps, epoch_losses
+
+
+def _snapshot(ob) -> dict:
+    return {k: v.detach().clone() for k, v in ob.state_dict().items()}

@@ -32,6 +32,27 @@ def test_training_lowers_block_loss():
     assert all("weight_rel_err" in s and "clip_upper_mean" in s for s in stats.values())
 
 
+def test_a_block_whose_loss_rises_keeps_its_better_parameters():
+    """At lr 2 the first block ends above its start (0.0158 vs 0.0134 without keep_best); it must keep the start."""
+    samples = _samples()
+    scheme = QuantScheme(3, 32)
+    cfg = dict(epochs=3, batch_size=2, lwc_lr=2.0)
+    rising = calibrate_omniquant(make_tiny_model("llama"), samples, scheme, OmniConfig(**cfg, keep_best=False),
+                                 progress=False)[2]
+    assert rising[0].loss_after > rising[0].loss_before      # the setting really makes a block worse
+    m = make_tiny_model("llama")
+    q, _, blocks, _ = calibrate_omniquant(m, samples, scheme, OmniConfig(**cfg), progress=False)
+    for b in blocks:
+        losses = b.extra["epoch_losses"]
+        assert len(losses) == 3
+        assert b.loss_after <= b.loss_before and b.loss_after == pytest.approx(min([b.loss_before] + losses), rel=1e-5)
+    # the kept parameters are what the checkpoint holds: block 0 fell back to its initial clipping (sigmoid(4))
+    start = calibrate_omniquant(make_tiny_model("llama"), samples, scheme, OmniConfig(**{**cfg, "epochs": 0}),
+                                progress=False)[0]
+    name = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(q[name].q, start[name].q) and torch.equal(q[name].scale, start[name].scale)
+
+
 @pytest.mark.parametrize("arch,let,sym,loss", [("llama", True, False, "mse"), ("qwen2", True, False, "token_rel"),
                                                ("mistral", False, True, "mse")])
 def test_fused_checkpoint_equals_live_model(tmp_path, tokenizer, arch, let, sym, loss):

