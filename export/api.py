@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from edgequant.errors import EdgequantError
+from edgequant.errors import EdgequantError, first_line
 
 
 def export(checkpoint, target: str = "cpu", output=None, arch: str | None = None,
@@ -40,8 +40,7 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
     r = Runner(dist)
     tok = r.tokenizer
     if chat_template and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)
+        ids = _apply_template(tok, [{"role": "user", "content": prompt}], r.dist)
     else:
         ids = tok(prompt)["input_ids"]
     stream = _Detokenizer(tok, on_text)
@@ -49,6 +48,16 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
     return {"prompt_tokens": st.prompt_tokens, "tokens": st.tokens, "text": tok.decode(st.tokens, skip_special_tokens=True),
             "prefill_tokens_per_s": st.prefill_tps, "decode_tokens_per_s": st.decode_tps,
             "device": r.info["device"], "target": r.info["target"]}
+
+
+def _apply_template(tok, turns, dist):
+    """The tokenizer's chat template on `turns`; jinja2's sandbox refuses unsafe templates with its own errors."""
+    import jinja2
+    try:
+        return tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except jinja2.TemplateError as e:
+        raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json was refused ({type(e).__name__}: "
+                             f"{first_line(e, 120)}); replace it with the model's original template") from None
 
 
 def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
@@ -64,7 +73,7 @@ def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float
 
     def encode(turns):
         if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
+            return _apply_template(tok, turns, r.dist)
         return tok("\n".join(m["content"] for m in turns))["input_ids"]
 
     history = []

@@ -65,7 +65,42 @@ def _outlier(value):
     return lambda d: edit_dist_tensor(d, "self_attn.qkv_proj.outlier_idx", lambda a: np.append(a[:-1], value))
 
 
+def _export(fn):
+    return lambda d: edit_json(d / EXPORT, fn)
+
+
+def _model(key, value):
+    return _export(lambda i: i["model"].__setitem__(key, value))
+
+
+def _truncate_library(d):
+    f = d / "lib.so"
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 3])
+
+
+def _nan_in(suffix):
+    return lambda d: edit_dist_tensor(d, suffix, lambda a: np.where(np.arange(a.size).reshape(a.shape) == 5, np.inf, a))
+
+
 CASES = {
+    # issue 15's re-run: a truncated ELF faulted (SIGBUS) inside dlopen; a deep JSON overflowed the parsers' stacks
+    "library_truncated": (_truncate_library, ["lib.so", "truncated"]),
+    "tensor_cache_nested_100000_deep": (lambda d: (d / CACHE).write_text("[" * 100000 + "]" * 100000),
+                                        [CACHE, "nested"]),
+    "prefill_chunk_2_pow_40": (_export(lambda i: i.__setitem__("prefill_chunk_size", 2 ** 40)),
+                               ["prefill_chunk_size"]),
+    "context_window_2_pow_40": (_model("context_window", 2 ** 40), ["context_window"]),
+    "num_layers_not_the_library": (_model("num_layers", 3), ["num_layers"]),
+    "vocab_size_not_the_library": (_model("vocab_size", 400), ["vocab_size"]),
+    "vocab_size_2_pow_40": (_model("vocab_size", 2 ** 40), ["vocab_size"]),
+    "target_unknown": (_export(lambda i: i.__setitem__("target", "evil")), ["target"]),
+    "functions_without_prefill": (_export(lambda i: i.__setitem__("functions", ["embed"])), ["functions"]),
+    "format_version_99": (_export(lambda i: i.__setitem__("format_version", 99)), ["format_version"]),
+    "tvm_version_other": (_export(lambda i: i.__setitem__("tvm_version", "0.1.0")), ["TVM 0.1.0"]),
+    "embedding_inf": (_nan_in("embed_tokens.weight"), ["embed_tokens.weight", "infinite"]),
+    "lm_head_inf": (_nan_in("lm_head.weight"), ["lm_head.weight", "infinite"]),
+    "norm_inf": (_nan_in("input_layernorm.weight"), ["input_layernorm.weight", "infinite"]),
+
     "dataPath_leaves_folder": (_outside_shard, ["dataPath", "outside_shard.bin"]),
     "dataPath_etc_passwd": (_first_shard(lambda s: s.__setitem__("dataPath", "../../../../etc/passwd")), ["dataPath"]),
     "dataPath_absolute": (_first_shard(lambda s: s.__setitem__("dataPath", "/etc/passwd")), ["dataPath"]),
