@@ -20,6 +20,7 @@ from .paths import inside_folder
 from .schemes import QuantScheme
 
 FORMAT_VERSION = 1
+PACK = "uint32-lsb-first-along-k"   # the only packing (edgequant/pack.py); checkpoints before issue 12 name it
 QUANT_METHOD = "edgequant"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -64,9 +65,19 @@ def read_scheme(f: Path, qc: dict) -> QuantScheme:
     if missing:
         raise CheckpointError(f"{f}: quantization_config lacks {', '.join(missing)}; re-run `edgequant quantize`")
     try:
-        return QuantScheme.from_dict({"sym": False, **qc})
+        scheme = QuantScheme.from_dict({"sym": False, **qc})
     except EdgequantError as e:
         raise CheckpointError(f"{f}: quantization_config: {e}") from None
+    from .methods import METHODS
+    # older checkpoints also state the packing; any other value would unpack into wrong weights
+    for key, ok, want in (("pack", lambda v: v == PACK, repr(PACK)),
+                          ("values_per_word", lambda v: v == scheme.values_per_word, str(scheme.values_per_word)),
+                          ("lm_head", lambda v: v is False, "false (lm_head is kept in fp16)"),
+                          ("method", lambda v: v in METHODS, "one of " + ", ".join(METHODS))):
+        if key in qc and not ok(qc[key]):
+            raise CheckpointError(f"{f}: quantization_config.{key} is {qc[key]!r}, edgequant writes {want}; "
+                                  "restore the config.json written by `edgequant quantize`")
+    return scheme
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -245,6 +256,9 @@ def inspect(checkpoint) -> dict:
     s = ck.scheme
     ideal = s.bits + (16 + (0 if s.sym else 8)) / (s.group_len(max(k for _, k, _ in quant.values())))
     prov = ck.provenance
+    f = ck.path / PROVENANCE_NAME
+    # provenance is informative only (open_checkpoint ignores a damaged one); inspect reports its state
+    provenance = "ok" if prov else "missing" if not f.is_file() else "damaged (unreadable or not a JSON object)"
     opts = prov.get("options") or {}
     # the figure the user asked for: OWQ's budget, else the integer width; "stored" adds packing, scales, zeros
     target = opts.get("target_bits") or opts.get("owq_target_bits") or float(s.bits)
@@ -258,5 +272,5 @@ def inspect(checkpoint) -> dict:
         "outlier_indices": outlier_cols or None,
         "size_on_disk_bytes": sum(p.stat().st_size for p in files),
         "calibration": prov.get("calibration"), "time_s": prov.get("time_s"),
-        "layers": prov.get("layers", {}),
+        "layers": prov.get("layers", {}), "provenance": provenance,
     }

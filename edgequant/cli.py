@@ -198,6 +198,9 @@ def inspect(checkpoint, as_json, layers):
     from . import api
     from .report import table
     info = api.inspect(checkpoint)
+    if info["provenance"] != "ok":
+        click.echo(f"warning: {info['path']}/edgequant.json is {info['provenance']}: calibration, options and "
+                   "per-layer errors are unknown (the weights were checked and are usable)", err=True)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -214,7 +217,8 @@ def inspect(checkpoint, as_json, layers):
     if info["outlier_columns"]:
         n = sum(info["outlier_columns"].values())
         click.echo(f"fp16 columns    {n} in {len(info['outlier_columns'])} linears")
-    click.echo(f"calibration     {json.dumps(info['calibration']) if info['calibration'] else 'none'}")
+    calib = json.dumps(info["calibration"]) if info["calibration"] else "none"
+    click.echo(f"calibration     {calib if info['provenance'] == 'ok' else 'unknown (edgequant.json ' + info['provenance'] + ')'}")
     if info["time_s"]:
         click.echo(f"time            {json.dumps(info['time_s'])}")
     if layers and info["layers"]:
