@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import register_owner
 from .errors import CheckpointError, EdgequantError, first_line
 from .paths import inside_folder
 from .schemes import QuantScheme
@@ -26,6 +28,18 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PROVENANCE_NAME = "edgequant.json"
 EXPORT_JSON = "edgequant-export.json"   # marks a DIST folder (written by `edgequant export`)
+
+_OWNED = re.compile(r"config\.json|generation_config\.json|edgequant\.json|model(-\d+-of-\d+)?\.safetensors|"
+                    r"model\.safetensors\.index\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
+                    r"vocab\.json|merges\.txt|chat_template\.(jinja|json)")
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether `name` is a file that saving a checkpoint writes (weights, config, provenance, tokenizer)."""
+    return _OWNED.fullmatch(name) is not None
+
+
+register_owner(PROVENANCE_NAME, is_checkpoint_file)
 
 
 def read_config(folder: Path) -> dict:
