@@ -172,10 +172,11 @@ def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, qui
     from .checkpoint import kind
     if kind(checkpoint) == "dist":   # through its compiled library (same windows and protocol)
         from .export.api import evaluate as evaluate_dist
-        if not quiet:
-            click.echo("note: a DIST is evaluated through the TVM runtime, about 9x slower on a CPU than its "
-                       "checkpoint", err=True)
-        res = evaluate_dist(checkpoint, data, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
+        # the note comes once the DIST has loaded: a damaged DIST gets only its one error line
+        res = evaluate_dist(checkpoint, data, seqlen=seqlen, max_windows=max_windows, progress=not quiet,
+                            on_start=None if quiet else lambda: click.echo(
+                                "note: a DIST is evaluated through the TVM runtime, about 9x slower on a CPU than "
+                                "its checkpoint", err=True))
     else:
         res = api.evaluate(checkpoint, data, seqlen=seqlen, max_windows=max_windows, reference=reference,
                            device=device, progress=not quiet)

@@ -125,8 +125,10 @@ def bench(dist, prompt_lengths=(32, 128, 512), decode_tokens: int = 64, repeats:
             "kv_cache_tokens": r.max_len, "rows": rows}
 
 
-def evaluate(dist, data, seqlen: int = 2048, max_windows: int | None = None, progress: bool = True) -> dict:
-    """Perplexity through the compiled library, on the same windows as `edgequant.evaluate`."""
+def evaluate(dist, data, seqlen: int = 2048, max_windows: int | None = None, progress: bool = True,
+             on_start=None) -> dict:
+    """Perplexity through the compiled library, on the same windows as `edgequant.evaluate`; `on_start()` is called
+    once the DIST is loaded and the windows are read."""
     from edgequant.data import eval_windows
     from .runtime import Runner, perplexity
     check_runs_here(dist)
@@ -134,6 +136,8 @@ def evaluate(dist, data, seqlen: int = 2048, max_windows: int | None = None, pro
     if seqlen > r.max_len:
         raise EdgequantError(f"--seqlen {seqlen} exceeds the model's context window {r.max_len}")
     windows = eval_windows(r.tokenizer, data, seqlen, max_windows).numpy()
+    if on_start is not None:
+        on_start()
     t0 = time.time()
     res = perplexity(r, windows, progress)
     res["time_s"] = round(time.time() - t0, 2)
