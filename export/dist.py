@@ -80,28 +80,27 @@ def load_json(f: Path):
         raise _damaged(f, "not valid JSON") from None
 
 
-_ELF_CLASS = {1: ("<I", 52, 32, 40), 2: ("<Q", 64, 56, 64)}   # word format, ehdr, phdr and shdr sizes
+_ELF_CLASS = {1: ("<I", 32, 40), 2: ("<Q", 56, 64)}   # ELF32/ELF64: word format, program and section header sizes
 
 
-def check_elf(lib: Path) -> None:
-    """A truncated ELF shared object faults (SIGBUS) inside dlopen: its header tables must lie inside the file."""
+def check_elf(f: Path) -> None:
+    """A truncated ELF shared object faults (SIGBUS) inside dlopen, which maps it and touches pages past the end:
+    its header tables and loadable segments must lie inside the file (see the ELF specification, gABI ch. 4-5)."""
     import struct
-    f = lib
     size = f.stat().st_size
     with open(f, "rb") as fh:
         head = fh.read(64)
     if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in _ELF_CLASS or head[5] != 1:
         raise EdgequantError(f"{f} is not a little-endian ELF shared library; it is damaged or built for another "
                              f"machine; {_FIX}")
-    word, ehsize, phsize, shsize = _ELF_CLASS[head[4]]
+    word, phsize, shsize = _ELF_CLASS[head[4]]
     w = struct.calcsize(word)
     phoff, shoff = (struct.unpack_from(word, head, 24 + i * w)[0] for i in (1, 2))
     phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 24 + 3 * w + 6)
     ok = (phnum > 0 and phentsize >= phsize and phoff + phentsize * phnum <= size
           and (shnum == 0 or (shentsize >= shsize and shoff + shentsize * shnum <= size)))
     if ok:
-        # every loadable segment's file bytes must be present: mmap of a short file faults when touched
-        with open(f, "rb") as fh:
+        with open(f, "rb") as fh:   # every loadable segment's bytes must be in the file
             fh.seek(phoff)
             table = fh.read(phentsize * phnum)
         for i in range(phnum):
