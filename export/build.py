@@ -84,6 +84,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
     preset = targets.get_preset(target)
     if arch and preset.name != "cuda":
         raise EdgequantError(f"--arch applies to the cuda target only, not '{target}'")
+    targets.parse_archs(arch)   # a bad --arch is refused before minutes of compiling
     if system_lib_prefix is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", system_lib_prefix):
         raise EdgequantError(f"--system-lib-prefix {system_lib_prefix!r} must be a C identifier (letters, digits, "
                              "underscores; not starting with a digit), e.g. mymodel_")
