@@ -58,6 +58,7 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         _quiet_transformers(progress)
         t0 = time.time()
         model_obj, tok = load_model(model)
+        _check_group_size(model_obj, scheme)
         t_load = time.time() - t0
         t1 = time.time()
         result = m.run(model_obj, tok, scheme, opts, progress=progress)
@@ -73,6 +74,16 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
             import shutil
             shutil.rmtree(state_dir, ignore_errors=True)
         return ck
+
+
+def _check_group_size(model, scheme) -> None:
+    """A group wider than every input of the model is refused: groups are padded to their size, so 10**9 would
+    allocate that much per row; -1 already means one group per row."""
+    import torch
+    widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    if scheme.group_size > widest:
+        raise EdgequantError(f"--group-size {scheme.group_size} is wider than every input of this model (at most "
+                             f"{widest} columns); use at most {widest}, or -1 for one group per row")
 
 
 def convert(model, output, progress: bool = True) -> Path:
@@ -157,6 +168,11 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
         ref.to(device)
     model.to(device)
     windows = eval_windows(tok, data, seqlen, max_windows)
+    for m in (model, ref):
+        n = m.get_input_embeddings().num_embeddings if m is not None else None
+        if n is not None and windows.numel() and int(windows.max()) >= n:   # F.embedding would raise IndexError
+            raise EdgequantError(f"token id {int(windows.max())} from the tokenizer of {checkpoint} is outside the "
+                                 f"vocabulary (0..{n - 1}) of the model; its tokenizer files do not belong to it")
     t0 = time.time()
     res = run_eval(model, windows, ref, device, progress).to_dict()
     res["time_s"] = round(time.time() - t0, 2)

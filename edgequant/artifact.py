@@ -9,6 +9,7 @@ reading checks every tensor's presence, dtype and shape and names the first one 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,6 +184,12 @@ def open_checkpoint(path, config: dict | None = None) -> Checkpoint:
         for name, h in tensor_headers(f).items():
             headers[name] = h
             files.setdefault(name, f)
+    # the layer count bounds the model built to check shapes: 10**9 layers would grow memory without end
+    stem = re.escape(family.layer_prefix(0).rsplit(".", 1)[0])
+    layers = {int(m.group(1)) for n in headers if (m := re.match(stem + r"\.(\d+)\.", n))}
+    if config["num_hidden_layers"] != len(layers):
+        raise CheckpointError(f"{p / 'config.json'}: num_hidden_layers is {config['num_hidden_layers']}, the weights "
+                              f"hold {len(layers)} layers; restore the config.json written by `edgequant quantize`")
     ckpt = Checkpoint(p, config, scheme, qc.get("method", "?"), family, prov, files)
     _validate(ckpt, headers)
     return ckpt
@@ -193,7 +200,7 @@ _POSITIVE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "nu
 
 def _check_model_config(f: Path, c: dict):
     """The architecture fields that shapes are computed from: present, positive integers, consistent."""
-    for k in _POSITIVE_FIELDS + ("num_key_value_heads", "head_dim"):
+    for k in _POSITIVE_FIELDS + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
         v = c.get(k)
         if (k in _POSITIVE_FIELDS or v is not None) and not (_is_count(v) and v > 0):
             raise CheckpointError(f"{f}: '{k}' must be a positive integer, not {v!r}; re-run `edgequant quantize` "

@@ -16,11 +16,19 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from typing import Callable
 from pathlib import Path
 
 from .errors import EdgequantError
 
 _held: dict[Path, tuple[int, int]] = {}   # path -> (lock fd, depth): a process may re-enter its own lock
+_owners: dict[str, Callable[[str], bool]] = {}   # marker -> which file names an output with that marker holds
+
+
+def register_owner(marker: str, owns: Callable[[str], bool]):
+    """Declare the files an output marked by `marker` consists of: replacing such a folder is refused while it holds
+    anything else (a user's notes would be deleted with it)."""
+    _owners[marker] = owns
 
 
 def check_replaceable(final: Path, marker: str | None):
@@ -30,6 +38,12 @@ def check_replaceable(final: Path, marker: str | None):
     if final.is_dir() and marker and any(final.iterdir()) and not (final / marker).exists():
         raise EdgequantError(f"{final} exists and was not written by edgequant (no {marker}); choose another "
                              "output folder")
+    owns = _owners.get(marker)
+    if final.is_dir() and owns is not None:
+        extra = sorted(p.name for p in final.iterdir() if not (p.is_file() and owns(p.name)))
+        if extra:
+            raise EdgequantError(f"{final} holds {extra[0]!r}, which edgequant did not write there; replacing the "
+                                 "folder would delete it: move it out or choose another output folder")
 
 
 def _check_writable(parent: Path):

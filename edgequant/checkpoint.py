@@ -11,20 +11,35 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import register_owner
 from .errors import CheckpointError, EdgequantError, first_line
 from .paths import inside_folder
 from .schemes import QuantScheme
 
 FORMAT_VERSION = 1
+PACK = "uint32-lsb-first-along-k"   # the only packing (edgequant/pack.py); checkpoints before issue 12 name it
 QUANT_METHOD = "edgequant"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PROVENANCE_NAME = "edgequant.json"
 EXPORT_JSON = "edgequant-export.json"   # marks a DIST folder (written by `edgequant export`)
+
+_OWNED = re.compile(r"config\.json|generation_config\.json|edgequant\.json|model(-\d+-of-\d+)?\.safetensors|"
+                    r"model\.safetensors\.index\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
+                    r"vocab\.json|merges\.txt|chat_template\.(jinja|json)")
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether `name` is a file that saving a checkpoint writes (weights, config, provenance, tokenizer)."""
+    return _OWNED.fullmatch(name) is not None
+
+
+register_owner(PROVENANCE_NAME, is_checkpoint_file)
 
 
 def read_config(folder: Path) -> dict:
@@ -64,9 +79,19 @@ def read_scheme(f: Path, qc: dict) -> QuantScheme:
     if missing:
         raise CheckpointError(f"{f}: quantization_config lacks {', '.join(missing)}; re-run `edgequant quantize`")
     try:
-        return QuantScheme.from_dict({"sym": False, **qc})
+        scheme = QuantScheme.from_dict({"sym": False, **qc})
     except EdgequantError as e:
         raise CheckpointError(f"{f}: quantization_config: {e}") from None
+    from .methods import METHODS
+    # older checkpoints also state the packing; any other value would unpack into wrong weights
+    for key, ok, want in (("pack", lambda v: v == PACK, repr(PACK)),
+                          ("values_per_word", lambda v: v == scheme.values_per_word, str(scheme.values_per_word)),
+                          ("lm_head", lambda v: v is False, "false (lm_head is kept in fp16)"),
+                          ("method", lambda v: v in METHODS, "one of " + ", ".join(METHODS))):
+        if key in qc and not ok(qc[key]):
+            raise CheckpointError(f"{f}: quantization_config.{key} is {qc[key]!r}, edgequant writes {want}; "
+                                  "restore the config.json written by `edgequant quantize`")
+    return scheme
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -246,6 +271,9 @@ def inspect(checkpoint, context: int | None = None) -> dict:
     s = ck.scheme
     ideal = s.bits + (16 + (0 if s.sym else 8)) / (s.group_len(max(k for _, k, _ in quant.values())))
     prov = ck.provenance
+    f = ck.path / PROVENANCE_NAME
+    # provenance is informative only (open_checkpoint ignores a damaged one); inspect reports its state
+    provenance = "ok" if prov else "missing" if not f.is_file() else "damaged (unreadable or not a JSON object)"
     opts = prov.get("options") or {}
     # the figure the user asked for: OWQ's budget, else the integer width; "stored" adds packing, scales, zeros
     target = opts.get("target_bits") or opts.get("owq_target_bits") or float(s.bits)
@@ -259,7 +287,7 @@ def inspect(checkpoint, context: int | None = None) -> dict:
         "outlier_indices": outlier_cols or None,
         "size_on_disk_bytes": sum(p.stat().st_size for p in files),
         "calibration": prov.get("calibration"), "time_s": prov.get("time_s"),
-        "layers": prov.get("layers", {}),
+        "layers": prov.get("layers", {}), "provenance": provenance,
         "memory": _memory_plan(ck, context).to_dict(),
     }
 

@@ -173,10 +173,11 @@ def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, rec
     from .checkpoint import kind
     if kind(checkpoint) == "dist":   # through its compiled library (same windows and protocol)
         from .export.api import evaluate as evaluate_dist
-        if not quiet:
-            click.echo("note: a DIST is evaluated through the TVM runtime, about 9x slower on a CPU than its "
-                       "checkpoint", err=True)
-        res = evaluate_dist(checkpoint, data, seqlen=seqlen, max_windows=max_windows, progress=not quiet)
+        # the note comes once the DIST has loaded: a damaged DIST gets only its one error line
+        res = evaluate_dist(checkpoint, data, seqlen=seqlen, max_windows=max_windows, progress=not quiet,
+                            on_start=None if quiet else lambda: click.echo(
+                                "note: a DIST is evaluated through the TVM runtime, about 9x slower on a CPU than "
+                                "its checkpoint", err=True))
     else:
         res = api.evaluate(checkpoint, data, seqlen=seqlen, max_windows=max_windows, reference=reference,
                            device=device, progress=not quiet, record=record)
@@ -202,6 +203,9 @@ def inspect(checkpoint, as_json, layers, context):
     from .memory import MemoryPlan
     from .report import table
     info = api.inspect(checkpoint, context=context)
+    if info["provenance"] != "ok":
+        click.echo(f"warning: {info['path']}/edgequant.json is {info['provenance']}: calibration, options and "
+                   "per-layer errors are unknown (the weights were checked and are usable)", err=True)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -218,7 +222,8 @@ def inspect(checkpoint, as_json, layers, context):
     if info["outlier_columns"]:
         n = sum(info["outlier_columns"].values())
         click.echo(f"fp16 columns    {n} in {len(info['outlier_columns'])} linears")
-    click.echo(f"calibration     {json.dumps(info['calibration']) if info['calibration'] else 'none'}")
+    calib = json.dumps(info["calibration"]) if info["calibration"] else "none"
+    click.echo(f"calibration     {calib if info['provenance'] == 'ok' else 'unknown (edgequant.json ' + info['provenance'] + ')'}")
     if info["time_s"]:
         click.echo(f"time            {json.dumps(info['time_s'])}")
     click.echo("memory plan (what a device needs to run it):")

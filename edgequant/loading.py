@@ -163,6 +163,29 @@ def _is_stripped_checkpoint(folder: Path) -> bool:
     return False
 
 
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id: not cached
+        return False
+
+
+def _hub_reachable() -> bool:
+    """Whether a hub id can be looked up: offline mode or no name resolution means a missing path is just missing
+    (transformers would otherwise retry the network for ~30 s before failing)."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except (OSError, UnicodeError):
+        return False
+
+
 def load_model(model: str | os.PathLike | None, dtype=None):
     """(model, tokenizer) in float32 eval mode, after checking that its architecture is supported."""
     import torch
@@ -183,15 +206,24 @@ def load_model(model: str | os.PathLike | None, dtype=None):
             if not path.exists() and (src.startswith((".", "/", "~")) or local_parent
                                       or os.sep in src and src.count("/") != 1):
                 raise EdgequantError(f"model path not found: {src}; pass a Hugging Face folder, a .gguf file or a hub id")
+            if not path.exists() and not _hub_cached(src) and not _hub_reachable():
+                raise EdgequantError(f"model path not found: {src} (no such folder here, and the Hugging Face hub "
+                                     "cannot be reached to look it up as a hub id); check the path")
             if path.is_dir() and not (path / "config.json").exists():
                 raise EdgequantError(f"{src} has no config.json: pass a Hugging Face model folder or a .gguf file")
+            if path.is_dir() and not any(path.glob("*.safetensors")):
+                pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+                if pickled:
+                    raise EdgequantError(f"{src} holds its weights only as {pickled[0]} (a pickle, which can run "
+                                         "code when loaded); edgequant loads safetensors weights only: save the "
+                                         "model with save_pretrained(safe_serialization=True) from a trusted source")
             if path.is_dir() and _is_stripped_checkpoint(path):
                 raise EdgequantError(f"{src} holds packed edgequant weights but its config.json has no edgequant "
                                      "quantization_config, so they would load as random layers; restore the "
                                      "config.json written by `edgequant quantize`")
             cfg = AutoConfig.from_pretrained(src)
             family_for(cfg.model_type)
-            m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+            m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, use_safetensors=True)   # never unpickle
             tok = AutoTokenizer.from_pretrained(src)
     except EdgequantError:
         raise

@@ -23,7 +23,7 @@ class CalibOptions(Options):
                                   "wikitext2) where a network exists.", "str")
     nsamples: int = opt(128, "Calibration windows.", "int", lo=1)
     seqlen: int = opt(2048, "Tokens per calibration window.", "int", lo=16)
-    seed: int = opt(0, "Seed for sampling windows.", "int", lo=0)
+    seed: int = opt(0, "Seed for sampling windows.", "int", lo=0, hi=2 ** 63 - 1)   # torch takes 64 bits
     act_order: bool = opt(True, "GPTQ/OWQ: quantize columns in order of decreasing Hessian diagonal (groups stay "
                                 "static).", "bool")
     percdamp: float = opt(0.01, "GPTQ: Hessian damping (the paper uses 0.01).", "float", lo=0, hi=1, lo_open=True)

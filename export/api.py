@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgequant.errors import EdgequantError
+from edgequant.errors import EdgequantError, first_line
 
 
 def export(checkpoint, target: str = "cpu", output=None, arch: str | None = None,
@@ -69,8 +69,7 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
     r = Runner(dist)
     tok = r.tokenizer
     if chat_template and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)
+        ids = _apply_template(tok, [{"role": "user", "content": prompt}], r.dist)
     else:
         ids = tok(prompt)["input_ids"]
     stream = _Detokenizer(tok, on_text)
@@ -78,6 +77,16 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
     return {"prompt_tokens": st.prompt_tokens, "tokens": st.tokens, "text": tok.decode(st.tokens, skip_special_tokens=True),
             "prefill_tokens_per_s": st.prefill_tps, "decode_tokens_per_s": st.decode_tps,
             "device": r.info["device"], "target": r.info["target"]}
+
+
+def _apply_template(tok, turns, dist):
+    """The tokenizer's chat template on `turns`; jinja2's sandbox refuses unsafe templates with its own errors."""
+    import jinja2
+    try:
+        return tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except jinja2.TemplateError as e:
+        raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json was refused ({type(e).__name__}: "
+                             f"{first_line(e, 120)}); replace it with the model's original template") from None
 
 
 def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
@@ -93,7 +102,7 @@ def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float
 
     def encode(turns):
         if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
+            return _apply_template(tok, turns, r.dist)
         return tok("\n".join(m["content"] for m in turns))["input_ids"]
 
     history = []
@@ -148,8 +157,10 @@ def bench(dist, prompt_lengths=(32, 128, 512), decode_tokens: int = 64, repeats:
             "kv_cache_tokens": r.max_len, "memory": memory_plan(dist, context or r.max_len).to_dict(), "rows": rows}
 
 
-def evaluate(dist, data, seqlen: int = 2048, max_windows: int | None = None, progress: bool = True) -> dict:
-    """Perplexity through the compiled library, on the same windows as `edgequant.evaluate`."""
+def evaluate(dist, data, seqlen: int = 2048, max_windows: int | None = None, progress: bool = True,
+             on_start=None) -> dict:
+    """Perplexity through the compiled library, on the same windows as `edgequant.evaluate`; `on_start()` is called
+    once the DIST is loaded and the windows are read."""
     from edgequant.data import eval_windows
     from .runtime import Runner, perplexity
     check_runs_here(dist)
@@ -157,6 +168,8 @@ def evaluate(dist, data, seqlen: int = 2048, max_windows: int | None = None, pro
     if seqlen > r.max_len:
         raise EdgequantError(f"--seqlen {seqlen} exceeds the model's context window {r.max_len}")
     windows = eval_windows(r.tokenizer, data, seqlen, max_windows).numpy()
+    if on_start is not None:
+        on_start()
     t0 = time.time()
     res = perplexity(r, windows, progress)
     res["time_s"] = round(time.time() - t0, 2)

@@ -4,7 +4,9 @@ only when complete, so an interrupted export never leaves a half-written DIST.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import sys
 import re
@@ -86,6 +88,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
     preset = targets.get_preset(target)
     if arch and preset.name != "cuda":
         raise EdgequantError(f"--arch applies to the cuda target only, not '{target}'")
+    targets.parse_archs(arch)   # a bad --arch is refused before minutes of compiling
     if system_lib_prefix is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", system_lib_prefix):
         raise EdgequantError(f"--system-lib-prefix {system_lib_prefix!r} must be a C identifier (letters, digits, "
                              "underscores; not starting with a digit), e.g. mymodel_")
@@ -110,14 +113,14 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
                 # a shared library for aarch64 needs an aarch64 linker; without one ship the objects (lib.tar)
                 cc = shutil.which("aarch64-linux-gnu-g++") or shutil.which("aarch64-linux-gnu-gcc")
                 if cc:
-                    ex.export_library(str(tmp / library), cc=cc)
+                    _export_library(ex, tmp / library, cc=cc)
                 else:
                     library = "lib.tar"
                     link_note = "no aarch64 linker here: on the target run `tar xf lib.tar && g++ -shared -o lib.so *.o`"
                     _log(progress, link_note)
-                    ex.export_library(str(tmp / library))
+                    _export_library(ex, tmp / library)
             else:
-                ex.export_library(str(tmp / library))
+                _export_library(ex, tmp / library)
             cuda = None
             if preset.name == "cuda":
                 from .cuda import compile_fatbin
@@ -146,6 +149,17 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
             (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2))
         _log(progress, f"wrote {out} ({weight_bytes / 2**20:.1f} MiB of weights) in {time.time() - t0:.1f}s")
         return out
+
+
+def _export_library(ex, path: Path, **kw):
+    """TVM reports a failed link as a RuntimeError with the linker's text; a full disk becomes the OSError that
+    atomic_output_dir turns into one line (and removes the half-written folder)."""
+    try:
+        ex.export_library(str(path), **kw)
+    except RuntimeError as e:
+        if "No space left on device" in str(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
 
 
 def _default_prefix(source) -> str:

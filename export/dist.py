@@ -22,6 +22,11 @@ from edgequant.models import Dims, family_for
 from edgequant.paths import inside_folder
 
 TENSOR_CACHE = "tensor-cache.json"
+FORMAT_VERSION = 1   # the edgequant-export.json layout this reader understands (export/build.py writes it)
+MAX_DIM = 1 << 24    # bound on every model size, as apps/runtime: products below (KV bytes, shapes) stay small
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 32  # the files are a few levels deep; a parser must not recurse 100,000 levels
+RUNNER_FUNCTIONS = ("embed", "prefill", "decode", "create_paged_kv_cache")
 DEVICES = ("cpu", "cuda", "metal", "opencl", "vulkan", "webgpu")
 _DTYPES = {"float16": np.float16, "float32": np.float32, "uint32": np.uint32, "uint8": np.uint8, "int32": np.int32,
            "bfloat16": None}
@@ -49,6 +54,69 @@ def _shape(v) -> bool:
     return isinstance(v, list) and all(_int(x) for x in v)
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _json_depth(text: str) -> int:
+    """Deepest [ / { nesting of `text`, brackets inside strings ignored (checked before a recursive parser runs)."""
+    depth = deepest = 0
+    for m in re.finditer(r"[\[\]{}]", _JSON_STRING.sub('""', text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def load_json(f: Path):
+    """The JSON value of a DIST file, bounded in size and nesting; damaged otherwise."""
+    if f.stat().st_size > MAX_JSON_BYTES:
+        raise _damaged(f, f"larger than {MAX_JSON_BYTES >> 20} MiB")
+    try:
+        text = f.read_text()
+    except (OSError, UnicodeDecodeError):
+        raise _damaged(f, "not valid JSON") from None
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        raise _damaged(f, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise _damaged(f, "not valid JSON") from None
+
+
+_ELF_CLASS = {1: ("<I", 32, 40), 2: ("<Q", 56, 64)}   # ELF32/ELF64: word format, program and section header sizes
+
+
+def check_elf(f: Path) -> None:
+    """A truncated ELF shared object faults (SIGBUS) inside dlopen, which maps it and touches pages past the end:
+    its header tables and loadable segments must lie inside the file (see the ELF specification, gABI ch. 4-5)."""
+    import struct
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(64)
+    if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in _ELF_CLASS or head[5] != 1:
+        raise EdgequantError(f"{f} is not a little-endian ELF shared library; it is damaged or built for another "
+                             f"machine; {_FIX}")
+    word, phsize, shsize = _ELF_CLASS[head[4]]
+    w = struct.calcsize(word)
+    phoff, shoff = (struct.unpack_from(word, head, 24 + i * w)[0] for i in (1, 2))
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 24 + 3 * w + 6)
+    ok = (phnum > 0 and phentsize >= phsize and phoff + phentsize * phnum <= size
+          and (shnum == 0 or (shentsize >= shsize and shoff + shentsize * shnum <= size)))
+    if ok:
+        with open(f, "rb") as fh:   # every loadable segment's bytes must be in the file
+            fh.seek(phoff)
+            table = fh.read(phentsize * phnum)
+        for i in range(phnum):
+            e = table[i * phentsize:(i + 1) * phentsize]
+            if head[4] == 2:
+                p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", e)
+            else:
+                p_type, p_offset, _, _, p_filesz = struct.unpack_from("<IIIII", e)
+            if p_type == 1 and p_offset + p_filesz > size:
+                ok = False
+    if not ok:
+        raise EdgequantError(f"{f} is truncated or damaged (its ELF headers point past its {size} bytes); {_FIX}")
+
+
 def read_export_info(dist) -> dict:
     """`edgequant-export.json` of `dist`, with every field the runner uses checked for type and range."""
     p = Path(str(dist)).expanduser()
@@ -56,14 +124,16 @@ def read_export_info(dist) -> dict:
     if not f.is_file():
         raise EdgequantError(f"{p} is not an exported model folder (no {EXPORT_JSON}); create one with "
                              "`edgequant export CHECKPOINT --target cpu -o DIST`")
-    try:
-        info = json.loads(f.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise _damaged(f, "not valid JSON") from None
+    info = load_json(f)
     if not isinstance(info, dict):
         raise _damaged(f, "not a JSON object")
-    for key, ok in (("target", lambda v: isinstance(v, str)), ("device", lambda v: v in DEVICES),
-                    ("library", lambda v: isinstance(v, str)), ("prefill_chunk_size", lambda v: _int(v, 1)),
+    if info.get("format_version") != FORMAT_VERSION:
+        raise EdgequantError(f"{f} has format_version {info.get('format_version')!r}; this edgequant reads version "
+                             f"{FORMAT_VERSION}: export the model again with this edgequant (or upgrade it)")
+    for key, ok in (("target", lambda v: v in _targets()), ("device", lambda v: v in DEVICES),
+                    ("library", lambda v: isinstance(v, str)), ("prefill_chunk_size", lambda v: _int(v, 1) and v <= MAX_DIM),
+                    ("tvm_version", lambda v: isinstance(v, str)),
+                    ("functions", lambda v: isinstance(v, list) and all(n in v for n in RUNNER_FUNCTIONS)),
                     ("weight_bytes", _int), ("model", lambda v: isinstance(v, dict)),
                     ("params", lambda v: isinstance(v, list) and all(
                         isinstance(x, dict) and isinstance(x.get("name"), str) and _shape(x.get("shape"))
@@ -73,8 +143,13 @@ def read_export_info(dist) -> dict:
     m = info["model"]
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "context_window"):
-        if not _int(m.get(key), 1):
-            raise _damaged(f, f"model field '{key}' must be a positive integer")
+        if not _int(m.get(key), 1) or m[key] > MAX_DIM:
+            raise _damaged(f, f"model field '{key}' must be a positive integer up to {MAX_DIM}")
+    if _targets()[info["target"]].device != info["device"]:
+        raise _damaged(f, f"target '{info['target']}' does not run on device '{info['device']}'")
+    if info["prefill_chunk_size"] > m["context_window"]:
+        raise _damaged(f, "prefill_chunk_size is larger than the context window")
+    _check_model_against_params(f, m, info["params"])
     inside(p, info["library"], f, "library")
     return info
 
@@ -88,6 +163,24 @@ def kv_cache_len(info: dict, max_total_seq_len: int = 0) -> int:
 def kv_cache_bytes(info: dict, tokens: int) -> int:
     """fp16 K and V of `tokens` tokens for the model of an export record (apps/runtime reports the same)."""
     return kv_bytes(Shapes.from_export_model(info["model"]), tokens)
+
+
+def _targets():
+    from .targets import PRESETS
+    return PRESETS
+
+
+def _check_model_against_params(f: Path, m: dict, params: list) -> None:
+    """The sizes the runners use (vocabulary, layers, hidden width) must be those of the compiled parameters: the
+    library's own list, which the runners compare to `params` before running."""
+    shapes = {p["name"]: p["shape"] for p in params}
+    emb = shapes.get("model.embed_tokens.weight")
+    layers = {int(x) for x in re.findall(r"^model\.layers\.(\d+)\.", "\n".join(shapes), re.M)}
+    for key, want in (("vocab_size", emb[0] if emb and len(emb) == 2 else None),
+                      ("hidden_size", emb[1] if emb and len(emb) == 2 else None),
+                      ("num_layers", len(layers) if layers == set(range(len(layers))) else None)):
+        if m[key] != want:
+            raise _damaged(f, f"model field '{key}' is {m[key]}, the library's parameters say {want}")
 
 
 def library_path(dist: Path, info: dict) -> Path:
@@ -114,12 +207,9 @@ def _bits(info: dict) -> int | None:
 def check_tensor_cache(dist: Path, info: dict) -> None:
     """Check `tensor-cache.json` and its shards against the library's parameter list, and the index-like values."""
     f = dist / TENSOR_CACHE
-    try:
-        cache = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise EdgequantError(f"{dist} has no {TENSOR_CACHE}: the weights are missing; {_FIX}") from None
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise _damaged(f, "not valid JSON") from None
+    if not f.is_file():
+        raise EdgequantError(f"{dist} has no {TENSOR_CACHE}: the weights are missing; {_FIX}")
+    cache = load_json(f)
     if not isinstance(cache, dict) or not isinstance(cache.get("records"), list):
         raise _damaged(f, "no list of 'records'")
     where: dict[str, tuple[Path, int, dict]] = {}
@@ -182,7 +272,9 @@ def _check_values(dist: Path, info: dict, where: dict):
             if z.size and int(z.max()) >= 1 << bits:
                 raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds zero points above {(1 << bits) - 1} for "
                                      f"{bits}-bit weights; the weights are damaged; {_FIX}")
-        elif name.endswith(".scales"):
+        elif p["dtype"] in ("float16", "float32"):
+            # every fp tensor (scales, embedding, lm_head, norms, biases, outlier columns): read once, cheap
             if not np.isfinite(_read(where, name)).all():
-                raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds NaN or infinite scales; the weights are "
+                what = "scales" if name.endswith(".scales") else "values"
+                raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds NaN or infinite {what}; the weights are "
                                      f"damaged; {_FIX}")

@@ -16,8 +16,8 @@ import numpy as np
 
 from edgequant.errors import EdgequantError, first_line
 
-from .dist import (EXPORT_JSON, check_tensor_cache, kv_cache_bytes, kv_cache_len, library_path,  # noqa: F401
-                   read_export_info)  # EXPORT_JSON, check_tensor_cache: re-exported
+from .dist import (EXPORT_JSON, check_elf, check_tensor_cache, kv_cache_bytes, kv_cache_len,  # noqa: F401
+                   library_path, read_export_info)  # EXPORT_JSON, check_tensor_cache: re-exported
 
 
 def _device(kind: str):
@@ -30,7 +30,12 @@ def _device(kind: str):
             lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
             if not os.path.exists(lib):
                 raise EdgequantError("this TVM install has no CUDA runtime (lib/libtvm_runtime_cuda.so)")
-            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+            except OSError as e:
+                raise EdgequantError(f"this DIST was exported for CUDA and needs an NVIDIA GPU with its driver "
+                                     f"(libcuda.so.1), which this machine lacks ({first_line(e, 120)}); run it on a "
+                                     "machine with a CUDA GPU, or export for --target cpu") from None
         dev = tvm.cuda(0)
     elif kind == "cpu":
         dev = tvm.cpu(0)
@@ -80,11 +85,18 @@ class Runner:
             from .cuda import install_loader
             install_loader(self.dist, self.info.get("cuda"))
         check_tensor_cache(self.dist, self.info)   # before TVM opens any path or offset it names
+        check_elf(lib)                              # a truncated library faults inside dlopen
+        want, have = self.info["tvm_version"].split(".")[:2], tvm.__version__.split(".")[:2]
+        if want != have:
+            raise EdgequantError(f"{self.dist} was exported with TVM {self.info['tvm_version']}, this runtime is TVM "
+                                 f"{tvm.__version__}; export the model again with this install")
         try:
             self.vm = VirtualMachine(tvm.runtime.load_module(str(lib)), self.dev)
+            meta = json.loads(self.vm["_metadata"]())
         except Exception as e:  # noqa: BLE001 - TVM raises its own error types for a library it cannot load
             raise EdgequantError(f"cannot load {lib} ({first_line(e, 200)}); the library is damaged or was built for "
                                  "another machine: export the model again") from None
+        self._check_metadata(meta, lib)
         tvm.get_global_func("vm.builtin.tensor_cache.load")(str(self.dist), self.dev.dlpack_device_type(), self.dev.index)
         names = [p["name"] for p in self.info["params"]]
         self.params = tvm.get_global_func("vm.builtin.param_array_from_cache_by_name")(names)
@@ -104,6 +116,32 @@ class Runner:
         self._tvm = tvm
         self._active = False
         self.tokenizer = self._load_tokenizer() if load_tokenizer else None
+
+    def _check_metadata(self, meta, lib: Path):
+        """edgequant-export.json must describe the library it names: its parameters, context and chunk sizes (the
+        model sizes were checked against these parameters by read_export_info)."""
+        info, f = self.info, self.dist / EXPORT_JSON
+        params = [{k: p[k] for k in ("name", "shape", "dtype")} for p in info["params"]]
+        for what, mine, theirs in (("params", params, meta.get("params") if isinstance(meta, dict) else None),
+                                   ("context_window", info["model"]["context_window"],
+                                    meta.get("context_window_size") if isinstance(meta, dict) else None),
+                                   ("prefill_chunk_size", info["prefill_chunk_size"],
+                                    meta.get("prefill_chunk_size") if isinstance(meta, dict) else None)):
+            if mine != theirs:
+                raise EdgequantError(f"{f} is damaged ('{what}' differs from the library {lib.name}'s: the library "
+                                     "and the weights come from different exports); export the model again with "
+                                     "`edgequant export`")
+        missing = [n for n in info["functions"] if n not in ("_metadata",) and not self._has(n)]
+        if missing:
+            raise EdgequantError(f"{lib.name} has no function {missing[0]} that {f.name} lists; export the model "
+                                 "again with `edgequant export`")
+
+    def _has(self, name: str) -> bool:
+        try:
+            self.vm[name]
+            return True
+        except Exception:  # noqa: BLE001 - TVM's error for a missing function
+            return False
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer

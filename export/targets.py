@@ -6,6 +6,7 @@ aarch64 Linux (or a `.tar` of its objects when no aarch64 linker is installed). 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from edgequant.errors import EdgequantError
@@ -89,7 +90,8 @@ def parse_archs(arch: str | None) -> list[str]:
     for a in str(arch).split(","):
         a = a.strip()
         a = a if a.startswith("sm_") else f"sm_{a}"
-        if not a[3:].isdigit():
+        # sm_XY: major.minor compute capability; TVM and nvcc know 5.0 and later
+        if not re.fullmatch(r"sm_[1-9]\d{1,2}", a) or int(a[3:]) < 50:
             raise EdgequantError(f"--arch '{arch}' is not a CUDA architecture; use e.g. sm_80, sm_90 or sm_80,sm_90")
         out.append(a)
     return out

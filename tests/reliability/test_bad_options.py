@@ -2,6 +2,8 @@
 output folder created (all command lines run in one child process; see harness.py)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from .harness import assert_one_line_error, run_commands
@@ -59,7 +61,30 @@ def _cases(ckpt, dist, text, out):
                                        "no column"),
         "report_max_y_negative": (["report", ckpt, "--max-y", "-1", "-o", out + ".png"], "--max-y"),
         "unknown_command": (["quantise"], "quantise"),
+        # issue 15's re-run: these reached torch, TVM or nvcc and ended in tracebacks
+        "quantize_seed_2_pow_70": (q + ["--seed", str(2 ** 70)], "--seed"),
+        "quantize_group_size_1e9": (q + ["--group-size", "1000000000"], "--group-size"),
+        "quantize_lwc_init_nan": (q[:5] + ["omniquant", "--lwc-init", "nan", "--calib", text], "--lwc-init"),
+        "quantize_lwc_init_inf": (q[:5] + ["omniquant", "--lwc-init", "inf", "--calib", text], "--lwc-init"),
+        "quantize_pickle_only_model": (["quantize", "PICKLED", "-o", out, "--method", "rtn", "-q"], "safetensors"),
+        "export_arch_sm_0": (["export", ckpt, "--target", "cuda", "--arch", "sm_0", "-o", out, "-q"], "--arch"),
     }
+
+
+def _pickle_only_model(src, d):
+    """A model folder whose weights are only a pytorch_model.bin pickle that would run a command when unpickled."""
+    import pickle
+    import shutil
+    d.mkdir()
+    for f in src.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, d / f.name)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {d / 'PWNED'}",))
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
+    return d
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +92,8 @@ def results(good_ckpt, good_dist, text_file, model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-options")
     out = str(root / "out")
     cases = _cases(str(good_ckpt), str(good_dist), text_file, out)
-    argvs = [[model_dirs["llama"] if a == "MODEL" else a for a in argv] for argv, _ in cases.values()]
+    pickled = _pickle_only_model(model_dirs["llama"], root / "pickled")
+    argvs = [[{"MODEL": model_dirs["llama"], "PICKLED": pickled}.get(a, a) for a in argv] for argv, _ in cases.values()]
     res = run_commands(argvs, root)
     return dict(zip(cases, res)), {k: w for k, (_, w) in cases.items()}, root
 
@@ -77,6 +103,7 @@ def test_bad_option_is_one_line_error(results, name):
     res, words, root = results
     assert_one_line_error(res[name], words[name])
     assert not (root / "out").exists()
+    assert not (root / "pickled" / "PWNED").exists()
 
 
 def test_unwritable_output_is_refused_before_any_work(model_dirs, tmp_path):
@@ -84,6 +111,25 @@ def test_unwritable_output_is_refused_before_any_work(model_dirs, tmp_path):
     r = run_commands([["quantize", model_dirs["llama"], "-o", "/proc/edgequant-out", "--method", "rtn", "-q"]],
                      tmp_path)[0]
     assert_one_line_error(r, "cannot write")
+
+
+def test_missing_path_is_not_looked_up_on_an_unreachable_hub(tmp_path, monkeypatch):
+    """`base/x` that does not exist here, with no way to reach the hub: an immediate error (it used to retry the
+    network for ~30 s and then print transformers' message)."""
+    import socket
+
+    from edgequant import api
+    from edgequant.errors import EdgequantError
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(EdgequantError, match="model path not found: base/owq-nope"):
+        api.quantize("base/owq-nope", tmp_path / "o", method="rtn", progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):

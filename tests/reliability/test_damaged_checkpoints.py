@@ -78,8 +78,23 @@ def _set(i, v):
     return f
 
 
+def _token_ids_past_the_vocabulary(d):
+    """The checkpoint's tokenizer maps every word to an id far past the model's embedding rows."""
+    def f(t):
+        t["model"]["vocab"] = {k: v + 50_000_000 for k, v in t["model"]["vocab"].items()}
+    edit_json(d / "tokenizer.json", f)
+
+
 # name: (damage, words the one-line error must contain)
 CASES = {
+    # issue 15's re-run: 10**9 layers grew memory without end; the other fields were accepted silently
+    "num_hidden_layers_1e9": (_cfg("num_hidden_layers", 10 ** 9), ["num_hidden_layers", "2 layers"]),
+    "max_position_embeddings_negative": (_cfg("max_position_embeddings", -1), ["max_position_embeddings"]),
+    "pack_msb": (_qc("pack", "msb"), ["pack"]),
+    "values_per_word_3": (_qc("values_per_word", 3), ["values_per_word"]),
+    "lm_head_quantized": (_qc("lm_head", True), ["lm_head"]),
+    "method_unknown": (_qc("method", "nope"), ["method", "nope"]),
+    "tokenizer_ids_past_the_vocabulary": (_token_ids_past_the_vocabulary, ["outside the vocabulary"]),
     "config_is_a_list": (lambda d: (d / "config.json").write_text("[1, 2]"), ["config.json"]),
     "config_not_json": (lambda d: (d / "config.json").write_bytes(b"\xff\xfe{"), ["config.json"]),
     "bits_missing": (_qc("bits", drop=True), ["bits"]),
@@ -106,7 +121,7 @@ CASES = {
     "index_path_leaves_folder": (_index_escape, ["outside.safetensors"]),
     "tokenizer_missing": (_no_tokenizer, ["tokenizer"]),
 }
-EXPORTED = ["index_path_leaves_folder", "zero_point_255_at_4_bits", "outlier_index_2_pow_30", "nan_scales",
+EXPORTED = ["num_hidden_layers_1e9", "max_position_embeddings_negative", "pack_msb", "index_path_leaves_folder", "zero_point_255_at_4_bits", "outlier_index_2_pow_30", "nan_scales",
             "sym_with_zero_points", "config_is_a_list"]
 
 
@@ -122,6 +137,8 @@ def results(good_ckpt, text_file, tmp_path_factory):
     for name in EXPORTED:
         argvs.append(["export", str(where[name]), "--target", "cpu", "-o", str(where[name].parent / "dist"), "-q"])
     argvs.append(["inspect", str(where["outlier_index_2_pow_30"])])
+    argvs.append(["inspect", str(where["num_hidden_layers_1e9"])])
+    argvs.append(["inspect", str(where["lm_head_quantized"])])
     res = run_commands(argvs, root)
     return {tuple(r["argv"][:2]): r for r in res}, where
 
@@ -140,9 +157,12 @@ def test_export_refuses_damaged_checkpoint_and_writes_nothing(results, name):
     assert left == [where[name].name]   # no DIST, no left-overs
 
 
-def test_inspect_refuses_out_of_range_outlier_index(results):
+@pytest.mark.parametrize("name,word", [("outlier_index_2_pow_30", "outlier_idx"),
+                                       ("num_hidden_layers_1e9", "num_hidden_layers"),
+                                       ("lm_head_quantized", "lm_head")])
+def test_inspect_refuses(results, name, word):
     res, where = results
-    assert_one_line_error(res[("inspect", str(where["outlier_index_2_pow_30"]))], "outlier_idx")
+    assert_one_line_error(res[("inspect", str(where[name]))], word)
 
 
 def test_good_checkpoint_passes_the_same_checks(good_ckpt, text_file, tmp_path):
@@ -153,8 +173,13 @@ def test_good_checkpoint_passes_the_same_checks(good_ckpt, text_file, tmp_path):
     assert "perplexity" in res[0]["stdout"]
 
 
-def test_damaged_provenance_is_ignored_not_fatal(good_ckpt, tmp_path):
-    d = copy_case(good_ckpt, tmp_path, "prov")
-    (d / "edgequant.json").write_text("[1, 2]")
-    r = run_commands([["inspect", str(d), "--json"]], tmp_path)[0]
-    assert r["rc"] == 0 and r["traceback"] is None and json.loads(r["stdout"])["method"] == "owq"
+def test_damaged_provenance_is_not_fatal_but_inspect_says_so(good_ckpt, tmp_path):
+    damaged, missing = copy_case(good_ckpt, tmp_path, "prov"), copy_case(good_ckpt, tmp_path, "noprov")
+    (damaged / "edgequant.json").write_text("[1, 2]")
+    (missing / "edgequant.json").unlink()
+    res = run_commands([["inspect", str(damaged), "--json"], ["inspect", str(missing)]], tmp_path)
+    for r, state in zip(res, ("damaged", "missing")):
+        assert r["rc"] == 0 and r["traceback"] is None
+        assert r["stderr"].startswith("warning: ") and f"edgequant.json is {state}" in r["stderr"]
+    assert json.loads(res[0]["stdout"])["method"] == "owq"
+    assert "calibration     unknown (edgequant.json missing)" in res[1]["stdout"]

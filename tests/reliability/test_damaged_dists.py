@@ -65,7 +65,42 @@ def _outlier(value):
     return lambda d: edit_dist_tensor(d, "self_attn.qkv_proj.outlier_idx", lambda a: np.append(a[:-1], value))
 
 
+def _export(fn):
+    return lambda d: edit_json(d / EXPORT, fn)
+
+
+def _model(key, value):
+    return _export(lambda i: i["model"].__setitem__(key, value))
+
+
+def _truncate_library(d):
+    f = d / "lib.so"
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 3])
+
+
+def _nan_in(suffix):
+    return lambda d: edit_dist_tensor(d, suffix, lambda a: np.where(np.arange(a.size).reshape(a.shape) == 5, np.inf, a))
+
+
 CASES = {
+    # issue 15's re-run: a truncated ELF faulted (SIGBUS) inside dlopen; a deep JSON overflowed the parsers' stacks
+    "library_truncated": (_truncate_library, ["lib.so", "truncated"]),
+    "tensor_cache_nested_100000_deep": (lambda d: (d / CACHE).write_text("[" * 100000 + "]" * 100000),
+                                        [CACHE, "nested"]),
+    "prefill_chunk_2_pow_40": (_export(lambda i: i.__setitem__("prefill_chunk_size", 2 ** 40)),
+                               ["prefill_chunk_size"]),
+    "context_window_2_pow_40": (_model("context_window", 2 ** 40), ["context_window"]),
+    "num_layers_not_the_library": (_model("num_layers", 3), ["num_layers"]),
+    "vocab_size_not_the_library": (_model("vocab_size", 400), ["vocab_size"]),
+    "vocab_size_2_pow_40": (_model("vocab_size", 2 ** 40), ["vocab_size"]),
+    "target_unknown": (_export(lambda i: i.__setitem__("target", "evil")), ["target"]),
+    "functions_without_prefill": (_export(lambda i: i.__setitem__("functions", ["embed"])), ["functions"]),
+    "format_version_99": (_export(lambda i: i.__setitem__("format_version", 99)), ["format_version"]),
+    "tvm_version_other": (_export(lambda i: i.__setitem__("tvm_version", "0.1.0")), ["TVM 0.1.0"]),
+    "embedding_inf": (_nan_in("embed_tokens.weight"), ["embed_tokens.weight", "infinite"]),
+    "lm_head_inf": (_nan_in("lm_head.weight"), ["lm_head.weight", "infinite"]),
+    "norm_inf": (_nan_in("input_layernorm.weight"), ["input_layernorm.weight", "infinite"]),
+
     "dataPath_leaves_folder": (_outside_shard, ["dataPath", "outside_shard.bin"]),
     "dataPath_etc_passwd": (_first_shard(lambda s: s.__setitem__("dataPath", "../../../../etc/passwd")), ["dataPath"]),
     "dataPath_absolute": (_first_shard(lambda s: s.__setitem__("dataPath", "/etc/passwd")), ["dataPath"]),
@@ -137,3 +172,45 @@ def test_records_that_do_not_fit_their_shard_are_found_without_reading_the_weigh
     _record("embed_tokens.weight", "byteOffset", (d / shard["dataPath"]).stat().st_size - rec["nbytes"] + 2)(d)
     with pytest.raises(EdgequantError, match="past the end"):
         check_tensor_cache(d, read_export_info(d))
+
+
+def _unsafe_template(d):
+    edit_json(d / "tokenizer_config.json", lambda c: c.__setitem__(
+        "chat_template", "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m.content }}{% endfor %}"))
+
+
+def test_refusals_outside_the_run_corpus(good_dist, text_file, tmp_path):
+    """An unsafe chat template (jinja2's sandbox raised SecurityError through), `eval` of a damaged DIST (a `note:`
+    came before the error) and a cuda DIST on a machine without a CUDA driver (ctypes' OSError): one line each."""
+    import ctypes.util
+    tpl = copy_case(good_dist, tmp_path, "tpl")
+    _unsafe_template(tpl)
+    bad = copy_case(good_dist, tmp_path, "bad")
+    _truncate_shard(bad)
+    argvs = [["run", str(tpl), "--prompt", "hello", "--chat-template", "--max-new-tokens", "2"],
+             ["eval", str(bad), "--data", text_file, "--seqlen", "32", "--max-windows", "1"]]
+    cuda = None if ctypes.util.find_library("cuda") else copy_case(good_dist, tmp_path, "cuda")
+    if cuda is not None:
+        edit_json(cuda / EXPORT, lambda i: i.update(target="cuda", device="cuda"))
+        argvs.append(["run", str(cuda), "--prompt", "hello"])
+    res = run_commands(argvs, tmp_path)
+    assert_one_line_error(res[0], "chat_template", "tokenizer_config.json")
+    assert_one_line_error(res[1], "params_shard_0.bin")
+    if cuda is not None:
+        assert_one_line_error(res[2], "CUDA")
+
+
+def test_full_disk_while_linking_is_one_line_and_leaves_nothing(tmp_path):
+    """TVM reports the linker's ENOSPC as a RuntimeError; export turns it into atomic_output_dir's one line."""
+    from edgequant.atomic import atomic_output_dir
+    from edgequant.errors import EdgequantError
+    from edgequant.export.build import _export_library
+
+    class FullDisk:
+        def export_library(self, path, **kw):
+            open(path, "wb").write(b"\x7fELF")
+            raise RuntimeError("Compilation error:\n/usr/bin/ld: final link failed: No space left on device")
+    with pytest.raises(EdgequantError, match="No space left on device"):
+        with atomic_output_dir(tmp_path / "dist", marker=EXPORT) as tmp:
+            _export_library(FullDisk(), tmp / "lib.so")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -99,3 +99,18 @@ def test_output_folder_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
+
+
+def test_replacing_a_checkpoint_that_holds_a_users_file_is_refused(tmp_path, model_dirs):
+    """`quantize -o` onto a checkpoint folder replaces it; a file the checkpoint never held (the user's notes) would
+    be deleted with it, so the run is refused before any work, naming the file, and the folder stays as it was."""
+    out = api.quantize(model_dirs["llama"], tmp_path / "q", method="rtn", group_size=32, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(EdgequantError, match="notes.txt"):
+        api.quantize(model_dirs["llama"], out, method="rtn", bits=3, group_size=32, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "notes.txt"} == before
+    (out / "notes.txt").unlink()
+    api.quantize(model_dirs["llama"], out, method="rtn", bits=3, group_size=32, progress=False)   # now it may
+    assert (out / "notes.txt").exists() is False and (out / "edgequant.json").is_file()

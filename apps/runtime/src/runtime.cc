@@ -46,6 +46,11 @@ namespace json = tvm::ffi::json;
 const char* kExportJson = "edgequant-export.json";
 const char* kTensorCache = "tensor-cache.json";
 const char* kFix = "export the model again with `edgequant export`";
+const char* kTvmSeries = "0.27";        // the TVM release whose runtime this links (and whose libraries it loads)
+const int64_t kFormatVersion = 1;       // export/dist.py's FORMAT_VERSION
+const int64_t kMaxDim = int64_t(1) << 24;
+const size_t kMaxJsonBytes = size_t(64) << 20;
+const int kMaxJsonDepth = 32;           // export/dist.py's MAX_JSON_DEPTH: TVM's JSON parser recurses per level
 
 thread_local std::string last_error;
 
@@ -105,7 +110,29 @@ std::string ReadText(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(f), {});
 }
 
+// deepest [ / { nesting, brackets inside strings ignored
+int JsonDepth(const std::string& text) {
+  int depth = 0, deepest = 0;
+  bool in_str = false, esc = false;
+  for (char c : text) {
+    if (in_str) {
+      if (esc) esc = false;
+      else if (c == '\\') esc = true;
+      else if (c == '"') in_str = false;
+    } else if (c == '"') {
+      in_str = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 json::Value ParseJson(const std::string& text, const std::string& file) {
+  if (text.size() > kMaxJsonBytes) Damaged(file, "larger than 64 MiB");
+  if (JsonDepth(text) > kMaxJsonDepth) Damaged(file, "JSON nested deeper than " + std::to_string(kMaxJsonDepth) + " levels");
   String err;
   json::Value v = json::Parse(String(text), &err);
   if (!err.empty()) Damaged(file, "not valid JSON");
@@ -174,6 +201,40 @@ struct ExportInfo {
   std::vector<Param> params;
 };
 
+// A truncated ELF shared object faults (SIGBUS) inside dlopen: its header tables and loadable segments must lie
+// inside the file (export/dist.py's check_elf).
+void CheckElf(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::string b((std::istreambuf_iterator<char>(f)), {});
+  auto u = [&](size_t off, int n) -> uint64_t {  // little-endian field, 0 when outside the file
+    uint64_t v = 0;
+    if (off + n > b.size()) return ~uint64_t(0);
+    for (int i = n - 1; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(b[off + i]);
+    return v;
+  };
+  if (b.size() < 52 || b.compare(0, 4, "\x7f" "ELF") != 0 || (b[4] != 1 && b[4] != 2) || b[5] != 1) {
+    Fail(EDGEQUANT_ERR_DAMAGED, path + " is not a little-endian ELF shared library; it is damaged or built for "
+                                       "another machine; " + kFix);
+  }
+  bool is64 = b[4] == 2;
+  int w = is64 ? 8 : 4;
+  uint64_t size = b.size(), phoff = u(24 + w, w), shoff = u(24 + 2 * w, w);
+  uint64_t phentsize = u(24 + 3 * w + 6, 2), phnum = u(24 + 3 * w + 8, 2), shentsize = u(24 + 3 * w + 10, 2),
+           shnum = u(24 + 3 * w + 12, 2);
+  bool ok = phnum > 0 && phnum < 0xffff && phentsize >= uint64_t(is64 ? 56 : 32) && phoff < size &&
+            phentsize * phnum <= size - phoff &&
+            (shnum == 0 || (shentsize >= uint64_t(is64 ? 64 : 40) && shoff < size && shentsize * shnum <= size - shoff));
+  for (uint64_t i = 0; ok && i < phnum; ++i) {
+    size_t e = phoff + i * phentsize;
+    uint64_t type = u(e, 4), off = is64 ? u(e + 8, 8) : u(e + 4, 4), filesz = is64 ? u(e + 32, 8) : u(e + 16, 4);
+    if (type == 1 && (off > size || filesz > size - off)) ok = false;
+  }
+  if (!ok) {
+    Fail(EDGEQUANT_ERR_DAMAGED, path + " is truncated or damaged (its ELF headers point past its " +
+                                    std::to_string(size) + " bytes); " + kFix);
+  }
+}
+
 ExportInfo ReadExportInfo(const std::string& dist) {
   std::string file = dist + "/" + kExportJson;
   if (!IsFile(file)) {
@@ -188,11 +249,35 @@ ExportInfo ReadExportInfo(const std::string& dist) {
     if (!s) Damaged(file, std::string("field '") + key + "' is missing or has the wrong type");
     return *s;
   };
+  if (IntField(*root, "format_version", 0) != std::optional<int64_t>(kFormatVersion)) {
+    Fail(EDGEQUANT_ERR_UNSUPPORTED, file + " has another format_version than " + std::to_string(kFormatVersion) +
+                                        ", the one this runtime reads: export the model again with this edgequant");
+  }
   info.target = need_str("target");
   info.device = need_str("device");
+  // export/targets.py's presets and their devices
+  static const std::map<std::string, std::string> targets = {
+      {"cpu", "cpu"},       {"cpu-arm64", "cpu"},    {"cuda", "cuda"},        {"metal", "metal"},
+      {"iphone", "metal"},  {"android", "opencl"},   {"webgpu", "webgpu"}};
+  auto t = targets.find(info.target);
+  if (t == targets.end() || t->second != info.device) {
+    Damaged(file, "field 'target' is not a known target for device '" + info.device + "'");
+  }
+  std::string tvm_version = need_str("tvm_version");
+  if (tvm_version.compare(0, std::strlen(kTvmSeries) + 1, std::string(kTvmSeries) + ".") != 0) {
+    Fail(EDGEQUANT_ERR_UNSUPPORTED, dist + " was exported with TVM " + tvm_version + ", this runtime is TVM " +
+                                        kTvmSeries + "; export the model again with TVM " + kTvmSeries);
+  }
+  auto fns = Field(*root, "functions");
+  auto fa = fns ? AsArray(*fns) : std::nullopt;
+  for (const char* need : {"embed", "prefill", "decode", "create_paged_kv_cache"}) {
+    bool found = false;
+    for (size_t i = 0; fa && i < fa->size(); ++i) found = found || (*fa)[i].as<String>() == std::optional<String>(String(need));
+    if (!found) Damaged(file, "field 'functions' is missing or has the wrong type");
+  }
   info.library = need_str("library");
   auto chunk = IntField(*root, "prefill_chunk_size", 1);
-  if (!chunk) Damaged(file, "field 'prefill_chunk_size' is missing or has the wrong type");
+  if (!chunk || *chunk > kMaxDim) Damaged(file, "field 'prefill_chunk_size' is missing or has the wrong type");
   info.chunk = *chunk;
   auto model = Field(*root, "model");
   auto m = model ? AsObject(*model) : std::nullopt;
@@ -204,7 +289,7 @@ ExportInfo ReadExportInfo(const std::string& dist) {
   for (auto& [key, dst] : dims) {
     auto v = IntField(*m, key, 1);
     // bounds keep every product below (KV bytes, shapes) far from overflow
-    if (!v || *v > (int64_t(1) << 24)) Damaged(file, std::string("model field '") + key + "' must be a positive integer");
+    if (!v || *v > kMaxDim) Damaged(file, std::string("model field '") + key + "' must be a positive integer");
     *dst = *v;
   }
   if (info.vocab > INT32_MAX || info.context > INT32_MAX) Damaged(file, "model sizes out of range");
@@ -218,6 +303,23 @@ ExportInfo ReadExportInfo(const std::string& dist) {
     auto shape = o ? ShapeField(*o, "shape") : std::nullopt;
     if (!name || !dtype || !shape || !ItemSize(*dtype)) Damaged(file, "field 'params' has a malformed entry");
     info.params.push_back({*name, *dtype, *shape});
+  }
+  if (info.chunk > info.context) Damaged(file, "prefill_chunk_size is larger than the context window");
+  // the sizes used below (vocabulary, layers, hidden width) must be those of the compiled parameters, which are
+  // compared with the library's own list before anything runs
+  int64_t emb_vocab = -1, emb_hidden = -1, layers = 0;
+  for (const Param& p : info.params) {
+    if (p.name == "model.embed_tokens.weight" && p.shape.size() == 2) emb_vocab = p.shape[0], emb_hidden = p.shape[1];
+    long n = -1;
+    if (std::sscanf(p.name.c_str(), "model.layers.%ld.", &n) == 1 && n >= 0 && n < kMaxDim) layers = std::max<int64_t>(layers, n + 1);
+  }
+  std::pair<const char*, std::pair<int64_t, int64_t>> against[] = {
+      {"vocab_size", {info.vocab, emb_vocab}}, {"hidden_size", {info.hidden, emb_hidden}}, {"num_layers", {info.layers, layers}}};
+  for (auto& [key, v] : against) {
+    if (v.first != v.second) {
+      Damaged(file, std::string("model field '") + key + "' is " + std::to_string(v.first) +
+                        ", the library's parameters say " + std::to_string(v.second));
+    }
   }
   if (auto q = StrField(*root, "quantization")) {
     int b = 0;  // the scheme's name: w4g128, w3, w2g64-sym (DISTs before issue 12: w4g128a)
@@ -353,12 +455,14 @@ uint64_t CheckTensorCache(const std::string& dist, const ExportInfo& info) {
                                           std::to_string((1 << info.bits) - 1) + "; the weights are damaged; " + kFix);
         }
       }
-    } else if (EndsWith(p.name, ".scales")) {
+    } else if (r.dtype == "float16" || r.dtype == "float32" || r.dtype == "bfloat16") {
+      // every fp tensor (scales, embedding, lm_head, norms, biases): read once, cheap next to the load
       auto b = ReadSpan(r);
       for (size_t i = 0; i < n; ++i) {
         if (!FiniteAt(b, r.dtype, i)) {
-          Fail(EDGEQUANT_ERR_DAMAGED, std::string(kTensorCache) + ": '" + p.name +
-                                          "' holds NaN or infinite scales; the weights are damaged; " + kFix);
+          Fail(EDGEQUANT_ERR_DAMAGED, std::string(kTensorCache) + ": '" + p.name + "' holds NaN or infinite " +
+                                          (EndsWith(p.name, ".scales") ? "scales" : "values") +
+                                          "; the weights are damaged; " + kFix);
         }
       }
     }
@@ -545,6 +649,7 @@ edgequant_status edgequant_open(const char* dist_c, const edgequant_options* opt
                                                    "pass its system_lib_prefix, or link the objects into a .so");
       }
       if (!IsFile(lib_path)) Fail(EDGEQUANT_ERR_NOT_FOUND, "the library " + lib_path + " is missing; " + kFix);
+      CheckElf(lib_path);
     }
     int32_t want = options ? options->max_total_seq_len : 0;
     if (want < 0) Fail(EDGEQUANT_ERR_ARGUMENT, "max_total_seq_len must be >= 0");
@@ -605,8 +710,10 @@ edgequant_status edgequant_open(const char* dist_c, const edgequant_options* opt
       same = o && StrField(*o, "name") == info.params[i].name && ShapeField(*o, "shape") == info.params[i].shape &&
              StrField(*o, "dtype") == info.params[i].dtype;
     }
+    same = same && IntField(*mo, "context_window_size", 1) == std::optional<int64_t>(info.context) &&
+           IntField(*mo, "prefill_chunk_size", 1) == std::optional<int64_t>(info.chunk);
     if (!same) {
-      Fail(EDGEQUANT_ERR_DAMAGED, "the library's parameters differ from " + std::string(kExportJson) +
+      Fail(EDGEQUANT_ERR_DAMAGED, "the library's parameters or sizes differ from " + std::string(kExportJson) +
                                       "'s: the library and the weights come from different exports; " + kFix);
     }
 
