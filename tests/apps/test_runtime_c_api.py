@@ -140,3 +140,15 @@ def test_apps_cuda_command_line_runs_on_the_shared_runtime(runtime_build, cpu_di
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert [int(t) for t in r.stdout.splitlines()[0].split(",")] == runner.generate(PROMPT, 16, stop_ids=()).tokens
+
+
+def test_c_runtime_knows_every_target():
+    """The C runtime keeps its own table of targets and devices (it has no Python to ask): it must be
+    export/targets.py's, or a DIST of a new target is refused as damaged on the phone."""
+    import re
+
+    from edgequant.export.targets import PRESETS
+    src = (ROOT / "apps/runtime/src/runtime.cc").read_text()
+    table = src[src.index("static const std::map<std::string, std::string> targets"):]
+    table = table[:table.index("};")]
+    assert dict(re.findall(r'\{"([^"]+)",\s*"([^"]+)"\}', table)) == {n: p.device for n, p in PRESETS.items()}

@@ -258,7 +258,7 @@ ExportInfo ReadExportInfo(const std::string& dist) {
   // export/targets.py's presets and their devices
   static const std::map<std::string, std::string> targets = {
       {"cpu", "cpu"},       {"cpu-arm64", "cpu"},    {"cuda", "cuda"},        {"metal", "metal"},
-      {"iphone", "metal"},  {"android", "opencl"},   {"webgpu", "webgpu"}};
+      {"iphone", "metal"},  {"iphone-sim", "metal"}, {"android", "opencl"},   {"webgpu", "webgpu"}};
   auto t = targets.find(info.target);
   if (t == targets.end() || t->second != info.device) {
     Damaged(file, "field 'target' is not a known target for device '" + info.device + "'");
