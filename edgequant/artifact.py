@@ -212,18 +212,13 @@ def expected_layout(ckpt: Checkpoint) -> tuple[dict[str, tuple], dict[str, tuple
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(ckpt.hf_config())
     quant = {}
-    n_layers = ckpt.config["num_hidden_layers"]
     modules = dict(model.named_modules())
-    for i in range(n_layers):
+    for i in range(ckpt.config["num_hidden_layers"]):
         for lin in ckpt.qconfig.get("modules", ckpt.family.linear_names):
             name = f"{ckpt.family.layer_prefix(i)}.{lin}"
             m = modules[name]
             quant[name] = (m.out_features, m.in_features, m.bias is not None)
-    plain, seen = {}, set()
-    for name, t in model.state_dict().items():
-        if name.rsplit(".", 1)[0] in quant:
-            continue
-        plain[name] = tuple(t.shape)
+    plain = {name: tuple(t.shape) for name, t in model.state_dict().items() if name.rsplit(".", 1)[0] not in quant}
     if ckpt.config.get("tie_word_embeddings"):
         plain.pop("lm_head.weight", None)
     return plain, quant
@@ -271,7 +266,6 @@ def load_quantized_weight(ckpt: Checkpoint, name: str, tensors: dict | None = No
                         f"{name}.outlier_weight") if k in ckpt.files]
     t = tensors if tensors is not None else ckpt.read(keys)
     s = ckpt.scheme
-    n, words = t[f"{name}.qweight"].shape
     k = _in_features(ckpt, name)
     q = torch.from_numpy(pack.unpack(t[f"{name}.qweight"], s.bits, k).astype(np.int64))
     scale = torch.from_numpy(t[f"{name}.scales"].astype(np.float32))

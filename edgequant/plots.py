@@ -36,8 +36,7 @@ class Point:
 
 def method_of(text: str) -> str:
     """'gptq act-order=True' -> 'gptq'; unknown names are kept whole."""
-    head = str(text).split()[0].lower() if str(text).split() else "?"
-    return head
+    return str(text).split()[0].lower() if str(text).split() else "?"
 
 
 # --------------------------------------------------------------------------------------------------- sources
@@ -115,11 +114,9 @@ def table_points(path, x: str = "bits_per_weight", y: str = "perplexity", group:
     return points, baselines
 
 
-def _recorded(prov: dict, data: str | None) -> dict | None:
-    """The newest perplexity recorded in edgequant.json (for `data` when given)."""
+def _recorded(prov: dict) -> dict | None:
+    """The newest perplexity recorded in edgequant.json."""
     recs = [r for r in prov.get("evaluations") or [] if isinstance(r, dict) and _number(r.get("perplexity"))]
-    if data is not None:
-        recs = [r for r in recs if Path(str(r.get("data", ""))).name == Path(str(data)).name]
     return recs[-1] if recs else None
 
 
@@ -130,7 +127,7 @@ def checkpoint_points(checkpoints, data=None, seqlen: int = 2048, max_windows: i
     points = []
     for ck in checkpoints:
         info = api.inspect(ck)
-        rec = _recorded(open_checkpoint(ck).provenance, None)
+        rec = _recorded(open_checkpoint(ck).provenance)
         if rec is not None and data is None:
             ppl, src = float(rec["perplexity"]), (f"recorded: {Path(str(rec.get('data'))).name}, "
                                                   f"{rec.get('windows')}x{rec.get('seqlen')}")

@@ -43,6 +43,10 @@ def _add_metadata(mod, meta: dict):
     return mod
 
 
+def _param_list(named_params) -> list[dict]:
+    return [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params]
+
+
 def _walk(mod):
     for m in mod.imports:
         yield m
@@ -62,8 +66,7 @@ def build_module(source, preset, arch=None, system_lib_prefix=None):
     meta = {"model_type": source.arch.model_type, "quantization": source.quantization,
             "context_window_size": source.arch.context_window, "prefill_chunk_size": PREFILL_CHUNK,
             "sliding_window_size": -1, "attention_sink_size": -1, "tensor_parallel_shards": 1,
-            "kv_state_kind": "kv_cache",
-            "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params]}
+            "kv_state_kind": "kv_cache", "params": _param_list(named_params)}
     mod = _add_metadata(mod, meta)
     functions = sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function))
     if preset.system_lib:
@@ -90,7 +93,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
         raise EdgequantError(f"--system-lib-prefix {system_lib_prefix!r} must be a C identifier (letters, digits, "
                              "underscores; not starting with a digit), e.g. mymodel_")
     source = open_source(checkpoint, preset.packing3, preset.zeros_packed)
-    if source.path.is_dir() and not any((source.path / n).is_file() for n in TOKENIZER_VOCABS):
+    if not any((source.path / n).is_file() for n in TOKENIZER_VOCABS):
         raise EdgequantError(f"{source.path} has no tokenizer (tokenizer.json or tokenizer.model); `run`, `chat` and "
                              "`eval` of the DIST need it: save the model's tokenizer into that folder and export again")
     out = Path(output or f"{Path(str(checkpoint)).name}-{target}").expanduser().resolve()
@@ -138,7 +141,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
                 "cuda": cuda, "source": str(source.path), "quantization": source.quantization,
                 "packing3": preset.packing3, "zeros_packed": preset.zeros_packed,
                 "model": {**source.arch.__dict__}, "functions": functions,
-                "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params],
+                "params": _param_list(named_params),
                 "weight_bytes": weight_bytes, "prefill_chunk_size": PREFILL_CHUNK,
                 "build_time_s": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
@@ -153,8 +156,7 @@ def _default_prefix(source) -> str:
     return f"{s}_"
 
 
-def _copy_tokenizer(src: Path, dst: Path):
-    folder = src if src.is_dir() else src.parent
+def _copy_tokenizer(folder: Path, dst: Path):
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
             shutil.copy2(folder / name, dst / name)
@@ -162,8 +164,7 @@ def _copy_tokenizer(src: Path, dst: Path):
 
 def _mlc_chat_config(source, meta) -> dict:
     c, a = source.config, source.arch
-    gen = {}
-    folder = source.path if source.path.is_dir() else source.path.parent
+    gen, folder = {}, source.path
     if (folder / "generation_config.json").is_file():
         gen = json.loads((folder / "generation_config.json").read_text())
     return {
