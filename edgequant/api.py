@@ -287,7 +287,7 @@ def tune_weak_columns(checkpoint, data, output, progress: bool = True, **options
     from .checkpoint import PROVENANCE_NAME, write_copy
     from .calibrate.configs import WCTConfig
     from .calibrate.wct import attach_weak_columns, lm_loss, train_weak_columns
-    from .data import tokenize, read_text
+    from .data import random_windows, read_text, tokenize
 
     cfg = WCTConfig.from_dict(options, " to tune-weak-columns")
     epochs, lr, seqlen, nsamples, heldout, batch_size, seed, device = (
@@ -310,9 +310,7 @@ def tune_weak_columns(checkpoint, data, output, progress: bool = True, **options
         # the last `heldout` windows are never trained on
         cut = len(ids) - heldout * seqlen
         held = ids[cut:].view(heldout, seqlen)
-        g = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, cut - seqlen, (nsamples,), generator=g)
-        train = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+        train = random_windows(ids[:cut], nsamples, seqlen, seed)
 
         modules = attach_weak_columns(model, quantized)
         model.to(device)

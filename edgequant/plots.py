@@ -12,6 +12,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 from .errors import EdgequantError
@@ -166,13 +167,10 @@ def draw(points: list[Point], baselines: list[tuple[str, float]], out, title: st
     out = _png_path(out)
     hidden = [p for p in points if max_y is not None and p.y > max_y]
     points = [p for p in points if p not in hidden]
-    seen, uniq = set(), []
+    firsts = {}
     for label, v in baselines:   # the same baseline saved beside several tables is drawn once
-        key = (label.split(" (")[0], round(v, 3))
-        if key not in seen:
-            seen.add(key)
-            uniq.append((label, v))
-    baselines = uniq
+        firsts.setdefault((label.split(" (")[0], round(v, 3)), (label, v))
+    baselines = list(firsts.values())
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     ys = [p.y for p in points] + [b for _, b in baselines]
     if max(ys) / max(min(ys), 1e-12) > 20:
@@ -183,11 +181,7 @@ def draw(points: list[Point], baselines: list[tuple[str, float]], out, title: st
         srcs = sorted({p.source for p in mine})
         ax.scatter([p.x for p in mine], [p.y for p in mine], marker=MARKERS.get(m, "v"), s=46, color=f"C{i}",
                    label=f"{m} ({'; '.join(srcs)})", zorder=3, alpha=0.85)
-        best = {}
-        for p in mine:
-            if p.x not in best or p.y < best[p.x].y:
-                best[p.x] = p
-        front = [best[k] for k in sorted(best)]
+        front = [min(same_x, key=lambda p: p.y) for _, same_x in groupby(mine, key=lambda p: p.x)]   # best per x
         ax.plot([p.x for p in front], [p.y for p in front], color=f"C{i}", linewidth=0.8, alpha=0.6, zorder=2)
         for p in front:
             ax.annotate(p.tag, (p.x, p.y), textcoords="offset points", xytext=(5, -9 + 6 * (i % 3)),
