@@ -23,6 +23,8 @@ from .models import Family, family_for
 from .quantizer import QuantizedWeight
 from .schemes import QuantScheme
 
+_QUANT_LEAVES = ("qweight", "scales", "zeros", "outlier_idx", "outlier_weight")   # a quantized linear's tensors
+
 
 # --------------------------------------------------------------------------------------------------- writing
 def quantized_linear_tensors(name: str, qw: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, np.ndarray]:
@@ -262,8 +264,7 @@ def _validate(ckpt: Checkpoint, headers: dict):
 
 def load_quantized_weight(ckpt: Checkpoint, name: str, tensors: dict | None = None) -> QuantizedWeight:
     """One linear's integers and group parameters, unpacked from the checkpoint."""
-    keys = [k for k in (f"{name}.qweight", f"{name}.scales", f"{name}.zeros", f"{name}.outlier_idx",
-                        f"{name}.outlier_weight") if k in ckpt.files]
+    keys = [f"{name}.{leaf}" for leaf in _QUANT_LEAVES if f"{name}.{leaf}" in ckpt.files]
     t = tensors if tensors is not None else ckpt.read(keys)
     s = ckpt.scheme
     k = _in_features(ckpt, name)
@@ -300,8 +301,7 @@ def load_quantized_model(path, dtype=torch.float32, device="cpu"):
         state[f"{name}.weight"] = load_quantized_weight(ckpt, name, tensors).dequantize()
         if f"{name}.bias" in tensors:
             state[f"{name}.bias"] = torch.from_numpy(tensors[f"{name}.bias"].astype(np.float32))
-    quant_keys = {f"{n}.{suffix}" for n in ckpt.quantized_linears()
-                  for suffix in ("qweight", "scales", "zeros", "outlier_idx", "outlier_weight", "bias")}
+    quant_keys = {f"{n}.{leaf}" for n in ckpt.quantized_linears() for leaf in (*_QUANT_LEAVES, "bias")}
     for name, arr in tensors.items():
         if name not in quant_keys:
             state[name] = torch.from_numpy(arr.astype(np.float32) if arr.dtype == np.float16 else arr)

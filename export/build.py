@@ -108,19 +108,15 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
         t_compile = time.time() - t0
         _log(progress, f"compiled in {t_compile:.1f}s")
         with atomic_output_dir(out, marker=EXPORT_JSON) as tmp:
-            library, link_note = preset.library, None
+            library, link_note, cc = preset.library, None, None
             if preset.name == "cpu-arm64":
                 # a shared library for aarch64 needs an aarch64 linker; without one ship the objects (lib.tar)
                 cc = shutil.which("aarch64-linux-gnu-g++") or shutil.which("aarch64-linux-gnu-gcc")
-                if cc:
-                    ex.export_library(str(tmp / library), cc=cc)
-                else:
+                if not cc:
                     library = "lib.tar"
                     link_note = "no aarch64 linker here: on the target run `tar xf lib.tar && g++ -shared -o lib.so *.o`"
                     _log(progress, link_note)
-                    ex.export_library(str(tmp / library))
-            else:
-                ex.export_library(str(tmp / library))
+            ex.export_library(str(tmp / library), **({"cc": cc} if cc else {}))
             cuda = None
             if preset.name == "cuda":
                 from .cuda import compile_fatbin
