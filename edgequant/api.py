@@ -113,18 +113,18 @@ def _load_for_eval(ckpt_or_model):
     if kind(ckpt_or_model) == "checkpoint":
         from .artifact import load_quantized_model
         model, ck = load_quantized_model(ckpt_or_model)
-        return model, _tokenizer(ck.path)
+        return model, load_tokenizer(ck.path)
     from .loading import load_model
     return load_model(ckpt_or_model)
 
 
-def _tokenizer(folder: Path):
+def load_tokenizer(folder, fix: str = "copy the tokenizer files of the original model into it"):
+    """The tokenizer saved in a checkpoint or DIST folder, or a one-line error ending in `fix`."""
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing or damaged tokenizer
-        raise EdgequantError(f"cannot load the tokenizer saved in {folder} ({first_line(e, 200)}); copy the tokenizer files of "
-                             "the original model into it") from None
+        raise EdgequantError(f"cannot load the tokenizer saved in {folder} ({first_line(e, 200)}); {fix}") from None
 
 
 def check_device(device: str):
@@ -303,7 +303,7 @@ def tune_weak_columns(checkpoint, data, output, progress: bool = True, **options
     from .checkpoint import PROVENANCE_NAME, write_copy
     from .calibrate.configs import WCTConfig
     from .calibrate.wct import attach_weak_columns, lm_loss, train_weak_columns
-    from .data import tokenize, read_text
+    from .data import random_windows, read_text, tokenize
 
     cfg = WCTConfig.from_dict(options, " to tune-weak-columns")
     epochs, lr, seqlen, nsamples, heldout, batch_size, seed, device = (
@@ -319,18 +319,14 @@ def tune_weak_columns(checkpoint, data, output, progress: bool = True, **options
         quantized = {n: load_quantized_weight(ck, n) for n in ck.quantized_linears()}
         if not any(q.outlier_idx is not None and len(q.outlier_idx) for q in quantized.values()):
             raise EdgequantError(f"{src} has no weak (fp16) columns to tune: quantize with --method owq first")
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(src)
-        ids = tokenize(tok, read_text(data))
+        ids = tokenize(load_tokenizer(src), read_text(data))
         if len(ids) < (heldout + 2) * seqlen:
             raise EdgequantError(f"task text has {len(ids)} tokens; WCT needs at least {(heldout + 2) * seqlen} "
                                  f"for --seqlen {seqlen} and a held-out part: use more text or a smaller --seqlen")
         # the last `heldout` windows are never trained on
         cut = len(ids) - heldout * seqlen
         held = ids[cut:].view(heldout, seqlen)
-        g = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, cut - seqlen, (nsamples,), generator=g)
-        train = torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+        train = random_windows(ids[:cut], nsamples, seqlen, seed)
 
         modules = attach_weak_columns(model, quantized)
         model.to(device)

@@ -24,6 +24,8 @@ from .models import Family, family_for
 from .quantizer import QuantizedWeight
 from .schemes import QuantScheme
 
+_QUANT_LEAVES = ("qweight", "scales", "zeros", "outlier_idx", "outlier_weight")   # a quantized linear's tensors
+
 
 # --------------------------------------------------------------------------------------------------- writing
 def quantized_linear_tensors(name: str, qw: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, np.ndarray]:
@@ -219,18 +221,13 @@ def expected_layout(ckpt: Checkpoint) -> tuple[dict[str, tuple], dict[str, tuple
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(ckpt.hf_config())
     quant = {}
-    n_layers = ckpt.config["num_hidden_layers"]
     modules = dict(model.named_modules())
-    for i in range(n_layers):
+    for i in range(ckpt.config["num_hidden_layers"]):
         for lin in ckpt.qconfig.get("modules", ckpt.family.linear_names):
             name = f"{ckpt.family.layer_prefix(i)}.{lin}"
             m = modules[name]
             quant[name] = (m.out_features, m.in_features, m.bias is not None)
-    plain, seen = {}, set()
-    for name, t in model.state_dict().items():
-        if name.rsplit(".", 1)[0] in quant:
-            continue
-        plain[name] = tuple(t.shape)
+    plain = {name: tuple(t.shape) for name, t in model.state_dict().items() if name.rsplit(".", 1)[0] not in quant}
     if ckpt.config.get("tie_word_embeddings"):
         plain.pop("lm_head.weight", None)
     return plain, quant
@@ -274,11 +271,9 @@ def _validate(ckpt: Checkpoint, headers: dict):
 
 def load_quantized_weight(ckpt: Checkpoint, name: str, tensors: dict | None = None) -> QuantizedWeight:
     """One linear's integers and group parameters, unpacked from the checkpoint."""
-    keys = [k for k in (f"{name}.qweight", f"{name}.scales", f"{name}.zeros", f"{name}.outlier_idx",
-                        f"{name}.outlier_weight") if k in ckpt.files]
+    keys = [f"{name}.{leaf}" for leaf in _QUANT_LEAVES if f"{name}.{leaf}" in ckpt.files]
     t = tensors if tensors is not None else ckpt.read(keys)
     s = ckpt.scheme
-    n, words = t[f"{name}.qweight"].shape
     k = _in_features(ckpt, name)
     q = torch.from_numpy(pack.unpack(t[f"{name}.qweight"], s.bits, k).astype(np.int64))
     scale = torch.from_numpy(t[f"{name}.scales"].astype(np.float32))
@@ -313,8 +308,7 @@ def load_quantized_model(path, dtype=torch.float32, device="cpu"):
         state[f"{name}.weight"] = load_quantized_weight(ckpt, name, tensors).dequantize()
         if f"{name}.bias" in tensors:
             state[f"{name}.bias"] = torch.from_numpy(tensors[f"{name}.bias"].astype(np.float32))
-    quant_keys = {f"{n}.{suffix}" for n in ckpt.quantized_linears()
-                  for suffix in ("qweight", "scales", "zeros", "outlier_idx", "outlier_weight", "bias")}
+    quant_keys = {f"{n}.{leaf}" for n in ckpt.quantized_linears() for leaf in (*_QUANT_LEAVES, "bias")}
     for name, arr in tensors.items():
         if name not in quant_keys:
             state[name] = torch.from_numpy(arr.astype(np.float32) if arr.dtype == np.float16 else arr)

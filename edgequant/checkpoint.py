@@ -198,8 +198,8 @@ def tensor_headers(f: Path) -> dict:
     return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+def _is_count(v, lo=0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
 
 def _is_shape(v) -> bool:

@@ -31,9 +31,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except click.exceptions.Exit:
-            raise
-        except (click.ClickException, click.exceptions.Abort):
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
             click.echo("error: interrupted (no output was written; an interrupted OmniQuant run continues from its "
@@ -81,10 +79,6 @@ def _methods():
     return list(METHODS.values())
 
 
-def _method_names():
-    return [m.name for m in _methods()]
-
-
 _TYPES = {"int": lambda m: click.IntRange(min=m["lo"], max=m["hi"]),
           "float": lambda m: Finite(min=m["lo"], max=m["hi"], min_open=m["lo_open"]),
           "choice": lambda m: click.Choice(m["choices"]), "device": lambda m: DEVICE, "str": lambda m: str,
@@ -129,7 +123,7 @@ def _method_options(fn):
 @main.command()
 @click.argument("model", required=False)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
-@click.option("--method", default="gptq", show_default=True, type=click.Choice(_method_names()),
+@click.option("--method", default="gptq", show_default=True, type=click.Choice([m.name for m in _methods()]),
               help="; ".join(f"{m.name}: {m.summary}" for m in _methods()) + ".")
 @_bits_option(4)
 @click.option("--group-size", type=int, default=128, show_default=True, help="Inputs per group; -1 per channel.")

@@ -42,8 +42,7 @@ def read_text(source: str | os.PathLike, split: str = "train") -> str:
             raise EdgequantError(f"no .txt or .raw files in {p}; pass a text file")
         return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
     if not p.is_file():
-        raise EdgequantError(f"data file not found: {source}; pass a text file"
-                             + (f" or one of {', '.join(DATASET_NAMES)}" if DATASET_NAMES else ""))
+        raise EdgequantError(f"data file not found: {source}; pass a text file or one of {', '.join(DATASET_NAMES)}")
     return p.read_text(encoding="utf-8", errors="replace")
 
 
@@ -57,8 +56,7 @@ def eval_text(source: str | os.PathLike) -> str:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    return ids
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
 
 def calibration_samples(tokenizer, source, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -69,6 +67,11 @@ def calibration_samples(tokenizer, source, nsamples: int = 128, seqlen: int = 20
     if len(ids) <= seqlen:
         raise EdgequantError(f"calibration text has {len(ids)} tokens, fewer than --seqlen {seqlen}; "
                              "use more text or a smaller --seqlen")
+    return random_windows(ids, nsamples, seqlen, seed)
+
+
+def random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """[nsamples, seqlen] windows of `ids` at offsets drawn reproducibly from `seed`."""
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seqlen, (nsamples,), generator=g)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

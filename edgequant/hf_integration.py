@@ -26,9 +26,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import pack
 from .checkpoint import QUANT_METHOD
 from .errors import CheckpointError
-from .quantizer import dequantize_int, expand_groups
+from .quantizer import QuantizedWeight
 from .schemes import QuantScheme
-
 
 
 class EdgequantConfig(QuantizationConfigMixin):
@@ -71,14 +70,11 @@ class EdgequantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight [N, K], computed exactly as `QuantizedWeight.dequantize` computes it."""
-        s, k = self.scheme, self.in_features
-        q = pack.unpack_torch(self.qweight, s.bits, k).float()
+        s = self.scheme
         scale = self.scales.float()
         zero = self.zeros.float() if not s.sym else torch.full_like(scale, float(s.sym_zero))
-        w = dequantize_int(q, expand_groups(scale, s, k), expand_groups(zero, s, k))
-        if hasattr(self, "outlier_idx"):
-            w[:, self.outlier_idx.long()] = self.outlier_weight.float()
-        return w
+        return QuantizedWeight(pack.unpack_torch(self.qweight, s.bits, self.in_features).float(), scale, zero, s,
+                               getattr(self, "outlier_idx", None), getattr(self, "outlier_weight", None)).dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .models.family import Dims
+
 DEFAULT_CONTEXT = 4096      # the KV-cache length `edgequant run/bench` allocate unless told (capped by the model's)
 PREFILL_CHUNK = 256         # tokens per prefill call in exported libraries (export/build.py records it per DIST)
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1, "int8": 1}
@@ -37,9 +39,8 @@ class Shapes:
 
     @classmethod
     def from_hf_config(cls, c: dict) -> "Shapes":
-        heads = int(c["num_attention_heads"])
-        return cls(int(c["num_hidden_layers"]), int(c["hidden_size"]), int(c["intermediate_size"]), heads,
-                   int(c.get("num_key_value_heads") or heads), int(c.get("head_dim") or c["hidden_size"] // heads),
+        d = Dims.from_config(c)   # the family module owns how a config implies kv heads and head_dim
+        return cls(int(c["num_hidden_layers"]), d.hidden, d.intermediate, d.heads, d.kv_heads, d.head_dim,
                    int(c["vocab_size"]), int(c.get("max_position_embeddings") or DEFAULT_CONTEXT))
 
     @classmethod

@@ -127,13 +127,11 @@ def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tr
 @register_method("owq", needs_calibration=True, summary="OWQ: sensitive weak columns kept in fp16, GPTQ on the rest",
                  config=OWQConfig, title="OWQ")
 def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
-    from .calibrate.blocks import get_module
     from .calibrate.owq import weak_column_counts
     from .models import family_for
 
     family = family_for(model.config.model_type)
-    block0 = get_module(model, family.layer_prefix(0))
-    in_features = {kind: get_module(block0, kind).in_features for kind in family.linear_names}
+    in_features = {kind: k for kind, (_, k) in family.linear_shapes(model.config).items()}
     target, fixed = opts.config.target_bits, opts.config.weak_columns
     if fixed is not None:
         counts = {kind: min(fixed, k) for kind, k in in_features.items()}

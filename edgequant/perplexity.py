@@ -45,8 +45,6 @@ def evaluate(model, windows: torch.Tensor, reference=None, device="cpu", progres
             lp, lq = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
             kl += float((lp.exp() * (lp - lq)).sum())
             agree += int((ref.argmax(-1) == logits.argmax(-1)).sum())
-    res = EvalResult(math.exp(nll / count), n, seqlen, count)
-    if reference is not None:
-        res.kl_divergence = kl / count
-        res.top1_agreement = agree / count
-    return res
+    ref = reference is not None
+    return EvalResult(math.exp(nll / count), n, seqlen, count, kl / count if ref else None,
+                      agree / count if ref else None)

@@ -12,6 +12,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 from .errors import EdgequantError
@@ -36,8 +37,7 @@ class Point:
 
 def method_of(text: str) -> str:
     """'gptq act-order=True' -> 'gptq'; unknown names are kept whole."""
-    head = str(text).split()[0].lower() if str(text).split() else "?"
-    return head
+    return str(text).split()[0].lower() if str(text).split() else "?"
 
 
 # --------------------------------------------------------------------------------------------------- sources
@@ -115,11 +115,9 @@ def table_points(path, x: str = "bits_per_weight", y: str = "perplexity", group:
     return points, baselines
 
 
-def _recorded(prov: dict, data: str | None) -> dict | None:
-    """The newest perplexity recorded in edgequant.json (for `data` when given)."""
+def _recorded(prov: dict) -> dict | None:
+    """The newest perplexity recorded in edgequant.json."""
     recs = [r for r in prov.get("evaluations") or [] if isinstance(r, dict) and _number(r.get("perplexity"))]
-    if data is not None:
-        recs = [r for r in recs if Path(str(r.get("data", ""))).name == Path(str(data)).name]
     return recs[-1] if recs else None
 
 
@@ -130,7 +128,7 @@ def checkpoint_points(checkpoints, data=None, seqlen: int = 2048, max_windows: i
     points = []
     for ck in checkpoints:
         info = api.inspect(ck)
-        rec = _recorded(open_checkpoint(ck).provenance, None)
+        rec = _recorded(open_checkpoint(ck).provenance)
         if rec is not None and data is None:
             ppl, src = float(rec["perplexity"]), (f"recorded: {Path(str(rec.get('data'))).name}, "
                                                   f"{rec.get('windows')}x{rec.get('seqlen')}")
@@ -169,13 +167,10 @@ def draw(points: list[Point], baselines: list[tuple[str, float]], out, title: st
     out = _png_path(out)
     hidden = [p for p in points if max_y is not None and p.y > max_y]
     points = [p for p in points if p not in hidden]
-    seen, uniq = set(), []
+    firsts = {}
     for label, v in baselines:   # the same baseline saved beside several tables is drawn once
-        key = (label.split(" (")[0], round(v, 3))
-        if key not in seen:
-            seen.add(key)
-            uniq.append((label, v))
-    baselines = uniq
+        firsts.setdefault((label.split(" (")[0], round(v, 3)), (label, v))
+    baselines = list(firsts.values())
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     ys = [p.y for p in points] + [b for _, b in baselines]
     if max(ys) / max(min(ys), 1e-12) > 20:
@@ -186,11 +181,7 @@ def draw(points: list[Point], baselines: list[tuple[str, float]], out, title: st
         srcs = sorted({p.source for p in mine})
         ax.scatter([p.x for p in mine], [p.y for p in mine], marker=MARKERS.get(m, "v"), s=46, color=f"C{i}",
                    label=f"{m} ({'; '.join(srcs)})", zorder=3, alpha=0.85)
-        best = {}
-        for p in mine:
-            if p.x not in best or p.y < best[p.x].y:
-                best[p.x] = p
-        front = [best[k] for k in sorted(best)]
+        front = [min(same_x, key=lambda p: p.y) for _, same_x in groupby(mine, key=lambda p: p.x)]   # best per x
         ax.plot([p.x for p in front], [p.y for p in front], color=f"C{i}", linewidth=0.8, alpha=0.6, zorder=2)
         for p in front:
             ax.annotate(p.tag, (p.x, p.y), textcoords="offset points", xytext=(5, -9 + 6 * (i % 3)),

@@ -54,12 +54,6 @@ class QuantScheme:
     def packed_words(self, k: int) -> int:
         return math.ceil(k / self.values_per_word)
 
-    def storage_bits_per_weight(self, k: int) -> float:
-        """Bits on disk per weight of a K-wide row: packed words, fp16 scales, uint8 zero points."""
-        words = self.packed_words(k) * 32
-        meta = self.groups(k) * (16 + (0 if self.sym else 8))
-        return (words + meta) / k
-
     @property
     def name(self) -> str:
         g = "" if self.group_size == -1 else f"g{self.group_size}"

@@ -68,10 +68,7 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
     check_runs_here(dist)
     r = Runner(dist)
     tok = r.tokenizer
-    if chat_template and getattr(tok, "chat_template", None):
-        ids = _apply_template(tok, [{"role": "user", "content": prompt}], r.dist)
-    else:
-        ids = tok(prompt)["input_ids"]
+    ids = _encode(tok, [{"role": "user", "content": prompt}], r.dist) if chat_template else tok(prompt)["input_ids"]
     stream = _Detokenizer(tok, on_text)
     st = r.generate(list(ids), max_new_tokens, temperature, top_p, seed, r.stop_ids(), stream.push)
     return {"prompt_tokens": st.prompt_tokens, "tokens": st.tokens, "text": tok.decode(st.tokens, skip_special_tokens=True),
@@ -99,12 +96,6 @@ def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float
     r = Runner(dist)
     tok = r.tokenizer
     note = note or write
-
-    def encode(turns):
-        if getattr(tok, "chat_template", None):
-            return _apply_template(tok, turns, r.dist)
-        return tok("\n".join(m["content"] for m in turns))["input_ids"]
-
     history = []
     while True:
         try:
@@ -114,10 +105,10 @@ def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float
         if not line.strip():
             break
         history.append({"role": "user", "content": line})
-        ids = encode(history)
+        ids = _encode(tok, history, r.dist)
         if len(ids) + max_new_tokens > r.max_len:  # forget the oldest turns when the cache would overflow
             history = history[-1:]
-            ids = encode(history)
+            ids = _encode(tok, history, r.dist)
         stream = _Detokenizer(tok, lambda s: write(s, end="", flush=True))
         try:
             st = r.generate(list(ids), max_new_tokens, temperature, top_p, seed, r.stop_ids(), stream.push)
@@ -175,6 +166,13 @@ def evaluate(dist, data, seqlen: int = 2048, max_windows: int | None = None, pro
     res["time_s"] = round(time.time() - t0, 2)
     res["runtime"] = f"tvm ({r.info['target']})"
     return res
+
+
+def _encode(tok, turns, dist) -> list[int]:
+    """Token ids of chat turns: the tokenizer's chat template, else the messages one per line."""
+    if getattr(tok, "chat_template", None):
+        return _apply_template(tok, turns, dist)
+    return tok("\n".join(m["content"] for m in turns))["input_ids"]
 
 
 class _Detokenizer:

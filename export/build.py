@@ -45,6 +45,10 @@ def _add_metadata(mod, meta: dict):
     return mod
 
 
+def _param_list(named_params) -> list[dict]:
+    return [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params]
+
+
 def _walk(mod):
     for m in mod.imports:
         yield m
@@ -64,8 +68,7 @@ def build_module(source, preset, arch=None, system_lib_prefix=None):
     meta = {"model_type": source.arch.model_type, "quantization": source.quantization,
             "context_window_size": source.arch.context_window, "prefill_chunk_size": PREFILL_CHUNK,
             "sliding_window_size": -1, "attention_sink_size": -1, "tensor_parallel_shards": 1,
-            "kv_state_kind": "kv_cache",
-            "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params]}
+            "kv_state_kind": "kv_cache", "params": _param_list(named_params)}
     mod = _add_metadata(mod, meta)
     functions = sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function))
     if preset.system_lib:
@@ -93,7 +96,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
         raise EdgequantError(f"--system-lib-prefix {system_lib_prefix!r} must be a C identifier (letters, digits, "
                              "underscores; not starting with a digit), e.g. mymodel_")
     source = open_source(checkpoint, preset.packing3, preset.zeros_packed)
-    if source.path.is_dir() and not any((source.path / n).is_file() for n in TOKENIZER_VOCABS):
+    if not any((source.path / n).is_file() for n in TOKENIZER_VOCABS):
         raise EdgequantError(f"{source.path} has no tokenizer (tokenizer.json or tokenizer.model); `run`, `chat` and "
                              "`eval` of the DIST need it: save the model's tokenizer into that folder and export again")
     out = Path(output or f"{Path(str(checkpoint)).name}-{target}").expanduser().resolve()
@@ -108,19 +111,15 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
         t_compile = time.time() - t0
         _log(progress, f"compiled in {t_compile:.1f}s")
         with atomic_output_dir(out, marker=EXPORT_JSON) as tmp:
-            library, link_note = preset.library, None
+            library, link_note, cc = preset.library, None, None
             if preset.name == "cpu-arm64":
                 # a shared library for aarch64 needs an aarch64 linker; without one ship the objects (lib.tar)
                 cc = shutil.which("aarch64-linux-gnu-g++") or shutil.which("aarch64-linux-gnu-gcc")
-                if cc:
-                    _export_library(ex, tmp / library, cc=cc)
-                else:
+                if not cc:
                     library = "lib.tar"
                     link_note = "no aarch64 linker here: on the target run `tar xf lib.tar && g++ -shared -o lib.so *.o`"
                     _log(progress, link_note)
-                    _export_library(ex, tmp / library)
-            else:
-                _export_library(ex, tmp / library)
+            _export_library(ex, tmp / library, **({"cc": cc} if cc else {}))
             cuda = None
             if preset.name == "cuda":
                 from .cuda import compile_fatbin
@@ -141,7 +140,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
                 "cuda": cuda, "source": str(source.path), "quantization": source.quantization,
                 "packing3": preset.packing3, "zeros_packed": preset.zeros_packed,
                 "model": {**source.arch.__dict__}, "functions": functions,
-                "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params],
+                "params": _param_list(named_params),
                 "weight_bytes": weight_bytes, "prefill_chunk_size": PREFILL_CHUNK,
                 "build_time_s": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
@@ -167,8 +166,7 @@ def _default_prefix(source) -> str:
     return f"{s}_"
 
 
-def _copy_tokenizer(src: Path, dst: Path):
-    folder = src if src.is_dir() else src.parent
+def _copy_tokenizer(folder: Path, dst: Path):
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
             shutil.copy2(folder / name, dst / name)
@@ -176,8 +174,7 @@ def _copy_tokenizer(src: Path, dst: Path):
 
 def _mlc_chat_config(source, meta) -> dict:
     c, a = source.config, source.arch
-    gen = {}
-    folder = source.path if source.path.is_dir() else source.path.parent
+    gen, folder = {}, source.path
     if (folder / "generation_config.json").is_file():
         gen = json.loads((folder / "generation_config.json").read_text())
     return {

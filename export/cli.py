@@ -55,9 +55,8 @@ def run_cmd(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_templat
             started.append(True)
             click.echo(prompt, nl=False)
         click.echo(s, nl=False)
-    if as_json:
-        sink = None
-    res = api.run(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_template, on_text=sink)
+    res = api.run(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_template,
+                  on_text=None if as_json else sink)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:

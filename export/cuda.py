@@ -18,6 +18,9 @@ import tempfile
 from pathlib import Path
 
 from edgequant.errors import EdgequantError
+from edgequant.loading import cache_dir
+
+from .targets import CUDA_DEFAULT_ARCHS
 
 FATBIN = "kernels.fatbin"
 
@@ -72,8 +75,8 @@ def install_loader(dist: Path, record: dict | None):
             print(f"warning: CUDA source hash {h[:12]} differs from the exported {str(want)[:12]}; using the "
                   "shipped fatbin anyway", file=sys.stderr)
             return bytearray(fatbin.read_bytes())
-        cache = Path(os.environ.get("EDGEQUANT_CACHE", Path.home() / ".cache" / "edgequant")) / "cuda" / f"{h}.fatbin"
+        cache = cache_dir() / "cuda" / f"{h}.fatbin"
         if not cache.is_file():
             cache.parent.mkdir(parents=True, exist_ok=True)
-            _nvcc(code, record["archs"] if record else ["sm_80", "sm_90"], cache)
+            _nvcc(code, record["archs"] if record else list(CUDA_DEFAULT_ARCHS), cache)
         return bytearray(cache.read_bytes())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgequant.checkpoint import EXPORT_JSON
+from edgequant.checkpoint import EXPORT_JSON, _is_count as _int, _is_shape as _shape
 from edgequant.errors import EdgequantError
 from edgequant.memory import DEFAULT_CONTEXT, Shapes, kv_bytes
 from edgequant.models import Dims, family_for
@@ -44,14 +44,6 @@ def inside(folder: Path, name, f: Path, field: str) -> Path:
         raise EdgequantError(f"{f} names {name!r} as its {field}, which is not a file inside {folder}; refusing "
                              f"to open it; {_FIX}")
     return p
-
-
-def _int(v, lo=0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
-def _shape(v) -> bool:
-    return isinstance(v, list) and all(_int(x) for x in v)
 
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')

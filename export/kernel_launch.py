@@ -104,9 +104,8 @@ def lower(func, target) -> Lowered:
     build = importlib.import_module("tvm.tirx.build")   # the name tvm.tirx.build is the function
 
     name = "main"
-    params = []
-    for p in func.params:     # tvm 0.27: buffer parameters are Vars of BufferType (name, shape, dtype)
-        params.append((p.name, tuple(p.shape), str(p.dtype)))
+    # tvm 0.27: buffer parameters are Vars of BufferType (name, shape, dtype)
+    params = [(p.name, tuple(p.shape), str(p.dtype)) for p in func.params]
     mod = tvm.IRModule({name: func.with_attr("global_symbol", name)})
     mod = tirx.transform.BindTarget(target.with_host(target.host or "llvm"))(mod)
     pipeline, _, finalize_device = tvm.tirx.get_default_tir_pipeline(target)

@@ -134,11 +134,10 @@ class CheckpointSource(WeightSource):
         if leaf == "weight":  # unquantized member linears
             t = ck.read([f"{s}.weight" for s in plan.sources])
             return np.concatenate([t[f"{s}.weight"].astype(np.float16) for s in plan.sources], axis=0)
-        if leaf == "bias":
-            out = []
-            for s, n in zip(plan.sources, plan.rows):
-                out.append(ck.read([f"{s}.bias"])[f"{s}.bias"] if f"{s}.bias" in ck.files else np.zeros(n, np.float16))
-            return np.concatenate(out).astype(np.float16)
+        if leaf == "bias":   # zeros for the members without one
+            t = ck.read([f"{s}.bias" for s in plan.sources if f"{s}.bias" in ck.files])
+            return np.concatenate([t.get(f"{s}.bias", np.zeros(n, np.float16))
+                                   for s, n in zip(plan.sources, plan.rows)]).astype(np.float16)
         if leaf == "outlier_idx":
             return plan.outlier_idx
         if leaf == "outlier_weight":

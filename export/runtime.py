@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgequant.api import load_tokenizer as _tokenizer
 from edgequant.errors import EdgequantError, first_line
 
 from .dist import (EXPORT_JSON, check_elf, check_tensor_cache, kv_cache_bytes, kv_cache_len,  # noqa: F401
@@ -115,7 +116,8 @@ class Runner:
         self._end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
         self._tvm = tvm
         self._active = False
-        self.tokenizer = self._load_tokenizer() if load_tokenizer else None
+        self.tokenizer = _tokenizer(self.dist, "export the model again from a folder that has its tokenizer") \
+            if load_tokenizer else None
 
     def _check_metadata(self, meta, lib: Path):
         """edgequant-export.json must describe the library it names: its parameters, context and chunk sizes (the
@@ -143,13 +145,6 @@ class Runner:
         except Exception:  # noqa: BLE001 - TVM's error for a missing function
             return False
 
-    def _load_tokenizer(self):
-        from transformers import AutoTokenizer
-        try:
-            return AutoTokenizer.from_pretrained(str(self.dist))
-        except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing/bad tokenizer
-            raise EdgequantError(f"cannot load the tokenizer saved in {self.dist} ({first_line(e, 200)}); export the "
-                                 "model again from a folder that has its tokenizer") from None
 
     # ----------------------------------------------------------------------------------------- low level
     def _embed(self, ids):

@@ -97,7 +97,7 @@ def parse_archs(arch: str | None) -> list[str]:
     return out
 
 
-def tvm_target(preset: TargetPreset, arch: str | None = None, system_lib_prefix: str | None = None):
+def tvm_target(preset: TargetPreset, arch: str | None = None):
     """The tvm.target.Target for a preset (imports tvm: call only at export time)."""
     import tvm
     d = dict(preset.target)
@@ -108,10 +108,6 @@ def tvm_target(preset: TargetPreset, arch: str | None = None, system_lib_prefix:
     if preset.name == "cuda":
         # the kernels are compiled once per arch into one fatbin; the target's own arch is the lowest one
         d["arch"] = sorted(parse_archs(arch), key=lambda a: int(a[3:]))[0]
-    if preset.system_lib and system_lib_prefix:
-        host = dict(d.get("host", {"kind": "llvm"}))
-        host["system-lib-prefix"] = system_lib_prefix
-        d["host"] = host
     return tvm.target.Target(d)
 
 

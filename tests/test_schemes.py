@@ -24,12 +24,6 @@ def test_invalid_schemes_are_refused(kw):
         QuantScheme(**kw)
 
 
-def test_storage_bits():
-    assert QuantScheme(4, 128).storage_bits_per_weight(4096) == pytest.approx(4 + 24 / 128)
-    assert QuantScheme(3, 128).storage_bits_per_weight(4096) == pytest.approx(32 * 410 / 4096 + 24 / 128)
-    assert QuantScheme(4, 128, sym=True).storage_bits_per_weight(4096) == pytest.approx(4 + 16 / 128)
-
-
 @pytest.mark.parametrize("name", sorted(SCHEMES))
 def test_checkpoint_config_round_trips_the_scheme(name, tmp_path):
     import json

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgequant import pack
 from edgequant.schemes import QuantScheme
 
 LAYOUTS = ("words", "planes3", "words3x32")
@@ -97,10 +98,7 @@ def unpack_np(qweight: np.ndarray, bits: int, k: int, layout: str = "words") -> 
         return _unpack_planes3_np(qweight, k)
     if layout == "words3x32":
         return _unpack_w3x32_np(qweight, k)
-    vpw = 32 // bits
-    shifts = np.arange(vpw, dtype=np.uint32) * np.uint32(bits)
-    vals = (qweight[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
-    return vals.reshape(qweight.shape[0], -1)[:, :k]
+    return pack.unpack(qweight, bits, k)
 
 
 def _plane_shifts(values_per_word: int) -> np.ndarray:

@@ -191,18 +191,16 @@ class LlamaForCausalLM(nn.Module):
             enable_disaggregation=False, dtype="float16", target=self.target)
 
     def get_default_spec(self):
-        h = self.c.hidden_size
         packed = {"param_mode": "packed", "effect_mode": "none"}
-        kv = nn.spec.Object(object_type=PagedKVCache)
+
+        def step(seq):   # embeddings of `seq` tokens of one sequence through the blocks and the cache
+            return {"input_embed": nn.spec.Tensor([1, seq, self.c.hidden_size], "float16"),
+                    "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache), "$": packed}
         return {
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
-            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", h], "float16"), "paged_kv_cache": kv,
-                        "$": packed},
-            "prefill_logits": {"input_embed": nn.spec.Tensor([1, "seq_len", h], "float16"), "paged_kv_cache": kv,
-                               "$": packed},
+            "prefill": step("seq_len"), "prefill_logits": step("seq_len"),
             # one sequence per step, as MLC's `decode` (a static row lets the GEMV schedules apply)
-            "decode": {"input_embed": nn.spec.Tensor([1, 1, h], "float16"), "paged_kv_cache": kv,
-                       "$": packed},
+            "decode": step(1),
             "create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                                       "page_size": int, "support_sliding_window": int,
                                       "$": {"param_mode": "none", "effect_mode": "none"}},
