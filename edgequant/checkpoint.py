@@ -87,7 +87,9 @@ def read_scheme(f: Path, qc: dict) -> QuantScheme:
     for key, ok, want in (("pack", lambda v: v == PACK, repr(PACK)),
                           ("values_per_word", lambda v: v == scheme.values_per_word, str(scheme.values_per_word)),
                           ("lm_head", lambda v: v is False, "false (lm_head is kept in fp16)"),
-                          ("method", lambda v: v in METHODS, "one of " + ", ".join(METHODS))):
+                          # a composition is written with '+' (e.g. rtn+owq)
+                          ("method", lambda v: isinstance(v, str) and all(m in METHODS for m in v.split("+")),
+                           "one of " + ", ".join(METHODS) + " (or several joined by '+')")):
         if key in qc and not ok(qc[key]):
             raise CheckpointError(f"{f}: quantization_config.{key} is {qc[key]!r}, edgequant writes {want}; "
                                   "restore the config.json written by `edgequant quantize`")

@@ -67,6 +67,7 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
     from edgequant.export.runtime import Runner
     from test_export_parity import add_outlier_columns
     monkeypatch.setattr(export_llama, "DECODE_GEMV_TWIN_ON_CPU", True)
+    monkeypatch.setenv("EDGEQUANT_ACT_DTYPE", "fp16")   # prefill exact too (the cpu default now quantizes activations)
     monkeypatch.setitem(targets.PRESETS, "cpu", dataclasses.replace(targets.PRESETS["cpu"], packing3="words3x32"))
     hf = tmp_path / "hf"
     from transformers import AutoModelForCausalLM
