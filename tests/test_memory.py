@@ -52,8 +52,14 @@ def _fake_dist(folder, target, weight_bytes):
     (folder / "lib.tar").write_bytes(b"")
     model = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30, "num_heads": 9,
              "num_kv_heads": 3, "head_dim": 64, "context_window": 8192}
-    info = {"target": target, "device": "metal", "library": "lib.tar", "prefill_chunk_size": 256,
-            "weight_bytes": weight_bytes, "model": model, "params": []}
+    # what the DIST reader checks the model block against: the embedding's shape and one tensor per layer
+    params = [{"name": "model.embed_tokens.weight", "shape": [49152, 576], "dtype": "float16"}] + [
+        {"name": f"model.layers.{i}.input_layernorm.weight", "shape": [576], "dtype": "float16"} for i in range(30)]
+    from edgequant.export.dist import RUNNER_FUNCTIONS
+    import tvm
+    info = {"format_version": 1, "target": target, "device": "metal", "library": "lib.tar", "prefill_chunk_size": 256,
+            "tvm_version": tvm.__version__, "functions": list(RUNNER_FUNCTIONS), "weight_bytes": weight_bytes,
+            "model": model, "params": params}
     (folder / "edgequant-export.json").write_text(json.dumps(info))
     return folder
 
