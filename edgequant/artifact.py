@@ -176,7 +176,7 @@ def open_checkpoint(path, config: dict | None = None) -> Checkpoint:
     if (p / PROVENANCE_NAME).is_file():
         try:
             prov = json.loads((p / PROVENANCE_NAME).read_text())
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
             prov = {}
         if not isinstance(prov, dict):   # provenance is informative only: a damaged one is ignored, not fatal
             prov = {}

@@ -47,7 +47,7 @@ def read_config(folder: Path) -> dict:
     f = Path(folder) / "config.json"
     try:
         config = json.loads(f.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{f} is not valid JSON ({first_line(e)}); restore it or re-run `edgequant "
                               "quantize`") from None
     if not isinstance(config, dict):
@@ -169,7 +169,7 @@ def tensor_headers(f: Path) -> dict:
             if n <= 0 or n > min(size - 8, 100 << 20):
                 raise ValueError("header length out of range")
             header = json.loads(fh.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{f.name} is corrupt or truncated ({first_line(e)}); re-run `edgequant quantize` "
                               "to rewrite the checkpoint") from None
     if not isinstance(header, dict):
@@ -216,7 +216,7 @@ def weight_files(p: Path) -> dict[str, Path]:
     if (p / INDEX_NAME).is_file():
         try:
             wm = json.loads((p / INDEX_NAME).read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{INDEX_NAME} is damaged ({first_line(e)}); re-run `edgequant quantize`") from None
         if not isinstance(wm, dict):
             raise CheckpointError(f"{INDEX_NAME} is damaged (weight_map is not an object); re-run `edgequant quantize`")
@@ -307,7 +307,7 @@ def record_evaluation(path, entry: dict) -> None:
     p = Path(path).expanduser() / PROVENANCE_NAME
     try:
         prov = json.loads(p.read_text()) if p.is_file() else {}
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         prov = {}
     if not isinstance(prov, dict):
         prov = {}

@@ -17,4 +17,7 @@ def inside_folder(folder: Path, name) -> Path | None:
     if rel.is_absolute() or ".." in rel.parts:
         return None
     p = folder / rel
-    return p if p.resolve().is_relative_to(folder.resolve()) else None
+    try:
+        return p if p.resolve().is_relative_to(folder.resolve()) else None
+    except (OSError, RuntimeError):   # a symlink loop (RuntimeError before Python 3.13) names nothing usable
+        return None

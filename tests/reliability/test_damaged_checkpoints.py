@@ -85,8 +85,22 @@ def _token_ids_past_the_vocabulary(d):
     edit_json(d / "tokenizer.json", f)
 
 
+def _deep(name):
+    """JSON nested 100,000 levels deep: a recursive parser's stack overflows (issue 15's second re-run)."""
+    return lambda d: (d / name).write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _deep_header(d):
+    h = b'{"__metadata__":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    h += b" " * (-len(h) % 8)
+    (d / "model.safetensors").write_bytes(len(h).to_bytes(8, "little") + h)
+
+
 # name: (damage, words the one-line error must contain)
 CASES = {
+    "config_nested_deep": (_deep("config.json"), ["config.json"]),
+    "index_nested_deep": (_deep("model.safetensors.index.json"), ["model.safetensors.index.json"]),
+    "header_nested_deep": (_deep_header, ["model.safetensors"]),
     # issue 15's re-run: 10**9 layers grew memory without end; the other fields were accepted silently
     "num_hidden_layers_1e9": (_cfg("num_hidden_layers", 10 ** 9), ["num_hidden_layers", "2 layers"]),
     "max_position_embeddings_negative": (_cfg("max_position_embeddings", -1), ["max_position_embeddings"]),

@@ -120,6 +120,8 @@ CASES = {
     "tensor_cache_a_list": (lambda d: (d / CACHE).write_text("[]"), [CACHE]),
     "tensor_cache_missing": (lambda d: (d / CACHE).unlink(), [CACHE]),
     "library_random_bytes": (lambda d: (d / "lib.so").write_bytes(os.urandom(4096)), ["lib.so"]),
+    # the second re-run of issue 15: a symlink loop raised a traceback while its path was resolved
+    "library_symlink_loop": (lambda d: ((d / "lib.so").unlink(), os.symlink("lib.so", d / "lib.so")), ["library"]),
     "export_json_a_list": (lambda d: (d / EXPORT).write_text("[]"), [EXPORT]),
     "export_json_without_params": (_pop("params"), ["params"]),
     "export_json_bad_vocab": (lambda d: edit_json(d / EXPORT, lambda i: i["model"].__setitem__("vocab_size", -1)),
