@@ -293,26 +293,23 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
     return "\n".join(S) + "\n"
 
 
-def _chunk(spec: QuantSpec, isa: str, Lc: int, start: str, acc: str, gscale, ind: str) -> list[str]:
-    """Statements for one chunk of Lc words from word `start` of row nn: integer dots, then `acc` += their scaled sum.
-    The chunk's activations sit at byte start * P * 4 in the order [part j][lane][byte i]. NEON registers hold 4
-    lanes: `sdot` runs the integer part in 4-lane steps over the same layout (lanes h0..h0+3 of part j are 16
-    contiguous bytes), so the int32 sums and everything after them are those of the x86 kernel."""
+def _weight_codes(spec: QuantSpec, isa: str, Lc: int, start: str, ind: str):
+    """The loads of a chunk of Lc words from word `start` of row nn (statements), and for each 4-lane (sdot) or
+    Lc-lane step h0 and each part j the expression of its unsigned codes, as (h0, j, W, code)."""
     planes = spec.layout == "planes3"
-    P = _parts(spec)
     mask = {4: 0x0F0F0F0F, 2: 0x03030303, 3: 0x03030303}[spec.bits]
     Lr = f"T.ramp(0, 1, {Lc})"
-    S = [f"{ind}wq[{Lr}] = qweight[nn, T.ramp({start}, 1, {Lc})]",
-         f"{ind}ia[{Lr}] = T.broadcast(0, {Lc})"]
+    S = [f"{ind}wq[{Lr}] = qweight[nn, T.ramp({start}, 1, {Lc})]"]
     if planes:  # lanes 2m and 2m+1 (lo-plane words) take their third bit from the same 1-bit-plane word
         # one load of Lc/2 words and a lane shuffle (an index vector of ramp // 2 becomes a gather)
         dup = ", ".join(str(lane // 2) for lane in range(Lc))
         half = f"qweight[nn, T.ramp({spec.lo_words} + ({start}) // 2, 1, {Lc // 2})]"
         S.append(f"{ind}hq[{Lr}] = T.Shuffle([{half}, {half}], [{dup}])")  # two inputs: Lc lanes to pick from
     W = 4 if isa == "sdot" else Lc
+    codes = []
     for h0 in range(0, Lc, W):
         Lh = f"T.ramp({h0}, 1, {W})"
-        for j in range(P):
+        for j in range(_parts(spec)):
             code = (f"T.bitwise_and(T.shift_right(wq[{Lh}], T.broadcast(T.uint32({j * (2 if planes else spec.bits)}), "
                     f"{W})), T.broadcast(T.uint32({mask}), {W}))")
             if planes:
@@ -322,8 +319,23 @@ def _chunk(spec: QuantSpec, isa: str, Lc: int, start: str, acc: str, gscale, ind
                 hi = (f"T.shift_left(T.bitwise_and(T.shift_right(hq[{Lh}], {hs}), "
                       f"T.broadcast(T.uint32(0x01010101), {W})), T.broadcast(T.uint32(2), {W}))")
                 code = f"T.bitwise_or({code}, {hi})"
-            act = f"xq[T.ramp(({start}) * {P * 4} + {j * 4 * Lc + 4 * h0}, 1, {4 * W})]"
-            S.append(f"{ind}ia[{Lh}] = {_dot(isa, W, f'ia[{Lh}]', code, act)}")
+            codes.append((h0, j, W, code))
+    return S, codes
+
+
+def _chunk(spec: QuantSpec, isa: str, Lc: int, start: str, acc: str, gscale, ind: str) -> list[str]:
+    """Statements for one chunk of Lc words from word `start` of row nn: integer dots, then `acc` += their scaled sum.
+    The chunk's activations sit at byte start * P * 4 in the order [part j][lane][byte i]. NEON registers hold 4
+    lanes: `sdot` runs the integer part in 4-lane steps over the same layout (lanes h0..h0+3 of part j are 16
+    contiguous bytes), so the int32 sums and everything after them are those of the x86 kernel."""
+    P = _parts(spec)
+    Lr = f"T.ramp(0, 1, {Lc})"
+    S, codes = _weight_codes(spec, isa, Lc, start, ind)
+    S.append(f"{ind}ia[{Lr}] = T.broadcast(0, {Lc})")
+    for h0, j, W, code in codes:
+        Lh = f"T.ramp({h0}, 1, {W})"
+        act = f"xq[T.ramp(({start}) * {P * 4} + {j * 4 * Lc + 4 * h0}, 1, {4 * W})]"
+        S.append(f"{ind}ia[{Lh}] = {_dot(isa, W, f'ia[{Lh}]', code, act)}")
     S.append(f'{ind}{acc}[{Lr}] = {acc}[{Lr}] + T.Cast("float32x{Lc}", ia[{Lr}]) * '
              f'xsw[T.ramp({start}, 1, {Lc})] * {gscale(Lc, start)}')
     return S
@@ -438,32 +450,15 @@ def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
 def _chunk_rows(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gscale, ind: str) -> list[str]:
     """`_chunk` for GEMM_ROWS activation rows rb * R + ri: the chunk's codes once, then each row's dots; row ri's
     int32 sums in ia[ri * L ...], its fp32 partial sums in acc[ri * Lc ...]."""
-    planes = spec.layout == "planes3"
     P, R, k = _parts(spec), GEMM_ROWS, spec.k
-    mask = {4: 0x0F0F0F0F, 2: 0x03030303, 3: 0x03030303}[spec.bits]
-    Lr = f"T.ramp(0, 1, {Lc})"
-    S = [f"{ind}wq[{Lr}] = qweight[nn, T.ramp({start}, 1, {Lc})]",
-         f"{ind}ia[T.ramp(0, 1, {R * L})] = T.broadcast(0, {R * L})"]
-    if planes:
-        dup = ", ".join(str(lane // 2) for lane in range(Lc))
-        half = f"qweight[nn, T.ramp({spec.lo_words} + ({start}) // 2, 1, {Lc // 2})]"
-        S.append(f"{ind}hq[{Lr}] = T.Shuffle([{half}, {half}], [{dup}])")
-    W = 4 if isa == "sdot" else Lc
-    for h0 in range(0, Lc, W):
-        Lh = f"T.ramp({h0}, 1, {W})"
-        for j in range(P):
-            code = (f"T.bitwise_and(T.shift_right(wq[{Lh}], T.broadcast(T.uint32({j * (2 if planes else spec.bits)}), "
-                    f"{W})), T.broadcast(T.uint32({mask}), {W}))")
-            if planes:
-                hs = f'T.Cast("uint32x{W}", T.ramp(0, 1, {W}) % 2 * 2 + {4 * (j // 2) + j % 2})'
-                hi = (f"T.shift_left(T.bitwise_and(T.shift_right(hq[{Lh}], {hs}), "
-                      f"T.broadcast(T.uint32(0x01010101), {W})), T.broadcast(T.uint32(2), {W}))")
-                code = f"T.bitwise_or({code}, {hi})"
-            for ri in range(R):
-                row = f"(rb * {R} + {ri})"
-                act = f"xq[T.ramp({row} * {k} + ({start}) * {P * 4} + {j * 4 * Lc + 4 * h0}, 1, {4 * W})]"
-                Li = f"T.ramp({ri * L + h0}, 1, {W})"
-                S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
+    S, codes = _weight_codes(spec, isa, Lc, start, ind)
+    S.append(f"{ind}ia[T.ramp(0, 1, {R * L})] = T.broadcast(0, {R * L})")
+    for h0, j, W, code in codes:
+        for ri in range(R):
+            row = f"(rb * {R} + {ri})"
+            act = f"xq[T.ramp({row} * {k} + ({start}) * {P * 4} + {j * 4 * Lc + 4 * h0}, 1, {4 * W})]"
+            Li = f"T.ramp({ri * L + h0}, 1, {W})"
+            S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
     for ri in range(R):
         row = f"(rb * {R} + {ri})"
         La = f"T.ramp({ri * Lc}, 1, {Lc})"
