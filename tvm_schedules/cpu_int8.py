@@ -37,6 +37,8 @@ kernel (`dequant.py`), used for prefill, for shapes this kernel does not cover (
 """
 from __future__ import annotations
 
+import functools
+
 from .dequant import QuantSpec
 
 BLOCK = 32               # activation values per int8 scale (llama.cpp's Q8_0 block)
@@ -205,24 +207,41 @@ def _dot(isa: str, L: int, acc: str, a: str, b: str) -> str:
     return f"{acc} + {p32}"
 
 
+def _group_scale(grp_w: int, Lc: int, start: str) -> str:
+    """The fp32 group scales of Lc lane words from word `start` of row nn (groups of grp_w lane words)."""
+    if grp_w >= Lc:
+        return f'T.broadcast(T.Cast("float32", scales[nn, ({start}) // {grp_w}]), {Lc})'
+    gpc = Lc // grp_w  # groups per chunk: their scales, each repeated over its grp_w lanes
+    sv = f'T.Cast("float32x{gpc}", scales[nn, T.ramp(({start}) // {grp_w}, 1, {gpc})])'
+    return f"T.Shuffle([{', '.join([sv] * grp_w)}], [{', '.join(str(lane // grp_w) for lane in range(Lc))}])"
+
+
+def _act_position(spec: QuantSpec, kk: str) -> str:
+    """The permuted byte position of activation `kk` (see act_perm), as a TIR expression."""
+    L, n_main, tail = chunk_plan(spec)
+    mw, P, vpw = L * n_main, _parts(spec), _lane_values(spec)
+    w, r = f"({kk} // {vpw})", f"({kk} % {vpw})"
+    if spec.layout == "planes3":
+        i_, j_ = f"{r} % 8 // 2", f"({r} % 8 % 2 * 2 + {r} // 8)"
+    else:
+        i_, j_ = f"{r} // {P}", f"{r} % {P}"
+    pos = f"((({w} // {L}) * {P} + {j_}) * {L} + {w} % {L}) * 4 + {i_}"
+    if tail:
+        pos = f"T.Select({w} < {mw}, {pos}, {mw * P * 4} + ({j_} * 4 + {w} - {mw}) * 4 + {i_})"
+    return pos
+
+
 def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], name: str) -> str:
-    n, k, bits = spec.n, spec.k, spec.bits
+    n, k = spec.n, spec.k
     L, n_main, tail = chunk_plan(spec)
     mw = L * n_main
-    P = _parts(spec)                       # codes per byte of a lane word = parts per lane
-    planes = spec.layout == "planes3"
     vpw, G, NG = _lane_values(spec), spec.group_len, spec.n_groups
     row_w = k // vpw
     grp_w = G // vpw
     nb = k // BLOCK
     wpb = BLOCK // vpw                     # words per activation block
 
-    def gscale(Lc, start):
-        if grp_w >= Lc:
-            return f'T.broadcast(T.Cast("float32", scales[nn, ({start}) // {grp_w}]), {Lc})'
-        gpc = Lc // grp_w  # groups per chunk: their scales, each repeated over its grp_w lanes
-        sv = f'T.Cast("float32x{gpc}", scales[nn, T.ramp(({start}) // {grp_w}, 1, {gpc})])'
-        return f"T.Shuffle([{', '.join([sv] * grp_w)}], [{', '.join(str(lane // grp_w) for lane in range(Lc))}])"
+    gscale = functools.partial(_group_scale, grp_w)
 
     lo = ", ".join(str(d) for d in lead)
     ix = ", ".join("0" for _ in lead)
@@ -233,14 +252,7 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
     ins.append(f'y: T.Buffer(({lo}, {n}), "{out_dtype}")')
     # permuted position of activation k (see act_perm)
     kk = "(b * 32 + t)"
-    w, r = f"({kk} // {vpw})", f"({kk} % {vpw})"
-    if planes:
-        i_, j_ = f"{r} % 8 // 2", f"({r} % 8 % 2 * 2 + {r} // 8)"
-    else:
-        i_, j_ = f"{r} // {P}", f"{r} % {P}"
-    pos = f"((({w} // {L}) * {P} + {j_}) * {L} + {w} % {L}) * 4 + {i_}"
-    if tail:
-        pos = f"T.Select({w} < {mw}, {pos}, {mw * P * 4} + ({j_} * 4 + {w} - {mw}) * 4 + {i_})"
+    pos = _act_position(spec, kk)
     S = [f"@T.prim_func", f"def {name}({', '.join(ins)}):",
          '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})',
          f'    xq = T.alloc_buffer(({k},), "int8")',
@@ -362,18 +374,11 @@ def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
     n, k, R = spec.n, spec.k, GEMM_ROWS
     L, n_main, tail = chunk_plan(spec)
     mw = L * n_main
-    P = _parts(spec)
-    planes = spec.layout == "planes3"
     vpw, G, NG = _lane_values(spec), spec.group_len, spec.n_groups
     row_w, grp_w, nb = k // vpw, G // vpw, k // BLOCK
     wpb = BLOCK // vpw
 
-    def gscale(Lc, start):
-        if grp_w >= Lc:
-            return f'T.broadcast(T.Cast("float32", scales[nn, ({start}) // {grp_w}]), {Lc})'
-        gpc = Lc // grp_w
-        sv = f'T.Cast("float32x{gpc}", scales[nn, T.ramp(({start}) // {grp_w}, 1, {gpc})])'
-        return f"T.Shuffle([{', '.join([sv] * grp_w)}], [{', '.join(str(lane // grp_w) for lane in range(Lc))}])"
+    gscale = functools.partial(_group_scale, grp_w)
 
     ins = ["x_h: T.handle", f'qweight: T.Buffer(({n}, {spec.words}), "uint32")',
            f'scales: T.Buffer(({n}, {NG}), "float16")']
@@ -381,14 +386,7 @@ def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
         ins.append(f'zeros: T.Buffer(({n}, {NG}), "uint8")')
     ins.append("y_h: T.handle")
     kk = "(b * 32 + t)"
-    w, r = f"({kk} // {vpw})", f"({kk} % {vpw})"
-    if planes:
-        i_, j_ = f"{r} % 8 // 2", f"({r} % 8 % 2 * 2 + {r} // 8)"
-    else:
-        i_, j_ = f"{r} // {P}", f"{r} % {P}"
-    pos = f"((({w} // {L}) * {P} + {j_}) * {L} + {w} % {L}) * 4 + {i_}"
-    if tail:
-        pos = f"T.Select({w} < {mw}, {pos}, {mw * P * 4} + ({j_} * 4 + {w} - {mw}) * 4 + {i_})"
+    pos = _act_position(spec, kk)
     mp = f"((m + {R - 1}) // {R} * {R})"   # rows padded to whole blocks: pad rows repeat the last row, never stored
     xr = "x[0, T.min(r, m - 1), " + kk + "]"
     S = [f"@T.prim_func", f"def {name}({', '.join(ins)}):",
