@@ -124,7 +124,9 @@ def _quiet_transformers(progress: bool):
 
 def _load_for_eval(ckpt_or_model):
     """A PyTorch model from a checkpoint folder, or from an unquantized model (for baselines)."""
+    from .atomic import check_not_stranded
     from .checkpoint import kind
+    check_not_stranded(ckpt_or_model)
     if kind(ckpt_or_model) == "checkpoint":
         from .artifact import load_quantized_model
         model, ck = load_quantized_model(ckpt_or_model)
