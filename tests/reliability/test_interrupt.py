@@ -75,3 +75,15 @@ def test_sigint_early_is_one_line(tmp_path, model_dirs, startup_s, delay):
     time.sleep(2 * startup_s + delay)
     p.send_signal(signal.SIGINT)
     _check(p, out, tmp_path)
+
+
+def test_interrupted_quantize_names_its_method_and_kept_blocks(tmp_path):
+    """RTN's message spoke of OmniQuant's resume; only a method that kept finished blocks mentions them."""
+    from edgequant.api import interrupted_note, resume_state_dir
+    out = tmp_path / "q"
+    assert interrupted_note("rtn", out) == "interrupted rtn quantization; no checkpoint was written"
+    state = resume_state_dir(out)
+    state.mkdir()
+    (state / "block_0000.safetensors").write_bytes(b"x")
+    note = interrupted_note("omniquant", out)
+    assert note.startswith("interrupted omniquant quantization") and str(state) in note and "continues" in note
