@@ -47,7 +47,7 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
     from .atomic import output_lock
     out_path = Path(output).expanduser().resolve()
     with output_lock(out_path, PROVENANCE_NAME):   # before hours of calibration, not after
-        state_dir = out_path.parent / f".{out_path.name}.state"
+        state_dir = resume_state_dir(out_path)
         opts.state_dir = str(state_dir)
         if m.needs_calibration and calib is None:
             raise EdgequantError(f"--method {method} needs calibration text: pass --calib PATH")
@@ -74,6 +74,21 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
             import shutil
             shutil.rmtree(state_dir, ignore_errors=True)
         return ck
+
+
+def resume_state_dir(output) -> Path:
+    """Where a resumable method (OmniQuant) keeps its finished blocks while it writes `output`."""
+    out = Path(output).expanduser().resolve()
+    return out.parent / f".{out.name}.state"
+
+
+def interrupted_note(method: str, output) -> str:
+    """What an interrupted `quantize` left: no checkpoint, and the finished blocks only if the method keeps them."""
+    state = resume_state_dir(output)
+    if state.is_dir() and any(state.iterdir()):
+        return (f"interrupted {method} quantization; no checkpoint was written; its finished blocks are kept in "
+                f"{state} and the same command continues from there")
+    return f"interrupted {method} quantization; no checkpoint was written"
 
 
 def _check_group_size(model, scheme) -> None:
@@ -109,7 +124,9 @@ def _quiet_transformers(progress: bool):
 
 def _load_for_eval(ckpt_or_model):
     """A PyTorch model from a checkpoint folder, or from an unquantized model (for baselines)."""
+    from .atomic import check_not_stranded
     from .checkpoint import kind
+    check_not_stranded(ckpt_or_model)
     if kind(ckpt_or_model) == "checkpoint":
         from .artifact import load_quantized_model
         model, ck = load_quantized_model(ckpt_or_model)

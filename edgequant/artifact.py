@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import pack
+from .atomic import check_not_stranded
 from .checkpoint import (FORMAT_VERSION, PROVENANCE_NAME, QUANT_METHOD, WEIGHTS_NAME, _is_count, declares_checkpoint,
                          quantization_config, read_config, read_scheme, tensor_headers, weight_files, write_tensors)
 from .errors import CheckpointError, first_line
@@ -156,6 +157,7 @@ def open_checkpoint(path, config: dict | None = None) -> Checkpoint:
     caller has read it already); raise CheckpointError if anything is off."""
     p = Path(path).expanduser()
     if not p.exists():
+        check_not_stranded(p)
         raise CheckpointError(f"checkpoint not found: {p}; pass the folder written by `edgequant quantize`")
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{p} has no config.json: it is not a checkpoint written by `edgequant quantize`")

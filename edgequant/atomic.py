@@ -3,16 +3,20 @@
 An interrupted or failed run leaves no half-written output, and an existing folder is replaced only when it is empty
 or carries `marker` (a file that our own tools write), so a mistyped `-o` never deletes a user's folder.
 
-Replacing is rename-aside: the old folder becomes `.NAME.old-*`, the new one takes its name, then the old one is
-deleted, so a kill at any moment leaves either the old or the new output under NAME (a kill between the two renames
-leaves the old one aside, and the next run puts it back before anything else). One run at a time may write NAME: a
+Replacing swaps the new folder and the old one in one atomic rename (Linux renameat2 RENAME_EXCHANGE), then deletes
+the old one, so a kill at any moment leaves either the old or the new output under NAME. Where that call is missing
+it is rename-aside: the old folder becomes `.NAME.old-*`, the new one takes its name, then the old one is deleted; a
+kill between the two renames leaves the old one aside, the next run puts it back before anything else, and commands
+that read NAME meanwhile say where it is and how to restore it (`check_not_stranded`). One run at a time may write NAME: a
 lock file `.NAME.lock` beside it is held from the start of the run (before hours of calibration) to the rename; while
 holding it, left-overs of killed runs (`.NAME.tmp-*`, `.NAME.old-*`) are cleaned up.
 """
 from __future__ import annotations
 
 import errno
+import glob
 import os
+import shlex
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -36,14 +40,14 @@ def check_replaceable(final: Path, marker: str | None):
     if final.exists() and not final.is_dir():
         raise EdgequantError(f"{final} is a file; choose a folder name for the output")
     if final.is_dir() and marker and any(final.iterdir()) and not (final / marker).exists():
-        raise EdgequantError(f"{final} exists and was not written by edgequant (no {marker}); choose another "
-                             "output folder")
+        raise EdgequantError(f"{final} exists and is not an output of this command (it has no {marker}); choose "
+                             "another output folder, or remove that one")
     owns = _owners.get(marker)
     if final.is_dir() and owns is not None:
         extra = sorted(p.name for p in final.iterdir() if not (p.is_file() and owns(p.name)))
         if extra:
             raise EdgequantError(f"{final} holds {extra[0]!r}, which edgequant did not write there; replacing the "
-                                 "folder would delete it: move it out or choose another output folder")
+                                 "folder would delete it: move it out, or choose another output folder")
 
 
 def _check_writable(parent: Path):
@@ -55,13 +59,45 @@ def _check_writable(parent: Path):
         raise EdgequantError(f"cannot write in {parent} ({e.strerror or e}); choose another output folder") from None
 
 
+def _stranded(final: Path) -> list[Path]:
+    return sorted(final.parent.glob(f".{glob.escape(final.name)}.old-*"))
+
+
+def check_not_stranded(path) -> None:
+    """For commands that read `path`: when it is missing because a run was killed while replacing it (where
+    `_exchange` is not available), say where the previous output is and how to put it back."""
+    final = Path(str(path)).expanduser().absolute()
+    if final.exists() or final.is_symlink():
+        return
+    olds = _stranded(final)
+    if olds:
+        raise EdgequantError(f"{final} is missing: a run that was replacing it was killed, and the previous one is "
+                             f"at {olds[-1]}; restore it with `mv {shlex.quote(str(olds[-1]))} "
+                             f"{shlex.quote(str(final))}` (the next run that writes {final.name} also does)")
+
+
 def _recover(final: Path):
     """Undo what a killed run left behind (we hold the lock, so no other run is writing these)."""
-    olds = sorted(final.parent.glob(f".{final.name}.old-*"))
+    olds = _stranded(final)
     if olds and not final.exists():   # killed between the two renames: the old output goes back
         os.replace(olds.pop(), final)
-    for p in olds + list(final.parent.glob(f".{final.name}.tmp-*")):
+    for p in olds + list(final.parent.glob(f".{glob.escape(final.name)}.tmp-*")):
         shutil.rmtree(p, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2   # linux/fs.h: swap the two names atomically
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap folders `a` and `b` in one step with Linux's renameat2(RENAME_EXCHANGE), so that `b` holds the old or the
+    new folder at every moment; False where the system or the file system cannot (then two renames are used)."""
+    import ctypes
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_cwd = -100
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 @contextmanager
@@ -118,10 +154,13 @@ def atomic_output_dir(final, marker: str | None = None):
         try:
             yield tmp
             if final.exists():
-                aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-                os.replace(final, aside)
-                os.replace(tmp, final)
-                shutil.rmtree(aside, ignore_errors=True)
+                if _exchange(tmp, final):   # the old output is now under the temporary name
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+                    os.replace(final, aside)
+                    os.replace(tmp, final)
+                    shutil.rmtree(aside, ignore_errors=True)
             else:
                 os.replace(tmp, final)
         except OSError as e:

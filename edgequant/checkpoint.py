@@ -52,7 +52,68 @@ def read_config(folder: Path) -> dict:
                               "quantize`") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{f} is not a JSON object; restore it or re-run `edgequant quantize`")
+    bad = number_problem(config)
+    if bad:
+        raise CheckpointError(f"{f}: {bad}; restore the config.json written by `edgequant quantize` (or the model's "
+                              "original one)")
     return config
+
+
+def _between(lo, hi, hi_closed=False):
+    return lambda v: lo < v and (v <= hi if hi_closed else v < hi)
+
+
+_POSITIVE = (lambda v: v > 0, "a positive number")
+_EPS = (_between(0, 1), "a number between 0 and 1, e.g. 1e-05")
+_FRACTION = (_between(0, 1, True), "a number in (0, 1]")
+_PROBABILITY = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+# The numbers of a config.json (and of a DIST's `model` block, which copies them) that a model computes with, and the
+# range each must lie in: an epsilon of 0 or -1, a RoPE base of 0 or a NaN anywhere gives NaN logits, not an error.
+NUMBER_RULES = {
+    "rms_norm_eps": _EPS, "layer_norm_eps": _EPS, "norm_eps": _EPS,
+    "rope_theta": _POSITIVE, "rope_local_base_freq": _POSITIVE, "rope_scale": _POSITIVE,
+    "partial_rotary_factor": _FRACTION, "query_pre_attn_scalar": _POSITIVE,
+    "attn_logit_softcapping": _POSITIVE, "final_logit_softcapping": _POSITIVE,
+    "attention_dropout": _PROBABILITY, "hidden_dropout": _PROBABILITY,
+    # rope_scaling / rope_parameters members
+    "factor": _POSITIVE, "low_freq_factor": _POSITIVE, "high_freq_factor": _POSITIVE,
+    "original_max_position_embeddings": _POSITIVE, "beta_fast": _POSITIVE, "beta_slow": _POSITIVE,
+    "attention_factor": _POSITIVE,
+}
+_ROPE_BLOCKS = ("rope_scaling", "rope_parameters")
+
+
+def number_problem(config: dict) -> str | None:
+    """What is wrong with the numbers of a model config (None: nothing): a NaN or infinity anywhere in it, or one of
+    `NUMBER_RULES`' fields (top level or in its RoPE block) that is not a number in its range. A null field is
+    "not set", as transformers reads it."""
+    def walk(v, where):
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"'{where}' is {v}; it must be a finite number"
+        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+        for k, x in items:
+            bad = walk(x, f"{where}.{k}" if where else str(k))
+            if bad:
+                return bad
+        return None
+
+    def ranged(block: dict, prefix: str):
+        for k, (ok, want) in NUMBER_RULES.items():
+            v = block.get(k)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                return f"'{prefix}{k}' is {v!r}; it must be {want}"
+        return None
+
+    try:
+        bad = walk(config, "") or ranged(config, "")
+    except RecursionError:
+        return "it is nested too deeply to be a model config"
+    for name in _ROPE_BLOCKS:
+        if bad is None and isinstance(config.get(name), dict):
+            bad = ranged(config[name], f"{name}.")
+    return bad
 
 
 def kind(path) -> str:
@@ -247,7 +308,13 @@ def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:
     for f in files:
         data = np.fromfile(f, dtype=np.uint8)
         start = 8 + int.from_bytes(data[:8].tobytes(), "little")
-        for name, h in tensor_headers(f).items():
+        headers = tensor_headers(f)
+        packed = next((n for n in headers if n.endswith(".qweight")), None)
+        if packed:
+            raise EdgequantError(f"{folder} holds packed edgequant weights ({packed}) but its config.json has no "
+                                 "edgequant quantization_config: restore the config.json written by `edgequant "
+                                 "quantize`, or quantize the original model first")
+        for name, h in headers.items():
             if h["dtype"] not in ("F32", "F16", "BF16"):
                 raise EdgequantError(f"{f.name}: tensor '{name}' is {h['dtype']}; export reads fp32, fp16 or bf16 weights")
             raw = data[start + h["data_offsets"][0]:start + h["data_offsets"][1]]

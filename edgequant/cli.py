@@ -34,8 +34,7 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo("error: interrupted (no output was written; an interrupted OmniQuant run continues from its "
-                       "last finished block when run again)", err=True)
+            click.echo("error: interrupted; no output was written", err=True)
             sys.exit(130)
         except MemoryError:
             click.echo("error: out of memory; use a smaller --nsamples/--seqlen/--batch-size or a machine with more "
@@ -139,8 +138,12 @@ def quantize(model, output, method, bits, group_size, sym, quiet, **options):
     from .checkpoint import PROVENANCE_NAME
     options = {k: v for k, v in options.items() if v is not None}
     replaced = (Path(output).expanduser() / PROVENANCE_NAME).is_file()
-    out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym,
-                       progress=not quiet, **options)
+    try:
+        out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym,
+                           progress=not quiet, **options)
+    except KeyboardInterrupt:
+        click.echo(f"error: {api.interrupted_note(method, output)}", err=True)
+        sys.exit(130)
     info = api.inspect(out)
     click.echo(f"wrote {out}  ({info['scheme']}, {info['bits_target']:g} bits/weight target, "
                f"{info['bits_per_weight']:.3f} stored, {info['size_on_disk_bytes'] / 2**20:.1f} MiB)"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgequant.checkpoint import EXPORT_JSON, _is_count as _int, _is_shape as _shape
+from edgequant.checkpoint import EXPORT_JSON, _is_count as _int, _is_shape as _shape, number_problem
+from edgequant.atomic import check_not_stranded, register_owner
 from edgequant.errors import EdgequantError
 from edgequant.memory import DEFAULT_CONTEXT, Shapes, kv_bytes
 from edgequant.models import Dims, family_for
@@ -31,6 +32,19 @@ DEVICES = ("cpu", "cuda", "metal", "opencl", "vulkan", "webgpu")
 _DTYPES = {"float16": np.float16, "float32": np.float32, "uint32": np.uint32, "uint8": np.uint8, "int32": np.int32,
            "bfloat16": None}
 _FIX = "export the model again with `edgequant export`"
+
+
+def is_dist_file(name: str) -> bool:
+    """Whether `name` is a file that `edgequant export` writes into a DIST (so `-o` over a DIST holding anything else
+    is refused instead of deleting it)."""
+    from .build import TOKENIZER_FILES
+    from .cuda import FATBIN
+    libraries = {p.library for p in _targets().values()} | {"lib.so", "lib.tar"}
+    return (name in (EXPORT_JSON, TENSOR_CACHE, "mlc-chat-config.json", FATBIN) or name in libraries
+            or name in TOKENIZER_FILES or re.fullmatch(r"params_shard_\d+\.bin", name) is not None)
+
+
+register_owner(EXPORT_JSON, is_dist_file)
 
 
 def _damaged(f: Path, what: str) -> EdgequantError:
@@ -114,6 +128,7 @@ def read_export_info(dist) -> dict:
     p = Path(str(dist)).expanduser()
     f = p / EXPORT_JSON
     if not f.is_file():
+        check_not_stranded(p)
         raise EdgequantError(f"{p} is not an exported model folder (no {EXPORT_JSON}); create one with "
                              "`edgequant export CHECKPOINT --target cpu -o DIST`")
     info = load_json(f)
@@ -122,21 +137,32 @@ def read_export_info(dist) -> dict:
     if info.get("format_version") != FORMAT_VERSION:
         raise EdgequantError(f"{f} has format_version {info.get('format_version')!r}; this edgequant reads version "
                              f"{FORMAT_VERSION}: export the model again with this edgequant (or upgrade it)")
-    for key, ok in (("target", lambda v: v in _targets()), ("device", lambda v: v in DEVICES),
-                    ("library", lambda v: isinstance(v, str)), ("prefill_chunk_size", lambda v: _int(v, 1) and v <= MAX_DIM),
-                    ("tvm_version", lambda v: isinstance(v, str)),
-                    ("functions", lambda v: isinstance(v, list) and all(n in v for n in RUNNER_FUNCTIONS)),
-                    ("weight_bytes", _int), ("model", lambda v: isinstance(v, dict)),
-                    ("params", lambda v: isinstance(v, list) and all(
-                        isinstance(x, dict) and isinstance(x.get("name"), str) and _shape(x.get("shape"))
-                        and x.get("dtype") in _DTYPES for x in v))):
-        if not ok(info.get(key)):
-            raise _damaged(f, f"field '{key}' is missing or has the wrong type")
+    for key, ok, want in (
+            ("target", lambda v: v in _targets(), "one of " + ", ".join(_targets())),
+            ("device", lambda v: v in DEVICES, "one of " + ", ".join(DEVICES)),
+            ("library", lambda v: isinstance(v, str), "a file name"),
+            ("prefill_chunk_size", lambda v: _int(v, 1) and v <= MAX_DIM, f"a positive integer up to {MAX_DIM}"),
+            ("tvm_version", lambda v: isinstance(v, str), "a string"),
+            ("functions", lambda v: isinstance(v, list) and all(n in v for n in RUNNER_FUNCTIONS),
+             "a list naming " + ", ".join(RUNNER_FUNCTIONS)),
+            ("weight_bytes", _int, "a byte count"), ("model", lambda v: isinstance(v, dict), "an object"),
+            ("params", lambda v: isinstance(v, list) and all(
+                isinstance(x, dict) and isinstance(x.get("name"), str) and _shape(x.get("shape"))
+                and x.get("dtype") in _DTYPES for x in v), "a list of {name, shape, dtype} records")):
+        if key not in info:
+            raise _damaged(f, f"field '{key}' is missing")
+        if not ok(info[key]):
+            raise _damaged(f, f"field '{key}' is {_short(info[key])}; it must be {want}")
     m = info["model"]
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "context_window"):
-        if not _int(m.get(key), 1) or m[key] > MAX_DIM:
-            raise _damaged(f, f"model field '{key}' must be a positive integer up to {MAX_DIM}")
+        if key not in m:
+            raise _damaged(f, f"model field '{key}' is missing")
+        if not _int(m[key], 1) or m[key] > MAX_DIM:
+            raise _damaged(f, f"model field '{key}' is {_short(m[key])}; it must be a positive integer up to {MAX_DIM}")
+    bad = number_problem(m)   # the same ranges as the checkpoint's config.json (apps/runtime checks them too)
+    if bad:
+        raise _damaged(f, f"model field {bad}")
     if _targets()[info["target"]].device != info["device"]:
         raise _damaged(f, f"target '{info['target']}' does not run on device '{info['device']}'")
     if info["prefill_chunk_size"] > m["context_window"]:
@@ -144,6 +170,12 @@ def read_export_info(dist) -> dict:
     _check_model_against_params(f, m, info["params"])
     inside(p, info["library"], f, "library")
     return info
+
+
+def _short(v) -> str:
+    """A JSON value for an error line (a damaged file may hold a huge one)."""
+    text = json.dumps(v) if not isinstance(v, float) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def kv_cache_len(info: dict, max_total_seq_len: int = 0) -> int:

@@ -192,6 +192,8 @@ def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> We
     from edgequant.checkpoint import declares_checkpoint, read_config
     p = Path(str(path)).expanduser()
     if not p.exists():
+        from edgequant.atomic import check_not_stranded
+        check_not_stranded(p)
         raise EdgequantError(f"checkpoint not found: {p}; pass the folder written by `edgequant quantize` "
                              "(or a Hugging Face model folder for an fp16 export)")
     if p.is_file():

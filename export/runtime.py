@@ -79,7 +79,13 @@ class Runner:
             from .threads import configure
             self.threads = configure()
         lib = library_path(self.dist, self.info)
-        if not lib.is_file() or lib.suffix != ".so":
+        if not lib.exists():
+            raise EdgequantError(f"{self.dist} has no {lib.name}, the library its {EXPORT_JSON} names: the folder is "
+                                 "incomplete; copy the whole folder again or export the model again")
+        if not lib.is_file():
+            raise EdgequantError(f"{lib} is not a regular file (a folder, FIFO or device), so it is not the compiled "
+                                 "library; export the model again with `edgequant export`")
+        if lib.suffix != ".so":
             raise EdgequantError(f"{lib.name} is a {self.info['target']} library for static linking; it runs through "
                                  "the apps/ recipes, not `edgequant run`")
         if self.info["device"] == "cuda":

@@ -186,7 +186,7 @@ def test_output_folder_of_someone_else_is_never_replaced(tmp_path, model_dirs):
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
     rc, _, err = _cli("quantize", str(model_dirs["llama"]), "-o", str(precious), "--method", "rtn")
-    _assert_one_line_error(rc, err, "not written by edgequant")
+    _assert_one_line_error(rc, err, "not an output of this command")
     assert (precious / "notes.txt").read_text() == "keep me"
     # a previous edgequant checkpoint is replaced
     out = tmp_path / "q"

@@ -105,6 +105,15 @@ CASES = {
     "num_hidden_layers_1e9": (_cfg("num_hidden_layers", 10 ** 9), ["num_hidden_layers", "2 layers"]),
     "max_position_embeddings_negative": (_cfg("max_position_embeddings", -1), ["max_position_embeddings"]),
     "pack_msb": (_qc("pack", "msb"), ["pack"]),
+    # issue 15's second re-run (N7): numbers the model computes with, out of range, gave "perplexity nan"
+    "rms_norm_eps_nan": (_cfg("rms_norm_eps", math.nan), ["rms_norm_eps", "finite"]),
+    "rms_norm_eps_negative": (_cfg("rms_norm_eps", -1), ["rms_norm_eps", "between 0 and 1"]),
+    "rms_norm_eps_zero": (_cfg("rms_norm_eps", 0), ["rms_norm_eps"]),
+    "rope_theta_zero": (_cfg("rope_theta", 0), ["rope_theta", "positive"]),
+    "rope_theta_infinite": (_cfg("rope_theta", math.inf), ["rope_theta", "finite"]),
+    "rope_scaling_factor_negative": (_cfg("rope_scaling", {"rope_type": "linear", "factor": -2.0}),
+                                     ["rope_scaling.factor"]),
+    "initializer_range_nan": (_cfg("initializer_range", math.nan), ["initializer_range"]),
     "values_per_word_3": (_qc("values_per_word", 3), ["values_per_word"]),
     "lm_head_quantized": (_qc("lm_head", True), ["lm_head"]),
     "method_unknown": (_qc("method", "nope"), ["method", "nope"]),
@@ -135,7 +144,7 @@ CASES = {
     "index_path_leaves_folder": (_index_escape, ["outside.safetensors"]),
     "tokenizer_missing": (_no_tokenizer, ["tokenizer"]),
 }
-EXPORTED = ["num_hidden_layers_1e9", "max_position_embeddings_negative", "pack_msb", "index_path_leaves_folder", "zero_point_255_at_4_bits", "outlier_index_2_pow_30", "nan_scales",
+EXPORTED = ["quantization_config_removed", "rms_norm_eps_zero", "rope_theta_zero", "num_hidden_layers_1e9", "max_position_embeddings_negative", "pack_msb", "index_path_leaves_folder", "zero_point_255_at_4_bits", "outlier_index_2_pow_30", "nan_scales",
             "sym_with_zero_points", "config_is_a_list"]
 
 
@@ -153,6 +162,7 @@ def results(good_ckpt, text_file, tmp_path_factory):
     argvs.append(["inspect", str(where["outlier_index_2_pow_30"])])
     argvs.append(["inspect", str(where["num_hidden_layers_1e9"])])
     argvs.append(["inspect", str(where["lm_head_quantized"])])
+    argvs.append(["inspect", str(where["rms_norm_eps_nan"])])
     res = run_commands(argvs, root)
     return {tuple(r["argv"][:2]): r for r in res}, where
 
@@ -171,9 +181,15 @@ def test_export_refuses_damaged_checkpoint_and_writes_nothing(results, name):
     assert left == [where[name].name]   # no DIST, no left-overs
 
 
+def test_export_of_a_checkpoint_without_quantization_config_says_so(results):
+    res, where = results
+    assert_one_line_error(res[("export", str(where["quantization_config_removed"]))], "quantization_config",
+                          "edgequant quantize")
+
+
 @pytest.mark.parametrize("name,word", [("outlier_index_2_pow_30", "outlier_idx"),
                                        ("num_hidden_layers_1e9", "num_hidden_layers"),
-                                       ("lm_head_quantized", "lm_head")])
+                                       ("lm_head_quantized", "lm_head"), ("rms_norm_eps_nan", "rms_norm_eps")])
 def test_inspect_refuses(results, name, word):
     res, where = results
     assert_one_line_error(res[("inspect", str(where[name]))], word)

@@ -127,6 +127,19 @@ CASES = {
     "export_json_bad_vocab": (lambda d: edit_json(d / EXPORT, lambda i: i["model"].__setitem__("vocab_size", -1)),
                               ["vocab_size"]),
     "tokenizer_missing": (lambda d: (d / "tokenizer.json").unlink(), ["tokenizer"]),
+    # the second re-run of issue 15 (N8): the model block's numbers were not range-checked; the messages said
+    # "missing or has the wrong type" for values that were present but out of range
+    "rms_norm_eps_nan": (_model("rms_norm_eps", float("nan")), ["rms_norm_eps", "finite"]),
+    "rms_norm_eps_negative": (_model("rms_norm_eps", -1), ["rms_norm_eps", "between 0 and 1"]),
+    "rope_theta_zero": (_model("rope_theta", 0), ["rope_theta", "positive"]),
+    "rope_theta_nan": (_model("rope_theta", float("nan")), ["rope_theta"]),
+    "rope_scale_negative": (_model("rope_scale", -1.0), ["rope_scale"]),
+    "rope_scaling_factor_infinite": (_model("rope_scaling", {"rope_type": "llama3", "factor": float("inf")}),
+                                     ["rope_scaling.factor"]),
+    "prefill_chunk_zero": (_export(lambda i: i.__setitem__("prefill_chunk_size", 0)),
+                           ["prefill_chunk_size", "positive integer"]),
+    "head_dim_missing": (_export(lambda i: i["model"].pop("head_dim")), ["head_dim", "missing"]),
+    "library_missing": (lambda d: (d / "lib.so").unlink(), ["lib.so"]),
 }
 
 
@@ -148,6 +161,15 @@ def test_run_refuses_damaged_dist(results, name):
     r = res[str(where[name])]
     assert_one_line_error(r, *CASES[name][1])
     assert r["stdout"] == ""   # the prompt is not echoed before the error
+
+
+@pytest.mark.parametrize("name,words", [("library_missing", ["no lib.so", "copy the whole folder"]),
+                                        ("prefill_chunk_zero", ["is 0"]), ("rms_norm_eps_negative", ["is -1"])])
+def test_messages_name_what_is_wrong(results, name, words):
+    """A missing library was called a library "for static linking", and values out of range "missing or of the wrong
+    type"."""
+    res, where = results
+    assert_one_line_error(res[str(where[name])], *words)
 
 
 def test_good_dist_runs(good_dist, tmp_path):

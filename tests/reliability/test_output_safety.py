@@ -27,13 +27,15 @@ def _leftovers(parent, name):
 
 @pytest.mark.parametrize("kill_at", [1, 2])
 def test_kill_during_replace_keeps_old_or_new_output(tmp_path, kill_at):
-    """SIGKILL right before the first rename (old aside) or the second (new into place)."""
+    """Where the one-step swap is unavailable: SIGKILL right before the first rename (old aside) or the second (new
+    into place)."""
     final = tmp_path / "out"
     final.mkdir()
     (final / "MARK").write_text("old")
     p = _child(f"""
         import os, signal
         from edgequant import atomic
+        atomic._exchange = lambda a, b: False
         calls = [0]
         real = os.replace
         def replace(a, b):
@@ -51,6 +53,66 @@ def test_kill_during_replace_keeps_old_or_new_output(tmp_path, kill_at):
         assert (final / "MARK").read_text() == "old"
         assert _leftovers(tmp_path, "out") == [".out.lock"]
     assert _leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_kill_around_the_swap_leaves_a_folder_under_the_name(tmp_path, when):
+    """The swap is one step: killed just before it the old output is in place, just after it the new one (issue 15's
+    second re-run: a kill 0.01 s into the replace window left no folder under the name)."""
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "MARK").write_text("old")
+    p = _child(f"""
+        import os, signal
+        from edgequant import atomic
+        real = atomic._exchange
+        def exchange(a, b):
+            if {when!r} == "after":
+                assert real(a, b)
+            os.kill(os.getpid(), signal.SIGKILL)
+        atomic._exchange = exchange
+        with atomic.atomic_output_dir({str(final)!r}, marker="MARK") as tmp:
+            (tmp / "MARK").write_text("new")
+    """)
+    p.wait(timeout=60)
+    assert p.returncode == -9
+    assert (final / "MARK").read_text() == ("old" if when == "before" else "new")
+    with output_lock(final, "MARK"):
+        pass
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_reading_an_output_stranded_by_a_kill_says_where_it_is(tmp_path, good_ckpt, good_dist, text_file):
+    """A kill between the two renames of the fallback leaves NAME missing and the old output in `.NAME.old-*`:
+    `inspect`, `eval`, `export` and `run` of NAME say where it is and how to put it back, instead of "not found"."""
+    from .harness import assert_one_line_error, run_commands
+    import shutil
+    ck, dist = tmp_path / "ck", tmp_path / "dist"
+    shutil.copytree(good_ckpt, tmp_path / ".ck.old-x1y2")
+    shutil.copytree(good_dist, tmp_path / ".dist.old-a1b2")
+    res = run_commands([["inspect", str(ck)], ["eval", str(ck), "--data", text_file, "-q"],
+                        ["export", str(ck), "--target", "cpu", "-o", str(tmp_path / "d2"), "-q"],
+                        ["run", str(dist), "--prompt", "hi"]], tmp_path)
+    for r in res[:3]:
+        assert_one_line_error(r, str(tmp_path / ".ck.old-x1y2"), "mv ")
+    assert_one_line_error(res[3], str(tmp_path / ".dist.old-a1b2"), "mv ")
+    assert not ck.exists() and not dist.exists()   # reading changes nothing
+
+
+def test_export_over_a_dist_holding_a_users_file_is_refused(tmp_path, good_ckpt, good_dist):
+    """L2 of issue 15's second re-run: `export -o` over a DIST deleted the user's extra files in it without a word;
+    like a checkpoint, a DIST is replaced only while it holds nothing but what export writes."""
+    from .harness import assert_one_line_error, run_commands
+    import shutil
+    d = tmp_path / "dist"
+    shutil.copytree(good_dist, d)
+    (d / "notes.txt").write_text("keep")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    r = run_commands([["export", str(good_ckpt), "--target", "cpu", "-o", str(d), "-q"]], tmp_path)[0]
+    assert_one_line_error(r, "notes.txt", "choose another output folder")
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    from edgequant.export.dist import is_dist_file
+    assert all(is_dist_file(p.name) for p in good_dist.iterdir())   # a plain DIST is still replaceable
 
 
 def test_killed_run_temporary_folders_are_removed_by_the_next_run(tmp_path):

@@ -25,11 +25,13 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <mutex>
 #include <numeric>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -235,6 +237,77 @@ void CheckElf(const std::string& path) {
   }
 }
 
+// A JSON number as a double (integers too; true/false are not numbers).
+std::optional<double> NumberOf(const Any& v) {
+  if (auto d = v.as<double>()) return d;
+  if (auto i = v.as<int64_t>()) return static_cast<double>(*i);
+  return std::nullopt;
+}
+
+std::string Shown(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
+// The numbers of the `model` block that the model computes with, and their ranges: edgequant/checkpoint.py's
+// NUMBER_RULES, which export/dist.py applies to the same block (an epsilon of 0 or a RoPE base of 0 gives NaN logits).
+std::optional<std::string> NumberProblem(const json::Object& m) {
+  enum Rule { kPositive, kEps, kFraction, kProbability };
+  static const std::map<std::string, Rule> rules = {
+      {"rms_norm_eps", kEps}, {"layer_norm_eps", kEps}, {"norm_eps", kEps},
+      {"rope_theta", kPositive}, {"rope_local_base_freq", kPositive}, {"rope_scale", kPositive},
+      {"partial_rotary_factor", kFraction}, {"query_pre_attn_scalar", kPositive},
+      {"attn_logit_softcapping", kPositive}, {"final_logit_softcapping", kPositive},
+      {"attention_dropout", kProbability}, {"hidden_dropout", kProbability},
+      {"factor", kPositive}, {"low_freq_factor", kPositive}, {"high_freq_factor", kPositive},
+      {"original_max_position_embeddings", kPositive}, {"beta_fast", kPositive}, {"beta_slow", kPositive},
+      {"attention_factor", kPositive}};
+  // NaN or infinity anywhere in the block (it is at most kMaxJsonDepth deep)
+  std::function<std::optional<std::string>(const Any&, const std::string&)> walk =
+      [&](const Any& v, const std::string& where) -> std::optional<std::string> {
+    if (auto d = v.as<double>(); d && !std::isfinite(*d)) return "'" + where + "' is " + Shown(*d) + "; it must be a finite number";
+    if (auto o = AsObject(v)) {
+      for (const auto& kv : *o) {
+        auto k = kv.first.as<String>();
+        if (auto bad = walk(kv.second, where + (where.empty() ? "" : ".") + (k ? std::string(*k) : "?"))) return bad;
+      }
+    } else if (auto a = AsArray(v)) {
+      for (size_t i = 0; i < a->size(); ++i) {
+        if (auto bad = walk((*a)[i], where + "." + std::to_string(i))) return bad;
+      }
+    }
+    return std::nullopt;
+  };
+  auto ranged = [&](const json::Object& block, const std::string& prefix) -> std::optional<std::string> {
+    for (const auto& [key, rule] : rules) {
+      auto v = Field(block, key.c_str());
+      if (!v || v->type_index() == tvm::ffi::TypeIndex::kTVMFFINone) continue;  // null: not set
+      auto d = NumberOf(*v);
+      bool ok = d && (rule == kPositive ? *d > 0 : rule == kEps ? *d > 0 && *d < 1
+                      : rule == kFraction ? *d > 0 && *d <= 1 : *d >= 0 && *d < 1);
+      if (!ok) {
+        static const char* want[] = {"a positive number", "a number between 0 and 1, e.g. 1e-05", "a number in (0, 1]",
+                                     "a number in [0, 1)"};
+        return "'" + prefix + key + "' is " + (d ? Shown(*d) : std::string("not a number")) + "; it must be " + want[rule];
+      }
+    }
+    return std::nullopt;
+  };
+  if (auto bad = walk(m, "")) return bad;
+  if (auto bad = ranged(m, "")) return bad;
+  for (const char* name : {"rope_scaling", "rope_parameters"}) {
+    auto v = Field(m, name);
+    auto o = v ? AsObject(*v) : std::nullopt;
+    if (o) {
+      if (auto bad = ranged(*o, std::string(name) + ".")) return bad;
+    }
+  }
+  return std::nullopt;
+}
+
 ExportInfo ReadExportInfo(const std::string& dist) {
   std::string file = dist + "/" + kExportJson;
   if (!IsFile(file)) {
@@ -246,7 +319,7 @@ ExportInfo ReadExportInfo(const std::string& dist) {
   ExportInfo info;
   auto need_str = [&](const char* key) {
     auto s = StrField(*root, key);
-    if (!s) Damaged(file, std::string("field '") + key + "' is missing or has the wrong type");
+    if (!s) Damaged(file, std::string("field '") + key + (Field(*root, key) ? "' must be a string" : "' is missing"));
     return *s;
   };
   if (IntField(*root, "format_version", 0) != std::optional<int64_t>(kFormatVersion)) {
@@ -277,7 +350,10 @@ ExportInfo ReadExportInfo(const std::string& dist) {
   }
   info.library = need_str("library");
   auto chunk = IntField(*root, "prefill_chunk_size", 1);
-  if (!chunk || *chunk > kMaxDim) Damaged(file, "field 'prefill_chunk_size' is missing or has the wrong type");
+  if (!chunk || *chunk > kMaxDim) {
+    Damaged(file, Field(*root, "prefill_chunk_size") ? "field 'prefill_chunk_size' must be a positive integer up to " + std::to_string(kMaxDim)
+                                                      : std::string("field 'prefill_chunk_size' is missing"));
+  }
   info.chunk = *chunk;
   auto model = Field(*root, "model");
   auto m = model ? AsObject(*model) : std::nullopt;
@@ -289,10 +365,14 @@ ExportInfo ReadExportInfo(const std::string& dist) {
   for (auto& [key, dst] : dims) {
     auto v = IntField(*m, key, 1);
     // bounds keep every product below (KV bytes, shapes) far from overflow
-    if (!v || *v > kMaxDim) Damaged(file, std::string("model field '") + key + "' must be a positive integer");
+    if (!v || *v > kMaxDim) {
+      Damaged(file, std::string("model field '") + key + (Field(*m, key) ? "' must be a positive integer up to " + std::to_string(kMaxDim)
+                                                                        : std::string("' is missing")));
+    }
     *dst = *v;
   }
   if (info.vocab > INT32_MAX || info.context > INT32_MAX) Damaged(file, "model sizes out of range");
+  if (auto bad = NumberProblem(*m)) Damaged(file, "model field " + *bad);
   auto params = Field(*root, "params");
   auto pa = params ? AsArray(*params) : std::nullopt;
   if (!pa) Damaged(file, "field 'params' is missing or has the wrong type");

@@ -1,0 +1,23 @@
+"""The `edgequant` console command: turns Ctrl-C at any moment, including while the command line is still importing
+click, torch and transformers, into one `error: interrupted` line and exit status 130 instead of a traceback.
+
+This module imports nothing heavy, so its handler is in place within milliseconds of the interpreter starting; the
+commands themselves (`edgequant.cli`) are imported inside it. Output folders are written atomically
+(`edgequant.atomic`), so an interrupt at any point leaves nothing half-written.
+"""
+import sys
+
+INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+
+
+def main():
+    try:
+        from .cli import main as cli
+        return cli()
+    except KeyboardInterrupt:   # before the commands run (importing) or after they finished (exiting)
+        try:
+            sys.stderr.write("error: interrupted; no output was written\n")
+            sys.stderr.flush()
+        except (KeyboardInterrupt, OSError):
+            pass
+        return INTERRUPTED

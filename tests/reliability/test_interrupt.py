@@ -1,0 +1,89 @@
+"""Ctrl-C at any moment of the `edgequant` command, including while it is still importing its libraries (the first
+fraction of a second), ends it with one `error: interrupted` line and status 130: no traceback, no output folder."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# what the installed console script runs (pip writes this wrapper from pyproject's [project.scripts])
+CONSOLE = "import sys; from edgequant.entry import main; sys.exit(main())"
+
+
+def test_console_script_is_the_interrupt_safe_entry():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["edgequant"] == "edgequant.entry:main"
+
+
+# Ctrl-C lands while `module` is being imported: a finder on sys.meta_path sends SIGINT to its own process at the
+# first import of that module, which makes the early window (about 0.1 s on an idle machine) hit every time
+AT_IMPORT = """
+import os, signal, sys
+class _Hit:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, _Hit())
+""" + CONSOLE
+
+
+def _check(p, out, tmp_path):
+    stdout, stderr = p.communicate(timeout=120)
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert "Traceback" not in stderr + stdout, stderr
+    if p.returncode == 0:   # a fast machine finished before the signal: nothing to check but the output
+        assert out.is_dir()
+        return
+    assert p.returncode in (130, -signal.SIGINT), (p.returncode, stderr)
+    assert len(lines) <= 1 and all(x.startswith("error: interrupted") for x in lines), stderr
+    assert not out.exists()
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".q.tmp-")]
+
+
+def _quantize(model_dirs, out, code):
+    return subprocess.Popen([sys.executable, "-c", code, "quantize", str(model_dirs["llama"]), "-o", str(out),
+                             "--method", "rtn", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("module", ["click", "edgequant.methods", "edgequant.export.cli", "torch"])
+def test_sigint_while_importing_is_one_line(tmp_path, model_dirs, module):
+    out = tmp_path / "q"
+    _check(_quantize(model_dirs, out, AT_IMPORT.format(module=module)), out, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def startup_s():
+    """Seconds Python takes to start (site and .pth files) before any edgequant code can run: an interrupt in that
+    window is Python's own "Fatal Python error: init_import_site", outside what a program can handle."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.3])
+def test_sigint_early_is_one_line(tmp_path, model_dirs, startup_s, delay):
+    out = tmp_path / "q"
+    p = _quantize(model_dirs, out, CONSOLE)
+    time.sleep(2 * startup_s + delay)
+    p.send_signal(signal.SIGINT)
+    _check(p, out, tmp_path)
+
+
+def test_interrupted_quantize_names_its_method_and_kept_blocks(tmp_path):
+    """RTN's message spoke of OmniQuant's resume; only a method that kept finished blocks mentions them."""
+    from edgequant.api import interrupted_note, resume_state_dir
+    out = tmp_path / "q"
+    assert interrupted_note("rtn", out) == "interrupted rtn quantization; no checkpoint was written"
+    state = resume_state_dir(out)
+    state.mkdir()
+    (state / "block_0000.safetensors").write_bytes(b"x")
+    note = interrupted_note("omniquant", out)
+    assert note.startswith("interrupted omniquant quantization") and str(state) in note and "continues" in note
