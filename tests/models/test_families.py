@@ -202,3 +202,52 @@ def test_eval_reads_family_checkpoints(family_dirs, text_file, tmp_path):
     res = api.evaluate(ck, text_file, seqlen=32, max_windows=2, reference=str(family_dirs["qwen3"]), progress=False)
     assert np.isfinite(res["perplexity"]) and res["top1_agreement"] > 0.5
     assert open_checkpoint(ck).family.name == "qwen3"
+
+
+def test_help_and_unsupported_error_name_the_families(tmp_path, family_dirs):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgequant.cli import main
+    r = CliRunner().invoke(main, ["quantize", "--help"])
+    assert r.exit_code == 0 and "llama, mistral, phi3, qwen2, qwen3" in " ".join(r.output.split())
+    m = tmp_path / "gpt2"
+    shutil.copytree(family_dirs["qwen3"], m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (m / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(main, ["quantize", str(m), "-o", str(tmp_path / "out"), "--method", "rtn"])
+    lines = [ln for ln in r.output.strip().splitlines() if ln]
+    assert r.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert all(t in lines[0] for t in ("gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi3"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_files_load_as_their_models(tmp_path, tokenizer):
+    """A Qwen3 GGUF loads with its own head_dim (32 here; transformers' reader alone would build 128) and computes
+    what the model does; a Phi-3 GGUF without longrope factors loads as the model with plain RoPE (what such a file
+    means); one with longrope factors is refused, since transformers' reader would drop them."""
+    from edgequant.errors import EdgequantError
+    from edgequant.loading import load_model
+    from tiny_families import write_gguf
+    ids = _ids(1, 20)
+    qwen3 = make_model("qwen3")
+    write_gguf(qwen3, tokenizer, tmp_path / "qwen3.gguf")
+    m, tok = load_model(tmp_path / "qwen3.gguf")
+    assert m.config.head_dim == 32 and tok("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, qwen3(ids).logits, rtol=0, atol=1e-6)
+    phi3 = make_model("phi3")
+    phi3.config.rope_parameters = {"rope_type": "default", "rope_theta": phi3.config.rope_parameters["rope_theta"]}
+    plain = type(phi3)(phi3.config).eval()
+    plain.load_state_dict(phi3.state_dict())
+    write_gguf(plain, tokenizer, tmp_path / "phi3.gguf")
+    m, _ = load_model(tmp_path / "phi3.gguf")
+    assert family_for(m.config.model_type).name == "phi3"
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, plain(ids).logits, rtol=0, atol=1e-6)
+    write_gguf(plain, tokenizer, tmp_path / "phi35.gguf", rope_factors=True)
+    with pytest.raises(EdgequantError, match="longrope factors"):
+        load_model(tmp_path / "phi35.gguf")
