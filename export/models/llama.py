@@ -228,7 +228,9 @@ class LlamaForCausalLM(nn.Module):
             layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
             num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
             v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NONE if c.rope_short_factors else RopeMode.NORMAL, rope_scale=c.rope_scale, rope_theta=c.rope_theta,
+            # longrope: the graph has rotated q and k already (`_rope_longrope`)
+            rope_mode=RopeMode.NONE if c.rope_short_factors else RopeMode.NORMAL, rope_scale=c.rope_scale,
+            rope_theta=c.rope_theta,
             rope_scaling=dict(c.rope_scaling), rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim,
             enable_disaggregation=False, dtype="float16", target=self.target)
 
