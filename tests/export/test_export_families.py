@@ -10,6 +10,7 @@ import pytest
 
 # the shared check and its module-scoped builder of checkpoints and libraries
 from test_export_parity import exported  # noqa: F401 - a pytest fixture
+from test_export_parity import test_int8_decode_stays_close_to_pytorch as check_int8
 from test_export_parity import test_logits_and_greedy_tokens_match_pytorch as check_parity
 
 pytestmark = pytest.mark.tvm
@@ -28,6 +29,12 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-w{c[1]}g{c[2]}{'s' if c[3] else 'a'}-o{c[4]}")
 def test_family_logits_and_greedy_tokens_match_pytorch(exported, case):  # noqa: F811
     check_parity(exported, case)
+
+
+def test_family_int8_decode_stays_close_to_pytorch(exported):  # noqa: F811
+    """The default cpu export (int8 activations in the decode GEMV and prefill GEMM) on the family furthest from
+    LLaMA's layout: Phi-3's fused linears as stored, longrope, outlier columns."""
+    check_int8(exported, ("phi3", 4, 32, False, 2, False))
 
 
 @pytest.mark.parametrize("arch", ["llama3", "phi3"])
