@@ -93,6 +93,8 @@ def test_arch_config_reads_rope_scaling_like_transformers():
                                        head_dim=128).to_dict())
     assert a.head_dim == 128 and a.qk_norm and a.num_heads * a.head_dim == 2048
 
+    a = ArchConfig.from_hf(LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 4.0}).to_dict())
+    assert a.rope_scale == 0.25 and a.rope_scaling == {}      # positions / 4 in the cache's RoPE
     for rope in ({"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "yarn", "factor": 4.0}):
         with pytest.raises(EdgequantError, match="not supported by export yet .*llama3, longrope"):
             ArchConfig.from_hf(LlamaConfig(rope_scaling=rope).to_dict())
