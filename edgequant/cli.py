@@ -119,7 +119,12 @@ def _method_options(fn):
     return fn
 
 
-@main.command()
+def _supported_models() -> str:
+    from .models import supported_model_types
+    return f"Supported model types: {', '.join(supported_model_types())}."
+
+
+@main.command(epilog=_supported_models())
 @click.argument("model", required=False)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
 @click.option("--method", default="gptq", show_default=True, type=click.Choice([m.name for m in _methods()]),

@@ -124,12 +124,29 @@ def _strip_quantization_config(path: Path):
     path.write_text(json.dumps(cfg, indent=2))
 
 
+def _gguf_config_fixes(path: Path) -> dict:
+    """Config fields transformers' GGUF reader gets wrong for our families, as from_pretrained keyword overrides.
+    Qwen3: it maps no `qwen3.attention.key_length`, so it would build the default head_dim (128) whatever the file
+    says. Phi-3: it drops the longrope factors (`rope_factors_short/long`), which change RoPE at every length, so
+    such a file is refused rather than loaded as another model."""
+    from gguf import GGUFReader
+    r = GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents() if "general.architecture" in r.fields else None
+    if arch == "phi3" and any(t.name.startswith("rope_factors_") for t in r.tensors):
+        raise EdgequantError(f"{path.name} is a Phi-3 GGUF with longrope factors, which transformers' GGUF reader "
+                             "drops (the model would compute another RoPE); quantize the Hugging Face folder instead")
+    if arch == "qwen3" and "qwen3.attention.key_length" in r.fields:
+        return {"head_dim": int(r.fields["qwen3.attention.key_length"].contents())}
+    return {}
+
+
 def _load_gguf(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kw = dict(gguf_file=path.name)
+    fixes = _gguf_config_fixes(path)
     tok = AutoTokenizer.from_pretrained(path.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw, **fixes)
     # the weights are now plain float tensors: forget the GGUF origin so the model saves like any other
     model.hf_quantizer = None
     model.config.quantization_config = None

@@ -26,7 +26,8 @@ def tiny_config(arch: str, tie: bool = False):
         return MistralConfig(**common, sliding_window=None)
     if arch == "qwen2":
         return Qwen2Config(**common)
-    raise ValueError(arch)
+    from tiny_families import tiny_family_config
+    return tiny_family_config(arch, common)
 
 
 def make_tokenizer():

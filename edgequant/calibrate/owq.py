@@ -6,7 +6,9 @@ H_jj * ||W[:, j] - Q(W)[:, j]||^2 with H = 2/n sum x x^T of the calibration inpu
 quantizes the rest, its error compensation flowing into the weak columns before they are frozen. The number of weak
 columns per linear follows the paper's budget rule: a target of b_t bits over a b-bit base gives each linear
 round(K * r * ratio) columns (rounded up to even) with r = 12 / (16 - b) * (b_t - b) / (number of linear kinds), where
-`ratio` is the family's per-kind share (LLaMA: 1 for q/k/v/o, 0.375 for gate/up/down). Quantizer parameters are tuned
+`ratio` is the family's per-kind share (LLaMA: 1 for q/k/v/o, 0.375 for gate/up/down). A linear stored fused (Phi-3's
+qkv_proj) counts as its parts: its columns serve every part's rows, so it gets what each part would, and a fused
+family spends the same budget as its unfused twin. Quantizer parameters are tuned
 by a clipping grid search (the paper's "mse" tuning). This module is pure math; `methods.py` drives it block by block.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ def weak_column_counts(family: Family, in_features: dict[str, int], bits: int, t
         raise EdgequantError(f"{option} {target_bits} must lie between --bits {bits} and 16 (e.g. {bits}.01 "
                              f"or {bits}.1)")
     ratios = family.linear_ratio
-    r = 12 / (16 - bits) * (target_bits - bits) / len(ratios)
+    r = 12 / (16 - bits) * (target_bits - bits) / sum(len(lin.out) for lin in family.linears)
     out = {}
     for kind, ratio in ratios.items():
         k = round(in_features[kind] * r * ratio)

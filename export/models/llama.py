@@ -1,15 +1,22 @@
-"""The LLaMA family (llama, mistral, qwen2 with q/k/v biases, SmolLM) as a relax.frontend.nn model with the TIR
-paged KV cache.
+"""The LLaMA-shaped families (llama, mistral, qwen2 with q/k/v biases, SmolLM, Llama 3.x; qwen3 with per-head q/k
+norms; phi3 with q/k/v and gate/up stored fused) as a relax.frontend.nn model with the TIR paged KV cache.
 
 Functions follow MLC-LLM's model-library names: `embed`, `prefill` (last-token logits), `decode`,
 `create_paged_kv_cache`, plus `prefill_logits` (logits of every position, for perplexity) and `_metadata` (added by
 the builder). q/k/v and gate/up are fused into one linear each (the family's `export_fusions`, rows concatenated by
 `export/params.py`), so a block runs four matmul kernels. RoPE (HF rotate-half, theta and scaling from the config)
-is applied inside the cache.
+is applied inside the cache for default, linear and llama3 (Llama 3.x) scaling. longrope/su (Phi-3) is applied by
+the graph before the cache (`_rope_longrope`: TVM 0.27's own longrope kernel does not build), at the cache's query
+positions, with the short factors only; so a longrope model's context is capped at its
+original_max_position_embeddings (beyond it transformers switches to the long factors, which this graph does not
+compute).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from tvm import relax as rx
 from tvm import te, tirx
@@ -22,7 +29,7 @@ from edgequant.models import FAMILIES, family_for
 
 from ..quant_linear import DenseLinear, Embedding, QuantLinear
 
-FAMILY = "llama"   # the edgequant.models family this graph implements
+FAMILY_NAMES = ("llama", "qwen3", "phi3")   # the edgequant.models families this graph implements
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class ArchConfig:
     tie_word_embeddings: bool = False
     context_window: int = 2048
     sliding_window: int | None = None
+    qk_norm: bool = False                  # per-head RMSNorm on q and k before RoPE (qwen3)
+    rope_short_factors: tuple = ()         # longrope: one frequency divisor per RoPE pair (applied by the graph)
+    attention_factor: float = 1.0          # longrope: the scale of cos and sin
 
     @classmethod
     def from_hf(cls, c: dict) -> "ArchConfig":
@@ -54,7 +64,7 @@ class ArchConfig:
 
     @classmethod
     def _from_hf(cls, c: dict) -> "ArchConfig":
-        types = sorted(t for t, f in FAMILIES.items() if f.name == FAMILY)
+        types = sorted(t for t, f in FAMILIES.items() if f.name in FAMILY_NAMES)
         if c.get("model_type") not in types:
             raise EdgequantError(f"export supports {', '.join(types)} models, not '{c.get('model_type')}'")
         if c.get("hidden_act", "silu") != "silu":
@@ -62,28 +72,52 @@ class ArchConfig:
         rp = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
         theta = float(rp.get("rope_theta", c.get("rope_theta", 10000.0)))
         rtype = rp.get("rope_type", rp.get("type", "default"))
-        scale, scaling = 1.0, {}
+        if float(rp.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))) != 1.0:
+            raise EdgequantError("partial_rotary_factor other than 1 is not supported by export yet")
+        ctx = int(c.get("max_position_embeddings", 2048))
+        scale, scaling, ext, attn_factor = 1.0, {}, (), 1.0
         if rtype == "linear":
             scale = 1.0 / float(rp["factor"])
         elif rtype == "llama3":
             scaling = {k: rp[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                            "original_max_position_embeddings")}
             scaling["rope_type"] = "llama3"
+        elif rtype in ("longrope", "su"):
+            ext, attn_factor, ctx = _longrope(c, rp, ctx)
         elif rtype != "default":
-            raise EdgequantError(f"RoPE scaling '{rtype}' is not supported by export yet (default, linear, llama3)")
-        ctx = int(c.get("max_position_embeddings", 2048))
-        sw = c.get("sliding_window") if c.get("use_sliding_window", c["model_type"] == "mistral") else None
+            raise EdgequantError(f"RoPE scaling '{rtype}' is not supported by export yet (default, linear, llama3, "
+                                 "longrope/su)")
+        # mistral and phi3 configs mean their sliding_window (transformers applies it for them unless it is null)
+        sw = c.get("sliding_window") if c.get("use_sliding_window", c["model_type"] in ("mistral", "phi3")) else None
         if sw:
             # attention inside the window equals full attention: cap the context instead of compiling the
             # cache's sliding-window mode, so every supported length is exact
             ctx = min(ctx, int(sw))
-        d = family_for(c["model_type"]).dims(c)
+        family = family_for(c["model_type"])
+        d = family.dims(c)
         return cls(model_type=c["model_type"], vocab_size=int(c["vocab_size"]), hidden_size=int(d.hidden),
                    intermediate_size=int(d.intermediate), num_layers=int(c["num_hidden_layers"]),
                    num_heads=int(d.heads), num_kv_heads=int(d.kv_heads), head_dim=int(d.head_dim),
                    rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scale=scale,
                    rope_scaling=scaling, tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-                   context_window=ctx, sliding_window=int(sw) if sw else None)
+                   context_window=ctx, sliding_window=int(sw) if sw else None,
+                   qk_norm=any(n.name == "self_attn.q_norm" for n in family.norms), rope_short_factors=ext,
+                   attention_factor=attn_factor)
+
+
+def _longrope(c: dict, rp: dict, ctx: int) -> tuple[tuple, float, int]:
+    """(short factors, attention factor, capped context) of a longrope/su config, as transformers'
+    `_compute_longrope_parameters` computes them for sequences within original_max_position_embeddings."""
+    orig = int(rp.get("original_max_position_embeddings") or c.get("original_max_position_embeddings") or ctx)
+    factor = float(rp.get("factor") or ctx / orig)
+    af = rp.get("attention_factor")
+    af = float(af) if af is not None else (math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0)
+    d = family_for(c["model_type"]).dims(c)
+    short = [float(x) for x in rp["short_factor"]]
+    if len(short) != d.head_dim // 2:
+        raise EdgequantError(f"longrope short_factor needs head_dim / 2 = {d.head_dim // 2} values, not "
+                             f"{len(short)}; restore the model's config.json")
+    return tuple(short), af, min(ctx, orig)
 
 
 # Tests set this to route CPU decode through the GEMV's serial twin (same index and bit math, no thread bindings),
@@ -102,11 +136,19 @@ class Attention(nn.Module):
         self.c = c
         self.qkv_proj = _make_linear(plans[f"{prefix}.self_attn.qkv_proj"], gpu_gemv)
         self.o_proj = _make_linear(plans[f"{prefix}.self_attn.o_proj"], gpu_gemv)
+        if c.qk_norm:
+            self.q_norm = nn.RMSNorm(c.head_dim, -1, c.rms_norm_eps, bias=False, dtype="float16")
+            self.k_norm = nn.RMSNorm(c.head_dim, -1, c.rms_norm_eps, bias=False, dtype="float16")
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int):
         c = self.c
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b, s, c.num_heads + 2 * c.num_kv_heads, c.head_dim))
+        if c.qk_norm:   # qwen3: RMSNorm over each head's channels of q and k, before the cache applies RoPE
+            q, k, v = op.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=2)
+            qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
+        if c.rope_short_factors:
+            qkv = _rope_longrope(c, qkv, kv.get_query_positions(b * s))
         o = kv.attention_with_fused_qkv(layer_id, qkv, c.num_heads, sm_scale=c.head_dim ** -0.5)
         return self.o_proj(op.reshape(o, (b, s, c.num_heads * c.head_dim)))
 
@@ -186,7 +228,9 @@ class LlamaForCausalLM(nn.Module):
             layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
             num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
             v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL, rope_scale=c.rope_scale, rope_theta=c.rope_theta,
+            # longrope: the graph has rotated q and k already (`_rope_longrope`)
+            rope_mode=RopeMode.NONE if c.rope_short_factors else RopeMode.NORMAL, rope_scale=c.rope_scale,
+            rope_theta=c.rope_theta,
             rope_scaling=dict(c.rope_scaling), rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim,
             enable_disaggregation=False, dtype="float16", target=self.target)
 
@@ -205,6 +249,26 @@ class LlamaForCausalLM(nn.Module):
                                       "page_size": int, "support_sliding_window": int,
                                       "$": {"param_mode": "none", "effect_mode": "none"}},
         }
+
+
+def _rope_longrope(c: ArchConfig, qkv: Tensor, positions: Tensor) -> Tensor:
+    """HF's rotate-half RoPE on the q and k heads of `qkv` [1, s, heads, head_dim] at `positions` [s], with
+    frequencies theta^(-2j/head_dim) / short_factor[j] and cos, sin scaled by the attention factor (transformers'
+    longrope within original_max_position_embeddings); v passes unchanged."""
+    half, rot_heads = c.head_dim // 2, c.num_heads + c.num_kv_heads
+    j = np.arange(half, dtype=np.float32)
+    inv = (1.0 / (np.array(c.rope_short_factors, np.float32) * c.rope_theta ** (2 * j / c.head_dim))).astype("float32")
+    af = tirx.const(c.attention_factor, "float32")
+
+    def rope(x, pos, inv_freq):
+        def f(b, s, h, d):
+            freq = pos[s].astype("float32") * inv_freq[d % half]
+            other = tirx.if_then_else(d < half, -x[b, s, h, d + half], x[b, s, h, d - half]).astype("float32")
+            rotated = (tirx.cos(freq) * x[b, s, h, d].astype("float32") + tirx.sin(freq) * other) * af
+            return tirx.if_then_else(h < rot_heads, rotated.astype(x.dtype), x[b, s, h, d])
+        return te.compute(x.shape, f, name="rope_longrope")
+
+    return op.tensor_expr_op(rope, "rope_longrope", [qkv, positions, Tensor.from_const(inv)])
 
 
 def _last_token(h):
