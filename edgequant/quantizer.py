@@ -55,10 +55,6 @@ def quantize_int(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq:
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
-def dequantize_int(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (q - zero) * scale
-
-
 @dataclass
 class QuantizedWeight:
     """Integer weights and their group parameters for one linear (before packing)."""
@@ -71,8 +67,8 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         k = self.q.shape[1]
-        w = dequantize_int(self.q.float(), expand_groups(self.scale.float(), self.scheme, k),
-                           expand_groups(self.zero.float(), self.scheme, k))
+        w = (self.q.float() - expand_groups(self.zero.float(), self.scheme, k)) * \
+            expand_groups(self.scale.float(), self.scheme, k)
         if self.outlier_idx is not None and len(self.outlier_idx):
             w[:, self.outlier_idx.long()] = self.outlier_weight.float()
         return w
