@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from . import pack
-from .checkpoint import (FORMAT_VERSION, PROVENANCE_NAME, QUANT_METHOD, WEIGHTS_NAME, _is_count, bad_values,
-                         declares_checkpoint,
+from .checkpoint import (FORMAT_VERSION, PROVENANCE_NAME, QUANT_METHOD, WEIGHTS_NAME, _is_count, declares_checkpoint,
                          quantization_config, read_config, read_scheme, tensor_headers, weight_files, write_tensors)
 from .errors import CheckpointError, first_line
 from .models import Family, family_for
@@ -126,10 +125,19 @@ class Checkpoint:
         return out
 
     def _check_values(self, name: str, arr: np.ndarray):
-        """`checkpoint.bad_values`, and 3-bit words must leave their two top bits clear."""
+        """Values that would silently corrupt results or index out of bounds in a kernel: zero points past the
+        bit width, outlier columns outside [0, K) or not strictly increasing, NaN/Inf in any float tensor."""
         base, _, leaf = name.rpartition(".")
-        bad = bad_values(leaf, arr, self.scheme.bits, _in_features(self, base) if leaf == "outlier_idx" else None)
-        if bad is None and leaf == "qweight" and self.scheme.bits == 3 and arr.size and int((arr >> 30).max()):
+        bad = None
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = "NaN or infinite values"
+        elif leaf == "zeros" and arr.size and int(arr.max()) > self.scheme.maxq:
+            bad = f"zero points above {self.scheme.maxq}, the largest {self.scheme.bits}-bit value"
+        elif leaf == "outlier_idx" and arr.size:
+            k = _in_features(self, base)
+            if arr.min() < 0 or arr.max() >= k or np.any(np.diff(arr.astype(np.int64)) <= 0):
+                bad = f"column indices outside [0, {k}) or not strictly increasing"
+        elif leaf == "qweight" and self.scheme.bits == 3 and arr.size and int((arr >> 30).max()):
             bad = "3-bit words with their two unused top bits set"
         if bad:
             raise CheckpointError(f"tensor '{name}' holds {bad}; the checkpoint is damaged: re-run `edgequant "
@@ -324,4 +332,5 @@ def _reinit_buffers(model):
     for name, mod in list(model.named_modules()):
         if hasattr(mod, "inv_freq") and hasattr(mod, "config"):
             fresh = type(mod)(config=mod.config).to(mod.inv_freq.device)
-            model.set_submodule(name, fresh)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, fresh)

@@ -208,20 +208,6 @@ def _is_shape(v) -> bool:
     return isinstance(v, list) and all(_is_count(x) for x in v)
 
 
-def bad_values(leaf: str, arr: np.ndarray, bits: int | None, k: int | None = None) -> str | None:
-    """What is wrong with a stored tensor's values (None: nothing), for the checkpoint and the DIST alike: NaN/Inf in
-    a float tensor would silently corrupt results, zero points past the bit width and outlier columns outside [0, k)
-    or not strictly increasing would make kernels compute garbage or index out of bounds."""
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        return "NaN or infinite values"
-    if leaf == "zeros" and bits is not None and arr.size and int(arr.max()) >> bits:
-        return f"zero points above {(1 << bits) - 1}, the largest {bits}-bit value"
-    if leaf == "outlier_idx" and arr.size and (arr.min() < 0 or arr.max() >= k
-                                               or np.any(np.diff(arr.astype(np.int64)) <= 0)):
-        return f"column indices outside [0, {k}) or not strictly increasing"
-    return None
-
-
 _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
                 "U64": 8, "I64": 8, "F64": 8}
 

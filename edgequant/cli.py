@@ -220,9 +220,7 @@ def inspect(checkpoint, as_json, layers, context):
     click.echo(f"calibration     {calib if info['provenance'] == 'ok' else 'unknown (edgequant.json ' + info['provenance'] + ')'}")
     if info["time_s"]:
         click.echo(f"time            {json.dumps(info['time_s'])}")
-    click.echo("memory plan (what a device needs to run it):")
-    for line in MemoryPlan(**info["memory"]).lines():
-        click.echo(f"  {line}")
+    click.echo("\n".join(MemoryPlan(**info["memory"]).lines()))
     if layers and info["layers"]:
         rows = [{"layer": k, **v} for k, v in info["layers"].items()]
         cols = [("layer", "layer")] + [(k, k) for k in ("weight_rel_err", "output_rel_err") if k in rows[0]]

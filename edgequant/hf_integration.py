@@ -103,13 +103,14 @@ class EdgequantHfQuantizer(HfQuantizer):
         names = [f"{n}.outlier_idx" for n in quant if f"{n}.outlier_idx" in ck.files]
         outliers = {k.rsplit(".", 1)[0]: int(v.shape[0]) for k, v in ck.read(names).items()}
         for name, (n, k, has_bias) in quant.items():
+            parent, _, leaf = name.rpartition(".")
             old = model.get_submodule(name)
             if (old.out_features, old.in_features) != (n, k):
                 raise CheckpointError(f"{name}: the model built by transformers is {old.out_features}x"
                                       f"{old.in_features}, the checkpoint {n}x{k}; re-run `edgequant quantize`")
             with torch.device("meta"):
                 new = EdgequantLinear(k, n, ck.scheme, outliers.get(name, 0), has_bias, old.weight.dtype)
-            model.set_submodule(name, new)
+            setattr(model.get_submodule(parent), leaf, new)
         return model
 
     def _dequantize(self, model, dtype=None):

@@ -96,8 +96,7 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
     from .calibrate.gptq import gptq_quantize
     from .calibrate.layerwise import calibrate_layerwise
     from .calibrate.metrics import output_error, weight_error
-    from .calibrate.owq import select_weak_columns
-    from .quantizer import mse_clip_params
+    from .calibrate.owq import mse_clip_search, select_weak_columns
 
     samples = _calibration_samples(tokenizer, opts)
 
@@ -107,7 +106,7 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
         if counts is not None:
             idx = select_weak_columns(w, torch.diag(H), scheme, counts[name.split(".", 3)[-1]])
             # the paper's MSE range tuning of each group, unless turned off (--no-clip-search: min-max groups)
-            clip = mse_clip_params if opts.config.clip_search else None
+            clip = mse_clip_search if opts.config.clip_search else None
             kw, weak = {"keep": idx.to(w.device), "clip_search": clip}, {"weak_columns": int(len(idx))}
         qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order, **kw)
         w_hat = qw.dequantize()

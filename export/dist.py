@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgequant.checkpoint import EXPORT_JSON, _is_count as _int, _is_shape as _shape, bad_values
+from edgequant.checkpoint import EXPORT_JSON, _is_count as _int, _is_shape as _shape
 from edgequant.errors import EdgequantError
 from edgequant.memory import DEFAULT_CONTEXT, Shapes, kv_bytes
 from edgequant.models import Dims, family_for
@@ -248,16 +248,25 @@ def _read(where, name) -> np.ndarray:
 
 
 def _check_values(dist: Path, info: dict, where: dict):
-    """`checkpoint.bad_values` of the outlier columns, the zero points and every fp tensor (scales, embedding,
-    lm_head, norms, biases, outlier columns: read once, cheap); the big packed weights are not read."""
+    """Values that kernels use as indices or small integers; small tensors only (no pass over the big weights)."""
     bits = _bits(info)
     for p in info["params"]:
-        name, leaf = p["name"], p["name"].rpartition(".")[2]
-        if leaf not in ("outlier_idx", "zeros") and p["dtype"] not in ("float16", "float32"):
-            continue
-        arr = _read(where, name)
-        if arr.dtype == np.uint32 and leaf == "zeros":   # four zero points per word (OpenCL/WebGPU): every byte
-            arr = arr.astype("<u4").view(np.uint8)
-        bad = bad_values(leaf, arr, bits, _in_features(info["model"], name) if leaf == "outlier_idx" else None)
-        if bad:
-            raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds {bad}; the weights are damaged; {_FIX}")
+        name = p["name"]
+        if name.endswith(".outlier_idx"):
+            idx, k = _read(where, name), _in_features(info["model"], name)
+            if idx.size and (idx.min() < 0 or idx.max() >= k or np.any(np.diff(idx) <= 0)):
+                raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds column indices outside [0, {k}) or not "
+                                     f"strictly increasing; the weights are damaged; {_FIX}")
+        elif name.endswith(".zeros") and bits is not None:
+            z = _read(where, name)
+            if z.dtype == np.uint32:   # four zero points per word (OpenCL/WebGPU exports): check every byte
+                z = z.astype("<u4").view(np.uint8)
+            if z.size and int(z.max()) >= 1 << bits:
+                raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds zero points above {(1 << bits) - 1} for "
+                                     f"{bits}-bit weights; the weights are damaged; {_FIX}")
+        elif p["dtype"] in ("float16", "float32"):
+            # every fp tensor (scales, embedding, lm_head, norms, biases, outlier columns): read once, cheap
+            if not np.isfinite(_read(where, name)).all():
+                what = "scales" if name.endswith(".scales") else "values"
+                raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds NaN or infinite {what}; the weights are "
+                                     f"damaged; {_FIX}")

@@ -124,10 +124,11 @@ class Runner:
         model sizes were checked against these parameters by read_export_info)."""
         info, f = self.info, self.dist / EXPORT_JSON
         params = [{k: p[k] for k in ("name", "shape", "dtype")} for p in info["params"]]
-        meta = meta if isinstance(meta, dict) else {}
-        for what, mine, theirs in (("params", params, meta.get("params")),
-                                   ("context_window", info["model"]["context_window"], meta.get("context_window_size")),
-                                   ("prefill_chunk_size", info["prefill_chunk_size"], meta.get("prefill_chunk_size"))):
+        for what, mine, theirs in (("params", params, meta.get("params") if isinstance(meta, dict) else None),
+                                   ("context_window", info["model"]["context_window"],
+                                    meta.get("context_window_size") if isinstance(meta, dict) else None),
+                                   ("prefill_chunk_size", info["prefill_chunk_size"],
+                                    meta.get("prefill_chunk_size") if isinstance(meta, dict) else None)):
             if mine != theirs:
                 raise EdgequantError(f"{f} is damaged ('{what}' differs from the library {lib.name}'s: the library "
                                      "and the weights come from different exports); export the model again with "

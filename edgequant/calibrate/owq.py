@@ -57,3 +57,8 @@ def select_weak_columns(weight: torch.Tensor, h_diag: torch.Tensor, scheme: Quan
         return torch.zeros(0, dtype=torch.long)
     sens = column_sensitivity(weight, h_diag, scheme, tuned)
     return torch.sort(torch.topk(sens, k).indices).values.cpu()
+
+
+def mse_clip_search(w: torch.Tensor, scheme: QuantScheme):
+    """The GPTQ `clip_search` hook with OWQ's grid settings."""
+    return mse_clip_params(w, scheme)
