@@ -109,12 +109,6 @@ def target_isa(target) -> str | None:
     return None
 
 
-def _i8_operands() -> bool:
-    # LLVM 22 retyped the VNNI intrinsics' byte operands from <N x i32> to <4N x i8>
-    from tvm.target import codegen
-    return codegen.llvm_version_major() >= 22
-
-
 def act_perm(spec: QuantSpec):
     """Position of activation k in the permuted int8 buffer (NumPy int array over k = 0..K-1)."""
     import numpy as np
@@ -186,8 +180,10 @@ def _dot(isa: str, L: int, acc: str, a: str, b: str) -> str:
         return (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot"), {acc}, '
                 f'T.reinterpret({a}, dtype="int8x{B}"), {b}, dtype="int32x{L}")')
     if isa == "vnni":
+        from tvm.target import codegen
         width = 32 * L
-        if _i8_operands():
+        # LLVM 22 retyped the VNNI intrinsics' byte operands from <N x i32> to <4N x i8>
+        if codegen.llvm_version_major() >= 22:
             a_op, b_op = f'T.reinterpret({a}, dtype="int8x{B}")', b
         else:
             a_op, b_op = a, f'T.reinterpret({b}, dtype="int32x{L}")'
