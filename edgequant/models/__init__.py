@@ -20,13 +20,18 @@ def register_family(family: Family) -> Family:
 register_family(LLAMA_FAMILY)
 
 
+def supported_model_types() -> list[str]:
+    return sorted(FAMILIES)
+
+
 def family_for(model_type: str) -> Family:
     try:
         return FAMILIES[model_type]
     except KeyError:
         raise UnsupportedModelError(
-            f"architecture '{model_type}' is not supported; supported model types: {', '.join(sorted(FAMILIES))}"
+            f"architecture '{model_type}' is not supported; supported model types: {', '.join(supported_model_types())}"
         ) from None
 
 
-__all__ = ["Dims", "Family", "LetPair", "Linear", "LinearGroup", "Norm", "FAMILIES", "family_for", "register_family"]
+__all__ = ["Dims", "Family", "LetPair", "Linear", "LinearGroup", "Norm", "FAMILIES", "family_for", "register_family",
+           "supported_model_types"]
