@@ -228,9 +228,7 @@ def inspect(checkpoint, as_json, layers, context):
     click.echo(f"calibration     {calib if info['provenance'] == 'ok' else 'unknown (edgequant.json ' + info['provenance'] + ')'}")
     if info["time_s"]:
         click.echo(f"time            {json.dumps(info['time_s'])}")
-    click.echo("memory plan (what a device needs to run it):")
-    for line in MemoryPlan(**info["memory"]).lines():
-        click.echo(f"  {line}")
+    click.echo("\n".join(MemoryPlan(**info["memory"]).lines()))
     if layers and info["layers"]:
         rows = [{"layer": k, **v} for k, v in info["layers"].items()]
         cols = [("layer", "layer")] + [(k, k) for k in ("weight_rel_err", "output_rel_err") if k in rows[0]]
@@ -334,7 +332,8 @@ def demo(bits, group_size, calib, data, max_windows, nsamples, seqlen, methods, 
     rows = api.demo(output, bits=int(bits), group_size=group_size, calib=calib, data=data, nsamples=nsamples,
                     seqlen=seqlen, max_windows=max_windows, progress=not quiet, methods=methods, on_row=on_row)
     for r in rows:
-        r["bits"] = _bits(r)
+        # target and stored side by side: '3 / 3.42' (the stored figure adds packing, scales, zeros)
+        r["bits"] = f"{r['bits_target']:g} / {r['bits_per_weight']:.2f}"
     click.echo(f"\nSmolLM2-135M-Instruct, WikiText-2 perplexity over the first {max_windows} windows of 2048 tokens")
     click.echo(table(rows, [("method", "method"), ("scheme", "scheme"), ("bits", "bits/weight target / stored"),
                             ("perplexity", "perplexity"), ("quantize_s", "quantize s"), ("eval_s", "eval s"),
@@ -343,11 +342,6 @@ def demo(bits, group_size, calib, data, max_windows, nsamples, seqlen, methods, 
     if last:
         click.echo(f"\ncheckpoints in {out_root}; next: edgequant inspect {last}  |  "
                    f"edgequant export {last} --target cpu")
-
-
-def _bits(info) -> str:
-    """Target and stored bits per weight side by side: '3 / 3.42' (the stored figure adds packing, scales, zeros)."""
-    return f"{info['bits_target']:g} / {info['bits_per_weight']:.2f}"
 
 
 def _duration(seconds: float) -> str:

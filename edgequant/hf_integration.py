@@ -124,8 +124,7 @@ class EdgequantHfQuantizer(HfQuantizer):
                     lin.weight.copy_(w)
                     if mod.bias is not None:
                         lin.bias.copy_(mod.bias)
-                parent, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent), leaf, lin)
+                model.set_submodule(name, lin)
         return model
 
     def is_serializable(self):

@@ -66,14 +66,15 @@ class MemoryPlan:
         return asdict(self)
 
     def lines(self) -> list[str]:
-        """Human-readable lines for the CLI."""
+        """Human-readable lines for the CLI (`inspect`, `bench`): a heading and the parts."""
         mib = lambda b: f"{b / 2**20:,.1f} MiB"
-        return [f"weights         {mib(self.weights_bytes)}",
-                f"KV cache        {mib(self.kv_bytes_per_1k_tokens)} per 1K tokens ({self.kv_dtype}); "
+        return ["memory plan (what a device needs to run it):",
+                f"  weights         {mib(self.weights_bytes)}",
+                f"  KV cache        {mib(self.kv_bytes_per_1k_tokens)} per 1K tokens ({self.kv_dtype}); "
                 f"{mib(self.kv_bytes)} at {self.context} tokens",
-                f"temporaries     {mib(self.temp_bytes)} (estimate: one {self.prefill_chunk}-token prefill chunk's "
+                f"  temporaries     {mib(self.temp_bytes)} (estimate: one {self.prefill_chunk}-token prefill chunk's "
                 "activations + logits)",
-                f"total           {mib(self.total_bytes)} at {self.context} tokens of context (runtime and app "
+                f"  total           {mib(self.total_bytes)} at {self.context} tokens of context (runtime and app "
                 "code not included)"]
 
 

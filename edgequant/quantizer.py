@@ -15,6 +15,34 @@ from .schemes import QuantScheme
 _MIN_SCALE = 1e-6
 
 
+class _RoundSTE(torch.autograd.Function):
+    """round() forward (bit-exact, unlike x + (round(x) - x).detach()), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _Fp16STE(torch.autograd.Function):
+    """Round to the nearest fp16 value (what the checkpoint stores), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.to(torch.float16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+round_ste = _RoundSTE.apply
+fp16_ste = _Fp16STE.apply
+
+
 def expand_groups(t: torch.Tensor, scheme: QuantScheme, k: int) -> torch.Tensor:
     """Repeat per-group values [N, n_groups] along K to [N, k] (ragged last group allowed)."""
     g = scheme.group_len(k)
@@ -22,19 +50,20 @@ def expand_groups(t: torch.Tensor, scheme: QuantScheme, k: int) -> torch.Tensor:
 
 
 def params_from_range(wmin: torch.Tensor, wmax: torch.Tensor, scheme: QuantScheme):
-    """Scale and zero point (both float tensors holding storable values) for ranges [wmin, wmax]."""
+    """Scale and zero point (both float tensors holding storable values) for ranges [wmin, wmax]. Differentiable:
+    the roundings pass gradients straight through (OmniQuant's LWC learns its clipping through them)."""
     if scheme.sym:
         absmax = torch.maximum(wmin.abs(), wmax.abs())
         scale = 2 * absmax / scheme.maxq
         zero = torch.full_like(scale, float(scheme.sym_zero))
     else:
-        wmin = torch.clamp(wmin, max=0)
+        wmin = torch.clamp(wmin, max=0)   # the grid must hold 0 exactly (zero point in range)
         wmax = torch.clamp(wmax, min=0)
         scale = (wmax - wmin) / scheme.maxq
         zero = None
-    scale = torch.clamp(scale, min=_MIN_SCALE).to(torch.float16).to(torch.float32)
+    scale = fp16_ste(torch.clamp(scale, min=_MIN_SCALE))
     if zero is None:
-        zero = torch.clamp(torch.round(-wmin / scale), 0, scheme.maxq)
+        zero = torch.clamp(round_ste(-wmin / scale), 0, scheme.maxq)
     return scale, zero
 
 
@@ -55,10 +84,6 @@ def quantize_int(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq:
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
-def dequantize_int(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (q - zero) * scale
-
-
 @dataclass
 class QuantizedWeight:
     """Integer weights and their group parameters for one linear (before packing)."""
@@ -71,8 +96,8 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         k = self.q.shape[1]
-        w = dequantize_int(self.q.float(), expand_groups(self.scale.float(), self.scheme, k),
-                           expand_groups(self.zero.float(), self.scheme, k))
+        w = (self.q.float() - expand_groups(self.zero.float(), self.scheme, k)) * \
+            expand_groups(self.scale.float(), self.scheme, k)
         if self.outlier_idx is not None and len(self.outlier_idx):
             w[:, self.outlier_idx.long()] = self.outlier_weight.float()
         return w

@@ -46,8 +46,6 @@ def export_cmd(checkpoint, target, output, arch, system_lib_prefix, quiet):
 def run_cmd(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_template, as_json):
     """Generate text from PROMPT with an exported DIST folder (TVM runtime only)."""
     from . import api
-    from .runtime import read_export_info
-    read_export_info(dist)
     started = []
 
     def sink(s):   # the prompt is echoed with the first text, so an error never follows it on the same line
@@ -121,9 +119,7 @@ def bench_cmd(dist, prompt_lengths, decode_tokens, repeats, context, as_json):
     click.echo(f"{'prompt':>8} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for row in res["rows"]:
         click.echo(f"{row['prompt_tokens']:>8} {row['prefill_tokens_per_s']:>14.1f} {row['decode_tokens_per_s']:>13.1f}")
-    click.echo("memory plan (what a device needs to run it):")
-    for line in MemoryPlan(**res["memory"]).lines():
-        click.echo(f"  {line}")
+    click.echo("\n".join(MemoryPlan(**res["memory"]).lines()))
 
 
 @click.command("package")

@@ -6,6 +6,7 @@ aarch64 Linux (or a `.tar` of its objects when no aarch64 linker is installed). 
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -104,13 +105,8 @@ def tvm_target(preset: TargetPreset, arch: str | None = None):
     if preset.name == "cpu":
         # tune for this machine's CPU; without -mcpu LLVM emits generic x86-64 with no AVX
         d["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
-        d["num-cores"] = _cpu_count()
+        d["num-cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if preset.name == "cuda":
         # the kernels are compiled once per arch into one fatbin; the target's own arch is the lowest one
         d["arch"] = sorted(parse_archs(arch), key=lambda a: int(a[3:]))[0]
     return tvm.target.Target(d)
-
-
-def _cpu_count() -> int:
-    import os
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

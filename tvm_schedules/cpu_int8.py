@@ -80,14 +80,8 @@ def chunk_plan(spec: QuantSpec) -> tuple[int, int, int] | None:
     return None
 
 
-def chunk_words(spec: QuantSpec) -> int | None:
-    """Lanes (words) per main vector step: 8 or 4; None where the kernel does not apply."""
-    plan = chunk_plan(spec)
-    return plan[0] if plan else None
-
-
 def supports(spec: QuantSpec) -> bool:
-    return chunk_words(spec) is not None
+    return chunk_plan(spec) is not None
 
 
 def target_isa(target) -> str | None:
@@ -102,9 +96,7 @@ def target_isa(target) -> str | None:
             return "sdot" if codegen.target_has_features("dotprod", target) else None
         except Exception:  # noqa: BLE001 - a target LLVM cannot describe: no integer path
             return None
-    if triple and not triple.startswith(("x86_64", "i686", "i386")):
-        return None
-    if not triple and codegen.llvm_get_system_triple().split("-")[0] not in ("x86_64", "i686", "i386"):
+    if not arch.startswith(("x86_64", "i686", "i386")):
         return None
     try:
         if codegen.target_has_features("avxvnni", target) or \
@@ -115,12 +107,6 @@ def target_isa(target) -> str | None:
     except Exception:  # noqa: BLE001 - a target LLVM cannot describe: no integer path
         return None
     return None
-
-
-def _i8_operands() -> bool:
-    # LLVM 22 retyped the VNNI intrinsics' byte operands from <N x i32> to <4N x i8>
-    from tvm.target import codegen
-    return codegen.llvm_version_major() >= 22
 
 
 def act_perm(spec: QuantSpec):
@@ -172,15 +158,19 @@ def int8_gemv_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32
 
     Arguments: x fp16, qweight, scales, [zeros], y (`out_dtype`). `isa` ("vnni", "avx2", "sdot") picks the
     instructions."""
+    return _from_source(spec, isa, "decode GEMV", lambda: _source(spec, isa, out_dtype, lead, name))
+
+
+def _from_source(spec: QuantSpec, isa: str, what: str, source):
+    """The prim func of the TVMScript text `source()`, after checking that `isa` and `spec` are covered."""
     import tvm
     from tvm.script import tirx as T
 
     if isa not in ISAS:
         raise ValueError(f"unknown ISA {isa!r}; one of {ISAS}")
     if not supports(spec):
-        raise ValueError(f"no int8 decode GEMV for {spec}")
-    src = _source(spec, isa, out_dtype, lead, name)
-    return tvm.script.from_source(src, extra_vars={"T": T})
+        raise ValueError(f"no int8 {what} for {spec}")
+    return tvm.script.from_source(source(), extra_vars={"T": T})
 
 
 def _dot(isa: str, L: int, acc: str, a: str, b: str) -> str:
@@ -190,8 +180,10 @@ def _dot(isa: str, L: int, acc: str, a: str, b: str) -> str:
         return (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot"), {acc}, '
                 f'T.reinterpret({a}, dtype="int8x{B}"), {b}, dtype="int32x{L}")')
     if isa == "vnni":
+        from tvm.target import codegen
         width = 32 * L
-        if _i8_operands():
+        # LLVM 22 retyped the VNNI intrinsics' byte operands from <N x i32> to <4N x i8>
+        if codegen.llvm_version_major() >= 22:
             a_op, b_op = f'T.reinterpret({a}, dtype="int8x{B}")', b
         else:
             a_op, b_op = a, f'T.reinterpret({b}, dtype="int32x{L}")'
@@ -231,77 +223,87 @@ def _act_position(spec: QuantSpec, kk: str) -> str:
     return pos
 
 
+def _signature(spec: QuantSpec, name: str, x: str, y: str) -> list[str]:
+    """The prim func's first lines: arguments x, qweight, scales, [zeros], y."""
+    n, NG = spec.n, spec.n_groups
+    ins = [x, f'qweight: T.Buffer(({n}, {spec.words}), "uint32")', f'scales: T.Buffer(({n}, {NG}), "float16")']
+    if not spec.sym:
+        ins.append(f'zeros: T.Buffer(({n}, {NG}), "uint8")')
+    return ["@T.prim_func", f"def {name}({', '.join(ins + [y])}):",
+            '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})']
+
+
+def _quantize_row(spec: QuantSpec, xr: str, r: str | None, ind: str) -> list[str]:
+    """Statements quantizing activation row `r` (None: the only one; its value at kk = b * 32 + t is `xr`) to int8
+    per block of 32: the permuted codes at xq[r * K ...], each lane word's block scale at xsw[r * row_w ...] and the
+    per-group sums of d_b * a_k at gsum[r * NG ...]."""
+    k, NG, G = spec.k, spec.n_groups, spec.group_len
+    row_w, wpb = k // _lane_values(spec), BLOCK // _lane_values(spec)
+    at = lambda size: f"{r} * {size} + " if r is not None else ""  # noqa: E731 - the row's offset in a buffer
+    return [f"{ind}for g in T.serial({NG}):",
+            f"{ind}    gsum[{at(NG)}g] = T.float32(0)",
+            f"{ind}for b in T.serial({k // BLOCK}):",
+            f'{ind}    mx = T.alloc_buffer((1,), "float32")',
+            f'{ind}    sa = T.alloc_buffer((1,), "int32")',
+            f"{ind}    mx[0] = T.float32(0)",
+            f"{ind}    sa[0] = 0",
+            f"{ind}    for t in T.serial(32):",
+            f'{ind}        mx[0] = T.max(mx[0], T.fabs(T.Cast("float32", {xr})))',
+            f"{ind}    for t in T.serial(32):",
+            f'{ind}        v = T.Cast("int32", T.round(T.Cast("float32", {xr}) * '
+            f'T.Select(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))))',
+            f'{ind}        xq[{at(k)}{_act_position(spec, "(b * 32 + t)")}] = T.Cast("int8", v)',
+            f"{ind}        sa[0] = sa[0] + v",
+            f"{ind}    for t in T.serial({wpb}):",
+            f"{ind}        xsw[{at(row_w)}b * {wpb} + t] = mx[0] / T.float32(127)",
+            f"{ind}    gsum[{at(NG)}b * 32 // {G}] = gsum[{at(NG)}b * 32 // {G}] + "
+            'mx[0] / T.float32(127) * T.Cast("float32", sa[0])']
+
+
+def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, r: str | None, ri: str | None, ind: str) -> list[str]:
+    """Statements writing `y` for activation row `r` (None: the only one): its chunks' partial sums (yv and yt, at
+    ri * L and ri * 4) minus the zero-point term (module docstring)."""
+    NG = spec.n_groups
+    z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
+    g = f"({r}) * {NG} + g" if r is not None else "g"
+    lv, lt = (f"{ri} * {L} + t", f"{ri} * 4 + t") if ri is not None else ("t", "t")
+    return [f"{ind}zc[0] = T.float32(0)",
+            f"{ind}for g in T.serial({NG}):",
+            f'{ind}    zc[0] = zc[0] + T.Cast("float32", scales[nn, g]) * {z} * gsum[{g}]',
+            f"{ind}for t in T.serial({L}):",
+            f"{ind}    zc[0] = zc[0] - yv[{lv}]",
+            f"{ind}for t in T.serial(4):",
+            f"{ind}    zc[0] = zc[0] - yt[{lt}]",
+            f'{ind}{y} = T.Cast("{out_dtype}", T.float32(0) - zc[0])']
+
+
 def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], name: str) -> str:
     n, k = spec.n, spec.k
     L, n_main, tail = chunk_plan(spec)
-    mw = L * n_main
-    vpw, G, NG = _lane_values(spec), spec.group_len, spec.n_groups
-    row_w = k // vpw
-    grp_w = G // vpw
-    nb = k // BLOCK
-    wpb = BLOCK // vpw                     # words per activation block
-
-    gscale = functools.partial(_group_scale, grp_w)
-
+    gscale = functools.partial(_group_scale, spec.group_len // _lane_values(spec))
     lo = ", ".join(str(d) for d in lead)
     ix = ", ".join("0" for _ in lead)
-    ins = [f'x: T.Buffer(({lo}, {k}), "float16")', f'qweight: T.Buffer(({n}, {spec.words}), "uint32")',
-           f'scales: T.Buffer(({n}, {NG}), "float16")']
-    if not spec.sym:
-        ins.append(f'zeros: T.Buffer(({n}, {NG}), "uint8")')
-    ins.append(f'y: T.Buffer(({lo}, {n}), "{out_dtype}")')
-    # permuted position of activation k (see act_perm)
-    kk = "(b * 32 + t)"
-    pos = _act_position(spec, kk)
-    S = [f"@T.prim_func", f"def {name}({', '.join(ins)}):",
-         '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})',
-         f'    xq = T.alloc_buffer(({k},), "int8")',
-         f'    xsw = T.alloc_buffer(({row_w},), "float32")',
-         f'    bsum = T.alloc_buffer(({nb},), "float32")',
-         f'    gsum = T.alloc_buffer(({NG},), "float32")',
-         # --- quantize x to int8 per block of 32 (serial: K values)
-         f"    for b in T.serial({nb}):",
-         '        m = T.alloc_buffer((1,), "float32")',
-         '        sa = T.alloc_buffer((1,), "int32")',
-         "        m[0] = T.float32(0)",
-         "        sa[0] = 0",
-         "        for t in T.serial(32):",
-         f'            m[0] = T.max(m[0], T.fabs(T.Cast("float32", x[{ix}, {kk}])))',
-         "        for t in T.serial(32):",
-         f'            v = T.Cast("int32", T.round(T.Cast("float32", x[{ix}, {kk}]) * '
-         f'T.Select(m[0] > T.float32(0), T.float32(127) / m[0], T.float32(0))))',
-         f'            xq[{pos}] = T.Cast("int8", v)',
-         "            sa[0] = sa[0] + v",
-         f"        for t in T.serial({wpb}):",
-         f"            xsw[b * {wpb} + t] = m[0] / T.float32(127)",
-         '        bsum[b] = m[0] / T.float32(127) * T.Cast("float32", sa[0])',
-         f"    for g in T.serial({NG}):",
-         "        gsum[g] = T.float32(0)",
-         f"    for b in T.serial({nb}):",
-         f"        gsum[b * 32 // {G}] = gsum[b * 32 // {G}] + bsum[b]",
-         # --- rows in parallel
-         f"    for nn in T.parallel({n}):",
-         f'        yv = T.alloc_buffer(({L},), "float32")',
-         f'        yt = T.alloc_buffer((4,), "float32")',
-         f'        ia = T.alloc_buffer(({L},), "int32")',
-         f'        wq = T.alloc_buffer(({L},), "uint32")',
-         f'        hq = T.alloc_buffer(({L},), "uint32")',
-         '        zc = T.alloc_buffer((1,), "float32")',
-         f"        yv[T.ramp(0, 1, {L})] = T.broadcast(T.float32(0), {L})",
-         "        yt[T.ramp(0, 1, 4)] = T.broadcast(T.float32(0), 4)",
-         f"        for c in T.serial({n_main}):"]
-    S += _chunk(spec, isa, L, f"c * {L}", "yv", gscale, " " * 12)
+    S = _signature(spec, name, f'x: T.Buffer(({lo}, {k}), "float16")', f'y: T.Buffer(({lo}, {n}), "{out_dtype}")')
+    S += [f'    xq = T.alloc_buffer(({k},), "int8")',
+          f'    xsw = T.alloc_buffer(({k // _lane_values(spec)},), "float32")',
+          f'    gsum = T.alloc_buffer(({spec.n_groups},), "float32")']
+    # --- quantize x to int8 per block of 32 (serial: K values)
+    S += _quantize_row(spec, f"x[{ix}, (b * 32 + t)]", None, "    ")
+    # --- rows in parallel
+    S += [f"    for nn in T.parallel({n}):",
+          f'        yv = T.alloc_buffer(({L},), "float32")',
+          '        yt = T.alloc_buffer((4,), "float32")',
+          f'        ia = T.alloc_buffer(({L},), "int32")',
+          f'        wq = T.alloc_buffer(({L},), "uint32")',
+          f'        hq = T.alloc_buffer(({L},), "uint32")',
+          '        zc = T.alloc_buffer((1,), "float32")',
+          f"        yv[T.ramp(0, 1, {L})] = T.broadcast(T.float32(0), {L})",
+          "        yt[T.ramp(0, 1, 4)] = T.broadcast(T.float32(0), 4)",
+          f"        for c in T.serial({n_main}):"]
+    S += _chunk(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 12)
     if tail:
-        S += _chunk(spec, isa, 4, str(mw), "yt", gscale, " " * 8)
-    S.append("        zc[0] = T.float32(0)")
-    z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
-    S += [f"        for g in T.serial({NG}):",
-          f'            zc[0] = zc[0] + T.Cast("float32", scales[nn, g]) * {z} * gsum[g]',
-          f"        for t in T.serial({L}):",
-          "            zc[0] = zc[0] - yv[t]",
-          "        for t in T.serial(4):",
-          "            zc[0] = zc[0] - yt[t]",
-          f'        y[{ix}, nn] = T.Cast("{out_dtype}", T.float32(0) - zc[0])']
+        S += _chunk(spec, isa, 4, 4, str(L * n_main), "yt", gscale, " " * 8)
+    S += _finish_row(spec, L, f"y[{ix}, nn]", out_dtype, None, None, " " * 8)
     return "\n".join(S) + "\n"
 
 
@@ -335,21 +337,27 @@ def _weight_codes(spec: QuantSpec, isa: str, Lc: int, start: str, ind: str):
     return S, codes
 
 
-def _chunk(spec: QuantSpec, isa: str, Lc: int, start: str, acc: str, gscale, ind: str) -> list[str]:
+def _chunk(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gscale, ind: str,
+           rows: int | None = None) -> list[str]:
     """Statements for one chunk of Lc words from word `start` of row nn: integer dots, then `acc` += their scaled sum.
     The chunk's activations sit at byte start * P * 4 in the order [part j][lane][byte i]. NEON registers hold 4
     lanes: `sdot` runs the integer part in 4-lane steps over the same layout (lanes h0..h0+3 of part j are 16
-    contiguous bytes), so the int32 sums and everything after them are those of the x86 kernel."""
-    P = _parts(spec)
-    Lr = f"T.ramp(0, 1, {Lc})"
+    contiguous bytes), so the int32 sums and everything after them are those of the x86 kernel. With `rows` (the
+    GEMM: activation rows rb * rows + ri) the codes are unpacked once for every row's dots; row ri's int32 sums sit
+    in ia[ri * L ...], its fp32 partial sums in acc[ri * Lc ...]."""
+    P, R = _parts(spec), rows or 1
     S, codes = _weight_codes(spec, isa, Lc, start, ind)
-    S.append(f"{ind}ia[{Lr}] = T.broadcast(0, {Lc})")
+    S.append(f"{ind}ia[T.ramp(0, 1, {R * L})] = T.broadcast(0, {R * L})")
+    row = lambda ri, size: f"(rb * {R} + {ri}) * {size} + " if rows else ""  # noqa: E731 - the row's buffer offset
     for h0, j, W, code in codes:
-        Lh = f"T.ramp({h0}, 1, {W})"
-        act = f"xq[T.ramp(({start}) * {P * 4} + {j * 4 * Lc + 4 * h0}, 1, {4 * W})]"
-        S.append(f"{ind}ia[{Lh}] = {_dot(isa, W, f'ia[{Lh}]', code, act)}")
-    S.append(f'{ind}{acc}[{Lr}] = {acc}[{Lr}] + T.Cast("float32x{Lc}", ia[{Lr}]) * '
-             f'xsw[T.ramp({start}, 1, {Lc})] * {gscale(Lc, start)}')
+        for ri in range(R):
+            act = f"xq[T.ramp({row(ri, spec.k)}({start}) * {P * 4} + {j * 4 * Lc + 4 * h0}, 1, {4 * W})]"
+            Li = f"T.ramp({ri * L + h0}, 1, {W})"
+            S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
+    for ri in range(R):
+        La = f"T.ramp({ri * Lc}, 1, {Lc})"
+        S.append(f'{ind}{acc}[{La}] = {acc}[{La}] + T.Cast("float32x{Lc}", ia[T.ramp({ri * L}, 1, {Lc})]) * '
+                 f'xsw[T.ramp({row(ri, spec.k // _lane_values(spec))}{start}, 1, {Lc})] * {gscale(Lc, start)}')
     return S
 
 
@@ -360,106 +368,38 @@ def int8_gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32
     """y[1, m, N] = x[1, m, K] @ dq(W)^T for m rows (prefill; m symbolic) with int8 activations: each row is
     quantized as in the GEMV and gets the GEMV's integer sums and fp32 operations; rows go GEMM_ROWS at a time
     through each weight chunk so that its codes are unpacked once per 4 rows."""
-    import tvm
-    from tvm.script import tirx as T
-
-    if isa not in ISAS:
-        raise ValueError(f"unknown ISA {isa!r}; one of {ISAS}")
-    if not supports(spec):
-        raise ValueError(f"no int8 GEMM for {spec}")
-    return tvm.script.from_source(_source_gemm(spec, isa, out_dtype, name), extra_vars={"T": T})
+    return _from_source(spec, isa, "GEMM", lambda: _source_gemm(spec, isa, out_dtype, name))
 
 
 def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
-    n, k, R = spec.n, spec.k, GEMM_ROWS
+    n, k, R, NG = spec.n, spec.k, GEMM_ROWS, spec.n_groups
     L, n_main, tail = chunk_plan(spec)
-    mw = L * n_main
-    vpw, G, NG = _lane_values(spec), spec.group_len, spec.n_groups
-    row_w, grp_w, nb = k // vpw, G // vpw, k // BLOCK
-    wpb = BLOCK // vpw
-
-    gscale = functools.partial(_group_scale, grp_w)
-
-    ins = ["x_h: T.handle", f'qweight: T.Buffer(({n}, {spec.words}), "uint32")',
-           f'scales: T.Buffer(({n}, {NG}), "float16")']
-    if not spec.sym:
-        ins.append(f'zeros: T.Buffer(({n}, {NG}), "uint8")')
-    ins.append("y_h: T.handle")
-    kk = "(b * 32 + t)"
-    pos = _act_position(spec, kk)
+    gscale = functools.partial(_group_scale, spec.group_len // _lane_values(spec))
     mp = f"((m + {R - 1}) // {R} * {R})"   # rows padded to whole blocks: pad rows repeat the last row, never stored
-    xr = "x[0, T.min(r, m - 1), " + kk + "]"
-    S = [f"@T.prim_func", f"def {name}({', '.join(ins)}):",
-         '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})',
-         "    m = T.int64()",
-         f'    x = T.match_buffer(x_h, (T.int64(1), m, T.int64({k})), "float16")',
-         f'    y = T.match_buffer(y_h, (T.int64(1), m, T.int64({n})), "{out_dtype}")',
-         f'    xq = T.alloc_buffer(({mp} * {k},), "int8")',
-         f'    xsw = T.alloc_buffer(({mp} * {row_w},), "float32")',
-         f'    gsum = T.alloc_buffer(({mp} * {NG},), "float32")',
-         f"    for r in T.serial({mp}):",
-         f"        for g in T.serial({NG}):",
-         f"            gsum[r * {NG} + g] = T.float32(0)",
-         f"        for b in T.serial({nb}):",
-         '            mx = T.alloc_buffer((1,), "float32")',
-         '            sa = T.alloc_buffer((1,), "int32")',
-         "            mx[0] = T.float32(0)",
-         "            sa[0] = 0",
-         "            for t in T.serial(32):",
-         f'                mx[0] = T.max(mx[0], T.fabs(T.Cast("float32", {xr})))',
-         "            for t in T.serial(32):",
-         f'                v = T.Cast("int32", T.round(T.Cast("float32", {xr}) * '
-         f'T.Select(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))))',
-         f'                xq[r * {k} + {pos}] = T.Cast("int8", v)',
-         "                sa[0] = sa[0] + v",
-         f"            for t in T.serial({wpb}):",
-         f"                xsw[r * {row_w} + b * {wpb} + t] = mx[0] / T.float32(127)",
-         f'            gsum[r * {NG} + b * 32 // {G}] = gsum[r * {NG} + b * 32 // {G}] + '
-         'mx[0] / T.float32(127) * T.Cast("float32", sa[0])',
-         f"    for nn in T.parallel({n}):",
-         f'        yv = T.alloc_buffer(({R * L},), "float32")',
-         f'        yt = T.alloc_buffer(({R * 4},), "float32")',
-         f'        ia = T.alloc_buffer(({R * L},), "int32")',
-         f'        wq = T.alloc_buffer(({L},), "uint32")',
-         f'        hq = T.alloc_buffer(({L},), "uint32")',
-         '        zc = T.alloc_buffer((1,), "float32")',
-         f"        for rb in T.serial({mp} // {R}):",
-         f"            yv[T.ramp(0, 1, {R * L})] = T.broadcast(T.float32(0), {R * L})",
-         f"            yt[T.ramp(0, 1, {R * 4})] = T.broadcast(T.float32(0), {R * 4})",
-         f"            for c in T.serial({n_main}):"]
-    S += _chunk_rows(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 16)
+    S = _signature(spec, name, "x_h: T.handle", "y_h: T.handle")
+    S += ["    m = T.int64()",
+          f'    x = T.match_buffer(x_h, (T.int64(1), m, T.int64({k})), "float16")',
+          f'    y = T.match_buffer(y_h, (T.int64(1), m, T.int64({n})), "{out_dtype}")',
+          f'    xq = T.alloc_buffer(({mp} * {k},), "int8")',
+          f'    xsw = T.alloc_buffer(({mp} * {k // _lane_values(spec)},), "float32")',
+          f'    gsum = T.alloc_buffer(({mp} * {NG},), "float32")',
+          f"    for r in T.serial({mp}):"]
+    S += _quantize_row(spec, "x[0, T.min(r, m - 1), (b * 32 + t)]", "r", " " * 8)
+    S += [f"    for nn in T.parallel({n}):",
+          f'        yv = T.alloc_buffer(({R * L},), "float32")',
+          f'        yt = T.alloc_buffer(({R * 4},), "float32")',
+          f'        ia = T.alloc_buffer(({R * L},), "int32")',
+          f'        wq = T.alloc_buffer(({L},), "uint32")',
+          f'        hq = T.alloc_buffer(({L},), "uint32")',
+          '        zc = T.alloc_buffer((1,), "float32")',
+          f"        for rb in T.serial({mp} // {R}):",
+          f"            yv[T.ramp(0, 1, {R * L})] = T.broadcast(T.float32(0), {R * L})",
+          f"            yt[T.ramp(0, 1, {R * 4})] = T.broadcast(T.float32(0), {R * 4})",
+          f"            for c in T.serial({n_main}):"]
+    S += _chunk(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 16, GEMM_ROWS)
     if tail:
-        S += _chunk_rows(spec, isa, 4, L, str(mw), "yt", gscale, " " * 12)
-    z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
+        S += _chunk(spec, isa, 4, L, str(L * n_main), "yt", gscale, " " * 12, GEMM_ROWS)
     S += [f"            for ri in T.serial({R}):",
-          f"                if rb * {R} + ri < m:",
-          "                    zc[0] = T.float32(0)",
-          f"                    for g in T.serial({NG}):",
-          f'                        zc[0] = zc[0] + T.Cast("float32", scales[nn, g]) * {z} * '
-          f"gsum[(rb * {R} + ri) * {NG} + g]",
-          f"                    for t in T.serial({L}):",
-          f"                        zc[0] = zc[0] - yv[ri * {L} + t]",
-          "                    for t in T.serial(4):",
-          "                        zc[0] = zc[0] - yt[ri * 4 + t]",
-          f'                    y[0, rb * {R} + ri, nn] = T.Cast("{out_dtype}", T.float32(0) - zc[0])']
+          f"                if rb * {R} + ri < m:"]
+    S += _finish_row(spec, L, f"y[0, rb * {R} + ri, nn]", out_dtype, f"rb * {R} + ri", "ri", " " * 20)
     return "\n".join(S) + "\n"
-
-
-def _chunk_rows(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gscale, ind: str) -> list[str]:
-    """`_chunk` for GEMM_ROWS activation rows rb * R + ri: the chunk's codes once, then each row's dots; row ri's
-    int32 sums in ia[ri * L ...], its fp32 partial sums in acc[ri * Lc ...]."""
-    P, R, k = _parts(spec), GEMM_ROWS, spec.k
-    S, codes = _weight_codes(spec, isa, Lc, start, ind)
-    S.append(f"{ind}ia[T.ramp(0, 1, {R * L})] = T.broadcast(0, {R * L})")
-    for h0, j, W, code in codes:
-        for ri in range(R):
-            row = f"(rb * {R} + {ri})"
-            act = f"xq[T.ramp({row} * {k} + ({start}) * {P * 4} + {j * 4 * Lc + 4 * h0}, 1, {4 * W})]"
-            Li = f"T.ramp({ri * L + h0}, 1, {W})"
-            S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
-    for ri in range(R):
-        row = f"(rb * {R} + {ri})"
-        La = f"T.ramp({ri * Lc}, 1, {Lc})"
-        S.append(f'{ind}{acc}[{La}] = {acc}[{La}] + T.Cast("float32x{Lc}", ia[T.ramp({ri * L}, 1, {Lc})]) * '
-                 f'xsw[T.ramp({row} * {spec.k // _lane_values(spec)} + {start}, 1, {Lc})] * {gscale(Lc, start)}')
-    return S

@@ -77,15 +77,11 @@ def capture_first_block_inputs(model, layers, samples: torch.Tensor, device="cpu
     return BlockInputs(torch.cat(hidden), kwargs)
 
 
-def _batched_kwargs(kwargs: dict, device) -> dict:
-    return _move(kwargs, device)
-
-
 @torch.no_grad()
 def run_block(block, inputs: BlockInputs, device="cpu", batch_size: int = 4, stop_at=None) -> torch.Tensor | None:
     """Outputs of `block` for every input row (on the host). With `stop_at` (a module inside the block), the forward
     pass of each batch stops once that module has run (its hooks have seen its input): returns None."""
-    kw = _batched_kwargs(inputs.kwargs, device)
+    kw = _move(inputs.kwargs, device)
     outs = []
     handle = None
     if stop_at is not None:

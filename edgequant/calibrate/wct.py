@@ -50,8 +50,7 @@ def attach_weak_columns(model, quantized: dict) -> dict[str, WeakColumnLinear]:
             continue
         old = model.get_submodule(name)
         new = WeakColumnLinear(qw, old.bias)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, new)
+        model.set_submodule(name, new)
         swapped[name] = new
     return swapped
 

@@ -1,6 +1,6 @@
 """Run the kernels an `android` (OpenCL C) or `webgpu` (WGSL) export emits on software drivers: PoCL through pyopencl
 and Mesa's lavapipe through wgpu. The TVM wheel has neither device runtime, so this module plays the host: it walks
-the model's call_tir graph after the export's scheduling passes, lowers each kernel with `export/kernel_launch.py`
+the model's call_tir graph after the export's scheduling passes, lowers each kernel with `kernel_launch.py`
 (source + the launch extents TVM's host code computes) and launches it with those extents.
 
 PoCL (Debian's 3.1 CPU device) has no cl_khr_fp16. Where the device lacks it, TVM's OpenCL C is compiled unchanged
@@ -23,7 +23,7 @@ _HALF_AS_FLOAT = "".join(f"#define {a}{n} {b}{n}\n" for n in ("", 2, 3, 4, 8, 16
 def resolve(lowered, arrays) -> list[dict]:
     """The launches of `lowered` for these arrays as plain data (no TVM objects): kernel, args ("buffer", index) or
     ("scalar", value), grid and block; what `execute` needs, and what `record` writes for replay elsewhere."""
-    from edgequant.export import kernel_launch
+    from tests.export import kernel_launch
     env = lowered.env(arrays)
     plan = []
     for launch in lowered.launches:
@@ -45,7 +45,7 @@ def scheduled_module(model, spec: dict, target):
 def run_graph(mod, fn: str, inputs: dict, runner, target):
     """Evaluate relax function `fn` (a dataflow block of call_tir) with `inputs` (parameter name -> array)."""
     import tvm
-    from edgequant.export import kernel_launch
+    from tests.export import kernel_launch
     func = mod[fn]
     env = {p.name: inputs[p.name.replace(".", "_")] for p in func.params}
     call_tir = tvm.ir.Op.get("relax.call_tir")

@@ -158,16 +158,16 @@ def test_isa_follows_the_target():
 
 
 def test_supported_shapes():
-    from edgequant.tvm_schedules.cpu_int8 import chunk_plan, chunk_words
+    from edgequant.tvm_schedules.cpu_int8 import chunk_plan
     from edgequant.tvm_schedules.dequant import QuantSpec
-    assert chunk_words(QuantSpec(8, 576, 4, 128, False)) == 8     # SmolLM2 W4 g128: 72 words, 16 per group
+    assert chunk_plan(QuantSpec(8, 576, 4, 128, False))[0] == 8     # SmolLM2 W4 g128: 72 words, 16 per group
     assert chunk_plan(QuantSpec(8, 576, 2, 64, False)) == (8, 4, 4)   # W2 g64: 36 words, a 128-bit tail
-    assert chunk_words(QuantSpec(8, 1536, 2, 64, False)) == 8     # two groups per chunk
-    assert chunk_words(QuantSpec(8, 160, 2, -1, False)) is None   # 10 words per row
-    assert chunk_words(QuantSpec(8, 96, 4, 48, False)) is None    # groups not made of whole blocks of 32
+    assert chunk_plan(QuantSpec(8, 1536, 2, 64, False))[0] == 8     # two groups per chunk
+    assert chunk_plan(QuantSpec(8, 160, 2, -1, False)) is None   # 10 words per row
+    assert chunk_plan(QuantSpec(8, 96, 4, 48, False)) is None    # groups not made of whole blocks of 32
     assert chunk_plan(QuantSpec(8, 576, 3, 128, False, "planes3")) == (8, 4, 4)
     assert chunk_plan(QuantSpec(8, 576, 2, -1, False)) == (8, 4, 4)    # per channel: one group, any chunks
     assert chunk_plan(QuantSpec(8, 320, 2, 64, False)) == (8, 2, 4)
     assert chunk_plan(QuantSpec(8, 192, 4, 96, False)) == (4, 6, 0)    # groups of 12 words: 128-bit chunks
-    assert chunk_words(QuantSpec(8, 1536, 3, 128, False, "planes3")) == 8
-    assert chunk_words(QuantSpec(8, 576, 3, 128, False, "words")) is None       # the checkpoint's 10-per-word layout
+    assert chunk_plan(QuantSpec(8, 1536, 3, 128, False, "planes3"))[0] == 8
+    assert chunk_plan(QuantSpec(8, 576, 3, 128, False, "words")) is None       # the checkpoint's 10-per-word layout

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from ...models import family_for
-from ...quantizer import QuantizedWeight, quantize_weight
+from ...quantizer import QuantizedWeight, fp16_ste, quantize_weight
 from ...schemes import QuantScheme
 from ..blocks import get_module
 from .let import LET
-from .lwc import LWC, fp16_ste, search_clip_init
+from .lwc import LWC, search_clip_init
 
 
 def _key(name: str) -> str:   # ModuleDict keys cannot hold dots

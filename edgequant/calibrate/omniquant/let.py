@@ -144,21 +144,15 @@ class LET(nn.Module):
         calibration group, on the calibration data."""
         d = self.dims
 
-        def smooth(act, wcols):
-            w = torch.stack([c.abs().amax(0) for c in wcols]).amax(0).clamp(min=_EPS)
-            return (act.clamp(min=_EPS).pow(alpha) / w.pow(1 - alpha)).clamp(min=_EPS)
-
         for pair in self.pairs:
             if pair.kind == "rope_qk":
                 self.log_scales[pair.name].zero_()
                 continue
             act = act_absmax[pair.consumers[0]]
+            w = torch.stack([p[_w(n)].abs().amax(0) for n in pair.consumers]).amax(0)   # max |W| per input channel
             if pair.kind == "attn_v":   # GQA: one scale per kv channel, from the largest of its query heads' channels
-                act = q_to_kv_max(d, act)
-                w = q_to_kv_max(d, p[_w(pair.consumers[0])].abs().amax(0))
-                s = (act.clamp(min=_EPS).pow(alpha) / w.clamp(min=_EPS).pow(1 - alpha)).clamp(min=_EPS)
-            else:
-                s = smooth(act, [p[_w(n)] for n in pair.consumers])
+                act, w = q_to_kv_max(d, act), q_to_kv_max(d, w)
+            s = (act.clamp(min=_EPS).pow(alpha) / w.clamp(min=_EPS).pow(1 - alpha)).clamp(min=_EPS)
             self.log_scales[pair.name].copy_(s.log())
         for g in self.shifts:
             first = self.first_consumer[g]

@@ -16,38 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...quantizer import _MIN_SCALE, expand_groups, group_minmax
+from ...quantizer import expand_groups, group_minmax, params_from_range, round_ste
 from ...schemes import QuantScheme
 
 DEFAULT_INIT = 4.0   # sigmoid(4) ~ 0.982: start close to plain min-max, as the paper's scripts do
-
-
-class _RoundSTE(torch.autograd.Function):
-    """round() forward (bit-exact, unlike x + (round(x) - x).detach()), identity backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-class _Fp16STE(torch.autograd.Function):
-    """Round to the nearest fp16 value (what the checkpoint stores), identity backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.to(torch.float16).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-round_ste = _RoundSTE.apply
-fp16_ste = _Fp16STE.apply
 
 
 class LWC(nn.Module):
@@ -72,25 +44,13 @@ class LWC(nn.Module):
         return up, (torch.sigmoid(self.lower) if self.lower is not None else up)
 
     def params(self, w: torch.Tensor):
-        """(scale, zero) [N, n_groups] of the clipped groups of w: scale fp16-representable, zero an integer in
-        [0, 2^b - 1], both carrying straight-through gradients. Mirrors `quantizer.params_from_range`."""
-        s = self.scheme
-        wmin, wmax = group_minmax(w, s)   # differentiable: LET's scales feel the clipping through it
+        """(scale, zero) [N, n_groups] of the clipped groups of w: `quantizer.params_from_range` of the clipped ranges
+        (scale fp16-representable, zero an integer in [0, 2^b - 1], both with straight-through gradients)."""
+        wmin, wmax = group_minmax(w, self.scheme)   # differentiable: LET's scales feel the clipping through it
         up, low = self.clip_factors()
         if up is not None:
-            wmax = wmax * up
-            wmin = wmin * low
-        if s.sym:
-            absmax = torch.maximum(wmin.abs(), wmax.abs())
-            scale = 2 * absmax / s.maxq
-            scale = fp16_ste(torch.clamp(scale, min=_MIN_SCALE))
-            zero = torch.full_like(scale, float(s.sym_zero))
-        else:
-            wmin = torch.clamp(wmin, max=0)   # the grid must hold 0 exactly (zero point in range)
-            wmax = torch.clamp(wmax, min=0)
-            scale = fp16_ste(torch.clamp((wmax - wmin) / s.maxq, min=_MIN_SCALE))
-            zero = torch.clamp(round_ste(-wmin / scale), 0, s.maxq)
-        return scale, zero
+            wmax, wmin = wmax * up, wmin * low
+        return params_from_range(wmin, wmax, self.scheme)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """The dequantized weight w_hat = (q - z) * s, differentiable (STE) w.r.t. w and the clipping strengths."""

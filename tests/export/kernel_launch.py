@@ -5,7 +5,8 @@
 function's `call_ffi_kernel` calls (LowerDeviceKernelLaunch): name, pointer and scalar arguments, and the grid/block
 extents as expressions of the function's shape variables, tagged `blockIdx.x` ... `threadIdx.z`. With those,
 `tests/export/test_mobile_gpu_kernels.py` runs an exported model's OpenCL kernels on PoCL and its WGSL on wgpu
-(lavapipe), where this TVM wheel has neither device runtime.
+(lavapipe), where this TVM wheel has neither device runtime. Test support only (apps launch kernels through the TVM
+runtime): it lives beside its user, `mobile_gpu.py`.
 """
 from __future__ import annotations
 
