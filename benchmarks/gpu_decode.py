@@ -32,7 +32,8 @@ SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("d
 SCHEMES = [("W4 g128", 4, 128, 0.0), ("W3 g128", 3, 128, 0.0), ("W2 g64", 2, 64, 0.0),
            ("W3 g128 + OWQ 3.1", 3, 128, 0.1)]      # the last: fp16 outlier columns worth 0.1 bit per weight
 ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact float kernel
-SWEEP = ((8, 1), (8, 2), (4, 2), (4, 4), (2, 4), (8, 4))   # (rows per step, steps per block) tried per linear
+SWEEP = ((8, 2, 2), (4, 4, 2), (4, 8, 2), (8, 4, 2), (4, 4, 3), (4, 8, 3), (4, 8, 4), (2, 8, 3), (8, 4, 3))
+# (rows per step, steps per block, buffers) tried per linear besides the default
 LAYERS = 32
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -76,16 +77,18 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
             spec = QuantSpec(n, k, bits, g, False, (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
             nout = n_outliers(k, extra)
             dflt = default_config(spec, act=act)
-            tried = {(dflt.rows, dflt.steps)}
+            dkey = (dflt.rows, dflt.steps, dflt.depth)
+            tried = {dkey}
             if not extra and not quick and act == "int8":  # the others run their default config only
-                tried |= {(r, s) for r, s in SWEEP if n % r == 0 and -(-n // r // s) >= 132}
-            for rows, steps in sorted(tried):
-                cfg = GemvConfig(rows, warps_for(spec), steps)
+                tried |= {c for c in SWEEP if n % c[0] == 0 and -(-n // c[0] // c[1]) >= 132}
+            for rows, steps, depth in sorted(tried):
+                cfg = GemvConfig(rows, warps_for(spec), steps, depth)
                 tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
-                name = f"w{bits}{tag}_{lin}_r{rows}s{steps}"
+                cname = f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "")
+                name = f"w{bits}{tag}_{lin}_{cname}"
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act),
                     scheme + (" int8 act" if act == "int8" else ""), bits, g, lin, n, k, spec,
-                    f"r{rows}s{steps}", (rows, steps) == (dflt.rows, dflt.steps), nout, [-(-n // rows // steps), 1, 1],
+                    cname, (rows, steps, depth) == dkey, nout, [-(-n // rows // steps), 1, 1],
                     [32, cfg.warps, 1], act)
             if baseline and not extra and act == "fp16":
                 prev = _load_baseline(baseline)
@@ -406,7 +409,8 @@ def _table(rows, peer, bw, cbw, dev, torch_ver):
            "`python3 benchmarks/gpu_decode.py run --save` on the GPU.", "",
            "Times per call, CUDA-graph replays over weight copies totalling >= 512 MiB (no L2 reuse). % roofline = "
            "(weights + scales + zeros [+ fp16 outlier columns]) / time / roofline. Best of the configs tried "
-           "(rNsM: N rows per step, M steps per block); 'default' is the config `gemv.default_config` picks; regs "
+           "(rNsM[dB]: N rows per step, M steps per block[, B register buffers: loads run B - 1 steps ahead; 2 if "
+           "absent]); 'default' is the config `gemv.default_config` picks; regs "
            "from ptxas. rel err: max |y - ref| / max |ref| on the device, ref = the dequantized weights in fp32 times x "
            "(int8 act rows: times x rounded to int8 per 32 values, what the kernel computes); int8 act err: the same "
            "measure between that rounding's ref and the exact one.", "",

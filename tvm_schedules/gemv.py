@@ -19,6 +19,15 @@ At batch 1 a linear layer only streams its packed weights, so the kernel is buil
   `sum_k x_k (q_k - z) s = s * (sum_b 2^(23-b) (dot_b - sx_b) - z * sx)`, a few FMAs per row and chunk instead of a
   subtraction per weight (the same folding as the "bit tricks" dequantizers of FasterTransformer and Marlin).
 
+With `act="int8"` the activations are rounded to int8 per 32 values inside the kernel (each thread its own chunk,
+once per block; llama.cpp's Q8_0 block and the formula of `cpu_int8.quantize_act_np`, which the CPU exports already
+decode with) and packed in the order in which one shift and one mask leave four weight codes in the bytes of a word;
+CUDA's `__dp4a` then multiplies and adds four weights per instruction (~0.6-0.7 instructions per weight at 4 and 2
+bits instead of ~2.25; 3-bit weights come in the planes3 layout, whose 1-bit plane's bit is ORed in as bit 2 of each
+byte, ~1.2). Per 32-value block, `d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
+made the LLaMA-7B step 1.3x (W4) to 1.4x (W2) faster (benchmarks/results/gpu-nvidia-h200.md); the fp16 path stays
+the exact one.
+
 `gemv_func(spec, cfg, gpu=False)` emits the same loop body with the thread loops as serial loops and the shuffles as
 a plain sum, so the index and bit math is tested on the CPU (compiled for llvm) against the NumPy reference.
 The prim func carries "tirx.is_scheduled", so dlight leaves it alone.
@@ -48,9 +57,10 @@ class GemvConfig:
     rows: int = 4     # output rows per step (each thread's x chunk reused by each)
     warps: int = 4    # warps per block: one K chunk per thread, so 32 * warps >= K / chunk
     steps: int = 1    # steps of `rows` rows per block; the next step's rows load during this one's math
+    depth: int = 2    # register buffers of rows: loads run depth - 1 steps ahead of the math
 
     def __post_init__(self):
-        if self.rows < 1 or self.warps < 1 or self.steps < 1:
+        if self.rows < 1 or self.warps < 1 or self.steps < 1 or self.depth < 2:
             raise ValueError(f"bad GEMV config {self}")
 
 
@@ -68,18 +78,28 @@ def warps_for(spec: QuantSpec) -> int:
 
 
 CANDIDATES = ((8, 2), (4, 2), (8, 1), (4, 1), (2, 1), (1, 1))   # (rows, steps), most reuse first
+CANDIDATES_INT8 = ((4, 8), (4, 4), (4, 2), (4, 1), (2, 1), (1, 1))
 
 
 def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16") -> GemvConfig:
-    """The first of CANDIDATES that keeps about 11 warps per SM in the grid (fewer rows per block otherwise), from the
-    H200 sweeps in benchmarks/results/gpu-nvidia-h200*.md: 8 rows x 2 steps was fastest or within 5% on qkv, gate_up
-    and down at every bit width, while on o (N = K = 4096) it left too few warps and 4 rows won. More steps per block
-    (3 and 4) won a few percent on some linears and lost more on others: their registers (up to 255) cut occupancy
-    below what the extra loads in flight gain. The rule's LLaMA-7B step is within 3% of the best config per linear."""
+    """The first of the candidates that keeps enough warps per SM in the grid (fewer rows per block otherwise), from
+    the H200 sweeps in benchmarks/results/gpu-nvidia-h200*.md.
+
+    fp16 activations (about 11 warps per SM): 8 rows x 2 steps was fastest or within 5% on qkv, gate_up and down at
+    every bit width, while on o (N = K = 4096) it left too few warps and 4 rows won. More steps per block (3 and 4)
+    won a few percent on some linears and lost more on others: their registers (up to 255) cut occupancy below what
+    the extra loads in flight gain. The rule's LLaMA-7B step is within 3% of the best config per linear.
+
+    int8 activations (about 7.5 warps per SM): 4 rows and as many steps (up to 8; 4 at 4 bits) as keep the warps,
+    since every block rounds its x chunk once and more steps spread that over more rows; 8 steps at 4 bits left a
+    second, nearly empty wave of blocks on gate_up (+20%). The rule's LLaMA-7B step is within 2% of the best config
+    per linear."""
     warps = warps_for(spec)
-    fits = [(r, s) for r, s in CANDIDATES if spec.n % (r * s) == 0]
+    int8 = act == "int8"
+    cands = [c for c in (CANDIDATES_INT8 if int8 else CANDIDATES) if not (int8 and spec.bits == 4 and c[1] > 4)]
+    fits = [(r, s) for r, s in cands if spec.n % (r * s) == 0]
     for r, s in fits:
-        if spec.n // (r * s) * warps >= 11 * sms:
+        if spec.n // (r * s) * warps >= (7.5 if int8 else 11) * sms:
             return GemvConfig(r, warps, s)
     return GemvConfig(fits[-1][0], warps, fits[-1][1])
 
@@ -234,7 +254,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
 
     classes = sorted({b for _, b in fields})       # one accumulator per field position: no x pre-scaling
     ncls = len(classes)
-    nbuf = min(S, 2)                       # double buffer: the next step's rows load during this one's math
+    nbuf = min(S, cfg.depth)               # buffers: the next nbuf - 1 steps' rows load during this one's math
     c = "(ty * 32 + tx)"
     g = f"{c} * {C} // {G}" if G != k else "0"
     L = ["@T.prim_func", f"def {name}({', '.join(ins)}):",
@@ -291,9 +311,23 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                 out.append(f"{body}zr[{b * R + r}] = zeros[{row}, {g}]")
         return out
 
+    def first_loads(body):  # steps 0 .. nbuf - 2 (those beyond a short last block guarded)
+        out = load_rows(body, 0, 0)
+        for st in range(1, nbuf - 1):
+            if live(st):
+                out += [f"{body}if {live(st)}:"] + load_rows(body + "    ", st, st)
+            else:
+                out += load_rows(body, st, st)
+        return out
+
+    def live(st):  # the block's step st exists (only the last block of a ragged grid has fewer)
+        return f"bx * {S} + {st} < {NS}" if ragged and st else ""
+
     # x once per thread: the per-class sums (zero point and the mantissa's leading 1) serve every row of the block
     L.append(f"{ind}if {c} < {nc}:")
     body = ind + "    "
+    if int8:  # the first rows' loads go out before the activations' (x's latency and rounding overlap them)
+        L += first_loads(body)
     for sb in range(C // 32):
         L += load_x(body, sb, 0 if int8 or not resident else sb * 32)
         if int8:  # cpu_int8.quantize_act_np: d = max|x| / 127, a = nearbyint(x * 127 / max|x|)
@@ -310,7 +344,22 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         for i, b in enumerate(classes):
             L.append(f"{body}sx[{i}] = sx[{i}] + " + " + ".join(f"xf[{(sb * 32 if resident else 0) + v}]"
                                                                 for v, (_, fb) in enumerate(fields) if fb == b))
-    L += load_rows(body, 0, 0)
+    if not int8:
+        L += first_loads(body)
+    orow = f"bx * {RS} + e * {TY} + ty"
+    if gpu and n_out:
+        # OWQ's fp16 outlier columns, before the steps so that their dependent loads (index, x, W_out) overlap the
+        # weights': one warp per row, its lanes over the columns (coalesced along W_out's row), a shuffle sum; one
+        # thread per row reading them serially after the steps cost ~10% of the step
+        L += [f'{ind}ob = T.alloc_buffer(({-(-RS // TY)},), "float32", scope="local")',
+              f"{ind}for e in T.unroll({-(-RS // TY)}):", f"{ind}    ob[e] = T.float32(0)",
+              f"{ind}    if e * {TY} + ty < {RS}" + (f" and {orow} < {n}:" if ragged else ":")]
+        b2 = ind + "        "
+        L += [f"{b2}for j in T.serial({-(-n_out // 32)}):", f"{b2}    if j * 32 + tx < {n_out}:",
+              f'{b2}        ob[e] = ob[e] + T.Cast("float32", x[{ix}, T.max(T.min(oidx[j * 32 + tx], {k - 1}), 0)])'
+              f' * T.Cast("float32", ow[{orow}, j * 32 + tx])']
+        L += [f"{b2}ob[e] = ob[e] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), ob[e], {off}, 32, 32)"
+              for off in (16, 8, 4, 2, 1)]
 
     def step(ind, st, b, prefetch):
         """One step of R rows from buffer b; `prefetch` = (condition, next step, buffer) loads ahead first."""
@@ -374,18 +423,16 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             out += [f"{ind}red[{c} * {RS} + {st * R + r}] = acc[{r}]" for r in range(R)]
         return out
 
-    def live(st):  # the block's step st exists (only the last block of a ragged grid has fewer)
-        return f"bx * {S} + {st} < {NS}" if ragged and st else ""
-
     # steps unrolled, buffers alternating: every buffer index is a constant (registers, not local memory), and no
     # loop-carried state keeps registers alive across steps
     for st in range(S):
-        pre = (live(st + 1), st + 1, (st + 1) % 2) if st + 1 < S else None
+        nx = st + nbuf - 1
+        pre = (live(nx), nx, nx % nbuf) if nx < S else None
         if live(st):  # uniform over the block: the shuffles inside stay convergent
             L.append(f"{ind}if {live(st)}:")
-            L += step(ind + "    ", st, st % 2, pre)
+            L += step(ind + "    ", st, st % nbuf, pre)
         else:
-            L += step(ind, st, st % 2, pre)
+            L += step(ind, st, st % nbuf, pre)
 
     def finish(ind, lin, nsum):
         row = f"bx * {RS} + {lin}"
@@ -405,20 +452,11 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         return out
 
     if gpu and n_out:
-        # OWQ's fp16 outlier columns: one warp per row, its lanes over the columns (coalesced along W_out's row)
-        # and a shuffle sum; one thread per row reading them all serially cost ~10% of the step
-        row = f"bx * {RS} + e * {TY} + ty"
-        L.append(f"{ind}for e in T.serial({-(-RS // TY)}):")
-        L.append(f"{ind}    if e * {TY} + ty < {RS}" + (f" and {row} < {n}:" if ragged else ":"))
-        b2 = ind + "        "
-        L += [f"{b2}acc[0] = T.float32(0)", f"{b2}for j in T.serial({-(-n_out // 32)}):",
-              f"{b2}    if j * 32 + tx < {n_out}:",
-              f'{b2}        acc[0] = acc[0] + T.Cast("float32", x[{ix}, T.max(T.min(oidx[j * 32 + tx], {k - 1}), 0)])'
-              f' * T.Cast("float32", ow[{row}, j * 32 + tx])']
-        L += [f"{b2}acc[0] = acc[0] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), acc[0], {off}, 32, 32)"
-              for off in (16, 8, 4, 2, 1)]
         tot = " + ".join(f"red[{t * RS} + e * {TY} + ty]" for t in range(TY))
-        L += [f"{b2}if tx == 0:", f'{b2}    y[{ix}, {row}] = T.Cast("{out_dtype}", {tot} + acc[0])']
+        L += [f"{ind}for e in T.unroll({-(-RS // TY)}):",
+              f"{ind}    if e * {TY} + ty < {RS}" + (f" and {orow} < {n}:" if ragged else ":"),
+              f"{ind}        if tx == 0:",
+              f'{ind}            y[{ix}, {orow}] = T.Cast("{out_dtype}", {tot} + ob[e])']
     elif gpu:
         ne = -(-RS // tpb)
         L.append(f"{ind}for e in T.serial({ne}):")

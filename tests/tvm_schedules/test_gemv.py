@@ -52,15 +52,17 @@ def test_gemv_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps,
     np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=2e-5 * np.abs(x).astype(np.float32).sum())
 
 
-INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligned, 64-bit plane loads)
-    (4, 128, False, 32, 512, 2, 1, 4, 0), (4, 32, True, 8, 96, 4, 1, 1, 3), (4, -1, False, 28, 256, 4, 3, 3, 0),
-    (2, 64, False, 16, 256, 2, 1, 2, 2), (2, -1, True, 8, 128, 8, 2, 1, 0),
-    (3, 128, False, 20, 512, 2, 1, 4, 5), (3, -1, True, 6, 256, 2, 2, 1, 0), (3, 64, False, 8, 576, 4, 1, 2, 0),
+INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligned, 64-bit plane loads) and loads
+    # three steps ahead (depth 4; a last block of 1 and of 2 steps)
+    (4, 128, False, 32, 512, 2, 1, 4, 0, 2), (4, 32, True, 8, 96, 4, 1, 1, 3, 2), (4, -1, False, 28, 256, 4, 3, 3, 0, 2),
+    (2, 64, False, 16, 256, 2, 1, 2, 2, 2), (2, -1, True, 8, 128, 8, 2, 1, 0, 2), (2, 64, False, 20, 128, 2, 1, 4, 0, 4),
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 3), (3, -1, True, 6, 256, 2, 2, 1, 0, 2), (3, 64, False, 8, 576, 4, 1, 2, 0, 2),
+    (3, 128, False, 12, 256, 2, 1, 4, 0, 4),
 ]
 
 
-@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out", INT8_CASES)
-def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out):
+@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth", INT8_CASES)
+def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth):
     """int8 activations + dp4a: the twin's integer dots are exact, so it meets the int8 NumPy model to fp32
     rounding; the model itself stays within int8 activation error of the exact product."""
     import tvm
@@ -72,7 +74,7 @@ def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, s
     x = rng.standard_normal((1, k)).astype(np.float16)
     x[0, 3] = 100
     x[0, 40:72] = 0  # an all-zero activation block (scale 0)
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, warps, steps), gpu=False,
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, warps, steps, depth), gpu=False,
                                                      out_dtype="float32", n_outliers=n_out, act="int8")}),
                      target="llvm")
     y = tvm.runtime.empty((1, n), "float32", tvm.cpu())
