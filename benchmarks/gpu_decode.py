@@ -67,7 +67,8 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
 
     def add(name, func, scheme, bits, g, lin, n, k, spec, cfg, dflt, nout, grid, block, act="fp16"):
         funcs[name] = func.with_attr("global_symbol", name)
-        manifest.append({"name": name, "kernel": f"{name}_kernel", "scheme": scheme, "act": act, "bits": bits, "group": g,
+        manifest.append({"name": name, "kernel": f"{name}_kernel", "scheme": scheme, "act": act, "bits": bits,
+                         "group": g,
                          "linear": lin, "n": n, "k": k, "config": cfg, "default": dflt, "words": spec.words,
                          "n_groups": spec.n_groups, "layout": spec.layout, "n_outliers": nout,
                          "grid": grid, "block": block})
@@ -411,7 +412,8 @@ def _table(rows, peer, bw, cbw, dev, torch_ver):
            "(weights + scales + zeros [+ fp16 outlier columns]) / time / roofline. Best of the configs tried "
            "(rNsM[dB]: N rows per step, M steps per block[, B register buffers: loads run B - 1 steps ahead; 2 if "
            "absent]); 'default' is the config `gemv.default_config` picks; regs "
-           "from ptxas. rel err: max |y - ref| / max |ref| on the device, ref = the dequantized weights in fp32 times x "
+           "from ptxas. rel err: max |y - ref| / max |ref| on the device, ref = the dequantized weights in fp32 "
+           "times x "
            "(int8 act rows: times x rounded to int8 per 32 values, what the kernel computes); int8 act err: the same "
            "measure between that rounding's ref and the exact one.", "",
            "| weights | linear (N x K) | config | regs | us | default | default us | GB/s | % roofline | rel err | "
@@ -422,7 +424,8 @@ def _table(rows, peer, bw, cbw, dev, torch_ver):
         f16 = peer.get((r["linear"], "fp16"), (float("nan"),))
         out.append(f"| {r['scheme']} | {r['linear']} {r['n']}x{r['k']} | {r['config']} | {r['regs']} | "
                    f"{r['us']:.1f} | {r['default_config']} | {r['default_us']:.1f} | {r['gbs']:.0f} | "
-                   f"{100 * r['roof']:.0f}% | {r['rel_err']:.1e} | {r.get('act_err', 0):.1e} | {i4[0] * 1e6:.1f} | {i4[0] * 1e6 / r['us']:.2f} | "
+                   f"{100 * r['roof']:.0f}% | {r['rel_err']:.1e} | {r.get('act_err', 0):.1e} | {i4[0] * 1e6:.1f} | "
+                   f"{i4[0] * 1e6 / r['us']:.2f} | "
                    f"{f16[0] * 1e6:.1f} |")
     out += ["", "All linears of one decode step (32 layers x qkv, o, gate_up, down), from the per-linear times "
             "(best config; in brackets the default config):", "",

@@ -1,5 +1,6 @@
 """CUDA exports route decode (one row) through the hand-scheduled GEMV and keep dlight's fused kernels for prefill;
-3-bit weights travel in the planes3 layout (the int8-activation GEMV's; words3x32 for the fp16 one). Compiles for cuda without a GPU (the kernels run in
+3-bit weights travel in the planes3 layout (the int8-activation GEMV's; words3x32 for the fp16 one). Compiles for
+cuda without a GPU (the kernels run in
 benchmarks/gpu_decode.py and apps/cuda on a GPU machine)."""
 from __future__ import annotations
 

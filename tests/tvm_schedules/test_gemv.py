@@ -53,10 +53,12 @@ def test_gemv_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps,
 
 
 INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligned, 64-bit plane loads) and loads
-    # three steps ahead (depth 4; a last block of 1 and of 2 steps)
-    (4, 128, False, 32, 512, 2, 1, 4, 0, 2), (4, 32, True, 8, 96, 4, 1, 1, 3, 2), (4, -1, False, 28, 256, 4, 3, 3, 0, 2),
-    (2, 64, False, 16, 256, 2, 1, 2, 2, 2), (2, -1, True, 8, 128, 8, 2, 1, 0, 2), (2, 64, False, 20, 128, 2, 1, 4, 0, 4),
-    (3, 128, False, 20, 512, 2, 1, 4, 5, 3), (3, -1, True, 6, 256, 2, 2, 1, 0, 2), (3, 64, False, 8, 576, 4, 1, 2, 0, 2),
+    # two and three steps ahead (depth 3 and 4, with short last blocks)
+    (4, 128, False, 32, 512, 2, 1, 4, 0, 2), (4, 32, True, 8, 96, 4, 1, 1, 3, 2),
+    (4, -1, False, 28, 256, 4, 3, 3, 0, 2), (2, 64, False, 16, 256, 2, 1, 2, 2, 2),
+    (2, -1, True, 8, 128, 8, 2, 1, 0, 2), (2, 64, False, 20, 128, 2, 1, 4, 0, 4),
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 3), (3, -1, True, 6, 256, 2, 2, 1, 0, 2),
+    (3, 64, False, 8, 576, 4, 1, 2, 0, 2),
     (3, 128, False, 12, 256, 2, 1, 4, 0, 4),
 ]
 
@@ -137,24 +139,34 @@ def test_supports_and_default_config():
         assert spec.n % c.rows == 0
 
 
-@pytest.mark.parametrize("bits", [4, 3, 2])
-def test_cuda_source_streams_128_bit_loads(bits):
-    """The CUDA C the export ships: 128-bit weight loads (64-bit at 3 bits), shuffles, and no integer-to-float
-    conversion per weight."""
+@pytest.mark.parametrize("bits,act", [(4, "fp16"), (3, "fp16"), (2, "fp16"), (4, "int8"), (3, "int8"), (2, "int8")])
+def test_cuda_source_streams_128_bit_loads(bits, act):
+    """The CUDA C the export ships: 128-bit weight loads (64-bit at 3 bits with fp16 activations; 128-bit plane
+    words plus a 64-bit bit-plane load with int8 ones), shuffles, no integer-to-float conversion per weight, and
+    one dp4a per 4 weights with int8 activations."""
     import re
 
     import tvm
     from edgequant.export.targets import PRESETS
     from edgequant.tvm_schedules.dequant import QuantSpec
-    from edgequant.tvm_schedules.gemv import LAYOUT, gemv_func
-    spec = QuantSpec(256, 512, bits, 128 if bits != 2 else 64, False, LAYOUT[bits])
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec)}), target={**PRESETS["cuda"].target, "arch": "sm_90"})
+    from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8, GemvConfig, gemv_func, warps_for
+    layout = (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits]
+    spec = QuantSpec(256, 512, bits, 128 if bits != 2 else 64, False, layout)
+    cfg = GemvConfig(4, warps_for(spec), 2)
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, cfg, act=act)}),
+                     target={**PRESETS["cuda"].target, "arch": "sm_90"})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     body = src[src.index("main_kernel("):]
-    vec = "uint2" if bits == 3 else "uint4"
-    assert re.search(rf"\*\({vec}\*\)\(wq_ptr \+ \d+\) = \*\({vec}\*\)\(qweight_ptr", body)
-    assert "__shfl_down_sync" in body and "__shfl_sync" in body
+    vecs = ["uint2"] if bits == 3 and act == "fp16" else ["uint4", "uint2"] if bits == 3 else ["uint4"]
+    for vec in vecs:
+        assert re.search(rf"\*\({vec}\*\)\(wq_ptr \+ \d+\) = \*\({vec}\*\)\(qweight_ptr", body)
+    assert "__shfl_down_sync" in body
     assert "(float)wq_ptr" not in body and "__uint2float" not in body
+    if act == "int8":  # one dp4a per 4 weights of each of the 2 steps x 4 rows of a thread's chunk
+        chunk = 32 if bits == 4 else 64
+        assert body.count("__dp4a(") == 2 * 4 * chunk // 4
+    else:
+        assert "__shfl_sync" in body
 
 
 def _walk(m):
