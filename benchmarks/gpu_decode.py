@@ -31,7 +31,9 @@ from pathlib import Path
 SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
 SCHEMES = [("W4 g128", 4, 128, 0.0), ("W3 g128", 3, 128, 0.0), ("W2 g64", 2, 64, 0.0),
            ("W3 g128 + OWQ 3.1", 3, 128, 0.1)]      # the last: fp16 outlier columns worth 0.1 bit per weight
-SWEEP = ((8, 2), (8, 3), (8, 4), (4, 2), (4, 4))   # (rows per step, steps per block) tried per linear, and the default
+ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact float kernel
+SWEEP = ((8, 2, 2), (4, 4, 2), (4, 8, 2), (8, 4, 2), (4, 4, 3), (4, 8, 3), (4, 8, 4), (2, 8, 3), (8, 4, 3))
+# (rows per step, steps per block, buffers) tried per linear besides the default
 LAYERS = 32
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,34 +60,38 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
 
     from edgequant.export.targets import PRESETS
     from edgequant.tvm_schedules.dequant import QuantSpec
-    from edgequant.tvm_schedules.gemv import LAYOUT, GemvConfig, default_config, gemv_func, warps_for
+    from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8, GemvConfig, default_config, gemv_func, warps_for
 
     out.mkdir(parents=True, exist_ok=True)
     funcs, manifest = {}, []
 
-    def add(name, func, scheme, bits, g, lin, n, k, spec, cfg, dflt, nout, grid, block):
+    def add(name, func, scheme, bits, g, lin, n, k, spec, cfg, dflt, nout, grid, block, act="fp16"):
         funcs[name] = func.with_attr("global_symbol", name)
-        manifest.append({"name": name, "kernel": f"{name}_kernel", "scheme": scheme, "bits": bits, "group": g,
+        manifest.append({"name": name, "kernel": f"{name}_kernel", "scheme": scheme, "act": act, "bits": bits,
+                         "group": g,
                          "linear": lin, "n": n, "k": k, "config": cfg, "default": dflt, "words": spec.words,
                          "n_groups": spec.n_groups, "layout": spec.layout, "n_outliers": nout,
                          "grid": grid, "block": block})
 
-    for scheme, bits, g, extra in SCHEMES:
+    for (scheme, bits, g, extra), act in [(s, a) for a in ACTS for s in SCHEMES]:
         for lin, n, k in SHAPES:
-            spec = QuantSpec(n, k, bits, g, False, LAYOUT[bits])
+            spec = QuantSpec(n, k, bits, g, False, (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
             nout = n_outliers(k, extra)
-            dflt = default_config(spec)
-            tried = {(dflt.rows, dflt.steps)}
-            if not extra and not quick:  # the outlier variant runs the default config only
-                tried |= {(r, s) for r, s in SWEEP if n % r == 0 and -(-n // r // s) >= 132}
-            for rows, steps in sorted(tried):
-                cfg = GemvConfig(rows, warps_for(spec), steps)
-                tag = "o" if nout else ""
-                name = f"w{bits}{tag}_{lin}_r{rows}s{steps}"
-                add(name, gemv_func(spec, cfg, n_outliers=nout, name=name), scheme, bits, g, lin, n, k, spec,
-                    f"r{rows}s{steps}", (rows, steps) == (dflt.rows, dflt.steps), nout, [-(-n // rows // steps), 1, 1],
-                    [32, cfg.warps, 1])
-            if baseline and not extra:
+            dflt = default_config(spec, act=act)
+            dkey = (dflt.rows, dflt.steps, dflt.depth)
+            tried = {dkey}
+            if not extra and not quick and act == "int8":  # the others run their default config only
+                tried |= {c for c in SWEEP if n % c[0] == 0 and -(-n // c[0] // c[1]) >= 132}
+            for rows, steps, depth in sorted(tried):
+                cfg = GemvConfig(rows, warps_for(spec), steps, depth)
+                tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
+                cname = f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "")
+                name = f"w{bits}{tag}_{lin}_{cname}"
+                add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act),
+                    scheme + (" int8 act" if act == "int8" else ""), bits, g, lin, n, k, spec,
+                    cname, (rows, steps, depth) == dkey, nout, [-(-n // rows // steps), 1, 1],
+                    [32, cfg.warps, 1], act)
+            if baseline and not extra and act == "fp16":
                 prev = _load_baseline(baseline)
                 pc = prev.default_config(spec)
                 name = f"w{bits}prev_{lin}"
@@ -207,6 +213,12 @@ def _unpack_torch(qw, bits, k, layout):
     import torch
     n = qw.shape[0]
     w = qw.to(torch.int64) & 0xFFFFFFFF
+    if layout == "planes3":  # dequant.py: a 2-bit plane of K/16 words, then a 1-bit plane of K/32 words
+        lw = -(-k // 16)
+        v, u = torch.arange(16, device=w.device), torch.arange(32, device=w.device)
+        lo = (w[:, :lw, None] >> ((v % 8) * 4 + (v // 8) * 2)) & 3
+        hi = (w[:, lw:, None] >> ((u % 8) * 4 + u // 8)) & 1
+        return lo.reshape(n, -1)[:, :k] | (hi.reshape(n, -1)[:, :k] << 2)
     if layout == "words3x32":
         w = w.view(n, -1, 3)
         body = (w[:, :, :, None] >> (torch.arange(10, device=w.device) * 3)) & 7
@@ -338,8 +350,15 @@ def run(out: Path, only: str | None, results: Path | None):
         gi = torch.arange(k, device="cuda") // g
         wref = (q - s0["zeros"].float()[:, gi]) * s0["scales"].float()[:, gi]
         ref = x.float() @ wref.T
+        if m0["act"] == "int8":  # the kernel's own model: x rounded to int8 per 32 values (cpu_int8.quantize_act_np)
+            xb = x.float().view(-1, 32)
+            amax = xb.abs().amax(dim=1, keepdim=True)
+            inv = torch.where(amax > 0, 127 / torch.where(amax > 0, amax, 1), 0)
+            exact, ref = ref, ((torch.round(xb * inv) * (amax / 127)).view(1, k)) @ wref.T
         if nout:
-            ref = ref + x.float()[:, s0["oidx"].long()] @ s0["ow"].float().T
+            o = x.float()[:, s0["oidx"].long()] @ s0["ow"].float().T
+            ref, exact = ref + o, (exact + o if m0["act"] == "int8" else None)
+        act_err = ((ref - exact).abs().max() / exact.abs().max()).item() if m0["act"] == "int8" else 0.0
         del q, wref
         best = dflt = None
         for m in ks:
@@ -353,7 +372,7 @@ def run(out: Path, only: str | None, results: Path | None):
             t = _timed(fns)
             r = {"scheme": scheme, "linear": lin, "n": n, "k": k, "config": m["config"], "regs": m.get("regs", -1),
                  "default": m["default"], "us": t * 1e6, "gbs": nbytes / t / 1e9, "roof": nbytes / t / bw,
-                 "rel_err": err, "bytes": nbytes}
+                 "rel_err": err, "act_err": act_err, "bytes": nbytes}
             configs.append(r)
             print(json.dumps(r), flush=True)
             if not err <= 3e-3:
@@ -391,17 +410,22 @@ def _table(rows, peer, bw, cbw, dev, torch_ver):
            "`python3 benchmarks/gpu_decode.py run --save` on the GPU.", "",
            "Times per call, CUDA-graph replays over weight copies totalling >= 512 MiB (no L2 reuse). % roofline = "
            "(weights + scales + zeros [+ fp16 outlier columns]) / time / roofline. Best of the configs tried "
-           "(rNsM: N rows per step, M steps per block); 'default' is the config `gemv.default_config` picks; regs "
-           "from ptxas.", "",
+           "(rNsM[dB]: N rows per step, M steps per block[, B register buffers: loads run B - 1 steps ahead; 2 if "
+           "absent]); 'default' is the config `gemv.default_config` picks; regs "
+           "from ptxas. rel err: max |y - ref| / max |ref| on the device, ref = the dequantized weights in fp32 "
+           "times x "
+           "(int8 act rows: times x rounded to int8 per 32 values, what the kernel computes); int8 act err: the same "
+           "measure between that rounding's ref and the exact one.", "",
            "| weights | linear (N x K) | config | regs | us | default | default us | GB/s | % roofline | rel err | "
-           "torch int4 us | x torch int4 | cuBLAS fp16 us |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "int8 act err | torch int4 us | x torch int4 | cuBLAS fp16 us |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         i4 = peer.get((r["linear"], "int4"), (float("nan"),))
         f16 = peer.get((r["linear"], "fp16"), (float("nan"),))
         out.append(f"| {r['scheme']} | {r['linear']} {r['n']}x{r['k']} | {r['config']} | {r['regs']} | "
                    f"{r['us']:.1f} | {r['default_config']} | {r['default_us']:.1f} | {r['gbs']:.0f} | "
-                   f"{100 * r['roof']:.0f}% | {r['rel_err']:.1e} | {i4[0] * 1e6:.1f} | {i4[0] * 1e6 / r['us']:.2f} | "
+                   f"{100 * r['roof']:.0f}% | {r['rel_err']:.1e} | {r.get('act_err', 0):.1e} | {i4[0] * 1e6:.1f} | "
+                   f"{i4[0] * 1e6 / r['us']:.2f} | "
                    f"{f16[0] * 1e6:.1f} |")
     out += ["", "All linears of one decode step (32 layers x qkv, o, gate_up, down), from the per-linear times "
             "(best config; in brackets the default config):", "",
@@ -417,7 +441,7 @@ def _table(rows, peer, bw, cbw, dev, torch_ver):
         steps[scheme] = (t, td)
         i4 = [peer.get((lin, "int4")) for lin, _, _ in SHAPES]
         ti4 = LAYERS * sum(p[0] for p in i4) if all(i4) else float("nan")
-        w4, w4d = steps.get("W4 g128", (t, td))
+        w4, w4d = steps.get("W4 g128" + (" int8 act" if scheme.endswith(" int8 act") else ""), (t, td))
         out.append(f"| {scheme} | {t * 1e3:.2f} ({td * 1e3:.2f}) | {1 / t:.0f} ({1 / td:.0f}) | "
                    f"{100 * nbytes / t / bw:.0f}% ({100 * nbytes / td / bw:.0f}%) | {ti4 / t:.2f} ({ti4 / td:.2f}) | "
                    f"{w4 / t:.2f} ({w4d / td:.2f}) |")

@@ -6,8 +6,9 @@ scales, zero points and biases are concatenated along the output rows, which is 
 and the scheme. Their outlier columns are merged into one sorted union with zero weights where a member keeps that
 column quantized; its quantized value there is then used as stored, so the sum is still exact.
 
-3-bit words are repacked when the target asks for it (`packing3`: bit planes "planes3" for CPU targets, "words3x32"
-for CUDA; see `edgequant.tvm_schedules.dequant`); every other scheme keeps the checkpoint's words.
+3-bit words are repacked when the target asks for it (`packing3`: bit planes "planes3" for the CPU and CUDA int8
+decode GEMVs, "words3x32" for CUDA's fp16 one; see `edgequant.tvm_schedules.dequant`); every other scheme keeps the
+checkpoint's words.
 """
 from __future__ import annotations
 

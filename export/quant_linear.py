@@ -6,9 +6,12 @@ the matmul (one kernel reads the packed words, never an fp16 copy of the weight)
 stays its own kernel: a data-dependent read inside the reduction would stop dlight's GEMV/Matmul rules.
 
 On CUDA (`decode_gemv=True`) a one-row call (decode) uses the hand-scheduled GEMV of `tvm_schedules/gemv.py`
-instead (at 4 bits about half the H200's read bandwidth for LLaMA-7B shapes, 1.37x torch's int4 GEMV; see
-benchmarks/results/gpu-nvidia-h200.md); prefill keeps the fused kernel and dlight. The GEMV adds the fp16 outlier
-columns itself (one kernel, one rounding of the fp32 sum): no extra launches, +11% on a 7B W3 decode step.
+instead; prefill keeps the fused kernel and dlight. Like the CPU exports it rounds the activations to int8 per 32
+values and multiplies with dp4a (3-bit weights in planes3), unless EDGEQUANT_ACT_DTYPE=fp16 (`pipeline.
+int8_decode_enabled`) asks for the exact fp16 kernel (3 bits then in words3x32 only; planes3 falls back to dlight).
+On an H200, LLaMA-7B shapes: W4 63% of the read bandwidth, 1.76x torch's int4 GEMV; fp16 activations 49%, 1.35x
+(benchmarks/results/gpu-nvidia-h200.md). The GEMV adds the fp16 outlier columns itself (one kernel, one rounding of
+the fp32 sum): no extra launches.
 On x86 CPUs the export pipeline replaces one-row matmuls of the dequantize (found by the spec attribute it carries)
 with the int8 dot-product GEMV of `tvm_schedules/cpu_int8.py`; see `export/pipeline.py`.
 """
@@ -52,8 +55,10 @@ class QuantLinear(nn.Module):
 
     def __init__(self, spec: QuantSpec, n_outliers: int = 0, bias: bool = False, decode_gemv: str | None = None):
         """`decode_gemv`: "gpu" (CUDA), "twin" (its serial CPU twin, for tests) or None (dlight everywhere)."""
+        from .pipeline import int8_decode_enabled
         self.spec, self.n_outliers = spec, n_outliers
-        self.decode_gemv = decode_gemv if decode_gemv and gemv.supports(spec) else None
+        self.decode_act = "int8" if int8_decode_enabled() and gemv.supports(spec, "int8") else "fp16"
+        self.decode_gemv = decode_gemv if decode_gemv and gemv.supports(spec, self.decode_act) else None
         shapes = spec.param_shapes()
         self.qweight = nn.Parameter(*shapes["qweight"])
         self.scales = nn.Parameter(*shapes["scales"])
@@ -67,8 +72,8 @@ class QuantLinear(nn.Module):
         lead = tuple(x.shape[:-1])
         if self.decode_gemv and all(isinstance(d, int) and d == 1 for d in lead):
             # without a global symbol of its own: the builder names (and dedupes) it per shape
-            f = gemv.gemv_func(self.spec, lead=lead, gpu=self.decode_gemv == "gpu",
-                               n_outliers=self.n_outliers).without_attr("global_symbol")
+            f = gemv.gemv_func(self.spec, lead=lead, gpu=self.decode_gemv == "gpu", n_outliers=self.n_outliers,
+                               act=self.decode_act).without_attr("global_symbol")
             if self.n_outliers:
                 args += [self.outlier_idx, self.outlier_weight]
             y = op.tensor_ir_op(f, "decode_gemv", [x, *args], Tensor.placeholder((*lead, self.spec.n), "float16"))

@@ -19,6 +19,15 @@ At batch 1 a linear layer only streams its packed weights, so the kernel is buil
   `sum_k x_k (q_k - z) s = s * (sum_b 2^(23-b) (dot_b - sx_b) - z * sx)`, a few FMAs per row and chunk instead of a
   subtraction per weight (the same folding as the "bit tricks" dequantizers of FasterTransformer and Marlin).
 
+With `act="int8"` the activations are rounded to int8 per 32 values inside the kernel (each thread its own chunk,
+once per block; llama.cpp's Q8_0 block and the formula of `cpu_int8.quantize_act_np`, which the CPU exports already
+decode with) and packed in the order in which one shift and one mask leave four weight codes in the bytes of a word;
+CUDA's `__dp4a` then multiplies and adds four weights per instruction (~0.6-0.7 instructions per weight at 4 and 2
+bits instead of ~2.25; 3-bit weights come in the planes3 layout, whose 1-bit plane's bit is ORed in as bit 2 of each
+byte, ~1.2). Per 32-value block, `d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
+made the LLaMA-7B step 1.3x (W4) to 1.4x (W2) faster (benchmarks/results/gpu-nvidia-h200.md); the fp16 path stays
+the exact one.
+
 `gemv_func(spec, cfg, gpu=False)` emits the same loop body with the thread loops as serial loops and the shuffles as
 a plain sum, so the index and bit math is tested on the CPU (compiled for llvm) against the NumPy reference.
 The prim func carries "tirx.is_scheduled", so dlight leaves it alone.
@@ -35,6 +44,9 @@ CHUNK_WORDS = {4: 4, 2: 4, 3: 6}        # uint32 words per chunk
 VEC_WORDS = {4: 4, 2: 4, 3: 2}          # words per load: one 128-bit load (4 and 2 bits), three 64-bit ones (3 bits)
 SUB_WORDS = {4: 4, 2: 2, 3: 3}          # words of one 32-value sub-block (x is pre-scaled 32 values at a time)
 LAYOUT = {4: "words", 2: "words", 3: "words3x32"}
+# int8 activations (act="int8", see `_dp4a_terms`): 3 bits in bit planes, a 64-value chunk = 4 + 2 words
+LAYOUT_INT8 = {4: "words", 2: "words", 3: "planes3"}
+ACTS = ("fp16", "int8")
 
 
 RESIDENT_X = 64                         # chunks up to this many values keep x in fp32 registers for every row
@@ -45,16 +57,18 @@ class GemvConfig:
     rows: int = 4     # output rows per step (each thread's x chunk reused by each)
     warps: int = 4    # warps per block: one K chunk per thread, so 32 * warps >= K / chunk
     steps: int = 1    # steps of `rows` rows per block; the next step's rows load during this one's math
+    depth: int = 2    # register buffers of rows: loads run depth - 1 steps ahead of the math
 
     def __post_init__(self):
-        if self.rows < 1 or self.warps < 1 or self.steps < 1:
+        if self.rows < 1 or self.warps < 1 or self.steps < 1 or self.depth < 2:
             raise ValueError(f"bad GEMV config {self}")
 
 
-def supports(spec: QuantSpec) -> bool:
+def supports(spec: QuantSpec, act: str = "fp16") -> bool:
     """The kernel covers whole chunks inside one group: K a multiple of the chunk, G a multiple of it (or -1)."""
     c = CHUNK.get(spec.bits)
-    return (c is not None and spec.layout == LAYOUT[spec.bits] and spec.k % c == 0
+    layout = (LAYOUT_INT8 if act == "int8" else LAYOUT).get(spec.bits)
+    return (c is not None and spec.layout == layout and spec.k % c == 0
             and (spec.group_size == -1 or spec.group_size % c == 0))
 
 
@@ -64,18 +78,28 @@ def warps_for(spec: QuantSpec) -> int:
 
 
 CANDIDATES = ((8, 2), (4, 2), (8, 1), (4, 1), (2, 1), (1, 1))   # (rows, steps), most reuse first
+CANDIDATES_INT8 = ((4, 8), (4, 4), (4, 2), (4, 1), (2, 1), (1, 1))
 
 
-def default_config(spec: QuantSpec, sms: int = 132) -> GemvConfig:
-    """The first of CANDIDATES that keeps about 11 warps per SM in the grid (fewer rows per block otherwise), from the
-    H200 sweeps in benchmarks/results/gpu-nvidia-h200*.md: 8 rows x 2 steps was fastest or within 5% on qkv, gate_up
-    and down at every bit width, while on o (N = K = 4096) it left too few warps and 4 rows won. More steps per block
-    (3 and 4) won a few percent on some linears and lost more on others: their registers (up to 255) cut occupancy
-    below what the extra loads in flight gain. The rule's LLaMA-7B step is within 3% of the best config per linear."""
+def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16") -> GemvConfig:
+    """The first of the candidates that keeps enough warps per SM in the grid (fewer rows per block otherwise), from
+    the H200 sweeps in benchmarks/results/gpu-nvidia-h200*.md.
+
+    fp16 activations (about 11 warps per SM): 8 rows x 2 steps was fastest or within 5% on qkv, gate_up and down at
+    every bit width, while on o (N = K = 4096) it left too few warps and 4 rows won. More steps per block (3 and 4)
+    won a few percent on some linears and lost more on others: their registers (up to 255) cut occupancy below what
+    the extra loads in flight gain. The rule's LLaMA-7B step is within 3% of the best config per linear.
+
+    int8 activations (about 7.5 warps per SM): 4 rows and as many steps (up to 8; 4 at 4 bits) as keep the warps,
+    since every block rounds its x chunk once and more steps spread that over more rows; 8 steps at 4 bits left a
+    second, nearly empty wave of blocks on gate_up (+20%). The rule's LLaMA-7B step is within 2% of the best config
+    per linear."""
     warps = warps_for(spec)
-    fits = [(r, s) for r, s in CANDIDATES if spec.n % (r * s) == 0]
+    int8 = act == "int8"
+    cands = [c for c in (CANDIDATES_INT8 if int8 else CANDIDATES) if not (int8 and spec.bits == 4 and c[1] > 4)]
+    fits = [(r, s) for r, s in cands if spec.n % (r * s) == 0]
     for r, s in fits:
-        if spec.n // (r * s) * warps >= 11 * sms:
+        if spec.n // (r * s) * warps >= (7.5 if int8 else 11) * sms:
             return GemvConfig(r, warps, s)
     return GemvConfig(fits[-1][0], warps, fits[-1][1])
 
@@ -123,32 +147,88 @@ def _field_float(word_of, terms) -> str:
     return f'T.reinterpret("float32", {expr})'
 
 
+def _dp4a_terms(bits: int, sb: int):
+    """The 8 dp4a operands of sub-block sb (32 values, one int8 activation block) of a chunk: ([(word, right shift,
+    mask)], values) such that OR-ing `(word >> shift) & mask` leaves in byte L the code of value `values[L]` (index in
+    the sub-block); the activations are packed in the same order once per thread. One shift and one LOP3 per 4 codes
+    (two of each at 3 bits, where the third bit comes from the 1-bit plane) and one dp4a, instead of a mask and an
+    FMA per code."""
+    out = []
+    if bits == 4:    # words: nibble i of word j is value 8j + i
+        for j in range(4):
+            for h in (0, 4):
+                out.append(([(j, h, 0x0F0F0F0F)], [8 * j + 2 * lane + h // 4 for lane in range(4)]))
+    elif bits == 2:  # words: field i of word j (bits 2i) is value 16j + i
+        for j in range(2):
+            for t in range(4):
+                out.append(([(2 * sb + j, 2 * t, 0x03030303)], [16 * j + t + 4 * lane for lane in range(4)]))
+    else:            # planes3 (dequant.py): value v of 2-bit word j at bit (v%8)*4 + (v//8)*2, value u of the 1-bit
+        for j in range(2):  # word at bit (u%8)*4 + u//8; the chunk's buffer holds 4 plane words, then 2 bit words
+            for s in (0, 2, 4, 6):
+                e, f = s // 4, s % 4 // 2
+                out.append(([(2 * sb + j, s, 0x03030303), (4 + sb, 4 * e + 2 * j + f - 2, 0x04040404)],
+                            [16 * j + 2 * lane + e + 8 * f for lane in range(4)]))
+    return out
+
+
+def _dp4a(w: str, a: str, acc: str, gpu: bool) -> str:
+    """acc + the dot of w's 4 unsigned bytes (codes < 128) with a's 4 signed bytes: CUDA's __dp4a, or its arithmetic
+    for the CPU twin."""
+    if gpu:
+        return f'T.call_pure_extern("int32", "__dp4a", T.reinterpret("int32", {w}), {a}, {acc})'
+    terms = [f'T.Cast("int32", T.bitwise_and({_shift(w, -8 * i)}, T.uint32(255))) * '
+             f"T.shift_right(T.shift_left({a}, {24 - 8 * i}), 24)" for i in range(4)]
+    return f"{acc} + " + " + ".join(terms)
+
+
+def _code_bytes(word_of, terms) -> str:
+    expr = None
+    for j, sh, mask in terms:
+        t = f"T.bitwise_and({_shift(word_of(j), -sh)}, T.uint32({mask}))"
+        expr = t if expr is None else f"T.bitwise_or({expr}, {t})"
+    return expr
+
+
 # ------------------------------------------------------------------------------------------------ the prim func
 def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, out_dtype: str = "float16",
-              lead: tuple[int, ...] = (1,), name: str = "main", n_outliers: int = 0):
+              lead: tuple[int, ...] = (1,), name: str = "main", n_outliers: int = 0, act: str = "fp16"):
     """y[lead..., N] = x[lead..., K] @ dq(W)^T (+ x[..., idx] @ W_out^T) for one row (prod(lead) == 1), fp32
-    accumulation, `out_dtype` output.
+    accumulation, `out_dtype` output. act="int8": activations quantized per 32 values inside the kernel and integer
+    dot products (dp4a), as `cpu_int8.int8_gemv_np` models; 3-bit weights then in the planes3 layout.
 
     Arguments: x fp16, qweight, scales, [zeros], [outlier_idx int32 [n_outliers], outlier_weight fp16 [N,
     n_outliers]], y. `gpu=False` gives the CPU-testable twin (same body, serial)."""
     import tvm
     from tvm.script import tirx as T
 
-    if not supports(spec):
-        raise ValueError(f"no decode GEMV for {spec}")
+    if act not in ACTS:
+        raise ValueError(f"unknown activation type {act!r}; one of {ACTS}")
+    if not supports(spec, act):
+        raise ValueError(f"no decode GEMV for {spec} with {act} activations")
     cfg = cfg or default_config(spec)
     if spec.n % cfg.rows:
         raise ValueError(f"{cfg.rows} rows per step do not divide N={spec.n}")
     if 32 * cfg.warps < spec.k // CHUNK[spec.bits]:
         raise ValueError(f"{cfg.warps} warps do not cover the {spec.k // CHUNK[spec.bits]} chunks of K={spec.k}")
-    src = _source(spec, cfg, gpu, out_dtype, lead, name, n_outliers)
+    src = _source(spec, cfg, gpu, out_dtype, lead, name, n_outliers, act == "int8")
     return tvm.script.from_source(src, extra_vars={"T": T})
 
 
 def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: tuple[int, ...], name: str,
-            n_out: int) -> str:
+            n_out: int, int8: bool = False) -> str:
     bits, n, k, R, S, TY = spec.bits, spec.n, spec.k, cfg.rows, cfg.steps, cfg.warps
     C, CW, SW, VW = CHUNK[bits], CHUNK_WORDS[bits], SUB_WORDS[bits], VEC_WORDS[bits]
+    c_ = "(ty * 32 + tx)"                         # the thread's chunk of K
+    NSB = C // 32                                 # 32-value sub-blocks per chunk (int8: one activation scale each)
+    if int8:  # (buffer offset, first word, words) per load: 128-bit where the row stride keeps them aligned
+        lw = 4 if spec.words % 4 == 0 else 2
+        if bits == 3:
+            CW = 6
+            loads = [(v, f"{c_} * 4 + {v}", lw) for v in range(0, 4, lw)] + [(4, f"{spec.lo_words} + {c_} * 2", 2)]
+        else:
+            loads = [(v, f"{c_} * {CW} + {v}", lw) for v in range(0, CW, lw)]
+    else:
+        loads = [(v, f"{c_} * {CW} + {v}", VW) for v in range(0, CW, VW)]
     RS = R * S                                    # rows per block
     NS = n // R                                   # steps in all; the last block may have fewer than S (guarded)
     NB = -(-NS // S)
@@ -174,7 +254,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
 
     classes = sorted({b for _, b in fields})       # one accumulator per field position: no x pre-scaling
     ncls = len(classes)
-    nbuf = min(S, 2)                       # double buffer: the next step's rows load during this one's math
+    nbuf = min(S, cfg.depth)               # buffers: the next nbuf - 1 steps' rows load during this one's math
     c = "(ty * 32 + tx)"
     g = f"{c} * {C} // {G}" if G != k else "0"
     L = ["@T.prim_func", f"def {name}({', '.join(ins)}):",
@@ -188,19 +268,30 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     L += [f'{ind}wq = T.alloc_buffer(({nbuf * R * CW},), "uint32", scope={local})',
           f'{ind}sc = T.alloc_buffer(({nbuf * R},), "float16", scope={local})',
           f'{ind}xh = T.alloc_buffer((32,), "float16", scope={local})',
-          f'{ind}xf = T.alloc_buffer(({C if resident else 32},), "float32", scope={local})',
-          f'{ind}acc = T.alloc_buffer(({R},), "float32", scope={local})',
-          f'{ind}dot = T.alloc_buffer(({R * ncls},), "float32", scope={local})',
-          f'{ind}sx = T.alloc_buffer(({ncls},), "float32", scope={local})',
-          f'{ind}mg = T.alloc_buffer((1,), "uint32", scope={local})']
+          f'{ind}xf = T.alloc_buffer(({32 if int8 or not resident else C},), "float32", scope={local})',
+          f'{ind}acc = T.alloc_buffer(({R},), "float32", scope={local})']
+    if int8:  # the chunk's activations: int8 codes packed in dp4a order, block scales, block sums of the codes
+        L += [f'{ind}xi = T.alloc_buffer((32,), "int32", scope={local})',
+              f'{ind}xa = T.alloc_buffer(({8 * NSB},), "int32", scope={local})',
+              f'{ind}xd = T.alloc_buffer(({NSB},), "float32", scope={local})',
+              f'{ind}xs = T.alloc_buffer(({NSB},), "int32", scope={local})',
+              f'{ind}mx = T.alloc_buffer((2,), "float32", scope={local})',
+              f'{ind}idot = T.alloc_buffer(({R},), "int32", scope={local})']
+    else:
+        L += [f'{ind}dot = T.alloc_buffer(({R * ncls},), "float32", scope={local})',
+              f'{ind}sx = T.alloc_buffer(({ncls},), "float32", scope={local})',
+              f'{ind}mg = T.alloc_buffer((1,), "uint32", scope={local})']
     if not spec.sym:
         L.append(f'{ind}zr = T.alloc_buffer(({nbuf * R},), "uint8", scope={local})')
-    if gpu:  # lane 0's `MAGIC | lane` through a shuffle: a value the compiler cannot fold (see _field_float)
+    if int8:
+        pass
+    elif gpu:  # lane 0's `MAGIC | lane` through a shuffle: a value the compiler cannot fold (see _field_float)
         L.append(f"{ind}mg[0] = T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), T.bitwise_or(T.uint32({MAGIC}), "
                  f"T.Cast(\"uint32\", tx)), 0, 32, 32)")
     else:
         L.append(f"{ind}mg[0] = T.uint32({MAGIC})")
-    L += [f"{ind}sx[{i}] = T.float32(0)" for i in range(ncls)]
+    if not int8:
+        L += [f"{ind}sx[{i}] = T.float32(0)" for i in range(ncls)]
 
     def load_x(body, sb, dst):
         out = [f"{body}xh[T.ramp({8 * v}, 1, 8)] = x[{ix}, T.ramp({c} * {C} + {sb * 32 + 8 * v}, 1, 8)]"
@@ -212,23 +303,63 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         out = []
         for r in range(R):
             row = f"bx * {RS} + {st * R + r}"
-            for v in range(0, CW, VW):
-                out.append(f"{body}wq[T.ramp({(b * R + r) * CW + v}, 1, {VW})] = "
-                           f"qweight[{row}, T.ramp({c} * {CW} + {v}, 1, {VW})]")
+            for off, src, width in loads:
+                out.append(f"{body}wq[T.ramp({(b * R + r) * CW + off}, 1, {width})] = "
+                           f"qweight[{row}, T.ramp({src}, 1, {width})]")
             out.append(f"{body}sc[{b * R + r}] = scales[{row}, {g}]")
             if not spec.sym:
                 out.append(f"{body}zr[{b * R + r}] = zeros[{row}, {g}]")
         return out
 
+    def first_loads(body):  # steps 0 .. nbuf - 2 (those beyond a short last block guarded)
+        out = load_rows(body, 0, 0)
+        for st in range(1, nbuf - 1):
+            if live(st):
+                out += [f"{body}if {live(st)}:"] + load_rows(body + "    ", st, st)
+            else:
+                out += load_rows(body, st, st)
+        return out
+
+    def live(st):  # the block's step st exists (only the last block of a ragged grid has fewer)
+        return f"bx * {S} + {st} < {NS}" if ragged and st else ""
+
     # x once per thread: the per-class sums (zero point and the mantissa's leading 1) serve every row of the block
     L.append(f"{ind}if {c} < {nc}:")
     body = ind + "    "
+    if int8:  # the first rows' loads go out before the activations' (x's latency and rounding overlap them)
+        L += first_loads(body)
     for sb in range(C // 32):
-        L += load_x(body, sb, sb * 32 if resident else 0)
+        L += load_x(body, sb, 0 if int8 or not resident else sb * 32)
+        if int8:  # cpu_int8.quantize_act_np: d = max|x| / 127, a = nearbyint(x * 127 / max|x|)
+            L.append(f"{body}mx[0] = T.float32(0)")
+            L += [f"{body}mx[0] = T.max(mx[0], T.fabs(xf[{v}]))" for v in range(32)]
+            L.append(f"{body}mx[1] = T.Select(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))")
+            L += [f'{body}xi[{v}] = T.Cast("int32", T.nearbyint(xf[{v}] * mx[1]))' for v in range(32)]
+            L.append(f"{body}xd[{sb}] = mx[0] / T.float32(127)")
+            L.append(f"{body}xs[{sb}] = " + " + ".join(f"xi[{v}]" for v in range(32)))
+            for d, (_, vals) in enumerate(_dp4a_terms(bits, sb)):
+                L.append(f"{body}xa[{8 * sb + d}] = " + " | ".join(
+                    f"T.shift_left(T.bitwise_and(xi[{v}], 255), {8 * i})" for i, v in enumerate(vals)))
+            continue
         for i, b in enumerate(classes):
             L.append(f"{body}sx[{i}] = sx[{i}] + " + " + ".join(f"xf[{(sb * 32 if resident else 0) + v}]"
                                                                 for v, (_, fb) in enumerate(fields) if fb == b))
-    L += load_rows(body, 0, 0)
+    if not int8:
+        L += first_loads(body)
+    orow = f"bx * {RS} + e * {TY} + ty"
+    if gpu and n_out:
+        # OWQ's fp16 outlier columns, before the steps so that their dependent loads (index, x, W_out) overlap the
+        # weights': one warp per row, its lanes over the columns (coalesced along W_out's row), a shuffle sum; one
+        # thread per row reading them serially after the steps cost ~10% of the step
+        L += [f'{ind}ob = T.alloc_buffer(({-(-RS // TY)},), "float32", scope="local")',
+              f"{ind}for e in T.unroll({-(-RS // TY)}):", f"{ind}    ob[e] = T.float32(0)",
+              f"{ind}    if e * {TY} + ty < {RS}" + (f" and {orow} < {n}:" if ragged else ":")]
+        b2 = ind + "        "
+        L += [f"{b2}for j in T.serial({-(-n_out // 32)}):", f"{b2}    if j * 32 + tx < {n_out}:",
+              f'{b2}        ob[e] = ob[e] + T.Cast("float32", x[{ix}, T.max(T.min(oidx[j * 32 + tx], {k - 1}), 0)])'
+              f' * T.Cast("float32", ow[{orow}, j * 32 + tx])']
+        L += [f"{b2}ob[e] = ob[e] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), ob[e], {off}, 32, 32)"
+              for off in (16, 8, 4, 2, 1)]
 
     def step(ind, st, b, prefetch):
         """One step of R rows from buffer b; `prefetch` = (condition, next step, buffer) loads ahead first."""
@@ -241,7 +372,24 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                 out += load_rows(body + "    ", nst, nb)
             else:
                 out += load_rows(body, nst, nb)
-        out += [f"{body}dot[{i}] = T.float32(0)" for i in range(R * ncls)]
+        if int8:
+            for r in range(R):
+                wb = (b * R + r) * CW
+                for sb in range(NSB):
+                    for d, (terms, _) in enumerate(_dp4a_terms(bits, sb)):
+                        w = _code_bytes(lambda j, wb=wb: f"wq[{wb + j}]", terms)
+                        out.append(f"{body}idot[{r}] = " + _dp4a(w, f"xa[{8 * sb + d}]",
+                                                                 f"idot[{r}]" if d else "T.int32(0)", gpu))
+                    z = f'T.Cast("int32", zr[{b * R + r}])' if not spec.sym else f"T.int32({int(spec.sym_zero)})"
+                    t = f'xd[{sb}] * T.Cast("float32", idot[{r}] - {z} * xs[{sb}])'
+                    out.append(f"{body}acc[{r}] = " + (f"acc[{r}] + {t}" if sb else t))
+                out.append(f'{body}acc[{r}] = acc[{r}] * T.Cast("float32", sc[{b * R + r}])')
+        else:
+            out += step_fp(body, b)
+        return out + reduce_(ind, st)
+
+    def step_fp(body, b):
+        out = [f"{body}dot[{i}] = T.float32(0)" for i in range(R * ncls)]
         for sb in range(C // 32):
             if not resident:
                 out += load_x(body, sb, 0)
@@ -258,7 +406,11 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             qx = " + ".join(f"(dot[{r * ncls + i}] - sx[{i}]) * T.float32({float(2 ** (23 - fb))})"
                             for i, fb in enumerate(classes))
             out.append(f'{body}acc[{r}] = T.Cast("float32", sc[{b * R + r}]) * ({qx} - {z} * ({sxt}))')
-        out.append(f"{ind}else:")
+        return out
+
+    def reduce_(ind, st):
+        body = ind + "    "
+        out = [f"{ind}else:"]
         out += [f"{body}acc[{r}] = T.float32(0)" for r in range(R)]
         if gpu:
             for r in range(R):
@@ -271,18 +423,16 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             out += [f"{ind}red[{c} * {RS} + {st * R + r}] = acc[{r}]" for r in range(R)]
         return out
 
-    def live(st):  # the block's step st exists (only the last block of a ragged grid has fewer)
-        return f"bx * {S} + {st} < {NS}" if ragged and st else ""
-
     # steps unrolled, buffers alternating: every buffer index is a constant (registers, not local memory), and no
     # loop-carried state keeps registers alive across steps
     for st in range(S):
-        pre = (live(st + 1), st + 1, (st + 1) % 2) if st + 1 < S else None
+        nx = st + nbuf - 1
+        pre = (live(nx), nx, nx % nbuf) if nx < S else None
         if live(st):  # uniform over the block: the shuffles inside stay convergent
             L.append(f"{ind}if {live(st)}:")
-            L += step(ind + "    ", st, st % 2, pre)
+            L += step(ind + "    ", st, st % nbuf, pre)
         else:
-            L += step(ind, st, st % 2, pre)
+            L += step(ind, st, st % nbuf, pre)
 
     def finish(ind, lin, nsum):
         row = f"bx * {RS} + {lin}"
@@ -301,7 +451,13 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         out.append(f'{ind}y[{ix}, {row}] = T.Cast("{out_dtype}", {tot})')
         return out
 
-    if gpu:
+    if gpu and n_out:
+        tot = " + ".join(f"red[{t * RS} + e * {TY} + ty]" for t in range(TY))
+        L += [f"{ind}for e in T.unroll({-(-RS // TY)}):",
+              f"{ind}    if e * {TY} + ty < {RS}" + (f" and {orow} < {n}:" if ragged else ":"),
+              f"{ind}        if tx == 0:",
+              f'{ind}            y[{ix}, {orow}] = T.Cast("{out_dtype}", {tot} + ob[e])']
+    elif gpu:
         ne = -(-RS // tpb)
         L.append(f"{ind}for e in T.serial({ne}):")
         L.append(f"{ind}    if e * {tpb} + {c} < {RS}" + (f" and bx * {RS} + e * {tpb} + {c} < {n}:" if ragged else ":"))

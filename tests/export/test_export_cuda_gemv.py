@@ -1,5 +1,6 @@
 """CUDA exports route decode (one row) through the hand-scheduled GEMV and keep dlight's fused kernels for prefill;
-3-bit weights travel in the words3x32 layout. Compiles for cuda without a GPU (the kernels run in
+3-bit weights travel in the planes3 layout (the int8-activation GEMV's; words3x32 for the fp16 one). Compiles for
+cuda without a GPU (the kernels run in
 benchmarks/gpu_decode.py and apps/cuda on a GPU machine)."""
 from __future__ import annotations
 
@@ -43,19 +44,21 @@ def test_cuda_preset_repacks_3_bit_weights(model_dirs, tmp_path):
     cuda, stored = open_source(q, targets.get_preset("cuda").packing3), open_source(q)
     name = "model.layers.0.mlp.down_proj.qweight"
     plan = cuda.plans()["model.layers.0.mlp.down_proj"]
-    assert plan.spec.layout == "words3x32"
+    assert plan.spec.layout == "planes3"
     got = dict(cuda.arrays([name]))[name]
     want = dict(stored.arrays([name]))[name]
     assert got.shape == (plan.n, plan.spec.words)
-    np.testing.assert_array_equal(unpack_np(got, 3, plan.k, "words3x32"), unpack_np(want, 3, plan.k))
+    np.testing.assert_array_equal(unpack_np(got, 3, plan.k, "planes3"), unpack_np(want, 3, plan.k))
 
 
-@pytest.mark.parametrize("arch,bits,group,sym,n_out", [("llama", 4, 32, False, 0), ("qwen2", 3, -1, False, 2),
-                                                       ("qwen2", 2, 64, True, 3)])
+@pytest.mark.parametrize("arch,bits,group,sym,n_out,act", [
+    ("llama", 4, 32, False, 0, "fp16"), ("qwen2", 3, -1, False, 2, "fp16"), ("qwen2", 2, 64, True, 3, "fp16"),
+    ("llama", 4, 32, False, 0, "int8"), ("qwen2", 3, -1, False, 2, "int8"), ("qwen2", 2, 64, True, 3, "int8")])
 def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, monkeypatch, tokenizer, arch, bits,
-                                                         group, sym, n_out):
-    """The CUDA decode path as exported (arguments, words3x32 repacking, folded zero points, outlier columns in fp32,
-    bias) through the GEMV's serial CPU twin on the cpu target: decode logits equal PyTorch's."""
+                                                         group, sym, n_out, act):
+    """The CUDA decode path as exported (arguments, words3x32 / planes3 repacking, folded zero points, outlier columns
+    in fp32, bias) through the GEMV's serial CPU twin on the cpu target: decode logits equal PyTorch's (fp16
+    activations), or move by the int8 rounding of the activations only (int8, the CUDA default)."""
     import dataclasses
 
     import torch
@@ -67,8 +70,9 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
     from edgequant.export.runtime import Runner
     from test_export_parity import add_outlier_columns
     monkeypatch.setattr(export_llama, "DECODE_GEMV_TWIN_ON_CPU", True)
-    monkeypatch.setenv("EDGEQUANT_ACT_DTYPE", "fp16")   # prefill exact too (the cpu default now quantizes activations)
-    monkeypatch.setitem(targets.PRESETS, "cpu", dataclasses.replace(targets.PRESETS["cpu"], packing3="words3x32"))
+    monkeypatch.setenv("EDGEQUANT_ACT_DTYPE", act)   # fp16: prefill exact too (the cpu default quantizes activations)
+    packing3 = "words3x32" if act == "fp16" else "planes3"
+    monkeypatch.setitem(targets.PRESETS, "cpu", dataclasses.replace(targets.PRESETS["cpu"], packing3=packing3))
     hf = tmp_path / "hf"
     from transformers import AutoModelForCausalLM
     from conftest import tiny_config
@@ -96,4 +100,7 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
     runner.new_sequence()
     runner.prefill(ids[:16])
     err = max(float(np.abs(runner.decode(ids[j]) - want[j]).max() / np.abs(want[j]).max()) for j in range(16, 24))
-    assert err < 1e-2
+    print(f"\n{arch} W{bits} {act} decode: max |tvm - torch| / max |torch| {err:.1e}")
+    # int8: the bound of test_export_parity's int8 test; the cpu int8 export of the llama W4 model gives the same
+    # per-step errors (up to 3.6e-2) as this twin
+    assert err < (1e-2 if act == "fp16" else 4e-2)

@@ -16,13 +16,15 @@ CASES = [  # bits, group, sym, N, K, rows, warps, steps, outlier columns: double
 ]
 
 
-def _linear(rng, bits, group, sym, n, k):
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_w3x32_np
-    from edgequant.tvm_schedules.gemv import LAYOUT
-    spec = QuantSpec(n, k, bits, group, sym, LAYOUT[bits])
+def _linear(rng, bits, group, sym, n, k, act="fp16"):
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np, repack_w3x32_np
+    from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8
+    spec = QuantSpec(n, k, bits, group, sym, (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
     q = rng.integers(0, 1 << bits, (n, k))
     qweight = pack(q, bits)
-    if bits == 3:
+    if spec.layout == "planes3":
+        qweight = repack_planes3_np(qweight, k)
+    elif bits == 3:
         qweight = repack_w3x32_np(qweight, k)
     scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
     zeros = None if sym else rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
@@ -48,6 +50,48 @@ def test_gemv_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps,
     ex["main"](*[tvm.runtime.tensor(a) for a in args], y)
     ref = quant_matmul_np(spec, x, qweight, scales, zeros, idx if n_out else None, wout if n_out else None)
     np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=2e-5 * np.abs(x).astype(np.float32).sum())
+
+
+INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligned, 64-bit plane loads) and loads
+    # two and three steps ahead (depth 3 and 4, with short last blocks)
+    (4, 128, False, 32, 512, 2, 1, 4, 0, 2), (4, 32, True, 8, 96, 4, 1, 1, 3, 2),
+    (4, -1, False, 28, 256, 4, 3, 3, 0, 2), (2, 64, False, 16, 256, 2, 1, 2, 2, 2),
+    (2, -1, True, 8, 128, 8, 2, 1, 0, 2), (2, 64, False, 20, 128, 2, 1, 4, 0, 4),
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 3), (3, -1, True, 6, 256, 2, 2, 1, 0, 2),
+    (3, 64, False, 8, 576, 4, 1, 2, 0, 2),
+    (3, 128, False, 12, 256, 2, 1, 4, 0, 4),
+]
+
+
+@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth", INT8_CASES)
+def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth):
+    """int8 activations + dp4a: the twin's integer dots are exact, so it meets the int8 NumPy model to fp32
+    rounding; the model itself stays within int8 activation error of the exact product."""
+    import tvm
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemv_np
+    from edgequant.tvm_schedules.dequant import quant_matmul_np
+    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
+    rng = np.random.default_rng(bits * 17 + k)
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k, act="int8")
+    x = rng.standard_normal((1, k)).astype(np.float16)
+    x[0, 3] = 100
+    x[0, 40:72] = 0  # an all-zero activation block (scale 0)
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, warps, steps, depth), gpu=False,
+                                                     out_dtype="float32", n_outliers=n_out, act="int8")}),
+                     target="llvm")
+    y = tvm.runtime.empty((1, n), "float32", tvm.cpu())
+    idx = rng.choice(k, n_out, replace=False).astype(np.int32)
+    wout = rng.standard_normal((n, n_out)).astype(np.float16)
+    args = [x, qweight, scales] + ([] if sym else [zeros]) + ([idx, wout] if n_out else [])
+    ex["main"](*[tvm.runtime.tensor(a) for a in args], y)
+    model = int8_gemv_np(spec, x[0], qweight, scales, zeros)[None]
+    if n_out:
+        model = model + x[:, idx].astype(np.float32) @ wout.astype(np.float32).T
+    np.testing.assert_allclose(y.numpy(), model, rtol=1e-5, atol=1e-5 * np.abs(model).max())
+    exact = quant_matmul_np(spec, x, qweight, scales, zeros, idx if n_out else None, wout if n_out else None)
+    w = np.abs(scales.astype(np.float32)).max() * (1 << bits)       # the largest |weight|
+    block_max = np.abs(x.astype(np.float32)).reshape(-1, 32).max(axis=1)  # each value moves <= its block max / 254
+    assert 0 < np.abs(model - exact).max() < w * 32 * block_max.sum() / 254
 
 
 def test_words3x32_round_trip_and_kernel_reference():
@@ -95,24 +139,34 @@ def test_supports_and_default_config():
         assert spec.n % c.rows == 0
 
 
-@pytest.mark.parametrize("bits", [4, 3, 2])
-def test_cuda_source_streams_128_bit_loads(bits):
-    """The CUDA C the export ships: 128-bit weight loads (64-bit at 3 bits), shuffles, and no integer-to-float
-    conversion per weight."""
+@pytest.mark.parametrize("bits,act", [(4, "fp16"), (3, "fp16"), (2, "fp16"), (4, "int8"), (3, "int8"), (2, "int8")])
+def test_cuda_source_streams_128_bit_loads(bits, act):
+    """The CUDA C the export ships: 128-bit weight loads (64-bit at 3 bits with fp16 activations; 128-bit plane
+    words plus a 64-bit bit-plane load with int8 ones), shuffles, no integer-to-float conversion per weight, and
+    one dp4a per 4 weights with int8 activations."""
     import re
 
     import tvm
     from edgequant.export.targets import PRESETS
     from edgequant.tvm_schedules.dequant import QuantSpec
-    from edgequant.tvm_schedules.gemv import LAYOUT, gemv_func
-    spec = QuantSpec(256, 512, bits, 128 if bits != 2 else 64, False, LAYOUT[bits])
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec)}), target={**PRESETS["cuda"].target, "arch": "sm_90"})
+    from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8, GemvConfig, gemv_func, warps_for
+    layout = (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits]
+    spec = QuantSpec(256, 512, bits, 128 if bits != 2 else 64, False, layout)
+    cfg = GemvConfig(4, warps_for(spec), 2)
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, cfg, act=act)}),
+                     target={**PRESETS["cuda"].target, "arch": "sm_90"})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     body = src[src.index("main_kernel("):]
-    vec = "uint2" if bits == 3 else "uint4"
-    assert re.search(rf"\*\({vec}\*\)\(wq_ptr \+ \d+\) = \*\({vec}\*\)\(qweight_ptr", body)
-    assert "__shfl_down_sync" in body and "__shfl_sync" in body
+    vecs = ["uint2"] if bits == 3 and act == "fp16" else ["uint4", "uint2"] if bits == 3 else ["uint4"]
+    for vec in vecs:
+        assert re.search(rf"\*\({vec}\*\)\(wq_ptr \+ \d+\) = \*\({vec}\*\)\(qweight_ptr", body)
+    assert "__shfl_down_sync" in body
     assert "(float)wq_ptr" not in body and "__uint2float" not in body
+    if act == "int8":  # one dp4a per 4 weights of each of the 2 steps x 4 rows of a thread's chunk
+        chunk = 32 if bits == 4 else 64
+        assert body.count("__dp4a(") == 2 * 4 * chunk // 4
+    else:
+        assert "__shfl_sync" in body
 
 
 def _walk(m):
