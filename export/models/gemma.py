@@ -139,10 +139,12 @@ class GemmaRMSNorm(nn.Module):
 def _rotate(qkv: Tensor, pos: Tensor, heads: int, theta: float, scale: float) -> Tensor:
     """HF rotate-half RoPE on the first `heads` heads of qkv [b, s, F, D] (q and k); v passes unchanged. `pos`
     holds each row's position in its sequence (b * s,)."""
-    b, s, f, d = qkv.shape
+    d = qkv.shape[-1]
     half = d // 2
 
     def compute(x, p):
+        s = x.shape[1]   # the TE tensor's own (bound) sequence length, not the relax one
+
         def fn(i, j, h, k):
             t = p[i * s + j].astype("float32") * tirx.const(scale, "float32")
             inv = tirx.const(1.0, "float32") / tirx.power(tirx.const(theta, "float32"),
