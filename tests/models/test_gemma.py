@@ -168,3 +168,10 @@ def test_omniquant_let_fuses_into_the_checkpoint(arch, tmp_path, tokenizer):
                                                 progress=False, keep_live=True)
     assert_fused_checkpoint_equals_live(tmp_path, tokenizer, make_tiny_gemma(arch), model, quantized, scheme, live,
                                         samples)
+
+
+def test_quantize_help_names_the_gemma_families():
+    from click.testing import CliRunner
+    from edgequant.cli import main
+    out = CliRunner().invoke(main, ["quantize", "--help"]).output
+    assert "gemma2" in out and "gemma3_text" in out and "llama" in out
