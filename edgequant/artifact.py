@@ -330,9 +330,12 @@ def load_quantized_model(path, dtype=torch.float32, device="cpu"):
 
 
 def _reinit_buffers(model):
-    """Rebuild modules whose buffers are computed at construction (rotary inv_freq), which `to_empty` left empty."""
+    """Rebuild modules whose buffers are computed at construction (rotary inv_freq, Gemma 3's one per layer type;
+    Gemma's embedding scale), which `to_empty` left empty."""
     for name, mod in list(model.named_modules()):
-        if hasattr(mod, "inv_freq") and hasattr(mod, "config"):
-            fresh = type(mod)(config=mod.config).to(mod.inv_freq.device)
+        if hasattr(mod, "scalar_embed_scale") and hasattr(mod, "embed_scale"):
+            mod.embed_scale.fill_(mod.scalar_embed_scale)
+        if hasattr(mod, "config") and any(b.endswith("inv_freq") for b, _ in mod.named_buffers(recurse=False)):
+            fresh = type(mod)(config=mod.config).to(next(mod.buffers()).device)
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, fresh)

@@ -119,12 +119,13 @@ def _method_options(fn):
     return fn
 
 
-def _supported_models() -> str:
-    from .models import supported_model_types
-    return f"Supported model types: {', '.join(supported_model_types())}."
+def _quantize_help() -> str:
+    from .models import supported_model_types   # the registry, so every family added there is named
+    return ("Quantize MODEL (HF folder, .gguf file, hub id; default: SmolLM2-135M-Instruct) into a checkpoint folder. "
+            f"Supported model types: {', '.join(supported_model_types())}.")
 
 
-@main.command(epilog=_supported_models())
+@main.command(help=_quantize_help())
 @click.argument("model", required=False)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
 @click.option("--method", default="gptq", show_default=True, type=click.Choice([m.name for m in _methods()]),
@@ -136,7 +137,6 @@ def _supported_models() -> str:
 @_method_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def quantize(model, output, method, bits, group_size, sym, quiet, **options):
-    """Quantize MODEL (HF folder, .gguf file, hub id; default: SmolLM2-135M-Instruct) into a checkpoint folder."""
     from pathlib import Path
 
     from . import api

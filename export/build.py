@@ -55,18 +55,23 @@ def _walk(mod):
         yield from _walk(m)
 
 
+def prefill_chunk(arch) -> int:
+    """Tokens per prefill call: never more than the context (a sliding window caps it, export/models/*.py)."""
+    return min(PREFILL_CHUNK, arch.context_window)
+
+
 def build_module(source, preset, arch=None, system_lib_prefix=None):
     """(compiled executable, named params, tvm target, function names) for a weight source."""
     import tvm
     from tvm import relax
 
-    from .models.llama import LlamaForCausalLM
+    from .models import graph_for
     from .pipeline import relax_pipeline
     tgt = targets.tvm_target(preset, arch)
-    model = LlamaForCausalLM(source.arch, source.plans(), tgt)
+    model = graph_for(source.config)[1](source.arch, source.plans(), tgt)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     meta = {"model_type": source.arch.model_type, "quantization": source.quantization,
-            "context_window_size": source.arch.context_window, "prefill_chunk_size": PREFILL_CHUNK,
+            "context_window_size": source.arch.context_window, "prefill_chunk_size": prefill_chunk(source.arch),
             "sliding_window_size": -1, "attention_sink_size": -1, "tensor_parallel_shards": 1,
             "kv_state_kind": "kv_cache", "params": _param_list(named_params)}
     mod = _add_metadata(mod, meta)
@@ -141,7 +146,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
                 "packing3": preset.packing3, "zeros_packed": preset.zeros_packed,
                 "model": {**source.arch.__dict__}, "functions": functions,
                 "params": _param_list(named_params),
-                "weight_bytes": weight_bytes, "prefill_chunk_size": PREFILL_CHUNK,
+                "weight_bytes": weight_bytes, "prefill_chunk_size": prefill_chunk(source.arch),
                 "build_time_s": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             (tmp / "mlc-chat-config.json").write_text(json.dumps(_mlc_chat_config(source, meta), indent=2))
@@ -181,7 +186,7 @@ def _mlc_chat_config(source, meta) -> dict:
         "version": "0.1.0", "model_type": a.model_type, "quantization": source.quantization,
         "model_config": {k: v for k, v in c.items() if k != "quantization_config"},
         "vocab_size": a.vocab_size, "context_window_size": a.context_window, "sliding_window_size": -1,
-        "prefill_chunk_size": PREFILL_CHUNK, "attention_sink_size": -1, "tensor_parallel_shards": 1,
+        "prefill_chunk_size": prefill_chunk(a), "attention_sink_size": -1, "tensor_parallel_shards": 1,
         "temperature": gen.get("temperature", 1.0), "top_p": gen.get("top_p", 1.0), "repetition_penalty": 1.0,
         "bos_token_id": c.get("bos_token_id"), "eos_token_id": c.get("eos_token_id"),
         "pad_token_id": c.get("pad_token_id"),

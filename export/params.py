@@ -24,6 +24,7 @@ from edgequant.errors import EdgequantError
 from edgequant.models import family_for
 from edgequant.tvm_schedules.dequant import QuantSpec, pack_zeros_np, repack_planes3_np, repack_w3x32_np
 
+from .models import graph_for
 from .models.llama import ArchConfig
 
 
@@ -52,7 +53,7 @@ class WeightSource:
 
     @property
     def arch(self) -> ArchConfig:
-        return ArchConfig.from_hf(self.config)
+        return graph_for(self.config)[0].from_hf(self.config)
 
     def plans(self) -> dict[str, LinearPlan]:
         raise NotImplementedError

@@ -26,21 +26,73 @@ def get_module(root, path: str):
 @dataclass
 class BlockInputs:
     """Hidden states entering a block ([n, seqlen, hidden], kept on the host) and the keyword arguments the model
-    passes every block (rotary embeddings, mask, positions), captured once for a batch of one."""
+    passes every block (rotary embeddings, mask, positions), captured once for a batch of one. Where blocks get
+    different ones (Gemma's sliding-window and global layers: their own mask, and Gemma 3 its own RoPE base),
+    `layer_kwargs` holds each block's and `use_layer(i)` selects block i's."""
     hidden: torch.Tensor
     kwargs: dict
+    layer_kwargs: list | None = None
+
+    def use_layer(self, i: int) -> dict:
+        if self.layer_kwargs is not None:
+            self.kwargs = self.layer_kwargs[i]
+        return self.kwargs
 
 
-def _move(obj, device):
+def _move(obj, device, memo=None):
+    """`obj` with its tensors on `device`; `memo` lets objects shared between calls (one mask read by many
+    layers) be moved once."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
     if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_move(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_move(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
-    return obj
+        out = obj.to(device)
+    elif isinstance(obj, tuple):
+        out = tuple(_move(o, device, memo) for o in obj)
+    elif isinstance(obj, list):
+        out = [_move(o, device, memo) for o in obj]
+    elif isinstance(obj, dict):
+        out = {k: _move(v, device, memo) for k, v in obj.items()}
+    else:
+        return obj
+    memo[id(obj)] = out
+    return out
+
+
+_SKIP_KWARGS = ("hidden_states", "past_key_values", "past_key_value", "cache", "use_cache")
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for a block for one forward pass: records its keyword arguments, passes the hidden states on."""
+
+    def __init__(self, seen: list, last: bool):
+        super().__init__()
+        self.seen, self.last = seen, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.seen.append({k: v for k, v in kwargs.items() if k not in _SKIP_KWARGS})
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def _per_layer_kwargs(model, layers, sample, device) -> list | None:
+    """Every block's keyword arguments where the model gives blocks different ones (`config.layer_types` with more
+    than one kind), else None. The blocks are swapped for recorders, so no block runs."""
+    if len(set(getattr(model.config, "layer_types", None) or ())) < 2:
+        return None
+    seen, saved = [], list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Recorder(seen, last=i == len(saved) - 1)
+    try:
+        model(sample[None].to(device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for i, blk in enumerate(saved):
+            layers[i] = blk
+    memo = {}
+    return [_move(kw, "cpu", memo) for kw in seen]
 
 
 @torch.no_grad()
@@ -52,8 +104,7 @@ def capture_first_block_inputs(model, layers, samples: torch.Tensor, device="cpu
         x = args[0] if args else kwargs["hidden_states"]
         hidden.append(x.detach().to("cpu", torch.float32))
         if not kwargs_seen:
-            kwargs_seen.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
-                                                                            "past_key_value", "use_cache")})
+            kwargs_seen.update({k: v for k, v in kwargs.items() if k not in _SKIP_KWARGS})
         raise _Stop
 
     # everything before the blocks (embeddings, rotary) is small: put it on the device for this pass
@@ -68,13 +119,14 @@ def capture_first_block_inputs(model, layers, samples: torch.Tensor, device="cpu
                 model(s[None].to(device), use_cache=False)
             except _Stop:
                 pass
+        per_layer = _per_layer_kwargs(model, layers, samples[0], device)
     finally:
         handle.remove()
         layers[0].to("cpu")
         for m in embed_parts:
             m.to("cpu")
     kwargs = {k: _move(v, "cpu") for k, v in kwargs_seen.items()}
-    return BlockInputs(torch.cat(hidden), kwargs)
+    return BlockInputs(torch.cat(hidden), kwargs, per_layer)
 
 
 @torch.no_grad()

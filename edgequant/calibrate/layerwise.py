@@ -33,6 +33,7 @@ def calibrate_layerwise(model, samples: torch.Tensor, quantize_fn: QuantizeFn, d
     for i in bar:
         t0 = time.time()
         block = layers[i].to(device)
+        inputs.use_layer(i)
         for group in family.groups:
             mods = [get_module(block, n) for n in group.names]
             coll = HessianCollector(mods[0], skip_tokens)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..errors import UnsupportedModelError
 from .family import Dims, Family, LetPair, Linear, LinearGroup, Norm
+from .gemma import GEMMA2_FAMILY, GEMMA3_FAMILY
 from .llama import LLAMA_FAMILY
 from .phi3 import PHI3_FAMILY
 from .qwen3 import QWEN3_FAMILY
@@ -22,6 +23,8 @@ def register_family(family: Family) -> Family:
 register_family(LLAMA_FAMILY)
 register_family(QWEN3_FAMILY)
 register_family(PHI3_FAMILY)
+register_family(GEMMA2_FAMILY)
+register_family(GEMMA3_FAMILY)
 
 
 def supported_model_types() -> list[str]:

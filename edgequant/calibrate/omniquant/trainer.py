@@ -120,8 +120,7 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
     state = ResumeState(state_dir, fingerprint(model, samples, scheme, cfg),
                         notify=lambda m: tqdm.write(m, file=sys.stderr))
     inputs: BlockInputs = capture_first_block_inputs(model, layers, samples, device)
-    kw = _move(inputs.kwargs, device)
-    kw.pop("use_cache", None)
+    moved = {}   # layers that share a mask or RoPE table share one copy on the device
     q_hidden, fp_hidden = inputs.hidden, inputs.hidden.clone()
     start = 0
     plain_names = [f"{n.name}.weight" for n in family.norms] + [f"{n}.bias" for n in family.linear_names]
@@ -144,6 +143,7 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
         t0 = time.time()
         block = layers[i].to(device)
         block.requires_grad_(False)
+        kw = _move(inputs.use_layer(i), device, moved)
         bs = cfg.batch_size
 
         # targets: the full-precision block on the full-precision stream (+ LET statistics on the way)

@@ -1,0 +1,252 @@
+"""Gemma 2 and Gemma 3 (text) as a relax.frontend.nn model with the TIR paged KV cache (Gemma Team,
+arXiv 2408.00118 and 2503.19786).
+
+The block is LLaMA's with these differences: (1 + weight) RMSNorms, before and after attention and the MLP; a GeGLU
+MLP (tanh GELU); embeddings scaled by sqrt(hidden) (in fp16, the export's dtype, as transformers scales in the
+model's dtype); an explicit head_dim and attention scaled by query_pre_attn_scalar**-0.5; Gemma 3's per-head q/k
+norms before RoPE; final logit soft-capping (Gemma 2); sliding-window layers alternating with global ones.
+
+What TVM 0.27's paged KV cache (`tvm.relax.frontend.nn.llm.kv_cache`) offers, and how each need is met:
+- Sliding window. The cache takes a per-layer attention kind ("mha_sliding", `layer_sliding_window_size`), but in
+  this release it is not usable: (1) a prefill chunk's attention to itself runs the ragged kernel, which has no
+  window mask, so a prompt longer than the window came out wrong (logits off by ~100% of their range on a tiny
+  model); prefill chunks shorter than the window fixed that, but (2) some chunk patterns then gave NaN logits
+  depending on memory contents (e.g. 24 tokens as 11 + 11 + 2 with a window of 12, in a fresh process), and (3) the
+  runtime source we read (apache/tvm src/runtime/vm/paged_kv_cache.cc; not checked against this wheel's binary)
+  hard-codes a 1024-token window in those layers' page bookkeeping, where Gemma 2 uses 4096 and Gemma 3 1B/270M 512. Route around, as the LLaMA graph does for Mistral: every
+  layer runs full attention and the context is capped at the sliding window, where sliding-window attention equals
+  full attention (a query sees the `window` latest keys, itself included: transformers' mask), so every supported
+  length is exact and `run` refuses longer sequences with its usual message. The cost: Gemma 3 1B/270M exports run
+  512 tokens of context, Gemma 2 4096. Lifting it needs a fixed per-layer sliding window in TVM's cache (or our own
+  attention kernel).
+- RoPE: the cache applies one RoPE (one base) to every layer. Gemma 3's local layers use another base
+  (`rope_local_base_freq`), so where the bases differ the cache runs with RopeMode.NONE and the graph rotates q and
+  k itself (`_rotate`, positions from the cache's `get_query_positions`), with each layer's own base.
+- Attention logit soft-capping (Gemma 2's `attn_logit_softcapping`, cap * tanh(score / cap) before the softmax): no
+  kernel of the cache has it and its scores never leave the kernel, so it cannot be added around them. Export runs
+  Gemma 2 without it (as MLC-LLM's Gemma 2 does), says so on the console, and records it in edgequant-export.json
+  (`model.attn_logit_softcapping_dropped`). The logits then differ from transformers' by what the cap changes:
+  scores near or above the cap (50 in the released models) are rare, so the difference is small, but it is not
+  exact. The final logit soft-cap is exact (an ordinary op on the logits).
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from dataclasses import dataclass
+
+from tvm import relax as rx
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+from edgequant.errors import EdgequantError
+from edgequant.models import family_for
+
+from . import llama as _llama
+from ..quant_linear import DenseLinear, Embedding
+from .llama import ArchConfig, LlamaForCausalLM, _make_linear
+
+FAMILIES = ("gemma2", "gemma3")   # the edgequant.models families this graph implements
+_ACTS = ("gelu_pytorch_tanh", "gelu_tanh")
+
+
+@dataclass(frozen=True)
+class GemmaArchConfig(ArchConfig):
+    query_pre_attn_scalar: float = 256.0
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping_dropped: float | None = None   # Gemma 2's cap the cache's kernels cannot apply
+    qk_norm: bool = False                                   # Gemma 3's per-head q/k norms
+    layer_types: tuple = ()                                 # "sliding_attention" / "full_attention" per layer
+    rope_local_theta: float | None = None                   # local layers' RoPE base where it differs (Gemma 3)
+    rope_local_scale: float = 1.0
+
+    @classmethod
+    def _from_hf(cls, c: dict) -> "GemmaArchConfig":
+        mt = c.get("model_type")
+        if family_for(mt).name not in FAMILIES:
+            raise EdgequantError(f"the Gemma graph exports gemma2 and gemma3_text models, not '{mt}'")
+        act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in _ACTS:
+            raise EdgequantError(f"hidden_activation '{act}' is not supported by export (only {', '.join(_ACTS)})")
+        rp = dict(c.get("rope_parameters") or {})
+        if "full_attention" in rp or "sliding_attention" in rp:   # Gemma 3: one RoPE per layer type
+            glob, local = _rope(rp.get("full_attention") or {}), _rope(rp.get("sliding_attention") or {})
+        else:
+            glob = local = _rope({**rp, **({"rope_theta": c["rope_theta"]} if "rope_theta" in c else {})})
+        n = int(c["num_hidden_layers"])
+        types = tuple(c.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                               for i in range(n)])
+        if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+            raise EdgequantError(f"layer_types must name 'sliding_attention' or 'full_attention' for each of the {n} "
+                                 "layers; restore the model's config.json")
+        sw = c.get("sliding_window")
+        if "sliding_attention" in types and not (isinstance(sw, int) and sw > 0):
+            raise EdgequantError("sliding-window layers need a positive sliding_window in config.json")
+        if c.get("use_bidirectional_attention"):
+            raise EdgequantError("bidirectional Gemma models (use_bidirectional_attention) are not causal LMs; "
+                                 "export supports causal ones")
+        d = family_for(mt).dims(c)
+        return cls(model_type=mt, vocab_size=int(c["vocab_size"]), hidden_size=int(d.hidden),
+                   intermediate_size=int(d.intermediate), num_layers=n, num_heads=int(d.heads),
+                   num_kv_heads=int(d.kv_heads), head_dim=int(d.head_dim),
+                   rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=glob[0], rope_scale=glob[1],
+                   tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
+                   context_window=min(int(c.get("max_position_embeddings", 8192)),
+                                      int(sw) if "sliding_attention" in types else 1 << 30),
+                   sliding_window=int(sw) if "sliding_attention" in types else None,
+                   query_pre_attn_scalar=float(c.get("query_pre_attn_scalar") or d.head_dim),
+                   final_logit_softcapping=c.get("final_logit_softcapping"),
+                   attn_logit_softcapping_dropped=c.get("attn_logit_softcapping"),
+                   qk_norm=family_for(mt).name == "gemma3", layer_types=types,
+                   rope_local_theta=None if local == glob else local[0],
+                   rope_local_scale=1.0 if local == glob else local[1])
+
+    @property
+    def graph_rope(self) -> bool:
+        """Whether the graph applies RoPE (two bases) instead of the cache (one)."""
+        return self.rope_local_theta is not None
+
+    def layer_rope(self, i: int) -> tuple[float, float]:
+        local = self.layer_types[i] == "sliding_attention" and self.graph_rope
+        return (self.rope_local_theta, self.rope_local_scale) if local else (self.rope_theta, self.rope_scale)
+
+
+def _rope(p: dict) -> tuple[float, float]:
+    """(base, position scale) of one RoPE: default, or linear (positions / factor)."""
+    rtype = p.get("rope_type", p.get("type", "default"))
+    theta = float(p.get("rope_theta", 10000.0))
+    if rtype == "default":
+        return theta, 1.0
+    if rtype == "linear":
+        return theta, 1.0 / float(p["factor"])
+    raise EdgequantError(f"RoPE scaling '{rtype}' is not supported by the Gemma export (default, linear)")
+
+
+class GemmaRMSNorm(nn.Module):
+    """RMSNorm scaling by (1 + weight); `weight` is stored as the checkpoint holds it."""
+
+    def __init__(self, dim: int, eps: float):
+        self.weight = nn.Parameter((dim,), "float16")
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return op.rms_norm(x, self.weight + 1.0, axes=[-1], epsilon=self.eps)
+
+
+def _rotate(qkv: Tensor, pos: Tensor, heads: int, theta: float, scale: float) -> Tensor:
+    """HF rotate-half RoPE on the first `heads` heads of qkv [b, s, F, D] (q and k); v passes unchanged. `pos`
+    holds each row's position in its sequence (b * s,)."""
+    d = qkv.shape[-1]
+    half = d // 2
+
+    def compute(x, p):
+        s = x.shape[1]   # the TE tensor's own (bound) sequence length, not the relax one
+
+        def fn(i, j, h, k):
+            t = p[i * s + j].astype("float32") * tirx.const(scale, "float32")
+            inv = tirx.const(1.0, "float32") / tirx.power(tirx.const(theta, "float32"),
+                                                           ((k % half) * 2).astype("float32") / float(d))
+            ang = t * inv
+            xf = x[i, j, h, k].astype("float32")
+            other = tirx.if_then_else(k < half, -x[i, j, h, k + half], x[i, j, h, k - half]).astype("float32")
+            rot = (xf * tirx.cos(ang) + other * tirx.sin(ang)).astype(x.dtype)
+            return tirx.if_then_else(h < heads, rot, x[i, j, h, k])
+        return te.compute(x.shape, fn, name="gemma_rope")
+    return op.tensor_expr_op(compute, "gemma_rope", [qkv, pos])
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, c: GemmaArchConfig, plans, prefix, gpu_gemv, i: int):
+        self.c, self.i = c, i
+        self.qkv_proj = _make_linear(plans[f"{prefix}.self_attn.qkv_proj"], gpu_gemv)
+        self.o_proj = _make_linear(plans[f"{prefix}.self_attn.o_proj"], gpu_gemv)
+        if c.qk_norm:
+            self.q_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int):
+        c = self.c
+        b, s, _ = x.shape
+        h, g = c.num_heads, c.num_kv_heads
+        qkv = op.reshape(self.qkv_proj(x), (b, s, h + 2 * g, c.head_dim))
+        if c.qk_norm:
+            q, k, v = op.split(qkv, [h, h + g], axis=2)
+            qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
+        if c.graph_rope:
+            theta, scale = c.layer_rope(layer_id)
+            qkv = _rotate(qkv, kv.get_query_positions(b * s), h + g, theta, scale)
+        o = kv.attention_with_fused_qkv(layer_id, qkv, h, sm_scale=c.query_pre_attn_scalar ** -0.5)
+        return self.o_proj(op.reshape(o, (b, s, h * c.head_dim)))
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, c, plans, prefix, gpu_gemv):
+        self.gate_up_proj = _make_linear(plans[f"{prefix}.mlp.gate_up_proj"], gpu_gemv)
+        self.down_proj = _make_linear(plans[f"{prefix}.mlp.down_proj"], gpu_gemv)
+
+    def forward(self, x: Tensor):
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.gelu(gate, approximate="tanh") * up)
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, c: GemmaArchConfig, plans, i, gpu_gemv):
+        prefix = family_for(c.model_type).layer_prefix(i)
+        self.self_attn = GemmaAttention(c, plans, prefix, gpu_gemv, i)
+        self.mlp = GemmaMLP(c, plans, prefix, gpu_gemv)
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            setattr(self, name, GemmaRMSNorm(c.hidden_size, c.rms_norm_eps))
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), kv, layer_id))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, c: GemmaArchConfig, plans, gpu_gemv):
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype="float16")
+        self.layers = nn.ModuleList([GemmaDecoderLayer(c, plans, i, gpu_gemv) for i in range(c.num_layers)])
+        self.norm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class GemmaForCausalLM(LlamaForCausalLM):
+    """LLaMA's functions (prefill, decode, prefill_logits, the spec) over Gemma's blocks; parameter names mirror
+    the HF checkpoint."""
+
+    def __init__(self, c: GemmaArchConfig, plans: dict, target):
+        self.c = c
+        mode = "gpu" if target.kind.name == "cuda" else ("twin" if _llama.DECODE_GEMV_TWIN_ON_CPU else None)
+        self.model = GemmaModel(c, plans, gpu_gemv=mode)
+        self.lm_head = None if c.tie_word_embeddings else DenseLinear(c.hidden_size, c.vocab_size,
+                                                                            out_dtype="float32")
+        self.target = target
+        if c.attn_logit_softcapping_dropped:
+            print(f"warning: {c.model_type}: attention logit soft-capping ({c.attn_logit_softcapping_dropped}) is "
+                  "not applied: TVM's paged KV cache kernels lack it (export/models/gemma.py)", file=sys.stderr)
+
+    def embed(self, input_ids: Tensor):
+        # transformers scales in the model's dtype: sqrt(hidden) rounded to fp16 here
+        return self.model.embed_tokens(input_ids) * float(np.float16(self.c.hidden_size ** 0.5))
+
+    def _logits(self, h: Tensor) -> Tensor:
+        logits = super()._logits(h)
+        cap = self.c.final_logit_softcapping
+        return op.tanh(logits / cap) * cap if cap else logits
+
+    def create_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
+                              prefill_chunk_size: tirx.Var, page_size: tirx.Var,
+                              support_sliding_window: tirx.Var) -> PagedKVCache:
+        c = self.c
+        return TIRPagedKVCache(   # full attention everywhere: the context is capped at the window (docstring)
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NONE if c.graph_rope else RopeMode.NORMAL, rope_scale=c.rope_scale,
+            rope_theta=c.rope_theta, rope_scaling={}, rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim,
+            enable_disaggregation=False, dtype="float16", target=self.target)
