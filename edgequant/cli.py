@@ -128,10 +128,15 @@ def _method_options(fn):
 @_bits_option(4)
 @click.option("--group-size", type=int, default=128, show_default=True, help="Inputs per group; -1 per channel.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric (no zero points) or asymmetric.")
+@click.option("--embed-bits", type=click.Choice(["16", "8", "4"]), default="16", show_default=True,
+              help="Quantize the embedding and output layer (tied: one table) to 8 or 4 bits, round to nearest; 16 "
+                   "keeps them fp16.")
+@click.option("--embed-group-size", type=int, default=32, show_default=True,
+              help="Hidden inputs per group of the quantized tables; -1 per row.")
 @_options_of("edgequant.methods:CalibOptions")
 @_method_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def quantize(model, output, method, bits, group_size, sym, quiet, **options):
+def quantize(model, output, method, bits, group_size, sym, embed_bits, embed_group_size, quiet, **options):
     """Quantize MODEL (HF folder, .gguf file, hub id; default: SmolLM2-135M-Instruct) into a checkpoint folder."""
     from pathlib import Path
 
@@ -140,7 +145,7 @@ def quantize(model, output, method, bits, group_size, sym, quiet, **options):
     options = {k: v for k, v in options.items() if v is not None}
     replaced = (Path(output).expanduser() / PROVENANCE_NAME).is_file()
     out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym,
-                       progress=not quiet, **options)
+                       progress=not quiet, embed_bits=int(embed_bits), embed_group_size=embed_group_size, **options)
     info = api.inspect(out)
     click.echo(f"wrote {out}  ({info['scheme']}, {info['bits_target']:g} bits/weight target, "
                f"{info['bits_per_weight']:.3f} stored, {info['size_on_disk_bytes'] / 2**20:.1f} MiB)"
