@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import pack
-from .checkpoint import (FORMAT_VERSION, PROVENANCE_NAME, QUANT_METHOD, WEIGHTS_NAME, _is_count, _table_names,
+from .checkpoint import (FORMAT_VERSION, PROVENANCE_NAME, QUANT_METHOD, WEIGHTS_NAME, _is_count, table_names,
                          declares_checkpoint, quantization_config, read_config, read_overrides, read_scheme,
                          tensor_headers, weight_files, write_tensors)
 from .errors import CheckpointError, first_line
@@ -65,12 +65,15 @@ def save_checkpoint(out_dir, model, tokenizer, quantized: dict[str, QuantizedWei
     """Write the checkpoint atomically: fill a temporary sibling folder, then rename it onto `out_dir`.
 
     `quantized` maps module names (the block linears, and the embedding / untied output layer where those are
-    quantized) to their weights; a weight whose scheme is not `scheme` is recorded as a per-module override."""
+    quantized) to their weights; a weight whose scheme is not `scheme`, and every table, is recorded as a per-module
+    override."""
     from .atomic import atomic_output_dir
     family = family_for(model.config.model_type)
     out = Path(out_dir).expanduser().resolve()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    overrides = {name: qw.scheme for name, qw in quantized.items() if qw.scheme != scheme}
+    # the checkpoint's scheme covers block linears only: a quantized table always names its own
+    overrides = {name: qw.scheme for name, qw in quantized.items()
+                 if qw.scheme != scheme or name in (family.embed, family.head)}
     with atomic_output_dir(out, marker=PROVENANCE_NAME) as tmp:
         # a quantized embedding that the output layer is tied to is stored once, as the embedding's tensors
         skip = set(quantized) | ({family.head} if tied and family.embed in quantized else set())
@@ -251,7 +254,7 @@ def expected_layout(ckpt: Checkpoint) -> tuple[dict[str, tuple], dict[str, tuple
             name = f"{ckpt.family.layer_prefix(i)}.{lin}"
             m = modules[name]
             quant[name] = (m.out_features, m.in_features, m.bias is not None)
-    for name in _table_names(ckpt.family, ckpt.config):
+    for name in table_names(ckpt.family, ckpt.config):
         if ckpt.scheme_for(name) is not None:
             quant[name] = tuple(modules[name].weight.shape) + (False,)
     plain = {name: tuple(t.shape) for name, t in model.state_dict().items() if name.rsplit(".", 1)[0] not in quant}
@@ -314,7 +317,7 @@ def load_quantized_weight(ckpt: Checkpoint, name: str, tensors: dict | None = No
 
 
 def _in_features(ckpt: Checkpoint, name: str) -> int:
-    if name in _table_names(ckpt.family, ckpt.config):
+    if name in table_names(ckpt.family, ckpt.config):
         return ckpt.family.dims(ckpt.config).hidden
     shape = ckpt.family.linear_shapes(ckpt.config).get(ckpt.family.relative_name(name))
     if shape is None:

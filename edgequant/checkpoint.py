@@ -103,7 +103,7 @@ def read_overrides(f: Path, qc: dict, family, config: dict) -> dict[str, QuantSc
     if not isinstance(ov, dict):
         raise CheckpointError(f"{f}: quantization_config.overrides must be an object of module name -> scheme; "
                               "restore the config.json written by `edgequant quantize`")
-    allowed = set(_table_names(family, config))
+    allowed = set(table_names(family, config))
     layers, linears = config.get("num_hidden_layers"), qc.get("modules", family.linear_names)
     out = {}
     for name, d in ov.items():
@@ -127,7 +127,7 @@ def read_overrides(f: Path, qc: dict, family, config: dict) -> dict[str, QuantSc
     return out
 
 
-def _table_names(family, config: dict) -> tuple[str, ...]:
+def table_names(family, config: dict) -> tuple[str, ...]:
     """The vocabulary tables a scheme may cover: the embedding, and the output layer unless it is tied to it."""
     return (family.embed,) if config.get("tie_word_embeddings") else (family.embed, family.head)
 
@@ -307,7 +307,7 @@ def inspect(checkpoint, context: int | None = None) -> dict:
     from .artifact import expected_layout, open_checkpoint
     ck = open_checkpoint(checkpoint)
     _, quant = expected_layout(ck)
-    tables = {n: ck.scheme_for(n).name for n in _table_names(ck.family, ck.config) if n in quant}
+    tables = {n: ck.scheme_for(n).name for n in table_names(ck.family, ck.config) if n in quant}
     quant = {n: v for n, v in quant.items() if n not in tables}   # the figures below are the block linears'
     q_weights = sum(n * k for n, k, _ in quant.values())
     q_bits = sum((b - a) * 8 for f in set(ck.files.values()) for name, h in tensor_headers(f).items()
