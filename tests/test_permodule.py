@@ -105,3 +105,21 @@ def test_hostile_overrides_refused(tmp_path, tokenizer, edit, match):
     with pytest.raises(CheckpointError, match=match) as e:
         open_checkpoint(out)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_transformers_reads_overrides_and_tables(tmp_path, tokenizer, tie):
+    """`from_pretrained` on a checkpoint with per-module schemes and a quantized table gives the eval model's logits."""
+    from transformers import AutoModelForCausalLM
+    import edgequant  # noqa: F401 - registers the quantizer
+    import transformers.quantizers.auto  # noqa: F401 - the registry first (its import hook loads hf_integration)
+    from edgequant.hf_integration import EdgequantEmbedding, EdgequantLinear
+    out, _, _ = mixed_checkpoint(tmp_path, tokenizer, tie=tie, embed=QuantScheme(4, 32))
+    ref, _ = load_quantized_model(out)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert isinstance(hf.model.embed_tokens, EdgequantEmbedding)
+    assert hf.model.layers[0].mlp.down_proj.scheme == MIXED["model.layers.0.mlp.down_proj"]
+    assert isinstance(hf.lm_head, EdgequantLinear) != tie
+    ids = torch.randint(0, ref.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
