@@ -217,6 +217,15 @@ def inspect(checkpoint, as_json, layers, context):
                f"scales + zero points{' + fp16 columns' if info['outlier_columns'] else ''}); "
                f"{info['bits_per_weight_ideal']:.4f} ideal")
     click.echo(f"quantized       {info['quantized_linears']} linears, {info['quantized_weights']:,} weights")
+    widths = {}
+    for name, scheme in (info["overrides"] or {}).items():
+        if name not in (info["tables"] or {}):
+            widths.setdefault(scheme, []).append(name)
+    if widths:
+        click.echo("own schemes     " + "; ".join(f"{s}: {len(ns)} module{'s' if len(ns) > 1 else ''}"
+                                              for s, ns in sorted(widths.items())))
+    if info["tables"]:
+        click.echo("tables          " + ", ".join(f"{n} {s}" for n, s in info["tables"].items()))
     click.echo(f"size on disk    {info['size_on_disk_bytes'] / 2**20:.2f} MiB")
     if info["outlier_columns"]:
         n = sum(info["outlier_columns"].values())
