@@ -1,6 +1,7 @@
 """Prefill and decode tokens/s of SmolLM2-135M-Instruct exported for this machine's CPU (TVM runtime), unquantized
-fp16 and RTN W4 g128 / W3 g128 / W2 g64, against llama.cpp on the same model in the same run, with the bytes of
-weights each reads per token.
+fp16 and RTN W4 g128 / W3 g128 / W2 g64 (also with the tied embedding / output table quantized, `--embed-bits` 8 and
+4 in groups of 32: "e8", "e4" rows), against llama.cpp on the same model in the same run, with the bytes of weights
+each reads per token.
 
     python benchmarks/decode_cpu.py [--work DIR] [--prompt-lengths 32,128] [--decode-tokens 32] [--repeats 2]
                                     [--rounds 2] [--configs fp16,W4g128,llama.cppQ4_0] [--threads N] [--out decode_cpu]
@@ -28,11 +29,13 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# name, bits, group, activations of the decode GEMV
+# name, bits, group, activations of the decode GEMV, bits of the embedding / output table (16: fp16)
 PEERS = ["llama.cpp Q4_0", "llama.cpp Q4_1"]   # ratios are to the first
-CONFIGS = [("fp16", None, None, "fp16"), ("W4 g128-fp", 4, 128, "fp16"), ("W4 g128", 4, 128, "int8"),
-           ("W3 g128-fp", 3, 128, "fp16"), ("W3 g128", 3, 128, "int8"), ("W2 g64-fp", 2, 64, "fp16"),
-           ("W2 g64", 2, 64, "int8")]
+CONFIGS = [("fp16", None, None, "fp16", 16), ("W4 g128-fp", 4, 128, "fp16", 16), ("W4 g128", 4, 128, "int8", 16),
+           ("W4 g128 e8", 4, 128, "int8", 8), ("W4 g128 e4", 4, 128, "int8", 4),
+           ("W3 g128-fp", 3, 128, "fp16", 16), ("W3 g128", 3, 128, "int8", 16), ("W3 g128 e4", 3, 128, "int8", 4),
+           ("W2 g64-fp", 2, 64, "fp16", 16), ("W2 g64", 2, 64, "int8", 16)]
+EMBED_GROUP = 32
 
 
 def cpu_name() -> str:
@@ -83,13 +86,14 @@ def main():
         peers = [p for p in PEERS if p.replace(" ", "") in want]
     notes = []
     rows, dists = [], []
-    for name, bits, group, act in configs:
+    for name, bits, group, act, embed in configs:
         tag = name.replace(" ", "").lower()
         src = hf
         if bits is not None:
             src = work / f"q-{tag.removesuffix('-fp')}"
             if not (src / "config.json").is_file():
-                api.quantize(str(hf), str(src), method="rtn", bits=bits, group_size=group, progress=False)
+                api.quantize(str(hf), str(src), method="rtn", bits=bits, group_size=group, progress=False,
+                             embed_bits=embed, embed_group_size=EMBED_GROUP)
         dist = work / f"dist-{tag}-cpu"
         t = time.time()
         os.environ["EDGEQUANT_ACT_DTYPE"] = act
@@ -153,8 +157,10 @@ def main():
              "other quantized rows: int8 activations per block of 32 and integer dot products in the decode GEMV and "
              "the prefill GEMM (tvm_schedules/cpu_int8.py)",
              *[f"- {n}" for n in notes],
-             "- weights MiB: every weight tensor, read once per decoded token; the TVM rows include the fp16 embedding "
-             "(54 MiB, tied to the output layer), llama.cpp's GGUFs their token_embd (also tied)",
+             "- weights MiB: every weight tensor, read once per decoded token; the TVM rows include the embedding "
+             "table tied to the output layer (fp16: 54 MiB; 'e8'/'e4' rows: RTN 8/4 bits in groups of "
+             f"{EMBED_GROUP}, the output layer through the int8 GEMV where it covers the layout), llama.cpp's GGUFs "
+             "their token_embd (also tied)",
              "- CPU exports run 3-bit weights as bit planes (exactly 3 bits/weight; see tvm_schedules/dequant.py), "
              "with the checkpoint's 10-values-per-word layout the same W3 row decoded 5.9 tok/s "
              "(earlier run, shared CPU)", "",

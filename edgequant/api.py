@@ -25,18 +25,21 @@ def _versions() -> dict:
 
 
 def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int = 128, sym: bool = False,
-             progress: bool = True, **options) -> Path:
+             progress: bool = True, embed_bits: int = 16, embed_group_size: int = 32, **options) -> Path:
     """Quantize `model` (HF folder, .gguf file, hub id, or None for the demo model) and write the checkpoint to
     `output`. Returns the checkpoint folder. `options`: the calibration settings of `methods.CalibOptions` (calib,
     nsamples, seqlen, seed, device, act_order, percdamp, skip_tokens, batch_size) and the method's own options (its
-    registered dataclass, e.g. `calibrate.configs.OmniConfig`); each defaults to its dataclass's value."""
+    registered dataclass, e.g. `calibrate.configs.OmniConfig`); each defaults to its dataclass's value.
+    `embed_bits` 8 or 4 also quantizes the embedding and output layer (`edgequant.tables`), 16 keeps them fp16."""
     import torch
     from .artifact import save_checkpoint
     from .loading import load_model
     from .methods import CalibOptions, get_method
     from .schemes import QuantScheme
 
+    from .tables import quantize_tables, table_scheme
     scheme = QuantScheme(bits, group_size, sym)
+    tables = table_scheme(embed_bits, embed_group_size)
     m = get_method(method)
     shared = {f.name for f in CalibOptions.cli_fields()}
     config = m.config.from_dict({k: v for k, v in options.items() if k not in shared}, f" to --method {method}")
@@ -62,6 +65,9 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         t_load = time.time() - t0
         t1 = time.time()
         result = m.run(model_obj, tok, scheme, opts, progress=progress)
+        quantized = dict(result.quantized)
+        if tables is not None:
+            quantized.update(quantize_tables(model_obj, tables))
         t_quant = time.time() - t1
         prov = {"model": str(model) if model is not None else "smollm2-135m",
                 "calibration": ({"data": str(calib), "nsamples": opts.nsamples, "seqlen": opts.seqlen, "seed": seed,
@@ -69,7 +75,9 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
                 "options": opts.to_dict(), "seed": seed, "versions": _versions(),
                 "time_s": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
                 "layers": result.stats}
-        ck = save_checkpoint(output, model_obj, tok, result.quantized, scheme, method, prov)
+        if tables is not None:
+            prov["tables"] = {"scheme": tables.to_dict(), "method": "rtn"}
+        ck = save_checkpoint(output, model_obj, tok, quantized, scheme, method, prov)
         if state_dir.exists():  # the checkpoint is complete: resumable state is no longer needed
             import shutil
             shutil.rmtree(state_dir, ignore_errors=True)

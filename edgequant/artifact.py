@@ -18,8 +18,9 @@ import torch
 
 from . import pack
 from .atomic import check_not_stranded
-from .checkpoint import (FORMAT_VERSION, PROVENANCE_NAME, QUANT_METHOD, WEIGHTS_NAME, _is_count, declares_checkpoint,
-                         quantization_config, read_config, read_scheme, tensor_headers, weight_files, write_tensors)
+from .checkpoint import (FORMAT_VERSION, PROVENANCE_NAME, QUANT_METHOD, WEIGHTS_NAME, _is_count, table_names,
+                         declares_checkpoint, quantization_config, read_config, read_overrides, read_scheme,
+                         tensor_headers, weight_files, write_tensors)
 from .errors import CheckpointError, first_line
 from .models import Family, family_for
 from .quantizer import QuantizedWeight
@@ -62,19 +63,31 @@ def _plain_tensors(model, skip: set[str]) -> dict[str, np.ndarray]:
 
 def save_checkpoint(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeight], scheme: QuantScheme,
                     method: str, provenance: dict | None = None, max_shard_bytes: int = 2 << 30) -> Path:
-    """Write the checkpoint atomically: fill a temporary sibling folder, then rename it onto `out_dir`."""
+    """Write the checkpoint atomically: fill a temporary sibling folder, then rename it onto `out_dir`.
+
+    `quantized` maps module names (the block linears, and the embedding / untied output layer where those are
+    quantized) to their weights; a weight whose scheme is not `scheme`, and every table, is recorded as a per-module
+    override."""
     from .atomic import atomic_output_dir
     family = family_for(model.config.model_type)
     out = Path(out_dir).expanduser().resolve()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    # the checkpoint's scheme covers block linears only: a quantized table always names its own
+    overrides = {name: qw.scheme for name, qw in quantized.items()
+                 if qw.scheme != scheme or name in (family.embed, family.head)}
     with atomic_output_dir(out, marker=PROVENANCE_NAME) as tmp:
-        tensors = _plain_tensors(model, skip=set(quantized))
+        # a quantized embedding that the output layer is tied to is stored once, as the embedding's tensors
+        skip = set(quantized) | ({family.head} if tied and family.embed in quantized else set())
+        tensors = _plain_tensors(model, skip=skip)
         modules = dict(model.named_modules())
         for name, qw in quantized.items():
             tensors.update(quantized_linear_tensors(name, qw, getattr(modules[name], "bias", None)))
         write_tensors(tensors, tmp, max_shard_bytes)
         cfg = model.config.to_dict()
         cfg.pop("_name_or_path", None)
-        cfg["quantization_config"] = quantization_config(scheme, method, family.linear_names)
+        head = family.embed if tied else family.head
+        cfg["quantization_config"] = quantization_config(scheme, method, family.linear_names, overrides,
+                                                         lm_head=head in quantized)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -95,6 +108,17 @@ class Checkpoint:
     family: Family
     provenance: dict
     files: dict[str, Path] = field(default_factory=dict)   # tensor name -> file
+    overrides: dict[str, QuantScheme] = field(default_factory=dict)   # module name -> its own scheme
+
+    def scheme_for(self, name: str) -> QuantScheme | None:
+        """The scheme of module `name`, the one question every reader of a checkpoint asks: its override, else the
+        checkpoint's scheme for a block linear; None for a vocabulary table kept in fp16 (tied output: the
+        embedding's)."""
+        if name == self.family.head and self.config.get("tie_word_embeddings"):
+            name = self.family.embed
+        if name in self.overrides:
+            return self.overrides[name]
+        return None if name in (self.family.embed, self.family.head) else self.scheme
 
     @property
     def qconfig(self) -> dict:
@@ -129,16 +153,17 @@ class Checkpoint:
         """Values that would silently corrupt results or index out of bounds in a kernel: zero points past the
         bit width, outlier columns outside [0, K) or not strictly increasing, NaN/Inf in any float tensor."""
         base, _, leaf = name.rpartition(".")
+        s = self.scheme_for(base) if leaf in _QUANT_LEAVES else None
         bad = None
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = "NaN or infinite values"
-        elif leaf == "zeros" and arr.size and int(arr.max()) > self.scheme.maxq:
-            bad = f"zero points above {self.scheme.maxq}, the largest {self.scheme.bits}-bit value"
+        elif leaf == "zeros" and s is not None and arr.size and int(arr.max()) > s.maxq:
+            bad = f"zero points above {s.maxq}, the largest {s.bits}-bit value"
         elif leaf == "outlier_idx" and arr.size:
             k = _in_features(self, base)
             if arr.min() < 0 or arr.max() >= k or np.any(np.diff(arr.astype(np.int64)) <= 0):
                 bad = f"column indices outside [0, {k}) or not strictly increasing"
-        elif leaf == "qweight" and self.scheme.bits == 3 and arr.size and int((arr >> 30).max()):
+        elif leaf == "qweight" and s is not None and s.bits == 3 and arr.size and int((arr >> 30).max()):
             bad = "3-bit words with their two unused top bits set"
         if bad:
             raise CheckpointError(f"tensor '{name}' holds {bad}; the checkpoint is damaged: re-run `edgequant "
@@ -174,6 +199,7 @@ def open_checkpoint(path, config: dict | None = None) -> Checkpoint:
     _check_model_config(p / "config.json", config)
     family = family_for(config.get("model_type", "?"))
     scheme = read_scheme(p / "config.json", qc)
+    overrides = read_overrides(p / "config.json", qc, family, config)
     prov = {}
     if (p / PROVENANCE_NAME).is_file():
         try:
@@ -194,7 +220,7 @@ def open_checkpoint(path, config: dict | None = None) -> Checkpoint:
     if config["num_hidden_layers"] != len(layers):
         raise CheckpointError(f"{p / 'config.json'}: num_hidden_layers is {config['num_hidden_layers']}, the weights "
                               f"hold {len(layers)} layers; restore the config.json written by `edgequant quantize`")
-    ckpt = Checkpoint(p, config, scheme, qc.get("method", "?"), family, prov, files)
+    ckpt = Checkpoint(p, config, scheme, qc.get("method", "?"), family, prov, files, overrides)
     _validate(ckpt, headers)
     return ckpt
 
@@ -218,7 +244,8 @@ def _check_model_config(f: Path, c: dict):
 
 
 def expected_layout(ckpt: Checkpoint) -> tuple[dict[str, tuple], dict[str, tuple[int, int, bool]]]:
-    """Shapes the checkpoint must hold: plain tensors {name: shape} and quantized linears {name: (N, K, has_bias)}."""
+    """Shapes the checkpoint must hold: plain tensors {name: shape} and quantized modules {name: (N, K, has_bias)}:
+    the block linears, then the vocabulary tables that an override quantizes (`Checkpoint.scheme_for`)."""
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(ckpt.hf_config())
@@ -229,9 +256,12 @@ def expected_layout(ckpt: Checkpoint) -> tuple[dict[str, tuple], dict[str, tuple
             name = f"{ckpt.family.layer_prefix(i)}.{lin}"
             m = modules[name]
             quant[name] = (m.out_features, m.in_features, m.bias is not None)
+    for name in table_names(ckpt.family, ckpt.config):
+        if ckpt.scheme_for(name) is not None:
+            quant[name] = tuple(modules[name].weight.shape) + (False,)
     plain = {name: tuple(t.shape) for name, t in model.state_dict().items() if name.rsplit(".", 1)[0] not in quant}
     if ckpt.config.get("tie_word_embeddings"):
-        plain.pop("lm_head.weight", None)
+        plain.pop(f"{ckpt.family.head}.weight", None)
     return plain, quant
 
 
@@ -241,7 +271,6 @@ def _validate(ckpt: Checkpoint, headers: dict):
     except Exception as e:  # noqa: BLE001 - transformers' config validation raises many types
         raise CheckpointError(f"{ckpt.path / 'config.json'} does not describe a valid model ({first_line(e)}); "
                               "restore the original config.json or re-run `edgequant quantize`") from None
-    s = ckpt.scheme
     fix = "re-run `edgequant quantize` to rewrite the checkpoint"
 
     def check(name, shape, dtype):
@@ -256,6 +285,7 @@ def _validate(ckpt: Checkpoint, headers: dict):
     for name, shape in plain.items():
         check(name, shape, None)
     for name, (n, k, has_bias) in quant.items():
+        s = ckpt.scheme_for(name)
         check(f"{name}.qweight", (n, s.packed_words(k)), "U32")
         check(f"{name}.scales", (n, s.groups(k)), "F16")
         if not s.sym:
@@ -275,7 +305,7 @@ def load_quantized_weight(ckpt: Checkpoint, name: str, tensors: dict | None = No
     """One linear's integers and group parameters, unpacked from the checkpoint."""
     keys = [f"{name}.{leaf}" for leaf in _QUANT_LEAVES if f"{name}.{leaf}" in ckpt.files]
     t = tensors if tensors is not None else ckpt.read(keys)
-    s = ckpt.scheme
+    s = ckpt.scheme_for(name)
     k = _in_features(ckpt, name)
     q = torch.from_numpy(pack.unpack(t[f"{name}.qweight"], s.bits, k).astype(np.int64))
     scale = torch.from_numpy(t[f"{name}.scales"].astype(np.float32))
@@ -289,6 +319,8 @@ def load_quantized_weight(ckpt: Checkpoint, name: str, tensors: dict | None = No
 
 
 def _in_features(ckpt: Checkpoint, name: str) -> int:
+    if name in table_names(ckpt.family, ckpt.config):
+        return ckpt.family.dims(ckpt.config).hidden
     shape = ckpt.family.linear_shapes(ckpt.config).get(ckpt.family.relative_name(name))
     if shape is None:
         raise CheckpointError(f"'{name}' is no linear of a {ckpt.config.get('model_type')} model; the checkpoint is "

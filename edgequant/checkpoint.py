@@ -147,7 +147,7 @@ def read_scheme(f: Path, qc: dict) -> QuantScheme:
     # older checkpoints also state the packing; any other value would unpack into wrong weights
     for key, ok, want in (("pack", lambda v: v == PACK, repr(PACK)),
                           ("values_per_word", lambda v: v == scheme.values_per_word, str(scheme.values_per_word)),
-                          ("lm_head", lambda v: v is False, "false (lm_head is kept in fp16)"),
+                          ("lm_head", lambda v: isinstance(v, bool), "true or false"),
                           # a composition is written with '+' (e.g. rtn+owq)
                           ("method", lambda v: isinstance(v, str) and all(m in METHODS for m in v.split("+")),
                            "one of " + ", ".join(METHODS) + " (or several joined by '+')")):
@@ -157,10 +157,53 @@ def read_scheme(f: Path, qc: dict) -> QuantScheme:
     return scheme
 
 
+def read_overrides(f: Path, qc: dict, family, config: dict) -> dict[str, QuantScheme]:
+    """The per-module schemes of a `quantization_config` block ({} when it has none): full module names of the
+    model's quantized linears, its embedding table and (untied) output layer, each with a scheme object."""
+    ov = qc.get("overrides", {})
+    if not isinstance(ov, dict):
+        raise CheckpointError(f"{f}: quantization_config.overrides must be an object of module name -> scheme; "
+                              "restore the config.json written by `edgequant quantize`")
+    allowed = set(table_names(family, config))
+    layers, linears = config.get("num_hidden_layers"), qc.get("modules", family.linear_names)
+    out = {}
+    for name, d in ov.items():
+        rel = family.relative_name(name)
+        i = name[len(family.layers_path) + 1:].partition(".")[0] if rel else ""
+        in_block = (rel in linears and isinstance(layers, int) and i.isdigit() and i == str(int(i))
+                    and int(i) < layers)
+        if name not in allowed and not in_block:
+            raise CheckpointError(f"{f}: quantization_config.overrides names {name[:80]!r}, which is no quantized "
+                                  f"linear, embedding or untied output layer of this model; restore the config.json "
+                                  "written by `edgequant quantize`")
+        try:
+            out[name] = QuantScheme.from_dict_strict(d)
+        except EdgequantError as e:
+            raise CheckpointError(f"{f}: quantization_config.overrides[{name!r}]: {first_line(e, 200)}") from None
+    head = family.embed if config.get("tie_word_embeddings") else family.head
+    if qc.get("lm_head", False) != (head in out):
+        raise CheckpointError(f"{f}: quantization_config.lm_head is {qc.get('lm_head')!r} but the overrides "
+                              f"{'do not ' if head not in out else ''}quantize {head}; restore the config.json "
+                              "written by `edgequant quantize`")
+    return out
+
+
+def table_names(family, config: dict) -> tuple[str, ...]:
+    """The vocabulary tables a scheme may cover: the embedding, and the output layer unless it is tied to it."""
+    return (family.embed,) if config.get("tie_word_embeddings") else (family.embed, family.head)
+
+
 # ------------------------------------------------------------------------------------------------ writing
-def quantization_config(scheme: QuantScheme, method: str, modules) -> dict:
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": method, **scheme.to_dict(),
-            "modules": list(modules), "lm_head": False}
+def quantization_config(scheme: QuantScheme, method: str, modules, overrides: dict | None = None,
+                        lm_head: bool = False) -> dict:
+    """The block written into config.json; `overrides` (module name -> scheme) only when there are any, so a
+    checkpoint without them keeps its bytes. `lm_head`: whether the output layer (or the table tied to it) is
+    quantized (by an override)."""
+    qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": method, **scheme.to_dict(),
+          "modules": list(modules), "lm_head": bool(lm_head)}
+    if overrides:
+        qc["overrides"] = {k: overrides[k].to_dict() for k in sorted(overrides)}
+    return qc
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]):
@@ -331,6 +374,8 @@ def inspect(checkpoint, context: int | None = None) -> dict:
     from .artifact import expected_layout, open_checkpoint
     ck = open_checkpoint(checkpoint)
     _, quant = expected_layout(ck)
+    tables = {n: ck.scheme_for(n).name for n in table_names(ck.family, ck.config) if n in quant}
+    quant = {n: v for n, v in quant.items() if n not in tables}   # the figures below are the block linears'
     q_weights = sum(n * k for n, k, _ in quant.values())
     q_bits = sum((b - a) * 8 for f in set(ck.files.values()) for name, h in tensor_headers(f).items()
                  for a, b in [h["data_offsets"]] if name.rpartition(".")[0] in quant and not name.endswith(".bias"))
@@ -338,7 +383,8 @@ def inspect(checkpoint, context: int | None = None) -> dict:
     outlier_cols = {n.rpartition(".")[0]: v.tolist() for n, v in ck.read(idx_names).items()}   # range-checked
     files = [p for p in ck.path.iterdir() if p.is_file()]
     s = ck.scheme
-    ideal = s.bits + (16 + (0 if s.sym else 8)) / (s.group_len(max(k for _, k, _ in quant.values())))
+    ideal = sum(n * k * (t.bits + (16 + (0 if t.sym else 8)) / t.group_len(k))
+                for name, (n, k, _) in quant.items() for t in [ck.scheme_for(name)]) / q_weights
     prov = ck.provenance
     f = ck.path / PROVENANCE_NAME
     # provenance is informative only (open_checkpoint ignores a damaged one); inspect reports its state
@@ -352,6 +398,7 @@ def inspect(checkpoint, context: int | None = None) -> dict:
         "quantized_linears": len(quant), "quantized_weights": q_weights,
         "bits_target": float(target), "bits_per_weight": q_bits / q_weights,
         "bits_per_weight_ideal": ideal,
+        "overrides": {k: v.name for k, v in ck.overrides.items()} or None, "tables": tables or None,
         "outlier_columns": {k: len(v) for k, v in outlier_cols.items()} or None,
         "outlier_indices": outlier_cols or None,
         "size_on_disk_bytes": sum(p.stat().st_size for p in files),

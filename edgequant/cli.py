@@ -133,10 +133,15 @@ def _quantize_help() -> str:
 @_bits_option(4)
 @click.option("--group-size", type=int, default=128, show_default=True, help="Inputs per group; -1 per channel.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric (no zero points) or asymmetric.")
+@click.option("--embed-bits", type=click.Choice(["16", "8", "4"]), default="16", show_default=True,
+              help="Quantize the embedding and output layer (tied: one table) to 8 or 4 bits, round to nearest; 16 "
+                   "keeps them fp16.")
+@click.option("--embed-group-size", type=int, default=32, show_default=True,
+              help="Hidden inputs per group of the quantized tables; -1 per row.")
 @_options_of("edgequant.methods:CalibOptions")
 @_method_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def quantize(model, output, method, bits, group_size, sym, quiet, **options):
+def quantize(model, output, method, bits, group_size, sym, embed_bits, embed_group_size, quiet, **options):
     from pathlib import Path
 
     from . import api
@@ -145,7 +150,8 @@ def quantize(model, output, method, bits, group_size, sym, quiet, **options):
     replaced = (Path(output).expanduser() / PROVENANCE_NAME).is_file()
     try:
         out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym,
-                           progress=not quiet, **options)
+                           progress=not quiet, embed_bits=int(embed_bits),
+                           embed_group_size=embed_group_size, **options)
     except KeyboardInterrupt:
         click.echo(f"error: {api.interrupted_note(method, output)}", err=True)
         sys.exit(130)
@@ -220,6 +226,15 @@ def inspect(checkpoint, as_json, layers, context):
                f"scales + zero points{' + fp16 columns' if info['outlier_columns'] else ''}); "
                f"{info['bits_per_weight_ideal']:.4f} ideal")
     click.echo(f"quantized       {info['quantized_linears']} linears, {info['quantized_weights']:,} weights")
+    widths = {}
+    for name, scheme in (info["overrides"] or {}).items():
+        if name not in (info["tables"] or {}):
+            widths.setdefault(scheme, []).append(name)
+    if widths:
+        click.echo("own schemes     " + "; ".join(f"{s}: {len(ns)} module{'s' if len(ns) > 1 else ''}"
+                                              for s, ns in sorted(widths.items())))
+    if info["tables"]:
+        click.echo("tables          " + ", ".join(f"{n} {s}" for n, s in info["tables"].items()))
     click.echo(f"size on disk    {info['size_on_disk_bytes'] / 2**20:.2f} MiB")
     if info["outlier_columns"]:
         n = sum(info["outlier_columns"].values())

@@ -8,6 +8,9 @@ tensors under their stored names, so transformers' own loader fills them (device
 linear keeps the packed words and expands them at every call: w = (q - z) * s per group, the fp16 outlier columns
 written over their columns (OWQ), then the layer's bias. The arithmetic is the checkpoint's rebuild in
 `edgequant.artifact.load_quantized_model` (what `edgequant eval` measures), so at float32 the logits are the same.
+Each module takes its own scheme (`Checkpoint.scheme_for`: per-module overrides). A quantized embedding
+(`--embed-bits`) becomes an `EdgequantEmbedding` that dequantizes only the rows it looks up; an untied quantized output
+layer an `EdgequantLinear`; a tied one an `EdgequantTiedHead` computing the logits from the embedding's table.
 
 `edgequant.hf_hook` calls `register()` lazily; use `import edgequant` before `from_pretrained`.
 """
@@ -81,6 +84,50 @@ class EdgequantLinear(nn.Module):
         return F.linear(x, self.dequantized_weight().to(x.dtype), b)
 
 
+class EdgequantEmbedding(nn.Module):
+    """A quantized token embedding [vocab, hidden]: looks up the packed rows of the ids, then dequantizes them."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: QuantScheme, embed_scale=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.scheme = num_embeddings, embedding_dim, scheme
+        n, k = num_embeddings, embedding_dim
+        self.register_buffer("qweight", torch.empty(n, scheme.packed_words(k), dtype=torch.uint32))
+        self.register_buffer("scales", torch.empty(n, scheme.groups(k), dtype=torch.float16))
+        if not scheme.sym:
+            self.register_buffer("zeros", torch.empty(n, scheme.groups(k), dtype=torch.uint8))
+        self.embed_scale = embed_scale   # families that scale the looked-up rows keep doing so
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.name}"
+
+    def _rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        s = self.scheme
+        scale = self.scales[rows].float()
+        zero = self.zeros[rows].float() if not s.sym else torch.full_like(scale, float(s.sym_zero))
+        q = pack.unpack_torch(self.qweight[rows], s.bits, self.embedding_dim).float()
+        return QuantizedWeight(q, scale, zero, s).dequantize()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._rows(slice(None))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self._rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+        out = out.to(torch.get_default_dtype() if self.embed_scale is None else self.embed_scale.dtype)
+        return out if self.embed_scale is None else out * self.embed_scale
+
+
+class EdgequantTiedHead(nn.Module):
+    """The output layer of a model whose quantized embedding table is tied to it: logits = x @ table^T. The table is
+    the embedding's (referenced, not registered, so it is stored and loaded once)."""
+
+    def __init__(self, embedding: EdgequantEmbedding):
+        super().__init__()
+        object.__setattr__(self, "_table", embedding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._table.dequantized_weight().to(x.dtype))
+
+
 def _checkpoint_folder(checkpoint_files) -> Path:
     if not checkpoint_files:
         raise CheckpointError("transformers gave the edgequant quantizer no weight files; load an edgequant "
@@ -105,12 +152,21 @@ class EdgequantHfQuantizer(HfQuantizer):
         for name, (n, k, has_bias) in quant.items():
             parent, _, leaf = name.rpartition(".")
             old = model.get_submodule(name)
-            if (old.out_features, old.in_features) != (n, k):
-                raise CheckpointError(f"{name}: the model built by transformers is {old.out_features}x"
-                                      f"{old.in_features}, the checkpoint {n}x{k}; re-run `edgequant quantize`")
+            if tuple(old.weight.shape) != (n, k):
+                raise CheckpointError(f"{name}: the model built by transformers is {'x'.join(map(str, old.weight.shape))}"
+                                      f", the checkpoint {n}x{k}; re-run `edgequant quantize`")
             with torch.device("meta"):
-                new = EdgequantLinear(k, n, ck.scheme, outliers.get(name, 0), has_bias, old.weight.dtype)
+                if name == ck.family.embed:
+                    new = EdgequantEmbedding(n, k, ck.scheme_for(name), getattr(old, "embed_scale", None))
+                else:
+                    new = EdgequantLinear(k, n, ck.scheme_for(name), outliers.get(name, 0), has_bias, old.weight.dtype)
             setattr(model.get_submodule(parent), leaf, new)
+        if ck.config.get("tie_word_embeddings") and ck.family.embed in quant:
+            parent, _, leaf = ck.family.head.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf,
+                    EdgequantTiedHead(model.get_submodule(ck.family.embed)))
+            # the head computes from the table itself: nothing is left for transformers to tie
+            model._tied_weights_keys, model.all_tied_weights_keys = {}, {}
         return model
 
     def _dequantize(self, model, dtype=None):

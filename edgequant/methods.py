@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from .budget import GPTQConfig
 from .calibrate.configs import OmniConfig, OWQConfig
 from .errors import EdgequantError
 from .options import Options, opt
@@ -88,9 +89,11 @@ def _calibration_samples(tokenizer, opts: CalibOptions):
     return calibration_samples(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed)
 
 
-def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress, desc, counts=None):
+def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress, desc, counts=None,
+                    budget: float | None = None):
     """GPTQ on every linear, block by block; with `counts` (OWQ: weak columns per linear kind) each linear first
-    keeps its most sensitive columns in fp16 and tunes its groups by clip search. Returns (quantized, stats, tokens)."""
+    keeps its most sensitive columns in fp16 and tunes its groups by clip search; with `budget` (bits per weight)
+    each linear takes the width `budget.py` chooses. Returns (quantized, stats, tokens, budget summary or None)."""
     import torch
 
     from .calibrate.gptq import gptq_quantize
@@ -99,29 +102,36 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
     from .calibrate.owq import mse_clip_search, select_weak_columns
 
     samples = _calibration_samples(tokenizer, opts)
+    schemes, summary = {}, None
+    if budget is not None:
+        from .budget import schemes_for_budget
+        schemes, summary = schemes_for_budget(model, samples, scheme, opts, budget, progress)
 
     def quantize_fn(name, lin, H):
         w = lin.weight.detach().float()
+        s = schemes.get(name, scheme)
         kw, weak = {}, {}
         if counts is not None:
-            idx = select_weak_columns(w, torch.diag(H), scheme, counts[name.split(".", 3)[-1]])
+            idx = select_weak_columns(w, torch.diag(H), s, counts[name.split(".", 3)[-1]])
             # the paper's MSE range tuning of each group, unless turned off (--no-clip-search: min-max groups)
             clip = mse_clip_search if opts.config.clip_search else None
             kw, weak = {"keep": idx.to(w.device), "clip_search": clip}, {"weak_columns": int(len(idx))}
-        qw, loss = gptq_quantize(w, H, scheme, percdamp=opts.percdamp, act_order=opts.act_order, **kw)
+        qw, loss = gptq_quantize(w, H, s, percdamp=opts.percdamp, act_order=opts.act_order, **kw)
         w_hat = qw.dequantize()
         return qw, {"gptq_loss": loss, **weak, "weight_rel_err": weight_error(w, w_hat),
                     "output_rel_err": output_error(w, w_hat, H)}
 
     q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc=desc,
                                    skip_tokens=opts.skip_tokens)
-    return q, stats, int(samples.numel())
+    return q, stats, int(samples.numel()), summary
 
 
-@register_method("gptq", needs_calibration=True, summary="GPTQ/OPTQ: Hessian-based error compensation")
+@register_method("gptq", needs_calibration=True, summary="GPTQ/OPTQ: Hessian-based error compensation",
+                 config=GPTQConfig, title="GPTQ")
 def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
-    q, stats, tokens = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "gptq")
-    return MethodResult(q, stats, {"tokens": tokens})
+    budget = opts.config.target_bits if opts.config is not None else None
+    q, stats, tokens, summary = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "gptq", budget=budget)
+    return MethodResult(q, stats, {"tokens": tokens, **({"bit_budget": summary} if summary else {})})
 
 
 @register_method("owq", needs_calibration=True, summary="OWQ: sensitive weak columns kept in fp16, GPTQ on the rest",
@@ -137,7 +147,7 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
         counts = {kind: min(fixed, k) for kind, k in in_features.items()}
     else:
         counts = weak_column_counts(family, in_features, scheme.bits, target if target is not None else scheme.bits + 0.01)
-    q, stats, tokens = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "owq", counts)
+    q, stats, tokens, _ = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "owq", counts)
     return MethodResult(q, stats, {"tokens": tokens, "weak_columns_per_linear": counts, "target_bits": target})
 
 

@@ -11,7 +11,9 @@ import re
 
 from .errors import EdgequantError
 
-SUPPORTED_BITS = (2, 3, 4)
+SUPPORTED_BITS = (2, 3, 4)   # linears (`--bits`)
+TABLE_BITS = (4, 8)          # the embedding / output table (`--embed-bits`): 8 keeps it near-lossless
+SCHEME_BITS = SUPPORTED_BITS + (8,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +27,8 @@ class QuantScheme:
             v = getattr(self, name)
             if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
                 raise EdgequantError(f"{name}={v!r} must be {'an integer' if typ is int else 'true or false'}")
-        if self.bits not in SUPPORTED_BITS:
-            raise EdgequantError(f"bits={self.bits} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.bits not in SCHEME_BITS:
+            raise EdgequantError(f"bits={self.bits} is not supported: use one of {', '.join(map(str, SCHEME_BITS))}")
         if self.group_size != -1 and (self.group_size < 8 or self.group_size % 8 != 0):
             raise EdgequantError(f"group_size={self.group_size} is not supported: use -1 (per channel) or a multiple of 8 "
                                  "such as 32, 64 or 128")
@@ -67,6 +69,14 @@ class QuantScheme:
     def from_dict(cls, d: dict) -> "QuantScheme":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_dict_strict(cls, d) -> "QuantScheme":
+        """A scheme from a dict holding exactly its fields (`sym` may be left out): per-module overrides."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or not {"bits", "group_size"} <= set(d) or set(d) - known:
+            raise EdgequantError(f"{d!r} is not a scheme: write an object with bits, group_size and optionally sym")
+        return cls(**d)
 
 
 SCHEMES: dict[str, QuantScheme] = {}

@@ -45,8 +45,17 @@ def _add_metadata(mod, meta: dict):
     return mod
 
 
-def _param_list(named_params) -> list[dict]:
-    return [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params]
+def _param_list(named_params, plans: dict) -> list[dict]:
+    """name, shape, dtype of each parameter; a quantized module's packed words, scales and zero points also carry
+    their bit width (schemes may differ per module), which the DIST checks bound zero points by."""
+    out = []
+    for n, p in named_params:
+        mod, _, leaf = n.rpartition(".")
+        plan = plans.get(mod)
+        bits = plan.spec.bits if plan is not None and plan.spec is not None and leaf in ("qweight", "scales", "zeros") \
+            else None
+        out.append({"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype, **({"bits": bits} if bits else {})})
+    return out
 
 
 def _walk(mod):
@@ -73,7 +82,7 @@ def build_module(source, preset, arch=None, system_lib_prefix=None):
     meta = {"model_type": source.arch.model_type, "quantization": source.quantization,
             "context_window_size": source.arch.context_window, "prefill_chunk_size": prefill_chunk(source.arch),
             "sliding_window_size": -1, "attention_sink_size": -1, "tensor_parallel_shards": 1,
-            "kv_state_kind": "kv_cache", "params": _param_list(named_params)}
+            "kv_state_kind": "kv_cache", "params": _param_list(named_params, source.plans())}
     mod = _add_metadata(mod, meta)
     functions = sorted(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function))
     if preset.system_lib:
@@ -145,7 +154,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
                 "cuda": cuda, "source": str(source.path), "quantization": source.quantization,
                 "packing3": preset.packing3, "zeros_packed": preset.zeros_packed,
                 "model": {**source.arch.__dict__}, "functions": functions,
-                "params": _param_list(named_params),
+                "params": _param_list(named_params, source.plans()),
                 "weight_bytes": weight_bytes, "prefill_chunk_size": prefill_chunk(source.arch),
                 "build_time_s": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }

@@ -199,6 +199,9 @@ def _check_model_against_params(f: Path, m: dict, params: list) -> None:
     library's own list, which the runners compare to `params` before running."""
     shapes = {p["name"]: p["shape"] for p in params}
     emb = shapes.get("model.embed_tokens.weight")
+    if emb is None and "model.embed_tokens.scales" in shapes and "model.norm.weight" in shapes:
+        # a quantized table (--embed-bits): its rows are the vocabulary, the final norm has the hidden width
+        emb = [shapes["model.embed_tokens.scales"][0], *shapes["model.norm.weight"][:1]]
     layers = {int(x) for x in re.findall(r"^model\.layers\.(\d+)\.", "\n".join(shapes), re.M)}
     for key, want in (("vocab_size", emb[0] if emb and len(emb) == 2 else None),
                       ("hidden_size", emb[1] if emb and len(emb) == 2 else None),
@@ -281,9 +284,12 @@ def _read(where, name) -> np.ndarray:
 
 def _check_values(dist: Path, info: dict, where: dict):
     """Values that kernels use as indices or small integers; small tensors only (no pass over the big weights)."""
-    bits = _bits(info)
+    base = _bits(info)
     for p in info["params"]:
         name = p["name"]
+        bits = p.get("bits", base)   # the module's own width (per-module schemes), else the DIST's
+        if "bits" in p and not (_int(bits) and 1 <= bits <= 8):
+            raise _damaged(Path(dist) / EXPORT_JSON, f"parameter '{name}' has bits {bits!r}, not 1..8")
         if name.endswith(".outlier_idx"):
             idx, k = _read(where, name), _in_features(info["model"], name)
             if idx.size and (idx.min() < 0 or idx.max() >= k or np.any(np.diff(idx) <= 0)):

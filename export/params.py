@@ -6,6 +6,10 @@ scales, zero points and biases are concatenated along the output rows, which is 
 and the scheme. Their outlier columns are merged into one sorted union with zero weights where a member keeps that
 column quantized; its quantized value there is then used as stored, so the sum is still exact.
 
+Each linear's kernel is built from its own scheme (`Checkpoint.scheme_for`: the checkpoint's, or a per-module
+override); the members of a fusion must share one. A quantized embedding (and untied output layer, `--embed-bits`)
+gets a plan of its own under the module's name, read by the graph's gather and output matmul.
+
 3-bit words are repacked when the target asks for it (`packing3`: bit planes "planes3" for the CPU and CUDA int8
 decode GEMVs, "words3x32" for CUDA's fp16 one; see `edgequant.tvm_schedules.dequant`); every other scheme keeps the
 checkpoint's words.
@@ -20,6 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
+from edgequant.checkpoint import table_names
 from edgequant.errors import EdgequantError
 from edgequant.models import family_for
 from edgequant.tvm_schedules.dequant import QuantSpec, pack_zeros_np, repack_planes3_np, repack_w3x32_np
@@ -56,6 +61,8 @@ class WeightSource:
         return graph_for(self.config)[0].from_hf(self.config)
 
     def plans(self) -> dict[str, LinearPlan]:
+        """Every block linear of the export model by its export name, plus the vocabulary tables that are
+        quantized (embedding, untied output layer) by their module names."""
         raise NotImplementedError
 
     def arrays(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -88,7 +95,7 @@ class CheckpointSource(WeightSource):
     def plans(self) -> dict[str, LinearPlan]:
         if self._plans is not None:
             return self._plans
-        ck, s, c = self.ckpt, self.ckpt.scheme, self.config
+        ck, c = self.ckpt, self.config
         quantized = set(ck.quantized_linears())
         idx_names = [n for n in ck.files if n.endswith(".outlier_idx")]
         idx = ck.read(idx_names) if idx_names else {}
@@ -99,15 +106,26 @@ class CheckpointSource(WeightSource):
                 raise EdgequantError(f"{', '.join(srcs)} mix quantized and fp16 weights; export fuses them, so "
                                      "quantize all of them or none")
             n = sum(rows)
-            layout = self.packing3 if s.bits == 3 else "words"
-            spec = QuantSpec.from_scheme(s, n, k, layout, self.zeros_packed) if kinds.pop() else None
+            schemes = {ck.scheme_for(src) for src in srcs}
+            if len(schemes) > 1:
+                raise EdgequantError(f"{', '.join(srcs)} have different schemes ({', '.join(sorted(x.name for x in schemes))}"
+                                     "); export fuses them into one kernel, so give them one scheme")
+            spec = self._spec(schemes.pop(), n, k) if kinds.pop() else None
             cols = [idx[f"{src}.outlier_idx"] for src in srcs if f"{src}.outlier_idx" in idx]
             union = np.unique(np.concatenate(cols)).astype(np.int32) if cols else None
             bias = any(f"{src}.bias" in ck.files for src in srcs)
             plans[name] = LinearPlan(name, srcs, k, n, spec, union if union is not None and len(union) else None,
                                      bias, rows)
+        for name in table_names(ck.family, c):
+            if name in quantized:
+                n, k = c["vocab_size"], ck.family.dims(c).hidden
+                plans[name] = LinearPlan(name, (name,), k, n, self._spec(ck.scheme_for(name), n, k), None, False, (n,))
         self._plans = plans
         return plans
+
+    def _spec(self, scheme, n: int, k: int) -> QuantSpec:
+        layout = self.packing3 if scheme.bits == 3 else "words"
+        return QuantSpec.from_scheme(scheme, n, k, layout, self.zeros_packed)
 
     def arrays(self, names):
         ck, plans = self.ckpt, self.plans()

@@ -1,5 +1,7 @@
 """Linear layers of the exported relax model: a low-bit `QuantLinear` (fused dequantize + matmul, fp16 outlier
-columns as a separate small NT-matmul, optional bias) and an fp16 `DenseLinear` (unquantized exports, lm_head).
+columns as a separate small NT-matmul, optional bias) and an fp16 `DenseLinear` (unquantized exports, lm_head), and
+the embedding: fp16 `Embedding` or `QuantEmbedding` (`--embed-bits`: the gathered rows dequantized by
+`tvm_schedules/gather.py`; tied to the output layer, its table also runs `quant_matmul` for the logits).
 
 Both accumulate in fp32. The dequantize is a TE compute named "dequantize" so that the export pipeline fuses it into
 the matmul (one kernel reads the packed words, never an fp16 copy of the weight), and the outlier gather (`take`)
@@ -22,6 +24,7 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from edgequant.tvm_schedules import gemv
 from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_te
+from edgequant.tvm_schedules.gather import gather_dequantize_te
 
 SPEC_ATTR = "edgequant.quant_spec"
 
@@ -50,13 +53,56 @@ class Embedding(nn.Embedding):
         return take_clipped(self.weight, x, axis=0)
 
 
+class QuantEmbedding(nn.Module):
+    """A quantized table [vocab, hidden] (parameters `qweight`, `scales`[, `zeros`] as a linear's): the lookup
+    dequantizes the gathered rows only (ids clamped into the table)."""
+
+    def __init__(self, spec: QuantSpec):
+        self.spec = spec
+        shapes = spec.param_shapes()
+        self.qweight = nn.Parameter(*shapes["qweight"])
+        self.scales = nn.Parameter(*shapes["scales"])
+        self.zeros = nn.Parameter(*shapes["zeros"]) if "zeros" in shapes else None
+
+    def params(self) -> list:
+        return [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return op.tensor_expr_op(gather_dequantize_te(self.spec), "gather_dequantize", [x, *self.params()])
+
+
+def quant_matmul(spec: QuantSpec, x: Tensor, params: list, decode_gemv: str | None = None, n_outliers: int = 0,
+                 outliers: list | None = None, out_dtype: str = "float16", act: str = "fp16") -> Tensor:
+    """x @ dequant(W)^T (+ the outlier columns' product) in fp32, as `out_dtype`: the kernels of `QuantLinear`, also
+    run by a tied quantized table as the output layer; `act` picks the decode GEMV's activation type."""
+    args = list(params)
+    lead = tuple(x.shape[:-1])
+    if decode_gemv and gemv.supports(spec, act) and all(isinstance(d, int) and d == 1 for d in lead):
+        # without a global symbol of its own: the builder names (and dedupes) it per shape
+        f = gemv.gemv_func(spec, lead=lead, gpu=decode_gemv == "gpu", n_outliers=n_outliers,
+                           out_dtype=out_dtype, act=act).without_attr("global_symbol")
+        if n_outliers:
+            args += outliers
+        return op.tensor_ir_op(f, "decode_gemv", [x, *args], Tensor.placeholder((*lead, spec.n), out_dtype))
+    # the spec rides on the dequantize kernel: the CPU pipeline swaps one-row matmuls of it for the int8
+    # GEMV (export/pipeline.py), knowing the target that this module is built without
+    w = op.tensor_expr_op(dequantize_te(spec), "dequantize", args, attrs={SPEC_ATTR: spec_to_str(spec)})
+    y = op.matmul(x, op.permute_dims(w), out_dtype="float32")
+    if n_outliers:
+        xo = take_clipped(x, outliers[0], axis=x.ndim - 1)
+        y = y + op.matmul(xo, op.permute_dims(outliers[1]), out_dtype="float32")
+    return y.astype(out_dtype) if y.dtype != out_dtype else y
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(qweight, scales, zeros)^T + x[..., outlier_idx] @ outlier_weight^T + bias."""
 
-    def __init__(self, spec: QuantSpec, n_outliers: int = 0, bias: bool = False, decode_gemv: str | None = None):
-        """`decode_gemv`: "gpu" (CUDA), "twin" (its serial CPU twin, for tests) or None (dlight everywhere)."""
+    def __init__(self, spec: QuantSpec, n_outliers: int = 0, bias: bool = False, decode_gemv: str | None = None,
+                 out_dtype: str = "float16"):
+        """`decode_gemv`: "gpu" (CUDA), "twin" (its serial CPU twin, for tests) or None (dlight everywhere);
+        `out_dtype` float32 keeps logits unrounded (a quantized output layer)."""
         from .pipeline import int8_decode_enabled
-        self.spec, self.n_outliers = spec, n_outliers
+        self.spec, self.n_outliers, self.out_dtype = spec, n_outliers, out_dtype
         self.decode_act = "int8" if int8_decode_enabled() and gemv.supports(spec, "int8") else "fp16"
         self.decode_gemv = decode_gemv if decode_gemv and gemv.supports(spec, self.decode_act) else None
         shapes = spec.param_shapes()
@@ -68,26 +114,9 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter((spec.n,), "float16") if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        args = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
-        lead = tuple(x.shape[:-1])
-        if self.decode_gemv and all(isinstance(d, int) and d == 1 for d in lead):
-            # without a global symbol of its own: the builder names (and dedupes) it per shape
-            f = gemv.gemv_func(self.spec, lead=lead, gpu=self.decode_gemv == "gpu", n_outliers=self.n_outliers,
-                               act=self.decode_act).without_attr("global_symbol")
-            if self.n_outliers:
-                args += [self.outlier_idx, self.outlier_weight]
-            y = op.tensor_ir_op(f, "decode_gemv", [x, *args], Tensor.placeholder((*lead, self.spec.n), "float16"))
-        else:
-            # the spec rides on the dequantize kernel: the CPU pipeline swaps one-row matmuls of it for the int8
-            # GEMV (export/pipeline.py), knowing the target that this module is built without
-            w = op.tensor_expr_op(dequantize_te(self.spec), "dequantize", args,
-                                  attrs={SPEC_ATTR: spec_to_str(self.spec)})
-            y = op.matmul(x, op.permute_dims(w), out_dtype="float32")
-            if self.n_outliers:
-                xo = take_clipped(x, self.outlier_idx, axis=x.ndim - 1)
-                y = y + op.matmul(xo, op.permute_dims(self.outlier_weight), out_dtype="float32")
-        if y.dtype != "float16":
-            y = y.astype("float16")
+        params = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        y = quant_matmul(self.spec, x, params, self.decode_gemv, self.n_outliers,
+                         [self.outlier_idx, self.outlier_weight], self.out_dtype, self.decode_act)
         return y + self.bias if self.bias is not None else y
 
 

@@ -129,7 +129,7 @@ class Runner:
         """edgequant-export.json must describe the library it names: its parameters, context and chunk sizes (the
         model sizes were checked against these parameters by read_export_info)."""
         info, f = self.info, self.dist / EXPORT_JSON
-        params = [{k: p[k] for k in ("name", "shape", "dtype")} for p in info["params"]]
+        params = [{k: p[k] for k in ("name", "shape", "dtype", "bits") if k in p} for p in info["params"]]
         for what, mine, theirs in (("params", params, meta.get("params") if isinstance(meta, dict) else None),
                                    ("context_window", info["model"]["context_window"],
                                     meta.get("context_window_size") if isinstance(meta, dict) else None),

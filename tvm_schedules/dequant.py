@@ -193,51 +193,53 @@ def quant_matmul_np(spec: QuantSpec, x, qweight, scales, zeros=None, outlier_idx
 
 
 # ------------------------------------------------------------------------------------------------ TE / TIR
+def weight_te(spec: QuantSpec, qweight, scales, zeros, n, k):
+    """The fp16 TIR value of weight [n, k], `(q - z) * s` from the packed tensors: the one expression that the
+    dequantize kernel and the embedding's row gather (`gather.py`) both compute."""
+    from tvm import tirx
+
+    bits, vpw, g = spec.bits, spec.vpw, spec.group_len
+    if spec.layout == "planes3":
+        # the lane part of the shift ((k % 8) * 4) is kept apart from the word part so that, vectorised over
+        # 8 consecutive k, it is a constant vector and the rest a scalar (one shift each, no per-lane build)
+        lane = tirx.Cast("uint32", (k % 8) * 4)
+        lo = ((qweight[n, k // 16] >> lane) >> tirx.Cast("uint32", (k // 8) % 2 * 2)) & tirx.const(3, "uint32")
+        hi = ((qweight[n, spec.lo_words + k // 32] >> lane) >> tirx.Cast("uint32", (k // 8) % 4)) & \
+            tirx.const(1, "uint32")
+        code = lo | (hi << tirx.const(2, "uint32"))
+    elif spec.layout == "words3x32":
+        i, base = k % 32, k // 32 * 3
+        u = lambda v: tirx.const(v, "uint32")  # noqa: E731
+        # min() keeps the unused branch of the select in bounds (both sides are evaluated)
+        body = (qweight[n, base + tirx.min(i // 10, 2)] >> tirx.Cast("uint32", i % 10 * 3)) & u(7)
+        v30 = (qweight[n, base] >> u(30)) | (((qweight[n, base + 1] >> u(30)) & u(1)) << u(2))
+        v31 = (qweight[n, base + 1] >> u(31)) | ((qweight[n, base + 2] >> u(30)) << u(1))
+        code = tirx.Select(i < 30, body, tirx.Select(i == 30, v30, v31))
+    else:
+        code = (qweight[n, k // vpw] >> tirx.Cast("uint32", (k % vpw) * bits)) & tirx.const((1 << bits) - 1, "uint32")
+    q = tirx.Cast("float32", code)
+    if zeros is None:
+        z = tirx.const(float(spec.sym_zero), "float32")
+    elif spec.zeros_packed:
+        grp = k // g
+        z = tirx.Cast("float32", (zeros[n, grp // 4] >> tirx.Cast("uint32", grp % 4 * 8)) & tirx.const(0xFF, "uint32"))
+    else:
+        z = tirx.Cast("float32", zeros[n, k // g])
+    # fp32 arithmetic, one rounding to fp16 at the end: the checkpoint's exact (q - z) * s, and on CPUs
+    # without fp16 arithmetic it avoids emulating each fp16 operation
+    return tirx.Cast("float16", (q - z) * tirx.Cast("float32", scales[n, k // g]))
+
+
 def dequantize_te(spec: QuantSpec):
     """A TE function (qweight, scales[, zeros]) -> W fp16 [N, K] for `op.tensor_expr_op`.
 
     The compute is named "dequantize": the pipeline's fusion pass and dlight's GEMV/LowBatchGEMV rules find the
     dequantize block by that name."""
-    from tvm import te, tirx
-
-    bits, vpw, g = spec.bits, spec.vpw, spec.group_len
-    mask = tirx.const((1 << bits) - 1, "uint32")
-
-    def code(qweight, n, k):
-        if spec.layout == "planes3":
-            # the lane part of the shift ((k % 8) * 4) is kept apart from the word part so that, vectorised over
-            # 8 consecutive k, it is a constant vector and the rest a scalar (one shift each, no per-lane build)
-            lane = tirx.Cast("uint32", (k % 8) * 4)
-            lo = ((qweight[n, k // 16] >> lane) >> tirx.Cast("uint32", (k // 8) % 2 * 2)) & tirx.const(3, "uint32")
-            hi = ((qweight[n, spec.lo_words + k // 32] >> lane) >> tirx.Cast("uint32", (k // 8) % 4)) & \
-                tirx.const(1, "uint32")
-            return lo | (hi << tirx.const(2, "uint32"))
-        if spec.layout == "words3x32":
-            i, base = k % 32, k // 32 * 3
-            u = lambda v: tirx.const(v, "uint32")  # noqa: E731
-            # min() keeps the unused branch of the select in bounds (both sides are evaluated)
-            body = (qweight[n, base + tirx.min(i // 10, 2)] >> tirx.Cast("uint32", i % 10 * 3)) & u(7)
-            v30 = (qweight[n, base] >> u(30)) | (((qweight[n, base + 1] >> u(30)) & u(1)) << u(2))
-            v31 = (qweight[n, base + 1] >> u(31)) | ((qweight[n, base + 2] >> u(30)) << u(1))
-            return tirx.Select(i < 30, body, tirx.Select(i == 30, v30, v31))
-        return (qweight[n, k // vpw] >> tirx.Cast("uint32", (k % vpw) * bits)) & mask
+    from tvm import te
 
     def f(qweight, scales, zeros=None):
-        def w(n, k):
-            q = tirx.Cast("float32", code(qweight, n, k))
-            if zeros is None:
-                z = tirx.const(float(spec.sym_zero), "float32")
-            elif spec.zeros_packed:
-                grp = k // g
-                z = tirx.Cast("float32", (zeros[n, grp // 4] >> tirx.Cast("uint32", grp % 4 * 8))
-                              & tirx.const(0xFF, "uint32"))
-            else:
-                z = tirx.Cast("float32", zeros[n, k // g])
-            # fp32 arithmetic, one rounding to fp16 at the end: the checkpoint's exact (q - z) * s, and on CPUs
-            # without fp16 arithmetic it avoids emulating each fp16 operation
-            return tirx.Cast("float16", (q - z) * tirx.Cast("float32", scales[n, k // g]))
-
-        return te.compute((spec.n, spec.k), w, name="dequantize")
+        return te.compute((spec.n, spec.k), lambda n, k: weight_te(spec, qweight, scales, zeros, n, k),
+                          name="dequantize")
 
     return f
 

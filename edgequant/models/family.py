@@ -97,6 +97,8 @@ class Family:
     export_fusions: dict = field(default_factory=dict)   # export linear -> checkpoint linears whose rows it stacks
     norm_weight_offset: float = 0.0       # 1.0 where a norm scales by (1 + weight), as Gemma's RMSNorm does
     dims: Callable = Dims.from_config     # config -> Dims
+    embed: str = "model.embed_tokens"     # the token embedding table [vocab, hidden]
+    head: str = "lm_head"                 # the output layer [vocab, hidden] (tied: the embedding table serves)
 
     def __post_init__(self):
         names = [lin.name for lin in self.linears]

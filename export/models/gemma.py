@@ -46,7 +46,6 @@ from edgequant.errors import EdgequantError
 from edgequant.models import family_for
 
 from . import llama as _llama
-from ..quant_linear import DenseLinear, Embedding
 from .llama import ArchConfig, LlamaForCausalLM, _make_linear
 
 FAMILIES = ("gemma2", "gemma3")   # the edgequant.models families this graph implements
@@ -208,7 +207,7 @@ class GemmaDecoderLayer(nn.Module):
 
 class GemmaModel(nn.Module):
     def __init__(self, c: GemmaArchConfig, plans, gpu_gemv):
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype="float16")
+        self.embed_tokens = _llama.embedding_for(c, plans)
         self.layers = nn.ModuleList([GemmaDecoderLayer(c, plans, i, gpu_gemv) for i in range(c.num_layers)])
         self.norm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
 
@@ -221,8 +220,8 @@ class GemmaForCausalLM(LlamaForCausalLM):
         self.c = c
         mode = "gpu" if target.kind.name == "cuda" else ("twin" if _llama.DECODE_GEMV_TWIN_ON_CPU else None)
         self.model = GemmaModel(c, plans, gpu_gemv=mode)
-        self.lm_head = None if c.tie_word_embeddings else DenseLinear(c.hidden_size, c.vocab_size,
-                                                                            out_dtype="float32")
+        self.gpu_gemv = mode
+        self.lm_head = _llama.head_for(c, plans, mode)
         self.target = target
         if c.attn_logit_softcapping_dropped:
             print(f"warning: {c.model_type}: attention logit soft-capping ({c.attn_logit_softcapping_dropped}) is "

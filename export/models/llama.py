@@ -27,7 +27,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from edgequant.errors import EdgequantError
 from edgequant.models import FAMILIES, family_for
 
-from ..quant_linear import DenseLinear, Embedding, QuantLinear
+from ..quant_linear import DenseLinear, Embedding, QuantEmbedding, QuantLinear, quant_matmul
 
 FAMILY_NAMES = ("llama", "qwen3", "phi3")   # the edgequant.models families this graph implements
 
@@ -176,9 +176,24 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def embedding_for(c, plans) -> nn.Module:
+    """The token table: quantized when it has a plan under its module name (`--embed-bits`, export/params.py)."""
+    table = plans.get(family_for(c.model_type).embed)
+    return QuantEmbedding(table.spec) if table is not None else Embedding(c.vocab_size, c.hidden_size, dtype="float16")
+
+
+def head_for(c, plans, mode: str | None):
+    """The untied output layer (quantized when it has a plan), or None when tied to the token table."""
+    if c.tie_word_embeddings:
+        return None
+    head = plans.get(family_for(c.model_type).head)
+    return QuantLinear(head.spec, decode_gemv=mode, out_dtype="float32") if head is not None else \
+        DenseLinear(c.hidden_size, c.vocab_size, out_dtype="float32")
+
+
 class LlamaModel(nn.Module):
     def __init__(self, c: ArchConfig, plans, gpu_gemv: str | None = None):
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype="float16")
+        self.embed_tokens = embedding_for(c, plans)
         self.layers = nn.ModuleList([DecoderLayer(c, plans, i, gpu_gemv) for i in range(c.num_layers)])
         self.norm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype="float16")
 
@@ -191,12 +206,16 @@ class LlamaForCausalLM(nn.Module):
         # CUDA decode: quantized linears use the hand-scheduled GEMV (tvm_schedules/gemv.py), the rest dlight
         mode = "gpu" if target.kind.name == "cuda" else ("twin" if DECODE_GEMV_TWIN_ON_CPU else None)
         self.model = LlamaModel(c, plans, gpu_gemv=mode)
-        self.lm_head = None if c.tie_word_embeddings else DenseLinear(c.hidden_size, c.vocab_size, out_dtype="float32")
+        self.gpu_gemv = mode
+        self.lm_head = head_for(c, plans, mode)
         self.target = target  # read by TIRPagedKVCache: llvm selects its CPU kernels, anything else the GPU ones
 
     def _logits(self, h: Tensor) -> Tensor:
+        emb = self.model.embed_tokens
+        if self.lm_head is None and isinstance(emb, QuantEmbedding):   # tied and quantized: the same kernels as a linear
+            return quant_matmul(emb.spec, h, emb.params(), self.gpu_gemv, out_dtype="float32")
         if self.lm_head is None:  # tied: the embedding table is the output projection
-            return op.matmul(h, op.permute_dims(self.model.embed_tokens.weight), out_dtype="float32")
+            return op.matmul(h, op.permute_dims(emb.weight), out_dtype="float32")
         return self.lm_head(h)
 
     def _body(self, x: Tensor, kv: PagedKVCache) -> Tensor:

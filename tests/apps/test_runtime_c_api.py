@@ -152,3 +152,26 @@ def test_c_runtime_knows_every_target():
     table = src[src.index("static const std::map<std::string, std::string> targets"):]
     table = table[:table.index("};")]
     assert dict(re.findall(r'\{"([^"]+)",\s*"([^"]+)"\}', table)) == {n: p.device for n, p in PRESETS.items()}
+
+
+def test_quantized_table_dist_runs_in_the_c_runtime(capi, tmp_path, model_dirs):
+    """A DIST with per-module widths (an 8-bit tied table on a 4-bit model): the C runtime accepts its sizes and
+    zero points and computes the Python runner's logits."""
+    from edgequant import api
+    from edgequant.export.api import export
+    from edgequant.export.runtime import Runner
+    from conftest import make_tiny_model, make_tokenizer
+    src = tmp_path / "tied"
+    make_tiny_model("llama", tie=True).save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    ck = api.quantize(str(src), tmp_path / "q", method="rtn", bits=4, group_size=32, embed_bits=8, progress=False)
+    dist = export(ck, "cpu", tmp_path / "dist", progress=False)
+    s, h = capi.open(dist)
+    assert s == 0, capi.error()
+    try:
+        assert capi.prefill(h, PROMPT) == 0, capi.error()
+        runner = Runner(dist, load_tokenizer=False)
+        runner.new_sequence()
+        np.testing.assert_allclose(capi.logits(h), runner.prefill(PROMPT), rtol=1e-5, atol=1e-5)
+    finally:
+        capi.lib.edgequant_close(h)

@@ -185,6 +185,7 @@ int ItemSize(const std::string& dtype) {
 struct Param {
   std::string name, dtype;
   std::vector<int64_t> shape;
+  int bits = 0;  // a quantized module's own bit width (per-module schemes); 0: the DIST's
 };
 
 struct Record {
@@ -382,17 +383,23 @@ ExportInfo ReadExportInfo(const std::string& dist) {
     auto dtype = o ? StrField(*o, "dtype") : std::nullopt;
     auto shape = o ? ShapeField(*o, "shape") : std::nullopt;
     if (!name || !dtype || !shape || !ItemSize(*dtype)) Damaged(file, "field 'params' has a malformed entry");
-    info.params.push_back({*name, *dtype, *shape});
+    auto bits = o ? IntField(*o, "bits", 1) : std::nullopt;
+    if (o && Field(*o, "bits") && (!bits || *bits > 8)) Damaged(file, "field 'params' has a malformed entry");
+    info.params.push_back({*name, *dtype, *shape, bits ? static_cast<int>(*bits) : 0});
   }
   if (info.chunk > info.context) Damaged(file, "prefill_chunk_size is larger than the context window");
   // the sizes used below (vocabulary, layers, hidden width) must be those of the compiled parameters, which are
   // compared with the library's own list before anything runs
-  int64_t emb_vocab = -1, emb_hidden = -1, layers = 0;
+  int64_t emb_vocab = -1, emb_hidden = -1, norm_hidden = -1, layers = 0;
   for (const Param& p : info.params) {
     if (p.name == "model.embed_tokens.weight" && p.shape.size() == 2) emb_vocab = p.shape[0], emb_hidden = p.shape[1];
+    // a quantized table (--embed-bits): its rows are the vocabulary, the final norm has the hidden width
+    if (p.name == "model.embed_tokens.scales" && p.shape.size() == 2) emb_vocab = p.shape[0];
+    if (p.name == "model.norm.weight" && p.shape.size() == 1) norm_hidden = p.shape[0];
     long n = -1;
     if (std::sscanf(p.name.c_str(), "model.layers.%ld.", &n) == 1 && n >= 0 && n < kMaxDim) layers = std::max<int64_t>(layers, n + 1);
   }
+  if (emb_hidden < 0) emb_hidden = norm_hidden;
   std::pair<const char*, std::pair<int64_t, int64_t>> against[] = {
       {"vocab_size", {info.vocab, emb_vocab}}, {"hidden_size", {info.hidden, emb_hidden}}, {"num_layers", {info.layers, layers}}};
   for (auto& [key, v] : against) {
@@ -525,14 +532,15 @@ uint64_t CheckTensorCache(const std::string& dist, const ExportInfo& info) {
         }
         prev = v;
       }
-    } else if (EndsWith(p.name, ".zeros") && info.bits) {
+    } else if (EndsWith(p.name, ".zeros") && (p.bits || info.bits)) {
+      int bits = p.bits ? p.bits : info.bits;
       auto b = ReadSpan(r);
       // OpenCL/WebGPU exports pack four zero points per uint32 word (tvm_schedules/dequant.py): check each byte
       bool packed = r.dtype == "uint32";
       for (size_t i = 0; i < (packed ? b.size() : n); ++i) {
-        if ((packed ? static_cast<uint8_t>(b[i]) : IntAt(b, r.dtype, i)) >= (int64_t(1) << info.bits)) {
+        if ((packed ? static_cast<uint8_t>(b[i]) : IntAt(b, r.dtype, i)) >= (int64_t(1) << bits)) {
           Fail(EDGEQUANT_ERR_DAMAGED, std::string(kTensorCache) + ": '" + p.name + "' holds zero points above " +
-                                          std::to_string((1 << info.bits) - 1) + "; the weights are damaged; " + kFix);
+                                          std::to_string((1 << bits) - 1) + "; the weights are damaged; " + kFix);
         }
       }
     } else if (r.dtype == "float16" || r.dtype == "float32" || r.dtype == "bfloat16") {

@@ -1,0 +1,47 @@
+"""The bit budget across layers (`--method gptq --target-bits`): the knapsack choice, and a tiny model quantized
+under a budget whose per-linear widths land in the checkpoint as overrides and meet the budget."""
+import pytest
+
+from edgequant.budget import GPTQConfig, allocate
+from edgequant.errors import EdgequantError
+
+
+def test_allocate_spends_the_budget_where_it_saves_most():
+    errors = {"a": {2: 100.0, 3: 10.0, 4: 1.0}, "b": {2: 5.0, 3: 4.0, 4: 3.9}, "c": {2: 50.0, 3: 20.0, 4: 0.0}}
+    sizes = {"a": 10, "b": 10, "c": 10}
+    assert allocate(errors, sizes, 2.0) == {"a": 2, "b": 2, "c": 2}
+    # a: 2 -> 3 saves 9 per bit, then c: 2 -> 3 (3 per bit), then c: 3 -> 4 (2 per bit) beats a: 3 -> 4 (0.9)
+    assert allocate(errors, sizes, 3.0) == {"a": 3, "b": 2, "c": 4}
+    assert allocate(errors, sizes, 4.0) == {"a": 4, "b": 4, "c": 4}
+    for t in (2.0, 2.5, 3.0, 3.25, 3.7):
+        bits = allocate(errors, sizes, t)
+        assert sum(sizes[g] * b for g, b in bits.items()) <= t * 30 + 1e-9
+
+
+def test_allocate_weighs_sizes():
+    # a big group costs more bits per step of width: at the same error saved, the small one is upgraded first
+    errors = {"big": {2: 10.0, 3: 5.0, 4: 4.0}, "small": {2: 10.0, 3: 5.0, 4: 4.0}}
+    assert allocate(errors, {"big": 90, "small": 10}, 2.1) == {"big": 2, "small": 3}
+
+
+def test_budget_range():
+    with pytest.raises(EdgequantError, match="between 2 and 4"):
+        GPTQConfig(target_bits=4.5)
+
+
+def test_gptq_under_a_budget(tmp_path, model_dirs, text_file):
+    from edgequant import api
+    from edgequant.artifact import open_checkpoint
+    out = api.quantize(str(model_dirs["llama"]), tmp_path / "q", method="gptq", bits=3, group_size=32,
+                       target_bits=3.25, calib=text_file, nsamples=4, seqlen=64, progress=False)
+    ck = open_checkpoint(out)
+    bits = {n: ck.scheme_for(n).bits for n in ck.quantized_linears()}
+    sizes = {n: k * m for n, (m, k) in ((n, ck.family.linear_shapes(ck.config)[ck.family.relative_name(n)])
+                                        for n in bits)}
+    mean = sum(bits[n] * sizes[n] for n in bits) / sum(sizes.values())
+    assert mean <= 3.25 + 1e-9 and len(set(bits.values())) > 1, bits
+    for i in range(2):   # fused members share a width
+        pre = f"model.layers.{i}."
+        assert len({bits[pre + f"self_attn.{p}_proj"] for p in "qkv"}) == 1
+        assert bits[pre + "mlp.gate_proj"] == bits[pre + "mlp.up_proj"]
+    assert ck.provenance["calibration"]["bit_budget"]["mean_bits"] == pytest.approx(mean, abs=1e-4)
