@@ -47,6 +47,8 @@ class OmniConfig(Options):
                                               "rest.", "float", lo=0, lo_open=True)
     clip_qk: bool = opt(False, "with --lwc-init search, also search q/k's ranges (off: they start unclipped, as "
                                "their outputs feed softmax).", "bool")
+    gptq: bool = opt(False, "round with GPTQ inside the learned ranges (LWC's scales and zero points fixed, GPTQ's "
+                            "error compensation on each block's quantized stream) instead of to nearest.", "bool")
     keep_best: bool = opt(True, "score the start and every epoch on all windows and keep the best parameters.",
                           "bool")
 

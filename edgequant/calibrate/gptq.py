@@ -44,18 +44,19 @@ def one_cpu_thread(device: torch.device):
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, keep: torch.Tensor | None = None,
-                  clip_search=None) -> tuple[QuantizedWeight, float]:
+                  clip_search=None, params: tuple | None = None) -> tuple[QuantizedWeight, float]:
     """Quantize `weight` [N, K] given the Hessian `H` [K, K] of its inputs. Returns (quantized, GPTQ loss).
 
     `keep`: indices of input columns to leave in full precision (stored as outlier columns).
     `clip_search(w, scheme, h_diag) -> (scale, zero)`: optional tuning of the groups of w (e.g. OWQ's MSE grid);
     `h_diag` is diag(H) of w's columns, for a search that weighs each column's error by its input's energy.
+    `params`: given (scale, zero) [N, n_groups] to round within (e.g. ranges LWC learned), instead of computing them.
     """
     with one_cpu_thread(weight.device):
-        return _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search)
+        return _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, params)
 
 
-def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search):
+def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, params=None):
     W = weight.detach().clone().float()
     N, K = W.shape
     H = H.detach().clone().float().to(W.device)
@@ -69,11 +70,14 @@ def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search):
         keep_mask[keep.long()] = True
     G = scheme.group_len(K)
     ng = scheme.groups(K)
-    static = act_order
+    static = act_order or params is not None
     scales = torch.zeros(N, ng, device=W.device)
     zeros = torch.zeros(N, ng, device=W.device)
     ready = torch.zeros(ng, dtype=torch.bool)
-    if static:
+    if params is not None:
+        scales, zeros = (t.to(W.device, torch.float32) for t in params)
+        ready[:] = True
+    elif static:
         # all groups at once (the per-group search is one batched grid, not ng small ones)
         scales, zeros = _group_params(W.masked_fill(keep_mask[None], 0), scheme, clip_search, h_diag)
         ready[:] = True
