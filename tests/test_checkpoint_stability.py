@@ -20,9 +20,7 @@ COMMON = dict(nsamples=4, seqlen=64, progress=False)
 CASES = {   # name -> (arch, quantize options); together: every method, 2/3/4 bits, sym/asym, per channel, LET, biases
     "rtn-w2-sym": ("llama", dict(method="rtn", bits=2, group_size=-1, sym=True)),
     "gptq-w4g32": ("llama", dict(method="gptq", bits=4, group_size=32)),
-    # the range search of the recorded bytes (issue 11 made the diag(H)-weighted search without q/k the default)
-    "owq-w3g32": ("qwen2", dict(method="owq", bits=3, group_size=32, weak_columns=2, clip_metric="weight",
-                                clip_qk=True)),
+    "owq-w3g32": ("qwen2", dict(method="owq", bits=3, group_size=32, weak_columns=2)),
     # keep_best (on by default since issue 11) may keep a block's start over its trained parameters: off here, so the
     # bytes are those of the same training as before the restructuring
     "omniquant-w3g32-let": ("llama", dict(method="omniquant", bits=3, group_size=32, epochs=1, let=True,
