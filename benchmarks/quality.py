@@ -67,6 +67,30 @@ ROWS = [
     ("omniquant", "w3g128", {"epochs": 4, "lwc_lr": 5e-2, "lwc_init": "search", "nsamples": 64, "seqlen": 512}),
     ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "nsamples": 32, "seqlen": 256}),
     ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "nsamples": 32, "seqlen": 256}),
+    # issue 11 fixes (options spelled out: rows above ran before they existed). OWQ's range search weighted by diag(H)
+    # and left off q/k, or the paper's metric without q/k; OmniQuant's search init without q/k
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "clip_metric": "output", "clip_qk": False}),
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "clip_metric": "weight", "clip_qk": False}),
+    ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "clip_qk": False, "nsamples": 32,
+                             "seqlen": 256}),
+    # rotations folded into the weights (--rotate), every method on top
+    ("rtn", "w3g128", {"rotate": True}),
+    ("gptq", "w3g128", {"act_order": True, "rotate": True}),
+    ("gptq", "w4g128", {"act_order": True, "rotate": True}),
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "clip_metric": "output", "clip_qk": False,
+                       "rotate": True}),
+    ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "clip_qk": False, "rotate": True,
+                             "nsamples": 32, "seqlen": 256}),
+    ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "clip_qk": False, "rotate": True,
+                             "nsamples": 32, "seqlen": 256}),
+    ("gptq", "w2g64", {"act_order": True, "rotate": True}),
+    ("owq", "w2g64", {"target_bits": 2.1, "act_order": True, "clip_metric": "output", "clip_qk": False,
+                      "rotate": True}),
+    # LWC then GPTQ's rounding inside the learned ranges
+    ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "clip_qk": False, "gptq": True,
+                             "nsamples": 32, "seqlen": 256}),
+    ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "clip_qk": False, "gptq": True,
+                             "nsamples": 32, "seqlen": 256}),
 ]
 
 

@@ -64,6 +64,10 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         _check_group_size(model_obj, scheme)
         t_load = time.time() - t0
         t1 = time.time()
+        rotation = None
+        if opts.rotate:
+            from .rotate import rotate_model
+            rotation = rotate_model(model_obj, seed)
         result = m.run(model_obj, tok, scheme, opts, progress=progress)
         quantized = dict(result.quantized)
         if tables is not None:
@@ -72,7 +76,7 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         prov = {"model": str(model) if model is not None else "smollm2-135m",
                 "calibration": ({"data": str(calib), "nsamples": opts.nsamples, "seqlen": opts.seqlen, "seed": seed,
                                  **(result.calibration or {})} if m.needs_calibration else None),
-                "options": opts.to_dict(), "seed": seed, "versions": _versions(),
+                "options": opts.to_dict(), "rotation": rotation, "seed": seed, "versions": _versions(),
                 "time_s": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
                 "layers": result.stats}
         if tables is not None:

@@ -32,6 +32,9 @@ class CalibOptions(Options):
                            "int", lo=0)
     device: str = opt("cpu", "cpu, cuda or cuda:N.", "device")
     batch_size: int = opt(4, "Calibration windows per block pass.", "int", lo=1)
+    rotate: bool = opt(False, "Rotate the model first (QuaRot/SpinQuant-style randomised Hadamard folded into the "
+                              "weights, norms folded; same function, easier to quantize; unties a shared output "
+                              "layer).", "bool")
     config: Options | None = None     # the method's options
     state_dir: str | None = None      # where a resumable method keeps per-block state (a sibling of the output folder)
 
@@ -99,22 +102,28 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
     from .calibrate.gptq import gptq_quantize
     from .calibrate.layerwise import calibrate_layerwise
     from .calibrate.metrics import output_error, weight_error
-    from .calibrate.owq import mse_clip_search, select_weak_columns
+    from .calibrate.owq import clip_search, select_weak_columns
+    from .models import family_for
 
     samples = _calibration_samples(tokenizer, opts)
     schemes, summary = {}, None
     if budget is not None:
         from .budget import schemes_for_budget
         schemes, summary = schemes_for_budget(model, samples, scheme, opts, budget, progress)
+    family = family_for(model.config.model_type)
 
     def quantize_fn(name, lin, H):
         w = lin.weight.detach().float()
         s = schemes.get(name, scheme)
         kw, weak = {}, {}
         if counts is not None:
-            idx = select_weak_columns(w, torch.diag(H), s, counts[name.split(".", 3)[-1]])
-            # the paper's MSE range tuning of each group, unless turned off (--no-clip-search: min-max groups)
-            clip = mse_clip_search if opts.config.clip_search else None
+            cfg = opts.config
+            rel = family.relative_name(name)
+            # each group's range tuned by the grid search, unless turned off (--no-clip-search: min-max groups) or
+            # the linear feeds the attention logits (unless --clip-qk)
+            search = cfg.clip_search and (cfg.clip_qk or rel not in family.attention_logit_linears)
+            idx = select_weak_columns(w, torch.diag(H), s, counts[rel], tuned=search, metric=cfg.clip_metric)
+            clip = clip_search(cfg.clip_metric) if search else None
             kw, weak = {"keep": idx.to(w.device), "clip_search": clip}, {"weak_columns": int(len(idx))}
         qw, loss = gptq_quantize(w, H, s, percdamp=opts.percdamp, act_order=opts.act_order, **kw)
         w_hat = qw.dequantize()

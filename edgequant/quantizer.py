@@ -114,9 +114,11 @@ def quantize_weight(w: torch.Tensor, scheme: QuantScheme, scale=None, zero=None)
 
 
 def mse_clip_params(w: torch.Tensor, scheme: QuantScheme, grid: int = 100, maxshrink: float = 0.8,
-                    norm: float = 2.4):
+                    norm: float = 2.4, col_weight: torch.Tensor | None = None):
     """Group parameters tuned by a clipping grid search (OWQ's and GPTQ's "mse" option): shrink each group's range
-    by factors 1, 1 - 1/grid, ... down to 1 - maxshrink and keep, per group, the factor with the least |error|^norm."""
+    by factors 1, 1 - 1/grid, ... down to 1 - maxshrink and keep, per group, the factor with the least |error|^norm.
+    `col_weight` [K] weighs each input column's error (e.g. diag(H) = 2 E[x_j^2]: the output error a column's
+    weight error causes, as AWQ's and GPTQ-style searches score it, instead of the raw weight error)."""
     w = w.float()
     n, k = w.shape
     g = scheme.group_len(k)
@@ -130,6 +132,8 @@ def mse_clip_params(w: torch.Tensor, scheme: QuantScheme, grid: int = 100, maxsh
     if pad:
         valid[k:] = 0
     wg = wp.reshape(n, ng, g)
+    if col_weight is not None:
+        valid = valid * torch.cat([col_weight.to(w.device).float(), valid.new_zeros(pad)])
     vg = valid.reshape(1, ng, g)
     for i in range(int(maxshrink * grid) + 1):
         p = 1 - i / grid

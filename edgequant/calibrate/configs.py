@@ -14,6 +14,12 @@ class OWQConfig(Options):
     target_bits: float | None = opt(None, "bits per weight budget, e.g. 3.01, 3.1, 4.01.", "float", lo=0, lo_open=True)
     weak_columns: int | None = opt(None, "fp16 columns per linear (instead of --target-bits).", "int", lo=0)
     clip_search: bool = opt(True, "tune each group's range by the paper's MSE search (off: min-max groups).", "bool")
+    # the paper's search stays the default until the alternatives are measured on both real models (issue 11)
+    clip_metric: str = opt("weight", "what the range search minimises: 'weight' (the paper's |dW|^2.4) or 'output' "
+                                     "(squared error weighted by diag(H), each input's energy).", "choice",
+                           choices=("weight", "output"))
+    clip_qk: bool = opt(True, "also search the ranges of q/k, whose outputs feed softmax (off: their groups stay "
+                              "min-max; clipping their few large weights moved qwen2's attention).", "bool")
 
     def __post_init__(self):
         super().__post_init__()
@@ -40,6 +46,10 @@ class OmniConfig(Options):
                     "choice", choices=("mse", "token_rel"))
     owq_target_bits: float | None = opt(None, "choose OWQ weak columns first (kept fp16), LWC/LET learned on the "
                                               "rest.", "float", lo=0, lo_open=True)
+    clip_qk: bool = opt(True, "with --lwc-init search, also search q/k's ranges (off: they start unclipped, as "
+                              "their outputs feed softmax).", "bool")
+    gptq: bool = opt(False, "round with GPTQ inside the learned ranges (LWC's scales and zero points fixed, GPTQ's "
+                            "error compensation on each block's quantized stream) instead of to nearest.", "bool")
     keep_best: bool = opt(True, "score the start and every epoch on all windows and keep the best parameters.",
                           "bool")
 

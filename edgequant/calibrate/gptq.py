@@ -19,12 +19,11 @@ from ..quantizer import QuantizedWeight, group_minmax, params_from_range
 from ..schemes import QuantScheme
 
 
-def _group_params(w: torch.Tensor, scheme: QuantScheme, clip_search=None):
-    """Scale/zero of a [N, g] slice treated as one group."""
-    one = QuantScheme(scheme.bits, -1, scheme.sym)
+def _group_params(w: torch.Tensor, scheme: QuantScheme, clip_search=None, h_diag=None):
+    """Scale/zero of w's groups (of `scheme`), by min-max or by `clip_search(w, scheme, h_diag)`."""
     if clip_search is not None:
-        return clip_search(w, one)
-    return params_from_range(*group_minmax(w, one), one)
+        return clip_search(w, scheme, h_diag)
+    return params_from_range(*group_minmax(w, scheme), scheme)
 
 
 @contextmanager
@@ -45,37 +44,42 @@ def one_cpu_thread(device: torch.device):
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, keep: torch.Tensor | None = None,
-                  clip_search=None) -> tuple[QuantizedWeight, float]:
+                  clip_search=None, params: tuple | None = None) -> tuple[QuantizedWeight, float]:
     """Quantize `weight` [N, K] given the Hessian `H` [K, K] of its inputs. Returns (quantized, GPTQ loss).
 
     `keep`: indices of input columns to leave in full precision (stored as outlier columns).
-    `clip_search(w, per_row_scheme) -> (scale, zero)`: optional quantizer tuning per group (e.g. OWQ's MSE grid).
+    `clip_search(w, scheme, h_diag) -> (scale, zero)`: optional tuning of the groups of w (e.g. OWQ's MSE grid);
+    `h_diag` is diag(H) of w's columns, for a search that weighs each column's error by its input's energy.
+    `params`: given (scale, zero) [N, n_groups] to round within (e.g. ranges LWC learned), instead of computing them.
     """
     with one_cpu_thread(weight.device):
-        return _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search)
+        return _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, params)
 
 
-def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search):
+def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, params=None):
     W = weight.detach().clone().float()
     N, K = W.shape
     H = H.detach().clone().float().to(W.device)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    h_diag = torch.diag(H).clone()
 
     keep_mask = torch.zeros(K, dtype=torch.bool, device=W.device)
     if keep is not None and len(keep):
         keep_mask[keep.long()] = True
     G = scheme.group_len(K)
     ng = scheme.groups(K)
-    static = act_order
+    static = act_order or params is not None
     scales = torch.zeros(N, ng, device=W.device)
     zeros = torch.zeros(N, ng, device=W.device)
     ready = torch.zeros(ng, dtype=torch.bool)
-    if static:
-        Wz = W.masked_fill(keep_mask[None], 0)
-        for g in range(ng):
-            scales[:, g:g + 1], zeros[:, g:g + 1] = _group_params(Wz[:, g * G:(g + 1) * G], scheme, clip_search)
+    if params is not None:
+        scales, zeros = (t.to(W.device, torch.float32) for t in params)
+        ready[:] = True
+    elif static:
+        # all groups at once (the per-group search is one batched grid, not ng small ones)
+        scales, zeros = _group_params(W.masked_fill(keep_mask[None], 0), scheme, clip_search, h_diag)
         ready[:] = True
 
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
@@ -117,7 +121,8 @@ def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search):
                 cols = torch.arange(g * G, min((g + 1) * G, K), device=W.device)
                 cols = cols[~keep_mask[cols]]
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, pos[cols] - col]
-                scales[:, g:g + 1], zeros[:, g:g + 1] = _group_params(ahead, scheme, clip_search)
+                one = QuantScheme(scheme.bits, -1, scheme.sym)   # the slice is one group
+                scales[:, g:g + 1], zeros[:, g:g + 1] = _group_params(ahead, one, clip_search, h_diag[cols])
                 ready[g] = True
             if kept_h[col]:
                 Q1[:, i] = zeros[:, g]

@@ -8,8 +8,9 @@ columns per linear follows the paper's budget rule: a target of b_t bits over a 
 round(K * r * ratio) columns (rounded up to even) with r = 12 / (16 - b) * (b_t - b) / (number of linear kinds), where
 `ratio` is the family's per-kind share (LLaMA: 1 for q/k/v/o, 0.375 for gate/up/down). A linear stored fused (Phi-3's
 qkv_proj) counts as its parts: its columns serve every part's rows, so it gets what each part would, and a fused
-family spends the same budget as its unfused twin. Quantizer parameters are tuned
-by a clipping grid search (the paper's "mse" tuning). This module is pure math; `methods.py` drives it block by block.
+family spends the same budget as its unfused twin. Quantizer parameters are tuned by a clipping grid search (the
+paper's "mse" tuning, or the same grid on the diag(H)-weighted error). This module is pure math; `methods.py` drives
+it block by block.
 """
 from __future__ import annotations
 
@@ -37,14 +38,15 @@ def weak_column_counts(family: Family, in_features: dict[str, int], bits: int, t
     return out
 
 
-def column_sensitivity(weight: torch.Tensor, h_diag: torch.Tensor, scheme: QuantScheme, tuned: bool = True):
+def column_sensitivity(weight: torch.Tensor, h_diag: torch.Tensor, scheme: QuantScheme, tuned: bool = True,
+                       metric: str = "weight"):
     """H_jj * ||W[:, j] - Q(W)[:, j]||^2 for every input column j, Q the scheme's (MSE-tuned) quantizer on all of W."""
     from .gptq import one_cpu_thread
     w = weight.float()
     k = w.shape[1]
     if tuned:
         with one_cpu_thread(w.device):
-            s, z = mse_clip_params(w, scheme)
+            s, z = clip_search(metric)(w, scheme, h_diag)
     else:
         s, z = params_from_range(*group_minmax(w, scheme), scheme)
     se, ze = expand_groups(s, scheme, k), expand_groups(z, scheme, k)
@@ -53,14 +55,18 @@ def column_sensitivity(weight: torch.Tensor, h_diag: torch.Tensor, scheme: Quant
 
 
 def select_weak_columns(weight: torch.Tensor, h_diag: torch.Tensor, scheme: QuantScheme, k: int,
-                        tuned: bool = True) -> torch.Tensor:
+                        tuned: bool = True, metric: str = "weight") -> torch.Tensor:
     """Sorted indices of the k most sensitive input columns."""
     if k <= 0:
         return torch.zeros(0, dtype=torch.long)
-    sens = column_sensitivity(weight, h_diag, scheme, tuned)
+    sens = column_sensitivity(weight, h_diag, scheme, tuned, metric)
     return torch.sort(torch.topk(sens, k).indices).values.cpu()
 
 
-def mse_clip_search(w: torch.Tensor, scheme: QuantScheme):
-    """The GPTQ `clip_search` hook with OWQ's grid settings."""
-    return mse_clip_params(w, scheme)
+def clip_search(metric: str):
+    """The GPTQ `clip_search(w, scheme, h_diag)` hook. "weight": the paper's grid on sum |w - q(w)|^2.4 of the raw
+    weights. "output": squared errors weighted by diag(H), so a group's range follows the output error it causes
+    (a clipped weight on a quiet input costs little, one on a loud input much)."""
+    if metric == "weight":
+        return lambda w, scheme, h_diag=None: mse_clip_params(w, scheme)
+    return lambda w, scheme, h_diag=None: mse_clip_params(w, scheme, norm=2.0, col_weight=h_diag)

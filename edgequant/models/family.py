@@ -132,6 +132,11 @@ class Family:
     def linear_ratio(self) -> dict[str, float]:
         return {lin.name: lin.owq_ratio for lin in self.linears}
 
+    @property
+    def attention_logit_linears(self) -> tuple[str, ...]:
+        """q and k: the linears whose outputs meet in the attention logits (the rope_qk LET pair names them)."""
+        return tuple(n for p in self.let_pairs if p.kind == "rope_qk" for n in (p.producer, *p.consumers))
+
     def layer_prefix(self, i: int) -> str:
         return f"{self.layers_path}.{i}"
 

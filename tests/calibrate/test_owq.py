@@ -112,3 +112,49 @@ def test_weak_column_tuning_needs_weak_columns(tmp_path, model_dirs, text_file):
     ck = api.quantize(str(model_dirs["llama"]), tmp_path / "rtn", method="rtn", bits=4, progress=False)
     with pytest.raises(EdgequantError, match="owq"):
         api.tune_weak_columns(ck, text_file, tmp_path / "x", progress=False)
+
+
+def test_output_metric_keeps_the_range_of_a_loud_input():
+    """The range search weighted by diag(H) keeps a group's extreme weight when it sits on a loud input (clipping it
+    would cost much output error) where the paper's raw-weight search clips it."""
+    from edgequant.quantizer import mse_clip_params
+    scheme = QuantScheme(3, 32, False)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g) * 0.02
+    w[:, 7] = 0.2                                  # the group's extreme, on input 7
+    hd = torch.ones(32)
+    hd[7] = 1e4                                    # input 7 is loud
+    s_w, z_w = mse_clip_params(w, scheme)
+    s_o, z_o = mse_clip_params(w, scheme, norm=2.0, col_weight=hd)
+    from edgequant.quantizer import quantize_weight
+    err = lambda s, z: (quantize_weight(w, scheme, s, z).dequantize() - w) ** 2 * hd   # noqa: E731 - output-weighted
+    e_w, e_o = err(s_w, z_w), err(s_o, z_o)
+    assert e_o.sum() < e_w.sum() / 4
+    assert e_o[:, 7].sum() < e_w[:, 7].sum() / 4           # mostly on the loud input
+
+
+def test_owq_keeps_min_max_groups_for_q_and_k(tmp_path, text_file, tokenizer):
+    """q/k feed softmax: with --no-clip-qk OWQ leaves their groups min-max (their largest weights stay on the grid)
+    while other linears are still range-searched; by default (the paper's search) they are clipped too."""
+    from conftest import make_tiny_model
+    m = make_tiny_model("qwen2")
+    with torch.no_grad():
+        for lin in ("q_proj", "k_proj", "v_proj"):
+            m.model.layers[0].self_attn.get_submodule(lin).weight[::2, 5] = 0.6   # a large weight in many groups
+    src = tmp_path / "src"
+    m.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+
+    def top_of(out, lin):
+        qw = load_quantized_weight(open_checkpoint(out), f"model.layers.0.self_attn.{lin}")
+        top = (qw.scheme.maxq - qw.zero[::2, 0]) * qw.scale[::2, 0]   # the largest value column 5's groups hold
+        return float(top.min())
+
+    kw = dict(method="owq", bits=3, group_size=32, calib=text_file, nsamples=4, seqlen=64, weak_columns=0,
+              progress=False)
+    out = api.quantize(str(src), tmp_path / "owq", clip_qk=False, **kw)
+    searched = api.quantize(str(src), tmp_path / "owq-qk", **kw)
+    for lin in ("q_proj", "k_proj"):
+        assert top_of(out, lin) > 0.6 * 0.9, lin                  # min-max: the extreme stays (within half a step)
+        assert top_of(searched, lin) < top_of(out, lin), lin
+    assert top_of(out, "v_proj") < top_of(out, "q_proj")          # others are still searched

@@ -185,3 +185,34 @@ def test_unquantized_hf_folder_exports_with_fp16_weights(model_dirs, tmp_path):
     runner = Runner(dist)
     assert runner.info["quantization"] == "f16"
     assert _rel(runner.logits(ids), want) < 1e-2
+
+
+def test_rotated_checkpoint_exports_with_parity(tmp_path, tokenizer):
+    """A `--rotate` checkpoint (norms folded to one, embedding rotated, output layer untied from the tied embedding of
+    this qwen2 model) exports with the unchanged graph and matches its PyTorch model."""
+    from conftest import make_tiny_model
+    from edgequant import api
+    from edgequant.artifact import load_quantized_model
+    from edgequant.export.api import export
+    from edgequant.export.runtime import Runner
+    hf = tmp_path / "hf"
+    make_tiny_model("qwen2", tie=True).save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    ck = api.quantize(str(hf), str(tmp_path / "q"), method="rtn", bits=4, group_size=32, rotate=True, progress=False)
+    ref, ckpt = load_quantized_model(ck)
+    assert ckpt.config["tie_word_embeddings"] is False
+    old = os.environ.get("EDGEQUANT_ACT_DTYPE")
+    os.environ["EDGEQUANT_ACT_DTYPE"] = "fp16"
+    try:
+        runner = Runner(export(ck, "cpu", tmp_path / "dist", progress=False))
+    finally:
+        os.environ.pop("EDGEQUANT_ACT_DTYPE")
+        if old is not None:
+            os.environ["EDGEQUANT_ACT_DTYPE"] = old
+    ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, 40).tolist()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    assert _rel(runner.logits(ids), want) < 1e-2
+    runner.new_sequence()
+    assert _rel(runner.prefill(ids[:30]), want[29]) < 1e-2
+    assert max(_rel(runner.decode(ids[j]), want[j]) for j in range(30, 34)) < 1e-2

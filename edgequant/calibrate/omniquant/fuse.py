@@ -37,6 +37,7 @@ class OmniBlock(nn.Module):
         self.scheme = scheme
         self.linears, self.norms = family.linear_names, tuple(n.name for n in family.norms)
         self.stats_source = {n: family.stats_source(n) for n in self.linears}
+        self.unsearched = () if getattr(cfg, "clip_qk", True) else family.attention_logit_linears
         # OWQ weak columns {linear: sorted input indices}: kept in full precision (fp16 in the checkpoint), left out
         # of LWC's ranges and integers (zeroed there, so they quantize to the zero point and dequantize to 0)
         self.weak = {n: idx for n, idx in (weak or {}).items() if len(idx)}
@@ -68,6 +69,9 @@ class OmniBlock(nn.Module):
         weights, each input column weighted by E[x^2] of its (transformed) input."""
         t = self._transformed()
         for n in self.linears:
+            if n in self.unsearched:   # q/k start unclipped (see OmniConfig.clip_qk); training may still clip them
+                search_clip_init(self.lwc[_key(n)], self.base[f"{n}.weight"], grid=(1.0,))
+                continue
             m2 = act_sqmean[self.stats_source[n]]
             s = self.let.input_scale(n) if self.let is not None else None
             if s is not None:

@@ -167,6 +167,8 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
             live.append(OmniBlock.detached_copy(ob))
         plain, qws, lin_stats = ob.fuse()
         apply_fused(block, plain, qws)
+        if cfg.gptq:
+            _gptq_rounding(family, block, ob, plain, qws, lin_stats, BlockInputs(q_hidden, kw), device, bs)
         q_next, loss_after = _run(block, {}, q_hidden, kw, device, bs, fp_out, cfg.loss)
         layers[i] = block.to("cpu")
         prefix = family.layer_prefix(i)
@@ -186,6 +188,40 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
             tqdm.write(f"block {i}: loss {loss_before:.4g} -> {loss_after:.4g} ({summ.time_s:.1f} s)")
         _after_block(i)
     return quantized, stats, summaries, (live if keep_live else None)
+
+
+@torch.no_grad()
+def _gptq_rounding(family, block, ob, plain: dict, qws: dict, lin_stats: dict, inputs: BlockInputs, device, bs):
+    """LWC then GPTQ: keep the learned ranges (each group's scale and zero point) and replace round-to-nearest by
+    GPTQ's error-compensating rounding (arXiv 2210.17323) within them, linear group by linear group on the block's
+    quantized input stream, earlier groups already rounded (as `layerwise.py` does). OWQ's fp16 columns stay kept
+    columns that absorb GPTQ's updates. Updates `plain`, `qws`, `lin_stats` and the block in place."""
+    from ..blocks import HessianCollector, run_block
+    from ..gptq import gptq_quantize
+    from ..metrics import output_error
+    t = ob._transformed()
+    for group in family.groups:
+        mods = [get_module(block, n) for n in group.names]
+        coll = HessianCollector(mods[0])
+        try:
+            run_block(block, inputs, device, bs, stop_at=mods[-1])
+        finally:
+            H = coll.remove()
+        for n, lin in zip(group.names, mods):
+            w, old = t[f"{n}.weight"].to(device), qws[n]
+            keep = None if old.outlier_idx is None else old.outlier_idx.to(device)
+            qw, loss = gptq_quantize(w, H, ob.scheme, act_order=True, keep=keep,
+                                     params=(old.scale.to(device), old.zero.to(device)))
+            w_hat = qw.dequantize()
+            d = ob.let.shift(n) if ob.let is not None and f"{n}.bias" in t else None
+            if d is not None:   # the LET shift's bias correction depends on the rounded weight (see OmniBlock.fuse)
+                plain[f"{n}.bias"] = (t[f"{n}.bias"] + (w - w_hat) @ d).to(torch.float16).float().cpu()
+                lin.bias.copy_(plain[f"{n}.bias"].to(lin.bias.device, lin.bias.dtype))
+            lin.weight.copy_(w_hat.to(lin.weight.dtype))
+            qws[n] = QuantizedWeight(qw.q.to(torch.uint8).cpu(), qw.scale.cpu(), qw.zero.cpu(), ob.scheme,
+                                     *(None if x is None else x.cpu() for x in (qw.outlier_idx, qw.outlier_weight)))
+            lin_stats[n].update({"gptq_loss": loss, "output_rel_err": output_error(w, w_hat, H),
+                                 "weight_rel_err": float(((w - w_hat) ** 2).sum() / (w ** 2).sum().clamp_min(1e-30))})
 
 
 def _weak_counts(family, block0, scheme: QuantScheme, cfg: OmniConfig):

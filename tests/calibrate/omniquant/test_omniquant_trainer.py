@@ -187,3 +187,22 @@ def test_damaged_or_foreign_state_starts_over(tmp_path, model_dirs, text_file, m
     assert _split(out / "model.safetensors") == _split(ref / "model.safetensors")
     blocks = json.loads((out / "edgequant.json").read_text())["calibration"]["blocks"]
     assert [b["resumed"] for b in blocks] == [False, False]
+
+
+@pytest.mark.parametrize("arch,extra", [("llama", {}), ("qwen2", {"let": True, "owq_target_bits": 3.5})])
+def test_gptq_rounds_within_the_learned_ranges(arch, extra):
+    """LWC then GPTQ: the same learned scales and zero points, GPTQ's rounding inside them, and a lower block loss
+    than rounding to nearest."""
+    samples = _samples()
+    scheme = QuantScheme(3, 32)
+    cfg = dict(epochs=2, batch_size=2, lwc_lr=5e-2, **extra)
+    rtn_q, _, rtn_blocks, _ = calibrate_omniquant(make_tiny_model(arch), samples, scheme, OmniConfig(**cfg),
+                                                  progress=False)
+    q, stats, blocks, _ = calibrate_omniquant(make_tiny_model(arch), samples, scheme, OmniConfig(**cfg, gptq=True),
+                                              progress=False)
+    name = "model.layers.0.mlp.down_proj"
+    assert torch.equal(q[name].scale, rtn_q[name].scale) and torch.equal(q[name].zero, rtn_q[name].zero)
+    assert not torch.equal(q[name].q, rtn_q[name].q)
+    assert "gptq_loss" in stats[name]
+    assert blocks[0].loss_after < rtn_blocks[0].loss_after
+    assert sum(b.loss_after for b in blocks) < sum(b.loss_after for b in rtn_blocks)

@@ -1,0 +1,164 @@
+"""Rotations folded into the weights (`--rotate`): computational invariance as in QuaRot (Ashkboos et al., "QuaRot:
+Outlier-Free 4-Bit Inference in Rotated LLMs", arXiv 2404.00456) and SpinQuant (Liu et al., "SpinQuant: LLM
+Quantization with Learned Rotations", arXiv 2405.16406), used for weight-only quantization (incoherence processing,
+as QuIP, arXiv 2307.13304): an orthogonal rotation spreads each weight row's outliers over all its inputs, so the
+groups' ranges shrink and rounding costs less, while the model computes exactly the same function.
+
+With the residual stream h replaced by h' = Q^T h (Q orthogonal, D x D):
+  - every norm feeding linears has its weight folded into them (W <- W diag(g), g <- 1); RMSNorm then commutes with Q
+    because Q keeps the root mean square of h,
+  - the embedding rows become E Q, every linear reading the stream W Q, every linear writing it Q^T W (and its bias
+    Q^T b), and the output layer W_out diag(g_final) Q (untied from the embedding when the two were shared),
+  - each head's v rows become H^T W_v (bias H^T b_v) and o's columns of that head W_o H, for one head_dim x head_dim
+    orthogonal H shared by all heads (so grouped-query attention needs nothing special).
+Q and H are randomised Hadamard matrices (a Hadamard matrix times random signs, scaled to be orthogonal); a size that
+no construction here reaches (a power of two times 1, or a Paley order q+1 or 2(q+1), q prime) gets a random
+orthogonal matrix instead (SpinQuant's random initialisation). The rotated model keeps its architecture (norm weights
+of one, an untied output layer), so the checkpoint, export and runtime need nothing new and every method runs on top.
+Which linears read or write the stream comes from the family object.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import EdgequantError
+from .models import family_for
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n ** 0.5) + 1))
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q[i, j] = chi(j - i), chi the quadratic character of GF(q), q prime."""
+    squares = {(x * x) % q for x in range(1, q)}
+    chi = torch.tensor([0] + [1 if a in squares else -1 for a in range(1, q)], dtype=torch.float64)
+    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+    return chi[idx]
+
+
+def _paley(m: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order m by Paley's constructions (q prime): I (q = m - 1 = 3 mod 4) or II (q = m/2 - 1 =
+    1 mod 4); None when neither applies."""
+    q = m - 1
+    if _is_prime(q) and q % 4 == 3:
+        s = torch.zeros(m, m, dtype=torch.float64)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)
+        return torch.eye(m, dtype=torch.float64) + s
+    q = m // 2 - 1
+    if m % 2 == 0 and _is_prime(q) and q % 4 == 1:
+        c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+        c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, _jacobsthal(q)
+        a = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        b = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        return torch.kron(c, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
+    return None
+
+
+def hadamard(n: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order n (entries +-1, H H^T = n I) as a Sylvester power of two times a Paley matrix, or
+    None when n has no such form."""
+    k = 0
+    while n % (1 << k) == 0:
+        m = n >> k
+        base = torch.ones(1, 1, dtype=torch.float64) if m == 1 else _paley(m)
+        if base is not None:
+            h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+            for _ in range(k):
+                base = torch.kron(base, h2)
+            if not torch.equal(base @ base.T, n * torch.eye(n, dtype=torch.float64)):   # a construction bug, not input
+                raise EdgequantError(f"internal error: the Hadamard matrix of order {n} is not orthogonal")
+            return base
+        k += 1
+    return None
+
+
+def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A randomised Hadamard matrix diag(s) H / sqrt(n) (s random signs), float64; a Haar-random orthogonal matrix
+    where no Hadamard matrix of order n is constructed here."""
+    h = hadamard(n)
+    if h is None:
+        q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+        return q * torch.sign(torch.diagonal(r))[None]
+    signs = torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
+    return signs[:, None] * h / n ** 0.5
+
+
+def _module(root, path: str):
+    return root.get_submodule(path)
+
+
+@torch.no_grad()
+def rotate_model(model, seed: int = 0) -> dict:
+    """Fold the norms and rotate `model` (a transformers causal LM of a supported family) in place; it computes the
+    same function afterwards, up to floating-point rounding. Returns a summary for the provenance record."""
+    family = family_for(model.config.model_type)
+    dims = family.dims(model.config)
+    readers = [lin.name for lin in family.linears if lin.inp == "hidden"]
+    writers = [lin.name for lin in family.linears if lin.out == ("hidden",)]
+    norm_feeds = {p.producer: p.consumers for p in family.let_pairs if p.kind == "norm"}
+    hidden_norms = [n.name for n in family.norms if n.dim == "hidden"]
+    vo = [p for p in family.let_pairs if p.kind == "attn_v"]
+    fed = sorted(c for cs in norm_feeds.values() for c in cs)
+    if sorted(hidden_norms) != sorted(norm_feeds) or fed != sorted(readers):
+        raise EdgequantError(f"--rotate does not support the {family.name} family: every norm of its blocks must feed "
+                             "the linears that read the residual stream; quantize without --rotate")
+    gen = torch.Generator().manual_seed(seed)
+    Q = random_orthogonal(dims.hidden, gen)
+    Hh = random_orthogonal(dims.head_dim, gen) if vo else None
+    off = family.norm_weight_offset
+
+    def fold_and_rotate_in(lin: torch.nn.Linear, gamma: torch.Tensor | None):
+        w = lin.weight.double()
+        if gamma is not None:
+            w = w * gamma[None]
+        lin.weight.copy_((w @ Q).to(lin.weight.dtype))
+
+    def rotate_out(lin: torch.nn.Linear):
+        lin.weight.copy_((Q.T @ lin.weight.double()).to(lin.weight.dtype))
+        if lin.bias is not None:
+            lin.bias.copy_((Q.T @ lin.bias.double()).to(lin.bias.dtype))
+
+    def norm_gamma(norm) -> torch.Tensor:
+        g = norm.weight.double() + off
+        norm.weight.fill_(1.0 - off)
+        if getattr(norm, "bias", None) is not None:   # LayerNorm's bias does not commute with a rotation
+            raise EdgequantError(f"--rotate does not support the {family.name} family (its norms have a bias)")
+        return g
+
+    emb = model.get_input_embeddings()
+    out = model.get_output_embeddings()
+    if out is None:
+        raise EdgequantError("--rotate needs a model with an output layer")
+    tied = out.weight.data_ptr() == emb.weight.data_ptr()
+    if tied:   # the output layer takes the final norm's weight and E would no longer serve both: untie
+        out.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    emb.weight.copy_((emb.weight.double() @ Q).to(emb.weight.dtype))
+
+    layers = _module(model, family.layers_path)
+    for block in layers:
+        gammas = {}
+        for norm_name, consumers in norm_feeds.items():
+            g = norm_gamma(_module(block, norm_name))
+            gammas.update({c: g for c in consumers})
+        for name in readers:
+            fold_and_rotate_in(_module(block, name), gammas[name])
+        for name in writers:
+            rotate_out(_module(block, name))
+        for p in vo:   # per head: v rows H^T W_v, o columns W_o H (attention mixes tokens, not head channels)
+            v, o = _module(block, p.producer), _module(block, p.consumers[0])
+            hd = dims.head_dim
+            wv = v.weight.double().reshape(-1, hd, v.in_features)
+            v.weight.copy_(torch.einsum("dk,hdi->hki", Hh, wv).reshape(v.weight.shape).to(v.weight.dtype))
+            if v.bias is not None:
+                v.bias.copy_((v.bias.double().reshape(-1, hd) @ Hh).reshape(-1).to(v.bias.dtype))
+            wo = o.weight.double().reshape(o.out_features, -1, hd)
+            o.weight.copy_((wo @ Hh).reshape(o.weight.shape).to(o.weight.dtype))
+
+    final = model.get_decoder().norm if hasattr(model, "get_decoder") else model.model.norm
+    fold_and_rotate_in(out, norm_gamma(final))
+    return {"seed": seed, "hidden": dims.hidden, "head_dim": dims.head_dim,
+            "hadamard": hadamard(dims.hidden) is not None, "untied_output": tied}
