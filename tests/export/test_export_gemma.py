@@ -27,13 +27,14 @@ CASES = [
 ]   # (Gemma 3 at 4 bits runs in the target test below; each case costs an export, ~30 s on a 2-core CI machine)
 
 
-def _exported(root, tokenizer, arch, bits, group, sym, n_out, target="cpu"):
+def _exported(root, tokenizer, arch, bits, group, sym, n_out, target="cpu", embed_bits=0):
     from edgequant import api
     from edgequant.export.api import export
     hf = root / "hf"
     make_tiny_gemma(arch, seed=bits, window=WINDOW).save_pretrained(hf)
     tokenizer.save_pretrained(hf)
-    ck = api.quantize(str(hf), str(root / "q"), method="rtn", bits=bits, group_size=group, sym=sym, progress=False)
+    ck = api.quantize(str(hf), str(root / "q"), method="rtn", bits=bits, group_size=group, sym=sym, progress=False,
+                      embed_bits=embed_bits)
     if n_out:
         ck = add_outlier_columns(ck, root / "q-owq", hf, n_out)
     old = os.environ.get("EDGEQUANT_ACT_DTYPE")
@@ -95,6 +96,20 @@ def test_logits_and_greedy_tokens_match_pytorch(case, tmp_path, tokenizer, capfd
         for _ in range(12):
             seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
     assert got == seq[len(prompt):]
+
+
+def test_quantized_table_matches_pytorch(tmp_path, tokenizer):
+    """`--embed-bits` on a Gemma model: the scaled lookup of the quantized table and the tied output layer through it
+    agree with the PyTorch model rebuilt from the checkpoint (which must keep Gemma's embedding scale)."""
+    from edgequant.artifact import load_quantized_model
+    from edgequant.export.runtime import Runner
+    ckpt, dist = _exported(tmp_path, tokenizer, "gemma3_text", 4, 32, False, 0, embed_bits=4)
+    assert "model.embed_tokens.qweight" in (dist / "tensor-cache.json").read_text()   # the table is quantized
+    ref, _ = load_quantized_model(ckpt)
+    ids = np.random.default_rng(1).integers(0, ref.config.vocab_size, 24).tolist()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    assert _rel(Runner(dist).logits(ids), want) < 1e-2
 
 
 def test_arch_config_reads_gemma_fields():
