@@ -27,7 +27,7 @@ CASES = [
 ]   # (Gemma 3 at 4 bits runs in the target test below; each case costs an export, ~30 s on a 2-core CI machine)
 
 
-def _exported(root, tokenizer, arch, bits, group, sym, n_out, target="cpu", embed_bits=0):
+def _exported(root, tokenizer, arch, bits, group, sym, n_out, target="cpu", embed_bits=16):
     from edgequant import api
     from edgequant.export.api import export
     hf = root / "hf"
