@@ -19,8 +19,8 @@ import torch
 from . import pack
 from .atomic import check_not_stranded
 from .checkpoint import (FORMAT_VERSION, PROVENANCE_NAME, QUANT_METHOD, WEIGHTS_NAME, _is_count, table_names,
-                         declares_checkpoint, quantization_config, read_config, read_overrides, read_scheme,
-                         tensor_headers, weight_files, write_tensors)
+                         declares_checkpoint, quantization_config, read_config, read_overrides, read_provenance,
+                         read_scheme, tensor_headers, value_problem, weight_files, write_tensors)
 from .errors import CheckpointError, first_line
 from .models import Family, family_for
 from .quantizer import QuantizedWeight
@@ -150,21 +150,9 @@ class Checkpoint:
         return out
 
     def _check_values(self, name: str, arr: np.ndarray):
-        """Values that would silently corrupt results or index out of bounds in a kernel: zero points past the
-        bit width, outlier columns outside [0, K) or not strictly increasing, NaN/Inf in any float tensor."""
         base, _, leaf = name.rpartition(".")
         s = self.scheme_for(base) if leaf in _QUANT_LEAVES else None
-        bad = None
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            bad = "NaN or infinite values"
-        elif leaf == "zeros" and s is not None and arr.size and int(arr.max()) > s.maxq:
-            bad = f"zero points above {s.maxq}, the largest {s.bits}-bit value"
-        elif leaf == "outlier_idx" and arr.size:
-            k = _in_features(self, base)
-            if arr.min() < 0 or arr.max() >= k or np.any(np.diff(arr.astype(np.int64)) <= 0):
-                bad = f"column indices outside [0, {k}) or not strictly increasing"
-        elif leaf == "qweight" and s is not None and s.bits == 3 and arr.size and int((arr >> 30).max()):
-            bad = "3-bit words with their two unused top bits set"
+        bad = value_problem(leaf, arr, s.bits if s is not None else None, lambda: _in_features(self, base))
         if bad:
             raise CheckpointError(f"tensor '{name}' holds {bad}; the checkpoint is damaged: re-run `edgequant "
                                   "quantize` to rewrite it")
@@ -200,14 +188,7 @@ def open_checkpoint(path, config: dict | None = None) -> Checkpoint:
     family = family_for(config.get("model_type", "?"))
     scheme = read_scheme(p / "config.json", qc)
     overrides = read_overrides(p / "config.json", qc, family, config)
-    prov = {}
-    if (p / PROVENANCE_NAME).is_file():
-        try:
-            prov = json.loads((p / PROVENANCE_NAME).read_text())
-        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-            prov = {}
-        if not isinstance(prov, dict):   # provenance is informative only: a damaged one is ignored, not fatal
-            prov = {}
+    prov = read_provenance(p)
     files = weight_files(p)
     headers = {}
     for f in sorted(set(files.values())) or [p / WEIGHTS_NAME]:
@@ -368,6 +349,4 @@ def _reinit_buffers(model):
         if hasattr(mod, "scalar_embed_scale") and hasattr(mod, "embed_scale"):
             mod.embed_scale.fill_(mod.scalar_embed_scale)
         if hasattr(mod, "config") and any(b.endswith("inv_freq") for b, _ in mod.named_buffers(recurse=False)):
-            fresh = type(mod)(config=mod.config).to(next(mod.buffers()).device)
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
+            model.set_submodule(name, type(mod)(config=mod.config).to(next(mod.buffers()).device))

@@ -116,6 +116,27 @@ def number_problem(config: dict) -> str | None:
     return bad
 
 
+def value_problem(leaf: str, arr: np.ndarray, bits: int | None, in_features) -> str | None:
+    """What is wrong with a stored tensor's values (None: nothing) that would silently corrupt results or index out of
+    bounds in a kernel: NaN/Inf in a float tensor, zero points past the `bits` width (in uint32 words, as OpenCL and
+    WebGPU exports store them, four a word: every byte is checked), outlier columns outside [0, K) or not strictly
+    increasing (`in_features()` gives K), 3-bit words with their unused top bits set. Checkpoints and DISTs both
+    check their tensors with it."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        return "NaN or infinite values"
+    if leaf == "zeros" and bits is not None and arr.size:
+        z = arr.astype("<u4").view(np.uint8) if arr.dtype == np.uint32 else arr
+        if int(z.max()) >= 1 << bits:
+            return f"zero points above {(1 << bits) - 1}, the largest {bits}-bit value"
+    elif leaf == "outlier_idx" and arr.size:
+        k = in_features()
+        if arr.min() < 0 or arr.max() >= k or np.any(np.diff(arr.astype(np.int64)) <= 0):
+            return f"column indices outside [0, {k}) or not strictly increasing"
+    elif leaf == "qweight" and bits == 3 and arr.size and int((arr >> 30).max()):
+        return "3-bit words with their two unused top bits set"
+    return None
+
+
 def kind(path) -> str:
     """What `path` is: "missing", "dist" (an export), "checkpoint" (its config.json declares an edgequant checkpoint),
     "model" (another folder with a config.json) or "other" (a .gguf file, ...). The one place that decides."""
@@ -414,17 +435,23 @@ def _memory_plan(ck, context):
     return memory_plan(Shapes.from_hf_config(ck.config), weights, context)
 
 
+def read_provenance(folder: Path) -> dict:
+    """The checkpoint's edgequant.json, or {} where it is missing or damaged: provenance is informative only, so a
+    damaged one is ignored, not fatal."""
+    f = folder / PROVENANCE_NAME
+    try:
+        prov = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    return prov if isinstance(prov, dict) else {}
+
+
 def record_evaluation(path, entry: dict) -> None:
     """Append an evaluation result to the checkpoint's edgequant.json `evaluations` list (`edgequant eval --record`;
     `edgequant report` plots it). The file is replaced atomically; the tensors are not touched."""
     import os
     p = Path(path).expanduser() / PROVENANCE_NAME
-    try:
-        prov = json.loads(p.read_text()) if p.is_file() else {}
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        prov = {}
-    if not isinstance(prov, dict):
-        prov = {}
+    prov = read_provenance(p.parent)
     evals = prov.get("evaluations") if isinstance(prov.get("evaluations"), list) else []
     prov["evaluations"] = evals + [entry]
     tmp = p.with_name(f".{p.name}.tmp")

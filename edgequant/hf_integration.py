@@ -47,6 +47,23 @@ class EdgequantConfig(QuantizationConfigMixin):
         return {k: v for k, v in self.__dict__.items() if k != "scheme"}
 
 
+def _register_packed(mod: nn.Module, n: int, k: int, scheme: QuantScheme):
+    """The buffers of a packed [n, k] weight, shaped as the checkpoint stores them."""
+    mod.register_buffer("qweight", torch.empty(n, scheme.packed_words(k), dtype=torch.uint32))
+    mod.register_buffer("scales", torch.empty(n, scheme.groups(k), dtype=torch.float16))
+    if not scheme.sym:
+        mod.register_buffer("zeros", torch.empty(n, scheme.groups(k), dtype=torch.uint8))
+
+
+def _dequantize_rows(mod: nn.Module, rows, k: int, outlier_idx=None, outlier_weight=None) -> torch.Tensor:
+    """Rows of `mod`'s packed weight in float32, computed exactly as `QuantizedWeight.dequantize` computes them."""
+    s = mod.scheme
+    scale = mod.scales[rows].float()
+    zero = mod.zeros[rows].float() if not s.sym else torch.full_like(scale, float(s.sym_zero))
+    q = pack.unpack_torch(mod.qweight[rows], s.bits, k).float()
+    return QuantizedWeight(q, scale, zero, s, outlier_idx, outlier_weight).dequantize()
+
+
 class EdgequantLinear(nn.Module):
     """A linear computed from the checkpoint's packed tensors, dequantized at every call (nothing unpacked is kept)."""
 
@@ -56,11 +73,8 @@ class EdgequantLinear(nn.Module):
         weight is rebuilt in float32 and cast to the input's dtype, the bias is in the model's dtype."""
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        n, k = out_features, in_features
-        self.register_buffer("qweight", torch.empty(n, scheme.packed_words(k), dtype=torch.uint32))
-        self.register_buffer("scales", torch.empty(n, scheme.groups(k), dtype=torch.float16))
-        if not scheme.sym:
-            self.register_buffer("zeros", torch.empty(n, scheme.groups(k), dtype=torch.uint8))
+        n = out_features
+        _register_packed(self, n, in_features, scheme)
         if n_outliers:
             self.register_buffer("outlier_idx", torch.empty(n_outliers, dtype=torch.int32))
             self.register_buffer("outlier_weight", torch.empty(n, n_outliers, dtype=torch.float16))
@@ -72,12 +86,9 @@ class EdgequantLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float32 weight [N, K], computed exactly as `QuantizedWeight.dequantize` computes it."""
-        s = self.scheme
-        scale = self.scales.float()
-        zero = self.zeros.float() if not s.sym else torch.full_like(scale, float(s.sym_zero))
-        return QuantizedWeight(pack.unpack_torch(self.qweight, s.bits, self.in_features).float(), scale, zero, s,
-                               getattr(self, "outlier_idx", None), getattr(self, "outlier_weight", None)).dequantize()
+        """The float32 weight [N, K]."""
+        return _dequantize_rows(self, slice(None), self.in_features, getattr(self, "outlier_idx", None),
+                                getattr(self, "outlier_weight", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
@@ -90,28 +101,17 @@ class EdgequantEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, scheme: QuantScheme, embed_scale=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.scheme = num_embeddings, embedding_dim, scheme
-        n, k = num_embeddings, embedding_dim
-        self.register_buffer("qweight", torch.empty(n, scheme.packed_words(k), dtype=torch.uint32))
-        self.register_buffer("scales", torch.empty(n, scheme.groups(k), dtype=torch.float16))
-        if not scheme.sym:
-            self.register_buffer("zeros", torch.empty(n, scheme.groups(k), dtype=torch.uint8))
+        _register_packed(self, num_embeddings, embedding_dim, scheme)
         self.embed_scale = embed_scale   # families that scale the looked-up rows keep doing so
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.name}"
 
-    def _rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
-        s = self.scheme
-        scale = self.scales[rows].float()
-        zero = self.zeros[rows].float() if not s.sym else torch.full_like(scale, float(s.sym_zero))
-        q = pack.unpack_torch(self.qweight[rows], s.bits, self.embedding_dim).float()
-        return QuantizedWeight(q, scale, zero, s).dequantize()
-
     def dequantized_weight(self) -> torch.Tensor:
-        return self._rows(slice(None))
+        return _dequantize_rows(self, slice(None), self.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self._rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+        out = _dequantize_rows(self, ids.reshape(-1), self.embedding_dim).reshape(*ids.shape, self.embedding_dim)
         out = out.to(torch.get_default_dtype() if self.embed_scale is None else self.embed_scale.dtype)
         return out if self.embed_scale is None else out * self.embed_scale
 
@@ -150,7 +150,6 @@ class EdgequantHfQuantizer(HfQuantizer):
         names = [f"{n}.outlier_idx" for n in quant if f"{n}.outlier_idx" in ck.files]
         outliers = {k.rsplit(".", 1)[0]: int(v.shape[0]) for k, v in ck.read(names).items()}
         for name, (n, k, has_bias) in quant.items():
-            parent, _, leaf = name.rpartition(".")
             old = model.get_submodule(name)
             if tuple(old.weight.shape) != (n, k):
                 raise CheckpointError(f"{name}: the model built by transformers is {'x'.join(map(str, old.weight.shape))}"
@@ -160,11 +159,9 @@ class EdgequantHfQuantizer(HfQuantizer):
                     new = EdgequantEmbedding(n, k, ck.scheme_for(name), getattr(old, "embed_scale", None))
                 else:
                     new = EdgequantLinear(k, n, ck.scheme_for(name), outliers.get(name, 0), has_bias, old.weight.dtype)
-            setattr(model.get_submodule(parent), leaf, new)
+            model.set_submodule(name, new)
         if ck.config.get("tie_word_embeddings") and ck.family.embed in quant:
-            parent, _, leaf = ck.family.head.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf,
-                    EdgequantTiedHead(model.get_submodule(ck.family.embed)))
+            model.set_submodule(ck.family.head, EdgequantTiedHead(model.get_submodule(ck.family.embed)))
             # the head computes from the table itself: nothing is left for transformers to tie
             model._tied_weights_keys, model.all_tied_weights_keys = {}, {}
         return model

@@ -84,10 +84,6 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return signs[:, None] * h / n ** 0.5
 
 
-def _module(root, path: str):
-    return root.get_submodule(path)
-
-
 @torch.no_grad()
 def rotate_model(model, seed: int = 0) -> dict:
     """Fold the norms and rotate `model` (a transformers causal LM of a supported family) in place; it computes the
@@ -138,18 +134,18 @@ def rotate_model(model, seed: int = 0) -> dict:
             model.config.get_text_config().tie_word_embeddings = False
     emb.weight.copy_((emb.weight.double() @ Q).to(emb.weight.dtype))
 
-    layers = _module(model, family.layers_path)
+    layers = model.get_submodule(family.layers_path)
     for block in layers:
         gammas = {}
         for norm_name, consumers in norm_feeds.items():
-            g = norm_gamma(_module(block, norm_name))
+            g = norm_gamma(block.get_submodule(norm_name))
             gammas.update({c: g for c in consumers})
         for name in readers:
-            fold_and_rotate_in(_module(block, name), gammas[name])
+            fold_and_rotate_in(block.get_submodule(name), gammas[name])
         for name in writers:
-            rotate_out(_module(block, name))
+            rotate_out(block.get_submodule(name))
         for p in vo:   # per head: v rows H^T W_v, o columns W_o H (attention mixes tokens, not head channels)
-            v, o = _module(block, p.producer), _module(block, p.consumers[0])
+            v, o = block.get_submodule(p.producer), block.get_submodule(p.consumers[0])
             hd = dims.head_dim
             wv = v.weight.double().reshape(-1, hd, v.in_features)
             v.weight.copy_(torch.einsum("dk,hdi->hki", Hh, wv).reshape(v.weight.shape).to(v.weight.dtype))

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgequant.checkpoint import EXPORT_JSON, _is_count as _int, _is_shape as _shape, number_problem
+from edgequant.checkpoint import (EXPORT_JSON, _is_count as _int, _is_shape as _shape, number_problem,
+                                  value_problem)
 from edgequant.atomic import check_not_stranded, register_owner
 from edgequant.errors import EdgequantError
 from edgequant.memory import DEFAULT_CONTEXT, Shapes, kv_bytes
@@ -290,21 +291,9 @@ def _check_values(dist: Path, info: dict, where: dict):
         bits = p.get("bits", base)   # the module's own width (per-module schemes), else the DIST's
         if "bits" in p and not (_int(bits) and 1 <= bits <= 8):
             raise _damaged(Path(dist) / EXPORT_JSON, f"parameter '{name}' has bits {bits!r}, not 1..8")
-        if name.endswith(".outlier_idx"):
-            idx, k = _read(where, name), _in_features(info["model"], name)
-            if idx.size and (idx.min() < 0 or idx.max() >= k or np.any(np.diff(idx) <= 0)):
-                raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds column indices outside [0, {k}) or not "
-                                     f"strictly increasing; the weights are damaged; {_FIX}")
-        elif name.endswith(".zeros") and bits is not None:
-            z = _read(where, name)
-            if z.dtype == np.uint32:   # four zero points per word (OpenCL/WebGPU exports): check every byte
-                z = z.astype("<u4").view(np.uint8)
-            if z.size and int(z.max()) >= 1 << bits:
-                raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds zero points above {(1 << bits) - 1} for "
-                                     f"{bits}-bit weights; the weights are damaged; {_FIX}")
-        elif p["dtype"] in ("float16", "float32"):
-            # every fp tensor (scales, embedding, lm_head, norms, biases, outlier columns): read once, cheap
-            if not np.isfinite(_read(where, name)).all():
-                what = "scales" if name.endswith(".scales") else "values"
-                raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds NaN or infinite {what}; the weights are "
-                                     f"damaged; {_FIX}")
+        leaf = name.rpartition(".")[2]
+        # every fp tensor (scales, embedding, lm_head, norms, biases, outlier columns): read once, cheap
+        if leaf in ("outlier_idx", "zeros") or p["dtype"] in ("float16", "float32"):
+            bad = value_problem(leaf, _read(where, name), bits, lambda: _in_features(info["model"], name))
+            if bad:
+                raise EdgequantError(f"{TENSOR_CACHE}: '{name}' holds {bad}; the weights are damaged; {_FIX}")

@@ -51,7 +51,10 @@ class LinearPlan:
 
 
 class WeightSource:
-    """Common interface: config dict, arch, linear plans, parameter arrays by export name."""
+    """Common interface: config dict, arch, linear plans, parameter arrays by export name. Each source gives
+    `plans()` -> {name: LinearPlan}: every block linear of the export model by its export name, plus the vocabulary
+    tables that are quantized (embedding, untied output layer) by their module names; and `arrays(names)`, which
+    yields (name, array) pairs."""
     path: Path
     config: dict
     quantization: str
@@ -59,14 +62,6 @@ class WeightSource:
     @property
     def arch(self) -> ArchConfig:
         return graph_for(self.config)[0].from_hf(self.config)
-
-    def plans(self) -> dict[str, LinearPlan]:
-        """Every block linear of the export model by its export name, plus the vocabulary tables that are
-        quantized (embedding, untied output layer) by their module names."""
-        raise NotImplementedError
-
-    def arrays(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-        raise NotImplementedError
 
 
 def fused_linears(c: dict) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ...], int]]:

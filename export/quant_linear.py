@@ -53,9 +53,8 @@ class Embedding(nn.Embedding):
         return take_clipped(self.weight, x, axis=0)
 
 
-class QuantEmbedding(nn.Module):
-    """A quantized table [vocab, hidden] (parameters `qweight`, `scales`[, `zeros`] as a linear's): the lookup
-    dequantizes the gathered rows only (ids clamped into the table)."""
+class _Packed(nn.Module):
+    """A packed weight's parameters `qweight`, `scales`[, `zeros`], shaped by its spec."""
 
     def __init__(self, spec: QuantSpec):
         self.spec = spec
@@ -66,6 +65,11 @@ class QuantEmbedding(nn.Module):
 
     def params(self) -> list:
         return [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+
+
+class QuantEmbedding(_Packed):
+    """A quantized table [vocab, hidden] (parameters as a linear's): the lookup dequantizes the gathered rows only
+    (ids clamped into the table)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return op.tensor_expr_op(gather_dequantize_te(self.spec), "gather_dequantize", [x, *self.params()])
@@ -94,7 +98,7 @@ def quant_matmul(spec: QuantSpec, x: Tensor, params: list, decode_gemv: str | No
     return y.astype(out_dtype) if y.dtype != out_dtype else y
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(_Packed):
     """y = x @ dequant(qweight, scales, zeros)^T + x[..., outlier_idx] @ outlier_weight^T + bias."""
 
     def __init__(self, spec: QuantSpec, n_outliers: int = 0, bias: bool = False, decode_gemv: str | None = None,
@@ -102,20 +106,16 @@ class QuantLinear(nn.Module):
         """`decode_gemv`: "gpu" (CUDA), "twin" (its serial CPU twin, for tests) or None (dlight everywhere);
         `out_dtype` float32 keeps logits unrounded (a quantized output layer)."""
         from .pipeline import int8_decode_enabled
-        self.spec, self.n_outliers, self.out_dtype = spec, n_outliers, out_dtype
+        super().__init__(spec)
+        self.n_outliers, self.out_dtype = n_outliers, out_dtype
         self.decode_act = "int8" if int8_decode_enabled() and gemv.supports(spec, "int8") else "fp16"
         self.decode_gemv = decode_gemv if decode_gemv and gemv.supports(spec, self.decode_act) else None
-        shapes = spec.param_shapes()
-        self.qweight = nn.Parameter(*shapes["qweight"])
-        self.scales = nn.Parameter(*shapes["scales"])
-        self.zeros = nn.Parameter(*shapes["zeros"]) if "zeros" in shapes else None
         self.outlier_idx = nn.Parameter((n_outliers,), "int32") if n_outliers else None
         self.outlier_weight = nn.Parameter((spec.n, n_outliers), "float16") if n_outliers else None
         self.bias = nn.Parameter((spec.n,), "float16") if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        params = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
-        y = quant_matmul(self.spec, x, params, self.decode_gemv, self.n_outliers,
+        y = quant_matmul(self.spec, x, self.params(), self.decode_gemv, self.n_outliers,
                          [self.outlier_idx, self.outlier_weight], self.out_dtype, self.decode_act)
         return y + self.bias if self.bias is not None else y
 

@@ -129,17 +129,16 @@ class Runner:
         """edgequant-export.json must describe the library it names: its parameters, context and chunk sizes (the
         model sizes were checked against these parameters by read_export_info)."""
         info, f = self.info, self.dist / EXPORT_JSON
+        meta = meta if isinstance(meta, dict) else {}   # a library's JSON that is not an object matches nothing
         params = [{k: p[k] for k in ("name", "shape", "dtype", "bits") if k in p} for p in info["params"]]
-        for what, mine, theirs in (("params", params, meta.get("params") if isinstance(meta, dict) else None),
-                                   ("context_window", info["model"]["context_window"],
-                                    meta.get("context_window_size") if isinstance(meta, dict) else None),
-                                   ("prefill_chunk_size", info["prefill_chunk_size"],
-                                    meta.get("prefill_chunk_size") if isinstance(meta, dict) else None)):
+        for what, mine, theirs in (("params", params, meta.get("params")),
+                                   ("context_window", info["model"]["context_window"], meta.get("context_window_size")),
+                                   ("prefill_chunk_size", info["prefill_chunk_size"], meta.get("prefill_chunk_size"))):
             if mine != theirs:
                 raise EdgequantError(f"{f} is damaged ('{what}' differs from the library {lib.name}'s: the library "
                                      "and the weights come from different exports); export the model again with "
                                      "`edgequant export`")
-        missing = [n for n in info["functions"] if n not in ("_metadata",) and not self._has(n)]
+        missing = [n for n in info["functions"] if n != "_metadata" and not self._has(n)]
         if missing:
             raise EdgequantError(f"{lib.name} has no function {missing[0]} that {f.name} lists; export the model "
                                  "again with `edgequant export`")
@@ -150,7 +149,6 @@ class Runner:
             return True
         except Exception:  # noqa: BLE001 - TVM's error for a missing function
             return False
-
 
     # ----------------------------------------------------------------------------------------- low level
     def _embed(self, ids):

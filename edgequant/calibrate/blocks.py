@@ -16,13 +16,6 @@ class _Stop(Exception):
     pass
 
 
-def get_module(root, path: str):
-    m = root
-    for part in path.split("."):
-        m = getattr(m, part)
-    return m
-
-
 @dataclass
 class BlockInputs:
     """Hidden states entering a block ([n, seqlen, hidden], kept on the host) and the keyword arguments the model
@@ -108,7 +101,7 @@ def capture_first_block_inputs(model, layers, samples: torch.Tensor, device="cpu
         raise _Stop
 
     # everything before the blocks (embeddings, rotary) is small: put it on the device for this pass
-    embed_parts = [get_module(model, n) for n in family_for(model.config.model_type).pre_block]
+    embed_parts = [model.get_submodule(n) for n in family_for(model.config.model_type).pre_block]
     for m in embed_parts:
         m.to(device)
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)

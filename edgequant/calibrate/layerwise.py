@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import family_for
-from .blocks import HessianCollector, capture_first_block_inputs, get_module, run_block
+from .blocks import HessianCollector, capture_first_block_inputs, run_block
 
 # quantize_fn(name, linear, H) -> (QuantizedWeight, stats dict)
 QuantizeFn = Callable[[str, torch.nn.Linear, torch.Tensor], tuple]
@@ -26,7 +26,7 @@ def calibrate_layerwise(model, samples: torch.Tensor, quantize_fn: QuantizeFn, d
     """`skip_tokens`: leave the first tokens of every window out of the Hessians (their attention-sink activations
     can be orders of magnitude larger than the rest and would dominate H)."""
     family = family_for(model.config.model_type)
-    layers = get_module(model, family.layers_path)
+    layers = model.get_submodule(family.layers_path)
     inputs = capture_first_block_inputs(model, layers, samples, device)
     quantized, stats = {}, {}
     bar = tqdm(range(len(layers)), desc=desc, disable=not progress, unit="block")
@@ -35,7 +35,7 @@ def calibrate_layerwise(model, samples: torch.Tensor, quantize_fn: QuantizeFn, d
         block = layers[i].to(device)
         inputs.use_layer(i)
         for group in family.groups:
-            mods = [get_module(block, n) for n in group.names]
+            mods = [block.get_submodule(n) for n in group.names]
             coll = HessianCollector(mods[0], skip_tokens)
             try:
                 run_block(block, inputs, device, batch_size, stop_at=mods[-1])

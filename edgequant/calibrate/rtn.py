@@ -7,7 +7,6 @@ from tqdm.auto import tqdm
 from ..models import family_for
 from ..quantizer import quantize_weight
 from ..schemes import QuantScheme
-from .blocks import get_module
 from .metrics import weight_error
 
 
@@ -15,12 +14,12 @@ from .metrics import weight_error
 def quantize_rtn(model, scheme: QuantScheme, progress: bool = True):
     """Returns ({linear name: QuantizedWeight}, {linear name: error stats})."""
     family = family_for(model.config.model_type)
-    layers = get_module(model, family.layers_path)
+    layers = model.get_submodule(family.layers_path)
     out, stats = {}, {}
     for i in tqdm(range(len(layers)), desc="rtn", disable=not progress, unit="block"):
         for lin in family.linear_names:
             name = f"{family.layer_prefix(i)}.{lin}"
-            w = get_module(model, name).weight
+            w = model.get_submodule(name).weight
             qw = quantize_weight(w, scheme)
             out[name] = qw
             stats[name] = {"weight_rel_err": weight_error(w, qw.dequantize())}

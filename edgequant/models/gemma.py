@@ -15,25 +15,20 @@ LET pairs, and why each is exact (or left out):
 """
 from dataclasses import replace
 
-from .family import LetPair, Norm
+from .family import Norm
 from .llama import LLAMA_FAMILY
-
-_Q, _K, _V, _O = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
-_GATE, _UP, _DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
 
 _NORMS = (Norm("input_layernorm"), Norm("post_attention_layernorm"), Norm("pre_feedforward_layernorm"),
           Norm("post_feedforward_layernorm"))
-_QKV = LetPair("qkv", "norm", "input_layernorm", (_Q, _K, _V))
-_FC1 = LetPair("fc1", "norm", "pre_feedforward_layernorm", (_GATE, _UP))
-_VO = LetPair("vo", "attn_v", _V, (_O,))
-_DOWN_PAIR = LetPair("down", "rows", _UP, (_DOWN,))
+# LLaMA's pairs, in its order, but gate/up read the pre-feedforward norm
+_PAIRS = tuple(replace(p, producer="pre_feedforward_layernorm") if p.name == "fc1" else p
+               for p in LLAMA_FAMILY.let_pairs)
 
 # the linears, their groups and export's fusions are LLaMA's: only norms and LET pairs differ
 GEMMA2_FAMILY = replace(
-    LLAMA_FAMILY, name="gemma2", model_types=("gemma2",), norms=_NORMS, norm_weight_offset=1.0,
-    let_pairs=(_QKV, _FC1, _VO, LetPair("qk", "rope_qk", _K, (_Q,)), _DOWN_PAIR))
+    LLAMA_FAMILY, name="gemma2", model_types=("gemma2",), norms=_NORMS, norm_weight_offset=1.0, let_pairs=_PAIRS)
 
 GEMMA3_FAMILY = replace(
     LLAMA_FAMILY, name="gemma3", model_types=("gemma3_text",), norm_weight_offset=1.0,
     norms=_NORMS + (Norm("self_attn.q_norm", "head_dim"), Norm("self_attn.k_norm", "head_dim")),
-    let_pairs=(_QKV, _FC1, _VO, _DOWN_PAIR))
+    let_pairs=tuple(p for p in _PAIRS if p.kind != "rope_qk"))

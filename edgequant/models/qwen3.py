@@ -7,17 +7,13 @@ LLaMA. The q/k pair (`rope_qk`, k rows / s, q rows * s) is left out: RMSNorm(k /
 on the projection's rows does not pass through the per-head norms (OmniQuant, Shao et al. 2024, section 3.3, assumes
 q and k reach the attention product directly).
 """
-from .family import Family, Norm
+from dataclasses import replace
+
+from .family import Norm
 from .llama import LLAMA_FAMILY
 
-QWEN3_FAMILY = Family(
-    name="qwen3",
-    model_types=("qwen3",),
-    layers_path=LLAMA_FAMILY.layers_path,
-    pre_block=LLAMA_FAMILY.pre_block,
-    linears=LLAMA_FAMILY.linears,
-    groups=LLAMA_FAMILY.groups,
+# the linears, their groups and export's fusions are LLaMA's
+QWEN3_FAMILY = replace(
+    LLAMA_FAMILY, name="qwen3", model_types=("qwen3",),
     norms=LLAMA_FAMILY.norms + (Norm("self_attn.q_norm", "head_dim"), Norm("self_attn.k_norm", "head_dim")),
-    let_pairs=tuple(p for p in LLAMA_FAMILY.let_pairs if p.kind != "rope_qk"),
-    export_fusions=LLAMA_FAMILY.export_fusions,
-)
+    let_pairs=tuple(p for p in LLAMA_FAMILY.let_pairs if p.kind != "rope_qk"))

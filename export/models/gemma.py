@@ -36,17 +36,16 @@ import sys
 import numpy as np
 from dataclasses import dataclass
 
-from tvm import relax as rx
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
-from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from edgequant.errors import EdgequantError
 from edgequant.models import family_for
 
 from . import llama as _llama
-from .llama import ArchConfig, LlamaForCausalLM, _make_linear
+from .llama import ArchConfig, LlamaForCausalLM
 
 FAMILIES = ("gemma2", "gemma3")   # the edgequant.models families this graph implements
 _ACTS = ("gelu_pytorch_tanh", "gelu_tanh")
@@ -157,44 +156,27 @@ def _rotate(qkv: Tensor, pos: Tensor, heads: int, theta: float, scale: float) ->
     return op.tensor_expr_op(compute, "gemma_rope", [qkv, pos])
 
 
-class GemmaAttention(nn.Module):
-    def __init__(self, c: GemmaArchConfig, plans, prefix, gpu_gemv, i: int):
-        self.c, self.i = c, i
-        self.qkv_proj = _make_linear(plans[f"{prefix}.self_attn.qkv_proj"], gpu_gemv)
-        self.o_proj = _make_linear(plans[f"{prefix}.self_attn.o_proj"], gpu_gemv)
-        if c.qk_norm:
-            self.q_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps)
-            self.k_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps)
+class GemmaAttention(_llama.Attention):
+    def _head_norm(self) -> nn.Module:
+        return GemmaRMSNorm(self.c.head_dim, self.c.rms_norm_eps)
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int):
-        c = self.c
-        b, s, _ = x.shape
-        h, g = c.num_heads, c.num_kv_heads
-        qkv = op.reshape(self.qkv_proj(x), (b, s, h + 2 * g, c.head_dim))
-        if c.qk_norm:
-            q, k, v = op.split(qkv, [h, h + g], axis=2)
-            qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
-        if c.graph_rope:
-            theta, scale = c.layer_rope(layer_id)
-            qkv = _rotate(qkv, kv.get_query_positions(b * s), h + g, theta, scale)
-        o = kv.attention_with_fused_qkv(layer_id, qkv, h, sm_scale=c.query_pre_attn_scalar ** -0.5)
-        return self.o_proj(op.reshape(o, (b, s, h * c.head_dim)))
+    def _rope(self, qkv: Tensor, pos: Tensor, layer_id: int) -> Tensor:
+        theta, scale = self.c.layer_rope(layer_id)
+        return _rotate(qkv, pos, self.c.num_heads + self.c.num_kv_heads, theta, scale)
+
+    def _sm_scale(self) -> float:
+        return self.c.query_pre_attn_scalar ** -0.5
 
 
-class GemmaMLP(nn.Module):
-    def __init__(self, c, plans, prefix, gpu_gemv):
-        self.gate_up_proj = _make_linear(plans[f"{prefix}.mlp.gate_up_proj"], gpu_gemv)
-        self.down_proj = _make_linear(plans[f"{prefix}.mlp.down_proj"], gpu_gemv)
-
-    def forward(self, x: Tensor):
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(op.gelu(gate, approximate="tanh") * up)
+class GemmaMLP(_llama.MLP):
+    def _act(self, gate: Tensor) -> Tensor:
+        return op.gelu(gate, approximate="tanh")
 
 
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, c: GemmaArchConfig, plans, i, gpu_gemv):
         prefix = family_for(c.model_type).layer_prefix(i)
-        self.self_attn = GemmaAttention(c, plans, prefix, gpu_gemv, i)
+        self.self_attn = GemmaAttention(c, plans, prefix, gpu_gemv)
         self.mlp = GemmaMLP(c, plans, prefix, gpu_gemv)
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm"):
@@ -216,13 +198,10 @@ class GemmaForCausalLM(LlamaForCausalLM):
     """LLaMA's functions (prefill, decode, prefill_logits, the spec) over Gemma's blocks; parameter names mirror
     the HF checkpoint."""
 
+    MODEL = GemmaModel
+
     def __init__(self, c: GemmaArchConfig, plans: dict, target):
-        self.c = c
-        mode = "gpu" if target.kind.name == "cuda" else ("twin" if _llama.DECODE_GEMV_TWIN_ON_CPU else None)
-        self.model = GemmaModel(c, plans, gpu_gemv=mode)
-        self.gpu_gemv = mode
-        self.lm_head = _llama.head_for(c, plans, mode)
-        self.target = target
+        super().__init__(c, plans, target)
         if c.attn_logit_softcapping_dropped:
             print(f"warning: {c.model_type}: attention logit soft-capping ({c.attn_logit_softcapping_dropped}) is "
                   "not applied: TVM's paged KV cache kernels lack it (export/models/gemma.py)", file=sys.stderr)
@@ -235,17 +214,3 @@ class GemmaForCausalLM(LlamaForCausalLM):
         logits = super()._logits(h)
         cap = self.c.final_logit_softcapping
         return op.tanh(logits / cap) * cap if cap else logits
-
-    def create_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
-                              prefill_chunk_size: tirx.Var, page_size: tirx.Var,
-                              support_sliding_window: tirx.Var) -> PagedKVCache:
-        c = self.c
-        return TIRPagedKVCache(   # full attention everywhere: the context is capped at the window (docstring)
-            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
-            layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
-            v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NONE if c.graph_rope else RopeMode.NORMAL, rope_scale=c.rope_scale,
-            rope_theta=c.rope_theta, rope_scaling={}, rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim,
-            enable_disaggregation=False, dtype="float16", target=self.target)

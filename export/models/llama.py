@@ -104,6 +104,11 @@ class ArchConfig:
                    qk_norm=any(n.name == "self_attn.q_norm" for n in family.norms), rope_short_factors=ext,
                    attention_factor=attn_factor)
 
+    @property
+    def graph_rope(self) -> bool:
+        """Whether the graph applies RoPE instead of the cache (longrope: `_rope_longrope`)."""
+        return bool(self.rope_short_factors)
+
 
 def _longrope(c: dict, rp: dict, ctx: int) -> tuple[tuple, float, int]:
     """(short factors, attention factor, capped context) of a longrope/su config, as transformers'
@@ -132,24 +137,34 @@ def _make_linear(plan, gpu_gemv: str | None):
 
 
 class Attention(nn.Module):
+    """A family's graph that subclasses this one overrides the hooks: its head norm, graph RoPE and softmax scale."""
+
     def __init__(self, c: ArchConfig, plans, prefix, gpu_gemv: str | None):
         self.c = c
         self.qkv_proj = _make_linear(plans[f"{prefix}.self_attn.qkv_proj"], gpu_gemv)
         self.o_proj = _make_linear(plans[f"{prefix}.self_attn.o_proj"], gpu_gemv)
         if c.qk_norm:
-            self.q_norm = nn.RMSNorm(c.head_dim, -1, c.rms_norm_eps, bias=False, dtype="float16")
-            self.k_norm = nn.RMSNorm(c.head_dim, -1, c.rms_norm_eps, bias=False, dtype="float16")
+            self.q_norm, self.k_norm = self._head_norm(), self._head_norm()
+
+    def _head_norm(self) -> nn.Module:
+        return nn.RMSNorm(self.c.head_dim, -1, self.c.rms_norm_eps, bias=False, dtype="float16")
+
+    def _rope(self, qkv: Tensor, pos: Tensor, layer_id: int) -> Tensor:
+        return _rope_longrope(self.c, qkv, pos)
+
+    def _sm_scale(self) -> float:
+        return self.c.head_dim ** -0.5
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int):
         c = self.c
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b, s, c.num_heads + 2 * c.num_kv_heads, c.head_dim))
-        if c.qk_norm:   # qwen3: RMSNorm over each head's channels of q and k, before the cache applies RoPE
+        if c.qk_norm:   # qwen3, Gemma 3: RMSNorm over each head's channels of q and k, before RoPE
             q, k, v = op.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=2)
             qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
-        if c.rope_short_factors:
-            qkv = _rope_longrope(c, qkv, kv.get_query_positions(b * s))
-        o = kv.attention_with_fused_qkv(layer_id, qkv, c.num_heads, sm_scale=c.head_dim ** -0.5)
+        if c.graph_rope:
+            qkv = self._rope(qkv, kv.get_query_positions(b * s), layer_id)
+        o = kv.attention_with_fused_qkv(layer_id, qkv, c.num_heads, sm_scale=self._sm_scale())
         return self.o_proj(op.reshape(o, (b, s, c.num_heads * c.head_dim)))
 
 
@@ -160,7 +175,10 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor):
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+        return self.down_proj(self._act(gate) * up)
+
+    def _act(self, gate: Tensor) -> Tensor:
+        return op.silu(gate)
 
 
 class DecoderLayer(nn.Module):
@@ -200,12 +218,13 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Parameter names mirror the HF checkpoint (`model.layers.3.self_attn.qkv_proj.qweight`, ...)."""
+    MODEL = LlamaModel   # the embedding, blocks and final norm; a family's graph that subclasses this one sets its own
 
     def __init__(self, c: ArchConfig, plans: dict, target):
         self.c = c
         # CUDA decode: quantized linears use the hand-scheduled GEMV (tvm_schedules/gemv.py), the rest dlight
         mode = "gpu" if target.kind.name == "cuda" else ("twin" if DECODE_GEMV_TWIN_ON_CPU else None)
-        self.model = LlamaModel(c, plans, gpu_gemv=mode)
+        self.model = self.MODEL(c, plans, gpu_gemv=mode)
         self.gpu_gemv = mode
         self.lm_head = head_for(c, plans, mode)
         self.target = target  # read by TIRPagedKVCache: llvm selects its CPU kernels, anything else the GPU ones
@@ -247,8 +266,8 @@ class LlamaForCausalLM(nn.Module):
             layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
             num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
             v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-            # longrope: the graph has rotated q and k already (`_rope_longrope`)
-            rope_mode=RopeMode.NONE if c.rope_short_factors else RopeMode.NORMAL, rope_scale=c.rope_scale,
+            # the graph has rotated q and k already where it applies RoPE itself
+            rope_mode=RopeMode.NONE if c.graph_rope else RopeMode.NORMAL, rope_scale=c.rope_scale,
             rope_theta=c.rope_theta,
             rope_scaling=dict(c.rope_scaling), rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim,
             enable_disaggregation=False, dtype="float16", target=self.target)

@@ -18,7 +18,6 @@ from torch import nn
 from ...models import family_for
 from ...quantizer import QuantizedWeight, fp16_ste, quantize_weight
 from ...schemes import QuantScheme
-from ..blocks import get_module
 from .let import LET
 from .lwc import LWC, search_clip_init
 
@@ -43,10 +42,10 @@ class OmniBlock(nn.Module):
         self.weak = {n: idx for n, idx in (weak or {}).items() if len(idx)}
         self.base = {}
         for n in self.norms:
-            self.base[f"{n}.weight"] = get_module(block, n).weight.detach().clone().float()
+            self.base[f"{n}.weight"] = block.get_submodule(n).weight.detach().clone().float()
         has_bias = {}
         for n in self.linears:
-            lin = get_module(block, n)
+            lin = block.get_submodule(n)
             self.base[f"{n}.weight"] = lin.weight.detach().clone().float()
             has_bias[n] = lin.bias is not None
             if has_bias[n]:
@@ -165,7 +164,7 @@ class OmniBlock(nn.Module):
 def apply_fused(block, plain: dict, qws: dict):
     """Write fused tensors into a block in place: linear weights dequantized from their integers, norms and biases."""
     for n, qw in qws.items():
-        lin = get_module(block, n)
+        lin = block.get_submodule(n)
         lin.weight.copy_(qw.dequantize().to(lin.weight.device, lin.weight.dtype))
     for name, t in plain.items():
         p = block.get_parameter(name)

@@ -22,10 +22,8 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import EdgequantError
@@ -33,7 +31,7 @@ from ...models import family_for
 from ...quantizer import QuantizedWeight
 from ...schemes import QuantScheme
 from ..configs import OmniConfig
-from ..blocks import BlockInputs, _move, capture_first_block_inputs, get_module
+from ..blocks import BlockInputs, _move, capture_first_block_inputs
 from .fuse import OmniBlock, apply_fused
 from .state import ResumeState, fingerprint
 
@@ -71,7 +69,7 @@ class _Stats:
     def __init__(self, block, names):
         self.absmax, self.sum, self.sq, self.n, self.handles = {}, {}, {}, {}, []
         for n in names:
-            self.handles.append(get_module(block, n).register_forward_hook(self._hook(n)))
+            self.handles.append(block.get_submodule(n).register_forward_hook(self._hook(n)))
 
     def _hook(self, name):
         def h(_m, args, _o):
@@ -116,7 +114,7 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
     """Train and fuse every decoder block of `model` in place. Returns (quantized {linear name: QuantizedWeight},
     per-linear stats, per-block summaries, live OmniBlocks (before fusion, on the host) if `keep_live` else None)."""
     family = family_for(model.config.model_type)
-    layers = get_module(model, family.layers_path)
+    layers = model.get_submodule(family.layers_path)
     state = ResumeState(state_dir, fingerprint(model, samples, scheme, cfg),
                         notify=lambda m: tqdm.write(m, file=sys.stderr))
     inputs: BlockInputs = capture_first_block_inputs(model, layers, samples, device)
@@ -201,7 +199,7 @@ def _gptq_rounding(family, block, ob, plain: dict, qws: dict, lin_stats: dict, i
     from ..metrics import output_error
     t = ob._transformed()
     for group in family.groups:
-        mods = [get_module(block, n) for n in group.names]
+        mods = [block.get_submodule(n) for n in group.names]
         coll = HessianCollector(mods[0])
         try:
             run_block(block, inputs, device, bs, stop_at=mods[-1])
@@ -229,14 +227,14 @@ def _weak_counts(family, block0, scheme: QuantScheme, cfg: OmniConfig):
     if cfg.owq_target_bits is None:
         return None
     from ..owq import weak_column_counts
-    in_features = {n: get_module(block0, n).in_features for n in family.linear_names}
+    in_features = {n: block0.get_submodule(n).in_features for n in family.linear_names}
     return weak_column_counts(family, in_features, scheme.bits, cfg.owq_target_bits, option="--owq-target-bits")
 
 
 def _weak_columns(family, block, scheme: QuantScheme, counts: dict, act_sqmean: dict) -> dict:
     """OWQ's selection on the block's original weights, H_jj = 2 E[x_j^2] from the full-precision stream."""
     from ..owq import select_weak_columns
-    return {n: select_weak_columns(get_module(block, n).weight.detach().float(),
+    return {n: select_weak_columns(block.get_submodule(n).weight.detach().float(),
                                    2 * act_sqmean[family.stats_source(n)], scheme, counts[n])
             for n in family.linear_names}
 
