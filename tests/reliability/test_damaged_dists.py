@@ -140,6 +140,21 @@ CASES = {
                            ["prefill_chunk_size", "positive integer"]),
     "head_dim_missing": (_export(lambda i: i["model"].pop("head_dim")), ["head_dim", "missing"]),
     "library_missing": (lambda d: (d / "lib.so").unlink(), ["lib.so"]),
+    # the third re-run of issue 15: heads and widths were not checked against the library (S9; the KV cache and the
+    # reported memory followed the false number), the runners disagreed on model_type and format_version (S10), and
+    # a tensor listed twice was accepted, the last copy used (S11)
+    "num_kv_heads_1": (_model("num_kv_heads", 1), ["num_kv_heads", "qkv_proj"]),
+    "num_kv_heads_3": (_model("num_kv_heads", 3), ["num_kv_heads", "qkv_proj"]),
+    "head_dim_32": (_model("head_dim", 32), ["head_dim", "qkv_proj"]),
+    "head_dim_8": (_model("head_dim", 8), ["head_dim", "qkv_proj"]),
+    "num_heads_8": (_model("num_heads", 8), ["num_heads", "qkv_proj"]),
+    "intermediate_size_half": (_model("intermediate_size", 80), ["intermediate_size", "gate_up_proj"]),
+    "model_type_gpt2": (_model("model_type", "gpt2"), ["model_type", "llama"]),
+    "format_version_true": (_export(lambda i: i.__setitem__("format_version", True)), ["format_version"]),
+    "format_version_float": (_export(lambda i: i.__setitem__("format_version", 1.0)), ["format_version"]),
+    "tensor_listed_twice": (_cache(lambda c: c["records"].append(c["records"][0])), [CACHE, "listed twice"]),
+    "tensor_redefined_by_a_second_shard": (_cache(lambda c: c["records"].append(
+        {**c["records"][0], "records": c["records"][0]["records"][:1]})), [CACHE, "listed twice"]),
 }
 
 
