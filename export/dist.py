@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgequant.checkpoint import EXPORT_JSON, _is_count as _int, _is_shape as _shape, number_problem
+from edgequant.checkpoint import EXPORT_JSON, MAX_DIM, _is_count as _int, _is_shape as _shape, number_problem
 from edgequant.atomic import check_not_stranded, register_owner
 from edgequant.errors import EdgequantError
 from edgequant.memory import DEFAULT_CONTEXT, Shapes, kv_bytes
@@ -24,7 +24,6 @@ from edgequant.paths import inside_folder
 
 TENSOR_CACHE = "tensor-cache.json"
 FORMAT_VERSION = 1   # the edgequant-export.json layout this reader understands (export/build.py writes it)
-MAX_DIM = 1 << 24    # bound on every model size, as apps/runtime: products below (KV bytes, shapes) stay small
 MAX_JSON_BYTES = 64 << 20
 MAX_JSON_DEPTH = 32  # the files are a few levels deep; a parser must not recurse 100,000 levels
 RUNNER_FUNCTIONS = ("embed", "prefill", "decode", "create_paged_kv_cache")

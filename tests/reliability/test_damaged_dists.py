@@ -253,3 +253,20 @@ def test_full_disk_while_linking_is_one_line_and_leaves_nothing(tmp_path):
         with atomic_output_dir(tmp_path / "dist", marker=EXPORT) as tmp:
             _export_library(FullDisk(), tmp / "lib.so")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_export_checks_its_own_dist_before_it_replaces_anything(good_dist, tmp_path):
+    """The third re-run (S8): export wrote a whole DIST to -o and only then called it damaged; the check now runs on
+    the hidden folder inside atomic_output_dir, so a refusal leaves -o as it was."""
+    from edgequant.atomic import atomic_output_dir
+    from edgequant.errors import EdgequantError
+    from edgequant.export.build import _check_own_output
+    out = tmp_path / "dist"
+    with pytest.raises(EdgequantError, match="nothing was written to") as e:
+        with atomic_output_dir(out, marker=EXPORT) as tmp:
+            shutil.copytree(good_dist, tmp, dirs_exist_ok=True)
+            edit_json(tmp / EXPORT, lambda i: i["model"].__setitem__("context_window", 2 ** 40))
+            _check_own_output(tmp, out, good_dist)
+    assert "context_window" in str(e.value) and str(tmp) not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    _check_own_output(good_dist, out, good_dist)   # a good DIST passes
