@@ -16,7 +16,12 @@ def main():
         return cli()
     except KeyboardInterrupt:   # before the commands run (importing) or after they finished (exiting)
         try:
-            sys.stderr.write("error: interrupted; no output was written\n")
+            note = "interrupted; no output was written"
+            try:   # an output may be in place already (a half-imported cli is not asked)
+                note = sys.modules["edgequant.cli"].interrupted_note(note)
+            except (KeyError, AttributeError):
+                pass
+            sys.stderr.write(f"error: {note}\n")
             sys.stderr.flush()
         except (KeyboardInterrupt, OSError):
             pass

@@ -87,3 +87,40 @@ def test_interrupted_quantize_names_its_method_and_kept_blocks(tmp_path):
     (state / "block_0000.safetensors").write_bytes(b"x")
     note = interrupted_note("omniquant", out)
     assert note.startswith("interrupted omniquant quantization") and str(state) in note and "continues" in note
+
+
+# Ctrl-C lands at the swap that replaces an existing output: just after it (the new checkpoint is in place) or just
+# before it (the old one is intact); the third re-run saw "no checkpoint was written" over a new checkpoint (L4)
+AT_SWAP = """
+import os, signal
+import edgequant.atomic as atomic
+real = atomic._exchange
+def _exchange(a, b):
+    if {after}:
+        done = real(a, b)
+        os.kill(os.getpid(), signal.SIGINT)
+        return done
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(a, b)
+atomic._exchange = _exchange
+""" + CONSOLE
+
+
+@pytest.mark.parametrize("after", [True, False])
+def test_sigint_at_the_swap_tells_what_the_output_holds(tmp_path, model_dirs, after):
+    import json
+    out = tmp_path / "q"
+    first = _quantize(model_dirs, out, CONSOLE)
+    assert first.communicate(timeout=300) and first.returncode == 0
+    p = subprocess.Popen([sys.executable, "-c", AT_SWAP.format(after=after), "quantize", str(model_dirs["llama"]),
+                          "-o", str(out), "--method", "rtn", "--bits", "3", "-q"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = p.communicate(timeout=300)
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    bits = json.loads((out / "config.json").read_text())["quantization_config"]["bits"]
+    assert p.returncode == 130 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    if after:
+        assert bits == 3 and lines[0].startswith(f"error: interrupted after {out} was written"), lines
+    else:
+        assert bits == 4 and "no checkpoint was written" in lines[0], lines
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["q"]   # no .q.tmp-*, no lock left
