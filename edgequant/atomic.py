@@ -27,6 +27,12 @@ from .errors import EdgequantError
 
 _held: dict[Path, tuple[int, int]] = {}   # path -> (lock fd, depth): a process may re-enter its own lock
 _owners: dict[str, Callable[[str], bool]] = {}   # marker -> which file names an output with that marker holds
+_written: list[Path] = []   # outputs this process has put in place (an interrupt message must not deny them)
+
+
+def written_outputs() -> list[Path]:
+    """The output folders this process has already put in place, newest last: after Ctrl-C, what the user has."""
+    return list(_written)
 
 
 def register_owner(marker: str, owns: Callable[[str], bool]):
@@ -151,8 +157,10 @@ def atomic_output_dir(final, marker: str | None = None):
     with output_lock(final, marker) as final:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         os.chmod(tmp, _umask_mode())   # mkdtemp makes 0700; the output should look like any folder the user makes
+        new_ino = None
         try:
             yield tmp
+            new_ino = tmp.stat().st_ino   # after the swap, `final` is this inode: the new output is in place
             if final.exists():
                 if _exchange(tmp, final):   # the old output is now under the temporary name
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -163,10 +171,21 @@ def atomic_output_dir(final, marker: str | None = None):
                     shutil.rmtree(aside, ignore_errors=True)
             else:
                 os.replace(tmp, final)
+            _written.append(final)
         except OSError as e:
+            _note_if_in_place(final, new_ino)
             shutil.rmtree(tmp, ignore_errors=True)
             raise EdgequantError(f"cannot write {final} ({e.strerror or e}); free some space or choose another "
                                  "output folder (nothing was changed)") from None
         except BaseException:
+            _note_if_in_place(final, new_ino)   # Ctrl-C just after the rename: `tmp` now holds the old output
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _note_if_in_place(final: Path, new_ino) -> None:
+    try:
+        if new_ino is not None and final.stat().st_ino == new_ino and final not in _written:
+            _written.append(final)
+    except OSError:
+        pass

@@ -67,6 +67,9 @@ _POSITIVE = (lambda v: v > 0, "a positive number")
 _EPS = (_between(0, 1), "a number between 0 and 1, e.g. 1e-05")
 _FRACTION = (_between(0, 1, True), "a number in (0, 1]")
 _PROBABILITY = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+MAX_DIM = 1 << 24   # bound on every model size (both runners: products such as KV bytes and shapes stay small)
+# the context a DIST is built for: export copies it into the DIST, whose runners refuse more than MAX_DIM
+_POSITIONS = (lambda v: isinstance(v, int) and 0 < v <= MAX_DIM, f"a positive integer up to {MAX_DIM}")
 # The numbers of a config.json (and of a DIST's `model` block, which copies them) that a model computes with, and the
 # range each must lie in: an epsilon of 0 or -1, a RoPE base of 0 or a NaN anywhere gives NaN logits, not an error.
 NUMBER_RULES = {
@@ -75,6 +78,7 @@ NUMBER_RULES = {
     "partial_rotary_factor": _FRACTION, "query_pre_attn_scalar": _POSITIVE,
     "attn_logit_softcapping": _POSITIVE, "final_logit_softcapping": _POSITIVE,
     "attention_dropout": _PROBABILITY, "hidden_dropout": _PROBABILITY,
+    "max_position_embeddings": _POSITIONS,
     # rope_scaling / rope_parameters members
     "factor": _POSITIVE, "low_freq_factor": _POSITIVE, "high_freq_factor": _POSITIVE,
     "original_max_position_embeddings": _POSITIVE, "beta_fast": _POSITIVE, "beta_slow": _POSITIVE,

@@ -34,7 +34,7 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo("error: interrupted; no output was written", err=True)
+            click.echo(f"error: {interrupted_note('interrupted; no output was written')}", err=True)
             sys.exit(130)
         except MemoryError:
             click.echo("error: out of memory; use a smaller --nsamples/--seqlen/--batch-size or a machine with more "
@@ -50,6 +50,16 @@ class _Group(click.Group):
                            "--batch-size", err=True)
                 sys.exit(1)
             raise
+
+
+def interrupted_note(otherwise: str) -> str:
+    """The line for Ctrl-C: `otherwise` (nothing was written), unless an output was already put in place (the
+    interrupt came just as it replaced the old one): then the user has the new, complete output, not the old one."""
+    from .atomic import written_outputs
+    done = written_outputs()
+    if done:
+        return f"interrupted after {done[-1]} was written; it holds the new, complete output (the old one is gone)"
+    return otherwise
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,7 +163,7 @@ def quantize(model, output, method, bits, group_size, sym, embed_bits, embed_gro
                            progress=not quiet, embed_bits=int(embed_bits),
                            embed_group_size=embed_group_size, **options)
     except KeyboardInterrupt:
-        click.echo(f"error: {api.interrupted_note(method, output)}", err=True)
+        click.echo(f"error: {interrupted_note(api.interrupted_note(method, output))}", err=True)
         sys.exit(130)
     info = api.inspect(out)
     click.echo(f"wrote {out}  ({info['scheme']}, {info['bits_target']:g} bits/weight target, "

@@ -7,7 +7,7 @@ from typing import Callable
 from .budget import GPTQConfig
 from .calibrate.configs import OmniConfig, OWQConfig
 from .errors import EdgequantError
-from .options import Options, opt
+from .options import Options, check_window_tokens, opt
 from .schemes import QuantScheme
 
 
@@ -42,6 +42,7 @@ class CalibOptions(Options):
         super().__post_init__()
         if self.skip_tokens >= self.seqlen:
             raise EdgequantError("--skip-tokens must be >= 0 and smaller than --seqlen")
+        check_window_tokens(self.nsamples, self.seqlen)
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), **(self.config.to_dict() if self.config is not None else {})}

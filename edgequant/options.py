@@ -12,6 +12,20 @@ import re
 from .errors import EdgequantError
 
 
+# Calibration and training hold their windows (and each block's activations for them) in memory at once, and windows
+# are drawn with replacement, so the text does not bound --nsamples: 2**24 tokens is 64 times the default 128 x 2048.
+MAX_WINDOW_TOKENS = 1 << 24
+
+
+def check_window_tokens(nsamples: int, seqlen: int) -> None:
+    """Refuse --nsamples x --seqlen past MAX_WINDOW_TOKENS before anything is allocated (2**40 windows asked torch
+    for 8 TiB, a traceback after minutes)."""
+    if nsamples * seqlen > MAX_WINDOW_TOKENS:
+        raise EdgequantError(f"--nsamples {nsamples} x --seqlen {seqlen} is {nsamples * seqlen} tokens held in memory; "
+                             f"the limit is {MAX_WINDOW_TOKENS}: use --nsamples {max(1, MAX_WINDOW_TOKENS // seqlen)} "
+                             "or fewer at this --seqlen")
+
+
 def opt(default, help: str, kind: str, lo=None, hi=None, lo_open: bool = False, choices: tuple = (),
         cli: bool = True):
     """A dataclass field with its rule: `kind` is int, float, bool, str, choice, device or float|search (a number or

@@ -160,8 +160,21 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
             }
             (tmp / "mlc-chat-config.json").write_text(json.dumps(_mlc_chat_config(source, meta), indent=2))
             (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2))
+            _check_own_output(tmp, out, source.path)
         _log(progress, f"wrote {out} ({weight_bytes / 2**20:.1f} MiB of weights) in {time.time() - t0:.1f}s")
         return out
+
+
+def _check_own_output(tmp: Path, out: Path, source: Path) -> None:
+    """Read the new DIST as its runners will, before it replaces anything at `out`: a DIST that export itself calls
+    damaged (a config number out of the runners' range) must never be left behind."""
+    from .dist import _FIX, read_export_info
+    try:
+        read_export_info(tmp)
+    except EdgequantError as e:
+        why = str(e).replace(str(tmp), str(out)).removesuffix(f"; {_FIX}")
+        raise EdgequantError(f"the DIST built from {source} would be refused by its runners ({why}); nothing was "
+                             f"written to {out}: check the model's config.json") from None
 
 
 def _export_library(ex, path: Path, **kw):

@@ -15,17 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edgequant.checkpoint import (EXPORT_JSON, _is_count as _int, _is_shape as _shape, number_problem,
+from edgequant.checkpoint import (EXPORT_JSON, MAX_DIM, _is_count as _int, _is_shape as _shape, number_problem,
                                   value_problem)
 from edgequant.atomic import check_not_stranded, register_owner
 from edgequant.errors import EdgequantError
 from edgequant.memory import DEFAULT_CONTEXT, Shapes, kv_bytes
-from edgequant.models import Dims, family_for
+from edgequant.models import FAMILIES, Dims, family_for
 from edgequant.paths import inside_folder
 
 TENSOR_CACHE = "tensor-cache.json"
 FORMAT_VERSION = 1   # the edgequant-export.json layout this reader understands (export/build.py writes it)
-MAX_DIM = 1 << 24    # bound on every model size, as apps/runtime: products below (KV bytes, shapes) stay small
 MAX_JSON_BYTES = 64 << 20
 MAX_JSON_DEPTH = 32  # the files are a few levels deep; a parser must not recurse 100,000 levels
 RUNNER_FUNCTIONS = ("embed", "prefill", "decode", "create_paged_kv_cache")
@@ -135,7 +134,8 @@ def read_export_info(dist) -> dict:
     info = load_json(f)
     if not isinstance(info, dict):
         raise _damaged(f, "not a JSON object")
-    if info.get("format_version") != FORMAT_VERSION:
+    version = info.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:   # true == 1 in Python
         raise EdgequantError(f"{f} has format_version {info.get('format_version')!r}; this edgequant reads version "
                              f"{FORMAT_VERSION}: export the model again with this edgequant (or upgrade it)")
     for key, ok, want in (
@@ -161,6 +161,9 @@ def read_export_info(dist) -> dict:
             raise _damaged(f, f"model field '{key}' is missing")
         if not _int(m[key], 1) or m[key] > MAX_DIM:
             raise _damaged(f, f"model field '{key}' is {_short(m[key])}; it must be a positive integer up to {MAX_DIM}")
+    if m.get("model_type") not in FAMILIES:   # the C runtime accepts the same set (apps/runtime)
+        raise _damaged(f, f"model field 'model_type' is {_short(m.get('model_type'))}; it must be one of "
+                          + ", ".join(FAMILIES))
     bad = number_problem(m)   # the same ranges as the checkpoint's config.json (apps/runtime checks them too)
     if bad:
         raise _damaged(f, f"model field {bad}")
@@ -209,6 +212,24 @@ def _check_model_against_params(f: Path, m: dict, params: list) -> None:
                       ("num_layers", len(layers) if layers == set(range(len(layers))) else None)):
         if m[key] != want:
             raise _damaged(f, f"model field '{key}' is {m[key]}, the library's parameters say {want}")
+    # heads, head width and MLP width: every first block linear's rows (and an fp16 one's columns) and norm widths
+    # must be what the family derives from the model block (the runners size the KV cache from these numbers)
+    family = family_for(m["model_type"])
+    dims = Dims(m["hidden_size"], m["intermediate_size"], m["num_heads"], m["num_kv_heads"], m["head_dim"])
+    linears = family.linear_shapes(dims)
+    pre = family.layer_prefix(0)
+    for export, members in family.export_fusions.items():
+        n, k = sum(linears[x][0] for x in members), linears[members[0]][1]
+        got = shapes.get(f"{pre}.{export}.scales") or shapes.get(f"{pre}.{export}.weight")
+        if got and (got[0] != n or (f"{pre}.{export}.weight" in shapes and got[1:] != [k])):
+            raise _damaged(f, f"the model fields hidden_size/intermediate_size/num_heads/num_kv_heads/head_dim give "
+                              f"'{pre}.{export}' {n} rows of {k} columns; the library's parameters have {got[0]} rows"
+                              + (f" of {got[1]} columns" if f"{pre}.{export}.weight" in shapes else ""))
+    for norm, width in family.norm_shapes(dims).items():
+        got = shapes.get(f"{pre}.{norm}.weight")
+        if got and got != [width]:
+            raise _damaged(f, f"the model fields give '{pre}.{norm}' width {width}, the library's parameters say "
+                              f"{got[0] if got else None}")
 
 
 def library_path(dist: Path, info: dict) -> Path:
@@ -262,6 +283,8 @@ def check_tensor_cache(dist: Path, info: dict) -> None:
                 raise _damaged(f, f"'{r['name']}' has nbytes {r['nbytes']} for shape {r['shape']} {r['dtype']}")
             if r["byteOffset"] + r["nbytes"] > size:
                 raise _damaged(f, f"'{r['name']}' lies past the end of {shard['dataPath']}")
+            if r["name"] in where:   # which copy would a runner use? (each used the last one, silently)
+                raise _damaged(f, f"'{r['name']}' is listed twice")
             where[r["name"]] = (path, r["byteOffset"], r)
         spans = sorted((r["byteOffset"], r["byteOffset"] + r["nbytes"], r["name"]) for r in shard["records"])
         for (_, end, _), (start, _, name) in zip(spans, spans[1:]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import EdgequantError
-from ..options import Options, opt
+from ..options import Options, check_window_tokens, opt
 
 
 @dataclass
@@ -70,3 +70,7 @@ class WCTConfig(Options):
     batch_size: int = opt(4, "Windows per step.", "int", lo=1)
     seed: int = opt(0, "Seed for drawing the windows.", "int", lo=0)
     device: str = opt("cpu", "cpu, cuda or cuda:N.", "device")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_window_tokens(self.nsamples, self.seqlen)

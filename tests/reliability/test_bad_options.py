@@ -68,6 +68,11 @@ def _cases(ckpt, dist, text, out):
         "quantize_lwc_init_inf": (q[:5] + ["omniquant", "--lwc-init", "inf", "--calib", text], "--lwc-init"),
         "quantize_pickle_only_model": (["quantize", "PICKLED", "-o", out, "--method", "rtn", "-q"], "safetensors"),
         "export_arch_sm_0": (["export", ckpt, "--target", "cuda", "--arch", "sm_0", "-o", out, "-q"], "--arch"),
+        # the third re-run (T2): windows are drawn with replacement, so the text did not bound --nsamples; torch was
+        # asked for 8 TiB after minutes of loading
+        "quantize_nsamples_2_pow_40": (q[:5] + ["gptq", "--calib", text, "--seqlen", "32", "--nsamples", str(2 ** 40)],
+                                       "--nsamples"),
+        "wct_nsamples_2_pow_40": (wct + ["--nsamples", str(2 ** 40)], "--nsamples"),
     }
 
 

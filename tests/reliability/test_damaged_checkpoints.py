@@ -104,6 +104,9 @@ CASES = {
     # issue 15's re-run: 10**9 layers grew memory without end; the other fields were accepted silently
     "num_hidden_layers_1e9": (_cfg("num_hidden_layers", 10 ** 9), ["num_hidden_layers", "2 layers"]),
     "max_position_embeddings_negative": (_cfg("max_position_embeddings", -1), ["max_position_embeddings"]),
+    # the third re-run (S8): 2**40 was accepted; export compiled it and left a DIST that it then called damaged
+    "max_position_embeddings_2_pow_40": (_cfg("max_position_embeddings", 2 ** 40),
+                                         ["max_position_embeddings", "up to 16777216"]),
     "pack_msb": (_qc("pack", "msb"), ["pack"]),
     # issue 15's second re-run (N7): numbers the model computes with, out of range, gave "perplexity nan"
     "rms_norm_eps_nan": (_cfg("rms_norm_eps", math.nan), ["rms_norm_eps", "finite"]),
@@ -144,7 +147,8 @@ CASES = {
     "index_path_leaves_folder": (_index_escape, ["outside.safetensors"]),
     "tokenizer_missing": (_no_tokenizer, ["tokenizer"]),
 }
-EXPORTED = ["quantization_config_removed", "rms_norm_eps_zero", "rope_theta_zero", "num_hidden_layers_1e9", "max_position_embeddings_negative", "pack_msb", "index_path_leaves_folder", "zero_point_255_at_4_bits", "outlier_index_2_pow_30", "nan_scales",
+EXPORTED = ["quantization_config_removed", "rms_norm_eps_zero", "rope_theta_zero", "num_hidden_layers_1e9", "max_position_embeddings_negative",
+            "max_position_embeddings_2_pow_40", "pack_msb", "index_path_leaves_folder", "zero_point_255_at_4_bits", "outlier_index_2_pow_30", "nan_scales",
             "sym_with_zero_points", "config_is_a_list"]
 
 
@@ -163,6 +167,7 @@ def results(good_ckpt, text_file, tmp_path_factory):
     argvs.append(["inspect", str(where["num_hidden_layers_1e9"])])
     argvs.append(["inspect", str(where["lm_head_quantized"])])
     argvs.append(["inspect", str(where["rms_norm_eps_nan"])])
+    argvs.append(["inspect", str(where["max_position_embeddings_2_pow_40"])])
     res = run_commands(argvs, root)
     return {tuple(r["argv"][:2]): r for r in res}, where
 
@@ -189,7 +194,8 @@ def test_export_of_a_checkpoint_without_quantization_config_says_so(results):
 
 @pytest.mark.parametrize("name,word", [("outlier_index_2_pow_30", "outlier_idx"),
                                        ("num_hidden_layers_1e9", "num_hidden_layers"),
-                                       ("lm_head_quantized", "lm_head"), ("rms_norm_eps_nan", "rms_norm_eps")])
+                                       ("lm_head_quantized", "lm_head"), ("rms_norm_eps_nan", "rms_norm_eps"),
+                                       ("max_position_embeddings_2_pow_40", "max_position_embeddings")])
 def test_inspect_refuses(results, name, word):
     res, where = results
     assert_one_line_error(res[("inspect", str(where[name]))], word)

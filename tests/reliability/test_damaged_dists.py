@@ -140,6 +140,21 @@ CASES = {
                            ["prefill_chunk_size", "positive integer"]),
     "head_dim_missing": (_export(lambda i: i["model"].pop("head_dim")), ["head_dim", "missing"]),
     "library_missing": (lambda d: (d / "lib.so").unlink(), ["lib.so"]),
+    # the third re-run of issue 15: heads and widths were not checked against the library (S9; the KV cache and the
+    # reported memory followed the false number), the runners disagreed on model_type and format_version (S10), and
+    # a tensor listed twice was accepted, the last copy used (S11)
+    "num_kv_heads_1": (_model("num_kv_heads", 1), ["num_kv_heads", "qkv_proj"]),
+    "num_kv_heads_3": (_model("num_kv_heads", 3), ["num_kv_heads", "qkv_proj"]),
+    "head_dim_32": (_model("head_dim", 32), ["head_dim", "qkv_proj"]),
+    "head_dim_8": (_model("head_dim", 8), ["head_dim", "qkv_proj"]),
+    "num_heads_8": (_model("num_heads", 8), ["num_heads", "qkv_proj"]),
+    "intermediate_size_half": (_model("intermediate_size", 80), ["intermediate_size", "gate_up_proj"]),
+    "model_type_gpt2": (_model("model_type", "gpt2"), ["model_type", "llama"]),
+    "format_version_true": (_export(lambda i: i.__setitem__("format_version", True)), ["format_version"]),
+    "format_version_float": (_export(lambda i: i.__setitem__("format_version", 1.0)), ["format_version"]),
+    "tensor_listed_twice": (_cache(lambda c: c["records"].append(c["records"][0])), [CACHE, "listed twice"]),
+    "tensor_redefined_by_a_second_shard": (_cache(lambda c: c["records"].append(
+        {**c["records"][0], "records": c["records"][0]["records"][:1]})), [CACHE, "listed twice"]),
 }
 
 
@@ -238,3 +253,20 @@ def test_full_disk_while_linking_is_one_line_and_leaves_nothing(tmp_path):
         with atomic_output_dir(tmp_path / "dist", marker=EXPORT) as tmp:
             _export_library(FullDisk(), tmp / "lib.so")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_export_checks_its_own_dist_before_it_replaces_anything(good_dist, tmp_path):
+    """The third re-run (S8): export wrote a whole DIST to -o and only then called it damaged; the check now runs on
+    the hidden folder inside atomic_output_dir, so a refusal leaves -o as it was."""
+    from edgequant.atomic import atomic_output_dir
+    from edgequant.errors import EdgequantError
+    from edgequant.export.build import _check_own_output
+    out = tmp_path / "dist"
+    with pytest.raises(EdgequantError, match="nothing was written to") as e:
+        with atomic_output_dir(out, marker=EXPORT) as tmp:
+            shutil.copytree(good_dist, tmp, dirs_exist_ok=True)
+            edit_json(tmp / EXPORT, lambda i: i["model"].__setitem__("context_window", 2 ** 40))
+            _check_own_output(tmp, out, good_dist)
+    assert "context_window" in str(e.value) and str(tmp) not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    _check_own_output(good_dist, out, good_dist)   # a good DIST passes

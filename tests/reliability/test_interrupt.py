@@ -13,12 +13,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # what the installed console script runs (pip writes this wrapper from pyproject's [project.scripts])
-CONSOLE = "import sys; from edgequant.entry import main; sys.exit(main())"
+CONSOLE = "import sys; from edgequant_console import main; sys.exit(main())"
 
 
 def test_console_script_is_the_interrupt_safe_entry():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["edgequant"] == "edgequant.entry:main"
+    assert scripts["edgequant"] == "edgequant_console:main"
 
 
 # Ctrl-C lands while `module` is being imported: a finder on sys.meta_path sends SIGINT to its own process at the
@@ -53,7 +53,9 @@ def _quantize(model_dirs, out, code):
                              "--method", "rtn", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("module", ["click", "edgequant.methods", "edgequant.export.cli", "torch"])
+# edgequant.hf_hook / edgequant.entry: the package's own import, before entry's handler (the third re-run's T1)
+@pytest.mark.parametrize("module", ["edgequant.hf_hook", "edgequant.entry", "click", "edgequant.methods",
+                                    "edgequant.export.cli", "torch"])
 def test_sigint_while_importing_is_one_line(tmp_path, model_dirs, module):
     out = tmp_path / "q"
     _check(_quantize(model_dirs, out, AT_IMPORT.format(module=module)), out, tmp_path)
@@ -87,3 +89,40 @@ def test_interrupted_quantize_names_its_method_and_kept_blocks(tmp_path):
     (state / "block_0000.safetensors").write_bytes(b"x")
     note = interrupted_note("omniquant", out)
     assert note.startswith("interrupted omniquant quantization") and str(state) in note and "continues" in note
+
+
+# Ctrl-C lands at the swap that replaces an existing output: just after it (the new checkpoint is in place) or just
+# before it (the old one is intact); the third re-run saw "no checkpoint was written" over a new checkpoint (L4)
+AT_SWAP = """
+import os, signal
+import edgequant.atomic as atomic
+real = atomic._exchange
+def _exchange(a, b):
+    if {after}:
+        done = real(a, b)
+        os.kill(os.getpid(), signal.SIGINT)
+        return done
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(a, b)
+atomic._exchange = _exchange
+""" + CONSOLE
+
+
+@pytest.mark.parametrize("after", [True, False])
+def test_sigint_at_the_swap_tells_what_the_output_holds(tmp_path, model_dirs, after):
+    import json
+    out = tmp_path / "q"
+    first = _quantize(model_dirs, out, CONSOLE)
+    assert first.communicate(timeout=300) and first.returncode == 0
+    p = subprocess.Popen([sys.executable, "-c", AT_SWAP.format(after=after), "quantize", str(model_dirs["llama"]),
+                          "-o", str(out), "--method", "rtn", "--bits", "3", "-q"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = p.communicate(timeout=300)
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    bits = json.loads((out / "config.json").read_text())["quantization_config"]["bits"]
+    assert p.returncode == 130 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    if after:
+        assert bits == 3 and lines[0].startswith(f"error: interrupted after {out} was written"), lines
+    else:
+        assert bits == 4 and "no checkpoint was written" in lines[0], lines
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["q"]   # no .q.tmp-*, no lock left

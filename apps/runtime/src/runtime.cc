@@ -31,6 +31,7 @@
 #include <mutex>
 #include <numeric>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -373,6 +374,12 @@ ExportInfo ReadExportInfo(const std::string& dist) {
     *dst = *v;
   }
   if (info.vocab > INT32_MAX || info.context > INT32_MAX) Damaged(file, "model sizes out of range");
+  // edgequant/models' families (export/dist.py refuses the same set): another architecture's graph is not this one
+  static const std::set<std::string> model_types = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"};
+  auto model_type = StrField(*m, "model_type");
+  if (!model_type || !model_types.count(*model_type)) {
+    Damaged(file, "model field 'model_type' must be one of llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text");
+  }
   if (auto bad = NumberProblem(*m)) Damaged(file, "model field " + *bad);
   auto params = Field(*root, "params");
   auto pa = params ? AsArray(*params) : std::nullopt;
@@ -406,6 +413,30 @@ ExportInfo ReadExportInfo(const std::string& dist) {
     if (v.first != v.second) {
       Damaged(file, std::string("model field '") + key + "' is " + std::to_string(v.first) +
                         ", the library's parameters say " + std::to_string(v.second));
+    }
+  }
+  // heads, head width and MLP width: the first block's linear rows (and an fp16 linear's columns) and per-head norm
+  // widths must be what the model block implies (every family fuses the same way; export/dist.py checks the same)
+  const std::string pre = "model.layers.0.";
+  std::pair<std::string, std::pair<int64_t, int64_t>> linears[] = {
+      {"self_attn.qkv_proj", {(info.heads + 2 * info.kv_heads) * info.head_dim, info.hidden}},
+      {"self_attn.o_proj", {info.hidden, info.heads * info.head_dim}},
+      {"mlp.gate_up_proj", {2 * info.intermediate, info.hidden}},
+      {"mlp.down_proj", {info.hidden, info.intermediate}}};
+  for (const Param& p : info.params) {
+    for (auto& [lin, nk] : linears) {
+      bool scales = p.name == pre + lin + ".scales", weight = p.name == pre + lin + ".weight";
+      if ((scales || weight) && !p.shape.empty() &&
+          (p.shape[0] != nk.first || (weight && (p.shape.size() != 2 || p.shape[1] != nk.second)))) {
+        Damaged(file, "the model fields hidden_size/intermediate_size/num_heads/num_kv_heads/head_dim give '" + pre +
+                          lin + "' " + std::to_string(nk.first) + " rows of " + std::to_string(nk.second) +
+                          " columns; the library's parameters have " + std::to_string(p.shape[0]) + " rows");
+      }
+    }
+    if ((p.name == pre + "self_attn.q_norm.weight" || p.name == pre + "self_attn.k_norm.weight") &&
+        p.shape != std::vector<int64_t>{info.head_dim}) {
+      Damaged(file, "the model field head_dim is " + std::to_string(info.head_dim) + ", the library's '" + p.name +
+                        "' says otherwise");
     }
   }
   if (auto q = StrField(*root, "quantization")) {
@@ -505,6 +536,8 @@ uint64_t CheckTensorCache(const std::string& dist, const ExportInfo& info) {
       }
       if (*nb != Product(*shape) * ItemSize(*dtype)) Damaged(file, "'" + *name + "' has the wrong nbytes for its shape");
       if (*off > size || *nb > size - *off) Damaged(file, "'" + *name + "' lies past the end of " + *data_path);
+      // which copy would the runtime use? (it used the last one, silently)
+      if (where.count(*name)) Damaged(file, "'" + *name + "' is listed twice");
       spans.emplace_back(*off, *off + *nb);
       where[*name] = Record{path, *off, *nb, *dtype, *shape};
     }
