@@ -50,8 +50,8 @@ def test_inspect_reports_the_plan(owq_checkpoint):
 def _fake_dist(folder, target, weight_bytes):
     folder.mkdir()
     (folder / "lib.tar").write_bytes(b"")
-    model = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30, "num_heads": 9,
-             "num_kv_heads": 3, "head_dim": 64, "context_window": 8192}
+    model = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+             "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "context_window": 8192}
     # what the DIST reader checks the model block against: the embedding's shape and one tensor per layer
     params = [{"name": "model.embed_tokens.weight", "shape": [49152, 576], "dtype": "float16"}] + [
         {"name": f"model.layers.{i}.input_layernorm.weight", "shape": [576], "dtype": "float16"} for i in range(30)]
