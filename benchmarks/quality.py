@@ -90,7 +90,8 @@ ROWS = [
     ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "clip_qk": False, "gptq": True,
                              "nsamples": 32, "seqlen": 256}),
     ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "clip_qk": False, "gptq": True,
-                             "nsamples": 32, "seqlen": 256}),    # a bit budget across layers (--target-bits: 2, 3 or 4 bits per fused linear from its Hessian-weighted error)
+                             "nsamples": 32, "seqlen": 256}),
+    # a bit budget across layers (--target-bits: 2, 3 or 4 bits per fused linear from its Hessian-weighted error)
     ("gptq", "w3g128", {"act_order": True, "target_bits": 3.25}),
     ("gptq", "w3g128", {"act_order": True, "target_bits": 3.25, "rotate": True}),
 ]

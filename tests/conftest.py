@@ -92,6 +92,19 @@ def round_plain_to_fp16(model, quantized_names):
                 p.copy_(p.half().float())
 
 
+def round_like_rtn_checkpoint(model, family, scheme):
+    """What an RTN checkpoint holds, in place: the family's linear weights rounded to `scheme` (dequantized), every
+    other tensor in fp16."""
+    from edgequant.quantizer import quantize_weight
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".weight") and family.relative_name(name.rsplit(".", 1)[0]) in family.linear_names:
+                p.copy_(quantize_weight(p, scheme).dequantize())
+            else:
+                p.copy_(p.half().float())
+    return model
+
+
 def assert_fused_checkpoint_equals_live(tmp_path, tokenizer, fp_model, model, quantized, scheme, live, samples):
     """Save the fused OmniQuant result, reload it from disk, and compare its logits with the live model: the original
     blocks computing with their trained LWC/LET parameters (nothing fused), other tensors as stored (fp16).

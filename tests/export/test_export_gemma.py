@@ -13,7 +13,8 @@ import torch
 from edgequant.errors import EdgequantError
 
 from gemma_tiny import make_tiny_gemma
-from test_export_parity import _rel, add_outlier_columns, assert_outliers_matter
+from test_export_parity import (_rel, add_outlier_columns, assert_greedy_tokens_match, assert_outliers_matter,
+                                parity_errors)
 
 pytestmark = pytest.mark.tvm
 
@@ -79,23 +80,14 @@ def test_logits_and_greedy_tokens_match_pytorch(case, tmp_path, tokenizer, capfd
     else:
         with torch.no_grad():
             want = ref(torch.tensor([ids])).logits[0].numpy()
-    errs = {"all": _rel(runner.logits(ids), want)}
-    runner.new_sequence()
-    errs["prefill"] = _rel(runner.prefill(ids[:WINDOW - 8]), want[WINDOW - 9])
-    errs["decode"] = max(_rel(runner.decode(ids[j]), want[j]) for j in range(WINDOW - 8, WINDOW))
+    errs = parity_errors(runner, ids, want, prefill=WINDOW - 8, decode=8)
     print(f"\n{case}: max |tvm - torch| / max |torch| " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert max(errs.values()) < 1e-2
     with pytest.raises(EdgequantError, match="exceeds"):   # past the window (= context): refused, never wrong
         runner.decode(ids[0])
     if case[4]:
         assert_outliers_matter(ckpt, ids, want)
-    prompt = ids[:8]
-    got = runner.generate(prompt, 12).tokens
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(12):
-            seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
-    assert got == seq[len(prompt):]
+    assert_greedy_tokens_match(runner, ref, ids[:8], 12)
 
 
 def test_quantized_table_matches_pytorch(tmp_path, tokenizer):

@@ -85,6 +85,25 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def parity_errors(runner, ids, want, prefill: int, decode: int) -> dict:
+    """max |tvm - torch| / max |torch| at every position at once (the perplexity path), then through the KV cache:
+    a prefill of `prefill` tokens and `decode` single-token steps after it."""
+    errs = {"all": _rel(runner.logits(ids), want)}
+    runner.new_sequence()
+    errs["prefill"] = _rel(runner.prefill(ids[:prefill]), want[prefill - 1])
+    errs["decode"] = max(_rel(runner.decode(ids[j]), want[j]) for j in range(prefill, prefill + decode))
+    return errs
+
+
+def assert_greedy_tokens_match(runner, ref, prompt, n: int):
+    """The export's greedy continuation of `prompt` equals the PyTorch model's, token for token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert runner.generate(list(prompt), n).tokens == seq[len(prompt):]
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-w{c[1]}g{c[2]}{'s' if c[3] else 'a'}-o{c[4]}"
                                                       f"{'-tied' if c[5] else ''}")
 def test_logits_and_greedy_tokens_match_pytorch(exported, case):
@@ -96,23 +115,12 @@ def test_logits_and_greedy_tokens_match_pytorch(exported, case):
     ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, 40).tolist()
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()
-    # every position at once (the perplexity path), then prefill + 6 decode steps through the KV cache
-    errs = {"all": _rel(runner.logits(ids), want)}
-    runner.new_sequence()
-    errs["prefill"] = _rel(runner.prefill(ids[:30]), want[29])
-    errs["decode"] = max(_rel(runner.decode(ids[j]), want[j]) for j in range(30, 36))
+    errs = parity_errors(runner, ids, want, prefill=30, decode=6)
     print(f"\n{case}: max |tvm - torch| / max |torch| " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert max(errs.values()) < 1e-2
     if case[4]:  # the outlier columns matter: dropping them changes the logits far beyond the tolerance
         assert_outliers_matter(ckpt, ids, want)
-    # greedy generation: identical tokens
-    prompt = ids[:8]
-    got = runner.generate(prompt, 12).tokens
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(12):
-            seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
-    assert got == seq[len(prompt):]
+    assert_greedy_tokens_match(runner, ref, ids[:8], 12)
     if case[1] == 3:  # CPU exports run 3-bit weights as bit planes (3 bits each), not the checkpoint's words
         import json
         meta = json.loads((dist / "edgequant-export.json").read_text())

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from test_export_parity import assert_greedy_tokens_match, parity_errors
+
 pytestmark = pytest.mark.tvm
 
 # (arch, tied, embed bits): each case mixes per-module schemes in one checkpoint (a fused q/k/v at 2 bits, an
@@ -57,10 +59,6 @@ def exported(tmp_path_factory, tokenizer):
     return get
 
 
-def _rel(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.mark.parametrize("act", ["fp16", "int8"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'tied' if c[1] else 'untied'}-e{c[2]}")
 def test_mixed_schemes_and_quantized_tables_match_pytorch(exported, case, act):
@@ -77,19 +75,11 @@ def test_mixed_schemes_and_quantized_tables_match_pytorch(exported, case, act):
     ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, 40).tolist()
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()
-    errs = {"all": _rel(runner.logits(ids), want)}
-    runner.new_sequence()
-    errs["prefill"] = _rel(runner.prefill(ids[:30]), want[29])
-    errs["decode"] = max(_rel(runner.decode(ids[j]), want[j]) for j in range(30, 36))
+    errs = parity_errors(runner, ids, want, prefill=30, decode=6)
     print(f"\n{case} {act}: max |tvm - torch| / max |torch| " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert max(errs.values()) < (1e-2 if act == "fp16" else 4e-2)
     if act == "fp16":   # greedy tokens on the exact path
-        prompt = ids[:8]
-        seq = list(prompt)
-        with torch.no_grad():
-            for _ in range(10):
-                seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
-        assert runner.generate(prompt, 10).tokens == seq[len(prompt):]
+        assert_greedy_tokens_match(runner, ref, ids[:8], 10)
 
 
 def test_fused_members_with_different_schemes_are_refused(tmp_path, tokenizer):
@@ -102,7 +92,7 @@ def test_fused_members_with_different_schemes_are_refused(tmp_path, tokenizer):
     with pytest.raises(Exception):   # k_proj's 2-bit tensors no longer match the 4-bit base: the reader refuses
         open_source(ck).plans()
     # same bits and shapes, only the group differs: the reader accepts it, export refuses to fuse the two schemes
-    from edgequant.artifact import load_quantized_weight, open_checkpoint, save_checkpoint
+    from edgequant.artifact import save_checkpoint
     from edgequant.quantizer import quantize_weight
     from edgequant.schemes import QuantScheme
     from conftest import make_tiny_model

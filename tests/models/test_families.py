@@ -16,7 +16,7 @@ from edgequant import api
 from edgequant.artifact import load_quantized_model, open_checkpoint
 from edgequant.models import family_for
 
-from conftest import VOCAB, assert_fused_checkpoint_equals_live, make_tiny_model
+from conftest import VOCAB, assert_fused_checkpoint_equals_live, make_tiny_model, round_like_rtn_checkpoint
 from tiny_families import FAMILY_ARCHS
 
 MODEL_TYPE = {"llama3": "llama", "qwen3": "qwen3", "phi3": "phi3"}
@@ -71,7 +71,6 @@ def test_family_shapes_are_transformers_shapes(arch):
 
 @pytest.mark.parametrize("arch", FAMILY_ARCHS)
 def test_rtn_checkpoint_rebuilds_transformers_model(arch, family_dirs, tmp_path):
-    from edgequant.quantizer import quantize_weight
     from edgequant.schemes import QuantScheme
     orig = make_model(arch)
     fam = family_for(orig.config.model_type)
@@ -83,13 +82,8 @@ def test_rtn_checkpoint_rebuilds_transformers_model(arch, family_dirs, tmp_path)
         ck = api.quantize(str(family_dirs[arch]), tmp_path / f"w{bits}", method="rtn", bits=bits, group_size=32,
                           progress=False)
         rebuilt, _ = load_quantized_model(ck)
-        expect = copy.deepcopy(orig)
-        with torch.no_grad():   # the checkpoint's values: RTN integers for the family's linears, fp16 for the rest
-            for name, p in expect.named_parameters():
-                if fam.relative_name(name.rsplit(".", 1)[0]) in fam.linear_names:
-                    p.copy_(quantize_weight(p, QuantScheme(bits, 32)).dequantize())
-                else:
-                    p.copy_(p.half().float())
+        expect = round_like_rtn_checkpoint(copy.deepcopy(orig), fam, QuantScheme(bits, 32))   # the checkpoint's values
+        with torch.no_grad():
             got = dict(rebuilt.named_parameters())
             for name, p in expect.named_parameters():
                 torch.testing.assert_close(got[name], p, rtol=0, atol=0, msg=name)

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from edgequant.errors import EdgequantError
 from edgequant.models import FAMILIES, Family, LetPair, Linear, LinearGroup, Norm, family_for, register_family
 
-from conftest import VOCAB, make_tiny_model, tiny_config
+from conftest import VOCAB, make_tiny_model, round_like_rtn_checkpoint
 
 TOY = "edgequant-toy"
 
@@ -182,7 +182,6 @@ def test_bad_family_is_refused_when_defined():
 def test_toy_rtn_checkpoint_and_rebuild(toy_family, tmp_path, tokenizer):
     from edgequant import api
     from edgequant.artifact import load_quantized_model as load_model, open_checkpoint
-    from edgequant.quantizer import quantize_weight
     from edgequant.schemes import QuantScheme
     from edgequant.export.params import CheckpointSource
 
@@ -199,14 +198,7 @@ def test_toy_rtn_checkpoint_and_rebuild(toy_family, tmp_path, tokenizer):
 
     rebuilt, _ = load_model(ck)
     scheme = QuantScheme(4, 16)
-    expect = make_toy()
-    with torch.no_grad():    # what the checkpoint must hold: RTN integers for the linears, fp16 for the rest
-        for name, p in expect.named_parameters():
-            mod = name.rsplit(".", 1)[0]
-            if name.endswith(".weight") and toy_family.relative_name(mod) in toy_family.linear_names:
-                p.copy_(quantize_weight(p, scheme).dequantize())
-            else:
-                p.copy_(p.half().float())
+    expect = round_like_rtn_checkpoint(make_toy(), toy_family, scheme)   # what the checkpoint must hold
     got = dict(rebuilt.named_parameters())
     for name, p in expect.named_parameters():
         torch.testing.assert_close(got[name], p, rtol=0, atol=0, msg=name)

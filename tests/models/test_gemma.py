@@ -10,7 +10,7 @@ import torch
 
 from edgequant.models import family_for
 
-from conftest import VOCAB, assert_fused_checkpoint_equals_live
+from conftest import VOCAB, assert_fused_checkpoint_equals_live, round_like_rtn_checkpoint
 from gemma_tiny import GEMMA_ARCHS, SLIDING_WINDOW, make_tiny_gemma
 
 SEQ = SLIDING_WINDOW + 12   # calibration windows and prompts run past the sliding window
@@ -55,7 +55,6 @@ def test_each_block_gets_its_own_mask_and_rope(arch):
 def test_rtn_checkpoint_rebuilds_exactly_what_was_quantized(arch, tmp_path, tokenizer):
     from edgequant import api
     from edgequant.artifact import load_quantized_model
-    from edgequant.quantizer import quantize_weight
     from edgequant.schemes import QuantScheme
     fam = family_for(arch)
     orig = make_tiny_gemma(arch)
@@ -64,14 +63,7 @@ def test_rtn_checkpoint_rebuilds_exactly_what_was_quantized(arch, tmp_path, toke
     ck = api.quantize(str(tmp_path / "hf"), str(tmp_path / "q"), method="rtn", bits=4, group_size=32, progress=False)
     rebuilt, ckpt = load_quantized_model(ck)
     assert ckpt.family is fam
-    expect, scheme = make_tiny_gemma(arch), QuantScheme(4, 32)
-    with torch.no_grad():
-        for name, p in expect.named_parameters():
-            mod = name.rsplit(".", 1)[0]
-            if name.endswith(".weight") and fam.relative_name(mod) in fam.linear_names:
-                p.copy_(quantize_weight(p, scheme).dequantize())
-            else:
-                p.copy_(p.half().float())
+    expect = round_like_rtn_checkpoint(make_tiny_gemma(arch), fam, QuantScheme(4, 32))
     got = dict(rebuilt.named_parameters())
     for name, p in expect.named_parameters():
         torch.testing.assert_close(got[name], p, rtol=0, atol=0, msg=name)
