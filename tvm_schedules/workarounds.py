@@ -5,6 +5,8 @@ Each patch names the bug it avoids; delete it when the wheel is fixed.
 """
 from __future__ import annotations
 
+import contextlib
+
 _APPLIED = False
 
 
@@ -56,3 +58,29 @@ def mark_do_not_tensorize():
         return mod
 
     return _pass
+
+
+@contextlib.contextmanager
+def own_cpu_attention(softcap: float | None):
+    """Within the block, `TIRPagedKVCache` on llvm builds edgequant's CPU attention kernels
+    (tvm_schedules/paged_attention_cpu.py) instead of the stock ones; the runtime calls them through the same ABI.
+
+    Bug 4: the stock paged-prefill CPU kernel (`_attention_prefill_cpu`, the chunk's queries against the keys cached
+    before it) leaves its running maximum `new_m` unset when a query's first keys are masked, which only happens for
+    "mha_sliding" layers past the window: logits off by about their whole range, or NaN, depending on memory
+    contents. Its ragged kernel (a chunk against itself) has no window mask at all; the export keeps prefill chunks
+    within the window for that one (export/build.py `prefill_chunk`).
+    Missing feature: no stock kernel has attention logit soft-capping (Gemma 2); these take it as `softcap`.
+    """
+    from tvm.relax.frontend.nn.llm import kv_cache
+
+    from .paged_attention_cpu import cpu_kernels_for
+    kernels = cpu_kernels_for(softcap)
+    stock = {name: getattr(kv_cache, name) for name in kernels}
+    for name, fn in kernels.items():
+        setattr(kv_cache, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in stock.items():
+            setattr(kv_cache, name, fn)

@@ -31,6 +31,7 @@ What TVM 0.27's paged KV cache (`tvm.relax.frontend.nn.llm.kv_cache`) offers, an
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -60,6 +61,7 @@ class GemmaArchConfig(ArchConfig):
     layer_types: tuple = ()                                 # "sliding_attention" / "full_attention" per layer
     rope_local_theta: float | None = None                   # local layers' RoPE base where it differs (Gemma 3)
     rope_local_scale: float = 1.0
+    max_context: int = 8192                                 # max_position_embeddings: the context of cpu exports
 
     @classmethod
     def _from_hf(cls, c: dict) -> "GemmaArchConfig":
@@ -100,7 +102,19 @@ class GemmaArchConfig(ArchConfig):
                    attn_logit_softcapping_dropped=c.get("attn_logit_softcapping"),
                    qk_norm=family_for(mt).name == "gemma3", layer_types=types,
                    rope_local_theta=None if local == glob else local[0],
-                   rope_local_scale=1.0 if local == glob else local[1])
+                   rope_local_scale=1.0 if local == glob else local[1],
+                   max_context=int(c.get("max_position_embeddings", 8192)))
+
+    def for_target(self, kind: str) -> "GemmaArchConfig":
+        """On cpu targets the cache runs edgequant's own attention kernels: sliding layers windowed past the window
+        (the context is the model's), Gemma 2's attention soft-cap applied. Elsewhere the stock GPU kernels: full
+        attention within a context capped at the window, no attention soft-cap."""
+        if kind != "llvm":
+            return self
+        sliding = tuple(i for i, t in enumerate(self.layer_types) if t == "sliding_attention")
+        return dataclasses.replace(self, context_window=self.max_context, sliding_layers=sliding,
+                                   attn_logit_softcapping=self.attn_logit_softcapping_dropped,
+                                   attn_logit_softcapping_dropped=None)
 
     @property
     def graph_rope(self) -> bool:

@@ -13,6 +13,7 @@ compute).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 
 from edgequant.errors import EdgequantError
 from edgequant.models import FAMILIES, family_for
+
+from edgequant.tvm_schedules.workarounds import own_cpu_attention
 
 from ..quant_linear import DenseLinear, Embedding, QuantEmbedding, QuantLinear, quant_matmul
 
@@ -53,6 +56,10 @@ class ArchConfig:
     qk_norm: bool = False                  # per-head RMSNorm on q and k before RoPE (qwen3)
     rope_short_factors: tuple = ()         # longrope: one frequency divisor per RoPE pair (applied by the graph)
     attention_factor: float = 1.0          # longrope: the scale of cos and sin
+    # run in the cache as "mha_sliding" with `sliding_window` (exact past the window; cpu targets only, see
+    # tvm_schedules/workarounds.py own_cpu_attention); empty: every layer full attention
+    sliding_layers: tuple = ()
+    attn_logit_softcapping: float | None = None   # cap * tanh(score / cap) in the cache's kernels (cpu targets only)
 
     @classmethod
     def from_hf(cls, c: dict) -> "ArchConfig":
@@ -108,6 +115,16 @@ class ArchConfig:
     def graph_rope(self) -> bool:
         """Whether the graph applies RoPE instead of the cache (longrope: `_rope_longrope`)."""
         return bool(self.rope_short_factors)
+
+    def for_target(self, kind: str) -> "ArchConfig":
+        """The config as exported for a TVM target kind ("llvm", "cuda", ...): a family whose attention needs the
+        cpu target's own kernels says here what changes with them."""
+        return self
+
+    @property
+    def own_cpu_attention(self) -> bool:
+        """Whether the cache needs edgequant's CPU attention kernels (a window past it, or a soft-cap)."""
+        return bool(self.sliding_layers or self.attn_logit_softcapping)
 
 
 def _longrope(c: dict, rp: dict, ctx: int) -> tuple[tuple, float, int]:
@@ -260,8 +277,20 @@ class LlamaForCausalLM(nn.Module):
                               prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                               support_sliding_window: tirx.Var) -> PagedKVCache:
         c = self.c
+        kinds = ["mha_sliding" if i in c.sliding_layers else "mha" for i in range(c.num_layers)] \
+            if c.sliding_layers else "mha"
+        own = c.own_cpu_attention
+        if own and self.target.kind.name != "llvm":
+            raise EdgequantError("windowed layers and attention soft-capping have kernels for cpu targets only")
+        with own_cpu_attention(c.attn_logit_softcapping) if own else contextlib.nullcontext():
+            return self._cache(kinds, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                               support_sliding_window)
+
+    def _cache(self, kinds, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window):
+        c = self.c
         return TIRPagedKVCache(
-            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            attn_kind=kinds, layer_sliding_window_size=c.sliding_window if c.sliding_layers else 1024,
+            max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
             layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
             num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
