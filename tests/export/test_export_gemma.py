@@ -1,7 +1,9 @@
 """Gemma 2 and Gemma 3 (text) through export: parity of the compiled cpu library with the PyTorch model rebuilt from
-the same checkpoint (test_export_parity.py's pattern and helpers), at 2/3/4 bits with and without outlier columns,
-across the whole context, which export caps at the sliding window (export/models/gemma.py says why); greedy tokens
-identical; Gemma 2's attention soft-cap, which export drops, recorded and measured; the mobile/GPU targets compile."""
+the same checkpoint (transformers' model, eager attention, sliding window on; test_export_parity.py's pattern and
+helpers), at 2/3/4 bits with and without outlier columns, on a prompt and decode steps far past the sliding window
+(12 here, 40 tokens), in prefill chunks of the window and of other lengths; Gemma 2's attention soft-cap applied;
+greedy tokens identical; controls that the window and the cap change these logits; the mobile/GPU targets (stock
+kernels: context capped at the window, no attention soft-cap, export/models/gemma.py) compile."""
 from __future__ import annotations
 
 import os
@@ -12,13 +14,13 @@ import torch
 
 from edgequant.errors import EdgequantError
 
-from gemma_tiny import make_tiny_gemma
+from gemma_tiny import SLIDING_WINDOW as WINDOW, make_tiny_gemma
 from test_export_parity import (_rel, add_outlier_columns, assert_greedy_tokens_match, assert_outliers_matter,
                                 parity_errors)
 
 pytestmark = pytest.mark.tvm
 
-WINDOW = 40   # = the exported context; sliding and global layers agree inside it
+SEQ = 40      # tokens per check: more than three windows
 
 # arch, bits, group, sym, outlier columns per linear
 CASES = [
@@ -49,45 +51,62 @@ def _exported(root, tokenizer, arch, bits, group, sym, n_out, target="cpu", embe
             os.environ["EDGEQUANT_ACT_DTYPE"] = old
 
 
-def _drop_attention_cap(ref, dist, capfd, ids):
-    """Gemma 2's attention soft-cap, the one part export cannot apply (export/models/gemma.py): the export says so
-    and records it, and computes the model without it; the cap (4.0 here, far below the released 50.0) moves the
-    logits beyond the parity tolerance, so the comparison below is with the cap taken out of the reference."""
-    import json
-    assert "soft-capping (4.0) is not applied" in capfd.readouterr().err
-    info = json.loads((dist / "edgequant-export.json").read_text())
-    assert info["model"]["attn_logit_softcapping_dropped"] == 4.0
-    with torch.no_grad():
-        capped = ref(torch.tensor([ids])).logits[0].numpy()
+def _reference(ckpt, ids):
+    """Logits of transformers' model rebuilt from the checkpoint (eager attention, its sliding window), and of the
+    same model without the window and, where it has one, without the attention soft-cap: the controls."""
+    from edgequant.artifact import load_quantized_model
+    ref, _ = load_quantized_model(ckpt)
+    ref.set_attn_implementation("eager")
+    assert ref.config.sliding_window == WINDOW
+
+    def run():
+        with torch.no_grad():
+            return ref(torch.tensor([ids])).logits[0].numpy()
+    want, controls = run(), {}
+    if getattr(ref.config, "attn_logit_softcapping", None):
+        cap, ref.config.attn_logit_softcapping = ref.config.attn_logit_softcapping, None
         for layer in ref.model.layers:
             layer.self_attn.attn_logit_softcapping = None
-        uncapped = ref(torch.tensor([ids])).logits[0].numpy()
-    assert _rel(uncapped, capped) > 2e-2
-    return uncapped
+        controls["no attention soft-cap"] = run()
+        ref.config.attn_logit_softcapping = cap
+        for layer in ref.model.layers:
+            layer.self_attn.attn_logit_softcapping = cap
+    ref.config.sliding_window = 1 << 20
+    controls["no sliding window"] = run()
+    ref.config.sliding_window = WINDOW
+    return ref, want, controls
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-w{c[1]}g{c[2]}{'s' if c[3] else 'a'}-o{c[4]}")
 def test_logits_and_greedy_tokens_match_pytorch(case, tmp_path, tokenizer, capfd):
-    from edgequant.artifact import load_quantized_model
+    """Past the window: prefill of 32 tokens (in chunks of the window: 12 + 12 + 8, then of 11 and 5, the chunk
+    lengths where TVM's own kernels gave NaN or wrong logits) and 8 decode steps, every position's logits too."""
+    import json
+
     from edgequant.export.runtime import Runner
     ckpt, dist = _exported(tmp_path, tokenizer, *case)
-    ref, _ = load_quantized_model(ckpt)
+    info = json.loads((dist / "edgequant-export.json").read_text())
+    assert info["prefill_chunk_size"] == WINDOW and info["model"]["attn_logit_softcapping_dropped"] is None
+    assert "soft-capping" not in capfd.readouterr().err
     runner = Runner(dist)
-    assert runner.context == WINDOW
-    ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, WINDOW).tolist()
-    if case[0] == "gemma2":
-        want = _drop_attention_cap(ref, dist, capfd, ids)
-    else:
-        with torch.no_grad():
-            want = ref(torch.tensor([ids])).logits[0].numpy()
-    errs = parity_errors(runner, ids, want, prefill=WINDOW - 8, decode=8)
-    print(f"\n{case}: max |tvm - torch| / max |torch| " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
-    assert max(errs.values()) < 1e-2
-    with pytest.raises(EdgequantError, match="exceeds"):   # past the window (= context): refused, never wrong
-        runner.decode(ids[0])
+    assert runner.context == 1024   # the model's max_position_embeddings, not the window
+    ids = np.random.default_rng(0).integers(0, 320, SEQ).tolist()
+    ref, want, controls = _reference(ckpt, ids)
+    worst = 0.0
+    for chunk in (WINDOW, 11, 5):
+        runner.chunk = chunk
+        errs = parity_errors(runner, ids, want, prefill=SEQ - 8, decode=8)
+        print(f"\n{case} chunk {chunk}: max |tvm - torch| / max |torch| "
+              + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+        worst = max(worst, *errs.values())
+    assert worst < 1e-2
+    for name, other in controls.items():   # a graph without the window or the cap would be this far off
+        print(f"{name}: {_rel(other, want):.1e}")
+        assert _rel(other, want) > max(2e-2, 5 * worst), name
     if case[4]:
         assert_outliers_matter(ckpt, ids, want)
-    assert_greedy_tokens_match(runner, ref, ids[:8], 12)
+    runner.chunk = WINDOW
+    assert_greedy_tokens_match(runner, ref, ids[:8], 2 * WINDOW)
 
 
 def test_quantized_table_matches_pytorch(tmp_path, tokenizer):
@@ -110,6 +129,11 @@ def test_arch_config_reads_gemma_fields():
     a = GemmaArchConfig.from_hf(g2)
     assert a.context_window == 16 and a.head_dim == 32 and a.query_pre_attn_scalar == 24
     assert a.final_logit_softcapping == 8.0 and a.attn_logit_softcapping_dropped == 4.0
+    # GPU targets: the stock kernels (context capped at the window, cap dropped); cpu: edgequant's own kernels
+    assert a.for_target("opencl") == a and not a.own_cpu_attention
+    cpu = a.for_target("llvm")
+    assert cpu.context_window == 1024 and cpu.sliding_window == 16 and cpu.sliding_layers == (0, 2)
+    assert cpu.attn_logit_softcapping == 4.0 and cpu.attn_logit_softcapping_dropped is None and cpu.own_cpu_attention
     assert not a.graph_rope and not a.qk_norm      # one RoPE base: the cache applies it
     g3 = GemmaArchConfig.from_hf(make_tiny_gemma("gemma3_text").config.to_dict())
     assert g3.graph_rope and g3.qk_norm
@@ -124,6 +148,9 @@ def test_arch_config_reads_gemma_fields():
                                     pytest.param("iphone", marks=pytest.mark.slow)])
 def test_gpu_and_mobile_targets_compile(target, tmp_path, tokenizer):
     """Gemma 3 (graph RoPE, q/k norms: the parts LLaMA's graph lacks) through the GPU schedules of each target."""
+    import json
     _, dist = _exported(tmp_path, tokenizer, "gemma3_text", 4, 32, False, 0, target=target)
     lib = [p for p in dist.iterdir() if p.name.startswith("lib")]
     assert lib and lib[0].stat().st_size > 0
+    info = json.loads((dist / "edgequant-export.json").read_text())
+    assert info["model"]["context_window"] == WINDOW and not info["model"]["sliding_layers"]   # the stock kernels
