@@ -112,6 +112,9 @@ class Runner:
         self.hidden, self.vocab = m["hidden_size"], m["vocab_size"]
         self.context = m["context_window"]
         self.chunk = int(self.info["prefill_chunk_size"])
+        # longrope: past this length every key and query takes the long factors (export/models/llama.py)
+        self.long_after = int(m["rope_original_context"]) if m.get("rope_long_factors") else None
+        self.history: list[int] = []   # the sequence's tokens, kept for that one re-encoding
         self.max_len = kv_cache_len(self.info, max_total_seq_len)
         S = tvm_ffi.Shape
         self._S = S
@@ -166,6 +169,7 @@ class Runner:
         self._add(self.kv, 0)
         self._active = True
         self.length = 0
+        self.history = []
 
     def _forward(self, fn: str, ids) -> "object":
         if self.length + len(ids) > self.max_len:
@@ -175,22 +179,38 @@ class Runner:
         logits, self.kv = self.vm[fn](self._embed(ids), self.kv, self.params)
         self._end(self.kv)
         self.length += len(ids)
+        if self.long_after is not None:
+            self.history += [int(t) for t in ids]
         return logits
+
+    def _switches_to_long(self, n: int) -> bool:
+        """Whether appending n tokens takes a longrope sequence past original_max_position_embeddings."""
+        return self.long_after is not None and self.length <= self.long_after < self.length + n
 
     def prefill(self, ids) -> np.ndarray:
         """Feed `ids` (in chunks) to the current sequence; logits [vocab] of the last one."""
+        fn = "prefill"
+        if self._switches_to_long(len(ids)):
+            # transformers' Phi-3 generate: the whole sequence again, with the long factors everywhere
+            ids = self.history + list(ids)
+            self.new_sequence()
+        if self.long_after is not None and self.length + len(ids) > self.long_after:
+            fn = "prefill_long"
         logits = None
         for i in range(0, len(ids), self.chunk):
-            logits = self._forward("prefill", ids[i:i + self.chunk])
+            logits = self._forward(fn, ids[i:i + self.chunk])
         return logits.numpy().reshape(-1)
 
     def decode(self, token: int) -> np.ndarray:
+        if self._switches_to_long(1):
+            return self.prefill([token])
         return self._forward("decode", [token]).numpy().reshape(-1)
 
     def logits(self, ids) -> np.ndarray:
         """Logits [len(ids), vocab] of every position (a new sequence)."""
         self.new_sequence()
-        out = [self._forward("prefill_logits", ids[i:i + self.chunk]).numpy().reshape(-1, self.vocab)
+        fn = "prefill_logits_long" if self.long_after is not None and len(ids) > self.long_after else "prefill_logits"
+        out = [self._forward(fn, ids[i:i + self.chunk]).numpy().reshape(-1, self.vocab)
                for i in range(0, len(ids), self.chunk)]
         return np.concatenate(out)
 

@@ -7,9 +7,11 @@ the builder). q/k/v and gate/up are fused into one linear each (the family's `ex
 `export/params.py`), so a block runs four matmul kernels. RoPE (HF rotate-half, theta and scaling from the config)
 is applied inside the cache for default, linear and llama3 (Llama 3.x) scaling. longrope/su (Phi-3) is applied by
 the graph before the cache (`_rope_longrope`: TVM 0.27's own longrope kernel does not build), at the cache's query
-positions, with the short factors only; so a longrope model's context is capped at its
-original_max_position_embeddings (beyond it transformers switches to the long factors, which this graph does not
-compute).
+positions, with transformers' two factor sets: short while the sequence is within original_max_position_embeddings,
+long past it. `prefill` and `decode` pick them by the call's last position (transformers' rule per forward), and
+`prefill_long` / `prefill_logits_long` take the long ones at every position: the runner re-encodes the sequence
+with them when it first grows past original_max_position_embeddings, as transformers' Phi-3 `generate` drops its
+cache there (export/runtime.py), so no key rotated with the short factors stays in the cache of a long sequence.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ class ArchConfig:
     sliding_window: int | None = None
     qk_norm: bool = False                  # per-head RMSNorm on q and k before RoPE (qwen3)
     rope_short_factors: tuple = ()         # longrope: one frequency divisor per RoPE pair (applied by the graph)
+    rope_long_factors: tuple = ()          # longrope: the same, for calls reaching past rope_original_context
+    rope_original_context: int = 0         # longrope: original_max_position_embeddings
     attention_factor: float = 1.0          # longrope: the scale of cos and sin
     # run in the cache as "mha_sliding" with `sliding_window` (exact past the window; cpu targets only, see
     # tvm_schedules/workarounds.py own_cpu_attention); empty: every layer full attention
@@ -82,7 +86,7 @@ class ArchConfig:
         if float(rp.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))) != 1.0:
             raise EdgequantError("partial_rotary_factor other than 1 is not supported by export yet")
         ctx = int(c.get("max_position_embeddings", 2048))
-        scale, scaling, ext, attn_factor = 1.0, {}, (), 1.0
+        scale, scaling, ext, attn_factor, long, orig = 1.0, {}, (), 1.0, (), 0
         if rtype == "linear":
             scale = 1.0 / float(rp["factor"])
         elif rtype == "llama3":
@@ -90,7 +94,7 @@ class ArchConfig:
                                            "original_max_position_embeddings")}
             scaling["rope_type"] = "llama3"
         elif rtype in ("longrope", "su"):
-            ext, attn_factor, ctx = _longrope(c, rp, ctx)
+            ext, long, attn_factor, orig = _longrope(c, rp, ctx)
         elif rtype != "default":
             raise EdgequantError(f"RoPE scaling '{rtype}' is not supported by export yet (default, linear, llama3, "
                                  "longrope/su)")
@@ -109,7 +113,7 @@ class ArchConfig:
                    rope_scaling=scaling, tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
                    context_window=ctx, sliding_window=int(sw) if sw else None,
                    qk_norm=any(n.name == "self_attn.q_norm" for n in family.norms), rope_short_factors=ext,
-                   attention_factor=attn_factor)
+                   rope_long_factors=long, rope_original_context=orig, attention_factor=attn_factor)
 
     @property
     def graph_rope(self) -> bool:
@@ -127,19 +131,22 @@ class ArchConfig:
         return bool(self.sliding_layers or self.attn_logit_softcapping)
 
 
-def _longrope(c: dict, rp: dict, ctx: int) -> tuple[tuple, float, int]:
-    """(short factors, attention factor, capped context) of a longrope/su config, as transformers'
-    `_compute_longrope_parameters` computes them for sequences within original_max_position_embeddings."""
+def _longrope(c: dict, rp: dict, ctx: int) -> tuple[tuple, tuple, float, int]:
+    """(short factors, long factors, attention factor, original_max_position_embeddings) of a longrope/su config, as
+    transformers' `_compute_longrope_parameters` computes them."""
     orig = int(rp.get("original_max_position_embeddings") or c.get("original_max_position_embeddings") or ctx)
     factor = float(rp.get("factor") or ctx / orig)
     af = rp.get("attention_factor")
     af = float(af) if af is not None else (math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0)
     d = family_for(c["model_type"]).dims(c)
-    short = [float(x) for x in rp["short_factor"]]
-    if len(short) != d.head_dim // 2:
-        raise EdgequantError(f"longrope short_factor needs head_dim / 2 = {d.head_dim // 2} values, not "
-                             f"{len(short)}; restore the model's config.json")
-    return tuple(short), af, min(ctx, orig)
+    factors = []
+    for key in ("short_factor", "long_factor"):
+        f = [float(x) for x in rp[key]]
+        if len(f) != d.head_dim // 2:
+            raise EdgequantError(f"longrope {key} needs head_dim / 2 = {d.head_dim // 2} values, not {len(f)}; "
+                                 "restore the model's config.json")
+        factors.append(tuple(f))
+    return factors[0], factors[1], af, orig
 
 
 # Tests set this to route CPU decode through the GEMV's serial twin (same index and bit math, no thread bindings),
@@ -166,8 +173,11 @@ class Attention(nn.Module):
     def _head_norm(self) -> nn.Module:
         return nn.RMSNorm(self.c.head_dim, -1, self.c.rms_norm_eps, bias=False, dtype="float16")
 
+    # longrope: True while the model traces its `*_long` functions (LlamaForCausalLM._body sets it)
+    rope_long = False
+
     def _rope(self, qkv: Tensor, pos: Tensor, layer_id: int) -> Tensor:
-        return _rope_longrope(self.c, qkv, pos)
+        return _rope_longrope(self.c, qkv, pos, self.rope_long)
 
     def _sm_scale(self) -> float:
         return self.c.head_dim ** -0.5
@@ -254,8 +264,9 @@ class LlamaForCausalLM(nn.Module):
             return op.matmul(h, op.permute_dims(emb.weight), out_dtype="float32")
         return self.lm_head(h)
 
-    def _body(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+    def _body(self, x: Tensor, kv: PagedKVCache, rope_long: bool = False) -> Tensor:
         for i, layer in enumerate(self.model.layers):
+            layer.self_attn.rope_long = rope_long   # trace-time switch: the layers' forward stays one signature
             x = layer(x, kv, i)
         return self.model.norm(x)
 
@@ -269,6 +280,15 @@ class LlamaForCausalLM(nn.Module):
 
     def prefill_logits(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._body(input_embed, paged_kv_cache)), paged_kv_cache
+
+    # longrope only: prefill and prefill_logits with the long factors at every position, which the runner uses once a
+    # sequence is longer than original_max_position_embeddings (export/runtime.py says when)
+    def prefill_long(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        h = self._body(input_embed, paged_kv_cache, rope_long=True)
+        return self._logits(op.tensor_expr_op(_last_token, "index_last", [h])), paged_kv_cache
+
+    def prefill_logits_long(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self._body(input_embed, paged_kv_cache, rope_long=True)), paged_kv_cache
 
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._body(input_embed, paged_kv_cache)), paged_kv_cache
@@ -307,9 +327,11 @@ class LlamaForCausalLM(nn.Module):
         def step(seq):   # embeddings of `seq` tokens of one sequence through the blocks and the cache
             return {"input_embed": nn.spec.Tensor([1, seq, self.c.hidden_size], "float16"),
                     "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache), "$": packed}
+        long = {"prefill_long": step("seq_len"), "prefill_logits_long": step("seq_len")} \
+            if self.c.rope_long_factors else {}
         return {
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
-            "prefill": step("seq_len"), "prefill_logits": step("seq_len"),
+            "prefill": step("seq_len"), "prefill_logits": step("seq_len"), **long,
             # one sequence per step, as MLC's `decode` (a static row lets the GEMV schedules apply)
             "decode": step(1),
             "create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
@@ -318,24 +340,34 @@ class LlamaForCausalLM(nn.Module):
         }
 
 
-def _rope_longrope(c: ArchConfig, qkv: Tensor, positions: Tensor) -> Tensor:
+def _rope_longrope(c: ArchConfig, qkv: Tensor, positions: Tensor, long: bool = False) -> Tensor:
     """HF's rotate-half RoPE on the q and k heads of `qkv` [1, s, heads, head_dim] at `positions` [s], with
-    frequencies theta^(-2j/head_dim) / short_factor[j] and cos, sin scaled by the attention factor (transformers'
-    longrope within original_max_position_embeddings); v passes unchanged."""
+    frequencies theta^(-2j/head_dim) / factor[j] and cos, sin scaled by the attention factor; the factors are the long
+    ones with `long`, or when the call's last position (its largest: one sequence per call) is at or past
+    original_max_position_embeddings, as transformers picks them per forward; v passes unchanged."""
     half, rot_heads = c.head_dim // 2, c.num_heads + c.num_kv_heads
-    j = np.arange(half, dtype=np.float32)
-    inv = (1.0 / (np.array(c.rope_short_factors, np.float32) * c.rope_theta ** (2 * j / c.head_dim))).astype("float32")
+    inv = np.stack([longrope_inv_freq(c, c.rope_short_factors), longrope_inv_freq(c, c.rope_long_factors)])
     af = tirx.const(c.attention_factor, "float32")
+    orig = c.rope_original_context
 
     def rope(x, pos, inv_freq):
+        n = pos.shape[0]
+
         def f(b, s, h, d):
-            freq = pos[s].astype("float32") * inv_freq[d % half]
+            table = 1 if long else tirx.if_then_else(pos[n - 1] >= orig, 1, 0)
+            freq = pos[s].astype("float32") * inv_freq[table, d % half]
             other = tirx.if_then_else(d < half, -x[b, s, h, d + half], x[b, s, h, d - half]).astype("float32")
             rotated = (tirx.cos(freq) * x[b, s, h, d].astype("float32") + tirx.sin(freq) * other) * af
             return tirx.if_then_else(h < rot_heads, rotated.astype(x.dtype), x[b, s, h, d])
         return te.compute(x.shape, f, name="rope_longrope")
 
     return op.tensor_expr_op(rope, "rope_longrope", [qkv, positions, Tensor.from_const(inv)])
+
+
+def longrope_inv_freq(c: ArchConfig, factors) -> np.ndarray:
+    """float32 inverse frequencies 1 / (factor[j] * theta^(2j / head_dim)), transformers' formula."""
+    j = np.arange(c.head_dim // 2, dtype=np.float32)
+    return (1.0 / (np.array(factors, np.float32) * c.rope_theta ** (2 * j / c.head_dim))).astype("float32")
 
 
 def _last_token(h):

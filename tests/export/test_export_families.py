@@ -1,10 +1,12 @@
 """Export parity of the families beyond LLaMA/Qwen2 (tests/tiny_families.py): Qwen3 (per-head q/k norms, head_dim 32
 != hidden / heads), Llama 3.x (llama3 RoPE scaling, tied embeddings) and Phi-3 (fused qkv/gate_up as stored,
-longrope short factors and attention factor). Each case is the check of test_export_parity.py (prefill, six decode
-steps, every position's logits against the PyTorch model rebuilt from the same checkpoint, identical greedy tokens,
+longrope short factors and attention factor; the long factors past original_max_position_embeddings in a test of
+their own). Each case is the check of test_export_parity.py (prefill, six decode steps, every position's logits against the PyTorch model rebuilt from the same checkpoint, identical greedy tokens,
 and with outlier columns a control that they matter). Together the cases cover 2, 3 and 4 bits with and without
 outlier columns, at least two bit widths per family; one build per case, as every case compiles other kernels."""
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -59,16 +61,86 @@ def test_rope_scaling_is_visible_at_these_lengths(arch):
     assert float((a - b).abs().max() / a.abs().max()) > 0.1
 
 
+def test_phi3_long_factors_past_original_context(tmp_path, tokenizer):
+    """longrope past original_max_position_embeddings (16 here; 40 tokens reach far past it) as transformers' Phi-3
+    runs it: short factors while the sequence is within 16 tokens; once longer, every key and query rotated with the
+    long factors (an uncached forward picks them for all positions, and `generate` drops its cache and re-encodes
+    the sequence when it first grows past 16). So every position's logits equal those of transformers' uncached
+    forward of the sequence up to there, whatever the path: every position at once (40 tokens, one or four chunks),
+    a 12-token prefill then decode steps across the switch, a 20-token prefill (crossing inside it) then decode; and
+    greedy tokens equal `generate`'s. Controls: keeping the short-rotated keys in the cache (transformers' model
+    forward with its cache, no re-encoding), or short factors everywhere, moves the logits past the bound."""
+    import copy
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_model
+    from edgequant import api
+    from edgequant.artifact import load_quantized_model
+    from edgequant.export.api import export
+    from edgequant.export.runtime import Runner
+    from test_export_parity import _rel
+    hf = tmp_path / "hf"
+    model = make_tiny_model("phi3", seed=5)
+    model.config.original_max_position_embeddings = model.config.rope_parameters["original_max_position_embeddings"] = 16
+    model.save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    ck = api.quantize(str(hf), str(tmp_path / "q"), method="rtn", bits=4, group_size=32, progress=False)
+    old = os.environ.get("EDGEQUANT_ACT_DTYPE")
+    os.environ["EDGEQUANT_ACT_DTYPE"] = "fp16"   # the exact decode path, as in test_export_parity.py
+    try:
+        runner = Runner(export(ck, "cpu", tmp_path / "dist", progress=False))
+    finally:
+        os.environ.pop("EDGEQUANT_ACT_DTYPE") if old is None else os.environ.__setitem__("EDGEQUANT_ACT_DTYPE", old)
+    assert runner.context == 1024 and runner.long_after == 16
+    ref, _ = load_quantized_model(ck)
+    ids = np.random.default_rng(2).integers(0, 320, 40).tolist()
+    with torch.no_grad():
+        def forward(n):   # transformers' uncached forward of the first n tokens
+            return ref(torch.tensor([ids[:n]])).logits[0].numpy()
+        want = np.concatenate([forward(16), forward(40)[16:]])   # short within 16 tokens, long past them
+        out = ref(torch.tensor([ids[:12]]), use_cache=True)
+        kept = []   # the model's own cached forward: keys of positions < 16 keep their short rotation
+        for j in range(12, 40):
+            out = ref(torch.tensor([[ids[j]]]), past_key_values=out.past_key_values, use_cache=True)
+            kept.append(out.logits[0, -1].numpy())
+        short_cfg = copy.deepcopy(ref.config)
+        short_cfg.rope_parameters = {**short_cfg.rope_parameters,
+                                     "long_factor": list(short_cfg.rope_parameters["short_factor"])}
+        short = AutoModelForCausalLM.from_config(short_cfg).eval()
+        short.load_state_dict(ref.state_dict())
+        short = short(torch.tensor([ids])).logits[0].numpy()
+    errs = {"all": _rel(runner.logits(ids), forward(40))}
+    chunk, runner.chunk = runner.chunk, 11
+    errs["all in chunks of 11"] = _rel(runner.logits(ids), forward(40))
+    runner.chunk = chunk
+    for prefill in (12, 20):
+        runner.new_sequence()
+        errs[f"prefill {prefill}"] = _rel(runner.prefill(ids[:prefill]), forward(prefill)[-1])
+        errs[f"decode after {prefill}"] = max(_rel(runner.decode(ids[j]), want[j]) for j in range(prefill, 40))
+    print("\n" + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    assert max(errs.values()) < 1e-2
+    assert _rel(np.stack(kept[4:]), want[16:]) > 5e-2
+    assert _rel(short[16:], want[16:]) > 5e-2 and _rel(forward(40)[:16], want[:16]) > 5e-2
+    with torch.no_grad():
+        greedy = ref.generate(torch.tensor([ids[:8]]), max_new_tokens=24, min_new_tokens=24,
+                              do_sample=False)[0, 8:].tolist()
+    assert runner.generate(ids[:8], 24).tokens == greedy
+
+
 def test_arch_config_reads_rope_scaling_like_transformers():
     """What export reads from real-size configs: Llama 3.2's llama3 scaling goes to the cache; Phi-3.5-mini's longrope
-    gives its short factors, transformers' attention factor and a context capped at original_max_position_embeddings;
+    gives its short and long factors (transformers' inverse frequencies below and past original_max_position_embeddings),
+    transformers' attention factor and the whole context;
     Phi-3-mini-4k's sliding window caps the context; Qwen3's explicit head_dim and q/k norms; unsupported scalings
     are one-line errors that say what is supported."""
     from transformers import LlamaConfig, Phi3Config, Qwen3Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from edgequant.errors import EdgequantError
-    from edgequant.export.models.llama import ArchConfig
+    from edgequant.export.models.llama import ArchConfig, longrope_inv_freq
     llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 8192}
     a = ArchConfig.from_hf(LlamaConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
@@ -83,9 +155,12 @@ def test_arch_config_reads_rope_scaling_like_transformers():
                      rope_scaling={"type": "longrope", "short_factor": short, "long_factor": [2.0] * 48})
     a = ArchConfig.from_hf(cfg.to_dict())
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu")
-    assert a.rope_short_factors == tuple(short) and a.context_window == 4096
+    long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu", seq_len=4097)
+    assert a.rope_short_factors == tuple(short) and a.rope_long_factors == (2.0,) * 48
+    assert a.context_window == 131072 and a.rope_original_context == 4096
     assert abs(a.attention_factor - attention_factor) < 1e-12 and a.attention_factor > 1.1
-    assert torch_like_inv_freq(a).tolist() == pytest.approx(inv_freq.tolist(), rel=1e-6)
+    assert longrope_inv_freq(a, a.rope_short_factors).tolist() == pytest.approx(inv_freq.tolist(), rel=1e-6)
+    assert longrope_inv_freq(a, a.rope_long_factors).tolist() == pytest.approx(long_inv_freq.tolist(), rel=1e-6)
     a = ArchConfig.from_hf(Phi3Config(max_position_embeddings=4096, sliding_window=2047, pad_token_id=0).to_dict())
     assert a.context_window == 2047 and not a.rope_short_factors
 
@@ -98,10 +173,3 @@ def test_arch_config_reads_rope_scaling_like_transformers():
     for rope in ({"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "yarn", "factor": 4.0}):
         with pytest.raises(EdgequantError, match="not supported by export yet .*llama3, longrope"):
             ArchConfig.from_hf(LlamaConfig(rope_scaling=rope).to_dict())
-
-
-def torch_like_inv_freq(a):
-    """The inverse frequencies `_rope_longrope` computes (its formula, in NumPy)."""
-    import numpy as np
-    j = np.arange(a.head_dim // 2, dtype=np.float32)
-    return 1.0 / (np.array(a.rope_short_factors, np.float32) * a.rope_theta ** (2 * j / a.head_dim))
