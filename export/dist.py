@@ -172,7 +172,8 @@ def read_export_info(dist) -> dict:
             raise _damaged(f, f"model field 'rope_original_context' is {_short(m.get('rope_original_context'))}; it "
                               f"must be a positive integer up to {MAX_DIM}")
         if not all(n in info["functions"] for n in ("prefill_long", "prefill_logits_long")):
-            raise _damaged(f, "field 'functions' lacks prefill_long or prefill_logits_long, which a longrope model needs")
+            raise _damaged(f, "field 'functions' lacks prefill_long or prefill_logits_long, which a longrope model "
+                              "needs")
     if _targets()[info["target"]].device != info["device"]:
         raise _damaged(f, f"target '{info['target']}' does not run on device '{info['device']}'")
     if info["prefill_chunk_size"] > m["context_window"]:

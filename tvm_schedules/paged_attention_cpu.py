@@ -90,13 +90,15 @@ def ragged_prefill(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, softcap
                         for j in T.serial(hi):
                             s[0] = T.float32(0)
                             for i in T.serial(d_qk):
-                                s[0] += q[row, h, i].astype("float32") * k[kv_indptr[b] + j, h // group, i].astype("float32")
+                                s[0] += q[row, h, i].astype("float32") * \
+                                    k[kv_indptr[b] + j, h // group, i].astype("float32")
                             s[0] = _score(s[0], sm_scale, softcap)
                             p[0] = T.exp2(m[0] - T.max(m[0], s[0]))   # rescale of what is summed so far
                             m[0] = T.max(m[0], s[0])
                             den[0] = den[0] * p[0] + T.exp2(s[0] - m[0])
                             for i in T.serial(d_v):
-                                acc[i] = acc[i] * p[0] + T.exp2(s[0] - m[0]) * v[kv_indptr[b] + j, h // group, i].astype("float32")
+                                acc[i] = acc[i] * p[0] + T.exp2(s[0] - m[0]) * \
+                                    v[kv_indptr[b] + j, h // group, i].astype("float32")
                         for i in T.serial(d_v):
                             output[row, h, i] = T.if_then_else(den[0] > 0, acc[i] / den[0], T.float32(0)).astype(dtype)
                         lse[row, h] = T.if_then_else(den[0] > 0, m[0] + T.log2(den[0]), T.float32(_NEG))

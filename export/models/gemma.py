@@ -7,27 +7,30 @@ model's dtype); an explicit head_dim and attention scaled by query_pre_attn_scal
 norms before RoPE; final logit soft-capping (Gemma 2); sliding-window layers alternating with global ones.
 
 What TVM 0.27's paged KV cache (`tvm.relax.frontend.nn.llm.kv_cache`) offers, and how each need is met:
-- Sliding window. The cache takes a per-layer attention kind ("mha_sliding", `layer_sliding_window_size`), but in
-  this release it is not usable: (1) a prefill chunk's attention to itself runs the ragged kernel, which has no
-  window mask, so a prompt longer than the window came out wrong (logits off by ~100% of their range on a tiny
-  model); prefill chunks shorter than the window fixed that, but (2) some chunk patterns then gave NaN logits
-  depending on memory contents (e.g. 24 tokens as 11 + 11 + 2 with a window of 12, in a fresh process), and (3) the
-  runtime source we read (apache/tvm src/runtime/vm/paged_kv_cache.cc; not checked against this wheel's binary)
-  hard-codes a 1024-token window in those layers' page bookkeeping, where Gemma 2 uses 4096 and Gemma 3 1B/270M 512. Route around, as the LLaMA graph does for Mistral: every
-  layer runs full attention and the context is capped at the sliding window, where sliding-window attention equals
-  full attention (a query sees the `window` latest keys, itself included: transformers' mask), so every supported
-  length is exact and `run` refuses longer sequences with its usual message. The cost: Gemma 3 1B/270M exports run
-  512 tokens of context, Gemma 2 4096. Lifting it needs a fixed per-layer sliding window in TVM's cache (or our own
-  attention kernel).
+- Sliding window. The cache takes a per-layer attention kind ("mha_sliding", with `layer_sliding_window_size`): for
+  those layers it hands its attention kernels only the pages of the last `window` keys. What went wrong with it
+  before (logits off by ~100% of their range past the window on a tiny model, NaN for some prefill chunkings such as
+  24 tokens as 11 + 11 + 2 with a window of 12) has two causes, both in the kernels, not in the page bookkeeping
+  (this wheel passes the window to the runtime; the hard-coded 1024 of older runtime sources is gone): (1) the
+  ragged kernel, which runs a prefill chunk's attention to itself for every layer, has no window mask; (2) the CPU
+  paged-prefill kernel, which runs the chunk's queries against the cached keys, leaves its running softmax maximum
+  unset when a query's first keys are masked, which happens exactly for sliding layers past the window
+  (tvm_schedules/workarounds.py `own_cpu_attention`, bug 4; reproduced: NaN logits with 12-token chunks). So: every
+  prefill chunk stays within the window (export/build.py `prefill_chunk`), where a query's in-chunk keys are all in
+  its window; and cpu exports run edgequant's own CPU attention kernels (tvm_schedules/paged_attention_cpu.py),
+  exact past the window over the model's whole context (`for_target`). GPU and mobile exports keep TVM's stock GPU
+  kernels, untested here past the window and without the soft-cap: there every layer runs full attention with the
+  context capped at the sliding window, where sliding-window attention equals full attention (a query sees the
+  `window` latest keys, itself included: transformers' mask), and `run` refuses longer sequences.
 - RoPE: the cache applies one RoPE (one base) to every layer. Gemma 3's local layers use another base
   (`rope_local_base_freq`), so where the bases differ the cache runs with RopeMode.NONE and the graph rotates q and
   k itself (`_rotate`, positions from the cache's `get_query_positions`), with each layer's own base.
-- Attention logit soft-capping (Gemma 2's `attn_logit_softcapping`, cap * tanh(score / cap) before the softmax): no
-  kernel of the cache has it and its scores never leave the kernel, so it cannot be added around them. Export runs
-  Gemma 2 without it (as MLC-LLM's Gemma 2 does), says so on the console, and records it in edgequant-export.json
-  (`model.attn_logit_softcapping_dropped`). The logits then differ from transformers' by what the cap changes:
-  scores near or above the cap (50 in the released models) are rare, so the difference is small, but it is not
-  exact. The final logit soft-cap is exact (an ordinary op on the logits).
+- Attention logit soft-capping (Gemma 2's `attn_logit_softcapping`, cap * tanh(score / cap) before the softmax): the
+  scores never leave the cache's kernels, so the cap goes inside them. edgequant's CPU kernels take it; TVM's GPU
+  kernels lack it, so GPU and mobile exports run Gemma 2 without it (as MLC-LLM's Gemma 2 does), say so on the
+  console and record it in edgequant-export.json (`model.attn_logit_softcapping_dropped`): scores near or above the
+  cap (50 in the released models) are rare, so the difference is small, but it is not exact. The final logit
+  soft-cap is exact on every target (an ordinary op on the logits).
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ _ACTS = ("gelu_pytorch_tanh", "gelu_tanh")
 class GemmaArchConfig(ArchConfig):
     query_pre_attn_scalar: float = 256.0
     final_logit_softcapping: float | None = None
-    attn_logit_softcapping_dropped: float | None = None   # Gemma 2's cap the cache's kernels cannot apply
+    attn_logit_softcapping_dropped: float | None = None   # Gemma 2's cap, where the target's kernels lack it
     qk_norm: bool = False                                   # Gemma 3's per-head q/k norms
     layer_types: tuple = ()                                 # "sliding_attention" / "full_attention" per layer
     rope_local_theta: float | None = None                   # local layers' RoPE base where it differs (Gemma 3)

@@ -303,23 +303,19 @@ class LlamaForCausalLM(nn.Module):
         if own and self.target.kind.name != "llvm":
             raise EdgequantError("windowed layers and attention soft-capping have kernels for cpu targets only")
         with own_cpu_attention(c.attn_logit_softcapping) if own else contextlib.nullcontext():
-            return self._cache(kinds, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
-                               support_sliding_window)
-
-    def _cache(self, kinds, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window):
-        c = self.c
-        return TIRPagedKVCache(
-            attn_kind=kinds, layer_sliding_window_size=c.sliding_window if c.sliding_layers else 1024,
-            max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
-            layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
-            v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-            # the graph has rotated q and k already where it applies RoPE itself
-            rope_mode=RopeMode.NONE if c.graph_rope else RopeMode.NORMAL, rope_scale=c.rope_scale,
-            rope_theta=c.rope_theta,
-            rope_scaling=dict(c.rope_scaling), rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim,
-            enable_disaggregation=False, dtype="float16", target=self.target)
+            return TIRPagedKVCache(
+                attn_kind=kinds, layer_sliding_window_size=c.sliding_window if c.sliding_layers else 1024,
+                max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+                prefill_chunk_size=prefill_chunk_size, page_size=page_size,
+                support_sliding_window=support_sliding_window,
+                layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
+                num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
+                v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+                # the graph has rotated q and k already where it applies RoPE itself
+                rope_mode=RopeMode.NONE if c.graph_rope else RopeMode.NORMAL, rope_scale=c.rope_scale,
+                rope_theta=c.rope_theta,
+                rope_scaling=dict(c.rope_scaling), rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim,
+                enable_disaggregation=False, dtype="float16", target=self.target)
 
     def get_default_spec(self):
         packed = {"param_mode": "packed", "effect_mode": "none"}

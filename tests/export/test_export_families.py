@@ -1,8 +1,9 @@
 """Export parity of the families beyond LLaMA/Qwen2 (tests/tiny_families.py): Qwen3 (per-head q/k norms, head_dim 32
 != hidden / heads), Llama 3.x (llama3 RoPE scaling, tied embeddings) and Phi-3 (fused qkv/gate_up as stored,
 longrope short factors and attention factor; the long factors past original_max_position_embeddings in a test of
-their own). Each case is the check of test_export_parity.py (prefill, six decode steps, every position's logits against the PyTorch model rebuilt from the same checkpoint, identical greedy tokens,
-and with outlier columns a control that they matter). Together the cases cover 2, 3 and 4 bits with and without
+their own). Each case is the check of test_export_parity.py (prefill, six decode steps, every position's logits
+against the PyTorch model rebuilt from the same checkpoint, identical greedy tokens, and with outlier columns a
+control that they matter). Together the cases cover 2, 3 and 4 bits with and without
 outlier columns, at least two bit widths per family; one build per case, as every case compiles other kernels."""
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def test_phi3_long_factors_past_original_context(tmp_path, tokenizer):
     from test_export_parity import _rel
     hf = tmp_path / "hf"
     model = make_tiny_model("phi3", seed=5)
-    model.config.original_max_position_embeddings = model.config.rope_parameters["original_max_position_embeddings"] = 16
+    model.config.original_max_position_embeddings = 16
+    model.config.rope_parameters["original_max_position_embeddings"] = 16
     model.save_pretrained(hf)
     tokenizer.save_pretrained(hf)
     ck = api.quantize(str(hf), str(tmp_path / "q"), method="rtn", bits=4, group_size=32, progress=False)
@@ -104,7 +106,7 @@ def test_phi3_long_factors_past_original_context(tmp_path, tokenizer):
         out = ref(torch.tensor([ids[:12]]), use_cache=True)
         kept = []   # the model's own cached forward: keys of positions < 16 keep their short rotation
         for j in range(12, 40):
-            out = ref(torch.tensor([[ids[j]]]), past_key_values=out.past_key_values, use_cache=True)
+            out = ref(torch.tensor([[ids[j]]]), cache=out.cache, use_cache=True)
             kept.append(out.logits[0, -1].numpy())
         short_cfg = copy.deepcopy(ref.config)
         short_cfg.rope_parameters = {**short_cfg.rope_parameters,
@@ -132,8 +134,8 @@ def test_phi3_long_factors_past_original_context(tmp_path, tokenizer):
 
 def test_arch_config_reads_rope_scaling_like_transformers():
     """What export reads from real-size configs: Llama 3.2's llama3 scaling goes to the cache; Phi-3.5-mini's longrope
-    gives its short and long factors (transformers' inverse frequencies below and past original_max_position_embeddings),
-    transformers' attention factor and the whole context;
+    gives its short and long factors (transformers' inverse frequencies below and past
+    original_max_position_embeddings), transformers' attention factor and the whole context;
     Phi-3-mini-4k's sliding window caps the context; Qwen3's explicit head_dim and q/k norms; unsupported scalings
     are one-line errors that say what is supported."""
     from transformers import LlamaConfig, Phi3Config, Qwen3Config
