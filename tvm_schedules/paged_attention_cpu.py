@@ -41,8 +41,9 @@ def _score(dot, sm_scale, softcap: float | None):
     return s * tirx.const(LOG2E, "float32")
 
 
-def ragged_prefill(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, softcap: float | None = None):
-    """Replacement of `_attention_prefill_ragged_cpu` (same arguments)."""
+def ragged_prefill(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, softcap: float | None = None,
+                   every_window: int = 0):
+    """Replacement of `_attention_prefill_ragged_cpu` (same arguments); `every_window`: see `cpu_kernels_for`."""
     from tvm.script import tirx as T
     group = h_q // h_kv
 
@@ -82,12 +83,14 @@ def ragged_prefill(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, softcap
                         n_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                         n_k: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
                         hi: T.let[T.int32] = T.max(T.min(T.if_then_else(causal > 0, n_k - n_q + qi + 1, n_k), n_k), 0)
+                        lo: T.let[T.int32] = _window_start(hi - 1, every_window)
                         row: T.let[T.int32] = q_indptr[b] + qi
                         m[0] = T.float32(_NEG)
                         den[0] = T.float32(0)
                         for i in T.serial(d_v):
                             acc[i] = T.float32(0)
-                        for j in T.serial(hi):
+                        for jj in T.serial(T.max(hi - lo, 0)):
+                            j: T.let[T.int32] = lo + jj
                             s[0] = T.float32(0)
                             for i in T.serial(d_qk):
                                 s[0] += q[row, h, i].astype("float32") * \
@@ -129,8 +132,9 @@ def _slot(length_info, b, j, sliding: bool):
 
 
 def paged_prefill(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool, rope_scaling=None,
-                  page_size: int = 16, sliding_window_size: int = 1024, softcap: float | None = None):
-    """Replacement of `_attention_prefill_cpu` (same arguments)."""
+                  page_size: int = 16, sliding_window_size: int = 1024, softcap: float | None = None,
+                  every_window: int = 0):
+    """Replacement of `_attention_prefill_cpu` (same arguments); `every_window`: see `cpu_kernels_for`."""
     from tvm.script import tirx as T
     group = h_q // h_kv
     window = sliding_window_size if sliding_window else 0
@@ -177,7 +181,7 @@ def paged_prefill(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool,
                         n_k: T.let[T.int32] = _kv_len(length_info, b, page_indptr[b + 1] - begin, page_size,
                                                       sliding_window)
                         n_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                        lo: T.let[T.int32] = _first_visible(causal, n_k, qi, window)
+                        lo: T.let[T.int32] = _first_visible(causal, n_k, n_q, qi, window, every_window)
                         hi: T.let[T.int32] = _end_visible(causal, n_k, n_q, qi, window)
                         row: T.let[T.int32] = q_indptr[b] + qi
                         m[0] = T.float32(_NEG)
@@ -205,13 +209,22 @@ def paged_prefill(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool,
     return batch_prefill_paged_kv_cpu
 
 
-def _first_visible(causal, n_k, qi, window: int):
+def _first_visible(causal, n_k, n_q, qi, window: int, every_window: int):
     """First cached key query row qi sees: the last window - qi - 1 keys for a sliding layer (the runtime sets causal
-    there: the chunk's own keys fill the rest of the window), else all."""
+    there: the chunk's own keys fill the rest of the window); with `every_window`, the keys within it of the query's
+    position (n_k - n_q + qi when the chunk is in the cache, n_k + qi after it); else all."""
     from tvm import tirx
-    if not window:
+    if window:
+        return tirx.if_then_else(causal > 0, tirx.max(n_k - tirx.max(window - qi - 1, 0), 0), 0)
+    return _window_start(tirx.if_then_else(causal > 0, n_k - n_q + qi, n_k + qi), every_window)
+
+
+def _window_start(qpos, every_window: int):
+    """First key position a query at `qpos` sees in a window of `every_window` keys, itself included (0: all)."""
+    from tvm import tirx
+    if not every_window:
         return tirx.const(0, "int32")
-    return tirx.if_then_else(causal > 0, tirx.max(n_k - tirx.max(window - qi - 1, 0), 0), 0)
+    return tirx.max(qpos - (every_window - 1), 0)
 
 
 def _end_visible(causal, n_k, n_q, qi, window: int):
@@ -223,8 +236,9 @@ def _end_visible(causal, n_k, n_q, qi, window: int):
 
 
 def paged_decode(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool, rope_scaling=None,
-                 page_size: int = 16, softcap: float | None = None):
-    """Replacement of `_attention_decode_cpu` (same arguments): every key the runtime hands over is visible."""
+                 page_size: int = 16, softcap: float | None = None, every_window: int = 0):
+    """Replacement of `_attention_decode_cpu` (same arguments): every key the runtime hands over is visible, or with
+    `every_window` (see `cpu_kernels_for`) the last that many."""
     from tvm.script import tirx as T
     group = h_q // h_kv
     symbol = "edgequant_decode_paged_kv_cpu" + ("_sliding_window" if sliding_window else "")
@@ -269,8 +283,9 @@ def paged_decode(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool, 
                     den[0] = T.float32(0)
                     for i in T.serial(d):
                         acc[i] = T.float32(0)
-                    for j in T.serial(n_k):
-                        slot: T.let[T.int32] = _slot(length_info, b, j, sliding_window)
+                    lo: T.let[T.int32] = _window_start(n_k - 1, every_window)
+                    for jj in T.serial(T.max(n_k - lo, 0)):
+                        slot: T.let[T.int32] = _slot(length_info, b, lo + jj, sliding_window)
                         page: T.let[T.int32] = page_values[begin + slot // page_size]
                         s[0] = T.float32(0)
                         for i in T.serial(d):
@@ -290,13 +305,17 @@ def paged_decode(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool, 
     return batch_decode_paged_kv
 
 
-def cpu_kernels_for(softcap: float | None) -> dict:
-    """{name in tvm.relax.frontend.nn.llm.kv_cache: kernel builder} with the stock builders' signatures."""
+def cpu_kernels_for(softcap: float | None, every_window: int = 0) -> dict:
+    """{name in tvm.relax.frontend.nn.llm.kv_cache: kernel builder} with the stock builders' signatures.
+    `every_window`: a sliding window on every layer (Mistral, Phi-3), applied by the kernels themselves from the
+    positions, for a cache whose layers are all "mha": TVM 0.27's runtime does not allocate its q/k/v staging buffers
+    when no layer is "mha" (`temp_attn_q_device_`, only for a kMHA layer), so an all-"mha_sliding" cache fails its
+    first prefill (workarounds.py, bug 5)."""
     import functools
     return {"_attention_prefill_ragged_cpu": lambda h_kv, h_q, d_qk, d_v, dtype, rope_scaling:
-            ragged_prefill(h_kv, h_q, d_qk, d_v, dtype, softcap),
-            "_attention_prefill_cpu": functools.partial(paged_prefill, softcap=softcap),
-            "_attention_decode_cpu": functools.partial(paged_decode, softcap=softcap)}
+            ragged_prefill(h_kv, h_q, d_qk, d_v, dtype, softcap, every_window),
+            "_attention_prefill_cpu": functools.partial(paged_prefill, softcap=softcap, every_window=every_window),
+            "_attention_decode_cpu": functools.partial(paged_decode, softcap=softcap, every_window=every_window)}
 
 
 def attention_np(q, k, v, q_pos, k_pos, sm_scale: float, window: int | None = None, softcap: float | None = None):

@@ -64,7 +64,6 @@ class GemmaArchConfig(ArchConfig):
     layer_types: tuple = ()                                 # "sliding_attention" / "full_attention" per layer
     rope_local_theta: float | None = None                   # local layers' RoPE base where it differs (Gemma 3)
     rope_local_scale: float = 1.0
-    max_context: int = 8192                                 # max_position_embeddings: the context of cpu exports
 
     @classmethod
     def _from_hf(cls, c: dict) -> "GemmaArchConfig":
@@ -109,15 +108,16 @@ class GemmaArchConfig(ArchConfig):
                    max_context=int(c.get("max_position_embeddings", 8192)))
 
     def for_target(self, kind: str) -> "GemmaArchConfig":
-        """On cpu targets the cache runs edgequant's own attention kernels: sliding layers windowed past the window
-        (the context is the model's), Gemma 2's attention soft-cap applied. Elsewhere the stock GPU kernels: full
-        attention within a context capped at the window, no attention soft-cap."""
+        """LLaMA's rule for the window (exact past it on cpu targets, a cap elsewhere), and on cpu targets Gemma 2's
+        attention soft-cap applied by the same kernels (TVM's GPU kernels lack it)."""
+        a = super().for_target(kind)
         if kind != "llvm":
-            return self
-        sliding = tuple(i for i, t in enumerate(self.layer_types) if t == "sliding_attention")
-        return dataclasses.replace(self, context_window=self.max_context, sliding_layers=sliding,
-                                   attn_logit_softcapping=self.attn_logit_softcapping_dropped,
+            return a
+        return dataclasses.replace(a, attn_logit_softcapping=self.attn_logit_softcapping_dropped,
                                    attn_logit_softcapping_dropped=None)
+
+    def window_layers(self) -> tuple:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == "sliding_attention")
 
     @property
     def graph_rope(self) -> bool:

@@ -16,6 +16,7 @@ cache there (export/runtime.py), so no key rotated with the short factors stays 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -63,6 +64,7 @@ class ArchConfig:
     # run in the cache as "mha_sliding" with `sliding_window` (exact past the window; cpu targets only, see
     # tvm_schedules/workarounds.py own_cpu_attention); empty: every layer full attention
     sliding_layers: tuple = ()
+    max_context: int = 2048                # max_position_embeddings: the context where the window is not a cap
     attn_logit_softcapping: float | None = None   # cap * tanh(score / cap) in the cache's kernels (cpu targets only)
 
     @classmethod
@@ -100,9 +102,10 @@ class ArchConfig:
                                  "longrope/su)")
         # mistral and phi3 configs mean their sliding_window (transformers applies it for them unless it is null)
         sw = c.get("sliding_window") if c.get("use_sliding_window", c["model_type"] in ("mistral", "phi3")) else None
+        full = ctx
         if sw:
-            # attention inside the window equals full attention: cap the context instead of compiling the
-            # cache's sliding-window mode, so every supported length is exact
+            # attention inside the window equals full attention: without edgequant's CPU kernels (`for_target`)
+            # the context is capped at the window, so every supported length is exact
             ctx = min(ctx, int(sw))
         family = family_for(c["model_type"])
         d = family.dims(c)
@@ -113,7 +116,8 @@ class ArchConfig:
                    rope_scaling=scaling, tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
                    context_window=ctx, sliding_window=int(sw) if sw else None,
                    qk_norm=any(n.name == "self_attn.q_norm" for n in family.norms), rope_short_factors=ext,
-                   rope_long_factors=long, rope_original_context=orig, attention_factor=attn_factor)
+                   rope_long_factors=long, rope_original_context=orig, attention_factor=attn_factor,
+                   max_context=full)
 
     @property
     def graph_rope(self) -> bool:
@@ -121,9 +125,16 @@ class ArchConfig:
         return bool(self.rope_short_factors)
 
     def for_target(self, kind: str) -> "ArchConfig":
-        """The config as exported for a TVM target kind ("llvm", "cuda", ...): a family whose attention needs the
-        cpu target's own kernels says here what changes with them."""
-        return self
+        """The config as exported for a TVM target kind ("llvm", "cuda", ...). On cpu targets the cache runs
+        edgequant's own attention kernels, so a sliding window is exact past it and the context is the model's;
+        elsewhere (TVM's stock GPU kernels) every layer runs full attention in a context capped at the window."""
+        if kind != "llvm" or not self.sliding_window:
+            return self
+        return dataclasses.replace(self, context_window=self.max_context, sliding_layers=self.window_layers())
+
+    def window_layers(self) -> tuple:
+        """The layers the sliding window applies to: all of them here (mistral, phi3)."""
+        return tuple(range(self.num_layers))
 
     @property
     def own_cpu_attention(self) -> bool:
@@ -297,12 +308,14 @@ class LlamaForCausalLM(nn.Module):
                               prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                               support_sliding_window: tirx.Var) -> PagedKVCache:
         c = self.c
+        every = len(c.sliding_layers) == c.num_layers   # one window for all: the kernels apply it (bug 5)
         kinds = ["mha_sliding" if i in c.sliding_layers else "mha" for i in range(c.num_layers)] \
-            if c.sliding_layers else "mha"
+            if c.sliding_layers and not every else "mha"
         own = c.own_cpu_attention
         if own and self.target.kind.name != "llvm":
             raise EdgequantError("windowed layers and attention soft-capping have kernels for cpu targets only")
-        with own_cpu_attention(c.attn_logit_softcapping) if own else contextlib.nullcontext():
+        with own_cpu_attention(c.attn_logit_softcapping, c.sliding_window if every else 0) if own \
+                else contextlib.nullcontext():
             return TIRPagedKVCache(
                 attn_kind=kinds, layer_sliding_window_size=c.sliding_window if c.sliding_layers else 1024,
                 max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,

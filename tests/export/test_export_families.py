@@ -70,7 +70,9 @@ def test_phi3_long_factors_past_original_context(tmp_path, tokenizer):
     forward of the sequence up to there, whatever the path: every position at once (40 tokens, one or four chunks),
     a 12-token prefill then decode steps across the switch, a 20-token prefill (crossing inside it) then decode; and
     greedy tokens equal `generate`'s. Controls: keeping the short-rotated keys in the cache (transformers' model
-    forward with its cache, no re-encoding), or short factors everywhere, moves the logits past the bound."""
+    forward with its cache, no re-encoding), or short factors everywhere, moves the logits past the bound.
+    The model also has a sliding window (12, all layers, as Phi-3-mini-4k's 2047), exact past it on the cpu target:
+    the context is the model's, prefill chunks are 12 tokens, and without the window the logits move too."""
     import copy
 
     import numpy as np
@@ -87,6 +89,7 @@ def test_phi3_long_factors_past_original_context(tmp_path, tokenizer):
     model = make_tiny_model("phi3", seed=5)
     model.config.original_max_position_embeddings = 16
     model.config.rope_parameters["original_max_position_embeddings"] = 16
+    model.config.sliding_window = 12
     model.save_pretrained(hf)
     tokenizer.save_pretrained(hf)
     ck = api.quantize(str(hf), str(tmp_path / "q"), method="rtn", bits=4, group_size=32, progress=False)
@@ -96,7 +99,7 @@ def test_phi3_long_factors_past_original_context(tmp_path, tokenizer):
         runner = Runner(export(ck, "cpu", tmp_path / "dist", progress=False))
     finally:
         os.environ.pop("EDGEQUANT_ACT_DTYPE") if old is None else os.environ.__setitem__("EDGEQUANT_ACT_DTYPE", old)
-    assert runner.context == 1024 and runner.long_after == 16
+    assert runner.context == 1024 and runner.long_after == 16 and runner.chunk == 12
     ref, _ = load_quantized_model(ck)
     ids = np.random.default_rng(2).integers(0, 320, 40).tolist()
     with torch.no_grad():
@@ -114,6 +117,9 @@ def test_phi3_long_factors_past_original_context(tmp_path, tokenizer):
         short = AutoModelForCausalLM.from_config(short_cfg).eval()
         short.load_state_dict(ref.state_dict())
         short = short(torch.tensor([ids])).logits[0].numpy()
+        ref.config.sliding_window = None
+        unwindowed = forward(40)
+        ref.config.sliding_window = 12
     errs = {"all": _rel(runner.logits(ids), forward(40))}
     chunk, runner.chunk = runner.chunk, 11
     errs["all in chunks of 11"] = _rel(runner.logits(ids), forward(40))
@@ -126,6 +132,7 @@ def test_phi3_long_factors_past_original_context(tmp_path, tokenizer):
     assert max(errs.values()) < 1e-2
     assert _rel(np.stack(kept[4:]), want[16:]) > 5e-2
     assert _rel(short[16:], want[16:]) > 5e-2 and _rel(forward(40)[:16], want[:16]) > 5e-2
+    assert _rel(unwindowed, forward(40)) > 5e-2
     with torch.no_grad():
         greedy = ref.generate(torch.tensor([ids[:8]]), max_new_tokens=24, min_new_tokens=24,
                               do_sample=False)[0, 8:].tolist()
@@ -164,7 +171,9 @@ def test_arch_config_reads_rope_scaling_like_transformers():
     assert longrope_inv_freq(a, a.rope_short_factors).tolist() == pytest.approx(inv_freq.tolist(), rel=1e-6)
     assert longrope_inv_freq(a, a.rope_long_factors).tolist() == pytest.approx(long_inv_freq.tolist(), rel=1e-6)
     a = ArchConfig.from_hf(Phi3Config(max_position_embeddings=4096, sliding_window=2047, pad_token_id=0).to_dict())
-    assert a.context_window == 2047 and not a.rope_short_factors
+    assert a.context_window == 2047 and not a.rope_short_factors and a.for_target("cuda") == a
+    cpu = a.for_target("llvm")   # edgequant's CPU attention kernels: the window is exact past it
+    assert cpu.context_window == 4096 and cpu.sliding_layers == tuple(range(32)) and cpu.own_cpu_attention
 
     a = ArchConfig.from_hf(Qwen3Config(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8,
                                        head_dim=128).to_dict())

@@ -1,7 +1,9 @@
 """edgequant's CPU attention kernels for the paged KV cache (tvm_schedules/paged_attention_cpu.py) against their NumPy
 reference, on a hand-made page table with the runtime's layout (pages out of order, a sliding window that starts
 inside a page): the chunk against itself (ragged), the chunk against the cached keys (paged prefill, full and
-sliding, where late rows see no cached key at all), and decode; GQA groups, with and without a soft-cap."""
+windowed, where late rows see no cached key at all), and decode; GQA groups, with and without a soft-cap. A window
+comes either as the runtime's sliding-layer view ("mha_sliding": its last pages and length info) or, for a window
+on every layer, from the kernels' own `every_window` over all the pages."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,40 +47,42 @@ def _close(got, want, tol=2e-3):
     assert np.abs(got.astype(np.float64) - want).max() <= tol * max(1.0, np.abs(want).max())
 
 
-@pytest.mark.parametrize("softcap", [0.5])
-def test_ragged_prefill_matches_numpy(softcap):
+@pytest.mark.parametrize("window,softcap", [(None, 0.5), (6, None)])
+def test_ragged_prefill_matches_numpy(window, softcap):
     from edgequant.tvm_schedules.paged_attention_cpu import attention_np, ragged_prefill
     rng = np.random.default_rng(0)
     n = 9
     q, k, v = (rng.normal(0, 1, (n, h, D)).astype("float16") for h in (H_Q, H_KV, H_KV))
     ind = np.array([0, n], "int32")
     out, lse = np.zeros((n, H_Q, D), "float16"), np.zeros((n, H_Q), "float32")
-    res = _run(ragged_prefill(H_KV, H_Q, D, D, "float16", softcap), q, ind, k, v, ind, np.arange(n, dtype="int32"),
+    res = _run(ragged_prefill(H_KV, H_Q, D, D, "float16", softcap, window or 0), q, ind, k, v, ind, np.arange(n, dtype="int32"),
                np.zeros(1, "int32"), out, lse, 1, 0, 1.0, 1e4, 0.3)
-    want, want_lse = attention_np(q, k, v, np.arange(n), np.arange(n), 0.3, softcap=softcap)
+    want, want_lse = attention_np(q, k, v, np.arange(n), np.arange(n), 0.3, window, softcap)
     _close(res[7], want)
     _close(res[8], want_lse)
 
 
-@pytest.mark.parametrize("window,softcap", [(None, None), (12, 0.5)])
-def test_paged_prefill_matches_numpy(window, softcap):
+@pytest.mark.parametrize("window,softcap,view", [(None, None, True), (12, 0.5, True), (12, None, False)])
+def test_paged_prefill_matches_numpy(window, softcap, view):
     """A chunk of 14 queries after 37 cached keys; with a window of 12 the sliding kernel gets the runtime's view
-    (the last 12 keys, starting 9 slots into a page) and causal, and rows 11.. see no cached key."""
+    (the last 12 keys, starting 9 slots into a page) and causal, or every page and the window as `every_window`;
+    rows 11.. see no cached key."""
     from edgequant.tvm_schedules.paged_attention_cpu import attention_np, paged_prefill
     rng = np.random.default_rng(1)
     past, n = 37, 14
     k, v = (rng.normal(0, 1, (past, H_KV, D)).astype("float16") for _ in range(2))
     q = rng.normal(0, 1, (n, H_Q, D)).astype("float16")
     pages, ids = _pages(k, v, rng)
-    if window:
+    sliding = bool(window) and view
+    if sliding:
         ids, info = _window_pages(past, window, ids)
     else:
         info = np.array([(past - 1) % PAGE + 1], "int32")
     out, lse = np.zeros((n, H_Q, D), "float16"), np.zeros((n, H_Q), "float32")
-    res = _run(paged_prefill(H_KV, H_Q, D, "float16", bool(window), None, sliding_window_size=window or 1024,
-                             softcap=softcap),
+    res = _run(paged_prefill(H_KV, H_Q, D, "float16", sliding, None, sliding_window_size=window or 1024,
+                             softcap=softcap, every_window=0 if view else window),
                q, np.array([0, n], "int32"), pages, np.array([0, len(ids)], "int32"), ids, info,
-               np.zeros(1, "int32"), np.arange(n, dtype="int32"), out, lse, int(bool(window)), 0, 1.0, 1e4, 0.3)
+               np.zeros(1, "int32"), np.arange(n, dtype="int32"), out, lse, int(sliding), 0, 1.0, 1e4, 0.3)
     qpos = past + np.arange(n)
     seen = np.arange(n) < (window - 1 if window else n)   # rows with at least one cached key in their window
     want, want_lse = attention_np(q[seen], k, v, qpos[seen], np.arange(past), 0.3, window, softcap)
@@ -87,8 +91,8 @@ def test_paged_prefill_matches_numpy(window, softcap):
     assert not res[8][~seen].any() and (res[9][~seen] == -5e4).all()   # nothing to merge from the cache
 
 
-@pytest.mark.parametrize("window,softcap", [(12, 0.5)])
-def test_decode_matches_numpy(window, softcap):
+@pytest.mark.parametrize("window,softcap,view", [(12, 0.5, True), (12, None, False)])
+def test_decode_matches_numpy(window, softcap, view):
     """One query at position 40, its own key already appended (the runtime appends before a decode step)."""
     from edgequant.tvm_schedules.paged_attention_cpu import attention_np, paged_decode
     rng = np.random.default_rng(2)
@@ -96,12 +100,12 @@ def test_decode_matches_numpy(window, softcap):
     k, v = (rng.normal(0, 1, (length, H_KV, D)).astype("float16") for _ in range(2))
     q = rng.normal(0, 1, (1, H_Q, D)).astype("float16")
     pages, ids = _pages(k, v, rng)
-    if window:
+    if view:
         ids, info = _window_pages(length, window, ids)
     else:
         info = np.array([(length - 1) % PAGE + 1], "int32")
     out, lse = np.zeros((1, H_Q, D), "float16"), np.zeros((1, H_Q), "float32")
-    res = _run(paged_decode(H_KV, H_Q, D, "float16", bool(window), None, softcap=softcap),
+    res = _run(paged_decode(H_KV, H_Q, D, "float16", view, None, softcap=softcap, every_window=0 if view else window),
                q, pages, np.array([0, len(ids)], "int32"), ids, info, np.zeros(1, "int32"),
                np.array([length - 1], "int32"), out, lse, 0, 1.0, 1e4, 0.3)
     want, want_lse = attention_np(q, k, v, [length - 1], np.arange(length), 0.3, window, softcap)
