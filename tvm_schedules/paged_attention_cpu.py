@@ -13,6 +13,8 @@ The cache's runtime calls three kernels per layer, with the ABI of TVM 0.27's ow
   hands over only the pages of the last `window` past keys (length_info [3, b]: last page length, window offset,
   sink length) and sets `causal`; query row r of the chunk then sees the last window - r - 1 of them;
 - decode: one query against the cached keys, the new one included (the runtime appends before a decode step).
+A window on every layer (Mistral, Phi-3) comes instead as `every_window` for caches of plain "mha" layers: the
+kernels then take each query's window from its position over all the pages (`cpu_kernels_for` says why).
 
 Each query and head runs one online softmax (Milakov and Gimelshein, arXiv 1805.02867) over exactly its visible key
 range, computed from the positions rather than masked key by key: the stock paged prefill kernel left its running

@@ -12,6 +12,9 @@ long past it. `prefill` and `decode` pick them by the call's last position (tran
 `prefill_long` / `prefill_logits_long` take the long ones at every position: the runner re-encodes the sequence
 with them when it first grows past original_max_position_embeddings, as transformers' Phi-3 `generate` drops its
 cache there (export/runtime.py), so no key rotated with the short factors stays in the cache of a long sequence.
+A sliding window (mistral, phi3: the same window on every layer) is exact past the window on cpu targets, where
+edgequant's CPU attention kernels apply it (`ArchConfig.for_target`, tvm_schedules/workarounds.py own_cpu_attention);
+elsewhere it caps the context, inside which sliding-window attention equals full attention.
 """
 from __future__ import annotations
 
