@@ -143,8 +143,8 @@ def test_arch_config_reads_rope_scaling_like_transformers():
     """What export reads from real-size configs: Llama 3.2's llama3 scaling goes to the cache; Phi-3.5-mini's longrope
     gives its short and long factors (transformers' inverse frequencies below and past
     original_max_position_embeddings), transformers' attention factor and the whole context;
-    Phi-3-mini-4k's sliding window caps the context except on cpu targets; Qwen3's explicit head_dim and q/k norms; unsupported scalings
-    are one-line errors that say what is supported."""
+    Phi-3-mini-4k's sliding window caps the context except on cpu targets; Qwen3's explicit head_dim and q/k norms;
+    unsupported scalings are one-line errors that say what is supported."""
     from transformers import LlamaConfig, Phi3Config, Qwen3Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

@@ -55,8 +55,8 @@ def test_ragged_prefill_matches_numpy(window, softcap):
     q, k, v = (rng.normal(0, 1, (n, h, D)).astype("float16") for h in (H_Q, H_KV, H_KV))
     ind = np.array([0, n], "int32")
     out, lse = np.zeros((n, H_Q, D), "float16"), np.zeros((n, H_Q), "float32")
-    res = _run(ragged_prefill(H_KV, H_Q, D, D, "float16", softcap, window or 0), q, ind, k, v, ind, np.arange(n, dtype="int32"),
-               np.zeros(1, "int32"), out, lse, 1, 0, 1.0, 1e4, 0.3)
+    res = _run(ragged_prefill(H_KV, H_Q, D, D, "float16", softcap, window or 0), q, ind, k, v, ind,
+               np.arange(n, dtype="int32"), np.zeros(1, "int32"), out, lse, 1, 0, 1.0, 1e4, 0.3)
     want, want_lse = attention_np(q, k, v, np.arange(n), np.arange(n), 0.3, window, softcap)
     _close(res[7], want)
     _close(res[8], want_lse)
