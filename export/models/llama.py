@@ -125,6 +125,33 @@ def _longrope(c: dict, rp: dict, ctx: int) -> tuple[tuple, float, int]:
     return tuple(short), af, min(ctx, orig)
 
 
+def decode_fusions_enabled() -> bool:
+    """Decode's RMSNorms, SiLU-gated products and residual adds inside the GEMVs (one kernel per linear, four per
+    block instead of nine); `DECODE_FUSIONS = False` or EDGEQUANT_DECODE_FUSE=0 at export time keeps separate
+    kernels. Only where the decode GEMV runs (CUDA, or its CPU twin in tests)."""
+    import os
+    return DECODE_FUSIONS and os.environ.get("EDGEQUANT_DECODE_FUSE", "1") != "0"
+
+
+DECODE_FUSIONS = True
+
+
+def _linear(lin, x: Tensor, norm=None, glu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """lin(norm(x)) or lin(silu(gate) * up) (x = [gate | up]), plus `residual`: one decode GEMV kernel where
+    `QuantLinear.decode_fused` applies, else the separate ops (prefill, dense or OWQ linears, fusions off)."""
+    if isinstance(lin, QuantLinear) and decode_fusions_enabled():
+        y = lin.decode_fused(x, norm, glu, residual)
+        if y is not None:
+            return y
+    if norm is not None:
+        x = norm(x)
+    if glu:
+        gate, up = op.split(x, 2, axis=-1)
+        x = op.silu(gate) * up
+    y = lin(x)
+    return residual + y if residual is not None else y
+
+
 # Tests set this to route CPU decode through the GEMV's serial twin (same index and bit math, no thread bindings),
 # which checks the CUDA decode wiring (arguments, zero points, outlier columns, bias) against PyTorch without a GPU.
 DECODE_GEMV_TWIN_ON_CPU = False
@@ -155,17 +182,18 @@ class Attention(nn.Module):
     def _sm_scale(self) -> float:
         return self.c.head_dim ** -0.5
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int):
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, norm=None, residual: Tensor | None = None):
+        """o_proj(attention(qkv_proj(x))), with `norm` applied to x first and `residual` added (see `_linear`)."""
         c = self.c
         b, s, _ = x.shape
-        qkv = op.reshape(self.qkv_proj(x), (b, s, c.num_heads + 2 * c.num_kv_heads, c.head_dim))
+        qkv = op.reshape(_linear(self.qkv_proj, x, norm), (b, s, c.num_heads + 2 * c.num_kv_heads, c.head_dim))
         if c.qk_norm:   # qwen3, Gemma 3: RMSNorm over each head's channels of q and k, before RoPE
             q, k, v = op.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=2)
             qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
         if c.graph_rope:
             qkv = self._rope(qkv, kv.get_query_positions(b * s), layer_id)
         o = kv.attention_with_fused_qkv(layer_id, qkv, c.num_heads, sm_scale=self._sm_scale())
-        return self.o_proj(op.reshape(o, (b, s, c.num_heads * c.head_dim)))
+        return _linear(self.o_proj, op.reshape(o, (b, s, c.num_heads * c.head_dim)), residual=residual)
 
 
 class MLP(nn.Module):
@@ -173,9 +201,13 @@ class MLP(nn.Module):
         self.gate_up_proj = _make_linear(plans[f"{prefix}.mlp.gate_up_proj"], gpu_gemv)
         self.down_proj = _make_linear(plans[f"{prefix}.mlp.down_proj"], gpu_gemv)
 
-    def forward(self, x: Tensor):
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(self._act(gate) * up)
+    def forward(self, x: Tensor, norm=None, residual: Tensor | None = None):
+        """down(act(gate) * up) of gate_up(x), with `norm` applied to x first and `residual` added (`_linear`)."""
+        h = _linear(self.gate_up_proj, x, norm)
+        if type(self)._act is MLP._act:   # SiLU: the gated product can ride in down_proj's GEMV
+            return _linear(self.down_proj, h, glu=True, residual=residual)
+        gate, up = op.split(h, 2, axis=-1)
+        return _linear(self.down_proj, self._act(gate) * up, residual=residual)
 
     def _act(self, gate: Tensor) -> Tensor:
         return op.silu(gate)
@@ -190,8 +222,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype="float16")
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int):
-        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(x, kv, layer_id, norm=self.input_layernorm, residual=x)
+        return self.mlp(x, norm=self.post_attention_layernorm, residual=x)
 
 
 def embedding_for(c, plans) -> nn.Module:
