@@ -122,6 +122,10 @@ class Runner:
         self._end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
         self._tvm = tvm
         self._active = False
+        # greedy sampling on the device where the library has it (one int32 copied per step, not the logits), and
+        # one reused device buffer for a single token id (a new tensor per step cost a cudaMalloc and a cudaFree)
+        self._argmax = self.vm["argmax"] if self._has("argmax") else None
+        self._one_id = tvm.runtime.empty((1,), "int32", self.dev)
         self.tokenizer = _tokenizer(self.dist, "export the model again from a folder that has its tokenizer") \
             if load_tokenizer else None
 
@@ -157,7 +161,12 @@ class Runner:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):   # the embedding kernel does not bound-check
             bad = int(ids[(ids < 0) | (ids >= self.vocab)][0])
             raise EdgequantError(f"token id {bad} is outside the vocabulary (0..{self.vocab - 1}) of this model")
-        e = self.vm["embed"](tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.dev), self.params)
+        if ids.size == 1:
+            self._one_id.copyfrom(ids.astype("int32"))
+            dev_ids = self._one_id
+        else:
+            dev_ids = tvm.runtime.tensor(ids.astype("int32"), self.dev)
+        e = self.vm["embed"](dev_ids, self.params)
         return e._create_view((1, len(ids), self.hidden))
 
     def new_sequence(self):
@@ -177,12 +186,15 @@ class Runner:
         self.length += len(ids)
         return logits
 
-    def prefill(self, ids) -> np.ndarray:
-        """Feed `ids` (in chunks) to the current sequence; logits [vocab] of the last one."""
+    def _prefill(self, ids):
         logits = None
         for i in range(0, len(ids), self.chunk):
             logits = self._forward("prefill", ids[i:i + self.chunk])
-        return logits.numpy().reshape(-1)
+        return logits
+
+    def prefill(self, ids) -> np.ndarray:
+        """Feed `ids` (in chunks) to the current sequence; logits [vocab] of the last one."""
+        return self._prefill(ids).numpy().reshape(-1)
 
     def decode(self, token: int) -> np.ndarray:
         return self._forward("decode", [token]).numpy().reshape(-1)
@@ -201,18 +213,22 @@ class Runner:
         st = GenerationStats(prompt_tokens=len(prompt_ids))
         self.new_sequence()
         t = time.perf_counter()
-        logits = self.prefill(list(prompt_ids))
+        logits = self._prefill(list(prompt_ids))
+        self.dev.sync()
         st.prefill_s = time.perf_counter() - t
         t = time.perf_counter()
         for step in range(max_new_tokens):
-            tok = sample(logits, temperature, top_p, rng)
+            if temperature <= 0 and self._argmax is not None:
+                tok = int(self._argmax(logits).numpy()[0])
+            else:
+                tok = sample(logits.numpy().reshape(-1), temperature, top_p, rng)
             st.tokens.append(tok)
             st.new_tokens += 1
             if on_token is not None:
                 on_token(tok)
             if tok in stop_ids or step == max_new_tokens - 1:
                 break
-            logits = self.decode(tok)
+            logits = self._forward("decode", [tok])
         st.decode_s = time.perf_counter() - t
         return st
 

@@ -30,6 +30,9 @@ from edgequant.models import FAMILIES, family_for
 from ..quant_linear import DenseLinear, Embedding, QuantEmbedding, QuantLinear, quant_matmul
 
 FAMILY_NAMES = ("llama", "qwen3", "phi3")   # the edgequant.models families this graph implements
+# targets whose libraries carry `argmax` (greedy sampling on the device; CUDA's kernel uses 32-lane warp shuffles,
+# the CPU one is its serial twin; other GPU targets have neither yet)
+ARGMAX_TARGETS = ("cuda", "llvm")
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,13 @@ class LlamaForCausalLM(nn.Module):
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._body(input_embed, paged_kv_cache)), paged_kv_cache
 
+    def argmax(self, logits: Tensor):
+        """Greedy sampling on the device (`tvm_schedules/sample.py`): the runner copies one token id per step
+        instead of the logits."""
+        from edgequant.tvm_schedules.sample import argmax_func
+        f = argmax_func(self.c.vocab_size, gpu=self.target.kind.name == "cuda").without_attr("global_symbol")
+        return op.tensor_ir_op(f, "argmax", [logits], Tensor.placeholder((1,), "int32"))
+
     def create_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                               prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                               support_sliding_window: tirx.Var) -> PagedKVCache:
@@ -315,6 +325,9 @@ class LlamaForCausalLM(nn.Module):
             "prefill": step("seq_len"), "prefill_logits": step("seq_len"),
             # one sequence per step, as MLC's `decode` (a static row lets the GEMV schedules apply)
             "decode": step(1),
+            **({"argmax": {"logits": nn.spec.Tensor([1, 1, self.c.vocab_size], "float32"),
+                           "$": {"param_mode": "none", "effect_mode": "none"}}}
+               if self.target.kind.name in ARGMAX_TARGETS else {}),
             "create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                                       "page_size": int, "support_sliding_window": int,
                                       "$": {"param_mode": "none", "effect_mode": "none"}},
