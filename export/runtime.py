@@ -177,13 +177,20 @@ class Runner:
         self.length = 0
 
     def _forward(self, fn: str, ids) -> "object":
-        if self.length + len(ids) > self.max_len:
-            raise EdgequantError(f"sequence of {self.length + len(ids)} tokens exceeds the KV cache "
+        self._check_room(len(ids))   # before the ids' own checks, as the error a user most likely needs
+        return self._step(fn, self._embed(ids), len(ids))
+
+    def _check_room(self, n: int):
+        if self.length + n > self.max_len:
+            raise EdgequantError(f"sequence of {self.length + n} tokens exceeds the KV cache "
                                  f"({self.max_len}); use a shorter prompt or --max-new-tokens")
-        self._begin(self.kv, self._S([0]), self._S([len(ids)]))
-        logits, self.kv = self.vm[fn](self._embed(ids), self.kv, self.params)
+
+    def _step(self, fn: str, embed, n: int):
+        self._check_room(n)
+        self._begin(self.kv, self._S([0]), self._S([n]))
+        logits, self.kv = self.vm[fn](embed, self.kv, self.params)
         self._end(self.kv)
-        self.length += len(ids)
+        self.length += n
         return logits
 
     def _prefill(self, ids):
@@ -217,11 +224,12 @@ class Runner:
         self.dev.sync()
         st.prefill_s = time.perf_counter() - t
         t = time.perf_counter()
+        if temperature <= 0 and self._argmax is not None and max_new_tokens > 0:
+            self._generate_greedy(logits, st, max_new_tokens, set(stop_ids), on_token)
+            st.decode_s = time.perf_counter() - t
+            return st
         for step in range(max_new_tokens):
-            if temperature <= 0 and self._argmax is not None:
-                tok = int(self._argmax(logits).numpy()[0])
-            else:
-                tok = sample(logits.numpy().reshape(-1), temperature, top_p, rng)
+            tok = sample(logits.numpy().reshape(-1), temperature, top_p, rng)
             st.tokens.append(tok)
             st.new_tokens += 1
             if on_token is not None:
@@ -231,6 +239,32 @@ class Runner:
             logits = self._forward("decode", [tok])
         st.decode_s = time.perf_counter() - t
         return st
+
+    GREEDY_READ_EVERY = 8   # decode steps queued on the device between two reads of their token ids
+
+    def _generate_greedy(self, logits, st: GenerationStats, max_new_tokens: int, stop_ids: set, on_token):
+        """Greedy decoding whose token ids stay on the device: each step's `argmax` output is the next step's
+        `embed` input, and the host reads the ids once per GREEDY_READ_EVERY steps, so it queues steps while the
+        GPU runs earlier ones (CUDA decode of small models is bound by the host's launches: apps/cuda/README.md).
+        The tokens, callbacks and stops are those of the one-by-one loop; the steps queued after a stop token
+        (fewer than GREEDY_READ_EVERY) are computed and dropped."""
+        tok = self._argmax(logits)
+        queued = [tok]
+        while True:
+            if st.new_tokens + len(queued) < max_new_tokens and len(queued) < self.GREEDY_READ_EVERY:
+                e = self.vm["embed"](tok, self.params)._create_view((1, 1, self.hidden))
+                tok = self._argmax(self._step("decode", e, 1))
+                queued.append(tok)
+                continue
+            for t in queued:
+                v = int(t.numpy()[0])
+                st.tokens.append(v)
+                st.new_tokens += 1
+                if on_token is not None:
+                    on_token(v)
+                if v in stop_ids or st.new_tokens == max_new_tokens:
+                    return
+            queued = []
 
     def stop_ids(self):
         tok = self.tokenizer
