@@ -1,8 +1,8 @@
 """Where a CUDA decode step's time goes, on a machine with the TVM runtime bundle (and PyTorch for the kernel trace):
-one JSON line with the step time of the full Python loop (`Runner.decode`: embed, KV begin/end, decode, logits to
-the host), the step time without the logits' readback, the host's own issue time per step (steps queued without a
+one JSON line with the step time of `Runner.generate` (greedy), of the one-step Python loop (`Runner.decode`:
+embed, KV begin/end, decode, logits to the host), the step time without the logits' readback, the host's own issue time per step (steps queued without a
 sync), and, from a CUPTI trace of a few steps (torch.profiler sees every kernel of the process, also those of TVM's
-CUDA graphs), kernels per step, their summed time, the GPU's busy share of the step and the slowest kernels.
+CUDA graphs) of `generate`, kernels per step, their summed time, the GPU's busy share of the step and the slowest kernels.
 
     source .device/tvm-runtime/setup.sh
     python3 apps/cuda/profile_decode.py DIST --ids 1,2,3 [--steps 64] [--trace OUT.json]
@@ -42,30 +42,45 @@ def _full(r, tok):
 def _trace(r, ids, steps, path):
     import torch
     from torch.profiler import ProfilerActivity, profile
-    r.new_sequence()
-    r.prefill(ids)
-    r.dev.sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
-        for _ in range(steps):
-            r.decode(ids[-1])
-        r.dev.sync()
-        wall = (time.perf_counter() - t) / steps * 1e3
-    torch.cuda.synchronize()
+    def run(n):   # the runner's own loop: a prefill, then n - 1 decode steps; (kernels, copies, per name)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            st = r.generate(ids, n, stop_ids=())
+        torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower()
+                   and "memset" not in e.name.lower()]
+        copies = [e for e in prof.events() if e.device_type.name == "CUDA" and e not in kernels]
+        per = defaultdict(lambda: [0, 0.0])
+        for e in kernels:
+            per[e.name][0] += 1
+            per[e.name][1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        return st, prof, kernels, copies, per
+
+    _, _, k0, c0, per0 = run(1)   # the prefill alone, subtracted below
+    st, prof, kernels, copies, per = run(steps + 1)
+    wall = st.decode_s / steps * 1e3
     if path:
         prof.export_chrome_trace(path)
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower()
-               and "memset" not in e.name.lower()]
-    copies = [e for e in prof.events() if e.device_type.name == "CUDA" and e not in kernels]
-    per = defaultdict(lambda: [0, 0.0])
-    for e in kernels:
-        per[e.name][0] += 1
-        per[e.name][1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    for name, (n, us) in per0.items():
+        per[name][0] -= n
+        per[name][1] -= us
+    kernels, copies = kernels[len(k0):], copies[len(c0):]
     busy = sum(v[1] for v in per.values()) / steps / 1e3
     top = sorted(per.items(), key=lambda kv: -kv[1][1])[:12]
     return {"steps": steps, "step_ms_under_profiler": round(wall, 3), "kernels_per_step": len(kernels) / steps,
             "copies_per_step": len(copies) / steps, "kernel_ms_per_step": round(busy, 3),
             "top": [{"name": k[:60], "per_step": n / steps, "us_per_step": round(us / steps, 2)} for k, (n, us) in top]}
+
+
+def _by_read_every(r, ids, steps):
+    """generate's step time when the token ids are read every n steps (device greedy only)."""
+    if getattr(r, "_argmax", None) is None:
+        return {}
+    keep, out = r.GREEDY_READ_EVERY, {}
+    for n in (1, 4, 8, 32):
+        r.GREEDY_READ_EVERY = n
+        out[n] = round(r.generate(ids, steps + 1, stop_ids=()).decode_s / steps * 1e3, 3)
+    r.GREEDY_READ_EVERY = keep
+    return out
 
 
 def main():
@@ -79,8 +94,11 @@ def main():
     r = Runner(a.dist, load_tokenizer=False)
     ids = [int(x) for x in a.ids.split(",")]
     r.generate(ids, 4, stop_ids=())
-    out = {"dist": a.dist,
+    st = r.generate(ids, a.steps + 1, stop_ids=())
+    out = {"dist": a.dist, "generate_step_ms": round(st.decode_s / a.steps * 1e3, 3),
+           "device_greedy": getattr(r, "_argmax", None) is not None,
            "full_step_ms": round(_timed(r, ids, a.steps, _full), 3),
+           "generate_step_ms_by_read_every": _by_read_every(r, ids, a.steps),
            "no_readback_step_ms": round(_timed(r, ids, a.steps, _no_readback), 3)}
 
     def queued(r, tok):   # no sync inside: the host's issue time when it never waits for the GPU
