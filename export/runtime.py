@@ -240,31 +240,23 @@ class Runner:
         st.decode_s = time.perf_counter() - t
         return st
 
-    GREEDY_READ_EVERY = 8   # decode steps queued on the device between two reads of their token ids
-
     def _generate_greedy(self, logits, st: GenerationStats, max_new_tokens: int, stop_ids: set, on_token):
-        """Greedy decoding whose token ids stay on the device: each step's `argmax` output is the next step's
-        `embed` input, and the host reads the ids once per GREEDY_READ_EVERY steps, so it queues steps while the
-        GPU runs earlier ones (CUDA decode of small models is bound by the host's launches: apps/cuda/README.md).
-        The tokens, callbacks and stops are those of the one-by-one loop; the steps queued after a stop token
-        (fewer than GREEDY_READ_EVERY) are computed and dropped."""
+        """Greedy decoding through the library's `argmax`: each step's token id stays on the device as the next
+        step's `embed` input, and the host reads 4 bytes instead of the logits (CUDA decode of small models is
+        bound by the host: apps/cuda/README.md). The host still waits for every step: queuing 8 steps ahead
+        changed the 8th token on the H200, most likely because TVM's paged KV cache then copies the next step's
+        page tables over those a queued step still reads (its copy stream does not wait for the compute stream)."""
         tok = self._argmax(logits)
-        queued = [tok]
         while True:
-            if st.new_tokens + len(queued) < max_new_tokens and len(queued) < self.GREEDY_READ_EVERY:
-                e = self.vm["embed"](tok, self.params)._create_view((1, 1, self.hidden))
-                tok = self._argmax(self._step("decode", e, 1))
-                queued.append(tok)
-                continue
-            for t in queued:
-                v = int(t.numpy()[0])
-                st.tokens.append(v)
-                st.new_tokens += 1
-                if on_token is not None:
-                    on_token(v)
-                if v in stop_ids or st.new_tokens == max_new_tokens:
-                    return
-            queued = []
+            v = int(tok.numpy()[0])
+            st.tokens.append(v)
+            st.new_tokens += 1
+            if on_token is not None:
+                on_token(v)
+            if v in stop_ids or st.new_tokens == max_new_tokens:
+                return
+            e = self.vm["embed"](tok, self.params)._create_view((1, 1, self.hidden))
+            tok = self._argmax(self._step("decode", e, 1))
 
     def stop_ids(self):
         tok = self.tokenizer

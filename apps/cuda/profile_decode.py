@@ -71,18 +71,6 @@ def _trace(r, ids, steps, path):
             "top": [{"name": k[:60], "per_step": n / steps, "us_per_step": round(us / steps, 2)} for k, (n, us) in top]}
 
 
-def _by_read_every(r, ids, steps):
-    """generate's step time when the token ids are read every n steps (device greedy only)."""
-    if getattr(r, "_argmax", None) is None:
-        return {}
-    keep, out = r.GREEDY_READ_EVERY, {}
-    for n in (1, 4, 8, 32):
-        r.GREEDY_READ_EVERY = n
-        out[n] = round(r.generate(ids, steps + 1, stop_ids=()).decode_s / steps * 1e3, 3)
-    r.GREEDY_READ_EVERY = keep
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("dist")
@@ -98,7 +86,6 @@ def main():
     out = {"dist": a.dist, "generate_step_ms": round(st.decode_s / a.steps * 1e3, 3),
            "device_greedy": getattr(r, "_argmax", None) is not None,
            "full_step_ms": round(_timed(r, ids, a.steps, _full), 3),
-           "generate_step_ms_by_read_every": _by_read_every(r, ids, a.steps),
            "no_readback_step_ms": round(_timed(r, ids, a.steps, _no_readback), 3)}
 
     def queued(r, tok):   # no sync inside: the host's issue time when it never waits for the GPU

@@ -103,8 +103,8 @@ def assert_greedy_tokens_match(runner, ref, prompt, n: int):
             seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
     assert runner.generate(list(prompt), n).tokens == seq[len(prompt):]
     if runner._argmax is not None:
-        # the library's greedy kernel (token ids kept on the device, read in groups) and the host's np.argmax one by
-        # one pick the same tokens, and stop at the same stop token (mid-group)
+        # the library's greedy kernel (token ids kept on the device) and the host's np.argmax pick the same tokens,
+        # and stop at the same stop token
         stop = seq[len(prompt) + 2]
         want = seq[len(prompt):][:seq[len(prompt):].index(stop) + 1]
         assert runner.generate(list(prompt), n, stop_ids={stop}).tokens == want
