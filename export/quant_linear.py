@@ -129,7 +129,7 @@ class QuantLinear(_Packed):
         prologue = "rmsnorm" if norm is not None else ("silu_mul" if glu else None)
         if (self.decode_gemv is None or not all(isinstance(d, int) and d == 1 for d in lead)
                 or (prologue and self.n_outliers) or (residual is not None and self.bias is not None)
-                or (norm is not None and getattr(norm, "bias", None) is not None)):
+                or (norm is not None and (type(norm) is not nn.RMSNorm or norm.bias is not None))):
             return None
         f = gemv.gemv_func(self.spec, lead=lead, gpu=self.decode_gemv == "gpu", n_outliers=self.n_outliers,
                            out_dtype=self.out_dtype, act=self.decode_act, prologue=prologue,

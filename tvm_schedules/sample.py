@@ -2,11 +2,13 @@
 
 At batch 1 a CUDA decode step is bound by the host (apps/cuda/README.md): copying the 49k fp32 logits of every step to
 the host (pageable memory, ~30 us) and taking `np.argmax` there cost more than this kernel and a 4-byte copy. One block
-of threads: each thread keeps the first largest value of its strided slice, then a tree in shared memory keeps the
-larger value and, on ties, the smaller index, so the result is `np.argmax`'s (the first largest) for logits without
-NaN (with NaN it is some index, where np.argmax gives the first NaN's).
+of threads: each thread keeps the first largest value of its strided slice, the warp's 32 candidates meet through
+shuffles, one shared slot per warp, and thread 0 scans the slots; every comparison keeps the larger value and, on ties,
+the smaller index, so the result is `np.argmax`'s (the first largest) for logits without NaN (with NaN it is some
+index, where np.argmax gives the first NaN's).
 
-`argmax_func(vocab, gpu=False)` is the same body with serial thread loops (a CPU library, and the test against NumPy).
+`argmax_func(vocab, gpu=False)` is its CPU twin: the same scan and comparisons with serial thread loops, one slot per
+thread instead of the shuffles (the argmax of CPU libraries, and the test against NumPy).
 """
 from __future__ import annotations
 

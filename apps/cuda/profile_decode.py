@@ -1,8 +1,9 @@
 """Where a CUDA decode step's time goes, on a machine with the TVM runtime bundle (and PyTorch for the kernel trace):
-one JSON line with the step time of `Runner.generate` (greedy), of the one-step Python loop (`Runner.decode`:
-embed, KV begin/end, decode, logits to the host), the step time without the logits' readback, the host's own issue time per step (steps queued without a
-sync), and, from a CUPTI trace of a few steps (torch.profiler sees every kernel of the process, also those of TVM's
-CUDA graphs) of `generate`, kernels per step, their summed time, the GPU's busy share of the step and the slowest kernels.
+one JSON line with the step time of `Runner.generate` (greedy), of the one-step Python loop (`Runner.decode`: embed,
+KV begin/end, decode, logits to the host), the step time without the logits' readback, the host's own issue time per
+step (steps queued without a sync; timing only, their tokens are not valid: see Runner._generate_greedy), and, from a
+CUPTI trace of a few steps (torch.profiler sees every kernel of the process, also those of TVM's CUDA graphs) of
+`generate`, kernels per step, their summed time and the slowest kernels.
 
     source .device/tvm-runtime/setup.sh
     python3 apps/cuda/profile_decode.py DIST --ids 1,2,3 [--steps 64] [--trace OUT.json]

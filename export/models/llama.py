@@ -1,15 +1,15 @@
-"""The LLaMA-shaped families (llama, mistral, qwen2 with q/k/v biases, SmolLM, Llama 3.x; qwen3 with per-head q/k
-norms; phi3 with q/k/v and gate/up stored fused) as a relax.frontend.nn model with the TIR paged KV cache.
+"""The LLaMA-shaped families (llama, mistral, qwen2 with q/k/v biases, SmolLM, Llama 3.x; qwen3 with per-head q/k norms;
+phi3 with q/k/v and gate/up stored fused) as a relax.frontend.nn model with the TIR paged KV cache.
 
 Functions follow MLC-LLM's model-library names: `embed`, `prefill` (last-token logits), `decode`,
 `create_paged_kv_cache`, plus `prefill_logits` (logits of every position, for perplexity) and `_metadata` (added by
 the builder). q/k/v and gate/up are fused into one linear each (the family's `export_fusions`, rows concatenated by
 `export/params.py`), so a block runs four matmul kernels. CUDA decode also runs the RMSNorms, the SiLU-gated product
-and the residual adds inside those four GEMVs (`DECODE_FUSIONS`, `_linear`): decode is launch-bound at batch 1. The
-library also carries `argmax` (greedy sampling on the device, CUDA and CPU targets). RoPE (HF rotate-half, theta and scaling from the config)
-is applied inside the cache for default, linear and llama3 (Llama 3.x) scaling. longrope/su (Phi-3) is applied by
-the graph before the cache (`_rope_longrope`: TVM 0.27's own longrope kernel does not build), at the cache's query
-positions, with the short factors only; so a longrope model's context is capped at its
+and the residual adds inside those four GEMVs (`DECODE_FUSIONS`, `_linear`): decode is launch-bound at batch 1. CUDA
+and CPU libraries also carry `argmax` (greedy sampling on the device). RoPE (HF rotate-half, theta and scaling from
+the config) is applied inside the cache for default, linear and llama3 (Llama 3.x) scaling. longrope/su (Phi-3) is
+applied by the graph before the cache (`_rope_longrope`: TVM 0.27's own longrope kernel does not build), at the
+cache's query positions, with the short factors only; so a longrope model's context is capped at its
 original_max_position_embeddings (beyond it transformers switches to the long factors, which this graph does not
 compute).
 """
