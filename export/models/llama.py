@@ -6,11 +6,11 @@ Functions follow MLC-LLM's model-library names: `embed`, `prefill` (last-token l
 the builder). q/k/v and gate/up are fused into one linear each (the family's `export_fusions`, rows concatenated by
 `export/params.py`), so a block runs four matmul kernels. CUDA decode also runs the RMSNorms, the SiLU-gated product
 and the residual adds inside those four GEMVs (`DECODE_FUSIONS`, `_linear`): decode is launch-bound at batch 1. CUDA
-and CPU libraries also carry `argmax` (greedy sampling on the device). RoPE (HF rotate-half, theta and scaling from
-the config) is applied inside the cache for default, linear and llama3 (Llama 3.x) scaling. longrope/su (Phi-3) is
-applied by the graph before the cache (`_rope_longrope`: TVM 0.27's own longrope kernel does not build), at the
-cache's query positions, with the short factors only; so a longrope model's context is capped at its
-original_max_position_embeddings (beyond it transformers switches to the long factors, which this graph does not
+libraries also carry `argmax` (greedy sampling on the device; CPU ones its twin, for tests). RoPE (HF rotate-half,
+theta and scaling from the config) is applied inside the cache for default, linear and llama3 (Llama 3.x) scaling.
+longrope/su (Phi-3) is applied by the graph before the cache (`_rope_longrope`: TVM 0.27's own longrope kernel does
+not build), at the cache's query positions, with the short factors only; so a longrope model's context is capped at
+its original_max_position_embeddings (beyond it transformers switches to the long factors, which this graph does not
 compute).
 """
 from __future__ import annotations
@@ -32,8 +32,9 @@ from edgequant.models import FAMILIES, family_for
 from ..quant_linear import DenseLinear, Embedding, QuantEmbedding, QuantLinear, quant_matmul
 
 FAMILY_NAMES = ("llama", "qwen3", "phi3")   # the edgequant.models families this graph implements
-# targets whose libraries carry `argmax` (greedy sampling on the device; CUDA's kernel uses 32-lane warp shuffles,
-# the CPU one is its serial twin; other GPU targets have neither yet)
+# targets whose libraries carry `argmax` (greedy sampling on the device; CUDA's kernel uses 32-lane warp shuffles;
+# CPU libraries carry its serial twin, which the CPU runner leaves to tests: np.argmax is faster there; other GPU
+# targets have neither yet)
 ARGMAX_TARGETS = ("cuda", "llvm")
 
 
