@@ -13,7 +13,8 @@ values and multiplies with dp4a (3-bit weights in planes3), unless EDGEQUANT_ACT
 int8_decode_enabled`) asks for the exact fp16 kernel (3 bits then in words3x32 only; planes3 falls back to dlight).
 On an H200, LLaMA-7B shapes: W4 63% of the read bandwidth, 1.76x torch's int4 GEMV; fp16 activations 49%, 1.35x
 (benchmarks/results/gpu-nvidia-h200.md). The GEMV adds the fp16 outlier columns itself (one kernel, one rounding of
-the fp32 sum): no extra launches.
+the fp32 sum): no extra launches. `QuantLinear.decode_fused` also takes the RMSNorm before a linear, the SiLU-gated
+product before down_proj and the residual add after it into the GEMV (export/models/llama.py, DECODE_FUSIONS).
 On x86 CPUs the export pipeline replaces one-row matmuls of the dequantize (found by the spec attribute it carries)
 with the int8 dot-product GEMV of `tvm_schedules/cpu_int8.py`; see `export/pipeline.py`.
 """
@@ -117,6 +118,27 @@ class QuantLinear(_Packed):
     def forward(self, x: Tensor) -> Tensor:
         y = quant_matmul(self.spec, x, self.params(), self.decode_gemv, self.n_outliers,
                          [self.outlier_idx, self.outlier_weight], self.out_dtype, self.decode_act)
+        return y + self.bias if self.bias is not None else y
+
+    def decode_fused(self, x: Tensor, norm=None, glu: bool = False, residual: Tensor | None = None) -> Tensor | None:
+        """norm(x) or silu(gate) * up of x = [gate | up] through this linear, plus `residual`, as one decode GEMV
+        kernel (`gemv.gemv_func`'s prologue and residual; `norm` an nn.RMSNorm without bias); None where that kernel
+        does not apply (prefill, no GPU GEMV, outlier columns under a prologue, a bias before the residual), and the
+        caller runs the separate ops."""
+        lead = tuple(x.shape[:-1])
+        prologue = "rmsnorm" if norm is not None else ("silu_mul" if glu else None)
+        if (self.decode_gemv is None or not all(isinstance(d, int) and d == 1 for d in lead)
+                or (prologue and self.n_outliers) or (residual is not None and self.bias is not None)
+                or (norm is not None and (type(norm) is not nn.RMSNorm or norm.bias is not None))):
+            return None
+        f = gemv.gemv_func(self.spec, lead=lead, gpu=self.decode_gemv == "gpu", n_outliers=self.n_outliers,
+                           out_dtype=self.out_dtype, act=self.decode_act, prologue=prologue,
+                           eps=float(norm.epsilon) if norm is not None else 1e-6,
+                           residual=residual is not None).without_attr("global_symbol")
+        args = [x] + ([norm.weight] if norm is not None else []) + self.params()
+        args += [self.outlier_idx, self.outlier_weight] if self.n_outliers else []
+        args += [residual] if residual is not None else []
+        y = op.tensor_ir_op(f, "decode_gemv", args, Tensor.placeholder((*lead, self.spec.n), self.out_dtype))
         return y + self.bias if self.bias is not None else y
 
 

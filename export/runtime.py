@@ -125,6 +125,11 @@ class Runner:
         self._end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
         self._tvm = tvm
         self._active = False
+        # greedy sampling on the GPU where the library has it (one int32 copied per step, not the logits; on a CPU
+        # np.argmax is faster than the kernel's serial twin, which tests switch on to run this path), and one reused
+        # device buffer for a single token id (a new tensor per step cost a cudaMalloc and a cudaFree)
+        self._argmax = self.vm["argmax"] if self.info["device"] != "cpu" and self._has("argmax") else None
+        self._one_id = tvm.runtime.empty((1,), "int32", self.dev)
         self.tokenizer = _tokenizer(self.dist, "export the model again from a folder that has its tokenizer") \
             if load_tokenizer else None
 
@@ -160,7 +165,12 @@ class Runner:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):   # the embedding kernel does not bound-check
             bad = int(ids[(ids < 0) | (ids >= self.vocab)][0])
             raise EdgequantError(f"token id {bad} is outside the vocabulary (0..{self.vocab - 1}) of this model")
-        e = self.vm["embed"](tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.dev), self.params)
+        if ids.size == 1:
+            self._one_id.copyfrom(ids.astype("int32"))
+            dev_ids = self._one_id
+        else:
+            dev_ids = tvm.runtime.tensor(ids.astype("int32"), self.dev)
+        e = self.vm["embed"](dev_ids, self.params)
         return e._create_view((1, len(ids), self.hidden))
 
     def new_sequence(self):
@@ -172,23 +182,26 @@ class Runner:
         self.history = []
 
     def _forward(self, fn: str, ids) -> "object":
-        if self.length + len(ids) > self.max_len:
-            raise EdgequantError(f"sequence of {self.length + len(ids)} tokens exceeds the KV cache "
-                                 f"({self.max_len}); use a shorter prompt or --max-new-tokens")
-        self._begin(self.kv, self._S([0]), self._S([len(ids)]))
-        logits, self.kv = self.vm[fn](self._embed(ids), self.kv, self.params)
-        self._end(self.kv)
-        self.length += len(ids)
+        self._check_room(len(ids))   # before the ids' own checks, as the error a user most likely needs
+        logits = self._step(fn, self._embed(ids), len(ids))
         if self.long_after is not None:
             self.history += [int(t) for t in ids]
         return logits
 
-    def _switches_to_long(self, n: int) -> bool:
-        """Whether appending n tokens takes a longrope sequence past original_max_position_embeddings."""
-        return self.long_after is not None and self.length <= self.long_after < self.length + n
+    def _check_room(self, n: int):
+        if self.length + n > self.max_len:
+            raise EdgequantError(f"sequence of {self.length + n} tokens exceeds the KV cache "
+                                 f"({self.max_len}); use a shorter prompt or --max-new-tokens")
 
-    def prefill(self, ids) -> np.ndarray:
-        """Feed `ids` (in chunks) to the current sequence; logits [vocab] of the last one."""
+    def _step(self, fn: str, embed, n: int):
+        self._check_room(n)
+        self._begin(self.kv, self._S([0]), self._S([n]))
+        logits, self.kv = self.vm[fn](embed, self.kv, self.params)
+        self._end(self.kv)
+        self.length += n
+        return logits
+
+    def _prefill(self, ids):
         fn = "prefill"
         if self._switches_to_long(len(ids)):
             # transformers' Phi-3 generate: the whole sequence again, with the long factors everywhere
@@ -199,12 +212,23 @@ class Runner:
         logits = None
         for i in range(0, len(ids), self.chunk):
             logits = self._forward(fn, ids[i:i + self.chunk])
-        return logits.numpy().reshape(-1)
+        return logits
+
+    def _switches_to_long(self, n: int) -> bool:
+        """Whether appending n tokens takes a longrope sequence past original_max_position_embeddings."""
+        return self.long_after is not None and self.length <= self.long_after < self.length + n
+
+    def prefill(self, ids) -> np.ndarray:
+        """Feed `ids` (in chunks) to the current sequence; logits [vocab] of the last one."""
+        return self._prefill(ids).numpy().reshape(-1)
+
+    def _decode(self, token: int):
+        if self._switches_to_long(1):
+            return self._prefill([token])
+        return self._forward("decode", [token])
 
     def decode(self, token: int) -> np.ndarray:
-        if self._switches_to_long(1):
-            return self.prefill([token])
-        return self._forward("decode", [token]).numpy().reshape(-1)
+        return self._decode(token).numpy().reshape(-1)
 
     def logits(self, ids) -> np.ndarray:
         """Logits [len(ids), vocab] of every position (a new sequence)."""
@@ -221,20 +245,44 @@ class Runner:
         st = GenerationStats(prompt_tokens=len(prompt_ids))
         self.new_sequence()
         t = time.perf_counter()
-        logits = self.prefill(list(prompt_ids))
+        logits = self._prefill(list(prompt_ids))
+        self.dev.sync()
         st.prefill_s = time.perf_counter() - t
         t = time.perf_counter()
+        # (a longrope sequence may need re-encoding from its token ids: the host loop below handles that)
+        if temperature <= 0 and self._argmax is not None and max_new_tokens > 0 and self.long_after is None:
+            self._generate_greedy(logits, st, max_new_tokens, set(stop_ids), on_token)
+            st.decode_s = time.perf_counter() - t
+            return st
         for step in range(max_new_tokens):
-            tok = sample(logits, temperature, top_p, rng)
+            tok = sample(logits.numpy().reshape(-1), temperature, top_p, rng)
             st.tokens.append(tok)
             st.new_tokens += 1
             if on_token is not None:
                 on_token(tok)
             if tok in stop_ids or step == max_new_tokens - 1:
                 break
-            logits = self.decode(tok)
+            logits = self._decode(tok)
         st.decode_s = time.perf_counter() - t
         return st
+
+    def _generate_greedy(self, logits, st: GenerationStats, max_new_tokens: int, stop_ids: set, on_token):
+        """Greedy decoding through the library's `argmax`: each step's token id stays on the device as the next
+        step's `embed` input, and the host reads 4 bytes instead of the logits (CUDA decode of small models is
+        bound by the host: apps/cuda/README.md). The host still waits for every step: queuing 8 steps ahead
+        changed the 8th token on the H200, most likely because TVM's paged KV cache then copies the next step's
+        page tables over those a queued step still reads (its copy stream does not wait for the compute stream)."""
+        tok = self._argmax(logits)
+        while True:
+            v = int(tok.numpy()[0])
+            st.tokens.append(v)
+            st.new_tokens += 1
+            if on_token is not None:
+                on_token(v)
+            if v in stop_ids or st.new_tokens == max_new_tokens:
+                return
+            e = self.vm["embed"](tok, self.params)._create_view((1, 1, self.hidden))
+            tok = self._argmax(self._step("decode", e, 1))
 
     def stop_ids(self):
         tok = self.tokenizer

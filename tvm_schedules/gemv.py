@@ -47,6 +47,7 @@ LAYOUT = {4: "words", 2: "words", 3: "words3x32"}
 # int8 activations (act="int8", see `_dp4a_terms`): 3 bits in bit planes, a 64-value chunk = 4 + 2 words
 LAYOUT_INT8 = {4: "words", 2: "words", 3: "planes3"}
 ACTS = ("fp16", "int8")
+PROLOGUES = (None, "rmsnorm", "silu_mul")
 
 
 RESIDENT_X = 64                         # chunks up to this many values keep x in fp32 registers for every row
@@ -191,13 +192,22 @@ def _code_bytes(word_of, terms) -> str:
 
 # ------------------------------------------------------------------------------------------------ the prim func
 def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, out_dtype: str = "float16",
-              lead: tuple[int, ...] = (1,), name: str = "main", n_outliers: int = 0, act: str = "fp16"):
+              lead: tuple[int, ...] = (1,), name: str = "main", n_outliers: int = 0, act: str = "fp16",
+              prologue: str | None = None, eps: float = 1e-6, residual: bool = False):
     """y[lead..., N] = x[lead..., K] @ dq(W)^T (+ x[..., idx] @ W_out^T) for one row (prod(lead) == 1), fp32
     accumulation, `out_dtype` output. act="int8": activations quantized per 32 values inside the kernel and integer
     dot products (dp4a), as `cpu_int8.int8_gemv_np` models; 3-bit weights then in the planes3 layout.
 
-    Arguments: x fp16, qweight, scales, [zeros], [outlier_idx int32 [n_outliers], outlier_weight fp16 [N,
-    n_outliers]], y. `gpu=False` gives the CPU-testable twin (same body, serial)."""
+    Arguments: x fp16, [norm_weight fp16 [K]], qweight, scales, [zeros], [outlier_idx int32 [n_outliers],
+    outlier_weight fp16 [N, n_outliers]], [residual [lead..., N]], y. `gpu=False` gives the CPU-testable twin (same
+    body, serial).
+
+    Decode fusions (one kernel instead of two or three at batch 1, where each kernel costs more in launch and tail
+    than in work): `prologue="rmsnorm"` normalizes x on load (x * rsqrt(mean(x^2) + eps) * norm_weight in fp32,
+    rounded to fp16 as TVM's rms_norm kernel does; the block sums the squares of its own loads), `prologue="silu_mul"`
+    takes x [lead..., 2K] = [gate | up] and uses silu(gate) * up (fp16, as the separate kernel); `residual=True`
+    adds a tensor of y's shape to the rounded result. Neither prologue combines with outlier columns (they read x
+    raw)."""
     import tvm
     from tvm.script import tirx as T
 
@@ -210,12 +220,17 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
         raise ValueError(f"{cfg.rows} rows per step do not divide N={spec.n}")
     if 32 * cfg.warps < spec.k // CHUNK[spec.bits]:
         raise ValueError(f"{cfg.warps} warps do not cover the {spec.k // CHUNK[spec.bits]} chunks of K={spec.k}")
-    src = _source(spec, cfg, gpu, out_dtype, lead, name, n_outliers, act == "int8")
+    if prologue not in PROLOGUES:
+        raise ValueError(f"unknown GEMV prologue {prologue!r}; one of {PROLOGUES}")
+    if prologue and n_outliers:
+        raise ValueError("a GEMV prologue does not combine with outlier columns")
+    src = _source(spec, cfg, gpu, out_dtype, lead, name, n_outliers, act == "int8", prologue, eps, residual)
     return tvm.script.from_source(src, extra_vars={"T": T})
 
 
 def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: tuple[int, ...], name: str,
-            n_out: int, int8: bool = False) -> str:
+            n_out: int, int8: bool = False, prologue: str | None = None, eps: float = 1e-6,
+            residual: bool = False) -> str:
     bits, n, k, R, S, TY = spec.bits, spec.n, spec.k, cfg.rows, cfg.steps, cfg.warps
     C, CW, SW, VW = CHUNK[bits], CHUNK_WORDS[bits], SUB_WORDS[bits], VEC_WORDS[bits]
     c_ = "(ty * 32 + tx)"                         # the thread's chunk of K
@@ -241,12 +256,16 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     ix = ", ".join("0" for _ in lead)             # index of the single row
     local = '"local"' if gpu else '"global"'
     fields = _field_terms(bits)
-    ins = [f'x: T.Buffer(({lo}, {k}), "float16")', f'qweight: T.Buffer(({n}, {spec.words}), "uint32")',
-           f'scales: T.Buffer(({n}, {spec.n_groups}), "float16")']
+    ins = [f'x: T.Buffer(({lo}, {2 * k if prologue == "silu_mul" else k}), "float16")']
+    if prologue == "rmsnorm":
+        ins.append(f'nw: T.Buffer(({k},), "float16")')
+    ins += [f'qweight: T.Buffer(({n}, {spec.words}), "uint32")', f'scales: T.Buffer(({n}, {spec.n_groups}), "float16")']
     if not spec.sym:
         ins.append(f'zeros: T.Buffer(({n}, {spec.n_groups}), "uint8")')
     if n_out:
         ins += [f'oidx: T.Buffer(({n_out},), "int32")', f'ow: T.Buffer(({n}, {n_out}), "float16")']
+    if residual:
+        ins.append(f'res: T.Buffer(({lo}, {n}), "{out_dtype}")')
     ins.append(f'y: T.Buffer(({lo}, {n}), "{out_dtype}")')
 
     def loop(extent, tag):
@@ -262,6 +281,8 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
          f'    for bx in {loop(NB, "blockIdx.x")}:']
     L.append(f'        red = T.alloc_buffer(({(TY if gpu else tpb) * RS},), "float32"'
              + (', scope="shared")' if gpu else ")"))
+    if prologue == "rmsnorm" and gpu:
+        L.append(f'        nred = T.alloc_buffer(({TY},), "float32", scope="shared")')
     L += [f'        for ty in {loop(TY, "threadIdx.y")}:',
           f'            for tx in {loop(32, "threadIdx.x")}:']
     ind = " " * 16
@@ -270,6 +291,9 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
           f'{ind}xh = T.alloc_buffer((32,), "float16", scope={local})',
           f'{ind}xf = T.alloc_buffer(({32 if int8 or not resident else C},), "float32", scope={local})',
           f'{ind}acc = T.alloc_buffer(({R},), "float32", scope={local})']
+    if prologue:  # the second operand of the prologue (up, or the norm weight), and the norm's scale
+        L += [f'{ind}uh = T.alloc_buffer((32,), "float16", scope={local})',
+              f'{ind}nr = T.alloc_buffer((1,), "float32", scope={local})']
     if int8:  # the chunk's activations: int8 codes packed in dp4a order, block scales, block sums of the codes
         L += [f'{ind}xi = T.alloc_buffer((32,), "int32", scope={local})',
               f'{ind}xa = T.alloc_buffer(({8 * NSB},), "int32", scope={local})',
@@ -293,9 +317,21 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     if not int8:
         L += [f"{ind}sx[{i}] = T.float32(0)" for i in range(ncls)]
 
+    def load_raw(body, sb):
+        return [f"{body}xh[T.ramp({8 * v}, 1, 8)] = x[{ix}, T.ramp({c} * {C} + {sb * 32 + 8 * v}, 1, 8)]"
+                for v in range(4)]
+
     def load_x(body, sb, dst):
-        out = [f"{body}xh[T.ramp({8 * v}, 1, 8)] = x[{ix}, T.ramp({c} * {C} + {sb * 32 + 8 * v}, 1, 8)]"
-               for v in range(4)]
+        out = load_raw(body, sb)
+        if prologue == "silu_mul":   # the same fp16 expression as the separate silu(gate) * up kernel
+            out += [f"{body}uh[T.ramp({8 * v}, 1, 8)] = x[{ix}, T.ramp({k} + {c} * {C} + {sb * 32 + 8 * v}, 1, 8)]"
+                    for v in range(4)]
+            out += [f"{body}xh[{v}] = xh[{v}] * T.sigmoid(xh[{v}]) * uh[{v}]" for v in range(32)]
+        elif prologue == "rmsnorm":  # topi's rms_norm: rsqrt(mean) * x * weight in fp32, rounded to fp16
+            out += [f"{body}uh[T.ramp({8 * v}, 1, 8)] = nw[T.ramp({c} * {C} + {sb * 32 + 8 * v}, 1, 8)]"
+                    for v in range(4)]
+            out += [f'{body}xh[{v}] = T.Cast("float16", nr[0] * T.Cast("float32", xh[{v}]) * '
+                    f'T.Cast("float32", uh[{v}]))' for v in range(32)]
         return out + [f'{body}xf[{dst + v}] = T.Cast("float32", xh[{v}])' for v in range(32)]
 
     def load_rows(body, st, b):
@@ -323,11 +359,33 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     def live(st):  # the block's step st exists (only the last block of a ragged grid has fewer)
         return f"bx * {S} + {st} < {NS}" if ragged and st else ""
 
+    body = ind + "    "
+    if prologue == "rmsnorm":
+        # the sum of squares of the whole row: each thread squares its chunk, the block adds them (a warp shuffle,
+        # one shared slot per warp); the twin's threads run one after another, so each sums the row itself
+        L.append(f"{ind}nr[0] = T.float32(0)")
+        # the first rows' loads go out before the activations' (x's latency overlaps them)
+        pre = first_loads(body) if int8 else []
+        if gpu:
+            for sb in range(C // 32):
+                pre += load_raw(body, sb)
+                pre.append(f"{body}nr[0] = nr[0] + " + " + ".join(
+                    f'T.Cast("float32", xh[{v}]) * T.Cast("float32", xh[{v}])' for v in range(32)))
+        if pre:
+            L += [f"{ind}if {c} < {nc}:"] + pre
+        if gpu:
+            L += [f"{ind}nr[0] = nr[0] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), nr[0], {off}, 32, 32)"
+                  for off in (16, 8, 4, 2, 1)]
+            L += [f"{ind}if tx == 0:", f"{ind}    nred[ty] = nr[0]",
+                  f"{ind}nr[0] = " + " + ".join(f"nred[{t}]" for t in range(TY))]
+        else:
+            L += [f"{ind}for i in T.serial({k}):",
+                  f'{ind}    nr[0] = nr[0] + T.Cast("float32", x[{ix}, i]) * T.Cast("float32", x[{ix}, i])']
+        L.append(f"{ind}nr[0] = T.rsqrt(nr[0] / T.float32({k}) + T.float32({float(eps)!r}))")
     # x once per thread: the per-class sums (zero point and the mantissa's leading 1) serve every row of the block
     L.append(f"{ind}if {c} < {nc}:")
-    body = ind + "    "
-    if int8:  # the first rows' loads go out before the activations' (x's latency and rounding overlap them)
-        L += first_loads(body)
+    if int8 and prologue != "rmsnorm":  # the first rows' loads go out before the activations' (x's latency and
+        L += first_loads(body)          # rounding overlap them)
     for sb in range(C // 32):
         L += load_x(body, sb, 0 if int8 or not resident else sb * 32)
         if int8:  # cpu_int8.quantize_act_np: d = max|x| / 127, a = nearbyint(x * 127 / max|x|)
@@ -434,6 +492,9 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         else:
             L += step(ind, st, st % nbuf, pre)
 
+    def add(row):   # the residual, added to the rounded output as a separate add kernel would
+        return f" + res[{ix}, {row}]" if residual else ""
+
     def finish(ind, lin, nsum):
         row = f"bx * {RS} + {lin}"
         tot = " + ".join(f"red[{t * RS} + {lin}]" for t in range(nsum)) if gpu else "tot[0]"
@@ -448,7 +509,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                     f'{ind}    ob[0] = ob[0] + T.Cast("float32", x[{ix}, T.max(T.min(oidx[j], {k - 1}), 0)]) * '
                     f'T.Cast("float32", ow[{row}, j])']
             tot = f"{tot} + ob[0]"
-        out.append(f'{ind}y[{ix}, {row}] = T.Cast("{out_dtype}", {tot})')
+        out.append(f'{ind}y[{ix}, {row}] = T.Cast("{out_dtype}", {tot}){add(row)}')
         return out
 
     if gpu and n_out:
@@ -456,7 +517,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         L += [f"{ind}for e in T.unroll({-(-RS // TY)}):",
               f"{ind}    if e * {TY} + ty < {RS}" + (f" and {orow} < {n}:" if ragged else ":"),
               f"{ind}        if tx == 0:",
-              f'{ind}            y[{ix}, {orow}] = T.Cast("{out_dtype}", {tot} + ob[e])']
+              f'{ind}            y[{ix}, {orow}] = T.Cast("{out_dtype}", {tot} + ob[e]){add(orow)}']
     elif gpu:
         ne = -(-RS // tpb)
         L.append(f"{ind}for e in T.serial({ne}):")

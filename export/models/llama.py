@@ -1,11 +1,13 @@
-"""The LLaMA-shaped families (llama, mistral, qwen2 with q/k/v biases, SmolLM, Llama 3.x; qwen3 with per-head q/k
-norms; phi3 with q/k/v and gate/up stored fused) as a relax.frontend.nn model with the TIR paged KV cache.
+"""The LLaMA-shaped families (llama, mistral, qwen2 with q/k/v biases, SmolLM, Llama 3.x; qwen3 with per-head q/k norms;
+phi3 with q/k/v and gate/up stored fused) as a relax.frontend.nn model with the TIR paged KV cache.
 
 Functions follow MLC-LLM's model-library names: `embed`, `prefill` (last-token logits), `decode`,
 `create_paged_kv_cache`, plus `prefill_logits` (logits of every position, for perplexity) and `_metadata` (added by
 the builder). q/k/v and gate/up are fused into one linear each (the family's `export_fusions`, rows concatenated by
-`export/params.py`), so a block runs four matmul kernels. RoPE (HF rotate-half, theta and scaling from the config)
-is applied inside the cache for default, linear and llama3 (Llama 3.x) scaling. longrope/su (Phi-3) is applied by
+`export/params.py`), so a block runs four matmul kernels. CUDA decode also runs the RMSNorms, the SiLU-gated product
+and the residual adds inside those four GEMVs (`DECODE_FUSIONS`, `_linear`): decode is launch-bound at batch 1. CUDA
+libraries also carry `argmax` (greedy sampling on the device; CPU ones its twin, for tests). RoPE (HF rotate-half,
+theta and scaling from the config) is applied inside the cache for default, linear and llama3 (Llama 3.x) scaling. longrope/su (Phi-3) is applied by
 the graph before the cache (`_rope_longrope`: TVM 0.27's own longrope kernel does not build), at the cache's query
 positions, with transformers' two factor sets: short while the sequence is within original_max_position_embeddings,
 long past it. `prefill` and `decode` pick them by the call's last position (transformers' rule per forward), and
@@ -39,6 +41,10 @@ from edgequant.tvm_schedules.workarounds import own_cpu_attention
 from ..quant_linear import DenseLinear, Embedding, QuantEmbedding, QuantLinear, quant_matmul
 
 FAMILY_NAMES = ("llama", "qwen3", "phi3")   # the edgequant.models families this graph implements
+# targets whose libraries carry `argmax` (greedy sampling on the device; CUDA's kernel uses 32-lane warp shuffles;
+# CPU libraries carry its serial twin, which the CPU runner leaves to tests: np.argmax is faster there; other GPU
+# targets have neither yet)
+ARGMAX_TARGETS = ("cuda", "llvm")
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,33 @@ def _longrope(c: dict, rp: dict, ctx: int) -> tuple[tuple, tuple, float, int]:
     return factors[0], factors[1], af, orig
 
 
+def decode_fusions_enabled() -> bool:
+    """Decode's RMSNorms, SiLU-gated products and residual adds inside the GEMVs (one kernel per linear, four per
+    block instead of nine); `DECODE_FUSIONS = False` or EDGEQUANT_DECODE_FUSE=0 at export time keeps separate
+    kernels. Only where the decode GEMV runs (CUDA, or its CPU twin in tests)."""
+    import os
+    return DECODE_FUSIONS and os.environ.get("EDGEQUANT_DECODE_FUSE", "1") != "0"
+
+
+DECODE_FUSIONS = True
+
+
+def _linear(lin, x: Tensor, norm=None, glu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """lin(norm(x)) or lin(silu(gate) * up) (x = [gate | up]), plus `residual`: one decode GEMV kernel where
+    `QuantLinear.decode_fused` applies, else the separate ops (prefill, dense or OWQ linears, fusions off)."""
+    if isinstance(lin, QuantLinear) and decode_fusions_enabled():
+        y = lin.decode_fused(x, norm, glu, residual)
+        if y is not None:
+            return y
+    if norm is not None:
+        x = norm(x)
+    if glu:
+        gate, up = op.split(x, 2, axis=-1)
+        x = op.silu(gate) * up
+    y = lin(x)
+    return residual + y if residual is not None else y
+
+
 # Tests set this to route CPU decode through the GEMV's serial twin (same index and bit math, no thread bindings),
 # which checks the CUDA decode wiring (arguments, zero points, outlier columns, bias) against PyTorch without a GPU.
 DECODE_GEMV_TWIN_ON_CPU = False
@@ -196,17 +229,18 @@ class Attention(nn.Module):
     def _sm_scale(self) -> float:
         return self.c.head_dim ** -0.5
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int):
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, norm=None, residual: Tensor | None = None):
+        """o_proj(attention(qkv_proj(x))), with `norm` applied to x first and `residual` added (see `_linear`)."""
         c = self.c
         b, s, _ = x.shape
-        qkv = op.reshape(self.qkv_proj(x), (b, s, c.num_heads + 2 * c.num_kv_heads, c.head_dim))
+        qkv = op.reshape(_linear(self.qkv_proj, x, norm), (b, s, c.num_heads + 2 * c.num_kv_heads, c.head_dim))
         if c.qk_norm:   # qwen3, Gemma 3: RMSNorm over each head's channels of q and k, before RoPE
             q, k, v = op.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=2)
             qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
         if c.graph_rope:
             qkv = self._rope(qkv, kv.get_query_positions(b * s), layer_id)
         o = kv.attention_with_fused_qkv(layer_id, qkv, c.num_heads, sm_scale=self._sm_scale())
-        return self.o_proj(op.reshape(o, (b, s, c.num_heads * c.head_dim)))
+        return _linear(self.o_proj, op.reshape(o, (b, s, c.num_heads * c.head_dim)), residual=residual)
 
 
 class MLP(nn.Module):
@@ -214,9 +248,13 @@ class MLP(nn.Module):
         self.gate_up_proj = _make_linear(plans[f"{prefix}.mlp.gate_up_proj"], gpu_gemv)
         self.down_proj = _make_linear(plans[f"{prefix}.mlp.down_proj"], gpu_gemv)
 
-    def forward(self, x: Tensor):
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(self._act(gate) * up)
+    def forward(self, x: Tensor, norm=None, residual: Tensor | None = None):
+        """down(act(gate) * up) of gate_up(x), with `norm` applied to x first and `residual` added (`_linear`)."""
+        h = _linear(self.gate_up_proj, x, norm)
+        if type(self)._act is MLP._act:   # SiLU: the gated product can ride in down_proj's GEMV
+            return _linear(self.down_proj, h, glu=True, residual=residual)
+        gate, up = op.split(h, 2, axis=-1)
+        return _linear(self.down_proj, self._act(gate) * up, residual=residual)
 
     def _act(self, gate: Tensor) -> Tensor:
         return op.silu(gate)
@@ -231,8 +269,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype="float16")
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int):
-        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(x, kv, layer_id, norm=self.input_layernorm, residual=x)
+        return self.mlp(x, norm=self.post_attention_layernorm, residual=x)
 
 
 def embedding_for(c, plans) -> nn.Module:
@@ -307,6 +345,13 @@ class LlamaForCausalLM(nn.Module):
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._body(input_embed, paged_kv_cache)), paged_kv_cache
 
+    def argmax(self, logits: Tensor):
+        """Greedy sampling on the device (`tvm_schedules/sample.py`): the runner copies one token id per step
+        instead of the logits."""
+        from edgequant.tvm_schedules.sample import argmax_func
+        f = argmax_func(self.c.vocab_size, gpu=self.target.kind.name == "cuda").without_attr("global_symbol")
+        return op.tensor_ir_op(f, "argmax", [logits], Tensor.placeholder((1,), "int32"))
+
     def create_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                               prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                               support_sliding_window: tirx.Var) -> PagedKVCache:
@@ -346,6 +391,9 @@ class LlamaForCausalLM(nn.Module):
             "prefill": step("seq_len"), "prefill_logits": step("seq_len"), **long,
             # one sequence per step, as MLC's `decode` (a static row lets the GEMV schedules apply)
             "decode": step(1),
+            **({"argmax": {"logits": nn.spec.Tensor([1, 1, self.c.vocab_size], "float32"),
+                           "$": {"param_mode": "none", "effect_mode": "none"}}}
+               if self.target.kind.name in ARGMAX_TARGETS else {}),
             "create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                                       "page_size": int, "support_sliding_window": int,
                                       "$": {"param_mode": "none", "effect_mode": "none"}},

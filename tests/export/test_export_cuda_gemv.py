@@ -24,11 +24,18 @@ def test_cuda_decode_uses_the_gemv_kernels(checkpoint):
     from edgequant.export.build import _walk, build_module
     from edgequant.export.params import open_source
     preset = targets.get_preset("cuda")
-    ex, _, _, _ = build_module(open_source(checkpoint, preset.packing3), preset, "sm_90")
+    ex, _, _, functions = build_module(open_source(checkpoint, preset.packing3), preset, "sm_90")
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     kernels = set(re.findall(r"void __launch_bounds__\(\d+\) (\w+)\(", src))
     # qkv, o, gate_up, down: one GEMV each (shared by the layers) for decode, fused dequantize kernels for prefill
     assert len([k for k in kernels if k.startswith("decode_gemv")]) == 4
+    # decode fusions: qkv and gate_up take the RMSNorm weight (norm on load), o and down add the residual, down takes
+    # [gate | up] (no separate norm, add or silu kernels between the GEMVs)
+    args = dict(re.findall(r"void __launch_bounds__\(\d+\) (decode_gemv\w*)\(([^)]*)\)", src))
+    assert sorted(a.count("nw_ptr") for a in args.values()) == [0, 0, 1, 1]
+    assert sorted(a.count("res_ptr") for a in args.values()) == [0, 0, 1, 1]
+    # greedy sampling on the device
+    assert "argmax" in functions and any(k.startswith("argmax") for k in kernels)
     assert any(k.startswith("fused_dequantize") for k in kernels)
     # decode and prefill replay their static kernel sequences as CUDA graphs (launch overhead)
     assert "cuda_graph.run_or_capture" in ex.as_text()

@@ -102,6 +102,18 @@ def assert_greedy_tokens_match(runner, ref, prompt, n: int):
         for _ in range(n):
             seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
     assert runner.generate(list(prompt), n).tokens == seq[len(prompt):]
+    if runner._argmax is not None:
+        # the library's greedy kernel (token ids kept on the device) and the host's np.argmax pick the same tokens,
+        # and stop at the same stop token
+        stop = seq[len(prompt) + 2]
+        want = seq[len(prompt):][:seq[len(prompt):].index(stop) + 1]
+        assert runner.generate(list(prompt), n, stop_ids={stop}).tokens == want
+        kernel, runner._argmax = runner._argmax, None
+        try:
+            assert runner.generate(list(prompt), n).tokens == seq[len(prompt):]
+            assert runner.generate(list(prompt), n, stop_ids={stop}).tokens == want
+        finally:
+            runner._argmax = kernel
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-w{c[1]}g{c[2]}{'s' if c[3] else 'a'}-o{c[4]}"
@@ -115,6 +127,8 @@ def test_logits_and_greedy_tokens_match_pytorch(exported, case):
     ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, 40).tolist()
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()
+    assert runner._argmax is None and runner._has("argmax")
+    runner._argmax = runner.vm["argmax"]   # the GPU's greedy path, through the kernel's twin in the cpu library
     errs = parity_errors(runner, ids, want, prefill=30, decode=6)
     print(f"\n{case}: max |tvm - torch| / max |torch| " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert max(errs.values()) < 1e-2

@@ -173,3 +173,56 @@ def _walk(m):
     yield m
     for i in m.imports:
         yield from _walk(i)
+
+
+@pytest.mark.parametrize("bits,group,n,k,rows,warps,steps,act,prologue,residual", [
+    (4, 32, 16, 256, 2, 1, 2, "int8", "rmsnorm", False), (4, 128, 12, 576, 4, 1, 3, "int8", "silu_mul", True),
+    (4, -1, 8, 128, 2, 2, 1, "fp16", "rmsnorm", True), (3, 64, 8, 256, 2, 1, 2, "int8", "rmsnorm", True),
+    (2, 64, 8, 128, 4, 1, 2, "fp16", "silu_mul", False), (4, 32, 8, 96, 4, 1, 1, "int8", None, True),
+])
+def test_gemv_decode_fusions_match_numpy(bits, group, n, k, rows, warps, steps, act, prologue, residual):
+    """The decode fusions (RMSNorm or SiLU(gate) * up on load, the residual added to the output) in the twin equal
+    the separate ops in NumPy followed by the plain GEMV's model, up to the fp16 rounding of the prologue's output."""
+    import tvm
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemv_np
+    from edgequant.tvm_schedules.dequant import quant_matmul_np
+    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
+    rng = np.random.default_rng(bits * 7 + k)
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, False, n, k, act=act)
+    x = (rng.standard_normal((1, 2 * k if prologue == "silu_mul" else k)) * 3).astype(np.float16)
+    x[0, 3] = 40
+    nw = (rng.random(k) + 0.5).astype(np.float16)
+    res = rng.standard_normal((1, n)).astype(np.float16)
+    eps = 1e-5
+    if prologue == "rmsnorm":
+        xf = x.astype(np.float32)
+        xp = ((1 / np.sqrt((xf * xf).mean() + eps)) * xf * nw.astype(np.float32)).astype(np.float16)
+    elif prologue == "silu_mul":
+        g, u = x[:, :k].astype(np.float32), x[:, k:].astype(np.float32)
+        xp = (g / (1 + np.exp(-g)) * u).astype(np.float16)
+    else:
+        xp = x
+    f = gemv_func(spec, GemvConfig(rows, warps, steps), gpu=False, act=act, prologue=prologue, eps=eps,
+                  residual=residual)
+    ex = tvm.compile(tvm.IRModule({"main": f}), target="llvm")
+    y = tvm.runtime.empty((1, n), "float16", tvm.cpu())
+    args = [x] + ([nw] if prologue == "rmsnorm" else []) + [qweight, scales, zeros] + ([res] if residual else [])
+    ex["main"](*[tvm.runtime.tensor(a) for a in args], y)
+    if act == "int8":
+        model = int8_gemv_np(spec, xp[0], qweight, scales, zeros)[None]
+    else:
+        model = quant_matmul_np(spec, xp, qweight, scales, zeros, None, None)
+    want = model.astype(np.float16) + (res if residual else 0)
+    # the prologue's fp16 rounding may differ by one unit on a few values (fp16 exp and rsqrt vs NumPy's)
+    tol = 2e-3 * np.abs(model).max() + (np.abs(xp.astype(np.float32)).sum() * 2e-3 * np.abs(scales).max() * (1 << bits)
+                                        if prologue else 0)
+    np.testing.assert_allclose(y.numpy().astype(np.float32), want.astype(np.float32), rtol=0, atol=tol)
+    if residual:   # the residual really was added (not a test that passes on zeros)
+        assert np.abs(y.numpy().astype(np.float32) - model).max() > 0.5 * np.abs(res).max()
+
+
+def test_gemv_prologue_refuses_outlier_columns():
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import gemv_func
+    with pytest.raises(ValueError, match="outlier"):
+        gemv_func(QuantSpec(8, 128, 4, 32, False, "words"), n_outliers=2, prologue="rmsnorm")
