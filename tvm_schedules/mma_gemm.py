@@ -47,6 +47,7 @@ class MmaConfig:
     wm: int = 64       # rows per warp: each B fragment feeds wm / 16 MMAs (dequantization amortised)
     wn: int = 32       # columns per warp
     stages: int = 4    # k-tiles in flight (cp.async)
+    min_blocks: int = 1  # __launch_bounds__(threads, min_blocks): ptxas caps registers so that many blocks fit an SM
 
     @property
     def threads(self) -> int:
@@ -56,7 +57,8 @@ class MmaConfig:
         return self.stages * (self.bm * BK * 2 + self.bn * bits * 4)
 
     def check(self, bits: int):
-        if self.bm % self.wm or self.bn % self.wn or self.wm % 16 or self.wn % 8 or self.stages < 2:
+        if (self.bm % self.wm or self.bn % self.wn or self.wm % 16 or self.wn % 8 or self.stages < 2
+                or self.min_blocks < 1):
             raise ValueError(f"bad MMA GEMM config {self}")
         if self.smem(bits) > SMEM_LIMIT:
             raise ValueError(f"{self} needs {self.smem(bits)} bytes of shared memory (> {SMEM_LIMIT})")
@@ -260,8 +262,12 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
 
 def kernel_name(spec: QuantSpec, cfg: MmaConfig, out_dtype: str) -> str:
     z = "s" if spec.sym else "a"
-    return (f"eq_mma_w{spec.bits}{z}_n{spec.n}_k{spec.k}_g{spec.group_len}_{cfg.bm}x{cfg.bn}w{cfg.wm}x{cfg.wn}"
-            f"s{cfg.stages}_{'f32' if out_dtype == 'float32' else 'f16'}")
+    return (f"eq_mma_w{spec.bits}{z}_n{spec.n}_k{spec.k}_g{spec.group_len}_{config_tag(cfg)}_"
+            f"{'f32' if out_dtype == 'float32' else 'f16'}")
+
+
+def config_tag(cfg: MmaConfig) -> str:
+    return f"{cfg.bm}x{cfg.bn}w{cfg.wm}x{cfg.wn}s{cfg.stages}b{cfg.min_blocks}"
 
 
 def cuda_source(spec: QuantSpec, cfg: MmaConfig, out_dtype: str = "float16") -> tuple[str, str]:
@@ -308,7 +314,8 @@ def {name}(var_x: T.handle, {', '.join(ins)}, var_y: T.handle):
     for by in T.thread_binding({i64}({spec.n // cfg.bn}), thread="blockIdx.y"):
         for bx in T.thread_binding((m + {i64}({cfg.bm - 1})) // {i64}({cfg.bm}), thread="blockIdx.x"):
             for tx in T.thread_binding({i64}({cfg.threads}), thread="threadIdx.x"):
-                T.evaluate(T.cuda.func_call("{fname}", {ptrs}, T.Cast("int32", m), T.Cast("int32", bx),
-                                            T.Cast("int32", by), T.Cast("int32", tx), source_code=SRC))
+                with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", {cfg.min_blocks}):
+                    T.evaluate(T.cuda.func_call("{fname}", {ptrs}, T.Cast("int32", m), T.Cast("int32", bx),
+                                                T.Cast("int32", by), T.Cast("int32", tx), source_code=SRC))
 """
     return tvm.script.from_source(text, extra_vars={"T": T, "SRC": src})
