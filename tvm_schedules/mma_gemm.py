@@ -71,9 +71,23 @@ def supports(spec: QuantSpec) -> bool:
             and spec.group_len % BK == 0 and spec.n % 64 == 0)
 
 
-def default_config(spec: QuantSpec) -> MmaConfig:
-    """128 x 128 tiles where N allows, 128 x 64 otherwise (SmolLM2's N = 576 / 960)."""
-    return MmaConfig() if spec.n % 128 == 0 else MmaConfig(bn=64)
+SMALL = MmaConfig(64, 64, 32, 32, 4, 4)       # prompts up to 64 tokens: more blocks, weights streamed
+MEDIUM = MmaConfig(128, 64, 128, 16, 4, 3)    # up to 1024: 4 warps, each B fragment feeds 8 MMAs
+LARGE = MmaConfig(128, 128, 128, 16, 4, 2)    # longer: 8 warps, fewer passes over the weights
+
+
+def default_configs(spec: QuantSpec) -> list[tuple[int | None, MmaConfig]]:
+    """[(largest m, config)], the last for any m: the kernel the prim func launches for a prompt of m tokens, from the
+    H200 sweep (benchmarks/results/gpu-nvidia-h200.md, prefill section): 64 x 64 tiles up to 64 tokens (one or two
+    row tiles: the weights' dequantization is spread over more blocks), 128 x 64 tiles with 128 x 16 warp tiles up to
+    1024, 128 x 128 beyond (fewer passes over the weights; 128 x 64 where N is not a multiple of 128)."""
+    large = LARGE if spec.n % LARGE.bn == 0 else MEDIUM
+    return [(64, SMALL), (1024, MEDIUM), (None, large)]
+
+
+def default_config(spec: QuantSpec, m: int = 512) -> MmaConfig:
+    """The config `default_configs` picks for a prompt of m tokens."""
+    return next(c for top, c in default_configs(spec) if top is None or m <= top)
 
 
 # ------------------------------------------------------------------------------------------------ fragment math
@@ -150,30 +164,41 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
 #else
   __shared__ __align__(128) uint4 sa[STAGES][BM * 4];      // x: BM rows x 4 chunks of 8 halves, swizzled
   __shared__ __align__(128) unsigned sb[STAGES][BN * BW];  // packed weights: BN rows x BW words
+  constexpr int ACH = (BM * 4 + THREADS - 1) / THREADS, BCH = (BN + THREADS - 1) / THREADS;
+  constexpr unsigned SA_STAGE = BM * 4 * 16, SB_STAGE = BN * BW * 4;
   const int lane = tid & 31, warp = tid >> 5, wm = warp / WARPS_N, wn = warp % WARPS_N;
   const int g = lane >> 2, t = lane & 3;
+  const unsigned sa0 = (unsigned)__cvta_generic_to_shared(&sa[0][0]);
+  const unsigned sb0 = (unsigned)__cvta_generic_to_shared(&sb[0][0]);
+
+  // the copies' addresses, fixed per thread: a k-tile only adds kt * BK to the sources and a stage offset to the
+  // destinations (row m - 1 stands in for rows past the prompt, whose bytes are zero-filled)
+  const half* a_src[ACH];
+  unsigned a_dst[ACH], a_len[ACH];
+#pragma unroll
+  for (int i = 0; i < ACH; ++i) {
+    const int c = min(tid + i * THREADS, BM * 4 - 1), r = c >> 2, ch = c & 3, row = row0 + r;
+    a_src[i] = x + (size_t)(row < m ? row : m - 1) * K + ch * 8;
+    a_dst[i] = sa0 + (unsigned)(r * 4 + (ch ^ ((r >> 1) & 3))) * 16;
+    a_len[i] = row < m ? 16 : 0;
+  }
+  const unsigned* b_src[BCH];
+#pragma unroll
+  for (int i = 0; i < BCH; ++i) b_src[i] = qw + (size_t)(col0 + min(tid + i * THREADS, BN - 1)) * WPR;
 
   auto load = [&](int s, int kt) {
 #pragma unroll
-    for (int i = 0; i < (BM * 4 + THREADS - 1) / THREADS; ++i) {
-      const int c = tid + i * THREADS;
-      if ((BM * 4) % THREADS == 0 || c < BM * 4) {
-        const int r = c >> 2, ch = c & 3, row = row0 + r;
-        const half* src = x + (size_t)(row < m ? row : m - 1) * K + kt * BK + ch * 8;
-        const unsigned dst = (unsigned)__cvta_generic_to_shared(&sa[s][r * 4 + (ch ^ ((r >> 1) & 3))]);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(row < m ? 16 : 0));
-      }
-    }
+    for (int i = 0; i < ACH; ++i)
+      if ((BM * 4) % THREADS == 0 || tid + i * THREADS < BM * 4)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                     :: "r"(a_dst[i] + s * SA_STAGE), "l"(a_src[i] + kt * BK), "r"(a_len[i]));
 #pragma unroll
-    for (int i = 0; i < (BN + THREADS - 1) / THREADS; ++i) {
-      const int c = tid + i * THREADS;
-      if (BN % THREADS == 0 || c < BN) {
-        const unsigned* src = qw + (size_t)(col0 + c) * WPR + kt * BW;
-        const unsigned dst = (unsigned)__cvta_generic_to_shared(&sb[s][c * BW]);
-        if (BW == 4) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(dst), "l"(src));
-        else asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" :: "r"(dst), "l"(src));
+    for (int i = 0; i < BCH; ++i)
+      if (BN % THREADS == 0 || tid + i * THREADS < BN) {
+        const unsigned dst = sb0 + s * SB_STAGE + (unsigned)(tid + i * THREADS) * BW * 4;
+        if (BW == 4) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(dst), "l"(b_src[i] + kt * BW));
+        else asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" :: "r"(dst), "l"(b_src[i] + kt * BW));
       }
-    }
   };
 
   float acc[MT][NT][4];
@@ -183,6 +208,14 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // ldmatrix rows of this lane: r = wm * WM + i * 16 + lane % 16, chunk kk * 2 + lane / 16, swizzled by (r / 2) % 4,
+  // which i does not change; the two chunks of a k-tile's steps differ by XOR 2
+  const int ar = wm * WM + (lane & 15);
+  const unsigned a_off0 = (unsigned)(ar * 4 + ((lane >> 4) ^ ((ar >> 1) & 3))) * 16;
+  const unsigned a_off1 = (unsigned)(ar * 4 + ((2 + (lane >> 4)) ^ ((ar >> 1) & 3))) * 16;
+  const int b_row = wn * WN + g;                                   // + j * 8
+  const int sh = 2 * t * BITS;                                     // fragment_fields: 2t codes in
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -195,7 +228,7 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
     half2 ss[NT], zz[NT];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      const int n = col0 + wn * WN + j * 8 + g;
+      const int n = col0 + b_row + j * 8;
       ss[j] = __half2half2(scales[n * NG + grp]);
       const int z = ZERO >= 0 ? ZERO : (int)zeros[n * NG + grp];
       zz[j] = __half2half2(__ushort_as_half((unsigned short)(0x6400 | z)));
@@ -208,24 +241,36 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
       asm volatile("cp.async.commit_group;\n" ::);
     }
     const int s = kt % STAGES;
+    // the k-tile's packed words of this lane's rows: one 16-byte (4 bits) or 8-byte (2 bits) shared load each
+    unsigned wv[NT][BW];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const unsigned* wr = &sb[s][(b_row + j * 8) * BW];
+      if (BW == 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(wr);
+        wv[j][0] = v.x; wv[j][BW > 1 ? 1 : 0] = v.y; wv[j][BW > 2 ? 2 : 0] = v.z; wv[j][BW > 3 ? 3 : 0] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(wr);
+        wv[j][0] = v.x; wv[j][BW > 1 ? 1 : 0] = v.y;
+      }
+    }
+    const unsigned a_stage = sa0 + s * SA_STAGE;
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {
       unsigned a[MT][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        const int r = wm * WM + i * 16 + (lane & 15), ch = kk * 2 + (lane >> 4);
-        const unsigned addr = (unsigned)__cvta_generic_to_shared(&sa[s][r * 4 + (ch ^ ((r >> 1) & 3))]);
+        const unsigned addr = a_stage + (kk ? a_off1 : a_off0) + i * 16 * 4 * 16;
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(a[i][0]), "=r"(a[i][1]), "=r"(a[i][2]), "=r"(a[i][3]) : "r"(addr));
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const unsigned* wr = &sb[s][(wn * WN + j * 8 + g) * BW + kk * (BW / 2)];
         unsigned b[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          // fragment_fields: codes 2t + 8h and the next, at word (8h) / VPW, shift ((8h) % VPW + 2t) * BITS
-          const unsigned v = wr[(8 * h) / VPW] >> (((8 * h) % VPW + 2 * t) * BITS);
+          // fragment_fields: codes 2t + 8h and the next, at word (8h) / VPW of the step, shift ((8h) % VPW + 2t) * BITS
+          const unsigned v = wv[j][kk * (BW / 2) + (8 * h) / VPW] >> (((8 * h) % VPW) * BITS + sh);
           const unsigned u = (v & MASK) | ((v << (16 - BITS)) & (MASK << 16)) | 0x64006400u;
           const half2 w = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&u), zz[j]), ss[j]);
           b[h] = *reinterpret_cast<const unsigned*>(&w);
@@ -285,7 +330,8 @@ def cuda_source(spec: QuantSpec, cfg: MmaConfig, out_dtype: str = "float16") -> 
 
 
 def gemm_func(spec: QuantSpec, cfg: MmaConfig | None = None, out_dtype: str = "float16", name: str = "main"):
-    """The prim func: x [1, m, K] fp16 (m symbolic), qweight, scales, [zeros], y [1, m, N] `out_dtype`."""
+    """The prim func: x [1, m, K] fp16 (m symbolic), qweight, scales, [zeros], y [1, m, N] `out_dtype`. With `cfg`
+    None it launches the kernel `default_configs` picks for m (a host-side branch on m), else the one of `cfg`."""
     import tvm
     from tvm.script import tirx as T
 
@@ -293,29 +339,37 @@ def gemm_func(spec: QuantSpec, cfg: MmaConfig | None = None, out_dtype: str = "f
         raise ValueError(f"no tensor-core GEMM for {spec}")
     if out_dtype not in ("float16", "float32"):
         raise ValueError(f"output type {out_dtype!r}: float16 or float32")
-    cfg = cfg or default_config(spec)
-    cfg.check(spec.bits)
-    if spec.n % cfg.bn:
-        raise ValueError(f"{cfg.bn}-column tiles do not divide N={spec.n}")
-    fname, src = cuda_source(spec, cfg, out_dtype)
+    tiers = [(None, cfg)] if cfg is not None else default_configs(spec)
+    for _, c in tiers:
+        c.check(spec.bits)
+        if spec.n % c.bn:
+            raise ValueError(f"{c.bn}-column tiles do not divide N={spec.n}")
     ins = [f'qweight: T.Buffer(({spec.n}, {spec.words}), "uint32")',
            f'scales: T.Buffer(({spec.n}, {spec.n_groups}), "float16")']
     if not spec.sym:
         ins.append(f'zeros: T.Buffer(({spec.n}, {spec.n_groups}), "uint8")')
     ptrs = "x.data, qweight.data, scales.data, " + ("" if spec.sym else "zeros.data, ") + "y.data"
     i64 = "T.int64"
-    text = f"""
-@T.prim_func
-def {name}(var_x: T.handle, {', '.join(ins)}, var_y: T.handle):
-    T.func_attr({{"tir.noalias": True, "tirx.is_scheduled": True}})
-    m = T.int64()
-    x = T.match_buffer(var_x, ({i64}(1), m, {i64}({spec.k})), "float16")
-    y = T.match_buffer(var_y, ({i64}(1), m, {i64}({spec.n})), "{out_dtype}")
-    for by in T.thread_binding({i64}({spec.n // cfg.bn}), thread="blockIdx.y"):
-        for bx in T.thread_binding((m + {i64}({cfg.bm - 1})) // {i64}({cfg.bm}), thread="blockIdx.x"):
-            for tx in T.thread_binding({i64}({cfg.threads}), thread="threadIdx.x"):
-                with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", {cfg.min_blocks}):
-                    T.evaluate(T.cuda.func_call("{fname}", {ptrs}, T.Cast("int32", m), T.Cast("int32", bx),
-                                                T.Cast("int32", by), T.Cast("int32", tx), source_code=SRC))
-"""
-    return tvm.script.from_source(text, extra_vars={"T": T, "SRC": src})
+    srcs = {}
+
+    def launch(c: MmaConfig, ind: str) -> list[str]:
+        fname, srcs[f"SRC{len(srcs)}"] = cuda_source(spec, c, out_dtype)
+        return [f'{ind}for by in T.thread_binding({i64}({spec.n // c.bn}), thread="blockIdx.y"):',
+                f'{ind}    for bx in T.thread_binding((m + {i64}({c.bm - 1})) // {i64}({c.bm}), thread="blockIdx.x"):',
+                f'{ind}        for tx in T.thread_binding({i64}({c.threads}), thread="threadIdx.x"):',
+                f'{ind}            with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", {c.min_blocks}):',
+                f'{ind}                T.evaluate(T.cuda.func_call("{fname}", {ptrs}, T.Cast("int32", m), '
+                f'T.Cast("int32", bx), T.Cast("int32", by), T.Cast("int32", tx), source_code=SRC{len(srcs) - 1}))']
+
+    lines = ["@T.prim_func", f"def {name}(var_x: T.handle, {', '.join(ins)}, var_y: T.handle):",
+             '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})', "    m = T.int64()",
+             f'    x = T.match_buffer(var_x, ({i64}(1), m, {i64}({spec.k})), "float16")',
+             f'    y = T.match_buffer(var_y, ({i64}(1), m, {i64}({spec.n})), "{out_dtype}")']
+    ind = "    "
+    for i, (top, c) in enumerate(tiers):
+        if top is None:
+            lines += launch(c, ind)
+        else:
+            lines += [f"{ind}if m <= {i64}({top}):"] + launch(c, ind + "    ") + [f"{ind}else:"]
+            ind += "    "
+    return tvm.script.from_source("\n".join(lines) + "\n", extra_vars={"T": T, **srcs})
