@@ -222,16 +222,19 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
     if (s < KT) load(s, s);
     asm volatile("cp.async.commit_group;\n" ::);
   }
+  half2 ss[NT], zz[NT];
   for (int kt = 0; kt < KT; ++kt) {
-    // this tile's scales and zero points: issued before the wait, so their latency hides behind it
-    const int grp = kt * BK / G;
-    half2 ss[NT], zz[NT];
+    // scales and zero points when a group starts (every G / BK tiles): issued before the wait, so their latency
+    // hides behind it
+    if (kt % (G / BK) == 0) {
+      const int grp = kt * BK / G;
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int n = col0 + b_row + j * 8;
-      ss[j] = __half2half2(scales[n * NG + grp]);
-      const int z = ZERO >= 0 ? ZERO : (int)zeros[n * NG + grp];
-      zz[j] = __half2half2(__ushort_as_half((unsigned short)(0x6400 | z)));
+      for (int j = 0; j < NT; ++j) {
+        const int n = col0 + b_row + j * 8;
+        ss[j] = __half2half2(scales[n * NG + grp]);
+        const int z = ZERO >= 0 ? ZERO : (int)zeros[n * NG + grp];
+        zz[j] = __half2half2(__ushort_as_half((unsigned short)(0x6400 | z)));
+      }
     }
     asm volatile("cp.async.wait_group %0;\n" :: "n"(STAGES - 2));
     __syncthreads();
@@ -254,6 +257,20 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
         wv[j][0] = v.x; wv[j][BW > 1 ? 1 : 0] = v.y;
       }
     }
+    // every B fragment of the k-tile first: NT x 2 independent dequantization chains for the scheduler to overlap
+    unsigned b[NT][2][2];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // fragment_fields: codes 2t + 8h and the next, at word (8h) / VPW of the step, shift ((8h) % VPW + 2t) * BITS
+          const unsigned v = wv[j][kk * (BW / 2) + (8 * h) / VPW] >> (((8 * h) % VPW) * BITS + sh);
+          const unsigned u = (v & MASK) | ((v << (16 - BITS)) & (MASK << 16)) | 0x64006400u;
+          const half2 w = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&u), zz[j]), ss[j]);
+          b[j][kk][h] = *reinterpret_cast<const unsigned*>(&w);
+        }
     const unsigned a_stage = sa0 + s * SA_STAGE;
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {
@@ -265,23 +282,13 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
                      : "=r"(a[i][0]), "=r"(a[i][1]), "=r"(a[i][2]), "=r"(a[i][3]) : "r"(addr));
       }
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        unsigned b[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          // fragment_fields: codes 2t + 8h and the next, at word (8h) / VPW of the step, shift ((8h) % VPW + 2t) * BITS
-          const unsigned v = wv[j][kk * (BW / 2) + (8 * h) / VPW] >> (((8 * h) % VPW) * BITS + sh);
-          const unsigned u = (v & MASK) | ((v << (16 - BITS)) & (MASK << 16)) | 0x64006400u;
-          const half2 w = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&u), zz[j]), ss[j]);
-          b[h] = *reinterpret_cast<const unsigned*>(&w);
-        }
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int i = 0; i < MT; ++i)
           asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
                        "{%8,%9}, {%0,%1,%2,%3};\n"
                        : "+f"(acc[i][j][0]), "+f"(acc[i][j][1]), "+f"(acc[i][j][2]), "+f"(acc[i][j][3])
-                       : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]), "r"(b[0]), "r"(b[1]));
-      }
+                       : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]), "r"(b[j][kk][0]), "r"(b[j][kk][1]));
     }
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
@@ -362,7 +369,8 @@ def gemm_func(spec: QuantSpec, cfg: MmaConfig | None = None, out_dtype: str = "f
                 f'T.Cast("int32", bx), T.Cast("int32", by), T.Cast("int32", tx), source_code=SRC{len(srcs) - 1}))']
 
     lines = ["@T.prim_func", f"def {name}(var_x: T.handle, {', '.join(ins)}, var_y: T.handle):",
-             '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})', "    m = T.int64()",
+             # op_pattern 8 (opaque): relax's FuseOps must not fuse neighbours into a kernel it cannot see into
+             '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})', "    m = T.int64()",
              f'    x = T.match_buffer(var_x, ({i64}(1), m, {i64}({spec.k})), "float16")',
              f'    y = T.match_buffer(var_y, ({i64}(1), m, {i64}({spec.n})), "{out_dtype}")']
     ind = "    "
