@@ -69,13 +69,18 @@ def test_prim_func_emits_the_mma_kernel():
 
     import tvm
     from edgequant.tvm_schedules.dequant import QuantSpec
-    from edgequant.tvm_schedules.mma_gemm import gemm_func
-    funcs = {f"g{bits}{int(sym)}": gemm_func(QuantSpec(128, 256, bits, 64, sym), out_dtype=o).with_attr(
-        "global_symbol", f"g{bits}{int(sym)}") for bits, sym, o in [(4, False, "float16"), (2, True, "float32")]}
+    from edgequant.tvm_schedules.mma_gemm import MmaConfig, gemm_func
+    funcs = {"g4": gemm_func(QuantSpec(128, 256, 4, 64, False)).with_attr("global_symbol", "g4"),
+             "g2": gemm_func(QuantSpec(128, 256, 2, 64, True), MmaConfig(128, 64, 128, 16, 3, 2), "float32")
+             .with_attr("global_symbol", "g2")}
     ex = tvm.compile(tvm.IRModule(funcs), target={"kind": "cuda", "arch": "sm_90"})
     src = next(m.inspect_source() for m in [ex.mod, *ex.mod.imports] if m.kind == "cuda")
     # each instance carries the template behind one include guard (nvcc sees it once)
-    assert src.count("#ifndef EDGEQUANT_MMA_GEMM") == 2 and src.count("  eq_mma_gemm<") == 2
+    assert src.count("#ifndef EDGEQUANT_MMA_GEMM") == 4 and src.count("  eq_mma_gemm<") == 4
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src and "cp.async.cg.shared.global" in src
-    sig = re.search(r"void __launch_bounds__\(256\) g40_kernel\(([^)]*)\)", src).group(1)
+    bounds = dict((k, b) for b, k in re.findall(r"void __launch_bounds__\(([\d, ]+)\) (\w+)\(", src))
+    # the default: three tile kernels picked by the prompt length; the register cap as launch bounds
+    assert sorted(b for k, b in bounds.items() if k.startswith("g4")) == ["128, 3", "128, 4", "256, 2"]
+    assert [b for k, b in bounds.items() if k.startswith("g2")] == ["128, 2"]
+    sig = re.search(r"void __launch_bounds__\([\d, ]+\) g4_kernel\(([^)]*)\)", src).group(1)
     assert "int64_t m" in sig   # the token count is a kernel argument: one kernel for every prompt length
