@@ -59,7 +59,10 @@ def test_supports_and_configs():
     assert not supports(QuantSpec(4096, 4096, 3, 128, False, "words3x32"))    # 3 bits: dlight
     assert not supports(QuantSpec(4096, 4096, 4, 16, False))                  # groups inside a k tile
     assert not supports(QuantSpec(100, 4096, 4, 128, False))                  # N not in 64-column tiles
-    assert default_config(QuantSpec(960, 576, 4, 64, True)).bn == 64
+    assert default_config(QuantSpec(960, 576, 4, 64, True)).bn == 64          # SmolLM2's qkv: 128 x 64 tiles
+    wide, narrow = QuantSpec(22016, 4096, 4, 128, False), QuantSpec(4096, 4096, 4, 128, False)
+    assert [default_config(wide, m).bn for m in (32, 512, 2048)] == [64, 128, 128]
+    assert [default_config(narrow, m).bn for m in (32, 512, 2048)] == [64, 64, 128]
     with pytest.raises(ValueError, match="shared memory"):
         MmaConfig(bm=256, stages=4).check(4)
 
