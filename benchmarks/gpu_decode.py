@@ -114,7 +114,8 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
         for lin, n, k in SHAPES:
             spec = QuantSpec(n, k, bits, g, False)
             picks = {m_: mma_default(spec, m_) for m_ in PREFILL_TOKENS}   # the export's kernel per prompt length
-            cfgs = set(picks.values()) | ({MmaConfig(*c) for c in PREFILL_SWEEP if n % c[1] == 0} if not quick else set())
+            sweep = set() if quick else {MmaConfig(*c) for c in PREFILL_SWEEP if n % c[1] == 0}
+            cfgs = set(picks.values()) | sweep
             for cfg in sorted(cfgs, key=lambda c: (c.bm, c.bn, c.wm, c.wn, c.stages, c.min_blocks)):
                 cname = config_tag(cfg)
                 name = f"p{bits}_{lin}_{cname}"
@@ -510,9 +511,10 @@ def _prefill_table(res, dev, torch_ver):
            f"{date}; torch {torch_ver}. Kernel: `tvm_schedules/mma_gemm.py` (fp16 mma.sync m16n8k16, cp.async "
            "stages, weights dequantized in registers); peer: torch fp16 `torch.matmul(x, W.t())` (cuBLAS) in the "
            "same run. Times per call, CUDA-graph replays over weight copies totalling >= 512 MiB. Config "
-           "BMxBNwWMxWNsSbB: block tile, warp tile, cp.async stages, blocks per SM asked of ptxas (register cap); best of the configs tried, 'default' the one "
-           "`mma_gemm.default_config` picks for that prompt length (the export's kernel). rel err: max |y - ref| / max |ref|, ref = x @ (fp16 dequantized W)^T "
-           "in fp32 on the device.", "",
+           "BMxBNwWMxWNsSbB: block tile, warp tile, cp.async stages, blocks per SM asked of ptxas (register cap); "
+           "best of the configs tried, 'default' the one `mma_gemm.default_config` picks for that prompt length (the "
+           "export's kernel). rel err: max |y - ref| / max |ref|, ref = x @ (fp16 dequantized W)^T in fp32 on the "
+           "device.", "",
            "| weights | linear (N x K) | tokens | config | regs | us | TFLOP/s | default us | rel err | torch fp16 us "
            "| x torch fp16 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     best = [r for r in res["rows"] if r.get("best")]
@@ -608,7 +610,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="build: default configs only")
     ap.add_argument("--device-nvcc", action="store_true", help="build: leave nvcc to `run` on the GPU machine")
     ap.add_argument("--only", help="run: only kernels whose name contains this (for ncu)")
-    ap.add_argument("--prefill-only", action="store_true", help="build / run: only the prefill kernels (and their peer)")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="build / run: only the prefill kernels (and their peer)")
     ap.add_argument("--tokens", help="run: prefill prompt lengths, comma-separated (default 32,128,512,2048)")
     ap.add_argument("--save", nargs="?", const=str(RESULTS), help="run: write gpu-<device>.md there "
                     "(default benchmarks/results)")

@@ -8,14 +8,15 @@ the matmul (one kernel reads the packed words, never an fp16 copy of the weight)
 stays its own kernel: a data-dependent read inside the reduction would stop dlight's GEMV/Matmul rules.
 
 On CUDA (`decode_gemv=True`) a one-row call (decode) uses the hand-scheduled GEMV of `tvm_schedules/gemv.py`
-instead, and a [1, m]-row call (prefill, all-position logits) at 4 or 2 bits the tensor-core GEMM of
-`tvm_schedules/mma_gemm.py` (fp16 mma.sync, weights dequantized in registers; the outlier columns stay their own small
-matmul, added in fp32); 3-bit weights keep dlight's fused kernel for prefill. Like the CPU exports it rounds the activations to int8 per 32
-values and multiplies with dp4a (3-bit weights in planes3), unless EDGEQUANT_ACT_DTYPE=fp16 (`pipeline.
-int8_decode_enabled`) asks for the exact fp16 kernel (3 bits then in words3x32 only; planes3 falls back to dlight).
+instead. Like the CPU exports it rounds the activations to int8 per 32 values and multiplies with dp4a (3-bit weights
+in planes3), unless EDGEQUANT_ACT_DTYPE=fp16 (`pipeline.int8_decode_enabled`) asks for the exact fp16 kernel (3 bits
+then in words3x32 only; planes3 falls back to dlight).
 On an H200, LLaMA-7B shapes: W4 63% of the read bandwidth, 1.76x torch's int4 GEMV; fp16 activations 49%, 1.35x
 (benchmarks/results/gpu-nvidia-h200.md). The GEMV adds the fp16 outlier columns itself (one kernel, one rounding of
 the fp32 sum): no extra launches.
+A [1, m]-row call on CUDA (prefill, all-position logits) at 4 or 2 bits runs the tensor-core GEMM of
+`tvm_schedules/mma_gemm.py` (fp16 mma.sync, weights dequantized in registers; the outlier columns stay their own small
+matmul, added in fp32); 3-bit weights keep dlight's fused kernel for prefill.
 On x86 CPUs the export pipeline replaces one-row matmuls of the dequantize (found by the spec attribute it carries)
 with the int8 dot-product GEMV of `tvm_schedules/cpu_int8.py`; see `export/pipeline.py`.
 """

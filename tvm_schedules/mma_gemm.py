@@ -163,7 +163,8 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
     for (int k = 0; k < K; ++k) {
       const int q = (qw[(size_t)c * WPR + k / VPW] >> (k % VPW * BITS)) & MASK;
       const int z = ZERO >= 0 ? ZERO : zeros[c * NG + k / G];
-      acc += __half2float(x[(size_t)r * K + k]) * __half2float(__float2half((float)(q - z) * __half2float(scales[c * NG + k / G])));
+      const float w = __half2float(__float2half((float)(q - z) * __half2float(scales[c * NG + k / G])));
+      acc += __half2float(x[(size_t)r * K + k]) * w;
     }
     y[(size_t)r * N + c] = (OutT)acc;
   }
