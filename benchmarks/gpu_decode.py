@@ -16,6 +16,12 @@ from L2. Bytes per linear = packed weights + scales + zeros (+ outlier columns);
 the faster of a streaming-read kernel and a device-to-device copy ((read + write bytes) / time), both over 1 GiB. The
 step table adds up all 32 layers' linears: the decode tokens/s a model would reach if nothing but these linears ran.
 Writes benchmarks/results/gpu-<device>.md.
+
+Prefill (`tvm_schedules/mma_gemm.py`, tensor cores): the same linears at W4 g128 and W2 g64 for prompts of
+32/128/512/2048 tokens, each kernel config of PREFILL_SWEEP checked against the torch reference and timed the same way,
+with torch fp16 (`torch.matmul`, cuBLAS) as the peer in the same run; the prefill table adds up the 32 layers' linears
+(tokens / time: the prefill rate a model would reach if nothing but these linears ran). `run --prefill-only` skips
+decode (and then writes gpu-<device>-prefill.md).
 """
 from __future__ import annotations
 
@@ -35,6 +41,12 @@ ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the ker
 SWEEP = ((8, 2, 2), (4, 4, 2), (4, 8, 2), (8, 4, 2), (4, 4, 3), (4, 8, 3), (4, 8, 4), (2, 8, 3), (8, 4, 3))
 # (rows per step, steps per block, buffers) tried per linear besides the default
 LAYERS = 32
+PREFILL_SCHEMES = [("W4 g128", 4, 128), ("W2 g64", 2, 64)]   # 3 bits: no tensor-core kernel (dlight)
+PREFILL_TOKENS = (32, 128, 512, 2048)
+PREFILL_SWEEP = ((128, 128, 128, 16, 4, 2), (128, 128, 128, 16, 3, 2), (128, 64, 128, 16, 4, 3),
+                 (128, 64, 128, 16, 4, 4), (64, 64, 32, 32, 4, 4), (64, 64, 64, 16, 4, 4), (64, 128, 64, 16, 4, 2),
+                 (128, 64, 64, 32, 4, 1))
+# (bm, bn, wm, wn, stages, min blocks per SM): mma_gemm.MmaConfig
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -55,7 +67,7 @@ def _load_baseline(path: str):
     return mod
 
 
-def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: bool):
+def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: bool, prefill_only: bool = False):
     import tvm
 
     from edgequant.export.targets import PRESETS
@@ -73,7 +85,7 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                          "n_groups": spec.n_groups, "layout": spec.layout, "n_outliers": nout,
                          "grid": grid, "block": block})
 
-    for (scheme, bits, g, extra), act in [(s, a) for a in ACTS for s in SCHEMES]:
+    for (scheme, bits, g, extra), act in [(s, a) for a in ACTS for s in SCHEMES] if not prefill_only else []:
         for lin, n, k in SHAPES:
             spec = QuantSpec(n, k, bits, g, False, (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
             nout = n_outliers(k, extra)
@@ -97,11 +109,24 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                 name = f"w{bits}prev_{lin}"
                 add(name, prev.gemv_func(spec, pc, name=name), f"{scheme} (previous kernel)", bits, g, lin, n, k,
                     spec, f"r{pc.rows}w{pc.warps}", True, 0, [n // pc.rows, 1, 1], [32, pc.warps, 1])
+    from edgequant.tvm_schedules.mma_gemm import MmaConfig, config_tag, default_config as mma_default, gemm_func
+    for scheme, bits, g in PREFILL_SCHEMES:
+        for lin, n, k in SHAPES:
+            spec = QuantSpec(n, k, bits, g, False)
+            picks = {m_: mma_default(spec, m_) for m_ in PREFILL_TOKENS}   # the export's kernel per prompt length
+            sweep = set() if quick else {MmaConfig(*c) for c in PREFILL_SWEEP if n % c[1] == 0}
+            cfgs = set(picks.values()) | sweep
+            for cfg in sorted(cfgs, key=lambda c: (c.bm, c.bn, c.wm, c.wn, c.stages, c.min_blocks)):
+                cname = config_tag(cfg)
+                name = f"p{bits}_{lin}_{cname}"
+                add(name, gemm_func(spec, cfg, name=name), scheme, bits, g, lin, n, k, spec, cname,
+                    [m_ for m_, c in picks.items() if c == cfg], 0,
+                    [cfg.bm, n // cfg.bn, 1], [cfg.threads, 1, 1], "prefill")   # grid[0]: rows per block (x)
     t = time.time()
     ex = tvm.compile(tvm.IRModule(funcs), target={**PRESETS["cuda"].target, "arch": arch})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     for m in manifest:  # the kernel's parameters in TVM's order, by name
-        sig = re.search(r"void __launch_bounds__\(\d+\) " + m["kernel"] + r"\(([^)]*)\)", src).group(1)
+        sig = re.search(r"void __launch_bounds__\([\d, ]+\) " + m["kernel"] + r"\(([^)]*)\)", src).group(1)
         m["params"] = [p.strip().split()[-1].removesuffix("_ptr") for p in sig.split(",")]
     (out / "kernels.cu").write_text(src + READ_BW_CU)
     (out / "manifest.json").write_text(json.dumps({"arch": arch, "tvm": tvm.__version__, "kernels": manifest},
@@ -300,7 +325,8 @@ def torch_fp16(n, k):
     return _timed([lambda w=w: torch.nn.functional.linear(x, w) for w in ws]), n * k * 2
 
 
-def run(out: Path, only: str | None, results: Path | None):
+def run(out: Path, only: str | None, results: Path | None, prefill_only: bool = False,
+        tokens: tuple[int, ...] = PREFILL_TOKENS):
     import torch
     man = json.loads((out / "manifest.json").read_text())
     if "cubins" not in man:  # built with --device-nvcc: compile here, on all cores
@@ -316,6 +342,18 @@ def run(out: Path, only: str | None, results: Path | None):
     print(f"device {dev}; torch {torch.__version__}; copy bandwidth {cbw / 1e12:.2f} TB/s, roofline {bw / 1e12:.2f} "
           "TB/s", flush=True)
     rows, peer, configs = [], {}, []
+    prefill = run_prefill(drv, man, only, tokens)
+    if prefill_only:
+        if not only:
+            table = _prefill_table(prefill, dev, torch.__version__)
+            print(table)
+            if results:
+                results.mkdir(parents=True, exist_ok=True)
+                name = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
+                (results / f"gpu-{name}-prefill.md").write_text(table)
+                (results / f"gpu-{name}-prefill.rows.json").write_text(json.dumps(prefill, indent=1))
+        return
+    man = {**man, "kernels": [m for m in man["kernels"] if m["act"] != "prefill"]}
     for lin, n, k in SHAPES if not only else []:
         try:
             peer[lin, "int4"] = torch_int4(n, k)
@@ -390,7 +428,8 @@ def run(out: Path, only: str | None, results: Path | None):
         torch.cuda.empty_cache()
     if only:
         return
-    table = _table(rows, peer, bw, cbw, dev, torch.__version__)
+    table = _table(rows, peer, bw, cbw, dev, torch.__version__) + "\n" + _prefill_table(prefill, dev,
+                                                                                          torch.__version__)
     print(table)
     if results:
         results.mkdir(parents=True, exist_ok=True)
@@ -399,6 +438,110 @@ def run(out: Path, only: str | None, results: Path | None):
         (results / f"gpu-{name}.rows.json").write_text(json.dumps({"rows": rows, "configs": configs, "copy_bw": bw,
                                                                    "copy_only_bw": cbw, "peer": {
             f"{a}/{b}": v for (a, b), v in peer.items()}}, indent=1))
+
+
+def run_prefill(drv, man, only, tokens):
+    """Every prefill kernel of the manifest at every prompt length: checked against torch's fp32 product of the
+    dequantized weights, timed over weight copies; torch fp16 matmul per linear and length as the peer."""
+    import torch
+    kernels = [m for m in man["kernels"] if m["act"] == "prefill" and (not only or only in m["name"])]
+    res = {"rows": [], "peer": {}}
+    for lin, n, k in SHAPES if not only else []:
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(_copies(n * k * 2))]
+        for m_ in tokens:
+            x = torch.randn(m_, k, device="cuda", dtype=torch.float16)
+            res["peer"][f"{lin}/{m_}"] = _timed([lambda w=w: torch.matmul(x, w.t()) for w in ws], reps=10)
+            print(json.dumps({"peer": "torch fp16", "linear": lin, "tokens": m_,
+                              "us": res["peer"][f"{lin}/{m_}"] * 1e6}), flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    for scheme, lin in dict.fromkeys((m["scheme"], m["linear"]) for m in kernels):
+        ks = [m for m in kernels if (m["scheme"], m["linear"]) == (scheme, lin)]
+        m0 = ks[0]
+        n, k, bits, g = m0["n"], m0["k"], m0["bits"], m0["group"]
+        nbytes = n * m0["words"] * 4 + n * m0["n_groups"] * 3
+        gen = torch.Generator(device="cuda").manual_seed(bits * 1000 + n + 7)
+        sets = [{"qweight": torch.randint(-2**31, 2**31 - 1, (n, m0["words"]), device="cuda", dtype=torch.int32,
+                                          generator=gen),
+                 "scales": (torch.rand(n, m0["n_groups"], device="cuda", generator=gen) * 0.009 + 0.001).half(),
+                 "zeros": torch.randint(0, 1 << bits, (n, m0["n_groups"]), device="cuda", dtype=torch.uint8,
+                                        generator=gen)} for _ in range(_copies(nbytes))]
+        s0 = sets[0]
+        q = _unpack_torch(s0["qweight"], bits, k, m0["layout"]).float()
+        gi = torch.arange(k, device="cuda") // g
+        # the kernel multiplies the correctly rounded fp16 weights (as the export's dequantize kernel)
+        wref = ((q - s0["zeros"].float()[:, gi]) * s0["scales"].float()[:, gi]).half().float()
+        del q
+        for m_ in tokens:
+            x = torch.randn(1, m_, k, device="cuda", dtype=torch.float16)
+            ref = x[0].float() @ wref.T
+            y = torch.empty(1, m_, n, device="cuda", dtype=torch.float16)
+            best = None
+            for m in ks:
+                grid = [-(-m_ // m["grid"][0]), m["grid"][1], 1]
+                fns = [drv.launcher(m["kernel"], grid, m["block"],
+                                    [{**s, "x": x, "y": y, "m": ctypes.c_int64(m_)}[p] for p in m["params"]])
+                       for s in sets]
+                y.fill_(float("nan"))
+                fns[0]()
+                torch.cuda.synchronize()
+                err = ((y[0].float() - ref).abs().max() / ref.abs().max()).item()
+                t = _timed(fns, reps=10)
+                r = {"scheme": scheme, "linear": lin, "n": n, "k": k, "tokens": m_, "config": m["config"],
+                     "default": m_ in m["default"], "regs": m.get("regs", -1), "us": t * 1e6,
+                     "tflops": 2 * m_ * n * k / t / 1e12, "rel_err": err}
+                res["rows"].append(r)
+                print(json.dumps(r), flush=True)
+                if not err <= 3e-3:
+                    print(f"WRONG RESULT {m['name']} at {m_} tokens: rel err {err:.2e}", flush=True)
+                elif best is None or r["us"] < best["us"]:
+                    best = r
+            if best is not None:
+                best["best"] = True
+        del sets, wref
+        torch.cuda.empty_cache()
+    return res
+
+
+def _prefill_table(res, dev, torch_ver):
+    if not res["rows"]:
+        return ""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [f"# Prefill GEMM on tensor cores, LLaMA-7B linears ({dev})", "",
+           f"{date}; torch {torch_ver}. Kernel: `tvm_schedules/mma_gemm.py` (fp16 mma.sync m16n8k16, cp.async "
+           "stages, weights dequantized in registers); peer: torch fp16 `torch.matmul(x, W.t())` (cuBLAS) in the "
+           "same run. Times per call, CUDA-graph replays over weight copies totalling >= 512 MiB. Config "
+           "BMxBNwWMxWNsSbB: block tile, warp tile, cp.async stages, blocks per SM asked of ptxas (register cap); "
+           "best of the configs tried, 'default' the one `mma_gemm.default_config` picks for that prompt length (the "
+           "export's kernel). rel err: max |y - ref| / max |ref|, ref = x @ (fp16 dequantized W)^T in fp32 on the "
+           "device.", "",
+           "| weights | linear (N x K) | tokens | config | regs | us | TFLOP/s | default us | rel err | torch fp16 us "
+           "| x torch fp16 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    best = [r for r in res["rows"] if r.get("best")]
+    dflt = {(r["scheme"], r["linear"], r["tokens"]): r for r in res["rows"] if r["default"]}
+    for r in best:
+        p = res["peer"].get(f"{r['linear']}/{r['tokens']}", float("nan")) * 1e6
+        d = dflt.get((r["scheme"], r["linear"], r["tokens"]), {"us": float("nan")})
+        out.append(f"| {r['scheme']} | {r['linear']} {r['n']}x{r['k']} | {r['tokens']} | {r['config']} | {r['regs']} "
+                   f"| {r['us']:.1f} | {r['tflops']:.0f} | {d['us']:.1f} | {r['rel_err']:.1e} | {p:.1f} | "
+                   f"{p / r['us']:.2f} |")
+    out += ["", "All linears of a prefill (32 layers x qkv, o, gate_up, down), from the per-linear times (best "
+            "config; in brackets the default config):", "",
+            "| weights | tokens | ms | tok/s | TFLOP/s | torch fp16 ms | torch fp16 tok/s | x torch fp16 |",
+            "|---|---|---|---|---|---|---|---|"]
+    for scheme in dict.fromkeys(r["scheme"] for r in best):
+        for m_ in dict.fromkeys(r["tokens"] for r in best):
+            rs = [r for r in best if r["scheme"] == scheme and r["tokens"] == m_]
+            ds = [dflt.get((scheme, r["linear"], m_)) for r in rs]
+            if len(rs) != len(SHAPES):
+                continue
+            t = LAYERS * sum(r["us"] for r in rs) / 1e6
+            td = LAYERS * sum(d["us"] for d in ds) / 1e6 if all(ds) else float("nan")
+            flop = LAYERS * sum(2 * m_ * r["n"] * r["k"] for r in rs)
+            tp = LAYERS * sum(res["peer"].get(f"{lin}/{m_}", float("nan")) for lin, _, _ in SHAPES)
+            out.append(f"| {scheme} | {m_} | {t * 1e3:.2f} ({td * 1e3:.2f}) | {m_ / t:.0f} ({m_ / td:.0f}) | "
+                       f"{flop / t / 1e12:.0f} | {tp * 1e3:.2f} | {m_ / tp:.0f} | {tp / t:.2f} |")
+    return "\n".join(out) + "\n"
 
 
 def _table(rows, peer, bw, cbw, dev, torch_ver):
@@ -467,13 +610,17 @@ def main():
     ap.add_argument("--quick", action="store_true", help="build: default configs only")
     ap.add_argument("--device-nvcc", action="store_true", help="build: leave nvcc to `run` on the GPU machine")
     ap.add_argument("--only", help="run: only kernels whose name contains this (for ncu)")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="build / run: only the prefill kernels (and their peer)")
+    ap.add_argument("--tokens", help="run: prefill prompt lengths, comma-separated (default 32,128,512,2048)")
     ap.add_argument("--save", nargs="?", const=str(RESULTS), help="run: write gpu-<device>.md there "
                     "(default benchmarks/results)")
     a = ap.parse_args()
     if a.step == "build":
-        build(Path(a.out), a.arch, a.baseline, a.quick, a.device_nvcc)
+        build(Path(a.out), a.arch, a.baseline, a.quick, a.device_nvcc, a.prefill_only)
     else:
-        run(Path(a.out), a.only, Path(a.save) if a.save else None)
+        run(Path(a.out), a.only, Path(a.save) if a.save else None, a.prefill_only,
+            tuple(int(t) for t in a.tokens.split(",")) if a.tokens else PREFILL_TOKENS)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ Two passes are added to the stock legalize phase (both learned the hard way, see
   out-elementwise-fusable NT-matmul, so a pattern pass does it (with up to three extra epilogue inputs: outlier sum,
   bias, residual).
 
+On CUDA the quantized linears arrive here already as call_tir of hand-written kernels (`export/quant_linear.py`):
+the decode GEMV (`tvm_schedules/gemv.py`) for one row and the tensor-core GEMM (`tvm_schedules/mma_gemm.py`,
+4/2 bits) for prefill; both carry "tirx.is_scheduled" (dlight skips them) and the GEMM is marked opaque for FuseOps.
+3-bit prefill and the fp16 layers keep the fused kernels and dlight.
+
 On llvm targets with integer dot products (x86 AVX2 or VNNI, aarch64 dotprod), `int8_decode_gemv` runs first: every
 one-row matmul of a dequantized weight (decode, last-token logits) becomes one call of the int8 dot-product GEMV
 (`tvm_schedules/cpu_int8.py`), with the activations quantized to int8 per block of 32, and every [1, m]-row one

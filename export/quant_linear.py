@@ -8,13 +8,16 @@ the matmul (one kernel reads the packed words, never an fp16 copy of the weight)
 stays its own kernel: a data-dependent read inside the reduction would stop dlight's GEMV/Matmul rules.
 
 On CUDA (`decode_gemv=True`) a one-row call (decode) uses the hand-scheduled GEMV of `tvm_schedules/gemv.py`
-instead; prefill keeps the fused kernel and dlight. Like the CPU exports it rounds the activations to int8 per 32
-values and multiplies with dp4a (3-bit weights in planes3), unless EDGEQUANT_ACT_DTYPE=fp16 (`pipeline.
-int8_decode_enabled`) asks for the exact fp16 kernel (3 bits then in words3x32 only; planes3 falls back to dlight).
+instead. Like the CPU exports it rounds the activations to int8 per 32 values and multiplies with dp4a (3-bit weights
+in planes3), unless EDGEQUANT_ACT_DTYPE=fp16 (`pipeline.int8_decode_enabled`) asks for the exact fp16 kernel (3 bits
+then in words3x32 only; planes3 falls back to dlight).
 On an H200, LLaMA-7B shapes: W4 63% of the read bandwidth, 1.76x torch's int4 GEMV; fp16 activations 49%, 1.35x
 (benchmarks/results/gpu-nvidia-h200.md). The GEMV adds the fp16 outlier columns itself (one kernel, one rounding of
 the fp32 sum): no extra launches. `QuantLinear.decode_fused` also takes the RMSNorm before a linear, the SiLU-gated
 product before down_proj and the residual add after it into the GEMV (export/models/llama.py, DECODE_FUSIONS).
+A [1, m]-row call on CUDA (prefill, all-position logits) at 4 or 2 bits runs the tensor-core GEMM of
+`tvm_schedules/mma_gemm.py` (fp16 mma.sync, weights dequantized in registers; the outlier columns stay their own small
+matmul, added in fp32); 3-bit weights keep dlight's fused kernel for prefill.
 On x86 CPUs the export pipeline replaces one-row matmuls of the dequantize (found by the spec attribute it carries)
 with the int8 dot-product GEMV of `tvm_schedules/cpu_int8.py`; see `export/pipeline.py`.
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from edgequant.tvm_schedules import gemv
+from edgequant.tvm_schedules import gemv, mma_gemm
 from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_te
 from edgequant.tvm_schedules.gather import gather_dequantize_te
 
@@ -89,6 +92,16 @@ def quant_matmul(spec: QuantSpec, x: Tensor, params: list, decode_gemv: str | No
         if n_outliers:
             args += outliers
         return op.tensor_ir_op(f, "decode_gemv", [x, *args], Tensor.placeholder((*lead, spec.n), out_dtype))
+    if (decode_gemv == "gpu" and mma_gemm.supports(spec) and len(lead) == 2 and isinstance(lead[0], int)
+            and lead[0] == 1 and not (isinstance(lead[1], int) and lead[1] == 1)):
+        # prefill on tensor cores: one prim func for every prompt length (it picks its tile by m at launch)
+        odt = "float32" if n_outliers else out_dtype
+        f = mma_gemm.gemm_func(spec, out_dtype=odt).without_attr("global_symbol")
+        y = op.tensor_ir_op(f, "prefill_gemm", [x, *args], Tensor.placeholder((*lead, spec.n), odt))
+        if n_outliers:
+            xo = take_clipped(x, outliers[0], axis=x.ndim - 1)
+            y = y + op.matmul(xo, op.permute_dims(outliers[1]), out_dtype="float32")
+        return y.astype(out_dtype) if y.dtype != out_dtype else y
     # the spec rides on the dequantize kernel: the CPU pipeline swaps one-row matmuls of it for the int8
     # GEMV (export/pipeline.py), knowing the target that this module is built without
     w = op.tensor_expr_op(dequantize_te(spec), "dequantize", args, attrs={SPEC_ATTR: spec_to_str(spec)})

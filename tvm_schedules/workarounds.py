@@ -25,6 +25,8 @@ def apply() -> None:
     # MetalMatmul (simdgroup matrices, every metal target) and MatmulTensorization (cuda sm>=70, fp16, when not every
     # static extent is <= 64); TVM's own tests/python/s_tir/dlight/test_gpu_matmul_tensorize.py dies the same way.
     # dl.gpu.Matmul catches an exception from MetalMatmul and uses its SIMT schedule instead.
+    # Routed around on CUDA for the quantized linears' prefill: `mma_gemm.py` carries its tensor-core GEMM as CUDA
+    # source in a TIR prim func (T.cuda.func_call), which no schedule primitive touches; other matmuls stay SIMT.
     dl.gpu.matmul.MetalMatmul.apply = _metal_matmul_disabled
     # Bug 2: MatmulTensorization.apply imports tvm.s_tir.tensor_intrin.cuda before it checks the
     # "dlight.do_not_tensorize" attribute; that import takes ~43 s on a 2-core CPU and the path then hits bug 1.

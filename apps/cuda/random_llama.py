@@ -24,7 +24,7 @@ LLAMA_7B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "in
 def build(out: Path, arch: str):
     import tvm
     from edgequant.export import targets
-    from edgequant.export.build import EXPORT_JSON, PREFILL_CHUNK, _walk, build_module
+    from edgequant.export.build import EXPORT_JSON, FORMAT_VERSION, _param_list, _walk, build_module, prefill_chunk
     from edgequant.export.cuda import compile_fatbin
     from edgequant.export.models.llama import ArchConfig
     from edgequant.export.params import LinearPlan, fused_linears
@@ -46,10 +46,13 @@ def build(out: Path, arch: str):
     ex.export_library(str(out / "lib.so"))
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     cuda = compile_fatbin(src, targets.parse_archs(arch), out)
-    meta = {"target": "cuda", "tvm_target": str(tgt), "tvm_version": tvm.__version__, "device": "cuda",
-            "library": "lib.so", "cuda": cuda, "quantization": "w4g128a", "model": dict(ShapeOnly.arch.__dict__),
-            "functions": functions, "prefill_chunk_size": PREFILL_CHUNK, "weight_bytes": 0,
-            "params": [{"name": n, "shape": [int(x) for x in p.shape], "dtype": p.dtype} for n, p in named_params]}
+    # the fields `export/dist.py` and the runner check before they load the folder (as `edgequant export` writes
+    # them: the runner compares params, context and chunk size with the library's _metadata)
+    meta = {"format_version": FORMAT_VERSION, "target": "cuda", "tvm_target": str(tgt), "tvm_version": tvm.__version__,
+            "device": "cuda", "library": "lib.so", "cuda": cuda, "quantization": "w4g128a",
+            "model": dict(ShapeOnly.arch.__dict__),
+            "functions": functions, "prefill_chunk_size": prefill_chunk(ShapeOnly.arch), "weight_bytes": 0,
+            "params": _param_list(named_params, ShapeOnly().plans())}   # as the library's _metadata lists them
     (out / EXPORT_JSON).write_text(json.dumps(meta, indent=1))
     print(f"built {out}: {len(named_params)} parameters, {cuda['kernels']} kernels")
 

@@ -1,4 +1,4 @@
-"""CUDA exports route decode (one row) through the hand-scheduled GEMV and keep dlight's fused kernels for prefill;
+"""CUDA exports route decode (one row) through the hand-scheduled GEMV and prefill through the tensor-core GEMM;
 3-bit weights travel in the planes3 layout (the int8-activation GEMV's; words3x32 for the fp16 one). Compiles for
 cuda without a GPU (the kernels run in
 benchmarks/gpu_decode.py and apps/cuda on a GPU machine)."""
@@ -26,17 +26,21 @@ def test_cuda_decode_uses_the_gemv_kernels(checkpoint):
     preset = targets.get_preset("cuda")
     ex, _, _, functions = build_module(open_source(checkpoint, preset.packing3), preset, "sm_90")
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
-    kernels = set(re.findall(r"void __launch_bounds__\(\d+\) (\w+)\(", src))
-    # qkv, o, gate_up, down: one GEMV each (shared by the layers) for decode, fused dequantize kernels for prefill
+    kernels = set(re.findall(r"void __launch_bounds__\([\d, ]+\) (\w+)\(", src))
+    # qkv, o, gate_up, down: one GEMV each (shared by the layers) for decode and, for prefill, one tensor-core GEMM
+    # each with its two or three tile kernels (picked by prompt length at launch); no dequantize kernel left
     assert len([k for k in kernels if k.startswith("decode_gemv")]) == 4
     # decode fusions: qkv and gate_up take the RMSNorm weight (norm on load), o and down add the residual, down takes
     # [gate | up] (no separate norm, add or silu kernels between the GEMVs)
-    args = dict(re.findall(r"void __launch_bounds__\(\d+\) (decode_gemv\w*)\(([^)]*)\)", src))
+    args = dict(re.findall(r"void __launch_bounds__\([\d, ]+\) (decode_gemv\w*)\(([^)]*)\)", src))
     assert sorted(a.count("nw_ptr") for a in args.values()) == [0, 0, 1, 1]
     assert sorted(a.count("res_ptr") for a in args.values()) == [0, 0, 1, 1]
     # greedy sampling on the device
     assert "argmax" in functions and any(k.startswith("argmax") for k in kernels)
-    assert any(k.startswith("fused_dequantize") for k in kernels)
+    prefill = [k for k in kernels if k.startswith("prefill_gemm")]
+    assert len({k.removesuffix("_1").removesuffix("_2") for k in prefill}) == 4 and 8 <= len(prefill) <= 12
+    assert "mma.sync.aligned.m16n8k16" in src
+    assert not any("dequantize" in k for k in kernels)
     # decode and prefill replay their static kernel sequences as CUDA graphs (launch overhead)
     assert "cuda_graph.run_or_capture" in ex.as_text()
 

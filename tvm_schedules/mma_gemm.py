@@ -1,0 +1,390 @@
+"""Prefill GEMM on tensor cores for CUDA: y[1, M, N] = x[1, M, K] @ dq(W)^T with 4- or 2-bit weights, fp16 `mma.sync`.
+
+The wheel's own tensor-core path (s_tir Tensorize behind dlight's MatmulTensorization) segfaults
+(`workarounds.py`, bug 1), so prefill ran on dlight's SIMT schedule, ~20x below what the GPU does in fp16. This
+kernel is CUDA C++ carried inside a TIR prim func through `T.cuda.func_call` (TVM emits the source into the module's
+CUDA code; the export compiles it with nvcc like every other kernel, `export/cuda.py`), so no schedule primitive and
+no Tensorize is involved. The prim func only binds the grid and passes the buffers; it carries "tirx.is_scheduled",
+so dlight leaves it alone.
+
+The kernel is the usual multistage tensor-core GEMM (CUTLASS's sm80 mainloop; for the in-register dequantization
+Marlin, Frantar et al. 2024, "MARLIN: Mixed-Precision Auto-Regressive Parallel Inference on Large Language Models"):
+- a block computes a BM x BN tile of y; its warps a WM x WN sub-tile each, as m16n8k16 fp16 MMAs accumulating fp32;
+- x tiles (BM x 32 fp16) and the packed weight tiles (BN rows x 32 values: 16 bytes a row at 4 bits, 8 at 2) go
+  global -> shared with `cp.async`, STAGES tiles in flight; the x tile's 16-byte chunks are XOR-swizzled by row so
+  that `ldmatrix` reads them without bank conflicts;
+- no fp16 copy of the weights exists anywhere: each thread reads, for its MMA B fragment (row n = lane / 4, values
+  k = 2t, 2t+1, 2t+8, 2t+9 of a 16-wide step, t = lane % 4), the packed word(s) of its row from shared memory and
+  turns two codes at a time into a half2 by OR-ing them into the mantissa of 1024.0 (`0x6400 | q` is exactly
+  1024 + q in fp16), then `(h - (1024 + z)) * s` with two half2 instructions: (q - z) is exact, so the weight is the
+  correctly rounded fp16 of (q - z) * s, bit-identical to the dequantize kernel's (`dequant.weight_te`);
+- the checkpoint's LSB-first words are used as they are (no repacking): at 4 and 2 bits a thread's four codes of a
+  step sit in one or two words at shifts 2t * bits + constants (`fragment_fields`), so one shift and a few masks
+  give them.
+The NumPy model `mma_gemm_np` follows the same fragment fields, fp16 dequantization and per-32-column fp32
+accumulation; the CPU tests check it against `dequant.quant_matmul_np`, and `benchmarks/gpu_decode.py run` checks the
+compiled kernel against a torch reference on the GPU.
+
+For CUDA archs below sm_80 (no m16n8k16 / cp.async) the same function compiles to a plain loop (correct, slow).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dequant import QuantSpec
+
+BK = 32                  # K per pipeline stage: a group (g32 and up) never changes inside one
+BITS = (4, 2)            # codes per word 8 / 16: a thread's pair (2t, 2t+1) never straddles a word
+SMEM_LIMIT = 48 * 1024   # static shared memory per block without an opt-in attribute
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    bm: int = 128      # rows of x (tokens) per block
+    bn: int = 128      # output columns per block
+    wm: int = 64       # rows per warp: each B fragment feeds wm / 16 MMAs (dequantization amortised)
+    wn: int = 32       # columns per warp
+    stages: int = 4    # k-tiles in flight (cp.async)
+    min_blocks: int = 1  # __launch_bounds__(threads, min_blocks): ptxas caps registers so that many blocks fit an SM
+
+    @property
+    def threads(self) -> int:
+        return (self.bm // self.wm) * (self.bn // self.wn) * 32
+
+    def smem(self, bits: int) -> int:
+        return self.stages * (self.bm * BK * 2 + self.bn * bits * 4)
+
+    def check(self, bits: int):
+        if (self.bm % self.wm or self.bn % self.wn or self.wm % 16 or self.wn % 8 or self.stages < 2
+                or self.min_blocks < 1):
+            raise ValueError(f"bad MMA GEMM config {self}")
+        if self.smem(bits) > SMEM_LIMIT:
+            raise ValueError(f"{self} needs {self.smem(bits)} bytes of shared memory (> {SMEM_LIMIT})")
+
+
+def supports(spec: QuantSpec) -> bool:
+    """The checkpoint's words at 4 or 2 bits, K in whole 32-value tiles, groups of whole tiles, N in 64-column
+    tiles, one uint8 zero point per group (or symmetric)."""
+    return (spec.bits in BITS and spec.layout == "words" and not spec.zeros_packed and spec.k % BK == 0
+            and spec.group_len % BK == 0 and spec.n % 64 == 0)
+
+
+SMALL = MmaConfig(64, 64, 64, 16, 4, 4)       # prompts up to 128 tokens: more blocks, weights streamed
+MEDIUM = MmaConfig(128, 64, 128, 16, 4, 3)    # 4 warps, each B fragment feeds 8 MMAs
+LARGE = MmaConfig(128, 128, 128, 16, 4, 2)    # 8 warps, fewer passes over the weights
+WIDE_N = 8192                                 # N from which LARGE wins already at medium prompt lengths
+
+
+def default_configs(spec: QuantSpec) -> list[tuple[int | None, MmaConfig]]:
+    """[(largest m, config)], the last for any m: the kernel the prim func launches for a prompt of m tokens, from the
+    H200 sweep (benchmarks/results/gpu-nvidia-h200.md, prefill section, 2026-11-29 16:47): 64 x 64 tiles up to 128
+    tokens (few row tiles: the weights' dequantization is spread over more blocks); up to 1024 tokens 128 x 128 tiles
+    for wide linears (qkv, gate_up) and 128 x 64 for the others (o, down: enough blocks per wave); 128 x 128 beyond
+    (128 x 64 where N is not a multiple of 128). On the LLaMA-7B shapes the rule's step equals the sweep's best at
+    32, 512 and 2048 tokens and is 8% slower at 128."""
+    large = LARGE if spec.n % LARGE.bn == 0 else MEDIUM
+    medium = large if spec.n >= WIDE_N else MEDIUM
+    tiers = [(128, SMALL), (1024, medium), (None, large)]
+    # one launch per distinct kernel: a tier that repeats the next one's config merges into it
+    return [t for i, t in enumerate(tiers) if i + 1 == len(tiers) or t[1] != tiers[i + 1][1]]
+
+
+def default_config(spec: QuantSpec, m: int = 512) -> MmaConfig:
+    """The config `default_configs` picks for a prompt of m tokens."""
+    return next(c for top, c in default_configs(spec) if top is None or m <= top)
+
+
+# ------------------------------------------------------------------------------------------------ fragment math
+def fragment_fields(bits: int, t: int):
+    """For lane quad position t: the two half2 B-fragment registers of one 16-wide k step as
+    [(word offset in the step, shift of the first code)]; the pair's second code sits `bits` higher. Values 2t, 2t+1
+    (register b0) and 2t + 8, 2t + 9 (b1), LSB-first in words of 32 / bits codes."""
+    vpw = 32 // bits
+    return [(c // vpw, ((c % vpw) + 2 * t) * bits) for c in (0, 8)]
+
+
+def _pair_half2(words: np.ndarray, shift: int, bits: int) -> np.ndarray:
+    """The kernel's half2 of two codes: `(v & mask) | ((v << (16 - bits)) & (mask << 16)) | 0x64006400`, as two
+    fp16 values (1024 + q0, 1024 + q1)."""
+    mask = (1 << bits) - 1
+    v = (words >> np.uint32(shift)).astype(np.uint32)
+    u = (v & np.uint32(mask)) | ((v << np.uint32(16 - bits)) & np.uint32(mask << 16)) | np.uint32(0x64006400)
+    return u.astype("<u4").view(np.float16).reshape(*u.shape, 2)
+
+
+def mma_gemm_np(spec: QuantSpec, x, qweight, scales, zeros=None) -> np.ndarray:
+    """NumPy model of the kernel's arithmetic: B fragments built per lane from `fragment_fields` and the 1024-magic
+    half2, `(h - (1024 + z)) * s` in fp16, products accumulated in fp32 one 16-wide k step at a time.
+    x [M, K] fp16 -> [M, N] fp32."""
+    if not supports(spec):
+        raise ValueError(f"no tensor-core GEMM for {spec}")
+    n, k, bits = spec.n, spec.k, spec.bits
+    vpw, g = 32 // bits, spec.group_len
+    w = np.zeros((n, k), np.float16)
+    qweight = np.asarray(qweight, np.uint32)
+    for ks in range(k // 16):
+        grp = ks * 16 // g
+        s = scales[:, grp].astype(np.float16)[:, None]
+        z = (np.full(n, spec.sym_zero) if spec.sym else zeros[:, grp]).astype(np.uint16)
+        zz = (z | np.uint16(0x6400)).view(np.float16)[:, None]
+        for t in range(4):
+            for h, (wo, sh) in enumerate(fragment_fields(bits, t)):
+                word = qweight[:, ks * 16 // vpw + wo]
+                pair = _pair_half2(word, sh, bits)              # [n, 2] fp16: 1024 + q
+                vals = ((pair - zz).astype(np.float16) * s).astype(np.float16)
+                w[:, ks * 16 + 8 * h + 2 * t: ks * 16 + 8 * h + 2 * t + 2] = vals
+    x32 = np.asarray(x, np.float16).astype(np.float32)
+    y = np.zeros((x32.shape[0], n), np.float32)
+    for ks in range(k // 16):   # one MMA k step at a time, fp32 accumulator
+        y += x32[:, ks * 16:(ks + 1) * 16] @ w[:, ks * 16:(ks + 1) * 16].astype(np.float32).T
+    return y
+
+
+# ------------------------------------------------------------------------------------------------ CUDA source
+TEMPLATE = r"""
+#ifndef EDGEQUANT_MMA_GEMM
+#define EDGEQUANT_MMA_GEMM
+// edgequant tvm_schedules/mma_gemm.py: y[m, N] = x[m, K] @ dq(W)^T, W 4/2-bit LSB-first words, fp16 mma.sync.
+template <int BITS, int N, int K, int NG, int G, int ZERO, int BM, int BN, int WM, int WN, int STAGES, typename OutT>
+__device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const unsigned* __restrict__ qw,
+                                            const half* __restrict__ scales, const unsigned char* __restrict__ zeros,
+                                            OutT* __restrict__ y, int m, int bm, int bn, int tid) {
+  constexpr int BK = 32, VPW = 32 / BITS, WPR = K / VPW, BW = BK / VPW, MASK = (1 << BITS) - 1;
+  constexpr int WARPS_N = BN / WN, THREADS = (BM / WM) * WARPS_N * 32, MT = WM / 16, NT = WN / 8, KT = K / BK;
+  const int row0 = bm * BM, col0 = bn * BN;
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 800)
+  // no m16n8k16 / cp.async before sm_80: a plain loop, one output at a time
+  for (int e = tid; e < BM * BN; e += THREADS) {
+    const int r = row0 + e / BN, c = col0 + e % BN;
+    if (r >= m) continue;
+    float acc = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const int q = (qw[(size_t)c * WPR + k / VPW] >> (k % VPW * BITS)) & MASK;
+      const int z = ZERO >= 0 ? ZERO : zeros[c * NG + k / G];
+      const float w = __half2float(__float2half((float)(q - z) * __half2float(scales[c * NG + k / G])));
+      acc += __half2float(x[(size_t)r * K + k]) * w;
+    }
+    y[(size_t)r * N + c] = (OutT)acc;
+  }
+#else
+  __shared__ __align__(128) uint4 sa[STAGES][BM * 4];      // x: BM rows x 4 chunks of 8 halves, swizzled
+  __shared__ __align__(128) unsigned sb[STAGES][BN * BW];  // packed weights: BN rows x BW words
+  constexpr int ACH = (BM * 4 + THREADS - 1) / THREADS, BCH = (BN + THREADS - 1) / THREADS;
+  constexpr unsigned SA_STAGE = BM * 4 * 16, SB_STAGE = BN * BW * 4;
+  const int lane = tid & 31, warp = tid >> 5, wm = warp / WARPS_N, wn = warp % WARPS_N;
+  const int g = lane >> 2, t = lane & 3;
+  const unsigned sa0 = (unsigned)__cvta_generic_to_shared(&sa[0][0]);
+  const unsigned sb0 = (unsigned)__cvta_generic_to_shared(&sb[0][0]);
+
+  // the copies' addresses, fixed per thread: a k-tile only adds kt * BK to the sources and a stage offset to the
+  // destinations (row m - 1 stands in for rows past the prompt, whose bytes are zero-filled)
+  const half* a_src[ACH];
+  unsigned a_dst[ACH], a_len[ACH];
+#pragma unroll
+  for (int i = 0; i < ACH; ++i) {
+    const int c = min(tid + i * THREADS, BM * 4 - 1), r = c >> 2, ch = c & 3, row = row0 + r;
+    a_src[i] = x + (size_t)(row < m ? row : m - 1) * K + ch * 8;
+    a_dst[i] = sa0 + (unsigned)(r * 4 + (ch ^ ((r >> 1) & 3))) * 16;
+    a_len[i] = row < m ? 16 : 0;
+  }
+  const unsigned* b_src[BCH];
+#pragma unroll
+  for (int i = 0; i < BCH; ++i) b_src[i] = qw + (size_t)(col0 + min(tid + i * THREADS, BN - 1)) * WPR;
+
+  auto load = [&](int s, int kt) {
+#pragma unroll
+    for (int i = 0; i < ACH; ++i)
+      if ((BM * 4) % THREADS == 0 || tid + i * THREADS < BM * 4)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                     :: "r"(a_dst[i] + s * SA_STAGE), "l"(a_src[i] + kt * BK), "r"(a_len[i]));
+#pragma unroll
+    for (int i = 0; i < BCH; ++i)
+      if (BN % THREADS == 0 || tid + i * THREADS < BN) {
+        const unsigned dst = sb0 + s * SB_STAGE + (unsigned)(tid + i * THREADS) * BW * 4;
+        if (BW == 4) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(dst), "l"(b_src[i] + kt * BW));
+        else asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" :: "r"(dst), "l"(b_src[i] + kt * BW));
+      }
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // ldmatrix rows of this lane: r = wm * WM + i * 16 + lane % 16, chunk kk * 2 + lane / 16, swizzled by (r / 2) % 4,
+  // which i does not change; the two chunks of a k-tile's steps differ by XOR 2
+  const int ar = wm * WM + (lane & 15);
+  const unsigned a_off0 = (unsigned)(ar * 4 + ((lane >> 4) ^ ((ar >> 1) & 3))) * 16;
+  const unsigned a_off1 = (unsigned)(ar * 4 + ((2 + (lane >> 4)) ^ ((ar >> 1) & 3))) * 16;
+  const int b_row = wn * WN + g;                                   // + j * 8
+  const int sh = 2 * t * BITS;                                     // fragment_fields: 2t codes in
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < KT) load(s, s);
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  half2 ss[NT], zz[NT];
+  for (int kt = 0; kt < KT; ++kt) {
+    // scales and zero points when a group starts (every G / BK tiles): issued before the wait, so their latency
+    // hides behind it
+    if (kt % (G / BK) == 0) {
+      const int grp = kt * BK / G;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int n = col0 + b_row + j * 8;
+        ss[j] = __half2half2(scales[n * NG + grp]);
+        const int z = ZERO >= 0 ? ZERO : (int)zeros[n * NG + grp];
+        zz[j] = __half2half2(__ushort_as_half((unsigned short)(0x6400 | z)));
+      }
+    }
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(STAGES - 2));
+    __syncthreads();
+    {
+      const int nk = kt + STAGES - 1;
+      if (nk < KT) load(nk % STAGES, nk);
+      asm volatile("cp.async.commit_group;\n" ::);
+    }
+    const int s = kt % STAGES;
+    // the k-tile's packed words of this lane's rows: one 16-byte (4 bits) or 8-byte (2 bits) shared load each
+    unsigned wv[NT][BW];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const unsigned* wr = &sb[s][(b_row + j * 8) * BW];
+      if (BW == 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(wr);
+        wv[j][0] = v.x; wv[j][BW > 1 ? 1 : 0] = v.y; wv[j][BW > 2 ? 2 : 0] = v.z; wv[j][BW > 3 ? 3 : 0] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(wr);
+        wv[j][0] = v.x; wv[j][BW > 1 ? 1 : 0] = v.y;
+      }
+    }
+    // every B fragment of the k-tile first: NT x 2 independent dequantization chains for the scheduler to overlap
+    unsigned b[NT][2][2];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // fragment_fields: codes 2t + 8h and the next, at word (8h) / VPW of the step, shift ((8h) % VPW + 2t) * BITS
+          const unsigned v = wv[j][kk * (BW / 2) + (8 * h) / VPW] >> (((8 * h) % VPW) * BITS + sh);
+          const unsigned u = (v & MASK) | ((v << (16 - BITS)) & (MASK << 16)) | 0x64006400u;
+          const half2 w = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&u), zz[j]), ss[j]);
+          b[j][kk][h] = *reinterpret_cast<const unsigned*>(&w);
+        }
+    const unsigned a_stage = sa0 + s * SA_STAGE;
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      unsigned a[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const unsigned addr = a_stage + (kk ? a_off1 : a_off0) + i * 16 * 4 * 16;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(a[i][0]), "=r"(a[i][1]), "=r"(a[i][2]), "=r"(a[i][3]) : "r"(addr));
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+          asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                       "{%8,%9}, {%0,%1,%2,%3};\n"
+                       : "+f"(acc[i][j][0]), "+f"(acc[i][j][1]), "+f"(acc[i][j][2]), "+f"(acc[i][j][3])
+                       : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]), "r"(b[j][kk][0]), "r"(b[j][kk][1]));
+    }
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::);
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int r = row0 + wm * WM + i * 16 + g, c = col0 + wn * WN + j * 8 + 2 * t;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (r + 8 * h < m) {
+          OutT* p = y + (size_t)(r + 8 * h) * N + c;
+          p[0] = (OutT)acc[i][j][2 * h];
+          p[1] = (OutT)acc[i][j][2 * h + 1];
+        }
+      }
+    }
+#endif
+}
+#endif  // EDGEQUANT_MMA_GEMM
+"""
+
+
+def kernel_name(spec: QuantSpec, cfg: MmaConfig, out_dtype: str) -> str:
+    z = "s" if spec.sym else "a"
+    return (f"eq_mma_w{spec.bits}{z}_n{spec.n}_k{spec.k}_g{spec.group_len}_{config_tag(cfg)}_"
+            f"{'f32' if out_dtype == 'float32' else 'f16'}")
+
+
+def config_tag(cfg: MmaConfig) -> str:
+    return f"{cfg.bm}x{cfg.bn}w{cfg.wm}x{cfg.wn}s{cfg.stages}b{cfg.min_blocks}"
+
+
+def cuda_source(spec: QuantSpec, cfg: MmaConfig, out_dtype: str = "float16") -> tuple[str, str]:
+    """(device function name, its CUDA source: the shared template and one instance for this spec)."""
+    name = kernel_name(spec, cfg, out_dtype)
+    out = "float" if out_dtype == "float32" else "half"
+    zero = int(spec.sym_zero) if spec.sym else -1
+    zarg = "" if spec.sym else "const unsigned char* __restrict__ zeros, "
+    inst = (f"\n__device__ __forceinline__ void {name}(const half* __restrict__ x, const unsigned* __restrict__ qw, "
+            f"const half* __restrict__ scales, {zarg}{out}* __restrict__ y, int m, int bm, int bn, int tid) {{\n"
+            f"  eq_mma_gemm<{spec.bits}, {spec.n}, {spec.k}, {spec.n_groups}, {spec.group_len}, {zero}, {cfg.bm}, "
+            f"{cfg.bn}, {cfg.wm}, {cfg.wn}, {cfg.stages}, {out}>(x, qw, scales, {'nullptr' if spec.sym else 'zeros'}"
+            f", y, m, bm, bn, tid);\n}}\n")
+    return name, TEMPLATE + inst
+
+
+def gemm_func(spec: QuantSpec, cfg: MmaConfig | None = None, out_dtype: str = "float16", name: str = "main"):
+    """The prim func: x [1, m, K] fp16 (m symbolic), qweight, scales, [zeros], y [1, m, N] `out_dtype`. With `cfg`
+    None it launches the kernel `default_configs` picks for m (a host-side branch on m), else the one of `cfg`."""
+    import tvm
+    from tvm.script import tirx as T
+
+    if not supports(spec):
+        raise ValueError(f"no tensor-core GEMM for {spec}")
+    if out_dtype not in ("float16", "float32"):
+        raise ValueError(f"output type {out_dtype!r}: float16 or float32")
+    tiers = [(None, cfg)] if cfg is not None else default_configs(spec)
+    for _, c in tiers:
+        c.check(spec.bits)
+        if spec.n % c.bn:
+            raise ValueError(f"{c.bn}-column tiles do not divide N={spec.n}")
+    ins = [f'qweight: T.Buffer(({spec.n}, {spec.words}), "uint32")',
+           f'scales: T.Buffer(({spec.n}, {spec.n_groups}), "float16")']
+    if not spec.sym:
+        ins.append(f'zeros: T.Buffer(({spec.n}, {spec.n_groups}), "uint8")')
+    ptrs = "x.data, qweight.data, scales.data, " + ("" if spec.sym else "zeros.data, ") + "y.data"
+    i64 = "T.int64"
+    srcs = {}
+
+    def launch(c: MmaConfig, ind: str) -> list[str]:
+        fname, srcs[f"SRC{len(srcs)}"] = cuda_source(spec, c, out_dtype)
+        return [f'{ind}for by in T.thread_binding({i64}({spec.n // c.bn}), thread="blockIdx.y"):',
+                f'{ind}    for bx in T.thread_binding((m + {i64}({c.bm - 1})) // {i64}({c.bm}), thread="blockIdx.x"):',
+                f'{ind}        for tx in T.thread_binding({i64}({c.threads}), thread="threadIdx.x"):',
+                f'{ind}            with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", {c.min_blocks}):',
+                f'{ind}                T.evaluate(T.cuda.func_call("{fname}", {ptrs}, T.Cast("int32", m), '
+                f'T.Cast("int32", bx), T.Cast("int32", by), T.Cast("int32", tx), source_code=SRC{len(srcs) - 1}))']
+
+    lines = ["@T.prim_func", f"def {name}(var_x: T.handle, {', '.join(ins)}, var_y: T.handle):",
+             # op_pattern 8 (opaque): relax's FuseOps must not fuse neighbours into a kernel it cannot see into
+             '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})', "    m = T.int64()",
+             f'    x = T.match_buffer(var_x, ({i64}(1), m, {i64}({spec.k})), "float16")',
+             f'    y = T.match_buffer(var_y, ({i64}(1), m, {i64}({spec.n})), "{out_dtype}")']
+    ind = "    "
+    for i, (top, c) in enumerate(tiers):
+        if top is None:
+            lines += launch(c, ind)
+        else:
+            lines += [f"{ind}if m <= {i64}({top}):"] + launch(c, ind + "    ") + [f"{ind}else:"]
+            ind += "    "
+    return tvm.script.from_source("\n".join(lines) + "\n", extra_vars={"T": T, **srcs})
