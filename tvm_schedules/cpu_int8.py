@@ -338,13 +338,13 @@ def _weight_codes(spec: QuantSpec, isa: str, Lc: int, start: str, ind: str):
 
 
 def _chunk(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gscale, ind: str,
-           rows: int | None = None) -> list[str]:
+           rows: int | None = None, acc_stride: int | None = None) -> list[str]:
     """Statements for one chunk of Lc words from word `start` of row nn: integer dots, then `acc` += their scaled sum.
     The chunk's activations sit at byte start * P * 4 in the order [part j][lane][byte i]. NEON registers hold 4
     lanes: `sdot` runs the integer part in 4-lane steps over the same layout (lanes h0..h0+3 of part j are 16
     contiguous bytes), so the int32 sums and everything after them are those of the x86 kernel. With `rows` (the
     GEMM: activation rows rb * rows + ri) the codes are unpacked once for every row's dots; row ri's int32 sums sit
-    in ia[ri * L ...], its fp32 partial sums in acc[ri * Lc ...]."""
+    in ia[ri * L ...], its fp32 partial sums in acc[ri * acc_stride ...] (default: Lc)."""
     P, R = _parts(spec), rows or 1
     S, codes = _weight_codes(spec, isa, Lc, start, ind)
     S.append(f"{ind}ia[T.ramp(0, 1, {R * L})] = T.broadcast(0, {R * L})")
@@ -355,20 +355,41 @@ def _chunk(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gsc
             Li = f"T.ramp({ri * L + h0}, 1, {W})"
             S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
     for ri in range(R):
-        La = f"T.ramp({ri * Lc}, 1, {Lc})"
+        La = f"T.ramp({ri * (acc_stride or Lc)}, 1, {Lc})"
         S.append(f'{ind}{acc}[{La}] = {acc}[{La}] + T.Cast("float32x{Lc}", ia[T.ramp({ri * L}, 1, {Lc})]) * '
                  f'xsw[T.ramp({row(ri, spec.k // _lane_values(spec))}{start}, 1, {Lc})] * {gscale(Lc, start)}')
     return S
 
 
-GEMM_ROWS = 4   # activation rows per pass over a weight row: codes unpacked once, 4 rows of dots
+GEMM_ROWS = 8   # activation rows per pass over a weight row: codes unpacked once for 8 rows of dots
 
 
 def int8_gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", name: str = "main"):
     """y[1, m, N] = x[1, m, K] @ dq(W)^T for m rows (prefill; m symbolic) with int8 activations: each row is
-    quantized as in the GEMV and gets the GEMV's integer sums and fp32 operations; rows go GEMM_ROWS at a time
-    through each weight chunk so that its codes are unpacked once per 4 rows."""
+    quantized as in the GEMV and gets the GEMV's integer sums; rows go GEMM_ROWS at a time through each weight chunk
+    so that its codes are unpacked once per 8 rows, and the 8 rows finish together in vector registers (`_finish_rows`:
+    lane sums by a shuffle tree, the zero-point terms of 8 rows in one vector per group)."""
     return _from_source(spec, isa, "GEMM", lambda: _source_gemm(spec, isa, out_dtype, name))
+
+
+def _hsum_rows(L: int, R: int, buf: str, out: str, ind: str) -> list[str]:
+    """Statements: out[r] = sum of the L lanes buf[r * L ...] for rows r < R (R a multiple of L), L rows at a time
+    by a tree of shuffles (log2 L levels; each level adds the even- and odd-indexed halves of pairs of vectors)."""
+    S = []
+    for r0 in range(0, R, L):
+        vec = [f"{buf}[T.ramp({(r0 + i) * L}, 1, {L})]" for i in range(L)]
+        width = 1   # lanes of one row's partial sums that sit together in a vector
+        while len(vec) > 1:
+            nxt = []
+            for a, b in zip(vec[0::2], vec[1::2]):
+                # a holds rows' runs of `width` lanes (lanes 0..L-1), b the next rows' (L..2L-1): runs alternately
+                # from a and b, first and second run of each pair of runs, so that the sum halves the partial sums
+                even = [i // width // 2 * 2 * width + i % width + (L if i // width % 2 else 0) for i in range(L)]
+                odd = [e + width for e in even]
+                nxt.append(f"(T.Shuffle([{a}, {b}], {even}) + T.Shuffle([{a}, {b}], {odd}))")
+            vec, width = nxt, width * 2
+        S.append(f"{ind}{out}[T.ramp({r0}, 1, {L})] = {vec[0]}")
+    return S
 
 
 def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
@@ -376,6 +397,7 @@ def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
     L, n_main, tail = chunk_plan(spec)
     gscale = functools.partial(_group_scale, spec.group_len // _lane_values(spec))
     mp = f"((m + {R - 1}) // {R} * {R})"   # rows padded to whole blocks: pad rows repeat the last row, never stored
+    z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
     S = _signature(spec, name, "x_h: T.handle", "y_h: T.handle")
     S += ["    m = T.int64()",
           f'    x = T.match_buffer(x_h, (T.int64(1), m, T.int64({k})), "float16")',
@@ -383,23 +405,35 @@ def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
           f'    xq = T.alloc_buffer(({mp} * {k},), "int8")',
           f'    xsw = T.alloc_buffer(({mp} * {k // _lane_values(spec)},), "float32")',
           f'    gsum = T.alloc_buffer(({mp} * {NG},), "float32")',
+          f'    gst = T.alloc_buffer(({NG} * {mp},), "float32")',
           f"    for r in T.serial({mp}):"]
     S += _quantize_row(spec, "x[0, T.min(r, m - 1), (b * 32 + t)]", "r", " " * 8)
-    S += [f"    for nn in T.parallel({n}):",
+    # the group sums row-minor, so that one vector load holds L rows' sums of a group
+    S += [f"    for r in T.serial({mp}):",
+          f"        for g in T.serial({NG}):",
+          f"            gst[g * {mp} + r] = gsum[r * {NG} + g]",
+          f"    for nn in T.parallel({n}):",
           f'        yv = T.alloc_buffer(({R * L},), "float32")',
-          f'        yt = T.alloc_buffer(({R * 4},), "float32")',
           f'        ia = T.alloc_buffer(({R * L},), "int32")',
           f'        wq = T.alloc_buffer(({L},), "uint32")',
           f'        hq = T.alloc_buffer(({L},), "uint32")',
-          '        zc = T.alloc_buffer((1,), "float32")',
+          f'        sz = T.alloc_buffer(({NG},), "float32")',
+          f'        ys = T.alloc_buffer(({R},), "float32")',
+          f"        for g in T.serial({NG}):",
+          f'            sz[g] = T.Cast("float32", scales[nn, g]) * {z}',
           f"        for rb in T.serial({mp} // {R}):",
           f"            yv[T.ramp(0, 1, {R * L})] = T.broadcast(T.float32(0), {R * L})",
-          f"            yt[T.ramp(0, 1, {R * 4})] = T.broadcast(T.float32(0), {R * 4})",
           f"            for c in T.serial({n_main}):"]
-    S += _chunk(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 16, GEMM_ROWS)
-    if tail:
-        S += _chunk(spec, isa, 4, L, str(L * n_main), "yt", gscale, " " * 12, GEMM_ROWS)
+    S += _chunk(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 16, R)
+    if tail:   # the 4-word tail chunk adds into lanes 0..3 of each row's sums
+        S += _chunk(spec, isa, 4, L, str(L * n_main), "yv", gscale, " " * 12, R, acc_stride=L)
+    S += _hsum_rows(L, R, "yv", "ys", " " * 12)
+    for r0 in range(0, R, L):
+        Lr = f"T.ramp({r0}, 1, {L})"
+        S += [f"            for g in T.serial({NG}):",
+              f"                ys[{Lr}] = ys[{Lr}] - T.broadcast(sz[g], {L}) * "
+              f"gst[T.ramp(g * {mp} + rb * {R} + {r0}, 1, {L})]"]
     S += [f"            for ri in T.serial({R}):",
-          f"                if rb * {R} + ri < m:"]
-    S += _finish_row(spec, L, f"y[0, rb * {R} + ri, nn]", out_dtype, f"rb * {R} + ri", "ri", " " * 20)
+          f"                if rb * {R} + ri < m:",
+          f'                    y[0, rb * {R} + ri, nn] = T.Cast("{out_dtype}", ys[ri])']
     return "\n".join(S) + "\n"
