@@ -406,11 +406,10 @@ def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
           f'    xsw = T.alloc_buffer(({mp} * {k // _lane_values(spec)},), "float32")',
           f'    gsum = T.alloc_buffer(({mp} * {NG},), "float32")',
           f'    gst = T.alloc_buffer(({NG} * {mp},), "float32")',
-          f"    for r in T.serial({mp}):"]
+          f"    for r in T.parallel({mp}):"]   # rows are independent: both threads quantize
     S += _quantize_row(spec, "x[0, T.min(r, m - 1), (b * 32 + t)]", "r", " " * 8)
     # the group sums row-minor, so that one vector load holds L rows' sums of a group
-    S += [f"    for r in T.serial({mp}):",
-          f"        for g in T.serial({NG}):",
+    S += [f"        for g in T.serial({NG}):",
           f"            gst[g * {mp} + r] = gsum[r * {NG} + g]",
           f"    for nn in T.parallel({n}):",
           f'        yv = T.alloc_buffer(({R * L},), "float32")',
