@@ -26,6 +26,7 @@ LANES = 16      # fp32 lanes of one AVX-512 register: partial sums of q.k before
 
 # the stock kernels' names in a module exported for llvm (their global symbols; kv_cache.py's TIRPagedKVCache)
 RAGGED, DECODE = "batch_prefill_ragged_kv", "batch_decode_paged_kv_cpu"
+ROPE, ROPE_BLOCK = "fused_rope", "llama_fused_rope"   # the cache's q/k/v split + RoPE (position_embedding.py)
 
 
 def supports(head_dim: int, dtype: str) -> bool:
@@ -175,9 +176,15 @@ def _parse(lines: list[str]):
 
 def replace_in(mod):
     """`mod` with TVM's CPU ragged-prefill and decode attention kernels (found by name) replaced by these ones,
-    their head counts and sizes read from the stock kernels' buffers; a kernel of a shape not covered stays."""
+    their head counts and sizes read from the stock kernels' buffers (a kernel of a shape not covered stays), and its
+    split + RoPE kernel parallel over tokens x heads."""
     out = mod
     for gv in list(mod.get_global_vars()):
+        if gv.name_hint == ROPE:
+            fn = parallel_rope(mod[gv])
+            if fn is not None:
+                out = mod.clone() if out is mod else out
+                out[gv] = fn
         if gv.name_hint not in (RAGGED, DECODE):
             continue
         shp = _shapes(mod[gv], gv.name_hint)
@@ -190,6 +197,23 @@ def replace_in(mod):
             out = mod.clone() if hasattr(mod, "clone") else mod
         out[gv] = fn.with_attr("global_symbol", gv.name_hint)
     return out
+
+
+def parallel_rope(func):
+    """The cache's split + RoPE kernel (TVM's serial loop nest over tokens x heads x head_dim, a cos, sin and pow per
+    element) with its tokens x heads loop run by the thread pool; None where its loop nest is not the expected one."""
+    from tvm import s_tir
+    if func.attrs is not None and func.attrs.get("tirx.is_scheduled"):
+        return None
+    try:
+        sch = s_tir.Schedule(func)
+        loops = sch.get_loops(sch.get_sblock(ROPE_BLOCK))
+        if len(loops) != 3:
+            return None
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    except Exception:  # noqa: BLE001 - another TVM's kernel: keep it as it is
+        return None
 
 
 def _shapes(func, name: str):
