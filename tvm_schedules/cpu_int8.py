@@ -362,6 +362,10 @@ def _chunk(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gsc
 
 
 GEMM_ROWS = 8   # activation rows per pass over a weight row: codes unpacked once for 8 rows of dots
+# weight rows per parallel item: a block of 8 activation rows (int8 codes and scales, under 20 KiB at K <= 1536) stays
+# in L1 while it meets the tile's 32 rows in turn. Looping every weight row over all activation rows instead streamed
+# the whole quantized prompt from L2 once per weight row (about 300 KB per row of the 1536-wide down projection).
+GEMM_TILE = 32
 
 
 def int8_gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", name: str = "main"):
@@ -394,6 +398,7 @@ def _hsum_rows(L: int, R: int, buf: str, out: str, ind: str) -> list[str]:
 
 def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
     n, k, R, NG = spec.n, spec.k, GEMM_ROWS, spec.n_groups
+    NT = next(t for t in (GEMM_TILE, 16, 8, 4, 2, 1) if n % t == 0)
     L, n_main, tail = chunk_plan(spec)
     gscale = functools.partial(_group_scale, spec.group_len // _lane_values(spec))
     mp = f"((m + {R - 1}) // {R} * {R})"   # rows padded to whole blocks: pad rows repeat the last row, never stored
@@ -411,28 +416,30 @@ def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
     # the group sums row-minor, so that one vector load holds L rows' sums of a group
     S += [f"        for g in T.serial({NG}):",
           f"            gst[g * {mp} + r] = gsum[r * {NG} + g]",
-          f"    for nn in T.parallel({n}):",
+          f"    for nt in T.parallel({n // NT}):",
           f'        yv = T.alloc_buffer(({R * L},), "float32")',
           f'        ia = T.alloc_buffer(({R * L},), "int32")',
           f'        wq = T.alloc_buffer(({L},), "uint32")',
           f'        hq = T.alloc_buffer(({L},), "uint32")',
           f'        sz = T.alloc_buffer(({NG},), "float32")',
           f'        ys = T.alloc_buffer(({R},), "float32")',
-          f"        for g in T.serial({NG}):",
-          f'            sz[g] = T.Cast("float32", scales[nn, g]) * {z}',
           f"        for rb in T.serial({mp} // {R}):",
-          f"            yv[T.ramp(0, 1, {R * L})] = T.broadcast(T.float32(0), {R * L})",
-          f"            for c in T.serial({n_main}):"]
-    S += _chunk(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 16, R)
+          f"            for ni in T.serial({NT}):",
+          f"                nn = nt * {NT} + ni",
+          f"                for g in T.serial({NG}):",
+          f'                    sz[g] = T.Cast("float32", scales[nn, g]) * {z}',
+          f"                yv[T.ramp(0, 1, {R * L})] = T.broadcast(T.float32(0), {R * L})",
+          f"                for c in T.serial({n_main}):"]
+    S += _chunk(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 20, R)
     if tail:   # the 4-word tail chunk adds into lanes 0..3 of each row's sums
-        S += _chunk(spec, isa, 4, L, str(L * n_main), "yv", gscale, " " * 12, R, acc_stride=L)
-    S += _hsum_rows(L, R, "yv", "ys", " " * 12)
+        S += _chunk(spec, isa, 4, L, str(L * n_main), "yv", gscale, " " * 16, R, acc_stride=L)
+    S += _hsum_rows(L, R, "yv", "ys", " " * 16)
     for r0 in range(0, R, L):
         Lr = f"T.ramp({r0}, 1, {L})"
-        S += [f"            for g in T.serial({NG}):",
-              f"                ys[{Lr}] = ys[{Lr}] - T.broadcast(sz[g], {L}) * "
+        S += [f"                for g in T.serial({NG}):",
+              f"                    ys[{Lr}] = ys[{Lr}] - T.broadcast(sz[g], {L}) * "
               f"gst[T.ramp(g * {mp} + rb * {R} + {r0}, 1, {L})]"]
-    S += [f"            for ri in T.serial({R}):",
-          f"                if rb * {R} + ri < m:",
-          f'                    y[0, rb * {R} + ri, nn] = T.Cast("{out_dtype}", ys[ri])']
+    S += [f"                for ri in T.serial({R}):",
+          f"                    if rb * {R} + ri < m:",
+          f'                        y[0, rb * {R} + ri, nn] = T.Cast("{out_dtype}", ys[ri])']
     return "\n".join(S) + "\n"
