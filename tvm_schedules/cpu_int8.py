@@ -208,21 +208,6 @@ def _group_scale(grp_w: int, Lc: int, start: str) -> str:
     return f"T.Shuffle([{', '.join([sv] * grp_w)}], [{', '.join(str(lane // grp_w) for lane in range(Lc))}])"
 
 
-def _act_position(spec: QuantSpec, kk: str) -> str:
-    """The permuted byte position of activation `kk` (see act_perm), as a TIR expression."""
-    L, n_main, tail = chunk_plan(spec)
-    mw, P, vpw = L * n_main, _parts(spec), _lane_values(spec)
-    w, r = f"({kk} // {vpw})", f"({kk} % {vpw})"
-    if spec.layout == "planes3":
-        i_, j_ = f"{r} % 8 // 2", f"({r} % 8 % 2 * 2 + {r} // 8)"
-    else:
-        i_, j_ = f"{r} // {P}", f"{r} % {P}"
-    pos = f"((({w} // {L}) * {P} + {j_}) * {L} + {w} % {L}) * 4 + {i_}"
-    if tail:
-        pos = f"T.Select({w} < {mw}, {pos}, {mw * P * 4} + ({j_} * 4 + {w} - {mw}) * 4 + {i_})"
-    return pos
-
-
 def _signature(spec: QuantSpec, name: str, x: str, y: str) -> list[str]:
     """The prim func's first lines: arguments x, qweight, scales, [zeros], y."""
     n, NG = spec.n, spec.n_groups
@@ -233,31 +218,67 @@ def _signature(spec: QuantSpec, name: str, x: str, y: str) -> list[str]:
             '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})']
 
 
+def _block_positions(spec: QuantSpec):
+    """(TIR expression of block b's first byte in the permuted buffer, the other 31 bytes' offsets from it in a main
+    chunk, in the 4-word tail chunk): a block of 32 activations lies inside one chunk (chunks hold 4 or 8 words, a
+    block 2 or 4), so its layout (act_perm) is one base per block plus constant offsets."""
+    L, n_main, tail = chunk_plan(spec)
+    mw, P, vpw = L * n_main, _parts(spec), _lane_values(spec)
+    bw = BLOCK // vpw      # words per block
+
+    def off(t, lanes):
+        r = t % vpw
+        i_, j_ = ((r % 8 // 2, r % 8 % 2 * 2 + r // 8) if spec.layout == "planes3" else (r // P, r % P))
+        return (j_ * lanes + t // vpw) * 4 + i_
+    base = f"(b * {bw} // {L} * {P * L * 4} + b * {bw} % {L} * 4)"
+    if tail:
+        base = f"T.Select(b * {bw} < {mw}, {base}, {mw * P * 4} + (b * {bw} - {mw}) * 4)"
+    return base, [off(t, L) for t in range(BLOCK)], [off(t, 4) for t in range(BLOCK)] if tail else None
+
+
+def _tree(buf: str, n: int, op: str, ind: str) -> list[str]:
+    """Statements folding buf[0:n] (n a power of two) in halves with `op` ("max" or "+") down to buf[0:2]."""
+    S, w = [], n // 2
+    while w > 1:
+        a, b = f"{buf}[T.ramp(0, 1, {w})]", f"{buf}[T.ramp({w}, 1, {w})]"
+        S.append(f"{ind}{a} = " + (f"T.max({a}, {b})" if op == "max" else f"{a} + {b}"))
+        w //= 2
+    return S
+
+
 def _quantize_row(spec: QuantSpec, xr: str, r: str | None, ind: str) -> list[str]:
-    """Statements quantizing activation row `r` (None: the only one; its value at kk = b * 32 + t is `xr`) to int8
+    """Statements quantizing activation row `r` (None: the only one; `xr` formats its values at indices {kk}) to int8
     per block of 32: the permuted codes at xq[r * K ...], each lane word's block scale at xsw[r * row_w ...] and the
-    per-group sums of d_b * a_k at gsum[r * NG ...]."""
+    per-group sums of d_b * a_k at gsum[r * NG ...]. Vector code per block (32 lanes: max |x| and the code sum by
+    halving trees), then 32 byte stores at constant offsets from the block's base (`_block_positions`)."""
     k, NG, G = spec.k, spec.n_groups, spec.group_len
     row_w, wpb = k // _lane_values(spec), BLOCK // _lane_values(spec)
     at = lambda size: f"{r} * {size} + " if r is not None else ""  # noqa: E731 - the row's offset in a buffer
-    return [f"{ind}for g in T.serial({NG}):",
-            f"{ind}    gsum[{at(NG)}g] = T.float32(0)",
-            f"{ind}for b in T.serial({k // BLOCK}):",
-            f'{ind}    mx = T.alloc_buffer((1,), "float32")',
-            f'{ind}    sa = T.alloc_buffer((1,), "int32")',
-            f"{ind}    mx[0] = T.float32(0)",
-            f"{ind}    sa[0] = 0",
-            f"{ind}    for t in T.serial(32):",
-            f'{ind}        mx[0] = T.max(mx[0], T.fabs(T.Cast("float32", {xr})))',
-            f"{ind}    for t in T.serial(32):",
-            f'{ind}        v = T.Cast("int32", T.round(T.Cast("float32", {xr}) * '
-            f'T.Select(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))))',
-            f'{ind}        xq[{at(k)}{_act_position(spec, "(b * 32 + t)")}] = T.Cast("int8", v)',
-            f"{ind}        sa[0] = sa[0] + v",
-            f"{ind}    for t in T.serial({wpb}):",
-            f"{ind}        xsw[{at(row_w)}b * {wpb} + t] = mx[0] / T.float32(127)",
-            f"{ind}    gsum[{at(NG)}b * 32 // {G}] = gsum[{at(NG)}b * 32 // {G}] + "
-            'mx[0] / T.float32(127) * T.Cast("float32", sa[0])']
+    base, off_main, off_tail = _block_positions(spec)
+    V = f"T.ramp(0, 1, {BLOCK})"
+    S = [f"{ind}for g in T.serial({NG}):",
+         f"{ind}    gsum[{at(NG)}g] = T.float32(0)",
+         f"{ind}for b in T.serial({k // BLOCK}):",
+         f'{ind}    fx = T.alloc_buffer(({BLOCK},), "float32")',
+         f'{ind}    am = T.alloc_buffer(({BLOCK},), "float32")',
+         f'{ind}    qv = T.alloc_buffer(({BLOCK},), "int32")',
+         f'{ind}    fx[{V}] = T.Cast("float32x{BLOCK}", {xr.format(kk=f"T.ramp(b * {BLOCK}, 1, {BLOCK})")})',
+         f"{ind}    am[{V}] = T.fabs(fx[{V}])"]
+    S += _tree("am", BLOCK, "max", ind + "    ")
+    S += [f"{ind}    mx = T.max(am[0], am[1])",
+          f"{ind}    inv = T.Select(mx > T.float32(0), T.float32(127) / mx, T.float32(0))",
+          f'{ind}    qv[{V}] = T.Cast("int32x{BLOCK}", T.round(fx[{V}] * T.broadcast(inv, {BLOCK})))',
+          f"{ind}    bs = {base}"]
+    for t in range(BLOCK):
+        o = str(off_main[t]) if off_tail is None else \
+            f"T.Select(b * {wpb} < {chunk_plan(spec)[0] * chunk_plan(spec)[1]}, {off_main[t]}, {off_tail[t]})"
+        S.append(f'{ind}    xq[{at(k)}bs + {o}] = T.Cast("int8", qv[{t}])')
+    S += _tree("qv", BLOCK, "+", ind + "    ")
+    S += [f"{ind}    for t in T.serial({wpb}):",
+          f"{ind}        xsw[{at(row_w)}b * {wpb} + t] = mx / T.float32(127)",
+          f"{ind}    gsum[{at(NG)}b * 32 // {G}] = gsum[{at(NG)}b * 32 // {G}] + "
+          'mx / T.float32(127) * T.Cast("float32", qv[0] + qv[1])']
+    return S
 
 
 def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, r: str | None, ri: str | None, ind: str) -> list[str]:
@@ -288,7 +309,7 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
           f'    xsw = T.alloc_buffer(({k // _lane_values(spec)},), "float32")',
           f'    gsum = T.alloc_buffer(({spec.n_groups},), "float32")']
     # --- quantize x to int8 per block of 32 (serial: K values)
-    S += _quantize_row(spec, f"x[{ix}, (b * 32 + t)]", None, "    ")
+    S += _quantize_row(spec, f"x[{ix}, {{kk}}]", None, "    ")
     # --- rows in parallel
     S += [f"    for nn in T.parallel({n}):",
           f'        yv = T.alloc_buffer(({L},), "float32")',
@@ -412,7 +433,7 @@ def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
           f'    gsum = T.alloc_buffer(({mp} * {NG},), "float32")',
           f'    gst = T.alloc_buffer(({NG} * {mp},), "float32")',
           f"    for r in T.parallel({mp}):"]   # rows are independent: both threads quantize
-    S += _quantize_row(spec, "x[0, T.min(r, m - 1), (b * 32 + t)]", "r", " " * 8)
+    S += _quantize_row(spec, "x[0, T.min(r, m - 1), {kk}]", "r", " " * 8)
     # the group sums row-minor, so that one vector load holds L rows' sums of a group
     S += [f"        for g in T.serial({NG}):",
           f"            gst[g * {mp} + r] = gsum[r * {NG} + g]",
