@@ -29,10 +29,13 @@ Every lane belongs to one block, so the int32 lane sums are converted once per c
 block scale (`xsw`, one fp32 per word) and the chunk's group scale; the zero-point term is one product per group with
 per-group sums of `d_b * a_k` that the quantization step also leaves (shared by all rows).
 
-The whole linear is one prim func with the fused float kernel's arguments (x, qweight, scales, [zeros], y): a serial
-quantization prologue (K values, microseconds) into scratch buffers, then rows in parallel. int8 activations move
+The whole linear is one prim func with the fused float kernel's arguments (x, qweight, scales, [zeros], y): a
+quantization prologue (vector code per block of 32, `_quantize_row`) into scratch buffers, then rows in parallel.
+The prefill GEMM (`int8_gemm_func`) runs the same arithmetic for m rows: activation rows quantized in parallel, then
+tiles of 32 weight rows in parallel, each meeting blocks of 8 activation rows (codes unpacked once per 8 rows, the
+8-row block in L1 across the tile, the 8 rows' sums finished together by a shuffle tree). int8 activations move
 each activation by up to half a step (1/254 of its block's largest value); the exact fp path remains the fused float
-kernel (`dequant.py`), used for prefill, for shapes this kernel does not cover (`supports`) and on request
+kernel (`dequant.py`), used for shapes this kernel does not cover (`supports`) and on request
 (EDGEQUANT_ACT_DTYPE=fp16, `export/pipeline.py`).
 """
 from __future__ import annotations
