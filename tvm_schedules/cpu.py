@@ -131,14 +131,18 @@ class CPUParallel(ScheduleRule):
             return None
         changed = False
         for info in infos:
-            lead = []
-            for it in info.iters:
+            # the leading spatial loops up to the first of symbolic extent (the prompt's rows); inner loops stay
+            # whole (a fused row x hidden loop costs a division per element and loses vectorisation)
+            lead = None
+            for i, it in enumerate(info.iters):
                 if it.kind != "S":
                     break
-                lead.append(it)
-            if not any(not isinstance(it.dom, (int, tirx.IntImm)) for it in lead):
+                if not isinstance(it.dom, (int, tirx.IntImm)):
+                    lead = i + 1
+                    break
+            if lead is None:
                 continue    # static extents: a decode (one-row) kernel
-            loops = sch.get_loops(info.block_rv)[:len(lead)]
+            loops = sch.get_loops(info.block_rv)[:lead]
             sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
             changed = True
         return sch if changed else None
