@@ -125,8 +125,11 @@ class CPUParallel(ScheduleRule):
 
     def _schedule(self, func):
         from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
         sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        # one loop nest for a chain of elementwise blocks (cast, split, sigmoid, multiplies): as separate parallel
+        # loop nests over full-size intermediates they cost twice the CPU of the serial default
+        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
         if not infos:
             return None
         changed = False
