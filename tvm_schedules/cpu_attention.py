@@ -53,8 +53,7 @@ def attention_np(q, k, v, causal: bool, sm_scale: float):
     return out, (mx + np.log2(den)).T
 
 
-def _row_attention(D: str, hk: str, q_at: str, k_at: str, v_at: str, n: str, out_at: str, lse_at: str,
-                   ind: str) -> list[str]:
+def _row_attention(D: int, q_at: str, k_at, v_at, n: str, out_at: str, lse_at: str, ind: str) -> list[str]:
     """TVMScript statements: attention of one query row over `n` keys; k_at(j)/v_at(j) index key j's row."""
     c = D // LANES
     qv = "qv[T.ramp(0, 1, %d)]" % D
@@ -113,7 +112,7 @@ def ragged_prefill_func(h_kv: int, h_q: int, d: int, dtype: str = "float16"):
          f"    for it in T.parallel((qo_len + 1) // 2 * {h_q}):",
          '        bs = T.alloc_buffer((1,), "int32")']
     S += _scratch(d, "kv_len", "        ")
-    S += [f"        for s in T.serial(2):",
+    S += ["        for s in T.serial(2):",
           f"            row = T.Select(s == 0, it // {h_q}, qo_len - 1 - it // {h_q})",
           f"            h = it % {h_q}",
           f"            if s == 0 or row != it // {h_q}:",
@@ -126,7 +125,7 @@ def ragged_prefill_func(h_kv: int, h_q: int, d: int, dtype: str = "float16"):
           "                klen = kv_indptr[b + 1] - kv_indptr[b]",
           "                n = T.max(T.Select(causal > 0, T.min(klen - qlen + row - q_indptr[b] + 1, klen), klen), 0)",
           "                kb = kv_indptr[b]"]
-    S += _row_attention(d, "", f"q[row, h, T.ramp(0, 1, {d})]",
+    S += _row_attention(d, f"q[row, h, T.ramp(0, 1, {d})]",
                         lambda j, r: f"k[kb + {j}, h // {g}, {r}]", lambda j, r: f"v[kb + {j}, h // {g}, {r}]",
                         "n", f"output[row, h, T.ramp(0, 1, {d})]", "lse[row, h]", " " * 16)
     return _parse(S)
@@ -163,7 +162,7 @@ def decode_func(h_kv: int, h_q: int, d: int, dtype: str = "float16", page_size: 
           f"        n = T.Select(np_ > 0, (np_ - 1) * {page_size} + length_info[b], 0)"]
     page = lambda j, kv, r: (f"pages[page_table_values[p0 + {j} // {page_size}], {kv}, h // {g}, "  # noqa: E731
                              f"{j} % {page_size}, {r}]")
-    S += _row_attention(d, "", f"Q[b, h, T.ramp(0, 1, {d})]", lambda j, r: page(j, 0, r),
+    S += _row_attention(d, f"Q[b, h, T.ramp(0, 1, {d})]", lambda j, r: page(j, 0, r),
                         lambda j, r: page(j, 1, r), "n", f"output[b, h, T.ramp(0, 1, {d})]", "lse[b, h]", " " * 8)
     return _parse(S)
 

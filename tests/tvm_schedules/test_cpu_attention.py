@@ -37,7 +37,7 @@ def test_ragged_prefill(kernels, seqs, causal):
     qs = [rng.standard_normal((n, HQ, D)).astype(np.float16) for n, _ in seqs]
     ks = [rng.standard_normal((m, HKV, D)).astype(np.float16) for _, m in seqs]
     vs = [rng.standard_normal((m, HKV, D)).astype(np.float16) for _, m in seqs]
-    n, m = sum(s[0] for s in seqs), sum(s[1] for s in seqs)
+    n = sum(s[0] for s in seqs)
     qi, ki = np.cumsum([0] + [s[0] for s in seqs]).astype(np.int32), np.cumsum([0] + [s[1] for s in seqs])
     got = []
     for fn in kernels["ragged"]:
