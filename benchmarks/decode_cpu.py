@@ -34,7 +34,7 @@ PEERS = ["llama.cpp Q4_0", "llama.cpp Q4_1"]   # ratios are to the first
 CONFIGS = [("fp16", None, None, "fp16", 16), ("W4 g128-fp", 4, 128, "fp16", 16), ("W4 g128", 4, 128, "int8", 16),
            ("W4 g128 e8", 4, 128, "int8", 8), ("W4 g128 e4", 4, 128, "int8", 4),
            ("W3 g128-fp", 3, 128, "fp16", 16), ("W3 g128", 3, 128, "int8", 16), ("W3 g128 e4", 3, 128, "int8", 4),
-           ("W2 g64-fp", 2, 64, "fp16", 16), ("W2 g64", 2, 64, "int8", 16)]
+           ("W2 g64-fp", 2, 64, "fp16", 16), ("W2 g64", 2, 64, "int8", 16), ("W2 g64 e4", 2, 64, "int8", 4)]
 EMBED_GROUP = 32
 
 
@@ -155,7 +155,8 @@ def main():
                          for r in rows),
              "- '-fp' rows: the exact fp path (fp16 activations, weights dequantized to fp32) in prefill and decode; "
              "other quantized rows: int8 activations per block of 32 and integer dot products in the decode GEMV and "
-             "the prefill GEMM (tvm_schedules/cpu_int8.py)",
+             "the prefill GEMM (tvm_schedules/cpu_int8.py); every TVM row: the KV cache's attention kernels of "
+             "tvm_schedules/cpu_attention.py",
              *[f"- {n}" for n in notes],
              "- weights MiB: every weight tensor, read once per decoded token; the TVM rows include the embedding "
              "table tied to the output layer (fp16: 54 MiB; 'e8'/'e4' rows: RTN 8/4 bits in groups of "

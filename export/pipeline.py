@@ -18,6 +18,10 @@ one-row matmul of a dequantized weight (decode, last-token logits) becomes one c
 (`tvm_schedules/cpu_int8.py`), with the activations quantized to int8 per block of 32, and every [1, m]-row one
 (prefill, all-position logits) one call of its GEMM twin. `INT8_DECODE = False` (or EDGEQUANT_ACT_DTYPE=fp16 in the
 environment) keeps the exact fp path everywhere.
+
+On every llvm target `cpu_attention_pass` swaps the paged KV cache's CPU ragged-prefill and decode attention kernels
+for the multi-threaded, vectorised ones of `tvm_schedules/cpu_attention.py` (same signatures; fp32 arithmetic like
+the stock ones). `CPU_ATTENTION = False` (or EDGEQUANT_CPU_ATTENTION=stock) keeps TVM's kernels.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from tvm import relax
 from edgequant.tvm_schedules import rules, workarounds
 
 INT8_DECODE = True
+CPU_ATTENTION = True
 
 
 def int8_decode_enabled() -> bool:
@@ -99,6 +104,16 @@ def int8_decode_gemv(isa: str):
     return _pass
 
 
+@tvm.transform.module_pass(opt_level=0, name="CpuAttention")
+def cpu_attention_pass(mod, _ctx):
+    import os
+
+    from edgequant.tvm_schedules import cpu_attention
+    if not CPU_ATTENTION or os.environ.get("EDGEQUANT_CPU_ATTENTION", "").lower() == "stock":
+        return mod
+    return cpu_attention.replace_in(mod)
+
+
 def _dequantize_matmul_pattern(n_extra: int):
     from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
 
@@ -137,7 +152,8 @@ def scheduling_passes(target) -> list:
     if target.kind.name == "llvm" and int8_decode_enabled():
         from edgequant.tvm_schedules.cpu_int8 import target_isa
         isa = target_isa(target)
-    legalize = ([int8_decode_gemv(isa)] if isa else []) + [
+    legalize = ([cpu_attention_pass] if target.kind.name == "llvm" else []) + \
+        ([int8_decode_gemv(isa)] if isa else []) + [
         relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(), fuse_dequantize_matmul,
         rules.schedule_pass(target)]

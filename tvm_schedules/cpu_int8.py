@@ -29,10 +29,13 @@ Every lane belongs to one block, so the int32 lane sums are converted once per c
 block scale (`xsw`, one fp32 per word) and the chunk's group scale; the zero-point term is one product per group with
 per-group sums of `d_b * a_k` that the quantization step also leaves (shared by all rows).
 
-The whole linear is one prim func with the fused float kernel's arguments (x, qweight, scales, [zeros], y): a serial
-quantization prologue (K values, microseconds) into scratch buffers, then rows in parallel. int8 activations move
+The whole linear is one prim func with the fused float kernel's arguments (x, qweight, scales, [zeros], y): a
+quantization prologue (vector code per block of 32, `_quantize_row`) into scratch buffers, then rows in parallel.
+The prefill GEMM (`int8_gemm_func`) runs the same arithmetic for m rows: activation rows quantized in parallel, then
+tiles of 32 weight rows in parallel, each meeting blocks of 8 activation rows (codes unpacked once per 8 rows, the
+8-row block in L1 across the tile, the 8 rows' sums finished together by a shuffle tree). int8 activations move
 each activation by up to half a step (1/254 of its block's largest value); the exact fp path remains the fused float
-kernel (`dequant.py`), used for prefill, for shapes this kernel does not cover (`supports`) and on request
+kernel (`dequant.py`), used for shapes this kernel does not cover (`supports`) and on request
 (EDGEQUANT_ACT_DTYPE=fp16, `export/pipeline.py`).
 """
 from __future__ import annotations
@@ -208,21 +211,6 @@ def _group_scale(grp_w: int, Lc: int, start: str) -> str:
     return f"T.Shuffle([{', '.join([sv] * grp_w)}], [{', '.join(str(lane // grp_w) for lane in range(Lc))}])"
 
 
-def _act_position(spec: QuantSpec, kk: str) -> str:
-    """The permuted byte position of activation `kk` (see act_perm), as a TIR expression."""
-    L, n_main, tail = chunk_plan(spec)
-    mw, P, vpw = L * n_main, _parts(spec), _lane_values(spec)
-    w, r = f"({kk} // {vpw})", f"({kk} % {vpw})"
-    if spec.layout == "planes3":
-        i_, j_ = f"{r} % 8 // 2", f"({r} % 8 % 2 * 2 + {r} // 8)"
-    else:
-        i_, j_ = f"{r} // {P}", f"{r} % {P}"
-    pos = f"((({w} // {L}) * {P} + {j_}) * {L} + {w} % {L}) * 4 + {i_}"
-    if tail:
-        pos = f"T.Select({w} < {mw}, {pos}, {mw * P * 4} + ({j_} * 4 + {w} - {mw}) * 4 + {i_})"
-    return pos
-
-
 def _signature(spec: QuantSpec, name: str, x: str, y: str) -> list[str]:
     """The prim func's first lines: arguments x, qweight, scales, [zeros], y."""
     n, NG = spec.n, spec.n_groups
@@ -233,31 +221,67 @@ def _signature(spec: QuantSpec, name: str, x: str, y: str) -> list[str]:
             '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})']
 
 
+def _block_positions(spec: QuantSpec):
+    """(TIR expression of block b's first byte in the permuted buffer, the other 31 bytes' offsets from it in a main
+    chunk, in the 4-word tail chunk): a block of 32 activations lies inside one chunk (chunks hold 4 or 8 words, a
+    block 2 or 4), so its layout (act_perm) is one base per block plus constant offsets."""
+    L, n_main, tail = chunk_plan(spec)
+    mw, P, vpw = L * n_main, _parts(spec), _lane_values(spec)
+    bw = BLOCK // vpw      # words per block
+
+    def off(t, lanes):
+        r = t % vpw
+        i_, j_ = ((r % 8 // 2, r % 8 % 2 * 2 + r // 8) if spec.layout == "planes3" else (r // P, r % P))
+        return (j_ * lanes + t // vpw) * 4 + i_
+    base = f"(b * {bw} // {L} * {P * L * 4} + b * {bw} % {L} * 4)"
+    if tail:
+        base = f"T.Select(b * {bw} < {mw}, {base}, {mw * P * 4} + (b * {bw} - {mw}) * 4)"
+    return base, [off(t, L) for t in range(BLOCK)], [off(t, 4) for t in range(BLOCK)] if tail else None
+
+
+def _tree(buf: str, n: int, op: str, ind: str) -> list[str]:
+    """Statements folding buf[0:n] (n a power of two) in halves with `op` ("max" or "+") down to buf[0:2]."""
+    S, w = [], n // 2
+    while w > 1:
+        a, b = f"{buf}[T.ramp(0, 1, {w})]", f"{buf}[T.ramp({w}, 1, {w})]"
+        S.append(f"{ind}{a} = " + (f"T.max({a}, {b})" if op == "max" else f"{a} + {b}"))
+        w //= 2
+    return S
+
+
 def _quantize_row(spec: QuantSpec, xr: str, r: str | None, ind: str) -> list[str]:
-    """Statements quantizing activation row `r` (None: the only one; its value at kk = b * 32 + t is `xr`) to int8
+    """Statements quantizing activation row `r` (None: the only one; `xr` formats its values at indices {kk}) to int8
     per block of 32: the permuted codes at xq[r * K ...], each lane word's block scale at xsw[r * row_w ...] and the
-    per-group sums of d_b * a_k at gsum[r * NG ...]."""
+    per-group sums of d_b * a_k at gsum[r * NG ...]. Vector code per block (32 lanes: max |x| and the code sum by
+    halving trees), then 32 byte stores at constant offsets from the block's base (`_block_positions`)."""
     k, NG, G = spec.k, spec.n_groups, spec.group_len
     row_w, wpb = k // _lane_values(spec), BLOCK // _lane_values(spec)
     at = lambda size: f"{r} * {size} + " if r is not None else ""  # noqa: E731 - the row's offset in a buffer
-    return [f"{ind}for g in T.serial({NG}):",
-            f"{ind}    gsum[{at(NG)}g] = T.float32(0)",
-            f"{ind}for b in T.serial({k // BLOCK}):",
-            f'{ind}    mx = T.alloc_buffer((1,), "float32")',
-            f'{ind}    sa = T.alloc_buffer((1,), "int32")',
-            f"{ind}    mx[0] = T.float32(0)",
-            f"{ind}    sa[0] = 0",
-            f"{ind}    for t in T.serial(32):",
-            f'{ind}        mx[0] = T.max(mx[0], T.fabs(T.Cast("float32", {xr})))',
-            f"{ind}    for t in T.serial(32):",
-            f'{ind}        v = T.Cast("int32", T.round(T.Cast("float32", {xr}) * '
-            f'T.Select(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))))',
-            f'{ind}        xq[{at(k)}{_act_position(spec, "(b * 32 + t)")}] = T.Cast("int8", v)',
-            f"{ind}        sa[0] = sa[0] + v",
-            f"{ind}    for t in T.serial({wpb}):",
-            f"{ind}        xsw[{at(row_w)}b * {wpb} + t] = mx[0] / T.float32(127)",
-            f"{ind}    gsum[{at(NG)}b * 32 // {G}] = gsum[{at(NG)}b * 32 // {G}] + "
-            'mx[0] / T.float32(127) * T.Cast("float32", sa[0])']
+    base, off_main, off_tail = _block_positions(spec)
+    V = f"T.ramp(0, 1, {BLOCK})"
+    S = [f"{ind}for g in T.serial({NG}):",
+         f"{ind}    gsum[{at(NG)}g] = T.float32(0)",
+         f"{ind}for b in T.serial({k // BLOCK}):",
+         f'{ind}    fx = T.alloc_buffer(({BLOCK},), "float32")',
+         f'{ind}    am = T.alloc_buffer(({BLOCK},), "float32")',
+         f'{ind}    qv = T.alloc_buffer(({BLOCK},), "int32")',
+         f'{ind}    fx[{V}] = T.Cast("float32x{BLOCK}", {xr.format(kk=f"T.ramp(b * {BLOCK}, 1, {BLOCK})")})',
+         f"{ind}    am[{V}] = T.fabs(fx[{V}])"]
+    S += _tree("am", BLOCK, "max", ind + "    ")
+    S += [f"{ind}    mx = T.max(am[0], am[1])",
+          f"{ind}    inv = T.Select(mx > T.float32(0), T.float32(127) / mx, T.float32(0))",
+          f'{ind}    qv[{V}] = T.Cast("int32x{BLOCK}", T.round(fx[{V}] * T.broadcast(inv, {BLOCK})))',
+          f"{ind}    bs = {base}"]
+    for t in range(BLOCK):
+        o = str(off_main[t]) if off_tail is None else \
+            f"T.Select(b * {wpb} < {chunk_plan(spec)[0] * chunk_plan(spec)[1]}, {off_main[t]}, {off_tail[t]})"
+        S.append(f'{ind}    xq[{at(k)}bs + {o}] = T.Cast("int8", qv[{t}])')
+    S += _tree("qv", BLOCK, "+", ind + "    ")
+    S += [f"{ind}    for t in T.serial({wpb}):",
+          f"{ind}        xsw[{at(row_w)}b * {wpb} + t] = mx / T.float32(127)",
+          f"{ind}    gsum[{at(NG)}b * 32 // {G}] = gsum[{at(NG)}b * 32 // {G}] + "
+          'mx / T.float32(127) * T.Cast("float32", qv[0] + qv[1])']
+    return S
 
 
 def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, r: str | None, ri: str | None, ind: str) -> list[str]:
@@ -288,7 +312,7 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
           f'    xsw = T.alloc_buffer(({k // _lane_values(spec)},), "float32")',
           f'    gsum = T.alloc_buffer(({spec.n_groups},), "float32")']
     # --- quantize x to int8 per block of 32 (serial: K values)
-    S += _quantize_row(spec, f"x[{ix}, (b * 32 + t)]", None, "    ")
+    S += _quantize_row(spec, f"x[{ix}, {{kk}}]", None, "    ")
     # --- rows in parallel
     S += [f"    for nn in T.parallel({n}):",
           f'        yv = T.alloc_buffer(({L},), "float32")',
@@ -338,13 +362,13 @@ def _weight_codes(spec: QuantSpec, isa: str, Lc: int, start: str, ind: str):
 
 
 def _chunk(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gscale, ind: str,
-           rows: int | None = None) -> list[str]:
+           rows: int | None = None, acc_stride: int | None = None) -> list[str]:
     """Statements for one chunk of Lc words from word `start` of row nn: integer dots, then `acc` += their scaled sum.
     The chunk's activations sit at byte start * P * 4 in the order [part j][lane][byte i]. NEON registers hold 4
     lanes: `sdot` runs the integer part in 4-lane steps over the same layout (lanes h0..h0+3 of part j are 16
     contiguous bytes), so the int32 sums and everything after them are those of the x86 kernel. With `rows` (the
     GEMM: activation rows rb * rows + ri) the codes are unpacked once for every row's dots; row ri's int32 sums sit
-    in ia[ri * L ...], its fp32 partial sums in acc[ri * Lc ...]."""
+    in ia[ri * L ...], its fp32 partial sums in acc[ri * acc_stride ...] (default: Lc)."""
     P, R = _parts(spec), rows or 1
     S, codes = _weight_codes(spec, isa, Lc, start, ind)
     S.append(f"{ind}ia[T.ramp(0, 1, {R * L})] = T.broadcast(0, {R * L})")
@@ -355,27 +379,54 @@ def _chunk(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gsc
             Li = f"T.ramp({ri * L + h0}, 1, {W})"
             S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
     for ri in range(R):
-        La = f"T.ramp({ri * Lc}, 1, {Lc})"
+        La = f"T.ramp({ri * (acc_stride or Lc)}, 1, {Lc})"
         S.append(f'{ind}{acc}[{La}] = {acc}[{La}] + T.Cast("float32x{Lc}", ia[T.ramp({ri * L}, 1, {Lc})]) * '
                  f'xsw[T.ramp({row(ri, spec.k // _lane_values(spec))}{start}, 1, {Lc})] * {gscale(Lc, start)}')
     return S
 
 
-GEMM_ROWS = 4   # activation rows per pass over a weight row: codes unpacked once, 4 rows of dots
+GEMM_ROWS = 8   # activation rows per pass over a weight row: codes unpacked once for 8 rows of dots
+# weight rows per parallel item: a block of 8 activation rows (int8 codes and scales, under 20 KiB at K <= 1536) stays
+# in L1 while it meets the tile's 32 rows in turn. Looping every weight row over all activation rows instead streamed
+# the whole quantized prompt from L2 once per weight row (about 300 KB per row of the 1536-wide down projection).
+GEMM_TILE = 32
 
 
 def int8_gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", name: str = "main"):
     """y[1, m, N] = x[1, m, K] @ dq(W)^T for m rows (prefill; m symbolic) with int8 activations: each row is
-    quantized as in the GEMV and gets the GEMV's integer sums and fp32 operations; rows go GEMM_ROWS at a time
-    through each weight chunk so that its codes are unpacked once per 4 rows."""
+    quantized as in the GEMV and gets the GEMV's integer sums; rows go GEMM_ROWS at a time through each weight chunk
+    so that its codes are unpacked once per 8 rows, and the 8 rows finish together in vector registers (`_finish_rows`:
+    lane sums by a shuffle tree, the zero-point terms of 8 rows in one vector per group)."""
     return _from_source(spec, isa, "GEMM", lambda: _source_gemm(spec, isa, out_dtype, name))
+
+
+def _hsum_rows(L: int, R: int, buf: str, out: str, ind: str) -> list[str]:
+    """Statements: out[r] = sum of the L lanes buf[r * L ...] for rows r < R (R a multiple of L), L rows at a time
+    by a tree of shuffles (log2 L levels; each level adds the even- and odd-indexed halves of pairs of vectors)."""
+    S = []
+    for r0 in range(0, R, L):
+        vec = [f"{buf}[T.ramp({(r0 + i) * L}, 1, {L})]" for i in range(L)]
+        width = 1   # lanes of one row's partial sums that sit together in a vector
+        while len(vec) > 1:
+            nxt = []
+            for a, b in zip(vec[0::2], vec[1::2]):
+                # a holds rows' runs of `width` lanes (lanes 0..L-1), b the next rows' (L..2L-1): runs alternately
+                # from a and b, first and second run of each pair of runs, so that the sum halves the partial sums
+                even = [i // width // 2 * 2 * width + i % width + (L if i // width % 2 else 0) for i in range(L)]
+                odd = [e + width for e in even]
+                nxt.append(f"(T.Shuffle([{a}, {b}], {even}) + T.Shuffle([{a}, {b}], {odd}))")
+            vec, width = nxt, width * 2
+        S.append(f"{ind}{out}[T.ramp({r0}, 1, {L})] = {vec[0]}")
+    return S
 
 
 def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
     n, k, R, NG = spec.n, spec.k, GEMM_ROWS, spec.n_groups
+    NT = next(t for t in (GEMM_TILE, 16, 8, 4, 2, 1) if n % t == 0)
     L, n_main, tail = chunk_plan(spec)
     gscale = functools.partial(_group_scale, spec.group_len // _lane_values(spec))
     mp = f"((m + {R - 1}) // {R} * {R})"   # rows padded to whole blocks: pad rows repeat the last row, never stored
+    z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
     S = _signature(spec, name, "x_h: T.handle", "y_h: T.handle")
     S += ["    m = T.int64()",
           f'    x = T.match_buffer(x_h, (T.int64(1), m, T.int64({k})), "float16")',
@@ -383,23 +434,36 @@ def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
           f'    xq = T.alloc_buffer(({mp} * {k},), "int8")',
           f'    xsw = T.alloc_buffer(({mp} * {k // _lane_values(spec)},), "float32")',
           f'    gsum = T.alloc_buffer(({mp} * {NG},), "float32")',
-          f"    for r in T.serial({mp}):"]
-    S += _quantize_row(spec, "x[0, T.min(r, m - 1), (b * 32 + t)]", "r", " " * 8)
-    S += [f"    for nn in T.parallel({n}):",
+          f'    gst = T.alloc_buffer(({NG} * {mp},), "float32")',
+          f"    for r in T.parallel({mp}):"]   # rows are independent: both threads quantize
+    S += _quantize_row(spec, "x[0, T.min(r, m - 1), {kk}]", "r", " " * 8)
+    # the group sums row-minor, so that one vector load holds L rows' sums of a group
+    S += [f"        for g in T.serial({NG}):",
+          f"            gst[g * {mp} + r] = gsum[r * {NG} + g]",
+          f"    for nt in T.parallel({n // NT}):",
           f'        yv = T.alloc_buffer(({R * L},), "float32")',
-          f'        yt = T.alloc_buffer(({R * 4},), "float32")',
           f'        ia = T.alloc_buffer(({R * L},), "int32")',
           f'        wq = T.alloc_buffer(({L},), "uint32")',
           f'        hq = T.alloc_buffer(({L},), "uint32")',
-          '        zc = T.alloc_buffer((1,), "float32")',
+          f'        sz = T.alloc_buffer(({NG},), "float32")',
+          f'        ys = T.alloc_buffer(({R},), "float32")',
           f"        for rb in T.serial({mp} // {R}):",
-          f"            yv[T.ramp(0, 1, {R * L})] = T.broadcast(T.float32(0), {R * L})",
-          f"            yt[T.ramp(0, 1, {R * 4})] = T.broadcast(T.float32(0), {R * 4})",
-          f"            for c in T.serial({n_main}):"]
-    S += _chunk(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 16, GEMM_ROWS)
-    if tail:
-        S += _chunk(spec, isa, 4, L, str(L * n_main), "yt", gscale, " " * 12, GEMM_ROWS)
-    S += [f"            for ri in T.serial({R}):",
-          f"                if rb * {R} + ri < m:"]
-    S += _finish_row(spec, L, f"y[0, rb * {R} + ri, nn]", out_dtype, f"rb * {R} + ri", "ri", " " * 20)
+          f"            for ni in T.serial({NT}):",
+          f"                nn = nt * {NT} + ni",
+          f"                for g in T.serial({NG}):",
+          f'                    sz[g] = T.Cast("float32", scales[nn, g]) * {z}',
+          f"                yv[T.ramp(0, 1, {R * L})] = T.broadcast(T.float32(0), {R * L})",
+          f"                for c in T.serial({n_main}):"]
+    S += _chunk(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 20, R)
+    if tail:   # the 4-word tail chunk adds into lanes 0..3 of each row's sums
+        S += _chunk(spec, isa, 4, L, str(L * n_main), "yv", gscale, " " * 16, R, acc_stride=L)
+    S += _hsum_rows(L, R, "yv", "ys", " " * 16)
+    for r0 in range(0, R, L):
+        Lr = f"T.ramp({r0}, 1, {L})"
+        S += [f"                for g in T.serial({NG}):",
+              f"                    ys[{Lr}] = ys[{Lr}] - T.broadcast(sz[g], {L}) * "
+              f"gst[T.ramp(g * {mp} + rb * {R} + {r0}, 1, {L})]"]
+    S += [f"                for ri in T.serial({R}):",
+          f"                    if rb * {R} + ri < m:",
+          f'                        y[0, rb * {R} + ri, nn] = T.Cast("{out_dtype}", ys[ri])']
     return "\n".join(S) + "\n"

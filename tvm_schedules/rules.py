@@ -4,7 +4,8 @@ GPU targets: the fused dequantize+matmul kernels are GEMV at decode (one row) an
 the outlier NT-matmul takes the same rules, and the `take` gather, norms and softmax fall to Reduction/Fallback.
 The first rule that returns a schedule wins (a rule that raises aborts the pass, so kernels are kept free of
 data-dependent reads inside reductions; see TVM_0.27_NOTES.md section 5). CPU targets: our own `cpu.CPUMatmul`
-(dlight has no CPU rule for a fused dequantize + matmul); other kernels keep TVM's default loop nest.
+(dlight has no CPU rule for a fused dequantize + matmul), then `cpu.CPUParallel`: other kernels keep TVM's default
+loop nest, with their prompt-length loop parallel.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def gpu_rules():
 
 
 def cpu_rules():
-    from .cpu import CPUMatmul
-    return [CPUMatmul()]
+    from .cpu import CPUMatmul, CPUParallel
+    return [CPUMatmul(), CPUParallel()]
 
 
 def schedule_pass(target):

@@ -97,7 +97,7 @@ GEMM_CASES = [CASES[0], CASES[3], CASES[5], CASES[9], CASES[12]]   # W4 g128 / p
 @pytest.mark.parametrize("isa", ["vnni", "avx2"])
 @pytest.mark.parametrize("bits,group,sym,n,k,layout", GEMM_CASES)
 def test_prefill_gemm_rows_equal_the_gemv_model(isa, bits, group, sym, n, k, layout):
-    """The prefill GEMM on 1, 3, 4 and 9 rows (whole and padded blocks of GEMM_ROWS, one compiled function, row
+    """The prefill GEMM on 1, 3, 8, 9 and 17 rows (whole and padded blocks of GEMM_ROWS, one compiled function, row
     count symbolic): every row is the GEMV's NumPy model of that row."""
     import tvm
     from edgequant.tvm_schedules.cpu_int8 import int8_gemm_func, int8_gemv_np
@@ -105,7 +105,7 @@ def test_prefill_gemm_rows_equal_the_gemv_model(isa, bits, group, sym, n, k, lay
     rng = np.random.default_rng(bits * 1000 + k + n + 1)
     spec, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k, layout)
     ex = tvm.compile(tvm.IRModule({"main": int8_gemm_func(spec, isa)}), target=host)
-    for m in (1, 3, 4, 9):
+    for m in (1, 3, 8, 9, 17):
         x = rng.standard_normal((1, m, k)).astype(np.float16)
         x[0, m - 1, :32] = 0     # an all-zero block
         y = tvm.runtime.tensor(np.full((1, m, n), np.nan, np.float32))

@@ -126,3 +126,42 @@ def test_packed_zero_points_keep_results(bits, group, k):
     ref = quant_matmul_np(spec, x, qweight, scales, zeros)
     np.testing.assert_array_equal(quant_matmul_np(pspec, x, qweight, scales, packed), ref)
     np.testing.assert_allclose(y.numpy().astype(np.float32), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
+def test_cpu_parallel_rule_runs_prompt_rows_on_the_pool():
+    """Kernels with a prompt-length loop (rms norm: a reduction per row; silu * up: elementwise) get that loop
+    parallel and keep their results; the same kernels for one static row (decode) stay serial."""
+    import tvm
+    from tvm import te, topi
+    from tvm.s_tir import dlight as dl
+    from edgequant.tvm_schedules.rules import cpu_rules
+
+    def kernels(m):
+        x = te.placeholder((1, m, 64), "float32", name="x")
+        w = te.placeholder((64,), "float32", name="w")
+        u = te.placeholder((1, m, 128), "float32", name="u")
+        act = te.compute((1, m, 64), lambda i, j, k: te.sigmoid(u[i, j, k]) * u[i, j, k] * u[i, j, k + 64])
+        return {"norm": te.create_prim_func([x, w, topi.nn.rms_norm(x, w, axis=[2], epsilon=1e-5)]),
+                "act": te.create_prim_func([u, act])}
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    rng = np.random.default_rng(0)
+    for name, m in (("norm", tvm.tirx.Var("m", "int64")), ("act", tvm.tirx.Var("m", "int64")), ("norm", 1)):
+        mod = tvm.IRModule({"main": kernels(m)[name].with_attr("target", target)})
+        with target:
+            mod = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
+        lib = tvm.tirx.build(mod, target=target)
+        parallel = "TVMBackendParallelLaunch" in lib.inspect_source("asm")
+        assert parallel == (not isinstance(m, int)), (name, m)
+        rows = 5 if not isinstance(m, int) else 1
+        if name == "norm":
+            x, w = rng.standard_normal((1, rows, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+            ref = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w
+            args = [x, w]
+        else:
+            u = rng.standard_normal((1, rows, 128)).astype(np.float32)
+            ref = u[..., :64] / (1 + np.exp(-u[..., :64])) * u[..., 64:]
+            args = [u]
+        out = tvm.runtime.empty(ref.shape, "float32", tvm.cpu())
+        lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
