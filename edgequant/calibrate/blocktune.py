@@ -11,7 +11,8 @@ is the fp stream, a block also corrects the error its quantized predecessors lef
 format is unchanged: scales stay fp16 values (rounded inside the forward pass, straight-through gradients), codes
 and zero points integers. Every parameter is learned as a unit-free offset (scale = s0 * (1 + a); others
 p = p0 + a * rms(p0)), so one learning rate fits all. The start and every epoch are scored on all windows and the
-best is kept, so a block never ends worse than GPTQ left it.
+best is kept, so a block never ends worse than GPTQ left it (on the training windows). `token_rel` is the
+OmniQuant module's per-token relative loss (attention-sink tokens would otherwise make up the whole MSE).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from ..quantizer import QuantizedWeight, expand_groups, fp16_ste
 from .blocks import BlockInputs, _move
+from .omniquant.trainer import block_loss
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
@@ -87,18 +89,18 @@ def _forward(block, params, x, kw):
 
 
 @torch.no_grad()
-def _score(block, tun: _Tunable, inputs: BlockInputs, targets: torch.Tensor, kw, device, batch_size) -> float:
+def _score(block, tun: _Tunable, inputs: BlockInputs, targets: torch.Tensor, kw, device, batch_size, loss) -> float:
     params = tun.params()
     total = 0.0
     for i in range(0, len(targets), batch_size):
         y = _forward(block, params, inputs.hidden[i:i + batch_size].to(device), kw)
-        total += float(((y.float() - targets[i:i + batch_size].to(device)) ** 2).sum())
-    return total / targets.numel()
+        total += float(block_loss(y, targets[i:i + batch_size].to(device), loss)) * len(y)
+    return total / len(targets)
 
 
 def tune_block(block: torch.nn.Module, linears: dict[str, QuantizedWeight], inputs: BlockInputs,
                targets: torch.Tensor, epochs: int, lr: float, device="cpu", batch_size: int = 4,
-               seed: int = 0) -> dict:
+               seed: int = 0, loss: str = "mse") -> dict:
     """Tune `block` (its linears named relative to it in `linears`, their weights already quantized) on the quantized
     stream `inputs` toward `targets`, the fp block's outputs on the fp stream. Updates the QuantizedWeights' scales
     and fp16 columns and the block's other parameters in place, and the linears' weights to match. Returns the
@@ -110,7 +112,7 @@ def tune_block(block: torch.nn.Module, linears: dict[str, QuantizedWeight], inpu
     tun = _Tunable(block, linears, device)
     opt = torch.optim.Adam(list(tun.offsets.values()), lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    losses = [_score(block, tun, inputs, targets, kw, device, batch_size)]
+    losses = [_score(block, tun, inputs, targets, kw, device, batch_size, loss)]
     best, best_i = tun.snapshot(), 0
     try:
         for _ in range(epochs):
@@ -119,11 +121,11 @@ def tune_block(block: torch.nn.Module, linears: dict[str, QuantizedWeight], inpu
                 idx = perm[i:i + batch_size]
                 with torch.enable_grad():
                     y = _forward(block, tun.params(), inputs.hidden[idx].to(device), kw)
-                    loss = torch.nn.functional.mse_loss(y.float(), targets[idx].to(device))
+                    step_loss = block_loss(y, targets[idx].to(device), loss)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                step_loss.backward()
                 opt.step()
-            losses.append(_score(block, tun, inputs, targets, kw, device, batch_size))
+            losses.append(_score(block, tun, inputs, targets, kw, device, batch_size, loss))
             if losses[-1] < losses[best_i]:
                 best, best_i = tun.snapshot(), len(losses) - 1
     finally:

@@ -16,6 +16,9 @@ class BlockTuneOptions(Options):
                            "int", lo=0)
     tune_lr: float = opt(1e-3, "learning rate of that tuning (Adam, on relative offsets).", "float", lo=0,
                          lo_open=True)
+    tune_loss: str = opt("mse", "its block loss: 'mse' (OmniQuant's) or 'token_rel' (each token's error relative to "
+                                "its size, so attention-sink tokens do not own the loss).", "choice",
+                         choices=("mse", "token_rel"))
 
 
 @dataclass
