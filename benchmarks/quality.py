@@ -94,6 +94,19 @@ ROWS = [
     # a bit budget across layers (--target-bits: 2, 3 or 4 bits per fused linear from its Hessian-weighted error)
     ("gptq", "w3g128", {"act_order": True, "target_bits": 3.25}),
     ("gptq", "w3g128", {"act_order": True, "target_bits": 3.25, "rotate": True}),
+    # block-output reconstruction after GPTQ/OWQ (--tune-epochs: scales, fp16 columns, biases, norms toward the fp
+    # block on the fp stream, codes fixed), alone and with rotation, the fp16 columns, the bit budget
+    ("gptq", "w3g128", {"act_order": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
+    ("gptq", "w3g128", {"act_order": True, "rotate": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
+    ("gptq", "w4g128", {"act_order": True, "rotate": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "clip_search": False, "tune_epochs": 3,
+                       "tune_loss": "token_rel"}),
+    ("owq", "w2g64", {"target_bits": 2.1, "act_order": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
+    ("gptq", "w3g128", {"act_order": True, "target_bits": 3.25, "rotate": True, "tune_epochs": 3,
+                        "tune_loss": "token_rel"}),
+    ("gptq", "w3g128", {"act_order": True, "tune_epochs": 3, "tune_loss": "mse"}),
+    ("gptq", "w4g128", {"act_order": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
 ]
 
 

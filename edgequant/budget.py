@@ -16,14 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .calibrate.configs import BlockTuneOptions
 from .errors import EdgequantError
-from .options import Options, opt
+from .options import opt
 
 OPTIONS = (2, 3, 4)
 
 
 @dataclass
-class GPTQConfig(Options):
+class GPTQConfig(BlockTuneOptions):
     """GPTQ: an optional bit budget across layers. The command line shares `--target-bits` with OWQ (there: the fp16
     columns' share), so the help below speaks for both."""
     target_bits: float | None = opt(None, "bits per weight budget: GPTQ: mean width of the linears, 2 to 4 (e.g. "

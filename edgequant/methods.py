@@ -97,7 +97,9 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
                     budget: float | None = None):
     """GPTQ on every linear, block by block; with `counts` (OWQ: weak columns per linear kind) each linear first
     keeps its most sensitive columns in fp16 and tunes its groups by clip search; with `budget` (bits per weight)
-    each linear takes the width `budget.py` chooses. Returns (quantized, stats, tokens, budget summary or None)."""
+    each linear takes the width `budget.py` chooses; with `--tune-epochs` each quantized block is then tuned toward
+    the fp block's output (`calibrate/blocktune.py`). Returns (quantized, stats, tokens, extra provenance: the budget
+    summary, the per-block tuning losses)."""
     import torch
 
     from .calibrate.gptq import gptq_quantize
@@ -131,17 +133,26 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
         return qw, {"gptq_loss": loss, **weak, "weight_rel_err": weight_error(w, w_hat),
                     "output_rel_err": output_error(w, w_hat, H)}
 
+    tune, tuned = None, []
+    if opts.config is not None and opts.config.tune_epochs:
+        from .calibrate.blocktune import tune_block
+
+        def tune(i, block, linears, inputs, targets):
+            tuned.append({"block": i, **tune_block(block, linears, inputs, targets, opts.config.tune_epochs,
+                                                   opts.config.tune_lr, opts.device, opts.batch_size, opts.seed,
+                                                   opts.config.tune_loss)})
     q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc=desc,
-                                   skip_tokens=opts.skip_tokens)
-    return q, stats, int(samples.numel()), summary
+                                   skip_tokens=opts.skip_tokens, tune=tune)
+    extra = {**({"bit_budget": summary} if summary else {}), **({"block_tuning": tuned} if tuned else {})}
+    return q, stats, int(samples.numel()), extra
 
 
 @register_method("gptq", needs_calibration=True, summary="GPTQ/OPTQ: Hessian-based error compensation",
                  config=GPTQConfig, title="GPTQ")
 def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     budget = opts.config.target_bits if opts.config is not None else None
-    q, stats, tokens, summary = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "gptq", budget=budget)
-    return MethodResult(q, stats, {"tokens": tokens, **({"bit_budget": summary} if summary else {})})
+    q, stats, tokens, extra = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "gptq", budget=budget)
+    return MethodResult(q, stats, {"tokens": tokens, **extra})
 
 
 @register_method("owq", needs_calibration=True, summary="OWQ: sensitive weak columns kept in fp16, GPTQ on the rest",
@@ -157,8 +168,9 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
         counts = {kind: min(fixed, k) for kind, k in in_features.items()}
     else:
         counts = weak_column_counts(family, in_features, scheme.bits, target if target is not None else scheme.bits + 0.01)
-    q, stats, tokens, _ = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "owq", counts)
-    return MethodResult(q, stats, {"tokens": tokens, "weak_columns_per_linear": counts, "target_bits": target})
+    q, stats, tokens, extra = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "owq", counts)
+    return MethodResult(q, stats, {"tokens": tokens, "weak_columns_per_linear": counts, "target_bits": target,
+                                   **extra})
 
 
 @register_method("omniquant", needs_calibration=True,

@@ -9,7 +9,20 @@ from ..options import Options, check_window_tokens, opt
 
 
 @dataclass
-class OWQConfig(Options):
+class BlockTuneOptions(Options):
+    """Block-output reconstruction after GPTQ's rounding (`calibrate/blocktune.py`), shared by GPTQ and OWQ."""
+    tune_epochs: int = opt(0, "after each block is quantized, tune its group scales, fp16 columns, biases and norm "
+                              "weights (codes fixed) toward the fp block's output for this many epochs (0: off).",
+                           "int", lo=0)
+    tune_lr: float = opt(1e-3, "learning rate of that tuning (Adam, on relative offsets).", "float", lo=0,
+                         lo_open=True)
+    tune_loss: str = opt("mse", "its block loss: 'mse' (OmniQuant's) or 'token_rel' (each token's error relative to "
+                                "its size, so attention-sink tokens do not own the loss).", "choice",
+                         choices=("mse", "token_rel"))
+
+
+@dataclass
+class OWQConfig(BlockTuneOptions):
     """OWQ: the weak-column budget, as bits per weight or as a fixed count per linear."""
     target_bits: float | None = opt(None, "bits per weight budget, e.g. 3.01, 3.1, 4.01.", "float", lo=0, lo_open=True)
     weak_columns: int | None = opt(None, "fp16 columns per linear (instead of --target-bits).", "int", lo=0)

@@ -3,7 +3,9 @@
 For each block: for each group of linears that share an input (q/k/v, o, gate/up, down) in the order the block
 computes them, collect the Hessian of that input from the block *with the earlier groups already quantized*
 ("true sequential"), quantize the group, and write the dequantized weights back; finally run the quantized block to
-produce the next block's inputs. Blocks move to the device one at a time.
+produce the next block's inputs. Blocks move to the device one at a time. With `tune` (block-output reconstruction,
+`blocktune.py`), the fp stream is carried beside the quantized one and each quantized block is tuned toward the fp
+block's outputs before it produces the next block's inputs.
 """
 from __future__ import annotations
 
@@ -14,26 +16,33 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import family_for
-from .blocks import HessianCollector, capture_first_block_inputs, run_block
+from .blocks import BlockInputs, HessianCollector, capture_first_block_inputs, run_block
 
 # quantize_fn(name, linear, H) -> (QuantizedWeight, stats dict)
 QuantizeFn = Callable[[str, torch.nn.Linear, torch.Tensor], tuple]
+# tune(block index, block, {relative name: QuantizedWeight}, quantized-stream inputs, fp targets)
+TuneFn = Callable[[int, torch.nn.Module, dict, object, torch.Tensor], None]
 
 
 @torch.no_grad()
 def calibrate_layerwise(model, samples: torch.Tensor, quantize_fn: QuantizeFn, device="cpu", batch_size: int = 4,
-                        progress: bool = True, desc: str = "calibrate", skip_tokens: int = 0):
+                        progress: bool = True, desc: str = "calibrate", skip_tokens: int = 0, tune: TuneFn | None = None):
     """`skip_tokens`: leave the first tokens of every window out of the Hessians (their attention-sink activations
     can be orders of magnitude larger than the rest and would dominate H)."""
     family = family_for(model.config.model_type)
     layers = model.get_submodule(family.layers_path)
     inputs = capture_first_block_inputs(model, layers, samples, device)
     quantized, stats = {}, {}
+    fp_hidden = inputs.hidden.clone() if tune is not None else None
     bar = tqdm(range(len(layers)), desc=desc, disable=not progress, unit="block")
     for i in bar:
         t0 = time.time()
         block = layers[i].to(device)
-        inputs.use_layer(i)
+        kw = inputs.use_layer(i)
+        targets = None
+        if tune is not None:   # the fp block on the fp stream: the tuning target, and the next fp stream
+            targets = run_block(block, BlockInputs(fp_hidden, kw), device, batch_size)
+        mine = {}
         for group in family.groups:
             mods = [block.get_submodule(n) for n in group.names]
             coll = HessianCollector(mods[0], skip_tokens)
@@ -47,6 +56,10 @@ def calibrate_layerwise(model, samples: torch.Tensor, quantize_fn: QuantizeFn, d
                 lin.weight.copy_(qw.dequantize().to(lin.weight.dtype))
                 quantized[name] = qw
                 stats[name] = st
+                mine[n] = qw
+        if tune is not None:
+            tune(i, block, mine, inputs, targets)
+            fp_hidden = targets
         inputs.hidden = run_block(block, inputs, device, batch_size)
         layers[i] = block.to("cpu")
         bar.set_postfix(block_s=f"{time.time() - t0:.1f}")

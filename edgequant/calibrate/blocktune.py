@@ -1,0 +1,149 @@
+"""Block-output reconstruction after GPTQ/OWQ (`--tune-epochs N`): with every linear of a block quantized and its
+integer codes and zero points fixed, learn the group scales, OWQ's fp16 columns, the biases and the block's norm
+weights so that the quantized block, fed the quantized stream, reproduces the full-precision block's output on the
+full-precision stream.
+
+This is OmniQuant's block-wise objective (Shao et al., arXiv 2308.13137: MSE of the block output against the fp
+model's, quantized inputs, one block at a time; BRECQ, Li et al., arXiv 2102.05426, for block reconstruction) applied
+to the parameters a checkpoint stores in floating point, as PEQA (Kim et al., arXiv 2305.14152) tunes only the scales
+of fixed integer weights. It starts from GPTQ's codes instead of OmniQuant's round-to-nearest, and since the target
+is the fp stream, a block also corrects the error its quantized predecessors left in its inputs. The checkpoint
+format is unchanged: scales stay fp16 values (rounded inside the forward pass, straight-through gradients), codes
+and zero points integers. Every parameter is learned as a unit-free offset (scale = s0 * (1 + a); others
+p = p0 + a * rms(p0)), so one learning rate fits all. The start and every epoch are scored on all windows and the
+best is kept, so a block never ends worse than GPTQ left it (on the training windows). `token_rel` is the
+OmniQuant module's per-token relative loss (attention-sink tokens would otherwise make up the whole MSE).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quantizer import QuantizedWeight, expand_groups, fp16_ste
+from .blocks import BlockInputs, _move
+from .omniquant.trainer import block_loss
+
+
+def _rms(t: torch.Tensor) -> torch.Tensor:
+    return t.float().pow(2).mean().sqrt().clamp_min(1e-8)
+
+
+class _Tunable:
+    """The learnable offsets of one block and the parameter dict `functional_call` runs it with."""
+
+    def __init__(self, block: torch.nn.Module, linears: dict[str, QuantizedWeight], device):
+        self.linears = linears
+        quant = {f"{n}.weight" for n in linears}
+        self.offsets: dict[str, torch.Tensor] = {}
+        self.fixed: dict[str, tuple] = {}
+        for n, qw in linears.items():
+            k = qw.q.shape[1]
+            self.fixed[n] = (qw.q.float().to(device), expand_groups(qw.zero.float().to(device), qw.scheme, k),
+                             qw.scale.float().to(device))
+            self.offsets[f"{n}.scale"] = torch.zeros_like(qw.scale, dtype=torch.float32, device=device)
+            if qw.outlier_idx is not None and len(qw.outlier_idx):
+                self.offsets[f"{n}.outliers"] = torch.zeros_like(qw.outlier_weight, dtype=torch.float32, device=device)
+        # biases and norm weights: every other floating parameter of the block
+        self.plain = {n: p.detach().float().to(device) for n, p in block.named_parameters()
+                      if n not in quant and p.is_floating_point()}
+        for n in self.plain:
+            self.offsets[n] = torch.zeros_like(self.plain[n])
+        for t in self.offsets.values():
+            t.requires_grad_(True)
+
+    def scale(self, n: str) -> torch.Tensor:
+        return fp16_ste(self.fixed[n][2] * (1 + self.offsets[f"{n}.scale"]))
+
+    def outliers(self, n: str) -> torch.Tensor | None:
+        qw = self.linears[n]
+        if f"{n}.outliers" not in self.offsets:
+            return None
+        o = qw.outlier_weight.float().to(self.offsets[f"{n}.outliers"].device)
+        return o + self.offsets[f"{n}.outliers"] * _rms(o)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, qw in self.linears.items():
+            q, ze, _ = self.fixed[n]
+            w = (q - ze) * expand_groups(self.scale(n), qw.scheme, q.shape[1])
+            o = self.outliers(n)
+            if o is not None:
+                idx = qw.outlier_idx.long().to(w.device)
+                w = w.index_copy(1, idx, o)
+            out[f"{n}.weight"] = w
+        for n, p0 in self.plain.items():
+            out[n] = p0 + self.offsets[n] * _rms(p0)
+        return out
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.offsets.items()}
+
+    def restore(self, snap: dict[str, torch.Tensor]):
+        with torch.no_grad():
+            for k, v in snap.items():
+                self.offsets[k].copy_(v)
+
+
+def _forward(block, params, x, kw):
+    y = torch.func.functional_call(block, params, (x,), kw)
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+@torch.no_grad()
+def _score(block, tun: _Tunable, inputs: BlockInputs, targets: torch.Tensor, kw, device, batch_size, loss) -> float:
+    """The loss over every window; no gradients, so 4 training batches at a time (fewer launches on a GPU)."""
+    params = tun.params()
+    batch_size *= 4
+    total = 0.0
+    for i in range(0, len(targets), batch_size):
+        y = _forward(block, params, inputs.hidden[i:i + batch_size].to(device), kw)
+        total += float(block_loss(y, targets[i:i + batch_size].to(device), loss)) * len(y)
+    return total / len(targets)
+
+
+def tune_block(block: torch.nn.Module, linears: dict[str, QuantizedWeight], inputs: BlockInputs,
+               targets: torch.Tensor, epochs: int, lr: float, device="cpu", batch_size: int = 4,
+               seed: int = 0, loss: str = "mse") -> dict:
+    """Tune `block` (its linears named relative to it in `linears`, their weights already quantized) on the quantized
+    stream `inputs` toward `targets`, the fp block's outputs on the fp stream. Updates the QuantizedWeights' scales
+    and fp16 columns and the block's other parameters in place, and the linears' weights to match. Returns the
+    losses: start, each epoch, and the index kept (0 = the start)."""
+    kw = _move(inputs.kwargs, device)
+    saved_grad = {n: p.requires_grad for n, p in block.named_parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    tun = _Tunable(block, linears, device)
+    opt = torch.optim.Adam(list(tun.offsets.values()), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses = [_score(block, tun, inputs, targets, kw, device, batch_size, loss)]
+    best, best_i = tun.snapshot(), 0
+    try:
+        for _ in range(epochs):
+            perm = torch.randperm(len(targets), generator=gen)
+            for i in range(0, len(perm), batch_size):
+                idx = perm[i:i + batch_size]
+                with torch.enable_grad():
+                    y = _forward(block, tun.params(), inputs.hidden[idx].to(device), kw)
+                    step_loss = block_loss(y, targets[idx].to(device), loss)
+                opt.zero_grad(set_to_none=True)
+                step_loss.backward()
+                opt.step()
+            losses.append(_score(block, tun, inputs, targets, kw, device, batch_size, loss))
+            if losses[-1] < losses[best_i]:
+                best, best_i = tun.snapshot(), len(losses) - 1
+    finally:
+        for n, p in block.named_parameters():
+            p.requires_grad_(saved_grad[n])
+    tun.restore(best)
+    with torch.no_grad():
+        params = tun.params()
+        for n, qw in linears.items():
+            qw.scale = tun.scale(n).detach().to(qw.scale.device, qw.scale.dtype)
+            o = tun.outliers(n)
+            if o is not None:
+                qw.outlier_weight = o.detach().to(qw.outlier_weight.device, qw.outlier_weight.dtype)
+            lin = block.get_submodule(n)
+            lin.weight.copy_(qw.dequantize().to(lin.weight.device, lin.weight.dtype))
+        for n, p in block.named_parameters():
+            if n in tun.plain:
+                p.copy_(params[n].to(p.dtype))
+    return {"losses": losses, "kept": best_i}
