@@ -73,6 +73,28 @@ def _cases(ckpt, dist, text, out):
         "quantize_nsamples_2_pow_40": (q[:5] + ["gptq", "--calib", text, "--seqlen", "32", "--nsamples", str(2 ** 40)],
                                        "--nsamples"),
         "wct_nsamples_2_pow_40": (wct + ["--nsamples", str(2 ** 40)], "--nsamples"),
+        # absurd sizes (issue 15, after the third re-run): a memory plan of millions of TiB, a numpy traceback, runs
+        # that never end, or a reply cut off when the KV cache filled; each is refused before any work
+        "inspect_context_2_pow_62": (["inspect", ckpt, "--context", str(2 ** 62)], "--context 1024"),
+        "inspect_context_past_the_window": (["inspect", ckpt, "--context", "1025"], "--context 1024"),
+        "bench_context_2_pow_62": (["bench", dist, "--context", str(2 ** 62)], "--context 1024"),
+        "bench_prompt_length_2_pow_62": (["bench", dist, "--prompt-lengths", str(2 ** 62)], "--prompt-lengths"),
+        "bench_prompt_length_past_the_cache": (["bench", dist, "--prompt-lengths", "8,1000", "--decode-tokens", "64"],
+                                               "--decode-tokens 25"),
+        "bench_decode_tokens_2_pow_62": (["bench", dist, "--decode-tokens", str(2 ** 62)], "--decode-tokens 1023"),
+        "bench_repeats_2_pow_62": (["bench", dist, "--repeats", str(2 ** 62)], "--repeats"),
+        "run_max_new_tokens_2_pow_62": (["run", dist, "-p", "hi", "--max-new-tokens", str(2 ** 62)],
+                                        "--max-new-tokens 1023"),
+        "eval_seqlen_past_the_window": (ev + ["--seqlen", "1025"], "--seqlen 1024"),
+        "quantize_epochs_2_pow_62": (q[:5] + ["omniquant", "--epochs", str(2 ** 62), "--calib", text], "--epochs"),
+        "quantize_batch_size_2_pow_70": (q + ["--batch-size", str(2 ** 70)], "--batch-size"),
+        "quantize_weak_columns_2_pow_62": (q[:5] + ["owq", "--weak-columns", str(2 ** 62), "--calib", text,
+                                                    "--nsamples", "2", "--seqlen", "32"], "--weak-columns"),
+        "wct_epochs_2_pow_62": (wct + ["--epochs", str(2 ** 62)], "--epochs"),
+        "wct_seed_2_pow_70": (wct + ["--seed", str(2 ** 70)], "--seed"),
+        "wct_batch_size_2_pow_70": (wct + ["--batch-size", str(2 ** 70)], "--batch-size"),
+        "demo_nsamples_2_pow_62": (["demo", "--nsamples", str(2 ** 62), "--methods", "rtn", "-o", out, "-q"],
+                                   "--nsamples"),
     }
 
 
