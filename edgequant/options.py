@@ -15,6 +15,10 @@ from .errors import EdgequantError
 # Calibration and training hold their windows (and each block's activations for them) in memory at once, and windows
 # are drawn with replacement, so the text does not bound --nsamples: 2**24 tokens is 64 times the default 128 x 2048.
 MAX_WINDOW_TOKENS = 1 << 24
+MAX_SEED = 2 ** 63 - 1   # torch.manual_seed takes 64 bits (2**70 was a traceback)
+# Training passes: papers use 1-40 (OmniQuant 20, weak-column tuning a few); 2**62 trained until killed, with no
+# message. 10,000 is far past any useful run and still ends.
+MAX_EPOCHS = 10_000
 
 
 def check_window_tokens(nsamples: int, seqlen: int) -> None:
