@@ -93,6 +93,9 @@ def _cases(ckpt, dist, text, out):
         "wct_epochs_2_pow_62": (wct + ["--epochs", str(2 ** 62)], "--epochs"),
         "wct_seed_2_pow_70": (wct + ["--seed", str(2 ** 70)], "--seed"),
         "wct_batch_size_2_pow_70": (wct + ["--batch-size", str(2 ** 70)], "--batch-size"),
+        "quantize_lwc_init_1e308": (q[:5] + ["omniquant", "--lwc-init", "1e308", "--calib", text], "--lwc-init"),
+        "quantize_lwc_lr_1e308": (q[:5] + ["omniquant", "--lwc-lr", "1e308", "--calib", text], "--lwc-lr"),
+        "wct_lr_1e308": (wct + ["--lr", "1e308"], "--lr"),
         "demo_nsamples_2_pow_62": (["demo", "--nsamples", str(2 ** 62), "--methods", "rtn", "-o", out, "-q"],
                                    "--nsamples"),
     }
@@ -168,3 +171,20 @@ def test_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
     with pytest.raises(EdgequantError, match="model path not found: models/nope"):
         api.quantize("models/nope", tmp_path / "o", method="rtn", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_diverged_weak_column_tuning_writes_nothing(good_ckpt, text_file, tmp_path, monkeypatch):
+    """Training that ends in NaN columns (--lr 1e308 did, before the rate was bounded) is refused, not saved as a
+    checkpoint that loads and runs."""
+    from edgequant import api
+    from edgequant.calibrate import wct
+    from edgequant.errors import EdgequantError
+
+    def diverge(model, modules, *a, **k):
+        for m in modules.values():
+            m.weak.data.fill_(float("nan"))
+        return [float("nan")]
+    monkeypatch.setattr(wct, "train_weak_columns", diverge)
+    with pytest.raises(EdgequantError, match="diverged.*nothing was written: lower --lr"):
+        api.tune_weak_columns(good_ckpt, text_file, tmp_path / "t", progress=False, seqlen=32, nsamples=2, heldout=1)
+    assert list(tmp_path.iterdir()) == []   # no checkpoint, no hidden temporary or lock left
