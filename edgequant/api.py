@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -391,9 +392,14 @@ def tune_weak_columns(checkpoint, data, output, progress: bool = True, **options
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         peak_gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
+        tuned = {name: m.weak.detach().to("cpu", torch.float16) for name, m in modules.items()}
+        if not math.isfinite(after) or not all(torch.isfinite(w).all() for w in tuned.values()):
+            # a diverged run would write a checkpoint of NaN columns (as --lr 1e308 did) that loads and runs
+            raise EdgequantError(f"weak-column tuning diverged (held-out loss {after}, or columns past fp16's range); "
+                                 f"nothing was written: lower --lr (it was {lr:g})")
         tensors = ck.read()
-        for name, m in modules.items():
-            tensors[f"{name}.outlier_weight"] = m.weak.detach().to("cpu", torch.float16).numpy()
+        for name, w in tuned.items():
+            tensors[f"{name}.outlier_weight"] = w.numpy()
         prov = dict(ck.provenance)
         report = {"data": str(data), "epochs": epochs, "lr": lr, "seqlen": seqlen, "nsamples": nsamples,
                   "heldout_windows": heldout, "seed": seed, "heldout_loss_before": before,

@@ -68,8 +68,8 @@ def check_value(name: str, v, m) -> None:
         err = f"must be one of {', '.join(repr(c) for c in m['choices'])}"
     elif kind == "device" and not (isinstance(v, str) and re.fullmatch(r"cpu|cuda(:\d+)?", v)):
         err = "must be cpu, cuda or cuda:N"
-    elif kind == "float|search" and v != "search" and _number_error(v, {**m, "kind": "float"}):
-        err = "must be a number or 'search'"
+    elif kind == "float|search" and v != "search" and (bad := _number_error(v, {**m, "kind": "float"})):
+        err = "must be a number or 'search'" if bad == "must be a finite number" else f"{bad}, or 'search'"
     if err:
         raise EdgequantError(f"{flag(name)} {err}, not {v!r}")
 
