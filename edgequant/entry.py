@@ -10,7 +10,8 @@ and its printed output is flushed here, so the process exits with the command's 
 nothing more. Python's shutdown that follows (atexit callbacks, torch's finalizers, thread joins, the last flush) runs
 with SIGINT ignored: a KeyboardInterrupt there printed "Exception ignored ..." tracebacks, and a Ctrl-C after Python had
 restored the default handler killed the process with status -2 and no message. A Ctrl-C in the instant between the
-command's return and the flush still gives the usual line and 130, naming an output that was already written.
+command's return and the flush still gives the usual line and 130, naming an output that was already written. After
+the `error: interrupted` line the exit is not interruptible either: a second Ctrl-C printed a traceback.
 """
 import signal
 import sys
@@ -41,6 +42,7 @@ def main():
             sys.stderr.flush()
         except (KeyboardInterrupt, OSError):
             pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # said once: a second Ctrl-C during the exit changes nothing
         return INTERRUPTED
 
 

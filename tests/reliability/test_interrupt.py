@@ -171,3 +171,13 @@ def test_sigint_after_the_last_line_keeps_the_commands_status(tmp_path, model_di
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=300)
     _check_complete(p, out, first + stdout, stderr, may_be_cut_short=delay == 0)
+
+
+def test_second_sigint_while_exiting_after_the_line(tmp_path, model_dirs):
+    """Ctrl-C, the `error: interrupted` line, then Ctrl-C again while Python exits (the fourth re-run's T8 'double'):
+    one line and 130, not a KeyboardInterrupt traceback from the shutdown."""
+    out = tmp_path / "q"
+    code = AT_EXIT["atexit"] + AT_IMPORT.format(module="edgequant.methods")
+    p = _quantize(model_dirs, out, code)
+    _check(p, out, tmp_path)
+    assert p.returncode == 130
