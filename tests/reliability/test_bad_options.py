@@ -188,3 +188,27 @@ def test_diverged_weak_column_tuning_writes_nothing(good_ckpt, text_file, tmp_pa
     with pytest.raises(EdgequantError, match="diverged.*nothing was written: lower --lr"):
         api.tune_weak_columns(good_ckpt, text_file, tmp_path / "t", progress=False, seqlen=32, nsamples=2, heldout=1)
     assert list(tmp_path.iterdir()) == []   # no checkpoint, no hidden temporary or lock left
+
+
+CONSOLE = "import sys; from edgequant_console import main; sys.exit(main())"
+
+
+def test_stdout_on_a_full_device_is_one_line(good_ckpt):
+    """`inspect > /dev/full`: the printed result cannot be written (the fourth re-run's T9, an OSError traceback)."""
+    import subprocess
+    import sys
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-c", CONSOLE, "inspect", str(good_ckpt)], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=300)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("error: cannot write the result (No space left on device)"), lines
+
+
+def test_chat_with_stdin_closed_ends_like_eof(good_dist):
+    """`chat <&-` (a service manager may start it so): no input is the end of the chat, not an AttributeError (T10)."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", CONSOLE, "chat", str(good_dist)], preexec_fn=lambda: os.close(0),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr and "error" not in p.stderr, p.stderr
