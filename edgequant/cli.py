@@ -3,7 +3,9 @@ that knows both halves (the core never imports the TVM side). Quantize's options
 dataclasses (`methods.CalibOptions` and each method's registered config). Imports are lazy so --help is instant."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 
 import click
@@ -36,6 +38,15 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo(f"error: {interrupted_note('interrupted; no output was written')}", err=True)
             sys.exit(130)
+        except OSError as e:
+            # output folders report their own full disk ("nothing was changed"); what is left is the printed result
+            # (`> /dev/full`)
+            if e.errno in _FULL:
+                _silence(sys.stdout)
+                click.echo(f"error: cannot write the result ({e.strerror}); free space where stdout goes or "
+                           "redirect it elsewhere", err=True)
+                sys.exit(1)
+            raise
         except MemoryError:
             click.echo("error: out of memory; use a smaller --nsamples/--seqlen/--batch-size or a machine with more "
                        "memory", err=True)
@@ -50,6 +61,20 @@ class _Group(click.Group):
                            "--batch-size", err=True)
                 sys.exit(1)
             raise
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def _silence(stream) -> None:
+    """Point `stream`'s file descriptor at /dev/null, so the text still pending in it does not fail again in the
+    interpreter's last flush (an "Exception ignored" traceback after the error line)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):   # not a real file (a test's StringIO)
+        pass
 
 
 def interrupted_note(otherwise: str) -> str:

@@ -82,6 +82,8 @@ def chat_cmd(dist, max_new_tokens, temperature, top_p, seed):
 def _read_line(prompt: str) -> str:
     """A line of input: with a prompt and line editing on a terminal, silently from a pipe."""
     import sys
+    if sys.stdin is None:   # started with stdin closed (`<&-`, some service managers): nothing to read
+        raise EOFError
     if not sys.stdin.isatty():
         line = sys.stdin.readline()
         if not line:
