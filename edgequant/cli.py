@@ -171,8 +171,9 @@ def _quantize_help() -> str:
 @click.option("--embed-bits", type=click.Choice(["16", "8", "4"]), default="16", show_default=True,
               help="Quantize the embedding and output layer (tied: one table) to 8 or 4 bits, round to nearest; 16 "
                    "keeps them fp16.")
-@click.option("--embed-group-size", type=int, default=32, show_default=True,
-              help="Hidden inputs per group of the quantized tables; -1 per row.")
+@click.option("--embed-group-size", type=int, default=None,
+              help="Hidden inputs per group of the quantized tables (with --embed-bits 8 or 4); -1 per row.  "
+                   "[default: 32]")
 @_options_of("edgequant.methods:CalibOptions")
 @_method_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -182,11 +183,15 @@ def quantize(model, output, method, bits, group_size, sym, embed_bits, embed_gro
     from . import api
     from .checkpoint import PROVENANCE_NAME
     options = {k: v for k, v in options.items() if v is not None}
+    if embed_group_size is not None:   # like a method's options: refused where it would be silently ignored
+        if embed_bits == "16":
+            raise click.BadParameter("applies to quantized tables: add --embed-bits 8 or 4, or leave it out.",
+                                     param_hint="'--embed-group-size'")
+        options["embed_group_size"] = embed_group_size
     replaced = (Path(output).expanduser() / PROVENANCE_NAME).is_file()
     try:
         out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym,
-                           progress=not quiet, embed_bits=int(embed_bits),
-                           embed_group_size=embed_group_size, **options)
+                           progress=not quiet, embed_bits=int(embed_bits), **options)
     except KeyboardInterrupt:
         click.echo(f"error: {interrupted_note(api.interrupted_note(method, output))}", err=True)
         sys.exit(130)

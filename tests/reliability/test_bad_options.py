@@ -96,6 +96,8 @@ def _cases(ckpt, dist, text, out):
         "quantize_lwc_init_1e308": (q[:5] + ["omniquant", "--lwc-init", "1e308", "--calib", text], "--lwc-init"),
         "quantize_lwc_lr_1e308": (q[:5] + ["omniquant", "--lwc-lr", "1e308", "--calib", text], "--lwc-lr"),
         "wct_lr_1e308": (wct + ["--lr", "1e308"], "--lr"),
+        # the fourth re-run (S17): ignored without a word
+        "quantize_embed_group_size_without_embed_bits": (q + ["--embed-group-size", "7"], "--embed-bits"),
         "demo_nsamples_2_pow_62": (["demo", "--nsamples", str(2 ** 62), "--methods", "rtn", "-o", out, "-q"],
                                    "--nsamples"),
     }
