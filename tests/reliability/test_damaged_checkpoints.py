@@ -243,3 +243,22 @@ def test_damaged_provenance_is_not_fatal_but_inspect_says_so(good_ckpt, tmp_path
         assert r["stderr"].startswith("warning: ") and f"edgequant.json is {state}" in r["stderr"]
     assert json.loads(res[0]["stdout"])["method"] == "owq"
     assert "calibration     unknown (edgequant.json missing)" in res[1]["stdout"]
+
+
+def test_fp16_table_beside_the_quantized_one_is_refused(model_dirs, tmp_path):
+    """An `--embed-bits 4` checkpoint with a zero fp16 `model.embed_tokens.weight` added: the fp16 one was loaded in
+    place of the packed table (uniform logits, exit 0; the fourth re-run's S15)."""
+    from safetensors.numpy import load_file, save_file
+
+    from edgequant import api
+    from edgequant.artifact import load_quantized_model
+    from edgequant.errors import CheckpointError
+    ck = api.quantize(model_dirs["llama"], tmp_path / "emb4", method="rtn", group_size=32, embed_bits=4,
+                      progress=False)
+    f = ck / "model.safetensors"
+    t = load_file(str(f))
+    assert "model.embed_tokens.qweight" in t and "model.embed_tokens.weight" not in t
+    t["model.embed_tokens.weight"] = np.zeros((320, 64), np.float16)
+    save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'model.embed_tokens.weight' is stored beside its quantized form"):
+        load_quantized_model(ck)
