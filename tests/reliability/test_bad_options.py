@@ -214,3 +214,14 @@ def test_chat_with_stdin_closed_ends_like_eof(good_dist):
     p = subprocess.run([sys.executable, "-c", CONSOLE, "chat", str(good_dist)], preexec_fn=lambda: os.close(0),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "Traceback" not in p.stderr and "error" not in p.stderr, p.stderr
+
+
+def test_results_table_nested_too_deeply(tmp_path):
+    """`report --results` of 100,000 nested lists was a RecursionError traceback (the fourth re-run's T7)."""
+    from edgequant.errors import EdgequantError
+    from edgequant.plots import read_table
+    f = tmp_path / "deep.json"
+    f.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(EdgequantError, match="deep.json is not valid JSON") as e:
+        read_table(f)
+    assert "\n" not in str(e.value)
