@@ -266,6 +266,22 @@ def load_model(model: str | os.PathLike | None, dtype=None):
     except (OSError, ValueError) as e:
         raise EdgequantError(f"could not load model '{src}': {first_line(e)}") from None
     family_for(m.config.model_type)
+    _check_finite(m, src)
     m.eval()
     m.requires_grad_(False)
     return m, tok
+
+
+def _check_finite(model, src) -> None:
+    """A NaN in the input model's config or weights is refused here, where it enters: quantize and convert wrote it
+    into a checkpoint or folder that `eval` then refused."""
+    import torch
+
+    from .checkpoint import number_problem
+    bad = number_problem(model.config.to_dict())
+    if bad:
+        raise EdgequantError(f"{src}/config.json: {bad}; restore the model's original config.json")
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise EdgequantError(f"{src}: '{name}' holds NaN or infinite values; the model's weights are damaged: "
+                                 "restore them from a trusted copy")

@@ -225,3 +225,23 @@ def test_results_table_nested_too_deeply(tmp_path):
     with pytest.raises(EdgequantError, match="deep.json is not valid JSON") as e:
         read_table(f)
     assert "\n" not in str(e.value)
+
+
+def test_nan_in_the_input_model_is_refused_where_it_enters(model_dirs, tmp_path):
+    """One NaN in a Hugging Face folder's embedding: quantize, export (fp16) and convert wrote outputs that eval/run
+    then refused (the fourth re-run's S16); now each says so and writes nothing."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+    src = tmp_path / "nan-model"
+    shutil.copytree(model_dirs["llama"], src)
+    t = load_file(str(src / "model.safetensors"))
+    t["model.embed_tokens.weight"][0, 0] = np.nan
+    save_file(t, str(src / "model.safetensors"), metadata={"format": "pt"})
+    argvs = [["quantize", str(src), "-o", str(tmp_path / "q"), "--method", "rtn", "-q"],
+             ["export", str(src), "-o", str(tmp_path / "d"), "-q"],
+             ["convert", str(src), "-o", str(tmp_path / "c"), "-q"]]
+    for r in run_commands(argvs, tmp_path):
+        assert_one_line_error(r, "model.embed_tokens.weight", "NaN")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["commands.json", "commands.json.out", "nan-model"]
