@@ -277,10 +277,9 @@ def _check_finite(model, src) -> None:
     into a checkpoint or folder that `eval` then refused."""
     import torch
 
-    from .checkpoint import number_problem
-    bad = number_problem(model.config.to_dict())
-    if bad:
-        raise EdgequantError(f"{src}/config.json: {bad}; restore the model's original config.json")
+    from .checkpoint import read_config
+    if (Path(src) / "config.json").is_file():   # the file as written (a GGUF's has transformers' defaults filled in)
+        read_config(Path(src))   # its numbers' ranges, as for a checkpoint (a one-line CheckpointError)
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise EdgequantError(f"{src}: '{name}' holds NaN or infinite values; the model's weights are damaged: "

@@ -864,8 +864,10 @@ edgequant_status edgequant_open(const char* dist_c, const edgequant_options* opt
     bool same = ma && ma->size() == info.params.size();
     for (size_t i = 0; same && i < info.params.size(); ++i) {
       auto o = AsObject((*ma)[i]);
+      // a per-module bit width must be the library's too (`run` compares the same four fields)
       same = o && StrField(*o, "name") == info.params[i].name && ShapeField(*o, "shape") == info.params[i].shape &&
-             StrField(*o, "dtype") == info.params[i].dtype;
+             StrField(*o, "dtype") == info.params[i].dtype &&
+             IntField(*o, "bits", 1).value_or(0) == info.params[i].bits && (Field(*o, "bits") || !info.params[i].bits);
     }
     same = same && IntField(*mo, "context_window_size", 1) == std::optional<int64_t>(info.context) &&
            IntField(*mo, "prefill_chunk_size", 1) == std::optional<int64_t>(info.chunk);
