@@ -85,7 +85,6 @@ def _cases(ckpt, dist, text, out):
         "bench_repeats_2_pow_62": (["bench", dist, "--repeats", str(2 ** 62)], "--repeats"),
         "run_max_new_tokens_2_pow_62": (["run", dist, "-p", "hi", "--max-new-tokens", str(2 ** 62)],
                                         "--max-new-tokens 1023"),
-        "eval_seqlen_past_the_window": (ev + ["--seqlen", "1025"], "--seqlen 1024"),
         "quantize_epochs_2_pow_62": (q[:5] + ["omniquant", "--epochs", str(2 ** 62), "--calib", text], "--epochs"),
         "quantize_batch_size_2_pow_70": (q + ["--batch-size", str(2 ** 70)], "--batch-size"),
         "quantize_weak_columns_2_pow_62": (q[:5] + ["owq", "--weak-columns", str(2 ** 62), "--calib", text,
