@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from ..errors import EdgequantError
 from ..options import MAX_EPOCHS, MAX_SEED, MAX_WINDOW_TOKENS, Options, check_window_tokens, opt
 
-# Adam moves each parameter by about the learning rate per step: past 1 the clipping logits, LET scales and fp16
-# columns only diverge (1e308 trained to NaN), so larger rates are refused as typos.
-MAX_LR = 1.0
+# Adam moves each parameter by about the learning rate per step: far past 1 the clipping logits, LET scales and fp16
+# columns only diverge (1e308 trained to NaN), so rates above 10 are refused as typos (2 is a tested experiment).
+MAX_LR = 10.0
 # --lwc-init is a logit of the clipping factor: past +-20 its sigmoid is flat in fp32 (no gradient), and 1e308
 # overflowed torch.full with a traceback.
 MAX_LWC_INIT = 20.0
