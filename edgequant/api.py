@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -108,8 +109,12 @@ def _check_group_size(model, scheme) -> None:
     allocate that much per row; -1 already means one group per row."""
     import torch
     widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
-    if scheme.group_size > widest:
-        raise EdgequantError(f"--group-size {scheme.group_size} is wider than every input of this model (at most "
+    _check_group_width(scheme.group_size, widest)
+
+
+def _check_group_width(group_size: int, widest: int) -> None:
+    if group_size > widest:
+        raise EdgequantError(f"--group-size {group_size} is wider than every input of this model (at most "
                              f"{widest} columns); use at most {widest}, or -1 for one group per row")
 
 
@@ -255,16 +260,26 @@ def demo(output_dir=None, bits: int = 3, group_size: int = 128, methods=tuple(DE
     `nsamples` x `seqlen` calibrates GPTQ and OWQ; OmniQuant uses its CPU-reduced setting from DEMO_SETTINGS.
     Checkpoints go to `output_dir` (default `demo_dir()`). `on_row(row, seconds_left)` is called as each row is
     finished, with an estimate of the time the remaining rows will take (None when nothing is left)."""
+    import json
+
     from .loading import fetch_default_model
+    from .methods import CalibOptions
+    from .models.family import Dims
+    from .schemes import QuantScheme
     unknown = [m for m in methods if m not in DEMO_SETTINGS]
     if unknown:
         raise EdgequantError(f"the demo does not run {', '.join(unknown)}; choose from {', '.join(DEMO_SETTINGS)}")
+    # the options' own checks, before the fetch and the baseline evaluation rather than minutes later in quantize
+    QuantScheme(bits, group_size)
+    CalibOptions(nsamples=nsamples, seqlen=seqlen)
     calib = calib or shared_data("EDGEQUANT_CALIB", "calibration")
     data = data or shared_data("EDGEQUANT_EVAL", "wikitext-2-raw", "wiki.test.raw")
     if calib is None or data is None:
         raise EdgequantError("the demo needs calibration and evaluation text: pass --calib PATH and --data PATH "
                              "(e.g. ../shared/data/calibration and ../shared/data/wikitext-2-raw/wiki.test.raw)")
     model_dir = fetch_default_model(progress)
+    d = Dims.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    _check_group_width(group_size, max(d.hidden, d.intermediate))   # its linears' inputs
     out_root = Path(output_dir).expanduser() if output_dir is not None else demo_dir()
     eta = _DemoClock(methods, max_windows / 8, nsamples * seqlen / (32 * 512))
     rows = []
@@ -373,9 +388,14 @@ def tune_weak_columns(checkpoint, data, output, progress: bool = True, **options
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         peak_gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
+        tuned = {name: m.weak.detach().to("cpu", torch.float16) for name, m in modules.items()}
+        if not math.isfinite(after) or not all(torch.isfinite(w).all() for w in tuned.values()):
+            # a diverged run would write a checkpoint of NaN columns (as --lr 1e308 did) that loads and runs
+            raise EdgequantError(f"weak-column tuning diverged (held-out loss {after}, or columns past fp16's range); "
+                                 f"nothing was written: lower --lr (it was {lr:g})")
         tensors = ck.read()
-        for name, m in modules.items():
-            tensors[f"{name}.outlier_weight"] = m.weak.detach().to("cpu", torch.float16).numpy()
+        for name, w in tuned.items():
+            tensors[f"{name}.outlier_weight"] = w.numpy()
         prov = dict(ck.provenance)
         report = {"data": str(data), "epochs": epochs, "lr": lr, "seqlen": seqlen, "nsamples": nsamples,
                   "heldout_windows": heldout, "seed": seed, "heldout_loss_before": before,

@@ -267,6 +267,9 @@ def _validate(ckpt: Checkpoint, headers: dict):
         check(name, shape, None)
     for name, (n, k, has_bias) in quant.items():
         s = ckpt.scheme_for(name)
+        if f"{name}.weight" in headers:   # an fp16 table beside the packed one was loaded in its place
+            raise CheckpointError(f"tensor '{name}.weight' is stored beside its quantized form '{name}.qweight'; "
+                                  f"the checkpoint was altered: {fix}")
         check(f"{name}.qweight", (n, s.packed_words(k)), "U32")
         check(f"{name}.scales", (n, s.groups(k)), "F16")
         if not s.sym:

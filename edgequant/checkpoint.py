@@ -78,12 +78,16 @@ NUMBER_RULES = {
     "partial_rotary_factor": _FRACTION, "query_pre_attn_scalar": _POSITIVE,
     "attn_logit_softcapping": _POSITIVE, "final_logit_softcapping": _POSITIVE,
     "attention_dropout": _PROBABILITY, "hidden_dropout": _PROBABILITY,
-    "max_position_embeddings": _POSITIONS,
-    # rope_scaling / rope_parameters members
-    "factor": _POSITIVE, "low_freq_factor": _POSITIVE, "high_freq_factor": _POSITIVE,
-    "original_max_position_embeddings": _POSITIVE, "beta_fast": _POSITIVE, "beta_slow": _POSITIVE,
-    "attention_factor": _POSITIVE,
+    "max_position_embeddings": _POSITIONS, "sliding_window": _POSITIONS,
+    # rope_scaling / rope_parameters members (Gemma 3 has one such block per layer type inside rope_parameters);
+    # a scaling factor past the largest context stretches RoPE into nothing
+    "factor": (_between(0, MAX_DIM, True), f"a positive number up to {MAX_DIM}"), "low_freq_factor": _POSITIVE,
+    "high_freq_factor": _POSITIVE, "original_max_position_embeddings": _POSITIVE, "beta_fast": _POSITIVE,
+    "beta_slow": _POSITIVE, "attention_factor": _POSITIVE,
+    # longrope: one frequency divisor per RoPE pair (each entry; 0 divides by zero, a negative one flips the angle)
+    "short_factor": _POSITIVE, "long_factor": _POSITIVE,
 }
+_LISTS = ("short_factor", "long_factor")
 _ROPE_BLOCKS = ("rope_scaling", "rope_parameters")
 
 
@@ -106,8 +110,18 @@ def number_problem(config: dict) -> str | None:
             v = block.get(k)
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
-                return f"'{prefix}{k}' is {v!r}; it must be {want}"
+            for i, x in enumerate(v) if isinstance(v, list) and k in _LISTS else [(None, v)]:
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not ok(x):
+                    at = "" if i is None else f"[{i}]"
+                    return f"'{prefix}{k}{at}' is {x!r}; it must be {want}"
+        low, high = block.get("low_freq_factor"), block.get("high_freq_factor")
+        if low is not None and high is not None and low >= high:   # llama3 RoPE divides by high - low
+            return (f"'{prefix}low_freq_factor' is {low!r}, not below '{prefix}high_freq_factor' {high!r}; llama3 "
+                    "RoPE needs low < high")
+        orig, window = block.get("original_max_position_embeddings"), config.get("max_position_embeddings")
+        if orig is not None and isinstance(window, int) and orig > window:
+            return (f"'{prefix}original_max_position_embeddings' is {orig!r}, more than max_position_embeddings "
+                    f"{window}; the extended context must be at least the original one")
         return None
 
     try:
@@ -115,8 +129,12 @@ def number_problem(config: dict) -> str | None:
     except RecursionError:
         return "it is nested too deeply to be a model config"
     for name in _ROPE_BLOCKS:
-        if bad is None and isinstance(config.get(name), dict):
-            bad = ranged(config[name], f"{name}.")
+        block = config.get(name)
+        if bad is None and isinstance(block, dict):
+            bad = ranged(block, f"{name}.")
+            for kind, inner in block.items():   # Gemma 3: {"full_attention": {...}, "sliding_attention": {...}}
+                if bad is None and isinstance(inner, dict):
+                    bad = ranged(inner, f"{name}.{kind}.")
     return bad
 
 

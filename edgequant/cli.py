@@ -3,7 +3,9 @@ that knows both halves (the core never imports the TVM side). Quantize's options
 dataclasses (`methods.CalibOptions` and each method's registered config). Imports are lazy so --help is instant."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 
 import click
@@ -36,6 +38,15 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo(f"error: {interrupted_note('interrupted; no output was written')}", err=True)
             sys.exit(130)
+        except OSError as e:
+            # output folders report their own full disk ("nothing was changed"); what is left is the printed result
+            # (`> /dev/full`)
+            if e.errno in _FULL:
+                _silence(sys.stdout)
+                click.echo(f"error: cannot write the result ({e.strerror}); free space where stdout goes or "
+                           "redirect it elsewhere", err=True)
+                sys.exit(1)
+            raise
         except MemoryError:
             click.echo("error: out of memory; use a smaller --nsamples/--seqlen/--batch-size or a machine with more "
                        "memory", err=True)
@@ -50,6 +61,20 @@ class _Group(click.Group):
                            "--batch-size", err=True)
                 sys.exit(1)
             raise
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def _silence(stream) -> None:
+    """Point `stream`'s file descriptor at /dev/null, so the text still pending in it does not fail again in the
+    interpreter's last flush (an "Exception ignored" traceback after the error line)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):   # not a real file (a test's StringIO)
+        pass
 
 
 def interrupted_note(otherwise: str) -> str:
@@ -146,8 +171,9 @@ def _quantize_help() -> str:
 @click.option("--embed-bits", type=click.Choice(["16", "8", "4"]), default="16", show_default=True,
               help="Quantize the embedding and output layer (tied: one table) to 8 or 4 bits, round to nearest; 16 "
                    "keeps them fp16.")
-@click.option("--embed-group-size", type=int, default=32, show_default=True,
-              help="Hidden inputs per group of the quantized tables; -1 per row.")
+@click.option("--embed-group-size", type=int, default=None,
+              help="Hidden inputs per group of the quantized tables (with --embed-bits 8 or 4); -1 per row.  "
+                   "[default: 32]")
 @_options_of("edgequant.methods:CalibOptions")
 @_method_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -157,11 +183,15 @@ def quantize(model, output, method, bits, group_size, sym, embed_bits, embed_gro
     from . import api
     from .checkpoint import PROVENANCE_NAME
     options = {k: v for k, v in options.items() if v is not None}
+    if embed_group_size is not None:   # like a method's options: refused where it would be silently ignored
+        if embed_bits == "16":
+            raise click.BadParameter("applies to quantized tables: add --embed-bits 8 or 4, or leave it out.",
+                                     param_hint="'--embed-group-size'")
+        options["embed_group_size"] = embed_group_size
     replaced = (Path(output).expanduser() / PROVENANCE_NAME).is_file()
     try:
         out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym,
-                           progress=not quiet, embed_bits=int(embed_bits),
-                           embed_group_size=embed_group_size, **options)
+                           progress=not quiet, embed_bits=int(embed_bits), **options)
     except KeyboardInterrupt:
         click.echo(f"error: {interrupted_note(api.interrupted_note(method, output))}", err=True)
         sys.exit(130)

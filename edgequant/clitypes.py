@@ -9,6 +9,7 @@ import click
 
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
+MAX_REPEATS = 1000   # `bench` keeps the fastest of N runs; 2**62 of them ran until killed
 
 
 class Finite(click.FloatRange):

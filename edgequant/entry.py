@@ -4,6 +4,14 @@ click, torch and transformers, into one `error: interrupted` line and exit statu
 This module imports nothing heavy, so its handler is in place within milliseconds of the interpreter starting; the
 commands themselves (`edgequant.cli`) are imported inside it. Output folders are written atomically
 (`edgequant.atomic`), so an interrupt at any point leaves nothing half-written.
+
+Ctrl-C after the command has finished changes nothing: once the command has returned, its output folder is in place
+and its printed output is flushed here, so the process exits with the command's own status (0 for success) and prints
+nothing more. Python's shutdown that follows (atexit callbacks, torch's finalizers, thread joins, the last flush) runs
+with SIGINT ignored: a KeyboardInterrupt there printed "Exception ignored ..." tracebacks, and a Ctrl-C after Python had
+restored the default handler killed the process with status -2 and no message. A Ctrl-C in the instant between the
+command's return and the flush still gives the usual line and 130, naming an output that was already written. After
+the `error: interrupted` line the exit is not interruptible either: a second Ctrl-C printed a traceback.
 """
 import signal
 import sys
@@ -16,8 +24,14 @@ def main():
         if getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "edgequant_console":
             signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, KeyboardInterrupt cleans up
         from .cli import main as cli
-        return cli()
-    except KeyboardInterrupt:   # before the commands run (importing) or after they finished (exiting)
+        try:
+            status = cli()
+        except SystemExit as e:   # click ends every command this way, success included
+            status = e.code
+        _flush()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # complete: the shutdown is not interruptible (see the docstring)
+        return status
+    except KeyboardInterrupt:   # before the commands run (importing), or as they returned
         try:
             note = "interrupted; no output was written"
             try:   # an output may be in place already (a half-imported cli is not asked)
@@ -28,4 +42,14 @@ def main():
             sys.stderr.flush()
         except (KeyboardInterrupt, OSError):
             pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # said once: a second Ctrl-C during the exit changes nothing
         return INTERRUPTED
+
+
+def _flush():
+    """Hand what the command printed to the terminal or pipe now, while Ctrl-C can still say it was cut short."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed pipe or stream: the interpreter's own flush reports it as before
+            pass

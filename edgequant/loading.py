@@ -129,14 +129,33 @@ def _gguf_config_fixes(path: Path) -> dict:
     Qwen3: it maps no `qwen3.attention.key_length`, so it would build the default head_dim (128) whatever the file
     says. Phi-3: it drops the longrope factors (`rope_factors_short/long`), which change RoPE at every length, so
     such a file is refused rather than loaded as another model."""
+    import numpy as np
     from gguf import GGUFReader
-    r = GGUFReader(str(path))
-    arch = r.fields["general.architecture"].contents() if "general.architecture" in r.fields else None
-    if arch == "phi3" and any(t.name.startswith("rope_factors_") for t in r.tensors):
+
+    from .checkpoint import MAX_DIM
+    try:   # gguf-py's reader indexes past a damaged header with numpy errors of every kind
+        r = GGUFReader(str(path))
+        field = lambda k: r.fields[k].contents() if k in r.fields else None   # noqa: E731
+        arch = field("general.architecture")
+        rope_factors = any(t.name.startswith("rope_factors_") for t in r.tensors)
+        head_dim, heads, hidden = (field(f"qwen3.{k}") for k in ("attention.key_length", "attention.head_count",
+                                                                 "embedding_length"))
+        q = next((int(np.prod(t.shape)) for t in r.tensors if t.name == "blk.0.attn_q.weight"), None)
+    except Exception as e:  # noqa: BLE001
+        raise EdgequantError(f"{path} is not a readable GGUF file ({type(e).__name__}: {first_line(e, 120)}); "
+                             "download or convert it again") from None
+    if arch == "phi3" and rope_factors:
         raise EdgequantError(f"{path.name} is a Phi-3 GGUF with longrope factors, which transformers' GGUF reader "
                              "drops (the model would compute another RoPE); quantize the Hugging Face folder instead")
-    if arch == "qwen3" and "qwen3.attention.key_length" in r.fields:
-        return {"head_dim": int(r.fields["qwen3.attention.key_length"].contents())}
+    if arch == "qwen3" and head_dim is not None:
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (head_dim, heads, hidden))
+        # the query projection holds heads x head_dim rows of the hidden width: any other head_dim builds a model
+        # the weights do not fit (0 divided by zero, 7 was transformers' size-mismatch traceback)
+        if not ints or not 0 < head_dim <= MAX_DIM or q != heads * head_dim * hidden:
+            raise EdgequantError(f"{path.name}: qwen3.attention.key_length is {head_dim!r}, which does not match its "
+                                 "query weights (heads x head_dim x hidden); the file is damaged: download or "
+                                 "convert it again")
+        return {"head_dim": head_dim}
     return {}
 
 
@@ -247,6 +266,21 @@ def load_model(model: str | os.PathLike | None, dtype=None):
     except (OSError, ValueError) as e:
         raise EdgequantError(f"could not load model '{src}': {first_line(e)}") from None
     family_for(m.config.model_type)
+    _check_finite(m, src)
     m.eval()
     m.requires_grad_(False)
     return m, tok
+
+
+def _check_finite(model, src) -> None:
+    """A NaN in the input model's config or weights is refused here, where it enters: quantize and convert wrote it
+    into a checkpoint or folder that `eval` then refused."""
+    import torch
+
+    from .checkpoint import read_config
+    if (Path(src) / "config.json").is_file():   # the file as written (a GGUF's has transformers' defaults filled in)
+        read_config(Path(src))   # its numbers' ranges, as for a checkpoint (a one-line CheckpointError)
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise EdgequantError(f"{src}: '{name}' holds NaN or infinite values; the model's weights are damaged: "
+                                 "restore them from a trusted copy")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .errors import EdgequantError
 from .models.family import Dims
 
 DEFAULT_CONTEXT = 4096      # the KV-cache length `edgequant run/bench` allocate unless told (capped by the model's)
@@ -91,11 +92,14 @@ def temp_bytes(shapes: Shapes, chunk: int = PREFILL_CHUNK, act_dtype: str = "flo
 
 def memory_plan(shapes: Shapes, weights_bytes: int, context: int | None = None, kv_dtype: str = "float16",
                 prefill_chunk: int = PREFILL_CHUNK) -> MemoryPlan:
-    """The plan at `context` tokens (default: the model's context window, at most DEFAULT_CONTEXT)."""
+    """The plan at `context` tokens (default: the model's context window, at most DEFAULT_CONTEXT). A context past
+    the model's window is refused: no runtime allocates it, and 2**62 tokens printed a plan of millions of TiB."""
     ctx = int(context) if context else min(shapes.context_window, DEFAULT_CONTEXT)
     if ctx < 1:
-        from .errors import EdgequantError
         raise EdgequantError(f"--context must be a positive number of tokens, not {context!r}")
+    if ctx > shapes.context_window:
+        raise EdgequantError(f"--context {ctx} is past this model's context window of {shapes.context_window} tokens "
+                             f"(the most a runtime gives its KV cache); use --context {shapes.context_window} or less")
     chunk = min(prefill_chunk, ctx)
     kv, tmp = kv_bytes(shapes, ctx, kv_dtype), temp_bytes(shapes, chunk)
     return MemoryPlan(ctx, kv_dtype, int(weights_bytes), kv_bytes(shapes, 1024, kv_dtype), kv, tmp,

@@ -7,7 +7,7 @@ from typing import Callable
 from .budget import GPTQConfig
 from .calibrate.configs import OmniConfig, OWQConfig
 from .errors import EdgequantError
-from .options import Options, check_window_tokens, opt
+from .options import MAX_SEED, MAX_WINDOW_TOKENS, Options, check_window_tokens, opt
 from .schemes import QuantScheme
 
 
@@ -24,14 +24,14 @@ class CalibOptions(Options):
                                   "wikitext2) where a network exists.", "str")
     nsamples: int = opt(128, "Calibration windows.", "int", lo=1)
     seqlen: int = opt(2048, "Tokens per calibration window.", "int", lo=16)
-    seed: int = opt(0, "Seed for sampling windows.", "int", lo=0, hi=2 ** 63 - 1)   # torch takes 64 bits
+    seed: int = opt(0, "Seed for sampling windows.", "int", lo=0, hi=MAX_SEED)
     act_order: bool = opt(True, "GPTQ/OWQ: quantize columns in order of decreasing Hessian diagonal (groups stay "
                                 "static).", "bool")
     percdamp: float = opt(0.01, "GPTQ: Hessian damping (the paper uses 0.01).", "float", lo=0, hi=1, lo_open=True)
     skip_tokens: int = opt(0, "GPTQ/OWQ: leave the first tokens of each window (attention sinks) out of the Hessian.",
                            "int", lo=0)
     device: str = opt("cpu", "cpu, cuda or cuda:N.", "device")
-    batch_size: int = opt(4, "Calibration windows per block pass.", "int", lo=1)
+    batch_size: int = opt(4, "Calibration windows per block pass.", "int", lo=1, hi=MAX_WINDOW_TOKENS)
     rotate: bool = opt(False, "Rotate the model first (QuaRot/SpinQuant-style randomised Hadamard folded into the "
                               "weights, norms folded; same function, easier to quantize; unties a shared output "
                               "layer).", "bool")
@@ -164,6 +164,10 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
     family = family_for(model.config.model_type)
     in_features = {kind: k for kind, (_, k) in family.linear_shapes(model.config).items()}
     target, fixed = opts.config.target_bits, opts.config.weak_columns
+    if fixed is not None and fixed > max(in_features.values()):   # min() below would silently keep every column
+        widest = max(in_features.values())
+        raise EdgequantError(f"--weak-columns {fixed} is more than any linear of this model has (at most {widest} "
+                             f"input columns); use fewer than {widest}, or --target-bits")
     if fixed is not None:
         counts = {kind: min(fixed, k) for kind, k in in_features.items()}
     else:

@@ -15,6 +15,10 @@ from .errors import EdgequantError
 # Calibration and training hold their windows (and each block's activations for them) in memory at once, and windows
 # are drawn with replacement, so the text does not bound --nsamples: 2**24 tokens is 64 times the default 128 x 2048.
 MAX_WINDOW_TOKENS = 1 << 24
+MAX_SEED = 2 ** 63 - 1   # torch.manual_seed takes 64 bits (2**70 was a traceback)
+# Training passes: papers use 1-40 (OmniQuant 20, weak-column tuning a few); 2**62 trained until killed, with no
+# message. 10,000 is far past any useful run and still ends.
+MAX_EPOCHS = 10_000
 
 
 def check_window_tokens(nsamples: int, seqlen: int) -> None:
@@ -64,8 +68,8 @@ def check_value(name: str, v, m) -> None:
         err = f"must be one of {', '.join(repr(c) for c in m['choices'])}"
     elif kind == "device" and not (isinstance(v, str) and re.fullmatch(r"cpu|cuda(:\d+)?", v)):
         err = "must be cpu, cuda or cuda:N"
-    elif kind == "float|search" and v != "search" and _number_error(v, {**m, "kind": "float"}):
-        err = "must be a number or 'search'"
+    elif kind == "float|search" and v != "search" and (bad := _number_error(v, {**m, "kind": "float"})):
+        err = "must be a number or 'search'" if bad == "must be a finite number" else f"{bad}, or 'search'"
     if err:
         raise EdgequantError(f"{flag(name)} {err}, not {v!r}")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 
-from .errors import EdgequantError
+from .errors import EdgequantError, first_line
 
 FIGSIZE, DPI = (8.0, 5.0), 100          # 800 x 500 pixels: small enough to check into the repository
 MARKERS = {"rtn": "o", "gptq": "s", "owq": "D", "omniquant": "^", "fp16": "*"}
@@ -62,8 +62,9 @@ def read_table(path) -> list[dict]:
     if p.suffix == ".json":
         try:
             d = json.loads(text)
-        except ValueError as e:
-            raise EdgequantError(f"{p} is not valid JSON ({e}); pass a table saved by a benchmark script") from None
+        except (ValueError, RecursionError) as e:   # RecursionError: 100,000 nested lists
+            raise EdgequantError(f"{p} is not valid JSON ({first_line(e)}); pass a table saved by a benchmark "
+                                 "script") from None
         rows = d.get("rows") if isinstance(d, dict) and isinstance(d.get("rows"), list) else (
             list(d.values()) if isinstance(d, dict) else d)
         rows = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from edgequant.errors import EdgequantError, first_line
+from edgequant.memory import DEFAULT_CONTEXT
 
 
 def export(checkpoint, target: str = "cpu", output=None, arch: str | None = None,
@@ -69,6 +70,7 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
     r = Runner(dist)
     tok = r.tokenizer
     ids = _encode(tok, [{"role": "user", "content": prompt}], r.dist) if chat_template else tok(prompt)["input_ids"]
+    _check_fits(len(ids), f"the prompt's {len(ids)} tokens", max_new_tokens, "--max-new-tokens", r.max_len)
     stream = _Detokenizer(tok, on_text)
     st = r.generate(list(ids), max_new_tokens, temperature, top_p, seed, r.stop_ids(), stream.push)
     return {"prompt_tokens": st.prompt_tokens, "tokens": st.tokens, "text": tok.decode(st.tokens, skip_special_tokens=True),
@@ -94,6 +96,7 @@ def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float
     from .runtime import Runner
     check_runs_here(dist)
     r = Runner(dist)
+    _check_fits(1, "a one-token message", max_new_tokens, "--max-new-tokens", r.max_len)
     tok = r.tokenizer
     note = note or write
     history = []
@@ -127,8 +130,12 @@ def bench(dist, prompt_lengths=(32, 128, 512), decode_tokens: int = 64, repeats:
     """Prefill and decode tokens/s for a few prompt lengths (random tokens, greedy), plus the memory plan at
     `context` tokens (default: the KV cache length the runner allocated)."""
     import numpy as np
+    from .dist import kv_cache_len
     from .runtime import Runner
-    check_runs_here(dist)
+    info = check_runs_here(dist)
+    plan = memory_plan(dist, context) if context else None   # a --context past the model fails before any work
+    _check_fits(max(prompt_lengths), f"--prompt-lengths {max(prompt_lengths)}", decode_tokens, "--decode-tokens",
+                kv_cache_len(info))
     r = Runner(dist, load_tokenizer=False)
     rng = np.random.default_rng(0)
     rows = []
@@ -145,7 +152,19 @@ def bench(dist, prompt_lengths=(32, 128, 512), decode_tokens: int = 64, repeats:
     return {"target": r.info["target"], "device": r.info["device"], "quantization": r.info["quantization"],
             "weight_bytes": r.weight_bytes(), "kv_cache_bytes": r.kv_cache_bytes(),
             "threads": getattr(r, "threads", None),
-            "kv_cache_tokens": r.max_len, "memory": memory_plan(dist, context or r.max_len).to_dict(), "rows": rows}
+            "kv_cache_tokens": r.max_len, "memory": (plan or memory_plan(dist, r.max_len)).to_dict(), "rows": rows}
+
+
+def _check_fits(prompt: int, prompt_is: str, new: int, new_what: str, cache: int) -> None:
+    """`prompt` tokens (described by `prompt_is`) plus `new` generated ones must fit the KV cache (the last token is
+    not fed back), checked before anything runs: past it, generation stopped midway after printing half a reply."""
+    cap = f"the KV cache's {cache} tokens (this model's context window, at most {DEFAULT_CONTEXT})"
+    if new >= cache:
+        raise EdgequantError(f"{new_what} {new} does not fit {cap}; use {new_what} {cache - 1} or fewer")
+    if prompt + new - 1 > cache:
+        fix = f"use {new_what} {cache - prompt + 1} or fewer, or" if prompt <= cache else "use"
+        raise EdgequantError(f"{prompt_is} and {new_what} {new} need {prompt + new - 1} tokens, more than {cap}: "
+                             f"{fix} a shorter prompt")
 
 
 def evaluate(dist, data, seqlen: int = 2048, max_windows: int | None = None, progress: bool = True,

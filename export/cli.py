@@ -8,8 +8,8 @@ import json
 
 import click
 
-from edgequant.clitypes import (NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_INT_LIST, PROBABILITY,
-                                non_empty)
+from edgequant.clitypes import (MAX_REPEATS, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_INT_LIST,
+                                PROBABILITY, non_empty)
 
 from .targets import target_names
 
@@ -82,6 +82,8 @@ def chat_cmd(dist, max_new_tokens, temperature, top_p, seed):
 def _read_line(prompt: str) -> str:
     """A line of input: with a prompt and line editing on a terminal, silently from a pipe."""
     import sys
+    if sys.stdin is None:   # started with stdin closed (`<&-`, some service managers): nothing to read
+        raise EOFError
     if not sys.stdin.isatty():
         line = sys.stdin.readline()
         if not line:
@@ -102,7 +104,8 @@ def _echo(s="", end="\n", flush=False):  # noqa: ARG001 - print-like signature f
 @click.argument("dist")
 @click.option("--prompt-lengths", type=POSITIVE_INT_LIST, default="32,128,512", show_default=True)
 @click.option("--decode-tokens", type=POSITIVE, default=64, show_default=True)
-@click.option("--repeats", type=POSITIVE, default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(1, MAX_REPEATS), default=1, show_default=True,
+              help="Runs per prompt length; the fastest is kept.")
 @click.option("--context", type=POSITIVE, default=None,
               help="Tokens of context for the memory plan (default: the KV cache length the runner allocates).")
 @click.option("--json", "as_json", is_flag=True)

@@ -35,7 +35,9 @@ import tempfile
 from pathlib import Path
 
 from edgequant.atomic import atomic_output_dir, output_lock
-from edgequant.errors import EdgequantError
+from edgequant.checkpoint import MAX_DIM
+from edgequant.errors import EdgequantError, first_line
+from edgequant.memory import DEFAULT_CONTEXT
 
 from . import targets
 from .dist import EXPORT_JSON, kv_cache_bytes, kv_cache_len
@@ -58,8 +60,8 @@ def read_config(config) -> dict:
                              "(see `edgequant package --help`)")
     try:
         c = json.loads(f.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _fail(f, f"is not valid JSON ({e}); fix the file") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:   # 100,000 nested lists overflow the parser
+        raise _fail(f, f"is not valid JSON ({first_line(e)}); fix the file") from None
     if not isinstance(c, dict):
         raise _fail(f, "must hold a JSON object with \"targets\" and \"models\"")
     unknown = set(c) - {"output", "targets", "models"}
@@ -93,9 +95,10 @@ def read_config(config) -> dict:
         prefix = m.get("system_lib_prefix", re.sub(r"\W", "_", mid) + "_")
         if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
             raise _fail(f, f"models[{i}].system_lib_prefix {prefix!r} must be a C identifier, e.g. smollm2_")
-        seq = m.get("max_total_seq_len", 0)
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            raise _fail(f, f"models[{i}].max_total_seq_len must be a positive integer (tokens)")
+        seq = m.get("max_total_seq_len", 0)   # 0: left out, the runtime's default
+        if "max_total_seq_len" in m and (not isinstance(seq, int) or isinstance(seq, bool) or not 0 < seq <= MAX_DIM):
+            raise _fail(f, f"models[{i}].max_total_seq_len is {seq!r}; it must be a positive integer (tokens) up to "
+                           f"{MAX_DIM}, or left out for {DEFAULT_CONTEXT}")
         if mid in ids or prefix in prefixes:
             raise _fail(f, f"models[{i}] repeats the id {mid!r} or the prefix {prefix!r}; each model needs its own "
                            "(the prefixes keep their symbols apart in one static library)")

@@ -199,7 +199,11 @@ class HFSource(WeightSource):
                 arr = np.concatenate([self._state[f"{s}.{leaf}"] for s in plans[lin].sources], axis=0)
             else:
                 arr = self._state[name]
-            yield name, arr.astype(np.float16)
+            out = arr.astype(np.float16)
+            if out.dtype.kind == "f" and not np.isfinite(out).all():   # NaN in the model, or past fp16's range
+                raise EdgequantError(f"{self.path}: '{name}' holds NaN or infinite values (in fp16); the model's "
+                                     "weights are damaged: restore them from a trusted copy")
+            yield name, out
 
 
 def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> WeightSource:

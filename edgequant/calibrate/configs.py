@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import EdgequantError
-from ..options import Options, check_window_tokens, opt
+from ..options import MAX_EPOCHS, MAX_SEED, MAX_WINDOW_TOKENS, Options, check_window_tokens, opt
+
+# Adam moves each parameter by about the learning rate per step: far past 1 the clipping logits, LET scales and fp16
+# columns only diverge (1e308 trained to NaN), so rates above 10 are refused as typos (2 is a tested experiment).
+MAX_LR = 10.0
+# --lwc-init is a logit of the clipping factor: past +-20 its sigmoid is flat in fp32 (no gradient), and 1e308
+# overflowed torch.full with a traceback.
+MAX_LWC_INIT = 20.0
 
 
 @dataclass
@@ -45,16 +52,17 @@ class OmniConfig(Options):
     """OmniQuant settings; defaults are the paper's weight-only LLaMA recipe (LWC only, 20 epochs, AdamW)."""
     lwc: bool = opt(True, "learnable weight clipping.", "bool")
     let: bool = opt(False, "learnable equivalent transformation.", "bool")
-    epochs: int = opt(20, "epochs per block (0 keeps the initial clipping: min-max round to nearest).", "int", lo=0)
-    lwc_lr: float = opt(1e-2, "LWC learning rate.", "float", lo=0, lo_open=True)
-    let_lr: float = opt(5e-3, "LET learning rate.", "float", lo=0, lo_open=True)
+    epochs: int = opt(20, "epochs per block (0 keeps the initial clipping: min-max round to nearest).", "int", lo=0, hi=MAX_EPOCHS)
+    lwc_lr: float = opt(1e-2, "LWC learning rate.", "float", lo=0, lo_open=True, hi=MAX_LR)
+    let_lr: float = opt(5e-3, "LET learning rate.", "float", lo=0, lo_open=True, hi=MAX_LR)
     let_alpha: float = opt(0.5, "SmoothQuant-style LET init exponent.", "float", lo=0, hi=1)
     aug_loss: bool = opt(False, "also match the fp block fed quantized inputs.", "bool")
     lwc_init: float | str = opt(4.0, "initial clipping strength (paper 4.0) or 'search' (activation-aware clip "
-                                     "search; better when few epochs fit).", "float|search")
+                                     "search; better when few epochs fit).", "float|search", lo=-MAX_LWC_INIT,
+                                hi=MAX_LWC_INIT)
     let_pairs: tuple = opt(("qkv", "fc1", "vo", "qk", "down"), "LET pairs to learn.", "tuple", cli=False)
     batch_size: int = opt(4, "calibration windows per step (from the shared --batch-size).", "int", lo=1, cli=False)
-    seed: int = opt(0, "seed (from the shared --seed).", "int", lo=0, cli=False)
+    seed: int = opt(0, "seed (from the shared --seed).", "int", lo=0, hi=MAX_SEED, cli=False)
     loss: str = opt("mse", "block loss, the paper's 'mse' or 'token_rel' (each token relative to its size).",
                     "choice", choices=("mse", "token_rel"))
     owq_target_bits: float | None = opt(None, "choose OWQ weak columns first (kept fp16), LWC/LET learned on the "
@@ -75,13 +83,13 @@ class OmniConfig(Options):
 @dataclass
 class WCTConfig(Options):
     """Weak-column tuning (`tune-weak-columns`): training windows drawn from the task text, the last held out."""
-    epochs: int = opt(1, "Passes over the training windows.", "int", lo=1)
-    lr: float = opt(1e-4, "Adam learning rate.", "float", lo=0, lo_open=True)
+    epochs: int = opt(1, "Passes over the training windows.", "int", lo=1, hi=MAX_EPOCHS)
+    lr: float = opt(1e-4, "Adam learning rate.", "float", lo=0, lo_open=True, hi=MAX_LR)
     seqlen: int = opt(512, "Tokens per window.", "int", lo=1)
     nsamples: int = opt(64, "Training windows drawn from the text.", "int", lo=1)
     heldout: int = opt(8, "Held-out windows at the end of the text.", "int", lo=1)
-    batch_size: int = opt(4, "Windows per step.", "int", lo=1)
-    seed: int = opt(0, "Seed for drawing the windows.", "int", lo=0)
+    batch_size: int = opt(4, "Windows per step.", "int", lo=1, hi=MAX_WINDOW_TOKENS)
+    seed: int = opt(0, "Seed for drawing the windows.", "int", lo=0, hi=MAX_SEED)
     device: str = opt("cpu", "cpu, cuda or cuda:N.", "device")
 
     def __post_init__(self):

@@ -72,6 +72,11 @@ def test_package_two_models_for_android(owq_checkpoint, tmp_path):
      "C identifier"),
     ({"targets": ["android"], "models": [{"checkpoint": "missing", "id": "a"}]}, "checkpoint not found"),
     ({"targets": ["android"], "modles": []}, "unknown keys"),
+    # the fourth hostile re-run: 2**62 was capped silently and 0 taken as the default
+    ({"targets": ["android"], "models": [{"checkpoint": "q", "id": "a", "max_total_seq_len": 2 ** 62}]},
+     "max_total_seq_len is 4611686018427387904; it must be a positive integer"),
+    ({"targets": ["android"], "models": [{"checkpoint": "q", "id": "a", "max_total_seq_len": 0}]},
+     "max_total_seq_len is 0"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, config, message):
     from edgequant.export.package import package
@@ -89,3 +94,13 @@ def test_config_that_is_not_json(tmp_path):
     cfg.write_text("{targets: [")
     with pytest.raises(EdgequantError, match="not valid JSON"):
         package(cfg, progress=False)
+
+
+def test_config_nested_too_deeply(tmp_path):
+    """100,000 nested lists were a RecursionError traceback (the fourth re-run's T7)."""
+    from edgequant.export.package import package
+    cfg = tmp_path / "app.json"
+    cfg.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(EdgequantError, match="not valid JSON") as e:
+        package(cfg, progress=False)
+    assert "\n" not in str(e.value)

@@ -73,6 +73,32 @@ def _cases(ckpt, dist, text, out):
         "quantize_nsamples_2_pow_40": (q[:5] + ["gptq", "--calib", text, "--seqlen", "32", "--nsamples", str(2 ** 40)],
                                        "--nsamples"),
         "wct_nsamples_2_pow_40": (wct + ["--nsamples", str(2 ** 40)], "--nsamples"),
+        # absurd sizes (issue 15, after the third re-run): a memory plan of millions of TiB, a numpy traceback, runs
+        # that never end, or a reply cut off when the KV cache filled; each is refused before any work
+        "inspect_context_2_pow_62": (["inspect", ckpt, "--context", str(2 ** 62)], "--context 1024"),
+        "inspect_context_past_the_window": (["inspect", ckpt, "--context", "1025"], "--context 1024"),
+        "bench_context_2_pow_62": (["bench", dist, "--context", str(2 ** 62)], "--context 1024"),
+        "bench_prompt_length_2_pow_62": (["bench", dist, "--prompt-lengths", str(2 ** 62)], "--prompt-lengths"),
+        "bench_prompt_length_past_the_cache": (["bench", dist, "--prompt-lengths", "8,1000", "--decode-tokens", "64"],
+                                               "--decode-tokens 25"),
+        "bench_decode_tokens_2_pow_62": (["bench", dist, "--decode-tokens", str(2 ** 62)], "--decode-tokens 1023"),
+        "bench_repeats_2_pow_62": (["bench", dist, "--repeats", str(2 ** 62)], "--repeats"),
+        "run_max_new_tokens_2_pow_62": (["run", dist, "-p", "hi", "--max-new-tokens", str(2 ** 62)],
+                                        "--max-new-tokens 1023"),
+        "quantize_epochs_2_pow_62": (q[:5] + ["omniquant", "--epochs", str(2 ** 62), "--calib", text], "--epochs"),
+        "quantize_batch_size_2_pow_70": (q + ["--batch-size", str(2 ** 70)], "--batch-size"),
+        "quantize_weak_columns_2_pow_62": (q[:5] + ["owq", "--weak-columns", str(2 ** 62), "--calib", text,
+                                                    "--nsamples", "2", "--seqlen", "32"], "--weak-columns"),
+        "wct_epochs_2_pow_62": (wct + ["--epochs", str(2 ** 62)], "--epochs"),
+        "wct_seed_2_pow_70": (wct + ["--seed", str(2 ** 70)], "--seed"),
+        "wct_batch_size_2_pow_70": (wct + ["--batch-size", str(2 ** 70)], "--batch-size"),
+        "quantize_lwc_init_1e308": (q[:5] + ["omniquant", "--lwc-init", "1e308", "--calib", text], "--lwc-init"),
+        "quantize_lwc_lr_1e308": (q[:5] + ["omniquant", "--lwc-lr", "1e308", "--calib", text], "--lwc-lr"),
+        "wct_lr_1e308": (wct + ["--lr", "1e308"], "--lr"),
+        # the fourth re-run (S17): ignored without a word
+        "quantize_embed_group_size_without_embed_bits": (q + ["--embed-group-size", "7"], "--embed-bits"),
+        "demo_nsamples_2_pow_62": (["demo", "--nsamples", str(2 ** 62), "--methods", "rtn", "-o", out, "-q"],
+                                   "--nsamples"),
     }
 
 
@@ -146,3 +172,75 @@ def test_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
     with pytest.raises(EdgequantError, match="model path not found: models/nope"):
         api.quantize("models/nope", tmp_path / "o", method="rtn", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_diverged_weak_column_tuning_writes_nothing(good_ckpt, text_file, tmp_path, monkeypatch):
+    """Training that ends in NaN columns (--lr 1e308 did, before the rate was bounded) is refused, not saved as a
+    checkpoint that loads and runs."""
+    from edgequant import api
+    from edgequant.calibrate import wct
+    from edgequant.errors import EdgequantError
+
+    def diverge(model, modules, *a, **k):
+        for m in modules.values():
+            m.weak.data.fill_(float("nan"))
+        return [float("nan")]
+    monkeypatch.setattr(wct, "train_weak_columns", diverge)
+    with pytest.raises(EdgequantError, match="diverged.*nothing was written: lower --lr"):
+        api.tune_weak_columns(good_ckpt, text_file, tmp_path / "t", progress=False, seqlen=32, nsamples=2, heldout=1)
+    assert list(tmp_path.iterdir()) == []   # no checkpoint, no hidden temporary or lock left
+
+
+CONSOLE = "import sys; from edgequant_console import main; sys.exit(main())"
+
+
+def test_stdout_on_a_full_device_is_one_line(good_ckpt):
+    """`inspect > /dev/full`: the printed result cannot be written (the fourth re-run's T9, an OSError traceback)."""
+    import subprocess
+    import sys
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-c", CONSOLE, "inspect", str(good_ckpt)], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=300)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("error: cannot write the result (No space left on device)"), lines
+
+
+def test_chat_with_stdin_closed_ends_like_eof(good_dist):
+    """`chat <&-` (a service manager may start it so): no input is the end of the chat, not an AttributeError (T10)."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", CONSOLE, "chat", str(good_dist)], preexec_fn=lambda: os.close(0),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr and "error" not in p.stderr, p.stderr
+
+
+def test_results_table_nested_too_deeply(tmp_path):
+    """`report --results` of 100,000 nested lists was a RecursionError traceback (the fourth re-run's T7)."""
+    from edgequant.errors import EdgequantError
+    from edgequant.plots import read_table
+    f = tmp_path / "deep.json"
+    f.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(EdgequantError, match="deep.json is not valid JSON") as e:
+        read_table(f)
+    assert "\n" not in str(e.value)
+
+
+def test_nan_in_the_input_model_is_refused_where_it_enters(model_dirs, tmp_path):
+    """One NaN in a Hugging Face folder's embedding: quantize, export (fp16) and convert wrote outputs that eval/run
+    then refused (the fourth re-run's S16); now each says so and writes nothing."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+    src = tmp_path / "nan-model"
+    shutil.copytree(model_dirs["llama"], src)
+    t = load_file(str(src / "model.safetensors"))
+    t["model.embed_tokens.weight"][0, 0] = np.nan
+    save_file(t, str(src / "model.safetensors"), metadata={"format": "pt"})
+    argvs = [["quantize", str(src), "-o", str(tmp_path / "q"), "--method", "rtn", "-q"],
+             ["export", str(src), "-o", str(tmp_path / "d"), "-q"],
+             ["convert", str(src), "-o", str(tmp_path / "c"), "-q"]]
+    for r in run_commands(argvs, tmp_path):
+        assert_one_line_error(r, "model.embed_tokens.weight", "NaN")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["commands.json", "commands.json.out", "nan-model"]

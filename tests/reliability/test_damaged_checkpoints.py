@@ -116,6 +116,30 @@ CASES = {
     "rope_theta_infinite": (_cfg("rope_theta", math.inf), ["rope_theta", "finite"]),
     "rope_scaling_factor_negative": (_cfg("rope_scaling", {"rope_type": "linear", "factor": -2.0}),
                                      ["rope_scaling.factor"]),
+    # the fourth re-run: RoPE values that give NaN or divide by zero in export (T5, T6, S12), relations between RoPE
+    # fields (S13) and Gemma's sliding window (S14) were accepted
+    "sliding_window_negative": (_cfg("sliding_window", -1), ["sliding_window"]),
+    "rope_llama3_low_equals_high": (_cfg("rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0,
+                                                             "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                                                             "original_max_position_embeddings": 64}),
+                                    ["low_freq_factor", "high_freq_factor"]),
+    "rope_llama3_factor_1e308": (_cfg("rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4, "factor": 1e308,
+                                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 64}),
+                                 ["rope_parameters.factor"]),
+    "rope_original_max_past_the_window": (_cfg("rope_parameters", {
+        "rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 2 ** 40}), ["original_max_position_embeddings", "max_position_embeddings"]),
+    "rope_per_layer_type_factor_0": (_cfg("rope_parameters", {
+        "full_attention": {"rope_type": "linear", "factor": 0.0, "rope_theta": 1e4},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}), ["rope_parameters.full_attention.factor"]),
+    "rope_per_layer_type_theta_negative": (_cfg("rope_parameters", {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": -10.0}}),
+        ["rope_parameters.sliding_attention.rope_theta"]),
+    "rope_longrope_short_factor_0": (_cfg("rope_parameters", {
+        "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 7 + [0.0], "long_factor": [1.0] * 8,
+        "original_max_position_embeddings": 64}), ["short_factor[7]"]),
     "initializer_range_nan": (_cfg("initializer_range", math.nan), ["initializer_range"]),
     "values_per_word_3": (_qc("values_per_word", 3), ["values_per_word"]),
     "lm_head_quantized": (_qc("lm_head", True), ["lm_head"]),
@@ -149,7 +173,7 @@ CASES = {
 }
 EXPORTED = ["quantization_config_removed", "rms_norm_eps_zero", "rope_theta_zero", "num_hidden_layers_1e9", "max_position_embeddings_negative",
             "max_position_embeddings_2_pow_40", "pack_msb", "index_path_leaves_folder", "zero_point_255_at_4_bits", "outlier_index_2_pow_30", "nan_scales",
-            "sym_with_zero_points", "config_is_a_list"]
+            "sym_with_zero_points", "config_is_a_list", "rope_llama3_low_equals_high", "rope_per_layer_type_factor_0"]
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +243,22 @@ def test_damaged_provenance_is_not_fatal_but_inspect_says_so(good_ckpt, tmp_path
         assert r["stderr"].startswith("warning: ") and f"edgequant.json is {state}" in r["stderr"]
     assert json.loads(res[0]["stdout"])["method"] == "owq"
     assert "calibration     unknown (edgequant.json missing)" in res[1]["stdout"]
+
+
+def test_fp16_table_beside_the_quantized_one_is_refused(model_dirs, tmp_path):
+    """An `--embed-bits 4` checkpoint with a zero fp16 `model.embed_tokens.weight` added: the fp16 one was loaded in
+    place of the packed table (uniform logits, exit 0; the fourth re-run's S15)."""
+    from safetensors.numpy import load_file, save_file
+
+    from edgequant import api
+    from edgequant.artifact import load_quantized_model
+    from edgequant.errors import CheckpointError
+    ck = api.quantize(model_dirs["llama"], tmp_path / "emb4", method="rtn", group_size=32, embed_bits=4,
+                      progress=False)
+    f = ck / "model.safetensors"
+    t = load_file(str(f))
+    assert "model.embed_tokens.qweight" in t and "model.embed_tokens.weight" not in t
+    t["model.embed_tokens.weight"] = np.zeros((320, 64), np.float16)
+    save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'model.embed_tokens.weight' is stored beside its quantized form"):
+        load_quantized_model(ck)

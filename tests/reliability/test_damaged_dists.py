@@ -152,6 +152,17 @@ CASES = {
     "model_type_gpt2": (_model("model_type", "gpt2"), ["model_type", "llama"]),
     "format_version_true": (_export(lambda i: i.__setitem__("format_version", True)), ["format_version"]),
     "format_version_float": (_export(lambda i: i.__setitem__("format_version", 1.0)), ["format_version"]),
+    # the fourth re-run: the same RoPE and sliding-window rules as a checkpoint's config.json (both runners)
+    "sliding_window_negative": (_model("sliding_window", -1), ["sliding_window"]),
+    "rope_scaling_low_equals_high": (_model("rope_scaling", {"rope_type": "llama3", "factor": 8.0,
+                                                             "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                                                             "original_max_position_embeddings": 64}),
+                                     ["low_freq_factor", "high_freq_factor"]),
+    "rope_scaling_factor_1e308": (_model("rope_scaling", {"rope_type": "llama3", "factor": 1e308, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0}), ["rope_scaling.factor"]),
+    # S18: a module's bit width that the library does not have (the C runtime used the library's, silently)
+    "param_bits_not_the_librarys": (_export(lambda i: next(p for p in i["params"] if p["name"].endswith(
+        "qkv_proj.qweight")).__setitem__("bits", 2)), ["differ", "export"]),
     "tensor_listed_twice": (_cache(lambda c: c["records"].append(c["records"][0])), [CACHE, "listed twice"]),
     "tensor_redefined_by_a_second_shard": (_cache(lambda c: c["records"].append(
         {**c["records"][0], "records": c["records"][0]["records"][:1]})), [CACHE, "listed twice"]),

@@ -1,7 +1,9 @@
 """Ctrl-C at any moment of the `edgequant` command, including while it is still importing its libraries (the first
-fraction of a second), ends it with one `error: interrupted` line and status 130: no traceback, no output folder."""
+fraction of a second), ends it with one `error: interrupted` line and status 130: no traceback, no output folder.
+Ctrl-C once the command has finished (its output written and printed) leaves its own status and prints nothing."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -110,7 +112,6 @@ atomic._exchange = _exchange
 
 @pytest.mark.parametrize("after", [True, False])
 def test_sigint_at_the_swap_tells_what_the_output_holds(tmp_path, model_dirs, after):
-    import json
     out = tmp_path / "q"
     first = _quantize(model_dirs, out, CONSOLE)
     assert first.communicate(timeout=300) and first.returncode == 0
@@ -126,3 +127,57 @@ def test_sigint_at_the_swap_tells_what_the_output_holds(tmp_path, model_dirs, af
     else:
         assert bits == 4 and "no checkpoint was written" in lines[0], lines
     assert sorted(q.name for q in tmp_path.iterdir()) == ["q"]   # no .q.tmp-*, no lock left
+
+
+# Ctrl-C after the command has finished (its "wrote" line is out): inside Python's shutdown, from an atexit callback or
+# while the interpreter joins its threads, and from outside at delays after the last line. The output is complete, so
+# the command's own status (0) and nothing on stderr; it used to be "Exception ignored ..." tracebacks or a silent -2.
+AT_EXIT = {
+    "atexit": "import atexit, os, signal\natexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n",
+    "thread_join": """import os, signal, threading, time
+def _late():
+    while threading.main_thread().is_alive():
+        time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+threading.Thread(target=_late).start()
+""",
+}
+
+
+def _check_complete(p, out, stdout, stderr, may_be_cut_short=False):
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert stdout.startswith(f"wrote {out}"), stdout
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4
+    if may_be_cut_short and p.returncode == 130:   # it landed before the command had returned: the usual line
+        assert len(lines) == 1 and lines[0].startswith(f"error: interrupted after {out} was written"), stderr
+        return
+    assert p.returncode == 0 and lines == [], (p.returncode, stderr)
+
+
+@pytest.mark.parametrize("where", list(AT_EXIT))
+def test_sigint_during_shutdown_keeps_the_commands_status(tmp_path, model_dirs, where):
+    out = tmp_path / "q"
+    p = _quantize(model_dirs, out, AT_EXIT[where] + CONSOLE)
+    _check_complete(p, out, *p.communicate(timeout=300))
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2])
+def test_sigint_after_the_last_line_keeps_the_commands_status(tmp_path, model_dirs, delay):
+    out = tmp_path / "q"
+    p = _quantize(model_dirs, out, CONSOLE)
+    first = p.stdout.readline()
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=300)
+    _check_complete(p, out, first + stdout, stderr, may_be_cut_short=delay == 0)
+
+
+def test_second_sigint_while_exiting_after_the_line(tmp_path, model_dirs):
+    """Ctrl-C, the `error: interrupted` line, then Ctrl-C again while Python exits (the fourth re-run's T8 'double'):
+    one line and 130, not a KeyboardInterrupt traceback from the shutdown."""
+    out = tmp_path / "q"
+    code = AT_EXIT["atexit"] + AT_IMPORT.format(module="edgequant.methods")
+    p = _quantize(model_dirs, out, code)
+    _check(p, out, tmp_path)
+    assert p.returncode == 130

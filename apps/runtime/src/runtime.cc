@@ -257,16 +257,20 @@ std::string Shown(double v) {
 // The numbers of the `model` block that the model computes with, and their ranges: edgequant/checkpoint.py's
 // NUMBER_RULES, which export/dist.py applies to the same block (an epsilon of 0 or a RoPE base of 0 gives NaN logits).
 std::optional<std::string> NumberProblem(const json::Object& m) {
-  enum Rule { kPositive, kEps, kFraction, kProbability };
+  enum Rule { kPositive, kEps, kFraction, kProbability, kPositions, kFactor };
   static const std::map<std::string, Rule> rules = {
       {"rms_norm_eps", kEps}, {"layer_norm_eps", kEps}, {"norm_eps", kEps},
       {"rope_theta", kPositive}, {"rope_local_base_freq", kPositive}, {"rope_scale", kPositive},
       {"partial_rotary_factor", kFraction}, {"query_pre_attn_scalar", kPositive},
       {"attn_logit_softcapping", kPositive}, {"final_logit_softcapping", kPositive},
       {"attention_dropout", kProbability}, {"hidden_dropout", kProbability},
-      {"factor", kPositive}, {"low_freq_factor", kPositive}, {"high_freq_factor", kPositive},
+      {"max_position_embeddings", kPositions}, {"sliding_window", kPositions},
+      {"factor", kFactor}, {"low_freq_factor", kPositive}, {"high_freq_factor", kPositive},
       {"original_max_position_embeddings", kPositive}, {"beta_fast", kPositive}, {"beta_slow", kPositive},
-      {"attention_factor", kPositive}};
+      {"attention_factor", kPositive}, {"short_factor", kPositive}, {"long_factor", kPositive}};
+  static const char* want[] = {"a positive number", "a number between 0 and 1, e.g. 1e-05", "a number in (0, 1]",
+                               "a number in [0, 1)", "a positive integer up to 16777216",
+                               "a positive number up to 16777216"};
   // NaN or infinity anywhere in the block (it is at most kMaxJsonDepth deep)
   std::function<std::optional<std::string>(const Any&, const std::string&)> walk =
       [&](const Any& v, const std::string& where) -> std::optional<std::string> {
@@ -283,18 +287,43 @@ std::optional<std::string> NumberProblem(const json::Object& m) {
     }
     return std::nullopt;
   };
+  auto NumberField = [](const json::Object& o, const char* key) -> std::optional<double> {
+    auto v = Field(o, key);
+    return v ? NumberOf(*v) : std::nullopt;
+  };
+  auto check = [&](const Any& v, Rule rule, const std::string& where) -> std::optional<std::string> {
+    auto d = NumberOf(v);
+    bool whole = v.as<int64_t>().has_value();  // strict: 4096.0 and true are not token counts
+    bool ok = d && (rule == kPositive ? *d > 0 : rule == kEps ? *d > 0 && *d < 1
+                    : rule == kFraction ? *d > 0 && *d <= 1 : rule == kProbability ? *d >= 0 && *d < 1
+                    : rule == kPositions ? whole && *d > 0 && *d <= kMaxDim : *d > 0 && *d <= kMaxDim);
+    if (ok) return std::nullopt;
+    return "'" + where + "' is " + (d ? Shown(*d) : std::string("not a number")) + "; it must be " + want[rule];
+  };
   auto ranged = [&](const json::Object& block, const std::string& prefix) -> std::optional<std::string> {
     for (const auto& [key, rule] : rules) {
       auto v = Field(block, key.c_str());
       if (!v || v->type_index() == tvm::ffi::TypeIndex::kTVMFFINone) continue;  // null: not set
-      auto d = NumberOf(*v);
-      bool ok = d && (rule == kPositive ? *d > 0 : rule == kEps ? *d > 0 && *d < 1
-                      : rule == kFraction ? *d > 0 && *d <= 1 : *d >= 0 && *d < 1);
-      if (!ok) {
-        static const char* want[] = {"a positive number", "a number between 0 and 1, e.g. 1e-05", "a number in (0, 1]",
-                                     "a number in [0, 1)"};
-        return "'" + prefix + key + "' is " + (d ? Shown(*d) : std::string("not a number")) + "; it must be " + want[rule];
+      auto list = (key == "short_factor" || key == "long_factor") ? AsArray(*v) : std::nullopt;
+      if (list) {  // longrope: each entry
+        for (size_t i = 0; i < list->size(); ++i) {
+          if (auto bad = check((*list)[i], rule, prefix + key + "[" + std::to_string(i) + "]")) return bad;
+        }
+      } else if (auto bad = check(*v, rule, prefix + key)) {
+        return bad;
       }
+    }
+    auto low = NumberField(block, "low_freq_factor"), high = NumberField(block, "high_freq_factor");
+    if (low && high && *low >= *high) {  // llama3 RoPE divides by high - low
+      return "'" + prefix + "low_freq_factor' is " + Shown(*low) + ", not below '" + prefix + "high_freq_factor' " +
+             Shown(*high) + "; llama3 RoPE needs low < high";
+    }
+    auto orig = NumberField(block, "original_max_position_embeddings");
+    auto window = NumberField(m, "max_position_embeddings");
+    if (orig && window && *orig > *window) {
+      return "'" + prefix + "original_max_position_embeddings' is " + Shown(*orig) +
+             ", more than max_position_embeddings " + Shown(*window) +
+             "; the extended context must be at least the original one";
     }
     return std::nullopt;
   };
@@ -305,6 +334,13 @@ std::optional<std::string> NumberProblem(const json::Object& m) {
     auto o = v ? AsObject(*v) : std::nullopt;
     if (o) {
       if (auto bad = ranged(*o, std::string(name) + ".")) return bad;
+      for (const auto& kv : *o) {  // Gemma 3: one block per layer type
+        auto kind = kv.first.as<String>();
+        auto inner = AsObject(kv.second);
+        if (kind && inner) {
+          if (auto bad = ranged(*inner, std::string(name) + "." + std::string(*kind) + ".")) return bad;
+        }
+      }
     }
   }
   return std::nullopt;
@@ -828,8 +864,10 @@ edgequant_status edgequant_open(const char* dist_c, const edgequant_options* opt
     bool same = ma && ma->size() == info.params.size();
     for (size_t i = 0; same && i < info.params.size(); ++i) {
       auto o = AsObject((*ma)[i]);
+      // a per-module bit width must be the library's too (`run` compares the same four fields)
       same = o && StrField(*o, "name") == info.params[i].name && ShapeField(*o, "shape") == info.params[i].shape &&
-             StrField(*o, "dtype") == info.params[i].dtype;
+             StrField(*o, "dtype") == info.params[i].dtype &&
+             IntField(*o, "bits", 1).value_or(0) == info.params[i].bits && (Field(*o, "bits") || !info.params[i].bits);
     }
     same = same && IntField(*mo, "context_window_size", 1) == std::optional<int64_t>(info.context) &&
            IntField(*mo, "prefill_chunk_size", 1) == std::optional<int64_t>(info.chunk);

@@ -1,0 +1,48 @@
+"""Damaged GGUF files as MODEL: one `error:` line naming the file, not an IndexError or ZeroDivisionError from the
+GGUF header reader or transformers' size-mismatch traceback (the fourth hostile re-run's T3 and T4)."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+KEY = b"qwen3.attention.key_length"
+
+
+def _key_at(b: bytes) -> int:
+    return b.find(KEY) + len(KEY)   # then the value's uint32 type and the uint32 value
+
+
+DAMAGE = {
+    "random_header": lambda b: b"GGUF" + struct.pack("<IQQ", 3, 2 ** 63 - 1, 2 ** 63 - 1) + bytes(range(100)),
+    "truncated_24": lambda b: b[:24],
+    "truncated_200": lambda b: b[:200],
+    "tensor_count_2_pow_62": lambda b: b[:8] + struct.pack("<Q", 2 ** 62) + b[16:],
+    "first_key_length_2_pow_40": lambda b: b[:24] + struct.pack("<Q", 2 ** 40) + b[32:],
+    "head_dim_0": lambda b: b[:_key_at(b) + 4] + struct.pack("<I", 0) + b[_key_at(b) + 8:],
+    "head_dim_7": lambda b: b[:_key_at(b) + 4] + struct.pack("<I", 7) + b[_key_at(b) + 8:],
+    "head_dim_2_pow_31": lambda b: b[:_key_at(b) + 4] + struct.pack("<I", 2 ** 31) + b[_key_at(b) + 8:],
+    "head_dim_typed_as_string": lambda b: b[:_key_at(b)] + struct.pack("<I", 8) + b[_key_at(b) + 4:],
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3_gguf(tmp_path_factory, tokenizer):
+    from conftest import make_tiny_model
+    from tiny_families import write_gguf
+    p = tmp_path_factory.mktemp("gguf") / "qwen3.gguf"
+    write_gguf(make_tiny_model("qwen3"), tokenizer, p)
+    return p.read_bytes()
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_gguf_is_one_line(qwen3_gguf, tmp_path, damage):
+    from edgequant.errors import EdgequantError
+    from edgequant.loading import load_model
+    f = tmp_path / f"{damage}.gguf"
+    f.write_bytes(DAMAGE[damage](qwen3_gguf))
+    with pytest.raises(EdgequantError) as e:
+        load_model(f)
+    assert "\n" not in str(e.value) and f.name in str(e.value)
+    if damage.startswith("head_dim_") and damage != "head_dim_typed_as_string":
+        assert "qwen3.attention.key_length" in str(e.value)
