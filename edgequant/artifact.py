@@ -94,6 +94,11 @@ def save_checkpoint(out_dir, model, tokenizer, quantized: dict[str, QuantizedWei
         prov = {"format_version": FORMAT_VERSION, "method": method, "scheme": scheme.to_dict(),
                 "scheme_name": scheme.name, **(provenance or {})}
         (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, default=str))
+        # opened as every reader opens it, before the swap: a result they would refuse must not replace -o
+        try:
+            open_checkpoint(tmp)
+        except CheckpointError as e:
+            raise CheckpointError(f"the new checkpoint would not load ({e}); {out} was left as it was") from None
     return out
 
 

@@ -210,3 +210,20 @@ def test_safetensors_bytes_depend_only_on_contents(tmp_path):
     assert blobs[0] == blobs[1] == blobs[2]
     back = load_file(tmp_path / "a.safetensors")
     assert all(np.array_equal(back[k], v) for k, v in tensors.items())
+
+
+def test_a_checkpoint_readers_would_refuse_never_replaces_the_output(tmp_path, model_dirs, monkeypatch):
+    """quantize checks what it wrote the way every reader opens it, before the swap: a refused result leaves the
+    previous checkpoint at -o as it was (fifth hostile re-run, L5)."""
+    from edgequant import api, artifact
+    out = tmp_path / "q"
+    api.quantize(str(model_dirs["llama"]), str(out), method="rtn")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def refuse(path, config):
+        raise artifact.CheckpointError(f"{path / 'config.json'}: refused for the test")
+    monkeypatch.setattr(artifact, "_check_model_config", refuse)
+    with pytest.raises(artifact.CheckpointError, match="refused for the test"):
+        api.quantize(str(model_dirs["llama"]), str(out), method="rtn", bits=3)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
