@@ -91,6 +91,21 @@ _LISTS = ("short_factor", "long_factor")
 _ROPE_BLOCKS = ("rope_scaling", "rope_parameters")
 
 
+# RoPE types whose frequencies depend on original_max_position_embeddings; under the others (default, linear) the
+# field is unused, and transformers fills it in for Phi-3 configs that lack it (4096, past a shorter context)
+_ORIGINAL_CONTEXT_ROPE = ("longrope", "su", "yarn", "llama3", "dynamic")
+
+
+def _reads_original_context(config: dict, block: dict) -> bool:
+    """Whether `block`'s original_max_position_embeddings is used: its own RoPE type, or at the top level the type of
+    the config's RoPE block."""
+    kind = block.get("rope_type") or block.get("type")
+    if kind is None and block is config:
+        rope = next((config[n] for n in _ROPE_BLOCKS if isinstance(config.get(n), dict)), {})
+        kind = rope.get("rope_type") or rope.get("type")
+    return kind in _ORIGINAL_CONTEXT_ROPE
+
+
 def number_problem(config: dict) -> str | None:
     """What is wrong with the numbers of a model config (None: nothing): a NaN or infinity anywhere in it, or one of
     `NUMBER_RULES`' fields (top level or in its RoPE block) that is not a number in its range. A null field is
@@ -119,7 +134,7 @@ def number_problem(config: dict) -> str | None:
             return (f"'{prefix}low_freq_factor' is {low!r}, not below '{prefix}high_freq_factor' {high!r}; llama3 "
                     "RoPE needs low < high")
         orig, window = block.get("original_max_position_embeddings"), config.get("max_position_embeddings")
-        if orig is not None and isinstance(window, int) and orig > window:
+        if orig is not None and isinstance(window, int) and orig > window and _reads_original_context(config, block):
             return (f"'{prefix}original_max_position_embeddings' is {orig!r}, more than max_position_embeddings "
                     f"{window}; the extended context must be at least the original one")
         return None

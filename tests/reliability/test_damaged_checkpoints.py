@@ -262,3 +262,14 @@ def test_fp16_table_beside_the_quantized_one_is_refused(model_dirs, tmp_path):
     save_file(t, str(f), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="'model.embed_tokens.weight' is stored beside its quantized form"):
         load_quantized_model(ck)
+
+
+def test_original_context_is_checked_only_where_rope_uses_it():
+    """A Phi-3 config without original_max_position_embeddings gets transformers' 4096 beside a shorter context;
+    default RoPE never reads it, so it is no reason to refuse (fifth hostile re-run, L5); longrope reads it."""
+    from edgequant.checkpoint import number_problem
+    cfg = {"model_type": "phi3", "max_position_embeddings": 1024, "original_max_position_embeddings": 4096}
+    for rope in ({"rope_type": "default", "rope_theta": 1e4}, None):
+        assert number_problem({**cfg, "rope_parameters": rope}) is None
+    longrope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [1.0]}
+    assert "original_max_position_embeddings" in number_problem({**cfg, "rope_parameters": longrope})

@@ -300,6 +300,34 @@ std::optional<std::string> NumberProblem(const json::Object& m) {
     if (ok) return std::nullopt;
     return "'" + where + "' is " + (d ? Shown(*d) : std::string("not a number")) + "; it must be " + want[rule];
   };
+  // RoPE types whose frequencies depend on original_max_position_embeddings (checkpoint.py _ORIGINAL_CONTEXT_ROPE);
+  // under the others the field is unused (transformers fills it in for Phi-3 configs that lack it)
+  auto reads_original = [&](const json::Object& block, bool top) -> bool {
+    auto kind_of = [&](const json::Object& b) -> std::optional<std::string> {
+      for (const char* k : {"rope_type", "type"}) {
+        auto v = Field(b, k);
+        if (!v) continue;
+        if (auto s = v->as<String>()) return std::string(*s);
+      }
+      return std::nullopt;
+    };
+    auto kind = kind_of(block);
+    if (!kind && top) {
+      for (const char* name : {"rope_scaling", "rope_parameters"}) {
+        auto v = Field(m, name);
+        auto o = v ? AsObject(*v) : std::nullopt;
+        if (o) {
+          kind = kind_of(*o);
+          break;
+        }
+      }
+    }
+    if (!kind) return false;
+    for (const char* t : {"longrope", "su", "yarn", "llama3", "dynamic"}) {
+      if (*kind == t) return true;
+    }
+    return false;
+  };
   auto ranged = [&](const json::Object& block, const std::string& prefix) -> std::optional<std::string> {
     for (const auto& [key, rule] : rules) {
       auto v = Field(block, key.c_str());
@@ -320,7 +348,7 @@ std::optional<std::string> NumberProblem(const json::Object& m) {
     }
     auto orig = NumberField(block, "original_max_position_embeddings");
     auto window = NumberField(m, "max_position_embeddings");
-    if (orig && window && *orig > *window) {
+    if (orig && window && *orig > *window && reads_original(block, prefix.empty())) {
       return "'" + prefix + "original_max_position_embeddings' is " + Shown(*orig) +
              ", more than max_position_embeddings " + Shown(*window) +
              "; the extended context must be at least the original one";
