@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..errors import EdgequantError
 from ..quantizer import QuantizedWeight, group_minmax, params_from_range
 from ..schemes import QuantScheme
 
@@ -96,7 +97,11 @@ def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, 
         L = torch.linalg.cholesky(H)
     except RuntimeError:  # not positive definite even after damping: add more
         H += 10 * damp * torch.eye(K, device=W.device)
-        L = torch.linalg.cholesky(H)
+        try:
+            L = torch.linalg.cholesky(H)
+        except RuntimeError:
+            raise EdgequantError(f"GPTQ's damped Hessian is not positive definite with --percdamp {percdamp:g}; "
+                                 "use a larger --percdamp (the default is 0.01) or more calibration data") from None
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
     Qint = torch.zeros_like(W)

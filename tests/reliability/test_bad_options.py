@@ -73,6 +73,9 @@ def _cases(ckpt, dist, text, out):
         "quantize_nsamples_2_pow_40": (q[:5] + ["gptq", "--calib", text, "--seqlen", "32", "--nsamples", str(2 ** 40)],
                                        "--nsamples"),
         "wct_nsamples_2_pow_40": (wct + ["--nsamples", str(2 ** 40)], "--nsamples"),
+        # the fifth re-run (T11): a damping too small to make the Hessian positive definite was a LinAlgError traceback
+        "quantize_percdamp_1e-12": (q[:5] + ["gptq", "--calib", text, "--seqlen", "32", "--nsamples", "2",
+                                             "--percdamp", "1e-12", "-q"], "--percdamp"),
         # absurd sizes (issue 15, after the third re-run): a memory plan of millions of TiB, a numpy traceback, runs
         # that never end, or a reply cut off when the KV cache filled; each is refused before any work
         "inspect_context_2_pow_62": (["inspect", ckpt, "--context", str(2 ** 62)], "--context 1024"),
