@@ -29,15 +29,19 @@ def _iter_types(sch, block):
     return [iv.iter_type for iv in sch.get(block).iter_vars]
 
 
-class CPUMatmul(ScheduleRule):
+class _LLVMRule(ScheduleRule):
+    """A rule for llvm targets whose `_schedule(func)` may fail on a loop nest it does not know: that function keeps
+    TVM's default (serial) loop nest."""
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
         try:
             return self._schedule(func)
-        except Exception:  # noqa: BLE001 - a shape this rule does not know: leave it to the default loop nest
+        except Exception:  # noqa: BLE001 - a loop nest this rule does not know: keep the default
             return None
 
+
+class CPUMatmul(_LLVMRule):
     def _schedule(self, func):
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -114,15 +118,7 @@ class CPUMatmul(ScheduleRule):
                 pass
 
 
-class CPUParallel(ScheduleRule):
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        try:
-            return self._schedule(func)
-        except Exception:  # noqa: BLE001 - a loop nest this rule does not know: keep TVM's serial default
-            return None
-
+class CPUParallel(_LLVMRule):
     def _schedule(self, func):
         from tvm.s_tir.dlight.analysis import normalize_prim_func
         from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
