@@ -199,6 +199,19 @@ def _is_stripped_checkpoint(folder: Path) -> bool:
     return False
 
 
+def _edgequant_quantization(folder: Path) -> str | None:
+    """'METHOD, N bits' when `folder`'s config.json carries an edgequant quantization_config, else None (an unreadable
+    config is left to transformers' own error)."""
+    import json
+    try:
+        q = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+        return None
+    if not isinstance(q, dict) or q.get("quant_method") != "edgequant":
+        return None
+    return f"{q.get('method', 'unknown method')}, {q.get('bits', '?')} bits"
+
+
 def _hub_cached(repo_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -253,6 +266,11 @@ def load_model(model: str | os.PathLike | None, dtype=None):
                     raise EdgequantError(f"{src} holds its weights only as {pickled[0]} (a pickle, which can run "
                                          "code when loaded); edgequant loads safetensors weights only: save the "
                                          "model with save_pretrained(safe_serialization=True) from a trusted source")
+            quantized = _edgequant_quantization(path) if path.is_dir() else None
+            if quantized:
+                raise EdgequantError(f"{src} is already an edgequant checkpoint ({quantized}); quantize and convert "
+                                     "read the original model: pass that instead, or use `edgequant export`, `eval` "
+                                     "or `inspect` on this checkpoint")
             if path.is_dir() and _is_stripped_checkpoint(path):
                 raise EdgequantError(f"{src} holds packed edgequant weights but its config.json has no edgequant "
                                      "quantization_config, so they would load as random layers; restore the "

