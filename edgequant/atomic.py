@@ -28,11 +28,17 @@ from .errors import EdgequantError
 _held: dict[Path, tuple[int, int]] = {}   # path -> (lock fd, depth): a process may re-enter its own lock
 _owners: dict[str, Callable[[str], bool]] = {}   # marker -> which file names an output with that marker holds
 _written: list[Path] = []   # outputs this process has put in place (an interrupt message must not deny them)
+_replaced: set[Path] = set()   # those of them that took the place of an older output
 
 
 def written_outputs() -> list[Path]:
     """The output folders this process has already put in place, newest last: after Ctrl-C, what the user has."""
     return list(_written)
+
+
+def replaced_an_older(final: Path) -> bool:
+    """Whether putting output `final` in place removed an older output of that name."""
+    return Path(final) in _replaced
 
 
 def register_owner(marker: str, owns: Callable[[str], bool]):
@@ -162,6 +168,7 @@ def atomic_output_dir(final, marker: str | None = None):
             yield tmp
             new_ino = tmp.stat().st_ino   # after the swap, `final` is this inode: the new output is in place
             if final.exists():
+                _replaced.add(final)
                 if _exchange(tmp, final):   # the old output is now under the temporary name
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:

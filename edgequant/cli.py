@@ -80,10 +80,11 @@ def _silence(stream) -> None:
 def interrupted_note(otherwise: str) -> str:
     """The line for Ctrl-C: `otherwise` (nothing was written), unless an output was already put in place (the
     interrupt came just as it replaced the old one): then the user has the new, complete output, not the old one."""
-    from .atomic import written_outputs
+    from .atomic import replaced_an_older, written_outputs
     done = written_outputs()
     if done:
-        return f"interrupted after {done[-1]} was written; it holds the new, complete output (the old one is gone)"
+        gone = " (the old one is gone)" if replaced_an_older(done[-1]) else ""
+        return f"interrupted after {done[-1]} was written; it holds the new, complete output{gone}"
     return otherwise
 
 

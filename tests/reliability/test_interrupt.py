@@ -124,6 +124,7 @@ def test_sigint_at_the_swap_tells_what_the_output_holds(tmp_path, model_dirs, af
     assert p.returncode == 130 and len(lines) == 1 and "Traceback" not in stderr, stderr
     if after:
         assert bits == 3 and lines[0].startswith(f"error: interrupted after {out} was written"), lines
+        assert lines[0].endswith("(the old one is gone)"), lines
     else:
         assert bits == 4 and "no checkpoint was written" in lines[0], lines
     assert sorted(q.name for q in tmp_path.iterdir()) == ["q"]   # no .q.tmp-*, no lock left
@@ -181,3 +182,17 @@ def test_second_sigint_while_exiting_after_the_line(tmp_path, model_dirs):
     p = _quantize(model_dirs, out, code)
     _check(p, out, tmp_path)
     assert p.returncode == 130
+
+
+def test_the_interrupt_line_says_an_old_output_is_gone_only_when_there_was_one(tmp_path):
+    """A Ctrl-C just after a first output landed said "(the old one is gone)" with no old one (a re-run's item)."""
+    from edgequant.atomic import atomic_output_dir
+    from edgequant.cli import interrupted_note
+    out = tmp_path / "q"
+    notes = []
+    for _ in range(2):   # a fresh folder, then the same one again over the first
+        with atomic_output_dir(out) as tmp:
+            (tmp / "config.json").write_text("{}")
+        notes.append(interrupted_note("nothing"))
+    assert notes[0] == f"interrupted after {out} was written; it holds the new, complete output", notes
+    assert notes[1] == notes[0] + " (the old one is gone)", notes
