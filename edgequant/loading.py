@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,7 +166,10 @@ def _load_gguf(path: Path):
     kw = dict(gguf_file=path.name)
     fixes = _gguf_config_fixes(path)
     tok = AutoTokenizer.from_pretrained(path.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw, **fixes)
+    with _own_load_report():
+        model, info = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw, **fixes,
+                                                           output_loading_info=True)
+    _check_complete(info, path)
     # the weights are now plain float tensors: forget the GGUF origin so the model saves like any other
     model.hf_quantizer = None
     model.config.quantization_config = None
@@ -277,7 +281,10 @@ def load_model(model: str | os.PathLike | None, dtype=None):
                                      "config.json written by `edgequant quantize`")
             cfg = AutoConfig.from_pretrained(src)
             family_for(cfg.model_type)
-            m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, use_safetensors=True)   # never unpickle
+            with _own_load_report():
+                m, info = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, use_safetensors=True,   # never unpickle
+                                                               output_loading_info=True)
+            _check_complete(info, src)
             tok = AutoTokenizer.from_pretrained(src)
     except EdgequantError:
         raise
@@ -288,6 +295,32 @@ def load_model(model: str | os.PathLike | None, dtype=None):
     m.eval()
     m.requires_grad_(False)
     return m, tok
+
+
+@contextmanager
+def _own_load_report():
+    """transformers' warnings while loading (its table of missing weights, RoPE field notes) off: `_check_complete`
+    and the config checks say what matters in one line."""
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _check_complete(info: dict, src) -> None:
+    """transformers fills a weight missing from the files with random values and drops one it has no place for (a
+    qwen2 bias under a llama config), with a warning only: either way the model computed would not be the one given."""
+    for kind, fix in (("missing_keys", "the weight files lack them (an incomplete download or copy?)"),
+                      ("unexpected_keys", "the architecture in config.json has no place for them (wrong model_type "
+                                          "or options?)")):
+        names = sorted(info.get(kind) or ())
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise EdgequantError(f"{src}: {len(names)} weight(s) {kind.split('_')[0]}: {', '.join(names[:3])}{more}; "
+                                 f"{fix}: restore the model's original files")
 
 
 def _check_finite(model, src) -> None:

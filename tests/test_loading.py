@@ -47,3 +47,29 @@ def test_an_edgequant_checkpoint_given_as_the_model_to_quantize_is_named_as_such
     """Quantizing a checkpoint again used to say its quantization_config was missing (it is there)."""
     with pytest.raises(EdgequantError, match=r"already an edgequant checkpoint \(owq, 4 bits\).*export"):
         loading.load_model(owq_checkpoint)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("drop_weight", "1 weight(s) missing: model.layers.1.mlp.up_proj.weight"),
+    ("bias_under_llama", "weight(s) unexpected: model.layers.0.self_attn.k_proj.bias"),
+])
+def test_weights_transformers_would_invent_or_drop_are_refused(tmp_path, model_dirs, damage, words):
+    """transformers fills a missing weight with random values and drops one it has no place for, warning only:
+    quantize then wrote a checkpoint of some other model with exit 0."""
+    import json
+    import shutil
+    from safetensors.numpy import load_file, save_file
+    src = tmp_path / "m"
+    shutil.copytree(model_dirs["llama" if damage == "drop_weight" else "qwen2"], src)
+    if damage == "drop_weight":
+        f = next(src.glob("*.safetensors"))
+        tensors = load_file(f)
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+        save_file(tensors, f, metadata={"format": "pt"})
+    else:   # qwen2's q/k/v biases under a llama config
+        cfg = json.loads((src / "config.json").read_text())
+        cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgequantError) as e:
+        loading.load_model(src)
+    assert words in str(e.value) and "restore the model's original files" in str(e.value)
