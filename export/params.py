@@ -65,6 +65,9 @@ class WeightSource:
         a = graph_for(self.config)[0].from_hf(self.config)
         return a.for_target(self.target_kind) if self.target_kind else a
 
+    def check_all_used(self, names) -> None:
+        """Refuse weights the graph's `names` leave unread (a source that reads its tensors by name checks this)."""
+
 
 def fused_linears(c: dict) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ...], int]]:
     """(export linear, its checkpoint linears, their N, the shared K) for every block, from the family's fusions."""
@@ -190,15 +193,34 @@ class HFSource(WeightSource):
         return {name: LinearPlan(name, srcs, k, sum(rows), None, None, all(f"{s}.bias" in state for s in srcs), rows)
                 for name, srcs, rows, k in fused_linears(self.config)}
 
-    def arrays(self, names):
-        self._state = self._tensors()
-        plans = self.plans()
+    def _needed(self, names, plans) -> dict:
+        """{export name: the folder's tensors it is made of}."""
+        out = {}
         for name in names:
             lin, _, leaf = name.rpartition(".")
-            if lin in plans:
-                arr = np.concatenate([self._state[f"{s}.{leaf}"] for s in plans[lin].sources], axis=0)
-            else:
-                arr = self._state[name]
+            out[name] = [f"{s}.{leaf}" for s in plans[lin].sources] if lin in plans else [name]
+        return out
+
+    def check_all_used(self, names) -> None:
+        """Every weight of the folder is read by the graph: one it has no place for (a bias the config does not
+        declare, a layer past num_hidden_layers) was dropped without a word."""
+        state = self._tensors()
+        used = {t for ts in self._needed(names, self.plans()).values() for t in ts}
+        unused = sorted(set(state) - used - {"lm_head.weight"})   # lm_head: present or tied, the graph may use either
+        if unused:
+            more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+            raise EdgequantError(f"{self.path} holds weight(s) the model has no place for: {', '.join(unused[:3])}"
+                                 f"{more} (wrong model_type or options in config.json?); restore the model's original "
+                                 "files")
+
+    def arrays(self, names):
+        self._state = self._tensors()
+        for name, parts in self._needed(names, self.plans()).items():
+            missing = [t for t in parts if t not in self._state]
+            if missing:
+                raise EdgequantError(f"{self.path} has no weight '{missing[0]}' (an incomplete download or copy?); "
+                                     "restore the model's original files")
+            arr = np.concatenate([self._state[t] for t in parts], axis=0)
             out = arr.astype(np.float16)
             if out.dtype.kind == "f" and not np.isfinite(out).all():   # NaN in the model, or past fp16's range
                 raise EdgequantError(f"{self.path}: '{name}' holds NaN or infinite values (in fp16); the model's "
@@ -234,6 +256,7 @@ def write_tensor_cache(source: WeightSource, names: list[str], dist: Path) -> in
     total = [0]
 
     def gen():
+        source.check_all_used(names)
         for name, arr in source.arrays(names):
             total[0] += arr.nbytes
             yield name, np.ascontiguousarray(arr)

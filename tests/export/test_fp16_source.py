@@ -50,3 +50,46 @@ def test_bf16_weights_are_widened_exactly(model_dirs, tmp_path):
     want = _expected(model, NAMES)
     for n in NAMES:
         np.testing.assert_array_equal(got[n], want[n], err_msg=n)
+
+
+def test_a_missing_or_unused_weight_is_one_line_not_a_keyerror_or_dropped(model_dirs, tmp_path):
+    """An fp16 export of a folder without one of its weights ended in a KeyError traceback; one with a weight the
+    graph has no place for dropped it silently (hostile-input corpus)."""
+    import shutil
+
+    import pytest
+    from safetensors.numpy import load_file, save_file
+
+    from edgequant.errors import EdgequantError
+    from edgequant.export.params import open_source
+    names = [n for n in NAMES if "qkv" not in n]
+    for damage in ("drop", "extra"):
+        folder = tmp_path / damage
+        shutil.copytree(model_dirs["llama"], folder)
+        f = next(folder.glob("*.safetensors"))
+        tensors = load_file(f)
+        if damage == "drop":
+            del tensors["model.layers.1.mlp.up_proj.weight"]
+        else:
+            tensors["model.layers.0.mlp.extra.weight"] = np.ones((4, 4), np.float32)
+        save_file(tensors, f, metadata={"format": "pt"})
+        src = open_source(folder)
+        if damage == "drop":
+            with pytest.raises(EdgequantError, match="has no weight 'model.layers.1.mlp.up_proj.weight'"):
+                dict(src.arrays(names))
+        else:
+            with pytest.raises(EdgequantError, match="no place for: model.layers.0.mlp.extra.weight"):
+                src.check_all_used(_all_names(model_dirs["llama"]))
+            open_source(model_dirs["llama"]).check_all_used(_all_names(model_dirs["llama"]))   # undamaged: all used
+
+
+def _all_names(folder):
+    """The export names of a tiny llama folder: its tensors with q/k/v and gate/up fused as the graph reads them."""
+    from safetensors.numpy import load_file
+    names = set()
+    for k in load_file(next(folder.glob("*.safetensors"))):
+        pre, lin, leaf = k.rsplit(".", 2) if k.count(".") > 2 else (None, None, None)
+        fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                 "up_proj": "gate_up_proj"}
+        names.add(f"{pre}.{fused[lin]}.{leaf}" if lin in fused else k)
+    return sorted(names)
