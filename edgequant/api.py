@@ -45,6 +45,7 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
     shared = {f.name for f in CalibOptions.cli_fields()}
     config = m.config.from_dict({k: v for k, v in options.items() if k not in shared}, f" to --method {method}")
     opts = CalibOptions(**{k: v for k, v in options.items() if k in shared}, config=config)
+    m.check_shared(opts)
     check_device(opts.device)
     calib, seed = opts.calib, opts.seed
     from .checkpoint import PROVENANCE_NAME

@@ -7,7 +7,7 @@ from typing import Callable
 from .budget import GPTQConfig
 from .calibrate.configs import OmniConfig, OWQConfig
 from .errors import EdgequantError
-from .options import MAX_SEED, MAX_WINDOW_TOKENS, Options, check_window_tokens, opt
+from .options import MAX_SEED, MAX_WINDOW_TOKENS, Options, check_window_tokens, flag, opt
 from .schemes import QuantScheme
 
 
@@ -63,14 +63,31 @@ class Method:
     summary: str
     config: type = NoOptions   # its Options dataclass: the method's CLI options and API defaults
     title: str = ""            # the name its options' help starts with
+    # which of GPTQ's shared options (act_order, percdamp, skip_tokens) the method reads, given its options: one it
+    # does not read is refused when set, instead of ignored
+    gptq_options: Callable[[Options], frozenset] = lambda config: frozenset()
+
+    def check_shared(self, opts: "CalibOptions") -> None:
+        unused = [f.name for f in CalibOptions.cli_fields() if f.name in GPTQ_OPTIONS
+                  and f.name not in self.gptq_options(opts.config) and getattr(opts, f.name) != f.default]
+        if unused:
+            cfg = opts.config
+            with_gptq = getattr(cfg, "gptq", True) is False and set(unused) <= self.gptq_options(replace(cfg, gptq=True))
+            where = " without --gptq" if with_gptq else ""
+            raise EdgequantError(f"option(s) {', '.join(flag(u) for u in unused)} do not apply to --method "
+                                 f"{self.name}{where}")
+
+
+GPTQ_OPTIONS = frozenset({"act_order", "percdamp", "skip_tokens"})
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, needs_calibration: bool, summary: str, config: type = NoOptions, title: str = ""):
+def register_method(name: str, needs_calibration: bool, summary: str, config: type = NoOptions, title: str = "",
+                    gptq_options: Callable[[Options], frozenset] = lambda config: frozenset()):
     def deco(fn):
-        METHODS[name] = Method(name, fn, needs_calibration, summary, config, title or name)
+        METHODS[name] = Method(name, fn, needs_calibration, summary, config, title or name, gptq_options)
         return fn
     return deco
 
@@ -148,7 +165,7 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
 
 
 @register_method("gptq", needs_calibration=True, summary="GPTQ/OPTQ: Hessian-based error compensation",
-                 config=GPTQConfig, title="GPTQ")
+                 config=GPTQConfig, title="GPTQ", gptq_options=lambda config: GPTQ_OPTIONS)
 def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     budget = opts.config.target_bits if opts.config is not None else None
     q, stats, tokens, extra = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "gptq", budget=budget)
@@ -156,7 +173,7 @@ def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tr
 
 
 @register_method("owq", needs_calibration=True, summary="OWQ: sensitive weak columns kept in fp16, GPTQ on the rest",
-                 config=OWQConfig, title="OWQ")
+                 config=OWQConfig, title="OWQ", gptq_options=lambda config: GPTQ_OPTIONS)
 def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     from .calibrate.owq import weak_column_counts
     from .models import family_for
@@ -179,12 +196,14 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
 
 @register_method("omniquant", needs_calibration=True,
                  summary="OmniQuant: learnable weight clipping + equivalent transformation, block-wise, fused away",
-                 config=OmniConfig, title="OmniQuant")
+                 config=OmniConfig, title="OmniQuant",
+                 gptq_options=lambda config: frozenset({"act_order", "percdamp"} if config.gptq else ()))
 def _omniquant(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     from dataclasses import asdict
     from .calibrate.omniquant import calibrate_omniquant
 
-    cfg = replace(opts.config, batch_size=opts.batch_size, seed=opts.seed)
+    cfg = replace(opts.config, batch_size=opts.batch_size, seed=opts.seed, percdamp=opts.percdamp,
+                  act_order=opts.act_order)
     samples = _calibration_samples(tokenizer, opts)
     q, stats, blocks, _ = calibrate_omniquant(model, samples, scheme, cfg, opts.device, progress, opts.state_dir)
     settings = {k: v for k, v in asdict(cfg).items() if k != "seed"}

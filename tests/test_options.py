@@ -77,3 +77,17 @@ def test_config_rules(kw, msg):
 def test_owq_budget_is_one_or_the_other():
     with pytest.raises(EdgequantError, match="not both"):
         OWQConfig(target_bits=3.1, weak_columns=4)
+
+
+@pytest.mark.parametrize("method,kw,msg", [
+    ("rtn", {"percdamp": 0.5}, "--percdamp do not apply to --method rtn$"),
+    ("omniquant", {"percdamp": 0.5}, "--percdamp do not apply to --method omniquant without --gptq"),
+    ("omniquant", {"act_order": False, "gptq": False}, "--act-order do not apply to --method omniquant without --gptq"),
+    ("omniquant", {"skip_tokens": 2, "gptq": True}, "--skip-tokens do not apply to --method omniquant$"),
+])
+def test_gptq_options_a_method_does_not_read_are_refused(tmp_path, method, kw, msg):
+    """Set but never read, they changed nothing without a word (sixth hostile re-run)."""
+    from edgequant import api
+    with pytest.raises(EdgequantError, match=msg):
+        api.quantize("unused-model", tmp_path / "q", method=method, calib="unused.txt", progress=False, **kw)
+    assert not (tmp_path / "q").exists()

@@ -73,6 +73,9 @@ class OmniConfig(Options):
                             "error compensation on each block's quantized stream) instead of to nearest.", "bool")
     keep_best: bool = opt(True, "score the start and every epoch on all windows and keep the best parameters.",
                           "bool")
+    percdamp: float = opt(0.01, "--gptq rounding's Hessian damping (from the shared --percdamp).", "float", lo=0,
+                          hi=1, lo_open=True, cli=False)
+    act_order: bool = opt(True, "--gptq rounding's column order (from the shared --act-order).", "bool", cli=False)
 
     def __post_init__(self):
         super().__post_init__()

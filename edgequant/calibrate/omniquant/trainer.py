@@ -166,7 +166,7 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
         plain, qws, lin_stats = ob.fuse()
         apply_fused(block, plain, qws)
         if cfg.gptq:
-            _gptq_rounding(family, block, ob, plain, qws, lin_stats, BlockInputs(q_hidden, kw), device, bs)
+            _gptq_rounding(family, block, ob, plain, qws, lin_stats, BlockInputs(q_hidden, kw), device, bs, cfg)
         q_next, loss_after = _run(block, {}, q_hidden, kw, device, bs, fp_out, cfg.loss)
         layers[i] = block.to("cpu")
         prefix = family.layer_prefix(i)
@@ -189,7 +189,8 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
 
 
 @torch.no_grad()
-def _gptq_rounding(family, block, ob, plain: dict, qws: dict, lin_stats: dict, inputs: BlockInputs, device, bs):
+def _gptq_rounding(family, block, ob, plain: dict, qws: dict, lin_stats: dict, inputs: BlockInputs, device, bs,
+                   cfg: OmniConfig):
     """LWC then GPTQ: keep the learned ranges (each group's scale and zero point) and replace round-to-nearest by
     GPTQ's error-compensating rounding (arXiv 2210.17323) within them, linear group by linear group on the block's
     quantized input stream, earlier groups already rounded (as `layerwise.py` does). OWQ's fp16 columns stay kept
@@ -208,7 +209,7 @@ def _gptq_rounding(family, block, ob, plain: dict, qws: dict, lin_stats: dict, i
         for n, lin in zip(group.names, mods):
             w, old = t[f"{n}.weight"].to(device), qws[n]
             keep = None if old.outlier_idx is None else old.outlier_idx.to(device)
-            qw, loss = gptq_quantize(w, H, ob.scheme, act_order=True, keep=keep,
+            qw, loss = gptq_quantize(w, H, ob.scheme, percdamp=cfg.percdamp, act_order=cfg.act_order, keep=keep,
                                      params=(old.scale.to(device), old.zero.to(device)))
             w_hat = qw.dequantize()
             d = ob.let.shift(n) if ob.let is not None and f"{n}.bias" in t else None
