@@ -5,7 +5,8 @@ arXiv 2004.05150, as Gemma 2/3 use it: a query sees the `window` latest keys, it
 
 The cache's runtime calls three kernels per layer, with the ABI of TVM 0.27's own CPU kernels
 (`tvm.relax.frontend.nn.llm._prefill_kernels` / `_decode_kernels`), so these drop in where those are built
-(`cpu_kernels_for`, used by export/models/llama.py through `workarounds.own_cpu_attention`):
+(`cpu_kernels_for`, used by export/models/llama.py through `workarounds.own_attention`; paged_attention_gpu.py
+holds their GPU twins, which share the index rules below):
 - ragged prefill: a prefill chunk's queries against the chunk's own keys (causal). It cannot tell layers apart,
   so it has no window: the export keeps every prefill chunk within the window (export/build.py `prefill_chunk`),
   where a query's in-chunk keys are all inside its window;
