@@ -146,10 +146,10 @@ class WebGPURunner:
         self.device = adapter.request_device_sync(required_features=features)
         self._modules = {}
 
-    def run(self, lowered, arrays):
-        self.execute(lowered.source, resolve(lowered, arrays), arrays)
+    def run(self, lowered, arrays, outputs=(-1,)):
+        self.execute(lowered.source, resolve(lowered, arrays), arrays, outputs)
 
-    def execute(self, full_source: str, plan: list[dict], arrays):
+    def execute(self, full_source: str, plan: list[dict], arrays, outputs=(-1,)):
         wgpu = self.wgpu
         dev = self.device
         usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
@@ -198,8 +198,9 @@ class WebGPURunner:
             cp.dispatch_workgroups(*dispatch)
             cp.end()
             dev.queue.submit([enc.finish()])
-        out = np.frombuffer(dev.queue.read_buffer(bufs[-1]), np.uint8)[:arrays[-1].nbytes]
-        arrays[-1][...] = out.view(arrays[-1].dtype).reshape(arrays[-1].shape)
+        for i in outputs:
+            out = np.frombuffer(dev.queue.read_buffer(bufs[i]), np.uint8)[:arrays[i].nbytes]
+            arrays[i][...] = out.view(arrays[i].dtype).reshape(arrays[i].shape)
 
 
 def _wgsl_kernel_source(source: str, kernel: str) -> str:

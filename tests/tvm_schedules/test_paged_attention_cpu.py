@@ -1,8 +1,8 @@
 """edgequant's attention kernels for the paged KV cache, CPU (tvm_schedules/paged_attention_cpu.py, compiled for llvm)
-and GPU (paged_attention_gpu.py, compiled for opencl and run on PoCL through pyopencl as tests/export/mobile_gpu.py
-runs an android export's kernels; `.ci/install-gpu-sw.sh` installs them, the GPU cases skip where they are missing),
-against their NumPy reference, on a hand-made page table with the runtime's layout (pages out of order, a sliding window that starts
-inside a page): the chunk against itself (ragged), the chunk against the cached keys (paged prefill, full and
+and GPU (paged_attention_gpu.py, compiled for opencl and webgpu and run on PoCL and Mesa's lavapipe as
+tests/export/mobile_gpu.py runs an android or webgpu export's kernels; `.ci/install-gpu-sw.sh` installs them, the GPU
+cases skip where they are missing), against their NumPy reference, on a hand-made page table with the runtime's
+layout (pages out of order, a sliding window that starts inside a page): the chunk against itself (ragged), the chunk against the cached keys (paged prefill, full and
 windowed, where late rows see no cached key at all), and decode; GQA groups, with and without a soft-cap. A window
 comes either as the runtime's sliding-layer view ("mha_sliding": its last pages and length info) or, for a window
 on every layer, from the kernels' own `every_window` over all the pages."""
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.tvm
 H_KV, H_Q, D, PAGE = 2, 4, 16, 16
 
 
-@pytest.fixture(params=["llvm", "opencl"])
+@pytest.fixture(params=["llvm", "opencl", "webgpu"])
 def backend(request, monkeypatch):
     """(kernel module, runner) for one backend: runner(func, *args, outputs=(i, j)) returns the args, outputs
     written. The GPU kernels run with 8 threads a block here, so that keys come in several tiles (the last one
@@ -26,8 +26,8 @@ def backend(request, monkeypatch):
         return paged_attention_cpu, _run_llvm
     monkeypatch.setattr(paged_attention_gpu, "_THREADS", 8)
     try:
-        from tests.export.mobile_gpu import OpenCLRunner
-        runner = OpenCLRunner()
+        from tests.export.mobile_gpu import OpenCLRunner, WebGPURunner
+        runner = OpenCLRunner() if request.param == "opencl" else WebGPURunner()
     except ImportError as e:
         pytest.skip(f"{e.name} is not installed: run .ci/install-gpu-sw.sh")
     except RuntimeError as e:
@@ -36,7 +36,7 @@ def backend(request, monkeypatch):
     def run(func, *args, outputs):
         import tvm
         from tests.export import kernel_launch
-        lowered = kernel_launch.lower(func, tvm.target.Target("opencl", host="llvm"))
+        lowered = kernel_launch.lower(func, tvm.target.Target(request.param, host="llvm"))
         arrays = [a if isinstance(a, np.ndarray) else np.array(a) for a in args]
         runner.run(lowered, arrays, outputs)
         return arrays
