@@ -151,4 +151,10 @@ def test_gpu_and_mobile_targets_compile(target, tmp_path, tokenizer):
     info = json.loads((dist / "edgequant-export.json").read_text())
     # edgequant's GPU attention kernels: the window exact past it, the context the model's
     assert info["model"]["context_window"] == 1024 and info["model"]["sliding_layers"] == [0, 2]
-    assert b"edgequant_decode_paged_kv_gpu_sliding_window" in lib[0].read_bytes()
+    import tarfile
+    if tarfile.is_tarfile(lib[0]):   # mobile targets: objects in a (gzipped) tar
+        with tarfile.open(lib[0]) as tar:
+            code = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())
+    else:
+        code = lib[0].read_bytes()
+    assert b"edgequant_decode_paged_kv_gpu_sliding_window" in code
