@@ -16,9 +16,10 @@ thread folds the tile's scores into the running maximum and denominator (the sam
 reduction is needed) and accumulates the value rows of the dimensions it owns (d, d + _THREADS, ...): one online
 softmax (Milakov and Gimelshein, arXiv 1805.02867) over exactly the visible range, as the CPU kernels run it.
 Loop extents depend only on the block's row and head, so every barrier is reached by the whole block. This is
-written for exactness on every GPU API TVM emits (no warp shuffles, no tensor cores, shared memory of a few hundred
-bytes); TVM's stock kernels, which tile queries and keys through shared memory, stay in use wherever neither a window
-past the cache's view nor a soft-cap is needed.
+written for exactness on every GPU API TVM emits (no warp shuffles, no tensor cores, under 2 KiB of shared memory),
+not for speed: on an H200 these kernels take 1.3x to 3.7x the time of TVM's stock ones
+(benchmarks/results/gpu-attention-h200.md; one block per query and head, no split over the keys), so the stock
+kernels stay in use for models with neither a sliding window nor the soft-cap (`ArchConfig.own_attention`).
 """
 from __future__ import annotations
 
