@@ -116,7 +116,7 @@ def test_paged_prefill_matches_numpy(backend, window, softcap, view):
         info = np.array([(past - 1) % PAGE + 1], "int32")
     out, lse = np.zeros((n, H_Q, D), "float16"), np.zeros((n, H_Q), "float32")
     res = run(kernels.paged_prefill(H_KV, H_Q, D, "float16", sliding, None, sliding_window_size=window or 1024,
-                                    softcap=softcap, every_window=0 if view else window),
+                                    softcap=softcap, every_window=0 if view else window or 0),
               q, np.array([0, n], "int32"), pages, np.array([0, len(ids)], "int32"), ids, info,
               np.zeros(1, "int32"), np.arange(n, dtype="int32"), out, lse, int(sliding), 0, 1.0, 1e4, 0.3,
               outputs=(8, 9))
@@ -128,9 +128,10 @@ def test_paged_prefill_matches_numpy(backend, window, softcap, view):
     assert not res[8][~seen].any() and (res[9][~seen] == -5e4).all()   # nothing to merge from the cache
 
 
-@pytest.mark.parametrize("window,softcap,view", [(12, 0.5, True), (12, None, False)])
+@pytest.mark.parametrize("window,softcap,view", [(12, 0.5, True), (12, None, False), (None, 0.5, False)])
 def test_decode_matches_numpy(backend, window, softcap, view):
-    """One query at position 40, its own key already appended (the runtime appends before a decode step)."""
+    """One query at position 40, its own key already appended (the runtime appends before a decode step); without a
+    window the GPU kernel walks the 41 keys in six 8-key tiles."""
     from edgequant.tvm_schedules.paged_attention_cpu import attention_np
     kernels, run = backend
     rng = np.random.default_rng(2)
@@ -144,7 +145,7 @@ def test_decode_matches_numpy(backend, window, softcap, view):
         info = np.array([(length - 1) % PAGE + 1], "int32")
     out, lse = np.zeros((1, H_Q, D), "float16"), np.zeros((1, H_Q), "float32")
     res = run(kernels.paged_decode(H_KV, H_Q, D, "float16", view, None, softcap=softcap,
-                                   every_window=0 if view else window),
+                                   every_window=0 if view else window or 0),
               q, pages, np.array([0, len(ids)], "int32"), ids, info, np.zeros(1, "int32"),
               np.array([length - 1], "int32"), out, lse, 0, 1.0, 1e4, 0.3, outputs=(7, 8))
     want, want_lse = attention_np(q, k, v, [length - 1], np.arange(length), 0.3, window, softcap)
