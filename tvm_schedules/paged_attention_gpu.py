@@ -1,5 +1,5 @@
 """GPU attention kernels for TVM's paged KV cache (`TIRPagedKVCache` on every non-llvm target: cuda, metal, opencl,
-vulkan, webgpu) with what Gemma, Mistral and Phi-3 need and TVM 0.27's stock GPU kernels lack: attention logit
+webgpu) with what Gemma, Mistral and Phi-3 need and TVM 0.27's stock GPU kernels lack: attention logit
 soft-capping (Gemma 2, arXiv 2408.00118) and sliding windows that stay exact past the window (Longformer's local
 attention, arXiv 2004.05150).
 
