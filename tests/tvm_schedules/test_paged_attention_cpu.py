@@ -2,8 +2,9 @@
 and GPU (paged_attention_gpu.py, compiled for opencl and webgpu and run on PoCL and Mesa's lavapipe as
 tests/export/mobile_gpu.py runs an android or webgpu export's kernels; `.ci/install-gpu-sw.sh` installs them, the GPU
 cases skip where they are missing), against their NumPy reference, on a hand-made page table with the runtime's
-layout (pages out of order, a sliding window that starts inside a page): the chunk against itself (ragged), the chunk against the cached keys (paged prefill, full and
-windowed, where late rows see no cached key at all), and decode; GQA groups, with and without a soft-cap. A window
+layout (pages out of order, a sliding window that starts inside a page): the chunk against itself (ragged), the
+chunk against the cached keys (paged prefill, full and windowed, where late rows see no cached key at all), and
+decode; GQA groups, with and without a soft-cap. A window
 comes either as the runtime's sliding-layer view ("mha_sliding": its last pages and length info) or, for a window
 on every layer, from the kernels' own `every_window` over all the pages."""
 from __future__ import annotations
