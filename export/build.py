@@ -66,7 +66,7 @@ def _walk(mod):
 
 def prefill_chunk(arch) -> int:
     """Tokens per prefill call: never more than the context, nor than a sliding window (the cache's kernel for a
-    chunk's attention to itself has no window: tvm_schedules/workarounds.py own_cpu_attention)."""
+    chunk's attention to itself has no window: tvm_schedules/workarounds.py own_attention)."""
     return min(PREFILL_CHUNK, arch.context_window, arch.sliding_window or PREFILL_CHUNK)
 
 
@@ -111,7 +111,6 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
         raise EdgequantError(f"--system-lib-prefix {system_lib_prefix!r} must be a C identifier (letters, digits, "
                              "underscores; not starting with a digit), e.g. mymodel_")
     source = open_source(checkpoint, preset.packing3, preset.zeros_packed)
-    source.target_kind = preset.target["kind"]
     if not any((source.path / n).is_file() for n in TOKENIZER_VOCABS):
         raise EdgequantError(f"{source.path} has no tokenizer (tokenizer.json or tokenizer.model); `run`, `chat` and "
                              "`eval` of the DIST need it: save the model's tokenizer into that folder and export again")

@@ -58,12 +58,10 @@ class WeightSource:
     path: Path
     config: dict
     quantization: str
-    target_kind: str | None = None   # the TVM target kind being exported for (export_model sets it)
 
     @property
     def arch(self) -> ArchConfig:
-        a = graph_for(self.config)[0].from_hf(self.config)
-        return a.for_target(self.target_kind) if self.target_kind else a
+        return graph_for(self.config)[0].from_hf(self.config)
 
     def check_all_used(self, names) -> None:
         """Refuse weights the graph's `names` leave unread (a source that reads its tensors by name checks this)."""

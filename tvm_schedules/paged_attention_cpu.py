@@ -5,7 +5,8 @@ arXiv 2004.05150, as Gemma 2/3 use it: a query sees the `window` latest keys, it
 
 The cache's runtime calls three kernels per layer, with the ABI of TVM 0.27's own CPU kernels
 (`tvm.relax.frontend.nn.llm._prefill_kernels` / `_decode_kernels`), so these drop in where those are built
-(`cpu_kernels_for`, used by export/models/llama.py through `workarounds.own_cpu_attention`):
+(`cpu_kernels_for`, used by export/models/llama.py through `workarounds.own_attention`; paged_attention_gpu.py
+holds their GPU twins, which share the index rules below):
 - ragged prefill: a prefill chunk's queries against the chunk's own keys (causal). It cannot tell layers apart,
   so it has no window: the export keeps every prefill chunk within the window (export/build.py `prefill_chunk`),
   where a query's in-chunk keys are all inside its window;
@@ -84,8 +85,8 @@ def ragged_prefill(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, softcap
                     for h in T.serial(h_q):
                         n_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                         n_k: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-                        hi: T.let[T.int32] = T.max(T.min(T.if_then_else(causal > 0, n_k - n_q + qi + 1, n_k), n_k), 0)
-                        lo: T.let[T.int32] = _window_start(hi - 1, every_window)
+                        lo: T.let[T.int32] = _ragged_range(causal, n_k, n_q, qi, every_window)[0]
+                        hi: T.let[T.int32] = _ragged_range(causal, n_k, n_q, qi, every_window)[1]
                         row: T.let[T.int32] = q_indptr[b] + qi
                         m[0] = T.float32(_NEG)
                         den[0] = T.float32(0)
@@ -109,6 +110,14 @@ def ragged_prefill(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, softcap
                         lse[row, h] = T.if_then_else(den[0] > 0, m[0] + T.log2(den[0]), T.float32(_NEG))
 
     return batch_prefill_ragged_kv
+
+
+def _ragged_range(causal, n_k, n_q, qi, every_window: int):
+    """(first, one past the last) of the chunk's keys that query row qi of the chunk sees in the ragged kernel:
+    causally (the chunk's last query sees the last key), within `every_window` of its position."""
+    from tvm import tirx
+    hi = tirx.max(tirx.min(tirx.if_then_else(causal > 0, n_k - n_q + qi + 1, n_k), n_k), 0)
+    return _window_start(hi - 1, every_window), hi
 
 
 def _length_info(T, var, batch, sliding: bool, off):

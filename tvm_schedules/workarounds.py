@@ -63,16 +63,17 @@ def mark_do_not_tensorize():
 
 
 @contextlib.contextmanager
-def own_cpu_attention(softcap: float | None, every_window: int = 0):
-    """Within the block, `TIRPagedKVCache` on llvm builds edgequant's CPU attention kernels
-    (tvm_schedules/paged_attention_cpu.py) instead of the stock ones; the runtime calls them through the same ABI.
-    `every_window`: a window on every layer, applied by the kernels of "mha" layers (bug 5).
+def own_attention(softcap: float | None, every_window: int = 0):
+    """Within the block, `TIRPagedKVCache` builds edgequant's attention kernels instead of the stock ones: on llvm
+    tvm_schedules/paged_attention_cpu.py, on every GPU target paged_attention_gpu.py; the runtime calls them through
+    the same ABI. `every_window`: a window on every layer, applied by the kernels of "mha" layers (bug 5).
 
     Bug 4: the stock paged-prefill CPU kernel (`_attention_prefill_cpu`, the chunk's queries against the keys cached
     before it) leaves its running maximum `new_m` unset when a query's first keys are masked, which only happens for
     "mha_sliding" layers past the window: logits off by about their whole range, or NaN, depending on memory
     contents. Its ragged kernel (a chunk against itself) has no window mask at all; the export keeps prefill chunks
-    within the window for that one (export/build.py `prefill_chunk`).
+    within the window for that one (export/build.py `prefill_chunk`). The stock GPU kernels share the ragged
+    kernel's gap and were never shown exact past the window here; they are replaced alike.
     Bug 5: a cache whose layers are all "mha_sliding" (Mistral, Phi-3: one window for every layer) fails its first
     prefill ("Check failed: (data_ != nullptr)" in Tensor::CreateView): the runtime allocates its q/k/v staging
     buffers only when some layer is "mha". Such models keep "mha" layers and the window goes into the kernels.
@@ -81,7 +82,8 @@ def own_cpu_attention(softcap: float | None, every_window: int = 0):
     from tvm.relax.frontend.nn.llm import kv_cache
 
     from .paged_attention_cpu import cpu_kernels_for
-    kernels = cpu_kernels_for(softcap, every_window)
+    from .paged_attention_gpu import gpu_kernels_for
+    kernels = {**cpu_kernels_for(softcap, every_window), **gpu_kernels_for(softcap, every_window)}
     stock = {name: getattr(kv_cache, name) for name in kernels}
     for name, fn in kernels.items():
         setattr(kv_cache, name, fn)

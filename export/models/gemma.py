@@ -15,27 +15,19 @@ What TVM 0.27's paged KV cache (`tvm.relax.frontend.nn.llm.kv_cache`) offers, an
   ragged kernel, which runs a prefill chunk's attention to itself for every layer, has no window mask; (2) the CPU
   paged-prefill kernel, which runs the chunk's queries against the cached keys, leaves its running softmax maximum
   unset when a query's first keys are masked, which happens exactly for sliding layers past the window
-  (tvm_schedules/workarounds.py `own_cpu_attention`, bug 4; reproduced: NaN logits with 12-token chunks). So: every
+  (tvm_schedules/workarounds.py `own_attention`, bug 4; reproduced: NaN logits with 12-token chunks). So: every
   prefill chunk stays within the window (export/build.py `prefill_chunk`), where a query's in-chunk keys are all in
-  its window; and cpu exports run edgequant's own CPU attention kernels (tvm_schedules/paged_attention_cpu.py),
-  exact past the window over the model's whole context (`for_target`). GPU and mobile exports keep TVM's stock GPU
-  kernels, untested here past the window and without the soft-cap: there every layer runs full attention with the
-  context capped at the sliding window, where sliding-window attention equals full attention (a query sees the
-  `window` latest keys, itself included: transformers' mask), and `run` refuses longer sequences.
+  its window; and every export runs edgequant's own attention kernels (tvm_schedules/paged_attention_cpu.py on cpu
+  targets, paged_attention_gpu.py on GPU and mobile ones), exact past the window over the model's whole context (a
+  query sees the `window` latest keys, itself included: transformers' mask).
 - RoPE: the cache applies one RoPE (one base) to every layer. Gemma 3's local layers use another base
   (`rope_local_base_freq`), so where the bases differ the cache runs with RopeMode.NONE and the graph rotates q and
   k itself (`_rotate`, positions from the cache's `get_query_positions`), with each layer's own base.
 - Attention logit soft-capping (Gemma 2's `attn_logit_softcapping`, cap * tanh(score / cap) before the softmax): the
-  scores never leave the cache's kernels, so the cap goes inside them. edgequant's CPU kernels take it; TVM's GPU
-  kernels lack it, so GPU and mobile exports run Gemma 2 without it (as MLC-LLM's Gemma 2 does), say so on the
-  console and record it in edgequant-export.json (`model.attn_logit_softcapping_dropped`): scores near or above the
-  cap (50 in the released models) are rare, so the difference is small, but it is not exact. The final logit
-  soft-cap is exact on every target (an ordinary op on the logits).
+  scores never leave the cache's kernels, so the cap goes inside them: TVM's stock kernels lack it, edgequant's take
+  it on every target. The final logit soft-cap is an ordinary op on the logits.
 """
 from __future__ import annotations
-
-import dataclasses
-import sys
 
 import numpy as np
 from dataclasses import dataclass
@@ -59,7 +51,6 @@ _ACTS = ("gelu_pytorch_tanh", "gelu_tanh")
 class GemmaArchConfig(ArchConfig):
     query_pre_attn_scalar: float = 256.0
     final_logit_softcapping: float | None = None
-    attn_logit_softcapping_dropped: float | None = None   # Gemma 2's cap, where the target's kernels lack it
     qk_norm: bool = False                                   # Gemma 3's per-head q/k norms
     layer_types: tuple = ()                                 # "sliding_attention" / "full_attention" per layer
     rope_local_theta: float | None = None                   # local layers' RoPE base where it differs (Gemma 3)
@@ -96,28 +87,15 @@ class GemmaArchConfig(ArchConfig):
                    num_kv_heads=int(d.kv_heads), head_dim=int(d.head_dim),
                    rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=glob[0], rope_scale=glob[1],
                    tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
-                   context_window=min(int(c.get("max_position_embeddings", 8192)),
-                                      int(sw) if "sliding_attention" in types else 1 << 30),
+                   context_window=int(c.get("max_position_embeddings", 8192)),
                    sliding_window=int(sw) if "sliding_attention" in types else None,
+                   sliding_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
                    query_pre_attn_scalar=float(c.get("query_pre_attn_scalar") or d.head_dim),
                    final_logit_softcapping=c.get("final_logit_softcapping"),
-                   attn_logit_softcapping_dropped=c.get("attn_logit_softcapping"),
+                   attn_logit_softcapping=c.get("attn_logit_softcapping"),
                    qk_norm=family_for(mt).name == "gemma3", layer_types=types,
                    rope_local_theta=None if local == glob else local[0],
-                   rope_local_scale=1.0 if local == glob else local[1],
-                   max_context=int(c.get("max_position_embeddings", 8192)))
-
-    def for_target(self, kind: str) -> "GemmaArchConfig":
-        """LLaMA's rule for the window (exact past it on cpu targets, a cap elsewhere), and on cpu targets Gemma 2's
-        attention soft-cap applied by the same kernels (TVM's GPU kernels lack it)."""
-        a = super().for_target(kind)
-        if kind != "llvm":
-            return a
-        return dataclasses.replace(a, attn_logit_softcapping=self.attn_logit_softcapping_dropped,
-                                   attn_logit_softcapping_dropped=None)
-
-    def window_layers(self) -> tuple:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == "sliding_attention")
+                   rope_local_scale=1.0 if local == glob else local[1])
 
     @property
     def graph_rope(self) -> bool:
@@ -216,12 +194,6 @@ class GemmaForCausalLM(LlamaForCausalLM):
     the HF checkpoint."""
 
     MODEL = GemmaModel
-
-    def __init__(self, c: GemmaArchConfig, plans: dict, target):
-        super().__init__(c, plans, target)
-        if c.attn_logit_softcapping_dropped:
-            print(f"warning: {c.model_type}: attention logit soft-capping ({c.attn_logit_softcapping_dropped}) is "
-                  "not applied: TVM's paged KV cache kernels lack it (export/models/gemma.py)", file=sys.stderr)
 
     def embed(self, input_ids: Tensor):
         # transformers scales in the model's dtype: sqrt(hidden) rounded to fp16 here

@@ -14,14 +14,13 @@ long past it. `prefill` and `decode` pick them by the call's last position (tran
 `prefill_long` / `prefill_logits_long` take the long ones at every position: the runner re-encodes the sequence
 with them when it first grows past original_max_position_embeddings, as transformers' Phi-3 `generate` drops its
 cache there (export/runtime.py), so no key rotated with the short factors stays in the cache of a long sequence.
-A sliding window (mistral, phi3: the same window on every layer) is exact past the window on cpu targets, where
-edgequant's CPU attention kernels apply it (`ArchConfig.for_target`, tvm_schedules/workarounds.py own_cpu_attention);
-elsewhere it caps the context, inside which sliding-window attention equals full attention.
+A sliding window (mistral, phi3: the same window on every layer) is exact past the window on every target, where
+edgequant's attention kernels apply it (tvm_schedules/paged_attention_cpu.py and paged_attention_gpu.py, through
+tvm_schedules/workarounds.py own_attention); the context is the model's.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -36,7 +35,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from edgequant.errors import EdgequantError
 from edgequant.models import FAMILIES, family_for
 
-from edgequant.tvm_schedules.workarounds import own_cpu_attention
+from edgequant.tvm_schedules.workarounds import own_attention
 
 from ..quant_linear import DenseLinear, Embedding, QuantEmbedding, QuantLinear, quant_matmul
 
@@ -70,11 +69,10 @@ class ArchConfig:
     rope_long_factors: tuple = ()          # longrope: the same, for calls reaching past rope_original_context
     rope_original_context: int = 0         # longrope: original_max_position_embeddings
     attention_factor: float = 1.0          # longrope: the scale of cos and sin
-    # run in the cache as "mha_sliding" with `sliding_window` (exact past the window; cpu targets only, see
-    # tvm_schedules/workarounds.py own_cpu_attention); empty: every layer full attention
+    # run in the cache as "mha_sliding" with `sliding_window` (exact past the window, see
+    # tvm_schedules/workarounds.py own_attention); empty: every layer full attention
     sliding_layers: tuple = ()
-    max_context: int = 2048                # max_position_embeddings: the context where the window is not a cap
-    attn_logit_softcapping: float | None = None   # cap * tanh(score / cap) in the cache's kernels (cpu targets only)
+    attn_logit_softcapping: float | None = None   # cap * tanh(score / cap) in the cache's kernels
 
     @classmethod
     def from_hf(cls, c: dict) -> "ArchConfig":
@@ -111,11 +109,6 @@ class ArchConfig:
                                  "longrope/su)")
         # mistral and phi3 configs mean their sliding_window (transformers applies it for them unless it is null)
         sw = c.get("sliding_window") if c.get("use_sliding_window", c["model_type"] in ("mistral", "phi3")) else None
-        full = ctx
-        if sw:
-            # attention inside the window equals full attention: without edgequant's CPU kernels (`for_target`)
-            # the context is capped at the window, so every supported length is exact
-            ctx = min(ctx, int(sw))
         family = family_for(c["model_type"])
         d = family.dims(c)
         return cls(model_type=c["model_type"], vocab_size=int(c["vocab_size"]), hidden_size=int(d.hidden),
@@ -126,28 +119,17 @@ class ArchConfig:
                    context_window=ctx, sliding_window=int(sw) if sw else None,
                    qk_norm=any(n.name == "self_attn.q_norm" for n in family.norms), rope_short_factors=ext,
                    rope_long_factors=long, rope_original_context=orig, attention_factor=attn_factor,
-                   max_context=full)
+                   sliding_layers=tuple(range(int(c["num_hidden_layers"]))) if sw else ())
 
     @property
     def graph_rope(self) -> bool:
         """Whether the graph applies RoPE instead of the cache (longrope: `_rope_longrope`)."""
         return bool(self.rope_short_factors)
 
-    def for_target(self, kind: str) -> "ArchConfig":
-        """The config as exported for a TVM target kind ("llvm", "cuda", ...). On cpu targets the cache runs
-        edgequant's own attention kernels, so a sliding window is exact past it and the context is the model's;
-        elsewhere (TVM's stock GPU kernels) every layer runs full attention in a context capped at the window."""
-        if kind != "llvm" or not self.sliding_window:
-            return self
-        return dataclasses.replace(self, context_window=self.max_context, sliding_layers=self.window_layers())
-
-    def window_layers(self) -> tuple:
-        """The layers the sliding window applies to: all of them here (mistral, phi3)."""
-        return tuple(range(self.num_layers))
-
     @property
-    def own_cpu_attention(self) -> bool:
-        """Whether the cache needs edgequant's CPU attention kernels (a window past it, or a soft-cap)."""
+    def own_attention(self) -> bool:
+        """Whether the cache needs edgequant's attention kernels (a window, or a soft-cap): TVM's stock kernels are
+        kept where neither is (tvm_schedules/workarounds.py own_attention)."""
         return bool(self.sliding_layers or self.attn_logit_softcapping)
 
 
@@ -359,10 +341,7 @@ class LlamaForCausalLM(nn.Module):
         every = len(c.sliding_layers) == c.num_layers   # one window for all: the kernels apply it (bug 5)
         kinds = ["mha_sliding" if i in c.sliding_layers else "mha" for i in range(c.num_layers)] \
             if c.sliding_layers and not every else "mha"
-        own = c.own_cpu_attention
-        if own and self.target.kind.name != "llvm":
-            raise EdgequantError("windowed layers and attention soft-capping have kernels for cpu targets only")
-        with own_cpu_attention(c.attn_logit_softcapping, c.sliding_window if every else 0) if own \
+        with own_attention(c.attn_logit_softcapping, c.sliding_window if every else 0) if c.own_attention \
                 else contextlib.nullcontext():
             return TIRPagedKVCache(
                 attn_kind=kinds, layer_sliding_window_size=c.sliding_window if c.sliding_layers else 1024,

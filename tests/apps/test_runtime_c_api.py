@@ -176,3 +176,46 @@ def test_quantized_table_dist_runs_in_the_c_runtime(capi, tmp_path, model_dirs):
         np.testing.assert_allclose(capi.logits(h), runner.prefill(PROMPT), rtol=1e-5, atol=1e-5)
     finally:
         capi.lib.edgequant_close(h)
+
+
+@pytest.mark.slow   # one more export (~30 s on a 2-core CI machine)
+def test_longrope_switch_re_encodes_like_edgequant_run(capi, tmp_path):
+    """Phi-3 longrope (original context 16): the C runtime re-encodes the sequence with the long factors when it first
+    grows past 16 tokens, as the Runner does (transformers' Phi-3 `generate`), whether the switch comes in a decode
+    step or inside a prefill: its greedy tokens and logits are the Runner's. Control: the Runner without the
+    re-encoding (short-rotated keys kept) gives other logits there."""
+    from edgequant import api
+    from edgequant.export.api import export
+    from edgequant.export.runtime import Runner
+    from conftest import make_tiny_model, make_tokenizer
+    src = tmp_path / "phi3"
+    model = make_tiny_model("phi3", seed=5)
+    model.config.original_max_position_embeddings = 16
+    model.config.rope_parameters["original_max_position_embeddings"] = 16
+    model.save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    ck = api.quantize(str(src), tmp_path / "q", method="rtn", bits=4, group_size=32, progress=False)
+    dist = export(ck, "cpu", tmp_path / "dist", progress=False)
+    runner = Runner(dist, load_tokenizer=False)
+    assert runner.long_after == 16
+    prompt = [int(x) for x in np.random.default_rng(3).integers(0, 320, 20)]
+    s, h = capi.open(dist)
+    assert s == 0, capi.error()
+    try:
+        # the switch in a decode step: 12 prompt tokens, then greedy tokens across position 16
+        want = runner.generate(prompt[:12], 10, stop_ids=()).tokens
+        assert capi.generate(h, prompt[:12], 10) == want
+        # ... and inside a prefill: 10 tokens, then 10 more that cross 16 (the whole sequence again, long factors)
+        assert capi.lib.edgequant_reset(h, 0) == 0
+        assert capi.prefill(h, prompt[:10]) == 0 and capi.prefill(h, prompt[10:]) == 0, capi.error()
+        runner.new_sequence()
+        runner.prefill(prompt[:10])
+        crossed = runner.prefill(prompt[10:])
+        np.testing.assert_allclose(capi.logits(h), crossed, rtol=1e-5, atol=1e-5)
+        runner.new_sequence()
+        runner._switches_to_long = lambda n: False   # the control: no re-encoding
+        runner.prefill(prompt[:10])
+        kept = runner.prefill(prompt[10:])
+        assert np.abs(kept - crossed).max() > 1e-2 * np.abs(crossed).max()
+    finally:
+        capi.lib.edgequant_close(h)

@@ -38,10 +38,14 @@ class Lowered:
     params: list[tuple[str, tuple, str]]  # the prim func's buffers in call order: name, shape (IntImm/Var), dtype
     launches: list[Launch]               # in the order the host calls them
     lets: dict                           # host scalars the launches may use (name -> expression)
+    offsets: tuple = ()                  # the buffers' element-offset variables
 
     def env(self, arrays) -> dict:
-        """Names -> values for `evaluate`: the shape variables bound by `arrays`, then the host's let scalars."""
-        return {**self.lets, **bind_shapes(self.params, arrays)}
+        """Names -> values for `evaluate`: the shape variables bound by `arrays`, the scalar parameters' values
+        (passed in `arrays` at their places), element offsets 0 (whole arrays), then the host's let scalars."""
+        scalars = {name: a.item() if hasattr(a, "item") else a
+                   for (name, shape, _), a in zip(self.params, arrays) if shape is None}
+        return {**self.lets, **dict.fromkeys(self.offsets, 0), **bind_shapes(self.params, arrays), **scalars}
 
 
 _BINARY = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
@@ -52,7 +56,7 @@ _BINARY = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a
 def evaluate(expr, env: dict[str, int]) -> int:
     """The integer value of an index expression of the host code, with variables looked up by name in `env`."""
     kind = type(expr).__name__
-    if isinstance(expr, int):
+    if isinstance(expr, (int, float)):   # a bound variable's value (float: a scalar parameter such as a scale)
         return expr
     if kind == "IntImm":
         return int(expr.value)
@@ -60,7 +64,7 @@ def evaluate(expr, env: dict[str, int]) -> int:
         if expr.name not in env:
             raise ValueError(f"launch expression needs {expr.name}, which is none of {sorted(env)}")
         v = env[expr.name]
-        return evaluate(v, env) if not isinstance(v, int) else v
+        return evaluate(v, env) if not isinstance(v, (int, float)) else v
     if kind == "Cast":
         return evaluate(expr.value, env)
     if kind in _BINARY:
@@ -72,7 +76,7 @@ def bind_shapes(params, arrays) -> dict[str, int]:
     """Shape variables (name -> value) from the arrays passed for the prim func's buffers (same order)."""
     env: dict[str, int] = {}
     for (name, shape, _), a in zip(params, arrays):
-        for d, n in zip(shape, a.shape):
+        for d, n in zip(shape or (), getattr(a, "shape", ())):
             if type(d).__name__ == "Var":
                 if env.setdefault(d.name, n) != n:
                     raise ValueError(f"{name}: {d.name} = {n}, bound to {env[d.name]} by an earlier buffer")
@@ -106,7 +110,9 @@ def lower(func, target) -> Lowered:
 
     name = "main"
     # tvm 0.27: buffer parameters are Vars of BufferType (name, shape, dtype)
-    params = [(p.name, tuple(p.shape), str(p.dtype)) for p in func.params]
+    # scalar parameters (attention kernels' flags and scales) have shape None; their values come with the arrays
+    params = [(p.name, tuple(p.shape), str(p.dtype)) if type(p.ty).__name__ == "BufferType"
+              else (p.name, None, str(p.ty.dtype)) for p in func.params]
     mod = tvm.IRModule({name: func.with_attr("global_symbol", name)})
     mod = tirx.transform.BindTarget(target.with_host(target.host or "llvm"))(mod)
     pipeline, _, finalize_device = tvm.tirx.get_default_tir_pipeline(target)
@@ -137,4 +143,6 @@ def lower(func, target) -> Lowered:
         launches.append(Launch(kernel, args, tags, list(call.args[len(call.args) - len(tags):])))
     if not launches:
         raise ValueError("the host code launches no kernel")
-    return Lowered(sources[0], params, launches, lets)
+    offsets = tuple(p.elem_offset.name for p in func.params
+                    if type(p.ty).__name__ == "BufferType" and type(p.elem_offset).__name__ == "Var")
+    return Lowered(sources[0], params, launches, lets, offsets)

@@ -94,11 +94,12 @@ class OpenCLRunner:
             self._programs[source] = cl.Program(self.ctx, text).build()
         return self._programs[source]
 
-    def run(self, lowered, arrays):
-        """Launch every kernel of `lowered` on `arrays` (the prim func's buffers; the last one is written back)."""
-        self.execute(lowered.source, resolve(lowered, arrays), arrays)
+    def run(self, lowered, arrays, outputs=(-1,)):
+        """Launch every kernel of `lowered` on `arrays` (the prim func's buffers, then the values of its scalar
+        parameters, if any); the arrays at `outputs` are written back."""
+        self.execute(lowered.source, resolve(lowered, arrays), arrays, outputs)
 
-    def execute(self, source: str, plan: list[dict], arrays):
+    def execute(self, source: str, plan: list[dict], arrays, outputs=(-1,)):
         cl = _pyopencl()
         prog = self.program(source)
         host = [a.astype(np.float32) if a.dtype == np.float16 and not self.fp16 else np.ascontiguousarray(a)
@@ -112,9 +113,11 @@ class OpenCLRunner:
             args = [bufs[v] if kind == "buffer" else next(scalars)(v) for kind, v in launch["args"]]
             kern = getattr(prog, launch["kernel"])
             kern(self.queue, [g * b for g, b in zip(grid, block)], block, *args)
-        cl.enqueue_copy(self.queue, host[-1], bufs[-1])
+        for i in outputs:
+            cl.enqueue_copy(self.queue, host[i], bufs[i])
         self.queue.finish()
-        arrays[-1][...] = host[-1].astype(arrays[-1].dtype)
+        for i in outputs:
+            arrays[i][...] = host[i].astype(arrays[i].dtype)
 
 
 _CL_SCALARS = {"long": np.int64, "int": np.int32, "uint": np.uint32, "ulong": np.uint64, "float": np.float32}
@@ -143,10 +146,10 @@ class WebGPURunner:
         self.device = adapter.request_device_sync(required_features=features)
         self._modules = {}
 
-    def run(self, lowered, arrays):
-        self.execute(lowered.source, resolve(lowered, arrays), arrays)
+    def run(self, lowered, arrays, outputs=(-1,)):
+        self.execute(lowered.source, resolve(lowered, arrays), arrays, outputs)
 
-    def execute(self, full_source: str, plan: list[dict], arrays):
+    def execute(self, full_source: str, plan: list[dict], arrays, outputs=(-1,)):
         wgpu = self.wgpu
         dev = self.device
         usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
@@ -195,8 +198,9 @@ class WebGPURunner:
             cp.dispatch_workgroups(*dispatch)
             cp.end()
             dev.queue.submit([enc.finish()])
-        out = np.frombuffer(dev.queue.read_buffer(bufs[-1]), np.uint8)[:arrays[-1].nbytes]
-        arrays[-1][...] = out.view(arrays[-1].dtype).reshape(arrays[-1].shape)
+        for i in outputs:
+            out = np.frombuffer(dev.queue.read_buffer(bufs[i]), np.uint8)[:arrays[i].nbytes]
+            arrays[i][...] = out.view(arrays[i].dtype).reshape(arrays[i].shape)
 
 
 def _wgsl_kernel_source(source: str, kernel: str) -> str:

@@ -2,7 +2,9 @@
 //
 // It does what export/runtime.py's Runner does, in the same order, so that greedy tokens are identical: the VM's
 // `embed`, then `prefill` (in prefill_chunk_size chunks) or `decode` on a paged KV cache holding one sequence; weights
-// come from tensor-cache.json through the VM's tensor-cache builtins. Like export/dist.py it reads the DIST folder as
+// come from tensor-cache.json through the VM's tensor-cache builtins. A longrope model (Phi-3) is re-encoded once,
+// with `prefill_long`, when its sequence first grows past original_max_position_embeddings, as the Runner does
+// (export/models/llama.py says why). Like export/dist.py it reads the DIST folder as
 // hostile input, because TVM's loaders trust their files (a byteOffset past a shard is read, an outlier column past K
 // is gathered, a `../` path is opened).
 #include "edgequant_runtime.h"
@@ -202,6 +204,7 @@ struct ExportInfo {
   int64_t chunk = 0, vocab = 0, hidden = 0, intermediate = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0,
           context = 0;
   int bits = 0;  // 0 when the quantization string names no bit width (unquantized)
+  int64_t long_after = -1;  // longrope: past this length every key and query takes the long factors; -1: none
   std::vector<Param> params;
 };
 
@@ -445,6 +448,19 @@ ExportInfo ReadExportInfo(const std::string& dist) {
     Damaged(file, "model field 'model_type' must be one of llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text");
   }
   if (auto bad = NumberProblem(*m)) Damaged(file, "model field " + *bad);
+  // longrope (the Runner's rule): the long factors, when present, take over past rope_original_context
+  auto long_factors = Field(*m, "rope_long_factors");
+  auto long_list = long_factors ? AsArray(*long_factors) : std::nullopt;
+  if (long_list && !long_list->empty()) {
+    auto orig = IntField(*m, "rope_original_context", 1);
+    if (!orig || *orig > kMaxDim) {
+      Damaged(file, "model field 'rope_original_context' must be a positive integer up to " + std::to_string(kMaxDim));
+    }
+    bool found = false;
+    for (size_t i = 0; fa && i < fa->size(); ++i) found = found || (*fa)[i].as<String>() == std::optional<String>(String("prefill_long"));
+    if (!found) Damaged(file, "a longrope model without the function 'prefill_long' in field 'functions'");
+    info.long_after = *orig;
+  }
   auto params = Field(*root, "params");
   auto pa = params ? AsArray(*params) : std::nullopt;
   if (!pa) Damaged(file, "field 'params' is missing or has the wrong type");
@@ -738,6 +754,8 @@ struct edgequant_model {
   std::optional<Module> lib, vm;  // Module has no empty state
   Any params, kv;
   Function embed, prefill, decode, add_seq, remove_seq, begin, end, alloc, view, from_bytes, to_bytes;
+  std::optional<Function> prefill_long;  // longrope models only
+  std::vector<int32_t> history;          // longrope: the sequence's tokens, kept for the one re-encoding
   int64_t max_len = 0, length = 0;
   uint64_t weight_bytes = 0;
   std::vector<float> logits;
@@ -770,20 +788,48 @@ struct edgequant_model {
       if (std::isnan(x)) Fail(EDGEQUANT_ERR_RUNTIME, "the model produced NaN logits");
     }
     length += n;
+    if (info.long_after >= 0) history.insert(history.end(), ids, ids + n);
     has_logits = true;
     broken = false;
+  }
+
+  // whether appending n tokens takes a longrope sequence past original_max_position_embeddings
+  bool SwitchesToLong(int64_t n) const { return info.long_after >= 0 && length <= info.long_after && info.long_after < length + n; }
+
+  // `ids` in prefill_chunk_size chunks; at the longrope switch the whole sequence again, with the long factors
+  // everywhere (transformers' Phi-3 `generate` drops its cache there), so no key rotated with the short ones stays
+  void Prefill(const int32_t* ids, int64_t n) {
+    std::vector<int32_t> again;
+    if (SwitchesToLong(n)) {
+      again = history;
+      again.insert(again.end(), ids, ids + n);
+      ids = again.data();
+      n = static_cast<int64_t>(again.size());
+      broken = true;  // until the sequence is fed again
+      remove_seq(kv, 0);
+      add_seq(kv, 0);
+      length = 0;
+      history.clear();
+    }
+    Function& fn = info.long_after >= 0 && length + n > info.long_after ? *prefill_long : prefill;
+    for (int64_t i = 0; i < n; i += info.chunk) Forward(fn, ids + i, std::min<int64_t>(info.chunk, n - i));
   }
 
   void FeedPending() {
     if (!has_pending) return;
     has_pending = false;
-    Forward(decode, &pending, 1);
+    if (SwitchesToLong(1)) {
+      Prefill(&pending, 1);
+    } else {
+      Forward(decode, &pending, 1);
+    }
   }
 
   void NewSequence(uint64_t seed) {
     remove_seq(kv, 0);
     add_seq(kv, 0);
     length = 0;
+    history.clear();
     has_logits = has_pending = broken = false;
     rng.s = seed;
   }
@@ -913,6 +959,7 @@ edgequant_status edgequant_open(const char* dist_c, const edgequant_options* opt
     m->embed = fn("embed");
     m->prefill = fn("prefill");
     m->decode = fn("decode");
+    if (info.long_after >= 0) m->prefill_long = fn("prefill_long");
     m->kv = fn("create_paged_kv_cache")(Shape({1}), Shape({m->max_len}), Shape({info.chunk}), Shape({16}), Shape({0}));
     m->add_seq = Global("vm.builtin.kv_state_add_sequence");
     m->remove_seq = Global("vm.builtin.kv_state_remove_sequence");
@@ -947,10 +994,7 @@ edgequant_status edgequant_prefill(edgequant_model* m, const int32_t* ids, size_
                                        std::to_string(m->max_len) + "); use a shorter prompt or a larger max_total_seq_len");
     }
     m->FeedPending();
-    for (size_t i = 0; i < n; i += static_cast<size_t>(m->info.chunk)) {
-      int64_t len = std::min<int64_t>(m->info.chunk, static_cast<int64_t>(n - i));
-      m->Forward(m->prefill, ids + i, len);
-    }
+    m->Prefill(ids, static_cast<int64_t>(n));
   });
 }
 
