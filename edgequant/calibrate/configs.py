@@ -40,6 +40,9 @@ class OWQConfig(BlockTuneOptions):
                            choices=("weight", "output"))
     clip_qk: bool = opt(True, "also search the ranges of q/k, whose outputs feed softmax (off: their groups stay "
                               "min-max; clipping their few large weights moved qwen2's attention).", "bool")
+    sink_guard: bool = opt(False, "keep a linear's searched ranges only where they do not raise the output error of "
+                                  "each window's first token (the attention sink) above min-max groups' (GPTQ runs "
+                                  "both; the search damaged qwen2's sink).", "bool")
 
     def __post_init__(self):
         super().__post_init__()
