@@ -114,6 +114,11 @@ ROWS = [
     # the paper's range search, kept per linear only where it does not raise the attention sink's output error
     ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "sink_guard": True}),
     ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "sink_guard": True, "rotate": True}),
+    # block tuning with an early stop on 16 held-out calibration windows (more epochs overfit the training windows)
+    ("gptq", "w4g128", {"act_order": True, "rotate": True, "tune_epochs": 6, "tune_loss": "token_rel",
+                        "tune_heldout": 16}),
+    ("gptq", "w3g128", {"act_order": True, "rotate": True, "tune_epochs": 3, "tune_loss": "token_rel",
+                        "tune_heldout": 16}),
 ]
 
 

@@ -145,7 +145,7 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
         def tune(i, block, linears, inputs, targets):
             tuned.append({"block": i, **tune_block(block, linears, inputs, targets, opts.config.tune_epochs,
                                                    opts.config.tune_lr, opts.device, opts.batch_size, opts.seed,
-                                                   opts.config.tune_loss)})
+                                                   opts.config.tune_loss, opts.config.tune_heldout)})
     q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc=desc,
                                    skip_tokens=opts.skip_tokens, tune=tune, first_token_hessian=guard)
     extra = {**({"bit_budget": summary} if summary else {}), **({"block_tuning": tuned} if tuned else {})}

@@ -26,6 +26,9 @@ class BlockTuneOptions(Options):
     tune_loss: str = opt("mse", "its block loss: 'mse' (OmniQuant's) or 'token_rel' (each token's error relative to "
                                 "its size, so attention-sink tokens do not own the loss).", "choice",
                          choices=("mse", "token_rel"))
+    tune_heldout: int = opt(0, "the last this many calibration windows are never tuned on; the start and every "
+                               "epoch are scored on them and the best kept (an early stop; 0: score on all windows).",
+                            "int", lo=0)
 
 
 @dataclass
