@@ -3,7 +3,10 @@ calibration windows, seed 0). A check for issue 11.
 
     python benchmarks/sink_guard_choices_cpu.py 4 8 256        # K blocks, N windows, L tokens
 """
-import sys\nimport time\n\nimport torch\n
+import sys
+import time
+
+import torch
 from edgequant.loading import load_model
 from edgequant.methods import CalibOptions, get_method
 from edgequant.calibrate.configs import OWQConfig
