@@ -17,7 +17,8 @@ a BOS token such as qwen2, is one token of `seqlen`. On Qwen2.5-Coder-0.5B it cl
 build the sink's massive activation: the sink's hidden state drifted 4x further from fp than with min-max groups,
 and WikiText perplexity lost (W3 g128: 43.80 against 38.62 with min-max groups) although every linear's output
 error fell (`benchmarks/results/quality-issue11-acc4.md`). `sink_guarded` keeps the searched ranges of a linear only where
-they do not raise the first token's output error above min-max groups'.
+they do not raise the first token's output error above min-max groups' (opt-in: on qwen's first blocks it reverted
+only the down_proj that builds the massive activation, so whether it recovers the perplexity is not yet measured).
 """
 from __future__ import annotations
 
