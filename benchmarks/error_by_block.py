@@ -9,7 +9,9 @@ the error through the network, block by block, as the evaluation sees it.
 Per block and checkpoint it prints the relative error ||h_q - h||^2 / ||h||^2 of the stream over every token but
 each window's first (the attention sink, whose massive activation would own the sum), the same for the first token
 alone, and the "local" error: the checkpoint's block fed the fp stream, i.e. what that block adds by itself.
-`--swap A:B:kinds` adds a hybrid: checkpoint A with the named linears (relative names' last parts) taken from B.
+`--swap A:B:kinds[:first-last]` adds a hybrid: checkpoint A with the named linears (relative names' last parts, or
+`all`) taken from B, in every block or only in blocks first..last (e.g. `OWQ:GPTQ:all:12-23`), to find the blocks and
+linears where A's choices lose.
 """
 from __future__ import annotations
 
@@ -61,11 +63,25 @@ def rel(a, b):
     return float(d[:, 1:].sum() / r[:, 1:].sum()), float(d[:, :1].sum() / r[:, :1].sum())
 
 
+def parse_swap(spec: str):
+    """`A:B:kinds[:first-last]` -> (A, B, [kinds], list of block indices or None for every block)."""
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or not all(parts[:3]):
+        raise SystemExit(f"error: --swap {spec!r}: use A:B:kind,kind or A:B:kind,kind:first-last (e.g. OWQ:GPTQ:all:0-11)")
+    blocks = None
+    if len(parts) == 4:
+        lo, _, hi = parts[3].partition("-")
+        if not (lo.isdigit() and (hi or lo).isdigit() and int(lo) <= int(hi or lo)):
+            raise SystemExit(f"error: --swap {spec!r}: blocks must be first-last, e.g. 12-23")
+        blocks = list(range(int(lo), int(hi or lo) + 1))
+    return parts[0], parts[1], parts[2].split(","), blocks
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the full-precision model (named model or folder)")
     ap.add_argument("--checkpoints", required=True, help="comma-separated checkpoint folders")
-    ap.add_argument("--swap", action="append", default=[], help="A:B:kind,kind hybrid (repeatable)")
+    ap.add_argument("--swap", action="append", default=[], help="A:B:kind,kind[:first-last] hybrid (repeatable)")
     ap.add_argument("--calib", default=str(SHARED / "calibration"))
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -93,17 +109,25 @@ def main(argv=None):
     models = {}
     for c in cks:
         models[Path(c).name] = load_quantized_model(c, device=args.device)[0].eval()
+    donors = {}
     for spec in args.swap:
-        a, b, kinds = spec.split(":")
+        a, b, kinds, blocks = parse_swap(spec)
         m = load_quantized_model(a, device=args.device)[0].eval()
-        donor = load_quantized_model(b, device=args.device)[0]
-        kinds = kinds.split(",")
+        if b not in donors:   # one copy of each donor, however many hybrids take from it
+            donors[b] = load_quantized_model(b, device=args.device)[0]
+        donor = donors[b]
+        layers = m.get_submodule(family.layers_path)
+        if blocks and blocks[-1] >= len(layers):
+            raise SystemExit(f"error: --swap {spec!r}: the model has blocks 0-{len(layers) - 1}")
         with torch.no_grad():
-            for name, mod in m.named_modules():
-                if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in kinds:
-                    mod.weight.copy_(donor.get_submodule(name).weight)
-        models[f"{Path(a).name} with {Path(b).name}'s {'+'.join(kinds)}"] = m
+            for i in blocks or range(len(layers)):
+                for name, mod in layers[i].named_modules():
+                    if isinstance(mod, torch.nn.Linear) and (kinds == ["all"] or name.rsplit(".", 1)[-1] in kinds):
+                        mod.weight.copy_(donor.get_submodule(family.layers_path)[i].get_submodule(name).weight)
+        where = "" if blocks is None else f" in blocks {blocks[0]}-{blocks[-1]}"
+        models[f"{Path(a).name} with {Path(b).name}'s {'+'.join(kinds)}{where}"] = m
 
+    donors.clear()
     first_inputs, kwargs_of = None, None
     if args.local:
         from edgequant.calibrate.blocks import capture_first_block_inputs

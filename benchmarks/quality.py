@@ -107,6 +107,18 @@ ROWS = [
                         "tune_loss": "token_rel"}),
     ("gptq", "w3g128", {"act_order": True, "tune_epochs": 3, "tune_loss": "mse"}),
     ("gptq", "w4g128", {"act_order": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
+    # issue 11, acc4: OWQ's fp16 columns with min-max groups (its range search is what lost on qwen) on the rotated
+    # model; longer tuning of SmolLM2's best W4 row
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "clip_search": False, "rotate": True}),
+    ("gptq", "w4g128", {"act_order": True, "rotate": True, "tune_epochs": 6, "tune_loss": "token_rel"}),
+    # the paper's range search, kept per linear only where it does not raise the attention sink's output error
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "sink_guard": True}),
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "sink_guard": True, "rotate": True}),
+    # block tuning with an early stop on 16 held-out calibration windows (more epochs overfit the training windows)
+    ("gptq", "w4g128", {"act_order": True, "rotate": True, "tune_epochs": 6, "tune_loss": "token_rel",
+                        "tune_heldout": 16}),
+    ("gptq", "w3g128", {"act_order": True, "rotate": True, "tune_epochs": 3, "tune_loss": "token_rel",
+                        "tune_heldout": 16}),
 ]
 
 

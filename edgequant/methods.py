@@ -122,7 +122,7 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
     from .calibrate.gptq import gptq_quantize
     from .calibrate.layerwise import calibrate_layerwise
     from .calibrate.metrics import output_error, weight_error
-    from .calibrate.owq import clip_search, select_weak_columns
+    from .calibrate.owq import clip_search, select_weak_columns, sink_guarded
     from .models import family_for
 
     samples = _calibration_samples(tokenizer, opts)
@@ -132,7 +132,9 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
         schemes, summary = schemes_for_budget(model, samples, scheme, opts, budget, progress)
     family = family_for(model.config.model_type)
 
-    def quantize_fn(name, lin, H):
+    guard = counts is not None and opts.config.clip_search and opts.config.sink_guard
+
+    def quantize_fn(name, lin, H, H_first=None):
         w = lin.weight.detach().float()
         s = schemes.get(name, scheme)
         kw, weak = {}, {}
@@ -146,6 +148,9 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
             clip = clip_search(cfg.clip_metric) if search else None
             kw, weak = {"keep": idx.to(w.device), "clip_search": clip}, {"weak_columns": int(len(idx))}
         qw, loss = gptq_quantize(w, H, s, percdamp=opts.percdamp, act_order=opts.act_order, **kw)
+        if H_first is not None and kw.get("clip_search") is not None:
+            qw, loss, weak["sink_guard"] = sink_guarded(w, H, H_first, s, (qw, loss), percdamp=opts.percdamp,
+                                                        act_order=opts.act_order, keep=kw["keep"])
         w_hat = qw.dequantize()
         return qw, {"gptq_loss": loss, **weak, "weight_rel_err": weight_error(w, w_hat),
                     "output_rel_err": output_error(w, w_hat, H)}
@@ -157,9 +162,9 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
         def tune(i, block, linears, inputs, targets):
             tuned.append({"block": i, **tune_block(block, linears, inputs, targets, opts.config.tune_epochs,
                                                    opts.config.tune_lr, opts.device, opts.batch_size, opts.seed,
-                                                   opts.config.tune_loss)})
+                                                   opts.config.tune_loss, opts.config.tune_heldout)})
     q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc=desc,
-                                   skip_tokens=opts.skip_tokens, tune=tune)
+                                   skip_tokens=opts.skip_tokens, tune=tune, first_token_hessian=guard)
     extra = {**({"bit_budget": summary} if summary else {}), **({"block_tuning": tuned} if tuned else {})}
     return q, stats, int(samples.numel()), extra
 

@@ -151,15 +151,25 @@ def run_block(block, inputs: BlockInputs, device="cpu", batch_size: int = 4, sto
 class HessianCollector:
     """Accumulates H = 2/n * sum x x^T over the inputs of a linear (x: its input rows), in float32 like the reference code."""
 
-    def __init__(self, module: torch.nn.Linear, skip_tokens: int = 0):
+    def __init__(self, module: torch.nn.Linear, skip_tokens: int = 0, first_token: bool = False):
         k = module.in_features
         self.skip = skip_tokens
         self.H = torch.zeros(k, k, dtype=torch.float32, device=module.weight.device)
         self.n = 0
+        # `first_token`: also H0 = 2/n sum x0 x0^T over each window's first token alone (the attention sink), whose
+        # share of H is 1/seqlen however much the rest of the network depends on it
+        self.H_first = torch.zeros_like(self.H) if first_token else None
+        self.n_first = 0
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, _mod, args, _out):
         x = args[0].detach()
+        if self.H_first is not None and x.dim() == 3:
+            x0 = x[:, 0].to(torch.float32)
+            self.H_first *= self.n_first / (self.n_first + x0.shape[0])
+            self.n_first += x0.shape[0]
+            x0 = x0 * (2.0 / self.n_first) ** 0.5
+            self.H_first += x0.T @ x0
         if self.skip and x.dim() == 3:
             x = x[:, self.skip:]
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)

@@ -26,6 +26,9 @@ class BlockTuneOptions(Options):
     tune_loss: str = opt("mse", "its block loss: 'mse' (OmniQuant's) or 'token_rel' (each token's error relative to "
                                 "its size, so attention-sink tokens do not own the loss).", "choice",
                          choices=("mse", "token_rel"))
+    tune_heldout: int = opt(0, "the last this many calibration windows are never tuned on; the start and every "
+                               "epoch are scored on them and the best kept (an early stop; 0: score on all windows).",
+                            "int", lo=0)
 
 
 @dataclass
@@ -40,6 +43,9 @@ class OWQConfig(BlockTuneOptions):
                            choices=("weight", "output"))
     clip_qk: bool = opt(True, "also search the ranges of q/k, whose outputs feed softmax (off: their groups stay "
                               "min-max; clipping their few large weights moved qwen2's attention).", "bool")
+    sink_guard: bool = opt(False, "keep a linear's searched ranges only where they do not raise the output error of "
+                                  "each window's first token (the attention sink) above min-max groups' (GPTQ runs "
+                                  "both; the search damaged qwen2's sink).", "bool")
 
     def __post_init__(self):
         super().__post_init__()

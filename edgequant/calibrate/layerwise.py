@@ -26,9 +26,11 @@ TuneFn = Callable[[int, torch.nn.Module, dict, object, torch.Tensor], None]
 
 @torch.no_grad()
 def calibrate_layerwise(model, samples: torch.Tensor, quantize_fn: QuantizeFn, device="cpu", batch_size: int = 4,
-                        progress: bool = True, desc: str = "calibrate", skip_tokens: int = 0, tune: TuneFn | None = None):
+                        progress: bool = True, desc: str = "calibrate", skip_tokens: int = 0, tune: TuneFn | None = None,
+                        first_token_hessian: bool = False):
     """`skip_tokens`: leave the first tokens of every window out of the Hessians (their attention-sink activations
-    can be orders of magnitude larger than the rest and would dominate H)."""
+    can be orders of magnitude larger than the rest and would dominate H). `first_token_hessian`: also collect the
+    Hessian of each window's first token alone and pass it as `quantize_fn(..., H_first=)`."""
     family = family_for(model.config.model_type)
     layers = model.get_submodule(family.layers_path)
     inputs = capture_first_block_inputs(model, layers, samples, device)
@@ -45,14 +47,15 @@ def calibrate_layerwise(model, samples: torch.Tensor, quantize_fn: QuantizeFn, d
         mine = {}
         for group in family.groups:
             mods = [block.get_submodule(n) for n in group.names]
-            coll = HessianCollector(mods[0], skip_tokens)
+            coll = HessianCollector(mods[0], skip_tokens, first_token=first_token_hessian)
             try:
                 run_block(block, inputs, device, batch_size, stop_at=mods[-1])
             finally:
                 H = coll.remove()
+            extra = {"H_first": coll.H_first} if first_token_hessian else {}
             for n, lin in zip(group.names, mods):
                 name = f"{family.layer_prefix(i)}.{n}"
-                qw, st = quantize_fn(name, lin, H)
+                qw, st = quantize_fn(name, lin, H, **extra)
                 lin.weight.copy_(qw.dequantize().to(lin.weight.dtype))
                 quantized[name] = qw
                 stats[name] = st

@@ -72,9 +72,12 @@ def test_hessian_collector_can_skip_leading_tokens():
     lin = torch.nn.Linear(8, 4)
     x = torch.randn(2, 10, 8)
     x[:, 0] *= 1000                        # an attention-sink-like first token
-    full, skip = HessianCollector(lin), HessianCollector(lin, skip_tokens=1)
-    lin(x)
+    full, skip = HessianCollector(lin), HessianCollector(lin, skip_tokens=1, first_token=True)
+    lin(x[:1])
+    lin(x[1:])                             # two batches: H_first is the mean over every window's first token
     Hf, Hs = full.remove(), skip.remove()
     rest = x[:, 1:].reshape(-1, 8)
     torch.testing.assert_close(Hs, 2 * rest.T @ rest / rest.shape[0])
+    torch.testing.assert_close(skip.H_first, 2 * x[:, 0].T @ x[:, 0] / 2)
+    assert full.H_first is None
     assert Hf.diagonal().mean() > 100 * Hs.diagonal().mean()

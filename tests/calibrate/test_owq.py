@@ -158,3 +158,53 @@ def test_owq_keeps_min_max_groups_for_q_and_k(tmp_path, text_file, tokenizer):
         assert top_of(out, lin) > 0.6 * 0.9, lin                  # min-max: the extreme stays (within half a step)
         assert top_of(searched, lin) < top_of(out, lin), lin
     assert top_of(out, "v_proj") < top_of(out, "q_proj")          # others are still searched
+
+
+def _sink_case(sink_loud: bool, windows=8, seqlen=256, seed=0):
+    """A linear whose input 7 is quiet on every token but each window's first (the attention sink: loud there when
+    `sink_loud`), and whose weights on input 7 are every row's extreme: the raw-weight search clips them."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 128, generator=g) * 0.02
+    w[:, 7] = 0.2
+    x = torch.randn(windows, seqlen, 128, generator=g)
+    x[:, :, 7] *= 0.01
+    if sink_loud:
+        x[:, 0] *= 0.01
+        x[:, 0, 7] = 5.0
+    flat = x.reshape(-1, 128)
+    H = 2 * flat.T @ flat / len(flat)
+    H_first = 2 * x[:, 0].T @ x[:, 0] / windows
+    return w, H, H_first
+
+
+@pytest.mark.parametrize("sink_loud", [True, False])
+def test_sink_guard_keeps_min_max_only_where_the_search_hurts_the_first_token(sink_loud):
+    """issue 11: OWQ's range search lowers the error over all tokens, in which the sink is 1 of `seqlen`, while it
+    clips the weights that carry the sink. The guard falls back to min-max groups exactly there."""
+    from edgequant.calibrate.metrics import output_error
+    from edgequant.calibrate.owq import clip_search, sink_guarded
+    s = QuantScheme(3, 32)
+    w, H, H_first = _sink_case(sink_loud)
+    kw = dict(act_order=True, keep=torch.zeros(0, dtype=torch.long))
+    searched = gptq_quantize(w, H, s, clip_search=clip_search("weight"), **kw)
+    minmax, _ = gptq_quantize(w, H, s, **kw)
+    sink_err = lambda qw: output_error(w, qw.dequantize(), H_first)   # noqa: E731
+    all_err = lambda qw: output_error(w, qw.dequantize(), H)          # noqa: E731
+    assert all_err(searched[0]) < all_err(minmax)                   # the search's own objective is met either way
+    chosen, _, choice = sink_guarded(w, H, H_first, s, searched, **kw)
+    if sink_loud:
+        assert sink_err(searched[0]) > 2 * sink_err(minmax)         # unguarded: the sink's output is damaged
+        assert choice == "min-max" and sink_err(chosen) == sink_err(minmax)
+    else:
+        assert choice == "search" and chosen is searched[0]
+
+
+@pytest.mark.slow
+def test_owq_sink_guard_records_its_choice(tmp_path, model_dirs, text_file):
+    """--sink-guard: every range-searched linear records which ranges it kept; the checkpoint loads."""
+    out = api.quantize(str(model_dirs["qwen2"]), tmp_path / "owq", method="owq", bits=3, group_size=32,
+                       calib=text_file, nsamples=4, seqlen=64, target_bits=3.1, sink_guard=True, progress=False)
+    layers = json.loads((out / "edgequant.json").read_text())["layers"]
+    assert {v["sink_guard"] for v in layers.values()} <= {"search", "min-max"}
+    assert all("sink_guard" in v for v in layers.values())
+    load_quantized_model(out)

@@ -1,0 +1,76 @@
+"""Does clipping a few large weights of qwen2's early MLP break its attention sink? A CPU check for issue 11.
+
+Only the gate/up projections of blocks FIRST..LAST are quantized (RTN W3 g128), either with min-max groups or with
+OWQ's range search (`mse_clip_params`, the paper's |dW|^2.4 grid); every other weight stays fp32. For each variant
+it prints the first token's (the attention sink's) hidden state after every block: its largest channel and its
+relative error against fp, and the WikiText NLL over positions 1-511 and 512-2047 of 2048-token windows, so the
+cost of a damaged sink can be seen to grow with the context length that the calibration (512 tokens) never saw.
+
+    python benchmarks/sink_clip_cpu.py qwen2.5-coder-0.5b 0 5 2      # model, first and last block, windows
+"""
+import sys
+import time
+
+import torch
+
+from edgequant.data import eval_windows
+from edgequant.loading import load_model
+from edgequant.models import family_for
+from edgequant.quantizer import expand_groups, group_minmax, mse_clip_params, params_from_range, quantize_int
+from edgequant.schemes import get_scheme
+
+model_name, first, last, nwin = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+kinds = sys.argv[5].split(",") if len(sys.argv) > 5 else ["gate_proj", "up_proj"]
+torch.set_num_threads(2)
+fp, tok = load_model(model_name)
+fp.eval()
+fam = family_for(fp.config.model_type)
+layers = fp.get_submodule(fam.layers_path)
+ids = eval_windows(tok, "../shared/data/wikitext-2-raw/wiki.test.raw", 2048, nwin)
+s = get_scheme("w3g128")
+orig = {}
+for i in range(first, last + 1):
+    for n, m in layers[i].named_modules():
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in kinds:
+            orig[(i, n)] = m.weight.detach().clone()
+
+
+def quantized(w, search):
+    sc, z = mse_clip_params(w, s) if search else params_from_range(*group_minmax(w, s), s)
+    se, ze = expand_groups(sc, s, w.shape[1]), expand_groups(z, s, w.shape[1])
+    return (quantize_int(w, se, ze, s.maxq) - ze) * se
+
+
+def run(tag, search):
+    t0 = time.time()
+    with torch.no_grad():
+        for (i, n), w in orig.items():
+            layers[i].get_submodule(n).weight.copy_(w if search is None else quantized(w, search))
+    sink = []
+    hooks = [b.register_forward_hook(lambda _m, _a, y, i=i: sink.append((y[0] if isinstance(y, tuple) else y)[:, 0]
+                                                                         .detach().clone()))
+             for i, b in enumerate(layers)]
+    nll = []
+    with torch.no_grad():
+        for j in range(len(ids)):
+            lp = fp(ids[j:j + 1], use_cache=False).logits.float().log_softmax(-1)
+            nll.append(-lp[0, :-1].gather(-1, ids[j, 1:, None]).squeeze(-1))
+    for h in hooks:
+        h.remove()
+    nll = torch.stack(nll)
+    per_block = torch.stack([torch.cat(sink[k::len(layers)]) for k in range(len(layers))])  # [blocks, windows, hidden]
+    return tag, per_block, float(nll[:, :511].mean()), float(nll[:, 511:].mean()), time.time() - t0
+
+
+res = [run("fp", None), run(f"RTN W3 g128 min-max, {'+'.join(kinds)} of blocks {first}-{last}", False),
+       run(f"RTN W3 g128 range search, {'+'.join(kinds)} of blocks {first}-{last}", True)]
+ref = res[0][1]
+print(f"# {model_name}: only {'+'.join(kinds)} of blocks {first}-{last} quantized; WikiText-2 test, {nwin} x 2048\n")
+print("| variant | NLL pos 1-511 | NLL pos 512-2047 | sink max |h| after blocks 3 / 12 / last | sink rel. error after "
+      "blocks 3 / 12 / last | s |")
+print("|---|---|---|---|---|---|")
+L = ref.shape[0] - 1
+for tag, pb, a, b, t in res:
+    mx = [float(pb[k].abs().amax(-1).mean()) for k in (3, 12, L)]
+    er = [float(((pb[k] - ref[k]).pow(2).sum() / ref[k].pow(2).sum())) for k in (3, 12, L)]
+    print(f"| {tag} | {a:.4f} | {b:.4f} | {' / '.join(f'{x:.0f}' for x in mx)} | {' / '.join(f'{x:.4f}' for x in er)} | {t:.0f} |")
