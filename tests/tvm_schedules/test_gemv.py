@@ -13,6 +13,7 @@ CASES = [  # bits, group, sym, N, K, rows, warps, steps, outlier columns: double
     (4, 128, False, 32, 512, 2, 1, 4, 0), (4, 32, True, 8, 96, 4, 1, 1, 3), (4, -1, False, 28, 256, 4, 3, 3, 0),
     (2, 64, False, 16, 256, 2, 1, 2, 2), (2, -1, True, 8, 128, 8, 2, 1, 0),
     (3, 128, False, 20, 512, 2, 1, 4, 5), (3, -1, True, 6, 256, 2, 2, 1, 0),
+    (2, 64, False, 8, 128, 2, 1, 2, 5),   # more outlier columns than chunks: 3 per thread
 ]
 
 
@@ -52,19 +53,22 @@ def test_gemv_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps,
     np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=2e-5 * np.abs(x).astype(np.float32).sum())
 
 
-INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligned, 64-bit plane loads) and loads
-    # two and three steps ahead (depth 3 and 4, with short last blocks)
-    (4, 128, False, 32, 512, 2, 1, 4, 0, 2), (4, 32, True, 8, 96, 4, 1, 1, 3, 2),
-    (4, -1, False, 28, 256, 4, 3, 3, 0, 2), (2, 64, False, 16, 256, 2, 1, 2, 2, 2),
-    (2, -1, True, 8, 128, 8, 2, 1, 0, 2), (2, 64, False, 20, 128, 2, 1, 4, 0, 4),
-    (3, 128, False, 20, 512, 2, 1, 4, 5, 3), (3, -1, True, 6, 256, 2, 2, 1, 0, 2),
-    (3, 64, False, 8, 576, 4, 1, 2, 0, 2),
-    (3, 128, False, 12, 256, 2, 1, 4, 0, 4),
+INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligned, 64-bit plane loads), loads
+    # two and three steps ahead (depth 3 and 4, with short last blocks), and 2/3-bit chunks of 32 values (the
+    # default: 64-bit plane loads and a 32-bit bit-plane load at 3 bits) and of 64 (chunk, last column; 0 = default)
+    (4, 128, False, 32, 512, 2, 1, 4, 0, 2, 0), (4, 32, True, 8, 96, 4, 1, 1, 3, 2, 0),
+    (4, -1, False, 28, 256, 4, 3, 3, 0, 2, 0), (2, 64, False, 16, 256, 2, 1, 2, 2, 2, 0),
+    (2, -1, True, 8, 128, 8, 2, 1, 0, 2, 0), (2, 64, False, 20, 128, 2, 1, 4, 0, 4, 0),
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 3, 0), (3, -1, True, 6, 256, 2, 2, 1, 0, 2, 0),
+    (3, 64, False, 8, 576, 4, 1, 2, 0, 2, 0), (3, 128, False, 12, 256, 2, 1, 4, 0, 4, 0),
+    (4, 32, False, 8, 64, 2, 1, 2, 5, 2, 0),    # 5 outlier columns over 2 chunks
+    (2, 64, False, 16, 256, 2, 1, 2, 2, 2, 64), (3, 128, False, 20, 512, 2, 1, 4, 5, 3, 64),
+    (3, 64, False, 8, 576, 4, 1, 2, 0, 2, 64),
 ]
 
 
-@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth", INT8_CASES)
-def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth):
+@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk", INT8_CASES)
+def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth, chunk):
     """int8 activations + dp4a: the twin's integer dots are exact, so it meets the int8 NumPy model to fp32
     rounding; the model itself stays within int8 activation error of the exact product."""
     import tvm
@@ -76,7 +80,7 @@ def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, s
     x = rng.standard_normal((1, k)).astype(np.float16)
     x[0, 3] = 100
     x[0, 40:72] = 0  # an all-zero activation block (scale 0)
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, warps, steps, depth), gpu=False,
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, warps, steps, depth, chunk), gpu=False,
                                                      out_dtype="float32", n_outliers=n_out, act="int8")}),
                      target="llvm")
     y = tvm.runtime.empty((1, n), "float32", tvm.cpu())
@@ -141,32 +145,55 @@ def test_supports_and_default_config():
 
 @pytest.mark.parametrize("bits,act", [(4, "fp16"), (3, "fp16"), (2, "fp16"), (4, "int8"), (3, "int8"), (2, "int8")])
 def test_cuda_source_streams_128_bit_loads(bits, act):
-    """The CUDA C the export ships: 128-bit weight loads (64-bit at 3 bits with fp16 activations; 128-bit plane
-    words plus a 64-bit bit-plane load with int8 ones), shuffles, no integer-to-float conversion per weight, and
-    one dp4a per 4 weights with int8 activations."""
+    """The CUDA C the export ships: 128-bit weight loads (64-bit at 3 bits with fp16 activations; with int8 ones
+    a 32-value chunk: 64-bit at 2 bits, a 64-bit plane-word load and a 32-bit bit-plane load at 3 bits), shuffles,
+    no integer-to-float conversion per weight, and one dp4a per 4 weights with int8 activations."""
     import re
 
     import tvm
     from edgequant.export.targets import PRESETS
     from edgequant.tvm_schedules.dequant import QuantSpec
-    from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8, GemvConfig, gemv_func, warps_for
+    from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8, GemvConfig, chunk_of, gemv_func, warps_for
     layout = (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits]
     spec = QuantSpec(256, 512, bits, 128 if bits != 2 else 64, False, layout)
-    cfg = GemvConfig(4, warps_for(spec), 2)
+    cfg = GemvConfig(4, warps_for(spec, act), 2)
     ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, cfg, act=act)}),
                      target={**PRESETS["cuda"].target, "arch": "sm_90"})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     body = src[src.index("main_kernel("):]
-    vecs = ["uint2"] if bits == 3 and act == "fp16" else ["uint4", "uint2"] if bits == 3 else ["uint4"]
+    vecs = ["uint4"] if bits == 4 else ["uint2"] if act == "int8" or bits == 3 else ["uint4"]
     for vec in vecs:
         assert re.search(rf"\*\({vec}\*\)\(wq_ptr \+ \d+\) = \*\({vec}\*\)\(qweight_ptr", body)
     assert "__shfl_down_sync" in body
     assert "(float)wq_ptr" not in body and "__uint2float" not in body
     if act == "int8":  # one dp4a per 4 weights of each of the 2 steps x 4 rows of a thread's chunk
-        chunk = 32 if bits == 4 else 64
-        assert body.count("__dp4a(") == 2 * 4 * chunk // 4
+        assert body.count("__dp4a(") == 2 * 4 * chunk_of(bits, act) // 4
+        if bits == 3:  # the chunk's bit-plane word: one 32-bit load per row and step
+            assert len(re.findall(r"wq_ptr\[\d+\] = qweight_ptr\[", body)) == 2 * 4
     else:
         assert "__shfl_sync" in body
+
+
+def test_cuda_source_waits_for_the_previous_kernel_after_the_first_weight_loads():
+    """pdl=True: the next kernel may launch at once, and this one waits for the previous kernel after issuing its
+    first weight loads and before reading x (so every read of activations and every write comes after it)."""
+    import re
+
+    import tvm
+    from edgequant.export.targets import PRESETS
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
+    spec = QuantSpec(256, 512, 3, 128, False, "planes3")
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, 2), act="int8", pdl=True)}),
+                     target={**PRESETS["cuda"].target, "arch": "sm_90"})
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    body = src[src.index("main_kernel("):]
+    body = body[body.index(") {"):]                     # the definition, past the parameter list
+
+    def first(pattern):
+        return re.search(pattern, body).start()
+    trigger, wait = first(r"cudaTriggerProgrammaticLaunchCompletion\(\)"), first(r"cudaGridDependencySynchronize\(\)")
+    assert trigger < first(r"\bqweight_ptr\b") < wait < first(r"\bx_ptr\b") and wait < first(r"\by_ptr\b")
 
 
 def _walk(m):
