@@ -47,6 +47,7 @@ SUB_WORDS = {4: 4, 2: 2, 3: 3}          # words of one 32-value sub-block (x is 
 LAYOUT = {4: "words", 2: "words", 3: "words3x32"}
 # int8 activations (act="int8", see `_dp4a_terms`): 3 bits in bit planes, a 64-value chunk = 4 + 2 words
 LAYOUT_INT8 = {4: "words", 2: "words", 3: "planes3"}
+INT8_LAYOUTS3 = ("planes3", "bytes3")   # 3-bit layouts the int8 kernel reads (bytes3: fewer instructions, dequant.py)
 ACTS = ("fp16", "int8")
 PROLOGUES = (None, "rmsnorm", "silu_mul")
 
@@ -61,9 +62,11 @@ class GemvConfig:
     steps: int = 1    # steps of `rows` rows per block; the next step's rows load during this one's math
     depth: int = 2    # register buffers of rows: loads run depth - 1 steps ahead of the math
     chunk: int = 0    # values of K per thread and row; 0: the bits' default (CHUNK, CHUNK_INT8); int8 act: 32 or 64
+    min_blocks: int = 0  # > 0: __launch_bounds__(threads, min_blocks), ptxas caps registers so that many blocks fit
 
     def __post_init__(self):
-        if self.rows < 1 or self.warps < 1 or self.steps < 1 or self.depth < 2 or self.chunk not in (0, 32, 64):
+        if (self.rows < 1 or self.warps < 1 or self.steps < 1 or self.depth < 2 or self.chunk not in (0, 32, 64)
+                or self.min_blocks < 0):
             raise ValueError(f"bad GEMV config {self}")
 
 
@@ -78,7 +81,8 @@ def supports(spec: QuantSpec, act: str = "fp16", chunk: int = 0) -> bool:
     """The kernel covers whole chunks inside one group: K a multiple of the chunk, G a multiple of it (or -1)."""
     c = chunk or (CHUNK_INT8 if act == "int8" else CHUNK).get(spec.bits)
     layout = (LAYOUT_INT8 if act == "int8" else LAYOUT).get(spec.bits)
-    return (c is not None and spec.layout == layout and spec.k % c == 0
+    ok = spec.layout == layout or (act == "int8" and spec.bits == 3 and spec.layout in INT8_LAYOUTS3)
+    return (c is not None and ok and spec.k % c == 0
             and (spec.group_size == -1 or spec.group_size % c == 0))
 
 
@@ -88,7 +92,7 @@ def warps_for(spec: QuantSpec, act: str = "fp16", chunk: int = 0) -> int:
 
 
 CANDIDATES = ((8, 2), (4, 2), (8, 1), (4, 1), (2, 1), (1, 1))   # (rows, steps), most reuse first
-CANDIDATES_INT8 = ((4, 8), (4, 4), (4, 2), (4, 1), (2, 1), (1, 1))
+CANDIDATES_INT8 = ((4, 4), (4, 2), (4, 1), (2, 1), (1, 1))
 
 
 def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16") -> GemvConfig:
@@ -100,16 +104,17 @@ def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16") -> GemvCo
     won a few percent on some linears and lost more on others: their registers (up to 255) cut occupancy below what
     the extra loads in flight gain. The rule's LLaMA-7B step is within 3% of the best config per linear.
 
-    int8 activations (about 7.5 warps per SM): 4 rows and as many steps (up to 8; 4 at 4 bits) as keep the warps,
-    since every block rounds its x chunk once and more steps spread that over more rows; 8 steps at 4 bits left a
-    second, nearly empty wave of blocks on gate_up (+20%). The rule's LLaMA-7B step is within 2% of the best config
-    per linear."""
+    int8 activations (32-value chunks, about 8.5 warps per SM): 4 rows and 4 steps, 2 where that leaves fewer warps
+    (o: N = K = 4096). 8 steps tied on gate_up at 2 and 3 bits and lost up to 15% elsewhere, most where a few more
+    registers (OWQ's outlier columns: 95) left a second, nearly empty wave of blocks; 8 rows cost registers
+    (128) for nothing. The rule's LLaMA-7B step is within 2% of the best config per linear at 4 and 3 bits and
+    W3 + OWQ, 3% at 2 bits (H200, benchmarks/results/gpu-nvidia-h200.md)."""
     warps = warps_for(spec, act)
     int8 = act == "int8"
-    cands = [c for c in (CANDIDATES_INT8 if int8 else CANDIDATES) if not (int8 and spec.bits == 4 and c[1] > 4)]
+    cands = CANDIDATES_INT8 if int8 else CANDIDATES
     fits = [(r, s) for r, s in cands if spec.n % (r * s) == 0]
     for r, s in fits:
-        if spec.n // (r * s) * warps >= (7.5 if int8 else 11) * sms:
+        if spec.n // (r * s) * warps >= (8.5 if int8 else 11) * sms:
             return GemvConfig(r, warps, s)
     return GemvConfig(fits[-1][0], warps, fits[-1][1])
 
@@ -157,7 +162,7 @@ def _field_float(word_of, terms) -> str:
     return f'T.reinterpret("float32", {expr})'
 
 
-def _dp4a_terms(bits: int, sb: int, nsb: int = 2):
+def _dp4a_terms(bits: int, sb: int, nsb: int = 2, layout: str = "planes3"):
     """The 8 dp4a operands of sub-block sb (32 values, one int8 activation block) of a chunk: ([(word, right shift,
     mask)], values) such that OR-ing `(word >> shift) & mask` leaves in byte L the code of value `values[L]` (index in
     the sub-block); the activations are packed in the same order once per thread. One shift and one LOP3 per 4 codes
@@ -172,6 +177,13 @@ def _dp4a_terms(bits: int, sb: int, nsb: int = 2):
         for j in range(2):
             for t in range(4):
                 out.append(([(2 * sb + j, 2 * t, 0x03030303)], [16 * j + t + 4 * lane for lane in range(4)]))
+    elif layout == "bytes3":  # dequant.py: the chunk's buffer holds its 2 nsb first-region words, then nsb of w2
+        w0, w1, w2 = 2 * sb, 2 * sb + 1, 2 * nsb + sb
+        for j, w in enumerate((w0, w1, w2)):
+            out.append(([(w, 0, 0x07070707)], [8 * j + lane for lane in range(4)]))
+            out.append(([(w, 3, 0x07070707)], [8 * j + 4 + lane for lane in range(4)]))
+        out.append(([(w0, 6, 0x03030303), (w2, 4, 0x04040404)], [24 + lane for lane in range(4)]))
+        out.append(([(w1, 6, 0x03030303), (w2, 5, 0x04040404)], [28 + lane for lane in range(4)]))
     else:            # planes3 (dequant.py): value v of 2-bit word j at bit (v%8)*4 + (v//8)*2, value u of the 1-bit
         for j in range(2):  # word at bit (u%8)*4 + u//8; the chunk's buffer holds its 2 nsb plane words, then its
             for s in (0, 2, 4, 6):  # nsb bit words
@@ -259,7 +271,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     if int8:  # (buffer offset, first word, words) per load: 128-bit where the row stride keeps them aligned
         CW = C * bits // 32
         lw = min(4 if spec.words % 4 == 0 else 2, CW)
-        if bits == 3:  # planes3: the chunk's 2-bit plane words (C / 16), then its 1-bit plane words (C / 32)
+        if bits == 3:  # planes3 / bytes3: the chunk's first-region words (C / 16), then its second's (C / 32)
             lw = min(lw, 2 * NSB)
             loads = [(v, f"{c_} * {2 * NSB} + {v}", lw) for v in range(0, 2 * NSB, lw)]
             loads.append((2 * NSB, f"{spec.lo_words} + {c_} * {NSB}", NSB))
@@ -415,7 +427,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     # x once per thread: the per-class sums (zero point and the mantissa's leading 1) serve every row of the block
     early = int8 and prologue != "rmsnorm"   # the first rows' loads go out before the activations' (x's latency
     if pdl:                                  # and rounding overlap them), with PDL also before the wait
-        L.append(f'{ind}T.evaluate(T.call_extern("void", "cudaTriggerProgrammaticLaunchCompletion"))')
         if early:
             L += [f"{ind}if {c} < {nc}:"] + first_loads(body)
         # every thread: all reads of activations and all writes come after the previous kernel has finished
@@ -436,7 +447,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             L += [f'{body}xi[{v}] = T.Cast("int32", T.nearbyint(xf[{v}] * mx[1]))' for v in range(32)]
             L.append(f"{body}xd[{sb}] = mx[0] / T.float32(127)")
             L.append(f"{body}xs[{sb}] = " + " + ".join(f"xi[{v}]" for v in range(32)))
-            for d, (_, vals) in enumerate(_dp4a_terms(bits, sb, NSB)):
+            for d, (_, vals) in enumerate(_dp4a_terms(bits, sb, NSB, spec.layout)):
                 L.append(f"{body}xa[{8 * sb + d}] = " + " | ".join(
                     f"T.shift_left(T.bitwise_and(xi[{v}], 255), {8 * i})" for i, v in enumerate(vals)))
             continue
@@ -461,7 +472,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             for r in range(R):
                 wb = (b * R + r) * CW
                 for sb in range(NSB):
-                    for d, (terms, _) in enumerate(_dp4a_terms(bits, sb, NSB)):
+                    for d, (terms, _) in enumerate(_dp4a_terms(bits, sb, NSB, spec.layout)):
                         w = _code_bytes(lambda j, wb=wb: f"wq[{wb + j}]", terms)
                         out.append(f"{body}idot[{r}] = " + _dp4a(w, f"xa[{8 * sb + d}]",
                                                                  f"idot[{r}]" if d else "T.int32(0)", gpu))
@@ -516,6 +527,11 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     for st in range(S):
         nx = st + nbuf - 1
         pre = (live(nx), nx, nx % nbuf) if nx < S else None
+        if pdl and st == S - 1:
+            # the next kernel may launch once every block is here (all of its loads issued): triggered at the
+            # start, it launched while single-wave grids of long blocks were still running, and its early blocks
+            # unbalanced them (H200: W3 1.15 -> 1.31 ms per step)
+            L.append(f'{ind}T.evaluate(T.call_extern("void", "cudaTriggerProgrammaticLaunchCompletion"))')
         if live(st):  # uniform over the block: the shuffles inside stay convergent
             L.append(f"{ind}if {live(st)}:")
             L += step(ind + "    ", st, st % nbuf, pre)
@@ -545,4 +561,8 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         if ragged:
             L.append(f"            if bx * {RS} + lin < {n}:")
         L += finish("                " if ragged else "            ", "lin", tpb)
+    if gpu and cfg.min_blocks:  # everything inside the thread loops, under the launch-bounds attribute
+        at = next(i for i, line in enumerate(L) if "threadIdx.x" in line) + 1
+        L = L[:at] + [f'{ind}with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", {cfg.min_blocks}):'] + [
+            "    " + line for line in L[at:]]
     return "\n".join(L) + "\n"

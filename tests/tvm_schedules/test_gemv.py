@@ -13,18 +13,19 @@ CASES = [  # bits, group, sym, N, K, rows, warps, steps, outlier columns: double
     (4, 128, False, 32, 512, 2, 1, 4, 0), (4, 32, True, 8, 96, 4, 1, 1, 3), (4, -1, False, 28, 256, 4, 3, 3, 0),
     (2, 64, False, 16, 256, 2, 1, 2, 2), (2, -1, True, 8, 128, 8, 2, 1, 0),
     (3, 128, False, 20, 512, 2, 1, 4, 5), (3, -1, True, 6, 256, 2, 2, 1, 0),
-    (2, 64, False, 8, 128, 2, 1, 2, 5),   # more outlier columns than chunks: 3 per thread
 ]
 
 
-def _linear(rng, bits, group, sym, n, k, act="fp16"):
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np, repack_w3x32_np
+def _linear(rng, bits, group, sym, n, k, act="fp16", layout=None):
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_bytes3_np, repack_planes3_np, repack_w3x32_np
     from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8
-    spec = QuantSpec(n, k, bits, group, sym, (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
+    spec = QuantSpec(n, k, bits, group, sym, layout or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
     q = rng.integers(0, 1 << bits, (n, k))
     qweight = pack(q, bits)
     if spec.layout == "planes3":
         qweight = repack_planes3_np(qweight, k)
+    elif spec.layout == "bytes3":
+        qweight = repack_bytes3_np(qweight, k)
     elif bits == 3:
         qweight = repack_w3x32_np(qweight, k)
     scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
@@ -61,14 +62,16 @@ INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligne
     (2, -1, True, 8, 128, 8, 2, 1, 0, 2, 0), (2, 64, False, 20, 128, 2, 1, 4, 0, 4, 0),
     (3, 128, False, 20, 512, 2, 1, 4, 5, 3, 0), (3, -1, True, 6, 256, 2, 2, 1, 0, 2, 0),
     (3, 64, False, 8, 576, 4, 1, 2, 0, 2, 0), (3, 128, False, 12, 256, 2, 1, 4, 0, 4, 0),
-    (4, 32, False, 8, 64, 2, 1, 2, 5, 2, 0),    # 5 outlier columns over 2 chunks
-    (2, 64, False, 16, 256, 2, 1, 2, 2, 2, 64), (3, 128, False, 20, 512, 2, 1, 4, 5, 3, 64),
-    (3, 64, False, 8, 576, 4, 1, 2, 0, 2, 64),
+    (4, 32, False, 8, 64, 2, 1, 2, 5, 2, 0),    # 5 outlier columns over 2 chunks: 3 per thread
+    (3, 64, False, 8, 576, 4, 1, 2, 3, 2, 64),
 ]
+BYTES3_CASES = [  # the bytes3 3-bit layout (dequant.py) in 32- and 64-value chunks, a ragged last block
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "bytes3"), (3, 64, True, 8, 576, 4, 1, 2, 0, 2, 64, "bytes3")]
 
 
-@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk", INT8_CASES)
-def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth, chunk):
+@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout",
+                         [c + (None,) for c in INT8_CASES] + BYTES3_CASES)
+def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth, chunk, layout):
     """int8 activations + dp4a: the twin's integer dots are exact, so it meets the int8 NumPy model to fp32
     rounding; the model itself stays within int8 activation error of the exact product."""
     import tvm
@@ -76,7 +79,7 @@ def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, s
     from edgequant.tvm_schedules.dequant import quant_matmul_np
     from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
     rng = np.random.default_rng(bits * 17 + k)
-    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k, act="int8")
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k, act="int8", layout=layout)
     x = rng.standard_normal((1, k)).astype(np.float16)
     x[0, 3] = 100
     x[0, 40:72] = 0  # an all-zero activation block (scale 0)
@@ -108,6 +111,39 @@ def test_words3x32_round_trip_and_kernel_reference():
         assert words.shape == (5, spec.words) and spec.words == 3 * -(-k // 32)
         np.testing.assert_array_equal(unpack_np(words, 3, k, "words3x32"), q)
         np.testing.assert_array_equal(dequantize_np(spec, words, np.ones((5, spec.n_groups), np.float16)), q - 4)
+
+
+def test_bytes3_round_trip_bit_positions_and_weight_te():
+    """bytes3 (dequant.py): repack and unpack round trip (whole and ragged blocks), the documented bit of a value in
+    each part of a block, and the TE weight expression (the dlight/prefill path) against the NumPy dequantization."""
+    import tvm
+    from tvm import te
+    from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_np, repack_bytes3_np, unpack_np, weight_te
+    rng = np.random.default_rng(11)
+    for k in (32, 100, 256):
+        q = rng.integers(0, 8, (3, k))
+        words = repack_bytes3_np(pack(q, 3), k)
+        assert words.shape == (3, QuantSpec(3, k, 3, 32, True, "bytes3").words)
+        np.testing.assert_array_equal(unpack_np(words, 3, k, "bytes3"), q)
+    one = np.zeros((1, 32), np.int64)
+    for v, code, want in ((4, 5, (5 << 3, 0, 0)), (17, 7, (0, 0, 7 << 8)), (29, 7, (0, 3 << 14, 1 << 15))):
+        one[:] = 0
+        one[0, v] = code
+        np.testing.assert_array_equal(repack_bytes3_np(pack(one, 3), 32)[0], np.array(want, np.uint32))
+    spec = QuantSpec(4, 100, 3, 32, False, "bytes3")
+    q = rng.integers(0, 8, (4, 100))
+    words = repack_bytes3_np(pack(q, 3), 100)
+    scales = (rng.random((4, spec.n_groups)) + 0.5).astype(np.float16)
+    zeros = rng.integers(0, 8, (4, spec.n_groups)).astype(np.uint8)
+    qw = te.placeholder((4, spec.words), "uint32")
+    sc = te.placeholder((4, spec.n_groups), "float16")
+    zr = te.placeholder((4, spec.n_groups), "uint8")
+    w = te.compute((4, 100), lambda i, j: weight_te(spec, qw, sc, zr, i, j))
+    f = tvm.compile(te.create_prim_func([qw, sc, zr, w]), target="llvm")
+    out = tvm.runtime.empty((4, 100), "float16", tvm.cpu())
+    f(*[tvm.runtime.tensor(a) for a in (words, scales, zeros)], out)
+    np.testing.assert_allclose(out.numpy().astype(np.float32), dequantize_np(spec, words, scales, zeros),
+                               rtol=1e-3, atol=1e-3)
 
 
 def test_hostile_outlier_index_is_clamped():
@@ -175,8 +211,9 @@ def test_cuda_source_streams_128_bit_loads(bits, act):
 
 
 def test_cuda_source_waits_for_the_previous_kernel_after_the_first_weight_loads():
-    """pdl=True: the next kernel may launch at once, and this one waits for the previous kernel after issuing its
-    first weight loads and before reading x (so every read of activations and every write comes after it)."""
+    """pdl=True: this kernel waits for the previous one after issuing its first weight loads and before reading x
+    (so every read of activations and every write comes after it), and lets the next one launch before its last
+    step; min_blocks caps the registers through __launch_bounds__."""
     import re
 
     import tvm
@@ -184,7 +221,7 @@ def test_cuda_source_waits_for_the_previous_kernel_after_the_first_weight_loads(
     from edgequant.tvm_schedules.dequant import QuantSpec
     from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
     spec = QuantSpec(256, 512, 3, 128, False, "planes3")
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, 2), act="int8", pdl=True)}),
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, 2, min_blocks=8), act="int8", pdl=True)}),
                      target={**PRESETS["cuda"].target, "arch": "sm_90"})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     body = src[src.index("main_kernel("):]
@@ -193,7 +230,9 @@ def test_cuda_source_waits_for_the_previous_kernel_after_the_first_weight_loads(
     def first(pattern):
         return re.search(pattern, body).start()
     trigger, wait = first(r"cudaTriggerProgrammaticLaunchCompletion\(\)"), first(r"cudaGridDependencySynchronize\(\)")
-    assert trigger < first(r"\bqweight_ptr\b") < wait < first(r"\bx_ptr\b") and wait < first(r"\by_ptr\b")
+    assert first(r"\bqweight_ptr\b") < wait < first(r"\bx_ptr\b") < first(r"__dp4a") < trigger < first(r"\by_ptr\b")
+    assert body.rindex("__dp4a") > trigger    # the last step's math comes after the trigger
+    assert "__launch_bounds__(32, 8)" in src
 
 
 def _walk(m):
