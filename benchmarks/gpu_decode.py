@@ -35,11 +35,14 @@ import time
 from pathlib import Path
 
 SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
-SCHEMES = [("W4 g128", 4, 128, 0.0), ("W3 g128", 3, 128, 0.0), ("W2 g64", 2, 64, 0.0),
-           ("W3 g128 + OWQ 3.1", 3, 128, 0.1)]      # the last: fp16 outlier columns worth 0.1 bit per weight
+SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 g64", 2, 64, 0.0, None),
+           ("W3 g128 + OWQ 3.1", 3, 128, 0.1, None),   # fp16 outlier columns worth 0.1 bit per weight
+           ("W3 g128 bytes3", 3, 128, 0.0, "bytes3"), ("W3 g128 + OWQ 3.1 bytes3", 3, 128, 0.1, "bytes3")]
+# (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8); bytes3: int8 act only)
 ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact float kernel
 SWEEP = ((4, 2, 2, 32, 0), (4, 4, 2, 32, 0), (4, 8, 2, 32, 0), (2, 8, 2, 32, 0), (4, 4, 2, 64, 0), (4, 8, 2, 64, 0),
          (4, 4, 2, 32, 8), (4, 2, 2, 32, 8))
+QUICK = ((4, 4, 2, 32, 0), (4, 4, 2, 32, 6))   # --quick: the default and these
 # (rows per step, steps per block, buffers, values per thread (32 or 64 at 2 and 3 bits; 4 bits: 32), blocks per SM
 # that ptxas must fit (0: no cap; only where a block has <= 4 warps)) tried per linear besides the default. An
 # earlier sweep (results of 2026-11-29 19:39) also tried 8 and 16 rows, 8 steps x 8 rows and buffers 3: never more
@@ -92,16 +95,18 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                          "n_groups": spec.n_groups, "layout": spec.layout, "n_outliers": nout,
                          "grid": grid, "block": block})
 
-    for (scheme, bits, g, extra), act in [(s, a) for a in acts for s in SCHEMES] if not prefill_only else []:
+    for (scheme, bits, g, extra, lay), act in [(s, a) for a in acts for s in SCHEMES] if not prefill_only else []:
+        if lay and act != "int8":
+            continue
         for lin, n, k in SHAPES:
-            spec = QuantSpec(n, k, bits, g, False, (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
+            spec = QuantSpec(n, k, bits, g, False, lay or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
             nout = n_outliers(k, extra)
-            dflt = default_config(spec, act=act)
+            dflt = default_config(spec, act=act, n_outliers=nout)
             dchunk = chunk_of(bits, act, dflt)
             dkey = (dflt.rows, dflt.steps, dflt.depth, dchunk, dflt.min_blocks)
             tried = {dkey}
-            if not quick and act == "int8":  # fp16 activations run their default config only
-                tried |= {c for c in SWEEP if n % c[0] == 0 and -(-n // c[0] // c[1]) >= 132
+            if act == "int8":  # fp16 activations run their default config only
+                tried |= {c for c in (QUICK if quick else SWEEP) if n % c[0] == 0 and -(-n // c[0] // c[1]) >= 132
                           and (bits != 4 or c[3] == 32) and (not c[4] or warps_for(spec, act, c[3]) <= 4)}
             for rows, steps, depth, chunk, minb in sorted(tried):
                 cfg = GemvConfig(rows, warps_for(spec, act, chunk), steps, depth,
@@ -109,13 +114,13 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                 tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
                 cname = (f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "") + (f"c{chunk}" if bits != 4 else "")
                          + (f"b{minb}" if minb else ""))
-                name = f"w{bits}{tag}_{lin}_{cname}"
+                name = f"w{bits}{tag}{'b3' if lay == 'bytes3' else ''}_{lin}_{cname}"
                 pdl = act == "int8"   # griddepcontrol: a no-op unless launched with programmatic serialization
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act, pdl=pdl),
                     scheme + (" int8 act" if act == "int8" else ""), bits, g, lin, n, k, spec,
                     cname, (rows, steps, depth, chunk, minb) == dkey, nout, [-(-n // rows // steps), 1, 1],
                     [32, cfg.warps, 1], act, pdl)
-            if baseline and act == "int8":   # the previous gemv.py's default kernel, in the same run
+            if baseline and act == "int8" and not lay:   # the previous gemv.py's default kernel, in the same run
                 prev = _load_baseline(baseline)
                 pc = prev.default_config(spec, act=act)
                 name = f"w{bits}{'o' if nout else ''}prev_{lin}"
@@ -279,6 +284,18 @@ def _unpack_torch(qw, bits, k, layout):
         lo = (w[:, :lw, None] >> ((v % 8) * 4 + (v // 8) * 2)) & 3
         hi = (w[:, lw:, None] >> ((u % 8) * 4 + u // 8)) & 1
         return lo.reshape(n, -1)[:, :k] | (hi.reshape(n, -1)[:, :k] << 2)
+    if layout == "bytes3":  # dequant.py: per 32 values w0, w1 in a first region, w2 in a second
+        b = w.shape[1] // 3
+        ws = torch.stack([w[:, 0:2 * b:2], w[:, 1:2 * b:2], w[:, 2 * b:]], dim=2)   # [n, blocks, 3]
+        out = torch.zeros(n, b, 32, dtype=torch.int64, device=w.device)
+        for v in range(32):
+            if v < 24:
+                j, r = v // 8, v % 8
+                out[:, :, v] = (ws[:, :, j] >> (8 * (r % 4) + 3 * (r // 4))) & 7
+            else:
+                t, lane = (v - 24) // 4, v % 4
+                out[:, :, v] = ((ws[:, :, t] >> (8 * lane + 6)) & 3) | (((ws[:, :, 2] >> (8 * lane + 6 + t)) & 1) << 2)
+        return out.reshape(n, -1)[:, :k]
     if layout == "words3x32":
         w = w.view(n, -1, 3)
         body = (w[:, :, :, None] >> (torch.arange(10, device=w.device) * 3)) & 7

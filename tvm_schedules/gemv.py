@@ -1,9 +1,10 @@
 """Decode GEMV for GPUs: one activation row times a 2/3/4-bit weight, written as a hand-scheduled TIR prim func.
 
 At batch 1 a linear layer only streams its packed weights, so the kernel is built around the loads:
-- every thread owns one "chunk" of K (32 values at 4 bits, 64 at 2 and 3 bits) for every row of its block: one
-  128-bit load per row at 4 and 2 bits, three 64-bit loads in the words3x32 layout at 3 bits; consecutive threads
-  read consecutive chunks (coalesced), and the block's warps cover K once (split-K inside the block);
+- every thread owns one "chunk" of K (fp16 activations: 32 values at 4 bits, 64 at 2 and 3 bits) for every row of
+  its block: one 128-bit load per row at 4 and 2 bits, three 64-bit loads in the words3x32 layout at 3 bits;
+  consecutive threads read consecutive chunks (coalesced), and the block's warps cover K once (split-K inside the
+  block);
 - the thread converts its chunk of x to fp32 once (kept in registers up to 64 values) and sums it per field class,
   then streams `steps` steps of `rows` rows: the next step's weights, scales and zero points are loaded into a second
   register buffer before this step's math (double buffering; the steps are unrolled, so buffer indices stay
@@ -23,10 +24,18 @@ With `act="int8"` the activations are rounded to int8 per 32 values inside the k
 once per block; llama.cpp's Q8_0 block and the formula of `cpu_int8.quantize_act_np`, which the CPU exports already
 decode with) and packed in the order in which one shift and one mask leave four weight codes in the bytes of a word;
 CUDA's `__dp4a` then multiplies and adds four weights per instruction (~0.6-0.7 instructions per weight at 4 and 2
-bits instead of ~2.25; 3-bit weights come in the planes3 layout, whose 1-bit plane's bit is ORed in as bit 2 of each
-byte, ~1.2). Per 32-value block, `d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
+bits instead of ~2.25; 3-bit weights come in the bytes3 layout (dequant.py), whose bytes hold two whole 3-bit codes
+and two bits of a third, ~0.8; planes3, whose 1-bit plane's bit is ORed in as bit 2 of each byte, ~1.2, also
+works). Per 32-value block, `d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
 made the LLaMA-7B step 1.3x (W4) to 1.4x (W2) faster (benchmarks/results/gpu-nvidia-h200.md); the fp16 path stays
-the exact one.
+the exact one. With int8 activations a thread's chunk is 32 values at every bit width (one activation block;
+`GemvConfig.chunk` = 64 halves the threads at 2 and 3 bits): twice the warps of 64-value chunks over a row.
+
+OWQ's fp16 outlier columns (`n_outliers`) join each step's partial sums before the reduction: thread c gathers x at
+columns c, c + chunks, ... once per block, and loads those columns of each row with the row's weights.
+
+`pdl=True` adds programmatic dependent launch (sm_90): the next kernel may start before this one ends and waits
+for it only after issuing its own first weight loads (they depend on no earlier kernel).
 
 `gemv_func(spec, cfg, gpu=False)` emits the same loop body with the thread loops as serial loops and the shuffles as
 a plain sum, so the index and bit math is tested on the CPU (compiled for llvm) against the NumPy reference.
@@ -45,9 +54,9 @@ CHUNK_WORDS = {4: 4, 2: 4, 3: 6}        # uint32 words per chunk
 VEC_WORDS = {4: 4, 2: 4, 3: 2}          # words per load: one 128-bit load (4 and 2 bits), three 64-bit ones (3 bits)
 SUB_WORDS = {4: 4, 2: 2, 3: 3}          # words of one 32-value sub-block (x is pre-scaled 32 values at a time)
 LAYOUT = {4: "words", 2: "words", 3: "words3x32"}
-# int8 activations (act="int8", see `_dp4a_terms`): 3 bits in bit planes, a 64-value chunk = 4 + 2 words
-LAYOUT_INT8 = {4: "words", 2: "words", 3: "planes3"}
-INT8_LAYOUTS3 = ("planes3", "bytes3")   # 3-bit layouts the int8 kernel reads (bytes3: fewer instructions, dequant.py)
+# int8 activations (act="int8", see `_dp4a_terms`): 3 bits in bytes3 (or bit planes), a 32-value chunk = 2 + 1 words
+LAYOUT_INT8 = {4: "words", 2: "words", 3: "bytes3"}   # the CUDA export's (targets.py packing3)
+INT8_LAYOUTS3 = ("bytes3", "planes3")   # 3-bit layouts the int8 kernel reads (bytes3: fewer instructions, dequant.py)
 ACTS = ("fp16", "int8")
 PROLOGUES = (None, "rmsnorm", "silu_mul")
 
@@ -93,9 +102,10 @@ def warps_for(spec: QuantSpec, act: str = "fp16", chunk: int = 0) -> int:
 
 CANDIDATES = ((8, 2), (4, 2), (8, 1), (4, 1), (2, 1), (1, 1))   # (rows, steps), most reuse first
 CANDIDATES_INT8 = ((4, 4), (4, 2), (4, 1), (2, 1), (1, 1))
+OUTLIER_MIN_BLOCKS = 6
 
 
-def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16") -> GemvConfig:
+def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16", n_outliers: int = 0) -> GemvConfig:
     """The first of the candidates that keeps enough warps per SM in the grid (fewer rows per block otherwise), from
     the H200 sweeps in benchmarks/results/gpu-nvidia-h200*.md.
 
@@ -113,10 +123,13 @@ def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16") -> GemvCo
     int8 = act == "int8"
     cands = CANDIDATES_INT8 if int8 else CANDIDATES
     fits = [(r, s) for r, s in cands if spec.n % (r * s) == 0]
+    # OWQ's outlier columns take ~16 more registers (96): 5 blocks of 4 warps per SM instead of 6, a second wave
+    # on qkv; capped to 6 blocks per SM they fit again
+    cap = OUTLIER_MIN_BLOCKS if int8 and n_outliers and warps <= 4 else 0
     for r, s in fits:
         if spec.n // (r * s) * warps >= (8.5 if int8 else 11) * sms:
-            return GemvConfig(r, warps, s)
-    return GemvConfig(fits[-1][0], warps, fits[-1][1])
+            return GemvConfig(r, warps, s, min_blocks=cap)
+    return GemvConfig(fits[-1][0], warps, fits[-1][1], min_blocks=cap)
 
 
 # ------------------------------------------------------------------------------------------------ field extraction
@@ -217,7 +230,7 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
               prologue: str | None = None, eps: float = 1e-6, residual: bool = False, pdl: bool = False):
     """y[lead..., N] = x[lead..., K] @ dq(W)^T (+ x[..., idx] @ W_out^T) for one row (prod(lead) == 1), fp32
     accumulation, `out_dtype` output. act="int8": activations quantized per 32 values inside the kernel and integer
-    dot products (dp4a), as `cpu_int8.int8_gemv_np` models; 3-bit weights then in the planes3 layout.
+    dot products (dp4a), as `cpu_int8.int8_gemv_np` models; 3-bit weights then in bytes3 or planes3.
 
     Arguments: x fp16, [norm_weight fp16 [K]], qweight, scales, [zeros], [outlier_idx int32 [n_outliers],
     outlier_weight fp16 [N, n_outliers]], [residual [lead..., N]], y. `gpu=False` gives the CPU-testable twin (same
@@ -242,7 +255,7 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
         raise ValueError(f"unknown activation type {act!r}; one of {ACTS}")
     if not supports(spec, act):
         raise ValueError(f"no decode GEMV for {spec} with {act} activations")
-    cfg = cfg or default_config(spec, act=act)
+    cfg = cfg or default_config(spec, act=act, n_outliers=n_outliers)
     chunk = chunk_of(spec.bits, act, cfg)
     if chunk != chunk_of(spec.bits, act) and (act != "int8" or spec.bits == 4):
         raise ValueError(f"fp16 activations take {CHUNK[spec.bits]}-value chunks at {spec.bits} bits, not {chunk}")

@@ -55,11 +55,11 @@ def test_cuda_preset_repacks_3_bit_weights(model_dirs, tmp_path):
     cuda, stored = open_source(q, targets.get_preset("cuda").packing3), open_source(q)
     name = "model.layers.0.mlp.down_proj.qweight"
     plan = cuda.plans()["model.layers.0.mlp.down_proj"]
-    assert plan.spec.layout == "planes3"
+    assert plan.spec.layout == "bytes3"
     got = dict(cuda.arrays([name]))[name]
     want = dict(stored.arrays([name]))[name]
     assert got.shape == (plan.n, plan.spec.words)
-    np.testing.assert_array_equal(unpack_np(got, 3, plan.k, "planes3"), unpack_np(want, 3, plan.k))
+    np.testing.assert_array_equal(unpack_np(got, 3, plan.k, "bytes3"), unpack_np(want, 3, plan.k))
 
 
 @pytest.mark.parametrize("arch,bits,group,sym,n_out,act", [
@@ -67,7 +67,7 @@ def test_cuda_preset_repacks_3_bit_weights(model_dirs, tmp_path):
     ("llama", 4, 32, False, 0, "int8"), ("qwen2", 3, -1, False, 2, "int8"), ("qwen2", 2, 64, True, 3, "int8")])
 def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, monkeypatch, tokenizer, arch, bits,
                                                          group, sym, n_out, act):
-    """The CUDA decode path as exported (arguments, words3x32 / planes3 repacking, folded zero points, outlier columns
+    """The CUDA decode path as exported (arguments, words3x32 / bytes3 repacking, folded zero points, outlier columns
     in fp32, bias) through the GEMV's serial CPU twin on the cpu target: decode logits equal PyTorch's (fp16
     activations), or move by the int8 rounding of the activations only (int8, the CUDA default)."""
     import dataclasses
@@ -82,7 +82,7 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
     from test_export_parity import add_outlier_columns
     monkeypatch.setattr(export_llama, "DECODE_GEMV_TWIN_ON_CPU", True)
     monkeypatch.setenv("EDGEQUANT_ACT_DTYPE", act)   # fp16: prefill exact too (the cpu default quantizes activations)
-    packing3 = "words3x32" if act == "fp16" else "planes3"
+    packing3 = "words3x32" if act == "fp16" else targets.PRESETS["cuda"].packing3
     monkeypatch.setitem(targets.PRESETS, "cpu", dataclasses.replace(targets.PRESETS["cpu"], packing3=packing3))
     hf = tmp_path / "hf"
     from transformers import AutoModelForCausalLM

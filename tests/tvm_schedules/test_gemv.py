@@ -63,10 +63,10 @@ INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligne
     (3, 128, False, 20, 512, 2, 1, 4, 5, 3, 0), (3, -1, True, 6, 256, 2, 2, 1, 0, 2, 0),
     (3, 64, False, 8, 576, 4, 1, 2, 0, 2, 0), (3, 128, False, 12, 256, 2, 1, 4, 0, 4, 0),
     (4, 32, False, 8, 64, 2, 1, 2, 5, 2, 0),    # 5 outlier columns over 2 chunks: 3 per thread
-    (3, 64, False, 8, 576, 4, 1, 2, 3, 2, 64),
+    (3, 64, False, 8, 256, 2, 1, 2, 3, 2, 64),
 ]
 BYTES3_CASES = [  # the bytes3 3-bit layout (dequant.py) in 32- and 64-value chunks, a ragged last block
-    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "bytes3"), (3, 64, True, 8, 576, 4, 1, 2, 0, 2, 64, "bytes3")]
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "bytes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "bytes3")]
 
 
 @pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout",
