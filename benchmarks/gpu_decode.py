@@ -15,7 +15,10 @@ NaN first), and times each linear as CUDA-graph replays over enough weight copie
 from L2. Bytes per linear = packed weights + scales + zeros (+ outlier columns); "% roofline" divides their rate by
 the faster of a streaming-read kernel and a device-to-device copy ((read + write bytes) / time), both over 1 GiB. The
 step table adds up all 32 layers' linears: the decode tokens/s a model would reach if nothing but these linears ran.
-Writes benchmarks/results/gpu-<device>.md.
+The whole step is also measured as one CUDA graph of
+the 128 launches (each layer its own weights), plainly and with programmatic dependent launch (PDL: the int8 kernels
+carry griddepcontrol, launched here through cuLaunchKernelEx; TVM's runtime does not set that attribute), and
+torch int4 the same way. Writes benchmarks/results/gpu-<device>.md.
 
 Prefill (`tvm_schedules/mma_gemm.py`, tensor cores): the same linears at W4 g128 and W2 g64 for prompts of
 32/128/512/2048 tokens, each kernel config of PREFILL_SWEEP checked against the torch reference and timed the same way,
@@ -37,8 +40,9 @@ from pathlib import Path
 SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
 SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 g64", 2, 64, 0.0, None),
            ("W3 g128 + OWQ 3.1", 3, 128, 0.1, None),   # fp16 outlier columns worth 0.1 bit per weight
-           ("W3 g128 bytes3", 3, 128, 0.0, "bytes3"), ("W3 g128 + OWQ 3.1 bytes3", 3, 128, 0.1, "bytes3")]
-# (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8); bytes3: int8 act only)
+           ("W3 g128 planes3", 3, 128, 0.0, "planes3"), ("W3 g128 + OWQ 3.1 planes3", 3, 128, 0.1, "planes3")]
+# (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, bytes3 with int8
+# activations); planes3: the previous CUDA layout, int8 activations only, for comparison)
 ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact float kernel
 SWEEP = ((4, 2, 2, 32, 0), (4, 4, 2, 32, 0), (4, 8, 2, 32, 0), (2, 8, 2, 32, 0), (4, 4, 2, 64, 0), (4, 8, 2, 64, 0),
          (4, 4, 2, 32, 8), (4, 2, 2, 32, 8))
@@ -114,7 +118,7 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                 tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
                 cname = (f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "") + (f"c{chunk}" if bits != 4 else "")
                          + (f"b{minb}" if minb else ""))
-                name = f"w{bits}{tag}{'b3' if lay == 'bytes3' else ''}_{lin}_{cname}"
+                name = f"w{bits}{tag}{lay or ''}_{lin}_{cname}"
                 pdl = act == "int8"   # griddepcontrol: a no-op unless launched with programmatic serialization
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act, pdl=pdl),
                     scheme + (" int8 act" if act == "int8" else ""), bits, g, lin, n, k, spec,

@@ -266,12 +266,17 @@ def weight_te(spec: QuantSpec, qweight, scales, zeros, n, k):
         i, b = k % 32, k // 32
         u = lambda v: tirx.const(v, "uint32")  # noqa: E731
         j = tirx.min(i // 8, 2)
-        word = qweight[n, tirx.Select(j < 2, 2 * b + j, spec.lo_words + b)]
+        # w0, w1 at 2b + j, w2 at lo_words + b, as arithmetic: TVM 0.27's CUDA codegen writes the condition of a
+        # vectorised Select as `uint2 v = make_ushort2(...)`, which nvcc rejects (dlight's prefill kernel, SmolLM2)
+        word = qweight[n, 2 * b + j + j // 2 * (spec.lo_words - b - 2)]
         body = (word >> tirx.Cast("uint32", i % 4 * 8 + i % 8 // 4 * 3)) & u(7)
-        t, lane = tirx.min(tirx.max(i - 24, 0) // 4, 1), tirx.Cast("uint32", i % 4 * 8)
-        top = ((qweight[n, 2 * b + t] >> (lane + u(6))) & u(3)) | \
-            (((qweight[n, spec.lo_words + b] >> (lane + u(6) + tirx.Cast("uint32", t))) & u(1)) << u(2))
-        code = tirx.Select(i < 24, body, top)
+        # values 24-27 take their low bits from w0, 28-31 from w1: t = (i // 4) % 2 (no subtraction: a uint cast
+        # of an expression that may be negative stops TVM's CUDA device passes)
+        t = i // 4 % 2
+        top = ((qweight[n, 2 * b + t] >> tirx.Cast("uint32", i % 4 * 8 + 6)) & u(3)) | \
+            (((qweight[n, spec.lo_words + b] >> tirx.Cast("uint32", i % 4 * 8 + 6 + t)) & u(1)) << u(2))
+        sel = tirx.Cast("uint32", i // 24)     # 0 for values 0-23, 1 for 24-31 (no Select: see above)
+        code = body * (u(1) - sel) + top * sel
     else:
         code = (qweight[n, k // vpw] >> tirx.Cast("uint32", (k % vpw) * bits)) & tirx.const((1 << bits) - 1, "uint32")
     q = tirx.Cast("float32", code)
