@@ -56,21 +56,21 @@ def test_gemv_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps,
 
 INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligned, 64-bit plane loads), loads
     # two and three steps ahead (depth 3 and 4, with short last blocks), and 2/3-bit chunks of 32 values (the
-    # default: 64-bit plane loads and a 32-bit bit-plane load at 3 bits) and of 64 (chunk, last column; 0 = default)
+    # default: a 64-bit and a 32-bit load at 3 bits; the last column, 0 = default; 64-value chunks in LAYOUT_CASES)
     (4, 128, False, 32, 512, 2, 1, 4, 0, 2, 0), (4, 32, True, 8, 96, 4, 1, 1, 3, 2, 0),
     (4, -1, False, 28, 256, 4, 3, 3, 0, 2, 0), (2, 64, False, 16, 256, 2, 1, 2, 2, 2, 0),
     (2, -1, True, 8, 128, 8, 2, 1, 0, 2, 0), (2, 64, False, 20, 128, 2, 1, 4, 0, 4, 0),
     (3, 128, False, 20, 512, 2, 1, 4, 5, 3, 0), (3, -1, True, 6, 256, 2, 2, 1, 0, 2, 0),
     (3, 64, False, 8, 576, 4, 1, 2, 0, 2, 0), (3, 128, False, 12, 256, 2, 1, 4, 0, 4, 0),
     (4, 32, False, 8, 64, 2, 1, 2, 5, 2, 0),    # 5 outlier columns over 2 chunks: 3 per thread
-    (3, 64, False, 8, 256, 2, 1, 2, 3, 2, 64),
 ]
-BYTES3_CASES = [  # the bytes3 3-bit layout (dequant.py) in 32- and 64-value chunks, a ragged last block
-    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "bytes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "bytes3")]
+LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's bytes3 (dequant.py); the previous planes3 here, and
+    # bytes3 in 64-value chunks (the same chunk index math as 2 bits at 64)
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "planes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "bytes3")]
 
 
 @pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout",
-                         [c + (None,) for c in INT8_CASES] + BYTES3_CASES)
+                         [c + (None,) for c in INT8_CASES] + LAYOUT_CASES)
 def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth, chunk, layout):
     """int8 activations + dp4a: the twin's integer dots are exact, so it meets the int8 NumPy model to fp32
     rounding; the model itself stays within int8 activation error of the exact product."""
