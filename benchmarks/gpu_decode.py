@@ -15,7 +15,10 @@ NaN first), and times each linear as CUDA-graph replays over enough weight copie
 from L2. Bytes per linear = packed weights + scales + zeros (+ outlier columns); "% roofline" divides their rate by
 the faster of a streaming-read kernel and a device-to-device copy ((read + write bytes) / time), both over 1 GiB. The
 step table adds up all 32 layers' linears: the decode tokens/s a model would reach if nothing but these linears ran.
-Writes benchmarks/results/gpu-<device>.md.
+The whole step is also measured as one CUDA graph of
+the 128 launches (each layer its own weights), plainly and with programmatic dependent launch (PDL: the int8 kernels
+carry griddepcontrol, launched here through cuLaunchKernelEx; TVM's runtime does not set that attribute), and
+torch int4 the same way. Writes benchmarks/results/gpu-<device>.md.
 
 Prefill (`tvm_schedules/mma_gemm.py`, tensor cores): the same linears at W4 g128 and W2 g64 for prompts of
 32/128/512/2048 tokens, each kernel config of PREFILL_SWEEP checked against the torch reference and timed the same way,
@@ -35,11 +38,19 @@ import time
 from pathlib import Path
 
 SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
-SCHEMES = [("W4 g128", 4, 128, 0.0), ("W3 g128", 3, 128, 0.0), ("W2 g64", 2, 64, 0.0),
-           ("W3 g128 + OWQ 3.1", 3, 128, 0.1)]      # the last: fp16 outlier columns worth 0.1 bit per weight
+SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 g64", 2, 64, 0.0, None),
+           ("W3 g128 + OWQ 3.1", 3, 128, 0.1, None),   # fp16 outlier columns worth 0.1 bit per weight
+           ("W3 g128 planes3", 3, 128, 0.0, "planes3"), ("W3 g128 + OWQ 3.1 planes3", 3, 128, 0.1, "planes3")]
+# (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, bytes3 with int8
+# activations); planes3: the previous CUDA layout, int8 activations only, for comparison)
 ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact float kernel
-SWEEP = ((8, 2, 2), (4, 4, 2), (4, 8, 2), (8, 4, 2), (4, 4, 3), (4, 8, 3), (4, 8, 4), (2, 8, 3), (8, 4, 3))
-# (rows per step, steps per block, buffers) tried per linear besides the default
+SWEEP = ((4, 2, 2, 32, 0), (4, 4, 2, 32, 0), (4, 8, 2, 32, 0), (2, 8, 2, 32, 0), (4, 4, 2, 64, 0), (4, 8, 2, 64, 0),
+         (4, 4, 2, 32, 8), (4, 2, 2, 32, 8))
+QUICK = ((4, 4, 2, 32, 0), (4, 4, 2, 32, 6))   # --quick: the default and these
+# (rows per step, steps per block, buffers, values per thread (32 or 64 at 2 and 3 bits; 4 bits: 32), blocks per SM
+# that ptxas must fit (0: no cap; only where a block has <= 4 warps)) tried per linear besides the default. An
+# earlier sweep (results of 2026-11-29 19:39) also tried 8 and 16 rows, 8 steps x 8 rows and buffers 3: never more
+# than noise ahead
 LAYERS = 32
 PREFILL_SCHEMES = [("W4 g128", 4, 128), ("W2 g64", 2, 64)]   # 3 bits: no tensor-core kernel (dlight)
 PREFILL_TOKENS = (32, 128, 512, 2048)
@@ -67,50 +78,62 @@ def _load_baseline(path: str):
     return mod
 
 
-def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: bool, prefill_only: bool = False):
+def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: bool, prefill_only: bool = False,
+          acts: tuple[str, ...] = ACTS, decode_only: bool = False, jobs: int = 1):
     import tvm
 
     from edgequant.export.targets import PRESETS
     from edgequant.tvm_schedules.dequant import QuantSpec
-    from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8, GemvConfig, default_config, gemv_func, warps_for
+    from edgequant.tvm_schedules.gemv import (LAYOUT, LAYOUT_INT8, GemvConfig, chunk_of, default_config, gemv_func,
+                                              warps_for)
 
     out.mkdir(parents=True, exist_ok=True)
     funcs, manifest = {}, []
 
-    def add(name, func, scheme, bits, g, lin, n, k, spec, cfg, dflt, nout, grid, block, act="fp16"):
+    def add(name, func, scheme, bits, g, lin, n, k, spec, cfg, dflt, nout, grid, block, act="fp16", pdl=False):
         funcs[name] = func.with_attr("global_symbol", name)
         manifest.append({"name": name, "kernel": f"{name}_kernel", "scheme": scheme, "act": act, "bits": bits,
+                         "pdl": pdl,
                          "group": g,
                          "linear": lin, "n": n, "k": k, "config": cfg, "default": dflt, "words": spec.words,
                          "n_groups": spec.n_groups, "layout": spec.layout, "n_outliers": nout,
                          "grid": grid, "block": block})
 
-    for (scheme, bits, g, extra), act in [(s, a) for a in ACTS for s in SCHEMES] if not prefill_only else []:
+    for (scheme, bits, g, extra, lay), act in [(s, a) for a in acts for s in SCHEMES] if not prefill_only else []:
+        if lay and act != "int8":
+            continue
         for lin, n, k in SHAPES:
-            spec = QuantSpec(n, k, bits, g, False, (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
+            spec = QuantSpec(n, k, bits, g, False, lay or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
             nout = n_outliers(k, extra)
-            dflt = default_config(spec, act=act)
-            dkey = (dflt.rows, dflt.steps, dflt.depth)
+            dflt = default_config(spec, act=act, n_outliers=nout)
+            dchunk = chunk_of(bits, act, dflt)
+            dkey = (dflt.rows, dflt.steps, dflt.depth, dchunk, dflt.min_blocks)
             tried = {dkey}
-            if not extra and not quick and act == "int8":  # the others run their default config only
-                tried |= {c for c in SWEEP if n % c[0] == 0 and -(-n // c[0] // c[1]) >= 132}
-            for rows, steps, depth in sorted(tried):
-                cfg = GemvConfig(rows, warps_for(spec), steps, depth)
+            if act == "int8":  # fp16 activations run their default config only
+                tried |= {c for c in (QUICK if quick else SWEEP) if n % c[0] == 0 and -(-n // c[0] // c[1]) >= 132
+                          and (bits != 4 or c[3] == 32) and (not c[4] or warps_for(spec, act, c[3]) <= 4)}
+            for rows, steps, depth, chunk, minb in sorted(tried):
+                cfg = GemvConfig(rows, warps_for(spec, act, chunk), steps, depth,
+                                 chunk if chunk != chunk_of(bits, act) else 0, minb)
                 tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
-                cname = f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "")
-                name = f"w{bits}{tag}_{lin}_{cname}"
-                add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act),
+                cname = (f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "") + (f"c{chunk}" if bits != 4 else "")
+                         + (f"b{minb}" if minb else ""))
+                name = f"w{bits}{tag}{lay or ''}_{lin}_{cname}"
+                pdl = act == "int8"   # griddepcontrol: a no-op unless launched with programmatic serialization
+                add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act, pdl=pdl),
                     scheme + (" int8 act" if act == "int8" else ""), bits, g, lin, n, k, spec,
-                    cname, (rows, steps, depth) == dkey, nout, [-(-n // rows // steps), 1, 1],
-                    [32, cfg.warps, 1], act)
-            if baseline and not extra and act == "fp16":
+                    cname, (rows, steps, depth, chunk, minb) == dkey, nout, [-(-n // rows // steps), 1, 1],
+                    [32, cfg.warps, 1], act, pdl)
+            if baseline and act == "int8" and not lay:   # the previous gemv.py's default kernel, in the same run
                 prev = _load_baseline(baseline)
-                pc = prev.default_config(spec)
-                name = f"w{bits}prev_{lin}"
-                add(name, prev.gemv_func(spec, pc, name=name), f"{scheme} (previous kernel)", bits, g, lin, n, k,
-                    spec, f"r{pc.rows}w{pc.warps}", True, 0, [n // pc.rows, 1, 1], [32, pc.warps, 1])
+                pc = prev.default_config(spec, act=act)
+                name = f"w{bits}{'o' if nout else ''}prev_{lin}"
+                add(name, prev.gemv_func(spec, pc, name=name, act=act, n_outliers=nout),
+                    f"{scheme} int8 act (previous kernel)", bits, g, lin, n, k, spec,
+                    f"r{pc.rows}s{pc.steps}", True, nout, [-(-n // pc.rows // pc.steps), 1, 1], [32, pc.warps, 1],
+                    act)
     from edgequant.tvm_schedules.mma_gemm import MmaConfig, config_tag, default_config as mma_default, gemm_func
-    for scheme, bits, g in PREFILL_SCHEMES:
+    for scheme, bits, g in PREFILL_SCHEMES if not decode_only else []:
         for lin, n, k in SHAPES:
             spec = QuantSpec(n, k, bits, g, False)
             picks = {m_: mma_default(spec, m_) for m_ in PREFILL_TOKENS}   # the export's kernel per prompt length
@@ -133,7 +156,7 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                                                   indent=1))
     print(f"generated {len(manifest)} kernels in {time.time() - t:.0f} s -> {out}")
     if not device_nvcc:
-        compile_cubins(out, arch, jobs=1)
+        compile_cubins(out, arch, jobs=jobs)
 
 
 def compile_cubins(out: Path, arch: str, jobs: int):
@@ -219,19 +242,40 @@ class Driver:
                 raise RuntimeError(f"no kernel {name} in the cubins")
         return self.fns[name]
 
-    def launcher(self, name, grid, block, tensors):
+    def launcher(self, name, grid, block, tensors, pdl=False):
         """A no-argument callable launching `name` on the current stream with these tensors' pointers (or ctypes
-        values)."""
+        values); `pdl`: with programmatic stream serialization (cuLaunchKernelEx), so that the kernel may start
+        while the previous one finishes (its griddepcontrol.wait orders what must wait)."""
         import torch
         ptrs = [t if isinstance(t, ctypes._SimpleCData) else ctypes.c_void_p(t.data_ptr()) for t in tensors]
         args = (ctypes.c_void_p * len(ptrs))(*[ctypes.addressof(p) for p in ptrs])
         f = self.fn(name)
+        if pdl:
+            attr = _LaunchAttr(id=6, val=1)   # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, allowed
+            cfg = _LaunchConfig(*grid, *block, 0, None, ctypes.pointer(attr), 1)
+
+            def go():
+                cfg.stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+                self._check(self.lib.cuLaunchKernelEx(ctypes.byref(cfg), f, args, None))
+            go.keep = (ptrs, args, attr, cfg)
+            return go
 
         def go():
             s = torch.cuda.current_stream().cuda_stream
             self._check(self.lib.cuLaunchKernel(f, *grid, *block, 0, ctypes.c_void_p(s), args, None))
         go.keep = (ptrs, args)
         return go
+
+
+class _LaunchAttr(ctypes.Structure):   # CUlaunchAttribute: an id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("val", ctypes.c_uint),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("gx", ctypes.c_uint), ("gy", ctypes.c_uint), ("gz", ctypes.c_uint), ("bx", ctypes.c_uint),
+                ("by", ctypes.c_uint), ("bz", ctypes.c_uint), ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttr)), ("n_attrs", ctypes.c_uint)]
 
 
 def _unpack_torch(qw, bits, k, layout):
@@ -244,6 +288,18 @@ def _unpack_torch(qw, bits, k, layout):
         lo = (w[:, :lw, None] >> ((v % 8) * 4 + (v // 8) * 2)) & 3
         hi = (w[:, lw:, None] >> ((u % 8) * 4 + u // 8)) & 1
         return lo.reshape(n, -1)[:, :k] | (hi.reshape(n, -1)[:, :k] << 2)
+    if layout == "bytes3":  # dequant.py: per 32 values w0, w1 in a first region, w2 in a second
+        b = w.shape[1] // 3
+        ws = torch.stack([w[:, 0:2 * b:2], w[:, 1:2 * b:2], w[:, 2 * b:]], dim=2)   # [n, blocks, 3]
+        out = torch.zeros(n, b, 32, dtype=torch.int64, device=w.device)
+        for v in range(32):
+            if v < 24:
+                j, r = v // 8, v % 8
+                out[:, :, v] = (ws[:, :, j] >> (8 * (r % 4) + 3 * (r // 4))) & 7
+            else:
+                t, lane = (v - 24) // 4, v % 4
+                out[:, :, v] = ((ws[:, :, t] >> (8 * lane + 6)) & 3) | (((ws[:, :, 2] >> (8 * lane + 6 + t)) & 1) << 2)
+        return out.reshape(n, -1)[:, :k]
     if layout == "words3x32":
         w = w.view(n, -1, 3)
         body = (w[:, :, :, None] >> (torch.arange(10, device=w.device) * 3)) & 7
@@ -370,35 +426,11 @@ def run(out: Path, only: str | None, results: Path | None, prefill_only: bool = 
         n, k, bits, g, nout = m0["n"], m0["k"], m0["bits"], m0["group"], m0["n_outliers"]
         nbytes = n * m0["words"] * 4 + n * m0["n_groups"] * 3 + nout * (2 * n + 4)
         gen = torch.Generator(device="cuda").manual_seed(bits * 1000 + n)
-        sets = []
-        for _ in range(_copies(nbytes)):
-            qw = torch.randint(-2**31, 2**31 - 1, (n, m0["words"]), device="cuda", dtype=torch.int32,
-                               generator=gen)
-            sc = (torch.rand(n, m0["n_groups"], device="cuda", generator=gen) * 0.009 + 0.001).half()
-            zr = torch.randint(0, 1 << bits, (n, m0["n_groups"]), device="cuda", dtype=torch.uint8,
-                               generator=gen)
-            st = {"qweight": qw, "scales": sc, "zeros": zr}
-            if nout:
-                st["oidx"] = torch.randperm(k, device="cuda", generator=gen)[:nout].to(torch.int32)
-                st["ow"] = (torch.randn(n, nout, device="cuda", generator=gen) * 0.05).half()
-            sets.append(st)
+        sets = [_weights(m0, gen) for _ in range(_copies(nbytes))]
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        s0 = sets[0]
-        q = _unpack_torch(s0["qweight"], bits, k, m0["layout"]).float()
-        gi = torch.arange(k, device="cuda") // g
-        wref = (q - s0["zeros"].float()[:, gi]) * s0["scales"].float()[:, gi]
-        ref = x.float() @ wref.T
-        if m0["act"] == "int8":  # the kernel's own model: x rounded to int8 per 32 values (cpu_int8.quantize_act_np)
-            xb = x.float().view(-1, 32)
-            amax = xb.abs().amax(dim=1, keepdim=True)
-            inv = torch.where(amax > 0, 127 / torch.where(amax > 0, amax, 1), 0)
-            exact, ref = ref, ((torch.round(xb * inv) * (amax / 127)).view(1, k)) @ wref.T
-        if nout:
-            o = x.float()[:, s0["oidx"].long()] @ s0["ow"].float().T
-            ref, exact = ref + o, (exact + o if m0["act"] == "int8" else None)
-        act_err = ((ref - exact).abs().max() / exact.abs().max()).item() if m0["act"] == "int8" else 0.0
-        del q, wref
+        ref, act_err = _reference(m0, sets[0], x)
         best = dflt = None
+        byconf = {}
         for m in ks:
             y = torch.empty(1, n, device="cuda", dtype=torch.float16)
             fns = [drv.launcher(m["kernel"], m["grid"], m["block"], [{**s, "x": x, "y": y}[p] for p in m["params"]])
@@ -416,28 +448,154 @@ def run(out: Path, only: str | None, results: Path | None, prefill_only: bool = 
             if not err <= 3e-3:
                 print(f"WRONG RESULT {m['name']}: rel err {err:.2e}", flush=True)
                 continue
+            byconf[m["config"]] = m
             if best is None or t < best["us"] / 1e6:
                 best = r
             if m["default"]:
                 dflt = r
+        for r in (best, dflt) if best is not None and byconf[best["config"]].get("pdl") else ():
+            # the same kernels launched with programmatic stream serialization: each copy's first weight loads
+            # overlap the previous copy's tail; checked again on the output of the last copy
+            if r is None or "us_pdl" in r:
+                continue
+            m = byconf[r["config"]]
+            y = torch.empty(1, n, device="cuda", dtype=torch.float16)
+            fns = [drv.launcher(m["kernel"], m["grid"], m["block"], [{**s, "x": x, "y": y}[p] for p in m["params"]],
+                                pdl=True) for s in sets]
+            r["us_pdl"] = _timed(fns) * 1e6
+            y.fill_(float("nan"))
+            for f in fns:
+                f()
+            torch.cuda.synchronize()
+            r["rel_err_pdl"] = ((y.float() - _reference(m0, sets[-1], x)[0]).abs().max() / ref.abs().max()).item()
+            print(json.dumps({"config": r["config"], "linear": lin, "scheme": scheme, "us_pdl": r["us_pdl"],
+                              "rel_err_pdl": r["rel_err_pdl"]}), flush=True)
         if best is not None:
             best = {**best, "default_us": dflt["us"] if dflt else float("nan"),
-                    "default_config": dflt["config"] if dflt else "-"}
+                    "default_config": dflt["config"] if dflt else "-",
+                    "default_us_pdl": dflt.get("us_pdl", float("nan")) if dflt else float("nan"),
+                    "kernel": byconf[best["config"]]["name"],
+                    "default_kernel": byconf[dflt["config"]]["name"] if dflt else None}
             rows.append(best)
         del sets
         torch.cuda.empty_cache()
     if only:
         return
-    table = _table(rows, peer, bw, cbw, dev, torch.__version__) + "\n" + _prefill_table(prefill, dev,
-                                                                                          torch.__version__)
+    steps = whole_steps(drv, man, rows, peer_int4=not only)
+    table = _table(rows, peer, bw, cbw, dev, torch.__version__, steps) + "\n" + _prefill_table(prefill, dev,
+                                                                                                 torch.__version__)
     print(table)
     if results:
         results.mkdir(parents=True, exist_ok=True)
         name = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
         (results / f"gpu-{name}.md").write_text(table)
         (results / f"gpu-{name}.rows.json").write_text(json.dumps({"rows": rows, "configs": configs, "copy_bw": bw,
+                                                                   "steps": steps,
                                                                    "copy_only_bw": cbw, "peer": {
             f"{a}/{b}": v for (a, b), v in peer.items()}}, indent=1))
+
+
+def _weights(m0, gen):
+    """Random packed weights, scales, zero points (and outlier columns) of one linear of the manifest."""
+    import torch
+    n, k, bits, nout = m0["n"], m0["k"], m0["bits"], m0["n_outliers"]
+    st = {"qweight": torch.randint(-2**31, 2**31 - 1, (n, m0["words"]), device="cuda", dtype=torch.int32,
+                                   generator=gen),
+          "scales": (torch.rand(n, m0["n_groups"], device="cuda", generator=gen) * 0.009 + 0.001).half(),
+          "zeros": torch.randint(0, 1 << bits, (n, m0["n_groups"]), device="cuda", dtype=torch.uint8, generator=gen)}
+    if nout:
+        st["oidx"] = torch.randperm(k, device="cuda", generator=gen)[:nout].to(torch.int32)
+        st["ow"] = (torch.randn(n, nout, device="cuda", generator=gen) * 0.05).half()
+    return st
+
+
+def _reference(m0, st, x):
+    """(what the kernel computes in fp32 from these weights and x, the int8 rounding's error against the exact
+    product): int8 act rows round x per 32 values as the kernel does (cpu_int8.quantize_act_np)."""
+    import torch
+    k, g = m0["k"], m0["group"]
+    q = _unpack_torch(st["qweight"], m0["bits"], k, m0["layout"]).float()
+    gi = torch.arange(k, device="cuda") // g
+    wref = (q - st["zeros"].float()[:, gi]) * st["scales"].float()[:, gi]
+    ref = x.float() @ wref.T
+    exact = None
+    if m0["act"] == "int8":
+        xb = x.float().view(-1, 32)
+        amax = xb.abs().amax(dim=1, keepdim=True)
+        inv = torch.where(amax > 0, 127 / torch.where(amax > 0, amax, 1), 0)
+        exact, ref = ref, ((torch.round(xb * inv) * (amax / 127)).view(1, k)) @ wref.T
+    if m0["n_outliers"]:
+        o = x.float()[:, st["oidx"].long()] @ st["ow"].float().T
+        ref, exact = ref + o, (exact + o if exact is not None else None)
+    act_err = ((ref - exact).abs().max() / exact.abs().max()).item() if exact is not None else 0.0
+    return ref, act_err
+
+
+def whole_steps(drv, man, rows, peer_int4=True):
+    """Each scheme's whole decode step as one CUDA graph: 32 layers x (qkv, o, gate_up, down), each layer its own
+    weights (GBs: nothing from L2), with the default kernels (the export's) and the best per linear, launched
+    plainly and with programmatic stream serialization (PDL); the last layer's outputs are checked. torch int4
+    the same way. Returns {scheme: {"default": s, "best": s, "default_pdl": s, "best_pdl": s, "bytes": b}}."""
+    import torch
+    kern = {m["name"]: m for m in man["kernels"]}
+    out = {}
+    for scheme in dict.fromkeys(r["scheme"] for r in rows):
+        rs = {r["linear"]: r for r in rows if r["scheme"] == scheme}
+        if len(rs) != len(SHAPES) or any(r.get("default_kernel") is None for r in rs.values()):
+            continue
+        gen = torch.Generator(device="cuda").manual_seed(77)
+        x = torch.randn(1, max(k for _, _, k in SHAPES), device="cuda", dtype=torch.float16)
+        layers = [{lin: _weights(kern[rs[lin]["kernel"]], gen) for lin, _, _ in SHAPES} for _ in range(LAYERS)]
+        ys = {lin: torch.empty(1, n, device="cuda", dtype=torch.float16) for lin, n, _ in SHAPES}
+        res = {"bytes": LAYERS * sum(r["bytes"] for r in rs.values())}
+        for which, key in (("default", "default_kernel"), ("best", "kernel")):
+            if which == "best" and all(r["kernel"] == r["default_kernel"] for r in rs.values()):
+                res.update({k_.replace("default", "best"): v for k_, v in res.items() if k_.startswith("default")})
+                continue
+            for pdl in (False, True):
+                ms = {lin: kern[rs[lin][key]] for lin, _, _ in SHAPES}
+                if pdl and not all(m.get("pdl") for m in ms.values()):
+                    continue
+                fns = [drv.launcher(ms[lin]["kernel"], ms[lin]["grid"], ms[lin]["block"],
+                                    [{**layer[lin], "x": x[:, :k], "y": ys[lin]}[p] for p in ms[lin]["params"]],
+                                    pdl=pdl) for layer in layers for lin, _, k in SHAPES]
+                t = _timed(fns) * len(fns)
+                for y in ys.values():
+                    y.fill_(float("nan"))
+                for f in fns:
+                    f()
+                torch.cuda.synchronize()
+                err = max(((ys[lin].float() - (ref := _reference(ms[lin], layers[-1][lin], x[:, :k])[0])).abs().max()
+                           / ref.abs().max()).item() for lin, _, k in SHAPES)
+                res[which + ("_pdl" if pdl else "")] = t
+                res[which + ("_pdl" if pdl else "") + "_err"] = err
+                print(json.dumps({"step": scheme, "kernels": which, "pdl": pdl, "ms": t * 1e3, "rel_err": err}),
+                      flush=True)
+                if not err <= 3e-3:
+                    print(f"WRONG RESULT step {scheme} {which} pdl={pdl}: rel err {err:.2e}", flush=True)
+        out[scheme] = res
+        del layers
+        torch.cuda.empty_cache()
+    if peer_int4:
+        try:
+            out["torch int4 g128 (bf16)"] = {"default": torch_int4_step()}
+        except Exception as e:  # noqa: BLE001 - report and go on without the peer
+            print(f"torch int4 step: {type(e).__name__}: {e}", flush=True)
+    return out
+
+
+def torch_int4_step(g=128):
+    """torch's int4 GEMV over a whole step (32 layers x 4 linears, own weights each), one CUDA graph; seconds."""
+    import torch
+    fns = []
+    for _ in range(LAYERS):
+        for _, n, k in SHAPES:
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            q = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(q, 8)
+            sz = torch.rand(k // g, n, 2, device="cuda", dtype=torch.bfloat16) * 0.01
+            fns.append(lambda x=x, w=packed, sz=sz: torch.ops.aten._weight_int4pack_mm(x, w, g, sz))
+    return _timed(fns) * len(fns)
 
 
 def run_prefill(drv, man, only, tokens):
@@ -544,7 +702,7 @@ def _prefill_table(res, dev, torch_ver):
     return "\n".join(out) + "\n"
 
 
-def _table(rows, peer, bw, cbw, dev, torch_ver):
+def _table(rows, peer, bw, cbw, dev, torch_ver, whole=None):
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [f"# Decode GEMV, LLaMA-7B linears, batch 1 ({dev})", "",
            f"{date}; torch {torch_ver}; roofline {bw / 1e12:.2f} TB/s = the faster of a 1 GiB streaming read "
@@ -558,15 +716,18 @@ def _table(rows, peer, bw, cbw, dev, torch_ver):
            "from ptxas. rel err: max |y - ref| / max |ref| on the device, ref = the dequantized weights in fp32 "
            "times x "
            "(int8 act rows: times x rounded to int8 per 32 values, what the kernel computes); int8 act err: the same "
-           "measure between that rounding's ref and the exact one.", "",
-           "| weights | linear (N x K) | config | regs | us | default | default us | GB/s | % roofline | rel err | "
-           "int8 act err | torch int4 us | x torch int4 | cuBLAS fp16 us |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+           "measure between that rounding's ref and the exact one. PDL us: the same kernel launched with programmatic "
+           "stream serialization (cuLaunchKernelEx), its first weight loads overlapping the previous copy's tail.", "",
+           "| weights | linear (N x K) | config | regs | us | PDL us | default | default us | default PDL us | GB/s | "
+           "% roofline | rel err | int8 act err | torch int4 us | x torch int4 | cuBLAS fp16 us |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         i4 = peer.get((r["linear"], "int4"), (float("nan"),))
         f16 = peer.get((r["linear"], "fp16"), (float("nan"),))
         out.append(f"| {r['scheme']} | {r['linear']} {r['n']}x{r['k']} | {r['config']} | {r['regs']} | "
-                   f"{r['us']:.1f} | {r['default_config']} | {r['default_us']:.1f} | {r['gbs']:.0f} | "
+                   f"{r['us']:.1f} | {r.get('us_pdl', float('nan')):.1f} | {r['default_config']} | "
+                   f"{r['default_us']:.1f} | {r.get('default_us_pdl', float('nan')):.1f} | {r['gbs']:.0f} | "
                    f"{100 * r['roof']:.0f}% | {r['rel_err']:.1e} | {r.get('act_err', 0):.1e} | {i4[0] * 1e6:.1f} | "
                    f"{i4[0] * 1e6 / r['us']:.2f} | "
                    f"{f16[0] * 1e6:.1f} |")
@@ -584,7 +745,7 @@ def _table(rows, peer, bw, cbw, dev, torch_ver):
         steps[scheme] = (t, td)
         i4 = [peer.get((lin, "int4")) for lin, _, _ in SHAPES]
         ti4 = LAYERS * sum(p[0] for p in i4) if all(i4) else float("nan")
-        w4, w4d = steps.get("W4 g128" + (" int8 act" if scheme.endswith(" int8 act") else ""), (t, td))
+        w4, w4d = steps.get(_w4_of(scheme), (t, td))
         out.append(f"| {scheme} | {t * 1e3:.2f} ({td * 1e3:.2f}) | {1 / t:.0f} ({1 / td:.0f}) | "
                    f"{100 * nbytes / t / bw:.0f}% ({100 * nbytes / td / bw:.0f}%) | {ti4 / t:.2f} ({ti4 / td:.2f}) | "
                    f"{w4 / t:.2f} ({w4d / td:.2f}) |")
@@ -598,7 +759,38 @@ def _table(rows, peer, bw, cbw, dev, torch_ver):
         t = LAYERS * sum(p[0] for p in f16)
         out.append(f"| cuBLAS fp16 | {t * 1e3:.2f} | {1 / t:.0f} | "
                    f"{100 * LAYERS * sum(p[1] for p in f16) / t / bw:.0f}% | | |")
+    if whole:
+        out += _step_table(whole, bw)
     return "\n".join(out) + "\n"
+
+
+def _w4_of(scheme):
+    """The W4 g128 row that a scheme's row is compared with (the same activation type and kernel generation)."""
+    return "W4 g128" + (scheme[scheme.index(" int8 act"):] if " int8 act" in scheme else "")
+
+
+def _step_table(whole, bw):
+    nan = float("nan")
+    i4 = whole.get("torch int4 g128 (bf16)", {}).get("default", nan)
+    out = ["", "The whole decode step measured as one CUDA graph (32 layers x qkv, o, gate_up, down, each layer its own "
+           "weights; the last layer's outputs checked): with the default kernels (what the export ships; 'PDL' = "
+           "launched with programmatic stream serialization, which TVM's runtime does not do) and with the best "
+           "config per linear. % roofline, tok/s, x torch int4 and x W4 from the 'default, PDL' column (in brackets: "
+           "'default', plain launches). torch int4: its GEMV over the same 128 linears, one graph.", "",
+           "| weights | default ms | default PDL ms | best ms | best PDL ms | % roofline | tok/s bound | x torch int4 "
+           "| x W4 g128 |", "|---|---|---|---|---|---|---|---|---|"]
+    for scheme, r in whole.items():
+        if scheme.startswith("torch"):
+            continue
+        t, tp = r.get("default", nan), r.get("default_pdl", nan)
+        w4 = whole.get(_w4_of(scheme), {})
+        w4t, w4p = w4.get("default", nan), w4.get("default_pdl", nan)
+        out.append(f"| {scheme} | {t * 1e3:.3f} | {tp * 1e3:.3f} | {r.get('best', nan) * 1e3:.3f} | "
+                   f"{r.get('best_pdl', nan) * 1e3:.3f} | {100 * r['bytes'] / tp / bw:.0f}% "
+                   f"({100 * r['bytes'] / t / bw:.0f}%) | {1 / tp:.0f} ({1 / t:.0f}) | {i4 / tp:.2f} ({i4 / t:.2f}) | "
+                   f"{w4p / tp:.2f} ({w4t / t:.2f}) |")
+    out.append(f"| torch int4 g128 (bf16) | {i4 * 1e3:.3f} | | | | | {1 / i4:.0f} | 1.00 | |")
+    return out
 
 
 def main():
@@ -608,6 +800,9 @@ def main():
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--baseline", help="build: also the default configs of this earlier gemv.py, for the same run")
     ap.add_argument("--quick", action="store_true", help="build: default configs only")
+    ap.add_argument("--acts", default=",".join(ACTS), help="build: decode activation types (int8,fp16)")
+    ap.add_argument("--decode-only", action="store_true", help="build: no prefill kernels")
+    ap.add_argument("--jobs", type=int, default=1, help="build: parallel nvcc processes here")
     ap.add_argument("--device-nvcc", action="store_true", help="build: leave nvcc to `run` on the GPU machine")
     ap.add_argument("--only", help="run: only kernels whose name contains this (for ncu)")
     ap.add_argument("--prefill-only", action="store_true",
@@ -617,7 +812,8 @@ def main():
                     "(default benchmarks/results)")
     a = ap.parse_args()
     if a.step == "build":
-        build(Path(a.out), a.arch, a.baseline, a.quick, a.device_nvcc, a.prefill_only)
+        build(Path(a.out), a.arch, a.baseline, a.quick, a.device_nvcc, a.prefill_only,
+              tuple(a.acts.split(",")), a.decode_only, a.jobs)
     else:
         run(Path(a.out), a.only, Path(a.save) if a.save else None, a.prefill_only,
             tuple(int(t) for t in a.tokens.split(",")) if a.tokens else PREFILL_TOKENS)

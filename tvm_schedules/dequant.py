@@ -22,6 +22,13 @@ word 1 | bits 30-31 of word 2 << 1. A GPU thread then reads 128 values as three 
 every 32 values are contiguous 3-bit fields that the decode GEMV (`gemv.py`) turns into floats with one mask each.
 `repack_w3x32_np` converts.
 
+"bytes3" (exactly 3 bits per weight, for the CUDA int8-activation GEMV): each 32 values of a row take two words of
+a first region (2 ceil(K/32) words) and one word of a second (ceil(K/32) words), w0, w1 and w2. Byte L of word j
+(j < 3) holds value 8j + L at bits 0-2 and value 8j + 4 + L at bits 3-5; its bits 6-7 hold the two low bits of value
+24 + L (in w0) or 28 + L (in w1), and bits 6 and 7 of w2's byte L their third bits. One shift and one mask then leave
+four codes in the bytes of a word for 24 of the 32 values, and two of each for the last 8 (dp4a's operand order:
+`gemv._dp4a_terms`), against two shifts and two masks per four codes in planes3. `repack_bytes3_np` converts.
+
 OpenCL (android) and WebGPU exports store asymmetric zero points four to a uint32 word ("zeros_packed": group g at
 bits 8*(g % 4) of word g // 4): WGSL has no 8-bit type at all, and TVM 0.27's OpenCL codegen turns a vectorised
 gather of uint8 zero points into a scalar bit-pack expression that no OpenCL compiler accepts (both found by running
@@ -40,7 +47,7 @@ import numpy as np
 from edgequant import pack
 from edgequant.schemes import QuantScheme
 
-LAYOUTS = ("words", "planes3", "words3x32")
+LAYOUTS = ("words", "planes3", "words3x32", "bytes3")
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,8 @@ class QuantSpec:
     bits: int
     group_size: int          # -1: per channel
     sym: bool
-    layout: str = "words"    # "words" (the checkpoint's) or, for 3 bits, "planes3" / "words3x32" (module docstring)
+    layout: str = "words"    # "words" (the checkpoint's) or, for 3 bits, "planes3" / "words3x32" / "bytes3" (module
+    # docstring)
     zeros_packed: bool = False  # zero points four per uint32 word instead of one uint8 each (module docstring)
 
     def __post_init__(self):
@@ -74,14 +82,14 @@ class QuantSpec:
     def words(self) -> int:
         if self.layout == "planes3":
             return self.lo_words + -(-self.k // 32)
-        if self.layout == "words3x32":
+        if self.layout in ("words3x32", "bytes3"):
             return 3 * -(-self.k // 32)
         return self.scheme.packed_words(self.k)
 
     @property
     def lo_words(self) -> int:
-        """planes3: words of the 2-bit plane (the 1-bit plane follows them)."""
-        return -(-self.k // 16)
+        """planes3: words of the 2-bit plane (the 1-bit plane follows them); bytes3: of the first region."""
+        return 2 * -(-self.k // 32) if self.layout == "bytes3" else -(-self.k // 16)
 
     def param_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Tensors the kernel reads, in call order: name -> (shape, dtype)."""
@@ -98,6 +106,8 @@ def unpack_np(qweight: np.ndarray, bits: int, k: int, layout: str = "words") -> 
         return _unpack_planes3_np(qweight, k)
     if layout == "words3x32":
         return _unpack_w3x32_np(qweight, k)
+    if layout == "bytes3":
+        return _unpack_bytes3_np(qweight, k)
     return pack.unpack(qweight, bits, k)
 
 
@@ -158,6 +168,43 @@ def _unpack_w3x32_np(words: np.ndarray, k: int) -> np.ndarray:
     return v.reshape(n, -1)[:, :k]
 
 
+def _bytes3_bits() -> tuple[np.ndarray, np.ndarray]:
+    """bytes3: for each value of a 32-value block, the (word, bit) of its bits 0, 1, 2 (word 0, 1, 2 = w0, w1, w2)."""
+    word, bit = np.zeros((32, 3), np.int64), np.zeros((32, 3), np.int64)
+    for v in range(24):
+        j, r = v // 8, v % 8
+        word[v], bit[v] = j, 8 * (r % 4) + 3 * (r // 4) + np.arange(3)
+    for v in range(24, 32):
+        t, lane = (v - 24) // 4, v % 4
+        word[v], bit[v] = (t, t, 2), (8 * lane + 6, 8 * lane + 7, 8 * lane + 6 + t)
+    return word, bit
+
+
+def repack_bytes3_np(qweight: np.ndarray, k: int) -> np.ndarray:
+    """Checkpoint 3-bit words [N, ceil(K/10)] -> bytes3 words [N, 3 * ceil(K/32)] (module docstring)."""
+    q = unpack_np(qweight, 3, k).astype(np.uint32)
+    n, blocks = q.shape[0], -(-k // 32)
+    v = np.zeros((n, blocks, 32), np.uint32)
+    v.reshape(n, -1)[:, :k] = q
+    word, bit = _bytes3_bits()
+    w = np.zeros((n, blocks, 3), np.uint32)
+    for i in range(32):
+        for b in range(3):
+            w[:, :, word[i, b]] |= ((v[:, :, i] >> np.uint32(b)) & np.uint32(1)) << np.uint32(bit[i, b])
+    return np.concatenate([w[:, :, :2].reshape(n, 2 * blocks), w[:, :, 2]], axis=1)
+
+
+def _unpack_bytes3_np(words: np.ndarray, k: int) -> np.ndarray:
+    n, blocks = words.shape[0], words.shape[1] // 3
+    w = np.stack([words[:, 0:2 * blocks:2], words[:, 1:2 * blocks:2], words[:, 2 * blocks:]], axis=2)
+    word, bit = _bytes3_bits()
+    v = np.zeros((n, blocks, 32), np.uint32)
+    for i in range(32):
+        for b in range(3):
+            v[:, :, i] |= ((w[:, :, word[i, b]] >> np.uint32(bit[i, b])) & np.uint32(1)) << np.uint32(b)
+    return v.reshape(n, -1)[:, :k]
+
+
 def pack_zeros_np(zeros: np.ndarray) -> np.ndarray:
     """uint8 zero points [N, G] -> uint32 words [N, ceil(G/4)], group g at bits 8 * (g % 4) of word g // 4."""
     n, g = zeros.shape
@@ -215,6 +262,21 @@ def weight_te(spec: QuantSpec, qweight, scales, zeros, n, k):
         v30 = (qweight[n, base] >> u(30)) | (((qweight[n, base + 1] >> u(30)) & u(1)) << u(2))
         v31 = (qweight[n, base + 1] >> u(31)) | ((qweight[n, base + 2] >> u(30)) << u(1))
         code = tirx.Select(i < 30, body, tirx.Select(i == 30, v30, v31))
+    elif spec.layout == "bytes3":
+        i, b = k % 32, k // 32
+        u = lambda v: tirx.const(v, "uint32")  # noqa: E731
+        j = tirx.min(i // 8, 2)
+        # w0, w1 at 2b + j, w2 at lo_words + b, as arithmetic: TVM 0.27's CUDA codegen writes the condition of a
+        # vectorised Select as `uint2 v = make_ushort2(...)`, which nvcc rejects (dlight's prefill kernel, SmolLM2)
+        word = qweight[n, 2 * b + j + j // 2 * (spec.lo_words - b - 2)]
+        body = (word >> tirx.Cast("uint32", i % 4 * 8 + i % 8 // 4 * 3)) & u(7)
+        # values 24-27 take their low bits from w0, 28-31 from w1: t = (i // 4) % 2 (no subtraction: a uint cast
+        # of an expression that may be negative stops TVM's CUDA device passes)
+        t = i // 4 % 2
+        top = ((qweight[n, 2 * b + t] >> tirx.Cast("uint32", i % 4 * 8 + 6)) & u(3)) | \
+            (((qweight[n, spec.lo_words + b] >> tirx.Cast("uint32", i % 4 * 8 + 6 + t)) & u(1)) << u(2))
+        sel = tirx.Cast("uint32", i // 24)     # 0 for values 0-23, 1 for 24-31 (no Select: see above)
+        code = body * (u(1) - sel) + top * sel
     else:
         code = (qweight[n, k // vpw] >> tirx.Cast("uint32", (k % vpw) * bits)) & tirx.const((1 << bits) - 1, "uint32")
     q = tirx.Cast("float32", code)

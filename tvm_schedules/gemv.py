@@ -1,9 +1,10 @@
 """Decode GEMV for GPUs: one activation row times a 2/3/4-bit weight, written as a hand-scheduled TIR prim func.
 
 At batch 1 a linear layer only streams its packed weights, so the kernel is built around the loads:
-- every thread owns one "chunk" of K (32 values at 4 bits, 64 at 2 and 3 bits) for every row of its block: one
-  128-bit load per row at 4 and 2 bits, three 64-bit loads in the words3x32 layout at 3 bits; consecutive threads
-  read consecutive chunks (coalesced), and the block's warps cover K once (split-K inside the block);
+- every thread owns one "chunk" of K (fp16 activations: 32 values at 4 bits, 64 at 2 and 3 bits) for every row of
+  its block: one 128-bit load per row at 4 and 2 bits, three 64-bit loads in the words3x32 layout at 3 bits;
+  consecutive threads read consecutive chunks (coalesced), and the block's warps cover K once (split-K inside the
+  block);
 - the thread converts its chunk of x to fp32 once (kept in registers up to 64 values) and sums it per field class,
   then streams `steps` steps of `rows` rows: the next step's weights, scales and zero points are loaded into a second
   register buffer before this step's math (double buffering; the steps are unrolled, so buffer indices stay
@@ -23,10 +24,18 @@ With `act="int8"` the activations are rounded to int8 per 32 values inside the k
 once per block; llama.cpp's Q8_0 block and the formula of `cpu_int8.quantize_act_np`, which the CPU exports already
 decode with) and packed in the order in which one shift and one mask leave four weight codes in the bytes of a word;
 CUDA's `__dp4a` then multiplies and adds four weights per instruction (~0.6-0.7 instructions per weight at 4 and 2
-bits instead of ~2.25; 3-bit weights come in the planes3 layout, whose 1-bit plane's bit is ORed in as bit 2 of each
-byte, ~1.2). Per 32-value block, `d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
+bits instead of ~2.25; 3-bit weights come in the bytes3 layout (dequant.py), whose bytes hold two whole 3-bit codes
+and two bits of a third, ~0.8; planes3, whose 1-bit plane's bit is ORed in as bit 2 of each byte, ~1.2, also
+works). Per 32-value block, `d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
 made the LLaMA-7B step 1.3x (W4) to 1.4x (W2) faster (benchmarks/results/gpu-nvidia-h200.md); the fp16 path stays
-the exact one.
+the exact one. With int8 activations a thread's chunk is 32 values at every bit width (one activation block;
+`GemvConfig.chunk` = 64 halves the threads at 2 and 3 bits): twice the warps of 64-value chunks over a row.
+
+OWQ's fp16 outlier columns (`n_outliers`) join each step's partial sums before the reduction: thread c gathers x at
+columns c, c + chunks, ... once per block, and loads those columns of each row with the row's weights.
+
+`pdl=True` adds programmatic dependent launch (sm_90): the next kernel may start before this one ends and waits
+for it only after issuing its own first weight loads (they depend on no earlier kernel).
 
 `gemv_func(spec, cfg, gpu=False)` emits the same loop body with the thread loops as serial loops and the shuffles as
 a plain sum, so the index and bit math is tested on the CPU (compiled for llvm) against the NumPy reference.
@@ -39,13 +48,15 @@ from dataclasses import dataclass
 from .dequant import QuantSpec
 
 MAGIC = 0x3F800000                      # the float 1.0: fields are OR-ed into its mantissa
-CHUNK = {4: 32, 2: 64, 3: 64}           # values per thread and row per step
+CHUNK = {4: 32, 2: 64, 3: 64}           # values per thread and row per step (fp16 activations)
+CHUNK_INT8 = {4: 32, 2: 32, 3: 32}      # int8 activations: 32 (one activation block) or 64 per thread (GemvConfig)
 CHUNK_WORDS = {4: 4, 2: 4, 3: 6}        # uint32 words per chunk
 VEC_WORDS = {4: 4, 2: 4, 3: 2}          # words per load: one 128-bit load (4 and 2 bits), three 64-bit ones (3 bits)
 SUB_WORDS = {4: 4, 2: 2, 3: 3}          # words of one 32-value sub-block (x is pre-scaled 32 values at a time)
 LAYOUT = {4: "words", 2: "words", 3: "words3x32"}
-# int8 activations (act="int8", see `_dp4a_terms`): 3 bits in bit planes, a 64-value chunk = 4 + 2 words
-LAYOUT_INT8 = {4: "words", 2: "words", 3: "planes3"}
+# int8 activations (act="int8", see `_dp4a_terms`): 3 bits in bytes3 (or bit planes), a 32-value chunk = 2 + 1 words
+LAYOUT_INT8 = {4: "words", 2: "words", 3: "bytes3"}   # the CUDA export's (targets.py packing3)
+INT8_LAYOUTS3 = ("bytes3", "planes3")   # 3-bit layouts the int8 kernel reads (bytes3: fewer instructions, dequant.py)
 ACTS = ("fp16", "int8")
 PROLOGUES = (None, "rmsnorm", "silu_mul")
 
@@ -59,30 +70,42 @@ class GemvConfig:
     warps: int = 4    # warps per block: one K chunk per thread, so 32 * warps >= K / chunk
     steps: int = 1    # steps of `rows` rows per block; the next step's rows load during this one's math
     depth: int = 2    # register buffers of rows: loads run depth - 1 steps ahead of the math
+    chunk: int = 0    # values of K per thread and row; 0: the bits' default (CHUNK, CHUNK_INT8); int8 act: 32 or 64
+    min_blocks: int = 0  # > 0: __launch_bounds__(threads, min_blocks), ptxas caps registers so that many blocks fit
 
     def __post_init__(self):
-        if self.rows < 1 or self.warps < 1 or self.steps < 1 or self.depth < 2:
+        if (self.rows < 1 or self.warps < 1 or self.steps < 1 or self.depth < 2 or self.chunk not in (0, 32, 64)
+                or self.min_blocks < 0):
             raise ValueError(f"bad GEMV config {self}")
 
 
-def supports(spec: QuantSpec, act: str = "fp16") -> bool:
+def chunk_of(bits: int, act: str = "fp16", cfg: GemvConfig | None = None) -> int:
+    """Values of K per thread and row: the config's, else the default of the bits and activation type."""
+    if cfg is not None and cfg.chunk:
+        return cfg.chunk
+    return (CHUNK_INT8 if act == "int8" else CHUNK)[bits]
+
+
+def supports(spec: QuantSpec, act: str = "fp16", chunk: int = 0) -> bool:
     """The kernel covers whole chunks inside one group: K a multiple of the chunk, G a multiple of it (or -1)."""
-    c = CHUNK.get(spec.bits)
+    c = chunk or (CHUNK_INT8 if act == "int8" else CHUNK).get(spec.bits)
     layout = (LAYOUT_INT8 if act == "int8" else LAYOUT).get(spec.bits)
-    return (c is not None and spec.layout == layout and spec.k % c == 0
+    ok = spec.layout == layout or (act == "int8" and spec.bits == 3 and spec.layout in INT8_LAYOUTS3)
+    return (c is not None and ok and spec.k % c == 0
             and (spec.group_size == -1 or spec.group_size % c == 0))
 
 
-def warps_for(spec: QuantSpec) -> int:
+def warps_for(spec: QuantSpec, act: str = "fp16", chunk: int = 0) -> int:
     """Warps that give each chunk of a row its own thread."""
-    return -(-(spec.k // CHUNK[spec.bits]) // 32)
+    return -(-(spec.k // (chunk or chunk_of(spec.bits, act))) // 32)
 
 
 CANDIDATES = ((8, 2), (4, 2), (8, 1), (4, 1), (2, 1), (1, 1))   # (rows, steps), most reuse first
-CANDIDATES_INT8 = ((4, 8), (4, 4), (4, 2), (4, 1), (2, 1), (1, 1))
+CANDIDATES_INT8 = ((4, 4), (4, 2), (4, 1), (2, 1), (1, 1))
+OUTLIER_MIN_BLOCKS = 6
 
 
-def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16") -> GemvConfig:
+def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16", n_outliers: int = 0) -> GemvConfig:
     """The first of the candidates that keeps enough warps per SM in the grid (fewer rows per block otherwise), from
     the H200 sweeps in benchmarks/results/gpu-nvidia-h200*.md.
 
@@ -91,18 +114,22 @@ def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16") -> GemvCo
     won a few percent on some linears and lost more on others: their registers (up to 255) cut occupancy below what
     the extra loads in flight gain. The rule's LLaMA-7B step is within 3% of the best config per linear.
 
-    int8 activations (about 7.5 warps per SM): 4 rows and as many steps (up to 8; 4 at 4 bits) as keep the warps,
-    since every block rounds its x chunk once and more steps spread that over more rows; 8 steps at 4 bits left a
-    second, nearly empty wave of blocks on gate_up (+20%). The rule's LLaMA-7B step is within 2% of the best config
-    per linear."""
-    warps = warps_for(spec)
+    int8 activations (32-value chunks, about 8.5 warps per SM): 4 rows and 4 steps, 2 where that leaves fewer warps
+    (o: N = K = 4096). 8 steps tied on gate_up at 2 and 3 bits and lost up to 15% elsewhere, most where a few more
+    registers (OWQ's outlier columns: 95) left a second, nearly empty wave of blocks; 8 rows cost registers
+    (128) for nothing. The rule's LLaMA-7B step is within 2% of the best config per linear at 4 and 3 bits and
+    W3 + OWQ, 3% at 2 bits (H200, benchmarks/results/gpu-nvidia-h200.md)."""
+    warps = warps_for(spec, act)
     int8 = act == "int8"
-    cands = [c for c in (CANDIDATES_INT8 if int8 else CANDIDATES) if not (int8 and spec.bits == 4 and c[1] > 4)]
+    cands = CANDIDATES_INT8 if int8 else CANDIDATES
     fits = [(r, s) for r, s in cands if spec.n % (r * s) == 0]
+    # OWQ's outlier columns take ~16 more registers (96): 5 blocks of 4 warps per SM instead of 6, a second wave
+    # on qkv; capped to 6 blocks per SM they fit again
+    cap = OUTLIER_MIN_BLOCKS if int8 and n_outliers and warps <= 4 else 0
     for r, s in fits:
-        if spec.n // (r * s) * warps >= (7.5 if int8 else 11) * sms:
-            return GemvConfig(r, warps, s)
-    return GemvConfig(fits[-1][0], warps, fits[-1][1])
+        if spec.n // (r * s) * warps >= (8.5 if int8 else 11) * sms:
+            return GemvConfig(r, warps, s, min_blocks=cap)
+    return GemvConfig(fits[-1][0], warps, fits[-1][1], min_blocks=cap)
 
 
 # ------------------------------------------------------------------------------------------------ field extraction
@@ -148,7 +175,7 @@ def _field_float(word_of, terms) -> str:
     return f'T.reinterpret("float32", {expr})'
 
 
-def _dp4a_terms(bits: int, sb: int):
+def _dp4a_terms(bits: int, sb: int, nsb: int = 2, layout: str = "planes3"):
     """The 8 dp4a operands of sub-block sb (32 values, one int8 activation block) of a chunk: ([(word, right shift,
     mask)], values) such that OR-ing `(word >> shift) & mask` leaves in byte L the code of value `values[L]` (index in
     the sub-block); the activations are packed in the same order once per thread. One shift and one LOP3 per 4 codes
@@ -163,11 +190,18 @@ def _dp4a_terms(bits: int, sb: int):
         for j in range(2):
             for t in range(4):
                 out.append(([(2 * sb + j, 2 * t, 0x03030303)], [16 * j + t + 4 * lane for lane in range(4)]))
+    elif layout == "bytes3":  # dequant.py: the chunk's buffer holds its 2 nsb first-region words, then nsb of w2
+        w0, w1, w2 = 2 * sb, 2 * sb + 1, 2 * nsb + sb
+        for j, w in enumerate((w0, w1, w2)):
+            out.append(([(w, 0, 0x07070707)], [8 * j + lane for lane in range(4)]))
+            out.append(([(w, 3, 0x07070707)], [8 * j + 4 + lane for lane in range(4)]))
+        out.append(([(w0, 6, 0x03030303), (w2, 4, 0x04040404)], [24 + lane for lane in range(4)]))
+        out.append(([(w1, 6, 0x03030303), (w2, 5, 0x04040404)], [28 + lane for lane in range(4)]))
     else:            # planes3 (dequant.py): value v of 2-bit word j at bit (v%8)*4 + (v//8)*2, value u of the 1-bit
-        for j in range(2):  # word at bit (u%8)*4 + u//8; the chunk's buffer holds 4 plane words, then 2 bit words
-            for s in (0, 2, 4, 6):
+        for j in range(2):  # word at bit (u%8)*4 + u//8; the chunk's buffer holds its 2 nsb plane words, then its
+            for s in (0, 2, 4, 6):  # nsb bit words
                 e, f = s // 4, s % 4 // 2
-                out.append(([(2 * sb + j, s, 0x03030303), (4 + sb, 4 * e + 2 * j + f - 2, 0x04040404)],
+                out.append(([(2 * sb + j, s, 0x03030303), (2 * nsb + sb, 4 * e + 2 * j + f - 2, 0x04040404)],
                             [16 * j + 2 * lane + e + 8 * f for lane in range(4)]))
     return out
 
@@ -193,10 +227,10 @@ def _code_bytes(word_of, terms) -> str:
 # ------------------------------------------------------------------------------------------------ the prim func
 def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, out_dtype: str = "float16",
               lead: tuple[int, ...] = (1,), name: str = "main", n_outliers: int = 0, act: str = "fp16",
-              prologue: str | None = None, eps: float = 1e-6, residual: bool = False):
+              prologue: str | None = None, eps: float = 1e-6, residual: bool = False, pdl: bool = False):
     """y[lead..., N] = x[lead..., K] @ dq(W)^T (+ x[..., idx] @ W_out^T) for one row (prod(lead) == 1), fp32
     accumulation, `out_dtype` output. act="int8": activations quantized per 32 values inside the kernel and integer
-    dot products (dp4a), as `cpu_int8.int8_gemv_np` models; 3-bit weights then in the planes3 layout.
+    dot products (dp4a), as `cpu_int8.int8_gemv_np` models; 3-bit weights then in bytes3 or planes3.
 
     Arguments: x fp16, [norm_weight fp16 [K]], qweight, scales, [zeros], [outlier_idx int32 [n_outliers],
     outlier_weight fp16 [N, n_outliers]], [residual [lead..., N]], y. `gpu=False` gives the CPU-testable twin (same
@@ -207,7 +241,13 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
     rounded to fp16 as TVM's rms_norm kernel does; the block sums the squares of its own loads), `prologue="silu_mul"`
     takes x [lead..., 2K] = [gate | up] and uses silu(gate) * up (fp16, as the separate kernel); `residual=True`
     adds a tensor of y's shape to the rounded result. Neither prologue combines with outlier columns (they read x
-    raw)."""
+    raw).
+
+    `pdl=True` (CUDA sm_90+): the kernel lets the next kernel of the stream launch at once
+    (`griddepcontrol.launch_dependents`) and waits for the previous one (`griddepcontrol.wait`) only after issuing
+    its first weight loads, which depend on no earlier kernel: launched with programmatic stream serialization
+    (`cuLaunchKernelEx`), a linear's first loads overlap the previous linear's tail. Without that launch attribute
+    both instructions do nothing; exports do not set it (TVM's runtime launches with cuLaunchKernel)."""
     import tvm
     from tvm.script import tirx as T
 
@@ -215,31 +255,39 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
         raise ValueError(f"unknown activation type {act!r}; one of {ACTS}")
     if not supports(spec, act):
         raise ValueError(f"no decode GEMV for {spec} with {act} activations")
-    cfg = cfg or default_config(spec)
+    cfg = cfg or default_config(spec, act=act, n_outliers=n_outliers)
+    chunk = chunk_of(spec.bits, act, cfg)
+    if chunk != chunk_of(spec.bits, act) and (act != "int8" or spec.bits == 4):
+        raise ValueError(f"fp16 activations take {CHUNK[spec.bits]}-value chunks at {spec.bits} bits, not {chunk}")
+    if not supports(spec, act, chunk):
+        raise ValueError(f"no decode GEMV for {spec} with {act} activations in {chunk}-value chunks")
     if spec.n % cfg.rows:
         raise ValueError(f"{cfg.rows} rows per step do not divide N={spec.n}")
-    if 32 * cfg.warps < spec.k // CHUNK[spec.bits]:
-        raise ValueError(f"{cfg.warps} warps do not cover the {spec.k // CHUNK[spec.bits]} chunks of K={spec.k}")
+    if 32 * cfg.warps < spec.k // chunk:
+        raise ValueError(f"{cfg.warps} warps do not cover the {spec.k // chunk} chunks of K={spec.k}")
     if prologue not in PROLOGUES:
         raise ValueError(f"unknown GEMV prologue {prologue!r}; one of {PROLOGUES}")
     if prologue and n_outliers:
         raise ValueError("a GEMV prologue does not combine with outlier columns")
-    src = _source(spec, cfg, gpu, out_dtype, lead, name, n_outliers, act == "int8", prologue, eps, residual)
+    src = _source(spec, cfg, gpu, out_dtype, lead, name, n_outliers, act == "int8", prologue, eps, residual,
+                  chunk, pdl and gpu)
     return tvm.script.from_source(src, extra_vars={"T": T})
 
 
 def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: tuple[int, ...], name: str,
             n_out: int, int8: bool = False, prologue: str | None = None, eps: float = 1e-6,
-            residual: bool = False) -> str:
+            residual: bool = False, chunk: int = 0, pdl: bool = False) -> str:
     bits, n, k, R, S, TY = spec.bits, spec.n, spec.k, cfg.rows, cfg.steps, cfg.warps
-    C, CW, SW, VW = CHUNK[bits], CHUNK_WORDS[bits], SUB_WORDS[bits], VEC_WORDS[bits]
+    C, CW, SW, VW = chunk or CHUNK[bits], CHUNK_WORDS[bits], SUB_WORDS[bits], VEC_WORDS[bits]
     c_ = "(ty * 32 + tx)"                         # the thread's chunk of K
     NSB = C // 32                                 # 32-value sub-blocks per chunk (int8: one activation scale each)
     if int8:  # (buffer offset, first word, words) per load: 128-bit where the row stride keeps them aligned
-        lw = 4 if spec.words % 4 == 0 else 2
-        if bits == 3:
-            CW = 6
-            loads = [(v, f"{c_} * 4 + {v}", lw) for v in range(0, 4, lw)] + [(4, f"{spec.lo_words} + {c_} * 2", 2)]
+        CW = C * bits // 32
+        lw = min(4 if spec.words % 4 == 0 else 2, CW)
+        if bits == 3:  # planes3 / bytes3: the chunk's first-region words (C / 16), then its second's (C / 32)
+            lw = min(lw, 2 * NSB)
+            loads = [(v, f"{c_} * {2 * NSB} + {v}", lw) for v in range(0, 2 * NSB, lw)]
+            loads.append((2 * NSB, f"{spec.lo_words} + {c_} * {NSB}", NSB))
         else:
             loads = [(v, f"{c_} * {CW} + {v}", lw) for v in range(0, CW, lw)]
     else:
@@ -307,6 +355,10 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
               f'{ind}mg = T.alloc_buffer((1,), "uint32", scope={local})']
     if not spec.sym:
         L.append(f'{ind}zr = T.alloc_buffer(({nbuf * R},), "uint8", scope={local})')
+    NO = -(-n_out // nc)                          # outlier columns per thread: thread c takes c, c + nc, ...
+    if n_out:  # x at the thread's outlier columns (once per block), and each buffered row's weights there
+        L += [f'{ind}xo = T.alloc_buffer(({NO},), "float32", scope={local})',
+              f'{ind}owb = T.alloc_buffer(({nbuf * R * NO},), "float16", scope={local})']
     if int8:
         pass
     elif gpu:  # lane 0's `MAGIC | lane` through a shuffle: a value the compiler cannot fold (see _field_float)
@@ -341,10 +393,13 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             row = f"bx * {RS} + {st * R + r}"
             for off, src, width in loads:
                 out.append(f"{body}wq[T.ramp({(b * R + r) * CW + off}, 1, {width})] = "
-                           f"qweight[{row}, T.ramp({src}, 1, {width})]")
+                           f"qweight[{row}, T.ramp({src}, 1, {width})]" if width > 1 else
+                           f"{body}wq[{(b * R + r) * CW + off}] = qweight[{row}, {src}]")
             out.append(f"{body}sc[{b * R + r}] = scales[{row}, {g}]")
             if not spec.sym:
                 out.append(f"{body}zr[{b * R + r}] = zeros[{row}, {g}]")
+            for i in range(NO):  # coalesced along W_out's row; a thread past the last column reads it and adds 0
+                out.append(f"{body}owb[{(b * R + r) * NO + i}] = ow[{row}, T.min({c} + {i * nc}, {n_out - 1})]")
         return out
 
     def first_loads(body):  # steps 0 .. nbuf - 2 (those beyond a short last block guarded)
@@ -383,9 +438,19 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                   f'{ind}    nr[0] = nr[0] + T.Cast("float32", x[{ix}, i]) * T.Cast("float32", x[{ix}, i])']
         L.append(f"{ind}nr[0] = T.rsqrt(nr[0] / T.float32({k}) + T.float32({float(eps)!r}))")
     # x once per thread: the per-class sums (zero point and the mantissa's leading 1) serve every row of the block
+    early = int8 and prologue != "rmsnorm"   # the first rows' loads go out before the activations' (x's latency
+    if pdl:                                  # and rounding overlap them), with PDL also before the wait
+        if early:
+            L += [f"{ind}if {c} < {nc}:"] + first_loads(body)
+        # every thread: all reads of activations and all writes come after the previous kernel has finished
+        L.append(f'{ind}T.evaluate(T.call_extern("void", "cudaGridDependencySynchronize"))')
     L.append(f"{ind}if {c} < {nc}:")
-    if int8 and prologue != "rmsnorm":  # the first rows' loads go out before the activations' (x's latency and
-        L += first_loads(body)          # rounding overlap them)
+    if early and not pdl:
+        L += first_loads(body)
+    for i in range(NO):  # OWQ: x at this thread's outlier columns (a hostile index is clamped into [0, K))
+        col = f"T.min({c} + {i * nc}, {n_out - 1})"
+        L.append(f'{body}xo[{i}] = T.Select({c} + {i * nc} < {n_out}, T.Cast("float32", '
+                 f'x[{ix}, T.max(T.min(oidx[{col}], {k - 1}), 0)]), T.float32(0))')
     for sb in range(C // 32):
         L += load_x(body, sb, 0 if int8 or not resident else sb * 32)
         if int8:  # cpu_int8.quantize_act_np: d = max|x| / 127, a = nearbyint(x * 127 / max|x|)
@@ -395,7 +460,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             L += [f'{body}xi[{v}] = T.Cast("int32", T.nearbyint(xf[{v}] * mx[1]))' for v in range(32)]
             L.append(f"{body}xd[{sb}] = mx[0] / T.float32(127)")
             L.append(f"{body}xs[{sb}] = " + " + ".join(f"xi[{v}]" for v in range(32)))
-            for d, (_, vals) in enumerate(_dp4a_terms(bits, sb)):
+            for d, (_, vals) in enumerate(_dp4a_terms(bits, sb, NSB, spec.layout)):
                 L.append(f"{body}xa[{8 * sb + d}] = " + " | ".join(
                     f"T.shift_left(T.bitwise_and(xi[{v}], 255), {8 * i})" for i, v in enumerate(vals)))
             continue
@@ -404,20 +469,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                                                                 for v, (_, fb) in enumerate(fields) if fb == b))
     if not int8:
         L += first_loads(body)
-    orow = f"bx * {RS} + e * {TY} + ty"
-    if gpu and n_out:
-        # OWQ's fp16 outlier columns, before the steps so that their dependent loads (index, x, W_out) overlap the
-        # weights': one warp per row, its lanes over the columns (coalesced along W_out's row), a shuffle sum; one
-        # thread per row reading them serially after the steps cost ~10% of the step
-        L += [f'{ind}ob = T.alloc_buffer(({-(-RS // TY)},), "float32", scope="local")',
-              f"{ind}for e in T.unroll({-(-RS // TY)}):", f"{ind}    ob[e] = T.float32(0)",
-              f"{ind}    if e * {TY} + ty < {RS}" + (f" and {orow} < {n}:" if ragged else ":")]
-        b2 = ind + "        "
-        L += [f"{b2}for j in T.serial({-(-n_out // 32)}):", f"{b2}    if j * 32 + tx < {n_out}:",
-              f'{b2}        ob[e] = ob[e] + T.Cast("float32", x[{ix}, T.max(T.min(oidx[j * 32 + tx], {k - 1}), 0)])'
-              f' * T.Cast("float32", ow[{orow}, j * 32 + tx])']
-        L += [f"{b2}ob[e] = ob[e] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), ob[e], {off}, 32, 32)"
-              for off in (16, 8, 4, 2, 1)]
 
     def step(ind, st, b, prefetch):
         """One step of R rows from buffer b; `prefetch` = (condition, next step, buffer) loads ahead first."""
@@ -434,7 +485,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             for r in range(R):
                 wb = (b * R + r) * CW
                 for sb in range(NSB):
-                    for d, (terms, _) in enumerate(_dp4a_terms(bits, sb)):
+                    for d, (terms, _) in enumerate(_dp4a_terms(bits, sb, NSB, spec.layout)):
                         w = _code_bytes(lambda j, wb=wb: f"wq[{wb + j}]", terms)
                         out.append(f"{body}idot[{r}] = " + _dp4a(w, f"xa[{8 * sb + d}]",
                                                                  f"idot[{r}]" if d else "T.int32(0)", gpu))
@@ -444,6 +495,9 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                 out.append(f'{body}acc[{r}] = acc[{r}] * T.Cast("float32", sc[{b * R + r}])')
         else:
             out += step_fp(body, b)
+        for r in range(R):  # OWQ's fp16 outlier columns join the row's partial sums before the reduction: their
+            for i in range(NO):  # loads ride with the row's weights, their x was gathered once per block
+                out.append(f'{body}acc[{r}] = acc[{r}] + xo[{i}] * T.Cast("float32", owb[{(b * R + r) * NO + i}])')
         return out + reduce_(ind, st)
 
     def step_fp(body, b):
@@ -486,6 +540,11 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     for st in range(S):
         nx = st + nbuf - 1
         pre = (live(nx), nx, nx % nbuf) if nx < S else None
+        if pdl and st == S - 1:
+            # the next kernel may launch once every block is here (all of its loads issued): triggered at the
+            # start, it launched while single-wave grids of long blocks were still running, and its early blocks
+            # unbalanced them (H200: W3 1.15 -> 1.31 ms per step)
+            L.append(f'{ind}T.evaluate(T.call_extern("void", "cudaTriggerProgrammaticLaunchCompletion"))')
         if live(st):  # uniform over the block: the shuffles inside stay convergent
             L.append(f"{ind}if {live(st)}:")
             L += step(ind + "    ", st, st % nbuf, pre)
@@ -502,23 +561,10 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         if not gpu:
             out += [f'{ind}tot = T.alloc_buffer((1,), "float32")', f"{ind}tot[0] = T.float32(0)",
                     f"{ind}for t in T.serial({nsum}):", f"{ind}    tot[0] = tot[0] + red[t * {RS} + {lin}]"]
-        if n_out:
-            # fp16 outlier columns (OWQ) in the same kernel; a hostile index is clamped into [0, K)
-            out += [f'{ind}ob = T.alloc_buffer((1,), "float32", scope={local})', f"{ind}ob[0] = T.float32(0)",
-                    f"{ind}for j in T.serial({n_out}):",
-                    f'{ind}    ob[0] = ob[0] + T.Cast("float32", x[{ix}, T.max(T.min(oidx[j], {k - 1}), 0)]) * '
-                    f'T.Cast("float32", ow[{row}, j])']
-            tot = f"{tot} + ob[0]"
         out.append(f'{ind}y[{ix}, {row}] = T.Cast("{out_dtype}", {tot}){add(row)}')
         return out
 
-    if gpu and n_out:
-        tot = " + ".join(f"red[{t * RS} + e * {TY} + ty]" for t in range(TY))
-        L += [f"{ind}for e in T.unroll({-(-RS // TY)}):",
-              f"{ind}    if e * {TY} + ty < {RS}" + (f" and {orow} < {n}:" if ragged else ":"),
-              f"{ind}        if tx == 0:",
-              f'{ind}            y[{ix}, {orow}] = T.Cast("{out_dtype}", {tot} + ob[e]){add(orow)}']
-    elif gpu:
+    if gpu:
         ne = -(-RS // tpb)
         L.append(f"{ind}for e in T.serial({ne}):")
         L.append(f"{ind}    if e * {tpb} + {c} < {RS}" + (f" and bx * {RS} + e * {tpb} + {c} < {n}:" if ragged else ":"))
@@ -528,4 +574,8 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         if ragged:
             L.append(f"            if bx * {RS} + lin < {n}:")
         L += finish("                " if ragged else "            ", "lin", tpb)
+    if gpu and cfg.min_blocks:  # everything inside the thread loops, under the launch-bounds attribute
+        at = next(i for i, line in enumerate(L) if "threadIdx.x" in line) + 1
+        L = L[:at] + [f'{ind}with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", {cfg.min_blocks}):'] + [
+            "    " + line for line in L[at:]]
     return "\n".join(L) + "\n"

@@ -1,5 +1,5 @@
 """CUDA exports route decode (one row) through the hand-scheduled GEMV and prefill through the tensor-core GEMM;
-3-bit weights travel in the planes3 layout (the int8-activation GEMV's; words3x32 for the fp16 one). Compiles for
+3-bit weights travel in the bytes3 layout (the int8-activation GEMV's; words3x32 for the fp16 one). Compiles for
 cuda without a GPU (the kernels run in
 benchmarks/gpu_decode.py and apps/cuda on a GPU machine)."""
 from __future__ import annotations
@@ -55,11 +55,11 @@ def test_cuda_preset_repacks_3_bit_weights(model_dirs, tmp_path):
     cuda, stored = open_source(q, targets.get_preset("cuda").packing3), open_source(q)
     name = "model.layers.0.mlp.down_proj.qweight"
     plan = cuda.plans()["model.layers.0.mlp.down_proj"]
-    assert plan.spec.layout == "planes3"
+    assert plan.spec.layout == "bytes3"
     got = dict(cuda.arrays([name]))[name]
     want = dict(stored.arrays([name]))[name]
     assert got.shape == (plan.n, plan.spec.words)
-    np.testing.assert_array_equal(unpack_np(got, 3, plan.k, "planes3"), unpack_np(want, 3, plan.k))
+    np.testing.assert_array_equal(unpack_np(got, 3, plan.k, "bytes3"), unpack_np(want, 3, plan.k))
 
 
 @pytest.mark.parametrize("arch,bits,group,sym,n_out,act", [
@@ -67,7 +67,7 @@ def test_cuda_preset_repacks_3_bit_weights(model_dirs, tmp_path):
     ("llama", 4, 32, False, 0, "int8"), ("qwen2", 3, -1, False, 2, "int8"), ("qwen2", 2, 64, True, 3, "int8")])
 def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, monkeypatch, tokenizer, arch, bits,
                                                          group, sym, n_out, act):
-    """The CUDA decode path as exported (arguments, words3x32 / planes3 repacking, folded zero points, outlier columns
+    """The CUDA decode path as exported (arguments, words3x32 / bytes3 repacking, folded zero points, outlier columns
     in fp32, bias) through the GEMV's serial CPU twin on the cpu target: decode logits equal PyTorch's (fp16
     activations), or move by the int8 rounding of the activations only (int8, the CUDA default)."""
     import dataclasses
@@ -82,7 +82,7 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
     from test_export_parity import add_outlier_columns
     monkeypatch.setattr(export_llama, "DECODE_GEMV_TWIN_ON_CPU", True)
     monkeypatch.setenv("EDGEQUANT_ACT_DTYPE", act)   # fp16: prefill exact too (the cpu default quantizes activations)
-    packing3 = "words3x32" if act == "fp16" else "planes3"
+    packing3 = "words3x32" if act == "fp16" else targets.PRESETS["cuda"].packing3
     monkeypatch.setitem(targets.PRESETS, "cpu", dataclasses.replace(targets.PRESETS["cpu"], packing3=packing3))
     hf = tmp_path / "hf"
     from transformers import AutoModelForCausalLM
@@ -115,3 +115,28 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
     # int8: the bound of test_export_parity's int8 test; the cpu int8 export of the llama W4 model gives the same
     # per-step errors (up to 3.6e-2) as this twin
     assert err < (1e-2 if act == "fp16" else 4e-2)
+
+
+@pytest.mark.slow
+def test_cuda_export_of_3_bit_weights_compiles(model_dirs, tmp_path):
+    """A 3-bit CUDA export (bytes3: the decode GEMV, and the prefill's dlight dequantize kernel through weight_te)
+    builds, and its CUDA C compiles with nvcc where nvcc is on PATH. Both failed once for bytes3: a uint cast of a
+    possibly negative shift stopped TVM's device passes, a vectorised index Select became code nvcc rejects."""
+    import shutil
+    import subprocess
+
+    from edgequant import api
+    from edgequant.export import targets
+    from edgequant.export.build import _walk, build_module
+    from edgequant.export.params import open_source
+    q = api.quantize(str(model_dirs["llama"]), str(tmp_path / "q3"), method="rtn", bits=3, group_size=32,
+                     progress=False)
+    preset = targets.get_preset("cuda")
+    ex, _, _, _ = build_module(open_source(q, preset.packing3), preset, "sm_90")
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    assert "decode_gemv" in src
+    if shutil.which("nvcc"):
+        (tmp_path / "k.cu").write_text(src)
+        r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]

@@ -16,14 +16,16 @@ CASES = [  # bits, group, sym, N, K, rows, warps, steps, outlier columns: double
 ]
 
 
-def _linear(rng, bits, group, sym, n, k, act="fp16"):
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np, repack_w3x32_np
+def _linear(rng, bits, group, sym, n, k, act="fp16", layout=None):
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_bytes3_np, repack_planes3_np, repack_w3x32_np
     from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8
-    spec = QuantSpec(n, k, bits, group, sym, (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
+    spec = QuantSpec(n, k, bits, group, sym, layout or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
     q = rng.integers(0, 1 << bits, (n, k))
     qweight = pack(q, bits)
     if spec.layout == "planes3":
         qweight = repack_planes3_np(qweight, k)
+    elif spec.layout == "bytes3":
+        qweight = repack_bytes3_np(qweight, k)
     elif bits == 3:
         qweight = repack_w3x32_np(qweight, k)
     scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
@@ -52,19 +54,24 @@ def test_gemv_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps,
     np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=2e-5 * np.abs(x).astype(np.float32).sum())
 
 
-INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligned, 64-bit plane loads) and loads
-    # two and three steps ahead (depth 3 and 4, with short last blocks)
-    (4, 128, False, 32, 512, 2, 1, 4, 0, 2), (4, 32, True, 8, 96, 4, 1, 1, 3, 2),
-    (4, -1, False, 28, 256, 4, 3, 3, 0, 2), (2, 64, False, 16, 256, 2, 1, 2, 2, 2),
-    (2, -1, True, 8, 128, 8, 2, 1, 0, 2), (2, 64, False, 20, 128, 2, 1, 4, 0, 4),
-    (3, 128, False, 20, 512, 2, 1, 4, 5, 3), (3, -1, True, 6, 256, 2, 2, 1, 0, 2),
-    (3, 64, False, 8, 576, 4, 1, 2, 0, 2),
-    (3, 128, False, 12, 256, 2, 1, 4, 0, 4),
+INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligned, 64-bit plane loads), loads
+    # two and three steps ahead (depth 3 and 4, with short last blocks), and 2/3-bit chunks of 32 values (the
+    # default: a 64-bit and a 32-bit load at 3 bits; the last column, 0 = default; 64-value chunks in LAYOUT_CASES)
+    (4, 128, False, 32, 512, 2, 1, 4, 0, 2, 0), (4, 32, True, 8, 96, 4, 1, 1, 3, 2, 0),
+    (4, -1, False, 28, 256, 4, 3, 3, 0, 2, 0), (2, 64, False, 16, 256, 2, 1, 2, 2, 2, 0),
+    (2, -1, True, 8, 128, 8, 2, 1, 0, 2, 0), (2, 64, False, 20, 128, 2, 1, 4, 0, 4, 0),
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 3, 0), (3, -1, True, 6, 256, 2, 2, 1, 0, 2, 0),
+    (3, 64, False, 8, 576, 4, 1, 2, 0, 2, 0), (3, 128, False, 12, 256, 2, 1, 4, 0, 4, 0),
+    (4, 32, False, 8, 64, 2, 1, 2, 5, 2, 0),    # 5 outlier columns over 2 chunks: 3 per thread
 ]
+LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's bytes3 (dequant.py); the previous planes3 here, and
+    # bytes3 in 64-value chunks (the same chunk index math as 2 bits at 64)
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "planes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "bytes3")]
 
 
-@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth", INT8_CASES)
-def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth):
+@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout",
+                         [c + (None,) for c in INT8_CASES] + LAYOUT_CASES)
+def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth, chunk, layout):
     """int8 activations + dp4a: the twin's integer dots are exact, so it meets the int8 NumPy model to fp32
     rounding; the model itself stays within int8 activation error of the exact product."""
     import tvm
@@ -72,11 +79,11 @@ def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, s
     from edgequant.tvm_schedules.dequant import quant_matmul_np
     from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
     rng = np.random.default_rng(bits * 17 + k)
-    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k, act="int8")
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k, act="int8", layout=layout)
     x = rng.standard_normal((1, k)).astype(np.float16)
     x[0, 3] = 100
     x[0, 40:72] = 0  # an all-zero activation block (scale 0)
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, warps, steps, depth), gpu=False,
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, warps, steps, depth, chunk), gpu=False,
                                                      out_dtype="float32", n_outliers=n_out, act="int8")}),
                      target="llvm")
     y = tvm.runtime.empty((1, n), "float32", tvm.cpu())
@@ -104,6 +111,39 @@ def test_words3x32_round_trip_and_kernel_reference():
         assert words.shape == (5, spec.words) and spec.words == 3 * -(-k // 32)
         np.testing.assert_array_equal(unpack_np(words, 3, k, "words3x32"), q)
         np.testing.assert_array_equal(dequantize_np(spec, words, np.ones((5, spec.n_groups), np.float16)), q - 4)
+
+
+def test_bytes3_round_trip_bit_positions_and_weight_te():
+    """bytes3 (dequant.py): repack and unpack round trip (whole and ragged blocks), the documented bit of a value in
+    each part of a block, and the TE weight expression (the dlight/prefill path) against the NumPy dequantization."""
+    import tvm
+    from tvm import te
+    from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_np, repack_bytes3_np, unpack_np, weight_te
+    rng = np.random.default_rng(11)
+    for k in (32, 100, 256):
+        q = rng.integers(0, 8, (3, k))
+        words = repack_bytes3_np(pack(q, 3), k)
+        assert words.shape == (3, QuantSpec(3, k, 3, 32, True, "bytes3").words)
+        np.testing.assert_array_equal(unpack_np(words, 3, k, "bytes3"), q)
+    one = np.zeros((1, 32), np.int64)
+    for v, code, want in ((4, 5, (5 << 3, 0, 0)), (17, 7, (0, 0, 7 << 8)), (29, 7, (0, 3 << 14, 1 << 15))):
+        one[:] = 0
+        one[0, v] = code
+        np.testing.assert_array_equal(repack_bytes3_np(pack(one, 3), 32)[0], np.array(want, np.uint32))
+    spec = QuantSpec(4, 100, 3, 32, False, "bytes3")
+    q = rng.integers(0, 8, (4, 100))
+    words = repack_bytes3_np(pack(q, 3), 100)
+    scales = (rng.random((4, spec.n_groups)) + 0.5).astype(np.float16)
+    zeros = rng.integers(0, 8, (4, spec.n_groups)).astype(np.uint8)
+    qw = te.placeholder((4, spec.words), "uint32")
+    sc = te.placeholder((4, spec.n_groups), "float16")
+    zr = te.placeholder((4, spec.n_groups), "uint8")
+    w = te.compute((4, 100), lambda i, j: weight_te(spec, qw, sc, zr, i, j))
+    f = tvm.compile(te.create_prim_func([qw, sc, zr, w]), target="llvm")
+    out = tvm.runtime.empty((4, 100), "float16", tvm.cpu())
+    f(*[tvm.runtime.tensor(a) for a in (words, scales, zeros)], out)
+    np.testing.assert_allclose(out.numpy().astype(np.float32), dequantize_np(spec, words, scales, zeros),
+                               rtol=1e-3, atol=1e-3)
 
 
 def test_hostile_outlier_index_is_clamped():
@@ -141,32 +181,58 @@ def test_supports_and_default_config():
 
 @pytest.mark.parametrize("bits,act", [(4, "fp16"), (3, "fp16"), (2, "fp16"), (4, "int8"), (3, "int8"), (2, "int8")])
 def test_cuda_source_streams_128_bit_loads(bits, act):
-    """The CUDA C the export ships: 128-bit weight loads (64-bit at 3 bits with fp16 activations; 128-bit plane
-    words plus a 64-bit bit-plane load with int8 ones), shuffles, no integer-to-float conversion per weight, and
-    one dp4a per 4 weights with int8 activations."""
+    """The CUDA C the export ships: 128-bit weight loads (64-bit at 3 bits with fp16 activations; with int8 ones
+    a 32-value chunk: 64-bit at 2 bits, a 64-bit plane-word load and a 32-bit bit-plane load at 3 bits), shuffles,
+    no integer-to-float conversion per weight, and one dp4a per 4 weights with int8 activations."""
     import re
 
     import tvm
     from edgequant.export.targets import PRESETS
     from edgequant.tvm_schedules.dequant import QuantSpec
-    from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8, GemvConfig, gemv_func, warps_for
+    from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8, GemvConfig, chunk_of, gemv_func, warps_for
     layout = (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits]
     spec = QuantSpec(256, 512, bits, 128 if bits != 2 else 64, False, layout)
-    cfg = GemvConfig(4, warps_for(spec), 2)
+    cfg = GemvConfig(4, warps_for(spec, act), 2)
     ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, cfg, act=act)}),
                      target={**PRESETS["cuda"].target, "arch": "sm_90"})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     body = src[src.index("main_kernel("):]
-    vecs = ["uint2"] if bits == 3 and act == "fp16" else ["uint4", "uint2"] if bits == 3 else ["uint4"]
+    vecs = ["uint4"] if bits == 4 else ["uint2"] if act == "int8" or bits == 3 else ["uint4"]
     for vec in vecs:
         assert re.search(rf"\*\({vec}\*\)\(wq_ptr \+ \d+\) = \*\({vec}\*\)\(qweight_ptr", body)
     assert "__shfl_down_sync" in body
     assert "(float)wq_ptr" not in body and "__uint2float" not in body
     if act == "int8":  # one dp4a per 4 weights of each of the 2 steps x 4 rows of a thread's chunk
-        chunk = 32 if bits == 4 else 64
-        assert body.count("__dp4a(") == 2 * 4 * chunk // 4
+        assert body.count("__dp4a(") == 2 * 4 * chunk_of(bits, act) // 4
+        if bits == 3:  # the chunk's bit-plane word: one 32-bit load per row and step
+            assert len(re.findall(r"wq_ptr\[\d+\] = qweight_ptr\[", body)) == 2 * 4
     else:
         assert "__shfl_sync" in body
+
+
+def test_cuda_source_waits_for_the_previous_kernel_after_the_first_weight_loads():
+    """pdl=True: this kernel waits for the previous one after issuing its first weight loads and before reading x
+    (so every read of activations and every write comes after it), and lets the next one launch before its last
+    step; min_blocks caps the registers through __launch_bounds__."""
+    import re
+
+    import tvm
+    from edgequant.export.targets import PRESETS
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
+    spec = QuantSpec(256, 512, 3, 128, False, "planes3")
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, 2, min_blocks=8), act="int8", pdl=True)}),
+                     target={**PRESETS["cuda"].target, "arch": "sm_90"})
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    body = src[src.index("main_kernel("):]
+    body = body[body.index(") {"):]                     # the definition, past the parameter list
+
+    def first(pattern):
+        return re.search(pattern, body).start()
+    trigger, wait = first(r"cudaTriggerProgrammaticLaunchCompletion\(\)"), first(r"cudaGridDependencySynchronize\(\)")
+    assert first(r"\bqweight_ptr\b") < wait < first(r"\bx_ptr\b") < first(r"__dp4a") < trigger < first(r"\by_ptr\b")
+    assert body.rindex("__dp4a") > trigger    # the last step's math comes after the trigger
+    assert "__launch_bounds__(32, 8)" in src
 
 
 def _walk(m):
