@@ -41,7 +41,7 @@ SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("d
 SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 g64", 2, 64, 0.0, None),
            ("W3 g128 + OWQ 3.1", 3, 128, 0.1, None),   # fp16 outlier columns worth 0.1 bit per weight
            ("W3 g128 planes3", 3, 128, 0.0, "planes3"), ("W3 g128 + OWQ 3.1 planes3", 3, 128, 0.1, "planes3")]
-# (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, bytes3 with int8
+# (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, dp4a3 with int8
 # activations); planes3: the previous CUDA layout, int8 activations only, for comparison)
 ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact float kernel
 SWEEP = ((4, 2, 2, 32, 0), (4, 4, 2, 32, 0), (4, 8, 2, 32, 0), (2, 8, 2, 32, 0), (4, 4, 2, 64, 0), (4, 8, 2, 64, 0),
@@ -288,7 +288,7 @@ def _unpack_torch(qw, bits, k, layout):
         lo = (w[:, :lw, None] >> ((v % 8) * 4 + (v // 8) * 2)) & 3
         hi = (w[:, lw:, None] >> ((u % 8) * 4 + u // 8)) & 1
         return lo.reshape(n, -1)[:, :k] | (hi.reshape(n, -1)[:, :k] << 2)
-    if layout == "bytes3":  # dequant.py: per 32 values w0, w1 in a first region, w2 in a second
+    if layout == "dp4a3":  # dequant.py: per 32 values w0, w1 in a first region, w2 in a second
         b = w.shape[1] // 3
         ws = torch.stack([w[:, 0:2 * b:2], w[:, 1:2 * b:2], w[:, 2 * b:]], dim=2)   # [n, blocks, 3]
         out = torch.zeros(n, b, 32, dtype=torch.int64, device=w.device)

@@ -22,12 +22,12 @@ word 1 | bits 30-31 of word 2 << 1. A GPU thread then reads 128 values as three 
 every 32 values are contiguous 3-bit fields that the decode GEMV (`gemv.py`) turns into floats with one mask each.
 `repack_w3x32_np` converts.
 
-"bytes3" (exactly 3 bits per weight, for the CUDA int8-activation GEMV): each 32 values of a row take two words of
+"dp4a3" (exactly 3 bits per weight, for the CUDA int8-activation GEMV): each 32 values of a row take two words of
 a first region (2 ceil(K/32) words) and one word of a second (ceil(K/32) words), w0, w1 and w2. Byte L of word j
 (j < 3) holds value 8j + L at bits 0-2 and value 8j + 4 + L at bits 3-5; its bits 6-7 hold the two low bits of value
 24 + L (in w0) or 28 + L (in w1), and bits 6 and 7 of w2's byte L their third bits. One shift and one mask then leave
 four codes in the bytes of a word for 24 of the 32 values, and two of each for the last 8 (dp4a's operand order:
-`gemv._dp4a_terms`), against two shifts and two masks per four codes in planes3. `repack_bytes3_np` converts.
+`gemv._dp4a_terms`), against two shifts and two masks per four codes in planes3. `repack_dp4a3_np` converts.
 
 OpenCL (android) and WebGPU exports store asymmetric zero points four to a uint32 word ("zeros_packed": group g at
 bits 8*(g % 4) of word g // 4): WGSL has no 8-bit type at all, and TVM 0.27's OpenCL codegen turns a vectorised
@@ -47,7 +47,7 @@ import numpy as np
 from edgequant import pack
 from edgequant.schemes import QuantScheme
 
-LAYOUTS = ("words", "planes3", "words3x32", "bytes3")
+LAYOUTS = ("words", "planes3", "words3x32", "dp4a3")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class QuantSpec:
     bits: int
     group_size: int          # -1: per channel
     sym: bool
-    layout: str = "words"    # "words" (the checkpoint's) or, for 3 bits, "planes3" / "words3x32" / "bytes3" (module
+    layout: str = "words"    # "words" (the checkpoint's) or, for 3 bits, "planes3" / "words3x32" / "dp4a3" (module
     # docstring)
     zeros_packed: bool = False  # zero points four per uint32 word instead of one uint8 each (module docstring)
 
@@ -82,14 +82,14 @@ class QuantSpec:
     def words(self) -> int:
         if self.layout == "planes3":
             return self.lo_words + -(-self.k // 32)
-        if self.layout in ("words3x32", "bytes3"):
+        if self.layout in ("words3x32", "dp4a3"):
             return 3 * -(-self.k // 32)
         return self.scheme.packed_words(self.k)
 
     @property
     def lo_words(self) -> int:
-        """planes3: words of the 2-bit plane (the 1-bit plane follows them); bytes3: of the first region."""
-        return 2 * -(-self.k // 32) if self.layout == "bytes3" else -(-self.k // 16)
+        """planes3: words of the 2-bit plane (the 1-bit plane follows them); dp4a3: of the first region."""
+        return 2 * -(-self.k // 32) if self.layout == "dp4a3" else -(-self.k // 16)
 
     def param_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Tensors the kernel reads, in call order: name -> (shape, dtype)."""
@@ -106,8 +106,8 @@ def unpack_np(qweight: np.ndarray, bits: int, k: int, layout: str = "words") -> 
         return _unpack_planes3_np(qweight, k)
     if layout == "words3x32":
         return _unpack_w3x32_np(qweight, k)
-    if layout == "bytes3":
-        return _unpack_bytes3_np(qweight, k)
+    if layout == "dp4a3":
+        return _unpack_dp4a3_np(qweight, k)
     return pack.unpack(qweight, bits, k)
 
 
@@ -168,8 +168,8 @@ def _unpack_w3x32_np(words: np.ndarray, k: int) -> np.ndarray:
     return v.reshape(n, -1)[:, :k]
 
 
-def _bytes3_bits() -> tuple[np.ndarray, np.ndarray]:
-    """bytes3: for each value of a 32-value block, the (word, bit) of its bits 0, 1, 2 (word 0, 1, 2 = w0, w1, w2)."""
+def _dp4a3_bits() -> tuple[np.ndarray, np.ndarray]:
+    """dp4a3: for each value of a 32-value block, the (word, bit) of its bits 0, 1, 2 (word 0, 1, 2 = w0, w1, w2)."""
     word, bit = np.zeros((32, 3), np.int64), np.zeros((32, 3), np.int64)
     for v in range(24):
         j, r = v // 8, v % 8
@@ -180,13 +180,13 @@ def _bytes3_bits() -> tuple[np.ndarray, np.ndarray]:
     return word, bit
 
 
-def repack_bytes3_np(qweight: np.ndarray, k: int) -> np.ndarray:
-    """Checkpoint 3-bit words [N, ceil(K/10)] -> bytes3 words [N, 3 * ceil(K/32)] (module docstring)."""
+def repack_dp4a3_np(qweight: np.ndarray, k: int) -> np.ndarray:
+    """Checkpoint 3-bit words [N, ceil(K/10)] -> dp4a3 words [N, 3 * ceil(K/32)] (module docstring)."""
     q = unpack_np(qweight, 3, k).astype(np.uint32)
     n, blocks = q.shape[0], -(-k // 32)
     v = np.zeros((n, blocks, 32), np.uint32)
     v.reshape(n, -1)[:, :k] = q
-    word, bit = _bytes3_bits()
+    word, bit = _dp4a3_bits()
     w = np.zeros((n, blocks, 3), np.uint32)
     for i in range(32):
         for b in range(3):
@@ -194,10 +194,10 @@ def repack_bytes3_np(qweight: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([w[:, :, :2].reshape(n, 2 * blocks), w[:, :, 2]], axis=1)
 
 
-def _unpack_bytes3_np(words: np.ndarray, k: int) -> np.ndarray:
+def _unpack_dp4a3_np(words: np.ndarray, k: int) -> np.ndarray:
     n, blocks = words.shape[0], words.shape[1] // 3
     w = np.stack([words[:, 0:2 * blocks:2], words[:, 1:2 * blocks:2], words[:, 2 * blocks:]], axis=2)
-    word, bit = _bytes3_bits()
+    word, bit = _dp4a3_bits()
     v = np.zeros((n, blocks, 32), np.uint32)
     for i in range(32):
         for b in range(3):
@@ -262,7 +262,7 @@ def weight_te(spec: QuantSpec, qweight, scales, zeros, n, k):
         v30 = (qweight[n, base] >> u(30)) | (((qweight[n, base + 1] >> u(30)) & u(1)) << u(2))
         v31 = (qweight[n, base + 1] >> u(31)) | ((qweight[n, base + 2] >> u(30)) << u(1))
         code = tirx.Select(i < 30, body, tirx.Select(i == 30, v30, v31))
-    elif spec.layout == "bytes3":
+    elif spec.layout == "dp4a3":
         i, b = k % 32, k // 32
         u = lambda v: tirx.const(v, "uint32")  # noqa: E731
         j = tirx.min(i // 8, 2)

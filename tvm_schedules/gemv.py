@@ -24,7 +24,7 @@ With `act="int8"` the activations are rounded to int8 per 32 values inside the k
 once per block; llama.cpp's Q8_0 block and the formula of `cpu_int8.quantize_act_np`, which the CPU exports already
 decode with) and packed in the order in which one shift and one mask leave four weight codes in the bytes of a word;
 CUDA's `__dp4a` then multiplies and adds four weights per instruction (~0.6-0.7 instructions per weight at 4 and 2
-bits instead of ~2.25; 3-bit weights come in the bytes3 layout (dequant.py), whose bytes hold two whole 3-bit codes
+bits instead of ~2.25; 3-bit weights come in the dp4a3 layout (dequant.py), whose bytes hold two whole 3-bit codes
 and two bits of a third, ~0.8; planes3, whose 1-bit plane's bit is ORed in as bit 2 of each byte, ~1.2, also
 works). Per 32-value block, `d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
 made the LLaMA-7B step 1.3x (W4) to 1.4x (W2) faster (benchmarks/results/gpu-nvidia-h200.md); the fp16 path stays
@@ -54,9 +54,9 @@ CHUNK_WORDS = {4: 4, 2: 4, 3: 6}        # uint32 words per chunk
 VEC_WORDS = {4: 4, 2: 4, 3: 2}          # words per load: one 128-bit load (4 and 2 bits), three 64-bit ones (3 bits)
 SUB_WORDS = {4: 4, 2: 2, 3: 3}          # words of one 32-value sub-block (x is pre-scaled 32 values at a time)
 LAYOUT = {4: "words", 2: "words", 3: "words3x32"}
-# int8 activations (act="int8", see `_dp4a_terms`): 3 bits in bytes3 (or bit planes), a 32-value chunk = 2 + 1 words
-LAYOUT_INT8 = {4: "words", 2: "words", 3: "bytes3"}   # the CUDA export's (targets.py packing3)
-INT8_LAYOUTS3 = ("bytes3", "planes3")   # 3-bit layouts the int8 kernel reads (bytes3: fewer instructions, dequant.py)
+# int8 activations (act="int8", see `_dp4a_terms`): 3 bits in dp4a3 (or bit planes), a 32-value chunk = 2 + 1 words
+LAYOUT_INT8 = {4: "words", 2: "words", 3: "dp4a3"}   # the CUDA export's (targets.py packing3)
+INT8_LAYOUTS3 = ("dp4a3", "planes3")   # 3-bit layouts the int8 kernel reads (dp4a3: fewer instructions, dequant.py)
 ACTS = ("fp16", "int8")
 PROLOGUES = (None, "rmsnorm", "silu_mul")
 
@@ -190,7 +190,7 @@ def _dp4a_terms(bits: int, sb: int, nsb: int = 2, layout: str = "planes3"):
         for j in range(2):
             for t in range(4):
                 out.append(([(2 * sb + j, 2 * t, 0x03030303)], [16 * j + t + 4 * lane for lane in range(4)]))
-    elif layout == "bytes3":  # dequant.py: the chunk's buffer holds its 2 nsb first-region words, then nsb of w2
+    elif layout == "dp4a3":  # dequant.py: the chunk's buffer holds its 2 nsb first-region words, then nsb of w2
         w0, w1, w2 = 2 * sb, 2 * sb + 1, 2 * nsb + sb
         for j, w in enumerate((w0, w1, w2)):
             out.append(([(w, 0, 0x07070707)], [8 * j + lane for lane in range(4)]))
@@ -230,7 +230,7 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
               prologue: str | None = None, eps: float = 1e-6, residual: bool = False, pdl: bool = False):
     """y[lead..., N] = x[lead..., K] @ dq(W)^T (+ x[..., idx] @ W_out^T) for one row (prod(lead) == 1), fp32
     accumulation, `out_dtype` output. act="int8": activations quantized per 32 values inside the kernel and integer
-    dot products (dp4a), as `cpu_int8.int8_gemv_np` models; 3-bit weights then in bytes3 or planes3.
+    dot products (dp4a), as `cpu_int8.int8_gemv_np` models; 3-bit weights then in dp4a3 or planes3.
 
     Arguments: x fp16, [norm_weight fp16 [K]], qweight, scales, [zeros], [outlier_idx int32 [n_outliers],
     outlier_weight fp16 [N, n_outliers]], [residual [lead..., N]], y. `gpu=False` gives the CPU-testable twin (same
@@ -284,7 +284,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     if int8:  # (buffer offset, first word, words) per load: 128-bit where the row stride keeps them aligned
         CW = C * bits // 32
         lw = min(4 if spec.words % 4 == 0 else 2, CW)
-        if bits == 3:  # planes3 / bytes3: the chunk's first-region words (C / 16), then its second's (C / 32)
+        if bits == 3:  # planes3 / dp4a3: the chunk's first-region words (C / 16), then its second's (C / 32)
             lw = min(lw, 2 * NSB)
             loads = [(v, f"{c_} * {2 * NSB} + {v}", lw) for v in range(0, 2 * NSB, lw)]
             loads.append((2 * NSB, f"{spec.lo_words} + {c_} * {NSB}", NSB))

@@ -17,15 +17,15 @@ CASES = [  # bits, group, sym, N, K, rows, warps, steps, outlier columns: double
 
 
 def _linear(rng, bits, group, sym, n, k, act="fp16", layout=None):
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_bytes3_np, repack_planes3_np, repack_w3x32_np
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_dp4a3_np, repack_planes3_np, repack_w3x32_np
     from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8
     spec = QuantSpec(n, k, bits, group, sym, layout or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
     q = rng.integers(0, 1 << bits, (n, k))
     qweight = pack(q, bits)
     if spec.layout == "planes3":
         qweight = repack_planes3_np(qweight, k)
-    elif spec.layout == "bytes3":
-        qweight = repack_bytes3_np(qweight, k)
+    elif spec.layout == "dp4a3":
+        qweight = repack_dp4a3_np(qweight, k)
     elif bits == 3:
         qweight = repack_w3x32_np(qweight, k)
     scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
@@ -64,9 +64,9 @@ INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligne
     (3, 64, False, 8, 576, 4, 1, 2, 0, 2, 0), (3, 128, False, 12, 256, 2, 1, 4, 0, 4, 0),
     (4, 32, False, 8, 64, 2, 1, 2, 5, 2, 0),    # 5 outlier columns over 2 chunks: 3 per thread
 ]
-LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's bytes3 (dequant.py); the previous planes3 here, and
-    # bytes3 in 64-value chunks (the same chunk index math as 2 bits at 64)
-    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "planes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "bytes3")]
+LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's dp4a3 (dequant.py); the previous planes3 here, and
+    # dp4a3 in 64-value chunks (the same chunk index math as 2 bits at 64)
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "planes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "dp4a3")]
 
 
 @pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout",
@@ -113,26 +113,26 @@ def test_words3x32_round_trip_and_kernel_reference():
         np.testing.assert_array_equal(dequantize_np(spec, words, np.ones((5, spec.n_groups), np.float16)), q - 4)
 
 
-def test_bytes3_round_trip_bit_positions_and_weight_te():
-    """bytes3 (dequant.py): repack and unpack round trip (whole and ragged blocks), the documented bit of a value in
+def test_dp4a3_round_trip_bit_positions_and_weight_te():
+    """dp4a3 (dequant.py): repack and unpack round trip (whole and ragged blocks), the documented bit of a value in
     each part of a block, and the TE weight expression (the dlight/prefill path) against the NumPy dequantization."""
     import tvm
     from tvm import te
-    from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_np, repack_bytes3_np, unpack_np, weight_te
+    from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_np, repack_dp4a3_np, unpack_np, weight_te
     rng = np.random.default_rng(11)
     for k in (32, 100, 256):
         q = rng.integers(0, 8, (3, k))
-        words = repack_bytes3_np(pack(q, 3), k)
-        assert words.shape == (3, QuantSpec(3, k, 3, 32, True, "bytes3").words)
-        np.testing.assert_array_equal(unpack_np(words, 3, k, "bytes3"), q)
+        words = repack_dp4a3_np(pack(q, 3), k)
+        assert words.shape == (3, QuantSpec(3, k, 3, 32, True, "dp4a3").words)
+        np.testing.assert_array_equal(unpack_np(words, 3, k, "dp4a3"), q)
     one = np.zeros((1, 32), np.int64)
     for v, code, want in ((4, 5, (5 << 3, 0, 0)), (17, 7, (0, 0, 7 << 8)), (29, 7, (0, 3 << 14, 1 << 15))):
         one[:] = 0
         one[0, v] = code
-        np.testing.assert_array_equal(repack_bytes3_np(pack(one, 3), 32)[0], np.array(want, np.uint32))
-    spec = QuantSpec(4, 100, 3, 32, False, "bytes3")
+        np.testing.assert_array_equal(repack_dp4a3_np(pack(one, 3), 32)[0], np.array(want, np.uint32))
+    spec = QuantSpec(4, 100, 3, 32, False, "dp4a3")
     q = rng.integers(0, 8, (4, 100))
-    words = repack_bytes3_np(pack(q, 3), 100)
+    words = repack_dp4a3_np(pack(q, 3), 100)
     scales = (rng.random((4, spec.n_groups)) + 0.5).astype(np.float16)
     zeros = rng.integers(0, 8, (4, spec.n_groups)).astype(np.uint8)
     qw = te.placeholder((4, spec.words), "uint32")
