@@ -2,10 +2,12 @@
 SmolLM2-135M's linear shapes for W4 g128, W3 g128 (bytes3, the CPU export's layout, and planes3, its predecessor)
 and W2 g64, rounds interleaved so that every config sees the same load.
 
-    python benchmarks/cpu_gemv_bits.py [--rounds 7] [--calls 200] [--threads 1] [--out cpu_gemv_bits]
+    python benchmarks/cpu_gemv_bits.py [--rounds 7] [--calls 4] [--copies 30] [--threads 1] [--out cpu_gemv_bits]
 
-Each round times --calls calls of every (shape, config) in turn and keeps the process CPU time per call (user + system
-of all threads: on a shared machine it moves far less with other processes' load than wall time). The table gives the
+Every (shape, config) gets --copies different random weights (30: one per SmolLM2 layer, so that, as in a decoded
+token, they stream from memory instead of staying in the caches; --copies 1 measures the kernels in cache). Each
+round times --calls passes over the copies of every (shape, config) in turn and keeps the process CPU time per call
+(user + system of all threads: on a shared machine it moves far less with other processes' load than wall time). The table gives the
 median over rounds, the ratio to W4 per round (median and range), and a "layer" row: the four shapes once each, the
 GEMVs of one decoder layer. Writes benchmarks/results/<out>.md with machine, date, load and command.
 """
@@ -36,7 +38,8 @@ def _cpu() -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--calls", type=int, default=200, help="calls per (shape, config) and round")
+    ap.add_argument("--calls", type=int, default=4, help="passes over the copies per (shape, config) and round")
+    ap.add_argument("--copies", type=int, default=30, help="weights per (shape, config), called in turn")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="cpu_gemv_bits")
     a = ap.parse_args()
@@ -62,22 +65,27 @@ def main():
         x = rng.standard_normal((1, k)).astype(np.float16)
         for cname, bits, group, layout in CONFIGS:
             spec = QuantSpec(n, k, bits, group, False, layout)
-            qw = repack[layout](pack(rng.integers(0, 1 << bits, (n, k)), bits), k)
-            sc = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
-            z = rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
             fn = tvm.compile(tvm.IRModule({"main": cpu_int8.int8_gemv_func(spec, isa)}), target=host)["main"]
-            args = [tvm.runtime.tensor(v, dev) for v in (x, qw, sc, z, np.zeros((1, n), np.float32))]
-            y = cpu_int8.int8_gemv_np(spec, x[0], qw, sc, z)
-            fn(*args)
-            assert np.allclose(args[-1].numpy()[0], y, rtol=1e-4, atol=1e-4 * np.abs(y).max()), (sname, cname)
-            calls[sname, cname] = (fn, args)
+            copies = []
+            for c in range(a.copies):
+                qw = repack[layout](pack(rng.integers(0, 1 << bits, (n, k)), bits), k)
+                sc = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
+                z = rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
+                copies.append([tvm.runtime.tensor(v, dev) for v in (x, qw, sc, z, np.zeros((1, n), np.float32))])
+                if c == 0:
+                    y = cpu_int8.int8_gemv_np(spec, x[0], qw, sc, z)
+                    fn(*copies[0])
+                    assert np.allclose(copies[0][-1].numpy()[0], y, rtol=1e-4, atol=1e-4 * np.abs(y).max()), \
+                        (sname, cname)
+            calls[sname, cname] = (fn, copies)
     per = {key: [] for key in calls}   # CPU seconds per call, one entry per round
     for _ in range(a.rounds):
-        for key, (fn, args) in calls.items():
+        for key, (fn, copies) in calls.items():
             c = _cpu()
             for _ in range(a.calls):
-                fn(*args)
-            per[key].append((_cpu() - c) / a.calls)
+                for args in copies:
+                    fn(*args)
+            per[key].append((_cpu() - c) / (a.calls * len(copies)))
     for cname, *_ in CONFIGS:
         per["layer", cname] = [sum(per[s, cname][r] for s, _, _ in SHAPES) for r in range(a.rounds)]
 
@@ -98,8 +106,9 @@ def main():
              f"{' / '.join(f'{v:.2f}' for v in load0)} at the start, "
              f"{' / '.join(f'{v:.2f}' for v in os.getloadavg())} at the end",
              f"- command: python benchmarks/cpu_gemv_bits.py {' '.join(sys.argv[1:])}",
-             f"- {a.rounds} rounds of {a.calls} calls per (shape, config); median CPU time per call over rounds (all "
-             "threads); ratios: per round against W4 of the same round, median (min-max)", "",
+             f"- {a.rounds} rounds of {a.calls} passes over {a.copies} weight copies per (shape, config); median CPU "
+             "time per call over rounds (all threads); ratios: per round against W4 of the same round, median "
+             "(min-max)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     RESULTS.mkdir(exist_ok=True)

@@ -496,11 +496,10 @@ def _chunk(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gsc
 
 def _accumulators(spec: QuantSpec) -> int:
     """int32 accumulators of a GEMV chunk, its parts dealt over them in turn: the 8 dots of a bytes3 chunk in one
-    chain wait on each other's latency (integer sums: the order changes nothing)."""
-    import os
-    if spec.layout == "bytes3":
-        return int(os.environ.get("EQ_NA3", "2"))
-    return int(os.environ.get("EQ_NA", "1"))
+    chain wait on each other's latency (integer sums: the order changes nothing). Two took the 3-bit GEMVs from
+    1.09x to 1.05x W4's time on SmolLM2's shapes (benchmarks/cpu_gemv_bits.py, before the packed tail); W4's 2 parts
+    and W2's 4 lost 2-10% with two."""
+    return 2 if spec.layout == "bytes3" else 1
 
 
 GEMM_ROWS = 8   # activation rows per pass over a weight row: codes unpacked once for 8 rows of dots
