@@ -7,8 +7,8 @@ and W2 g64, rounds interleaved so that every config sees the same load.
 Every (shape, config) gets --copies different random weights (30: one per SmolLM2 layer, so that, as in a decoded
 token, they stream from memory instead of staying in the caches; --copies 1 measures the kernels in cache). Each
 round times --calls passes over the copies of every (shape, config) in turn and keeps the process CPU time per call
-(user + system of all threads: on a shared machine it moves far less with other processes' load than wall time). The table gives the
-median over rounds, the ratio to W4 per round (median and range), and a "layer" row: the four shapes once each, the
+(user + system of all threads: on a shared machine it moves far less with other processes' load than wall time). The
+table gives the median over rounds, the ratio to W4 per round (median and range), and a "layer" row: the four shapes once each, the
 GEMVs of one decoder layer. Writes benchmarks/results/<out>.md with machine, date, load and command.
 """
 from __future__ import annotations

@@ -211,8 +211,8 @@ class HFSource(WeightSource):
 
 def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> WeightSource:
     """A quantized checkpoint when the folder says so, otherwise an unquantized HF model folder. `packing3`: the
-    runtime layout of 3-bit weights ("words" as stored, "bytes3", "planes3" or "words3x32"); `zeros_packed`: zero points four
-    per uint32 word."""
+    runtime layout of 3-bit weights ("words" as stored, "bytes3", "planes3" or "words3x32"); `zeros_packed`: zero
+    points four per uint32 word."""
     from edgequant.checkpoint import declares_checkpoint, read_config
     p = Path(str(path)).expanduser()
     if not p.exists():
