@@ -7,8 +7,9 @@ one token in turn, so neighbouring steps of all rows see the same load, and the 
 
 DIST folders come from `edgequant export --target cpu` (benchmarks/decode_cpu.py --work leaves them as
 WORK/dist-<config>-cpu). Each round starts a new sequence in every DIST with the same random prompt, then decodes
---tokens greedy tokens, one step per DIST in turn; every step is timed in wall time and in process CPU time (user +
-system of all threads; with --threads 1, the default, that is the step's own work, whatever else runs). The table
+--tokens greedy tokens, one step per DIST in turn (the order rotating from step to step); every step is timed in wall
+time and in process CPU time (user + system of all threads; with --threads 1, the default, that is the step's own
+work, whatever else runs). The table
 gives median ms per token and the tok/s they mean, and each row's ratio to the first row's time: the median over all
 steps of the step's ratio to the first row's step next to it, with the 10th-90th percentiles. Writes
 benchmarks/results/<out>.md with machine, date, load and command.
@@ -63,8 +64,10 @@ def main():
         for r in runners:
             r.new_sequence()
             tokens.append(int(np.argmax(r.prefill(prompt))))
-        for _ in range(a.tokens):
-            for i, r in enumerate(runners):
+        for step in range(a.tokens):
+            # the order rotates every step: no row always runs right after the same other row
+            for i in np.roll(np.arange(len(runners)), -step):
+                r = runners[i]
                 c, t = _cpu(), time.perf_counter()
                 logits = r.decode(tokens[i])
                 w = time.perf_counter() - t
