@@ -320,9 +320,6 @@ def _quantize_row(spec: QuantSpec, xr: str, r: str | None, ind: str) -> list[str
     return S
 
 
-ZP_LANES = 8   # groups per vector of the GEMV's zero-point terms (rows of fewer groups keep scalar code)
-
-
 def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, r: str | None, ri: str | None, ind: str,
                 yt: bool = True) -> list[str]:
     """Statements writing `y` for activation row `r` (None: the only one): its chunks' partial sums (yv and, with
@@ -331,24 +328,13 @@ def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, r: str | None, 
     z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
     g = f"({r}) * {NG} + g" if r is not None else "g"
     lv, lt = (f"{ri} * {L} + t", f"{ri} * 4 + t") if ri is not None else ("t", "t")
-    S = [f"{ind}zc[0] = T.float32(0)"]
-    G8 = NG // ZP_LANES * ZP_LANES if r is None else 0
-    if G8:  # the zero-point terms of whole 8-group blocks in one vector, summed after them
-        V = f"T.ramp(g8 * {ZP_LANES}, 1, {ZP_LANES})"
-        zv = (f"T.broadcast(T.float32({float(spec.sym_zero)}), {ZP_LANES})" if spec.sym else
-              f'T.Cast("float32x{ZP_LANES}", zeros[nn, {V}])')
-        S += [f"{ind}zp[T.ramp(0, 1, {ZP_LANES})] = T.broadcast(T.float32(0), {ZP_LANES})",
-              f"{ind}for g8 in T.serial({G8 // ZP_LANES}):",
-              f'{ind}    zp[T.ramp(0, 1, {ZP_LANES})] = zp[T.ramp(0, 1, {ZP_LANES})] + '
-              f'T.Cast("float32x{ZP_LANES}", scales[nn, {V}]) * {zv} * gsum[{V}]',
-              f"{ind}for t in T.serial({ZP_LANES}):",
-              f"{ind}    zc[0] = zc[0] + zp[t]"]
-    return S + [f"{ind}for g in T.serial({G8}, {NG}):",
-                f'{ind}    zc[0] = zc[0] + T.Cast("float32", scales[nn, g]) * {z} * gsum[{g}]',
-                f"{ind}for t in T.serial({L}):",
-                f"{ind}    zc[0] = zc[0] - yv[{lv}]",
-                *([f"{ind}for t in T.serial(4):", f"{ind}    zc[0] = zc[0] - yt[{lt}]"] if yt else []),
-                f'{ind}{y} = T.Cast("{out_dtype}", T.float32(0) - zc[0])']
+    return [f"{ind}zc[0] = T.float32(0)",
+            f"{ind}for g in T.serial({NG}):",
+            f'{ind}    zc[0] = zc[0] + T.Cast("float32", scales[nn, g]) * {z} * gsum[{g}]',
+            f"{ind}for t in T.serial({L}):",
+            f"{ind}    zc[0] = zc[0] - yv[{lv}]",
+            *([f"{ind}for t in T.serial(4):", f"{ind}    zc[0] = zc[0] - yt[{lt}]"] if yt else []),
+            f'{ind}{y} = T.Cast("{out_dtype}", T.float32(0) - zc[0])']
 
 
 def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], name: str) -> str:
@@ -372,7 +358,6 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
           f'        hq = T.alloc_buffer(({L},), "uint32")',
           f'        tq = T.alloc_buffer(({L},), "uint32")',
           '        zc = T.alloc_buffer((1,), "float32")',
-          f'        zp = T.alloc_buffer(({ZP_LANES},), "float32")',
           f"        yv[T.ramp(0, 1, {L})] = T.broadcast(T.float32(0), {L})",
           "        yt[T.ramp(0, 1, 4)] = T.broadcast(T.float32(0), 4)",
           f"        for c in T.serial({n_main}):"]
