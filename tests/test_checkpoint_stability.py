@@ -28,7 +28,8 @@ CASES = {   # name -> (arch, quantize options); together: every method, 2/3/4 bi
     "omniquant-w4g32-qwen2": ("qwen2", dict(method="omniquant", bits=4, group_size=32, epochs=1, let=True,
                                             keep_best=False)),
 }
-DIST_CASE, DIST_PACKING3 = "owq-w3g32", "planes3"   # the cpu target's layout: outliers, 3-bit planes, q/k/v biases
+# outliers, 3-bit bit planes (CUDA's int8 layout; the cpu target's bytes3 has round-trip tests), q/k/v biases
+DIST_CASE, DIST_PACKING3 = "owq-w3g32", "planes3"
 
 
 def _sha(data: bytes) -> str:

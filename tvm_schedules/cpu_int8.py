@@ -19,9 +19,14 @@ than 512-bit registers: rows of K = 576 hold 72 words at 4 bits, not a multiple 
 AVX-512 get the same code. NEON has 128-bit registers: its kernel keeps the same layout and chunks and runs the
 integer part in 4-lane steps (`_chunk`), so its int32 sums, and the fp32 arithmetic after them, are the x86 kernel's.
 (`smmla` (i8mm) multiplies 2x8 by 8x2 blocks: it pays for two activation rows or more, i.e. prefill, not here.)
-CPU 3-bit exports ("planes3", dequant.py) take a lane per 2-bit-plane word (16 values, four parts masked with
-0x03030303) and OR in the third bit from the 1-bit-plane word shared by lanes 2m and 2m+1: one load of L/2 words, a
-lane shuffle and a per-lane shift (lane parity) instead of a gather.
+CPU 3-bit exports ("bytes3", dequant.py) take a lane per 32 values: one word of each of three planes, loaded as three
+vectors; parts 0-5 are a plane masked with 0x07070707 (after a shift by 3 for the odd ones), parts 6 and 7 two planes'
+spare bits 6-7 shifted, masked and ORed. A chunk of 8 lanes is 256 weights in 8 dots, 3 loads and 17 bit operations,
+with one int32-to-fp32 scaling per 256 weights where W4 has four; its dots go to two accumulators
+(`_accumulators`). Rows of 8m + 2 lanes (K = 576) end with a packed tail (`_tail_bytes3`: the two lanes' 6 words in
+one vector, 3 dots). Per row of SmolLM2's 960 x 576 that is 149 instructions against W4's 148 (x86 VNNI; NEON 274
+against 278), where the bit-plane layout "planes3" (a lane per 2-bit-plane word of 16 values, the third bit ORed in
+from a shared 1-bit-plane word by a shuffle and per-lane shifts; still accepted here) took 203.
 
 Arithmetic. With x_k ~= d_b * a_k (block b) and W = s_g (q - z_g),
     y = sum_g s_g * (sum_{b in g} d_b * dot(q, a)_b - z_g * sum_{b in g} d_b * sum_{k in b} a_k).
@@ -49,16 +54,15 @@ ISAS = ("vnni", "avx2", "sdot")  # vpdpbusd; vpmaddubsw + vpmaddwd; NEON sdot (A
 
 
 def _lane_values(spec: QuantSpec) -> int | None:
-    """Weights per vector lane: one word of the words layout, one 2-bit-plane word (16 values) of planes3."""
+    """Weights per vector lane: one word of the words layout, one 2-bit-plane word (16 values) of planes3, one word of
+    each of the three planes (32 values) of bytes3."""
     if spec.layout == "words" and spec.bits in (2, 4):
         return spec.vpw
-    if spec.layout == "planes3":
-        return 16
-    return None
+    return {"planes3": 16, "bytes3": 32}.get(spec.layout)
 
 
 def _parts(spec: QuantSpec) -> int:
-    return 4 if spec.layout == "planes3" else 8 // spec.bits
+    return {"planes3": 4, "bytes3": 8}.get(spec.layout) or 8 // spec.bits
 
 
 def chunk_plan(spec: QuantSpec) -> tuple[int, int, int] | None:
@@ -75,11 +79,14 @@ def chunk_plan(spec: QuantSpec) -> tuple[int, int, int] | None:
     def fits(L):
         return grp_w % L == 0 or L % grp_w == 0 or grp_w == row_w
 
-    if fits(8) and row_w % 8 in (0, 4) and row_w >= 8:
+    # bytes3 lanes (32 values) leave rows of 8m + 2 lanes (K=576): a tail of 2 lanes, packed into one 8-lane vector
+    # (`_tail_bytes3`) after 8-lane chunks, else run in 4-lane vectors whose activation bytes past the row are zero
+    tails = (0, 2, 4) if spec.layout == "bytes3" else (0, 4)
+    if fits(8) and row_w % 8 in tails and row_w >= 8:
         # a row of 8m + 4 words (K=576 at 2 bits and in 3-bit planes) ends with one 128-bit chunk
         return 8, row_w // 8, row_w % 8
-    if fits(4) and row_w % 4 == 0:
-        return 4, row_w // 4, 0
+    if fits(4) and row_w % 4 in tails[:2] and row_w:
+        return 4, row_w // 4, row_w % 4
     return None
 
 
@@ -116,17 +123,24 @@ def act_perm(spec: QuantSpec):
     """Position of activation k in the permuted int8 buffer (NumPy int array over k = 0..K-1)."""
     import numpy as np
     L, n_main, _ = chunk_plan(spec)
-    mw = L * n_main
-    k = np.arange(spec.k)
-    P, lv = _parts(spec), _lane_values(spec)
-    w, r = k // lv, k % lv
-    if spec.layout == "planes3":
-        i, j = r % 8 // 2, r % 8 % 2 * 2 + r // 8
-    else:
-        i, j = r // P, r % P
-    start = np.where(w < mw, w // L * L, mw)             # first word of the chunk holding w
-    lanes = np.where(w < mw, L, 4)
-    return start * P * 4 + (j * lanes + w - start) * 4 + i
+    mw, P, bw = L * n_main, _parts(spec), BLOCK // _lane_values(spec)
+    _, off_main, off_tail = _block_positions(spec)
+    b, t = np.arange(spec.k) // BLOCK, np.arange(spec.k) % BLOCK
+    w = b * bw                                             # first lane word of block b
+    base = np.where(w < mw, w // L * L * P * 4 + w % L * 4, mw * P * 4 + (w - mw) * 4)
+    return base + np.where(w < mw, np.array(off_main)[t], np.array(off_tail or off_main)[t])
+
+
+def _packed_tail(spec: QuantSpec) -> bool:
+    """A bytes3 row of 8m + 2 lanes: its 2-lane tail runs as 3 dots of 8 lanes (`_tail_bytes3`) instead of 8 of 4."""
+    plan = chunk_plan(spec)
+    return spec.layout == "bytes3" and plan is not None and plan[0] == 8 and plan[2] == 2
+
+
+def _tail_slot(j: int) -> tuple[int, int]:
+    """bytes3's packed 2-lane tail: (vector, slot of lane 0) of part j; lane l sits in slot + l. Vector 0 holds the
+    planes' low fields (parts 0, 2, 4), vector 1 their high fields (1, 3, 5), vector 2 parts 6 and 7."""
+    return (j % 2, j // 2 * 2) if j < 6 else (2, (j - 6) * 2)
 
 
 def quantize_act_np(x):
@@ -203,12 +217,30 @@ def _dot(isa: str, L: int, acc: str, a: str, b: str) -> str:
 
 
 def _group_scale(grp_w: int, Lc: int, start: str) -> str:
-    """The fp32 group scales of Lc lane words from word `start` of row nn (groups of grp_w lane words)."""
+    """The fp32 group scales of Lc lane words from word `start` of row nn (groups of grp_w lane words), as a vector
+    of _width(Lc) lanes (lanes past Lc repeat lane 0: their integer sums are 0)."""
+    Wc = _width(Lc)
     if grp_w >= Lc:
-        return f'T.broadcast(T.Cast("float32", scales[nn, ({start}) // {grp_w}]), {Lc})'
+        return f'T.broadcast(T.Cast("float32", scales[nn, ({start}) // {grp_w}]), {Wc})'
     gpc = Lc // grp_w  # groups per chunk: their scales, each repeated over its grp_w lanes
     sv = f'T.Cast("float32x{gpc}", scales[nn, T.ramp(({start}) // {grp_w}, 1, {gpc})])'
-    return f"T.Shuffle([{', '.join([sv] * grp_w)}], [{', '.join(str(lane // grp_w) for lane in range(Lc))}])"
+    idx = [lane // grp_w if lane < Lc else 0 for lane in range(Wc)]
+    return f"T.Shuffle([{', '.join([sv] * max(grp_w, 2))}], {idx})"
+
+
+def _width(Lc: int) -> int:
+    """Vector lanes of a chunk of Lc lanes: a 2-lane tail (bytes3) runs in 4-lane vectors."""
+    return max(Lc, 4)
+
+
+def _padded(load, Lc: int, W: int, zero: str | None = None) -> str:
+    """`load(n)`, the TIR load of n lanes, as a W-lane vector when only Lc < W lanes exist: lanes past Lc are `zero`'s
+    (a broadcast lane value) or, without it, repeat lane 0 (a value whose product with a zero sum is zero)."""
+    if Lc >= W:
+        return load(W)
+    if zero is None:
+        return f"T.Shuffle([{load(Lc)}, {load(Lc)}], {[lane if lane < Lc else 0 for lane in range(W)]})"
+    return f"T.Shuffle([{load(Lc)}, T.broadcast({zero}, {Lc})], {[lane if lane < Lc else Lc for lane in range(W)]})"
 
 
 def _signature(spec: QuantSpec, name: str, x: str, y: str) -> list[str]:
@@ -229,14 +261,18 @@ def _block_positions(spec: QuantSpec):
     mw, P, vpw = L * n_main, _parts(spec), _lane_values(spec)
     bw = BLOCK // vpw      # words per block
 
-    def off(t, lanes):
+    def off(t, lanes, packed=False):
         r = t % vpw
         i_, j_ = ((r % 8 // 2, r % 8 % 2 * 2 + r // 8) if spec.layout == "planes3" else (r // P, r % P))
+        if packed:   # vectors of 6, 6 and 4 slots of 4 bytes (`_tail_slot`)
+            v, slot = _tail_slot(j_)
+            return v * 24 + slot * 4 + i_
         return (j_ * lanes + t // vpw) * 4 + i_
     base = f"(b * {bw} // {L} * {P * L * 4} + b * {bw} % {L} * 4)"
     if tail:
         base = f"T.Select(b * {bw} < {mw}, {base}, {mw * P * 4} + (b * {bw} - {mw}) * 4)"
-    return base, [off(t, L) for t in range(BLOCK)], [off(t, 4) for t in range(BLOCK)] if tail else None
+    return base, [off(t, L) for t in range(BLOCK)], \
+        [off(t, tail, _packed_tail(spec)) for t in range(BLOCK)] if tail else None
 
 
 def _tree(buf: str, n: int, op: str, ind: str) -> list[str]:
@@ -284,9 +320,10 @@ def _quantize_row(spec: QuantSpec, xr: str, r: str | None, ind: str) -> list[str
     return S
 
 
-def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, r: str | None, ri: str | None, ind: str) -> list[str]:
-    """Statements writing `y` for activation row `r` (None: the only one): its chunks' partial sums (yv and yt, at
-    ri * L and ri * 4) minus the zero-point term (module docstring)."""
+def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, r: str | None, ri: str | None, ind: str,
+                yt: bool = True) -> list[str]:
+    """Statements writing `y` for activation row `r` (None: the only one): its chunks' partial sums (yv and, with
+    `yt`, yt, at ri * L and ri * 4) minus the zero-point term (module docstring)."""
     NG = spec.n_groups
     z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
     g = f"({r}) * {NG} + g" if r is not None else "g"
@@ -296,8 +333,7 @@ def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, r: str | None, 
             f'{ind}    zc[0] = zc[0] + T.Cast("float32", scales[nn, g]) * {z} * gsum[{g}]',
             f"{ind}for t in T.serial({L}):",
             f"{ind}    zc[0] = zc[0] - yv[{lv}]",
-            f"{ind}for t in T.serial(4):",
-            f"{ind}    zc[0] = zc[0] - yt[{lt}]",
+            *([f"{ind}for t in T.serial(4):", f"{ind}    zc[0] = zc[0] - yt[{lt}]"] if yt else []),
             f'{ind}{y} = T.Cast("{out_dtype}", T.float32(0) - zc[0])']
 
 
@@ -317,23 +353,30 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
     S += [f"    for nn in T.parallel({n}):",
           f'        yv = T.alloc_buffer(({L},), "float32")',
           '        yt = T.alloc_buffer((4,), "float32")',
-          f'        ia = T.alloc_buffer(({L},), "int32")',
+          f'        ia = T.alloc_buffer(({_accumulators(spec) * L},), "int32")',
           f'        wq = T.alloc_buffer(({L},), "uint32")',
           f'        hq = T.alloc_buffer(({L},), "uint32")',
+          f'        tq = T.alloc_buffer(({L},), "uint32")',
           '        zc = T.alloc_buffer((1,), "float32")',
           f"        yv[T.ramp(0, 1, {L})] = T.broadcast(T.float32(0), {L})",
           "        yt[T.ramp(0, 1, 4)] = T.broadcast(T.float32(0), 4)",
           f"        for c in T.serial({n_main}):"]
     S += _chunk(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 12)
+    # bytes3's tail adds into lanes 0..3 of yv (one horizontal sum less); the words layouts keep their own yt (and
+    # their fp32 summation order)
+    yt = spec.layout != "bytes3"
     if tail:
-        S += _chunk(spec, isa, 4, 4, str(L * n_main), "yt", gscale, " " * 8)
-    S += _finish_row(spec, L, f"y[{ix}, nn]", out_dtype, None, None, " " * 8)
+        S += _chunk(spec, isa, tail, 4 if yt else L, str(L * n_main), "yt" if yt else "yv", gscale, " " * 8,
+                    acc_stride=None if yt else L)
+    S += _finish_row(spec, L, f"y[{ix}, nn]", out_dtype, None, None, " " * 8, yt)
     return "\n".join(S) + "\n"
 
 
 def _weight_codes(spec: QuantSpec, isa: str, Lc: int, start: str, ind: str):
     """The loads of a chunk of Lc words from word `start` of row nn (statements), and for each 4-lane (sdot) or
     Lc-lane step h0 and each part j the expression of its unsigned codes, as (h0, j, W, code)."""
+    if spec.layout == "bytes3":
+        return _weight_codes_bytes3(spec, isa, Lc, start, ind)
     planes = spec.layout == "planes3"
     mask = {4: 0x0F0F0F0F, 2: 0x03030303, 3: 0x03030303}[spec.bits]
     Lr = f"T.ramp(0, 1, {Lc})"
@@ -361,6 +404,72 @@ def _weight_codes(spec: QuantSpec, isa: str, Lc: int, start: str, ind: str):
     return S, codes
 
 
+def _weight_codes_bytes3(spec: QuantSpec, isa: str, Lc: int, start: str, ind: str):
+    """_weight_codes for bytes3 (dequant.py): the three planes' words of the chunk's lanes in wq, hq, tq; parts 0-5
+    are one plane's bytes shifted by 0 or 3 and masked, parts 6 and 7 take the spare bits 6-7 of two planes."""
+    lanes, Wc = spec.k // _lane_values(spec), _width(Lc)
+    Lr = f"T.ramp(0, 1, {Wc})"
+    S = [f"{ind}{buf}[{Lr}] = " + _padded(lambda m, p=p: f"qweight[nn, T.ramp({p * lanes} + {start}, 1, {m})]", Lc, Wc,
+                                          "T.uint32(0)") for p, buf in enumerate(("wq", "hq", "tq"))]
+    W = 4 if isa == "sdot" else Wc
+    u = lambda v: f"T.broadcast(T.uint32({v}), {W})"  # noqa: E731
+    codes = []
+    for h0 in range(0, Wc, W):
+        Lh = f"T.ramp({h0}, 1, {W})"
+        pl = [f"{buf}[{Lh}]" for buf in ("wq", "hq", "tq")]
+        field = lambda p, sh, m: (f"T.bitwise_and(T.shift_right({pl[p]}, {u(sh)}), {u(m)})" if sh  # noqa: E731
+                                  else f"T.bitwise_and({pl[p]}, {u(m)})")
+        for j in range(6):
+            codes.append((h0, j, W, field(j // 2, 3 * (j % 2), 0x07070707)))
+        codes.append((h0, 6, W, f"T.bitwise_or({field(0, 6, 0x03030303)}, {field(1, 4, 0x04040404)})"))
+        codes.append((h0, 7, W, f"T.bitwise_or({field(1, 7, 0x01010101)}, {field(2, 5, 0x06060606)})"))
+    return S, codes
+
+
+def _tail_bytes3(spec: QuantSpec, isa: str, start: str, acc: str, ind: str, rows: int | None,
+                 acc_stride: int | None) -> list[str]:
+    """_chunk for bytes3's 2-lane tail (`_packed_tail`): the 6 words of its two lanes in one 8-lane vector
+    V = [plane 0, plane 1, plane 2, 0] x 2 lanes. V & 7s gives parts 0, 2, 4 of both lanes, (V >> 3) & 7s parts 1,
+    3, 5, and per-lane shifts of V and of V moved by two lanes (plane p + 1) parts 6 and 7: 3 dots of 8 lanes instead
+    of 8 of 4. Slot s of every vector belongs to tail lane s % 2, whose block and group scales the lanes take."""
+    lanes, R, W = spec.k // _lane_values(spec), rows or 1, 4 if isa == "sdot" else 8
+    u = lambda v: f"T.broadcast(T.uint32({v}), {W})"  # noqa: E731
+    two = lambda p: f"qweight[nn, T.ramp({p * lanes} + {start}, 1, 2)]"  # noqa: E731
+    S = [f"{ind}wq[T.ramp(0, 1, 8)] = T.Shuffle([{two(0)}, {two(1)}, {two(2)}, T.broadcast(T.uint32(0), 2)], "
+         f"{list(range(8))})",
+         f"{ind}hq[T.ramp(0, 1, 8)] = T.Shuffle([wq[T.ramp(0, 1, 8)]], {[2, 3, 4, 5, 6, 7, 6, 7]})",
+         f"{ind}ia[T.ramp(0, 1, {R * 8})] = T.broadcast(0, {R * 8})"]
+    row = lambda ri, size: f"(rb * {R} + {ri}) * {size} + " if rows else ""  # noqa: E731 - the row's buffer offset
+    for h0 in range(0, 8, W):
+        Lh = f"T.ramp({h0}, 1, {W})"
+        odd = f'T.Cast("uint32x{W}", T.ramp({h0}, 1, {W}) // 2 % 2)'   # 0 in the slots of part 6, 1 in part 7's
+        codes = [f"T.bitwise_and(wq[{Lh}], {u(0x07070707)})",
+                 f"T.bitwise_and(T.shift_right(wq[{Lh}], {u(3)}), {u(0x07070707)})",
+                 # part 6: bits 6-7 of plane 0 | bit 6 of plane 1 << 2; part 7: bit 7 of plane 1 | bits 6-7 of
+                 # plane 2 << 1
+                 f"T.bitwise_or(T.bitwise_and(T.shift_right(wq[{Lh}], {u(6)} + {odd}), "
+                 f"{u(0x03030303)} - {u(0x02020202)} * {odd}), "
+                 f"T.bitwise_and(T.shift_right(hq[{Lh}], {u(4)} + {odd}), {u(0x04040404)} + {u(0x02020202)} * {odd}))"]
+        for v, code in enumerate(codes):
+            real = min(max((24 if v < 2 else 16) - 4 * h0, 0), 4 * W)   # bytes of real slots in this step
+            if not real:
+                continue
+            for ri in range(R):
+                base = f"{row(ri, spec.k)}({start}) * {_parts(spec) * 4} + {v * 24 + 4 * h0}"
+                act = _padded(lambda m, b=base: f"xq[T.ramp({b}, 1, {m})]", real, 4 * W, "T.int8(0)")
+                Li = f"T.ramp({ri * 8 + h0}, 1, {W})"
+                S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
+    grp_w = spec.group_len // _lane_values(spec)
+    pairs = lambda ld: f"T.Shuffle([{', '.join([ld] * 4)}], {[0, 1] * 4})"  # noqa: E731 - slot s: tail lane s % 2
+    for ri in range(R):
+        La = f"T.ramp({ri * (acc_stride or 8)}, 1, 8)"
+        xs = pairs(f"xsw[T.ramp({row(ri, lanes)}{start}, 1, 2)]")
+        gs = (f'T.broadcast(T.Cast("float32", scales[nn, ({start}) // {grp_w}]), 8)' if grp_w >= 2 else
+              pairs(f'T.Cast("float32x2", scales[nn, T.ramp({start}, 1, 2)])'))
+        S.append(f'{ind}{acc}[{La}] = {acc}[{La}] + T.Cast("float32x8", ia[T.ramp({ri * 8}, 1, 8)]) * {xs} * {gs}')
+    return S
+
+
 def _chunk(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gscale, ind: str,
            rows: int | None = None, acc_stride: int | None = None) -> list[str]:
     """Statements for one chunk of Lc words from word `start` of row nn: integer dots, then `acc` += their scaled sum.
@@ -369,20 +478,34 @@ def _chunk(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gsc
     contiguous bytes), so the int32 sums and everything after them are those of the x86 kernel. With `rows` (the
     GEMM: activation rows rb * rows + ri) the codes are unpacked once for every row's dots; row ri's int32 sums sit
     in ia[ri * L ...], its fp32 partial sums in acc[ri * acc_stride ...] (default: Lc)."""
-    P, R = _parts(spec), rows or 1
+    if Lc == 2 and _packed_tail(spec):
+        return _tail_bytes3(spec, isa, start, acc, ind, rows, acc_stride)
+    P, R, Wc = _parts(spec), rows or 1, _width(Lc)
+    NA = 1 if rows else _accumulators(spec)
     S, codes = _weight_codes(spec, isa, Lc, start, ind)
-    S.append(f"{ind}ia[T.ramp(0, 1, {R * L})] = T.broadcast(0, {R * L})")
+    S.append(f"{ind}ia[T.ramp(0, 1, {NA * R * L})] = T.broadcast(0, {NA * R * L})")
     row = lambda ri, size: f"(rb * {R} + {ri}) * {size} + " if rows else ""  # noqa: E731 - the row's buffer offset
     for h0, j, W, code in codes:
         for ri in range(R):
-            act = f"xq[T.ramp({row(ri, spec.k)}({start}) * {P * 4} + {j * 4 * Lc + 4 * h0}, 1, {4 * W})]"
-            Li = f"T.ramp({ri * L + h0}, 1, {W})"
+            base = f"{row(ri, spec.k)}({start}) * {P * 4} + {j * 4 * Lc + 4 * h0}"
+            # a 2-lane tail: the bytes past the chunk's part are zero, so its padded lanes' sums are 0
+            act = _padded(lambda m, b=base: f"xq[T.ramp({b}, 1, {m})]", 4 * min(Lc - h0, W), 4 * W, "T.int8(0)")
+            Li = f"T.ramp({(j % NA * R + ri) * L + h0}, 1, {W})"
             S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
     for ri in range(R):
-        La = f"T.ramp({ri * (acc_stride or Lc)}, 1, {Lc})"
-        S.append(f'{ind}{acc}[{La}] = {acc}[{La}] + T.Cast("float32x{Lc}", ia[T.ramp({ri * L}, 1, {Lc})]) * '
-                 f'xsw[T.ramp({row(ri, spec.k // _lane_values(spec))}{start}, 1, {Lc})] * {gscale(Lc, start)}')
+        La = f"T.ramp({ri * (acc_stride or Wc)}, 1, {Wc})"
+        xs = _padded(lambda m, ri=ri: f"xsw[T.ramp({row(ri, spec.k // _lane_values(spec))}{start}, 1, {m})]", Lc, Wc)
+        isum = " + ".join(f"ia[T.ramp({(a * R + ri) * L}, 1, {Wc})]" for a in range(NA))
+        S.append(f'{ind}{acc}[{La}] = {acc}[{La}] + T.Cast("float32x{Wc}", {isum}) * {xs} * {gscale(Lc, start)}')
     return S
+
+
+def _accumulators(spec: QuantSpec) -> int:
+    """int32 accumulators of a GEMV chunk, its parts dealt over them in turn: the 8 dots of a bytes3 chunk in one
+    chain wait on each other's latency (integer sums: the order changes nothing). Two took the 3-bit GEMVs from
+    1.09x to 1.05x W4's time on SmolLM2's shapes (benchmarks/cpu_gemv_bits.py, before the packed tail); W4's 2 parts
+    and W2's 4 lost 2-10% with two."""
+    return 2 if spec.layout == "bytes3" else 1
 
 
 GEMM_ROWS = 8   # activation rows per pass over a weight row: codes unpacked once for 8 rows of dots
@@ -445,6 +568,7 @@ def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
           f'        ia = T.alloc_buffer(({R * L},), "int32")',
           f'        wq = T.alloc_buffer(({L},), "uint32")',
           f'        hq = T.alloc_buffer(({L},), "uint32")',
+          f'        tq = T.alloc_buffer(({L},), "uint32")',
           f'        sz = T.alloc_buffer(({NG},), "float32")',
           f'        ys = T.alloc_buffer(({R},), "float32")',
           f"        for rb in T.serial({mp} // {R}):",
@@ -455,8 +579,8 @@ def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
           f"                yv[T.ramp(0, 1, {R * L})] = T.broadcast(T.float32(0), {R * L})",
           f"                for c in T.serial({n_main}):"]
     S += _chunk(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 20, R)
-    if tail:   # the 4-word tail chunk adds into lanes 0..3 of each row's sums
-        S += _chunk(spec, isa, 4, L, str(L * n_main), "yv", gscale, " " * 16, R, acc_stride=L)
+    if tail:   # the tail chunk adds into lanes 0..3 (a packed bytes3 tail: 0..7) of each row's sums
+        S += _chunk(spec, isa, tail, L, str(L * n_main), "yv", gscale, " " * 16, R, acc_stride=L)
     S += _hsum_rows(L, R, "yv", "ys", " " * 16)
     for r0 in range(0, R, L):
         Lr = f"T.ramp({r0}, 1, {L})"

@@ -8,21 +8,31 @@ per-channel) picks a scale for every layout. Asymmetric schemes read a uint8 zer
 the constant 2^(b-1). Outlier columns are a separate small fp16 NT-matmul: the checkpoint already stores q == z at
 those columns (they dequantize to 0), so `y = x @ dq(W)^T + x[:, idx] @ W_out^T` is exact.
 
-CPU exports store 3-bit weights in a second layout, "planes3" (exactly 3 bits per weight instead of 3.2): each row is
-a 2-bit plane of ceil(K/16) words followed by a 1-bit plane of ceil(K/32) words. Inside a word, value k sits at bit
-`(k % 8) * 4 + (k // 8) % 2 * 2` (2-bit plane) or `(k % 8) * 4 + (k // 8) % 4` (1-bit plane): the 8 consecutive
-values an 8-lane vector takes together share one word and differ only by the constant shifts 0, 4, ..., 28. With the
-checkpoint's 10-values-per-word layout those 8 lanes straddle words, need a division by 10 and 8 scalar loads each,
-and the CPU GEMV ran 4x slower than at 4 bits; with planes it runs as fast as 4-bit. `repack_planes3_np` converts.
+"planes3" (exactly 3 bits per weight instead of 3.2; the first 3-bit layout of the int8 decode GEMVs, which no
+target exports any more: `bytes3` and `dp4a3` below replaced it; kept for the benchmarks' comparisons): each row is a 2-bit plane of ceil(K/16) words followed by a 1-bit plane of ceil(K/32) words. Inside a word,
+value k sits at bit `(k % 8) * 4 + (k // 8) % 2 * 2` (2-bit plane) or `(k % 8) * 4 + (k // 8) % 4` (1-bit plane): the
+8 consecutive values an 8-lane vector takes together share one word and differ only by the constant shifts 0, 4, ...,
+28. With the checkpoint's 10-values-per-word layout those 8 lanes straddle words, need a division by 10 and 8 scalar
+loads each, and the CPU GEMV ran 4x slower than at 4 bits. `repack_planes3_np` converts.
 
-CUDA exports store 3-bit weights as "words3x32" (also exactly 3 bits per weight): each 32 consecutive values of a row
+CPU exports (the int8 GEMV of `cpu_int8.py`, x86 and NEON) store them as "bytes3" (also exactly 3 bits per weight):
+each 32 consecutive values of a row (a "lane": one activation block of the int8 kernel) take one word in each of three
+planes of ceil(K/32) words (row = plane 0, plane 1, plane 2). Value t of a lane has byte i = t // 8 and part
+j = t % 8; byte i of plane p holds part 2p at bits 0-2 and part 2p + 1 at bits 3-5 of that byte, and the spare bits
+6-7 of the three bytes hold parts 6 and 7: part 6 = bits 6-7 of plane 0 | bit 6 of plane 1 << 2, part 7 = bit 7 of
+plane 1 | bits 6-7 of plane 2 << 1. For a vector of lanes, `(w >> 3j') & 0x07070707` of one plane gives 4 codes per
+lane (parts 0-5: one mask, or a shift and a mask, each), and parts 6 and 7 take two shifts, two masks and an OR; a
+lane covers 32 weights where a planes3 word covers 16, so the per-lane fp32 work of the int8 kernel happens half as
+often, and 4 bits' 8 times as often. `repack_bytes3_np` converts.
+
+CUDA's fp16-activation GEMV (`EDGEQUANT_ACT_DTYPE=fp16`) reads "words3x32" (also exactly 3 bits per weight): each 32 consecutive values of a row
 take 3 words; word j holds values 10j..10j+9 at bits 3i (the checkpoint's own word), and the spare top 2 bits of the
 three words hold values 30 and 31: value 30 = bits 30-31 of word 0 | bit 30 of word 1 << 2, value 31 = bit 31 of
 word 1 | bits 30-31 of word 2 << 1. A GPU thread then reads 128 values as three aligned 128-bit loads, and 30 of
 every 32 values are contiguous 3-bit fields that the decode GEMV (`gemv.py`) turns into floats with one mask each.
 `repack_w3x32_np` converts.
 
-"dp4a3" (exactly 3 bits per weight, for the CUDA int8-activation GEMV): each 32 values of a row take two words of
+CUDA exports (the int8-activation GEMV) store them as "dp4a3" (exactly 3 bits per weight): each 32 values of a row take two words of
 a first region (2 ceil(K/32) words) and one word of a second (ceil(K/32) words), w0, w1 and w2. Byte L of word j
 (j < 3) holds value 8j + L at bits 0-2 and value 8j + 4 + L at bits 3-5; its bits 6-7 hold the two low bits of value
 24 + L (in w0) or 28 + L (in w1), and bits 6 and 7 of w2's byte L their third bits. One shift and one mask then leave
@@ -47,7 +57,7 @@ import numpy as np
 from edgequant import pack
 from edgequant.schemes import QuantScheme
 
-LAYOUTS = ("words", "planes3", "words3x32", "dp4a3")
+LAYOUTS = ("words", "planes3", "words3x32", "dp4a3", "bytes3")
 
 
 @dataclass(frozen=True)
@@ -59,8 +69,7 @@ class QuantSpec:
     bits: int
     group_size: int          # -1: per channel
     sym: bool
-    layout: str = "words"    # "words" (the checkpoint's) or, for 3 bits, "planes3" / "words3x32" / "dp4a3" (module
-    # docstring)
+    layout: str = "words"    # "words" (the checkpoint's) or, for 3 bits, one of LAYOUTS (module docstring)
     zeros_packed: bool = False  # zero points four per uint32 word instead of one uint8 each (module docstring)
 
     def __post_init__(self):
@@ -82,7 +91,7 @@ class QuantSpec:
     def words(self) -> int:
         if self.layout == "planes3":
             return self.lo_words + -(-self.k // 32)
-        if self.layout in ("words3x32", "dp4a3"):
+        if self.layout in ("words3x32", "dp4a3", "bytes3"):
             return 3 * -(-self.k // 32)
         return self.scheme.packed_words(self.k)
 
@@ -108,6 +117,8 @@ def unpack_np(qweight: np.ndarray, bits: int, k: int, layout: str = "words") -> 
         return _unpack_w3x32_np(qweight, k)
     if layout == "dp4a3":
         return _unpack_dp4a3_np(qweight, k)
+    if layout == "bytes3":
+        return _unpack_bytes3_np(qweight, k)
     return pack.unpack(qweight, bits, k)
 
 
@@ -205,6 +216,42 @@ def _unpack_dp4a3_np(words: np.ndarray, k: int) -> np.ndarray:
     return v.reshape(n, -1)[:, :k]
 
 
+def repack_bytes3_np(qweight: np.ndarray, k: int) -> np.ndarray:
+    """Checkpoint 3-bit words [N, ceil(K/10)] -> bytes3 words [N, 3 * ceil(K/32)] (module docstring)."""
+    q = unpack_np(qweight, 3, k)
+    n, lanes = q.shape[0], -(-k // 32)
+    v = np.zeros((n, lanes * 32), np.uint32)
+    v[:, :k] = q
+    v = v.reshape(n, lanes, 4, 8)                      # [row, lane, byte i, part j]
+    planes = np.zeros((3, n, lanes, 4), np.uint32)      # one byte each
+    for p in range(3):
+        planes[p] = v[..., 2 * p] | (v[..., 2 * p + 1] << 3)
+    v6, v7 = v[..., 6], v[..., 7]
+    planes[0] |= (v6 & 3) << 6
+    planes[1] |= ((v6 >> 2) << 6) | ((v7 & 1) << 7)
+    planes[2] |= (v7 >> 1) << 6
+    words = np.bitwise_or.reduce(planes << (np.arange(4, dtype=np.uint32) * 8), axis=3)   # [3, n, lanes]
+    return np.concatenate(list(words), axis=1).astype(np.uint32)
+
+
+def _unpack_bytes3_np(words: np.ndarray, k: int) -> np.ndarray:
+    n = words.shape[0]
+    b = (words.reshape(n, 3, -1)[..., None] >> (np.arange(4, dtype=np.uint32) * 8)) & np.uint32(0xFF)  # [n,3,lane,i]
+    parts = [b[:, j // 2] >> (3 * (j % 2)) & 7 for j in range(6)]
+    parts.append((b[:, 0] >> 6) | (((b[:, 1] >> 6) & 1) << 2))
+    parts.append((b[:, 1] >> 7) | ((b[:, 2] >> 6) << 1))
+    return np.stack(parts, axis=3).reshape(n, -1)[:, :k]        # [n, lane, i, j] -> value 32 lane + 8 i + j
+
+
+def repack_3bit_np(qweight: np.ndarray, k: int, layout: str) -> np.ndarray:
+    """Checkpoint 3-bit words [N, ceil(K/10)] -> the runtime `layout` (one of LAYOUTS other than "words")."""
+    repack = {"planes3": repack_planes3_np, "words3x32": repack_w3x32_np, "dp4a3": repack_dp4a3_np,
+              "bytes3": repack_bytes3_np}
+    if layout not in repack:
+        raise ValueError(f"unknown 3-bit layout {layout!r}; one of {', '.join(repack)}")
+    return repack[layout](qweight, k)
+
+
 def pack_zeros_np(zeros: np.ndarray) -> np.ndarray:
     """uint8 zero points [N, G] -> uint32 words [N, ceil(G/4)], group g at bits 8 * (g % 4) of word g // 4."""
     n, g = zeros.shape
@@ -277,6 +324,16 @@ def weight_te(spec: QuantSpec, qweight, scales, zeros, n, k):
             (((qweight[n, spec.lo_words + b] >> tirx.Cast("uint32", i % 4 * 8 + 6 + t)) & u(1)) << u(2))
         sel = tirx.Cast("uint32", i // 24)     # 0 for values 0-23, 1 for 24-31 (no Select: see above)
         code = body * (u(1) - sel) + top * sel
+    elif spec.layout == "bytes3":
+        u = lambda v: tirx.const(v, "uint32")  # noqa: E731
+        lanes, lane, j = -(-spec.k // 32), k // 32, k % 8
+        sh = tirx.Cast("uint32", k % 32 // 8 * 8)   # byte i of each plane's word
+        w = [qweight[n, p * lanes + lane] >> sh for p in range(3)]
+        # min() keeps the unused branch of the select in bounds (both sides are evaluated)
+        body = (qweight[n, tirx.min(j // 2, 2) * lanes + lane] >> (sh + tirx.Cast("uint32", j % 2 * 3))) & u(7)
+        v6 = ((w[0] >> u(6)) & u(3)) | (((w[1] >> u(6)) & u(1)) << u(2))
+        v7 = ((w[1] >> u(7)) & u(1)) | (((w[2] >> u(6)) & u(3)) << u(1))
+        code = tirx.Select(j < 6, body, tirx.Select(j == 6, v6, v7))
     else:
         code = (qweight[n, k // vpw] >> tirx.Cast("uint32", (k % vpw) * bits)) & tirx.const((1 << bits) - 1, "uint32")
     q = tirx.Cast("float32", code)

@@ -1,7 +1,7 @@
 """The int8 decode GEMV (tvm_schedules/cpu_int8.py): compiled for this CPU and run against its NumPy model
 (int8 activations per block of 32, exact integer dots) and against the exact fp reference, at 2/4 bits (words) and 3
-bits (bit planes); the generated code holds
-the integer dot-product instructions; the ISA choice follows the target."""
+bits (byte planes, the CPU exports' layout, and bit planes); the generated code holds the integer dot-product
+instructions; the ISA choice follows the target."""
 import re
 
 import numpy as np
@@ -12,14 +12,15 @@ from edgequant.pack import pack
 pytestmark = pytest.mark.tvm
 
 CASES = [  # bits, group, sym, N, K, layout: 256-bit (L=8) and 128-bit (L=4) chunks, per channel, ragged last group,
-    # several groups per chunk (4-bit g32 and 2-bit g64 at K=1536), 3-bit bit planes
+    # several groups per chunk (4-bit g32 and 2-bit g64 at K=1536), 3-bit byte planes: 8m + 2 lanes of 32 (the packed
+    # 2-lane tail; at g32 with a scale per lane), whole chunks, a 2-lane row in 4-lane vectors; 3-bit bit planes
     (4, 128, False, 96, 576, "words"), (4, 32, False, 40, 160, "words"), (4, -1, True, 24, 64, "words"),
     (4, 128, True, 16, 1536, "words"), (4, 32, False, 16, 1536, "words"),
     (2, 64, False, 48, 576, "words"), (2, -1, True, 24, 64, "words"), (2, 128, False, 32, 256, "words"),
     (2, 64, True, 16, 1536, "words"),
-    (3, 128, False, 48, 576, "planes3"), (3, 128, True, 16, 1536, "planes3"), (3, -1, False, 24, 64, "planes3"),
-    (3, 128, False, 16, 320, "planes3"), (2, 64, False, 16, 320, "words"), (2, -1, False, 16, 576, "words"),
-    (4, 96, False, 16, 192, "words"),
+    (3, 128, False, 48, 576, "bytes3"), (3, 128, True, 16, 1536, "bytes3"), (3, -1, False, 24, 64, "bytes3"),
+    (3, 32, False, 16, 320, "bytes3"), (2, 64, False, 16, 320, "words"), (2, -1, False, 16, 576, "words"),
+    (4, 96, False, 16, 192, "words"), (3, 128, False, 16, 320, "planes3"),
 ]
 
 
@@ -39,7 +40,7 @@ def _isa_or_skip(isa):
 
 
 def _linear(rng, bits, group, sym, n, k, layout="words"):
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_bytes3_np, repack_planes3_np
     spec = QuantSpec(n, k, bits, group, sym, layout)
     q = rng.integers(0, 1 << bits, (n, k))
     scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
@@ -47,6 +48,8 @@ def _linear(rng, bits, group, sym, n, k, layout="words"):
     qweight = pack(q, bits)
     if layout == "planes3":
         qweight = repack_planes3_np(qweight, k)
+    elif layout == "bytes3":
+        qweight = repack_bytes3_np(qweight, k)
     return spec, qweight, scales, zeros
 
 
@@ -63,9 +66,10 @@ def test_activation_quantization_model():
 def test_activation_permutation_is_a_bijection():
     from edgequant.tvm_schedules.cpu_int8 import act_perm
     from edgequant.tvm_schedules.dequant import QuantSpec
-    for bits, layout in ((2, "words"), (4, "words"), (3, "planes3")):
-        spec = QuantSpec(8, 576, bits, 64 if bits == 2 else 128, False, layout)
-        assert sorted(act_perm(spec).tolist()) == list(range(576))
+    for bits, layout, k in ((2, "words", 576), (4, "words", 576), (3, "planes3", 576), (3, "bytes3", 576),
+                            (3, "bytes3", 320), (3, "bytes3", 64), (3, "bytes3", 1536)):
+        spec = QuantSpec(8, k, bits, 64 if bits == 2 else 128, False, layout)
+        assert sorted(act_perm(spec).tolist()) == list(range(k))
 
 
 @pytest.mark.parametrize("isa", ["vnni", "avx2"])
@@ -91,7 +95,7 @@ def test_kernel_matches_numpy(isa, bits, group, sym, n, k, layout):
     assert rel < 2e-2, rel  # int8 activations: each value within half a step of 1/127 of its block's max
 
 
-GEMM_CASES = [CASES[0], CASES[3], CASES[5], CASES[9], CASES[12]]   # W4 g128 / per-channel sym, W2 g64 tail, W3 planes
+GEMM_CASES = [CASES[0], CASES[3], CASES[5], CASES[9], CASES[12]]   # W4 g128 / per-channel sym, W2 g64 tail, W3 tails
 
 
 @pytest.mark.parametrize("isa", ["vnni", "avx2"])
@@ -126,7 +130,7 @@ def test_generated_code_uses_integer_dot_products(isa, pattern):
     assert re.search(rf"\b{pattern}\s+[^\n]*%ymm", asm), f"no 256-bit {pattern} in the kernel"
 
 
-@pytest.mark.parametrize("bits,group,layout", [(4, 128, "words"), (2, 64, "words"), (3, 128, "planes3")])
+@pytest.mark.parametrize("bits,group,layout", [(4, 128, "words"), (2, 64, "words"), (3, 128, "bytes3")])
 def test_aarch64_code_uses_sdot(bits, group, layout):
     """Cross-compiled for cpu-arm64 (no aarch64 CPU needed): the GEMV's and GEMM's integer dots are NEON sdot, 4
     lanes each (their results are checked under qemu by tests/apps/test_runtime_aarch64.py)."""

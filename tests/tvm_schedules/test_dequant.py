@@ -13,16 +13,18 @@ pytestmark = pytest.mark.tvm
 CASES = [  # bits, group, sym, K, layout: words and groups misaligned, ragged last groups, per channel
     (4, 32, False, 96, "words"), (3, 32, False, 100, "words"), (2, 64, True, 136, "words"), (4, -1, True, 70, "words"),
     (3, -1, False, 64, "words"), (2, 48, False, 72, "words"),
-    # the CPU exports' 3-bit bit planes: K not a multiple of 8, 16 or 32, ragged groups, per channel, symmetric
+    # CUDA's int8 3-bit bit planes: K not a multiple of 8, 16 or 32, ragged groups, per channel, symmetric
     (3, 32, False, 100, "planes3"), (3, -1, True, 64, "planes3"), (3, 48, False, 200, "planes3"),
     (3, 128, False, 576, "planes3"),
+    # the CPU exports' 3-bit byte planes: ragged 32-value lanes and groups; symmetric at the SmolLM2 width
+    (3, 48, False, 200, "bytes3"), (3, 128, True, 576, "bytes3"),
     # the CUDA exports' 3-bit words3x32: ragged 32-value blocks, ragged groups, per channel
     (3, 32, False, 100, "words3x32"), (3, -1, True, 64, "words3x32"), (3, 48, False, 200, "words3x32"),
 ]
 
 
 def _linear(rng, bits, group, sym, k, layout="words", n=24):
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np, repack_w3x32_np
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_bytes3_np, repack_planes3_np, repack_w3x32_np
     spec = QuantSpec(n, k, bits, group, sym, layout)
     q = rng.integers(0, 1 << bits, (n, k))
     scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
@@ -32,6 +34,8 @@ def _linear(rng, bits, group, sym, k, layout="words", n=24):
         qweight = repack_planes3_np(qweight, k)
     elif layout == "words3x32":
         qweight = repack_w3x32_np(qweight, k)
+    elif layout == "bytes3":
+        qweight = repack_bytes3_np(qweight, k)
     assert qweight.shape == (n, spec.words)
     return spec, q, qweight, scales, zeros
 
@@ -92,18 +96,21 @@ def test_cpu_schedule_keeps_results(bits, group, sym, k, layout, rows):
     np.testing.assert_allclose(y.numpy().astype(np.float32), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
 
 
-def test_planes3_round_trip_and_size():
-    """Repacking the checkpoint's 3-bit words into bit planes loses nothing and stores exactly 3 bits per weight."""
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np, unpack_np
+@pytest.mark.parametrize("layout", ["planes3", "bytes3"])
+def test_3bit_planes_round_trip_and_size(layout):
+    """Repacking the checkpoint's 3-bit words into bit or byte planes loses nothing and stores exactly 3 bits per
+    weight."""
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_bytes3_np, repack_planes3_np, unpack_np
+    repack = {"planes3": repack_planes3_np, "bytes3": repack_bytes3_np}[layout]
     rng = np.random.default_rng(0)
     for k in (1, 7, 8, 31, 33, 576, 1536):
         q = rng.integers(0, 8, (6, k))
-        planes = repack_planes3_np(pack(q, 3), k)
-        assert planes.shape == (6, QuantSpec(6, k, 3, -1, False, "planes3").words)
-        np.testing.assert_array_equal(unpack_np(planes, 3, k, "planes3"), q)
-    assert repack_planes3_np(pack(rng.integers(0, 8, (1, 1536)), 3), 1536).nbytes * 8 == 3 * 1536
+        planes = repack(pack(q, 3), k)
+        assert planes.shape == (6, QuantSpec(6, k, 3, -1, False, layout).words)
+        np.testing.assert_array_equal(unpack_np(planes, 3, k, layout), q)
+    assert repack(pack(rng.integers(0, 8, (1, 1536)), 3), 1536).nbytes * 8 == 3 * 1536
     with pytest.raises(ValueError, match="4-bit"):
-        QuantSpec(4, 64, 4, 32, False, "planes3")
+        QuantSpec(4, 64, 4, 32, False, layout)
 
 
 @pytest.mark.parametrize("bits,group,k", [(4, 32, 96), (3, 32, 100), (2, 48, 72)])

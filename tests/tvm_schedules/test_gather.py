@@ -13,11 +13,12 @@ pytestmark = pytest.mark.tvm
 CASES = [  # bits, group, sym, K, layout, zeros packed
     (8, 32, False, 96, "words", False), (8, -1, False, 72, "words", False), (4, 32, False, 96, "words", False),
     (4, 64, True, 200, "words", False), (3, 32, False, 100, "planes3", False), (8, 32, False, 96, "words", True),
+    (3, 32, False, 100, "bytes3", False),
 ]
 
 
 def _table(rng, bits, group, sym, k, layout, zeros_packed, n=50):
-    from edgequant.tvm_schedules.dequant import QuantSpec, pack_zeros_np, repack_planes3_np
+    from edgequant.tvm_schedules.dequant import QuantSpec, pack_zeros_np, repack_bytes3_np, repack_planes3_np
     spec = QuantSpec(n, k, bits, group, sym, layout, zeros_packed)
     q = rng.integers(0, 1 << bits, (n, k))
     scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
@@ -28,6 +29,8 @@ def _table(rng, bits, group, sym, k, layout, zeros_packed, n=50):
     qweight = pack(q, bits)
     if layout == "planes3":
         qweight = repack_planes3_np(qweight, k)
+    elif layout == "bytes3":
+        qweight = repack_bytes3_np(qweight, k)
     if zeros_packed:
         zeros = pack_zeros_np(zeros)
     return spec, qweight, scales, zeros, ref
