@@ -20,7 +20,7 @@ def test_help_lists_commands(runner):
         assert cmd in r.output
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("mistral", marks=pytest.mark.slow), "qwen2"])   # CI time
 def test_gptq_beats_rtn_end_to_end(runner, tmp_path, model_dirs, text_file, arch):
     model = str(model_dirs[arch])
     common = ["--bits", "3", "--group-size", "32", "-q"]
@@ -102,6 +102,7 @@ def tiny_demo(monkeypatch, model_dirs, tmp_path):
     return tmp_path / "cache"
 
 
+@pytest.mark.slow   # CI time: the CLI test below prints the same rows as they come
 def test_demo_reports_each_row_as_it_finishes(tiny_demo, text_file, monkeypatch):
     from edgequant import api
     evals = []

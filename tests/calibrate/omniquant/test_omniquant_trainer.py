@@ -163,7 +163,7 @@ def test_resume_state_never_unpickles(tmp_path, model_dirs, text_file, monkeypat
     assert not state.exists() and (tmp_path / "out" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "out_of_range", "other_run"])
+@pytest.mark.parametrize("damage", ["truncate", pytest.param("out_of_range", marks=pytest.mark.slow), "other_run"])
 def test_damaged_or_foreign_state_starts_over(tmp_path, model_dirs, text_file, monkeypatch, capsys, damage):
     """A damaged block file or another run's folder costs recomputation, never a failed or wrong run."""
     kw = dict(_RESUME_KW, calib=text_file)
