@@ -57,6 +57,14 @@ def _truncate_shard(d):
     f.write_bytes(f.read_bytes()[:-4096])
 
 
+def _flip_shard_bytes(d):
+    f = d / "params_shard_0.bin"
+    data = bytearray(f.read_bytes())
+    for o in range(len(data) // 3, len(data) // 3 + 4096, 4):
+        data[o] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
 def _pop(key):
     return lambda d: edit_json(d / EXPORT, lambda i: i.pop(key))
 
@@ -116,6 +124,10 @@ CASES = {
     "nan_scales": (lambda d: edit_dist_tensor(d, "o_proj.scales", lambda a: np.full_like(a, np.nan)), ["scales"]),
     "shard_missing": (lambda d: (d / "params_shard_0.bin").unlink(), ["params_shard_0.bin"]),
     "shard_truncated": (_truncate_shard, ["params_shard_0.bin"]),
+    # the sixth re-run of issue 15 (S19): flipped bytes inside a weight ran and gave other tokens, without an error
+    "shard_bytes_flipped": (_flip_shard_bytes, ["params_shard_0.bin", "md5sum"]),
+    "shard_md5sum_wrong": (_first_shard(lambda s: s.__setitem__("md5sum", "0" * 32)), ["params_shard_0.bin", "md5sum"]),
+    "shard_md5sum_missing": (_first_shard(lambda s: s.pop("md5sum")), ["params_shard_0.bin", "md5sum"]),
     "tensor_cache_not_json": (lambda d: (d / CACHE).write_bytes(b"\x00{garbage"), [CACHE]),
     "tensor_cache_a_list": (lambda d: (d / CACHE).write_text("[]"), [CACHE]),
     "tensor_cache_missing": (lambda d: (d / CACHE).unlink(), [CACHE]),
@@ -214,7 +226,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(good_dist):
 
 
 def test_records_that_do_not_fit_their_shard_are_found_without_reading_the_weights(good_dist, tmp_path):
-    """The check uses sizes and offsets only: a shard named by a record exists and bounds every offset."""
+    """A shard named by a record exists and bounds every offset (checked from sizes and offsets)."""
     from edgequant.errors import EdgequantError
     from edgequant.export.dist import check_tensor_cache, read_export_info
     d = copy_case(good_dist, tmp_path, "offset")

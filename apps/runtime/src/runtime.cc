@@ -24,6 +24,8 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cstdint>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -113,6 +115,69 @@ std::string ReadText(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) Fail(EDGEQUANT_ERR_NOT_FOUND, "cannot read " + path);
   return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+// MD5 (RFC 1321) of a file, lower-case hex: the shard checksum TVM's tensor cache records. Integrity, not
+// authenticity: without it a weight shard with flipped bits ran and gave other tokens, without an error.
+std::string FileMd5(const std::string& path) {
+  static const uint32_t* k = [] {
+    static uint32_t t[64];
+    for (int i = 0; i < 64; ++i) t[i] = static_cast<uint32_t>(std::floor(std::fabs(std::sin(i + 1.0)) * 4294967296.0));
+    return t;
+  }();
+  static const int kShift[4][4] = {{7, 12, 17, 22}, {5, 9, 14, 20}, {4, 11, 16, 23}, {6, 10, 15, 21}};
+  uint32_t h[4] = {0x67452301u, 0xefcdab89u, 0x98badcfeu, 0x10325476u};
+  auto block = [&](const unsigned char* p) {
+    uint32_t m[16];
+    for (int i = 0; i < 16; ++i) {
+      m[i] = p[4 * i] | (p[4 * i + 1] << 8) | (p[4 * i + 2] << 16) | (static_cast<uint32_t>(p[4 * i + 3]) << 24);
+    }
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3];
+    for (int i = 0; i < 64; ++i) {
+      uint32_t f;
+      int g, r = i / 16;
+      if (r == 0) f = (b & c) | (~b & d), g = i;
+      else if (r == 1) f = (d & b) | (~d & c), g = (5 * i + 1) % 16;
+      else if (r == 2) f = b ^ c ^ d, g = (3 * i + 5) % 16;
+      else f = c ^ (b | ~d), g = (7 * i) % 16;
+      f += a + k[i] + m[g];
+      int s = kShift[r][i % 4];
+      a = d, d = c, c = b, b += (f << s) | (f >> (32 - s));
+    }
+    h[0] += a, h[1] += b, h[2] += c, h[3] += d;
+  };
+  std::ifstream in(path, std::ios::binary);
+  if (!in) Fail(EDGEQUANT_ERR_NOT_FOUND, "cannot read " + path);
+  std::vector<unsigned char> buf(1 << 22);
+  uint64_t total = 0;
+  size_t have = 0;   // bytes of buf not yet consumed (less than one block after each pass)
+  while (in) {
+    in.read(reinterpret_cast<char*>(buf.data() + have), static_cast<std::streamsize>(buf.size() - have));
+    size_t got = static_cast<size_t>(in.gcount());
+    total += got;
+    have += got;
+    size_t whole = have / 64 * 64;
+    for (size_t i = 0; i < whole; i += 64) block(buf.data() + i);
+    std::memmove(buf.data(), buf.data() + whole, have - whole);
+    have -= whole;
+  }
+  unsigned char tail[128] = {0};
+  std::memcpy(tail, buf.data(), have);
+  tail[have] = 0x80;
+  size_t len = have < 56 ? 64 : 128;
+  uint64_t bits = total * 8;
+  for (int i = 0; i < 8; ++i) tail[len - 8 + i] = static_cast<unsigned char>(bits >> (8 * i));
+  for (size_t i = 0; i < len; i += 64) block(tail + i);
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (uint32_t w : h) {
+    for (int i = 0; i < 4; ++i) {
+      unsigned char byte = static_cast<unsigned char>(w >> (8 * i));
+      out += hex[byte >> 4];
+      out += hex[byte & 15];
+    }
+  }
+  return out;
 }
 
 // deepest [ / { nesting, brackets inside strings ignored
@@ -601,6 +666,13 @@ uint64_t CheckTensorCache(const std::string& dist, const ExportInfo& info) {
     if ((fmt && *fmt != "raw-shard") || (nbytes && nbytes->as<int64_t>() != std::optional<int64_t>(size))) {
       Fail(EDGEQUANT_ERR_DAMAGED, "weight shard " + *data_path + " has " + std::to_string(size) + " bytes, " +
                                       kTensorCache + " says otherwise: it is truncated or replaced; " + kFix);
+    }
+    auto md5 = StrField(*shard, "md5sum");
+    std::string want = md5 ? *md5 : "";
+    std::transform(want.begin(), want.end(), want.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    if (!md5 || FileMd5(path) != want) {
+      Fail(EDGEQUANT_ERR_DAMAGED, "weight shard " + *data_path + " does not match the md5sum " + kTensorCache +
+                                      " records for it: its bytes were changed or damaged in a copy; " + kFix);
     }
     std::vector<std::pair<int64_t, int64_t>> spans;
     for (const Any& rv : *ra) {
