@@ -264,7 +264,7 @@ def demo(output_dir=None, bits: int = 3, group_size: int = 128, methods=tuple(DE
     import json
 
     from .loading import fetch_default_model
-    from .methods import CalibOptions
+    from .methods import CalibOptions, get_method
     from .models.family import Dims
     from .schemes import QuantScheme
     unknown = [m for m in methods if m not in DEMO_SETTINGS]
@@ -301,8 +301,9 @@ def demo(output_dir=None, bits: int = 3, group_size: int = 128, methods=tuple(DE
             opts["target_bits"] = bits + 0.1
         n, L = opts.pop("nsamples", nsamples), opts.pop("seqlen", seqlen)
         t0 = time.time()
+        calibration = dict(calib=calib, nsamples=n, seqlen=L) if get_method(method).needs_calibration else {}
         ck = quantize(model_dir, out_root / f"{method}-w{bits}g{group_size}", method=method, bits=bits,
-                      group_size=group_size, calib=calib, nsamples=n, seqlen=L, progress=progress, **opts)
+                      group_size=group_size, progress=progress, **calibration, **opts)
         tq = time.time() - t0
         info = inspect(ck)
         res = evaluate(ck, data, eval_seqlen, max_windows, progress=progress)

@@ -112,6 +112,24 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
+# the longest working name beside an output: `.NAME.tmp-` + mkdtemp's 8 characters (`.old-` alike, `.lock`, `.state`)
+_SIBLING_EXTRA = len(".") + len(".tmp-") + 8
+
+
+def _check_name_length(final: Path) -> None:
+    """An output name the file system takes but its hidden siblings would not: refused before any work (242-255
+    characters ended in an OSError traceback when the temporary folder was made)."""
+    try:
+        limit = os.pathconf(final.parent, "PC_NAME_MAX") if final.parent.exists() else 255
+    except (OSError, ValueError):
+        limit = 255
+    longest = limit - _SIBLING_EXTRA
+    if len(os.fsencode(final.name)) > longest:
+        raise EdgequantError(f"the output folder name is {len(os.fsencode(final.name))} bytes long; edgequant keeps "
+                             f"working files beside it named after it, so it may have at most {longest}: choose a "
+                             "shorter name")
+
+
 @contextmanager
 def output_lock(final, marker: str | None = None):
     """Hold the write lock of output folder `final` for the block: checks that it may be replaced, that its parent
@@ -126,6 +144,7 @@ def output_lock(final, marker: str | None = None):
         finally:
             _held[final] = (fd, _held[final][1] - 1)
         return
+    _check_name_length(final)
     _check_writable(final.parent)
     lock = final.parent / f".{final.name}.lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)

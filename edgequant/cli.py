@@ -189,7 +189,10 @@ def quantize(model, output, method, bits, group_size, sym, embed_bits, embed_gro
             raise click.BadParameter("applies to quantized tables: add --embed-bits 8 or 4, or leave it out.",
                                      param_hint="'--embed-group-size'")
         options["embed_group_size"] = embed_group_size
-    replaced = (Path(output).expanduser() / PROVENANCE_NAME).is_file()
+    try:
+        replaced = (Path(output).expanduser() / PROVENANCE_NAME).is_file()
+    except OSError:   # a name the file system refuses (too long): api.quantize says so in one line
+        replaced = False
     try:
         out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym,
                            progress=not quiet, embed_bits=int(embed_bits), **options)

@@ -63,31 +63,31 @@ class Method:
     summary: str
     config: type = NoOptions   # its Options dataclass: the method's CLI options and API defaults
     title: str = ""            # the name its options' help starts with
-    # which of GPTQ's shared options (act_order, percdamp, skip_tokens) the method reads, given its options: one it
-    # does not read is refused when set, instead of ignored
-    gptq_options: Callable[[Options], frozenset] = lambda config: frozenset()
+    # which of the shared calibration and GPTQ options (CALIBRATION_OPTIONS, GPTQ_OPTIONS) the method reads, given
+    # its options: one it does not read is refused when set, instead of ignored
+    reads: Callable[[Options], frozenset] = lambda config: frozenset()
 
     def check_shared(self, opts: "CalibOptions") -> None:
-        unused = [f.name for f in CalibOptions.cli_fields() if f.name in GPTQ_OPTIONS
-                  and f.name not in self.gptq_options(opts.config) and getattr(opts, f.name) != f.default]
+        unused = [n for n in opts.changed(*sorted(CALIBRATION_OPTIONS | GPTQ_OPTIONS)) if n not in self.reads(opts.config)]
         if unused:
             cfg = opts.config
-            with_gptq = getattr(cfg, "gptq", True) is False and set(unused) <= self.gptq_options(replace(cfg, gptq=True))
+            with_gptq = getattr(cfg, "gptq", True) is False and set(unused) <= self.reads(replace(cfg, gptq=True))
             where = " without --gptq" if with_gptq else ""
             raise EdgequantError(f"option(s) {', '.join(flag(u) for u in unused)} do not apply to --method "
                                  f"{self.name}{where}")
 
 
 GPTQ_OPTIONS = frozenset({"act_order", "percdamp", "skip_tokens"})
+CALIBRATION_OPTIONS = frozenset({"calib", "nsamples", "seqlen", "batch_size"})
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, needs_calibration: bool, summary: str, config: type = NoOptions, title: str = "",
-                    gptq_options: Callable[[Options], frozenset] = lambda config: frozenset()):
+                    reads: Callable[[Options], frozenset] = lambda config: frozenset()):
     def deco(fn):
-        METHODS[name] = Method(name, fn, needs_calibration, summary, config, title or name, gptq_options)
+        METHODS[name] = Method(name, fn, needs_calibration, summary, config, title or name, reads)
         return fn
     return deco
 
@@ -170,7 +170,7 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
 
 
 @register_method("gptq", needs_calibration=True, summary="GPTQ/OPTQ: Hessian-based error compensation",
-                 config=GPTQConfig, title="GPTQ", gptq_options=lambda config: GPTQ_OPTIONS)
+                 config=GPTQConfig, title="GPTQ", reads=lambda config: CALIBRATION_OPTIONS | GPTQ_OPTIONS)
 def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     budget = opts.config.target_bits if opts.config is not None else None
     q, stats, tokens, extra = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "gptq", budget=budget)
@@ -178,7 +178,7 @@ def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tr
 
 
 @register_method("owq", needs_calibration=True, summary="OWQ: sensitive weak columns kept in fp16, GPTQ on the rest",
-                 config=OWQConfig, title="OWQ", gptq_options=lambda config: GPTQ_OPTIONS)
+                 config=OWQConfig, title="OWQ", reads=lambda config: CALIBRATION_OPTIONS | GPTQ_OPTIONS)
 def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     from .calibrate.owq import weak_column_counts
     from .models import family_for
@@ -202,7 +202,7 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
 @register_method("omniquant", needs_calibration=True,
                  summary="OmniQuant: learnable weight clipping + equivalent transformation, block-wise, fused away",
                  config=OmniConfig, title="OmniQuant",
-                 gptq_options=lambda config: frozenset({"act_order", "percdamp"} if config.gptq else ()))
+                 reads=lambda config: CALIBRATION_OPTIONS | ({"act_order", "percdamp"} if config.gptq else set()))
 def _omniquant(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     from dataclasses import asdict
     from .calibrate.omniquant import calibrate_omniquant

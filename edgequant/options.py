@@ -86,6 +86,18 @@ class Options:
             if "kind" in f.metadata and not (v is None and f.default is None):
                 check_value(f.name, v, f.metadata)
 
+    def changed(self, *names: str) -> list[str]:
+        """Those of `names` set to something other than their default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [n for n in names if getattr(self, n) != defaults[n]]
+
+    def refuse_unless(self, active: bool, names: tuple, needs: str) -> None:
+        """Options that only act together with another (`needs`, the fix to name) are refused when set without it:
+        ignored, they changed nothing without a word."""
+        unused = [] if active else self.changed(*names)
+        if unused:
+            raise EdgequantError(f"option(s) {', '.join(flag(u) for u in unused)} only apply with {needs}")
+
     @classmethod
     def cli_fields(cls) -> list[dataclasses.Field]:
         return [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]

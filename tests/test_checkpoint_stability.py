@@ -16,7 +16,6 @@ import pytest
 
 HASHES = Path(__file__).with_name("checkpoint_hashes.json")
 HASHED = ("config.json", "model.safetensors")   # tokenizer files and edgequant.json (timings) are not the format
-COMMON = dict(nsamples=4, seqlen=64, progress=False)
 CASES = {   # name -> (arch, quantize options); together: every method, 2/3/4 bits, sym/asym, per channel, LET, biases
     "rtn-w2-sym": ("llama", dict(method="rtn", bits=2, group_size=-1, sym=True)),
     "gptq-w4g32": ("llama", dict(method="gptq", bits=4, group_size=32)),
@@ -39,7 +38,8 @@ def _sha(data: bytes) -> str:
 def build(case: str, model_dir: Path, calib: str, out: Path) -> Path:
     from edgequant import api
     _, opts = CASES[case]
-    return api.quantize(str(model_dir), out, calib=None if opts["method"] == "rtn" else calib, **opts, **COMMON)
+    data = {} if opts["method"] == "rtn" else dict(calib=calib, nsamples=4, seqlen=64)
+    return api.quantize(str(model_dir), out, **data, **opts, progress=False)
 
 
 def file_hashes(ck: Path) -> dict[str, str]:

@@ -84,9 +84,14 @@ def test_owq_budget_is_one_or_the_other():
     ("omniquant", {"percdamp": 0.5}, "--percdamp do not apply to --method omniquant without --gptq"),
     ("omniquant", {"act_order": False, "gptq": False}, "--act-order do not apply to --method omniquant without --gptq"),
     ("omniquant", {"skip_tokens": 2, "gptq": True}, "--skip-tokens do not apply to --method omniquant$"),
+    ("rtn", {"nsamples": 7}, "--calib, --nsamples do not apply to --method rtn$"),
+    ("gptq", {"tune_loss": "token_rel"}, "--tune-loss only apply with --tune-epochs"),
+    ("owq", {"tune_lr": 0.5, "tune_heldout": 2}, "--tune-lr, --tune-heldout only apply with --tune-epochs"),
+    ("owq", {"clip_search": False, "sink_guard": True}, "--sink-guard only apply with --clip-search"),
+    ("omniquant", {"let_lr": 0.1}, "--let-lr only apply with --let"),
 ])
-def test_gptq_options_a_method_does_not_read_are_refused(tmp_path, method, kw, msg):
-    """Set but never read, they changed nothing without a word (sixth hostile re-run)."""
+def test_options_a_method_does_not_read_are_refused(tmp_path, method, kw, msg):
+    """Set but never read, they changed nothing without a word (sixth hostile re-run, F1 and S20)."""
     from edgequant import api
     with pytest.raises(EdgequantError, match=msg):
         api.quantize("unused-model", tmp_path / "q", method=method, calib="unused.txt", progress=False, **kw)

@@ -20,7 +20,7 @@ class BlockTuneOptions(Options):
     """Block-output reconstruction after GPTQ's rounding (`calibrate/blocktune.py`), shared by GPTQ and OWQ."""
     tune_epochs: int = opt(0, "after each block is quantized, tune its group scales, fp16 columns, biases and norm "
                               "weights (codes fixed) toward the fp block's output for this many epochs (0: off).",
-                           "int", lo=0)
+                           "int", lo=0, hi=MAX_EPOCHS)
     tune_lr: float = opt(1e-3, "learning rate of that tuning (Adam, on relative offsets).", "float", lo=0,
                          lo_open=True)
     tune_loss: str = opt("mse", "its block loss: 'mse' (OmniQuant's) or 'token_rel' (each token's error relative to "
@@ -29,6 +29,10 @@ class BlockTuneOptions(Options):
     tune_heldout: int = opt(0, "the last this many calibration windows are never tuned on; the start and every "
                                "epoch are scored on them and the best kept (an early stop; 0: score on all windows).",
                             "int", lo=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.refuse_unless(self.tune_epochs > 0, ("tune_lr", "tune_loss", "tune_heldout"), "--tune-epochs N (N > 0)")
 
 
 @dataclass
@@ -51,6 +55,7 @@ class OWQConfig(BlockTuneOptions):
         super().__post_init__()
         if self.target_bits is not None and self.weak_columns is not None:
             raise EdgequantError("pass either --target-bits or --weak-columns, not both")
+        self.refuse_unless(self.clip_search, ("clip_metric", "clip_qk", "sink_guard"), "--clip-search")
 
 
 @dataclass
@@ -87,6 +92,8 @@ class OmniConfig(Options):
         super().__post_init__()
         if self.epochs > 0 and not (self.lwc or self.let):
             raise EdgequantError("nothing to train: enable --lwc or --let, or pass --epochs 0")
+        self.refuse_unless(self.let, ("let_lr", "let_alpha"), "--let")
+        self.refuse_unless(self.lwc, ("lwc_lr",), "--lwc")
 
 
 @dataclass

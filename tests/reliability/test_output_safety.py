@@ -176,3 +176,21 @@ def test_replacing_a_checkpoint_that_holds_a_users_file_is_refused(tmp_path, mod
     (out / "notes.txt").unlink()
     api.quantize(model_dirs["llama"], out, method="rtn", bits=3, group_size=32, progress=False)   # now it may
     assert (out / "notes.txt").exists() is False and (out / "edgequant.json").is_file()
+
+
+@pytest.mark.parametrize("length", [242, 255, 256])
+def test_an_output_name_too_long_for_its_working_files_is_one_line(tmp_path, model_dirs, length):
+    """242-255 characters are legal names, but `.NAME.tmp-XXXXXXXX` beside them is not: quantize, export and convert
+    ended in an OSError traceback (sixth hostile re-run, T12); 256 failed before the lock (`is_file`)."""
+    from click.testing import CliRunner
+
+    from edgequant.cli import main
+    out = tmp_path / ("c" * length)
+    with pytest.raises(EdgequantError, match=f"is {length} bytes long.*at most 241"):
+        with output_lock(out):
+            pass
+    r = CliRunner().invoke(main, ["quantize", str(model_dirs["llama"]), "-o", str(out), "--method", "rtn", "-q"])
+    assert r.exit_code == 1 and r.output.startswith("error: the output folder name") and "Traceback" not in r.output
+    with output_lock(tmp_path / ("c" * 241)):   # the longest that fits
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
