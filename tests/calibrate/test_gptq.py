@@ -78,6 +78,7 @@ def test_hessian_collector_can_skip_leading_tokens():
     Hf, Hs = full.remove(), skip.remove()
     rest = x[:, 1:].reshape(-1, 8)
     torch.testing.assert_close(Hs, 2 * rest.T @ rest / rest.shape[0])
-    torch.testing.assert_close(skip.H_first, 2 * x[:, 0].T @ x[:, 0] / 2)
+    # entries ~1e6 from the 1000x token: fp32 sums in another order differ in the last bits
+    torch.testing.assert_close(skip.H_first, 2 * x[:, 0].T @ x[:, 0] / 2, rtol=1e-5, atol=1e-3)
     assert full.H_first is None
     assert Hf.diagonal().mean() > 100 * Hs.diagonal().mean()

@@ -21,7 +21,7 @@ def test_combined_fused_checkpoint_equals_live_model(tmp_path, tokenizer, arch, 
     scheme = QuantScheme(3, 32)
     model = make_tiny_model(arch)
     live_model = copy.deepcopy(model)
-    cfg = OmniConfig(epochs=2, let=let, batch_size=2, lwc_lr=5e-2, let_lr=1e-2, owq_target_bits=3.5)
+    cfg = OmniConfig(epochs=2, let=let, batch_size=2, lwc_lr=5e-2, owq_target_bits=3.5, **({"let_lr": 1e-2} if let else {}))
     q, stats, _, live = calibrate_omniquant(model, samples, scheme, cfg, progress=False, keep_live=True)
     counts = weak_column_counts(family_for(arch), {n: (160 if n == "mlp.down_proj" else 64) for n in
                                                    family_for(arch).linear_names}, 3, 3.5)

@@ -60,7 +60,7 @@ def test_fused_checkpoint_equals_live_model(tmp_path, tokenizer, arch, let, sym,
     scheme = QuantScheme(3, 32, sym)
     model = make_tiny_model(arch, tie=(arch == "llama"))
     live_model = copy.deepcopy(model)
-    cfg = OmniConfig(epochs=2, let=let, batch_size=2, lwc_lr=5e-2, let_lr=1e-2, loss=loss,
+    cfg = OmniConfig(epochs=2, let=let, batch_size=2, lwc_lr=5e-2, **({"let_lr": 1e-2} if let else {}), loss=loss,
                      lwc_init="search" if arch == "mistral" else 4.0)
     q, _, _, live = calibrate_omniquant(model, samples, scheme, cfg, progress=False, keep_live=True)
     fused = assert_fused_checkpoint_equals_live(tmp_path, tokenizer, live_model, model, q, scheme, live, samples)
