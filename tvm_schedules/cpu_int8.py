@@ -54,15 +54,22 @@ ISAS = ("vnni", "avx2", "sdot")  # vpdpbusd; vpmaddubsw + vpmaddwd; NEON sdot (A
 
 
 def _lane_values(spec: QuantSpec) -> int | None:
-    """Weights per vector lane: one word of the words layout, one 2-bit-plane word (16 values) of planes3, one word of
-    each of the three planes (32 values) of bytes3."""
+    """Weights per vector lane: one word of the 4-bit words layout (8 values), two words of the 2-bit one (32 values,
+    `_weight_codes_words2`), one 2-bit-plane word (16 values) of planes3, one word of each of the three planes
+    (32 values) of bytes3."""
     if spec.layout == "words" and spec.bits in (2, 4):
-        return spec.vpw
+        return 8 if spec.bits == 4 else 32
     return {"planes3": 16, "bytes3": 32}.get(spec.layout)
 
 
 def _parts(spec: QuantSpec) -> int:
-    return {"planes3": 4, "bytes3": 8}.get(spec.layout) or 8 // spec.bits
+    """Codes per byte of a lane's words: a lane of 32 values holds 8 per byte position i (one per part j)."""
+    return {"planes3": 4, "bytes3": 8}.get(spec.layout) or (8 if spec.bits == 2 else 2)
+
+
+def _wide(spec: QuantSpec) -> bool:
+    """Lanes of 32 values (bytes3, 2-bit words): one activation block each."""
+    return _lane_values(spec) == 32
 
 
 def chunk_plan(spec: QuantSpec) -> tuple[int, int, int] | None:
@@ -79,9 +86,10 @@ def chunk_plan(spec: QuantSpec) -> tuple[int, int, int] | None:
     def fits(L):
         return grp_w % L == 0 or L % grp_w == 0 or grp_w == row_w
 
-    # bytes3 lanes (32 values) leave rows of 8m + 2 lanes (K=576): a tail of 2 lanes, packed into one 8-lane vector
-    # (`_tail_bytes3`) after 8-lane chunks, else run in 4-lane vectors whose activation bytes past the row are zero
-    tails = (0, 2, 4) if spec.layout == "bytes3" else (0, 4)
+    # lanes of 32 values leave rows of 8m + 2 lanes (K=576): a tail of 2 lanes, for bytes3 packed into one 8-lane
+    # vector (`_tail_bytes3`) after 8-lane chunks, else run in 4-lane vectors whose activation bytes past the row
+    # are zero
+    tails = (0, 2, 4) if _wide(spec) else (0, 4)
     if fits(8) and row_w % 8 in tails and row_w >= 8:
         # a row of 8m + 4 words (K=576 at 2 bits and in 3-bit planes) ends with one 128-bit chunk
         return 8, row_w // 8, row_w % 8
@@ -263,7 +271,12 @@ def _block_positions(spec: QuantSpec):
 
     def off(t, lanes, packed=False):
         r = t % vpw
-        i_, j_ = ((r % 8 // 2, r % 8 % 2 * 2 + r // 8) if spec.layout == "planes3" else (r // P, r % P))
+        if spec.layout == "planes3":
+            i_, j_ = r % 8 // 2, r % 8 % 2 * 2 + r // 8
+        elif spec.layout == "words" and spec.bits == 2:   # word r // 16 of the lane, byte r % 16 // 4, field r % 4
+            i_, j_ = r % 16 // 4, r // 16 * 4 + r % 4
+        else:
+            i_, j_ = r // P, r % P
         if packed:   # vectors of 6, 6 and 4 slots of 4 bytes (`_tail_slot`)
             v, slot = _tail_slot(j_)
             return v * 24 + slot * 4 + i_
@@ -362,9 +375,9 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
           "        yt[T.ramp(0, 1, 4)] = T.broadcast(T.float32(0), 4)",
           f"        for c in T.serial({n_main}):"]
     S += _chunk(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 12)
-    # bytes3's tail adds into lanes 0..3 of yv (one horizontal sum less); the words layouts keep their own yt (and
-    # their fp32 summation order)
-    yt = spec.layout != "bytes3"
+    # a tail of 32-value lanes adds into lanes 0..3 of yv (one horizontal sum less); W4 and planes3 keep their own yt
+    # (and their fp32 summation order)
+    yt = not _wide(spec)
     if tail:
         S += _chunk(spec, isa, tail, 4 if yt else L, str(L * n_main), "yt" if yt else "yv", gscale, " " * 8,
                     acc_stride=None if yt else L)
@@ -377,6 +390,8 @@ def _weight_codes(spec: QuantSpec, isa: str, Lc: int, start: str, ind: str):
     Lc-lane step h0 and each part j the expression of its unsigned codes, as (h0, j, W, code)."""
     if spec.layout == "bytes3":
         return _weight_codes_bytes3(spec, isa, Lc, start, ind)
+    if _wide(spec):
+        return _weight_codes_words2(spec, isa, Lc, start, ind)
     planes = spec.layout == "planes3"
     mask = {4: 0x0F0F0F0F, 2: 0x03030303, 3: 0x03030303}[spec.bits]
     Lr = f"T.ramp(0, 1, {Lc})"
@@ -423,6 +438,33 @@ def _weight_codes_bytes3(spec: QuantSpec, isa: str, Lc: int, start: str, ind: st
             codes.append((h0, j, W, field(j // 2, 3 * (j % 2), 0x07070707)))
         codes.append((h0, 6, W, f"T.bitwise_or({field(0, 6, 0x03030303)}, {field(1, 4, 0x04040404)})"))
         codes.append((h0, 7, W, f"T.bitwise_or({field(1, 7, 0x01010101)}, {field(2, 5, 0x06060606)})"))
+    return S, codes
+
+
+def _weight_codes_words2(spec: QuantSpec, isa: str, Lc: int, start: str, ind: str):
+    """_weight_codes for 2-bit words read two per lane (32 values, one activation block): the checkpoint's words
+    2l and 2l + 1 of lane l, split from one load of 2Lc words into wq (even words: parts 0-3) and hq (odd: parts
+    4-7); part j is its word shifted by 2 (j % 4) and masked with 0x03030303. A lane of one word (16 values) did the
+    int32-to-fp32 scaling and zero-point work twice per block; this needs no repacked layout, only the split
+    (two shuffles per chunk of 256 weights)."""
+    Wc = _width(Lc)
+    Lr = f"T.ramp(0, 1, {Wc})"
+    both = f"qweight[nn, T.ramp(2 * ({start}), 1, {2 * Lc})]"
+    if Lc < Wc:   # a 2-lane tail in 4-lane vectors: lanes past Lc read zero words (their dots are zero)
+        srcs, pad = f"[{both}, T.broadcast(T.uint32(0), {2 * Lc})]", 2 * Lc
+    else:
+        srcs, pad = f"[{both}]", None
+    S = [f"{ind}{buf}[{Lr}] = T.Shuffle({srcs}, {[2 * lane + odd if lane < Lc else pad for lane in range(Wc)]})"
+         for odd, buf in ((0, "wq"), (1, "hq"))]
+    W = 4 if isa == "sdot" else Wc
+    u = lambda v: f"T.broadcast(T.uint32({v}), {W})"  # noqa: E731
+    codes = []
+    for h0 in range(0, Wc, W):
+        Lh = f"T.ramp({h0}, 1, {W})"
+        for j in range(8):
+            w = f"{'wq' if j < 4 else 'hq'}[{Lh}]"
+            w = f"T.shift_right({w}, {u(2 * (j % 4))})" if j % 4 else w
+            codes.append((h0, j, W, f"T.bitwise_and({w}, {u(0x03030303)})"))
     return S, codes
 
 
@@ -505,7 +547,7 @@ def _accumulators(spec: QuantSpec) -> int:
     chain wait on each other's latency (integer sums: the order changes nothing). Two took the 3-bit GEMVs from
     1.09x to 1.05x W4's time on SmolLM2's shapes (benchmarks/cpu_gemv_bits.py, before the packed tail); W4's 2 parts
     and W2's 4 lost 2-10% with two."""
-    return 2 if spec.layout == "bytes3" else 1
+    return 2 if _wide(spec) else 1
 
 
 GEMM_ROWS = 8   # activation rows per pass over a weight row: codes unpacked once for 8 rows of dots

@@ -66,7 +66,7 @@ def test_activation_quantization_model():
 def test_activation_permutation_is_a_bijection():
     from edgequant.tvm_schedules.cpu_int8 import act_perm
     from edgequant.tvm_schedules.dequant import QuantSpec
-    for bits, layout, k in ((2, "words", 576), (4, "words", 576), (3, "planes3", 576), (3, "bytes3", 576),
+    for bits, layout, k in ((2, "words", 576), (2, "words", 64), (2, "words", 1536), (4, "words", 576), (3, "planes3", 576), (3, "bytes3", 576),
                             (3, "bytes3", 320), (3, "bytes3", 64), (3, "bytes3", 1536)):
         spec = QuantSpec(8, k, bits, 64 if bits == 2 else 128, False, layout)
         assert sorted(act_perm(spec).tolist()) == list(range(k))
@@ -165,13 +165,14 @@ def test_supported_shapes():
     from edgequant.tvm_schedules.cpu_int8 import chunk_plan
     from edgequant.tvm_schedules.dequant import QuantSpec
     assert chunk_plan(QuantSpec(8, 576, 4, 128, False))[0] == 8     # SmolLM2 W4 g128: 72 words, 16 per group
-    assert chunk_plan(QuantSpec(8, 576, 2, 64, False)) == (8, 4, 4)   # W2 g64: 36 words, a 128-bit tail
+    assert chunk_plan(QuantSpec(8, 576, 2, 64, False)) == (8, 2, 2)   # W2 g64: 18 lanes of two words, a 2-lane tail
     assert chunk_plan(QuantSpec(8, 1536, 2, 64, False))[0] == 8     # two groups per chunk
     assert chunk_plan(QuantSpec(8, 160, 2, -1, False)) is None   # 10 words per row
     assert chunk_plan(QuantSpec(8, 96, 4, 48, False)) is None    # groups not made of whole blocks of 32
     assert chunk_plan(QuantSpec(8, 576, 3, 128, False, "planes3")) == (8, 4, 4)
-    assert chunk_plan(QuantSpec(8, 576, 2, -1, False)) == (8, 4, 4)    # per channel: one group, any chunks
-    assert chunk_plan(QuantSpec(8, 320, 2, 64, False)) == (8, 2, 4)
+    assert chunk_plan(QuantSpec(8, 576, 2, -1, False)) == (8, 2, 2)    # per channel: one group, any chunks
+    assert chunk_plan(QuantSpec(8, 320, 2, 64, False)) == (8, 1, 2)
+    assert chunk_plan(QuantSpec(8, 64, 2, -1, True)) == (4, 0, 2)       # a 2-lane row in 4-lane vectors
     assert chunk_plan(QuantSpec(8, 192, 4, 96, False)) == (4, 6, 0)    # groups of 12 words: 128-bit chunks
     assert chunk_plan(QuantSpec(8, 1536, 3, 128, False, "planes3"))[0] == 8
     assert chunk_plan(QuantSpec(8, 576, 3, 128, False, "words")) is None       # the checkpoint's 10-per-word layout
