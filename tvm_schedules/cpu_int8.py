@@ -140,9 +140,10 @@ def act_perm(spec: QuantSpec):
 
 
 def _packed_tail(spec: QuantSpec) -> bool:
-    """A bytes3 row of 8m + 2 lanes: its 2-lane tail runs as 3 dots of 8 lanes (`_tail_bytes3`) instead of 8 of 4."""
+    """A row of 8m + 2 lanes of 32 values: its 2-lane tail runs as 3 dots of 8 lanes (bytes3, `_tail_bytes3`) or 2
+    (2-bit words, `_tail_words2`) instead of 8 of 4."""
     plan = chunk_plan(spec)
-    return spec.layout == "bytes3" and plan is not None and plan[0] == 8 and plan[2] == 2
+    return _wide(spec) and plan is not None and plan[0] == 8 and plan[2] == 2
 
 
 def _tail_slot(j: int) -> tuple[int, int]:
@@ -277,9 +278,11 @@ def _block_positions(spec: QuantSpec):
             i_, j_ = r % 16 // 4, r // 16 * 4 + r % 4
         else:
             i_, j_ = r // P, r % P
-        if packed:   # vectors of 6, 6 and 4 slots of 4 bytes (`_tail_slot`)
+        if packed and spec.layout == "bytes3":   # vectors of 6, 6 and 4 slots of 4 bytes (`_tail_slot`)
             v, slot = _tail_slot(j_)
             return v * 24 + slot * 4 + i_
+        if packed:   # 2-bit words: two vectors of 8 slots (`_tail_words2`)
+            return j_ % 4 // 2 * 32 + (j_ // 4 * 4 + j_ % 2 * 2) * 4 + i_
         return (j_ * lanes + t // vpw) * 4 + i_
     base = f"(b * {bw} // {L} * {P * L * 4} + b * {bw} % {L} * 4)"
     if tail:
@@ -501,6 +504,39 @@ def _tail_bytes3(spec: QuantSpec, isa: str, start: str, acc: str, ind: str, rows
                 act = _padded(lambda m, b=base: f"xq[T.ramp({b}, 1, {m})]", real, 4 * W, "T.int8(0)")
                 Li = f"T.ramp({ri * 8 + h0}, 1, {W})"
                 S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
+    return S + _tail_finish(spec, start, acc, ind, rows, acc_stride)
+
+
+def _tail_words2(spec: QuantSpec, isa: str, start: str, acc: str, ind: str, rows: int | None,
+                 acc_stride: int | None) -> list[str]:
+    """_chunk for the 2-lane tail of 2-bit words read two per lane (`_packed_tail`): the tail's 4 words a0 a1 b0 b1
+    (lanes a, b) as one 8-lane vector V = [a0, b0, a0, b0, a1, b1, a1, b1]; (V >> [0, 0, 2, 2] x 2) & 3s gives parts
+    0, 1, 4, 5 of both lanes and (V >> [4, 4, 6, 6] x 2) & 3s parts 2, 3, 6, 7: 2 dots of 8 lanes instead of 8 of 4.
+    Slot s belongs to tail lane s % 2 (`_tail_finish`)."""
+    R, W = rows or 1, 4 if isa == "sdot" else 8
+    four = f"qweight[nn, T.ramp(2 * ({start}), 1, 4)]"   # twice: a shuffle's inputs hold at least its output lanes
+    S = [f"{ind}wq[T.ramp(0, 1, 8)] = T.Shuffle([{four}, {four}], [0, 2, 0, 2, 1, 3, 1, 3])",
+         f"{ind}ia[T.ramp(0, 1, {R * 8})] = T.broadcast(0, {R * 8})"]
+    row = lambda ri, size: f"(rb * {R} + {ri}) * {size} + " if rows else ""  # noqa: E731 - the row's buffer offset
+    for h0 in range(0, 8, W):
+        Lh = f"T.ramp({h0}, 1, {W})"
+        for v in range(2):
+            sh = f'T.Cast("uint32x{W}", T.ramp({h0}, 1, {W}) // 2 % 2 * 2 + {4 * v})'
+            code = f"T.bitwise_and(T.shift_right(wq[{Lh}], {sh}), T.broadcast(T.uint32({0x03030303}), {W}))"
+            for ri in range(R):
+                act = f"xq[T.ramp({row(ri, spec.k)}({start}) * {_parts(spec) * 4} + {v * 32 + 4 * h0}, 1, {4 * W})]"
+                Li = f"T.ramp({ri * 8 + h0}, 1, {W})"
+                S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
+    return S + _tail_finish(spec, start, acc, ind, rows, acc_stride)
+
+
+def _tail_finish(spec: QuantSpec, start: str, acc: str, ind: str, rows: int | None,
+                 acc_stride: int | None) -> list[str]:
+    """A packed 2-lane tail's int32 sums ia[ri * 8 ...] into `acc`: slot s takes tail lane s % 2's block and group
+    scales."""
+    R, lanes = rows or 1, spec.k // _lane_values(spec)
+    S = []
+    row = lambda ri, size: f"(rb * {R} + {ri}) * {size} + " if rows else ""  # noqa: E731 - the row's buffer offset
     grp_w = spec.group_len // _lane_values(spec)
     pairs = lambda ld: f"T.Shuffle([{', '.join([ld] * 4)}], {[0, 1] * 4})"  # noqa: E731 - slot s: tail lane s % 2
     for ri in range(R):
@@ -521,7 +557,8 @@ def _chunk(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gsc
     GEMM: activation rows rb * rows + ri) the codes are unpacked once for every row's dots; row ri's int32 sums sit
     in ia[ri * L ...], its fp32 partial sums in acc[ri * acc_stride ...] (default: Lc)."""
     if Lc == 2 and _packed_tail(spec):
-        return _tail_bytes3(spec, isa, start, acc, ind, rows, acc_stride)
+        tail = _tail_bytes3 if spec.layout == "bytes3" else _tail_words2
+        return tail(spec, isa, start, acc, ind, rows, acc_stride)
     P, R, Wc = _parts(spec), rows or 1, _width(Lc)
     NA = 1 if rows else _accumulators(spec)
     S, codes = _weight_codes(spec, isa, Lc, start, ind)
