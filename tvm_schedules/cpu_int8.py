@@ -344,8 +344,19 @@ def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, r: str | None, 
     z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
     g = f"({r}) * {NG} + g" if r is not None else "g"
     lv, lt = (f"{ri} * {L} + t", f"{ri} * 4 + t") if ri is not None else ("t", "t")
-    return [f"{ind}zc[0] = T.float32(0)",
-            f"{ind}for g in T.serial({NG}):",
+    S, g0 = [], 0
+    if spec.layout == "words" and spec.bits == 2 and r is None:
+        # W2 (g64: 9 groups per K=576 row, 24 at K=1536) takes the zero-point terms L groups at a time into yv's
+        # lanes, which are summed below anyway; W4 and W3 keep the scalar loop (and their logits bit for bit)
+        g0 = NG // L * L
+        zv = f"T.broadcast(T.float32({float(spec.sym_zero)}), {L})" if spec.sym else \
+            f'T.Cast("float32x{L}", zeros[nn, T.ramp(q * {L}, 1, {L})])'
+        Lv = f"T.ramp(0, 1, {L})"
+        S = [f"{ind}for q in T.serial({NG // L}):",
+             f'{ind}    yv[{Lv}] = yv[{Lv}] - T.Cast("float32x{L}", scales[nn, T.ramp(q * {L}, 1, {L})]) * {zv} * '
+             f"gsum[T.ramp(q * {L}, 1, {L})]"]
+    return S + [f"{ind}zc[0] = T.float32(0)",
+            f"{ind}for g in T.serial({g0}, {NG}):" if g0 else f"{ind}for g in T.serial({NG}):",
             f'{ind}    zc[0] = zc[0] + T.Cast("float32", scales[nn, g]) * {z} * gsum[{g}]',
             f"{ind}for t in T.serial({L}):",
             f"{ind}    zc[0] = zc[0] - yv[{lv}]",
