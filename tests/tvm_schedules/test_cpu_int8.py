@@ -1,5 +1,6 @@
 """The int8 decode GEMV (tvm_schedules/cpu_int8.py): compiled for this CPU and run against its NumPy model
-(int8 activations per block of 32, exact integer dots) and against the exact fp reference, at 2/4 bits (words) and 3
+(int8 activations per block of 32, exact integer dots) and against the exact fp reference, at 2/4 bits (the
+checkpoint's words; 2-bit lanes of two words, with a packed 2-lane tail at K = 576 and vector zero-point terms) and 3
 bits (byte planes, the CPU exports' layout, and bit planes); the generated code holds the integer dot-product
 instructions; the ISA choice follows the target."""
 import re
@@ -95,7 +96,8 @@ def test_kernel_matches_numpy(isa, bits, group, sym, n, k, layout):
     assert rel < 2e-2, rel  # int8 activations: each value within half a step of 1/127 of its block's max
 
 
-GEMM_CASES = [CASES[0], CASES[3], CASES[5], CASES[9], CASES[12]]   # W4 g128 / per-channel sym, W2 g64 tail, W3 tails
+GEMM_CASES = [CASES[0], CASES[3], CASES[5], CASES[8], CASES[9], CASES[12]]   # W4 g128 / per-channel sym, W2 g64
+# packed tail / whole chunks with two groups each, W3 tails
 
 
 @pytest.mark.parametrize("isa", ["vnni", "avx2"])
