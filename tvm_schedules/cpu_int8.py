@@ -8,17 +8,18 @@ the weights' codes stay integers: one `vpdpbusd` multiplies 32 unsigned codes by
 four at a time into 8 int32 lanes. Per weight that is a shift and a mask shared by 4-8 codes instead of a
 convert + FMA each.
 
-Layout. At 4 bits a vector lane is one packed uint32 word of a row (8 codes). Masking the word with 0x0F0F0F0F after
-a shift of `4j` leaves one code per byte: byte i holds code `2i + j`. At 2 bits a lane is two consecutive words of the
+Layout. At 4 bits a vector lane is one packed uint32 word of a row (8 codes). Masking the word with 0x0F0F0F0F after a
+shift of `4j` leaves one code per byte: byte i holds code `2i + j`. At 2 bits a lane is two consecutive words of the
 checkpoint's own layout (32 codes, one activation block; no repacked layout): one load of 2L words is split into the
-even and the odd words by two shuffles, and word w of the lane masked with 0x03030303 after a shift of `2m` gives
-part j = 4w + m, byte i holding code `16w + 4i + m` (`_weight_codes_words2`). A lane of one word (16 codes) did the
+even and the odd words by two shuffles, and word w of the lane masked with 0x03030303 after a shift of `2m` gives part
+j = 4w + m, byte i holding code `16w + 4i + m` (`_weight_codes_words2`). A lane of one word (16 codes) did the
 int32-to-fp32 scaling twice per block and ran the W2 GEMV at 1.2-1.3x W4's time; with 32-value lanes, a packed 2-lane
 tail (`_tail_words2`) and the zero-point terms of its 9-24 groups per row taken 8 at a time, 0.7-0.9x
-(benchmarks/results/decode_cpu_issue9_w3.md). No code moves between lanes, so the activations are stored in the same order instead:
-the quantization step writes x's int8 values permuted to [chunk][part j][lane][byte i], and each part of a chunk is one
-contiguous load. A chunk is L = 8 lanes (256-bit registers); a row of 8m + 4 lanes (K = 576 in 3-bit bit planes) ends with one 4-lane (128-bit) chunk, one of 8m + 2 lanes of 32 values (K = 576 at 2 bits and in bytes3)
-with a packed 2-lane tail, and where groups fit neither, all chunks are 4 words (`chunk_plan`). A
+(benchmarks/results/decode_cpu_issue9_w3.md). No code moves between lanes, so the activations are stored in the same
+order instead: the quantization step writes x's int8 values permuted to [chunk][part j][lane][byte i], and each part of
+a chunk is one contiguous load. A chunk is L = 8 lanes (256-bit registers); a row of 8m + 4 lanes (K = 576 in 3-bit bit
+planes) ends with one 4-lane (128-bit) chunk, one of 8m + 2 lanes of 32 values (K = 576 at 2 bits and in bytes3) with a
+packed 2-lane tail, and where groups fit neither, all chunks are 4 words (`chunk_plan`). A
 chunk lies inside one group or holds whole groups (their scales spread over its lanes by a shuffle). 256-bit rather
 than 512-bit registers: rows of K = 576 hold 72 words at 4 bits, not a multiple of 16, and AVX-VNNI CPUs without
 AVX-512 get the same code. NEON has 128-bit registers: its kernel keeps the same layout and chunks and runs the
@@ -28,8 +29,8 @@ CPU 3-bit exports ("bytes3", dequant.py) take a lane per 32 values: one word of 
 vectors; parts 0-5 are a plane masked with 0x07070707 (after a shift by 3 for the odd ones), parts 6 and 7 two planes'
 spare bits 6-7 shifted, masked and ORed. A chunk of 8 lanes is 256 weights in 8 dots, 3 loads and 17 bit operations,
 with one int32-to-fp32 scaling per 256 weights where W4 has four; its dots go to two accumulators
-(`_accumulators`; so do W2's 8). Rows of 8m + 2 lanes (K = 576) end with a packed tail (`_tail_bytes3`: the two lanes' 6 words in
-one vector, 3 dots). Per row of SmolLM2's 960 x 576 that is 149 instructions against W4's 148 (x86 VNNI; NEON 274
+(`_accumulators`; so do W2's 8). Rows of 8m + 2 lanes (K = 576) end with a packed tail (`_tail_bytes3`: the two
+lanes' 6 words in one vector, 3 dots). Per row of SmolLM2's 960 x 576 that is 149 instructions against W4's 148 (x86 VNNI; NEON 274
 against 278), where the bit-plane layout "planes3" (a lane per 2-bit-plane word of 16 values, the third bit ORed in
 from a shared 1-bit-plane word by a shuffle and per-lane shifts; still accepted here) took 203.
 
