@@ -28,16 +28,16 @@ integer part in 4-lane steps (`_chunk`), so its int32 sums, and the fp32 arithme
 CPU 3-bit exports ("bytes3", dequant.py) take a lane per 32 values: one word of each of three planes, loaded as three
 vectors; parts 0-5 are a plane masked with 0x07070707 (after a shift by 3 for the odd ones), parts 6 and 7 two planes'
 spare bits 6-7 shifted, masked and ORed. A chunk of 8 lanes is 256 weights in 8 dots, 3 loads and 17 bit operations,
-with one int32-to-fp32 scaling per 256 weights where W4 has four; its dots go to two accumulators
-(`_accumulators`; so do W2's 8). Rows of 8m + 2 lanes (K = 576) end with a packed tail (`_tail_bytes3`: the two
-lanes' 6 words in one vector, 3 dots). Per row of SmolLM2's 960 x 576 that is 149 instructions against W4's 148 (x86 VNNI; NEON 274
-against 278), where the bit-plane layout "planes3" (a lane per 2-bit-plane word of 16 values, the third bit ORed in
-from a shared 1-bit-plane word by a shuffle and per-lane shifts; still accepted here) took 203.
+with one int32-to-fp32 scaling per 256 weights where W4 has four; its dots go to two accumulators (`_accumulators`; so
+do W2's 8). Rows of 8m + 2 lanes (K = 576) end with a packed tail (`_tail_bytes3`: the two lanes' 6 words in one
+vector, 3 dots). Per row of SmolLM2's 960 x 576 that is 149 instructions against W4's 148 (x86 VNNI; NEON 274 against
+278), where the bit-plane layout "planes3" (a lane per 2-bit-plane word of 16 values, the third bit ORed in from a
+shared 1-bit-plane word by a shuffle and per-lane shifts; still accepted here) took 203.
 
 Arithmetic. With x_k ~= d_b * a_k (block b) and W = s_g (q - z_g),
     y = sum_g s_g * (sum_{b in g} d_b * dot(q, a)_b - z_g * sum_{b in g} d_b * sum_{k in b} a_k).
 Every lane belongs to one block, so the int32 lane sums are converted once per chunk and multiplied by that lane's
-block scale (`xsw`, one fp32 per word) and the chunk's group scale; the zero-point term is one product per group with
+block scale (`xsw`, one fp32 per lane) and the chunk's group scale; the zero-point term is one product per group with
 per-group sums of `d_b * a_k` that the quantization step also leaves (shared by all rows).
 
 The whole linear is one prim func with the fused float kernel's arguments (x, qweight, scales, [zeros], y): a

@@ -67,7 +67,8 @@ def test_activation_quantization_model():
 def test_activation_permutation_is_a_bijection():
     from edgequant.tvm_schedules.cpu_int8 import act_perm
     from edgequant.tvm_schedules.dequant import QuantSpec
-    for bits, layout, k in ((2, "words", 576), (2, "words", 64), (2, "words", 1536), (4, "words", 576), (3, "planes3", 576), (3, "bytes3", 576),
+    for bits, layout, k in ((2, "words", 576), (2, "words", 64), (2, "words", 1536), (4, "words", 576),
+                            (3, "planes3", 576), (3, "bytes3", 576),
                             (3, "bytes3", 320), (3, "bytes3", 64), (3, "bytes3", 1536)):
         spec = QuantSpec(8, k, bits, 64 if bits == 2 else 128, False, layout)
         assert sorted(act_perm(spec).tolist()) == list(range(k))
