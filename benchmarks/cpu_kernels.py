@@ -1,6 +1,7 @@
-"""Kernel-level CPU timings, new kernel against its predecessor in one process: the int8 prefill GEMM of
-tvm_schedules/cpu_int8.py against the same file at an earlier git revision (--baseline), and the KV cache's attention
-kernels of tvm_schedules/cpu_attention.py against TVM 0.27's stock CPU kernels, on SmolLM2-135M's shapes.
+"""Kernel-level CPU timings, new kernel against its predecessor in one process: the int8 prefill GEMM and the W2
+decode GEMV of tvm_schedules/cpu_int8.py against the same file at an earlier git revision (--baseline), and the KV
+cache's attention kernels of tvm_schedules/cpu_attention.py against TVM 0.27's stock CPU kernels, on SmolLM2-135M's
+shapes.
 
     python benchmarks/cpu_kernels.py [--baseline 65fbc8c] [--rows 128] [--threads 1] [--repeats 9] [--out cpu_kernels]
 
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # (bits, group, N, K, layout): SmolLM2-135M's q/k/v (960 x 576), o (576 x 576), gate+up (3072 x 576), down (576 x 1536)
 GEMMS = [(4, 128, 960, 576, "words"), (4, 128, 576, 576, "words"), (4, 128, 3072, 576, "words"),
          (4, 128, 576, 1536, "words"), (3, 128, 3072, 576, "planes3"), (2, 64, 3072, 576, "words")]
+# the W2 g64 decode GEMVs of the same shapes (weights in cache: called on the same copy every time)
+GEMVS = [(2, 64, 960, 576), (2, 64, 576, 576), (2, 64, 3072, 576), (2, 64, 576, 1536)]
 HKV, HQ, D, PAGE = 3, 9, 64, 16
 
 
@@ -116,6 +119,16 @@ def main():
             build(old.int8_gemm_func(spec, isa)), build(cpu_int8.int8_gemm_func(spec, isa)),
             lambda: [T(x), T(qw), T(sc), T(z), T(np.zeros((1, m, n), np.float32))], 4)
 
+    for bits, group, n, k in GEMVS:
+        spec = QuantSpec(n, k, bits, group, False)
+        qw = pack(rng.integers(0, 1 << bits, (n, k)), bits)
+        sc = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
+        z = rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
+        x1 = rng.standard_normal((1, k)).astype(np.float16)
+        row(f"int8 decode GEMV ({isa})", f"W{bits} g{group} {n}x{k}",
+            build(old.int8_gemv_func(spec, isa)), build(cpu_int8.int8_gemv_func(spec, isa)),
+            lambda: [T(x1), T(qw), T(sc), T(z), T(np.zeros((1, n), np.float32))], 4)
+
     q = rng.standard_normal((m, HQ, D)).astype(np.float16)
     kv = rng.standard_normal((2, m, HKV, D)).astype(np.float16)
     row("ragged prefill attention (stock TVM -> cpu_attention)", f"{m} tokens causal, {HQ}/{HKV} heads x {D}",
@@ -145,7 +158,7 @@ def main():
              f"{' / '.join(f'{v:.2f}' for v in load0)} at the start, "
              f"{' / '.join(f'{v:.2f}' for v in os.getloadavg())} at the end",
              f"- command: python benchmarks/cpu_kernels.py {' '.join(sys.argv[1:])}",
-             f"- old GEMM: tvm_schedules/cpu_int8.py at {a.baseline}; old attention: TVM's stock CPU kernels; "
+             f"- old GEMM and GEMV: tvm_schedules/cpu_int8.py at {a.baseline}; old attention: TVM's stock CPU kernels; "
              f"median CPU time (all threads) of {a.repeats} calls after a warm-up, best wall time", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]

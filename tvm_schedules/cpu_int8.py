@@ -8,12 +8,18 @@ the weights' codes stay integers: one `vpdpbusd` multiplies 32 unsigned codes by
 four at a time into 8 int32 lanes. Per weight that is a shift and a mask shared by 4-8 codes instead of a
 convert + FMA each.
 
-Layout. A vector lane is one packed uint32 word of a row (8 codes at 4 bits, 16 at 2 bits). Masking the word with
-0x0F0F0F0F (0x03030303) after a shift of `j * bits` leaves one code per byte: byte i holds code `i * P + j`
-(P = 8 / bits codes per byte). No code moves between lanes, so the activations are stored in the same order instead:
-the quantization step writes x's int8 values permuted to [chunk][part j][lane][byte i], and each part of a chunk is one
-contiguous load. A chunk is L = 8 words (256-bit registers); a row of 8m + 4 words (K = 576 at 2 bits or in 3-bit
-planes) ends with one 4-word (128-bit) chunk, and where groups fit neither, all chunks are 4 words (`chunk_plan`). A
+Layout. At 4 bits a vector lane is one packed uint32 word of a row (8 codes). Masking the word with 0x0F0F0F0F after a
+shift of `4j` leaves one code per byte: byte i holds code `2i + j`. At 2 bits a lane is two consecutive words of the
+checkpoint's own layout (32 codes, one activation block; no repacked layout): one load of 2L words is split into the
+even and the odd words by two shuffles, and word w of the lane masked with 0x03030303 after a shift of `2m` gives part
+j = 4w + m, byte i holding code `16w + 4i + m` (`_weight_codes_words2`). A lane of one word (16 codes) did the
+int32-to-fp32 scaling twice per block and ran the W2 GEMV at 1.2-1.3x W4's time; with 32-value lanes, a packed 2-lane
+tail (`_tail_words2`) and the zero-point terms of its 9-24 groups per row taken 8 at a time, 0.7-0.9x
+(benchmarks/results/decode_cpu_issue9_w3.md). No code moves between lanes, so the activations are stored in the same
+order instead: the quantization step writes x's int8 values permuted to [chunk][part j][lane][byte i], and each part of
+a chunk is one contiguous load. A chunk is L = 8 lanes (256-bit registers); a row of 8m + 4 lanes (K = 576 in 3-bit bit
+planes) ends with one 4-lane (128-bit) chunk, one of 8m + 2 lanes of 32 values (K = 576 at 2 bits and in bytes3) with a
+packed 2-lane tail, and where groups fit neither, all chunks are 4 words (`chunk_plan`). A
 chunk lies inside one group or holds whole groups (their scales spread over its lanes by a shuffle). 256-bit rather
 than 512-bit registers: rows of K = 576 hold 72 words at 4 bits, not a multiple of 16, and AVX-VNNI CPUs without
 AVX-512 get the same code. NEON has 128-bit registers: its kernel keeps the same layout and chunks and runs the
@@ -22,16 +28,16 @@ integer part in 4-lane steps (`_chunk`), so its int32 sums, and the fp32 arithme
 CPU 3-bit exports ("bytes3", dequant.py) take a lane per 32 values: one word of each of three planes, loaded as three
 vectors; parts 0-5 are a plane masked with 0x07070707 (after a shift by 3 for the odd ones), parts 6 and 7 two planes'
 spare bits 6-7 shifted, masked and ORed. A chunk of 8 lanes is 256 weights in 8 dots, 3 loads and 17 bit operations,
-with one int32-to-fp32 scaling per 256 weights where W4 has four; its dots go to two accumulators
-(`_accumulators`). Rows of 8m + 2 lanes (K = 576) end with a packed tail (`_tail_bytes3`: the two lanes' 6 words in
-one vector, 3 dots). Per row of SmolLM2's 960 x 576 that is 149 instructions against W4's 148 (x86 VNNI; NEON 274
-against 278), where the bit-plane layout "planes3" (a lane per 2-bit-plane word of 16 values, the third bit ORed in
-from a shared 1-bit-plane word by a shuffle and per-lane shifts; still accepted here) took 203.
+with one int32-to-fp32 scaling per 256 weights where W4 has four; its dots go to two accumulators (`_accumulators`; so
+do W2's 8). Rows of 8m + 2 lanes (K = 576) end with a packed tail (`_tail_bytes3`: the two lanes' 6 words in one
+vector, 3 dots). Per row of SmolLM2's 960 x 576 that is 149 instructions against W4's 148 (x86 VNNI; NEON 274 against
+278), where the bit-plane layout "planes3" (a lane per 2-bit-plane word of 16 values, the third bit ORed in from a
+shared 1-bit-plane word by a shuffle and per-lane shifts; still accepted here) took 203.
 
 Arithmetic. With x_k ~= d_b * a_k (block b) and W = s_g (q - z_g),
     y = sum_g s_g * (sum_{b in g} d_b * dot(q, a)_b - z_g * sum_{b in g} d_b * sum_{k in b} a_k).
 Every lane belongs to one block, so the int32 lane sums are converted once per chunk and multiplied by that lane's
-block scale (`xsw`, one fp32 per word) and the chunk's group scale; the zero-point term is one product per group with
+block scale (`xsw`, one fp32 per lane) and the chunk's group scale; the zero-point term is one product per group with
 per-group sums of `d_b * a_k` that the quantization step also leaves (shared by all rows).
 
 The whole linear is one prim func with the fused float kernel's arguments (x, qweight, scales, [zeros], y): a
@@ -54,15 +60,22 @@ ISAS = ("vnni", "avx2", "sdot")  # vpdpbusd; vpmaddubsw + vpmaddwd; NEON sdot (A
 
 
 def _lane_values(spec: QuantSpec) -> int | None:
-    """Weights per vector lane: one word of the words layout, one 2-bit-plane word (16 values) of planes3, one word of
-    each of the three planes (32 values) of bytes3."""
+    """Weights per vector lane: one word of the 4-bit words layout (8 values), two words of the 2-bit one (32 values,
+    `_weight_codes_words2`), one 2-bit-plane word (16 values) of planes3, one word of each of the three planes
+    (32 values) of bytes3."""
     if spec.layout == "words" and spec.bits in (2, 4):
-        return spec.vpw
+        return 8 if spec.bits == 4 else 32
     return {"planes3": 16, "bytes3": 32}.get(spec.layout)
 
 
 def _parts(spec: QuantSpec) -> int:
-    return {"planes3": 4, "bytes3": 8}.get(spec.layout) or 8 // spec.bits
+    """Codes per byte of a lane's words: a lane of 32 values holds 8 per byte position i (one per part j)."""
+    return {"planes3": 4, "bytes3": 8}.get(spec.layout) or (8 if spec.bits == 2 else 2)
+
+
+def _wide(spec: QuantSpec) -> bool:
+    """Lanes of 32 values (bytes3, 2-bit words): one activation block each."""
+    return _lane_values(spec) == 32
 
 
 def chunk_plan(spec: QuantSpec) -> tuple[int, int, int] | None:
@@ -79,11 +92,12 @@ def chunk_plan(spec: QuantSpec) -> tuple[int, int, int] | None:
     def fits(L):
         return grp_w % L == 0 or L % grp_w == 0 or grp_w == row_w
 
-    # bytes3 lanes (32 values) leave rows of 8m + 2 lanes (K=576): a tail of 2 lanes, packed into one 8-lane vector
-    # (`_tail_bytes3`) after 8-lane chunks, else run in 4-lane vectors whose activation bytes past the row are zero
-    tails = (0, 2, 4) if spec.layout == "bytes3" else (0, 4)
+    # lanes of 32 values leave rows of 8m + 2 lanes (K=576): a tail of 2 lanes, for bytes3 packed into one 8-lane
+    # vector (`_tail_bytes3`) after 8-lane chunks, else run in 4-lane vectors whose activation bytes past the row
+    # are zero
+    tails = (0, 2, 4) if _wide(spec) else (0, 4)
     if fits(8) and row_w % 8 in tails and row_w >= 8:
-        # a row of 8m + 4 words (K=576 at 2 bits and in 3-bit planes) ends with one 128-bit chunk
+        # a row of 8m + 4 lanes (K=576 in 3-bit bit planes) ends with one 128-bit chunk
         return 8, row_w // 8, row_w % 8
     if fits(4) and row_w % 4 in tails[:2] and row_w:
         return 4, row_w // 4, row_w % 4
@@ -132,9 +146,10 @@ def act_perm(spec: QuantSpec):
 
 
 def _packed_tail(spec: QuantSpec) -> bool:
-    """A bytes3 row of 8m + 2 lanes: its 2-lane tail runs as 3 dots of 8 lanes (`_tail_bytes3`) instead of 8 of 4."""
+    """A row of 8m + 2 lanes of 32 values: its 2-lane tail runs as 3 dots of 8 lanes (bytes3, `_tail_bytes3`) or 2
+    (2-bit words, `_tail_words2`) instead of 8 of 4."""
     plan = chunk_plan(spec)
-    return spec.layout == "bytes3" and plan is not None and plan[0] == 8 and plan[2] == 2
+    return _wide(spec) and plan is not None and plan[0] == 8 and plan[2] == 2
 
 
 def _tail_slot(j: int) -> tuple[int, int]:
@@ -263,10 +278,17 @@ def _block_positions(spec: QuantSpec):
 
     def off(t, lanes, packed=False):
         r = t % vpw
-        i_, j_ = ((r % 8 // 2, r % 8 % 2 * 2 + r // 8) if spec.layout == "planes3" else (r // P, r % P))
-        if packed:   # vectors of 6, 6 and 4 slots of 4 bytes (`_tail_slot`)
+        if spec.layout == "planes3":
+            i_, j_ = r % 8 // 2, r % 8 % 2 * 2 + r // 8
+        elif spec.layout == "words" and spec.bits == 2:   # word r // 16 of the lane, byte r % 16 // 4, field r % 4
+            i_, j_ = r % 16 // 4, r // 16 * 4 + r % 4
+        else:
+            i_, j_ = r // P, r % P
+        if packed and spec.layout == "bytes3":   # vectors of 6, 6 and 4 slots of 4 bytes (`_tail_slot`)
             v, slot = _tail_slot(j_)
             return v * 24 + slot * 4 + i_
+        if packed:   # 2-bit words: two vectors of 8 slots (`_tail_words2`)
+            return j_ % 4 // 2 * 32 + (j_ // 4 * 4 + j_ % 2 * 2) * 4 + i_
         return (j_ * lanes + t // vpw) * 4 + i_
     base = f"(b * {bw} // {L} * {P * L * 4} + b * {bw} % {L} * 4)"
     if tail:
@@ -328,8 +350,19 @@ def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, r: str | None, 
     z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
     g = f"({r}) * {NG} + g" if r is not None else "g"
     lv, lt = (f"{ri} * {L} + t", f"{ri} * 4 + t") if ri is not None else ("t", "t")
-    return [f"{ind}zc[0] = T.float32(0)",
-            f"{ind}for g in T.serial({NG}):",
+    S, g0 = [], 0
+    if spec.layout == "words" and spec.bits == 2 and r is None:
+        # W2 (g64: 9 groups per K=576 row, 24 at K=1536) takes the zero-point terms L groups at a time into yv's
+        # lanes, which are summed below anyway; W4 and W3 keep the scalar loop (and their logits bit for bit)
+        g0 = NG // L * L
+        zv = f"T.broadcast(T.float32({float(spec.sym_zero)}), {L})" if spec.sym else \
+            f'T.Cast("float32x{L}", zeros[nn, T.ramp(q * {L}, 1, {L})])'
+        Lv = f"T.ramp(0, 1, {L})"
+        S = [f"{ind}for q in T.serial({NG // L}):",
+             f'{ind}    yv[{Lv}] = yv[{Lv}] - T.Cast("float32x{L}", scales[nn, T.ramp(q * {L}, 1, {L})]) * {zv} * '
+             f"gsum[T.ramp(q * {L}, 1, {L})]"]
+    return S + [f"{ind}zc[0] = T.float32(0)",
+            f"{ind}for g in T.serial({g0}, {NG}):" if g0 else f"{ind}for g in T.serial({NG}):",
             f'{ind}    zc[0] = zc[0] + T.Cast("float32", scales[nn, g]) * {z} * gsum[{g}]',
             f"{ind}for t in T.serial({L}):",
             f"{ind}    zc[0] = zc[0] - yv[{lv}]",
@@ -362,9 +395,9 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
           "        yt[T.ramp(0, 1, 4)] = T.broadcast(T.float32(0), 4)",
           f"        for c in T.serial({n_main}):"]
     S += _chunk(spec, isa, L, L, f"c * {L}", "yv", gscale, " " * 12)
-    # bytes3's tail adds into lanes 0..3 of yv (one horizontal sum less); the words layouts keep their own yt (and
-    # their fp32 summation order)
-    yt = spec.layout != "bytes3"
+    # a tail of 32-value lanes adds into lanes 0..3 of yv (one horizontal sum less); W4 and planes3 keep their own yt
+    # (and their fp32 summation order)
+    yt = not _wide(spec)
     if tail:
         S += _chunk(spec, isa, tail, 4 if yt else L, str(L * n_main), "yt" if yt else "yv", gscale, " " * 8,
                     acc_stride=None if yt else L)
@@ -377,6 +410,8 @@ def _weight_codes(spec: QuantSpec, isa: str, Lc: int, start: str, ind: str):
     Lc-lane step h0 and each part j the expression of its unsigned codes, as (h0, j, W, code)."""
     if spec.layout == "bytes3":
         return _weight_codes_bytes3(spec, isa, Lc, start, ind)
+    if _wide(spec):
+        return _weight_codes_words2(spec, isa, Lc, start, ind)
     planes = spec.layout == "planes3"
     mask = {4: 0x0F0F0F0F, 2: 0x03030303, 3: 0x03030303}[spec.bits]
     Lr = f"T.ramp(0, 1, {Lc})"
@@ -426,6 +461,33 @@ def _weight_codes_bytes3(spec: QuantSpec, isa: str, Lc: int, start: str, ind: st
     return S, codes
 
 
+def _weight_codes_words2(spec: QuantSpec, isa: str, Lc: int, start: str, ind: str):
+    """_weight_codes for 2-bit words read two per lane (32 values, one activation block): the checkpoint's words
+    2l and 2l + 1 of lane l, split from one load of 2Lc words into wq (even words: parts 0-3) and hq (odd: parts
+    4-7); part j is its word shifted by 2 (j % 4) and masked with 0x03030303. A lane of one word (16 values) did the
+    int32-to-fp32 scaling and zero-point work twice per block; this needs no repacked layout, only the split
+    (two shuffles per chunk of 256 weights)."""
+    Wc = _width(Lc)
+    Lr = f"T.ramp(0, 1, {Wc})"
+    both = f"qweight[nn, T.ramp(2 * ({start}), 1, {2 * Lc})]"
+    if Lc < Wc:   # a 2-lane tail in 4-lane vectors: lanes past Lc read zero words (their dots are zero)
+        srcs, pad = f"[{both}, T.broadcast(T.uint32(0), {2 * Lc})]", 2 * Lc
+    else:
+        srcs, pad = f"[{both}]", None
+    S = [f"{ind}{buf}[{Lr}] = T.Shuffle({srcs}, {[2 * lane + odd if lane < Lc else pad for lane in range(Wc)]})"
+         for odd, buf in ((0, "wq"), (1, "hq"))]
+    W = 4 if isa == "sdot" else Wc
+    u = lambda v: f"T.broadcast(T.uint32({v}), {W})"  # noqa: E731
+    codes = []
+    for h0 in range(0, Wc, W):
+        Lh = f"T.ramp({h0}, 1, {W})"
+        for j in range(8):
+            w = f"{'wq' if j < 4 else 'hq'}[{Lh}]"
+            w = f"T.shift_right({w}, {u(2 * (j % 4))})" if j % 4 else w
+            codes.append((h0, j, W, f"T.bitwise_and({w}, {u(0x03030303)})"))
+    return S, codes
+
+
 def _tail_bytes3(spec: QuantSpec, isa: str, start: str, acc: str, ind: str, rows: int | None,
                  acc_stride: int | None) -> list[str]:
     """_chunk for bytes3's 2-lane tail (`_packed_tail`): the 6 words of its two lanes in one 8-lane vector
@@ -459,6 +521,39 @@ def _tail_bytes3(spec: QuantSpec, isa: str, start: str, acc: str, ind: str, rows
                 act = _padded(lambda m, b=base: f"xq[T.ramp({b}, 1, {m})]", real, 4 * W, "T.int8(0)")
                 Li = f"T.ramp({ri * 8 + h0}, 1, {W})"
                 S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
+    return S + _tail_finish(spec, start, acc, ind, rows, acc_stride)
+
+
+def _tail_words2(spec: QuantSpec, isa: str, start: str, acc: str, ind: str, rows: int | None,
+                 acc_stride: int | None) -> list[str]:
+    """_chunk for the 2-lane tail of 2-bit words read two per lane (`_packed_tail`): the tail's 4 words a0 a1 b0 b1
+    (lanes a, b) as one 8-lane vector V = [a0, b0, a0, b0, a1, b1, a1, b1]; (V >> [0, 0, 2, 2] x 2) & 3s gives parts
+    0, 1, 4, 5 of both lanes and (V >> [4, 4, 6, 6] x 2) & 3s parts 2, 3, 6, 7: 2 dots of 8 lanes instead of 8 of 4.
+    Slot s belongs to tail lane s % 2 (`_tail_finish`)."""
+    R, W = rows or 1, 4 if isa == "sdot" else 8
+    four = f"qweight[nn, T.ramp(2 * ({start}), 1, 4)]"   # twice: a shuffle's inputs hold at least its output lanes
+    S = [f"{ind}wq[T.ramp(0, 1, 8)] = T.Shuffle([{four}, {four}], [0, 2, 0, 2, 1, 3, 1, 3])",
+         f"{ind}ia[T.ramp(0, 1, {R * 8})] = T.broadcast(0, {R * 8})"]
+    row = lambda ri, size: f"(rb * {R} + {ri}) * {size} + " if rows else ""  # noqa: E731 - the row's buffer offset
+    for h0 in range(0, 8, W):
+        Lh = f"T.ramp({h0}, 1, {W})"
+        for v in range(2):
+            sh = f'T.Cast("uint32x{W}", T.ramp({h0}, 1, {W}) // 2 % 2 * 2 + {4 * v})'
+            code = f"T.bitwise_and(T.shift_right(wq[{Lh}], {sh}), T.broadcast(T.uint32({0x03030303}), {W}))"
+            for ri in range(R):
+                act = f"xq[T.ramp({row(ri, spec.k)}({start}) * {_parts(spec) * 4} + {v * 32 + 4 * h0}, 1, {4 * W})]"
+                Li = f"T.ramp({ri * 8 + h0}, 1, {W})"
+                S.append(f"{ind}ia[{Li}] = {_dot(isa, W, f'ia[{Li}]', code, act)}")
+    return S + _tail_finish(spec, start, acc, ind, rows, acc_stride)
+
+
+def _tail_finish(spec: QuantSpec, start: str, acc: str, ind: str, rows: int | None,
+                 acc_stride: int | None) -> list[str]:
+    """A packed 2-lane tail's int32 sums ia[ri * 8 ...] into `acc`: slot s takes tail lane s % 2's block and group
+    scales."""
+    R, lanes = rows or 1, spec.k // _lane_values(spec)
+    S = []
+    row = lambda ri, size: f"(rb * {R} + {ri}) * {size} + " if rows else ""  # noqa: E731 - the row's buffer offset
     grp_w = spec.group_len // _lane_values(spec)
     pairs = lambda ld: f"T.Shuffle([{', '.join([ld] * 4)}], {[0, 1] * 4})"  # noqa: E731 - slot s: tail lane s % 2
     for ri in range(R):
@@ -479,7 +574,8 @@ def _chunk(spec: QuantSpec, isa: str, Lc: int, L: int, start: str, acc: str, gsc
     GEMM: activation rows rb * rows + ri) the codes are unpacked once for every row's dots; row ri's int32 sums sit
     in ia[ri * L ...], its fp32 partial sums in acc[ri * acc_stride ...] (default: Lc)."""
     if Lc == 2 and _packed_tail(spec):
-        return _tail_bytes3(spec, isa, start, acc, ind, rows, acc_stride)
+        tail = _tail_bytes3 if spec.layout == "bytes3" else _tail_words2
+        return tail(spec, isa, start, acc, ind, rows, acc_stride)
     P, R, Wc = _parts(spec), rows or 1, _width(Lc)
     NA = 1 if rows else _accumulators(spec)
     S, codes = _weight_codes(spec, isa, Lc, start, ind)
@@ -504,8 +600,8 @@ def _accumulators(spec: QuantSpec) -> int:
     """int32 accumulators of a GEMV chunk, its parts dealt over them in turn: the 8 dots of a bytes3 chunk in one
     chain wait on each other's latency (integer sums: the order changes nothing). Two took the 3-bit GEMVs from
     1.09x to 1.05x W4's time on SmolLM2's shapes (benchmarks/cpu_gemv_bits.py, before the packed tail); W4's 2 parts
-    and W2's 4 lost 2-10% with two."""
-    return 2 if spec.layout == "bytes3" else 1
+    and W2's 4 (then a lane per word) lost 2-10% with two. W2's 8 parts per 32-value lane take two as bytes3's do."""
+    return 2 if _wide(spec) else 1
 
 
 GEMM_ROWS = 8   # activation rows per pass over a weight row: codes unpacked once for 8 rows of dots

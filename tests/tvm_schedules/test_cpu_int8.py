@@ -1,5 +1,6 @@
 """The int8 decode GEMV (tvm_schedules/cpu_int8.py): compiled for this CPU and run against its NumPy model
-(int8 activations per block of 32, exact integer dots) and against the exact fp reference, at 2/4 bits (words) and 3
+(int8 activations per block of 32, exact integer dots) and against the exact fp reference, at 2/4 bits (the
+checkpoint's words; 2-bit lanes of two words, with a packed 2-lane tail at K = 576 and vector zero-point terms) and 3
 bits (byte planes, the CPU exports' layout, and bit planes); the generated code holds the integer dot-product
 instructions; the ISA choice follows the target."""
 import re
@@ -66,7 +67,8 @@ def test_activation_quantization_model():
 def test_activation_permutation_is_a_bijection():
     from edgequant.tvm_schedules.cpu_int8 import act_perm
     from edgequant.tvm_schedules.dequant import QuantSpec
-    for bits, layout, k in ((2, "words", 576), (4, "words", 576), (3, "planes3", 576), (3, "bytes3", 576),
+    for bits, layout, k in ((2, "words", 576), (2, "words", 64), (2, "words", 1536), (4, "words", 576),
+                            (3, "planes3", 576), (3, "bytes3", 576),
                             (3, "bytes3", 320), (3, "bytes3", 64), (3, "bytes3", 1536)):
         spec = QuantSpec(8, k, bits, 64 if bits == 2 else 128, False, layout)
         assert sorted(act_perm(spec).tolist()) == list(range(k))
@@ -95,7 +97,8 @@ def test_kernel_matches_numpy(isa, bits, group, sym, n, k, layout):
     assert rel < 2e-2, rel  # int8 activations: each value within half a step of 1/127 of its block's max
 
 
-GEMM_CASES = [CASES[0], CASES[3], CASES[5], CASES[9], CASES[12]]   # W4 g128 / per-channel sym, W2 g64 tail, W3 tails
+GEMM_CASES = [CASES[0], CASES[3], CASES[5], CASES[8], CASES[9], CASES[12]]   # W4 g128 / per-channel sym, W2 g64
+# packed tail / whole chunks with two groups each, W3 tails
 
 
 @pytest.mark.parametrize("isa", ["vnni", "avx2"])
@@ -165,13 +168,14 @@ def test_supported_shapes():
     from edgequant.tvm_schedules.cpu_int8 import chunk_plan
     from edgequant.tvm_schedules.dequant import QuantSpec
     assert chunk_plan(QuantSpec(8, 576, 4, 128, False))[0] == 8     # SmolLM2 W4 g128: 72 words, 16 per group
-    assert chunk_plan(QuantSpec(8, 576, 2, 64, False)) == (8, 4, 4)   # W2 g64: 36 words, a 128-bit tail
+    assert chunk_plan(QuantSpec(8, 576, 2, 64, False)) == (8, 2, 2)   # W2 g64: 18 lanes of two words, a 2-lane tail
     assert chunk_plan(QuantSpec(8, 1536, 2, 64, False))[0] == 8     # two groups per chunk
     assert chunk_plan(QuantSpec(8, 160, 2, -1, False)) is None   # 10 words per row
     assert chunk_plan(QuantSpec(8, 96, 4, 48, False)) is None    # groups not made of whole blocks of 32
     assert chunk_plan(QuantSpec(8, 576, 3, 128, False, "planes3")) == (8, 4, 4)
-    assert chunk_plan(QuantSpec(8, 576, 2, -1, False)) == (8, 4, 4)    # per channel: one group, any chunks
-    assert chunk_plan(QuantSpec(8, 320, 2, 64, False)) == (8, 2, 4)
+    assert chunk_plan(QuantSpec(8, 576, 2, -1, False)) == (8, 2, 2)    # per channel: one group, any chunks
+    assert chunk_plan(QuantSpec(8, 320, 2, 64, False)) == (8, 1, 2)
+    assert chunk_plan(QuantSpec(8, 64, 2, -1, True)) == (4, 0, 2)       # a 2-lane row in 4-lane vectors
     assert chunk_plan(QuantSpec(8, 192, 4, 96, False)) == (4, 6, 0)    # groups of 12 words: 128-bit chunks
     assert chunk_plan(QuantSpec(8, 1536, 3, 128, False, "planes3"))[0] == 8
     assert chunk_plan(QuantSpec(8, 576, 3, 128, False, "words")) is None       # the checkpoint's 10-per-word layout
