@@ -273,9 +273,11 @@ def measure(model, method, scheme_name, opts, args, dev) -> dict:
     t0 = time.time()
     n, L = calib_size(opts, args)
     method_opts = {k: v for k, v in opts.items() if k not in ("nsamples", "seqlen")}
-    data = {} if method == "rtn" else dict(calib=args.calib, nsamples=n, seqlen=L)
+    data = {} if method == "rtn" else dict(calib=args.calib, nsamples=n, seqlen=L, seed=args.seed)
+    if method == "rtn" and opts.get("rotate"):
+        data["seed"] = args.seed
     ck = edgequant.api.quantize(model, out, method=method, bits=s.bits, group_size=s.group_size, sym=s.sym,
-                                seed=args.seed, device=args.device, **data, **method_opts)
+                                device=args.device, **data, **method_opts)
     tq = time.time() - t0
     info = edgequant.api.inspect(ck)
     res = edgequant.api.evaluate(ck, args.data, max_windows=args.max_windows, device=args.device)

@@ -288,6 +288,11 @@ def load_model(model: str | os.PathLike | None, dtype=None):
             tok = AutoTokenizer.from_pretrained(src)
     except EdgequantError:
         raise
+    except RuntimeError as e:   # transformers: a weight's shape differs from config.json's (its report is silenced)
+        if "mismatched" not in str(e):
+            raise
+        raise EdgequantError(f"could not load model '{src}': a weight's shape differs from what its config.json "
+                             "describes; restore the model's original files or config.json") from None
     except (OSError, ValueError) as e:
         raise EdgequantError(f"could not load model '{src}': {first_line(e)}") from None
     family_for(m.config.model_type)

@@ -68,7 +68,8 @@ class Method:
     reads: Callable[[Options], frozenset] = lambda config: frozenset()
 
     def check_shared(self, opts: "CalibOptions") -> None:
-        unused = [n for n in opts.changed(*sorted(CALIBRATION_OPTIONS | GPTQ_OPTIONS)) if n not in self.reads(opts.config)]
+        reads = self.reads(opts.config) | ({"seed"} if opts.rotate else set())   # the rotation's random signs
+        unused = [n for n in opts.changed(*sorted(CALIBRATION_OPTIONS | GPTQ_OPTIONS)) if n not in reads]
         if unused:
             cfg = opts.config
             with_gptq = getattr(cfg, "gptq", True) is False and set(unused) <= self.reads(replace(cfg, gptq=True))
@@ -78,7 +79,7 @@ class Method:
 
 
 GPTQ_OPTIONS = frozenset({"act_order", "percdamp", "skip_tokens"})
-CALIBRATION_OPTIONS = frozenset({"calib", "nsamples", "seqlen", "batch_size"})
+CALIBRATION_OPTIONS = frozenset({"calib", "nsamples", "seqlen", "batch_size", "seed"})
 
 
 METHODS: dict[str, Method] = {}

@@ -145,7 +145,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
                 cuda = compile_fatbin(src, targets.parse_archs(arch), tmp)
             names = [n for n, _ in named_params]
             _log(progress, f"writing {len(names)} weight tensors")
-            weight_bytes = write_tensor_cache(source, names, tmp)
+            weight_bytes = write_tensor_cache(source, names, tmp, {n: [int(x) for x in p.shape] for n, p in named_params})
             _copy_tokenizer(source.path, tmp)
             device_code = sorted({m.kind for m in _walk(ex.mod) if m.kind in ("cuda", "metal", "opencl", "webgpu")})
             meta = {

@@ -180,7 +180,7 @@ class HFSource(WeightSource):
         if self._state is None:
             from edgequant.checkpoint import read_plain_tensors
             self._state = read_plain_tensors(self.path)
-            if "lm_head.weight" not in self._state:   # tied to the embedding (saved once)
+            if "lm_head.weight" not in self._state and self.arch.tie_word_embeddings:   # tied: saved once
                 self._state["lm_head.weight"] = self._state["model.embed_tokens.weight"]
         return self._state
 
@@ -203,6 +203,9 @@ class HFSource(WeightSource):
         state = self._tensors()
         used = {t for ts in self._needed(names, self.plans()).values() for t in ts}
         unused = sorted(set(state) - used - {"lm_head.weight"})   # lm_head: present or tied, the graph may use either
+        if "lm_head.weight" not in used and "lm_head.weight" in state and not np.array_equal(
+                state["lm_head.weight"], state["model.embed_tokens.weight"]):
+            unused.append("lm_head.weight (config.json ties the output layer to the embedding, these differ)")
         if unused:
             more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
             raise EdgequantError(f"{self.path} holds weight(s) the model has no place for: {', '.join(unused[:3])}"
@@ -246,14 +249,18 @@ def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> We
     return HFSource(p, config)
 
 
-def write_tensor_cache(source: WeightSource, names: list[str], dist: Path) -> int:
-    """`tensor-cache.json` + `params_shard_*.bin` (MLC's format, raw encoding); returns the bytes of weights."""
+def write_tensor_cache(source: WeightSource, names: list[str], dist: Path, shapes: dict | None = None) -> int:
+    """`tensor-cache.json` + `params_shard_*.bin` (MLC's format, raw encoding); returns the bytes of weights. With
+    `shapes` ({name: the graph's shape}), a weight of another shape is refused here, not by the runners later."""
     from tvm.contrib import tvmjs
     total = [0]
 
     def gen():
         source.check_all_used(names)
         for name, arr in source.arrays(names):
+            if shapes is not None and list(arr.shape) != shapes[name]:
+                raise EdgequantError(f"{source.path}: weight '{name}' is {list(arr.shape)}, the model's config.json "
+                                     f"makes it {shapes[name]}; restore the model's original files or config.json")
             total[0] += arr.nbytes
             yield name, np.ascontiguousarray(arr)
 

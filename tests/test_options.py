@@ -89,6 +89,9 @@ def test_owq_budget_is_one_or_the_other():
     ("owq", {"tune_lr": 0.5, "tune_heldout": 2}, "--tune-lr, --tune-heldout only apply with --tune-epochs"),
     ("owq", {"clip_search": False, "sink_guard": True}, "--sink-guard only apply with --clip-search"),
     ("omniquant", {"let_lr": 0.1}, "--let-lr only apply with --let"),
+    ("rtn", {"seed": 5}, "--seed do not apply to --method rtn$"),   # rtn reads it only with --rotate
+    ("omniquant", {"epochs": 0, "lwc_lr": 0.5}, "--lwc-lr only apply with --epochs N"),
+    ("omniquant", {"lwc": False, "let": True, "lwc_init": 2.0}, "--lwc-init only apply with --lwc"),
 ])
 def test_options_a_method_does_not_read_are_refused(tmp_path, method, kw, msg):
     """Set but never read, they changed nothing without a word (sixth hostile re-run, F1 and S20)."""

@@ -93,7 +93,8 @@ class OmniConfig(Options):
         if self.epochs > 0 and not (self.lwc or self.let):
             raise EdgequantError("nothing to train: enable --lwc or --let, or pass --epochs 0")
         self.refuse_unless(self.let, ("let_lr", "let_alpha"), "--let")
-        self.refuse_unless(self.lwc, ("lwc_lr",), "--lwc")
+        self.refuse_unless(self.lwc, ("lwc_lr", "lwc_init"), "--lwc")
+        self.refuse_unless(self.epochs > 0, ("lwc_lr", "let_lr", "aug_loss", "loss"), "--epochs N (N > 0)")
 
 
 @dataclass

@@ -93,3 +93,35 @@ def _all_names(folder):
                  "up_proj": "gate_up_proj"}
         names.add(f"{pre}.{fused[lin]}.{leaf}" if lin in fused else k)
     return sorted(names)
+
+
+def test_an_untied_model_without_its_output_layer_is_refused_and_a_tied_one_with_another_is_too(model_dirs, tmp_path):
+    """The embedding stood in for a missing untied lm_head.weight (other tokens, exit 0), and a tied model's own,
+    different lm_head.weight was dropped (seventh hostile re-run, S22)."""
+    import json
+    import shutil
+
+    import pytest
+    from safetensors.numpy import load_file, save_file
+
+    from edgequant.errors import EdgequantError
+    from edgequant.export.params import open_source
+    untied = tmp_path / "untied"
+    shutil.copytree(model_dirs["llama"], untied)
+    f = next(untied.glob("*.safetensors"))
+    tensors = load_file(f)
+    assert "lm_head.weight" in tensors   # the tiny llama is untied
+    del tensors["lm_head.weight"]
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(EdgequantError, match="has no weight 'lm_head.weight'"):
+        dict(open_source(untied).arrays(["lm_head.weight"]))
+    tied = tmp_path / "tied"
+    shutil.copytree(untied, tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    names = [n for n in _all_names(tied)]
+    open_source(tied).check_all_used(names)   # tied and saved once: fine
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] * 2
+    save_file(tensors, next(tied.glob("*.safetensors")), metadata={"format": "pt"})
+    with pytest.raises(EdgequantError, match="ties the output layer to the embedding, these differ"):
+        open_source(tied).check_all_used(names)

@@ -47,7 +47,7 @@ def test_a_block_whose_loss_rises_keeps_its_better_parameters():
         assert len(losses) == 3
         assert b.loss_after <= b.loss_before and b.loss_after == pytest.approx(min([b.loss_before] + losses), rel=1e-5)
     # the kept parameters are what the checkpoint holds: block 0 fell back to its initial clipping (sigmoid(4))
-    start = calibrate_omniquant(make_tiny_model("llama"), samples, scheme, OmniConfig(**{**cfg, "epochs": 0}),
+    start = calibrate_omniquant(make_tiny_model("llama"), samples, scheme, OmniConfig(epochs=0, batch_size=2),
                                 progress=False)[0]
     name = "model.layers.0.self_attn.q_proj"
     assert torch.equal(q[name].q, start[name].q) and torch.equal(q[name].scale, start[name].scale)
