@@ -50,7 +50,7 @@ def main():
     from edgequant.export.threads import configure
     from edgequant.pack import pack
     from edgequant.tvm_schedules import cpu_int8
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_bytes3_np, repack_planes3_np
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_3bit_np
     configure(a.threads)
     load0 = os.getloadavg()
     host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
@@ -59,7 +59,6 @@ def main():
         sys.exit("error: this CPU has no integer dot products (AVX2, VNNI or dotprod); nothing to compare")
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
-    repack = {"words": lambda qw, k: qw, "bytes3": repack_bytes3_np, "planes3": repack_planes3_np}
     calls = {}   # (shape, config) -> (function, args)
     for sname, n, k in SHAPES:
         x = rng.standard_normal((1, k)).astype(np.float16)
@@ -68,7 +67,8 @@ def main():
             fn = tvm.compile(tvm.IRModule({"main": cpu_int8.int8_gemv_func(spec, isa)}), target=host)["main"]
             copies = []
             for c in range(a.copies):
-                qw = repack[layout](pack(rng.integers(0, 1 << bits, (n, k)), bits), k)
+                qw = pack(rng.integers(0, 1 << bits, (n, k)), bits)
+                qw = qw if layout == "words" else repack_3bit_np(qw, k, layout)
                 sc = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
                 z = rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
                 copies.append([tvm.runtime.tensor(v, dev) for v in (x, qw, sc, z, np.zeros((1, n), np.float32))])

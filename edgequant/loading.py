@@ -207,12 +207,15 @@ def _edgequant_quantization(folder: Path) -> str | None:
     """'METHOD, N bits' when `folder`'s config.json carries an edgequant quantization_config, else None (an unreadable
     config is left to transformers' own error)."""
     import json
+
+    from .checkpoint import declares_checkpoint
     try:
-        q = json.loads((folder / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
-    if not isinstance(q, dict) or q.get("quant_method") != "edgequant":
+    if not isinstance(config, dict) or not declares_checkpoint(config):
         return None
+    q = config["quantization_config"]
     return f"{q.get('method', 'unknown method')}, {q.get('bits', '?')} bits"
 
 
