@@ -44,11 +44,53 @@ def _score(dot, sm_scale, softcap: float | None):
     return s * tirx.const(LOG2E, "float32")
 
 
+def _macros(T, d_qk: int, d_v: int, group: int, softcap: float | None, page_size: int = 0, sliding: bool = False):
+    """The kernels' shared steps as TVMScript macros (a prim func's signature must stay literal, its body need not):
+    the running state's start, one key folded into it, the result written, and one cached key of the two paged
+    kernels (prefill and decode read the cache the same way)."""
+
+    @T.macro
+    def start(m, den, acc):
+        m[0] = T.float32(_NEG)
+        den[0] = T.float32(0)
+        for i in T.serial(d_v):
+            acc[i] = T.float32(0)
+
+    @T.macro
+    def fold(m, den, s, p, sm_scale):
+        # s: the key's dot product, made a score; p: the rescale of what is summed so far
+        s[0] = _score(s[0], sm_scale, softcap)
+        p[0] = T.exp2(m[0] - T.max(m[0], s[0]))
+        m[0] = T.max(m[0], s[0])
+        den[0] = den[0] * p[0] + T.exp2(s[0] - m[0])
+
+    @T.macro
+    def finish(output, lse, row, h, m, den, acc):
+        for i in T.serial(d_v):
+            output[row, h, i] = T.if_then_else(den[0] > 0, acc[i] / den[0], T.float32(0)).astype(output.dtype)
+        lse[row, h] = T.if_then_else(den[0] > 0, m[0] + T.log2(den[0]), T.float32(_NEG))
+
+    @T.macro
+    def paged_key(q, row, h, pages, page_values, length_info, begin, b, j, sm_scale, m, den, s, p, acc):
+        slot: T.let[T.int32] = _slot(length_info, b, j, sliding)
+        page: T.let[T.int32] = page_values[begin + slot // page_size]
+        s[0] = T.float32(0)
+        for i in T.serial(d_qk):
+            s[0] += q[row, h, i].astype("float32") * pages[page, 0, h // group, slot % page_size, i].astype("float32")
+        fold(m, den, s, p, sm_scale)
+        for i in T.serial(d_v):
+            acc[i] = acc[i] * p[0] + T.exp2(s[0] - m[0]) * \
+                pages[page, 1, h // group, slot % page_size, i].astype("float32")
+
+    return start, fold, finish, paged_key
+
+
 def ragged_prefill(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, softcap: float | None = None,
                    every_window: int = 0):
     """Replacement of `_attention_prefill_ragged_cpu` (same arguments); `every_window`: see `cpu_kernels_for`."""
     from tvm.script import tirx as T
     group = h_q // h_kv
+    start, fold, finish, _ = _macros(T, d_qk, d_v, group, softcap)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
@@ -88,26 +130,18 @@ def ragged_prefill(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, softcap
                         lo: T.let[T.int32] = _ragged_range(causal, n_k, n_q, qi, every_window)[0]
                         hi: T.let[T.int32] = _ragged_range(causal, n_k, n_q, qi, every_window)[1]
                         row: T.let[T.int32] = q_indptr[b] + qi
-                        m[0] = T.float32(_NEG)
-                        den[0] = T.float32(0)
-                        for i in T.serial(d_v):
-                            acc[i] = T.float32(0)
+                        start(m, den, acc)
                         for jj in T.serial(T.max(hi - lo, 0)):
                             j: T.let[T.int32] = lo + jj
                             s[0] = T.float32(0)
                             for i in T.serial(d_qk):
                                 s[0] += q[row, h, i].astype("float32") * \
                                     k[kv_indptr[b] + j, h // group, i].astype("float32")
-                            s[0] = _score(s[0], sm_scale, softcap)
-                            p[0] = T.exp2(m[0] - T.max(m[0], s[0]))   # rescale of what is summed so far
-                            m[0] = T.max(m[0], s[0])
-                            den[0] = den[0] * p[0] + T.exp2(s[0] - m[0])
+                            fold(m, den, s, p, sm_scale)
                             for i in T.serial(d_v):
                                 acc[i] = acc[i] * p[0] + T.exp2(s[0] - m[0]) * \
                                     v[kv_indptr[b] + j, h // group, i].astype("float32")
-                        for i in T.serial(d_v):
-                            output[row, h, i] = T.if_then_else(den[0] > 0, acc[i] / den[0], T.float32(0)).astype(dtype)
-                        lse[row, h] = T.if_then_else(den[0] > 0, m[0] + T.log2(den[0]), T.float32(_NEG))
+                        finish(output, lse, row, h, m, den, acc)
 
     return batch_prefill_ragged_kv
 
@@ -150,6 +184,7 @@ def paged_prefill(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool,
     group = h_q // h_kv
     window = sliding_window_size if sliding_window else 0
     symbol = "edgequant_prefill_paged_kv_cpu" + ("_sliding_window" if sliding_window else "")
+    start, _, finish, paged_key = _macros(T, d, d, group, softcap, page_size, sliding_window)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_cpu(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
@@ -195,27 +230,11 @@ def paged_prefill(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool,
                         lo: T.let[T.int32] = _first_visible(causal, n_k, n_q, qi, window, every_window)
                         hi: T.let[T.int32] = _end_visible(causal, n_k, n_q, qi, window)
                         row: T.let[T.int32] = q_indptr[b] + qi
-                        m[0] = T.float32(_NEG)
-                        den[0] = T.float32(0)
-                        for i in T.serial(d):
-                            acc[i] = T.float32(0)
+                        start(m, den, acc)
                         for jj in T.serial(T.max(hi - lo, 0)):
-                            slot: T.let[T.int32] = _slot(length_info, b, lo + jj, sliding_window)
-                            page: T.let[T.int32] = page_values[begin + slot // page_size]
-                            s[0] = T.float32(0)
-                            for i in T.serial(d):
-                                s[0] += q[row, h, i].astype("float32") * \
-                                    pages[page, 0, h // group, slot % page_size, i].astype("float32")
-                            s[0] = _score(s[0], sm_scale, softcap)
-                            p[0] = T.exp2(m[0] - T.max(m[0], s[0]))
-                            m[0] = T.max(m[0], s[0])
-                            den[0] = den[0] * p[0] + T.exp2(s[0] - m[0])
-                            for i in T.serial(d):
-                                acc[i] = acc[i] * p[0] + T.exp2(s[0] - m[0]) * \
-                                    pages[page, 1, h // group, slot % page_size, i].astype("float32")
-                        for i in T.serial(d):
-                            output[row, h, i] = T.if_then_else(den[0] > 0, acc[i] / den[0], T.float32(0)).astype(dtype)
-                        lse[row, h] = T.if_then_else(den[0] > 0, m[0] + T.log2(den[0]), T.float32(_NEG))
+                            paged_key(q, row, h, pages, page_values, length_info, begin, b, lo + jj, sm_scale,
+                                      m, den, s, p, acc)
+                        finish(output, lse, row, h, m, den, acc)
 
     return batch_prefill_paged_kv_cpu
 
@@ -253,6 +272,7 @@ def paged_decode(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool, 
     from tvm.script import tirx as T
     group = h_q // h_kv
     symbol = "edgequant_decode_paged_kv_cpu" + ("_sliding_window" if sliding_window else "")
+    start, _, finish, paged_key = _macros(T, d, d, group, softcap, page_size, sliding_window)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
@@ -290,28 +310,12 @@ def paged_decode(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool, 
                     begin: T.let[T.int32] = page_indptr[b]
                     n_k: T.let[T.int32] = _kv_len(length_info, b, page_indptr[b + 1] - begin, page_size,
                                                   sliding_window)
-                    m[0] = T.float32(_NEG)
-                    den[0] = T.float32(0)
-                    for i in T.serial(d):
-                        acc[i] = T.float32(0)
+                    start(m, den, acc)
                     lo: T.let[T.int32] = _window_start(n_k - 1, every_window)
                     for jj in T.serial(T.max(n_k - lo, 0)):
-                        slot: T.let[T.int32] = _slot(length_info, b, lo + jj, sliding_window)
-                        page: T.let[T.int32] = page_values[begin + slot // page_size]
-                        s[0] = T.float32(0)
-                        for i in T.serial(d):
-                            s[0] += Q[b, h, i].astype("float32") * \
-                                pages[page, 0, h // group, slot % page_size, i].astype("float32")
-                        s[0] = _score(s[0], sm_scale, softcap)
-                        p[0] = T.exp2(m[0] - T.max(m[0], s[0]))
-                        m[0] = T.max(m[0], s[0])
-                        den[0] = den[0] * p[0] + T.exp2(s[0] - m[0])
-                        for i in T.serial(d):
-                            acc[i] = acc[i] * p[0] + T.exp2(s[0] - m[0]) * \
-                                pages[page, 1, h // group, slot % page_size, i].astype("float32")
-                    for i in T.serial(d):
-                        output[b, h, i] = T.if_then_else(den[0] > 0, acc[i] / den[0], T.float32(0)).astype(dtype)
-                    lse[b, h] = T.if_then_else(den[0] > 0, m[0] + T.log2(den[0]), T.float32(_NEG))
+                        paged_key(Q, b, h, pages, page_values, length_info, begin, b, lo + jj, sm_scale,
+                                  m, den, s, p, acc)
+                    finish(output, lse, b, h, m, den, acc)
 
     return batch_decode_paged_kv
 

@@ -29,12 +29,79 @@ from .paged_attention_cpu import _NEG, _end_visible, _first_visible, _kv_len, _l
 _THREADS = 64   # threads per block: also the keys per tile
 
 
+def _macros(T, d_qk: int, d_v: int, group: int, softcap: float | None, page_size: int = 0, sliding: bool = False):
+    """The kernels' shared steps as TVMScript macros (a prim func's signature must stay literal, its body need not):
+    staging q and the running state, folding a tile's scores into it, writing the result, and the whole key walk of
+    the two paged kernels (prefill and decode read the cache the same way)."""
+    nt = _THREADS
+    dpt = -(-d_v // nt)   # value dimensions per thread
+
+    @T.macro
+    def start(q, row, h, tx, q_s, st, acc):
+        for c in T.serial(-(-d_qk // nt)):
+            if c * nt + tx < d_qk:
+                q_s[c * nt + tx] = q[row, h, c * nt + tx].astype("float32")
+        st[0] = T.float32(_NEG)
+        st[1] = T.float32(0)
+        for c in T.serial(dpt):
+            acc[c] = T.float32(0)
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def rescale(st, acc, s_s, n_t):
+        # st[2]: the tile's new maximum; what was summed so far is rescaled to it, the tile's terms are added
+        st[2] = st[0]
+        for t in T.serial(n_t):
+            st[2] = T.max(st[2], s_s[t])
+        st[1] = st[1] * T.exp2(st[0] - st[2])
+        for c in T.serial(dpt):
+            acc[c] = acc[c] * T.exp2(st[0] - st[2])
+        for t in T.serial(n_t):
+            st[1] += T.exp2(s_s[t] - st[2])
+
+    @T.macro
+    def finish(output, lse, row, h, tx, st, acc):
+        for c in T.serial(dpt):
+            if c * nt + tx < d_v:
+                output[row, h, c * nt + tx] = T.if_then_else(st[1] > 0, acc[c] / st[1],
+                                                             T.float32(0)).astype(output.dtype)
+        if tx == 0:
+            lse[row, h] = T.if_then_else(st[1] > 0, st[0] + T.log2(st[1]), T.float32(_NEG))
+
+    @T.macro
+    def paged_walk(pages, page_values, length_info, begin, b, lo, hi, h, tx, sm_scale, q_s, s_s, page_s, slot_s,
+                   st, acc):
+        for tile in T.serial(T.ceildiv(T.max(hi - lo, 0), nt)):
+            n_t: T.let[T.int32] = T.min(nt, hi - lo - tile * nt)
+            if tx < n_t:
+                slot: T.let[T.int32] = _slot(length_info, b, lo + tile * nt + tx, sliding)
+                page_s[tx] = page_values[begin + slot // page_size]
+                slot_s[tx] = slot % page_size
+                st[3] = T.float32(0)
+                for i in T.serial(d_qk):
+                    st[3] += q_s[i] * pages[page_values[begin + slot // page_size], 0, h // group,
+                                            slot % page_size, i].astype("float32")
+                s_s[tx] = _score(st[3], sm_scale, softcap)
+            T.tvm_storage_sync("shared")
+            rescale(st, acc, s_s, n_t)
+            for t in T.serial(n_t):
+                for c in T.serial(dpt):
+                    if c * nt + tx < d_v:
+                        acc[c] += T.exp2(s_s[t] - st[2]) * \
+                            pages[page_s[t], 1, h // group, slot_s[t], c * nt + tx].astype("float32")
+            st[0] = st[2]
+            T.tvm_storage_sync("shared")
+
+    return start, rescale, finish, paged_walk
+
+
 def ragged_prefill(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, softcap: float | None = None,
                    every_window: int = 0):
     """Replacement of `_attention_prefill_ragged` (same arguments but the target): a prefill chunk against itself."""
     from tvm.script import tirx as T
     group, nt = h_q // h_kv, _THREADS
-    dpt = -(-d_v // nt)   # value dimensions per thread
+    dpt = -(-d_v // nt)
+    start, rescale, finish, _ = _macros(T, d_qk, d_v, group, softcap)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
@@ -83,14 +150,7 @@ def ragged_prefill(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, softcap
                                                            q_indptr[b + 1] - q_indptr[b], row - q_indptr[b],
                                                            every_window)[1]
                         base: T.let[T.int32] = kv_indptr[b] + lo
-                        for c in T.serial(-(-d_qk // nt)):
-                            if c * nt + tx < d_qk:
-                                q_s[c * nt + tx] = q[row, h, c * nt + tx].astype("float32")
-                        st[0] = T.float32(_NEG)
-                        st[1] = T.float32(0)
-                        for c in T.serial(dpt):
-                            acc[c] = T.float32(0)
-                        T.tvm_storage_sync("shared")
+                        start(q, row, h, tx, q_s, st, acc)
                         for tile in T.serial(T.ceildiv(T.max(hi - lo, 0), nt)):
                             n_t: T.let[T.int32] = T.min(nt, hi - lo - tile * nt)
                             if tx < n_t:
@@ -99,26 +159,15 @@ def ragged_prefill(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, softcap
                                     st[3] += q_s[i] * k[base + tile * nt + tx, h // group, i].astype("float32")
                                 s_s[tx] = _score(st[3], sm_scale, softcap)
                             T.tvm_storage_sync("shared")
-                            st[2] = st[0]
+                            rescale(st, acc, s_s, n_t)
                             for t in T.serial(n_t):
-                                st[2] = T.max(st[2], s_s[t])
-                            st[1] = st[1] * T.exp2(st[0] - st[2])
-                            for c in T.serial(dpt):
-                                acc[c] = acc[c] * T.exp2(st[0] - st[2])
-                            for t in T.serial(n_t):
-                                st[1] += T.exp2(s_s[t] - st[2])
                                 for c in T.serial(dpt):
                                     if c * nt + tx < d_v:
                                         acc[c] += T.exp2(s_s[t] - st[2]) * \
                                             v[base + tile * nt + t, h // group, c * nt + tx].astype("float32")
                             st[0] = st[2]
                             T.tvm_storage_sync("shared")
-                        for c in T.serial(dpt):
-                            if c * nt + tx < d_v:
-                                output[row, h, c * nt + tx] = T.if_then_else(st[1] > 0, acc[c] / st[1],
-                                                                             T.float32(0)).astype(dtype)
-                        if tx == 0:
-                            lse[row, h] = T.if_then_else(st[1] > 0, st[0] + T.log2(st[1]), T.float32(_NEG))
+                        finish(output, lse, row, h, tx, st, acc)
 
     return batch_prefill_ragged_kv
 
@@ -132,6 +181,7 @@ def paged_prefill(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool,
     dpt = -(-d // nt)
     window = sliding_window_size if sliding_window else 0
     symbol = "edgequant_prefill_paged_kv_gpu" + ("_sliding_window" if sliding_window else "")
+    start, _, finish, paged_walk = _macros(T, d, d, group, softcap, page_size, sliding_window)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
@@ -187,46 +237,10 @@ def paged_prefill(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool,
                         qi: T.let[T.int32] = row - q_indptr[b]
                         lo: T.let[T.int32] = _first_visible(causal, n_k, n_q, qi, window, every_window)
                         hi: T.let[T.int32] = _end_visible(causal, n_k, n_q, qi, window)
-                        for c in T.serial(-(-d // nt)):
-                            if c * nt + tx < d:
-                                q_s[c * nt + tx] = q[row, h, c * nt + tx].astype("float32")
-                        st[0] = T.float32(_NEG)
-                        st[1] = T.float32(0)
-                        for c in T.serial(dpt):
-                            acc[c] = T.float32(0)
-                        T.tvm_storage_sync("shared")
-                        for tile in T.serial(T.ceildiv(T.max(hi - lo, 0), nt)):
-                            n_t: T.let[T.int32] = T.min(nt, hi - lo - tile * nt)
-                            if tx < n_t:
-                                slot: T.let[T.int32] = _slot(length_info, b, lo + tile * nt + tx, sliding_window)
-                                page_s[tx] = page_values[begin + slot // page_size]
-                                slot_s[tx] = slot % page_size
-                                st[3] = T.float32(0)
-                                for i in T.serial(d):
-                                    st[3] += q_s[i] * pages[page_values[begin + slot // page_size], 0, h // group,
-                                                            slot % page_size, i].astype("float32")
-                                s_s[tx] = _score(st[3], sm_scale, softcap)
-                            T.tvm_storage_sync("shared")
-                            st[2] = st[0]
-                            for t in T.serial(n_t):
-                                st[2] = T.max(st[2], s_s[t])
-                            st[1] = st[1] * T.exp2(st[0] - st[2])
-                            for c in T.serial(dpt):
-                                acc[c] = acc[c] * T.exp2(st[0] - st[2])
-                            for t in T.serial(n_t):
-                                st[1] += T.exp2(s_s[t] - st[2])
-                                for c in T.serial(dpt):
-                                    if c * nt + tx < d:
-                                        acc[c] += T.exp2(s_s[t] - st[2]) * \
-                                            pages[page_s[t], 1, h // group, slot_s[t], c * nt + tx].astype("float32")
-                            st[0] = st[2]
-                            T.tvm_storage_sync("shared")
-                        for c in T.serial(dpt):
-                            if c * nt + tx < d:
-                                output[row, h, c * nt + tx] = T.if_then_else(st[1] > 0, acc[c] / st[1],
-                                                                             T.float32(0)).astype(dtype)
-                        if tx == 0:
-                            lse[row, h] = T.if_then_else(st[1] > 0, st[0] + T.log2(st[1]), T.float32(_NEG))
+                        start(q, row, h, tx, q_s, st, acc)
+                        paged_walk(pages, page_values, length_info, begin, b, lo, hi, h, tx, sm_scale, q_s, s_s,
+                                   page_s, slot_s, st, acc)
+                        finish(output, lse, row, h, tx, st, acc)
 
     return batch_prefill_paged_kv
 
@@ -239,6 +253,7 @@ def paged_decode(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool, 
     group, nt = h_q // h_kv, _THREADS
     dpt = -(-d // nt)
     symbol = "edgequant_decode_paged_kv_gpu" + ("_sliding_window" if sliding_window else "")
+    start, _, finish, paged_walk = _macros(T, d, d, group, softcap, page_size, sliding_window)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
@@ -283,46 +298,10 @@ def paged_decode(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool, 
                                                       sliding_window)
                         # the query is the last key (appended before the step): its position is n_k - 1
                         lo: T.let[T.int32] = _window_start(n_k - 1, every_window)
-                        for c in T.serial(-(-d // nt)):
-                            if c * nt + tx < d:
-                                q_s[c * nt + tx] = Q[b, h, c * nt + tx].astype("float32")
-                        st[0] = T.float32(_NEG)
-                        st[1] = T.float32(0)
-                        for c in T.serial(dpt):
-                            acc[c] = T.float32(0)
-                        T.tvm_storage_sync("shared")
-                        for tile in T.serial(T.ceildiv(T.max(n_k - lo, 0), nt)):
-                            n_t: T.let[T.int32] = T.min(nt, n_k - lo - tile * nt)
-                            if tx < n_t:
-                                slot: T.let[T.int32] = _slot(length_info, b, lo + tile * nt + tx, sliding_window)
-                                page_s[tx] = page_values[begin + slot // page_size]
-                                slot_s[tx] = slot % page_size
-                                st[3] = T.float32(0)
-                                for i in T.serial(d):
-                                    st[3] += q_s[i] * pages[page_values[begin + slot // page_size], 0, h // group,
-                                                            slot % page_size, i].astype("float32")
-                                s_s[tx] = _score(st[3], sm_scale, softcap)
-                            T.tvm_storage_sync("shared")
-                            st[2] = st[0]
-                            for t in T.serial(n_t):
-                                st[2] = T.max(st[2], s_s[t])
-                            st[1] = st[1] * T.exp2(st[0] - st[2])
-                            for c in T.serial(dpt):
-                                acc[c] = acc[c] * T.exp2(st[0] - st[2])
-                            for t in T.serial(n_t):
-                                st[1] += T.exp2(s_s[t] - st[2])
-                                for c in T.serial(dpt):
-                                    if c * nt + tx < d:
-                                        acc[c] += T.exp2(s_s[t] - st[2]) * \
-                                            pages[page_s[t], 1, h // group, slot_s[t], c * nt + tx].astype("float32")
-                            st[0] = st[2]
-                            T.tvm_storage_sync("shared")
-                        for c in T.serial(dpt):
-                            if c * nt + tx < d:
-                                output[b, h, c * nt + tx] = T.if_then_else(st[1] > 0, acc[c] / st[1],
-                                                                           T.float32(0)).astype(dtype)
-                        if tx == 0:
-                            lse[b, h] = T.if_then_else(st[1] > 0, st[0] + T.log2(st[1]), T.float32(_NEG))
+                        start(Q, b, h, tx, q_s, st, acc)
+                        paged_walk(pages, page_values, length_info, begin, b, lo, n_k, h, tx, sm_scale, q_s, s_s,
+                                   page_s, slot_s, st, acc)
+                        finish(output, lse, b, h, tx, st, acc)
 
     return batch_decode_paged_kv
 
