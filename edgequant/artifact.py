@@ -288,6 +288,13 @@ def _validate(ckpt: Checkpoint, headers: dict):
             j = headers[f"{name}.outlier_idx"]["shape"][0]
             check(f"{name}.outlier_idx", (j,), "I32")
             check(f"{name}.outlier_weight", (n, j), "F16")
+    known = set(plain) | {f"{name}.{leaf}" for name in quant for leaf in (*_QUANT_LEAVES, "bias")}
+    extra = sorted(set(headers) - known)
+    if extra:   # a tensor nothing reads: the model computed would not be the one the files hold
+        tied = " (config.json ties the output layer to the embedding)" if ckpt.config.get("tie_word_embeddings") \
+            and extra[0] == f"{ckpt.family.head}.weight" else ""
+        raise CheckpointError(f"tensor '{extra[0]}' has no place in this {ckpt.config['model_type']} model{tied}; "
+                              f"the checkpoint was altered: {fix}")
 
 
 def load_quantized_weight(ckpt: Checkpoint, name: str, tensors: dict | None = None) -> QuantizedWeight:

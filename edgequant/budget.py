@@ -28,7 +28,9 @@ class GPTQConfig(BlockTuneOptions):
     """GPTQ: an optional bit budget across layers. The command line shares `--target-bits` with OWQ (there: the fp16
     columns' share), so the help below speaks for both."""
     target_bits: float | None = opt(None, "bits per weight budget: GPTQ: mean width of the linears, 2 to 4 (e.g. "
-                                          "3.25: each linear gets 2, 3 or 4 bits by its Hessian-weighted error); OWQ: "
+                                          "3.25: each linear gets 2, 3 or 4 bits by its Hessian-weighted error; --bits "
+                                          "then only names the checkpoint's base scheme, the width of the linears it "
+                                          "does not list as overrides); OWQ: "
                                           "with its fp16 columns (e.g. 3.1).", "float", lo=0, lo_open=True)
 
     def __post_init__(self):

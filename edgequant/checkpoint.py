@@ -397,18 +397,17 @@ def weight_files(p: Path) -> dict[str, Path]:
     return {}
 
 
-def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:
-    """The fp32/fp16/bf16 tensors of a model folder's safetensors weights (its index, or every `*.safetensors`) as
-    NumPy arrays, bf16 widened to fp32 (NumPy has none); headers are checked like a checkpoint's."""
+def plain_weight_headers(folder: Path) -> dict[Path, dict]:
+    """{file: its checked header} of a model folder's safetensors weights (its index, or every `*.safetensors`),
+    each tensor fp32, fp16 or bf16: an integer or bool tensor would be cast to float by transformers without a
+    word, and a model's weights are never those."""
     files = sorted(set(weight_files(folder).values())) if (folder / INDEX_NAME).is_file() else []
     files = files or sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise EdgequantError(f"{folder} has no .safetensors weights; convert the model with `edgequant convert MODEL "
-                             "-o FOLDER` and export that folder")
+                             "-o FOLDER` and use that folder")
     out = {}
     for f in files:
-        data = np.fromfile(f, dtype=np.uint8)
-        start = 8 + int.from_bytes(data[:8].tobytes(), "little")
         headers = tensor_headers(f)
         packed = next((n for n in headers if n.endswith(".qweight")), None)
         if packed:
@@ -417,7 +416,20 @@ def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:
                                  "quantize`, or quantize the original model first")
         for name, h in headers.items():
             if h["dtype"] not in ("F32", "F16", "BF16"):
-                raise EdgequantError(f"{f.name}: tensor '{name}' is {h['dtype']}; export reads fp32, fp16 or bf16 weights")
+                raise EdgequantError(f"{f.name}: tensor '{name}' is {h['dtype']}; a model's weights are fp32, fp16 "
+                                     "or bf16: restore the model's original files")
+        out[f] = headers
+    return out
+
+
+def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """The fp32/fp16/bf16 tensors of a model folder's safetensors weights (`plain_weight_headers`) as NumPy arrays,
+    bf16 widened to fp32 (NumPy has none)."""
+    out = {}
+    for f, headers in plain_weight_headers(folder).items():
+        data = np.fromfile(f, dtype=np.uint8)
+        start = 8 + int.from_bytes(data[:8].tobytes(), "little")
+        for name, h in headers.items():
             raw = data[start + h["data_offsets"][0]:start + h["data_offsets"][1]]
             arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if h["dtype"] == "BF16" else \
                 raw.view(np.float32 if h["dtype"] == "F32" else np.float16)

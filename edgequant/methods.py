@@ -73,7 +73,7 @@ class Method:
         if unused:
             cfg = opts.config
             with_gptq = getattr(cfg, "gptq", True) is False and set(unused) <= self.reads(replace(cfg, gptq=True))
-            where = " without --gptq" if with_gptq else ""
+            where = getattr(cfg, "unread_note", lambda: "")() or (" without --gptq" if with_gptq else "")
             raise EdgequantError(f"option(s) {', '.join(flag(u) for u in unused)} do not apply to --method "
                                  f"{self.name}{where}")
 
@@ -203,7 +203,8 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
 @register_method("omniquant", needs_calibration=True,
                  summary="OmniQuant: learnable weight clipping + equivalent transformation, block-wise, fused away",
                  config=OmniConfig, title="OmniQuant",
-                 reads=lambda config: CALIBRATION_OPTIONS | ({"act_order", "percdamp"} if config.gptq else set()))
+                 reads=lambda config: (CALIBRATION_OPTIONS if config.reads_data else {"calib"})
+                 | ({"act_order", "percdamp"} if config.gptq else set()))
 def _omniquant(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     from dataclasses import asdict
     from .calibrate.omniquant import calibrate_omniquant

@@ -180,8 +180,11 @@ class HFSource(WeightSource):
         if self._state is None:
             from edgequant.checkpoint import read_plain_tensors
             self._state = read_plain_tensors(self.path)
-            if "lm_head.weight" not in self._state and self.arch.tie_word_embeddings:   # tied: saved once
-                self._state["lm_head.weight"] = self._state["model.embed_tokens.weight"]
+            if self.arch.tie_word_embeddings:   # tied: saved once, under either name (transformers loads both)
+                for a, b in (("lm_head.weight", "model.embed_tokens.weight"),
+                             ("model.embed_tokens.weight", "lm_head.weight")):
+                    if a not in self._state and b in self._state:
+                        self._state[a] = self._state[b]
         return self._state
 
     def plans(self):
@@ -204,7 +207,7 @@ class HFSource(WeightSource):
         used = {t for ts in self._needed(names, self.plans()).values() for t in ts}
         unused = sorted(set(state) - used - {"lm_head.weight"})   # lm_head: present or tied, the graph may use either
         if "lm_head.weight" not in used and "lm_head.weight" in state and not np.array_equal(
-                state["lm_head.weight"], state["model.embed_tokens.weight"]):
+                state["lm_head.weight"], state.get("model.embed_tokens.weight")):
             unused.append("lm_head.weight (config.json ties the output layer to the embedding, these differ)")
         if unused:
             more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
@@ -214,12 +217,18 @@ class HFSource(WeightSource):
 
     def arrays(self, names):
         self._state = self._tensors()
-        for name, parts in self._needed(names, self.plans()).items():
+        plans = self.plans()
+        for name, parts in self._needed(names, plans).items():
             missing = [t for t in parts if t not in self._state]
             if missing:
                 raise EdgequantError(f"{self.path} has no weight '{missing[0]}' (an incomplete download or copy?); "
                                      "restore the model's original files")
-            arr = np.concatenate([self._state[t] for t in parts], axis=0)
+            lin, _, leaf = name.rpartition(".")
+            if lin in plans:   # members are stacked along N: each must have its own shape (the graph checks the sum)
+                plan = plans[lin]
+                for t, n in zip(parts, plan.rows):
+                    check_shape(self.path, t, self._state[t].shape, (n, plan.k) if leaf == "weight" else (n,))
+            arr = np.concatenate([self._state[t] for t in parts], axis=0) if len(parts) > 1 else self._state[parts[0]]
             out = arr.astype(np.float16)
             if out.dtype.kind == "f" and not np.isfinite(out).all():   # NaN in the model, or past fp16's range
                 raise EdgequantError(f"{self.path}: '{name}' holds NaN or infinite values (in fp16); the model's "
@@ -249,6 +258,13 @@ def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> We
     return HFSource(p, config)
 
 
+def check_shape(path, name: str, shape, want) -> None:
+    """A weight of another shape than config.json makes it is refused before anything is written."""
+    if list(shape) != list(want):
+        raise EdgequantError(f"{path}: weight '{name}' is {list(shape)}, the model's config.json makes it "
+                             f"{list(want)}; restore the model's original files or config.json")
+
+
 def write_tensor_cache(source: WeightSource, names: list[str], dist: Path, shapes: dict | None = None) -> int:
     """`tensor-cache.json` + `params_shard_*.bin` (MLC's format, raw encoding); returns the bytes of weights. With
     `shapes` ({name: the graph's shape}), a weight of another shape is refused here, not by the runners later."""
@@ -258,9 +274,8 @@ def write_tensor_cache(source: WeightSource, names: list[str], dist: Path, shape
     def gen():
         source.check_all_used(names)
         for name, arr in source.arrays(names):
-            if shapes is not None and list(arr.shape) != shapes[name]:
-                raise EdgequantError(f"{source.path}: weight '{name}' is {list(arr.shape)}, the model's config.json "
-                                     f"makes it {shapes[name]}; restore the model's original files or config.json")
+            if shapes is not None:
+                check_shape(source.path, name, arr.shape, shapes[name])
             total[0] += arr.nbytes
             yield name, np.ascontiguousarray(arr)
 

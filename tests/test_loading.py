@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import zipfile
 
+import numpy as np
 import pytest
 
 from edgequant import loading
@@ -73,3 +74,41 @@ def test_weights_transformers_would_invent_or_drop_are_refused(tmp_path, model_d
     with pytest.raises(EdgequantError) as e:
         loading.load_model(src)
     assert words in str(e.value) and "restore the model's original files" in str(e.value)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("int_weight", "tensor 'model.layers.0.self_attn.q_proj.weight' is I32; a model's weights are fp32, fp16 or bf16"),
+    ("tie_string", "config.json is invalid ('tie_word_embeddings'"),
+    ("tied_other_head", "config.json ties the output layer to the embedding (tie_word_embeddings), but the weight "
+                        "files hold an lm_head.weight that differs"),
+])
+def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_line(tmp_path, model_dirs, damage, words):
+    """An int32 weight was cast to float (quantize exit 0), a string where config.json wants a bool was
+    huggingface_hub's traceback, and a tied config with a different lm_head.weight was untied by transformers
+    (a checkpoint claiming a tied table and holding two) (eighth hostile re-run, S24, T16, S25)."""
+    import json
+    import shutil
+    from safetensors.numpy import load_file, save_file
+    src = tmp_path / "m"
+    shutil.copytree(model_dirs["llama"], src)
+    f = next(src.glob("*.safetensors"))
+    tensors = load_file(f)
+    cfg = json.loads((src / "config.json").read_text())
+    if damage == "int_weight":
+        tensors["model.layers.0.self_attn.q_proj.weight"] = np.ones_like(
+            tensors["model.layers.0.self_attn.q_proj.weight"], np.int32)
+    elif damage == "tie_string":
+        cfg["tie_word_embeddings"] = "false"
+    else:
+        cfg["tie_word_embeddings"] = True
+        assert not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    save_file(tensors, f, metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgequantError) as e:
+        loading.load_model(src)
+    assert words in str(e.value)
+    if damage == "tied_other_head":   # the same table under both names is a tied model: loads
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        save_file(tensors, f, metadata={"format": "pt"})
+        m, _ = loading.load_model(src)
+        assert m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()

@@ -92,6 +92,11 @@ def test_owq_budget_is_one_or_the_other():
     ("rtn", {"seed": 5}, "--seed do not apply to --method rtn$"),   # rtn reads it only with --rotate
     ("omniquant", {"epochs": 0, "lwc_lr": 0.5}, "--lwc-lr only apply with --epochs N"),
     ("omniquant", {"lwc": False, "let": True, "lwc_init": 2.0}, "--lwc-init only apply with --lwc"),
+    # the eighth re-run (S27): with --epochs 0 and nothing else reading the windows, these changed no byte
+    ("omniquant", {"epochs": 0, "seed": 5, "nsamples": 8}, "--nsamples, --seed do not apply to --method omniquant "
+                                                           "with --epochs 0 and nothing else"),
+    ("omniquant", {"epochs": 0, "keep_best": False}, "--keep-best only apply with --epochs N"),
+    ("omniquant", {"clip_qk": False}, "--clip-qk only apply with --lwc-init search"),
 ])
 def test_options_a_method_does_not_read_are_refused(tmp_path, method, kw, msg):
     """Set but never read, they changed nothing without a word (sixth hostile re-run, F1 and S20)."""

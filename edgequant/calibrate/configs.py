@@ -94,7 +94,19 @@ class OmniConfig(Options):
             raise EdgequantError("nothing to train: enable --lwc or --let, or pass --epochs 0")
         self.refuse_unless(self.let, ("let_lr", "let_alpha"), "--let")
         self.refuse_unless(self.lwc, ("lwc_lr", "lwc_init"), "--lwc")
-        self.refuse_unless(self.epochs > 0, ("lwc_lr", "let_lr", "aug_loss", "loss"), "--epochs N (N > 0)")
+        self.refuse_unless(self.epochs > 0, ("lwc_lr", "let_lr", "aug_loss", "loss", "keep_best"), "--epochs N (N > 0)")
+        self.refuse_unless(self.lwc and self.lwc_init == "search", ("clip_qk",), "--lwc-init search")
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether the calibration windows change the result: training, LET's initial scales, the range search,
+        GPTQ's rounding and OWQ's column choice read them; `--epochs 0` without those keeps the initial clipping."""
+        return self.epochs > 0 or self.let or self.gptq or self.lwc_init == "search" or self.owq_target_bits is not None
+
+    def unread_note(self) -> str:
+        """Why the shared calibration options are unread, for their refusal (`Method.check_shared`)."""
+        return "" if self.reads_data else (" with --epochs 0 and nothing else that reads the calibration windows "
+                                           "(--let, --gptq, --lwc-init search, --owq-target-bits)")
 
 
 @dataclass

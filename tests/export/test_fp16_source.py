@@ -125,3 +125,58 @@ def test_an_untied_model_without_its_output_layer_is_refused_and_a_tied_one_with
     save_file(tensors, next(tied.glob("*.safetensors")), metadata={"format": "pt"})
     with pytest.raises(EdgequantError, match="ties the output layer to the embedding, these differ"):
         open_source(tied).check_all_used(names)
+
+
+def test_a_member_of_a_fused_linear_with_another_shape_or_a_scalar_norm_is_one_line(model_dirs, tmp_path):
+    """q/k/v and gate/up are stacked before the graph's shape check: a member of the wrong shape (or a 0-d tensor
+    anywhere) ended in NumPy's concatenate traceback (eighth hostile re-run, T14)."""
+    import shutil
+
+    import pytest
+    from safetensors.numpy import load_file, save_file
+
+    from edgequant.errors import EdgequantError
+    from edgequant.export.params import open_source
+    for name, bad in (("model.layers.0.self_attn.v_proj.weight", lambda t: t.T.copy()),
+                      ("model.layers.0.mlp.up_proj.weight", lambda t: t.reshape(-1)),
+                      ("model.norm.weight", lambda t: np.float32(1.0))):
+        folder = tmp_path / name
+        shutil.copytree(model_dirs["llama"], folder)
+        f = next(folder.glob("*.safetensors"))
+        tensors = load_file(f)
+        want = list(tensors[name].shape)
+        tensors[name] = np.asarray(bad(tensors[name]))
+        save_file(tensors, f, metadata={"format": "pt"})
+        export_name = name.replace("v_proj", "qkv_proj").replace("up_proj", "gate_up_proj")
+        with pytest.raises(EdgequantError, match=rf"weight '{name}' is \[.*\], the model's config.json makes it "
+                                                 rf"\[{', '.join(map(str, want))}\]"):
+            from edgequant.export.params import check_shape
+            src = open_source(folder)
+            for n, arr in src.arrays([export_name]):
+                check_shape(folder, n, arr.shape, want)   # what write_tensor_cache does with the graph's shapes
+
+
+def test_a_tied_model_saved_under_the_output_layers_name_exports_as_transformers_loads_it(model_dirs, tmp_path):
+    """A tied model whose one table is saved as lm_head.weight: transformers loads it as the embedding too;
+    export ended in a KeyError traceback (eighth hostile re-run, T15)."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from edgequant.export.params import open_source
+    tied = tmp_path / "tied"
+    shutil.copytree(model_dirs["llama"], tied)
+    f = next(tied.glob("*.safetensors"))
+    tensors = load_file(f)
+    table = tensors.pop("model.embed_tokens.weight")
+    tensors["lm_head.weight"] = table
+    save_file(tensors, f, metadata={"format": "pt"})
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    src = open_source(tied)
+    names = _all_names(tied) + ["model.embed_tokens.weight"]
+    src.check_all_used(names)
+    got = dict(src.arrays(["model.embed_tokens.weight", "lm_head.weight"]))
+    np.testing.assert_array_equal(got["model.embed_tokens.weight"], table.astype(np.float16))
+    np.testing.assert_array_equal(got["lm_head.weight"], table.astype(np.float16))

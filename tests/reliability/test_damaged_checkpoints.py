@@ -96,6 +96,13 @@ def _deep_header(d):
     (d / "model.safetensors").write_bytes(len(h).to_bytes(8, "little") + h)
 
 
+def _extra_tensor(d):
+    from safetensors.numpy import load_file, save_file
+    t = load_file(d / "model.safetensors")
+    t["model.layers.0.mlp.extra.weight"] = np.ones((4, 4), np.float16)
+    save_file(t, d / "model.safetensors")
+
+
 # name: (damage, words the one-line error must contain)
 CASES = {
     "config_nested_deep": (_deep("config.json"), ["config.json"]),
@@ -170,10 +177,14 @@ CASES = {
     "weights_truncated": (_truncate, ["truncated"]),
     "index_path_leaves_folder": (_index_escape, ["outside.safetensors"]),
     "tokenizer_missing": (_no_tokenizer, ["tokenizer"]),
+    # the eighth re-run (S25): a tied config beside its own lm_head.weight was exported and evaluated (which table?)
+    "tied_config_with_an_output_layer": (_cfg("tie_word_embeddings", True), ["lm_head.weight", "no place", "ties"]),
+    "a_tensor_nothing_reads": (_extra_tensor, ["model.layers.0.mlp.extra.weight", "no place"]),
 }
 EXPORTED = ["quantization_config_removed", "rms_norm_eps_zero", "rope_theta_zero", "num_hidden_layers_1e9", "max_position_embeddings_negative",
             "max_position_embeddings_2_pow_40", "pack_msb", "index_path_leaves_folder", "zero_point_255_at_4_bits", "outlier_index_2_pow_30", "nan_scales",
-            "sym_with_zero_points", "config_is_a_list", "rope_llama3_low_equals_high", "rope_per_layer_type_factor_0"]
+            "sym_with_zero_points", "config_is_a_list", "rope_llama3_low_equals_high", "rope_per_layer_type_factor_0",
+            "tied_config_with_an_output_layer", "a_tensor_nothing_reads"]
 
 
 @pytest.fixture(scope="module")
