@@ -44,14 +44,14 @@ SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 
 # (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, dp4a3 with int8
 # activations); planes3: the previous CUDA layout, int8 activations only, for comparison)
 ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact float kernel
-SWEEP = ((4, 2, 2, 32, 0, 1, 1), (4, 4, 2, 32, 0, 1, 1), (4, 8, 2, 32, 0, 1, 1), (2, 8, 2, 32, 0, 1, 1),
-         (4, 4, 2, 64, 0, 1, 1), (4, 8, 2, 64, 0, 1, 1), (4, 4, 2, 32, 8, 1, 1), (4, 2, 2, 32, 8, 1, 1),
-         (4, 4, 2, 32, 0, 0, 1), (4, 4, 2, 32, 0, 1, 0), (4, 2, 2, 32, 0, 0, 1))
-QUICK = ((4, 4, 2, 32, 0, 1, 1), (4, 4, 2, 32, 6, 1, 1), (4, 8, 2, 32, 0, 1, 1), (4, 4, 2, 32, 0, 0, 1),
-         (4, 4, 2, 32, 0, 1, 0), (4, 2, 2, 32, 0, 1, 1), (4, 2, 2, 32, 0, 0, 1))   # --quick: the default and these
+SWEEP = ((4, 2, 2, 32, 0, 0, 1), (4, 4, 2, 32, 0, 0, 1), (4, 8, 2, 32, 0, 0, 1), (2, 8, 2, 32, 0, 0, 1),
+         (4, 4, 2, 64, 0, 0, 1), (4, 8, 2, 64, 0, 0, 1), (4, 4, 2, 32, 8, 0, 1), (4, 2, 2, 32, 8, 0, 1),
+         (4, 4, 2, 32, 0, 1, 1), (4, 4, 2, 32, 0, 0, 0), (4, 2, 2, 32, 0, 1, 1))
+QUICK = ((4, 4, 2, 32, 0, 0, 1), (4, 4, 2, 32, 6, 0, 1), (4, 4, 2, 32, 7, 0, 1), (4, 2, 2, 32, 0, 0, 1),
+         (4, 4, 2, 32, 0, 1, 1))   # --quick: the default and these
 # (rows per step, steps per block, buffers, values per thread (32 or 64 at 2 and 3 bits; 4 bits: 32), blocks per SM
 # that ptxas must fit (0: no cap; only where a block has <= 4 warps), L2 prefetch of the block's rows at its start
-# (gemv.prefetch_plan; 0: tag "n"), transposed warp reduction (gemv.xreduce_stages; 0: tag "x")) tried per linear
+# (gemv.prefetch_plan; 1: tag "p"), transposed warp reduction (gemv.xreduce_stages; 0: tag "x")) tried per linear
 # besides the default; `--baseline` adds the previous gemv.py's default kernels. An earlier sweep (results of
 # 2026-11-29 19:39) also tried 8 and 16 rows, 8 steps x 8 rows and buffers 3: never more than noise ahead
 LAYERS = 32
@@ -120,7 +120,7 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                                  chunk if chunk != chunk_of(bits, act) else 0, minb, bool(pf), bool(xr))
                 tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
                 cname = (f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "") + (f"c{chunk}" if bits != 4 else "")
-                         + (f"b{minb}" if minb else "") + ("" if pf else "n") + ("" if xr else "x"))
+                         + (f"b{minb}" if minb else "") + ("p" if pf else "") + ("" if xr else "x"))
                 name = f"w{bits}{tag}{lay or ''}_{lin}_{cname}"
                 pdl = act == "int8"   # griddepcontrol: a no-op unless launched with programmatic serialization
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act, pdl=pdl),

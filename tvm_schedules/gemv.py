@@ -66,6 +66,7 @@ ACTS = ("fp16", "int8")
 PROLOGUES = (None, "rmsnorm", "silu_mul")
 
 
+WAIT = '{ind}T.evaluate(T.call_extern("void", "cudaGridDependencySynchronize"))'   # PDL: the previous kernel's end
 RESIDENT_X = 64                         # chunks up to this many values keep x in fp32 registers for every row
 
 
@@ -77,7 +78,8 @@ class GemvConfig:
     depth: int = 2    # register buffers of rows: loads run depth - 1 steps ahead of the math
     chunk: int = 0    # values of K per thread and row; 0: the bits' default (CHUNK, CHUNK_INT8); int8 act: 32 or 64
     min_blocks: int = 0  # > 0: __launch_bounds__(threads, min_blocks), ptxas caps registers so that many blocks fit
-    prefetch: bool = True  # each block asks L2 for all of its rows' weights, scales and zeros at its start (sm_90)
+    prefetch: bool = False  # each block asks L2 for all its rows' weights, scales and zeros at its start (sm_90;
+    # H200: 10-25% slower per linear, benchmarks/results/gpu-nvidia-h200.md, so off)
     xreduce: bool = True   # rows' partial sums meet in a transposed warp reduction (xreduce_stages), rows a power of 2
 
     def __post_init__(self):
@@ -498,6 +500,9 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         L.append(f"{ind}nr[0] = T.float32(0)")
         # the first rows' loads go out before the activations' (x's latency overlaps them)
         pre = first_loads(body) if int8 else []
+        if pdl:  # the weight loads before the wait, x (the previous kernel's output) after it
+            L += ([f"{ind}if {c} < {nc}:"] + pre if pre else []) + [WAIT.format(ind=ind)]
+            pre = []
         if gpu:
             for sb in range(C // 32):
                 pre += load_raw(body, sb)
@@ -516,11 +521,11 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         L.append(f"{ind}nr[0] = T.rsqrt(nr[0] / T.float32({k}) + T.float32({float(eps)!r}))")
     # x once per thread: the per-class sums (zero point and the mantissa's leading 1) serve every row of the block
     early = int8 and prologue != "rmsnorm"   # the first rows' loads go out before the activations' (x's latency
-    if pdl:                                  # and rounding overlap them), with PDL also before the wait
+    if pdl and prologue != "rmsnorm":        # and rounding overlap them), with PDL also before the wait
         if early:
             L += [f"{ind}if {c} < {nc}:"] + first_loads(body)
         # every thread: all reads of activations and all writes come after the previous kernel has finished
-        L.append(f'{ind}T.evaluate(T.call_extern("void", "cudaGridDependencySynchronize"))')
+        L.append(WAIT.format(ind=ind))
     L.append(f"{ind}if {c} < {nc}:")
     if early and not pdl:
         L += first_loads(body)

@@ -221,7 +221,8 @@ def test_cuda_source_waits_for_the_previous_kernel_after_the_first_weight_loads(
     from edgequant.tvm_schedules.dequant import QuantSpec
     from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
     spec = QuantSpec(256, 512, 3, 128, False, "planes3")
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, 2, min_blocks=8), act="int8", pdl=True)}),
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, 2, min_blocks=8, prefetch=True), act="int8",
+                                                           pdl=True)}),
                      target={**PRESETS["cuda"].target, "arch": "sm_90"})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     body = src[src.index("main_kernel("):]
@@ -238,6 +239,29 @@ def test_cuda_source_waits_for_the_previous_kernel_after_the_first_weight_loads(
     assert "__launch_bounds__(32, 8)" in src
 
 
+@pytest.mark.parametrize("prologue,residual", [("rmsnorm", True), ("silu_mul", False)])
+def test_cuda_source_with_a_prologue_reads_activations_after_the_wait(prologue, residual):
+    """pdl=True with the decode fusions the export builds: the RMSNorm's sum of squares, SiLU(gate) * up and the
+    residual read the previous kernel's outputs, so every read of x and of the residual comes after the wait (the
+    first weight loads before it)."""
+    import re
+
+    import tvm
+    from edgequant.export.targets import PRESETS
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import gemv_func
+    spec = QuantSpec(64, 256, 4, 32, False, "words")
+    f = gemv_func(spec, act="int8", prologue=prologue, residual=residual, pdl=True)
+    ex = tvm.compile(tvm.IRModule({"main": f}), target={**PRESETS["cuda"].target, "arch": "sm_90"})
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    body = src[src.index("main_kernel("):]
+    body = body[body.index(") {"):]
+    wait = body.index("cudaGridDependencySynchronize()")
+    assert body.index("qweight_ptr") < wait < min(m.start() for m in re.finditer(r"\bx_ptr\b", body))
+    if residual:
+        assert wait < body.index("res_ptr")
+
+
 @pytest.mark.parametrize("n,k,bits,group,sym,layout,rows,warps,steps", [
     (4096, 11008, 4, 128, False, "words", 4, 11, 4),     # LLaMA-7B down: 11 warps for 16 rows, 172-byte scale rows
     (22016, 4096, 3, 128, False, "dp4a3", 4, 4, 4), (100, 512, 2, 64, True, "words", 4, 4, 3),   # ragged last block
@@ -249,7 +273,7 @@ def test_prefetch_spans_cover_each_block_once(n, k, bits, group, sym, layout, ro
     16-byte boundary; every address 16-byte aligned and every size a multiple of 16."""
     from edgequant.tvm_schedules.dequant import QuantSpec
     from edgequant.tvm_schedules.gemv import GemvConfig, prefetch_plan, prefetch_spans
-    spec, cfg = QuantSpec(n, k, bits, group, sym, layout), GemvConfig(rows, warps, steps)
+    spec, cfg = QuantSpec(n, k, bits, group, sym, layout), GemvConfig(rows, warps, steps, prefetch=True)
     rs, plan = rows * steps, prefetch_plan(spec, cfg)
     size = {"qweight": spec.words * 4, "scales": spec.n_groups * 2, "zeros": 0 if sym else spec.n_groups}
     assert plan["qweight"] == size["qweight"] and (plan["zeros"] == 0) == sym
@@ -268,7 +292,7 @@ def test_prefetch_spans_cover_each_block_once(n, k, bits, group, sym, layout, ro
                 assert sum(b for _, b in spans) == rows_here * size[t] // 16 * 16
     assert seen["qweight"].all()
     odd = QuantSpec(8, 40, 4, -1, False, "words")   # 20-byte rows: slices not 16-byte aligned, nothing prefetched
-    assert not any(prefetch_spans(odd, GemvConfig(1, 1, 1), 1).values())
+    assert not any(prefetch_spans(odd, GemvConfig(1, 1, 1, prefetch=True), 1).values())
     assert prefetch_plan(spec, GemvConfig(rows, warps, steps, prefetch=False))["qweight"] == 0
 
 
