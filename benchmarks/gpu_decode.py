@@ -17,7 +17,8 @@ the faster of a streaming-read kernel and a device-to-device copy ((read + write
 step table adds up all 32 layers' linears: the decode tokens/s a model would reach if nothing but these linears ran.
 The whole step is also measured as one CUDA graph of
 the 128 launches (each layer its own weights), plainly and with programmatic dependent launch (PDL: the int8 kernels
-carry griddepcontrol, launched here through cuLaunchKernelEx; TVM's runtime does not set that attribute), and
+carry griddepcontrol, launched here through cuLaunchKernelEx, as TVM's runtime launches an sm_90 export's GEMVs:
+export/pdl.py), and
 torch int4 the same way. Writes benchmarks/results/gpu-<device>.md.
 
 Prefill (`tvm_schedules/mma_gemm.py`, tensor cores): the same linears at W4 g128 and W2 g64 for prompts of
@@ -47,8 +48,8 @@ ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the ker
 SWEEP = ((4, 2, 2, 32, 0, 0, 1), (4, 4, 2, 32, 0, 0, 1), (4, 8, 2, 32, 0, 0, 1), (2, 8, 2, 32, 0, 0, 1),
          (4, 4, 2, 64, 0, 0, 1), (4, 8, 2, 64, 0, 0, 1), (4, 4, 2, 32, 8, 0, 1), (4, 2, 2, 32, 8, 0, 1),
          (4, 4, 2, 32, 0, 1, 1), (4, 4, 2, 32, 0, 0, 0), (4, 2, 2, 32, 0, 1, 1))
-QUICK = ((4, 4, 2, 32, 0, 0, 1), (4, 4, 2, 32, 6, 0, 1), (4, 4, 2, 32, 7, 0, 1), (4, 2, 2, 32, 0, 0, 1),
-         (4, 4, 2, 32, 0, 1, 1))   # --quick: the default and these
+QUICK = ((4, 4, 2, 32, 0, 0, 1), (4, 4, 2, 32, 6, 0, 1), (4, 4, 2, 32, 7, 0, 1), (4, 2, 2, 32, 0, 0, 1))
+# --quick: the default and these
 # (rows per step, steps per block, buffers, values per thread (32 or 64 at 2 and 3 bits; 4 bits: 32), blocks per SM
 # that ptxas must fit (0: no cap; only where a block has <= 4 warps), L2 prefetch of the block's rows at its start
 # (gemv.prefetch_plan; 1: tag "p"), transposed warp reduction (gemv.xreduce_stages; 0: tag "x")) tried per linear
@@ -777,9 +778,9 @@ def _step_table(whole, bw):
     i4 = whole.get("torch int4 g128 (bf16)", {}).get("default", nan)
     out = ["", "The whole decode step measured as one CUDA graph (32 layers x qkv, o, gate_up, down, each layer its own "
            "weights; the last layer's outputs checked): with the default kernels (what the export ships; 'PDL' = "
-           "launched with programmatic stream serialization, which TVM's runtime does not do) and with the best "
-           "config per linear. % roofline, tok/s, x torch int4 and x W4 from the 'default, PDL' column (in brackets: "
-           "'default', plain launches). torch int4: its GEMV over the same 128 linears, one graph.", "",
+           "launched with programmatic stream serialization, as TVM's runtime does for sm_90+ exports) and with the "
+           "best config per linear. % roofline, tok/s, x torch int4 and x W4 from the 'default, PDL' column (in "
+           "brackets: 'default', plain launches). torch int4: its GEMV over the same 128 linears, one graph.", "",
            "| weights | default ms | default PDL ms | best ms | best PDL ms | % roofline | tok/s bound | x torch int4 "
            "| x W4 g128 |", "|---|---|---|---|---|---|---|---|---|"]
     for scheme, r in whole.items():

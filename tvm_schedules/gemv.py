@@ -10,10 +10,10 @@ At batch 1 a linear layer only streams its packed weights, so the kernel is buil
   register buffer before this step's math (double buffering; the steps are unrolled, so buffer indices stay
   constants), so each thread keeps 2 x rows independent loads in flight while it computes; the grid's last block
   may have fewer steps (guarded);
-- at its start each block asks L2 for all of its rows' weights, scales and zero points with a few bulk prefetches
-  (`cp.async.bulk.prefetch.L2`, sm_90; `prefetch_plan`): the register loads that follow find them there or on the
-  way, so a block's bytes are all in flight from its start instead of one step of rows at a time, without the
-  registers or shared memory a deeper buffer would take;
+- optionally (`GemvConfig.prefetch`, off: on the H200 every linear got 10-25% slower) each block asks L2 for all of
+  its rows' weights, scales and zero points at its start with a few bulk prefetches (`cp.async.bulk.prefetch.L2`,
+  sm_90; `prefetch_plan`), so that its bytes are all in flight from the start without the registers a deeper buffer
+  would take;
 - after each step the rows' partial sums meet through warp shuffles (transposed: each exchange halves the rows a
   lane holds, `xreduce_stages`: 6 shuffles for 4 rows instead of 20) and one shared-memory slot per warp and row;
   one barrier at the end adds the warps' slots (and the fp16 outlier columns, OWQ) per row;
@@ -252,7 +252,9 @@ def xreduce_stages(rows: int) -> list[tuple[int, int]]:
 # share of the block's weight rows with one bulk prefetch (`cp.async.bulk.prefetch.L2`, sm_90: no registers, no
 # shared memory), and lanes 1 and 2 of warp 0 for the block's scales and zero points. The block's register loads
 # then find the bytes in L2 or already on their way: all of a block's bytes are in flight from its start instead of
-# one step of rows at a time, and with PDL the prefetches go out before the wait for the previous kernel. The
+# one step of rows at a time, and with PDL the prefetches go out before the wait for the previous kernel. Measured
+# on the H200 (benchmarks/results/gpu-nvidia-h200.md, gpu5): the same DRAM bytes and 55% L2 hits, yet every linear
+# 10-25% slower (the later steps' prefetches queue ahead of other blocks' current loads), hence off by default. The
 # prefetch is a hint (the loads stay the loads): addresses must be 16-byte aligned and sizes multiples of 16, so a
 # tensor whose per-block slice is not is simply not prefetched, and a size is rounded down to 16 bytes.
 PF_ROWS = "T.min({rpw}, T.min({rs} - ty * {rpw}, {n} - (bx * {rs} + ty * {rpw})))"   # warp ty's rows of block bx
@@ -314,7 +316,8 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
     (`griddepcontrol.launch_dependents`) and waits for the previous one (`griddepcontrol.wait`) only after issuing
     its first weight loads, which depend on no earlier kernel: launched with programmatic stream serialization
     (`cuLaunchKernelEx`), a linear's first loads overlap the previous linear's tail. Without that launch attribute
-    both instructions do nothing; exports do not set it (TVM's runtime launches with cuLaunchKernel)."""
+    both instructions do nothing; CUDA exports for sm_90+ set it (export/pdl.py), and with a prologue every read of
+    x (and of the residual) comes after the wait."""
     import tvm
     from tvm.script import tirx as T
 
