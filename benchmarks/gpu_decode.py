@@ -17,7 +17,8 @@ the faster of a streaming-read kernel and a device-to-device copy ((read + write
 step table adds up all 32 layers' linears: the decode tokens/s a model would reach if nothing but these linears ran.
 The whole step is also measured as one CUDA graph of
 the 128 launches (each layer its own weights), plainly and with programmatic dependent launch (PDL: the int8 kernels
-carry griddepcontrol, launched here through cuLaunchKernelEx; TVM's runtime does not set that attribute), and
+carry griddepcontrol, launched here through cuLaunchKernelEx, as TVM's runtime launches an sm_90 export's GEMVs:
+export/pdl.py), and
 torch int4 the same way. Writes benchmarks/results/gpu-<device>.md.
 
 Prefill (`tvm_schedules/mma_gemm.py`, tensor cores): the same linears at W4 g128 and W2 g64 for prompts of
@@ -44,13 +45,16 @@ SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 
 # (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, dp4a3 with int8
 # activations); planes3: the previous CUDA layout, int8 activations only, for comparison)
 ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact float kernel
-SWEEP = ((4, 2, 2, 32, 0), (4, 4, 2, 32, 0), (4, 8, 2, 32, 0), (2, 8, 2, 32, 0), (4, 4, 2, 64, 0), (4, 8, 2, 64, 0),
-         (4, 4, 2, 32, 8), (4, 2, 2, 32, 8))
-QUICK = ((4, 4, 2, 32, 0), (4, 4, 2, 32, 6))   # --quick: the default and these
+SWEEP = ((4, 2, 2, 32, 0, 0, 1), (4, 4, 2, 32, 0, 0, 1), (4, 8, 2, 32, 0, 0, 1), (2, 8, 2, 32, 0, 0, 1),
+         (4, 4, 2, 64, 0, 0, 1), (4, 8, 2, 64, 0, 0, 1), (4, 4, 2, 32, 8, 0, 1), (4, 2, 2, 32, 8, 0, 1),
+         (4, 4, 2, 32, 0, 1, 1), (4, 4, 2, 32, 0, 0, 0), (4, 2, 2, 32, 0, 1, 1))
+QUICK = ((4, 4, 2, 32, 0, 0, 1), (4, 4, 2, 32, 6, 0, 1), (4, 4, 2, 32, 7, 0, 1), (4, 2, 2, 32, 0, 0, 1))
+# --quick: the default and these
 # (rows per step, steps per block, buffers, values per thread (32 or 64 at 2 and 3 bits; 4 bits: 32), blocks per SM
-# that ptxas must fit (0: no cap; only where a block has <= 4 warps)) tried per linear besides the default. An
-# earlier sweep (results of 2026-11-29 19:39) also tried 8 and 16 rows, 8 steps x 8 rows and buffers 3: never more
-# than noise ahead
+# that ptxas must fit (0: no cap; only where a block has <= 4 warps), L2 prefetch of the block's rows at its start
+# (gemv.prefetch_plan; 1: tag "p"), transposed warp reduction (gemv.xreduce_stages; 0: tag "x")) tried per linear
+# besides the default; `--baseline` adds the previous gemv.py's default kernels. An earlier sweep (results of
+# 2026-11-29 19:39) also tried 8 and 16 rows, 8 steps x 8 rows and buffers 3: never more than noise ahead
 LAYERS = 32
 PREFILL_SCHEMES = [("W4 g128", 4, 128), ("W2 g64", 2, 64)]   # 3 bits: no tensor-core kernel (dlight)
 PREFILL_TOKENS = (32, 128, 512, 2048)
@@ -107,31 +111,31 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
             nout = n_outliers(k, extra)
             dflt = default_config(spec, act=act, n_outliers=nout)
             dchunk = chunk_of(bits, act, dflt)
-            dkey = (dflt.rows, dflt.steps, dflt.depth, dchunk, dflt.min_blocks)
+            dkey = (dflt.rows, dflt.steps, dflt.depth, dchunk, dflt.min_blocks, int(dflt.prefetch), int(dflt.xreduce))
             tried = {dkey}
             if act == "int8":  # fp16 activations run their default config only
                 tried |= {c for c in (QUICK if quick else SWEEP) if n % c[0] == 0 and -(-n // c[0] // c[1]) >= 132
                           and (bits != 4 or c[3] == 32) and (not c[4] or warps_for(spec, act, c[3]) <= 4)}
-            for rows, steps, depth, chunk, minb in sorted(tried):
+            for rows, steps, depth, chunk, minb, pf, xr in sorted(tried):
                 cfg = GemvConfig(rows, warps_for(spec, act, chunk), steps, depth,
-                                 chunk if chunk != chunk_of(bits, act) else 0, minb)
+                                 chunk if chunk != chunk_of(bits, act) else 0, minb, bool(pf), bool(xr))
                 tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
                 cname = (f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "") + (f"c{chunk}" if bits != 4 else "")
-                         + (f"b{minb}" if minb else ""))
+                         + (f"b{minb}" if minb else "") + ("p" if pf else "") + ("" if xr else "x"))
                 name = f"w{bits}{tag}{lay or ''}_{lin}_{cname}"
                 pdl = act == "int8"   # griddepcontrol: a no-op unless launched with programmatic serialization
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act, pdl=pdl),
                     scheme + (" int8 act" if act == "int8" else ""), bits, g, lin, n, k, spec,
-                    cname, (rows, steps, depth, chunk, minb) == dkey, nout, [-(-n // rows // steps), 1, 1],
+                    cname, (rows, steps, depth, chunk, minb, pf, xr) == dkey, nout, [-(-n // rows // steps), 1, 1],
                     [32, cfg.warps, 1], act, pdl)
             if baseline and act == "int8" and not lay:   # the previous gemv.py's default kernel, in the same run
                 prev = _load_baseline(baseline)
-                pc = prev.default_config(spec, act=act)
+                pc = prev.default_config(spec, act=act, n_outliers=nout)
                 name = f"w{bits}{'o' if nout else ''}prev_{lin}"
-                add(name, prev.gemv_func(spec, pc, name=name, act=act, n_outliers=nout),
+                add(name, prev.gemv_func(spec, pc, name=name, act=act, n_outliers=nout, pdl=True),
                     f"{scheme} int8 act (previous kernel)", bits, g, lin, n, k, spec,
                     f"r{pc.rows}s{pc.steps}", True, nout, [-(-n // pc.rows // pc.steps), 1, 1], [32, pc.warps, 1],
-                    act)
+                    act, True)
     from edgequant.tvm_schedules.mma_gemm import MmaConfig, config_tag, default_config as mma_default, gemm_func
     for scheme, bits, g in PREFILL_SCHEMES if not decode_only else []:
         for lin, n, k in SHAPES:
@@ -774,9 +778,9 @@ def _step_table(whole, bw):
     i4 = whole.get("torch int4 g128 (bf16)", {}).get("default", nan)
     out = ["", "The whole decode step measured as one CUDA graph (32 layers x qkv, o, gate_up, down, each layer its own "
            "weights; the last layer's outputs checked): with the default kernels (what the export ships; 'PDL' = "
-           "launched with programmatic stream serialization, which TVM's runtime does not do) and with the best "
-           "config per linear. % roofline, tok/s, x torch int4 and x W4 from the 'default, PDL' column (in brackets: "
-           "'default', plain launches). torch int4: its GEMV over the same 128 linears, one graph.", "",
+           "launched with programmatic stream serialization, as TVM's runtime does for sm_90+ exports) and with the "
+           "best config per linear. % roofline, tok/s, x torch int4 and x W4 from the 'default, PDL' column (in "
+           "brackets: 'default', plain launches). torch int4: its GEMV over the same 128 linears, one graph.", "",
            "| weights | default ms | default PDL ms | best ms | best PDL ms | % roofline | tok/s bound | x torch int4 "
            "| x W4 g128 |", "|---|---|---|---|---|---|---|---|---|"]
     for scheme, r in whole.items():

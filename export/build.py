@@ -17,7 +17,7 @@ from edgequant.atomic import atomic_output_dir, output_lock
 from edgequant.errors import EdgequantError
 from edgequant.memory import PREFILL_CHUNK   # the memory plan sizes temporaries by it too
 
-from . import targets
+from . import pdl, targets
 from .dist import EXPORT_JSON
 from .params import open_source, write_tensor_cache
 
@@ -95,7 +95,9 @@ def build_module(source, preset, arch=None, system_lib_prefix=None):
         # CUDA graphs; SmolLM2-135M decode on an H200 went from ~370 to ~850 tok/s (apps/cuda/README.md)
         cfg = {"relax.backend.use_cuda_graph": True} if preset.name == "cuda" else {}
         with tvm.transform.PassContext(config=cfg):
-            ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
+            # sm_90+: the GEMV kernels launch with PDL (export/pdl.py)
+            tir = pdl.register() if pdl.supported(tgt) else "default"
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt), tir_pipeline=tir)
     return ex, named_params, tgt, functions
 
 

@@ -57,6 +57,9 @@ class Embedding(nn.Embedding):
         return take_clipped(self.weight, x, axis=0)
 
 
+GPU_MODES = ("gpu", "gpu-pdl")   # decode_gemv values that build the CUDA kernels
+
+
 class _Packed(nn.Module):
     """A packed weight's parameters `qweight`, `scales`[, `zeros`], shaped by its spec."""
 
@@ -87,12 +90,12 @@ def quant_matmul(spec: QuantSpec, x: Tensor, params: list, decode_gemv: str | No
     lead = tuple(x.shape[:-1])
     if decode_gemv and gemv.supports(spec, act) and all(isinstance(d, int) and d == 1 for d in lead):
         # without a global symbol of its own: the builder names (and dedupes) it per shape
-        f = gemv.gemv_func(spec, lead=lead, gpu=decode_gemv == "gpu", n_outliers=n_outliers,
-                           out_dtype=out_dtype, act=act).without_attr("global_symbol")
+        f = gemv.gemv_func(spec, lead=lead, gpu=decode_gemv in GPU_MODES, n_outliers=n_outliers,
+                           out_dtype=out_dtype, act=act, pdl=decode_gemv == "gpu-pdl").without_attr("global_symbol")
         if n_outliers:
             args += outliers
         return op.tensor_ir_op(f, "decode_gemv", [x, *args], Tensor.placeholder((*lead, spec.n), out_dtype))
-    if (decode_gemv == "gpu" and mma_gemm.supports(spec) and len(lead) == 2 and isinstance(lead[0], int)
+    if (decode_gemv in GPU_MODES and mma_gemm.supports(spec) and len(lead) == 2 and isinstance(lead[0], int)
             and lead[0] == 1 and not (isinstance(lead[1], int) and lead[1] == 1)):
         # prefill on tensor cores: one prim func for every prompt length (it picks its tile by m at launch)
         odt = "float32" if n_outliers else out_dtype
@@ -117,7 +120,8 @@ class QuantLinear(_Packed):
 
     def __init__(self, spec: QuantSpec, n_outliers: int = 0, bias: bool = False, decode_gemv: str | None = None,
                  out_dtype: str = "float16"):
-        """`decode_gemv`: "gpu" (CUDA), "twin" (its serial CPU twin, for tests) or None (dlight everywhere);
+        """`decode_gemv`: "gpu" (CUDA), "gpu-pdl" (CUDA sm_90+, the GEMV kernels with programmatic dependent
+        launch, export/pdl.py), "twin" (its serial CPU twin, for tests) or None (dlight everywhere);
         `out_dtype` float32 keeps logits unrounded (a quantized output layer)."""
         from .pipeline import int8_decode_enabled
         super().__init__(spec)
@@ -144,8 +148,9 @@ class QuantLinear(_Packed):
                 or (prologue and self.n_outliers) or (residual is not None and self.bias is not None)
                 or (norm is not None and (type(norm) is not nn.RMSNorm or norm.bias is not None))):
             return None
-        f = gemv.gemv_func(self.spec, lead=lead, gpu=self.decode_gemv == "gpu", n_outliers=self.n_outliers,
+        f = gemv.gemv_func(self.spec, lead=lead, gpu=self.decode_gemv in GPU_MODES, n_outliers=self.n_outliers,
                            out_dtype=self.out_dtype, act=self.decode_act, prologue=prologue,
+                           pdl=self.decode_gemv == "gpu-pdl",
                            eps=float(norm.epsilon) if norm is not None else 1e-6,
                            residual=residual is not None).without_attr("global_symbol")
         args = [x] + ([norm.weight] if norm is not None else []) + self.params()

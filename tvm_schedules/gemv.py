@@ -10,7 +10,12 @@ At batch 1 a linear layer only streams its packed weights, so the kernel is buil
   register buffer before this step's math (double buffering; the steps are unrolled, so buffer indices stay
   constants), so each thread keeps 2 x rows independent loads in flight while it computes; the grid's last block
   may have fewer steps (guarded);
-- after each step the rows' partial sums meet through warp shuffles and one shared-memory slot per warp and row;
+- optionally (`GemvConfig.prefetch`, off: on the H200 every linear got 10-25% slower) each block asks L2 for all of
+  its rows' weights, scales and zero points at its start with a few bulk prefetches (`cp.async.bulk.prefetch.L2`,
+  sm_90; `prefetch_plan`), so that its bytes are all in flight from the start without the registers a deeper buffer
+  would take;
+- after each step the rows' partial sums meet through warp shuffles (transposed: each exchange halves the rows a
+  lane holds, `xreduce_stages`: 6 shuffles for 4 rows instead of 20) and one shared-memory slot per warp and row;
   one barrier at the end adds the warps' slots (and the fp16 outlier columns, OWQ) per row;
 - no integer-to-float conversion per weight: a field of q bits is masked into the mantissa of the float 1.0
   (`0x3F800000 | (q << b)` is exactly `1 + q * 2^(b-23)`), so `x * f = x + x * q * 2^(b-23)` costs one mask (LOP3)
@@ -61,6 +66,7 @@ ACTS = ("fp16", "int8")
 PROLOGUES = (None, "rmsnorm", "silu_mul")
 
 
+WAIT = '{ind}T.evaluate(T.call_extern("void", "cudaGridDependencySynchronize"))'   # PDL: the previous kernel's end
 RESIDENT_X = 64                         # chunks up to this many values keep x in fp32 registers for every row
 
 
@@ -72,6 +78,9 @@ class GemvConfig:
     depth: int = 2    # register buffers of rows: loads run depth - 1 steps ahead of the math
     chunk: int = 0    # values of K per thread and row; 0: the bits' default (CHUNK, CHUNK_INT8); int8 act: 32 or 64
     min_blocks: int = 0  # > 0: __launch_bounds__(threads, min_blocks), ptxas caps registers so that many blocks fit
+    prefetch: bool = False  # each block asks L2 for all its rows' weights, scales and zeros at its start (sm_90;
+    # H200: 10-25% slower per linear, benchmarks/results/gpu-nvidia-h200.md, so off)
+    xreduce: bool = True   # rows' partial sums meet in a transposed warp reduction (xreduce_stages), rows a power of 2
 
     def __post_init__(self):
         if (self.rows < 1 or self.warps < 1 or self.steps < 1 or self.depth < 2 or self.chunk not in (0, 32, 64)
@@ -224,6 +233,66 @@ def _code_bytes(word_of, terms) -> str:
     return expr
 
 
+def xreduce_stages(rows: int) -> list[tuple[int, int]]:
+    """The exchanges of the transposed warp reduction of `rows` partial sums per lane (rows a power of 2 <= 32):
+    [(lane offset, h)]: a lane whose `offset` bit is set keeps values h..2h-1 and sends 0..h-1 to its partner, the
+    other keeps 0..h-1 and sends h..2h-1; each adds what it receives, so after the stages lane tx holds, summed over
+    the lanes that share its top log2(rows) bits, the row tx // (32 / rows); a plain shuffle-down over the
+    remaining offsets completes the sum (the reduce-scatter of the butterfly: rows - 1 + 5 - log2(rows) shuffles for
+    all rows instead of 5 per row)."""
+    out, off, h = [], 16, rows // 2
+    while h:
+        out.append((off, h))
+        off, h = off // 2, h // 2
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ L2 prefetch
+# Each block's rows are contiguous in qweight, scales and zeros, so at its start lane 0 of each warp asks L2 for its
+# share of the block's weight rows with one bulk prefetch (`cp.async.bulk.prefetch.L2`, sm_90: no registers, no
+# shared memory), and lanes 1 and 2 of warp 0 for the block's scales and zero points. The block's register loads
+# then find the bytes in L2 or already on their way: all of a block's bytes are in flight from its start instead of
+# one step of rows at a time, and with PDL the prefetches go out before the wait for the previous kernel. Measured
+# on the H200 (benchmarks/results/gpu-nvidia-h200.md, gpu5): the same DRAM bytes and 55% L2 hits, yet every linear
+# 10-25% slower (the later steps' prefetches queue ahead of other blocks' current loads), hence off by default. The
+# prefetch is a hint (the loads stay the loads): addresses must be 16-byte aligned and sizes multiples of 16, so a
+# tensor whose per-block slice is not is simply not prefetched, and a size is rounded down to 16 bytes.
+PF_ROWS = "T.min({rpw}, T.min({rs} - ty * {rpw}, {n} - (bx * {rs} + ty * {rpw})))"   # warp ty's rows of block bx
+PF_BLOCK = "T.min({rs}, {n} - bx * {rs})"                                           # the rows of block bx
+
+
+def prefetch_plan(spec: QuantSpec, cfg: GemvConfig) -> dict:
+    """What the kernel prefetches into L2 per block: {"rpw": weight rows per warp, "qweight" / "scales" / "zeros":
+    bytes per row, or 0 where the tensor is not prefetched (its per-block slice would not start 16-byte aligned)}."""
+    rs = cfg.rows * cfg.steps
+    if not cfg.prefetch:
+        return {"rpw": 0, "qweight": 0, "scales": 0, "zeros": 0}
+    row = {"qweight": spec.words * 4, "scales": spec.n_groups * 2, "zeros": 0 if spec.sym else spec.n_groups}
+    rpw = -(-rs // cfg.warps)
+    # qweight: every warp's slice starts at a multiple of rpw rows; scales and zeros: one slice per block
+    return {"rpw": rpw, **{t: b if b and (b * (rpw if t == "qweight" else rs)) % 16 == 0 else 0
+                           for t, b in row.items()}}
+
+
+def prefetch_spans(spec: QuantSpec, cfg: GemvConfig, bx: int) -> dict[str, list[tuple[int, int]]]:
+    """The (byte offset, bytes) ranges block bx prefetches per tensor, evaluated from the same expressions the
+    kernel is built from (PF_ROWS, PF_BLOCK), for the CPU test of their index math."""
+    plan, rs = prefetch_plan(spec, cfg), cfg.rows * cfg.steps
+    env = {"T": type("T", (), {"min": staticmethod(min)}), "bx": bx}
+    out = {"qweight": [], "scales": [], "zeros": []}
+    if plan["qweight"]:
+        for ty in range(cfg.warps):
+            cnt = eval(PF_ROWS.format(rpw=plan["rpw"], rs=rs, n=spec.n), {**env, "ty": ty})  # noqa: S307
+            if cnt > 0:
+                out["qweight"].append(((bx * rs + ty * plan["rpw"]) * plan["qweight"], cnt * plan["qweight"]))
+    for t in ("scales", "zeros"):
+        if plan[t]:
+            rows = eval(PF_BLOCK.format(rs=rs, n=spec.n), env)  # noqa: S307
+            if rows * plan[t] // 16:
+                out[t].append((bx * rs * plan[t], rows * plan[t] // 16 * 16))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the prim func
 def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, out_dtype: str = "float16",
               lead: tuple[int, ...] = (1,), name: str = "main", n_outliers: int = 0, act: str = "fp16",
@@ -247,7 +316,8 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
     (`griddepcontrol.launch_dependents`) and waits for the previous one (`griddepcontrol.wait`) only after issuing
     its first weight loads, which depend on no earlier kernel: launched with programmatic stream serialization
     (`cuLaunchKernelEx`), a linear's first loads overlap the previous linear's tail. Without that launch attribute
-    both instructions do nothing; exports do not set it (TVM's runtime launches with cuLaunchKernel)."""
+    both instructions do nothing; CUDA exports for sm_90+ set it (export/pdl.py), and with a prologue every read of
+    x (and of the residual) comes after the wait."""
     import tvm
     from tvm.script import tirx as T
 
@@ -359,6 +429,18 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     if n_out:  # x at the thread's outlier columns (once per block), and each buffered row's weights there
         L += [f'{ind}xo = T.alloc_buffer(({NO},), "float32", scope={local})',
               f'{ind}owb = T.alloc_buffer(({nbuf * R * NO},), "float16", scope={local})']
+    plan = prefetch_plan(spec, cfg) if gpu else {"qweight": 0, "scales": 0, "zeros": 0}
+    if plan["qweight"]:  # see prefetch_plan: this warp's share of the block's weight rows, then scales and zeros
+        cnt = PF_ROWS.format(rpw=plan["rpw"], rs=RS, n=n)
+        L += [f"{ind}if tx == 0 and {cnt} > 0:",
+              f"{ind}    T.ptx.cp.async_.bulk.prefetch.L2.global_(T.address_of(qweight[bx * {RS} + ty * {plan['rpw']}, "
+              f"0]), T.Cast(\"uint32\", {cnt} * {plan['qweight']}))"]
+    for lane, t in enumerate(("scales", "zeros"), 1):
+        if plan[t]:
+            size = f"{PF_BLOCK.format(rs=RS, n=n)} * {plan[t]} // 16 * 16"
+            L += [f"{ind}if ty == 0 and tx == {lane} and {size} > 0:",
+                  f"{ind}    T.ptx.cp.async_.bulk.prefetch.L2.global_(T.address_of({t}[bx * {RS}, 0]), "
+                  f"T.Cast(\"uint32\", {size}))"]
     if int8:
         pass
     elif gpu:  # lane 0's `MAGIC | lane` through a shuffle: a value the compiler cannot fold (see _field_float)
@@ -421,6 +503,9 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         L.append(f"{ind}nr[0] = T.float32(0)")
         # the first rows' loads go out before the activations' (x's latency overlaps them)
         pre = first_loads(body) if int8 else []
+        if pdl:  # the weight loads before the wait, x (the previous kernel's output) after it
+            L += ([f"{ind}if {c} < {nc}:"] + pre if pre else []) + [WAIT.format(ind=ind)]
+            pre = []
         if gpu:
             for sb in range(C // 32):
                 pre += load_raw(body, sb)
@@ -439,11 +524,11 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         L.append(f"{ind}nr[0] = T.rsqrt(nr[0] / T.float32({k}) + T.float32({float(eps)!r}))")
     # x once per thread: the per-class sums (zero point and the mantissa's leading 1) serve every row of the block
     early = int8 and prologue != "rmsnorm"   # the first rows' loads go out before the activations' (x's latency
-    if pdl:                                  # and rounding overlap them), with PDL also before the wait
+    if pdl and prologue != "rmsnorm":        # and rounding overlap them), with PDL also before the wait
         if early:
             L += [f"{ind}if {c} < {nc}:"] + first_loads(body)
         # every thread: all reads of activations and all writes come after the previous kernel has finished
-        L.append(f'{ind}T.evaluate(T.call_extern("void", "cudaGridDependencySynchronize"))')
+        L.append(WAIT.format(ind=ind))
     L.append(f"{ind}if {c} < {nc}:")
     if early and not pdl:
         L += first_loads(body)
@@ -524,7 +609,20 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         body = ind + "    "
         out = [f"{ind}else:"]
         out += [f"{body}acc[{r}] = T.float32(0)" for r in range(R)]
-        if gpu:
+        if gpu and cfg.xreduce and R > 1 and R & (R - 1) == 0 and R <= 32:
+            # transposed: each exchange halves the rows a lane holds (it keeps one half and sends the other), so
+            # R rows take R - 1 + 5 - log2(R) shuffles instead of 5 R; lane tx ends with row tx // (32 / R)
+            for off, h in xreduce_stages(R):
+                hi = f"T.bitwise_and(tx, {off}) != 0"
+                out += [f"{ind}acc[{i}] = T.Select({hi}, acc[{i + h}], acc[{i}]) + T.tvm_warp_shuffle("
+                        f"T.uint32(0xFFFFFFFF), T.Select({hi}, acc[{i}], acc[{i + h}]), T.bitwise_xor(tx, {off}), "
+                        f"32, 32)" for i in range(h)]
+            lanes = 32 // R
+            out += [f"{ind}acc[0] = acc[0] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), acc[0], {off}, 32, 32)"
+                    for off in (16, 8, 4, 2, 1) if off < lanes]
+            out.append(f"{ind}if tx % {lanes} == 0:")
+            out.append(f"{ind}    red[ty * {RS} + {st * R} + tx // {lanes}] = acc[0]")
+        elif gpu:
             for r in range(R):
                 for off in (16, 8, 4, 2, 1):
                     out.append(f"{ind}acc[{r}] = acc[{r}] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), "

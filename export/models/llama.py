@@ -37,6 +37,7 @@ from edgequant.models import FAMILIES, family_for
 
 from edgequant.tvm_schedules.workarounds import own_attention
 
+from .. import pdl
 from ..quant_linear import DenseLinear, Embedding, QuantEmbedding, QuantLinear, quant_matmul
 
 FAMILY_NAMES = ("llama", "qwen3", "phi3")   # the edgequant.models families this graph implements
@@ -284,7 +285,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, c: ArchConfig, plans: dict, target):
         self.c = c
         # CUDA decode: quantized linears use the hand-scheduled GEMV (tvm_schedules/gemv.py), the rest dlight
-        mode = "gpu" if target.kind.name == "cuda" else ("twin" if DECODE_GEMV_TWIN_ON_CPU else None)
+        # (with programmatic dependent launch where every arch is sm_90+: export/pdl.py)
+        mode = (("gpu-pdl" if pdl.supported(target) else "gpu") if target.kind.name == "cuda"
+                else ("twin" if DECODE_GEMV_TWIN_ON_CPU else None))
         self.model = self.MODEL(c, plans, gpu_gemv=mode)
         self.gpu_gemv = mode
         self.lm_head = head_for(c, plans, mode)

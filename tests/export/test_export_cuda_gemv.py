@@ -35,6 +35,11 @@ def test_cuda_decode_uses_the_gemv_kernels(checkpoint):
     args = dict(re.findall(r"void __launch_bounds__\([\d, ]+\) (decode_gemv\w*)\(([^)]*)\)", src))
     assert sorted(a.count("nw_ptr") for a in args.values()) == [0, 0, 1, 1]
     assert sorted(a.count("res_ptr") for a in args.values()) == [0, 0, 1, 1]
+    # sm_90 only: the GEMVs are built for programmatic dependent launch (export/pdl.py), and only they
+    head = r'extern "C" __global__ void __launch_bounds__\([\d, ]+\) (\w+)\([^)]*\) \{'
+    defs = {m.group(1): m.group(2) for m in re.finditer(head + r'(.*?)(?=\nextern "C"|\Z)', src, re.S)}
+    assert {k for k, b in defs.items() if "cudaGridDependencySynchronize" in b} == {
+        k for k in defs if k.startswith("decode_gemv")} and len(defs) == len(kernels)
     # greedy sampling on the device
     assert "argmax" in functions and any(k.startswith("argmax") for k in kernels)
     prefill = [k for k in kernels if k.startswith("prefill_gemm")]

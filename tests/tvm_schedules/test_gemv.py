@@ -221,7 +221,8 @@ def test_cuda_source_waits_for_the_previous_kernel_after_the_first_weight_loads(
     from edgequant.tvm_schedules.dequant import QuantSpec
     from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
     spec = QuantSpec(256, 512, 3, 128, False, "planes3")
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, 2, min_blocks=8), act="int8", pdl=True)}),
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, 2, min_blocks=8, prefetch=True), act="int8",
+                                                           pdl=True)}),
                      target={**PRESETS["cuda"].target, "arch": "sm_90"})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     body = src[src.index("main_kernel("):]
@@ -231,8 +232,94 @@ def test_cuda_source_waits_for_the_previous_kernel_after_the_first_weight_loads(
         return re.search(pattern, body).start()
     trigger, wait = first(r"cudaTriggerProgrammaticLaunchCompletion\(\)"), first(r"cudaGridDependencySynchronize\(\)")
     assert first(r"\bqweight_ptr\b") < wait < first(r"\bx_ptr\b") < first(r"__dp4a") < trigger < first(r"\by_ptr\b")
+    # the block's L2 prefetches (weights, scales, zeros) go out first, before the wait and the first register loads
+    pf = [m.start() for m in re.finditer(r"prefetch_L2_global\(\(&\((\w+)_ptr", body)]
+    assert len(pf) == 3 and max(pf) < first(r"wq_ptr \+ 0\) = ") < wait
     assert body.rindex("__dp4a") > trigger    # the last step's math comes after the trigger
     assert "__launch_bounds__(32, 8)" in src
+
+
+@pytest.mark.parametrize("prologue,residual", [("rmsnorm", True), ("silu_mul", False)])
+def test_cuda_source_with_a_prologue_reads_activations_after_the_wait(prologue, residual):
+    """pdl=True with the decode fusions the export builds: the RMSNorm's sum of squares, SiLU(gate) * up and the
+    residual read the previous kernel's outputs, so every read of x and of the residual comes after the wait (the
+    first weight loads before it)."""
+    import re
+
+    import tvm
+    from edgequant.export.targets import PRESETS
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import gemv_func
+    spec = QuantSpec(64, 256, 4, 32, False, "words")
+    f = gemv_func(spec, act="int8", prologue=prologue, residual=residual, pdl=True)
+    ex = tvm.compile(tvm.IRModule({"main": f}), target={**PRESETS["cuda"].target, "arch": "sm_90"})
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    body = src[src.index("main_kernel("):]
+    body = body[body.index(") {"):]
+    wait = body.index("cudaGridDependencySynchronize()")
+    assert body.index("qweight_ptr") < wait < min(m.start() for m in re.finditer(r"\bx_ptr\b", body))
+    if residual:
+        assert wait < body.index("res_ptr")
+
+
+@pytest.mark.parametrize("n,k,bits,group,sym,layout,rows,warps,steps", [
+    (64, 11008, 4, 128, False, "words", 4, 11, 4),       # LLaMA-7B down: 11 warps for 16 rows, 172-byte scale rows
+    (160, 4096, 3, 128, False, "dp4a3", 4, 4, 4), (100, 512, 2, 64, True, "words", 4, 4, 3),   # ragged last block
+    (36, 256, 4, 32, False, "words", 2, 3, 3), (40, 4096, 4, 128, False, "words", 4, 8, 1),   # more warps than rows
+])
+def test_prefetch_spans_cover_each_block_once(n, k, bits, group, sym, layout, rows, warps, steps):
+    """The L2 prefetch's index math (the expressions the kernel is built from): each block's warps ask for exactly
+    the block's weight rows, each byte once, inside the tensor; scales and zeros of the block's rows up to a
+    16-byte boundary; every address 16-byte aligned and every size a multiple of 16."""
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import GemvConfig, prefetch_plan, prefetch_spans
+    spec, cfg = QuantSpec(n, k, bits, group, sym, layout), GemvConfig(rows, warps, steps, prefetch=True)
+    rs, plan = rows * steps, prefetch_plan(spec, cfg)
+    size = {"qweight": spec.words * 4, "scales": spec.n_groups * 2, "zeros": 0 if sym else spec.n_groups}
+    assert plan["qweight"] == size["qweight"] and (plan["zeros"] == 0) == sym
+    seen = {t: np.zeros(n * b, bool) for t, b in size.items()}
+    for bx in range(-(-n // rs)):
+        rows_here = min(rs, n - bx * rs)
+        for t, spans in prefetch_spans(spec, cfg, bx).items():
+            for off, nbytes in spans:
+                assert off % 16 == 0 and nbytes % 16 == 0 and nbytes > 0
+                assert bx * rs * size[t] <= off and off + nbytes <= (bx * rs + rows_here) * size[t]
+                assert not seen[t][off:off + nbytes].any()
+                seen[t][off:off + nbytes] = True
+            if t == "qweight":   # the whole block, nothing else
+                assert sum(b for _, b in spans) == rows_here * size[t]
+            elif plan[t]:        # the block's rows, rounded down to 16 bytes
+                assert sum(b for _, b in spans) == rows_here * size[t] // 16 * 16
+    assert seen["qweight"].all()
+    odd = QuantSpec(8, 40, 4, -1, False, "words")   # 20-byte rows: slices not 16-byte aligned, nothing prefetched
+    assert not any(prefetch_spans(odd, GemvConfig(1, 1, 1, prefetch=True), 1).values())
+    assert prefetch_plan(spec, GemvConfig(rows, warps, steps, prefetch=False))["qweight"] == 0
+
+
+@pytest.mark.parametrize("rows", [2, 4, 8, 32])
+def test_transposed_warp_reduction_sums_each_row(rows):
+    """The transposed warp reduction's exchanges (gemv.xreduce_stages), simulated over 32 lanes as the kernel runs
+    them (select, shuffle by lane XOR offset, add; then shuffle-down adds): lane tx % (32 / rows) == 0 ends with
+    the sum over all lanes of row tx // (32 / rows)."""
+    from edgequant.tvm_schedules.gemv import xreduce_stages
+    rng = np.random.default_rng(rows)
+    acc = rng.standard_normal((32, rows))        # [lane, row] partial sums
+    want = acc.sum(axis=0)
+    lane = np.arange(32)
+    for off, h in xreduce_stages(rows):
+        hi = (lane & off) != 0
+        keep = np.where(hi[:, None], acc[:, h:2 * h], acc[:, :h])
+        send = np.where(hi[:, None], acc[:, :h], acc[:, h:2 * h])
+        acc = acc.copy()
+        acc[:, :h] = keep + send[lane ^ off]
+    lanes = 32 // rows
+    v = acc[:, 0].copy()
+    for off in (16, 8, 4, 2, 1):
+        if off < lanes:   # shuffle-down: lanes past the end read their own value, as __shfl_down_sync
+            v = v + v[np.where(lane + off < 32, lane + off, lane)]
+    for tx in range(0, 32, lanes):
+        assert np.isclose(v[tx], want[tx // lanes])
+    assert sum(h for _, h in xreduce_stages(rows)) == rows - 1
 
 
 def _walk(m):
