@@ -616,6 +616,9 @@ def int8_gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32
     quantized as in the GEMV and gets the GEMV's integer sums; rows go GEMM_ROWS at a time through each weight chunk
     so that its codes are unpacked once per 8 rows, and the 8 rows finish together in vector registers (`_finish_rows`:
     lane sums by a shuffle tree, the zero-point terms of 8 rows in one vector per group)."""
+    from . import cpu_int8_rows
+    if cpu_int8_rows.supports(spec):   # 4 bits: output rows in the vector lanes (cpu_int8_rows.py)
+        return cpu_int8_rows.gemm_func(spec, isa, out_dtype, name)
     return _from_source(spec, isa, "GEMM", lambda: _source_gemm(spec, isa, out_dtype, name))
 
 
