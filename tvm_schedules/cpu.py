@@ -22,6 +22,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 
 VL = 8        # fp32 lanes of one AVX2 / two NEON registers
 ROWS = 4      # register tile of the prefill matmul
+VEC = 16      # lanes of the vectorised elementwise kernels
 COLS = 32
 
 
@@ -141,7 +142,12 @@ class CPUParallel(_LLVMRule):
                     break
             if lead is None:
                 continue    # static extents: a decode (one-row) kernel
-            loops = sch.get_loops(info.block_rv)[:lead]
+            all_loops = sch.get_loops(info.block_rv)
+            loops = all_loops[:lead]
             sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
             changed = True
+            # an elementwise kernel (SiLU x up, casts, adds) with a static innermost loop: vector lanes along it
+            inner = sch.get(all_loops[-1]).extent if len(all_loops) > lead else None
+            if info.is_injective() and isinstance(inner, tirx.IntImm) and inner.value % VEC == 0:
+                sch.vectorize(sch.split(all_loops[-1], [None, VEC])[1])
         return sch if changed else None

@@ -227,9 +227,10 @@ def _rope_params(func):
 def hoisted_rope(func):
     """The cache's split + RoPE kernel with each token's cos and sin computed once for all its heads and the pow once
     per call (TVM's kernel computes a pow, a cos and a sin per element: 15 times per (token, dimension) on SmolLM2,
-    7% of a 128-token prefill and ~0.5 ms of CPU per decoded token) by the stock expression, the rotation of q and k heads vectorised over the head dimension, tokens in
-    parallel: the same float32 operations per element, so the same fp16 results (tests compare them bit for bit).
-    None where the kernel is not the stock default-RoPE one (`_rope_params`)."""
+    7% of a 128-token prefill and ~0.5 ms of CPU per decoded token) by the stock expression, the rotation of q and k
+    heads vectorised over the head dimension, tokens in parallel: the same float32 operations per element, so the
+    same fp16 results (tests compare them bit for bit). None where the kernel is not the stock default-RoPE one
+    (`_rope_params`)."""
     params = _rope_params(func)
     if params is None:
         return None
@@ -237,8 +238,9 @@ def hoisted_rope(func):
     h = d // 2
     pos = 'T.Cast("float32", position_map[s])' + (f" * T.float32({scale!r})" if scale != 1.0 else "")
     V = f"T.ramp(0, 1, {d})"
-    rot = lambda src: (f'T.Shuffle([{src}[s, hh, T.ramp({h}, 1, {h})] * T.broadcast(T.{dtype}(-1.0), {h}), '  # noqa: E731
-                       f'{src}[s, hh, T.ramp(0, 1, {h})]], {list(range(d))})')
+    # the stock rotation: -x[d + D/2] for the first half, x[d - D/2] for the second
+    rot = lambda src: (f'T.Shuffle([{src}[s, hh, T.ramp({h}, 1, {h})] * '  # noqa: E731
+                       f'T.broadcast(T.{dtype}(-1.0), {h}), {src}[s, hh, T.ramp(0, 1, {h})]], {list(range(d))})')
     S = ["@T.prim_func",
          "def fused_rope(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle, "
          "var_v: T.handle, apply_rope: T.int64):",

@@ -4,12 +4,12 @@ replaces, bit for bit.
 LLVM lowers an fp16 `exp` (the sigmoid of SiLU in the MLP's `silu(gate) * up` kernel: TVM's `tirx.sigmoid` becomes
 1 / (1 + exp(-x)) in the input's type) to `fptrunc(expf(fpext(x)))`, one scalar libm call per element, which also
 keeps the loop around it from being vectorised: on a 128-token SmolLM2 prefill with the int8 GEMMs that kernel was
-12% of the CPU time. Here exp(x) is evaluated in float64 (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-12 Taylor
+12% of the CPU time. Here exp(x) is evaluated in float64 (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-9 Taylor
 polynomial of exp(r) in Horner form, 2^n by building the exponent bits), rounded to float32 and then to float16 as
-LLVM's promotion does: the float64 value is within ~1e-15 of exp(x), far closer than float32's half ulp, so the
-float32 rounding is libm's wherever libm's expf is correctly rounded, and the float16 result only differs if both
-roundings fall on a tie. There are only 65536 float16 inputs: `check_exhaustive` (and the test) compares all of
-them against the libm path.
+LLVM's promotion does: the float64 value is within ~1e-11 (relative) of exp(x), so after the float32 and float16
+roundings it can only differ from libm's where exp(x) lies that close to a float16 rounding boundary. There are only
+65536 float16 inputs: tests/tvm_schedules/test_exp16.py compares all of them with LLVM's own lowering, bit for bit
+(a degree-6 polynomial already passes).
 
 `register()` installs it as the llvm lowering of `tirx.exp` for float16 operands (scalar or vector); every other
 dtype keeps LLVM's intrinsic. It is idempotent and, being exact, changes no exported model's results.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 _LEVEL = 99        # above TVM's own llvm rule (10)
-_TAYLOR = 12       # |r| <= 0.347: r^13 / 13! < 1e-16
+_TAYLOR = 9        # |r| <= 0.347: r^10 / 10! < 1e-11
 _registered = False
 
 
@@ -54,7 +54,7 @@ def _lower(op):
     x = op.args[0]
     dt, lanes = _dtype(x)
     if not dt.startswith("float16"):
-        return tirx.call_llvm_pure_intrin(dt, "llvm.exp", tirx.const(1, "uint32"), x)
+        return tirx.call_llvm_pure_intrin(dt, "llvm.exp", x)   # what TVM's own llvm rule emits
     sfx = "" if lanes == 1 else f"x{lanes}"
 
     def b(v):
@@ -75,14 +75,3 @@ def register():
     from tvm.tirx.op import register_intrin_lowering
     register_intrin_lowering("tirx.exp", target="llvm", f=_lower, level=_LEVEL)
     _registered = True
-
-
-def _kernel(lanes: int):
-    from tvm.script import tirx as T
-
-    @T.prim_func
-    def f(a: T.Buffer((65536,), "float16"), b: T.Buffer((65536,), "float16")):
-        T.func_attr({"tir.noalias": True})
-        for i in T.serial(65536 // lanes):
-            b[T.ramp(i * lanes, 1, lanes)] = T.exp(a[T.ramp(i * lanes, 1, lanes)])
-    return f
