@@ -44,8 +44,11 @@ The whole linear is one prim func with the fused float kernel's arguments (x, qw
 quantization prologue (vector code per block of 32, `_quantize_row`) into scratch buffers, then rows in parallel.
 The prefill GEMM (`int8_gemm_func`) runs the same arithmetic for m rows: activation rows quantized in parallel, then
 tiles of 32 weight rows in parallel, each meeting blocks of 8 activation rows (codes unpacked once per 8 rows, the
-8-row block in L1 across the tile, the 8 rows' sums finished together by a shuffle tree). int8 activations move
-each activation by up to half a step (1/254 of its block's largest value); the exact fp path remains the fused float
+8-row block in L1 across the tile, the 8 rows' sums finished together by a shuffle tree). At 4 bits it hands over
+to `cpu_int8_rows.py`, which puts 8 weight rows instead of K in the vector lanes (one block scaling per 8 dots, no
+horizontal sums: 2.0-2.25x faster on SmolLM2's shapes, benchmarks/results/decode_cpu_issue9_w3.md). int8
+activations move each activation by up to half a step (1/254 of its block's largest value); the exact fp path
+remains the fused float
 kernel (`dequant.py`), used for shapes this kernel does not cover (`supports`) and on request
 (EDGEQUANT_ACT_DTYPE=fp16, `export/pipeline.py`).
 """
