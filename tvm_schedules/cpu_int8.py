@@ -48,9 +48,8 @@ tiles of 32 weight rows in parallel, each meeting blocks of 8 activation rows (c
 to `cpu_int8_rows.py`, which puts 8 weight rows instead of K in the vector lanes (one block scaling per 8 dots, no
 horizontal sums: 2.0-2.25x faster on SmolLM2's shapes, benchmarks/results/decode_cpu_issue9_w3.md). int8
 activations move each activation by up to half a step (1/254 of its block's largest value); the exact fp path
-remains the fused float
-kernel (`dequant.py`), used for shapes this kernel does not cover (`supports`) and on request
-(EDGEQUANT_ACT_DTYPE=fp16, `export/pipeline.py`).
+remains the fused float kernel (`dequant.py`), used for shapes this kernel does not cover (`supports`) and on
+request (EDGEQUANT_ACT_DTYPE=fp16, `export/pipeline.py`).
 """
 from __future__ import annotations
 
