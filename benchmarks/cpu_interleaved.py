@@ -39,6 +39,7 @@ def main():
             sys.exit(f"error: {e!r} is not NAME=PATH of an existing DIST folder or .gguf file")
         entries.append((name, Path(path)))
     os.environ["EDGEQUANT_THREADS"] = str(a.threads)   # before TVM's pool starts (Runner reads it too)
+    cores = len(os.sched_getaffinity(0))   # before the pool pins this thread
     import numpy as np
 
     import llamacpp_peer
@@ -94,7 +95,7 @@ def main():
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), "")
     lines = ["# CPU exports and llama.cpp interleaved in one process (benchmarks/cpu_interleaved.py)", "",
-             f"- machine: {cpu}, {len(os.sched_getaffinity(0))} cores; {a.threads} thread(s) per runtime",
+             f"- machine: {cpu}, {cores} cores; {a.threads} thread(s) per runtime",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load averages "
              f"{' / '.join(f'{v:.2f}' for v in load0)} at the start, "
              f"{' / '.join(f'{v:.2f}' for v in os.getloadavg())} at the end",
