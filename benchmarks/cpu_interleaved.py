@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from cpu_bench import cores, cpu_model, header, table, write
 
 
 def main():
@@ -39,7 +39,7 @@ def main():
             sys.exit(f"error: {e!r} is not NAME=PATH of an existing DIST folder or .gguf file")
         entries.append((name, Path(path)))
     os.environ["EDGEQUANT_THREADS"] = str(a.threads)   # before TVM's pool starts (Runner reads it too)
-    cores = len(os.sched_getaffinity(0))   # before the pool pins this thread
+    n_cores = cores()   # before the pool pins this thread
     import numpy as np
 
     import llamacpp_peer
@@ -92,27 +92,17 @@ def main():
     head = ["entry", f"prefill {a.prompt} CPU ms (median)", "prefill wall ms (best)",
             f"prefill CPU / {items[-1][0]}", "decode CPU ms/token (median)", "decode wall ms/token (best)",
             f"decode CPU / {items[-1][0]}"]
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "")
-    lines = ["# CPU exports and llama.cpp interleaved in one process (benchmarks/cpu_interleaved.py)", "",
-             f"- machine: {cpu}, {cores} cores; {a.threads} thread(s) per runtime",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load averages "
-             f"{' / '.join(f'{v:.2f}' for v in load0)} at the start, "
-             f"{' / '.join(f'{v:.2f}' for v in os.getloadavg())} at the end",
-             f"- command: python benchmarks/cpu_interleaved.py {' '.join(sys.argv[1:])}",
-             f"- {a.rounds} rounds; each: prefill of {a.prompt} random tokens, then {a.decode} decode steps; ratios: "
-             "median over rounds of the round's CPU-time ratio", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = header("CPU exports and llama.cpp interleaved in one process",
+                   f"{cpu_model()}, {n_cores} cores; {a.threads} thread(s) per runtime", load0,
+                   [f"{a.rounds} rounds; each: prefill of {a.prompt} random tokens, then {a.decode} decode steps; "
+                    "ratios: median over rounds of the round's CPU-time ratio"])
+    rows = []
     for name, r in res.items():
         pr = np.median(np.array(r["pc"]) / np.array(ref["pc"]))
         dr = np.median(np.array(r["dc"]) / np.array(ref["dc"]))
-        lines.append(f"| {name} | {1e3 * np.median(r['pc']):.1f} | {1e3 * min(r['pw']):.1f} | {pr:.3f} | "
-                     f"{1e3 * np.median(r['dc']):.2f} | {1e3 * min(r['dw']):.2f} | {dr:.3f} |")
-    print("\n".join(lines))
-    if a.out:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{a.out}.md").write_text("\n".join(lines) + "\n")
-
+        rows.append([name, f"{1e3 * np.median(r['pc']):.1f}", f"{1e3 * min(r['pw']):.1f}", f"{pr:.3f}",
+                     f"{1e3 * np.median(r['dc']):.2f}", f"{1e3 * min(r['dw']):.2f}", f"{dr:.3f}"])
+    write(a.out, lines + [table(head, rows)])
 
 if __name__ == "__main__":
     main()
