@@ -12,9 +12,9 @@ Any kernel of another shape is left to the remaining rules (returns None).
 `CPUParallel`, the last rule, runs the prompt-length loop of every other kernel (norms, activations, residual adds,
 casts: TVM's default loop nest is serial) on the thread pool: in each root block, the leading spatial loops when one
 of them has a symbolic extent (the prompt's rows). One-row decode kernels stay serial, where a parallel launch would
-cost more than the work. Elementwise kernels also get 16 vector lanes along a static innermost loop (SiLU x up: with
-the fp16 exp of `exp16.py` no libm call is left to keep LLVM from vectorising it). On a 128-token SmolLM2 prefill these serial kernels were ~10% of the CPU time, all on one
-core.
+cost more than the work. On a 128-token SmolLM2 prefill these serial kernels were ~10% of the CPU time, all on one
+core. Elementwise kernels also get 16 vector lanes along a static innermost loop (SiLU x up: with the fp16 exp of
+`exp16.py` no libm call is left to keep LLVM from vectorising it).
 """
 from __future__ import annotations
 
