@@ -15,24 +15,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import resource
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from cpu_bench import cores, cpu_model, cpu_seconds, header, table, write
+
 # SmolLM2-135M's fused q/k/v (960 x 576), o (576 x 576), gate+up (3072 x 576), down (576 x 1536)
 SHAPES = [("qkv", 960, 576), ("o", 576, 576), ("gate+up", 3072, 576), ("down", 576, 1536)]
 CONFIGS = [("W4 g128", 4, 128, "words"), ("W3 g128 bytes3", 3, 128, "bytes3"), ("W3 g128 planes3", 3, 128, "planes3"),
            ("W2 g64", 2, 64, "words")]
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main():
@@ -44,7 +36,7 @@ def main():
     ap.add_argument("--out", default="cpu_gemv_bits")
     a = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
-    cores = len(os.sched_getaffinity(0))   # before TVM's pool pins this thread
+    n_cores = cores()   # before TVM's pool pins this thread
     import tvm
 
     from edgequant.export.threads import configure
@@ -81,16 +73,14 @@ def main():
     per = {key: [] for key in calls}   # CPU seconds per call, one entry per round
     for _ in range(a.rounds):
         for key, (fn, copies) in calls.items():
-            c = _cpu()
+            c = cpu_seconds()
             for _ in range(a.calls):
                 for args in copies:
                     fn(*args)
-            per[key].append((_cpu() - c) / (a.calls * len(copies)))
+            per[key].append((cpu_seconds() - c) / (a.calls * len(copies)))
     for cname, *_ in CONFIGS:
         per["layer", cname] = [sum(per[s, cname][r] for s, _, _ in SHAPES) for r in range(a.rounds)]
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
     head = ["shape (N x K)"] + [f"{c} us" for c, *_ in CONFIGS] + [f"{c} / W4" for c, *_ in CONFIGS[1:]]
     rows = []
     for sname, n, k in SHAPES + [("layer", 0, 0)]:
@@ -100,21 +90,13 @@ def main():
             ratio = np.array(per[sname, c]) / np.array(per[sname, CONFIGS[0][0]])
             r.append(f"{np.median(ratio):.3f} ({ratio.min():.3f}-{ratio.max():.3f})")
         rows.append(r)
-    lines = ["# Decode GEMV by bit width, one process, interleaved rounds", "",
-             f"- machine: {cpu}, {cores} cores; TVM {tvm.__version__}; {a.threads} TVM thread(s); ISA {isa}",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load averages "
-             f"{' / '.join(f'{v:.2f}' for v in load0)} at the start, "
-             f"{' / '.join(f'{v:.2f}' for v in os.getloadavg())} at the end",
-             f"- command: python benchmarks/cpu_gemv_bits.py {' '.join(sys.argv[1:])}",
-             f"- {a.rounds} rounds of {a.calls} passes over {a.copies} weight copies per (shape, config); median CPU "
-             "time per call over rounds (all threads); ratios: per round against W4 of the same round, median "
-             "(min-max)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{a.out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    lines = header("Decode GEMV by bit width, one process, interleaved rounds",
+                   f"{cpu_model()}, {n_cores} cores; TVM {tvm.__version__}; {a.threads} TVM thread(s); ISA {isa}",
+                   load0,
+                   [f"{a.rounds} rounds of {a.calls} passes over {a.copies} weight copies per (shape, config); median "
+                    "CPU time per call over rounds (all threads); ratios: per round against W4 of the same round, "
+                    "median (min-max)"])
+    write(a.out, lines + [table(head, rows)])
 
 if __name__ == "__main__":
     main()

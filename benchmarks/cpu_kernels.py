@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from cpu_bench import cores, cpu_model, cpu_seconds, header, table, write
+
 ROOT = Path(__file__).resolve().parent.parent
 # (bits, group, N, K, layout): SmolLM2-135M's q/k/v (960 x 576), o (576 x 576), gate+up (3072 x 576), down (576 x 1536)
 GEMMS = [(4, 128, 960, 576, "words"), (4, 128, 576, 576, "words"), (4, 128, 3072, 576, "words"),
@@ -36,19 +35,14 @@ GEMVS = [(2, 64, 960, 576), (2, 64, 576, 576), (2, 64, 3072, 576), (2, 64, 576, 
 HKV, HQ, D, PAGE = 3, 9, 64, 16
 
 
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def timed(fn, args, repeats):
     fn(*args)
     cpu, wall = [], []
     for _ in range(repeats):
-        c, t = _cpu(), time.perf_counter()
+        c, t = cpu_seconds(), time.perf_counter()
         fn(*args)
         wall.append(time.perf_counter() - t)
-        cpu.append(_cpu() - c)
+        cpu.append(cpu_seconds() - c)
     return float(np.median(cpu)), min(wall)
 
 
@@ -74,7 +68,7 @@ def main():
     ap.add_argument("--out", default="cpu_kernels")
     a = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
-    cores = len(os.sched_getaffinity(0))   # before TVM's pool pins this thread
+    n_cores = cores()   # before TVM's pool pins this thread
     import tvm
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
     from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
@@ -147,25 +141,14 @@ def main():
                  T(np.array([a.context], np.int32)), T(np.zeros((1, HQ, D), np.float16)),
                  T(np.zeros((1, HQ), np.float32)), 0, 1.0, 1e4, 0.125], 7)
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
     head = ["kernel", "shape", "old CPU ms", "new CPU ms", "old best wall ms", "new best wall ms",
             "old / new (CPU)", "max |old - new|"]
-    lines = ["# CPU kernels: new against old in one process", "",
-             f"- machine: {cpu}, {cores} cores; TVM {tvm.__version__}; {a.threads} TVM "
-             f"thread(s); ISA {isa}",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load averages "
-             f"{' / '.join(f'{v:.2f}' for v in load0)} at the start, "
-             f"{' / '.join(f'{v:.2f}' for v in os.getloadavg())} at the end",
-             f"- command: python benchmarks/cpu_kernels.py {' '.join(sys.argv[1:])}",
-             f"- old GEMM and GEMV: tvm_schedules/cpu_int8.py at {a.baseline}; old attention: TVM's stock CPU kernels; "
-             f"median CPU time (all threads) of {a.repeats} calls after a warm-up, best wall time", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{a.out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    lines = header("CPU kernels: new against old in one process",
+                   f"{cpu_model()}, {n_cores} cores; TVM {tvm.__version__}; {a.threads} TVM thread(s); ISA {isa}",
+                   load0,
+                   [f"old GEMM and GEMV: tvm_schedules/cpu_int8.py at {a.baseline}; old attention: TVM's stock CPU "
+                    f"kernels; median CPU time (all threads) of {a.repeats} calls after a warm-up, best wall time"])
+    write(a.out, lines + [table(head, rows)])
 
 if __name__ == "__main__":
     main()

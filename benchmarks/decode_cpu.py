@@ -71,6 +71,7 @@ def main():
     import llamacpp_peer
 
     load0 = os.getloadavg()[0]
+    cores = len(os.sched_getaffinity(0))   # before TVM's pool pins this thread (1 thread: to one core)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     hf = fetch_default_model(progress=False)
@@ -135,7 +136,7 @@ def main():
     load_end = os.getloadavg()
 
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    machine = f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.machine()}"
+    machine = f"{cpu_name()}, {cores} cores, {platform.system()} {platform.machine()}"
     ref = next((r for r in rows if r["config"] == PEERS[0]), None)
     last = lengths[-1]
     head = ["config", "weights MiB read per token"] + [f"prefill tok/s (prompt {n})" for n in lengths] + \

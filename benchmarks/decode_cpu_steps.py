@@ -18,20 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from cpu_bench import cores, cpu_model, cpu_seconds, header, table, write
 
 
 def main():
@@ -48,6 +41,7 @@ def main():
     if len(names) != len(a.dists):
         sys.exit(f"error: {len(names)} names for {len(a.dists)} DIST folders; pass one name per folder")
     os.environ["EDGEQUANT_THREADS"] = str(a.threads)
+    n_cores = cores()   # before TVM's pool pins this thread
     from edgequant.export.runtime import Runner
     from edgequant.export.threads import configure
     tvm_threads = configure(a.threads)
@@ -68,17 +62,15 @@ def main():
             # the order rotates every step: no row always runs right after the same other row
             for i in np.roll(np.arange(len(runners)), -step):
                 r = runners[i]
-                c, t = _cpu(), time.perf_counter()
+                c, t = cpu_seconds(), time.perf_counter()
                 logits = r.decode(tokens[i])
                 w = time.perf_counter() - t
                 if rnd >= 0:
                     wall[i].append(w)
-                    cpu[i].append(_cpu() - c)
+                    cpu[i].append(cpu_seconds() - c)
                 tokens[i] = int(np.argmax(logits))
     wall, cpu = np.array(wall), np.array(cpu)
 
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor())
     head = ["DIST", "wall ms / token", "tok/s (wall)", "CPU ms / token", "tok/s (CPU)", "wall / first row's",
             "CPU / first row's"]
     rows = []
@@ -87,23 +79,13 @@ def main():
         pct = lambda v: f"{np.median(v):.3f} ({np.percentile(v, 10):.3f}-{np.percentile(v, 90):.3f})"  # noqa: E731
         rows.append([name, f"{np.median(wall[i]) * 1e3:.2f}", f"{1 / np.median(wall[i]):.1f}",
                      f"{np.median(cpu[i]) * 1e3:.2f}", f"{1 / np.median(cpu[i]):.1f}", pct(rw), pct(rc)])
-    lines = ["# CPU decode, DISTs interleaved token by token", "",
-             f"- machine: {model}, {len(os.sched_getaffinity(0))} cores; TVM {tvm.__version__}; {tvm_threads} TVM "
-             "thread(s)",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load averages "
-             f"{' / '.join(f'{v:.2f}' for v in load0)} at the start, "
-             f"{' / '.join(f'{v:.2f}' for v in os.getloadavg())} at the end",
-             f"- command: python benchmarks/decode_cpu_steps.py {' '.join(sys.argv[1:])}",
-             f"- {a.rounds} rounds (after a warm-up round) of {a.tokens} greedy decode steps per DIST after a "
-             f"{a.prompt}-token random prompt, the DISTs taking turns step by step; medians over the "
-             f"{a.rounds * a.tokens} steps; ratios: per step against the first row's step of the same turn, median "
-             "(10th-90th percentile)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{a.out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    lines = header("CPU decode, DISTs interleaved token by token",
+                   f"{cpu_model()}, {n_cores} cores; TVM {tvm.__version__}; {tvm_threads} TVM thread(s)", load0,
+                   [f"{a.rounds} rounds (after a warm-up round) of {a.tokens} greedy decode steps per DIST after a "
+                    f"{a.prompt}-token random prompt, the DISTs taking turns step by step; medians over the "
+                    f"{a.rounds * a.tokens} steps; ratios: per step against the first row's step of the same turn, "
+                    "median (10th-90th percentile)"])
+    write(a.out, lines + [table(head, rows)])
 
 if __name__ == "__main__":
     main()

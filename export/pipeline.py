@@ -148,6 +148,9 @@ def scheduling_passes(target) -> list:
     """Library dispatch, our legalize phase and the dlight schedules: the model as call_tir of scheduled kernels,
     before relax is lowered to the VM (tests run the kernels from this stage on software GPU drivers)."""
     workarounds.apply()
+    if target.kind.name == "llvm":
+        from edgequant.tvm_schedules import exp16
+        exp16.register()   # fp16 exp (SiLU's sigmoid) as vectorisable arithmetic, libm's results bit for bit
     isa = None
     if target.kind.name == "llvm" and int8_decode_enabled():
         from edgequant.tvm_schedules.cpu_int8 import target_isa

@@ -44,10 +44,12 @@ The whole linear is one prim func with the fused float kernel's arguments (x, qw
 quantization prologue (vector code per block of 32, `_quantize_row`) into scratch buffers, then rows in parallel.
 The prefill GEMM (`int8_gemm_func`) runs the same arithmetic for m rows: activation rows quantized in parallel, then
 tiles of 32 weight rows in parallel, each meeting blocks of 8 activation rows (codes unpacked once per 8 rows, the
-8-row block in L1 across the tile, the 8 rows' sums finished together by a shuffle tree). int8 activations move
-each activation by up to half a step (1/254 of its block's largest value); the exact fp path remains the fused float
-kernel (`dequant.py`), used for shapes this kernel does not cover (`supports`) and on request
-(EDGEQUANT_ACT_DTYPE=fp16, `export/pipeline.py`).
+8-row block in L1 across the tile, the 8 rows' sums finished together by a shuffle tree). At 4 bits it hands over
+to `cpu_int8_rows.py`, which puts 8 weight rows instead of K in the vector lanes (one block scaling per 8 dots, no
+horizontal sums: 2.0-2.25x faster on SmolLM2's shapes, benchmarks/results/decode_cpu_issue9_w3.md). int8
+activations move each activation by up to half a step (1/254 of its block's largest value); the exact fp path
+remains the fused float kernel (`dequant.py`), used for shapes this kernel does not cover (`supports`) and on
+request (EDGEQUANT_ACT_DTYPE=fp16, `export/pipeline.py`).
 """
 from __future__ import annotations
 
@@ -616,6 +618,9 @@ def int8_gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32
     quantized as in the GEMV and gets the GEMV's integer sums; rows go GEMM_ROWS at a time through each weight chunk
     so that its codes are unpacked once per 8 rows, and the 8 rows finish together in vector registers (`_finish_rows`:
     lane sums by a shuffle tree, the zero-point terms of 8 rows in one vector per group)."""
+    from . import cpu_int8_rows
+    if cpu_int8_rows.supports(spec):   # 4 bits: output rows in the vector lanes (cpu_int8_rows.py)
+        return cpu_int8_rows.gemm_func(spec, isa, out_dtype, name)
     return _from_source(spec, isa, "GEMM", lambda: _source_gemm(spec, isa, out_dtype, name))
 
 

@@ -110,22 +110,29 @@ def test_pass_swaps_the_stock_kernels():
     assert ca.replace_in(odd)[ca.DECODE].same_as(odd[ca.DECODE])
 
 
-def test_rope_runs_in_parallel_with_the_same_results():
+@pytest.mark.parametrize("theta,scale,rope_scaling,hoisted", [(1e4, 1.0, {}, True), (1e5, 2.0, {}, True),
+                                                               (1e4, 1.0, {"rope_type": "gptj"}, False)])
+def test_rope_runs_in_parallel_with_the_same_results(theta, scale, rope_scaling, hoisted):
+    """The split + RoPE kernel's replacement (default RoPE: cos and sin once per token, `hoisted_rope`; another
+    RoPE type: the stock kernel run in parallel) gives the stock kernel's fp16 results bit for bit, with RoPE applied
+    and not."""
     import tvm
     from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 
     from edgequant.tvm_schedules import cpu_attention as ca
-    stock = llama_rope_with_position_map(1e4, 1.0, D, HQ, HKV, "float16", {})
+    stock = llama_rope_with_position_map(theta, scale, D, HQ, HKV, "float16", rope_scaling)
+    assert (ca.hoisted_rope(stock) is not None) == hoisted
     mod = ca.replace_in(tvm.IRModule({ca.ROPE: stock}))
     host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     assert "TVMBackendParallelLaunch" in tvm.tirx.build(mod, target=host).inspect_source("asm")
     rng = np.random.default_rng(5)
-    qkv = rng.standard_normal((11, HQ + 2 * HKV, D)).astype(np.float16)
-    pos = rng.integers(0, 500, 11).astype(np.int32)
-    outs = []
-    for f in (stock, mod[ca.ROPE]):
-        o = [_t(np.zeros((11, h, D), np.float16)) for h in (HQ, HKV, HKV)]
-        tvm.compile(tvm.IRModule({"main": f}), target=host)(_t(qkv), _t(pos), *o, 1)
-        outs.append([t.numpy() for t in o])
-    for a, b in zip(*outs):
-        np.testing.assert_array_equal(a, b)
+    qkv = (rng.standard_normal((11, HQ + 2 * HKV, D)) * 4).astype(np.float16)
+    pos = rng.integers(0, 5000, 11).astype(np.int32)
+    for apply_rope in (1, 0):
+        outs = []
+        for f in (stock, mod[ca.ROPE]):
+            o = [_t(np.zeros((11, h, D), np.float16)) for h in (HQ, HKV, HKV)]
+            tvm.compile(tvm.IRModule({"main": f}), target=host)(_t(qkv), _t(pos), *o, apply_rope)
+            outs.append([t.numpy() for t in o])
+        for a, b in zip(*outs):
+            np.testing.assert_array_equal(a, b)

@@ -97,8 +97,9 @@ def test_kernel_matches_numpy(isa, bits, group, sym, n, k, layout):
     assert rel < 2e-2, rel  # int8 activations: each value within half a step of 1/127 of its block's max
 
 
-GEMM_CASES = [CASES[0], CASES[3], CASES[5], CASES[8], CASES[9], CASES[12]]   # W4 g128 / per-channel sym, W2 g64
-# packed tail / whole chunks with two groups each, W3 tails
+GEMM_CASES = [CASES[0], CASES[3], CASES[5], CASES[8], CASES[9], CASES[12],   # W4 g128 / per-channel sym, W2 g64
+              (4, 64, False, 40, 160, "words")]   # packed tail / whole chunks with two groups each, W3 tails; W4 (the
+# row-lane GEMM, cpu_int8_rows.py) with a ragged last group and tiles of one block of 8 rows
 
 
 @pytest.mark.parametrize("isa", ["vnni", "avx2"])
