@@ -130,6 +130,7 @@ ROWS = [
     ("owq", "w3g128", {"weak_columns": 0, "act_order": True, "sink_protect": True, "rotate": True}),
     ("owq", "w2g64", {"weak_columns": 0, "act_order": True, "sink_protect": True, "rotate": True, "tune_epochs": 3,
                       "tune_loss": "token_rel"}),
+    ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "rotate": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
 ]
 
 

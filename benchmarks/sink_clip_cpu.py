@@ -10,8 +10,9 @@ cost of a damaged sink can be seen to grow with the context length that the cali
     python benchmarks/sink_clip_cpu.py qwen2.5-coder-0.5b 0 5 2 gate_proj,up_proj fp,protect
 
 The optional 6th argument picks variants (default fp,minmax,search): `protect` is the range search that clips no
-weight of an input where the first token is `owq.SINK_RATIO` times louder than the rest (`--sink-protect`), the
-inputs found on 8 calibration windows of 512 tokens of the fp model.
+weight of an input where the first token is `owq.SINK_RATIO` times louder than the rest (`--sink-protect`);
+`output` is the search weighted by each input's mean square (`--clip-metric output`); both from 8 calibration
+windows of 512 tokens of the fp model.
 """
 import sys
 import time
@@ -41,7 +42,7 @@ for i in range(first, last + 1):
         if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in kinds:
             orig[(i, n)] = m.weight.detach().clone()
 protect = {}
-if "protect" in variants:
+if "protect" in variants or "output" in variants:
     sq = {}
 
     def stat(key):
@@ -55,12 +56,15 @@ if "protect" in variants:
     for h in hs:
         h.remove()
     protect = {key: sink_columns(*v) for key, v in sq.items()}
+    energy = {key: (f + 511 * r) / 512 for key, (f, r) in sq.items()}
     print("protected columns:", {f"{i}.{n}": int(m.sum()) for (i, n), m in protect.items() if m.any()})
 
 
 def quantized(w, search, key=None):
     if search == "protect":
         sc, z = mse_clip_params(w, s, protect=protect[key])
+    elif search == "output":
+        sc, z = mse_clip_params(w, s, norm=2.0, col_weight=energy[key])
     else:
         sc, z = mse_clip_params(w, s) if search else params_from_range(*group_minmax(w, s), s)
     se, ze = expand_groups(sc, s, w.shape[1]), expand_groups(z, s, w.shape[1])
@@ -91,7 +95,8 @@ def run(tag, search):
 where = f"{'+'.join(kinds)} of blocks {first}-{last}"
 named = {"fp": ("fp", None), "minmax": (f"RTN W3 g128 min-max, {where}", False),
          "search": (f"RTN W3 g128 range search, {where}", True),
-         "protect": (f"RTN W3 g128 range search, sink columns protected, {where}", "protect")}
+         "protect": (f"RTN W3 g128 range search, sink columns protected, {where}", "protect"),
+         "output": (f"RTN W3 g128 range search weighted by E[x^2], {where}", "output")}
 res = [run(*named[v]) for v in ["fp"] + [v for v in variants if v != "fp"]]
 ref = res[0][1]
 print(f"# {model_name}: only {'+'.join(kinds)} of blocks {first}-{last} quantized; WikiText-2 test, {nwin} x 2048\n")

@@ -52,7 +52,7 @@ class OWQConfig(BlockTuneOptions):
                                   "both; the search damaged qwen2's sink).", "bool")
     sink_protect: bool = opt(False, "the range search clips no weight of an input where each window's first token "
                                     "(the attention sink) is 32x louder than the other tokens (qwen2's sink "
-                                    "channel; default off until measured on both models).", "bool")
+                                    "channel; off by default: it did not recover qwen2's loss).", "bool")
 
     def __post_init__(self):
         super().__post_init__()
