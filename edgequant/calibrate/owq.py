@@ -24,8 +24,9 @@ its range only as far as it still holds every weight of an input that the sink o
 there `SINK_RATIO` times the other tokens'), so the search keeps its gain on the rest of the group and the model.
 Measured (`benchmarks/results/quality-issue11-acc5-cuda.md`), it does not recover qwen's loss: OWQ 3.1 47.55 (43.80
 unprotected), rotated 37.40 (min-max groups 36.41); on CPU it restored most of the sink's state but none of the NLL
-that the search costs, so the sink is not where the search loses on qwen. Opt-in; its one gain is SmolLM2 W4 g128
-rotated + tuned (22.39 against 22.46 unprotected).
+that the search costs, so the sink is not where the search loses on qwen: its early up_proj is (searched alone
++0.063 NLL, min-max +0.002; `benchmarks/results/sink-clip-issue11-acc5-cpu.md`). Opt-in; its one gain is SmolLM2
+W4 g128 rotated + tuned (22.39 against 22.46 unprotected).
 """
 from __future__ import annotations
 
