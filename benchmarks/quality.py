@@ -119,6 +119,18 @@ ROWS = [
                         "tune_heldout": 16}),
     ("gptq", "w3g128", {"act_order": True, "rotate": True, "tune_epochs": 3, "tune_loss": "token_rel",
                         "tune_heldout": 16}),
+    # issue 11, acc5: the range search that clips no weight of the attention sink's inputs (--sink-protect): OWQ at
+    # the paper's setting and rotated, GPTQ with that search (no fp16 columns) at W3, W4 rotated, W4 rotated + tuned
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "sink_protect": True}),
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "sink_protect": True, "rotate": True}),
+    ("owq", "w3g128", {"weak_columns": 0, "act_order": True, "sink_protect": True}),
+    ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "sink_protect": True, "rotate": True}),
+    ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "sink_protect": True, "rotate": True, "tune_epochs": 3,
+                       "tune_loss": "token_rel"}),
+    ("owq", "w3g128", {"weak_columns": 0, "act_order": True, "sink_protect": True, "rotate": True}),
+    ("owq", "w2g64", {"weak_columns": 0, "act_order": True, "sink_protect": True, "rotate": True, "tune_epochs": 3,
+                      "tune_loss": "token_rel"}),
+    ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "rotate": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
 ]
 
 

@@ -7,13 +7,20 @@ relative error against fp, and the WikiText NLL over positions 1-511 and 512-204
 cost of a damaged sink can be seen to grow with the context length that the calibration (512 tokens) never saw.
 
     python benchmarks/sink_clip_cpu.py qwen2.5-coder-0.5b 0 5 2      # model, first and last block, windows
+    python benchmarks/sink_clip_cpu.py qwen2.5-coder-0.5b 0 5 2 gate_proj,up_proj fp,protect
+
+The optional 6th argument picks variants (default fp,minmax,search): `protect` is the range search that clips no
+weight of an input where the first token is `owq.SINK_RATIO` times louder than the rest (`--sink-protect`);
+`output` is the search weighted by each input's mean square (`--clip-metric output`); both from 8 calibration
+windows of 512 tokens of the fp model.
 """
 import sys
 import time
 
 import torch
 
-from edgequant.data import eval_windows
+from edgequant.calibrate.owq import sink_columns
+from edgequant.data import calibration_samples, eval_windows
 from edgequant.loading import load_model
 from edgequant.models import family_for
 from edgequant.quantizer import expand_groups, group_minmax, mse_clip_params, params_from_range, quantize_int
@@ -21,6 +28,7 @@ from edgequant.schemes import get_scheme
 
 model_name, first, last, nwin = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 kinds = sys.argv[5].split(",") if len(sys.argv) > 5 else ["gate_proj", "up_proj"]
+variants = sys.argv[6].split(",") if len(sys.argv) > 6 else ["fp", "minmax", "search"]
 torch.set_num_threads(2)
 fp, tok = load_model(model_name)
 fp.eval()
@@ -33,10 +41,32 @@ for i in range(first, last + 1):
     for n, m in layers[i].named_modules():
         if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in kinds:
             orig[(i, n)] = m.weight.detach().clone()
+protect = {}
+if "protect" in variants or "output" in variants:
+    sq = {}
+
+    def stat(key):
+        def hook(_m, args, _y):
+            x = args[0].float()
+            sq[key] = ((x[:, 0] ** 2).mean(0), (x[:, 1:] ** 2).reshape(-1, x.shape[-1]).mean(0))
+        return hook
+    hs = [layers[i].get_submodule(n).register_forward_hook(stat((i, n))) for (i, n) in orig]
+    with torch.no_grad():
+        fp(calibration_samples(tok, "../shared/data/calibration", 8, 512, 1), use_cache=False)
+    for h in hs:
+        h.remove()
+    protect = {key: sink_columns(*v) for key, v in sq.items()}
+    energy = {key: (f + 511 * r) / 512 for key, (f, r) in sq.items()}
+    print("protected columns:", {f"{i}.{n}": int(m.sum()) for (i, n), m in protect.items() if m.any()})
 
 
-def quantized(w, search):
-    sc, z = mse_clip_params(w, s) if search else params_from_range(*group_minmax(w, s), s)
+def quantized(w, search, key=None):
+    if search == "protect":
+        sc, z = mse_clip_params(w, s, protect=protect[key])
+    elif search == "output":
+        sc, z = mse_clip_params(w, s, norm=2.0, col_weight=energy[key])
+    else:
+        sc, z = mse_clip_params(w, s) if search else params_from_range(*group_minmax(w, s), s)
     se, ze = expand_groups(sc, s, w.shape[1]), expand_groups(z, s, w.shape[1])
     return (quantize_int(w, se, ze, s.maxq) - ze) * se
 
@@ -45,7 +75,7 @@ def run(tag, search):
     t0 = time.time()
     with torch.no_grad():
         for (i, n), w in orig.items():
-            layers[i].get_submodule(n).weight.copy_(w if search is None else quantized(w, search))
+            layers[i].get_submodule(n).weight.copy_(w if search is None else quantized(w, search, (i, n)))
     sink = []
     hooks = [b.register_forward_hook(lambda _m, _a, y, i=i: sink.append((y[0] if isinstance(y, tuple) else y)[:, 0]
                                                                          .detach().clone()))
@@ -62,8 +92,12 @@ def run(tag, search):
     return tag, per_block, float(nll[:, :511].mean()), float(nll[:, 511:].mean()), time.time() - t0
 
 
-res = [run("fp", None), run(f"RTN W3 g128 min-max, {'+'.join(kinds)} of blocks {first}-{last}", False),
-       run(f"RTN W3 g128 range search, {'+'.join(kinds)} of blocks {first}-{last}", True)]
+where = f"{'+'.join(kinds)} of blocks {first}-{last}"
+named = {"fp": ("fp", None), "minmax": (f"RTN W3 g128 min-max, {where}", False),
+         "search": (f"RTN W3 g128 range search, {where}", True),
+         "protect": (f"RTN W3 g128 range search, sink columns protected, {where}", "protect"),
+         "output": (f"RTN W3 g128 range search weighted by E[x^2], {where}", "output")}
+res = [run(*named[v]) for v in ["fp"] + [v for v in variants if v != "fp"]]
 ref = res[0][1]
 print(f"# {model_name}: only {'+'.join(kinds)} of blocks {first}-{last} quantized; WikiText-2 test, {nwin} x 2048\n")
 print("| variant | NLL pos 1-511 | NLL pos 512-2047 | sink max |h| after blocks 3 / 12 / last | sink rel. error after "

@@ -123,7 +123,7 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
     from .calibrate.gptq import gptq_quantize
     from .calibrate.layerwise import calibrate_layerwise
     from .calibrate.metrics import output_error, weight_error
-    from .calibrate.owq import clip_search, select_weak_columns, sink_guarded
+    from .calibrate.owq import clip_search, select_weak_columns, sink_columns, sink_guarded
     from .models import family_for
 
     samples = _calibration_samples(tokenizer, opts)
@@ -133,9 +133,11 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
         schemes, summary = schemes_for_budget(model, samples, scheme, opts, budget, progress)
     family = family_for(model.config.model_type)
 
-    guard = counts is not None and opts.config.clip_search and opts.config.sink_guard
+    searching = counts is not None and opts.config.clip_search
+    guard = searching and opts.config.sink_guard
+    protecting = searching and opts.config.sink_protect
 
-    def quantize_fn(name, lin, H, H_first=None):
+    def quantize_fn(name, lin, H, H_first=None, first_sq=None):
         w = lin.weight.detach().float()
         s = schemes.get(name, scheme)
         kw, weak = {}, {}
@@ -145,13 +147,19 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
             # each group's range tuned by the grid search, unless turned off (--no-clip-search: min-max groups) or
             # the linear feeds the attention logits (unless --clip-qk)
             search = cfg.clip_search and (cfg.clip_qk or rel not in family.attention_logit_linears)
-            idx = select_weak_columns(w, torch.diag(H), s, counts[rel], tuned=search, metric=cfg.clip_metric)
+            protect = sink_columns(*first_sq) if protecting and search else None
+            idx = select_weak_columns(w, torch.diag(H), s, counts[rel], tuned=search, metric=cfg.clip_metric,
+                                      protect=protect)
             clip = clip_search(cfg.clip_metric) if search else None
             kw, weak = {"keep": idx.to(w.device), "clip_search": clip}, {"weak_columns": int(len(idx))}
+            if protect is not None:
+                kw["protect"] = protect.to(w.device)
+                weak["sink_columns"] = int(protect.sum())
         qw, loss = gptq_quantize(w, H, s, percdamp=opts.percdamp, act_order=opts.act_order, **kw)
-        if H_first is not None and kw.get("clip_search") is not None:
+        if guard and kw.get("clip_search") is not None:
             qw, loss, weak["sink_guard"] = sink_guarded(w, H, H_first, s, (qw, loss), percdamp=opts.percdamp,
-                                                        act_order=opts.act_order, keep=kw["keep"])
+                                                        act_order=opts.act_order, keep=kw["keep"],
+                                                        protect=kw.get("protect"))
         w_hat = qw.dequantize()
         return qw, {"gptq_loss": loss, **weak, "weight_rel_err": weight_error(w, w_hat),
                     "output_rel_err": output_error(w, w_hat, H)}
@@ -165,7 +173,7 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
                                                    opts.config.tune_lr, opts.device, opts.batch_size, opts.seed,
                                                    opts.config.tune_loss, opts.config.tune_heldout)})
     q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc=desc,
-                                   skip_tokens=opts.skip_tokens, tune=tune, first_token_hessian=guard)
+                                   skip_tokens=opts.skip_tokens, tune=tune, first_token_hessian=guard or protecting)
     extra = {**({"bit_budget": summary} if summary else {}), **({"block_tuning": tuned} if tuned else {})}
     return q, stats, int(samples.numel()), extra
 

@@ -114,11 +114,13 @@ def quantize_weight(w: torch.Tensor, scheme: QuantScheme, scale=None, zero=None)
 
 
 def mse_clip_params(w: torch.Tensor, scheme: QuantScheme, grid: int = 100, maxshrink: float = 0.8,
-                    norm: float = 2.4, col_weight: torch.Tensor | None = None):
+                    norm: float = 2.4, col_weight: torch.Tensor | None = None, protect: torch.Tensor | None = None):
     """Group parameters tuned by a clipping grid search (OWQ's and GPTQ's "mse" option): shrink each group's range
     by factors 1, 1 - 1/grid, ... down to 1 - maxshrink and keep, per group, the factor with the least |error|^norm.
     `col_weight` [K] weighs each input column's error (e.g. diag(H) = 2 E[x_j^2]: the output error a column's
-    weight error causes, as AWQ's and GPTQ-style searches score it, instead of the raw weight error)."""
+    weight error causes, as AWQ's and GPTQ-style searches score it, instead of the raw weight error).
+    `protect` [K] bool: input columns whose weights no factor may clip (a group keeps its range wide enough to hold
+    them, up to rounding), e.g. the inputs that carry an attention sink (`owq.sink_columns`)."""
     w = w.float()
     n, k = w.shape
     g = scheme.group_len(k)
@@ -135,12 +137,20 @@ def mse_clip_params(w: torch.Tensor, scheme: QuantScheme, grid: int = 100, maxsh
     if col_weight is not None:
         valid = valid * torch.cat([col_weight.to(w.device).float(), valid.new_zeros(pad)])
     vg = valid.reshape(1, ng, g)
+    lo = hi = None
+    if protect is not None and bool(protect.any()):
+        pg = torch.cat([protect.to(w.device, torch.bool), torch.zeros(pad, dtype=torch.bool, device=w.device)])
+        pg = pg.reshape(1, ng, g)
+        lo = torch.where(pg, wg, torch.inf).amin(-1)    # the range must reach down to lo and up to hi
+        hi = torch.where(pg, wg, -torch.inf).amax(-1)
     for i in range(int(maxshrink * grid) + 1):
         p = 1 - i / grid
         s, z = params_from_range(wmin * p, wmax * p, scheme)
         q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, scheme.maxq)
         err = (((q - z[..., None]) * s[..., None] - wg).abs().pow(norm) * vg).sum(-1)
         better = err < best_err
+        if lo is not None:
+            better &= (wmin * p <= lo) & (wmax * p >= hi)
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
         best_z = torch.where(better, z, best_z)

@@ -160,6 +160,9 @@ class HessianCollector:
         # share of H is 1/seqlen however much the rest of the network depends on it
         self.H_first = torch.zeros_like(self.H) if first_token else None
         self.n_first = 0
+        # and the mean square of each input over the other tokens (`first_token` only): which inputs the sink owns
+        self.rest_sq = torch.zeros(k, dtype=torch.float32, device=module.weight.device) if first_token else None
+        self.n_rest = 0
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, _mod, args, _out):
@@ -170,6 +173,10 @@ class HessianCollector:
             self.n_first += x0.shape[0]
             x0 = x0 * (2.0 / self.n_first) ** 0.5
             self.H_first += x0.T @ x0
+            xr = x[:, 1:].reshape(-1, x.shape[-1]).to(torch.float32)
+            self.rest_sq *= self.n_rest / max(self.n_rest + xr.shape[0], 1)
+            self.n_rest += xr.shape[0]
+            self.rest_sq += (xr ** 2).sum(0) / max(self.n_rest, 1)
         if self.skip and x.dim() == 3:
             x = x[:, self.skip:]
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
@@ -178,6 +185,10 @@ class HessianCollector:
         self.n += m
         x = x * (2.0 / self.n) ** 0.5
         self.H += x.T @ x
+
+    def first_token_sq(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean square of each input over each window's first token, over the other tokens); `first_token` only."""
+        return torch.diag(self.H_first) / 2, self.rest_sq
 
     def remove(self) -> torch.Tensor:
         self.handle.remove()

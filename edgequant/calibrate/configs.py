@@ -50,12 +50,15 @@ class OWQConfig(BlockTuneOptions):
     sink_guard: bool = opt(False, "keep a linear's searched ranges only where they do not raise the output error of "
                                   "each window's first token (the attention sink) above min-max groups' (GPTQ runs "
                                   "both; the search damaged qwen2's sink).", "bool")
+    sink_protect: bool = opt(False, "the range search clips no weight of an input where each window's first token "
+                                    "(the attention sink) is 32x louder than the other tokens (qwen2's sink "
+                                    "channel; off by default: it did not recover qwen2's loss).", "bool")
 
     def __post_init__(self):
         super().__post_init__()
         if self.target_bits is not None and self.weak_columns is not None:
             raise EdgequantError("pass either --target-bits or --weak-columns, not both")
-        self.refuse_unless(self.clip_search, ("clip_metric", "clip_qk", "sink_guard"), "--clip-search")
+        self.refuse_unless(self.clip_search, ("clip_metric", "clip_qk", "sink_guard", "sink_protect"), "--clip-search")
 
 
 @dataclass

@@ -20,10 +20,10 @@ from ..quantizer import QuantizedWeight, group_minmax, params_from_range
 from ..schemes import QuantScheme
 
 
-def _group_params(w: torch.Tensor, scheme: QuantScheme, clip_search=None, h_diag=None):
-    """Scale/zero of w's groups (of `scheme`), by min-max or by `clip_search(w, scheme, h_diag)`."""
+def _group_params(w: torch.Tensor, scheme: QuantScheme, clip_search=None, h_diag=None, protect=None):
+    """Scale/zero of w's groups (of `scheme`), by min-max or by `clip_search(w, scheme, h_diag, protect)`."""
     if clip_search is not None:
-        return clip_search(w, scheme, h_diag)
+        return clip_search(w, scheme, h_diag, protect)
     return params_from_range(*group_minmax(w, scheme), scheme)
 
 
@@ -45,19 +45,21 @@ def one_cpu_thread(device: torch.device):
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, keep: torch.Tensor | None = None,
-                  clip_search=None, params: tuple | None = None) -> tuple[QuantizedWeight, float]:
+                  clip_search=None, params: tuple | None = None,
+                  protect: torch.Tensor | None = None) -> tuple[QuantizedWeight, float]:
     """Quantize `weight` [N, K] given the Hessian `H` [K, K] of its inputs. Returns (quantized, GPTQ loss).
 
     `keep`: indices of input columns to leave in full precision (stored as outlier columns).
     `clip_search(w, scheme, h_diag) -> (scale, zero)`: optional tuning of the groups of w (e.g. OWQ's MSE grid);
-    `h_diag` is diag(H) of w's columns, for a search that weighs each column's error by its input's energy.
+    `h_diag` is diag(H) of w's columns, for a search that weighs each column's error by its input's energy;
+    `protect` [K] bool (or None), the columns whose weights the search must not clip, is passed on as its 4th argument.
     `params`: given (scale, zero) [N, n_groups] to round within (e.g. ranges LWC learned), instead of computing them.
     """
     with one_cpu_thread(weight.device):
-        return _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, params)
+        return _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, params, protect)
 
 
-def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, params=None):
+def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, params=None, protect=None):
     W = weight.detach().clone().float()
     N, K = W.shape
     H = H.detach().clone().float().to(W.device)
@@ -80,7 +82,7 @@ def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, 
         ready[:] = True
     elif static:
         # all groups at once (the per-group search is one batched grid, not ng small ones)
-        scales, zeros = _group_params(W.masked_fill(keep_mask[None], 0), scheme, clip_search, h_diag)
+        scales, zeros = _group_params(W.masked_fill(keep_mask[None], 0), scheme, clip_search, h_diag, protect)
         ready[:] = True
 
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
@@ -127,7 +129,8 @@ def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, 
                 cols = cols[~keep_mask[cols]]
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, pos[cols] - col]
                 one = QuantScheme(scheme.bits, -1, scheme.sym)   # the slice is one group
-                scales[:, g:g + 1], zeros[:, g:g + 1] = _group_params(ahead, one, clip_search, h_diag[cols])
+                scales[:, g:g + 1], zeros[:, g:g + 1] = _group_params(ahead, one, clip_search, h_diag[cols],
+                                                                      None if protect is None else protect[cols])
                 ready[g] = True
             if kept_h[col]:
                 Q1[:, i] = zeros[:, g]

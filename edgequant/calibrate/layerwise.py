@@ -30,7 +30,8 @@ def calibrate_layerwise(model, samples: torch.Tensor, quantize_fn: QuantizeFn, d
                         first_token_hessian: bool = False):
     """`skip_tokens`: leave the first tokens of every window out of the Hessians (their attention-sink activations
     can be orders of magnitude larger than the rest and would dominate H). `first_token_hessian`: also collect the
-    Hessian of each window's first token alone and pass it as `quantize_fn(..., H_first=)`."""
+    Hessian of each window's first token alone and pass it as `quantize_fn(..., H_first=)`, with the mean squares of
+    each input over the first and over the other tokens as `first_sq=` (the attention sink's inputs)."""
     family = family_for(model.config.model_type)
     layers = model.get_submodule(family.layers_path)
     inputs = capture_first_block_inputs(model, layers, samples, device)
@@ -52,7 +53,7 @@ def calibrate_layerwise(model, samples: torch.Tensor, quantize_fn: QuantizeFn, d
                 run_block(block, inputs, device, batch_size, stop_at=mods[-1])
             finally:
                 H = coll.remove()
-            extra = {"H_first": coll.H_first} if first_token_hessian else {}
+            extra = {"H_first": coll.H_first, "first_sq": coll.first_token_sq()} if first_token_hessian else {}
             for n, lin in zip(group.names, mods):
                 name = f"{family.layer_prefix(i)}.{n}"
                 qw, st = quantize_fn(name, lin, H, **extra)

@@ -8,6 +8,7 @@ from edgequant import api
 from edgequant.artifact import load_quantized_model, load_quantized_weight, open_checkpoint
 from edgequant.calibrate.gptq import gptq_quantize
 from edgequant.calibrate.owq import column_sensitivity, select_weak_columns, weak_column_counts
+from edgequant.errors import EdgequantError
 from edgequant.models import family_for
 from edgequant.schemes import QuantScheme
 
@@ -160,7 +161,7 @@ def test_owq_keeps_min_max_groups_for_q_and_k(tmp_path, text_file, tokenizer):
     assert top_of(out, "v_proj") < top_of(out, "q_proj")          # others are still searched
 
 
-def _sink_case(sink_loud: bool, windows=8, seqlen=256, seed=0):
+def _sink_case(sink_loud: bool, windows=8, seqlen=256, seed=0, with_inputs=False):
     """A linear whose input 7 is quiet on every token but each window's first (the attention sink: loud there when
     `sink_loud`), and whose weights on input 7 are every row's extreme: the raw-weight search clips them."""
     g = torch.Generator().manual_seed(seed)
@@ -174,7 +175,7 @@ def _sink_case(sink_loud: bool, windows=8, seqlen=256, seed=0):
     flat = x.reshape(-1, 128)
     H = 2 * flat.T @ flat / len(flat)
     H_first = 2 * x[:, 0].T @ x[:, 0] / windows
-    return w, H, H_first
+    return (w, H, H_first, x) if with_inputs else (w, H, H_first)
 
 
 @pytest.mark.parametrize("sink_loud", [True, False])
@@ -208,3 +209,52 @@ def test_owq_sink_guard_records_its_choice(tmp_path, model_dirs, text_file):
     assert {v["sink_guard"] for v in layers.values()} <= {"search", "min-max"}
     assert all("sink_guard" in v for v in layers.values())
     load_quantized_model(out)
+
+
+@pytest.mark.parametrize("sink_loud", [True, False])
+def test_sink_protect_keeps_the_sink_inputs_weights_and_the_search_elsewhere(sink_loud):
+    """issue 11, `--sink-protect`: the calibration stream's first-token statistics (HessianCollector) find the input
+    that carries the planted sink; the range search then clips no weight there. Unprotected, the search damages the
+    sink's output (the defect); protected, the sink's output error is min-max's while the other groups keep the
+    search's gain on all tokens. With a quiet sink nothing is protected and the search is unchanged."""
+    from edgequant.calibrate.blocks import HessianCollector
+    from edgequant.calibrate.metrics import output_error
+    from edgequant.calibrate.owq import clip_search, sink_columns
+    s = QuantScheme(3, 32)
+    w, H, H_first, x = _sink_case(sink_loud, with_inputs=True)
+    lin = torch.nn.Linear(128, 64, bias=False)
+    coll = HessianCollector(lin, first_token=True)
+    with torch.no_grad():
+        for i in range(0, len(x), 4):
+            lin(x[i:i + 4])
+    assert torch.allclose(coll.remove(), H, rtol=1e-4, atol=1e-6)
+    protect = sink_columns(*coll.first_token_sq())
+    assert protect.nonzero().flatten().tolist() == ([7] if sink_loud else [])
+    kw = dict(act_order=True, keep=torch.zeros(0, dtype=torch.long), clip_search=clip_search("weight"))
+    searched, _ = gptq_quantize(w, H, s, **kw)
+    protected, _ = gptq_quantize(w, H, s, protect=protect, **kw)
+    minmax, _ = gptq_quantize(w, H, s, act_order=True)
+    sink_err = lambda qw: output_error(w, qw.dequantize(), H_first)   # noqa: E731
+    all_err = lambda qw: output_error(w, qw.dequantize(), H)          # noqa: E731
+    if sink_loud:
+        assert sink_err(searched) > 2 * sink_err(minmax)               # unprotected: the sink is damaged
+        assert sink_err(protected) < 1.2 * sink_err(minmax)
+        assert all_err(protected) < all_err(minmax)                   # the other groups keep the search's gain
+        assert protected.dequantize()[:, 7].min() >= 0.2 - protected.scale[:, 0].max() / 2   # no clipped weight
+    else:
+        assert torch.equal(protected.q, searched.q) and torch.equal(protected.scale, searched.scale)
+
+
+@pytest.mark.slow
+def test_owq_sink_protect_records_the_protected_columns(tmp_path, model_dirs, text_file):
+    """--sink-protect: every range-searched linear records how many of its inputs the sink owns; the checkpoint
+    loads; without the search the option is refused."""
+    out = api.quantize(str(model_dirs["qwen2"]), tmp_path / "owq", method="owq", bits=3, group_size=32,
+                       calib=text_file, nsamples=4, seqlen=64, target_bits=3.1, sink_protect=True, progress=False)
+    layers = json.loads((out / "edgequant.json").read_text())["layers"]
+    assert all(isinstance(v["sink_columns"], int) and v["sink_columns"] >= 0 for v in layers.values())
+    load_quantized_model(out)
+    with pytest.raises(EdgequantError, match="--clip-search"):
+        api.quantize(str(model_dirs["qwen2"]), tmp_path / "owq2", method="owq", bits=3, group_size=32,
+                     calib=text_file, nsamples=4, seqlen=64, target_bits=3.1, sink_protect=True, clip_search=False,
+                     progress=False)
