@@ -321,6 +321,8 @@ def write_copy(src: Path, out: Path, tensors: dict[str, np.ndarray], provenance:
 # ------------------------------------------------------------------------------------------------ reading
 def tensor_headers(f: Path) -> dict:
     """Header of a safetensors file, checked against the file's size (catches truncation and corruption)."""
+    if not f.is_file():   # a FIFO or device would block the read below
+        raise CheckpointError(f"{f.name} is not a regular file; copy the model or checkpoint folder again")
     try:
         size = f.stat().st_size
         with open(f, "rb") as fh:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
 
 import numpy as np
@@ -79,6 +80,8 @@ def test_weights_transformers_would_invent_or_drop_are_refused(tmp_path, model_d
 @pytest.mark.parametrize("damage, words", [
     ("int_weight", "tensor 'model.layers.0.self_attn.q_proj.weight' is I32; a model's weights are fp32, fp16 or bf16"),
     ("tie_string", "config.json is invalid ('tie_word_embeddings'"),
+    ("bias_an_int", "config.json is invalid ('mlp_bias'"),
+    ("fifo_weights", "model.safetensors is not a regular file"),
     ("tied_other_head", "config.json ties the output layer to the embedding (tie_word_embeddings), but the weight "
                         "files hold an lm_head.weight that differs"),
 ])
@@ -99,11 +102,16 @@ def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_lin
             tensors["model.layers.0.self_attn.q_proj.weight"], np.int32)
     elif damage == "tie_string":
         cfg["tie_word_embeddings"] = "false"
+    elif damage == "bias_an_int":
+        cfg["mlp_bias"] = 1
     else:
         cfg["tie_word_embeddings"] = True
         assert not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
     save_file(tensors, f, metadata={"format": "pt"})
     (src / "config.json").write_text(json.dumps(cfg))
+    if damage == "fifo_weights":   # reading it blocked quantize, eval and export forever (H2)
+        f.unlink()
+        os.mkfifo(f)
     with pytest.raises(EdgequantError) as e:
         loading.load_model(src)
     assert words in str(e.value)
