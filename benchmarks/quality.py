@@ -131,6 +131,14 @@ ROWS = [
     ("owq", "w2g64", {"weak_columns": 0, "act_order": True, "sink_protect": True, "rotate": True, "tune_epochs": 3,
                       "tune_loss": "token_rel"}),
     ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "rotate": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
+    # W2 g64 toward <= 100 on SmolLM2: OWQ 2.1 + tune (row 54, 106.07) with rotate, longer tuning, mse loss
+    ("owq", "w2g64", {"target_bits": 2.1, "act_order": True, "rotate": True, "tune_epochs": 3,
+                      "tune_loss": "token_rel"}),
+    ("owq", "w2g64", {"target_bits": 2.1, "act_order": True, "tune_epochs": 6, "tune_loss": "token_rel"}),
+    ("owq", "w2g64", {"target_bits": 2.1, "act_order": True, "tune_epochs": 3, "tune_loss": "mse"}),
+    ("owq", "w2g64", {"target_bits": 2.1, "act_order": True, "tune_epochs": 6, "tune_loss": "mse"}),
+    ("owq", "w2g64", {"target_bits": 2.1, "act_order": True, "clip_search": False, "tune_epochs": 3,
+                      "tune_loss": "mse"}),
 ]
 
 
