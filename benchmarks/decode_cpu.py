@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from cpu_bench import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # name, bits, group, activations of the decode GEMV, bits of the embedding / output table (16: fp16)
 PEERS = ["llama.cpp Q4_0", "llama.cpp Q4_1"]   # ratios are to the first
@@ -36,16 +38,6 @@ CONFIGS = [("fp16", None, None, "fp16", 16), ("W4 g128-fp", 4, 128, "fp16", 16),
            ("W3 g128-fp", 3, 128, "fp16", 16), ("W3 g128", 3, 128, "int8", 16), ("W3 g128 e4", 3, 128, "int8", 4),
            ("W2 g64-fp", 2, 64, "fp16", 16), ("W2 g64", 2, 64, "int8", 16), ("W2 g64 e4", 2, 64, "int8", 4)]
 EMBED_GROUP = 32
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main():
@@ -136,7 +128,7 @@ def main():
     load_end = os.getloadavg()
 
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    machine = f"{cpu_name()}, {cores} cores, {platform.system()} {platform.machine()}"
+    machine = f"{cpu_model()}, {cores} cores, {platform.system()} {platform.machine()}"
     ref = next((r for r in rows if r["config"] == PEERS[0]), None)
     last = lengths[-1]
     head = ["config", "weights MiB read per token"] + [f"prefill tok/s (prompt {n})" for n in lengths] + \
