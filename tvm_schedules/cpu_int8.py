@@ -260,6 +260,19 @@ def _padded(load, Lc: int, W: int, zero: str | None = None) -> str:
     return f"T.Shuffle([{load(Lc)}, T.broadcast({zero}, {Lc})], {[lane if lane < Lc else Lc for lane in range(W)]})"
 
 
+def _gemm_head(spec: QuantSpec, name: str, out_dtype: str) -> list[str]:
+    """A prefill GEMM's signature and its x [1, m, k] / y [1, m, n] buffers (m: the prompt's rows)."""
+    return _signature(spec, name, "x_h: T.handle", "y_h: T.handle") + [
+        "    m = T.int64()",
+        f'    x = T.match_buffer(x_h, (T.int64(1), m, T.int64({spec.k})), "float16")',
+        f'    y = T.match_buffer(y_h, (T.int64(1), m, T.int64({spec.n})), "{out_dtype}")']
+
+
+def _zero(spec: QuantSpec) -> str:
+    """Row nn's zero point of group g as fp32 TVMScript: the scheme's constant when symmetric."""
+    return f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
+
+
 def _signature(spec: QuantSpec, name: str, x: str, y: str) -> list[str]:
     """The prim func's first lines: arguments x, qweight, scales, [zeros], y."""
     n, NG = spec.n, spec.n_groups
@@ -349,7 +362,7 @@ def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, r: str | None, 
     """Statements writing `y` for activation row `r` (None: the only one): its chunks' partial sums (yv and, with
     `yt`, yt, at ri * L and ri * 4) minus the zero-point term (module docstring)."""
     NG = spec.n_groups
-    z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
+    z = _zero(spec)
     g = f"({r}) * {NG} + g" if r is not None else "g"
     lv, lt = (f"{ri} * {L} + t", f"{ri} * 4 + t") if ri is not None else ("t", "t")
     S, g0 = [], 0
@@ -650,12 +663,9 @@ def _source_gemm(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
     L, n_main, tail = chunk_plan(spec)
     gscale = functools.partial(_group_scale, spec.group_len // _lane_values(spec))
     mp = f"((m + {R - 1}) // {R} * {R})"   # rows padded to whole blocks: pad rows repeat the last row, never stored
-    z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
-    S = _signature(spec, name, "x_h: T.handle", "y_h: T.handle")
-    S += ["    m = T.int64()",
-          f'    x = T.match_buffer(x_h, (T.int64(1), m, T.int64({k})), "float16")',
-          f'    y = T.match_buffer(y_h, (T.int64(1), m, T.int64({n})), "{out_dtype}")',
-          f'    xq = T.alloc_buffer(({mp} * {k},), "int8")',
+    z = _zero(spec)
+    S = _gemm_head(spec, name, out_dtype)
+    S += [f'    xq = T.alloc_buffer(({mp} * {k},), "int8")',
           f'    xsw = T.alloc_buffer(({mp} * {k // _lane_values(spec)},), "float32")',
           f'    gsum = T.alloc_buffer(({mp} * {NG},), "float32")',
           f'    gst = T.alloc_buffer(({NG} * {mp},), "float32")',

@@ -54,20 +54,17 @@ def gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", na
 
 
 def _source(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
-    from .cpu_int8 import BLOCK, _dot, _signature, _tree
+    from .cpu_int8 import BLOCK, _dot, _gemm_head, _tree, _zero
     n, k, NG, R = spec.n, spec.k, spec.n_groups, ROWS[isa]
     K8, NB, bpg, TB = k // 8, k // BLOCK, spec.group_len // BLOCK, tile_blocks(spec)
     W = 4 if isa == "sdot" else 8             # lanes of one dot
     mp = f"((m + {R - 1}) // {R} * {R})"     # rows padded to whole tiles: pad rows repeat the last row, never stored
-    z = f"T.float32({float(spec.sym_zero)})" if spec.sym else 'T.Cast("float32", zeros[nn, g])'
+    z = _zero(spec)
     V = f"T.ramp(0, 1, {BLOCK})"
     # activation block order: word o = 2w + j holds activations 8w + 2i + j in byte i
     perm = [8 * (o // 2) + 2 * i + o % 2 for o in range(8) for i in range(4)]
-    S = _signature(spec, name, "x_h: T.handle", "y_h: T.handle")
-    S += ["    m = T.int64()",
-          f'    x = T.match_buffer(x_h, (T.int64(1), m, T.int64({k})), "float16")',
-          f'    y = T.match_buffer(y_h, (T.int64(1), m, T.int64({n})), "{out_dtype}")',
-          f'    xq = T.alloc_buffer(({mp} * {k // 4},), "int32")',
+    S = _gemm_head(spec, name, out_dtype)
+    S += [f'    xq = T.alloc_buffer(({mp} * {k // 4},), "int32")',
           f'    xd = T.alloc_buffer(({mp} * {NB},), "float32")',
           f'    gsum = T.alloc_buffer(({mp} * {NG},), "float32")',
           f"    for r in T.parallel({mp}):",
