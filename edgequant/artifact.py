@@ -18,8 +18,8 @@ import torch
 
 from . import pack
 from .atomic import check_not_stranded
-from .checkpoint import (FORMAT_VERSION, PROVENANCE_NAME, QUANT_METHOD, WEIGHTS_NAME, _is_count, table_names,
-                         declares_checkpoint, quantization_config, read_config, read_overrides, read_provenance,
+from .checkpoint import (FORMAT_VERSION, PROVENANCE_NAME, QUANT_METHOD, WEIGHTS_NAME, _is_count, check_model_config,
+                         table_names, declares_checkpoint, quantization_config, read_config, read_overrides, read_provenance,
                          read_scheme, tensor_headers, value_problem, weight_files, write_tensors)
 from .errors import CheckpointError, first_line
 from .models import Family, family_for
@@ -189,7 +189,7 @@ def open_checkpoint(path, config: dict | None = None) -> Checkpoint:
     if qc.get("format_version", 1) > FORMAT_VERSION:
         raise CheckpointError(f"{p} uses checkpoint format {qc['format_version']}, newer than this edgequant "
                               f"understands ({FORMAT_VERSION}); upgrade edgequant")
-    _check_model_config(p / "config.json", config)
+    check_model_config(p / "config.json", config)
     family = family_for(config.get("model_type", "?"))
     scheme = read_scheme(p / "config.json", qc)
     overrides = read_overrides(p / "config.json", qc, family, config)
@@ -209,24 +209,6 @@ def open_checkpoint(path, config: dict | None = None) -> Checkpoint:
     ckpt = Checkpoint(p, config, scheme, qc.get("method", "?"), family, prov, files, overrides)
     _validate(ckpt, headers)
     return ckpt
-
-
-_POSITIVE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-
-
-def _check_model_config(f: Path, c: dict):
-    """The architecture fields that shapes are computed from: present, positive integers, consistent."""
-    for k in _POSITIVE_FIELDS + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
-        v = c.get(k)
-        if (k in _POSITIVE_FIELDS or v is not None) and not (_is_count(v) and v > 0):
-            raise CheckpointError(f"{f}: '{k}' must be a positive integer, not {v!r}; re-run `edgequant quantize` "
-                                  "or restore the original config.json")
-    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    if heads % kv or c["hidden_size"] % heads:   # transformers refuses the latter for every supported family
-        raise CheckpointError(f"{f}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv}) "
-                              f"and divide hidden_size ({c['hidden_size']}); restore the original config.json")
-    if not isinstance(c.get("model_type"), str):
-        raise CheckpointError(f"{f}: 'model_type' is missing; restore the original config.json")
 
 
 def expected_layout(ckpt: Checkpoint) -> tuple[dict[str, tuple], dict[str, tuple[int, int, bool]]]:
@@ -268,8 +250,8 @@ def _validate(ckpt: Checkpoint, headers: dict):
         if dtype is not None and h["dtype"] != dtype:
             raise CheckpointError(f"tensor '{name}' has dtype {h['dtype']}, expected {dtype}; {fix}")
 
-    for name, shape in plain.items():
-        check(name, shape, None)
+    for name, shape in plain.items():   # edgequant writes them fp16; another dtype was put there by hand
+        check(name, shape, "F16")
     for name, (n, k, has_bias) in quant.items():
         s = ckpt.scheme_for(name)
         if f"{name}.weight" in headers:   # an fp16 table beside the packed one was loaded in its place

@@ -364,6 +364,25 @@ def tensor_headers(f: Path) -> dict:
     return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
+_POSITIVE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def check_model_config(f: Path, c: dict):
+    """The architecture fields that shapes are computed from: present, positive integers, consistent (checkpoints
+    and model folders alike: transformers builds a model from them and divides by some)."""
+    for k in _POSITIVE_FIELDS + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        v = c.get(k)
+        if (k in _POSITIVE_FIELDS or v is not None) and not (_is_count(v) and v > 0):
+            raise CheckpointError(f"{f}: '{k}' must be a positive integer, not {v!r}; re-run `edgequant quantize` "
+                                  "or restore the original config.json")
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    if heads % kv or c["hidden_size"] % heads:   # transformers refuses the latter for every supported family
+        raise CheckpointError(f"{f}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv}) "
+                              f"and divide hidden_size ({c['hidden_size']}); restore the original config.json")
+    if not isinstance(c.get("model_type"), str):
+        raise CheckpointError(f"{f}: 'model_type' is missing; restore the original config.json")
+
+
 def _is_count(v, lo=0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 

@@ -282,8 +282,9 @@ def load_model(model: str | os.PathLike | None, dtype=None):
                 raise EdgequantError(f"{src} holds packed edgequant weights but its config.json has no edgequant "
                                      "quantization_config, so they would load as random layers; restore the "
                                      "config.json written by `edgequant quantize`")
-            if path.is_dir():
-                from .checkpoint import plain_weight_headers
+            if path.is_dir():   # what transformers would cast, divide by or build from, checked first
+                from .checkpoint import check_model_config, plain_weight_headers, read_config
+                check_model_config(path / "config.json", read_config(path))
                 plain_weight_headers(path)
             cfg = AutoConfig.from_pretrained(src)
             family_for(cfg.model_type)
@@ -296,11 +297,17 @@ def load_model(model: str | os.PathLike | None, dtype=None):
         raise
     except RuntimeError as e:   # transformers: a weight's shape differs from config.json's (its report is silenced)
         if "mismatched" not in str(e):
-            raise
+            raise EdgequantError(f"could not load model '{src}': {first_line(e, 200)}; restore the model's original "
+                                 "files or config.json") from None
         raise EdgequantError(f"could not load model '{src}': a weight's shape differs from what its config.json "
                              "describes; restore the model's original files or config.json") from None
     except (OSError, ValueError) as e:
         raise EdgequantError(f"could not load model '{src}': {first_line(e)}") from None
+    except (KeyError, TypeError, AttributeError, AssertionError, ArithmeticError, IndexError) as e:
+        # transformers builds the model from config.json's fields unchecked: "hidden_act": "bogus" (KeyError),
+        # "dtype": "bogus" (AttributeError), rope_parameters without their factor, pad_token_id past the vocabulary
+        raise EdgequantError(f"could not load model '{src}': transformers cannot build it ({type(e).__name__}: "
+                             f"{first_line(e, 160)}); restore the model's original config.json and files") from None
     except _config_errors() as e:   # "Validation error for field 'x':\n    TypeError: Field 'x' expected ..."
         why = " ".join(str(e).split()).removeprefix("Validation error for field ")
         raise EdgequantError(f"could not load model '{src}': config.json is invalid ({why[:200]}); restore the "

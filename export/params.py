@@ -240,7 +240,7 @@ def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> We
     """A quantized checkpoint when the folder says so, otherwise an unquantized HF model folder. `packing3`: the
     runtime layout of 3-bit weights ("words" as stored, or one of `dequant.LAYOUTS`); `zeros_packed`: zero points
     four per uint32 word."""
-    from edgequant.checkpoint import declares_checkpoint, read_config
+    from edgequant.checkpoint import check_model_config, declares_checkpoint, read_config
     p = Path(str(path)).expanduser()
     if not p.exists():
         from edgequant.atomic import check_not_stranded
@@ -255,6 +255,7 @@ def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> We
     config = read_config(p)   # once per export
     if declares_checkpoint(config):
         return CheckpointSource(p, packing3, config, zeros_packed)
+    check_model_config(p / "config.json", config)   # a checkpoint's is checked when it opens
     return HFSource(p, config)
 
 

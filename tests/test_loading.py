@@ -82,6 +82,9 @@ def test_weights_transformers_would_invent_or_drop_are_refused(tmp_path, model_d
     ("tie_string", "config.json is invalid ('tie_word_embeddings'"),
     ("bias_an_int", "config.json is invalid ('mlp_bias'"),
     ("fifo_weights", "model.safetensors is not a regular file"),
+    # the ninth re-run (T17): right types, values transformers cannot build from
+    ("act_bogus", "transformers cannot build it (KeyError: 'bogus')"),
+    ("kv_heads_0", "'num_key_value_heads' must be a positive integer, not 0"),
     ("tied_other_head", "config.json ties the output layer to the embedding (tie_word_embeddings), but the weight "
                         "files hold an lm_head.weight that differs"),
 ])
@@ -104,6 +107,10 @@ def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_lin
         cfg["tie_word_embeddings"] = "false"
     elif damage == "bias_an_int":
         cfg["mlp_bias"] = 1
+    elif damage == "act_bogus":
+        cfg["hidden_act"] = "bogus"
+    elif damage == "kv_heads_0":
+        cfg["num_key_value_heads"] = 0
     else:
         cfg["tie_word_embeddings"] = True
         assert not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])

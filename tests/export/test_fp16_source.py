@@ -180,3 +180,21 @@ def test_a_tied_model_saved_under_the_output_layers_name_exports_as_transformers
     got = dict(src.arrays(["model.embed_tokens.weight", "lm_head.weight"]))
     np.testing.assert_array_equal(got["model.embed_tokens.weight"], table.astype(np.float16))
     np.testing.assert_array_equal(got["lm_head.weight"], table.astype(np.float16))
+
+
+def test_a_size_field_of_the_wrong_type_is_one_line_in_export(model_dirs, tmp_path):
+    """export read config.json's sizes unchecked: "num_hidden_layers": "2" ended in a TypeError (ninth hostile
+    re-run, T18); quantize already refused it."""
+    import json
+    import shutil
+
+    import pytest
+
+    from edgequant.errors import EdgequantError
+    from edgequant.export.params import open_source
+    folder = tmp_path / "m"
+    shutil.copytree(model_dirs["llama"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": str(cfg["num_hidden_layers"])}))
+    with pytest.raises(EdgequantError, match="'num_hidden_layers' must be a positive integer"):
+        open_source(folder)

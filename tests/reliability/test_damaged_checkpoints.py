@@ -103,6 +103,13 @@ def _extra_tensor(d):
     save_file(t, d / "model.safetensors")
 
 
+def _embedding_as_int32(d):
+    from safetensors.numpy import load_file, save_file
+    t = load_file(d / "model.safetensors")
+    t["model.embed_tokens.weight"] = np.round(t["model.embed_tokens.weight"]).astype(np.int32)
+    save_file(t, d / "model.safetensors")
+
+
 # name: (damage, words the one-line error must contain)
 CASES = {
     "config_nested_deep": (_deep("config.json"), ["config.json"]),
@@ -180,11 +187,13 @@ CASES = {
     # the eighth re-run (S25): a tied config beside its own lm_head.weight was exported and evaluated (which table?)
     "tied_config_with_an_output_layer": (_cfg("tie_word_embeddings", True), ["lm_head.weight", "no place", "ties"]),
     "a_tensor_nothing_reads": (_extra_tensor, ["model.layers.0.mlp.extra.weight", "no place"]),
+    # the ninth re-run (S28): an integer embedding was read as numbers
+    "embedding_as_int32": (_embedding_as_int32, ["model.embed_tokens.weight", "I32", "F16"]),
 }
 EXPORTED = ["quantization_config_removed", "rms_norm_eps_zero", "rope_theta_zero", "num_hidden_layers_1e9", "max_position_embeddings_negative",
             "max_position_embeddings_2_pow_40", "pack_msb", "index_path_leaves_folder", "zero_point_255_at_4_bits", "outlier_index_2_pow_30", "nan_scales",
             "sym_with_zero_points", "config_is_a_list", "rope_llama3_low_equals_high", "rope_per_layer_type_factor_0",
-            "tied_config_with_an_output_layer", "a_tensor_nothing_reads"]
+            "tied_config_with_an_output_layer", "a_tensor_nothing_reads", "embedding_as_int32"]
 
 
 @pytest.fixture(scope="module")

@@ -115,8 +115,7 @@ class ResumeState:
             raise EdgequantError(f"{self.dir} is not a folder of saved OmniQuant progress; remove it")
         if self.dir.exists() and self._stored_fingerprint() != fp:
             self.discard("it belongs to another run (model, data, scheme or settings differ)")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / META).write_text(json.dumps({"fingerprint": fp, "version": STATE_VERSION}))
+        # the folder is made with the first finished block: a run refused or stopped before it leaves none behind
 
     def _stored_fingerprint(self):
         try:
@@ -151,14 +150,15 @@ class ResumeState:
                 blocks.append((plain, quantized, brec))
         except (StateMismatch, OSError) as e:
             self.discard(f"damaged or not of this run: {e}")
-            self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / META).write_text(json.dumps({"fingerprint": self.fp, "version": STATE_VERSION}))
             return None
         return nxt, streams["q"], streams["fp"], blocks
 
     def save(self, i, plain, quantized, record: dict, q_hidden, fp_hidden):
         if self.dir is None:
             return
+        if not (self.dir / META).exists():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / META).write_text(json.dumps({"fingerprint": self.fp, "version": STATE_VERSION}))
         # block first, then the streams that point past it: an interruption between the two only repeats block i
         _save(_block_tensors(plain, quantized), {**record, "fingerprint": self.fp},
               self.dir / f"block_{i:04d}.safetensors")

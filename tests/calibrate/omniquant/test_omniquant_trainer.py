@@ -146,6 +146,14 @@ _RESUME_KW = dict(method="omniquant", bits=3, group_size=32, nsamples=4, seqlen=
                   progress=False)
 
 
+def test_a_run_refused_before_its_first_block_leaves_no_state_folder(tmp_path, model_dirs, text_file):
+    """A refusal inside calibration (too many OWQ columns) left `.NAME.state/meta.json` behind (ninth hostile
+    re-run, L6)."""
+    with pytest.raises(EdgequantError, match="owq-target-bits|target"):
+        api.quantize(model_dirs["llama"], tmp_path / "out", **dict(_RESUME_KW, calib=text_file, owq_target_bits=100))
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.state").exists()
+
+
 def test_resume_state_never_unpickles(tmp_path, model_dirs, text_file, monkeypatch):
     """A pickle planted in the state folder (old format name or new) is never loaded: no code runs."""
     kw = dict(_RESUME_KW, calib=text_file)
