@@ -222,7 +222,7 @@ def test_a_checkpoint_readers_would_refuse_never_replaces_the_output(tmp_path, m
 
     def refuse(path, config):
         raise artifact.CheckpointError(f"{path / 'config.json'}: refused for the test")
-    monkeypatch.setattr(artifact, "_check_model_config", refuse)
+    monkeypatch.setattr(artifact, "check_model_config", refuse)
     with pytest.raises(artifact.CheckpointError, match="refused for the test"):
         api.quantize(str(model_dirs["llama"]), str(out), method="rtn", bits=3)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
