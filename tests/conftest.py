@@ -1,10 +1,19 @@
 """Shared fixtures: tiny random LLaMA / Mistral / Qwen2 models with a small byte-level BPE tokenizer (no downloads)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # parallel workers (the suite runs with -n auto) share the cores: one thread each, so neither torch's pool nor
+    # TVM's spinning pool runs more threads than there are cores (what the processes they start inherit, too)
+    _THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    for _var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(_var, _THREADS)
+    torch.set_num_threads(int(_THREADS))
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CALIB = SHARED / "calibration" / "wikipedia-sample.txt"

@@ -3,6 +3,7 @@ through ctypes (a module beside the tests, so that test files can import it)."""
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 from pathlib import Path
 
@@ -16,6 +17,9 @@ def cmake_build(build: Path, *defines: str, source: Path = RUNTIME) -> Path:
     changed)."""
     import tvm
     import tvm_ffi
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:   # parallel test workers must not configure one build folder at the same time
+        build = build.with_name(f"{build.name}-{worker}")
     cmd = ["cmake", "-S", str(source), "-B", str(build), f"-DTVM_ROOT={Path(tvm.__file__).parent}",
            f"-DTVM_FFI_ROOT={Path(tvm_ffi.__file__).parent}", *defines]
     for c in (cmd, ["cmake", "--build", str(build), "-j2"]):   # two cores at most: the machine is shared
