@@ -187,6 +187,16 @@ class HFSource(WeightSource):
                         self._state[a] = self._state[b]
         return self._state
 
+    def check_shapes(self) -> None:
+        """Each block linear's weight has the shape config.json makes it, read from the headers before anything is
+        compiled: sizes that disagree with the weights were compiled first (`head_dim` 1e9: for ever)."""
+        from edgequant.checkpoint import plain_weight_headers
+        shapes = {n: h["shape"] for hs in plain_weight_headers(self.path).values() for n, h in hs.items()}
+        for _, members, rows, k in fused_linears(self.config):
+            for m, n in zip(members, rows):
+                if f"{m}.weight" in shapes:   # a missing one is named when the weights are read
+                    check_shape(self.path, f"{m}.weight", shapes[f"{m}.weight"], (n, k))
+
     def plans(self):
         state = self._tensors()   # which linears have biases is read from the weights
         return {name: LinearPlan(name, srcs, k, sum(rows), None, None, all(f"{s}.bias" in state for s in srcs), rows)
@@ -256,7 +266,9 @@ def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> We
     if declares_checkpoint(config):
         return CheckpointSource(p, packing3, config, zeros_packed)
     check_model_config(p / "config.json", config)   # a checkpoint's is checked when it opens
-    return HFSource(p, config)
+    source = HFSource(p, config)
+    source.check_shapes()
+    return source
 
 
 def check_shape(path, name: str, shape, want) -> None:

@@ -198,3 +198,22 @@ def test_a_size_field_of_the_wrong_type_is_one_line_in_export(model_dirs, tmp_pa
     (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": str(cfg["num_hidden_layers"])}))
     with pytest.raises(EdgequantError, match="'num_hidden_layers' must be a positive integer"):
         open_source(folder)
+
+
+def test_sizes_that_disagree_with_the_weights_are_refused_before_compiling(model_dirs, tmp_path):
+    """`head_dim: 1000000000` in a model folder's config.json: export compiled the attention for that size first and
+    never finished (tenth hostile re-run); quantize already refused the folder."""
+    import json
+    import shutil
+
+    import pytest
+
+    from edgequant.errors import EdgequantError
+    from edgequant.export.params import open_source
+    folder = tmp_path / "m"
+    shutil.copytree(model_dirs["llama"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "head_dim": 1_000_000_000}))
+    with pytest.raises(EdgequantError, match=r"weight 'model.layers.0.self_attn.q_proj.weight' is \[64, 64\], the "
+                                             r"model's config.json makes it \[4000000000, 64\]"):
+        open_source(folder)
