@@ -379,6 +379,10 @@ def check_model_config(f: Path, c: dict):
     if heads % kv or c["hidden_size"] % heads:   # transformers refuses the latter for every supported family
         raise CheckpointError(f"{f}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv}) "
                               f"and divide hidden_size ({c['hidden_size']}); restore the original config.json")
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    if head_dim % 2:   # rotary embeddings rotate pairs of a head's channels
+        raise CheckpointError(f"{f}: the head size ({head_dim}: 'head_dim', or hidden_size / num_attention_heads) "
+                              "must be even; restore the original config.json")
     if not isinstance(c.get("model_type"), str):
         raise CheckpointError(f"{f}: 'model_type' is missing; restore the original config.json")
 

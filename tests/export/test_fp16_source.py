@@ -217,3 +217,7 @@ def test_sizes_that_disagree_with_the_weights_are_refused_before_compiling(model
     with pytest.raises(EdgequantError, match=r"weight 'model.layers.0.self_attn.q_proj.weight' is \[64, 64\], the "
                                              r"model's config.json makes it \[4000000000, 64\]"):
         open_source(folder)
+    # an odd head size, even with weights of that shape, is refused before TVM's rotary kernel fails on it
+    (folder / "config.json").write_text(json.dumps({**cfg, "head_dim": 3}))
+    with pytest.raises(EdgequantError, match=r"head size \(3: .*must be even"):
+        open_source(folder)
