@@ -45,14 +45,21 @@ SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 
 # (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, dp4a3 with int8
 # activations); planes3: the previous CUDA layout, int8 activations only, for comparison)
 ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact float kernel
-SWEEP = ((4, 2, 2, 32, 0, 0, 1), (4, 4, 2, 32, 0, 0, 1), (4, 8, 2, 32, 0, 0, 1), (2, 8, 2, 32, 0, 0, 1),
-         (4, 4, 2, 64, 0, 0, 1), (4, 8, 2, 64, 0, 0, 1), (4, 4, 2, 32, 8, 0, 1), (4, 2, 2, 32, 8, 0, 1),
-         (4, 4, 2, 32, 0, 1, 1), (4, 4, 2, 32, 0, 0, 0), (4, 2, 2, 32, 0, 1, 1))
-QUICK = ((4, 4, 2, 32, 0, 0, 1), (4, 4, 2, 32, 6, 0, 1), (4, 4, 2, 32, 7, 0, 1), (4, 2, 2, 32, 0, 0, 1))
+SWEEP = ((4, 2, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 32, 0, 0, 1, 1, 0), (4, 8, 2, 32, 0, 0, 1, 1, 0),
+         (2, 8, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 64, 0, 0, 1, 1, 0), (4, 8, 2, 64, 0, 0, 1, 1, 0),
+         (4, 4, 2, 32, 8, 0, 1, 1, 0), (4, 2, 2, 32, 8, 0, 1, 1, 0), (4, 4, 2, 32, 0, 1, 1, 1, 0),
+         (4, 4, 2, 32, 0, 0, 0, 1, 0), (4, 2, 2, 32, 0, 1, 1, 1, 0))
+QUICK = ((4, 4, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 32, 6, 0, 1, 1, 0), (4, 4, 2, 32, 7, 0, 1, 1, 0),
+         (4, 2, 2, 32, 0, 0, 1, 1, 0),
+         (4, 4, 2, 32, 0, 0, 1, 2, 0), (4, 4, 2, 32, 6, 0, 1, 2, 0), (4, 2, 2, 32, 0, 0, 1, 2, 0),
+         (4, 2, 2, 32, 6, 0, 1, 2, 0), (4, 4, 2, 32, 0, 0, 1, 1, 1), (4, 4, 2, 32, 0, 0, 1, 1, 3),
+         (4, 2, 2, 32, 0, 0, 1, 1, 1))
 # --quick: the default and these
 # (rows per step, steps per block, buffers, values per thread (32 or 64 at 2 and 3 bits; 4 bits: 32), blocks per SM
 # that ptxas must fit (0: no cap; only where a block has <= 4 warps), L2 prefetch of the block's rows at its start
-# (gemv.prefetch_plan; 1: tag "p"), transposed warp reduction (gemv.xreduce_stages; 0: tag "x")) tried per linear
+# (gemv.prefetch_plan; 1: tag "p"), transposed warp reduction (gemv.xreduce_stages; 0: tag "x"), steps loaded into
+# registers before the activations and the PDL wait (GemvConfig.ahead; tag "aN" unless 1), further steps each thread
+# asks L2 for at the start (GemvConfig.l2ahead; tag "lN")) tried per linear
 # besides the default; `--baseline` adds the previous gemv.py's default kernels. An earlier sweep (results of
 # 2026-11-29 19:39) also tried 8 and 16 rows, 8 steps x 8 rows and buffers 3: never more than noise ahead
 LAYERS = 32
@@ -83,7 +90,7 @@ def _load_baseline(path: str):
 
 
 def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: bool, prefill_only: bool = False,
-          acts: tuple[str, ...] = ACTS, decode_only: bool = False, jobs: int = 1):
+          acts: tuple[str, ...] = ACTS, decode_only: bool = False, jobs: int = 1, export_layouts: bool = False):
     import tvm
 
     from edgequant.export.targets import PRESETS
@@ -104,29 +111,32 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                          "grid": grid, "block": block})
 
     for (scheme, bits, g, extra, lay), act in [(s, a) for a in acts for s in SCHEMES] if not prefill_only else []:
-        if lay and act != "int8":
+        if lay and (act != "int8" or export_layouts):
             continue
         for lin, n, k in SHAPES:
             spec = QuantSpec(n, k, bits, g, False, lay or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
             nout = n_outliers(k, extra)
             dflt = default_config(spec, act=act, n_outliers=nout)
             dchunk = chunk_of(bits, act, dflt)
-            dkey = (dflt.rows, dflt.steps, dflt.depth, dchunk, dflt.min_blocks, int(dflt.prefetch), int(dflt.xreduce))
+            dkey = (dflt.rows, dflt.steps, dflt.depth, dchunk, dflt.min_blocks, int(dflt.prefetch), int(dflt.xreduce),
+                    dflt.ahead, dflt.l2ahead)
             tried = {dkey}
             if act == "int8":  # fp16 activations run their default config only
                 tried |= {c for c in (QUICK if quick else SWEEP) if n % c[0] == 0 and -(-n // c[0] // c[1]) >= 132
-                          and (bits != 4 or c[3] == 32) and (not c[4] or warps_for(spec, act, c[3]) <= 4)}
-            for rows, steps, depth, chunk, minb, pf, xr in sorted(tried):
+                          and (bits != 4 or c[3] == 32) and (not c[4] or warps_for(spec, act, c[3]) <= 4)
+                          and c[7] <= min(c[1], c[2]) and c[8] < c[1]}
+            for rows, steps, depth, chunk, minb, pf, xr, ahead, l2 in sorted(tried):
                 cfg = GemvConfig(rows, warps_for(spec, act, chunk), steps, depth,
-                                 chunk if chunk != chunk_of(bits, act) else 0, minb, bool(pf), bool(xr))
+                                 chunk if chunk != chunk_of(bits, act) else 0, minb, bool(pf), bool(xr), ahead, l2)
                 tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
                 cname = (f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "") + (f"c{chunk}" if bits != 4 else "")
-                         + (f"b{minb}" if minb else "") + ("p" if pf else "") + ("" if xr else "x"))
+                         + (f"b{minb}" if minb else "") + ("p" if pf else "") + ("" if xr else "x")
+                         + (f"a{ahead}" if ahead != 1 else "") + (f"l{l2}" if l2 else ""))
                 name = f"w{bits}{tag}{lay or ''}_{lin}_{cname}"
                 pdl = act == "int8"   # griddepcontrol: a no-op unless launched with programmatic serialization
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act, pdl=pdl),
                     scheme + (" int8 act" if act == "int8" else ""), bits, g, lin, n, k, spec,
-                    cname, (rows, steps, depth, chunk, minb, pf, xr) == dkey, nout, [-(-n // rows // steps), 1, 1],
+                    cname, (rows, steps, depth, chunk, minb, pf, xr, ahead, l2) == dkey, nout, [-(-n // rows // steps), 1, 1],
                     [32, cfg.warps, 1], act, pdl)
             if baseline and act == "int8" and not lay:   # the previous gemv.py's default kernel, in the same run
                 prev = _load_baseline(baseline)
@@ -807,6 +817,8 @@ def main():
     ap.add_argument("--acts", default=",".join(ACTS), help="build: decode activation types (int8,fp16)")
     ap.add_argument("--decode-only", action="store_true", help="build: no prefill kernels")
     ap.add_argument("--jobs", type=int, default=1, help="build: parallel nvcc processes here")
+    ap.add_argument("--export-layouts", action="store_true",
+                    help="build: only the export's 3-bit layout (no planes3 comparison rows)")
     ap.add_argument("--device-nvcc", action="store_true", help="build: leave nvcc to `run` on the GPU machine")
     ap.add_argument("--only", help="run: only kernels whose name contains this (for ncu)")
     ap.add_argument("--prefill-only", action="store_true",
@@ -817,7 +829,7 @@ def main():
     a = ap.parse_args()
     if a.step == "build":
         build(Path(a.out), a.arch, a.baseline, a.quick, a.device_nvcc, a.prefill_only,
-              tuple(a.acts.split(",")), a.decode_only, a.jobs)
+              tuple(a.acts.split(",")), a.decode_only, a.jobs, a.export_layouts)
     else:
         run(Path(a.out), a.only, Path(a.save) if a.save else None, a.prefill_only,
             tuple(int(t) for t in a.tokens.split(",")) if a.tokens else PREFILL_TOKENS)

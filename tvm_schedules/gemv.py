@@ -81,10 +81,14 @@ class GemvConfig:
     prefetch: bool = False  # each block asks L2 for all its rows' weights, scales and zeros at its start (sm_90;
     # H200: 10-25% slower per linear, benchmarks/results/gpu-nvidia-h200.md, so off)
     xreduce: bool = True   # rows' partial sums meet in a transposed warp reduction (xreduce_stages), rows a power of 2
+    ahead: int = 1    # steps whose weights load into registers before the activations (with PDL: before the wait);
+    # at most `depth` (one buffer each); later steps load depth - 1 ahead as usual
+    l2ahead: int = 0  # further steps whose weights, scales and zeros each thread asks L2 for at the start
+    # (`prefetch.global.L2`, no registers; with PDL before the wait)
 
     def __post_init__(self):
         if (self.rows < 1 or self.warps < 1 or self.steps < 1 or self.depth < 2 or self.chunk not in (0, 32, 64)
-                or self.min_blocks < 0):
+                or self.min_blocks < 0 or not 1 <= self.ahead <= self.depth or self.l2ahead < 0):
             raise ValueError(f"bad GEMV config {self}")
 
 
@@ -392,6 +396,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     classes = sorted({b for _, b in fields})       # one accumulator per field position: no x pre-scaling
     ncls = len(classes)
     nbuf = min(S, cfg.depth)               # buffers: the next nbuf - 1 steps' rows load during this one's math
+    L0 = min(S, max(nbuf - 1, cfg.ahead))  # steps loaded before the activations (first_loads)
     c = "(ty * 32 + tx)"
     g = f"{c} * {C} // {G}" if G != k else "0"
     L = ["@T.prim_func", f"def {name}({', '.join(ins)}):",
@@ -484,13 +489,27 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                 out.append(f"{body}owb[{(b * R + r) * NO + i}] = ow[{row}, T.min({c} + {i * nc}, {n_out - 1})]")
         return out
 
-    def first_loads(body):  # steps 0 .. nbuf - 2 (those beyond a short last block guarded)
+    def first_loads(body):  # steps 0 .. L0 - 1 (those beyond a short last block guarded), then the L2 prefetches
         out = load_rows(body, 0, 0)
-        for st in range(1, nbuf - 1):
+        for st in range(1, L0):
             if live(st):
                 out += [f"{body}if {live(st)}:"] + load_rows(body + "    ", st, st)
             else:
                 out += load_rows(body, st, st)
+        for st in range(L0, min(S, L0 + cfg.l2ahead)) if gpu else ():
+            if live(st):
+                out += [f"{body}if {live(st)}:"] + l2_rows(body + "    ", st)
+            else:
+                out += l2_rows(body, st)
+        return out
+
+    def l2_rows(body, st):  # ask L2 for what load_rows(st) will load (one prefetch per load, scale and zero point)
+        out = []
+        for r in range(R):
+            row = f"bx * {RS} + {st * R + r}"
+            out += [f"{body}T.ptx.prefetch.global_.L2(T.address_of(qweight[{row}, {src}]))" for _, src, _ in loads]
+            out += [f"{body}T.ptx.prefetch.global_.L2(T.address_of({t}[{row}, {g}]))"
+                    for t in ("scales",) + (() if spec.sym else ("zeros",))]
         return out
 
     def live(st):  # the block's step st exists (only the last block of a ragged grid has fewer)
@@ -637,7 +656,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     # loop-carried state keeps registers alive across steps
     for st in range(S):
         nx = st + nbuf - 1
-        pre = (live(nx), nx, nx % nbuf) if nx < S else None
+        pre = (live(nx), nx, nx % nbuf) if L0 <= nx < S else None
         if pdl and st == S - 1:
             # the next kernel may launch once every block is here (all of its loads issued): triggered at the
             # start, it launched while single-wave grids of long blocks were still running, and its early blocks

@@ -67,11 +67,16 @@ INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligne
 LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's dp4a3 (dequant.py); the previous planes3 here, and
     # dp4a3 in 64-value chunks (the same chunk index math as 2 bits at 64)
     (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "planes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "dp4a3")]
+AHEAD_CASES = [  # GemvConfig.ahead: 2 or 3 steps loaded before the activations, short last blocks (their later
+    # first loads guarded), outlier columns riding with the early rows (the last column: ahead)
+    (4, 128, False, 28, 256, 2, 1, 3, 0, 2, 0, None, 2), (2, 64, False, 20, 128, 2, 1, 4, 0, 3, 0, None, 3),
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, None, 2)]
 
 
-@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout",
-                         [c + (None,) for c in INT8_CASES] + LAYOUT_CASES)
-def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth, chunk, layout):
+@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout,ahead",
+                         [c + (None, 1) for c in INT8_CASES] + [c + (1,) for c in LAYOUT_CASES] + AHEAD_CASES)
+def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth, chunk, layout,
+                                          ahead):
     """int8 activations + dp4a: the twin's integer dots are exact, so it meets the int8 NumPy model to fp32
     rounding; the model itself stays within int8 activation error of the exact product."""
     import tvm
@@ -83,7 +88,8 @@ def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, s
     x = rng.standard_normal((1, k)).astype(np.float16)
     x[0, 3] = 100
     x[0, 40:72] = 0  # an all-zero activation block (scale 0)
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, warps, steps, depth, chunk), gpu=False,
+    cfg = GemvConfig(rows, warps, steps, depth, chunk, ahead=ahead)
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, cfg, gpu=False,
                                                      out_dtype="float32", n_outliers=n_out, act="int8")}),
                      target="llvm")
     y = tvm.runtime.empty((1, n), "float32", tvm.cpu())
@@ -237,6 +243,33 @@ def test_cuda_source_waits_for_the_previous_kernel_after_the_first_weight_loads(
     assert len(pf) == 3 and max(pf) < first(r"wq_ptr \+ 0\) = ") < wait
     assert body.rindex("__dp4a") > trigger    # the last step's math comes after the trigger
     assert "__launch_bounds__(32, 8)" in src
+
+
+def test_cuda_source_loads_ahead_and_asks_l2_before_the_wait():
+    """ahead=2: both buffers' weight rows load before the wait (none in the first step), and l2ahead=1: each thread
+    asks L2 for the third step's weights, scales and zeros before the wait, nothing after it; a config asking for
+    more steps ahead than buffers is refused."""
+    import re
+
+    import tvm
+    from edgequant.export.targets import PRESETS
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
+    spec = QuantSpec(256, 512, 4, 128, False, "words")
+    cfg = GemvConfig(4, 1, 4, ahead=2, l2ahead=1)
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, cfg, act="int8", pdl=True)}),
+                     target={**PRESETS["cuda"].target, "arch": "sm_90"})
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    body = src[src.index("main_kernel("):]
+    body = body[body.index(") {"):]
+    wait, x = body.index("cudaGridDependencySynchronize()"), re.search(r"\bx_ptr\b", body).start()
+    loads = [m.start() for m in re.finditer(r"\*\(uint4\*\)\(wq_ptr \+ \d+\) = ", body)]
+    assert len(loads) == 4 * 4 and sum(a < wait for a in loads) == 2 * 4   # 4 steps x 4 rows, 2 steps before
+    assert min(a for a in loads if a > wait) > body.index("__dp4a")         # step 2's rows load in step 1
+    pf = [m.start() for m in re.finditer(r"prefetch_global_L2\(\(&\((\w+)_ptr", body)]
+    assert len(pf) == 4 * 3 and max(pf) < wait < x                       # 4 rows x (weights, scale, zero point)
+    with pytest.raises(ValueError, match="bad GEMV config"):
+        GemvConfig(4, 1, 4, depth=2, ahead=3)
 
 
 @pytest.mark.parametrize("prologue,residual", [("rmsnorm", True), ("silu_mul", False)])
