@@ -183,6 +183,15 @@ def test_supports_and_default_config():
         c = default_config(spec)
         assert c.warps * 32 >= spec.k // CHUNK[spec.bits] > (c.warps - 1) * 32   # one chunk per thread
         assert spec.n % c.rows == 0
+    # int8: LLaMA-7B gate_up at 2 and 3 bits in one wave of 6 blocks per SM (7 steps: 787 blocks on 132 SMs), at
+    # 4 bits, with outlier columns and where 4 steps already fit one wave (qkv) 4 steps; 8 steps at most
+    for bits, layout in ((2, "words"), (3, "dp4a3")):
+        gu = default_config(QuantSpec(22016, 4096, bits, 128, False, layout), act="int8")
+        assert (gu.rows, gu.steps) == (4, 7) and 5.5 * 132 < -(-22016 // 28) <= 6 * 132
+        assert default_config(QuantSpec(22016, 4096, bits, 128, False, layout), act="int8", n_outliers=26).steps == 4
+        assert default_config(QuantSpec(12288, 4096, bits, 128, False, layout), act="int8").steps == 4
+        assert default_config(QuantSpec(28672, 4096, bits, 128, False, layout), act="int8").steps == 4
+    assert default_config(QuantSpec(22016, 4096, 4, 128, False), act="int8").steps == 4
 
 
 @pytest.mark.parametrize("bits,act", [(4, "fp16"), (3, "fp16"), (2, "fp16"), (4, "int8"), (3, "int8"), (2, "int8")])
