@@ -19,7 +19,10 @@ The whole step is also measured as one CUDA graph of
 the 128 launches (each layer its own weights), plainly and with programmatic dependent launch (PDL: the int8 kernels
 carry griddepcontrol, launched here through cuLaunchKernelEx, as TVM's runtime launches an sm_90 export's GEMVs:
 export/pdl.py), and
-torch int4 the same way. Writes benchmarks/results/gpu-<device>.md.
+torch int4 the same way, and two floors of the step's 128 dependent launches: empty kernels of the W4 GEMVs' grid
+and block shapes (plain and PDL), and the grid barriers one persistent kernel would pay instead. `run --repeat N`
+measures the whole-step graphs N times (one pass over all schemes after another) and reports each time's median.
+Writes benchmarks/results/gpu-<device>.md.
 
 Prefill (`tvm_schedules/mma_gemm.py`, tensor cores): the same linears at W4 g128 and W2 g64 for prompts of
 32/128/512/2048 tokens, each kernel config of PREFILL_SWEEP checked against the torch reference and timed the same way,

@@ -13,7 +13,9 @@ At batch 1 a linear layer only streams its packed weights, so the kernel is buil
 - optionally (`GemvConfig.prefetch`, off: on the H200 every linear got 10-25% slower) each block asks L2 for all of
   its rows' weights, scales and zero points at its start with a few bulk prefetches (`cp.async.bulk.prefetch.L2`,
   sm_90; `prefetch_plan`), so that its bytes are all in flight from the start without the registers a deeper buffer
-  would take;
+  would take; likewise off: the first two steps' rows loaded before the activations (`GemvConfig.ahead`, 94-117
+  registers at 4 bits) and each thread asking L2 for its next steps' rows (`GemvConfig.l2ahead`): neither made a
+  linear faster (the kernel boundaries, not the loads in flight, are what the LLaMA-7B step lacks);
 - after each step the rows' partial sums meet through warp shuffles (transposed: each exchange halves the rows a
   lane holds, `xreduce_stages`: 6 shuffles for 4 rows instead of 20) and one shared-memory slot per warp and row;
   one barrier at the end adds the warps' slots (and the fp16 outlier columns, OWQ) per row;
