@@ -133,8 +133,8 @@ def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16", n_outlier
     (o: N = K = 4096). 8 steps tied on gate_up at 2 and 3 bits and lost up to 15% elsewhere, most where a few more
     registers (OWQ's outlier columns: 95) left a second, nearly empty wave of blocks; 8 rows cost registers
     (128) for nothing. The rule's LLaMA-7B step is within 2% of the best config per linear at 4 and 3 bits and
-    W3 + OWQ, 3% at 2 bits (H200, benchmarks/results/gpu-nvidia-h200.md). At 2 and 3 bits without outlier columns,
-    a 4 x 4 grid of more than one wave takes more steps per block to fit one (`one_wave_steps`: gate_up)."""
+    W3 + OWQ, 3% at 2 bits (H200, benchmarks/results/gpu-nvidia-h200.md). At 2 and 3 bits a 4 x 4 grid of more than
+    one wave takes more steps per block to fit one (`one_wave_steps`: gate_up)."""
     warps = warps_for(spec, act)
     int8 = act == "int8"
     cands = CANDIDATES_INT8 if int8 else CANDIDATES
@@ -144,24 +144,30 @@ def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16", n_outlier
     cap = OUTLIER_MIN_BLOCKS if int8 and n_outliers and warps <= 4 else 0
     for r, s in fits:
         if spec.n // (r * s) * warps >= (8.5 if int8 else 11) * sms:
-            if int8 and spec.bits < 4 and not n_outliers and warps <= 4 and (r, s) == (4, 4):
-                s = one_wave_steps(spec.n // r, sms) or s
+            if int8 and spec.bits < 4 and warps <= 4 and (r, s) == (4, 4) and one_wave_steps(spec.n // r, sms):
+                s = one_wave_steps(spec.n // r, sms)
+                if n_outliers and spec.n % 2 == 0:   # the same rows per block in steps of 2: the outlier columns'
+                    return GemvConfig(2, warps, 2 * s)  # registers fit 6 blocks per SM without the cap (79)
+                if not n_outliers:
+                    return GemvConfig(r, warps, s)
             return GemvConfig(r, warps, s, min_blocks=cap)
     return GemvConfig(fits[-1][0], warps, fits[-1][1], min_blocks=cap)
 
 
 ONE_WAVE = 6          # blocks of 4 warps per SM at <= 80 registers (the int8 kernels' 72-80)
-ONE_WAVE_STEPS = 8    # at most this many steps per block (unrolled)
+ONE_WAVE_STEPS = 8    # at most this many steps of 4 rows per block (unrolled)
 
 
 def one_wave_steps(steps: int, sms: int = 132) -> int:
-    """Steps per block that fit `steps` steps of rows into one wave of ONE_WAVE blocks per SM, where 4 steps per block
-    would take more than one wave; 0 where it already fits or would need more than ONE_WAVE_STEPS. A grid of 1 to 2
-    waves leaves the last wave's SMs unevenly loaded: LLaMA-7B gate_up (22016 rows) at 2 and 3 bits took 1376 blocks of
-    4 steps (10 or 11 per SM over the kernel) and ran 8-15% slower than 787 blocks of 7 steps (6 per SM, one
-    wave; H200, benchmarks/results/gpu-nvidia-h200.md, gpu6). Not at 4 bits (7 steps take 87 registers, 5 blocks per
-    SM, two waves; capped at 80 the linear gained 5% but the step lost 1.6%) nor with OWQ's outlier columns (96
-    registers; capped, 3.5% slower)."""
+    """Steps of 4 rows per block that fit `steps` such steps into one wave of ONE_WAVE blocks per SM, where 4 steps per
+    block would take more than one wave; 0 where that already fits or would need more than ONE_WAVE_STEPS. A grid of 1
+    to 2 waves leaves the last wave's SMs unevenly loaded: LLaMA-7B gate_up (22016 rows) at 2 and 3 bits took 1376
+    blocks of 4 steps (10 or 11 per SM over the kernel) and ran 4-13% slower than 787 blocks of 7 steps (6 per SM, one
+    wave; whole step 2-4% faster; H200, benchmarks/results/gpu-nvidia-h200.md, gpu6). With OWQ's outlier columns the
+    same 28 rows per block go in 14 steps of 2 rows (79 registers; 4 rows take 96, and capped at 80 or 72 they
+    spill and lose 3-13%). Not at 4 bits: 7 steps take 87 registers (5 blocks per SM, two waves), and capped at 80
+    the linear gained 5-7% alone but not the step (787 blocks in 792 slots leave no slack for blocks whose SM
+    still holds the previous kernel's blocks under PDL)."""
     wave = ONE_WAVE * sms
     if -(-steps // 4) <= wave:
         return 0

@@ -183,12 +183,14 @@ def test_supports_and_default_config():
         c = default_config(spec)
         assert c.warps * 32 >= spec.k // CHUNK[spec.bits] > (c.warps - 1) * 32   # one chunk per thread
         assert spec.n % c.rows == 0
-    # int8: LLaMA-7B gate_up at 2 and 3 bits in one wave of 6 blocks per SM (7 steps: 787 blocks on 132 SMs), at
-    # 4 bits, with outlier columns and where 4 steps already fit one wave (qkv) 4 steps; 8 steps at most
+    # int8: LLaMA-7B gate_up at 2 and 3 bits in one wave of 6 blocks per SM (7 steps: 787 blocks on 132 SMs; with
+    # outlier columns 14 steps of 2 rows), at 4 bits and where 4 steps already fit one wave (qkv) 4 steps, and
+    # where one wave would take more than 8 steps (28672 rows) too
     for bits, layout in ((2, "words"), (3, "dp4a3")):
         gu = default_config(QuantSpec(22016, 4096, bits, 128, False, layout), act="int8")
         assert (gu.rows, gu.steps) == (4, 7) and 5.5 * 132 < -(-22016 // 28) <= 6 * 132
-        assert default_config(QuantSpec(22016, 4096, bits, 128, False, layout), act="int8", n_outliers=26).steps == 4
+        owq = default_config(QuantSpec(22016, 4096, bits, 128, False, layout), act="int8", n_outliers=26)
+        assert (owq.rows, owq.steps, owq.min_blocks) == (2, 14, 0)              # the same 28 rows per block
         assert default_config(QuantSpec(12288, 4096, bits, 128, False, layout), act="int8").steps == 4
         assert default_config(QuantSpec(28672, 4096, bits, 128, False, layout), act="int8").steps == 4
     assert default_config(QuantSpec(22016, 4096, 4, 128, False), act="int8").steps == 4
