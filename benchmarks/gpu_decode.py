@@ -142,7 +142,8 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                 pdl = act == "int8"   # griddepcontrol: a no-op unless launched with programmatic serialization
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act, pdl=pdl),
                     scheme + (" int8 act" if act == "int8" else ""), bits, g, lin, n, k, spec,
-                    cname, (rows, steps, depth, chunk, minb, pf, xr, ahead, l2) == dkey, nout, [-(-n // rows // steps), 1, 1],
+                    cname, (rows, steps, depth, chunk, minb, pf, xr, ahead, l2) == dkey, nout,
+                    [-(-n // rows // steps), 1, 1],
                     [32, cfg.warps, 1], act, pdl)
             if baseline and act == "int8" and not lay:   # the previous gemv.py's default kernel, in the same run
                 prev = _load_baseline(baseline)
@@ -887,7 +888,8 @@ def main():
     ap.add_argument("--export-layouts", action="store_true",
                     help="build: only the export's 3-bit layout (no planes3 comparison rows)")
     ap.add_argument("--device-nvcc", action="store_true", help="build: leave nvcc to `run` on the GPU machine")
-    ap.add_argument("--only", help="run: only kernels whose name matches this regular expression (for ncu; NAME$: that one)")
+    ap.add_argument("--only", help="run: only kernels whose name matches this regular expression (for ncu; "
+                    "NAME$: that one)")
     ap.add_argument("--prefill-only", action="store_true",
                     help="build / run: only the prefill kernels (and their peer)")
     ap.add_argument("--tokens", help="run: prefill prompt lengths, comma-separated (default 32,128,512,2048)")
