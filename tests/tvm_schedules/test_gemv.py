@@ -67,10 +67,12 @@ INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligne
 LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's dp4a3 (dequant.py); the previous planes3 here, and
     # dp4a3 in 64-value chunks (the same chunk index math as 2 bits at 64)
     (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "planes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "dp4a3")]
-AHEAD_CASES = [  # GemvConfig.ahead: 2 or 3 steps loaded before the activations, short last blocks (their later
-    # first loads guarded), outlier columns riding with the early rows (the last column: ahead)
-    (4, 128, False, 28, 256, 2, 1, 3, 0, 2, 0, None, 2), (2, 64, False, 20, 128, 2, 1, 4, 0, 3, 0, None, 3),
-    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, None, 2)]
+AHEAD_CASES = [  # GemvConfig.ahead (off in every default config): 2 or 3 steps loaded before the activations,
+    # short last blocks (their later first loads guarded), outlier columns riding with the early rows (the last
+    # column: ahead); CI time: one case by default
+    pytest.param(4, 128, False, 28, 256, 2, 1, 3, 0, 2, 0, None, 2, marks=pytest.mark.slow),
+    (2, 64, False, 20, 128, 2, 1, 4, 0, 3, 0, None, 3),
+    pytest.param(3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, None, 2, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout,ahead",
