@@ -19,7 +19,10 @@ The whole step is also measured as one CUDA graph of
 the 128 launches (each layer its own weights), plainly and with programmatic dependent launch (PDL: the int8 kernels
 carry griddepcontrol, launched here through cuLaunchKernelEx, as TVM's runtime launches an sm_90 export's GEMVs:
 export/pdl.py), and
-torch int4 the same way. Writes benchmarks/results/gpu-<device>.md.
+torch int4 the same way, and two floors of the step's 128 dependent launches: empty kernels of the W4 GEMVs' grid
+and block shapes (plain and PDL), and the grid barriers one persistent kernel would pay instead. `run --repeat N`
+measures the whole-step graphs N times (one pass over all schemes after another) and reports each time's median.
+Writes benchmarks/results/gpu-<device>.md.
 
 Prefill (`tvm_schedules/mma_gemm.py`, tensor cores): the same linears at W4 g128 and W2 g64 for prompts of
 32/128/512/2048 tokens, each kernel config of PREFILL_SWEEP checked against the torch reference and timed the same way,
@@ -45,14 +48,21 @@ SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 
 # (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, dp4a3 with int8
 # activations); planes3: the previous CUDA layout, int8 activations only, for comparison)
 ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact float kernel
-SWEEP = ((4, 2, 2, 32, 0, 0, 1), (4, 4, 2, 32, 0, 0, 1), (4, 8, 2, 32, 0, 0, 1), (2, 8, 2, 32, 0, 0, 1),
-         (4, 4, 2, 64, 0, 0, 1), (4, 8, 2, 64, 0, 0, 1), (4, 4, 2, 32, 8, 0, 1), (4, 2, 2, 32, 8, 0, 1),
-         (4, 4, 2, 32, 0, 1, 1), (4, 4, 2, 32, 0, 0, 0), (4, 2, 2, 32, 0, 1, 1))
-QUICK = ((4, 4, 2, 32, 0, 0, 1), (4, 4, 2, 32, 6, 0, 1), (4, 4, 2, 32, 7, 0, 1), (4, 2, 2, 32, 0, 0, 1))
+SWEEP = ((4, 2, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 32, 0, 0, 1, 1, 0), (4, 8, 2, 32, 0, 0, 1, 1, 0),
+         (2, 8, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 64, 0, 0, 1, 1, 0), (4, 8, 2, 64, 0, 0, 1, 1, 0),
+         (4, 4, 2, 32, 8, 0, 1, 1, 0), (4, 2, 2, 32, 8, 0, 1, 1, 0), (4, 4, 2, 32, 0, 1, 1, 1, 0),
+         (4, 4, 2, 32, 0, 0, 0, 1, 0), (4, 2, 2, 32, 0, 1, 1, 1, 0))
+QUICK = ((4, 4, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 32, 6, 0, 1, 1, 0), (4, 4, 2, 32, 7, 0, 1, 1, 0),
+         (4, 2, 2, 32, 0, 0, 1, 1, 0),
+         (4, 4, 2, 32, 0, 0, 1, 2, 0), (4, 4, 2, 32, 6, 0, 1, 2, 0), (4, 2, 2, 32, 0, 0, 1, 2, 0),
+         (4, 2, 2, 32, 6, 0, 1, 2, 0), (4, 4, 2, 32, 0, 0, 1, 1, 1), (4, 4, 2, 32, 0, 0, 1, 1, 3),
+         (4, 2, 2, 32, 0, 0, 1, 1, 1))
 # --quick: the default and these
 # (rows per step, steps per block, buffers, values per thread (32 or 64 at 2 and 3 bits; 4 bits: 32), blocks per SM
 # that ptxas must fit (0: no cap; only where a block has <= 4 warps), L2 prefetch of the block's rows at its start
-# (gemv.prefetch_plan; 1: tag "p"), transposed warp reduction (gemv.xreduce_stages; 0: tag "x")) tried per linear
+# (gemv.prefetch_plan; 1: tag "p"), transposed warp reduction (gemv.xreduce_stages; 0: tag "x"), steps loaded into
+# registers before the activations and the PDL wait (GemvConfig.ahead; tag "aN" unless 1), further steps each thread
+# asks L2 for at the start (GemvConfig.l2ahead; tag "lN")) tried per linear
 # besides the default; `--baseline` adds the previous gemv.py's default kernels. An earlier sweep (results of
 # 2026-11-29 19:39) also tried 8 and 16 rows, 8 steps x 8 rows and buffers 3: never more than noise ahead
 LAYERS = 32
@@ -83,7 +93,8 @@ def _load_baseline(path: str):
 
 
 def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: bool, prefill_only: bool = False,
-          acts: tuple[str, ...] = ACTS, decode_only: bool = False, jobs: int = 1):
+          acts: tuple[str, ...] = ACTS, decode_only: bool = False, jobs: int = 1, export_layouts: bool = False,
+          configs: tuple[tuple[int, ...], ...] | None = None, linears: tuple[str, ...] | None = None):
     import tvm
 
     from edgequant.export.targets import PRESETS
@@ -104,29 +115,35 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                          "grid": grid, "block": block})
 
     for (scheme, bits, g, extra, lay), act in [(s, a) for a in acts for s in SCHEMES] if not prefill_only else []:
-        if lay and act != "int8":
+        if lay and (act != "int8" or export_layouts):
             continue
         for lin, n, k in SHAPES:
             spec = QuantSpec(n, k, bits, g, False, lay or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
             nout = n_outliers(k, extra)
             dflt = default_config(spec, act=act, n_outliers=nout)
             dchunk = chunk_of(bits, act, dflt)
-            dkey = (dflt.rows, dflt.steps, dflt.depth, dchunk, dflt.min_blocks, int(dflt.prefetch), int(dflt.xreduce))
+            dkey = (dflt.rows, dflt.steps, dflt.depth, dchunk, dflt.min_blocks, int(dflt.prefetch), int(dflt.xreduce),
+                    dflt.ahead, dflt.l2ahead)
             tried = {dkey}
             if act == "int8":  # fp16 activations run their default config only
-                tried |= {c for c in (QUICK if quick else SWEEP) if n % c[0] == 0 and -(-n // c[0] // c[1]) >= 132
-                          and (bits != 4 or c[3] == 32) and (not c[4] or warps_for(spec, act, c[3]) <= 4)}
-            for rows, steps, depth, chunk, minb, pf, xr in sorted(tried):
+                sweep = configs if configs is not None else QUICK if quick else SWEEP
+                tried |= {c for c in sweep if (not linears or lin in linears) and n % c[0] == 0
+                          and -(-n // c[0] // c[1]) >= 132
+                          and (bits != 4 or c[3] == 32) and (not c[4] or warps_for(spec, act, c[3]) <= 4)
+                          and c[7] <= min(c[1], c[2]) and c[8] < c[1]}
+            for rows, steps, depth, chunk, minb, pf, xr, ahead, l2 in sorted(tried):
                 cfg = GemvConfig(rows, warps_for(spec, act, chunk), steps, depth,
-                                 chunk if chunk != chunk_of(bits, act) else 0, minb, bool(pf), bool(xr))
+                                 chunk if chunk != chunk_of(bits, act) else 0, minb, bool(pf), bool(xr), ahead, l2)
                 tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
                 cname = (f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "") + (f"c{chunk}" if bits != 4 else "")
-                         + (f"b{minb}" if minb else "") + ("p" if pf else "") + ("" if xr else "x"))
+                         + (f"b{minb}" if minb else "") + ("p" if pf else "") + ("" if xr else "x")
+                         + (f"a{ahead}" if ahead != 1 else "") + (f"l{l2}" if l2 else ""))
                 name = f"w{bits}{tag}{lay or ''}_{lin}_{cname}"
                 pdl = act == "int8"   # griddepcontrol: a no-op unless launched with programmatic serialization
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act, pdl=pdl),
                     scheme + (" int8 act" if act == "int8" else ""), bits, g, lin, n, k, spec,
-                    cname, (rows, steps, depth, chunk, minb, pf, xr) == dkey, nout, [-(-n // rows // steps), 1, 1],
+                    cname, (rows, steps, depth, chunk, minb, pf, xr, ahead, l2) == dkey, nout,
+                    [-(-n // rows // steps), 1, 1],
                     [32, cfg.warps, 1], act, pdl)
             if baseline and act == "int8" and not lay:   # the previous gemv.py's default kernel, in the same run
                 prev = _load_baseline(baseline)
@@ -207,6 +224,28 @@ extern "C" __global__ void __launch_bounds__(512) read_bw_kernel(const uint4* __
   }
   for (; i < n; i += stride) { uint4 a = p[i]; acc ^= a.x ^ a.y ^ a.z ^ a.w; }
   if (acc == 0x9E3779B9u) out[0] = acc;
+}
+
+// the launch floor: a GEMV's grid and block shape, its PDL calls, one store per block and nothing else
+extern "C" __global__ void __launch_bounds__(1024) empty_kernel(float* __restrict__ out) {
+  cudaGridDependencySynchronize();
+  cudaTriggerProgrammaticLaunchCompletion();
+  if (threadIdx.x == 0 && threadIdx.y == 0) out[blockIdx.x] = 0.0f;
+}
+
+// what a persistent decode kernel would pay instead of a launch: `phases` grid-wide barriers (one counter, zeroed
+// before the launch; every block co-resident), each a fence, an atomic add and a spin on the counter
+extern "C" __global__ void __launch_bounds__(128) barrier_kernel(unsigned* __restrict__ ctr, int phases) {
+  for (int p = 1; p <= phases; ++p) {
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+      __threadfence();
+      atomicAdd(ctr, 1u);
+      while (*(volatile unsigned*)ctr < p * gridDim.x) { }
+      __threadfence();
+    }
+    __syncthreads();
+  }
 }
 """
 
@@ -386,7 +425,7 @@ def torch_fp16(n, k):
 
 
 def run(out: Path, only: str | None, results: Path | None, prefill_only: bool = False,
-        tokens: tuple[int, ...] = PREFILL_TOKENS):
+        tokens: tuple[int, ...] = PREFILL_TOKENS, repeat: int = 1):
     import torch
     man = json.loads((out / "manifest.json").read_text())
     if "cubins" not in man:  # built with --device-nvcc: compile here, on all cores
@@ -423,7 +462,7 @@ def run(out: Path, only: str | None, results: Path | None, prefill_only: bool = 
     groups = list(dict.fromkeys((m["scheme"], m["linear"]) for m in man["kernels"]))
     for scheme, lin in groups:
         ks = [m for m in man["kernels"] if (m["scheme"], m["linear"]) == (scheme, lin)]
-        ks = [m for m in ks if not only or only in m["name"]]
+        ks = [m for m in ks if not only or re.search(only, m["name"])]
         if not ks:
             continue
         m0 = ks[0]
@@ -485,7 +524,7 @@ def run(out: Path, only: str | None, results: Path | None, prefill_only: bool = 
         torch.cuda.empty_cache()
     if only:
         return
-    steps = whole_steps(drv, man, rows, peer_int4=not only)
+    steps = _median_steps([whole_steps(drv, man, rows, peer_int4=not only) for _ in range(repeat)])
     table = _table(rows, peer, bw, cbw, dev, torch.__version__, steps) + "\n" + _prefill_table(prefill, dev,
                                                                                                  torch.__version__)
     print(table)
@@ -580,11 +619,45 @@ def whole_steps(drv, man, rows, peer_int4=True):
         out[scheme] = res
         del layers
         torch.cuda.empty_cache()
+    w4 = {r["linear"]: kern[r["default_kernel"]] for r in rows if r["scheme"] == "W4 g128 int8 act"}
+    if len(w4) == len(SHAPES):   # the same 128 launch shapes with no work: what launches alone cost per step
+        buf = torch.empty(max(m["grid"][0] for m in w4.values()), device="cuda", dtype=torch.float32)
+        res = {"bytes": 0}
+        for pdl in (False, True):
+            fns = [drv.launcher("empty_kernel", w4[lin]["grid"], w4[lin]["block"], [buf], pdl=pdl)
+                   for _ in range(LAYERS) for lin, _, _ in SHAPES]
+            res["default" + ("_pdl" if pdl else "")] = _timed(fns) * len(fns)
+        out["empty kernels of W4's launch shapes"] = res
+        print(json.dumps({"step": "empty", "ms": res["default"] * 1e3, "ms_pdl": res["default_pdl"] * 1e3}),
+              flush=True)
+        ctr = torch.zeros(1, device="cuda", dtype=torch.int32)
+        t = {}
+        for phases in (0, len(SHAPES) * LAYERS):   # 6 blocks of 4 warps per SM, as the GEMVs
+            go = drv.launcher("barrier_kernel", [6 * torch.cuda.get_device_properties(0).multi_processor_count, 1, 1],
+                              [32, 4, 1], [ctr, ctypes.c_int(phases)])
+            t[phases] = _timed([lambda: ctr.zero_(), go] * 4, reps=10) * 2   # per zero + launch
+        out["grid barriers instead (one persistent kernel)"] = {"default": t[len(SHAPES) * LAYERS] - t[0],
+                                                               "default_pdl": float("nan"), "bytes": 0}
+        print(json.dumps({"step": "barriers", "ms": (t[len(SHAPES) * LAYERS] - t[0]) * 1e3}), flush=True)
     if peer_int4:
         try:
             out["torch int4 g128 (bf16)"] = {"default": torch_int4_step()}
         except Exception as e:  # noqa: BLE001 - report and go on without the peer
             print(f"torch int4 step: {type(e).__name__}: {e}", flush=True)
+    return out
+
+
+def _median_steps(passes):
+    """whole_steps' results of several passes: each time the median of the passes (all of them kept in
+    "passes")."""
+    if len(passes) == 1:
+        return passes[0]
+    out = {}
+    for scheme in passes[0]:
+        runs = [p[scheme] for p in passes if scheme in p]
+        out[scheme] = {k: (sorted(r[k] for r in runs if k in r)[len(runs) // 2] if k != "bytes" else v)
+                       for k, v in runs[0].items()}
+        out[scheme]["passes"] = runs
     return out
 
 
@@ -606,7 +679,7 @@ def run_prefill(drv, man, only, tokens):
     """Every prefill kernel of the manifest at every prompt length: checked against torch's fp32 product of the
     dequantized weights, timed over weight copies; torch fp16 matmul per linear and length as the peer."""
     import torch
-    kernels = [m for m in man["kernels"] if m["act"] == "prefill" and (not only or only in m["name"])]
+    kernels = [m for m in man["kernels"] if m["act"] == "prefill" and (not only or re.search(only, m["name"]))]
     res = {"rows": [], "peer": {}}
     for lin, n, k in SHAPES if not only else []:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(_copies(n * k * 2))]
@@ -784,7 +857,9 @@ def _step_table(whole, bw):
            "| weights | default ms | default PDL ms | best ms | best PDL ms | % roofline | tok/s bound | x torch int4 "
            "| x W4 g128 |", "|---|---|---|---|---|---|---|---|---|"]
     for scheme, r in whole.items():
-        if scheme.startswith("torch"):
+        if scheme.startswith(("empty", "grid")):
+            out.append(f"| {scheme} | {r['default'] * 1e3:.3f} | {r['default_pdl'] * 1e3:.3f} | | | | | | |")
+        if scheme.startswith(("torch", "empty", "grid")):
             continue
         t, tp = r.get("default", nan), r.get("default_pdl", nan)
         w4 = whole.get(_w4_of(scheme), {})
@@ -804,23 +879,33 @@ def main():
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--baseline", help="build: also the default configs of this earlier gemv.py, for the same run")
     ap.add_argument("--quick", action="store_true", help="build: default configs only")
+    ap.add_argument("--configs", help="build: the int8 configs tried besides the default instead of QUICK / SWEEP, "
+                    "';'-separated tuples of 9 integers as in SWEEP")
+    ap.add_argument("--linears", help="build: try --configs / QUICK / SWEEP on these linears only (comma-separated)")
     ap.add_argument("--acts", default=",".join(ACTS), help="build: decode activation types (int8,fp16)")
     ap.add_argument("--decode-only", action="store_true", help="build: no prefill kernels")
     ap.add_argument("--jobs", type=int, default=1, help="build: parallel nvcc processes here")
+    ap.add_argument("--export-layouts", action="store_true",
+                    help="build: only the export's 3-bit layout (no planes3 comparison rows)")
     ap.add_argument("--device-nvcc", action="store_true", help="build: leave nvcc to `run` on the GPU machine")
-    ap.add_argument("--only", help="run: only kernels whose name contains this (for ncu)")
+    ap.add_argument("--only", help="run: only kernels whose name matches this regular expression (for ncu; "
+                    "NAME$: that one)")
     ap.add_argument("--prefill-only", action="store_true",
                     help="build / run: only the prefill kernels (and their peer)")
     ap.add_argument("--tokens", help="run: prefill prompt lengths, comma-separated (default 32,128,512,2048)")
+    ap.add_argument("--repeat", type=int, default=1, help="run: whole-step graphs measured this many times, one pass "
+                    "over all schemes after another; the table gives each time's median")
     ap.add_argument("--save", nargs="?", const=str(RESULTS), help="run: write gpu-<device>.md there "
                     "(default benchmarks/results)")
     a = ap.parse_args()
     if a.step == "build":
         build(Path(a.out), a.arch, a.baseline, a.quick, a.device_nvcc, a.prefill_only,
-              tuple(a.acts.split(",")), a.decode_only, a.jobs)
+              tuple(a.acts.split(",")), a.decode_only, a.jobs, a.export_layouts,
+              tuple(tuple(int(v) for v in c.split(",")) for c in a.configs.split(";")) if a.configs else None,
+              tuple(a.linears.split(",")) if a.linears else None)
     else:
         run(Path(a.out), a.only, Path(a.save) if a.save else None, a.prefill_only,
-            tuple(int(t) for t in a.tokens.split(",")) if a.tokens else PREFILL_TOKENS)
+            tuple(int(t) for t in a.tokens.split(",")) if a.tokens else PREFILL_TOKENS, a.repeat)
 
 
 if __name__ == "__main__":

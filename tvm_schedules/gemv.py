@@ -13,7 +13,9 @@ At batch 1 a linear layer only streams its packed weights, so the kernel is buil
 - optionally (`GemvConfig.prefetch`, off: on the H200 every linear got 10-25% slower) each block asks L2 for all of
   its rows' weights, scales and zero points at its start with a few bulk prefetches (`cp.async.bulk.prefetch.L2`,
   sm_90; `prefetch_plan`), so that its bytes are all in flight from the start without the registers a deeper buffer
-  would take;
+  would take; likewise off: the first two steps' rows loaded before the activations (`GemvConfig.ahead`, 94-117
+  registers at 4 bits) and each thread asking L2 for its next steps' rows (`GemvConfig.l2ahead`): neither made a
+  linear faster (the kernel boundaries, not the loads in flight, are what the LLaMA-7B step lacks);
 - after each step the rows' partial sums meet through warp shuffles (transposed: each exchange halves the rows a
   lane holds, `xreduce_stages`: 6 shuffles for 4 rows instead of 20) and one shared-memory slot per warp and row;
   one barrier at the end adds the warps' slots (and the fp16 outlier columns, OWQ) per row;
@@ -81,10 +83,14 @@ class GemvConfig:
     prefetch: bool = False  # each block asks L2 for all its rows' weights, scales and zeros at its start (sm_90;
     # H200: 10-25% slower per linear, benchmarks/results/gpu-nvidia-h200.md, so off)
     xreduce: bool = True   # rows' partial sums meet in a transposed warp reduction (xreduce_stages), rows a power of 2
+    ahead: int = 1    # steps whose weights load into registers before the activations (with PDL: before the wait);
+    # at most `depth` (one buffer each); later steps load depth - 1 ahead as usual
+    l2ahead: int = 0  # further steps whose weights, scales and zeros each thread asks L2 for at the start
+    # (`prefetch.global.L2`, no registers; with PDL before the wait)
 
     def __post_init__(self):
         if (self.rows < 1 or self.warps < 1 or self.steps < 1 or self.depth < 2 or self.chunk not in (0, 32, 64)
-                or self.min_blocks < 0):
+                or self.min_blocks < 0 or not 1 <= self.ahead <= self.depth or self.l2ahead < 0):
             raise ValueError(f"bad GEMV config {self}")
 
 
@@ -127,7 +133,8 @@ def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16", n_outlier
     (o: N = K = 4096). 8 steps tied on gate_up at 2 and 3 bits and lost up to 15% elsewhere, most where a few more
     registers (OWQ's outlier columns: 95) left a second, nearly empty wave of blocks; 8 rows cost registers
     (128) for nothing. The rule's LLaMA-7B step is within 2% of the best config per linear at 4 and 3 bits and
-    W3 + OWQ, 3% at 2 bits (H200, benchmarks/results/gpu-nvidia-h200.md)."""
+    W3 + OWQ, 3% at 2 bits (H200, benchmarks/results/gpu-nvidia-h200.md). At 2 and 3 bits a 4 x 4 grid of more than
+    one wave takes more steps per block to fit one (`one_wave_steps`: gate_up)."""
     warps = warps_for(spec, act)
     int8 = act == "int8"
     cands = CANDIDATES_INT8 if int8 else CANDIDATES
@@ -137,8 +144,35 @@ def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16", n_outlier
     cap = OUTLIER_MIN_BLOCKS if int8 and n_outliers and warps <= 4 else 0
     for r, s in fits:
         if spec.n // (r * s) * warps >= (8.5 if int8 else 11) * sms:
+            if int8 and spec.bits < 4 and warps <= 4 and (r, s) == (4, 4) and one_wave_steps(spec.n // r, sms):
+                s = one_wave_steps(spec.n // r, sms)
+                if n_outliers and spec.n % 2 == 0:   # the same rows per block in steps of 2: the outlier columns'
+                    return GemvConfig(2, warps, 2 * s)  # registers fit 6 blocks per SM without the cap (79)
+                if not n_outliers:
+                    return GemvConfig(r, warps, s)
             return GemvConfig(r, warps, s, min_blocks=cap)
     return GemvConfig(fits[-1][0], warps, fits[-1][1], min_blocks=cap)
+
+
+ONE_WAVE = 6          # blocks of 4 warps per SM at <= 80 registers (the int8 kernels' 72-80)
+ONE_WAVE_STEPS = 8    # at most this many steps of 4 rows per block (unrolled)
+
+
+def one_wave_steps(steps: int, sms: int = 132) -> int:
+    """Steps of 4 rows per block that fit `steps` such steps into one wave of ONE_WAVE blocks per SM, where 4 steps per
+    block would take more than one wave; 0 where that already fits or would need more than ONE_WAVE_STEPS. A grid of 1
+    to 2 waves leaves the last wave's SMs unevenly loaded: LLaMA-7B gate_up (22016 rows) at 2 and 3 bits took 1376
+    blocks of 4 steps (10 or 11 per SM over the kernel) and ran 4-13% slower than 787 blocks of 7 steps (6 per SM, one
+    wave; whole step 2-4% faster; H200, benchmarks/results/gpu-nvidia-h200.md, gpu6). With OWQ's outlier columns the
+    same 28 rows per block go in 14 steps of 2 rows (79 registers; 4 rows take 96, and capped at 80 or 72 they
+    spill and lose 3-13%). Not at 4 bits: 7 steps take 87 registers (5 blocks per SM, two waves), and capped at 80
+    the linear gained 5-7% alone but not the step (787 blocks in 792 slots leave no slack for blocks whose SM
+    still holds the previous kernel's blocks under PDL)."""
+    wave = ONE_WAVE * sms
+    if -(-steps // 4) <= wave:
+        return 0
+    s = -(-steps // wave)
+    return s if s <= ONE_WAVE_STEPS else 0
 
 
 # ------------------------------------------------------------------------------------------------ field extraction
@@ -392,6 +426,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     classes = sorted({b for _, b in fields})       # one accumulator per field position: no x pre-scaling
     ncls = len(classes)
     nbuf = min(S, cfg.depth)               # buffers: the next nbuf - 1 steps' rows load during this one's math
+    L0 = min(S, max(nbuf - 1, cfg.ahead))  # steps loaded before the activations (first_loads)
     c = "(ty * 32 + tx)"
     g = f"{c} * {C} // {G}" if G != k else "0"
     L = ["@T.prim_func", f"def {name}({', '.join(ins)}):",
@@ -484,13 +519,27 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                 out.append(f"{body}owb[{(b * R + r) * NO + i}] = ow[{row}, T.min({c} + {i * nc}, {n_out - 1})]")
         return out
 
-    def first_loads(body):  # steps 0 .. nbuf - 2 (those beyond a short last block guarded)
+    def first_loads(body):  # steps 0 .. L0 - 1 (those beyond a short last block guarded), then the L2 prefetches
         out = load_rows(body, 0, 0)
-        for st in range(1, nbuf - 1):
+        for st in range(1, L0):
             if live(st):
                 out += [f"{body}if {live(st)}:"] + load_rows(body + "    ", st, st)
             else:
                 out += load_rows(body, st, st)
+        for st in range(L0, min(S, L0 + cfg.l2ahead)) if gpu else ():
+            if live(st):
+                out += [f"{body}if {live(st)}:"] + l2_rows(body + "    ", st)
+            else:
+                out += l2_rows(body, st)
+        return out
+
+    def l2_rows(body, st):  # ask L2 for what load_rows(st) will load (one prefetch per load, scale and zero point)
+        out = []
+        for r in range(R):
+            row = f"bx * {RS} + {st * R + r}"
+            out += [f"{body}T.ptx.prefetch.global_.L2(T.address_of(qweight[{row}, {src}]))" for _, src, _ in loads]
+            out += [f"{body}T.ptx.prefetch.global_.L2(T.address_of({t}[{row}, {g}]))"
+                    for t in ("scales",) + (() if spec.sym else ("zeros",))]
         return out
 
     def live(st):  # the block's step st exists (only the last block of a ragged grid has fewer)
@@ -637,7 +686,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     # loop-carried state keeps registers alive across steps
     for st in range(S):
         nx = st + nbuf - 1
-        pre = (live(nx), nx, nx % nbuf) if nx < S else None
+        pre = (live(nx), nx, nx % nbuf) if L0 <= nx < S else None
         if pdl and st == S - 1:
             # the next kernel may launch once every block is here (all of its loads issued): triggered at the
             # start, it launched while single-wave grids of long blocks were still running, and its early blocks

@@ -67,11 +67,18 @@ INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligne
 LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's dp4a3 (dequant.py); the previous planes3 here, and
     # dp4a3 in 64-value chunks (the same chunk index math as 2 bits at 64)
     (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "planes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "dp4a3")]
+AHEAD_CASES = [  # GemvConfig.ahead (off in every default config): 2 or 3 steps loaded before the activations,
+    # short last blocks (their later first loads guarded), outlier columns riding with the early rows (the last
+    # column: ahead); CI time: one case by default
+    pytest.param(4, 128, False, 28, 256, 2, 1, 3, 0, 2, 0, None, 2, marks=pytest.mark.slow),
+    (2, 64, False, 20, 128, 2, 1, 4, 0, 3, 0, None, 3),
+    pytest.param(3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, None, 2, marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout",
-                         [c + (None,) for c in INT8_CASES] + LAYOUT_CASES)
-def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth, chunk, layout):
+@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout,ahead",
+                         [c + (None, 1) for c in INT8_CASES] + [c + (1,) for c in LAYOUT_CASES] + AHEAD_CASES)
+def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth, chunk, layout,
+                                          ahead):
     """int8 activations + dp4a: the twin's integer dots are exact, so it meets the int8 NumPy model to fp32
     rounding; the model itself stays within int8 activation error of the exact product."""
     import tvm
@@ -83,7 +90,8 @@ def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, s
     x = rng.standard_normal((1, k)).astype(np.float16)
     x[0, 3] = 100
     x[0, 40:72] = 0  # an all-zero activation block (scale 0)
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, warps, steps, depth, chunk), gpu=False,
+    cfg = GemvConfig(rows, warps, steps, depth, chunk, ahead=ahead)
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, cfg, gpu=False,
                                                      out_dtype="float32", n_outliers=n_out, act="int8")}),
                      target="llvm")
     y = tvm.runtime.empty((1, n), "float32", tvm.cpu())
@@ -177,6 +185,17 @@ def test_supports_and_default_config():
         c = default_config(spec)
         assert c.warps * 32 >= spec.k // CHUNK[spec.bits] > (c.warps - 1) * 32   # one chunk per thread
         assert spec.n % c.rows == 0
+    # int8: LLaMA-7B gate_up at 2 and 3 bits in one wave of 6 blocks per SM (7 steps: 787 blocks on 132 SMs; with
+    # outlier columns 14 steps of 2 rows), at 4 bits and where 4 steps already fit one wave (qkv) 4 steps, and
+    # where one wave would take more than 8 steps (28672 rows) too
+    for bits, layout in ((2, "words"), (3, "dp4a3")):
+        gu = default_config(QuantSpec(22016, 4096, bits, 128, False, layout), act="int8")
+        assert (gu.rows, gu.steps) == (4, 7) and 5.5 * 132 < -(-22016 // 28) <= 6 * 132
+        owq = default_config(QuantSpec(22016, 4096, bits, 128, False, layout), act="int8", n_outliers=26)
+        assert (owq.rows, owq.steps, owq.min_blocks) == (2, 14, 0)              # the same 28 rows per block
+        assert default_config(QuantSpec(12288, 4096, bits, 128, False, layout), act="int8").steps == 4
+        assert default_config(QuantSpec(28672, 4096, bits, 128, False, layout), act="int8").steps == 4
+    assert default_config(QuantSpec(22016, 4096, 4, 128, False), act="int8").steps == 4
 
 
 @pytest.mark.parametrize("bits,act", [(4, "fp16"), (3, "fp16"), (2, "fp16"), (4, "int8"), (3, "int8"), (2, "int8")])
@@ -237,6 +256,33 @@ def test_cuda_source_waits_for_the_previous_kernel_after_the_first_weight_loads(
     assert len(pf) == 3 and max(pf) < first(r"wq_ptr \+ 0\) = ") < wait
     assert body.rindex("__dp4a") > trigger    # the last step's math comes after the trigger
     assert "__launch_bounds__(32, 8)" in src
+
+
+def test_cuda_source_loads_ahead_and_asks_l2_before_the_wait():
+    """ahead=2: both buffers' weight rows load before the wait (none in the first step), and l2ahead=1: each thread
+    asks L2 for the third step's weights, scales and zeros before the wait, nothing after it; a config asking for
+    more steps ahead than buffers is refused."""
+    import re
+
+    import tvm
+    from edgequant.export.targets import PRESETS
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
+    spec = QuantSpec(256, 512, 4, 128, False, "words")
+    cfg = GemvConfig(4, 1, 4, ahead=2, l2ahead=1)
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, cfg, act="int8", pdl=True)}),
+                     target={**PRESETS["cuda"].target, "arch": "sm_90"})
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    body = src[src.index("main_kernel("):]
+    body = body[body.index(") {"):]
+    wait, x = body.index("cudaGridDependencySynchronize()"), re.search(r"\bx_ptr\b", body).start()
+    loads = [m.start() for m in re.finditer(r"\*\(uint4\*\)\(wq_ptr \+ \d+\) = ", body)]
+    assert len(loads) == 4 * 4 and sum(a < wait for a in loads) == 2 * 4   # 4 steps x 4 rows, 2 steps before
+    assert min(a for a in loads if a > wait) > body.index("__dp4a")         # step 2's rows load in step 1
+    pf = [m.start() for m in re.finditer(r"prefetch_global_L2\(\(&\((\w+)_ptr", body)]
+    assert len(pf) == 4 * 3 and max(pf) < wait < x                       # 4 rows x (weights, scale, zero point)
+    with pytest.raises(ValueError, match="bad GEMV config"):
+        GemvConfig(4, 1, 4, depth=2, ahead=3)
 
 
 @pytest.mark.parametrize("prologue,residual", [("rmsnorm", True), ("silu_mul", False)])
