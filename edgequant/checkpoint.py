@@ -447,6 +447,37 @@ def plain_weight_headers(folder: Path) -> dict[Path, dict]:
     return out
 
 
+def check_weight_shape(path, name: str, shape, want) -> None:
+    """A weight of another shape than config.json makes it is refused before anything is built or written."""
+    if list(shape) != list(want):
+        raise EdgequantError(f"{path}: weight '{name}' is {list(shape)}, the model's config.json makes it "
+                             f"{list(want)}; restore the model's original files or config.json")
+
+
+def check_blocks_fit_config(folder: Path, config: dict, headers: dict | None = None) -> None:
+    """A model folder's blocks, from the safetensors headers (no data read): as many as config.json's
+    num_hidden_layers, each linear of the shape its sizes make. transformers (and export's compile) build what
+    config.json says before the weights are compared: 1e6 layers or head_dim 1e9 never finished."""
+    from .models import family_for
+    family = family_for(config["model_type"])
+    shapes = {n: h["shape"] for hs in (headers or plain_weight_headers(folder)).values() for n, h in hs.items()}
+    pre = f"{family.layers_path}."
+    held = {int(i) for i in (n[len(pre):].partition(".")[0] for n in shapes if n.startswith(pre)) if i.isdigit()}
+    if not held:   # weights under other names (transformers maps some checkpoints' keys itself): it compares them
+        return
+    layers = config["num_hidden_layers"]
+    if held != set(range(layers)):
+        raise EdgequantError(f"{folder / 'config.json'}: num_hidden_layers is {layers}, the weights hold "
+                             f"{len(held)} blocks (numbered {min(held)}..{max(held)}); restore the model's original "
+                             "files or config.json")
+    linears = family.linear_shapes(config)
+    for i in range(layers):
+        for lin, (n, k) in linears.items():
+            name = f"{family.layer_prefix(i)}.{lin}.weight"
+            if name in shapes:   # a missing one is named by whatever reads the weights
+                check_weight_shape(folder, name, shapes[name], (n, k))
+
+
 def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:
     """The fp32/fp16/bf16 tensors of a model folder's safetensors weights (`plain_weight_headers`) as NumPy arrays,
     bf16 widened to fp32 (NumPy has none)."""

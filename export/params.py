@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgequant.checkpoint import table_names
+from edgequant.checkpoint import check_weight_shape, table_names
 from edgequant.errors import EdgequantError
 from edgequant.models import family_for
 from edgequant.tvm_schedules.dequant import QuantSpec, pack_zeros_np, repack_3bit_np
@@ -187,16 +187,6 @@ class HFSource(WeightSource):
                         self._state[a] = self._state[b]
         return self._state
 
-    def check_shapes(self) -> None:
-        """Each block linear's weight has the shape config.json makes it, read from the headers before anything is
-        compiled: sizes that disagree with the weights were compiled first (`head_dim` 1e9: for ever)."""
-        from edgequant.checkpoint import plain_weight_headers
-        shapes = {n: h["shape"] for hs in plain_weight_headers(self.path).values() for n, h in hs.items()}
-        for _, members, rows, k in fused_linears(self.config):
-            for m, n in zip(members, rows):
-                if f"{m}.weight" in shapes:   # a missing one is named when the weights are read
-                    check_shape(self.path, f"{m}.weight", shapes[f"{m}.weight"], (n, k))
-
     def plans(self):
         state = self._tensors()   # which linears have biases is read from the weights
         return {name: LinearPlan(name, srcs, k, sum(rows), None, None, all(f"{s}.bias" in state for s in srcs), rows)
@@ -237,7 +227,7 @@ class HFSource(WeightSource):
             if lin in plans:   # members are stacked along N: each must have its own shape (the graph checks the sum)
                 plan = plans[lin]
                 for t, n in zip(parts, plan.rows):
-                    check_shape(self.path, t, self._state[t].shape, (n, plan.k) if leaf == "weight" else (n,))
+                    check_weight_shape(self.path, t, self._state[t].shape, (n, plan.k) if leaf == "weight" else (n,))
             arr = np.concatenate([self._state[t] for t in parts], axis=0) if len(parts) > 1 else self._state[parts[0]]
             out = arr.astype(np.float16)
             if out.dtype.kind == "f" and not np.isfinite(out).all():   # NaN in the model, or past fp16's range
@@ -250,7 +240,7 @@ def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> We
     """A quantized checkpoint when the folder says so, otherwise an unquantized HF model folder. `packing3`: the
     runtime layout of 3-bit weights ("words" as stored, or one of `dequant.LAYOUTS`); `zeros_packed`: zero points
     four per uint32 word."""
-    from edgequant.checkpoint import check_model_config, declares_checkpoint, read_config
+    from edgequant.checkpoint import check_blocks_fit_config, check_model_config, declares_checkpoint, read_config
     p = Path(str(path)).expanduser()
     if not p.exists():
         from edgequant.atomic import check_not_stranded
@@ -266,16 +256,8 @@ def open_source(path, packing3: str = "words", zeros_packed: bool = False) -> We
     if declares_checkpoint(config):
         return CheckpointSource(p, packing3, config, zeros_packed)
     check_model_config(p / "config.json", config)   # a checkpoint's is checked when it opens
-    source = HFSource(p, config)
-    source.check_shapes()
-    return source
-
-
-def check_shape(path, name: str, shape, want) -> None:
-    """A weight of another shape than config.json makes it is refused before anything is written."""
-    if list(shape) != list(want):
-        raise EdgequantError(f"{path}: weight '{name}' is {list(shape)}, the model's config.json makes it "
-                             f"{list(want)}; restore the model's original files or config.json")
+    check_blocks_fit_config(p, config)
+    return HFSource(p, config)
 
 
 def write_tensor_cache(source: WeightSource, names: list[str], dist: Path, shapes: dict | None = None) -> int:
@@ -288,7 +270,7 @@ def write_tensor_cache(source: WeightSource, names: list[str], dist: Path, shape
         source.check_all_used(names)
         for name, arr in source.arrays(names):
             if shapes is not None:
-                check_shape(source.path, name, arr.shape, shapes[name])
+                check_weight_shape(source.path, name, arr.shape, shapes[name])
             total[0] += arr.nbytes
             yield name, np.ascontiguousarray(arr)
 

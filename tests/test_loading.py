@@ -87,6 +87,10 @@ def test_weights_transformers_would_invent_or_drop_are_refused(tmp_path, model_d
     ("kv_heads_0", "'num_key_value_heads' must be a positive integer, not 0"),
     ("tied_other_head", "config.json ties the output layer to the embedding (tie_word_embeddings), but the weight "
                         "files hold an lm_head.weight that differs"),
+    # the tenth re-run: sizes transformers built a model from before comparing the weights (never finished)
+    ("layers_1e6", "num_hidden_layers is 1000000, the weights hold 2 blocks (numbered 0..1)"),
+    ("head_dim_1e9", "weight 'model.layers.0.self_attn.q_proj.weight' is [64, 64], the model's config.json makes it "
+                     "[4000000000, 64]"),
 ])
 def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_line(tmp_path, model_dirs, damage, words):
     """An int32 weight was cast to float (quantize exit 0), a string where config.json wants a bool was
@@ -111,6 +115,10 @@ def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_lin
         cfg["hidden_act"] = "bogus"
     elif damage == "kv_heads_0":
         cfg["num_key_value_heads"] = 0
+    elif damage == "layers_1e6":
+        cfg["num_hidden_layers"] = 1_000_000
+    elif damage == "head_dim_1e9":
+        cfg["head_dim"] = 1_000_000_000
     else:
         cfg["tie_word_embeddings"] = True
         assert not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])

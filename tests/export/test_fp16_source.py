@@ -150,10 +150,10 @@ def test_a_member_of_a_fused_linear_with_another_shape_or_a_scalar_norm_is_one_l
         export_name = name.replace("v_proj", "qkv_proj").replace("up_proj", "gate_up_proj")
         with pytest.raises(EdgequantError, match=rf"weight '{name}' is \[.*\], the model's config.json makes it "
                                                  rf"\[{', '.join(map(str, want))}\]"):
-            from edgequant.export.params import check_shape
+            from edgequant.checkpoint import check_weight_shape
             src = open_source(folder)
             for n, arr in src.arrays([export_name]):
-                check_shape(folder, n, arr.shape, want)   # what write_tensor_cache does with the graph's shapes
+                check_weight_shape(folder, n, arr.shape, want)   # what write_tensor_cache does with the graph's shapes
 
 
 def test_a_tied_model_saved_under_the_output_layers_name_exports_as_transformers_loads_it(model_dirs, tmp_path):
