@@ -456,7 +456,7 @@ def check_weight_shape(path, name: str, shape, want) -> None:
 
 def check_blocks_fit_config(folder: Path, config: dict, headers: dict | None = None) -> None:
     """A model folder's blocks, from the safetensors headers (no data read): as many as config.json's
-    num_hidden_layers, each linear of the shape its sizes make. transformers (and export's compile) build what
+    num_hidden_layers, each linear and norm (and the vocabulary tables) of the shape its sizes make. transformers (and export's compile) build what
     config.json says before the weights are compared: 1e6 layers or head_dim 1e9 never finished."""
     from .models import family_for
     family = family_for(config["model_type"])
@@ -470,12 +470,14 @@ def check_blocks_fit_config(folder: Path, config: dict, headers: dict | None = N
         raise EdgequantError(f"{folder / 'config.json'}: num_hidden_layers is {layers}, the weights hold "
                              f"{len(held)} blocks (numbered {min(held)}..{max(held)}); restore the model's original "
                              "files or config.json")
-    linears = family.linear_shapes(config)
+    want = {f"{t}.weight": (config["vocab_size"], family.dims(config).hidden) for t in (family.embed, family.head)}
     for i in range(layers):
-        for lin, (n, k) in linears.items():
-            name = f"{family.layer_prefix(i)}.{lin}.weight"
-            if name in shapes:   # a missing one is named by whatever reads the weights
-                check_weight_shape(folder, name, shapes[name], (n, k))
+        pre = family.layer_prefix(i)
+        want.update({f"{pre}.{lin}.weight": nk for lin, nk in family.linear_shapes(config).items()})
+        want.update({f"{pre}.{norm}.weight": (n,) for norm, n in family.norm_shapes(config).items()})
+    for name, shape in want.items():
+        if name in shapes:   # a missing one is named by whatever reads the weights
+            check_weight_shape(folder, name, shapes[name], shape)
 
 
 def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:

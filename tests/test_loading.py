@@ -91,6 +91,8 @@ def test_weights_transformers_would_invent_or_drop_are_refused(tmp_path, model_d
     ("layers_1e6", "num_hidden_layers is 1000000, the weights hold 2 blocks (numbered 0..1)"),
     ("head_dim_1e9", "weight 'model.layers.0.self_attn.q_proj.weight' is [64, 64], the model's config.json makes it "
                      "[4000000000, 64]"),
+    ("vocab_1e9", "weight 'model.embed_tokens.weight' is [320, 64], the model's config.json makes it "
+                  "[1000000000, 64]"),
 ])
 def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_line(tmp_path, model_dirs, damage, words):
     """An int32 weight was cast to float (quantize exit 0), a string where config.json wants a bool was
@@ -119,6 +121,8 @@ def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_lin
         cfg["num_hidden_layers"] = 1_000_000
     elif damage == "head_dim_1e9":
         cfg["head_dim"] = 1_000_000_000
+    elif damage == "vocab_1e9":
+        cfg["vocab_size"] = 1_000_000_000
     else:
         cfg["tie_word_embeddings"] = True
         assert not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
