@@ -154,9 +154,9 @@ def main():
              *[f"- {n}" for n in notes],
              "- weights MiB: every weight tensor, read once per decoded token; the TVM rows include the embedding "
              "table tied to the output layer (fp16: 54 MiB; 'e8'/'e4' rows: RTN 8/4 bits in groups of "
-             f"{EMBED_GROUP}, the output layer's decode through the int8 GEMV: 'e8' tvm_schedules/cpu_int8_w8.py on VNNI "
-             "and NEON, else the fp kernel), llama.cpp's GGUFs their token_embd (also tied; Q4_0's in Q8_0, so 'W4 g128 "
-             "e8' is its like-for-like row)",
+             f"{EMBED_GROUP}, the output layer's decode through the int8 GEMV: 'e8' tvm_schedules/cpu_int8_w8.py on "
+             "VNNI and NEON, else the fp kernel), llama.cpp's GGUFs their token_embd (also tied; Q4_0's in Q8_0, so "
+             "'W4 g128 e8' is its like-for-like row)",
              "- CPU exports run 3-bit weights as byte planes (bytes3: exactly 3 bits/weight; see "
              "tvm_schedules/dequant.py), with the checkpoint's 10-values-per-word layout the same W3 row decoded "
              "5.9 tok/s (earlier run, shared CPU)", "",

@@ -56,7 +56,8 @@ def main():
              f"- text: first {len(ids)} tokens of {Path(a.text).name}, teacher-forced, one decode call per token",
              f"- command: python benchmarks/decode_int8_quality.py {' '.join(sys.argv[1:])}",
              "- 'fp' = exact fp decode GEMV (EDGEQUANT_ACT_DTYPE=fp16 at export), 'int8' = int8 activations per block "
-             "of 32 (tvm_schedules/cpu_int8.py; an 8-bit table's output layer cpu_int8_w8.py); RTN W2 g64 is far from usable on this model either way",
+             "of 32 (tvm_schedules/cpu_int8.py; an 8-bit table's output layer: "
+             "cpu_int8_w8.py); RTN W2 g64 is far from usable on this model either way",
              "- every layer re-quantizes its input, so a change far below the int8 step (another fp32 summation "
              "order in the kernel) flips some roundings and draws new int8 noise: two int8 builds that agree per "
              "linear to 1e-6 gave decode logits 2-3% apart (of the largest logit), as far as either is from the fp "

@@ -42,6 +42,8 @@ per-group sums of `d_b * a_k` that the quantization step also leaves (shared by 
 
 The whole linear is one prim func with the fused float kernel's arguments (x, qweight, scales, [zeros], y): a
 quantization prologue (vector code per block of 32, `_quantize_row`) into scratch buffers, then rows in parallel.
+A W4 row ends in vectors (`_vector_epilogue`: zero-point terms 8 groups at a time, a tree sum); W3 and W2 keep their
+epilogues. 8-bit weights (quantized vocabulary tables as the output layer) have their own GEMV, `cpu_int8_w8.py`.
 The prefill GEMM (`int8_gemm_func`) runs the same arithmetic for m rows: activation rows quantized in parallel, then
 tiles of 32 weight rows in parallel, each meeting blocks of 8 activation rows (codes unpacked once per 8 rows, the
 8-row block in L1 across the tile, the 8 rows' sums finished together by a shuffle tree). At 4 bits it hands over

@@ -1,6 +1,7 @@
 """Export parity with per-module schemes and quantized vocabulary tables (`--embed-bits`): the cpu library's logits
 against the PyTorch model rebuilt from the same checkpoint, tied and untied, on the exact fp path and on the default
-int8 path (the output layer then runs the int8 GEMV/GEMM, an 8-bit table the GEMV of tvm_schedules/cpu_int8_w8.py; the embedding always the gather of tvm_schedules/gather.py).
+int8 path (the output layer then runs the int8 GEMV/GEMM, an 8-bit table the GEMV of
+tvm_schedules/cpu_int8_w8.py; the embedding always the gather of tvm_schedules/gather.py).
 """
 from __future__ import annotations
 
