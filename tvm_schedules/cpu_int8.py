@@ -42,6 +42,8 @@ per-group sums of `d_b * a_k` that the quantization step also leaves (shared by 
 
 The whole linear is one prim func with the fused float kernel's arguments (x, qweight, scales, [zeros], y): a
 quantization prologue (vector code per block of 32, `_quantize_row`) into scratch buffers, then rows in parallel.
+A row ends in vectors (`_finish_row`: zero-point terms 8 groups at a time, a tree sum). 8-bit weights (quantized
+vocabulary tables as the output layer) have their own GEMV, `cpu_int8_w8.py`.
 The prefill GEMM (`int8_gemm_func`) runs the same arithmetic for m rows: activation rows quantized in parallel, then
 tiles of 32 weight rows in parallel, each meeting blocks of 8 activation rows (codes unpacked once per 8 rows, the
 8-row block in L1 across the tile, the 8 rows' sums finished together by a shuffle tree). At 4 bits it hands over
@@ -357,32 +359,33 @@ def _quantize_row(spec: QuantSpec, xr: str, r: str | None, ind: str) -> list[str
     return S
 
 
-def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, r: str | None, ri: str | None, ind: str,
-                yt: bool = True) -> list[str]:
-    """Statements writing `y` for activation row `r` (None: the only one): its chunks' partial sums (yv and, with
-    `yt`, yt, at ri * L and ri * 4) minus the zero-point term (module docstring)."""
+def _finish_row(spec: QuantSpec, L: int, y: str, out_dtype: str, ind: str, yt: bool = True) -> list[str]:
+    """Statements writing `y` for the row: its chunks' partial sums (yv and, with `yt`, yt) minus the zero-point term
+    (module docstring), in vectors: the zero-point terms of L groups per vector into yv's lanes (the last vector
+    padded; gsum's padding is zero), the tail's lanes added in, then a halving tree. The scalar loops this replaced
+    (3-4 instructions per group and one per lane: a third of a K=576 row's instructions at 4 bits) left W4 g128's
+    GEMVs 1.2-1.7x slower (weights in cache), and with them at 4 bits only W3 g128's GEMVs took 1.11x W4's time per
+    layer, W2 g64's 0.92x; in vectors everywhere 0.85-0.98x and 0.72x
+    (benchmarks/results/decode_cpu_issue9_cpu7_gemv_bits*.md). Only the fp32 summation order changed."""
     NG = spec.n_groups
-    z = _zero(spec)
-    g = f"({r}) * {NG} + g" if r is not None else "g"
-    lv, lt = (f"{ri} * {L} + t", f"{ri} * 4 + t") if ri is not None else ("t", "t")
-    S, g0 = [], 0
-    if spec.layout == "words" and spec.bits == 2 and r is None:
-        # W2 (g64: 9 groups per K=576 row, 24 at K=1536) takes the zero-point terms L groups at a time into yv's
-        # lanes, which are summed below anyway; W4 and W3 keep the scalar loop (and their logits bit for bit)
-        g0 = NG // L * L
-        zv = f"T.broadcast(T.float32({float(spec.sym_zero)}), {L})" if spec.sym else \
-            f'T.Cast("float32x{L}", zeros[nn, T.ramp(q * {L}, 1, {L})])'
-        Lv = f"T.ramp(0, 1, {L})"
-        S = [f"{ind}for q in T.serial({NG // L}):",
-             f'{ind}    yv[{Lv}] = yv[{Lv}] - T.Cast("float32x{L}", scales[nn, T.ramp(q * {L}, 1, {L})]) * {zv} * '
-             f"gsum[T.ramp(q * {L}, 1, {L})]"]
-    return S + [f"{ind}zc[0] = T.float32(0)",
-            f"{ind}for g in T.serial({g0}, {NG}):" if g0 else f"{ind}for g in T.serial({NG}):",
-            f'{ind}    zc[0] = zc[0] + T.Cast("float32", scales[nn, g]) * {z} * gsum[{g}]',
-            f"{ind}for t in T.serial({L}):",
-            f"{ind}    zc[0] = zc[0] - yv[{lv}]",
-            *([f"{ind}for t in T.serial(4):", f"{ind}    zc[0] = zc[0] - yt[{lt}]"] if yt else []),
-            f'{ind}{y} = T.Cast("{out_dtype}", T.float32(0) - zc[0])']
+    Lv = f"T.ramp(0, 1, {L})"
+    S = []
+    for q in range(-(-NG // L)):
+        cnt = min(L, NG - q * L)
+
+        def vec(buf, q=q, cnt=cnt):   # lanes past the groups repeat lane 0 (times a zero gsum)
+            if cnt == 1:
+                return f'T.broadcast(T.Cast("float32", {buf}[nn, {q * L}]), {L})'
+            ld = f'T.Cast("float32x{cnt}", {buf}[nn, T.ramp({q * L}, 1, {cnt})])'
+            if cnt == L:
+                return ld
+            return f"T.Shuffle([{', '.join([ld] * -(-L // cnt))}], {[i if i < cnt else 0 for i in range(L)]})"
+        zv = f"T.broadcast(T.float32({float(spec.sym_zero)}), {L})" if spec.sym else vec("zeros")
+        S.append(f"{ind}yv[{Lv}] = yv[{Lv}] - {vec('scales')} * {zv} * gsum[T.ramp({q * L}, 1, {L})]")
+    if yt:
+        S.append(f"{ind}yv[T.ramp(0, 1, 4)] = yv[T.ramp(0, 1, 4)] + yt[T.ramp(0, 1, 4)]")
+    S += _tree("yv", L, "+", ind)
+    return S + [f'{ind}{y} = T.Cast("{out_dtype}", yv[0] + yv[1])']
 
 
 def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], name: str) -> str:
@@ -392,9 +395,12 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
     lo = ", ".join(str(d) for d in lead)
     ix = ", ".join("0" for _ in lead)
     S = _signature(spec, name, f'x: T.Buffer(({lo}, {k}), "float16")', f'y: T.Buffer(({lo}, {n}), "{out_dtype}")')
+    NG, NGp = spec.n_groups, -(-spec.n_groups // L) * L   # gsum padded for `_finish_row`'s vectors
     S += [f'    xq = T.alloc_buffer(({k},), "int8")',
           f'    xsw = T.alloc_buffer(({k // _lane_values(spec)},), "float32")',
-          f'    gsum = T.alloc_buffer(({spec.n_groups},), "float32")']
+          f'    gsum = T.alloc_buffer(({NGp},), "float32")']
+    if NGp > NG:   # the padding: zero terms
+        S += [f"    for g in T.serial({NG}, {NGp}):", "        gsum[g] = T.float32(0)"]
     # --- quantize x to int8 per block of 32 (serial: K values)
     S += _quantize_row(spec, f"x[{ix}, {{kk}}]", None, "    ")
     # --- rows in parallel
@@ -405,7 +411,6 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
           f'        wq = T.alloc_buffer(({L},), "uint32")',
           f'        hq = T.alloc_buffer(({L},), "uint32")',
           f'        tq = T.alloc_buffer(({L},), "uint32")',
-          '        zc = T.alloc_buffer((1,), "float32")',
           f"        yv[T.ramp(0, 1, {L})] = T.broadcast(T.float32(0), {L})",
           "        yt[T.ramp(0, 1, 4)] = T.broadcast(T.float32(0), 4)",
           f"        for c in T.serial({n_main}):"]
@@ -416,7 +421,7 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
     if tail:
         S += _chunk(spec, isa, tail, 4 if yt else L, str(L * n_main), "yt" if yt else "yv", gscale, " " * 8,
                     acc_stride=None if yt else L)
-    S += _finish_row(spec, L, f"y[{ix}, nn]", out_dtype, None, None, " " * 8, yt)
+    S += _finish_row(spec, L, f"y[{ix}, nn]", out_dtype, " " * 8, yt)
     return "\n".join(S) + "\n"
 
 

@@ -57,6 +57,21 @@ def _elf_aarch64(path) -> bool:
 
 @pytest.mark.parametrize("act", ["fp16", "int8"])
 def test_aarch64_greedy_tokens_equal_x86(cross, arm_build, checkpoint, tmp_path, monkeypatch, act):
+    _greedy_tokens_equal_x86(cross, arm_build, checkpoint, tmp_path, monkeypatch, act)
+
+
+@pytest.mark.slow
+def test_aarch64_e8_output_layer_greedy_tokens_equal_x86(cross, arm_build, tokenizer, tmp_path, monkeypatch):
+    """A tied 8-bit table (`--embed-bits 8`): its decode GEMV (tvm_schedules/cpu_int8_w8.py) is NEON sdot on codes
+    flipped by 128 on aarch64, vpdpbusd on the codes themselves on x86 (same integer sums up to the offset's exact
+    term; fp32 order differs slightly): greedy tokens still agree."""
+    sys.path.insert(0, str(ROOT / "tests" / "export"))
+    from test_export_permodule import mixed_checkpoint
+    ckpt = mixed_checkpoint(tmp_path / "e8", tokenizer, "llama", True, 8)
+    _greedy_tokens_equal_x86(cross, arm_build, ckpt, tmp_path, monkeypatch, "int8")
+
+
+def _greedy_tokens_equal_x86(cross, arm_build, checkpoint, tmp_path, monkeypatch, act):
     from edgequant.export.runtime import Runner
     qemu, sysroot, _ = cross
     monkeypatch.setenv("EDGEQUANT_ACT_DTYPE", act)

@@ -1,6 +1,7 @@
 """Export parity with per-module schemes and quantized vocabulary tables (`--embed-bits`): the cpu library's logits
 against the PyTorch model rebuilt from the same checkpoint, tied and untied, on the exact fp path and on the default
-int8 path (the output layer then runs the int8 GEMV/GEMM; the embedding always the gather of tvm_schedules/gather.py).
+int8 path (the output layer then runs the int8 GEMV/GEMM, an 8-bit table the GEMV of
+tvm_schedules/cpu_int8_w8.py; the embedding always the gather of tvm_schedules/gather.py).
 """
 from __future__ import annotations
 
@@ -70,6 +71,11 @@ def test_mixed_schemes_and_quantized_tables_match_pytorch(exported, case, act):
     # the tables are stored packed (tied: one table), no fp16 copy
     assert "model.embed_tokens.qweight" in names and "model.embed_tokens.weight" not in names
     assert ("lm_head.qweight" in names) == (not case[1]) and "lm_head.weight" not in names
+    if act == "int8" and case[2] == 8:   # the 8-bit output layer's decode runs its own int8 GEMV where the ISA has one
+        from edgequant.export.targets import get_preset, tvm_target
+        from edgequant.tvm_schedules.cpu_int8 import target_isa
+        w8 = target_isa(tvm_target(get_preset("cpu"))) == "vnni"
+        assert (b"int8_decode_gemv_w8" in (dist / "lib.so").read_bytes()) == w8
     ref, _ = load_quantized_model(ckpt)
     runner = Runner(dist)
     ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, 40).tolist()

@@ -180,3 +180,47 @@ def test_supported_shapes():
     assert chunk_plan(QuantSpec(8, 192, 4, 96, False)) == (4, 6, 0)    # groups of 12 words: 128-bit chunks
     assert chunk_plan(QuantSpec(8, 1536, 3, 128, False, "planes3"))[0] == 8
     assert chunk_plan(QuantSpec(8, 576, 3, 128, False, "words")) is None       # the checkpoint's 10-per-word layout
+
+
+W8_CASES = [(64, 576, 32, False), (40, 160, -1, True), (16, 1536, 128, False), (24, 96, 32, True)]  # SmolLM2's
+# e8 table (g32, an even block count), per channel, groups of 4 blocks, an odd block count
+
+
+@pytest.mark.parametrize("n,k,group,sym", W8_CASES)
+def test_w8_gemv_matches_numpy(n, k, group, sym):
+    """The 8-bit GEMV (`--embed-bits 8` output layers, tvm_schedules/cpu_int8_w8.py): full-range codes 0-255 and
+    zero points, the same int8 activations as the 2-4-bit kernels, against their NumPy model and the exact product."""
+    import tvm
+    from edgequant.tvm_schedules import cpu_int8_w8
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemv_np
+    from edgequant.tvm_schedules.dequant import quant_matmul_np
+    host = _isa_or_skip("vnni")
+    rng = np.random.default_rng(k + n)
+    spec, qweight, scales, zeros = _linear(rng, 8, group, sym, n, k)
+    x = rng.standard_normal((1, 1, k)).astype(np.float16)
+    x[0, 0, :32] = 0     # an all-zero block
+    ex = tvm.compile(tvm.IRModule({"main": cpu_int8_w8.gemv_func(spec, "vnni", lead=(1, 1))}), target=host)
+    y = tvm.runtime.tensor(np.full((1, 1, n), np.nan, np.float32))
+    ex["main"](*[tvm.runtime.tensor(a) for a in [x, qweight, scales] + ([] if sym else [zeros])], y)
+    got = y.numpy()[0, 0]
+    model = int8_gemv_np(spec, x[0, 0], qweight, scales, zeros)
+    np.testing.assert_allclose(got, model, rtol=1e-5, atol=1e-5 * np.abs(model).max())
+    exact = quant_matmul_np(spec, x[0], qweight, scales, zeros)[0]
+    assert np.abs(got - exact).max() / np.abs(exact).max() < 2e-2
+
+
+def test_w8_gemv_isas():
+    """vpdpbusd on x86 VNNI, sdot (codes flipped by 128) for cpu-arm64; AVX2 (saturating pair sums) is not offered."""
+    import tvm
+    from edgequant.export.targets import get_preset, tvm_target
+    from edgequant.tvm_schedules import cpu_int8_w8
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    spec = QuantSpec(64, 576, 8, 32, False)
+    assert not cpu_int8_w8.supports(spec, "avx2") and not cpu_int8_w8.supports(QuantSpec(64, 576, 4, 32, False), "vnni")
+    asm = tvm.tirx.build(tvm.IRModule({"main": cpu_int8_w8.gemv_func(spec, "sdot")}),
+                         target=tvm_target(get_preset("cpu-arm64"))).inspect_source("asm")
+    assert re.search(r"\bsdot\s+v\d+\.4s, v\d+\.16b, v\d+\.16b", asm), "no NEON sdot in the kernel"
+    _isa_or_skip("vnni")
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    asm = tvm.tirx.build(tvm.IRModule({"main": cpu_int8_w8.gemv_func(spec, "vnni")}), target=host).inspect_source("asm")
+    assert re.search(r"\bvpdpbusd\s+[^\n]*%ymm", asm), "no 256-bit vpdpbusd in the kernel"
