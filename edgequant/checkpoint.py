@@ -383,12 +383,27 @@ def check_model_config(f: Path, c: dict):
     if head_dim % 2:   # rotary embeddings rotate pairs of a head's channels
         raise CheckpointError(f"{f}: the head size ({head_dim}: 'head_dim', or hidden_size / num_attention_heads) "
                               "must be even; restore the original config.json")
+    for key in ("rope_parameters", "rope_scaling"):
+        rp = c.get(key)
+        if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) in ("longrope", "su"):
+            # transformers only warns and broadcasts a list of another length over the rotary frequencies
+            part = rp.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+            pairs = int(head_dim * (part if _is_number(part) else 1.0)) // 2
+            for name in ("short_factor", "long_factor"):
+                v = rp.get(name)
+                if not (isinstance(v, list) and len(v) == pairs and all(_is_number(x) for x in v)):
+                    raise CheckpointError(f"{f}: {key}.{name} must be a list of {pairs} numbers (one per pair of "
+                                          "rotary channels); restore the original config.json")
     if not isinstance(c.get("model_type"), str):
         raise CheckpointError(f"{f}: 'model_type' is missing; restore the original config.json")
 
 
 def _is_count(v, lo=0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _is_shape(v) -> bool:

@@ -93,6 +93,7 @@ def test_weights_transformers_would_invent_or_drop_are_refused(tmp_path, model_d
                      "[4000000000, 64]"),
     ("vocab_1e9", "weight 'model.embed_tokens.weight' is [320, 64], the model's config.json makes it "
                   "[1000000000, 64]"),
+    ("longrope_short", "rope_parameters.short_factor must be a list of 8 numbers"),   # transformers: a warning
 ])
 def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_line(tmp_path, model_dirs, damage, words):
     """An int32 weight was cast to float (quantize exit 0), a string where config.json wants a bool was
@@ -123,6 +124,9 @@ def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_lin
         cfg["head_dim"] = 1_000_000_000
     elif damage == "vocab_1e9":
         cfg["vocab_size"] = 1_000_000_000
+    elif damage == "longrope_short":
+        cfg["rope_parameters"] = {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0] * 8,
+                                  "rope_theta": 10000.0}
     else:
         cfg["tie_word_embeddings"] = True
         assert not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])

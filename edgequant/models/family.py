@@ -99,6 +99,7 @@ class Family:
     dims: Callable = Dims.from_config     # config -> Dims
     embed: str = "model.embed_tokens"     # the token embedding table [vocab, hidden]
     head: str = "lm_head"                 # the output layer [vocab, hidden] (tied: the embedding table serves)
+    fixed_biases: dict = field(default_factory=dict)   # model type -> block linears that always have a bias
 
     def __post_init__(self):
         names = [lin.name for lin in self.linears]
@@ -123,6 +124,15 @@ class Family:
                 problems.append(f"the consumers of LET pair {p.name} must be one calibration group")
         if problems:
             raise EdgequantError(f"family {self.name}: {'; '.join(problems)}")
+
+    def biased_linears(self, config: dict) -> set[str]:
+        """The block linears transformers gives a bias for this config: the model type's fixed ones, and those of
+        the attention / MLP under its `attention_bias` / `mlp_bias` flags."""
+        out = set(self.fixed_biases.get(config.get("model_type"), ()))
+        for flag, part in (("attention_bias", "self_attn."), ("mlp_bias", "mlp.")):
+            if config.get(flag) is True:
+                out |= {n for n in self.linear_names if n.startswith(part)}
+        return out
 
     @property
     def linear_names(self) -> tuple[str, ...]:

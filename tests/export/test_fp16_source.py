@@ -221,3 +221,22 @@ def test_sizes_that_disagree_with_the_weights_are_refused_before_compiling(model
     (folder / "config.json").write_text(json.dumps({**cfg, "head_dim": 3}))
     with pytest.raises(EdgequantError, match=r"head size \(3: .*must be even"):
         open_source(folder)
+
+
+def test_bias_flags_the_weights_lack_are_refused(model_dirs, tmp_path):
+    """`attention_bias: true` over a llama without bias tensors was exported as the bias-free model (tenth hostile
+    re-run); quantize, eval and convert refused it (transformers: missing weights)."""
+    import json
+    import shutil
+
+    import pytest
+
+    from edgequant.errors import EdgequantError
+    from edgequant.export.params import open_source
+    folder = tmp_path / "m"
+    shutil.copytree(model_dirs["llama"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))
+    with pytest.raises(EdgequantError, match=r"lacks weight\(s\) its config.json's model has: "
+                                             r"model.layers.0.self_attn.k_proj.bias, .* and 5 more"):
+        open_source(folder)
