@@ -11,15 +11,16 @@ cost of a damaged sink can be seen to grow with the context length that the cali
 
 The optional 6th argument picks variants (default fp,minmax,search): `protect` is the range search that clips no
 weight of an input where the first token is `owq.SINK_RATIO` times louder than the rest (`--sink-protect`);
-`output` is the search weighted by each input's mean square (`--clip-metric output`); both from 8 calibration
-windows of 512 tokens of the fp model.
+`output` is the search weighted by each input's mean square (`--clip-metric output`); `gated` scores gate's and
+up's candidates on the MLP product act(gate) * up (`owq.gated_product_weights`); all from 8 calibration windows of
+512 tokens of the fp model.
 """
 import sys
 import time
 
 import torch
 
-from edgequant.calibrate.owq import sink_columns
+from edgequant.calibrate.owq import gated_product_weights, sink_columns
 from edgequant.data import calibration_samples, eval_windows
 from edgequant.loading import load_model
 from edgequant.models import family_for
@@ -58,11 +59,25 @@ if "protect" in variants or "output" in variants:
     protect = {key: sink_columns(*v) for key, v in sq.items()}
     energy = {key: (f + 511 * r) / 512 for key, (f, r) in sq.items()}
     print("protected columns:", {f"{i}.{n}": int(m.sum()) for (i, n), m in protect.items() if m.any()})
+gated = {}
+if "gated" in variants:
+    def gstat(i):
+        def hook(mlp, args, _y):
+            g, u = gated_product_weights(args[0], mlp.gate_proj.weight, mlp.up_proj.weight, mlp.act_fn)
+            gated[(i, "mlp.gate_proj")], gated[(i, "mlp.up_proj")] = g, u
+        return hook
+    hs = [layers[i].mlp.register_forward_hook(gstat(i)) for i in range(first, last + 1)]
+    with torch.no_grad():
+        fp(calibration_samples(tok, "../shared/data/calibration", 8, 512, 1), use_cache=False)
+    for h in hs:
+        h.remove()
 
 
 def quantized(w, search, key=None):
     if search == "protect":
         sc, z = mse_clip_params(w, s, protect=protect[key])
+    elif search == "gated":
+        sc, z = mse_clip_params(w, s, norm=2.0, col_weight=gated[key])
     elif search == "output":
         sc, z = mse_clip_params(w, s, norm=2.0, col_weight=energy[key])
     else:
@@ -96,7 +111,8 @@ where = f"{'+'.join(kinds)} of blocks {first}-{last}"
 named = {"fp": ("fp", None), "minmax": (f"RTN W3 g128 min-max, {where}", False),
          "search": (f"RTN W3 g128 range search, {where}", True),
          "protect": (f"RTN W3 g128 range search, sink columns protected, {where}", "protect"),
-         "output": (f"RTN W3 g128 range search weighted by E[x^2], {where}", "output")}
+         "output": (f"RTN W3 g128 range search weighted by E[x^2], {where}", "output"),
+         "gated": (f"RTN W3 g128 range search scored on the MLP product, {where}", "gated")}
 res = [run(*named[v]) for v in ["fp"] + [v for v in variants if v != "fp"]]
 ref = res[0][1]
 print(f"# {model_name}: only {'+'.join(kinds)} of blocks {first}-{last} quantized; WikiText-2 test, {nwin} x 2048\n")

@@ -42,9 +42,11 @@ class OWQConfig(BlockTuneOptions):
     weak_columns: int | None = opt(None, "fp16 columns per linear (instead of --target-bits).", "int", lo=0)
     clip_search: bool = opt(True, "tune each group's range by the paper's MSE search (off: min-max groups).", "bool")
     # the paper's search stays the default until the alternatives are measured on both real models (issue 11)
-    clip_metric: str = opt("weight", "what the range search minimises: 'weight' (the paper's |dW|^2.4) or 'output' "
-                                     "(squared error weighted by diag(H), each input's energy).", "choice",
-                           choices=("weight", "output"))
+    clip_metric: str = opt("weight", "what the range search minimises: 'weight' (the paper's |dW|^2.4), 'output' "
+                                     "(squared error weighted by diag(H), each input's energy) or 'product' (gate's "
+                                     "and up's squared error in the MLP's output act(gate) * up; other linears "
+                                     "as 'weight').", "choice",
+                           choices=("weight", "output", "product"))
     clip_qk: bool = opt(True, "also search the ranges of q/k, whose outputs feed softmax (off: their groups stay "
                               "min-max; clipping their few large weights moved qwen2's attention).", "bool")
     sink_guard: bool = opt(False, "keep a linear's searched ranges only where they do not raise the output error of "
