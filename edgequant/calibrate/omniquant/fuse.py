@@ -63,15 +63,17 @@ class OmniBlock(nn.Module):
         self.to(dev)
 
     @torch.no_grad()
-    def search_lwc_init(self, act_sqmean: dict):
+    def search_lwc_init(self, act_sqmean: dict, product_w: dict | None = None):
         """Activation-aware clip search as LWC's starting point (`lwc.search_clip_init`), on the LET-transformed
-        weights, each input column weighted by E[x^2] of its (transformed) input."""
+        weights, each input column weighted by E[x^2] of its (transformed) input, or for the linears in `product_w`
+        (a gated MLP's gate/up, `--clip-metric product`) each weight by its [N, K] weight in the MLP product's
+        error (`owq.gated_product_weights`)."""
         t = self._transformed()
         for n in self.linears:
             if n in self.unsearched:   # q/k start unclipped (see OmniConfig.clip_qk); training may still clip them
                 search_clip_init(self.lwc[_key(n)], self.base[f"{n}.weight"], grid=(1.0,))
                 continue
-            m2 = act_sqmean[self.stats_source[n]]
+            m2 = (product_w or {}).get(n, act_sqmean[self.stats_source[n]])
             s = self.let.input_scale(n) if self.let is not None else None
             if s is not None:
                 m2 = m2 / s ** 2
