@@ -117,8 +117,9 @@ def mse_clip_params(w: torch.Tensor, scheme: QuantScheme, grid: int = 100, maxsh
                     norm: float = 2.4, col_weight: torch.Tensor | None = None, protect: torch.Tensor | None = None):
     """Group parameters tuned by a clipping grid search (OWQ's and GPTQ's "mse" option): shrink each group's range
     by factors 1, 1 - 1/grid, ... down to 1 - maxshrink and keep, per group, the factor with the least |error|^norm.
-    `col_weight` [K] weighs each input column's error, [N, K] each weight's (e.g. diag(H) = 2 E[x_j^2]: the output error a column's
-    weight error causes, as AWQ's and GPTQ-style searches score it, instead of the raw weight error).
+    `col_weight` [K] weighs each input column's error (e.g. diag(H) = 2 E[x_j^2]: the output error a column's
+    weight error causes, as AWQ's and GPTQ-style searches score it, instead of the raw weight error); [N, K] weighs
+    each weight's (e.g. `owq.gated_product_weights`).
     `protect` [K] bool: input columns whose weights no factor may clip (a group keeps its range wide enough to hold
     them, up to rounding), e.g. the inputs that carry an attention sink (`owq.sink_columns`)."""
     w = w.float()

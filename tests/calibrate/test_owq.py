@@ -285,7 +285,8 @@ def test_product_scored_search_keeps_the_weights_the_gate_passes():
     x, wg, wu = _gated_case()
     act = torch.nn.functional.silu
     a = act(x @ wg.T)
-    mlp_err = lambda s_z: float(((a * (x @ (wu - quantize_weight(wu, s, *s_z).dequantize()).T)) ** 2).mean())  # noqa: E731
+    def mlp_err(s_z):   # the MLP output's error from up's quantization
+        return float(((a * (x @ (wu - quantize_weight(wu, s, *s_z).dequantize()).T)) ** 2).mean())
     pw_gate, pw_up = gated_product_weights(x, wg, wu, act)
     assert pw_up.shape == pw_gate.shape == wu.shape
     assert torch.allclose(pw_up, (a ** 2).T @ x ** 2, rtol=1e-4)
