@@ -12,8 +12,9 @@ cost of a damaged sink can be seen to grow with the context length that the cali
 The optional 6th argument picks variants (default fp,minmax,search): `protect` is the range search that clips no
 weight of an input where the first token is `owq.SINK_RATIO` times louder than the rest (`--sink-protect`);
 `output` is the search weighted by each input's mean square (`--clip-metric output`); `gated` scores gate's and
-up's candidates on the MLP product act(gate) * up (`owq.gated_product_weights`); all from 8 calibration windows of
-512 tokens of the fp model.
+up's candidates on the MLP product act(gate) * up (`owq.gated_product_weights`); `hblock` scores each group by its
+output error dw^T H dw with H's block of the group (its inputs' correlations included); all from 8 calibration
+windows of 512 tokens of the fp model (K divisible by 128 assumed for `hblock`).
 """
 import sys
 import time
@@ -43,13 +44,16 @@ for i in range(first, last + 1):
         if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in kinds:
             orig[(i, n)] = m.weight.detach().clone()
 protect = {}
-if "protect" in variants or "output" in variants:
+hess = {}
+if "protect" in variants or "output" in variants or "hblock" in variants:
     sq = {}
 
     def stat(key):
         def hook(_m, args, _y):
             x = args[0].float()
             sq[key] = ((x[:, 0] ** 2).mean(0), (x[:, 1:] ** 2).reshape(-1, x.shape[-1]).mean(0))
+            flat = x.reshape(-1, x.shape[-1])
+            hess[key] = 2 * flat.T @ flat / len(flat)
         return hook
     hs = [layers[i].get_submodule(n).register_forward_hook(stat((i, n))) for (i, n) in orig]
     with torch.no_grad():
@@ -73,9 +77,31 @@ if "gated" in variants:
         h.remove()
 
 
+def hblock_clip_params(w, H, grid=100, maxshrink=0.8):
+    """The range search's grid scored by each group's output error dw^T H_gg dw (H's block of the group: the
+    correlations between its inputs included), instead of a sum over single weights."""
+    n, k = w.shape
+    g, ng = s.group_len(k), s.groups(k)
+    wg = w.reshape(n, ng, g)
+    idx = torch.arange(ng)
+    hb = H.reshape(ng, g, ng, g)[idx, :, idx]
+    wmin, wmax = group_minmax(w, s)
+    best_s, best_z = params_from_range(wmin, wmax, s)
+    best = torch.full_like(best_s, float("inf"))
+    for i in range(int(maxshrink * grid) + 1):
+        sc, z = params_from_range(wmin * (1 - i / grid), wmax * (1 - i / grid), s)
+        d = (torch.clamp(torch.round(wg / sc[..., None]) + z[..., None], 0, s.maxq) - z[..., None]) * sc[..., None] - wg
+        err = (torch.einsum("ngi,gij->ngj", d, hb) * d).sum(-1)
+        better = err < best
+        best, best_s, best_z = torch.where(better, err, best), torch.where(better, sc, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
 def quantized(w, search, key=None):
     if search == "protect":
         sc, z = mse_clip_params(w, s, protect=protect[key])
+    elif search == "hblock":
+        sc, z = hblock_clip_params(w, hess[key])
     elif search == "gated":
         sc, z = mse_clip_params(w, s, norm=2.0, col_weight=gated[key])
     elif search == "output":
@@ -112,6 +138,7 @@ named = {"fp": ("fp", None), "minmax": (f"RTN W3 g128 min-max, {where}", False),
          "search": (f"RTN W3 g128 range search, {where}", True),
          "protect": (f"RTN W3 g128 range search, sink columns protected, {where}", "protect"),
          "output": (f"RTN W3 g128 range search weighted by E[x^2], {where}", "output"),
+         "hblock": (f"RTN W3 g128 range search scored on dw^T H dw per group, {where}", "hblock"),
          "gated": (f"RTN W3 g128 range search scored on the MLP product, {where}", "gated")}
 res = [run(*named[v]) for v in ["fp"] + [v for v in variants if v != "fp"]]
 ref = res[0][1]

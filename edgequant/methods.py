@@ -145,9 +145,10 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
         if counts is not None:
             cfg = opts.config
             rel = family.relative_name(name)
-            # each group's range tuned by the grid search, unless turned off (--no-clip-search: min-max groups) or
-            # the linear feeds the attention logits (unless --clip-qk)
-            search = cfg.clip_search and (cfg.clip_qk or rel not in family.attention_logit_linears)
+            # each group's range tuned by the grid search, unless turned off (--no-clip-search: min-max groups),
+            # the linear feeds the attention logits (unless --clip-qk) or is a gated MLP's up (unless --clip-up)
+            search = (cfg.clip_search and (cfg.clip_qk or rel not in family.attention_logit_linears)
+                      and (cfg.clip_up or rel not in family.gated_mlp[1:2]))
             protect = sink_columns(*first_sq) if protecting and search else None
             # "product" scores a gated MLP's gate/up on the MLP's output (`product_w`), the other linears as "weight"
             metric = "weight" if product and product_w is None else cfg.clip_metric

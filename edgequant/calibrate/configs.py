@@ -49,6 +49,9 @@ class OWQConfig(BlockTuneOptions):
                            choices=("weight", "output", "product"))
     clip_qk: bool = opt(True, "also search the ranges of q/k, whose outputs feed softmax (off: their groups stay "
                               "min-max; clipping their few large weights moved qwen2's attention).", "bool")
+    clip_up: bool = opt(True, "also search the ranges of a gated MLP's up projection (off: its groups stay min-max; "
+                              "on qwen2 its clipped extremes cost perplexity that no score on the calibration "
+                              "windows sees).", "bool")
     sink_guard: bool = opt(False, "keep a linear's searched ranges only where they do not raise the output error of "
                                   "each window's first token (the attention sink) above min-max groups' (GPTQ runs "
                                   "both; the search damaged qwen2's sink).", "bool")
@@ -60,7 +63,8 @@ class OWQConfig(BlockTuneOptions):
         super().__post_init__()
         if self.target_bits is not None and self.weak_columns is not None:
             raise EdgequantError("pass either --target-bits or --weak-columns, not both")
-        self.refuse_unless(self.clip_search, ("clip_metric", "clip_qk", "sink_guard", "sink_protect"), "--clip-search")
+        self.refuse_unless(self.clip_search, ("clip_metric", "clip_qk", "clip_up", "sink_guard", "sink_protect"),
+                           "--clip-search")
 
 
 @dataclass
@@ -85,6 +89,8 @@ class OmniConfig(Options):
                                               "rest.", "float", lo=0, lo_open=True)
     clip_qk: bool = opt(True, "with --lwc-init search, also search q/k's ranges (off: they start unclipped, as "
                               "their outputs feed softmax).", "bool")
+    clip_up: bool = opt(True, "with --lwc-init search, also search a gated MLP's up projection (off: it starts "
+                              "unclipped).", "bool")
     clip_metric: str = opt("output", "with --lwc-init search, what that search minimises: 'output' (squared error "
                                      "weighted by each input's E[x^2]) or 'product' (gate's and up's squared error in "
                                      "the MLP's output act(gate) * up).", "choice", choices=("output", "product"))
@@ -103,7 +109,8 @@ class OmniConfig(Options):
         self.refuse_unless(self.let, ("let_lr", "let_alpha"), "--let")
         self.refuse_unless(self.lwc, ("lwc_lr", "lwc_init"), "--lwc")
         self.refuse_unless(self.epochs > 0, ("lwc_lr", "let_lr", "aug_loss", "loss", "keep_best"), "--epochs N (N > 0)")
-        self.refuse_unless(self.lwc and self.lwc_init == "search", ("clip_qk", "clip_metric"), "--lwc-init search")
+        self.refuse_unless(self.lwc and self.lwc_init == "search", ("clip_qk", "clip_up", "clip_metric"),
+                           "--lwc-init search")
 
     @property
     def reads_data(self) -> bool:

@@ -134,31 +134,34 @@ def test_output_metric_keeps_the_range_of_a_loud_input():
     assert e_o[:, 7].sum() < e_w[:, 7].sum() / 4           # mostly on the loud input
 
 
-def test_owq_keeps_min_max_groups_for_q_and_k(tmp_path, text_file, tokenizer):
+def test_owq_keeps_min_max_groups_for_q_and_k_and_up(tmp_path, text_file, tokenizer):
     """q/k feed softmax: with --no-clip-qk OWQ leaves their groups min-max (their largest weights stay on the grid)
-    while other linears are still range-searched; by default (the paper's search) they are clipped too."""
+    while other linears are still range-searched; by default (the paper's search) they are clipped too. The same
+    for a gated MLP's up with --no-clip-up (issue 11: qwen2's early up_proj lost perplexity to the search), while
+    its gate is still searched."""
     from conftest import make_tiny_model
     m = make_tiny_model("qwen2")
     with torch.no_grad():
-        for lin in ("q_proj", "k_proj", "v_proj"):
-            m.model.layers[0].self_attn.get_submodule(lin).weight[::2, 5] = 0.6   # a large weight in many groups
+        for lin in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            m.model.layers[0].get_submodule(lin).weight[::2, 5] = 0.6   # a large weight in many groups
     src = tmp_path / "src"
     m.save_pretrained(src)
     tokenizer.save_pretrained(src)
 
     def top_of(out, lin):
-        qw = load_quantized_weight(open_checkpoint(out), f"model.layers.0.self_attn.{lin}")
+        qw = load_quantized_weight(open_checkpoint(out), f"model.layers.0.{lin}")
         top = (qw.scheme.maxq - qw.zero[::2, 0]) * qw.scale[::2, 0]   # the largest value column 5's groups hold
         return float(top.min())
 
     kw = dict(method="owq", bits=3, group_size=32, calib=text_file, nsamples=4, seqlen=64, weak_columns=0,
               progress=False)
-    out = api.quantize(str(src), tmp_path / "owq", clip_qk=False, **kw)
+    out = api.quantize(str(src), tmp_path / "owq", clip_qk=False, clip_up=False, **kw)
     searched = api.quantize(str(src), tmp_path / "owq-qk", **kw)
-    for lin in ("q_proj", "k_proj"):
+    for lin in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj"):
         assert top_of(out, lin) > 0.6 * 0.9, lin                  # min-max: the extreme stays (within half a step)
         assert top_of(searched, lin) < top_of(out, lin), lin
-    assert top_of(out, "v_proj") < top_of(out, "q_proj")          # others are still searched
+    for lin in ("self_attn.v_proj", "mlp.gate_proj"):             # others are still searched
+        assert top_of(out, lin) < top_of(out, "self_attn.q_proj"), lin
 
 
 def _sink_case(sink_loud: bool, windows=8, seqlen=256, seed=0, with_inputs=False):

@@ -36,7 +36,8 @@ class OmniBlock(nn.Module):
         self.scheme = scheme
         self.linears, self.norms = family.linear_names, tuple(n.name for n in family.norms)
         self.stats_source = {n: family.stats_source(n) for n in self.linears}
-        self.unsearched = () if getattr(cfg, "clip_qk", True) else family.attention_logit_linears
+        self.unsearched = ((() if getattr(cfg, "clip_qk", True) else family.attention_logit_linears)
+                           + (() if getattr(cfg, "clip_up", True) else family.gated_mlp[1:2]))
         # OWQ weak columns {linear: sorted input indices}: kept in full precision (fp16 in the checkpoint), left out
         # of LWC's ranges and integers (zeroed there, so they quantize to the zero point and dequantize to 0)
         self.weak = {n: idx for n, idx in (weak or {}).items() if len(idx)}
@@ -70,7 +71,7 @@ class OmniBlock(nn.Module):
         error (`owq.gated_product_weights`)."""
         t = self._transformed()
         for n in self.linears:
-            if n in self.unsearched:   # q/k start unclipped (see OmniConfig.clip_qk); training may still clip them
+            if n in self.unsearched:   # q/k, up start unclipped (OmniConfig.clip_qk/clip_up); training may clip them
                 search_clip_init(self.lwc[_key(n)], self.base[f"{n}.weight"], grid=(1.0,))
                 continue
             m2 = (product_w or {}).get(n, act_sqmean[self.stats_source[n]])
