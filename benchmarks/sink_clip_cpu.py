@@ -1,6 +1,6 @@
 """Does clipping a few large weights of qwen2's early MLP break its attention sink? A CPU check for issue 11.
 
-Only the gate/up projections of blocks FIRST..LAST are quantized (RTN W3 g128), either with min-max groups or with
+Only the linears of the given kinds (default gate/up) of blocks FIRST..LAST are quantized (RTN W3 g128), either with min-max groups or with
 OWQ's range search (`mse_clip_params`, the paper's |dW|^2.4 grid); every other weight stays fp32. For each variant
 it prints the first token's (the attention sink's) hidden state after every block: its largest channel and its
 relative error against fp, and the WikiText NLL over positions 1-511 and 512-2047 of 2048-token windows, so the
@@ -9,12 +9,12 @@ cost of a damaged sink can be seen to grow with the context length that the cali
     python benchmarks/sink_clip_cpu.py qwen2.5-coder-0.5b 0 5 2      # model, first and last block, windows
     python benchmarks/sink_clip_cpu.py qwen2.5-coder-0.5b 0 5 2 gate_proj,up_proj fp,protect
 
-The optional 6th argument picks variants (default fp,minmax,search): `protect` is the range search that clips no
-weight of an input where the first token is `owq.SINK_RATIO` times louder than the rest (`--sink-protect`);
-`output` is the search weighted by each input's mean square (`--clip-metric output`); `gated` scores gate's and
-up's candidates on the MLP product act(gate) * up (`owq.gated_product_weights`); `hblock` scores each group by its
-output error dw^T H dw with H's block of the group (its inputs' correlations included); all from 8 calibration
-windows of 512 tokens of the fp model (K divisible by 128 assumed for `hblock`).
+The optional 6th argument picks variants (default fp,minmax,search; `search@down_proj` quantizes only that kind):
+`protect` is the range search that clips no weight of an input where the first token is `owq.SINK_RATIO` times louder
+than the rest (`--sink-protect`); `output` is the search weighted by each input's mean square (`--clip-metric
+output`); `gated` scores gate's and up's candidates on the MLP product act(gate) * up (`owq.gated_product_weights`);
+`hblock` scores each group by its output error dw^T H dw with H's block of the group (its inputs' correlations
+included); all from 8 calibration windows of 512 tokens of the fp model (K divisible by 128 assumed for `hblock`).
 """
 import sys
 import time
@@ -112,11 +112,12 @@ def quantized(w, search, key=None):
     return (quantize_int(w, se, ze, s.maxq) - ze) * se
 
 
-def run(tag, search):
+def run(tag, search, only=None):
     t0 = time.time()
     with torch.no_grad():
         for (i, n), w in orig.items():
-            layers[i].get_submodule(n).weight.copy_(w if search is None else quantized(w, search, (i, n)))
+            keep = search is None or (only is not None and not n.endswith(only))
+            layers[i].get_submodule(n).weight.copy_(w if keep else quantized(w, search, (i, n)))
     sink = []
     hooks = [b.register_forward_hook(lambda _m, _a, y, i=i: sink.append((y[0] if isinstance(y, tuple) else y)[:, 0]
                                                                          .detach().clone()))
@@ -140,7 +141,16 @@ named = {"fp": ("fp", None), "minmax": (f"RTN W3 g128 min-max, {where}", False),
          "output": (f"RTN W3 g128 range search weighted by E[x^2], {where}", "output"),
          "hblock": (f"RTN W3 g128 range search scored on dw^T H dw per group, {where}", "hblock"),
          "gated": (f"RTN W3 g128 range search scored on the MLP product, {where}", "gated")}
-res = [run(*named[v]) for v in ["fp"] + [v for v in variants if v != "fp"]]
+
+
+def variant(v):
+    """`name` for every kind given, `name@kind` (e.g. search@down_proj) for that kind alone (one fp reference)."""
+    name, _, only = v.partition("@")
+    tag, search = named[name]
+    return (tag.replace(where, f"{only} of blocks {first}-{last}") if only else tag), search, only or None
+
+
+res = [run(*variant(v)) for v in ["fp"] + [v for v in variants if v != "fp"]]
 ref = res[0][1]
 print(f"# {model_name}: only {'+'.join(kinds)} of blocks {first}-{last} quantized; WikiText-2 test, {nwin} x 2048\n")
 print("| variant | NLL pos 1-511 | NLL pos 512-2047 | sink max |h| after blocks 3 / 12 / last | sink rel. error after "

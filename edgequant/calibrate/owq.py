@@ -27,6 +27,14 @@ unprotected), rotated 37.40 (min-max groups 36.41); on CPU it restored most of t
 that the search costs, so the sink is not where the search loses on qwen: its early up_proj is (searched alone
 +0.063 NLL, min-max +0.002; `benchmarks/results/sink-clip-issue11-acc5-cpu.md`). Opt-in; its one gain is SmolLM2
 W4 g128 rotated + tuned (22.39 against 22.46 unprotected).
+
+up_proj's output is multiplied by act(gate) channel by channel, so a per-linear score cannot see which of its errors
+pass. `clip_search("product")` with `gated_product_weights` scores gate's and up's candidates on the MLP's output
+instead. On qwen's early up_proj (RTN) it recovers a third of the search's cost and so does a score with the
+inputs' correlations (dW^T H dW per group), while min-max groups stay far ahead; at GPTQ level on qwen it is worse
+than the paper's metric (OWQ 3.1: 45.57 vs 43.80). `--no-clip-up` (up min-max, the rest searched) recovers half of
+qwen's loss (41.32; min-max everywhere 38.62) and costs SmolLM2 0.9 (31.52 vs 30.65), both opt-in
+(`benchmarks/results/quality-issue11-acc6-cuda.md`).
 """
 from __future__ import annotations
 
