@@ -149,9 +149,9 @@ ROWS = [
     ("owq", "w3g128", {"weak_columns": 0, "act_order": True, "clip_metric": "product"}),
     ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "clip_metric": "product", "rotate": True,
                        "tune_epochs": 6, "tune_loss": "token_rel", "tune_heldout": 16}),
-    ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "clip_metric": "product",
+    ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "lwc_init_metric": "product",
                              "nsamples": 32, "seqlen": 256}),
-    ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "clip_metric": "product",
+    ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "lwc_init_metric": "product",
                              "nsamples": 32, "seqlen": 256}),
     # SmolLM2 W2 g64 toward <= 100: longer tuning (row 75: 6 epochs, 100.35), more fp16 columns
     ("owq", "w2g64", {"target_bits": 2.1, "act_order": True, "tune_epochs": 9, "tune_loss": "mse"}),

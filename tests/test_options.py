@@ -97,8 +97,8 @@ def test_owq_budget_is_one_or_the_other():
                                                            "with --epochs 0 and nothing else"),
     ("omniquant", {"epochs": 0, "keep_best": False}, "--keep-best only apply with --epochs N"),
     ("omniquant", {"clip_qk": False}, "--clip-qk only apply with --lwc-init search"),
-    ("omniquant", {"clip_up": False, "clip_metric": "product"},
-     "--clip-up, --clip-metric only apply with --lwc-init search"),
+    ("omniquant", {"clip_up": False, "lwc_init_metric": "product"},
+     "--clip-up, --lwc-init-metric only apply with --lwc-init search"),
     ("owq", {"clip_search": False, "clip_up": False}, "--clip-up only apply with --clip-search"),
 ])
 def test_options_a_method_does_not_read_are_refused(tmp_path, method, kw, msg):

@@ -91,9 +91,10 @@ class OmniConfig(Options):
                               "their outputs feed softmax).", "bool")
     clip_up: bool = opt(True, "with --lwc-init search, also search a gated MLP's up projection (off: it starts "
                               "unclipped).", "bool")
-    clip_metric: str = opt("output", "with --lwc-init search, what that search minimises: 'output' (squared error "
-                                     "weighted by each input's E[x^2]) or 'product' (gate's and up's squared error in "
-                                     "the MLP's output act(gate) * up).", "choice", choices=("output", "product"))
+    lwc_init_metric: str = opt("output", "with --lwc-init search, what that search minimises: 'output' (squared "
+                                         "error weighted by each input's E[x^2]) or 'product' (gate's and up's "
+                                         "squared error in the MLP's output act(gate) * up).", "choice",
+                               choices=("output", "product"))
     gptq: bool = opt(False, "round with GPTQ inside the learned ranges (LWC's scales and zero points fixed, GPTQ's "
                             "error compensation on each block's quantized stream) instead of to nearest.", "bool")
     keep_best: bool = opt(True, "score the start and every epoch on all windows and keep the best parameters.",
@@ -109,7 +110,7 @@ class OmniConfig(Options):
         self.refuse_unless(self.let, ("let_lr", "let_alpha"), "--let")
         self.refuse_unless(self.lwc, ("lwc_lr", "lwc_init"), "--lwc")
         self.refuse_unless(self.epochs > 0, ("lwc_lr", "let_lr", "aug_loss", "loss", "keep_best"), "--epochs N (N > 0)")
-        self.refuse_unless(self.lwc and self.lwc_init == "search", ("clip_qk", "clip_up", "clip_metric"),
+        self.refuse_unless(self.lwc and self.lwc_init == "search", ("clip_qk", "clip_up", "lwc_init_metric"),
                            "--lwc-init search")
 
     @property

@@ -304,14 +304,15 @@ def test_product_scored_search_keeps_the_weights_the_gate_passes():
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["owq", "omniquant"])
 def test_product_metric_reaches_gate_and_up_only(tmp_path, model_dirs, text_file, method):
-    """--clip-metric product (OWQ's range search, OmniQuant's search init): block 0's gate/up get other ranges than
-    the default metric gives them (their search is scored on the MLP's product), its attention linears the same; the
-    statistics the search uses are the collector's over the block's calibration inputs."""
+    """--clip-metric product (OWQ's range search) and --lwc-init-metric product (OmniQuant's search init): block 0's
+    gate/up get other ranges than the default metric gives them (their search is scored on the MLP's product), its
+    attention linears the same; the statistics the search uses are the collector's over the block's inputs."""
     from edgequant.calibrate.blocks import GatedProductCollector
     from edgequant.calibrate.owq import gated_product_weights
     kw = dict(method=method, bits=3, group_size=32, calib=text_file, nsamples=4, seqlen=64, progress=False,
               **({"weak_columns": 2} if method == "owq" else {"epochs": 0, "lwc_init": "search"}))
-    prod = open_checkpoint(api.quantize(str(model_dirs["llama"]), tmp_path / "p", clip_metric="product", **kw))
+    metric = {"clip_metric" if method == "owq" else "lwc_init_metric": "product"}
+    prod = open_checkpoint(api.quantize(str(model_dirs["llama"]), tmp_path / "p", **metric, **kw))
     paper = open_checkpoint(api.quantize(str(model_dirs["llama"]), tmp_path / "w", **kw))
     scale = lambda ck, n: load_quantized_weight(ck, f"model.layers.0.{n}").scale   # noqa: E731
     for n in ("self_attn.q_proj", "self_attn.o_proj"):

@@ -67,7 +67,7 @@ class OmniBlock(nn.Module):
     def search_lwc_init(self, act_sqmean: dict, product_w: dict | None = None):
         """Activation-aware clip search as LWC's starting point (`lwc.search_clip_init`), on the LET-transformed
         weights, each input column weighted by E[x^2] of its (transformed) input, or for the linears in `product_w`
-        (a gated MLP's gate/up, `--clip-metric product`) each weight by its [N, K] weight in the MLP product's
+        (a gated MLP's gate/up, `--lwc-init-metric product`) each weight by its [N, K] weight in the MLP product's
         error (`owq.gated_product_weights`)."""
         t = self._transformed()
         for n in self.linears:

@@ -146,7 +146,7 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
 
         # targets: the full-precision block on the full-precision stream (+ LET statistics on the way)
         st = _Stats(block, [g.names[0] for g in family.groups])   # the others read the same input
-        gm = family.gated_mlp if cfg.lwc and cfg.lwc_init == "search" and cfg.clip_metric == "product" else ()
+        gm = family.gated_mlp if cfg.lwc and cfg.lwc_init == "search" and cfg.lwc_init_metric == "product" else ()
         prod = (GatedProductCollector(*(block.get_submodule(n) for n in gm)) if gm else None)
         fp_out, _ = _run(block, {}, fp_hidden, kw, device, bs)
         act_absmax, act_mean, act_sqmean = st.remove()
