@@ -169,6 +169,11 @@ ROWS = [
                        "tune_loss": "token_rel", "tune_heldout": 16}),
     ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "clip_qk": False, "clip_up": False,
                              "rotate": True, "nsamples": 32, "seqlen": 256}),
+    # not run yet: v min-max too (--no-clip-v: on CPU, RTN of qwen's first blocks, v's search cost as much as up's)
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "clip_up": False, "clip_v": False}),
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "clip_up": False, "clip_v": False, "rotate": True}),
+    ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "clip_up": False, "clip_v": False, "rotate": True,
+                       "tune_epochs": 6, "tune_loss": "token_rel", "tune_heldout": 16}),
 ]
 
 

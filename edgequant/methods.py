@@ -146,9 +146,11 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
             cfg = opts.config
             rel = family.relative_name(name)
             # each group's range tuned by the grid search, unless turned off (--no-clip-search: min-max groups),
-            # the linear feeds the attention logits (unless --clip-qk) or is a gated MLP's up (unless --clip-up)
+            # the linear feeds the attention logits (unless --clip-qk), is a gated MLP's up (unless --clip-up) or
+            # attention's v (unless --clip-v)
             search = (cfg.clip_search and (cfg.clip_qk or rel not in family.attention_logit_linears)
-                      and (cfg.clip_up or rel not in family.gated_mlp[1:2]))
+                      and (cfg.clip_up or rel not in family.gated_mlp[1:2])
+                      and (cfg.clip_v or rel not in family.attention_value_linears))
             protect = sink_columns(*first_sq) if protecting and search else None
             # "product" scores a gated MLP's gate/up on the MLP's output (`product_w`), the other linears as "weight"
             metric = "weight" if product and product_w is None else cfg.clip_metric

@@ -52,6 +52,9 @@ class OWQConfig(BlockTuneOptions):
     clip_up: bool = opt(True, "also search the ranges of a gated MLP's up projection (off: its groups stay min-max; "
                               "on qwen2 its clipped extremes cost perplexity that no score on the calibration "
                               "windows sees).", "bool")
+    clip_v: bool = opt(True, "also search the ranges of v, whose outputs the attention probabilities mix (off: its "
+                             "groups stay min-max; on qwen2's first blocks, RTN, its search cost as much NLL as "
+                             "up's).", "bool")
     sink_guard: bool = opt(False, "keep a linear's searched ranges only where they do not raise the output error of "
                                   "each window's first token (the attention sink) above min-max groups' (GPTQ runs "
                                   "both; the search damaged qwen2's sink).", "bool")
@@ -63,7 +66,8 @@ class OWQConfig(BlockTuneOptions):
         super().__post_init__()
         if self.target_bits is not None and self.weak_columns is not None:
             raise EdgequantError("pass either --target-bits or --weak-columns, not both")
-        self.refuse_unless(self.clip_search, ("clip_metric", "clip_qk", "clip_up", "sink_guard", "sink_protect"),
+        self.refuse_unless(self.clip_search, ("clip_metric", "clip_qk", "clip_up", "clip_v", "sink_guard",
+                                              "sink_protect"),
                            "--clip-search")
 
 

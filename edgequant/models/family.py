@@ -143,6 +143,11 @@ class Family:
         """q and k: the linears whose outputs meet in the attention logits (the rope_qk LET pair names them)."""
         return tuple(n for p in self.let_pairs if p.kind == "rope_qk" for n in (p.producer, *p.consumers))
 
+    @property
+    def attention_value_linears(self) -> tuple[str, ...]:
+        """v: the linears whose outputs the attention probabilities mix (the attn_v LET pairs' producers)."""
+        return tuple(p.producer for p in self.let_pairs if p.kind == "attn_v")
+
     def layer_prefix(self, i: int) -> str:
         return f"{self.layers_path}.{i}"
 

@@ -138,7 +138,7 @@ def test_owq_keeps_min_max_groups_for_q_and_k_and_up(tmp_path, text_file, tokeni
     """q/k feed softmax: with --no-clip-qk OWQ leaves their groups min-max (their largest weights stay on the grid)
     while other linears are still range-searched; by default (the paper's search) they are clipped too. The same
     for a gated MLP's up with --no-clip-up (issue 11: qwen2's early up_proj lost perplexity to the search), while
-    its gate is still searched."""
+    its gate is still searched, and for v with --no-clip-v."""
     from conftest import make_tiny_model
     m = make_tiny_model("qwen2")
     with torch.no_grad():
@@ -156,12 +156,14 @@ def test_owq_keeps_min_max_groups_for_q_and_k_and_up(tmp_path, text_file, tokeni
     kw = dict(method="owq", bits=3, group_size=32, calib=text_file, nsamples=4, seqlen=64, weak_columns=0,
               progress=False)
     out = api.quantize(str(src), tmp_path / "owq", clip_qk=False, clip_up=False, **kw)
-    searched = api.quantize(str(src), tmp_path / "owq-qk", **kw)
+    searched = api.quantize(str(src), tmp_path / "owq-qk", clip_v=False, **kw)
     for lin in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj"):
         assert top_of(out, lin) > 0.6 * 0.9, lin                  # min-max: the extreme stays (within half a step)
         assert top_of(searched, lin) < top_of(out, lin), lin
     for lin in ("self_attn.v_proj", "mlp.gate_proj"):             # others are still searched
         assert top_of(out, lin) < top_of(out, "self_attn.q_proj"), lin
+    assert top_of(searched, "self_attn.v_proj") > 0.6 * 0.9       # --no-clip-v: v alone min-max
+    assert top_of(searched, "mlp.gate_proj") < top_of(searched, "self_attn.v_proj")
 
 
 def _sink_case(sink_loud: bool, windows=8, seqlen=256, seed=0, with_inputs=False):
