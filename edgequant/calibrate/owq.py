@@ -34,7 +34,8 @@ instead. On qwen's early up_proj (RTN) it recovers a third of the search's cost 
 inputs' correlations (dW^T H dW per group), while min-max groups stay far ahead; at GPTQ level on qwen it is worse
 than the paper's metric (OWQ 3.1: 45.57 vs 43.80). `--no-clip-up` (up min-max, the rest searched) recovers half of
 qwen's loss (41.32; min-max everywhere 38.62) and costs SmolLM2 0.9 (31.52 vs 30.65), both opt-in
-(`benchmarks/results/quality-issue11-acc6-cuda.md`).
+(`benchmarks/results/quality-issue11-acc6-cuda.md`). On CPU (RTN, qwen's first blocks one kind at a time) v's
+search costs as much as up's, o's wins by far (`sink-clip-kinds-issue11-acc6-cpu.md`): `--no-clip-v`, opt-in.
 """
 from __future__ import annotations
 
