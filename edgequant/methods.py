@@ -136,22 +136,30 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
     searching = counts is not None and opts.config.clip_search
     guard = searching and opts.config.sink_guard
     protecting = searching and opts.config.sink_protect
+    product = searching and opts.config.clip_metric == "product"
 
-    def quantize_fn(name, lin, H, H_first=None, first_sq=None):
+    def quantize_fn(name, lin, H, H_first=None, first_sq=None, product_w=None):
         w = lin.weight.detach().float()
         s = schemes.get(name, scheme)
         kw, weak = {}, {}
         if counts is not None:
             cfg = opts.config
             rel = family.relative_name(name)
-            # each group's range tuned by the grid search, unless turned off (--no-clip-search: min-max groups) or
-            # the linear feeds the attention logits (unless --clip-qk)
-            search = cfg.clip_search and (cfg.clip_qk or rel not in family.attention_logit_linears)
+            # each group's range tuned by the grid search, unless turned off (--no-clip-search: min-max groups),
+            # the linear feeds the attention logits (unless --clip-qk), is a gated MLP's up (unless --clip-up) or
+            # attention's v (unless --clip-v)
+            search = (cfg.clip_search and (cfg.clip_qk or rel not in family.attention_logit_linears)
+                      and (cfg.clip_up or rel not in family.gated_mlp[1:2])
+                      and (cfg.clip_v or rel not in family.attention_value_linears))
             protect = sink_columns(*first_sq) if protecting and search else None
-            idx = select_weak_columns(w, torch.diag(H), s, counts[rel], tuned=search, metric=cfg.clip_metric,
-                                      protect=protect)
-            clip = clip_search(cfg.clip_metric) if search else None
+            # "product" scores a gated MLP's gate/up on the MLP's output (`product_w`), the other linears as "weight"
+            metric = "weight" if product and product_w is None else cfg.clip_metric
+            idx = select_weak_columns(w, torch.diag(H), s, counts[rel], tuned=search, metric=metric,
+                                      protect=protect, search_weight=product_w)
+            clip = clip_search(metric) if search else None
             kw, weak = {"keep": idx.to(w.device), "clip_search": clip}, {"weak_columns": int(len(idx))}
+            if product_w is not None and search:
+                kw["search_weight"] = product_w
             if protect is not None:
                 kw["protect"] = protect.to(w.device)
                 weak["sink_columns"] = int(protect.sum())
@@ -173,7 +181,8 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
                                                    opts.config.tune_lr, opts.device, opts.batch_size, opts.seed,
                                                    opts.config.tune_loss, opts.config.tune_heldout)})
     q, stats = calibrate_layerwise(model, samples, quantize_fn, opts.device, opts.batch_size, progress, desc=desc,
-                                   skip_tokens=opts.skip_tokens, tune=tune, first_token_hessian=guard or protecting)
+                                   skip_tokens=opts.skip_tokens, tune=tune, first_token_hessian=guard or protecting,
+                                   product_weights=product)
     extra = {**({"bit_budget": summary} if summary else {}), **({"block_tuning": tuned} if tuned else {})}
     return q, stats, int(samples.numel()), extra
 

@@ -118,7 +118,8 @@ def mse_clip_params(w: torch.Tensor, scheme: QuantScheme, grid: int = 100, maxsh
     """Group parameters tuned by a clipping grid search (OWQ's and GPTQ's "mse" option): shrink each group's range
     by factors 1, 1 - 1/grid, ... down to 1 - maxshrink and keep, per group, the factor with the least |error|^norm.
     `col_weight` [K] weighs each input column's error (e.g. diag(H) = 2 E[x_j^2]: the output error a column's
-    weight error causes, as AWQ's and GPTQ-style searches score it, instead of the raw weight error).
+    weight error causes, as AWQ's and GPTQ-style searches score it, instead of the raw weight error); [N, K] weighs
+    each weight's (e.g. `owq.gated_product_weights`).
     `protect` [K] bool: input columns whose weights no factor may clip (a group keeps its range wide enough to hold
     them, up to rounding), e.g. the inputs that carry an attention sink (`owq.sink_columns`)."""
     w = w.float()
@@ -135,8 +136,10 @@ def mse_clip_params(w: torch.Tensor, scheme: QuantScheme, grid: int = 100, maxsh
         valid[k:] = 0
     wg = wp.reshape(n, ng, g)
     if col_weight is not None:
-        valid = valid * torch.cat([col_weight.to(w.device).float(), valid.new_zeros(pad)])
-    vg = valid.reshape(1, ng, g)
+        cw = col_weight.to(w.device).float()
+        cw = torch.cat([cw, cw.new_zeros(*cw.shape[:-1], pad)], -1) if pad else cw
+        valid = valid * cw
+    vg = valid.reshape(-1, ng, g)
     lo = hi = None
     if protect is not None and bool(protect.any()):
         pg = torch.cat([protect.to(w.device, torch.bool), torch.zeros(pad, dtype=torch.bool, device=w.device)])

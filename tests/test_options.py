@@ -97,6 +97,10 @@ def test_owq_budget_is_one_or_the_other():
                                                            "with --epochs 0 and nothing else"),
     ("omniquant", {"epochs": 0, "keep_best": False}, "--keep-best only apply with --epochs N"),
     ("omniquant", {"clip_qk": False}, "--clip-qk only apply with --lwc-init search"),
+    ("omniquant", {"clip_up": False, "lwc_init_metric": "product"},
+     "--clip-up, --lwc-init-metric only apply with --lwc-init search"),
+    ("owq", {"clip_search": False, "clip_up": False, "clip_v": False},
+     "--clip-up, --clip-v only apply with --clip-search"),
 ])
 def test_options_a_method_does_not_read_are_refused(tmp_path, method, kw, msg):
     """Set but never read, they changed nothing without a word (sixth hostile re-run, F1 and S20)."""

@@ -193,3 +193,30 @@ class HessianCollector:
     def remove(self) -> torch.Tensor:
         self.handle.remove()
         return self.H.to(torch.float32)
+
+
+class GatedProductCollector:
+    """Accumulates `owq.gated_product_weights` over the inputs of a gated MLP's gate (= up's input): per weight of gate
+    and of up, the mean weight its squared error carries in the error of act(gate(x)) * up(x). Gate and up are read
+    as they are when the input passes (the fp weights: the collector runs before their group is quantized)."""
+
+    def __init__(self, gate: torch.nn.Linear, up: torch.nn.Linear, act, skip_tokens: int = 0):
+        self.gate, self.up, self.act, self.skip = gate, up, act, skip_tokens
+        self.sums = None
+        self.n = 0
+        self.handle = gate.register_forward_hook(self._hook)
+
+    def _hook(self, _mod, args, _out):
+        from .owq import gated_product_weights
+        x = args[0].detach()
+        if self.skip and x.dim() == 3:
+            x = x[:, self.skip:]
+        x = x.reshape(-1, x.shape[-1])
+        g, u = gated_product_weights(x, self.gate.weight.detach(), self.up.weight.detach(), self.act)
+        self.sums = (g, u) if self.sums is None else (self.sums[0] + g, self.sums[1] + u)
+        self.n += x.shape[0]
+
+    def remove(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate's, up's) [N, K] mean weights."""
+        self.handle.remove()
+        return self.sums[0] / max(self.n, 1), self.sums[1] / max(self.n, 1)

@@ -42,11 +42,19 @@ class OWQConfig(BlockTuneOptions):
     weak_columns: int | None = opt(None, "fp16 columns per linear (instead of --target-bits).", "int", lo=0)
     clip_search: bool = opt(True, "tune each group's range by the paper's MSE search (off: min-max groups).", "bool")
     # the paper's search stays the default until the alternatives are measured on both real models (issue 11)
-    clip_metric: str = opt("weight", "what the range search minimises: 'weight' (the paper's |dW|^2.4) or 'output' "
-                                     "(squared error weighted by diag(H), each input's energy).", "choice",
-                           choices=("weight", "output"))
+    clip_metric: str = opt("weight", "what the range search minimises: 'weight' (the paper's |dW|^2.4), 'output' "
+                                     "(squared error weighted by diag(H), each input's energy) or 'product' (gate's "
+                                     "and up's squared error in the MLP's output act(gate) * up; other linears "
+                                     "as 'weight').", "choice",
+                           choices=("weight", "output", "product"))
     clip_qk: bool = opt(True, "also search the ranges of q/k, whose outputs feed softmax (off: their groups stay "
                               "min-max; clipping their few large weights moved qwen2's attention).", "bool")
+    clip_up: bool = opt(True, "also search the ranges of a gated MLP's up projection (off: its groups stay min-max; "
+                              "on qwen2 its clipped extremes cost perplexity that no score on the calibration "
+                              "windows sees).", "bool")
+    clip_v: bool = opt(True, "also search the ranges of v, whose outputs the attention probabilities mix (off: its "
+                             "groups stay min-max; on qwen2's first blocks, RTN, its search cost as much NLL as "
+                             "up's).", "bool")
     sink_guard: bool = opt(False, "keep a linear's searched ranges only where they do not raise the output error of "
                                   "each window's first token (the attention sink) above min-max groups' (GPTQ runs "
                                   "both; the search damaged qwen2's sink).", "bool")
@@ -58,7 +66,9 @@ class OWQConfig(BlockTuneOptions):
         super().__post_init__()
         if self.target_bits is not None and self.weak_columns is not None:
             raise EdgequantError("pass either --target-bits or --weak-columns, not both")
-        self.refuse_unless(self.clip_search, ("clip_metric", "clip_qk", "sink_guard", "sink_protect"), "--clip-search")
+        self.refuse_unless(self.clip_search, ("clip_metric", "clip_qk", "clip_up", "clip_v", "sink_guard",
+                                              "sink_protect"),
+                           "--clip-search")
 
 
 @dataclass
@@ -83,6 +93,12 @@ class OmniConfig(Options):
                                               "rest.", "float", lo=0, lo_open=True)
     clip_qk: bool = opt(True, "with --lwc-init search, also search q/k's ranges (off: they start unclipped, as "
                               "their outputs feed softmax).", "bool")
+    clip_up: bool = opt(True, "with --lwc-init search, also search a gated MLP's up projection (off: it starts "
+                              "unclipped).", "bool")
+    lwc_init_metric: str = opt("output", "with --lwc-init search, what that search minimises: 'output' (squared "
+                                         "error weighted by each input's E[x^2]) or 'product' (gate's and up's "
+                                         "squared error in the MLP's output act(gate) * up).", "choice",
+                               choices=("output", "product"))
     gptq: bool = opt(False, "round with GPTQ inside the learned ranges (LWC's scales and zero points fixed, GPTQ's "
                             "error compensation on each block's quantized stream) instead of to nearest.", "bool")
     keep_best: bool = opt(True, "score the start and every epoch on all windows and keep the best parameters.",
@@ -98,7 +114,8 @@ class OmniConfig(Options):
         self.refuse_unless(self.let, ("let_lr", "let_alpha"), "--let")
         self.refuse_unless(self.lwc, ("lwc_lr", "lwc_init"), "--lwc")
         self.refuse_unless(self.epochs > 0, ("lwc_lr", "let_lr", "aug_loss", "loss", "keep_best"), "--epochs N (N > 0)")
-        self.refuse_unless(self.lwc and self.lwc_init == "search", ("clip_qk",), "--lwc-init search")
+        self.refuse_unless(self.lwc and self.lwc_init == "search", ("clip_qk", "clip_up", "lwc_init_metric"),
+                           "--lwc-init search")
 
     @property
     def reads_data(self) -> bool:

@@ -46,27 +46,31 @@ def one_cpu_thread(device: torch.device):
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, keep: torch.Tensor | None = None,
                   clip_search=None, params: tuple | None = None,
-                  protect: torch.Tensor | None = None) -> tuple[QuantizedWeight, float]:
+                  protect: torch.Tensor | None = None,
+                  search_weight: torch.Tensor | None = None) -> tuple[QuantizedWeight, float]:
     """Quantize `weight` [N, K] given the Hessian `H` [K, K] of its inputs. Returns (quantized, GPTQ loss).
 
     `keep`: indices of input columns to leave in full precision (stored as outlier columns).
     `clip_search(w, scheme, h_diag) -> (scale, zero)`: optional tuning of the groups of w (e.g. OWQ's MSE grid);
     `h_diag` is diag(H) of w's columns, for a search that weighs each column's error by its input's energy;
     `protect` [K] bool (or None), the columns whose weights the search must not clip, is passed on as its 4th argument.
+    `search_weight` ([K] or [N, K]): given to `clip_search` instead of `h_diag` (e.g. `owq.gated_product_weights`).
     `params`: given (scale, zero) [N, n_groups] to round within (e.g. ranges LWC learned), instead of computing them.
     """
     with one_cpu_thread(weight.device):
-        return _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, params, protect)
+        return _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, params, protect,
+                     search_weight)
 
 
-def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, params=None, protect=None):
+def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, params=None, protect=None,
+          search_weight=None):
     W = weight.detach().clone().float()
     N, K = W.shape
     H = H.detach().clone().float().to(W.device)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    h_diag = torch.diag(H).clone()
+    h_diag = torch.diag(H).clone() if search_weight is None else search_weight.to(W.device, torch.float32)
 
     keep_mask = torch.zeros(K, dtype=torch.bool, device=W.device)
     if keep is not None and len(keep):
@@ -129,7 +133,7 @@ def _gptq(weight, H, scheme, blocksize, percdamp, act_order, keep, clip_search, 
                 cols = cols[~keep_mask[cols]]
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, pos[cols] - col]
                 one = QuantScheme(scheme.bits, -1, scheme.sym)   # the slice is one group
-                scales[:, g:g + 1], zeros[:, g:g + 1] = _group_params(ahead, one, clip_search, h_diag[cols],
+                scales[:, g:g + 1], zeros[:, g:g + 1] = _group_params(ahead, one, clip_search, h_diag[..., cols],
                                                                       None if protect is None else protect[cols])
                 ready[g] = True
             if kept_h[col]:

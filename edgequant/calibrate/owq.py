@@ -27,6 +27,15 @@ unprotected), rotated 37.40 (min-max groups 36.41); on CPU it restored most of t
 that the search costs, so the sink is not where the search loses on qwen: its early up_proj is (searched alone
 +0.063 NLL, min-max +0.002; `benchmarks/results/sink-clip-issue11-acc5-cpu.md`). Opt-in; its one gain is SmolLM2
 W4 g128 rotated + tuned (22.39 against 22.46 unprotected).
+
+up_proj's output is multiplied by act(gate) channel by channel, so a per-linear score cannot see which of its errors
+pass. `clip_search("product")` with `gated_product_weights` scores gate's and up's candidates on the MLP's output
+instead. On qwen's early up_proj (RTN) it recovers a third of the search's cost and so does a score with the
+inputs' correlations (dW^T H dW per group), while min-max groups stay far ahead; at GPTQ level on qwen it is worse
+than the paper's metric (OWQ 3.1: 45.57 vs 43.80). `--no-clip-up` (up min-max, the rest searched) recovers half of
+qwen's loss (41.32; min-max everywhere 38.62) and costs SmolLM2 0.9 (31.52 vs 30.65), both opt-in
+(`benchmarks/results/quality-issue11-acc6-cuda.md`). On CPU (RTN, qwen's first blocks one kind at a time) v's
+search costs as much as up's, o's wins by far (`sink-clip-kinds-issue11-acc6-cpu.md`): `--no-clip-v`, opt-in.
 """
 from __future__ import annotations
 
@@ -55,15 +64,17 @@ def weak_column_counts(family: Family, in_features: dict[str, int], bits: int, t
 
 
 def column_sensitivity(weight: torch.Tensor, h_diag: torch.Tensor, scheme: QuantScheme, tuned: bool = True,
-                       metric: str = "weight", protect: torch.Tensor | None = None):
+                       metric: str = "weight", protect: torch.Tensor | None = None,
+                       search_weight: torch.Tensor | None = None):
     """H_jj * ||W[:, j] - Q(W)[:, j]||^2 for every input column j, Q the scheme's (MSE-tuned) quantizer on all of W
-    (`protect`: columns the search may not clip, as `clip_search`'s)."""
+    (`protect`: columns the search may not clip, as `clip_search`'s; `search_weight`: its error weights where they
+    are not diag(H), e.g. `gated_product_weights`)."""
     from .gptq import one_cpu_thread
     w = weight.float()
     k = w.shape[1]
     if tuned:
         with one_cpu_thread(w.device):
-            s, z = clip_search(metric)(w, scheme, h_diag, protect)
+            s, z = clip_search(metric)(w, scheme, h_diag if search_weight is None else search_weight, protect)
     else:
         s, z = params_from_range(*group_minmax(w, scheme), scheme)
     se, ze = expand_groups(s, scheme, k), expand_groups(z, scheme, k)
@@ -72,23 +83,42 @@ def column_sensitivity(weight: torch.Tensor, h_diag: torch.Tensor, scheme: Quant
 
 
 def select_weak_columns(weight: torch.Tensor, h_diag: torch.Tensor, scheme: QuantScheme, k: int,
-                        tuned: bool = True, metric: str = "weight", protect: torch.Tensor | None = None) -> torch.Tensor:
+                        tuned: bool = True, metric: str = "weight", protect: torch.Tensor | None = None,
+                        search_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Sorted indices of the k most sensitive input columns."""
     if k <= 0:
         return torch.zeros(0, dtype=torch.long)
-    sens = column_sensitivity(weight, h_diag, scheme, tuned, metric, protect)
+    sens = column_sensitivity(weight, h_diag, scheme, tuned, metric, protect, search_weight)
     return torch.sort(torch.topk(sens, k).indices).values.cpu()
 
 
 def clip_search(metric: str):
     """The GPTQ `clip_search(w, scheme, h_diag, protect)` hook. "weight": the paper's grid on sum |w - q(w)|^2.4 of
     the raw weights. "output": squared errors weighted by diag(H), so a group's range follows the output error it
-    causes (a clipped weight on a quiet input costs little, one on a loud input much). Either way no weight of a
-    `protect`ed column is clipped (`sink_columns`)."""
+    causes (a clipped weight on a quiet input costs little, one on a loud input much). "product": squared errors
+    weighted per weight by the third argument, [N, K] `gated_product_weights` (the caller passes them instead of
+    diag(H), for a gated MLP's gate and up only). Either way no weight of a `protect`ed column is clipped
+    (`sink_columns`)."""
     if metric == "weight":
         return lambda w, scheme, h_diag=None, protect=None: mse_clip_params(w, scheme, protect=protect)
     return lambda w, scheme, h_diag=None, protect=None: mse_clip_params(w, scheme, norm=2.0, col_weight=h_diag,
                                                                        protect=protect)
+
+
+def gated_product_weights(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act) -> tuple:
+    """Sums over the tokens x [T, K] of a gated MLP act(x W_gate^T) * (x W_up^T): ([N, K] for gate, [N, K] for up),
+    the weight each element's squared error carries in the product's output error under a diagonal approximation.
+    An error dU_jk of up's weight moves output j by act(g_j) dU_jk x_k, so it weighs E[act(g_j)^2 x_k^2]; one of
+    gate's, dG_jk, moves it by act'(g_j) u_j dG_jk x_k: E[(act'(g_j) u_j)^2 x_k^2]. The per-linear scores (raw |dW| or
+    E[x_k^2]-weighted) miss that the gate decides, channel by channel and token by token, which errors pass."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    with torch.enable_grad():
+        g = (x @ w_gate.float().T).requires_grad_(True)
+        a = act(g)
+        (da,) = torch.autograd.grad(a.sum(), g)
+    u = x @ w_up.float().T
+    x2 = x ** 2
+    return ((da * u) ** 2).T @ x2, (a.detach() ** 2).T @ x2
 
 
 # A column is the sink's when each window's first token's mean square there is this many times the other tokens'.

@@ -100,6 +100,9 @@ class Family:
     embed: str = "model.embed_tokens"     # the token embedding table [vocab, hidden]
     head: str = "lm_head"                 # the output layer [vocab, hidden] (tied: the embedding table serves)
     fixed_biases: dict = field(default_factory=dict)   # model type -> block linears that always have a bias
+    # (gate, up, activation module) of a block's MLP act(gate(x)) * up(x), for searches scored on that product;
+    # () where gate and up are not separate linears of one calibration group (Phi-3 stores them fused)
+    gated_mlp: tuple[str, ...] = ()
 
     def __post_init__(self):
         names = [lin.name for lin in self.linears]
@@ -111,6 +114,9 @@ class Family:
             problems.append("its groups must list every linear once, in the order of `linears`")
         if self.export_fusions and sorted(fused) != sorted(names):
             problems.append("export_fusions must use every linear exactly once")
+        if self.gated_mlp and (len(self.gated_mlp) != 3
+                               or not any(set(self.gated_mlp[:2]) <= set(g.names) for g in self.groups)):
+            problems.append("gated_mlp must be (gate, up, activation) with gate and up in one calibration group")
         for export, members in self.export_fusions.items():
             if len({by_name[m].inp for m in members if m in by_name}) > 1:
                 problems.append(f"the members of {export} must share their input dimension")
@@ -146,6 +152,11 @@ class Family:
     def attention_logit_linears(self) -> tuple[str, ...]:
         """q and k: the linears whose outputs meet in the attention logits (the rope_qk LET pair names them)."""
         return tuple(n for p in self.let_pairs if p.kind == "rope_qk" for n in (p.producer, *p.consumers))
+
+    @property
+    def attention_value_linears(self) -> tuple[str, ...]:
+        """v: the linears whose outputs the attention probabilities mix (the attn_v LET pairs' producers)."""
+        return tuple(p.producer for p in self.let_pairs if p.kind == "attn_v")
 
     def layer_prefix(self, i: int) -> str:
         return f"{self.layers_path}.{i}"

@@ -134,31 +134,36 @@ def test_output_metric_keeps_the_range_of_a_loud_input():
     assert e_o[:, 7].sum() < e_w[:, 7].sum() / 4           # mostly on the loud input
 
 
-def test_owq_keeps_min_max_groups_for_q_and_k(tmp_path, text_file, tokenizer):
+def test_owq_keeps_min_max_groups_for_q_and_k_and_up(tmp_path, text_file, tokenizer):
     """q/k feed softmax: with --no-clip-qk OWQ leaves their groups min-max (their largest weights stay on the grid)
-    while other linears are still range-searched; by default (the paper's search) they are clipped too."""
+    while other linears are still range-searched; by default (the paper's search) they are clipped too. The same
+    for a gated MLP's up with --no-clip-up (issue 11: qwen2's early up_proj lost perplexity to the search), while
+    its gate is still searched, and for v with --no-clip-v."""
     from conftest import make_tiny_model
     m = make_tiny_model("qwen2")
     with torch.no_grad():
-        for lin in ("q_proj", "k_proj", "v_proj"):
-            m.model.layers[0].self_attn.get_submodule(lin).weight[::2, 5] = 0.6   # a large weight in many groups
+        for lin in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            m.model.layers[0].get_submodule(lin).weight[::2, 5] = 0.6   # a large weight in many groups
     src = tmp_path / "src"
     m.save_pretrained(src)
     tokenizer.save_pretrained(src)
 
     def top_of(out, lin):
-        qw = load_quantized_weight(open_checkpoint(out), f"model.layers.0.self_attn.{lin}")
+        qw = load_quantized_weight(open_checkpoint(out), f"model.layers.0.{lin}")
         top = (qw.scheme.maxq - qw.zero[::2, 0]) * qw.scale[::2, 0]   # the largest value column 5's groups hold
         return float(top.min())
 
     kw = dict(method="owq", bits=3, group_size=32, calib=text_file, nsamples=4, seqlen=64, weak_columns=0,
               progress=False)
-    out = api.quantize(str(src), tmp_path / "owq", clip_qk=False, **kw)
-    searched = api.quantize(str(src), tmp_path / "owq-qk", **kw)
-    for lin in ("q_proj", "k_proj"):
+    out = api.quantize(str(src), tmp_path / "owq", clip_qk=False, clip_up=False, **kw)
+    searched = api.quantize(str(src), tmp_path / "owq-qk", clip_v=False, **kw)
+    for lin in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj"):
         assert top_of(out, lin) > 0.6 * 0.9, lin                  # min-max: the extreme stays (within half a step)
         assert top_of(searched, lin) < top_of(out, lin), lin
-    assert top_of(out, "v_proj") < top_of(out, "q_proj")          # others are still searched
+    for lin in ("self_attn.v_proj", "mlp.gate_proj"):             # others are still searched
+        assert top_of(out, lin) < top_of(out, "self_attn.q_proj"), lin
+    assert top_of(searched, "self_attn.v_proj") > 0.6 * 0.9       # --no-clip-v: v alone min-max
+    assert top_of(searched, "mlp.gate_proj") < top_of(searched, "self_attn.v_proj")
 
 
 def _sink_case(sink_loud: bool, windows=8, seqlen=256, seed=0, with_inputs=False):
@@ -258,3 +263,70 @@ def test_owq_sink_protect_records_the_protected_columns(tmp_path, model_dirs, te
         api.quantize(str(model_dirs["qwen2"]), tmp_path / "owq2", method="owq", bits=3, group_size=32,
                      calib=text_file, nsamples=4, seqlen=64, target_bits=3.1, sink_protect=True, clip_search=False,
                      progress=False)
+
+
+def _gated_case(tokens=4096, k=128, n=64, seed=0):
+    """A gated MLP silu(x Wg^T) * (x Wu^T) whose input 7 is quiet but on 5% of the tokens, where it is loud and opens
+    every gate; up's weights on input 7 are each row's extreme, so the raw-weight search clips them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g)
+    x[:, 7] *= 0.05
+    x[: tokens // 20, 7] = 8.0
+    wg = torch.randn(n, k, generator=g) * 0.02
+    wg[:, 7] = 1.0
+    wu = torch.randn(n, k, generator=g) * 0.02
+    wu[:, 7] = 0.2
+    return x, wg, wu
+
+
+def test_product_scored_search_keeps_the_weights_the_gate_passes():
+    """issue 11: qwen2's early up_proj lost perplexity to the paper's range search although its own output error
+    fell: up's output is multiplied by silu(gate) channel by channel. Scored per linear, the search clips the
+    weights whose error the gate passes (worse than min-max groups on the MLP's output: the defect); scored on the
+    product (`gated_product_weights`), it keeps them and beats both on the MLP's output."""
+    from edgequant.calibrate.owq import gated_product_weights
+    from edgequant.quantizer import group_minmax, mse_clip_params, params_from_range, quantize_weight
+    s = QuantScheme(3, 32)
+    x, wg, wu = _gated_case()
+    act = torch.nn.functional.silu
+    a = act(x @ wg.T)
+    def mlp_err(s_z):   # the MLP output's error from up's quantization
+        return float(((a * (x @ (wu - quantize_weight(wu, s, *s_z).dequantize()).T)) ** 2).mean())
+    pw_gate, pw_up = gated_product_weights(x, wg, wu, act)
+    assert pw_up.shape == pw_gate.shape == wu.shape
+    assert torch.allclose(pw_up, (a ** 2).T @ x ** 2, rtol=1e-4)
+    minmax = mlp_err(params_from_range(*group_minmax(wu, s), s))
+    weight = mlp_err(mse_clip_params(wu, s))
+    output = mlp_err(mse_clip_params(wu, s, norm=2.0, col_weight=(x ** 2).mean(0)))
+    product = mlp_err(mse_clip_params(wu, s, norm=2.0, col_weight=pw_up))
+    assert weight > 1.5 * minmax                    # the defect: the per-linear search loses to min-max groups
+    assert product < minmax and product < output   # scored on the product: best of all
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["owq", "omniquant"])
+def test_product_metric_reaches_gate_and_up_only(tmp_path, model_dirs, text_file, method):
+    """--clip-metric product (OWQ's range search) and --lwc-init-metric product (OmniQuant's search init): block 0's
+    gate/up get other ranges than the default metric gives them (their search is scored on the MLP's product), its
+    attention linears the same; the statistics the search uses are the collector's over the block's inputs."""
+    from edgequant.calibrate.blocks import GatedProductCollector
+    from edgequant.calibrate.owq import gated_product_weights
+    kw = dict(method=method, bits=3, group_size=32, calib=text_file, nsamples=4, seqlen=64, progress=False,
+              **({"weak_columns": 2} if method == "owq" else {"epochs": 0, "lwc_init": "search"}))
+    metric = {"clip_metric" if method == "owq" else "lwc_init_metric": "product"}
+    prod = open_checkpoint(api.quantize(str(model_dirs["llama"]), tmp_path / "p", **metric, **kw))
+    paper = open_checkpoint(api.quantize(str(model_dirs["llama"]), tmp_path / "w", **kw))
+    scale = lambda ck, n: load_quantized_weight(ck, f"model.layers.0.{n}").scale   # noqa: E731
+    for n in ("self_attn.q_proj", "self_attn.o_proj"):
+        assert torch.equal(scale(prod, n), scale(paper, n)), n
+    for n in ("mlp.gate_proj", "mlp.up_proj"):
+        assert not torch.equal(scale(prod, n), scale(paper, n)), n
+    mlp = torch.nn.Module()
+    mlp.gate, mlp.up = torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(16, 8, bias=False)
+    coll = GatedProductCollector(mlp.gate, mlp.up, torch.nn.functional.silu)
+    x = torch.randn(3, 5, 16)
+    for chunk in (x[:2], x[2:]):
+        mlp.gate(chunk)
+    got = coll.remove()
+    want = gated_product_weights(x.reshape(-1, 16), mlp.gate.weight, mlp.up.weight, torch.nn.functional.silu)
+    assert all(torch.allclose(g, w / 15, rtol=1e-5) for g, w in zip(got, want))

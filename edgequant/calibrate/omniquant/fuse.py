@@ -36,7 +36,8 @@ class OmniBlock(nn.Module):
         self.scheme = scheme
         self.linears, self.norms = family.linear_names, tuple(n.name for n in family.norms)
         self.stats_source = {n: family.stats_source(n) for n in self.linears}
-        self.unsearched = () if getattr(cfg, "clip_qk", True) else family.attention_logit_linears
+        self.unsearched = ((() if getattr(cfg, "clip_qk", True) else family.attention_logit_linears)
+                           + (() if getattr(cfg, "clip_up", True) else family.gated_mlp[1:2]))
         # OWQ weak columns {linear: sorted input indices}: kept in full precision (fp16 in the checkpoint), left out
         # of LWC's ranges and integers (zeroed there, so they quantize to the zero point and dequantize to 0)
         self.weak = {n: idx for n, idx in (weak or {}).items() if len(idx)}
@@ -63,15 +64,17 @@ class OmniBlock(nn.Module):
         self.to(dev)
 
     @torch.no_grad()
-    def search_lwc_init(self, act_sqmean: dict):
+    def search_lwc_init(self, act_sqmean: dict, product_w: dict | None = None):
         """Activation-aware clip search as LWC's starting point (`lwc.search_clip_init`), on the LET-transformed
-        weights, each input column weighted by E[x^2] of its (transformed) input."""
+        weights, each input column weighted by E[x^2] of its (transformed) input, or for the linears in `product_w`
+        (a gated MLP's gate/up, `--lwc-init-metric product`) each weight by its [N, K] weight in the MLP product's
+        error (`owq.gated_product_weights`)."""
         t = self._transformed()
         for n in self.linears:
-            if n in self.unsearched:   # q/k start unclipped (see OmniConfig.clip_qk); training may still clip them
+            if n in self.unsearched:   # q/k, up start unclipped (OmniConfig.clip_qk/clip_up); training may clip them
                 search_clip_init(self.lwc[_key(n)], self.base[f"{n}.weight"], grid=(1.0,))
                 continue
-            m2 = act_sqmean[self.stats_source[n]]
+            m2 = (product_w or {}).get(n, act_sqmean[self.stats_source[n]])
             s = self.let.input_scale(n) if self.let is not None else None
             if s is not None:
                 m2 = m2 / s ** 2

@@ -31,7 +31,7 @@ from ...models import family_for
 from ...quantizer import QuantizedWeight
 from ...schemes import QuantScheme
 from ..configs import OmniConfig
-from ..blocks import BlockInputs, _move, capture_first_block_inputs
+from ..blocks import BlockInputs, GatedProductCollector, _move, capture_first_block_inputs
 from .fuse import OmniBlock, apply_fused
 from .state import ResumeState, fingerprint
 
@@ -146,15 +146,18 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
 
         # targets: the full-precision block on the full-precision stream (+ LET statistics on the way)
         st = _Stats(block, [g.names[0] for g in family.groups])   # the others read the same input
+        gm = family.gated_mlp if cfg.lwc and cfg.lwc_init == "search" and cfg.lwc_init_metric == "product" else ()
+        prod = (GatedProductCollector(*(block.get_submodule(n) for n in gm)) if gm else None)
         fp_out, _ = _run(block, {}, fp_hidden, kw, device, bs)
         act_absmax, act_mean, act_sqmean = st.remove()
+        product_w = dict(zip(gm[:2], prod.remove())) if prod is not None else {}
         weak = _weak_columns(family, block, scheme, weak_counts, act_sqmean) if weak_counts else None
         ob = OmniBlock(block, model.config, scheme, cfg, weak).to(device)
         aug_out = _run(block, {}, q_hidden, kw, device, bs)[0] if cfg.aug_loss else None
         if ob.let is not None:
             ob.let.init_from_stats(ob.base, act_absmax, act_mean, cfg.let_alpha)
         if cfg.lwc and cfg.lwc_init == "search":
-            ob.search_lwc_init(act_sqmean)
+            ob.search_lwc_init(act_sqmean, product_w)
         with torch.no_grad():
             _, loss_before = _run(block, ob.effective(), q_hidden, kw, device, bs, fp_out, cfg.loss)
 
