@@ -383,6 +383,9 @@ def check_model_config(f: Path, c: dict):
     if head_dim % 2:   # rotary embeddings rotate pairs of a head's channels
         raise CheckpointError(f"{f}: the head size ({head_dim}: 'head_dim', or hidden_size / num_attention_heads) "
                               "must be even; restore the original config.json")
+    for k in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
+        if k in c and not isinstance(c[k], bool):   # "false" is a true value to Python
+            raise CheckpointError(f"{f}: '{k}' must be true or false, not {c[k]!r}; restore the original config.json")
     for key in ("rope_parameters", "rope_scaling"):
         rp = c.get(key)
         if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) in ("longrope", "su"):

@@ -174,6 +174,9 @@ def read_export_info(dist) -> dict:
         if not all(n in info["functions"] for n in ("prefill_long", "prefill_logits_long")):
             raise _damaged(f, "field 'functions' lacks prefill_long or prefill_logits_long, which a longrope model "
                               "needs")
+    elif "prefill_long" in info["functions"]:   # without the switch, long prompts would get the short factors
+        raise _damaged(f, "model field 'rope_long_factors' is missing, but the library is a longrope model's "
+                          "(prefill_long)")
     if _targets()[info["target"]].device != info["device"]:
         raise _damaged(f, f"target '{info['target']}' does not run on device '{info['device']}'")
     if info["prefill_chunk_size"] > m["context_window"]:

@@ -175,6 +175,10 @@ CASES = {
     # S18: a module's bit width that the library does not have (the C runtime used the library's, silently)
     "param_bits_not_the_librarys": (_export(lambda i: next(p for p in i["params"] if p["name"].endswith(
         "qkv_proj.qweight")).__setitem__("bits", 2)), ["differ", "export"]),
+    # the tenth re-run (S31): a longrope library whose model block lost rope_long_factors ran long prompts with the
+    # short factors in the C runtime (a plain library that names prefill_long stands in for it here)
+    "prefill_long_without_long_factors": (_export(lambda i: i["functions"].append("prefill_long")),
+                                          ["rope_long_factors", "prefill_long"]),
     "tensor_listed_twice": (_cache(lambda c: c["records"].append(c["records"][0])), [CACHE, "listed twice"]),
     "tensor_redefined_by_a_second_shard": (_cache(lambda c: c["records"].append(
         {**c["records"][0], "records": c["records"][0]["records"][:1]})), [CACHE, "listed twice"]),

@@ -516,15 +516,17 @@ ExportInfo ReadExportInfo(const std::string& dist) {
   // longrope (the Runner's rule): the long factors, when present, take over past rope_original_context
   auto long_factors = Field(*m, "rope_long_factors");
   auto long_list = long_factors ? AsArray(*long_factors) : std::nullopt;
+  bool has_long = false;
+  for (size_t i = 0; fa && i < fa->size(); ++i) has_long = has_long || (*fa)[i].as<String>() == std::optional<String>(String("prefill_long"));
   if (long_list && !long_list->empty()) {
     auto orig = IntField(*m, "rope_original_context", 1);
     if (!orig || *orig > kMaxDim) {
       Damaged(file, "model field 'rope_original_context' must be a positive integer up to " + std::to_string(kMaxDim));
     }
-    bool found = false;
-    for (size_t i = 0; fa && i < fa->size(); ++i) found = found || (*fa)[i].as<String>() == std::optional<String>(String("prefill_long"));
-    if (!found) Damaged(file, "a longrope model without the function 'prefill_long' in field 'functions'");
+    if (!has_long) Damaged(file, "a longrope model without the function 'prefill_long' in field 'functions'");
     info.long_after = *orig;
+  } else if (has_long) {  // the library is a longrope model's: without the switch, long prompts get the short factors
+    Damaged(file, "model field 'rope_long_factors' is missing, but the library is a longrope model's (prefill_long)");
   }
   auto params = Field(*root, "params");
   auto pa = params ? AsArray(*params) : std::nullopt;
