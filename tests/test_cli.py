@@ -20,7 +20,8 @@ def test_help_lists_commands(runner):
         assert cmd in r.output
 
 
-@pytest.mark.parametrize("arch", ["llama", pytest.param("mistral", marks=pytest.mark.slow), "qwen2"])   # CI time
+@pytest.mark.parametrize("arch", ["llama", pytest.param("mistral", marks=pytest.mark.slow),
+                                  pytest.param("qwen2", marks=pytest.mark.slow)])   # CI time
 def test_gptq_beats_rtn_end_to_end(runner, tmp_path, model_dirs, text_file, arch):
     model = str(model_dirs[arch])
     common = ["--bits", "3", "--group-size", "32", "-q"]
@@ -78,6 +79,7 @@ def test_gptq_without_calibration_is_a_clear_error(runner, tmp_path, model_dirs)
     assert r.exit_code == 1 and "--calib" in r.output
 
 
+@pytest.mark.slow   # CI time (80 s): the CLI test below runs the demo; OmniQuant beats RTN per block in its tests
 def test_demo_runs_every_method_and_omniquant_beats_rtn(tmp_path, model_dirs, text_file, monkeypatch):
     """The demo's orchestration on a tiny model (the real one is fetched from PyPI; see benchmarks for its numbers)."""
     from edgequant import api, loading
