@@ -8,7 +8,7 @@ import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # parallel workers (the suite runs with -n auto) share the cores: one thread each, so neither torch's pool nor
+    # parallel workers (-n auto) share the cores: one thread each, so neither torch's pool nor
     # TVM's spinning pool runs more threads than there are cores (what the processes they start inherit, too)
     _THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
     for _var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
