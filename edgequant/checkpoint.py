@@ -473,10 +473,12 @@ def check_weight_shape(path, name: str, shape, want) -> None:
 
 
 def check_blocks_fit_config(folder: Path, config: dict, headers: dict | None = None) -> None:
-    """A model folder's blocks, from the safetensors headers (no data read): as many as config.json's
-    num_hidden_layers, each linear and norm (and the vocabulary tables) of the shape its sizes make. transformers (and export's compile) build what
+    """A model folder's config.json (`check_model_config`) and its blocks, from the safetensors headers (no data
+    read): as many as num_hidden_layers, each linear and norm (and the vocabulary tables) of the shape its sizes
+    make, and the bias of every linear the config gives one. transformers (and export's compile) build what
     config.json says before the weights are compared: 1e6 layers or head_dim 1e9 never finished."""
     from .models import family_for
+    check_model_config(folder / "config.json", config)
     family = family_for(config["model_type"])
     shapes = {n: h["shape"] for hs in (headers or plain_weight_headers(folder)).values() for n, h in hs.items()}
     pre = f"{family.layers_path}."
@@ -488,14 +490,24 @@ def check_blocks_fit_config(folder: Path, config: dict, headers: dict | None = N
         raise EdgequantError(f"{folder / 'config.json'}: num_hidden_layers is {layers}, the weights hold "
                              f"{len(held)} blocks (numbered {min(held)}..{max(held)}); restore the model's original "
                              "files or config.json")
+    linears, norms = family.linear_shapes(config), family.norm_shapes(config)
     want = {f"{t}.weight": (config["vocab_size"], family.dims(config).hidden) for t in (family.embed, family.head)}
     for i in range(layers):
         pre = family.layer_prefix(i)
-        want.update({f"{pre}.{lin}.weight": nk for lin, nk in family.linear_shapes(config).items()})
-        want.update({f"{pre}.{norm}.weight": (n,) for norm, n in family.norm_shapes(config).items()})
+        want.update({f"{pre}.{lin}.weight": nk for lin, nk in linears.items()})
+        want.update({f"{pre}.{norm}.weight": (n,) for norm, n in norms.items()})
     for name, shape in want.items():
         if name in shapes:   # a missing one is named by whatever reads the weights
             check_weight_shape(folder, name, shapes[name], shape)
+    # export takes its bias flags from the weights: `attention_bias: true` without biases exported another model
+    biased = sorted(family.biased_linears(config))
+    missing = [n for i in range(layers) for n in (f"{family.layer_prefix(i)}.{lin}.bias" for lin in biased)
+               if n not in shapes]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise EdgequantError(f"{folder} lacks weight(s) its config.json's model has: {', '.join(missing[:3])}{more} "
+                             "(an incomplete download or copy, or options in config.json the weights were not made "
+                             "with); restore the model's original files")
 
 
 def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:

@@ -283,10 +283,8 @@ def load_model(model: str | os.PathLike | None, dtype=None):
                                      "quantization_config, so they would load as random layers; restore the "
                                      "config.json written by `edgequant quantize`")
             if path.is_dir():   # what transformers would cast, divide by or build from, checked first
-                from .checkpoint import check_blocks_fit_config, check_model_config, plain_weight_headers, read_config
-                config = read_config(path)
-                check_model_config(path / "config.json", config)
-                check_blocks_fit_config(path, config, plain_weight_headers(path))
+                from .checkpoint import check_blocks_fit_config, read_config
+                check_blocks_fit_config(path, read_config(path))
             cfg = AutoConfig.from_pretrained(src)
             family_for(cfg.model_type)
             with _own_load_report():
