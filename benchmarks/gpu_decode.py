@@ -25,7 +25,7 @@ measures the whole-step graphs N times (one pass over all schemes after another)
 Writes benchmarks/results/gpu-<device>.md.
 
 Prefill (`tvm_schedules/mma_gemm.py`, tensor cores): the same linears at W4 g128 and W2 g64 for prompts of
-32/128/512/2048 tokens, each kernel config of PREFILL_SWEEP checked against the torch reference and timed the same way,
+32/128/256/512/2048 tokens, each kernel config of PREFILL_SWEEP checked against the torch reference and timed the same way,
 with torch fp16 (`torch.matmul`, cuBLAS) as the peer in the same run; the prefill table adds up the 32 layers' linears
 (tokens / time: the prefill rate a model would reach if nothing but these linears ran). `run --prefill-only` skips
 decode (and then writes gpu-<device>-prefill.md).
@@ -67,11 +67,13 @@ QUICK = ((4, 4, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 32, 6, 0, 1, 1, 0), (4, 4, 2, 3
 # 2026-11-29 19:39) also tried 8 and 16 rows, 8 steps x 8 rows and buffers 3: never more than noise ahead
 LAYERS = 32
 PREFILL_SCHEMES = [("W4 g128", 4, 128), ("W2 g64", 2, 64)]   # 3 bits: no tensor-core kernel (dlight)
-PREFILL_TOKENS = (32, 128, 512, 2048)
-PREFILL_SWEEP = ((128, 128, 128, 16, 4, 2), (128, 128, 128, 16, 3, 2), (128, 64, 128, 16, 4, 3),
-                 (128, 64, 128, 16, 4, 4), (64, 64, 32, 32, 4, 4), (64, 64, 64, 16, 4, 4), (64, 128, 64, 16, 4, 2),
-                 (128, 64, 64, 32, 4, 1))
-# (bm, bn, wm, wn, stages, min blocks per SM): mma_gemm.MmaConfig
+PREFILL_TOKENS = (32, 128, 256, 512, 2048)   # 256: the export's prefill chunk (edgequant/memory.py PREFILL_CHUNK)
+PREFILL_SWEEP = ((128, 128, 128, 16, 4, 2), (128, 64, 128, 16, 4, 3), (128, 64, 128, 16, 4, 4), (64, 64, 64, 16, 4, 4),
+                 (64, 128, 64, 16, 4, 2), (128, 128, 128, 16, 2, 2, 64), (128, 64, 128, 16, 2, 3, 64),
+                 (64, 64, 64, 16, 4, 4, 64), (128, 64, 128, 16, 2, 2, 64, 2), (128, 64, 128, 16, 4, 2, 32, 2),
+                 (64, 64, 64, 16, 4, 2, 64, 2))
+# (bm, bn, wm, wn, stages, min blocks per SM[, K per stage[, warps along K]]): mma_gemm.MmaConfig. The sweep of
+# 2026-11-29 16:47 also tried 128x128 in 3 stages, 64x64 tiles of 32x32 warps and 128x64 of 64x32 warps: never the best
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -92,9 +94,22 @@ def _load_baseline(path: str):
     return mod
 
 
+def _load_baseline_mma(path: str):
+    """An earlier mma_gemm.py, its CUDA symbols renamed (eq_mma_ -> eq_mmaprev_, its include guard) so that its
+    kernels and the current ones share one CUDA module."""
+    import types
+    src = open(path).read().replace("EDGEQUANT_MMA_GEMM", "EDGEQUANT_MMAPREV_GEMM").replace("eq_mma_", "eq_mmaprev_")
+    mod = types.ModuleType("edgequant.tvm_schedules._mma_baseline")
+    mod.__package__ = "edgequant.tvm_schedules"
+    sys.modules[mod.__name__] = mod  # its dataclasses look their module up by name
+    exec(compile(src, path, "exec"), mod.__dict__)
+    return mod
+
+
 def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: bool, prefill_only: bool = False,
           acts: tuple[str, ...] = ACTS, decode_only: bool = False, jobs: int = 1, export_layouts: bool = False,
-          configs: tuple[tuple[int, ...], ...] | None = None, linears: tuple[str, ...] | None = None):
+          configs: tuple[tuple[int, ...], ...] | None = None, linears: tuple[str, ...] | None = None,
+          baseline_mma: str | None = None, prefill_sweep: bool = False):
     import tvm
 
     from edgequant.export.targets import PRESETS
@@ -158,14 +173,23 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
         for lin, n, k in SHAPES:
             spec = QuantSpec(n, k, bits, g, False)
             picks = {m_: mma_default(spec, m_) for m_ in PREFILL_TOKENS}   # the export's kernel per prompt length
-            sweep = set() if quick else {MmaConfig(*c) for c in PREFILL_SWEEP if n % c[1] == 0}
-            cfgs = set(picks.values()) | sweep
+            sweep = set() if quick and not prefill_sweep else {MmaConfig(*c) for c in PREFILL_SWEEP if n % c[1] == 0}
+            cfgs = {c for c in set(picks.values()) | sweep if c.fits(spec)}
             for cfg in sorted(cfgs, key=lambda c: (c.bm, c.bn, c.wm, c.wn, c.stages, c.min_blocks)):
                 cname = config_tag(cfg)
                 name = f"p{bits}_{lin}_{cname}"
                 add(name, gemm_func(spec, cfg, name=name), scheme, bits, g, lin, n, k, spec, cname,
                     [m_ for m_, c in picks.items() if c == cfg], 0,
                     [cfg.bm, n // cfg.bn, 1], [cfg.threads, 1, 1], "prefill")   # grid[0]: rows per block (x)
+            if baseline_mma:   # the previous mma_gemm.py's default kernels, in the same run
+                prev = _load_baseline_mma(baseline_mma)
+                ppicks = {m_: prev.default_config(spec, m_) for m_ in PREFILL_TOKENS}
+                for cfg in dict.fromkeys(ppicks.values()):
+                    cname = "prev-" + prev.config_tag(cfg)
+                    name = f"p{bits}prev_{lin}_{prev.config_tag(cfg)}"
+                    add(name, prev.gemm_func(spec, cfg, name=name), scheme + " (previous kernel)", bits, g, lin, n, k,
+                        spec, cname, [m_ for m_, c in ppicks.items() if c == cfg], 0, [cfg.bm, n // cfg.bn, 1],
+                        [cfg.threads, 1, 1], "prefill")
     t = time.time()
     ex = tvm.compile(tvm.IRModule(funcs), target={**PRESETS["cuda"].target, "arch": arch})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
@@ -884,6 +908,9 @@ def main():
     ap.add_argument("--linears", help="build: try --configs / QUICK / SWEEP on these linears only (comma-separated)")
     ap.add_argument("--acts", default=",".join(ACTS), help="build: decode activation types (int8,fp16)")
     ap.add_argument("--decode-only", action="store_true", help="build: no prefill kernels")
+    ap.add_argument("--baseline-mma", help="build: also the default prefill kernels of this earlier mma_gemm.py "
+                    "(`git show REV:tvm_schedules/mma_gemm.py`), for the same run")
+    ap.add_argument("--prefill-sweep", action="store_true", help="build: the prefill sweep even with --quick")
     ap.add_argument("--jobs", type=int, default=1, help="build: parallel nvcc processes here")
     ap.add_argument("--export-layouts", action="store_true",
                     help="build: only the export's 3-bit layout (no planes3 comparison rows)")
@@ -892,7 +919,7 @@ def main():
                     "NAME$: that one)")
     ap.add_argument("--prefill-only", action="store_true",
                     help="build / run: only the prefill kernels (and their peer)")
-    ap.add_argument("--tokens", help="run: prefill prompt lengths, comma-separated (default 32,128,512,2048)")
+    ap.add_argument("--tokens", help="run: prefill prompt lengths, comma-separated (default 32,128,256,512,2048)")
     ap.add_argument("--repeat", type=int, default=1, help="run: whole-step graphs measured this many times, one pass "
                     "over all schemes after another; the table gives each time's median")
     ap.add_argument("--save", nargs="?", const=str(RESULTS), help="run: write gpu-<device>.md there "
@@ -902,7 +929,7 @@ def main():
         build(Path(a.out), a.arch, a.baseline, a.quick, a.device_nvcc, a.prefill_only,
               tuple(a.acts.split(",")), a.decode_only, a.jobs, a.export_layouts,
               tuple(tuple(int(v) for v in c.split(",")) for c in a.configs.split(";")) if a.configs else None,
-              tuple(a.linears.split(",")) if a.linears else None)
+              tuple(a.linears.split(",")) if a.linears else None, a.baseline_mma, a.prefill_sweep)
     else:
         run(Path(a.out), a.only, Path(a.save) if a.save else None, a.prefill_only,
             tuple(int(t) for t in a.tokens.split(",")) if a.tokens else PREFILL_TOKENS, a.repeat)

@@ -10,18 +10,24 @@ so dlight leaves it alone.
 The kernel is the usual multistage tensor-core GEMM (CUTLASS's sm80 mainloop; for the in-register dequantization
 Marlin, Frantar et al. 2024, "MARLIN: Mixed-Precision Auto-Regressive Parallel Inference on Large Language Models"):
 - a block computes a BM x BN tile of y; its warps a WM x WN sub-tile each, as m16n8k16 fp16 MMAs accumulating fp32;
-- x tiles (BM x 32 fp16) and the packed weight tiles (BN rows x 32 values: 16 bytes a row at 4 bits, 8 at 2) go
-  global -> shared with `cp.async`, STAGES tiles in flight; the x tile's 16-byte chunks are XOR-swizzled by row so
-  that `ldmatrix` reads them without bank conflicts;
+  with KSPLIT > 1 ("sliced K", CUTLASS) KSPLIT warps share each sub-tile, each taking its part of every k-tile's MMA
+  steps (and dequantizing only the B fragments of those), their fp32 sums added through shared memory at the end:
+  more warps per SM where the grid has few blocks (o and down at 256-512 tokens), no second kernel;
+- x tiles (BM x BK fp16, BK 32 or 64) and the packed weight tiles (BN rows x BK values) go global -> shared with
+  `cp.async`, STAGES tiles in flight; the x tile's 16-byte chunks are XOR-swizzled by row so that `ldmatrix` reads
+  them without bank conflicts;
 - no fp16 copy of the weights exists anywhere: each thread reads, for its MMA B fragment (row n = lane / 4, values
-  k = 2t, 2t+1, 2t+8, 2t+9 of a 16-wide step, t = lane % 4), the packed word(s) of its row from shared memory and
-  turns two codes at a time into a half2 by OR-ing them into the mantissa of 1024.0 (`0x6400 | q` is exactly
-  1024 + q in fp16), then `(h - (1024 + z)) * s` with two half2 instructions: (q - z) is exact, so the weight is the
-  correctly rounded fp16 of (q - z) * s, bit-identical to the dequantize kernel's (`dequant.weight_te`);
-- the checkpoint's LSB-first words are used as they are (no repacking): at 4 and 2 bits a thread's four codes of a
-  step sit in one or two words at shifts 2t * bits + constants (`fragment_fields`), so one shift and a few masks
-  give them.
-The NumPy model `mma_gemm_np` follows the same fragment fields, fp16 dequantization and per-32-column fp32
+  k = 2t, 2t+1, 2t+8, 2t+9 of a 16-wide step, t = lane % 4), the packed words of its row from shared memory and
+  turns two codes at a time into a half2 in four instructions (`lane_fields`): a byte permute (`prmt`) copies the
+  byte holding both codes into bytes 0 and 2, one LOP3 keeps the first code in the low half's mantissa and the second
+  in the high half's (at a lane-fixed bit offset) and ORs in the exponent of 1024.0 (`0x6400 | q << o` is exactly
+  1024 + q * 2^o in fp16), one half2 FMA `h * 2^-o - (1024 * 2^-o + z)` gives q - z exactly (powers of two scale
+  exactly; the result is a small integer) and one half2 multiply by the scale rounds once: the weight is the
+  correctly rounded fp16 of (q - z) * s, bit-identical to the dequantize kernel's (`dequant.weight_te`). (Marlin's
+  LOP3 trick, without its repacked layout: the byte permute stands in for the interleaving);
+- the checkpoint's LSB-first words are used as they are (no repacking): at 4 and 2 bits a thread's pair of codes
+  sits in one byte of one word (`lane_fields`).
+The NumPy model `mma_gemm_np` follows the same lane fields, fp16 dequantization and per-16-column fp32
 accumulation; the CPU tests check it against `dequant.quant_matmul_np`, and `benchmarks/gpu_decode.py run` checks the
 compiled kernel against a torch reference on the GPU.
 
@@ -35,7 +41,7 @@ import numpy as np
 
 from .dequant import QuantSpec
 
-BK = 32                  # K per pipeline stage: a group (g32 and up) never changes inside one
+BK = 32                  # the smallest K per pipeline stage: groups (g32 and up) hold whole stages
 BITS = (4, 2)            # codes per word 8 / 16: a thread's pair (2t, 2t+1) never straddles a word
 SMEM_LIMIT = 48 * 1024   # static shared memory per block without an opt-in attribute
 
@@ -48,20 +54,29 @@ class MmaConfig:
     wn: int = 32       # columns per warp
     stages: int = 4    # k-tiles in flight (cp.async)
     min_blocks: int = 1  # __launch_bounds__(threads, min_blocks): ptxas caps registers so that many blocks fit an SM
+    bk: int = BK       # K per pipeline stage (32 or 64: 64 halves the barriers and waits per K)
+    ksplit: int = 1    # warps along K ("sliced K"): each takes bk / 16 / ksplit of a stage's MMA steps of the same
+    #                    tile, summed through shared memory at the end: more warps for grids of few blocks
 
     @property
     def threads(self) -> int:
-        return (self.bm // self.wm) * (self.bn // self.wn) * 32
+        return (self.bm // self.wm) * (self.bn // self.wn) * self.ksplit * 32
 
     def smem(self, bits: int) -> int:
-        return self.stages * (self.bm * BK * 2 + self.bn * bits * 4)
+        return max(self.stages * (self.bm * self.bk * 2 + self.bn * bits * self.bk // 8),
+                   (self.ksplit - 1) * self.bm * self.bn * 4)   # the slices' fp32 sums reuse the stages
 
     def check(self, bits: int):
         if (self.bm % self.wm or self.bn % self.wn or self.wm % 16 or self.wn % 8 or self.stages < 2
-                or self.min_blocks < 1):
+                or self.min_blocks < 1 or self.bk not in (32, 64) or self.ksplit < 1
+                or (self.bk // 16) % self.ksplit):
             raise ValueError(f"bad MMA GEMM config {self}")
         if self.smem(bits) > SMEM_LIMIT:
             raise ValueError(f"{self} needs {self.smem(bits)} bytes of shared memory (> {SMEM_LIMIT})")
+
+    def fits(self, spec: QuantSpec) -> bool:
+        """Stages hold whole groups and K holds whole stages."""
+        return spec.k % self.bk == 0 and spec.group_len % self.bk == 0
 
 
 def supports(spec: QuantSpec) -> bool:
@@ -105,18 +120,30 @@ def fragment_fields(bits: int, t: int):
     return [(c // vpw, ((c % vpw) + 2 * t) * bits) for c in (0, 8)]
 
 
-def _pair_half2(words: np.ndarray, shift: int, bits: int) -> np.ndarray:
-    """The kernel's half2 of two codes: `(v & mask) | ((v << (16 - bits)) & (mask << 16)) | 0x64006400`, as two
-    fp16 values (1024 + q0, 1024 + q1)."""
-    mask = (1 << bits) - 1
-    v = (words >> np.uint32(shift)).astype(np.uint32)
-    u = (v & np.uint32(mask)) | ((v << np.uint32(16 - bits)) & np.uint32(mask << 16)) | np.uint32(0x64006400)
+def lane_fields(bits: int, t: int):
+    """How lane quad position t builds its two half2 registers of a 16-wide k step: ([(word offset in the step, byte
+    holding the pair)] for b0, b1; the LOP3 mask applied after the byte is copied into bytes 0 and 2; the FMA's
+    multipliers (2^-o for the low and the high half)). The pair's codes sit at bit offsets o_lo, o_hi of the
+    mantissas (4 bits: 0 and 4; 2 bits: 0 and 2, or 4 and 6 for odd t)."""
+    fields = fragment_fields(bits, t)
+    if any(sh % 8 + 2 * bits > 8 for _, sh in fields):
+        raise ValueError(f"{bits}-bit pairs straddle bytes")
+    o = fields[0][1] % 8                       # the same for b0 and b1 (their shifts differ by whole bytes)
+    mask = ((1 << bits) - 1) << o | ((1 << bits) - 1) << (16 + o + bits)
+    return [(wo, sh // 8) for wo, sh in fields], mask, (2.0 ** -o, 2.0 ** -(o + bits))
+
+
+def _pair_half2(words: np.ndarray, byte: int, mask: int) -> np.ndarray:
+    """The kernel's half2 of two codes: `(prmt(w, 0, byte in bytes 0 and 2) & mask) | 0x64006400`, as two fp16
+    values (1024 + q0 * 2^o_lo, 1024 + q1 * 2^o_hi)."""
+    r = ((words >> np.uint32(8 * byte)) & np.uint32(0xFF)).astype(np.uint32) * np.uint32(0x00010001)
+    u = (r & np.uint32(mask)) | np.uint32(0x64006400)
     return u.astype("<u4").view(np.float16).reshape(*u.shape, 2)
 
 
 def mma_gemm_np(spec: QuantSpec, x, qweight, scales, zeros=None) -> np.ndarray:
-    """NumPy model of the kernel's arithmetic: B fragments built per lane from `fragment_fields` and the 1024-magic
-    half2, `(h - (1024 + z)) * s` in fp16, products accumulated in fp32 one 16-wide k step at a time.
+    """NumPy model of the kernel's arithmetic: B fragments built per lane from `lane_fields` and the 1024-magic
+    half2, `(h * 2^-o - (1024 * 2^-o + z)) * s` in fp16, products accumulated in fp32 one 16-wide k step at a time.
     x [M, K] fp16 -> [M, N] fp32."""
     if not supports(spec):
         raise ValueError(f"no tensor-core GEMM for {spec}")
@@ -127,14 +154,16 @@ def mma_gemm_np(spec: QuantSpec, x, qweight, scales, zeros=None) -> np.ndarray:
     for ks in range(k // 16):
         grp = ks * 16 // g
         s = scales[:, grp].astype(np.float16)[:, None]
-        z = (np.full(n, spec.sym_zero) if spec.sym else zeros[:, grp]).astype(np.uint16)
-        zz = (z | np.uint16(0x6400)).view(np.float16)[:, None]
+        z = (np.full(n, spec.sym_zero) if spec.sym else zeros[:, grp]).astype(np.float32)
         for t in range(4):
-            for h, (wo, sh) in enumerate(fragment_fields(bits, t)):
+            fields, mask, mul = lane_fields(bits, t)
+            mul = np.array(mul, np.float32)
+            add = -(1024 * mul[None, :] + z[:, None])           # exact small numbers, as the kernel's half2
+            for h, (wo, byte) in enumerate(fields):
                 word = qweight[:, ks * 16 // vpw + wo]
-                pair = _pair_half2(word, sh, bits)              # [n, 2] fp16: 1024 + q
-                vals = ((pair - zz).astype(np.float16) * s).astype(np.float16)
-                w[:, ks * 16 + 8 * h + 2 * t: ks * 16 + 8 * h + 2 * t + 2] = vals
+                pair = _pair_half2(word, byte, mask).astype(np.float32)       # [n, 2]: 1024 + q * 2^o
+                qz = (pair * mul + add).astype(np.float16)   # the half2 FMA: q - z, exact
+                w[:, ks * 16 + 8 * h + 2 * t: ks * 16 + 8 * h + 2 * t + 2] = (qz * s).astype(np.float16)
     x32 = np.asarray(x, np.float16).astype(np.float32)
     y = np.zeros((x32.shape[0], n), np.float32)
     for ks in range(k // 16):   # one MMA k step at a time, fp32 accumulator
@@ -147,12 +176,14 @@ TEMPLATE = r"""
 #ifndef EDGEQUANT_MMA_GEMM
 #define EDGEQUANT_MMA_GEMM
 // edgequant tvm_schedules/mma_gemm.py: y[m, N] = x[m, K] @ dq(W)^T, W 4/2-bit LSB-first words, fp16 mma.sync.
-template <int BITS, int N, int K, int NG, int G, int ZERO, int BM, int BN, int WM, int WN, int STAGES, typename OutT>
+template <int BITS, int N, int K, int NG, int G, int ZERO, int BM, int BN, int WM, int WN, int STAGES, int BK,
+          int KSPLIT, typename OutT>
 __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const unsigned* __restrict__ qw,
                                             const half* __restrict__ scales, const unsigned char* __restrict__ zeros,
                                             OutT* __restrict__ y, int m, int bm, int bn, int tid) {
-  constexpr int BK = 32, VPW = 32 / BITS, WPR = K / VPW, BW = BK / VPW, MASK = (1 << BITS) - 1;
-  constexpr int WARPS_N = BN / WN, THREADS = (BM / WM) * WARPS_N * 32, MT = WM / 16, NT = WN / 8, KT = K / BK;
+  constexpr int VPW = 32 / BITS, WPR = K / VPW, BW = BK / VPW, MASK = (1 << BITS) - 1;
+  constexpr int WARPS_N = BN / WN, WARPS_MN = (BM / WM) * WARPS_N, THREADS = WARPS_MN * KSPLIT * 32;
+  constexpr int MT = WM / 16, NT = WN / 8, KT = K / BK;
   const int row0 = bm * BM, col0 = bn * BN;
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 800)
   // no m16n8k16 / cp.async before sm_80: a plain loop, one output at a time
@@ -169,14 +200,22 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
     y[(size_t)r * N + c] = (OutT)acc;
   }
 #else
-  __shared__ __align__(128) uint4 sa[STAGES][BM * 4];      // x: BM rows x 4 chunks of 8 halves, swizzled
-  __shared__ __align__(128) unsigned sb[STAGES][BN * BW];  // packed weights: BN rows x BW words
-  constexpr int ACH = (BM * 4 + THREADS - 1) / THREADS, BCH = (BN + THREADS - 1) / THREADS;
-  constexpr unsigned SA_STAGE = BM * 4 * 16, SB_STAGE = BN * BW * 4;
-  const int lane = tid & 31, warp = tid >> 5, wm = warp / WARPS_N, wn = warp % WARPS_N;
+  // x: BM rows x CH chunks of 8 halves, the chunk index XOR-swizzled by row (4 chunks: by (row / 2) % 4, two rows
+  // share a 128-byte line; 8 chunks: by row % 8) so that ldmatrix's 8 rows hit 8 different bank groups
+  constexpr int CH = BK / 8, KS = BK / 16, KW = KS / KSPLIT;   // KW: the MMA steps of a stage one warp takes
+  // packed weights: BN rows x BW words, copied in pieces of BCB bytes (16, or 8 for 2-bit 32-wide stages)
+  constexpr int BCB = BW >= 4 ? 16 : 8, BCR = BW * 4 / BCB;
+  constexpr int ACH = (BM * CH + THREADS - 1) / THREADS, BCH = (BN * BCR + THREADS - 1) / THREADS;
+  constexpr unsigned SA_STAGE = BM * CH * 16, SB_STAGE = BN * BW * 4, STAGE_BYTES = STAGES * (SA_STAGE + SB_STAGE);
+  constexpr unsigned RED_BYTES = (KSPLIT - 1) * BM * BN * 4;   // the K slices' partial sums, after the main loop
+  __shared__ __align__(128) unsigned char smem[STAGE_BYTES > RED_BYTES ? STAGE_BYTES : RED_BYTES];
+  const unsigned* sb = reinterpret_cast<const unsigned*>(smem + STAGES * SA_STAGE);
+  auto swz = [](int r) { return CH == 4 ? (r >> 1) & 3 : r & 7; };
+  const int lane = tid & 31, warp = tid >> 5, wk = warp / WARPS_MN, wmn = warp % WARPS_MN;
+  const int wm = wmn / WARPS_N, wn = wmn % WARPS_N;
   const int g = lane >> 2, t = lane & 3;
-  const unsigned sa0 = (unsigned)__cvta_generic_to_shared(&sa[0][0]);
-  const unsigned sb0 = (unsigned)__cvta_generic_to_shared(&sb[0][0]);
+  const unsigned sa0 = (unsigned)__cvta_generic_to_shared(smem);
+  const unsigned sb0 = sa0 + STAGES * SA_STAGE;
 
   // the copies' addresses, fixed per thread: a k-tile only adds kt * BK to the sources and a stage offset to the
   // destinations (row m - 1 stands in for rows past the prompt, whose bytes are zero-filled)
@@ -184,26 +223,31 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
   unsigned a_dst[ACH], a_len[ACH];
 #pragma unroll
   for (int i = 0; i < ACH; ++i) {
-    const int c = min(tid + i * THREADS, BM * 4 - 1), r = c >> 2, ch = c & 3, row = row0 + r;
+    const int c = min(tid + i * THREADS, BM * CH - 1), r = c / CH, ch = c % CH, row = row0 + r;
     a_src[i] = x + (size_t)(row < m ? row : m - 1) * K + ch * 8;
-    a_dst[i] = sa0 + (unsigned)(r * 4 + (ch ^ ((r >> 1) & 3))) * 16;
+    a_dst[i] = sa0 + (unsigned)(r * CH + (ch ^ swz(r))) * 16;
     a_len[i] = row < m ? 16 : 0;
   }
   const unsigned* b_src[BCH];
+  unsigned b_dst[BCH];
 #pragma unroll
-  for (int i = 0; i < BCH; ++i) b_src[i] = qw + (size_t)(col0 + min(tid + i * THREADS, BN - 1)) * WPR;
+  for (int i = 0; i < BCH; ++i) {
+    const int c = min(tid + i * THREADS, BN * BCR - 1), r = c / BCR, part = c % BCR;
+    b_src[i] = qw + (size_t)(col0 + r) * WPR + part * (BCB / 4);
+    b_dst[i] = sb0 + (unsigned)(r * BW + part * (BCB / 4)) * 4;
+  }
 
   auto load = [&](int s, int kt) {
 #pragma unroll
     for (int i = 0; i < ACH; ++i)
-      if ((BM * 4) % THREADS == 0 || tid + i * THREADS < BM * 4)
+      if ((BM * CH) % THREADS == 0 || tid + i * THREADS < BM * CH)
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                      :: "r"(a_dst[i] + s * SA_STAGE), "l"(a_src[i] + kt * BK), "r"(a_len[i]));
 #pragma unroll
     for (int i = 0; i < BCH; ++i)
-      if (BN % THREADS == 0 || tid + i * THREADS < BN) {
-        const unsigned dst = sb0 + s * SB_STAGE + (unsigned)(tid + i * THREADS) * BW * 4;
-        if (BW == 4) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(dst), "l"(b_src[i] + kt * BW));
+      if ((BN * BCR) % THREADS == 0 || tid + i * THREADS < BN * BCR) {
+        const unsigned dst = b_dst[i] + s * SB_STAGE;
+        if (BCB == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(dst), "l"(b_src[i] + kt * BW));
         else asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" :: "r"(dst), "l"(b_src[i] + kt * BW));
       }
   };
@@ -216,13 +260,22 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  // ldmatrix rows of this lane: r = wm * WM + i * 16 + lane % 16, chunk kk * 2 + lane / 16, swizzled by (r / 2) % 4,
-  // which i does not change; the two chunks of a k-tile's steps differ by XOR 2
+  // ldmatrix rows of this lane: r = wm * WM + i * 16 + lane % 16, chunk kk * 2 + lane / 16, swizzled by swz(r),
+  // which i does not change
   const int ar = wm * WM + (lane & 15);
-  const unsigned a_off0 = (unsigned)(ar * 4 + ((lane >> 4) ^ ((ar >> 1) & 3))) * 16;
-  const unsigned a_off1 = (unsigned)(ar * 4 + ((2 + (lane >> 4)) ^ ((ar >> 1) & 3))) * 16;
+  unsigned a_off[KW];   // this warp's steps of a stage: wk * KW + kk
+#pragma unroll
+  for (int kk = 0; kk < KW; ++kk)
+    a_off[kk] = (unsigned)(ar * CH + ((2 * (wk * KW + kk) + (lane >> 4)) ^ swz(ar))) * 16;
   const int b_row = wn * WN + g;                                   // + j * 8
-  const int sh = 2 * t * BITS;                                     // fragment_fields: 2t codes in
+  // lane_fields: the byte holding this lane's pair of codes (b0, b1) copied into bytes 0 and 2 (prmt selectors), the
+  // mask keeping the low half's code at bit o and the high half's at bit 16 + o + BITS, the FMA's 2^-o multipliers
+  const int o = BITS == 4 ? 0 : 4 * (t & 1);
+  const unsigned psel0 = 0x4040u | (unsigned)(BITS == 4 ? t : t >> 1) * 0x0101u;
+  const unsigned psel1 = 0x4040u | (unsigned)(BITS == 4 ? t : 2 + (t >> 1)) * 0x0101u;
+  const unsigned pmask = ((unsigned)MASK << o) | ((unsigned)MASK << (16 + o + BITS));
+  const float mlo = 1.f / (float)(1 << o), mhi = 1.f / (float)(1 << (o + BITS));
+  const half2 pmul = __floats2half2_rn(mlo, mhi);
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -239,8 +292,8 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
       for (int j = 0; j < NT; ++j) {
         const int n = col0 + b_row + j * 8;
         ss[j] = __half2half2(scales[n * NG + grp]);
-        const int z = ZERO >= 0 ? ZERO : (int)zeros[n * NG + grp];
-        zz[j] = __half2half2(__ushort_as_half((unsigned short)(0x6400 | z)));
+        const float z = (float)(ZERO >= 0 ? ZERO : (int)zeros[n * NG + grp]);
+        zz[j] = __floats2half2_rn(-(1024.f * mlo + z), -(1024.f * mhi + z));   // small integers: exact
       }
     }
     asm volatile("cp.async.wait_group %0;\n" :: "n"(STAGES - 2));
@@ -251,40 +304,48 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
       asm volatile("cp.async.commit_group;\n" ::);
     }
     const int s = kt % STAGES;
-    // the k-tile's packed words of this lane's rows: one 16-byte (4 bits) or 8-byte (2 bits) shared load each
-    unsigned wv[NT][BW];
+    // the packed words of this warp's steps of the k-tile in this lane's rows: 16-, 8- or 4-byte shared loads
+    constexpr int WS = 16 / VPW, OWN = KW * WS;   // words per MMA step, per warp and stage
+    unsigned wv[NT][OWN];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      const unsigned* wr = &sb[s][(b_row + j * 8) * BW];
-      if (BW == 4) {
-        const uint4 v = *reinterpret_cast<const uint4*>(wr);
-        wv[j][0] = v.x; wv[j][BW > 1 ? 1 : 0] = v.y; wv[j][BW > 2 ? 2 : 0] = v.z; wv[j][BW > 3 ? 3 : 0] = v.w;
-      } else {
+      const unsigned* wr = sb + s * (BN * BW) + (b_row + j * 8) * BW + wk * OWN;
+      if (OWN % 4 == 0) {
+#pragma unroll
+        for (int q = 0; q < OWN / 4; ++q) {
+          const uint4 v = reinterpret_cast<const uint4*>(wr)[q];
+          wv[j][4 * q] = v.x; wv[j][4 * q + 1 < OWN ? 4 * q + 1 : 0] = v.y;
+          wv[j][4 * q + 2 < OWN ? 4 * q + 2 : 0] = v.z; wv[j][4 * q + 3 < OWN ? 4 * q + 3 : 0] = v.w;
+        }
+      } else if (OWN % 2 == 0) {
         const uint2 v = *reinterpret_cast<const uint2*>(wr);
-        wv[j][0] = v.x; wv[j][BW > 1 ? 1 : 0] = v.y;
+        wv[j][0] = v.x; wv[j][OWN > 1 ? 1 : 0] = v.y;
+      } else {
+        wv[j][0] = wr[0];
       }
     }
-    // every B fragment of the k-tile first: NT x 2 independent dequantization chains for the scheduler to overlap
-    unsigned b[NT][2][2];
+    // every B fragment of the k-tile first: NT x KS x 2 independent dequantization chains for the scheduler to
+    // overlap, each prmt -> lop3 -> hfma2 -> hmul2 (lane_fields)
+    unsigned b[NT][KW][2];
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int kk = 0; kk < 2; ++kk)
+      for (int kk = 0; kk < KW; ++kk)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          // fragment_fields: codes 2t + 8h and the next, at word (8h) / VPW of the step, shift ((8h) % VPW + 2t) * BITS
-          const unsigned v = wv[j][kk * (BW / 2) + (8 * h) / VPW] >> (((8 * h) % VPW) * BITS + sh);
-          const unsigned u = (v & MASK) | ((v << (16 - BITS)) & (MASK << 16)) | 0x64006400u;
-          const half2 w = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&u), zz[j]), ss[j]);
+          // codes 2t + 8h and the next of step kk: word kk * WS + 8h / VPW of the warp's words, one byte of it
+          const unsigned v = __byte_perm(wv[j][kk * WS + (8 * h) / VPW], 0u, h ? psel1 : psel0);
+          const unsigned u = (v & pmask) | 0x64006400u;
+          const half2 w = __hmul2(__hfma2(*reinterpret_cast<const half2*>(&u), pmul, zz[j]), ss[j]);
           b[j][kk][h] = *reinterpret_cast<const unsigned*>(&w);
         }
     const unsigned a_stage = sa0 + s * SA_STAGE;
 #pragma unroll
-    for (int kk = 0; kk < 2; ++kk) {
+    for (int kk = 0; kk < KW; ++kk) {
       unsigned a[MT][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        const unsigned addr = a_stage + (kk ? a_off1 : a_off0) + i * 16 * 4 * 16;
+        const unsigned addr = a_stage + a_off[kk] + i * 16 * CH * 16;
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(a[i][0]), "=r"(a[i][1]), "=r"(a[i][2]), "=r"(a[i][3]) : "r"(addr));
       }
@@ -299,6 +360,34 @@ __device__ __forceinline__ void eq_mma_gemm(const half* __restrict__ x, const un
     }
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
+  if (KSPLIT > 1) {
+    // slices 1.. leave their sums in shared memory (element-major: lanes write consecutive words), slice 0 adds them
+    // and stores the tile
+    constexpr int E = MT * NT * 4;
+    float* red = reinterpret_cast<float*>(smem);
+    __syncthreads();   // every warp is done with the stages
+    if (wk > 0) {
+      float* dst = red + ((wk - 1) * WARPS_MN + wmn) * E * 32 + lane;
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dst[((i * NT + j) * 4 + e) * 32] = acc[i][j][e];
+    }
+    __syncthreads();
+    if (wk > 0) return;
+#pragma unroll
+    for (int sl = 1; sl < KSPLIT; ++sl) {
+      const float* src = red + ((sl - 1) * WARPS_MN + wmn) * E * 32 + lane;
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][j][e] += src[((i * NT + j) * 4 + e) * 32];
+    }
+  }
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -326,7 +415,8 @@ def kernel_name(spec: QuantSpec, cfg: MmaConfig, out_dtype: str) -> str:
 
 
 def config_tag(cfg: MmaConfig) -> str:
-    return f"{cfg.bm}x{cfg.bn}w{cfg.wm}x{cfg.wn}s{cfg.stages}b{cfg.min_blocks}"
+    return (f"{cfg.bm}x{cfg.bn}w{cfg.wm}x{cfg.wn}s{cfg.stages}b{cfg.min_blocks}" + ("" if cfg.bk == BK else f"k{cfg.bk}")
+            + ("" if cfg.ksplit == 1 else f"x{cfg.ksplit}"))
 
 
 def cuda_source(spec: QuantSpec, cfg: MmaConfig, out_dtype: str = "float16") -> tuple[str, str]:
@@ -338,7 +428,7 @@ def cuda_source(spec: QuantSpec, cfg: MmaConfig, out_dtype: str = "float16") -> 
     inst = (f"\n__device__ __forceinline__ void {name}(const half* __restrict__ x, const unsigned* __restrict__ qw, "
             f"const half* __restrict__ scales, {zarg}{out}* __restrict__ y, int m, int bm, int bn, int tid) {{\n"
             f"  eq_mma_gemm<{spec.bits}, {spec.n}, {spec.k}, {spec.n_groups}, {spec.group_len}, {zero}, {cfg.bm}, "
-            f"{cfg.bn}, {cfg.wm}, {cfg.wn}, {cfg.stages}, {out}>(x, qw, scales, {'nullptr' if spec.sym else 'zeros'}"
+            f"{cfg.bn}, {cfg.wm}, {cfg.wn}, {cfg.stages}, {cfg.bk}, {cfg.ksplit}, {out}>(x, qw, scales, {'nullptr' if spec.sym else 'zeros'}"
             f", y, m, bm, bn, tid);\n}}\n")
     return name, TEMPLATE + inst
 
@@ -356,6 +446,8 @@ def gemm_func(spec: QuantSpec, cfg: MmaConfig | None = None, out_dtype: str = "f
     tiers = [(None, cfg)] if cfg is not None else default_configs(spec)
     for _, c in tiers:
         c.check(spec.bits)
+        if not c.fits(spec):
+            raise ValueError(f"{c.bk}-wide stages do not divide K={spec.k} into whole groups of {spec.group_len}")
         if spec.n % c.bn:
             raise ValueError(f"{c.bn}-column tiles do not divide N={spec.n}")
     ins = [f'qweight: T.Buffer(({spec.n}, {spec.words}), "uint32")',
