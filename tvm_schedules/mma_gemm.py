@@ -35,7 +35,7 @@ For CUDA archs below sm_80 (no m16n8k16 / cp.async) the same function compiles t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -86,24 +86,39 @@ def supports(spec: QuantSpec) -> bool:
             and spec.group_len % BK == 0 and spec.n % 64 == 0)
 
 
-SMALL = MmaConfig(64, 64, 64, 16, 4, 4)       # prompts up to 128 tokens: more blocks, weights streamed
-MEDIUM = MmaConfig(128, 64, 128, 16, 4, 3)    # 4 warps, each B fragment feeds 8 MMAs
-LARGE = MmaConfig(128, 128, 128, 16, 4, 2)    # 8 warps, fewer passes over the weights
-WIDE_N = 8192                                 # N from which LARGE wins already at medium prompt lengths
+SMALL = MmaConfig(64, 64, 64, 16, 4, 4, 64)              # few tiles: more blocks, weights streamed
+MEDIUM = MmaConfig(128, 64, 128, 16, 2, 3, 64)            # 4 warps, each B fragment feeds 8 MMAs
+SLICED = MmaConfig(128, 64, 128, 16, 2, 2, 64, 2)         # MEDIUM's tile by 8 warps, 2 along K
+LARGE = MmaConfig(128, 128, 128, 16, 2, 2, 64)            # 8 warps, fewer passes over the weights
+FEW_TILES = 256     # fewer 128 x 64 tiles than this leave SMs of a 132-SM GPU (H100, H200) with < 2 blocks: 64 x 64
+ONE_WAVE = 396      # 128 x 64 tiles of 3 blocks per SM on 132 SMs: below it, with long K, 2 warps along K
+LONG_K = 8192       # K from which the sliced tile's final sum through shared memory pays
+LARGE_FROM = 1024   # prompt lengths beyond this take 128 x 128 tiles
+
+
+def _fit(cfg: MmaConfig, spec: QuantSpec) -> MmaConfig:
+    """The config, or its 32-wide-stage twin (4 stages) where groups or K do not hold whole 64-wide stages."""
+    return cfg if cfg.fits(spec) else replace(cfg, bk=BK, stages=4)
 
 
 def default_configs(spec: QuantSpec) -> list[tuple[int | None, MmaConfig]]:
     """[(largest m, config)], the last for any m: the kernel the prim func launches for a prompt of m tokens, from the
-    H200 sweep (benchmarks/results/gpu-nvidia-h200.md, prefill section, 2026-11-29 16:47): 64 x 64 tiles up to 128
-    tokens (few row tiles: the weights' dequantization is spread over more blocks); up to 1024 tokens 128 x 128 tiles
-    for wide linears (qkv, gate_up) and 128 x 64 for the others (o, down: enough blocks per wave); 128 x 128 beyond
-    (128 x 64 where N is not a multiple of 128). On the LLaMA-7B shapes the rule's step equals the sweep's best at
-    32, 512 and 2048 tokens and is 8% slower at 128."""
-    large = LARGE if spec.n % LARGE.bn == 0 else MEDIUM
-    medium = large if spec.n >= WIDE_N else MEDIUM
-    tiers = [(128, SMALL), (1024, medium), (None, large)]
+    H200 sweep (benchmarks/results/gpu-nvidia-h200.md, gpu7 section): 64-wide k-tiles throughout; 64 x 64 tiles while
+    128 x 64 tiles would be fewer than FEW_TILES (and up to 64 tokens: 128-row tiles would be mostly padding), then
+    128 x 64 (sliced along K while under one wave with long K), 128 x 128 beyond LARGE_FROM tokens (128 x 64 where
+    N is not a multiple of 128). On the LLaMA-7B shapes, W4 g128 and W2 g64 at 128-2048 tokens, each pick is the
+    sweep's best or within 3% of it."""
+    rows = -(-FEW_TILES * 64 // spec.n)                  # 128-row tiles needed for FEW_TILES tiles of 64 columns
+    tiers = [(max(64, 128 * (rows - 1)), SMALL)]
+    if spec.k >= LONG_K:
+        tiers.append((128 * ((ONE_WAVE - 1) // (spec.n // 64)), SLICED))
+    tiers += [(LARGE_FROM, MEDIUM), (None, LARGE if spec.n % LARGE.bn == 0 else MEDIUM)]
+    out = []
+    for top, cfg in tiers:   # a tier that ends where an earlier one did is empty
+        if top is None or not out or top > out[-1][0]:
+            out.append((top, _fit(cfg, spec)))
     # one launch per distinct kernel: a tier that repeats the next one's config merges into it
-    return [t for i, t in enumerate(tiers) if i + 1 == len(tiers) or t[1] != tiers[i + 1][1]]
+    return [t for i, t in enumerate(out) if i + 1 == len(out) or t[1] != out[i + 1][1]]
 
 
 def default_config(spec: QuantSpec, m: int = 512) -> MmaConfig:
@@ -131,6 +146,19 @@ def lane_fields(bits: int, t: int):
     o = fields[0][1] % 8                       # the same for b0 and b1 (their shifts differ by whole bytes)
     mask = ((1 << bits) - 1) << o | ((1 << bits) - 1) << (16 + o + bits)
     return [(wo, sh // 8) for wo, sh in fields], mask, (2.0 ** -o, 2.0 ** -(o + bits))
+
+
+def x_chunk(bk: int, r: int, ch: int) -> int:
+    """Where 16-byte chunk `ch` of row r of an x stage sits in that row (the kernel's `swz`): XOR-swizzled by (r / 2) % 4
+    in 64-byte rows (bk 32), by r % 8 in 128-byte rows (bk 64)."""
+    return ch ^ ((r >> 1) & 3 if bk == 32 else r & 7)
+
+
+def warp_steps(cfg: MmaConfig, wk: int) -> list[int]:
+    """The 16-wide MMA steps of a stage that warp slice wk takes (the kernel's `wk * KW + kk`); its packed words are
+    those of these steps, `wk * OWN` on in the row."""
+    kw = cfg.bk // 16 // cfg.ksplit
+    return [wk * kw + kk for kk in range(kw)]
 
 
 def _pair_half2(words: np.ndarray, byte: int, mask: int) -> np.ndarray:
