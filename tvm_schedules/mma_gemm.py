@@ -149,8 +149,8 @@ def lane_fields(bits: int, t: int):
 
 
 def x_chunk(bk: int, r: int, ch: int) -> int:
-    """Where 16-byte chunk `ch` of row r of an x stage sits in that row (the kernel's `swz`): XOR-swizzled by (r / 2) % 4
-    in 64-byte rows (bk 32), by r % 8 in 128-byte rows (bk 64)."""
+    """Where 16-byte chunk `ch` of row r of an x stage sits in that row (the kernel's `swz`): XOR-swizzled by
+    (r / 2) % 4 in 64-byte rows (bk 32), by r % 8 in 128-byte rows (bk 64)."""
     return ch ^ ((r >> 1) & 3 if bk == 32 else r & 7)
 
 
@@ -443,8 +443,8 @@ def kernel_name(spec: QuantSpec, cfg: MmaConfig, out_dtype: str) -> str:
 
 
 def config_tag(cfg: MmaConfig) -> str:
-    return (f"{cfg.bm}x{cfg.bn}w{cfg.wm}x{cfg.wn}s{cfg.stages}b{cfg.min_blocks}" + ("" if cfg.bk == BK else f"k{cfg.bk}")
-            + ("" if cfg.ksplit == 1 else f"x{cfg.ksplit}"))
+    return (f"{cfg.bm}x{cfg.bn}w{cfg.wm}x{cfg.wn}s{cfg.stages}b{cfg.min_blocks}"
+            + ("" if cfg.bk == BK else f"k{cfg.bk}") + ("" if cfg.ksplit == 1 else f"x{cfg.ksplit}"))
 
 
 def cuda_source(spec: QuantSpec, cfg: MmaConfig, out_dtype: str = "float16") -> tuple[str, str]:
@@ -456,8 +456,8 @@ def cuda_source(spec: QuantSpec, cfg: MmaConfig, out_dtype: str = "float16") -> 
     inst = (f"\n__device__ __forceinline__ void {name}(const half* __restrict__ x, const unsigned* __restrict__ qw, "
             f"const half* __restrict__ scales, {zarg}{out}* __restrict__ y, int m, int bm, int bn, int tid) {{\n"
             f"  eq_mma_gemm<{spec.bits}, {spec.n}, {spec.k}, {spec.n_groups}, {spec.group_len}, {zero}, {cfg.bm}, "
-            f"{cfg.bn}, {cfg.wm}, {cfg.wn}, {cfg.stages}, {cfg.bk}, {cfg.ksplit}, {out}>(x, qw, scales, {'nullptr' if spec.sym else 'zeros'}"
-            f", y, m, bm, bn, tid);\n}}\n")
+            f"{cfg.bn}, {cfg.wm}, {cfg.wn}, {cfg.stages}, {cfg.bk}, {cfg.ksplit}, {out}>(x, qw, scales, "
+            f"{'nullptr' if spec.sym else 'zeros'}, y, m, bm, bn, tid);\n}}\n")
     return name, TEMPLATE + inst
 
 
