@@ -27,8 +27,8 @@ Writes benchmarks/results/gpu-<device>.md.
 Prefill (`tvm_schedules/mma_gemm.py`, tensor cores): the same linears at W4 g128 and W2 g64 for prompts of
 32/128/256/512/2048 tokens, each kernel config of PREFILL_SWEEP checked against the torch reference and timed the same
 way, with torch fp16 (`torch.matmul`, cuBLAS) as the peer in the same run; the prefill table adds up the 32 layers'
-linears (tokens / time: the prefill rate a model would reach if nothing but these linears ran). `run --prefill-only` skips
-decode (and then writes gpu-<device>-prefill.md).
+linears (tokens / time: the prefill rate a model would reach if nothing but these linears ran). `run --prefill-only`
+skips decode (and then writes gpu-<device>-prefill.md).
 """
 from __future__ import annotations
 
