@@ -31,6 +31,23 @@ _written: list[Path] = []   # outputs this process has put in place (an interrup
 _replaced: set[Path] = set()   # those of them that took the place of an older output
 
 
+# what a full, read-only or failing disk looks like to a writer
+_IO_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES)
+
+
+def as_os_error(e: BaseException) -> OSError | None:
+    """`e` as the OSError it stands for: itself, or an I/O failure a library reports as its own exception type
+    (safetensors' SafetensorError "I/O error: No space left on device", TVM's RuntimeError from a failed link);
+    None for anything else."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":
+        for n in _IO_ERRNOS:
+            if os.strerror(n) in str(e):
+                return OSError(n, os.strerror(n))
+    return None
+
+
 def written_outputs() -> list[Path]:
     """The output folders this process has already put in place, newest last: after Ctrl-C, what the user has."""
     return list(_written)
@@ -198,15 +215,14 @@ def atomic_output_dir(final, marker: str | None = None):
             else:
                 os.replace(tmp, final)
             _written.append(final)
-        except OSError as e:
-            _note_if_in_place(final, new_ino)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise EdgequantError(f"cannot write {final} ({e.strerror or e}); free some space or choose another "
-                                 "output folder (nothing was changed)") from None
-        except BaseException:
+        except BaseException as e:
             _note_if_in_place(final, new_ino)   # Ctrl-C just after the rename: `tmp` now holds the old output
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            oe = as_os_error(e)
+            if oe is None:
+                raise
+            raise EdgequantError(f"cannot write {final} ({oe.strerror or oe}); free some space or choose another "
+                                 "output folder (nothing was changed)") from None
 
 
 def _note_if_in_place(final: Path, new_ino) -> None:

@@ -486,7 +486,8 @@ def check_blocks_fit_config(folder: Path, config: dict, headers: dict | None = N
     if not held:   # weights under other names (transformers maps some checkpoints' keys itself): it compares them
         return
     layers = config["num_hidden_layers"]
-    if held != set(range(layers)):
+    # distinct ints, so count + ends say it is 0..layers-1 (a set of range(2**31) took minutes and 9 GB)
+    if len(held) != layers or min(held) != 0 or max(held) != layers - 1:
         raise EdgequantError(f"{folder / 'config.json'}: num_hidden_layers is {layers}, the weights hold "
                              f"{len(held)} blocks (numbered {min(held)}..{max(held)}); restore the model's original "
                              "files or config.json")

@@ -4,9 +4,7 @@ only when complete, so an interrupted export never leaves a half-written DIST.
 """
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
 import sys
 import re
@@ -136,7 +134,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
                     library = "lib.tar"
                     link_note = "no aarch64 linker here: on the target run `tar xf lib.tar && g++ -shared -o lib.so *.o`"
                     _log(progress, link_note)
-            _export_library(ex, tmp / library, **({"cc": cc} if cc else {}))
+            ex.export_library(str(tmp / library), **({"cc": cc} if cc else {}))   # a full disk: atomic_output_dir
             cuda = None
             if preset.name == "cuda":
                 from .cuda import compile_fatbin
@@ -178,17 +176,6 @@ def _check_own_output(tmp: Path, out: Path, source: Path) -> None:
         why = str(e).replace(str(tmp), str(out)).removesuffix(f"; {_FIX}")
         raise EdgequantError(f"the DIST built from {source} would be refused by its runners ({why}); nothing was "
                              f"written to {out}: check the model's config.json") from None
-
-
-def _export_library(ex, path: Path, **kw):
-    """TVM reports a failed link as a RuntimeError with the linker's text; a full disk becomes the OSError that
-    atomic_output_dir turns into one line (and removes the half-written folder)."""
-    try:
-        ex.export_library(str(path), **kw)
-    except RuntimeError as e:
-        if "No space left on device" in str(e):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-        raise
 
 
 def _default_prefix(source) -> str:

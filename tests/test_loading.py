@@ -89,6 +89,8 @@ def test_weights_transformers_would_invent_or_drop_are_refused(tmp_path, model_d
                         "files hold an lm_head.weight that differs"),
     # the tenth re-run: sizes transformers built a model from before comparing the weights (never finished)
     ("layers_1e6", "num_hidden_layers is 1000000, the weights hold 2 blocks (numbered 0..1)"),
+    # eleventh re-run (H5): 2**31 built a set of that many block numbers first (9 GB, a minute, then "out of memory")
+    ("layers_2p31", "num_hidden_layers is 2147483648, the weights hold 2 blocks (numbered 0..1)"),
     ("head_dim_1e9", "weight 'model.layers.0.self_attn.q_proj.weight' is [64, 64], the model's config.json makes it "
                      "[4000000000, 64]"),
     ("vocab_1e9", "weight 'model.embed_tokens.weight' is [320, 64], the model's config.json makes it "
@@ -120,6 +122,8 @@ def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_lin
         cfg["num_key_value_heads"] = 0
     elif damage == "layers_1e6":
         cfg["num_hidden_layers"] = 1_000_000
+    elif damage == "layers_2p31":
+        cfg["num_hidden_layers"] = 2**31
     elif damage == "head_dim_1e9":
         cfg["head_dim"] = 1_000_000_000
     elif damage == "vocab_1e9":

@@ -324,38 +324,49 @@ def _tree(buf: str, n: int, op: str, ind: str) -> list[str]:
     return S
 
 
+# the per-group sum term of one quantized block: d_b * sum of its codes (qv[0] + qv[1] after `_quantize_block`)
+BLOCK_SUM = 'mx / T.float32(127) * T.Cast("float32", qv[0] + qv[1])'
+
+
+def _quantize_block(x_block: str, stores: list[str], ind: str) -> list[str]:
+    """Statements (inside a loop over blocks) quantizing one block of 32 activations, `x_block` (a 32-lane load), to
+    int8 per block (the numerics of `quantize_act_np`): its codes in qv, max |x| in mx, then `stores` (the caller's
+    layout of the codes), then the code sum folded into qv[0] + qv[1] (`BLOCK_SUM`). Vector code: max |x| and the sum
+    by halving trees. The one emitter of the activation quantization for every int8 CPU kernel."""
+    V = f"T.ramp(0, 1, {BLOCK})"
+    S = [f'{ind}fx = T.alloc_buffer(({BLOCK},), "float32")',
+         f'{ind}am = T.alloc_buffer(({BLOCK},), "float32")',
+         f'{ind}qv = T.alloc_buffer(({BLOCK},), "int32")',
+         f'{ind}fx[{V}] = T.Cast("float32x{BLOCK}", {x_block})',
+         f"{ind}am[{V}] = T.fabs(fx[{V}])"]
+    S += _tree("am", BLOCK, "max", ind)
+    S += [f"{ind}mx = T.max(am[0], am[1])",
+          f"{ind}inv = T.Select(mx > T.float32(0), T.float32(127) / mx, T.float32(0))",
+          f'{ind}qv[{V}] = T.Cast("int32x{BLOCK}", T.round(fx[{V}] * T.broadcast(inv, {BLOCK})))']
+    return S + [ind + line for line in stores] + _tree("qv", BLOCK, "+", ind)
+
+
 def _quantize_row(spec: QuantSpec, xr: str, r: str | None, ind: str) -> list[str]:
     """Statements quantizing activation row `r` (None: the only one; `xr` formats its values at indices {kk}) to int8
-    per block of 32: the permuted codes at xq[r * K ...], each lane word's block scale at xsw[r * row_w ...] and the
-    per-group sums of d_b * a_k at gsum[r * NG ...]. Vector code per block (32 lanes: max |x| and the code sum by
-    halving trees), then 32 byte stores at constant offsets from the block's base (`_block_positions`)."""
+    per block of 32: the permuted codes at xq[r * K ...] (32 byte stores at constant offsets from the block's base,
+    `_block_positions`), each lane word's block scale at xsw[r * row_w ...] and the per-group sums of d_b * a_k at
+    gsum[r * NG ...]."""
     k, NG, G = spec.k, spec.n_groups, spec.group_len
     row_w, wpb = k // _lane_values(spec), BLOCK // _lane_values(spec)
     at = lambda size: f"{r} * {size} + " if r is not None else ""  # noqa: E731 - the row's offset in a buffer
     base, off_main, off_tail = _block_positions(spec)
-    V = f"T.ramp(0, 1, {BLOCK})"
-    S = [f"{ind}for g in T.serial({NG}):",
-         f"{ind}    gsum[{at(NG)}g] = T.float32(0)",
-         f"{ind}for b in T.serial({k // BLOCK}):",
-         f'{ind}    fx = T.alloc_buffer(({BLOCK},), "float32")',
-         f'{ind}    am = T.alloc_buffer(({BLOCK},), "float32")',
-         f'{ind}    qv = T.alloc_buffer(({BLOCK},), "int32")',
-         f'{ind}    fx[{V}] = T.Cast("float32x{BLOCK}", {xr.format(kk=f"T.ramp(b * {BLOCK}, 1, {BLOCK})")})',
-         f"{ind}    am[{V}] = T.fabs(fx[{V}])"]
-    S += _tree("am", BLOCK, "max", ind + "    ")
-    S += [f"{ind}    mx = T.max(am[0], am[1])",
-          f"{ind}    inv = T.Select(mx > T.float32(0), T.float32(127) / mx, T.float32(0))",
-          f'{ind}    qv[{V}] = T.Cast("int32x{BLOCK}", T.round(fx[{V}] * T.broadcast(inv, {BLOCK})))',
-          f"{ind}    bs = {base}"]
+    stores = [f"bs = {base}"]
     for t in range(BLOCK):
         o = str(off_main[t]) if off_tail is None else \
             f"T.Select(b * {wpb} < {chunk_plan(spec)[0] * chunk_plan(spec)[1]}, {off_main[t]}, {off_tail[t]})"
-        S.append(f'{ind}    xq[{at(k)}bs + {o}] = T.Cast("int8", qv[{t}])')
-    S += _tree("qv", BLOCK, "+", ind + "    ")
+        stores.append(f'xq[{at(k)}bs + {o}] = T.Cast("int8", qv[{t}])')
+    S = [f"{ind}for g in T.serial({NG}):",
+         f"{ind}    gsum[{at(NG)}g] = T.float32(0)",
+         f"{ind}for b in T.serial({k // BLOCK}):"]
+    S += _quantize_block(xr.format(kk=f"T.ramp(b * {BLOCK}, 1, {BLOCK})"), stores, ind + "    ")
     S += [f"{ind}    for t in T.serial({wpb}):",
           f"{ind}        xsw[{at(row_w)}b * {wpb} + t] = mx / T.float32(127)",
-          f"{ind}    gsum[{at(NG)}b * 32 // {G}] = gsum[{at(NG)}b * 32 // {G}] + "
-          'mx / T.float32(127) * T.Cast("float32", qv[0] + qv[1])']
+          f"{ind}    gsum[{at(NG)}b * 32 // {G}] = gsum[{at(NG)}b * 32 // {G}] + {BLOCK_SUM}"]
     return S
 
 

@@ -54,7 +54,7 @@ def gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", na
 
 
 def _source(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
-    from .cpu_int8 import BLOCK, _dot, _gemm_head, _tree, _zero
+    from .cpu_int8 import BLOCK, BLOCK_SUM, _dot, _gemm_head, _quantize_block, _zero
     n, k, NG, R = spec.n, spec.k, spec.n_groups, ROWS[isa]
     K8, NB, bpg, TB = k // 8, k // BLOCK, spec.group_len // BLOCK, tile_blocks(spec)
     W = 4 if isa == "sdot" else 8             # lanes of one dot
@@ -70,23 +70,12 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
           f"    for r in T.parallel({mp}):",
           f"        for g in T.serial({NG}):",
           f"            gsum[r * {NG} + g] = T.float32(0)",
-          f"        for b in T.serial({NB}):",
-          f'            fx = T.alloc_buffer(({BLOCK},), "float32")',
-          f'            am = T.alloc_buffer(({BLOCK},), "float32")',
-          f'            qv = T.alloc_buffer(({BLOCK},), "int32")',
-          f'            fx[{V}] = T.Cast("float32x{BLOCK}", x[0, T.min(r, m - 1), T.ramp(b * {BLOCK}, 1, {BLOCK})])',
-          f"            am[{V}] = T.fabs(fx[{V}])"]
-    S += _tree("am", BLOCK, "max", " " * 12)
-    # the numerics of cpu_int8._quantize_row (and quantize_act_np): same codes, same scales
-    S += ["            mx = T.max(am[0], am[1])",
-          "            inv = T.Select(mx > T.float32(0), T.float32(127) / mx, T.float32(0))",
-          f'            qv[{V}] = T.Cast("int32x{BLOCK}", T.round(fx[{V}] * T.broadcast(inv, {BLOCK})))',
-          f"            xq[T.ramp((r * {NB} + b) * 8, 1, 8)] = T.reinterpret("
-          f'T.Cast("int8x{BLOCK}", T.Shuffle([qv[{V}]], {perm})), dtype="int32x8")']
-    S += _tree("qv", BLOCK, "+", " " * 12)
+          f"        for b in T.serial({NB}):"]
+    S += _quantize_block(f"x[0, T.min(r, m - 1), T.ramp(b * {BLOCK}, 1, {BLOCK})]",
+                         [f"xq[T.ramp((r * {NB} + b) * 8, 1, 8)] = T.reinterpret("
+                          f'T.Cast("int8x{BLOCK}", T.Shuffle([qv[{V}]], {perm})), dtype="int32x8")'], " " * 12)
     S += [f"            xd[r * {NB} + b] = mx / T.float32(127)",
-          f"            gsum[r * {NG} + b // {bpg}] = gsum[r * {NG} + b // {bpg}] + "
-          'mx / T.float32(127) * T.Cast("float32", qv[0] + qv[1])',
+          f"            gsum[r * {NG} + b // {bpg}] = gsum[r * {NG} + b // {bpg}] + {BLOCK_SUM}",
           f"    for nt in T.parallel({n // (8 * TB)}):",
           f'        wt = T.alloc_buffer(({TB * K8 * 8},), "uint32")',
           f'        st = T.alloc_buffer(({TB * NG * 8},), "float32")',

@@ -51,7 +51,7 @@ def gemv_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", le
 
 
 def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], name: str) -> str:
-    from .cpu_int8 import BLOCK, _dot, _signature, _tree
+    from .cpu_int8 import BLOCK, BLOCK_SUM, _dot, _quantize_block, _signature, _tree
     n, k, G, NG = spec.n, spec.k, spec.group_len, spec.n_groups
     NB, bpg = k // BLOCK, spec.group_len // BLOCK
     off = 128 if isa == "sdot" else 0
@@ -65,21 +65,11 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], na
           f'    gsum = T.alloc_buffer(({NG},), "float32")',
           f"    for g in T.serial({NG}):",
           "        gsum[g] = T.float32(0)",
-          f"    for b in T.serial({NB}):",
-          f'        fx = T.alloc_buffer(({BLOCK},), "float32")',
-          f'        am = T.alloc_buffer(({BLOCK},), "float32")',
-          f'        qv = T.alloc_buffer(({BLOCK},), "int32")',
-          f'        fx[{V}] = T.Cast("float32x{BLOCK}", x[{ix}, T.ramp(b * {BLOCK}, 1, {BLOCK})])',
-          f"        am[{V}] = T.fabs(fx[{V}])"]
-    S += _tree("am", BLOCK, "max", " " * 8)
-    # the numerics of cpu_int8._quantize_row (and quantize_act_np): same codes, same scales
-    S += ["        mx = T.max(am[0], am[1])",
-          "        inv = T.Select(mx > T.float32(0), T.float32(127) / mx, T.float32(0))",
-          f'        qv[{V}] = T.Cast("int32x{BLOCK}", T.round(fx[{V}] * T.broadcast(inv, {BLOCK})))',
-          f'        xq[T.ramp(b * {BLOCK}, 1, {BLOCK})] = T.Cast("int8x{BLOCK}", qv[{V}])']
-    S += _tree("qv", BLOCK, "+", " " * 8)
+          f"    for b in T.serial({NB}):"]
+    S += _quantize_block(f"x[{ix}, T.ramp(b * {BLOCK}, 1, {BLOCK})]",
+                         [f'xq[T.ramp(b * {BLOCK}, 1, {BLOCK})] = T.Cast("int8x{BLOCK}", qv[{V}])'], " " * 8)
     S += ["        xd[b] = mx / T.float32(127)",
-          f'        gsum[b // {bpg}] = gsum[b // {bpg}] + mx / T.float32(127) * T.Cast("float32", qv[0] + qv[1])',
+          f"        gsum[b // {bpg}] = gsum[b // {bpg}] + {BLOCK_SUM}",
           f"    for nn in T.parallel({n}):",
           '        acc = T.alloc_buffer((16,), "float32")',
           '        ia = T.alloc_buffer((16,), "int32")',

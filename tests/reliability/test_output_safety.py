@@ -194,3 +194,19 @@ def test_an_output_name_too_long_for_its_working_files_is_one_line(tmp_path, mod
     with output_lock(tmp_path / ("c" * 241)):   # the longest that fits
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", ["safetensors", "tvm"])
+def test_a_full_disk_reported_by_a_library_is_one_line(tmp_path, error):
+    """safetensors (convert's save_pretrained) and TVM (a failed link) report a full disk as their own exception
+    types: convert ended in a SafetensorError traceback (eleventh hostile re-run, T20)."""
+    from safetensors import SafetensorError
+    text = "Error while serializing: I/O error: No space left on device (os error 28)"
+    with pytest.raises(EdgequantError, match="cannot write .*o \\(No space left on device\\).*nothing was changed"):
+        with atomic_output_dir(tmp_path / "o") as tmp:
+            (tmp / "f").write_text("x")
+            raise SafetensorError(text) if error == "safetensors" else RuntimeError(f"ld: {text}")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="a bug"):   # anything else is not called a disk problem
+        with atomic_output_dir(tmp_path / "o"):
+            raise RuntimeError("a bug")

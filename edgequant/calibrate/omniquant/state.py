@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ...atomic import as_os_error
 from ...errors import EdgequantError
 from ...quantizer import QuantizedWeight
 from ...schemes import QuantScheme
@@ -45,9 +46,13 @@ def fingerprint(model, samples: torch.Tensor, scheme: QuantScheme, cfg) -> str:
 def _save(tensors: dict, record: dict, path: Path):
     from safetensors.torch import save_file
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"record": json.dumps(record, sort_keys=True)})
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"record": json.dumps(record, sort_keys=True)})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _load(path: Path) -> tuple[dict, dict]:
@@ -156,10 +161,21 @@ class ResumeState:
     def save(self, i, plain, quantized, record: dict, q_hidden, fp_hidden):
         if self.dir is None:
             return
-        if not (self.dir / META).exists():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / META).write_text(json.dumps({"fingerprint": self.fp, "version": STATE_VERSION}))
-        # block first, then the streams that point past it: an interruption between the two only repeats block i
-        _save(_block_tensors(plain, quantized), {**record, "fingerprint": self.fp},
-              self.dir / f"block_{i:04d}.safetensors")
-        _save({"q": q_hidden, "fp": fp_hidden}, {"fingerprint": self.fp, "next": i + 1}, self.dir / STREAMS)
+        try:
+            if not (self.dir / META).exists():
+                self.dir.mkdir(parents=True, exist_ok=True)
+                (self.dir / META).write_text(json.dumps({"fingerprint": self.fp, "version": STATE_VERSION}))
+            # block first, then the streams that point past it: an interruption between the two only repeats block i
+            _save(_block_tensors(plain, quantized), {**record, "fingerprint": self.fp},
+                  self.dir / f"block_{i:04d}.safetensors")
+            _save({"q": q_hidden, "fp": fp_hidden}, {"fingerprint": self.fp, "next": i + 1}, self.dir / STREAMS)
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+            oe = as_os_error(e)
+            if oe is None:
+                raise
+            kept = f"the {i} blocks saved there are kept: rerunning the same command continues from them" if i else \
+                "nothing was kept"
+            if not i:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise EdgequantError(f"cannot save OmniQuant's progress in {self.dir} ({oe.strerror or oe}); free some "
+                                 f"space or choose another output folder ({kept}; no output was written)") from None

@@ -154,6 +154,32 @@ def test_a_run_refused_before_its_first_block_leaves_no_state_folder(tmp_path, m
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.state").exists()
 
 
+@pytest.mark.parametrize("fail_at", [0, 1])
+def test_a_full_disk_while_saving_progress_is_one_line(tmp_path, model_dirs, text_file, monkeypatch, fail_at):
+    """safetensors reports a full disk as its own SafetensorError: it was a traceback that left the state folder
+    without a word (eleventh hostile re-run, T21). Now one line that says what is kept; nothing half-written."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+    real, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > 2 * fail_at:   # two files per block: the block's, then the streams
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(EdgequantError, match="cannot save OmniQuant's progress in .*No space left on device") as e:
+        api.quantize(model_dirs["llama"], tmp_path / "out", **dict(_RESUME_KW, calib=text_file))
+    state = tmp_path / ".out.state"
+    assert ("1 blocks saved there are kept" in str(e.value)) == bool(fail_at)
+    assert not (tmp_path / "out").exists()
+    if fail_at:   # block 0 and its streams stay for a rerun; block 1's half-written file does not
+        assert sorted(p.name for p in state.iterdir()) == ["block_0000.safetensors", "meta.json",
+                                                           "streams.safetensors"]
+    else:
+        assert not state.exists()
+
+
 def test_resume_state_never_unpickles(tmp_path, model_dirs, text_file, monkeypatch):
     """A pickle planted in the state folder (old format name or new) is never loaded: no code runs."""
     kw = dict(_RESUME_KW, calib=text_file)
