@@ -11,7 +11,8 @@ nothing more. Python's shutdown that follows (atexit callbacks, torch's finalize
 with SIGINT ignored: a KeyboardInterrupt there printed "Exception ignored ..." tracebacks, and a Ctrl-C after Python had
 restored the default handler killed the process with status -2 and no message. A Ctrl-C in the instant between the
 command's return and the flush still gives the usual line and 130, naming an output that was already written. After
-the `error: interrupted` line the exit is not interruptible either: a second Ctrl-C printed a traceback.
+the `error: interrupted` line the exit is not interruptible either: a second Ctrl-C printed a traceback. A Ctrl-C that
+lands in a weakref callback or finalizer (where Python can only report it) is delivered again (`_unraisable`).
 """
 import signal
 import sys
@@ -23,6 +24,7 @@ def main():
     try:
         if getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "edgequant_console":
             signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, KeyboardInterrupt cleans up
+        sys.unraisablehook = _unraisable
         from .cli import main as cli
         try:
             status = cli()
@@ -44,6 +46,22 @@ def main():
             pass
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # said once: a second Ctrl-C during the exit changes nothing
         return INTERRUPTED
+
+
+def _unraisable(info):
+    """A Ctrl-C that lands in a callback Python cannot raise from (a weakref callback, such as the import system's
+    module-lock cleanup, or a finalizer) was printed as "Exception ignored ... KeyboardInterrupt" and the command went
+    on to finish: it is delivered again to the main flow, where it ends the command as any Ctrl-C does."""
+    if issubclass(info.exc_type, KeyboardInterrupt):
+        # from another thread, a moment later: at once, the main thread would take it while still in this hook,
+        # again a place it cannot be raised from
+        import _thread
+        import threading
+        t = threading.Timer(0.05, _thread.interrupt_main)
+        t.daemon = True
+        t.start()
+        return
+    sys.__unraisablehook__(info)
 
 
 def _flush():

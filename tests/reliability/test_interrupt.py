@@ -63,6 +63,31 @@ def test_sigint_while_importing_is_one_line(tmp_path, model_dirs, module):
     _check(_quantize(model_dirs, out, AT_IMPORT.format(module=module)), out, tmp_path)
 
 
+# Ctrl-C lands inside a weakref callback (where Python can only print "Exception ignored"), as it did in the import
+# system's module-lock cleanup (`_get_module_lock.<locals>.cb`): the command printed a traceback and finished, status 0
+IN_CALLBACK = """
+import os, signal, sys, weakref
+class _Hit:
+    def find_spec(self, name, path=None, target=None):
+        if name == "edgequant.methods":
+            sys.meta_path.remove(self)
+            class Obj:
+                pass
+            o = Obj()
+            r = weakref.ref(o, lambda _: os.kill(os.getpid(), signal.SIGINT))
+            del o
+        return None
+sys.meta_path.insert(0, _Hit())
+""" + CONSOLE
+
+
+def test_sigint_inside_a_callback_is_one_line(tmp_path, model_dirs):
+    out = tmp_path / "q"
+    p = _quantize(model_dirs, out, IN_CALLBACK)
+    _check(p, out, tmp_path)
+    assert p.returncode == 130
+
+
 @pytest.fixture(scope="module")
 def startup_s():
     """Seconds Python takes to start (site and .pth files) before any edgequant code can run: an interrupt in that
