@@ -18,7 +18,7 @@ At batch 1 a linear layer only streams its packed weights, so the kernel is buil
   linear faster (the kernel boundaries, not the loads in flight, are what the LLaMA-7B step lacks);
 - after each step the rows' partial sums meet through warp shuffles (transposed: each exchange halves the rows a
   lane holds, `xreduce_stages`: 6 shuffles for 4 rows instead of 20) and one shared-memory slot per warp and row;
-  one barrier at the end adds the warps' slots (and the fp16 outlier columns, OWQ) per row;
+  one barrier at the end adds the warps' slots per row (and OWQ's fp16 outlier columns, see below);
 - no integer-to-float conversion per weight: a field of q bits is masked into the mantissa of the float 1.0
   (`0x3F800000 | (q << b)` is exactly `1 + q * 2^(b-23)`), so `x * f = x + x * q * 2^(b-23)` costs one mask (LOP3)
   and one FMA per weight; each field position b has its own accumulator, and fields sit high in the mantissa
@@ -164,11 +164,10 @@ def one_wave_steps(steps: int, sms: int = 132) -> int:
     block would take more than one wave; 0 where that already fits or would need more than ONE_WAVE_STEPS. A grid of 1
     to 2 waves leaves the last wave's SMs unevenly loaded: LLaMA-7B gate_up (22016 rows) at 2 and 3 bits took 1376
     blocks of 4 steps (10 or 11 per SM over the kernel) and ran 4-13% slower than 787 blocks of 7 steps (6 per SM, one
-    wave; whole step 2-4% faster; H200, benchmarks/results/gpu-nvidia-h200.md, gpu6). With OWQ's outlier columns the
-    same 28 rows per block go in 14 steps of 2 rows (79 registers; 4 rows take 96, and capped at 80 or 72 they
-    spill and lose 3-13%). Not at 4 bits: 7 steps take 87 registers (5 blocks per SM, two waves), and capped at 80
-    the linear gained 5-7% alone but not the step (787 blocks in 792 slots leave no slack for blocks whose SM
-    still holds the previous kernel's blocks under PDL)."""
+    wave; whole step 2-4% faster; H200, benchmarks/results/gpu-nvidia-h200.md, gpu6); W3 + OWQ alike (its outlier
+    columns take no registers in the steps; before, its 4-row steps took 96). Not at 4 bits: 7 steps take 87
+    registers (5 blocks per SM, two waves), and capped at 80 the linear gained 5-7% alone but not the step (787
+    blocks in 792 slots leave no slack for blocks whose SM still holds the previous kernel's blocks under PDL)."""
     wave = ONE_WAVE * sms
     if -(-steps // 4) <= wave:
         return 0
@@ -769,9 +768,9 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         return out
 
     if n_out and gpu:
-        # OWQ's epilogue: LPR lanes per row add the outlier columns' products from shared memory (neither buffers
-        # nor loads in the steps: gpu6's ~16 registers), a shuffle sums them into the row's first lane, which writes
-        # the copy's pieces, then a barrier of our own: TVM's sync planner does not see cp.async's writes to
+        # OWQ's epilogue: `lanes` threads per row add the outlier columns' products from shared memory (no buffers
+        # or loads in the steps, where they took ~16 registers), a shuffle sums them into the row's first lane.
+        # The copy's pieces, then a barrier of our own: TVM's sync planner does not see cp.async's writes to
         # shared memory (where each lane reads only what it stored itself, it would place none before them)
         L += [f"{ind}T.ptx.cp.async_.wait_all()", f'{ind}T.tvm_storage_sync("shared")']
         lpr = OW["lanes"]
