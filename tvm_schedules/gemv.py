@@ -18,7 +18,7 @@ At batch 1 a linear layer only streams its packed weights, so the kernel is buil
   linear faster (the kernel boundaries, not the loads in flight, are what the LLaMA-7B step lacks);
 - after each step the rows' partial sums meet through warp shuffles (transposed: each exchange halves the rows a
   lane holds, `xreduce_stages`: 6 shuffles for 4 rows instead of 20) and one shared-memory slot per warp and row;
-  one barrier at the end adds the warps' slots (and the fp16 outlier columns, OWQ) per row;
+  one barrier at the end adds the warps' slots per row (and OWQ's fp16 outlier columns, see below);
 - no integer-to-float conversion per weight: a field of q bits is masked into the mantissa of the float 1.0
   (`0x3F800000 | (q << b)` is exactly `1 + q * 2^(b-23)`), so `x * f = x + x * q * 2^(b-23)` costs one mask (LOP3)
   and one FMA per weight; each field position b has its own accumulator, and fields sit high in the mantissa
@@ -38,8 +38,13 @@ made the LLaMA-7B step 1.3x (W4) to 1.4x (W2) faster (benchmarks/results/gpu-nvi
 the exact one. With int8 activations a thread's chunk is 32 values at every bit width (one activation block;
 `GemvConfig.chunk` = 64 halves the threads at 2 and 3 bits): twice the warps of 64-value chunks over a row.
 
-OWQ's fp16 outlier columns (`n_outliers`) join each step's partial sums before the reduction: thread c gathers x at
-columns c, c + chunks, ... once per block, and loads those columns of each row with the row's weights.
+OWQ's fp16 outlier columns (`n_outliers`) are added in an epilogue, outside the steps: at its start the block copies
+its rows of the outlier weights (one contiguous span of W_out [N, n_outliers]) into shared memory with `cp.async`
+(no registers; with PDL before the wait), thread c gathers x at columns c, c + chunks, ... and stores it to shared
+memory after the activations' math; after the final barrier `outlier_plan`'s lanes per row (8 for 16 rows and 128
+threads) each add a few columns' products, and a shuffle sums them into the lane that writes the row. Before, each
+step loaded each row's outlier weights into a second register buffer: ~16 more registers per thread, so W3 + OWQ
+ran a capped or smaller grid than W3 (gpu6's note in benchmarks/results/gpu-nvidia-h200.md).
 
 `pdl=True` adds programmatic dependent launch (sm_90): the next kernel may start before this one ends and waits
 for it only after issuing its own first weight loads (they depend on no earlier kernel).
@@ -117,7 +122,6 @@ def warps_for(spec: QuantSpec, act: str = "fp16", chunk: int = 0) -> int:
 
 CANDIDATES = ((8, 2), (4, 2), (8, 1), (4, 1), (2, 1), (1, 1))   # (rows, steps), most reuse first
 CANDIDATES_INT8 = ((4, 4), (4, 2), (4, 1), (2, 1), (1, 1))
-OUTLIER_MIN_BLOCKS = 6
 
 
 def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16", n_outliers: int = 0) -> GemvConfig:
@@ -134,24 +138,21 @@ def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16", n_outlier
     registers (OWQ's outlier columns: 95) left a second, nearly empty wave of blocks; 8 rows cost registers
     (128) for nothing. The rule's LLaMA-7B step is within 2% of the best config per linear at 4 and 3 bits and
     W3 + OWQ, 3% at 2 bits (H200, benchmarks/results/gpu-nvidia-h200.md). At 2 and 3 bits a 4 x 4 grid of more than
-    one wave takes more steps per block to fit one (`one_wave_steps`: gate_up)."""
+    one wave takes more steps per block to fit one (`one_wave_steps`: gate_up).
+
+    `n_outliers` does not change the pick: OWQ's outlier columns are added in the epilogue from shared memory and
+    take no registers in the steps (ptxas: the LLaMA-7B W3 + OWQ kernels at W3's configs use W3's 75-80), so they
+    run W3's grid (before, ~16 more registers: capped at 6 blocks per SM, gate_up in 14 steps of 2 rows)."""
     warps = warps_for(spec, act)
     int8 = act == "int8"
     cands = CANDIDATES_INT8 if int8 else CANDIDATES
     fits = [(r, s) for r, s in cands if spec.n % (r * s) == 0]
-    # OWQ's outlier columns take ~16 more registers (96): 5 blocks of 4 warps per SM instead of 6, a second wave
-    # on qkv; capped to 6 blocks per SM they fit again
-    cap = OUTLIER_MIN_BLOCKS if int8 and n_outliers and warps <= 4 else 0
     for r, s in fits:
         if spec.n // (r * s) * warps >= (8.5 if int8 else 11) * sms:
             if int8 and spec.bits < 4 and warps <= 4 and (r, s) == (4, 4) and one_wave_steps(spec.n // r, sms):
                 s = one_wave_steps(spec.n // r, sms)
-                if n_outliers and spec.n % 2 == 0:   # the same rows per block in steps of 2: the outlier columns'
-                    return GemvConfig(2, warps, 2 * s)  # registers fit 6 blocks per SM without the cap (79)
-                if not n_outliers:
-                    return GemvConfig(r, warps, s)
-            return GemvConfig(r, warps, s, min_blocks=cap)
-    return GemvConfig(fits[-1][0], warps, fits[-1][1], min_blocks=cap)
+            return GemvConfig(r, warps, s)
+    return GemvConfig(fits[-1][0], warps, fits[-1][1])
 
 
 ONE_WAVE = 6          # blocks of 4 warps per SM at <= 80 registers (the int8 kernels' 72-80)
@@ -163,16 +164,30 @@ def one_wave_steps(steps: int, sms: int = 132) -> int:
     block would take more than one wave; 0 where that already fits or would need more than ONE_WAVE_STEPS. A grid of 1
     to 2 waves leaves the last wave's SMs unevenly loaded: LLaMA-7B gate_up (22016 rows) at 2 and 3 bits took 1376
     blocks of 4 steps (10 or 11 per SM over the kernel) and ran 4-13% slower than 787 blocks of 7 steps (6 per SM, one
-    wave; whole step 2-4% faster; H200, benchmarks/results/gpu-nvidia-h200.md, gpu6). With OWQ's outlier columns the
-    same 28 rows per block go in 14 steps of 2 rows (79 registers; 4 rows take 96, and capped at 80 or 72 they
-    spill and lose 3-13%). Not at 4 bits: 7 steps take 87 registers (5 blocks per SM, two waves), and capped at 80
-    the linear gained 5-7% alone but not the step (787 blocks in 792 slots leave no slack for blocks whose SM
-    still holds the previous kernel's blocks under PDL)."""
+    wave; whole step 2-4% faster; H200, benchmarks/results/gpu-nvidia-h200.md, gpu6); W3 + OWQ alike (its outlier
+    columns take no registers in the steps; before, its 4-row steps took 96). Not at 4 bits: 7 steps take 87
+    registers (5 blocks per SM, two waves), and capped at 80 the linear gained 5-7% alone but not the step (787
+    blocks in 792 slots leave no slack for blocks whose SM still holds the previous kernel's blocks under PDL)."""
     wave = ONE_WAVE * sms
     if -(-steps // 4) <= wave:
         return 0
     s = -(-steps // wave)
     return s if s <= ONE_WAVE_STEPS else 0
+
+
+def outlier_plan(n: int, n_out: int, rows: int, threads: int) -> dict:
+    """OWQ's outlier columns in a block of `rows` rows and `threads` threads: {"piece": halves per copy into
+    shared memory (8, 4 or 2: one 16-, 8- or 4-byte cp.async, the widest that divides both the block's span of
+    W_out, rows * n_out halves, and the whole of it, N * n_out, so that no piece straddles its end; 1 where none
+    does: plain copies), "pieces": pieces per block, "lanes": lanes that share one row in the epilogue (a power of
+    2, at most 32, with rows * lanes <= threads where the block has that many threads)}."""
+    if n_out <= 0:
+        return {"piece": 0, "pieces": 0, "lanes": 0}
+    piece = next(h for h in (8, 4, 2, 1) if rows * n_out % h == 0 and n * n_out % h == 0)
+    lanes = 1
+    while lanes < 32 and rows * lanes * 2 <= threads:
+        lanes *= 2
+    return {"piece": piece, "pieces": rows * n_out // piece, "lanes": lanes}
 
 
 # ------------------------------------------------------------------------------------------------ field extraction
@@ -434,6 +449,10 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
          f'    for bx in {loop(NB, "blockIdx.x")}:']
     L.append(f'        red = T.alloc_buffer(({(TY if gpu else tpb) * RS},), "float32"'
              + (', scope="shared")' if gpu else ")"))
+    if n_out:  # OWQ: the block's rows of the outlier weights (copied in at the start) and x at the outlier columns
+        sh = ', scope="shared")' if gpu else ")"
+        L += [f'        osw = T.alloc_buffer(({RS * n_out},), "float16"' + sh,
+              f'        oxs = T.alloc_buffer(({n_out},), "float32"' + sh]
     if prologue == "rmsnorm" and gpu:
         L.append(f'        nred = T.alloc_buffer(({TY},), "float32", scope="shared")')
     L += [f'        for ty in {loop(TY, "threadIdx.y")}:',
@@ -461,9 +480,10 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     if not spec.sym:
         L.append(f'{ind}zr = T.alloc_buffer(({nbuf * R},), "uint8", scope={local})')
     NO = -(-n_out // nc)                          # outlier columns per thread: thread c takes c, c + nc, ...
-    if n_out:  # x at the thread's outlier columns (once per block), and each buffered row's weights there
-        L += [f'{ind}xo = T.alloc_buffer(({NO},), "float32", scope={local})',
-              f'{ind}owb = T.alloc_buffer(({nbuf * R * NO},), "float16", scope={local})']
+    if n_out:  # their indices and x there (gathered once per block), and the epilogue's partial sum
+        L += [f'{ind}oi = T.alloc_buffer(({NO},), "int32", scope={local})',
+              f'{ind}xo = T.alloc_buffer(({NO},), "float32", scope={local})',
+              f'{ind}op = T.alloc_buffer((1,), "float32", scope={local})']
     plan = prefetch_plan(spec, cfg) if gpu else {"qweight": 0, "scales": 0, "zeros": 0}
     if plan["qweight"]:  # see prefetch_plan: this warp's share of the block's weight rows, then scales and zeros
         cnt = PF_ROWS.format(rpw=plan["rpw"], rs=RS, n=n)
@@ -515,8 +535,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             out.append(f"{body}sc[{b * R + r}] = scales[{row}, {g}]")
             if not spec.sym:
                 out.append(f"{body}zr[{b * R + r}] = zeros[{row}, {g}]")
-            for i in range(NO):  # coalesced along W_out's row; a thread past the last column reads it and adds 0
-                out.append(f"{body}owb[{(b * R + r) * NO + i}] = ow[{row}, T.min({c} + {i * nc}, {n_out - 1})]")
         return out
 
     def first_loads(body):  # steps 0 .. L0 - 1 (those beyond a short last block guarded), then the L2 prefetches
@@ -541,6 +559,44 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             out += [f"{body}T.ptx.prefetch.global_.L2(T.address_of({t}[{row}, {g}]))"
                     for t in ("scales",) + (() if spec.sym else ("zeros",))]
         return out
+
+    OW = outlier_plan(n, n_out, RS, tpb)
+
+    def outlier_copy(ind):
+        # the block's rows of W_out are one contiguous span of RS * n_out halves: OW["piece"] halves per cp.async
+        # (16, 8 or 4 bytes), pieces dealt round-robin over the block's threads; a piece past row N (the last
+        # block of a ragged grid) is not copied, and its rows are not written
+        h, npc = OW["piece"], OW["pieces"]
+        out = []
+        for u in range(-(-npc // tpb)):
+            pc = f"({c} + {u * tpb})"
+            conds = ([f"{pc} < {npc}"] if (u + 1) * tpb > npc else []) + (
+                [f"bx * {RS * n_out} + ({pc} + 1) * {h} <= {n * n_out}"] if ragged else [])
+            f = f"bx * {RS * n_out} + {pc} * {h}"
+            src, dst = f"ow[({f}) // {n_out}, ({f}) % {n_out}]", f"osw[{pc} * {h}]"
+            if gpu and h > 1:
+                op_ = "cg" if h == 8 else "ca"
+                cp = [f"T.ptx.cp.async_.{op_}.shared.global_(T.address_of({dst}), T.address_of({src}), {2 * h})"]
+            else:   # the CPU twin (and halves that no cp.async width divides): plain copies, the same pieces
+                cp = [f"for e in T.serial({h}):",
+                      f"    osw[{pc} * {h} + e] = ow[({f} + e) // {n_out}, ({f} + e) % {n_out}]"]
+            if conds:
+                out += [f"{ind}if {' and '.join(conds)}:"] + [f"{ind}    {line}" for line in cp]
+            else:
+                out += [f"{ind}{line}" for line in cp]
+        out.append(f"{ind}if {c} < {nc}:")
+        out += [f"{ind}    oi[{i}] = oidx[T.min({c} + {i * nc}, {n_out - 1})]" for i in range(NO)]
+        return out
+
+    def outlier_part(slot):
+        # slot s: row s // LPR of the block, columns s % LPR + LPR i; slots past the block's rows and columns past
+        # n_out add 0 (their shared reads clamped in range)
+        lpr = OW["lanes"]
+        row, j = f"T.min({slot} // {lpr}, {RS - 1})", f"{slot} % {lpr}"
+        terms = [f'T.Select({j} + {i * lpr} < {n_out}, oxs[T.min({j} + {i * lpr}, {n_out - 1})] * T.Cast("float32", '
+                 f'osw[{row} * {n_out} + T.min({j} + {i * lpr}, {n_out - 1})]), T.float32(0))'
+                 for i in range(-(-n_out // lpr))]
+        return f"T.Select({slot} < {RS * lpr}, " + " + ".join(terms) + ", T.float32(0))"
 
     def live(st):  # the block's step st exists (only the last block of a ragged grid has fewer)
         return f"bx * {S} + {st} < {NS}" if ragged and st else ""
@@ -571,6 +627,8 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             L += [f"{ind}for i in T.serial({k}):",
                   f'{ind}    nr[0] = nr[0] + T.Cast("float32", x[{ix}, i]) * T.Cast("float32", x[{ix}, i])']
         L.append(f"{ind}nr[0] = T.rsqrt(nr[0] / T.float32({k}) + T.float32({float(eps)!r}))")
+    if n_out:  # OWQ: the block's outlier weights into shared memory and the thread's outlier indices, before the
+        L += outlier_copy(ind)  # wait (neither depends on an earlier kernel); cp.async takes no registers
     # x once per thread: the per-class sums (zero point and the mantissa's leading 1) serve every row of the block
     early = int8 and prologue != "rmsnorm"   # the first rows' loads go out before the activations' (x's latency
     if pdl and prologue != "rmsnorm":        # and rounding overlap them), with PDL also before the wait
@@ -581,10 +639,8 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     L.append(f"{ind}if {c} < {nc}:")
     if early and not pdl:
         L += first_loads(body)
-    for i in range(NO):  # OWQ: x at this thread's outlier columns (a hostile index is clamped into [0, K))
-        col = f"T.min({c} + {i * nc}, {n_out - 1})"
-        L.append(f'{body}xo[{i}] = T.Select({c} + {i * nc} < {n_out}, T.Cast("float32", '
-                 f'x[{ix}, T.max(T.min(oidx[{col}], {k - 1}), 0)]), T.float32(0))')
+    for i in range(NO):  # OWQ: x at this thread's outlier columns (a hostile index is clamped into [0, K)); into
+        L.append(f'{body}xo[{i}] = T.Cast("float32", x[{ix}, T.max(T.min(oi[{i}], {k - 1}), 0)])')  # shared below
     for sb in range(C // 32):
         L += load_x(body, sb, 0 if int8 or not resident else sb * 32)
         if int8:  # cpu_int8.quantize_act_np: d = max|x| / 127, a = nearbyint(x * 127 / max|x|)
@@ -601,6 +657,8 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         for i, b in enumerate(classes):
             L.append(f"{body}sx[{i}] = sx[{i}] + " + " + ".join(f"xf[{(sb * 32 if resident else 0) + v}]"
                                                                 for v, (_, fb) in enumerate(fields) if fb == b))
+    for i in range(NO):  # after the activations' math: the gather has long arrived, the store does not wait
+        L += [f"{body}if {c} + {i * nc} < {n_out}:", f"{body}    oxs[{c} + {i * nc}] = xo[{i}]"]
     if not int8:
         L += first_loads(body)
 
@@ -629,9 +687,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                 out.append(f'{body}acc[{r}] = acc[{r}] * T.Cast("float32", sc[{b * R + r}])')
         else:
             out += step_fp(body, b)
-        for r in range(R):  # OWQ's fp16 outlier columns join the row's partial sums before the reduction: their
-            for i in range(NO):  # loads ride with the row's weights, their x was gathered once per block
-                out.append(f'{body}acc[{r}] = acc[{r}] + xo[{i}] * T.Cast("float32", owb[{(b * R + r) * NO + i}])')
         return out + reduce_(ind, st)
 
     def step_fp(body, b):
@@ -701,9 +756,10 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     def add(row):   # the residual, added to the rounded output as a separate add kernel would
         return f" + res[{ix}, {row}]" if residual else ""
 
-    def finish(ind, lin, nsum):
+    def finish(ind, lin, nsum, extra=None):
         row = f"bx * {RS} + {lin}"
         tot = " + ".join(f"red[{t * RS} + {lin}]" for t in range(nsum)) if gpu else "tot[0]"
+        tot += f" + {extra}" if extra else ""
         out = []
         if not gpu:
             out += [f'{ind}tot = T.alloc_buffer((1,), "float32")', f"{ind}tot[0] = T.float32(0)",
@@ -711,16 +767,38 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         out.append(f'{ind}y[{ix}, {row}] = T.Cast("{out_dtype}", {tot}){add(row)}')
         return out
 
-    if gpu:
+    if n_out and gpu:
+        # OWQ's epilogue: `lanes` threads per row add the outlier columns' products from shared memory (no buffers
+        # or loads in the steps, where they took ~16 registers), a shuffle sums them into the row's first lane.
+        # The copy's pieces, then a barrier of our own: TVM's sync planner does not see cp.async's writes to
+        # shared memory (where each lane reads only what it stored itself, it would place none before them)
+        L += [f"{ind}T.ptx.cp.async_.wait_all()", f'{ind}T.tvm_storage_sync("shared")']
+        lpr = OW["lanes"]
+        L.append(f"{ind}for e in T.serial({-(-RS * lpr // tpb)}):")
+        L.append(f"{ind}    op[0] = {outlier_part(f'(e * {tpb} + {c})')}")
+        L += [f"{ind}    op[0] = op[0] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), op[0], {off}, 32, 32)"
+              for off in (16, 8, 4, 2, 1) if off < lpr]
+        lin = f"(e * {tpb} + {c}) // {lpr}"
+        L.append(f"{ind}    if (e * {tpb} + {c}) % {lpr} == 0 and {lin} < {RS}"
+                 + (f" and bx * {RS} + {lin} < {n}:" if ragged else ":"))
+        L += finish(ind + "        ", lin, TY, "op[0]")
+    elif gpu:
         ne = -(-RS // tpb)
         L.append(f"{ind}for e in T.serial({ne}):")
         L.append(f"{ind}    if e * {tpb} + {c} < {RS}" + (f" and bx * {RS} + e * {tpb} + {c} < {n}:" if ragged else ":"))
         L += finish(ind + "        ", f"(e * {tpb} + {c})", TY)
     else:
+        if n_out:  # the GPU's epilogue slots one after another, the shuffle a plain sum per row
+            lpr, slots = OW["lanes"], -(-RS * OW["lanes"] // tpb) * tpb
+            L += [f'        opart = T.alloc_buffer(({RS},), "float32")',
+                  f"        for r in T.serial({RS}):", "            opart[r] = T.float32(0)",
+                  f"        for s in T.serial({slots}):",
+                  f"            opart[T.min(s // {lpr}, {RS - 1})] = opart[T.min(s // {lpr}, {RS - 1})] + "
+                  + outlier_part("s")]
         L.append(f"        for lin in T.serial({RS}):")
         if ragged:
             L.append(f"            if bx * {RS} + lin < {n}:")
-        L += finish("                " if ragged else "            ", "lin", tpb)
+        L += finish("                " if ragged else "            ", "lin", tpb, "opart[lin]" if n_out else None)
     if gpu and cfg.min_blocks:  # everything inside the thread loops, under the launch-bounds attribute
         at = next(i for i, line in enumerate(L) if "threadIdx.x" in line) + 1
         L = L[:at] + [f'{ind}with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", {cfg.min_blocks}):'] + [

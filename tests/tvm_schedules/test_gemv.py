@@ -63,6 +63,10 @@ INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligne
     (3, 128, False, 20, 512, 2, 1, 4, 5, 3, 0), (3, -1, True, 6, 256, 2, 2, 1, 0, 2, 0),
     (3, 64, False, 8, 576, 4, 1, 2, 0, 2, 0), (3, 128, False, 12, 256, 2, 1, 4, 0, 4, 0),
     (4, 32, False, 8, 64, 2, 1, 2, 5, 2, 0),    # 5 outlier columns over 2 chunks: 3 per thread
+    # outlier epilogue: 3 rows x 3 columns (odd: plain copies, 8 lanes per row); 40 rows per block on 32 threads
+    # (one lane per row, two rounds) with a short last block (16-byte pieces past row N not copied): CI time, slow
+    (2, 64, False, 9, 128, 1, 1, 3, 3, 2, 0),
+    pytest.param(4, 32, False, 72, 32, 8, 1, 5, 3, 2, 0, marks=pytest.mark.slow),
 ]
 LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's dp4a3 (dequant.py); the previous planes3 here, and
     # dp4a3 in 64-value chunks (the same chunk index math as 2 bits at 64)
@@ -75,8 +79,15 @@ AHEAD_CASES = [  # GemvConfig.ahead (off in every default config): 2 or 3 steps 
     pytest.param(3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, None, 2, marks=pytest.mark.slow)]
 
 
+def _plus(case, *more):
+    """A case (a tuple or a pytest.param) with more values."""
+    if hasattr(case, "marks"):   # a pytest.param (itself a named tuple)
+        return pytest.param(*case.values, *more, marks=case.marks)
+    return case + more
+
+
 @pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout,ahead",
-                         [c + (None, 1) for c in INT8_CASES] + [c + (1,) for c in LAYOUT_CASES] + AHEAD_CASES)
+                         [_plus(c, None, 1) for c in INT8_CASES] + [c + (1,) for c in LAYOUT_CASES] + AHEAD_CASES)
 def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth, chunk, layout,
                                           ahead):
     """int8 activations + dp4a: the twin's integer dots are exact, so it meets the int8 NumPy model to fp32
@@ -191,8 +202,8 @@ def test_supports_and_default_config():
     for bits, layout in ((2, "words"), (3, "dp4a3")):
         gu = default_config(QuantSpec(22016, 4096, bits, 128, False, layout), act="int8")
         assert (gu.rows, gu.steps) == (4, 7) and 5.5 * 132 < -(-22016 // 28) <= 6 * 132
-        owq = default_config(QuantSpec(22016, 4096, bits, 128, False, layout), act="int8", n_outliers=26)
-        assert (owq.rows, owq.steps, owq.min_blocks) == (2, 14, 0)              # the same 28 rows per block
+        # OWQ's outlier columns (epilogue, no registers in the steps) run W3's grid
+        assert default_config(QuantSpec(22016, 4096, bits, 128, False, layout), act="int8", n_outliers=26) == gu
         assert default_config(QuantSpec(12288, 4096, bits, 128, False, layout), act="int8").steps == 4
         assert default_config(QuantSpec(28672, 4096, bits, 128, False, layout), act="int8").steps == 4
     assert default_config(QuantSpec(22016, 4096, 4, 128, False), act="int8").steps == 4
@@ -418,6 +429,46 @@ def test_gemv_decode_fusions_match_numpy(bits, group, n, k, rows, warps, steps, 
     np.testing.assert_allclose(y.numpy().astype(np.float32), want.astype(np.float32), rtol=0, atol=tol)
     if residual:   # the residual really was added (not a test that passes on zeros)
         assert np.abs(y.numpy().astype(np.float32) - model).max() > 0.5 * np.abs(res).max()
+
+
+@pytest.mark.parametrize("n,n_out,rows,threads,piece,lanes", [
+    (12288, 26, 16, 128, 8, 8), (22016, 26, 28, 128, 8, 4), (4096, 69, 16, 352, 8, 16),   # LLaMA-7B qkv, gate_up, down
+    (72, 3, 40, 32, 8, 1), (9, 3, 3, 32, 1, 8), (20, 5, 8, 32, 4, 4)])
+def test_outlier_plan_pieces_and_lanes(n, n_out, rows, threads, piece, lanes):
+    """The epilogue's copy: pieces of one cp.async width (16, 8 or 4 bytes, else single halves) tile each block's
+    span of W_out exactly and never straddle its end; its lanes: a power of 2 <= 32 per row, the block's rows
+    within its threads where it has enough."""
+    from edgequant.tvm_schedules.gemv import outlier_plan
+    plan = outlier_plan(n, n_out, rows, threads)
+    assert (plan["piece"], plan["lanes"]) == (piece, lanes)
+    assert plan["pieces"] * piece == rows * n_out and n * n_out % piece == 0
+    assert rows * lanes <= threads or lanes == 1
+
+
+def test_cuda_source_owq_epilogue():
+    """W3 + OWQ as exported for sm_90: the outlier weights reach shared memory by cp.async before the wait (never
+    a register load in the steps), x at the outlier columns is gathered after it, and the products are added after
+    one barrier, reduced by shuffles and written with the row."""
+    import re
+
+    import tvm
+    from edgequant.export.targets import PRESETS
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
+    spec = QuantSpec(512, 1024, 3, 128, False, "dp4a3")
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, 2), n_outliers=8, act="int8", pdl=True)}),
+                     target={**PRESETS["cuda"].target, "arch": "sm_90"})
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    body = src[src.index("main_kernel("):]
+    body = body[body.index(") {"):]
+    wait = body.index("cudaGridDependencySynchronize()")
+    ow = [m.start() for m in re.finditer(r"\bow_ptr\b", body)]
+    assert ow and all("cp_async_cg" in body[body.rindex("\n", 0, i):i] for i in ow) and max(ow) < wait
+    assert body.index("oidx_ptr") < wait < body.index("x_ptr[max(min(oi_ptr")
+    assert body.count("__syncthreads()") == 1
+    assert body.index("cp_async_wait_all") < body.index("__syncthreads()") < body.rindex("osw_ptr") < body.index(
+        "y_ptr[")
+    assert body.rindex("__shfl_down_sync") > body.index("__syncthreads()")
 
 
 def test_gemv_prologue_refuses_outlier_columns():
