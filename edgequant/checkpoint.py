@@ -509,6 +509,14 @@ def check_blocks_fit_config(folder: Path, config: dict, headers: dict | None = N
         raise EdgequantError(f"{folder} lacks weight(s) its config.json's model has: {', '.join(missing[:3])}{more} "
                              "(an incomplete download or copy, or options in config.json the weights were not made "
                              "with); restore the model's original files")
+    # the other way round: transformers would drop a bias its model lacks (a warning), export would add it
+    extra = [n for i in range(layers) for n in (f"{family.layer_prefix(i)}.{lin}.bias" for lin in linears
+                                                 if lin not in biased) if n in shapes]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise EdgequantError(f"{folder} holds bias(es) its config.json's model does not have: {', '.join(extra[:3])}"
+                             f"{more} (config.json's attention_bias / mlp_bias, or weights of another model); "
+                             "restore the model's original files")
 
 
 def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:

@@ -100,6 +100,9 @@ class Family:
     embed: str = "model.embed_tokens"     # the token embedding table [vocab, hidden]
     head: str = "lm_head"                 # the output layer [vocab, hidden] (tied: the embedding table serves)
     fixed_biases: dict = field(default_factory=dict)   # model type -> block linears that always have a bias
+    # model type -> the config flags ("attention_bias", "mlp_bias") its transformers model honours (Phi-3, Mistral
+    # and Qwen2 ignore both: a flag set there gives no bias)
+    bias_flags: dict = field(default_factory=dict)
     # (gate, up, activation module) of a block's MLP act(gate(x)) * up(x), for searches scored on that product;
     # () where gate and up are not separate linears of one calibration group (Phi-3 stores them fused)
     gated_mlp: tuple[str, ...] = ()
@@ -133,10 +136,11 @@ class Family:
 
     def biased_linears(self, config: dict) -> set[str]:
         """The block linears transformers gives a bias for this config: the model type's fixed ones, and those of
-        the attention / MLP under its `attention_bias` / `mlp_bias` flags."""
+        the attention / MLP under the `attention_bias` / `mlp_bias` flags its model honours (`bias_flags`)."""
         out = set(self.fixed_biases.get(config.get("model_type"), ()))
+        honoured = self.bias_flags.get(config.get("model_type"), ())
         for flag, part in (("attention_bias", "self_attn."), ("mlp_bias", "mlp.")):
-            if config.get(flag) is True:
+            if flag in honoured and config.get(flag) is True:
                 out |= {n for n in self.linear_names if n.startswith(part)}
         return out
 

@@ -26,9 +26,11 @@ _PAIRS = tuple(replace(p, producer="pre_feedforward_layernorm") if p.name == "fc
 
 # the linears, their groups and export's fusions are LLaMA's: only norms and LET pairs differ
 GEMMA2_FAMILY = replace(
-    LLAMA_FAMILY, name="gemma2", model_types=("gemma2",), norms=_NORMS, norm_weight_offset=1.0, let_pairs=_PAIRS)
+    LLAMA_FAMILY, name="gemma2", model_types=("gemma2",), bias_flags={"gemma2": ("attention_bias",)}, norms=_NORMS,
+    norm_weight_offset=1.0, let_pairs=_PAIRS)
 
 GEMMA3_FAMILY = replace(
-    LLAMA_FAMILY, name="gemma3", model_types=("gemma3_text",), norm_weight_offset=1.0,
+    LLAMA_FAMILY, name="gemma3", model_types=("gemma3_text",), bias_flags={"gemma3_text": ("attention_bias",)},
+    norm_weight_offset=1.0,
     norms=_NORMS + (Norm("self_attn.q_norm", "head_dim"), Norm("self_attn.k_norm", "head_dim")),
     let_pairs=tuple(p for p in _PAIRS if p.kind != "rope_qk"))

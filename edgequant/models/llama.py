@@ -30,5 +30,6 @@ LLAMA_FAMILY = Family(
     # export stacks q/k/v and gate/up into one linear each (same K, same scheme), so a block runs four matmuls
     export_fusions={"self_attn.qkv_proj": (_Q, _K, _V), _O: (_O,), "mlp.gate_up_proj": (_GATE, _UP), _DOWN: (_DOWN,)},
     fixed_biases={"qwen2": (_Q, _K, _V)},
+    bias_flags={"llama": ("attention_bias", "mlp_bias")},
     gated_mlp=(_GATE, _UP, "mlp.act_fn"),
 )

@@ -14,6 +14,6 @@ from .llama import LLAMA_FAMILY
 
 # the linears, their groups and export's fusions are LLaMA's
 QWEN3_FAMILY = replace(
-    LLAMA_FAMILY, name="qwen3", model_types=("qwen3",),
+    LLAMA_FAMILY, name="qwen3", model_types=("qwen3",), bias_flags={"qwen3": ("attention_bias",)},
     norms=LLAMA_FAMILY.norms + (Norm("self_attn.q_norm", "head_dim"), Norm("self_attn.k_norm", "head_dim")),
     let_pairs=tuple(p for p in LLAMA_FAMILY.let_pairs if p.kind != "rope_qk"))

@@ -240,3 +240,11 @@ def test_bias_flags_the_weights_lack_are_refused(model_dirs, tmp_path):
     with pytest.raises(EdgequantError, match=r"lacks weight\(s\) its config.json's model has: "
                                              r"model.layers.0.self_attn.k_proj.bias, .* and 5 more"):
         open_source(folder)
+    # qwen2's q/k/v biases under a llama config without the flag: transformers drops them, export added them
+    folder = tmp_path / "b"
+    shutil.copytree(model_dirs["qwen2"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(EdgequantError, match=r"holds bias\(es\) its config.json's model does not have: "
+                                             r"model.layers.0.self_attn.q_proj.bias"):
+        open_source(folder)

@@ -251,3 +251,22 @@ def test_gguf_files_load_as_their_models(tmp_path, tokenizer):
     write_gguf(plain, tokenizer, tmp_path / "phi35.gguf", rope_factors=True)
     with pytest.raises(EdgequantError, match="longrope factors"):
         load_model(tmp_path / "phi35.gguf")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("flags", [{}, {"attention_bias": True}, {"mlp_bias": True}])
+def test_biased_linears_are_transformers_biases(model_type, flags):
+    """`Family.biased_linears` (what export and the model-folder check expect) against the biases transformers'
+    model has for the same config: Phi-3 ignores attention_bias (a phi3 folder with it set and no biases was refused
+    as a model folder, but loaded as a checkpoint; eleventh hostile re-run, S33), Qwen2's q/k/v always have one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                               **flags)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    family = family_for(model_type)
+    modules = dict(model.named_modules())
+    pre = family.layer_prefix(0)
+    have = {lin for lin in family.linear_names if modules[f"{pre}.{lin}"].bias is not None}
+    assert family.biased_linears({"model_type": model_type, **flags}) == have
