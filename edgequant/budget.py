@@ -10,7 +10,9 @@ family's `export_fusions`) are chosen together, since one kernel has one scheme.
 knapsack, solved greedily on each group's lower convex hull of (bits, error): start every group at the lowest
 width and take upgrades in order of error saved per bit spent while the budget allows. The budget counts the integer
 bits (b per weight; scales and zero points are the scheme's group overhead, shown by `edgequant inspect`).
-The choice is recorded as per-module overrides in the checkpoint (`quantization_config.overrides`).
+The choice is recorded as per-module overrides in the checkpoint (`quantization_config.overrides`). OWQ takes the
+same allocation under its fp16 columns (`--method owq --width-budget 3.15 --target-bits 3.1`: a 3.25-bit budget,
+0.1 of it spent on the columns, whose count per linear kind follows OWQ's rule over the base --bits).
 """
 from __future__ import annotations
 
@@ -35,9 +37,14 @@ class GPTQConfig(BlockTuneOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.target_bits is not None and not OPTIONS[0] <= self.target_bits <= OPTIONS[-1]:
-            raise EdgequantError(f"--target-bits {self.target_bits} must lie between {OPTIONS[0]} and {OPTIONS[-1]} "
-                                 "for --method gptq (each linear takes 2, 3 or 4 bits)")
+        check_width_budget(self.target_bits, "--target-bits", "--method gptq")
+
+
+def check_width_budget(target: float | None, option: str, method: str) -> None:
+    """A mean width the allocation can meet: between the narrowest and the widest option."""
+    if target is not None and not OPTIONS[0] <= target <= OPTIONS[-1]:
+        raise EdgequantError(f"{option} {target} must lie between {OPTIONS[0]} and {OPTIONS[-1]} for {method} (each "
+                             "linear takes 2, 3 or 4 bits)")
 
 
 def allocate(errors: dict[str, dict[int, float]], sizes: dict[str, int], target: float) -> dict[str, int]:

@@ -45,3 +45,33 @@ def test_gptq_under_a_budget(tmp_path, model_dirs, text_file):
         assert len({bits[pre + f"self_attn.{p}_proj"] for p in "qkv"}) == 1
         assert bits[pre + "mlp.gate_proj"] == bits[pre + "mlp.up_proj"]
     assert ck.provenance["calibration"]["bit_budget"]["mean_bits"] == pytest.approx(mean, abs=1e-4)
+
+
+def test_owq_under_a_width_budget(tmp_path, model_dirs, text_file):
+    """OWQ's fp16 columns on top of the width allocation: mixed widths meet --width-budget, every linear keeps its
+    kind's columns, and inspect reports the sum of both shares."""
+    from edgequant import api
+    from edgequant.artifact import open_checkpoint
+    out = api.quantize(str(model_dirs["llama"]), tmp_path / "q", method="owq", bits=3, group_size=32,
+                       width_budget=3.25, target_bits=3.1, calib=text_file, nsamples=4, seqlen=64, progress=False)
+    ck = open_checkpoint(out)
+    shapes = ck.family.linear_shapes(ck.config)
+    bits = {n: ck.scheme_for(n).bits for n in ck.quantized_linears()}
+    sizes = {n: m * k for n in bits for m, k in [shapes[ck.family.relative_name(n)]]}
+    mean = sum(bits[n] * sizes[n] for n in bits) / sum(sizes.values())
+    assert mean <= 3.25 + 1e-9 and len(set(bits.values())) > 1, bits
+    prov = ck.provenance
+    counts = prov["calibration"]["weak_columns_per_linear"]
+    assert all(prov["layers"][n]["weak_columns"] == counts[ck.family.relative_name(n)] for n in bits)
+    assert prov["calibration"]["bit_budget"]["mean_bits"] == pytest.approx(mean, abs=1e-4)
+    info = api.inspect(out)
+    assert info["bits_target"] == pytest.approx(3.35)
+    with_columns = {n for n in bits if counts[ck.family.relative_name(n)]}
+    assert with_columns and set(info["outlier_columns"]) == with_columns
+    assert api.evaluate(out, text_file, seqlen=64, max_windows=2, progress=False)["perplexity"] < 1e4
+
+
+def test_width_budget_range():
+    from edgequant.calibrate.configs import OWQConfig
+    with pytest.raises(EdgequantError, match="--width-budget 1.5 must lie between 2 and 4"):
+        OWQConfig(width_budget=1.5, target_bits=3.1)
