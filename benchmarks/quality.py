@@ -189,6 +189,9 @@ ROWS = [
                        "tune_loss": "token_rel", "tune_heldout": 16}),
     ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "clip_up": False, "rotate": True, "tune_epochs": 6,
                        "tune_loss": "token_rel", "tune_heldout": 32, "nsamples": 256}),
+    # row 90 with OWQ's fp16 columns on top (--target-bits 4.05: 0.05 bits per weight more than W4 g128)
+    ("owq", "w4g128", {"target_bits": 4.05, "act_order": True, "clip_up": False, "rotate": True, "tune_epochs": 6,
+                       "tune_loss": "token_rel", "tune_heldout": 16}),
     # qwen at 3.25 bits: min-max fp16 columns (its best W3, 36.41) under a width budget, rotated
     ("owq", "w3g128", {"target_bits": 3.1, "width_budget": 3.15, "act_order": True, "clip_search": False,
                        "rotate": True}),
