@@ -36,7 +36,16 @@ class BlockTuneOptions(Options):
 
 
 @dataclass
-class OWQConfig(BlockTuneOptions):
+class BudgetOptions(BlockTuneOptions):
+    """How a bit budget across layers (`budget.py`) scores each linear's widths, shared by GPTQ and OWQ."""
+    budget_metric: str = opt("output", "what the bit budget minimises: 'output' (each linear's Hessian-weighted "
+                                       "error, as measured) or 'relative' (that error over the linear's output "
+                                       "energy tr(W H W^T), so that early blocks, whose activations are small, are "
+                                       "not the first to lose bits).", "choice", choices=("output", "relative"))
+
+
+@dataclass
+class OWQConfig(BudgetOptions):
     """OWQ: the weak-column budget, as bits per weight or as a fixed count per linear."""
     target_bits: float | None = opt(None, "bits per weight budget, e.g. 3.01, 3.1, 4.01.", "float", lo=0, lo_open=True)
     weak_columns: int | None = opt(None, "fp16 columns per linear (instead of --target-bits).", "int", lo=0)
@@ -73,6 +82,7 @@ class OWQConfig(BlockTuneOptions):
             raise EdgequantError("pass either --target-bits or --weak-columns, not both")
         from ..budget import check_width_budget   # budget.py imports this module
         check_width_budget(self.width_budget, "--width-budget", "--method owq")
+        self.refuse_unless(self.width_budget is not None, ("budget_metric",), "--width-budget")
         self.refuse_unless(self.clip_search, ("clip_metric", "clip_qk", "clip_up", "clip_v", "sink_guard",
                                               "sink_protect"),
                            "--clip-search")
