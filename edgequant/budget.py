@@ -14,8 +14,8 @@ bits (b per weight; scales and zero points are the scheme's group overhead, show
 grows with the activations, which grow with depth, so it starved the first blocks, where an error travels through
 every later block (SmolLM2, 3.25 bits: 2 bits on gate/up of blocks 0-3 and block 0's attention, 4 on most of the
 last blocks; on rotated qwen2 every down_proj, whose input act(gate) * up is small, at 2 bits; RTN of SmolLM2's
-choice was worse than uniform W3, the relative choice better;
-`benchmarks/budget_allocation.py`, `benchmarks/results/budget-allocation-issue11-acc7-*.md`). The choice is recorded as per-module overrides in the
+choice was worse than uniform W3, the relative choice better; `benchmarks/budget_allocation.py`,
+`benchmarks/results/budget-allocation-issue11-acc7-*.md`). The choice is recorded as per-module overrides in the
 checkpoint (`quantization_config.overrides`). OWQ takes the same allocation under its fp16 columns (`--method owq
 --width-budget 3.15 --target-bits 3.1`: a 3.25-bit budget, 0.1 of it spent on the columns, whose count per linear
 kind follows OWQ's rule over the base --bits).
