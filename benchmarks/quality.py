@@ -197,7 +197,8 @@ ROWS = [
                        "rotate": True}),
     # not run yet: the budget scored relative to each linear's output energy (--budget-metric relative; the measured
     # error put 2 bits on the first blocks, whose activations are small: RTN on CPU, SmolLM2 3.25 bits, 2 windows:
-    # 149.1 measured, 74.8 relative, uniform W3 109.5; benchmarks/results/budget-allocation-issue11-acc7-*.md):
+    # 149.1 measured, 74.8 relative, uniform W3 109.5; rotated qwen, 1 window: 82.7, 31.3, 42.2;
+    # benchmarks/results/budget-allocation-issue11-acc7-*.md):
     # rows 97, 95, 102 and 55 again, and GPTQ's 3.25 budget on rotated qwen
     ("owq", "w3g128", {"target_bits": 3.1, "width_budget": 3.15, "budget_metric": "relative", "act_order": True,
                        "rotate": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
