@@ -559,6 +559,8 @@ def inspect(checkpoint, context: int | None = None) -> dict:
     opts = prov.get("options") or {}
     # the figure the user asked for: OWQ's budget, else the integer width; "stored" adds packing, scales, zeros
     target = opts.get("target_bits") or opts.get("owq_target_bits") or float(s.bits)
+    if opts.get("width_budget"):   # OWQ under a width budget: the columns' share comes on top of the mean width
+        target = opts["width_budget"] + (opts["target_bits"] - s.bits if opts.get("target_bits") else 0.0)
     return {
         "path": str(ck.path), "model_type": ck.config.get("model_type"), "method": ck.method,
         "scheme": s.name, "bits": s.bits, "group_size": s.group_size, "sym": s.sym,

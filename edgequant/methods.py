@@ -212,7 +212,8 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
         counts = {kind: min(fixed, k) for kind, k in in_features.items()}
     else:
         counts = weak_column_counts(family, in_features, scheme.bits, target if target is not None else scheme.bits + 0.01)
-    q, stats, tokens, extra = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "owq", counts)
+    q, stats, tokens, extra = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "owq", counts,
+                                              budget=opts.config.width_budget)
     return MethodResult(q, stats, {"tokens": tokens, "weak_columns_per_linear": counts, "target_bits": target,
                                    **extra})
 

@@ -36,10 +36,24 @@ class BlockTuneOptions(Options):
 
 
 @dataclass
-class OWQConfig(BlockTuneOptions):
+class BudgetOptions(BlockTuneOptions):
+    """How a bit budget across layers (`budget.py`) scores each linear's widths, shared by GPTQ and OWQ."""
+    budget_metric: str = opt("output", "what the bit budget minimises: 'output' (each linear's Hessian-weighted "
+                                       "error, as measured) or 'relative' (that error over the linear's output "
+                                       "energy tr(W H W^T), so that early blocks, whose activations are small, are "
+                                       "not the first to lose bits).", "choice", choices=("output", "relative"))
+
+
+@dataclass
+class OWQConfig(BudgetOptions):
     """OWQ: the weak-column budget, as bits per weight or as a fixed count per linear."""
     target_bits: float | None = opt(None, "bits per weight budget, e.g. 3.01, 3.1, 4.01.", "float", lo=0, lo_open=True)
     weak_columns: int | None = opt(None, "fp16 columns per linear (instead of --target-bits).", "int", lo=0)
+    width_budget: float | None = opt(None, "a bit budget across layers under the fp16 columns: the mean integer "
+                                           "width of the linears, each 2, 3 or 4 bits by its Hessian-weighted error "
+                                           "(as GPTQ's --target-bits); the columns of --target-bits come on top "
+                                           "(--width-budget 3.15 --target-bits 3.1: 3.15 + 0.1 = 3.25 bits per "
+                                           "weight).", "float", lo=0, lo_open=True)
     clip_search: bool = opt(True, "tune each group's range by the paper's MSE search (off: min-max groups).", "bool")
     # the paper's search stays the default until the alternatives are measured on both real models (issue 11)
     clip_metric: str = opt("weight", "what the range search minimises: 'weight' (the paper's |dW|^2.4), 'output' "
@@ -66,6 +80,9 @@ class OWQConfig(BlockTuneOptions):
         super().__post_init__()
         if self.target_bits is not None and self.weak_columns is not None:
             raise EdgequantError("pass either --target-bits or --weak-columns, not both")
+        from ..budget import check_width_budget   # budget.py imports this module
+        check_width_budget(self.width_budget, "--width-budget", "--method owq")
+        self.refuse_unless(self.width_budget is not None, ("budget_metric",), "--width-budget")
         self.refuse_unless(self.clip_search, ("clip_metric", "clip_qk", "clip_up", "clip_v", "sink_guard",
                                               "sink_protect"),
                            "--clip-search")
