@@ -92,8 +92,8 @@ ROWS = [
     ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "clip_qk": False, "gptq": True,
                              "nsamples": 32, "seqlen": 256}),
     # a bit budget across layers (--target-bits: 2, 3 or 4 bits per fused linear from its Hessian-weighted error)
-    ("gptq", "w3g128", {"act_order": True, "target_bits": 3.25}),
-    ("gptq", "w3g128", {"act_order": True, "target_bits": 3.25, "rotate": True}),
+    ("gptq", "w3g128", {"act_order": True, "target_bits": 3.25, "budget_metric": "output"}),
+    ("gptq", "w3g128", {"act_order": True, "target_bits": 3.25, "budget_metric": "output", "rotate": True}),
     # block-output reconstruction after GPTQ/OWQ (--tune-epochs: scales, fp16 columns, biases, norms toward the fp
     # block on the fp stream, codes fixed), alone and with rotation, the fp16 columns, the bit budget
     ("gptq", "w3g128", {"act_order": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
@@ -103,8 +103,8 @@ ROWS = [
     ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "clip_search": False, "tune_epochs": 3,
                        "tune_loss": "token_rel"}),
     ("owq", "w2g64", {"target_bits": 2.1, "act_order": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
-    ("gptq", "w3g128", {"act_order": True, "target_bits": 3.25, "rotate": True, "tune_epochs": 3,
-                        "tune_loss": "token_rel"}),
+    ("gptq", "w3g128", {"act_order": True, "target_bits": 3.25, "budget_metric": "output", "rotate": True,
+                        "tune_epochs": 3, "tune_loss": "token_rel"}),
     ("gptq", "w3g128", {"act_order": True, "tune_epochs": 3, "tune_loss": "mse"}),
     ("gptq", "w4g128", {"act_order": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
     # issue 11, acc4: OWQ's fp16 columns with min-max groups (its range search is what lost on qwen) on the rotated
@@ -177,13 +177,13 @@ ROWS = [
     # issue 11, acc7: a 3.25-bit budget with what made W3/W4 good: OWQ's fp16 columns and range search inside the
     # budget (--width-budget: 2/3/4-bit linears under the columns; 3.15 + 0.1 of columns = 3.25), tuning, rotation;
     # all 3.25 bits on columns (OWQ 3.25) for comparison
-    ("owq", "w3g128", {"target_bits": 3.1, "width_budget": 3.15, "act_order": True, "tune_epochs": 3,
-                       "tune_loss": "token_rel"}),
-    ("owq", "w3g128", {"target_bits": 3.25, "act_order": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
-    ("owq", "w3g128", {"target_bits": 3.1, "width_budget": 3.15, "act_order": True, "rotate": True,
+    ("owq", "w3g128", {"target_bits": 3.1, "width_budget": 3.15, "budget_metric": "output", "act_order": True,
                        "tune_epochs": 3, "tune_loss": "token_rel"}),
-    ("owq", "w3g128", {"target_bits": 3.2, "width_budget": 3.05, "act_order": True, "tune_epochs": 3,
-                       "tune_loss": "token_rel"}),
+    ("owq", "w3g128", {"target_bits": 3.25, "act_order": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
+    ("owq", "w3g128", {"target_bits": 3.1, "width_budget": 3.15, "budget_metric": "output", "act_order": True,
+                       "rotate": True, "tune_epochs": 3, "tune_loss": "token_rel"}),
+    ("owq", "w3g128", {"target_bits": 3.2, "width_budget": 3.05, "budget_metric": "output", "act_order": True,
+                       "tune_epochs": 3, "tune_loss": "token_rel"}),
     # qwen W4 g128 past 31.5 (row 90, 6 epochs: 31.57): longer tuning with the held-out stop, more calibration windows
     ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "clip_up": False, "rotate": True, "tune_epochs": 10,
                        "tune_loss": "token_rel", "tune_heldout": 16}),
@@ -193,11 +193,11 @@ ROWS = [
     ("owq", "w4g128", {"target_bits": 4.05, "act_order": True, "clip_up": False, "rotate": True, "tune_epochs": 6,
                        "tune_loss": "token_rel", "tune_heldout": 16}),
     # qwen at 3.25 bits: min-max fp16 columns (its best W3, 36.41) under a width budget, rotated
-    ("owq", "w3g128", {"target_bits": 3.1, "width_budget": 3.15, "act_order": True, "clip_search": False,
-                       "rotate": True}),
-    # not run yet: the budget scored relative to each linear's output energy (--budget-metric relative; the measured
-    # error put 2 bits on the first blocks, whose activations are small: RTN on CPU, SmolLM2 3.25 bits, 2 windows:
-    # 149.1 measured, 74.8 relative, uniform W3 109.5; rotated qwen, 1 window: 82.7, 31.3, 42.2;
+    ("owq", "w3g128", {"target_bits": 3.1, "width_budget": 3.15, "budget_metric": "output", "act_order": True,
+                       "clip_search": False, "rotate": True}),
+    # the budget scored relative to each linear's output energy (--budget-metric relative, the default since; the
+    # measured error put 2 bits on the first blocks, whose activations are small: RTN on CPU, SmolLM2 3.25 bits, 2
+    # windows: 149.1 measured, 74.8 relative, uniform W3 109.5; rotated qwen, 1 window: 82.7, 31.3, 42.2;
     # benchmarks/results/budget-allocation-issue11-acc7-*.md):
     # rows 97, 95, 102 and 55 again, and GPTQ's 3.25 budget on rotated qwen
     ("owq", "w3g128", {"target_bits": 3.1, "width_budget": 3.15, "budget_metric": "relative", "act_order": True,
@@ -235,6 +235,8 @@ def row_key(method, scheme, opts, args, model=DEFAULT_MODEL):
     """The settings that identify a row; rows of the default model keep the keys they had before --models."""
     if method in ("gptq", "owq"):  # act-order became the default after the first rows: always spell it out
         opts = {"act_order": True, **opts}
+    if opts.get("budget_metric") == "output":   # the budget rows before 'relative' became the default: keyed without
+        opts = {k: v for k, v in opts.items() if k != "budget_metric"}
     n, L = calib_size(opts, args)
     calib = {} if method == "rtn" else {"nsamples": n, "seqlen": L, "seed": args.seed}
     opts = {k: v for k, v in opts.items() if k not in ("nsamples", "seqlen")}

@@ -93,7 +93,8 @@ def test_relative_metric_compares_groups_of_different_scale():
 def test_budget_metric_needs_a_budget():
     from edgequant.calibrate.configs import OWQConfig
     with pytest.raises(EdgequantError, match="--budget-metric only apply with --target-bits"):
-        GPTQConfig(budget_metric="relative")
+        GPTQConfig(budget_metric="output")
     with pytest.raises(EdgequantError, match="only apply with --width-budget"):
-        OWQConfig(target_bits=3.1, budget_metric="relative")
-    assert GPTQConfig(target_bits=3.25, budget_metric="relative").budget_metric == "relative"
+        OWQConfig(target_bits=3.1, budget_metric="output")
+    assert GPTQConfig(target_bits=3.25).budget_metric == "relative"   # the default (measured: quality.py rows 103-107)
+    assert GPTQConfig(target_bits=3.25, budget_metric="output").budget_metric == "output"

@@ -38,10 +38,11 @@ class BlockTuneOptions(Options):
 @dataclass
 class BudgetOptions(BlockTuneOptions):
     """How a bit budget across layers (`budget.py`) scores each linear's widths, shared by GPTQ and OWQ."""
-    budget_metric: str = opt("output", "what the bit budget minimises: 'output' (each linear's Hessian-weighted "
-                                       "error, as measured) or 'relative' (that error over the linear's output "
-                                       "energy tr(W H W^T), so that early blocks, whose activations are small, are "
-                                       "not the first to lose bits).", "choice", choices=("output", "relative"))
+    # 'relative' won every pair measured on both real models (40 windows; quality-issue11-lead11-cuda.md)
+    budget_metric: str = opt("relative", "what the bit budget minimises: 'relative' (each linear's Hessian-weighted "
+                                         "error over its output energy tr(W H W^T), so that early blocks, whose "
+                                         "activations are small, are not the first to lose bits) or 'output' (the "
+                                         "error as measured).", "choice", choices=("relative", "output"))
 
 
 @dataclass
