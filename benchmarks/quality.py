@@ -336,7 +336,7 @@ def main(argv=None):
             if key not in done:
                 done[key] = measure(model, method, scheme_name, opts, args, dev)
                 save_done()
-            rows.append(done[key])
+            rows.append({**done[key], "method": row_label(method, opts)})   # as the row is spelled now
         per_model[model] = rows
 
     lines, cols = side_by_side(per_model)
@@ -350,6 +350,11 @@ def main(argv=None):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
+
+
+def row_label(method, opts) -> str:
+    """The method column: the method and its options (calibration size aside) as the CLI spells them."""
+    return method + "".join(f" {k.replace('_', '-')}={v}" for k, v in opts.items() if k not in ("nsamples", "seqlen"))
 
 
 def measure(model, method, scheme_name, opts, args, dev) -> dict:
@@ -373,8 +378,7 @@ def measure(model, method, scheme_name, opts, args, dev) -> dict:
     tq = time.time() - t0
     info = edgequant.api.inspect(ck)
     res = edgequant.api.evaluate(ck, args.data, max_windows=args.max_windows, device=args.device)
-    label = method + "".join(f" {k.replace('_', '-')}={v}" for k, v in method_opts.items())
-    row = {"method": label, "scheme": scheme_name, "bits_per_weight": info["bits_per_weight"],
+    row = {"method": row_label(method, opts), "scheme": scheme_name, "bits_per_weight": info["bits_per_weight"],
            "perplexity": res["perplexity"], "quantize_s": tq, "eval_s": res["time_s"], "device_name": dev,
            "torch": torch.__version__, "settings": "-" if method == "rtn" else f"{n}x{L} seed {args.seed}"}
     if method == "omniquant":   # per-block losses (start, each epoch, kept) for the note on more epochs
