@@ -142,9 +142,17 @@ def _gguf_config_fixes(path: Path) -> dict:
         head_dim, heads, hidden = (field(f"qwen3.{k}") for k in ("attention.key_length", "attention.head_count",
                                                                  "embedding_length"))
         q = next((int(np.prod(t.shape)) for t in r.tensors if t.name == "blk.0.attn_q.weight"), None)
+        blocks = {int(t.name.split(".")[1]) for t in r.tensors
+                  if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
+        block_count = field(f"{arch}.block_count")
     except Exception as e:  # noqa: BLE001
         raise EdgequantError(f"{path} is not a readable GGUF file ({type(e).__name__}: {first_line(e, 120)}); "
                              "download or convert it again") from None
+    # transformers builds block_count layers before it reads a weight: 1e6 never finished (eleventh re-run, H6)
+    if blocks and (block_count != len(blocks) or min(blocks) != 0 or max(blocks) != len(blocks) - 1):
+        raise EdgequantError(f"{path.name}: {arch}.block_count is {block_count!r}, the file holds {len(blocks)} blocks "
+                             f"(blk.{min(blocks)}..blk.{max(blocks)}); the file is damaged: download or convert it "
+                             "again")
     if arch == "phi3" and rope_factors:
         raise EdgequantError(f"{path.name} is a Phi-3 GGUF with longrope factors, which transformers' GGUF reader "
                              "drops (the model would compute another RoPE); quantize the Hugging Face folder instead")

@@ -7,10 +7,16 @@ import struct
 import pytest
 
 KEY = b"qwen3.attention.key_length"
+BLOCKS = b"qwen3.block_count"
 
 
-def _key_at(b: bytes) -> int:
-    return b.find(KEY) + len(KEY)   # then the value's uint32 type and the uint32 value
+def _key_at(b: bytes, key: bytes = KEY) -> int:
+    return b.find(key) + len(key)   # then the value's uint32 type and the uint32 value
+
+
+def _set_u32(b: bytes, key: bytes, value: int) -> bytes:
+    at = _key_at(b, key) + 4
+    return b[:at] + struct.pack("<I", value) + b[at + 4:]
 
 
 DAMAGE = {
@@ -23,6 +29,9 @@ DAMAGE = {
     "head_dim_7": lambda b: b[:_key_at(b) + 4] + struct.pack("<I", 7) + b[_key_at(b) + 8:],
     "head_dim_2_pow_31": lambda b: b[:_key_at(b) + 4] + struct.pack("<I", 2 ** 31) + b[_key_at(b) + 8:],
     "head_dim_typed_as_string": lambda b: b[:_key_at(b)] + struct.pack("<I", 8) + b[_key_at(b) + 4:],
+    # transformers built the layers first: 1e6 never finished (eleventh hostile re-run, H6)
+    "block_count_1e6": lambda b: _set_u32(b, BLOCKS, 1_000_000),
+    "block_count_1": lambda b: _set_u32(b, BLOCKS, 1),
 }
 
 
@@ -46,3 +55,5 @@ def test_damaged_gguf_is_one_line(qwen3_gguf, tmp_path, damage):
     assert "\n" not in str(e.value) and f.name in str(e.value)
     if damage.startswith("head_dim_") and damage != "head_dim_typed_as_string":
         assert "qwen3.attention.key_length" in str(e.value)
+    if damage.startswith("block_count"):
+        assert "qwen3.block_count is" in str(e.value) and "the file holds 2 blocks" in str(e.value)
