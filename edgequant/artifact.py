@@ -266,6 +266,9 @@ def _validate(ckpt: Checkpoint, headers: dict):
                                   f"no zero points); the config and tensors disagree: {fix}")
         if has_bias:
             check(f"{name}.bias", (n,), "F16")
+        elif f"{name}.bias" in headers:   # export would add it; the model config.json describes has none there
+            raise CheckpointError(f"tensor '{name}.bias' is present but the model config.json describes has no bias "
+                                  f"there (attention_bias / mlp_bias, or weights of another model); {fix}")
         if f"{name}.outlier_idx" in headers:
             j = headers[f"{name}.outlier_idx"]["shape"][0]
             check(f"{name}.outlier_idx", (j,), "I32")

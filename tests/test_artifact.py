@@ -150,6 +150,21 @@ def test_wrong_shape(rtn_ckpt, tmp_path):
     _assert_one_line_error(rc, err, "model.layers.0.self_attn.k_proj.qweight", "shape")
 
 
+def test_a_bias_the_model_lacks(rtn_ckpt, tmp_path):
+    """A bias on a linear whose model has none: export built it in and `run` generated with it, while eval's
+    transformers model had no place for it (eleventh hostile re-run, S32)."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+    d = _copy(rtn_ckpt, tmp_path)
+    t = load_file(str(d / "model.safetensors"))
+    t["model.layers.0.mlp.down_proj.bias"] = np.ones(t["model.layers.0.mlp.down_proj.scales"].shape[0], np.float16)
+    save_file(t, str(d / "model.safetensors"))
+    for argv in (["inspect", str(d)], ["export", str(d), "--target", "cpu", "-o", str(tmp_path / "dist"), "-q"]):
+        rc, _, err = _cli(*argv)
+        _assert_one_line_error(rc, err, "model.layers.0.mlp.down_proj.bias", "no bias")
+    assert not (tmp_path / "dist").exists()
+
+
 def test_unsupported_architecture(rtn_ckpt, tmp_path, model_dirs):
     d = _copy(rtn_ckpt, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
