@@ -173,7 +173,7 @@ class ResumeState:
             oe = as_os_error(e)
             if oe is None:
                 raise
-            kept = f"the {i} blocks saved there are kept: rerunning the same command continues from them" if i else \
+            kept = f"the {i} finished block(s) saved there are kept: rerunning the same command continues from them" if i else \
                 "nothing was kept"
             if not i:
                 shutil.rmtree(self.dir, ignore_errors=True)
