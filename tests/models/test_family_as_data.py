@@ -127,6 +127,7 @@ TOY_FAMILY = Family(
     let_pairs=(LetPair("qkv", "norm", "ln_attn", ("attn.qkv",)), LetPair("fc1", "norm", "ln_mlp", ("mlp.fc_in",))),
     export_fusions={n: (n,) for n in ("attn.qkv", "attn.out", "mlp.fc_in", "mlp.fc_out")},
     norm_weight_offset=1.0,
+    fixed_biases={TOY: ("attn.qkv", "mlp.fc_in", "mlp.fc_out")},   # the model folder's check expects these, no others
 )
 
 AutoConfig.register(TOY, ToyConfig)

@@ -267,10 +267,10 @@ def test_refusals_outside_the_run_corpus(good_dist, text_file, tmp_path):
 
 
 def test_full_disk_while_linking_is_one_line_and_leaves_nothing(tmp_path):
-    """TVM reports the linker's ENOSPC as a RuntimeError; export turns it into atomic_output_dir's one line."""
+    """TVM reports the linker's ENOSPC as a RuntimeError; atomic_output_dir (where export links) turns it into its
+    one line (`atomic.as_os_error`)."""
     from edgequant.atomic import atomic_output_dir
     from edgequant.errors import EdgequantError
-    from edgequant.export.build import _export_library
 
     class FullDisk:
         def export_library(self, path, **kw):
@@ -278,7 +278,7 @@ def test_full_disk_while_linking_is_one_line_and_leaves_nothing(tmp_path):
             raise RuntimeError("Compilation error:\n/usr/bin/ld: final link failed: No space left on device")
     with pytest.raises(EdgequantError, match="No space left on device"):
         with atomic_output_dir(tmp_path / "dist", marker=EXPORT) as tmp:
-            _export_library(FullDisk(), tmp / "lib.so")
+            FullDisk().export_library(str(tmp / "lib.so"))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
