@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import register_owner
-from .errors import CheckpointError, EdgequantError, first_line
+from .errors import CheckpointError, EdgequantError, first_line, name_list
 from .paths import inside_folder
 from .schemes import QuantScheme
 
@@ -500,23 +500,21 @@ def check_blocks_fit_config(folder: Path, config: dict, headers: dict | None = N
     for name, shape in want.items():
         if name in shapes:   # a missing one is named by whatever reads the weights
             check_weight_shape(folder, name, shapes[name], shape)
-    # export takes its bias flags from the weights: `attention_bias: true` without biases exported another model
+    # export takes its bias flags from the weights: a bias missing (`attention_bias: true` without biases) or one
+    # the config's model lacks (transformers drops it with a warning) exported another model than the folder's
     biased = sorted(family.biased_linears(config))
     missing = [n for i in range(layers) for n in (f"{family.layer_prefix(i)}.{lin}.bias" for lin in biased)
                if n not in shapes]
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise EdgequantError(f"{folder} lacks weight(s) its config.json's model has: {', '.join(missing[:3])}{more} "
-                             "(an incomplete download or copy, or options in config.json the weights were not made "
+        raise EdgequantError(f"{folder} lacks weight(s) its config.json's model has: {name_list(missing)} (an "
+                             "incomplete download or copy, or options in config.json the weights were not made "
                              "with); restore the model's original files")
-    # the other way round: transformers would drop a bias its model lacks (a warning), export would add it
     extra = [n for i in range(layers) for n in (f"{family.layer_prefix(i)}.{lin}.bias" for lin in linears
                                                  if lin not in biased) if n in shapes]
     if extra:
-        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-        raise EdgequantError(f"{folder} holds bias(es) its config.json's model does not have: {', '.join(extra[:3])}"
-                             f"{more} (config.json's attention_bias / mlp_bias, or weights of another model); "
-                             "restore the model's original files")
+        raise EdgequantError(f"{folder} holds bias(es) its config.json's model does not have: {name_list(extra)} "
+                             "(config.json's attention_bias / mlp_bias, or weights of another model); restore the "
+                             "model's original files")
 
 
 def read_plain_tensors(folder: Path) -> dict[str, np.ndarray]:

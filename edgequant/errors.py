@@ -18,3 +18,10 @@ def first_line(e: Exception, limit: int | None = None) -> str:
     s = str(e).strip()
     line = s.splitlines()[0] if s else type(e).__name__
     return line[:limit] if limit else line
+
+
+def name_list(names, shown: int = 3) -> str:
+    """The first `shown` of `names` and how many more: what one error line can hold of a long list."""
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_output_dir
-from .errors import CheckpointError, EdgequantError, first_line
+from .errors import CheckpointError, EdgequantError, first_line, name_list
 from .models import family_for
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -368,8 +368,7 @@ def _check_complete(info: dict, src) -> None:
                                           "or options?)")):
         names = sorted(info.get(kind) or ())
         if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            raise EdgequantError(f"{src}: {len(names)} weight(s) {kind.split('_')[0]}: {', '.join(names[:3])}{more}; "
+            raise EdgequantError(f"{src}: {len(names)} weight(s) {kind.split('_')[0]}: {name_list(names)}; "
                                  f"{fix}: restore the model's original files")
 
 

@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from edgequant.checkpoint import check_weight_shape, table_names
-from edgequant.errors import EdgequantError
+from edgequant.errors import EdgequantError, name_list
 from edgequant.models import family_for
 from edgequant.tvm_schedules.dequant import QuantSpec, pack_zeros_np, repack_3bit_np
 
@@ -210,9 +210,8 @@ class HFSource(WeightSource):
                 state["lm_head.weight"], state.get("model.embed_tokens.weight")):
             unused.append("lm_head.weight (config.json ties the output layer to the embedding, these differ)")
         if unused:
-            more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
-            raise EdgequantError(f"{self.path} holds weight(s) the model has no place for: {', '.join(unused[:3])}"
-                                 f"{more} (wrong model_type or options in config.json?); restore the model's original "
+            raise EdgequantError(f"{self.path} holds weight(s) the model has no place for: {name_list(unused)}"
+                                 f" (wrong model_type or options in config.json?); restore the model's original "
                                  "files")
 
     def arrays(self, names):

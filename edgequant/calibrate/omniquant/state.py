@@ -173,9 +173,10 @@ class ResumeState:
             oe = as_os_error(e)
             if oe is None:
                 raise
-            kept = f"the {i} finished block(s) saved there are kept: rerunning the same command continues from them" if i else \
-                "nothing was kept"
-            if not i:
+            if i:
+                kept = f"the {i} finished block(s) saved there are kept: rerunning the same command continues from them"
+            else:
+                kept = "nothing was kept"
                 shutil.rmtree(self.dir, ignore_errors=True)
             raise EdgequantError(f"cannot save OmniQuant's progress in {self.dir} ({oe.strerror or oe}); free some "
                                  f"space or choose another output folder ({kept}; no output was written)") from None
