@@ -500,8 +500,8 @@ def check_blocks_fit_config(folder: Path, config: dict, headers: dict | None = N
     for name, shape in want.items():
         if name in shapes:   # a missing one is named by whatever reads the weights
             check_weight_shape(folder, name, shapes[name], shape)
-    # export takes its bias flags from the weights: a bias missing (`attention_bias: true` without biases) or one
-    # the config's model lacks (transformers drops it with a warning) exported another model than the folder's
+    # a bias missing (`attention_bias: true` without biases) or one the config's model lacks (transformers drops
+    # it with a warning) would make transformers and export build another model than the folder's weights
     biased = sorted(family.biased_linears(config))
     missing = [n for i in range(layers) for n in (f"{family.layer_prefix(i)}.{lin}.bias" for lin in biased)
                if n not in shapes]

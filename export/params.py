@@ -67,15 +67,18 @@ class WeightSource:
         """Refuse weights the graph's `names` leave unread (a source that reads its tensors by name checks this)."""
 
 
-def fused_linears(c: dict) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ...], int]]:
-    """(export linear, its checkpoint linears, their N, the shared K) for every block, from the family's fusions."""
+def fused_linears(c: dict) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ...], int, bool]]:
+    """(export linear, its checkpoint linears, their N, the shared K, whether it has a bias) for every block, from
+    the family's fusions; the bias from the config as transformers builds it (`Family.biased_linears`), so the
+    weights are checked against it, not trusted for it."""
     family = family_for(c.get("model_type"))
     shapes = family.linear_shapes(c)
+    biased = family.biased_linears(c)
     for i in range(c["num_hidden_layers"]):
         pre = family.layer_prefix(i)
         for export, members in family.export_fusions.items():
             yield (f"{pre}.{export}", tuple(f"{pre}.{m}" for m in members), tuple(shapes[m][0] for m in members),
-                   shapes[members[0]][1])
+                   shapes[members[0]][1], any(m in biased for m in members))
 
 
 class CheckpointSource(WeightSource):
@@ -98,7 +101,7 @@ class CheckpointSource(WeightSource):
         idx_names = [n for n in ck.files if n.endswith(".outlier_idx")]
         idx = ck.read(idx_names) if idx_names else {}
         plans = {}
-        for name, srcs, rows, k in fused_linears(c):
+        for name, srcs, rows, k, bias in fused_linears(c):
             kinds = {src in quantized for src in srcs}
             if len(kinds) > 1:
                 raise EdgequantError(f"{', '.join(srcs)} mix quantized and fp16 weights; export fuses them, so "
@@ -111,7 +114,6 @@ class CheckpointSource(WeightSource):
             spec = self._spec(schemes.pop(), n, k) if kinds.pop() else None
             cols = [idx[f"{src}.outlier_idx"] for src in srcs if f"{src}.outlier_idx" in idx]
             union = np.unique(np.concatenate(cols)).astype(np.int32) if cols else None
-            bias = any(f"{src}.bias" in ck.files for src in srcs)
             plans[name] = LinearPlan(name, srcs, k, n, spec, union if union is not None and len(union) else None,
                                      bias, rows)
         for name in table_names(ck.family, c):
@@ -188,9 +190,8 @@ class HFSource(WeightSource):
         return self._state
 
     def plans(self):
-        state = self._tensors()   # which linears have biases is read from the weights
-        return {name: LinearPlan(name, srcs, k, sum(rows), None, None, all(f"{s}.bias" in state for s in srcs), rows)
-                for name, srcs, rows, k in fused_linears(self.config)}
+        return {name: LinearPlan(name, srcs, k, sum(rows), None, None, bias, rows)
+                for name, srcs, rows, k, bias in fused_linears(self.config)}
 
     def _needed(self, names, plans) -> dict:
         """{export name: the folder's tensors it is made of}."""

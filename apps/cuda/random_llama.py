@@ -37,8 +37,8 @@ def build(out: Path, arch: str):
         arch = ArchConfig.from_hf(LLAMA_7B)
 
         def plans(self):
-            return {name: LinearPlan(name, srcs, k, sum(rows), QuantSpec(sum(rows), k, 4, 128, False), None, False,
-                                     rows) for name, srcs, rows, k in fused_linears(LLAMA_7B)}
+            return {name: LinearPlan(name, srcs, k, sum(rows), QuantSpec(sum(rows), k, 4, 128, False), None, bias,
+                                     rows) for name, srcs, rows, k, bias in fused_linears(LLAMA_7B)}
 
     out.mkdir(parents=True, exist_ok=True)
     preset = targets.get_preset("cuda")
