@@ -92,6 +92,8 @@ class GemvConfig:
     # at most `depth` (one buffer each); later steps load depth - 1 ahead as usual
     l2ahead: int = 0  # further steps whose weights, scales and zeros each thread asks L2 for at the start
     # (`prefetch.global.L2`, no registers; with PDL before the wait)
+    early_outliers: bool = True  # OWQ (GPU, >= 2 steps): the outlier columns' products are computed before the last
+    # step (one more barrier; the last step's loads are in flight meanwhile) instead of after the final barrier
 
     def __post_init__(self):
         if (self.rows < 1 or self.warps < 1 or self.steps < 1 or self.depth < 2 or self.chunk not in (0, 32, 64)
@@ -480,10 +482,13 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     if not spec.sym:
         L.append(f'{ind}zr = T.alloc_buffer(({nbuf * R},), "uint8", scope={local})')
     NO = -(-n_out // nc)                          # outlier columns per thread: thread c takes c, c + nc, ...
+    OW = outlier_plan(n, n_out, RS, tpb) if n_out else None
+    NE = -(-RS * OW["lanes"] // tpb) if n_out else 1   # epilogue slots per thread
+    early_out = bool(n_out) and gpu and cfg.early_outliers and S >= 2
     if n_out:  # their indices and x there (gathered once per block), and the epilogue's partial sum
         L += [f'{ind}oi = T.alloc_buffer(({NO},), "int32", scope={local})',
               f'{ind}xo = T.alloc_buffer(({NO},), "float32", scope={local})',
-              f'{ind}op = T.alloc_buffer((1,), "float32", scope={local})']
+              f'{ind}op = T.alloc_buffer(({NE},), "float32", scope={local})']
     plan = prefetch_plan(spec, cfg) if gpu else {"qweight": 0, "scales": 0, "zeros": 0}
     if plan["qweight"]:  # see prefetch_plan: this warp's share of the block's weight rows, then scales and zeros
         cnt = PF_ROWS.format(rpw=plan["rpw"], rs=RS, n=n)
@@ -560,7 +565,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                     for t in ("scales",) + (() if spec.sym else ("zeros",))]
         return out
 
-    OW = outlier_plan(n, n_out, RS, tpb)
 
     def outlier_copy(ind):
         # the block's rows of W_out are one contiguous span of RS * n_out halves: OW["piece"] halves per cp.async
@@ -739,6 +743,19 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
 
     # steps unrolled, buffers alternating: every buffer index is a constant (registers, not local memory), and no
     # loop-carried state keeps registers alive across steps
+    def outlier_products(ind):
+        # OWQ's epilogue products: `lanes` threads per row add the outlier columns' products from shared memory (no
+        # buffers or loads in the steps, where they took ~16 registers), a shuffle sums them into the row's first
+        # lane (op[e] of epilogue slot e * threads + c). The copy's pieces, then a barrier of our own: TVM's sync
+        # planner does not see cp.async's writes to shared memory (where each lane reads only what it stored
+        # itself, it would place none before them)
+        out = [f"{ind}T.ptx.cp.async_.wait_all()", f'{ind}T.tvm_storage_sync("shared")']
+        for e in range(NE):
+            out.append(f"{ind}op[{e}] = {outlier_part(f'({e * tpb} + {c})')}")
+            out += [f"{ind}op[{e}] = op[{e}] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), op[{e}], {off}, 32, 32)"
+                    for off in (16, 8, 4, 2, 1) if off < OW["lanes"]]
+        return out
+
     for st in range(S):
         nx = st + nbuf - 1
         pre = (live(nx), nx, nx % nbuf) if L0 <= nx < S else None
@@ -747,6 +764,11 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             # start, it launched while single-wave grids of long blocks were still running, and its early blocks
             # unbalanced them (H200: W3 1.15 -> 1.31 ms per step)
             L.append(f'{ind}T.evaluate(T.call_extern("void", "cudaTriggerProgrammaticLaunchCompletion"))')
+        if early_out and st == S - 1:
+            # before the last step, whose loads are in flight (issued during the previous step): after the final
+            # barrier the products were the block's tail (H200, LLaMA-7B W3 + OWQ down: 7.3 vs 7.1 us with PDL
+            # against products inside the steps, gpu8's note in benchmarks/results/gpu-nvidia-h200.md)
+            L += outlier_products(ind)
         if live(st):  # uniform over the block: the shuffles inside stay convergent
             L.append(f"{ind}if {live(st)}:")
             L += step(ind + "    ", st, st % nbuf, pre)
@@ -768,20 +790,17 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         return out
 
     if n_out and gpu:
-        # OWQ's epilogue: `lanes` threads per row add the outlier columns' products from shared memory (no buffers
-        # or loads in the steps, where they took ~16 registers), a shuffle sums them into the row's first lane.
-        # The copy's pieces, then a barrier of our own: TVM's sync planner does not see cp.async's writes to
-        # shared memory (where each lane reads only what it stored itself, it would place none before them)
-        L += [f"{ind}T.ptx.cp.async_.wait_all()", f'{ind}T.tvm_storage_sync("shared")']
+        # the products (computed here unless early_out: before the last step), added by each row's first lane
+        # after the final barrier (TVM's sync planner places it before the reads of `red`; with the products here,
+        # outlier_products' own barrier serves both)
+        if not early_out:
+            L += outlier_products(ind)
         lpr = OW["lanes"]
-        L.append(f"{ind}for e in T.serial({-(-RS * lpr // tpb)}):")
-        L.append(f"{ind}    op[0] = {outlier_part(f'(e * {tpb} + {c})')}")
-        L += [f"{ind}    op[0] = op[0] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), op[0], {off}, 32, 32)"
-              for off in (16, 8, 4, 2, 1) if off < lpr]
-        lin = f"(e * {tpb} + {c}) // {lpr}"
-        L.append(f"{ind}    if (e * {tpb} + {c}) % {lpr} == 0 and {lin} < {RS}"
-                 + (f" and bx * {RS} + {lin} < {n}:" if ragged else ":"))
-        L += finish(ind + "        ", lin, TY, "op[0]")
+        for e in range(NE):
+            lin = f"({e * tpb} + {c}) // {lpr}"
+            L.append(f"{ind}if ({e * tpb} + {c}) % {lpr} == 0 and {lin} < {RS}"
+                     + (f" and bx * {RS} + {lin} < {n}:" if ragged else ":"))
+            L += finish(ind + "    ", lin, TY, f"op[{e}]")
     elif gpu:
         ne = -(-RS // tpb)
         L.append(f"{ind}for e in T.serial({ne}):")

@@ -445,10 +445,13 @@ def test_outlier_plan_pieces_and_lanes(n, n_out, rows, threads, piece, lanes):
     assert rows * lanes <= threads or lanes == 1
 
 
-def test_cuda_source_owq_epilogue():
+@pytest.mark.parametrize("steps", [1, 2])
+def test_cuda_source_owq_epilogue(steps):
     """W3 + OWQ as exported for sm_90: the outlier weights reach shared memory by cp.async before the wait (never
     a register load in the steps), x at the outlier columns is gathered after it, and the products are added after
-    one barrier, reduced by shuffles and written with the row."""
+    a barrier of their own, reduced by shuffles and written with the row. One step: that barrier is the final one
+    (one in all); more steps: it comes before the last step's dot products (two in all), whose loads are in
+    flight."""
     import re
 
     import tvm
@@ -456,7 +459,8 @@ def test_cuda_source_owq_epilogue():
     from edgequant.tvm_schedules.dequant import QuantSpec
     from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
     spec = QuantSpec(512, 1024, 3, 128, False, "dp4a3")
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, 2), n_outliers=8, act="int8", pdl=True)}),
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, steps), n_outliers=8, act="int8",
+                                                     pdl=True)}),
                      target={**PRESETS["cuda"].target, "arch": "sm_90"})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     body = src[src.index("main_kernel("):]
@@ -465,10 +469,12 @@ def test_cuda_source_owq_epilogue():
     ow = [m.start() for m in re.finditer(r"\bow_ptr\b", body)]
     assert ow and all("cp_async_cg" in body[body.rindex("\n", 0, i):i] for i in ow) and max(ow) < wait
     assert body.index("oidx_ptr") < wait < body.index("x_ptr[max(min(oi_ptr")
-    assert body.count("__syncthreads()") == 1
-    assert body.index("cp_async_wait_all") < body.index("__syncthreads()") < body.rindex("osw_ptr") < body.index(
-        "y_ptr[")
-    assert body.rindex("__shfl_down_sync") > body.index("__syncthreads()")
+    syncs = [m.start() for m in re.finditer(r"__syncthreads\(\)", body)]
+    assert len(syncs) == steps
+    assert body.index("cp_async_wait_all") < syncs[0] < body.rindex("osw_ptr") < body.index("y_ptr[")
+    assert body.rindex("__shfl_down_sync") > syncs[0]
+    if steps > 1:   # the products between the two barriers, before the last step's dot products
+        assert body.rindex("osw_ptr") < body.rindex("__dp4a") < syncs[-1]
 
 
 def test_gemv_prologue_refuses_outlier_columns():
