@@ -65,7 +65,8 @@ QUICK = ((4, 4, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 32, 6, 0, 1, 1, 0), (4, 4, 2, 3
 # that ptxas must fit (0: no cap; only where a block has <= 4 warps), L2 prefetch of the block's rows at its start
 # (gemv.prefetch_plan; 1: tag "p"), transposed warp reduction (gemv.xreduce_stages; 0: tag "x"), steps loaded into
 # registers before the activations and the PDL wait (GemvConfig.ahead; tag "aN" unless 1), further steps each thread
-# asks L2 for at the start (GemvConfig.l2ahead; tag "lN")) tried per linear
+# asks L2 for at the start (GemvConfig.l2ahead; tag "lN")[, blocks of rows per thread block (GemvConfig.groups; tag
+# "gN"; 1 if absent)]) tried per linear
 # besides the default; `--baseline` adds the previous gemv.py's default kernels. An earlier sweep (results of
 # 2026-11-29 19:39) also tried 8 and 16 rows, 8 steps x 8 rows and buffers 3: never more than noise ahead
 LAYERS = 32
@@ -142,28 +143,30 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
             dflt = default_config(spec, act=act, n_outliers=nout)
             dchunk = chunk_of(bits, act, dflt)
             dkey = (dflt.rows, dflt.steps, dflt.depth, dchunk, dflt.min_blocks, int(dflt.prefetch), int(dflt.xreduce),
-                    dflt.ahead, dflt.l2ahead)
+                    dflt.ahead, dflt.l2ahead, dflt.groups)
             tried = {dkey}
             if act == "int8":  # fp16 activations run their default config only
-                sweep = configs if configs is not None else QUICK if quick else SWEEP
+                sweep = [tuple(c) + (1,) * (10 - len(c)) for c in (configs if configs is not None else
+                                                                    QUICK if quick else SWEEP)]
                 tried |= {c for c in sweep if (not linears or lin in linears) and n % c[0] == 0
                           and -(-n // c[0] // c[1]) >= 132
                           and (bits != 4 or c[3] == 32) and (not c[4] or warps_for(spec, act, c[3]) <= 4)
-                          and c[7] <= min(c[1], c[2]) and c[8] < c[1]}
-            for rows, steps, depth, chunk, minb, pf, xr, ahead, l2 in sorted(tried):
+                          and c[7] <= min(c[1], c[2]) and c[8] < c[1] and _groups_fit(n, c, warps_for(spec, act, c[3]))}
+            for rows, steps, depth, chunk, minb, pf, xr, ahead, l2, grp in sorted(tried):
                 cfg = GemvConfig(rows, warps_for(spec, act, chunk), steps, depth,
-                                 chunk if chunk != chunk_of(bits, act) else 0, minb, bool(pf), bool(xr), ahead, l2)
+                                 chunk if chunk != chunk_of(bits, act) else 0, minb, bool(pf), bool(xr), ahead, l2,
+                                 groups=grp)
                 tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
                 cname = (f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "") + (f"c{chunk}" if bits != 4 else "")
                          + (f"b{minb}" if minb else "") + ("p" if pf else "") + ("" if xr else "x")
-                         + (f"a{ahead}" if ahead != 1 else "") + (f"l{l2}" if l2 else ""))
+                         + (f"a{ahead}" if ahead != 1 else "") + (f"l{l2}" if l2 else "") + (f"g{grp}" if grp > 1 else ""))
                 name = f"w{bits}{tag}{lay or ''}_{lin}_{cname}"
                 pdl = act == "int8"   # griddepcontrol: a no-op unless launched with programmatic serialization
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act, pdl=pdl),
                     scheme + (" int8 act" if act == "int8" else ""), bits, g, lin, n, k, spec,
-                    cname, (rows, steps, depth, chunk, minb, pf, xr, ahead, l2) == dkey, nout,
-                    [-(-n // rows // steps), 1, 1],
-                    [32, cfg.warps, 1], act, pdl)
+                    cname, (rows, steps, depth, chunk, minb, pf, xr, ahead, l2, grp) == dkey, nout,
+                    [cfg.blocks(n), 1, 1],
+                    [32, cfg.warps, grp], act, pdl)
             if baseline and act == "int8" and not lay:   # the previous gemv.py's default kernel, in the same run
                 prev = _load_baseline(baseline)
                 pc = prev.default_config(spec, act=act, n_outliers=nout)
@@ -213,6 +216,14 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
     print(f"generated {len(manifest)} kernels in {time.time() - t:.0f} s -> {out}")
     if not device_nvcc:
         compile_cubins(out, arch, jobs=jobs)
+
+
+def _groups_fit(n: int, c: tuple, warps: int, sms: int = 132) -> bool:
+    """A config's groups (c[9]) divide its blocks of rows and the grouped grid fits one wave of thread blocks of
+    <= 24 warps at 80 registers per SM (H200: 6 blocks of 4 warps, as the ungrouped kernels)."""
+    nb = -(-(n // c[0]) // c[1])
+    per_sm = 24 // (warps * c[9])
+    return c[9] == 1 or (nb % c[9] == 0 and per_sm >= 1 and nb // c[9] <= per_sm * sms)
 
 
 class _DenseSpec:
@@ -1034,7 +1045,7 @@ def main():
     ap.add_argument("--baseline", help="build: also the default configs of this earlier gemv.py, for the same run")
     ap.add_argument("--quick", action="store_true", help="build: default configs only")
     ap.add_argument("--configs", help="build: the int8 configs tried besides the default instead of QUICK / SWEEP, "
-                    "';'-separated tuples of 9 integers as in SWEEP")
+                    "';'-separated tuples of 9 integers as in SWEEP, or 10 (the 10th: GemvConfig.groups)")
     ap.add_argument("--linears", help="build: try --configs / QUICK / SWEEP on these linears only (comma-separated)")
     ap.add_argument("--acts", default=",".join(ACTS), help="build: decode activation types (int8,fp16)")
     ap.add_argument("--decode-only", action="store_true", help="build: no prefill kernels")

@@ -94,10 +94,16 @@ class GemvConfig:
     # (`prefetch.global.L2`, no registers; with PDL before the wait)
     early_outliers: bool = True  # OWQ (GPU, >= 2 steps): the outlier columns' products are computed before the last
     # step (one more barrier; the last step's loads are in flight meanwhile) instead of after the final barrier
+    groups: int = 1   # blocks of rows per thread block (threadIdx.z): the grid launches 1 / groups as many blocks of
+    # groups x as many warps, each group the block it replaces (own rows and shared slots); must divide the blocks
+
+    def blocks(self, n: int) -> int:
+        """Thread blocks of the grid for N rows (each `groups` blocks of rows x steps rows; the last may be short)."""
+        return -(-(n // self.rows) // self.steps) // self.groups
 
     def __post_init__(self):
         if (self.rows < 1 or self.warps < 1 or self.steps < 1 or self.depth < 2 or self.chunk not in (0, 32, 64)
-                or self.min_blocks < 0 or not 1 <= self.ahead <= self.depth or self.l2ahead < 0):
+                or self.min_blocks < 0 or not 1 <= self.ahead <= self.depth or self.l2ahead < 0 or self.groups < 1):
             raise ValueError(f"bad GEMV config {self}")
 
 
@@ -384,6 +390,8 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
         raise ValueError(f"no decode GEMV for {spec} with {act} activations in {chunk}-value chunks")
     if spec.n % cfg.rows:
         raise ValueError(f"{cfg.rows} rows per step do not divide N={spec.n}")
+    if -(-(spec.n // cfg.rows) // cfg.steps) % cfg.groups:
+        raise ValueError(f"{cfg.groups} groups do not divide the {-(-(spec.n // cfg.rows) // cfg.steps)} blocks of rows")
     if 32 * cfg.warps < spec.k // chunk:
         raise ValueError(f"{cfg.warps} warps do not cover the {spec.k // chunk} chunks of K={spec.k}")
     if prologue not in PROLOGUES:
@@ -822,4 +830,33 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         at = next(i for i, line in enumerate(L) if "threadIdx.x" in line) + 1
         L = L[:at] + [f'{ind}with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", {cfg.min_blocks}):'] + [
             "    " + line for line in L[at:]]
+    if cfg.groups > 1:
+        L = _grouped(L, cfg.groups, NB, gpu)
     return "\n".join(L) + "\n"
+
+
+SHARED = ("red", "osw", "oxs", "nred")   # the block's shared buffers: one slice per group
+
+
+def _grouped(L: list[str], ng: int, nb: int, gpu: bool) -> list[str]:
+    """The kernel of `L` with `ng` of its blocks in one thread block: group tz (threadIdx.z; the twin: a serial loop)
+    of block bx runs the body of block bx * ng + tz; on the GPU each shared buffer gets one slice per group (the
+    block's barriers then serve all groups, which all reach them: ng divides the blocks, so no group is idle)."""
+    import re
+    head = next(i for i, line in enumerate(L) if line.lstrip().startswith("for bx in"))
+    L = L[:head] + [L[head].replace(f"({nb},", f"({nb // ng},").replace(f"({nb})", f"({nb // ng})")] + [
+        re.sub(r"\bbx\b", f"(bx * {ng} + tz)", line) for line in L[head + 1:]]
+    body = L[head + 1:]
+    if not gpu:   # the twin: each group's buffers are its own
+        return L[:head + 1] + [f"        for tz in T.serial({ng}):"] + ["    " + line for line in body]
+    size = {}
+    for i, line in enumerate(body):
+        m = re.match(r"\s*(\w+) = T\.alloc_buffer\(\((\d+),\)", line)
+        if m and m.group(1) in SHARED:
+            size[m.group(1)] = int(m.group(2))
+            body[i] = line.replace(f"(({m.group(2)},)", f"(({int(m.group(2)) * ng},)", 1)
+    pat = re.compile(r"\b(" + "|".join(size) + r")\[")
+    body = [pat.sub(lambda m: f"{m.group(1)}[tz * {size[m.group(1)]} + ", line) for line in body]
+    at = next(i for i, line in enumerate(body) if "threadIdx.y" in line)
+    return (L[:head + 1] + body[:at] + [f'        for tz in T.thread_binding({ng}, thread="threadIdx.z"):']
+            + ["    " + line for line in body[at:]])

@@ -86,10 +86,16 @@ def _plus(case, *more):
     return case + more
 
 
-@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout,ahead",
-                         [_plus(c, None, 1) for c in INT8_CASES] + [c + (1,) for c in LAYOUT_CASES] + AHEAD_CASES)
+GROUP_CASES = [  # GemvConfig.groups: several blocks of rows per thread block, a short last block of rows (40
+    # steps of 2 rows in blocks of 3) and outlier columns (their shared copies per group), or 3 groups of 2 bits
+    (4, 32, False, 80, 64, 2, 1, 3, 3, 2, 0, None, 1, 2), (2, 64, False, 48, 128, 4, 1, 2, 0, 2, 0, None, 1, 3)]
+
+
+@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout,ahead,groups",
+                         [_plus(c, None, 1, 1) for c in INT8_CASES] + [c + (1, 1) for c in LAYOUT_CASES]
+                         + [_plus(c, 1) for c in AHEAD_CASES] + GROUP_CASES)
 def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth, chunk, layout,
-                                          ahead):
+                                          ahead, groups):
     """int8 activations + dp4a: the twin's integer dots are exact, so it meets the int8 NumPy model to fp32
     rounding; the model itself stays within int8 activation error of the exact product."""
     import tvm
@@ -101,7 +107,7 @@ def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, s
     x = rng.standard_normal((1, k)).astype(np.float16)
     x[0, 3] = 100
     x[0, 40:72] = 0  # an all-zero activation block (scale 0)
-    cfg = GemvConfig(rows, warps, steps, depth, chunk, ahead=ahead)
+    cfg = GemvConfig(rows, warps, steps, depth, chunk, ahead=ahead, groups=groups)
     ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, cfg, gpu=False,
                                                      out_dtype="float32", n_outliers=n_out, act="int8")}),
                      target="llvm")
@@ -475,6 +481,25 @@ def test_cuda_source_owq_epilogue(steps):
     assert body.rindex("__shfl_down_sync") > syncs[0]
     if steps > 1:   # the products between the two barriers, before the last step's dot products
         assert body.rindex("osw_ptr") < body.rindex("__dp4a") < syncs[-1]
+
+
+def test_cuda_source_groups_slice_shared_memory():
+    """Groups of blocks in one thread block (threadIdx.z): 1 / groups as many blocks, each group reading its own
+    rows and its own slice of every shared buffer; groups that do not divide the blocks are refused."""
+    import tvm
+    from edgequant.export.targets import PRESETS
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
+    spec = QuantSpec(96, 1024, 3, 128, False, "dp4a3")
+    cfg = GemvConfig(4, 1, 2, groups=3)   # 12 blocks of 8 rows in 4 thread blocks of 3 x 32 threads
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, cfg, n_outliers=8, act="int8", pdl=True)}),
+                     target={**PRESETS["cuda"].target, "arch": "sm_90"})
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    body = src[src.index("main_kernel("):]
+    assert "__launch_bounds__(96)" in src and "threadIdx.z" in body
+    assert "red_ptr[24]" in src and "osw_ptr[192]" in src and "oxs_ptr[24]" in src   # 8 rows x 1 warp, 8 x 8, 8; x 3
+    with pytest.raises(ValueError, match="groups"):
+        gemv_func(spec, GemvConfig(4, 1, 2, groups=5), act="int8")
 
 
 def test_gemv_prologue_refuses_outlier_columns():
