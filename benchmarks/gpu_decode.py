@@ -20,7 +20,10 @@ the 128 launches (each layer its own weights), plainly and with programmatic dep
 carry griddepcontrol, launched here through cuLaunchKernelEx, as TVM's runtime launches an sm_90 export's GEMVs:
 export/pdl.py), and
 torch int4 the same way, and two floors of the step's 128 dependent launches: empty kernels of the W4 GEMVs' grid
-and block shapes (plain and PDL), and the grid barriers one persistent kernel would pay instead. `run --repeat N`
+and block shapes and of uniform grids of 132 to 1376 blocks (plain and PDL; the PDL trigger after or before the
+wait), and the grid barriers one persistent kernel would pay instead (one counter or 32, 792 or 132 blocks).
+`--acts ...,dense` adds the decode kernels of an fp16 (unquantized) export, each linear as the export's own passes
+schedule it (dlight's GEMV rule), with cuBLAS fp16 over the same step as its peer. `run --repeat N`
 measures the whole-step graphs N times (one pass over all schemes after another) and reports each time's median.
 Writes benchmarks/results/gpu-<device>.md.
 
@@ -159,7 +162,8 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                 tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
                 cname = (f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "") + (f"c{chunk}" if bits != 4 else "")
                          + (f"b{minb}" if minb else "") + ("p" if pf else "") + ("" if xr else "x")
-                         + (f"a{ahead}" if ahead != 1 else "") + (f"l{l2}" if l2 else "") + (f"g{grp}" if grp > 1 else ""))
+                         + (f"a{ahead}" if ahead != 1 else "") + (f"l{l2}" if l2 else "")
+                         + (f"g{grp}" if grp > 1 else ""))
                 name = f"w{bits}{tag}{lay or ''}_{lin}_{cname}"
                 pdl = act == "int8"   # griddepcontrol: a no-op unless launched with programmatic serialization
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act, pdl=pdl),

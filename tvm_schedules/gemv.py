@@ -41,10 +41,19 @@ the exact one. With int8 activations a thread's chunk is 32 values at every bit 
 OWQ's fp16 outlier columns (`n_outliers`) are added in an epilogue, outside the steps: at its start the block copies
 its rows of the outlier weights (one contiguous span of W_out [N, n_outliers]) into shared memory with `cp.async`
 (no registers; with PDL before the wait), thread c gathers x at columns c, c + chunks, ... and stores it to shared
-memory after the activations' math; after the final barrier `outlier_plan`'s lanes per row (8 for 16 rows and 128
-threads) each add a few columns' products, and a shuffle sums them into the lane that writes the row. Before, each
-step loaded each row's outlier weights into a second register buffer: ~16 more registers per thread, so W3 + OWQ
-ran a capped or smaller grid than W3 (gpu6's note in benchmarks/results/gpu-nvidia-h200.md).
+memory after the activations' math; `outlier_plan`'s lanes per row (8 for 16 rows and 128 threads) each add a few
+columns' products, and a shuffle sums them into the lane that writes the row after the final barrier. With two or
+more steps the products are computed before the last step, behind a barrier of their own, while that step's loads
+are in flight (`GemvConfig.early_outliers`; after the final barrier they were the block's tail: H200, LLaMA-7B W3 +
+OWQ step 0.939 vs 0.956 ms with PDL, now 1.3% over plain W3 instead of 3.2%). Before, each step loaded each row's
+outlier weights into a second register buffer: ~16 more registers per thread, so W3 + OWQ ran a capped or smaller
+grid than W3 (gpu6's note in benchmarks/results/gpu-nvidia-h200.md).
+
+`GemvConfig.groups` (off) puts several blocks of rows into one thread block (threadIdx.z, each group with its own rows
+and its own slice of the shared buffers): 1 / groups as many blocks per launch. 128 empty kernels cost 0.65 us per
+PDL launch at 132 blocks and 1.18 us at 792 (H200), but the real GEMVs did not gain: whole W4 / W2 steps 0.3-0.7%
+slower with PDL at the best grouping per linear, W3 4% (benchmarks/results/gpu-nvidia-h200.md, gpu9): under PDL
+the next kernel's small blocks start in the previous kernel's tail, a large one waits for a whole large slot.
 
 `pdl=True` adds programmatic dependent launch (sm_90): the next kernel may start before this one ends and waits
 for it only after issuing its own first weight loads (they depend on no earlier kernel).
@@ -95,7 +104,8 @@ class GemvConfig:
     early_outliers: bool = True  # OWQ (GPU, >= 2 steps): the outlier columns' products are computed before the last
     # step (one more barrier; the last step's loads are in flight meanwhile) instead of after the final barrier
     groups: int = 1   # blocks of rows per thread block (threadIdx.z): the grid launches 1 / groups as many blocks of
-    # groups x as many warps, each group the block it replaces (own rows and shared slots); must divide the blocks
+    # groups x as many warps, each group the block it replaces (own rows and shared slots); must divide the blocks.
+    # Off: no step got faster on the H200 (module docstring)
 
     def blocks(self, n: int) -> int:
         """Thread blocks of the grid for N rows (each `groups` blocks of rows x steps rows; the last may be short)."""
@@ -390,8 +400,8 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
         raise ValueError(f"no decode GEMV for {spec} with {act} activations in {chunk}-value chunks")
     if spec.n % cfg.rows:
         raise ValueError(f"{cfg.rows} rows per step do not divide N={spec.n}")
-    if -(-(spec.n // cfg.rows) // cfg.steps) % cfg.groups:
-        raise ValueError(f"{cfg.groups} groups do not divide the {-(-(spec.n // cfg.rows) // cfg.steps)} blocks of rows")
+    if (nb := -(-(spec.n // cfg.rows) // cfg.steps)) % cfg.groups:
+        raise ValueError(f"{cfg.groups} groups do not divide the {nb} blocks of rows")
     if 32 * cfg.warps < spec.k // chunk:
         raise ValueError(f"{cfg.warps} warps do not cover the {spec.k // chunk} chunks of K={spec.k}")
     if prologue not in PROLOGUES:
