@@ -583,7 +583,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                     for t in ("scales",) + (() if spec.sym else ("zeros",))]
         return out
 
-
     def outlier_copy(ind):
         # the block's rows of W_out are one contiguous span of RS * n_out halves: OW["piece"] halves per cp.async
         # (16, 8 or 4 bytes), pieces dealt round-robin over the block's threads; a piece past row N (the last
@@ -759,8 +758,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             out += [f"{ind}red[{c} * {RS} + {st * R + r}] = acc[{r}]" for r in range(R)]
         return out
 
-    # steps unrolled, buffers alternating: every buffer index is a constant (registers, not local memory), and no
-    # loop-carried state keeps registers alive across steps
     def outlier_products(ind):
         # OWQ's epilogue products: `lanes` threads per row add the outlier columns' products from shared memory (no
         # buffers or loads in the steps, where they took ~16 registers), a shuffle sums them into the row's first
@@ -774,6 +771,8 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                     for off in (16, 8, 4, 2, 1) if off < OW["lanes"]]
         return out
 
+    # steps unrolled, buffers alternating: every buffer index is a constant (registers, not local memory), and no
+    # loop-carried state keeps registers alive across steps
     for st in range(S):
         nx = st + nbuf - 1
         pre = (live(nx), nx, nx % nbuf) if L0 <= nx < S else None
@@ -783,9 +782,9 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             # unbalanced them (H200: W3 1.15 -> 1.31 ms per step)
             L.append(f'{ind}T.evaluate(T.call_extern("void", "cudaTriggerProgrammaticLaunchCompletion"))')
         if early_out and st == S - 1:
-            # before the last step, whose loads are in flight (issued during the previous step): after the final
-            # barrier the products were the block's tail (H200, LLaMA-7B W3 + OWQ down: 7.3 vs 7.1 us with PDL
-            # against products inside the steps, gpu8's note in benchmarks/results/gpu-nvidia-h200.md)
+            # before the last step, whose loads are in flight (issued during the previous step), not as the block's
+            # tail after the final barrier (H200, LLaMA-7B W3 + OWQ: step 1.8% faster, qkv and o gained, down not:
+            # benchmarks/results/gpu-nvidia-h200.md, gpu9)
             L += outlier_products(ind)
         if live(st):  # uniform over the block: the shuffles inside stay convergent
             L.append(f"{ind}if {live(st)}:")
