@@ -20,7 +20,10 @@ the 128 launches (each layer its own weights), plainly and with programmatic dep
 carry griddepcontrol, launched here through cuLaunchKernelEx, as TVM's runtime launches an sm_90 export's GEMVs:
 export/pdl.py), and
 torch int4 the same way, and two floors of the step's 128 dependent launches: empty kernels of the W4 GEMVs' grid
-and block shapes (plain and PDL), and the grid barriers one persistent kernel would pay instead. `run --repeat N`
+and block shapes and of uniform grids of 132 to 1376 blocks (plain and PDL; the PDL trigger after or before the
+wait), and the grid barriers one persistent kernel would pay instead (one counter or 32, 792 or 132 blocks).
+`--acts ...,dense` adds the decode kernels of an fp16 (unquantized) export, each linear as the export's own passes
+schedule it (dlight's GEMV rule), with cuBLAS fp16 over the same step as its peer. `run --repeat N`
 measures the whole-step graphs N times (one pass over all schemes after another) and reports each time's median.
 Writes benchmarks/results/gpu-<device>.md.
 
@@ -47,7 +50,10 @@ SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 
            ("W3 g128 planes3", 3, 128, 0.0, "planes3"), ("W3 g128 + OWQ 3.1 planes3", 3, 128, 0.1, "planes3")]
 # (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, dp4a3 with int8
 # activations); planes3: the previous CUDA layout, int8 activations only, for comparison)
-ACTS = ("int8", "fp16")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact float kernel
+ACTS = ("int8", "fp16", "dense")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact
+# float kernel; dense: the fp16-weight decode kernel an unquantized export runs (DenseLinear through the export's
+# scheduling passes: dlight's GEMV rule), one per linear
+DENSE_SCHEME = "fp16 (export, dlight GEMV)"
 SWEEP = ((4, 2, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 32, 0, 0, 1, 1, 0), (4, 8, 2, 32, 0, 0, 1, 1, 0),
          (2, 8, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 64, 0, 0, 1, 1, 0), (4, 8, 2, 64, 0, 0, 1, 1, 0),
          (4, 4, 2, 32, 8, 0, 1, 1, 0), (4, 2, 2, 32, 8, 0, 1, 1, 0), (4, 4, 2, 32, 0, 1, 1, 1, 0),
@@ -62,7 +68,8 @@ QUICK = ((4, 4, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 32, 6, 0, 1, 1, 0), (4, 4, 2, 3
 # that ptxas must fit (0: no cap; only where a block has <= 4 warps), L2 prefetch of the block's rows at its start
 # (gemv.prefetch_plan; 1: tag "p"), transposed warp reduction (gemv.xreduce_stages; 0: tag "x"), steps loaded into
 # registers before the activations and the PDL wait (GemvConfig.ahead; tag "aN" unless 1), further steps each thread
-# asks L2 for at the start (GemvConfig.l2ahead; tag "lN")) tried per linear
+# asks L2 for at the start (GemvConfig.l2ahead; tag "lN")[, blocks of rows per thread block (GemvConfig.groups; tag
+# "gN"; 1 if absent)]) tried per linear
 # besides the default; `--baseline` adds the previous gemv.py's default kernels. An earlier sweep (results of
 # 2026-11-29 19:39) also tried 8 and 16 rows, 8 steps x 8 rows and buffers 3: never more than noise ahead
 LAYERS = 32
@@ -129,7 +136,8 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                          "n_groups": spec.n_groups, "layout": spec.layout, "n_outliers": nout,
                          "grid": grid, "block": block})
 
-    for (scheme, bits, g, extra, lay), act in [(s, a) for a in acts for s in SCHEMES] if not prefill_only else []:
+    for (scheme, bits, g, extra, lay), act in [(s, a) for a in acts if a != "dense" for s in SCHEMES] \
+            if not prefill_only else []:
         if lay and (act != "int8" or export_layouts):
             continue
         for lin, n, k in SHAPES:
@@ -138,28 +146,31 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
             dflt = default_config(spec, act=act, n_outliers=nout)
             dchunk = chunk_of(bits, act, dflt)
             dkey = (dflt.rows, dflt.steps, dflt.depth, dchunk, dflt.min_blocks, int(dflt.prefetch), int(dflt.xreduce),
-                    dflt.ahead, dflt.l2ahead)
+                    dflt.ahead, dflt.l2ahead, dflt.groups)
             tried = {dkey}
             if act == "int8":  # fp16 activations run their default config only
-                sweep = configs if configs is not None else QUICK if quick else SWEEP
+                sweep = [tuple(c) + (1,) * (10 - len(c)) for c in (configs if configs is not None else
+                                                                    QUICK if quick else SWEEP)]
                 tried |= {c for c in sweep if (not linears or lin in linears) and n % c[0] == 0
                           and -(-n // c[0] // c[1]) >= 132
                           and (bits != 4 or c[3] == 32) and (not c[4] or warps_for(spec, act, c[3]) <= 4)
-                          and c[7] <= min(c[1], c[2]) and c[8] < c[1]}
-            for rows, steps, depth, chunk, minb, pf, xr, ahead, l2 in sorted(tried):
+                          and c[7] <= min(c[1], c[2]) and c[8] < c[1] and _groups_fit(n, c, warps_for(spec, act, c[3]))}
+            for rows, steps, depth, chunk, minb, pf, xr, ahead, l2, grp in sorted(tried):
                 cfg = GemvConfig(rows, warps_for(spec, act, chunk), steps, depth,
-                                 chunk if chunk != chunk_of(bits, act) else 0, minb, bool(pf), bool(xr), ahead, l2)
+                                 chunk if chunk != chunk_of(bits, act) else 0, minb, bool(pf), bool(xr), ahead, l2,
+                                 groups=grp)
                 tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
                 cname = (f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "") + (f"c{chunk}" if bits != 4 else "")
                          + (f"b{minb}" if minb else "") + ("p" if pf else "") + ("" if xr else "x")
-                         + (f"a{ahead}" if ahead != 1 else "") + (f"l{l2}" if l2 else ""))
+                         + (f"a{ahead}" if ahead != 1 else "") + (f"l{l2}" if l2 else "")
+                         + (f"g{grp}" if grp > 1 else ""))
                 name = f"w{bits}{tag}{lay or ''}_{lin}_{cname}"
                 pdl = act == "int8"   # griddepcontrol: a no-op unless launched with programmatic serialization
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act, pdl=pdl),
                     scheme + (" int8 act" if act == "int8" else ""), bits, g, lin, n, k, spec,
-                    cname, (rows, steps, depth, chunk, minb, pf, xr, ahead, l2) == dkey, nout,
-                    [-(-n // rows // steps), 1, 1],
-                    [32, cfg.warps, 1], act, pdl)
+                    cname, (rows, steps, depth, chunk, minb, pf, xr, ahead, l2, grp) == dkey, nout,
+                    [cfg.blocks(n), 1, 1],
+                    [32, cfg.warps, grp], act, pdl)
             if baseline and act == "int8" and not lay:   # the previous gemv.py's default kernel, in the same run
                 prev = _load_baseline(baseline)
                 pc = prev.default_config(spec, act=act, n_outliers=nout)
@@ -168,6 +179,11 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                     f"{scheme} int8 act (previous kernel)", bits, g, lin, n, k, spec,
                     f"r{pc.rows}s{pc.steps}", True, nout, [-(-n // pc.rows // pc.steps), 1, 1], [32, pc.warps, 1],
                     act, True)
+    for lin, n, k in SHAPES if "dense" in acts and not prefill_only else []:
+        name = f"f16_{lin}"
+        func, grid, block = dense_func(n, k, arch)
+        add(name, func, DENSE_SCHEME, 16, 0, lin, n, k, _DenseSpec(n, k), "dlight", True, 0, grid, block, "dense")
+        manifest[-1]["out_param"] = func.params[-1].name
     from edgequant.tvm_schedules.mma_gemm import MmaConfig, config_tag, default_config as mma_default, gemm_func
     for scheme, bits, g in PREFILL_SCHEMES if not decode_only else []:
         for lin, n, k in SHAPES:
@@ -196,12 +212,56 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
     for m in manifest:  # the kernel's parameters in TVM's order, by name
         sig = re.search(r"void __launch_bounds__\([\d, ]+\) " + m["kernel"] + r"\(([^)]*)\)", src).group(1)
         m["params"] = [p.strip().split()[-1].removesuffix("_ptr") for p in sig.split(",")]
+        if m["act"] == "dense":   # dlight's names: x, weight and the output (TVM orders a kernel's parameters by name)
+            m["params"] = ["y" if p == m["out_param"] else p for p in m["params"]]
     (out / "kernels.cu").write_text(src + READ_BW_CU)
     (out / "manifest.json").write_text(json.dumps({"arch": arch, "tvm": tvm.__version__, "kernels": manifest},
                                                   indent=1))
     print(f"generated {len(manifest)} kernels in {time.time() - t:.0f} s -> {out}")
     if not device_nvcc:
         compile_cubins(out, arch, jobs=jobs)
+
+
+def _groups_fit(n: int, c: tuple, warps: int, sms: int = 132) -> bool:
+    """A config's groups (c[9]) divide its blocks of rows and the grouped grid fits one wave of thread blocks of
+    <= 24 warps at 80 registers per SM (H200: 6 blocks of 4 warps, as the ungrouped kernels)."""
+    nb = -(-(n // c[0]) // c[1])
+    per_sm = 24 // (warps * c[9])
+    return c[9] == 1 or (nb % c[9] == 0 and per_sm >= 1 and nb // c[9] <= per_sm * sms)
+
+
+class _DenseSpec:
+    """The manifest fields of an fp16 weight (no packed words, scales or zero points)."""
+    words, n_groups, layout = 0, 0, None
+
+    def __init__(self, n, k):
+        self.n, self.k = n, k
+
+
+def dense_func(n: int, k: int, arch: str):
+    """The decode kernel of an fp16 export's linear (export/quant_linear.DenseLinear: matmul in fp32, cast to fp16)
+    for one row, scheduled by the export's own passes (export/pipeline.scheduling_passes: dlight's GEMV rule), and
+    its (grid, block) read from the thread bindings."""
+    import tvm
+    from tvm import tirx
+    from tvm.relax.frontend import nn
+
+    from edgequant.export.pipeline import scheduling_passes
+    from edgequant.export.quant_linear import DenseLinear
+    from edgequant.export.targets import PRESETS
+    mod, _ = DenseLinear(k, n).export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, 1, k], "float16")}})
+    target = tvm.target.Target({**PRESETS["cuda"].target, "arch": arch})
+    with target:
+        mod = tvm.transform.Sequential(scheduling_passes(target))(mod)
+    prims = [f for _, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)]
+    if len(prims) != 1:
+        raise RuntimeError(f"the fp16 linear {n}x{k} became {len(prims)} kernels, not one")
+    text = prims[0].script()
+
+    def ext(tag):
+        m = re.search(r'T\.thread_binding\((?:T\.int64\()?(\d+)\)?, thread="' + tag + '"\)', text)
+        return int(m.group(1)) if m else 1
+    return prims[0], [ext("blockIdx.x"), 1, 1], [ext("threadIdx.x"), ext("threadIdx.y"), 1]
 
 
 def compile_cubins(out: Path, arch: str, jobs: int):
@@ -259,13 +319,39 @@ extern "C" __global__ void __launch_bounds__(1024) empty_kernel(float* __restric
 
 // what a persistent decode kernel would pay instead of a launch: `phases` grid-wide barriers (one counter, zeroed
 // before the launch; every block co-resident), each a fence, an atomic add and a spin on the counter
-extern "C" __global__ void __launch_bounds__(128) barrier_kernel(unsigned* __restrict__ ctr, int phases) {
+extern "C" __global__ void __launch_bounds__(1024) barrier_kernel(unsigned* __restrict__ ctr, int phases) {
   for (int p = 1; p <= phases; ++p) {
     __syncthreads();
     if (threadIdx.x == 0 && threadIdx.y == 0) {
       __threadfence();
       atomicAdd(ctr, 1u);
       while (*(volatile unsigned*)ctr < p * gridDim.x) { }
+      __threadfence();
+    }
+    __syncthreads();
+  }
+}
+
+// the launch floor with the trigger first: the next kernel may launch once every block has started
+extern "C" __global__ void __launch_bounds__(1024) empty_first_kernel(float* __restrict__ out) {
+  cudaTriggerProgrammaticLaunchCompletion();
+  cudaGridDependencySynchronize();
+  if (threadIdx.x == 0 && threadIdx.y == 0) out[blockIdx.x] = 0.0f;
+}
+
+// barrier_kernel with the arrivals spread over 32 counters 128 bytes apart (block b adds to counter b % 32, so no
+// single L2 line takes every atomic), warp 0 of each block polling all 32 and summing them with one warp reduction
+extern "C" __global__ void __launch_bounds__(1024) barrier_spread_kernel(unsigned* __restrict__ ctr, int phases) {
+  const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int p = 1; p <= phases; ++p) {
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();
+      atomicAdd(ctr + (blockIdx.x % 32) * 32, 1u);
+    }
+    if (tid < 32) {
+      const unsigned target = p * gridDim.x;
+      while (__reduce_add_sync(0xFFFFFFFFu, *(volatile unsigned*)(ctr + tid * 32)) < target) { }
       __threadfence();
     }
     __syncthreads();
@@ -490,8 +576,8 @@ def run(out: Path, only: str | None, results: Path | None, prefill_only: bool = 
         if not ks:
             continue
         m0 = ks[0]
-        n, k, bits, g, nout = m0["n"], m0["k"], m0["bits"], m0["group"], m0["n_outliers"]
-        nbytes = n * m0["words"] * 4 + n * m0["n_groups"] * 3 + nout * (2 * n + 4)
+        n, k, bits = m0["n"], m0["k"], m0["bits"]
+        nbytes = _nbytes(m0)
         gen = torch.Generator(device="cuda").manual_seed(bits * 1000 + n)
         sets = [_weights(m0, gen) for _ in range(_copies(nbytes))]
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
@@ -562,10 +648,21 @@ def run(out: Path, only: str | None, results: Path | None, prefill_only: bool = 
             f"{a}/{b}": v for (a, b), v in peer.items()}}, indent=1))
 
 
+def _nbytes(m0):
+    """Bytes a decode kernel of the manifest streams: packed weights, scales, zero points, outlier columns (or the
+    fp16 weight)."""
+    n, k = m0["n"], m0["k"]
+    if m0["act"] == "dense":
+        return n * k * 2
+    return n * m0["words"] * 4 + n * m0["n_groups"] * 3 + m0["n_outliers"] * (2 * n + 4)
+
+
 def _weights(m0, gen):
     """Random packed weights, scales, zero points (and outlier columns) of one linear of the manifest."""
     import torch
     n, k, bits, nout = m0["n"], m0["k"], m0["bits"], m0["n_outliers"]
+    if m0["act"] == "dense":
+        return {"weight": (torch.randn(n, k, device="cuda", generator=gen) * 0.02).half()}
     st = {"qweight": torch.randint(-2**31, 2**31 - 1, (n, m0["words"]), device="cuda", dtype=torch.int32,
                                    generator=gen),
           "scales": (torch.rand(n, m0["n_groups"], device="cuda", generator=gen) * 0.009 + 0.001).half(),
@@ -581,6 +678,8 @@ def _reference(m0, st, x):
     product): int8 act rows round x per 32 values as the kernel does (cpu_int8.quantize_act_np)."""
     import torch
     k, g = m0["k"], m0["group"]
+    if m0["act"] == "dense":
+        return x.float() @ st["weight"].float().T, 0.0
     q = _unpack_torch(st["qweight"], m0["bits"], k, m0["layout"]).float()
     gi = torch.arange(k, device="cuda") // g
     wref = (q - st["zeros"].float()[:, gi]) * st["scales"].float()[:, gi]
@@ -654,20 +753,50 @@ def whole_steps(drv, man, rows, peer_int4=True):
         out["empty kernels of W4's launch shapes"] = res
         print(json.dumps({"step": "empty", "ms": res["default"] * 1e3, "ms_pdl": res["default_pdl"] * 1e3}),
               flush=True)
-        ctr = torch.zeros(1, device="cuda", dtype=torch.int32)
-        t = {}
-        for phases in (0, len(SHAPES) * LAYERS):   # 6 blocks of 4 warps per SM, as the GEMVs
-            go = drv.launcher("barrier_kernel", [6 * torch.cuda.get_device_properties(0).multi_processor_count, 1, 1],
-                              [32, 4, 1], [ctr, ctypes.c_int(phases)])
-            t[phases] = _timed([lambda: ctr.zero_(), go] * 4, reps=10) * 2   # per zero + launch
-        out["grid barriers instead (one persistent kernel)"] = {"default": t[len(SHAPES) * LAYERS] - t[0],
-                                                               "default_pdl": float("nan"), "bytes": 0}
-        print(json.dumps({"step": "barriers", "ms": (t[len(SHAPES) * LAYERS] - t[0]) * 1e3}), flush=True)
+        out.update(launch_floors(drv))
     if peer_int4:
         try:
             out["torch int4 g128 (bf16)"] = {"default": torch_int4_step()}
         except Exception as e:  # noqa: BLE001 - report and go on without the peer
             print(f"torch int4 step: {type(e).__name__}: {e}", flush=True)
+        if any(r["scheme"] == DENSE_SCHEME for r in rows):
+            out["cuBLAS fp16"] = {"default": torch_fp16_step(), "bytes": LAYERS * sum(n * k * 2 for _, n, k in SHAPES)}
+            print(json.dumps({"step": "cuBLAS fp16", "ms": out["cuBLAS fp16"]["default"] * 1e3}), flush=True)
+    return out
+
+
+def launch_floors(drv):
+    """What 128 dependent launches cost per step, by launch shape (empty kernels: PDL wait then trigger, or the
+    trigger first), and what 128 grid-wide barriers of one persistent kernel cost instead (one counter, or 32
+    counters on their own L2 lines), at several grids of co-resident blocks. {row name: {"default": s (plain or
+    the barriers), "default_pdl": s, "bytes": 0}}."""
+    import torch
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = len(SHAPES) * LAYERS
+    buf = torch.empty(8 * sms * 2, device="cuda", dtype=torch.float32)
+    out = {}
+    for blocks, threads in ((sms, 128), (sms, 768), (2 * sms, 384), (6 * sms, 128), (1376, 128)):
+        for kern in ("empty_kernel", "empty_first_kernel"):
+            res = {"bytes": 0}
+            for pdl in (False, True):
+                fns = [drv.launcher(kern, [blocks, 1, 1], [32, threads // 32, 1], [buf], pdl=pdl) for _ in range(n)]
+                res["default" + ("_pdl" if pdl else "")] = _timed(fns) * len(fns)
+            name = f"{n} {'empty' if kern == 'empty_kernel' else 'empty trigger-first'} kernels, {blocks} x {threads}"
+            out[name] = res
+            print(json.dumps({"step": name, "ms": res["default"] * 1e3, "ms_pdl": res["default_pdl"] * 1e3}),
+                  flush=True)
+    ctr = torch.zeros(32 * 32, device="cuda", dtype=torch.int32)
+    for kern, blocks, threads in (("barrier_kernel", 6 * sms, 128), ("barrier_kernel", sms, 128),
+                                  ("barrier_kernel", sms, 768), ("barrier_spread_kernel", 6 * sms, 128),
+                                  ("barrier_spread_kernel", sms, 768)):
+        t = {}
+        for phases in (0, n):   # every block co-resident (at most 6 of 4 warps per SM, as the GEMVs)
+            go = drv.launcher(kern, [blocks, 1, 1], [32, threads // 32, 1], [ctr, ctypes.c_int(phases)])
+            t[phases] = _timed([lambda: ctr.zero_(), go] * 4, reps=10) * 2   # per zero + launch
+        name = (f"{n} grid barriers ({'one counter' if kern == 'barrier_kernel' else '32 counters'}), "
+                f"{blocks} x {threads}")
+        out[name] = {"default": t[n] - t[0], "default_pdl": float("nan"), "bytes": 0}
+        print(json.dumps({"step": name, "ms": (t[n] - t[0]) * 1e3}), flush=True)
     return out
 
 
@@ -697,6 +826,19 @@ def torch_int4_step(g=128):
             sz = torch.rand(k // g, n, 2, device="cuda", dtype=torch.bfloat16) * 0.01
             fns.append(lambda x=x, w=packed, sz=sz: torch.ops.aten._weight_int4pack_mm(x, w, g, sz))
     return _timed(fns) * len(fns)
+
+
+def torch_fp16_step():
+    """torch's fp16 linear (cuBLAS) over a whole step (32 layers x 4 linears, own weights each), one CUDA graph;
+    seconds."""
+    import torch
+    x = torch.randn(1, 1, max(k for _, _, k in SHAPES), device="cuda", dtype=torch.float16)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(LAYERS) for _, n, k in SHAPES]
+    fns = [lambda w=w: torch.nn.functional.linear(x[..., :w.shape[1]], w) for w in ws]
+    t = _timed(fns) * len(fns)
+    del ws
+    torch.cuda.empty_cache()
+    return t
 
 
 def run_prefill(drv, man, only, tokens):
@@ -881,11 +1023,14 @@ def _step_table(whole, bw):
            "| weights | default ms | default PDL ms | best ms | best PDL ms | % roofline | tok/s bound | x torch int4 "
            "| x W4 g128 |", "|---|---|---|---|---|---|---|---|---|"]
     for scheme, r in whole.items():
-        if scheme.startswith(("empty", "grid")):
+        floor = scheme.startswith(("empty", "grid")) or scheme[0].isdigit()
+        if floor:
             out.append(f"| {scheme} | {r['default'] * 1e3:.3f} | {r['default_pdl'] * 1e3:.3f} | | | | | | |")
-        if scheme.startswith(("torch", "empty", "grid")):
+        if floor or scheme.startswith("torch"):
             continue
         t, tp = r.get("default", nan), r.get("default_pdl", nan)
+        if tp != tp:   # no PDL kernels (fp16 exports, cuBLAS): the plain launches
+            tp = t
         w4 = whole.get(_w4_of(scheme), {})
         w4t, w4p = w4.get("default", nan), w4.get("default_pdl", nan)
         out.append(f"| {scheme} | {t * 1e3:.3f} | {tp * 1e3:.3f} | {r.get('best', nan) * 1e3:.3f} | "
@@ -904,7 +1049,7 @@ def main():
     ap.add_argument("--baseline", help="build: also the default configs of this earlier gemv.py, for the same run")
     ap.add_argument("--quick", action="store_true", help="build: default configs only")
     ap.add_argument("--configs", help="build: the int8 configs tried besides the default instead of QUICK / SWEEP, "
-                    "';'-separated tuples of 9 integers as in SWEEP")
+                    "';'-separated tuples of 9 integers as in SWEEP, or 10 (the 10th: GemvConfig.groups)")
     ap.add_argument("--linears", help="build: try --configs / QUICK / SWEEP on these linears only (comma-separated)")
     ap.add_argument("--acts", default=",".join(ACTS), help="build: decode activation types (int8,fp16)")
     ap.add_argument("--decode-only", action="store_true", help="build: no prefill kernels")

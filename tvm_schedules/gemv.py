@@ -41,10 +41,19 @@ the exact one. With int8 activations a thread's chunk is 32 values at every bit 
 OWQ's fp16 outlier columns (`n_outliers`) are added in an epilogue, outside the steps: at its start the block copies
 its rows of the outlier weights (one contiguous span of W_out [N, n_outliers]) into shared memory with `cp.async`
 (no registers; with PDL before the wait), thread c gathers x at columns c, c + chunks, ... and stores it to shared
-memory after the activations' math; after the final barrier `outlier_plan`'s lanes per row (8 for 16 rows and 128
-threads) each add a few columns' products, and a shuffle sums them into the lane that writes the row. Before, each
-step loaded each row's outlier weights into a second register buffer: ~16 more registers per thread, so W3 + OWQ
-ran a capped or smaller grid than W3 (gpu6's note in benchmarks/results/gpu-nvidia-h200.md).
+memory after the activations' math; `outlier_plan`'s lanes per row (8 for 16 rows and 128 threads) each add a few
+columns' products, and a shuffle sums them into the lane that writes the row after the final barrier. With two or
+more steps the products are computed before the last step, behind a barrier of their own, while that step's loads
+are in flight (`GemvConfig.early_outliers`; after the final barrier they were the block's tail: H200, LLaMA-7B W3 +
+OWQ step 0.939 vs 0.956 ms with PDL, now 1.3% over plain W3 instead of 3.2%). Before, each step loaded each row's
+outlier weights into a second register buffer: ~16 more registers per thread, so W3 + OWQ ran a capped or smaller
+grid than W3 (gpu6's note in benchmarks/results/gpu-nvidia-h200.md).
+
+`GemvConfig.groups` (off) puts several blocks of rows into one thread block (threadIdx.z, each group with its own rows
+and its own slice of the shared buffers): 1 / groups as many blocks per launch. 128 empty kernels cost 0.65 us per
+PDL launch at 132 blocks and 1.18 us at 792 (H200), but the real GEMVs did not gain: whole W4 / W2 steps 0.3-0.7%
+slower with PDL at the best grouping per linear, W3 4% (benchmarks/results/gpu-nvidia-h200.md, gpu9): under PDL
+the next kernel's small blocks start in the previous kernel's tail, a large one waits for a whole large slot.
 
 `pdl=True` adds programmatic dependent launch (sm_90): the next kernel may start before this one ends and waits
 for it only after issuing its own first weight loads (they depend on no earlier kernel).
@@ -92,10 +101,19 @@ class GemvConfig:
     # at most `depth` (one buffer each); later steps load depth - 1 ahead as usual
     l2ahead: int = 0  # further steps whose weights, scales and zeros each thread asks L2 for at the start
     # (`prefetch.global.L2`, no registers; with PDL before the wait)
+    early_outliers: bool = True  # OWQ (GPU, >= 2 steps): the outlier columns' products are computed before the last
+    # step (one more barrier; the last step's loads are in flight meanwhile) instead of after the final barrier
+    groups: int = 1   # blocks of rows per thread block (threadIdx.z): the grid launches 1 / groups as many blocks of
+    # groups x as many warps, each group the block it replaces (own rows and shared slots); must divide the blocks.
+    # Off: no step got faster on the H200 (module docstring)
+
+    def blocks(self, n: int) -> int:
+        """Thread blocks of the grid for N rows (each `groups` blocks of rows x steps rows; the last may be short)."""
+        return -(-(n // self.rows) // self.steps) // self.groups
 
     def __post_init__(self):
         if (self.rows < 1 or self.warps < 1 or self.steps < 1 or self.depth < 2 or self.chunk not in (0, 32, 64)
-                or self.min_blocks < 0 or not 1 <= self.ahead <= self.depth or self.l2ahead < 0):
+                or self.min_blocks < 0 or not 1 <= self.ahead <= self.depth or self.l2ahead < 0 or self.groups < 1):
             raise ValueError(f"bad GEMV config {self}")
 
 
@@ -382,6 +400,8 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
         raise ValueError(f"no decode GEMV for {spec} with {act} activations in {chunk}-value chunks")
     if spec.n % cfg.rows:
         raise ValueError(f"{cfg.rows} rows per step do not divide N={spec.n}")
+    if (nb := -(-(spec.n // cfg.rows) // cfg.steps)) % cfg.groups:
+        raise ValueError(f"{cfg.groups} groups do not divide the {nb} blocks of rows")
     if 32 * cfg.warps < spec.k // chunk:
         raise ValueError(f"{cfg.warps} warps do not cover the {spec.k // chunk} chunks of K={spec.k}")
     if prologue not in PROLOGUES:
@@ -480,10 +500,13 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     if not spec.sym:
         L.append(f'{ind}zr = T.alloc_buffer(({nbuf * R},), "uint8", scope={local})')
     NO = -(-n_out // nc)                          # outlier columns per thread: thread c takes c, c + nc, ...
+    OW = outlier_plan(n, n_out, RS, tpb) if n_out else None
+    NE = -(-RS * OW["lanes"] // tpb) if n_out else 1   # epilogue slots per thread
+    early_out = bool(n_out) and gpu and cfg.early_outliers and S >= 2
     if n_out:  # their indices and x there (gathered once per block), and the epilogue's partial sum
         L += [f'{ind}oi = T.alloc_buffer(({NO},), "int32", scope={local})',
               f'{ind}xo = T.alloc_buffer(({NO},), "float32", scope={local})',
-              f'{ind}op = T.alloc_buffer((1,), "float32", scope={local})']
+              f'{ind}op = T.alloc_buffer(({NE},), "float32", scope={local})']
     plan = prefetch_plan(spec, cfg) if gpu else {"qweight": 0, "scales": 0, "zeros": 0}
     if plan["qweight"]:  # see prefetch_plan: this warp's share of the block's weight rows, then scales and zeros
         cnt = PF_ROWS.format(rpw=plan["rpw"], rs=RS, n=n)
@@ -559,8 +582,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             out += [f"{body}T.ptx.prefetch.global_.L2(T.address_of({t}[{row}, {g}]))"
                     for t in ("scales",) + (() if spec.sym else ("zeros",))]
         return out
-
-    OW = outlier_plan(n, n_out, RS, tpb)
 
     def outlier_copy(ind):
         # the block's rows of W_out are one contiguous span of RS * n_out halves: OW["piece"] halves per cp.async
@@ -737,6 +758,19 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             out += [f"{ind}red[{c} * {RS} + {st * R + r}] = acc[{r}]" for r in range(R)]
         return out
 
+    def outlier_products(ind):
+        # OWQ's epilogue products: `lanes` threads per row add the outlier columns' products from shared memory (no
+        # buffers or loads in the steps, where they took ~16 registers), a shuffle sums them into the row's first
+        # lane (op[e] of epilogue slot e * threads + c). The copy's pieces, then a barrier of our own: TVM's sync
+        # planner does not see cp.async's writes to shared memory (where each lane reads only what it stored
+        # itself, it would place none before them)
+        out = [f"{ind}T.ptx.cp.async_.wait_all()", f'{ind}T.tvm_storage_sync("shared")']
+        for e in range(NE):
+            out.append(f"{ind}op[{e}] = {outlier_part(f'({e * tpb} + {c})')}")
+            out += [f"{ind}op[{e}] = op[{e}] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), op[{e}], {off}, 32, 32)"
+                    for off in (16, 8, 4, 2, 1) if off < OW["lanes"]]
+        return out
+
     # steps unrolled, buffers alternating: every buffer index is a constant (registers, not local memory), and no
     # loop-carried state keeps registers alive across steps
     for st in range(S):
@@ -747,6 +781,11 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             # start, it launched while single-wave grids of long blocks were still running, and its early blocks
             # unbalanced them (H200: W3 1.15 -> 1.31 ms per step)
             L.append(f'{ind}T.evaluate(T.call_extern("void", "cudaTriggerProgrammaticLaunchCompletion"))')
+        if early_out and st == S - 1:
+            # before the last step, whose loads are in flight (issued during the previous step), not as the block's
+            # tail after the final barrier (H200, LLaMA-7B W3 + OWQ: step 1.8% faster, qkv and o gained, down not:
+            # benchmarks/results/gpu-nvidia-h200.md, gpu9)
+            L += outlier_products(ind)
         if live(st):  # uniform over the block: the shuffles inside stay convergent
             L.append(f"{ind}if {live(st)}:")
             L += step(ind + "    ", st, st % nbuf, pre)
@@ -768,20 +807,17 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         return out
 
     if n_out and gpu:
-        # OWQ's epilogue: `lanes` threads per row add the outlier columns' products from shared memory (no buffers
-        # or loads in the steps, where they took ~16 registers), a shuffle sums them into the row's first lane.
-        # The copy's pieces, then a barrier of our own: TVM's sync planner does not see cp.async's writes to
-        # shared memory (where each lane reads only what it stored itself, it would place none before them)
-        L += [f"{ind}T.ptx.cp.async_.wait_all()", f'{ind}T.tvm_storage_sync("shared")']
+        # the products (computed here unless early_out: before the last step), added by each row's first lane
+        # after the final barrier (TVM's sync planner places it before the reads of `red`; with the products here,
+        # outlier_products' own barrier serves both)
+        if not early_out:
+            L += outlier_products(ind)
         lpr = OW["lanes"]
-        L.append(f"{ind}for e in T.serial({-(-RS * lpr // tpb)}):")
-        L.append(f"{ind}    op[0] = {outlier_part(f'(e * {tpb} + {c})')}")
-        L += [f"{ind}    op[0] = op[0] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), op[0], {off}, 32, 32)"
-              for off in (16, 8, 4, 2, 1) if off < lpr]
-        lin = f"(e * {tpb} + {c}) // {lpr}"
-        L.append(f"{ind}    if (e * {tpb} + {c}) % {lpr} == 0 and {lin} < {RS}"
-                 + (f" and bx * {RS} + {lin} < {n}:" if ragged else ":"))
-        L += finish(ind + "        ", lin, TY, "op[0]")
+        for e in range(NE):
+            lin = f"({e * tpb} + {c}) // {lpr}"
+            L.append(f"{ind}if ({e * tpb} + {c}) % {lpr} == 0 and {lin} < {RS}"
+                     + (f" and bx * {RS} + {lin} < {n}:" if ragged else ":"))
+            L += finish(ind + "    ", lin, TY, f"op[{e}]")
     elif gpu:
         ne = -(-RS // tpb)
         L.append(f"{ind}for e in T.serial({ne}):")
@@ -803,4 +839,33 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         at = next(i for i, line in enumerate(L) if "threadIdx.x" in line) + 1
         L = L[:at] + [f'{ind}with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", {cfg.min_blocks}):'] + [
             "    " + line for line in L[at:]]
+    if cfg.groups > 1:
+        L = _grouped(L, cfg.groups, NB, gpu)
     return "\n".join(L) + "\n"
+
+
+SHARED = ("red", "osw", "oxs", "nred")   # the block's shared buffers: one slice per group
+
+
+def _grouped(L: list[str], ng: int, nb: int, gpu: bool) -> list[str]:
+    """The kernel of `L` with `ng` of its blocks in one thread block: group tz (threadIdx.z; the twin: a serial loop)
+    of block bx runs the body of block bx * ng + tz; on the GPU each shared buffer gets one slice per group (the
+    block's barriers then serve all groups, which all reach them: ng divides the blocks, so no group is idle)."""
+    import re
+    head = next(i for i, line in enumerate(L) if line.lstrip().startswith("for bx in"))
+    L = L[:head] + [L[head].replace(f"({nb},", f"({nb // ng},").replace(f"({nb})", f"({nb // ng})")] + [
+        re.sub(r"\bbx\b", f"(bx * {ng} + tz)", line) for line in L[head + 1:]]
+    body = L[head + 1:]
+    if not gpu:   # the twin: each group's buffers are its own
+        return L[:head + 1] + [f"        for tz in T.serial({ng}):"] + ["    " + line for line in body]
+    size = {}
+    for i, line in enumerate(body):
+        m = re.match(r"\s*(\w+) = T\.alloc_buffer\(\((\d+),\)", line)
+        if m and m.group(1) in SHARED:
+            size[m.group(1)] = int(m.group(2))
+            body[i] = line.replace(f"(({m.group(2)},)", f"(({int(m.group(2)) * ng},)", 1)
+    pat = re.compile(r"\b(" + "|".join(size) + r")\[")
+    body = [pat.sub(lambda m: f"{m.group(1)}[tz * {size[m.group(1)]} + ", line) for line in body]
+    at = next(i for i, line in enumerate(body) if "threadIdx.y" in line)
+    return (L[:head + 1] + body[:at] + [f'        for tz in T.thread_binding({ng}, thread="threadIdx.z"):']
+            + ["    " + line for line in body[at:]])

@@ -86,10 +86,18 @@ def _plus(case, *more):
     return case + more
 
 
-@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout,ahead",
-                         [_plus(c, None, 1) for c in INT8_CASES] + [c + (1,) for c in LAYOUT_CASES] + AHEAD_CASES)
+GROUP_CASES = [  # GemvConfig.groups: several blocks of rows per thread block, a short last block of rows (40
+    # steps of 2 rows in blocks of 3) and outlier columns (their shared copies per group), or 3 groups of 2 bits
+    # (off by default, as measured: CI time, slow)
+    pytest.param(4, 32, False, 80, 64, 2, 1, 3, 3, 2, 0, None, 1, 2, marks=pytest.mark.slow),
+    pytest.param(2, 64, False, 48, 128, 4, 1, 2, 0, 2, 0, None, 1, 3, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out,depth,chunk,layout,ahead,groups",
+                         [_plus(c, None, 1, 1) for c in INT8_CASES] + [c + (1, 1) for c in LAYOUT_CASES]
+                         + [_plus(c, 1) for c in AHEAD_CASES] + GROUP_CASES)
 def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out, depth, chunk, layout,
-                                          ahead):
+                                          ahead, groups):
     """int8 activations + dp4a: the twin's integer dots are exact, so it meets the int8 NumPy model to fp32
     rounding; the model itself stays within int8 activation error of the exact product."""
     import tvm
@@ -101,7 +109,7 @@ def test_gemv_int8_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, s
     x = rng.standard_normal((1, k)).astype(np.float16)
     x[0, 3] = 100
     x[0, 40:72] = 0  # an all-zero activation block (scale 0)
-    cfg = GemvConfig(rows, warps, steps, depth, chunk, ahead=ahead)
+    cfg = GemvConfig(rows, warps, steps, depth, chunk, ahead=ahead, groups=groups)
     ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, cfg, gpu=False,
                                                      out_dtype="float32", n_outliers=n_out, act="int8")}),
                      target="llvm")
@@ -445,10 +453,13 @@ def test_outlier_plan_pieces_and_lanes(n, n_out, rows, threads, piece, lanes):
     assert rows * lanes <= threads or lanes == 1
 
 
-def test_cuda_source_owq_epilogue():
+@pytest.mark.parametrize("steps", [1, 2])
+def test_cuda_source_owq_epilogue(steps):
     """W3 + OWQ as exported for sm_90: the outlier weights reach shared memory by cp.async before the wait (never
     a register load in the steps), x at the outlier columns is gathered after it, and the products are added after
-    one barrier, reduced by shuffles and written with the row."""
+    a barrier of their own, reduced by shuffles and written with the row. One step: that barrier is the final one
+    (one in all); more steps: it comes before the last step's dot products (two in all), whose loads are in
+    flight."""
     import re
 
     import tvm
@@ -456,7 +467,8 @@ def test_cuda_source_owq_epilogue():
     from edgequant.tvm_schedules.dequant import QuantSpec
     from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
     spec = QuantSpec(512, 1024, 3, 128, False, "dp4a3")
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, 2), n_outliers=8, act="int8", pdl=True)}),
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(4, 1, steps), n_outliers=8, act="int8",
+                                                     pdl=True)}),
                      target={**PRESETS["cuda"].target, "arch": "sm_90"})
     src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
     body = src[src.index("main_kernel("):]
@@ -465,10 +477,31 @@ def test_cuda_source_owq_epilogue():
     ow = [m.start() for m in re.finditer(r"\bow_ptr\b", body)]
     assert ow and all("cp_async_cg" in body[body.rindex("\n", 0, i):i] for i in ow) and max(ow) < wait
     assert body.index("oidx_ptr") < wait < body.index("x_ptr[max(min(oi_ptr")
-    assert body.count("__syncthreads()") == 1
-    assert body.index("cp_async_wait_all") < body.index("__syncthreads()") < body.rindex("osw_ptr") < body.index(
-        "y_ptr[")
-    assert body.rindex("__shfl_down_sync") > body.index("__syncthreads()")
+    syncs = [m.start() for m in re.finditer(r"__syncthreads\(\)", body)]
+    assert len(syncs) == steps
+    assert body.index("cp_async_wait_all") < syncs[0] < body.rindex("osw_ptr") < body.index("y_ptr[")
+    assert body.rindex("__shfl_down_sync") > syncs[0]
+    if steps > 1:   # the products between the two barriers, before the last step's dot products
+        assert body.rindex("osw_ptr") < body.rindex("__dp4a") < syncs[-1]
+
+
+def test_cuda_source_groups_slice_shared_memory():
+    """Groups of blocks in one thread block (threadIdx.z): 1 / groups as many blocks, each group reading its own
+    rows and its own slice of every shared buffer; groups that do not divide the blocks are refused."""
+    import tvm
+    from edgequant.export.targets import PRESETS
+    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
+    spec = QuantSpec(96, 1024, 3, 128, False, "dp4a3")
+    cfg = GemvConfig(4, 1, 2, groups=3)   # 12 blocks of 8 rows in 4 thread blocks of 3 x 32 threads
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, cfg, n_outliers=8, act="int8", pdl=True)}),
+                     target={**PRESETS["cuda"].target, "arch": "sm_90"})
+    src = next(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+    body = src[src.index("main_kernel("):]
+    assert "__launch_bounds__(96)" in src and "threadIdx.z" in body
+    assert "red_ptr[24]" in src and "osw_ptr[192]" in src and "oxs_ptr[24]" in src   # 8 rows x 1 warp, 8 x 8, 8; x 3
+    with pytest.raises(ValueError, match="groups"):
+        gemv_func(spec, GemvConfig(4, 1, 2, groups=5), act="int8")
 
 
 def test_gemv_prologue_refuses_outlier_columns():
