@@ -367,25 +367,27 @@ def tensor_headers(f: Path) -> dict:
 _POSITIVE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
-def check_model_config(f: Path, c: dict):
+def check_model_config(f: Path, c: dict, fix: str | None = None):
     """The architecture fields that shapes are computed from: present, positive integers, consistent (checkpoints
-    and model folders alike: transformers builds a model from them and divides by some)."""
+    and model folders alike: transformers builds a model from them and divides by some). `fix`: what the error
+    line tells the user to do, where restoring a config.json is not it (a GGUF's metadata)."""
+    restore = fix or "restore the original config.json"
     for k in _POSITIVE_FIELDS + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
         v = c.get(k)
         if (k in _POSITIVE_FIELDS or v is not None) and not (_is_count(v) and v > 0):
-            raise CheckpointError(f"{f}: '{k}' must be a positive integer, not {v!r}; re-run `edgequant quantize` "
-                                  "or restore the original config.json")
+            raise CheckpointError(f"{f}: '{k}' must be a positive integer, not {v!r}; "
+                                  + (fix or "re-run `edgequant quantize` or restore the original config.json"))
     heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
     if heads % kv or c["hidden_size"] % heads:   # transformers refuses the latter for every supported family
         raise CheckpointError(f"{f}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv}) "
-                              f"and divide hidden_size ({c['hidden_size']}); restore the original config.json")
+                              f"and divide hidden_size ({c['hidden_size']}); " + restore)
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
     if head_dim % 2:   # rotary embeddings rotate pairs of a head's channels
         raise CheckpointError(f"{f}: the head size ({head_dim}: 'head_dim', or hidden_size / num_attention_heads) "
-                              "must be even; restore the original config.json")
+                              "must be even; " + restore)
     for k in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
         if k in c and not isinstance(c[k], bool):   # "false" is a true value to Python
-            raise CheckpointError(f"{f}: '{k}' must be true or false, not {c[k]!r}; restore the original config.json")
+            raise CheckpointError(f"{f}: '{k}' must be true or false, not {c[k]!r}; " + restore)
     for key in ("rope_parameters", "rope_scaling"):
         rp = c.get(key)
         if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) in ("longrope", "su"):
@@ -396,9 +398,9 @@ def check_model_config(f: Path, c: dict):
                 v = rp.get(name)
                 if not (isinstance(v, list) and len(v) == pairs and all(_is_number(x) for x in v)):
                     raise CheckpointError(f"{f}: {key}.{name} must be a list of {pairs} numbers (one per pair of "
-                                          "rotary channels); restore the original config.json")
+                                          "rotary channels); " + restore)
     if not isinstance(c.get("model_type"), str):
-        raise CheckpointError(f"{f}: 'model_type' is missing; restore the original config.json")
+        raise CheckpointError(f"{f}: 'model_type' is missing; " + restore)
 
 
 def _is_count(v, lo=0) -> bool:

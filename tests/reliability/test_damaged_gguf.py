@@ -8,6 +8,8 @@ import pytest
 
 KEY = b"qwen3.attention.key_length"
 BLOCKS = b"qwen3.block_count"
+CONTEXT = b"qwen3.context_length"
+EPS = b"qwen3.attention.layer_norm_rms_epsilon"
 
 
 def _key_at(b: bytes, key: bytes = KEY) -> int:
@@ -17,6 +19,11 @@ def _key_at(b: bytes, key: bytes = KEY) -> int:
 def _set_u32(b: bytes, key: bytes, value: int) -> bytes:
     at = _key_at(b, key) + 4
     return b[:at] + struct.pack("<I", value) + b[at + 4:]
+
+
+def _set_f32(b: bytes, key: bytes, value: float) -> bytes:
+    at = _key_at(b, key) + 4
+    return b[:at] + struct.pack("<f", value) + b[at + 4:]
 
 
 DAMAGE = {
@@ -32,6 +39,11 @@ DAMAGE = {
     # transformers built the layers first: 1e6 never finished (eleventh hostile re-run, H6)
     "block_count_1e6": lambda b: _set_u32(b, BLOCKS, 1_000_000),
     "block_count_1": lambda b: _set_u32(b, BLOCKS, 1),
+    # the header's numbers pass config.json's checks: these were converted or quantized (twelfth re-run, S34)
+    "context_length_0": lambda b: _set_u32(b, CONTEXT, 0),
+    "context_length_u32_max": lambda b: _set_u32(b, CONTEXT, 2 ** 32 - 1),
+    "rms_epsilon_nan": lambda b: _set_f32(b, EPS, float("nan")),
+    "rms_epsilon_negative": lambda b: _set_f32(b, EPS, -1.0),
 }
 
 
@@ -57,3 +69,6 @@ def test_damaged_gguf_is_one_line(qwen3_gguf, tmp_path, damage):
         assert "qwen3.attention.key_length" in str(e.value)
     if damage.startswith("block_count"):
         assert "qwen3.block_count is" in str(e.value) and "the file holds 2 blocks" in str(e.value)
+    if damage.startswith(("context_length", "rms_epsilon")):
+        field = "max_position_embeddings" if damage.startswith("context") else "rms_norm_eps"
+        assert f"in its metadata '{field}' is" in str(e.value)
