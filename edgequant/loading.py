@@ -168,34 +168,35 @@ def _gguf_config_fixes(path: Path) -> dict:
     return {}
 
 
-def _check_gguf_config(path: Path, kw: dict, fixes: dict) -> None:
-    """The config transformers makes of the GGUF's metadata passes the checks a config.json does (sizes, ranges):
-    a context length of 0 or a NaN epsilon in the header is refused before a model is built, not written into the
-    converted folder or quantized (twelfth re-run, S34)."""
+def _gguf_config(path: Path, kw: dict, fixes: dict):
+    """The config transformers makes of the GGUF's metadata, once it passes the checks a config.json does (sizes,
+    ranges): a context length of 0 or a NaN epsilon in the header is refused before a model is built, not written
+    into the converted folder or quantized (twelfth re-run, S34)."""
     from transformers import AutoConfig
 
     from .checkpoint import check_model_config, number_problem
     try:
-        config = AutoConfig.from_pretrained(path.parent, **kw, **fixes).to_dict()
+        made = AutoConfig.from_pretrained(path.parent, **kw, **fixes)
     except (ValueError, KeyError, TypeError, OverflowError) as e:
         raise EdgequantError(f"{path} has metadata transformers cannot read ({type(e).__name__}: "
                              f"{first_line(e, 120)}); download or convert it again") from None
+    config = made.to_dict()
     bad = number_problem(config)
     if bad:
         raise EdgequantError(f"{path.name}: in its metadata {bad}; the file is damaged: download or convert it "
                              "again")
     check_model_config(path, config, fix="the GGUF's metadata is damaged: download or convert it again")
+    return made
 
 
 def _load_gguf(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kw = dict(gguf_file=path.name)
-    fixes = _gguf_config_fixes(path)
-    _check_gguf_config(path, kw, fixes)
+    config = _gguf_config(path, kw, _gguf_config_fixes(path))
     tok = AutoTokenizer.from_pretrained(path.parent, **kw)
-    with _own_load_report():
-        model, info = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw, **fixes,
+    with _own_load_report():   # the checked config, not read from the header a second time
+        model, info = AutoModelForCausalLM.from_pretrained(path.parent, config=config, dtype=torch.float32, **kw,
                                                            output_loading_info=True)
     _check_complete(info, path)
     # the weights are now plain float tensors: forget the GGUF origin so the model saves like any other
