@@ -388,6 +388,12 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
     for k in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
         if k in c and not isinstance(c[k], bool):   # "false" is a true value to Python
             raise CheckpointError(f"{f}: '{k}' must be true or false, not {c[k]!r}; " + restore)
+    types = c.get("layer_types")
+    if types is not None and not (isinstance(types, list) and len(types) == c["num_hidden_layers"]
+                                  and all(t in ("full_attention", "sliding_attention") for t in types)):
+        # transformers refuses these itself (quantize, eval); export read the window from other fields
+        raise CheckpointError(f"{f}: 'layer_types' must list 'full_attention' or 'sliding_attention' for each of the "
+                              f"{c['num_hidden_layers']} layers; " + restore)
     for key in ("rope_parameters", "rope_scaling"):
         rp = c.get(key)
         if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) in ("longrope", "su"):

@@ -47,6 +47,27 @@ FAMILY_NAMES = ("llama", "qwen3", "phi3")   # the edgequant.models families this
 ARGMAX_TARGETS = ("cuda", "llvm")
 
 
+def _sliding_layers(c: dict, n: int) -> tuple[int | None, tuple[int, ...]]:
+    """(window, the layers attending through it) as transformers' forward computes them for this model type: mistral
+    and phi3 apply `sliding_window` to every layer unless it is null (their models ignore `layer_types`); qwen2 and
+    qwen3 only under `use_sliding_window`, on the layers `layer_types` names, else on those from `max_window_layers`
+    on; llama's model has no window at all. `layer_types` itself is checked with the config
+    (`checkpoint.check_model_config`)."""
+    mt, window = c["model_type"], c.get("sliding_window")
+    if mt in ("mistral", "phi3"):
+        return (window, tuple(range(n))) if window else (None, ())
+    if mt not in ("qwen2", "qwen3"):
+        return None, ()
+    window = window if c.get("use_sliding_window") else None
+    types = c.get("layer_types") or ["sliding_attention" if window and i >= c.get("max_window_layers", 28)
+                                     else "full_attention" for i in range(n)]
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if sliding and not window:   # transformers' cache fails on a sliding layer without a window
+        raise EdgequantError("config.json's layer_types names sliding-window layers, but use_sliding_window is false "
+                             "or sliding_window is null; restore the model's config.json")
+    return (window, sliding) if sliding else (None, ())
+
+
 @dataclass(frozen=True)
 class ArchConfig:
     """What the exported graph needs from a HF config.json."""
@@ -108,8 +129,7 @@ class ArchConfig:
         elif rtype != "default":
             raise EdgequantError(f"RoPE scaling '{rtype}' is not supported by export yet (default, linear, llama3, "
                                  "longrope/su)")
-        # mistral and phi3 configs mean their sliding_window (transformers applies it for them unless it is null)
-        sw = c.get("sliding_window") if c.get("use_sliding_window", c["model_type"] in ("mistral", "phi3")) else None
+        sw, sliding = _sliding_layers(c, int(c["num_hidden_layers"]))
         family = family_for(c["model_type"])
         d = family.dims(c)
         return cls(model_type=c["model_type"], vocab_size=int(c["vocab_size"]), hidden_size=int(d.hidden),
@@ -120,7 +140,7 @@ class ArchConfig:
                    context_window=ctx, sliding_window=int(sw) if sw else None,
                    qk_norm=any(n.name == "self_attn.q_norm" for n in family.norms), rope_short_factors=ext,
                    rope_long_factors=long, rope_original_context=orig, attention_factor=attn_factor,
-                   sliding_layers=tuple(range(int(c["num_hidden_layers"]))) if sw else ())
+                   sliding_layers=sliding)
 
     @property
     def graph_rope(self) -> bool:

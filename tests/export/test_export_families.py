@@ -184,3 +184,39 @@ def test_arch_config_reads_rope_scaling_like_transformers():
     for rope in ({"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "yarn", "factor": 4.0}):
         with pytest.raises(EdgequantError, match="not supported by export yet .*llama3, longrope"):
             ArchConfig.from_hf(LlamaConfig(rope_scaling=rope).to_dict())
+
+
+@pytest.mark.parametrize("model_type,options", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    ("qwen2", dict(use_sliding_window=False, sliding_window=4, max_window_layers=0)),
+    ("mistral", dict(sliding_window=4)),
+    ("mistral", dict(sliding_window=None)),
+    ("llama", dict(sliding_window=4, layer_types=["sliding_attention", "full_attention", "full_attention"])),
+])
+def test_sliding_layers_are_those_transformers_attends_through_its_window(model_type, options):
+    """The layers export gives a window are the ones transformers' forward gives one: qwen2/qwen3 by `layer_types`
+    or `max_window_layers` under `use_sliding_window` (export made every layer sliding: twelfth re-run, S35),
+    mistral every layer, llama none (its model has no window)."""
+    from transformers import AutoConfig
+
+    from edgequant.export.models.llama import ArchConfig
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=128, vocab_size=100, **options)
+    if model_type in ("qwen2", "qwen3"):
+        want = tuple(i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention")
+    else:   # these models' attention reads config.sliding_window on every layer (llama's reads none)
+        want = tuple(range(3)) if model_type == "mistral" and cfg.sliding_window else ()
+    a = ArchConfig.from_hf(cfg.to_dict())
+    assert a.sliding_layers == want and a.sliding_window == (4 if want else None)
+
+
+def test_layer_types_transformers_cannot_run_are_refused():
+    from edgequant.errors import EdgequantError
+    from edgequant.export.models.llama import ArchConfig
+    c = dict(model_type="qwen2", num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, vocab_size=100, use_sliding_window=False, sliding_window=4,
+             layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(EdgequantError, match="use_sliding_window is false"):
+        ArchConfig.from_hf(c)

@@ -133,6 +133,10 @@ CASES = {
     # the fourth re-run: RoPE values that give NaN or divide by zero in export (T5, T6, S12), relations between RoPE
     # fields (S13) and Gemma's sliding window (S14) were accepted
     "sliding_window_negative": (_cfg("sliding_window", -1), ["sliding_window"]),
+    # the twelfth re-run: export wrote a DIST for these (S35)
+    "layer_types_too_few": (_cfg("layer_types", ["full_attention"]), ["layer_types"]),
+    "layer_types_bogus": (_cfg("layer_types", ["bogus", "full_attention"]), ["layer_types"]),
+    "layer_types_a_string": (_cfg("layer_types", "full_attention"), ["layer_types"]),
     "rope_llama3_low_equals_high": (_cfg("rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0,
                                                              "low_freq_factor": 4.0, "high_freq_factor": 4.0,
                                                              "original_max_position_embeddings": 64}),
@@ -193,7 +197,7 @@ CASES = {
 EXPORTED = ["quantization_config_removed", "rms_norm_eps_zero", "rope_theta_zero", "num_hidden_layers_1e9", "max_position_embeddings_negative",
             "max_position_embeddings_2_pow_40", "pack_msb", "index_path_leaves_folder", "zero_point_255_at_4_bits", "outlier_index_2_pow_30", "nan_scales",
             "sym_with_zero_points", "config_is_a_list", "rope_llama3_low_equals_high", "rope_per_layer_type_factor_0",
-            "tied_config_with_an_output_layer", "a_tensor_nothing_reads", "embedding_as_int32"]
+            "tied_config_with_an_output_layer", "a_tensor_nothing_reads", "embedding_as_int32", "layer_types_bogus"]
 
 
 @pytest.fixture(scope="module")
