@@ -1,0 +1,123 @@
+"""The decode step of one sequence as one CUDA graph: `decode_graph` (embed -> blocks -> norm -> head -> argmax) on a
+KV cache of our own, so relax's CUDA-graph rewrite captures the whole step and the runner replays it per token.
+
+TVM's paged KV cache runs RoPE, the append and the attention as three kernels per layer launched from its C++
+between the graphs relax captures (the rewrite stops at `vm.builtin` calls), and its bookkeeping runs on the host
+per step: ~25 us per layer, which kept SmolLM2-135M's CUDA decode near 1000 tok/s
+(benchmarks/results/gpu-launch-smollm2-h200.md). Here every input of `decode_graph` is a tensor the runner owns for
+the life of the sequence and never replaces: the token id [1], the position [1], the cache [layers, 2, kv_heads,
+max_len, head_dim] and a logits buffer [1, 1, vocab]. Each layer's attention is one kernel
+(tvm_schedules/decode_attention.py: RoPE, the append at the position read from the device, the attention), and the
+last kernel (tvm_schedules/sample.py, `step=True`) copies the logits out, writes the argmax into the token input and
+advances the position, all in place: the next replay needs nothing from the host. The function is marked with
+`num_input = 0` (every argument fixed, as the weights are), which is what lets the rewrite capture kernels that read
+them; the runner must therefore pass the same tensors on every call (export/runtime.py does).
+
+Prefill still runs on the paged cache (its chunked kernels); `graph_cache_fill` copies what it wrote (TVM's
+`debug_get_kv` layout) into our cache before the first graph step. Only where nothing needs the paged cache's own
+features: no graph RoPE (longrope, Gemma's per-layer RoPE), no sliding window or soft-cap, default or linear RoPE
+scaling; `EDGEQUANT_DECODE_GRAPH=0` at export leaves the function out, at run time makes the runner ignore it.
+"""
+from __future__ import annotations
+
+import os
+
+FUNC = "decode_graph"
+FILL = "graph_cache_fill"
+# tests set this to build decode_graph for llvm too (the kernels' serial twins), where no graph is captured but the
+# function's arithmetic is the CUDA one
+ON_CPU = False
+
+
+def enabled(c, target) -> bool:
+    """Whether a library for `target` carries `decode_graph` for the model of ArchConfig `c`."""
+    from edgequant.tvm_schedules.decode_attention import supports
+    kind = target.kind.name
+    if os.environ.get("EDGEQUANT_DECODE_GRAPH", "1") == "0" or not (kind == "cuda" or (kind == "llvm" and ON_CPU)):
+        return False
+    return (not c.graph_rope and not c.own_attention and not c.rope_scaling and supports(c.head_dim)
+            and c.num_heads % c.num_kv_heads == 0)
+
+
+def cache_shape(c, max_len) -> tuple:
+    return (c.num_layers, 2, c.num_kv_heads, max_len, c.head_dim)
+
+
+class GraphKV:
+    """Stands in for the paged cache in the blocks' `forward` (they call `attention_with_fused_qkv` only): each layer's
+    attention kernel writes the cache in place, and the next layer takes that result, which orders the writes."""
+
+    def __init__(self, c, cache: Tensor, pos: Tensor, gpu: bool):
+        self.c, self.cache, self.pos, self.gpu = c, cache, pos, gpu
+        self._funcs = {}
+
+    def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_qo_heads: int, sm_scale: float) -> Tensor:
+        from tvm import relax as rx
+        from tvm import tirx
+        from tvm.relax.frontend.nn import Tensor
+        from tvm.relax.frontend.nn.core import wrap_nested
+        from edgequant.tvm_schedules.decode_attention import decode_attention_func
+        c = self.c
+        key = float(sm_scale)
+        if key not in self._funcs:
+            f = decode_attention_func(c.num_layers, num_qo_heads, c.num_kv_heads, c.head_dim, c.rope_theta,
+                                      c.rope_scale, sm_scale, gpu=self.gpu)
+            self._funcs[key] = rx.BlockBuilder.current().add_func(f.without_attr("global_symbol"),
+                                                                   "decode_attention")
+        out = Tensor.placeholder((1, 1, num_qo_heads, c.head_dim), "float16")
+        # the layer as a scalar argument (one kernel for all layers): nn.op.tensor_ir_inplace_op takes no prim_value
+        call = rx.call_tir_inplace(self._funcs[key],
+                                   [qkv._expr, self.cache._expr, self.pos._expr, rx.prim_value(tirx.IntImm("int32", layer_id))],
+                                   [1, -1], [self.cache._expr.ty, out._expr.ty])
+        cache, o = wrap_nested(rx.BlockBuilder.current().emit(call), name="decode_attention")
+        self.cache = cache
+        return o
+
+
+def decode_graph(model, token: Tensor, pos: Tensor, cache: Tensor, logits: Tensor) -> Tensor:
+    """The body of `decode_graph` for a LlamaForCausalLM-shaped model: the next token id (the token input, updated)."""
+    from tvm.relax.frontend.nn import op
+
+    from edgequant.tvm_schedules.sample import argmax_func
+    c = model.c
+    gpu = model.target.kind.name == "cuda"
+    x = op.reshape(model.embed(token), (1, 1, c.hidden_size))
+    h = model._body(x, GraphKV(c, cache, pos, gpu))
+    f = argmax_func(c.vocab_size, gpu=gpu, step=True).without_attr("global_symbol")
+    _, tok, _ = op.tensor_ir_inplace_op(f, "argmax_step", [model._logits(h), logits, token, pos], [1, 2, 3],
+                                        [logits, token, pos])
+    return tok
+
+
+def cache_fill(model, k: Tensor, v: Tensor, cache: Tensor, pos: Tensor) -> Tensor:
+    from tvm.relax.frontend.nn import op
+
+    from edgequant.tvm_schedules.decode_attention import cache_fill_func
+    c = model.c
+    f = cache_fill_func(c.num_layers, c.num_kv_heads, c.head_dim, gpu=model.target.kind.name == "cuda")
+    return op.tensor_ir_inplace_op(f.without_attr("global_symbol"), "graph_cache_fill", [k, v, cache, pos], [2],
+                                   cache)
+
+
+def spec(c) -> dict:
+    """The two functions' nn.spec entries."""
+    from tvm.relax.frontend import nn
+    shape = list(cache_shape(c, "max_len"))
+    kv = [c.num_layers, "n", c.num_kv_heads, c.head_dim]
+    return {
+        FUNC: {"token": nn.spec.Tensor([1], "int32"), "pos": nn.spec.Tensor([1], "int32"),
+               "cache": nn.spec.Tensor(shape, "float16"), "logits": nn.spec.Tensor([1, 1, c.vocab_size], "float32"),
+               "$": {"param_mode": "packed", "effect_mode": "none"}},
+        FILL: {"k": nn.spec.Tensor(kv, "float16"), "v": nn.spec.Tensor(kv, "float16"),
+               "cache": nn.spec.Tensor(shape, "float16"), "pos": nn.spec.Tensor([1], "int32"),
+               "$": {"param_mode": "none", "effect_mode": "none"}},
+    }
+
+
+def mark_static(mod):
+    """Every argument of `decode_graph` is fixed for the CUDA-graph rewrite (see the module docstring)."""
+    from tvm import relax
+    for gv, f in mod.functions_items():
+        if gv.name_hint == FUNC and isinstance(f, relax.Function):
+            mod[gv] = f.with_attr("num_input", 0)
+    return mod
