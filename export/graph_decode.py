@@ -47,8 +47,8 @@ class GraphKV:
     """Stands in for the paged cache in the blocks' `forward` (they call `attention_with_fused_qkv` only): each layer's
     attention kernel writes the cache in place, and the next layer takes that result, which orders the writes."""
 
-    def __init__(self, c, cache: Tensor, pos: Tensor, gpu: bool):
-        self.c, self.cache, self.pos, self.gpu = c, cache, pos, gpu
+    def __init__(self, c, cache: Tensor, pos: Tensor, gpu: bool, pdl: bool):
+        self.c, self.cache, self.pos, self.gpu, self.pdl = c, cache, pos, gpu, pdl
         self._funcs = {}
 
     def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_qo_heads: int, sm_scale: float) -> Tensor:
@@ -61,7 +61,7 @@ class GraphKV:
         key = float(sm_scale)
         if key not in self._funcs:
             f = decode_attention_func(c.num_layers, num_qo_heads, c.num_kv_heads, c.head_dim, c.rope_theta,
-                                      c.rope_scale, sm_scale, gpu=self.gpu)
+                                      c.rope_scale, sm_scale, gpu=self.gpu, pdl=self.pdl)
             self._funcs[key] = rx.BlockBuilder.current().add_func(f.without_attr("global_symbol"),
                                                                    "decode_attention")
         out = Tensor.placeholder((1, 1, num_qo_heads, c.head_dim), "float16")
@@ -82,7 +82,7 @@ def decode_graph(model, token: Tensor, pos: Tensor, cache: Tensor, logits: Tenso
     c = model.c
     gpu = model.target.kind.name == "cuda"
     x = op.reshape(model.embed(token), (1, 1, c.hidden_size))
-    h = model._body(x, GraphKV(c, cache, pos, gpu))
+    h = model._body(x, GraphKV(c, cache, pos, gpu, model.gpu_gemv == "gpu-pdl"))
     f = argmax_func(c.vocab_size, gpu=gpu, step=True).without_attr("global_symbol")
     _, tok, _ = op.tensor_ir_inplace_op(f, "argmax_step", [model._logits(h), logits, token, pos], [1, 2, 3],
                                         [logits, token, pos])
@@ -115,9 +115,18 @@ def spec(c) -> dict:
 
 
 def mark_static(mod):
-    """Every argument of `decode_graph` is fixed for the CUDA-graph rewrite (see the module docstring)."""
+    """`decode_graph` as the CUDA-graph rewrite needs it: every argument fixed (see the module docstring), and its
+    result (the token input, updated in place by the step's last kernel) returned through a `vm.builtin.reshape`
+    view, a call the rewrite leaves outside the graph: a result computed inside the captured region is not made an
+    output of the capture function (TVM 0.27 emits the return of an undefined var, and VM codegen stops)."""
     from tvm import relax
     for gv, f in mod.functions_items():
-        if gv.name_hint == FUNC and isinstance(f, relax.Function):
-            mod[gv] = f.with_attr("num_input", 0)
+        if gv.name_hint != FUNC or not isinstance(f, relax.Function):
+            continue
+        body = f.body
+        ty = body.body.ty
+        out = relax.Var("next_token", ty)
+        view = relax.call_pure_packed("vm.builtin.reshape", body.body, relax.ShapeExpr([1]), ty_args=[ty])
+        seq = relax.SeqExpr([*body.blocks, relax.BindingBlock([relax.VarBinding(out, view)])], out)
+        mod[gv] = relax.Function(f.params, seq, f.ret_ty, f.is_pure, f.attrs).with_attr("num_input", 0)
     return mod

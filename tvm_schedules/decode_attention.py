@@ -51,9 +51,11 @@ def _rope(x: str, head: str, d: str, theta: float, scale: float, dim: int) -> st
 
 
 def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: float, rope_scale: float,
-                          sm_scale: float, gpu: bool = True, dtype: str = "float16"):
+                          sm_scale: float, gpu: bool = True, dtype: str = "float16", pdl: bool = False):
     """prim func (qkv [1, 1, h_q + 2 h_kv, dim], cache [layers, 2, h_kv, max_len, dim] (the new key and value
-    written at pos[0]), pos [1] int32, layer: int32, out [1, 1, h_q, dim]); keys 0..pos[0] are attended."""
+    written at pos[0]), pos [1] int32, layer: int32, out [1, 1, h_q, dim]); keys 0..pos[0] are attended.
+    `pdl` (sm_90+, export/pdl.py): the kernel waits for the qkv GEMV's end first thing and lets the o_proj GEMV
+    launch at once (its blocks load their weights on the SMs this kernel's few blocks leave idle, then wait)."""
     import tvm
     from tvm.script import tirx as T
 
@@ -71,6 +73,8 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          "    max_len = T.int32()",
          f'    cache = T.match_buffer(var_cache, ({layers}, 2, {h_kv}, max_len, {dim}), "{dtype}")',
          f"    for h in {lp['BLOCK'].format(n=h_q)}:",
+         *(['        T.evaluate(T.call_extern("void", "cudaGridDependencySynchronize"))',
+            '        T.evaluate(T.call_extern("void", "cudaTriggerProgrammaticLaunchCompletion"))'] if pdl and gpu else []),
          f'        q_s = T.alloc_buffer(({dim},), "float32", scope={sh})',
          f'        s_s = T.alloc_buffer(({nt},), "float32", scope={sh})',
          f'        acc_s = T.alloc_buffer(({dpt}, {nt}), "float32", scope={sh})',

@@ -40,16 +40,23 @@ def test_cuda_decode_uses_the_gemv_kernels(checkpoint):
     # sm_90 only: the GEMVs are built for programmatic dependent launch (export/pdl.py), and only they
     head = r'extern "C" __global__ void __launch_bounds__\([\d, ]+\) (\w+)\([^)]*\) \{'
     defs = {m.group(1): m.group(2) for m in re.finditer(head + r'(.*?)(?=\nextern "C"|\Z)', src, re.S)}
+    # (and the one-graph step's attention kernel, which lets o_proj's GEMV launch early)
     assert {k for k, b in defs.items() if "cudaGridDependencySynchronize" in b} == {
-        k for k in defs if k.startswith("decode_gemv")} and len(defs) == len(kernels)
+        k for k in defs if k.startswith(("decode_gemv", "decode_attention"))} and len(defs) == len(kernels)
     # greedy sampling on the device
     assert "argmax" in functions and any(k.startswith("argmax") for k in kernels)
     prefill = [k for k in kernels if k.startswith("prefill_gemm")]
     assert len({k.removesuffix("_1").removesuffix("_2") for k in prefill}) == 4 and 8 <= len(prefill) <= 12
     assert "mma.sync.aligned.m16n8k16" in src
     assert not any("dequantize" in k for k in kernels)
-    # decode and prefill replay their static kernel sequences as CUDA graphs (launch overhead)
+    # decode and prefill replay their static kernel sequences as CUDA graphs (launch overhead); decode_graph is one
+    # graph from the embedding to the argmax (export/graph_decode.py): one capture, no KV-cache builtin
     assert "cuda_graph.run_or_capture" in ex.as_text()
+    assert {"decode_graph", "graph_cache_fill"} <= set(functions) and "decode_attention" in " ".join(kernels)
+    text = ex.as_text()
+    body = text[text.index("@decode_graph:"):]
+    body = body[:body.index("\n@", 1)] if "\n@" in body[1:] else body
+    assert body.count("run_or_capture") == 1 and "kv_state" not in body and "attention" not in body
 
 
 def test_cuda_preset_repacks_3_bit_weights(model_dirs, tmp_path):
