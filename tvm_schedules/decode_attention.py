@@ -108,31 +108,35 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          '                            dot[0] = dot[0] + q_s[i0 * 8 + i1] * T.Cast("float32", kr[i1])',
          f"                    s_s[tx] = dot[0] * T.float32({scale2!r})",
          *sync,
-         # phase B: every thread folds the tile into its copy of the running state (the same numbers in every
-         # thread: no reduction, no barrier) and accumulates the value dimensions it owns; keys past pos have the
-         # score _NEG, so their weight is exp2(_NEG - max) = 0
+         # phase B: every thread loads the value rows of the dimensions it owns (issued first, so their latency
+         # overlaps the rest), folds the tile into its copy of the running state (the same numbers in every thread:
+         # no reduction, no barrier) and accumulates; keys past pos have the score _NEG, so their weight is
+         # exp2(_NEG - max) = 0, and their value rows (never written: uninitialised memory) are read as 0. Every
+         # loop over the tile is unrolled: registers, and independent loads issued back to back.
          f"            for tx in {tl}:",
          f'                mx = T.alloc_buffer((1,), "float32", scope={loc})',
          f'                a = T.alloc_buffer((1,), "float32", scope={loc})',
-         f'                vr = T.alloc_buffer((8,), "{dtype}", scope={loc})',
+         f'                w = T.alloc_buffer(({nt},), "float32", scope={loc})',
+         f'                vr = T.alloc_buffer(({dpt}, {nt}), "{dtype}", scope={loc})',
+         f"                for c in T.unroll({dpt}):",
+         f"                    for t in T.unroll({nt}):",
+         f"                        vr[c, t] = T.if_then_else(tile * {nt} + t <= pos[0] and {dd} < {dim}, "
+         f"cache[layer, 1, h // {g}, T.min(tile * {nt} + t, max_len - 1), T.min({dd}, {dim - 1})], T.{dtype}(0))",
          "                mx[0] = st_s[0, tx]",
-         f"                for t in T.serial({nt}):",
+         f"                for t in T.unroll({nt}):",
          "                    mx[0] = T.max(mx[0], s_s[t])",
          "                a[0] = st_s[1, tx] * T.exp2(st_s[0, tx] - mx[0])",
-         f"                for t in T.serial({nt}):",
-         "                    a[0] = a[0] + T.exp2(s_s[t] - mx[0])",
+         f"                for t in T.unroll({nt}):",
+         "                    w[t] = T.exp2(s_s[t] - mx[0])",
+         "                    a[0] = a[0] + w[t]",
          "                st_s[1, tx] = a[0]",
          "                st_s[2, tx] = T.exp2(st_s[0, tx] - mx[0])",
          "                st_s[0, tx] = mx[0]",
-         f"                for c in T.serial({dpt}):",
+         f"                for c in T.unroll({dpt}):",
          f"                    if {dd} < {dim}:",
          "                        a[0] = acc_s[c, tx] * st_s[2, tx]",
-         f"                        for t0 in T.serial({nt // 8}):",
-         "                            for t1 in T.unroll(8):",
-         f"                                vr[t1] = T.if_then_else(tile * {nt} + t0 * 8 + t1 <= pos[0], "
-         f"cache[layer, 1, h // {g}, T.min(tile * {nt} + t0 * 8 + t1, max_len - 1), {dd}], T.{dtype}(0))",
-         "                            for t1 in T.unroll(8):",
-         '                                a[0] = a[0] + T.exp2(s_s[t0 * 8 + t1] - mx[0]) * T.Cast("float32", vr[t1])',
+         f"                        for t in T.unroll({nt}):",
+         '                            a[0] = a[0] + w[t] * T.Cast("float32", vr[c, t])',
          "                        acc_s[c, tx] = a[0]",
          *sync,
          f"        for tx in {tl}:",
