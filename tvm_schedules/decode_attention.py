@@ -45,8 +45,9 @@ def _rope(x: str, head: str, d: str, theta: float, scale: float, dim: int) -> st
     half = dim // 2
     freq = (f"(T.Cast(\"float32\", pos[0]) * T.float32({scale!r}) / T.pow(T.float32({theta!r}), "
             f"T.Cast(\"float32\", ({d} * 2) % {dim}) / T.float32({dim})))")
-    other = (f"T.if_then_else({d} < {half}, T.float32(0) - T.Cast(\"float32\", {x}[0, 0, {head}, {d} + {half}]), "
-             f"T.Cast(\"float32\", {x}[0, 0, {head}, T.max({d} - {half}, 0)]))")
+    # the partner x[d +- half] through one index and a sign, not a select of two loads (a branch on the GPU)
+    other = (f"(T.Select({d} < {half}, T.float32(-1), T.float32(1)) * "
+             f"T.Cast(\"float32\", {x}[0, 0, {head}, ({d} + {half}) % {dim}]))")
     return f"(T.cos({freq}) * T.Cast(\"float32\", {x}[0, 0, {head}, {d}]) + T.sin({freq}) * {other})"
 
 
@@ -94,50 +95,57 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          "            st_s[1, tx] = T.float32(0)",
          *[s[4:] for s in sync],
          f"        for tile in T.serial((pos[0] + {nt}) // {nt}):",
-         # phase A: one key per thread, its score in log2 units
+         # phase A: one key per thread, its score in log2 units (keys past pos read key pos and score _NEG: no
+         # branch around the loads; four partial sums shorten the chain of dependent adds)
          f"            for tx in {tl}:",
-         f'                dot = T.alloc_buffer((1,), "float32", scope={loc})',
+         f'                dot = T.alloc_buffer((4,), "float32", scope={loc})',
          f'                kr = T.alloc_buffer((8,), "{dtype}", scope={loc})',
-         f"                s_s[tx] = T.float32({_NEG})",
-         f"                if tile * {nt} + tx <= pos[0]:",
-         "                    dot[0] = T.float32(0)",
-         f"                    for i0 in T.{'unroll' if gpu else 'serial'}({dim // 8}):",
-         "                        for i1 in T.vectorized(8):",
-         f"                            kr[i1] = cache[layer, 0, h // {g}, tile * {nt} + tx, i0 * 8 + i1]",
-         "                        for i1 in T.unroll(8):",
-         '                            dot[0] = dot[0] + q_s[i0 * 8 + i1] * T.Cast("float32", kr[i1])',
-         f"                    s_s[tx] = dot[0] * T.float32({scale2!r})",
+         "                for j in T.unroll(4):",
+         "                    dot[j] = T.float32(0)",
+         f"                for i0 in T.{'unroll' if gpu else 'serial'}({dim // 8}):",
+         "                    for i1 in T.vectorized(8):",
+         f"                        kr[i1] = cache[layer, 0, h // {g}, T.min(tile * {nt} + tx, pos[0]), i0 * 8 + i1]",
+         "                    for i1 in T.unroll(8):",
+         '                        dot[i1 % 4] = dot[i1 % 4] + q_s[i0 * 8 + i1] * T.Cast("float32", kr[i1])',
+         f"                s_s[tx] = T.Select(tile * {nt} + tx <= pos[0], "
+         f"((dot[0] + dot[1]) + (dot[2] + dot[3])) * T.float32({scale2!r}), T.float32({_NEG}))",
          *sync,
          # phase B: every thread loads the value rows of the dimensions it owns (issued first, so their latency
          # overlaps the rest), folds the tile into its copy of the running state (the same numbers in every thread:
-         # no reduction, no barrier) and accumulates; keys past pos have the score _NEG, so their weight is
-         # exp2(_NEG - max) = 0, and their value rows (never written: uninitialised memory) are read as 0. Every
-         # loop over the tile is unrolled: registers, and independent loads issued back to back.
+         # no reduction, no barrier) and accumulates. Keys past pos have the score _NEG, so their weight is
+         # exp2(_NEG - max) = 0, and they read row pos (rows past it were never written: uninitialised memory, which
+         # a weight of 0 would not cancel if it held a NaN). Every loop over the tile is unrolled (registers,
+         # independent loads issued back to back, no branch), and its maximum, sum and products run as four
+         # partial chains.
          f"            for tx in {tl}:",
-         f'                mx = T.alloc_buffer((1,), "float32", scope={loc})',
-         f'                a = T.alloc_buffer((1,), "float32", scope={loc})',
+         f'                mx = T.alloc_buffer((4,), "float32", scope={loc})',
+         f'                a = T.alloc_buffer((4,), "float32", scope={loc})',
          f'                w = T.alloc_buffer(({nt},), "float32", scope={loc})',
          f'                vr = T.alloc_buffer(({dpt}, {nt}), "{dtype}", scope={loc})',
          f"                for c in T.unroll({dpt}):",
          f"                    for t in T.unroll({nt}):",
-         f"                        vr[c, t] = T.if_then_else(tile * {nt} + t <= pos[0] and {dd} < {dim}, "
-         f"cache[layer, 1, h // {g}, T.min(tile * {nt} + t, max_len - 1), T.min({dd}, {dim - 1})], T.{dtype}(0))",
-         "                mx[0] = st_s[0, tx]",
+         f"                        vr[c, t] = cache[layer, 1, h // {g}, T.min(tile * {nt} + t, pos[0]), "
+         f"T.min({dd}, {dim - 1})]",
+         "                for j in T.unroll(4):",
+         "                    mx[j] = st_s[0, tx]",
          f"                for t in T.unroll({nt}):",
-         "                    mx[0] = T.max(mx[0], s_s[t])",
-         "                a[0] = st_s[1, tx] * T.exp2(st_s[0, tx] - mx[0])",
+         "                    mx[t % 4] = T.max(mx[t % 4], s_s[t])",
+         "                mx[0] = T.max(T.max(mx[0], mx[1]), T.max(mx[2], mx[3]))",
+         "                for j in T.unroll(4):",
+         "                    a[j] = T.float32(0)",
          f"                for t in T.unroll({nt}):",
          "                    w[t] = T.exp2(s_s[t] - mx[0])",
-         "                    a[0] = a[0] + w[t]",
-         "                st_s[1, tx] = a[0]",
+         "                    a[t % 4] = a[t % 4] + w[t]",
          "                st_s[2, tx] = T.exp2(st_s[0, tx] - mx[0])",
+         "                st_s[1, tx] = st_s[1, tx] * st_s[2, tx] + ((a[0] + a[1]) + (a[2] + a[3]))",
          "                st_s[0, tx] = mx[0]",
          f"                for c in T.unroll({dpt}):",
          f"                    if {dd} < {dim}:",
-         "                        a[0] = acc_s[c, tx] * st_s[2, tx]",
+         "                        for j in T.unroll(4):",
+         "                            a[j] = T.float32(0)",
          f"                        for t in T.unroll({nt}):",
-         '                            a[0] = a[0] + w[t] * T.Cast("float32", vr[c, t])',
-         "                        acc_s[c, tx] = a[0]",
+         '                            a[t % 4] = a[t % 4] + w[t] * T.Cast("float32", vr[c, t])',
+         "                        acc_s[c, tx] = acc_s[c, tx] * st_s[2, tx] + ((a[0] + a[1]) + (a[2] + a[3]))",
          *sync,
          f"        for tx in {tl}:",
          f"            for c in T.serial({dpt}):",
