@@ -127,6 +127,7 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()
     assert graph_decode.FUNC in json.loads((dist / "edgequant-export.json").read_text())["functions"]
+    greedy = {}
     for path in ("graph", "paged"):
         monkeypatch.setenv("EDGEQUANT_DECODE_GRAPH", "1" if path == "graph" else "0")
         runner = Runner(dist)
@@ -142,6 +143,13 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
         # int8: the bound of test_export_parity's int8 test; the cpu int8 export of the llama W4 model gives the
         # same per-step errors (up to 3.6e-2) as this twin
         assert err < (1e-2 if act == "fp16" else 4e-2)
+        # the CUDA greedy loop (the library's argmax; on the graph path the step's last kernel writes the token and
+        # the position in place, so the host only reads), and the host's np.argmax on the same decode
+        runner._argmax = runner.vm["argmax"]
+        greedy[path] = runner.generate(ids[:10], 8).tokens
+        runner._argmax = None
+        assert runner.generate(ids[:10], 8).tokens == greedy[path]
+    assert greedy["graph"] == greedy["paged"]
 
 
 @pytest.mark.slow
