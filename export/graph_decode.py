@@ -21,6 +21,10 @@ scaling; `EDGEQUANT_DECODE_GRAPH=0` at export leaves the function out, at run ti
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # the runner imports this module where only the TVM runtime is installed
+    from tvm.relax.frontend.nn import Tensor
 
 FUNC = "decode_graph"
 FILL = "graph_cache_fill"
@@ -66,8 +70,8 @@ class GraphKV:
                                                                    "decode_attention")
         out = Tensor.placeholder((1, 1, num_qo_heads, c.head_dim), "float16")
         # the layer as a scalar argument (one kernel for all layers): nn.op.tensor_ir_inplace_op takes no prim_value
-        call = rx.call_tir_inplace(self._funcs[key],
-                                   [qkv._expr, self.cache._expr, self.pos._expr, rx.prim_value(tirx.IntImm("int32", layer_id))],
+        layer = rx.prim_value(tirx.IntImm("int32", layer_id))
+        call = rx.call_tir_inplace(self._funcs[key], [qkv._expr, self.cache._expr, self.pos._expr, layer],
                                    [1, -1], [self.cache._expr.ty, out._expr.ty])
         cache, o = wrap_nested(rx.BlockBuilder.current().emit(call), name="decode_attention")
         self.cache = cache

@@ -74,8 +74,8 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          "    max_len = T.int32()",
          f'    cache = T.match_buffer(var_cache, ({layers}, 2, {h_kv}, max_len, {dim}), "{dtype}")',
          f"    for h in {lp['BLOCK'].format(n=h_q)}:",
-         *(['        T.evaluate(T.call_extern("void", "cudaGridDependencySynchronize"))',
-            '        T.evaluate(T.call_extern("void", "cudaTriggerProgrammaticLaunchCompletion"))'] if pdl and gpu else []),
+         *([f'        T.evaluate(T.call_extern("void", "{w}"))' for w in
+            ("cudaGridDependencySynchronize", "cudaTriggerProgrammaticLaunchCompletion")] if pdl and gpu else []),
          f'        q_s = T.alloc_buffer(({dim},), "float32", scope={sh})',
          f'        s_s = T.alloc_buffer(({nt},), "float32", scope={sh})',
          f'        acc_s = T.alloc_buffer(({dpt}, {nt}), "float32", scope={sh})',
@@ -90,7 +90,7 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          f"                    cache[layer, 0, h // {g}, pos[0], {dd}] = T.Cast(\"{dtype}\", "
          f"{_rope('qkv', f'{h_q} + h // {g}', dd, theta, rope_scale, dim)})",
          f"                    cache[layer, 1, h // {g}, pos[0], {dd}] = qkv[0, 0, {h_q + h_kv} + h // {g}, {dd}]",
-         f"                acc_s[c, tx] = T.float32(0)",
+         "                acc_s[c, tx] = T.float32(0)",
          f"            st_s[0, tx] = T.float32({_NEG})",
          "            st_s[1, tx] = T.float32(0)",
          *[s[4:] for s in sync],
@@ -160,7 +160,8 @@ def cache_fill_func(layers: int, h_kv: int, dim: int, gpu: bool = True, dtype: s
     import tvm
     from tvm.script import tirx as T
     per = layers * h_kv * dim
-    blk = 'T.thread_binding(T.ceildiv(n * {per}, 256), thread="blockIdx.x")' if gpu else "T.serial(T.ceildiv(n * {per}, 256))"
+    blocks = f"T.ceildiv(n * {per}, 256)"
+    blk = f'T.thread_binding({blocks}, thread="blockIdx.x")' if gpu else f"T.serial({blocks})"
     thr = 'T.thread_binding(256, thread="threadIdx.x")' if gpu else "T.serial(256)"
     L = ["@T.prim_func",
          "def main(var_k: T.handle, var_v: T.handle, var_cache: T.handle, pos: T.Buffer((1,), \"int32\")):",
@@ -170,7 +171,7 @@ def cache_fill_func(layers: int, h_kv: int, dim: int, gpu: bool = True, dtype: s
          f'    k = T.match_buffer(var_k, ({layers}, n, {h_kv}, {dim}), "{dtype}")',
          f'    v = T.match_buffer(var_v, ({layers}, n, {h_kv}, {dim}), "{dtype}")',
          f'    cache = T.match_buffer(var_cache, ({layers}, 2, {h_kv}, max_len, {dim}), "{dtype}")',
-         f"    for b in {blk.format(per=per)}:",
+         f"    for b in {blk}:",
          f"        for tx in {thr}:",
          f"            if b * 256 + tx < n * {per}:",
          # i = ((l * n + t) * h_kv + hh) * dim + d, the source's order

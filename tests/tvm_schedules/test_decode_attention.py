@@ -1,7 +1,8 @@
-"""The one-graph decode step's attention (`tvm_schedules/decode_attention.py`): the CPU twin (the GPU kernel's text with
-serial loops) against the NumPy reference at positions around the tile edges, with grouped query heads, the cache
-append at pos and its neighbours untouched; the prefill-to-cache copy; and the CUDA source (one kernel, barriers, 16-byte
-key loads). The CUDA kernel itself runs in apps/cuda/run_dist.py's greedy tokens."""
+"""The one-graph decode step's attention (`tvm_schedules/decode_attention.py`): the CPU twin (the GPU kernel's text
+with serial loops) against the NumPy reference at positions around the tile edges, with grouped query heads, the
+cache append at pos and its neighbours untouched, value rows past pos holding NaN; the prefill-to-cache copy; the
+CUDA source (barriers, 16-byte key loads) and its PDL launch. The CUDA kernel itself runs in apps/cuda/run_dist.py's
+greedy tokens (benchmarks/results/gpu-e2e-smollm2-gpu10-h200.md)."""
 import numpy as np
 import pytest
 
