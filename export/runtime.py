@@ -4,6 +4,9 @@ and perplexity through the compiled library.
 Nothing here imports tvm.relax (it is absent where only the runtime is installed): the library is loaded with
 `tvm.runtime.load_module`, run by `tvm.runtime.vm.VirtualMachine`, and its weights come from the tensor cache through
 the VM's own builtins. The KV cache holds one sequence at a time; each call to `generate`/`score` starts a new one.
+Where the library has `decode_graph` (CUDA: export/graph_decode.py), decode steps replay it on a second cache of the
+runner's own (filled from the paged one after a prefill), and the paged cache is fed the tokens decoded that way
+before it runs again.
 """
 from __future__ import annotations
 
@@ -147,9 +150,7 @@ class Runner:
             return
         tvm, m = self._tvm, self.info["model"]
         self._g_shape = (int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"]))
-        L, kv, d = self._g_shape
-        # no need to clear it: the attention kernel reads keys 0..pos only and masks the value rows past pos
-        self._g_cache = tvm.runtime.empty((L, 2, kv, self.max_len, d), "float16", self.dev)
+        self._g_cache = None   # allocated by the first graph step: a runner that only scores never holds it
         self._g_tok = tvm.runtime.empty((1,), "int32", self.dev)
         self._g_pos = tvm.runtime.empty((1,), "int32", self.dev)
         self._g_logits = tvm.runtime.empty((1, 1, self.vocab), "float32", self.dev)
@@ -185,10 +186,7 @@ class Runner:
     # ----------------------------------------------------------------------------------------- low level
     def _embed(self, ids):
         tvm = self._tvm
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):   # the embedding kernel does not bound-check
-            bad = int(ids[(ids < 0) | (ids >= self.vocab)][0])
-            raise EdgequantError(f"token id {bad} is outside the vocabulary (0..{self.vocab - 1}) of this model")
+        ids = self._check_ids(ids)
         if ids.size == 1:
             self._one_id.copyfrom(ids.astype("int32"))
             dev_ids = self._one_id
@@ -196,6 +194,13 @@ class Runner:
             dev_ids = tvm.runtime.tensor(ids.astype("int32"), self.dev)
         e = self.vm["embed"](dev_ids, self.params)
         return e._create_view((1, len(ids), self.hidden))
+
+    def _check_ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):   # the embedding kernel does not bound-check
+            bad = int(ids[(ids < 0) | (ids >= self.vocab)][0])
+            raise EdgequantError(f"token id {bad} is outside the vocabulary (0..{self.vocab - 1}) of this model")
+        return ids
 
     def new_sequence(self):
         if self._active:
@@ -267,10 +272,14 @@ class Runner:
 
     def _graph_sync(self):
         """Copy the positions the paged cache holds and the graph's cache lacks (a prefill's) into the latter."""
+        L, kv, d = self._g_shape
+        tvm = self._tvm
+        if self._g_cache is None:
+            # as large as the paged cache; no need to clear it: the attention kernel reads keys 0..pos only and
+            # never lets a value row past pos into the result
+            self._g_cache = tvm.runtime.empty((L, 2, kv, self.max_len, d), "float16", self.dev)
         start, end = self._g_len, self.length - len(self._pending)
         if start < end:
-            L, kv, d = self._g_shape
-            tvm = self._tvm
             k = tvm.runtime.empty((L, end - start, kv, d), "float16", self.dev)
             v = tvm.runtime.empty((L, end - start, kv, d), "float16", self.dev)
             self._debug_get_kv(self.kv, 0, start, end, k, v)
@@ -290,6 +299,8 @@ class Runner:
         self._g_len += 1
 
     def _graph_decode(self, token: int):
+        self._check_room(1)   # before the id's check, as _forward does
+        self._check_ids([token])
         self._graph_step(int(token))
         self._pending.append(int(token))
         return self._g_logits

@@ -93,6 +93,7 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
     from edgequant import api
     from edgequant.artifact import load_quantized_model
     from edgequant.export import targets
+    from edgequant.errors import EdgequantError
     from edgequant.export import graph_decode
     from edgequant.export.api import export
     from edgequant.export.models import llama as export_llama
@@ -149,6 +150,8 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
         greedy[path] = runner.generate(ids[:10], 8).tokens
         runner._argmax = None
         assert runner.generate(ids[:10], 8).tokens == greedy[path]
+        with pytest.raises(EdgequantError, match="outside the vocabulary"):   # before any kernel reads it
+            runner.decode(runner.vocab)
     assert greedy["graph"] == greedy["paged"]
 
 
