@@ -15,7 +15,7 @@ from edgequant.atomic import atomic_output_dir, output_lock
 from edgequant.errors import EdgequantError
 from edgequant.memory import PREFILL_CHUNK   # the memory plan sizes temporaries by it too
 
-from . import pdl, targets
+from . import graph_decode, pdl, targets
 from .dist import EXPORT_JSON
 from .params import open_source, write_tensor_cache
 
@@ -78,6 +78,7 @@ def build_module(source, preset, arch=None, system_lib_prefix=None):
     tgt = targets.tvm_target(preset, arch)
     model = graph_for(source.config)[1](source.arch, source.plans(), tgt)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    mod = graph_decode.mark_static(mod)
     meta = {"model_type": source.arch.model_type, "quantization": source.quantization,
             "context_window_size": source.arch.context_window, "prefill_chunk_size": prefill_chunk(source.arch),
             "sliding_window_size": -1, "attention_sink_size": -1, "tensor_parallel_shards": 1,

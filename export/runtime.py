@@ -4,6 +4,9 @@ and perplexity through the compiled library.
 Nothing here imports tvm.relax (it is absent where only the runtime is installed): the library is loaded with
 `tvm.runtime.load_module`, run by `tvm.runtime.vm.VirtualMachine`, and its weights come from the tensor cache through
 the VM's own builtins. The KV cache holds one sequence at a time; each call to `generate`/`score` starts a new one.
+Where the library has `decode_graph` (CUDA: export/graph_decode.py), decode steps replay it on a second cache of the
+runner's own (filled from the paged one after a prefill), and the paged cache is fed the tokens decoded that way
+before it runs again.
 """
 from __future__ import annotations
 
@@ -130,8 +133,30 @@ class Runner:
         # device buffer for a single token id (a new tensor per step cost a cudaMalloc and a cudaFree)
         self._argmax = self.vm["argmax"] if self.info["device"] != "cpu" and self._has("argmax") else None
         self._one_id = tvm.runtime.empty((1,), "int32", self.dev)
+        self._init_graph()
         self.tokenizer = _tokenizer(self.dist, "export the model again from a folder that has its tokenizer") \
             if load_tokenizer else None
+
+    def _init_graph(self):
+        """The one-graph decode step's own tensors (export/graph_decode.py), where the library has it: the same
+        tensors on every call, as the captured graph holds their addresses."""
+        import os
+
+        from .graph_decode import FILL, FUNC
+        self._graph = None
+        self._pending: list[int] = []   # tokens decoded through the graph that the paged cache has not seen
+        self._g_len = 0                 # positions of the sequence in the graph's cache
+        if os.environ.get("EDGEQUANT_DECODE_GRAPH", "1") == "0" or not self._has(FUNC):
+            return
+        tvm, m = self._tvm, self.info["model"]
+        self._g_shape = (int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"]))
+        self._g_cache = None   # allocated by the first graph step: a runner that only scores never holds it
+        self._g_tok = tvm.runtime.empty((1,), "int32", self.dev)
+        self._g_pos = tvm.runtime.empty((1,), "int32", self.dev)
+        self._g_logits = tvm.runtime.empty((1, 1, self.vocab), "float32", self.dev)
+        self._g_fill = self.vm[FILL]
+        self._debug_get_kv = tvm.get_global_func("vm.builtin.attention_kv_cache_debug_get_kv")
+        self._graph = self.vm[FUNC]
 
     def _check_metadata(self, meta, lib: Path):
         """edgequant-export.json must describe the library it names: its parameters, context and chunk sizes (the
@@ -161,10 +186,7 @@ class Runner:
     # ----------------------------------------------------------------------------------------- low level
     def _embed(self, ids):
         tvm = self._tvm
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):   # the embedding kernel does not bound-check
-            bad = int(ids[(ids < 0) | (ids >= self.vocab)][0])
-            raise EdgequantError(f"token id {bad} is outside the vocabulary (0..{self.vocab - 1}) of this model")
+        ids = self._check_ids(ids)
         if ids.size == 1:
             self._one_id.copyfrom(ids.astype("int32"))
             dev_ids = self._one_id
@@ -173,6 +195,13 @@ class Runner:
         e = self.vm["embed"](dev_ids, self.params)
         return e._create_view((1, len(ids), self.hidden))
 
+    def _check_ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):   # the embedding kernel does not bound-check
+            bad = int(ids[(ids < 0) | (ids >= self.vocab)][0])
+            raise EdgequantError(f"token id {bad} is outside the vocabulary (0..{self.vocab - 1}) of this model")
+        return ids
+
     def new_sequence(self):
         if self._active:
             self._remove(self.kv, 0)
@@ -180,6 +209,7 @@ class Runner:
         self._active = True
         self.length = 0
         self.history = []
+        self._pending, self._g_len = [], 0
 
     def _forward(self, fn: str, ids) -> "object":
         self._check_room(len(ids))   # before the ids' own checks, as the error a user most likely needs
@@ -202,6 +232,7 @@ class Runner:
         return logits
 
     def _prefill(self, ids):
+        self._catch_up()
         fn = "prefill"
         if self._switches_to_long(len(ids)):
             # transformers' Phi-3 generate: the whole sequence again, with the long factors everywhere
@@ -223,9 +254,56 @@ class Runner:
         return self._prefill(ids).numpy().reshape(-1)
 
     def _decode(self, token: int):
+        if self._graph is not None:
+            return self._graph_decode(token)
         if self._switches_to_long(1):
             return self._prefill([token])
+        self._catch_up()
         return self._forward("decode", [token])
+
+    # ----------------------------------------------------------------------------------------- one-graph decode
+    def _catch_up(self):
+        """Feed the paged cache the tokens decoded through the graph, before it runs again."""
+        if self._pending:
+            ids, self._pending = self._pending, []
+            self.length -= len(ids)
+            for i in range(0, len(ids), self.chunk):
+                self._forward("prefill", ids[i:i + self.chunk])
+
+    def _graph_sync(self):
+        """Copy the positions the paged cache holds and the graph's cache lacks (a prefill's) into the latter."""
+        L, kv, d = self._g_shape
+        tvm = self._tvm
+        if self._g_cache is None:
+            # as large as the paged cache; no need to clear it: the attention kernel reads keys 0..pos only and
+            # never lets a value row past pos into the result
+            self._g_cache = tvm.runtime.empty((L, 2, kv, self.max_len, d), "float16", self.dev)
+        start, end = self._g_len, self.length - len(self._pending)
+        if start < end:
+            k = tvm.runtime.empty((L, end - start, kv, d), "float16", self.dev)
+            v = tvm.runtime.empty((L, end - start, kv, d), "float16", self.dev)
+            self._debug_get_kv(self.kv, 0, start, end, k, v)
+            self._g_pos.copyfrom(np.array([start], "int32"))
+            self._g_fill(k, v, self._g_cache, self._g_pos)
+            self._g_len = end
+
+    def _graph_step(self, token: int | None):
+        """One replay: `token` at the next position (None: the token the last step wrote on the device)."""
+        self._check_room(1)
+        self._graph_sync()
+        if token is not None:
+            self._g_tok.copyfrom(np.array([token], "int32"))
+            self._g_pos.copyfrom(np.array([self.length], "int32"))
+        self._graph(self._g_tok, self._g_pos, self._g_cache, self._g_logits, self.params)
+        self.length += 1
+        self._g_len += 1
+
+    def _graph_decode(self, token: int):
+        self._check_room(1)   # before the id's check, as _forward does
+        self._check_ids([token])
+        self._graph_step(int(token))
+        self._pending.append(int(token))
+        return self._g_logits
 
     def decode(self, token: int) -> np.ndarray:
         return self._decode(token).numpy().reshape(-1)
@@ -273,6 +351,7 @@ class Runner:
         changed the 8th token on the H200, most likely because TVM's paged KV cache then copies the next step's
         page tables over those a queued step still reads (its copy stream does not wait for the compute stream)."""
         tok = self._argmax(logits)
+        first = True
         while True:
             v = int(tok.numpy()[0])
             st.tokens.append(v)
@@ -281,6 +360,13 @@ class Runner:
                 on_token(v)
             if v in stop_ids or st.new_tokens == max_new_tokens:
                 return
+            if self._graph is not None:
+                # the graph writes its argmax into its token input and advances its position: after the first
+                # step the host only reads the token
+                self._graph_step(v if first else None)
+                self._pending.append(v)
+                first, tok = False, self._g_tok
+                continue
             e = self.vm["embed"](tok, self.params)._create_view((1, 1, self.hidden))
             tok = self._argmax(self._step("decode", e, 1))
 

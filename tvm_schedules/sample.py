@@ -9,14 +9,19 @@ index, where np.argmax gives the first NaN's).
 
 `argmax_func(vocab, gpu=False)` is its CPU twin: the same scan and comparisons with serial thread loops, one slot per
 thread instead of the shuffles (the argmax of CPU libraries, and the test against NumPy).
+
+`step=True` is the last kernel of the one-graph decode step (export/graph_decode.py): it also copies the logits into
+the runner's buffer, writes the token id into the step's token input and advances the position input by one, all
+in place, so the next replay of the graph reads them without the host writing anything.
 """
 from __future__ import annotations
 
 THREADS = 1024
 
 
-def argmax_func(vocab: int, gpu: bool = True, threads: int = THREADS):
-    """prim func (logits [1, 1, vocab] float32, token [1] int32)."""
+def argmax_func(vocab: int, gpu: bool = True, threads: int = THREADS, step: bool = False):
+    """prim func (logits [1, 1, vocab] float32, token [1] int32); with `step`: (logits, logits_copy [1, 1, vocab]
+    float32, token [1] int32, pos [1] int32), token and pos updated in place."""
     import tvm
     from tvm.script import tirx as T
 
@@ -30,7 +35,9 @@ def argmax_func(vocab: int, gpu: bool = True, threads: int = THREADS):
     def better(v, i, bv, bi):   # (v, i) replaces (bv, bi): a real entry, larger, or as large at a smaller index
         return f"{i} < {vocab} and ({v} > {bv} or ({v} == {bv} and {i} < {bi}) or {bi} == {vocab})"
 
-    L = ["@T.prim_func", f'def main(x: T.Buffer((1, 1, {vocab}), "float32"), out: T.Buffer((1,), "int32")):',
+    sig = (f'lo: T.Buffer((1, 1, {vocab}), "float32"), out: T.Buffer((1,), "int32"), '
+           'pos: T.Buffer((1,), "int32")') if step else 'out: T.Buffer((1,), "int32")'
+    L = ["@T.prim_func", f'def main(x: T.Buffer((1, 1, {vocab}), "float32"), {sig}):',
          '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})',
          f"    for bx in {bloop}:",
          f'        sv = T.alloc_buffer(({slots},), "float32"' + (', scope="shared")' if gpu else ")"),
@@ -45,6 +52,7 @@ def argmax_func(vocab: int, gpu: bool = True, threads: int = THREADS):
          f"            bi[0] = {vocab}",
          f"            for j in T.serial({steps}):",
          f"                if j * {nt} + tx < {vocab}:",
+         *([f"                    lo[0, 0, j * {nt} + tx] = x[0, 0, j * {nt} + tx]"] if step else []),
          f"                    if x[0, 0, j * {nt} + tx] > bv[0] or bi[0] == {vocab}:",
          f"                        bv[0] = x[0, 0, j * {nt} + tx]",
          f"                        bi[0] = j * {nt} + tx"]
@@ -70,4 +78,6 @@ def argmax_func(vocab: int, gpu: bool = True, threads: int = THREADS):
           f"{body}    bv[0] = T.Select(tk[0] == 1, sv[w], bv[0])",
           f"{body}    bi[0] = T.Select(tk[0] == 1, si[w], bi[0])",
           f"{body}out[0] = T.min(bi[0], {vocab - 1})"]
+    if step:
+        L += [f"{body}pos[0] = pos[0] + 1"]
     return tvm.script.from_source("\n".join(L) + "\n", extra_vars={"T": T})

@@ -101,6 +101,17 @@ def main():
     r.dev.sync()
     out["host_issue_ms"] = round(issue, 3)
     out["queued_step_ms"] = round((time.perf_counter() - t) / a.steps * 1e3, 3)
+    if getattr(r, "_graph", None) is not None:   # the one-graph step (export/graph_decode.py): replays queued
+        r.new_sequence()
+        r.prefill(ids)
+        r._graph_step(ids[-1])
+        r.dev.sync()
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            r._graph_step(None)
+        out["graph_issue_ms"] = round((time.perf_counter() - t) / a.steps * 1e3, 3)
+        r.dev.sync()
+        out["graph_queued_step_ms"] = round((time.perf_counter() - t) / a.steps * 1e3, 3)
     try:
         out["trace"] = _trace(r, ids, 8, a.trace)
     except Exception as e:  # noqa: BLE001 - the trace is extra; the timings above stand without it

@@ -37,7 +37,7 @@ from edgequant.models import FAMILIES, family_for
 
 from edgequant.tvm_schedules.workarounds import own_attention
 
-from .. import pdl
+from .. import graph_decode, pdl
 from ..quant_linear import DenseLinear, Embedding, QuantEmbedding, QuantLinear, quant_matmul
 
 FAMILY_NAMES = ("llama", "qwen3", "phi3")   # the edgequant.models families this graph implements
@@ -350,6 +350,13 @@ class LlamaForCausalLM(nn.Module):
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self._body(input_embed, paged_kv_cache)), paged_kv_cache
 
+    # CUDA decode of one sequence as one captured graph on a cache of our own (export/graph_decode.py)
+    def decode_graph(self, token: Tensor, pos: Tensor, cache: Tensor, logits: Tensor):
+        return graph_decode.decode_graph(self, token, pos, cache, logits)
+
+    def graph_cache_fill(self, k: Tensor, v: Tensor, cache: Tensor, pos: Tensor):
+        return graph_decode.cache_fill(self, k, v, cache, pos)
+
     def argmax(self, logits: Tensor):
         """Greedy sampling on the device (`tvm_schedules/sample.py`): the runner copies one token id per step
         instead of the logits."""
@@ -396,6 +403,7 @@ class LlamaForCausalLM(nn.Module):
             **({"argmax": {"logits": nn.spec.Tensor([1, 1, self.c.vocab_size], "float32"),
                            "$": {"param_mode": "none", "effect_mode": "none"}}}
                if self.target.kind.name in ARGMAX_TARGETS else {}),
+            **(graph_decode.spec(self.c) if graph_decode.enabled(self.c, self.target) else {}),
             "create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                                       "page_size": int, "support_sliding_window": int,
                                       "$": {"param_mode": "none", "effect_mode": "none"}},

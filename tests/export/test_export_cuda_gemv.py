@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+import json
+
 import numpy as np
 import pytest
 
@@ -38,16 +40,23 @@ def test_cuda_decode_uses_the_gemv_kernels(checkpoint):
     # sm_90 only: the GEMVs are built for programmatic dependent launch (export/pdl.py), and only they
     head = r'extern "C" __global__ void __launch_bounds__\([\d, ]+\) (\w+)\([^)]*\) \{'
     defs = {m.group(1): m.group(2) for m in re.finditer(head + r'(.*?)(?=\nextern "C"|\Z)', src, re.S)}
+    # (and the one-graph step's attention kernel, which lets o_proj's GEMV launch early)
     assert {k for k, b in defs.items() if "cudaGridDependencySynchronize" in b} == {
-        k for k in defs if k.startswith("decode_gemv")} and len(defs) == len(kernels)
+        k for k in defs if k.startswith(("decode_gemv", "decode_attention"))} and len(defs) == len(kernels)
     # greedy sampling on the device
     assert "argmax" in functions and any(k.startswith("argmax") for k in kernels)
     prefill = [k for k in kernels if k.startswith("prefill_gemm")]
     assert len({k.removesuffix("_1").removesuffix("_2") for k in prefill}) == 4 and 8 <= len(prefill) <= 12
     assert "mma.sync.aligned.m16n8k16" in src
     assert not any("dequantize" in k for k in kernels)
-    # decode and prefill replay their static kernel sequences as CUDA graphs (launch overhead)
+    # decode and prefill replay their static kernel sequences as CUDA graphs (launch overhead); decode_graph is one
+    # graph from the embedding to the argmax (export/graph_decode.py): one capture, no KV-cache builtin
     assert "cuda_graph.run_or_capture" in ex.as_text()
+    assert {"decode_graph", "graph_cache_fill"} <= set(functions) and "decode_attention" in " ".join(kernels)
+    text = ex.as_text()
+    body = text[text.index("@decode_graph:"):]
+    body = body[:body.index("\n@", 1)] if "\n@" in body[1:] else body
+    assert body.count("run_or_capture") == 1 and "kv_state" not in body and "attention" not in body
 
 
 def test_cuda_preset_repacks_3_bit_weights(model_dirs, tmp_path):
@@ -75,18 +84,23 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
                                                          group, sym, n_out, act):
     """The CUDA decode path as exported (arguments, words3x32 / dp4a3 repacking, folded zero points, outlier columns
     in fp32, bias) through the GEMV's serial CPU twin on the cpu target: decode logits equal PyTorch's (fp16
-    activations), or move by the int8 rounding of the activations only (int8, the CUDA default)."""
+    activations), or move by the int8 rounding of the activations only (int8, the CUDA default). Both decode paths
+    of a CUDA library: the one-graph step on its own cache (export/graph_decode.py, its kernels' twins) and the paged
+    cache's (EDGEQUANT_DECODE_GRAPH=0 at run time)."""
     import dataclasses
 
     import torch
     from edgequant import api
     from edgequant.artifact import load_quantized_model
     from edgequant.export import targets
+    from edgequant.errors import EdgequantError
+    from edgequant.export import graph_decode
     from edgequant.export.api import export
     from edgequant.export.models import llama as export_llama
     from edgequant.export.runtime import Runner
     from test_export_parity import add_outlier_columns
     monkeypatch.setattr(export_llama, "DECODE_GEMV_TWIN_ON_CPU", True)
+    monkeypatch.setattr(graph_decode, "ON_CPU", True)
     monkeypatch.setenv("EDGEQUANT_ACT_DTYPE", act)   # fp16: prefill exact too (the cpu default quantizes activations)
     packing3 = "words3x32" if act == "fp16" else targets.PRESETS["cuda"].packing3
     monkeypatch.setitem(targets.PRESETS, "cpu", dataclasses.replace(targets.PRESETS["cpu"], packing3=packing3))
@@ -113,14 +127,32 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
     ids = np.random.default_rng(1).integers(0, ref.config.vocab_size, 24).tolist()
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()
-    runner = Runner(dist)
-    runner.new_sequence()
-    runner.prefill(ids[:16])
-    err = max(float(np.abs(runner.decode(ids[j]) - want[j]).max() / np.abs(want[j]).max()) for j in range(16, 24))
-    print(f"\n{arch} W{bits} {act} decode: max |tvm - torch| / max |torch| {err:.1e}")
-    # int8: the bound of test_export_parity's int8 test; the cpu int8 export of the llama W4 model gives the same
-    # per-step errors (up to 3.6e-2) as this twin
-    assert err < (1e-2 if act == "fp16" else 4e-2)
+    assert graph_decode.FUNC in json.loads((dist / "edgequant-export.json").read_text())["functions"]
+    greedy = {}
+    for path in ("graph", "paged"):
+        monkeypatch.setenv("EDGEQUANT_DECODE_GRAPH", "1" if path == "graph" else "0")
+        runner = Runner(dist)
+        assert (runner._graph is not None) == (path == "graph")
+        runner.new_sequence()
+        runner.prefill(ids[:12])
+        got = [runner.decode(ids[j]) for j in range(12, 20)]
+        got.append(runner.prefill(ids[20:22]))   # a prefill after graph steps: the paged cache catches up first
+        got += [runner.decode(ids[j]) for j in range(22, 24)]
+        err = max(float(np.abs(g - want[j]).max() / np.abs(want[j]).max())
+                  for g, j in zip(got, [*range(12, 20), 21, 22, 23]))
+        print(f"\n{arch} W{bits} {act} decode ({path}): max |tvm - torch| / max |torch| {err:.1e}")
+        # int8: the bound of test_export_parity's int8 test; the cpu int8 export of the llama W4 model gives the
+        # same per-step errors (up to 3.6e-2) as this twin
+        assert err < (1e-2 if act == "fp16" else 4e-2)
+        # the CUDA greedy loop (the library's argmax; on the graph path the step's last kernel writes the token and
+        # the position in place, so the host only reads), and the host's np.argmax on the same decode
+        runner._argmax = runner.vm["argmax"]
+        greedy[path] = runner.generate(ids[:10], 8).tokens
+        runner._argmax = None
+        assert runner.generate(ids[:10], 8).tokens == greedy[path]
+        with pytest.raises(EdgequantError, match="outside the vocabulary"):   # before any kernel reads it
+            runner.decode(runner.vocab)
+    assert greedy["graph"] == greedy["paged"]
 
 
 @pytest.mark.slow

@@ -34,3 +34,17 @@ def test_argmax_cuda_source_uses_shuffles():
                        target=tvm.target.Target({"kind": "cuda", "arch": "sm_90"}))
     src = next(x.inspect_source() for x in m.imports if x.kind == "cuda")
     assert src.count("__shfl_down_sync(") >= 10 and src.count("__syncthreads") == 1
+
+
+def test_argmax_step_twin_copies_the_logits_and_advances():
+    """`step=True` (the one-graph decode step's last kernel): the logits copied out, the argmax written into the token
+    input, the position advanced by one."""
+    import tvm
+    from edgequant.tvm_schedules.sample import argmax_func
+    ex = tvm.compile(tvm.IRModule({"main": argmax_func(1000, gpu=False, threads=64, step=True)}), target="llvm")
+    x = np.random.default_rng(3).standard_normal((1, 1, 1000)).astype(np.float32)
+    lo, tok, pos = (tvm.runtime.tensor(a) for a in (np.zeros_like(x), np.array([7], "int32"),
+                                                     np.array([41], "int32")))
+    ex["main"](tvm.runtime.tensor(x), lo, tok, pos)
+    np.testing.assert_array_equal(lo.numpy(), x)
+    assert tok.numpy()[0] == np.argmax(x) and pos.numpy()[0] == 42
