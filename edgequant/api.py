@@ -83,7 +83,13 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
                 "layers": result.stats}
         if tables is not None:
             prov["tables"] = {"scheme": tables.to_dict(), "method": "rtn"}
-        ck = save_checkpoint(output, model_obj, tok, quantized, scheme, method, prov)
+        try:
+            ck = save_checkpoint(output, model_obj, tok, quantized, scheme, method, prov)
+        except EdgequantError as e:   # a full disk: the calibration's finished blocks are kept, and said so
+            kept = _kept_blocks(state_dir)
+            if kept:
+                raise EdgequantError(f"{e}; {kept}") from None
+            raise
         if state_dir.exists():  # the checkpoint is complete: resumable state is no longer needed
             import shutil
             shutil.rmtree(state_dir, ignore_errors=True)
@@ -98,11 +104,16 @@ def resume_state_dir(output) -> Path:
 
 def interrupted_note(method: str, output) -> str:
     """What an interrupted `quantize` left: no checkpoint, and the finished blocks only if the method keeps them."""
-    state = resume_state_dir(output)
+    kept = _kept_blocks(resume_state_dir(output))
+    return f"interrupted {method} quantization; no checkpoint was written" + (f"; {kept}" if kept else "")
+
+
+def _kept_blocks(state: Path) -> str | None:
+    """What the resume state folder keeps, for an error line (None: nothing)."""
     if state.is_dir() and any(state.iterdir()):
-        return (f"interrupted {method} quantization; no checkpoint was written; its finished blocks are kept in "
-                f"{state} and the same command continues from there")
-    return f"interrupted {method} quantization; no checkpoint was written"
+        return (f"its finished blocks are kept in {state} and the same command continues from there (delete it to "
+                "start over)")
+    return None
 
 
 def _check_group_size(model, scheme) -> None:

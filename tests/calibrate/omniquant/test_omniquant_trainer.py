@@ -180,6 +180,19 @@ def test_a_full_disk_while_saving_progress_is_one_line(tmp_path, model_dirs, tex
         assert not state.exists()
 
 
+def test_a_full_disk_while_writing_the_checkpoint_names_the_kept_blocks(tmp_path, model_dirs, text_file, monkeypatch):
+    """The progress fits, the checkpoint does not: the line said "nothing was changed" while the finished blocks
+    stayed in the hidden state folder unnamed (twelfth hostile re-run, L6). Now it names them; a rerun uses them."""
+    import edgequant.artifact as artifact
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(artifact, "write_tensors", full)
+    with pytest.raises(EdgequantError, match=r"cannot write .*No space left.*finished blocks are kept in .*\.out\.state"):
+        api.quantize(model_dirs["llama"], tmp_path / "out", **dict(_RESUME_KW, calib=text_file))
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.state" / "block_0000.safetensors").is_file()
+
+
 def test_resume_state_never_unpickles(tmp_path, model_dirs, text_file, monkeypatch):
     """A pickle planted in the state folder (old format name or new) is never loaded: no code runs."""
     kw = dict(_RESUME_KW, calib=text_file)
