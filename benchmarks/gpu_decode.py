@@ -22,8 +22,9 @@ export/pdl.py), and
 torch int4 the same way, and two floors of the step's 128 dependent launches: empty kernels of the W4 GEMVs' grid
 and block shapes and of uniform grids of 132 to 1376 blocks (plain and PDL; the PDL trigger after or before the
 wait), and the grid barriers one persistent kernel would pay instead (one counter or 32, 792 or 132 blocks).
-`--acts ...,dense` adds the decode kernels of an fp16 (unquantized) export, each linear as the export's own passes
-schedule it (dlight's GEMV rule), with cuBLAS fp16 over the same step as its peer. `run --repeat N`
+`--acts ...,dense` adds the decode kernels of an fp16 (unquantized) export: `tvm_schedules/dense_gemv.py` (PDL;
+its default config and, without --quick, DENSE_SWEEP) and, as the previous kernel, each linear as dlight's GEMV rule
+schedules it, with cuBLAS fp16 over the same step as the peer. `run --repeat N`
 measures the whole-step graphs N times (one pass over all schemes after another) and reports each time's median.
 Writes benchmarks/results/gpu-<device>.md.
 
@@ -51,8 +52,8 @@ SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 
 # (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, dp4a3 with int8
 # activations); planes3: the previous CUDA layout, int8 activations only, for comparison)
 ACTS = ("int8", "fp16", "dense")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact
-# float kernel; dense: the fp16-weight decode kernel an unquantized export runs (DenseLinear through the export's
-# scheduling passes: dlight's GEMV rule), one per linear
+# float kernel; dense: the fp16-weight decode kernels of an unquantized export (dense_gemv, and dlight's GEMV rule
+# as before: DenseLinear through the export's scheduling passes)
 DENSE_SCHEME = "fp16 (export: dense_gemv)"   # tvm_schedules/dense_gemv.py (PDL)
 DENSE_PREV = "fp16 (previous export: dlight GEMV)"
 DENSE_SWEEP = tuple((r, w, u, d) for r in (2, 4, 8) for w in (4, 8) for u, d in ((2, 1), (4, 1), (1, 2), (2, 2)))

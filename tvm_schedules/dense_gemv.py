@@ -4,7 +4,9 @@ W [N, K], fp32 accumulation, written as a hand-scheduled TIR prim func.
 dlight's CUDA GEMV rule (what these linears ran before) gives every row one warp that reads x from shared memory for
 each FMA, in blocks of 16 rows, with 32-bit weight loads. On the LLaMA-7B step (H200) that left the N = 4096 linears
 (o, down: 256 blocks, 45% of the warps resident) at 74% / 79% of the memory roofline and the step at 84.8%
-(benchmarks/results/gpu-nvidia-h200.md, gpu9). Here, as in `gemv.py`:
+(benchmarks/results/gpu-nvidia-h200.md, gpu9). With this kernel the step is 91% of the roofline with PDL (3.055 ms
+against dlight's 3.336 in the same run at the sweep's first default, 2.980 ms = 94% at `default_config`'s picks; gpu9b).
+Here, as in `gemv.py`:
 - the block's threads split K (split-K inside the block): thread c owns the 8-value pieces c, c + T, c + 2T, ... of
   every row of its block, one 128-bit load per row and piece, consecutive threads on consecutive pieces (coalesced);
 - x's piece is loaded once (128-bit, from L1/L2), converted to fp32 once and reused by the block's `rows` rows, so x
@@ -32,7 +34,7 @@ TRIGGER = '{ind}T.evaluate(T.call_extern("void", "cudaTriggerProgrammaticLaunchC
 @dataclass(frozen=True)
 class DenseConfig:
     rows: int = 4     # output rows per block (each thread's x piece reused by each)
-    warps: int = 4    # warps per block: its threads split K
+    warps: int = 8    # warps per block: its threads split K
     unroll: int = 2   # pieces per batch: rows x unroll weight loads in flight per thread
     depth: int = 1    # register buffers of batches: 2 loads the next batch (weights and x) before this one's math
 
@@ -47,12 +49,17 @@ def supports(n: int, k: int) -> bool:
     return isinstance(n, int) and isinstance(k, int) and n > 0 and k > 0 and k % VEC == 0
 
 
-def default_config(n: int, k: int, sms: int = 132) -> DenseConfig:
-    """The export's pick (H200 sweep in benchmarks/results/gpu-nvidia-h200.md, gpu9b): 4 rows per block of 4 warps,
-    2 rows where that leaves fewer than 8 blocks per SM (N = 4096: o, down)."""
-    if n % 4 == 0 and n // 4 >= 8 * sms:
-        return DenseConfig(4, 4, 2)
-    return DenseConfig(2 if n % 2 == 0 else 1, 4, 2)
+def default_config(n: int, k: int) -> DenseConfig:
+    """The export's pick, from the H200 sweep of LLaMA-7B's linears (benchmarks/results/gpu-nvidia-h200.md, gpu9b:
+    24 configs per linear): 4 rows per block of 8 warps won or tied on every linear (o: 9.45 us against 10.2-11.6
+    for 2 or 8 rows or 4 warps); a thread's pieces in one batch where they are at most 2 (K = 4096: 2 per thread),
+    else one piece per batch, double-buffered (down, K = 11008: 6 per thread; 22.0 us against 22.4 in one batch of
+    2). Small K takes fewer warps (at least 2 pieces per thread), odd N fewer rows."""
+    nv = k // VEC
+    warps = max(1, min(8, -(-nv // 64)))
+    nit = -(-nv // (32 * warps))
+    rows = 4 if n % 4 == 0 else 2 if n % 2 == 0 else 1
+    return DenseConfig(rows, warps, nit, 1) if nit <= 2 else DenseConfig(rows, warps, 1, 2)
 
 
 def dense_gemv_func(n: int, k: int, cfg: DenseConfig | None = None, gpu: bool = True, out_dtype: str = "float16",
