@@ -4,9 +4,8 @@ W [N, K], fp32 accumulation, written as a hand-scheduled TIR prim func.
 dlight's CUDA GEMV rule (what these linears ran before) gives every row one warp that reads x from shared memory for
 each FMA, in blocks of 16 rows, with 32-bit weight loads. On the LLaMA-7B step (H200) that left the N = 4096 linears
 (o, down: 256 blocks, 45% of the warps resident) at 74% / 79% of the memory roofline and the step at 84.8%
-(benchmarks/results/gpu-nvidia-h200.md, gpu9). With this kernel the step is 91% of the roofline with PDL (3.055 ms
-against dlight's 3.336 in the same run at the sweep's first default, 2.980 ms = 94% at `default_config`'s picks; gpu9b).
-Here, as in `gemv.py`:
+(benchmarks/results/gpu-nvidia-h200.md, gpu9). With this kernel (`default_config`) the step reaches 94.3% with PDL
+and 91.6% plain (3.028 / 3.115 ms against dlight's 3.363 in the same run; gpu9b). Here, as in `gemv.py`:
 - the block's threads split K (split-K inside the block): thread c owns the 8-value pieces c, c + T, c + 2T, ... of
   every row of its block, one 128-bit load per row and piece, consecutive threads on consecutive pieces (coalesced);
 - x's piece is loaded once (128-bit, from L1/L2), converted to fp32 once and reused by the block's `rows` rows, so x
@@ -39,8 +38,7 @@ class DenseConfig:
     depth: int = 1    # register buffers of batches: 2 loads the next batch (weights and x) before this one's math
 
     def __post_init__(self):
-        if (self.rows < 1 or self.warps < 1 or self.unroll < 1 or self.depth not in (1, 2)
-                or self.rows * self.warps > 1024):
+        if self.rows < 1 or not 1 <= self.warps <= 32 or self.unroll < 1 or self.depth not in (1, 2):
             raise ValueError(f"bad dense GEMV config {self}")
 
 
@@ -51,8 +49,8 @@ def supports(n: int, k: int) -> bool:
 
 def default_config(n: int, k: int) -> DenseConfig:
     """The export's pick, from the H200 sweep of LLaMA-7B's linears (benchmarks/results/gpu-nvidia-h200.md, gpu9b:
-    24 configs per linear): 4 rows per block of 8 warps won or tied on every linear (o: 9.45 us against 10.2-11.6
-    for 2 or 8 rows or 4 warps); a thread's pieces in one batch where they are at most 2 (K = 4096: 2 per thread),
+    24 configs per linear): 4 rows per block of 8 warps won or tied on every linear (o: 9.45 us against 9.67-11.57
+    for the others); a thread's pieces in one batch where they are at most 2 (K = 4096: 2 per thread),
     else one piece per batch, double-buffered (down, K = 11008: 6 per thread; 22.0 us against 22.4 in one batch of
     2). Small K takes fewer warps (at least 2 pieces per thread), odd N fewer rows."""
     nv = k // VEC
