@@ -22,8 +22,9 @@ export/pdl.py), and
 torch int4 the same way, and two floors of the step's 128 dependent launches: empty kernels of the W4 GEMVs' grid
 and block shapes and of uniform grids of 132 to 1376 blocks (plain and PDL; the PDL trigger after or before the
 wait), and the grid barriers one persistent kernel would pay instead (one counter or 32, 792 or 132 blocks).
-`--acts ...,dense` adds the decode kernels of an fp16 (unquantized) export, each linear as the export's own passes
-schedule it (dlight's GEMV rule), with cuBLAS fp16 over the same step as its peer. `run --repeat N`
+`--acts ...,dense` adds the decode kernels of an fp16 (unquantized) export: `tvm_schedules/dense_gemv.py` (PDL;
+its default config and, without --quick, DENSE_SWEEP) and, as the previous kernel, each linear as dlight's GEMV rule
+schedules it, with cuBLAS fp16 over the same step as the peer. `run --repeat N`
 measures the whole-step graphs N times (one pass over all schemes after another) and reports each time's median.
 Writes benchmarks/results/gpu-<device>.md.
 
@@ -51,9 +52,12 @@ SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 
 # (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, dp4a3 with int8
 # activations); planes3: the previous CUDA layout, int8 activations only, for comparison)
 ACTS = ("int8", "fp16", "dense")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact
-# float kernel; dense: the fp16-weight decode kernel an unquantized export runs (DenseLinear through the export's
-# scheduling passes: dlight's GEMV rule), one per linear
-DENSE_SCHEME = "fp16 (export, dlight GEMV)"
+# float kernel; dense: the fp16-weight decode kernels of an unquantized export (dense_gemv, and dlight's GEMV rule
+# as before: DenseLinear through the export's scheduling passes)
+DENSE_SCHEME = "fp16 (export: dense_gemv)"   # tvm_schedules/dense_gemv.py (PDL)
+DENSE_PREV = "fp16 (previous export: dlight GEMV)"
+DENSE_SWEEP = tuple((r, w, u, d) for r in (2, 4, 8) for w in (4, 8) for u, d in ((2, 1), (4, 1), (1, 2), (2, 2)))
+# (rows per block, warps per block, 8-value pieces per batch, register buffers): dense_gemv.DenseConfig, per linear
 SWEEP = ((4, 2, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 32, 0, 0, 1, 1, 0), (4, 8, 2, 32, 0, 0, 1, 1, 0),
          (2, 8, 2, 32, 0, 0, 1, 1, 0), (4, 4, 2, 64, 0, 0, 1, 1, 0), (4, 8, 2, 64, 0, 0, 1, 1, 0),
          (4, 4, 2, 32, 8, 0, 1, 1, 0), (4, 2, 2, 32, 8, 0, 1, 1, 0), (4, 4, 2, 32, 0, 1, 1, 1, 0),
@@ -179,10 +183,19 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                     f"{scheme} int8 act (previous kernel)", bits, g, lin, n, k, spec,
                     f"r{pc.rows}s{pc.steps}", True, nout, [-(-n // pc.rows // pc.steps), 1, 1], [32, pc.warps, 1],
                     act, True)
+    from edgequant.tvm_schedules.dense_gemv import DenseConfig, dense_gemv_func
+    from edgequant.tvm_schedules.dense_gemv import default_config as dense_default
     for lin, n, k in SHAPES if "dense" in acts and not prefill_only else []:
-        name = f"f16_{lin}"
+        dflt = dense_default(n, k)
+        for cfg in sorted({dflt} | ({DenseConfig(*c) for c in DENSE_SWEEP if n % c[0] == 0} if not quick else set()),
+                          key=lambda c: (c.rows, c.warps, c.unroll, c.depth)):
+            cname = f"r{cfg.rows}w{cfg.warps}u{cfg.unroll}d{cfg.depth}"
+            name = f"f16g_{lin}_{cname}"
+            add(name, dense_gemv_func(n, k, cfg, name=name, pdl=True), DENSE_SCHEME, 16, 0, lin, n, k,
+                _DenseSpec(n, k), cname, cfg == dflt, 0, [-(-n // cfg.rows), 1, 1], [32, cfg.warps, 1], "dense", True)
+        name = f"f16_{lin}"   # the previous fp16 export's kernel: dlight's GEMV rule, in the same run
         func, grid, block = dense_func(n, k, arch)
-        add(name, func, DENSE_SCHEME, 16, 0, lin, n, k, _DenseSpec(n, k), "dlight", True, 0, grid, block, "dense")
+        add(name, func, DENSE_PREV, 16, 0, lin, n, k, _DenseSpec(n, k), "dlight", True, 0, grid, block, "dense")
         manifest[-1]["out_param"] = func.params[-1].name
     from edgequant.tvm_schedules.mma_gemm import MmaConfig, config_tag, default_config as mma_default, gemm_func
     for scheme, bits, g in PREFILL_SCHEMES if not decode_only else []:
@@ -212,7 +225,7 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
     for m in manifest:  # the kernel's parameters in TVM's order, by name
         sig = re.search(r"void __launch_bounds__\([\d, ]+\) " + m["kernel"] + r"\(([^)]*)\)", src).group(1)
         m["params"] = [p.strip().split()[-1].removesuffix("_ptr") for p in sig.split(",")]
-        if m["act"] == "dense":   # dlight's names: x, weight and the output (TVM orders a kernel's parameters by name)
+        if m.get("out_param"):   # dlight's names: x, weight and the output (TVM orders a kernel's parameters by name)
             m["params"] = ["y" if p == m["out_param"] else p for p in m["params"]]
     (out / "kernels.cu").write_text(src + READ_BW_CU)
     (out / "manifest.json").write_text(json.dumps({"arch": arch, "tvm": tvm.__version__, "kernels": manifest},

@@ -26,7 +26,7 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from edgequant.tvm_schedules import gemv, mma_gemm
+from edgequant.tvm_schedules import dense_gemv, gemv, mma_gemm
 from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_te
 from edgequant.tvm_schedules.gather import gather_dequantize_te
 
@@ -161,14 +161,26 @@ class QuantLinear(_Packed):
 
 
 class DenseLinear(nn.Module):
-    """fp16 weight [N, K], fp32 accumulation; `out_dtype` float32 keeps logits unrounded."""
+    """fp16 weight [N, K], fp32 accumulation; `out_dtype` float32 keeps logits unrounded. `decode_gemv` as
+    QuantLinear's: on CUDA a one-row call runs `tvm_schedules/dense_gemv.py` (128-bit loads, the block's threads
+    splitting K; with "gpu-pdl" programmatic dependent launch) instead of dlight's GEMV rule."""
 
-    def __init__(self, k: int, n: int, bias: bool = False, out_dtype: str = "float16"):
+    def __init__(self, k: int, n: int, bias: bool = False, out_dtype: str = "float16",
+                 decode_gemv: str | None = None):
         self.weight = nn.Parameter((n, k), "float16")
         self.bias = nn.Parameter((n,), "float16") if bias else None
         self.out_dtype = out_dtype
+        self.decode_gemv = decode_gemv if decode_gemv and dense_gemv.supports(n, k) else None
 
     def forward(self, x: Tensor) -> Tensor:
+        lead = tuple(x.shape[:-1])
+        if self.decode_gemv and all(isinstance(d, int) and d == 1 for d in lead):
+            n, k = self.weight.shape
+            f = dense_gemv.dense_gemv_func(n, k, gpu=self.decode_gemv in GPU_MODES, out_dtype=self.out_dtype,
+                                           lead=lead, pdl=self.decode_gemv == "gpu-pdl").without_attr("global_symbol")
+            y = op.tensor_ir_op(f, "decode_gemv_dense", [x, self.weight],
+                                Tensor.placeholder((*lead, n), self.out_dtype))
+            return y + self.bias if self.bias is not None else y
         y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32")
         if self.out_dtype != "float32":
             y = y.astype(self.out_dtype)

@@ -206,7 +206,7 @@ DECODE_GEMV_TWIN_ON_CPU = False
 
 def _make_linear(plan, gpu_gemv: str | None):
     if plan.spec is None:
-        return DenseLinear(plan.k, plan.n, bias=plan.bias)
+        return DenseLinear(plan.k, plan.n, bias=plan.bias, decode_gemv=gpu_gemv)
     return QuantLinear(plan.spec, n_outliers=plan.n_outliers, bias=plan.bias, decode_gemv=gpu_gemv)
 
 
@@ -288,7 +288,7 @@ def head_for(c, plans, mode: str | None):
         return None
     head = plans.get(family_for(c.model_type).head)
     return QuantLinear(head.spec, decode_gemv=mode, out_dtype="float32") if head is not None else \
-        DenseLinear(c.hidden_size, c.vocab_size, out_dtype="float32")
+        DenseLinear(c.hidden_size, c.vocab_size, out_dtype="float32", decode_gemv=mode)
 
 
 class LlamaModel(nn.Module):
