@@ -383,7 +383,10 @@ class Runner:
         return int(self.info["weight_bytes"])
 
     def kv_cache_bytes(self, tokens: int | None = None) -> int:
-        return kv_cache_bytes(self.info, self.max_len if tokens is None else tokens)
+        """The KV cache this runner holds for `tokens` (default: its capacity): the paged cache's, plus the one-graph
+        decode's own cache where the library has one (always of full capacity, allocated by the first decode step)."""
+        own = kv_cache_bytes(self.info, self.max_len) if self._graph is not None else 0
+        return kv_cache_bytes(self.info, self.max_len if tokens is None else tokens) + own
 
 
 def sample(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0, rng=None) -> int:
