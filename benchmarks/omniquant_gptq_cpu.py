@@ -41,7 +41,12 @@ VARIANTS = {
     "omni-e0-gptq": ("omniquant", OmniConfig(epochs=0, lwc_init="search", gptq=True)),
     "omni-lr1e2": ("omniquant", OmniConfig(**{**OMNI, "lwc_lr": 1e-2})),
     "omni-let": ("omniquant", OmniConfig(**OMNI, let=True)),
+    "omni-e0-init6": ("omniquant", OmniConfig(epochs=0, lwc_init=6.0)),
+    "omni-init6": ("omniquant", OmniConfig(epochs=2, lwc_lr=5e-2, lwc_init=6.0)),
 }
+# variants with a patched search init: groups whose best ratio is 1 start exactly unclipped (logit 20: sigmoid is 1
+# in fp32), instead of at sigmoid(6) = 0.9975
+NONE20 = {"omni-e0-n20": "omni-e0", "omni-n20": "omni", "omni-gptq-n20": "omni-gptq"}
 
 
 @torch.no_grad()
@@ -70,7 +75,10 @@ def main():
     print(f"{model_name} {scheme_name}, blocks 0-{K - 1} quantized, calibration {n}x{L}, {nwin} eval windows",
           flush=True)
     for name in names:
-        method, cfg = VARIANTS[name]
+        from edgequant.calibrate.omniquant import lwc as lwc_mod
+        lwc_mod.search_clip_init.__wrapped__.__defaults__ = (*lwc_mod.search_clip_init.__wrapped__.__defaults__[:2],
+                                                 20.0 if name in NONE20 else 6.0)
+        method, cfg = VARIANTS[NONE20.get(name, name)]
         m = copy.deepcopy(fp)
         full = m.get_submodule(fam.layers_path)
         parent = m.get_submodule(fam.layers_path.rsplit(".", 1)[0])
