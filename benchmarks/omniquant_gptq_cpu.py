@@ -26,6 +26,7 @@ from edgequant.schemes import get_scheme
 
 OMNI = dict(epochs=2, lwc_lr=5e-2, lwc_init="search")
 VARIANTS = {
+    "fp": None,
     "rtn": ("rtn", None),
     "gptq": ("gptq", GPTQConfig()),
     "omni": ("omniquant", OmniConfig(**OMNI)),
@@ -42,6 +43,7 @@ VARIANTS = {
     "omni-lr1e2": ("omniquant", OmniConfig(**{**OMNI, "lwc_lr": 1e-2})),
     "omni-let": ("omniquant", OmniConfig(**OMNI, let=True)),
     "omni-e0-init6": ("omniquant", OmniConfig(epochs=0, lwc_init=6.0)),
+    "omni-e0-init20": ("omniquant", OmniConfig(epochs=0, lwc_init=20.0)),
     "omni-init6": ("omniquant", OmniConfig(epochs=2, lwc_lr=5e-2, lwc_init=6.0)),
 }
 # variants with a patched search init: groups whose best ratio is 1 start exactly unclipped (logit 20: sigmoid is 1
@@ -78,6 +80,11 @@ def main():
         from edgequant.calibrate.omniquant import lwc as lwc_mod
         lwc_mod.search_clip_init.__wrapped__.__defaults__ = (*lwc_mod.search_clip_init.__wrapped__.__defaults__[:2],
                                                  20.0 if name in NONE20 else 6.0)
+        if name == "fp":
+            parts, mean = nll_parts(fp, windows)
+            print(f"{name:18s} ppl {math.exp(mean):8.3f}  nll tok1 {parts[0]:.3f} 1-511 {parts[1]:.4f} "
+                  f"512+ {parts[2]:.4f}", flush=True)
+            continue
         method, cfg = VARIANTS[NONE20.get(name, name)]
         m = copy.deepcopy(fp)
         full = m.get_submodule(fam.layers_path)
@@ -89,6 +96,9 @@ def main():
         res = get_method(method).run(m, tok, s, CalibOptions(calib="../shared/data/calibration", nsamples=n, seqlen=L,
                                                              config=cfg), progress=False)
         tq = time.time() - t0
+        with torch.no_grad():   # RTN returns its integers without touching the model (GPTQ and OmniQuant write back)
+            for lin, qw in res.quantized.items():
+                m.get_submodule(lin).weight.copy_(qw.dequantize().to(m.get_submodule(lin).weight.dtype))
         for i in range(K):
             full[i] = getattr(parent, attr)[i]
         setattr(parent, attr, full)
