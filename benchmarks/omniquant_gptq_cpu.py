@@ -6,7 +6,8 @@ successor, positions 1-511 and 512-2047 (the calibration windows are shorter tha
 
 Arguments: model, scheme, K blocks, N calibration windows of L tokens (seed 0), evaluation windows, variants.
 Each variant is GPTQ (act-order) or OmniQuant (LWC) with one change against the row the GPU tables use (2 epochs,
-lr 5e-2, search init); `VARIANTS` below names them. Both methods see the same windows (equal settings).
+lr 5e-2, search init); `VARIANTS` below names them ('fp': no quantization). Both methods see the same windows
+(equal settings). Results: the notes of benchmarks/results/quality-issue11-acc8-cuda.md.
 """
 import copy
 import math
@@ -35,6 +36,7 @@ VARIANTS = {
     "omni-paper": ("omniquant", OmniConfig(epochs=2, lwc_lr=1e-2, lwc_init=4.0)),
     "omni-paper-tokrel": ("omniquant", OmniConfig(epochs=2, lwc_lr=1e-2, lwc_init=4.0, loss="token_rel")),
     "omni-e6": ("omniquant", OmniConfig(**{**OMNI, "epochs": 6})),
+    "omni-e10": ("omniquant", OmniConfig(**{**OMNI, "epochs": 10})),
     "omni-e0": ("omniquant", OmniConfig(epochs=0, lwc_init="search")),
     "omni-gptq": ("omniquant", OmniConfig(**OMNI, gptq=True)),
     "omni-gptq-tokrel": ("omniquant", OmniConfig(**OMNI, gptq=True, loss="token_rel")),
