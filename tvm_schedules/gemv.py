@@ -282,20 +282,6 @@ def _dp4a_terms(bits: int, sb: int, nsb: int = 2, layout: str = "planes3"):
     return out
 
 
-ROUND_MAGIC = 12582912.0   # 1.5 * 2^23: in [2^23, 2^24) a float's ulp is 1, so adding it rounds to an integer
-ROUND_BITS = 0x4B400000    # the bits of ROUND_MAGIC: (bits of MAGIC + v) - ROUND_BITS = v for |v| < 2^22
-
-
-def _round_int(x: str, s: str, gpu: bool) -> str:
-    """int32 nearbyint(x * s) for |x * s| < 2^22 without a float-to-int conversion: the product (rounded on its own,
-    `__fmul_rn`, so that no FMA contracts it with the add and skips the product's rounding) plus 1.5 * 2^23 is that
-    integer plus the constant, exactly (round to nearest even, as nearbyint); its bits minus the constant's are the
-    integer. Conversions run at 16 per clock and SM (CUDA guide, compute capability 9.0), a quarter of an add's
-    pipe: the 32 per thread of the activations' rounding in every block were a fixed cost of each decode GEMV."""
-    prod = f'T.call_pure_extern("float32", "__fmul_rn", {x}, {s})' if gpu else f"{x} * {s}"
-    return f'T.reinterpret("int32", {prod} + T.float32({ROUND_MAGIC})) - T.int32({ROUND_BITS})'
-
-
 def _dp4a(w: str, a: str, acc: str, gpu: bool) -> str:
     """acc + the dot of w's 4 unsigned bytes (codes < 128) with a's 4 signed bytes: CUDA's __dp4a, or its arithmetic
     for the CPU twin."""
@@ -682,7 +668,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             L.append(f"{body}mx[0] = T.float32(0)")
             L += [f"{body}mx[0] = T.max(mx[0], T.fabs(xf[{v}]))" for v in range(32)]
             L.append(f"{body}mx[1] = T.Select(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))")
-            L += [f"{body}xi[{v}] = {_round_int(f'xf[{v}]', 'mx[1]', gpu)}" for v in range(32)]
+            L += [f'{body}xi[{v}] = T.Cast("int32", T.nearbyint(xf[{v}] * mx[1]))' for v in range(32)]
             L.append(f"{body}xd[{sb}] = mx[0] / T.float32(127)")
             L.append(f"{body}xs[{sb}] = " + " + ".join(f"xi[{v}]" for v in range(32)))
             for d, (_, vals) in enumerate(_dp4a_terms(bits, sb, NSB, spec.layout)):
