@@ -156,14 +156,19 @@ def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16", n_outlier
     registers (OWQ's outlier columns: 95) left a second, nearly empty wave of blocks; 8 rows cost registers
     (128) for nothing. The rule's LLaMA-7B step is within 2% of the best config per linear at 4 and 3 bits and
     W3 + OWQ, 3% at 2 bits (H200, benchmarks/results/gpu-nvidia-h200.md). At 2 and 3 bits a 4 x 4 grid of more than
-    one wave takes more steps per block to fit one (`one_wave_steps`: gate_up).
+    one wave takes more steps per block to fit one (`one_wave_steps`: gate_up). At 2 and 3 bits 8 rows x 1 step
+    comes before 4 x 2: on LLaMA-7B o (N = K = 4096, 512 blocks of 4 warps either way) it ran 3.7 vs 3.9 us (W3) and
+    3.2 vs 3.7 us (W2) with PDL, the whole W3 step 0.900 vs 0.922 ms (H200, benchmarks/results/gpu-nvidia-h200.md,
+    gpu11); at 4 bits it tied (3.9 us), with OWQ's outlier columns it lost (94 registers: 5.0 vs 4.5 us plain).
 
-    `n_outliers` does not change the pick: OWQ's outlier columns are added in the epilogue from shared memory and
-    take no registers in the steps (ptxas: the LLaMA-7B W3 + OWQ kernels at W3's configs use W3's 75-80), so they
-    run W3's grid (before, ~16 more registers: capped at 6 blocks per SM, gate_up in 14 steps of 2 rows)."""
+    Otherwise `n_outliers` does not change the pick: OWQ's outlier columns are added in the epilogue from shared
+    memory and take no registers in the steps (ptxas: the LLaMA-7B W3 + OWQ kernels at W3's configs use W3's 75-80),
+    so they run W3's grid (before, ~16 more registers: capped at 6 blocks per SM, gate_up in 14 steps of 2 rows)."""
     warps = warps_for(spec, act)
     int8 = act == "int8"
     cands = CANDIDATES_INT8 if int8 else CANDIDATES
+    if int8 and spec.bits < 4 and not n_outliers:   # 8 rows x 1 step where 4 x 4 leaves too few warps (o), above
+        cands = cands[:1] + ((8, 1),) + cands[1:]
     fits = [(r, s) for r, s in cands if spec.n % (r * s) == 0]
     for r, s in fits:
         if spec.n // (r * s) * warps >= (8.5 if int8 else 11) * sms:

@@ -215,6 +215,14 @@ def test_supports_and_default_config():
         assert default_config(QuantSpec(12288, 4096, bits, 128, False, layout), act="int8").steps == 4
         assert default_config(QuantSpec(28672, 4096, bits, 128, False, layout), act="int8").steps == 4
     assert default_config(QuantSpec(22016, 4096, 4, 128, False), act="int8").steps == 4
+    # o (N = K = 4096): 8 rows x 1 step at 2 and 3 bits, 4 x 2 at 4 bits; down (11 warps) keeps 4 x 4
+    for bits, layout, rs in ((2, "words", (8, 1)), (3, "dp4a3", (8, 1)), (4, "words", (4, 2))):
+        o = default_config(QuantSpec(4096, 4096, bits, 128, False, layout), act="int8")
+        assert (o.rows, o.steps) == rs
+        owq = default_config(QuantSpec(4096, 4096, bits, 128, False, layout), act="int8", n_outliers=26)
+        assert (owq.rows, owq.steps) == (4, 2)
+        d = default_config(QuantSpec(4096, 11008, bits, 128, False, layout), act="int8")
+        assert (d.rows, d.steps) == (4, 4)
 
 
 @pytest.mark.parametrize("bits,act", [(4, "fp16"), (3, "fp16"), (2, "fp16"), (4, "int8"), (3, "int8"), (2, "int8")])
