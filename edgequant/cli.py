@@ -52,7 +52,11 @@ class _Group(click.Group):
                        "memory", err=True)
             sys.exit(1)
         except Exception as e:  # noqa: BLE001
+            from .entry import interrupted
             from .errors import EdgequantError
+            if interrupted() and not isinstance(e, EdgequantError):   # Ctrl-C that a library re-raised as its own
+                click.echo(f"error: {interrupted_note('interrupted; no output was written')}", err=True)
+                sys.exit(130)
             if isinstance(e, EdgequantError):
                 click.echo(f"error: {e}", err=True)
                 sys.exit(1)

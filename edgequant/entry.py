@@ -12,18 +12,34 @@ with SIGINT ignored: a KeyboardInterrupt there printed "Exception ignored ..." t
 restored the default handler killed the process with status -2 and no message. A Ctrl-C in the instant between the
 command's return and the flush still gives the usual line and 130, naming an output that was already written. After
 the `error: interrupted` line the exit is not interruptible either: a second Ctrl-C printed a traceback. A Ctrl-C that
-lands in a weakref callback or finalizer (where Python can only report it) is delivered again (`_unraisable`).
+lands in a weakref callback or finalizer (where Python can only report it) is delivered again (`_unraisable`). A
+Ctrl-C that a library turns into an error of its own (TVM re-raises a KeyboardInterrupt from its Python callbacks as
+a RuntimeError) still ends the command as interrupted: the handler counts Ctrl-Cs (`interrupted`), and the commands'
+error handling asks it before calling an unexpected error a bug.
 """
 import signal
 import sys
 
 INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+_sigints = 0
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C reached the command (through `main`'s handler)."""
+    return _sigints > 0
+
+
+def _on_sigint(signum, frame):
+    global _sigints
+    _sigints += 1
+    signal.default_int_handler(signum, frame)
 
 
 def main():
     try:
-        if getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "edgequant_console":
-            signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on, KeyboardInterrupt cleans up
+        handler = signal.getsignal(signal.SIGINT)
+        if handler is signal.default_int_handler or getattr(handler, "__module__", None) == "edgequant_console":
+            signal.signal(signal.SIGINT, _on_sigint)   # from here on, KeyboardInterrupt cleans up
         sys.unraisablehook = _unraisable
         from .cli import main as cli
         try:

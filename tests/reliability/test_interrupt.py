@@ -88,6 +88,28 @@ def test_sigint_inside_a_callback_is_one_line(tmp_path, model_dirs):
     assert p.returncode == 130
 
 
+# a library that turns the KeyboardInterrupt into an error of its own, as TVM's callbacks do during export's compile
+# (a RuntimeError and a traceback: the twelfth re-run's T22)
+REWRAPPED = """
+import os, signal, time
+import edgequant.loading
+def load_model(*a, **k):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        raise RuntimeError("a library's own error for the interrupt")
+edgequant.loading.load_model = load_model
+""" + CONSOLE
+
+
+def test_sigint_a_library_rewraps_is_one_line(tmp_path, model_dirs):
+    out = tmp_path / "q"
+    p = _quantize(model_dirs, out, REWRAPPED)
+    _check(p, out, tmp_path)
+    assert p.returncode == 130
+
+
 @pytest.fixture(scope="module")
 def startup_s():
     """Seconds Python takes to start (site and .pth files) before any edgequant code can run: an interrupt in that
