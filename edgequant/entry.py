@@ -17,8 +17,10 @@ Ctrl-C that a library turns into an error of its own (TVM re-raises a KeyboardIn
 a RuntimeError) still ends the command as interrupted: the handler counts Ctrl-Cs (`interrupted`), and the commands'
 error handling asks it before calling an unexpected error a bug.
 """
+import os
 import signal
 import sys
+from contextlib import contextmanager
 
 INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
 _sigints = 0
@@ -29,10 +31,44 @@ def interrupted() -> bool:
     return _sigints > 0
 
 
+_native = 0          # depth of `native_code` blocks
+_saved_stderr = None   # stderr's descriptor while a Ctrl-C inside native code points it at /dev/null
+
+
 def _on_sigint(signum, frame):
-    global _sigints
+    global _sigints, _saved_stderr
     _sigints += 1
+    if _native and _saved_stderr is None:
+        try:
+            sys.stderr.flush()
+            _saved_stderr = os.dup(2)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
+        except (OSError, ValueError):
+            pass
     signal.default_int_handler(signum, frame)
+
+
+@contextmanager
+def native_code():
+    """A block that runs native code calling back into Python (TVM's graph building and compile): a Ctrl-C there
+    unwinds C++ frames that log on stderr ("BlockBuilder destroyed with remaining blocks!") before the command's one
+    `error: interrupted` line, so from the Ctrl-C to the end of the block stderr's descriptor points at /dev/null."""
+    global _native, _saved_stderr
+    _native += 1
+    try:
+        yield
+    finally:
+        _native -= 1
+        if _saved_stderr is not None and not _native:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(_saved_stderr, 2)
+            os.close(_saved_stderr)
+            _saved_stderr = None
 
 
 def main():
@@ -48,6 +84,8 @@ def main():
             status = e.code
         _flush()
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # complete: the shutdown is not interruptible (see the docstring)
+        if status == INTERRUPTED:
+            _mute_stderr()
         return status
     except KeyboardInterrupt:   # before the commands run (importing), or as they returned
         try:
@@ -58,6 +96,7 @@ def main():
                 pass
             sys.stderr.write(f"error: {note}\n")
             sys.stderr.flush()
+            _mute_stderr()
         except (KeyboardInterrupt, OSError):
             pass
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # said once: a second Ctrl-C during the exit changes nothing
@@ -78,6 +117,17 @@ def _unraisable(info):
         t.start()
         return
     sys.__unraisablehook__(info)
+
+
+def _mute_stderr():
+    """After the one `error: interrupted` line: objects native code still holds (a TVM BlockBuilder left mid-function)
+    log warnings when Python's shutdown frees them; they would follow the line."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+    except OSError:
+        pass
 
 
 def _flush():

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from edgequant.atomic import atomic_output_dir, output_lock
+from edgequant.entry import native_code
 from edgequant.errors import EdgequantError
 from edgequant.memory import PREFILL_CHUNK   # the memory plan sizes temporaries by it too
 
@@ -70,12 +71,17 @@ def prefill_chunk(arch) -> int:
 
 def build_module(source, preset, arch=None, system_lib_prefix=None):
     """(compiled executable, named params, tvm target, function names) for a weight source."""
+    tgt = targets.tvm_target(preset, arch)
+    with native_code():
+        return _build(source, preset, tgt, system_lib_prefix)
+
+
+def _build(source, preset, tgt, system_lib_prefix):
     import tvm
     from tvm import relax
 
     from .models import graph_for
     from .pipeline import relax_pipeline
-    tgt = targets.tvm_target(preset, arch)
     model = graph_for(source.config)[1](source.arch, source.plans(), tgt)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     mod = graph_decode.mark_static(mod)

@@ -89,16 +89,21 @@ def test_sigint_inside_a_callback_is_one_line(tmp_path, model_dirs):
 
 
 # a library that turns the KeyboardInterrupt into an error of its own, as TVM's callbacks do during export's compile
-# (a RuntimeError and a traceback: the twelfth re-run's T22)
+# (a RuntimeError and a traceback: the twelfth re-run's T22), and native code that logs on stderr as it unwinds and
+# as Python's shutdown frees what it held (TVM's "BlockBuilder destroyed with remaining blocks!")
 REWRAPPED = """
-import os, signal, time
+import atexit, os, signal, time
 import edgequant.loading
+from edgequant.entry import native_code
 def load_model(*a, **k):
-    try:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)
-    except KeyboardInterrupt:
-        raise RuntimeError("a library's own error for the interrupt")
+    atexit.register(lambda: os.write(2, b"[native] Warning: freed at shutdown\\n"))
+    with native_code():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            os.write(2, b"[native] Warning: destroyed with remaining blocks\\n")
+            raise RuntimeError("a library's own error for the interrupt")
 edgequant.loading.load_model = load_model
 """ + CONSOLE
 
