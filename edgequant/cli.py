@@ -26,8 +26,7 @@ class _Group(click.Group):
                        "--help`)", err=True)
             sys.exit(e.exit_code)
         except click.exceptions.Abort:
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
+            _interrupted("interrupted")
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
@@ -36,8 +35,7 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo(f"error: {interrupted_note('interrupted; no output was written')}", err=True)
-            sys.exit(130)
+            _interrupted(interrupted_note("interrupted; no output was written"))
         except OSError as e:
             # output folders report their own full disk ("nothing was changed"); what is left is the printed result
             # (`> /dev/full`)
@@ -55,8 +53,7 @@ class _Group(click.Group):
             from .entry import interrupted
             from .errors import EdgequantError
             if interrupted() and not isinstance(e, EdgequantError):   # Ctrl-C that a library re-raised as its own
-                click.echo(f"error: {interrupted_note('interrupted; no output was written')}", err=True)
-                sys.exit(130)
+                _interrupted(interrupted_note("interrupted; no output was written"))
             if isinstance(e, EdgequantError):
                 click.echo(f"error: {e}", err=True)
                 sys.exit(1)
@@ -68,6 +65,14 @@ class _Group(click.Group):
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def _interrupted(note: str):
+    """The one line for a Ctrl-C and status 130; nothing printed after it (`entry.after_interrupt_line`)."""
+    from .entry import INTERRUPTED, after_interrupt_line
+    click.echo(f"error: {note}", err=True)
+    after_interrupt_line()
+    sys.exit(INTERRUPTED)
 
 
 def _silence(stream) -> None:
@@ -201,8 +206,7 @@ def quantize(model, output, method, bits, group_size, sym, embed_bits, embed_gro
         out = api.quantize(model, output, method=method, bits=int(bits), group_size=group_size, sym=sym,
                            progress=not quiet, embed_bits=int(embed_bits), **options)
     except KeyboardInterrupt:
-        click.echo(f"error: {interrupted_note(api.interrupted_note(method, output))}", err=True)
-        sys.exit(130)
+        _interrupted(interrupted_note(api.interrupted_note(method, output)))
     info = api.inspect(out)
     click.echo(f"wrote {out}  ({info['scheme']}, {info['bits_target']:g} bits/weight target, "
                f"{info['bits_per_weight']:.3f} stored, {info['size_on_disk_bytes'] / 2**20:.1f} MiB)"

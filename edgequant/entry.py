@@ -31,6 +31,7 @@ def interrupted() -> bool:
     return _sigints > 0
 
 
+_console = False     # set by `main`: this process is the `edgequant` command
 _native = 0          # depth of `native_code` blocks
 _saved_stderr = None   # stderr's descriptor while a Ctrl-C inside native code points it at /dev/null
 
@@ -72,6 +73,8 @@ def native_code():
 
 
 def main():
+    global _console
+    _console = True
     try:
         handler = signal.getsignal(signal.SIGINT)
         if handler is signal.default_int_handler or getattr(handler, "__module__", None) == "edgequant_console":
@@ -117,6 +120,18 @@ def _unraisable(info):
         t.start()
         return
     sys.__unraisablehook__(info)
+
+
+def after_interrupt_line():
+    """Once the `error: interrupted` line is written: in the `edgequant` process (not a test calling the CLI in
+    process), stderr is muted, as frames the interrupt still holds (a TVM BlockBuilder left mid-function) log
+    warnings when they are freed, which happens after the line."""
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    if _console:
+        _mute_stderr()
 
 
 def _mute_stderr():

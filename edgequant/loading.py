@@ -176,7 +176,8 @@ def _gguf_config(path: Path, kw: dict, fixes: dict):
 
     from .checkpoint import check_model_config, number_problem
     try:
-        made = AutoConfig.from_pretrained(path.parent, **kw, **fixes)
+        with _own_load_report():   # its notes on the values checked below would precede the one error line
+            made = AutoConfig.from_pretrained(path.parent, **kw, **fixes)
     except (ValueError, KeyError, TypeError, OverflowError) as e:
         raise EdgequantError(f"{path} has metadata transformers cannot read ({type(e).__name__}: "
                              f"{first_line(e, 120)}); download or convert it again") from None

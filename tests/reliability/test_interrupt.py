@@ -95,8 +95,12 @@ REWRAPPED = """
 import atexit, os, signal, time
 import edgequant.loading
 from edgequant.entry import native_code
+class Held:   # freed with the interrupted frame, after the error line (the thirteenth re-run's T22b)
+    def __del__(self):
+        os.write(2, b"[native] Warning: destroyed with remaining blocks\\n")
 def load_model(*a, **k):
     atexit.register(lambda: os.write(2, b"[native] Warning: freed at shutdown\\n"))
+    held = Held()
     with native_code():
         try:
             os.kill(os.getpid(), signal.SIGINT)
