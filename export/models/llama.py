@@ -54,6 +54,10 @@ def _sliding_layers(c: dict, n: int) -> tuple[int | None, tuple[int, ...]]:
     on; llama's model has no window at all. `layer_types` itself is checked with the config
     (`checkpoint.check_model_config`)."""
     mt, window = c["model_type"], c.get("sliding_window")
+    if mt == "mistral" and c.get("layer_types") is not None:   # as quantize and eval refuse it
+        raise EdgequantError("a mistral config.json with layer_types describes a Ministral model (transformers "
+                             "builds MinistralForCausalLM for it), which edgequant does not support; remove "
+                             "layer_types if the model is a plain Mistral")
     if mt in ("mistral", "phi3"):
         return (window, tuple(range(n))) if window else (None, ())
     if mt not in ("qwen2", "qwen3"):

@@ -220,3 +220,7 @@ def test_layer_types_transformers_cannot_run_are_refused():
              layer_types=["sliding_attention", "full_attention"])
     with pytest.raises(EdgequantError, match="use_sliding_window is false"):
         ArchConfig.from_hf(c)
+    # transformers builds a Ministral model for these, which quantize and eval refuse (thirteenth re-run, S35b)
+    c.update(model_type="mistral", layer_types=["full_attention", "sliding_attention"])
+    with pytest.raises(EdgequantError, match="Ministral"):
+        ArchConfig.from_hf(c)
