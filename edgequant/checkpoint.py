@@ -394,6 +394,16 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
         # transformers refuses these itself (quantize, eval); export read the window from other fields
         raise CheckpointError(f"{f}: 'layer_types' must list 'full_attention' or 'sliding_attention' for each of the "
                               f"{c['num_hidden_layers']} layers; " + restore)
+    if types is not None and "sliding_attention" in types:
+        if c.get("model_type") in _NO_LAYER_TYPES:
+            # transformers' forward ignores them (llama, phi3) or builds another model (mistral -> Ministral), while
+            # its generation slides the cache of those layers: no one model to quantize or export
+            raise CheckpointError(f"{f}: 'layer_types' names sliding-window layers, which a {c['model_type']} model "
+                                  "does not have (transformers' forward and generation disagree on them); " + restore)
+        if c.get("model_type") in ("qwen2", "qwen3") and not (c.get("use_sliding_window") is True
+                                                               and c.get("sliding_window")):
+            raise CheckpointError(f"{f}: 'layer_types' names sliding-window layers, but use_sliding_window is not "
+                                  "true or sliding_window is null (transformers cannot run that); " + restore)
     for key in ("rope_parameters", "rope_scaling"):
         rp = c.get(key)
         if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) in ("longrope", "su"):
@@ -407,6 +417,9 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
                                           "rotary channels); " + restore)
     if not isinstance(c.get("model_type"), str):
         raise CheckpointError(f"{f}: 'model_type' is missing; " + restore)
+
+
+_NO_LAYER_TYPES = ("llama", "mistral", "phi3")   # model types whose transformers model has no per-layer attention kinds
 
 
 def _is_count(v, lo=0) -> bool:

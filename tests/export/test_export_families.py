@@ -220,6 +220,12 @@ def test_layer_types_transformers_cannot_run_are_refused():
              layer_types=["sliding_attention", "full_attention"])
     with pytest.raises(EdgequantError, match="use_sliding_window is false"):
         ArchConfig.from_hf(c)
+    # the config check refuses it for every command (eval's transformers forward raised: thirteenth re-run)
+    from pathlib import Path
+
+    from edgequant.checkpoint import check_model_config
+    with pytest.raises(EdgequantError, match="use_sliding_window is not true"):
+        check_model_config(Path("config.json"), c)
     # transformers builds a Ministral model for these, which quantize and eval refuse (thirteenth re-run, S35b)
     c.update(model_type="mistral", layer_types=["full_attention", "sliding_attention"])
     with pytest.raises(EdgequantError, match="Ministral"):

@@ -137,6 +137,9 @@ CASES = {
     "layer_types_too_few": (_cfg("layer_types", ["full_attention"]), ["layer_types"]),
     "layer_types_bogus": (_cfg("layer_types", ["bogus", "full_attention"]), ["layer_types"]),
     "layer_types_a_string": (_cfg("layer_types", "full_attention"), ["layer_types"]),
+    # the thirteenth re-run (S35, S35c): llama's forward ignores them, its generation slides the cache
+    "layer_types_sliding_on_llama": (_cfg("layer_types", ["sliding_attention", "full_attention"]),
+                                     ["layer_types", "sliding-window"]),
     "rope_llama3_low_equals_high": (_cfg("rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0,
                                                              "low_freq_factor": 4.0, "high_freq_factor": 4.0,
                                                              "original_max_position_embeddings": 64}),
