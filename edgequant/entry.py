@@ -87,8 +87,6 @@ def main():
             status = e.code
         _flush()
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # complete: the shutdown is not interruptible (see the docstring)
-        if status == INTERRUPTED:
-            _mute_stderr()
         return status
     except KeyboardInterrupt:   # before the commands run (importing), or as they returned
         try:
