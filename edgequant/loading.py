@@ -145,6 +145,12 @@ def _gguf_config_fixes(path: Path) -> dict:
         blocks = {int(t.name.split(".")[1]) for t in r.tensors
                   if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
         block_count = field(f"{arch}.block_count")
+        rope = {k: field(f"{arch}.rope.{k}") for k in ("dimension_count", "scaling.type", "scaling.factor")}
+        key_length, heads_any, hidden_any = (field(f"{arch}.{k}") for k in ("attention.key_length",
+                                                                            "attention.head_count",
+                                                                            "embedding_length"))
+        vocab = len(r.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in r.fields else None
+        special = {k: field(f"tokenizer.ggml.{k}") for k in _GGUF_SPECIAL_TOKENS}
     except Exception as e:  # noqa: BLE001
         raise EdgequantError(f"{path} is not a readable GGUF file ({type(e).__name__}: {first_line(e, 120)}); "
                              "download or convert it again") from None
@@ -153,6 +159,8 @@ def _gguf_config_fixes(path: Path) -> dict:
         raise EdgequantError(f"{path.name}: {arch}.block_count is {block_count!r}, the file holds {len(blocks)} blocks "
                              f"(blk.{min(blocks)}..blk.{max(blocks)}); the file is damaged: download or convert it "
                              "again")
+    _check_gguf_tokens(path, special, vocab)
+    fixes = _gguf_rope_fixes(path, arch, rope, key_length, heads_any, hidden_any)
     if arch == "phi3" and rope_factors:
         raise EdgequantError(f"{path.name} is a Phi-3 GGUF with longrope factors, which transformers' GGUF reader "
                              "drops (the model would compute another RoPE); quantize the Hugging Face folder instead")
@@ -164,8 +172,56 @@ def _gguf_config_fixes(path: Path) -> dict:
             raise EdgequantError(f"{path.name}: qwen3.attention.key_length is {head_dim!r}, which does not match its "
                                  "query weights (heads x head_dim x hidden); the file is damaged: download or "
                                  "convert it again")
-        return {"head_dim": head_dim}
-    return {}
+        return {**fixes, "head_dim": head_dim}
+    return fixes
+
+
+# the special token ids a GGUF's tokenizer block may name; transformers copies them into the config and tokenizer
+_GGUF_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id", "seperator_token_id")
+
+
+def _check_gguf_tokens(path: Path, special: dict, vocab: int | None):
+    """Each special token id names a token of the file's vocabulary: an eos id of 2^63 reached transformers as an
+    IndexError about config.json (thirteenth re-run, S34b)."""
+    for k, v in special.items():
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (vocab is not None and v >= vocab):
+            raise EdgequantError(f"{path.name}: in its metadata 'tokenizer.ggml.{k}' is {v!r}; it must be a token id "
+                                 f"from 0 to {'the vocabulary size' if vocab is None else vocab - 1}; the file is "
+                                 "damaged: download or convert it again")
+
+
+def _gguf_rope_fixes(path: Path, arch, rope: dict, key_length, heads, hidden) -> dict:
+    """RoPE metadata transformers' GGUF reader drops for our families, as config overrides or a refusal: linear
+    scaling joins the config's `rope_parameters` (dropped, a long-context model would compute another RoPE), other
+    scaling types are refused, and where transformers ignores the rotary width, one other than the head's is
+    refused (the families rotate whole heads)."""
+    import math
+    fixes = {}
+    kind, factor = rope["scaling.type"], rope["scaling.factor"]
+    if kind is None and factor is not None:
+        kind = "linear"   # llama.cpp's reading of a factor without a type
+    scaled = kind not in (None, "none", "")
+    if scaled and kind != "linear":
+        raise EdgequantError(f"{path.name}: its RoPE scaling {kind!r} is not read by transformers' GGUF reader (the "
+                             "model would compute another RoPE); quantize the Hugging Face folder instead")
+    if (scaled or factor is not None) and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                           or not math.isfinite(factor) or not 0 < factor <= 1 << 24):
+        raise EdgequantError(f"{path.name}: in its metadata '{arch}.rope.scaling.factor' is {factor!r}; it must be a "
+                             "positive number (linear RoPE scaling); the file is damaged: download or convert it again")
+    if scaled and factor != 1:
+        fixes["rope_parameters"] = {"rope_type": "linear", "factor": float(factor)}
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    # llama and mistral: transformers reads the field as head_dim, which the weights' shapes then check
+    dims = None if GGUF_CONFIG_MAPPING.get(arch, {}).get("rope.dimension_count") else rope["dimension_count"]
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, hidden))
+    head_dim = key_length if key_length is not None else hidden // heads if ints and heads > 0 else None
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims != head_dim):
+        raise EdgequantError(f"{path.name}: in its metadata '{arch}.rope.dimension_count' is {dims!r}, not the head "
+                             f"width {head_dim!r}; the model family rotates whole heads: the file is damaged or of "
+                             "another model: download or convert it again")
+    return fixes
 
 
 def _gguf_config(path: Path, kw: dict, fixes: dict):
@@ -175,9 +231,13 @@ def _gguf_config(path: Path, kw: dict, fixes: dict):
     from transformers import AutoConfig
 
     from .checkpoint import check_model_config, number_problem
+    fixes = dict(fixes)
+    rope = fixes.pop("rope_parameters", None)   # merged into what the header's RoPE base makes
     try:
         with _own_load_report():   # its notes on the values checked below would precede the one error line
             made = AutoConfig.from_pretrained(path.parent, **kw, **fixes)
+            if rope:
+                made.rope_parameters = {**(made.rope_parameters or {}), **rope}
     except (ValueError, KeyError, TypeError, OverflowError) as e:
         raise EdgequantError(f"{path} has metadata transformers cannot read ({type(e).__name__}: "
                              f"{first_line(e, 120)}); download or convert it again") from None
@@ -190,13 +250,30 @@ def _gguf_config(path: Path, kw: dict, fixes: dict):
     return made
 
 
+@contextmanager
+def _gguf_bar_follows_transformers():
+    """transformers' GGUF tensor loop draws a tqdm bar of its own, deaf to its `disable_progress_bar` (which `-q`
+    sets): give it a bar that follows that switch."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = lambda it, **kw: bar(it, disable=True, **kw)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _load_gguf(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kw = dict(gguf_file=path.name)
     config = _gguf_config(path, kw, _gguf_config_fixes(path))
     tok = AutoTokenizer.from_pretrained(path.parent, **kw)
-    with _own_load_report():   # the checked config, not read from the header a second time
+    with _own_load_report(), _gguf_bar_follows_transformers():   # the checked config, not read a second time
         model, info = AutoModelForCausalLM.from_pretrained(path.parent, config=config, dtype=torch.float32, **kw,
                                                            output_loading_info=True)
     _check_complete(info, path)
