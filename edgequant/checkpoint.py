@@ -342,7 +342,8 @@ def tensor_headers(f: Path) -> dict:
     for k, v in header.items():
         if k == "__metadata__":
             continue
-        ok = (isinstance(v, dict) and v.get("dtype") in _ST_ITEMSIZE and _is_shape(v.get("shape"))
+        ok = (isinstance(v, dict) and isinstance(v.get("dtype"), str) and v["dtype"] in _ST_ITEMSIZE
+              and _is_shape(v.get("shape"))
               and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
               and all(_is_count(x) for x in v["data_offsets"]) and v["data_offsets"][0] <= v["data_offsets"][1])
         if ok:
@@ -578,7 +579,7 @@ def inspect(checkpoint, context: int | None = None) -> dict:
     prov = ck.provenance
     f = ck.path / PROVENANCE_NAME
     # provenance is informative only (open_checkpoint ignores a damaged one); inspect reports its state
-    provenance = "ok" if prov else "missing" if not f.is_file() else "damaged (unreadable or not a JSON object)"
+    provenance = "ok" if prov else "missing" if not f.is_file() else "damaged (unreadable or malformed)"
     opts = prov.get("options") or {}
     # the figure the user asked for: OWQ's budget, else the integer width; "stored" adds packing, scales, zeros
     target = opts.get("target_bits") or opts.get("owq_target_bits") or float(s.bits)
@@ -606,15 +607,28 @@ def _memory_plan(ck, context):
     return memory_plan(Shapes.from_hf_config(ck.config), weights, context)
 
 
+# the sections of edgequant.json that inspect, report and tune read, with the type each must have
+_PROVENANCE_SECTIONS = {"options": dict, "calibration": dict, "time_s": dict, "layers": dict, "evaluations": list}
+_PROVENANCE_NUMBERS = ("target_bits", "owq_target_bits", "width_budget")   # options read as numbers
+
+
 def read_provenance(folder: Path) -> dict:
-    """The checkpoint's edgequant.json, or {} where it is missing or damaged: provenance is informative only, so a
-    damaged one is ignored, not fatal."""
+    """The checkpoint's edgequant.json, or {} where it is missing or damaged (not a JSON object, or a section of
+    another type than `_PROVENANCE_SECTIONS` says, a per-layer entry that is not an object): provenance is informative
+    only, so a damaged one is ignored, not fatal."""
     f = folder / PROVENANCE_NAME
     try:
         prov = json.loads(f.read_text()) if f.is_file() else {}
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return {}
-    return prov if isinstance(prov, dict) else {}
+    if not isinstance(prov, dict) or any(k in prov and not isinstance(prov[k], t)
+                                         for k, t in _PROVENANCE_SECTIONS.items()):
+        return {}
+    opts = prov.get("options") or {}
+    if any(not isinstance(v, dict) for v in (prov.get("layers") or {}).values()) or any(
+            opts.get(k) is not None and not (_is_number(opts[k]) and opts[k] > 0) for k in _PROVENANCE_NUMBERS):
+        return {}
+    return prov
 
 
 def record_evaluation(path, entry: dict) -> None:

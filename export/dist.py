@@ -10,6 +10,7 @@ the fix. Nothing here imports tvm.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -288,11 +289,11 @@ def check_tensor_cache(dist: Path, info: dict) -> None:
                                  f"for it: its bytes were changed or damaged in a copy; {_FIX}")
         for r in shard["records"]:
             if not (isinstance(r, dict) and isinstance(r.get("name"), str) and _shape(r.get("shape"))
-                    and r.get("dtype") in _DTYPES and _int(r.get("byteOffset")) and _int(r.get("nbytes"))
+                    and isinstance(r.get("dtype"), str) and r["dtype"] in _DTYPES and _int(r.get("byteOffset")) and _int(r.get("nbytes"))
                     and r.get("format", "raw") == "raw"):
                 raise _damaged(f, f"a record in {shard['dataPath']} lacks name/shape/dtype/byteOffset/nbytes")
             itemsize = 2 if r["dtype"] == "bfloat16" else np.dtype(_DTYPES[r["dtype"]]).itemsize
-            if r["nbytes"] != int(np.prod(r["shape"], dtype=np.int64)) * itemsize:
+            if r["nbytes"] != math.prod(r["shape"]) * itemsize:   # Python ints: a dimension of 2^64 overflowed numpy
                 raise _damaged(f, f"'{r['name']}' has nbytes {r['nbytes']} for shape {r['shape']} {r['dtype']}")
             if r["byteOffset"] + r["nbytes"] > size:
                 raise _damaged(f, f"'{r['name']}' lies past the end of {shard['dataPath']}")

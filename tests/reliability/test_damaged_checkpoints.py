@@ -188,6 +188,8 @@ CASES = {
     "header_key_renamed": (_header(_rename_key), [f"{LIN}.scales"]),
     "header_a_json_list": (_header(lambda h: [h]), ["model.safetensors"]),
     "header_offsets_overlap": (_header(_overlap), ["overlaps"]),
+    # the fourteenth re-run (T23): a dtype that is a JSON object or list was looked up in a dict (TypeError)
+    "header_dtype_an_object": (_header(lambda h: h[f"{LIN}.scales"].__setitem__("dtype", {})), [f"{LIN}.scales"]),
     "weights_truncated": (_truncate, ["truncated"]),
     "index_path_leaves_folder": (_index_escape, ["outside.safetensors"]),
     "tokenizer_missing": (_no_tokenizer, ["tokenizer"]),
@@ -264,8 +266,16 @@ def test_damaged_provenance_is_not_fatal_but_inspect_says_so(good_ckpt, tmp_path
     damaged, missing = copy_case(good_ckpt, tmp_path, "prov"), copy_case(good_ckpt, tmp_path, "noprov")
     (damaged / "edgequant.json").write_text("[1, 2]")
     (missing / "edgequant.json").unlink()
-    res = run_commands([["inspect", str(damaged), "--json"], ["inspect", str(missing)]], tmp_path)
-    for r, state in zip(res, ("damaged", "missing")):
+    # a per-layer entry or a section of another type (inspect raised TypeError/AttributeError: fourteenth re-run)
+    shaped = []
+    for i, (key, value) in enumerate([("layers", {"model.layers.0.mlp.down_proj": 3}), ("options", [1]),
+                                      ("time_s", "x")]):
+        d = copy_case(good_ckpt, tmp_path, f"prov{i}")
+        edit_json(d / "edgequant.json", lambda p: p.__setitem__(key, value))
+        shaped.append(d)
+    res = run_commands([["inspect", str(damaged), "--json"], ["inspect", str(missing)]]
+                       + [["inspect", str(d)] for d in shaped], tmp_path)
+    for r, state in zip(res, ("damaged", "missing", "damaged", "damaged", "damaged")):
         assert r["rc"] == 0 and r["traceback"] is None
         assert r["stderr"].startswith("warning: ") and f"edgequant.json is {state}" in r["stderr"]
     assert json.loads(res[0]["stdout"])["method"] == "owq"

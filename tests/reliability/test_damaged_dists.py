@@ -180,6 +180,10 @@ CASES = {
     "prefill_long_without_long_factors": (_export(lambda i: i["functions"].append("prefill_long")),
                                           ["rope_long_factors", "prefill_long"]),
     "tensor_listed_twice": (_cache(lambda c: c["records"].append(c["records"][0])), [CACHE, "listed twice"]),
+    # the fourteenth re-run (T24, T25): a dtype looked up in a dict (TypeError), a dimension numpy cannot hold
+    "record_dtype_a_list": (_first_shard(lambda s: s["records"][0].__setitem__("dtype", [1, 2])), [CACHE]),
+    "record_dimension_2_pow_64": (_first_shard(lambda s: s["records"][0]["shape"].__setitem__(0, 2 ** 64)),
+                                  [CACHE, "nbytes"]),
     "tensor_redefined_by_a_second_shard": (_cache(lambda c: c["records"].append(
         {**c["records"][0], "records": c["records"][0]["records"][:1]})), [CACHE, "listed twice"]),
 }
