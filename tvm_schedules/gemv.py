@@ -77,7 +77,8 @@ SUB_WORDS = {4: 4, 2: 2, 3: 3}          # words of one 32-value sub-block (x is 
 LAYOUT = {4: "words", 2: "words", 3: "words3x32"}
 # int8 activations (act="int8", see `_dp4a_terms`): 3 bits in dp4a3 (or bit planes), a 32-value chunk = 2 + 1 words
 LAYOUT_INT8 = {4: "words", 2: "words", 3: "dp4a3"}   # the CUDA export's (targets.py packing3)
-INT8_LAYOUTS3 = ("dp4a3", "planes3")   # 3-bit layouts the int8 kernel reads (dp4a3: fewer instructions, dequant.py)
+INT8_LAYOUTS3 = ("dp4a3", "planes3", "dp4a3r4")   # 3-bit layouts the int8 kernel reads (dequant.py; dp4a3r4: 4 rows
+# interleaved, 32-value chunks and steps of a multiple of 4 rows only: three 128-bit loads per 4 rows and chunk)
 ACTS = ("fp16", "int8")
 PROLOGUES = (None, "rmsnorm", "silu_mul")
 
@@ -129,6 +130,8 @@ def supports(spec: QuantSpec, act: str = "fp16", chunk: int = 0) -> bool:
     c = chunk or (CHUNK_INT8 if act == "int8" else CHUNK).get(spec.bits)
     layout = (LAYOUT_INT8 if act == "int8" else LAYOUT).get(spec.bits)
     ok = spec.layout == layout or (act == "int8" and spec.bits == 3 and spec.layout in INT8_LAYOUTS3)
+    if spec.layout == "dp4a3r4" and c != 32:
+        return False
     return (c is not None and ok and spec.k % c == 0
             and (spec.group_size == -1 or spec.group_size % c == 0))
 
@@ -169,7 +172,7 @@ def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16", n_outlier
     cands = CANDIDATES_INT8 if int8 else CANDIDATES
     if int8 and spec.bits < 4 and not n_outliers:   # 8 rows x 1 step where 4 x 4 leaves too few warps (o), above
         cands = cands[:1] + ((8, 1),) + cands[1:]
-    fits = [(r, s) for r, s in cands if spec.n % (r * s) == 0]
+    fits = [(r, s) for r, s in cands if spec.n % (r * s) == 0 and (spec.layout != "dp4a3r4" or r % 4 == 0)]
     for r, s in fits:
         if spec.n // (r * s) * warps >= (8.5 if int8 else 11) * sms:
             if int8 and spec.bits < 4 and warps <= 4 and (r, s) == (4, 4) and one_wave_steps(spec.n // r, sms):
@@ -271,8 +274,9 @@ def _dp4a_terms(bits: int, sb: int, nsb: int = 2, layout: str = "planes3"):
         for j in range(2):
             for t in range(4):
                 out.append(([(2 * sb + j, 2 * t, 0x03030303)], [16 * j + t + 4 * lane for lane in range(4)]))
-    elif layout == "dp4a3":  # dequant.py: the chunk's buffer holds its 2 nsb first-region words, then nsb of w2
-        w0, w1, w2 = 2 * sb, 2 * sb + 1, 2 * nsb + sb
+    elif layout in ("dp4a3", "dp4a3r4"):  # dequant.py: the chunk's buffer holds its 2 nsb first-region words,
+        # then nsb of w2 (dp4a3), or a row's w0, w1, w2 in turn (dp4a3r4, one sub-block)
+        w0, w1, w2 = (2 * sb, 2 * sb + 1, 2 * nsb + sb) if layout == "dp4a3" else (0, 1, 2)
         for j, w in enumerate((w0, w1, w2)):
             out.append(([(w, 0, 0x07070707)], [8 * j + lane for lane in range(4)]))
             out.append(([(w, 3, 0x07070707)], [8 * j + 4 + lane for lane in range(4)]))
@@ -295,6 +299,14 @@ def _dp4a(w: str, a: str, acc: str, gpu: bool) -> str:
     terms = [f'T.Cast("int32", T.bitwise_and({_shift(w, -8 * i)}, T.uint32(255))) * '
              f"T.shift_right(T.shift_left({a}, {24 - 8 * i}), 24)" for i in range(4)]
     return f"{acc} + " + " + ".join(terms)
+
+
+def _tree(op: str, terms: list[str]) -> str:
+    """`op` (a binary TIR function: T.max, T.Add) over `terms` as a balanced tree: log2 dependent steps, not one per
+    term."""
+    while len(terms) > 1:
+        terms = [f"{op}({a}, {b})" for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) // 2 * 2:]
+    return terms[0]
 
 
 def _code_bytes(word_of, terms) -> str:
@@ -405,6 +417,8 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
         raise ValueError(f"no decode GEMV for {spec} with {act} activations in {chunk}-value chunks")
     if spec.n % cfg.rows:
         raise ValueError(f"{cfg.rows} rows per step do not divide N={spec.n}")
+    if spec.layout == "dp4a3r4" and (cfg.rows % 4 or cfg.prefetch or cfg.l2ahead):
+        raise ValueError(f"dp4a3r4 weights take steps of a multiple of 4 rows and no L2 prefetch, not {cfg}")
     if (nb := -(-(spec.n // cfg.rows) // cfg.steps)) % cfg.groups:
         raise ValueError(f"{cfg.groups} groups do not divide the {nb} blocks of rows")
     if 32 * cfg.warps < spec.k // chunk:
@@ -554,9 +568,16 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     def load_rows(body, st, b):
         # R (x3 at 3 bits) independent 128-bit loads, plus the rows' scale and zero point, into buffer b
         out = []
+        for r in range(0, R, 4) if spec.layout == "dp4a3r4" else ():
+            # 4 rows' 12 words of this chunk are contiguous (dequant.py): three 128-bit loads, row r's 3 words at
+            # (b R + r) CW in the buffer as with one row per load
+            for v in range(3):
+                f = f"{c_} * 12 + {4 * v}"
+                out.append(f"{body}wq[T.ramp({(b * R + r) * CW + 4 * v}, 1, 4)] = qweight[bx * {RS} + {st * R + r} + "
+                           f"({f}) // {spec.words}, T.ramp(({f}) % {spec.words}, 1, 4)]")
         for r in range(R):
             row = f"bx * {RS} + {st * R + r}"
-            for off, src, width in loads:
+            for off, src, width in loads if spec.layout != "dp4a3r4" else ():
                 out.append(f"{body}wq[T.ramp({(b * R + r) * CW + off}, 1, {width})] = "
                            f"qweight[{row}, T.ramp({src}, 1, {width})]" if width > 1 else
                            f"{body}wq[{(b * R + r) * CW + off}] = qweight[{row}, {src}]")
@@ -670,12 +691,15 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     for sb in range(C // 32):
         L += load_x(body, sb, 0 if int8 or not resident else sb * 32)
         if int8:  # cpu_int8.quantize_act_np: d = max|x| / 127, a = nearbyint(x * 127 / max|x|)
-            L.append(f"{body}mx[0] = T.float32(0)")
-            L += [f"{body}mx[0] = T.max(mx[0], T.fabs(xf[{v}]))" for v in range(32)]
+            # max and sum as trees (5 dependent steps instead of 32: every block of the grid runs this right after
+            # the PDL wait, all at once, so its latency is the kernel's); the same values as a chain
+            L.append(f"{body}mx[0] = " + _tree("T.max", [f"T.fabs(xf[{v}])" for v in range(32)]))
             L.append(f"{body}mx[1] = T.Select(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))")
-            L += [f'{body}xi[{v}] = T.Cast("int32", T.nearbyint(xf[{v}] * mx[1]))' for v in range(32)]
+            # round to nearest even straight to int32 (one cvt.rni.s32.f32; nearbyintf and a cast are two)
+            L += [f'{body}xi[{v}] = ' + (f'T.call_pure_extern("int32", "__float2int_rn", xf[{v}] * mx[1])' if gpu else
+                                         f'T.Cast("int32", T.nearbyint(xf[{v}] * mx[1]))') for v in range(32)]
             L.append(f"{body}xd[{sb}] = mx[0] / T.float32(127)")
-            L.append(f"{body}xs[{sb}] = " + " + ".join(f"xi[{v}]" for v in range(32)))
+            L.append(f"{body}xs[{sb}] = " + _tree("T.Add", [f"xi[{v}]" for v in range(32)]))
             for d, (_, vals) in enumerate(_dp4a_terms(bits, sb, NSB, spec.layout)):
                 L.append(f"{body}xa[{8 * sb + d}] = " + " | ".join(
                     f"T.shift_left(T.bitwise_and(xi[{v}], 255), {8 * i})" for i, v in enumerate(vals)))

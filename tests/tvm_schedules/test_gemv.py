@@ -17,7 +17,8 @@ CASES = [  # bits, group, sym, N, K, rows, warps, steps, outlier columns: double
 
 
 def _linear(rng, bits, group, sym, n, k, act="fp16", layout=None):
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_dp4a3_np, repack_planes3_np, repack_w3x32_np
+    from edgequant.tvm_schedules.dequant import (QuantSpec, repack_dp4a3_np, repack_dp4a3r4_np, repack_planes3_np,
+                                                 repack_w3x32_np)
     from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8
     spec = QuantSpec(n, k, bits, group, sym, layout or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
     q = rng.integers(0, 1 << bits, (n, k))
@@ -26,6 +27,8 @@ def _linear(rng, bits, group, sym, n, k, act="fp16", layout=None):
         qweight = repack_planes3_np(qweight, k)
     elif spec.layout == "dp4a3":
         qweight = repack_dp4a3_np(qweight, k)
+    elif spec.layout == "dp4a3r4":
+        qweight = repack_dp4a3r4_np(qweight, k)
     elif bits == 3:
         qweight = repack_w3x32_np(qweight, k)
     scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
@@ -68,9 +71,11 @@ INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligne
     (2, 64, False, 9, 128, 1, 1, 3, 3, 2, 0),
     pytest.param(4, 32, False, 72, 32, 8, 1, 5, 3, 2, 0, marks=pytest.mark.slow),
 ]
-LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's dp4a3 (dequant.py); the previous planes3 here, and
-    # dp4a3 in 64-value chunks (the same chunk index math as 2 bits at 64)
-    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "planes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "dp4a3")]
+LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's dp4a3 (dequant.py); the previous planes3 here,
+    # dp4a3 in 64-value chunks (the same chunk index math as 2 bits at 64), and dp4a3r4 (4 rows interleaved: steps
+    # of 8 rows, a short last block, outlier columns; per channel, symmetric, 4 rows)
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "planes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "dp4a3"),
+    (3, 128, False, 24, 512, 8, 1, 2, 5, 2, 0, "dp4a3r4"), (3, -1, True, 12, 256, 4, 2, 2, 0, 3, 0, "dp4a3r4")]
 AHEAD_CASES = [  # GemvConfig.ahead (off in every default config): 2 or 3 steps loaded before the activations,
     # short last blocks (their later first loads guarded), outlier columns riding with the early rows (the last
     # column: ahead); CI time: one case by default
