@@ -32,18 +32,20 @@ word 1 | bits 30-31 of word 2 << 1. A GPU thread then reads 128 values as three 
 every 32 values are contiguous 3-bit fields that the decode GEMV (`gemv.py`) turns into floats with one mask each.
 `repack_w3x32_np` converts.
 
-CUDA exports (the int8-activation GEMV) store them as "dp4a3" (exactly 3 bits per weight): each 32 values of a row take two words of
+The int8-activation GEMV of CUDA exports reads "dp4a3" (exactly 3 bits per weight; what the export stores where N
+is not a multiple of 4, else dp4a3r4 below): each 32 values of a row take two words of
 a first region (2 ceil(K/32) words) and one word of a second (ceil(K/32) words), w0, w1 and w2. Byte L of word j
 (j < 3) holds value 8j + L at bits 0-2 and value 8j + 4 + L at bits 3-5; its bits 6-7 hold the two low bits of value
 24 + L (in w0) or 28 + L (in w1), and bits 6 and 7 of w2's byte L their third bits. One shift and one mask then leave
 four codes in the bytes of a word for 24 of the 32 values, and two of each for the last 8 (dp4a's operand order:
 `gemv._dp4a_terms`), against two shifts and two masks per four codes in planes3. `repack_dp4a3_np` converts.
 
-"dp4a3r4" holds the same three words per 32 values (w0, w1, w2, bit for bit as dp4a3), but interleaves four rows:
+"dp4a3r4" (CUDA exports' 3-bit layout, `layout_for_rows`) holds the same three words per 32 values (w0, w1, w2, bit for bit as dp4a3), but interleaves four rows:
 rows 4m..4m+3 take one span of 4 * 3 ceil(K/32) words (the tensor's rows 4m..4m+3, shape unchanged), in which block b
 of row 4m + r is words 12b + 3r .. 12b + 3r + 2. A GPU thread that computes a 32-value chunk for 4 rows then reads
-its 12 words with three aligned 128-bit loads instead of a 64-bit and a 32-bit load per row (N a multiple of 4).
-`repack_dp4a3r4_np` converts.
+its 12 words with three aligned 128-bit loads instead of a 64-bit and a 32-bit load per row (N a multiple of 4):
+on the H200 the LLaMA-7B W3 decode step took 1.9% less time than with dp4a3 (benchmarks/results/gpu-nvidia-h200.md,
+gpu12). `repack_dp4a3r4_np` converts.
 
 OpenCL (android) and WebGPU exports store asymmetric zero points four to a uint32 word ("zeros_packed": group g at
 bits 8*(g % 4) of word g // 4): WGSL has no 8-bit type at all, and TVM 0.27's OpenCL codegen turns a vectorised
@@ -239,6 +241,12 @@ def _rows_from_r4(words: np.ndarray) -> np.ndarray:
     n, blocks = words.shape[0], words.shape[1] // 3
     w = words.reshape(n // ROWS_R4, blocks, ROWS_R4, 3).transpose(0, 2, 1, 3).reshape(n, blocks, 3)
     return np.concatenate([w[:, :, :2].reshape(n, 2 * blocks), w[:, :, 2]], axis=1)
+
+
+def layout_for_rows(layout: str, n: int) -> str:
+    """The 3-bit runtime layout a weight of N rows gets where the target asks for `layout`: dp4a3r4 falls back to
+    dp4a3 (the same words, one row at a time) where N is not a multiple of 4."""
+    return "dp4a3" if layout == "dp4a3r4" and n % ROWS_R4 else layout
 
 
 def repack_dp4a3r4_np(qweight: np.ndarray, k: int) -> np.ndarray:

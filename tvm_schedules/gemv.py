@@ -279,7 +279,9 @@ def _dp4a_terms(bits: int, sb: int, nsb: int = 2, layout: str = "planes3"):
         w0, w1, w2 = (2 * sb, 2 * sb + 1, 2 * nsb + sb) if layout == "dp4a3" else (0, 1, 2)
         for j, w in enumerate((w0, w1, w2)):
             out.append(([(w, 0, 0x07070707)], [8 * j + lane for lane in range(4)]))
-            out.append(([(w, 3, 0x07070707)], [8 * j + 4 + lane for lane in range(4)]))
+            # bits 3-5 masked in place: bytes of 8 x code (<= 56, still a positive int8), one LOP3 and no shift;
+            # their dp4a sum goes to a second accumulator, divided by 8 (exact) once per row (`_dp4a_shift`)
+            out.append(([(w, 0, 0x38383838)], [8 * j + 4 + lane for lane in range(4)]))
         out.append(([(w0, 6, 0x03030303), (w2, 4, 0x04040404)], [24 + lane for lane in range(4)]))
         out.append(([(w1, 6, 0x03030303), (w2, 5, 0x04040404)], [28 + lane for lane in range(4)]))
     else:            # planes3 (dequant.py): value v of 2-bit word j at bit (v%8)*4 + (v//8)*2, value u of the 1-bit
@@ -291,6 +293,14 @@ def _dp4a_terms(bits: int, sb: int, nsb: int = 2, layout: str = "planes3"):
     return out
 
 
+def _dp4a_shift(terms) -> int:
+    """e such that the bytes of a `_dp4a_terms` operand hold code << e (0, or 3 for dp4a3's in-place bits 3-5)."""
+    mask = 0
+    for _, sh, m in terms:
+        mask |= m if sh == 0 else 1
+    return (mask & 0xFF & -(mask & 0xFF)).bit_length() - 1
+
+
 def _dp4a(w: str, a: str, acc: str, gpu: bool) -> str:
     """acc + the dot of w's 4 unsigned bytes (codes < 128) with a's 4 signed bytes: CUDA's __dp4a, or its arithmetic
     for the CPU twin."""
@@ -299,14 +309,6 @@ def _dp4a(w: str, a: str, acc: str, gpu: bool) -> str:
     terms = [f'T.Cast("int32", T.bitwise_and({_shift(w, -8 * i)}, T.uint32(255))) * '
              f"T.shift_right(T.shift_left({a}, {24 - 8 * i}), 24)" for i in range(4)]
     return f"{acc} + " + " + ".join(terms)
-
-
-def _tree(op: str, terms: list[str]) -> str:
-    """`op` (a binary TIR function: T.max, T.Add) over `terms` as a balanced tree: log2 dependent steps, not one per
-    term."""
-    while len(terms) > 1:
-        terms = [f"{op}({a}, {b})" for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) // 2 * 2:]
-    return terms[0]
 
 
 def _code_bytes(word_of, terms) -> str:
@@ -511,7 +513,8 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
               f'{ind}xd = T.alloc_buffer(({NSB},), "float32", scope={local})',
               f'{ind}xs = T.alloc_buffer(({NSB},), "int32", scope={local})',
               f'{ind}mx = T.alloc_buffer((2,), "float32", scope={local})',
-              f'{ind}idot = T.alloc_buffer(({R},), "int32", scope={local})']
+              f'{ind}idot = T.alloc_buffer(({R},), "int32", scope={local})',
+              f'{ind}idot8 = T.alloc_buffer(({R},), "int32", scope={local})']
     else:
         L += [f'{ind}dot = T.alloc_buffer(({R * ncls},), "float32", scope={local})',
               f'{ind}sx = T.alloc_buffer(({ncls},), "float32", scope={local})',
@@ -691,15 +694,12 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     for sb in range(C // 32):
         L += load_x(body, sb, 0 if int8 or not resident else sb * 32)
         if int8:  # cpu_int8.quantize_act_np: d = max|x| / 127, a = nearbyint(x * 127 / max|x|)
-            # max and sum as trees (5 dependent steps instead of 32: every block of the grid runs this right after
-            # the PDL wait, all at once, so its latency is the kernel's); the same values as a chain
-            L.append(f"{body}mx[0] = " + _tree("T.max", [f"T.fabs(xf[{v}])" for v in range(32)]))
+            L.append(f"{body}mx[0] = T.float32(0)")
+            L += [f"{body}mx[0] = T.max(mx[0], T.fabs(xf[{v}]))" for v in range(32)]
             L.append(f"{body}mx[1] = T.Select(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))")
-            # round to nearest even straight to int32 (one cvt.rni.s32.f32; nearbyintf and a cast are two)
-            L += [f'{body}xi[{v}] = ' + (f'T.call_pure_extern("int32", "__float2int_rn", xf[{v}] * mx[1])' if gpu else
-                                         f'T.Cast("int32", T.nearbyint(xf[{v}] * mx[1]))') for v in range(32)]
+            L += [f'{body}xi[{v}] = T.Cast("int32", T.nearbyint(xf[{v}] * mx[1]))' for v in range(32)]
             L.append(f"{body}xd[{sb}] = mx[0] / T.float32(127)")
-            L.append(f"{body}xs[{sb}] = " + _tree("T.Add", [f"xi[{v}]" for v in range(32)]))
+            L.append(f"{body}xs[{sb}] = " + " + ".join(f"xi[{v}]" for v in range(32)))
             for d, (_, vals) in enumerate(_dp4a_terms(bits, sb, NSB, spec.layout)):
                 L.append(f"{body}xa[{8 * sb + d}] = " + " | ".join(
                     f"T.shift_left(T.bitwise_and(xi[{v}], 255), {8 * i})" for i, v in enumerate(vals)))
@@ -727,12 +727,16 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             for r in range(R):
                 wb = (b * R + r) * CW
                 for sb in range(NSB):
+                    started = set()   # one dp4a chain per byte shift e (idot: 0, idot8: 3), see _dp4a_shift
                     for d, (terms, _) in enumerate(_dp4a_terms(bits, sb, NSB, spec.layout)):
                         w = _code_bytes(lambda j, wb=wb: f"wq[{wb + j}]", terms)
-                        out.append(f"{body}idot[{r}] = " + _dp4a(w, f"xa[{8 * sb + d}]",
-                                                                 f"idot[{r}]" if d else "T.int32(0)", gpu))
+                        a = f"idot{8 if _dp4a_shift(terms) else ''}[{r}]"
+                        out.append(f"{body}{a} = " + _dp4a(w, f"xa[{8 * sb + d}]",
+                                                           a if a in started else "T.int32(0)", gpu))
+                        started.add(a)
                     z = f'T.Cast("int32", zr[{b * R + r}])' if not spec.sym else f"T.int32({int(spec.sym_zero)})"
-                    t = f'xd[{sb}] * T.Cast("float32", idot[{r}] - {z} * xs[{sb}])'
+                    dot = f"idot[{r}]" + (f" + T.shift_right(idot8[{r}], 3)" if f"idot8[{r}]" in started else "")
+                    t = f'xd[{sb}] * T.Cast("float32", {dot} - {z} * xs[{sb}])'
                     out.append(f"{body}acc[{r}] = " + (f"acc[{r}] + {t}" if sb else t))
                 out.append(f'{body}acc[{r}] = acc[{r}] * T.Cast("float32", sc[{b * R + r}])')
         else:

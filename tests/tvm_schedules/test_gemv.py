@@ -178,6 +178,43 @@ def test_dp4a3_round_trip_bit_positions_and_weight_te():
                                rtol=1e-3, atol=1e-3)
 
 
+def test_dp4a3r4_round_trip_interleave_and_weight_te():
+    """dp4a3r4 (dequant.py): dp4a3's three words per 32 values with 4 rows interleaved (block b of row 4m + r at words
+    12b + 3r of the rows' span), round trip on whole and ragged blocks, N not a multiple of 4 refused, and the TE
+    weight expression (the dlight/prefill path and the embedding gather) against the NumPy dequantization."""
+    import tvm
+    from tvm import te
+    from edgequant.tvm_schedules.dequant import (QuantSpec, dequantize_np, repack_dp4a3_np, repack_dp4a3r4_np,
+                                                 unpack_np, weight_te)
+    rng = np.random.default_rng(12)
+    for k in (32, 100, 256):
+        q = rng.integers(0, 8, (8, k))
+        words, rows = repack_dp4a3r4_np(pack(q, 3), k), repack_dp4a3_np(pack(q, 3), k)
+        assert words.shape == rows.shape == (8, QuantSpec(8, k, 3, 32, True, "dp4a3r4").words)
+        np.testing.assert_array_equal(unpack_np(words, 3, k, "dp4a3r4"), q)
+        b = rows.shape[1] // 3   # row n's (w0, w1, w2) of block j, as dp4a3 stores them
+        flat = words.reshape(2, -1)
+        for n, j in ((0, 0), (5, b - 1), (7, b // 2)):
+            np.testing.assert_array_equal(flat[n // 4, 12 * j + 3 * (n % 4):12 * j + 3 * (n % 4) + 3],
+                                          [rows[n, 2 * j], rows[n, 2 * j + 1], rows[n, 2 * b + j]])
+    with pytest.raises(ValueError, match="multiple"):
+        QuantSpec(6, 64, 3, 32, True, "dp4a3r4")
+    spec = QuantSpec(8, 100, 3, 32, False, "dp4a3r4")
+    q = rng.integers(0, 8, (8, 100))
+    words = repack_dp4a3r4_np(pack(q, 3), 100)
+    scales = (rng.random((8, spec.n_groups)) + 0.5).astype(np.float16)
+    zeros = rng.integers(0, 8, (8, spec.n_groups)).astype(np.uint8)
+    qw = te.placeholder((8, spec.words), "uint32")
+    sc = te.placeholder((8, spec.n_groups), "float16")
+    zr = te.placeholder((8, spec.n_groups), "uint8")
+    w = te.compute((8, 100), lambda i, j: weight_te(spec, qw, sc, zr, i, j))
+    f = tvm.compile(te.create_prim_func([qw, sc, zr, w]), target="llvm")
+    out = tvm.runtime.empty((8, 100), "float16", tvm.cpu())
+    f(*[tvm.runtime.tensor(a) for a in (words, scales, zeros)], out)
+    np.testing.assert_allclose(out.numpy().astype(np.float32), dequantize_np(spec, words, scales, zeros),
+                               rtol=1e-3, atol=1e-3)
+
+
 def test_hostile_outlier_index_is_clamped():
     """An outlier index outside [0, K) reads the nearest edge column, never memory outside x."""
     import tvm
