@@ -49,10 +49,10 @@ SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("d
 SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 g64", 2, 64, 0.0, None),
            ("W3 g128 + OWQ 3.1", 3, 128, 0.1, None),   # fp16 outlier columns worth 0.1 bit per weight
            ("W3 g128 planes3", 3, 128, 0.0, "planes3"), ("W3 g128 + OWQ 3.1 planes3", 3, 128, 0.1, "planes3"),
-           ("W3 g128 dp4a3r4", 3, 128, 0.0, "dp4a3r4")]
-# (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, dp4a3 with int8
-# activations); planes3: the previous CUDA layout, dp4a3r4: dp4a3 with 4 rows interleaved (three 128-bit loads per
-# 4 rows and 32-value chunk), int8 activations only, for comparison; `build --layouts3` picks which)
+           ("W3 g128 dp4a3", 3, 128, 0.0, "dp4a3")]
+# (name, bits, group, outlier bits, 3-bit layout: None = the export's (with int8 activations the CUDA preset's
+# packing3, dp4a3r4: 4 rows interleaved; gemv.LAYOUT otherwise); planes3 and dp4a3 (one row at a time: what CUDA
+# exports stored before dp4a3r4): earlier layouts, int8 activations only, for comparison; `build --layouts3` picks)
 ACTS = ("int8", "fp16", "dense")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact
 # float kernel; dense: the fp16-weight decode kernels of an unquantized export (dense_gemv, and dlight's GEMV rule
 # as before: DenseLinear through the export's scheduling passes)
@@ -126,7 +126,7 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
     import tvm
 
     from edgequant.export.targets import PRESETS
-    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.dequant import QuantSpec, layout_for_rows
     from edgequant.tvm_schedules.gemv import (LAYOUT, LAYOUT_INT8, GemvConfig, chunk_of, default_config, gemv_func,
                                               warps_for)
 
@@ -147,7 +147,8 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
         if lay and (act != "int8" or (lay not in layouts3 if layouts3 is not None else export_layouts)):
             continue
         for lin, n, k in SHAPES:
-            spec = QuantSpec(n, k, bits, g, False, lay or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
+            export3 = layout_for_rows(PRESETS["cuda"].packing3, n) if act == "int8" and bits == 3 else None
+            spec = QuantSpec(n, k, bits, g, False, lay or export3 or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
             nout = n_outliers(k, extra)
             dflt = default_config(spec, act=act, n_outliers=nout)
             dchunk = chunk_of(bits, act, dflt)
@@ -158,7 +159,7 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                 sweep = [tuple(c) + (1,) * (10 - len(c)) for c in (configs if configs is not None else
                                                                     QUICK if quick else SWEEP)]
                 tried |= {c for c in sweep if (not linears or lin in linears) and n % c[0] == 0
-                          and (lay != "dp4a3r4" or (c[0] % 4 == 0 and c[3] == 32 and not c[5] and not c[8]))
+                          and (spec.layout != "dp4a3r4" or (c[0] % 4 == 0 and c[3] == 32 and not c[5] and not c[8]))
                           and -(-n // c[0] // c[1]) >= 132
                           and (bits != 4 or c[3] == 32) and (not c[4] or warps_for(spec, act, c[3]) <= 4)
                           and c[7] <= min(c[1], c[2]) and c[8] < c[1] and _groups_fit(n, c, warps_for(spec, act, c[3]))}
@@ -180,10 +181,12 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                     [32, cfg.warps, grp], act, pdl)
             if baseline and act == "int8" and not lay:   # the previous gemv.py's default kernel, in the same run
                 prev = _load_baseline(baseline)
-                pc = prev.default_config(spec, act=act, n_outliers=nout)
+                # in the layout the export stored with it where the earlier gemv.py does not read today's
+                pspec = spec if prev.supports(spec, act) else QuantSpec(n, k, bits, g, False, LAYOUT_INT8[bits])
+                pc = prev.default_config(pspec, act=act, n_outliers=nout)
                 name = f"w{bits}{'o' if nout else ''}prev_{lin}"
-                add(name, prev.gemv_func(spec, pc, name=name, act=act, n_outliers=nout, pdl=True),
-                    f"{scheme} int8 act (previous kernel)", bits, g, lin, n, k, spec,
+                add(name, prev.gemv_func(pspec, pc, name=name, act=act, n_outliers=nout, pdl=True),
+                    f"{scheme} int8 act (previous kernel)", bits, g, lin, n, k, pspec,
                     f"r{pc.rows}s{pc.steps}", True, nout, [-(-n // pc.rows // pc.steps), 1, 1], [32, pc.warps, 1],
                     act, True)
     from edgequant.tvm_schedules.dense_gemv import DenseConfig, dense_gemv_func
@@ -1077,7 +1080,7 @@ def main():
     ap.add_argument("--export-layouts", action="store_true",
                     help="build: only the export's 3-bit layout (no planes3 comparison rows)")
     ap.add_argument("--layouts3", help="build: the comparison 3-bit layouts to add (comma-separated, of "
-                    "planes3,dp4a3r4; default: all, or none with --export-layouts)")
+                    "planes3,dp4a3; default: all, or none with --export-layouts)")
     ap.add_argument("--device-nvcc", action="store_true", help="build: leave nvcc to `run` on the GPU machine")
     ap.add_argument("--only", help="run: only kernels whose name matches this regular expression (for ncu; "
                     "NAME$: that one)")

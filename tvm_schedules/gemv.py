@@ -33,7 +33,12 @@ decode with) and packed in the order in which one shift and one mask leave four 
 CUDA's `__dp4a` then multiplies and adds four weights per instruction (~0.6-0.7 instructions per weight at 4 and 2
 bits instead of ~2.25; 3-bit weights come in the dp4a3 layout (dequant.py), whose bytes hold two whole 3-bit codes
 and two bits of a third, ~0.8; planes3, whose 1-bit plane's bit is ORed in as bit 2 of each byte, ~1.2, also
-works). Per 32-value block, `d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
+works). CUDA exports store dp4a3's words with 4 rows interleaved ("dp4a3r4", dequant.py: a thread loads its 4 rows'
+12 words of a chunk with three 128-bit loads instead of 4 x (64 + 32 bits); steps of a multiple of 4 rows), and
+dp4a3's second field of each byte (bits 3-5) is masked in place, without a shift: its bytes hold 8 x code, summed by
+dp4a into a second accumulator that is divided by 8 once per row and chunk (H200, LLaMA-7B W3 step: 0.879 ms with
+both against 0.900 with neither, 1.17x W4; benchmarks/results/gpu-nvidia-h200.md, gpu12). Per 32-value block,
+`d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
 made the LLaMA-7B step 1.3x (W4) to 1.4x (W2) faster (benchmarks/results/gpu-nvidia-h200.md); the fp16 path stays
 the exact one. With int8 activations a thread's chunk is 32 values at every bit width (one activation block;
 `GemvConfig.chunk` = 64 halves the threads at 2 and 3 bits): twice the warps of 64-value chunks over a row.
@@ -76,7 +81,8 @@ VEC_WORDS = {4: 4, 2: 4, 3: 2}          # words per load: one 128-bit load (4 an
 SUB_WORDS = {4: 4, 2: 2, 3: 3}          # words of one 32-value sub-block (x is pre-scaled 32 values at a time)
 LAYOUT = {4: "words", 2: "words", 3: "words3x32"}
 # int8 activations (act="int8", see `_dp4a_terms`): 3 bits in dp4a3 (or bit planes), a 32-value chunk = 2 + 1 words
-LAYOUT_INT8 = {4: "words", 2: "words", 3: "dp4a3"}   # the CUDA export's (targets.py packing3)
+LAYOUT_INT8 = {4: "words", 2: "words", 3: "dp4a3"}   # one row at a time (CUDA exports: dp4a3r4 where N % 4 == 0,
+# targets.py packing3 and dequant.layout_for_rows)
 INT8_LAYOUTS3 = ("dp4a3", "planes3", "dp4a3r4")   # 3-bit layouts the int8 kernel reads (dequant.py; dp4a3r4: 4 rows
 # interleaved, 32-value chunks and steps of a multiple of 4 rows only: three 128-bit loads per 4 rows and chunk)
 ACTS = ("fp16", "int8")
