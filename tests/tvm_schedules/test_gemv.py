@@ -75,7 +75,7 @@ LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's dp4a3 (dequant.py);
     # dp4a3 in 64-value chunks (the same chunk index math as 2 bits at 64), and dp4a3r4 (4 rows interleaved: steps
     # of 8 rows, a short last block, outlier columns; per channel, symmetric, 4 rows)
     (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "planes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "dp4a3"),
-    (3, 128, False, 24, 512, 8, 1, 2, 5, 2, 0, "dp4a3r4"), (3, -1, True, 12, 256, 4, 2, 2, 0, 3, 0, "dp4a3r4")]
+    (3, 64, False, 24, 128, 8, 1, 2, 3, 2, 0, "dp4a3r4"), (3, -1, True, 12, 128, 4, 2, 2, 0, 3, 0, "dp4a3r4")]
 AHEAD_CASES = [  # GemvConfig.ahead (off in every default config): 2 or 3 steps loaded before the activations,
     # short last blocks (their later first loads guarded), outlier columns riding with the early rows (the last
     # column: ahead); CI time: one case by default
@@ -184,8 +184,8 @@ def test_dp4a3r4_round_trip_interleave_and_weight_te():
     weight expression (the dlight/prefill path and the embedding gather) against the NumPy dequantization."""
     import tvm
     from tvm import te
-    from edgequant.tvm_schedules.dequant import (QuantSpec, dequantize_np, repack_dp4a3_np, repack_dp4a3r4_np,
-                                                 unpack_np, weight_te)
+    from edgequant.tvm_schedules.dequant import (QuantSpec, dequantize_np, layout_for_rows, repack_dp4a3_np,
+                                                 repack_dp4a3r4_np, unpack_np, weight_te)
     rng = np.random.default_rng(12)
     for k in (32, 100, 256):
         q = rng.integers(0, 8, (8, k))
@@ -199,6 +199,9 @@ def test_dp4a3r4_round_trip_interleave_and_weight_te():
                                           [rows[n, 2 * j], rows[n, 2 * j + 1], rows[n, 2 * b + j]])
     with pytest.raises(ValueError, match="multiple"):
         QuantSpec(6, 64, 3, 32, True, "dp4a3r4")
+    # what an export asking for dp4a3r4 stores: dp4a3 (one row at a time) where N is not a multiple of 4
+    assert [layout_for_rows(lay, n) for lay, n in (("dp4a3r4", 8), ("dp4a3r4", 6), ("bytes3", 6))] == [
+        "dp4a3r4", "dp4a3", "bytes3"]
     spec = QuantSpec(8, 100, 3, 32, False, "dp4a3r4")
     q = rng.integers(0, 8, (8, 100))
     words = repack_dp4a3r4_np(pack(q, 3), 100)
