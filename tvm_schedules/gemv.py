@@ -37,8 +37,8 @@ works). CUDA exports store dp4a3's words with 4 rows interleaved ("dp4a3r4", deq
 12 words of a chunk with three 128-bit loads instead of 4 x (64 + 32 bits); steps of a multiple of 4 rows), and
 dp4a3's second field of each byte (bits 3-5) is masked in place, without a shift: its bytes hold 8 x code, summed by
 dp4a into a second accumulator that is divided by 8 once per row and chunk (H200, LLaMA-7B W3 step with PDL: 0.879
-ms with both, 0.896 with the in-place field alone, 0.900 with neither; 1.17x W4; benchmarks/results/gpu-nvidia-h200.md,
-gpu12). Per 32-value block,
+ms with both, 0.896 with the in-place field alone, 0.900 with neither; 1.17x W4; the first two with an x-rounding
+variant since reverted, no faster at 4 bits; benchmarks/results/gpu-nvidia-h200.md, gpu12). Per 32-value block,
 `d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
 made the LLaMA-7B step 1.3x (W4) to 1.4x (W2) faster (benchmarks/results/gpu-nvidia-h200.md); the fp16 path stays
 the exact one. With int8 activations a thread's chunk is 32 values at every bit width (one activation block;
