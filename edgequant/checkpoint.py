@@ -341,6 +341,10 @@ def tensor_headers(f: Path) -> dict:
     spans = []
     for k, v in header.items():
         if k == "__metadata__":
+            # safetensors' readers (eval, export) refuse any other metadata: inspect said nothing (fourteenth, S36)
+            if not (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())):
+                raise CheckpointError(f"{f.name} is corrupt: its header's __metadata__ is not a map of strings; "
+                                      "re-run `edgequant quantize` to rewrite the checkpoint")
             continue
         ok = (isinstance(v, dict) and isinstance(v.get("dtype"), str) and v["dtype"] in _ST_ITEMSIZE
               and _is_shape(v.get("shape"))

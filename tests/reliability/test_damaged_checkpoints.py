@@ -190,6 +190,8 @@ CASES = {
     "header_offsets_overlap": (_header(_overlap), ["overlaps"]),
     # the fourteenth re-run (T23): a dtype that is a JSON object or list was looked up in a dict (TypeError)
     "header_dtype_an_object": (_header(lambda h: h[f"{LIN}.scales"].__setitem__("dtype", {})), [f"{LIN}.scales"]),
+    # S36: metadata safetensors' reader refuses (eval, export) passed inspect
+    "header_metadata_a_list": (_header(lambda h: h.__setitem__("__metadata__", [])), ["__metadata__"]),
     "weights_truncated": (_truncate, ["truncated"]),
     "index_path_leaves_folder": (_index_escape, ["outside.safetensors"]),
     "tokenizer_missing": (_no_tokenizer, ["tokenizer"]),
