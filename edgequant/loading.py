@@ -250,6 +250,17 @@ def _gguf_config(path: Path, kw: dict, fixes: dict):
     return made
 
 
+def checked_tokenizer(tok, where, fix: str):
+    """`tok`, once it encodes and decodes a short text: transformers takes tokenizer_config.json's fields unchecked
+    (a `model_max_length` of [] or "x" failed at the first encode, with a traceback: fourteenth re-run)."""
+    try:
+        tok.decode(tok("hello world")["input_ids"])
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer fails with any type
+        raise EdgequantError(f"the tokenizer of {where} cannot encode text ({type(e).__name__}: {first_line(e, 120)}); "
+                             f"{fix}") from None
+    return tok
+
+
 @contextmanager
 def _gguf_bar_follows_transformers():
     """transformers' GGUF tensor loop draws a tqdm bar of its own, deaf to its `disable_progress_bar` (which `-q`
@@ -272,7 +283,7 @@ def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kw = dict(gguf_file=path.name)
     config = _gguf_config(path, kw, _gguf_config_fixes(path))
-    tok = AutoTokenizer.from_pretrained(path.parent, **kw)
+    tok = checked_tokenizer(AutoTokenizer.from_pretrained(path.parent, **kw), path, "download or convert it again")
     with _own_load_report(), _gguf_bar_follows_transformers():   # the checked config, not read a second time
         model, info = AutoModelForCausalLM.from_pretrained(path.parent, config=config, dtype=torch.float32, **kw,
                                                            output_loading_info=True)
@@ -398,7 +409,8 @@ def load_model(model: str | os.PathLike | None, dtype=None):
                 m, info = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, use_safetensors=True,   # never unpickle
                                                                output_loading_info=True)
             _check_complete(info, src)
-            tok = AutoTokenizer.from_pretrained(src)
+            tok = checked_tokenizer(AutoTokenizer.from_pretrained(src), src,
+                                    "restore the model's original tokenizer files")
     except EdgequantError:
         raise
     except RuntimeError as e:   # transformers: a weight's shape differs from config.json's (its report is silenced)

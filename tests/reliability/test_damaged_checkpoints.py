@@ -195,6 +195,10 @@ CASES = {
     "weights_truncated": (_truncate, ["truncated"]),
     "index_path_leaves_folder": (_index_escape, ["outside.safetensors"]),
     "tokenizer_missing": (_no_tokenizer, ["tokenizer"]),
+    # the fourteenth re-run: transformers takes tokenizer_config.json's fields unchecked (TypeError at the first encode)
+    "tokenizer_max_length_a_string": (lambda d: edit_json(d / "tokenizer_config.json",
+                                                          lambda c: c.__setitem__("model_max_length", "x")),
+                                      ["tokenizer", "cannot encode"]),
     # the eighth re-run (S25): a tied config beside its own lm_head.weight was exported and evaluated (which table?)
     "tied_config_with_an_output_layer": (_cfg("tie_word_embeddings", True), ["lm_head.weight", "no place", "ties"]),
     "a_tensor_nothing_reads": (_extra_tensor, ["model.layers.0.mlp.extra.weight", "no place"]),

@@ -139,6 +139,9 @@ CASES = {
     "export_json_bad_vocab": (lambda d: edit_json(d / EXPORT, lambda i: i["model"].__setitem__("vocab_size", -1)),
                               ["vocab_size"]),
     "tokenizer_missing": (lambda d: (d / "tokenizer.json").unlink(), ["tokenizer"]),
+    "tokenizer_max_length_a_list": (lambda d: edit_json(d / "tokenizer_config.json",
+                                                        lambda c: c.__setitem__("model_max_length", [])),
+                                    ["tokenizer", "cannot encode"]),
     # the second re-run of issue 15 (N8): the model block's numbers were not range-checked; the messages said
     # "missing or has the wrong type" for values that were present but out of range
     "rms_norm_eps_nan": (_model("rms_norm_eps", float("nan")), ["rms_norm_eps", "finite"]),
