@@ -56,7 +56,6 @@ SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 
 ACTS = ("int8", "fp16", "dense")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact
 # float kernel; dense: the fp16-weight decode kernels of an unquantized export (dense_gemv, and dlight's GEMV rule
 # as before: DenseLinear through the export's scheduling passes)
-XQ_SCHEME = "int8 act, x pre-rounded"   # build --xq: x rounded by the benchmark before the kernels (gemv xq=True)
 DENSE_SCHEME = "fp16 (export: dense_gemv)"   # tvm_schedules/dense_gemv.py (PDL)
 DENSE_PREV = "fp16 (previous export: dlight GEMV)"
 DENSE_SWEEP = tuple((r, w, u, d) for r in (2, 4, 8) for w in (4, 8) for u, d in ((2, 1), (4, 1), (1, 2), (2, 2)))
@@ -123,14 +122,13 @@ def _load_baseline_mma(path: str):
 def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: bool, prefill_only: bool = False,
           acts: tuple[str, ...] = ACTS, decode_only: bool = False, jobs: int = 1, export_layouts: bool = False,
           configs: tuple[tuple[int, ...], ...] | None = None, linears: tuple[str, ...] | None = None,
-          baseline_mma: str | None = None, prefill_sweep: bool = False, layouts3: tuple[str, ...] | None = None,
-          xq: bool = False):
+          baseline_mma: str | None = None, prefill_sweep: bool = False, layouts3: tuple[str, ...] | None = None):
     import tvm
 
     from edgequant.export.targets import PRESETS
     from edgequant.tvm_schedules.dequant import QuantSpec, layout_for_rows
     from edgequant.tvm_schedules.gemv import (LAYOUT, LAYOUT_INT8, GemvConfig, chunk_of, default_config, gemv_func,
-                                              warps_for, xq_order)
+                                              warps_for)
 
     out.mkdir(parents=True, exist_ok=True)
     funcs, manifest = {}, []
@@ -181,13 +179,6 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                     cname, (rows, steps, depth, chunk, minb, pf, xr, ahead, l2, grp) == dkey, nout,
                     [cfg.blocks(n), 1, 1],
                     [32, cfg.warps, grp], act, pdl)
-            if xq and act == "int8" and not lay and not nout and dchunk == 32:
-                # the default kernel reading x rounded once by its producer (gemv_func xq=True): an upper bound for
-                # moving the rounding out of every block, the producer's own cost not counted
-                name = f"w{bits}i8xq_{lin}"
-                add(name, gemv_func(spec, dflt, name=name, act=act, pdl=True, xq=True), f"{scheme} {XQ_SCHEME}", bits,
-                    g, lin, n, k, spec, "xq", True, 0, [dflt.blocks(n), 1, 1], [32, dflt.warps, dflt.groups], act, True)
-                manifest[-1]["xq_order"] = xq_order(bits, spec.layout)
             if baseline and act == "int8" and not lay:   # the previous gemv.py's default kernel, in the same run
                 prev = _load_baseline(baseline)
                 # in the layout the export stored with it where the earlier gemv.py does not read today's
@@ -615,8 +606,8 @@ def run(out: Path, only: str | None, results: Path | None, prefill_only: bool = 
         byconf = {}
         for m in ks:
             y = torch.empty(1, n, device="cuda", dtype=torch.float16)
-            fns = [drv.launcher(m["kernel"], m["grid"], m["block"],
-                                [{**s, "x": x, "y": y, **_xq_inputs(m, x)}[p] for p in m["params"]]) for s in sets]
+            fns = [drv.launcher(m["kernel"], m["grid"], m["block"], [{**s, "x": x, "y": y}[p] for p in m["params"]])
+                   for s in sets]
             y.fill_(float("nan"))  # poisoned: an unwritten output fails the check
             fns[0]()
             torch.cuda.synchronize()
@@ -642,9 +633,8 @@ def run(out: Path, only: str | None, results: Path | None, prefill_only: bool = 
                 continue
             m = byconf[r["config"]]
             y = torch.empty(1, n, device="cuda", dtype=torch.float16)
-            fns = [drv.launcher(m["kernel"], m["grid"], m["block"],
-                                [{**s, "x": x, "y": y, **_xq_inputs(m, x)}[p] for p in m["params"]], pdl=True)
-                   for s in sets]
+            fns = [drv.launcher(m["kernel"], m["grid"], m["block"], [{**s, "x": x, "y": y}[p] for p in m["params"]],
+                                pdl=True) for s in sets]
             r["us_pdl"] = _timed(fns) * 1e6
             y.fill_(float("nan"))
             for f in fns:
@@ -676,22 +666,6 @@ def run(out: Path, only: str | None, results: Path | None, prefill_only: bool = 
                                                                    "steps": steps,
                                                                    "copy_only_bw": cbw, "peer": {
             f"{a}/{b}": v for (a, b), v in peer.items()}}, indent=1))
-
-
-def _xq_inputs(m, x):
-    """For a kernel built with gemv xq=True: x [1, K] rounded per 32 values as `_reference` (and the kernel) round
-    it, the codes packed in the kernel's dp4a order ({"xq": int32 [K / 4], "xm": (scale, code sum) fp32 [K / 16]},
-    gemv.xq_np's layout); {} for the others."""
-    import torch
-    if "xq_order" not in m:
-        return {}
-    xb = x.float().view(-1, 32)
-    amax = xb.abs().amax(dim=1, keepdim=True)
-    inv = torch.where(amax > 0, 127 / torch.where(amax > 0, amax, 1), 0)
-    a = torch.round(xb * inv).to(torch.int8)
-    xq = a[:, torch.tensor(m["xq_order"], device=x.device)].contiguous().view(torch.int32).view(-1)
-    xm = torch.cat([amax / 127, a.float().sum(dim=1, keepdim=True)], dim=1).contiguous().view(-1)
-    return {"xq": xq, "xm": xm}
 
 
 def _nbytes(m0):
@@ -768,10 +742,9 @@ def whole_steps(drv, man, rows, peer_int4=True):
                 ms = {lin: kern[rs[lin][key]] for lin, _, _ in SHAPES}
                 if pdl and not all(m.get("pdl") for m in ms.values()):
                     continue
-                xqs = {lin: _xq_inputs(ms[lin], x[:, :k]) for lin, _, k in SHAPES}
                 fns = [drv.launcher(ms[lin]["kernel"], ms[lin]["grid"], ms[lin]["block"],
-                                    [{**layer[lin], "x": x[:, :k], "y": ys[lin], **xqs[lin]}[p]
-                                     for p in ms[lin]["params"]], pdl=pdl) for layer in layers for lin, _, k in SHAPES]
+                                    [{**layer[lin], "x": x[:, :k], "y": ys[lin]}[p] for p in ms[lin]["params"]],
+                                    pdl=pdl) for layer in layers for lin, _, k in SHAPES]
                 t = _timed(fns) * len(fns)
                 for y in ys.values():
                     y.fill_(float("nan"))
@@ -1108,8 +1081,6 @@ def main():
                     help="build: only the export's 3-bit layout (no planes3 comparison rows)")
     ap.add_argument("--layouts3", help="build: the comparison 3-bit layouts to add (comma-separated, of "
                     "planes3,dp4a3; default: all, or none with --export-layouts)")
-    ap.add_argument("--xq", action="store_true", help="build: also each int8 default kernel reading x rounded by "
-                    "its producer (gemv xq=True; W4 / W3 / W2 without outlier columns)")
     ap.add_argument("--device-nvcc", action="store_true", help="build: leave nvcc to `run` on the GPU machine")
     ap.add_argument("--only", help="run: only kernels whose name matches this regular expression (for ncu; "
                     "NAME$: that one)")
@@ -1126,7 +1097,7 @@ def main():
               tuple(a.acts.split(",")), a.decode_only, a.jobs, a.export_layouts,
               tuple(tuple(int(v) for v in c.split(",")) for c in a.configs.split(";")) if a.configs else None,
               tuple(a.linears.split(",")) if a.linears else None, a.baseline_mma, a.prefill_sweep,
-              tuple(a.layouts3.split(",")) if a.layouts3 is not None else None, a.xq)
+              tuple(a.layouts3.split(",")) if a.layouts3 is not None else None)
     else:
         run(Path(a.out), a.only, Path(a.save) if a.save else None, a.prefill_only,
             tuple(int(t) for t in a.tokens.split(",")) if a.tokens else PREFILL_TOKENS, a.repeat)

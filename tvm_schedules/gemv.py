@@ -326,26 +326,6 @@ def _code_bytes(word_of, terms) -> str:
     return expr
 
 
-def xq_order(bits: int, layout: str) -> list[int]:
-    """The 32 values of an activation block in the byte order of the int8 kernel's 8 dp4a words (`_dp4a_terms`):
-    byte i of word d holds value xq_order[4 d + i]."""
-    return [v for _, vals in _dp4a_terms(bits, 0, 1, layout) for v in vals]
-
-
-def xq_np(x, bits: int, layout: str):
-    """x [K] -> (xq int32 [K / 4], xm float32 [K / 16]): what `gemv_func(..., xq=True)` reads, each 32-value block
-    rounded as the kernel rounds it (cpu_int8.quantize_act_np) and its codes packed in `xq_order`; xm holds the
-    block's scale and the sum of its codes (exact in fp32: |sum| <= 32 * 127)."""
-    import numpy as np
-
-    from .cpu_int8 import quantize_act_np
-    a, d = quantize_act_np(x)
-    a = a.reshape(-1, 32)
-    packed = np.ascontiguousarray(a[:, xq_order(bits, layout)]).view(np.uint8).view("<i4").reshape(-1)
-    xm = np.stack([d, a.astype(np.int32).sum(axis=1).astype(np.float32)], axis=1).reshape(-1)
-    return packed.astype(np.int32), xm.astype(np.float32)
-
-
 def xreduce_stages(rows: int) -> list[tuple[int, int]]:
     """The exchanges of the transposed warp reduction of `rows` partial sums per lane (rows a power of 2 <= 32):
     [(lane offset, h)]: a lane whose `offset` bit is set keeps values h..2h-1 and sends 0..h-1 to its partner, the
@@ -409,8 +389,7 @@ def prefetch_spans(spec: QuantSpec, cfg: GemvConfig, bx: int) -> dict[str, list[
 # ------------------------------------------------------------------------------------------------ the prim func
 def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, out_dtype: str = "float16",
               lead: tuple[int, ...] = (1,), name: str = "main", n_outliers: int = 0, act: str = "fp16",
-              prologue: str | None = None, eps: float = 1e-6, residual: bool = False, pdl: bool = False,
-              xq: bool = False):
+              prologue: str | None = None, eps: float = 1e-6, residual: bool = False, pdl: bool = False):
     """y[lead..., N] = x[lead..., K] @ dq(W)^T (+ x[..., idx] @ W_out^T) for one row (prod(lead) == 1), fp32
     accumulation, `out_dtype` output. act="int8": activations quantized per 32 values inside the kernel and integer
     dot products (dp4a), as `cpu_int8.int8_gemv_np` models; 3-bit weights then in dp4a3 or planes3.
@@ -425,11 +404,6 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
     takes x [lead..., 2K] = [gate | up] and uses silu(gate) * up (fp16, as the separate kernel); `residual=True`
     adds a tensor of y's shape to the rounded result. Neither prologue combines with outlier columns (they read x
     raw).
-
-    `xq=True` (act="int8", 32-value chunks, no prologue or outlier columns; an experiment, no export builds it):
-    the activations come already rounded, as `xq_np` writes them (the int8 codes of each 32-value block packed in
-    this kernel's dp4a order, `xq_order`; its scale and code sum), instead of x: each thread loads 40 bytes instead
-    of rounding its 64 bytes of fp16 x, as if the producer of x had rounded it once for all blocks.
 
     `pdl=True` (CUDA sm_90+): the kernel lets the next kernel of the stream launch at once
     (`griddepcontrol.launch_dependents`) and waits for the previous one (`griddepcontrol.wait`) only after issuing
@@ -462,17 +436,14 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
         raise ValueError(f"unknown GEMV prologue {prologue!r}; one of {PROLOGUES}")
     if prologue and n_outliers:
         raise ValueError("a GEMV prologue does not combine with outlier columns")
-    if xq and (act != "int8" or chunk != 32 or prologue or n_outliers):
-        raise ValueError("pre-rounded activations (xq) take int8 activations in 32-value chunks, no prologue, no "
-                         "outlier columns")
     src = _source(spec, cfg, gpu, out_dtype, lead, name, n_outliers, act == "int8", prologue, eps, residual,
-                  chunk, pdl and gpu, xq)
+                  chunk, pdl and gpu)
     return tvm.script.from_source(src, extra_vars={"T": T})
 
 
 def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: tuple[int, ...], name: str,
             n_out: int, int8: bool = False, prologue: str | None = None, eps: float = 1e-6,
-            residual: bool = False, chunk: int = 0, pdl: bool = False, xq: bool = False) -> str:
+            residual: bool = False, chunk: int = 0, pdl: bool = False) -> str:
     bits, n, k, R, S, TY = spec.bits, spec.n, spec.k, cfg.rows, cfg.steps, cfg.warps
     C, CW, SW, VW = chunk or CHUNK[bits], CHUNK_WORDS[bits], SUB_WORDS[bits], VEC_WORDS[bits]
     c_ = "(ty * 32 + tx)"                         # the thread's chunk of K
@@ -500,8 +471,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     ix = ", ".join("0" for _ in lead)             # index of the single row
     local = '"local"' if gpu else '"global"'
     fields = _field_terms(bits)
-    ins = ([f'xq: T.Buffer(({k // 4},), "int32")', f'xm: T.Buffer(({k // 16},), "float32")'] if xq else
-           [f'x: T.Buffer(({lo}, {2 * k if prologue == "silu_mul" else k}), "float16")'])
+    ins = [f'x: T.Buffer(({lo}, {2 * k if prologue == "silu_mul" else k}), "float16")']
     if prologue == "rmsnorm":
         ins.append(f'nw: T.Buffer(({k},), "float16")')
     ins += [f'qweight: T.Buffer(({n}, {spec.words}), "uint32")', f'scales: T.Buffer(({n}, {spec.n_groups}), "float16")']
@@ -729,10 +699,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     for i in range(NO):  # OWQ: x at this thread's outlier columns (a hostile index is clamped into [0, K)); into
         L.append(f'{body}xo[{i}] = T.Cast("float32", x[{ix}, T.max(T.min(oi[{i}], {k - 1}), 0)])')  # shared below
     for sb in range(C // 32):
-        if xq:   # xq_np's layout: chunk c's 8 code words (two 128-bit loads), then its scale and code sum
-            L += [f"{body}xa[T.ramp({4 * h}, 1, 4)] = xq[T.ramp({c} * 8 + {4 * h}, 1, 4)]" for h in (0, 1)]
-            L += [f"{body}xd[0] = xm[{c} * 2]", f'{body}xs[0] = T.Cast("int32", xm[{c} * 2 + 1])']
-            continue
         L += load_x(body, sb, 0 if int8 or not resident else sb * 32)
         if int8:  # cpu_int8.quantize_act_np: d = max|x| / 127, a = nearbyint(x * 127 / max|x|)
             L.append(f"{body}mx[0] = T.float32(0)")

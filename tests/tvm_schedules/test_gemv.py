@@ -562,28 +562,3 @@ def test_gemv_prologue_refuses_outlier_columns():
     from edgequant.tvm_schedules.gemv import gemv_func
     with pytest.raises(ValueError, match="outlier"):
         gemv_func(QuantSpec(8, 128, 4, 32, False, "words"), n_outliers=2, prologue="rmsnorm")
-
-
-@pytest.mark.parametrize("bits,layout,n,rows,steps", [(4, None, 14, 2, 3), (3, "dp4a3r4", 16, 4, 2),
-                                                     (2, None, 8, 4, 1)])
-def test_gemv_prerounded_activations_match_numpy(bits, layout, n, rows, steps):
-    """xq=True (the activations rounded by their producer, `xq_np`): the twin reading the packed codes, scales and
-    code sums gives the int8 NumPy model of the same x (its dots are exact), a short last block included."""
-    import tvm
-    from edgequant.tvm_schedules.cpu_int8 import int8_gemv_np
-    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func, xq_np, xq_order
-    k = 128
-    rng = np.random.default_rng(bits)
-    spec, q, qweight, scales, zeros = _linear(rng, bits, 64, False, n, k, act="int8", layout=layout)
-    assert sorted(xq_order(bits, spec.layout)) == list(range(32))
-    x = rng.standard_normal(k).astype(np.float16)
-    x[40:72] = 0   # a block of zeros (scale 0)
-    xq, xm = xq_np(x, bits, spec.layout)
-    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, 1, steps), gpu=False, out_dtype="float32",
-                                                     act="int8", xq=True)}), target="llvm")
-    y = tvm.runtime.empty((1, n), "float32", tvm.cpu())
-    ex["main"](*[tvm.runtime.tensor(a) for a in (xq, xm, qweight, scales, zeros)], y)
-    model = int8_gemv_np(spec, x, qweight, scales, zeros)[None]
-    np.testing.assert_allclose(y.numpy(), model, rtol=1e-5, atol=1e-5 * np.abs(model).max())
-    with pytest.raises(ValueError, match="xq"):
-        gemv_func(spec, GemvConfig(rows, 1, steps), act="int8", xq=True, n_outliers=2)
