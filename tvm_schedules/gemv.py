@@ -42,7 +42,13 @@ variant since reverted, no faster at 4 bits; benchmarks/results/gpu-nvidia-h200.
 `d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
 made the LLaMA-7B step 1.3x (W4) to 1.4x (W2) faster (benchmarks/results/gpu-nvidia-h200.md); the fp16 path stays
 the exact one. With int8 activations a thread's chunk is 32 values at every bit width (one activation block;
-`GemvConfig.chunk` = 64 halves the threads at 2 and 3 bits): twice the warps of 64-value chunks over a row.
+`GemvConfig.chunk` = 64 halves the threads at 2 and 3 bits): twice the warps of 64-value chunks over a row. Each block
+rounds its own copy of x; x rounded once by its producer (each thread loading its 32 codes, scale and code sum) was
+measured and is not worth a producer: 23% fewer executed instructions on W3 qkv, but the same time, since the
+rounding runs in the shadow of the first weight loads (issued before it); with 40-64 registers instead of 75-80
+more blocks fit an SM than the 6 that deal a grid evenly, and W4 gate_up and W2 qkv lost 10-12% (H200, LLaMA-7B
+step with PDL: W3 0.888 vs 0.891 ms, W2 0.770 vs 0.774, W4 1.076 vs 1.039; benchmarks/results/gpu-nvidia-h200.md,
+gpu13).
 
 OWQ's fp16 outlier columns (`n_outliers`) are added in an epilogue, outside the steps: at its start the block copies
 its rows of the outlier weights (one contiguous span of W_out [N, n_outliers]) into shared memory with `cp.async`
