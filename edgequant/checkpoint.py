@@ -400,9 +400,9 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
         raise CheckpointError(f"{f}: 'layer_types' must list 'full_attention' or 'sliding_attention' for each of the "
                               f"{c['num_hidden_layers']} layers; " + restore)
     if types is not None and c.get("model_type") == "mistral":
-        raise CheckpointError(f"{f}: a mistral config.json with 'layer_types' describes a Ministral model (transformers "
-                              "builds MinistralForCausalLM for it), which edgequant does not support; remove "
-                              "layer_types if the model is a plain Mistral, or " + restore)
+        raise CheckpointError(f"{f}: a mistral config.json with 'layer_types' describes a Ministral model "
+                              "(transformers builds MinistralForCausalLM for it), which edgequant does not support; "
+                              "remove layer_types if the model is a plain Mistral, or " + restore)
     if types is not None and "sliding_attention" in types:
         if c.get("model_type") in _NO_LAYER_TYPES:
             # transformers' forward ignores them (llama, phi3) or builds another model (mistral -> Ministral), while

@@ -140,8 +140,8 @@ def read_export_info(dist) -> dict:
         raise EdgequantError(f"{f} has format_version {info.get('format_version')!r}; this edgequant reads version "
                              f"{FORMAT_VERSION}: export the model again with this edgequant (or upgrade it)")
     for key, ok, want in (
-            ("target", lambda v: v in _targets(), "one of " + ", ".join(_targets())),
-            ("device", lambda v: v in DEVICES, "one of " + ", ".join(DEVICES)),
+            ("target", lambda v: isinstance(v, str) and v in _targets(), "one of " + ", ".join(_targets())),
+            ("device", lambda v: isinstance(v, str) and v in DEVICES, "one of " + ", ".join(DEVICES)),
             ("library", lambda v: isinstance(v, str), "a file name"),
             ("prefill_chunk_size", lambda v: _int(v, 1) and v <= MAX_DIM, f"a positive integer up to {MAX_DIM}"),
             ("tvm_version", lambda v: isinstance(v, str), "a string"),
@@ -150,7 +150,8 @@ def read_export_info(dist) -> dict:
             ("weight_bytes", _int, "a byte count"), ("model", lambda v: isinstance(v, dict), "an object"),
             ("params", lambda v: isinstance(v, list) and all(
                 isinstance(x, dict) and isinstance(x.get("name"), str) and _shape(x.get("shape"))
-                and x.get("dtype") in _DTYPES for x in v), "a list of {name, shape, dtype} records")):
+                and isinstance(x.get("dtype"), str) and x["dtype"] in _DTYPES for x in v),
+             "a list of {name, shape, dtype} records")):
         if key not in info:
             raise _damaged(f, f"field '{key}' is missing")
         if not ok(info[key]):
@@ -162,7 +163,8 @@ def read_export_info(dist) -> dict:
             raise _damaged(f, f"model field '{key}' is missing")
         if not _int(m[key], 1) or m[key] > MAX_DIM:
             raise _damaged(f, f"model field '{key}' is {_short(m[key])}; it must be a positive integer up to {MAX_DIM}")
-    if m.get("model_type") not in FAMILIES:   # the C runtime accepts the same set (apps/runtime)
+    # the C runtime accepts the same set (apps/runtime)
+    if not (isinstance(m.get("model_type"), str) and m["model_type"] in FAMILIES):
         raise _damaged(f, f"model field 'model_type' is {_short(m.get('model_type'))}; it must be one of "
                           + ", ".join(FAMILIES))
     bad = number_problem(m)   # the same ranges as the checkpoint's config.json (apps/runtime checks them too)
@@ -289,7 +291,8 @@ def check_tensor_cache(dist: Path, info: dict) -> None:
                                  f"for it: its bytes were changed or damaged in a copy; {_FIX}")
         for r in shard["records"]:
             if not (isinstance(r, dict) and isinstance(r.get("name"), str) and _shape(r.get("shape"))
-                    and isinstance(r.get("dtype"), str) and r["dtype"] in _DTYPES and _int(r.get("byteOffset")) and _int(r.get("nbytes"))
+                    and isinstance(r.get("dtype"), str) and r["dtype"] in _DTYPES and _int(r.get("byteOffset"))
+                    and _int(r.get("nbytes"))
                     and r.get("format", "raw") == "raw"):
                 raise _damaged(f, f"a record in {shard['dataPath']} lacks name/shape/dtype/byteOffset/nbytes")
             itemsize = 2 if r["dtype"] == "bfloat16" else np.dtype(_DTYPES[r["dtype"]]).itemsize

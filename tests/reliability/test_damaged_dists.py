@@ -182,6 +182,10 @@ CASES = {
     # short factors in the C runtime (a plain library that names prefill_long stands in for it here)
     "prefill_long_without_long_factors": (_export(lambda i: i["functions"].append("prefill_long")),
                                           ["rope_long_factors", "prefill_long"]),
+    # the fourteenth re-run's sweep: a JSON list or object where a name is expected was looked up in a dict
+    "target_a_list": (_export(lambda i: i.__setitem__("target", [])), [EXPORT, "'target'"]),
+    "param_dtype_an_object": (_export(lambda i: i["params"][1].__setitem__("dtype", {})), [EXPORT, "'params'"]),
+    "model_type_a_list": (_model("model_type", [1]), [EXPORT, "model_type"]),
     "tensor_listed_twice": (_cache(lambda c: c["records"].append(c["records"][0])), [CACHE, "listed twice"]),
     # the fourteenth re-run (T24, T25): a dtype looked up in a dict (TypeError), a dimension numpy cannot hold
     "record_dtype_a_list": (_first_shard(lambda s: s["records"][0].__setitem__("dtype", [1, 2])), [CACHE]),
