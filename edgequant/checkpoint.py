@@ -413,6 +413,7 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
                                                                and c.get("sliding_window")):
             raise CheckpointError(f"{f}: 'layer_types' names sliding-window layers, but use_sliding_window is not "
                                   "true or sliding_window is null (transformers cannot run that); " + restore)
+    _check_windows(f, c, restore)
     for key in ("rope_parameters", "rope_scaling"):
         rp = c.get(key)
         if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) in ("longrope", "su"):
@@ -426,6 +427,23 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
                                           "rotary channels); " + restore)
     if not isinstance(c.get("model_type"), str):
         raise CheckpointError(f"{f}: 'model_type' is missing; " + restore)
+
+
+def _check_windows(f, c: dict, restore: str):
+    """Families whose layers slide by kind (Gemma: `Family.layer_types`, config.json's or transformers' default
+    pattern) need a window for those layers: with `sliding_window` null quantize wrote a checkpoint that eval could
+    not run (transformers' mask raised) and export refused (fourteenth re-run, S37)."""
+    from .models import family_for
+    pattern = c.get("sliding_window_pattern")
+    if pattern is not None and not (_is_count(pattern) and pattern > 0):
+        raise CheckpointError(f"{f}: 'sliding_window_pattern' must be a positive integer, not {pattern!r}; " + restore)
+    try:
+        kinds = family_for(c.get("model_type")).layer_types(c)
+    except EdgequantError:   # an unsupported model type is refused where the family is needed
+        return
+    if kinds and "sliding_attention" in kinds and not (_is_count(c.get("sliding_window")) and c["sliding_window"] > 0):
+        raise CheckpointError(f"{f}: its sliding-window layers need a positive 'sliding_window', not "
+                              f"{c.get('sliding_window')!r}; " + restore)
 
 
 _NO_LAYER_TYPES = ("llama", "mistral", "phi3")   # model types whose transformers model has no per-layer attention kinds

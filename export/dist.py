@@ -216,7 +216,7 @@ def _check_model_against_params(f: Path, m: dict, params: list) -> None:
     library's own list, which the runners compare to `params` before running."""
     shapes = {p["name"]: p["shape"] for p in params}
     emb = shapes.get("model.embed_tokens.weight")
-    if emb is None and "model.embed_tokens.scales" in shapes and "model.norm.weight" in shapes:
+    if emb is None and shapes.get("model.embed_tokens.scales") and shapes.get("model.norm.weight"):
         # a quantized table (--embed-bits): its rows are the vocabulary, the final norm has the hidden width
         emb = [shapes["model.embed_tokens.scales"][0], *shapes["model.norm.weight"][:1]]
     layers = {int(x) for x in re.findall(r"^model\.layers\.(\d+)\.", "\n".join(shapes), re.M)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from edgequant.cli import main
@@ -85,3 +87,20 @@ def test_a_dist_with_the_one_graph_decode_step_plans_its_second_cache(tmp_path):
     graph = dist_plan(_fake_dist(tmp_path / "graph", "metal", 100 << 20, [FUNC]), 1024)
     assert plain.kv_caches == 1 and graph.kv_caches == 2 and graph.kv_bytes == 2 * plain.kv_bytes == 45 * 2**20
     assert graph.total_bytes - plain.total_bytes == plain.kv_bytes and "2 caches" in " ".join(graph.lines())
+
+
+def test_a_quantized_embedding_record_without_dimensions_is_one_error(tmp_path):
+    """A DIST with a quantized table (--embed-bits) whose scales record has shape []: IndexError in the reader
+    (fourteenth re-run's sweep), now the damaged-file line."""
+    import json
+
+    from edgequant.errors import EdgequantError
+    from edgequant.export.runtime import read_export_info
+    d = _fake_dist(tmp_path / "d", "metal", 100 << 20)
+    info = json.loads((d / "edgequant-export.json").read_text())
+    info["params"][0:1] = [{"name": "model.embed_tokens.qweight", "shape": [49152, 72], "dtype": "uint32"},
+                           {"name": "model.embed_tokens.scales", "shape": [], "dtype": "float16"},
+                           {"name": "model.norm.weight", "shape": [576], "dtype": "float16"}]
+    (d / "edgequant-export.json").write_text(json.dumps(info))
+    with pytest.raises(EdgequantError, match="vocab_size"):
+        read_export_info(d)
