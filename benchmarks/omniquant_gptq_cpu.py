@@ -47,6 +47,13 @@ VARIANTS = {
     "omni-e0-init6": ("omniquant", OmniConfig(epochs=0, lwc_init=6.0)),
     "omni-e0-init20": ("omniquant", OmniConfig(epochs=0, lwc_init=20.0)),
     "omni-init6": ("omniquant", OmniConfig(epochs=2, lwc_lr=5e-2, lwc_init=6.0)),
+    # acc9: LWC at exactly no clipping + GPTQ rounding must equal plain GPTQ (same ranges, same H)
+    "omni-e0-init20-gptq": ("omniquant", OmniConfig(epochs=0, lwc_init=20.0, gptq=True)),
+    "omni-local": ("omniquant", OmniConfig(**OMNI, block_target="local")),
+    "omni-local-tokrel": ("omniquant", OmniConfig(**OMNI, block_target="local", loss="token_rel")),
+    "omni-gptq-local": ("omniquant", OmniConfig(**OMNI, block_target="local", gptq=True)),
+    "omni-init6-e6": ("omniquant", OmniConfig(epochs=6, lwc_lr=5e-2, lwc_init=6.0)),
+    "omni-init6-e6-local": ("omniquant", OmniConfig(epochs=6, lwc_lr=5e-2, lwc_init=6.0, block_target="local")),
 }
 # variants with a patched search init: groups whose best ratio is 1 start exactly unclipped (logit 20: sigmoid is 1
 # in fp32), instead of at sigmoid(6) = 0.9975
