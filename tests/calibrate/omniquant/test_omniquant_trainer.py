@@ -98,7 +98,9 @@ def test_resume_reproduces_checkpoint_bytes(tmp_path, model_dirs, text_file, mon
 @pytest.mark.parametrize("opts,msg", [({"epochs": -1}, "--epochs"), ({"let_alpha": 2.0}, "--let-alpha"),
                                       ({"lwc": False, "let": False}, "nothing to train"),
                                       ({"lwc_lr": 0.0}, "--lwc-lr"), ({"owq_target_bits": 2.0}, "owq-target-bits"),
-                                      ({"loss": "l1"}, "'mse'")])
+                                      ({"loss": "l1"}, "'mse'"),
+                                      ({"epochs": 1, "block_target": "local", "aug_loss": True}, "--aug-loss"),
+                                      ({"epochs": 0, "block_target": "local"}, "--epochs N")])
 def test_bad_options_are_one_line_errors(tmp_path, model_dirs, text_file, opts, msg):
     with pytest.raises(EdgequantError, match=msg) as e:
         api.quantize(model_dirs["llama"], tmp_path / "o", method="omniquant", calib=text_file, nsamples=2,
