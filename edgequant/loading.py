@@ -145,10 +145,9 @@ def _gguf_config_fixes(path: Path) -> dict:
         blocks = {int(t.name.split(".")[1]) for t in r.tensors
                   if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
         block_count = field(f"{arch}.block_count")
-        rope = {k: field(f"{arch}.rope.{k}") for k in ("dimension_count", "scaling.type", "scaling.factor")}
-        key_length, heads_any, hidden_any = (field(f"{arch}.{k}") for k in ("attention.key_length",
-                                                                            "attention.head_count",
-                                                                            "embedding_length"))
+        rope = {k: field(f"{arch}.rope.{k}") for k in ("scaling.type", "scaling.factor")}
+        widths = {k: field(f"{arch}.{k}") for k in _GGUF_HEAD_WIDTHS}
+        heads_any, hidden_any = field(f"{arch}.attention.head_count"), field(f"{arch}.embedding_length")
         vocab = len(r.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in r.fields else None
         special = {k: field(f"tokenizer.ggml.{k}") for k in _GGUF_SPECIAL_TOKENS}
     except Exception as e:  # noqa: BLE001
@@ -160,7 +159,7 @@ def _gguf_config_fixes(path: Path) -> dict:
                              f"(blk.{min(blocks)}..blk.{max(blocks)}); the file is damaged: download or convert it "
                              "again")
     _check_gguf_tokens(path, special, vocab)
-    fixes = _gguf_rope_fixes(path, arch, rope, key_length, heads_any, hidden_any)
+    fixes = _gguf_rope_fixes(path, arch, rope)
     if arch == "phi3" and rope_factors:
         raise EdgequantError(f"{path.name} is a Phi-3 GGUF with longrope factors, which transformers' GGUF reader "
                              "drops (the model would compute another RoPE); quantize the Hugging Face folder instead")
@@ -172,7 +171,8 @@ def _gguf_config_fixes(path: Path) -> dict:
             raise EdgequantError(f"{path.name}: qwen3.attention.key_length is {head_dim!r}, which does not match its "
                                  "query weights (heads x head_dim x hidden); the file is damaged: download or "
                                  "convert it again")
-        return {**fixes, "head_dim": head_dim}
+        fixes = {**fixes, "head_dim": head_dim}
+    _check_gguf_head_widths(path, arch, widths, heads_any, hidden_any)
     return fixes
 
 
@@ -192,11 +192,10 @@ def _check_gguf_tokens(path: Path, special: dict, vocab: int | None):
                                  "damaged: download or convert it again")
 
 
-def _gguf_rope_fixes(path: Path, arch, rope: dict, key_length, heads, hidden) -> dict:
-    """RoPE metadata transformers' GGUF reader drops for our families, as config overrides or a refusal: linear
+def _gguf_rope_fixes(path: Path, arch, rope: dict) -> dict:
+    """RoPE scaling transformers' GGUF reader drops for our families, as config overrides or a refusal: linear
     scaling joins the config's `rope_parameters` (dropped, a long-context model would compute another RoPE), other
-    scaling types are refused, and where transformers ignores the rotary width, one other than the head's is
-    refused (the families rotate whole heads)."""
+    scaling types are refused."""
     import math
     fixes = {}
     kind, factor = rope["scaling.type"], rope["scaling.factor"]
@@ -212,16 +211,34 @@ def _gguf_rope_fixes(path: Path, arch, rope: dict, key_length, heads, hidden) ->
                              "positive number (linear RoPE scaling); the file is damaged: download or convert it again")
     if scaled and factor != 1:
         fixes["rope_parameters"] = {"rope_type": "linear", "factor": float(factor)}
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-    # llama and mistral: transformers reads the field as head_dim, which the weights' shapes then check
-    dims = None if GGUF_CONFIG_MAPPING.get(arch, {}).get("rope.dimension_count") else rope["dimension_count"]
-    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, hidden))
-    head_dim = key_length if key_length is not None else hidden // heads if ints and heads > 0 else None
-    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims != head_dim):
-        raise EdgequantError(f"{path.name}: in its metadata '{arch}.rope.dimension_count' is {dims!r}, not the head "
-                             f"width {head_dim!r}; the model family rotates whole heads: the file is damaged or of "
-                             "another model: download or convert it again")
     return fixes
+
+
+# metadata naming a head's width (keys, values, the rotated part), which transformers' reader maps for some
+# architectures and ignores for others
+_GGUF_HEAD_WIDTHS = ("attention.key_length", "attention.value_length", "rope.dimension_count")
+
+
+def _check_gguf_head_widths(path: Path, arch, widths: dict, heads, hidden):
+    """Where transformers' reader ignores a head-width field, it must be the width the model is built with: one
+    mapped field (llama: rope.dimension_count; Gemma: key_length; Qwen3: key_length, `_gguf_config_fixes`) or
+    hidden / heads. Another value describes another model that would load silently as this one (a qwen2
+    key_length of -16 or 16.5, a rotary width of 7: fourteenth re-run, S39)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    mapped = dict(GGUF_CONFIG_MAPPING.get(arch, {}))
+    if arch == "qwen3":
+        mapped["attention.key_length"] = "head_dim"
+    used = [widths[k] for k in _GGUF_HEAD_WIDTHS if mapped.get(k) == "head_dim" and widths[k] is not None]
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, hidden))
+    width = used[0] if used else hidden // heads if ints and heads > 0 else None
+    for k in _GGUF_HEAD_WIDTHS:
+        v = widths[k]
+        if v is None or mapped.get(k):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v != width:
+            raise EdgequantError(f"{path.name}: in its metadata '{arch}.{k}' is {v!r}, not the head width {width!r} "
+                                 "the model is built with; the file is damaged or of another model: download or "
+                                 "convert it again")
 
 
 def _gguf_config(path: Path, kw: dict, fixes: dict):
@@ -413,23 +430,27 @@ def load_model(model: str | os.PathLike | None, dtype=None):
                                     "restore the model's original tokenizer files")
     except EdgequantError:
         raise
-    except RuntimeError as e:   # transformers: a weight's shape differs from config.json's (its report is silenced)
-        if "mismatched" not in str(e):
-            raise EdgequantError(f"could not load model '{src}': {first_line(e, 200)}; restore the model's original "
-                                 "files or config.json") from None
-        raise EdgequantError(f"could not load model '{src}': a weight's shape differs from what its config.json "
-                             "describes; restore the model's original files or config.json") from None
-    except (OSError, ValueError) as e:
-        raise EdgequantError(f"could not load model '{src}': {first_line(e)}") from None
-    except (KeyError, TypeError, AttributeError, AssertionError, ArithmeticError, IndexError) as e:
-        # transformers builds the model from config.json's fields unchecked: "hidden_act": "bogus" (KeyError),
-        # "dtype": "bogus" (AttributeError), rope_parameters without their factor, pad_token_id past the vocabulary
-        raise EdgequantError(f"could not load model '{src}': transformers cannot build it ({type(e).__name__}: "
-                             f"{first_line(e, 160)}); restore the model's original config.json and files") from None
-    except _config_errors() as e:   # "Validation error for field 'x':\n    TypeError: Field 'x' expected ..."
-        why = " ".join(str(e).split()).removeprefix("Validation error for field ")
-        raise EdgequantError(f"could not load model '{src}': config.json is invalid ({why[:200]}); restore the "
-                             "model's original config.json") from None
+    except Exception as e:  # noqa: BLE001 - sorted below; anything else is re-raised
+        # a GGUF's config is its header's metadata, not a config.json beside it (fourteenth re-run)
+        gguf = path.suffix == ".gguf"
+        config, restore = (("its metadata", "the GGUF is damaged: download or convert it again") if gguf else
+                           ("its config.json", "restore the model's original files or config.json"))
+        if isinstance(e, RuntimeError):   # transformers: a weight's shape differs from the config's (report silenced)
+            why = (f"a weight's shape differs from what {config} describes" if "mismatched" in str(e)
+                   else first_line(e, 200))
+            raise EdgequantError(f"could not load model '{src}': {why}; {restore}") from None
+        if isinstance(e, (OSError, ValueError)):
+            raise EdgequantError(f"could not load model '{src}': {first_line(e)}") from None
+        if isinstance(e, (KeyError, TypeError, AttributeError, AssertionError, ArithmeticError, IndexError)):
+            # transformers builds the model from the config's fields unchecked: "hidden_act": "bogus" (KeyError),
+            # "dtype": "bogus" (AttributeError), rope_parameters without their factor, pad_token_id past the vocabulary
+            raise EdgequantError(f"could not load model '{src}': transformers cannot build it from {config} "
+                                 f"({type(e).__name__}: {first_line(e, 160)}); {restore}") from None
+        if isinstance(e, _config_errors()):   # "Validation error for field 'x':\n    TypeError: Field 'x' expected ..."
+            why = " ".join(str(e).split()).removeprefix("Validation error for field ")
+            raise EdgequantError(f"could not load model '{src}': {config} is invalid ({why[:200]}); {restore}") \
+                from None
+        raise
     family_for(m.config.model_type)
     _check_tied(m, src)
     _check_finite(m, src)

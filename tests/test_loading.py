@@ -85,7 +85,7 @@ def test_weights_transformers_would_invent_or_drop_are_refused(tmp_path, model_d
     ("bias_an_int", "'mlp_bias' must be true or false, not 1"),
     ("fifo_weights", "model.safetensors is not a regular file"),
     # the ninth re-run (T17): right types, values transformers cannot build from
-    ("act_bogus", "transformers cannot build it (KeyError: 'bogus')"),
+    ("act_bogus", "transformers cannot build it from its config.json (KeyError: 'bogus')"),
     ("kv_heads_0", "'num_key_value_heads' must be a positive integer, not 0"),
     ("tied_other_head", "config.json ties the output layer to the embedding (tie_word_embeddings), but the weight "
                         "files hold an lm_head.weight that differs"),

@@ -88,6 +88,8 @@ ROPE = {
                                          w.add_rope_scaling_factor(float("nan"))), "rope.scaling.factor' is nan"),
     "scaling_factor_negative": (lambda w, g: w.add_rope_scaling_factor(-1.0), "rope.scaling.factor' is -1.0"),
     "dimension_count_7": (lambda w, g: w.add_rope_dimension_count(7), "rope.dimension_count' is 7, not the head"),
+    # another head width transformers' reader ignores (fourteenth re-run, S39)
+    "value_length_16": (lambda w, g: w.add_value_length(16), "attention.value_length' is 16, not the head"),
 }
 
 
