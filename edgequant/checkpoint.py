@@ -390,7 +390,10 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
     if head_dim % 2:   # rotary embeddings rotate pairs of a head's channels
         raise CheckpointError(f"{f}: the head size ({head_dim}: 'head_dim', or hidden_size / num_attention_heads) "
                               "must be even; " + restore)
-    for k in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
+    # the last five steer what transformers' forward returns: a return_dict of null gave a tuple, where the logits
+    # were expected (eval: AttributeError; fourteenth re-run's sweep)
+    for k in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "return_dict",
+              "output_hidden_states", "output_attentions", "use_cache", "is_encoder_decoder"):
         if k in c and not isinstance(c[k], bool):   # "false" is a true value to Python
             raise CheckpointError(f"{f}: '{k}' must be true or false, not {c[k]!r}; " + restore)
     types = c.get("layer_types")
@@ -426,7 +429,8 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
                     raise CheckpointError(f"{f}: {key}.{name} must be a list of {pairs} numbers (one per pair of "
                                           "rotary channels); " + restore)
     if not isinstance(c.get("model_type"), str):
-        raise CheckpointError(f"{f}: 'model_type' is missing; " + restore)
+        raise CheckpointError(f"{f}: 'model_type' is " + ("missing" if c.get("model_type") is None else
+                                                          f"{c['model_type']!r}, not a model type name") + "; " + restore)
 
 
 def _check_windows(f, c: dict, restore: str):
