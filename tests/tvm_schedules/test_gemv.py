@@ -148,9 +148,7 @@ def test_words3x32_round_trip_and_kernel_reference():
 def test_dp4a3_round_trip_bit_positions_and_weight_te():
     """dp4a3 (dequant.py): repack and unpack round trip (whole and ragged blocks), the documented bit of a value in
     each part of a block, and the TE weight expression (the dlight/prefill path) against the NumPy dequantization."""
-    import tvm
-    from tvm import te
-    from edgequant.tvm_schedules.dequant import QuantSpec, dequantize_np, repack_dp4a3_np, unpack_np, weight_te
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_dp4a3_np, unpack_np
     rng = np.random.default_rng(11)
     for k in (32, 100, 256):
         q = rng.integers(0, 8, (3, k))
@@ -162,30 +160,15 @@ def test_dp4a3_round_trip_bit_positions_and_weight_te():
         one[:] = 0
         one[0, v] = code
         np.testing.assert_array_equal(repack_dp4a3_np(pack(one, 3), 32)[0], np.array(want, np.uint32))
-    spec = QuantSpec(4, 100, 3, 32, False, "dp4a3")
-    q = rng.integers(0, 8, (4, 100))
-    words = repack_dp4a3_np(pack(q, 3), 100)
-    scales = (rng.random((4, spec.n_groups)) + 0.5).astype(np.float16)
-    zeros = rng.integers(0, 8, (4, spec.n_groups)).astype(np.uint8)
-    qw = te.placeholder((4, spec.words), "uint32")
-    sc = te.placeholder((4, spec.n_groups), "float16")
-    zr = te.placeholder((4, spec.n_groups), "uint8")
-    w = te.compute((4, 100), lambda i, j: weight_te(spec, qw, sc, zr, i, j))
-    f = tvm.compile(te.create_prim_func([qw, sc, zr, w]), target="llvm")
-    out = tvm.runtime.empty((4, 100), "float16", tvm.cpu())
-    f(*[tvm.runtime.tensor(a) for a in (words, scales, zeros)], out)
-    np.testing.assert_allclose(out.numpy().astype(np.float32), dequantize_np(spec, words, scales, zeros),
-                               rtol=1e-3, atol=1e-3)
+    _check_weight_te(QuantSpec(4, 100, 3, 32, False, "dp4a3"), repack_dp4a3_np, rng)
 
 
 def test_dp4a3r4_round_trip_interleave_and_weight_te():
     """dp4a3r4 (dequant.py): dp4a3's three words per 32 values with 4 rows interleaved (block b of row 4m + r at words
     12b + 3r of the rows' span), round trip on whole and ragged blocks, N not a multiple of 4 refused, and the TE
     weight expression (the dlight/prefill path and the embedding gather) against the NumPy dequantization."""
-    import tvm
-    from tvm import te
-    from edgequant.tvm_schedules.dequant import (QuantSpec, dequantize_np, layout_for_rows, repack_dp4a3_np,
-                                                 repack_dp4a3r4_np, unpack_np, weight_te)
+    from edgequant.tvm_schedules.dequant import (QuantSpec, layout_for_rows, repack_dp4a3_np, repack_dp4a3r4_np,
+                                                 unpack_np)
     rng = np.random.default_rng(12)
     for k in (32, 100, 256):
         q = rng.integers(0, 8, (8, k))
@@ -202,17 +185,25 @@ def test_dp4a3r4_round_trip_interleave_and_weight_te():
     # what an export asking for dp4a3r4 stores: dp4a3 (one row at a time) where N is not a multiple of 4
     assert [layout_for_rows(lay, n) for lay, n in (("dp4a3r4", 8), ("dp4a3r4", 6), ("bytes3", 6))] == [
         "dp4a3r4", "dp4a3", "bytes3"]
-    spec = QuantSpec(8, 100, 3, 32, False, "dp4a3r4")
-    q = rng.integers(0, 8, (8, 100))
-    words = repack_dp4a3r4_np(pack(q, 3), 100)
-    scales = (rng.random((8, spec.n_groups)) + 0.5).astype(np.float16)
-    zeros = rng.integers(0, 8, (8, spec.n_groups)).astype(np.uint8)
-    qw = te.placeholder((8, spec.words), "uint32")
-    sc = te.placeholder((8, spec.n_groups), "float16")
-    zr = te.placeholder((8, spec.n_groups), "uint8")
-    w = te.compute((8, 100), lambda i, j: weight_te(spec, qw, sc, zr, i, j))
+    _check_weight_te(QuantSpec(8, 100, 3, 32, False, "dp4a3r4"), repack_dp4a3r4_np, rng)
+
+
+def _check_weight_te(spec, repack, rng):
+    """The TE weight expression of `spec`'s layout (the dlight/prefill path and the embedding gather), compiled for
+    the CPU, against the NumPy dequantization of random 3-bit codes repacked by `repack`."""
+    import tvm
+    from tvm import te
+    from edgequant.tvm_schedules.dequant import dequantize_np, weight_te
+    n, k = spec.n, spec.k
+    words = repack(pack(rng.integers(0, 8, (n, k)), 3), k)
+    scales = (rng.random((n, spec.n_groups)) + 0.5).astype(np.float16)
+    zeros = rng.integers(0, 8, (n, spec.n_groups)).astype(np.uint8)
+    qw = te.placeholder((n, spec.words), "uint32")
+    sc = te.placeholder((n, spec.n_groups), "float16")
+    zr = te.placeholder((n, spec.n_groups), "uint8")
+    w = te.compute((n, k), lambda i, j: weight_te(spec, qw, sc, zr, i, j))
     f = tvm.compile(te.create_prim_func([qw, sc, zr, w]), target="llvm")
-    out = tvm.runtime.empty((8, 100), "float16", tvm.cpu())
+    out = tvm.runtime.empty((n, k), "float16", tvm.cpu())
     f(*[tvm.runtime.tensor(a) for a in (words, scales, zeros)], out)
     np.testing.assert_allclose(out.numpy().astype(np.float32), dequantize_np(spec, words, scales, zeros),
                                rtol=1e-3, atol=1e-3)
