@@ -153,6 +153,10 @@ def _gguf_config_fixes(path: Path) -> dict:
     except Exception as e:  # noqa: BLE001
         raise EdgequantError(f"{path} is not a readable GGUF file ({type(e).__name__}: {first_line(e, 120)}); "
                              "download or convert it again") from None
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    if not isinstance(arch, str) or arch not in GGUF_CONFIG_MAPPING:   # every other key is read under its name
+        raise EdgequantError(f"{path.name}: its general.architecture is {arch!r}, which transformers' GGUF reader does "
+                             "not know; the file is damaged or of an unsupported model: download or convert it again")
     # transformers builds block_count layers before it reads a weight: 1e6 never finished (eleventh re-run, H6)
     if blocks and (block_count != len(blocks) or min(blocks) != 0 or max(blocks) != len(blocks) - 1):
         raise EdgequantError(f"{path.name}: {arch}.block_count is {block_count!r}, the file holds {len(blocks)} blocks "
