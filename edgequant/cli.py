@@ -52,7 +52,9 @@ class _Group(click.Group):
         except Exception as e:  # noqa: BLE001
             from .entry import interrupted
             from .errors import EdgequantError
-            if interrupted() and not isinstance(e, EdgequantError):   # Ctrl-C that a library re-raised as its own
+            # Ctrl-C that a library re-raised as its own error, or that one of our checks then reported as a
+            # damaged input (a tune-weak-columns model build: fourteenth re-run)
+            if interrupted():
                 _interrupted(interrupted_note("interrupted; no output was written"))
             if isinstance(e, EdgequantError):
                 click.echo(f"error: {e}", err=True)
