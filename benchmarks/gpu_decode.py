@@ -48,9 +48,11 @@ from pathlib import Path
 SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
 SCHEMES = [("W4 g128", 4, 128, 0.0, None), ("W3 g128", 3, 128, 0.0, None), ("W2 g64", 2, 64, 0.0, None),
            ("W3 g128 + OWQ 3.1", 3, 128, 0.1, None),   # fp16 outlier columns worth 0.1 bit per weight
-           ("W3 g128 planes3", 3, 128, 0.0, "planes3"), ("W3 g128 + OWQ 3.1 planes3", 3, 128, 0.1, "planes3")]
-# (name, bits, group, outlier bits, 3-bit layout: None = the export's (gemv.LAYOUT_INT8, dp4a3 with int8
-# activations); planes3: the previous CUDA layout, int8 activations only, for comparison)
+           ("W3 g128 planes3", 3, 128, 0.0, "planes3"), ("W3 g128 + OWQ 3.1 planes3", 3, 128, 0.1, "planes3"),
+           ("W3 g128 dp4a3", 3, 128, 0.0, "dp4a3")]
+# (name, bits, group, outlier bits, 3-bit layout: None = the export's (with int8 activations the CUDA preset's
+# packing3, dp4a3r4: 4 rows interleaved; gemv.LAYOUT otherwise); planes3 and dp4a3 (one row at a time: what CUDA
+# exports stored before dp4a3r4): earlier layouts, int8 activations only, for comparison; `build --layouts3` picks)
 ACTS = ("int8", "fp16", "dense")   # int8: activations quantized per 32 values in the kernel, dp4a; fp16: exact
 # float kernel; dense: the fp16-weight decode kernels of an unquantized export (dense_gemv, and dlight's GEMV rule
 # as before: DenseLinear through the export's scheduling passes)
@@ -120,11 +122,11 @@ def _load_baseline_mma(path: str):
 def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: bool, prefill_only: bool = False,
           acts: tuple[str, ...] = ACTS, decode_only: bool = False, jobs: int = 1, export_layouts: bool = False,
           configs: tuple[tuple[int, ...], ...] | None = None, linears: tuple[str, ...] | None = None,
-          baseline_mma: str | None = None, prefill_sweep: bool = False):
+          baseline_mma: str | None = None, prefill_sweep: bool = False, layouts3: tuple[str, ...] | None = None):
     import tvm
 
     from edgequant.export.targets import PRESETS
-    from edgequant.tvm_schedules.dequant import QuantSpec
+    from edgequant.tvm_schedules.dequant import QuantSpec, layout_for_rows
     from edgequant.tvm_schedules.gemv import (LAYOUT, LAYOUT_INT8, GemvConfig, chunk_of, default_config, gemv_func,
                                               warps_for)
 
@@ -142,10 +144,11 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
 
     for (scheme, bits, g, extra, lay), act in [(s, a) for a in acts if a != "dense" for s in SCHEMES] \
             if not prefill_only else []:
-        if lay and (act != "int8" or export_layouts):
+        if lay and (act != "int8" or (lay not in layouts3 if layouts3 is not None else export_layouts)):
             continue
         for lin, n, k in SHAPES:
-            spec = QuantSpec(n, k, bits, g, False, lay or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
+            export3 = layout_for_rows(PRESETS["cuda"].packing3, n) if act == "int8" and bits == 3 else None
+            spec = QuantSpec(n, k, bits, g, False, lay or export3 or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
             nout = n_outliers(k, extra)
             dflt = default_config(spec, act=act, n_outliers=nout)
             dchunk = chunk_of(bits, act, dflt)
@@ -156,6 +159,7 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                 sweep = [tuple(c) + (1,) * (10 - len(c)) for c in (configs if configs is not None else
                                                                     QUICK if quick else SWEEP)]
                 tried |= {c for c in sweep if (not linears or lin in linears) and n % c[0] == 0
+                          and (spec.layout != "dp4a3r4" or (c[0] % 4 == 0 and c[3] == 32 and not c[5] and not c[8]))
                           and -(-n // c[0] // c[1]) >= 132
                           and (bits != 4 or c[3] == 32) and (not c[4] or warps_for(spec, act, c[3]) <= 4)
                           and c[7] <= min(c[1], c[2]) and c[8] < c[1] and _groups_fit(n, c, warps_for(spec, act, c[3]))}
@@ -177,10 +181,12 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
                     [32, cfg.warps, grp], act, pdl)
             if baseline and act == "int8" and not lay:   # the previous gemv.py's default kernel, in the same run
                 prev = _load_baseline(baseline)
-                pc = prev.default_config(spec, act=act, n_outliers=nout)
+                # in the layout the export stored with it where the earlier gemv.py does not read today's
+                pspec = spec if prev.supports(spec, act) else QuantSpec(n, k, bits, g, False, LAYOUT_INT8[bits])
+                pc = prev.default_config(pspec, act=act, n_outliers=nout)
                 name = f"w{bits}{'o' if nout else ''}prev_{lin}"
-                add(name, prev.gemv_func(spec, pc, name=name, act=act, n_outliers=nout, pdl=True),
-                    f"{scheme} int8 act (previous kernel)", bits, g, lin, n, k, spec,
+                add(name, prev.gemv_func(pspec, pc, name=name, act=act, n_outliers=nout, pdl=True),
+                    f"{scheme} int8 act (previous kernel)", bits, g, lin, n, k, pspec,
                     f"r{pc.rows}s{pc.steps}", True, nout, [-(-n // pc.rows // pc.steps), 1, 1], [32, pc.warps, 1],
                     act, True)
     from edgequant.tvm_schedules.dense_gemv import DenseConfig, dense_gemv_func
@@ -454,9 +460,10 @@ def _unpack_torch(qw, bits, k, layout):
         lo = (w[:, :lw, None] >> ((v % 8) * 4 + (v // 8) * 2)) & 3
         hi = (w[:, lw:, None] >> ((u % 8) * 4 + u // 8)) & 1
         return lo.reshape(n, -1)[:, :k] | (hi.reshape(n, -1)[:, :k] << 2)
-    if layout == "dp4a3":  # dequant.py: per 32 values w0, w1 in a first region, w2 in a second
-        b = w.shape[1] // 3
-        ws = torch.stack([w[:, 0:2 * b:2], w[:, 1:2 * b:2], w[:, 2 * b:]], dim=2)   # [n, blocks, 3]
+    if layout in ("dp4a3", "dp4a3r4"):  # dequant.py: per 32 values w0, w1 in a first region, w2 in a second
+        b = w.shape[1] // 3            # (dp4a3r4: a row's w0, w1, w2 at 12 b + 3 r of the span of 4 rows)
+        ws = torch.stack([w[:, 0:2 * b:2], w[:, 1:2 * b:2], w[:, 2 * b:]], dim=2) if layout == "dp4a3" else \
+            w.reshape(n // 4, b, 4, 3).transpose(1, 2).reshape(n, b, 3)   # [n, blocks, 3]
         out = torch.zeros(n, b, 32, dtype=torch.int64, device=w.device)
         for v in range(32):
             if v < 24:
@@ -1072,6 +1079,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=1, help="build: parallel nvcc processes here")
     ap.add_argument("--export-layouts", action="store_true",
                     help="build: only the export's 3-bit layout (no planes3 comparison rows)")
+    ap.add_argument("--layouts3", help="build: the comparison 3-bit layouts to add (comma-separated, of "
+                    "planes3,dp4a3; default: all, or none with --export-layouts)")
     ap.add_argument("--device-nvcc", action="store_true", help="build: leave nvcc to `run` on the GPU machine")
     ap.add_argument("--only", help="run: only kernels whose name matches this regular expression (for ncu; "
                     "NAME$: that one)")
@@ -1087,7 +1096,8 @@ def main():
         build(Path(a.out), a.arch, a.baseline, a.quick, a.device_nvcc, a.prefill_only,
               tuple(a.acts.split(",")), a.decode_only, a.jobs, a.export_layouts,
               tuple(tuple(int(v) for v in c.split(",")) for c in a.configs.split(";")) if a.configs else None,
-              tuple(a.linears.split(",")) if a.linears else None, a.baseline_mma, a.prefill_sweep)
+              tuple(a.linears.split(",")) if a.linears else None, a.baseline_mma, a.prefill_sweep,
+              tuple(a.layouts3.split(",")) if a.layouts3 is not None else None)
     else:
         run(Path(a.out), a.only, Path(a.save) if a.save else None, a.prefill_only,
             tuple(int(t) for t in a.tokens.split(",")) if a.tokens else PREFILL_TOKENS, a.repeat)

@@ -7,7 +7,7 @@ successor, positions 1-511 and 512-2047 (the calibration windows are shorter tha
 Arguments: model, scheme, K blocks, N calibration windows of L tokens (seed 0), evaluation windows, variants.
 Each variant is GPTQ (act-order) or OmniQuant (LWC) with one change against the row the GPU tables use (2 epochs,
 lr 5e-2, search init); `VARIANTS` below names them ('fp': no quantization). Both methods see the same windows
-(equal settings). Results: the notes of benchmarks/results/quality-issue11-acc8-cuda.md.
+(equal settings). Results: the notes of benchmarks/results/quality-issue11-acc8-cuda.md and -acc9-cuda.md.
 """
 import copy
 import math
@@ -47,6 +47,15 @@ VARIANTS = {
     "omni-e0-init6": ("omniquant", OmniConfig(epochs=0, lwc_init=6.0)),
     "omni-e0-init20": ("omniquant", OmniConfig(epochs=0, lwc_init=20.0)),
     "omni-init6": ("omniquant", OmniConfig(epochs=2, lwc_lr=5e-2, lwc_init=6.0)),
+    # acc9: LWC at exactly no clipping + GPTQ rounding must equal plain GPTQ (same ranges, same H)
+    "omni-e0-init20-gptq": ("omniquant", OmniConfig(epochs=0, lwc_init=20.0, gptq=True)),
+    "omni-e0-gptq-noqkup": ("omniquant", OmniConfig(epochs=0, lwc_init="search", clip_qk=False, clip_up=False,
+                                                    gptq=True)),
+    "omni-local": ("omniquant", OmniConfig(**OMNI, block_target="local")),
+    "omni-local-tokrel": ("omniquant", OmniConfig(**OMNI, block_target="local", loss="token_rel")),
+    "omni-gptq-local": ("omniquant", OmniConfig(**OMNI, block_target="local", gptq=True)),
+    "omni-init6-e6": ("omniquant", OmniConfig(epochs=6, lwc_lr=5e-2, lwc_init=6.0)),
+    "omni-init6-e6-local": ("omniquant", OmniConfig(epochs=6, lwc_lr=5e-2, lwc_init=6.0, block_target="local")),
 }
 # variants with a patched search init: groups whose best ratio is 1 start exactly unclipped (logit 20: sigmoid is 1
 # in fp32), instead of at sigmoid(6) = 0.9975

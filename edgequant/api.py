@@ -167,10 +167,13 @@ def _load_for_eval(ckpt_or_model):
 def load_tokenizer(folder, fix: str = "copy the tokenizer files of the original model into it"):
     """The tokenizer saved in a checkpoint or DIST folder, or a one-line error ending in `fix`."""
     from transformers import AutoTokenizer
+
+    from .loading import checked_tokenizer
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        tok = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing or damaged tokenizer
         raise EdgequantError(f"cannot load the tokenizer saved in {folder} ({first_line(e, 200)}); {fix}") from None
+    return checked_tokenizer(tok, folder, fix)
 
 
 def check_device(device: str):

@@ -341,8 +341,13 @@ def tensor_headers(f: Path) -> dict:
     spans = []
     for k, v in header.items():
         if k == "__metadata__":
+            # safetensors' readers (eval, export) refuse any other metadata: inspect said nothing (fourteenth, S36)
+            if not (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())):
+                raise CheckpointError(f"{f.name} is corrupt: its header's __metadata__ is not a map of strings; "
+                                      "re-run `edgequant quantize` to rewrite the checkpoint")
             continue
-        ok = (isinstance(v, dict) and v.get("dtype") in _ST_ITEMSIZE and _is_shape(v.get("shape"))
+        ok = (isinstance(v, dict) and isinstance(v.get("dtype"), str) and v["dtype"] in _ST_ITEMSIZE
+              and _is_shape(v.get("shape"))
               and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
               and all(_is_count(x) for x in v["data_offsets"]) and v["data_offsets"][0] <= v["data_offsets"][1])
         if ok:
@@ -385,7 +390,10 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
     if head_dim % 2:   # rotary embeddings rotate pairs of a head's channels
         raise CheckpointError(f"{f}: the head size ({head_dim}: 'head_dim', or hidden_size / num_attention_heads) "
                               "must be even; " + restore)
-    for k in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
+    # the last five steer what transformers' forward returns: a return_dict of null gave a tuple, where the logits
+    # were expected (eval: AttributeError; fourteenth re-run's sweep)
+    for k in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "return_dict",
+              "output_hidden_states", "output_attentions", "use_cache", "is_encoder_decoder"):
         if k in c and not isinstance(c[k], bool):   # "false" is a true value to Python
             raise CheckpointError(f"{f}: '{k}' must be true or false, not {c[k]!r}; " + restore)
     types = c.get("layer_types")
@@ -394,6 +402,10 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
         # transformers refuses these itself (quantize, eval); export read the window from other fields
         raise CheckpointError(f"{f}: 'layer_types' must list 'full_attention' or 'sliding_attention' for each of the "
                               f"{c['num_hidden_layers']} layers; " + restore)
+    if types is not None and c.get("model_type") == "mistral":
+        raise CheckpointError(f"{f}: a mistral config.json with 'layer_types' describes a Ministral model "
+                              "(transformers builds MinistralForCausalLM for it), which edgequant does not support; "
+                              "remove layer_types if the model is a plain Mistral, or " + restore)
     if types is not None and "sliding_attention" in types:
         if c.get("model_type") in _NO_LAYER_TYPES:
             # transformers' forward ignores them (llama, phi3) or builds another model (mistral -> Ministral), while
@@ -404,6 +416,7 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
                                                                and c.get("sliding_window")):
             raise CheckpointError(f"{f}: 'layer_types' names sliding-window layers, but use_sliding_window is not "
                                   "true or sliding_window is null (transformers cannot run that); " + restore)
+    _check_windows(f, c, restore)
     for key in ("rope_parameters", "rope_scaling"):
         rp = c.get(key)
         if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) in ("longrope", "su"):
@@ -416,7 +429,25 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
                     raise CheckpointError(f"{f}: {key}.{name} must be a list of {pairs} numbers (one per pair of "
                                           "rotary channels); " + restore)
     if not isinstance(c.get("model_type"), str):
-        raise CheckpointError(f"{f}: 'model_type' is missing; " + restore)
+        raise CheckpointError(f"{f}: 'model_type' is " + ("missing" if c.get("model_type") is None else
+                                                          f"{c['model_type']!r}, not a model type name") + "; " + restore)
+
+
+def _check_windows(f, c: dict, restore: str):
+    """Families whose layers slide by kind (Gemma: `Family.layer_types`, config.json's or transformers' default
+    pattern) need a window for those layers: with `sliding_window` null quantize wrote a checkpoint that eval could
+    not run (transformers' mask raised) and export refused (fourteenth re-run, S37)."""
+    from .models import family_for
+    pattern = c.get("sliding_window_pattern")
+    if pattern is not None and not (_is_count(pattern) and pattern > 0):
+        raise CheckpointError(f"{f}: 'sliding_window_pattern' must be a positive integer, not {pattern!r}; " + restore)
+    try:
+        kinds = family_for(c.get("model_type")).layer_types(c)
+    except EdgequantError:   # an unsupported model type is refused where the family is needed
+        return
+    if kinds and "sliding_attention" in kinds and not (_is_count(c.get("sliding_window")) and c["sliding_window"] > 0):
+        raise CheckpointError(f"{f}: its sliding-window layers need a positive 'sliding_window', not "
+                              f"{c.get('sliding_window')!r}; " + restore)
 
 
 _NO_LAYER_TYPES = ("llama", "mistral", "phi3")   # model types whose transformers model has no per-layer attention kinds
@@ -574,7 +605,7 @@ def inspect(checkpoint, context: int | None = None) -> dict:
     prov = ck.provenance
     f = ck.path / PROVENANCE_NAME
     # provenance is informative only (open_checkpoint ignores a damaged one); inspect reports its state
-    provenance = "ok" if prov else "missing" if not f.is_file() else "damaged (unreadable or not a JSON object)"
+    provenance = "ok" if prov else "missing" if not f.is_file() else "damaged (unreadable or malformed)"
     opts = prov.get("options") or {}
     # the figure the user asked for: OWQ's budget, else the integer width; "stored" adds packing, scales, zeros
     target = opts.get("target_bits") or opts.get("owq_target_bits") or float(s.bits)
@@ -602,15 +633,28 @@ def _memory_plan(ck, context):
     return memory_plan(Shapes.from_hf_config(ck.config), weights, context)
 
 
+# the sections of edgequant.json that inspect, report and tune read, with the type each must have
+_PROVENANCE_SECTIONS = {"options": dict, "calibration": dict, "time_s": dict, "layers": dict, "evaluations": list}
+_PROVENANCE_NUMBERS = ("target_bits", "owq_target_bits", "width_budget")   # options read as numbers
+
+
 def read_provenance(folder: Path) -> dict:
-    """The checkpoint's edgequant.json, or {} where it is missing or damaged: provenance is informative only, so a
-    damaged one is ignored, not fatal."""
+    """The checkpoint's edgequant.json, or {} where it is missing or damaged (not a JSON object, or a section of
+    another type than `_PROVENANCE_SECTIONS` says, a per-layer entry that is not an object): provenance is informative
+    only, so a damaged one is ignored, not fatal."""
     f = folder / PROVENANCE_NAME
     try:
         prov = json.loads(f.read_text()) if f.is_file() else {}
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return {}
-    return prov if isinstance(prov, dict) else {}
+    if not isinstance(prov, dict) or any(k in prov and not isinstance(prov[k], t)
+                                         for k, t in _PROVENANCE_SECTIONS.items()):
+        return {}
+    opts = prov.get("options") or {}
+    if any(not isinstance(v, dict) for v in (prov.get("layers") or {}).values()) or any(
+            opts.get(k) is not None and not (_is_number(opts[k]) and opts[k] > 0) for k in _PROVENANCE_NUMBERS):
+        return {}
+    return prov
 
 
 def record_evaluation(path, entry: dict) -> None:

@@ -68,11 +68,12 @@ _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
 def _interrupted(note: str):
-    """The one line for a Ctrl-C and status 130; nothing printed after it (`entry.after_interrupt_line`)."""
-    from .entry import INTERRUPTED, after_interrupt_line
-    click.echo(f"error: {note}", err=True)
+    """The one line for a Ctrl-C (status 130; SIGTERM, SIGHUP: see `entry`); nothing printed after it
+    (`entry.after_interrupt_line`)."""
+    from .entry import after_interrupt_line, interrupt_line, interrupt_status
+    click.echo(f"error: {interrupt_line(note)}", err=True)
     after_interrupt_line()
-    sys.exit(INTERRUPTED)
+    sys.exit(interrupt_status())
 
 
 def _silence(stream) -> None:

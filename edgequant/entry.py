@@ -16,6 +16,11 @@ lands in a weakref callback or finalizer (where Python can only report it) is de
 Ctrl-C that a library turns into an error of its own (TVM re-raises a KeyboardInterrupt from its Python callbacks as
 a RuntimeError) still ends the command as interrupted: the handler counts Ctrl-Cs (`interrupted`), and the commands'
 error handling asks it before calling an unexpected error a bug.
+
+SIGTERM (`kill`, `timeout`, a service manager stopping it) and SIGHUP (its terminal closed) end a command the same way,
+unless they were ignored when it started (`nohup`): the old output stays as it was, the temporary folder and lock
+go, and the line names the signal (`error: interrupted (SIGTERM); ...`), with status 128 + its number. Killed by
+their default action, a command left its lock and temporary folder for the next run to remove.
 """
 import os
 import signal
@@ -23,12 +28,35 @@ import sys
 from contextlib import contextmanager
 
 INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+_ENDING = (signal.SIGTERM, signal.SIGHUP)   # handled as Ctrl-C is (see the docstring)
 _sigints = 0
+_signal = signal.SIGINT   # the last of them that arrived
 
 
 def interrupted() -> bool:
-    """Whether Ctrl-C reached the command (through `main`'s handler)."""
+    """Whether Ctrl-C (or SIGTERM, SIGHUP) reached the command (through `main`'s handler)."""
     return _sigints > 0
+
+
+def interrupt_status() -> int:
+    """The exit status for the interrupt: 128 + the signal's number, as a shell reports a process it ended."""
+    return 128 + int(_signal)
+
+
+def interrupt_line(note: str) -> str:
+    """`note` ("interrupted; ...") naming the signal when it was not Ctrl-C."""
+    if _signal == signal.SIGINT or not note.startswith("interrupted"):
+        return note
+    return f"interrupted ({signal.Signals(_signal).name}){note[len('interrupted'):]}"
+
+
+def _quiet_exit():
+    """Once the command has returned or said it was interrupted: a second Ctrl-C changes nothing, SIGTERM and SIGHUP
+    end the process at once (nothing is left to clean up)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in _ENDING:
+        if signal.getsignal(sig) is _on_sigint:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 _console = False     # set by `main`: this process is the `edgequant` command
@@ -37,8 +65,9 @@ _saved_stderr = None   # stderr's descriptor while a Ctrl-C inside native code p
 
 
 def _on_sigint(signum, frame):
-    global _sigints, _saved_stderr
+    global _sigints, _saved_stderr, _signal
     _sigints += 1
+    _signal = signum
     if _native and _saved_stderr is None:
         try:
             sys.stderr.flush()
@@ -79,6 +108,9 @@ def main():
         handler = signal.getsignal(signal.SIGINT)
         if handler is signal.default_int_handler or getattr(handler, "__module__", None) == "edgequant_console":
             signal.signal(signal.SIGINT, _on_sigint)   # from here on, KeyboardInterrupt cleans up
+        for sig in _ENDING:
+            if signal.getsignal(sig) is signal.SIG_DFL:   # ignored (nohup) stays ignored
+                signal.signal(sig, _on_sigint)
         sys.unraisablehook = _unraisable
         from .cli import main as cli
         try:
@@ -86,7 +118,7 @@ def main():
         except SystemExit as e:   # click ends every command this way, success included
             status = e.code
         _flush()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # complete: the shutdown is not interruptible (see the docstring)
+        _quiet_exit()   # complete: the shutdown is not interruptible (see the docstring)
         return status
     except KeyboardInterrupt:   # before the commands run (importing), or as they returned
         try:
@@ -95,13 +127,13 @@ def main():
                 note = sys.modules["edgequant.cli"].interrupted_note(note)
             except (KeyError, AttributeError):
                 pass
-            sys.stderr.write(f"error: {note}\n")
+            sys.stderr.write(f"error: {interrupt_line(note)}\n")
             sys.stderr.flush()
             _mute_stderr()
         except (KeyboardInterrupt, OSError):
             pass
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # said once: a second Ctrl-C during the exit changes nothing
-        return INTERRUPTED
+        _quiet_exit()   # said once: a second Ctrl-C during the exit changes nothing
+        return interrupt_status()
 
 
 def _unraisable(info):

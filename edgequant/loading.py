@@ -145,6 +145,11 @@ def _gguf_config_fixes(path: Path) -> dict:
         blocks = {int(t.name.split(".")[1]) for t in r.tensors
                   if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
         block_count = field(f"{arch}.block_count")
+        rope = {k: field(f"{arch}.rope.{k}") for k in ("scaling.type", "scaling.factor")}
+        widths = {k: field(f"{arch}.{k}") for k in _GGUF_HEAD_WIDTHS}
+        heads_any, hidden_any = field(f"{arch}.attention.head_count"), field(f"{arch}.embedding_length")
+        vocab = len(r.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in r.fields else None
+        special = {k: field(f"tokenizer.ggml.{k}") for k in _GGUF_SPECIAL_TOKENS}
     except Exception as e:  # noqa: BLE001
         raise EdgequantError(f"{path} is not a readable GGUF file ({type(e).__name__}: {first_line(e, 120)}); "
                              "download or convert it again") from None
@@ -153,6 +158,8 @@ def _gguf_config_fixes(path: Path) -> dict:
         raise EdgequantError(f"{path.name}: {arch}.block_count is {block_count!r}, the file holds {len(blocks)} blocks "
                              f"(blk.{min(blocks)}..blk.{max(blocks)}); the file is damaged: download or convert it "
                              "again")
+    _check_gguf_tokens(path, special, vocab)
+    fixes = _gguf_rope_fixes(path, arch, rope)
     if arch == "phi3" and rope_factors:
         raise EdgequantError(f"{path.name} is a Phi-3 GGUF with longrope factors, which transformers' GGUF reader "
                              "drops (the model would compute another RoPE); quantize the Hugging Face folder instead")
@@ -164,8 +171,74 @@ def _gguf_config_fixes(path: Path) -> dict:
             raise EdgequantError(f"{path.name}: qwen3.attention.key_length is {head_dim!r}, which does not match its "
                                  "query weights (heads x head_dim x hidden); the file is damaged: download or "
                                  "convert it again")
-        return {"head_dim": head_dim}
-    return {}
+        fixes = {**fixes, "head_dim": head_dim}
+    _check_gguf_head_widths(path, arch, widths, heads_any, hidden_any)
+    return fixes
+
+
+# the special token ids a GGUF's tokenizer block may name; transformers copies them into the config and tokenizer
+_GGUF_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id", "seperator_token_id")
+
+
+def _check_gguf_tokens(path: Path, special: dict, vocab: int | None):
+    """Each special token id names a token of the file's vocabulary: an eos id of 2^63 reached transformers as an
+    IndexError about config.json (thirteenth re-run, S34b)."""
+    for k, v in special.items():
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (vocab is not None and v >= vocab):
+            raise EdgequantError(f"{path.name}: in its metadata 'tokenizer.ggml.{k}' is {v!r}; it must be a token id "
+                                 f"from 0 to {'the vocabulary size' if vocab is None else vocab - 1}; the file is "
+                                 "damaged: download or convert it again")
+
+
+def _gguf_rope_fixes(path: Path, arch, rope: dict) -> dict:
+    """RoPE scaling transformers' GGUF reader drops for our families, as config overrides or a refusal: linear
+    scaling joins the config's `rope_parameters` (dropped, a long-context model would compute another RoPE), other
+    scaling types are refused."""
+    import math
+    fixes = {}
+    kind, factor = rope["scaling.type"], rope["scaling.factor"]
+    if kind is None and factor is not None:
+        kind = "linear"   # llama.cpp's reading of a factor without a type
+    scaled = kind not in (None, "none", "")
+    if scaled and kind != "linear":
+        raise EdgequantError(f"{path.name}: its RoPE scaling {kind!r} is not read by transformers' GGUF reader (the "
+                             "model would compute another RoPE); quantize the Hugging Face folder instead")
+    if (scaled or factor is not None) and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                           or not math.isfinite(factor) or not 0 < factor <= 1 << 24):
+        raise EdgequantError(f"{path.name}: in its metadata '{arch}.rope.scaling.factor' is {factor!r}; it must be a "
+                             "positive number (linear RoPE scaling); the file is damaged: download or convert it again")
+    if scaled and factor != 1:
+        fixes["rope_parameters"] = {"rope_type": "linear", "factor": float(factor)}
+    return fixes
+
+
+# metadata naming a head's width (keys, values, the rotated part), which transformers' reader maps for some
+# architectures and ignores for others
+_GGUF_HEAD_WIDTHS = ("attention.key_length", "attention.value_length", "rope.dimension_count")
+
+
+def _check_gguf_head_widths(path: Path, arch, widths: dict, heads, hidden):
+    """Where transformers' reader ignores a head-width field, it must be the width the model is built with: one
+    mapped field (llama: rope.dimension_count; Gemma: key_length; Qwen3: key_length, `_gguf_config_fixes`) or
+    hidden / heads. Another value describes another model that would load silently as this one (a qwen2
+    key_length of -16 or 16.5, a rotary width of 7: fourteenth re-run, S39)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    mapped = dict(GGUF_CONFIG_MAPPING.get(arch, {}))
+    if arch == "qwen3":
+        mapped["attention.key_length"] = "head_dim"
+    used = [widths[k] for k in _GGUF_HEAD_WIDTHS if mapped.get(k) == "head_dim" and widths[k] is not None]
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, hidden))
+    width = used[0] if used else hidden // heads if ints and heads > 0 else None
+    for k in _GGUF_HEAD_WIDTHS:
+        v = widths[k]
+        if v is None or mapped.get(k):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v != width:
+            raise EdgequantError(f"{path.name}: in its metadata '{arch}.{k}' is {v!r}, not the head width {width!r} "
+                                 "the model is built with; the file is damaged or of another model: download or "
+                                 "convert it again")
 
 
 def _gguf_config(path: Path, kw: dict, fixes: dict):
@@ -175,9 +248,13 @@ def _gguf_config(path: Path, kw: dict, fixes: dict):
     from transformers import AutoConfig
 
     from .checkpoint import check_model_config, number_problem
+    fixes = dict(fixes)
+    rope = fixes.pop("rope_parameters", None)   # merged into what the header's RoPE base makes
     try:
         with _own_load_report():   # its notes on the values checked below would precede the one error line
             made = AutoConfig.from_pretrained(path.parent, **kw, **fixes)
+            if rope:
+                made.rope_parameters = {**(made.rope_parameters or {}), **rope}
     except (ValueError, KeyError, TypeError, OverflowError) as e:
         raise EdgequantError(f"{path} has metadata transformers cannot read ({type(e).__name__}: "
                              f"{first_line(e, 120)}); download or convert it again") from None
@@ -190,13 +267,41 @@ def _gguf_config(path: Path, kw: dict, fixes: dict):
     return made
 
 
+def checked_tokenizer(tok, where, fix: str):
+    """`tok`, once it encodes and decodes a short text: transformers takes tokenizer_config.json's fields unchecked
+    (a `model_max_length` of [] or "x" failed at the first encode, with a traceback: fourteenth re-run)."""
+    try:
+        tok.decode(tok("hello world")["input_ids"])
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer fails with any type
+        raise EdgequantError(f"the tokenizer of {where} cannot encode text ({type(e).__name__}: {first_line(e, 120)}); "
+                             f"{fix}") from None
+    return tok
+
+
+@contextmanager
+def _gguf_bar_follows_transformers():
+    """transformers' GGUF tensor loop draws a tqdm bar of its own, deaf to its `disable_progress_bar` (which `-q`
+    sets): give it a bar that follows that switch."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = lambda it, **kw: bar(it, disable=True, **kw)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _load_gguf(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kw = dict(gguf_file=path.name)
     config = _gguf_config(path, kw, _gguf_config_fixes(path))
-    tok = AutoTokenizer.from_pretrained(path.parent, **kw)
-    with _own_load_report():   # the checked config, not read from the header a second time
+    tok = checked_tokenizer(AutoTokenizer.from_pretrained(path.parent, **kw), path, "download or convert it again")
+    with _own_load_report(), _gguf_bar_follows_transformers():   # the checked config, not read a second time
         model, info = AutoModelForCausalLM.from_pretrained(path.parent, config=config, dtype=torch.float32, **kw,
                                                            output_loading_info=True)
     _check_complete(info, path)
@@ -321,26 +426,31 @@ def load_model(model: str | os.PathLike | None, dtype=None):
                 m, info = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, use_safetensors=True,   # never unpickle
                                                                output_loading_info=True)
             _check_complete(info, src)
-            tok = AutoTokenizer.from_pretrained(src)
+            tok = checked_tokenizer(AutoTokenizer.from_pretrained(src), src,
+                                    "restore the model's original tokenizer files")
     except EdgequantError:
         raise
-    except RuntimeError as e:   # transformers: a weight's shape differs from config.json's (its report is silenced)
-        if "mismatched" not in str(e):
-            raise EdgequantError(f"could not load model '{src}': {first_line(e, 200)}; restore the model's original "
-                                 "files or config.json") from None
-        raise EdgequantError(f"could not load model '{src}': a weight's shape differs from what its config.json "
-                             "describes; restore the model's original files or config.json") from None
-    except (OSError, ValueError) as e:
-        raise EdgequantError(f"could not load model '{src}': {first_line(e)}") from None
-    except (KeyError, TypeError, AttributeError, AssertionError, ArithmeticError, IndexError) as e:
-        # transformers builds the model from config.json's fields unchecked: "hidden_act": "bogus" (KeyError),
-        # "dtype": "bogus" (AttributeError), rope_parameters without their factor, pad_token_id past the vocabulary
-        raise EdgequantError(f"could not load model '{src}': transformers cannot build it ({type(e).__name__}: "
-                             f"{first_line(e, 160)}); restore the model's original config.json and files") from None
-    except _config_errors() as e:   # "Validation error for field 'x':\n    TypeError: Field 'x' expected ..."
-        why = " ".join(str(e).split()).removeprefix("Validation error for field ")
-        raise EdgequantError(f"could not load model '{src}': config.json is invalid ({why[:200]}); restore the "
-                             "model's original config.json") from None
+    except Exception as e:  # noqa: BLE001 - sorted below; anything else is re-raised
+        # a GGUF's config is its header's metadata, not a config.json beside it (fourteenth re-run)
+        gguf = path.suffix == ".gguf"
+        config, restore = (("its metadata", "the GGUF is damaged: download or convert it again") if gguf else
+                           ("its config.json", "restore the model's original files or config.json"))
+        if isinstance(e, RuntimeError):   # transformers: a weight's shape differs from the config's (report silenced)
+            why = (f"a weight's shape differs from what {config} describes" if "mismatched" in str(e)
+                   else first_line(e, 200))
+            raise EdgequantError(f"could not load model '{src}': {why}; {restore}") from None
+        if isinstance(e, (OSError, ValueError)):
+            raise EdgequantError(f"could not load model '{src}': {first_line(e)}") from None
+        if isinstance(e, (KeyError, TypeError, AttributeError, AssertionError, ArithmeticError, IndexError)):
+            # transformers builds the model from the config's fields unchecked: "hidden_act": "bogus" (KeyError),
+            # "dtype": "bogus" (AttributeError), rope_parameters without their factor, pad_token_id past the vocabulary
+            raise EdgequantError(f"could not load model '{src}': transformers cannot build it from {config} "
+                                 f"({type(e).__name__}: {first_line(e, 160)}); {restore}") from None
+        if isinstance(e, _config_errors()):   # "Validation error for field 'x':\n    TypeError: Field 'x' expected ..."
+            why = " ".join(str(e).split()).removeprefix("Validation error for field ")
+            raise EdgequantError(f"could not load model '{src}': {config} is invalid ({why[:200]}); {restore}") \
+                from None
+        raise
     family_for(m.config.model_type)
     _check_tied(m, src)
     _check_finite(m, src)

@@ -6,7 +6,8 @@ check `edgequant export` runs against a target's usual memory limit. The parts:
 - weights: the bytes of every stored tensor (packed integers, scales, zero points, fp16 columns, embeddings, norms);
   for a DIST, the tensor-cache bytes export wrote.
 - KV cache: 2 (K and V) x layers x KV heads x head_dim x tokens x the cache dtype's size; TVM's paged cache holds
-  exactly that for `tokens` = the length the app allocates (`max_total_seq_len`), in pages of 16 tokens.
+  exactly that for `tokens` = the length the app allocates (`max_total_seq_len`), in pages of 16 tokens. A CUDA
+  library with the one-graph decode step holds a second cache of the same size (`kv_caches=2`, export/graph_decode.py).
 - temporary buffers (an estimate, the one part not counted exactly): the live activations of one prefill chunk of C
   tokens inside a block (hidden state, residual, normed input, q/k/v, attention output, gate and up of the MLP) in
   fp16, plus one row of fp32 logits. TVM's memory planner reuses these buffers across blocks, so one block's worth is
@@ -58,10 +59,11 @@ class MemoryPlan:
     kv_dtype: str
     weights_bytes: int
     kv_bytes_per_1k_tokens: int
-    kv_bytes: int
+    kv_bytes: int                   # every cache the runner holds (kv_caches of them)
     temp_bytes: int                 # estimate (see the module docstring)
     total_bytes: int
     prefill_chunk: int
+    kv_caches: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +74,8 @@ class MemoryPlan:
         return ["memory plan (what a device needs to run it):",
                 f"  weights         {mib(self.weights_bytes)}",
                 f"  KV cache        {mib(self.kv_bytes_per_1k_tokens)} per 1K tokens ({self.kv_dtype}); "
-                f"{mib(self.kv_bytes)} at {self.context} tokens",
+                f"{mib(self.kv_bytes)} at {self.context} tokens"
+                + (f" ({self.kv_caches} caches: the one-graph decode step keeps its own)" if self.kv_caches > 1 else ""),
                 f"  temporaries     {mib(self.temp_bytes)} (estimate: one {self.prefill_chunk}-token prefill chunk's "
                 "activations + logits)",
                 f"  total           {mib(self.total_bytes)} at {self.context} tokens of context (runtime and app "
@@ -91,7 +94,7 @@ def temp_bytes(shapes: Shapes, chunk: int = PREFILL_CHUNK, act_dtype: str = "flo
 
 
 def memory_plan(shapes: Shapes, weights_bytes: int, context: int | None = None, kv_dtype: str = "float16",
-                prefill_chunk: int = PREFILL_CHUNK) -> MemoryPlan:
+                prefill_chunk: int = PREFILL_CHUNK, kv_caches: int = 1) -> MemoryPlan:
     """The plan at `context` tokens (default: the model's context window, at most DEFAULT_CONTEXT). A context past
     the model's window is refused: no runtime allocates it, and 2**62 tokens printed a plan of millions of TiB."""
     ctx = int(context) if context else min(shapes.context_window, DEFAULT_CONTEXT)
@@ -101,9 +104,9 @@ def memory_plan(shapes: Shapes, weights_bytes: int, context: int | None = None, 
         raise EdgequantError(f"--context {ctx} is past this model's context window of {shapes.context_window} tokens "
                              f"(the most a runtime gives its KV cache); use --context {shapes.context_window} or less")
     chunk = min(prefill_chunk, ctx)
-    kv, tmp = kv_bytes(shapes, ctx, kv_dtype), temp_bytes(shapes, chunk)
-    return MemoryPlan(ctx, kv_dtype, int(weights_bytes), kv_bytes(shapes, 1024, kv_dtype), kv, tmp,
-                      int(weights_bytes) + kv + tmp, chunk)
+    kv, tmp = kv_caches * kv_bytes(shapes, ctx, kv_dtype), temp_bytes(shapes, chunk)
+    return MemoryPlan(ctx, kv_dtype, int(weights_bytes), kv_caches * kv_bytes(shapes, 1024, kv_dtype), kv, tmp,
+                      int(weights_bytes) + kv + tmp, chunk, kv_caches)
 
 
 def over_budget(plan: MemoryPlan, limit_bytes: int | None, what: str) -> str | None:

@@ -25,12 +25,14 @@ def export(checkpoint, target: str = "cpu", output=None, arch: str | None = None
 def memory_plan(dist, context: int | None = None):
     """The memory plan (edgequant.memory) of an exported DIST at `context` tokens (default: what `run` allocates)."""
     from edgequant.memory import PREFILL_CHUNK, Shapes, memory_plan as plan
+    from .graph_decode import FUNC
     from .runtime import read_export_info
     info = read_export_info(dist)
     shapes = Shapes.from_export_model(info["model"])
-    # export's paged KV cache is fp16 (export/models/llama.py)
+    # export's paged KV cache is fp16 (export/models/llama.py); the one-graph decode step keeps a second one
     return plan(shapes, int(info["weight_bytes"]), context, "float16",
-                int(info.get("prefill_chunk_size") or PREFILL_CHUNK))
+                int(info.get("prefill_chunk_size") or PREFILL_CHUNK),
+                kv_caches=2 if FUNC in (info.get("functions") or ()) else 1)
 
 
 def memory_warning(dist, context: int | None = None) -> str | None:

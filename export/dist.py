@@ -10,6 +10,7 @@ the fix. Nothing here imports tvm.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -139,8 +140,8 @@ def read_export_info(dist) -> dict:
         raise EdgequantError(f"{f} has format_version {info.get('format_version')!r}; this edgequant reads version "
                              f"{FORMAT_VERSION}: export the model again with this edgequant (or upgrade it)")
     for key, ok, want in (
-            ("target", lambda v: v in _targets(), "one of " + ", ".join(_targets())),
-            ("device", lambda v: v in DEVICES, "one of " + ", ".join(DEVICES)),
+            ("target", lambda v: isinstance(v, str) and v in _targets(), "one of " + ", ".join(_targets())),
+            ("device", lambda v: isinstance(v, str) and v in DEVICES, "one of " + ", ".join(DEVICES)),
             ("library", lambda v: isinstance(v, str), "a file name"),
             ("prefill_chunk_size", lambda v: _int(v, 1) and v <= MAX_DIM, f"a positive integer up to {MAX_DIM}"),
             ("tvm_version", lambda v: isinstance(v, str), "a string"),
@@ -149,7 +150,8 @@ def read_export_info(dist) -> dict:
             ("weight_bytes", _int, "a byte count"), ("model", lambda v: isinstance(v, dict), "an object"),
             ("params", lambda v: isinstance(v, list) and all(
                 isinstance(x, dict) and isinstance(x.get("name"), str) and _shape(x.get("shape"))
-                and x.get("dtype") in _DTYPES for x in v), "a list of {name, shape, dtype} records")):
+                and isinstance(x.get("dtype"), str) and x["dtype"] in _DTYPES for x in v),
+             "a list of {name, shape, dtype} records")):
         if key not in info:
             raise _damaged(f, f"field '{key}' is missing")
         if not ok(info[key]):
@@ -161,7 +163,8 @@ def read_export_info(dist) -> dict:
             raise _damaged(f, f"model field '{key}' is missing")
         if not _int(m[key], 1) or m[key] > MAX_DIM:
             raise _damaged(f, f"model field '{key}' is {_short(m[key])}; it must be a positive integer up to {MAX_DIM}")
-    if m.get("model_type") not in FAMILIES:   # the C runtime accepts the same set (apps/runtime)
+    # the C runtime accepts the same set (apps/runtime)
+    if not (isinstance(m.get("model_type"), str) and m["model_type"] in FAMILIES):
         raise _damaged(f, f"model field 'model_type' is {_short(m.get('model_type'))}; it must be one of "
                           + ", ".join(FAMILIES))
     bad = number_problem(m)   # the same ranges as the checkpoint's config.json (apps/runtime checks them too)
@@ -213,7 +216,7 @@ def _check_model_against_params(f: Path, m: dict, params: list) -> None:
     library's own list, which the runners compare to `params` before running."""
     shapes = {p["name"]: p["shape"] for p in params}
     emb = shapes.get("model.embed_tokens.weight")
-    if emb is None and "model.embed_tokens.scales" in shapes and "model.norm.weight" in shapes:
+    if emb is None and shapes.get("model.embed_tokens.scales") and shapes.get("model.norm.weight"):
         # a quantized table (--embed-bits): its rows are the vocabulary, the final norm has the hidden width
         emb = [shapes["model.embed_tokens.scales"][0], *shapes["model.norm.weight"][:1]]
     layers = {int(x) for x in re.findall(r"^model\.layers\.(\d+)\.", "\n".join(shapes), re.M)}
@@ -288,11 +291,12 @@ def check_tensor_cache(dist: Path, info: dict) -> None:
                                  f"for it: its bytes were changed or damaged in a copy; {_FIX}")
         for r in shard["records"]:
             if not (isinstance(r, dict) and isinstance(r.get("name"), str) and _shape(r.get("shape"))
-                    and r.get("dtype") in _DTYPES and _int(r.get("byteOffset")) and _int(r.get("nbytes"))
+                    and isinstance(r.get("dtype"), str) and r["dtype"] in _DTYPES and _int(r.get("byteOffset"))
+                    and _int(r.get("nbytes"))
                     and r.get("format", "raw") == "raw"):
                 raise _damaged(f, f"a record in {shard['dataPath']} lacks name/shape/dtype/byteOffset/nbytes")
             itemsize = 2 if r["dtype"] == "bfloat16" else np.dtype(_DTYPES[r["dtype"]]).itemsize
-            if r["nbytes"] != int(np.prod(r["shape"], dtype=np.int64)) * itemsize:
+            if r["nbytes"] != math.prod(r["shape"]) * itemsize:   # Python ints: a dimension of 2^64 overflowed numpy
                 raise _damaged(f, f"'{r['name']}' has nbytes {r['nbytes']} for shape {r['shape']} {r['dtype']}")
             if r["byteOffset"] + r["nbytes"] > size:
                 raise _damaged(f, f"'{r['name']}' lies past the end of {shard['dataPath']}")

@@ -10,8 +10,9 @@ Each linear's kernel is built from its own scheme (`Checkpoint.scheme_for`: the 
 override); the members of a fusion must share one. A quantized embedding (and untied output layer, `--embed-bits`)
 gets a plan of its own under the module's name, read by the graph's gather and output matmul.
 
-3-bit words are repacked when the target asks for it (`packing3`: "bytes3" for the CPU int8 decode GEMV, "dp4a3"
-for CUDA's int8 one, "words3x32" for CUDA's fp16 one; see `edgequant.tvm_schedules.dequant`); every other
+3-bit words are repacked when the target asks for it (`packing3`: "bytes3" for the CPU int8 decode GEMV, "dp4a3r4"
+for CUDA's int8 one (4 rows interleaved; "dp4a3" where N is not a multiple of 4: `dequant.layout_for_rows`),
+"words3x32" for CUDA's fp16 one; see `edgequant.tvm_schedules.dequant`); every other
 scheme keeps the checkpoint's words.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from edgequant.checkpoint import check_weight_shape, table_names
 from edgequant.errors import EdgequantError, name_list
 from edgequant.models import family_for
-from edgequant.tvm_schedules.dequant import QuantSpec, pack_zeros_np, repack_3bit_np
+from edgequant.tvm_schedules.dequant import QuantSpec, layout_for_rows, pack_zeros_np, repack_3bit_np
 
 from .models import graph_for
 from .models.llama import ArchConfig
@@ -124,7 +125,7 @@ class CheckpointSource(WeightSource):
         return plans
 
     def _spec(self, scheme, n: int, k: int) -> QuantSpec:
-        layout = self.packing3 if scheme.bits == 3 else "words"
+        layout = layout_for_rows(self.packing3, n) if scheme.bits == 3 else "words"
         return QuantSpec.from_scheme(scheme, n, k, layout, self.zeros_packed)
 
     def arrays(self, names):

@@ -9,8 +9,8 @@ stays its own kernel: a data-dependent read inside the reduction would stop dlig
 
 On CUDA (`decode_gemv=True`) a one-row call (decode) uses the hand-scheduled GEMV of `tvm_schedules/gemv.py`
 instead. Like the CPU exports it rounds the activations to int8 per 32 values and multiplies with dp4a (3-bit weights
-in dp4a3, or planes3), unless EDGEQUANT_ACT_DTYPE=fp16 (`pipeline.int8_decode_enabled`) asks for the exact fp16 kernel
-(3 bits then in words3x32 only; dp4a3 and planes3 fall back to dlight).
+in dp4a3r4, dp4a3 or planes3), unless EDGEQUANT_ACT_DTYPE=fp16 (`pipeline.int8_decode_enabled`) asks for the exact
+fp16 kernel (3 bits then in words3x32 only; dp4a3r4, dp4a3 and planes3 fall back to dlight).
 On an H200, LLaMA-7B shapes: W4 63% of the read bandwidth, 1.76x torch's int4 GEMV; fp16 activations 49%, 1.35x
 (benchmarks/results/gpu-nvidia-h200.md). The GEMV adds the fp16 outlier columns itself (one kernel, one rounding of
 the fp32 sum): no extra launches. `QuantLinear.decode_fused` also takes the RMSNorm before a linear, the SiLU-gated

@@ -24,7 +24,8 @@ class TargetPreset:
     device: str                     # runtime device: cpu, cuda, metal, opencl, webgpu
     system_lib: bool = False        # static .tar with a system-lib prefix
     packing3: str = "words"         # 3-bit runtime layout: the checkpoint's words, "bytes3" (the CPUs' int8 decode
-                                    # GEMV), "dp4a3" (CUDA's int8 one), "words3x32" (CUDA's fp16 one) or the earlier
+                                    # GEMV), "dp4a3r4" (CUDA's int8 one; "dp4a3" where N % 4), "words3x32" (CUDA's
+                                    # fp16 one) or the earlier
                                     # bit planes "planes3"; see tvm_schedules/dequant.py
     zeros_packed: bool = False      # zero points four per uint32 word: OpenCL / WGSL cannot gather uint8 (dequant.py)
     app: str | None = None          # the apps/ recipe that runs this target's library outside `edgequant run`
@@ -48,7 +49,7 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
                  {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, "lib.so", "cpu",
                  packing3="bytes3"),
     TargetPreset("cuda", "NVIDIA GPU (CUDA; --arch, default sm_80 and sm_90), shared library with fatbin",
-                 _GPU_CUDA, "lib.so", "cuda", packing3="dp4a3", app="apps/cuda/README.md"),
+                 _GPU_CUDA, "lib.so", "cuda", packing3="dp4a3r4", app="apps/cuda/README.md"),
     TargetPreset("metal", "macOS on Apple silicon (Metal + arm64-apple-macos), shared-object .tar",
                  {**_METAL, "max_threads_per_block": 1024, "host": {"kind": "llvm", "mtriple": "arm64-apple-macos"}},
                  "lib.tar", "metal"),

@@ -85,8 +85,10 @@ def test_weights_transformers_would_invent_or_drop_are_refused(tmp_path, model_d
     ("bias_an_int", "'mlp_bias' must be true or false, not 1"),
     ("fifo_weights", "model.safetensors is not a regular file"),
     # the ninth re-run (T17): right types, values transformers cannot build from
-    ("act_bogus", "transformers cannot build it (KeyError: 'bogus')"),
+    ("act_bogus", "transformers cannot build it from its config.json (KeyError: 'bogus')"),
     ("kv_heads_0", "'num_key_value_heads' must be a positive integer, not 0"),
+    # the fourteenth re-run's sweep: forward returned a tuple where eval wanted the logits (AttributeError)
+    ("return_dict_null", "'return_dict' must be true or false, not None"),
     ("tied_other_head", "config.json ties the output layer to the embedding (tie_word_embeddings), but the weight "
                         "files hold an lm_head.weight that differs"),
     # the tenth re-run: sizes transformers built a model from before comparing the weights (never finished)
@@ -122,6 +124,8 @@ def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_lin
         cfg["hidden_act"] = "bogus"
     elif damage == "kv_heads_0":
         cfg["num_key_value_heads"] = 0
+    elif damage == "return_dict_null":
+        cfg["return_dict"] = None
     elif damage == "layers_1e6":
         cfg["num_hidden_layers"] = 1_000_000
     elif damage == "layers_2p31":

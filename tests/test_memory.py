@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from edgequant.cli import main
@@ -47,7 +49,7 @@ def test_inspect_reports_the_plan(owq_checkpoint):
     assert r.exit_code == 2 and "Traceback" not in r.output
 
 
-def _fake_dist(folder, target, weight_bytes):
+def _fake_dist(folder, target, weight_bytes, functions=()):
     folder.mkdir()
     (folder / "lib.tar").write_bytes(b"")
     model = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
@@ -58,7 +60,7 @@ def _fake_dist(folder, target, weight_bytes):
     from edgequant.export.dist import RUNNER_FUNCTIONS
     import tvm
     info = {"format_version": 1, "target": target, "device": "metal", "library": "lib.tar", "prefill_chunk_size": 256,
-            "tvm_version": tvm.__version__, "functions": list(RUNNER_FUNCTIONS), "weight_bytes": weight_bytes,
+            "tvm_version": tvm.__version__, "functions": list(RUNNER_FUNCTIONS) + list(functions), "weight_bytes": weight_bytes,
             "model": model, "params": params}
     (folder / "edgequant-export.json").write_text(json.dumps(info))
     return folder
@@ -74,3 +76,31 @@ def test_export_warns_past_the_targets_usual_limit(tmp_path):
     assert memory_warning(_fake_dist(tmp_path / "mac", "metal", 3 << 30)) is None        # no usual limit on a Mac
     p = dist_plan(big, 1024)
     assert isinstance(p, MemoryPlan) and p.kv_bytes == 22.5 * 2**20 and p.weights_bytes == 3 << 30
+
+
+def test_a_dist_with_the_one_graph_decode_step_plans_its_second_cache(tmp_path):
+    """The CUDA runner keeps a second KV cache for the one-graph decode step (export/graph_decode.py); bench's plan
+    printed half the KV memory of such a DIST."""
+    from edgequant.export.api import memory_plan as dist_plan
+    from edgequant.export.graph_decode import FUNC
+    plain = dist_plan(_fake_dist(tmp_path / "plain", "metal", 100 << 20), 1024)
+    graph = dist_plan(_fake_dist(tmp_path / "graph", "metal", 100 << 20, [FUNC]), 1024)
+    assert plain.kv_caches == 1 and graph.kv_caches == 2 and graph.kv_bytes == 2 * plain.kv_bytes == 45 * 2**20
+    assert graph.total_bytes - plain.total_bytes == plain.kv_bytes and "2 caches" in " ".join(graph.lines())
+
+
+def test_a_quantized_embedding_record_without_dimensions_is_one_error(tmp_path):
+    """A DIST with a quantized table (--embed-bits) whose scales record has shape []: IndexError in the reader
+    (fourteenth re-run's sweep), now the damaged-file line."""
+    import json
+
+    from edgequant.errors import EdgequantError
+    from edgequant.export.runtime import read_export_info
+    d = _fake_dist(tmp_path / "d", "metal", 100 << 20)
+    info = json.loads((d / "edgequant-export.json").read_text())
+    info["params"][0:1] = [{"name": "model.embed_tokens.qweight", "shape": [49152, 72], "dtype": "uint32"},
+                           {"name": "model.embed_tokens.scales", "shape": [], "dtype": "float16"},
+                           {"name": "model.norm.weight", "shape": [576], "dtype": "float16"}]
+    (d / "edgequant-export.json").write_text(json.dumps(info))
+    with pytest.raises(EdgequantError, match="vocab_size"):
+        read_export_info(d)

@@ -24,10 +24,10 @@ def tiny_family_config(arch: str, common: dict):
     raise ValueError(arch)
 
 
-def write_gguf(model, tokenizer, path, rope_factors: bool = False):
+def write_gguf(model, tokenizer, path, rope_factors: bool = False, extra=None):
     """`model` (qwen3 or phi3) as an F32 GGUF with the metadata and byte-level BPE tokenizer transformers' reader
     needs; tensor names from gguf-py's map of the HF names. `rope_factors`: add the longrope factor tensors a Phi-3.5
-    GGUF carries."""
+    GGUF carries; `extra(writer)` adds more metadata."""
     import json
 
     import gguf
@@ -55,6 +55,8 @@ def write_gguf(model, tokenizer, path, rope_factors: bool = False):
     w.add_token_types([gguf.TokenType.CONTROL if t == "<|endoftext|>" else gguf.TokenType.NORMAL for t in tokens])
     for add in (w.add_bos_token_id, w.add_eos_token_id, w.add_pad_token_id):
         add(0)
+    if extra:
+        extra(w)
     names = gguf.get_tensor_name_map({"qwen3": gguf.MODEL_ARCH.QWEN3, "phi3": gguf.MODEL_ARCH.PHI3}[arch],
                                      c.num_hidden_layers)
     for k, v in model.state_dict().items():

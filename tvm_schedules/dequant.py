@@ -32,12 +32,20 @@ word 1 | bits 30-31 of word 2 << 1. A GPU thread then reads 128 values as three 
 every 32 values are contiguous 3-bit fields that the decode GEMV (`gemv.py`) turns into floats with one mask each.
 `repack_w3x32_np` converts.
 
-CUDA exports (the int8-activation GEMV) store them as "dp4a3" (exactly 3 bits per weight): each 32 values of a row take two words of
+The int8-activation GEMV of CUDA exports reads "dp4a3" (exactly 3 bits per weight; what the export stores where N
+is not a multiple of 4, else dp4a3r4 below): each 32 values of a row take two words of
 a first region (2 ceil(K/32) words) and one word of a second (ceil(K/32) words), w0, w1 and w2. Byte L of word j
 (j < 3) holds value 8j + L at bits 0-2 and value 8j + 4 + L at bits 3-5; its bits 6-7 hold the two low bits of value
 24 + L (in w0) or 28 + L (in w1), and bits 6 and 7 of w2's byte L their third bits. One shift and one mask then leave
 four codes in the bytes of a word for 24 of the 32 values, and two of each for the last 8 (dp4a's operand order:
 `gemv._dp4a_terms`), against two shifts and two masks per four codes in planes3. `repack_dp4a3_np` converts.
+
+"dp4a3r4" (CUDA exports' 3-bit layout, `layout_for_rows`) holds the same three words per 32 values (w0, w1, w2, bit for bit as dp4a3), but interleaves four rows:
+rows 4m..4m+3 take one span of 4 * 3 ceil(K/32) words (the tensor's rows 4m..4m+3, shape unchanged), in which block b
+of row 4m + r is words 12b + 3r .. 12b + 3r + 2. A GPU thread that computes a 32-value chunk for 4 rows then reads
+its 12 words with three aligned 128-bit loads instead of a 64-bit and a 32-bit load per row (N a multiple of 4):
+on the H200 the LLaMA-7B W3 decode step took 1.9% less time than with dp4a3 (benchmarks/results/gpu-nvidia-h200.md,
+gpu12). `repack_dp4a3r4_np` converts.
 
 OpenCL (android) and WebGPU exports store asymmetric zero points four to a uint32 word ("zeros_packed": group g at
 bits 8*(g % 4) of word g // 4): WGSL has no 8-bit type at all, and TVM 0.27's OpenCL codegen turns a vectorised
@@ -57,7 +65,8 @@ import numpy as np
 from edgequant import pack
 from edgequant.schemes import QuantScheme
 
-LAYOUTS = ("words", "planes3", "words3x32", "dp4a3", "bytes3")
+LAYOUTS = ("words", "planes3", "words3x32", "dp4a3", "bytes3", "dp4a3r4")
+ROWS_R4 = 4   # dp4a3r4: rows interleaved per span (module docstring)
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,8 @@ class QuantSpec:
     def __post_init__(self):
         if self.layout not in LAYOUTS or (self.layout != "words" and self.bits != 3):
             raise ValueError(f"layout {self.layout!r} does not apply to {self.bits}-bit weights")
+        if self.layout == "dp4a3r4" and self.n % ROWS_R4:
+            raise ValueError(f"layout dp4a3r4 interleaves {ROWS_R4} rows; N={self.n} is not a multiple")
 
     @classmethod
     def from_scheme(cls, scheme: QuantScheme, n: int, k: int, layout: str = "words",
@@ -91,7 +102,7 @@ class QuantSpec:
     def words(self) -> int:
         if self.layout == "planes3":
             return self.lo_words + -(-self.k // 32)
-        if self.layout in ("words3x32", "dp4a3", "bytes3"):
+        if self.layout in ("words3x32", "dp4a3", "bytes3", "dp4a3r4"):
             return 3 * -(-self.k // 32)
         return self.scheme.packed_words(self.k)
 
@@ -117,6 +128,8 @@ def unpack_np(qweight: np.ndarray, bits: int, k: int, layout: str = "words") -> 
         return _unpack_w3x32_np(qweight, k)
     if layout == "dp4a3":
         return _unpack_dp4a3_np(qweight, k)
+    if layout == "dp4a3r4":
+        return _unpack_dp4a3_np(_rows_from_r4(qweight), k)
     if layout == "bytes3":
         return _unpack_bytes3_np(qweight, k)
     return pack.unpack(qweight, bits, k)
@@ -216,6 +229,33 @@ def _unpack_dp4a3_np(words: np.ndarray, k: int) -> np.ndarray:
     return v.reshape(n, -1)[:, :k]
 
 
+def _r4_from_rows(words: np.ndarray) -> np.ndarray:
+    """dp4a3 words [N, 3B] (w0, w1 of each block, then the w2s) -> dp4a3r4 [N, 3B] (module docstring)."""
+    n, blocks = words.shape[0], words.shape[1] // 3
+    w = np.stack([words[:, 0:2 * blocks:2], words[:, 1:2 * blocks:2], words[:, 2 * blocks:]], axis=2)  # [n, b, 3]
+    return np.ascontiguousarray(w.reshape(n // ROWS_R4, ROWS_R4, blocks, 3).transpose(0, 2, 1, 3)).reshape(n, -1)
+
+
+def _rows_from_r4(words: np.ndarray) -> np.ndarray:
+    """dp4a3r4 words [N, 3B] -> dp4a3 words [N, 3B]."""
+    n, blocks = words.shape[0], words.shape[1] // 3
+    w = words.reshape(n // ROWS_R4, blocks, ROWS_R4, 3).transpose(0, 2, 1, 3).reshape(n, blocks, 3)
+    return np.concatenate([w[:, :, :2].reshape(n, 2 * blocks), w[:, :, 2]], axis=1)
+
+
+def layout_for_rows(layout: str, n: int) -> str:
+    """The 3-bit runtime layout a weight of N rows gets where the target asks for `layout`: dp4a3r4 falls back to
+    dp4a3 (the same words, one row at a time) where N is not a multiple of 4."""
+    return "dp4a3" if layout == "dp4a3r4" and n % ROWS_R4 else layout
+
+
+def repack_dp4a3r4_np(qweight: np.ndarray, k: int) -> np.ndarray:
+    """Checkpoint 3-bit words [N, ceil(K/10)] -> dp4a3r4 words [N, 3 * ceil(K/32)] (module docstring; N % 4 == 0)."""
+    if qweight.shape[0] % ROWS_R4:
+        raise ValueError(f"layout dp4a3r4 interleaves {ROWS_R4} rows; N={qweight.shape[0]} is not a multiple")
+    return _r4_from_rows(repack_dp4a3_np(qweight, k))
+
+
 def repack_bytes3_np(qweight: np.ndarray, k: int) -> np.ndarray:
     """Checkpoint 3-bit words [N, ceil(K/10)] -> bytes3 words [N, 3 * ceil(K/32)] (module docstring)."""
     q = unpack_np(qweight, 3, k)
@@ -246,7 +286,8 @@ def _unpack_bytes3_np(words: np.ndarray, k: int) -> np.ndarray:
 def repack_3bit_np(qweight: np.ndarray, k: int, layout: str) -> np.ndarray:
     """Checkpoint 3-bit words [N, ceil(K/10)] -> the runtime `layout` (one of LAYOUTS other than "words")."""
     repack = {"planes3": repack_planes3_np, "words3x32": repack_w3x32_np, "dp4a3": repack_dp4a3_np,
-              "bytes3": repack_bytes3_np}
+              "bytes3": repack_bytes3_np,
+              "dp4a3r4": repack_dp4a3r4_np}
     if layout not in repack:
         raise ValueError(f"unknown 3-bit layout {layout!r}; one of {', '.join(repack)}")
     return repack[layout](qweight, k)
@@ -309,19 +350,25 @@ def weight_te(spec: QuantSpec, qweight, scales, zeros, n, k):
         v30 = (qweight[n, base] >> u(30)) | (((qweight[n, base + 1] >> u(30)) & u(1)) << u(2))
         v31 = (qweight[n, base + 1] >> u(31)) | ((qweight[n, base + 2] >> u(30)) << u(1))
         code = tirx.Select(i < 30, body, tirx.Select(i == 30, v30, v31))
-    elif spec.layout == "dp4a3":
+    elif spec.layout in ("dp4a3", "dp4a3r4"):
         i, b = k % 32, k // 32
         u = lambda v: tirx.const(v, "uint32")  # noqa: E731
         j = tirx.min(i // 8, 2)
-        # w0, w1 at 2b + j, w2 at lo_words + b, as arithmetic: TVM 0.27's CUDA codegen writes the condition of a
-        # vectorised Select as `uint2 v = make_ushort2(...)`, which nvcc rejects (dlight's prefill kernel, SmolLM2)
-        word = qweight[n, 2 * b + j + j // 2 * (spec.lo_words - b - 2)]
-        body = (word >> tirx.Cast("uint32", i % 4 * 8 + i % 8 // 4 * 3)) & u(7)
+        if spec.layout == "dp4a3":
+            # w0, w1 at 2b + j, w2 at lo_words + b, as arithmetic: TVM 0.27's CUDA codegen writes the condition of a
+            # vectorised Select as `uint2 v = make_ushort2(...)`, which nvcc rejects (dlight's prefill kernel)
+            def wj(jj):
+                return qweight[n, 2 * b + jj + jj // 2 * (spec.lo_words - b - 2)]
+        else:  # word 12b + 3r + jj of the span of rows 4m..4m+3 (row n = 4m + r)
+            def wj(jj):
+                f = b * (3 * ROWS_R4) + n % ROWS_R4 * 3 + jj
+                return qweight[n // ROWS_R4 * ROWS_R4 + f // spec.words, f % spec.words]
+        body = (wj(j) >> tirx.Cast("uint32", i % 4 * 8 + i % 8 // 4 * 3)) & u(7)
         # values 24-27 take their low bits from w0, 28-31 from w1: t = (i // 4) % 2 (no subtraction: a uint cast
         # of an expression that may be negative stops TVM's CUDA device passes)
         t = i // 4 % 2
-        top = ((qweight[n, 2 * b + t] >> tirx.Cast("uint32", i % 4 * 8 + 6)) & u(3)) | \
-            (((qweight[n, spec.lo_words + b] >> tirx.Cast("uint32", i % 4 * 8 + 6 + t)) & u(1)) << u(2))
+        top = ((wj(t) >> tirx.Cast("uint32", i % 4 * 8 + 6)) & u(3)) | \
+            (((wj(2) >> tirx.Cast("uint32", i % 4 * 8 + 6 + t)) & u(1)) << u(2))
         sel = tirx.Cast("uint32", i // 24)     # 0 for values 0-23, 1 for 24-31 (no Select: see above)
         code = body * (u(1) - sel) + top * sel
     elif spec.layout == "bytes3":

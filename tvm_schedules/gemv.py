@@ -33,10 +33,22 @@ decode with) and packed in the order in which one shift and one mask leave four 
 CUDA's `__dp4a` then multiplies and adds four weights per instruction (~0.6-0.7 instructions per weight at 4 and 2
 bits instead of ~2.25; 3-bit weights come in the dp4a3 layout (dequant.py), whose bytes hold two whole 3-bit codes
 and two bits of a third, ~0.8; planes3, whose 1-bit plane's bit is ORed in as bit 2 of each byte, ~1.2, also
-works). Per 32-value block, `d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
+works). CUDA exports store dp4a3's words with 4 rows interleaved ("dp4a3r4", dequant.py: a thread loads its 4 rows'
+12 words of a chunk with three 128-bit loads instead of 4 x (64 + 32 bits); steps of a multiple of 4 rows), and
+dp4a3's second field of each byte (bits 3-5) is masked in place, without a shift: its bytes hold 8 x code, summed by
+dp4a into a second accumulator that is divided by 8 once per row and chunk (H200, LLaMA-7B W3 step with PDL: 0.879
+ms with both, 0.896 with the in-place field alone, 0.900 with neither; 1.17x W4; the first two with an x-rounding
+variant since reverted, no faster at 4 bits; benchmarks/results/gpu-nvidia-h200.md, gpu12). Per 32-value block,
+`d_b * (dot_b - z * sum_b a)` in fp32; the integer dots are exact. On the H200 this
 made the LLaMA-7B step 1.3x (W4) to 1.4x (W2) faster (benchmarks/results/gpu-nvidia-h200.md); the fp16 path stays
 the exact one. With int8 activations a thread's chunk is 32 values at every bit width (one activation block;
-`GemvConfig.chunk` = 64 halves the threads at 2 and 3 bits): twice the warps of 64-value chunks over a row.
+`GemvConfig.chunk` = 64 halves the threads at 2 and 3 bits): twice the warps of 64-value chunks over a row. Each block
+rounds its own copy of x; x rounded once by its producer (each thread loading its 32 codes, scale and code sum) was
+measured and is not worth a producer: 23% fewer executed instructions on W3 qkv, but the same time, since the
+rounding runs in the shadow of the first weight loads (issued before it); with 40-64 registers instead of 75-80
+more blocks fit an SM than the 6 that deal a grid evenly, and W4 gate_up and W2 qkv lost 10-12% (H200, LLaMA-7B
+step with PDL: W3 0.888 vs 0.891 ms, W2 0.770 vs 0.774, W4 1.076 vs 1.039; benchmarks/results/gpu-nvidia-h200.md,
+gpu13).
 
 OWQ's fp16 outlier columns (`n_outliers`) are added in an epilogue, outside the steps: at its start the block copies
 its rows of the outlier weights (one contiguous span of W_out [N, n_outliers]) into shared memory with `cp.async`
@@ -76,8 +88,10 @@ VEC_WORDS = {4: 4, 2: 4, 3: 2}          # words per load: one 128-bit load (4 an
 SUB_WORDS = {4: 4, 2: 2, 3: 3}          # words of one 32-value sub-block (x is pre-scaled 32 values at a time)
 LAYOUT = {4: "words", 2: "words", 3: "words3x32"}
 # int8 activations (act="int8", see `_dp4a_terms`): 3 bits in dp4a3 (or bit planes), a 32-value chunk = 2 + 1 words
-LAYOUT_INT8 = {4: "words", 2: "words", 3: "dp4a3"}   # the CUDA export's (targets.py packing3)
-INT8_LAYOUTS3 = ("dp4a3", "planes3")   # 3-bit layouts the int8 kernel reads (dp4a3: fewer instructions, dequant.py)
+LAYOUT_INT8 = {4: "words", 2: "words", 3: "dp4a3"}   # one row at a time (CUDA exports: dp4a3r4 where N % 4 == 0,
+# targets.py packing3 and dequant.layout_for_rows)
+INT8_LAYOUTS3 = ("dp4a3", "planes3", "dp4a3r4")   # 3-bit layouts the int8 kernel reads (dequant.py; dp4a3r4: 4 rows
+# interleaved, 32-value chunks and steps of a multiple of 4 rows only: three 128-bit loads per 4 rows and chunk)
 ACTS = ("fp16", "int8")
 PROLOGUES = (None, "rmsnorm", "silu_mul")
 
@@ -129,6 +143,8 @@ def supports(spec: QuantSpec, act: str = "fp16", chunk: int = 0) -> bool:
     c = chunk or (CHUNK_INT8 if act == "int8" else CHUNK).get(spec.bits)
     layout = (LAYOUT_INT8 if act == "int8" else LAYOUT).get(spec.bits)
     ok = spec.layout == layout or (act == "int8" and spec.bits == 3 and spec.layout in INT8_LAYOUTS3)
+    if spec.layout == "dp4a3r4" and c != 32:
+        return False
     return (c is not None and ok and spec.k % c == 0
             and (spec.group_size == -1 or spec.group_size % c == 0))
 
@@ -169,7 +185,7 @@ def default_config(spec: QuantSpec, sms: int = 132, act: str = "fp16", n_outlier
     cands = CANDIDATES_INT8 if int8 else CANDIDATES
     if int8 and spec.bits < 4 and not n_outliers:   # 8 rows x 1 step where 4 x 4 leaves too few warps (o), above
         cands = cands[:1] + ((8, 1),) + cands[1:]
-    fits = [(r, s) for r, s in cands if spec.n % (r * s) == 0]
+    fits = [(r, s) for r, s in cands if spec.n % (r * s) == 0 and (spec.layout != "dp4a3r4" or r % 4 == 0)]
     for r, s in fits:
         if spec.n // (r * s) * warps >= (8.5 if int8 else 11) * sms:
             if int8 and spec.bits < 4 and warps <= 4 and (r, s) == (4, 4) and one_wave_steps(spec.n // r, sms):
@@ -271,11 +287,14 @@ def _dp4a_terms(bits: int, sb: int, nsb: int = 2, layout: str = "planes3"):
         for j in range(2):
             for t in range(4):
                 out.append(([(2 * sb + j, 2 * t, 0x03030303)], [16 * j + t + 4 * lane for lane in range(4)]))
-    elif layout == "dp4a3":  # dequant.py: the chunk's buffer holds its 2 nsb first-region words, then nsb of w2
-        w0, w1, w2 = 2 * sb, 2 * sb + 1, 2 * nsb + sb
+    elif layout in ("dp4a3", "dp4a3r4"):  # dequant.py: the chunk's buffer holds its 2 nsb first-region words,
+        # then nsb of w2 (dp4a3), or a row's w0, w1, w2 in turn (dp4a3r4, one sub-block)
+        w0, w1, w2 = (2 * sb, 2 * sb + 1, 2 * nsb + sb) if layout == "dp4a3" else (0, 1, 2)
         for j, w in enumerate((w0, w1, w2)):
             out.append(([(w, 0, 0x07070707)], [8 * j + lane for lane in range(4)]))
-            out.append(([(w, 3, 0x07070707)], [8 * j + 4 + lane for lane in range(4)]))
+            # bits 3-5 masked in place: bytes of 8 x code (<= 56, still a positive int8), one LOP3 and no shift;
+            # their dp4a sum goes to a second accumulator, divided by 8 (exact) once per row (`_dp4a_shift`)
+            out.append(([(w, 0, 0x38383838)], [8 * j + 4 + lane for lane in range(4)]))
         out.append(([(w0, 6, 0x03030303), (w2, 4, 0x04040404)], [24 + lane for lane in range(4)]))
         out.append(([(w1, 6, 0x03030303), (w2, 5, 0x04040404)], [28 + lane for lane in range(4)]))
     else:            # planes3 (dequant.py): value v of 2-bit word j at bit (v%8)*4 + (v//8)*2, value u of the 1-bit
@@ -285,6 +304,14 @@ def _dp4a_terms(bits: int, sb: int, nsb: int = 2, layout: str = "planes3"):
                 out.append(([(2 * sb + j, s, 0x03030303), (2 * nsb + sb, 4 * e + 2 * j + f - 2, 0x04040404)],
                             [16 * j + 2 * lane + e + 8 * f for lane in range(4)]))
     return out
+
+
+def _dp4a_shift(terms) -> int:
+    """e such that the bytes of a `_dp4a_terms` operand hold code << e (0, or 3 for dp4a3's in-place bits 3-5)."""
+    mask = 0
+    for _, sh, m in terms:
+        mask |= m if sh == 0 else 1
+    return (mask & 0xFF & -(mask & 0xFF)).bit_length() - 1
 
 
 def _dp4a(w: str, a: str, acc: str, gpu: bool) -> str:
@@ -405,6 +432,8 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
         raise ValueError(f"no decode GEMV for {spec} with {act} activations in {chunk}-value chunks")
     if spec.n % cfg.rows:
         raise ValueError(f"{cfg.rows} rows per step do not divide N={spec.n}")
+    if spec.layout == "dp4a3r4" and (cfg.rows % 4 or cfg.prefetch or cfg.l2ahead):
+        raise ValueError(f"dp4a3r4 weights take steps of a multiple of 4 rows and no L2 prefetch, not {cfg}")
     if (nb := -(-(spec.n // cfg.rows) // cfg.steps)) % cfg.groups:
         raise ValueError(f"{cfg.groups} groups do not divide the {nb} blocks of rows")
     if 32 * cfg.warps < spec.k // chunk:
@@ -497,7 +526,8 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
               f'{ind}xd = T.alloc_buffer(({NSB},), "float32", scope={local})',
               f'{ind}xs = T.alloc_buffer(({NSB},), "int32", scope={local})',
               f'{ind}mx = T.alloc_buffer((2,), "float32", scope={local})',
-              f'{ind}idot = T.alloc_buffer(({R},), "int32", scope={local})']
+              f'{ind}idot = T.alloc_buffer(({R},), "int32", scope={local})',
+              f'{ind}idot8 = T.alloc_buffer(({R},), "int32", scope={local})']
     else:
         L += [f'{ind}dot = T.alloc_buffer(({R * ncls},), "float32", scope={local})',
               f'{ind}sx = T.alloc_buffer(({ncls},), "float32", scope={local})',
@@ -554,9 +584,16 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     def load_rows(body, st, b):
         # R (x3 at 3 bits) independent 128-bit loads, plus the rows' scale and zero point, into buffer b
         out = []
+        for r in range(0, R, 4) if spec.layout == "dp4a3r4" else ():
+            # 4 rows' 12 words of this chunk are contiguous (dequant.py): three 128-bit loads, row r's 3 words at
+            # (b R + r) CW in the buffer as with one row per load
+            for v in range(3):
+                f = f"{c_} * 12 + {4 * v}"
+                out.append(f"{body}wq[T.ramp({(b * R + r) * CW + 4 * v}, 1, 4)] = qweight[bx * {RS} + {st * R + r} + "
+                           f"({f}) // {spec.words}, T.ramp(({f}) % {spec.words}, 1, 4)]")
         for r in range(R):
             row = f"bx * {RS} + {st * R + r}"
-            for off, src, width in loads:
+            for off, src, width in loads if spec.layout != "dp4a3r4" else ():
                 out.append(f"{body}wq[T.ramp({(b * R + r) * CW + off}, 1, {width})] = "
                            f"qweight[{row}, T.ramp({src}, 1, {width})]" if width > 1 else
                            f"{body}wq[{(b * R + r) * CW + off}] = qweight[{row}, {src}]")
@@ -703,12 +740,16 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             for r in range(R):
                 wb = (b * R + r) * CW
                 for sb in range(NSB):
+                    started = set()   # one dp4a chain per byte shift e (idot: 0, idot8: 3), see _dp4a_shift
                     for d, (terms, _) in enumerate(_dp4a_terms(bits, sb, NSB, spec.layout)):
                         w = _code_bytes(lambda j, wb=wb: f"wq[{wb + j}]", terms)
-                        out.append(f"{body}idot[{r}] = " + _dp4a(w, f"xa[{8 * sb + d}]",
-                                                                 f"idot[{r}]" if d else "T.int32(0)", gpu))
+                        a = f"idot{8 if _dp4a_shift(terms) else ''}[{r}]"
+                        out.append(f"{body}{a} = " + _dp4a(w, f"xa[{8 * sb + d}]",
+                                                           a if a in started else "T.int32(0)", gpu))
+                        started.add(a)
                     z = f'T.Cast("int32", zr[{b * R + r}])' if not spec.sym else f"T.int32({int(spec.sym_zero)})"
-                    t = f'xd[{sb}] * T.Cast("float32", idot[{r}] - {z} * xs[{sb}])'
+                    dot = f"idot[{r}]" + (f" + T.shift_right(idot8[{r}], 3)" if f"idot8[{r}]" in started else "")
+                    t = f'xd[{sb}] * T.Cast("float32", {dot} - {z} * xs[{sb}])'
                     out.append(f"{body}acc[{r}] = " + (f"acc[{r}] + {t}" if sb else t))
                 out.append(f'{body}acc[{r}] = acc[{r}] * T.Cast("float32", sc[{b * R + r}])')
         else:

@@ -99,6 +99,10 @@ class OmniConfig(Options):
     let_lr: float = opt(5e-3, "LET learning rate.", "float", lo=0, lo_open=True, hi=MAX_LR)
     let_alpha: float = opt(0.5, "SmoothQuant-style LET init exponent.", "float", lo=0, hi=1)
     aug_loss: bool = opt(False, "also match the fp block fed quantized inputs.", "bool")
+    block_target: str = opt("fp", "what each block is trained to reproduce: 'fp' (the paper: the fp block on the fp "
+                            "stream, so the loss also holds the error the earlier blocks passed on through the "
+                            "residual, which clipping cannot undo) or 'local' (the fp block on the quantized stream: "
+                            "this block's own error only, as GPTQ measures it).", "choice", choices=("fp", "local"))
     lwc_init: float | str = opt(4.0, "initial clipping strength (paper 4.0) or 'search' (activation-aware clip "
                                      "search; better when few epochs fit).", "float|search", lo=-MAX_LWC_INIT,
                                 hi=MAX_LWC_INIT)
@@ -131,7 +135,11 @@ class OmniConfig(Options):
             raise EdgequantError("nothing to train: enable --lwc or --let, or pass --epochs 0")
         self.refuse_unless(self.let, ("let_lr", "let_alpha"), "--let")
         self.refuse_unless(self.lwc, ("lwc_lr", "lwc_init"), "--lwc")
-        self.refuse_unless(self.epochs > 0, ("lwc_lr", "let_lr", "aug_loss", "loss", "keep_best"), "--epochs N (N > 0)")
+        self.refuse_unless(self.epochs > 0, ("lwc_lr", "let_lr", "aug_loss", "loss", "keep_best", "block_target"),
+                           "--epochs N (N > 0)")
+        if self.aug_loss and self.block_target == "local":
+            raise EdgequantError("--aug-loss adds the local target beside the fp one; with --block-target local it would "
+                                 "count it twice: pass one of them")
         self.refuse_unless(self.lwc and self.lwc_init == "search", ("clip_qk", "clip_up", "lwc_init_metric"),
                            "--lwc-init search")
 

@@ -34,7 +34,7 @@ def supported_model_types() -> list[str]:
 def family_for(model_type: str) -> Family:
     try:
         return FAMILIES[model_type]
-    except KeyError:
+    except (KeyError, TypeError):   # TypeError: a JSON list or object where a name belongs
         raise UnsupportedModelError(
             f"architecture '{model_type}' is not supported; supported model types: {', '.join(supported_model_types())}"
         ) from None

@@ -106,6 +106,15 @@ class Family:
     # (gate, up, activation module) of a block's MLP act(gate(x)) * up(x), for searches scored on that product;
     # () where gate and up are not separate linears of one calibration group (Phi-3 stores them fused)
     gated_mlp: tuple[str, ...] = ()
+    # config -> "sliding_attention"/"full_attention" per layer where config.json has no layer_types, as transformers'
+    # config class fills them in (Gemma); None where the family's windows follow other fields (export/models/llama.py)
+    default_layer_types: Callable | None = None
+
+    def layer_types(self, config: dict) -> list[str] | None:
+        """The attention kind of each layer as transformers' model computes it (None: not decided by layer kinds)."""
+        if self.default_layer_types is None:
+            return None
+        return config.get("layer_types") or self.default_layer_types(config)
 
     def __post_init__(self):
         names = [lin.name for lin in self.linears]

@@ -24,13 +24,26 @@ _NORMS = (Norm("input_layernorm"), Norm("post_attention_layernorm"), Norm("pre_f
 _PAIRS = tuple(replace(p, producer="pre_feedforward_layernorm") if p.name == "fc1" else p
                for p in LLAMA_FAMILY.let_pairs)
 
+
+
+def _every_nth_full(default: int, key: str | None = None):
+    """Layer kinds where config.json lists none, as transformers' Gemma configs fill them in: every n-th layer full,
+    the others sliding (Gemma 2: n = 2; Gemma 3: n = `sliding_window_pattern`, 6 by default). A model folder without
+    layer_types was exported with Gemma 2's rule: the tokens were not transformers' (fourteenth re-run, S38)."""
+    def kinds(c: dict) -> list[str]:
+        n = c.get(key, default) if key else default
+        n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else default
+        return ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(int(c["num_hidden_layers"]))]
+    return kinds
+
+
 # the linears, their groups and export's fusions are LLaMA's: only norms and LET pairs differ
 GEMMA2_FAMILY = replace(
     LLAMA_FAMILY, name="gemma2", model_types=("gemma2",), bias_flags={"gemma2": ("attention_bias",)}, norms=_NORMS,
-    norm_weight_offset=1.0, let_pairs=_PAIRS)
+    norm_weight_offset=1.0, let_pairs=_PAIRS, default_layer_types=_every_nth_full(2))
 
 GEMMA3_FAMILY = replace(
     LLAMA_FAMILY, name="gemma3", model_types=("gemma3_text",), bias_flags={"gemma3_text": ("attention_bias",)},
-    norm_weight_offset=1.0,
+    norm_weight_offset=1.0, default_layer_types=_every_nth_full(6, "sliding_window_pattern"),
     norms=_NORMS + (Norm("self_attn.q_norm", "head_dim"), Norm("self_attn.k_norm", "head_dim")),
     let_pairs=tuple(p for p in _PAIRS if p.kind != "rope_qk"))

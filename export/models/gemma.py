@@ -70,14 +70,10 @@ class GemmaArchConfig(ArchConfig):
         else:
             glob = local = _rope({**rp, **({"rope_theta": c["rope_theta"]} if "rope_theta" in c else {})})
         n = int(c["num_hidden_layers"])
-        types = tuple(c.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
-                                               for i in range(n)])
-        if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
-            raise EdgequantError(f"layer_types must name 'sliding_attention' or 'full_attention' for each of the {n} "
-                                 "layers; restore the model's config.json")
+        # the family's (transformers') layer kinds; their shape and window are checked with the config
+        # (checkpoint.check_model_config) before a config reaches export
+        types = tuple(family_for(mt).layer_types(c))
         sw = c.get("sliding_window")
-        if "sliding_attention" in types and not (isinstance(sw, int) and sw > 0):
-            raise EdgequantError("sliding-window layers need a positive sliding_window in config.json")
         if c.get("use_bidirectional_attention"):
             raise EdgequantError("bidirectional Gemma models (use_bidirectional_attention) are not causal LMs; "
                                  "export supports causal ones")

@@ -51,13 +51,10 @@ def _sliding_layers(c: dict, n: int) -> tuple[int | None, tuple[int, ...]]:
     """(window, the layers attending through it) as transformers' forward computes them for this model type: mistral
     and phi3 apply `sliding_window` to every layer unless it is null (their models ignore `layer_types`); qwen2 and
     qwen3 only under `use_sliding_window`, on the layers `layer_types` names, else on those from `max_window_layers`
-    on; llama's model has no window at all. `layer_types` itself is checked with the config
-    (`checkpoint.check_model_config`)."""
+    on; llama's model has no window at all. `layer_types` itself, and the combinations no transformers model runs
+    (sliding layers without a window, on llama/phi3, any on mistral), are refused by `checkpoint.check_model_config`
+    before a config reaches export."""
     mt, window = c["model_type"], c.get("sliding_window")
-    if mt == "mistral" and c.get("layer_types") is not None:   # as quantize and eval refuse it
-        raise EdgequantError("a mistral config.json with layer_types describes a Ministral model (transformers "
-                             "builds MinistralForCausalLM for it), which edgequant does not support; remove "
-                             "layer_types if the model is a plain Mistral")
     if mt in ("mistral", "phi3"):
         return (window, tuple(range(n))) if window else (None, ())
     if mt not in ("qwen2", "qwen3"):
@@ -66,10 +63,7 @@ def _sliding_layers(c: dict, n: int) -> tuple[int | None, tuple[int, ...]]:
     types = c.get("layer_types") or ["sliding_attention" if window and i >= c.get("max_window_layers", 28)
                                      else "full_attention" for i in range(n)]
     sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-    if sliding and not window:   # transformers' cache fails on a sliding layer without a window
-        raise EdgequantError("config.json's layer_types names sliding-window layers, but use_sliding_window is false "
-                             "or sliding_window is null; restore the model's config.json")
-    return (window, sliding) if sliding else (None, ())
+    return (window, sliding) if sliding and window else (None, ())
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """CUDA exports route decode (one row) through the hand-scheduled GEMV and prefill through the tensor-core GEMM;
-3-bit weights travel in the dp4a3 layout (the int8-activation GEMV's; words3x32 for the fp16 one). Compiles for
-cuda without a GPU (the kernels run in
-benchmarks/gpu_decode.py and apps/cuda on a GPU machine)."""
+3-bit weights travel in the dp4a3r4 layout (the int8-activation GEMV's; dp4a3 where N % 4; words3x32 for the fp16
+one). Compiles for cuda without a GPU (the kernels run in benchmarks/gpu_decode.py and apps/cuda on a GPU
+machine)."""
 from __future__ import annotations
 
 import re
@@ -72,11 +72,11 @@ def test_cuda_preset_repacks_3_bit_weights(model_dirs, tmp_path):
     cuda, stored = open_source(q, targets.get_preset("cuda").packing3), open_source(q)
     name = "model.layers.0.mlp.down_proj.qweight"
     plan = cuda.plans()["model.layers.0.mlp.down_proj"]
-    assert plan.spec.layout == "dp4a3"
+    assert plan.n % 4 == 0 and plan.spec.layout == "dp4a3r4"   # 4 rows interleaved (dp4a3 where N % 4)
     got = dict(cuda.arrays([name]))[name]
     want = dict(stored.arrays([name]))[name]
     assert got.shape == (plan.n, plan.spec.words)
-    np.testing.assert_array_equal(unpack_np(got, 3, plan.k, "dp4a3"), unpack_np(want, 3, plan.k))
+    np.testing.assert_array_equal(unpack_np(got, 3, plan.k, "dp4a3r4"), unpack_np(want, 3, plan.k))
 
 
 @pytest.mark.parametrize("arch,bits,group,sym,n_out,act", [
@@ -85,7 +85,7 @@ def test_cuda_preset_repacks_3_bit_weights(model_dirs, tmp_path):
     ("llama", 4, 32, False, 0, "int8"), ("qwen2", 3, -1, False, 2, "int8"), ("qwen2", 2, 64, True, 3, "int8")])
 def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, monkeypatch, tokenizer, arch, bits,
                                                          group, sym, n_out, act):
-    """The CUDA decode path as exported (arguments, words3x32 / dp4a3 repacking, folded zero points, outlier columns
+    """The CUDA decode path as exported (arguments, words3x32 / dp4a3r4 repacking, folded zero points, outlier columns
     in fp32, bias) through the GEMV's serial CPU twin on the cpu target: decode logits equal PyTorch's (fp16
     activations), or move by the int8 rounding of the activations only (int8, the CUDA default). Both decode paths
     of a CUDA library: the one-graph step on its own cache (export/graph_decode.py, its kernels' twins) and the paged
@@ -160,7 +160,7 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
 
 @pytest.mark.slow
 def test_cuda_export_of_3_bit_weights_compiles(model_dirs, tmp_path):
-    """A 3-bit CUDA export (dp4a3: the decode GEMV, and the prefill's dlight dequantize kernel through weight_te)
+    """A 3-bit CUDA export (dp4a3r4: the decode GEMV, and the prefill's dlight dequantize kernel through weight_te)
     builds, and its CUDA C compiles with nvcc where nvcc is on PATH. Both failed once for dp4a3: a uint cast of a
     possibly negative shift stopped TVM's device passes, a vectorised index Select became code nvcc rejects."""
     import shutil

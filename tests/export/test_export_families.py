@@ -213,20 +213,20 @@ def test_sliding_layers_are_those_transformers_attends_through_its_window(model_
 
 
 def test_layer_types_transformers_cannot_run_are_refused():
+    """The config check refuses them for every command before export's graph sees them (eval's transformers forward
+    raised: thirteenth re-run); export alone would read such a config without a window."""
+    from pathlib import Path
+
+    from edgequant.checkpoint import check_model_config
     from edgequant.errors import EdgequantError
     from edgequant.export.models.llama import ArchConfig
     c = dict(model_type="qwen2", num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, vocab_size=100, use_sliding_window=False, sliding_window=4,
              layer_types=["sliding_attention", "full_attention"])
-    with pytest.raises(EdgequantError, match="use_sliding_window is false"):
-        ArchConfig.from_hf(c)
-    # the config check refuses it for every command (eval's transformers forward raised: thirteenth re-run)
-    from pathlib import Path
-
-    from edgequant.checkpoint import check_model_config
     with pytest.raises(EdgequantError, match="use_sliding_window is not true"):
         check_model_config(Path("config.json"), c)
+    assert ArchConfig.from_hf(c).sliding_layers == ()
     # transformers builds a Ministral model for these, which quantize and eval refuse (thirteenth re-run, S35b)
-    c.update(model_type="mistral", layer_types=["full_attention", "sliding_attention"])
-    with pytest.raises(EdgequantError, match="Ministral"):
-        ArchConfig.from_hf(c)
+    for types in (["full_attention", "sliding_attention"], ["full_attention", "full_attention"]):
+        with pytest.raises(EdgequantError, match="Ministral"):
+            check_model_config(Path("config.json"), {**c, "model_type": "mistral", "layer_types": types})

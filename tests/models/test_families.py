@@ -270,3 +270,29 @@ def test_biased_linears_are_transformers_biases(model_type, flags):
     pre = family.layer_prefix(0)
     have = {lin for lin in family.linear_names if modules[f"{pre}.{lin}"].bias is not None}
     assert family.biased_linears({"model_type": model_type, **flags}) == have
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_gemma_layer_kinds_are_transformers_defaults(model_type):
+    """Without layer_types in config.json, the kinds transformers' config fills in (Gemma 3: every
+    `sliding_window_pattern`-th layer full, 6 by default): export used Gemma 2's alternation for Gemma 3 (fourteenth
+    re-run, S38); and sliding layers without a window are refused for every command (S37: quantize wrote a
+    checkpoint eval could not run)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from edgequant.checkpoint import check_model_config
+    from edgequant.errors import EdgequantError
+    for n in (1, 3, 7, 13):
+        for pattern in ((None, 1, 3) if model_type == "gemma3_text" else (None,)):
+            extra = {} if pattern is None else {"sliding_window_pattern": pattern}
+            want = AutoConfig.for_model(model_type, num_hidden_layers=n, **extra).layer_types
+            assert family_for(model_type).layer_types({"model_type": model_type, "num_hidden_layers": n,
+                                                       **extra}) == want
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, intermediate_size=96, vocab_size=100).to_dict()
+    check_model_config(Path("config.json"), cfg)
+    with pytest.raises(EdgequantError, match="need a positive 'sliding_window'"):
+        check_model_config(Path("config.json"), {**cfg, "sliding_window": None})
+    check_model_config(Path("config.json"), {**cfg, "sliding_window": None, "layer_types": ["full_attention"] * 3})

@@ -188,9 +188,17 @@ CASES = {
     "header_key_renamed": (_header(_rename_key), [f"{LIN}.scales"]),
     "header_a_json_list": (_header(lambda h: [h]), ["model.safetensors"]),
     "header_offsets_overlap": (_header(_overlap), ["overlaps"]),
+    # the fourteenth re-run (T23): a dtype that is a JSON object or list was looked up in a dict (TypeError)
+    "header_dtype_an_object": (_header(lambda h: h[f"{LIN}.scales"].__setitem__("dtype", {})), [f"{LIN}.scales"]),
+    # S36: metadata safetensors' reader refuses (eval, export) passed inspect
+    "header_metadata_a_list": (_header(lambda h: h.__setitem__("__metadata__", [])), ["__metadata__"]),
     "weights_truncated": (_truncate, ["truncated"]),
     "index_path_leaves_folder": (_index_escape, ["outside.safetensors"]),
     "tokenizer_missing": (_no_tokenizer, ["tokenizer"]),
+    # the fourteenth re-run: transformers takes tokenizer_config.json's fields unchecked (TypeError at the first encode)
+    "tokenizer_max_length_a_string": (lambda d: edit_json(d / "tokenizer_config.json",
+                                                          lambda c: c.__setitem__("model_max_length", "x")),
+                                      ["tokenizer", "cannot encode"]),
     # the eighth re-run (S25): a tied config beside its own lm_head.weight was exported and evaluated (which table?)
     "tied_config_with_an_output_layer": (_cfg("tie_word_embeddings", True), ["lm_head.weight", "no place", "ties"]),
     "a_tensor_nothing_reads": (_extra_tensor, ["model.layers.0.mlp.extra.weight", "no place"]),
@@ -264,8 +272,16 @@ def test_damaged_provenance_is_not_fatal_but_inspect_says_so(good_ckpt, tmp_path
     damaged, missing = copy_case(good_ckpt, tmp_path, "prov"), copy_case(good_ckpt, tmp_path, "noprov")
     (damaged / "edgequant.json").write_text("[1, 2]")
     (missing / "edgequant.json").unlink()
-    res = run_commands([["inspect", str(damaged), "--json"], ["inspect", str(missing)]], tmp_path)
-    for r, state in zip(res, ("damaged", "missing")):
+    # a per-layer entry or a section of another type (inspect raised TypeError/AttributeError: fourteenth re-run)
+    shaped = []
+    for i, (key, value) in enumerate([("layers", {"model.layers.0.mlp.down_proj": 3}), ("options", [1]),
+                                      ("time_s", "x")]):
+        d = copy_case(good_ckpt, tmp_path, f"prov{i}")
+        edit_json(d / "edgequant.json", lambda p: p.__setitem__(key, value))
+        shaped.append(d)
+    res = run_commands([["inspect", str(damaged), "--json"], ["inspect", str(missing)]]
+                       + [["inspect", str(d)] for d in shaped], tmp_path)
+    for r, state in zip(res, ("damaged", "missing", "damaged", "damaged", "damaged")):
         assert r["rc"] == 0 and r["traceback"] is None
         assert r["stderr"].startswith("warning: ") and f"edgequant.json is {state}" in r["stderr"]
     assert json.loads(res[0]["stdout"])["method"] == "owq"

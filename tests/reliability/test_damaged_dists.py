@@ -139,6 +139,9 @@ CASES = {
     "export_json_bad_vocab": (lambda d: edit_json(d / EXPORT, lambda i: i["model"].__setitem__("vocab_size", -1)),
                               ["vocab_size"]),
     "tokenizer_missing": (lambda d: (d / "tokenizer.json").unlink(), ["tokenizer"]),
+    "tokenizer_max_length_a_list": (lambda d: edit_json(d / "tokenizer_config.json",
+                                                        lambda c: c.__setitem__("model_max_length", [])),
+                                    ["tokenizer", "cannot encode"]),
     # the second re-run of issue 15 (N8): the model block's numbers were not range-checked; the messages said
     # "missing or has the wrong type" for values that were present but out of range
     "rms_norm_eps_nan": (_model("rms_norm_eps", float("nan")), ["rms_norm_eps", "finite"]),
@@ -179,7 +182,15 @@ CASES = {
     # short factors in the C runtime (a plain library that names prefill_long stands in for it here)
     "prefill_long_without_long_factors": (_export(lambda i: i["functions"].append("prefill_long")),
                                           ["rope_long_factors", "prefill_long"]),
+    # the fourteenth re-run's sweep: a JSON list or object where a name is expected was looked up in a dict
+    "target_a_list": (_export(lambda i: i.__setitem__("target", [])), [EXPORT, "'target'"]),
+    "param_dtype_an_object": (_export(lambda i: i["params"][1].__setitem__("dtype", {})), [EXPORT, "'params'"]),
+    "model_type_a_list": (_model("model_type", [1]), [EXPORT, "model_type"]),
     "tensor_listed_twice": (_cache(lambda c: c["records"].append(c["records"][0])), [CACHE, "listed twice"]),
+    # the fourteenth re-run (T24, T25): a dtype looked up in a dict (TypeError), a dimension numpy cannot hold
+    "record_dtype_a_list": (_first_shard(lambda s: s["records"][0].__setitem__("dtype", [1, 2])), [CACHE]),
+    "record_dimension_2_pow_64": (_first_shard(lambda s: s["records"][0]["shape"].__setitem__(0, 2 ** 64)),
+                                  [CACHE, "nbytes"]),
     "tensor_redefined_by_a_second_shard": (_cache(lambda c: c["records"].append(
         {**c["records"][0], "records": c["records"][0]["records"][:1]})), [CACHE, "listed twice"]),
 }

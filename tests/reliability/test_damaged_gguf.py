@@ -10,6 +10,7 @@ KEY = b"qwen3.attention.key_length"
 BLOCKS = b"qwen3.block_count"
 CONTEXT = b"qwen3.context_length"
 EPS = b"qwen3.attention.layer_norm_rms_epsilon"
+EOS = b"tokenizer.ggml.eos_token_id"
 
 
 def _key_at(b: bytes, key: bytes = KEY) -> int:
@@ -44,6 +45,8 @@ DAMAGE = {
     "context_length_u32_max": lambda b: _set_u32(b, CONTEXT, 2 ** 32 - 1),
     "rms_epsilon_nan": lambda b: _set_f32(b, EPS, float("nan")),
     "rms_epsilon_negative": lambda b: _set_f32(b, EPS, -1.0),
+    # transformers' IndexError naming config.json (thirteenth re-run, S34b)
+    "eos_id_past_vocabulary": lambda b: _set_u32(b, EOS, 2 ** 32 - 1),
 }
 
 
@@ -69,6 +72,73 @@ def test_damaged_gguf_is_one_line(qwen3_gguf, tmp_path, damage):
         assert "qwen3.attention.key_length" in str(e.value)
     if damage.startswith("block_count"):
         assert "qwen3.block_count is" in str(e.value) and "the file holds 2 blocks" in str(e.value)
+    if damage.startswith("eos_id"):
+        assert "'tokenizer.ggml.eos_token_id' is 4294967295" in str(e.value)
     if damage.startswith(("context_length", "rms_epsilon")):
         field = "max_position_embeddings" if damage.startswith("context") else "rms_norm_eps"
         assert f"in its metadata '{field}' is" in str(e.value)
+
+
+# RoPE metadata transformers' reader drops (thirteenth re-run): another scaling or a partial rotary width would compute
+# another model, silently
+ROPE = {
+    "scaling_yarn": (lambda w, g: (w.add_rope_scaling_type(g.RopeScalingType.YARN), w.add_rope_scaling_factor(4.0)),
+                     "RoPE scaling 'yarn' is not read"),
+    "scaling_factor_nan": (lambda w, g: (w.add_rope_scaling_type(g.RopeScalingType.LINEAR),
+                                         w.add_rope_scaling_factor(float("nan"))), "rope.scaling.factor' is nan"),
+    "scaling_factor_negative": (lambda w, g: w.add_rope_scaling_factor(-1.0), "rope.scaling.factor' is -1.0"),
+    "dimension_count_7": (lambda w, g: w.add_rope_dimension_count(7), "rope.dimension_count' is 7, not the head"),
+    # another head width transformers' reader ignores (fourteenth re-run, S39)
+    "value_length_16": (lambda w, g: w.add_value_length(16), "attention.value_length' is 16, not the head"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE))
+def test_gguf_rope_metadata_the_reader_drops_is_refused(tmp_path, tokenizer, case):
+    import gguf
+
+    from conftest import make_tiny_model
+    from edgequant.errors import EdgequantError
+    from edgequant.loading import load_model
+    from tiny_families import write_gguf
+    add, words = ROPE[case]
+    f = tmp_path / f"{case}.gguf"
+    write_gguf(make_tiny_model("qwen3"), tokenizer, f, extra=lambda w: add(w, gguf))
+    with pytest.raises(EdgequantError, match=words) as e:
+        load_model(f)
+    assert "\n" not in str(e.value) and f.name in str(e.value)
+
+
+def test_gguf_linear_rope_scaling_is_the_models(tmp_path, tokenizer):
+    """Linear RoPE scaling in a GGUF computes what the Hugging Face model with that scaling does (transformers'
+    reader dropped it: the long-context model was loaded as its unscaled base)."""
+    import gguf
+    import torch
+
+    from conftest import make_tiny_model
+    from edgequant.loading import load_model
+    from tiny_families import write_gguf
+    base = make_tiny_model("qwen3")
+    f = tmp_path / "linear.gguf"
+    write_gguf(base, tokenizer, f, extra=lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR),
+                                                    w.add_rope_scaling_factor(4.0), w.add_rope_dimension_count(32)))
+    m, _ = load_model(f)
+    cfg = base.config
+    cfg.rope_parameters = {**cfg.rope_parameters, "rope_type": "linear", "factor": 4.0}
+    scaled = type(base)(cfg).eval()
+    scaled.load_state_dict(base.state_dict())
+    ids = torch.arange(1, 25)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, scaled(ids).logits, rtol=0, atol=1e-5)
+        assert (m(ids).logits - base(ids).logits).abs().max() > 1e-3
+
+
+def test_convert_quiet_draws_no_bar(tmp_path, tokenizer, capfd):
+    from conftest import make_tiny_model
+    from edgequant.api import convert
+    from tiny_families import write_gguf
+    f = tmp_path / "m.gguf"
+    write_gguf(make_tiny_model("qwen3"), tokenizer, f)
+    capfd.readouterr()
+    convert(f, tmp_path / "out", progress=False)
+    assert capfd.readouterr().err == "" and (tmp_path / "out" / "config.json").exists()

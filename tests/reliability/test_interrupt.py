@@ -119,6 +119,28 @@ def test_sigint_a_library_rewraps_is_one_line(tmp_path, model_dirs):
     assert p.returncode == 130
 
 
+# SIGTERM (kill, timeout) and SIGHUP (the terminal closed) while the command works: their default action killed it
+# with no line, leaving its lock and temporary folder for the next run to remove
+ENDED = """
+import os, signal, time
+import edgequant.loading
+def load_model(*a, **k):
+    os.kill(os.getpid(), signal.{sig})
+    time.sleep(30)
+edgequant.loading.load_model = load_model
+""" + CONSOLE
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_end_a_command_as_ctrl_c_does(tmp_path, model_dirs, sig):
+    out = tmp_path / "q"
+    p = _quantize(model_dirs, out, ENDED.format(sig=sig))
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 128 + getattr(signal, sig), (p.returncode, stderr)
+    assert stderr.strip() == f"error: interrupted ({sig}) rtn quantization; no checkpoint was written", stderr
+    assert sorted(q.name for q in tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def startup_s():
     """Seconds Python takes to start (site and .pth files) before any edgequant code can run: an interrupt in that

@@ -17,7 +17,8 @@ CASES = [  # bits, group, sym, N, K, rows, warps, steps, outlier columns: double
 
 
 def _linear(rng, bits, group, sym, n, k, act="fp16", layout=None):
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_dp4a3_np, repack_planes3_np, repack_w3x32_np
+    from edgequant.tvm_schedules.dequant import (QuantSpec, repack_dp4a3_np, repack_dp4a3r4_np, repack_planes3_np,
+                                                 repack_w3x32_np)
     from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8
     spec = QuantSpec(n, k, bits, group, sym, layout or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
     q = rng.integers(0, 1 << bits, (n, k))
@@ -26,6 +27,8 @@ def _linear(rng, bits, group, sym, n, k, act="fp16", layout=None):
         qweight = repack_planes3_np(qweight, k)
     elif spec.layout == "dp4a3":
         qweight = repack_dp4a3_np(qweight, k)
+    elif spec.layout == "dp4a3r4":
+        qweight = repack_dp4a3r4_np(qweight, k)
     elif bits == 3:
         qweight = repack_w3x32_np(qweight, k)
     scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
@@ -68,9 +71,11 @@ INT8_CASES = [  # as CASES, plus K = 576 (SmolLM2: 3-bit rows not 16-byte aligne
     (2, 64, False, 9, 128, 1, 1, 3, 3, 2, 0),
     pytest.param(4, 32, False, 72, 32, 8, 1, 5, 3, 2, 0, marks=pytest.mark.slow),
 ]
-LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's dp4a3 (dequant.py); the previous planes3 here, and
-    # dp4a3 in 64-value chunks (the same chunk index math as 2 bits at 64)
-    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "planes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "dp4a3")]
+LAYOUT_CASES = [  # 3 bits: INT8_CASES run the CUDA export's dp4a3 (dequant.py); the previous planes3 here,
+    # dp4a3 in 64-value chunks (the same chunk index math as 2 bits at 64), and dp4a3r4 (4 rows interleaved: steps
+    # of 8 rows, a short last block, outlier columns; per channel, symmetric, 4 rows)
+    (3, 128, False, 20, 512, 2, 1, 4, 5, 2, 0, "planes3"), (3, 64, True, 8, 256, 2, 1, 2, 0, 2, 64, "dp4a3"),
+    (3, 64, False, 24, 128, 8, 1, 2, 3, 2, 0, "dp4a3r4"), (3, -1, True, 12, 128, 4, 2, 2, 0, 3, 0, "dp4a3r4")]
 AHEAD_CASES = [  # GemvConfig.ahead (off in every default config): 2 or 3 steps loaded before the activations,
     # short last blocks (their later first loads guarded), outlier columns riding with the early rows (the last
     # column: ahead); CI time: one case by default
@@ -168,6 +173,46 @@ def test_dp4a3_round_trip_bit_positions_and_weight_te():
     w = te.compute((4, 100), lambda i, j: weight_te(spec, qw, sc, zr, i, j))
     f = tvm.compile(te.create_prim_func([qw, sc, zr, w]), target="llvm")
     out = tvm.runtime.empty((4, 100), "float16", tvm.cpu())
+    f(*[tvm.runtime.tensor(a) for a in (words, scales, zeros)], out)
+    np.testing.assert_allclose(out.numpy().astype(np.float32), dequantize_np(spec, words, scales, zeros),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_dp4a3r4_round_trip_interleave_and_weight_te():
+    """dp4a3r4 (dequant.py): dp4a3's three words per 32 values with 4 rows interleaved (block b of row 4m + r at words
+    12b + 3r of the rows' span), round trip on whole and ragged blocks, N not a multiple of 4 refused, and the TE
+    weight expression (the dlight/prefill path and the embedding gather) against the NumPy dequantization."""
+    import tvm
+    from tvm import te
+    from edgequant.tvm_schedules.dequant import (QuantSpec, dequantize_np, layout_for_rows, repack_dp4a3_np,
+                                                 repack_dp4a3r4_np, unpack_np, weight_te)
+    rng = np.random.default_rng(12)
+    for k in (32, 100, 256):
+        q = rng.integers(0, 8, (8, k))
+        words, rows = repack_dp4a3r4_np(pack(q, 3), k), repack_dp4a3_np(pack(q, 3), k)
+        assert words.shape == rows.shape == (8, QuantSpec(8, k, 3, 32, True, "dp4a3r4").words)
+        np.testing.assert_array_equal(unpack_np(words, 3, k, "dp4a3r4"), q)
+        b = rows.shape[1] // 3   # row n's (w0, w1, w2) of block j, as dp4a3 stores them
+        flat = words.reshape(2, -1)
+        for n, j in ((0, 0), (5, b - 1), (7, b // 2)):
+            np.testing.assert_array_equal(flat[n // 4, 12 * j + 3 * (n % 4):12 * j + 3 * (n % 4) + 3],
+                                          [rows[n, 2 * j], rows[n, 2 * j + 1], rows[n, 2 * b + j]])
+    with pytest.raises(ValueError, match="multiple"):
+        QuantSpec(6, 64, 3, 32, True, "dp4a3r4")
+    # what an export asking for dp4a3r4 stores: dp4a3 (one row at a time) where N is not a multiple of 4
+    assert [layout_for_rows(lay, n) for lay, n in (("dp4a3r4", 8), ("dp4a3r4", 6), ("bytes3", 6))] == [
+        "dp4a3r4", "dp4a3", "bytes3"]
+    spec = QuantSpec(8, 100, 3, 32, False, "dp4a3r4")
+    q = rng.integers(0, 8, (8, 100))
+    words = repack_dp4a3r4_np(pack(q, 3), 100)
+    scales = (rng.random((8, spec.n_groups)) + 0.5).astype(np.float16)
+    zeros = rng.integers(0, 8, (8, spec.n_groups)).astype(np.uint8)
+    qw = te.placeholder((8, spec.words), "uint32")
+    sc = te.placeholder((8, spec.n_groups), "float16")
+    zr = te.placeholder((8, spec.n_groups), "uint8")
+    w = te.compute((8, 100), lambda i, j: weight_te(spec, qw, sc, zr, i, j))
+    f = tvm.compile(te.create_prim_func([qw, sc, zr, w]), target="llvm")
+    out = tvm.runtime.empty((8, 100), "float16", tvm.cpu())
     f(*[tvm.runtime.tensor(a) for a in (words, scales, zeros)], out)
     np.testing.assert_allclose(out.numpy().astype(np.float32), dequantize_np(spec, words, scales, zeros),
                                rtol=1e-3, atol=1e-3)

@@ -5,6 +5,9 @@ full-precision output on the full-precision stream (the target), train the block
 so that the quantized block fed the *quantized* stream matches that target (MSE; with `aug_loss` also the full-precision
 block fed the quantized stream, as the published scripts do for W2), fold everything learned into norms, biases,
 integers, scales and zero points (see `fuse.py`), and pass the fused block's outputs on as the next block's inputs.
+With `block_target="local"` the target is the full-precision block fed the quantized stream instead: the paper's target
+also holds the error the earlier blocks passed on through the residual, which this block's clipping cannot undo, and
+on qwen2 that inherited error (the attention sink's massive channels) is nearly all of each later block's loss.
 
 Training is stochastic (mini-batches of a few windows, AdamW at a fixed rate), and a block's loss can end higher than it
 started (SmolLM2's block 28 went 188.8 -> 195.8 with the CPU-reduced settings). The block loss over every calibration
@@ -153,15 +156,18 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
         product_w = dict(zip(gm[:2], prod.remove())) if prod is not None else {}
         weak = _weak_columns(family, block, scheme, weak_counts, act_sqmean) if weak_counts else None
         ob = OmniBlock(block, model.config, scheme, cfg, weak).to(device)
-        aug_out = _run(block, {}, q_hidden, kw, device, bs)[0] if cfg.aug_loss else None
+        # the fp block on the quantized stream: the aug loss's target, or the only one with `block_target="local"`
+        q_ref = _run(block, {}, q_hidden, kw, device, bs)[0] if cfg.aug_loss or cfg.block_target == "local" else None
+        target = q_ref if cfg.block_target == "local" else fp_out
+        aug_out = q_ref if cfg.aug_loss else None
         if ob.let is not None:
             ob.let.init_from_stats(ob.base, act_absmax, act_mean, cfg.let_alpha)
         if cfg.lwc and cfg.lwc_init == "search":
             ob.search_lwc_init(act_sqmean, product_w)
         with torch.no_grad():
-            _, loss_before = _run(block, ob.effective(), q_hidden, kw, device, bs, fp_out, cfg.loss)
+            _, loss_before = _run(block, ob.effective(), q_hidden, kw, device, bs, target, cfg.loss)
 
-        steps, epoch_losses = _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg, device, i, n_blocks, progress,
+        steps, epoch_losses = _train(block, ob, q_hidden, target, aug_out, kw, cfg, device, i, n_blocks, progress,
                                      loss_before)
 
         if keep_live:
@@ -170,7 +176,7 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
         apply_fused(block, plain, qws)
         if cfg.gptq:
             _gptq_rounding(family, block, ob, plain, qws, lin_stats, BlockInputs(q_hidden, kw), device, bs, cfg)
-        q_next, loss_after = _run(block, {}, q_hidden, kw, device, bs, fp_out, cfg.loss)
+        q_next, loss_after = _run(block, {}, q_hidden, kw, device, bs, target, cfg.loss)
         layers[i] = block.to("cpu")
         prefix = family.layer_prefix(i)
         block_stats = {f"{prefix}.{rel}": s for rel, s in lin_stats.items()}
@@ -181,7 +187,7 @@ def calibrate_omniquant(model, samples: torch.Tensor, scheme: QuantScheme, cfg: 
                             extra={"epoch_losses": epoch_losses} if epoch_losses else {})
         summaries.append(summ)
         q_hidden, fp_hidden = q_next, fp_out
-        del aug_out
+        del aug_out, q_ref, target
         state.save(i, plain, qws, {"stats": block_stats,
                                    "summary": {k: v for k, v in asdict(summ).items() if k != "resumed"}},
                    q_hidden, fp_hidden)
@@ -245,7 +251,8 @@ def _weak_columns(family, block, scheme: QuantScheme, counts: dict, act_sqmean: 
 
 def _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg: OmniConfig, device, i, n_blocks, progress,
            loss_start: float) -> tuple[int, list]:
-    """Train `ob` in place; returns (optimizer steps, block loss after each epoch if `keep_best`, else [])."""
+    """Train `ob` in place toward `fp_out` (the block's target); returns (optimizer steps, block loss after each epoch
+    if `keep_best`, else [])."""
     groups = []
     if ob.lwc_params():
         groups.append({"params": ob.lwc_params(), "lr": cfg.lwc_lr})

@@ -98,7 +98,9 @@ def test_resume_reproduces_checkpoint_bytes(tmp_path, model_dirs, text_file, mon
 @pytest.mark.parametrize("opts,msg", [({"epochs": -1}, "--epochs"), ({"let_alpha": 2.0}, "--let-alpha"),
                                       ({"lwc": False, "let": False}, "nothing to train"),
                                       ({"lwc_lr": 0.0}, "--lwc-lr"), ({"owq_target_bits": 2.0}, "owq-target-bits"),
-                                      ({"loss": "l1"}, "'mse'")])
+                                      ({"loss": "l1"}, "'mse'"),
+                                      ({"epochs": 1, "block_target": "local", "aug_loss": True}, "--aug-loss"),
+                                      ({"epochs": 0, "block_target": "local"}, "--epochs N")])
 def test_bad_options_are_one_line_errors(tmp_path, model_dirs, text_file, opts, msg):
     with pytest.raises(EdgequantError, match=msg) as e:
         api.quantize(model_dirs["llama"], tmp_path / "o", method="omniquant", calib=text_file, nsamples=2,
@@ -267,3 +269,43 @@ def test_gptq_rounding_reads_percdamp_and_act_order():
                                     OmniConfig(epochs=0, batch_size=2, gptq=True, **kw), progress=False)
         codes[tuple(kw)] = q[name].q
     assert not torch.equal(codes[()], codes[("percdamp",)]) and not torch.equal(codes[()], codes[("act_order",)])
+
+
+def test_local_target_counts_only_the_blocks_own_error():
+    """`block_target="local"`: each block is trained toward the fp block fed the *quantized* stream, so the error the
+    earlier blocks passed on through the residual (which its clipping cannot undo) is not in its loss. Block 0 sees
+    the same stream either way; block 1's start loss under the paper's target holds block 0's error on top."""
+    from edgequant.calibrate.blocks import BlockInputs, capture_first_block_inputs, run_block
+    from edgequant.quantizer import group_minmax, params_from_range, quantize_weight
+    samples = _samples()
+    scheme = QuantScheme(2, 32)
+    paper = calibrate_omniquant(make_tiny_model("qwen2"), samples, scheme, OmniConfig(epochs=1, batch_size=2),
+                                progress=False)[2]
+    m = make_tiny_model("qwen2")
+    ref = copy.deepcopy(m)
+    q, _, local, _ = calibrate_omniquant(m, samples, scheme, OmniConfig(epochs=1, batch_size=2, block_target="local"),
+                                         progress=False)
+    assert local[0].loss_before == pytest.approx(paper[0].loss_before, rel=1e-6)
+    assert paper[1].loss_before > 2 * local[1].loss_before
+    # block 1's start, recomputed here: its initial clipping (sigmoid(4)) on block 0's quantized output, against the
+    # fp block 1 on that same input
+    layers = m.model.layers
+    x = capture_first_block_inputs(m, layers, samples)
+    h = BlockInputs(run_block(layers[0], x, batch_size=2), x.kwargs)
+    with torch.no_grad():
+        fp1 = ref.model.layers[1]
+        want = run_block(fp1, h, batch_size=2)
+        start = copy.deepcopy(fp1)
+        for lin in start.modules():
+            if isinstance(lin, torch.nn.Linear):
+                w = lin.weight.float()
+                lo, hi = group_minmax(w, scheme)
+                f = torch.sigmoid(torch.tensor(4.0))
+                lin.weight.copy_(quantize_weight(w, scheme, *params_from_range(lo * f, hi * f, scheme)).dequantize())
+                if lin.bias is not None:
+                    lin.bias.copy_(lin.bias.half().float())
+        for n, p in start.named_parameters():
+            if n.endswith("layernorm.weight"):
+                p.copy_(p.half().float())
+        got = run_block(start, h, batch_size=2)
+    assert local[1].loss_before == pytest.approx(float(torch.nn.functional.mse_loss(got, want)), rel=1e-4)
