@@ -417,6 +417,7 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
             raise CheckpointError(f"{f}: 'layer_types' names sliding-window layers, but use_sliding_window is not "
                                   "true or sliding_window is null (transformers cannot run that); " + restore)
     _check_windows(f, c, restore)
+    _check_rope_types(f, c, restore)
     for key in ("rope_parameters", "rope_scaling"):
         rp = c.get(key)
         if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) in ("longrope", "su"):
@@ -431,6 +432,21 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
     if not isinstance(c.get("model_type"), str):
         raise CheckpointError(f"{f}: 'model_type' is " + ("missing" if c.get("model_type") is None else
                                                           f"{c['model_type']!r}, not a model type name") + "; " + restore)
+
+
+def _check_rope_types(f, c: dict, restore: str):
+    """Each RoPE block's type is one transformers computes (its own check only logs a warning for another one before
+    the model build fails: two stderr lines, fifteenth re-run); Gemma 3 nests one block per layer kind."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    known = {"default", "su", *ROPE_INIT_FUNCTIONS}
+    for key in _ROPE_BLOCKS:
+        rp = c.get(key)
+        blocks = [rp, *(v for v in rp.values() if isinstance(v, dict))] if isinstance(rp, dict) else []
+        for b in blocks:
+            kind = b.get("rope_type", b.get("type"))
+            if kind is not None and not (isinstance(kind, str) and kind in known):
+                raise CheckpointError(f"{f}: {key}'s rope_type is {kind!r}, not one of {', '.join(sorted(known))}; "
+                                      + restore)
 
 
 def _check_windows(f, c: dict, restore: str):
