@@ -51,12 +51,13 @@ def interrupt_line(note: str) -> str:
 
 
 def _quiet_exit():
-    """Once the command has returned or said it was interrupted: a second Ctrl-C changes nothing, SIGTERM and SIGHUP
-    end the process at once (nothing is left to clean up)."""
+    """Once the command has returned or said it was interrupted, Ctrl-C, SIGTERM and SIGHUP change nothing: the
+    process exits with the command's own status (their default action ended a finished command with -15 and no
+    line: fifteenth re-run)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in _ENDING:
         if signal.getsignal(sig) is _on_sigint:
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, signal.SIG_IGN)
 
 
 _console = False     # set by `main`: this process is the `edgequant` command

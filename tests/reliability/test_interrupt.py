@@ -217,6 +217,9 @@ def test_sigint_at_the_swap_tells_what_the_output_holds(tmp_path, model_dirs, af
 # the command's own status (0) and nothing on stderr; it used to be "Exception ignored ..." tracebacks or a silent -2.
 AT_EXIT = {
     "atexit": "import atexit, os, signal\natexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n",
+    # SIGTERM/SIGHUP after the command returned: their default action ended it with -15 and no line (fifteenth)
+    "atexit_sigterm": "import atexit, os, signal\natexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n",
+    "atexit_sighup": "import atexit, os, signal\natexit.register(lambda: os.kill(os.getpid(), signal.SIGHUP))\n",
     "thread_join": """import os, signal, threading, time
 def _late():
     while threading.main_thread().is_alive():
