@@ -134,13 +134,13 @@ def convert(model, output, progress: bool = True) -> Path:
     """Write `model` (HF folder, .gguf file, hub id) unquantized as a Hugging Face folder with safetensors weights and
     its tokenizer: what `edgequant export` reads for an fp16 export (export itself never loads models with torch)."""
     from .atomic import atomic_output_dir
-    from .loading import load_model
+    from .loading import load_model, save_tokenizer
     _quiet_transformers(progress)
     m, tok = load_model(model)
     out = Path(output).expanduser().resolve()
     with atomic_output_dir(out, marker="config.json") as tmp:
         m.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        save_tokenizer(tok, tmp)
     return out
 
 

@@ -90,7 +90,8 @@ def save_checkpoint(out_dir, model, tokenizer, quantized: dict[str, QuantizedWei
                                                          lm_head=head in quantized)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            from .loading import save_tokenizer
+            save_tokenizer(tokenizer, tmp)
         prov = {"format_version": FORMAT_VERSION, "method": method, "scheme": scheme.to_dict(),
                 "scheme_name": scheme.name, **(provenance or {})}
         (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, default=str))

@@ -89,7 +89,7 @@ def fetch_named_model(name: str, progress: bool = True) -> Path:
             print("converting the GGUF file to a Hugging Face folder (once) ...", file=sys.stderr)
         model, tok = _load_gguf(gguf)
         model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        save_tokenizer(tok, tmp)
         shutil.rmtree(gguf.parent, ignore_errors=True)
         _strip_quantization_config(tmp / "config.json")
     return folder
@@ -273,13 +273,33 @@ def _gguf_config(path: Path, kw: dict, fixes: dict):
 
 def checked_tokenizer(tok, where, fix: str):
     """`tok`, once it encodes and decodes a short text: transformers takes tokenizer_config.json's fields unchecked
-    (a `model_max_length` of [] or "x" failed at the first encode, with a traceback: fourteenth re-run)."""
+    (a `model_max_length` of [] or "x" failed at the first encode, with a traceback: fourteenth re-run; a
+    chat_template of -1 failed in jinja when `chat` compiled it: fifteenth)."""
+    ct = getattr(tok, "chat_template", None)
+    if ct is not None and not (isinstance(ct, str) or isinstance(ct, dict) and all(
+            isinstance(v, str) for v in ct.values())):
+        raise EdgequantError(f"the tokenizer of {where} has a chat_template of {type(ct).__name__} {first_line(ct, 40)}"
+                             f", not a template text; {fix}")
     try:
         tok.decode(tok("hello world")["input_ids"])
     except Exception as e:  # noqa: BLE001 - a damaged tokenizer fails with any type
         raise EdgequantError(f"the tokenizer of {where} cannot encode text ({type(e).__name__}: {first_line(e, 120)}); "
                              f"{fix}") from None
     return tok
+
+
+def save_tokenizer(tok, folder) -> None:
+    """`tok.save_pretrained(folder)`, with the full disk its Rust writer reports as a bare Exception ("No space left
+    on device (os error 28)": a traceback, fifteenth re-run) raised as the OSError output folders report."""
+    import errno
+    try:
+        tok.save_pretrained(folder)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception for I/O errors
+        if "os error 28" in str(e) or "No space left" in str(e):
+            raise OSError(errno.ENOSPC, "No space left on device") from None
+        raise
 
 
 @contextmanager

@@ -283,7 +283,11 @@ def check_tensor_cache(dist: Path, info: dict) -> None:
             raise EdgequantError(f"weight shard {shard['dataPath']} is missing from {dist}; copy the whole folder "
                                  f"again or {_FIX}")
         size = path.stat().st_size
-        if shard.get("format", "raw-shard") != "raw-shard" or shard.get("nbytes", size) != size:
+        # TVM's loader reads both keys unchecked (a missing one was its KeyError traceback: fifteenth re-run)
+        if shard.get("format") != "raw-shard":
+            raise _damaged(f, f"the shard record of {shard['dataPath']} has format {_short(shard.get('format'))}, "
+                              "not 'raw-shard'")
+        if shard.get("nbytes") != size:
             raise EdgequantError(f"weight shard {shard['dataPath']} has {size} bytes, {TENSOR_CACHE} says "
                                  f"{shard.get('nbytes')}: it is truncated or replaced; {_FIX}")
         if not isinstance(shard.get("md5sum"), str) or _md5(path) != shard["md5sum"].lower():
@@ -293,7 +297,7 @@ def check_tensor_cache(dist: Path, info: dict) -> None:
             if not (isinstance(r, dict) and isinstance(r.get("name"), str) and _shape(r.get("shape"))
                     and isinstance(r.get("dtype"), str) and r["dtype"] in _DTYPES and _int(r.get("byteOffset"))
                     and _int(r.get("nbytes"))
-                    and r.get("format", "raw") == "raw"):
+                    and r.get("format") == "raw"):
                 raise _damaged(f, f"a record in {shard['dataPath']} lacks name/shape/dtype/byteOffset/nbytes")
             itemsize = 2 if r["dtype"] == "bfloat16" else np.dtype(_DTYPES[r["dtype"]]).itemsize
             if r["nbytes"] != math.prod(r["shape"]) * itemsize:   # Python ints: a dimension of 2^64 overflowed numpy

@@ -157,3 +157,18 @@ def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_lin
         save_file(tensors, f, metadata={"format": "pt"})
         m, _ = loading.load_model(src)
         assert m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()
+
+
+def test_a_full_disk_while_saving_a_tokenizer_is_the_oserror_output_folders_report():
+    """The tokenizers library reports a full disk as a plain Exception (a traceback from quantize and convert:
+    fifteenth re-run); output folders turn an ENOSPC OSError into one line."""
+    import errno
+
+    from edgequant.loading import save_tokenizer
+
+    class Tok:
+        def save_pretrained(self, folder):
+            raise Exception("No space left on device (os error 28)")
+    with pytest.raises(OSError) as e:
+        save_tokenizer(Tok(), "x")
+    assert e.value.errno == errno.ENOSPC

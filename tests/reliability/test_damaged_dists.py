@@ -139,6 +139,10 @@ CASES = {
     "export_json_bad_vocab": (lambda d: edit_json(d / EXPORT, lambda i: i["model"].__setitem__("vocab_size", -1)),
                               ["vocab_size"]),
     "tokenizer_missing": (lambda d: (d / "tokenizer.json").unlink(), ["tokenizer"]),
+    # the fifteenth re-run: a non-text chat template failed in jinja when `chat` compiled it (traceback)
+    "tokenizer_chat_template_a_number": (lambda d: edit_json(d / "tokenizer_config.json",
+                                                             lambda c: c.__setitem__("chat_template", -1)),
+                                         ["tokenizer", "chat_template"]),
     "tokenizer_max_length_a_list": (lambda d: edit_json(d / "tokenizer_config.json",
                                                         lambda c: c.__setitem__("model_max_length", [])),
                                     ["tokenizer", "cannot encode"]),
@@ -186,6 +190,9 @@ CASES = {
     "target_a_list": (_export(lambda i: i.__setitem__("target", [])), [EXPORT, "'target'"]),
     "param_dtype_an_object": (_export(lambda i: i["params"][1].__setitem__("dtype", {})), [EXPORT, "'params'"]),
     "model_type_a_list": (_model("model_type", [1]), [EXPORT, "model_type"]),
+    # the fifteenth re-run: TVM's loader reads these keys unchecked (KeyError traceback)
+    "shard_format_missing": (_first_shard(lambda s: s.pop("format")), [CACHE, "raw-shard"]),
+    "record_format_missing": (_first_shard(lambda s: s["records"][0].pop("format")), [CACHE]),
     "tensor_listed_twice": (_cache(lambda c: c["records"].append(c["records"][0])), [CACHE, "listed twice"]),
     # the fourteenth re-run (T24, T25): a dtype looked up in a dict (TypeError), a dimension numpy cannot hold
     "record_dtype_a_list": (_first_shard(lambda s: s["records"][0].__setitem__("dtype", [1, 2])), [CACHE]),
