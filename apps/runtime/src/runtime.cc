@@ -665,7 +665,11 @@ uint64_t CheckTensorCache(const std::string& dist, const ExportInfo& info) {
     int64_t size = st.st_size;
     auto fmt = StrField(*shard, "format");
     auto nbytes = Field(*shard, "nbytes");
-    if ((fmt && *fmt != "raw-shard") || (nbytes && nbytes->as<int64_t>() != std::optional<int64_t>(size))) {
+    // both keys required: TVM's tensor-cache loader reads them unchecked
+    if (!fmt || *fmt != "raw-shard") {
+      Damaged(file, "the shard record of " + *data_path + " has no format 'raw-shard'");
+    }
+    if (!nbytes || nbytes->as<int64_t>() != std::optional<int64_t>(size)) {
       Fail(EDGEQUANT_ERR_DAMAGED, "weight shard " + *data_path + " has " + std::to_string(size) + " bytes, " +
                                       kTensorCache + " says otherwise: it is truncated or replaced; " + kFix);
     }
@@ -685,7 +689,7 @@ uint64_t CheckTensorCache(const std::string& dist, const ExportInfo& info) {
       auto off = r ? IntField(*r, "byteOffset", 0) : std::nullopt;
       auto nb = r ? IntField(*r, "nbytes", 0) : std::nullopt;
       auto rfmt = r ? StrField(*r, "format") : std::nullopt;
-      if (!name || !dtype || !shape || !off || !nb || !ItemSize(*dtype) || (rfmt && *rfmt != "raw")) {
+      if (!name || !dtype || !shape || !off || !nb || !ItemSize(*dtype) || !rfmt || *rfmt != "raw") {
         Damaged(file, "a record in " + *data_path + " lacks name/shape/dtype/byteOffset/nbytes");
       }
       if (*nb != Product(*shape) * ItemSize(*dtype)) Damaged(file, "'" + *name + "' has the wrong nbytes for its shape");
