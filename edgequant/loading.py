@@ -214,8 +214,14 @@ def _gguf_rope_fixes(path: Path, arch, rope: dict) -> dict:
         raise EdgequantError(f"{path.name}: in its metadata '{arch}.rope.scaling.factor' is {factor!r}; it must be a "
                              "positive number (linear RoPE scaling); the file is damaged: download or convert it again")
     if scaled and factor != 1:
+        if arch not in _GGUF_LINEAR_ROPE:   # Phi-3's config takes only longrope, Gemma 3 nests one block per kind
+            raise EdgequantError(f"{path.name}: its linear RoPE scaling cannot be carried into a {arch} config by "
+                                 "transformers' GGUF reader; quantize the Hugging Face folder instead")
         fixes["rope_parameters"] = {"rope_type": "linear", "factor": float(factor)}
     return fixes
+
+
+_GGUF_LINEAR_ROPE = ("llama", "mistral", "qwen2", "qwen3")   # GGUF architectures whose config takes linear scaling
 
 
 # metadata naming a head's width (keys, values, the rotated part), which transformers' reader maps for some
