@@ -158,3 +158,18 @@ def test_gpu_and_mobile_targets_compile(target, tmp_path, tokenizer):
     else:
         code = lib[0].read_bytes()
     assert b"edgequant_decode_paged_kv_gpu_sliding_window" in code
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_a_one_token_window_beside_full_layers_is_refused(model_type):
+    """Such an export ran other tokens than transformers (fifteenth re-run, S40; windows of 2, 3, 8 and a window of 1
+    on every layer match): refused rather than run wrong."""
+    from transformers import AutoConfig
+
+    from edgequant.export.models.gemma import GemmaArchConfig
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=7, hidden_size=64, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, intermediate_size=96, vocab_size=100,
+                               sliding_window=1).to_dict()   # 7 layers: both kinds in both families' defaults
+    with pytest.raises(EdgequantError, match="sliding window of 1 token"):
+        GemmaArchConfig.from_hf(cfg)
+    assert GemmaArchConfig.from_hf({**cfg, "layer_types": ["sliding_attention"] * 7}).sliding_window == 1
