@@ -408,8 +408,8 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
                               "remove layer_types if the model is a plain Mistral, or " + restore)
     if types is not None and "sliding_attention" in types:
         if c.get("model_type") in _NO_LAYER_TYPES:
-            # transformers' forward ignores them (llama, phi3) or builds another model (mistral -> Ministral), while
-            # its generation slides the cache of those layers: no one model to quantize or export
+            # transformers' forward ignores them, while its generation slides the cache of those layers: no one
+            # model to quantize or export (mistral's are refused above, whatever they name)
             raise CheckpointError(f"{f}: 'layer_types' names sliding-window layers, which a {c['model_type']} model "
                                   "does not have (transformers' forward and generation disagree on them); " + restore)
         if c.get("model_type") in ("qwen2", "qwen3") and not (c.get("use_sliding_window") is True
@@ -466,7 +466,7 @@ def _check_windows(f, c: dict, restore: str):
                               f"{c.get('sliding_window')!r}; " + restore)
 
 
-_NO_LAYER_TYPES = ("llama", "mistral", "phi3")   # model types whose transformers model has no per-layer attention kinds
+_NO_LAYER_TYPES = ("llama", "phi3")   # model types whose transformers model has no per-layer attention kinds
 
 
 def _is_count(v, lo=0) -> bool:

@@ -139,15 +139,13 @@ def _gguf_config_fixes(path: Path) -> dict:
         field = lambda k: r.fields[k].contents() if k in r.fields else None   # noqa: E731
         arch = field("general.architecture")
         rope_factors = any(t.name.startswith("rope_factors_") for t in r.tensors)
-        head_dim, heads, hidden = (field(f"qwen3.{k}") for k in ("attention.key_length", "attention.head_count",
-                                                                 "embedding_length"))
         q = next((int(np.prod(t.shape)) for t in r.tensors if t.name == "blk.0.attn_q.weight"), None)
         blocks = {int(t.name.split(".")[1]) for t in r.tensors
                   if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
         block_count = field(f"{arch}.block_count")
         rope = {k: field(f"{arch}.rope.{k}") for k in ("scaling.type", "scaling.factor")}
         widths = {k: field(f"{arch}.{k}") for k in _GGUF_HEAD_WIDTHS}
-        heads_any, hidden_any = field(f"{arch}.attention.head_count"), field(f"{arch}.embedding_length")
+        heads, hidden = field(f"{arch}.attention.head_count"), field(f"{arch}.embedding_length")
         vocab = len(r.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in r.fields else None
         special = {k: field(f"tokenizer.ggml.{k}") for k in _GGUF_SPECIAL_TOKENS}
     except Exception as e:  # noqa: BLE001
@@ -167,6 +165,7 @@ def _gguf_config_fixes(path: Path) -> dict:
     if arch == "phi3" and rope_factors:
         raise EdgequantError(f"{path.name} is a Phi-3 GGUF with longrope factors, which transformers' GGUF reader "
                              "drops (the model would compute another RoPE); quantize the Hugging Face folder instead")
+    head_dim = widths["attention.key_length"]
     if arch == "qwen3" and head_dim is not None:
         ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (head_dim, heads, hidden))
         # the query projection holds heads x head_dim rows of the hidden width: any other head_dim builds a model
@@ -176,7 +175,7 @@ def _gguf_config_fixes(path: Path) -> dict:
                                  "query weights (heads x head_dim x hidden); the file is damaged: download or "
                                  "convert it again")
         fixes = {**fixes, "head_dim": head_dim}
-    _check_gguf_head_widths(path, arch, widths, heads_any, hidden_any)
+    _check_gguf_head_widths(path, arch, GGUF_CONFIG_MAPPING.get(arch, {}), widths, heads, hidden)
     return fixes
 
 
@@ -200,7 +199,7 @@ def _gguf_rope_fixes(path: Path, arch, rope: dict) -> dict:
     """RoPE scaling transformers' GGUF reader drops for our families, as config overrides or a refusal: linear
     scaling joins the config's `rope_parameters` (dropped, a long-context model would compute another RoPE), other
     scaling types are refused."""
-    import math
+    from .checkpoint import number_problem
     fixes = {}
     kind, factor = rope["scaling.type"], rope["scaling.factor"]
     if kind is None and factor is not None:
@@ -209,8 +208,8 @@ def _gguf_rope_fixes(path: Path, arch, rope: dict) -> dict:
     if scaled and kind != "linear":
         raise EdgequantError(f"{path.name}: its RoPE scaling {kind!r} is not read by transformers' GGUF reader (the "
                              "model would compute another RoPE); quantize the Hugging Face folder instead")
-    if (scaled or factor is not None) and (isinstance(factor, bool) or not isinstance(factor, (int, float))
-                                           or not math.isfinite(factor) or not 0 < factor <= 1 << 24):
+    # a scaling type needs a factor; a factor must lie in a config's range for it (`checkpoint.NUMBER_RULES`)
+    if (scaled and factor is None) or number_problem({"factor": factor}):
         raise EdgequantError(f"{path.name}: in its metadata '{arch}.rope.scaling.factor' is {factor!r}; it must be a "
                              "positive number (linear RoPE scaling); the file is damaged: download or convert it again")
     if scaled and factor != 1:
@@ -229,13 +228,13 @@ _GGUF_LINEAR_ROPE = ("llama", "mistral", "qwen2", "qwen3")   # GGUF architecture
 _GGUF_HEAD_WIDTHS = ("attention.key_length", "attention.value_length", "rope.dimension_count")
 
 
-def _check_gguf_head_widths(path: Path, arch, widths: dict, heads, hidden):
+def _check_gguf_head_widths(path: Path, arch, mapping: dict, widths: dict, heads, hidden):
     """Where transformers' reader ignores a head-width field, it must be the width the model is built with: one
     mapped field (llama: rope.dimension_count; Gemma: key_length; Qwen3: key_length, `_gguf_config_fixes`) or
     hidden / heads. Another value describes another model that would load silently as this one (a qwen2
-    key_length of -16 or 16.5, a rotary width of 7: fourteenth re-run, S39)."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-    mapped = dict(GGUF_CONFIG_MAPPING.get(arch, {}))
+    key_length of -16 or 16.5, a rotary width of 7: fourteenth re-run, S39). `mapping`: transformers' GGUF key ->
+    config field map for `arch`."""
+    mapped = dict(mapping)
     if arch == "qwen3":
         mapped["attention.key_length"] = "head_dim"
     used = [widths[k] for k in _GGUF_HEAD_WIDTHS if mapped.get(k) == "head_dim" and widths[k] is not None]

@@ -25,7 +25,6 @@ _PAIRS = tuple(replace(p, producer="pre_feedforward_layernorm") if p.name == "fc
                for p in LLAMA_FAMILY.let_pairs)
 
 
-
 def _every_nth_full(default: int, key: str | None = None):
     """Layer kinds where config.json lists none, as transformers' Gemma configs fill them in: every n-th layer full,
     the others sliding (Gemma 2: n = 2; Gemma 3: n = `sliding_window_pattern`, 6 by default). A model folder without
