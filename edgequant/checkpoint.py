@@ -418,7 +418,7 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
                                   "true or sliding_window is null (transformers cannot run that); " + restore)
     _check_windows(f, c, restore)
     _check_rope_types(f, c, restore)
-    for key in ("rope_parameters", "rope_scaling"):
+    for key in _ROPE_BLOCKS:
         rp = c.get(key)
         if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) in ("longrope", "su"):
             # transformers only warns and broadcasts a list of another length over the rotary frequencies
