@@ -89,6 +89,10 @@ NUMBER_RULES = {
 }
 _LISTS = ("short_factor", "long_factor")
 _ROPE_BLOCKS = ("rope_scaling", "rope_parameters")
+# The RoPE types transformers computes (its ROPE_INIT_FUNCTIONS, plus "default" and Phi-3's old "su"), written out so
+# that opening a checkpoint for export does not import transformers; tests/test_loading.py checks it against the
+# installed transformers
+ROPE_TYPES = frozenset({"default", "su", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional"})
 
 
 # RoPE types whose frequencies depend on original_max_position_embeddings; under the others (default, linear) the
@@ -437,8 +441,7 @@ def check_model_config(f: Path, c: dict, fix: str | None = None):
 def _check_rope_types(f, c: dict, restore: str):
     """Each RoPE block's type is one transformers computes (its own check only logs a warning for another one before
     the model build fails: two stderr lines, fifteenth re-run); Gemma 3 nests one block per layer kind."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    known = {"default", "su", *ROPE_INIT_FUNCTIONS}
+    known = ROPE_TYPES
     for key in _ROPE_BLOCKS:
         rp = c.get(key)
         blocks = [rp, *(v for v in rp.values() if isinstance(v, dict))] if isinstance(rp, dict) else []

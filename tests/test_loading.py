@@ -172,3 +172,12 @@ def test_a_full_disk_while_saving_a_tokenizer_is_the_oserror_output_folders_repo
     with pytest.raises(OSError) as e:
         save_tokenizer(Tok(), "x")
     assert e.value.errno == errno.ENOSPC
+
+
+def test_the_rope_types_checked_cover_those_transformers_computes():
+    """checkpoint.ROPE_TYPES is written out (export opens checkpoints without importing transformers): a RoPE type a
+    newer transformers adds must be added there, or quantize and eval would refuse models it runs."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from edgequant.checkpoint import ROPE_TYPES
+    assert set(ROPE_INIT_FUNCTIONS) <= ROPE_TYPES
