@@ -666,8 +666,8 @@ def read_provenance(folder: Path) -> dict:
         prov = json.loads(f.read_text()) if f.is_file() else {}
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return {}
-    if not isinstance(prov, dict) or any(k in prov and not isinstance(prov[k], t)
-                                         for k, t in _PROVENANCE_SECTIONS.items()):
+    if not isinstance(prov, dict) or any(prov.get(k) is not None and not isinstance(prov[k], t)
+                                         for k, t in _PROVENANCE_SECTIONS.items()):   # null: not recorded (RTN)
         return {}
     opts = prov.get("options") or {}
     if any(not isinstance(v, dict) for v in (prov.get("layers") or {}).values()) or any(

@@ -288,6 +288,16 @@ def test_damaged_provenance_is_not_fatal_but_inspect_says_so(good_ckpt, tmp_path
     assert "calibration     unknown (edgequant.json missing)" in res[1]["stdout"]
 
 
+def test_a_null_provenance_section_is_not_damage(model_dirs, tmp_path):
+    """RTN records `"calibration": null`: inspect called every RTN checkpoint's edgequant.json damaged after the
+    section types were checked (null is "not recorded")."""
+    from edgequant import api
+    from edgequant.checkpoint import inspect
+    ck = api.quantize(model_dirs["llama"], tmp_path / "rtn", method="rtn", group_size=32, progress=False)
+    assert json.loads((ck / "edgequant.json").read_text())["calibration"] is None
+    assert inspect(ck)["provenance"] == "ok"
+
+
 def test_fp16_table_beside_the_quantized_one_is_refused(model_dirs, tmp_path):
     """An `--embed-bits 4` checkpoint with a zero fp16 `model.embed_tokens.weight` added: the fp16 one was loaded in
     place of the packed table (uniform logits, exit 0; the fourth re-run's S15)."""
