@@ -91,6 +91,7 @@ def test_weights_transformers_would_invent_or_drop_are_refused(tmp_path, model_d
     ("return_dict_null", "'return_dict' must be true or false, not None"),
     # the fifteenth re-run: transformers logged its own warning line before the build failed
     ("rope_type_bogus", "rope_parameters's rope_type is 'x', not one of"),
+    ("rope_type_null", "rope_parameters's rope_type is None, not one of"),   # sixteenth re-run, T33
     ("tied_other_head", "config.json ties the output layer to the embedding (tie_word_embeddings), but the weight "
                         "files hold an lm_head.weight that differs"),
     # the tenth re-run: sizes transformers built a model from before comparing the weights (never finished)
@@ -128,8 +129,8 @@ def test_weights_and_config_fields_transformers_would_cast_or_reject_are_one_lin
         cfg["num_key_value_heads"] = 0
     elif damage == "return_dict_null":
         cfg["return_dict"] = None
-    elif damage == "rope_type_bogus":
-        cfg["rope_parameters"] = {**cfg.get("rope_parameters", {}), "rope_type": "x"}
+    elif damage in ("rope_type_bogus", "rope_type_null"):
+        cfg["rope_parameters"] = {**cfg.get("rope_parameters", {}), "rope_type": "x" if damage.endswith("bogus") else None}
     elif damage == "layers_1e6":
         cfg["num_hidden_layers"] = 1_000_000
     elif damage == "layers_2p31":

@@ -315,3 +315,19 @@ def test_export_checks_its_own_dist_before_it_replaces_anything(good_dist, tmp_p
     assert "context_window" in str(e.value) and str(tmp) not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     _check_own_output(good_dist, out, good_dist)   # a good DIST passes
+
+
+@pytest.mark.parametrize("template, error", [("{{ 1/0 }}", "ZeroDivisionError"),
+                                             ("{{ 1 + 'a' }}", "TypeError"),
+                                             ("{% for i in range(10**9) %}x{% endfor %}", "OverflowError")])
+def test_a_chat_template_that_raises_while_rendering_is_refused(template, error):
+    """Errors other than jinja2's own, raised by the template's code as it renders, came through as tracebacks
+    (sixteenth re-run, T32)."""
+    from conftest import make_tokenizer
+
+    from edgequant.errors import EdgequantError
+    from edgequant.export.api import _apply_template
+    tok = make_tokenizer()
+    tok.chat_template = template
+    with pytest.raises(EdgequantError, match=f"chat_template in DIST/tokenizer_config.json was refused \\({error}"):
+        _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST")
