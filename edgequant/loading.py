@@ -475,6 +475,11 @@ def load_model(model: str | os.PathLike | None, dtype=None):
             # "dtype": "bogus" (AttributeError), rope_parameters without their factor, pad_token_id past the vocabulary
             raise EdgequantError(f"could not load model '{src}': transformers cannot build it from {config} "
                                  f"({type(e).__name__}: {first_line(e, 160)}); {restore}") from None
+        if type(e) is Exception:
+            # the tokenizers library's own errors are plain Exceptions: "Error while initializing BPE: Token `x` out
+            # of vocabulary" for merges naming tokens the vocabulary lacks (sixteenth re-run, the lead's GGUF sweep)
+            raise EdgequantError(f"could not load model '{src}': its tokenizer cannot be built from {config} "
+                                 f"({first_line(e, 160)}); {restore}") from None
         if isinstance(e, _config_errors()):   # "Validation error for field 'x':\n    TypeError: Field 'x' expected ..."
             why = " ".join(str(e).split()).removeprefix("Validation error for field ")
             raise EdgequantError(f"could not load model '{src}': {config} is invalid ({why[:200]}); {restore}") \

@@ -47,7 +47,20 @@ DAMAGE = {
     "rms_epsilon_negative": lambda b: _set_f32(b, EPS, -1.0),
     # transformers' IndexError naming config.json (thirteenth re-run, S34b)
     "eos_id_past_vocabulary": lambda b: _set_u32(b, EOS, 2 ** 32 - 1),
+    # the tokenizers library's plain Exception ("Error while initializing BPE: Token ... out of vocabulary"; the
+    # sixteenth session's GGUF sweep)
+    "merge_of_unknown_tokens": lambda b: _first_merge_renamed(b),
 }
+
+
+def _first_merge_renamed(b: bytes) -> bytes:
+    """The first merge rule ("left right", a length-prefixed string) with its left token replaced by DEL bytes, which
+    byte-level vocabularies never hold raw."""
+    at = b.find(b"tokenizer.ggml.merges") + len(b"tokenizer.ggml.merges") + 4 + 4 + 8   # value type, item type, count
+    n = struct.unpack("<Q", b[at:at + 8])[0]
+    rule = b[at + 8:at + 8 + n]
+    left, _, right = rule.partition(b" ")
+    return b[:at + 8] + b"\x7f" * len(left) + b" " + right + b[at + 8 + n:]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +85,8 @@ def test_damaged_gguf_is_one_line(qwen3_gguf, tmp_path, damage):
         assert "qwen3.attention.key_length" in str(e.value)
     if damage.startswith("block_count"):
         assert "qwen3.block_count is" in str(e.value) and "the file holds 2 blocks" in str(e.value)
+    if damage == "merge_of_unknown_tokens":
+        assert "its tokenizer cannot be built from its metadata (Error while initializing BPE" in str(e.value)
     if damage.startswith("eos_id"):
         assert "'tokenizer.ggml.eos_token_id' is 4294967295" in str(e.value)
     if damage.startswith(("context_length", "rms_epsilon")):
