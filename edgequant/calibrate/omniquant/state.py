@@ -143,7 +143,9 @@ class ResumeState:
             nxt = rec.get("next")
             if rec.get("fingerprint") != self.fp or not isinstance(nxt, int) or not 0 < nxt <= len(layers):
                 raise StateMismatch("streams record")
-            if set(streams) != {"q", "fp"} or streams["q"].shape != streams["fp"].shape:
+            if (set(streams) != {"q", "fp"} or streams["q"].shape != streams["fp"].shape
+                    or not all(t.is_floating_point() and torch.isfinite(t).all() for t in streams.values())):
+                # a NaN there made every rerun fail with a loss of nan (sixteenth re-run, L7)
                 raise StateMismatch("streams tensors")
             blocks = []
             for i in range(nxt):
