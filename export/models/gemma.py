@@ -74,12 +74,6 @@ class GemmaArchConfig(ArchConfig):
         # (checkpoint.check_model_config) before a config reaches export
         types = tuple(family_for(mt).layer_types(c))
         sw = c.get("sliding_window")
-        if sw == 1 and set(types) == {"sliding_attention", "full_attention"}:
-            # measured, cause not found: such an export ran other tokens than transformers (windows 2, 3, 8 and a
-            # window of 1 on every layer match; fifteenth re-run, S40)
-            raise EdgequantError("export does not support a sliding window of 1 token beside full-attention layers "
-                                 "(its tokens would differ from transformers'); set sliding_window to 2 or more if "
-                                 "the model allows it")
         if c.get("use_bidirectional_attention"):
             raise EdgequantError("bidirectional Gemma models (use_bidirectional_attention) are not causal LMs; "
                                  "export supports causal ones")
