@@ -57,6 +57,8 @@ def _save(tensors: dict, record: dict, path: Path):
 
 def _load(path: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
+    if not path.is_file():   # a FIFO blocked the open for good (sixteenth re-run, C1); a device never ends
+        raise StateMismatch(f"{path.name} is not a regular file")
     try:
         with safe_open(str(path), framework="pt") as f:
             record = json.loads((f.metadata() or {})["record"])
@@ -124,6 +126,8 @@ class ResumeState:
 
     def _stored_fingerprint(self):
         try:
+            if not (self.dir / META).is_file():   # a FIFO would block the read (see `_load`)
+                return None
             meta = json.loads((self.dir / META).read_text())
             return meta.get("fingerprint") if isinstance(meta, dict) and meta.get("version") == STATE_VERSION else None
         except (OSError, ValueError):
