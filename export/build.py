@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 
+from edgequant.api import load_tokenizer
 from edgequant.atomic import atomic_output_dir, output_lock
 from edgequant.entry import native_code
 from edgequant.errors import EdgequantError
@@ -121,6 +122,9 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
     if not any((source.path / n).is_file() for n in TOKENIZER_VOCABS):
         raise EdgequantError(f"{source.path} has no tokenizer (tokenizer.json or tokenizer.model); `run`, `chat` and "
                              "`eval` of the DIST need it: save the model's tokenizer into that folder and export again")
+    # loaded as the DIST's runners will load it: an unreadable tokenizer.json was copied into a DIST no runner could
+    # use, without a word (sixteenth re-run, S41)
+    load_tokenizer(source.path, "restore the model's tokenizer files in that folder and export again")
     out = Path(output or f"{Path(str(checkpoint)).name}-{target}").expanduser().resolve()
     if out == source.path.resolve() or source.path.resolve().is_relative_to(out):
         raise EdgequantError(f"-o {out} is the model being exported; choose a new folder for the DIST")

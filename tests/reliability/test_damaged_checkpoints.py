@@ -195,6 +195,8 @@ CASES = {
     "weights_truncated": (_truncate, ["truncated"]),
     "index_path_leaves_folder": (_index_escape, ["outside.safetensors"]),
     "tokenizer_missing": (_no_tokenizer, ["tokenizer"]),
+    # the sixteenth re-run (S41): export copied it into a DIST no runner could use, and exited 0
+    "tokenizer_json_garbage": (lambda d: (d / "tokenizer.json").write_text("{garbage"), ["tokenizer"]),
     # the fourteenth re-run: transformers takes tokenizer_config.json's fields unchecked (TypeError at the first encode)
     "tokenizer_max_length_a_string": (lambda d: edit_json(d / "tokenizer_config.json",
                                                           lambda c: c.__setitem__("model_max_length", "x")),
@@ -208,7 +210,8 @@ CASES = {
 EXPORTED = ["quantization_config_removed", "rms_norm_eps_zero", "rope_theta_zero", "num_hidden_layers_1e9", "max_position_embeddings_negative",
             "max_position_embeddings_2_pow_40", "pack_msb", "index_path_leaves_folder", "zero_point_255_at_4_bits", "outlier_index_2_pow_30", "nan_scales",
             "sym_with_zero_points", "config_is_a_list", "rope_llama3_low_equals_high", "rope_per_layer_type_factor_0",
-            "tied_config_with_an_output_layer", "a_tensor_nothing_reads", "embedding_as_int32", "layer_types_bogus"]
+            "tied_config_with_an_output_layer", "a_tensor_nothing_reads", "embedding_as_int32", "layer_types_bogus",
+            "tokenizer_json_garbage"]
 
 
 @pytest.fixture(scope="module")
