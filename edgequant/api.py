@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -134,13 +135,20 @@ def convert(model, output, progress: bool = True) -> Path:
     """Write `model` (HF folder, .gguf file, hub id) unquantized as a Hugging Face folder with safetensors weights and
     its tokenizer: what `edgequant export` reads for an fp16 export (export itself never loads models with torch)."""
     from .atomic import atomic_output_dir
+    from .checkpoint import CONVERTED_NAME
     from .loading import load_model, save_tokenizer
+    out = Path(output).expanduser().resolve()
+    src = Path(str(model)).expanduser().resolve()
+    if out == src or src.is_relative_to(out):
+        raise EdgequantError(f"-o {out} is the model being converted; choose a new folder for the output")
     _quiet_transformers(progress)
     m, tok = load_model(model)
-    out = Path(output).expanduser().resolve()
-    with atomic_output_dir(out, marker="config.json") as tmp:
+    # its own marker: any model folder has a config.json, and `-o` of one replaced it with all it held (sixteenth
+    # re-run, L8)
+    with atomic_output_dir(out, marker=CONVERTED_NAME) as tmp:
         m.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tok, tmp)
+        (tmp / CONVERTED_NAME).write_text(json.dumps({"source": str(model), "versions": _versions()}, indent=2))
     return out
 
 

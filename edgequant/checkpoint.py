@@ -28,8 +28,9 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PROVENANCE_NAME = "edgequant.json"
 EXPORT_JSON = "edgequant-export.json"   # marks a DIST folder (written by `edgequant export`)
+CONVERTED_NAME = "edgequant-convert.json"   # marks an unquantized folder written by `edgequant convert`
 
-_OWNED = re.compile(r"config\.json|generation_config\.json|edgequant\.json|model(-\d+-of-\d+)?\.safetensors|"
+_OWNED = re.compile(r"config\.json|generation_config\.json|edgequant(-convert)?\.json|model(-\d+-of-\d+)?\.safetensors|"
                     r"model\.safetensors\.index\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
                     r"vocab\.json|merges\.txt|chat_template\.(jinja|json)")
 
@@ -40,6 +41,7 @@ def is_checkpoint_file(name: str) -> bool:
 
 
 register_owner(PROVENANCE_NAME, is_checkpoint_file)
+register_owner(CONVERTED_NAME, is_checkpoint_file)
 
 
 def read_config(folder: Path) -> dict:

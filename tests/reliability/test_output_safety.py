@@ -178,6 +178,29 @@ def test_replacing_a_checkpoint_that_holds_a_users_file_is_refused(tmp_path, mod
     assert (out / "notes.txt").exists() is False and (out / "edgequant.json").is_file()
 
 
+def test_convert_replaces_only_its_own_outputs(tmp_path, model_dirs):
+    """`convert -o` onto any model folder (its marker was config.json) replaced it and deleted what it held, the input
+    itself included (sixteenth re-run, L8). Now a folder convert did not write, or the model being converted, is
+    refused before any work; its own output is replaced, unless it holds a user's file."""
+    import shutil
+    user = tmp_path / "user-model"
+    shutil.copytree(model_dirs["llama"], user)
+    (user / "NOTES.md").write_text("mine")
+    before = {p.name: p.read_bytes() for p in user.iterdir()}
+    for src in (model_dirs["qwen2"], user):
+        with pytest.raises(EdgequantError, match="not an output of this command|is the model being converted"):
+            api.convert(src, user, progress=False)
+        assert {p.name: p.read_bytes() for p in user.iterdir()} == before
+    out = api.convert(model_dirs["llama"], tmp_path / "plain", progress=False)
+    assert (out / "edgequant-convert.json").is_file()
+    api.convert(model_dirs["qwen2"], out, progress=False)   # its own output: replaced
+    assert '"qwen2"' in (out / "config.json").read_text()
+    (out / "NOTES.md").write_text("mine")
+    with pytest.raises(EdgequantError, match="NOTES.md"):
+        api.convert(model_dirs["llama"], out, progress=False)
+    assert (out / "NOTES.md").read_text() == "mine"
+
+
 @pytest.mark.parametrize("length", [242, 255, 256])
 def test_an_output_name_too_long_for_its_working_files_is_one_line(tmp_path, model_dirs, length):
     """242-255 characters are legal names, but `.NAME.tmp-XXXXXXXX` beside them is not: quantize, export and convert
