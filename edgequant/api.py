@@ -201,8 +201,8 @@ def evaluate(checkpoint, data, seqlen: int = 2048, max_windows: int | None = Non
     """Perplexity of a saved checkpoint (rebuilt from its packed tensors) or of an unquantized model on `data`;
     with `reference` (the original model), also KL divergence and top-1 agreement. `record` appends the result to
     the checkpoint's edgequant.json (`edgequant report` plots it)."""
-    if not isinstance(seqlen, int) or seqlen < 1:
-        raise EdgequantError(f"--seqlen must be a positive number of tokens, not {seqlen!r}")
+    from .data import check_eval_seqlen
+    check_eval_seqlen(seqlen)   # before a model is loaded
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
         raise EdgequantError(f"--max-windows must be at least 1 (or left out for every window), not {max_windows!r}")
     check_device(device)

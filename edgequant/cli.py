@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .clitypes import DEVICE, POSITIVE, POSITIVE_FLOAT, Finite
+from .clitypes import DEVICE, EVAL_WINDOW, POSITIVE, POSITIVE_FLOAT, Finite
 
 
 class _Group(click.Group):
@@ -219,7 +219,7 @@ def quantize(model, output, method, bits, group_size, sym, embed_bits, embed_gro
 @main.command("eval")
 @click.argument("checkpoint")
 @click.option("--data", required=True, help="Evaluation text (WikiText-2 test file) or 'wikitext2' with a network.")
-@click.option("--seqlen", type=POSITIVE, default=2048, show_default=True)
+@click.option("--seqlen", type=EVAL_WINDOW, default=2048, show_default=True)
 @click.option("--max-windows", type=POSITIVE, default=None, help="Evaluate only the first N windows (CPU time).")
 @click.option("--reference", default=None, help="Original model: also report KL divergence and top-1 agreement.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
@@ -309,7 +309,7 @@ def inspect(checkpoint, as_json, layers, context):
 @click.argument("checkpoints", nargs=-1)
 @click.option("-o", "--output", default="report.png", show_default=True, help="PNG file to write.")
 @click.option("--data", default=None, help="Evaluation text for checkpoints without a recorded perplexity.")
-@click.option("--seqlen", type=POSITIVE, default=2048, show_default=True)
+@click.option("--seqlen", type=EVAL_WINDOW, default=2048, show_default=True)
 @click.option("--max-windows", type=POSITIVE, default=None, help="Evaluate only the first N windows (CPU time).")
 @click.option("--baseline", default=None, help="The unquantized model (evaluated on --data) or its perplexity.")
 @click.option("--results", multiple=True, help="A saved table from benchmarks/results/ (*.rows.json, *.json, *.md); "

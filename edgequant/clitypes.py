@@ -9,6 +9,7 @@ import click
 
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
+EVAL_WINDOW = click.IntRange(min=2)   # tokens per evaluation window (data.check_eval_seqlen says why)
 MAX_REPEATS = 1000   # `bench` keeps the fastest of N runs; 2**62 of them ran until killed
 
 

@@ -77,8 +77,17 @@ def random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
 
 
+def check_eval_seqlen(seqlen) -> None:
+    """An evaluation window's length: each token is predicted from those before it in the window, so one token
+    predicts nothing (`--seqlen 1` divided by zero: sixteenth re-run, T34)."""
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        raise EdgequantError(f"--seqlen must be at least 2 tokens (a window's first token has nothing before it to "
+                             f"predict it from), not {seqlen!r}")
+
+
 def eval_windows(tokenizer, source, seqlen: int = 2048, max_windows: int | None = None) -> torch.Tensor:
     """[n, seqlen] non-overlapping windows of the evaluation text (the tail shorter than seqlen is dropped)."""
+    check_eval_seqlen(seqlen)
     ids = tokenize(tokenizer, eval_text(source))
     n = len(ids) // seqlen
     if n == 0:

@@ -150,3 +150,13 @@ def test_quantize_says_when_it_replaced_a_checkpoint(runner, tmp_path, model_dir
 def test_eval_help_says_a_dist_is_slower(runner):
     r = runner.invoke(main, ["eval", "--help"])
     assert r.exit_code == 0 and "9x slower" in r.output
+
+
+@pytest.mark.parametrize("seqlen", [1, 0, True, 2.5])
+def test_an_evaluation_window_holds_at_least_two_tokens(seqlen):
+    """The Python API checks what the CLI's option type checks (one token predicts nothing: sixteenth re-run, T34)."""
+    from edgequant.data import check_eval_seqlen
+    from edgequant.errors import EdgequantError
+    with pytest.raises(EdgequantError, match="--seqlen must be at least 2 tokens"):
+        check_eval_seqlen(seqlen)
+    check_eval_seqlen(2)
