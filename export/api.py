@@ -71,6 +71,7 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
     check_runs_here(dist)
     r = Runner(dist)
     tok = r.tokenizer
+    prompt = user_text(prompt)
     ids = _encode(tok, [{"role": "user", "content": prompt}], r.dist) if chat_template else tok(prompt)["input_ids"]
     _check_fits(len(ids), f"the prompt's {len(ids)} tokens", max_new_tokens, "--max-new-tokens", r.max_len)
     stream = _Detokenizer(tok, on_text)
@@ -78,6 +79,16 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
     return {"prompt_tokens": st.prompt_tokens, "tokens": st.tokens, "text": tok.decode(st.tokens, skip_special_tokens=True),
             "prefill_tokens_per_s": st.prefill_tps, "decode_tokens_per_s": st.decode_tps,
             "device": r.info["device"], "target": r.info["target"]}
+
+
+def user_text(s: str) -> str:
+    """Typed text as the tokenizer can take it: bytes that are not UTF-8 (which Python hands over as lone surrogates,
+    from argv or a surrogate-escaping stdin) become U+FFFD, as a terminal shows them (they were a tokenizer
+    TypeError: sixteenth re-run, T35)."""
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:   # surrogates no decoder escaped
+        return s.encode("utf-8", "replace").decode("utf-8")
 
 
 def _apply_template(tok, turns, dist):
@@ -112,7 +123,7 @@ def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float
             break
         if not line.strip():
             break
-        history.append({"role": "user", "content": line})
+        history.append({"role": "user", "content": user_text(line)})
         ids = _encode(tok, history, r.dist)
         if len(ids) + max_new_tokens > r.max_len:  # forget the oldest turns when the cache would overflow
             history = history[-1:]

@@ -74,7 +74,11 @@ def run_cmd(dist, prompt, max_new_tokens, temperature, top_p, seed, chat_templat
 def chat_cmd(dist, max_new_tokens, temperature, top_p, seed):
     """Chat with an exported model (the tokenizer's chat template). An empty line, Ctrl-D or Ctrl-C ends the chat;
     piped input works too (one message per line, replies on stdout, speeds on stderr)."""
+    import sys
+
     from . import api
+    if hasattr(sys.stdin, "reconfigure"):   # bytes that are not UTF-8 reach api.user_text instead of raising here
+        sys.stdin.reconfigure(errors="surrogateescape")
     api.chat(dist, max_new_tokens, temperature, top_p, seed, read=_read_line, write=_echo,
              note=lambda s: click.echo(s, err=True))
 

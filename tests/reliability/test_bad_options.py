@@ -2,6 +2,7 @@
 output folder created (all command lines run in one child process; see harness.py)."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -219,6 +220,25 @@ def test_chat_with_stdin_closed_ends_like_eof(good_dist):
     p = subprocess.run([sys.executable, "-c", CONSOLE, "chat", str(good_dist)], preexec_fn=lambda: os.close(0),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "Traceback" not in p.stderr and "error" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("lang", ["C.UTF-8", "en_US.UTF-8"])
+def test_input_that_is_not_utf8_is_text_with_replacement_characters(good_dist, lang):
+    """Bytes that are not UTF-8 in `run -p` and on `chat`'s stdin were tokenizer TypeErrors, or a UnicodeDecodeError
+    where stdin decodes strictly (sixteenth re-run, T35): they become U+FFFD, as a terminal shows them."""
+    import subprocess
+    import sys
+    env = {**os.environ, "LANG": lang, "LC_ALL": lang, "PYTHONIOENCODING": ""}
+    chat = subprocess.run([sys.executable, "-c", CONSOLE, "chat", str(good_dist), "--max-new-tokens", "2"],
+                          input=b"hi \xd6\xff there\n", capture_output=True, timeout=300, env=env)
+    run = subprocess.run([sys.executable, "-c", CONSOLE, "run", str(good_dist), "-p", b"hi \xd6\xff",
+                          "--max-new-tokens", "2", "--json"], capture_output=True, timeout=300, env=env)
+    for p in (chat, run):
+        assert p.returncode == 0 and b"Traceback" not in p.stderr and b"error" not in p.stderr, p.stderr
+    assert len(json.loads(run.stdout)["tokens"]) == 2
+    from edgequant.export.api import user_text
+    assert user_text(b"hi \xd6\xff".decode("utf-8", "surrogateescape")) == "hi \ufffd\ufffd"
+    assert user_text("x\ud800") == "x?"
 
 
 def test_results_table_nested_too_deeply(tmp_path):
