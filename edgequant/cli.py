@@ -235,7 +235,15 @@ def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, rec
     from . import api
     from .checkpoint import kind
     if kind(checkpoint) == "dist":   # through its compiled library (same windows and protocol)
+        from .errors import EdgequantError
         from .export.api import evaluate as evaluate_dist
+        unused = [o for o, v in (("--reference", reference), ("--record", record), ("--device", device != "cpu"))
+                  if v]
+        if unused:   # --reference was ignored without a word (sixteenth re-run, U4)
+            raise EdgequantError(f"{' and '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} to checkpoints and "
+                                 "models, not to a DIST (evaluated "
+                                 f"through its compiled library on its own device): evaluate {checkpoint}'s "
+                                 "checkpoint with them, or leave them out")
         # the note comes once the DIST has loaded: a damaged DIST gets only its one error line
         res = evaluate_dist(checkpoint, data, seqlen=seqlen, max_windows=max_windows, progress=not quiet,
                             on_start=None if quiet else lambda: click.echo(

@@ -20,6 +20,8 @@ def _cases(ckpt, dist, text, out):
         # one token predicts nothing: ZeroDivisionError (sixteenth re-run, T34), through the DIST path too
         "eval_seqlen_1": (ev + ["--seqlen", "1"], "--seqlen"),
         "eval_dist_seqlen_1": (["eval", dist, "--data", text, "-q", "--seqlen", "1"], "--seqlen"),
+        # ignored without a word (sixteenth re-run, U4)
+        "eval_dist_reference": (["eval", dist, "--data", text, "-q", "--reference", ckpt], "--reference applies"),
         "eval_max_windows_negative": (ev + ["--max-windows", "-1"], "--max-windows"),
         "eval_max_windows_0": (ev + ["--max-windows", "0"], "--max-windows"),
         "eval_device_bogus": (ev + ["--device", "bogus"], "--device"),
