@@ -240,8 +240,8 @@ def eval_(checkpoint, data, seqlen, max_windows, reference, device, as_json, rec
         unused = [o for o, v in (("--reference", reference), ("--record", record), ("--device", device != "cpu"))
                   if v]
         if unused:   # --reference was ignored without a word (sixteenth re-run, U4)
-            raise EdgequantError(f"{' and '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} to checkpoints and "
-                                 "models, not to a DIST (evaluated "
+            verb = "applies" if len(unused) == 1 else "apply"
+            raise EdgequantError(f"{' and '.join(unused)} {verb} to checkpoints and models, not to a DIST (evaluated "
                                  f"through its compiled library on its own device): evaluate {checkpoint}'s "
                                  "checkpoint with them, or leave them out")
         # the note comes once the DIST has loaded: a damaged DIST gets only its one error line
