@@ -80,6 +80,13 @@ def _block_tensors(plain: dict, quantized: dict) -> dict:
     return out
 
 
+def _within(t: torch.Tensor, hi: int) -> bool:
+    """Every value of `t` a finite number in [0, hi] (a NaN zero point passed both range comparisons and went into
+    the checkpoint: seventeenth re-run)."""
+    t = t.double()
+    return t.numel() == 0 or bool(torch.isfinite(t).all()) and float(t.min()) >= 0 and float(t.max()) <= hi
+
+
 def _check_block(tensors: dict, block, scheme: QuantScheme, linears, plain_names) -> tuple[dict, dict]:
     """Rebuild (plain, quantized) from a block file, refusing anything that does not fit the live block."""
     plain, quantized = {}, {}
@@ -97,13 +104,13 @@ def _check_block(tensors: dict, block, scheme: QuantScheme, linears, plain_names
         ng = scheme.groups(k)
         q, s, z = (tensors.get(f"q/{rel}/{f}") for f in ("q", "scale", "zero"))
         if (q is None or s is None or z is None or tuple(q.shape) != (n, k) or tuple(s.shape) != (n, ng)
-                or tuple(z.shape) != (n, ng) or int(q.min()) < 0 or int(q.max()) > scheme.maxq
-                or float(z.min()) < 0 or float(z.max()) > scheme.maxq or not torch.isfinite(s).all()):
+                or tuple(z.shape) != (n, ng) or not _within(q, scheme.maxq) or not _within(z, scheme.maxq)
+                or not torch.isfinite(s).all()):
             raise StateMismatch(f"quantized linear {rel}")
         idx, ow = tensors.get(f"q/{rel}/outlier_idx"), tensors.get(f"q/{rel}/outlier_weight")
         if (idx is None) != (ow is None) or (idx is not None and (
-                idx.dim() != 1 or tuple(ow.shape) != (n, len(idx)) or (len(idx) and (int(idx.min()) < 0
-                                                                                     or int(idx.max()) >= k)))):
+                idx.dim() != 1 or idx.is_floating_point() or tuple(ow.shape) != (n, len(idx))
+                or not torch.isfinite(ow).all() or not _within(idx, k - 1))):
             raise StateMismatch(f"outlier columns of {rel}")
         quantized[rel] = QuantizedWeight(q, s, z, scheme, idx, ow)
     return plain, quantized
