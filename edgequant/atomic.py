@@ -164,7 +164,15 @@ def output_lock(final, marker: str | None = None):
     _check_name_length(final)
     _check_writable(final.parent)
     lock = final.parent / f".{final.name}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno in _IO_ERRNOS:
+            raise EdgequantError(f"cannot write in {final.parent} ({e.strerror or e}); choose another output "
+                                 "folder") from None
+        # a folder or a dangling symlink in its place was a traceback (seventeenth re-run, T36)
+        raise EdgequantError(f"cannot use {lock} as the lock of {final.name} ({e.strerror or e}): it is not a lock "
+                             "file edgequant made; remove it, or choose another output folder") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

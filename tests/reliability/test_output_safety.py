@@ -201,6 +201,21 @@ def test_convert_replaces_only_its_own_outputs(tmp_path, model_dirs):
     assert (out / "NOTES.md").read_text() == "mine"
 
 
+@pytest.mark.parametrize("what", ["folder", "dangling symlink"])
+def test_something_else_where_the_lock_goes_is_one_line(tmp_path, what):
+    """A folder or a dangling symlink at `.NAME.lock` was an IsADirectoryError / FileNotFoundError traceback from
+    every command that writes NAME (seventeenth re-run, T36)."""
+    lock = tmp_path / ".out.lock"
+    if what == "folder":
+        lock.mkdir()
+    else:
+        lock.symlink_to(tmp_path / "no-such-dir" / "lk")
+    with pytest.raises(EdgequantError, match=r"cannot use .*\.out\.lock as the lock of out .*remove it"):
+        with output_lock(tmp_path / "out", marker="edgequant.json"):
+            pass
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("length", [242, 255, 256])
 def test_an_output_name_too_long_for_its_working_files_is_one_line(tmp_path, model_dirs, length):
     """242-255 characters are legal names, but `.NAME.tmp-XXXXXXXX` beside them is not: quantize, export and convert
