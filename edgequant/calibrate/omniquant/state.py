@@ -81,10 +81,11 @@ def _block_tensors(plain: dict, quantized: dict) -> dict:
 
 
 def _within(t: torch.Tensor, hi: int) -> bool:
-    """Every value of `t` a finite number in [0, hi] (a NaN zero point passed both range comparisons and went into
-    the checkpoint: seventeenth re-run)."""
+    """Every value of `t` an integer in [0, hi] (a NaN or 2.5 zero point passed the range comparisons and went into
+    the checkpoint: seventeenth re-run, S42)."""
     t = t.double()
-    return t.numel() == 0 or bool(torch.isfinite(t).all()) and float(t.min()) >= 0 and float(t.max()) <= hi
+    return t.numel() == 0 or (bool(torch.isfinite(t).all()) and bool((t == t.round()).all())
+                              and float(t.min()) >= 0 and float(t.max()) <= hi)
 
 
 def _check_block(tensors: dict, block, scheme: QuantScheme, linears, plain_names) -> tuple[dict, dict]:
@@ -105,7 +106,7 @@ def _check_block(tensors: dict, block, scheme: QuantScheme, linears, plain_names
         q, s, z = (tensors.get(f"q/{rel}/{f}") for f in ("q", "scale", "zero"))
         if (q is None or s is None or z is None or tuple(q.shape) != (n, k) or tuple(s.shape) != (n, ng)
                 or tuple(z.shape) != (n, ng) or not _within(q, scheme.maxq) or not _within(z, scheme.maxq)
-                or not torch.isfinite(s).all()):
+                or not (torch.isfinite(s) & (s > 0)).all()):   # a scale of 0 or -1 went in too (S42)
             raise StateMismatch(f"quantized linear {rel}")
         idx, ow = tensors.get(f"q/{rel}/outlier_idx"), tensors.get(f"q/{rel}/outlier_weight")
         if (idx is None) != (ow is None) or (idx is not None and (

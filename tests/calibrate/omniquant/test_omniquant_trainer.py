@@ -213,7 +213,7 @@ def test_resume_state_never_unpickles(tmp_path, model_dirs, text_file, monkeypat
 
 
 @pytest.mark.parametrize("damage", ["truncate", pytest.param("out_of_range", marks=pytest.mark.slow), "other_run",
-                                    "streams_nan", "zero_nan"])
+                                    "streams_nan", "zero_nan", pytest.param("scale_negative", marks=pytest.mark.slow)])
 def test_damaged_or_foreign_state_starts_over(tmp_path, model_dirs, text_file, monkeypatch, capsys, damage):
     """A damaged block file or another run's folder costs recomputation, never a failed or wrong run."""
     kw = dict(_RESUME_KW, calib=text_file)
@@ -235,6 +235,14 @@ def test_damaged_or_foreign_state_starts_over(tmp_path, model_dirs, text_file, m
         with safe_open(str(block), "pt") as f:
             meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
         t["q/self_attn.v_proj/zero"].view(-1)[-1] = float("nan")
+        save_file(t, str(block), metadata=meta)
+    elif damage == "scale_negative":   # (seventeenth re-run, S42; a 2.5 zero point likewise)
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        with safe_open(str(block), "pt") as f:
+            meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        t["q/mlp.down_proj/scale"].view(-1)[0] = -1.0
+        t["q/self_attn.v_proj/zero"].view(-1)[0] = 2.5
         save_file(t, str(block), metadata=meta)
     elif damage == "streams_nan":   # every rerun failed with a loss of nan (sixteenth re-run, L7)
         from safetensors import safe_open
