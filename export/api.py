@@ -73,6 +73,8 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
     tok = r.tokenizer
     prompt = user_text(prompt)
     ids = _encode(tok, [{"role": "user", "content": prompt}], r.dist) if chat_template else tok(prompt)["input_ids"]
+    if not ids:
+        raise EdgequantError("the prompt encodes to no tokens; give some text to continue")
     _check_fits(len(ids), f"the prompt's {len(ids)} tokens", max_new_tokens, "--max-new-tokens", r.max_len)
     stream = _Detokenizer(tok, on_text)
     st = r.generate(list(ids), max_new_tokens, temperature, top_p, seed, r.stop_ids(), stream.push)
@@ -96,12 +98,16 @@ def _apply_template(tok, turns, dist):
     template is code from the folder: whatever it raises while rendering (1/0, range(10**9), 1 + 'a': sixteenth re-run,
     T32) is the template's fault, not a crash."""
     try:
-        return tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
     except (KeyboardInterrupt, MemoryError, EdgequantError):
         raise
     except Exception as e:   # noqa: BLE001 (see the docstring)
         raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json was refused ({type(e).__name__}: "
                              f"{first_line(e, 120)}); replace it with the model's original template") from None
+    if not ids:   # nothing to prefill: the runner failed on it (seventeenth re-run, T37)
+        raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json renders this conversation to no "
+                             "tokens; replace it with the model's original template")
+    return ids
 
 
 def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,

@@ -317,6 +317,18 @@ def test_export_checks_its_own_dist_before_it_replaces_anything(good_dist, tmp_p
     _check_own_output(good_dist, out, good_dist)   # a good DIST passes
 
 
+def test_a_chat_template_that_renders_nothing_is_refused():
+    """Nothing to prefill: the runner's generate failed on it with an AttributeError (seventeenth re-run, T37)."""
+    from conftest import make_tokenizer
+
+    from edgequant.errors import EdgequantError
+    from edgequant.export.api import _apply_template
+    tok = make_tokenizer()
+    tok.chat_template = "{% if false %}x{% endif %}"
+    with pytest.raises(EdgequantError, match="renders this conversation to no tokens"):
+        _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST")
+
+
 @pytest.mark.parametrize("template, error", [("{{ 1/0 }}", "ZeroDivisionError"),
                                              ("{{ 1 + 'a' }}", "TypeError"),
                                              ("{% for i in range(10**9) %}x{% endfor %}", "OverflowError")])
