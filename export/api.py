@@ -93,17 +93,26 @@ def user_text(s: str) -> str:
         return s.encode("utf-8", "replace").decode("utf-8")
 
 
+MAX_RENDERED_CHARS = 1 << 24   # a chat template's output: far past any context window (a token is a few characters)
+
+
 def _apply_template(tok, turns, dist):
     """The tokenizer's chat template on `turns`. jinja2's sandbox refuses unsafe templates with its own errors, and a
     template is code from the folder: whatever it raises while rendering (1/0, range(10**9), 1 + 'a': sixteenth re-run,
     T32) is the template's fault, not a crash."""
     try:
-        ids = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
+        text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     except (KeyboardInterrupt, MemoryError, EdgequantError):
         raise
     except Exception as e:   # noqa: BLE001 (see the docstring)
         raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json was refused ({type(e).__name__}: "
                              f"{first_line(e, 120)}); replace it with the model's original template") from None
+    if not isinstance(text, str) or len(text) > MAX_RENDERED_CHARS:
+        # {{ "x" * 10**9 }}: tokenizing it ran for minutes past 3 GB (seventeenth re-run, U5)
+        raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json renders this conversation to "
+                             f"{len(text) if isinstance(text, str) else type(text).__name__} characters, more than any "
+                             "context holds; replace it with the model's original template")
+    ids = tok(text, add_special_tokens=False)["input_ids"]   # what apply_chat_template(tokenize=True) does
     if not ids:   # nothing to prefill: the runner failed on it (seventeenth re-run, T37)
         raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json renders this conversation to no "
                              "tokens; replace it with the model's original template")

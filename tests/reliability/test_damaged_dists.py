@@ -327,6 +327,11 @@ def test_a_chat_template_that_renders_nothing_is_refused():
     tok.chat_template = "{% if false %}x{% endif %}"
     with pytest.raises(EdgequantError, match="renders this conversation to no tokens"):
         _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST")
+    tok.chat_template = '{{ "x" * 10**8 }}'   # tokenizing 10**9 of them ran for minutes past 3 GB (U5)
+    with pytest.raises(EdgequantError, match="renders this conversation to 100000000 characters"):
+        _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST")
+    tok.chat_template = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
+    assert _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST") == tok("<hi>")["input_ids"]
 
 
 @pytest.mark.parametrize("template, error", [("{{ 1/0 }}", "ZeroDivisionError"),
