@@ -134,13 +134,11 @@ def _check_group_width(group_size: int, widest: int) -> None:
 def convert(model, output, progress: bool = True) -> Path:
     """Write `model` (HF folder, .gguf file, hub id) unquantized as a Hugging Face folder with safetensors weights and
     its tokenizer: what `edgequant export` reads for an fp16 export (export itself never loads models with torch)."""
-    from .atomic import atomic_output_dir
+    from .atomic import atomic_output_dir, check_not_the_input
     from .checkpoint import CONVERTED_NAME
     from .loading import load_model, save_tokenizer
     out = Path(output).expanduser().resolve()
-    src = Path(str(model)).expanduser().resolve()
-    if out == src or src.is_relative_to(out):
-        raise EdgequantError(f"-o {out} is the model being converted; choose a new folder for the output")
+    check_not_the_input(out, Path(str(model)), "converted", "output")
     _quiet_transformers(progress)
     m, tok = load_model(model)
     # its own marker: any model folder has a config.json, and `-o` of one replaced it with all it held (sixteenth

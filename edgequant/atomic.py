@@ -64,6 +64,13 @@ def register_owner(marker: str, owns: Callable[[str], bool]):
     _owners[marker] = owns
 
 
+def check_not_the_input(out: Path, source: Path, verb: str, product: str) -> None:
+    """Refuse an output folder that is the input being read, or holds it: replacing it would delete the input."""
+    source = Path(source).expanduser().resolve()
+    if out == source or source.is_relative_to(out):
+        raise EdgequantError(f"-o {out} is the model being {verb}; choose a new folder for the {product}")
+
+
 def check_replaceable(final: Path, marker: str | None):
     final = Path(final)
     if final.exists() and not final.is_dir():

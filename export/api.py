@@ -73,8 +73,6 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
     tok = r.tokenizer
     prompt = user_text(prompt)
     ids = _encode(tok, [{"role": "user", "content": prompt}], r.dist) if chat_template else tok(prompt)["input_ids"]
-    if not ids:
-        raise EdgequantError("the prompt encodes to no tokens; give some text to continue")
     _check_fits(len(ids), f"the prompt's {len(ids)} tokens", max_new_tokens, "--max-new-tokens", r.max_len)
     stream = _Detokenizer(tok, on_text)
     st = r.generate(list(ids), max_new_tokens, temperature, top_p, seed, r.stop_ids(), stream.push)
@@ -107,11 +105,10 @@ def _apply_template(tok, turns, dist):
     except Exception as e:   # noqa: BLE001 (see the docstring)
         raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json was refused ({type(e).__name__}: "
                              f"{first_line(e, 120)}); replace it with the model's original template") from None
-    if not isinstance(text, str) or len(text) > MAX_RENDERED_CHARS:
-        # {{ "x" * 10**9 }}: tokenizing it ran for minutes past 3 GB (seventeenth re-run, U5)
+    if len(text) > MAX_RENDERED_CHARS:   # {{ "x" * 10**9 }}: tokenized for minutes past 3 GB (seventeenth re-run, U5)
         raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json renders this conversation to "
-                             f"{len(text) if isinstance(text, str) else type(text).__name__} characters, more than any "
-                             "context holds; replace it with the model's original template")
+                             f"{len(text)} characters, more than any context holds; replace it with the model's "
+                             "original template")
     ids = tok(text, add_special_tokens=False)["input_ids"]   # what apply_chat_template(tokenize=True) does
     if not ids:   # nothing to prefill: the runner failed on it (seventeenth re-run, T37)
         raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json renders this conversation to no "

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from edgequant.api import load_tokenizer
-from edgequant.atomic import atomic_output_dir, output_lock
+from edgequant.atomic import atomic_output_dir, check_not_the_input, output_lock
 from edgequant.entry import native_code
 from edgequant.errors import EdgequantError
 from edgequant.memory import PREFILL_CHUNK   # the memory plan sizes temporaries by it too
@@ -126,8 +126,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
     # use, without a word (sixteenth re-run, S41)
     load_tokenizer(source.path, "restore the model's tokenizer files in that folder and export again")
     out = Path(output or f"{Path(str(checkpoint)).name}-{target}").expanduser().resolve()
-    if out == source.path.resolve() or source.path.resolve().is_relative_to(out):
-        raise EdgequantError(f"-o {out} is the model being exported; choose a new folder for the DIST")
+    check_not_the_input(out, source.path, "exported", "DIST")
     with output_lock(out, EXPORT_JSON):
         prefix = system_lib_prefix or _default_prefix(source)
         t0 = time.time()

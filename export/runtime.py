@@ -319,6 +319,8 @@ class Runner:
     # ----------------------------------------------------------------------------------------- generation
     def generate(self, prompt_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, stop_ids=(),
                  on_token=None) -> GenerationStats:
+        if not len(prompt_ids):   # nothing to prefill: no logits to sample from (every caller: run, chat, API)
+            raise EdgequantError("the prompt encodes to no tokens; give some text to continue")
         rng = np.random.default_rng(seed)
         st = GenerationStats(prompt_tokens=len(prompt_ids))
         self.new_sequence()

@@ -348,3 +348,11 @@ def test_a_chat_template_that_raises_while_rendering_is_refused(template, error)
     tok.chat_template = template
     with pytest.raises(EdgequantError, match=f"chat_template in DIST/tokenizer_config.json was refused \\({error}"):
         _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST")
+
+
+def test_a_prompt_of_no_tokens_is_one_line(good_dist):
+    """Nothing to prefill (a prompt or template that encodes to no tokens): an AttributeError from the sampler."""
+    from edgequant.errors import EdgequantError
+    from edgequant.export.runtime import Runner
+    with pytest.raises(EdgequantError, match="the prompt encodes to no tokens"):
+        Runner(good_dist).generate([], 2)
