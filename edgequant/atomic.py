@@ -245,6 +245,21 @@ def atomic_output_dir(final, marker: str | None = None):
                                  "output folder (nothing was changed)") from None
 
 
+@contextmanager
+def scratch_inside(folder: Path):
+    """Python's temporary folder moved into `folder` (an output being built) for the block, so what libraries keep in
+    temporary files (TVM's objects while it links, nvcc's source) goes with that output, also after a kill -9, when a
+    rerun removes the stale `.NAME.tmp-*` (the system's temp folder kept them for good: eighteenth re-run, L9)."""
+    scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=folder))
+    old = tempfile.tempdir
+    tempfile.tempdir = str(scratch)
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = old
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _record_written(final: Path) -> None:
     """Remember `final` as an output the user has, unless it is a part of an output still being built (`package`'s
     per-model exports: Ctrl-C named one as "the new, complete output" just before it was deleted: eighteenth

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from edgequant.api import load_tokenizer
-from edgequant.atomic import atomic_output_dir, check_not_the_input, output_lock
+from edgequant.atomic import atomic_output_dir, check_not_the_input, output_lock, scratch_inside
 from edgequant.entry import native_code
 from edgequant.errors import EdgequantError
 from edgequant.memory import PREFILL_CHUNK   # the memory plan sizes temporaries by it too
@@ -144,15 +144,16 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
                     library = "lib.tar"
                     link_note = "no aarch64 linker here: on the target run `tar xf lib.tar && g++ -shared -o lib.so *.o`"
                     _log(progress, link_note)
-            ex.export_library(str(tmp / library), **({"cc": cc} if cc else {}))   # a full disk: atomic_output_dir
-            cuda = None
-            if preset.name == "cuda":
-                from .cuda import compile_fatbin
-                src = next((m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda"), None)
-                if src is None:
-                    raise EdgequantError("the CUDA build produced no device code")
-                _log(progress, f"compiling device code with nvcc for {', '.join(targets.parse_archs(arch))}")
-                cuda = compile_fatbin(src, targets.parse_archs(arch), tmp)
+            with scratch_inside(tmp):
+                ex.export_library(str(tmp / library), **({"cc": cc} if cc else {}))   # a full disk: atomic_output_dir
+                cuda = None
+                if preset.name == "cuda":
+                    from .cuda import compile_fatbin
+                    src = next((m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda"), None)
+                    if src is None:
+                        raise EdgequantError("the CUDA build produced no device code")
+                    _log(progress, f"compiling device code with nvcc for {', '.join(targets.parse_archs(arch))}")
+                    cuda = compile_fatbin(src, targets.parse_archs(arch), tmp)
             names = [n for n, _ in named_params]
             _log(progress, f"writing {len(names)} weight tensors")
             weight_bytes = write_tensor_cache(source, names, tmp, {n: [int(x) for x in p.shape] for n, p in named_params})

@@ -248,3 +248,23 @@ def test_a_full_disk_reported_by_a_library_is_one_line(tmp_path, error):
     with pytest.raises(RuntimeError, match="a bug"):   # anything else is not called a disk problem
         with atomic_output_dir(tmp_path / "o"):
             raise RuntimeError("a bug")
+
+
+def test_export_keeps_its_temporary_files_inside_its_output(tmp_path, good_ckpt, monkeypatch):
+    """TVM links the library in a temporary folder of its own (nvcc compiles in one too): in the system's temp
+    folder, a kill -9 left it there for good (eighteenth re-run, L9's kind). Now every temporary folder of an export
+    is inside the output's `.NAME.tmp-*`, which the next run removes."""
+    import tempfile
+    from pathlib import Path
+
+    from edgequant.export.api import export
+    made, real = [], tempfile.mkdtemp
+
+    def mkdtemp(*a, **k):
+        made.append(Path(real(*a, **k)))
+        return str(made[-1])
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    export(good_ckpt, "cpu", tmp_path / "dist", progress=False)
+    assert len(made) > 2 and all(p.is_relative_to(tmp_path) for p in made), made
+    assert [p.name for p in tmp_path.iterdir()] == ["dist"]
+    assert not any(p.name.startswith(".") for p in (tmp_path / "dist").iterdir())
