@@ -40,6 +40,9 @@ def as_os_error(e: BaseException) -> OSError | None:
     """`e` as the OSError it stands for: itself, or an I/O failure a library reports as its own exception type
     (safetensors' SafetensorError "I/O error: No space left on device", TVM's RuntimeError from a failed link);
     None for anything else."""
+    if isinstance(e, shutil.Error):   # copytree's list of (src, dst, why) printed whole named our temp paths (T38)
+        return next((OSError(n, os.strerror(n)) for n in _IO_ERRNOS if os.strerror(n) in str(e)),
+                    OSError(errno.EIO, "cannot copy files"))
     if isinstance(e, OSError):
         return e
     if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":

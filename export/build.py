@@ -136,6 +136,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
         t_compile = time.time() - t0
         _log(progress, f"compiled in {t_compile:.1f}s")
         with atomic_output_dir(out, marker=EXPORT_JSON) as tmp:
+            _check_space(tmp, out, named_params)
             library, link_note, cc = preset.library, None, None
             if preset.name == "cpu-arm64":
                 # a shared library for aarch64 needs an aarch64 linker; without one ship the objects (lib.tar)
@@ -192,6 +193,23 @@ def _check_own_output(tmp: Path, out: Path, source: Path) -> None:
 def _default_prefix(source) -> str:
     s = "".join(ch if ch.isalnum() else "_" for ch in f"{source.arch.model_type}_{source.quantization}")
     return f"{s}_"
+
+
+LINK_SPACE = 64 << 20   # bytes for the library and its objects while TVM links them (a few MB for these models)
+
+
+def _check_space(tmp: Path, out: Path, named_params) -> None:
+    """Room for the weights and the library where the export writes them. LLVM ends the process when it cannot write
+    an object ("LLVM ERROR: IO failure on output stream", no cleanup: eighteenth re-run, T39), so a disk too full
+    for the export is found before anything is written, in one line."""
+    import numpy as np
+    itemsize = lambda d: np.dtype(d).itemsize if d != "bfloat16" else 2   # noqa: E731
+    need = LINK_SPACE + sum(int(np.prod([int(x) for x in p.shape])) * itemsize(str(p.dtype)) for _, p in named_params)
+    free = shutil.disk_usage(tmp).free
+    if free < need:
+        raise EdgequantError(f"not enough space to write {out}: the export needs about {-(-need >> 20)} MiB, "
+                             f"{free >> 20} MiB are free there; free some space or choose another output folder "
+                             "(nothing was changed)")
 
 
 def _copy_tokenizer(folder: Path, dst: Path):

@@ -25,8 +25,10 @@ prefix. The bundle is written under a temporary name and renamed into place only
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -140,7 +142,11 @@ def merge_static_library(tars: list[tuple[str, Path]], target: str, out: Path, a
         r = subprocess.run([ar, "rcs", f"--format={fmt}", str(out), *members], cwd=tmp, capture_output=True,
                            text=True)
         if r.returncode != 0:
-            raise EdgequantError(f"{ar} could not write {out.name} for {target}: {r.stderr.strip()[:300]}")
+            full = next((n for n in (errno.ENOSPC, errno.EDQUOT) if os.strerror(n) in r.stderr), None)
+            if full is not None:   # the caller's output folder says a full disk in its one line (T38)
+                raise OSError(full, os.strerror(full))
+            # llvm-ar's own failures append a crash report of many lines (eighteenth re-run, T38)
+            raise EdgequantError(f"{ar} could not write {out.name} for {target}: {(r.stderr.strip().splitlines() or [f'exit status {r.returncode}'])[0][:300]}")
     return members
 
 
