@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgequant.errors import EdgequantError, first_line
+from edgequant.errors import EdgequantError
 from edgequant.memory import DEFAULT_CONTEXT
 
 
@@ -208,7 +208,12 @@ def _encode(tok, turns, dist, tokens: int) -> list[int]:
     line."""
     if getattr(tok, "chat_template", None):
         return _apply_template(tok, turns, dist, tokens)
-    return tok("\n".join(m["content"] for m in turns))["input_ids"]
+    from .chat_template import max_chars
+    text = "\n".join(m["content"] for m in turns)
+    if len(text) > max_chars(tok, tokens):   # a one-word line of megabytes tokenized for minutes
+        raise EdgequantError(f"the conversation is {len(text)} characters, more than the model's context of {tokens} "
+                             "tokens holds; send shorter messages")
+    return tok(text)["input_ids"]
 
 
 class _Detokenizer:
