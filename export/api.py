@@ -96,11 +96,14 @@ def _apply_template(tok, turns, dist, tokens: int):
     """Token ids of the tokenizer's chat template on `turns`, rendered within bounds (`chat_template.render`): a
     text longer than `tokens` tokens can spell is refused before it is tokenized."""
     from .chat_template import max_chars, render
-    text = render(tok, turns, f"{dist}/tokenizer_config.json", max_chars(tok, tokens))
+    # transformers reads chat_template.jinja over the tokenizer_config.json entry
+    where = Path(dist) / ("chat_template.jinja" if (Path(dist) / "chat_template.jinja").is_file()
+                          else "tokenizer_config.json")
+    text = render(tok, turns, where, max_chars(tok, tokens))
     ids = tok(text, add_special_tokens=False)["input_ids"]   # what apply_chat_template(tokenize=True) does
     if not ids:   # nothing to prefill: the runner failed on it (seventeenth re-run, T37)
-        raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json renders this conversation to no "
-                             "tokens; replace it with the model's original template")
+        raise EdgequantError(f"the chat_template in {where} renders this conversation to no tokens; replace it with "
+                             "the model's original template")
     return ids
 
 

@@ -213,9 +213,10 @@ def _check_space(tmp: Path, out: Path, named_params) -> None:
 
 
 def _copy_tokenizer(folder: Path, dst: Path):
+    """The tokenizer files, made as the user's other files are (copy2 kept the source's 0644 under a umask of 077)."""
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
-            shutil.copy2(folder / name, dst / name)
+            shutil.copyfile(folder / name, dst / name)
 
 
 def _mlc_chat_config(source, meta) -> dict:

@@ -69,3 +69,15 @@ def test_a_real_template_renders_as_transformers_renders_it(tok):
     assert render(tok, TURNS, "DIST/tokenizer_config.json", 10_000) == \
         tok.apply_chat_template(TURNS, add_generation_prompt=True, tokenize=False) == \
         "<|user|>hi<|endoftext|><|assistant|>"
+
+
+def test_the_refusal_names_the_file_the_template_came_from(tmp_path, tok):
+    """transformers reads chat_template.jinja over tokenizer_config.json's entry: the line names the one in use."""
+    from edgequant.errors import EdgequantError
+    from edgequant.export.api import _apply_template
+    tok.chat_template = "{{ 1/0 }}"
+    with pytest.raises(EdgequantError, match=f"chat_template in {tmp_path}/tokenizer_config.json was refused"):
+        _apply_template(tok, TURNS, tmp_path, 100)
+    (tmp_path / "chat_template.jinja").write_text("{{ 1/0 }}")
+    with pytest.raises(EdgequantError, match=f"chat_template in {tmp_path}/chat_template.jinja was refused"):
+        _apply_template(tok, TURNS, tmp_path, 100)

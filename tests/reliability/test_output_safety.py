@@ -163,6 +163,21 @@ def test_output_folder_follows_the_umask(tmp_path):
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
 
 
+def test_exported_tokenizer_files_follow_the_umask(tmp_path):
+    """A DIST's tokenizer files kept the source's 0644 under a umask of 077 (a deviation the re-runs listed)."""
+    from edgequant.export.build import _copy_tokenizer
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "src" / "tokenizer.json").write_text("{}")
+    (tmp_path / "src" / "tokenizer.json").chmod(0o644)
+    old = os.umask(0o077)
+    try:
+        _copy_tokenizer(tmp_path / "src", tmp_path / "dst")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "dst" / "tokenizer.json").stat().st_mode & 0o777 == 0o600
+
+
 def test_replacing_a_checkpoint_that_holds_a_users_file_is_refused(tmp_path, model_dirs):
     """`quantize -o` onto a checkpoint folder replaces it; a file the checkpoint never held (the user's notes) would
     be deleted with it, so the run is refused before any work, naming the file, and the folder stays as it was."""
