@@ -247,6 +247,19 @@ ROWS = [
                              "seqlen": 256}),
     ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 5e-2, "lwc_init": "search", "loss": "token_rel",
                              "block_target": "local", "nsamples": 32, "seqlen": 256}),
+    # issue 11, acc10: qwen W4 g128 past 31.5 (row 90: 31.57, seed 0). Row 90 on calibration seeds 1 and 2 (the seed
+    # also draws the rotation and the held-out windows), to size its seed noise against the 0.07 it misses by; row 90
+    # tuned at half the learning rate (10 epochs at 1e-3 lost to 6: 31.84); row 90 with 32 held-out windows for the
+    # early stop. (Not row 90 with --no-clip-search: with no fp16 columns and min-max groups OWQ is GPTQ: row 62,
+    # measured 31.80.)
+    ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "clip_up": False, "rotate": True, "tune_epochs": 6,
+                       "tune_loss": "token_rel", "tune_heldout": 16, "seed": 1}),
+    ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "clip_up": False, "rotate": True, "tune_epochs": 6,
+                       "tune_loss": "token_rel", "tune_heldout": 16, "seed": 2}),
+    ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "clip_up": False, "rotate": True, "tune_epochs": 6,
+                       "tune_loss": "token_rel", "tune_heldout": 16, "tune_lr": 5e-4}),
+    ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "clip_up": False, "rotate": True, "tune_epochs": 6,
+                       "tune_loss": "token_rel", "tune_heldout": 32}),
 ]
 
 
@@ -264,9 +277,17 @@ def select_rows(spec: str | None) -> list:
     return picked
 
 
+CALIB_OPTS = ("nsamples", "seqlen", "seed")   # a row's calibration settings, not options of its method
+
+
 def calib_size(opts, args) -> tuple[int, int]:
     """A row may set its own calibration size; otherwise --nsamples and --seqlen apply."""
     return opts.get("nsamples", args.nsamples), opts.get("seqlen", args.seqlen)
+
+
+def calib_seed(opts, args) -> int:
+    """A row may set its own calibration seed (windows, rotation, held-out split); otherwise --seed applies."""
+    return opts.get("seed", args.seed)
 
 
 def row_key(method, scheme, opts, args, model=DEFAULT_MODEL):
@@ -276,8 +297,8 @@ def row_key(method, scheme, opts, args, model=DEFAULT_MODEL):
     if opts.get("budget_metric") == "output":   # the budget rows before 'relative' became the default: keyed without
         opts = {k: v for k, v in opts.items() if k != "budget_metric"}
     n, L = calib_size(opts, args)
-    calib = {} if method == "rtn" else {"nsamples": n, "seqlen": L, "seed": args.seed}
-    opts = {k: v for k, v in opts.items() if k not in ("nsamples", "seqlen")}
+    calib = {} if method == "rtn" else {"nsamples": n, "seqlen": L, "seed": calib_seed(opts, args)}
+    opts = {k: v for k, v in opts.items() if k not in CALIB_OPTS}
     extra = {} if model == DEFAULT_MODEL else {"model": model}
     return json.dumps({"method": method, "scheme": scheme, **opts, **calib, "windows": args.max_windows,
                        "device": args.device, **extra},
@@ -392,7 +413,7 @@ def main(argv=None):
 
 def row_label(method, opts) -> str:
     """The method column: the method and its options (calibration size aside) as the CLI spells them."""
-    return method + "".join(f" {k.replace('_', '-')}={v}" for k, v in opts.items() if k not in ("nsamples", "seqlen"))
+    return method + "".join(f" {k.replace('_', '-')}={v}" for k, v in opts.items() if k not in CALIB_OPTS)
 
 
 def measure(model, method, scheme_name, opts, args, dev) -> dict:
@@ -407,10 +428,11 @@ def measure(model, method, scheme_name, opts, args, dev) -> dict:
     print(f"== {model} {method} {scheme_name} {opts}", file=sys.stderr, flush=True)
     t0 = time.time()
     n, L = calib_size(opts, args)
-    method_opts = {k: v for k, v in opts.items() if k not in ("nsamples", "seqlen")}
-    data = {} if method == "rtn" else dict(calib=args.calib, nsamples=n, seqlen=L, seed=args.seed)
+    seed = calib_seed(opts, args)
+    method_opts = {k: v for k, v in opts.items() if k not in CALIB_OPTS}
+    data = {} if method == "rtn" else dict(calib=args.calib, nsamples=n, seqlen=L, seed=seed)
     if method == "rtn" and opts.get("rotate"):
-        data["seed"] = args.seed
+        data["seed"] = seed
     ck = edgequant.api.quantize(model, out, method=method, bits=s.bits, group_size=s.group_size, sym=s.sym,
                                 device=args.device, **data, **method_opts)
     tq = time.time() - t0
@@ -418,7 +440,7 @@ def measure(model, method, scheme_name, opts, args, dev) -> dict:
     res = edgequant.api.evaluate(ck, args.data, max_windows=args.max_windows, device=args.device)
     row = {"method": row_label(method, opts), "scheme": scheme_name, "bits_per_weight": info["bits_per_weight"],
            "perplexity": res["perplexity"], "quantize_s": tq, "eval_s": res["time_s"], "device_name": dev,
-           "torch": torch.__version__, "settings": "-" if method == "rtn" else f"{n}x{L} seed {args.seed}"}
+           "torch": torch.__version__, "settings": "-" if method == "rtn" else f"{n}x{L} seed {seed}"}
     if method == "omniquant":   # per-block losses (start, each epoch, kept) for the note on more epochs
         blocks = (info.get("calibration") or {}).get("blocks") or []
         row["blocks"] = [{k: b.get(k) for k in ("block", "loss_before", "loss_after", "extra")} for b in blocks]

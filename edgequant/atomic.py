@@ -29,6 +29,7 @@ _held: dict[Path, tuple[int, int]] = {}   # path -> (lock fd, depth): a process 
 _owners: dict[str, Callable[[str], bool]] = {}   # marker -> which file names an output with that marker holds
 _written: list[Path] = []   # outputs this process has put in place (an interrupt message must not deny them)
 _replaced: set[Path] = set()   # those of them that took the place of an older output
+_building: list[Path] = []   # temporary folders being filled: an output put in place inside one is a part of it
 
 
 # what a full, read-only or failing disk looks like to a writer
@@ -39,6 +40,9 @@ def as_os_error(e: BaseException) -> OSError | None:
     """`e` as the OSError it stands for: itself, or an I/O failure a library reports as its own exception type
     (safetensors' SafetensorError "I/O error: No space left on device", TVM's RuntimeError from a failed link);
     None for anything else."""
+    if isinstance(e, shutil.Error):   # copytree's list of (src, dst, why) printed whole named our temp paths (T38)
+        return next((OSError(n, os.strerror(n)) for n in _IO_ERRNOS if os.strerror(n) in str(e)),
+                    OSError(errno.EIO, "cannot copy files"))
     if isinstance(e, OSError):
         return e
     if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":
@@ -215,8 +219,12 @@ def atomic_output_dir(final, marker: str | None = None):
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         os.chmod(tmp, _umask_mode())   # mkdtemp makes 0700; the output should look like any folder the user makes
         new_ino = None
+        _building.append(tmp)
         try:
-            yield tmp
+            try:
+                yield tmp
+            finally:
+                _building.remove(tmp)
             new_ino = tmp.stat().st_ino   # after the swap, `final` is this inode: the new output is in place
             if final.exists():
                 _replaced.add(final)
@@ -229,7 +237,7 @@ def atomic_output_dir(final, marker: str | None = None):
                     shutil.rmtree(aside, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-            _written.append(final)
+            _record_written(final)
         except BaseException as e:
             _note_if_in_place(final, new_ino)   # Ctrl-C just after the rename: `tmp` now holds the old output
             shutil.rmtree(tmp, ignore_errors=True)
@@ -240,9 +248,32 @@ def atomic_output_dir(final, marker: str | None = None):
                                  "output folder (nothing was changed)") from None
 
 
+@contextmanager
+def scratch_inside(folder: Path):
+    """Python's temporary folder moved into `folder` (an output being built) for the block, so what libraries keep in
+    temporary files (TVM's objects while it links, nvcc's source) goes with that output, also after a kill -9, when a
+    rerun removes the stale `.NAME.tmp-*` (the system's temp folder kept them for good: eighteenth re-run, L9)."""
+    scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=folder))
+    old = tempfile.tempdir
+    tempfile.tempdir = str(scratch)
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = old
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _record_written(final: Path) -> None:
+    """Remember `final` as an output the user has, unless it is a part of an output still being built (`package`'s
+    per-model exports: Ctrl-C named one as "the new, complete output" just before it was deleted: eighteenth
+    re-run, U7)."""
+    if final not in _written and not any(final.is_relative_to(t) for t in _building):
+        _written.append(final)
+
+
 def _note_if_in_place(final: Path, new_ino) -> None:
     try:
-        if new_ino is not None and final.stat().st_ino == new_ino and final not in _written:
-            _written.append(final)
+        if new_ino is not None and final.stat().st_ino == new_ino:
+            _record_written(final)
     except OSError:
         pass

@@ -40,9 +40,14 @@ class _Group(click.Group):
             # output folders report their own full disk ("nothing was changed"); what is left is the printed result
             # (`> /dev/full`)
             if e.errno in _FULL:
+                from .atomic import written_outputs
                 _silence(sys.stdout)
-                click.echo(f"error: cannot write the result ({e.strerror}); free space where stdout goes or "
-                           "redirect it elsewhere", err=True)
+                done = written_outputs()
+                # the output folder is complete: only the lines after it were lost (eighteenth re-run, U8)
+                what = f"{done[-1]} was written, but its summary could not be printed" if done else \
+                    "cannot write the result"
+                click.echo(f"error: {what} ({e.strerror}); free space where stdout goes or redirect it elsewhere",
+                           err=True)
                 sys.exit(1)
             raise
         except MemoryError:

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgequant.errors import EdgequantError, first_line
+from edgequant.errors import EdgequantError
 from edgequant.memory import DEFAULT_CONTEXT
 
 
@@ -72,7 +72,8 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
     r = Runner(dist)
     tok = r.tokenizer
     prompt = user_text(prompt)
-    ids = _encode(tok, [{"role": "user", "content": prompt}], r.dist) if chat_template else tok(prompt)["input_ids"]
+    ids = (_encode(tok, [{"role": "user", "content": prompt}], r.dist, r.max_len) if chat_template
+           else tok(prompt)["input_ids"])
     _check_fits(len(ids), f"the prompt's {len(ids)} tokens", max_new_tokens, "--max-new-tokens", r.max_len)
     stream = _Detokenizer(tok, on_text)
     st = r.generate(list(ids), max_new_tokens, temperature, top_p, seed, r.stop_ids(), stream.push)
@@ -91,28 +92,18 @@ def user_text(s: str) -> str:
         return s.encode("utf-8", "replace").decode("utf-8")
 
 
-MAX_RENDERED_CHARS = 1 << 24   # a chat template's output: far past any context window (a token is a few characters)
-
-
-def _apply_template(tok, turns, dist):
-    """The tokenizer's chat template on `turns`. jinja2's sandbox refuses unsafe templates with its own errors, and a
-    template is code from the folder: whatever it raises while rendering (1/0, range(10**9), 1 + 'a': sixteenth re-run,
-    T32) is the template's fault, not a crash."""
-    try:
-        text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-    except (KeyboardInterrupt, MemoryError, EdgequantError):
-        raise
-    except Exception as e:   # noqa: BLE001 (see the docstring)
-        raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json was refused ({type(e).__name__}: "
-                             f"{first_line(e, 120)}); replace it with the model's original template") from None
-    if len(text) > MAX_RENDERED_CHARS:   # {{ "x" * 10**9 }}: tokenized for minutes past 3 GB (seventeenth re-run, U5)
-        raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json renders this conversation to "
-                             f"{len(text)} characters, more than any context holds; replace it with the model's "
-                             "original template")
+def _apply_template(tok, turns, dist, tokens: int):
+    """Token ids of the tokenizer's chat template on `turns`, rendered within bounds (`chat_template.render`): a
+    text longer than `tokens` tokens can spell is refused before it is tokenized."""
+    from .chat_template import max_chars, render
+    # transformers reads chat_template.jinja over the tokenizer_config.json entry
+    where = Path(dist) / ("chat_template.jinja" if (Path(dist) / "chat_template.jinja").is_file()
+                          else "tokenizer_config.json")
+    text = render(tok, turns, where, max_chars(tok, tokens))
     ids = tok(text, add_special_tokens=False)["input_ids"]   # what apply_chat_template(tokenize=True) does
     if not ids:   # nothing to prefill: the runner failed on it (seventeenth re-run, T37)
-        raise EdgequantError(f"the chat_template in {dist}/tokenizer_config.json renders this conversation to no "
-                             "tokens; replace it with the model's original template")
+        raise EdgequantError(f"the chat_template in {where} renders this conversation to no tokens; replace it with "
+                             "the model's original template")
     return ids
 
 
@@ -136,10 +127,10 @@ def chat(dist, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float
         if not line.strip():
             break
         history.append({"role": "user", "content": user_text(line)})
-        ids = _encode(tok, history, r.dist)
+        ids = _encode(tok, history, r.dist, r.max_len)
         if len(ids) + max_new_tokens > r.max_len:  # forget the oldest turns when the cache would overflow
             history = history[-1:]
-            ids = _encode(tok, history, r.dist)
+            ids = _encode(tok, history, r.dist, r.max_len)
         stream = _Detokenizer(tok, lambda s: write(s, end="", flush=True))
         try:
             st = r.generate(list(ids), max_new_tokens, temperature, top_p, seed, r.stop_ids(), stream.push)
@@ -215,11 +206,17 @@ def evaluate(dist, data, seqlen: int = 2048, max_windows: int | None = None, pro
     return res
 
 
-def _encode(tok, turns, dist) -> list[int]:
-    """Token ids of chat turns: the tokenizer's chat template, else the messages one per line."""
+def _encode(tok, turns, dist, tokens: int) -> list[int]:
+    """Token ids of chat turns (at most `tokens` are wanted): the tokenizer's chat template, else the messages one per
+    line."""
     if getattr(tok, "chat_template", None):
-        return _apply_template(tok, turns, dist)
-    return tok("\n".join(m["content"] for m in turns))["input_ids"]
+        return _apply_template(tok, turns, dist, tokens)
+    from .chat_template import max_chars
+    text = "\n".join(m["content"] for m in turns)
+    if len(text) > max_chars(tok, tokens):   # a one-word line of megabytes tokenized for minutes
+        raise EdgequantError(f"the conversation is {len(text)} characters, more than the model's context of {tokens} "
+                             "tokens holds; send shorter messages")
+    return tok(text)["input_ids"]
 
 
 class _Detokenizer:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from edgequant.api import load_tokenizer
-from edgequant.atomic import atomic_output_dir, check_not_the_input, output_lock
+from edgequant.atomic import atomic_output_dir, check_not_the_input, output_lock, scratch_inside
 from edgequant.entry import native_code
 from edgequant.errors import EdgequantError
 from edgequant.memory import PREFILL_CHUNK   # the memory plan sizes temporaries by it too
@@ -136,6 +136,7 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
         t_compile = time.time() - t0
         _log(progress, f"compiled in {t_compile:.1f}s")
         with atomic_output_dir(out, marker=EXPORT_JSON) as tmp:
+            _check_space(tmp, out, named_params)
             library, link_note, cc = preset.library, None, None
             if preset.name == "cpu-arm64":
                 # a shared library for aarch64 needs an aarch64 linker; without one ship the objects (lib.tar)
@@ -144,15 +145,16 @@ def export_model(checkpoint, target: str = "cpu", output=None, arch: str | None 
                     library = "lib.tar"
                     link_note = "no aarch64 linker here: on the target run `tar xf lib.tar && g++ -shared -o lib.so *.o`"
                     _log(progress, link_note)
-            ex.export_library(str(tmp / library), **({"cc": cc} if cc else {}))   # a full disk: atomic_output_dir
-            cuda = None
-            if preset.name == "cuda":
-                from .cuda import compile_fatbin
-                src = next((m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda"), None)
-                if src is None:
-                    raise EdgequantError("the CUDA build produced no device code")
-                _log(progress, f"compiling device code with nvcc for {', '.join(targets.parse_archs(arch))}")
-                cuda = compile_fatbin(src, targets.parse_archs(arch), tmp)
+            with scratch_inside(tmp):
+                ex.export_library(str(tmp / library), **({"cc": cc} if cc else {}))   # a full disk: atomic_output_dir
+                cuda = None
+                if preset.name == "cuda":
+                    from .cuda import compile_fatbin
+                    src = next((m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda"), None)
+                    if src is None:
+                        raise EdgequantError("the CUDA build produced no device code")
+                    _log(progress, f"compiling device code with nvcc for {', '.join(targets.parse_archs(arch))}")
+                    cuda = compile_fatbin(src, targets.parse_archs(arch), tmp)
             names = [n for n, _ in named_params]
             _log(progress, f"writing {len(names)} weight tensors")
             weight_bytes = write_tensor_cache(source, names, tmp, {n: [int(x) for x in p.shape] for n, p in named_params})
@@ -193,10 +195,28 @@ def _default_prefix(source) -> str:
     return f"{s}_"
 
 
+LINK_SPACE = 64 << 20   # bytes for the library and its objects while TVM links them (a few MB for these models)
+
+
+def _check_space(tmp: Path, out: Path, named_params) -> None:
+    """Room for the weights and the library where the export writes them. LLVM ends the process when it cannot write
+    an object ("LLVM ERROR: IO failure on output stream", no cleanup: eighteenth re-run, T39), so a disk too full
+    for the export is found before anything is written, in one line."""
+    import numpy as np
+    itemsize = lambda d: np.dtype(d).itemsize if d != "bfloat16" else 2   # noqa: E731
+    need = LINK_SPACE + sum(int(np.prod([int(x) for x in p.shape])) * itemsize(str(p.dtype)) for _, p in named_params)
+    free = shutil.disk_usage(tmp).free
+    if free < need:
+        raise EdgequantError(f"not enough space to write {out}: the export needs about {-(-need >> 20)} MiB, "
+                             f"{free >> 20} MiB are free there; free some space or choose another output folder "
+                             "(nothing was changed)")
+
+
 def _copy_tokenizer(folder: Path, dst: Path):
+    """The tokenizer files, made as the user's other files are (copy2 kept the source's 0644 under a umask of 077)."""
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
-            shutil.copy2(folder / name, dst / name)
+            shutil.copyfile(folder / name, dst / name)
 
 
 def _mlc_chat_config(source, meta) -> dict:

@@ -83,15 +83,24 @@ def chat_cmd(dist, max_new_tokens, temperature, top_p, seed):
              note=lambda s: click.echo(s, err=True))
 
 
+MAX_MESSAGE_CHARS = 4 << 20   # one piped message: far past any context window (a token spells a few characters)
+
+
 def _read_line(prompt: str) -> str:
-    """A line of input: with a prompt and line editing on a terminal, silently from a pipe."""
+    """A line of input: with a prompt and line editing on a terminal, silently from a pipe. A piped line is read up
+    to MAX_MESSAGE_CHARS: `chat < /dev/zero` read one endless line until memory ran out (eighteenth re-run, U6)."""
     import sys
+
+    from edgequant.errors import EdgequantError
     if sys.stdin is None:   # started with stdin closed (`<&-`, some service managers): nothing to read
         raise EOFError
     if not sys.stdin.isatty():
-        line = sys.stdin.readline()
+        line = sys.stdin.readline(MAX_MESSAGE_CHARS + 1)
         if not line:
             raise EOFError
+        if len(line) > MAX_MESSAGE_CHARS:
+            raise EdgequantError(f"a message of more than {MAX_MESSAGE_CHARS} characters came in; the model's context "
+                                 "holds far less: send shorter messages, one per line")
         return line.rstrip("\r\n")
     try:
         return input(prompt)

@@ -25,8 +25,10 @@ prefix. The bundle is written under a temporary name and renamed into place only
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -122,8 +124,9 @@ def _archiver() -> str:
 
 
 def merge_static_library(tars: list[tuple[str, Path]], target: str, out: Path, ar: str) -> list[str]:
-    """One static library of the objects of each (model id, lib.tar); returns its member names."""
-    with tempfile.TemporaryDirectory() as tmp:
+    """One static library of the objects of each (model id, lib.tar); returns its member names. The objects are
+    unpacked beside `out` (inside the caller's temporary output, never the system's temp folder)."""
+    with tempfile.TemporaryDirectory(prefix=".objects-", dir=out.parent) as tmp:
         members = []
         for mid, tar in tars:
             with tarfile.open(tar) as tf:
@@ -139,7 +142,11 @@ def merge_static_library(tars: list[tuple[str, Path]], target: str, out: Path, a
         r = subprocess.run([ar, "rcs", f"--format={fmt}", str(out), *members], cwd=tmp, capture_output=True,
                            text=True)
         if r.returncode != 0:
-            raise EdgequantError(f"{ar} could not write {out.name} for {target}: {r.stderr.strip()[:300]}")
+            full = next((n for n in (errno.ENOSPC, errno.EDQUOT) if os.strerror(n) in r.stderr), None)
+            if full is not None:   # the caller's output folder says a full disk in its one line (T38)
+                raise OSError(full, os.strerror(full))
+            # llvm-ar's own failures append a crash report of many lines (eighteenth re-run, T38)
+            raise EdgequantError(f"{ar} could not write {out.name} for {target}: {(r.stderr.strip().splitlines() or [f'exit status {r.returncode}'])[0][:300]}")
     return members
 
 
@@ -164,15 +171,17 @@ def package(config, progress: bool = True) -> Path:
             raise EdgequantError(f"{config}: checkpoint not found: {m['checkpoint']}; pass the folder written by "
                                  "`edgequant quantize`")
     out = cfg["output"]
-    with output_lock(out, APP_CONFIG), tempfile.TemporaryDirectory(prefix="edgequant-package-") as work, \
-            atomic_output_dir(out, marker=APP_CONFIG) as tmp:
+    with output_lock(out, APP_CONFIG), atomic_output_dir(out, marker=APP_CONFIG) as tmp:
+        # the per-model exports live inside the output's own temporary folder, which a rerun removes after a kill -9
+        # (in the system's temp folder they stayed for good: eighteenth re-run, L9)
+        work = tmp / ".exports"
         app = {"format_version": 1, "targets": {}, "models": []}
         tars: dict[str, list[tuple[str, Path]]] = {t: [] for t in cfg["targets"]}
         for m in cfg["models"]:
             entry = {"id": m["id"], "system_lib_prefix": m["system_lib_prefix"], "targets": {}}
             layouts: dict[str, str] = {}   # weights digest -> folder name inside weights/<id>/
             for t in cfg["targets"]:
-                dist = export_model(m["checkpoint"], t, Path(work) / m["id"] / t,
+                dist = export_model(m["checkpoint"], t, work / m["id"] / t,
                                     system_lib_prefix=m["system_lib_prefix"], progress=progress)
                 info = json.loads((dist / EXPORT_JSON).read_text())
                 tars[t].append((m["id"], dist / info["library"]))
@@ -195,5 +204,6 @@ def package(config, progress: bool = True) -> Path:
             preset = targets.get_preset(t)
             app["targets"][t] = {"library": f"lib/{t}/{LIBRARY}", "device": preset.device, "objects": members,
                                  "app": preset.app}
+        shutil.rmtree(work)
         (tmp / APP_CONFIG).write_text(json.dumps(app, indent=2))
     return out

@@ -65,7 +65,7 @@ def test_eval_reference_reports_kl(runner, tmp_path, model_dirs, text_file):
     assert same["kl_divergence"] == pytest.approx(0, abs=1e-6) and same["top1_agreement"] == 1.0
 
 
-@pytest.mark.slow   # CI time: test_checkpoint_stability's recorded hashes (gptq among them) are a stricter check
+@pytest.mark.slow   # CI time: test_checkpoint_stability's recorded layouts and errors (gptq among them) are a stricter check
 def test_calibration_is_reproducible(runner, tmp_path, model_dirs, text_file):
     model = str(model_dirs["llama"])
     args = ["--method", "gptq", "--calib", text_file, "--nsamples", "4", "--seqlen", "64", "-q", "--seed", "3"]

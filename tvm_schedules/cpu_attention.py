@@ -19,6 +19,7 @@ work; decode runs one item per (sequence, query head). Only the cache's RoPE mod
 from __future__ import annotations
 
 import math
+from .tvmscript import parse_tir
 
 LOG2E = math.log2(math.exp(1))
 NEG = -5e4      # the stock kernels' "minus infinity" (fp16-safe)
@@ -168,9 +169,7 @@ def decode_func(h_kv: int, h_q: int, d: int, dtype: str = "float16", page_size: 
 
 
 def _parse(lines: list[str]):
-    import tvm
-    from tvm.script import tirx as T
-    return tvm.script.from_source("\n".join(lines) + "\n", extra_vars={"T": T})
+    return parse_tir("\n".join(lines) + "\n")
 
 
 def replace_in(mod):

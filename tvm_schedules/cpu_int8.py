@@ -58,6 +58,7 @@ from __future__ import annotations
 import functools
 
 from .dequant import QuantSpec
+from .tvmscript import parse_tir
 
 BLOCK = 32               # activation values per int8 scale (llama.cpp's Q8_0 block)
 ISAS = ("vnni", "avx2", "sdot")  # vpdpbusd; vpmaddubsw + vpmaddwd; NEON sdot (Armv8.2 dotprod)
@@ -199,14 +200,12 @@ def int8_gemv_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32
 
 def _from_source(spec: QuantSpec, isa: str, what: str, source):
     """The prim func of the TVMScript text `source()`, after checking that `isa` and `spec` are covered."""
-    import tvm
-    from tvm.script import tirx as T
 
     if isa not in ISAS:
         raise ValueError(f"unknown ISA {isa!r}; one of {ISAS}")
     if not supports(spec):
         raise ValueError(f"no int8 {what} for {spec}")
-    return tvm.script.from_source(source(), extra_vars={"T": T})
+    return parse_tir(source())
 
 
 def _dot(isa: str, L: int, acc: str, a: str, b: str) -> str:

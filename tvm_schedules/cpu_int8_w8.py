@@ -27,6 +27,7 @@ the 49152 x 576 table in 1.5x the CPU time: 1.96 against 1.33 ms, one thread.)
 from __future__ import annotations
 
 from .dequant import QuantSpec
+from .tvmscript import parse_tir
 
 ISAS = ("vnni", "sdot")
 
@@ -43,11 +44,9 @@ def gemv_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", le
               name: str = "main"):
     """y[lead..., N] = x[lead..., K] @ dq(W)^T for one row, int8 activations (module docstring). Arguments: x fp16,
     qweight, scales, [zeros], y (`out_dtype`)."""
-    import tvm
-    from tvm.script import tirx as T
     if not supports(spec, isa):
         raise ValueError(f"no 8-bit int8 GEMV for {spec} on {isa!r}")
-    return tvm.script.from_source(_source(spec, isa, out_dtype, lead, name), extra_vars={"T": T})
+    return parse_tir(_source(spec, isa, out_dtype, lead, name))
 
 
 def _source(spec: QuantSpec, isa: str, out_dtype: str, lead: tuple[int, ...], name: str) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from .tvmscript import parse_tir
 
 THREADS = 64          # threads per block, also the keys per tile
 _NEG = -3.0e38        # the running maximum before the first key
@@ -57,8 +58,6 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
     written at pos[0]), pos [1] int32, layer: int32, out [1, 1, h_q, dim]); keys 0..pos[0] are attended.
     `pdl` (sm_90+, export/pdl.py): the kernel waits for the qkv GEMV's end first thing and lets the o_proj GEMV
     launch at once (its blocks load their weights on the SMs this kernel's few blocks leave idle, then wait)."""
-    import tvm
-    from tvm.script import tirx as T
 
     nt, g = THREADS, h_q // h_kv
     dpt = -(-dim // nt)
@@ -151,14 +150,12 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          f"            for c in T.serial({dpt}):",
          f"                if {dd} < {dim}:",
          f'                    out[0, 0, h, {dd}] = T.Cast("{dtype}", acc_s[c, tx] / st_s[1, tx])']
-    return tvm.script.from_source("\n".join(L) + "\n", extra_vars={"T": T})
+    return parse_tir("\n".join(L) + "\n")
 
 
 def cache_fill_func(layers: int, h_kv: int, dim: int, gpu: bool = True, dtype: str = "float16"):
     """prim func (k [layers, n, h_kv, dim], v [same], cache [layers, 2, h_kv, max_len, dim] (written), pos [1]
     int32): cache[l, 0/1, h, pos + t] = k/v[l, t, h]."""
-    import tvm
-    from tvm.script import tirx as T
     per = layers * h_kv * dim
     blocks = f"T.ceildiv(n * {per}, 256)"
     blk = f'T.thread_binding({blocks}, thread="blockIdx.x")' if gpu else f"T.serial({blocks})"
@@ -183,7 +180,7 @@ def cache_fill_func(layers: int, h_kv: int, dim: int, gpu: bool = True, dtype: s
          f"pos[0] + (b * 256 + tx) // {h_kv * dim} % n, (b * 256 + tx) % {dim}] = "
          f"v[(b * 256 + tx) // (n * {h_kv * dim}), (b * 256 + tx) // {h_kv * dim} % n, "
          f"(b * 256 + tx) // {dim} % {h_kv}, (b * 256 + tx) % {dim}]"]
-    return tvm.script.from_source("\n".join(L) + "\n", extra_vars={"T": T})
+    return parse_tir("\n".join(L) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------- NumPy reference

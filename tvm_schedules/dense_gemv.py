@@ -24,6 +24,7 @@ dlight leaves it alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from .tvmscript import parse_tir
 
 VEC = 8   # halves per 128-bit load
 WAIT = '{ind}T.evaluate(T.call_extern("void", "cudaGridDependencySynchronize"))'
@@ -64,14 +65,12 @@ def dense_gemv_func(n: int, k: int, cfg: DenseConfig | None = None, gpu: bool = 
                     lead: tuple[int, ...] = (1,), name: str = "main", pdl: bool = False):
     """y[lead..., N] = x[lead..., K] @ W^T in fp32, rounded to `out_dtype`, for one row (prod(lead) == 1).
     Arguments: x fp16 [lead..., K], weight fp16 [N, K], y. `gpu=False`: the CPU-testable serial twin."""
-    import tvm
-    from tvm.script import tirx as T
 
     if not supports(n, k):
         raise ValueError(f"no dense decode GEMV for N={n}, K={k} (K must be a multiple of {VEC})")
     cfg = cfg or default_config(n, k)
     src = _source(n, k, cfg, gpu, out_dtype, lead, name, pdl and gpu)
-    return tvm.script.from_source(src, extra_vars={"T": T})
+    return parse_tir(src)
 
 
 def _source(n: int, k: int, cfg: DenseConfig, gpu: bool, out_dtype: str, lead: tuple[int, ...], name: str,

@@ -79,6 +79,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .dequant import QuantSpec
+from .tvmscript import parse_tir
 
 MAGIC = 0x3F800000                      # the float 1.0: fields are OR-ed into its mantissa
 CHUNK = {4: 32, 2: 64, 3: 64}           # values per thread and row per step (fp16 activations)
@@ -417,8 +418,6 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
     (`cuLaunchKernelEx`), a linear's first loads overlap the previous linear's tail. Without that launch attribute
     both instructions do nothing; CUDA exports for sm_90+ set it (export/pdl.py), and with a prologue every read of
     x (and of the residual) comes after the wait."""
-    import tvm
-    from tvm.script import tirx as T
 
     if act not in ACTS:
         raise ValueError(f"unknown activation type {act!r}; one of {ACTS}")
@@ -444,7 +443,7 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
         raise ValueError("a GEMV prologue does not combine with outlier columns")
     src = _source(spec, cfg, gpu, out_dtype, lead, name, n_outliers, act == "int8", prologue, eps, residual,
                   chunk, pdl and gpu)
-    return tvm.script.from_source(src, extra_vars={"T": T})
+    return parse_tir(src)
 
 
 def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: tuple[int, ...], name: str,

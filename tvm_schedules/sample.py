@@ -15,6 +15,7 @@ the runner's buffer, writes the token id into the step's token input and advance
 in place, so the next replay of the graph reads them without the host writing anything.
 """
 from __future__ import annotations
+from .tvmscript import parse_tir
 
 THREADS = 1024
 
@@ -22,8 +23,6 @@ THREADS = 1024
 def argmax_func(vocab: int, gpu: bool = True, threads: int = THREADS, step: bool = False):
     """prim func (logits [1, 1, vocab] float32, token [1] int32); with `step`: (logits, logits_copy [1, 1, vocab]
     float32, token [1] int32, pos [1] int32), token and pos updated in place."""
-    import tvm
-    from tvm.script import tirx as T
 
     nt = threads
     steps = -(-vocab // nt)
@@ -80,4 +79,4 @@ def argmax_func(vocab: int, gpu: bool = True, threads: int = THREADS, step: bool
           f"{body}out[0] = T.min(bi[0], {vocab - 1})"]
     if step:
         L += [f"{body}pos[0] = pos[0] + 1"]
-    return tvm.script.from_source("\n".join(L) + "\n", extra_vars={"T": T})
+    return parse_tir("\n".join(L) + "\n")

@@ -104,3 +104,37 @@ def test_config_nested_too_deeply(tmp_path):
     with pytest.raises(EdgequantError, match="not valid JSON") as e:
         package(cfg, progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_an_interrupted_package_leaves_nothing_and_claims_no_output(owq_checkpoint, tmp_path, monkeypatch):
+    """Killed mid-run, `package` left every model exported so far in the system's temp folder, which no later run
+    removed (eighteenth re-run, L9); Ctrl-C after the first model named that model's folder as "the new, complete
+    output" (U7). The exports now live in the output's own temporary folder and are nobody's output."""
+    import tempfile
+
+    from edgequant import atomic
+    from edgequant.cli import interrupted_note
+    from edgequant.export import build
+    from edgequant.export.package import package
+    cfg = tmp_path / "app.json"
+    cfg.write_text(json.dumps({"output": "bundle", "targets": ["android"], "models": [
+        {"checkpoint": str(owq_checkpoint), "id": f"m{i}"} for i in range(2)]}))
+    real, exported = build.export_model, []
+
+    def export_model(checkpoint, target, out, **kw):
+        if exported:
+            raise KeyboardInterrupt
+        exported.append(real(checkpoint, target, out, **kw))
+        return exported[-1]
+    monkeypatch.setattr(build, "export_model", export_model)
+    monkeypatch.setattr(atomic, "_written", [])   # the outputs the fixtures put in place in this process
+    systemp = tmp_path.parent / f"{tmp_path.name}-systemp"   # the system's temp folder, for this test alone
+    systemp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systemp))
+    with pytest.raises(KeyboardInterrupt):
+        package(cfg, progress=False)
+    inside = exported[0].relative_to(tmp_path).parts[0]
+    assert inside.startswith(".bundle.tmp-"), exported[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.json"]
+    assert list(systemp.iterdir()) == []
+    assert interrupted_note("nothing was written") == "nothing was written"

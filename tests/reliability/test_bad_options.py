@@ -215,6 +215,45 @@ def test_stdout_on_a_full_device_is_one_line(good_ckpt):
     assert lines[0].startswith("error: cannot write the result (No space left on device)"), lines
 
 
+def test_stdout_full_after_the_output_was_written_says_it_was(model_dirs, tmp_path):
+    """`quantize ... > /dev/full`: the checkpoint is complete; only the summary after it is lost. The line called the
+    result unwritable, read as the checkpoint (eighteenth re-run, U8)."""
+    import subprocess
+    import sys
+    out = tmp_path / "q"
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-c", CONSOLE, "quantize", str(model_dirs["llama"]), "--method", "rtn",
+                            "--group-size", "32", "-o", str(out), "-q"], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=300)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"error: {out} was written, but its summary could not be printed (No space left"), lines
+    assert (out / "model.safetensors").is_file()
+
+
+def test_chat_reads_a_bounded_line_from_a_pipe(good_dist, tmp_path, monkeypatch):
+    """`chat < /dev/zero` read one endless line until memory ran out, then named --nsamples in its error (eighteenth
+    re-run, U6); a long line within the bound is refused by length before it is tokenized."""
+    import subprocess
+    import sys
+
+    from edgequant.errors import EdgequantError
+    from edgequant.export import cli
+    monkeypatch.setattr(cli, "MAX_MESSAGE_CHARS", 1000)
+    with open("/dev/zero") as zero:
+        monkeypatch.setattr(sys, "stdin", zero)
+        with pytest.raises(EdgequantError, match="a message of more than 1000 characters came in"):
+            cli._read_line(">>> ")
+    long = tmp_path / "long.txt"
+    long.write_text("x" * 500_000 + "\n")
+    with open(long) as f:
+        p = subprocess.run([sys.executable, "-c", CONSOLE, "chat", str(good_dist), "--max-new-tokens", "2"], stdin=f,
+                           capture_output=True, text=True, timeout=300)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert "500000 characters, more than" in lines[0] and "context" in lines[0], lines
+
+
 def test_chat_with_stdin_closed_ends_like_eof(good_dist):
     """`chat <&-` (a service manager may start it so): no input is the end of the chat, not an AttributeError (T10)."""
     import subprocess

@@ -326,12 +326,12 @@ def test_a_chat_template_that_renders_nothing_is_refused():
     tok = make_tokenizer()
     tok.chat_template = "{% if false %}x{% endif %}"
     with pytest.raises(EdgequantError, match="renders this conversation to no tokens"):
-        _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST")
+        _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST", 2048)
     tok.chat_template = '{{ "x" * 10**8 }}'   # tokenizing 10**9 of them ran for minutes past 3 GB (U5)
     with pytest.raises(EdgequantError, match="renders this conversation to 100000000 characters"):
-        _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST")
+        _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST", 2048)
     tok.chat_template = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
-    assert _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST") == tok("<hi>")["input_ids"]
+    assert _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST", 2048) == tok("<hi>")["input_ids"]
 
 
 @pytest.mark.parametrize("template, error", [("{{ 1/0 }}", "ZeroDivisionError"),
@@ -347,7 +347,7 @@ def test_a_chat_template_that_raises_while_rendering_is_refused(template, error)
     tok = make_tokenizer()
     tok.chat_template = template
     with pytest.raises(EdgequantError, match=f"chat_template in DIST/tokenizer_config.json was refused \\({error}"):
-        _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST")
+        _apply_template(tok, [{"role": "user", "content": "hi"}], "DIST", 2048)
 
 
 def test_a_prompt_of_no_tokens_is_one_line(good_dist):

@@ -163,6 +163,21 @@ def test_output_folder_follows_the_umask(tmp_path):
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
 
 
+def test_exported_tokenizer_files_follow_the_umask(tmp_path):
+    """A DIST's tokenizer files kept the source's 0644 under a umask of 077 (a deviation the re-runs listed)."""
+    from edgequant.export.build import _copy_tokenizer
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "src" / "tokenizer.json").write_text("{}")
+    (tmp_path / "src" / "tokenizer.json").chmod(0o644)
+    old = os.umask(0o077)
+    try:
+        _copy_tokenizer(tmp_path / "src", tmp_path / "dst")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "dst" / "tokenizer.json").stat().st_mode & 0o777 == 0o600
+
+
 def test_replacing_a_checkpoint_that_holds_a_users_file_is_refused(tmp_path, model_dirs):
     """`quantize -o` onto a checkpoint folder replaces it; a file the checkpoint never held (the user's notes) would
     be deleted with it, so the run is refused before any work, naming the file, and the folder stays as it was."""
@@ -248,3 +263,62 @@ def test_a_full_disk_reported_by_a_library_is_one_line(tmp_path, error):
     with pytest.raises(RuntimeError, match="a bug"):   # anything else is not called a disk problem
         with atomic_output_dir(tmp_path / "o"):
             raise RuntimeError("a bug")
+
+
+def test_export_keeps_its_temporary_files_inside_its_output(tmp_path, good_ckpt, monkeypatch):
+    """TVM links the library in a temporary folder of its own (nvcc compiles in one too): in the system's temp
+    folder, a kill -9 left it there for good (eighteenth re-run, L9's kind). Now every temporary folder of an export
+    is inside the output's `.NAME.tmp-*`, which the next run removes."""
+    import tempfile
+    from pathlib import Path
+
+    from edgequant.export.api import export
+    made, real = [], tempfile.mkdtemp
+
+    def mkdtemp(*a, **k):
+        made.append(Path(real(*a, **k)))
+        return str(made[-1])
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    export(good_ckpt, "cpu", tmp_path / "dist", progress=False)
+    assert len(made) > 2 and all(p.is_relative_to(tmp_path) for p in made), made
+    assert [p.name for p in tmp_path.iterdir()] == ["dist"]
+    assert not any(p.name.startswith(".") for p in (tmp_path / "dist").iterdir())
+
+
+def test_an_export_that_cannot_fit_is_one_line_before_anything_is_written(tmp_path, good_ckpt, monkeypatch):
+    """LLVM ends the process on a failed object write ("LLVM ERROR: IO failure on output stream", no `error:`, the
+    temporary folders left: eighteenth re-run, T39): the space is checked first."""
+    import shutil as sh
+    from edgequant.export import build
+    from edgequant.export.api import export
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(1 << 30, 1 << 30, 5 << 20))
+    with pytest.raises(EdgequantError, match=r"not enough space to write .*dist: the export needs about \d+ MiB, "
+                                             r"5 MiB are free there; free some space.*nothing was changed"):
+        export(good_ckpt, "cpu", tmp_path / "dist", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_llvm_ar_on_a_full_disk_is_the_outputs_one_line(tmp_path):
+    """llvm-ar out of space printed its crash report after our line; copytree's shutil.Error printed its whole list
+    of (source, destination, reason) with our temporary paths (eighteenth re-run, T38)."""
+    import shutil
+    import tarfile
+
+    from edgequant.atomic import as_os_error
+    from edgequant.export.package import merge_static_library
+    obj = tmp_path / "a.o"
+    obj.write_bytes(b"\x7fELF")
+    with tarfile.open(tmp_path / "lib.tar", "w") as tf:
+        tf.add(obj, arcname="a.o")
+    for stderr, want in [("LLVM ERROR: IO failure on output stream: No space left on device\nPLEASE submit a bug "
+                          "report\nStack dump:", OSError), ("LLVM ERROR: something else\nStack dump:", EdgequantError)]:
+        ar = tmp_path / "ar"
+        ar.write_text(f"#!/bin/sh\nprintf '{stderr}' >&2\nexit 1\n")
+        ar.chmod(0o755)
+        with pytest.raises(want) as e:
+            merge_static_library([("m", tmp_path / "lib.tar")], "android", tmp_path / "lib.a", str(ar))
+        assert "Stack dump" not in str(e.value) and "PLEASE" not in str(e.value)
+        assert want is EdgequantError or e.value.errno == 28
+    err = shutil.Error([("/tmp/x/tokenizer.json", "/o/.out.tmp-1/tokenizer.json",
+                         "[Errno 28] No space left on device: '/o/.out.tmp-1/tokenizer.json'")])
+    assert as_os_error(err).errno == 28 and as_os_error(err).strerror == "No space left on device"

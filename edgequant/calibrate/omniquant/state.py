@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict
@@ -88,6 +89,31 @@ def _within(t: torch.Tensor, hi: int) -> bool:
                               and float(t.min()) >= 0 and float(t.max()) <= hi)
 
 
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """`t` as the checkpoint will hold it (fp16): a finite float32 past 65504 becomes Inf, a positive one below fp16's
+    smallest subnormal 0 (eighteenth re-run, S43)."""
+    return t.to(torch.float16)
+
+
+def _finite_numbers(v) -> bool:
+    """Every number in a JSON value finite (a NaN loss went into edgequant.json: eighteenth re-run)."""
+    if isinstance(v, dict):
+        return all(_finite_numbers(x) for x in v.values())
+    if isinstance(v, list):
+        return all(_finite_numbers(x) for x in v)
+    return not isinstance(v, float) or math.isfinite(v)
+
+
+def _record_fits(rec: dict, i: int) -> bool:
+    """A finished block's record: its stats and the summary the trainer rebuilds, numbers finite, of block i."""
+    summary, stats = rec.get("summary"), rec.get("stats")
+    if not isinstance(summary, dict) or not isinstance(stats, dict) or not _finite_numbers(rec):
+        return False
+    number = lambda k: isinstance(summary.get(k), (int, float)) and not isinstance(summary.get(k), bool)  # noqa: E731
+    return (all(number(k) for k in ("loss_before", "loss_after", "time_s")) and isinstance(summary.get("steps"), int)
+            and summary.get("block", i) == i)
+
+
 def _check_block(tensors: dict, block, scheme: QuantScheme, linears, plain_names) -> tuple[dict, dict]:
     """Rebuild (plain, quantized) from a block file, refusing anything that does not fit the live block."""
     plain, quantized = {}, {}
@@ -95,7 +121,7 @@ def _check_block(tensors: dict, block, scheme: QuantScheme, linears, plain_names
     for name in plain_names:
         t = tensors.get(f"plain/{name}")
         if name in params and (t is None or tuple(t.shape) != tuple(params[name].shape)
-                               or not torch.isfinite(t).all()):
+                               or not torch.isfinite(_stored(t)).all()):
             raise StateMismatch(f"plain tensor {name}")
         if t is not None:
             plain[name] = t
@@ -106,12 +132,12 @@ def _check_block(tensors: dict, block, scheme: QuantScheme, linears, plain_names
         q, s, z = (tensors.get(f"q/{rel}/{f}") for f in ("q", "scale", "zero"))
         if (q is None or s is None or z is None or tuple(q.shape) != (n, k) or tuple(s.shape) != (n, ng)
                 or tuple(z.shape) != (n, ng) or not _within(q, scheme.maxq) or not _within(z, scheme.maxq)
-                or not (torch.isfinite(s) & (s > 0)).all()):   # a scale of 0 or -1 went in too (S42)
+                or not (torch.isfinite(_stored(s)) & (_stored(s) > 0)).all()):   # 0 or -1 went in too (S42)
             raise StateMismatch(f"quantized linear {rel}")
         idx, ow = tensors.get(f"q/{rel}/outlier_idx"), tensors.get(f"q/{rel}/outlier_weight")
         if (idx is None) != (ow is None) or (idx is not None and (
                 idx.dim() != 1 or idx.is_floating_point() or tuple(ow.shape) != (n, len(idx))
-                or not torch.isfinite(ow).all() or not _within(idx, k - 1))):
+                or not torch.isfinite(_stored(ow)).all() or not _within(idx, k - 1))):
             raise StateMismatch(f"outlier columns of {rel}")
         quantized[rel] = QuantizedWeight(q, s, z, scheme, idx, ow)
     return plain, quantized
@@ -162,8 +188,7 @@ class ResumeState:
             blocks = []
             for i in range(nxt):
                 tensors, brec = _load(self.dir / f"block_{i:04d}.safetensors")
-                if (brec.get("fingerprint") != self.fp or not isinstance(brec.get("stats"), dict)
-                        or not isinstance(brec.get("summary"), dict)):
+                if brec.get("fingerprint") != self.fp or not _record_fits(brec, i):
                     raise StateMismatch(f"block {i} record")
                 plain, quantized = _check_block(tensors, layers[i], scheme, linears, plain_names)
                 blocks.append((plain, quantized, brec))

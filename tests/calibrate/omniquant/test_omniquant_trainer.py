@@ -2,6 +2,7 @@
 exactly what the live LWC/LET model computes, an interrupted run resumes to the same bytes, bad input is refused."""
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -259,6 +260,57 @@ def test_damaged_or_foreign_state_starts_over(tmp_path, model_dirs, text_file, m
     assert _split(out / "model.safetensors") == _split(ref / "model.safetensors")
     blocks = json.loads((out / "edgequant.json").read_text())["calibration"]["blocks"]
     assert [b["resumed"] for b in blocks] == [False, False]
+
+
+def _edit_block(block, tensors=None, record=None):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(block), "pt") as f:
+        rec, t = json.loads(f.metadata()["record"]), {k: f.get_tensor(k) for k in f.keys()}
+    (tensors or (lambda t: None))(t)
+    (record or (lambda r: None))(rec)
+    save_file(t, str(block), metadata={"record": json.dumps(rec)})
+
+
+_STORED_DAMAGE = {   # finite float32 values the fp16 checkpoint cannot hold, and records the trainer cannot rebuild
+    "scale_past_fp16": lambda t: t["q/mlp.down_proj/scale"].view(-1).__setitem__(0, 1e5),
+    "scale_below_fp16": lambda t: t["q/mlp.down_proj/scale"].view(-1).__setitem__(0, 1e-10),
+    "norm_past_fp16": lambda t: t["plain/input_layernorm.weight"].view(-1).__setitem__(0, 1e38),
+}
+_RECORD_DAMAGE = {
+    "loss_nan": lambda r: r["summary"].__setitem__("loss_after", float("nan")),
+    "other_block": lambda r: r["summary"].__setitem__("block", 5),
+    "steps_missing": lambda r: r["summary"].pop("steps"),
+}
+
+
+def test_resumed_values_are_checked_as_the_checkpoint_holds_them(tmp_path, model_dirs, text_file, monkeypatch):
+    """Scales of 1e5 or 1e-10 and a norm weight of 1e38 are finite in the state's float32 but Inf or 0 in the
+    checkpoint's fp16: quantize exited 0 with a checkpoint its own reader calls damaged (eighteenth re-run, S43); a
+    NaN loss went into edgequant.json and a record without `steps` was a TypeError. Each is damage: starting over."""
+    from edgequant.calibrate.omniquant import state as state_mod
+    kw = dict(_RESUME_KW, calib=text_file)
+    state = _interrupted_run(tmp_path, model_dirs, monkeypatch, kw)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(state, pristine)
+    real_load = state_mod.ResumeState.load
+
+    class Loaded(Exception):
+        pass
+
+    def load(self, *a):   # stop the run once the saved progress is read: whether it was taken is the question
+        raise Loaded(real_load(self, *a))
+    monkeypatch.setattr(state_mod.ResumeState, "load", load)
+    cases = {**{k: dict(tensors=v) for k, v in _STORED_DAMAGE.items()},
+             **{k: dict(record=v) for k, v in _RECORD_DAMAGE.items()}, "intact": {}}
+    for name, edit in cases.items():
+        shutil.rmtree(state, ignore_errors=True)
+        shutil.copytree(pristine, state)
+        _edit_block(state / "block_0000.safetensors", **edit)
+        with pytest.raises(Loaded) as e:
+            api.quantize(model_dirs["llama"], tmp_path / "out", **kw)
+        taken = e.value.args[0] is not None
+        assert taken == (name == "intact"), name
 
 
 @pytest.mark.parametrize("arch,extra", [("llama", {}), ("qwen2", {"let": True, "owq_target_bits": 3.5})])
