@@ -327,6 +327,18 @@ def test_resumed_values_are_checked_as_the_checkpoint_holds_them(tmp_path, model
         assert taken == (name == "intact"), name
 
 
+def test_a_diverging_loss_is_one_line_without_warnings(monkeypatch):
+    """float() of the loss that needs grad printed torch's UserWarning (3 lines) above the error (eighteenth re-run)."""
+    import warnings
+    monkeypatch.setattr(trainer_mod, "block_loss", lambda y, target, kind: y.sum() * float("inf"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(EdgequantError, match="OmniQuant loss became (nan|inf) in block 0; lower --lwc-lr"):
+            calibrate_omniquant(make_tiny_model("llama"), _samples(), QuantScheme(3, 32),
+                                OmniConfig(epochs=1, batch_size=2), progress=False)
+    assert [str(w.message) for w in seen] == []
+
+
 @pytest.mark.parametrize("arch,extra", [("llama", {}), ("qwen2", {"let": True, "owq_target_bits": 3.5})])
 def test_gptq_rounds_within_the_learned_ranges(arch, extra):
     """LWC then GPTQ: the same learned scales and zero points, GPTQ's rounding inside them, and a lower block loss
