@@ -65,6 +65,7 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         t0 = time.time()
         model_obj, tok = load_model(model)
         _check_group_size(model_obj, scheme)
+        _check_fits_fp16(model_obj, model)
         t_load = time.time() - t0
         t1 = time.time()
         rotation = None
@@ -115,6 +116,20 @@ def _kept_blocks(state: Path) -> str | None:
         return (f"its finished blocks are kept in {state} and the same command continues from there (delete it to "
                 "start over)")
     return None
+
+
+FP16_MAX = 65504.0
+
+
+def _check_fits_fp16(model, src) -> None:
+    """Checkpoints store scales, outlier columns and plain tensors in fp16 and the exports compute in it: a weight
+    past its range became an Inf scale or column that quantize wrote and exited 0, and its own reader then called the
+    checkpoint damaged (eighteenth re-run, S44). Refused before any calibration."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.numel() and float(t.detach().abs().max()) > FP16_MAX:
+            raise EdgequantError(f"{src or 'the model'}: '{name}' holds values past fp16's range (|x| > 65504), which "
+                                 "edgequant checkpoints and exports compute in; the model's weights are damaged: "
+                                 "restore them from a trusted copy")
 
 
 def _check_group_size(model, scheme) -> None:

@@ -82,6 +82,11 @@ def save_checkpoint(out_dir, model, tokenizer, quantized: dict[str, QuantizedWei
         modules = dict(model.named_modules())
         for name, qw in quantized.items():
             tensors.update(quantized_linear_tensors(name, qw, getattr(modules[name], "bias", None)))
+        # calibration can push a value past fp16 (LET scales, OWQ columns): refused here, not by the next reader
+        bad = next((n for n, a in tensors.items() if a.dtype.kind == "f" and not np.isfinite(a).all()), None)
+        if bad is not None:
+            raise CheckpointError(f"the new checkpoint's '{bad}' holds values past fp16's range or NaN; {out} was "
+                                  "left as it was: check the model's weights, or quantize with other settings")
         write_tensors(tensors, tmp, max_shard_bytes)
         cfg = model.config.to_dict()
         cfg.pop("_name_or_path", None)

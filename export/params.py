@@ -230,7 +230,8 @@ class HFSource(WeightSource):
                 for t, n in zip(parts, plan.rows):
                     check_weight_shape(self.path, t, self._state[t].shape, (n, plan.k) if leaf == "weight" else (n,))
             arr = np.concatenate([self._state[t] for t in parts], axis=0) if len(parts) > 1 else self._state[parts[0]]
-            out = arr.astype(np.float16)
+            with np.errstate(over="ignore", invalid="ignore"):   # reported below in one line, not as a warning (T40)
+                out = arr.astype(np.float16)
             if out.dtype.kind == "f" and not np.isfinite(out).all():   # NaN in the model, or past fp16's range
                 raise EdgequantError(f"{self.path}: '{name}' holds NaN or infinite values (in fp16); the model's "
                                      "weights are damaged: restore them from a trusted copy")

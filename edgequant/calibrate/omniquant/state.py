@@ -23,7 +23,7 @@ from ...errors import EdgequantError
 from ...quantizer import QuantizedWeight
 from ...schemes import QuantScheme
 
-STATE_VERSION = 2   # 1 was pickled .pt files, never read again
+STATE_VERSION = 3   # 1 was pickled .pt files, never read again; 2 had no checksum of the tensors
 META = "meta.json"
 STREAMS = "streams.safetensors"
 
@@ -44,12 +44,25 @@ def fingerprint(model, samples: torch.Tensor, scheme: QuantScheme, cfg) -> str:
     return h.hexdigest()
 
 
+def _checksum(tensors: dict) -> str:
+    """sha256 of the tensors' names, dtypes, shapes and bytes. Range checks cannot tell a finite but altered value
+    from a real one (a stream value of 1e38 made every rerun fail with an infinite loss: eighteenth re-run, L10);
+    a file whose tensors do not match the checksum it was saved with is damage."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _save(tensors: dict, record: dict, path: Path):
     from safetensors.torch import save_file
     tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={"record": json.dumps(record, sort_keys=True)})
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(tmp), metadata={"record": json.dumps({**record, "sha256": _checksum(tensors)},
+                                                                    sort_keys=True)})
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -68,6 +81,8 @@ def _load(path: Path) -> tuple[dict, dict]:
         raise StateMismatch(f"{path.name}: {e}") from None
     if not isinstance(record, dict):
         raise StateMismatch(f"{path.name}: record is not an object")
+    if record.pop("sha256", None) != _checksum(tensors):
+        raise StateMismatch(f"{path.name}: its tensors do not match their checksum")
     return tensors, record
 
 

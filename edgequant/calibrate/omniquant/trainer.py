@@ -281,8 +281,9 @@ def _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg: OmniConfig, device, i,
                 if aug_out is not None:
                     loss = loss + block_loss(y, aug_out[idx].to(device), cfg.loss)
                 if not torch.isfinite(loss):
-                    raise EdgequantError(f"OmniQuant loss became {float(loss)} in block {i}; lower --lwc-lr/--let-lr "
-                                         "or turn --let off")
+                    # detached: float() of a tensor that needs grad printed torch's warning above the line (L10)
+                    raise EdgequantError(f"OmniQuant loss became {float(loss.detach())} in block {i}; lower "
+                                         "--lwc-lr/--let-lr or turn --let off")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

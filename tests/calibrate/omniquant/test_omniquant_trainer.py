@@ -262,13 +262,18 @@ def test_damaged_or_foreign_state_starts_over(tmp_path, model_dirs, text_file, m
     assert [b["resumed"] for b in blocks] == [False, False]
 
 
-def _edit_block(block, tensors=None, record=None):
+def _edit_block(block, tensors=None, record=None, rehash=True):
+    """Edit a state file's tensors and record; `rehash`: as an attacker who also rewrites the checksum would."""
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from edgequant.calibrate.omniquant.state import _checksum
     with safe_open(str(block), "pt") as f:
         rec, t = json.loads(f.metadata()["record"]), {k: f.get_tensor(k) for k in f.keys()}
     (tensors or (lambda t: None))(t)
     (record or (lambda r: None))(rec)
+    if rehash:
+        rec["sha256"] = _checksum(t)
     save_file(t, str(block), metadata={"record": json.dumps(rec)})
 
 
@@ -287,8 +292,12 @@ _RECORD_DAMAGE = {
 def test_resumed_values_are_checked_as_the_checkpoint_holds_them(tmp_path, model_dirs, text_file, monkeypatch):
     """Scales of 1e5 or 1e-10 and a norm weight of 1e38 are finite in the state's float32 but Inf or 0 in the
     checkpoint's fp16: quantize exited 0 with a checkpoint its own reader calls damaged (eighteenth re-run, S43); a
-    NaN loss went into edgequant.json and a record without `steps` was a TypeError. Each is damage: starting over."""
+    NaN loss went into edgequant.json and a record without `steps` was a TypeError (these with the checksum rewritten,
+    so the value checks are what refuses them). A stream value of 1e38 made every rerun fail with an infinite loss
+    (L10), and an in-range zero point changed by one passed every check: the checksum finds both. Each is damage:
+    starting over."""
     from edgequant.calibrate.omniquant import state as state_mod
+    STREAMS = state_mod.STREAMS
     kw = dict(_RESUME_KW, calib=text_file)
     state = _interrupted_run(tmp_path, model_dirs, monkeypatch, kw)
     pristine = tmp_path / "pristine"
@@ -302,15 +311,32 @@ def test_resumed_values_are_checked_as_the_checkpoint_holds_them(tmp_path, model
         raise Loaded(real_load(self, *a))
     monkeypatch.setattr(state_mod.ResumeState, "load", load)
     cases = {**{k: dict(tensors=v) for k, v in _STORED_DAMAGE.items()},
-             **{k: dict(record=v) for k, v in _RECORD_DAMAGE.items()}, "intact": {}}
+             **{k: dict(record=v) for k, v in _RECORD_DAMAGE.items()}, "intact": {},
+             # finite values in range that no check of ranges can tell from real ones: the checksum does (L10)
+             "stream_1e38": dict(tensors=lambda t: t["q"].view(-1).__setitem__(0, 1e38), rehash=False,
+                                 file=STREAMS),
+             "zero_changed": dict(tensors=lambda t: t["q/self_attn.v_proj/zero"].view(-1).__setitem__(
+                 0, (t["q/self_attn.v_proj/zero"].view(-1)[0] + 1) % 8), rehash=False)}
     for name, edit in cases.items():
         shutil.rmtree(state, ignore_errors=True)
         shutil.copytree(pristine, state)
-        _edit_block(state / "block_0000.safetensors", **edit)
+        _edit_block(state / edit.pop("file", "block_0000.safetensors"), **edit)
         with pytest.raises(Loaded) as e:
             api.quantize(model_dirs["llama"], tmp_path / "out", **kw)
         taken = e.value.args[0] is not None
         assert taken == (name == "intact"), name
+
+
+def test_a_diverging_loss_is_one_line_without_warnings(monkeypatch):
+    """float() of the loss that needs grad printed torch's UserWarning (3 lines) above the error (eighteenth re-run)."""
+    import warnings
+    monkeypatch.setattr(trainer_mod, "block_loss", lambda y, target, kind: y.sum() * float("inf"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(EdgequantError, match="OmniQuant loss became (nan|inf) in block 0; lower --lwc-lr"):
+            calibrate_omniquant(make_tiny_model("llama"), _samples(), QuantScheme(3, 32),
+                                OmniConfig(epochs=1, batch_size=2), progress=False)
+    assert [str(w.message) for w in seen] == []
 
 
 @pytest.mark.parametrize("arch,extra", [("llama", {}), ("qwen2", {"let": True, "owq_target_bits": 3.5})])
