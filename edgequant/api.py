@@ -149,7 +149,7 @@ def _check_group_width(group_size: int, widest: int) -> None:
 def convert(model, output, progress: bool = True) -> Path:
     """Write `model` (HF folder, .gguf file, hub id) unquantized as a Hugging Face folder with safetensors weights and
     its tokenizer: what `edgequant export` reads for an fp16 export (export itself never loads models with torch)."""
-    from .atomic import atomic_output_dir, check_not_the_input
+    from .atomic import atomic_output_dir, check_not_the_input, umask_mode
     from .checkpoint import CONVERTED_NAME
     from .loading import load_model, save_tokenizer
     out = Path(output).expanduser().resolve()
@@ -160,6 +160,8 @@ def convert(model, output, progress: bool = True) -> Path:
     # re-run, L8)
     with atomic_output_dir(out, marker=CONVERTED_NAME) as tmp:
         m.save_pretrained(tmp, safe_serialization=True)
+        for f in tmp.glob("*.safetensors"):   # transformers writes them 0600 whatever the umask (eighteenth re-run, U10)
+            os.chmod(f, 0o666 & umask_mode())
         save_tokenizer(tok, tmp)
         (tmp / CONVERTED_NAME).write_text(json.dumps({"source": str(model), "versions": _versions()}, indent=2))
     return out

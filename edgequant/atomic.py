@@ -206,7 +206,8 @@ def output_lock(final, marker: str | None = None):
         os.close(fd)
 
 
-def _umask_mode() -> int:
+def umask_mode() -> int:
+    """The permission bits the user's umask leaves (0o755 under 022)."""
     mask = os.umask(0)
     os.umask(mask)
     return 0o777 & ~mask
@@ -217,7 +218,7 @@ def atomic_output_dir(final, marker: str | None = None):
     """Yield a temporary folder; when the block completes it replaces `final` in one rename."""
     with output_lock(final, marker) as final:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        os.chmod(tmp, _umask_mode())   # mkdtemp makes 0700; the output should look like any folder the user makes
+        os.chmod(tmp, umask_mode())   # mkdtemp makes 0700; the output should look like any folder the user makes
         new_ino = None
         _building.append(tmp)
         try:

@@ -72,6 +72,9 @@ def run(dist, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, t
     r = Runner(dist)
     tok = r.tokenizer
     prompt = user_text(prompt)
+    if chat_template and not getattr(tok, "chat_template", None):   # ran the raw prompt without a word (U11)
+        raise EdgequantError(f"--chat-template: {r.dist} has no usable chat template (none in tokenizer_config.json, no "
+                             "readable chat_template.jinja); run without --chat-template or add the model's template")
     ids = (_encode(tok, [{"role": "user", "content": prompt}], r.dist, r.max_len) if chat_template
            else tok(prompt)["input_ids"])
     _check_fits(len(ids), f"the prompt's {len(ids)} tokens", max_new_tokens, "--max-new-tokens", r.max_len)

@@ -284,6 +284,15 @@ def test_refusals_outside_the_run_corpus(good_dist, text_file, tmp_path):
         assert_one_line_error(res[2], "CUDA")
 
 
+def test_chat_template_asked_for_but_missing_is_one_line(good_dist):
+    """`run --chat-template` on a DIST without a template ran the raw prompt without a word (eighteenth re-run, U11)."""
+    from edgequant.errors import EdgequantError
+    from edgequant.export.api import run
+    with pytest.raises(EdgequantError, match="--chat-template: .* has no usable chat template"):
+        run(good_dist, "hi", max_new_tokens=1, chat_template=True)
+    assert run(good_dist, "hi", max_new_tokens=1)["tokens"]
+
+
 def test_full_disk_while_linking_is_one_line_and_leaves_nothing(tmp_path):
     """TVM reports the linker's ENOSPC as a RuntimeError; atomic_output_dir (where export links) turns it into its
     one line (`atomic.as_os_error`)."""

@@ -163,6 +163,16 @@ def test_output_folder_follows_the_umask(tmp_path):
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
 
 
+def test_converted_weights_follow_the_umask(tmp_path, model_dirs):
+    """transformers writes model.safetensors 0600 whatever the umask (eighteenth re-run, U10)."""
+    old = os.umask(0o022)
+    try:
+        out = api.convert(model_dirs["llama"], tmp_path / "c", progress=False)
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}["model.safetensors"] == 0o644
+
+
 def test_exported_tokenizer_files_follow_the_umask(tmp_path):
     """A DIST's tokenizer files kept the source's 0644 under a umask of 077 (a deviation the re-runs listed)."""
     from edgequant.export.build import _copy_tokenizer
