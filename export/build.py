@@ -204,9 +204,10 @@ def _check_space(tmp: Path, out: Path, named_params) -> None:
     """Room for the weights and the library where the export writes them. LLVM ends the process when it cannot write
     an object ("LLVM ERROR: IO failure on output stream", no cleanup: eighteenth re-run, T39), so a disk too full
     for the export is found before anything is written, in one line."""
-    import numpy as np
-    itemsize = lambda d: np.dtype(d).itemsize if d != "bfloat16" else 2   # noqa: E731
-    need = LINK_SPACE + sum(int(np.prod([int(x) for x in p.shape])) * itemsize(str(p.dtype)) for _, p in named_params)
+    import math
+
+    from .dist import itemsize
+    need = LINK_SPACE + sum(math.prod(int(x) for x in p.shape) * itemsize(str(p.dtype)) for _, p in named_params)
     free = shutil.disk_usage(tmp).free
     if free < need:
         raise EdgequantError(f"not enough space to write {out}: the export needs about {-(-need >> 20)} MiB, "

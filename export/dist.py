@@ -32,6 +32,13 @@ RUNNER_FUNCTIONS = ("embed", "prefill", "decode", "create_paged_kv_cache")
 DEVICES = ("cpu", "cuda", "metal", "opencl", "vulkan", "webgpu")
 _DTYPES = {"float16": np.float16, "float32": np.float32, "uint32": np.uint32, "uint8": np.uint8, "int32": np.int32,
            "bfloat16": None}
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a DIST dtype name (bfloat16 has no NumPy type)."""
+    return 2 if dtype == "bfloat16" else np.dtype(_DTYPES.get(dtype, dtype)).itemsize
+
+
 _FIX = "export the model again with `edgequant export`"
 
 
@@ -299,8 +306,7 @@ def check_tensor_cache(dist: Path, info: dict) -> None:
                     and _int(r.get("nbytes"))
                     and r.get("format") == "raw"):
                 raise _damaged(f, f"a record in {shard['dataPath']} lacks name/shape/dtype/byteOffset/nbytes")
-            itemsize = 2 if r["dtype"] == "bfloat16" else np.dtype(_DTYPES[r["dtype"]]).itemsize
-            if r["nbytes"] != math.prod(r["shape"]) * itemsize:   # Python ints: a dimension of 2^64 overflowed numpy
+            if r["nbytes"] != math.prod(r["shape"]) * itemsize(r["dtype"]):   # Python ints: a dimension of 2^64 overflowed numpy
                 raise _damaged(f, f"'{r['name']}' has nbytes {r['nbytes']} for shape {r['shape']} {r['dtype']}")
             if r["byteOffset"] + r["nbytes"] > size:
                 raise _damaged(f, f"'{r['name']}' lies past the end of {shard['dataPath']}")

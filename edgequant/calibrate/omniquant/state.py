@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ...atomic import as_os_error
+from ...checkpoint import _is_number
 from ...errors import EdgequantError
 from ...quantizer import QuantizedWeight
 from ...schemes import QuantScheme
@@ -124,8 +125,8 @@ def _record_fits(rec: dict, i: int) -> bool:
     summary, stats = rec.get("summary"), rec.get("stats")
     if not isinstance(summary, dict) or not isinstance(stats, dict) or not _finite_numbers(rec):
         return False
-    number = lambda k: isinstance(summary.get(k), (int, float)) and not isinstance(summary.get(k), bool)  # noqa: E731
-    return (all(number(k) for k in ("loss_before", "loss_after", "time_s")) and isinstance(summary.get("steps"), int)
+    return (all(_is_number(summary.get(k)) for k in ("loss_before", "loss_after", "time_s"))
+            and isinstance(summary.get("steps"), int)
             and summary.get("block", i) == i)
 
 
