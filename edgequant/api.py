@@ -70,8 +70,9 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         t1 = time.time()
         rotation = None
         if opts.rotate:
-            from .rotate import rotate_model
-            rotation = rotate_model(model_obj, seed)
+            from .rotate import massive_channels, rotate_model
+            keep = massive_channels(model_obj, _probe_ids(tok, calib, opts), opts.rotate_keep)
+            rotation = rotate_model(model_obj, seed, keep)
         result = m.run(model_obj, tok, scheme, opts, progress=progress)
         quantized = dict(result.quantized)
         if tables is not None:
@@ -96,6 +97,19 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
             import shutil
             shutil.rmtree(state_dir, ignore_errors=True)
         return ck
+
+
+PROBE_TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building. It was the tallest "
+              "man-made structure in the world until 1930. Many people visit it every year; some climb the stairs.")
+
+
+def _probe_ids(tok, calib, opts):
+    """Tokens to find massive activations with (`rotate.massive_channels`): a few calibration windows, or a fixed
+    English text for the methods without calibration (the sink's channels show at any text's first token)."""
+    if calib is None:
+        return tok(PROBE_TEXT, return_tensors="pt").input_ids
+    from .data import calibration_samples
+    return calibration_samples(tok, calib, min(opts.nsamples, 4), min(opts.seqlen, 512), opts.seed)
 
 
 def resume_state_dir(output) -> Path:

@@ -35,11 +35,16 @@ class CalibOptions(Options):
     rotate: bool = opt(False, "Rotate the model first (QuaRot/SpinQuant-style randomised Hadamard folded into the "
                               "weights, norms folded; same function, easier to quantize; unties a shared output "
                               "layer).", "bool")
+    rotate_keep: float = opt(0.0, "With --rotate: leave out of the rotation each residual channel whose peak reaches "
+                                  "this many times the median channel's (the massive activations of attention "
+                                  "sinks, whose rounding error a rotation would spread over every input; 0: rotate "
+                                  "every channel).", "float", lo=0)
     config: Options | None = None     # the method's options
     state_dir: str | None = None      # where a resumable method keeps per-block state (a sibling of the output folder)
 
     def __post_init__(self):
         super().__post_init__()
+        self.refuse_unless(self.rotate, ("rotate_keep",), "--rotate")
         if self.skip_tokens >= self.seqlen:
             raise EdgequantError("--skip-tokens must be >= 0 and smaller than --seqlen")
         check_window_tokens(self.nsamples, self.seqlen)
