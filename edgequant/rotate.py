@@ -18,7 +18,10 @@ rounding error. Folding such a weight into the linears and rotating spreads that
 rounded weight meets the sink's full magnitude (SmolLM2 W3 RTN: 160 -> 5043 perplexity on three 512-token windows;
 the rotated v projection alone 32 -> 130). `keep` leaves such channels out: Q is the identity on them and a random
 rotation of the other channels, and their norm weights stay in the norms (the rotation still commutes with RMSNorm,
-Q never mixing a kept channel with another). `massive_channels` finds them with one forward pass.
+Q never mixing a kept channel with another). `massive_channels` finds them with one forward pass. Measured
+(benchmarks/results/quality-issue11-lead13-cuda.md): it helps where rounding is to nearest (OmniQuant's LWC W3:
+SmolLM2 79.22 -> 62.85, qwen 50.91 -> 47.34) and loses on every qwen GPTQ/OWQ row (W3 36.62 -> 37.43), whose error
+compensation already follows the sink's direction: off by default.
 Q and H are randomised Hadamard matrices (a Hadamard matrix times random signs, scaled to be orthogonal); a size that
 no construction here reaches (a power of two times 1, or a Paley order q+1 or 2(q+1), q prime) gets a random
 orthogonal matrix instead (SpinQuant's random initialisation). The rotated model keeps its architecture (norm weights
