@@ -2,6 +2,7 @@
 commands. `run`, `chat`, `bench` and `evaluate` need only the TVM runtime."""
 from __future__ import annotations
 
+import platform
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,12 @@ def memory_warning(dist, context: int | None = None) -> str | None:
     return over_budget(memory_plan(dist, ctx), preset.memory_limit, f"{preset.name} ({preset.memory_limit_note})")
 
 
+def _cpu_arch(name: str) -> str:
+    """A CPU architecture as LLVM triples and `platform.machine()` spell it, in one spelling."""
+    name = name.lower()
+    return {"arm64": "aarch64", "amd64": "x86_64", "x86-64": "x86_64"}.get(name, name)
+
+
 def check_runs_here(dist) -> dict:
     """The DIST folder's export record, or a one-line error when its library is not one `run`, `chat`, `bench` and
     `eval` can load (they load cpu and cuda shared libraries; mobile and Mac libraries are linked into apps)."""
@@ -55,9 +62,15 @@ def check_runs_here(dist) -> dict:
     from .targets import PRESETS
     info = read_export_info(dist)
     target, library = info.get("target"), str(info.get("library", ""))
-    if info.get("device") in ("cpu", "cuda") and library.endswith(".so"):
-        return info
     preset = PRESETS.get(target)
+    arch = _cpu_arch((preset.target.get("mtriple") or "").split("-")[0]) if preset is not None else ""
+    if info.get("device") in ("cpu", "cuda") and library.endswith(".so"):
+        host = _cpu_arch(platform.machine())
+        if arch and arch != host:   # dlopen would say "cannot open shared object file" of a file that exists (U12)
+            raise EdgequantError(f"{dist} was exported for {target} ({arch}), and this machine is {host}: run it on an "
+                                 f"{arch} Linux machine (or apps/runtime's C runtime under qemu), or export with "
+                                 "--target cpu to try the model here")
+        return info
     where = preset.app if preset is not None and preset.app else "apps/README.md"
     raise EdgequantError(f"{dist} was exported for {target}: its {library} links into an app ({where} in the "
                          "edgequant repository); `edgequant run`, `chat`, `bench` and `eval` load cpu and cuda "

@@ -3,6 +3,7 @@ android: ELF aarch64) carrying their device code and system-lib prefix symbols. 
 from __future__ import annotations
 
 import json
+import platform
 import struct
 import tarfile
 
@@ -169,6 +170,15 @@ def test_cpu_arm64_objects(checkpoint, tmp_path):
     else:
         blobs = [lib.read_bytes()]
     assert blobs and all(_elf_aarch64(b) for b in blobs)
+    # `run` here (x86-64) names the target and where it runs, not a damaged library (the shared library exists;
+    # dlopen calls an aarch64 object "cannot open")
+    if platform.machine() in ("aarch64", "arm64"):
+        return
+    from click.testing import CliRunner
+    from edgequant.cli import main
+    r = CliRunner().invoke(main, ["run", str(dist), "--prompt", "Hi", "--max-new-tokens", "1"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "was exported for cpu-arm64" in r.output and "aarch64" in r.output and "damaged" not in r.output
 
 
 def test_chat_ends_cleanly_at_end_of_input_and_reads_pipes(cpu_dist):

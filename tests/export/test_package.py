@@ -138,3 +138,22 @@ def test_an_interrupted_package_leaves_nothing_and_claims_no_output(owq_checkpoi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["app.json"]
     assert list(systemp.iterdir()) == []
     assert interrupted_note("nothing was written") == "nothing was written"
+
+
+def test_a_package_that_cannot_fit_names_its_output(owq_checkpoint, tmp_path, monkeypatch):
+    """The space check's line named the hidden per-model export folder inside `.bundle.tmp-*/.exports`, gone by
+    the time the user reads it, and not the output it asks to move (nineteenth re-run, U13)."""
+    import shutil as sh
+
+    from edgequant.export import build
+    from edgequant.export.package import package
+    cfg = tmp_path / "app.json"
+    cfg.write_text(json.dumps({"output": "bundle", "targets": ["android"], "models": [
+        {"checkpoint": str(owq_checkpoint), "id": "tiny"}]}))
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(1 << 30, 1 << 30, 5 << 20))
+    with pytest.raises(EdgequantError) as e:
+        package(cfg, progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"not enough space to write {tmp_path / 'bundle'} (model tiny, target android):"), msg
+    assert ".exports" not in msg and ".tmp-" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.json"]
