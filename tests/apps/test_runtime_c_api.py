@@ -111,6 +111,14 @@ def test_open_refuses_missing_and_foreign_folders(capi, cpu_dist, tmp_path):
         (d / "lib.tar").write_bytes(b"")
         s, h = capi.open(d)
         assert s == STATUS[status] and h is None, capi.error()
+    # a library of another CPU (a cpu-arm64 export here) is not "damaged": it names the CPU it was built for
+    d = tmp_path / "other_cpu"
+    shutil.copytree(cpu_dist, d)
+    lib = bytearray((d / "lib.so").read_bytes())
+    lib[18:20] = (243).to_bytes(2, "little")   # EM_RISCV: foreign to every machine the tests run on
+    (d / "lib.so").write_bytes(bytes(lib))
+    s, h = capi.open(d)
+    assert s == STATUS["UNSUPPORTED"] and h is None and "built for RISC-V" in capi.error(), capi.error()
 
 
 # every damaged or hostile DIST that `edgequant run` refuses (tests/reliability), the C runtime refuses too, naming

@@ -288,6 +288,29 @@ void CheckElf(const std::string& path) {
     Fail(EDGEQUANT_ERR_DAMAGED, path + " is not a little-endian ELF shared library; it is damaged or built for "
                                        "another machine; " + kFix);
   }
+  // dlopen calls an object of another CPU "cannot open shared object file" although it exists (nineteenth
+  // re-run, U12): a cpu-arm64 export on an x86-64 machine is not damaged, it runs elsewhere
+  auto cpu = [](uint64_t m) -> std::string {
+    switch (m) {
+      case 62: return "x86-64";
+      case 183: return "aarch64";
+      case 40: return "32-bit ARM";
+      case 243: return "RISC-V";
+      default: return "CPU type " + std::to_string(m);
+    }
+  };
+#if defined(__x86_64__)
+  const uint64_t host = 62;
+#elif defined(__aarch64__)
+  const uint64_t host = 183;
+#else
+  const uint64_t host = 0;
+#endif
+  uint64_t machine = u(18, 2);
+  if (host && machine != host) {
+    Fail(EDGEQUANT_ERR_UNSUPPORTED, path + " is built for " + cpu(machine) + ", and this machine is " + cpu(host) +
+                                        ": run the export on such a machine, or export with --target cpu for this one");
+  }
   bool is64 = b[4] == 2;
   int w = is64 ? 8 : 4;
   uint64_t size = b.size(), phoff = u(24 + w, w), shoff = u(24 + 2 * w, w);
