@@ -312,6 +312,16 @@ ROWS = [
                              "gptq": True, "nsamples": 32, "seqlen": 256}),
     ("omniquant", "w4g128", {"epochs": 6, "lwc_lr": 1e-2, "lwc_init": 6.0, "rotate": True,
                              "gptq": True, "nsamples": 32, "seqlen": 256}),
+    # --heldout 8 (OmniQuant's early stop on windows it never trains on) at 40 x 256 (32 trained, as rows 144-149):
+    # rows 145 and 149 (qwen W4: 2 epochs 31.59, 6 epochs 32.45) and row 144 (W3), 2 and 6 epochs
+    ("omniquant", "w4g128", {"epochs": 2, "lwc_lr": 1e-2, "lwc_init": 6.0, "rotate": True, "gptq": True,
+                             "heldout": 8, "nsamples": 40, "seqlen": 256}),
+    ("omniquant", "w4g128", {"epochs": 6, "lwc_lr": 1e-2, "lwc_init": 6.0, "rotate": True, "gptq": True,
+                             "heldout": 8, "nsamples": 40, "seqlen": 256}),
+    ("omniquant", "w3g128", {"epochs": 2, "lwc_lr": 1e-2, "lwc_init": 6.0, "rotate": True, "gptq": True,
+                             "heldout": 8, "nsamples": 40, "seqlen": 256}),
+    ("omniquant", "w3g128", {"epochs": 6, "lwc_lr": 1e-2, "lwc_init": 6.0, "rotate": True, "gptq": True,
+                             "heldout": 8, "nsamples": 40, "seqlen": 256}),
 ]
 
 

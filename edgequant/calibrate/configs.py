@@ -125,6 +125,9 @@ class OmniConfig(Options):
                             "error compensation on each block's quantized stream) instead of to nearest.", "bool")
     keep_best: bool = opt(True, "score the start and every epoch on all windows and keep the best parameters.",
                           "bool")
+    heldout: int = opt(0, "with --keep-best, the last this many calibration windows are never trained on; the start "
+                          "and every epoch are scored on them alone (an early stop against fitting the training "
+                          "windows; 0: score on all windows).", "int", lo=0)
     percdamp: float = opt(0.01, "--gptq rounding's Hessian damping (from the shared --percdamp).", "float", lo=0,
                           hi=1, lo_open=True, cli=False)
     act_order: bool = opt(True, "--gptq rounding's column order (from the shared --act-order).", "bool", cli=False)
@@ -137,6 +140,7 @@ class OmniConfig(Options):
         self.refuse_unless(self.lwc, ("lwc_lr", "lwc_init"), "--lwc")
         self.refuse_unless(self.epochs > 0, ("lwc_lr", "let_lr", "aug_loss", "loss", "keep_best", "block_target"),
                            "--epochs N (N > 0)")
+        self.refuse_unless(self.epochs > 0 and self.keep_best, ("heldout",), "--epochs N (N > 0) and --keep-best")
         if self.aug_loss and self.block_target == "local":
             raise EdgequantError("--aug-loss adds the local target beside the fp one; with --block-target local it would "
                                  "count it twice: pass one of them")

@@ -54,6 +54,40 @@ def test_a_block_whose_loss_rises_keeps_its_better_parameters():
     assert torch.equal(q[name].q, start[name].q) and torch.equal(q[name].scale, start[name].scale)
 
 
+def test_held_out_windows_are_scored_and_never_trained_on(monkeypatch):
+    """--heldout: the last windows steer which epoch is kept and nothing else. Training on 6 of 8 windows at batch 2
+    takes 3 steps an epoch, every training batch is drawn from the first 6 windows, and the per-epoch scores read the
+    held-out windows."""
+    samples = _samples()
+    scheme = QuantScheme(3, 32)
+    cfg = OmniConfig(epochs=2, batch_size=2, lwc_lr=5e-2, heldout=2)
+    model = make_tiny_model("llama")
+    emb = model.get_input_embeddings().weight.detach().clone()
+    trained, real = [], trainer_mod._block_forward
+
+    def block_forward(block, params, x, kw):
+        if torch.is_grad_enabled():   # a training step (scoring runs under no_grad)
+            trained.append(x.detach().clone())
+        return real(block, params, x, kw)
+    monkeypatch.setattr(trainer_mod, "_block_forward", block_forward)
+    _, _, blocks, _ = calibrate_omniquant(model, samples, scheme, cfg, progress=False)
+    assert all(b.steps == 2 * 3 and len(b.extra["epoch_losses"]) == 2 for b in blocks)
+    first = trained[:6]   # block 0's steps: its inputs are the windows' embeddings
+    windows = [emb[w] for w in samples]
+    seen = {k for x in first for row in x for k, w in enumerate(windows) if torch.equal(row, w)}
+    assert seen == set(range(6)), seen
+    other = samples.clone()
+    other[-1] = _samples(1, 48, seed=7)[0]
+    monkeypatch.setattr(trainer_mod, "_block_forward", real)
+    moved = calibrate_omniquant(make_tiny_model("llama"), other, scheme, cfg, progress=False)[2]
+    assert moved[0].extra["epoch_losses"] != blocks[0].extra["epoch_losses"]   # scored on the held-out windows
+    with pytest.raises(EdgequantError, match="--heldout 8 leaves no training windows"):
+        calibrate_omniquant(make_tiny_model("llama"), samples, scheme, OmniConfig(epochs=2, heldout=8),
+                            progress=False)
+    with pytest.raises(EdgequantError, match="--heldout.*only apply with --epochs"):
+        OmniConfig(epochs=0, heldout=2)
+
+
 @pytest.mark.parametrize("arch,let,sym,loss", [("llama", True, False, "mse"), ("qwen2", True, False, "token_rel"),
                                                ("mistral", False, True, "mse")])
 def test_fused_checkpoint_equals_live_model(tmp_path, tokenizer, arch, let, sym, loss):
