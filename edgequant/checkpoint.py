@@ -319,7 +319,8 @@ def write_copy(src: Path, out: Path, tensors: dict[str, np.ndarray], provenance:
     with atomic_output_dir(out, marker=PROVENANCE_NAME) as tmp:
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(".safetensors") and f.name != INDEX_NAME:
-                shutil.copy2(f, tmp / f.name)
+                # contents only: copy2 kept the source's 0644 under a umask of 077 (nineteenth re-run, U14)
+                shutil.copyfile(f, tmp / f.name)
         write_tensors(tensors, tmp)
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, default=str))
 

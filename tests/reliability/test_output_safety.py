@@ -188,6 +188,22 @@ def test_exported_tokenizer_files_follow_the_umask(tmp_path):
     assert (tmp_path / "dst" / "tokenizer.json").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_tuned_checkpoints_files_follow_the_umask(tmp_path, model_dirs):
+    """`tune-weak-columns` copied the input's config.json, edgequant.json and tokenizer files with their 0644 under a
+    umask of 077 (nineteenth re-run, U14); its own files were 0600."""
+    from edgequant.checkpoint import write_copy
+    src = api.quantize(model_dirs["llama"], tmp_path / "q", method="rtn", group_size=32, progress=False)
+    for f in src.iterdir():
+        f.chmod(0o644)
+    old = os.umask(0o077)
+    try:
+        write_copy(src, tmp_path / "t", {}, {"method": "test"})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "t").iterdir()}
+    assert "config.json" in modes and set(modes.values()) == {0o600}, modes
+
+
 def test_replacing_a_checkpoint_that_holds_a_users_file_is_refused(tmp_path, model_dirs):
     """`quantize -o` onto a checkpoint folder replaces it; a file the checkpoint never held (the user's notes) would
     be deleted with it, so the run is refused before any work, naming the file, and the folder stays as it was."""
