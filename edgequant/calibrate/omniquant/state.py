@@ -74,6 +74,8 @@ def _load(path: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
     if not path.is_file():   # a FIFO blocked the open for good (sixteenth re-run, C1); a device never ends
         raise StateMismatch(f"{path.name} is not a regular file")
+    if path.is_symlink():   # the folder is the tool's own: a link out of it was read (nineteenth re-run, U16)
+        raise StateMismatch(f"{path.name} is a link, not a file this tool saved")
     try:
         with safe_open(str(path), framework="pt") as f:
             record = json.loads((f.metadata() or {})["record"])
@@ -170,7 +172,9 @@ class ResumeState:
             return
         if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
             raise EdgequantError(f"{self.dir} is not a folder of saved OmniQuant progress; remove it")
-        if self.dir.exists() and self._stored_fingerprint() != fp:
+        if (self.dir / META).is_symlink():
+            self.discard(f"{META} is a link, not a file this tool saved")
+        elif self.dir.exists() and self._stored_fingerprint() != fp:
             self.discard("it belongs to another run (model, data, scheme or settings differ)")
         # the folder is made with the first finished block: a run refused or stopped before it leaves none behind
 

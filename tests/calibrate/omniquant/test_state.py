@@ -38,3 +38,25 @@ def test_fifos_in_the_state_folder_are_damage_not_a_hang(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0] == "block: block_0000.safetensors is not a regular file"
     assert "starting over" in lines[1] and lines[1].endswith(" False")
+
+
+def test_links_in_the_state_folder_are_not_followed(tmp_path):
+    """A block file or meta.json that links out of the state folder was opened and, when it held a valid block,
+    resumed from (nineteenth re-run, U16): the folder is the tool's own, so a link is damage."""
+    import torch
+
+    from edgequant.calibrate.omniquant.state import META, ResumeState, StateMismatch, _load, _save
+    outside = tmp_path / "outside.safetensors"
+    _save({"w": torch.ones(2)}, {"block": 0}, outside)
+    assert _load(outside)[0]["w"].tolist() == [1.0, 1.0]
+    state = tmp_path / ".out.state"
+    state.mkdir()
+    (state / "block_0000.safetensors").symlink_to(outside)
+    with pytest.raises(StateMismatch, match="is a link"):
+        _load(state / "block_0000.safetensors")
+    (tmp_path / "meta.json").write_text('{"version": 3, "fingerprint": "' + "f" * 64 + '"}')
+    (state / META).symlink_to(tmp_path / "meta.json")
+    notes = []
+    ResumeState(state, "f" * 64, notify=notes.append)
+    assert len(notes) == 1 and "is a link" in notes[0] and not state.exists()
+    assert outside.is_file() and (tmp_path / "meta.json").is_file()   # the targets are left alone
