@@ -13,6 +13,7 @@ import contextlib
 import resource
 import signal
 import threading
+import weakref
 
 from edgequant.errors import EdgequantError, first_line
 
@@ -71,11 +72,16 @@ def _alarm(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+_LONGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # tokenizer -> its longest vocabulary entry
+
+
 def max_chars(tok, tokens: int) -> int:
     """The most characters `tokens` tokens can spell: a longer text cannot fit (with room for normalizers that drop
-    characters)."""
-    longest = max((len(t) for t in tok.get_vocab()), default=1)
-    return 2 * tokens * max(longest, 1)
+    characters). The vocabulary is scanned once per tokenizer, not once per chat message."""
+    longest = _LONGEST.get(tok)
+    if longest is None:
+        longest = _LONGEST[tok] = max(1, max((len(t) for t in tok.get_vocab()), default=1))
+    return 2 * tokens * longest
 
 
 def render(tok, turns: list[dict], where, limit: int) -> str:
