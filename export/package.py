@@ -185,8 +185,8 @@ def package(config, progress: bool = True) -> Path:
                     dist = export_model(m["checkpoint"], t, work / m["id"] / t,
                                         system_lib_prefix=m["system_lib_prefix"], progress=progress)
                 except EdgequantError as e:   # name the output the user chose, not a hidden folder gone by now (U13)
-                    raise EdgequantError(str(e).replace(str(work / m["id"] / t),
-                                                        f"{out} (model {m['id']}, target {t})")) from None
+                    raise type(e)(str(e).replace(str(work / m["id"] / t),
+                                                 f"{out} (model {m['id']}, target {t})")) from None
                 info = json.loads((dist / EXPORT_JSON).read_text())
                 tars[t].append((m["id"], dist / info["library"]))
                 digest = _weights_digest(dist)
