@@ -71,7 +71,8 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         rotation = None
         if opts.rotate:
             from .rotate import massive_channels, rotate_model
-            keep = massive_channels(model_obj, _probe_ids(tok, calib, opts), opts.rotate_keep)
+            keep = (massive_channels(model_obj, _probe_ids(tok, calib, opts), opts.rotate_keep)
+                    if opts.rotate_keep else ())   # the default: no calibration text tokenized for nothing
             rotation = rotate_model(model_obj, seed, keep)
         result = m.run(model_obj, tok, scheme, opts, progress=progress)
         quantized = dict(result.quantized)

@@ -128,7 +128,9 @@ def rotate_model(model, seed: int = 0, keep=()) -> dict:
     gen = torch.Generator().manual_seed(seed)
     kept = torch.tensor(keep, dtype=torch.long)
     if keep:
-        rest = torch.tensor([c for c in range(dims.hidden) if c not in set(keep)], dtype=torch.long)
+        others = torch.ones(dims.hidden, dtype=torch.bool)
+        others[kept] = False
+        rest = torch.nonzero(others).flatten()
         Q = torch.zeros(dims.hidden, dims.hidden, dtype=torch.float64)
         Q[rest[:, None], rest[None]] = random_orthogonal(len(rest), gen)
         Q[kept, kept] = 1.0
