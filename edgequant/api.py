@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -57,6 +58,8 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         opts.state_dir = str(state_dir)
         if m.needs_calibration and calib is None:
             raise EdgequantError(f"--method {method} needs calibration text: pass --calib PATH")
+        if opts.e2e_epochs and calib is None:
+            raise EdgequantError("--e2e-epochs tunes on calibration text: pass --calib PATH")
         if calib is not None:
             from .data import read_text
             read_text(calib)  # fail on a bad path before loading the model
@@ -74,8 +77,11 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
             keep = (massive_channels(model_obj, _probe_ids(tok, calib, opts), opts.rotate_keep)
                     if opts.rotate_keep else ())   # the default: no calibration text tokenized for nothing
             rotation = rotate_model(model_obj, seed, keep)
+        teacher = copy.deepcopy(model_obj) if opts.e2e_epochs else None   # the fp model, rotated as the student
         result = m.run(model_obj, tok, scheme, opts, progress=progress)
         quantized = dict(result.quantized)
+        e2e = _tune_end_to_end(model_obj, teacher, tok, quantized, opts, progress) if teacher is not None else None
+        del teacher
         if tables is not None:
             quantized.update(quantize_tables(model_obj, tables))
         t_quant = time.time() - t1
@@ -84,7 +90,7 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
                                  **(result.calibration or {})} if m.needs_calibration else None),
                 "options": opts.to_dict(), "rotation": rotation, "seed": seed, "versions": _versions(),
                 "time_s": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
-                "layers": result.stats}
+                "layers": result.stats, **({"e2e_tuning": e2e} if e2e is not None else {})}
         if tables is not None:
             prov["tables"] = {"scheme": tables.to_dict(), "method": "rtn"}
         try:
@@ -98,6 +104,16 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
             import shutil
             shutil.rmtree(state_dir, ignore_errors=True)
         return ck
+
+
+def _tune_end_to_end(model, teacher, tok, quantized, opts, progress) -> dict:
+    """`--e2e-epochs`: the whole model's stored floating-point values tuned toward the fp model
+    (`calibrate/e2e.py`) on the method's calibration windows, the last `--e2e-heldout` of them only scored."""
+    from .calibrate.e2e import tune_end_to_end
+    from .data import calibration_samples
+    windows = calibration_samples(tok, opts.calib, opts.nsamples, opts.seqlen, opts.seed)
+    return tune_end_to_end(model, teacher, quantized, windows, opts.e2e_epochs, opts.e2e_lr, opts.e2e_heldout,
+                           opts.device, opts.batch_size, opts.seed, progress)
 
 
 PROBE_TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building. It was the tallest "

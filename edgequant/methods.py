@@ -5,9 +5,9 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from .budget import GPTQConfig
-from .calibrate.configs import OmniConfig, OWQConfig
+from .calibrate.configs import MAX_LR, OmniConfig, OWQConfig
 from .errors import EdgequantError
-from .options import MAX_SEED, MAX_WINDOW_TOKENS, Options, check_window_tokens, flag, opt
+from .options import MAX_EPOCHS, MAX_SEED, MAX_WINDOW_TOKENS, Options, check_window_tokens, flag, opt
 from .schemes import QuantScheme
 
 
@@ -39,12 +39,24 @@ class CalibOptions(Options):
                                   "this many times the median channel's (the massive activations of attention "
                                   "sinks, whose rounding error a rotation would spread over every input; 0: rotate "
                                   "every channel).", "float", lo=0)
+    e2e_epochs: int = opt(0, "After the method, tune the whole model's group scales, fp16 columns, norm weights and "
+                             "biases (codes fixed) toward the fp model's next-token distribution on the calibration "
+                             "windows for this many epochs (EfficientQAT's E2E-QP with the fp model as teacher; 0: "
+                             "off).", "int", lo=0, hi=MAX_EPOCHS)
+    e2e_lr: float = opt(1e-3, "Learning rate of that tuning (Adam, on relative offsets).", "float", lo=0, lo_open=True,
+                        hi=MAX_LR)
+    e2e_heldout: int = opt(8, "The last this many calibration windows are never tuned on end to end; the start and "
+                              "every epoch are scored on them and the best kept.", "int", lo=1)
     config: Options | None = None     # the method's options
     state_dir: str | None = None      # where a resumable method keeps per-block state (a sibling of the output folder)
 
     def __post_init__(self):
         super().__post_init__()
         self.refuse_unless(self.rotate, ("rotate_keep",), "--rotate")
+        self.refuse_unless(self.e2e_epochs > 0, ("e2e_lr", "e2e_heldout"), "--e2e-epochs N (N > 0)")
+        if self.e2e_epochs and self.e2e_heldout >= self.nsamples:
+            raise EdgequantError(f"--e2e-heldout {self.e2e_heldout} leaves no training windows of --nsamples "
+                                 f"{self.nsamples}; use a smaller --e2e-heldout or a larger --nsamples")
         if self.skip_tokens >= self.seqlen:
             raise EdgequantError("--skip-tokens must be >= 0 and smaller than --seqlen")
         check_window_tokens(self.nsamples, self.seqlen)
@@ -73,7 +85,8 @@ class Method:
     reads: Callable[[Options], frozenset] = lambda config: frozenset()
 
     def check_shared(self, opts: "CalibOptions") -> None:
-        reads = self.reads(opts.config) | ({"seed"} if opts.rotate else set())   # the rotation's random signs
+        reads = (self.reads(opts.config) | ({"seed"} if opts.rotate else set())   # the rotation's random signs
+                 | (CALIBRATION_OPTIONS if opts.e2e_epochs else set()))
         unused = [n for n in opts.changed(*sorted(CALIBRATION_OPTIONS | GPTQ_OPTIONS)) if n not in reads]
         if unused:
             cfg = opts.config

@@ -31,10 +31,14 @@ def _rms(t: torch.Tensor) -> torch.Tensor:
     return t.float().pow(2).mean().sqrt().clamp_min(1e-8)
 
 
-class _Tunable:
-    """The learnable offsets of one block and the parameter dict `functional_call` runs it with."""
+class Tunable:
+    """The learnable offsets of a module's floating-point checkpoint values (its quantized linears' scales and fp16
+    columns, its other parameters) and the parameter dict `functional_call` runs it with. `vectors_only`: of the
+    other parameters only the 1-D ones (norm weights, biases), for a whole model whose embedding and output layer
+    stay as they are."""
 
-    def __init__(self, block: torch.nn.Module, linears: dict[str, QuantizedWeight], device):
+    def __init__(self, block: torch.nn.Module, linears: dict[str, QuantizedWeight], device,
+                 vectors_only: bool = False):
         self.linears = linears
         quant = {f"{n}.weight" for n in linears}
         self.offsets: dict[str, torch.Tensor] = {}
@@ -48,7 +52,7 @@ class _Tunable:
                 self.offsets[f"{n}.outliers"] = torch.zeros_like(qw.outlier_weight, dtype=torch.float32, device=device)
         # biases and norm weights: every other floating parameter of the block
         self.plain = {n: p.detach().float().to(device) for n, p in block.named_parameters()
-                      if n not in quant and p.is_floating_point()}
+                      if n not in quant and p.is_floating_point() and (p.ndim == 1 or not vectors_only)}
         for n in self.plain:
             self.offsets[n] = torch.zeros_like(self.plain[n])
         for t in self.offsets.values():
@@ -86,6 +90,22 @@ class _Tunable:
             for k, v in snap.items():
                 self.offsets[k].copy_(v)
 
+    @torch.no_grad()
+    def write_back(self, block: torch.nn.Module):
+        """Store the current offsets: the QuantizedWeights' scales and fp16 columns, the linears' weights (their
+        dequantized values) and the other tuned parameters of `block`."""
+        params = self.params()
+        for n, qw in self.linears.items():
+            qw.scale = self.scale(n).detach().to(qw.scale.device, qw.scale.dtype)
+            o = self.outliers(n)
+            if o is not None:
+                qw.outlier_weight = o.detach().to(qw.outlier_weight.device, qw.outlier_weight.dtype)
+            lin = block.get_submodule(n)
+            lin.weight.copy_(qw.dequantize().to(lin.weight.device, lin.weight.dtype))
+        for n, p in block.named_parameters():
+            if n in self.plain:
+                p.copy_(params[n].to(p.dtype))
+
 
 def _forward(block, params, x, kw):
     y = torch.func.functional_call(block, params, (x,), kw)
@@ -93,7 +113,7 @@ def _forward(block, params, x, kw):
 
 
 @torch.no_grad()
-def _score(block, tun: _Tunable, inputs: BlockInputs, targets: torch.Tensor, kw, device, batch_size, loss,
+def _score(block, tun: Tunable, inputs: BlockInputs, targets: torch.Tensor, kw, device, batch_size, loss,
            first: int = 0) -> float:
     """The loss over windows first.. (all by default); no gradients, so 4 training batches at a time (fewer launches
     on a GPU)."""
@@ -124,7 +144,7 @@ def tune_block(block: torch.nn.Module, linears: dict[str, QuantizedWeight], inpu
     saved_grad = {n: p.requires_grad for n, p in block.named_parameters()}
     for p in block.parameters():
         p.requires_grad_(False)
-    tun = _Tunable(block, linears, device)
+    tun = Tunable(block, linears, device)
     opt = torch.optim.Adam(list(tun.offsets.values()), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     losses = [_score(block, tun, inputs, targets, kw, device, batch_size, loss, first)]
@@ -147,16 +167,5 @@ def tune_block(block: torch.nn.Module, linears: dict[str, QuantizedWeight], inpu
         for n, p in block.named_parameters():
             p.requires_grad_(saved_grad[n])
     tun.restore(best)
-    with torch.no_grad():
-        params = tun.params()
-        for n, qw in linears.items():
-            qw.scale = tun.scale(n).detach().to(qw.scale.device, qw.scale.dtype)
-            o = tun.outliers(n)
-            if o is not None:
-                qw.outlier_weight = o.detach().to(qw.outlier_weight.device, qw.outlier_weight.dtype)
-            lin = block.get_submodule(n)
-            lin.weight.copy_(qw.dequantize().to(lin.weight.device, lin.weight.dtype))
-        for n, p in block.named_parameters():
-            if n in tun.plain:
-                p.copy_(params[n].to(p.dtype))
+    tun.write_back(block)
     return {"losses": losses, "kept": best_i}
