@@ -503,6 +503,9 @@ def measure(model, method, scheme_name, opts, args, dev) -> dict:
     row = {"method": row_label(method, opts), "scheme": scheme_name, "bits_per_weight": info["bits_per_weight"],
            "perplexity": res["perplexity"], "quantize_s": tq, "eval_s": res["time_s"], "device_name": dev,
            "torch": torch.__version__, "settings": "-" if method == "rtn" else f"{n}x{L} seed {seed}"}
+    e2e = (info.get("calibration") or {}).get("e2e_tuning")
+    if e2e:   # the held-out KL to the fp model: start, each epoch, kept
+        row["e2e"] = e2e
     if method == "omniquant":   # per-block losses (start, each epoch, kept) for the note on more epochs
         blocks = (info.get("calibration") or {}).get("blocks") or []
         row["blocks"] = [{k: b.get(k) for k in ("block", "loss_before", "loss_after", "extra")} for b in blocks]

@@ -87,10 +87,11 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         t_quant = time.time() - t1
         prov = {"model": str(model) if model is not None else "smollm2-135m",
                 "calibration": ({"data": str(calib), "nsamples": opts.nsamples, "seqlen": opts.seqlen, "seed": seed,
-                                 **(result.calibration or {})} if m.needs_calibration else None),
+                                 **(result.calibration or {}), **({"e2e_tuning": e2e} if e2e is not None else {})}
+                                if m.needs_calibration or e2e is not None else None),
                 "options": opts.to_dict(), "rotation": rotation, "seed": seed, "versions": _versions(),
                 "time_s": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
-                "layers": result.stats, **({"e2e_tuning": e2e} if e2e is not None else {})}
+                "layers": result.stats}
         if tables is not None:
             prov["tables"] = {"scheme": tables.to_dict(), "method": "rtn"}
         try:
