@@ -322,6 +322,21 @@ ROWS = [
                              "heldout": 8, "nsamples": 40, "seqlen": 256}),
     ("omniquant", "w3g128", {"epochs": 6, "lwc_lr": 1e-2, "lwc_init": 6.0, "rotate": True, "gptq": True,
                              "heldout": 8, "nsamples": 40, "seqlen": 256}),
+    # issue 11, lead14: end-to-end tuning after the method (--e2e-epochs: scales, fp16 columns, norms and biases toward
+    # the fp model's next-token distribution, 8 held-out windows), on GPTQ rotated (rows 38, 116), OWQ 3.1 (58), the
+    # best W4 (90), the 3.25-bit budget, the best SmolLM2 W3 (29.60) and W2 (95.80) rows; more epochs, a larger rate
+    ("gptq", "w3g128", {"act_order": True, "rotate": True, "e2e_epochs": 4}),
+    ("gptq", "w4g128", {"act_order": True, "rotate": True, "e2e_epochs": 4}),
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "clip_search": False, "rotate": True, "e2e_epochs": 4}),
+    ("owq", "w4g128", {"weak_columns": 0, "act_order": True, "clip_up": False, "rotate": True, "tune_epochs": 6,
+                       "tune_loss": "token_rel", "tune_heldout": 16, "e2e_epochs": 4}),
+    ("owq", "w3g128", {"target_bits": 3.1, "width_budget": 3.15, "budget_metric": "relative", "act_order": True,
+                       "rotate": True, "tune_epochs": 6, "tune_loss": "token_rel", "tune_heldout": 16, "e2e_epochs": 4}),
+    ("gptq", "w3g128", {"act_order": True, "rotate": True, "e2e_epochs": 8}),
+    ("gptq", "w3g128", {"act_order": True, "rotate": True, "e2e_epochs": 4, "e2e_lr": 3e-3}),
+    ("owq", "w2g64", {"target_bits": 2.1, "act_order": True, "tune_epochs": 9, "tune_loss": "mse", "e2e_epochs": 4}),
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "tune_epochs": 3, "tune_loss": "token_rel",
+                       "e2e_epochs": 4}),
 ]
 
 
