@@ -337,6 +337,7 @@ ROWS = [
     ("owq", "w2g64", {"target_bits": 2.1, "act_order": True, "tune_epochs": 9, "tune_loss": "mse", "e2e_epochs": 4}),
     ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "tune_epochs": 3, "tune_loss": "token_rel",
                        "e2e_epochs": 4}),
+    ("gptq", "w3g128", {"act_order": True, "rotate": True, "e2e_epochs": 4, "nsamples": 256}),
 ]
 
 
