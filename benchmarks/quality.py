@@ -338,6 +338,10 @@ ROWS = [
     ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "tune_epochs": 3, "tune_loss": "token_rel",
                        "e2e_epochs": 4}),
     ("gptq", "w3g128", {"act_order": True, "rotate": True, "e2e_epochs": 4, "nsamples": 256}),
+    ("gptq", "w3g128", {"act_order": True, "rotate": True, "e2e_epochs": 4, "e2e_lr": 3e-3, "nsamples": 256}),
+    ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "clip_search": False, "rotate": True, "e2e_epochs": 4,
+                       "e2e_lr": 3e-3, "nsamples": 256}),
+    ("gptq", "w4g128", {"act_order": True, "rotate": True, "e2e_epochs": 4, "e2e_lr": 3e-3, "nsamples": 256}),
 ]
 
 
