@@ -45,8 +45,11 @@ class Tunable:
         self.fixed: dict[str, tuple] = {}
         for n, qw in linears.items():
             k = qw.q.shape[1]
-            self.fixed[n] = (qw.q.float().to(device), expand_groups(qw.zero.float().to(device), qw.scheme, k),
-                             qw.scale.float().to(device))
+            # q - z, the small integer a group's scale multiplies (|q - z| <= 2^bits - 1), in one byte per weight
+            # up to 7 bits: a whole model's copy (`e2e.py`) costs a quarter of its fp32 weights
+            centered = qw.q.to(device, torch.int16) - expand_groups(qw.zero.to(device, torch.int16), qw.scheme, k)
+            small = torch.int8 if qw.scheme.maxq <= 127 else torch.int16
+            self.fixed[n] = (centered.to(small), qw.scale.float().to(device))
             self.offsets[f"{n}.scale"] = torch.zeros_like(qw.scale, dtype=torch.float32, device=device)
             if qw.outlier_idx is not None and len(qw.outlier_idx):
                 self.offsets[f"{n}.outliers"] = torch.zeros_like(qw.outlier_weight, dtype=torch.float32, device=device)
@@ -59,7 +62,7 @@ class Tunable:
             t.requires_grad_(True)
 
     def scale(self, n: str) -> torch.Tensor:
-        return fp16_ste(self.fixed[n][2] * (1 + self.offsets[f"{n}.scale"]))
+        return fp16_ste(self.fixed[n][1] * (1 + self.offsets[f"{n}.scale"]))
 
     def outliers(self, n: str) -> torch.Tensor | None:
         qw = self.linears[n]
@@ -71,8 +74,8 @@ class Tunable:
     def params(self) -> dict[str, torch.Tensor]:
         out = {}
         for n, qw in self.linears.items():
-            q, ze, _ = self.fixed[n]
-            w = (q - ze) * expand_groups(self.scale(n), qw.scheme, q.shape[1])
+            centered = self.fixed[n][0]
+            w = centered.float() * expand_groups(self.scale(n), qw.scheme, centered.shape[1])
             o = self.outliers(n)
             if o is not None:
                 idx = qw.outlier_idx.long().to(w.device)
