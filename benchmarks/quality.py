@@ -342,6 +342,9 @@ ROWS = [
     ("owq", "w3g128", {"target_bits": 3.1, "act_order": True, "clip_search": False, "rotate": True, "e2e_epochs": 4,
                        "e2e_lr": 3e-3, "nsamples": 256}),
     ("gptq", "w4g128", {"act_order": True, "rotate": True, "e2e_epochs": 4, "e2e_lr": 3e-3, "nsamples": 256}),
+    # the same without the end-to-end step, on the same 256 windows
+    ("gptq", "w3g128", {"act_order": True, "rotate": True, "nsamples": 256}),
+    ("gptq", "w4g128", {"act_order": True, "rotate": True, "nsamples": 256}),
 ]
 
 
