@@ -82,7 +82,7 @@ def tune_end_to_end(model: torch.nn.Module, teacher: torch.nn.Module, quantized:
                 loss.backward()
                 opt.step()
                 bar.update()
-                bar.set_postfix(kl=f"{loss.item():.4f}", heldout_kl=f"{losses[best_i]:.4f}")
+                bar.set_postfix(kl=f"{loss.item():.4f}", heldout_kl=f"{losses[-1]:.4f}")
             losses.append(_score(model, teacher, tun, scored, device, batch_size))
             if losses[-1] < losses[best_i]:
                 best, best_i = tun.snapshot(), len(losses) - 1
