@@ -27,8 +27,8 @@ from .blocktune import Tunable
 def kl_to_teacher(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student), both [..., vocab] logits."""
     v = logits.shape[-1]
-    return F.kl_div(logits.float().reshape(-1, v).log_softmax(-1), teacher_logits.float().reshape(-1, v).log_softmax(-1),
-                    log_target=True, reduction="batchmean")
+    log_q = logits.float().reshape(-1, v).log_softmax(-1)
+    return F.kl_div(log_q, teacher_logits.float().reshape(-1, v).log_softmax(-1), log_target=True, reduction="batchmean")
 
 
 def _logits(model, params, ids):
