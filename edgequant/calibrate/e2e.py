@@ -57,19 +57,23 @@ def tune_end_to_end(model: torch.nn.Module, teacher: torch.nn.Module, quantized:
     if heldout < 1 or n_train < 1:
         raise EdgequantError(f"--e2e-heldout {heldout} must be at least 1 and leave training windows of the "
                              f"{len(windows)} calibration windows; use a smaller --e2e-heldout or a larger --nsamples")
-    model.to(device).eval()   # eval: no dropout; the gradients still flow
-    teacher.to(device).eval().requires_grad_(False)
+    # the student's own linear weights are never read (functional_call takes them from `tun`): they stay on the host
+    # and an empty stand-in goes to the device, which then holds the teacher, one byte per code and the activations
+    host = {n: model.get_submodule(n).weight.data for n in quantized}
     saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
-    tun = Tunable(model, quantized, device, vectors_only=True)
-    opt = torch.optim.Adam(list(tun.offsets.values()), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    train, scored = windows[:n_train], windows[n_train:]
-    losses = [_score(model, teacher, tun, scored, device, batch_size)]
-    best, best_i = tun.snapshot(), 0
-    steps = -(-n_train // batch_size)
-    bar = tqdm(total=epochs * steps, desc="e2e", disable=not progress, unit="step")
+    bar = tqdm(total=epochs * -(-n_train // batch_size), desc="e2e", disable=not progress, unit="step")
     try:
+        for n in quantized:
+            model.get_submodule(n).weight.data = torch.empty(0)
+        model.to(device).eval()   # eval: no dropout; the gradients still flow
+        teacher.to(device).eval().requires_grad_(False)
+        model.requires_grad_(False)
+        tun = Tunable(model, quantized, device, vectors_only=True)
+        opt = torch.optim.Adam(list(tun.offsets.values()), lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        train, scored = windows[:n_train], windows[n_train:]
+        losses = [_score(model, teacher, tun, scored, device, batch_size)]
+        best, best_i = tun.snapshot(), 0
         for _ in range(epochs):
             perm = torch.randperm(n_train, generator=gen)
             for i in range(0, n_train, batch_size):
@@ -88,6 +92,8 @@ def tune_end_to_end(model: torch.nn.Module, teacher: torch.nn.Module, quantized:
                 best, best_i = tun.snapshot(), len(losses) - 1
     finally:
         bar.close()
+        for n, w in host.items():
+            model.get_submodule(n).weight.data = w
         for n, p in model.named_parameters():
             p.requires_grad_(saved_grad[n])
     tun.restore(best)
