@@ -127,8 +127,8 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
 
     from edgequant.export.targets import PRESETS
     from edgequant.tvm_schedules.dequant import QuantSpec, layout_for_rows
-    from edgequant.tvm_schedules.gemv import (LAYOUT, LAYOUT_INT8, SMEM_BYTES, GemvConfig, chunk_of, default_config,
-                                              gemv_func, staged_bytes, warps_for)
+    from edgequant.tvm_schedules.gemv import (LAYOUT, LAYOUT_INT8, GemvConfig, chunk_of, default_config, gemv_func,
+                                              warps_for)
 
     out.mkdir(parents=True, exist_ok=True)
     funcs, manifest = {}, []
@@ -153,32 +153,30 @@ def build(out: Path, arch: str, baseline: str | None, quick: bool, device_nvcc: 
             dflt = default_config(spec, act=act, n_outliers=nout)
             dchunk = chunk_of(bits, act, dflt)
             dkey = (dflt.rows, dflt.steps, dflt.depth, dchunk, dflt.min_blocks, int(dflt.prefetch), int(dflt.xreduce),
-                    dflt.ahead, dflt.l2ahead, dflt.groups, int(dflt.smem), int(dflt.trigger_first))
+                    dflt.ahead, dflt.l2ahead, dflt.groups)
             tried = {dkey}
             if act == "int8":  # fp16 activations run their default config only
-                sweep = [(tuple(c) + (1,) * (10 - len(c)) + (0, 0))[:12] if len(c) < 12 else tuple(c) for c in (configs if configs is not None else
+                sweep = [tuple(c) + (1,) * (10 - len(c)) for c in (configs if configs is not None else
                                                                     QUICK if quick else SWEEP)]
                 tried |= {c for c in sweep if (not linears or lin in linears) and n % c[0] == 0
                           and (spec.layout != "dp4a3r4" or (c[0] % 4 == 0 and c[3] == 32 and not c[5] and not c[8]))
                           and -(-n // c[0] // c[1]) >= 132
                           and (bits != 4 or c[3] == 32) and (not c[4] or warps_for(spec, act, c[3]) <= 4)
                           and c[7] <= min(c[1], c[2]) and c[8] < c[1] and _groups_fit(n, c, warps_for(spec, act, c[3]))}
-            for rows, steps, depth, chunk, minb, pf, xr, ahead, l2, grp, sm, tf in sorted(tried):
+            for rows, steps, depth, chunk, minb, pf, xr, ahead, l2, grp in sorted(tried):
                 cfg = GemvConfig(rows, warps_for(spec, act, chunk), steps, depth,
                                  chunk if chunk != chunk_of(bits, act) else 0, minb, bool(pf), bool(xr), ahead, l2,
-                                 groups=grp, smem=sm, trigger_first=bool(tf))
-                if staged_bytes(spec, cfg, act) > SMEM_BYTES:
-                    continue
+                                 groups=grp)
                 tag = ("o" if nout else "") + ("i8" if act == "int8" else "")
                 cname = (f"r{rows}s{steps}" + (f"d{depth}" if depth != 2 else "") + (f"c{chunk}" if bits != 4 else "")
                          + (f"b{minb}" if minb else "") + ("p" if pf else "") + ("" if xr else "x")
                          + (f"a{ahead}" if ahead != 1 else "") + (f"l{l2}" if l2 else "")
-                         + (f"g{grp}" if grp > 1 else "") + (f"m{sm}" if sm else "") + ("t" if tf else ""))
+                         + (f"g{grp}" if grp > 1 else ""))
                 name = f"w{bits}{tag}{lay or ''}_{lin}_{cname}"
                 pdl = act == "int8"   # griddepcontrol: a no-op unless launched with programmatic serialization
                 add(name, gemv_func(spec, cfg, n_outliers=nout, name=name, act=act, pdl=pdl),
                     scheme + (" int8 act" if act == "int8" else ""), bits, g, lin, n, k, spec,
-                    cname, (rows, steps, depth, chunk, minb, pf, xr, ahead, l2, grp, sm, tf) == dkey, nout,
+                    cname, (rows, steps, depth, chunk, minb, pf, xr, ahead, l2, grp) == dkey, nout,
                     [cfg.blocks(n), 1, 1],
                     [32, cfg.warps, grp], act, pdl)
             if baseline and act == "int8" and not lay:   # the previous gemv.py's default kernel, in the same run

@@ -98,8 +98,6 @@ PROLOGUES = (None, "rmsnorm", "silu_mul")
 
 
 WAIT = '{ind}T.evaluate(T.call_extern("void", "cudaGridDependencySynchronize"))'   # PDL: the previous kernel's end
-SMEM_BYTES = 44 * 1024                  # staged weights per block: static shared memory (48 KiB) less the rest
-TRIGGER = '{ind}T.evaluate(T.call_extern("void", "cudaTriggerProgrammaticLaunchCompletion"))'   # PDL: next may launch
 RESIDENT_X = 64                         # chunks up to this many values keep x in fp32 registers for every row
 
 
@@ -123,11 +121,6 @@ class GemvConfig:
     groups: int = 1   # blocks of rows per thread block (threadIdx.z): the grid launches 1 / groups as many blocks of
     # groups x as many warps, each group the block it replaces (own rows and shared slots); must divide the blocks.
     # Off: no step got faster on the H200 (module docstring)
-    trigger_first: bool = False  # PDL: the next kernel may launch at this block's start, not at its last step
-    smem: int = 0     # > 0: the weight words go to a ring of this many steps in shared memory by cp.async, the
-    # first ones at the block's start (with PDL before the wait), one commit group per step, each step's slot
-    # refilled after its math; a thread reads back only the words it copied (no barrier); scales and zero points
-    # stay in the register buffers
 
     def blocks(self, n: int) -> int:
         """Thread blocks of the grid for N rows (each `groups` blocks of rows x steps rows; the last may be short)."""
@@ -144,13 +137,6 @@ def chunk_of(bits: int, act: str = "fp16", cfg: GemvConfig | None = None) -> int
     if cfg is not None and cfg.chunk:
         return cfg.chunk
     return (CHUNK_INT8 if act == "int8" else CHUNK)[bits]
-
-
-def staged_bytes(spec: QuantSpec, cfg: GemvConfig, act: str = "fp16") -> int:
-    """Shared memory that `cfg.smem` takes per thread block: its ring of steps' weight words of every thread."""
-    c = chunk_of(spec.bits, act, cfg)
-    words = c * spec.bits // 32 if act == "int8" else CHUNK_WORDS[spec.bits]
-    return min(cfg.steps, cfg.smem) * cfg.rows * words * 4 * 32 * cfg.warps * cfg.groups
 
 
 def supports(spec: QuantSpec, act: str = "fp16", chunk: int = 0) -> bool:
@@ -516,12 +502,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
          f'    for bx in {loop(NB, "blockIdx.x")}:']
     L.append(f'        red = T.alloc_buffer(({(TY if gpu else tpb) * RS},), "float32"'
              + (', scope="shared")' if gpu else ")"))
-    D = min(S, cfg.smem)   # steps in the shared-memory ring
-    if D:  # the ring's steps of weight words of every thread (see stage)
-        if (sb := staged_bytes(spec, cfg, "int8" if int8 else "fp16")) > SMEM_BYTES:
-            raise ValueError(f"{cfg} stages {sb} bytes of weights per block in shared memory, more than {SMEM_BYTES}")
-        L.append(f'        wsm = T.alloc_buffer(({D * R * CW * tpb},), "uint32"'
-                 + (', scope="shared")' if gpu else ")"))
     if n_out:  # OWQ: the block's rows of the outlier weights (copied in at the start) and x at the outlier columns
         sh = ', scope="shared")' if gpu else ")"
         L += [f'        osw = T.alloc_buffer(({RS * n_out},), "float16"' + sh,
@@ -573,8 +553,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             L += [f"{ind}if ty == 0 and tx == {lane} and {size} > 0:",
                   f"{ind}    T.ptx.cp.async_.bulk.prefetch.L2.global_(T.address_of({t}[bx * {RS}, 0]), "
                   f"T.Cast(\"uint32\", {size}))"]
-    if pdl and cfg.trigger_first:
-        L.append(TRIGGER.format(ind=ind))
     if int8:
         pass
     elif gpu:  # lane 0's `MAGIC | lane` through a shuffle: a value the compiler cannot fold (see _field_float)
@@ -602,70 +580,29 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                     f'T.Cast("float32", uh[{v}]))' for v in range(32)]
         return out + [f'{body}xf[{dst + v}] = T.Cast("float32", xh[{v}])' for v in range(32)]
 
-    def pieces(st):
-        # the thread's loads of step st's weight words: (offset in the step's R * CW words, qweight row, column,
-        # words); dp4a3r4: 4 rows' 12 words of this chunk are contiguous (dequant.py), three 128-bit loads, row r's
-        # 3 words at r CW as with one row per load
+    def load_rows(body, st, b):
+        # R (x3 at 3 bits) independent 128-bit loads, plus the rows' scale and zero point, into buffer b
         out = []
         for r in range(0, R, 4) if spec.layout == "dp4a3r4" else ():
+            # 4 rows' 12 words of this chunk are contiguous (dequant.py): three 128-bit loads, row r's 3 words at
+            # (b R + r) CW in the buffer as with one row per load
             for v in range(3):
                 f = f"{c_} * 12 + {4 * v}"
-                out.append((r * CW + 4 * v, f"bx * {RS} + {st * R + r} + ({f}) // {spec.words}",
-                            f"({f}) % {spec.words}", 4))
-        for r in range(R) if spec.layout != "dp4a3r4" else ():
-            out += [(r * CW + off, f"bx * {RS} + {st * R + r}", src, width) for off, src, width in loads]
-        return out
-
-    def vec(buf, at, width):
-        return f"{buf}[T.ramp({at}, 1, {width})]" if width > 1 else f"{buf}[{at}]"
-
-    def word_src(row, col, width):
-        return f"qweight[{row}, T.ramp({col}, 1, {width})]" if width > 1 else f"qweight[{row}, {col}]"
-
-    def staged(st, off, width):  # where piece (st, off) sits in shared memory: slot st % D of the ring,
-        # consecutive threads' pieces side by side, so the copies and the 128-bit reads back are free of bank conflicts
-        return f"{(st % D * R * CW + off) * tpb} + {c} * {width}"
-
-    def stage(body, sts):  # steps' words into their ring slots, one commit group per step (empty past the block's
-        out = []           # steps, so that every step waits for the same count)
-        for st in sts:
-            cp = []
-            for off, row, col, width in pieces(st):
-                if gpu:
-                    op_ = "ca"   # cached in L1 as plain loads: dp4a3r4's three 16-byte pieces per lane share sectors
-                    cp.append(f"T.ptx.cp.async_.{op_}.shared.global_(T.address_of(wsm[{staged(st, off, width)}]), "
-                              f"T.address_of(qweight[{row}, {col}]), {4 * width})")
-                else:
-                    cp.append(f"{vec('wsm', staged(st, off, width), width)} = {word_src(row, col, width)}")
-            if st >= S:
-                pass
-            elif live(st):
-                out += [f"{body}if {live(st)}:"] + [f"{body}    {line}" for line in cp]
-            else:
-                out += [f"{body}{line}" for line in cp]
-            if gpu:
-                out.append(f"{body}T.ptx.cp.async_.commit_group()")
-        return out
-
-    def unstage(body, st, b):  # step st's words from its slot into buffer b, once its copies have landed (D
-        out = [f"{body}T.ptx.cp.async_.wait_group({D - 1})"] if gpu else []   # groups out, st + 1 needed)
-        return out + [f"{body}{vec('wq', (b * R) * CW + off, width)} = {vec('wsm', staged(st, off, width), width)}"
-                      for off, _, _, width in pieces(st)]
-
-    def load_rows(body, st, b):
-        # R (x3 at 3 bits) independent 128-bit loads (unless staged in shared memory), plus the rows' scale and
-        # zero point, into buffer b
-        out = [] if D else [f"{body}{vec('wq', b * R * CW + off, width)} = {word_src(row, col, width)}"
-                                   for off, row, col, width in pieces(st)]
+                out.append(f"{body}wq[T.ramp({(b * R + r) * CW + 4 * v}, 1, 4)] = qweight[bx * {RS} + {st * R + r} + "
+                           f"({f}) // {spec.words}, T.ramp(({f}) % {spec.words}, 1, 4)]")
         for r in range(R):
             row = f"bx * {RS} + {st * R + r}"
+            for off, src, width in loads if spec.layout != "dp4a3r4" else ():
+                out.append(f"{body}wq[T.ramp({(b * R + r) * CW + off}, 1, {width})] = "
+                           f"qweight[{row}, T.ramp({src}, 1, {width})]" if width > 1 else
+                           f"{body}wq[{(b * R + r) * CW + off}] = qweight[{row}, {src}]")
             out.append(f"{body}sc[{b * R + r}] = scales[{row}, {g}]")
             if not spec.sym:
                 out.append(f"{body}zr[{b * R + r}] = zeros[{row}, {g}]")
         return out
 
     def first_loads(body):  # steps 0 .. L0 - 1 (those beyond a short last block guarded), then the L2 prefetches
-        out = stage(body, range(D)) + load_rows(body, 0, 0)
+        out = load_rows(body, 0, 0)
         for st in range(1, L0):
             if live(st):
                 out += [f"{body}if {live(st)}:"] + load_rows(body + "    ", st, st)
@@ -798,8 +735,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                 out += load_rows(body + "    ", nst, nb)
             else:
                 out += load_rows(body, nst, nb)
-        if D:
-            out += unstage(body, st, b)
         if int8:
             for r in range(R):
                 wb = (b * R + r) * CW
@@ -818,8 +753,6 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                 out.append(f'{body}acc[{r}] = acc[{r}] * T.Cast("float32", sc[{b * R + r}])')
         else:
             out += step_fp(body, b)
-        if D:  # the slot is free once its words were used (not merely read): refill it with step st + D
-            out += stage(body, [st + D])
         return out + reduce_(ind, st)
 
     def step_fp(body, b):
@@ -888,11 +821,11 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     for st in range(S):
         nx = st + nbuf - 1
         pre = (live(nx), nx, nx % nbuf) if L0 <= nx < S else None
-        if pdl and st == S - 1 and not cfg.trigger_first:
+        if pdl and st == S - 1:
             # the next kernel may launch once every block is here (all of its loads issued): triggered at the
             # start, it launched while single-wave grids of long blocks were still running, and its early blocks
             # unbalanced them (H200: W3 1.15 -> 1.31 ms per step)
-            L.append(TRIGGER.format(ind=ind))
+            L.append(f'{ind}T.evaluate(T.call_extern("void", "cudaTriggerProgrammaticLaunchCompletion"))')
         if early_out and st == S - 1:
             # before the last step, whose loads are in flight (issued during the previous step), not as the block's
             # tail after the final barrier (H200, LLaMA-7B W3 + OWQ: step 1.8% faster, qkv and o gained, down not:
@@ -956,7 +889,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     return "\n".join(L) + "\n"
 
 
-SHARED = ("red", "osw", "oxs", "nred", "wsm")   # the block's shared buffers: one slice per group
+SHARED = ("red", "osw", "oxs", "nred")   # the block's shared buffers: one slice per group
 
 
 def _grouped(L: list[str], ng: int, nb: int, gpu: bool) -> list[str]:
