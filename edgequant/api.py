@@ -80,7 +80,8 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         teacher = copy.deepcopy(model_obj) if opts.e2e_epochs else None   # the fp model, rotated as the student
         result = m.run(model_obj, tok, scheme, opts, progress=progress)
         quantized = dict(result.quantized)
-        e2e = _tune_end_to_end(model_obj, teacher, tok, quantized, opts, progress) if teacher is not None else None
+        e2e = (_tune_end_to_end(model_obj, teacher, tok, quantized, opts, result.windows, progress)
+               if teacher is not None else None)
         del teacher
         if tables is not None:
             quantized.update(quantize_tables(model_obj, tables))
@@ -107,12 +108,14 @@ def quantize(model, output, method: str = "gptq", bits: int = 4, group_size: int
         return ck
 
 
-def _tune_end_to_end(model, teacher, tok, quantized, opts, progress) -> dict:
+def _tune_end_to_end(model, teacher, tok, quantized, opts, windows, progress) -> dict:
     """`--e2e-epochs`: the whole model's stored floating-point values tuned toward the fp model
-    (`calibrate/e2e.py`) on the method's calibration windows, the last `--e2e-heldout` of them only scored."""
+    (`calibrate/e2e.py`) on the method's calibration windows (`windows`, or drawn here for a method that drew none:
+    RTN), the last `--e2e-heldout` of them only scored."""
     from .calibrate.e2e import tune_end_to_end
-    from .data import calibration_samples
-    windows = calibration_samples(tok, opts.calib, opts.nsamples, opts.seqlen, opts.seed)
+    if windows is None:
+        from .data import calibration_samples
+        windows = calibration_samples(tok, opts.calib, opts.nsamples, opts.seqlen, opts.seed)
     return tune_end_to_end(model, teacher, quantized, windows, opts.e2e_epochs, opts.e2e_lr, opts.e2e_heldout,
                            opts.device, opts.batch_size, opts.seed, progress)
 

@@ -7,7 +7,8 @@ from typing import Callable
 from .budget import GPTQConfig
 from .calibrate.configs import MAX_LR, OmniConfig, OWQConfig
 from .errors import EdgequantError
-from .options import MAX_EPOCHS, MAX_SEED, MAX_WINDOW_TOKENS, Options, check_window_tokens, flag, opt
+from .options import (MAX_EPOCHS, MAX_SEED, MAX_WINDOW_TOKENS, Options, check_window_tokens, flag, opt,
+                      training_windows)
 from .schemes import QuantScheme
 
 
@@ -54,9 +55,8 @@ class CalibOptions(Options):
         super().__post_init__()
         self.refuse_unless(self.rotate, ("rotate_keep",), "--rotate")
         self.refuse_unless(self.e2e_epochs > 0, ("e2e_lr", "e2e_heldout"), "--e2e-epochs N (N > 0)")
-        if self.e2e_epochs and self.e2e_heldout >= self.nsamples:
-            raise EdgequantError(f"--e2e-heldout {self.e2e_heldout} leaves no training windows of --nsamples "
-                                 f"{self.nsamples}; use a smaller --e2e-heldout or a larger --nsamples")
+        if self.e2e_epochs:   # before the model loads (tune_end_to_end asks again, for callers of the API)
+            training_windows("--e2e-heldout", self.e2e_heldout, self.nsamples, 1)
         if self.skip_tokens >= self.seqlen:
             raise EdgequantError("--skip-tokens must be >= 0 and smaller than --seqlen")
         check_window_tokens(self.nsamples, self.seqlen)
@@ -70,6 +70,7 @@ class MethodResult:
     quantized: dict
     stats: dict
     calibration: dict | None = None
+    windows: object = None   # the calibration windows [n, seqlen] the method drew (end-to-end tuning reuses them)
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,8 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
     """GPTQ on every linear, block by block; with `counts` (OWQ: weak columns per linear kind) each linear first
     keeps its most sensitive columns in fp16 and tunes its groups by clip search; with `budget` (bits per weight)
     each linear takes the width `budget.py` chooses; with `--tune-epochs` each quantized block is then tuned toward
-    the fp block's output (`calibrate/blocktune.py`). Returns (quantized, stats, tokens, extra provenance: the budget
-    summary, the per-block tuning losses)."""
+    the fp block's output (`calibrate/blocktune.py`). Returns (quantized, stats, the windows, extra provenance: the
+    budget summary, the per-block tuning losses)."""
     import torch
 
     from .calibrate.gptq import gptq_quantize
@@ -202,15 +203,15 @@ def _gptq_layerwise(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, p
                                    skip_tokens=opts.skip_tokens, tune=tune, first_token_hessian=guard or protecting,
                                    product_weights=product)
     extra = {**({"bit_budget": summary} if summary else {}), **({"block_tuning": tuned} if tuned else {})}
-    return q, stats, int(samples.numel()), extra
+    return q, stats, samples, extra
 
 
 @register_method("gptq", needs_calibration=True, summary="GPTQ/OPTQ: Hessian-based error compensation",
                  config=GPTQConfig, title="GPTQ", reads=lambda config: CALIBRATION_OPTIONS | GPTQ_OPTIONS)
 def _gptq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=True) -> MethodResult:
     budget = opts.config.target_bits if opts.config is not None else None
-    q, stats, tokens, extra = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "gptq", budget=budget)
-    return MethodResult(q, stats, {"tokens": tokens, **extra})
+    q, stats, samples, extra = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "gptq", budget=budget)
+    return MethodResult(q, stats, {"tokens": int(samples.numel()), **extra}, samples)
 
 
 @register_method("owq", needs_calibration=True, summary="OWQ: sensitive weak columns kept in fp16, GPTQ on the rest",
@@ -230,10 +231,10 @@ def _owq(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progress=Tru
         counts = {kind: min(fixed, k) for kind, k in in_features.items()}
     else:
         counts = weak_column_counts(family, in_features, scheme.bits, target if target is not None else scheme.bits + 0.01)
-    q, stats, tokens, extra = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "owq", counts,
-                                              budget=opts.config.width_budget)
-    return MethodResult(q, stats, {"tokens": tokens, "weak_columns_per_linear": counts, "target_bits": target,
-                                   **extra})
+    q, stats, samples, extra = _gptq_layerwise(model, tokenizer, scheme, opts, progress, "owq", counts,
+                                               budget=opts.config.width_budget)
+    return MethodResult(q, stats, {"tokens": int(samples.numel()), "weak_columns_per_linear": counts,
+                                   "target_bits": target, **extra}, samples)
 
 
 @register_method("omniquant", needs_calibration=True,
@@ -252,4 +253,4 @@ def _omniquant(model, tokenizer, scheme: QuantScheme, opts: CalibOptions, progre
     settings = {k: v for k, v in asdict(cfg).items() if k != "seed"}
     settings["let_pairs"] = list(cfg.let_pairs)
     return MethodResult(q, stats, {"tokens": int(samples.numel()), "omniquant": settings,
-                                   "blocks": [asdict(b) for b in blocks]})
+                                   "blocks": [asdict(b) for b in blocks]}, samples)

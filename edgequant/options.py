@@ -30,6 +30,17 @@ def check_window_tokens(nsamples: int, seqlen: int) -> None:
                              "or fewer at this --seqlen")
 
 
+def training_windows(flag: str, heldout: int, windows: int, least: int = 0) -> int:
+    """The calibration windows trained on when the last `heldout` of `windows` are only scored (`--heldout`,
+    `--tune-heldout`, `--e2e-heldout`; `least`: the fewest held out). Refused unless one is left to train on."""
+    if heldout < least:
+        raise EdgequantError(f"{flag} must be at least {least}, not {heldout}")
+    if heldout >= windows:
+        raise EdgequantError(f"{flag} {heldout} leaves no training windows of the {windows} calibration windows; use "
+                             f"a smaller {flag} or a larger --nsamples")
+    return windows - heldout
+
+
 def opt(default, help: str, kind: str, lo=None, hi=None, lo_open: bool = False, choices: tuple = (),
         cli: bool = True):
     """A dataclass field with its rule: `kind` is int, float, bool, str, choice, device or float|search (a number or

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import EdgequantError
+from ..options import training_windows
 from ..quantizer import QuantizedWeight, expand_groups, fp16_ste
 from .blocks import BlockInputs, _move
 from .omniquant.trainer import block_loss
@@ -138,10 +138,7 @@ def tune_block(block: torch.nn.Module, linears: dict[str, QuantizedWeight], inpu
     and fp16 columns and the block's other parameters in place, and the linears' weights to match. Returns the
     losses: start, each epoch, and the index kept (0 = the start). `heldout`: the last windows, scored but never
     trained on (0: train and score on all)."""
-    n_train = len(targets) - heldout
-    if heldout < 0 or n_train < 1:
-        raise EdgequantError(f"--tune-heldout {heldout} leaves no training windows of the {len(targets)} calibration "
-                             f"windows; use a smaller --tune-heldout or a larger --nsamples")
+    n_train = training_windows("--tune-heldout", heldout, len(targets))
     first = n_train if heldout else 0
     kw = _move(inputs.kwargs, device)
     saved_grad = {n: p.requires_grad for n, p in block.named_parameters()}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import EdgequantError
+from ..options import training_windows
 from ..quantizer import QuantizedWeight
 from .blocktune import Tunable
 
@@ -53,10 +53,7 @@ def tune_end_to_end(model: torch.nn.Module, teacher: torch.nn.Module, quantized:
     them only scored. Updates the QuantizedWeights' scales and fp16 columns, the linears' weights and the model's
     norm weights and biases in place. Returns {"kl": [start, each epoch] on the scored windows, "kept": the index
     kept (0 = the method's result), "heldout": heldout}."""
-    n_train = len(windows) - heldout
-    if heldout < 1 or n_train < 1:
-        raise EdgequantError(f"--e2e-heldout {heldout} must be at least 1 and leave training windows of the "
-                             f"{len(windows)} calibration windows; use a smaller --e2e-heldout or a larger --nsamples")
+    n_train = training_windows("--e2e-heldout", heldout, len(windows), 1)
     # the student's own linear weights are never read (functional_call takes them from `tun`): they stay on the host
     # and an empty stand-in goes to the device, which then holds the teacher, one byte per code and the activations
     host = {n: model.get_submodule(n).weight.data for n in quantized}

@@ -78,10 +78,26 @@ def test_e2e_after_rtn_reads_the_calibration_options(tmp_path, model_dirs, text_
     assert (cal["nsamples"], cal["seqlen"], cal["seed"]) == (6, 32, 3) and len(cal["e2e_tuning"]["kl"]) == 2
 
 
+def test_e2e_tunes_on_the_methods_own_windows(tmp_path, model_dirs, text_file, monkeypatch):
+    """The windows GPTQ drew are the ones tuned on: the calibration text is read and tokenized once."""
+    import edgequant.data as data
+    drawn = []
+
+    def counted(*a, **kw):
+        drawn.append(real(*a, **kw))
+        return drawn[-1]
+    real = data.calibration_samples
+    monkeypatch.setattr(data, "calibration_samples", counted)
+    ck = api.quantize(model_dirs["llama"], tmp_path / "q", method="gptq", bits=3, group_size=32, calib=text_file,
+                      nsamples=6, seqlen=32, e2e_epochs=1, e2e_heldout=2, progress=False)
+    assert len(drawn) == 1 and len(api.inspect(ck)["calibration"]["e2e_tuning"]["kl"]) == 2
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"method": "gptq", "e2e_lr": 0.01}, "--e2e-lr only apply with --e2e-epochs"),
     ({"method": "gptq", "e2e_heldout": 3}, "--e2e-heldout only apply with --e2e-epochs"),
     ({"method": "gptq", "e2e_epochs": 1, "e2e_heldout": 8, "nsamples": 8}, "--e2e-heldout 8 leaves no training"),
+    ({"method": "gptq", "e2e_epochs": 1, "e2e_heldout": 0}, "--e2e-heldout must be"),
     ({"method": "rtn", "e2e_epochs": 1, "calib": None}, "--e2e-epochs tunes on calibration text: pass --calib"),
 ])
 def test_e2e_option_errors(tmp_path, model_dirs, text_file, kw, msg):

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...errors import EdgequantError
+from ...options import training_windows
 from ...models import family_for
 from ...quantizer import QuantizedWeight
 from ...schemes import QuantScheme
@@ -264,10 +265,7 @@ def _train(block, ob, q_hidden, fp_out, aug_out, kw, cfg: OmniConfig, device, i,
     if cfg.epochs == 0 or not groups:
         return 0, []
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    n = len(q_hidden) - cfg.heldout   # the training windows; the held-out ones follow them
-    if n < 1:
-        raise EdgequantError(f"--heldout {cfg.heldout} leaves no training windows of the {len(q_hidden)} calibration "
-                             "windows; use a smaller --heldout or a larger --nsamples")
+    n = training_windows("--heldout", cfg.heldout, len(q_hidden))   # the held-out windows follow them
     scored = slice(n, None) if cfg.heldout else slice(None)
 
     def score() -> float:
