@@ -55,7 +55,10 @@ class CalibOptions(Options):
         super().__post_init__()
         self.refuse_unless(self.rotate, ("rotate_keep",), "--rotate")
         self.refuse_unless(self.e2e_epochs > 0, ("e2e_lr", "e2e_heldout"), "--e2e-epochs N (N > 0)")
-        if self.e2e_epochs:   # before the model loads (tune_end_to_end asks again, for callers of the API)
+        # before the model loads (the tuning loops ask again, for callers of their own APIs)
+        for name, count in (self.config.held_out() if self.config is not None else {}).items():
+            training_windows(name, count, self.nsamples)
+        if self.e2e_epochs:
             training_windows("--e2e-heldout", self.e2e_heldout, self.nsamples, 1)
         if self.skip_tokens >= self.seqlen:
             raise EdgequantError("--skip-tokens must be >= 0 and smaller than --seqlen")

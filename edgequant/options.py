@@ -109,6 +109,11 @@ class Options:
         if unused:
             raise EdgequantError(f"option(s) {', '.join(flag(u) for u in unused)} only apply with {needs}")
 
+    def held_out(self) -> dict[str, int]:
+        """{flag: count} of the calibration windows these options hold out of training (`training_windows`), so
+        that a count that leaves none is refused before the model loads."""
+        return {}
+
     @classmethod
     def cli_fields(cls) -> list[dataclasses.Field]:
         return [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]

@@ -108,3 +108,19 @@ def test_options_a_method_does_not_read_are_refused(tmp_path, method, kw, msg):
     with pytest.raises(EdgequantError, match=msg):
         api.quantize("unused-model", tmp_path / "q", method=method, calib="unused.txt", progress=False, **kw)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("method,kw,msg", [
+    ("gptq", {"tune_epochs": 1, "tune_heldout": 8}, "--tune-heldout 8 leaves no training windows of the 8"),
+    ("owq", {"tune_epochs": 1, "tune_heldout": 9}, "--tune-heldout 9 leaves no training windows of the 8"),
+    ("omniquant", {"epochs": 1, "heldout": 8}, "--heldout 8 leaves no training windows of the 8"),
+    ("gptq", {"e2e_epochs": 1, "e2e_heldout": 8}, "--e2e-heldout 8 leaves no training windows of the 8"),
+])
+def test_held_out_windows_that_leave_none_are_refused_before_the_model_loads(tmp_path, method, kw, msg):
+    """One rule (`options.training_windows`) for every option that holds calibration windows out of training, asked
+    before the model loads (the model here does not exist), not after the first block's calibration."""
+    from edgequant import api
+    with pytest.raises(EdgequantError, match=msg):
+        api.quantize("no-such-model", tmp_path / "q", method=method, calib="unused.txt", nsamples=8, progress=False,
+                     **kw)
+    assert not (tmp_path / "q").exists()

@@ -34,6 +34,9 @@ class BlockTuneOptions(Options):
         super().__post_init__()
         self.refuse_unless(self.tune_epochs > 0, ("tune_lr", "tune_loss", "tune_heldout"), "--tune-epochs N (N > 0)")
 
+    def held_out(self) -> dict[str, int]:
+        return {"--tune-heldout": self.tune_heldout} if self.tune_epochs else {}
+
 
 @dataclass
 class BudgetOptions(BlockTuneOptions):
@@ -157,6 +160,9 @@ class OmniConfig(Options):
         """Why the shared calibration options are unread, for their refusal (`Method.check_shared`)."""
         return "" if self.reads_data else (" with --epochs 0 and nothing else that reads the calibration windows "
                                            "(--let, --gptq, --lwc-init search, --owq-target-bits)")
+
+    def held_out(self) -> dict[str, int]:
+        return {"--heldout": self.heldout} if self.epochs and self.keep_best else {}
 
 
 @dataclass
