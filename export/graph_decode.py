@@ -58,24 +58,27 @@ class GraphKV:
     def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_qo_heads: int, sm_scale: float) -> Tensor:
         from tvm import relax as rx
         from tvm import tirx
-        from tvm.relax.frontend.nn import Tensor
+        from tvm.relax.frontend.nn import Tensor, op
         from tvm.relax.frontend.nn.core import wrap_nested
-        from edgequant.tvm_schedules.decode_attention import decode_attention_func
-        c = self.c
+        from edgequant.tvm_schedules.decode_attention import SPLITS, decode_attention_func, decode_combine_func
+        c, ns, bb = self.c, SPLITS, rx.BlockBuilder.current()
         key = float(sm_scale)
-        if key not in self._funcs:
+        if key not in self._funcs:   # SPLITS blocks per head over the keys, then one per head merging them
             f = decode_attention_func(c.num_layers, num_qo_heads, c.num_kv_heads, c.head_dim, c.rope_theta,
-                                      c.rope_scale, sm_scale, gpu=self.gpu, pdl=self.pdl)
-            self._funcs[key] = rx.BlockBuilder.current().add_func(f.without_attr("global_symbol"),
-                                                                   "decode_attention")
+                                      c.rope_scale, sm_scale, gpu=self.gpu, pdl=self.pdl, splits=ns)
+            merge = decode_combine_func(num_qo_heads, ns, c.head_dim, gpu=self.gpu, pdl=self.pdl)
+            self._funcs[key] = (bb.add_func(f.without_attr("global_symbol"), "decode_attention"),
+                                merge.without_attr("global_symbol"))
+        attend, merge = self._funcs[key]
+        part = Tensor.placeholder((num_qo_heads, ns, c.head_dim + 2), "float32")
         out = Tensor.placeholder((1, 1, num_qo_heads, c.head_dim), "float16")
         # the layer as a scalar argument (one kernel for all layers): nn.op.tensor_ir_inplace_op takes no prim_value
         layer = rx.prim_value(tirx.IntImm("int32", layer_id))
-        call = rx.call_tir_inplace(self._funcs[key], [qkv._expr, self.cache._expr, self.pos._expr, layer],
-                                   [1, -1], [self.cache._expr.ty, out._expr.ty])
-        cache, o = wrap_nested(rx.BlockBuilder.current().emit(call), name="decode_attention")
+        call = rx.call_tir_inplace(attend, [qkv._expr, self.cache._expr, self.pos._expr, layer],
+                                   [1, -1], [self.cache._expr.ty, part._expr.ty])
+        cache, p = wrap_nested(bb.emit(call), name="decode_attention")
         self.cache = cache
-        return o
+        return op.tensor_ir_op(merge, "decode_combine", [p, self.pos], out)
 
 
 def decode_graph(model, token: Tensor, pos: Tensor, cache: Tensor, logits: Tensor) -> Tensor:

@@ -27,6 +27,9 @@ from .tvmscript import parse_tir
 THREADS = 64          # threads per block, also the keys per tile
 _NEG = -3.0e38        # the running maximum before the first key
 _LOG2E = 1.4426950408889634
+SPLITS = 16           # blocks per query head in the one-graph decode step (flash-decoding; see decode_combine_func)
+# keys per split block: (pos + 1) / splits rounded up to whole tiles, so short contexts use the first blocks only
+SPLIT_CS = "(((pos[0] + {ns}) // {ns} + {nt} - 1) // {nt} * {nt})"
 
 
 def supports(head_dim: int) -> bool:
@@ -53,26 +56,40 @@ def _rope(x: str, head: str, d: str, theta: float, scale: float, dim: int) -> st
 
 
 def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: float, rope_scale: float,
-                          sm_scale: float, gpu: bool = True, dtype: str = "float16", pdl: bool = False):
+                          sm_scale: float, gpu: bool = True, dtype: str = "float16", pdl: bool = False,
+                          splits: int = 1):
     """prim func (qkv [1, 1, h_q + 2 h_kv, dim], cache [layers, 2, h_kv, max_len, dim] (the new key and value
     written at pos[0]), pos [1] int32, layer: int32, out [1, 1, h_q, dim]); keys 0..pos[0] are attended.
     `pdl` (sm_90+, export/pdl.py): the kernel waits for the qkv GEMV's end first thing and lets the o_proj GEMV
-    launch at once (its blocks load their weights on the SMs this kernel's few blocks leave idle, then wait)."""
+    launch at once (its blocks load their weights on the SMs this kernel's few blocks leave idle, then wait).
 
-    nt, g = THREADS, h_q // h_kv
+    `splits` > 1 (flash-decoding, Dao et al. 2023): `splits` blocks per query head, each over its own range of the
+    keys 0..pos[0] (`split_range`), writing its unnormalised partial result to part [h_q, splits, dim + 2] (the value
+    sums, then the running maximum in log2 units and the denominator) instead of out; `decode_combine_func` then
+    merges a head's partials. Only the block whose range holds pos appends the new key and value, and no block reads
+    past its own range, so none reads a row another block is writing."""
+
+    nt, g, ns = THREADS, h_q // h_kv, splits
     dpt = -(-dim // nt)
     lp = _loops(gpu)
     tl, sh, loc = lp["TLOOP"], lp["SH"], lp["LOC"]
     scale2 = float(sm_scale) * _LOG2E
     sync = ['            T.tvm_storage_sync("shared")'] if gpu else []
     dd = f"c * {nt} + tx"
+    # this block's keys lo .. hi - 1 (all of 0..pos without splits); past hi a key reads row hi - 1 and scores _NEG
+    cs = SPLIT_CS.format(ns=ns, nt=nt)
+    lo, end = f"(b % {ns}) * {cs}", f"(b % {ns} + 1) * {cs}"
+    lo, hi = (lo, f"T.min({end}, pos[0] + 1)") if ns > 1 else ("0", "pos[0] + 1")
+    h = f"(b // {ns})" if ns > 1 else "b"
+    result = (f'part: T.Buffer(({h_q}, {ns}, {dim + 2}), "float32")' if ns > 1
+              else f'out: T.Buffer((1, 1, {h_q}, {dim}), "{dtype}")')
     L = ["@T.prim_func",
          f'def main(qkv: T.Buffer((1, 1, {h_q + 2 * h_kv}, {dim}), "{dtype}"), var_cache: T.handle, '
-         f'pos: T.Buffer((1,), "int32"), layer: T.int32, out: T.Buffer((1, 1, {h_q}, {dim}), "{dtype}")):',
+         f'pos: T.Buffer((1,), "int32"), layer: T.int32, {result}):',
          '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})',
          "    max_len = T.int32()",
          f'    cache = T.match_buffer(var_cache, ({layers}, 2, {h_kv}, max_len, {dim}), "{dtype}")',
-         f"    for h in {lp['BLOCK'].format(n=h_q)}:",
+         f"    for b in {lp['BLOCK'].format(n=h_q * ns)}:",
          *([f'        T.evaluate(T.call_extern("void", "{w}"))' for w in
             ("cudaGridDependencySynchronize", "cudaTriggerProgrammaticLaunchCompletion")] if pdl and gpu else []),
          f'        q_s = T.alloc_buffer(({dim},), "float32", scope={sh})',
@@ -80,21 +97,24 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          f'        acc_s = T.alloc_buffer(({dpt}, {nt}), "float32", scope={sh})',
          # per thread: running maximum, denominator, this tile's rescale of what was summed before
          f'        st_s = T.alloc_buffer((3, {nt}), "float32", scope={sh})',
-         # phase 0: rotated q into shared memory; the rotated new key and the new value into the cache at pos
+         # phase 0: rotated q into shared memory; the rotated new key and the new value into the cache at pos (by
+         # the block whose keys hold pos)
          f"        for tx in {tl}:",
          f"            for c in T.serial({dpt}):",
          f"                if {dd} < {dim}:",
          f'                    q_s[{dd}] = T.Cast("float32", T.Cast("{dtype}", '
-         f"{_rope('qkv', 'h', dd, theta, rope_scale, dim)}))",
-         f"                    cache[layer, 0, h // {g}, pos[0], {dd}] = T.Cast(\"{dtype}\", "
-         f"{_rope('qkv', f'{h_q} + h // {g}', dd, theta, rope_scale, dim)})",
-         f"                    cache[layer, 1, h // {g}, pos[0], {dd}] = qkv[0, 0, {h_q + h_kv} + h // {g}, {dd}]",
+         f"{_rope('qkv', h, dd, theta, rope_scale, dim)}))",
+         *([f"                    if {lo} <= pos[0] and pos[0] < {end}:"] if ns > 1 else []),
+         f"                    {'    ' if ns > 1 else ''}cache[layer, 0, {h} // {g}, pos[0], {dd}] = T.Cast(\"{dtype}\", "
+         f"{_rope('qkv', f'{h_q} + {h} // {g}', dd, theta, rope_scale, dim)})",
+         f"                    {'    ' if ns > 1 else ''}cache[layer, 1, {h} // {g}, pos[0], {dd}] = "
+         f"qkv[0, 0, {h_q + h_kv} + {h} // {g}, {dd}]",
          "                acc_s[c, tx] = T.float32(0)",
          f"            st_s[0, tx] = T.float32({_NEG})",
          "            st_s[1, tx] = T.float32(0)",
-         *[s[4:] for s in sync],
-         f"        for tile in T.serial((pos[0] + {nt}) // {nt}):",
-         # phase A: one key per thread, its score in log2 units (keys past pos read key pos and score _NEG: no
+         *[s_[4:] for s_ in sync],
+         f"        for tile in T.serial(T.max({hi} - {lo} + {nt - 1}, 0) // {nt}):",
+         # phase A: one key per thread, its score in log2 units (keys past hi read key hi - 1 and score _NEG: no
          # branch around the loads; four partial sums shorten the chain of dependent adds)
          f"            for tx in {tl}:",
          f'                dot = T.alloc_buffer((4,), "float32", scope={loc})',
@@ -103,19 +123,20 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          "                    dot[j] = T.float32(0)",
          f"                for i0 in T.{'unroll' if gpu else 'serial'}({dim // 8}):",
          "                    for i1 in T.vectorized(8):",
-         f"                        kr[i1] = cache[layer, 0, h // {g}, T.min(tile * {nt} + tx, pos[0]), i0 * 8 + i1]",
+         f"                        kr[i1] = cache[layer, 0, {h} // {g}, T.min({lo} + tile * {nt} + tx, {hi} - 1), "
+         f"i0 * 8 + i1]",
          "                    for i1 in T.unroll(8):",
          '                        dot[i1 % 4] = dot[i1 % 4] + q_s[i0 * 8 + i1] * T.Cast("float32", kr[i1])',
-         f"                s_s[tx] = T.Select(tile * {nt} + tx <= pos[0], "
+         f"                s_s[tx] = T.Select({lo} + tile * {nt} + tx < {hi}, "
          f"((dot[0] + dot[1]) + (dot[2] + dot[3])) * T.float32({scale2!r}), T.float32({_NEG}))",
          *sync,
          # phase B: every thread loads the value rows of the dimensions it owns (issued first, so their latency
          # overlaps the rest), folds the tile into its copy of the running state (the same numbers in every thread:
-         # no reduction, no barrier) and accumulates. Keys past pos have the score _NEG, so their weight is
-         # exp2(_NEG - max) = 0, and they read row pos (rows past it were never written: uninitialised memory, which
-         # a weight of 0 would not cancel if it held a NaN). Every loop over the tile is unrolled (registers,
-         # independent loads issued back to back, no branch), and its maximum, sum and products run as four
-         # partial chains.
+         # no reduction, no barrier) and accumulates. Keys past hi have the score _NEG, so their weight is
+         # exp2(_NEG - max) = 0, and they read row hi - 1 (rows past pos were never written: uninitialised memory,
+         # which a weight of 0 would not cancel if it held a NaN; rows of other blocks' ranges may be being written).
+         # Every loop over the tile is unrolled (registers, independent loads issued back to back, no branch), and
+         # its maximum, sum and products run as four partial chains.
          f"            for tx in {tl}:",
          f'                mx = T.alloc_buffer((4,), "float32", scope={loc})',
          f'                a = T.alloc_buffer((4,), "float32", scope={loc})',
@@ -123,7 +144,7 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          f'                vr = T.alloc_buffer(({dpt}, {nt}), "{dtype}", scope={loc})',
          f"                for c in T.unroll({dpt}):",
          f"                    for t in T.unroll({nt}):",
-         f"                        vr[c, t] = cache[layer, 1, h // {g}, T.min(tile * {nt} + t, pos[0]), "
+         f"                        vr[c, t] = cache[layer, 1, {h} // {g}, T.min({lo} + tile * {nt} + t, {hi} - 1), "
          f"T.min({dd}, {dim - 1})]",
          "                for j in T.unroll(4):",
          "                    mx[j] = st_s[0, tx]",
@@ -149,7 +170,44 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          f"        for tx in {tl}:",
          f"            for c in T.serial({dpt}):",
          f"                if {dd} < {dim}:",
-         f'                    out[0, 0, h, {dd}] = T.Cast("{dtype}", acc_s[c, tx] / st_s[1, tx])']
+         *([f"                    part[{h}, b % {ns}, {dd}] = acc_s[c, tx]"] if ns > 1 else
+           [f'                    out[0, 0, {h}, {dd}] = T.Cast("{dtype}", acc_s[c, tx] / st_s[1, tx])']),
+         *([f"            if tx == 0:", f"                part[{h}, b % {ns}, {dim}] = st_s[0, 0]",
+            f"                part[{h}, b % {ns}, {dim + 1}] = st_s[1, 0]"] if ns > 1 else [])]
+    return parse_tir("\n".join(L) + "\n")
+
+
+def decode_combine_func(h_q: int, splits: int, dim: int, gpu: bool = True, dtype: str = "float16",
+                        pdl: bool = False):
+    """prim func (part [h_q, splits, dim + 2] float32 from `decode_attention_func(..., splits)`, pos [1] int32, out
+    [1, 1, h_q, dim]): each head's partial results merged, out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s
+    with m the largest m_s, over the blocks that had keys (those below (pos + 1) / keys per block). One block per
+    head, THREADS threads, each the dimensions it owns."""
+    nt, dpt, lp = THREADS, -(-dim // THREADS), _loops(gpu)
+    dd = f"c * {nt} + tx"
+    cs = SPLIT_CS.format(ns=splits, nt=nt)
+    L = ["@T.prim_func",
+         f'def main(part: T.Buffer(({h_q}, {splits}, {dim + 2}), "float32"), pos: T.Buffer((1,), "int32"), '
+         f'out: T.Buffer((1, 1, {h_q}, {dim}), "{dtype}")):',
+         # op_pattern 8 (opaque): relax's FuseOps must not look into (or fuse into) a hand-scheduled kernel
+         '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})',
+         f"    for h in {lp['BLOCK'].format(n=h_q)}:",
+         *([f'        T.evaluate(T.call_extern("void", "{w}"))' for w in
+            ("cudaGridDependencySynchronize", "cudaTriggerProgrammaticLaunchCompletion")] if pdl and gpu else []),
+         f"        for tx in {lp['TLOOP']}:",
+         f'            m = T.alloc_buffer((3,), "float32", scope={lp["LOC"]})',
+         f"            m[0] = T.float32({_NEG})",
+         f"            for s in T.serial((pos[0] + {cs}) // {cs}):",
+         f"                m[0] = T.max(m[0], part[h, s, {dim}])",
+         "            m[1] = T.float32(0)",
+         f"            for s in T.serial((pos[0] + {cs}) // {cs}):",
+         f"                m[1] = m[1] + T.exp2(part[h, s, {dim}] - m[0]) * part[h, s, {dim + 1}]",
+         f"            for c in T.serial({dpt}):",
+         f"                if {dd} < {dim}:",
+         "                    m[2] = T.float32(0)",
+         f"                    for s in T.serial((pos[0] + {cs}) // {cs}):",
+         f"                        m[2] = m[2] + T.exp2(part[h, s, {dim}] - m[0]) * part[h, s, {dd}]",
+         f'                    out[0, 0, h, {dd}] = T.Cast("{dtype}", m[2] / m[1])']
     return parse_tir("\n".join(L) + "\n")
 
 

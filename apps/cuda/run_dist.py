@@ -29,9 +29,11 @@ def main():
     ap.add_argument("dist")
     ap.add_argument("--ids", required=True, help="prompt token ids, comma separated")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--bench", type=int, default=0, help="also time this many decode steps after a 128-token prompt")
+    ap.add_argument("--bench", type=int, default=0, help="also time this many decode steps after each prompt of "
+                    "--bench-prompts random tokens")
     ap.add_argument("--check", type=int, default=0, help="compare this many decode steps' logits with prefill's "
                     "(decode and prefill run different kernels: the CUDA decode GEMV against dlight's)")
+    ap.add_argument("--bench-prompts", default="32,128,512", help="prompt lengths of --bench, comma separated")
     a = ap.parse_args()
     Runner = _import_runner()
     t = time.time()
@@ -55,7 +57,7 @@ def main():
     if a.bench:
         import numpy as np
         rows = []
-        for n in (32, 128, 512):
+        for n in (int(x) for x in a.bench_prompts.split(",")):
             prompt = np.random.default_rng(0).integers(0, r.vocab, n).tolist()
             b = r.generate(prompt, a.bench, stop_ids=())
             rows.append({"prompt_tokens": n, "prefill_tokens_per_s": round(b.prefill_tps, 1),

@@ -9,21 +9,32 @@ import pytest
 pytestmark = pytest.mark.tvm
 
 
-@pytest.mark.parametrize("h_q,h_kv,dim", [(9, 3, 64), (4, 4, 32)])
-def test_decode_attention_twin_matches_numpy(h_q, h_kv, dim):
+@pytest.mark.parametrize("h_q,h_kv,dim,splits", [(9, 3, 64, 1), (4, 4, 32, 1), (9, 3, 64, 4), (4, 4, 32, 16)])
+def test_decode_attention_twin_matches_numpy(h_q, h_kv, dim, splits):
+    """With splits, the blocks of a head cover 1 to `splits` ranges of keys (one tile each up to 4 x 64 keys, 128
+    at 400) and the merge adds them up; the twin runs a head's blocks in order, so a block that read row pos before
+    the block of pos wrote it would read the old row (random here) and miss."""
     import tvm
     from edgequant.tvm_schedules import decode_attention as da
-    layers, max_len, theta, scale, sm = 2, 140, 10000.0, 0.5, dim ** -0.5
+    layers, max_len, theta, scale, sm = 2, 400, 10000.0, 0.5, dim ** -0.5
     ex = tvm.compile(tvm.IRModule({"main": da.decode_attention_func(layers, h_q, h_kv, dim, theta, scale, sm,
-                                                                       gpu=False)}), target="llvm")
+                                                                       gpu=False, splits=splits)}), target="llvm")
+    merge = tvm.compile(tvm.IRModule({"main": da.decode_combine_func(h_q, splits, dim, gpu=False)}), target="llvm") \
+        if splits > 1 else None
     rng = np.random.default_rng(dim)
-    for pos in (0, 63, 64, 139):
+    for pos in (0, 63, 64, 139, 255, 256, 399):
         qkv = rng.standard_normal((1, 1, h_q + 2 * h_kv, dim)).astype(np.float16)
         cache = rng.standard_normal((layers, 2, h_kv, max_len, dim)).astype(np.float16)
         cache[:, 1, :, pos + 1:] = np.nan   # rows past pos are never read into the result (uninitialised memory)
         want_o, want_c = da.decode_attention_np(qkv, cache, pos, 1, h_q, h_kv, theta, scale, sm)
         c, o = tvm.runtime.tensor(cache), tvm.runtime.empty((1, 1, h_q, dim), "float16", tvm.cpu())
-        ex["main"](tvm.runtime.tensor(qkv), c, tvm.runtime.tensor(np.array([pos], "int32")), 1, o)
+        p = tvm.runtime.tensor(np.array([pos], "int32"))
+        if merge is None:
+            ex["main"](tvm.runtime.tensor(qkv), c, p, 1, o)
+        else:
+            part = tvm.runtime.tensor(np.full((h_q, splits, dim + 2), np.nan, np.float32))  # blocks past pos: unread
+            ex["main"](tvm.runtime.tensor(qkv), c, p, 1, part)
+            merge["main"](part, p, o)
         np.testing.assert_allclose(o.numpy().astype(np.float32), want_o.astype(np.float32), atol=2e-3, rtol=2e-3)
         np.testing.assert_array_equal(c.numpy(), want_c)
 
