@@ -81,6 +81,9 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
     lo, end = f"(b % {ns}) * {cs}", f"(b % {ns} + 1) * {cs}"
     lo, hi = (lo, f"T.min({end}, pos[0] + 1)") if ns > 1 else ("0", "pos[0] + 1")
     h = f"(b // {ns})" if ns > 1 else "b"
+    # a block without keys (short contexts: all but the first few) skips its work (not its barriers, which TVM
+    # keeps out of conditions) and writes nothing: the merge reads only the blocks that had keys
+    busy = f" and {lo} <= pos[0]" if ns > 1 else ""
     result = (f'part: T.Buffer(({h_q}, {ns}, {dim + 2}), "float32")' if ns > 1
               else f'out: T.Buffer((1, 1, {h_q}, {dim}), "{dtype}")')
     L = ["@T.prim_func",
@@ -101,7 +104,7 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          # the block whose keys hold pos)
          f"        for tx in {tl}:",
          f"            for c in T.serial({dpt}):",
-         f"                if {dd} < {dim}:",
+         f"                if {dd} < {dim}{busy}:",
          f'                    q_s[{dd}] = T.Cast("float32", T.Cast("{dtype}", '
          f"{_rope('qkv', h, dd, theta, rope_scale, dim)}))",
          *([f"                    if {lo} <= pos[0] and pos[0] < {end}:"] if ns > 1 else []),
@@ -169,10 +172,10 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          *sync,
          f"        for tx in {tl}:",
          f"            for c in T.serial({dpt}):",
-         f"                if {dd} < {dim}:",
+         f"                if {dd} < {dim}{busy}:",
          *([f"                    part[{h}, b % {ns}, {dd}] = acc_s[c, tx]"] if ns > 1 else
            [f'                    out[0, 0, {h}, {dd}] = T.Cast("{dtype}", acc_s[c, tx] / st_s[1, tx])']),
-         *([f"            if tx == 0:", f"                part[{h}, b % {ns}, {dim}] = st_s[0, 0]",
+         *([f"            if tx == 0{busy}:", f"                part[{h}, b % {ns}, {dim}] = st_s[0, 0]",
             f"                part[{h}, b % {ns}, {dim + 1}] = st_s[1, 0]"] if ns > 1 else [])]
     return parse_tir("\n".join(L) + "\n")
 

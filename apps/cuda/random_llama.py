@@ -1,4 +1,5 @@
-"""Speed of a LLaMA-7B-shaped W4 g128 library on a GPU, with random weights (the real weights are not here).
+"""Speed of a LLaMA-7B-shaped (or SmolLM2-135M-shaped, `--shape smollm2-135m`) W4 g128 library on a GPU, with
+random weights (the real weights are not here, or would take calls to carry).
 
 Two steps, because the library is compiled on the build machine and the weights are made where it runs:
 
@@ -19,9 +20,13 @@ from pathlib import Path
 LLAMA_7B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5,
             "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": False}
+SMOLLM2_135M = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "rms_norm_eps": 1e-5,
+                "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True}
+SHAPES = {"llama-7b": LLAMA_7B, "smollm2-135m": SMOLLM2_135M}
 
 
-def build(out: Path, arch: str):
+def build(out: Path, arch: str, shape: dict = LLAMA_7B):
     import tvm
     from edgequant.export import targets
     from edgequant.export.build import EXPORT_JSON, FORMAT_VERSION, _param_list, _walk, build_module, prefill_chunk
@@ -32,13 +37,13 @@ def build(out: Path, arch: str):
 
     class ShapeOnly:  # the parts of a WeightSource that compilation reads
         path = Path("random-llama-7b")
-        config = LLAMA_7B
+        config = shape
         quantization = "w4g128a"
-        arch = ArchConfig.from_hf(LLAMA_7B)
+        arch = ArchConfig.from_hf(shape)
 
         def plans(self):
             return {name: LinearPlan(name, srcs, k, sum(rows), QuantSpec(sum(rows), k, 4, 128, False), None, bias,
-                                     rows) for name, srcs, rows, k, bias in fused_linears(LLAMA_7B)}
+                                     rows) for name, srcs, rows, k, bias in fused_linears(shape)}
 
     out.mkdir(parents=True, exist_ok=True)
     preset = targets.get_preset("cuda")
@@ -91,9 +96,10 @@ def main():
     ap.add_argument("step", choices=["build", "weights"])
     ap.add_argument("out")
     ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-7b", help="build: the model's shapes")
     a = ap.parse_args()
     if a.step == "build":
-        build(Path(a.out), a.arch)
+        build(Path(a.out), a.arch, SHAPES[a.shape])
     else:
         weights(Path(a.out))
 
