@@ -6,8 +6,9 @@ between the graphs relax captures (the rewrite stops at `vm.builtin` calls), and
 per step: ~25 us per layer, which kept SmolLM2-135M's CUDA decode near 1000 tok/s
 (benchmarks/results/gpu-launch-smollm2-h200.md). Here every input of `decode_graph` is a tensor the runner owns for
 the life of the sequence and never replaces: the token id [1], the position [1], the cache [layers, 2, kv_heads,
-max_len, head_dim] and a logits buffer [1, 1, vocab]. Each layer's attention is one kernel
-(tvm_schedules/decode_attention.py: RoPE, the append at the position read from the device, the attention), and the
+max_len, head_dim] and a logits buffer [1, 1, vocab]. Each layer's attention is two kernels
+(tvm_schedules/decode_attention.py: RoPE, the append at the position read from the device and the attention, split
+over the keys into SPLITS blocks per head; then the merge of each head's partial results), and the
 last kernel (tvm_schedules/sample.py, `step=True`) copies the logits out, writes the argmax into the token input and
 advances the position, all in place: the next replay needs nothing from the host. The function is marked with
 `num_input = 0` (every argument fixed, as the weights are), which is what lets the rewrite capture kernels that read

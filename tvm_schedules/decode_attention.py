@@ -7,14 +7,21 @@ by its C++ between the CUDA graphs relax captures, which left SmolLM2-135M's dec
 head_dim] owned by the runner and the position is read from a device buffer, so no argument changes from one step
 to the next and the whole step can be replayed.
 
-`decode_attention_func`: one thread block per query head, `THREADS` threads. Phase 0 rotates q and the new key
+`decode_attention_func`: one thread block per query head (`splits` blocks per head in the graph: see below),
+`THREADS` threads. Phase 0 rotates q and the new key
 (HF rotate-half with TVM's frequency formula, `rope_np`) and writes the new key and value at `pos` (every block of a
 kv group writes the same bytes, so each block reads its own write after the barrier); then the keys 0..pos are walked
 in tiles of `THREADS`: each thread scores one key (log2 units), thread 0 folds the tile into the running maximum and
 denominator (online softmax, Milakov and Gimelshein, arXiv 1805.02867), and each thread accumulates the value
 dimensions it owns. Phases are separate thread loops with the per-thread state in shared memory, so the CPU twin
 (`gpu=False`) is the same text with serial loops: the test against `decode_attention_np` runs the very index math
-of the GPU kernel. `cache_fill_func` copies keys and values of a prefill (TVM's cache `debug_get_kv` layout) into
+of the GPU kernel. With `splits` (flash-decoding, Dao, Haziza, Massa and Sizov 2023; the graph uses SPLITS = 16) each head's keys
+are shared by `splits` blocks, (pos + 1) / splits keys each rounded up to whole tiles (below 64 keys one block works
+and the others skip), which write unnormalised partial results that `decode_combine_func` merges, one more kernel
+per layer. One block per head had left 32 of the H200's 132 SMs busy on LLaMA-7B (9 on SmolLM2), each walking all
+keys: whole-library decode of a LLaMA-7B W4 g128 library 380 -> 554 tok/s after 512 tokens, 175 -> 441 after 2048,
+~3% slower below 64 tokens (benchmarks/results/gpu-e2e-split-attention-h200.md).
+`cache_fill_func` copies keys and values of a prefill (TVM's cache `debug_get_kv` layout) into
 the contiguous cache from position `pos` on.
 """
 from __future__ import annotations
