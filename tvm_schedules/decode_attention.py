@@ -15,12 +15,12 @@ in tiles of `THREADS`: each thread scores one key (log2 units), thread 0 folds t
 denominator (online softmax, Milakov and Gimelshein, arXiv 1805.02867), and each thread accumulates the value
 dimensions it owns. Phases are separate thread loops with the per-thread state in shared memory, so the CPU twin
 (`gpu=False`) is the same text with serial loops: the test against `decode_attention_np` runs the very index math
-of the GPU kernel. With `splits` (flash-decoding, Dao, Haziza, Massa and Sizov 2023; the graph uses SPLITS = 16) each head's keys
-are shared by `splits` blocks, (pos + 1) / splits keys each rounded up to whole tiles (below 64 keys one block works
-and the others skip), which write unnormalised partial results that `decode_combine_func` merges, one more kernel
-per layer. One block per head had left 32 of the H200's 132 SMs busy on LLaMA-7B (9 on SmolLM2), each walking all
-keys: whole-library decode of a LLaMA-7B W4 g128 library 380 -> 554 tok/s after 512 tokens, 175 -> 441 after 2048,
-~3% slower below 64 tokens (benchmarks/results/gpu-e2e-split-attention-h200.md).
+of the GPU kernel. With `splits` (flash-decoding, Dao, Haziza, Massa and Sizov 2023; the graph uses SPLITS = 16)
+each head's keys are shared by `splits` blocks, (pos + 1) / splits keys each rounded up to whole tiles (below 64 keys
+one block works and the others skip), which write unnormalised partial results that `decode_combine_func` merges,
+one more kernel per layer. One block per head had left 32 of the H200's 132 SMs busy on LLaMA-7B (9 on SmolLM2),
+each walking all keys: whole-library decode of a LLaMA-7B W4 g128 library 380 -> 554 tok/s after 512 tokens, 175 ->
+441 after 2048, ~3% slower below 64 tokens (benchmarks/results/gpu-e2e-split-attention-h200.md).
 `cache_fill_func` copies keys and values of a prefill (TVM's cache `debug_get_kv` layout) into
 the contiguous cache from position `pos` on.
 """
@@ -71,10 +71,10 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
     launch at once (its blocks load their weights on the SMs this kernel's few blocks leave idle, then wait).
 
     `splits` > 1 (flash-decoding, Dao et al. 2023): `splits` blocks per query head, each over its own range of the
-    keys 0..pos[0] (`split_range`), writing its unnormalised partial result to part [h_q, splits, dim + 2] (the value
-    sums, then the running maximum in log2 units and the denominator) instead of out; `decode_combine_func` then
-    merges a head's partials. Only the block whose range holds pos appends the new key and value, and no block reads
-    past its own range, so none reads a row another block is writing."""
+    keys 0..pos[0] (`SPLIT_CS` keys each), writing its unnormalised partial result to part [h_q, splits, dim + 2]
+    (the value sums, then the running maximum in log2 units and the denominator) instead of out;
+    `decode_combine_func` then merges a head's partials. Only the block whose range holds pos appends the new key
+    and value, and no block reads past its own range, so none reads a row another block is writing."""
 
     nt, g, ns = THREADS, h_q // h_kv, splits
     dpt = -(-dim // nt)
@@ -91,6 +91,7 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
     # a block without keys (short contexts: all but the first few) skips its work (not its barriers, which TVM
     # keeps out of conditions) and writes nothing: the merge reads only the blocks that had keys
     busy = f" and {lo} <= pos[0]" if ns > 1 else ""
+    pad = "    " if ns > 1 else ""   # the append's lines, under the split's own condition
     result = (f'part: T.Buffer(({h_q}, {ns}, {dim + 2}), "float32")' if ns > 1
               else f'out: T.Buffer((1, 1, {h_q}, {dim}), "{dtype}")')
     L = ["@T.prim_func",
@@ -115,9 +116,9 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          f'                    q_s[{dd}] = T.Cast("float32", T.Cast("{dtype}", '
          f"{_rope('qkv', h, dd, theta, rope_scale, dim)}))",
          *([f"                    if {lo} <= pos[0] and pos[0] < {end}:"] if ns > 1 else []),
-         f"                    {'    ' if ns > 1 else ''}cache[layer, 0, {h} // {g}, pos[0], {dd}] = T.Cast(\"{dtype}\", "
+         f"                    {pad}cache[layer, 0, {h} // {g}, pos[0], {dd}] = T.Cast(\"{dtype}\", "
          f"{_rope('qkv', f'{h_q} + {h} // {g}', dd, theta, rope_scale, dim)})",
-         f"                    {'    ' if ns > 1 else ''}cache[layer, 1, {h} // {g}, pos[0], {dd}] = "
+         f"                    {pad}cache[layer, 1, {h} // {g}, pos[0], {dd}] = "
          f"qkv[0, 0, {h_q + h_kv} + {h} // {g}, {dd}]",
          "                acc_s[c, tx] = T.float32(0)",
          f"            st_s[0, tx] = T.float32({_NEG})",

@@ -45,7 +45,8 @@ def test_cuda_decode_uses_the_gemv_kernels(checkpoint):
     defs = {m.group(1): m.group(2) for m in re.finditer(head + r'(.*?)(?=\nextern "C"|\Z)', src, re.S)}
     # (and the one-graph step's attention kernels, which let o_proj's GEMV launch early)
     assert {k for k, b in defs.items() if "cudaGridDependencySynchronize" in b} == {
-        k for k in defs if k.startswith(("decode_gemv", "decode_attention", "decode_combine"))} and len(defs) == len(kernels)
+        k for k in defs if k.startswith(("decode_gemv", "decode_attention", "decode_combine"))} \
+        and len(defs) == len(kernels)
     # greedy sampling on the device
     assert "argmax" in functions and any(k.startswith("argmax") for k in kernels)
     prefill = [k for k in kernels if k.startswith("prefill_gemm")]
