@@ -137,26 +137,35 @@ class QuantLinear(_Packed):
                          [self.outlier_idx, self.outlier_weight], self.out_dtype, self.decode_act)
         return y + self.bias if self.bias is not None else y
 
-    def decode_fused(self, x: Tensor, norm=None, glu: bool = False, residual: Tensor | None = None) -> Tensor | None:
+    def decode_fused(self, x: Tensor, norm=None, glu: bool = False, residual: Tensor | None = None,
+                     silu_out: bool = False) -> Tensor | None:
         """norm(x) or silu(gate) * up of x = [gate | up] through this linear, plus `residual`, as one decode GEMV
-        kernel (`gemv.gemv_func`'s prologue and residual; `norm` an nn.RMSNorm without bias); None where that kernel
-        does not apply (prefill, no GPU GEMV, outlier columns under a prologue, a bias before the residual), and the
-        caller runs the separate ops."""
+        kernel (`gemv.gemv_func`'s prologue and residual; `norm` an nn.RMSNorm without bias); with `silu_out` (this
+        linear a fused [gate; up]) silu(gate) * up of its output instead (the GEMV's epilogue, [..., N / 2]). None where
+        that kernel does not apply (prefill, no GPU GEMV, outlier columns under a prologue, a bias before the
+        residual or the epilogue, a config whose blocks do not hold whole gate/up pairs), and the caller runs the
+        separate ops."""
         lead = tuple(x.shape[:-1])
         prologue = "rmsnorm" if norm is not None else ("silu_mul" if glu else None)
         if (self.decode_gemv is None or not all(isinstance(d, int) and d == 1 for d in lead)
                 or (prologue and self.n_outliers) or (residual is not None and self.bias is not None)
                 or (norm is not None and (type(norm) is not nn.RMSNorm or norm.bias is not None))):
             return None
+        if silu_out and (self.bias is not None or not gemv.epilogue_fits(
+                self.spec, gemv.default_config(self.spec, act=self.decode_act, n_outliers=self.n_outliers),
+                self.n_outliers, residual is not None, self.out_dtype)):
+            return None
         f = gemv.gemv_func(self.spec, lead=lead, gpu=self.decode_gemv in GPU_MODES, n_outliers=self.n_outliers,
                            out_dtype=self.out_dtype, act=self.decode_act, prologue=prologue,
                            pdl=self.decode_gemv == "gpu-pdl",
                            eps=float(norm.epsilon) if norm is not None else 1e-6,
-                           residual=residual is not None).without_attr("global_symbol")
+                           residual=residual is not None,
+                           epilogue="silu_mul" if silu_out else None).without_attr("global_symbol")
         args = [x] + ([norm.weight] if norm is not None else []) + self.params()
         args += [self.outlier_idx, self.outlier_weight] if self.n_outliers else []
         args += [residual] if residual is not None else []
-        y = op.tensor_ir_op(f, "decode_gemv", args, Tensor.placeholder((*lead, self.spec.n), self.out_dtype))
+        n = self.spec.n // 2 if silu_out else self.spec.n
+        y = op.tensor_ir_op(f, "decode_gemv", args, Tensor.placeholder((*lead, n), self.out_dtype))
         return y + self.bias if self.bias is not None else y
 
 

@@ -95,6 +95,7 @@ INT8_LAYOUTS3 = ("dp4a3", "planes3", "dp4a3r4")   # 3-bit layouts the int8 kerne
 # interleaved, 32-value chunks and steps of a multiple of 4 rows only: three 128-bit loads per 4 rows and chunk)
 ACTS = ("fp16", "int8")
 PROLOGUES = (None, "rmsnorm", "silu_mul")
+EPILOGUES = (None, "silu_mul")
 
 
 WAIT = '{ind}T.evaluate(T.call_extern("void", "cudaGridDependencySynchronize"))'   # PDL: the previous kernel's end
@@ -137,6 +138,14 @@ def chunk_of(bits: int, act: str = "fp16", cfg: GemvConfig | None = None) -> int
     if cfg is not None and cfg.chunk:
         return cfg.chunk
     return (CHUNK_INT8 if act == "int8" else CHUNK)[bits]
+
+
+def epilogue_fits(spec: QuantSpec, cfg: GemvConfig, n_outliers: int = 0, residual: bool = False,
+                  out_dtype: str = "float16") -> bool:
+    """Whether `cfg`'s blocks hold whole gate/up pairs for the silu_mul epilogue (`gemv_func`)."""
+    half = cfg.rows * cfg.steps // 2
+    return (cfg.steps % 2 == 0 and spec.n % 2 == 0 and (spec.n // 2) % half == 0 and cfg.groups == 1
+            and not (n_outliers or residual or cfg.prefetch or cfg.l2ahead) and out_dtype == "float16")
 
 
 def supports(spec: QuantSpec, act: str = "fp16", chunk: int = 0) -> bool:
@@ -396,7 +405,8 @@ def prefetch_spans(spec: QuantSpec, cfg: GemvConfig, bx: int) -> dict[str, list[
 # ------------------------------------------------------------------------------------------------ the prim func
 def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, out_dtype: str = "float16",
               lead: tuple[int, ...] = (1,), name: str = "main", n_outliers: int = 0, act: str = "fp16",
-              prologue: str | None = None, eps: float = 1e-6, residual: bool = False, pdl: bool = False):
+              prologue: str | None = None, eps: float = 1e-6, residual: bool = False, pdl: bool = False,
+              epilogue: str | None = None):
     """y[lead..., N] = x[lead..., K] @ dq(W)^T (+ x[..., idx] @ W_out^T) for one row (prod(lead) == 1), fp32
     accumulation, `out_dtype` output. act="int8": activations quantized per 32 values inside the kernel and integer
     dot products (dp4a), as `cpu_int8.int8_gemv_np` models; 3-bit weights then in dp4a3 or planes3.
@@ -411,6 +421,12 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
     takes x [lead..., 2K] = [gate | up] and uses silu(gate) * up (fp16, as the separate kernel); `residual=True`
     adds a tensor of y's shape to the rounded result. Neither prologue combines with outlier columns (they read x
     raw).
+
+    `epilogue="silu_mul"` (W = [gate; up], N = 2 I): y[lead..., I] = silu(gate) * up, each block computing the
+    products of its own rows: its first steps take gate rows and the rest the up rows of the same indices (the block's
+    rows remapped, the weights as stored), and the pairs meet after the final barrier (the fp16 expression of the
+    "silu_mul" prologue on the rounded gate and up, so down_proj then reads a plain x instead of each of its blocks
+    recomputing the products for the whole row). Whole blocks of pairs only: an even number of steps dividing I.
 
     `pdl=True` (CUDA sm_90+): the kernel lets the next kernel of the stream launch at once
     (`griddepcontrol.launch_dependents`) and waits for the previous one (`griddepcontrol.wait`) only after issuing
@@ -441,14 +457,19 @@ def gemv_func(spec: QuantSpec, cfg: GemvConfig | None = None, gpu: bool = True, 
         raise ValueError(f"unknown GEMV prologue {prologue!r}; one of {PROLOGUES}")
     if prologue and n_outliers:
         raise ValueError("a GEMV prologue does not combine with outlier columns")
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"unknown GEMV epilogue {epilogue!r}; one of {EPILOGUES}")
+    if epilogue and not epilogue_fits(spec, cfg, n_outliers, residual, out_dtype):
+        raise ValueError(f"the {epilogue} epilogue takes whole blocks of gate/up pairs (an even number of steps "
+                         f"dividing N / 2), no outlier columns, residual or L2 prefetch and fp16 out: not {cfg}")
     src = _source(spec, cfg, gpu, out_dtype, lead, name, n_outliers, act == "int8", prologue, eps, residual,
-                  chunk, pdl and gpu)
+                  chunk, pdl and gpu, epilogue)
     return parse_tir(src)
 
 
 def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: tuple[int, ...], name: str,
             n_out: int, int8: bool = False, prologue: str | None = None, eps: float = 1e-6,
-            residual: bool = False, chunk: int = 0, pdl: bool = False) -> str:
+            residual: bool = False, chunk: int = 0, pdl: bool = False, epilogue: str | None = None) -> str:
     bits, n, k, R, S, TY = spec.bits, spec.n, spec.k, cfg.rows, cfg.steps, cfg.warps
     C, CW, SW, VW = chunk or CHUNK[bits], CHUNK_WORDS[bits], SUB_WORDS[bits], VEC_WORDS[bits]
     c_ = "(ty * 32 + tx)"                         # the thread's chunk of K
@@ -486,7 +507,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         ins += [f'oidx: T.Buffer(({n_out},), "int32")', f'ow: T.Buffer(({n}, {n_out}), "float16")']
     if residual:
         ins.append(f'res: T.Buffer(({lo}, {n}), "{out_dtype}")')
-    ins.append(f'y: T.Buffer(({lo}, {n}), "{out_dtype}")')
+    ins.append(f'y: T.Buffer(({lo}, {n // 2 if epilogue else n}), "{out_dtype}")')
 
     def loop(extent, tag):
         return f'T.thread_binding({extent}, thread="{tag}")' if gpu else f"T.serial({extent})"
@@ -580,6 +601,13 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                     f'T.Cast("float32", uh[{v}]))' for v in range(32)]
         return out + [f'{body}xf[{dst + v}] = T.Cast("float32", xh[{v}])' for v in range(32)]
 
+    def wrow(st, r):  # the weight row of the block's step st, row r (silu_mul epilogue: gate rows, then up rows)
+        if not epilogue:
+            return f"bx * {RS} + {st * R + r}"
+        half = S // 2
+        return (f"bx * {RS // 2} + {st * R + r}" if st < half else
+                f"{n // 2} + bx * {RS // 2} + {(st - half) * R + r}")
+
     def load_rows(body, st, b):
         # R (x3 at 3 bits) independent 128-bit loads, plus the rows' scale and zero point, into buffer b
         out = []
@@ -588,10 +616,10 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
             # (b R + r) CW in the buffer as with one row per load
             for v in range(3):
                 f = f"{c_} * 12 + {4 * v}"
-                out.append(f"{body}wq[T.ramp({(b * R + r) * CW + 4 * v}, 1, 4)] = qweight[bx * {RS} + {st * R + r} + "
+                out.append(f"{body}wq[T.ramp({(b * R + r) * CW + 4 * v}, 1, 4)] = qweight[{wrow(st, r)} + "
                            f"({f}) // {spec.words}, T.ramp(({f}) % {spec.words}, 1, 4)]")
         for r in range(R):
-            row = f"bx * {RS} + {st * R + r}"
+            row = wrow(st, r)
             for off, src, width in loads if spec.layout != "dp4a3r4" else ():
                 out.append(f"{body}wq[T.ramp({(b * R + r) * CW + off}, 1, {width})] = "
                            f"qweight[{row}, T.ramp({src}, 1, {width})]" if width > 1 else
@@ -618,7 +646,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     def l2_rows(body, st):  # ask L2 for what load_rows(st) will load (one prefetch per load, scale and zero point)
         out = []
         for r in range(R):
-            row = f"bx * {RS} + {st * R + r}"
+            row = wrow(st, r)
             out += [f"{body}T.ptx.prefetch.global_.L2(T.address_of(qweight[{row}, {src}]))" for _, src, _ in loads]
             out += [f"{body}T.ptx.prefetch.global_.L2(T.address_of({t}[{row}, {g}]))"
                     for t in ("scales",) + (() if spec.sym else ("zeros",))]
@@ -841,6 +869,8 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         return f" + res[{ix}, {row}]" if residual else ""
 
     def finish(ind, lin, nsum, extra=None):
+        if epilogue:
+            return finish_pair(ind, lin, nsum)
         row = f"bx * {RS} + {lin}"
         tot = " + ".join(f"red[{t * RS} + {lin}]" for t in range(nsum)) if gpu else "tot[0]"
         tot += f" + {extra}" if extra else ""
@@ -851,6 +881,22 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
         out.append(f'{ind}y[{ix}, {row}] = T.Cast("{out_dtype}", {tot}){add(row)}')
         return out
 
+    def finish_pair(ind, lin, nsum):
+        # output lin of the block: its gate row lin and up row RS / 2 + lin, rounded to fp16 as the gate_up GEMV's
+        # output was, then the "silu_mul" prologue's fp16 expression
+        if gpu:
+            gate, up = (" + ".join(f"red[{t * RS} + {o}{lin}]" for t in range(nsum)) for o in ("", f"{RS // 2} + "))
+            out = []
+        else:
+            gate, up = "tot[0]", "tot[1]"
+            out = [f'{ind}tot = T.alloc_buffer((2,), "float32")', f"{ind}tot[0] = T.float32(0)",
+                   f"{ind}tot[1] = T.float32(0)", f"{ind}for t in T.serial({nsum}):",
+                   f"{ind}    tot[0] = tot[0] + red[t * {RS} + {lin}]",
+                   f"{ind}    tot[1] = tot[1] + red[t * {RS} + {RS // 2} + {lin}]"]
+        g16 = f'T.Cast("float16", {gate})'
+        return out + [f'{ind}y[{ix}, bx * {RS // 2} + {lin}] = {g16} * T.sigmoid({g16}) * T.Cast("float16", {up})']
+
+    outs = RS // 2 if epilogue else RS   # the block's outputs
     if n_out and gpu:
         # the products (computed here unless early_out: before the last step), added by each row's first lane
         # after the final barrier (TVM's sync planner places it before the reads of `red`; with the products here,
@@ -864,9 +910,9 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                      + (f" and bx * {RS} + {lin} < {n}:" if ragged else ":"))
             L += finish(ind + "    ", lin, TY, f"op[{e}]")
     elif gpu:
-        ne = -(-RS // tpb)
+        ne = -(-outs // tpb)
         L.append(f"{ind}for e in T.serial({ne}):")
-        L.append(f"{ind}    if e * {tpb} + {c} < {RS}" + (f" and bx * {RS} + e * {tpb} + {c} < {n}:" if ragged else ":"))
+        L.append(f"{ind}    if e * {tpb} + {c} < {outs}" + (f" and bx * {RS} + e * {tpb} + {c} < {n}:" if ragged else ":"))
         L += finish(ind + "        ", f"(e * {tpb} + {c})", TY)
     else:
         if n_out:  # the GPU's epilogue slots one after another, the shuffle a plain sum per row
@@ -876,7 +922,7 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
                   f"        for s in T.serial({slots}):",
                   f"            opart[T.min(s // {lpr}, {RS - 1})] = opart[T.min(s // {lpr}, {RS - 1})] + "
                   + outlier_part("s")]
-        L.append(f"        for lin in T.serial({RS}):")
+        L.append(f"        for lin in T.serial({outs}):")
         if ragged:
             L.append(f"            if bx * {RS} + lin < {n}:")
         L += finish("                " if ragged else "            ", "lin", tpb, "opart[lin]" if n_out else None)

@@ -251,6 +251,13 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, norm=None, residual: Tensor | None = None):
         """down(act(gate) * up) of gate_up(x), with `norm` applied to x first and `residual` added (`_linear`)."""
+        if type(self)._act is MLP._act and isinstance(self.gate_up_proj, QuantLinear) and decode_fusions_enabled():
+            # SiLU: the gated product computed once, in gate_up's GEMV (its epilogue), so down reads a plain x; each
+            # of down's blocks recomputing it for the whole row cost about two kernels per layer (H200, LLaMA-7B:
+            # benchmarks/results/gpu-e2e-split-attention-h200.md)
+            prod = self.gate_up_proj.decode_fused(x, norm, silu_out=True)
+            if prod is not None:
+                return _linear(self.down_proj, prod, residual=residual)
         h = _linear(self.gate_up_proj, x, norm)
         if type(self)._act is MLP._act:   # SiLU: the gated product can ride in down_proj's GEMV
             return _linear(self.down_proj, h, glu=True, residual=residual)

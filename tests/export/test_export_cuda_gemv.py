@@ -80,17 +80,20 @@ def test_cuda_preset_repacks_3_bit_weights(model_dirs, tmp_path):
     np.testing.assert_array_equal(unpack_np(got, 3, plan.k, "dp4a3r4"), unpack_np(want, 3, plan.k))
 
 
-@pytest.mark.parametrize("arch,bits,group,sym,n_out,act", [
-    pytest.param("llama", 4, 32, False, 0, "fp16", marks=pytest.mark.slow),   # CI time: fp16 is not the default
-    ("qwen2", 3, -1, False, 2, "fp16"), pytest.param("qwen2", 2, 64, True, 3, "fp16", marks=pytest.mark.slow),
-    ("llama", 4, 32, False, 0, "int8"), ("qwen2", 3, -1, False, 2, "int8"), ("qwen2", 2, 64, True, 3, "int8")])
+@pytest.mark.parametrize("arch,bits,group,sym,n_out,act,pairs", [
+    pytest.param("llama", 4, 32, False, 0, "fp16", False, marks=pytest.mark.slow),   # CI time: fp16 is not the default
+    ("qwen2", 3, -1, False, 2, "fp16", False),
+    pytest.param("qwen2", 2, 64, True, 3, "fp16", False, marks=pytest.mark.slow),
+    ("llama", 4, 32, False, 0, "int8", False), ("qwen2", 3, -1, False, 2, "int8", False),
+    ("qwen2", 2, 64, True, 3, "int8", False), ("llama", 4, 32, False, 0, "int8", True)])
 def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, monkeypatch, tokenizer, arch, bits,
-                                                         group, sym, n_out, act):
+                                                         group, sym, n_out, act, pairs):
     """The CUDA decode path as exported (arguments, words3x32 / dp4a3r4 repacking, folded zero points, outlier columns
     in fp32, bias) through the GEMV's serial CPU twin on the cpu target: decode logits equal PyTorch's (fp16
     activations), or move by the int8 rounding of the activations only (int8, the CUDA default). Both decode paths
     of a CUDA library: the one-graph step on its own cache (export/graph_decode.py, its kernels' twins) and the paged
-    cache's (EDGEQUANT_DECODE_GRAPH=0 at run time)."""
+    cache's (EDGEQUANT_DECODE_GRAPH=0 at run time). `pairs`: every GEMV in steps of 2 rows x 2, as LLaMA-7B's
+    gate_up is at 4 bits, so that gate_up's GEMV computes silu(gate) * up in its epilogue and down reads it plain."""
     import dataclasses
 
     import torch
@@ -104,6 +107,22 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
     from edgequant.export.runtime import Runner
     from test_export_parity import add_outlier_columns
     monkeypatch.setattr(export_llama, "DECODE_GEMV_TWIN_ON_CPU", True)
+    epilogues = []
+    if pairs:
+        from edgequant.export.quant_linear import QuantLinear
+        from edgequant.tvm_schedules import gemv
+        real_config, real_fused = gemv.default_config, QuantLinear.decode_fused
+
+        def paired(spec, sms=132, act="fp16", n_outliers=0):
+            c = real_config(spec, sms, act, n_outliers)
+            return dataclasses.replace(c, rows=2, steps=2) if spec.n % 4 == 0 and spec.layout != "dp4a3r4" else c
+
+        def spy(self, x, norm=None, glu=False, residual=None, silu_out=False):
+            y = real_fused(self, x, norm, glu, residual, silu_out)
+            epilogues.append(silu_out and y is not None)
+            return y
+        monkeypatch.setattr(gemv, "default_config", paired)
+        monkeypatch.setattr(QuantLinear, "decode_fused", spy)
     monkeypatch.setattr(graph_decode, "ON_CPU", True)
     monkeypatch.setenv("EDGEQUANT_ACT_DTYPE", act)   # fp16: prefill exact too (the cpu default quantizes activations)
     packing3 = "words3x32" if act == "fp16" else targets.PRESETS["cuda"].packing3
@@ -127,6 +146,7 @@ def test_decode_through_the_gemv_wiring_matches_pytorch(model_dirs, tmp_path, mo
         ck = add_outlier_columns(ck, tmp_path / "q-owq", hf, n_out)
     dist = export(ck, "cpu", tmp_path / "dist", progress=False)
     assert (dist / "lib.so").read_bytes().count(b"decode_gemv") >= 4   # all four linears took the GEMV
+    assert any(epilogues) == pairs
     ref, _ = load_quantized_model(ck)
     ids = np.random.default_rng(1).integers(0, ref.config.vocab_size, 24).tolist()
     with torch.no_grad():

@@ -553,3 +553,28 @@ def test_gemv_prologue_refuses_outlier_columns():
     from edgequant.tvm_schedules.gemv import gemv_func
     with pytest.raises(ValueError, match="outlier"):
         gemv_func(QuantSpec(8, 128, 4, 32, False, "words"), n_outliers=2, prologue="rmsnorm")
+
+
+@pytest.mark.parametrize("bits,group,sym,n,k,rows,steps,layout", [
+    (4, 128, False, 32, 256, 4, 2, None), (2, 64, False, 48, 128, 2, 4, None), (3, 64, False, 32, 128, 4, 2, "dp4a3r4")])
+def test_gemv_silu_mul_epilogue_matches_numpy(bits, group, sym, n, k, rows, steps, layout):
+    """epilogue="silu_mul": the block's first steps take gate rows, the rest the up rows of the same indices, and
+    the output is silu(gate) * up over N / 2 (fp16, as the silu_mul prologue computes it from the rounded outputs);
+    configs whose blocks would split a pair are refused."""
+    import tvm
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemv_np
+    from edgequant.tvm_schedules.gemv import GemvConfig, gemv_func
+    rng = np.random.default_rng(bits * 31 + n)
+    spec, q, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k, act="int8", layout=layout)
+    x = rng.standard_normal((1, k)).astype(np.float16)
+    ex = tvm.compile(tvm.IRModule({"main": gemv_func(spec, GemvConfig(rows, 1, steps), gpu=False, act="int8",
+                                                     epilogue="silu_mul")}), target="llvm")
+    y = tvm.runtime.empty((1, n // 2), "float16", tvm.cpu())
+    ex["main"](*[tvm.runtime.tensor(a) for a in [x, qweight, scales] + ([] if sym else [zeros])], y)
+    full = int8_gemv_np(spec, x[0], qweight, scales, zeros).astype(np.float16)
+    gate, up = full[:n // 2], full[n // 2:]
+    want = gate * (1 / (1 + np.exp(-gate.astype(np.float32)))).astype(np.float16) * up
+    np.testing.assert_allclose(y.numpy()[0].astype(np.float32), want.astype(np.float32),
+                               atol=2e-3 * np.abs(want).max(), rtol=0)
+    with pytest.raises(ValueError, match="whole blocks of gate/up pairs"):
+        gemv_func(spec, GemvConfig(rows, 1, 3), gpu=False, act="int8", epilogue="silu_mul")
