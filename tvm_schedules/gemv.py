@@ -67,6 +67,11 @@ PDL launch at 132 blocks and 1.18 us at 792 (H200), but the real GEMVs did not g
 slower with PDL at the best grouping per linear, W3 4% (benchmarks/results/gpu-nvidia-h200.md, gpu9): under PDL
 the next kernel's small blocks start in the previous kernel's tail, a large one waits for a whole large slot.
 
+`epilogue="silu_mul"` (gate_up, where its blocks hold whole gate/up pairs) writes silu(gate) * up instead of the
+two halves, so down_proj's GEMV reads a plain x: its "silu_mul" prologue, each of its blocks computing the product
+for the whole row, cost about two dependent kernels per layer; whole-library LLaMA-7B W4 decode on the H200 597-600 ->
+659-662 tok/s (benchmarks/results/gpu-e2e-split-attention-h200.md).
+
 `pdl=True` adds programmatic dependent launch (sm_90): the next kernel may start before this one ends and waits
 for it only after issuing its own first weight loads (they depend on no earlier kernel).
 
