@@ -917,7 +917,8 @@ def _source(spec: QuantSpec, cfg: GemvConfig, gpu: bool, out_dtype: str, lead: t
     elif gpu:
         ne = -(-outs // tpb)
         L.append(f"{ind}for e in T.serial({ne}):")
-        L.append(f"{ind}    if e * {tpb} + {c} < {outs}" + (f" and bx * {RS} + e * {tpb} + {c} < {n}:" if ragged else ":"))
+        L.append(f"{ind}    if e * {tpb} + {c} < {outs}"
+                 + (f" and bx * {RS} + e * {tpb} + {c} < {n}:" if ragged else ":"))
         L += finish(ind + "        ", f"(e * {tpb} + {c})", TY)
     else:
         if n_out:  # the GPU's epilogue slots one after another, the shuffle a plain sum per row

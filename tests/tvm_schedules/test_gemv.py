@@ -556,7 +556,8 @@ def test_gemv_prologue_refuses_outlier_columns():
 
 
 @pytest.mark.parametrize("bits,group,sym,n,k,rows,steps,layout", [
-    (4, 128, False, 32, 256, 4, 2, None), (2, 64, False, 48, 128, 2, 4, None), (3, 64, False, 32, 128, 4, 2, "dp4a3r4")])
+    (4, 128, False, 32, 256, 4, 2, None), (2, 64, False, 48, 128, 2, 4, None),
+    (3, 64, False, 32, 128, 4, 2, "dp4a3r4")])
 def test_gemv_silu_mul_epilogue_matches_numpy(bits, group, sym, n, k, rows, steps, layout):
     """epilogue="silu_mul": the block's first steps take gate rows, the rest the up rows of the same indices, and
     the output is silu(gate) * up over N / 2 (fp16, as the silu_mul prologue computes it from the rounded outputs);
