@@ -7,22 +7,21 @@ by its C++ between the CUDA graphs relax captures, which left SmolLM2-135M's dec
 head_dim] owned by the runner and the position is read from a device buffer, so no argument changes from one step
 to the next and the whole step can be replayed.
 
-`decode_attention_func`: one thread block per query head (`splits` blocks per head in the graph: see below),
-`THREADS` threads. Phase 0 rotates q and the new key
-(HF rotate-half with TVM's frequency formula, `rope_np`) and writes the new key and value at `pos` (every block of a
-kv group writes the same bytes, so each block reads its own write after the barrier); then the keys 0..pos are walked
-in tiles of `THREADS`: each thread scores one key (log2 units), thread 0 folds the tile into the running maximum and
+`decode_attention_func`: `splits` thread blocks per query head, `THREADS` threads each, every block over its own
+range of the keys 0..pos (below). Phase 0 rotates q and the new key (HF rotate-half with TVM's frequency formula,
+`rope_np`) and, in the block whose range holds `pos`, writes the new key and value there (every such block of a kv
+group writes the same bytes, so each reads its own write after the barrier); then the block's keys are walked in
+tiles of `THREADS`: each thread scores one key (log2 units), thread 0 folds the tile into the running maximum and
 denominator (online softmax, Milakov and Gimelshein, arXiv 1805.02867), and each thread accumulates the value
 dimensions it owns. Phases are separate thread loops with the per-thread state in shared memory, so the CPU twin
 (`gpu=False`) is the same text with serial loops: the test against `decode_attention_np` runs the very index math
-of the GPU kernel. With `splits` (flash-decoding, Dao, Haziza, Massa and Sizov 2023; the graph uses SPLITS = 16)
-each head's keys are shared by `splits` blocks, (pos + 1) / splits keys each rounded up to whole tiles (below 64 keys
-one block works and the others skip), which write unnormalised partial results that `decode_combine_func` merges,
-one more kernel per layer. One block per head had left 32 of the H200's 132 SMs busy on LLaMA-7B (9 on SmolLM2),
-each walking all keys: whole-library decode of a LLaMA-7B W4 g128 library 380 -> 554 tok/s after 512 tokens, 175 ->
-441 after 2048, ~3% slower below 64 tokens (benchmarks/results/gpu-e2e-split-attention-h200.md).
-`cache_fill_func` copies keys and values of a prefill (TVM's cache `debug_get_kv` layout) into
-the contiguous cache from position `pos` on.
+of the GPU kernel. The split is flash-decoding's (Dao, Haziza, Massa and Sizov 2023; the graph uses SPLITS = 16):
+(pos + 1) / splits keys per block rounded up to whole tiles (below 64 keys one block works and the others skip),
+whose unnormalised partial results `decode_combine_func` merges, one more kernel per layer. One block per head had
+left 32 of the H200's 132 SMs busy on LLaMA-7B (9 on SmolLM2), each walking all keys: whole-library decode of a
+LLaMA-7B W4 g128 library 380 -> 554 tok/s after 512 tokens, 175 -> 441 after 2048, ~3% slower below 64 tokens
+(benchmarks/results/gpu-e2e-split-attention-h200.md). `cache_fill_func` copies keys and values of a prefill (TVM's
+cache `debug_get_kv` layout) into the contiguous cache from position `pos` on.
 """
 from __future__ import annotations
 
@@ -64,17 +63,18 @@ def _rope(x: str, head: str, d: str, theta: float, scale: float, dim: int) -> st
 
 def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: float, rope_scale: float,
                           sm_scale: float, gpu: bool = True, dtype: str = "float16", pdl: bool = False,
-                          splits: int = 1):
+                          splits: int = SPLITS):
     """prim func (qkv [1, 1, h_q + 2 h_kv, dim], cache [layers, 2, h_kv, max_len, dim] (the new key and value
-    written at pos[0]), pos [1] int32, layer: int32, out [1, 1, h_q, dim]); keys 0..pos[0] are attended.
+    written at pos[0]), pos [1] int32, layer: int32, part [h_q, splits, dim + 2] float32); keys 0..pos[0] are
+    attended.
     `pdl` (sm_90+, export/pdl.py): the kernel waits for the qkv GEMV's end first thing and lets the o_proj GEMV
     launch at once (its blocks load their weights on the SMs this kernel's few blocks leave idle, then wait).
 
-    `splits` > 1 (flash-decoding, Dao et al. 2023): `splits` blocks per query head, each over its own range of the
-    keys 0..pos[0] (`SPLIT_CS` keys each), writing its unnormalised partial result to part [h_q, splits, dim + 2]
-    (the value sums, then the running maximum in log2 units and the denominator) instead of out;
-    `decode_combine_func` then merges a head's partials. Only the block whose range holds pos appends the new key
-    and value, and no block reads past its own range, so none reads a row another block is writing."""
+    `splits` blocks per query head, each over its own range of the keys 0..pos[0] (`SPLIT_CS` keys each), write
+    their unnormalised partial results to part (the value sums, then the running maximum in log2 units and the
+    denominator); `decode_combine_func` merges a head's partials into the output. Only the block whose range holds
+    pos appends the new key and value, and no block reads past its own range, so none reads a row another block is
+    writing."""
 
     nt, g, ns = THREADS, h_q // h_kv, splits
     dpt = -(-dim // nt)
@@ -83,20 +83,16 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
     scale2 = float(sm_scale) * _LOG2E
     sync = ['            T.tvm_storage_sync("shared")'] if gpu else []
     dd = f"c * {nt} + tx"
-    # this block's keys lo .. hi - 1 (all of 0..pos without splits); past hi a key reads row hi - 1 and scores _NEG
+    # block b: head h, keys lo .. hi - 1 of its range lo .. end - 1; past hi a key reads row hi - 1 and scores _NEG
     cs = SPLIT_CS.format(ns=ns, nt=nt)
-    lo, end = f"(b % {ns}) * {cs}", f"(b % {ns} + 1) * {cs}"
-    lo, hi = (lo, f"T.min({end}, pos[0] + 1)") if ns > 1 else ("0", "pos[0] + 1")
-    h = f"(b // {ns})" if ns > 1 else "b"
+    h, lo, end = f"(b // {ns})", f"(b % {ns}) * {cs}", f"(b % {ns} + 1) * {cs}"
+    hi = f"T.min({end}, pos[0] + 1)"
     # a block without keys (short contexts: all but the first few) skips its work (not its barriers, which TVM
     # keeps out of conditions) and writes nothing: the merge reads only the blocks that had keys
-    busy = f" and {lo} <= pos[0]" if ns > 1 else ""
-    pad = "    " if ns > 1 else ""   # the append's lines, under the split's own condition
-    result = (f'part: T.Buffer(({h_q}, {ns}, {dim + 2}), "float32")' if ns > 1
-              else f'out: T.Buffer((1, 1, {h_q}, {dim}), "{dtype}")')
+    busy = f"{lo} <= pos[0]"
     L = ["@T.prim_func",
          f'def main(qkv: T.Buffer((1, 1, {h_q + 2 * h_kv}, {dim}), "{dtype}"), var_cache: T.handle, '
-         f'pos: T.Buffer((1,), "int32"), layer: T.int32, {result}):',
+         f'pos: T.Buffer((1,), "int32"), layer: T.int32, part: T.Buffer(({h_q}, {ns}, {dim + 2}), "float32")):',
          '    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})',
          "    max_len = T.int32()",
          f'    cache = T.match_buffer(var_cache, ({layers}, 2, {h_kv}, max_len, {dim}), "{dtype}")',
@@ -112,13 +108,13 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          # the block whose keys hold pos)
          f"        for tx in {tl}:",
          f"            for c in T.serial({dpt}):",
-         f"                if {dd} < {dim}{busy}:",
+         f"                if {dd} < {dim} and {busy}:",
          f'                    q_s[{dd}] = T.Cast("float32", T.Cast("{dtype}", '
          f"{_rope('qkv', h, dd, theta, rope_scale, dim)}))",
-         *([f"                    if {lo} <= pos[0] and pos[0] < {end}:"] if ns > 1 else []),
-         f"                    {pad}cache[layer, 0, {h} // {g}, pos[0], {dd}] = T.Cast(\"{dtype}\", "
+         f"                    if pos[0] < {end}:",
+         f"                        cache[layer, 0, {h} // {g}, pos[0], {dd}] = T.Cast(\"{dtype}\", "
          f"{_rope('qkv', f'{h_q} + {h} // {g}', dd, theta, rope_scale, dim)})",
-         f"                    {pad}cache[layer, 1, {h} // {g}, pos[0], {dd}] = "
+         f"                        cache[layer, 1, {h} // {g}, pos[0], {dd}] = "
          f"qkv[0, 0, {h_q + h_kv} + {h} // {g}, {dd}]",
          "                acc_s[c, tx] = T.float32(0)",
          f"            st_s[0, tx] = T.float32({_NEG})",
@@ -180,11 +176,10 @@ def decode_attention_func(layers: int, h_q: int, h_kv: int, dim: int, theta: flo
          *sync,
          f"        for tx in {tl}:",
          f"            for c in T.serial({dpt}):",
-         f"                if {dd} < {dim}{busy}:",
-         *([f"                    part[{h}, b % {ns}, {dd}] = acc_s[c, tx]"] if ns > 1 else
-           [f'                    out[0, 0, {h}, {dd}] = T.Cast("{dtype}", acc_s[c, tx] / st_s[1, tx])']),
-         *([f"            if tx == 0{busy}:", f"                part[{h}, b % {ns}, {dim}] = st_s[0, 0]",
-            f"                part[{h}, b % {ns}, {dim + 1}] = st_s[1, 0]"] if ns > 1 else [])]
+         f"                if {dd} < {dim} and {busy}:",
+         f"                    part[{h}, b % {ns}, {dd}] = acc_s[c, tx]",
+         f"            if tx == 0 and {busy}:", f"                part[{h}, b % {ns}, {dim}] = st_s[0, 0]",
+         f"                part[{h}, b % {ns}, {dim + 1}] = st_s[1, 0]"]
     return parse_tir("\n".join(L) + "\n")
 
 
@@ -197,6 +192,7 @@ def decode_combine_func(h_q: int, splits: int, dim: int, gpu: bool = True, dtype
     nt, dpt, lp = THREADS, -(-dim // THREADS), _loops(gpu)
     dd = f"c * {nt} + tx"
     cs = SPLIT_CS.format(ns=splits, nt=nt)
+    active = f"(pos[0] + {cs}) // {cs}"   # the blocks that had keys
     L = ["@T.prim_func",
          f'def main(part: T.Buffer(({h_q}, {splits}, {dim + 2}), "float32"), pos: T.Buffer((1,), "int32"), '
          f'out: T.Buffer((1, 1, {h_q}, {dim}), "{dtype}")):',
@@ -208,15 +204,15 @@ def decode_combine_func(h_q: int, splits: int, dim: int, gpu: bool = True, dtype
          f"        for tx in {lp['TLOOP']}:",
          f'            m = T.alloc_buffer((3,), "float32", scope={lp["LOC"]})',
          f"            m[0] = T.float32({_NEG})",
-         f"            for s in T.serial((pos[0] + {cs}) // {cs}):",
+         f"            for s in T.serial({active}):",
          f"                m[0] = T.max(m[0], part[h, s, {dim}])",
          "            m[1] = T.float32(0)",
-         f"            for s in T.serial((pos[0] + {cs}) // {cs}):",
+         f"            for s in T.serial({active}):",
          f"                m[1] = m[1] + T.exp2(part[h, s, {dim}] - m[0]) * part[h, s, {dim + 1}]",
          f"            for c in T.serial({dpt}):",
          f"                if {dd} < {dim}:",
          "                    m[2] = T.float32(0)",
-         f"                    for s in T.serial((pos[0] + {cs}) // {cs}):",
+         f"                    for s in T.serial({active}):",
          f"                        m[2] = m[2] + T.exp2(part[h, s, {dim}] - m[0]) * part[h, s, {dd}]",
          f'                    out[0, 0, h, {dd}] = T.Cast("{dtype}", m[2] / m[1])']
     return parse_tir("\n".join(L) + "\n")

@@ -19,8 +19,7 @@ def test_decode_attention_twin_matches_numpy(h_q, h_kv, dim, splits):
     layers, max_len, theta, scale, sm = 2, 400, 10000.0, 0.5, dim ** -0.5
     ex = tvm.compile(tvm.IRModule({"main": da.decode_attention_func(layers, h_q, h_kv, dim, theta, scale, sm,
                                                                        gpu=False, splits=splits)}), target="llvm")
-    merge = tvm.compile(tvm.IRModule({"main": da.decode_combine_func(h_q, splits, dim, gpu=False)}), target="llvm") \
-        if splits > 1 else None
+    merge = tvm.compile(tvm.IRModule({"main": da.decode_combine_func(h_q, splits, dim, gpu=False)}), target="llvm")
     rng = np.random.default_rng(dim)
     for pos in (0, 63, 64, 139, 255, 256, 399):
         qkv = rng.standard_normal((1, 1, h_q + 2 * h_kv, dim)).astype(np.float16)
@@ -29,12 +28,9 @@ def test_decode_attention_twin_matches_numpy(h_q, h_kv, dim, splits):
         want_o, want_c = da.decode_attention_np(qkv, cache, pos, 1, h_q, h_kv, theta, scale, sm)
         c, o = tvm.runtime.tensor(cache), tvm.runtime.empty((1, 1, h_q, dim), "float16", tvm.cpu())
         p = tvm.runtime.tensor(np.array([pos], "int32"))
-        if merge is None:
-            ex["main"](tvm.runtime.tensor(qkv), c, p, 1, o)
-        else:
-            part = tvm.runtime.tensor(np.full((h_q, splits, dim + 2), np.nan, np.float32))  # blocks past pos: unread
-            ex["main"](tvm.runtime.tensor(qkv), c, p, 1, part)
-            merge["main"](part, p, o)
+        part = tvm.runtime.tensor(np.full((h_q, splits, dim + 2), np.nan, np.float32))  # blocks past pos: unread
+        ex["main"](tvm.runtime.tensor(qkv), c, p, 1, part)
+        merge["main"](part, p, o)
         np.testing.assert_allclose(o.numpy().astype(np.float32), want_o.astype(np.float32), atol=2e-3, rtol=2e-3)
         np.testing.assert_array_equal(c.numpy(), want_c)
 
