@@ -56,13 +56,14 @@ class CalibOptions(Options):
         self.refuse_unless(self.rotate, ("rotate_keep",), "--rotate")
         self.refuse_unless(self.e2e_epochs > 0, ("e2e_lr", "e2e_heldout"), "--e2e-epochs N (N > 0)")
         # before the model loads (the tuning loops ask again, for callers of their own APIs)
-        for name, count in (self.config.held_out() if self.config is not None else {}).items():
+        for name, count in {**self.held_out(), **(self.config.held_out() if self.config is not None else {})}.items():
             training_windows(name, count, self.nsamples)
-        if self.e2e_epochs:
-            training_windows("--e2e-heldout", self.e2e_heldout, self.nsamples, 1)
         if self.skip_tokens >= self.seqlen:
             raise EdgequantError("--skip-tokens must be >= 0 and smaller than --seqlen")
         check_window_tokens(self.nsamples, self.seqlen)
+
+    def held_out(self) -> dict[str, int]:
+        return {"--e2e-heldout": self.e2e_heldout} if self.e2e_epochs else {}
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), **(self.config.to_dict() if self.config is not None else {})}
