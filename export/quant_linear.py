@@ -151,11 +151,11 @@ class QuantLinear(_Packed):
                 or (prologue and self.n_outliers) or (residual is not None and self.bias is not None)
                 or (norm is not None and (type(norm) is not nn.RMSNorm or norm.bias is not None))):
             return None
-        if silu_out and (self.bias is not None or not gemv.epilogue_fits(
-                self.spec, gemv.default_config(self.spec, act=self.decode_act, n_outliers=self.n_outliers),
-                self.n_outliers, residual is not None, self.out_dtype)):
+        cfg = gemv.default_config(self.spec, act=self.decode_act, n_outliers=self.n_outliers)
+        if silu_out and (self.bias is not None or not gemv.epilogue_fits(self.spec, cfg, self.n_outliers,
+                                                                         residual is not None, self.out_dtype)):
             return None
-        f = gemv.gemv_func(self.spec, lead=lead, gpu=self.decode_gemv in GPU_MODES, n_outliers=self.n_outliers,
+        f = gemv.gemv_func(self.spec, cfg, lead=lead, gpu=self.decode_gemv in GPU_MODES, n_outliers=self.n_outliers,
                            out_dtype=self.out_dtype, act=self.decode_act, prologue=prologue,
                            pdl=self.decode_gemv == "gpu-pdl",
                            eps=float(norm.epsilon) if norm is not None else 1e-6,
