@@ -17,6 +17,10 @@ Ctrl-C that a library turns into an error of its own (TVM re-raises a KeyboardIn
 a RuntimeError) still ends the command as interrupted: the handler counts Ctrl-Cs (`interrupted`), and the commands'
 error handling asks it before calling an unexpected error a bug.
 
+A Ctrl-C while torch is first imported is held until that import returns (`_DeferredImport`): torch's C++ start-up
+calls back into Python through pybind11, and a KeyboardInterrupt raised inside such a callback ended the process
+with `std::terminate` (status -6, no line) about twice in 120 interrupted commands.
+
 SIGTERM (`kill`, `timeout`, a service manager stopping it) and SIGHUP (its terminal closed) end a command the same way,
 unless they were ignored when it started (`nohup`): the old output stays as it was, the temporary folder and lock
 go, and the line names the signal (`error: interrupted (SIGTERM); ...`), with status 128 + its number. Killed by
@@ -31,6 +35,9 @@ INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a process ended by 
 _ENDING = (signal.SIGTERM, signal.SIGHUP)   # handled as Ctrl-C is (see the docstring)
 _sigints = 0
 _signal = signal.SIGINT   # the last of them that arrived
+_deferring = 0            # depth of imports that hold a signal until they return (`_DeferredImport`)
+_pending = False          # a signal arrived while one was held
+DEFERRED_IMPORTS = ("torch",)   # packages whose import runs native code that calls back into Python
 
 
 def interrupted() -> bool:
@@ -66,9 +73,12 @@ _saved_stderr = None   # stderr's descriptor while a Ctrl-C inside native code p
 
 
 def _on_sigint(signum, frame):
-    global _sigints, _saved_stderr, _signal
+    global _sigints, _saved_stderr, _signal, _pending
     _sigints += 1
     _signal = signum
+    if _deferring:
+        _pending = True   # raised when the import returns
+        return
     if _native and _saved_stderr is None:
         try:
             sys.stderr.flush()
@@ -79,6 +89,40 @@ def _on_sigint(signum, frame):
         except (OSError, ValueError):
             pass
     signal.default_int_handler(signum, frame)
+
+
+class _DeferredImport:
+    """A `sys.meta_path` finder that runs the first import of each of `names` with signals held: the module's code
+    runs to its end and the KeyboardInterrupt is raised as its import returns."""
+
+    def __init__(self, names):
+        self.names = set(names)
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.names:
+            return None
+        self.names.discard(name)
+        if not self.names:
+            sys.meta_path.remove(self)
+        import importlib.util
+        spec = importlib.util.find_spec(name)   # asks the finders after this one (this name is no longer ours)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader.exec_module = _held(spec.loader.exec_module)
+        return spec
+
+
+def _held(exec_module):
+    def run(module):
+        global _deferring, _pending
+        _deferring += 1
+        try:
+            exec_module(module)
+        finally:
+            _deferring -= 1
+        if _pending and not _deferring:
+            _pending = False
+            raise KeyboardInterrupt
+    return run
 
 
 @contextmanager
@@ -113,6 +157,9 @@ def main():
             if signal.getsignal(sig) is signal.SIG_DFL:   # ignored (nohup) stays ignored
                 signal.signal(sig, _on_sigint)
         sys.unraisablehook = _unraisable
+        held = [m for m in DEFERRED_IMPORTS if m not in sys.modules]
+        if held:
+            sys.meta_path.insert(0, _DeferredImport(held))
         from .cli import main as cli
         try:
             status = cli()

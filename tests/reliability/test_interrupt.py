@@ -57,10 +57,36 @@ def _quantize(model_dirs, out, code):
 
 # edgequant.hf_hook / edgequant.entry: the package's own import, before entry's handler (the third re-run's T1)
 @pytest.mark.parametrize("module", ["edgequant.hf_hook", "edgequant.entry", "click", "edgequant.methods",
-                                    "edgequant.export.cli", "torch"])
+                                    "edgequant.export.cli", "torch", "torch.nn"])
 def test_sigint_while_importing_is_one_line(tmp_path, model_dirs, module):
     out = tmp_path / "q"
     _check(_quantize(model_dirs, out, AT_IMPORT.format(module=module)), out, tmp_path)
+
+
+def test_sigint_during_a_held_import_is_raised_as_it_returns(tmp_path, monkeypatch):
+    """Torch's C++ start-up calls back into Python; a KeyboardInterrupt raised in such a callback ended the command
+    with std::terminate (-6). A package of `DEFERRED_IMPORTS` runs its import to the end and then raises."""
+    from edgequant import entry
+    pkg = tmp_path / "heldpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nimport heldpkg.rest\n")
+    (pkg / "rest.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(entry, "_sigints", 0)
+    finder = entry._DeferredImport(["heldpkg"])
+    old = signal.signal(signal.SIGINT, entry._on_sigint)
+    sys.meta_path.insert(0, finder)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            __import__("heldpkg")
+        assert "heldpkg.rest" in sys.modules   # the code after the signal ran
+        assert entry.interrupted() and finder not in sys.meta_path
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)
+        for name in ("heldpkg", "heldpkg.rest"):
+            sys.modules.pop(name, None)
 
 
 # Ctrl-C lands inside a weakref callback (where Python can only print "Exception ignored"), as it did in the import
