@@ -50,9 +50,17 @@ def _check(p, out, tmp_path):
     assert not [q for q in tmp_path.iterdir() if q.name.startswith(".q.tmp-")]
 
 
+def _as_at_a_terminal():
+    """In the child: Ctrl-C's default action, as a terminal's command has it. A runner that starts pytest in the
+    background of a non-interactive shell hands its children SIGINT ignored; Python then keeps it ignored, every
+    signal of these tests is lost and the command finishes with 0, which `_check` accepts from a fast machine."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _quantize(model_dirs, out, code):
     return subprocess.Popen([sys.executable, "-c", code, "quantize", str(model_dirs["llama"]), "-o", str(out),
-                             "--method", "rtn", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--method", "rtn", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_at_a_terminal)
 
 
 # edgequant.hf_hook / edgequant.entry: the package's own import, before entry's handler (the third re-run's T1)
@@ -225,7 +233,7 @@ def test_sigint_at_the_swap_tells_what_the_output_holds(tmp_path, model_dirs, af
     assert first.communicate(timeout=300) and first.returncode == 0
     p = subprocess.Popen([sys.executable, "-c", AT_SWAP.format(after=after), "quantize", str(model_dirs["llama"]),
                           "-o", str(out), "--method", "rtn", "--bits", "3", "-q"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_at_a_terminal)
     _, stderr = p.communicate(timeout=300)
     lines = [x for x in stderr.splitlines() if x.strip()]
     bits = json.loads((out / "config.json").read_text())["quantization_config"]["bits"]
