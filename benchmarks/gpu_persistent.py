@@ -7,12 +7,14 @@ waits for a dependency: the weights of linear l+1 arrive while linear l's last t
 the structure the kernel benchmark (`gpu_decode.py`) says the 128-launch step lacks: its ~1.7 us per kernel over its
 bytes is launch, ramp and tail, paid 128 times per token.
 
-Tiles: R rows x K (R = 16 for K = 4096, 8 for down's K = 11008), laid out for the kernel (a possible export layout:
-the checkpoint's codes repacked per tile): per 512-wide chunk of K, per row, 32 lanes x 8 bytes (16 codes, nibble
-p of a word holding element 2p and nibble p + 4 element 2p + 1, so `(w >> 4p) & 0x000F000F | 0x64006400` is a half2
-of 1024 + codes); then per row and group of 128 a half2 (scale, 1024 + zero). Tile t of the step's concatenated
-list goes to block t % grid (each linear's share balanced over the step). Every block's arrival after its last tile
-of linear l and the wait for all arrivals of l - 1 before the first tile of l keep the real step's order.
+Tiles: up to TILE_ROWS rows x K, laid out for the kernel (a possible export layout: the checkpoint's codes repacked
+per tile): per 1024-wide chunk of K, per row, 32 lanes x 16 bytes (32 codes; in word q byte b's low nibble is element
+8q + b, its high nibble 8q + 4 + b, so `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` meet the int8 activations in
+natural order in dp4a); then per row and group of 128 a half2 (scale, zero). Each linear's rows are split evenly over
+the blocks, a block's share in equal tiles. Activations: the fp16 vector rounded to int8 per 32 values by each block
+after its wait (as the export's int8 GEMVs do). Every block's arrival after its last tile of linear l and the wait
+for all arrivals of l - 1 before its first tile of l keep the real step's order. Results and the versions that led
+here: benchmarks/results/gpu-persistent-h200.md.
 
     python benchmarks/gpu_persistent.py build [--out .device/pers]          # here (nvcc)
     python3 benchmarks/gpu_persistent.py run [--out .device/pers] [--save DIR]   # on the GPU machine
@@ -37,7 +39,7 @@ from gpu_decode import LAYERS, READ_BW_CU, SHAPES, Driver, _timed, copy_bandwidt
 
 GROUP = 128
 CHUNK = 1024         # K per lane-row pass: 32 lanes x 32 codes
-SLOTS = 3            # ring depth (slots of the largest tile)
+SLOTS = 4            # ring depth (slots of the largest tile)
 
 KERNEL_CU = r"""
 #include <cuda_fp16.h>
@@ -236,8 +238,8 @@ persistent_step(const Tile* __restrict__ tiles, const int* __restrict__ first, c
     }
     mbar_wait(full + slot, phase);
     if (SKIP_MATH) { if (lane == 0) red[slot][warp % CW][warp / CW] = slots[slot * slot_bytes + warp]; }
-    else if (k == 4096) tile_rows<4096, 32 * CW / WARPS>(slots + slot * slot_bytes, r, xq, xsc, warp, lane, red[slot]);
-    else tile_rows<11008, 12 * CW / WARPS>(slots + slot * slot_bytes, r, xq, xsc, warp, lane, red[slot]);
+    else if (k == 4096) tile_rows<4096, R4096 * CW / WARPS>(slots + slot * slot_bytes, r, xq, xsc, warp, lane, red[slot]);
+    else tile_rows<11008, R11008 * CW / WARPS>(slots + slot * slot_bytes, r, xq, xsc, warp, lane, red[slot]);
     __syncwarp();
     unsigned last = 0;
     if (lane == 0) { __threadfence_block(); last = atomicAdd(done + slot, 1u) == WARPS - 1; }
@@ -271,9 +273,11 @@ persistent_step(const Tile* __restrict__ tiles, const int* __restrict__ first, c
 """
 
 
-def tile_rows(k: int) -> int:
-    """The most rows a tile of this K holds: 32 at K = 4096, 12 at 11008 (70 KB each: a slot holds either)."""
-    return 32 if k <= 4096 else 12
+TILE_ROWS = (24, 8)   # the most rows of a tile at K = 4096 and at K = 11008 (52 and 47 KB: a slot holds either)
+
+
+def tile_rows(k: int, rows: tuple[int, int] = TILE_ROWS) -> int:
+    return rows[0] if k <= 4096 else rows[1]
 
 
 def tile_bytes(k: int, r: int) -> int:
@@ -281,26 +285,29 @@ def tile_bytes(k: int, r: int) -> int:
     return -(-(r * k // 2 + r * (k // GROUP) * 4) // 16) * 16
 
 
-def block_tiles(n: int, k: int, blocks: int) -> list[list[tuple[int, int]]]:
+def block_tiles(n: int, k: int, blocks: int, rows: tuple[int, int] = TILE_ROWS) -> list[list[tuple[int, int]]]:
     """Per block, its (first row, rows) tiles of an n-row linear: block b takes rows n b / blocks to n (b + 1) /
     blocks (shares differ by at most one row), in tiles of at most tile_rows(k)."""
     out = []
     for b in range(blocks):
         lo, hi = n * b // blocks, n * (b + 1) // blocks
-        nt = -(-(hi - lo) // tile_rows(k))   # the share in equal tiles (sizes differ by one row at most)
+        nt = -(-(hi - lo) // tile_rows(k, rows))   # the share in equal tiles (sizes differ by one row at most)
         cuts = [lo + (hi - lo) * i // nt for i in range(nt + 1)]
         out.append([(a, z - a) for a, z in zip(cuts, cuts[1:])])
     return out
 
 
 def build(out: Path, arch: str, warps: int, pieces: int = 1, skip_wait: bool = False, skip_math: bool = False,
-          slots: int = SLOTS):
+          slots: int = SLOTS, rows: tuple[int, int] = TILE_ROWS):
     out.mkdir(parents=True, exist_ok=True)
-    slot = max(-(-tile_bytes(k, tile_rows(k)) // 128) * 128 for _, _, k in SHAPES)
+    if any(r * 4 % warps for r in rows):
+        raise SystemExit(f"error: tiles of {rows} rows do not split into {warps // 4} row groups; pick --rows to fit")
+    slot = max(-(-tile_bytes(k, tile_rows(k, rows)) // 128) * 128 for _, _, k in SHAPES)
     xs = max(k for _, _, k in SHAPES)     # int8 activations, then a float scale per 32
     defs = (f"#define WARPS {warps}\n#define CW 4\n#define SLOTS {slots}\n#define CHUNK {CHUNK}\n#define GROUP {GROUP}\n"
             f"#define XS_BYTES {xs}\n#define NLIN {LAYERS * len(SHAPES)}\n#define PIECES {pieces}\n"
-            f"#define SKIP_WAIT {int(skip_wait)}\n#define SKIP_MATH {int(skip_math)}\n")
+            f"#define SKIP_WAIT {int(skip_wait)}\n#define SKIP_MATH {int(skip_math)}\n"
+            f"#define R4096 {rows[0]}\n#define R11008 {rows[1]}\n")
     (out / "persistent.cu").write_text(defs + KERNEL_CU + READ_BW_CU)
     r = subprocess.run(["nvcc", "-cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-o", str(out / "persistent.cubin"),
                         str(out / "persistent.cu")], capture_output=True, text=True)
@@ -309,7 +316,7 @@ def build(out: Path, arch: str, warps: int, pieces: int = 1, skip_wait: bool = F
     print(r.stderr.strip().splitlines()[-3:])
     smem_bytes = slots * slot + xs + xs // 32 * 4 + 2 * slots * 8 + slots * 4 + slots * 4 * 32 * 4
     (out / "persistent.json").write_text(json.dumps({"warps": warps, "slot": slot, "smem": smem_bytes, "arch": arch,
-                                                         "pieces": pieces, "slots": slots, "skip_wait": skip_wait,
+                                                         "pieces": pieces, "slots": slots, "rows": list(rows), "skip_wait": skip_wait,
                                                          "skip_math": skip_math}))
     print(f"built {out / 'persistent.cubin'}: {warps} consumer warps, {slots} slots of {slot} B, {smem_bytes} B shared")
 
@@ -340,7 +347,8 @@ def run(out: Path, save: Path | None, repeat: int):
     print(f"device {dev}; {sms} SMs; copy {cbw / 1e12:.2f} TB/s, roofline {bw / 1e12:.2f} TB/s", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(5)
     # per linear of a layer: per block its tiles; the step's tiles grouped by block (each block's in step order)
-    shares = [block_tiles(n, k, sms) for _, n, k in SHAPES]
+    rows = tuple(meta.get("rows", TILE_ROWS))
+    shares = [block_tiles(n, k, sms, rows) for _, n, k in SHAPES]
     layer_bytes = sum(tile_bytes(k, r) for (_, _, k), share in zip(SHAPES, shares) for bt in share for _, r in bt)
     total = LAYERS * layer_bytes
     buf = torch.randint(0, 256, (total,), device="cuda", dtype=torch.uint8, generator=gen)
@@ -349,7 +357,7 @@ def run(out: Path, save: Path | None, repeat: int):
     for layer in range(LAYERS):
         for kind, ((_, n, k), share) in enumerate(zip(SHAPES, shares)):
             lin = len(lins)
-            lins.append((k, tile_rows(k), kind, 0))
+            lins.append((k, tile_rows(k, rows), kind, 0))
             for b, bt in enumerate(share):
                 for r0, r in bt:
                     nb = tile_bytes(k, r)
@@ -419,8 +427,10 @@ def main():
     ap.add_argument("step", choices=["build", "run"])
     ap.add_argument("--out", default=".device/pers")
     ap.add_argument("--arch", default="sm_90a")
-    ap.add_argument("--warps", type=int, default=8, help="build: consumer warps per block")
+    ap.add_argument("--warps", type=int, default=16, help="build: consumer warps per block")
     ap.add_argument("--slots", type=int, default=SLOTS, help="build: ring depth")
+    ap.add_argument("--rows", default=",".join(map(str, TILE_ROWS)),
+                    help="build: the most rows of a tile at K = 4096 and at K = 11008")
     ap.add_argument("--pieces", type=int, default=1, help="build: bulk copies per tile")
     ap.add_argument("--skip-wait", action="store_true", help="build: no wait for the previous linear (diagnosis)")
     ap.add_argument("--skip-math", action="store_true", help="build: no dot products (diagnosis: streaming alone)")
@@ -428,7 +438,8 @@ def main():
     ap.add_argument("--save", help="run: write gpu-persistent.md and .json there")
     a = ap.parse_args()
     if a.step == "build":
-        build(Path(a.out), a.arch, a.warps, a.pieces, a.skip_wait, a.skip_math, a.slots)
+        build(Path(a.out), a.arch, a.warps, a.pieces, a.skip_wait, a.skip_math, a.slots,
+              tuple(int(v) for v in a.rows.split(",")))
     else:
         run(Path(a.out), Path(a.save) if a.save else None, a.repeat)
 
