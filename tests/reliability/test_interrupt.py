@@ -51,10 +51,12 @@ def _check(p, out, tmp_path):
 
 
 def _as_at_a_terminal():
-    """In the child: Ctrl-C's default action, as a terminal's command has it. A runner that starts pytest in the
-    background of a non-interactive shell hands its children SIGINT ignored; Python then keeps it ignored, every
-    signal of these tests is lost and the command finishes with 0, which `_check` accepts from a fast machine."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    """In the child: the default actions of Ctrl-C, SIGTERM and SIGHUP, as a terminal's command has them. A runner
+    that starts pytest in the background of a non-interactive shell hands its children SIGINT ignored (and `nohup`
+    SIGHUP); the command keeps an ignored signal ignored, so these tests' signals were lost and the command finished
+    with 0, which `_check` accepts from a fast machine."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _quantize(model_dirs, out, code):
