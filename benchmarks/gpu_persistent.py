@@ -2,10 +2,11 @@
 TIR) of the LLaMA-7B W4 g128 decode step's 128 linears as ONE kernel: each SM's block streams its share of every
 linear's weights through a ring of shared-memory slots by bulk copies (TMA, `cp.async.bulk`, one producer warp),
 independently of the activations, while its consumer warps wait for the previous linear to finish (a grid-wide
-counter, as the real step's data dependencies would) and then multiply the slots they find filled. The DRAM never
-waits for a dependency: the weights of linear l+1 arrive while linear l's last tiles and the barrier finish. This is
-the structure the kernel benchmark (`gpu_decode.py`) says the 128-launch step lacks: its ~1.7 us per kernel over its
-bytes is launch, ramp and tail, paid 128 times per token.
+counter, as the real step's data dependencies would) and then multiply the slots they find filled. The DRAM need not
+wait for a dependency: the weights of linear l+1 can arrive while linear l's last tiles and the barrier finish (as
+long as the consumers keep up: the results file measures where they do not). This is the structure the kernel
+benchmark (`gpu_decode.py`) says the 128-launch step lacks: its ~1.7 us per kernel over its bytes is launch, ramp and
+tail, paid 128 times per token.
 
 Tiles: up to TILE_ROWS rows x K, laid out for the kernel (a possible export layout: the checkpoint's codes repacked
 per tile): per 1024-wide chunk of K, per row, 32 lanes x 16 bytes (32 codes; in word q byte b's low nibble is element
