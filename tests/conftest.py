@@ -93,6 +93,21 @@ def model_dirs(tmp_path_factory, tokenizer):
     return out
 
 
+def random_quantized_linear(rng, bits, group, sym, n, k, layout="words", zeros_packed=False):
+    """A random quantized weight [n, k] for the kernel tests: (spec, codes [n, k], the packed words in `layout`
+    (3-bit layouts made by `dequant.repack_3bit_np`, their one owner), fp16 scales, uint8 zero points or None)."""
+    import numpy as np
+
+    from edgequant.pack import pack
+    from edgequant.tvm_schedules.dequant import QuantSpec, repack_3bit_np
+    spec = QuantSpec(n, k, bits, group, sym, layout, zeros_packed)
+    q = rng.integers(0, 1 << bits, (n, k))
+    scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
+    zeros = None if sym else rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
+    qweight = pack(q, bits) if layout == "words" else repack_3bit_np(pack(q, bits), k, layout)
+    return spec, q, qweight, scales, zeros
+
+
 def round_plain_to_fp16(model, quantized_names):
     """What the checkpoint stores for non-quantized tensors: fp16 values."""
     with torch.no_grad():

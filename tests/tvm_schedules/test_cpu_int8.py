@@ -8,7 +8,6 @@ import re
 import numpy as np
 import pytest
 
-from edgequant.pack import pack
 
 pytestmark = pytest.mark.tvm
 
@@ -41,18 +40,9 @@ def _isa_or_skip(isa):
 
 
 def _linear(rng, bits, group, sym, n, k, layout="words"):
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_bytes3_np, repack_planes3_np
-    spec = QuantSpec(n, k, bits, group, sym, layout)
-    q = rng.integers(0, 1 << bits, (n, k))
-    scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
-    zeros = None if sym else rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
-    qweight = pack(q, bits)
-    if layout == "planes3":
-        qweight = repack_planes3_np(qweight, k)
-    elif layout == "bytes3":
-        qweight = repack_bytes3_np(qweight, k)
+    from conftest import random_quantized_linear
+    spec, _, qweight, scales, zeros = random_quantized_linear(rng, bits, group, sym, n, k, layout)
     return spec, qweight, scales, zeros
-
 
 def test_activation_quantization_model():
     from edgequant.tvm_schedules.cpu_int8 import quantize_act_np

@@ -24,21 +24,10 @@ CASES = [  # bits, group, sym, K, layout: words and groups misaligned, ragged la
 
 
 def _linear(rng, bits, group, sym, k, layout="words", n=24):
-    from edgequant.tvm_schedules.dequant import QuantSpec, repack_bytes3_np, repack_planes3_np, repack_w3x32_np
-    spec = QuantSpec(n, k, bits, group, sym, layout)
-    q = rng.integers(0, 1 << bits, (n, k))
-    scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
-    zeros = None if sym else rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
-    qweight = pack(q, bits)
-    if layout == "planes3":
-        qweight = repack_planes3_np(qweight, k)
-    elif layout == "words3x32":
-        qweight = repack_w3x32_np(qweight, k)
-    elif layout == "bytes3":
-        qweight = repack_bytes3_np(qweight, k)
+    from conftest import random_quantized_linear
+    spec, q, qweight, scales, zeros = random_quantized_linear(rng, bits, group, sym, n, k, layout)
     assert qweight.shape == (n, spec.words)
     return spec, q, qweight, scales, zeros
-
 
 @pytest.mark.parametrize("bits,group,sym,k,layout", CASES)
 def test_reference_matches_checkpoint_dequantization(bits, group, sym, k, layout):

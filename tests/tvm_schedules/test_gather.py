@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from edgequant.pack import pack
 from edgequant.quantizer import QuantizedWeight
 from edgequant.schemes import QuantScheme
 
@@ -18,23 +17,15 @@ CASES = [  # bits, group, sym, K, layout, zeros packed
 
 
 def _table(rng, bits, group, sym, k, layout, zeros_packed, n=50):
-    from edgequant.tvm_schedules.dequant import QuantSpec, pack_zeros_np, repack_bytes3_np, repack_planes3_np
-    spec = QuantSpec(n, k, bits, group, sym, layout, zeros_packed)
-    q = rng.integers(0, 1 << bits, (n, k))
-    scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
-    zeros = None if sym else rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
+    from conftest import random_quantized_linear
+    from edgequant.tvm_schedules.dequant import pack_zeros_np
+    spec, q, qweight, scales, zeros = random_quantized_linear(rng, bits, group, sym, n, k, layout, zeros_packed)
     ref = QuantizedWeight(torch.from_numpy(q).float(), torch.from_numpy(scales).float(),
                           torch.full((n, spec.n_groups), float(spec.sym_zero)) if sym else
                           torch.from_numpy(zeros).float(), QuantScheme(bits, group, sym)).dequantize().numpy()
-    qweight = pack(q, bits)
-    if layout == "planes3":
-        qweight = repack_planes3_np(qweight, k)
-    elif layout == "bytes3":
-        qweight = repack_bytes3_np(qweight, k)
     if zeros_packed:
         zeros = pack_zeros_np(zeros)
     return spec, qweight, scales, zeros, ref
-
 
 @pytest.mark.parametrize("bits,group,sym,k,layout,zp", CASES)
 def test_gather_kernel_matches_numpy(bits, group, sym, k, layout, zp):

@@ -17,24 +17,10 @@ CASES = [  # bits, group, sym, N, K, rows, warps, steps, outlier columns: double
 
 
 def _linear(rng, bits, group, sym, n, k, act="fp16", layout=None):
-    from edgequant.tvm_schedules.dequant import (QuantSpec, repack_dp4a3_np, repack_dp4a3r4_np, repack_planes3_np,
-                                                 repack_w3x32_np)
+    from conftest import random_quantized_linear
     from edgequant.tvm_schedules.gemv import LAYOUT, LAYOUT_INT8
-    spec = QuantSpec(n, k, bits, group, sym, layout or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
-    q = rng.integers(0, 1 << bits, (n, k))
-    qweight = pack(q, bits)
-    if spec.layout == "planes3":
-        qweight = repack_planes3_np(qweight, k)
-    elif spec.layout == "dp4a3":
-        qweight = repack_dp4a3_np(qweight, k)
-    elif spec.layout == "dp4a3r4":
-        qweight = repack_dp4a3r4_np(qweight, k)
-    elif bits == 3:
-        qweight = repack_w3x32_np(qweight, k)
-    scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
-    zeros = None if sym else rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
-    return spec, q, qweight, scales, zeros
-
+    return random_quantized_linear(rng, bits, group, sym, n, k,
+                                   layout or (LAYOUT_INT8 if act == "int8" else LAYOUT)[bits])
 
 @pytest.mark.parametrize("bits,group,sym,n,k,rows,warps,steps,n_out", CASES)
 def test_gemv_cpu_twin_matches_numpy(bits, group, sym, n, k, rows, warps, steps, n_out):

@@ -11,13 +11,8 @@ pytestmark = pytest.mark.tvm
 
 
 def _linear(rng, bits, group, sym, n, k):
-    from edgequant.tvm_schedules.dequant import QuantSpec
-    spec = QuantSpec(n, k, bits, group, sym)
-    q = rng.integers(0, 1 << bits, (n, k))
-    scales = (rng.random((n, spec.n_groups)) * 0.02 + 0.005).astype(np.float16)
-    zeros = None if sym else rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
-    return spec, q, pack(q, bits), scales, zeros
-
+    from conftest import random_quantized_linear
+    return random_quantized_linear(rng, bits, group, sym, n, k)
 
 def test_fragment_fields_cover_each_step_once():
     """Over the 4 lanes of a quad, the fields name every code of a 16-wide step exactly once (word, bit)."""
