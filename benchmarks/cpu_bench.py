@@ -1,5 +1,5 @@
 """Shared pieces of the CPU benchmark scripts (cpu_gemv_bits.py, cpu_kernels.py, decode_cpu_steps.py,
-cpu_interleaved.py): process CPU time, the machine line, the results header (machine, date, load, command) and
+cpu_interleaved.py): TVM set up for the int8 kernels, process CPU time, the machine line, the results header (machine, date, load, command) and
 writing the results file. Tables go through `edgequant.report.table`.
 """
 from __future__ import annotations
@@ -34,6 +34,24 @@ def cpu_model() -> str:
 def cores() -> int:
     """CPUs this process may use; call it before TVM's thread pool pins the process (1 thread: to one core)."""
     return len(os.sched_getaffinity(0))
+
+
+def int8_cpu(threads: int):
+    """TVM on this CPU for the int8 kernels with `threads` threads: (host target, its integer-dot ISA, device, usable
+    cores, load averages before measuring); exits with one line where the CPU has no integer dot products."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    n_cores = cores()   # before TVM's pool pins this thread
+    import tvm
+
+    from edgequant.export.threads import configure
+    from edgequant.tvm_schedules import cpu_int8
+    configure(threads)
+    load0 = os.getloadavg()
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    isa = cpu_int8.target_isa(host)
+    if isa is None:
+        sys.exit("error: this CPU has no integer dot products (AVX2, VNNI or dotprod); nothing to compare")
+    return host, isa, tvm.cpu(), n_cores, load0
 
 
 def _loads(v) -> str:

@@ -14,12 +14,10 @@ GEMVs of one decoder layer. Writes benchmarks/results/<out>.md with machine, dat
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
-from cpu_bench import cores, cpu_model, cpu_seconds, header, table, write
+from cpu_bench import cpu_model, cpu_seconds, header, int8_cpu, table, write
 
 # SmolLM2-135M's fused q/k/v (960 x 576), o (576 x 576), gate+up (3072 x 576), down (576 x 1536)
 SHAPES = [("qkv", 960, 576), ("o", 576, 576), ("gate+up", 3072, 576), ("down", 576, 1536)]
@@ -35,21 +33,12 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="cpu_gemv_bits")
     a = ap.parse_args()
-    os.environ["TVM_NUM_THREADS"] = str(a.threads)
-    n_cores = cores()   # before TVM's pool pins this thread
+    host, isa, dev, n_cores, load0 = int8_cpu(a.threads)
     import tvm
 
-    from edgequant.export.threads import configure
     from edgequant.pack import pack
     from edgequant.tvm_schedules import cpu_int8
     from edgequant.tvm_schedules.dequant import QuantSpec, repack_3bit_np
-    configure(a.threads)
-    load0 = os.getloadavg()
-    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-    isa = cpu_int8.target_isa(host)
-    if isa is None:
-        sys.exit("error: this CPU has no integer dot products (AVX2, VNNI or dotprod); nothing to compare")
-    dev = tvm.cpu()
     rng = np.random.default_rng(0)
     calls = {}   # (shape, config) -> (function, args)
     for sname, n, k in SHAPES:

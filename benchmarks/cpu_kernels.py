@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from cpu_bench import cores, cpu_model, cpu_seconds, header, table, write
+from cpu_bench import cpu_model, cpu_seconds, header, int8_cpu, table, write
 
 ROOT = Path(__file__).resolve().parent.parent
 # (bits, group, N, K, layout): SmolLM2-135M's q/k/v (960 x 576), o (576 x 576), gate+up (3072 x 576), down (576 x 1536)
@@ -71,8 +69,7 @@ def main():
     ap.add_argument("--out", default="cpu_kernels")
     ap.add_argument("--parts", default="gemm,gemv,attention", help="comma-separated subset of gemm,gemv,attention")
     a = ap.parse_args()
-    os.environ["TVM_NUM_THREADS"] = str(a.threads)
-    n_cores = cores()   # before TVM's pool pins this thread
+    host, isa, dev, n_cores, load0 = int8_cpu(a.threads)
     import tvm
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
     from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
@@ -80,14 +77,6 @@ def main():
     from edgequant.pack import pack
     from edgequant.tvm_schedules import cpu_attention, cpu_int8
     from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np
-    from edgequant.export.threads import configure
-    configure(a.threads)
-    load0 = os.getloadavg()
-    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-    isa = cpu_int8.target_isa(host)
-    if isa is None:
-        sys.exit("error: this CPU has no integer dot products (AVX2, VNNI or dotprod); nothing to compare")
-    dev = tvm.cpu()
     T = lambda x: tvm.runtime.tensor(x, dev)  # noqa: E731
     build = lambda f: tvm.compile(tvm.IRModule({"main": f}), target=host)  # noqa: E731
     old = baseline_module(a.baseline)
