@@ -322,6 +322,39 @@ def build(out: Path, arch: str, warps: int, pieces: int = 1, skip_wait: bool = F
     print(f"built {out / 'persistent.cubin'}: {warps} consumer warps, {slots} slots of {slot} B, {smem_bytes} B shared")
 
 
+def plan_step(blocks: int, rows: tuple[int, int] = TILE_ROWS, layers: int = LAYERS):
+    """The step's tiles in buffer order, (layer, kind, block, first row, rows, byte offset), and the bytes in all."""
+    shares = [block_tiles(n, k, blocks, rows) for _, n, k in SHAPES]
+    if not all(bt for share in shares for bt in share):   # a block arrives once per linear, after its last tile
+        raise SystemExit(f"error: a linear has fewer rows than the {blocks} blocks; every block needs a tile of each")
+    tiles, off = [], 0
+    for layer in range(layers):
+        for kind, ((_, _, k), share) in enumerate(zip(SHAPES, shares)):
+            for b, bt in enumerate(share):
+                for r0, r in bt:
+                    tiles.append((layer, kind, b, r0, r, off))
+                    off += tile_bytes(k, r)
+    return tiles, off
+
+
+def fill_scales(buf, tiles, gen):
+    """Each tile's (scale, zero) pairs written over the random bytes that `buf` starts as (the codes stay random):
+    one scatter per (layer, linear, rows), not four small writes for each of the ~97,000 tiles."""
+    import torch
+    sets = {}
+    for layer, kind, _, _, r, off in tiles:
+        sets.setdefault((layer, kind, r), []).append(off)
+    for (_, kind, r), offs in sets.items():
+        k = SHAPES[kind][2]
+        g = k // GROUP
+        sz = torch.empty(len(offs), r, g, 2, device=buf.device, dtype=torch.float16)
+        sz[..., 0] = torch.rand(len(offs), r, g, device=buf.device, generator=gen) * 0.02 + 0.001
+        sz[..., 1] = torch.randint(0, 16, (len(offs), r, g), device=buf.device, generator=gen).half()
+        start = torch.tensor(offs, device=buf.device, dtype=torch.int64) + r * k // 2
+        idx = start[:, None] + torch.arange(r * g * 4, device=buf.device)
+        buf[idx.reshape(-1)] = sz.view(torch.uint8).reshape(-1)
+
+
 def _decode_tile(v, k, r):
     """One tile's bytes (uint8 [tile_bytes(k, r)]) -> its rows dequantized, float [r, k]."""
     import torch
@@ -347,29 +380,16 @@ def run(out: Path, save: Path | None, repeat: int):
     bw = max(cbw, read_bandwidth(drv))
     print(f"device {dev}; {sms} SMs; copy {cbw / 1e12:.2f} TB/s, roofline {bw / 1e12:.2f} TB/s", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(5)
-    # per linear of a layer: per block its tiles; the step's tiles grouped by block (each block's in step order)
     rows = tuple(meta.get("rows", TILE_ROWS))
-    shares = [block_tiles(n, k, sms, rows) for _, n, k in SHAPES]
-    layer_bytes = sum(tile_bytes(k, r) for (_, _, k), share in zip(SHAPES, shares) for bt in share for _, r in bt)
-    total = LAYERS * layer_bytes
+    tiles, total = plan_step(sms, rows)
     buf = torch.randint(0, 256, (total,), device="cuda", dtype=torch.uint8, generator=gen)
+    fill_scales(buf, tiles, gen)
     per_block = [[] for _ in range(sms)]
-    lins, off, last_layer = [], 0, []
-    for layer in range(LAYERS):
-        for kind, ((_, n, k), share) in enumerate(zip(SHAPES, shares)):
-            lin = len(lins)
-            lins.append((k, tile_rows(k, rows), kind, 0))
-            for b, bt in enumerate(share):
-                for r0, r in bt:
-                    nb = tile_bytes(k, r)
-                    sz = torch.empty(r, k // GROUP, 2, device="cuda", dtype=torch.float16)
-                    sz[..., 0] = torch.rand(r, k // GROUP, device="cuda", generator=gen) * 0.02 + 0.001
-                    sz[..., 1] = torch.randint(0, 16, (r, k // GROUP), device="cuda", generator=gen).half()
-                    buf[off + r * k // 2:off + r * k // 2 + sz.numel() * 2] = sz.view(torch.uint8).reshape(-1)
-                    per_block[b].append((buf.data_ptr() + off, nb, lin, r, r0))
-                    if layer == LAYERS - 1:
-                        last_layer.append((kind, off, k, r, r0))
-                    off += nb
+    for layer, kind, b, r0, r, off in tiles:   # each block's tiles in step order
+        k = SHAPES[kind][2]
+        per_block[b].append((buf.data_ptr() + off, tile_bytes(k, r), layer * len(SHAPES) + kind, r, r0))
+    lins = [(k, tile_rows(k, rows), kind, 0) for _ in range(LAYERS) for kind, (_, _, k) in enumerate(SHAPES)]
+    last_layer = [(kind, off, SHAPES[kind][2], r, r0) for layer, kind, b, r0, r, off in tiles if layer == LAYERS - 1]
     first = [0]
     for bt in per_block:
         first.append(first[-1] + len(bt))
