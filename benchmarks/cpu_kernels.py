@@ -75,7 +75,7 @@ def main():
     from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 
     from edgequant.pack import pack
-    from edgequant.tvm_schedules import cpu_attention, cpu_int8
+    from edgequant.tvm_schedules import cpu_attention, cpu_int8, cpu_int8_rows
     from edgequant.tvm_schedules.dequant import QuantSpec, repack_planes3_np
     T = lambda x: tvm.runtime.tensor(x, dev)  # noqa: E731
     build = lambda f: tvm.compile(tvm.IRModule({"main": f}), target=host)  # noqa: E731
@@ -104,7 +104,8 @@ def main():
         z = rng.integers(0, 1 << bits, (n, spec.n_groups)).astype(np.uint8)
         x = rng.standard_normal((1, m, k)).astype(np.float16)
         row(f"int8 prefill GEMM ({isa})", f"W{bits} g{group} {n}x{k}, {m} rows",
-            build(old.int8_gemm_func(spec, isa)), build(cpu_int8.int8_gemm_func(spec, isa)),
+            build(old.int8_gemm_func(spec, isa)),
+            build(cpu_int8.int8_gemm_func(spec, isa, lanes=cpu_int8_rows.lanes_for(host, isa))),
             lambda: [T(x), T(qw), T(sc), T(z), T(np.zeros((1, m, n), np.float32))], 4)
 
     for bits, group, n, k in GEMVS if "gemv" in parts else []:

@@ -40,9 +40,9 @@ def int8_decode_enabled() -> bool:
     return INT8_DECODE and os.environ.get("EDGEQUANT_ACT_DTYPE", "int8").lower() != "fp16"
 
 
-def int8_decode_gemv(isa: str):
+def int8_decode_gemv(isa: str, lanes: int = 8):
     """Module pass: matmul(x, permute_dims(dequantize(...))) with x of one row -> call_tir of the int8 GEMV; with x of
-    [1, m] rows -> the int8 GEMM."""
+    [1, m] rows -> the int8 GEMM (4-bit: `lanes` weight rows per vector, `cpu_int8_rows.lanes_for`)."""
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     from edgequant.export.quant_linear import SPEC_ATTR, spec_from_str
@@ -94,7 +94,7 @@ def int8_decode_gemv(isa: str):
                     fn = cpu_int8.int8_gemv_func(spec, isa, "float32", tuple(1 for _ in lead))
                     fname = "int8_decode_gemv"
                 else:
-                    fn, fname = cpu_int8.int8_gemm_func(spec, isa, "float32"), "int8_prefill_gemm"
+                    fn, fname = cpu_int8.int8_gemm_func(spec, isa, "float32", lanes=lanes), "int8_prefill_gemm"
                 self.funcs[key] = self.builder_.add_func(fn.without_attr("global_symbol"), fname)
             args = [call.args[0], *deq.args[1].fields]
             return relax.call_tir(self.funcs[key], args, relax.TensorType((*lead, spec.n), "float32"))
@@ -160,9 +160,10 @@ def scheduling_passes(target) -> list:
     isa = None
     if target.kind.name == "llvm" and int8_decode_enabled():
         from edgequant.tvm_schedules.cpu_int8 import target_isa
+        from edgequant.tvm_schedules.cpu_int8_rows import lanes_for
         isa = target_isa(target)
     legalize = ([cpu_attention_pass] if target.kind.name == "llvm" else []) + \
-        ([int8_decode_gemv(isa)] if isa else []) + [
+        ([int8_decode_gemv(isa, lanes_for(target, isa))] if isa else []) + [
         relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(), fuse_dequantize_matmul,
         rules.schedule_pass(target)]

@@ -641,13 +641,17 @@ GEMM_ROWS = 8   # activation rows per pass over a weight row: codes unpacked onc
 GEMM_TILE = 32
 
 
-def int8_gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", name: str = "main"):
+def int8_gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", name: str = "main",
+                   lanes: int = 8):
     """y[1, m, N] = x[1, m, K] @ dq(W)^T for m rows (prefill; m symbolic) with int8 activations: each row is
     quantized as in the GEMV and gets the GEMV's integer sums; rows go GEMM_ROWS at a time through each weight chunk
     so that its codes are unpacked once per 8 rows, and the 8 rows finish together in vector registers (`_finish_rows`:
-    lane sums by a shuffle tree, the zero-point terms of 8 rows in one vector per group)."""
+    lane sums by a shuffle tree, the zero-point terms of 8 rows in one vector per group). `lanes`: weight rows per
+    vector of the 4-bit row-lane GEMM (`cpu_int8_rows.lanes_for`)."""
     from . import cpu_int8_rows
-    if cpu_int8_rows.supports(spec):   # 4 bits: output rows in the vector lanes (cpu_int8_rows.py)
+    if cpu_int8_rows.supports(spec, lanes):   # 4 bits: output rows in the vector lanes (cpu_int8_rows.py)
+        return cpu_int8_rows.gemm_func(spec, isa, out_dtype, name, lanes)
+    if cpu_int8_rows.supports(spec):
         return cpu_int8_rows.gemm_func(spec, isa, out_dtype, name)
     return _from_source(spec, isa, "GEMM", lambda: _source_gemm(spec, isa, out_dtype, name))
 

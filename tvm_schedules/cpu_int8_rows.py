@@ -34,30 +34,43 @@ ROWS = {"vnni": 8, "avx2": 4, "sdot": 4}   # activation rows per register tile (
 TILE_BYTES = 12 * 1024     # transposed weights per parallel item: L1 room left for ROWS activation rows
 
 
-def supports(spec: QuantSpec) -> bool:
-    """4-bit words, output rows a multiple of 8, K and the group whole activation blocks."""
+def supports(spec: QuantSpec, lanes: int = 8) -> bool:
+    """4-bit words, output rows a multiple of `lanes`, K and the group whole activation blocks."""
     from .cpu_int8 import BLOCK
-    return (spec.layout == "words" and spec.bits == 4 and spec.n % 8 == 0 and spec.k % BLOCK == 0
+    return (spec.layout == "words" and spec.bits == 4 and spec.n % lanes == 0 and spec.k % BLOCK == 0
             and spec.group_len % BLOCK == 0)
 
 
-def tile_blocks(spec: QuantSpec) -> int:
-    """Blocks of 8 weight rows per parallel item: the most (of 4, 2, 1) dividing N/8 whose codes fit TILE_BYTES."""
-    return next(t for t in (4, 2, 1) if (spec.n // 8) % t == 0 and (t * 8 * spec.k // 2 <= TILE_BYTES or t == 1))
+def lanes_for(target, isa: str) -> int:
+    """Weight rows per vector: 16 where the target has 512-bit VNNI (AVX-512 VNNI and BW), else 8."""
+    if isa != "vnni":
+        return 8
+    from tvm.target import codegen
+    try:
+        return 16 if codegen.target_has_features(["avx512vnni", "avx512bw"], target) else 8
+    except Exception:  # noqa: BLE001 - a target LLVM cannot describe: the 256-bit kernel
+        return 8
 
 
-def gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", name: str = "main"):
+def tile_blocks(spec: QuantSpec, lanes: int = 8) -> int:
+    """Blocks of `lanes` weight rows per parallel item: the most (of 4, 2, 1) dividing N/lanes whose codes fit
+    TILE_BYTES."""
+    return next(t for t in (4, 2, 1)
+                if (spec.n // lanes) % t == 0 and (t * lanes * spec.k // 2 <= TILE_BYTES or t == 1))
+
+
+def gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32", name: str = "main", lanes: int = 8):
     from .cpu_int8 import _from_source
-    if not supports(spec):
-        raise ValueError(f"no row-lane int8 GEMM for {spec}")
-    return _from_source(spec, isa, "GEMM", lambda: _source(spec, isa, out_dtype, name))
+    if not supports(spec, lanes) or (lanes == 16 and isa != "vnni") or lanes not in (8, 16):
+        raise ValueError(f"no row-lane int8 GEMM for {spec} with {lanes} lanes ({isa})")
+    return _from_source(spec, isa, f"GEMM ({lanes} lanes)", lambda: _source(spec, isa, out_dtype, name, lanes))
 
 
-def _source(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
+def _source(spec: QuantSpec, isa: str, out_dtype: str, name: str, L: int = 8) -> str:
     from .cpu_int8 import BLOCK, BLOCK_SUM, _dot, _gemm_head, _quantize_block, _zero
     n, k, NG, R = spec.n, spec.k, spec.n_groups, ROWS[isa]
-    K8, NB, bpg, TB = k // 8, k // BLOCK, spec.group_len // BLOCK, tile_blocks(spec)
-    W = 4 if isa == "sdot" else 8             # lanes of one dot
+    K8, NB, bpg, TB = k // 8, k // BLOCK, spec.group_len // BLOCK, tile_blocks(spec, L)
+    W = 4 if isa == "sdot" else L             # lanes of one dot
     mp = f"((m + {R - 1}) // {R} * {R})"     # rows padded to whole tiles: pad rows repeat the last row, never stored
     z = _zero(spec)
     V = f"T.ramp(0, 1, {BLOCK})"
@@ -76,56 +89,56 @@ def _source(spec: QuantSpec, isa: str, out_dtype: str, name: str) -> str:
                           f'T.Cast("int8x{BLOCK}", T.Shuffle([qv[{V}]], {perm})), dtype="int32x8")'], " " * 12)
     S += [f"            xd[r * {NB} + b] = mx / T.float32(127)",
           f"            gsum[r * {NG} + b // {bpg}] = gsum[r * {NG} + b // {bpg}] + {BLOCK_SUM}",
-          f"    for nt in T.parallel({n // (8 * TB)}):",
-          f'        wt = T.alloc_buffer(({TB * K8 * 8},), "uint32")',
-          f'        st = T.alloc_buffer(({TB * NG * 8},), "float32")',
-          f'        szt = T.alloc_buffer(({TB * NG * 8},), "float32")',
-          f'        isum = T.alloc_buffer(({R * 8},), "int32")',
-          f'        accf = T.alloc_buffer(({R * 8},), "float32")',
-          f'        yacc = T.alloc_buffer(({R * 8},), "float32")',
+          f"    for nt in T.parallel({n // (L * TB)}):",
+          f'        wt = T.alloc_buffer(({TB * K8 * L},), "uint32")',
+          f'        st = T.alloc_buffer(({TB * NG * L},), "float32")',
+          f'        szt = T.alloc_buffer(({TB * NG * L},), "float32")',
+          f'        isum = T.alloc_buffer(({R * L},), "int32")',
+          f'        accf = T.alloc_buffer(({R * L},), "float32")',
+          f'        yacc = T.alloc_buffer(({R * L},), "float32")',
           f"        for tb in T.serial({TB}):",
-          "            for l in T.serial(8):",
-          f"                nn = nt * {8 * TB} + tb * 8 + l",
+          f"            for l in T.serial({L}):",
+          f"                nn = nt * {L * TB} + tb * {L} + l",
           f"                for w in T.serial({K8}):",
-          f"                    wt[(tb * {K8} + w) * 8 + l] = qweight[nn, w]",
+          f"                    wt[(tb * {K8} + w) * {L} + l] = qweight[nn, w]",
           f"                for g in T.serial({NG}):",
-          f'                    st[(tb * {NG} + g) * 8 + l] = T.Cast("float32", scales[nn, g])',
-          f"                    szt[(tb * {NG} + g) * 8 + l] = st[(tb * {NG} + g) * 8 + l] * {z}",
+          f'                    st[(tb * {NG} + g) * {L} + l] = T.Cast("float32", scales[nn, g])',
+          f"                    szt[(tb * {NG} + g) * {L} + l] = st[(tb * {NG} + g) * {L} + l] * {z}",
           f"        for rb in T.serial({mp} // {R}):",
           f"            for tb in T.serial({TB}):",
-          f"                yacc[T.ramp(0, 1, {R * 8})] = T.broadcast(T.float32(0), {R * 8})",
+          f"                yacc[T.ramp(0, 1, {R * L})] = T.broadcast(T.float32(0), {R * L})",
           f"                for g in T.serial({NG}):",
-          f"                    accf[T.ramp(0, 1, {R * 8})] = T.broadcast(T.float32(0), {R * 8})",
+          f"                    accf[T.ramp(0, 1, {R * L})] = T.broadcast(T.float32(0), {R * L})",
           # a ragged last group has fewer blocks
           f"                    for bi in T.serial(T.min({bpg}, {NB} - g * {bpg})):",
           f"                        b = g * {bpg} + bi",
-          f"                        isum[T.ramp(0, 1, {R * 8})] = T.broadcast(0, {R * 8})"]
+          f"                        isum[T.ramp(0, 1, {R * L})] = T.broadcast(0, {R * L})"]
     ind = " " * 24
     u = lambda v: f"T.broadcast(T.uint32({v}), {W})"  # noqa: E731
     for w4 in range(BLOCK // 8):
-        for h0 in range(0, 8, W):
-            wv = f"wt[T.ramp((tb * {K8} + b * {BLOCK // 8} + {w4}) * 8 + {h0}, 1, {W})]"
+        for h0 in range(0, L, W):
+            wv = f"wt[T.ramp((tb * {K8} + b * {BLOCK // 8} + {w4}) * {L} + {h0}, 1, {W})]"
             codes = [f"T.bitwise_and({wv}, {u(0x0F0F0F0F)})",
                      f"T.bitwise_and(T.shift_right({wv}, {u(4)}), {u(0x0F0F0F0F)})"]
             for j, code in enumerate(codes):
                 for ri in range(R):
                     act = (f"T.reinterpret(T.broadcast(xq[((rb * {R} + {ri}) * {NB} + b) * 8 + {2 * w4 + j}], {W}), "
                            f'dtype="int8x{4 * W}")')
-                    Li = f"T.ramp({ri * 8 + h0}, 1, {W})"
+                    Li = f"T.ramp({ri * L + h0}, 1, {W})"
                     S.append(f"{ind}isum[{Li}] = {_dot(isa, W, f'isum[{Li}]', code, act)}")
     for ri in range(R):
-        Lr = f"T.ramp({ri * 8}, 1, 8)"
-        S.append(f'{ind}accf[{Lr}] = accf[{Lr}] + T.Cast("float32x8", isum[{Lr}]) * '
-                 f"T.broadcast(xd[(rb * {R} + {ri}) * {NB} + b], 8)")
+        Lr = f"T.ramp({ri * L}, 1, {L})"
+        S.append(f'{ind}accf[{Lr}] = accf[{Lr}] + T.Cast("float32x{L}", isum[{Lr}]) * '
+                 f"T.broadcast(xd[(rb * {R} + {ri}) * {NB} + b], {L})")
     ind = " " * 20
-    sg = f"st[T.ramp((tb * {NG} + g) * 8, 1, 8)]"
-    szg = f"szt[T.ramp((tb * {NG} + g) * 8, 1, 8)]"
+    sg = f"st[T.ramp((tb * {NG} + g) * {L}, 1, {L})]"
+    szg = f"szt[T.ramp((tb * {NG} + g) * {L}, 1, {L})]"
     for ri in range(R):
-        Lr = f"T.ramp({ri * 8}, 1, 8)"
+        Lr = f"T.ramp({ri * L}, 1, {L})"
         S.append(f"{ind}yacc[{Lr}] = yacc[{Lr}] + {sg} * accf[{Lr}] - {szg} * "
-                 f"T.broadcast(gsum[(rb * {R} + {ri}) * {NG} + g], 8)")
+                 f"T.broadcast(gsum[(rb * {R} + {ri}) * {NG} + g], {L})")
     for ri in range(R):
         S += [f"                if rb * {R} + {ri} < m:",
-              f"                    y[0, rb * {R} + {ri}, T.ramp(nt * {8 * TB} + tb * 8, 1, 8)] = "
-              f'T.Cast("{out_dtype}x8", yacc[T.ramp({ri * 8}, 1, 8)])']
+              f"                    y[0, rb * {R} + {ri}, T.ramp(nt * {L * TB} + tb * {L}, 1, {L})] = "
+              f'T.Cast("{out_dtype}x{L}", yacc[T.ramp({ri * L}, 1, {L})])']
     return "\n".join(S) + "\n"

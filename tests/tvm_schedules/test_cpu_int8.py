@@ -44,6 +44,7 @@ def _linear(rng, bits, group, sym, n, k, layout="words"):
     spec, _, qweight, scales, zeros = random_quantized_linear(rng, bits, group, sym, n, k, layout)
     return spec, qweight, scales, zeros
 
+
 def test_activation_quantization_model():
     from edgequant.tvm_schedules.cpu_int8 import quantize_act_np
     x = np.random.default_rng(0).standard_normal(256).astype(np.float16)
@@ -106,6 +107,31 @@ def test_prefill_gemm_rows_equal_the_gemv_model(isa, bits, group, sym, n, k, lay
     for m in (1, 3, 8, 9, 17):
         x = rng.standard_normal((1, m, k)).astype(np.float16)
         x[0, m - 1, :32] = 0     # an all-zero block
+        y = tvm.runtime.tensor(np.full((1, m, n), np.nan, np.float32))
+        args = [x, qweight, scales] + ([] if sym else [zeros])
+        ex["main"](*[tvm.runtime.tensor(a) for a in args], y)
+        model = np.stack([int8_gemv_np(spec, x[0, i], qweight, scales, zeros) for i in range(m)])
+        np.testing.assert_allclose(y.numpy()[0], model, rtol=1e-5, atol=1e-5 * np.abs(model).max())
+
+
+@pytest.mark.parametrize("group,sym,n,k", [(128, False, 96, 576), (-1, True, 48, 64), (64, False, 32, 160),
+                                           (128, True, 16, 1536)])
+def test_prefill_gemm_16_lanes_equals_the_gemv_model(group, sym, n, k):
+    """The 4-bit row-lane GEMM with 16 weight rows per vector (512-bit VNNI: `cpu_int8_rows.lanes_for`), a ragged
+    last group and tiles of one block among the cases: every row is the GEMV's NumPy model, and its dots are 512-bit."""
+    import tvm
+    from edgequant.tvm_schedules import cpu_int8_rows
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemm_func, int8_gemv_np
+    host = _isa_or_skip("vnni")
+    if cpu_int8_rows.lanes_for(host, "vnni") != 16:
+        pytest.skip(f"this CPU ({host.attrs.get('mcpu')}) has no 512-bit VNNI")
+    rng = np.random.default_rng(k + n)
+    spec, qweight, scales, zeros = _linear(rng, 4, group, sym, n, k)
+    mod = tvm.IRModule({"main": int8_gemm_func(spec, "vnni", lanes=16)})
+    assert re.search(r"\bvpdpbusd\s+[^\n]*%zmm", tvm.tirx.build(mod, target=host).inspect_source("asm"))
+    ex = tvm.compile(mod, target=host)
+    for m in (1, 9, 17):
+        x = rng.standard_normal((1, m, k)).astype(np.float16)
         y = tvm.runtime.tensor(np.full((1, m, n), np.nan, np.float32))
         args = [x, qweight, scales] + ([] if sym else [zeros])
         ex["main"](*[tvm.runtime.tensor(a) for a in args], y)
