@@ -1,6 +1,6 @@
 """The CPU attention kernels (tvm_schedules/cpu_attention.py): compiled for this CPU and run against their NumPy
 model and against the TVM kernels they replace (same arguments, output and lse), causal and not, several sequences in
-one call, empty and one-token sequences, pages out of order; the export pass swaps exactly the two stock kernels."""
+one call, empty and one-token sequences, pages out of order; the export pass swaps exactly the three stock kernels."""
 import numpy as np
 import pytest
 
@@ -13,7 +13,7 @@ HKV, HQ, D, PAGE = 3, 9, 64, 16
 def kernels():
     import tvm
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
-    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu, _attention_prefill_ragged_cpu
 
     from edgequant.tvm_schedules import cpu_attention as ca
     host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
@@ -21,7 +21,9 @@ def kernels():
     return {"ragged": (build(ca.ragged_prefill_func(HKV, HQ, D)),
                        build(_attention_prefill_ragged_cpu(HKV, HQ, D, D, "float16", {}))),
             "decode": (build(ca.decode_func(HKV, HQ, D)),
-                       build(_attention_decode_cpu(HKV, HQ, D, "float16", False, {})))}
+                       build(_attention_decode_cpu(HKV, HQ, D, "float16", False, {}))),
+            "paged": (build(ca.paged_prefill_func(HKV, HQ, D)),
+                      build(_attention_prefill_cpu(HKV, HQ, D, "float16", False, {})))}
 
 
 def _t(a):
@@ -82,6 +84,53 @@ def test_decode(kernels, lens):
             assert np.abs(o[b] - ref_o[0]).max() < 2e-3 and np.abs(lse[b] - ref_l[0]).max() < 1e-4
 
 
+def _paged(rng, lens):
+    """Pages holding sequences of `lens` keys, each sequence's pages in any order: (pages, indptr, values, last)."""
+    n_pages = sum(-(-n // PAGE) for n in lens) + 3
+    pages = rng.standard_normal((n_pages, 2, HKV, PAGE, D)).astype(np.float16)
+    order = rng.permutation(n_pages).astype(np.int32)
+    indptr, values, last = [0], [], []
+    for n in lens:
+        k = -(-n // PAGE)
+        values += list(order[len(values):len(values) + k])
+        indptr.append(len(values))
+        last.append(n - (k - 1) * PAGE if k else 0)
+    return pages, indptr, values, last
+
+
+@pytest.mark.parametrize("seqs,causal", [([(5, 37)], 1), ([(3, 3), (1, 20), (4, 16)], 1),
+                                         ([(3, 3), (1, 20), (4, 16)], 0), ([(2, 0), (6, 17)], 0)])
+def test_paged_prefill(kernels, seqs, causal):
+    """A later prefill chunk: each sequence's qo query rows over its kv cached keys (causal: row i sees the first
+    kv - qo + i + 1, as the stock kernel's mask), against NumPy and the stock kernel."""
+    from edgequant.tvm_schedules.cpu_attention import attention_np
+    rng = np.random.default_rng(sum(q + k for q, k in seqs) + causal)
+    pages, indptr, values, last = _paged(rng, [kv for _, kv in seqs])
+    n = sum(qo for qo, _ in seqs)
+    q = rng.standard_normal((n, HQ, D)).astype(np.float16)
+    qi = np.cumsum([0] + [qo for qo, _ in seqs]).astype(np.int32)
+    got = []
+    for fn in kernels["paged"]:
+        out, lse = _t(np.zeros((n, HQ, D), np.float16)), _t(np.zeros((n, HQ), np.float32))
+        fn(_t(q), _t(qi), _t(pages), _t(np.array(indptr, np.int32)), _t(np.array(values, np.int32)),
+           _t(np.array(last, np.int32)), _t(np.zeros(len(seqs), np.int32)), _t(np.zeros(n, np.int32)), out, lse,
+           causal, 0, 1.0, 1e4, 0.125)
+        got.append((out.numpy().astype(np.float32), lse.numpy()))
+    for b, (qo, kv) in enumerate(seqs):
+        rows = [(values[indptr[b] + j // PAGE], j % PAGE) for j in range(kv)]
+        k = np.stack([pages[p, 0, :, o] for p, o in rows]) if rows else np.zeros((0, HKV, D), np.float16)
+        v = np.stack([pages[p, 1, :, o] for p, o in rows]) if rows else np.zeros((0, HKV, D), np.float16)
+        for i in range(qo):
+            vis = kv - qo + i + 1 if causal else kv
+            t = qi[b] + i
+            if vis > 0:
+                ref_o, ref_l = attention_np(q[t:t + 1], k[:vis], v[:vis], False, 0.125)
+            else:   # no visible key: output 0 and the phantom score's lse, as the stock kernel
+                ref_o, ref_l = np.zeros((1, HQ, D), np.float32), np.full((1, HQ), -5e4, np.float32)
+            for o, lse in got:
+                assert np.abs(o[t] - ref_o[0]).max() < 2e-3 and np.abs(lse[t] - ref_l[0]).max() < 1e-4
+
+
 def test_rope_inline_is_refused(kernels):
     q = np.zeros((2, HQ, D), np.float16)
     k = np.zeros((2, HKV, D), np.float16)
@@ -94,15 +143,16 @@ def test_rope_inline_is_refused(kernels):
 def test_pass_swaps_the_stock_kernels():
     import tvm
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
-    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu, _attention_prefill_ragged_cpu
 
     from edgequant.tvm_schedules import cpu_attention as ca
     mod = tvm.IRModule({ca.RAGGED: _attention_prefill_ragged_cpu(HKV, HQ, D, D, "float16", {}),
                         ca.DECODE: _attention_decode_cpu(HKV, HQ, D, "float16", False, {}),
+                        ca.PAGED: _attention_prefill_cpu(HKV, HQ, D, "float16", False, {}),
                         "batch_decode_paged_kv_cpu_sliding_window":
                             _attention_decode_cpu(HKV, HQ, D, "float16", True, {})})
     out = ca.replace_in(mod)
-    for name in (ca.RAGGED, ca.DECODE):
+    for name in (ca.RAGGED, ca.DECODE, ca.PAGED):
         assert "RoPE must be applied" in out[name].script() and "RoPE must be applied" not in mod[name].script()
         assert out[name].attrs["global_symbol"] == name
     assert out["batch_decode_paged_kv_cpu_sliding_window"].same_as(mod["batch_decode_paged_kv_cpu_sliding_window"])
