@@ -181,13 +181,17 @@ def decode_fusions_enabled() -> bool:
 DECODE_FUSIONS = True
 
 
+def _fused(lin, x: Tensor, norm=None, **kw) -> Tensor | None:
+    """`QuantLinear.decode_fused` of a quantized linear with the decode fusions on; None where it does not apply."""
+    return lin.decode_fused(x, norm, **kw) if isinstance(lin, QuantLinear) and decode_fusions_enabled() else None
+
+
 def _linear(lin, x: Tensor, norm=None, glu: bool = False, residual: Tensor | None = None) -> Tensor:
     """lin(norm(x)) or lin(silu(gate) * up) (x = [gate | up]), plus `residual`: one decode GEMV kernel where
     `QuantLinear.decode_fused` applies, else the separate ops (prefill, dense or OWQ linears, fusions off)."""
-    if isinstance(lin, QuantLinear) and decode_fusions_enabled():
-        y = lin.decode_fused(x, norm, glu, residual)
-        if y is not None:
-            return y
+    y = _fused(lin, x, norm, glu=glu, residual=residual)
+    if y is not None:
+        return y
     if norm is not None:
         x = norm(x)
     if glu:
@@ -251,15 +255,15 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, norm=None, residual: Tensor | None = None):
         """down(act(gate) * up) of gate_up(x), with `norm` applied to x first and `residual` added (`_linear`)."""
-        if type(self)._act is MLP._act and isinstance(self.gate_up_proj, QuantLinear) and decode_fusions_enabled():
-            # SiLU: the gated product computed once, in gate_up's GEMV (its epilogue), so down reads a plain x; each
-            # of down's blocks recomputing it for the whole row cost about two kernels per layer (H200, LLaMA-7B:
-            # benchmarks/results/gpu-e2e-split-attention-h200.md)
-            prod = self.gate_up_proj.decode_fused(x, norm, silu_out=True)
-            if prod is not None:
-                return _linear(self.down_proj, prod, residual=residual)
+        silu = type(self)._act is MLP._act
+        # SiLU: the gated product computed once, in gate_up's GEMV (its epilogue), so down reads a plain x; each of
+        # down's blocks recomputing it for the whole row cost about two kernels per layer (H200, LLaMA-7B:
+        # benchmarks/results/gpu-e2e-split-attention-h200.md)
+        prod = _fused(self.gate_up_proj, x, norm, silu_out=True) if silu else None
+        if prod is not None:
+            return _linear(self.down_proj, prod, residual=residual)
         h = _linear(self.gate_up_proj, x, norm)
-        if type(self)._act is MLP._act:   # SiLU: the gated product can ride in down_proj's GEMV
+        if silu:   # where the epilogue does not apply, the gated product can ride in down_proj's GEMV
             return _linear(self.down_proj, h, glu=True, residual=residual)
         gate, up = op.split(h, 2, axis=-1)
         return _linear(self.down_proj, self._act(gate) * up, residual=residual)
