@@ -224,9 +224,9 @@ def _parse(lines: list[str]):
 
 
 def replace_in(mod):
-    """`mod` with TVM's CPU ragged-prefill, paged-prefill and decode attention kernels (found by name) replaced by these ones,
-    their head counts and sizes read from the stock kernels' buffers (a kernel of a shape not covered stays), and its
-    split + RoPE kernel parallel over tokens x heads."""
+    """`mod` with TVM's CPU ragged-prefill, paged-prefill and decode attention kernels (found by name) replaced by
+    these ones, their head counts and sizes read from the stock kernels' buffers (a kernel of a shape not covered
+    stays), and its split + RoPE kernel parallel over tokens x heads."""
     out = mod
     for gv in list(mod.get_global_vars()):
         if gv.name_hint == ROPE:

@@ -649,10 +649,9 @@ def int8_gemm_func(spec: QuantSpec, isa: str = "vnni", out_dtype: str = "float32
     lane sums by a shuffle tree, the zero-point terms of 8 rows in one vector per group). `lanes`: weight rows per
     vector of the 4-bit row-lane GEMM (`cpu_int8_rows.lanes_for`)."""
     from . import cpu_int8_rows
-    if cpu_int8_rows.supports(spec, lanes):   # 4 bits: output rows in the vector lanes (cpu_int8_rows.py)
-        return cpu_int8_rows.gemm_func(spec, isa, out_dtype, name, lanes)
-    if cpu_int8_rows.supports(spec):
-        return cpu_int8_rows.gemm_func(spec, isa, out_dtype, name)
+    if cpu_int8_rows.supports(spec):   # 4 bits: output rows in the vector lanes (cpu_int8_rows.py); N not a
+        # multiple of `lanes`: 8 rows per vector
+        return cpu_int8_rows.gemm_func(spec, isa, out_dtype, name, lanes if cpu_int8_rows.supports(spec, lanes) else 8)
     return _from_source(spec, isa, "GEMM", lambda: _source_gemm(spec, isa, out_dtype, name))
 
 

@@ -7,10 +7,11 @@ belongs to one activation block and needs its own int32-to-fp32 conversion and s
 output value ends with a horizontal sum: about 4 instructions per dot, the dots a fifth of the loop. Here, as in the
 register-tiled GEMMs of BLAS libraries and llama.cpp's tinyBLAS, the 8 lanes of a vector are 8 weight rows (output
 columns; 16 rows in 512-bit vectors where the target has AVX-512 VNNI, `lanes_for`: 1.4-1.7x the 8-row kernel on
-SmolLM2's linears, benchmarks/results/cpu_kernels_gemm16.md), and one dot multiplies word w of those 8 rows by 4 activation bytes broadcast to every lane: the 8 dots
-of one activation block (32 values: 4 words x 2 nibbles) accumulate into the same int32 vector, which is converted
-and scaled once per block (`fma(cvt(sum), d_b)`), the group scale and zero-point term once per group for all 8
-rows, and no horizontal sums remain (the lanes are the outputs).
+SmolLM2's linears, benchmarks/results/cpu_kernels_gemm16.md), and one dot multiplies word w of those 8 rows by 4
+activation bytes broadcast to every lane: the 8 dots of one activation block (32 values: 4 words x 2 nibbles)
+accumulate into the same int32 vector, which is converted and scaled once per block (`fma(cvt(sum), d_b)`), the
+group scale and zero-point term once per group for all 8 rows, and no horizontal sums remain (the lanes are the
+outputs).
 
 Layout. The checkpoint's words are not moved: each parallel item copies its tile of TILE_BLOCKS x 8 weight rows
 transposed into a local buffer (word w of 8 rows contiguous; the copy is paid once per tile and prompt, the tile
