@@ -54,36 +54,6 @@ def test_ragged_prefill(kernels, seqs, causal):
     assert np.abs(mine_o - stock_o).max() < 2e-3 and np.abs(mine_l - stock_l).max() < 1e-4
 
 
-@pytest.mark.parametrize("lens", [[129], [1], [16, 40, 3]])
-def test_decode(kernels, lens):
-    from edgequant.tvm_schedules.cpu_attention import attention_np
-    rng = np.random.default_rng(sum(lens))
-    n_pages = sum(-(-n // PAGE) for n in lens) + 3
-    pages = rng.standard_normal((n_pages, 2, HKV, PAGE, D)).astype(np.float16)
-    order = rng.permutation(n_pages).astype(np.int32)   # a sequence's pages in any order
-    indptr, values, last = [0], [], []
-    for n in lens:
-        k = -(-n // PAGE)
-        values += list(order[len(values):len(values) + k])
-        indptr.append(len(values))
-        last.append(n - (k - 1) * PAGE)
-    q = rng.standard_normal((len(lens), HQ, D)).astype(np.float16)
-    got = []
-    for fn in kernels["decode"]:
-        out, lse = _t(np.zeros((len(lens), HQ, D), np.float16)), _t(np.zeros((len(lens), HQ), np.float32))
-        fn(_t(q), _t(pages), _t(np.array(indptr, np.int32)), _t(np.array(values, np.int32)),
-           _t(np.array(last, np.int32)), _t(np.zeros(len(lens), np.int32)), _t(np.array(lens, np.int32)), out, lse,
-           0, 1.0, 1e4, 0.125)
-        got.append((out.numpy().astype(np.float32), lse.numpy()))
-    for b, n in enumerate(lens):
-        rows = [(values[indptr[b] + j // PAGE], j % PAGE) for j in range(n)]
-        k = np.stack([pages[p, 0, :, o] for p, o in rows])
-        v = np.stack([pages[p, 1, :, o] for p, o in rows])
-        ref_o, ref_l = attention_np(q[b:b + 1], k, v, False, 0.125)
-        for o, lse in got:
-            assert np.abs(o[b] - ref_o[0]).max() < 2e-3 and np.abs(lse[b] - ref_l[0]).max() < 1e-4
-
-
 def _paged(rng, lens):
     """Pages holding sequences of `lens` keys, each sequence's pages in any order: (pages, indptr, values, last)."""
     n_pages = sum(-(-n // PAGE) for n in lens) + 3
@@ -96,6 +66,34 @@ def _paged(rng, lens):
         indptr.append(len(values))
         last.append(n - (k - 1) * PAGE if k else 0)
     return pages, indptr, values, last
+
+
+def _cached(pages, indptr, values, b, n):
+    """Sequence b's first n cached keys and values, [n, HKV, D] each, in order."""
+    rows = [(values[indptr[b] + j // PAGE], j % PAGE) for j in range(n)]
+    if not rows:
+        return np.zeros((0, HKV, D), np.float16), np.zeros((0, HKV, D), np.float16)
+    return np.stack([pages[p, 0, :, o] for p, o in rows]), np.stack([pages[p, 1, :, o] for p, o in rows])
+
+
+@pytest.mark.parametrize("lens", [[129], [1], [16, 40, 3]])
+def test_decode(kernels, lens):
+    from edgequant.tvm_schedules.cpu_attention import attention_np
+    rng = np.random.default_rng(sum(lens))
+    pages, indptr, values, last = _paged(rng, lens)
+    q = rng.standard_normal((len(lens), HQ, D)).astype(np.float16)
+    got = []
+    for fn in kernels["decode"]:
+        out, lse = _t(np.zeros((len(lens), HQ, D), np.float16)), _t(np.zeros((len(lens), HQ), np.float32))
+        fn(_t(q), _t(pages), _t(np.array(indptr, np.int32)), _t(np.array(values, np.int32)),
+           _t(np.array(last, np.int32)), _t(np.zeros(len(lens), np.int32)), _t(np.array(lens, np.int32)), out, lse,
+           0, 1.0, 1e4, 0.125)
+        got.append((out.numpy().astype(np.float32), lse.numpy()))
+    for b, n in enumerate(lens):
+        k, v = _cached(pages, indptr, values, b, n)
+        ref_o, ref_l = attention_np(q[b:b + 1], k, v, False, 0.125)
+        for o, lse in got:
+            assert np.abs(o[b] - ref_o[0]).max() < 2e-3 and np.abs(lse[b] - ref_l[0]).max() < 1e-4
 
 
 @pytest.mark.parametrize("seqs,causal", [([(5, 37)], 1), ([(3, 3), (1, 20), (4, 16)], 1),
@@ -117,9 +115,7 @@ def test_paged_prefill(kernels, seqs, causal):
            causal, 0, 1.0, 1e4, 0.125)
         got.append((out.numpy().astype(np.float32), lse.numpy()))
     for b, (qo, kv) in enumerate(seqs):
-        rows = [(values[indptr[b] + j // PAGE], j % PAGE) for j in range(kv)]
-        k = np.stack([pages[p, 0, :, o] for p, o in rows]) if rows else np.zeros((0, HKV, D), np.float16)
-        v = np.stack([pages[p, 1, :, o] for p, o in rows]) if rows else np.zeros((0, HKV, D), np.float16)
+        k, v = _cached(pages, indptr, values, b, kv)
         for i in range(qo):
             vis = kv - qo + i + 1 if causal else kv
             t = qi[b] + i

@@ -99,16 +99,24 @@ def test_prefill_gemm_rows_equal_the_gemv_model(isa, bits, group, sym, n, k, lay
     """The prefill GEMM on 1, 3, 8, 9 and 17 rows (whole and padded blocks of GEMM_ROWS, one compiled function, row
     count symbolic): every row is the GEMV's NumPy model of that row."""
     import tvm
-    from edgequant.tvm_schedules.cpu_int8 import int8_gemm_func, int8_gemv_np
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemm_func
     host = _isa_or_skip(isa)
     rng = np.random.default_rng(bits * 1000 + k + n + 1)
     spec, qweight, scales, zeros = _linear(rng, bits, group, sym, n, k, layout)
     ex = tvm.compile(tvm.IRModule({"main": int8_gemm_func(spec, isa)}), target=host)
-    for m in (1, 3, 8, 9, 17):
-        x = rng.standard_normal((1, m, k)).astype(np.float16)
+    _assert_rows_are_the_gemv_model(ex, rng, spec, qweight, scales, zeros, (1, 3, 8, 9, 17))
+
+
+def _assert_rows_are_the_gemv_model(ex, rng, spec, qweight, scales, zeros, ms):
+    """The compiled GEMM on m random rows for each m of `ms` (the last row with an all-zero block): every row is the
+    GEMV's NumPy model of that row."""
+    import tvm
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemv_np
+    for m in ms:
+        x = rng.standard_normal((1, m, spec.k)).astype(np.float16)
         x[0, m - 1, :32] = 0     # an all-zero block
-        y = tvm.runtime.tensor(np.full((1, m, n), np.nan, np.float32))
-        args = [x, qweight, scales] + ([] if sym else [zeros])
+        y = tvm.runtime.tensor(np.full((1, m, spec.n), np.nan, np.float32))
+        args = [x, qweight, scales] + ([] if zeros is None else [zeros])
         ex["main"](*[tvm.runtime.tensor(a) for a in args], y)
         model = np.stack([int8_gemv_np(spec, x[0, i], qweight, scales, zeros) for i in range(m)])
         np.testing.assert_allclose(y.numpy()[0], model, rtol=1e-5, atol=1e-5 * np.abs(model).max())
@@ -121,7 +129,7 @@ def test_prefill_gemm_16_lanes_equals_the_gemv_model(group, sym, n, k):
     last group and tiles of one block among the cases: every row is the GEMV's NumPy model, and its dots are 512-bit."""
     import tvm
     from edgequant.tvm_schedules import cpu_int8_rows
-    from edgequant.tvm_schedules.cpu_int8 import int8_gemm_func, int8_gemv_np
+    from edgequant.tvm_schedules.cpu_int8 import int8_gemm_func
     host = _isa_or_skip("vnni")
     if cpu_int8_rows.lanes_for(host, "vnni") != 16:
         pytest.skip(f"this CPU ({host.attrs.get('mcpu')}) has no 512-bit VNNI")
@@ -129,14 +137,7 @@ def test_prefill_gemm_16_lanes_equals_the_gemv_model(group, sym, n, k):
     spec, qweight, scales, zeros = _linear(rng, 4, group, sym, n, k)
     mod = tvm.IRModule({"main": int8_gemm_func(spec, "vnni", lanes=16)})
     assert re.search(r"\bvpdpbusd\s+[^\n]*%zmm", tvm.tirx.build(mod, target=host).inspect_source("asm"))
-    ex = tvm.compile(mod, target=host)
-    for m in (1, 9, 17):
-        x = rng.standard_normal((1, m, k)).astype(np.float16)
-        y = tvm.runtime.tensor(np.full((1, m, n), np.nan, np.float32))
-        args = [x, qweight, scales] + ([] if sym else [zeros])
-        ex["main"](*[tvm.runtime.tensor(a) for a in args], y)
-        model = np.stack([int8_gemv_np(spec, x[0, i], qweight, scales, zeros) for i in range(m)])
-        np.testing.assert_allclose(y.numpy()[0], model, rtol=1e-5, atol=1e-5 * np.abs(model).max())
+    _assert_rows_are_the_gemv_model(tvm.compile(mod, target=host), rng, spec, qweight, scales, zeros, (1, 9, 17))
 
 
 @pytest.mark.parametrize("isa,pattern", [("vnni", r"vpdpbusd"), ("avx2", r"vpmaddubsw")])
