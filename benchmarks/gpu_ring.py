@@ -1,0 +1,489 @@
+"""Per-linear decode GEMVs that stream their weights before the dependency is met: a measured prototype (hand-written
+CUDA, not the export's TIR) of the LLaMA-7B W4 g128 decode step as 128 launches, each a one-wave grid of one block per
+SM with a producer warp that moves the block's rows into a ring of shared-memory slots by bulk copies (TMA,
+`cp.async.bulk`) from the block's first instruction, and consumer warps that wait for the previous kernel
+(`griddepcontrol.wait`) and then multiply the slots as they fill. Every block triggers its dependents at its start,
+and a block takes just under half an SM's shared memory, so the next linear's blocks are resident beside the running
+ones and their producers fill their rings while this linear computes and while the launch dependency resolves: the
+DRAM need not idle at a kernel boundary. (The 128-launch kernels of the export start their loads only when their
+blocks become resident, as the previous kernel's blocks leave; `gpu_decode.py` measures ~2.3 us per kernel over its
+bytes. The persistent prototype, `gpu_persistent.py`, showed the ring alone at 98% of the roofline but consumers
+too slow to absorb the waits.)
+
+Consumers here are built to be several times faster than the DRAM: a lane owns one group of 128 weights of K per pass
+(its 128 int8 activations stay in registers), a row costs it four 16-byte shared loads, 16 x (LOP3, SHF, LOP3, two
+dp4a) and one scale-and-zero FMA per group, and a warp owns whole rows (one warp reduction per row, no cross-warp
+sums). Row layout (a possible export repacking; the checkpoint format does not change): per row, per pass p of 32
+groups, per piece c of 32 values, per lane L (group 32 p + L): 16 bytes, in word q byte b the low nibble element
+8 q + b and the high nibble 8 q + 4 + b of the piece; then the row's (scale, zero) half2 per group; rows padded to 16
+bytes. Activations: the fp16 vector rounded to int8 per 32 values by each block after its wait (as the export's int8
+GEMVs).
+
+    python benchmarks/gpu_ring.py build [--out .device/ring]                     # here (nvcc)
+    python3 benchmarks/gpu_ring.py run [--out .device/ring] [--save DIR]        # on the GPU machine
+
+`run` checks every variant's last layer against a torch dequantize reference, times the step (one CUDA graph, PDL
+launches), and prints it against the roofline (as gpu_decode.py: the faster of a streaming read and a copy, same run)
+and torch's int4 step.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_decode import (LAYERS, READ_BW_CU, SHAPES, Driver, _LaunchAttr, _LaunchConfig, _timed,  # noqa: E402
+                        copy_bandwidth, read_bandwidth, torch_int4_step)
+
+GROUP = 128
+WARPS = 8            # consumer warps per block (+ one producer warp)
+# per K: rows per slot, slots per consumer warp (the ring holds WARPS * depth slots; ~100 KB, so two blocks fit an SM)
+RING = {4096: (2, 3), 11008: (1, 2)}
+# (name, #defines): what each build measures
+VARIANTS = {
+    "ring": {},                                   # the design: producer from the start, trigger at the start
+    "ring, producer after the wait": {"PRODUCER_WAITS": 1},   # no early streaming: what co-residency buys
+    "ring, half the ring before the wait": {"PRE": 2},
+    "ring, a quarter before the wait": {"PRE": 1},
+    "ring, trigger at the end": {"TRIGGER_LAST": 1},          # no co-residency: the next kernel launches late
+    "ring, no math": {"SKIP_MATH": 1},            # the ring, the waits and the rounding, no dot products
+    "small ring": {"ring": {4096: (2, 2), 11008: (1, 1)}},   # ~70 KB
+}
+
+KERNEL_CU = r"""
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ unsigned smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned n) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem(b)), "r"(n) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(uint64_t* b, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
+  asm volatile("{\n .reg .pred P1;\nLAB_WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1, 10000000;\n"
+               " @P1 bra DONE;\n bra LAB_WAIT;\nDONE:\n}" :: "r"(smem(b)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, uint64_t* b) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(smem(dst)), "l"(src), "r"(bytes), "r"(smem(b)) : "memory");
+}
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" :: "r"(WARPS * 32) : "memory"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ unsigned long long now() {
+  unsigned long long t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t;
+}
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
+__device__ __forceinline__ int dot_word(unsigned w, unsigned xlo, unsigned xhi, int a) {
+  a = __dp4a((int)(w & 0x0F0F0F0Fu), (int)xlo, a);
+  return __dp4a((int)((w >> 4) & 0x0F0F0F0Fu), (int)xhi, a);
+}
+__device__ __forceinline__ int dot32(uint4 w, uint4 x0, uint4 x1) {
+  int a = dot_word(w.x, x0.x, x0.y, 0);
+  a = dot_word(w.y, x0.z, x0.w, a);
+  a = dot_word(w.z, x1.x, x1.y, a);
+  return dot_word(w.w, x1.z, x1.w, a);
+}
+
+// v[R] per lane -> lane holds the sum over all 32 lanes of row (lane / (32 / R)) (transposed butterfly)
+template <int N, int OFF, int R> __device__ __forceinline__ void fold(float (&v)[R], int lane) {
+  if constexpr (N > 1) {
+    const bool hi = lane & OFF;
+    #pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      float send = hi ? v[i] : v[i + N / 2];
+      float keep = hi ? v[i + N / 2] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
+    }
+    fold<N / 2, OFF / 2>(v, lane);
+  }
+}
+template <int R> __device__ __forceinline__ float reduce_rows(float (&v)[R], int lane) {
+  fold<R, 16>(v, lane);
+  float s = v[0];
+  #pragma unroll
+  for (int off = 32 / R / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  return s;
+}
+
+// a lane's 128 activations of group g: eight uint4 of int8 in smem at xq[(p * 8 + c) * 32 + lane] (conflict-free)
+template <int P> __device__ __forceinline__ void load_x(uint4 (&xv)[8], const uint4* xq, int p, int lane) {
+  #pragma unroll
+  for (int c = 0; c < 8; ++c) xv[c] = xq[(p * 8 + c) * 32 + lane];
+}
+
+// rows (<= RS) of a slot: this lane's group of pass p, accumulated into acc[i]
+template <int K, int RS> __device__ __forceinline__ void slot_pass(const unsigned char* slot, int rows, int p,
+                                                                  const uint4 (&xv)[8], float4 s4, float xsm,
+                                                                  int lane, float (&acc)[RS]) {
+  constexpr int G = K / 128, ROWB = (K / 2 + 4 * G + 15) / 16 * 16;
+  const int lp = min(32, G - 32 * p), g = 32 * p + lane;
+  #pragma unroll
+  for (int i = 0; i < RS; ++i) {
+    if (i < rows) {
+      const unsigned char* rb = slot + i * ROWB + p * 2048 + lane * 16;
+      uint4 w[4];
+      #pragma unroll
+      for (int c = 0; c < 4; ++c) w[c] = *reinterpret_cast<const uint4*>(rb + c * lp * 16);
+      const float2 sz = __half22float2(reinterpret_cast<const half2*>(slot + i * ROWB + K / 2)[g]);
+      float f = s4.x * (float)dot32(w[0], xv[0], xv[1]);
+      f = fmaf(s4.y, (float)dot32(w[1], xv[2], xv[3]), f);
+      f = fmaf(s4.z, (float)dot32(w[2], xv[4], xv[5]), f);
+      f = fmaf(s4.w, (float)dot32(w[3], xv[6], xv[7]), f);
+      acc[i] = fmaf(sz.x, fmaf(-sz.y, xsm, f), acc[i]);
+    }
+  }
+}
+
+template <int K, int RS, int D>
+__device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts, int n, const half* __restrict__ x,
+                                          half* __restrict__ y, unsigned long long* trace) {
+  constexpr int G = K / 128, P = (G + 31) / 32, ROWB = (K / 2 + 4 * G + 15) / 16 * 16, SLOTB = RS * ROWB;
+  constexpr int S = WARPS * D;
+  extern __shared__ __align__(128) unsigned char sm[];
+  unsigned char* slots = sm;
+  uint4* xq = reinterpret_cast<uint4*>(sm + S * SLOTB);     // [P][8][32] uint4: int8 activations, per lane
+  float4* xs4 = reinterpret_cast<float4*>(xq + P * 8 * 32);  // [P * 32]: per group, the scales of its 4 blocks
+  float* xsb = reinterpret_cast<float*>(xs4 + P * 32);       // [P * 128]: per block of 32, scale x sum of codes
+  float* xsum = xsb + P * 128;                               // [P * 32]: per group, the sum of its activations
+  uint64_t* full = reinterpret_cast<uint64_t*>(xsum + P * 32);
+  uint64_t* empty = full + S;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int lo = (int)((long long)n * blockIdx.x / gridDim.x), hi = (int)((long long)n * (blockIdx.x + 1) / gridDim.x);
+  const int T = (hi - lo + RS - 1) / RS;
+  unsigned long long* tr = trace ? trace + 6 * blockIdx.x : nullptr;   // start, after the wait, after x, end, SM
+  if (tr && tid == 0) { tr[0] = now(); unsigned sm_id; asm volatile("mov.u32 %0, %%smid;" : "=r"(sm_id)); tr[4] = sm_id; }
+  if (tid == 0) {
+    for (int i = 0; i < S; ++i) { mbar_init(full + i, 1); mbar_init(empty + i, 1); }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (!TRIGGER_LAST) pdl_trigger();
+  if (warp == WARPS) {                      // the producer: this block's rows, in order, into the ring
+    if (PRODUCER_WAITS) pdl_wait();
+    if (lane == 0) {
+      for (int t = 0; t < T; ++t) {
+        const int s = t % S;
+        if (t == PRE * S / 4 && !PRODUCER_WAITS) pdl_wait();   // at most PRE quarters of the ring before the wait
+        if (t >= S) mbar_wait(empty + s, ((t / S) - 1) & 1);
+        const unsigned bytes = (unsigned)(min(RS, hi - lo - t * RS) * ROWB);
+        mbar_expect(full + s, bytes);
+        bulk_load(slots + s * SLOTB, wts + (size_t)(lo + t * RS) * ROWB, bytes, full + s);
+      }
+    }
+    return;
+  }
+  pdl_wait();
+  if (tr && tid == 0) tr[1] = now();
+  // x as the previous kernel left it: int8 per 32 values, 16 per thread (its partner lane the other 16)
+  constexpr int NJ = (K / 16 + WARPS * 32 - 1) / (WARPS * 32);   // 16-value halves per thread, loaded at once
+  uint4 xv0[NJ], xv1[NJ];
+  #pragma unroll
+  for (int u = 0; u < NJ; ++u) {
+    const int j = u * WARPS * 32 + tid;
+    const bool ok = j < K / 16;
+    xv0[u] = ok ? __ldg(reinterpret_cast<const uint4*>(x) + 2 * j) : make_uint4(0, 0, 0, 0);
+    xv1[u] = ok ? __ldg(reinterpret_cast<const uint4*>(x) + 2 * j + 1) : make_uint4(0, 0, 0, 0);
+  }
+  #pragma unroll
+  for (int u = 0; u < NJ; ++u) {   // every consumer thread in each pass (the shuffles)
+    const int j = u * WARPS * 32 + tid;
+    const bool ok = j < K / 16;
+    const uint4 v0 = xv0[u], v1 = xv1[u];
+    const unsigned wv[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+    float f[16];
+    #pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const float2 h = __half22float2(*reinterpret_cast<const half2*>(&wv[u]));
+      f[2 * u] = h.x; f[2 * u + 1] = h.y;
+    }
+    float m = 0.f;
+    #pragma unroll
+    for (int i = 0; i < 16; ++i) m = fmaxf(m, fabsf(f[i]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    const float sc = m > 0.f ? m / 127.f : 1.f, inv = 1.f / sc;
+    unsigned q[4];
+    int isum = 0;
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int a = __float2int_rn(f[4 * i] * inv), b = __float2int_rn(f[4 * i + 1] * inv);
+      int c = __float2int_rn(f[4 * i + 2] * inv), d = __float2int_rn(f[4 * i + 3] * inv);
+      isum += a + b + c + d;
+      q[i] = (unsigned)(a & 255) | (unsigned)(b & 255) << 8 | (unsigned)(c & 255) << 16 | (unsigned)(d & 255) << 24;
+    }
+    isum += __shfl_xor_sync(0xffffffffu, isum, 1);
+    const int bi = j / 2, g = bi / 4, sub = bi % 4, c = sub * 2 + (j & 1);
+    if (ok) xq[((g / 32) * 8 + c) * 32 + g % 32] = make_uint4(q[0], q[1], q[2], q[3]);
+    if (ok && !(j & 1)) { reinterpret_cast<float*>(xs4)[bi] = sc; xsb[bi] = sc * (float)isum; }
+  }
+  consumers_sync();
+  if (tid < G) xsum[tid] = xsb[4 * tid] + xsb[4 * tid + 1] + xsb[4 * tid + 2] + xsb[4 * tid + 3];
+  consumers_sync();
+  uint4 xv[8];
+  float4 s4 = make_float4(0.f, 0.f, 0.f, 0.f);
+  float xsm = 0.f;
+  if (tr && tid == 0) tr[2] = now();
+  if constexpr (P == 1) { load_x<P>(xv, xq, 0, lane); s4 = xs4[lane]; xsm = xsum[lane]; }
+  for (int t = warp; t < T; t += WARPS) {
+    const int s = t % S, rows = min(RS, hi - lo - t * RS);
+    mbar_wait(full + s, (t / S) & 1);
+    const unsigned char* slot = slots + s * SLOTB;
+    float acc[RS];
+    #pragma unroll
+    for (int i = 0; i < RS; ++i) acc[i] = 0.f;
+    if (SKIP_MATH) {
+      acc[0] = (float)slot[lane];
+    } else {
+      #pragma unroll
+      for (int p = 0; p < P; ++p) {
+        if (32 * p + lane < G) {
+          if constexpr (P > 1) { load_x<P>(xv, xq, p, lane); s4 = xs4[32 * p + lane]; xsm = xsum[32 * p + lane]; }
+          slot_pass<K, RS>(slot, rows, p, xv, s4, xsm, lane, acc);
+        }
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty + s);   // the slot's bytes are in registers: the producer may refill it
+    constexpr int FOLD = RS <= 1 ? 1 : RS <= 2 ? 2 : 4;
+    float a[FOLD];
+    #pragma unroll
+    for (int i = 0; i < FOLD; ++i) a[i] = i < RS ? acc[i] : 0.f;
+    const float r = reduce_rows<FOLD>(a, lane);
+    const int i = lane / (32 / FOLD);
+    if ((lane & (32 / FOLD - 1)) == 0 && i < rows) y[lo + t * RS + i] = __float2half_rn(r);
+  }
+  if (TRIGGER_LAST) pdl_trigger();
+  if (tr) { consumers_sync(); if (tid == 0) tr[3] = now(); }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32 + 32, 2)
+ring_k4096(const unsigned char* __restrict__ w, int n, const half* __restrict__ x, half* __restrict__ y,
+           unsigned long long* trace) {
+  ring_gemv<4096, RS4096, D4096>(w, n, x, y, trace);
+}
+extern "C" __global__ void __launch_bounds__(WARPS * 32 + 32, 2)
+ring_k11008(const unsigned char* __restrict__ w, int n, const half* __restrict__ x, half* __restrict__ y,
+            unsigned long long* trace) {
+  ring_gemv<11008, RS11008, D11008>(w, n, x, y, trace);
+}
+"""
+
+
+def row_bytes(k: int) -> int:
+    """One row's codes, then its (scale, zero) half2 per group, padded to 16 bytes (bulk copies move 16-byte units)."""
+    return -(-(k // 2 + 4 * (k // GROUP)) // 16) * 16
+
+
+def smem_bytes(k: int, ring=RING) -> int:
+    rs, d = ring[k]
+    p = -(-(k // GROUP) // 32)
+    s = WARPS * d
+    return s * rs * row_bytes(k) + p * 4096 + p * 32 * 16 + p * 128 * 4 + p * 32 * 4 + 2 * s * 8
+
+
+def build(out: Path, arch: str, variants: list[str]):
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"arch": arch, "warps": WARPS, "variants": {}}
+    for i, name in enumerate(variants):
+        ring = VARIANTS[name].get("ring", RING)
+        flags = {"TRIGGER_LAST": 0, "PRODUCER_WAITS": 0, "SKIP_MATH": 0, "PRE": 4,
+                 **{k: v for k, v in VARIANTS[name].items() if k != "ring"}}
+        defs = "".join(f"#define {k} {v}\n" for k, v in flags.items())
+        defs += (f"#define WARPS {WARPS}\n#define RS4096 {ring[4096][0]}\n#define D4096 {ring[4096][1]}\n"
+                 f"#define RS11008 {ring[11008][0]}\n#define D11008 {ring[11008][1]}\n")
+        src = out / f"ring{i}.cu"
+        src.write_text(defs + KERNEL_CU + (READ_BW_CU if i == 0 else ""))
+        r = subprocess.run(["nvcc", "-cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-o", str(out / f"ring{i}.cubin"),
+                            str(src)], capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"error: nvcc failed on {name}:\n{r.stderr[-3000:]}")
+        regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln]
+        meta["variants"][name] = {"cubin": f"ring{i}.cubin", "ptxas": regs, "ring": {str(k): v for k, v in ring.items()},
+                                  "smem": {str(k): smem_bytes(k, ring) for k in ring}}
+        print(name, regs)
+    (out / "ring.json").write_text(json.dumps(meta, indent=1))
+    print(f"built {len(variants)} variants in {out}")
+
+
+# ------------------------------------------------------------------------------------------------ run (GPU machine)
+def fill_weights(n: int, k: int, gen):
+    """n rows of random codes with (scale, zero) per group written into their place: uint8 [n, row_bytes(k)]."""
+    import torch
+    g = k // GROUP
+    buf = torch.randint(0, 256, (n, row_bytes(k)), device="cuda", dtype=torch.uint8, generator=gen)
+    sz = torch.empty(n, g, 2, device="cuda", dtype=torch.float16)
+    sz[..., 0] = torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 0.001
+    sz[..., 1] = torch.randint(0, 16, (n, g), device="cuda", generator=gen).half()
+    buf[:, k // 2:k // 2 + 4 * g] = sz.view(torch.uint8).reshape(n, 4 * g)
+    return buf
+
+
+def dequantize(buf, k: int):
+    """The rows' weights as float [n, k], read back from the row layout (the module docstring)."""
+    import torch
+    n, g = buf.shape[0], k // GROUP
+    vals = []
+    for p in range(-(-g // 32)):
+        lp = min(32, g - 32 * p)
+        b = buf[:, p * 2048:p * 2048 + 4 * lp * 16].reshape(n, 4, lp, 4, 4).to(torch.int32)  # [n, c, lane, q, b]
+        v = torch.stack([b & 15, b >> 4], dim=4)                     # [n, c, lane, q, lo/hi, b]
+        vals.append(v.permute(0, 2, 1, 3, 4, 5).reshape(n, lp * 128))
+    q = torch.cat(vals, dim=1).float()
+    sz = buf[:, k // 2:k // 2 + 4 * g].contiguous().view(torch.float16).reshape(n, g, 2).float()
+    return ((q.reshape(n, g, GROUP) - sz[..., 1:]) * sz[..., :1]).reshape(n, k)
+
+
+def timeline(tr):
+    """Per-kernel times from the blocks' globaltimer stamps (ns; [kernels, blocks, (start, after the wait, after x,
+    end, SM)]), medians over the 32 layers per linear, us: how early the kernel's blocks started before the previous
+    kernel's last block ended ('lead': > 0 means co-resident), the dependency's resolution (first wait released -
+    previous last end), the x prologue (median), the kernel's span (its last end - the previous last end)."""
+    import statistics
+    t = tr.double()
+    start, wait, xd, end = t[..., 0], t[..., 1], t[..., 2], t[..., 3]
+    rows = {}
+    for i in range(1, t.shape[0]):
+        kind = SHAPES[i % len(SHAPES)][0]
+        prev_end = end[i - 1].max()
+        r = rows.setdefault(kind, {"lead_first": [], "lead_median": [], "resolve": [], "prologue": [], "span": [],
+                                   "body": [], "sms": []})
+        r["lead_first"].append((prev_end - start[i].min()).item() / 1e3)
+        r["lead_median"].append((prev_end - start[i].median()).item() / 1e3)
+        r["resolve"].append((wait[i].min() - prev_end).item() / 1e3)
+        r["prologue"].append((xd[i] - wait[i]).median().item() / 1e3)
+        r["body"].append((end[i].max() - xd[i].median()).item() / 1e3)
+        r["span"].append((end[i].max() - prev_end).item() / 1e3)
+        r["sms"].append(len(set(tr[i, :, 4].tolist())))
+    out = {kind: {k: statistics.median(v) for k, v in r.items()} for kind, r in rows.items()}
+    print(json.dumps({"timeline_us": out}), flush=True)
+    return out
+
+
+def launcher(drv, name, sms, smem, tensors, pdl=True):
+    import torch
+    ptrs = [t if isinstance(t, ctypes._SimpleCData) else ctypes.c_void_p(t.data_ptr()) for t in tensors]
+    args = (ctypes.c_void_p * len(ptrs))(*[ctypes.addressof(p) for p in ptrs])
+    f = drv.fn(name)
+    attr = _LaunchAttr(id=6, val=1 if pdl else 0)
+    cfg = _LaunchConfig(sms, 1, 1, (WARPS + 1) * 32, 1, 1, smem, None, ctypes.pointer(attr), 1)
+
+    def go():
+        cfg.stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        drv._check(drv.lib.cuLaunchKernelEx(ctypes.byref(cfg), f, args, None))
+    go.keep = (ptrs, args, attr, cfg)
+    return go
+
+
+def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
+    import torch
+    meta = json.loads((out / "ring.json").read_text())
+    names = list(meta["variants"])
+    drvs = {nm: Driver([(out / meta["variants"][nm]["cubin"]).read_bytes()]) for nm in names}
+    dev = torch.cuda.get_device_name()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cbw = copy_bandwidth()
+    bw = max(cbw, read_bandwidth(drvs[names[0]]))
+    print(f"device {dev}; {sms} SMs; copy {cbw / 1e12:.2f} TB/s, roofline {bw / 1e12:.2f} TB/s", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    layers = [[fill_weights(n, k, gen) for _, n, k in SHAPES] for _ in range(LAYERS)]
+    total = sum(w.numel() for layer in layers for w in layer)
+    x = torch.randn(max(k for _, _, k in SHAPES), device="cuda", dtype=torch.float16, generator=gen)
+    ys = [torch.full((n,), float("nan"), device="cuda", dtype=torch.float16) for _, n, _ in SHAPES]
+    refs = [dequantize(w, k) @ x[:k].float() for w, (_, _, k) in zip(layers[-1], SHAPES)]
+    res = {"device": dev, "sms": sms, "roofline_TBps": bw / 1e12, "copy_TBps": cbw / 1e12, "bytes": total,
+           "host": platform.node(), **meta, "steps": {}}
+    null = ctypes.c_void_p(0)
+    for nm in names:
+        drv, smem = drvs[nm], meta["variants"][nm]["smem"]
+        for k in RING:
+            f = drv.fn(f"ring_k{k}")
+            drv._check(drv.lib.cuFuncSetAttribute(f, 8, smem[str(k)]))   # MAX_DYNAMIC_SHARED_SIZE_BYTES
+            drv._check(drv.lib.cuFuncSetAttribute(f, 9, 100))            # PREFERRED_SHARED_MEMORY_CARVEOUT
+
+        def chain(pdl, trace=None):
+            return [launcher(drv, f"ring_k{k}", sms, smem[str(k)],
+                             [w, ctypes.c_int(n), x, ys[i],
+                              null if trace is None else ctypes.c_void_p(trace[j].data_ptr())], pdl=pdl)
+                    for j, (w, i, n, k) in enumerate((w, i, n, k) for layer in layers
+                                                     for i, (w, (_, n, k)) in enumerate(zip(layer, SHAPES)))]
+        for pdl in (True, False):
+            fns = chain(pdl)
+            for y in ys:
+                y.fill_(float("nan"))
+            for f in fns:
+                f()
+            torch.cuda.synchronize()
+            err = max(((y.float() - ref).abs().max() / ref.abs().max()).item() for y, ref in zip(ys, refs))
+            times = [_timed(fns, reps=10) * len(fns) for _ in range(repeat)]
+            t = sorted(times)[len(times) // 2]
+            key = nm + ("" if pdl else ", plain launches")
+            res["steps"][key] = {"ms": [v * 1e3 for v in times], "rel_err": err}
+            print(json.dumps({"variant": key, "ms": [round(v * 1e3, 4) for v in times], "rel_err": err,
+                              "pct_roofline": round(total / t / bw * 100, 1)}), flush=True)
+            if not nm.endswith("no math") and not err <= 8e-3:
+                print(f"WRONG RESULT {key}: rel err {err:.2e}", flush=True)
+        if trace_it:
+            trace = torch.zeros(LAYERS * len(SHAPES), sms, 6, dtype=torch.int64, device="cuda")
+            _timed(chain(True, trace), reps=3)
+            res["steps"][nm]["timeline"] = timeline(trace.cpu())
+    del layers
+    torch.cuda.empty_cache()
+    t_int4 = torch_int4_step()
+    res["torch_int4_ms"] = t_int4 * 1e3
+    lines = [f"# Ring GEMVs with early streaming, W4 g128 decode step (prototype, {dev}), "
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+             f"`python3 benchmarks/gpu_ring.py run` ({platform.node()}); roofline {bw / 1e12:.2f} TB/s (copy "
+             f"{cbw / 1e12:.2f}); {total / 1e9:.3f} GB per step; {WARPS} consumer warps + 1 producer per block, one "
+             f"block per SM", "",
+             "| variant | ms (median of runs) | runs | tok/s | % of roofline | x torch int4 | last layer rel err |",
+             "|---|---|---|---|---|---|---|"]
+    for key, r in res["steps"].items():
+        t = sorted(r["ms"])[len(r["ms"]) // 2] / 1e3
+        lines.append(f"| {key} | {t * 1e3:.3f} | {', '.join(f'{v:.3f}' for v in r['ms'])} | {1 / t:.0f} | "
+                     f"{total / t / bw * 100:.1f}% | {t_int4 / t:.2f} | {r['rel_err']:.1e} |")
+    lines += [f"| torch int4 g128 (128 launches, one graph) | {t_int4 * 1e3:.3f} | | {1 / t_int4:.0f} | | 1.00 | |", ""]
+    lines += ["Timelines (globaltimer per block, one traced replay; medians over the layers, us; lead: the previous "
+              "kernel's last end - this kernel's first (or median) block start; resolve: first wait released - "
+              "previous last end; span: last end - previous last end):", "",
+              "| variant | linear | lead first | lead median | resolve | x prologue | body | span | SMs |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in res["steps"].items():
+        for kind, v in r.get("timeline", {}).items():
+            lines.append(f"| {key} | {kind} | {v['lead_first']:.2f} | {v['lead_median']:.2f} | {v['resolve']:.2f} | "
+                         f"{v['prologue']:.2f} | {v['body']:.2f} | {v['span']:.2f} | {v['sms']:.0f} |")
+    lines.append("")
+    print("\n".join(lines), flush=True)
+    if save:
+        save.mkdir(parents=True, exist_ok=True)
+        (save / "gpu-ring.md").write_text("\n".join(lines))
+        (save / "gpu-ring.json").write_text(json.dumps(res, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("step", choices=["build", "run"])
+    ap.add_argument("--out", default=".device/ring")
+    ap.add_argument("--arch", default="sm_90a")
+    ap.add_argument("--variants", default=";".join(VARIANTS), help="build: which variants (names separated by ;)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--save", help="run: write gpu-ring.md and .json there")
+    a = ap.parse_args()
+    if a.step == "build":
+        build(Path(a.out), a.arch, [v.strip() for v in a.variants.split(";")])
+    else:
+        run(Path(a.out), Path(a.save) if a.save else None, a.repeat)
+
+
+if __name__ == "__main__":
+    main()
