@@ -42,18 +42,20 @@ from gpu_decode import (LAYERS, READ_BW_CU, SHAPES, Driver, _LaunchAttr, _Launch
                         copy_bandwidth, read_bandwidth, torch_int4_step)
 
 GROUP = 128
-WARPS = 8            # consumer warps per block (+ one producer warp)
-# per K: rows per slot, slots per consumer warp (the ring holds WARPS * depth slots; ~100 KB, so two blocks fit an SM)
-RING = {4096: (2, 3), 11008: (1, 2)}
+# per K: rows per slot, slots per consumer warp, consumer warps (+ one producer warp); the ring holds warps x depth
+# slots, ~100 KB, so that two blocks fit an SM
+RING = {4096: (2, 3, 8), 11008: (1, 2, 8)}
 # (name, #defines): what each build measures
+BIG = {4096: (2, 6, 8), 11008: (1, 4, 8)}   # ~200 KB: one block per SM, nothing co-resident
 VARIANTS = {
-    "ring": {},                                   # the design: producer from the start, trigger at the start
-    "ring, producer after the wait": {"PRODUCER_WAITS": 1},   # no early streaming: what co-residency buys
-    "ring, half the ring before the wait": {"PRE": 2},
-    "ring, a quarter before the wait": {"PRE": 1},
-    "ring, trigger at the end": {"TRIGGER_LAST": 1},          # no co-residency: the next kernel launches late
-    "ring, no math": {"SKIP_MATH": 1},            # the ring, the waits and the rounding, no dot products
-    "small ring": {"ring": {4096: (2, 2), 11008: (1, 1)}},   # ~70 KB
+    "ring": {"PRE": 2},                           # producer from the start (half its ring before the wait)
+    "dynamic tiles (4 slots a grab)": {"PRE": 2, "DYN": 1, "CH": 4},
+    "dynamic tiles (2 slots a grab)": {"PRE": 2, "DYN": 1, "CH": 2},
+    "dynamic tiles (8 slots a grab)": {"PRE": 2, "DYN": 1, "CH": 8},
+    "dynamic tiles, full ring before the wait": {"PRE": 4, "DYN": 1, "CH": 4},
+    "dynamic tiles, x pre-rounded": {"PRE": 2, "DYN": 1, "CH": 4, "XPRE": 1},
+    "dynamic tiles, no math": {"PRE": 2, "DYN": 1, "CH": 4, "SKIP_MATH": 1},
+    "dynamic tiles, big ring": {"DYN": 1, "CH": 4, "ring": BIG},
 }
 
 KERNEL_CU = r"""
@@ -78,7 +80,10 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned b
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                :: "r"(smem(dst)), "l"(src), "r"(bytes), "r"(smem(b)) : "memory");
 }
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" :: "r"(WARPS * 32) : "memory"); }
+__device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(src), "r"(bytes) : "memory");
+}
+template <int W> __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" :: "r"(W * 32) : "memory"); }
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ unsigned long long now() {
   unsigned long long t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t;
@@ -146,9 +151,10 @@ template <int K, int RS> __device__ __forceinline__ void slot_pass(const unsigne
   }
 }
 
-template <int K, int RS, int D>
+template <int K, int RS, int D, int WARPS>
 __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts, int n, const half* __restrict__ x,
-                                          half* __restrict__ y, unsigned long long* trace) {
+                                          half* __restrict__ y, unsigned long long* trace, const uint4* __restrict__ xpre,
+                                          const unsigned char* next_w, int next_n, int next_rowb, unsigned* ctr) {
   constexpr int G = K / 128, P = (G + 31) / 32, ROWB = (K / 2 + 4 * G + 15) / 16 * 16, SLOTB = RS * ROWB;
   constexpr int S = WARPS * D;
   extern __shared__ __align__(128) unsigned char sm[];
@@ -159,6 +165,7 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
   float* xsum = xsb + P * 128;                               // [P * 32]: per group, the sum of its activations
   uint64_t* full = reinterpret_cast<uint64_t*>(xsum + P * 32);
   uint64_t* empty = full + S;
+  int* rowidx = reinterpret_cast<int*>(empty + S);            // [S] (DYN): the tile each slot holds, -1: stop
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int lo = (int)((long long)n * blockIdx.x / gridDim.x), hi = (int)((long long)n * (blockIdx.x + 1) / gridDim.x);
   const int T = (hi - lo + RS - 1) / RS;
@@ -172,7 +179,30 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
   if (!TRIGGER_LAST) pdl_trigger();
   if (warp == WARPS) {                      // the producer: this block's rows, in order, into the ring
     if (PRODUCER_WAITS) pdl_wait();
-    if (lane == 0) {
+    if (DYN && lane == 0) {     // tiles of CH slots from a counter: whoever streams faster takes more
+      const int NT = (n + RS - 1) / RS;
+      int t = 0, grab = (int)atomicAdd(ctr, (unsigned)CH);
+      while (grab < NT) {
+        const int nxt = (int)atomicAdd(ctr, (unsigned)CH);   // the next grab's round trip behind these copies
+        for (int c = 0; c < CH && grab + c < NT; ++c, ++t) {
+          const int s = t % S, tile = grab + c;
+          if (t == PRE * S / 4) pdl_wait();
+          if (t >= S) mbar_wait(empty + s, ((t / S) - 1) & 1);
+          rowidx[s] = tile;
+          const unsigned bytes = (unsigned)(min(RS, n - tile * RS) * ROWB);
+          mbar_expect(full + s, bytes);
+          bulk_load(slots + s * SLOTB, wts + (size_t)tile * RS * ROWB, bytes, full + s);
+        }
+        grab = nxt;
+      }
+      for (int c = 0; c < WARPS; ++c, ++t) {   // each consumer warp's next slot: stop
+        const int s = t % S;
+        if (t >= S) mbar_wait(empty + s, ((t / S) - 1) & 1);
+        rowidx[s] = -1;
+        mbar_arrive(full + s);
+      }
+    }
+    if (!DYN && lane == 0) {
       for (int t = 0; t < T; ++t) {
         const int s = t % S;
         if (t == PRE * S / 4 && !PRODUCER_WAITS) pdl_wait();   // at most PRE quarters of the ring before the wait
@@ -181,11 +211,31 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
         mbar_expect(full + s, bytes);
         bulk_load(slots + s * SLOTB, wts + (size_t)(lo + t * RS) * ROWB, bytes, full + s);
       }
+      if (PF && next_w) {   // the next linear's first PF bytes of this block's share, into L2 while this one ends
+        const long long a = (long long)next_n * blockIdx.x / gridDim.x, b = (long long)next_n * (blockIdx.x + 1) / gridDim.x;
+        const long long nb = min((long long)PF, (b - a) * next_rowb);
+        for (long long o = 0; o < nb; o += 16384)
+          prefetch_l2(next_w + a * next_rowb + o, (unsigned)min(16384LL, nb - o));
+      }
     }
     return;
   }
   pdl_wait();
   if (tr && tid == 0) tr[1] = now();
+  if (XPRE) {                              // x already rounded, in this block's shared-memory image (an upper bound)
+    constexpr int NU = P * (4096 + 512 + 512 + 128) / 16;
+    uint4 v[(NU + WARPS * 32 - 1) / (WARPS * 32)];
+    #pragma unroll
+    for (int u = 0; u < (NU + WARPS * 32 - 1) / (WARPS * 32); ++u) {
+      const int j = u * WARPS * 32 + tid;
+      if (j < NU) v[u] = __ldg(xpre + j);
+    }
+    #pragma unroll
+    for (int u = 0; u < (NU + WARPS * 32 - 1) / (WARPS * 32); ++u) {
+      const int j = u * WARPS * 32 + tid;
+      if (j < NU) xq[j] = v[u];
+    }
+  } else {
   // x as the previous kernel left it: int8 per 32 values, 16 per thread (its partner lane the other 16)
   constexpr int NJ = (K / 16 + WARPS * 32 - 1) / (WARPS * 32);   // 16-value halves per thread, loaded at once
   uint4 xv0[NJ], xv1[NJ];
@@ -227,17 +277,22 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
     if (ok) xq[((g / 32) * 8 + c) * 32 + g % 32] = make_uint4(q[0], q[1], q[2], q[3]);
     if (ok && !(j & 1)) { reinterpret_cast<float*>(xs4)[bi] = sc; xsb[bi] = sc * (float)isum; }
   }
-  consumers_sync();
+  consumers_sync<WARPS>();
   if (tid < G) xsum[tid] = xsb[4 * tid] + xsb[4 * tid + 1] + xsb[4 * tid + 2] + xsb[4 * tid + 3];
-  consumers_sync();
+  }
+  consumers_sync<WARPS>();
   uint4 xv[8];
   float4 s4 = make_float4(0.f, 0.f, 0.f, 0.f);
   float xsm = 0.f;
   if (tr && tid == 0) tr[2] = now();
   if constexpr (P == 1) { load_x<P>(xv, xq, 0, lane); s4 = xs4[lane]; xsm = xsum[lane]; }
-  for (int t = warp; t < T; t += WARPS) {
-    const int s = t % S, rows = min(RS, hi - lo - t * RS);
+  for (int t = warp; DYN || t < T; t += WARPS) {
+    const int s = t % S;
     mbar_wait(full + s, (t / S) & 1);
+    const int r0 = DYN ? rowidx[s] * RS : lo + t * RS;
+    if (r0 < 0) break;
+    const int rows = min(RS, (DYN ? n : hi) - r0);
+    if (tr && tid == 0 && t == 0) tr[5] = now();
     const unsigned char* slot = slots + s * SLOTB;
     float acc[RS];
     #pragma unroll
@@ -261,21 +316,30 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
     for (int i = 0; i < FOLD; ++i) a[i] = i < RS ? acc[i] : 0.f;
     const float r = reduce_rows<FOLD>(a, lane);
     const int i = lane / (32 / FOLD);
-    if ((lane & (32 / FOLD - 1)) == 0 && i < rows) y[lo + t * RS + i] = __float2half_rn(r);
+    if ((lane & (32 / FOLD - 1)) == 0 && i < rows) y[r0 + i] = __float2half_rn(r);
+  }
+  if (DYN) {   // the last block out zeroes the counters for the next launch
+    consumers_sync<WARPS>();
+    if (tid == 0) {
+      __threadfence();
+      if (atomicAdd(ctr + 1, 1u) == gridDim.x - 1) { ctr[0] = 0; ctr[1] = 0; __threadfence(); }
+    }
   }
   if (TRIGGER_LAST) pdl_trigger();
-  if (tr) { consumers_sync(); if (tid == 0) tr[3] = now(); }
+  if (tr) { consumers_sync<WARPS>(); if (tid == 0) tr[3] = now(); }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32 + 32, 2)
+extern "C" __global__ void __launch_bounds__(W4096 * 32 + 32, 2)
 ring_k4096(const unsigned char* __restrict__ w, int n, const half* __restrict__ x, half* __restrict__ y,
-           unsigned long long* trace) {
-  ring_gemv<4096, RS4096, D4096>(w, n, x, y, trace);
+           unsigned long long* trace, const uint4* __restrict__ xpre, const unsigned char* nw, int nn, int nr,
+           unsigned* ctr) {
+  ring_gemv<4096, RS4096, D4096, W4096>(w, n, x, y, trace, xpre, nw, nn, nr, ctr);
 }
-extern "C" __global__ void __launch_bounds__(WARPS * 32 + 32, 2)
+extern "C" __global__ void __launch_bounds__(W11008 * 32 + 32, 2)
 ring_k11008(const unsigned char* __restrict__ w, int n, const half* __restrict__ x, half* __restrict__ y,
-            unsigned long long* trace) {
-  ring_gemv<11008, RS11008, D11008>(w, n, x, y, trace);
+            unsigned long long* trace, const uint4* __restrict__ xpre, const unsigned char* nw, int nn, int nr,
+            unsigned* ctr) {
+  ring_gemv<11008, RS11008, D11008, W11008>(w, n, x, y, trace, xpre, nw, nn, nr, ctr);
 }
 """
 
@@ -286,22 +350,21 @@ def row_bytes(k: int) -> int:
 
 
 def smem_bytes(k: int, ring=RING) -> int:
-    rs, d = ring[k]
+    rs, d, w = ring[k]
     p = -(-(k // GROUP) // 32)
-    s = WARPS * d
-    return s * rs * row_bytes(k) + p * 4096 + p * 32 * 16 + p * 128 * 4 + p * 32 * 4 + 2 * s * 8
+    s = w * d
+    return s * rs * row_bytes(k) + p * 4096 + p * 32 * 16 + p * 128 * 4 + p * 32 * 4 + 2 * s * 8 + 4 * s
 
 
 def build(out: Path, arch: str, variants: list[str]):
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"arch": arch, "warps": WARPS, "variants": {}}
+    meta = {"arch": arch, "variants": {}}
     for i, name in enumerate(variants):
         ring = VARIANTS[name].get("ring", RING)
-        flags = {"TRIGGER_LAST": 0, "PRODUCER_WAITS": 0, "SKIP_MATH": 0, "PRE": 4,
+        flags = {"TRIGGER_LAST": 0, "PRODUCER_WAITS": 0, "SKIP_MATH": 0, "PRE": 4, "XPRE": 0, "PF": 0, "DYN": 0, "CH": 4,
                  **{k: v for k, v in VARIANTS[name].items() if k != "ring"}}
         defs = "".join(f"#define {k} {v}\n" for k, v in flags.items())
-        defs += (f"#define WARPS {WARPS}\n#define RS4096 {ring[4096][0]}\n#define D4096 {ring[4096][1]}\n"
-                 f"#define RS11008 {ring[11008][0]}\n#define D11008 {ring[11008][1]}\n")
+        defs += "".join(f"#define RS{k} {rs}\n#define D{k} {d}\n#define W{k} {w}\n" for k, (rs, d, w) in ring.items())
         src = out / f"ring{i}.cu"
         src.write_text(defs + KERNEL_CU + (READ_BW_CU if i == 0 else ""))
         r = subprocess.run(["nvcc", "-cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-o", str(out / f"ring{i}.cubin"),
@@ -351,32 +414,57 @@ def timeline(tr):
     previous last end), the x prologue (median), the kernel's span (its last end - the previous last end)."""
     import statistics
     t = tr.double()
-    start, wait, xd, end = t[..., 0], t[..., 1], t[..., 2], t[..., 3]
+    start, wait, xd, end, first = t[..., 0], t[..., 1], t[..., 2], t[..., 3], t[..., 5]
     rows = {}
     for i in range(1, t.shape[0]):
         kind = SHAPES[i % len(SHAPES)][0]
         prev_end = end[i - 1].max()
         r = rows.setdefault(kind, {"lead_first": [], "lead_median": [], "resolve": [], "prologue": [], "span": [],
-                                   "body": [], "sms": []})
+                                   "body": [], "tail": [], "first_slot": [], "sms": []})
         r["lead_first"].append((prev_end - start[i].min()).item() / 1e3)
         r["lead_median"].append((prev_end - start[i].median()).item() / 1e3)
         r["resolve"].append((wait[i].min() - prev_end).item() / 1e3)
         r["prologue"].append((xd[i] - wait[i]).median().item() / 1e3)
         r["body"].append((end[i].max() - xd[i].median()).item() / 1e3)
         r["span"].append((end[i].max() - prev_end).item() / 1e3)
+        r["tail"].append((end[i].max() - end[i].median()).item() / 1e3)
+        r["first_slot"].append((first[i] - xd[i]).median().item() / 1e3)
         r["sms"].append(len(set(tr[i, :, 4].tolist())))
     out = {kind: {k: statistics.median(v) for k, v in r.items()} for kind, r in rows.items()}
     print(json.dumps({"timeline_us": out}), flush=True)
     return out
 
 
-def launcher(drv, name, sms, smem, tensors, pdl=True):
+def x_image(x, k: int):
+    """x rounded as the kernels round it (int8 per 32 values, scale max / 127), laid out as their shared memory holds
+    it (int8 [P][8][32 lanes][16], then per group the 4 block scales, per block scale x code sum, per group the sum):
+    what a producer of x could write for them (the XPRE variants read it instead of rounding x)."""
+    import torch
+    g = k // GROUP
+    p = -(-g // 32)
+    f = x.float().reshape(-1, 32)
+    m = f.abs().amax(dim=1)
+    sc = torch.where(m > 0, m / 127.0, torch.ones_like(m))
+    q = torch.round(f * (1.0 / sc)[:, None]).to(torch.int32)
+    xsb = sc * q.sum(dim=1).float()
+    xsum = ((xsb[0::4] + xsb[1::4]) + xsb[2::4]) + xsb[3::4]
+    img = torch.zeros(p * 32, 128, dtype=torch.int8, device=x.device)
+    img[:g] = q.reshape(g, 128).to(torch.int8)
+    xq = img.reshape(p, 32, 8, 16).permute(0, 2, 1, 3).contiguous().view(torch.uint8).reshape(-1)
+    pad = torch.zeros(p * 32 * 4, device=x.device)
+    xs4 = pad.clone(); xs4[:4 * g] = sc
+    xb = pad.clone(); xb[:4 * g] = xsb
+    xs = torch.zeros(p * 32, device=x.device); xs[:g] = xsum
+    return torch.cat([xq, xs4.view(torch.uint8), xb.view(torch.uint8), xs.view(torch.uint8)])
+
+
+def launcher(drv, name, sms, warps, smem, tensors, pdl=True):
     import torch
     ptrs = [t if isinstance(t, ctypes._SimpleCData) else ctypes.c_void_p(t.data_ptr()) for t in tensors]
     args = (ctypes.c_void_p * len(ptrs))(*[ctypes.addressof(p) for p in ptrs])
     f = drv.fn(name)
     attr = _LaunchAttr(id=6, val=1 if pdl else 0)
-    cfg = _LaunchConfig(sms, 1, 1, (WARPS + 1) * 32, 1, 1, smem, None, ctypes.pointer(attr), 1)
+    cfg = _LaunchConfig(sms, 1, 1, (warps + 1) * 32, 1, 1, smem, None, ctypes.pointer(attr), 1)
 
     def go():
         cfg.stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
@@ -401,22 +489,27 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
     x = torch.randn(max(k for _, _, k in SHAPES), device="cuda", dtype=torch.float16, generator=gen)
     ys = [torch.full((n,), float("nan"), device="cuda", dtype=torch.float16) for _, n, _ in SHAPES]
     refs = [dequantize(w, k) @ x[:k].float() for w, (_, _, k) in zip(layers[-1], SHAPES)]
+    images = {k: x_image(x[:k], k) for k in RING}
+    ctrs = torch.zeros(LAYERS * len(SHAPES), 32, dtype=torch.int32, device="cuda")   # (DYN) per launch, own line
     res = {"device": dev, "sms": sms, "roofline_TBps": bw / 1e12, "copy_TBps": cbw / 1e12, "bytes": total,
            "host": platform.node(), **meta, "steps": {}}
     null = ctypes.c_void_p(0)
     for nm in names:
-        drv, smem = drvs[nm], meta["variants"][nm]["smem"]
+        drv, smem, ring = drvs[nm], meta["variants"][nm]["smem"], meta["variants"][nm]["ring"]
         for k in RING:
             f = drv.fn(f"ring_k{k}")
             drv._check(drv.lib.cuFuncSetAttribute(f, 8, smem[str(k)]))   # MAX_DYNAMIC_SHARED_SIZE_BYTES
             drv._check(drv.lib.cuFuncSetAttribute(f, 9, 100))            # PREFERRED_SHARED_MEMORY_CARVEOUT
 
         def chain(pdl, trace=None):
-            return [launcher(drv, f"ring_k{k}", sms, smem[str(k)],
+            seq = [(w, i, n, k) for layer in layers for i, (w, (_, n, k)) in enumerate(zip(layer, SHAPES))]
+            return [launcher(drv, f"ring_k{k}", sms, ring[str(k)][2], smem[str(k)],
                              [w, ctypes.c_int(n), x, ys[i],
-                              null if trace is None else ctypes.c_void_p(trace[j].data_ptr())], pdl=pdl)
-                    for j, (w, i, n, k) in enumerate((w, i, n, k) for layer in layers
-                                                     for i, (w, (_, n, k)) in enumerate(zip(layer, SHAPES)))]
+                              null if trace is None else ctypes.c_void_p(trace[j].data_ptr()), images[k],
+                              *((seq[j + 1][0], ctypes.c_int(seq[j + 1][2]), ctypes.c_int(row_bytes(seq[j + 1][3])))
+                                if j + 1 < len(seq) else (null, ctypes.c_int(0), ctypes.c_int(0))),
+                              ctypes.c_void_p(ctrs[j].data_ptr())], pdl=pdl)
+                    for j, (w, i, n, k) in enumerate(seq)]
         for pdl in (True, False):
             fns = chain(pdl)
             for y in ys:
@@ -444,8 +537,9 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
     lines = [f"# Ring GEMVs with early streaming, W4 g128 decode step (prototype, {dev}), "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"`python3 benchmarks/gpu_ring.py run` ({platform.node()}); roofline {bw / 1e12:.2f} TB/s (copy "
-             f"{cbw / 1e12:.2f}); {total / 1e9:.3f} GB per step; {WARPS} consumer warps + 1 producer per block, one "
-             f"block per SM", "",
+             f"{cbw / 1e12:.2f}); {total / 1e9:.3f} GB per step; one block per SM (a producer warp and consumer "
+             f"warps); per variant and K (rows per slot, slots per consumer warp, consumer warps): "
+             + "; ".join(f"{nm} {v['ring']}" for nm, v in meta["variants"].items()), "",
              "| variant | ms (median of runs) | runs | tok/s | % of roofline | x torch int4 | last layer rel err |",
              "|---|---|---|---|---|---|---|"]
     for key, r in res["steps"].items():
@@ -456,12 +550,13 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
     lines += ["Timelines (globaltimer per block, one traced replay; medians over the layers, us; lead: the previous "
               "kernel's last end - this kernel's first (or median) block start; resolve: first wait released - "
               "previous last end; span: last end - previous last end):", "",
-              "| variant | linear | lead first | lead median | resolve | x prologue | body | span | SMs |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| variant | linear | lead first | lead median | resolve | x prologue | first slot after x | body | "
+              "tail (last - median end) | span | SMs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in res["steps"].items():
         for kind, v in r.get("timeline", {}).items():
             lines.append(f"| {key} | {kind} | {v['lead_first']:.2f} | {v['lead_median']:.2f} | {v['resolve']:.2f} | "
-                         f"{v['prologue']:.2f} | {v['body']:.2f} | {v['span']:.2f} | {v['sms']:.0f} |")
+                         f"{v['prologue']:.2f} | {v['first_slot']:.2f} | {v['body']:.2f} | {v['tail']:.2f} | "
+                         f"{v['span']:.2f} | {v['sms']:.0f} |")
     lines.append("")
     print("\n".join(lines), flush=True)
     if save:
