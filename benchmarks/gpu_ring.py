@@ -47,15 +47,15 @@ GROUP = 128
 RING = {4096: (2, 3, 8), 11008: (1, 2, 8)}
 # (name, #defines): what each build measures
 BIG = {4096: (2, 6, 8), 11008: (1, 4, 8)}   # ~200 KB: one block per SM, nothing co-resident
-VARIANTS = {
-    "ring": {"PRE": 2},                           # producer from the start (half its ring before the wait)
-    "dynamic tiles (4 slots a grab)": {"PRE": 2, "DYN": 1, "CH": 4},
-    "dynamic tiles (2 slots a grab)": {"PRE": 2, "DYN": 1, "CH": 2},
-    "dynamic tiles (8 slots a grab)": {"PRE": 2, "DYN": 1, "CH": 8},
-    "dynamic tiles, full ring before the wait": {"PRE": 4, "DYN": 1, "CH": 4},
-    "dynamic tiles, x pre-rounded": {"PRE": 2, "DYN": 1, "CH": 4, "XPRE": 1},
-    "dynamic tiles, no math": {"PRE": 2, "DYN": 1, "CH": 4, "SKIP_MATH": 1},
-    "dynamic tiles, big ring": {"DYN": 1, "CH": 4, "ring": BIG},
+VARIANTS = {   # "pre": quarters of the ring filled before the wait, per linear (qkv, o, gate_up, down)
+    "ring 4,4,2,2": {"pre": [4, 4, 2, 2]},
+    "ring 4,4,2,2, two-chain dot": {"pre": [4, 4, 2, 2], "FASTDOT": 1},
+    "ring 4,4,2,2, two-chain dot, 12 warps at K = 4096": {"pre": [4, 4, 2, 2], "FASTDOT": 1,
+                                                          "ring": {4096: (2, 2, 12), 11008: (1, 2, 8)}},
+    "ring 4,4,2,2, two-chain dot, 4 rows a slot at K = 4096": {"pre": [4, 4, 2, 2], "FASTDOT": 1,
+                                                              "ring": {4096: (4, 1, 8), 11008: (1, 2, 8)}},
+    "ring 4,4,2,2, two-chain dot, x pre-rounded": {"pre": [4, 4, 2, 2], "FASTDOT": 1, "XPRE": 1},
+    "ring 4,4,2,2, no math": {"pre": [4, 4, 2, 2], "SKIP_MATH": 1},
 }
 
 KERNEL_CU = r"""
@@ -101,6 +101,19 @@ __device__ __forceinline__ int dot32(uint4 w, uint4 x0, uint4 x1) {
   return dot_word(w.w, x1.z, x1.w, a);
 }
 
+// dp4a of unsigned bytes (codes) and signed bytes (activations)
+__device__ __forceinline__ int dp4a_us(unsigned a, unsigned b, int c) {
+  int d; asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+// dot32 with two independent chains: the low nibbles as they are, the high ones left in place (x 16), then summed
+__device__ __forceinline__ int dot32_fast(uint4 w, uint4 x0, uint4 x1) {
+  int lo = dp4a_us(w.x & 0x0F0F0F0Fu, x0.x, 0), hi = dp4a_us(w.x & 0xF0F0F0F0u, x0.y, 0);
+  lo = dp4a_us(w.y & 0x0F0F0F0Fu, x0.z, lo); hi = dp4a_us(w.y & 0xF0F0F0F0u, x0.w, hi);
+  lo = dp4a_us(w.z & 0x0F0F0F0Fu, x1.x, lo); hi = dp4a_us(w.z & 0xF0F0F0F0u, x1.y, hi);
+  lo = dp4a_us(w.w & 0x0F0F0F0Fu, x1.z, lo); hi = dp4a_us(w.w & 0xF0F0F0F0u, x1.w, hi);
+  return lo + (hi >> 4);
+}
+
 // v[R] per lane -> lane holds the sum over all 32 lanes of row (lane / (32 / R)) (transposed butterfly)
 template <int N, int OFF, int R> __device__ __forceinline__ void fold(float (&v)[R], int lane) {
   if constexpr (N > 1) {
@@ -142,10 +155,17 @@ template <int K, int RS> __device__ __forceinline__ void slot_pass(const unsigne
       #pragma unroll
       for (int c = 0; c < 4; ++c) w[c] = *reinterpret_cast<const uint4*>(rb + c * lp * 16);
       const float2 sz = __half22float2(reinterpret_cast<const half2*>(slot + i * ROWB + K / 2)[g]);
-      float f = s4.x * (float)dot32(w[0], xv[0], xv[1]);
-      f = fmaf(s4.y, (float)dot32(w[1], xv[2], xv[3]), f);
-      f = fmaf(s4.z, (float)dot32(w[2], xv[4], xv[5]), f);
-      f = fmaf(s4.w, (float)dot32(w[3], xv[6], xv[7]), f);
+      float f;
+      if (FASTDOT) {
+        const int d0 = dot32_fast(w[0], xv[0], xv[1]), d1 = dot32_fast(w[1], xv[2], xv[3]);
+        const int d2 = dot32_fast(w[2], xv[4], xv[5]), d3 = dot32_fast(w[3], xv[6], xv[7]);
+        f = fmaf(s4.w, (float)d3, fmaf(s4.z, (float)d2, fmaf(s4.y, (float)d1, s4.x * (float)d0)));
+      } else {
+        f = s4.x * (float)dot32(w[0], xv[0], xv[1]);
+        f = fmaf(s4.y, (float)dot32(w[1], xv[2], xv[3]), f);
+        f = fmaf(s4.z, (float)dot32(w[2], xv[4], xv[5]), f);
+        f = fmaf(s4.w, (float)dot32(w[3], xv[6], xv[7]), f);
+      }
       acc[i] = fmaf(sz.x, fmaf(-sz.y, xsm, f), acc[i]);
     }
   }
@@ -154,9 +174,11 @@ template <int K, int RS> __device__ __forceinline__ void slot_pass(const unsigne
 template <int K, int RS, int D, int WARPS>
 __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts, int n, const half* __restrict__ x,
                                           half* __restrict__ y, unsigned long long* trace, const uint4* __restrict__ xpre,
-                                          const unsigned char* next_w, int next_n, int next_rowb, unsigned* ctr) {
+                                          const unsigned char* next_w, int next_n, int next_rowb, unsigned* ctr,
+                                          int pre) {
   constexpr int G = K / 128, P = (G + 31) / 32, ROWB = (K / 2 + 4 * G + 15) / 16 * 16, SLOTB = RS * ROWB;
   constexpr int S = WARPS * D;
+  const int PREK = pre >= 0 ? pre : K == 4096 ? PRE4096 : PRE11008;   // quarters of the ring before the wait
   extern __shared__ __align__(128) unsigned char sm[];
   unsigned char* slots = sm;
   uint4* xq = reinterpret_cast<uint4*>(sm + S * SLOTB);     // [P][8][32] uint4: int8 activations, per lane
@@ -186,7 +208,7 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
         const int nxt = (int)atomicAdd(ctr, (unsigned)CH);   // the next grab's round trip behind these copies
         for (int c = 0; c < CH && grab + c < NT; ++c, ++t) {
           const int s = t % S, tile = grab + c;
-          if (t == PRE * S / 4) pdl_wait();
+          if (t == PREK * S / 4) pdl_wait();
           if (t >= S) mbar_wait(empty + s, ((t / S) - 1) & 1);
           rowidx[s] = tile;
           const unsigned bytes = (unsigned)(min(RS, n - tile * RS) * ROWB);
@@ -205,7 +227,7 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
     if (!DYN && lane == 0) {
       for (int t = 0; t < T; ++t) {
         const int s = t % S;
-        if (t == PRE * S / 4 && !PRODUCER_WAITS) pdl_wait();   // at most PRE quarters of the ring before the wait
+        if (t == PREK * S / 4 && !PRODUCER_WAITS) pdl_wait();   // at most PRE quarters of the ring before the wait
         if (t >= S) mbar_wait(empty + s, ((t / S) - 1) & 1);
         const unsigned bytes = (unsigned)(min(RS, hi - lo - t * RS) * ROWB);
         mbar_expect(full + s, bytes);
@@ -332,14 +354,14 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
 extern "C" __global__ void __launch_bounds__(W4096 * 32 + 32, 2)
 ring_k4096(const unsigned char* __restrict__ w, int n, const half* __restrict__ x, half* __restrict__ y,
            unsigned long long* trace, const uint4* __restrict__ xpre, const unsigned char* nw, int nn, int nr,
-           unsigned* ctr) {
-  ring_gemv<4096, RS4096, D4096, W4096>(w, n, x, y, trace, xpre, nw, nn, nr, ctr);
+           unsigned* ctr, int pre) {
+  ring_gemv<4096, RS4096, D4096, W4096>(w, n, x, y, trace, xpre, nw, nn, nr, ctr, pre);
 }
 extern "C" __global__ void __launch_bounds__(W11008 * 32 + 32, 2)
 ring_k11008(const unsigned char* __restrict__ w, int n, const half* __restrict__ x, half* __restrict__ y,
             unsigned long long* trace, const uint4* __restrict__ xpre, const unsigned char* nw, int nn, int nr,
-            unsigned* ctr) {
-  ring_gemv<11008, RS11008, D11008, W11008>(w, n, x, y, trace, xpre, nw, nn, nr, ctr);
+            unsigned* ctr, int pre) {
+  ring_gemv<11008, RS11008, D11008, W11008>(w, n, x, y, trace, xpre, nw, nn, nr, ctr, pre);
 }
 """
 
@@ -361,8 +383,10 @@ def build(out: Path, arch: str, variants: list[str]):
     meta = {"arch": arch, "variants": {}}
     for i, name in enumerate(variants):
         ring = VARIANTS[name].get("ring", RING)
-        flags = {"TRIGGER_LAST": 0, "PRODUCER_WAITS": 0, "SKIP_MATH": 0, "PRE": 4, "XPRE": 0, "PF": 0, "DYN": 0, "CH": 4,
-                 **{k: v for k, v in VARIANTS[name].items() if k != "ring"}}
+        flags = {"TRIGGER_LAST": 0, "PRODUCER_WAITS": 0, "SKIP_MATH": 0, "PRE": 4, "XPRE": 0, "PF": 0, "DYN": 0, "CH": 4, "FASTDOT": 0,
+                 **{k: v for k, v in VARIANTS[name].items() if k not in ("ring", "pre")}}
+        flags.setdefault("PRE4096", flags["PRE"])
+        flags.setdefault("PRE11008", flags["PRE"])
         defs = "".join(f"#define {k} {v}\n" for k, v in flags.items())
         defs += "".join(f"#define RS{k} {rs}\n#define D{k} {d}\n#define W{k} {w}\n" for k, (rs, d, w) in ring.items())
         src = out / f"ring{i}.cu"
@@ -373,7 +397,8 @@ def build(out: Path, arch: str, variants: list[str]):
             raise SystemExit(f"error: nvcc failed on {name}:\n{r.stderr[-3000:]}")
         regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln]
         meta["variants"][name] = {"cubin": f"ring{i}.cubin", "ptxas": regs, "ring": {str(k): v for k, v in ring.items()},
-                                  "smem": {str(k): smem_bytes(k, ring) for k in ring}}
+                                  "smem": {str(k): smem_bytes(k, ring) for k in ring},
+                                  "pre": VARIANTS[name].get("pre")}
         print(name, regs)
     (out / "ring.json").write_text(json.dumps(meta, indent=1))
     print(f"built {len(variants)} variants in {out}")
@@ -431,6 +456,20 @@ def timeline(tr):
         r["first_slot"].append((first[i] - xd[i]).median().item() / 1e3)
         r["sms"].append(len(set(tr[i, :, 4].tolist())))
     out = {kind: {k: statistics.median(v) for k, v in r.items()} for kind, r in rows.items()}
+    for j, (kind, _, _) in enumerate(SHAPES):   # is the tail the same SMs each time? per SM: its end - the median
+        lag = {}
+        for i in range(j, t.shape[0], len(SHAPES)):
+            if i == 0:
+                continue
+            med = end[i].median().item()
+            for b in range(t.shape[1]):
+                lag.setdefault(int(tr[i, b, 4]), []).append((end[i, b].item() - med) / 1e3)
+        means = {sm: statistics.mean(v) for sm, v in lag.items()}
+        within = statistics.mean(statistics.pstdev(v) for v in lag.values())
+        slow = sorted(means, key=means.get)[-6:]
+        out[kind]["sm_lag_std_us"] = statistics.pstdev(means.values())
+        out[kind]["sm_lag_within_std_us"] = within
+        out[kind]["slowest_sms"] = {sm: round(means[sm], 2) for sm in slow}
     print(json.dumps({"timeline_us": out}), flush=True)
     return out
 
@@ -496,6 +535,7 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
     null = ctypes.c_void_p(0)
     for nm in names:
         drv, smem, ring = drvs[nm], meta["variants"][nm]["smem"], meta["variants"][nm]["ring"]
+        pre = meta["variants"][nm].get("pre") or [-1] * len(SHAPES)   # per linear, quarters (-1: the build's)
         for k in RING:
             f = drv.fn(f"ring_k{k}")
             drv._check(drv.lib.cuFuncSetAttribute(f, 8, smem[str(k)]))   # MAX_DYNAMIC_SHARED_SIZE_BYTES
@@ -508,7 +548,7 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
                               null if trace is None else ctypes.c_void_p(trace[j].data_ptr()), images[k],
                               *((seq[j + 1][0], ctypes.c_int(seq[j + 1][2]), ctypes.c_int(row_bytes(seq[j + 1][3])))
                                 if j + 1 < len(seq) else (null, ctypes.c_int(0), ctypes.c_int(0))),
-                              ctypes.c_void_p(ctrs[j].data_ptr())], pdl=pdl)
+                              ctypes.c_void_p(ctrs[j].data_ptr()), ctypes.c_int(pre[i])], pdl=pdl)
                     for j, (w, i, n, k) in enumerate(seq)]
         for pdl in (True, False):
             fns = chain(pdl)
@@ -552,12 +592,17 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
               "previous last end; span: last end - previous last end):", "",
               "| variant | linear | lead first | lead median | resolve | x prologue | first slot after x | body | "
               "tail (last - median end) | span | SMs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines_sm = []
     for key, r in res["steps"].items():
         for kind, v in r.get("timeline", {}).items():
+            lines_sm.append(f"| {key} | {kind} | {v['sm_lag_std_us']:.2f} | {v['sm_lag_within_std_us']:.2f} | "
+                            f"{v['slowest_sms']} |")
             lines.append(f"| {key} | {kind} | {v['lead_first']:.2f} | {v['lead_median']:.2f} | {v['resolve']:.2f} | "
                          f"{v['prologue']:.2f} | {v['first_slot']:.2f} | {v['body']:.2f} | {v['tail']:.2f} | "
                          f"{v['span']:.2f} | {v['sms']:.0f} |")
-    lines.append("")
+    lines += ["", "Is the tail the same SMs each time? Per SM its end minus the kernel's median end, over the 32 layers: "
+              "the spread across SMs of its mean, the mean spread within an SM, the slowest SMs (mean lag, us):", "",
+              "| variant | linear | across SMs | within an SM | slowest SMs |", "|---|---|---|---|---|", *lines_sm, ""]
     print("\n".join(lines), flush=True)
     if save:
         save.mkdir(parents=True, exist_ok=True)
