@@ -48,14 +48,14 @@ RING = {4096: (2, 3, 8), 11008: (1, 2, 8)}
 # (name, #defines): what each build measures
 BIG = {4096: (2, 6, 8), 11008: (1, 4, 8)}   # ~200 KB: one block per SM, nothing co-resident
 VARIANTS = {   # "pre": quarters of the ring filled before the wait, per linear (qkv, o, gate_up, down)
-    "ring 4,4,2,2": {"pre": [4, 4, 2, 2]},
-    "ring 4,4,2,2, two-chain dot": {"pre": [4, 4, 2, 2], "FASTDOT": 1},
-    "ring 4,4,2,2, two-chain dot, 12 warps at K = 4096": {"pre": [4, 4, 2, 2], "FASTDOT": 1,
-                                                          "ring": {4096: (2, 2, 12), 11008: (1, 2, 8)}},
-    "ring 4,4,2,2, two-chain dot, 4 rows a slot at K = 4096": {"pre": [4, 4, 2, 2], "FASTDOT": 1,
-                                                              "ring": {4096: (4, 1, 8), 11008: (1, 2, 8)}},
-    "ring 4,4,2,2, two-chain dot, x pre-rounded": {"pre": [4, 4, 2, 2], "FASTDOT": 1, "XPRE": 1},
-    "ring 4,4,2,2, no math": {"pre": [4, 4, 2, 2], "SKIP_MATH": 1},
+    "W4 ring 4,4,2,2, two-chain dot": {"pre": [4, 4, 2, 2], "FASTDOT": 1},
+    "W2 g64 ring 4,4,2,2 (3 rows x 3 slots, 1 x 3)": {"bits": 2, "pre": [4, 4, 2, 2],
+                                                      "ring": {4096: (3, 3, 8), 11008: (1, 3, 8)}},
+    "W2 g64 ring 4,4,2,2 (4 rows x 2 slots, 1 x 3)": {"bits": 2, "pre": [4, 4, 2, 2],
+                                                      "ring": {4096: (4, 2, 8), 11008: (1, 3, 8)}},
+    "W2 g64 ring half before the wait (3 x 3, 1 x 3)": {"bits": 2, "PRE": 2, "ring": {4096: (3, 3, 8), 11008: (1, 3, 8)}},
+    "W2 g64 ring 4,4,2,2, no math": {"bits": 2, "pre": [4, 4, 2, 2], "SKIP_MATH": 1,
+                                     "ring": {4096: (3, 3, 8), 11008: (1, 3, 8)}},
 }
 
 KERNEL_CU = r"""
@@ -141,6 +141,44 @@ template <int P> __device__ __forceinline__ void load_x(uint4 (&xv)[8], const ui
   for (int c = 0; c < 8; ++c) xv[c] = xq[(p * 8 + c) * 32 + lane];
 }
 
+// the row layout: a lane slot is 128 values of K (4-bit: one group of 128, 2-bit: two groups of 64)
+template <int K> struct Lay {
+  static constexpr int GS = BITS == 4 ? 128 : 64, G = K / GS, NS = K / 128, P = (NS + 31) / 32;
+  static constexpr int CB = K * BITS / 8, ROWB = (CB + 4 * G + 15) / 16 * 16, PASSB = 32 * 128 * BITS / 8;
+};
+
+// 2-bit: the codes of one word (16 values, code j of byte b = element 4 j + b) kept in place (x 4^j) against the
+// x word per j, four chains; the 32-value block = two words
+__device__ __forceinline__ int dot32_2b(unsigned w0, unsigned w1, uint4 x0, uint4 x1) {
+  int a0 = dp4a_us(w0 & 0x03030303u, x0.x, 0), a1 = dp4a_us(w0 & 0x0C0C0C0Cu, x0.y, 0);
+  int a2 = dp4a_us(w0 & 0x30303030u, x0.z, 0), a3 = dp4a_us(w0 & 0xC0C0C0C0u, x0.w, 0);
+  a0 = dp4a_us(w1 & 0x03030303u, x1.x, a0); a1 = dp4a_us(w1 & 0x0C0C0C0Cu, x1.y, a1);
+  a2 = dp4a_us(w1 & 0x30303030u, x1.z, a2); a3 = dp4a_us(w1 & 0xC0C0C0C0u, x1.w, a3);
+  return a0 + (a1 >> 2) + (a2 >> 4) + (a3 >> 6);
+}
+
+// 2-bit rows (<= RS) of a slot: this lane's two groups of 64 of pass p
+template <int K, int RS> __device__ __forceinline__ void slot_pass2(const unsigned char* slot, int rows, int p,
+                                                                   const uint4 (&xv)[8], float4 s4, float2 xs2,
+                                                                   int lane, float (&acc)[RS]) {
+  using L = Lay<K>;
+  const int lp = min(32, L::NS - 32 * p), ls = 32 * p + lane;
+  #pragma unroll
+  for (int i = 0; i < RS; ++i) {
+    if (i < rows) {
+      const unsigned char* rb = slot + i * L::ROWB + p * L::PASSB + lane * 16;
+      const uint4 w0 = *reinterpret_cast<const uint4*>(rb), w1 = *reinterpret_cast<const uint4*>(rb + lp * 16);
+      const uint2 szw = reinterpret_cast<const uint2*>(slot + i * L::ROWB + L::CB)[ls];
+      const float2 sz0 = __half22float2(*reinterpret_cast<const half2*>(&szw.x));
+      const float2 sz1 = __half22float2(*reinterpret_cast<const half2*>(&szw.y));
+      const int d0 = dot32_2b(w0.x, w0.y, xv[0], xv[1]), d1 = dot32_2b(w0.z, w0.w, xv[2], xv[3]);
+      const int d2 = dot32_2b(w1.x, w1.y, xv[4], xv[5]), d3 = dot32_2b(w1.z, w1.w, xv[6], xv[7]);
+      const float f0 = fmaf(s4.y, (float)d1, s4.x * (float)d0), f1 = fmaf(s4.w, (float)d3, s4.z * (float)d2);
+      acc[i] = fmaf(sz1.x, fmaf(-sz1.y, xs2.y, f1), fmaf(sz0.x, fmaf(-sz0.y, xs2.x, f0), acc[i]));
+    }
+  }
+}
+
 // rows (<= RS) of a slot: this lane's group of pass p, accumulated into acc[i]
 template <int K, int RS> __device__ __forceinline__ void slot_pass(const unsigned char* slot, int rows, int p,
                                                                   const uint4 (&xv)[8], float4 s4, float xsm,
@@ -176,7 +214,8 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
                                           half* __restrict__ y, unsigned long long* trace, const uint4* __restrict__ xpre,
                                           const unsigned char* next_w, int next_n, int next_rowb, unsigned* ctr,
                                           int pre) {
-  constexpr int G = K / 128, P = (G + 31) / 32, ROWB = (K / 2 + 4 * G + 15) / 16 * 16, SLOTB = RS * ROWB;
+  using L = Lay<K>;
+  constexpr int G = L::NS, P = L::P, ROWB = L::ROWB, SLOTB = RS * ROWB;   // G: lane slots of 128 values
   constexpr int S = WARPS * D;
   const int PREK = pre >= 0 ? pre : K == 4096 ? PRE4096 : PRE11008;   // quarters of the ring before the wait
   extern __shared__ __align__(128) unsigned char sm[];
@@ -185,7 +224,8 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
   float4* xs4 = reinterpret_cast<float4*>(xq + P * 8 * 32);  // [P * 32]: per group, the scales of its 4 blocks
   float* xsb = reinterpret_cast<float*>(xs4 + P * 32);       // [P * 128]: per block of 32, scale x sum of codes
   float* xsum = xsb + P * 128;                               // [P * 32]: per group, the sum of its activations
-  uint64_t* full = reinterpret_cast<uint64_t*>(xsum + P * 32);
+  float2* xsum2 = reinterpret_cast<float2*>(xsum + P * 32);  // [P * 32]: per lane slot, its two 64-sums
+  uint64_t* full = reinterpret_cast<uint64_t*>(xsum2 + P * 32);
   uint64_t* empty = full + S;
   int* rowidx = reinterpret_cast<int*>(empty + S);            // [S] (DYN): the tile each slot holds, -1: stop
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -300,14 +340,18 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
     if (ok && !(j & 1)) { reinterpret_cast<float*>(xs4)[bi] = sc; xsb[bi] = sc * (float)isum; }
   }
   consumers_sync<WARPS>();
-  if (tid < G) xsum[tid] = xsb[4 * tid] + xsb[4 * tid + 1] + xsb[4 * tid + 2] + xsb[4 * tid + 3];
+  if (tid < G) {
+    xsum[tid] = xsb[4 * tid] + xsb[4 * tid + 1] + xsb[4 * tid + 2] + xsb[4 * tid + 3];
+    xsum2[tid] = make_float2(xsb[4 * tid] + xsb[4 * tid + 1], xsb[4 * tid + 2] + xsb[4 * tid + 3]);
+  }
   }
   consumers_sync<WARPS>();
   uint4 xv[8];
   float4 s4 = make_float4(0.f, 0.f, 0.f, 0.f);
   float xsm = 0.f;
+  float2 xs2 = make_float2(0.f, 0.f);
   if (tr && tid == 0) tr[2] = now();
-  if constexpr (P == 1) { load_x<P>(xv, xq, 0, lane); s4 = xs4[lane]; xsm = xsum[lane]; }
+  if constexpr (P == 1) { load_x<P>(xv, xq, 0, lane); s4 = xs4[lane]; xsm = xsum[lane]; xs2 = xsum2[lane]; }
   for (int t = warp; DYN || t < T; t += WARPS) {
     const int s = t % S;
     mbar_wait(full + s, (t / S) & 1);
@@ -325,8 +369,11 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
       #pragma unroll
       for (int p = 0; p < P; ++p) {
         if (32 * p + lane < G) {
-          if constexpr (P > 1) { load_x<P>(xv, xq, p, lane); s4 = xs4[32 * p + lane]; xsm = xsum[32 * p + lane]; }
-          slot_pass<K, RS>(slot, rows, p, xv, s4, xsm, lane, acc);
+          if constexpr (P > 1) {
+            load_x<P>(xv, xq, p, lane); s4 = xs4[32 * p + lane]; xsm = xsum[32 * p + lane]; xs2 = xsum2[32 * p + lane];
+          }
+          if constexpr (BITS == 2) slot_pass2<K, RS>(slot, rows, p, xv, s4, xs2, lane, acc);
+          else slot_pass<K, RS>(slot, rows, p, xv, s4, xsm, lane, acc);
         }
       }
     }
@@ -366,16 +413,20 @@ ring_k11008(const unsigned char* __restrict__ w, int n, const half* __restrict__
 """
 
 
-def row_bytes(k: int) -> int:
+def group_size(bits: int) -> int:
+    return GROUP if bits == 4 else 64
+
+
+def row_bytes(k: int, bits: int = 4) -> int:
     """One row's codes, then its (scale, zero) half2 per group, padded to 16 bytes (bulk copies move 16-byte units)."""
-    return -(-(k // 2 + 4 * (k // GROUP)) // 16) * 16
+    return -(-(k * bits // 8 + 4 * (k // group_size(bits))) // 16) * 16
 
 
-def smem_bytes(k: int, ring=RING) -> int:
+def smem_bytes(k: int, ring=RING, bits: int = 4) -> int:
     rs, d, w = ring[k]
     p = -(-(k // GROUP) // 32)
     s = w * d
-    return s * rs * row_bytes(k) + p * 4096 + p * 32 * 16 + p * 128 * 4 + p * 32 * 4 + 2 * s * 8 + 4 * s
+    return s * rs * row_bytes(k, bits) + p * 4096 + p * 32 * 16 + p * 128 * 4 + p * 32 * 12 + 2 * s * 8 + 4 * s
 
 
 def build(out: Path, arch: str, variants: list[str]):
@@ -383,8 +434,9 @@ def build(out: Path, arch: str, variants: list[str]):
     meta = {"arch": arch, "variants": {}}
     for i, name in enumerate(variants):
         ring = VARIANTS[name].get("ring", RING)
-        flags = {"TRIGGER_LAST": 0, "PRODUCER_WAITS": 0, "SKIP_MATH": 0, "PRE": 4, "XPRE": 0, "PF": 0, "DYN": 0, "CH": 4, "FASTDOT": 0,
-                 **{k: v for k, v in VARIANTS[name].items() if k not in ("ring", "pre")}}
+        bits = VARIANTS[name].get("bits", 4)
+        flags = {"BITS": bits, "TRIGGER_LAST": 0, "PRODUCER_WAITS": 0, "SKIP_MATH": 0, "PRE": 4, "XPRE": 0, "PF": 0, "DYN": 0, "CH": 4, "FASTDOT": 0,
+                 **{k: v for k, v in VARIANTS[name].items() if k not in ("ring", "pre", "bits")}}
         flags.setdefault("PRE4096", flags["PRE"])
         flags.setdefault("PRE11008", flags["PRE"])
         defs = "".join(f"#define {k} {v}\n" for k, v in flags.items())
@@ -397,7 +449,7 @@ def build(out: Path, arch: str, variants: list[str]):
             raise SystemExit(f"error: nvcc failed on {name}:\n{r.stderr[-3000:]}")
         regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln]
         meta["variants"][name] = {"cubin": f"ring{i}.cubin", "ptxas": regs, "ring": {str(k): v for k, v in ring.items()},
-                                  "smem": {str(k): smem_bytes(k, ring) for k in ring},
+                                  "smem": {str(k): smem_bytes(k, ring, bits) for k in ring}, "bits": bits,
                                   "pre": VARIANTS[name].get("pre")}
         print(name, regs)
     (out / "ring.json").write_text(json.dumps(meta, indent=1))
@@ -405,31 +457,37 @@ def build(out: Path, arch: str, variants: list[str]):
 
 
 # ------------------------------------------------------------------------------------------------ run (GPU machine)
-def fill_weights(n: int, k: int, gen):
+def fill_weights(n: int, k: int, gen, bits: int = 4):
     """n rows of random codes with (scale, zero) per group written into their place: uint8 [n, row_bytes(k)]."""
     import torch
-    g = k // GROUP
-    buf = torch.randint(0, 256, (n, row_bytes(k)), device="cuda", dtype=torch.uint8, generator=gen)
+    g, cb = k // group_size(bits), k * bits // 8
+    buf = torch.randint(0, 256, (n, row_bytes(k, bits)), device="cuda", dtype=torch.uint8, generator=gen)
     sz = torch.empty(n, g, 2, device="cuda", dtype=torch.float16)
     sz[..., 0] = torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 0.001
-    sz[..., 1] = torch.randint(0, 16, (n, g), device="cuda", generator=gen).half()
-    buf[:, k // 2:k // 2 + 4 * g] = sz.view(torch.uint8).reshape(n, 4 * g)
+    sz[..., 1] = torch.randint(0, 1 << bits, (n, g), device="cuda", generator=gen).half()
+    buf[:, cb:cb + 4 * g] = sz.view(torch.uint8).reshape(n, 4 * g)
     return buf
 
 
-def dequantize(buf, k: int):
-    """The rows' weights as float [n, k], read back from the row layout (the module docstring)."""
+def dequantize(buf, k: int, bits: int = 4):
+    """The rows' weights as float [n, k], read back from the row layout (the module docstring; 2-bit: per pass, per
+    piece of 64 values (a group), per lane, 16 bytes: in word q, byte b, bits 2 j the element 16 q + 4 j + b)."""
     import torch
-    n, g = buf.shape[0], k // GROUP
+    n, gs = buf.shape[0], group_size(bits)
+    g, ns, cb = k // gs, k // 128, k * bits // 8
     vals = []
-    for p in range(-(-g // 32)):
-        lp = min(32, g - 32 * p)
-        b = buf[:, p * 2048:p * 2048 + 4 * lp * 16].reshape(n, 4, lp, 4, 4).to(torch.int32)  # [n, c, lane, q, b]
-        v = torch.stack([b & 15, b >> 4], dim=4)                     # [n, c, lane, q, lo/hi, b]
+    for p in range(-(-ns // 32)):
+        lp = min(32, ns - 32 * p)
+        if bits == 4:
+            b = buf[:, p * 2048:p * 2048 + 4 * lp * 16].reshape(n, 4, lp, 4, 4).to(torch.int32)  # [n, c, lane, q, b]
+            v = torch.stack([b & 15, b >> 4], dim=4)                     # [n, c, lane, q, lo/hi, b]
+        else:
+            b = buf[:, p * 1024:p * 1024 + 2 * lp * 16].reshape(n, 2, lp, 4, 4).to(torch.int32)  # [n, c, lane, q, b]
+            v = torch.stack([(b >> (2 * j)) & 3 for j in range(4)], dim=4)  # [n, c, lane, q, j, b]
         vals.append(v.permute(0, 2, 1, 3, 4, 5).reshape(n, lp * 128))
     q = torch.cat(vals, dim=1).float()
-    sz = buf[:, k // 2:k // 2 + 4 * g].contiguous().view(torch.float16).reshape(n, g, 2).float()
-    return ((q.reshape(n, g, GROUP) - sz[..., 1:]) * sz[..., :1]).reshape(n, k)
+    sz = buf[:, cb:cb + 4 * g].contiguous().view(torch.float16).reshape(n, g, 2).float()
+    return ((q.reshape(n, g, gs) - sz[..., 1:]) * sz[..., :1]).reshape(n, k)
 
 
 def timeline(tr):
@@ -523,18 +581,22 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
     bw = max(cbw, read_bandwidth(drvs[names[0]]))
     print(f"device {dev}; {sms} SMs; copy {cbw / 1e12:.2f} TB/s, roofline {bw / 1e12:.2f} TB/s", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(5)
-    layers = [[fill_weights(n, k, gen) for _, n, k in SHAPES] for _ in range(LAYERS)]
-    total = sum(w.numel() for layer in layers for w in layer)
     x = torch.randn(max(k for _, _, k in SHAPES), device="cuda", dtype=torch.float16, generator=gen)
     ys = [torch.full((n,), float("nan"), device="cuda", dtype=torch.float16) for _, n, _ in SHAPES]
-    refs = [dequantize(w, k) @ x[:k].float() for w, (_, _, k) in zip(layers[-1], SHAPES)]
+    by_bits = {}
+    for bits in sorted({v["bits"] for v in meta["variants"].values()}, reverse=True):
+        lw = [[fill_weights(n, k, gen, bits) for _, n, k in SHAPES] for _ in range(LAYERS)]
+        by_bits[bits] = (lw, sum(w.numel() for layer in lw for w in layer),
+                         [dequantize(w, k, bits) @ x[:k].float() for w, (_, _, k) in zip(lw[-1], SHAPES)])
     images = {k: x_image(x[:k], k) for k in RING}
     ctrs = torch.zeros(LAYERS * len(SHAPES), 32, dtype=torch.int32, device="cuda")   # (DYN) per launch, own line
-    res = {"device": dev, "sms": sms, "roofline_TBps": bw / 1e12, "copy_TBps": cbw / 1e12, "bytes": total,
-           "host": platform.node(), **meta, "steps": {}}
+    res = {"device": dev, "sms": sms, "roofline_TBps": bw / 1e12, "copy_TBps": cbw / 1e12,
+           "bytes": {bits: v[1] for bits, v in by_bits.items()}, "host": platform.node(), **meta, "steps": {}}
     null = ctypes.c_void_p(0)
     for nm in names:
         drv, smem, ring = drvs[nm], meta["variants"][nm]["smem"], meta["variants"][nm]["ring"]
+        bits = meta["variants"][nm]["bits"]
+        layers, total, refs = by_bits[bits]
         pre = meta["variants"][nm].get("pre") or [-1] * len(SHAPES)   # per linear, quarters (-1: the build's)
         for k in RING:
             f = drv.fn(f"ring_k{k}")
@@ -546,7 +608,7 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
             return [launcher(drv, f"ring_k{k}", sms, ring[str(k)][2], smem[str(k)],
                              [w, ctypes.c_int(n), x, ys[i],
                               null if trace is None else ctypes.c_void_p(trace[j].data_ptr()), images[k],
-                              *((seq[j + 1][0], ctypes.c_int(seq[j + 1][2]), ctypes.c_int(row_bytes(seq[j + 1][3])))
+                              *((seq[j + 1][0], ctypes.c_int(seq[j + 1][2]), ctypes.c_int(row_bytes(seq[j + 1][3], bits)))
                                 if j + 1 < len(seq) else (null, ctypes.c_int(0), ctypes.c_int(0))),
                               ctypes.c_void_p(ctrs[j].data_ptr()), ctypes.c_int(pre[i])], pdl=pdl)
                     for j, (w, i, n, k) in enumerate(seq)]
@@ -561,8 +623,8 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
             times = [_timed(fns, reps=10) * len(fns) for _ in range(repeat)]
             t = sorted(times)[len(times) // 2]
             key = nm + ("" if pdl else ", plain launches")
-            res["steps"][key] = {"ms": [v * 1e3 for v in times], "rel_err": err}
-            print(json.dumps({"variant": key, "ms": [round(v * 1e3, 4) for v in times], "rel_err": err,
+            res["steps"][key] = {"ms": [v * 1e3 for v in times], "rel_err": err, "bits": bits, "bytes": total}
+            print(json.dumps({"variant": key, "bits": bits, "ms": [round(v * 1e3, 4) for v in times], "rel_err": err,
                               "pct_roofline": round(total / t / bw * 100, 1)}), flush=True)
             if not nm.endswith("no math") and not err <= 8e-3:
                 print(f"WRONG RESULT {key}: rel err {err:.2e}", flush=True)
@@ -570,22 +632,25 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
             trace = torch.zeros(LAYERS * len(SHAPES), sms, 6, dtype=torch.int64, device="cuda")
             _timed(chain(True, trace), reps=3)
             res["steps"][nm]["timeline"] = timeline(trace.cpu())
-    del layers
+    del layers, by_bits
     torch.cuda.empty_cache()
     t_int4 = torch_int4_step()
     res["torch_int4_ms"] = t_int4 * 1e3
     lines = [f"# Ring GEMVs with early streaming, W4 g128 decode step (prototype, {dev}), "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"`python3 benchmarks/gpu_ring.py run` ({platform.node()}); roofline {bw / 1e12:.2f} TB/s (copy "
-             f"{cbw / 1e12:.2f}); {total / 1e9:.3f} GB per step; one block per SM (a producer warp and consumer "
+             f"{cbw / 1e12:.2f}); GB per step: " + ", ".join(f"W{b} {v / 1e9:.3f}" for b, v in res["bytes"].items())
+             + "; one block per SM (a producer warp and consumer "
              f"warps); per variant and K (rows per slot, slots per consumer warp, consumer warps): "
              + "; ".join(f"{nm} {v['ring']}" for nm, v in meta["variants"].items()), "",
-             "| variant | ms (median of runs) | runs | tok/s | % of roofline | x torch int4 | last layer rel err |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | ms (median of runs) | runs | tok/s | % of roofline | x torch int4 | x the first W4 row | "
+             "last layer rel err |", "|---|---|---|---|---|---|---|---|"]
+    t_w4 = next((sorted(r["ms"])[len(r["ms"]) // 2] / 1e3 for r in res["steps"].values() if r["bits"] == 4), None)
     for key, r in res["steps"].items():
         t = sorted(r["ms"])[len(r["ms"]) // 2] / 1e3
         lines.append(f"| {key} | {t * 1e3:.3f} | {', '.join(f'{v:.3f}' for v in r['ms'])} | {1 / t:.0f} | "
-                     f"{total / t / bw * 100:.1f}% | {t_int4 / t:.2f} | {r['rel_err']:.1e} |")
+                     f"{r['bytes'] / t / bw * 100:.1f}% | {t_int4 / t:.2f} | "
+                     f"{t_w4 / t if t_w4 else float('nan'):.2f} | {r['rel_err']:.1e} |")
     lines += [f"| torch int4 g128 (128 launches, one graph) | {t_int4 * 1e3:.3f} | | {1 / t_int4:.0f} | | 1.00 | |", ""]
     lines += ["Timelines (globaltimer per block, one traced replay; medians over the layers, us; lead: the previous "
               "kernel's last end - this kernel's first (or median) block start; resolve: first wait released - "
