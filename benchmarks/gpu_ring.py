@@ -38,6 +38,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tvm_schedules import ring_gemv as rg  # noqa: E402  (NumPy only: the device has no TVM)
 from gpu_decode import (LAYERS, READ_BW_CU, SHAPES, Driver, _LaunchAttr, _LaunchConfig, _timed,  # noqa: E402
                         copy_bandwidth, read_bandwidth, torch_int4_step)
 
@@ -49,13 +51,9 @@ RING = {4096: (2, 3, 8), 11008: (1, 2, 8)}
 BIG = {4096: (2, 6, 8), 11008: (1, 4, 8)}   # ~200 KB: one block per SM, nothing co-resident
 VARIANTS = {   # "pre": quarters of the ring filled before the wait, per linear (qkv, o, gate_up, down)
     "W4 ring 4,4,2,2, two-chain dot": {"pre": [4, 4, 2, 2], "FASTDOT": 1},
-    "W2 g64 ring 4,4,2,2 (3 rows x 3 slots, 1 x 3)": {"bits": 2, "pre": [4, 4, 2, 2],
-                                                      "ring": {4096: (3, 3, 8), 11008: (1, 3, 8)}},
-    "W2 g64 ring 4,4,2,2 (4 rows x 2 slots, 1 x 3)": {"bits": 2, "pre": [4, 4, 2, 2],
-                                                      "ring": {4096: (4, 2, 8), 11008: (1, 3, 8)}},
-    "W2 g64 ring half before the wait (3 x 3, 1 x 3)": {"bits": 2, "PRE": 2, "ring": {4096: (3, 3, 8), 11008: (1, 3, 8)}},
-    "W2 g64 ring 4,4,2,2, no math": {"bits": 2, "pre": [4, 4, 2, 2], "SKIP_MATH": 1,
-                                     "ring": {4096: (3, 3, 8), 11008: (1, 3, 8)}},
+    "W4 ring, PDL through the CUDA runtime's device calls": {"pre": [4, 4, 2, 2], "FASTDOT": 1, "RT_PDL": 1},
+    "W4 TIR ring, dp4a.u32.s32 (high nibbles in place)": {"tir": True, "inplace": True},
+    "W4 TIR ring, PDL calls as inline griddepcontrol": {"tir": True, "inplace": True, "asm_pdl": True},
 }
 
 KERNEL_CU = r"""
@@ -84,11 +82,19 @@ __device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(src), "r"(bytes) : "memory");
 }
 template <int W> __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" :: "r"(W * 32) : "memory"); }
+#if RT_PDL
+__device__ __forceinline__ void pdl_wait() { cudaGridDependencySynchronize(); }
+#else
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+#endif
 __device__ __forceinline__ unsigned long long now() {
   unsigned long long t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t;
 }
+#if RT_PDL
+__device__ __forceinline__ void pdl_trigger() { cudaTriggerProgrammaticLaunchCompletion(); }
+#else
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+#endif
 
 __device__ __forceinline__ int dot_word(unsigned w, unsigned xlo, unsigned xhi, int a) {
   a = __dp4a((int)(w & 0x0F0F0F0Fu), (int)xlo, a);
@@ -264,6 +270,28 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
         mbar_arrive(full + s);
       }
     }
+    if (SYNC_MIMIC) {   // as the TIR kernel: the first round, the wait, a block barrier with the consumers, refills
+      if (lane == 0)
+        for (int t = 0; t < min(T, S); ++t) {
+          const int s = t % S;
+          if (t == PREK * S / 4) pdl_wait();
+          const unsigned bytes = (unsigned)(min(RS, hi - lo - t * RS) * ROWB);
+          mbar_expect(full + s, bytes);
+          bulk_load(slots + s * SLOTB, wts + (size_t)(lo + t * RS) * ROWB, bytes, full + s);
+        }
+      __syncwarp();
+      pdl_wait();
+      asm volatile("bar.arrive 2, %0;" :: "r"(WARPS * 32 + 32) : "memory");
+      if (lane == 0)
+        for (int t = S; t < T; ++t) {
+          const int s = t % S;
+          mbar_wait(empty + s, ((t / S) - 1) & 1);
+          const unsigned bytes = (unsigned)(min(RS, hi - lo - t * RS) * ROWB);
+          mbar_expect(full + s, bytes);
+          bulk_load(slots + s * SLOTB, wts + (size_t)(lo + t * RS) * ROWB, bytes, full + s);
+        }
+      return;
+    }
     if (!DYN && lane == 0) {
       for (int t = 0; t < T; ++t) {
         const int s = t % S;
@@ -280,6 +308,7 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
           prefetch_l2(next_w + a * next_rowb + o, (unsigned)min(16384LL, nb - o));
       }
     }
+    if (PRODUCER_WAITS_END) pdl_wait();
     return;
   }
   pdl_wait();
@@ -346,6 +375,7 @@ __device__ __forceinline__ void ring_gemv(const unsigned char* __restrict__ wts,
   }
   }
   consumers_sync<WARPS>();
+  if (SYNC_MIMIC) asm volatile("bar.sync 2, %0;" :: "r"(WARPS * 32 + 32) : "memory");
   uint4 xv[8];
   float4 s4 = make_float4(0.f, 0.f, 0.f, 0.f);
   float xsm = 0.f;
@@ -429,13 +459,56 @@ def smem_bytes(k: int, ring=RING, bits: int = 4) -> int:
     return s * rs * row_bytes(k, bits) + p * 4096 + p * 32 * 16 + p * 128 * 4 + p * 32 * 12 + 2 * s * 8 + 4 * s
 
 
+TIR_PRE = {"qkv": 4, "o": 4, "gate_up": 2, "down": 2}   # quarters of the ring before the wait (the CUDA's best)
+
+
+def build_tir(out: Path, arch: str, i: int, name: str) -> dict:
+    """The export's TIR ring GEMV (tvm_schedules/ring_gemv.py) for the four shapes, compiled by TVM to CUDA source
+    and here by nvcc: one cubin, kernels ring_<n>_<k>_kernel, their parameter order read from the source."""
+    import re
+
+    import tvm
+
+    funcs, kern = {}, {}
+    for lin, n, k in SHAPES:
+        cfg = rg.RingConfig(**{**rg.default_config(k).__dict__, "pre": TIR_PRE[lin]})
+        nm = f"ring_{n}_{k}"
+        funcs[nm] = rg.ring_gemv_func(n, k, cfg=cfg, name=nm, inplace=VARIANTS[name].get("inplace", False))
+        kern[lin] = {"name": nm + "_kernel", "smem": rg.smem_bytes(k, False, cfg), "warps": cfg.warps,
+                     "blocks": cfg.blocks, "row_bytes": rg.row_bytes(k, False), "cfg": cfg.__dict__}
+    target = tvm.target.Target({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 232448,
+                                "max_threads_per_block": 1024, "thread_warp_size": 32})
+    src = tvm.compile(tvm.IRModule(funcs), target=target).mod.imports[0].inspect_source()
+    if VARIANTS[name].get("asm_pdl"):   # the PDL calls as the CUDA prototype writes them
+        src = src.replace("cudaGridDependencySynchronize();", 'asm volatile("griddepcontrol.wait;" ::: "memory");')
+        src = src.replace("cudaTriggerProgrammaticLaunchCompletion();",
+                          'asm volatile("griddepcontrol.launch_dependents;" ::: "memory");')
+    for lin, kd in kern.items():
+        m = re.search(r"void __launch_bounds__\([^)]*\) " + kd["name"] + r"\(([^)]*)\)", src)
+        kd["params"] = [re.search(r"(\w+)_ptr$", a.strip()).group(1) for a in m.group(1).split(",")]
+    (out / f"ring{i}.cu").write_text(src + (READ_BW_CU if i == 0 else ""))
+    r = subprocess.run(["nvcc", "-cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-o", str(out / f"ring{i}.cubin"),
+                        str(out / f"ring{i}.cu")], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"error: nvcc failed on {name}:\n{r.stderr[-3000:]}")
+    regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln]
+    print(name, regs)
+    return {"cubin": f"ring{i}.cubin", "ptxas": regs, "tir": kern, "bits": 4, "layout": "tir",
+            "ring": {str(k): list(rg.default_config(k).__dict__.values())[:3] for _, _, k in SHAPES},
+            "smem": {}, "pre": None}
+
+
 def build(out: Path, arch: str, variants: list[str]):
     out.mkdir(parents=True, exist_ok=True)
     meta = {"arch": arch, "variants": {}}
     for i, name in enumerate(variants):
+        if VARIANTS[name].get("tir"):
+            meta["variants"][name] = {**build_tir(out, arch, i, name),
+                                      "default_carveout": VARIANTS[name].get("default_carveout", False)}
+            continue
         ring = VARIANTS[name].get("ring", RING)
         bits = VARIANTS[name].get("bits", 4)
-        flags = {"BITS": bits, "TRIGGER_LAST": 0, "PRODUCER_WAITS": 0, "SKIP_MATH": 0, "PRE": 4, "XPRE": 0, "PF": 0, "DYN": 0, "CH": 4, "FASTDOT": 0,
+        flags = {"BITS": bits, "TRIGGER_LAST": 0, "PRODUCER_WAITS": 0, "SKIP_MATH": 0, "PRE": 4, "XPRE": 0, "PF": 0, "DYN": 0, "CH": 4, "FASTDOT": 0, "PRODUCER_WAITS_END": 0, "SYNC_MIMIC": 0, "RT_PDL": 0,
                  **{k: v for k, v in VARIANTS[name].items() if k not in ("ring", "pre", "bits")}}
         flags.setdefault("PRE4096", flags["PRE"])
         flags.setdefault("PRE11008", flags["PRE"])
@@ -450,7 +523,8 @@ def build(out: Path, arch: str, variants: list[str]):
         regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln]
         meta["variants"][name] = {"cubin": f"ring{i}.cubin", "ptxas": regs, "ring": {str(k): v for k, v in ring.items()},
                                   "smem": {str(k): smem_bytes(k, ring, bits) for k in ring}, "bits": bits,
-                                  "pre": VARIANTS[name].get("pre")}
+                                  "pre": VARIANTS[name].get("pre"),
+                                  "default_carveout": VARIANTS[name].get("default_carveout", False)}
         print(name, regs)
     (out / "ring.json").write_text(json.dumps(meta, indent=1))
     print(f"built {len(variants)} variants in {out}")
@@ -532,6 +606,18 @@ def timeline(tr):
     return out
 
 
+def fill_weights_tir(n: int, k: int, gen):
+    """n rows in tvm_schedules/ring_gemv.py's layout: random codes, scales in [0.001, 0.021], zeros 0..15."""
+    import torch
+    g, rb = k // GROUP, rg.row_bytes(k, False)
+    buf = torch.randint(0, 256, (n, rb), device="cuda", dtype=torch.uint8, generator=gen)
+    sc = (torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 0.001).half()
+    buf[:, k // 2:k // 2 + 2 * g] = sc.view(torch.uint8).reshape(n, 2 * g)
+    buf[:, k // 2 + 2 * g:k // 2 + 3 * g] = torch.randint(0, 16, (n, g), device="cuda", dtype=torch.uint8,
+                                                          generator=gen)
+    return buf
+
+
 def x_image(x, k: int):
     """x rounded as the kernels round it (int8 per 32 values, scale max / 127), laid out as their shared memory holds
     it (int8 [P][8][32 lanes][16], then per group the 4 block scales, per block scale x code sum, per group the sum):
@@ -555,13 +641,14 @@ def x_image(x, k: int):
     return torch.cat([xq, xs4.view(torch.uint8), xb.view(torch.uint8), xs.view(torch.uint8)])
 
 
-def launcher(drv, name, sms, warps, smem, tensors, pdl=True):
+def launcher(drv, name, sms, warps, smem, tensors, pdl=True, block=None):
+    """`block`: the thread block's shape, else (32 (warps + 1), 1, 1) (the CUDA kernels' flat thread index)."""
     import torch
     ptrs = [t if isinstance(t, ctypes._SimpleCData) else ctypes.c_void_p(t.data_ptr()) for t in tensors]
     args = (ctypes.c_void_p * len(ptrs))(*[ctypes.addressof(p) for p in ptrs])
     f = drv.fn(name)
     attr = _LaunchAttr(id=6, val=1 if pdl else 0)
-    cfg = _LaunchConfig(sms, 1, 1, (warps + 1) * 32, 1, 1, smem, None, ctypes.pointer(attr), 1)
+    cfg = _LaunchConfig(sms, 1, 1, *(block or ((warps + 1) * 32, 1, 1)), smem, None, ctypes.pointer(attr), 1)
 
     def go():
         cfg.stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
@@ -584,10 +671,15 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
     x = torch.randn(max(k for _, _, k in SHAPES), device="cuda", dtype=torch.float16, generator=gen)
     ys = [torch.full((n,), float("nan"), device="cuda", dtype=torch.float16) for _, n, _ in SHAPES]
     by_bits = {}
-    for bits in sorted({v["bits"] for v in meta["variants"].values()}, reverse=True):
-        lw = [[fill_weights(n, k, gen, bits) for _, n, k in SHAPES] for _ in range(LAYERS)]
-        by_bits[bits] = (lw, sum(w.numel() for layer in lw for w in layer),
-                         [dequantize(w, k, bits) @ x[:k].float() for w, (_, _, k) in zip(lw[-1], SHAPES)])
+    for lay in sorted({v.get("layout", v["bits"]) for v in meta["variants"].values()}, key=str):
+        if lay == "tir":
+            lw = [[fill_weights_tir(n, k, gen) for _, n, k in SHAPES] for _ in range(LAYERS)]
+            refs = [torch.from_numpy(rg.ring_gemv_np(w.cpu().numpy(), x[:k].cpu().numpy(), k, False)).cuda()
+                    for w, (_, _, k) in zip(lw[-1], SHAPES)]
+        else:
+            lw = [[fill_weights(n, k, gen, lay) for _, n, k in SHAPES] for _ in range(LAYERS)]
+            refs = [dequantize(w, k, lay) @ x[:k].float() for w, (_, _, k) in zip(lw[-1], SHAPES)]
+        by_bits[lay] = (lw, sum(w.numel() for layer in lw for w in layer), refs)
     images = {k: x_image(x[:k], k) for k in RING}
     ctrs = torch.zeros(LAYERS * len(SHAPES), 32, dtype=torch.int32, device="cuda")   # (DYN) per launch, own line
     res = {"device": dev, "sms": sms, "roofline_TBps": bw / 1e12, "copy_TBps": cbw / 1e12,
@@ -596,14 +688,25 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
     for nm in names:
         drv, smem, ring = drvs[nm], meta["variants"][nm]["smem"], meta["variants"][nm]["ring"]
         bits = meta["variants"][nm]["bits"]
-        layers, total, refs = by_bits[bits]
+        tir = meta["variants"][nm].get("tir")
+        layers, total, refs = by_bits[meta["variants"][nm].get("layout", bits)]
         pre = meta["variants"][nm].get("pre") or [-1] * len(SHAPES)   # per linear, quarters (-1: the build's)
-        for k in RING:
-            f = drv.fn(f"ring_k{k}")
-            drv._check(drv.lib.cuFuncSetAttribute(f, 8, smem[str(k)]))   # MAX_DYNAMIC_SHARED_SIZE_BYTES
-            drv._check(drv.lib.cuFuncSetAttribute(f, 9, 100))            # PREFERRED_SHARED_MEMORY_CARVEOUT
+        for f, size in ([(drv.fn(kd["name"]), kd["smem"]) for kd in tir.values()] if tir else
+                        [(drv.fn(f"ring_k{k}"), smem[str(k)]) for k in RING]):
+            drv._check(drv.lib.cuFuncSetAttribute(f, 8, size))   # MAX_DYNAMIC_SHARED_SIZE_BYTES
+            if not meta["variants"][nm].get("default_carveout"):
+                drv._check(drv.lib.cuFuncSetAttribute(f, 9, 100))   # PREFERRED_SHARED_MEMORY_CARVEOUT
+
+        def chain_tir(pdl):
+            seq = [(w, i) for layer in layers for i, w in enumerate(layer)]
+            return [launcher(drv, kd["name"], kd["blocks"], kd["warps"], kd["smem"],
+                             [{"w": w, "x": x[None, :SHAPES[i][2]], "y": ys[i]}[a] for a in kd["params"]], pdl=pdl,
+                             block=(32, kd["warps"] + 1, 1))   # TIR: threadIdx.x the lane, threadIdx.y the warp
+                    for w, i in seq for kd in (tir[SHAPES[i][0]],)]
 
         def chain(pdl, trace=None):
+            if tir:
+                return chain_tir(pdl)
             seq = [(w, i, n, k) for layer in layers for i, (w, (_, n, k)) in enumerate(zip(layer, SHAPES))]
             return [launcher(drv, f"ring_k{k}", sms, ring[str(k)][2], smem[str(k)],
                              [w, ctypes.c_int(n), x, ys[i],
@@ -620,6 +723,9 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
                 f()
             torch.cuda.synchronize()
             err = max(((y.float() - ref).abs().max() / ref.abs().max()).item() for y, ref in zip(ys, refs))
+            if repeat == 0:   # one eager pass per variant (for ncu), no timing
+                print(json.dumps({"variant": nm, "rel_err": err}), flush=True)
+                break
             times = [_timed(fns, reps=10) * len(fns) for _ in range(repeat)]
             t = sorted(times)[len(times) // 2]
             key = nm + ("" if pdl else ", plain launches")
@@ -628,12 +734,20 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
                               "pct_roofline": round(total / t / bw * 100, 1)}), flush=True)
             if not nm.endswith("no math") and not err <= 8e-3:
                 print(f"WRONG RESULT {key}: rel err {err:.2e}", flush=True)
-        if trace_it:
+        if repeat == 0:
+            continue
+        fns = chain(True)   # each linear alone: its 32 launches (own weights each) in one graph, us per launch
+        res["steps"][nm]["per_linear_us"] = {lin: _timed(fns[i::len(SHAPES)], reps=10) * 1e6
+                                             for i, (lin, _, _) in enumerate(SHAPES)}
+        print(json.dumps({"variant": nm, "per_linear_us": res["steps"][nm]["per_linear_us"]}), flush=True)
+        if trace_it and not tir:
             trace = torch.zeros(LAYERS * len(SHAPES), sms, 6, dtype=torch.int64, device="cuda")
             _timed(chain(True, trace), reps=3)
             res["steps"][nm]["timeline"] = timeline(trace.cpu())
     del layers, by_bits
     torch.cuda.empty_cache()
+    if repeat == 0:
+        return
     t_int4 = torch_int4_step()
     res["torch_int4_ms"] = t_int4 * 1e3
     lines = [f"# Ring GEMVs with early streaming, W4 g128 decode step (prototype, {dev}), "
@@ -652,7 +766,12 @@ def run(out: Path, save: Path | None, repeat: int, trace_it: bool = True):
                      f"{r['bytes'] / t / bw * 100:.1f}% | {t_int4 / t:.2f} | "
                      f"{t_w4 / t if t_w4 else float('nan'):.2f} | {r['rel_err']:.1e} |")
     lines += [f"| torch int4 g128 (128 launches, one graph) | {t_int4 * 1e3:.3f} | | {1 / t_int4:.0f} | | 1.00 | |", ""]
-    lines += ["Timelines (globaltimer per block, one traced replay; medians over the layers, us; lead: the previous "
+    lines += ["Each linear alone (its 32 launches with PDL in one graph; us per launch; ideal = bytes / roofline):", "",
+              "| variant | " + " | ".join(lin for lin, _, _ in SHAPES) + " |", "|---|" + "---|" * len(SHAPES)]
+    for key, r in res["steps"].items():
+        if "per_linear_us" in r:
+            lines.append(f"| {key} | " + " | ".join(f"{r['per_linear_us'][lin]:.2f}" for lin, _, _ in SHAPES) + " |")
+    lines += ["", "Timelines (globaltimer per block, one traced replay; medians over the layers, us; lead: the previous "
               "kernel's last end - this kernel's first (or median) block start; resolve: first wait released - "
               "previous last end; span: last end - previous last end):", "",
               "| variant | linear | lead first | lead median | resolve | x prologue | first slot after x | body | "
